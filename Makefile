@@ -1,0 +1,28 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit lint demo bench clean
+
+setup:
+	bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check discovery tests bench examples
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) bench/registration.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,48 @@
+"""The one exception hierarchy of discovery.
+
+Every error we raise on purpose derives from :class:`DiscoveryError`, so a caller
+(the CLI, the agent loop) can catch that one type and print one clear line.
+"""
+
+from __future__ import annotations
+
+
+class DiscoveryError(Exception):
+    """Base of every error discovery raises on purpose."""
+
+
+class ConfigError(DiscoveryError):
+    """A flag, env var, URL or config file is wrong."""
+
+
+class ValidationError(DiscoveryError):
+    """A value (label, record field) failed validation. ``culprit`` names it."""
+
+    def __init__(self, culprit: str, reason: str) -> None:
+        super().__init__(f"{culprit}: {reason}")
+        self.culprit = culprit
+        self.reason = reason
+
+
+class LabelError(ValidationError):
+    """A container label or env var cannot be used; the container is skipped."""
+
+
+class InvalidRecord(ValidationError):
+    """A record read from the registry is malformed; it is skipped."""
+
+
+class RegistryError(DiscoveryError):
+    """The registry cannot be reached or refused an operation."""
+
+
+class RegistryUnavailable(RegistryError):
+    """No member of the registry cluster answered."""
+
+
+class CheckError(DiscoveryError):
+    """A health check is misconfigured (not: a check that failed)."""
+
+
+class DockerUnavailable(DiscoveryError):
+    """dockerd cannot be reached."""

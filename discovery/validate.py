@@ -1,0 +1,105 @@
+"""Validators for every value that comes from a label, env var or the registry.
+
+Nothing from outside reaches the registry, an HAProxy config or a DNS answer
+without passing one of these. Each raises :class:`ValidationError` naming the culprit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from discovery.errors import ValidationError
+
+MAX_VALUE = 512
+MAX_TAGS = 32
+MAX_META = 64
+
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9.:_-]{0,200}$")
+
+
+def _printable(culprit: str, value: str) -> None:
+    if len(value) > MAX_VALUE:
+        raise ValidationError(culprit, f"value too long ({len(value)} > {MAX_VALUE} chars)")
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\u2028\u2029\x85":
+            raise ValidationError(culprit, f"control character {ord(ch):#04x} not allowed")
+
+
+def dns_label(culprit: str, value: str) -> str:
+    """A service name, tag or node name: one lowercase DNS label (RFC 1123)."""
+    _printable(culprit, value)
+    if not _DNS_LABEL.match(value):
+        raise ValidationError(
+            culprit,
+            f"{value[:64]!r} is not a DNS label (lowercase a-z, 0-9 and '-', 1-63 chars, "
+            "no leading or trailing '-')",
+        )
+    return value
+
+
+def port(culprit: str, value: str | int) -> int:
+    if isinstance(value, str):
+        _printable(culprit, value)
+        if not value.strip().isdigit():
+            raise ValidationError(culprit, f"port {value[:32]!r} is not a number")
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValidationError(culprit, f"port {value!r} is not in 1..65535")
+    return value
+
+
+def weight(culprit: str, value: str | int) -> int:
+    if isinstance(value, str):
+        _printable(culprit, value)
+        if not value.strip().isdigit():
+            raise ValidationError(culprit, f"weight {value[:32]!r} is not a number")
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise ValidationError(culprit, f"weight {value!r} is not in 0..256")
+    return value
+
+
+def address(culprit: str, value: str) -> str:
+    _printable(culprit, value)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValidationError(culprit, f"{value[:64]!r} is not an IP address") from None
+
+
+def tags(culprit: str, values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if len(values) > MAX_TAGS:
+        raise ValidationError(culprit, f"too many tags ({len(values)} > {MAX_TAGS})")
+    return tuple(sorted({dns_label(culprit, t) for t in values}))
+
+
+def meta(culprit: str, values: dict[str, str]) -> dict[str, str]:
+    if len(values) > MAX_META:
+        raise ValidationError(culprit, f"too many meta keys ({len(values)} > {MAX_META})")
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        if not isinstance(k, str) or not _META_KEY.match(k):
+            raise ValidationError(culprit, f"meta key {str(k)[:64]!r} is not [A-Za-z0-9_.-]{{1,64}}")
+        if not isinstance(v, str):
+            raise ValidationError(f"{culprit}.{k}", "meta value must be a string")
+        _printable(f"{culprit}.{k}", v)
+        out[k] = v
+    return dict(sorted(out.items()))
+
+
+def instance_id(culprit: str, value: str) -> str:
+    _printable(culprit, value)
+    if not _INSTANCE_ID.match(value):
+        raise ValidationError(culprit, f"{value[:64]!r} is not a valid instance id")
+    return value
+
+
+def text(culprit: str, value: str) -> str:
+    """Free text (container name, image): printable, bounded."""
+    if not isinstance(value, str):
+        raise ValidationError(culprit, "must be a string")
+    _printable(culprit, value)
+    return value

@@ -1,0 +1,6 @@
+"""Fixtures live in tests/harness: real etcd / ZooKeeper / dockerd / HAProxy on loopback."""
+
+pytest_plugins = [
+    "tests.harness.servers",
+    "tests.harness.dockerd",
+]
