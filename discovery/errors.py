@@ -46,3 +46,25 @@ class CheckError(DiscoveryError):
 
 class DockerUnavailable(DiscoveryError):
     """dockerd cannot be reached."""
+
+
+class HAProxyError(DiscoveryError):
+    """HAProxy refused a runtime command, failed to start or reload, or is unreachable."""
+
+
+class HAProxyCommandError(HAProxyError):
+    """Some commands of a runtime-API batch were refused; the rest of the batch ran.
+
+    ``failures`` lists (command, HAProxy's answer); ``answers`` has every answer in order.
+    """
+
+    def __init__(self, failures: list[tuple[str, str]], answers: list[str]) -> None:
+        shown = "; ".join(f"{cmd}: {why}" for cmd, why in failures[:5])
+        more = f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} of {len(answers)} commands refused: {shown}{more}")
+        self.failures = failures
+        self.answers = answers
+
+
+class RenderError(DiscoveryError):
+    """A template failed to render, or the rendered config failed validation."""

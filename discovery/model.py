@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from discovery import validate as v
@@ -14,7 +14,7 @@ from discovery.errors import InvalidRecord, ValidationError
 SCHEMA_VERSION = 1
 
 
-class State(str, Enum):
+class State(StrEnum):
     UP = "up"
     DRAINING = "draining"
 

@@ -31,7 +31,7 @@ def _printable(culprit: str, value: str) -> None:
 def dns_label(culprit: str, value: str) -> str:
     """A service name, tag or node name: one lowercase DNS label (RFC 1123)."""
     _printable(culprit, value)
-    if not _DNS_LABEL.match(value):
+    if not _DNS_LABEL.fullmatch(value):
         raise ValidationError(
             culprit,
             f"{value[:64]!r} is not a DNS label (lowercase a-z, 0-9 and '-', 1-63 chars, "
@@ -43,7 +43,7 @@ def dns_label(culprit: str, value: str) -> str:
 def port(culprit: str, value: str | int) -> int:
     if isinstance(value, str):
         _printable(culprit, value)
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise ValidationError(culprit, f"port {value[:32]!r} is not a number")
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
@@ -54,7 +54,7 @@ def port(culprit: str, value: str | int) -> int:
 def weight(culprit: str, value: str | int) -> int:
     if isinstance(value, str):
         _printable(culprit, value)
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise ValidationError(culprit, f"weight {value[:32]!r} is not a number")
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
@@ -81,8 +81,10 @@ def meta(culprit: str, values: dict[str, str]) -> dict[str, str]:
         raise ValidationError(culprit, f"too many meta keys ({len(values)} > {MAX_META})")
     out: dict[str, str] = {}
     for k, v in values.items():
-        if not isinstance(k, str) or not _META_KEY.match(k):
-            raise ValidationError(culprit, f"meta key {str(k)[:64]!r} is not [A-Za-z0-9_.-]{{1,64}}")
+        if not isinstance(k, str) or not _META_KEY.fullmatch(k):
+            raise ValidationError(
+                culprit, f"meta key {str(k)[:64]!r} is not [A-Za-z0-9_.-]{{1,64}}"
+            )
         if not isinstance(v, str):
             raise ValidationError(f"{culprit}.{k}", "meta value must be a string")
         _printable(f"{culprit}.{k}", v)
@@ -92,7 +94,7 @@ def meta(culprit: str, values: dict[str, str]) -> dict[str, str]:
 
 def instance_id(culprit: str, value: str) -> str:
     _printable(culprit, value)
-    if not _INSTANCE_ID.match(value):
+    if not _INSTANCE_ID.fullmatch(value):
         raise ValidationError(culprit, f"{value[:64]!r} is not a valid instance id")
     return value
 

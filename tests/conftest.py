@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.harness.servers",
     "tests.harness.dockerd",
+    "tests.harness.agent",
 ]

@@ -6,9 +6,11 @@ Keys: ``<prefix>/services/<service>/<instance-id>`` holding an instance's JSON.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from discovery.errors import ConfigError, InvalidRecord
@@ -30,7 +32,7 @@ class RegistryURL:
     def parse(cls, url: str) -> RegistryURL:
         """``etcd://h1:2379,h2:2379/prefix`` or ``zk://h1:2181/prefix``."""
         if not url:
-            raise ConfigError("registry URL", "empty (set --registry or DISCOVERY_REGISTRY)")
+            raise ConfigError("registry URL is empty (set --registry or DISCOVERY_REGISTRY)")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
@@ -128,6 +130,35 @@ class Registry(Protocol):
 
     def close(self, revoke: bool = True) -> None:
         """Stop everything; with ``revoke``, remove all this process registered."""
+
+
+@contextmanager
+def claiming(owned: dict[tuple[str, str], Instance], lock: AbstractContextManager[Any],
+             instance: Instance) -> Iterator[None]:
+    """Record ``instance`` as owned for the duration of a write; undo if the write fails."""
+    with lock:
+        previous = owned.get(instance.key)
+        owned[instance.key] = instance
+    try:
+        yield
+    except BaseException:
+        with lock:
+            if owned.get(instance.key) is instance:
+                if previous is None:
+                    del owned[instance.key]
+                else:
+                    owned[instance.key] = previous
+        raise
+
+
+def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) -> None:
+    """Hand one change to a watch callback; a failing callback is logged, never fatal."""
+    if stopped.is_set():
+        return
+    try:
+        callback(change)
+    except Exception:
+        log.exception("registry watch callback failed on %s", change.kind)
 
 
 def decode(url: RegistryURL, key: str, raw: bytes | None) -> Instance | None:

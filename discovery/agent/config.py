@@ -1,0 +1,91 @@
+"""Agent settings: flags > env (DISCOVERY_*) > TOML file (--config) > defaults.
+
+SIGHUP re-reads the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from discovery import validate
+from discovery.agent.spec import CheckSpec
+from discovery.errors import ConfigError, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def default_node() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in name).strip("-")
+    return cleaned[:63] or "node"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    registry: str = ""
+    node: str = ""
+    address: str = "127.0.0.1"
+    docker: str | None = None
+    ttl: float = 10.0
+    resync: float = 30.0
+    internal: bool = False
+    check: CheckSpec = field(default_factory=CheckSpec)
+    config_file: str | None = None
+
+    def validated(self) -> AgentConfig:
+        if not self.registry:
+            raise ConfigError(
+                "no registry: give --registry URL, DISCOVERY_REGISTRY or registry in --config"
+            )
+        try:
+            node = validate.dns_label("--node", self.node or default_node())
+            address = validate.address("--address", self.address)
+        except ValidationError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 1.0 <= self.ttl <= 3600:
+            raise ConfigError(f"--ttl {self.ttl}: must be between 1 and 3600 seconds")
+        if not 0.5 <= self.resync <= 86400:
+            raise ConfigError(f"--resync {self.resync}: must be between 0.5 and 86400 seconds")
+        return replace(self, node=node, address=address)
+
+
+FILE_KEYS = {f.name for f in fields(AgentConfig)} - {"config_file", "check"}
+CHECK_KEYS = {"type", "interval", "timeout", "rise", "fall"}
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Read the ``[agent]`` table (and ``[agent.check]`` defaults) of a TOML file."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    table = data.get("agent", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [agent] must be a table")
+    unknown = set(table) - FILE_KEYS - {"check"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    out = {k: table[k] for k in FILE_KEYS if k in table}
+    check = table.get("check", {})
+    if not isinstance(check, dict) or set(check) - CHECK_KEYS:
+        raise ConfigError(f"config file {path}: [agent.check] takes only {sorted(CHECK_KEYS)}")
+    if check:
+        try:
+            out["check"] = CheckSpec(**check)
+        except TypeError as exc:
+            raise ConfigError(f"config file {path}: [agent.check]: {exc}") from None
+    return out
+
+
+def merge(base: AgentConfig, file_values: dict[str, Any], explicit: set[str]) -> AgentConfig:
+    """Apply file values to every setting not given explicitly by flag or env."""
+    changes = {k: v for k, v in file_values.items() if k not in explicit}
+    try:
+        return replace(base, **changes).validated()
+    except TypeError as exc:
+        raise ConfigError(f"config file: {exc}") from None

@@ -1,0 +1,350 @@
+"""The agent: Docker's truth → health checks → only healthy instances in the registry.
+
+Writes happen only on transitions. Every ``resync`` seconds (and after every Docker
+reconnect) it reconciles Docker's truth with what the registry holds for this node,
+in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from discovery.agent.checks import load_check_factory
+from discovery.agent.config import AgentConfig
+from discovery.agent.docker_source import DockerSource
+from discovery.agent.health import CheckRunner
+from discovery.agent.labels import parse_container
+from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
+from discovery.errors import DiscoveryError, LabelError, RegistryError
+from discovery.model import Instance, make_instance_id
+from discovery.registry import Registry
+
+log = logging.getLogger(__name__)
+
+TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
+                       "KILL", "TERM", "INT", "QUIT"}
+Key = tuple[str, str]
+
+
+@dataclass
+class Tracked:
+    """One running container the agent looks after, and the instances it offers."""
+
+    container_id: str
+    started_ns: int
+    instances: dict[Key, Instance] = field(default_factory=dict)
+    healthy: dict[Key, bool] = field(default_factory=dict)
+    runners: dict[Key, CheckRunner] = field(default_factory=dict)
+    docker_health: bool = False
+    paused: bool = False
+
+    def stop_runners(self) -> None:
+        for runner in self.runners.values():
+            runner.stop(timeout=0)  # never wait under the agent lock: its callback takes it
+        self.runners.clear()
+
+
+def _iso_ns(stamp: str) -> int:
+    """Docker's RFC 3339 nano timestamp → ns since epoch (0 if unparsable)."""
+    try:
+        head, _, frac = stamp.rstrip("Z").partition(".")
+        secs = datetime.fromisoformat(head + "+00:00").timestamp()
+        return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
+    except ValueError:
+        return 0
+
+
+def _same(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
+    return a.keys() == b.keys() and all(a[k].same_registration(b[k]) for k in a)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self._lock = threading.RLock()
+        self._tracked: dict[str, Tracked] = {}
+        self._registered: dict[Key, Instance] = {}
+        self._adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
+        self._bad_labels: dict[str, str] = {}  # container id → last label error logged
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._revoke = True
+        self._pending_config: AgentConfig | None = None
+        self._synced = False  # Docker listed at least once on the current connection
+        self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
+        self.registry.add_state_listener(self._on_registry)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until :meth:`stop`, then deregister all this agent owns (unless told not to)."""
+        try:
+            prior = self.registry.snapshot()
+            self._adopt = {k for k, i in prior.instances.items() if i.node == self.config.node}
+            log.info("agent %s: %d instances of this node already registered",
+                     self.config.node, len(self._adopt))
+        except RegistryError as exc:
+            log.warning("registry not reachable at start (%s); will reconcile when it is", exc)
+        self.docker.start()
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self.config.resync)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                pending, self._pending_config = self._pending_config, None
+                if pending is not None:
+                    self._reload(pending)
+                self.reconcile()
+        finally:
+            self.docker.stop()
+            with self._lock:
+                for tracked in self._tracked.values():
+                    tracked.stop_runners()
+            self.registry.close(revoke=self._revoke)
+            log.info("agent stopped (registrations %s)", "revoked" if self._revoke else "left")
+
+    def stop(self, revoke: bool = True) -> None:
+        """Ask :meth:`run` to finish (safe from a signal handler or another thread)."""
+        self._revoke = revoke
+        self._stop.set()
+        self._wake.set()
+
+    def reload(self, config: AgentConfig) -> None:
+        """SIGHUP: new settings, applied by the run loop (safe from a signal handler)."""
+        self._pending_config = config
+        self._wake.set()
+
+    def _reload(self, config: AgentConfig) -> None:
+        with self._lock:
+            self.config = config
+            self._adopt |= set(self._registered)  # re-checked instances start healthy: no flap
+            for tracked in self._tracked.values():
+                tracked.stop_runners()
+            self._tracked.clear()
+        try:
+            self._on_sync(self.docker.list_running())
+        except DiscoveryError as exc:
+            log.warning("reload: %s", exc)
+        log.info("configuration reloaded")
+
+    # ---- Docker ----------------------------------------------------------------------------
+    def _on_docker(self, up: bool) -> None:
+        log.info("docker %s", "connected" if up else "disconnected")
+        if not up:
+            self._synced = False
+
+    def _on_registry(self, up: bool) -> None:
+        log.info("registry %s", "connected" if up else "disconnected")
+        if up:
+            self._wake.set()
+
+    def _on_sync(self, running: list[dict[str, Any]]) -> None:
+        with self._lock:
+            seen = set()
+            for attrs in running:
+                seen.add(attrs["Id"])
+                self._refresh(attrs)
+            for cid in list(self._tracked):
+                if cid not in seen:
+                    self._forget(cid)
+            self._synced = True
+        self._wake.set()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        cid = str(event.get("id") or event.get("Actor", {}).get("ID", ""))
+        attrs = event.get("Actor", {}).get("Attributes", {}) or {}
+        with self._lock:
+            tracked = self._tracked.get(cid)
+            if action.startswith("health_status"):
+                if tracked is not None:
+                    tracked.docker_health = action.endswith("healthy") and "unhealthy" not in action
+                    self._apply_container(tracked)
+                    return
+                self._refresh_by_id(cid)
+            elif action in ("start", "restart", "unpause"):
+                self._refresh_by_id(cid)
+            elif action == "kill":
+                stale = tracked is None or int(event.get("timeNano", 0)) < tracked.started_ns
+                if str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS and not stale:
+                    log.info("container %s killed: draining its instances", cid[:12])
+                    self._forget(cid)
+            elif action == "pause":
+                if tracked is not None:
+                    tracked.paused = True
+                    self._apply_container(tracked)
+            elif action in ("stop", "die", "destroy"):
+                self._forget(cid)
+
+    def _refresh_by_id(self, cid: str) -> None:
+        attrs = self.docker.inspect(cid)
+        if attrs is None or not attrs.get("State", {}).get("Running"):
+            self._forget(cid)
+        else:
+            self._refresh(attrs)
+
+    def _refresh(self, attrs: dict[str, Any]) -> None:
+        """(Re)build what we know of one running container from its inspect data."""
+        cid = attrs["Id"]
+        name = str(attrs.get("Name", "")).lstrip("/")
+        state = attrs.get("State", {})
+        try:
+            specs = parse_container(attrs, advertise=self.config.address,
+                                    internal=self.config.internal, defaults=self.config.check)
+        except LabelError as exc:
+            if self._bad_labels.get(cid) != str(exc):
+                log.error("skipping container %s: %s", name or cid[:12], exc)
+                self._bad_labels[cid] = str(exc)
+            self._forget(cid)
+            return
+        self._bad_labels.pop(cid, None)
+        instances = {i.key: i for i in (self._instance(attrs, s) for s in specs)}
+        tracked = self._tracked.get(cid)
+        started = _iso_ns(str(state.get("StartedAt", "")))
+        if tracked is not None and (
+            tracked.started_ns != started or not _same(tracked.instances, instances)
+        ):
+            self._forget(cid)
+            tracked = None
+        if tracked is None:
+            tracked = Tracked(cid, started, instances)
+            self._tracked[cid] = tracked
+            for spec in specs:
+                self._start_check(tracked, attrs, spec)
+        tracked.paused = bool(state.get("Paused"))
+        tracked.docker_health = (state.get("Health") or {}).get("Status") == "healthy"
+        self._apply_container(tracked)
+
+    def _instance(self, attrs: dict[str, Any], spec: ServiceSpec) -> Instance:
+        cid = attrs["Id"]
+        return Instance(
+            service=spec.service,
+            id=make_instance_id(self.config.node, cid, spec.container_port),
+            node=self.config.node,
+            address=spec.address,
+            port=spec.port,
+            tags=spec.tags,
+            weight=spec.weight,
+            meta=spec.meta,
+            container_id=cid,
+            container_name=str(attrs.get("Name", "")).lstrip("/"),
+            image=str(attrs.get("Config", {}).get("Image", "")),
+        )
+
+    def _start_check(self, tracked: Tracked, attrs: dict[str, Any], spec: ServiceSpec) -> None:
+        key = (spec.service, make_instance_id(self.config.node, tracked.container_id,
+                                              spec.container_port))
+        adopted = key in self._adopt
+        tracked.healthy[key] = adopted
+        if spec.check.type == "docker":
+            return
+        target = CheckTarget(spec.address, spec.port, tracked.container_id, self.docker.client)
+        check = load_check_factory(spec.check.type)(spec.check, target)
+
+        def on_transition(ok: bool, result: CheckResult, key: Key = key) -> None:
+            with self._lock:
+                if self._tracked.get(tracked.container_id) is not tracked:
+                    return
+                log.info("%s/%s is now %s (%s)", key[0], key[1], "healthy" if ok else "unhealthy",
+                         result.output[:200])
+                tracked.healthy[key] = ok
+                self._apply(tracked, key)
+
+        runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
+                             name=f"check-{key[1]}")
+        tracked.runners[key] = runner
+        runner.start()
+
+    def _forget(self, cid: str) -> None:
+        tracked = self._tracked.pop(cid, None)
+        if tracked is None:
+            return
+        tracked.stop_runners()
+        for key in tracked.instances:
+            self._write(key, None)
+
+    # ---- registry --------------------------------------------------------------------------
+    def _wanted(self, tracked: Tracked, key: Key) -> bool:
+        if tracked.paused:
+            return False
+        if key in tracked.runners:
+            return tracked.healthy.get(key, False)
+        return tracked.docker_health
+
+    def _apply_container(self, tracked: Tracked) -> None:
+        for key in tracked.instances:
+            self._apply(tracked, key)
+
+    def _apply(self, tracked: Tracked, key: Key) -> None:
+        self._write(key, tracked.instances[key] if self._wanted(tracked, key) else None)
+
+    def _write(self, key: Key, instance: Instance | None) -> None:
+        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change."""
+        have = self._registered.get(key)
+        try:
+            if instance is None:
+                if have is not None or key in self._adopt:
+                    self.registry.deregister(*key)
+                    log.info("deregistered %s/%s", *key)
+                self._registered.pop(key, None)
+                self._adopt.discard(key)
+            elif have is None or not have.same_registration(instance):
+                self.registry.register(instance)
+                self._registered[key] = instance
+                log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
+        except RegistryError as exc:
+            log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
+            self._wake.set()
+
+    def reconcile(self) -> None:
+        """Docker's truth vs the registry's view of this node, fixed in both directions.
+
+        Only while Docker's truth is known: never delete on the word of a Docker we cannot see.
+        """
+        if not self._synced:
+            log.debug("reconcile skipped: Docker not listed yet")
+            return
+        try:
+            snap = self.registry.snapshot()
+        except RegistryError as exc:
+            log.warning("reconcile: registry unavailable (%s)", exc)
+            return
+        with self._lock:
+            ours = {k: i for k, i in snap.instances.items() if i.node == self.config.node}
+            wanted: dict[Key, Instance] = {}
+            for tracked in self._tracked.values():
+                for key, inst in tracked.instances.items():
+                    if self._wanted(tracked, key):
+                        wanted[key] = inst
+            fixed = 0
+            for key, inst in wanted.items():
+                present = ours.get(key)
+                mine = key in self._registered  # written by this process (on our lease/session)
+                if not mine or present is None or not present.same_registration(inst):
+                    self._registered.pop(key, None)  # force the write
+                    self._write(key, inst)
+                    fixed += 1
+            for key in set(ours) - set(wanted):
+                self._registered[key] = ours[key]
+                self._write(key, None)
+                fixed += 1
+            self._adopt &= set(wanted)
+        log.log(logging.INFO if fixed else logging.DEBUG,
+                "reconcile done: %d wanted, %d in registry, %d fixed",
+                len(wanted), len(ours), fixed)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "node": self.config.node,
+                "docker_connected": self.docker.connected,
+                "containers": len(self._tracked),
+                "registered": len(self._registered),
+                "time": time.time(),
+            }

@@ -1,0 +1,146 @@
+"""Follows dockerd: subscribe to events first, then list containers, so nothing falls in between.
+
+Never gives up: when the stream breaks or dockerd restarts it reconnects with backoff,
+replays events ``since`` the last one seen, and hands the agent a full list again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import tenacity
+from docker.errors import DockerException, NotFound
+from requests.exceptions import RequestException
+
+from discovery.errors import DockerUnavailable
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("start", "restart", "health_status", "kill", "stop", "die", "destroy", "pause", "unpause")
+
+EventCallback = Callable[[dict[str, Any]], None]
+SyncCallback = Callable[[list[dict[str, Any]]], None]
+StateCallback = Callable[[bool], None]
+
+
+class StreamClosed(Exception):
+    """The event stream ended: dockerd went away or closed it."""
+
+
+class DockerSource:
+    def __init__(
+        self,
+        base_url: str | None,
+        on_event: EventCallback,
+        on_sync: SyncCallback,
+        on_state: StateCallback | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self._base_url = base_url
+        self._on_event = on_event
+        self._on_sync = on_sync
+        self._on_state = on_state or (lambda _up: None)
+        self._timeout = timeout
+        self._stop = threading.Event()
+        self._since: int | None = None  # unix seconds of the last event seen
+        self._stream: Any = None
+        self._thread: threading.Thread | None = None
+        self.client = self._connect()
+        self.connected = False
+
+    def _connect(self) -> docker.DockerClient:
+        if self._base_url:
+            return docker.DockerClient(base_url=self._base_url, timeout=self._timeout)
+        return docker.from_env(timeout=self._timeout)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(Exception):  # closing a dead stream may raise anything
+                stream.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def inspect(self, container_id: str) -> dict[str, Any] | None:
+        """Current state of a container, or None when it is gone."""
+        try:
+            attrs: dict[str, Any] = self.client.api.inspect_container(container_id)
+            return attrs
+        except NotFound:
+            return None
+        except (DockerException, RequestException) as exc:
+            raise DockerUnavailable(f"docker inspect {container_id[:12]}: {exc}") from exc
+
+    def list_running(self) -> list[dict[str, Any]]:
+        out = []
+        for c in self.client.api.containers():
+            attrs = self.inspect(c["Id"])
+            if attrs is not None:
+                out.append(attrs)
+        return out
+
+    def _run(self) -> None:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(
+                (StreamClosed, DockerException, RequestException, DockerUnavailable, OSError)
+            ),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
+            stop=tenacity.stop_never,
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            retrying(self._session)
+        except Exception:  # only reached when stopping; anything else is logged by before_sleep
+            if not self._stop.is_set():
+                log.exception("docker event loop ended unexpectedly")
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+        if self._stop.is_set():
+            raise StreamClosed("stopping")
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        if self.connected:
+            self.connected = False
+            self._on_state(False)
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("docker: %s; reconnecting (attempt %d)", exc, state.attempt_number)
+
+    def _session(self) -> None:
+        """One connection's life: subscribe, list, then follow until the stream ends."""
+        if self._stop.is_set():
+            return
+        self.client = self._connect()
+        filters = {"type": ["container"], "event": list(EVENTS)}
+        stream = self.client.api.events(since=self._since, decode=True, filters=filters)
+        self._stream = stream
+        running = self.list_running()
+        if not self.connected:
+            self.connected = True
+            self._on_state(True)
+        log.info("docker: connected, %d running containers", len(running))
+        self._on_sync(running)
+        for event in stream:
+            if self._stop.is_set():
+                return
+            self._since = int(event.get("time", self._since or 0))
+            try:
+                self._on_event(event)
+            except DockerUnavailable:
+                raise
+            except Exception:
+                log.exception("docker: handling %s event failed", event.get("Action"))
+        if not self._stop.is_set():
+            raise StreamClosed("event stream closed")

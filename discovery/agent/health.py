@@ -1,0 +1,137 @@
+"""Turning a stream of check results into a health state (Nerve-style rise/fall)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from discovery.agent.checks import clip
+from discovery.agent.spec import Check, CheckResult, CheckSpec
+
+log = logging.getLogger(__name__)
+
+
+class Hysteresis:
+    """``rise`` consecutive successes make an instance healthy, ``fall`` consecutive
+    failures make it unhealthy; anything in between keeps the current state."""
+
+    def __init__(self, rise: int, fall: int, healthy: bool = False) -> None:
+        if rise < 1 or fall < 1:
+            raise ValueError(f"rise and fall must be >= 1 (got rise={rise}, fall={fall})")
+        self.rise, self.fall = rise, fall
+        self._healthy = healthy
+        self._streak = 0  # consecutive results that disagree with the current state
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def observe(self, ok: bool) -> bool | None:
+        """Feed one result; return the new state on a transition, else ``None``."""
+        if ok == self._healthy:
+            self._streak = 0
+            return None
+        self._streak += 1
+        if self._streak < (self.rise if ok else self.fall):
+            return None
+        self._healthy, self._streak = ok, 0
+        return ok
+
+
+def run_check(check: Check) -> CheckResult:
+    """``check.run()``, with any exception or odd return value turned into a failure."""
+    try:
+        result = check.run()
+    except Exception as exc:
+        log.debug("check %r raised", check, exc_info=True)
+        return CheckResult(False, clip(f"check raised {type(exc).__name__}: {exc}"))
+    if isinstance(result, CheckResult):
+        return result
+    if isinstance(result, bool):  # lenient with plugins that return a plain bool
+        return CheckResult(result, "ok" if result else "failed")
+    return CheckResult(False, clip(f"check returned {type(result).__name__}, not CheckResult"))
+
+
+class CheckRunner:
+    """Runs ``check`` every ``spec.interval`` seconds (the first run at once) on a daemon
+    thread and calls ``on_transition(healthy, result)`` whenever the state flips.
+
+    Runs are scheduled on a fixed grid, so slow checks do not make the interval drift;
+    when a run overruns one or more ticks, they are skipped rather than bunched up.
+    No callback is made after :meth:`stop` returns.
+    """
+
+    def __init__(
+        self,
+        spec: CheckSpec,
+        check: Check,
+        on_transition: Callable[[bool, CheckResult], None],
+        healthy: bool = False,
+        name: str = "check",
+    ) -> None:
+        self.spec, self.check, self.on_transition, self.name = spec, check, on_transition, name
+        self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
+        self.last_result: CheckResult | None = None
+        self.last_run: float | None = None
+        self.since: float = time.time()  # wall-clock time of the last transition (or start)
+        self.runs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"check:{name}", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.hysteresis.healthy
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> CheckRunner:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop and wait for the thread (at most ``timeout``, default ``spec.timeout + 1``)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self.spec.timeout + 1.0 if timeout is None else timeout)
+
+    def run_once(self) -> bool | None:
+        """One check run: update state and return the new state on a transition."""
+        result = run_check(self.check)
+        self.runs += 1
+        self.last_run = time.time()
+        self.last_result = result
+        changed = self.hysteresis.observe(result.ok)
+        if changed is None:
+            return None
+        self.since = time.time()
+        log.info(
+            "%s: %s after %s (%s)",
+            self.name,
+            "healthy" if changed else "unhealthy",
+            f"{self.spec.rise if changed else self.spec.fall} result(s)",
+            result.output,
+        )
+        if not self._stop.is_set():
+            try:
+                self.on_transition(changed, result)
+            except Exception:
+                log.exception("%s: transition callback failed", self.name)
+        return changed
+
+    def _loop(self) -> None:
+        interval = max(self.spec.interval, 0.01)
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # never let the thread die
+                log.exception("%s: check runner error", self.name)
+            next_at += interval
+            now = time.monotonic()
+            if next_at <= now:  # overran: skip the missed ticks
+                next_at += ((now - next_at) // interval + 1) * interval
+            self._stop.wait(next_at - now)

@@ -1,0 +1,379 @@
+"""etcd v3 backend: one lease per registry object, kept alive in the background; prefix watches
+that resume from the last seen revision (or send a ``reset`` when it was compacted)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+from pyetcd.etcdrpc import kv_pb2
+from pyetcd.utils import prefix_range_end
+
+from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
+from discovery.model import Instance
+from discovery.registry.base import (
+    Change,
+    ChangeCallback,
+    RegistryURL,
+    Snapshot,
+    StateCallback,
+    claiming,
+    decode,
+    deliver,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which another endpoint (or a later try) may well succeed.
+_TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+)
+_ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.INTERNAL)
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+_REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
+_ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
+
+
+class _LeaseGone(RegistryError):
+    """etcd does not know our lease any more (it expired)."""
+
+
+class EtcdRegistry:
+    """The :class:`~discovery.registry.base.Registry` on etcd v3. See the module docstring."""
+
+    def __init__(self, url: RegistryURL, ttl: float = 10.0, timeout: float = 5.0) -> None:
+        if url.scheme != "etcd":
+            raise ConfigError(f"registry URL {url}: not an etcd:// URL")
+        self.url, self.ttl, self.timeout = url, ttl, timeout
+        self._root = f"{url.prefix}/services/"
+        self._where = ",".join(f"{h}:{p}" for h, p in url.hosts)
+        endpoints = [
+            pyetcd.Endpoint(f"[{h}]" if ":" in h else h, p, secure=False,
+                            time_retry=_ENDPOINT_RETRY, opts=_GRPC_OPTIONS)
+            for h, p in url.hosts
+        ]
+        # Per-RPC deadline: short enough that a hung member is left for another in time.
+        self.client = pyetcd.MultiEndpointEtcd3Client(
+            endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
+        self._lock = threading.RLock()  # owned, lease, watches
+        self._owned: dict[tuple[str, str], Instance] = {}
+        self._lease: int | None = None
+        self._need_reput = False
+        self._watches: list[_EtcdWatch] = []
+        self._state_lock = threading.RLock()
+        self._listeners: list[StateCallback] = []
+        self._up: bool | None = None
+        self._closing = threading.Event()
+        self._closed = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T], closing: bool = False) -> T:
+        """Run one etcd request, retrying transient failures (other endpoints) until timeout."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.05
+        while True:
+            if self._closed.is_set() or (self._closing.is_set() and not closing):
+                raise RegistryError(f"etcd registry {self.url} is closed")
+            try:
+                result = fn()
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay >= deadline:
+                    self._set_state(False)
+                    raise RegistryUnavailable(
+                        f"etcd at {self._where}: {what} failed, no member answered within "
+                        f"{self.timeout:g}s ({exc or type(exc).__name__})") from None
+                (self._closed if closing else self._closing).wait(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if code == grpc.StatusCode.NOT_FOUND and "lease" in str(details):
+                    raise _LeaseGone() from None
+                raise RegistryError(f"etcd at {self._where}: {what} failed: "
+                                    f"{getattr(code, 'name', code)}: {details}") from None
+            except (etcd_exc.Etcd3Exception, ValueError) as exc:
+                raise RegistryError(f"etcd at {self._where}: {what} failed: {exc!r}") from None
+            self._set_state(True)
+            return result
+
+    def _set_state(self, up: bool) -> None:
+        with self._state_lock:
+            if self._up == up:
+                return
+            self._up = up
+            if not up:
+                log.warning("etcd at %s unreachable", self._where)
+            elif up and self._lease is not None:
+                log.info("etcd at %s reachable again", self._where)
+            for cb in list(self._listeners):
+                try:
+                    cb(up)
+                except Exception:
+                    log.exception("registry state listener failed")
+
+    def _put(self, inst: Instance, lease: int) -> None:
+        key = self.url.key(inst.service, inst.id)
+        value = inst.to_json()
+        self._call(f"put {key}", lambda: self.client.put(key, value, lease=lease))
+
+    # -- lease ------------------------------------------------------------------------------
+
+    def _ensure_lease(self) -> int:
+        with self._lock:
+            if self._closing.is_set():
+                raise RegistryError(f"etcd registry {self.url} is closed")
+            if self._lease is None:
+                ttl = max(1, math.ceil(self.ttl))
+                self._lease = self._call("grant lease", lambda: self.client.lease(ttl)).id
+                log.debug("etcd lease %x granted (ttl %ss)", self._lease, ttl)
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keepalive_loop, daemon=True,
+                                                 name="etcd-lease-keepalive")
+                self._keeper.start()
+            return self._lease
+
+    def _renew_lease(self, old: int) -> None:
+        """Our lease expired: grant a new one and write every owned instance again."""
+        with self._lock:
+            if self._lease != old or self._closing.is_set():
+                return
+            self._lease = None
+            self._need_reput = True
+            lease = self._ensure_lease()
+            log.warning("etcd lease %x expired; re-registering %d instance(s) under lease %x",
+                        old, len(self._owned), lease)
+            self._reput_all()
+
+    def _reput_all(self) -> None:
+        with self._lock:
+            lease = self._lease
+            if lease is None or self._closing.is_set():
+                return
+            self._need_reput = True
+            for inst in list(self._owned.values()):
+                self._put(inst, lease)  # raises: _need_reput stays set, the keeper retries
+            self._need_reput = False
+
+    def _refresh(self, lease: int) -> list[Any]:
+        return self._call("lease keepalive", lambda: list(self.client.refresh_lease(lease)))
+
+    def _keepalive_loop(self) -> None:
+        interval = max(self.ttl / 3, 0.2)
+        wait = interval
+        while not self._closing.wait(wait):
+            lease = self._lease
+            try:
+                if lease is None:  # a renewal failed half-way: finish it
+                    if self._need_reput:
+                        self._ensure_lease()
+                        self._reput_all()
+                    continue
+                resp = self._refresh(lease)
+                if not resp or resp[0].TTL <= 0:
+                    self._renew_lease(lease)
+                elif self._need_reput:
+                    self._reput_all()
+                wait = interval
+            except RegistryError as exc:
+                log.debug("lease keepalive: %s", exc)
+                wait = min(interval, 0.5)
+            except Exception:
+                log.exception("etcd lease keepalive failed")
+                wait = interval
+
+    # -- the Registry interface -------------------------------------------------------------
+
+    def register(self, instance: Instance) -> None:
+        with claiming(self._owned, self._lock, instance):
+            for _ in range(3):
+                lease = self._ensure_lease()
+                try:
+                    self._put(instance, lease)
+                    return
+                except _LeaseGone:
+                    self._renew_lease(lease)
+            raise RegistryError(f"etcd at {self._where}: lease keeps expiring")
+
+    def deregister(self, service: str, instance_id: str) -> None:
+        key = self.url.key(service, instance_id)
+        with self._lock:
+            self._owned.pop((service, instance_id), None)
+        self._call(f"delete {key}", lambda: self.client.delete(key))
+
+    def snapshot(self) -> Snapshot:
+        resp = self._call("read", lambda: self.client.get_prefix_response(self._root))
+        instances: dict[tuple[str, str], Instance] = {}
+        for kv in resp.kvs:
+            inst = decode(self.url, kv.key.decode("utf-8", "replace"), kv.value)
+            if inst is not None:
+                instances[inst.key] = inst
+        return Snapshot(instances=instances, revision=int(resp.header.revision))
+
+    def watch(self, callback: ChangeCallback, start_revision: int = 0) -> _EtcdWatch:
+        with self._lock:
+            if self._closing.is_set():
+                raise RegistryError(f"etcd registry {self.url} is closed")
+            w = _EtcdWatch(self, callback, start_revision)
+            self._watches.append(w)
+        return w
+
+    def add_state_listener(self, callback: StateCallback) -> None:
+        with self._state_lock:
+            self._listeners.append(callback)
+
+    def close(self, revoke: bool = True) -> None:
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            lease, watches, keeper = self._lease, list(self._watches), self._keeper
+            self._watches.clear()
+        try:
+            for w in watches:
+                w.stop()
+            if keeper is not None:
+                keeper.join(self.timeout + 1)
+            if revoke and lease is not None:
+                try:
+                    self._call("revoke lease", lambda: self.client.revoke_lease(lease), True)
+                except RegistryError as exc:
+                    log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
+        finally:
+            self._closed.set()
+            self.client.close()
+
+
+class _EtcdWatch:
+    """One background thread following the prefix; ``stop()`` ends it."""
+
+    def __init__(self, reg: EtcdRegistry, callback: ChangeCallback, start_revision: int) -> None:
+        self._reg, self._callback, self._rev = reg, callback, start_revision
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        delay, failing = 0.1, False
+        while not self._stopped.is_set():
+            try:
+                self._follow()
+                delay = 0.1
+            except Exception as exc:
+                if self._stopped.is_set():
+                    break
+                self._reg._set_state(False)
+                if not failing:
+                    log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
+                                self._reg._where, _describe(exc), self._rev + 1)
+                failing = True
+                self._stopped.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 2.0)
+                continue
+            failing = False
+
+    def _follow(self) -> None:
+        """One watch stream, from ``self._rev + 1``, until it breaks or we stop."""
+        reg = self._reg
+        channel = reg.client.channel  # the first endpoint not recently failed
+        endpoint = reg.client.endpoint_in_use
+        requests: queue.Queue[Any] = queue.Queue()
+        requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=reg._root.encode(), range_end=prefix_range_end(reg._root.encode()),
+            start_revision=self._rev + 1 if self._rev else 0, progress_notify=True)))
+        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests), metadata=_REQUIRE_LEADER)
+        with self._lock:
+            self._stream = stream
+        if self._stopped.is_set():
+            stream.cancel()
+        try:
+            for resp in stream:
+                if resp.compact_revision:
+                    log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
+                                self._rev + 1, resp.compact_revision)
+                    snap = reg.snapshot()
+                    self._rev = snap.revision
+                    self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+                    return
+                if resp.canceled:
+                    raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
+                if resp.created:
+                    reg._set_state(True)
+                    if not self._rev:
+                        self._rev = int(resp.header.revision)
+                for ev in resp.events:
+                    self._event(ev)
+                if not resp.events and not resp.created:  # progress notification
+                    self._rev = max(self._rev, int(resp.header.revision))
+        except grpc.RpcError as exc:
+            if self._stopped.is_set():
+                return
+            if exc.code() in _ENDPOINT_DOWN:
+                endpoint.fail()
+            raise
+        finally:
+            requests.put(None)
+            with self._lock:
+                self._stream = None
+            stream.cancel()
+
+    def _event(self, ev: Any) -> None:
+        url = self._reg.url
+        key = ev.kv.key.decode("utf-8", "replace")
+        rev = int(ev.kv.mod_revision)
+        self._rev = max(self._rev, rev)
+        split = url.split_key(key)
+        if split is None:
+            return
+        inst = None if ev.type == kv_pb2.Event.DELETE else decode(url, key, ev.kv.value)
+        # A malformed value counts as a delete: snapshot() would not show it either.
+        self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst
+                      else Change("delete", key=split, revision=rev))
+
+    def _deliver(self, change: Change) -> None:
+        deliver(self._callback, change, self._stopped)
+
+
+def _drain(requests: queue.Queue[Any]) -> Iterator[Any]:
+    while (item := requests.get()) is not None:
+        yield item
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__

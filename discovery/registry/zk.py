@@ -1,0 +1,301 @@
+"""ZooKeeper backend (kazoo): instances are EPHEMERAL nodes of this object's session.
+
+The session timeout is the TTL. After a session expiry every owned node is created again and
+every watch sends a ``reset``; after a mere connection loss kazoo resumes the same session
+(and re-arms its watches), so nothing is lost. ``Snapshot.revision`` is a zxid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    SessionExpiredError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+
+from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
+from discovery.model import Instance
+from discovery.registry.base import (
+    ChangeCallback,
+    RegistryURL,
+    Snapshot,
+    StateCallback,
+    claiming,
+    decode,
+)
+from discovery.registry.zk_watch import ZkWatch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
+
+
+class ZkRegistry:
+    """The :class:`~discovery.registry.base.Registry` on ZooKeeper. See the module docstring."""
+
+    def __init__(self, url: RegistryURL, ttl: float = 10.0, timeout: float = 5.0) -> None:
+        if url.scheme != "zk":
+            raise ConfigError(f"registry URL {url}: not a zk:// URL")
+        self.url, self.ttl, self.timeout = url, ttl, timeout
+        self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
+        self._services = f"{url.prefix}/services"
+        self.client = KazooClient(
+            hosts=self._where, timeout=ttl,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0))
+        self._lock = threading.RLock()
+        self._owned: dict[tuple[str, str], Instance] = {}
+        self._written: dict[tuple[str, str], int] = {}  # key -> session id that wrote it
+        self._watches: list[ZkWatch] = []
+        self._listeners: list[StateCallback] = []
+        self._connected = threading.Event()
+        self._lost = False
+        self._closing = threading.Event()
+        self._events: queue.Queue[bool | None] = queue.Queue()
+        self._recovery = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._event_loop, daemon=True, name="zk-registry-state"),
+            threading.Thread(target=self._recover_loop, daemon=True, name="zk-registry-recover"),
+        ]
+        for t in self._threads:
+            t.start()
+        self.client.add_listener(self._on_state)
+        self.client.start_async()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _on_state(self, state: str) -> None:
+        """kazoo's listener (its connection thread): only record and hand over."""
+        if state == KazooState.CONNECTED:
+            self._connected.set()
+            if self._lost:
+                self._lost = False
+                self._recovery.set()
+            self._events.put(True)
+        else:
+            self._connected.clear()
+            if state == KazooState.LOST:
+                self._lost = True
+            self._events.put(False)
+
+    def _event_loop(self) -> None:
+        """Tells the state listeners, in order, outside kazoo's thread."""
+        up: bool | None = None
+        while (value := self._events.get()) is not None:
+            if value == up:
+                continue
+            up = value
+            level = logging.INFO if value or self._closing.is_set() else logging.WARNING
+            log.log(level, "ZooKeeper at %s %s", self._where,
+                    "connected" if value else "connection lost")
+            for cb in list(self._listeners):
+                try:
+                    cb(value)
+                except Exception:
+                    log.exception("registry state listener failed")
+
+    def _recover_loop(self) -> None:
+        while not self._closing.is_set():
+            if self._recovery.wait(0.5) and not self._closing.is_set():
+                self._recovery.clear()
+                try:
+                    self._recover()
+                except Exception:
+                    log.exception("ZooKeeper session recovery failed")
+
+    def _recover(self) -> None:
+        """New session after an expiry: create our nodes again, tell watches to reset."""
+        with self._lock:
+            watches = list(self._watches)
+            owned = list(self._owned.values())
+        for w in watches:
+            w.reset()
+        log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
+        while owned and not self._closing.is_set() and not self._recovery.is_set():
+            try:
+                for inst in owned:
+                    with self._lock:
+                        if self._owned.get(inst.key) is not inst:
+                            continue  # deregistered or replaced meanwhile
+                    self._op(f"re-register {inst.service}/{inst.id}",
+                             functools.partial(self._claim, inst))
+                return
+            except RegistryError as exc:
+                log.warning("re-registering after session expiry: %s; retrying", exc)
+                self._closing.wait(0.5)
+
+    def _op(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` once connected, retrying connection loss until ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._closing.is_set():
+                raise RegistryError(f"ZooKeeper registry {self.url} is closed")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected.wait(remaining):
+                raise RegistryUnavailable(f"ZooKeeper at {self._where}: {what} failed, "
+                                          f"not connected within {self.timeout:g}s")
+            try:
+                return fn()
+            except _TRANSIENT as exc:
+                if time.monotonic() + 0.05 >= deadline:
+                    raise RegistryUnavailable(f"ZooKeeper at {self._where}: {what} failed: "
+                                              f"{type(exc).__name__}") from None
+                time.sleep(0.05)
+            except ConnectionClosedError:
+                raise RegistryError(f"ZooKeeper registry {self.url} is closed") from None
+            except KazooException as exc:
+                raise RegistryError(f"ZooKeeper at {self._where}: {what} failed: "
+                                    f"{type(exc).__name__} {exc}") from None
+
+    def _get(self, result: Any) -> Any:
+        return result.get(timeout=self.timeout)
+
+    def _claim(self, inst: Instance) -> None:
+        """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
+        key, c = inst.key, self.client
+        path, data = self.url.key(*key), inst.to_json()
+        session = (c.client_id or (None,))[0]
+        if session is None:
+            raise ConnectionLoss()
+        if self._written.get(key) == session:
+            try:
+                self._get(c.set_async(path, data))
+                return
+            except NoNodeError:
+                pass
+        for _ in range(5):
+            try:
+                self._get(c.create_async(path, data, ephemeral=True, makepath=True))
+                self._written[key] = session
+                return
+            except NodeExistsError:
+                pass
+            try:
+                _, stat = self._get(c.get_async(path))
+                if stat.ephemeralOwner == session:
+                    self._get(c.set_async(path, data, version=stat.version))
+                    self._written[key] = session
+                    return
+                log.info("taking over %s from ZooKeeper session %x", path, stat.ephemeralOwner)
+                # one transaction: readers never see the instance missing in between
+                txn = c.transaction()
+                txn.delete(path, version=stat.version)
+                txn.create(path, data, ephemeral=True)
+                results = self._get(txn.commit_async())
+                if not any(isinstance(r, Exception) for r in results):
+                    self._written[key] = session
+                    return
+            except (NoNodeError, BadVersionError):
+                continue
+        raise RegistryError(f"ZooKeeper at {self._where}: {path} keeps changing under us")
+
+    # -- the Registry interface -------------------------------------------------------------
+
+    def register(self, instance: Instance) -> None:
+        with claiming(self._owned, self._lock, instance):
+            self._op(f"register {instance.service}/{instance.id}", lambda: self._claim(instance))
+
+    def deregister(self, service: str, instance_id: str) -> None:
+        path = self.url.key(service, instance_id)
+        with self._lock:
+            self._owned.pop((service, instance_id), None)
+            self._written.pop((service, instance_id), None)
+
+        def delete() -> None:
+            with contextlib.suppress(NoNodeError):
+                self._get(self.client.delete_async(path))
+
+        self._op(f"deregister {service}/{instance_id}", delete)
+
+    def snapshot(self) -> Snapshot:
+        return self._op("read", self._read)
+
+    def _read(self) -> Snapshot:
+        c = self.client
+        try:
+            services = self._get(c.get_children_async(self._services))
+        except NoNodeError:
+            return Snapshot(revision=max(c.last_zxid, 1))
+        # Every change up to this zxid is in what we read from now on.
+        revision = max(c.last_zxid, 1)
+        dirs = {s: c.get_children_async(f"{self._services}/{s}") for s in services}
+        pending: list[tuple[str, Any]] = []
+        for s, res in dirs.items():
+            try:
+                children = self._get(res)
+            except NoNodeError:
+                continue
+            for child in children:
+                path = f"{self._services}/{s}/{child}"
+                pending.append((path, c.get_async(path)))
+        instances: dict[tuple[str, str], Instance] = {}
+        for path, res in pending:
+            try:
+                data, _ = self._get(res)
+            except NoNodeError:
+                continue
+            inst = decode(self.url, path, data)
+            if inst is not None:
+                instances[inst.key] = inst
+        return Snapshot(instances=instances, revision=revision)
+
+    def watch(self, callback: ChangeCallback, start_revision: int = 0) -> ZkWatch:
+        if self._closing.is_set():
+            raise RegistryError(f"ZooKeeper registry {self.url} is closed")
+        w = ZkWatch(self, callback, start_revision)
+        with self._lock:
+            closing = self._closing.is_set()
+            if not closing:
+                self._watches.append(w)
+        if closing:
+            w.stop()
+            raise RegistryError(f"ZooKeeper registry {self.url} is closed")
+        return w
+
+    def add_state_listener(self, callback: StateCallback) -> None:
+        self._listeners.append(callback)
+
+    def close(self, revoke: bool = True) -> None:
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            watches, owned = list(self._watches), list(self._owned)
+            self._watches.clear()
+        for w in watches:
+            w.stop(join=False)
+        try:
+            if revoke and self._connected.is_set():
+                session = (self.client.client_id or (None,))[0]
+                for key in owned:
+                    if self._written.get(key) == session:
+                        try:
+                            self._get(self.client.delete_async(self.url.key(*key)))
+                        except (NoNodeError, *_TRANSIENT):
+                            pass  # closing the session below removes it anyway
+        except KazooException as exc:
+            log.warning("ZooKeeper at %s: removing our nodes: %s", self._where, exc)
+        finally:
+            self.client.stop()  # ends the session: its ephemeral nodes go
+            self.client.close()
+            for w in watches:
+                w.stop()
+            self._events.put(None)
+            self._recovery.set()  # wakes the recovery thread, which sees _closing and ends
+            for t in self._threads:
+                t.join(2)

@@ -1,0 +1,199 @@
+"""Following a ZooKeeper registry: one worker thread turning one-shot watches into Changes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kazoo.exceptions import ConnectionClosedError, ConnectionLoss, NoNodeError, SessionExpiredError
+from kazoo.handlers.threading import KazooTimeoutError
+
+from discovery.model import Instance
+from discovery.registry.base import Change, ChangeCallback, Snapshot, decode, deliver
+
+if TYPE_CHECKING:
+    from discovery.registry.zk import ZkRegistry
+
+log = logging.getLogger(__name__)
+_TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
+
+
+class ZkWatch:
+    """Follows ``<prefix>/services`` with one worker thread.
+
+    ZooKeeper's one-shot watches only queue "look again at X" items; the worker re-reads X
+    (re-arming the watch) and emits the difference to what it emitted before.
+    """
+
+    def __init__(self, reg: ZkRegistry, callback: ChangeCallback, start_revision: int) -> None:
+        self._reg, self._callback = reg, callback
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, str]] = deque()
+        self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
+        self._svcs: set[str] = set()
+        self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
+        self._live: set[str] = set()  # paths we emitted a put for (and no delete since)
+        self._stopped = threading.Event()
+        try:  # read now, so changes right after watch() returns are changes, not the start
+            if not reg._connected.is_set():
+                raise ConnectionLoss()
+            self._init(start_revision)
+        except Exception:
+            self._queue.append(("init", str(start_revision)))
+        self._thread = threading.Thread(target=self._run, daemon=True, name="zk-watch")
+        self._thread.start()
+
+    def _init(self, start_revision: int) -> None:
+        _, newest = self._scan()
+        if start_revision and newest > start_revision:  # changed since: we can't tell what
+            self._push(("reset", ""))
+
+    def stop(self, join: bool = True) -> None:
+        self._stopped.set()
+        with self._cond:
+            self._cond.notify_all()
+        if join and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def reset(self) -> None:
+        with self._cond:
+            self._queue.clear()
+            self._queue.append(("reset", ""))
+            self._cond.notify_all()
+
+    def _push(self, item: tuple[str, str]) -> None:
+        with self._cond:
+            if item not in self._queue:
+                self._queue.append(item)
+                self._cond.notify_all()
+
+    def _fn(self, item: tuple[str, str]) -> Callable[[Any], None]:
+        """One stable callable per watched thing (kazoo keeps watchers in a set)."""
+        fn = self._fns.get(item)
+        if fn is None:
+            fn = self._fns[item] = lambda _event: self._push(item)
+        return fn
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped.is_set():
+                    self._cond.wait()
+                if self._stopped.is_set():
+                    return
+                item = self._queue.popleft()
+            try:
+                self._handle(item)
+            except _TRANSIENT:  # try again once connected (a reset may come first)
+                with self._cond:
+                    self._queue.appendleft(item)
+                self._reg._connected.wait(1)
+                self._stopped.wait(0.1)
+            except ConnectionClosedError:
+                return
+            except Exception:
+                log.exception("ZooKeeper watch failed on %s; re-reading everything", item)
+                self._stopped.wait(1)
+                self.reset()
+
+    def _handle(self, item: tuple[str, str]) -> None:
+        kind, arg = item
+        if not self._reg._connected.is_set():
+            raise ConnectionLoss()
+        c, services = self._reg.client, self._reg._services
+        if kind == "init":
+            self._init(int(arg))
+        elif kind == "reset":
+            snap, _ = self._scan()
+            self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+        elif kind == "services":
+            try:
+                children = c.get_children(services, watch=self._fn(item))
+            except NoNodeError:
+                if c.exists(services, watch=self._fn(item)) is not None:
+                    self._push(item)
+                return
+            for s in children:
+                if s not in self._svcs:
+                    self._svcs.add(s)
+                    self._push(("svc", s))
+        elif kind == "svc":
+            try:
+                children = c.get_children(f"{services}/{arg}", watch=self._fn(item))
+            except NoNodeError:
+                self._svcs.discard(arg)
+                return
+            for child in children:
+                path = f"{services}/{arg}/{child}"
+                if path not in self._nodes:
+                    self._nodes[path] = 0
+                    self._push(("node", path))
+        elif kind == "node":
+            self._node(arg)
+
+    def _node(self, path: str) -> None:
+        url = self._reg.url
+        split = url.split_key(path)
+        try:
+            data, stat = self._reg.client.get(path, watch=self._fn(("node", path)))
+        except NoNodeError:
+            self._nodes.pop(path, None)
+            self._fns.pop(("node", path), None)
+            if path in self._live and split is not None:
+                self._live.discard(path)
+                self._deliver(Change("delete", key=split,
+                                     revision=self._reg.client.last_zxid))
+            return
+        if self._nodes.get(path) == stat.mzxid or split is None:
+            return
+        self._nodes[path] = stat.mzxid
+        inst = decode(url, path, data)
+        if inst is not None:
+            self._live.add(path)
+            self._deliver(Change("put", key=split, instance=inst, revision=stat.mzxid))
+        elif path in self._live:
+            self._live.discard(path)
+            self._deliver(Change("delete", key=split, revision=stat.mzxid))
+
+    def _scan(self) -> tuple[Snapshot, int]:
+        """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
+        c, services = self._reg.client, self._reg._services
+        self._svcs.clear()
+        self._nodes.clear()
+        self._live.clear()
+        self._fns.clear()
+        try:
+            children, stat = c.get_children(services, watch=self._fn(("services", "")),
+                                             include_data=True)
+        except NoNodeError:
+            c.exists(services, watch=self._fn(("services", "")))
+            return Snapshot(revision=max(c.last_zxid, 1)), 0
+        revision, newest = max(c.last_zxid, 1), stat.pzxid
+        instances: dict[tuple[str, str], Instance] = {}
+        for s in children:
+            svc_dir = f"{services}/{s}"
+            try:
+                nodes, st = c.get_children(svc_dir, watch=self._fn(("svc", s)), include_data=True)
+            except NoNodeError:
+                continue
+            self._svcs.add(s)
+            newest = max(newest, st.pzxid)
+            for n in nodes:
+                path = f"{svc_dir}/{n}"
+                try:
+                    data, st = c.get(path, watch=self._fn(("node", path)))
+                except NoNodeError:
+                    continue
+                self._nodes[path] = st.mzxid
+                newest = max(newest, st.mzxid)
+                inst = decode(self._reg.url, path, data)
+                if inst is not None:
+                    self._live.add(path)
+                    instances[inst.key] = inst
+        return Snapshot(instances=instances, revision=revision), newest
+
+    def _deliver(self, change: Change) -> None:
+        deliver(self._callback, change, self._stopped)

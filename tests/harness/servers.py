@@ -1,0 +1,488 @@
+"""Real etcd and ZooKeeper servers on 127.0.0.1 for tests, plus a TCP proxy that can cut links.
+
+Servers run from the Debian packages (``/usr/bin/etcd``, ZooKeeper jars in /usr/share/java),
+on free loopback ports, with data under pytest's tmp dirs. Every process is stopped by its
+own pid; readiness is polled with a deadline.
+
+Fixtures (session): ``etcd_single``, ``zk_single``, ``etcd_cluster3``, ``zk_ensemble3``.
+Fixtures (function): ``registry_url`` (str, params etcd/zk, unique prefix per test, single
+nodes), ``registry_server`` (the server behind ``registry_url``) and ``cluster_url``
+((cluster, str), params etcd3/zk3, every member running at the start).
+Helpers: ``expire_zk_session(client)``, ``raw_put(url, key, value)``, ``TcpProxy``,
+``wait_until(pred, timeout, what)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pytest
+
+from discovery.registry.base import RegistryURL
+from tests.harness.util import free_port, wait_for
+
+T = TypeVar("T")
+
+HOST = "127.0.0.1"
+ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+JAVA_BIN = shutil.which("java") or "/usr/bin/java"
+ZK_CLASSPATH = "/usr/share/java/*"
+ZK_TICK_MS = 500  # minSessionTimeout = 2 ticks = 1 s, maxSessionTimeout = 20 ticks = 10 s
+START_TIMEOUT = 60.0
+
+
+def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``pred`` until it returns something truthy (see tests.harness.util.wait_for)."""
+    return wait_for(pred, timeout, interval=interval, message=what)
+
+
+class _Proc:
+    """One server process, started and stopped by its own pid."""
+
+    def __init__(self, argv: list[str], log_path: Path, cwd: Path) -> None:
+        self.argv, self.log_path, self.cwd = argv, log_path, cwd
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.wanted = False  # False after a deliberate stop/kill: its exit is no failure
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> None:
+        self.wanted = True
+        if self.running:
+            return
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, cwd=self.cwd,
+                                          start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        self.wanted = False
+        p = self.popen
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, sig)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+    def signal(self, sig: int) -> None:
+        if self.running and self.popen is not None:
+            self.wanted = False
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class ServerCluster:
+    """What EtcdCluster and ZkEnsemble share: members by index, start/stop, url()."""
+
+    size: int
+
+    scheme = ""
+
+    def __init__(self, size: int, base_dir: Path) -> None:
+        self.size, self.base_dir = size, base_dir
+        self.procs: list[_Proc] = []
+        self.client_ports: list[int] = []
+
+    def url(self, prefix: str = "/discovery") -> str:
+        hosts = ",".join(f"{HOST}:{p}" for p in self.client_ports)
+        return f"{self.scheme}://{hosts}{prefix}"
+
+    def address(self, i: int) -> tuple[str, int]:
+        return HOST, self.client_ports[i]
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+        self.wait_ready()
+
+    def stop(self) -> None:
+        for p in self.procs:  # all at once: a lone etcd leader would try to hand over first
+            p.signal(signal.SIGTERM)
+        for p in self.procs:
+            p.stop(timeout=2.0)
+
+    def stop_member(self, i: int) -> None:
+        self.procs[i].stop()
+
+    def kill_member(self, i: int) -> None:
+        self.procs[i].kill()
+
+    def start_member(self, i: int, wait: bool = True) -> None:
+        self.procs[i].start()
+        if wait:
+            self.wait_ready()
+
+    def ensure_running(self) -> None:
+        if not all(p.running for p in self.procs):
+            self.start()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        def ready() -> bool:
+            for i, p in enumerate(self.procs):
+                if p.wanted and not p.running and p.popen is not None:
+                    raise RuntimeError(f"{self.scheme} member {i} exited "
+                                       f"{p.popen.returncode}:\n{p.log_tail()}")
+            return all(self.member_ready(i) for i, p in enumerate(self.procs) if p.running)
+
+        wait_until(ready, timeout, f"{self.scheme} cluster of {self.size} to serve")
+
+    def member_ready(self, i: int) -> bool:
+        raise NotImplementedError
+
+
+class EtcdCluster(ServerCluster):
+    scheme = "etcd"
+
+    def __init__(self, size: int, base_dir: Path) -> None:
+        super().__init__(size, base_dir)
+        names = [f"m{i}" for i in range(size)]
+        self.client_ports = [free_port() for _ in range(size)]
+        peer_ports = [free_port() for _ in range(size)]
+        initial = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(names, peer_ports, strict=True))
+        token = f"t-{uuid.uuid4().hex[:8]}"
+        for i, name in enumerate(names):
+            d = base_dir / name
+            d.mkdir(parents=True, exist_ok=True)
+            argv = [
+                ETCD_BIN, "--name", name, "--data-dir", str(d / "data"),
+                "--listen-client-urls", f"http://{HOST}:{self.client_ports[i]}",
+                "--advertise-client-urls", f"http://{HOST}:{self.client_ports[i]}",
+                "--listen-peer-urls", f"http://{HOST}:{peer_ports[i]}",
+                "--initial-advertise-peer-urls", f"http://{HOST}:{peer_ports[i]}",
+                "--initial-cluster", initial, "--initial-cluster-token", token,
+                "--initial-cluster-state", "new",
+                "--logger", "zap", "--log-level", "warn",
+            ]
+            self.procs.append(_Proc(argv, d / "etcd.log", d))
+        self._clients: dict[int, Any] = {}
+
+    def member_ready(self, i: int) -> bool:
+        import pyetcd
+
+        client = self._clients.get(i)
+        if client is None:
+            client = self._clients[i] = pyetcd.client(HOST, self.client_ports[i], timeout=1)
+        try:
+            client.get("/health")  # linearizable: needs a leader
+        except Exception:
+            client.close()
+            self._clients.pop(i, None)
+            return False
+        return True
+
+    def stop(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+        super().stop()
+
+
+_LOGBACK = """<configuration>
+  <appender name="F" class="ch.qos.logback.core.ConsoleAppender">
+    <encoder><pattern>%d %-5level [%thread] %logger{0} - %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="F"/></root>
+</configuration>
+"""
+_LOG4J = "log4j.rootLogger=WARN, C\nlog4j.appender.C=org.apache.log4j.ConsoleAppender\n" \
+         "log4j.appender.C.layout=org.apache.log4j.PatternLayout\n" \
+         "log4j.appender.C.layout.ConversionPattern=%d %-5p [%t] %c{1} - %m%n\n"
+
+
+class ZkEnsemble(ServerCluster):
+    scheme = "zk"
+
+    def __init__(self, size: int, base_dir: Path) -> None:
+        super().__init__(size, base_dir)
+        self.client_ports = [free_port() for _ in range(size)]
+        quorum = [(free_port(), free_port()) for _ in range(size)]
+        for i in range(size):
+            d = base_dir / f"zk{i + 1}"
+            (d / "data").mkdir(parents=True, exist_ok=True)
+            (d / "data" / "myid").write_text(f"{i + 1}\n")
+            lines = [
+                f"tickTime={ZK_TICK_MS}", "initLimit=20", "syncLimit=10",
+                f"dataDir={d / 'data'}", f"clientPort={self.client_ports[i]}",
+                f"clientPortAddress={HOST}", "admin.enableServer=false",
+                "4lw.commands.whitelist=*", "preAllocSize=1024", "forceSync=no",
+                "maxClientCnxns=0",
+            ]
+            if size > 1:
+                lines += [f"server.{j + 1}={HOST}:{pp}:{ep}" for j, (pp, ep) in enumerate(quorum)]
+            (d / "zoo.cfg").write_text("\n".join(lines) + "\n")
+            (d / "logback.xml").write_text(_LOGBACK)
+            (d / "log4j.properties").write_text(_LOG4J)
+            argv = [
+                JAVA_BIN, "-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                f"-Dlogback.configurationFile={d / 'logback.xml'}",
+                f"-Dlog4j.configuration=file:{d / 'log4j.properties'}",
+                "-Dzookeeper.jmx.log4j.disable=true", "-Dzookeeper.admin.enableServer=false",
+                "-cp", f"{d}:{ZK_CLASSPATH}",
+                "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(d / "zoo.cfg"),
+            ]
+            self.procs.append(_Proc(argv, d / "zk.log", d))
+
+    def four_letter(self, i: int, cmd: str, timeout: float = 1.0) -> str:
+        with socket.create_connection(self.address(i), timeout=timeout) as s:
+            s.sendall(cmd.encode())
+            chunks = []
+            while chunk := s.recv(4096):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+    def mode(self, i: int) -> str:
+        """``standalone``/``leader``/``follower``, or "" if not serving."""
+        try:
+            out = self.four_letter(i, "srvr")
+        except OSError:
+            return ""
+        for line in out.splitlines():
+            if line.startswith("Mode:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def member_ready(self, i: int) -> bool:
+        return self.mode(i) in ("standalone", "leader", "follower")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        super().wait_ready(timeout)
+        if self.size > 1:
+            wait_until(lambda: any(self.mode(i) == "leader" for i in range(self.size)
+                                   if self.procs[i].running), timeout, "a ZooKeeper leader")
+
+
+# -- raw clients (to write what the registry never would) -------------------------------
+
+
+def raw_put(url: str, key: str, value: bytes) -> None:
+    """Write ``value`` at ``key`` (etcd key / ZooKeeper path) bypassing the registry code."""
+    parsed = RegistryURL.parse(url)
+    host, port = parsed.hosts[0]
+    if parsed.scheme == "etcd":
+        import pyetcd
+
+        client = pyetcd.client(host, port, timeout=5)
+        try:
+            client.put(key, value)
+        finally:
+            client.close()
+        return
+    from kazoo.client import KazooClient
+
+    zk = KazooClient(hosts=",".join(f"{h}:{p}" for h, p in parsed.hosts), timeout=5)
+    zk.start(timeout=10)
+    try:
+        if zk.exists(key):
+            zk.set(key, value)
+        else:
+            zk.create(key, value, makepath=True)
+    finally:
+        zk.stop()
+        zk.close()
+
+
+class _KazooLike(Protocol):
+    hosts: Any
+    client_id: Any
+
+    def add_listener(self, listener: Callable[[Any], Any]) -> None: ...
+
+
+def expire_zk_session(client: _KazooLike, timeout: float = 30.0) -> None:
+    """Really expire ``client``'s ZooKeeper session, server side, and wait until it has a new one.
+
+    A second client attaches to the same session id/password and closes it; the server ends the
+    session (its ephemeral nodes go), the first client is told "expired" (LOST) and reconnects
+    with a fresh session (CONNECTED).
+    """
+    from kazoo.client import KazooClient, KazooState
+
+    lost, back = threading.Event(), threading.Event()
+
+    def listener(state: Any) -> bool:
+        if state == KazooState.LOST:
+            lost.set()
+        elif state == KazooState.CONNECTED and lost.is_set():
+            back.set()
+            return True  # remove this listener
+        return False
+
+    client_id = wait_until(lambda: client.client_id, timeout, "the ZooKeeper client to connect")
+    client.add_listener(listener)
+    hosts = ",".join(f"{h}:{p}" for h, p in client.hosts)
+    other = KazooClient(hosts=hosts, client_id=client_id, timeout=5)
+    other.start(timeout=timeout)
+    other.stop()
+    other.close()
+    if not lost.wait(timeout):
+        raise TimeoutError("ZooKeeper session did not expire")
+    if not back.wait(timeout):
+        raise TimeoutError("ZooKeeper client did not get a new session after expiry")
+
+
+# -- a TCP proxy whose connections tests can cut ------------------------------------------
+
+
+class TcpProxy:
+    """Listens on a free loopback port and relays to ``target``.
+
+    ``cut()`` drops every current connection; ``blocked()`` (a context manager) also refuses
+    new ones (accept and close at once) until it exits.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server((HOST, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._blocked = threading.Event()
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True).start()
+
+    def url(self, scheme: str, prefix: str) -> str:
+        return f"{scheme}://{HOST}:{self.port}{prefix}"
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._blocked.is_set():
+                down.close()
+                continue
+            try:
+                up = socket.create_connection(self.target, timeout=2)
+                up.settimeout(None)
+            except OSError:
+                down.close()
+                continue
+            with self._lock:
+                self._conns.update((down, up))
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._drop(src)
+            self._drop(dst)
+
+    def _drop(self, s: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(s)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            self._drop(s)
+
+    @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        self._blocked.set()
+        self.cut()
+        try:
+            yield
+        finally:
+            self._blocked.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self.cut()
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+def _started(cluster: ServerCluster) -> Iterator[ServerCluster]:
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerCluster]:
+    yield from _started(EtcdCluster(1, tmp_path_factory.mktemp("etcd1")))
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerCluster]:
+    yield from _started(EtcdCluster(3, tmp_path_factory.mktemp("etcd3")))
+
+
+@pytest.fixture(scope="session")
+def zk_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerCluster]:
+    yield from _started(ZkEnsemble(1, tmp_path_factory.mktemp("zk1")))
+
+
+@pytest.fixture(scope="session")
+def zk_ensemble3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerCluster]:
+    yield from _started(ZkEnsemble(3, tmp_path_factory.mktemp("zk3")))
+
+
+def unique_prefix() -> str:
+    return f"/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["etcd", "zk"])
+def registry_url(request: pytest.FixtureRequest) -> str:
+    """A registry URL on a single-node server, with a prefix no other test uses."""
+    server: ServerCluster = request.getfixturevalue(
+        "etcd_single" if request.param == "etcd" else "zk_single")
+    server.ensure_running()
+    return server.url(unique_prefix())
+
+
+@pytest.fixture
+def registry_server(request: pytest.FixtureRequest, registry_url: str) -> ServerCluster:
+    """The single-node server behind ``registry_url`` (to stop/start it, or read its ports)."""
+    name = "etcd_single" if registry_url.startswith("etcd:") else "zk_single"
+    server: ServerCluster = request.getfixturevalue(name)
+    return server
+
+
+@pytest.fixture(params=["etcd3", "zk3"])
+def cluster_url(request: pytest.FixtureRequest) -> tuple[ServerCluster, str]:
+    """(cluster, url) on a 3-member etcd cluster / ZooKeeper ensemble, all members up."""
+    cluster: ServerCluster = request.getfixturevalue(
+        "etcd_cluster3" if request.param == "etcd3" else "zk_ensemble3")
+    cluster.ensure_running()
+    return cluster, cluster.url(unique_prefix())

@@ -1,0 +1,210 @@
+"""The agent end to end, against real dockerd and real etcd / ZooKeeper (both backends)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from discovery.registry import Change, open_registry
+from tests.harness.agent import (
+    registry_instances,
+    service_instances,
+    wait_gone,
+    wait_registered,
+)
+from tests.harness.dockerd import app_healthcheck, restart_dockerd, set_app_healthy
+from tests.harness.util import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def svc() -> str:
+    return f"s{uuid.uuid4().hex[:10]}"
+
+
+def labels(service: str, port: int, **extra: str) -> dict[str, str]:
+    out = {"discovery.service": service, "discovery.port": str(port),
+           "discovery.check.interval": "200ms"}
+    out.update({k.replace("_", "."): v for k, v in extra.items()})
+    return out
+
+
+def test_registered_only_once_healthy(registry_url, containers, start_agent):
+    """Docker HEALTHCHECK followed; label http check followed; unhealthy never registered."""
+    web, slow, sick = svc(), svc(), svc()
+    agent = start_agent(registry_url)
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    containers(name=f"{slow}-1", port=p2, labels=labels(slow, p2),
+               env={"HEALTHY": "0"}, healthcheck=app_healthcheck(interval=0.2, retries=1))
+    sick_c = containers(name=f"{sick}-1", port=p3, env={"HEALTHY": "0"},
+                        labels=labels(sick, p3, discovery_check="http",
+                                      discovery_check_path="/health"))
+    containers(name=f"{web}-1", port=p1, labels=labels(web, p1, discovery_check="http",
+                                                       discovery_check_path="/health"))
+    [inst] = wait_registered(registry_url, web)
+    assert (inst.address, inst.port, inst.node) == ("127.0.0.1", p1, agent.node)
+    assert service_instances(registry_url, slow) == []
+    assert service_instances(registry_url, sick) == []
+    slow_c = next(c for c in containers.started if c.name == f"{slow}-1")
+    set_app_healthy(slow_c, True)
+    wait_registered(registry_url, slow)
+    set_app_healthy(sick_c, True)
+    wait_registered(registry_url, sick)
+    set_app_healthy(sick_c, False)  # fall (default 2) failures → deregistered
+    wait_gone(registry_url, sick, timeout=10)
+    assert agent.alive
+
+
+def test_deregistered_within_a_second_of_docker_stop(registry_url, containers, start_agent):
+    web = svc()
+    start_agent(registry_url)
+    port = free_port()
+    c = containers(name=f"{web}-1", port=port, labels=labels(web, port))
+    wait_registered(registry_url, web)
+    t0 = time.monotonic()
+    stopper = threading.Thread(target=c.stop, kwargs={"timeout": 5})
+    stopper.start()
+    wait_gone(registry_url, web, timeout=1.0)
+    assert time.monotonic() - t0 <= 1.0
+    stopper.join()
+
+
+def test_agent_sigkill_entries_expire(registry_url, containers, start_agent):
+    web = svc()
+    agent = start_agent(registry_url, None, "--ttl", "3")
+    port = free_port()
+    containers(name=f"{web}-1", port=port, labels=labels(web, port))
+    wait_registered(registry_url, web)
+    t0 = time.monotonic()
+    agent.signal(signal.SIGKILL)
+    wait_gone(registry_url, web, timeout=3 + 6)  # TTL (+ ZooKeeper's session tick slack)
+    assert time.monotonic() - t0 > 1.0, "gone too early: something else removed it"
+
+
+def test_sigterm_deregisters_everything_and_exits_zero(registry_url, containers, start_agent):
+    web = svc()
+    agent = start_agent(registry_url, None, "--ttl", "30")
+    ports = [free_port(), free_port()]
+    for n, port in enumerate(ports):
+        containers(name=f"{web}-{n}", port=port, labels=labels(web, port))
+    wait_registered(registry_url, web, count=2)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(timeout=15) == 0
+    assert service_instances(registry_url, web) == []  # at once, not after the 30 s TTL
+
+
+def test_restart_cleans_dangling_and_keeps_live(registry_url, containers, start_agent):
+    live, dead = svc(), svc()
+    node = f"n{uuid.uuid4().hex[:8]}"
+    first = start_agent(registry_url, node, "--ttl", "30")
+    p1, p2 = free_port(), free_port()
+    containers(name=f"{live}-1", port=p1, labels=labels(live, p1))
+    doomed = containers(name=f"{dead}-1", port=p2, labels=labels(dead, p2))
+    wait_registered(registry_url, live)
+    wait_registered(registry_url, dead)
+    first.kill()  # SIGKILL: its entries stay until the TTL
+    doomed.remove(force=True)
+    reader = open_registry(registry_url)
+    changes: list[Change] = []
+    watch = reader.watch(changes.append, reader.snapshot().revision)
+    try:
+        second = start_agent(registry_url, node, "--ttl", "30")
+        wait_gone(registry_url, dead, timeout=10)  # cleaned by reconcile, long before the TTL
+        wait_for(lambda: "reconcile done" in second.log(), timeout=10, message="a reconcile")
+    finally:
+        watch.stop()
+        reader.close(revoke=False)
+    [inst] = service_instances(registry_url, live)
+    assert inst.node == node
+    assert not [c for c in changes if c.kind == "delete" and c.key[0] == live], \
+        "a live instance flapped while its agent restarted"
+
+
+def test_bad_labels_skip_the_container_only(registry_url, containers, start_agent):
+    good = svc()
+    agent = start_agent(registry_url)
+    hostile = {
+        "newline": {"discovery.service": "web\nbackend evil"},
+        "quote": {"discovery.service": 'web"x'},
+        "huge": {"discovery.service": "a" * 100_000},
+        "port": {"discovery.service": "okname", "discovery.port": "eighty"},
+        "check": {"discovery.service": "okname2", "discovery.check": "telepathy"},
+        "meta": {"discovery.service": "okname3", "discovery.meta.x": "a\r\nb"},
+    }
+    for n, (what, lab) in enumerate(hostile.items()):
+        port = free_port()
+        containers(name=f"bad-{what}-{uuid.uuid4().hex[:6]}-{n}", port=port,
+                   labels={"discovery.port": str(port), **lab})
+    port = free_port()
+    containers(name=f"{good}-1", port=port, labels=labels(good, port))
+    wait_registered(registry_url, good)
+    names = {i.service for i in registry_instances(registry_url).values()}
+    assert not names & {"okname", "okname2", "okname3"}
+    assert all("\n" not in n and '"' not in n for n in names)
+    wait_for(lambda: agent.log().count("skipping container bad-") >= len(hostile), timeout=10,
+             message="one log line per bad container")
+    assert agent.alive
+
+
+def test_exec_check_runs_inside_the_container(registry_url, containers, start_agent):
+    web = svc()
+    start_agent(registry_url)
+    port = free_port()
+    command = '["test", "-f", "/tmp/www/ready"]'
+    c = containers(name=f"{web}-1", port=port, labels=labels(
+        web, port, discovery_check="exec", discovery_check_command=command))
+    other = svc()
+    p2 = free_port()
+    containers(name=f"{other}-1", port=p2, labels=labels(other, p2))
+    wait_registered(registry_url, other)  # the agent is running checks by now
+    assert service_instances(registry_url, web) == []
+    c.exec_run(["touch", "/tmp/www/ready"])  # exists only inside the container
+    wait_registered(registry_url, web)
+
+
+def test_pause_and_unpause(registry_url, containers, start_agent):
+    web = svc()
+    start_agent(registry_url)
+    port = free_port()
+    c = containers(name=f"{web}-1", port=port, labels=labels(web, port))
+    wait_registered(registry_url, web)
+    c.pause()
+    wait_gone(registry_url, web, timeout=5)
+    c.unpause()
+    wait_registered(registry_url, web)
+
+
+def test_one_cluster_member_lost(cluster_url, containers, start_agent):
+    cluster, url = cluster_url
+    agent = start_agent(url, None, "--ttl", "5")
+    web = svc()
+    p1, p2 = free_port(), free_port()
+    containers(name=f"{web}-1", port=p1, labels=labels(web, p1))
+    wait_registered(url, web)
+    cluster.stop_member(0)
+    try:
+        containers(name=f"{web}-2", port=p2, labels=labels(web, p2))
+        wait_registered(url, web, count=2, timeout=30)
+        assert agent.alive
+    finally:
+        cluster.start_member(0)
+
+
+@pytest.mark.slow
+def test_dockerd_restart_state_recovered(registry_url, containers, start_agent):
+    web, gone = svc(), svc()
+    agent = start_agent(registry_url, None, "--resync", "2")
+    p1, p2 = free_port(), free_port()
+    containers(name=f"{web}-1", port=p1, labels=labels(web, p1), restart_policy={"Name": "always"})
+    containers(name=f"{gone}-1", port=p2, labels=labels(gone, p2))
+    wait_registered(registry_url, web)
+    wait_registered(registry_url, gone)
+    restart_dockerd()
+    wait_gone(registry_url, gone, timeout=30)  # not restarted by dockerd: must not linger
+    wait_registered(registry_url, web, timeout=60)  # restarted by dockerd: back again
+    assert agent.alive
+    assert "reconnecting" in agent.log()

@@ -1,0 +1,78 @@
+"""`discovery services` and `make demo`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import open_registry
+from tests.harness.agent import REPO_ROOT
+from tests.harness.util import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "discovery", *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, timeout=timeout, check=False)
+
+
+def inst(service: str, n: int, **kw: object) -> Instance:
+    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                    port=8000 + n, **kw)  # type: ignore[arg-type]
+
+
+def test_services_table_and_json(registry_url):
+    reg = open_registry(registry_url)
+    try:
+        reg.register(inst("web", 1, tags=("blue",)))
+        reg.register(inst("web", 2))
+        reg.register(inst("db", 3))
+        table = cli("services", "--registry", registry_url)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].split() == ["SERVICE", "INSTANCES", "ADDRESS", "NODE", "STATE", "TAGS",
+                                    "AGE"]
+        assert any(line.startswith("web") and "2 up / 0 draining" in line for line in lines)
+        assert "127.0.0.1:8003" in table.stdout
+        out = cli("services", "web", "--registry", registry_url, "-o", "json")
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        assert [d["port"] for d in data] == [8001, 8002]
+        for field in ("service", "id", "node", "address", "port", "tags", "weight", "meta",
+                      "state"):
+            assert field in data[0]
+        assert data[0]["tags"] == ["blue"]
+    finally:
+        reg.close(revoke=True)
+
+
+@pytest.mark.parametrize("url", ["etcd://127.0.0.1:{port}/x", "zk://127.0.0.1:{port}/x"])
+def test_unreachable_registry_is_one_line_exit_2(url):
+    t0 = time.monotonic()
+    out = cli("services", "--registry", url.format(port=free_port()), "--timeout", "2")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("discovery: ")
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize("url", ["http://x", "etcd://host:99999/x", "etcd:///x", ""])
+def test_bad_registry_url_is_one_line_exit_2(url):
+    out = cli("services", "--registry", url)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_make_demo_converges(docker_client, example_image):
+    out = subprocess.run([sys.executable, "scripts/demo.py", "--once"], capture_output=True,
+                         text=True, cwd=REPO_ROOT, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 up / 0 draining" in out.stdout
+    table = out.stdout.split("/demo`:")[1].split("billing is not listed")[0]
+    assert "web" in table and "billing" not in table

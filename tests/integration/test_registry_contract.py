@@ -1,0 +1,465 @@
+"""One contract for every registry backend, against real etcd and ZooKeeper servers.
+
+``registry_url`` runs each test on single-node etcd and ZooKeeper, ``cluster_url`` on
+3-member ones. Links are broken with a TCP proxy (tests.harness.servers.TcpProxy) or by
+stopping members; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.model import Instance
+from discovery.registry import Change, Registry, RegistryURL, Snapshot, open_registry
+from tests.harness.servers import (
+    ServerCluster,
+    TcpProxy,
+    expire_zk_session,
+    free_port,
+    raw_put,
+    unique_prefix,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+TTL = 2.0  # lease TTL / session timeout of the registries under test
+SLACK = 5.0  # expiry detection granularity on the servers, plus a loaded machine
+
+OpenReg = Callable[..., Registry]
+
+
+def inst(n: int = 1, service: str = "web", **kw: object) -> Instance:
+    fields: dict[str, object] = dict(service=service, id=f"node-1:{n:012x}:80", node="node-1",
+                                     address="127.0.0.1", port=8000 + n, registered_at=1.0)
+    fields.update(kw)
+    return Instance(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def open_reg() -> Iterator[OpenReg]:
+    """Opens registries; closes (without revoking) whatever the test left open."""
+    made: list[Registry] = []
+
+    def make(url: str, ttl: float = TTL, timeout: float = 3.0) -> Registry:
+        reg = open_registry(url, ttl=ttl, timeout=timeout)
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        reg.close(revoke=False)
+
+
+class Follower:
+    """Applies a watch's changes to a dict, as a consumer would; records them too."""
+
+    def __init__(self) -> None:
+        self.state: dict[tuple[str, str], Instance] = {}
+        self.changes: list[Change] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, change: Change) -> None:
+        with self.lock:
+            self.changes.append(change)
+            if change.kind == "reset":
+                assert change.snapshot is not None
+                self.state = dict(change.snapshot.instances)
+            elif change.kind == "put":
+                assert change.instance is not None and change.instance.key == change.key
+                self.state[change.key] = change.instance
+            else:
+                self.state.pop(change.key, None)
+
+    def follow(self, reg: Registry) -> Follower:
+        snap = reg.snapshot()
+        self.state = dict(snap.instances)
+        reg.watch(self, snap.revision)
+        return self
+
+    def wait_state(self, expected: dict[tuple[str, str], Instance], timeout: float = 10) -> None:
+        def same() -> bool:
+            with self.lock:
+                return self.state == expected
+        wait_until(same, timeout, f"watch state == {sorted(expected)}")
+
+    def kinds(self) -> list[str]:
+        with self.lock:
+            return [c.kind for c in self.changes]
+
+
+def instances(snap: Snapshot) -> dict[tuple[str, str], Instance]:
+    return dict(snap.instances)
+
+
+def scheme(url: str) -> str:
+    return RegistryURL.parse(url).scheme
+
+
+def proxied(url: str) -> tuple[TcpProxy, str]:
+    parsed = RegistryURL.parse(url)
+    proxy = TcpProxy(parsed.hosts[0])
+    return proxy, proxy.url(parsed.scheme, parsed.prefix)
+
+
+# -- basics --------------------------------------------------------------------------------
+
+
+def test_register_snapshot_deregister(registry_url: str, open_reg: OpenReg) -> None:
+    reg, other = open_reg(registry_url), open_reg(registry_url)
+    assert reg.snapshot().instances == {}
+    a, b, c = inst(1), inst(2), inst(3, service="api", tags=("x",), meta={"k": "v"})
+    for i in (a, b, c):
+        reg.register(i)
+    snap = other.snapshot()
+    assert instances(snap) == {a.key: a, b.key: b, c.key: c}
+    assert snap.revision > 0
+    reg.deregister("web", a.id)
+    reg.deregister("web", a.id)  # again: not an error
+    other.deregister("nosuch", "x")
+    assert instances(other.snapshot()) == {b.key: b, c.key: c}
+
+
+def test_register_overwrites(registry_url: str, open_reg: OpenReg) -> None:
+    reg, other = open_reg(registry_url), open_reg(registry_url)
+    reg.register(inst(1, weight=10))
+    first = other.snapshot()
+    reg.register(inst(1, weight=20, tags=("new",)))
+    snap = other.snapshot()
+    assert [(i.weight, i.tags) for i in snap.instances.values()] == [(20, ("new",))]
+    assert snap.revision > first.revision
+
+
+def test_register_is_fast(registry_url: str, open_reg: OpenReg) -> None:
+    reg = open_reg(registry_url)
+    reg.register(inst(0))  # the first one may set up the lease / session
+    times = []
+    for n in range(60):
+        t = time.perf_counter()
+        reg.register(inst(n % 20, weight=n + 1))
+        times.append(time.perf_counter() - t)
+    times.sort()
+    assert times[int(len(times) * 0.95)] < 0.1, times[-5:]
+
+
+def test_snapshot_skips_malformed_entry(registry_url: str, open_reg: OpenReg,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    reg = open_reg(registry_url)
+    good = inst(1)
+    reg.register(good)
+    url = RegistryURL.parse(registry_url)
+    bad_key = url.key("web", "bad-1")
+    raw_put(registry_url, bad_key, b"\x00\xff not json")
+    raw_put(registry_url, url.key("web", "node-9:000000000009:80"), inst(5).to_json())  # wrong key
+    with caplog.at_level(logging.WARNING):
+        snap = reg.snapshot()
+    assert instances(snap) == {good.key: good}
+    assert [r for r in caplog.records if bad_key in r.getMessage()], caplog.text
+
+
+# -- watch ---------------------------------------------------------------------------------
+
+
+def test_watch_sees_puts_and_deletes_in_order(registry_url: str, open_reg: OpenReg) -> None:
+    writer, reader = open_reg(registry_url), open_reg(registry_url)
+    writer.register(inst(1))
+    seen = Follower().follow(reader)
+    a2, b = inst(1, weight=7), inst(2, service="api")
+    steps: list[tuple[Callable[[], None], str, tuple[str, str]]] = [
+        (lambda: writer.register(b), "put", b.key),
+        (lambda: writer.register(a2), "put", a2.key),
+        (lambda: writer.deregister("web", a2.id), "delete", a2.key),
+        (lambda: writer.deregister("api", b.id), "delete", b.key),
+    ]
+    for action, kind, key in steps:
+        n = len(seen.changes)
+        action()
+        wait_until(lambda n=n: len(seen.changes) > n, 10, f"the {kind} of {key}")
+    got = [(c.kind, c.key) for c in seen.changes]
+    assert got == [(kind, key) for _, kind, key in steps]
+    assert seen.changes[1].instance == a2
+    revisions = [c.revision for c in seen.changes]
+    assert revisions == sorted(revisions) and revisions[0] > 0
+    assert seen.state == {}
+
+    # A burst: the watch ends where a fresh snapshot is, nothing lost or stale.
+    for n in range(20):
+        writer.register(inst(n, service=f"s{n % 3}"))
+    for n in range(0, 20, 3):
+        writer.deregister(f"s{n % 3}", inst(n).id)
+    raw_put(registry_url, RegistryURL.parse(registry_url).key("s1", "garbage"), b"{")
+    seen.wait_state(instances(writer.snapshot()))
+
+
+def test_watch_resumes_after_connection_cut(registry_url: str, open_reg: OpenReg) -> None:
+    writer = open_reg(registry_url)
+    proxy, via_proxy = proxied(registry_url)
+    try:
+        reader = open_reg(via_proxy, ttl=4.0)
+        states: list[bool] = []
+        reader.add_state_listener(states.append)
+        writer.register(inst(1))
+        seen = Follower().follow(reader)
+        writer.register(inst(2))
+        seen.wait_state(instances(writer.snapshot()))
+        assert states[-1:] == [True]
+
+        with proxy.blocked():
+            wait_until(lambda: states[-1:] == [False], 10, "the reader to report the link down")
+            writer.register(inst(3))
+            writer.deregister("web", inst(1).id)
+            writer.register(inst(2, weight=5))
+            time.sleep(0.3)  # the reader keeps retrying against a refusing proxy meanwhile
+        seen.wait_state(instances(writer.snapshot()))
+        wait_until(lambda: states[-1:] == [True], 10, "the reader to report the link up")
+        assert "reset" not in seen.kinds()  # resumed, not re-read (the session/revision is fine)
+    finally:
+        proxy.close()
+
+
+def test_watch_from_a_compacted_revision_resets(etcd_single: ServerCluster,
+                                                open_reg: OpenReg) -> None:
+    import pyetcd
+
+    url = etcd_single.url(unique_prefix())
+    reg = open_reg(url)
+    reg.register(inst(1))
+    old = reg.snapshot().revision
+    reg.register(inst(2))
+    reg.deregister("web", inst(1).id)
+    host, port = RegistryURL.parse(url).hosts[0]
+    raw = pyetcd.client(host, port, timeout=5)
+    try:
+        raw.compact(reg.snapshot().revision)
+    finally:
+        raw.close()
+    seen = Follower()
+    reg.watch(seen, old)
+    wait_until(lambda: seen.changes, 10, "the reset")
+    assert seen.changes[0].kind == "reset"
+    assert seen.state == {inst(2).key: inst(2)}
+    reg.register(inst(3))  # and it goes on watching
+    seen.wait_state({inst(2).key: inst(2), inst(3).key: inst(3)})
+
+
+
+def test_etcd_register_when_the_lease_is_gone(etcd_single: ServerCluster,
+                                             open_reg: OpenReg) -> None:
+    """The first put after our lease vanished grants a new one and re-puts everything owned."""
+    import pyetcd
+
+    from discovery.registry.etcd import EtcdRegistry
+
+    url = etcd_single.url(unique_prefix())
+    reg, other = open_reg(url, ttl=30), open_reg(url)  # keepalive every 10 s: not in the way
+    assert isinstance(reg, EtcdRegistry)
+    reg.register(inst(1))
+    reg.register(inst(2))
+    host, port = RegistryURL.parse(url).hosts[0]
+    raw = pyetcd.client(host, port, timeout=5)
+    try:
+        raw.revoke_lease(reg._lease)
+    finally:
+        raw.close()
+    assert other.snapshot().instances == {}
+    reg.register(inst(3))
+    assert set(other.snapshot().instances) == {inst(n).key for n in (1, 2, 3)}
+
+# -- lifetime ------------------------------------------------------------------------------
+
+
+def test_close_revoke_removes_everything(registry_url: str, open_reg: OpenReg) -> None:
+    reg, other = open_reg(registry_url, ttl=30), open_reg(registry_url)
+    for n in range(5):
+        reg.register(inst(n, service=f"s{n % 2}"))
+    other.register(inst(9))  # not ours: stays
+    assert len(other.snapshot().instances) == 6
+    reg.close(revoke=True)
+    assert list(other.snapshot().instances) == [inst(9).key]  # at once, not after the TTL
+    with pytest.raises(RegistryError):
+        reg.register(inst(1))
+    reg.close()  # twice: fine
+
+
+def test_closed_without_revoke_entries_expire(registry_url: str, open_reg: OpenReg) -> None:
+    reg, other = open_reg(registry_url), open_reg(registry_url)
+    reg.register(inst(1))
+    reg.close(revoke=False)
+    if scheme(registry_url) == "etcd":  # the lease lives on until its TTL
+        assert inst(1).key in other.snapshot().instances
+    start = time.monotonic()
+    wait_until(lambda: not other.snapshot().instances, TTL + SLACK, "the entry to expire")
+    assert time.monotonic() - start <= TTL + SLACK
+
+
+def test_crashed_agent_entries_expire_within_ttl(registry_url: str, open_reg: OpenReg) -> None:
+    """The agent's process is gone (no close at all): modelled by cutting its network for good."""
+    proxy, via_proxy = proxied(registry_url)
+    try:
+        reg, other = open_reg(via_proxy), open_reg(registry_url)
+        reg.register(inst(1))
+        reg.register(inst(2))
+        time.sleep(TTL * 0.75)  # still alive past most of a TTL: keepalive/pings work
+        assert len(other.snapshot().instances) == 2
+        with proxy.blocked():
+            start = time.monotonic()
+            wait_until(lambda: not other.snapshot().instances, TTL + SLACK + 1,
+                       "the crashed agent's entries to expire")
+            assert time.monotonic() - start >= TTL * 0.5  # not removed early
+    finally:
+        proxy.close()
+
+
+def test_outage_longer_than_ttl_re_registers(registry_url: str, open_reg: OpenReg) -> None:
+    """The lease/session expires during an outage; after it, every owned entry comes back."""
+    proxy, via_proxy = proxied(registry_url)
+    try:
+        reg, other = open_reg(via_proxy), open_reg(registry_url)
+        mine = {i.key: i for i in (inst(1), inst(2, service="api"))}
+        for i in mine.values():
+            reg.register(i)
+        reg.register(inst(3))
+        reg.deregister("web", inst(3).id)  # not owned any more: must not come back
+        seen = Follower().follow(other)
+        with proxy.blocked():
+            wait_until(lambda: not other.snapshot().instances, TTL + SLACK + 1,
+                       "the entries to expire during the outage")
+        wait_until(lambda: instances(other.snapshot()) == mine, 15,
+                   "the entries to be re-registered")
+        seen.wait_state(mine)
+        reg.register(inst(4))  # and the registry works normally again
+        assert len(other.snapshot().instances) == 3
+    finally:
+        proxy.close()
+
+
+def test_register_replaces_entry_of_a_previous_run(registry_url: str, open_reg: OpenReg) -> None:
+    """A restarted agent re-registers while its earlier run's entry has not expired yet."""
+    proxy, via_proxy = proxied(registry_url)
+    try:
+        old = open_reg(via_proxy)
+        old.register(inst(1, weight=1))
+        proxy.cut()
+        with proxy.blocked():  # the old process hangs: its lease / session is still alive
+            proxy.close()  # for good
+            new, other = open_reg(registry_url), open_reg(registry_url)
+            new.register(inst(1, weight=2))
+            assert [i.weight for i in other.snapshot().instances.values()] == [2]
+            time.sleep(TTL + SLACK)  # the old run's lease / session expires now
+            assert [i.weight for i in other.snapshot().instances.values()] == [2]
+    finally:
+        proxy.close()
+
+
+def test_state_listener_and_unreachable_registry(open_reg: OpenReg) -> None:
+    for s in ("etcd", "zk"):
+        reg = open_reg(f"{s}://127.0.0.1:{free_port()}/p", timeout=1.0)
+        states: list[bool] = []
+        reg.add_state_listener(states.append)
+        for op in (lambda reg=reg: reg.register(inst(1)), reg.snapshot):
+            start = time.monotonic()
+            with pytest.raises(RegistryUnavailable) as err:
+                op()
+            assert time.monotonic() - start < 1.0 + 0.5
+            assert "127.0.0.1:" in str(err.value)
+        start = time.monotonic()
+        reg.close()
+        assert time.monotonic() - start < 3.0
+        assert True not in states
+
+
+# -- ZooKeeper sessions --------------------------------------------------------------------
+
+
+def test_zk_session_expiry_recreates_nodes(zk_single: ServerCluster, open_reg: OpenReg) -> None:
+    from discovery.registry.zk import ZkRegistry
+
+    url = zk_single.url(unique_prefix())
+    reg, other = open_reg(url, ttl=4.0), open_reg(url)
+    assert isinstance(reg, ZkRegistry) and isinstance(other, ZkRegistry)
+    mine = {i.key: i for i in (inst(1), inst(2), inst(3, service="api"))}
+    for i in mine.values():
+        reg.register(i)
+    path = reg.url.key("web", inst(1).id)
+    old_owner = reg.client.get(path)[1].ephemeralOwner
+    own = Follower().follow(reg)
+    states: list[bool] = []
+    reg.add_state_listener(states.append)
+
+    expire_zk_session(reg.client)
+
+    new_owner = reg.client.client_id[0]
+    assert new_owner != old_owner
+
+    def recreated() -> bool:
+        _, stat = other.client.get(path)
+        return bool(stat.ephemeralOwner == new_owner) and instances(other.snapshot()) == mine
+
+    wait_until(recreated, 10, "the nodes to be re-created under the new session")
+    wait_until(lambda: "reset" in own.kinds(), 10, "a reset for the registry's own watch")
+    own.wait_state(mine)
+    assert False in states and states[-1] is True
+
+
+# -- 3 members -----------------------------------------------------------------------------
+
+
+def _connected_member(reg: Registry, cluster: ServerCluster) -> int:
+    """Index of the member ``reg`` talks to right now."""
+    from discovery.registry.etcd import EtcdRegistry
+    from discovery.registry.zk import ZkRegistry
+
+    def port() -> int:
+        if isinstance(reg, EtcdRegistry):
+            return int(reg.client.endpoint_in_use.netloc.rsplit(":", 1)[1])
+        assert isinstance(reg, ZkRegistry)
+        return int(reg.client._connection._socket.getpeername()[1])
+
+    ports = [cluster.address(i)[1] for i in range(cluster.size)]
+    return int(wait_until(lambda: ports.index(port()) + 1, 10, "a connection")) - 1
+
+
+def test_cluster_survives_losing_a_member(cluster_url: tuple[ServerCluster, str],
+                                          open_reg: OpenReg) -> None:
+    cluster, url = cluster_url
+    reg, reader = open_reg(url, ttl=3.0, timeout=5.0), open_reg(url, timeout=5.0)
+    reg.register(inst(0))
+    seen = Follower().follow(reader)
+    wanted = [inst(n, service=f"s{n % 4}") for n in range(1, 41)]
+    done: list[Instance] = []
+    errors: list[Exception] = []
+
+    def register_all() -> None:
+        for i in wanted:
+            try:
+                reg.register(i)  # no retries here: that is the registry's job
+                done.append(i)
+            except Exception as exc:
+                errors.append(exc)
+            time.sleep(0.02)
+
+    loop = threading.Thread(target=register_all)
+    loop.start()
+    try:
+        for at in (10, 25):  # stop the member we talk to (the first one back first)
+            wait_until(lambda at=at: len(done) + len(errors) >= at, 30, f"{at} registrations")
+            if at == 25:
+                cluster.ensure_running()
+            cluster.stop_member(_connected_member(reg, cluster))
+        loop.join(60)
+        assert not loop.is_alive()
+        assert errors == []
+        expected = {i.key: i for i in [inst(0), *wanted]}
+        assert instances(reader.snapshot()) == expected
+        seen.wait_state(expected)
+        time.sleep(3.0 + 1.0)  # past the TTL: the keepalive moved to a live member too
+        assert instances(reader.snapshot()) == expected
+    finally:
+        loop.join(60)
+        cluster.ensure_running()

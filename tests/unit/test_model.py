@@ -1,0 +1,165 @@
+"""discovery.model.Instance: round trip, and every malformed record is an InvalidRecord."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from discovery.errors import InvalidRecord, ValidationError
+from discovery.model import SCHEMA_VERSION, Instance, State, make_instance_id
+
+
+def instance(**kw: Any) -> Instance:
+    fields: dict[str, Any] = {
+        "service": "web",
+        "id": "node1:3f2a3f2a3f2a:80",
+        "node": "node1",
+        "address": "10.0.0.5",
+        "port": 32768,
+        "tags": ("a", "b"),
+        "weight": 50,
+        "meta": {"version": "1.2", "note": 'quotes " and café'},
+        "container_id": "3f2a" * 16,
+        "container_name": "web-1",
+        "image": "nginx:1.25",
+        "registered_at": 1700000000.5,
+    }
+    fields.update(kw)
+    return Instance(**fields)
+
+
+def record(**kw: Any) -> dict[str, Any]:
+    data = instance().to_dict()
+    for k, val in kw.items():
+        if val is DROP:
+            data.pop(k)
+        else:
+            data[k] = val
+    return data
+
+
+DROP = object()
+
+
+def test_round_trip() -> None:
+    inst = instance()
+    raw = inst.to_json()
+    assert Instance.from_json(raw) == inst
+    assert Instance.from_json(raw.decode()) == inst
+    assert Instance.from_dict(json.loads(raw)) == inst
+    assert json.loads(raw)["state"] == "up" and json.loads(raw)["schema"] == SCHEMA_VERSION
+
+
+def test_round_trip_draining_and_ipv6() -> None:
+    inst = instance(address="2001:db8::1", state=State.DRAINING, tags=(), meta={})
+    assert Instance.from_json(inst.to_json()) == inst
+
+
+def test_to_json_is_canonical() -> None:
+    assert instance().to_json() == instance().to_json()
+    assert b" " not in instance(meta={}).to_json()
+
+
+def test_defaults_for_optional_fields() -> None:
+    minimal = {"service": "web", "id": "n:1:80", "node": "n", "address": "10.0.0.1", "port": 80}
+    inst = Instance.from_dict(minimal)
+    assert (inst.tags, inst.weight, inst.meta, inst.state, inst.registered_at) == (
+        (),
+        100,
+        {},
+        State.UP,
+        0.0,
+    )
+
+
+def test_from_dict_normalises_tags() -> None:
+    assert Instance.from_dict(record(tags=["b", "a", "b"])).tags == ("a", "b")
+
+
+def test_helpers() -> None:
+    inst = instance()
+    assert inst.key == ("web", "node1:3f2a3f2a3f2a:80")
+    assert inst.with_state(State.DRAINING).state is State.DRAINING
+    assert inst.same_registration(instance(registered_at=1.0))
+    assert not inst.same_registration(instance(weight=51))
+    assert make_instance_id("node1", "3F2A" * 16, 80) == "node1:3f2a3f2a3f2a:80"
+
+
+MALFORMED_JSON = [b"", b"{", b"not json", b"\xff\xfe", "{'service': 'web'}", b"[1,2"]
+
+
+@pytest.mark.parametrize("raw", MALFORMED_JSON)
+def test_not_json(raw: bytes | str) -> None:
+    with pytest.raises(InvalidRecord, match="not JSON"):
+        Instance.from_json(raw, where="/discovery/web/x")
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b"42", b'"web"', b"true"])
+def test_not_object(raw: bytes) -> None:
+    with pytest.raises(InvalidRecord, match="not a JSON object"):
+        Instance.from_json(raw)
+
+
+BAD_FIELDS = [
+    ("missing service", {"service": DROP}, "missing or bad field"),
+    ("missing port", {"port": DROP}, "missing or bad field"),
+    ("missing address", {"address": DROP}, "missing or bad field"),
+    ("port as string", {"port": "80"}, "port and weight must be integers"),
+    ("port float", {"port": 80.0}, "port and weight must be integers"),
+    ("port zero", {"port": 0}, "not in 1..65535"),
+    ("port bool", {"port": True}, "not in 1..65535"),
+    ("weight string", {"weight": "1"}, "port and weight must be integers"),
+    ("weight too big", {"weight": 1000}, "not in 0..256"),
+    ("tags not a list", {"tags": "a,b"}, "tags must be a list"),
+    ("meta not an object", {"meta": ["a"]}, "meta an object"),
+    ("bad tag", {"tags": ["ok", "NOT OK"]}, "not a DNS label"),
+    ("meta value not a string", {"meta": {"k": 1}}, "meta value must be a string"),
+    ("meta value with newline", {"meta": {"k": "a\nb"}}, "control character"),
+    ("meta key", {"meta": {"a b": "x"}}, "meta key"),
+    ("service", {"service": "Web"}, "not a DNS label"),
+    ("service as object", {"service": {"a": 1}}, "not a DNS label"),
+    ("node", {"node": "node_1"}, "not a DNS label"),
+    ("id", {"id": "x/y"}, "not a valid instance id"),
+    ("address", {"address": "example.com"}, "not an IP address"),
+    ("address injection", {"address": "10.0.0.1\nserver evil 6.6.6.6:80"}, "control character"),
+    ("container name", {"container_name": "a\u2028b"}, "control character"),
+    ("image too long", {"image": "x" * 10_000}, "value too long"),
+    ("state", {"state": "down"}, "missing or bad field"),
+    ("schema newer", {"schema": SCHEMA_VERSION + 1}, "is newer than"),
+    ("schema not a number", {"schema": "one"}, "missing or bad field"),
+    ("registered_at", {"registered_at": "yesterday"}, "missing or bad field"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"), [c[1:] for c in BAD_FIELDS], ids=[c[0] for c in BAD_FIELDS]
+)
+def test_bad_fields(changes: dict[str, Any], reason: str) -> None:
+    raw = json.dumps(record(**changes))
+    with pytest.raises(InvalidRecord) as info:
+        Instance.from_json(raw, where="/discovery/web/x")
+    assert reason in str(info.value)
+    assert info.value.culprit.startswith("/discovery/web/x")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"tags": ("b", "a")}, "must be sorted and unique"),
+        ({"tags": ("a", "a")}, "must be sorted and unique"),
+        ({"state": "up"}, "is not up|draining"),
+        ({"port": 0}, "not in 1..65535"),
+        ({"service": ""}, "not a DNS label"),
+    ],
+)
+def test_constructor_validates(kw: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason.replace("|", r"\|")):
+        instance(**kw)
+
+
+def test_meta_key_with_newline_rejected() -> None:
+    with pytest.raises(InvalidRecord):
+        Instance.from_json(json.dumps(record(meta={"k\n": "v"})))
