@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 lint: setup
-	$(VENV)/bin/ruff check discovery tests bench examples
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 unit: setup
