@@ -16,6 +16,7 @@ from rich.console import Console
 
 from discovery import __version__, output
 from discovery.errors import DiscoveryError
+from discovery.output import fail
 from discovery.registry import open_registry
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,6 @@ def registry_option(required: bool = True) -> Callable[[F], F]:
     )
 
 
-def fail(message: str) -> None:
-    click.echo(f"discovery: {message}", err=True)
-    sys.exit(2)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
 @click.version_option(__version__, prog_name="discovery")
 @click.option("--log-level", envvar="DISCOVERY_LOG_LEVEL", default=None,
@@ -45,6 +41,7 @@ def fail(message: str) -> None:
 def main(ctx: click.Context, log_level: str | None) -> None:
     """Service discovery for Docker hosts: agent, watcher and lookups."""
     daemon = ctx.invoked_subcommand in DAEMONS
+    ctx.obj = {"log_level_given": log_level is not None}
     logging.basicConfig(
         level=(log_level or ("info" if daemon else "error")).upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -130,6 +127,14 @@ def services(service: str | None, registry: str, fmt: str, timeout: float) -> No
     else:
         output.as_table(instances, Console(soft_wrap=True))
 
+
+def _register_commands() -> None:
+    from discovery.cli_watch import watch
+
+    main.add_command(watch)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import NoReturn
 
+import click
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +23,12 @@ def age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def fail(message: str) -> NoReturn:
+    """One clear line on stderr, exit code 2 (bad input or unreachable registry/Docker)."""
+    click.echo(f"discovery: {message}", err=True)
+    sys.exit(2)
 
 
 def sort_instances(instances: Iterable[Instance]) -> list[Instance]:

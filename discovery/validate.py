@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 
 from discovery.errors import ValidationError
 
@@ -20,11 +21,14 @@ _META_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9.:_-]{0,200}$")
 
 
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})  # controls, format, separators
+
+
 def _printable(culprit: str, value: str) -> None:
     if len(value) > MAX_VALUE:
         raise ValidationError(culprit, f"value too long ({len(value)} > {MAX_VALUE} chars)")
     for ch in value:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\u2028\u2029\x85":
+        if unicodedata.category(ch) in _UNPRINTABLE:
             raise ValidationError(culprit, f"control character {ord(ch):#04x} not allowed")
 
 

@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.harness.servers",
     "tests.harness.dockerd",
     "tests.harness.agent",
+    "tests.harness.haproxy",
+    "tests.harness.watcher",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 from discovery import validate
 from discovery.agent.checks import CHECK_TYPES, parse_command, status_matcher
 from discovery.agent.spec import CheckSpec, ServiceSpec
+from discovery.durations import parse_duration
 from discovery.errors import CheckError, LabelError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ _DISCOVERY_KEY = re.compile(r"(?:([0-9]+)\.)?([a-z]+)(?:\.(.+))?", re.S)
 _REGISTRATOR_KEY = re.compile(r"SERVICE_(?:([0-9]+)_)?(.+)", re.S)
 _REGISTRATOR_FIELDS = {"NAME": "service", "TAGS": "tags", "WEIGHT": "weight", "IGNORE": "ignore"}
 _PLAIN = {"service", "tags", "weight", "ignore", "check"}  # discovery.[<port>.]<name>
-_DURATION = re.compile(r"([0-9]{1,7}(?:\.[0-9]{1,6})?)\s*(ms|s|m)?")
 
 Entry = tuple[str, str]  # (value, culprit)
 
@@ -347,13 +347,10 @@ def _check(
 
 def _duration(culprit: str, value: str) -> float:
     """``"2s"``, ``"500ms"``, ``"1m"`` or plain seconds ``"2"`` / ``"0.5"``; 50ms..1h."""
-    m = _DURATION.fullmatch(value.strip().lower())
-    if not m:
-        raise LabelError(culprit, f"{value[:32]!r} is not a duration like 2s, 500ms or 1.5")
-    seconds = float(m[1]) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m[2]]
-    if not 0.05 <= seconds <= 3600:
-        raise LabelError(culprit, f"{value[:32]!r} is not between 50ms and 1h")
-    return seconds
+    try:
+        return parse_duration(culprit, value, minimum=0.05, maximum=3600)
+    except ValidationError as exc:
+        raise LabelError(culprit, exc.reason) from None
 
 
 def _count(culprit: str, value: str) -> int:

@@ -56,9 +56,15 @@ class SlotTable:
         self.size = size
         self._by_id: dict[str, int] = {}
         self._slots: list[Instance | None] = [None] * size
+        self.overflow = 0
 
-    def assign(self, instances: dict[str, Instance]) -> dict[str, Slot] | None:
-        """Place ``instances`` (by id); returns the slots that changed, or None when full."""
+    def assign(self, instances: dict[str, Instance]) -> dict[str, Slot]:
+        """Place ``instances`` (by id); returns the slots that changed.
+
+        When there are more instances than slots, the ones that do not fit are left out
+        (``overflow`` counts them): the caller grows the table with a reload.
+        """
+        self.overflow = 0
         changed: dict[str, Slot] = {}
         for iid in [i for i in self._by_id if i not in instances]:
             gone = self._by_id.pop(iid)
@@ -69,7 +75,8 @@ class SlotTable:
             if index is None:
                 free = [n for n, s in enumerate(self._slots) if s is None]
                 if not free:
-                    return None
+                    self.overflow += 1
+                    continue
                 index = free[0]
                 self._by_id[iid] = index
             current = self._slots[index]
@@ -81,6 +88,16 @@ class SlotTable:
     @staticmethod
     def name(index: int) -> str:
         return f"s{index + 1}"
+
+    def resized(self, size: int, instances: dict[str, Instance]) -> SlotTable:
+        """A table of ``size`` slots holding ``instances``, each kept in its old slot if it can."""
+        table = SlotTable(size)
+        for iid, index in self._by_id.items():
+            if iid in instances and index < size:
+                table._by_id[iid] = index
+                table._slots[index] = instances[iid]
+        table.assign(instances)
+        return table
 
     def slots(self) -> list[Slot]:
         return [Slot.of(self.name(n), inst) for n, inst in enumerate(self._slots)]

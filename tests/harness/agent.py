@@ -1,4 +1,5 @@
-"""Run ``discovery agent`` as a real process (so tests can SIGKILL, SIGTERM and restart it)."""
+"""Run ``discovery agent`` / ``discovery watch`` as real processes (so tests can SIGKILL,
+SIGTERM, SIGHUP and restart them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -19,15 +21,16 @@ from tests.harness.util import wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class AgentProcess:
-    def __init__(self, registry: str, node: str, log_dir: Path, *extra: str) -> None:
-        self.registry, self.node, self.extra = registry, node, extra
-        self.log_path = log_dir / f"agent-{node}-{uuid.uuid4().hex[:6]}.log"
+class DiscoveryProcess:
+    """``python -m discovery --log-level debug <args>``, logging to a file."""
+
+    def __init__(self, args: list[str], name: str, log_dir: Path) -> None:
+        self.args, self.name = args, name
+        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> AgentProcess:
-        cmd = [sys.executable, "-m", "discovery", "--log-level", "debug", "agent",
-               "--registry", self.registry, "--node", self.node, *self.extra]
+    def start(self) -> Self:
+        cmd = [sys.executable, "-m", "discovery", "--log-level", "debug", *self.args]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -66,6 +69,13 @@ class AgentProcess:
             return None
 
 
+class AgentProcess(DiscoveryProcess):
+    def __init__(self, registry: str, node: str, log_dir: Path, *extra: str) -> None:
+        self.registry, self.node = registry, node
+        super().__init__(["agent", "--registry", registry, "--node", node, *extra],
+                         f"agent-{node}", log_dir)
+
+
 def registry_instances(url: str) -> dict[tuple[str, str], Instance]:
     reg = open_registry(url, timeout=3.0)
     try:
@@ -92,18 +102,18 @@ def wait_gone(url: str, service: str, timeout: float) -> None:
 
 
 @pytest.fixture
-def agents(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    """A list the test appends started AgentProcess objects to; all are stopped at teardown."""
-    started: list[AgentProcess] = []
+def agents(tmp_path: Path) -> Iterator[list[DiscoveryProcess]]:
+    """A list the test appends started processes to; all are stopped at teardown."""
+    started: list[DiscoveryProcess] = []
     yield started
-    for agent in started:
-        agent.terminate()
+    for proc in started:
+        proc.terminate()
         # shown by pytest only when the test failed
-        print(f"----- agent {agent.node} log ({agent.log_path}) -----\n{agent.log()[-6000:]}")
+        print(f"----- {proc.name} log ({proc.log_path}) -----\n{proc.log()[-6000:]}")
 
 
 @pytest.fixture
-def start_agent(agents: list[AgentProcess], tmp_path: Path) -> Callable[..., AgentProcess]:
+def start_agent(agents: list[DiscoveryProcess], tmp_path: Path) -> Callable[..., AgentProcess]:
     """``start_agent(url, node=None, *args)`` → a running AgentProcess, stopped at teardown."""
 
     def start(url: str, node: str | None = None, *extra: str) -> AgentProcess:

@@ -869,7 +869,7 @@ BAD: list[tuple[str, dict[str, str], list[str], dict[str, Any], str, str]] = [
         [],
         {},
         "label discovery.check.timeout",
-        "not a duration",
+        "between 50ms and 1h",
     ),
     (
         "nan interval",

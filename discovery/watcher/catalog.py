@@ -1,0 +1,86 @@
+"""The watcher's in-memory catalog: a consistent snapshot, then the registry's changes.
+
+Everything that answers lookups (HAProxy, DNS, HTTP, JSON output) reads this, never the
+registry per request. ``index`` grows by one with every effective change, for blocking
+queries (``?index=N&wait=30s``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+
+from discovery.model import Instance, State
+from discovery.registry.base import Change, Snapshot
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._instances: dict[Key, Instance] = {}
+        self.revision = 0
+        self.index = 0
+        self.loaded = False
+
+    def load(self, snapshot: Snapshot) -> bool:
+        """Replace everything with ``snapshot``; True when that changed anything."""
+        with self._cond:
+            changed = self._instances != snapshot.instances
+            self._instances = dict(snapshot.instances)
+            self.revision = max(self.revision, snapshot.revision)
+            self.loaded = True
+            return self._bump(changed)
+
+    def apply(self, change: Change) -> bool:
+        """Apply one registry change; True when the catalog changed."""
+        if change.kind == "reset":
+            return self.load(change.snapshot or Snapshot())
+        with self._cond:
+            self.revision = max(self.revision, change.revision)
+            if change.kind == "put" and change.instance is not None:
+                changed = self._instances.get(change.key) != change.instance
+                self._instances[change.key] = change.instance
+            else:
+                changed = self._instances.pop(change.key, None) is not None
+            return self._bump(changed)
+
+    def _bump(self, changed: bool) -> bool:
+        if changed:
+            self.index += 1
+            self._cond.notify_all()
+        return changed
+
+    def wait(self, index: int, timeout: float) -> int:
+        """Block until the catalog's index passes ``index`` or ``timeout``; return the index."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.index > index, timeout=timeout)
+            return self.index
+
+    def instances(self, service: str | None = None, *, tags: Iterable[str] = (),
+                  include_draining: bool = True) -> list[Instance]:
+        """Instances (sorted), optionally of one service, having all ``tags``."""
+        wanted = set(tags)
+        with self._cond:
+            found = [
+                i for i in self._instances.values()
+                if (service is None or i.service == service)
+                and wanted.issubset(i.tags)
+                and (include_draining or i.state is State.UP)
+            ]
+        return sorted(found, key=lambda i: (i.service, i.id))
+
+    def services(self) -> dict[str, list[Instance]]:
+        out: dict[str, list[Instance]] = {}
+        for inst in self.instances():
+            out.setdefault(inst.service, []).append(inst)
+        return out
+
+    def to_json(self) -> str:
+        """The catalog as stable JSON: ``{"services": {name: [instance, ...]}}``."""
+        data = {name: [i.to_dict() for i in members] for name, members in self.services().items()}
+        return json.dumps({"services": data}, indent=2, sort_keys=True) + "\n"

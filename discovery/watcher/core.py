@@ -1,0 +1,157 @@
+"""The watcher: registry → catalog → (coalesced) HAProxy sync and JSON output.
+
+Starts from one consistent snapshot, then follows the registry's changes. Bursts coalesce
+in a quiescence window (``wait_min``: quiet this long; ``wait_max``: never wait longer);
+reloads are rate-limited to one per ``reload_min_interval``. When the registry is lost the
+catalog is kept as it was — a lost connection never empties a backend — and the backend's
+watch resyncs on return.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from discovery.errors import RegistryError
+from discovery.registry import Change, Registry, Watch
+from discovery.watcher.catalog import Catalog
+from discovery.watcher.router import Router
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Watcher:
+    def __init__(self, registry: Registry, router: Router | None, *,
+                 json_out: Path | None = None, wait: tuple[float, float] = (0.05, 0.5),
+                 reload_min_interval: float = 1.0) -> None:
+        self.registry = registry
+        self.router = router
+        self.catalog = Catalog()
+        self.json_out = json_out
+        self.wait_min, self.wait_max = wait
+        self.reload_min_interval = reload_min_interval
+        self.registry_connected = False
+        self.changes_seen = 0
+        self._json_written: str | None = None
+        self._stop = threading.Event()
+        self._dirty = threading.Event()
+        self._first_dirty = 0.0
+        self._last_change = 0.0
+        self._watch: Watch | None = None
+        self._ready = threading.Event()
+        registry.add_state_listener(self._on_state)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def load(self, retry: bool = True) -> None:
+        """Read the first snapshot (retrying with backoff while the registry is away)."""
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                snapshot = self.registry.snapshot()
+            except RegistryError as exc:
+                if not retry:
+                    raise
+                log.warning("registry unavailable at start (%s); retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.catalog.load(snapshot)
+            self.registry_connected = True
+            log.info("catalog loaded: %d instances at revision %d",
+                     len(snapshot.instances), snapshot.revision)
+            return
+
+    def run(self) -> None:
+        """Load, apply, then follow the registry until :meth:`stop`."""
+        self.load()
+        if self._stop.is_set():
+            return
+        self._watch = self.registry.watch(self._on_change, self.catalog.revision)
+        self._sync()
+        self._ready.set()
+        while not self._stop.is_set():
+            self._dirty.wait(1.0)
+            if self._stop.is_set() or not self._dirty.is_set():
+                continue
+            self._quiesce()
+            self._dirty.clear()
+            self._sync()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        self.registry.close(revoke=False)
+
+    def poke(self) -> None:
+        """Ask for a sync soon (e.g. after SIGHUP changed the configuration)."""
+        self._mark_dirty()
+
+    # ---- events ----------------------------------------------------------------------------
+    def _on_state(self, up: bool) -> None:
+        self.registry_connected = up
+        if up:
+            log.info("registry connected")
+        else:
+            log.warning("registry connection lost: serving the last known catalog")
+
+    def _on_change(self, change: Change) -> None:
+        self.changes_seen += 1
+        if self.catalog.apply(change):
+            self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        now = time.monotonic()
+        if not self._dirty.is_set():
+            self._first_dirty = now
+        self._last_change = now
+        self._dirty.set()
+
+    def _quiesce(self) -> None:
+        """Wait until quiet for wait_min, but never longer than wait_max since the first change;
+        a reload also waits for reload_min_interval since the last one."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            until = min(self._last_change + self.wait_min, self._first_dirty + self.wait_max)
+            if self.router is not None and self.router.needs_reload(
+                    self.router.desired(self.catalog)):
+                last = self.router.stats.last_reload
+                until = max(until, time.monotonic() + (last + self.reload_min_interval
+                                                       - time.time()))
+            if until <= now:
+                return
+            self._stop.wait(until - now)
+
+    def _sync(self) -> None:
+        if self.router is not None:
+            self.router.sync(self.catalog)
+        if self.json_out is not None:
+            text = self.catalog.to_json()
+            if text != self._json_written:
+                write_atomic(self.json_out, text)
+                self._json_written = text

@@ -1,0 +1,398 @@
+"""Clients for HAProxy's runtime API (stats socket, level admin) and master CLI.
+
+Parsing is done by pure functions (``parse_servers_state``, ``parse_show_proc``,
+``response_error``) so it can be unit tested on captured outputs. Every failure is an
+:class:`~discovery.errors.HAProxyError`; a batch with refused commands raises
+:class:`~discovery.errors.HAProxyCommandError` after running the rest of the batch.
+
+Nothing containing a newline, ``;`` or another control character is ever sent: HAProxy
+would treat it as a command separator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from discovery.errors import HAProxyCommandError, HAProxyError
+from discovery.watcher.slots import Slot, SlotState
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f;]")
+_PROMPT = b"\n> "
+MAX_WEIGHT = 256
+# srv_admin_state bits (HAProxy's enum srv_admin): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04
+# ("disabled" in the config; stays set after "state ready"), FDRAIN 0x08, IDRAIN 0x10,
+# RMAINT 0x20. Maint is any of FMAINT|IMAINT|RMAINT, drain any of FDRAIN|IDRAIN.
+_MAINT_MASK, _DRAIN_MASK = 0x23, 0x18
+OP_STATES = {0: "stopped", 1: "starting", 2: "running", 3: "stopping"}
+# First words of HAProxy's CLI refusals (2.6): "No such server.", "Unknown command, ...",
+# "Require 'backend/server'.", "Invalid addr ...", "Permission denied", "Can't find ...".
+_ERROR_START = re.compile(r"^(no such|unknown|require|invalid|permission denied|can't|cannot|"
+                          r"missing|empty|failed|unable|.* expects |.* can only be|"
+                          r".*not found|.*error)", re.IGNORECASE)
+_ADDR_OK = re.compile(r"(ip changed from|port changed from|no need to change)", re.IGNORECASE)
+# These print nothing on success (but "set server ... addr", handled apart).
+_SILENT_ON_SUCCESS = ("set ", "enable ", "disable ", "clear ", "shutdown ")
+
+
+def check_command(cmd: str) -> str:
+    """Return ``cmd`` stripped, or raise HAProxyError if it is empty or has a separator."""
+    if _FORBIDDEN.search(cmd):
+        raise HAProxyError(f"refusing to send {cmd!r}: newline, ';' or control character")
+    cmd = cmd.strip()
+    if not cmd:
+        raise HAProxyError("refusing to send an empty command")
+    return cmd
+
+
+def response_error(cmd: str, text: str) -> str | None:
+    """HAProxy's refusal in ``text`` (the answer to ``cmd``), or None if it succeeded."""
+    body = text.strip()
+    if not body:
+        return None
+    first = body.splitlines()[0].strip()
+    low = cmd.strip().lower()
+    if low.startswith("set server ") and " addr " in f" {low} ":
+        return None if _ADDR_OK.search(first) else first
+    if low.startswith(_SILENT_ON_SUCCESS):
+        return first  # these commands print nothing when they succeed
+    return first if _ERROR_START.match(first) else None
+
+
+def _check_name(what: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise HAProxyError(f"invalid {what} name {value!r}")
+    return value
+
+
+def slot_commands(backend: str, slot: Slot) -> list[str]:
+    """The ``set server`` commands that make ``backend/slot.name`` look like ``slot``.
+
+    Order is safe for traffic: a slot going to maint is taken out first and re-pointed
+    after; a slot going ready/drain is re-pointed and weighted first, then enabled.
+    """
+    target = f"{_check_name('backend', backend)}/{_check_name('server', slot.name)}"
+    try:
+        addr = ipaddress.ip_address(slot.address)
+    except ValueError:
+        raise HAProxyError(f"{target}: address {slot.address!r} is not an IP") from None
+    if not 1 <= slot.port <= 65535:  # HAProxy itself silently wraps port 99999 to 34463
+        raise HAProxyError(f"{target}: port {slot.port} out of range 1..65535")
+    if not 0 <= slot.weight <= MAX_WEIGHT:
+        raise HAProxyError(f"{target}: weight {slot.weight} out of range 0..{MAX_WEIGHT}")
+    if slot.state not in ("ready", "drain", "maint"):
+        raise HAProxyError(f"{target}: unknown state {slot.state!r}")
+    point = [f"set server {target} addr {addr} port {slot.port}",
+             f"set server {target} weight {slot.weight}"]
+    state = f"set server {target} state {slot.state}"
+    return [state, *point] if slot.state == "maint" else [*point, state]
+
+
+def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """``show servers state`` (format 1) -> {(backend, server): {header field: value}}."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    if lines[0].strip() != "1":
+        raise HAProxyError(f"unsupported 'show servers state' format: {lines[0][:80]!r}")
+    header: list[str] = []
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for line in lines[1:]:
+        if line.startswith("#"):
+            header = line.lstrip("#").split()
+            continue
+        values = line.split()
+        if not header or len(values) != len(header):
+            raise HAProxyError(f"malformed 'show servers state' row: {line[:120]!r}")
+        row = dict(zip(header, values, strict=True))
+        out[(row["be_name"], row["srv_name"])] = row
+    return out
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """One server as HAProxy has it now, in Slot terms (from ``show servers state``)."""
+
+    backend: str
+    name: str
+    address: str
+    port: int
+    weight: int
+    state: SlotState
+    operational: str  # stopped | starting | running | stopping (health, not admin state)
+
+    def as_slot(self) -> Slot:
+        return Slot(self.name, self.address, self.port, self.weight, self.state)
+
+    def matches(self, slot: Slot) -> bool:
+        """True when address, port, weight and admin state are what ``slot`` asks for."""
+        return self.as_slot() == replace(slot, instance_id="")
+
+    def __str__(self) -> str:
+        return (f"{self.backend}/{self.name} {self.state} at {self.address}:{self.port} "
+                f"weight {self.weight} ({self.operational})")
+
+
+def server_view(fields: Mapping[str, str]) -> ServerView:
+    """Map one parsed ``show servers state`` row to a :class:`ServerView`."""
+    admin = int(fields["srv_admin_state"])
+    state: SlotState = ("maint" if admin & _MAINT_MASK else
+                        "drain" if admin & _DRAIN_MASK else "ready")
+    port = fields.get("srv_port", "0")
+    return ServerView(fields["be_name"], fields["srv_name"], fields["srv_addr"],
+                      int(port) if port.isdigit() else 0, int(fields["srv_uweight"]), state,
+                      OP_STATES.get(int(fields["srv_op_state"]), fields["srv_op_state"]))
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One row of the master CLI's ``show proc``."""
+
+    pid: int
+    kind: str  # master | worker | a program name
+    reloads: int
+    uptime: str
+    version: str
+    failed: int = 0  # master row only: failed reloads since the last successful one
+
+
+@dataclass(frozen=True)
+class ShowProc:
+    master: Proc
+    workers: list[Proc] = field(default_factory=list)
+    old_workers: list[Proc] = field(default_factory=list)
+    programs: list[Proc] = field(default_factory=list)
+
+
+_PROC_ROW = re.compile(
+    r"^(?P<pid>\d+)\s+(?P<kind>\S+)\s+(?P<reloads>\d+)(?:\s+\[failed:\s*(?P<failed>\d+)\])?"
+    r"\s+(?P<uptime>\S+)(?:\s+(?P<version>\S+))?")
+
+
+def parse_show_proc(text: str) -> ShowProc:
+    """Parse the master CLI's ``show proc`` (HAProxy 2.x layout)."""
+    master: Proc | None = None
+    sections: dict[str, list[Proc]] = {"workers": [], "old workers": [], "programs": []}
+    current = "master"
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#<"):
+            continue
+        if line.startswith("#"):
+            current = line.lstrip("# ").strip().lower()
+            continue
+        m = _PROC_ROW.match(line)
+        if m is None:
+            raise HAProxyError(f"malformed 'show proc' row: {line[:120]!r}")
+        proc = Proc(int(m["pid"]), m["kind"], int(m["reloads"]), m["uptime"],
+                    m["version"] or "", int(m["failed"] or 0))
+        if proc.kind == "master":
+            master = proc
+        else:
+            sections.setdefault(current, []).append(proc)
+    if master is None:
+        raise HAProxyError(f"no master row in 'show proc' output: {text[:200]!r}")
+    return ShowProc(master, sections["workers"], sections["old workers"],
+                    sections["programs"] + sections.get("old programs", []))
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """Parse ``show info`` ("Name: value" lines)."""
+    pairs = (line.partition(":") for line in text.splitlines())
+    return {k.strip(): v.strip() for k, sep, v in pairs if sep}
+
+
+class _UnixCLI:
+    """``connect_grace``: keep retrying a refused/missing socket this long (seconds)."""
+
+    label = ""
+
+    def __init__(self, socket_path: str, timeout: float = 2.0,
+                 connect_grace: float = 0.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout, self.connect_grace = timeout, connect_grace
+
+    def _connect(self, what: str) -> socket.socket:
+        deadline = time.monotonic() + self.connect_grace
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                retry = isinstance(exc, ConnectionRefusedError | FileNotFoundError)
+                if not retry or time.monotonic() >= deadline:
+                    raise HAProxyError(f"{what}: cannot reach {self.socket_path}: {exc}") from exc
+            time.sleep(0.02)
+
+    def _raw(self, cmd: str) -> str:
+        """Send one command, read the answer until HAProxy closes the connection."""
+        cmd = check_command(cmd)
+        chunks: list[bytes] = []
+        with self._connect(cmd) as sock:
+            try:
+                sock.sendall(cmd.encode() + b"\n")
+                sock.shutdown(socket.SHUT_WR)  # the master CLI answers only then
+                while data := sock.recv(65536):
+                    chunks.append(data)
+            except OSError as exc:
+                raise HAProxyError(f"{cmd}: {self.socket_path}: {exc}") from exc
+        return b"".join(chunks).decode(errors="replace")
+
+    def command(self, cmd: str) -> str:
+        """Run one command; HAProxyError naming it if HAProxy refuses it."""
+        text = self._raw(cmd)
+        error = response_error(cmd, text)
+        if error is not None:
+            raise HAProxyError(f"{self.label}{cmd.strip()}: {error}")
+        return text
+
+
+class HAProxyRuntime(_UnixCLI):
+    """The runtime API on a stats socket with ``level admin``: ``HAProxyRuntime(path)``."""
+
+    def commands(self, cmds: Sequence[str]) -> list[str]:
+        """Run ``cmds`` in order over ONE connection (interactive ``prompt`` mode).
+
+        Every command runs even if an earlier one is refused; the refused ones are then
+        reported together in a HAProxyCommandError. Returns the answers, in order.
+        """
+        checked = [check_command(c) for c in cmds]
+        if not checked:
+            return []
+        answers: list[str] = []
+        failures: list[tuple[str, str]] = []
+        with self._connect(checked[0]) as sock:
+            buf = bytearray()
+            try:
+                sock.sendall(b"prompt\n")
+                self._until_prompt(sock, buf)
+                for cmd in checked:
+                    sock.sendall(cmd.encode() + b"\n")
+                    text = self._until_prompt(sock, buf)
+                    answers.append(text)
+                    error = response_error(cmd, text)
+                    if error is not None:
+                        failures.append((cmd, error))
+                sock.sendall(b"quit\n")
+            except OSError as exc:
+                done = len(answers)
+                raise HAProxyError(f"{self.socket_path}: connection failed after {done} of "
+                                   f"{len(checked)} commands: {exc}") from exc
+        if failures:
+            raise HAProxyCommandError(failures, answers)
+        return answers
+
+    @staticmethod
+    def _until_prompt(sock: socket.socket, buf: bytearray) -> str:
+        while not buf.endswith(_PROMPT):
+            data = sock.recv(65536)
+            if not data:
+                raise OSError("HAProxy closed the connection")
+            buf += data
+        text = bytes(buf[: -len(_PROMPT)]).decode(errors="replace")
+        buf.clear()
+        return text.strip("\n") + "\n" if text.strip() else ""
+
+    @staticmethod
+    def apply_slot(backend: str, slot: Slot) -> list[str]:
+        """The commands for one slot (see :func:`slot_commands`); nothing is sent."""
+        return slot_commands(backend, slot)
+
+    def apply_slots(self, changes: Mapping[str, Sequence[Slot]]) -> list[str]:
+        """Apply slot changes for many backends in one connection; returns the commands."""
+        cmds = [c for backend, slots in changes.items() for s in slots
+                for c in slot_commands(backend, s)]
+        started = time.monotonic()
+        self.commands(cmds)
+        log.debug("applied %d commands in %.1f ms", len(cmds),
+                  (time.monotonic() - started) * 1000)
+        return cmds
+
+    def servers_state(self, backend: str | None = None) -> dict[tuple[str, str], dict[str, str]]:
+        cmd = "show servers state" + (f" {_check_name('backend', backend)}" if backend else "")
+        return parse_servers_state(self.command(cmd))
+
+    def servers(self, backend: str | None = None) -> dict[tuple[str, str], ServerView]:
+        """``show servers state`` as {(backend, server): ServerView}."""
+        return {k: server_view(v) for k, v in self.servers_state(backend).items()}
+
+    def slots(self, backend: str) -> dict[str, ServerView]:
+        """The servers of one backend by name: ``rt.slots("web")["s3"].state == "ready"``."""
+        return {srv: view for (_, srv), view in self.servers(backend).items()}
+
+    def info(self) -> dict[str, str]:
+        return parse_info(self.command("show info"))
+
+    def pid(self) -> int:
+        """Pid of the worker answering on this socket."""
+        return int(self.info()["Pid"])
+
+
+class HAProxyMaster(_UnixCLI):
+    """The master CLI (``haproxy -W -S <socket>``).
+
+    It refuses connections for a moment while the master re-executes itself (during any
+    reload), so connecting is retried for ``connect_grace`` seconds by default.
+    """
+
+    label = "master CLI: "
+
+    def __init__(self, socket_path: str, timeout: float = 2.0,
+                 connect_grace: float = 5.0) -> None:
+        super().__init__(socket_path, timeout, connect_grace)
+
+    def show_proc(self) -> ShowProc:
+        return parse_show_proc(self.command("show proc"))
+
+    def reload_count(self) -> int:
+        """Reloads this master performed (the master row's ``reloads`` column).
+
+        Counts every reload attempt, successful or failed, since this master process
+        started; it restarts from 0 when the master itself is restarted.
+        """
+        return self.show_proc().master.reloads
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the current workers (not the old ones still finishing connections)."""
+        return [p.pid for p in self.show_proc().workers]
+
+    def reload(self, timeout: float = 15.0) -> ShowProc:
+        """Send ``reload``; poll ``show proc`` until the reload counter moved and a new
+        worker is listed (returned). HAProxyError if the master reports a failed reload."""
+        before = self.show_proc()
+        old = {p.pid for p in before.workers}
+        with self._connect("reload") as sock:
+            try:
+                sock.sendall(b"reload\n")
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):  # 2.6 answers nothing; the connection just closes
+                    pass
+            except OSError as exc:
+                log.debug("master CLI reload: %s (expected while it re-executes)", exc)
+        deadline = time.monotonic() + timeout
+        last: ShowProc | HAProxyError = before
+        while time.monotonic() < deadline:
+            try:
+                last = now = self.show_proc()
+            except HAProxyError as exc:
+                last = exc
+            else:
+                if now.master.reloads > before.master.reloads:
+                    if now.master.failed > 0:
+                        raise HAProxyError(f"reload failed: master reports {now.master.failed}"
+                                           " failed reload(s); the old worker keeps serving")
+                    if any(p.pid not in old for p in now.workers):
+                        return now
+            time.sleep(0.02)
+        raise HAProxyError(f"reload: no new worker within {timeout:g}s (last: {last!r})")

@@ -1,0 +1,322 @@
+"""Render the local HAProxy config from the watcher's settings and slot tables.
+
+:func:`build_context` turns :class:`WatcherConfig` plus the slots of every backend into
+plain dicts, lists, strings and numbers, re-validating every value that came from the
+registry. :class:`Renderer` feeds that to a Jinja2 template (the packaged default or the
+operator's copy) and refuses to write any value that could end a line or start a comment,
+so nothing from a label or the registry can inject an HAProxy directive. Identical inputs
+give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import traceback
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from discovery import validate
+from discovery.errors import ConfigError, RenderError, ValidationError
+from discovery.watcher.config import (
+    BACKEND_TIMEOUTS,
+    FRONTEND_TIMEOUTS,
+    HASH_BALANCE,
+    ServiceConfig,
+    WatcherConfig,
+)
+from discovery.watcher.slots import Slot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "haproxy.cfg.j2"
+STATS_BIND = "127.0.0.1"
+SLOT_STATES = ("ready", "drain", "maint")
+MAX_SOCKET_PATH = 107  # sun_path
+_PATH = re.compile(r"/[A-Za-z0-9._/@+=-]{0,4095}")
+_SLOT_NAME = re.compile(r"s[1-9][0-9]{0,5}")
+_BAD_CHARS = set("#'\"\\")  # comment, quotes, escape: HAProxy's parser acts on them
+_CONTROL = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})  # incl. \n \r \u2028 NUL
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Files HAProxy is told about. ``state_file`` None: no server-state file (see README)."""
+
+    admin_socket: str | Path
+    state_file: str | Path | None = None
+    pid_file: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("admin_socket", "state_file", "pid_file"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str | Path) or not _PATH.fullmatch(str(value)):
+                raise ConfigError(
+                    f"{name}: {str(value)[:64]!r} must be an absolute path of letters, digits "
+                    "and ._/@+=-"
+                )
+        if len(str(self.admin_socket).encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(f"admin_socket: longer than {MAX_SOCKET_PATH} bytes")
+
+
+def _control_reason(text: str, allowed: str = "") -> str | None:
+    for ch in text:
+        if ch not in allowed and unicodedata.category(ch) in _CONTROL:
+            return f"control character {ord(ch):#06x} not allowed"
+    return None
+
+
+def unsafe_reason(value: str) -> str | None:
+    """Why ``value`` cannot be written into an HAProxy config line, or None if it can."""
+    for ch in value:
+        if ch in _BAD_CHARS:
+            return f"character {ch!r} not allowed"
+    return _control_reason(value)
+
+
+def _endpoint(address: str, port: int) -> str:
+    return (
+        f"[{address}]:{port}" if ipaddress.ip_address(address).version == 6 else f"{address}:{port}"
+    )
+
+
+def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
+    where = f"{service} slot #{index + 1}"
+    if not isinstance(slot, Slot):
+        raise ValidationError(where, "not a Slot")
+    name = validate.text(f"{where} name", slot.name)
+    if name != f"s{index + 1}" or not _SLOT_NAME.fullmatch(name):
+        raise ValidationError(f"{where} name", f"{name[:16]!r} is not s{index + 1}")
+    where = f"{service}/{name}"
+    address = validate.address(f"{where} address", slot.address)
+    if isinstance(slot.port, bool) or not isinstance(slot.port, int):
+        raise ValidationError(f"{where} port", f"{slot.port!r} is not a number")
+    port = validate.port(f"{where} port", slot.port)
+    if isinstance(slot.weight, bool) or not isinstance(slot.weight, int):
+        raise ValidationError(f"{where} weight", f"{slot.weight!r} is not a number")
+    weight = validate.weight(f"{where} weight", slot.weight)
+    if slot.state not in SLOT_STATES:
+        raise ValidationError(
+            f"{where} state", f"{str(slot.state)[:16]!r} is not ready|drain|maint"
+        )
+    iid = slot.instance_id
+    if iid:
+        validate.instance_id(f"{where} instance_id", iid)
+    return {
+        "name": name,
+        "address": address,
+        "port": port,
+        "endpoint": _endpoint(address, port),
+        # HAProxy's config form of drain is weight 0: it then keeps serving only
+        # persistent sessions, and a reload keeps it drained.
+        "weight": 0 if slot.state == "drain" else weight,
+        "instance_weight": weight,
+        "state": slot.state,
+        "disabled": slot.state == "maint",
+        "instance_id": iid,
+    }
+
+
+def _service_context(svc: ServiceConfig, slots: Sequence[Slot]) -> dict[str, Any]:
+    name = validate.dns_label("service", svc.name)
+    bind = validate.address(f"services.{name}.bind", svc.bind)
+    port = validate.port(f"services.{name}.port", svc.port)
+    if not slots:
+        raise RenderError(f"service {name}: no slots (allocate at least one)")
+    return {
+        "name": name,
+        "bind": bind,
+        "port": port,
+        "listen": _endpoint(bind, port),
+        "mode": svc.mode,
+        "balance": svc.balance,
+        "hash_type": "consistent" if svc.balance in HASH_BALANCE else None,
+        "maxconn": svc.maxconn,
+        "check": svc.check,
+        "check_options": " ".join(svc.check_options),
+        "httpchk": svc.httpchk,
+        "server_options": " ".join(svc.server_options),
+        "tags": list(svc.tags),
+        "frontend_timeouts": {k: v for k, v in svc.timeouts.items() if k in FRONTEND_TIMEOUTS},
+        "backend_timeouts": {k: v for k, v in svc.timeouts.items() if k in BACKEND_TIMEOUTS},
+        "slots": [_slot_context(name, n, slot) for n, slot in enumerate(slots)],
+    }
+
+
+def build_context(
+    config: WatcherConfig, slots: Mapping[str, Sequence[Slot]], paths: RuntimePaths
+) -> dict[str, Any]:
+    """The template's variables (see templates/README.md). Raises :class:`ValidationError`
+    for a bad slot value and :class:`RenderError` for a configured service without slots."""
+    extra = sorted(set(slots) - set(config.services))
+    if extra:
+        log.debug("slots for unconfigured services ignored: %s", ", ".join(extra[:10]))
+    services = []
+    for name in sorted(config.services):
+        if name not in slots:
+            raise RenderError(f"service {name}: no slots (allocate at least one)")
+        services.append(_service_context(config.services[name], slots[name]))
+    stats = None
+    if config.stats_port is not None:
+        stats = {"bind": STATS_BIND, "port": config.stats_port}
+        stats["listen"] = _endpoint(STATS_BIND, config.stats_port)
+    return {
+        "watcher": {"maxconn": config.maxconn, "timeouts": dict(config.timeouts)},
+        "paths": {
+            "admin_socket": str(paths.admin_socket),
+            "state_file": None if paths.state_file is None else str(paths.state_file),
+            "pid_file": None if paths.pid_file is None else str(paths.pid_file),
+        },
+        "stats": stats,
+        "services": services,
+    }
+
+
+def _check_value(value: object, origin: str) -> None:
+    """Walk the context: only plain data, and no string that could break a config line."""
+    if isinstance(value, str):
+        reason = unsafe_reason(value)
+        if reason:
+            raise RenderError(f"refusing to render {origin} = {value[:64]!r}: {reason}")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str) or unsafe_reason(key):
+                raise RenderError(f"refusing to render {origin}: bad key {str(key)[:64]!r}")
+            _check_value(item, f"{origin}.{key}")
+    elif isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            _check_value(item, f"{origin}[{n}]")
+    elif value is not None and not isinstance(value, bool | int | float):
+        raise RenderError(f"refusing to render {origin}: unsupported type {type(value).__name__}")
+
+
+def _finalize(value: object) -> object:
+    """Last line of defence for every ``{{ ... }}``, including values a template computes."""
+    if value is None:
+        raise RenderError("the template printed None (guard optional values with {% if %})")
+    if isinstance(value, jinja2.Undefined):
+        return value
+    reason = unsafe_reason(str(value))
+    if reason:
+        raise RenderError(f"refusing to write {str(value)[:64]!r}: {reason}")
+    return value
+
+
+class Renderer:
+    """A compiled template; :meth:`render` turns a context into the config text."""
+
+    def __init__(self, template_path: str | Path | None = None) -> None:
+        path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
+        self.template_path = path
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(path.parent)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            finalize=_finalize,
+        )
+        try:
+            self._template = env.get_template(path.name)
+        except jinja2.TemplateSyntaxError as exc:
+            where = f"{exc.filename or path}:{exc.lineno}"
+            raise RenderError(f"template {where}: syntax error: {exc.message}") from None
+        except jinja2.TemplateNotFound:
+            raise RenderError(f"template {path}: not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RenderError(f"template {path}: {exc}") from None
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        """The config text; raises :class:`RenderError` naming the template line."""
+        _check_value(dict(context), "context")
+        try:
+            text = self._template.render(context)
+        except jinja2.TemplateSyntaxError as exc:  # in an included template
+            where = f"{exc.filename or self.template_path}:{exc.lineno}"
+            raise RenderError(f"template {where}: syntax error: {exc.message}") from None
+        except RenderError as exc:
+            raise RenderError(f"template {self._where(exc)}: {exc}") from None
+        except jinja2.UndefinedError as exc:
+            raise RenderError(f"template {self._where(exc)}: undefined: {exc.message}") from None
+        except Exception as exc:  # anything a template expression can raise
+            raise RenderError(f"template {self._where(exc)}: {type(exc).__name__}: {exc}") from None
+        for n, line in enumerate(text.split("\n"), 1):
+            reason = _control_reason(line, allowed="\t")
+            if reason:
+                raise RenderError(f"template {self.template_path}: rendered line {n}: {reason}")
+        return text
+
+    def _where(self, exc: BaseException) -> str:
+        """``file:line`` of the innermost template frame of ``exc``'s traceback."""
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if not frame.filename.endswith(".py"):
+                return f"{frame.filename}:{frame.lineno}"
+        return str(self.template_path)
+
+
+def render_config(
+    config: WatcherConfig,
+    slots: Mapping[str, Sequence[Slot]],
+    paths: RuntimePaths,
+    renderer: Renderer | None = None,
+) -> str:
+    """Shorthand: :func:`build_context` then :meth:`Renderer.render`."""
+    return (renderer or Renderer(config.template)).render(build_context(config, slots, paths))
+
+
+# srv_admin_state bits (HAProxy 2.6 enum srv_admin): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04
+# ("disabled" in the config), FDRAIN 0x08, IDRAIN 0x10, RMAINT 0x20.
+_MAINT, _DRAIN = 0x23, 0x18
+
+
+def prune_server_state(text: str, context: Mapping[str, Any]) -> str:
+    """Filter a ``show servers state`` dump down to the servers it agrees with ``context``.
+
+    On reload HAProxy applies the state file over the config: a slot that was freed at
+    runtime and now holds a new instance would come back in maint, with the old address.
+    Keeping only the lines whose address, port, weight and maint/drain state match what
+    is rendered leaves the file nothing to override but health-check state.
+    """
+    lines = text.splitlines()
+    if len(lines) < 2 or lines[0].strip() != "1" or not lines[1].startswith("# be_id"):
+        if text.strip():
+            log.warning("server state dump not understood; dropping it")
+        return ""
+    header = lines[1][1:].split()
+    wanted = {
+        (svc["name"], slot["name"]): slot
+        for svc in context.get("services", [])
+        for slot in svc["slots"]
+    }
+    kept = []
+    for line in lines[2:]:
+        row = dict(zip(header, line.split(), strict=False))
+        slot = wanted.get((row.get("be_name", ""), row.get("srv_name", "")))
+        try:
+            same = slot is not None and (
+                ipaddress.ip_address(row["srv_addr"]) == ipaddress.ip_address(slot["address"])
+                and int(row["srv_port"]) == slot["port"]
+            )
+            admin, uweight = int(row["srv_admin_state"]), int(row["srv_uweight"])
+        except (KeyError, ValueError):
+            continue
+        if not same or slot is None:
+            continue
+        if slot["state"] == "ready":
+            same = not admin & (_MAINT | _DRAIN) and uweight == slot["weight"]
+        elif slot["state"] == "drain":
+            same = not admin & _MAINT
+        else:
+            same = bool(admin & _MAINT)
+        if same:
+            kept.append(line)
+    return "\n".join([lines[0], lines[1], *kept]) + "\n"

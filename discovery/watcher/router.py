@@ -1,0 +1,189 @@
+"""Keeps one HAProxy in step with the catalog.
+
+Membership (an instance added, removed, draining, re-weighted) goes through the runtime API
+onto pre-allocated slots: no reload. Structure (listeners, options, slot counts, template)
+goes through confd's pipeline: render → stage next to the destination → ``haproxy -c`` →
+skip when identical → atomic replace (in-place write where rename fails) → seamless reload
+through the master socket → re-apply every slot. A config that fails is never installed:
+the last good one keeps serving, and membership keeps flowing through the runtime API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from discovery.errors import HAProxyError, RenderError, ValidationError
+from discovery.model import Instance
+from discovery.watcher.catalog import Catalog
+from discovery.watcher.config import WatcherConfig
+from discovery.watcher.render import Renderer, RuntimePaths, build_context
+from discovery.watcher.slots import Slot, SlotTable, slot_count
+from discovery.watcher.supervisor import (
+    HAProxyControl,
+    HAProxySupervisor,
+    install_config,
+    stage_config,
+    validate_config,
+)
+
+log = logging.getLogger(__name__)
+Outcome = Literal["none", "runtime", "reload", "failed"]
+
+
+@dataclass
+class RouterStats:
+    reloads: int = 0
+    runtime_ops: int = 0
+    render_errors: int = 0
+    haproxy_errors: int = 0
+    last_reload: float = 0.0
+    last_error: str = ""
+    history: list[str] = field(default_factory=list)  # outcomes, newest last (bounded)
+
+    def note(self, outcome: Outcome) -> None:
+        self.history = [*self.history[-99:], outcome]
+
+
+class Router:
+    def __init__(self, config: WatcherConfig, config_path: Path, paths: RuntimePaths,
+                 control: HAProxyControl | None, *, haproxy_bin: str = "haproxy",
+                 renderer: Renderer | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.paths = paths
+        self.control = control
+        self.haproxy_bin = haproxy_bin
+        self.renderer = renderer or Renderer(config.template)
+        self.tables: dict[str, SlotTable] = {}
+        self.stats = RouterStats()
+        self._lock = threading.RLock()
+        self._running_config: WatcherConfig | None = None  # what the installed file was made of
+        self._last_attempt: tuple[WatcherConfig, dict[str, int]] | None = None
+
+    # ---- what the catalog asks for ---------------------------------------------------------
+    def desired(self, catalog: Catalog) -> dict[str, dict[str, Instance]]:
+        out: dict[str, dict[str, Instance]] = {}
+        for name, svc in self.config.services.items():
+            out[name] = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
+        return out
+
+    def needs_reload(self, desired: dict[str, dict[str, Instance]]) -> bool:
+        if self._running_config != self.config or set(self.tables) != set(desired):
+            return True
+        return any(len(insts) > self.tables[name].size for name, insts in desired.items())
+
+    def set_config(self, config: WatcherConfig, renderer: Renderer | None = None) -> None:
+        """A new configuration (SIGHUP); applied by the next :meth:`sync`."""
+        with self._lock:
+            self.config = config
+            if renderer is not None:
+                self.renderer = renderer
+
+    # ---- the one entry point ---------------------------------------------------------------
+    def sync(self, catalog: Catalog) -> Outcome:
+        with self._lock:
+            desired = self.desired(catalog)
+            outcome: Outcome = "none"
+            if self.needs_reload(desired):
+                sizes = self._sizes(desired)
+                if self._last_attempt == (self.config, sizes):
+                    outcome = "failed"  # same inputs failed before: don't hammer; runtime only
+                else:
+                    try:
+                        self._restructure(desired, sizes)
+                        outcome = "reload"
+                    except (RenderError, ValidationError, HAProxyError) as exc:
+                        self._failed(exc, sizes)
+                        outcome = "failed"
+            if outcome != "reload":
+                changes = {name: list(table.assign(desired.get(name, {})).values())
+                           for name, table in self.tables.items()}
+                if any(changes.values()):
+                    self._apply({k: v for k, v in changes.items() if v})
+                    outcome = "runtime" if outcome == "none" else outcome
+            self.stats.note(outcome)
+            return outcome
+
+    def _sizes(self, desired: dict[str, dict[str, Instance]]) -> dict[str, int]:
+        sizes = {}
+        for name, insts in desired.items():
+            svc = self.config.services[name]
+            old = self.tables[name].size if name in self.tables else 0
+            need = slot_count(len(insts), svc.slots or 8)
+            keep = old > 0 and old >= len(insts) and old >= (svc.slots or 0)
+            sizes[name] = old if keep else need
+        return sizes
+
+    def _failed(self, exc: Exception, sizes: dict[str, int]) -> None:
+        self._last_attempt = (self.config, sizes)
+        if isinstance(exc, HAProxyError):
+            self.stats.haproxy_errors += 1
+        else:
+            self.stats.render_errors += 1
+        self.stats.last_error = str(exc)
+        log.error("config not applied, the last good one keeps serving: %s", exc)
+
+    def _restructure(self, desired: dict[str, dict[str, Instance]], sizes: dict[str, int]) -> None:
+        tables = {}
+        for name, insts in desired.items():
+            old = self.tables.get(name) or SlotTable(0)
+            tables[name] = old.resized(sizes[name], insts)  # instances keep their slots
+        text = self.render({name: t.slots() for name, t in tables.items()})
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        staged = stage_config(text, self.config_path)
+        try:
+            validate_config(self.haproxy_bin, staged)
+            changed = install_config(staged, self.config_path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+        self.tables = tables
+        control = self.control
+        if isinstance(control, HAProxySupervisor) and not control.running:
+            control.start()
+            log.info("HAProxy started with %s", self.config_path)
+        elif control is not None and changed:
+            control.reload()
+            self.stats.reloads += 1
+            self.stats.last_reload = time.time()
+            log.info("HAProxy reloaded (%d services)", len(tables))
+        self._running_config = self.config
+        self._last_attempt = None
+        self.reapply()
+
+    def render(self, slots: dict[str, list[Slot]]) -> str:
+        return self.renderer.render(build_context(self.config, slots, self.paths))
+
+    def render_current(self, catalog: Catalog) -> str:
+        """The config for the catalog as it is (``--once --dry-run``), touching nothing."""
+        desired = self.desired(catalog)
+        slots = {}
+        for name, insts in desired.items():
+            table = SlotTable(self._sizes(desired)[name])
+            table.assign(insts)
+            slots[name] = table.slots()
+        return self.render(slots)
+
+    # ---- runtime API -----------------------------------------------------------------------
+    def _apply(self, changes: dict[str, list[Slot]]) -> None:
+        if self.control is None or not changes:
+            return
+        try:
+            self.control.runtime.apply_slots(changes)
+            self.stats.runtime_ops += sum(len(v) for v in changes.values())
+            log.debug("runtime: %s", {k: [s.name for s in v] for k, v in changes.items()})
+        except HAProxyError as exc:
+            self.stats.haproxy_errors += 1
+            self.stats.last_error = str(exc)
+            log.error("runtime API: %s", exc)
+
+    def reapply(self) -> None:
+        """Put every slot into HAProxy again: after a reload or a restart runtime state is gone."""
+        with self._lock:
+            self._apply({name: table.slots() for name, table in self.tables.items()})

@@ -1,0 +1,359 @@
+"""Running, validating, installing and reloading HAProxy.
+
+:class:`HAProxySupervisor` owns a master-worker HAProxy (``haproxy -W -S ...``) as a child
+process, reloads it through the master CLI and restarts it if the master dies.
+:class:`ExternalHAProxy` drives an HAProxy that someone else runs. Both offer ``runtime``,
+``reload()``, ``reload_count()`` and ``stop()`` (the :class:`HAProxyControl` protocol).
+
+The config must declare the admin socket with ``expose-fd listeners``, e.g.
+``stats socket <state_dir>/admin.sock mode 600 level admin expose-fd listeners``: on a
+reload the new worker then takes the listening sockets over and no connection is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from discovery.errors import HAProxyError, RenderError
+from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
+
+log = logging.getLogger(__name__)
+
+_FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
+
+
+def validate_config(binary: str, path: str | Path, timeout: float = 20.0) -> None:
+    """``haproxy -c -f path``; RenderError carrying HAProxy's own ALERT lines if invalid."""
+    argv = [binary, "-c", "-f", str(path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False)
+    except FileNotFoundError as exc:
+        raise HAProxyError(f"cannot run {binary!r}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise RenderError(f"{path}: 'haproxy -c' took longer than {timeout:g}s") from exc
+    if proc.returncode == 0:
+        return
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    alerts = [ln for ln in lines if ln.startswith("[ALERT]")] or lines[-5:]
+    detail = "; ".join(_strip_prefix(ln) for ln in alerts) or f"exit code {proc.returncode}"
+    raise RenderError(f"{path}: HAProxy rejects the config: {detail}")
+
+
+def _strip_prefix(line: str) -> str:
+    """'[ALERT]    (123) : config : [x.cfg:7] : msg' -> 'config : [x.cfg:7] : msg'."""
+    head, sep, rest = line.partition(") : ")
+    return rest if sep and head.startswith("[") else line
+
+
+def stage_config(text: str, dest: Path) -> Path:
+    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(name)
+
+
+def install_config(staged: Path, dest: Path) -> bool:
+    """Put ``staged`` (a file in dest's folder) in place of ``dest``, confd style.
+
+    Returns False (and removes ``staged``) when ``dest`` already has the same bytes.
+    Otherwise ``os.replace`` (atomic); when the rename is refused (EBUSY/EXDEV/EPERM/
+    EACCES: ``dest`` is a bind-mounted single file, another file system, ...) the bytes
+    are written into ``dest`` in place (truncate, write, fsync). Returns True.
+    """
+    data = staged.read_bytes()
+    try:
+        if dest.read_bytes() == data:
+            staged.unlink()
+            return False
+        mode: int | None = dest.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    try:
+        if mode is not None:
+            os.chmod(staged, mode)
+        os.replace(staged, dest)
+    except OSError as exc:
+        if exc.errno not in _FALLBACK_ERRNOS:
+            raise
+        log.info("rename onto %s refused (%s); writing in place", dest, exc.strerror)
+        with open(dest, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        staged.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(OSError):
+        dirfd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    return True
+
+
+def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
+    """Dump ``show servers state`` to ``path`` atomically (for ``server-state-file``).
+
+    HAProxy 2.6 restores admin state, weight and port from it at a reload, but the
+    address only for servers whose config line names a host (``localhost:1``), not an IP.
+    """
+    staged = stage_config(runtime.command("show servers state"), path)
+    os.replace(staged, path)
+
+
+class HAProxyControl(Protocol):
+    """What the watcher needs from an HAProxy, whoever runs it."""
+
+    @property
+    def runtime(self) -> HAProxyRuntime: ...
+
+    def reload(self) -> None: ...
+
+    def reload_count(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+
+def _wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: float) -> int:
+    """Poll ``show info`` on the admin socket until the answering pid satisfies ``ok``."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            pid = runtime.pid()
+            if ok(pid):
+                return pid
+            last = f"pid {pid}"
+        except (HAProxyError, KeyError, ValueError) as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise HAProxyError(f"{runtime.socket_path}: no new worker answered within "
+                               f"{timeout:g}s (last: {last})")
+        time.sleep(0.02)
+
+
+class HAProxySupervisor:
+    """A master-worker HAProxy run as our child: start, reload, stop, restart on death.
+
+    ``on_restart`` is called (from the monitor thread) after HAProxy was restarted because
+    its master died: every runtime change is lost then and must be re-applied. With
+    ``server_state_file`` (the config's ``server-state-file``), ``reload()`` first dumps
+    the servers' state there, so the new worker starts from it.
+    """
+
+    def __init__(self, config: Path, state_dir: Path, binary: str = "haproxy", *,
+                 on_restart: Callable[[], None] | None = None, start_timeout: float = 15.0,
+                 backoff: tuple[float, float] = (0.2, 10.0),
+                 server_state_file: Path | None = None) -> None:
+        self.config, self.state_dir, self.binary = Path(config), Path(state_dir), binary
+        self.on_restart = on_restart
+        self.start_timeout = start_timeout
+        self.backoff = backoff
+        self.server_state_file = server_state_file
+        self.admin_socket = self.state_dir / "admin.sock"
+        self.master_socket = self.state_dir / "master.sock"
+        self.pid_file = self.state_dir / "haproxy.pid"
+        self.log_file = self.state_dir / "haproxy.log"
+        self.runtime = HAProxyRuntime(str(self.admin_socket))
+        self.master = HAProxyMaster(str(self.master_socket))
+        self.restarts = 0
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    @property
+    def master_pid(self) -> int | None:
+        p = self._popen
+        return p.pid if p is not None and p.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.master_pid is not None
+
+    def start(self) -> None:
+        """Validate the config, start HAProxy, wait until both sockets answer."""
+        with self._lock:
+            if self.running:
+                return
+            validate_config(self.binary, self.config)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._stopping.clear()
+            self._spawn()
+            if self._monitor is None or not self._monitor.is_alive():
+                self._monitor = threading.Thread(target=self._watch, daemon=True,
+                                                 name=f"haproxy-monitor-{self.state_dir.name}")
+                self._monitor.start()
+
+    def _spawn(self) -> None:
+        argv = [self.binary, "-W", "-S", f"{self.master_socket},mode,600",
+                "-f", str(self.config), "-p", str(self.pid_file)]
+        with open(self.log_file, "ab") as out:
+            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self._popen = popen
+        log.info("started HAProxy master pid %d: %s", popen.pid, " ".join(argv))
+        deadline = time.monotonic() + self.start_timeout
+        probe = HAProxyMaster(str(self.master_socket), connect_grace=0.0)
+        try:
+            while True:
+                if popen.poll() is not None:
+                    raise HAProxyError(f"HAProxy exited with code {popen.returncode} at start: "
+                                       f"{self.log_tail()}")
+                try:
+                    workers = probe.worker_pids()
+                    if workers:
+                        _wait_worker(self.runtime, set(workers).__contains__,
+                                     max(0.1, deadline - time.monotonic()))
+                        return
+                except HAProxyError:
+                    if time.monotonic() >= deadline:
+                        raise
+                if time.monotonic() >= deadline:
+                    raise HAProxyError(f"HAProxy not ready within {self.start_timeout:g}s")
+                time.sleep(0.02)
+        except HAProxyError:
+            self._kill(popen, timeout=5.0)
+            raise
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(ln.strip() for ln in text.splitlines()[-lines:])
+
+    def reload(self, timeout: float = 15.0) -> None:
+        """Seamless reload through the master CLI; returns once the new worker answers."""
+        with self._lock:
+            if not self.running:
+                raise HAProxyError("reload: HAProxy is not running")
+            started = time.monotonic()
+            if self.server_state_file is not None:
+                save_server_state(self.runtime, self.server_state_file)
+            try:
+                proc = self.master.reload(timeout)
+            except HAProxyError as exc:
+                raise HAProxyError(f"{exc} | {self.log_tail(5)}") from exc
+            new = {p.pid for p in proc.workers}
+            _wait_worker(self.runtime, new.__contains__,
+                         max(0.5, timeout - (time.monotonic() - started)))
+            log.info("HAProxy reloaded in %.0f ms (reload #%d)",
+                     (time.monotonic() - started) * 1000, proc.master.reloads)
+
+    def reload_count(self) -> int:
+        """The current master's reload counter (``show proc``; restarts from 0 on restart)."""
+        return self.master.reload_count()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop monitoring, then SIGTERM the master (by its pid), SIGKILL after ``timeout``."""
+        self._stopping.set()
+        with self._lock:
+            if self._popen is not None:
+                self._kill(self._popen, timeout)
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout)
+
+    @staticmethod
+    def _kill(popen: subprocess.Popen[bytes], timeout: float) -> None:
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(popen.pid, signal.SIGTERM)
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("HAProxy master %d ignored SIGTERM; killing it", popen.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(popen.pid, signal.SIGKILL)
+                popen.wait(timeout)
+
+    def _watch(self) -> None:
+        delay = self.backoff[0]
+        while not self._stopping.wait(0.1):
+            popen = self._popen
+            if popen is None or popen.poll() is None:
+                continue
+            log.warning("HAProxy master %d died (exit %s); restarting in %.1fs",
+                        popen.pid, popen.returncode, delay)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set() or self._popen is not popen:
+                    continue
+                try:
+                    self._spawn()
+                except (HAProxyError, OSError) as exc:
+                    log.error("restarting HAProxy failed: %s", exc)
+                    delay = min(delay * 2, self.backoff[1])
+                    continue
+                self.restarts += 1
+            delay = self.backoff[0]
+            if self.on_restart is not None:
+                try:
+                    self.on_restart()
+                except Exception:
+                    log.exception("on_restart callback failed")
+
+
+class ExternalHAProxy:
+    """An HAProxy someone else runs: runtime API, and reload by command or master CLI.
+
+    ``reload_cmd`` is run without a shell (e.g. ``["systemctl", "reload", "haproxy"]``);
+    without it, ``master_socket`` must be given. ``reload_count()`` is the master's
+    counter when a master socket is known, else the number of reloads done by us.
+    """
+
+    def __init__(self, admin_socket: str | Path, reload_cmd: list[str] | None = None,
+                 master_socket: str | Path | None = None, timeout: float = 30.0,
+                 server_state_file: Path | None = None) -> None:
+        if not reload_cmd and master_socket is None:
+            raise HAProxyError("external HAProxy needs a reload command or a master socket")
+        self.runtime = HAProxyRuntime(str(admin_socket))
+        self.master = HAProxyMaster(str(master_socket)) if master_socket else None
+        self.reload_cmd = list(reload_cmd) if reload_cmd else None
+        self.timeout = timeout
+        self.server_state_file = server_state_file
+        self._reloads = 0
+
+    def reload(self) -> None:
+        old = self.runtime.pid()
+        if self.server_state_file is not None:
+            save_server_state(self.runtime, self.server_state_file)
+        if self.reload_cmd:
+            try:
+                proc = subprocess.run(self.reload_cmd, capture_output=True, text=True,
+                                      timeout=self.timeout, stdin=subprocess.DEVNULL,
+                                      check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise HAProxyError(f"reload command {self.reload_cmd}: {exc}") from exc
+            if proc.returncode != 0:
+                out = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                raise HAProxyError(f"reload command {self.reload_cmd} exited "
+                                   f"{proc.returncode}: {' | '.join(out)}")
+        else:
+            assert self.master is not None
+            self.master.reload(self.timeout)
+        _wait_worker(self.runtime, lambda pid: pid != old, self.timeout)
+        self._reloads += 1
+
+    def reload_count(self) -> int:
+        return self.master.reload_count() if self.master is not None else self._reloads
+
+    def stop(self) -> None:
+        """Nothing to stop: this HAProxy is not ours."""

@@ -1,0 +1,181 @@
+"""The watcher end to end: real etcd / ZooKeeper, real HAProxy 2.6, real dockerd and agent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import open_registry
+from discovery.registry.base import RegistryURL
+from tests.harness.agent import REPO_ROOT, wait_registered
+from tests.harness.servers import TcpProxy, raw_put
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import spread
+
+pytestmark = pytest.mark.integration
+TEMPLATE = REPO_ROOT / "discovery" / "templates" / "haproxy.cfg.j2"
+
+
+def inst(service: str, n: int, port: int) -> Instance:
+    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                    port=port)
+
+
+@pytest.fixture
+def reg(registry_url):  # a registry client for writing instances directly
+    client = open_registry(registry_url)
+    yield client
+    client.close(revoke=True)
+
+
+def test_routes_healthy_instances_without_reloads(registry_url, containers, start_agent,
+                                                  start_watcher):
+    web = f"w{uuid.uuid4().hex[:8]}"
+    listen = free_port()
+    start_agent(registry_url)
+    watcher = start_watcher(registry_url, {web: listen})
+    reloads = watcher.reload_count()
+    p1, p2 = free_port(), free_port()
+    labels = {"discovery.service": web, "discovery.check.interval": "200ms"}
+    first = containers(name=f"{web}-1", port=p1, labels={**labels, "discovery.port": str(p1)})
+    wait_for(lambda: spread(listen, 4)[f"{web}-1"] == 4, 20, message="web-1 served")
+    containers(name=f"{web}-2", port=p2, labels={**labels, "discovery.port": str(p2)},
+               env={"HEALTHY": "0"}, healthcheck={"test": ["CMD", "test", "-f", "/tmp/ok"],
+                                                 "interval": 200_000_000, "retries": 1})
+    wait_registered(registry_url, web, count=1)
+    assert f"{web}-2" not in spread(listen, 10)  # not healthy yet: not routed
+    second = containers.started[-1]
+    second.exec_run(["touch", "/tmp/ok"])
+    wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 20,
+             message="both instances served")
+    first.stop(timeout=5)
+    wait_for(lambda: set(spread(listen, 4)) == {f"{web}-2"}, 10, message="web-1 drained")
+    assert spread(listen, 30) == {f"{web}-2": 30}  # every request lands, none on the stopped one
+    assert watcher.reload_count() == reloads, "membership changes must not reload HAProxy"
+    assert "reloaded" not in watcher.log()
+
+
+def test_new_service_causes_exactly_one_validated_reload(registry_url, reg, http_backends,
+                                                         start_watcher, tmp_path):
+    a, b = http_backends("a", "b")
+    web_port, api_port = free_port(), free_port()
+    conf = tmp_path / "watch.toml"
+    conf.write_text(f"[services.web]\nport = {web_port}\n")
+    reg.register(inst("web", 1, a.port))
+    reg.register(inst("api", 2, b.port))
+    watcher = start_watcher(registry_url, {}, "--config", str(conf))
+    wait_for(lambda: spread(web_port, 2)["a"] == 2, 10, message="web served")
+    before = watcher.reload_count()
+    conf.write_text(f"[services.web]\nport = {web_port}\n\n[services.api]\nport = {api_port}\n")
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: spread(api_port, 2)["b"] == 2, 10, message="api served after SIGHUP")
+    reg.register(inst("web", 3, b.port))  # membership after the reload: runtime only
+    wait_for(lambda: "b" in spread(web_port, 6), 10, message="second web instance")
+    assert watcher.reload_count() == before + 1
+    assert f"bind 127.0.0.1:{api_port}" in watcher.config_text()
+
+
+def test_registry_outage_keeps_routing(registry_url, registry_server, reg, http_backends,
+                                       start_watcher):
+    a, b, c = http_backends("a", "b", "c")
+    parsed = RegistryURL.parse(registry_url)
+    proxy = TcpProxy(parsed.hosts[0])
+    try:
+        listen = free_port()
+        reg.register(inst("web", 1, a.port))
+        reg.register(inst("web", 2, b.port))
+        watcher = start_watcher(proxy.url(parsed.scheme, parsed.prefix), {"web": listen})
+        wait_for(lambda: set(spread(listen, 8)) == {"a", "b"}, 10, message="a and b served")
+        with proxy.blocked():
+            wait_for(lambda: "connection lost" in watcher.log(), 20,
+                     message="the watcher to notice the outage")
+            assert set(spread(listen, 20)) == {"a", "b"}  # the last known catalog serves on
+            reg.register(inst("web", 3, c.port))  # happens while the watcher cannot see
+        wait_for(lambda: set(spread(listen, 12)) == {"a", "b", "c"}, 30,
+                 message="resync after the outage")
+        assert watcher.alive
+    finally:
+        proxy.close()
+
+
+def test_broken_template_keeps_last_good_config(registry_url, reg, http_backends,
+                                                start_watcher, tmp_path):
+    a, b = http_backends("a", "b")
+    template = tmp_path / "mine.cfg.j2"
+    shutil.copy(TEMPLATE, template)
+    conf = tmp_path / "watch.toml"
+    web_port = free_port()
+    conf.write_text(f"[services.web]\nport = {web_port}\n")
+    reg.register(inst("web", 1, a.port))
+    watcher = start_watcher(registry_url, {}, "--config", str(conf), "--template", str(template))
+    wait_for(lambda: spread(web_port, 2)["a"] == 2, 10, message="web served")
+    good = watcher.config_text()
+    reloads = watcher.reload_count()
+    template.write_text(template.read_text() + "\n{% for x in %}\n")  # a syntax error
+    conf.write_text(f"[services.web]\nport = {web_port}\n\n[services.api]\nport = {free_port()}\n")
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: "mine.cfg.j2" in watcher.log() and "not reloaded" in watcher.log(), 10,
+             message="a clear error naming the template")
+    reg.register(inst("web", 2, b.port))  # membership still flows through the runtime API
+    wait_for(lambda: set(spread(web_port, 8)) == {"a", "b"}, 10, message="b served")
+    assert watcher.config_text() == good
+    assert watcher.reload_count() == reloads
+    assert watcher.alive
+
+
+def test_hostile_registry_entries_never_reach_the_config(registry_url, reg, http_backends,
+                                                         start_watcher):
+    (a,) = http_backends("a")
+    listen = free_port()
+    reg.register(inst("web", 1, a.port))
+    prefix = RegistryURL.parse(registry_url)
+    hostile = inst("web", 2, a.port).to_dict()
+    hostile["address"] = "127.0.0.1:1\n    server evil 127.0.0.9:1"
+    bad_key = prefix.key("web", "h1:000000000002:80")
+    raw_put(registry_url, bad_key, json.dumps(hostile).encode())
+    raw_put(registry_url, prefix.key("web", "h1:000000000003:80"), b"{not json")
+    watcher = start_watcher(registry_url, {"web": listen})
+    wait_for(lambda: spread(listen, 2)["a"] == 2, 10, message="the good instance served")
+    assert "evil" not in watcher.config_text()
+    assert bad_key in watcher.log()  # one warning naming the key
+    assert "127.0.0.9" not in watcher.config_text()
+
+
+def test_once_dry_run_prints_config_and_json_out(registry_url, reg, http_backends, tmp_path):
+    (a,) = http_backends("a")
+    reg.register(inst("web", 1, a.port))
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "discovery", "watch", "--registry", registry_url,
+                          "--service", f"web:{port}", "--once", "--dry-run",
+                          "--state-dir", str(tmp_path / "st")],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"bind 127.0.0.1:{port}" in out.stdout
+    assert f"127.0.0.1:{a.port}" in out.stdout
+    assert not (tmp_path / "st").exists()  # --dry-run touches nothing
+    json_path = tmp_path / "catalog.json"
+    out = subprocess.run([sys.executable, "-m", "discovery", "watch", "--registry", registry_url,
+                          "--once", "--json-out", str(json_path),
+                          "--state-dir", str(tmp_path / "st")],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(json_path.read_text())
+    assert [i["port"] for i in data["services"]["web"]] == [a.port]
+
+
+def test_once_unreachable_registry_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "discovery", "watch", "--registry",
+                          f"etcd://127.0.0.1:{free_port()}/x", "--once", "--dry-run",
+                          "--service", "web:1234"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("discovery: ")
+
+
