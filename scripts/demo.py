@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""`make demo`: a private etcd on loopback, three example containers, the agent, and
-`discovery services` once it has converged. Stays up until Ctrl-C (or exits at once with
---once), then removes everything it started."""
+"""`make demo`: a private etcd on loopback, three example containers, the agent,
+`discovery services` once it has converged, then the watcher routing `web` through a local
+HAProxy: requests spread over both instances, one instance stopped under continuous traffic,
+and the errors counted (none expected). Stays up until Ctrl-C (or exits with --once), then
+removes everything it started."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +33,7 @@ from tests.harness.dockerd import (  # noqa: E402
 )
 from tests.harness.servers import EtcdCluster  # noqa: E402
 from tests.harness.util import free_port, wait_for  # noqa: E402
+from tests.harness.watcher import WatcherProcess, spread  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -50,6 +55,7 @@ def main() -> int:
     started: list[str] = []
     etcd = EtcdCluster(1, work / "etcd")
     agent: AgentProcess | None = None
+    watcher: WatcherProcess | None = None
     stop = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -92,8 +98,36 @@ def main() -> int:
         say(f"converged in {time.monotonic() - t0:.2f}s; `discovery services --registry {url}`:")
         print(services_cli(url), flush=True)
         say("billing is not listed: its health check fails, so it is never registered")
+        listen = free_port()
+        say(f"starting the watcher: service web on 127.0.0.1:{listen} through a local HAProxy")
+        watcher = WatcherProcess(url, {"web": listen}, work).start()
+        watcher.wait_ready()
+        wait_for(lambda: len(spread(listen, 4)) == 2, timeout=30, message="both web instances")
+        say(f"20 requests to 127.0.0.1:{listen}: {dict(sorted(spread(listen, 20).items()))}")
+        victim = next(name for name, _, _ in specs if name == "web-1")
+        stopped = client.containers.get(f"demo-{victim}-{ports[victim]}")
+        counts: Counter[str] = Counter()
+        done = threading.Event()
+
+        def load() -> None:
+            while not done.is_set():
+                counts.update(spread(listen, 1))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(0.5)
+        reloads = watcher.reload_count()
+        say("stopping web-1 (docker stop) while requests keep flowing")
+        stopped.stop(timeout=5)
+        time.sleep(1.5)
+        done.set()
+        loader.join()
+        errors = sum(n for body, n in counts.items() if body.startswith("!"))
+        say(f"{sum(counts.values())} requests during the stop: {dict(sorted(counts.items()))}; "
+            f"{errors} failed; HAProxy reloads: {watcher.reload_count() - reloads}")
+        say(f"now: {dict(spread(listen, 10))}")
         if not args.once:
-            say("up until Ctrl-C; try: docker stop demo-web-1-... and run the command above")
+            say(f"up until Ctrl-C; try: curl http://127.0.0.1:{listen}/ and the command above")
             while not stop:
                 time.sleep(0.5)
                 if not agent.alive:
@@ -102,7 +136,10 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        say("cleaning up: agent, containers, etcd")
+        say("cleaning up: watcher, agent, containers, etcd")
+        if watcher is not None:
+            watcher.terminate()
+            watcher.cleanup()
         if agent is not None:
             agent.terminate()
         remove_containers(client, started)

@@ -17,10 +17,14 @@ else
 fi
 echo "serve.sh: $NAME listening on 127.0.0.1:$PORT (healthy=${HEALTHY:-1})"
 # This shell is PID 1: without a trap it would ignore SIGTERM and `docker stop` (and a
-# dockerd shutdown) would wait for the 10 s SIGKILL timeout. Forward TERM/INT to httpd.
+# dockerd shutdown) would wait for the 10 s SIGKILL timeout. TERM/INT are forwarded to httpd;
+# INT at once.
 httpd -f -v -p "127.0.0.1:$PORT" -h "$WWW" &
 child=$!
-trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT
+# Graceful stop, as a real service should do it: keep serving for DRAIN_SECONDS after SIGTERM
+# (discovery drains the instance on Docker's kill event, within ~100 ms), then stop.
+trap 'sleep "${DRAIN_SECONDS:-1}"; kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM
+trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' INT
 set +e
 wait "$child"
 exit $?

@@ -76,3 +76,4 @@ def test_make_demo_converges(docker_client, example_image):
     assert "2 up / 0 draining" in out.stdout
     table = out.stdout.split("/demo`:")[1].split("billing is not listed")[0]
     assert "web" in table and "billing" not in table
+    assert "; 0 failed; HAProxy reloads: 0" in out.stdout  # traffic moved on without errors

@@ -50,14 +50,16 @@ def test_routes_healthy_instances_without_reloads(registry_url, containers, star
                env={"HEALTHY": "0"}, healthcheck={"test": ["CMD", "test", "-f", "/tmp/ok"],
                                                  "interval": 200_000_000, "retries": 1})
     wait_registered(registry_url, web, count=1)
-    assert f"{web}-2" not in spread(listen, 10)  # not healthy yet: not routed
+    early = spread(listen, 10)
+    assert f"{web}-2" not in early, f"routed before healthy: {early}"
     second = containers.started[-1]
     second.exec_run(["touch", "/tmp/ok"])
     wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 20,
              message="both instances served")
     first.stop(timeout=5)
     wait_for(lambda: set(spread(listen, 4)) == {f"{web}-2"}, 10, message="web-1 drained")
-    assert spread(listen, 30) == {f"{web}-2": 30}  # every request lands, none on the stopped one
+    after = spread(listen, 30)
+    assert after == {f"{web}-2": 30}, f"every request must land, none on the stopped one: {after}"
     assert watcher.reload_count() == reloads, "membership changes must not reload HAProxy"
     assert "reloaded" not in watcher.log()
 
