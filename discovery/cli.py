@@ -64,12 +64,17 @@ def main(ctx: click.Context, log_level: str | None) -> None:
               help="Advertise container IP and exposed port [env DISCOVERY_INTERNAL]")
 @click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
               help="TOML file with an [agent] table; re-read on SIGHUP [env DISCOVERY_CONFIG]")
+@click.option("--http", "http", envvar="DISCOVERY_AGENT_HTTP", default=None, metavar="ADDR:PORT",
+              help="Serve /v1/health and /metrics here [env DISCOVERY_AGENT_HTTP]")
 @click.pass_context
 def agent(ctx: click.Context, **opts: Any) -> None:
     """Register healthy containers of this host in the registry."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
+    from discovery.http import HttpApi, agent_health, parse_listen
+    from discovery.metrics import Metrics
 
+    http = opts.pop("http")
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     explicit = {name for name in opts if ctx.get_parameter_source(name) in given}
 
@@ -81,7 +86,10 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     try:
         config = load()
         registry = open_registry(config.registry, ttl=config.ttl)
-        the_agent = Agent(config, registry)
+        metrics = Metrics()
+        the_agent = Agent(config, registry, metrics)
+        api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http)).start() \
+            if http else None
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -100,7 +108,11 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     log.info("agent starting: node %s, registry %s", config.node, config.registry)
-    the_agent.run()
+    try:
+        the_agent.run()
+    finally:
+        if api is not None:
+            api.stop()
 
 
 @main.command()
@@ -129,9 +141,12 @@ def services(service: str | None, registry: str, fmt: str, timeout: float) -> No
 
 
 def _register_commands() -> None:
-    from discovery.cli_watch import watch
+    from discovery.cli_up import up
+    from discovery.cli_watch import dns, watch
 
     main.add_command(watch)
+    main.add_command(dns)
+    main.add_command(up)
 
 
 _register_commands()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +12,6 @@ import click
 
 from discovery.errors import DiscoveryError
 from discovery.output import fail
-from discovery.registry import open_registry
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
@@ -47,6 +45,12 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
               help="Write the catalog as JSON here, atomically, only when it changes")
 @click.option("--wait", default=None, metavar="MIN:MAX",
               help="Quiescence window for bursts, e.g. 50ms:500ms (default from config)")
+@click.option("--dns", "dns", default=None, metavar="ADDR:PORT",
+              help="Also answer DNS from the catalog here, e.g. 127.0.0.1:8600")
+@click.option("--dns-domain", default="discovery.", show_default=True)
+@click.option("--dns-ttl", type=int, default=0, show_default=True)
+@click.option("--http", "http", default=None, metavar="ADDR:PORT",
+              help="Also serve the HTTP API and /metrics here, e.g. 127.0.0.1:8500")
 @click.option("--once", is_flag=True, help="Render (and install) once, then exit")
 @click.option("--dry-run", is_flag=True, help="With --once: print the config, touch nothing")
 @click.pass_context
@@ -54,8 +58,12 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           config_file: str | None, state_dir: str,
           template: str | None, haproxy_bin: str, haproxy_socket: str | None,
           haproxy_config: str | None, master_socket: str | None, reload_cmd: str | None,
-          json_out: str | None, wait: str | None, once: bool, dry_run: bool) -> None:
+          json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
+          dns_ttl: int, http: str | None, once: bool, dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
+    from discovery.lookups import start_lookups
+    from discovery.metrics import Metrics
+    from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
     from discovery.watcher.config import (
         WatcherConfig,
         load_watcher_config,
@@ -63,10 +71,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         parse_service_arg,
         parse_wait,
     )
-    from discovery.watcher.core import Watcher
-    from discovery.watcher.render import Renderer, RuntimePaths
-    from discovery.watcher.router import Router
-    from discovery.watcher.supervisor import ExternalHAProxy, HAProxyControl, HAProxySupervisor
+    from discovery.watcher.render import Renderer
 
     def load_config() -> WatcherConfig:
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
@@ -83,44 +88,26 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     try:
         if dry_run and not once:
             raise DiscoveryError("--dry-run goes with --once")
-        if haproxy_socket and not haproxy_config:
-            raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
         cfg = load_config()
-        renderer = Renderer(cfg.template)
-        state = Path(state_dir).absolute()
-        reg = open_registry(registry)
-        control: HAProxyControl | None = None
-        router: Router | None = None
-        if haproxy_socket:
-            paths = RuntimePaths(admin_socket=str(Path(haproxy_socket).absolute()))
-            config_path = Path(str(haproxy_config)).absolute()
-            if not dry_run:
-                control = ExternalHAProxy(haproxy_socket, shlex.split(reload_cmd or "") or None,
-                                          master_socket)
-        else:
-            paths = RuntimePaths(admin_socket=str(state / "admin.sock"))
-            config_path = state / "haproxy.cfg"
-        if cfg.services or once:
-            router = Router(cfg, config_path, paths, control, haproxy_bin=haproxy_bin,
-                            renderer=renderer)
-            if control is None and not once and not haproxy_socket:
-                supervisor = HAProxySupervisor(config_path, state, haproxy_bin,
-                                               on_restart=router.reapply)
-                router.control = control = supervisor
-        watcher = Watcher(reg, router, json_out=Path(json_out) if json_out else None,
-                          wait=(cfg.wait_min, cfg.wait_max),
-                          reload_min_interval=cfg.reload_min_interval)
+        settings = HAProxySettings(Path(state_dir), haproxy_bin, haproxy_socket, haproxy_config,
+                                   master_socket, reload_cmd)
+        metrics = Metrics()
+        watcher = assemble(registry, cfg, settings, json_out=Path(json_out) if json_out else None,
+                           render_only=once, dry_run=dry_run, metrics=metrics)
+        router = watcher.router
         if once:
             watcher.load(retry=False)
             if dry_run:
                 assert router is not None
                 click.echo(router.render_current(watcher.catalog), nl=False)
             else:
-                watcher._sync()
+                watcher.sync()
                 if router is not None and router.stats.last_error:
                     raise DiscoveryError(router.stats.last_error)
             watcher.close()
             return
+        lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
+                                ttl=dns_ttl)
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -149,6 +136,45 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     try:
         watcher.run()
     finally:
+        lookups.stop()
         watcher.close()
-        if isinstance(control, HAProxySupervisor):
-            control.stop()
+        stop_haproxy(watcher)
+
+
+@click.command()
+@click.option("--registry", envvar="DISCOVERY_REGISTRY", required=True, metavar="URL",
+              help="etcd://h1:2379/prefix or zk://h1:2181/prefix [env DISCOVERY_REGISTRY]")
+@click.option("--listen", "dns", default="127.0.0.1:8600", show_default=True,
+              help="DNS listen address (UDP and TCP)")
+@click.option("--domain", "dns_domain", default="discovery.", show_default=True)
+@click.option("--ttl", "dns_ttl", type=int, default=0, show_default=True)
+@click.option("--http", "http", default=None, metavar="ADDR:PORT",
+              help="Also serve the HTTP API and /metrics here")
+def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None) -> None:
+    """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
+    from discovery.lookups import start_lookups
+    from discovery.metrics import Metrics
+    from discovery.watcher.assemble import HAProxySettings, assemble
+    from discovery.watcher.config import WatcherConfig
+
+    try:
+        metrics = Metrics()
+        watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
+                           metrics=metrics)
+        lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
+                                ttl=dns_ttl)
+    except DiscoveryError as exc:
+        fail(str(exc))
+        return
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        watcher.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        watcher.run()
+    finally:
+        lookups.stop()
+        watcher.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from discovery.agent.health import CheckRunner
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.errors import DiscoveryError, LabelError, RegistryError
+from discovery.metrics import Metrics
 from discovery.model import Instance, make_instance_id
 from discovery.registry import Registry
 
@@ -64,8 +65,10 @@ def _same(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, registry: Registry) -> None:
+    def __init__(self, config: AgentConfig, registry: Registry,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.registry = registry
         self._lock = threading.RLock()
         self._tracked: dict[str, Tracked] = {}
@@ -77,6 +80,7 @@ class Agent:
         self._revoke = True
         self._pending_config: AgentConfig | None = None
         self._synced = False  # Docker listed at least once on the current connection
+        self.registry_connected = False
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -86,6 +90,8 @@ class Agent:
         try:
             prior = self.registry.snapshot()
             self._adopt = {k for k, i in prior.instances.items() if i.node == self.config.node}
+            self.registry_connected = True
+            self.metrics.registry_state(True)
             log.info("agent %s: %d instances of this node already registered",
                      self.config.node, len(self._adopt))
         except RegistryError as exc:
@@ -136,11 +142,14 @@ class Agent:
     # ---- Docker ----------------------------------------------------------------------------
     def _on_docker(self, up: bool) -> None:
         log.info("docker %s", "connected" if up else "disconnected")
+        self.metrics.docker_state(up)
         if not up:
             self._synced = False
 
     def _on_registry(self, up: bool) -> None:
         log.info("registry %s", "connected" if up else "disconnected")
+        self.registry_connected = up
+        self.metrics.registry_state(up)
         if up:
             self._wake.set()
 
@@ -160,6 +169,7 @@ class Agent:
         action = str(event.get("Action") or event.get("status") or "")
         cid = str(event.get("id") or event.get("Actor", {}).get("ID", ""))
         attrs = event.get("Actor", {}).get("Attributes", {}) or {}
+        self.metrics.docker_event(action)
         with self._lock:
             tracked = self._tracked.get(cid)
             if action.startswith("health_status"):
@@ -256,8 +266,10 @@ class Agent:
                 tracked.healthy[key] = ok
                 self._apply(tracked, key)
 
+        kind = spec.check.type
         runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
-                             name=f"check-{key[1]}")
+                             name=f"check-{key[1]}",
+                             on_result=lambda ok: self.metrics.check(kind, ok))
         tracked.runners[key] = runner
         runner.start()
 
@@ -291,11 +303,14 @@ class Agent:
             if instance is None:
                 if have is not None or key in self._adopt:
                     self.registry.deregister(*key)
+                    self.metrics.deregistered()
                     log.info("deregistered %s/%s", *key)
                 self._registered.pop(key, None)
                 self._adopt.discard(key)
             elif have is None or not have.same_registration(instance):
+                instance = replace(instance, registered_at=time.time())  # for propagation
                 self.registry.register(instance)
+                self.metrics.registered()
                 self._registered[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:
@@ -344,6 +359,7 @@ class Agent:
             return {
                 "node": self.config.node,
                 "docker_connected": self.docker.connected,
+                "registry_connected": self.registry_connected,
                 "containers": len(self._tracked),
                 "registered": len(self._registered),
                 "time": time.time(),

@@ -70,8 +70,10 @@ class CheckRunner:
         on_transition: Callable[[bool, CheckResult], None],
         healthy: bool = False,
         name: str = "check",
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
         self.spec, self.check, self.on_transition, self.name = spec, check, on_transition, name
+        self.on_result = on_result  # every result (metrics), not only transitions
         self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
         self.last_result: CheckResult | None = None
         self.last_run: float | None = None
@@ -101,6 +103,8 @@ class CheckRunner:
     def run_once(self) -> bool | None:
         """One check run: update state and return the new state on a transition."""
         result = run_check(self.check)
+        if self.on_result is not None:
+            self.on_result(result.ok)
         self.runs += 1
         self.last_run = time.time()
         self.last_result = result

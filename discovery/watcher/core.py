@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from discovery.errors import RegistryError
+from discovery.metrics import Metrics
+from discovery.model import Instance
 from discovery.registry import Change, Registry, Watch
 from discovery.watcher.catalog import Catalog
 from discovery.watcher.router import Router
@@ -42,8 +44,9 @@ def write_atomic(path: Path, text: str) -> None:
 class Watcher:
     def __init__(self, registry: Registry, router: Router | None, *,
                  json_out: Path | None = None, wait: tuple[float, float] = (0.05, 0.5),
-                 reload_min_interval: float = 1.0) -> None:
+                 reload_min_interval: float = 1.0, metrics: Metrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics or Metrics()
         self.router = router
         self.catalog = Catalog()
         self.json_out = json_out
@@ -58,6 +61,8 @@ class Watcher:
         self._last_change = 0.0
         self._watch: Watch | None = None
         self._ready = threading.Event()
+        self._pending: list[Instance] = []  # applied puts waiting for the next sync (latency)
+        self._pending_lock = threading.Lock()
         registry.add_state_listener(self._on_state)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -76,6 +81,7 @@ class Watcher:
                 continue
             self.catalog.load(snapshot)
             self.registry_connected = True
+            self.metrics.registry_state(True)
             log.info("catalog loaded: %d instances at revision %d",
                      len(snapshot.instances), snapshot.revision)
             return
@@ -86,7 +92,7 @@ class Watcher:
         if self._stop.is_set():
             return
         self._watch = self.registry.watch(self._on_change, self.catalog.revision)
-        self._sync()
+        self.sync()
         self._ready.set()
         while not self._stop.is_set():
             self._dirty.wait(1.0)
@@ -94,7 +100,7 @@ class Watcher:
                 continue
             self._quiesce()
             self._dirty.clear()
-            self._sync()
+            self.sync()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -115,6 +121,7 @@ class Watcher:
     # ---- events ----------------------------------------------------------------------------
     def _on_state(self, up: bool) -> None:
         self.registry_connected = up
+        self.metrics.registry_state(up)
         if up:
             log.info("registry connected")
         else:
@@ -123,6 +130,9 @@ class Watcher:
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1
         if self.catalog.apply(change):
+            if change.kind == "put" and change.instance is not None:
+                with self._pending_lock:
+                    self._pending.append(change.instance)
             self._mark_dirty()
 
     def _mark_dirty(self) -> None:
@@ -147,9 +157,15 @@ class Watcher:
                 return
             self._stop.wait(until - now)
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Apply the catalog now: HAProxy and the JSON file."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
         if self.router is not None:
             self.router.sync(self.catalog)
+            self.metrics.sync_router(self.router.stats)
+        for instance in pending:  # registered_at → applied: the propagation histogram
+            self.metrics.propagated(instance)
         if self.json_out is not None:
             text = self.catalog.to_json()
             if text != self._json_written:

@@ -1,0 +1,138 @@
+"""``discovery up``: agent + watcher + HAProxy + DNS + HTTP in one process tree.
+
+With ``--dev`` and no ``--registry`` a private single-node etcd is started on loopback and
+removed on exit, like ``consul agent -dev``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from discovery.errors import DiscoveryError
+from discovery.output import fail
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("--dev", is_flag=True,
+              help="Private etcd on loopback when no --registry is given; temporary state dir")
+@click.option("--registry", envvar="DISCOVERY_REGISTRY", default=None, metavar="URL",
+              help="etcd://… or zk://… [env DISCOVERY_REGISTRY]; optional with --dev")
+@click.option("--node", envvar="DISCOVERY_NODE", default="", help="This host's name")
+@click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
+              help="Advertised IP for published ports")
+@click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True)
+@click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True)
+@click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
+              help="Route service NAME through HAProxy on BIND:PORT; repeatable")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="TOML with [agent], [watcher] and [services.NAME] tables")
+@click.option("--state-dir", envvar="DISCOVERY_STATE_DIR", default=None,
+              help="HAProxy files (default: /var/lib/discovery/watch; a temporary one with --dev)")
+@click.option("--haproxy-bin", default="haproxy", show_default=True)
+@click.option("--dns", "dns", default="127.0.0.1:8600", show_default=True,
+              help="DNS listen address; 'off' to disable")
+@click.option("--dns-domain", default="discovery.", show_default=True)
+@click.option("--dns-ttl", type=int, default=0, show_default=True)
+@click.option("--http", "http", default="127.0.0.1:8500", show_default=True,
+              help="HTTP API listen address; 'off' to disable")
+def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
+       services: tuple[str, ...], config_file: str | None, state_dir: str | None,
+       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, http: str) -> None:
+    """Run the whole thing on this host: register, route, and answer lookups."""
+    from discovery.agent.config import AgentConfig, merge, read_file
+    from discovery.agent.core import Agent
+    from discovery.devserver import LocalEtcd
+    from discovery.http import agent_health
+    from discovery.lookups import Lookups, start_lookups
+    from discovery.metrics import Metrics
+    from discovery.registry import open_registry
+    from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
+    from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
+    from discovery.watcher.config import merge as merge_services
+
+    etcd: LocalEtcd | None = None
+    temp_state: Path | None = None
+    lookups = Lookups()
+    try:
+        if registry is None:
+            if not dev:
+                raise DiscoveryError("no registry: give --registry URL, or --dev")
+            etcd = LocalEtcd().start()
+            registry = etcd.url()
+        if state_dir is None and dev:
+            temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
+        state = Path(state_dir) if state_dir else (temp_state or Path("/var/lib/discovery/watch"))
+        agent_cfg = AgentConfig(registry=registry, node=node, address=address, ttl=ttl,
+                                resync=resync)
+        agent_cfg = merge(agent_cfg, read_file(config_file) if config_file else {}, {"registry"})
+        watch_cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
+        watch_cfg = merge_services(watch_cfg, [parse_service_arg(s) for s in services])
+        metrics = Metrics()
+        agent = Agent(agent_cfg, open_registry(registry, ttl=agent_cfg.ttl), metrics)
+        watcher = assemble(registry, watch_cfg, HAProxySettings(state, haproxy_bin),
+                           metrics=metrics)
+        lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
+                                http=None if http == "off" else http, domain=dns_domain,
+                                ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"))
+    except DiscoveryError as exc:
+        lookups.stop()
+        if etcd is not None:
+            etcd.stop()
+        fail(str(exc))
+        return
+
+    done = threading.Event()
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
+               threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
+    for t in threads:
+        t.start()
+    log.info("up: registry %s, node %s, %d services routed, DNS %s, HTTP %s", registry,
+             agent_cfg.node, len(watch_cfg.services), lookups.dns_port, lookups.http_port)
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        agent.stop(revoke=True)
+        watcher.stop()
+        for t in threads:
+            t.join(15)
+        watcher.close()
+        stop_haproxy(watcher)
+        lookups.stop()
+        if etcd is not None:
+            etcd.stop()
+        if temp_state is not None:
+            shutil.rmtree(temp_state, ignore_errors=True)
+        log.info("up: everything stopped")
+
+
+def _guard(run: Any, done: threading.Event) -> Any:
+    """Run a component's loop; if it dies, bring the whole process down (never half up)."""
+
+    def target() -> None:
+        try:
+            run()
+        except Exception:
+            log.exception("%s failed: stopping", getattr(run, "__qualname__", run))
+        finally:
+            done.set()
+
+    return target

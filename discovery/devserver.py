@@ -1,0 +1,80 @@
+"""A private single-node etcd on loopback for ``discovery up --dev`` (like ``consul agent -dev``).
+
+Data lives in a temporary folder that is removed on :meth:`LocalEtcd.stop`; the process is
+stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from discovery.errors import ConfigError, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalEtcd:
+    def __init__(self, binary: str = "etcd", host: str = "127.0.0.1") -> None:
+        found = shutil.which(binary)
+        if found is None:
+            raise ConfigError(f"--dev needs the etcd binary ({binary!r} not found; "
+                              "apt-get install etcd-server)")
+        self.binary, self.host = found, host
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.data_dir = Path(tempfile.mkdtemp(prefix="discovery-dev-etcd-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, prefix: str = "/discovery") -> str:
+        return f"etcd://{self.host}:{self.client_port}{prefix}"
+
+    def start(self, timeout: float = 30.0) -> LocalEtcd:
+        client, peer = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
+        argv = [self.binary, "--name", "dev", "--data-dir", str(self.data_dir / "data"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"dev={peer}", "--logger", "zap", "--log-level", "error"]
+        log_file = (self.data_dir / "etcd.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RegistryUnavailable(f"dev etcd exited: {self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.client_port), timeout=0.5):
+                    log.info("dev etcd up at %s (data in %s)", self.url(""), self.data_dir)
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RegistryUnavailable(f"dev etcd did not start within {timeout:g}s")
+
+    def log_tail(self) -> str:
+        path = self.data_dir / "etcd.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        log.info("dev etcd stopped and its data removed")

@@ -1,0 +1,70 @@
+"""Starting the lookup endpoints (DNS, HTTP API) next to a watcher's catalog."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from discovery.metrics import Metrics
+from discovery.watcher.core import Watcher
+
+log = logging.getLogger(__name__)
+Health = Callable[[], dict[str, dict[str, Any]]]
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Lookups:
+    """The endpoints that were started; :meth:`stop` stops them all."""
+
+    started: list[Stoppable] = field(default_factory=list)
+    dns_port: int | None = None
+    http_port: int | None = None
+
+    def stop(self) -> None:
+        for item in reversed(self.started):
+            try:
+                item.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(item).__name__)
+        self.started.clear()
+
+
+def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
+                  http: str | None = None, domain: str = "discovery.", ttl: int = 0,
+                  extra_health: Health | None = None) -> Lookups:
+    """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
+    from discovery.dns import DnsServer
+    from discovery.dns import parse_listen as dns_listen
+    from discovery.http import HttpApi, watcher_health
+    from discovery.http import parse_listen as http_listen
+
+    out = Lookups()
+    try:
+        if dns:
+            bind, port = dns_listen(dns)
+            server = DnsServer(watcher.catalog, bind, port, domain=domain, ttl=ttl,
+                               on_query=metrics.dns_query).start()
+            out.started.append(server)
+            out.dns_port = server.port
+            log.info("DNS on %s:%d for domain %s", bind, server.port, domain)
+        if http:
+            bind, port = http_listen(http)
+            base = watcher_health(watcher)
+
+            def health() -> dict[str, dict[str, Any]]:
+                return {**base(), **(extra_health() if extra_health else {})}
+
+            api = HttpApi(watcher.catalog, health, metrics, bind, port).start()
+            out.started.append(api)
+            out.http_port = api.port
+            log.info("HTTP API on %s:%d", bind, api.port)
+    except BaseException:
+        out.stop()
+        raise
+    return out

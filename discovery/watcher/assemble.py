@@ -1,0 +1,71 @@
+"""Putting a watcher together from settings: registry, router, HAProxy control.
+
+Shared by ``discovery watch`` and ``discovery up`` so both run the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from discovery.errors import DiscoveryError
+from discovery.metrics import Metrics
+from discovery.registry import open_registry
+from discovery.watcher.config import WatcherConfig
+from discovery.watcher.core import Watcher
+from discovery.watcher.render import Renderer, RuntimePaths
+from discovery.watcher.router import Router
+from discovery.watcher.supervisor import ExternalHAProxy, HAProxyControl, HAProxySupervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HAProxySettings:
+    state_dir: Path
+    binary: str = "haproxy"
+    socket: str | None = None  # drive an external HAProxy through this admin socket
+    config: str | None = None  # ... whose config file is this
+    master_socket: str | None = None
+    reload_cmd: str | None = None
+
+
+def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
+             json_out: Path | None = None, render_only: bool = False,
+             dry_run: bool = False, metrics: Metrics | None = None) -> Watcher:
+    """A ready-to-run :class:`Watcher`. ``render_only``: no HAProxy is started (``--once``);
+    with ``dry_run`` nothing external is driven either."""
+    if haproxy.socket and not haproxy.config:
+        raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
+    renderer = Renderer(cfg.template)
+    control: HAProxyControl | None = None
+    if haproxy.socket:
+        paths = RuntimePaths(admin_socket=str(Path(haproxy.socket).absolute()))
+        config_path = Path(str(haproxy.config)).absolute()
+        if not dry_run:
+            control = ExternalHAProxy(haproxy.socket,
+                                      shlex.split(haproxy.reload_cmd or "") or None,
+                                      haproxy.master_socket)
+    else:
+        state = haproxy.state_dir.absolute()
+        paths = RuntimePaths(admin_socket=str(state / "admin.sock"))
+        config_path = state / "haproxy.cfg"
+    router: Router | None = None
+    if cfg.services or render_only:
+        router = Router(cfg, config_path, paths, control, haproxy_bin=haproxy.binary,
+                        renderer=renderer)
+        if control is None and not render_only and not haproxy.socket:
+            router.control = HAProxySupervisor(config_path, haproxy.state_dir.absolute(),
+                                               haproxy.binary, on_restart=router.reapply)
+    return Watcher(open_registry(registry_url), router, json_out=json_out,
+                   wait=(cfg.wait_min, cfg.wait_max),
+                   reload_min_interval=cfg.reload_min_interval, metrics=metrics)
+
+
+def stop_haproxy(watcher: Watcher) -> None:
+    """Stop the HAProxy this watcher runs itself (an external one is left alone)."""
+    control = watcher.router.control if watcher.router is not None else None
+    if isinstance(control, HAProxySupervisor):
+        control.stop()
