@@ -14,13 +14,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from discovery.agent.checks import load_check_factory
+from discovery.agent.checks import build_check
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
-from discovery.errors import DiscoveryError, LabelError, RegistryError
+from discovery.errors import CheckError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, make_instance_id
 from discovery.registry import Registry
@@ -208,10 +208,7 @@ class Agent:
             specs = parse_container(attrs, advertise=self.config.address,
                                     internal=self.config.internal, defaults=self.config.check)
         except LabelError as exc:
-            if self._bad_labels.get(cid) != str(exc):
-                log.error("skipping container %s: %s", name or cid[:12], exc)
-                self._bad_labels[cid] = str(exc)
-            self._forget(cid)
+            self._skip(cid, name, exc)
             return
         self._bad_labels.pop(cid, None)
         instances = {i.key: i for i in (self._instance(attrs, s) for s in specs)}
@@ -225,8 +222,12 @@ class Agent:
         if tracked is None:
             tracked = Tracked(cid, started, instances)
             self._tracked[cid] = tracked
-            for spec in specs:
-                self._start_check(tracked, attrs, spec)
+            try:
+                for spec in specs:
+                    self._start_check(tracked, spec)
+            except CheckError as exc:  # e.g. a plugin check missing a required label
+                self._skip(cid, name, exc)
+                return
         tracked.paused = bool(state.get("Paused"))
         tracked.docker_health = (state.get("Health") or {}).get("Status") == "healthy"
         self._apply_container(tracked)
@@ -247,7 +248,14 @@ class Agent:
             image=str(attrs.get("Config", {}).get("Image", "")),
         )
 
-    def _start_check(self, tracked: Tracked, attrs: dict[str, Any], spec: ServiceSpec) -> None:
+    def _skip(self, cid: str, name: str, exc: Exception) -> None:
+        """One log line per container and problem; the container is not registered."""
+        if self._bad_labels.get(cid) != str(exc):
+            log.error("skipping container %s: %s", name or cid[:12], exc)
+            self._bad_labels[cid] = str(exc)
+        self._forget(cid)
+
+    def _start_check(self, tracked: Tracked, spec: ServiceSpec) -> None:
         key = (spec.service, make_instance_id(self.config.node, tracked.container_id,
                                               spec.container_port))
         adopted = key in self._adopt
@@ -255,7 +263,7 @@ class Agent:
         if spec.check.type == "docker":
             return
         target = CheckTarget(spec.address, spec.port, tracked.container_id, self.docker.client)
-        check = load_check_factory(spec.check.type)(spec.check, target)
+        check = build_check(spec.check, target)
 
         def on_transition(ok: bool, result: CheckResult, key: Key = key) -> None:
             with self._lock:

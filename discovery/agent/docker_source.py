@@ -131,7 +131,12 @@ class DockerSource:
             self.connected = True
             self._on_state(True)
         log.info("docker: connected, %d running containers", len(running))
-        self._on_sync(running)
+        try:
+            self._on_sync(running)
+        except DockerUnavailable:
+            raise
+        except Exception:  # a bug in handling must not end the event loop: log, carry on
+            log.exception("docker: handling the container list failed")
         for event in stream:
             if self._stop.is_set():
                 return

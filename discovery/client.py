@@ -1,0 +1,295 @@
+"""Client-side discovery: read the registry from your own Python code, no HAProxy needed.
+
+::
+
+    from discovery import Client
+
+    with Client("etcd://127.0.0.1:2379/discovery") as client:
+        client.instances("web", tag="blue")        # [Instance, ...], healthy ones
+        client.pick("web")                         # one, weighted at random
+        handle = client.watch("web", print)        # called now, then on every change
+        ...
+        handle.stop()
+
+Without a watch every call reads the registry once (one consistent snapshot). The first
+:meth:`Client.watch` (or :meth:`Client.follow`) starts a live catalog: one snapshot, then the
+registry's change stream; from then on every read is local and cheap, and a lost connection
+keeps the last known catalog (the backend resumes or re-reads everything when it is back).
+See docs/client.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+from discovery.errors import (
+    ConfigError,
+    DiscoveryError,
+    RegistryError,
+    RegistryUnavailable,
+)
+from discovery.model import Instance, State
+from discovery.registry import Change, Registry, RegistryURL, Watch, open_registry
+from discovery.watcher.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Client",
+    "ClientClosed",
+    "ConfigError",
+    "DiscoveryError",
+    "Instance",
+    "InstancesCallback",
+    "NoInstances",
+    "RegistryError",
+    "RegistryUnavailable",
+    "State",
+    "Subscription",
+]
+
+#: A watch callback: called with the service's full current list of instances.
+InstancesCallback = Callable[[list[Instance]], None]
+
+
+class NoInstances(DiscoveryError, LookupError):
+    """:meth:`Client.pick` found no instance to pick (none up, or all of weight 0)."""
+
+
+class ClientClosed(RegistryError):
+    """The :class:`Client` was closed."""
+
+
+def select(instances: list[Instance], service: str, tag: str | None = None,
+           include_draining: bool = False) -> list[Instance]:
+    """The instances of ``service`` having ``tag`` (if given), up ones only unless
+    ``include_draining``; sorted by id, as every method of :class:`Client` returns them."""
+    found = [
+        i for i in instances
+        if i.service == service
+        and (tag is None or tag in i.tags)
+        and (include_draining or i.state is State.UP)
+    ]
+    return sorted(found, key=lambda i: i.id)
+
+
+def _same(a: list[Instance], b: list[Instance]) -> bool:
+    """Equal but for ``registered_at``: a re-written, unchanged record is no news."""
+    return len(a) == len(b) and all(x.same_registration(y) for x, y in zip(a, b, strict=True))
+
+
+class Subscription:
+    """What :meth:`Client.watch` returns. ``stop()`` ends the watch: no callback starts after
+    it returns (one already running on the dispatcher thread finishes)."""
+
+    def __init__(self, client: Client, service: str, callback: InstancesCallback,
+                 tag: str | None, include_draining: bool) -> None:
+        self.service, self.tag, self.include_draining = service, tag, include_draining
+        self.callback = callback
+        self._client = client
+        self._stopped = threading.Event()
+        self._last: list[Instance] = []  # the last list queued for delivery
+
+    @property
+    def active(self) -> bool:
+        return not self._stopped.is_set()
+
+    @property
+    def instances(self) -> list[Instance]:
+        """The newest list this subscription has seen (what the callback gets next or got last)."""
+        return list(self._last)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._client._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        tag = f" tag={self.tag}" if self.tag else ""
+        state = "active" if self.active else "stopped"
+        return f"<Subscription {self.service}{tag} {state} {len(self._last)} instance(s)>"
+
+
+class Client:
+    """Reads services from an ``etcd://`` or ``zk://`` registry (the agent's URL and prefix).
+
+    ``timeout``: seconds any registry read may take before :class:`RegistryUnavailable`.
+    Thread-safe. Use it as a context manager, or call :meth:`close`.
+    Raises :class:`ConfigError` at once for a malformed URL.
+    """
+
+    def __init__(self, registry_url: str | RegistryURL, *, timeout: float = 5.0) -> None:
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds (got {timeout!r})")
+        self.url = (registry_url if isinstance(registry_url, RegistryURL)
+                    else RegistryURL.parse(registry_url))
+        self.timeout = timeout
+        self._registry: Registry = open_registry(self.url, timeout=timeout)
+        self._lock = threading.RLock()
+        self._catalog: Catalog | None = None
+        self._watch: Watch | None = None
+        self._subs: list[Subscription] = []
+        self._queue: queue.SimpleQueue[tuple[Subscription, list[Instance]] | None] = (
+            queue.SimpleQueue())
+        self._dispatcher: threading.Thread | None = None
+        self._closed = False
+        self._rng = random.Random()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def instances(self, service: str, tag: str | None = None, *,
+                  include_draining: bool = False) -> list[Instance]:
+        """Instances of ``service`` (sorted by id), only those tagged ``tag`` if given.
+
+        Draining instances (being stopped, no new work) are left out unless
+        ``include_draining``. Reads the live catalog when watching, else the registry.
+        Raises :class:`RegistryUnavailable` when the registry does not answer in time.
+        """
+        return select(self._all(), service, tag, include_draining)
+
+    def services(self) -> list[str]:
+        """Names of every service with at least one instance (up or draining), sorted."""
+        return sorted({i.service for i in self._all()})
+
+    def pick(self, service: str, tag: str | None = None) -> Instance:
+        """One up instance of ``service`` (having ``tag``), chosen at random in proportion to
+        its weight; weight 0 is never picked. Raises :class:`NoInstances` when there is none.
+
+        Without a watch this reads the registry on every call: for a request path, call
+        :meth:`follow` (or :meth:`watch`) first.
+        """
+        candidates = [i for i in self.instances(service, tag) if i.weight > 0]
+        if not candidates:
+            what = f"{service!r}" + (f" with tag {tag!r}" if tag else "")
+            raise NoInstances(f"no healthy instance of {what} in {self.url}")
+        return self._rng.choices(candidates, weights=[i.weight for i in candidates])[0]
+
+    def _all(self) -> list[Instance]:
+        with self._lock:
+            self._check_open()
+            catalog = self._catalog
+        if catalog is not None:
+            return catalog.instances()
+        return list(self._registry.snapshot().instances.values())
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Start the live catalog (if not yet running): one snapshot now, then changes.
+
+        Raises :class:`RegistryUnavailable` if that first snapshot cannot be read; later
+        outages are ridden out (the last known catalog keeps answering).
+        """
+        with self._lock:
+            self._check_open()
+            if self._catalog is not None:
+                return
+            catalog = Catalog()
+            catalog.load(self._registry.snapshot())
+            self._catalog = catalog
+            self._watch = self._registry.watch(self._on_change, catalog.revision)
+            self._dispatcher = threading.Thread(target=self._dispatch, daemon=True,
+                                                name="discovery-client-callbacks")
+            self._dispatcher.start()
+            log.debug("following %s from revision %d", self.url, catalog.revision)
+
+    def watch(self, service: str, callback: InstancesCallback, tag: str | None = None, *,
+              include_draining: bool = False) -> Subscription:
+        """Call ``callback(instances)`` with the full current list of ``service`` (as
+        :meth:`instances` would return it) right away, then whenever that list changes
+        (a record re-written with nothing but a new ``registered_at`` is no change).
+
+        Calls come in order, one at a time, from one dispatcher thread shared by all watches
+        of this client, so a slow callback delays the others (but never the registry). An
+        exception in a callback is logged and the watch goes on. Survives registry outages;
+        after a resync (``reset``) the callback gets the new list if it differs.
+        Raises :class:`RegistryUnavailable` when the registry cannot be read at the start.
+        """
+        self.follow()
+        sub = Subscription(self, service, callback, tag, include_draining)
+        with self._lock:
+            self._check_open()
+            assert self._catalog is not None
+            sub._last = self._current(sub, self._catalog)
+            self._subs.append(sub)
+            self._queue.put((sub, sub._last))
+        return sub
+
+    def _current(self, sub: Subscription, catalog: Catalog) -> list[Instance]:
+        return select(catalog.instances(sub.service), sub.service, sub.tag, sub.include_draining)
+
+    def _on_change(self, change: Change) -> None:
+        """Registry watch callback (a backend thread): apply, queue what changed for whom."""
+        with self._lock:
+            catalog = self._catalog
+            if catalog is None or self._closed or not catalog.apply(change):
+                return
+            for sub in self._subs:
+                if change.kind != "reset" and change.key[0] != sub.service:
+                    continue
+                now = self._current(sub, catalog)
+                changed = not _same(now, sub._last)
+                sub._last = now
+                if changed:
+                    self._queue.put((sub, now))
+
+    def _dispatch(self) -> None:
+        while (item := self._queue.get()) is not None:
+            sub, instances = item
+            if not sub.active:
+                continue
+            try:
+                sub.callback(list(instances))
+            except Exception:
+                log.exception("watch callback for %s failed", sub.service)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed(f"discovery client for {self.url} is closed")
+
+    def close(self) -> None:
+        """Stop every watch and disconnect. Idempotent; the client is unusable afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            subs, self._subs = list(self._subs), []
+            watch, dispatcher = self._watch, self._dispatcher
+            self._watch = None
+        for sub in subs:
+            sub._stopped.set()
+        # Outside the lock: stopping joins the backend's thread, which may wait for the lock.
+        if watch is not None:
+            watch.stop()
+        self._queue.put(None)
+        if dispatcher is not None and dispatcher is not threading.current_thread():
+            dispatcher.join(self.timeout)
+        self._registry.close(revoke=False)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "closed" if self._closed else "live" if self._catalog is not None else "snapshot"
+        return f"<discovery.Client {self.url} {mode}>"

@@ -1,0 +1,334 @@
+"""discovery.Client against real etcd and ZooKeeper (and the agent, end to end).
+
+A second Registry object plays the agent where a test needs exact control over what is
+written (tags, draining, weights); one test runs the real agent and a labelled container.
+"""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from discovery.client import Client, ClientClosed, NoInstances
+from discovery.errors import ConfigError, DiscoveryError, RegistryUnavailable
+from discovery.model import Instance, State
+from discovery.registry import Registry, RegistryURL, Snapshot, open_registry
+from discovery.registry.base import Change
+from tests.harness.agent import REPO_ROOT
+from tests.harness.dockerd import ContainerFactory
+from tests.harness.servers import ServerCluster, TcpProxy
+from tests.harness.util import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def inst(service: str, n: int, **kw: Any) -> Instance:
+    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                    port=8000 + n, **kw)
+
+
+def ports(instances: list[Instance]) -> list[int]:
+    return [i.port for i in instances]
+
+
+@pytest.fixture
+def writer(registry_url: str) -> Iterator[Registry]:
+    reg = open_registry(registry_url, timeout=5.0)
+    yield reg
+    reg.close(revoke=True)
+
+
+@pytest.fixture
+def client(registry_url: str) -> Iterator[Client]:
+    with Client(registry_url, timeout=5.0) as c:
+        yield c
+
+
+class Recorder:
+    """A watch callback that records every list it is given (as port lists)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, instances: list[Instance]) -> None:
+        with self._lock:
+            self.calls.append(ports(instances))
+            self.threads.add(threading.current_thread().name)
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[list[int]]:
+        wait_for(lambda: len(self.calls) >= count, timeout=timeout,
+                 message=f"{count} callback(s), have {self.calls}")
+        return self.calls[:count]
+
+
+def test_instances_tags_draining_services(client: Client, writer: Registry) -> None:
+    writer.register(inst("web", 1, tags=("blue",), weight=10))
+    writer.register(inst("web", 2, tags=("blue", "green")))
+    writer.register(inst("web", 3, tags=("blue",), state=State.DRAINING))
+    writer.register(inst("db", 4))
+    assert ports(client.instances("web")) == [8001, 8002]
+    assert ports(client.instances("web", tag="green")) == [8002]
+    assert ports(client.instances("web", tag="blue")) == [8001, 8002]
+    assert ports(client.instances("web", tag="blue", include_draining=True)) == [8001, 8002, 8003]
+    assert client.instances("web", tag="red") == [] and client.instances("nope") == []
+    assert client.services() == ["db", "web"]
+    first = client.instances("web")[0]
+    assert (first.address, first.weight, first.tags, first.state) == (
+        "127.0.0.1", 10, ("blue",), State.UP)
+    writer.deregister("web", inst("web", 1).id)  # no watch: every call reads the registry
+    assert ports(client.instances("web")) == [8002]
+
+
+def test_watch_initial_list_then_changes_in_order(client: Client, writer: Registry) -> None:
+    writer.register(inst("web", 1))
+    web, blue, db = Recorder(), Recorder(), Recorder()
+    handle = client.watch("web", web)
+    assert web.wait(1) == [[8001]]  # right away, with what is there
+    client.watch("web", blue, tag="blue")
+    client.watch("db", db)
+    assert blue.wait(1) == [[]] and db.wait(1) == [[]]
+
+    writer.register(inst("web", 2, tags=("blue",)))
+    assert web.wait(2)[-1] == [8001, 8002]
+    writer.register(inst("web", 1).with_state(State.DRAINING))  # draining: left out
+    writer.deregister("web", inst("web", 2).id)
+    writer.register(inst("db", 9))
+    assert db.wait(2) == [[], [8009]]
+    assert web.wait(4) == [[8001], [8001, 8002], [8002], []]
+    assert blue.wait(3) == [[], [8002], []]
+    assert ports(client.instances("web", include_draining=True)) == [8001]  # live catalog
+    assert handle.active and handle.instances == []
+
+    handle.stop()
+    writer.register(inst("web", 5, tags=("blue",)))
+    assert blue.wait(4)[-1] == [8005]  # the blue watch saw it; the stopped one must not
+    time.sleep(0.2)
+    assert len(web.calls) == 4 and not handle.active
+    assert web.threads == blue.threads == {"discovery-client-callbacks"}
+
+
+def test_a_failing_callback_does_not_end_the_watch(client: Client, writer: Registry) -> None:
+    seen: list[list[int]] = []
+
+    def flaky(instances: list[Instance]) -> None:
+        seen.append(ports(instances))
+        if len(seen) == 1:
+            raise RuntimeError("first call fails")
+
+    client.watch("web", flaky)
+    writer.register(inst("web", 1))
+    wait_for(lambda: seen == [[], [8001]], timeout=15, message=f"second callback ({seen})")
+
+
+def test_watch_survives_a_lost_connection(registry_url: str, registry_server: ServerCluster,
+                                          writer: Registry) -> None:
+    url = RegistryURL.parse(registry_url)
+    proxy = TcpProxy(registry_server.address(0))
+    calls = Recorder()
+    try:
+        with Client(proxy.url(url.scheme, url.prefix), timeout=5.0) as client:
+            writer.register(inst("web", 1))
+            client.watch("web", calls)
+            assert calls.wait(1) == [[8001]]
+            with proxy.blocked():  # every connection cut, new ones refused
+                writer.register(inst("web", 2))
+                time.sleep(1.5)
+                assert calls.calls == [[8001]]  # really cut off
+            assert calls.wait(2, timeout=30)[-1] == [8001, 8002]
+            writer.deregister("web", inst("web", 1).id)
+            assert calls.wait(3, timeout=15)[-1] == [8002]
+            assert ports(client.instances("web")) == [8002]
+    finally:
+        proxy.close()
+
+
+def test_pick_is_weighted_and_only_up(client: Client, writer: Registry) -> None:
+    writer.register(inst("web", 1, weight=1))
+    writer.register(inst("web", 2, weight=3, tags=("blue",)))
+    writer.register(inst("web", 3, weight=0))
+    writer.register(inst("web", 4, weight=100, state=State.DRAINING))
+    client.follow()  # picks read the live catalog, not the registry
+    counts = {8001: 0, 8002: 0, 8003: 0, 8004: 0}
+    for _ in range(4000):
+        counts[client.pick("web").port] += 1
+    assert counts[8003] == counts[8004] == 0
+    assert 0.70 < counts[8002] / 4000 < 0.80, counts
+    assert {client.pick("web", tag="blue").port for _ in range(20)} == {8002}
+    with pytest.raises(NoInstances, match="no healthy instance of 'web' with tag 'red'"):
+        client.pick("web", tag="red")
+    with pytest.raises(LookupError):  # NoInstances is both a DiscoveryError and a LookupError
+        client.pick("nope")
+
+
+@pytest.mark.parametrize("scheme", ["etcd", "zk"])
+def test_unreachable_registry_fails_fast_and_clearly(scheme: str) -> None:
+    port = free_port()
+    with Client(f"{scheme}://127.0.0.1:{port}/x", timeout=1.0) as client:
+        for call in (lambda: client.instances("web"), client.services,
+                     lambda: client.watch("web", print), lambda: client.pick("web")):
+            started = time.monotonic()
+            with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{port}") as err:
+                call()
+            assert time.monotonic() - started < 4.0
+            assert isinstance(err.value, DiscoveryError)
+
+
+def test_from_discovery_import_client_is_lazy() -> None:
+    code = ("import sys, discovery; assert 'discovery.client' not in sys.modules; "
+            "from discovery import Client; import discovery.client as m; "
+            "assert Client is m.Client and discovery.Client is Client; "
+            "assert not hasattr(discovery, 'Nope'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False, cwd=REPO_ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_bad_url_and_closed_client(registry_url: str) -> None:
+    for bad in ("http://127.0.0.1:2379", "etcd://", ""):
+        with pytest.raises(ConfigError):
+            Client(bad)
+    with pytest.raises(ConfigError, match="timeout"):
+        Client(registry_url, timeout=0)
+    client = Client(registry_url)
+    client.watch("web", lambda _: None)
+    client.close()
+    client.close()  # idempotent
+    with pytest.raises(ClientClosed, match="closed"):
+        client.instances("web")
+    assert "closed" in repr(client)
+
+
+# ---- a reset (the backend could not resume its watch) replaces the catalog --------------
+
+
+class FakeRegistry:
+    """Just enough of a Registry to hand the client a ``reset`` on demand."""
+
+    def __init__(self, url: RegistryURL, snapshot: Snapshot) -> None:
+        self.url, self.snap = url, snapshot
+        self.callback: Callable[[Change], None] | None = None
+        self.closed = False
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    def watch(self, callback: Callable[[Change], None], start_revision: int = 0) -> Any:
+        self.callback = callback
+        return self
+
+    def stop(self) -> None:
+        self.callback = None
+
+    def close(self, revoke: bool = True) -> None:
+        self.closed = True
+
+
+def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = RegistryURL.parse("etcd://127.0.0.1:1/x")
+    start = Snapshot({i.key: i for i in (inst("web", 1), inst("web", 2))}, revision=10)
+    fake = FakeRegistry(url, start)
+    monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
+    calls = Recorder()
+    with Client(url) as client:
+        client.watch("web", calls)
+        assert calls.wait(1) == [[8001, 8002]]
+        assert fake.callback is not None
+        new = Snapshot({i.key: i for i in (inst("web", 2), inst("web", 3))}, revision=99)
+        fake.callback(Change("reset", snapshot=new, revision=99))
+        assert calls.wait(2)[-1] == [8002, 8003]
+        assert ports(client.instances("web")) == [8002, 8003]
+        fake.callback(Change("reset", snapshot=new, revision=100))  # same list: no call
+        again = replace(inst("web", 3), registered_at=1.0)  # re-written, nothing else new
+        fake.callback(Change("put", key=again.key, instance=again, revision=101))
+        fake.callback(Change("put", key=inst("db", 4).key, instance=inst("db", 4)))
+        time.sleep(0.2)
+        assert len(calls.calls) == 2 and client.services() == ["db", "web"]
+    assert fake.closed and fake.callback is None
+
+
+# ---- end to end: the agent registers a container, the client sees it come and go ---------
+
+
+def test_client_follows_the_agent(registry_url: str, start_agent: Callable[..., Any],
+                                  containers: ContainerFactory) -> None:
+    service = f"e2e{uuid.uuid4().hex[:6]}"
+    start_agent(registry_url)
+    calls = Recorder()
+    with Client(registry_url) as client:
+        client.watch(service, calls)
+        assert calls.wait(1) == [[]]
+        port = free_port()
+        app = containers(name=f"{service}-1", port=port, labels={
+            "discovery.service": service, "discovery.port": str(port),
+            "discovery.check": "http", "discovery.check.path": "/health",
+            "discovery.check.interval": "200ms"})
+        assert calls.wait(2, timeout=30)[-1] == [port]
+        picked = client.pick(service)
+        assert (picked.address, picked.port, picked.container_id) == ("127.0.0.1", port, app.id)
+        app.stop(timeout=5)
+        wait_for(lambda: calls.calls[-1] == [], timeout=30, message=f"[] last in {calls.calls}")
+        assert all(c == [port] for c in calls.calls[1:-1]), calls.calls
+
+
+# ---- examples/client_side.py ------------------------------------------------------------
+
+
+def named_server(name: str) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f"{name}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "examples/client_side.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_client_side_example_round_robin(registry_url: str, writer: Registry) -> None:
+    servers = [named_server("alpha"), named_server("beta")]
+    try:
+        for n, srv in enumerate(servers, 1):
+            writer.register(Instance(service="web", id=f"h1:{n:012x}:80", node="h1",
+                                     address="127.0.0.1", port=int(srv.server_address[1])))
+        out = run_example("--registry", registry_url, "--service", "web", "--count", "4",
+                          "--interval", "0.01")
+        assert out.returncode == 0, out.stderr
+        answers = [line.rsplit(" ", 1)[1] for line in out.stdout.splitlines()
+                   if " -> 200 " in line]
+        assert len(answers) == 4 and set(answers) == {"alpha", "beta"}, out.stdout
+        assert answers[0] != answers[1] and answers[:2] == answers[2:], out.stdout
+        assert out.stdout.startswith("# instances now: 127.0.0.1:"), out.stdout
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_client_side_example_unreachable() -> None:
+    out = run_example("--registry", f"etcd://127.0.0.1:{free_port()}/x", "--service", "web",
+                      "--timeout", "1")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith("error: etcd at 127.0.0.1:"), out.stderr
