@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
 
 from discovery import __version__, output
 from discovery.errors import DiscoveryError
@@ -137,16 +136,19 @@ def services(service: str | None, registry: str, fmt: str, timeout: float) -> No
     if fmt == "json":
         click.echo(output.as_json(instances))
     else:
-        output.as_table(instances, Console(soft_wrap=True))
+        output.as_table(instances, output.console())
 
 
 def _register_commands() -> None:
+    from discovery.cli_inspect import check_config, show
     from discovery.cli_up import up
     from discovery.cli_watch import dns, watch
 
     main.add_command(watch)
     main.add_command(dns)
     main.add_command(up)
+    main.add_command(show)
+    main.add_command(check_config)
 
 
 _register_commands()

@@ -31,6 +31,12 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def console() -> Console:
+    """A console for tables: terminal width on a terminal, no folding when piped."""
+    probe = Console()
+    return Console(soft_wrap=True, width=None if probe.is_terminal else 1000)
+
+
 def sort_instances(instances: Iterable[Instance]) -> list[Instance]:
     return sorted(instances, key=lambda i: (i.service, i.node, i.address, i.port, i.id))
 

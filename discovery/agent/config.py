@@ -64,7 +64,7 @@ def read_file(path: str) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    table = data.get("agent", data)
+    table = data.get("agent", {})  # a shared file also holds [watcher] and [services.*]
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [agent] must be a table")
     unknown = set(table) - FILE_KEYS - {"check"}

@@ -77,3 +77,34 @@ def test_make_demo_converges(docker_client, example_image):
     table = out.stdout.split("/demo`:")[1].split("billing is not listed")[0]
     assert "web" in table and "billing" not in table
     assert "; 0 failed; HAProxy reloads: 0" in out.stdout  # traffic moved on without errors
+
+
+def test_show_lists_every_field_and_exits_1_when_empty(registry_url):
+    reg = open_registry(registry_url)
+    try:
+        reg.register(inst("web", 1, tags=("blue",), meta={"version": "1.2"}))
+        out = cli("show", "web", "--registry", registry_url)
+        assert out.returncode == 0, out.stderr
+        assert "h1:000000000001:80" in out.stdout and "version=1.2" in out.stdout
+        data = json.loads(cli("show", "web", "--registry", registry_url, "-o", "json").stdout)
+        assert data[0]["meta"] == {"version": "1.2"}
+        assert cli("show", "nothing", "--registry", registry_url).returncode == 1
+    finally:
+        reg.close(revoke=True)
+
+
+def test_check_config(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[agent]\nttl = 5\n\n[services.web]\nport = 18000\n")
+    out = cli("check-config", "--config", str(good), "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["services"] == ["web"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[services.web]\nport = 18000\nserver_options = "maxconn 1\\n bind :1"\n')
+    out = cli("check-config", "--config", str(bad))
+    assert out.returncode == 2
+    assert "services.web.server_options" in out.stderr and len(out.stderr.splitlines()) == 1
+    broken = tmp_path / "broken.j2"
+    broken.write_text("global\n{% if %}\n")
+    out = cli("check-config", "--service", "web:18000", "--template", str(broken))
+    assert out.returncode == 2 and "broken.j2" in out.stderr

@@ -1,0 +1,105 @@
+"""``discovery show`` and ``discovery check-config``: look before you leap."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from discovery import output
+from discovery.errors import DiscoveryError
+from discovery.output import fail
+from discovery.registry import open_registry
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.argument("service")
+@click.option("--registry", envvar="DISCOVERY_REGISTRY", required=True, metavar="URL",
+              help="[env DISCOVERY_REGISTRY]")
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def show(service: str, registry: str, fmt: str, timeout: float) -> None:
+    """Every instance of SERVICE with all it carries: state, since when, node, container, meta.
+
+    Exit 0 when the service has instances, 1 when it has none, 2 on a bad registry."""
+    try:
+        reg = open_registry(registry, timeout=timeout)
+        try:
+            found = [i for i in reg.snapshot().instances.values() if i.service == service]
+        finally:
+            reg.close(revoke=False)
+    except DiscoveryError as exc:
+        fail(str(exc))
+    found = output.sort_instances(found)
+    if fmt == "json":
+        click.echo(output.as_json(found))
+    else:
+        now = time.time()
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("ID", "ADDRESS", "STATE", "SINCE", "NODE", "WEIGHT", "TAGS", "CONTAINER",
+                       "IMAGE", "META"):
+            table.add_column(column, overflow="fold")
+        for i in found:
+            table.add_row(i.id, f"{i.address}:{i.port}", i.state.value,
+                          output.age(now - i.registered_at), i.node, str(i.weight),
+                          ",".join(i.tags), i.container_name, i.image,
+                          " ".join(f"{k}={v}" for k, v in i.meta.items()))
+        output.console().print(table if found else f"no instances of {service}")
+    raise SystemExit(0 if found else 1)
+
+
+@click.command(name="check-config")
+@click.option("--config", "config_file", metavar="FILE", help="Agent/watcher TOML to validate")
+@click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT")
+@click.option("--template", default=None, metavar="FILE", help="Template to render")
+@click.option("--haproxy-bin", default="haproxy", show_default=True)
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def check_config(config_file: str | None, services: tuple[str, ...], template: str | None,
+                 haproxy_bin: str, fmt: str) -> None:
+    """Validate the configuration, render the template and check it with `haproxy -c`.
+
+    Exit 0 when everything is valid, 2 with one line naming the culprit otherwise."""
+    from discovery.agent.config import read_file
+    from discovery.watcher.config import (
+        WatcherConfig,
+        load_watcher_config,
+        merge,
+        parse_service_arg,
+    )
+    from discovery.watcher.render import Renderer, RuntimePaths, build_context
+    from discovery.watcher.slots import SlotTable, slot_count
+    from discovery.watcher.supervisor import validate_config
+
+    try:
+        if config_file:
+            read_file(config_file)  # the [agent] table, if any
+        cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
+        cfg = merge(cfg, [parse_service_arg(s) for s in services])
+        if template:
+            cfg = replace(cfg, template=template)
+        with tempfile.TemporaryDirectory(prefix="discovery-check-") as tmp:
+            paths = RuntimePaths(admin_socket=f"{tmp}/admin.sock")
+            slots = {name: SlotTable(slot_count(0, svc.slots or 8)).slots()
+                     for name, svc in cfg.services.items()}
+            text = Renderer(cfg.template).render(build_context(cfg, slots, paths))
+            rendered = Path(tmp) / "haproxy.cfg"
+            rendered.write_text(text)
+            validate_config(haproxy_bin, rendered)
+    except DiscoveryError as exc:
+        fail(str(exc))
+    result = {"ok": True, "services": sorted(cfg.services), "template": cfg.template or "default"}
+    if fmt == "json":
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"ok: {len(cfg.services)} services, template {result['template']}, "
+                   "haproxy -c passed")
