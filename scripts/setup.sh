@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils)
+PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils debootstrap docker-compose)
+if [ "${DISCOVERY_BENCH:-}" = 1 ]; then
+  PKGS+=(wrk hey)  # load generators, for `make bench` only (bench/routing.py)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
