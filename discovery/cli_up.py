@@ -35,17 +35,19 @@ log = logging.getLogger(__name__)
 @click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True)
 @click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
               help="Route service NAME through HAProxy on BIND:PORT; repeatable")
-@click.option("--config", "config_file", default=None, metavar="FILE",
-              help="TOML with [agent], [watcher] and [services.NAME] tables")
+@click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
+              help="TOML with [agent], [watcher] and [services.NAME] tables "
+                   "[env DISCOVERY_CONFIG]")
 @click.option("--state-dir", envvar="DISCOVERY_STATE_DIR", default=None,
               help="HAProxy files (default: /var/lib/discovery/watch; a temporary one with --dev)")
 @click.option("--haproxy-bin", default="haproxy", show_default=True)
-@click.option("--dns", "dns", default="127.0.0.1:8600", show_default=True,
-              help="DNS listen address; 'off' to disable")
+@click.option("--dns", "dns", envvar="DISCOVERY_DNS", default="127.0.0.1:8600", show_default=True,
+              help="DNS listen address; 'off' to disable [env DISCOVERY_DNS]")
 @click.option("--dns-domain", default="discovery.", show_default=True)
 @click.option("--dns-ttl", type=int, default=0, show_default=True)
-@click.option("--http", "http", default="127.0.0.1:8500", show_default=True,
-              help="HTTP API listen address; 'off' to disable")
+@click.option("--http", "http", envvar="DISCOVERY_HTTP", default="127.0.0.1:8500",
+              show_default=True, help="HTTP API listen address; 'off' to disable "
+              "[env DISCOVERY_HTTP]")
 def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
        services: tuple[str, ...], config_file: str | None, state_dir: str | None,
        haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, http: str) -> None:
