@@ -21,8 +21,10 @@ test: setup lint
 demo: setup
 	$(PY) scripts/demo.py
 
+bench: export DISCOVERY_BENCH := 1
 bench: setup
 	$(PY) bench/registration.py
+	$(PY) bench/routing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,478 @@
+#!/usr/bin/env python3
+"""Scale benchmark of ``discovery watch``: 1,000 services x 10 instances.
+
+Simulated agents (``--instances`` nodes ``sim0..``, each with its own etcd lease, like one
+agent per host) write every instance straight into a private single-node etcd, in
+transactions of 100 puts, under a fresh prefix. Instance *j* of every service points at
+one of ``--instances`` busybox ``httpd`` processes on 127.0.0.1 (each answers its own
+name). Then ``discovery watch --config scale.toml`` routes all services, one HAProxy
+listener each on free ports below the ephemeral range, and the bench measures:
+
+* **first valid config**: from the watcher's exec to HAProxy answering 200 on three
+  listeners (the first, middle and last service); the watcher's log splits it.
+* **apply one change**: on a probe service whose 10 instances are ``draining`` (so every
+  request that reaches a ready server reaches the new one), the bench puts one more
+  instance (pointing at a ``probe`` httpd) and polls that service's listener until the
+  answer is ``probe``: write → served. Then deletes it: delete → 503. ``--changes`` times
+  each, after one warm-up (reported separately: the first change after start).
+* **RSS** of the watcher (VmRSS at the end and VmHWM, the peak) and of its HAProxy.
+
+The same is done for ``--small-services`` x 10, to show whether the apply time depends on
+the size, and each size with the default quiescence window (``wait = 50ms:500ms``) and with
+``wait = 0ms:500ms`` (the change alone, without the deliberate 50 ms coalescing pause).
+``--py-spy`` samples the watcher (startup and changes, separately) and prints where the time
+goes. Output as ``bench/routing.py``: JSON lines, then a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import routing  # noqa: E402
+from routing import (  # noqa: E402
+    HOST,
+    Report,
+    Routed,
+    Unmeasured,
+    http_get,
+    rss_kib,
+    say,
+    wait_until,
+)
+
+from discovery.model import Instance, State  # noqa: E402
+from tests.harness.servers import EtcdCluster  # noqa: E402
+from tests.harness.util import free_port  # noqa: E402
+
+TARGET_FIRST_CONFIG_MS = 2000.0
+TARGET_APPLY_P99_MS = 50.0
+TARGET_RSS_BYTES = 150e6
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+PORT_RANGE = (20000, 32000)  # below net.ipv4.ip_local_port_range (32768-60999 here)
+TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("scale")
+    g.add_argument("--services", type=int, default=1000, help="scale: services (default 1000)")
+    g.add_argument("--instances", type=int, default=10, help="scale: instances per service")
+    g.add_argument("--small-services", type=int, default=10,
+                   help="scale: the small size to compare with (0: skip)")
+    g.add_argument("--changes", type=int, default=20, help="scale: measured changes per run")
+    g.add_argument("--waits", default="default,0ms:500ms",
+                   help="scale: quiescence windows to run ('default' = 50ms:500ms)")
+    g.add_argument("--py-spy", metavar="BIN", default=None,
+                   help="scale: sample the watcher with this py-spy (profiling run)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Httpds:
+    """busybox httpd processes on 127.0.0.1, each answering ``GET /`` with its name."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.ports: dict[str, int] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str) -> int:
+        root = self.work / "www" / name
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "index.html").write_text(name + "\n")
+        port = free_port()
+        proc = subprocess.Popen([BUSYBOX, "httpd", "-f", "-p", f"{HOST}:{port}", "-h", str(root)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        wait_until(lambda: routing.port_open(port), 10, f"httpd {name} on :{port}")
+        self.ports[name] = port
+        return port
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def free_ports(count: int, lo: int, hi: int) -> list[int]:
+    """``count`` ports in [lo, hi) that can be bound on 127.0.0.1 right now."""
+    out: list[int] = []
+    for port in range(lo, hi):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        out.append(port)
+        if len(out) == count:
+            return out
+    raise Unmeasured(f"only {len(out)} free ports in {lo}..{hi}, need {count}")
+
+
+class SimAgents:
+    """Writes instances into etcd like ``n`` agents would: one lease each, batched puts."""
+
+    def __init__(self, port: int, prefix: str, nodes: int) -> None:
+        import pyetcd
+
+        self.client = pyetcd.client(HOST, port, timeout=30)
+        self.prefix = prefix
+        self.leases = [self.client.lease(600) for _ in range(nodes)]
+
+    def key(self, inst: Instance) -> str:
+        return f"{self.prefix}/services/{inst.service}/{inst.id}"
+
+    def put_many(self, node: int, instances: Sequence[Instance]) -> None:
+        lease = self.leases[node]
+        for i in range(0, len(instances), TXN_OPS):
+            ops = [self.client.transactions.put(self.key(x), x.to_json(), lease=lease)
+                   for x in instances[i:i + TXN_OPS]]
+            self.client.transaction(compare=[], success=ops, failure=[])
+
+    def put(self, node: int, inst: Instance) -> None:
+        self.client.put(self.key(inst), inst.to_json(), lease=self.leases[node])
+
+    def delete(self, inst: Instance) -> None:
+        self.client.delete(self.key(inst))
+
+    def close(self) -> None:
+        for lease in self.leases:
+            with contextlib.suppress(Exception):
+                lease.revoke()
+        self.client.close()
+
+
+def sim_instance(service: str, node: int, port: int, *, serial: int,
+                 state: State = State.UP) -> Instance:
+    cid = f"{serial:012x}"
+    return Instance(service=service, id=f"sim{node}:{cid}:{port}", node=f"sim{node}",
+                    address=HOST, port=port, container_id=cid * 5 + "0000",
+                    container_name=f"{service}-{node}", image="sim:1", state=state,
+                    registered_at=time.time())
+
+
+def log_times(text: str) -> dict[str, float]:
+    """Wall-clock times (epoch s) of the watcher's milestones, from its log (1 ms resolution)."""
+    marks = {"catalog loaded": "catalog_loaded", "HAProxy started with": "haproxy_started",
+             "started HAProxy master pid": "haproxy_spawned", "watcher starting": "cli_ready"}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for needle, key in marks.items():
+            if needle in line and key not in out:
+                with contextlib.suppress(ValueError):
+                    out[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return out
+
+
+def haproxy_check_ms(config: Path) -> tuple[float | None, int]:
+    """How long ``haproxy -c`` takes on the watcher's current config, and its line count."""
+    try:
+        lines = config.read_text().count("\n")
+    except OSError:
+        return None, 0
+    t = time.monotonic()
+    proc = subprocess.run([routing.HAPROXY_BIN, "-c", "-q", "-f", str(config)],
+                          capture_output=True, timeout=60, check=False)
+    took = round((time.monotonic() - t) * 1000, 1)
+    return (took if proc.returncode == 0 else None), lines
+
+
+class Profiler:
+    """``py-spy record --pid`` (raw folded stacks), stopped with SIGINT (it then writes)."""
+
+    def __init__(self, binary: str, pid: int, out: Path, *, idle: bool) -> None:
+        self.out, self.idle = out, idle
+        self.proc = subprocess.Popen(
+            [binary, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+             "--nonblocking", "--output", str(out), *(["--idle"] if idle else [])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def top(self, n: int = 15) -> dict[str, Any]:
+        """Samples, and the top functions by inclusive samples (the project's own frames
+        only) and by self samples (any frame), in percent of all samples. With ``idle``
+        (wall-clock profile) only the main thread's stacks count: waiting for a subprocess
+        or a socket then shows where the main thread's time went."""
+        incl: Counter[str] = Counter()
+        leaf: Counter[str] = Counter()
+        total = 0
+        with contextlib.suppress(OSError):
+            for line in self.out.read_text(errors="replace").splitlines():
+                stack, _, count = line.rpartition(" ")
+                if not count.isdigit():
+                    continue
+                c = int(count)
+                frames = [f for f in stack.split(";") if f and not f.startswith("process ")
+                          and not f.startswith("thread ")]
+                if not frames or (self.idle and "discovery/__main__.py" not in stack):
+                    continue
+                total += c
+                for f in set(frames):
+                    if "discovery/" in f:  # the project's own frames (not runpy, click, ...)
+                        incl[f] += c
+                leaf[frames[-1]] += c
+        pct = (lambda c: round(100.0 * c / total, 1)) if total else (lambda c: 0.0)
+        return {"samples": total, "wall_clock": self.idle,
+                "inclusive": [[f, pct(c)] for f, c in incl.most_common(n)],
+                "self": [[f, pct(c)] for f, c in leaf.most_common(n)]}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Setup:
+    etcd: EtcdCluster
+    httpds: Httpds
+    work: Path
+    report: Report
+    args: argparse.Namespace
+    run_no: int = 0
+
+
+def measure(setup: Setup, services: int, wait: str) -> None:
+    args, report = setup.args, setup.report
+    setup.run_no += 1
+    label = f"{services}x{args.instances}"
+    prefix = f"/bench-scale-{setup.run_no}-{services}"
+    names = [f"svc{n:04d}" for n in range(services)]
+    probe_service = names[len(names) // 2 + (1 if len(names) > 2 else 0)]
+    check_services = [names[0], names[len(names) // 2], names[-1]]
+    if probe_service in check_services:
+        check_services = [n for n in check_services if n != probe_service] or [names[0]]
+    ports = free_ports(services, *PORT_RANGE)
+    backend_ports = [setup.httpds.ports[f"b{j}"] for j in range(args.instances)]
+    probe_port = setup.httpds.ports["probe"]
+
+    agents = SimAgents(setup.etcd.client_ports[0], prefix, args.instances)
+    load = routing.HostLoad().start()
+    profilers: list[Profiler] = []
+    watcher: Routed | None = None
+    try:
+        t = time.monotonic()
+        serial = 0
+        for node in range(args.instances):
+            batch = []
+            for name in names:
+                serial += 1
+                state = State.DRAINING if name == probe_service else State.UP
+                batch.append(sim_instance(name, node, backend_ports[node], serial=serial,
+                                          state=state))
+            agents.put_many(node, batch)
+        say(f"scale {label}: {services * args.instances} instances written by "
+            f"{args.instances} simulated agents in {time.monotonic() - t:.1f}s")
+
+        toml = setup.work / f"scale-{setup.run_no}.toml"
+        lines = ["[watcher]"]
+        if wait != "default":
+            lines.append(f'wait = "{wait}"')
+        for name, port in zip(names, ports, strict=True):
+            lines += [f"[services.{name}]", f"port = {port}"]
+        toml.write_text("\n".join(lines) + "\n")
+        url = f"etcd://{HOST}:{setup.etcd.client_ports[0]}{prefix}"
+        watcher = Routed.watcher(url, {}, setup.work, config=toml)
+        wall0 = time.time()
+        watcher.start()
+        if args.py_spy:
+            profilers.append(Profiler(args.py_spy, watcher.pid, idle=True,
+                                      out=setup.work / f"pyspy-{label}-{setup.run_no}-start.txt"))
+        check_ports = [ports[names.index(n)] for n in check_services]
+        pending = set(check_ports)
+        deadline = time.monotonic() + 120
+        while pending:
+            if not watcher.alive:
+                raise Unmeasured(f"watcher exited:\n{watcher.log_tail()}")
+            if time.monotonic() > deadline:
+                raise Unmeasured(f"scale {label}: no valid config within 120 s")
+            for p in list(pending):
+                with contextlib.suppress(OSError):
+                    if http_get(p, timeout=1.0)[0] == 200:
+                        pending.discard(p)
+            time.sleep(0.005)
+        first_valid_ms = (time.monotonic() - watcher.started_at) * 1000
+
+        probe_listen = ports[names.index(probe_service)]
+
+        def served(body: str, status: int = 200) -> bool:
+            try:
+                got = http_get(probe_listen, timeout=1.0)
+            except OSError:
+                return False
+            return got[0] == status and (status != 200 or got[1] == body)
+
+        def one_change(k: int) -> tuple[float, float]:
+            inst = sim_instance(probe_service, 0, probe_port, serial=10**9 + k)
+            t0 = time.monotonic()
+            agents.put(0, inst)
+            wait_until(lambda: served("probe"), 60, f"change {k} served", interval=0.0005)
+            add_ms = (time.monotonic() - t0) * 1000
+            time.sleep(0.1)
+            t1 = time.monotonic()
+            agents.delete(inst)
+            wait_until(lambda: served("", 503), 60, f"removal {k} applied", interval=0.0005)
+            remove_ms = (time.monotonic() - t1) * 1000
+            time.sleep(0.1)
+            return add_ms, remove_ms
+
+        wait_until(lambda: served("", 503), 30, "the probe service answers 503 (all draining)")
+        first_change_ms, _ = one_change(0)
+        ready_ms = (time.monotonic() - watcher.started_at) * 1000
+        if profilers:
+            profilers[-1].stop()
+            profilers.append(Profiler(args.py_spy or "py-spy", watcher.pid, idle=False,
+                                      out=setup.work / f"pyspy-{label}-{setup.run_no}-changes.txt"))
+        adds: list[float] = []
+        removes: list[float] = []
+        for k in range(1, args.changes + 1):
+            a, r = one_change(k)
+            adds.append(a)
+            removes.append(r)
+        for prof in profilers:
+            prof.stop()
+        check_ms, cfg_lines = haproxy_check_ms(watcher.state_dir / "haproxy.cfg")
+        mem = rss_kib(watcher.pid)
+        hap_kib = 0
+        master = watcher.haproxy_master_pid()
+        if master is not None:
+            hap_kib = rss_kib(master).get("VmRSS", 0) + sum(
+                rss_kib(c).get("VmRSS", 0) for c in routing.children_of(master))
+        marks = log_times(watcher.log_text())
+        split = {k: round((v - wall0) * 1000) for k, v in sorted(marks.items(), key=lambda x: x[1])}
+        reloads = watcher.reload_count()
+        profiled = bool(args.py_spy)
+        common: dict[str, Any] = {"size": label, "services": services,
+                                  "instances": services * args.instances,
+                                  "wait": "50ms:500ms (default)" if wait == "default" else wait,
+                                  "profiled": profiled, **load.read()}
+        target_first = TARGET_FIRST_CONFIG_MS
+        report.emit({"name": "scale_first_valid_config", "backend": "etcd", "n": 1,
+                     "p50_ms": round(first_valid_ms), "p99_ms": round(first_valid_ms),
+                     "value": round(first_valid_ms), "unit": "ms",
+                     "target": f"<= {target_first:g} ms",
+                     "pass": (first_valid_ms <= target_first) if services >= 1000 else None,
+                     "split_ms_after_exec": split, "ready_for_changes_ms": round(ready_ms),
+                     "haproxy_c_ms": check_ms, "config_lines": cfg_lines,
+                     "first_change_after_start_ms": round(first_change_ms), **common})
+        for name, values in (("scale_apply_add", adds), ("scale_apply_remove", removes)):
+            report.latency(name, "etcd", values, expected=args.changes,
+                           target_ms=TARGET_APPLY_P99_MS, haproxy_reloads=reloads, **common)
+        rss_b = mem.get("VmRSS", 0) * 1024
+        hwm_b = mem.get("VmHWM", 0) * 1024
+        report.emit({"name": "scale_watcher_rss", "backend": "etcd", "n": 1,
+                     "p50_ms": None, "p99_ms": None,
+                     "value": round(rss_b / 1e6, 1), "unit": "MB",
+                     "rss_mib": round(rss_b / 2**20, 1), "hwm_mb": round(hwm_b / 1e6, 1),
+                     "rss_anon_mib": round(mem.get("RssAnon", 0) / 1024, 1),
+                     "haproxy_rss_mib": round(hap_kib / 1024, 1),
+                     "target": f"peak (VmHWM) <= {TARGET_RSS_BYTES / 1e6:g} MB",
+                     "pass": (hwm_b <= TARGET_RSS_BYTES) if services >= 1000 else None,
+                     **common})
+        for prof in profilers:
+            top = prof.top()
+            phase = "startup" if prof.out.name.endswith("-start.txt") else "changes"
+            report.emit({"name": "scale_profile", "backend": "etcd", "n": top["samples"],
+                         "p50_ms": None, "p99_ms": None, "target": None, "pass": None,
+                         "phase": phase, "file": str(prof.out), **top, **common})
+            say(f"py-spy {phase} ({prof.out.name}): {top['samples']} samples")
+            for kind in ("inclusive", "self"):
+                for f, pct in top[kind]:
+                    say(f"   {kind:<9} {pct:5.1f}%  {f}")
+    finally:
+        for prof in profilers:
+            prof.stop()
+        if watcher is not None:
+            watcher.close()
+        agents.close()
+
+
+def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
+    if not 1 <= args.services <= 2000 or not 1 <= args.instances <= 50:
+        raise Unmeasured("--services must be in 1..2000 and --instances in 1..50")
+    if not 1 <= args.changes <= 200:
+        raise Unmeasured("--changes must be in 1..200")
+    sizes = [args.services] + ([args.small_services] if args.small_services else [])
+    waits = [w.strip() for w in args.waits.split(",") if w.strip()]
+    etcd = EtcdCluster(1, work / "scale-etcd")
+    httpds = Httpds(work)
+    try:
+        etcd.start()
+        for j in range(args.instances):
+            httpds.start(f"b{j}")
+        httpds.start("probe")
+        setup = Setup(etcd, httpds, work, report, args)
+        for size in sizes:
+            for wait in waits:
+                say(f"scale: {size} services x {args.instances}, wait {wait}")
+                measure(setup, size, wait)
+    finally:
+        httpds.close()
+        etcd.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--keep-logs", action="store_true")
+    args = ap.parse_args(argv)
+    routing.install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix="discovery-scale-"))
+    report = Report(args.json_out)
+    code = 0
+    try:
+        run_scale(args, work, report)
+    except routing.Interrupted:
+        say("interrupted: cleaning up")
+        return 130
+    except Unmeasured as exc:
+        say(f"scale: NOT MEASURED: {exc}")
+        report.unmeasured.append(str(exc).splitlines()[0][:200])
+        code = 2
+    finally:
+        print(routing.summary(report), flush=True)
+        if args.keep_logs or args.py_spy or code == 2:
+            say(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if code == 0 and report.failed():
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
