@@ -23,6 +23,7 @@ class Catalog:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._instances: dict[Key, Instance] = {}
+        self._by_service: dict[str, dict[str, Instance]] = {}  # service → id → instance
         self.revision = 0
         self.index = 0
         self.loaded = False
@@ -32,6 +33,9 @@ class Catalog:
         with self._cond:
             changed = self._instances != snapshot.instances
             self._instances = dict(snapshot.instances)
+            self._by_service = {}
+            for (service, iid), inst in self._instances.items():
+                self._by_service.setdefault(service, {})[iid] = inst
             self.revision = max(self.revision, snapshot.revision)
             self.loaded = True
             return self._bump(changed)
@@ -42,11 +46,18 @@ class Catalog:
             return self.load(change.snapshot or Snapshot())
         with self._cond:
             self.revision = max(self.revision, change.revision)
+            service, iid = change.key
             if change.kind == "put" and change.instance is not None:
                 changed = self._instances.get(change.key) != change.instance
                 self._instances[change.key] = change.instance
+                self._by_service.setdefault(service, {})[iid] = change.instance
             else:
                 changed = self._instances.pop(change.key, None) is not None
+                members = self._by_service.get(service)
+                if members is not None:
+                    members.pop(iid, None)
+                    if not members:
+                        del self._by_service[service]
             return self._bump(changed)
 
     def _bump(self, changed: bool) -> bool:
@@ -66,13 +77,17 @@ class Catalog:
         """Instances (sorted), optionally of one service, having all ``tags``."""
         wanted = set(tags)
         with self._cond:
+            pool = (self._instances.values() if service is None
+                    else self._by_service.get(service, {}).values())
             found = [
-                i for i in self._instances.values()
-                if (service is None or i.service == service)
-                and wanted.issubset(i.tags)
-                and (include_draining or i.state is State.UP)
+                i for i in pool
+                if wanted.issubset(i.tags) and (include_draining or i.state is State.UP)
             ]
         return sorted(found, key=lambda i: (i.service, i.id))
+
+    def count(self, service: str) -> int:
+        with self._cond:
+            return len(self._by_service.get(service, ()))
 
     def services(self) -> dict[str, list[Instance]]:
         out: dict[str, list[Instance]] = {}

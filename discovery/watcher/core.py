@@ -63,6 +63,7 @@ class Watcher:
         self._ready = threading.Event()
         self._pending: list[Instance] = []  # applied puts waiting for the next sync (latency)
         self._pending_lock = threading.Lock()
+        self._changed: set[str] | None = None  # services changed since the last sync; None: all
         registry.add_state_listener(self._on_state)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -130,6 +131,11 @@ class Watcher:
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1
         if self.catalog.apply(change):
+            with self._pending_lock:
+                if change.kind == "reset":
+                    self._changed = None  # everything may have changed
+                elif self._changed is not None:
+                    self._changed.add(change.key[0])
             if change.kind == "put" and change.instance is not None:
                 with self._pending_lock:
                     self._pending.append(change.instance)
@@ -148,8 +154,7 @@ class Watcher:
         while not self._stop.is_set():
             now = time.monotonic()
             until = min(self._last_change + self.wait_min, self._first_dirty + self.wait_max)
-            if self.router is not None and self.router.needs_reload(
-                    self.router.desired(self.catalog)):
+            if self.router is not None and self.router.structure_changed():
                 last = self.router.stats.last_reload
                 until = max(until, time.monotonic() + (last + self.reload_min_interval
                                                        - time.time()))
@@ -161,8 +166,9 @@ class Watcher:
         """Apply the catalog now: HAProxy and the JSON file."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
+            changed, self._changed = self._changed, set()
         if self.router is not None:
-            self.router.sync(self.catalog)
+            self.router.sync(self.catalog, changed)
             self.metrics.sync_router(self.router.stats)
         for instance in pending:  # registered_at → applied: the propagation histogram
             self.metrics.propagated(instance)

@@ -67,14 +67,21 @@ class Router:
         self._last_attempt: tuple[WatcherConfig, dict[str, int]] | None = None
 
     # ---- what the catalog asks for ---------------------------------------------------------
-    def desired(self, catalog: Catalog) -> dict[str, dict[str, Instance]]:
+    def desired(self, catalog: Catalog, only: set[str] | None = None
+                ) -> dict[str, dict[str, Instance]]:
+        """Routed instances per configured service (only those in ``only``, when given)."""
         out: dict[str, dict[str, Instance]] = {}
         for name, svc in self.config.services.items():
-            out[name] = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
+            if only is None or name in only:
+                out[name] = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
         return out
 
+    def structure_changed(self) -> bool:
+        """The configuration differs from what HAProxy runs (cheap: no catalog scan)."""
+        return self._running_config != self.config or set(self.tables) != set(self.config.services)
+
     def needs_reload(self, desired: dict[str, dict[str, Instance]]) -> bool:
-        if self._running_config != self.config or set(self.tables) != set(desired):
+        if self.structure_changed():
             return True
         return any(len(insts) > self.tables[name].size for name, insts in desired.items())
 
@@ -86,11 +93,17 @@ class Router:
                 self.renderer = renderer
 
     # ---- the one entry point ---------------------------------------------------------------
-    def sync(self, catalog: Catalog) -> Outcome:
+    def sync(self, catalog: Catalog, only: set[str] | None = None) -> Outcome:
+        """Bring HAProxy in line with the catalog. ``only``: the services that changed since the
+        last sync (None: all) — a change then costs the same whatever the catalog's size."""
         with self._lock:
-            desired = self.desired(catalog)
+            if only is not None and self.structure_changed():
+                only = None
+            desired = self.desired(catalog, only)
             outcome: Outcome = "none"
             if self.needs_reload(desired):
+                if only is not None:
+                    desired = self.desired(catalog)
                 sizes = self._sizes(desired)
                 if self._last_attempt == (self.config, sizes):
                     outcome = "failed"  # same inputs failed before: don't hammer; runtime only
@@ -102,8 +115,8 @@ class Router:
                         self._failed(exc, sizes)
                         outcome = "failed"
             if outcome != "reload":
-                changes = {name: list(table.assign(desired.get(name, {})).values())
-                           for name, table in self.tables.items()}
+                changes = {name: list(self.tables[name].assign(insts).values())
+                           for name, insts in desired.items() if name in self.tables}
                 if any(changes.values()):
                     self._apply({k: v for k, v in changes.items() if v})
                     outcome = "runtime" if outcome == "none" else outcome
@@ -146,7 +159,7 @@ class Router:
         self.tables = tables
         control = self.control
         if isinstance(control, HAProxySupervisor) and not control.running:
-            control.start()
+            control.start(validated=True)
             log.info("HAProxy started with %s", self.config_path)
         elif control is not None and changed:
             control.reload()
@@ -155,7 +168,9 @@ class Router:
             log.info("HAProxy reloaded (%d services)", len(tables))
         self._running_config = self.config
         self._last_attempt = None
-        self.reapply()
+        # No re-apply: the file just installed carries every slot as the tables hold it (runtime
+        # state is lost on reload, but nothing is missing from the file). A crash restart, whose
+        # file may be older than the runtime state, re-applies (supervisor on_restart).
 
     def render(self, slots: dict[str, list[Slot]]) -> str:
         return self.renderer.render(build_context(self.config, slots, self.paths))

@@ -41,8 +41,9 @@ class Slot:
 
 
 def slot_count(instances: int, minimum: int = 8) -> int:
-    """Slots to allocate for ``instances``: room to double before the next reload."""
-    want = max(minimum, instances * 2)
+    """Slots to allocate for ``instances``: room to grow by half before the next reload, rounded
+    up to a power of two (10 instances: 16 slots)."""
+    want = max(minimum, instances + instances // 2 + 1)
     size = minimum
     while size < want:
         size *= 2

@@ -186,12 +186,14 @@ class HAProxySupervisor:
     def running(self) -> bool:
         return self.master_pid is not None
 
-    def start(self) -> None:
-        """Validate the config, start HAProxy, wait until both sockets answer."""
+    def start(self, validated: bool = False) -> None:
+        """Validate the config (unless the caller just did), start HAProxy, wait until both
+        sockets answer."""
         with self._lock:
             if self.running:
                 return
-            validate_config(self.binary, self.config)
+            if not validated:
+                validate_config(self.binary, self.config)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._stopping.clear()
             self._spawn()

@@ -1,0 +1,90 @@
+"""Slot tables and the catalog: the pure logic under the watcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from discovery.model import Instance, State
+from discovery.registry.base import Change, Snapshot
+from discovery.watcher.catalog import Catalog
+from discovery.watcher.slots import Slot, SlotTable, slot_count
+
+
+def inst(n: int, service: str = "web", **kw: object) -> Instance:
+    return Instance(service=service, id=f"h:{n:012x}:80", node="h", address="127.0.0.1",
+                    port=8000 + n, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("n", "minimum", "want"), [
+    (0, 8, 8), (1, 8, 8), (5, 8, 8), (6, 8, 16), (10, 8, 16), (11, 8, 32), (100, 8, 256),
+    (3, 1, 8), (0, 16, 16),
+])
+def test_slot_count_leaves_room_to_grow(n: int, minimum: int, want: int) -> None:
+    assert slot_count(n, minimum) == want
+    assert slot_count(n, minimum) >= n + n // 2
+
+
+def test_instances_keep_their_slots_and_freed_slots_go_to_maint() -> None:
+    table = SlotTable(4)
+    changed = table.assign({i.id: i for i in (inst(1), inst(2))})
+    assert set(changed) == {"s1", "s2"} and changed["s1"].state == "ready"
+    changed = table.assign({i.id: i for i in (inst(2), inst(3))})
+    assert changed == {"s1": Slot.of("s1", inst(3))}  # 2 stays in s2; 3 takes the freed s1
+    assert table.assign({i.id: i for i in (inst(2), inst(3))}) == {}  # nothing changed
+    drained = inst(2, state=State.DRAINING)
+    assert table.assign({i.id: i for i in (drained, inst(3))})["s2"].state == "drain"
+
+
+def test_overflow_places_what_fits_and_counts_the_rest() -> None:
+    table = SlotTable(2)
+    table.assign({i.id: i for i in (inst(1), inst(2), inst(3))})
+    assert table.overflow == 1
+    assert sum(1 for s in table.slots() if s.instance_id) == 2
+
+
+def test_resized_keeps_positions() -> None:
+    table = SlotTable(4)
+    table.assign({i.id: i for i in (inst(1), inst(2), inst(3))})
+    table.assign({i.id: i for i in (inst(2), inst(3))})  # s1 freed
+    bigger = table.resized(8, {i.id: i for i in (inst(2), inst(3), inst(4))})
+    names = {s.instance_id: s.name for s in bigger.slots() if s.instance_id}
+    assert names == {inst(2).id: "s2", inst(3).id: "s3", inst(4).id: "s1"}
+
+
+def test_same_registration_ignores_only_registered_at() -> None:
+    a, b = inst(1, registered_at=1.0), inst(1, registered_at=2.0)
+    assert a.same_registration(b)
+    assert not a.same_registration(inst(1, weight=5))
+    assert not a.same_registration(inst(1, meta={"k": "v"}))
+
+
+def test_catalog_load_apply_index_and_filters() -> None:
+    cat = Catalog()
+    one = inst(1)
+    assert cat.load(Snapshot({i.key: i for i in (one, inst(2, tags=("blue",)))}, 5))
+    assert cat.index == 1 and cat.revision == 5 and cat.count("web") == 2
+    assert [i.port for i in cat.instances("web", tags=["blue"])] == [8002]
+    assert not cat.apply(Change("put", one.key, one, revision=6))  # same record: no change
+    assert cat.index == 1
+    assert cat.apply(Change("put", inst(3, "api").key, inst(3, "api"), revision=7))
+    assert cat.apply(Change("put", inst(2).key, inst(2, state=State.DRAINING), revision=8))
+    assert [i.port for i in cat.instances("web", include_draining=False)] == [8001]
+    assert cat.apply(Change("delete", inst(1).key, revision=9))
+    assert not cat.apply(Change("delete", inst(1).key, revision=10))
+    assert set(cat.services()) == {"web", "api"} and cat.count("web") == 1
+    assert cat.apply(Change("reset", snapshot=Snapshot({}, 11)))
+    assert cat.services() == {} and cat.count("api") == 0 and cat.revision == 11
+
+
+def test_catalog_wait_returns_on_change_or_timeout() -> None:
+    cat = Catalog()
+    t0 = time.monotonic()
+    assert cat.wait(0, timeout=0.2) == 0
+    assert time.monotonic() - t0 >= 0.19
+    threading.Timer(0.1, lambda: cat.apply(Change("put", inst(1).key, inst(1)))).start()
+    t0 = time.monotonic()
+    assert cat.wait(0, timeout=5) == 1
+    assert time.monotonic() - t0 < 2
