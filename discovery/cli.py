@@ -4,6 +4,7 @@ unreachable registry/Docker (one clear line on stderr)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -14,20 +15,17 @@ import click
 from click.core import ParameterSource
 
 from discovery import __version__, output
+from discovery.cli_options import registry_options
 from discovery.errors import DiscoveryError
 from discovery.output import fail
-from discovery.registry import open_registry
+from discovery.registry import mask_url, open_registry
 
 log = logging.getLogger(__name__)
+# One clear line of ours on a TLS failure, not gRPC's own stderr chatter (read when grpc loads,
+# which is later: backends are imported when a registry is opened).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 F = TypeVar("F", bound=Callable[..., Any])
 DAEMONS = {"agent", "watch", "dns", "up"}
-
-
-def registry_option(required: bool = True) -> Callable[[F], F]:
-    return click.option(
-        "--registry", envvar="DISCOVERY_REGISTRY", required=required, metavar="URL",
-        help="etcd://h1:2379,h2:2379/prefix or zk://h1:2181/prefix [env DISCOVERY_REGISTRY]",
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": None})
@@ -48,7 +46,7 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 
 @main.command()
-@registry_option(required=False)
+@registry_options(required=False)
 @click.option("--node", envvar="DISCOVERY_NODE", default="", show_default="hostname",
               help="This host's name in the registry [env DISCOVERY_NODE]")
 @click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
@@ -106,7 +104,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
-    log.info("agent starting: node %s, registry %s", config.node, config.registry)
+    log.info("agent starting: node %s, registry %s", config.node, mask_url(config.registry))
     try:
         the_agent.run()
     finally:
@@ -116,7 +114,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
 
 @main.command()
 @click.argument("service", required=False)
-@registry_option()
+@registry_options()
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True,

@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from discovery import output
+from discovery.cli_options import registry_options
 from discovery.errors import DiscoveryError
 from discovery.output import fail
 from discovery.registry import open_registry
@@ -22,8 +23,7 @@ log = logging.getLogger(__name__)
 
 @click.command()
 @click.argument("service")
-@click.option("--registry", envvar="DISCOVERY_REGISTRY", required=True, metavar="URL",
-              help="[env DISCOVERY_REGISTRY]")
+@registry_options()
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True)

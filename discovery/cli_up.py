@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from discovery.cli_options import registry_options
 from discovery.errors import DiscoveryError
 from discovery.output import fail
 
@@ -26,8 +27,7 @@ log = logging.getLogger(__name__)
 @click.command()
 @click.option("--dev", is_flag=True,
               help="Private etcd on loopback when no --registry is given; temporary state dir")
-@click.option("--registry", envvar="DISCOVERY_REGISTRY", default=None, metavar="URL",
-              help="etcd://… or zk://… [env DISCOVERY_REGISTRY]; optional with --dev")
+@registry_options(required=False)
 @click.option("--node", envvar="DISCOVERY_NODE", default="", help="This host's name")
 @click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
               help="Advertised IP for published ports")
@@ -58,7 +58,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     from discovery.http import agent_health
     from discovery.lookups import Lookups, start_lookups
     from discovery.metrics import Metrics
-    from discovery.registry import open_registry
+    from discovery.registry import mask_url, open_registry
     from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
     from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
     from discovery.watcher.config import merge as merge_services
@@ -106,7 +106,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
     for t in threads:
         t.start()
-    log.info("up: registry %s, node %s, %d services routed, DNS %s, HTTP %s", registry,
+    log.info("up: registry %s, node %s, %d services routed, DNS %s, HTTP %s", mask_url(registry),
              agent_cfg.node, len(watch_cfg.services), lookups.dns_port, lookups.http_port)
     try:
         while not done.wait(0.5):

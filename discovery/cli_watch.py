@@ -10,16 +10,17 @@ from types import FrameType
 
 import click
 
+from discovery.cli_options import registry_options
 from discovery.errors import DiscoveryError
 from discovery.output import fail
+from discovery.registry import mask_url
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
 
 
 @click.command()
-@click.option("--registry", envvar="DISCOVERY_REGISTRY", required=True, metavar="URL",
-              help="etcd://h1:2379/prefix or zk://h1:2181/prefix [env DISCOVERY_REGISTRY]")
+@registry_options()
 @click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
               help="Route service NAME on BIND:PORT (bind default 127.0.0.1); repeatable")
 @click.option("--config", "config_file", envvar="DISCOVERY_WATCH_CONFIG", metavar="FILE",
@@ -132,7 +133,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
-    log.info("watcher starting: registry %s, %d services routed", registry, len(cfg.services))
+    log.info("watcher starting: registry %s, %d services routed", mask_url(registry),
+             len(cfg.services))
     try:
         watcher.run()
     finally:
@@ -142,8 +144,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 
 
 @click.command()
-@click.option("--registry", envvar="DISCOVERY_REGISTRY", required=True, metavar="URL",
-              help="etcd://h1:2379/prefix or zk://h1:2181/prefix [env DISCOVERY_REGISTRY]")
+@registry_options()
 @click.option("--listen", "dns", default="127.0.0.1:8600", show_default=True,
               help="DNS listen address (UDP and TCP)")
 @click.option("--domain", "dns_domain", default="discovery.", show_default=True)

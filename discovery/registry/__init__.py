@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from discovery.registry.base import Change, Registry, RegistryURL, Snapshot, Watch
+from collections.abc import Mapping
+
+from discovery.registry.base import Change, Registry, RegistryURL, Snapshot, Watch, mask_url
 
 
-def open_registry(url: str | RegistryURL, *, ttl: float = 10.0, timeout: float = 5.0) -> Registry:
-    """Connect to ``etcd://`` or ``zk://``. ``ttl``: lease TTL / session timeout in seconds."""
+def open_registry(url: str | RegistryURL, *, ttl: float = 10.0, timeout: float = 5.0,
+                  environ: Mapping[str, str] | None = None) -> Registry:
+    """Connect to ``etcd://`` or ``zk://``. ``ttl``: lease TTL / session timeout in seconds.
+
+    What the URL leaves out of user, password and TLS files is taken from
+    ``DISCOVERY_REGISTRY_{USER,PASSWORD,PASSWORD_FILE,CA,CERT,KEY}`` in ``environ`` (default:
+    ``os.environ``, read now); the files are read now too (ConfigError when one cannot be).
+    """
     parsed = url if isinstance(url, RegistryURL) else RegistryURL.parse(url)
+    parsed = parsed.with_env(environ)
     if parsed.scheme == "etcd":
         from discovery.registry.etcd import EtcdRegistry
 
@@ -17,4 +26,4 @@ def open_registry(url: str | RegistryURL, *, ttl: float = 10.0, timeout: float =
     return ZkRegistry(parsed, ttl=ttl, timeout=timeout)
 
 
-__all__ = ["Change", "Registry", "RegistryURL", "Snapshot", "Watch", "open_registry"]
+__all__ = ["Change", "Registry", "RegistryURL", "Snapshot", "Watch", "mask_url", "open_registry"]

@@ -1,17 +1,19 @@
 """The registry interface every backend implements, and the URL that picks one.
 
-Keys: ``<prefix>/services/<service>/<instance-id>`` holding an instance's JSON.
+Keys: ``<prefix>/services/<service>/<instance-id>`` holding an instance's JSON. The URL also
+carries credentials and TLS files (see :class:`RegistryURL` and docs/security.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from discovery.errors import ConfigError, InvalidRecord
 from discovery.model import Instance
@@ -20,42 +22,149 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/discovery"
 DEFAULT_PORTS = {"etcd": 2379, "zk": 2181}
+#: URL scheme -> (backend, TLS). ``etcds://`` / ``zks://`` are TLS with the system CAs
+#: unless ``ca=`` names one; any of ``ca=``/``cert=``/``key=`` implies TLS too.
+SCHEMES: dict[str, tuple[Literal["etcd", "zk"], bool]] = {
+    "etcd": ("etcd", False), "etcds": ("etcd", True), "zk": ("zk", False), "zks": ("zk", True)}
+#: query parameter -> RegistryURL field (``key`` is a method of RegistryURL, hence ``tls_*``)
+QUERY_PARAMS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
+                "password_file": "password_file"}
+#: environment variable -> RegistryURL field, read by :meth:`RegistryURL.with_env`
+ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "password",
+            "DISCOVERY_REGISTRY_PASSWORD_FILE": "password_file",
+            "DISCOVERY_REGISTRY_CA": "tls_ca", "DISCOVERY_REGISTRY_CERT": "tls_cert",
+            "DISCOVERY_REGISTRY_KEY": "tls_key"}
+MASK = "***"
+
+
+def mask_url(text: str) -> str:
+    """``text`` (a registry URL as given, maybe malformed) with any password replaced by ***.
+
+    Masks from the first ``:`` of the userinfo up to the *last* ``@``, so a password holding
+    an unencoded ``/``, ``?`` or ``@`` is hidden too (at worst a little more is masked).
+    """
+    head, sep, rest = text.partition("://")
+    if not sep:
+        head, rest = "", text
+    if "@" not in rest:
+        return text
+    userinfo, _, tail = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{head}{sep}{user}{colon and ':' + MASK}@{tail}"
 
 
 @dataclass(frozen=True)
 class RegistryURL:
+    """Where the registry is, and how to authenticate to it. ``str()`` never shows the password.
+
+    ``etcd://[user[:password]@]h1:2379,h2:2379/prefix[?ca=F&cert=F&key=F&password_file=F]``,
+    ``zk://...`` alike (user/password: digest auth), ``etcds://``/``zks://``: TLS.
+    """
+
     scheme: Literal["etcd", "zk"]
     hosts: tuple[tuple[str, int], ...]
     prefix: str = DEFAULT_PREFIX
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> RegistryURL:
-        """``etcd://h1:2379,h2:2379/prefix`` or ``zk://h1:2181/prefix``."""
+        """``etcd://h1:2379,h2:2379/prefix`` or ``zk://h1:2181/prefix``, plus credentials/TLS."""
         if not url:
             raise ConfigError("registry URL is empty (set --registry or DISCOVERY_REGISTRY)")
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS:
-            raise ConfigError(f"registry URL {url!r}: scheme must be etcd:// or zk://")
+        shown = mask_url(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+            raise ConfigError(f"registry URL {shown!r}: {exc}") from None
+        if parts.scheme.lower() not in SCHEMES:
+            raise ConfigError(f"registry URL {shown!r}: scheme must be etcd://, etcds://, zk:// "
+                              "or zks://")
+        scheme, tls = SCHEMES[parts.scheme.lower()]
+        userinfo, at, netloc = parts.netloc.rpartition("@")
+        user = password = None
+        if at:
+            user_s, colon, password_s = userinfo.partition(":")
+            user, password = unquote(user_s), unquote(password_s) if colon else None
+            if not user:
+                raise ConfigError(f"registry URL {shown!r}: user is empty")
+            if password == "":
+                raise ConfigError(f"registry URL {shown!r}: password is empty")
+            if password == MASK:
+                raise ConfigError(f"registry URL {shown!r}: the password is masked ({MASK}); "
+                                  "give the real one (DISCOVERY_REGISTRY_PASSWORD, "
+                                  "--registry-password-file or password_file=)")
         hosts: list[tuple[str, int]] = []
-        for item in parts.netloc.split(","):
+        for item in netloc.split(","):
             if not item:
-                raise ConfigError(f"registry URL {url!r}: empty host")
+                raise ConfigError(f"registry URL {shown!r}: empty host")
             host, sep, port_s = item.rpartition(":")
             if not sep or "]" in port_s:
                 host, port_s = item, str(DEFAULT_PORTS[scheme])
             host = host.strip("[]")
             if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-                raise ConfigError(f"registry URL {url!r}: bad host:port {item!r}")
+                if "@" in url and not at:  # userinfo not split off: item may hold the password
+                    raise ConfigError(f"registry URL {shown!r}: bad host:port (percent-encode "
+                                      "/ ? # @ : in a user or password)")
+                raise ConfigError(f"registry URL {shown!r}: bad host:port {item!r}")
             hosts.append((host, int(port_s)))
         prefix = "/" + parts.path.strip("/") if parts.path.strip("/") else DEFAULT_PREFIX
         if any(c in prefix for c in "\x00\n\r ") or "//" in prefix:
-            raise ConfigError(f"registry URL {url!r}: bad prefix {prefix!r}")
-        return cls(scheme=scheme, hosts=tuple(hosts), prefix=prefix)  # type: ignore[arg-type]
+            raise ConfigError(f"registry URL {shown!r}: bad prefix {prefix!r}")
+        params = _query(parts.query, shown)
+        url_obj = cls(scheme=scheme, hosts=tuple(hosts), prefix=prefix, user=user,
+                      password=password, tls=tls, **params)
+        return url_obj.checked()
+
+    def checked(self) -> RegistryURL:
+        """This URL, after the checks that do not need the files; TLS on when a file implies it."""
+        tls = self.tls or any((self.tls_ca, self.tls_cert, self.tls_key))
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("cert", "key") if self.tls_cert else ("key", "cert")
+            raise ConfigError(f"registry URL '{self}': {given}= needs {missing}= too "
+                              "(a client certificate and its private key)")
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError(f"registry URL '{self}': a password and password_file= both given")
+        if self.scheme == "zk" and self.user and ":" in self.user:
+            raise ConfigError(f"registry URL '{self}': a ZooKeeper digest user cannot contain ':'")
+        return self if tls == self.tls else replace(self, tls=tls)
+
+    def with_env(self, environ: Mapping[str, str] | None = None) -> RegistryURL:
+        """Fill what the URL leaves out from ``DISCOVERY_REGISTRY_{USER,PASSWORD,
+        PASSWORD_FILE,CA,CERT,KEY}`` (empty values count as unset); the URL wins."""
+        env = os.environ if environ is None else environ
+        values = {name: env.get(var) or None for var, name in ENV_VARS.items()}
+        if self.user is not None and values["user"] not in (None, self.user):
+            values["password"] = values["password_file"] = None  # another user's secret
+        if self.password is not None or self.password_file is not None:
+            values["password"] = values["password_file"] = None
+        if values["password"] is not None:
+            values["password_file"] = None  # the variable wins over the file
+        changes = {name: value for name, value in values.items()
+                   if value is not None and getattr(self, name) is None}
+        return replace(self, **changes).checked() if changes else self  # type: ignore[arg-type]
+
+    def to_url(self, reveal: bool = False) -> str:
+        """The URL as a string; the password shows as *** unless ``reveal``."""
+        scheme = self.scheme + ("s" if self.tls else "")
+        userinfo = ""
+        if self.user is not None:
+            userinfo = quote(self.user, safe="")
+            if self.password is not None:
+                userinfo += ":" + (quote(self.password, safe="") if reveal else MASK)
+            userinfo += "@"
+        hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
+        query = "&".join(f"{param}={quote(value, safe='/')}" for param, name in QUERY_PARAMS.items()
+                         if (value := getattr(self, name)) is not None)
+        return f"{scheme}://{userinfo}{hosts}{self.prefix}{'?' + query if query else ''}"
 
     def __str__(self) -> str:
-        hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
-        return f"{self.scheme}://{hosts}{self.prefix}"
+        return self.to_url()
 
     def service_dir(self, service: str) -> str:
         return f"{self.prefix}/services/{service}"
@@ -73,6 +182,24 @@ class RegistryURL:
             return None
         return parts[0], parts[1]
 
+
+def _query(query: str, shown: str) -> dict[str, str]:
+    """The ``?ca=…&cert=…&key=…&password_file=…`` of a registry URL, as RegistryURL fields."""
+    params: dict[str, str] = {}
+    for item in query.split("&"):
+        if not item:
+            continue
+        raw_name, _, raw_value = item.partition("=")
+        name, value = unquote(raw_name), unquote(raw_value)
+        if name not in QUERY_PARAMS:
+            raise ConfigError(f"registry URL {shown!r}: unknown parameter {name!r} "
+                              f"(known: {', '.join(QUERY_PARAMS)})")
+        if QUERY_PARAMS[name] in params:
+            raise ConfigError(f"registry URL {shown!r}: parameter {name}= given twice")
+        if not value:
+            raise ConfigError(f"registry URL {shown!r}: parameter {name}= is empty")
+        params[QUERY_PARAMS[name]] = value
+    return params
 
 @dataclass(frozen=True)
 class Snapshot:

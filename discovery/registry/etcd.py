@@ -1,5 +1,6 @@
 """etcd v3 backend: one lease per registry object, kept alive in the background; prefix watches
-that resume from the last seen revision (or send a ``reset`` when it was compacted)."""
+that resume from the last seen revision (or send a ``reset`` when it was compacted).
+TLS and user/password authentication: see :mod:`discovery.registry.security`."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ from discovery.registry.base import (
     claiming,
     decode,
     deliver,
+)
+from discovery.registry.security import (
+    EtcdAuth,
+    etcd_channel_credentials,
+    load_secrets,
+    rpc_details,
 )
 
 log = logging.getLogger(__name__)
@@ -68,14 +75,18 @@ class EtcdRegistry:
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self._root = f"{url.prefix}/services/"
         self._where = ",".join(f"{h}:{p}" for h, p in url.hosts)
+        secrets = load_secrets(url)
+        creds = etcd_channel_credentials(secrets) if url.tls else None
         endpoints = [
-            pyetcd.Endpoint(f"[{h}]" if ":" in h else h, p, secure=False,
+            pyetcd.Endpoint(f"[{h}]" if ":" in h else h, p, secure=url.tls, creds=creds,
                             time_retry=_ENDPOINT_RETRY, opts=_GRPC_OPTIONS)
             for h, p in url.hosts
         ]
         # Per-RPC deadline: short enough that a hung member is left for another in time.
+        # No user/password here: pyetcd would authenticate once, now; EtcdAuth does it lazily.
         self.client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
+        self._auth = EtcdAuth(self.client, secrets, self._where)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
@@ -93,18 +104,19 @@ class EtcdRegistry:
     def _call(self, what: str, fn: Callable[[], T], closing: bool = False) -> T:
         """Run one etcd request, retrying transient failures (other endpoints) until timeout."""
         deadline = time.monotonic() + self.timeout
-        delay = 0.05
+        delay, reauthenticated = 0.05, False
         while True:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
                 raise RegistryError(f"etcd registry {self.url} is closed")
             try:
+                self._auth.ensure()
                 result = fn()
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
                     self._set_state(False)
                     raise RegistryUnavailable(
                         f"etcd at {self._where}: {what} failed, no member answered within "
-                        f"{self.timeout:g}s ({exc or type(exc).__name__})") from None
+                        f"{self.timeout:g}s ({rpc_details(exc)})") from None
                 (self._closed if closing else self._closing).wait(delay)
                 delay = min(delay * 2, 0.5)
                 continue
@@ -113,8 +125,11 @@ class EtcdRegistry:
                 details = exc.details() if hasattr(exc, "details") else str(exc)
                 if code == grpc.StatusCode.NOT_FOUND and "lease" in str(details):
                     raise _LeaseGone() from None
+                if not reauthenticated and self._auth.stale(exc):
+                    reauthenticated = True  # etcd forgot our token (restart, idle TTL)
+                    continue
                 raise RegistryError(f"etcd at {self._where}: {what} failed: "
-                                    f"{getattr(code, 'name', code)}: {details}") from None
+                                    f"{rpc_details(exc)}") from None
             except (etcd_exc.Etcd3Exception, ValueError) as exc:
                 raise RegistryError(f"etcd at {self._where}: {what} failed: {exc!r}") from None
             self._set_state(True)
@@ -275,6 +290,7 @@ class _EtcdWatch:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._stream: Any = None
+        self._reauth = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
         self._thread.start()
 
@@ -299,7 +315,7 @@ class _EtcdWatch:
                 self._reg._set_state(False)
                 if not failing:
                     log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                                self._reg._where, _describe(exc), self._rev + 1)
+                                self._reg._where, rpc_details(exc), self._rev + 1)
                 failing = True
                 self._stopped.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 2.0)
@@ -309,13 +325,15 @@ class _EtcdWatch:
     def _follow(self) -> None:
         """One watch stream, from ``self._rev + 1``, until it breaks or we stop."""
         reg = self._reg
+        reg._auth.ensure()
         channel = reg.client.channel  # the first endpoint not recently failed
         endpoint = reg.client.endpoint_in_use
         requests: queue.Queue[Any] = queue.Queue()
         requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=reg._root.encode(), range_end=prefix_range_end(reg._root.encode()),
             start_revision=self._rev + 1 if self._rev else 0, progress_notify=True)))
-        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests), metadata=_REQUIRE_LEADER)
+        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
+                                                  metadata=_REQUIRE_LEADER + reg._auth.metadata())
         with self._lock:
             self._stream = stream
         if self._stopped.is_set():
@@ -330,9 +348,13 @@ class _EtcdWatch:
                     self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
                     return
                 if resp.canceled:
+                    if not self._reauth and reg._auth.stale(resp.cancel_reason):
+                        self._reauth = True  # our token expired: once, a new stream at once
+                        return
                     raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
                 if resp.created:
                     reg._set_state(True)
+                    self._reauth = False
                     if not self._rev:
                         self._rev = int(resp.header.revision)
                 for ev in resp.events:
@@ -344,6 +366,7 @@ class _EtcdWatch:
                 return
             if exc.code() in _ENDPOINT_DOWN:
                 endpoint.fail()
+            reg._auth.stale(exc)
             raise
         finally:
             requests.put(None)
@@ -371,9 +394,3 @@ class _EtcdWatch:
 def _drain(requests: queue.Queue[Any]) -> Iterator[Any]:
     while (item := requests.get()) is not None:
         yield item
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__

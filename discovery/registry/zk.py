@@ -3,6 +3,9 @@
 The session timeout is the TTL. After a session expiry every owned node is created again and
 every watch sends a ``reset``; after a mere connection loss kazoo resumes the same session
 (and re-arms its watches), so nothing is lost. ``Snapshot.revision`` is a zxid.
+
+With a user and password (digest auth) every node we create gets the ACL ``digest:<user>``
+ALL + ``world:anyone`` READ (see :mod:`discovery.registry.security` and docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     SessionExpiredError,
@@ -39,6 +43,7 @@ from discovery.registry.base import (
     claiming,
     decode,
 )
+from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
 from discovery.registry.zk_watch import ZkWatch
 
 log = logging.getLogger(__name__)
@@ -55,9 +60,13 @@ class ZkRegistry:
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
         self._services = f"{url.prefix}/services"
+        options = zk_client_options(url, load_secrets(url))
+        self._acl = options.get("default_acl")
+        self._checked: set[str] = set()  # service dirs whose ACL we looked at
         self.client = KazooClient(
             hosts=self._where, timeout=ttl,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0))
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
+            **options)
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._written: dict[tuple[str, str], int] = {}  # key -> session id that wrote it
@@ -147,8 +156,9 @@ class ZkRegistry:
                 raise RegistryError(f"ZooKeeper registry {self.url} is closed")
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._connected.wait(remaining):
+                why = tls_probe(self.url) if self.url.tls else ""
                 raise RegistryUnavailable(f"ZooKeeper at {self._where}: {what} failed, "
-                                          f"not connected within {self.timeout:g}s")
+                                          f"not connected within {self.timeout:g}s{why}")
             try:
                 return fn()
             except _TRANSIENT as exc:
@@ -158,6 +168,12 @@ class ZkRegistry:
                 time.sleep(0.05)
             except ConnectionClosedError:
                 raise RegistryError(f"ZooKeeper registry {self.url} is closed") from None
+            except NoAuthError:
+                who = (f"user {self.url.user!r} is not allowed: the node or its parent was "
+                       "created by another identity (user or password)" if self._acl else
+                       "the nodes are protected by ACLs: give the registry user and password")
+                raise RegistryError(f"ZooKeeper at {self._where}: {what} refused (NoAuth): "
+                                    f"{who}") from None
             except KazooException as exc:
                 raise RegistryError(f"ZooKeeper at {self._where}: {what} failed: "
                                     f"{type(exc).__name__} {exc}") from None
@@ -178,6 +194,7 @@ class ZkRegistry:
                 return
             except NoNodeError:
                 pass
+        self._check_parent(self.url.service_dir(inst.service))
         for _ in range(5):
             try:
                 self._get(c.create_async(path, data, ephemeral=True, makepath=True))
@@ -203,6 +220,21 @@ class ZkRegistry:
             except (NoNodeError, BadVersionError):
                 continue
         raise RegistryError(f"ZooKeeper at {self._where}: {path} keeps changing under us")
+
+    def _check_parent(self, path: str) -> None:
+        """Once per service dir, with credentials: warn (in the background) if anyone may delete
+        our nodes there (it was made with an open ACL, e.g. before the registry was secured)."""
+        if self._acl is None or path in self._checked:
+            return
+        self._checked.add(path)
+
+        def done(result: Any) -> None:
+            with contextlib.suppress(Exception):
+                if entries := zk_open_acl(result.get()[0]):
+                    log.warning("ZooKeeper node %s lets anyone delete the instances in it (ACL "
+                                "%s); see docs/security.md", path, entries)
+
+        self.client.get_acls_async(path).rawlink(done)
 
     # -- the Registry interface -------------------------------------------------------------
 

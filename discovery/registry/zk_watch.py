@@ -8,7 +8,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kazoo.exceptions import ConnectionClosedError, ConnectionLoss, NoNodeError, SessionExpiredError
+from kazoo.exceptions import (
+    ConnectionClosedError,
+    ConnectionLoss,
+    NoAuthError,
+    NoNodeError,
+    SessionExpiredError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.model import Instance
@@ -94,6 +100,11 @@ class ZkWatch:
                 self._stopped.wait(0.1)
             except ConnectionClosedError:
                 return
+            except NoAuthError:  # an ACL without world READ, and we lack the credentials
+                log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
+                            "password; retrying", item[1] or self._reg._services)
+                self._stopped.wait(5)
+                self.reset()
             except Exception:
                 log.exception("ZooKeeper watch failed on %s; re-reading everything", item)
                 self._stopped.wait(1)

@@ -1,15 +1,22 @@
-"""RegistryURL parsing and the decoding of stored instance records (base.decode)."""
+"""RegistryURL parsing (credentials, TLS, masking, env), the secrets it names, the CLI registry
+options, and the decoding of stored instance records (base.decode)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
+from kazoo.security import OPEN_ACL_UNSAFE
 
+from discovery.cli_options import registry_options, registry_url_from
 from discovery.errors import ConfigError
 from discovery.model import Instance
-from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, decode
+from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, decode, mask_url
+from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_acl
 
 
 @pytest.mark.parametrize(
@@ -148,3 +155,233 @@ def test_decode_defaults_optional_fields() -> None:
     inst = decode(URL, KEY, raw)
     assert inst is not None
     assert (inst.weight, inst.tags, inst.meta, inst.state.value) == (100, (), {}, "up")
+
+
+# -- credentials and TLS in the URL (docs/security.md) ------------------------------------
+
+SECRET = "s3cr:t/@?#%"  # every character that needs escaping in a URL
+QUOTED = "s3cr%3At%2F%40%3F%23%25"
+
+
+def test_userinfo_and_tls_parameters() -> None:
+    url = RegistryURL.parse(f"etcd://al%40ice:{QUOTED}@h1:1,h2/p?ca=/a%20b.pem&cert=/c&key=/k")
+    assert (url.user, url.password, url.hosts, url.prefix) == (
+        "al@ice", SECRET, (("h1", 1), ("h2", 2379)), "/p")
+    assert (url.tls, url.tls_ca, url.tls_cert, url.tls_key) == (True, "/a b.pem", "/c", "/k")
+    assert RegistryURL.parse(url.to_url(reveal=True)) == url
+
+
+@pytest.mark.parametrize(
+    ("text", "tls", "scheme"),
+    [("etcd://h", False, "etcd"), ("etcds://h", True, "etcd"), ("zks://h", True, "zk"),
+     ("etcd://h?ca=/ca.pem", True, "etcd"), ("zk://h?cert=/c&key=/k", True, "zk")],
+)
+def test_tls_from_scheme_or_files(text: str, tls: bool, scheme: str) -> None:
+    url = RegistryURL.parse(text)
+    assert (url.tls, url.scheme) == (tls, scheme)
+    assert str(url).startswith(scheme + ("s://" if tls else "://"))
+    assert RegistryURL.parse(str(url)) == url
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"etcd://bob:{QUOTED}@h/p", f"zk://bob:{QUOTED}@h:2181/p?ca=/x",
+     f"etcds://bob:{SECRET}@h/p"],  # unescaped: urlsplit cuts it oddly, still never shown
+)
+def test_password_never_in_str_repr_or_errors(text: str) -> None:
+    try:
+        url = RegistryURL.parse(text)
+    except ConfigError as exc:
+        shown = [str(exc)]
+    else:
+        assert url.password
+        shown = [str(url), repr(url), url.to_url(), f"{url}", str([url])]
+        assert "bob:***@" in str(url)
+    for s in shown:
+        assert "s3cr" not in s, s
+
+
+def test_masked_password_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"masked"):
+        RegistryURL.parse(str(RegistryURL.parse("etcd://u:pw@h/p")))
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("etcd://:pw@h", "user is empty"),
+        ("etcd://u:@h", "password is empty"),
+        ("etcd://h?nope=1", "unknown parameter 'nope'"),
+        ("etcd://h?ca=", "ca= is empty"),
+        ("etcd://h?ca=/a&ca=/b", "ca= given twice"),
+        ("etcd://h?cert=/c", "cert= needs key="),
+        ("etcd://h?key=/k", "key= needs cert="),
+        ("etcd://u:pw@h?password_file=/f", "password and password_file="),
+        ("zk://a%3Ab:pw@h", "cannot contain ':'"),
+        ("ftps://h", "scheme"),
+        ("etcd://u:pw@[::1/p", "Invalid IPv6 URL"),
+    ],
+)
+def test_bad_credentials_name_the_parameter(text: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint) as err:
+        RegistryURL.parse(text)
+    assert "pw" not in str(err.value).replace("password", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [("etcd://u:pw@h:1/p", "etcd://u:***@h:1/p"), ("u:pw@h", "u:***@h"),
+     ("etcd://u@h/p", "etcd://u@h/p"), ("etcd://h/p?ca=/x", "etcd://h/p?ca=/x"),
+     ("zk://u:p/w@d@h/p", "zk://u:***@h/p")],
+)
+def test_mask_url(text: str, masked: str) -> None:
+    assert mask_url(text) == masked
+
+
+ENV = {"DISCOVERY_REGISTRY_USER": "envuser", "DISCOVERY_REGISTRY_PASSWORD": "envpw",
+       "DISCOVERY_REGISTRY_CA": "/env/ca", "DISCOVERY_REGISTRY_CERT": "/env/cert",
+       "DISCOVERY_REGISTRY_KEY": "/env/key"}
+
+
+def test_env_fills_what_the_url_leaves_out() -> None:
+    url = RegistryURL.parse("etcd://h/p").with_env(ENV)
+    assert (url.user, url.password, url.tls_ca, url.tls_cert, url.tls_key, url.tls) == (
+        "envuser", "envpw", "/env/ca", "/env/cert", "/env/key", True)
+    assert "envpw" not in str(url) and "envpw" not in repr(url)
+
+
+def test_url_wins_over_env() -> None:
+    url = RegistryURL.parse("etcd://u:pw@h/p?ca=/url/ca").with_env(ENV)
+    assert (url.user, url.password, url.tls_ca, url.tls_cert) == ("u", "pw", "/url/ca",
+                                                                   "/env/cert")
+    # another user in the URL: the environment's password is not theirs
+    assert RegistryURL.parse("etcd://u@h/p").with_env(ENV).password is None
+    # the URL's password file beats the environment's password
+    url = RegistryURL.parse("etcd://u@h/p?password_file=/f").with_env(ENV)
+    assert (url.password, url.password_file) == (None, "/f")
+
+
+def test_env_empty_values_are_unset_and_password_beats_password_file() -> None:
+    env = {"DISCOVERY_REGISTRY_USER": "", "DISCOVERY_REGISTRY_CA": "",
+           "DISCOVERY_REGISTRY_PASSWORD": "pw", "DISCOVERY_REGISTRY_PASSWORD_FILE": "/f"}
+    url = RegistryURL.parse("zk://u@h/p").with_env(env)
+    assert (url.user, url.password, url.password_file, url.tls) == ("u", "pw", None, False)
+    assert RegistryURL.parse("zk://h/p").with_env({}) == RegistryURL.parse("zk://h/p")
+
+
+def test_with_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCOVERY_REGISTRY_USER", "fromenv")
+    assert RegistryURL.parse("etcd://h").with_env().user == "fromenv"
+
+
+# -- reading the secrets (discovery.registry.security) -------------------------------------
+
+PEM_CERT = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+PEM_KEY = b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
+
+
+def test_load_secrets_reads_files(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    (tmp_path / "ca.pem").write_bytes(PEM_CERT)
+    (tmp_path / "c.pem").write_bytes(PEM_CERT)
+    (tmp_path / "k.pem").write_bytes(PEM_KEY)
+    url = RegistryURL.parse(f"etcd://u@h/p?password_file={tmp_path}/pw&ca={tmp_path}/ca.pem"
+                            f"&cert={tmp_path}/c.pem&key={tmp_path}/k.pem")
+    secrets = load_secrets(url)
+    assert (secrets.user, secrets.password) == ("u", "from-file")
+    assert (secrets.ca, secrets.cert, secrets.key) == (PEM_CERT, PEM_CERT, PEM_KEY)
+    assert "from-file" not in repr(secrets) and "PRIVATE" not in repr(secrets)
+
+
+@pytest.mark.parametrize(
+    ("query", "complaint"),
+    [
+        ("ca={d}/missing.pem", r"ca= file '.*missing.pem': cannot read it: No such file"),
+        ("ca={d}", r"ca= file .*: cannot read it: Is a directory"),
+        ("ca={d}/k.pem", r"ca= file .*: not a PEM certificate"),
+        ("cert={d}/ca.pem&key={d}/ca.pem", r"key= file .*: not a PEM private key"),
+    ],
+)
+def test_load_secrets_names_the_bad_file(tmp_path: Path, query: str, complaint: str) -> None:
+    (tmp_path / "ca.pem").write_bytes(PEM_CERT)
+    (tmp_path / "k.pem").write_bytes(PEM_KEY)
+    with pytest.raises(ConfigError, match=complaint):
+        load_secrets(RegistryURL.parse(f"etcd://h/p?{query.format(d=tmp_path)}"))
+
+
+def test_load_secrets_password_rules(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="user 'u' has no password"):
+        load_secrets(RegistryURL.parse("etcd://u@h/p"))
+    with pytest.raises(ConfigError, match="a password but no user"):
+        load_secrets(RegistryURL.parse("etcd://h/p").with_env({"DISCOVERY_REGISTRY_PASSWORD":
+                                                               "pw"}))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match=r"password_file= .* is empty"):
+        load_secrets(RegistryURL.parse(f"etcd://u@h/p?password_file={tmp_path}/empty"))
+    assert load_secrets(RegistryURL.parse("etcd://h/p")) == Secrets()
+
+
+def test_zk_acl_owner_all_world_read() -> None:
+    acl = zk_acl(Secrets(user="agent", password="pw"))
+    assert acl is not None
+    assert [(a.id.scheme, a.id.id.split(":")[0], a.acl_list) for a in acl] == [
+        ("digest", "agent", ["ALL"]), ("world", "anyone", ["READ"])]
+    assert zk_open_acl(acl) is None
+    assert zk_open_acl(OPEN_ACL_UNSAFE) == "world:anyone:ALL"
+    assert zk_acl(Secrets()) is None
+
+
+# -- the CLI options (discovery.cli_options) ----------------------------------------------
+
+
+def test_registry_url_from_folds_flags(tmp_path: Path) -> None:
+    assert registry_url_from({"registry": "etcd://h/p"}) == "etcd://h/p"
+    assert registry_url_from({"registry": None}) is None
+    folded = registry_url_from({"registry": "etcd://h/p", "registry_ca": "/ca",
+                                "registry_user": "bob", "registry_password_file": "/pw",
+                                "registry_cert": None})
+    assert folded == "etcds://bob@h:2379/p?ca=/ca&password_file=/pw"
+    url = RegistryURL.parse(folded or "")
+    assert (url.user, url.tls_ca, url.password_file, url.password) == ("bob", "/ca", "/pw", None)
+    # the same value twice is fine, a different one is not
+    assert registry_url_from({"registry": "etcd://h/p?ca=/ca", "registry_ca": "/ca"})
+    with pytest.raises(ConfigError, match="--registry-ca '/other' contradicts ca="):
+        registry_url_from({"registry": "etcd://h/p?ca=/ca", "registry_ca": "/other"})
+    with pytest.raises(ConfigError, match="--registry-user 'x' contradicts user@"):
+        registry_url_from({"registry": "etcd://bob@h/p", "registry_user": "x"})
+    with pytest.raises(ConfigError, match="has a password too"):
+        registry_url_from({"registry": "etcd://bob:pw@h/p", "registry_password_file": "/f"})
+    with pytest.raises(ConfigError, match="--registry-key given without --registry"):
+        registry_url_from({"registry": None, "registry_key": "/k"})
+    with pytest.raises(ConfigError, match="cert= needs key="):
+        registry_url_from({"registry": "etcd://h/p", "registry_cert": "/c"})
+
+
+def _toy_command() -> click.Command:
+    @click.command()
+    @registry_options(required=False)
+    @click.option("--other", default="o")
+    def toy(registry: str | None, other: str) -> None:
+        click.echo(f"{registry}|{other}")
+
+    return toy
+
+
+def test_registry_options_hand_the_command_one_url(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(PEM_CERT)
+    run = CliRunner().invoke
+    toy = _toy_command()
+    result = run(toy, ["--registry", "zk://h/p", "--registry-ca", str(ca), "--registry-user",
+                       "bob", "--other", "x"], env={})
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"zks://bob@h:2181/p?ca={ca}|x"
+    # from the environment: not folded (open_registry reads the same variables)
+    result = run(toy, [], env={"DISCOVERY_REGISTRY": "etcd://h/p",
+                               "DISCOVERY_REGISTRY_CA": str(ca)})
+    assert result.output.strip() == "etcd://h/p|o"
+    result = run(toy, ["--registry", "etcd://h/p", "--registry-ca", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = run(toy, ["--registry-ca", str(ca)], env={})
+    assert result.exit_code == 2 and "without --registry" in result.output
+    assert "--registry-password " not in run(toy, ["--help"]).output  # a file, never a value

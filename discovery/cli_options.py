@@ -1,0 +1,132 @@
+"""The registry options every command shares: ``--registry`` plus credentials and TLS.
+
+:func:`registry_options` is a drop-in for a command's ``--registry`` option. It adds
+``--registry-ca``, ``--registry-cert``, ``--registry-key``, ``--registry-user`` and
+``--registry-password-file`` and folds what was given on the command line into the URL, so the
+command still receives one ``registry`` string (or None) and hands it to ``open_registry``::
+
+    @main.command()
+    @registry_options()                 # was: @registry_option()
+    def services(registry: str, ...): open_registry(registry)
+
+Values from the environment (``DISCOVERY_REGISTRY_CA`` …) are not folded: ``open_registry``
+reads the same variables itself (:meth:`RegistryURL.with_env`), which is how the Python client
+gets them too. There is no password flag (``ps`` would show it): use
+``--registry-password-file``, ``DISCOVERY_REGISTRY_PASSWORD`` or ``…_PASSWORD_FILE``.
+The folded URL names the password *file*, never the password, so it is safe to log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+
+from discovery.errors import ConfigError
+from discovery.output import fail
+from discovery.registry.base import RegistryURL
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: option parameter name -> (RegistryURL field, flag, URL spelling, help)
+FLAGS: dict[str, tuple[str, str, str, str]] = {
+    "registry_ca": ("tls_ca", "--registry-ca", "ca=",
+                    "CA certificate (PEM) to verify etcd/ZooKeeper with; implies TLS"),
+    "registry_cert": ("tls_cert", "--registry-cert", "cert=",
+                      "client certificate (PEM) for TLS; needs --registry-key"),
+    "registry_key": ("tls_key", "--registry-key", "key=", "private key (PEM) of --registry-cert"),
+    "registry_user": ("user", "--registry-user", "user@",
+                      "etcd user / ZooKeeper digest user"),
+    "registry_password_file": ("password_file", "--registry-password-file", "password_file=",
+                               "file holding the registry password (or use "
+                               "DISCOVERY_REGISTRY_PASSWORD)"),
+}
+_ENV = {"registry_ca": "DISCOVERY_REGISTRY_CA", "registry_cert": "DISCOVERY_REGISTRY_CERT",
+        "registry_key": "DISCOVERY_REGISTRY_KEY", "registry_user": "DISCOVERY_REGISTRY_USER",
+        "registry_password_file": "DISCOVERY_REGISTRY_PASSWORD_FILE"}
+_FILES = {"registry_ca", "registry_cert", "registry_key", "registry_password_file"}
+
+
+def registry_url_from(options: Mapping[str, Any]) -> str | None:
+    """``options["registry"]`` with the ``registry_*`` values of ``options`` folded in.
+
+    Missing or None values are not given. Returns the URL string (None when no registry was
+    given and nothing else either). A value that contradicts the URL is a ConfigError, as is
+    a credential or TLS file without a registry URL to attach it to.
+    """
+    registry = options.get("registry")
+    given = {name: options[name] for name in FLAGS if options.get(name) is not None}
+    if not given:
+        return registry
+    if not registry:
+        flags = ", ".join(FLAGS[n][1] for n in given)
+        raise ConfigError(f"{flags} given without --registry: put it in the URL, or use the "
+                          "DISCOVERY_REGISTRY_* environment variables (docs/security.md)")
+    url = RegistryURL.parse(registry)
+    changes: dict[str, Any] = {}
+    for name, value in given.items():
+        field, flag, spelled, _ = FLAGS[name]
+        value = str(value)
+        current = getattr(url, field)
+        if current is not None and current != value:
+            raise ConfigError(f"{flag} {value!r} contradicts {spelled} in --registry")
+        if name == "registry_password_file" and url.password is not None:
+            raise ConfigError(f"{flag} given, but --registry has a password too")
+        changes[field] = value
+    return replace(url, **changes).checked().to_url(reveal=True)
+
+
+def registry_options(required: bool = True) -> Callable[[F], F]:
+    """``--registry`` and the credential/TLS options; the command receives ``registry`` only."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            given = {name: kwargs.pop(name, None) for name in FLAGS}
+            from_cli = {name: value for name, value in given.items()
+                        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+            registry = kwargs.get("registry")
+            if (registry and "@" in registry
+                    and ctx.get_parameter_source("registry") == ParameterSource.COMMANDLINE):
+                url = _parsed_or_none(registry)
+                if url is not None and url.password is not None:
+                    log.warning("the registry password is on the command line, where ps shows "
+                                "it: prefer --registry-password-file or "
+                                "DISCOVERY_REGISTRY_PASSWORD")
+            try:
+                kwargs["registry"] = registry_url_from({"registry": registry, **from_cli})
+            except ConfigError as exc:
+                fail(str(exc))
+            return fn(*args, **kwargs)
+
+        options = [click.option(
+            "--registry", envvar="DISCOVERY_REGISTRY", required=required, metavar="URL",
+            help="etcd://[user@]h1:2379,h2:2379/prefix[?ca=F&cert=F&key=F] or "
+                 "zk://[user@]h1:2181/prefix; etcds://, zks://: TLS [env DISCOVERY_REGISTRY]")]
+        for name, (_, flag, _, text) in FLAGS.items():
+            path_type = click.Path(exists=True, dir_okay=False, readable=True)
+            options.append(click.option(
+                flag, name, envvar=_ENV[name], default=None,
+                metavar="FILE" if name in _FILES else "NAME",
+                type=path_type if name in _FILES else None,
+                help=f"{text} [env {_ENV[name]}]"))
+        wrapped: Any = command
+        for option in reversed(options):
+            wrapped = option(wrapped)
+        return wrapped
+
+    return decorate
+
+
+def _parsed_or_none(registry: str) -> RegistryURL | None:
+    try:
+        return RegistryURL.parse(registry)
+    except ConfigError:
+        return None

@@ -1,0 +1,267 @@
+"""Credentials and TLS of a registry: read when the registry is opened, never logged.
+
+- :func:`load_secrets` reads the password file and the PEM files a :class:`RegistryURL` names,
+  with one :class:`ConfigError` naming the parameter when one is missing or unreadable.
+- etcd: :func:`etcd_channel_credentials` (TLS, one set for every endpoint) and
+  :class:`EtcdAuth` (user/password: a token got lazily, and again whenever etcd forgot it).
+- ZooKeeper: :func:`zk_client_options` (digest auth, the ACL of the nodes we create, TLS).
+  Nodes the agent creates get ``digest:<user>`` ALL + ``world:anyone`` READ: readers need no
+  secret, and only holders of the agent's credentials can change or delete them.
+
+See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from kazoo.security import ACL, Permissions, make_acl, make_digest_acl
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+
+from discovery.errors import ConfigError, RegistryError
+from discovery.registry.base import RegistryURL
+
+log = logging.getLogger(__name__)
+
+_WHERE_SET = {  # how each file/secret can be given, for error messages
+    "ca": "ca= in the URL, --registry-ca or DISCOVERY_REGISTRY_CA",
+    "cert": "cert= in the URL, --registry-cert or DISCOVERY_REGISTRY_CERT",
+    "key": "key= in the URL, --registry-key or DISCOVERY_REGISTRY_KEY",
+    "password_file": "password_file= in the URL, --registry-password-file or "
+                     "DISCOVERY_REGISTRY_PASSWORD_FILE",
+    "password": "user:password@ in the URL, DISCOVERY_REGISTRY_PASSWORD or "
+                "--registry-password-file",
+}
+_PEM_MARK = {"ca": b"CERTIFICATE", "cert": b"CERTIFICATE", "key": b"PRIVATE KEY"}
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_STALE = ("unauthenticated", "invalid auth token", "user name is empty", "auth store is old")
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What :func:`load_secrets` read: the password and the PEM bytes (repr hides secrets)."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+
+
+def _read(path: str, param: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"registry {param}= file {path!r}: cannot read it: "
+                          f"{exc.strerror or exc} (set by {_WHERE_SET[param]})") from None
+
+
+def _pem(path: str | None, param: str) -> bytes | None:
+    if path is None:
+        return None
+    data = _read(path, param)
+    if b"-----BEGIN " not in data or _PEM_MARK[param] not in data:
+        kind = "private key" if param == "key" else "certificate"
+        raise ConfigError(f"registry {param}= file {path!r}: not a PEM {kind} "
+                          f"(set by {_WHERE_SET[param]})")
+    return data
+
+
+def load_secrets(url: RegistryURL) -> Secrets:
+    """Read the password (file) and the TLS files of ``url``; ConfigError naming what is wrong."""
+    password = url.password
+    if password is None and url.password_file is not None:
+        raw = _read(url.password_file, "password_file")
+        try:
+            password = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(f"registry password_file= {url.password_file!r}: "
+                              "not UTF-8 text") from None
+        if not password:
+            raise ConfigError(f"registry password_file= {url.password_file!r} is empty")
+    if url.user is not None and password is None:
+        raise ConfigError(f"registry URL '{url}': user {url.user!r} has no password "
+                          f"(give it by {_WHERE_SET['password']})")
+    if url.user is None and password is not None:
+        raise ConfigError(f"registry URL '{url}': a password but no user (give the user as "
+                          "user@ in the URL, --registry-user or DISCOVERY_REGISTRY_USER)")
+    return Secrets(user=url.user, password=password, ca=_pem(url.tls_ca, "ca"),
+                   cert=_pem(url.tls_cert, "cert"), key=_pem(url.tls_key, "key"))
+
+
+# -- etcd -------------------------------------------------------------------------------------
+
+
+def etcd_channel_credentials(secrets: Secrets) -> grpc.ChannelCredentials:
+    """TLS for every endpoint: our CA (else the system's) and, if given, our client cert."""
+    return grpc.ssl_channel_credentials(root_certificates=secrets.ca,
+                                        private_key=secrets.key,
+                                        certificate_chain=secrets.cert)
+
+
+def rpc_details(exc: BaseException) -> str:
+    """``CODE: details`` of a gRPC failure (also when pyetcd wrapped it), with a hint."""
+    rpc: BaseException | None = exc
+    if not isinstance(rpc, grpc.RpcError):
+        rpc = exc.__cause__ or exc.__context__
+    if not (isinstance(rpc, grpc.RpcError) and hasattr(rpc, "code")):
+        return str(exc) or type(exc).__name__
+    details = str(rpc.details() or "")
+    return f"{rpc.code().name}: {details}{hint(details)}"
+
+
+def hint(details: str) -> str:
+    """What to check for a gRPC error message from etcd."""
+    low = details.lower()
+    if any(m in low for m in ("unwrap failed", "tsi_data_corrupted", "bad_certificate",
+                              "certificate_unknown", "certificate_required", "closed by")):
+        return (" (TLS: the server refused us: is our client certificate (cert=, key=) missing,"
+                " or not signed by a CA the server trusts?)")
+    if "verify_failed" in low or "certificate verify" in low:
+        return (" (TLS: we do not trust the server certificate: check ca=, and that the "
+                "certificate names the host or IP of the URL)")
+    if any(w in low for w in ("handshake", "ssl", "certificate", "tls")):
+        return " (TLS failed: check the registry's ca=, cert= and key=, and that it wants TLS)"
+    if "user name is empty" in low:
+        return " (etcd has authentication enabled: give a registry user and password)"
+    if "permission denied" in low:
+        return " (the registry user lacks a role granting this key range)"
+    if "socket closed" in low and "failed to connect" in low:
+        return " (if the server wants TLS: use etcds:// or ca=)"
+    return ""
+
+
+class EtcdAuth:
+    """The etcd auth token of one client, or nothing when the URL has no user.
+
+    pyetcd authenticates only in its constructor (which would fail while etcd is down) and
+    never again; etcd forgets simple tokens on restart and after ``--auth-token-ttl`` idle.
+    So: :meth:`ensure` gets a token when we have none (through whichever endpoint pyetcd uses)
+    and puts it in ``client.metadata``, which every pyetcd call sends; :meth:`stale` tells
+    whether an error means "authenticate again".
+    """
+
+    def __init__(self, client: Any, secrets: Secrets, where: str) -> None:
+        self._client, self._where = client, where
+        self._user, self._password = secrets.user, secrets.password
+        self.enabled = secrets.user is not None
+        self._lock = threading.Lock()
+        if self.enabled:
+            client.metadata = None  # no token yet
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """For our own stubs (the watch stream): the token header, if any."""
+        return tuple(self._client.metadata or ())
+
+    def ensure(self) -> None:
+        """Authenticate unless we hold a token. Transient failures raise pyetcd's
+        ConnectionFailedError (retry elsewhere); a refusal raises RegistryError."""
+        if not self.enabled or self._client.metadata is not None:
+            return
+        with self._lock:
+            if self._client.metadata is None:
+                self._client.metadata = self._authenticate()
+
+    def _authenticate(self) -> tuple[tuple[str, str], ...]:
+        client = self._client
+        request = etcdrpc.AuthenticateRequest(name=self._user, password=self._password)
+        try:
+            resp = etcdrpc.AuthStub(client.channel).Authenticate(request, client.timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), str(exc.details() or "")
+            if code in _DOWN:
+                client.endpoint_in_use.fail()
+                raise etcd_exc.ConnectionFailedError() from exc
+            if code == grpc.StatusCode.FAILED_PRECONDITION and "not enabled" in details:
+                log.warning("etcd at %s has authentication disabled; the registry user %r "
+                            "is not used", self._where, self._user)
+                return ()
+            raise RegistryError(f"etcd at {self._where}: authentication as {self._user!r} "
+                                f"failed: {code.name}: {details}{hint(details)}") from None
+        log.debug("etcd at %s: authenticated as %r", self._where, self._user)
+        return (("token", str(resp.token)),)
+
+    def stale(self, error: grpc.RpcError | str) -> bool:
+        """True (and the token dropped) when ``error`` (or a watch's cancel reason) asks for a
+        new token: etcd restarted, the token idled out, or the auth store changed."""
+        if not self.enabled:
+            return False
+        if isinstance(error, str):
+            text = error
+        else:
+            text = f"{error.code().name} {error.details() if hasattr(error, 'details') else ''}"
+        if not any(mark in text.lower() for mark in _STALE):
+            return False
+        self.drop()
+        return True
+
+    def drop(self) -> None:
+        """Forget the token: the next :meth:`ensure` authenticates again."""
+        if self.enabled:
+            with self._lock:
+                self._client.metadata = None
+
+
+# -- ZooKeeper --------------------------------------------------------------------------------
+
+
+def zk_acl(secrets: Secrets) -> list[ACL] | None:
+    """The ACL of every node we create: our digest identity ALL, everyone READ."""
+    if secrets.user is None or secrets.password is None:
+        return None
+    return [make_digest_acl(secrets.user, secrets.password, all=True),
+            make_acl("world", "anyone", read=True)]
+
+
+def zk_client_options(url: RegistryURL, secrets: Secrets) -> dict[str, Any]:
+    """KazooClient keyword arguments for digest auth, our ACL and TLS."""
+    options: dict[str, Any] = {}
+    acl = zk_acl(secrets)
+    if acl is not None:
+        options["auth_data"] = {("digest", f"{secrets.user}:{secrets.password}")}
+        options["default_acl"] = acl
+    if url.tls:
+        options.update(use_ssl=True, verify_certs=True, check_hostname=True, ca=url.tls_ca,
+                       certfile=url.tls_cert, keyfile=url.tls_key)
+    return options
+
+
+def zk_open_acl(acls: list[ACL]) -> str | None:
+    """The entries of a (parent) node's ACL that let anyone delete its children, or None."""
+    open_ = [a for a in acls if a.id.scheme == "world"
+             and a.perms & (Permissions.DELETE | Permissions.ADMIN)]
+    return ", ".join(f"world:{a.id.id}:{','.join(a.acl_list)}" for a in open_) or None
+
+
+def tls_probe(url: RegistryURL, timeout: float = 1.0) -> str:
+    """Why a TLS connection to the first host of ``url`` fails, as `` (TLS: …)``; "" when it
+    does not (or the host is down). For error messages only: kazoo just says "not connected"."""
+    host, port = url.hosts[0]
+    try:
+        ctx = ssl.create_default_context(cafile=url.tls_ca)
+        if url.tls_cert:
+            ctx.load_cert_chain(url.tls_cert, url.tls_key)
+        with socket.create_connection((host, port), timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as conn:
+            conn.settimeout(timeout / 2)
+            if conn.recv(1) == b"":  # TLS 1.3: a refused client certificate shows up here
+                reason = "connection closed by the server"
+            else:
+                return ""
+    except (TimeoutError, ConnectionRefusedError):
+        return ""
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc)
+    except OSError as exc:
+        if "ssl" not in str(exc).lower():
+            return ""
+        reason = str(exc)
+    return f" (TLS: {reason}){hint(reason)}"
