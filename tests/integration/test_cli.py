@@ -74,7 +74,7 @@ def test_make_demo_converges(docker_client, example_image):
                          text=True, cwd=REPO_ROOT, timeout=180, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 up / 0 draining" in out.stdout
-    table = out.stdout.split("/demo`:")[1].split("billing is not listed")[0]
+    table = out.stdout.split("discovery services --registry")[1].split("billing is not listed")[0]
     assert "web" in table and "billing" not in table
     assert "; 0 failed; HAProxy reloads: 0" in out.stdout  # traffic moved on without errors
 

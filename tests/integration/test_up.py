@@ -1,0 +1,68 @@
+"""`discovery up --dev`: agent, watcher, HAProxy, DNS and HTTP in one process, private etcd."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.harness.agent import DiscoveryProcess
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import spread
+
+pytestmark = pytest.mark.integration
+
+
+def get_json(port: int, path: str) -> object:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
+        return json.loads(resp.read())
+
+
+def test_up_dev_registers_routes_and_answers(containers, agents, tmp_path: Path):
+    web = f"u{uuid.uuid4().hex[:8]}"
+    listen, dns_port, http_port = free_port(), free_port(), free_port()
+    proc = DiscoveryProcess(["up", "--dev", "--service", f"{web}:{listen}",
+                             "--dns", f"127.0.0.1:{dns_port}", "--http", f"127.0.0.1:{http_port}",
+                             "--node", "devnode"], "up", tmp_path).start()
+    agents.append(proc)
+    wait_for(lambda: get_json(http_port, "/v1/health"), 30, message="the HTTP API")
+    port = free_port()
+    containers(name=f"{web}-1", port=port, labels={
+        "discovery.service": web, "discovery.port": str(port), "discovery.tags": "blue",
+        "discovery.check.interval": "200ms"})
+    found = wait_for(lambda: get_json(http_port, f"/v1/services/{web}"), 20,
+                     message="the instance in the HTTP API")
+    assert found[0]["port"] == port and found[0]["node"] == "devnode"  # type: ignore[index]
+    wait_for(lambda: spread(listen, 2)[f"{web}-1"] == 2, 20, message="routed through HAProxy")
+    dig = subprocess.run(["dig", "+short", "-p", str(dns_port), "@127.0.0.1",
+                          f"blue.{web}.service.discovery", "A"],
+                         capture_output=True, text=True, timeout=10, check=False)
+    assert dig.stdout.split() == ["127.0.0.1"], dig.stdout + dig.stderr
+    srv = subprocess.run(["dig", "+short", "-p", str(dns_port), "@127.0.0.1",
+                          f"_{web}._tcp.service.discovery", "SRV"],
+                         capture_output=True, text=True, timeout=10, check=False)
+    assert f" {port} " in srv.stdout, srv.stdout
+    health = get_json(http_port, "/v1/health")
+    assert health["healthy"] is True, health  # type: ignore[index]
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=3) as resp:
+        metrics = resp.read().decode()
+    assert re.search(r"^discovery_registrations_total 1\.0$", metrics, re.M), metrics[:2000]
+    assert re.search(r"^discovery_propagation_seconds_count [1-9]", metrics, re.M)
+    etcd_dirs = re.findall(r"data in (\S+discovery-dev-etcd-\S+)\)", proc.log())
+    assert etcd_dirs, proc.log()[-2000:]
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not Path(etcd_dirs[0]).exists(), "the private etcd's data must be removed"
+    assert "everything stopped" in proc.log()
+
+
+def test_up_without_registry_or_dev_is_one_clear_error(tmp_path: Path):
+    proc = DiscoveryProcess(["up"], "up", tmp_path).start()
+    assert proc.wait(timeout=30) == 2
+    assert "discovery: no registry" in proc.log()
