@@ -68,8 +68,9 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     """Register healthy containers of this host in the registry."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
-    from discovery.http import HttpApi, agent_health, parse_listen
+    from discovery.http import HttpApi, parse_listen
     from discovery.metrics import Metrics
+    from discovery.status import agent_health
 
     http = opts.pop("http")
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -85,8 +86,8 @@ def agent(ctx: click.Context, **opts: Any) -> None:
         registry = open_registry(config.registry, ttl=config.ttl)
         metrics = Metrics()
         the_agent = Agent(config, registry, metrics)
-        api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http)).start() \
-            if http else None
+        api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
+                      maint=the_agent.set_maint).start() if http else None
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -138,7 +139,7 @@ def services(service: str | None, registry: str, fmt: str, timeout: float) -> No
 
 
 def _register_commands() -> None:
-    from discovery.cli_inspect import check_config, show
+    from discovery.cli_inspect import check_config, maint, show
     from discovery.cli_up import up
     from discovery.cli_watch import dns, watch
 
@@ -147,6 +148,7 @@ def _register_commands() -> None:
     main.add_command(up)
     main.add_command(show)
     main.add_command(check_config)
+    main.add_command(maint)
 
 
 _register_commands()

@@ -55,10 +55,10 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
     from discovery.devserver import LocalEtcd
-    from discovery.http import agent_health
     from discovery.lookups import Lookups, start_lookups
     from discovery.metrics import Metrics
     from discovery.registry import mask_url, open_registry
+    from discovery.status import agent_health
     from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
     from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
     from discovery.watcher.config import merge as merge_services
@@ -86,7 +86,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
                                 http=None if http == "off" else http, domain=dns_domain,
-                                ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"))
+                                ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"),
+                                maint=agent.set_maint)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:

@@ -23,17 +23,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from discovery import validate as v
 from discovery.durations import parse_duration
-from discovery.errors import ConfigError, ValidationError
+from discovery.errors import ConfigError, DiscoveryError, ValidationError
 
 if TYPE_CHECKING:
-    from discovery.agent.core import Agent
     from discovery.metrics import Metrics
     from discovery.watcher.catalog import Catalog
-    from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
 
 Health = Callable[[], dict[str, dict[str, Any]]]
+Maint = Callable[[str | None, bool], list[str]]  # (instance id or None for the node, on)
 DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
 MAX_WAIT = 300.0  # longer waits are capped, as Consul caps at 10 minutes
 MAX_TARGET = 4096  # bytes of request target
@@ -84,8 +83,9 @@ class HttpApi:
 
     def __init__(self, catalog: Catalog | None, health: Health, metrics: Metrics | None = None,
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
-                 max_blocking: int = 256) -> None:
+                 max_blocking: int = 256, maint: Maint | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
+        self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.bind, self._port = bind, port
         self._blocking = threading.BoundedSemaphore(max_blocking)
         self._lock = threading.Lock()
@@ -128,9 +128,13 @@ class HttpApi:
             self._thread = None
 
     # ---- requests (socket-free: the handler only moves bytes) ------------------------------
-    def handle(self, target: str) -> Response:
-        """Answer ``GET target``; never raises."""
+    def handle(self, target: str, method: str = "GET") -> Response:
+        """Answer ``METHOD target``; never raises."""
         try:
+            if urlsplit(target).path == "/v1/agent/maint":
+                return self._maint(target, method)
+            if method == "PUT":
+                raise ApiError(405, "PUT is only for /v1/agent/maint")
             return self._route(target)
         except ApiError as exc:
             return self.error(exc.status, exc.message, exc.param)
@@ -233,6 +237,25 @@ class HttpApi:
         body["time"] = time.time()
         return Response(200 if healthy else 503, _dump(body, pretty))
 
+    def _maint(self, target: str, method: str) -> Response:
+        """``PUT /v1/agent/maint?enable=true|false[&id=INSTANCE]``: no id → the whole node."""
+        if method != "PUT":
+            raise ApiError(405, "use PUT /v1/agent/maint?enable=true|false[&id=INSTANCE]")
+        if self.maint is None:
+            raise ApiError(404, "maintenance is an agent endpoint (discovery agent --http)")
+        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+        _allow(query, {"enable", "id", "pretty"})
+        enable = query.get("enable", [""])[-1].lower()
+        if enable not in ("true", "false"):
+            raise ApiError(400, "enable must be true or false", "enable")
+        ids = query.get("id", [])
+        try:
+            affected = self.maint(ids[-1] if ids else None, enable == "true")
+        except DiscoveryError as exc:
+            raise ApiError(404, str(exc), "id") from None
+        return Response(200, _dump({"maintenance": enable == "true", "instances": affected},
+                                   _flag(query, "pretty")))
+
     def _metrics(self) -> Response:
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled in this process")
@@ -308,20 +331,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve(send_body=False)
 
+    def do_PUT(self) -> None:
+        self._serve(send_body=True, method="PUT")
+
     def _not_allowed(self) -> None:
         self._send(self.server.api.error(405, f"method {self.command} not allowed: only GET"),
                    True, {"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    do_POST = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
-    def _serve(self, send_body: bool) -> None:
+    def _serve(self, send_body: bool, method: str = "GET") -> None:
         api = self.server.api
         length = self.headers.get("Content-Length", "0").strip() or "0"
         if length != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True
             self._send(api.error(413, "request bodies are not accepted"), send_body)
             return
-        self._send(api.handle(self.path), send_body)
+        self._send(api.handle(self.path, method), send_body)
 
     def _send(self, resp: Response, send_body: bool, extra: dict[str, str] | None = None) -> None:
         try:
@@ -352,47 +378,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
-
-
-# ---- health callables for the agent and the watcher ----------------------------------------
-def watcher_health(watcher: Watcher, prefix: str = "") -> Health:
-    """Components of a watcher: registry, catalog and (with a router) HAProxy."""
-
-    def health() -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {
-            "registry": {"ok": bool(watcher.registry_connected),
-                         "url": str(watcher.registry.url)},
-            "catalog": {"ok": watcher.catalog.loaded, "index": watcher.catalog.index,
-                        "instances": len(watcher.catalog.instances())},
-        }
-        router = watcher.router
-        if router is not None:
-            stats = router.stats
-            running = getattr(router.control, "running", True)
-            out["haproxy"] = {
-                "ok": bool(running) and (not stats.history or stats.history[-1] != "failed"),
-                "running": bool(running), "reloads": stats.reloads,
-                "runtime_ops": stats.runtime_ops, "last_reload": stats.last_reload or None,
-                "last_error": stats.last_error or None,
-                "render_errors": stats.render_errors, "haproxy_errors": stats.haproxy_errors,
-            }
-        return {prefix + k: c for k, c in out.items()}
-
-    return health
-
-
-def agent_health(agent: Agent, prefix: str = "") -> Health:
-    """Components of an agent: Docker and the registry. ``prefix`` (e.g. ``"agent_"``) keeps
-    them apart from a watcher's in one process (``discovery up``)."""
-
-    def health() -> dict[str, dict[str, Any]]:
-        status = agent.status()
-        return {
-            prefix + "docker": {"ok": bool(status.get("docker_connected")),
-                                "containers": status.get("containers")},
-            prefix + "registry": {"ok": bool(status.get("registry_connected")),
-                                  "url": str(agent.registry.url),
-                                  "registered": status.get("registered")},
-        }
-
-    return health

@@ -12,6 +12,7 @@ from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
 Health = Callable[[], dict[str, dict[str, Any]]]
+Maint = Callable[[str | None, bool], list[str]]
 
 
 class Stoppable(Protocol):
@@ -37,12 +38,13 @@ class Lookups:
 
 def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
-                  extra_health: Health | None = None) -> Lookups:
+                  extra_health: Health | None = None, maint: Maint | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
     from discovery.dns import DnsServer
     from discovery.dns import parse_listen as dns_listen
-    from discovery.http import HttpApi, watcher_health
+    from discovery.http import HttpApi
     from discovery.http import parse_listen as http_listen
+    from discovery.status import watcher_health
 
     out = Lookups()
     try:
@@ -60,7 +62,7 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
             def health() -> dict[str, dict[str, Any]]:
                 return {**base(), **(extra_health() if extra_health else {})}
 
-            api = HttpApi(watcher.catalog, health, metrics, bind, port).start()
+            api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint).start()
             out.started.append(api)
             out.http_port = api.port
             log.info("HTTP API on %s:%d", bind, api.port)

@@ -20,9 +20,9 @@ from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
-from discovery.errors import CheckError, DiscoveryError, LabelError, RegistryError
+from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
-from discovery.model import Instance, make_instance_id
+from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class Agent:
         self._pending_config: AgentConfig | None = None
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
+        self._maint: set[str] = set()  # instance ids in maintenance (discovery maint)
+        self._maint_node = False
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -302,7 +304,34 @@ class Agent:
             self._apply(tracked, key)
 
     def _apply(self, tracked: Tracked, key: Key) -> None:
-        self._write(key, tracked.instances[key] if self._wanted(tracked, key) else None)
+        wanted = self._wanted(tracked, key)
+        self._write(key, self._effective(tracked.instances[key]) if wanted else None)
+
+    def _effective(self, inst: Instance) -> Instance:
+        """The record as it should be written: ``draining`` while in maintenance."""
+        in_maint = self._maint_node or inst.id in self._maint
+        return inst.with_state(State.DRAINING) if in_maint else inst
+
+    def set_maint(self, instance_id: str | None, on: bool) -> list[str]:
+        """Maintenance for one instance (by id) or, with None, every instance of this node:
+        written as ``draining`` (HAProxy drains it, DNS stops answering it) without stopping
+        anything. Returns the ids affected; an unknown id raises :class:`ConfigError`."""
+        with self._lock:
+            known = {k[1]: (t, k) for t in self._tracked.values() for k in t.instances}
+            if instance_id is None:
+                self._maint_node = on
+                affected = sorted(known)
+            elif instance_id in known:
+                (self._maint.add if on else self._maint.discard)(instance_id)
+                affected = [instance_id]
+            else:
+                raise ConfigError(f"instance {instance_id[:80]!r} is not on this node")
+            for iid in affected:
+                tracked, key = known[iid]
+                self._apply(tracked, key)
+            log.info("maintenance %s for %s", "on" if on else "off",
+                     instance_id or f"node {self.config.node}")
+            return affected
 
     def _write(self, key: Key, instance: Instance | None) -> None:
         """Make the registry hold ``instance`` under ``key`` (or nothing); only on change."""
@@ -344,7 +373,7 @@ class Agent:
             for tracked in self._tracked.values():
                 for key, inst in tracked.instances.items():
                     if self._wanted(tracked, key):
-                        wanted[key] = inst
+                        wanted[key] = self._effective(inst)
             fixed = 0
             for key, inst in wanted.items():
                 present = ours.get(key)
@@ -370,5 +399,6 @@ class Agent:
                 "registry_connected": self.registry_connected,
                 "containers": len(self._tracked),
                 "registered": len(self._registered),
+                "maintenance": sorted(self._maint) + (["node"] if self._maint_node else []),
                 "time": time.time(),
             }

@@ -16,10 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from discovery.errors import ConfigError
-from discovery.http import HttpApi, agent_health, parse_listen, watcher_health
+from discovery.http import HttpApi, parse_listen
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.registry.base import Change, Snapshot
+from discovery.status import agent_health, watcher_health
 from discovery.watcher.catalog import Catalog
 from discovery.watcher.router import RouterStats
 from tests.harness.util import free_port, wait_for

@@ -6,13 +6,14 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.harness.agent import DiscoveryProcess
+from tests.harness.agent import REPO_ROOT, DiscoveryProcess
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 
@@ -66,3 +67,41 @@ def test_up_without_registry_or_dev_is_one_clear_error(tmp_path: Path):
     proc = DiscoveryProcess(["up"], "up", tmp_path).start()
     assert proc.wait(timeout=30) == 2
     assert "discovery: no registry" in proc.log()
+
+
+def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
+    web = f"m{uuid.uuid4().hex[:8]}"
+    listen, dns_port, http_port = free_port(), free_port(), free_port()
+    proc = DiscoveryProcess(["up", "--dev", "--service", f"{web}:{listen}",
+                             "--dns", f"127.0.0.1:{dns_port}", "--http", f"127.0.0.1:{http_port}"],
+                            "up", tmp_path).start()
+    agents.append(proc)
+    wait_for(lambda: get_json(http_port, "/v1/health"), 30, message="the HTTP API")
+    for n in (1, 2):
+        port = free_port()
+        containers(name=f"{web}-{n}", port=port, labels={
+            "discovery.service": web, "discovery.port": str(port),
+            "discovery.check.interval": "200ms"})
+    wait_for(lambda: set(spread(listen, 8)) == {f"{web}-1", f"{web}-2"}, 30,
+             message="both routed")
+    found = get_json(http_port, f"/v1/services/{web}")
+    victim = next(i for i in found if i["container_name"] == f"{web}-1")  # type: ignore[union-attr]
+
+    def maint(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "discovery", "maint", *args,
+                               "--agent", f"127.0.0.1:{http_port}"], capture_output=True,
+                              text=True, timeout=30, check=False, cwd=REPO_ROOT)
+
+    out = maint(victim["id"], "on")
+    assert out.returncode == 0 and victim["id"] in out.stdout, out.stdout + out.stderr
+    wait_for(lambda: set(spread(listen, 8)) == {f"{web}-2"}, 10, message="drained in HAProxy")
+    states = {i["container_name"]: i["state"] for i in get_json(http_port, f"/v1/services/{web}")}
+    assert states == {f"{web}-1": "draining", f"{web}-2": "up"}
+    dig = subprocess.run(["dig", "+short", "-p", str(dns_port), "@127.0.0.1",
+                          f"_{web}._tcp.service.discovery", "SRV"],
+                         capture_output=True, text=True, timeout=10, check=False)
+    assert len(dig.stdout.strip().splitlines()) == 1 and str(victim["port"]) not in dig.stdout
+    assert maint(victim["id"], "off").returncode == 0
+    wait_for(lambda: set(spread(listen, 8)) == {f"{web}-1", f"{web}-2"}, 10, message="back")
+    bad = maint("nosuch:000000000000:1", "on")
+    assert bad.returncode == 2 and "not on this node" in bad.stderr
