@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -96,6 +96,7 @@ class Metrics:
         self.haproxy_errors = Counter(
             "discovery_haproxy_errors",
             "HAProxy failures: reload or start failed, runtime commands refused.", registry=r)
+        self._dns_children: dict[tuple[str, str], Any] = {}
         self.dns_queries = Counter(
             "discovery_dns_queries", "DNS queries answered, by query type and response code.",
             ["qtype", "rcode"], registry=r)
@@ -208,9 +209,17 @@ class Metrics:
 
     # ---- DNS -------------------------------------------------------------------------------
     def dns_query(self, qtype: str, rcode: str) -> None:
-        """One DNS query answered: ``qtype`` like ``"SRV"``, ``rcode`` like ``"NXDOMAIN"``."""
-        self.dns_queries.labels(qtype=_fold(qtype, DNS_QTYPES, upper=True),
-                                rcode=_fold(rcode, DNS_RCODES, upper=True)).inc()
+        """One DNS query answered: ``qtype`` like ``"SRV"``, ``rcode`` like ``"NXDOMAIN"``.
+
+        On the DNS hot path: the labelled child is cached per (qtype, rcode) pair (a bounded
+        set, since both are folded to known values)."""
+        child = self._dns_children.get((qtype, rcode))
+        if child is None:
+            child = self.dns_queries.labels(qtype=_fold(qtype, DNS_QTYPES, upper=True),
+                                            rcode=_fold(rcode, DNS_RCODES, upper=True))
+            if len(self._dns_children) < 1024:
+                self._dns_children[(qtype, rcode)] = child
+        child.inc()
 
     # ---- exposition ------------------------------------------------------------------------
     #: what generate_latest writes (newer prometheus-client's CONTENT_TYPE_LATEST says 1.0.0)

@@ -17,7 +17,7 @@ from typing import Any
 from discovery.agent.checks import build_check
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
-from discovery.agent.health import CheckRunner
+from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
@@ -83,6 +83,7 @@ class Agent:
         self.registry_connected = False
         self._maint: set[str] = set()  # instance ids in maintenance (discovery maint)
         self._maint_node = False
+        self._checks = CheckScheduler()  # every check of this agent: one timer, a few workers
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -114,6 +115,7 @@ class Agent:
             with self._lock:
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
+            self._checks.stop()
             self.registry.close(revoke=self._revoke)
             log.info("agent stopped (registrations %s)", "revoked" if self._revoke else "left")
 
@@ -279,7 +281,8 @@ class Agent:
         kind = spec.check.type
         runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
                              name=f"check-{key[1]}",
-                             on_result=lambda ok: self.metrics.check(kind, ok))
+                             on_result=lambda ok: self.metrics.check(kind, ok),
+                             scheduler=self._checks)
         tracked.runners[key] = runner
         runner.start()
 

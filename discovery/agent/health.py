@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from discovery.agent.checks import clip
 from discovery.agent.spec import Check, CheckResult, CheckSpec
@@ -71,9 +73,11 @@ class CheckRunner:
         healthy: bool = False,
         name: str = "check",
         on_result: Callable[[bool], None] | None = None,
+        scheduler: CheckScheduler | None = None,
     ) -> None:
         self.spec, self.check, self.on_transition, self.name = spec, check, on_transition, name
         self.on_result = on_result  # every result (metrics), not only transitions
+        self.scheduler = scheduler  # shared timer + workers; None: a thread of its own
         self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
         self.last_result: CheckResult | None = None
         self.last_run: float | None = None
@@ -88,10 +92,19 @@ class CheckRunner:
 
     @property
     def running(self) -> bool:
+        if self.scheduler is not None:
+            return not self._stop.is_set()
         return self._thread.is_alive()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def start(self) -> CheckRunner:
-        self._thread.start()
+        if self.scheduler is not None:
+            self.scheduler.add(self)
+        else:
+            self._thread.start()
         return self
 
     def stop(self, timeout: float | None = None) -> None:
@@ -139,3 +152,65 @@ class CheckRunner:
             if next_at <= now:  # overran: skip the missed ticks
                 next_at += ((now - next_at) // interval + 1) * interval
             self._stop.wait(next_at - now)
+
+
+class CheckScheduler:
+    """Runs many :class:`CheckRunner` s with one timer thread and a few worker threads, instead
+    of a thread per check: an agent with 100 containers keeps ~4 MiB and most idle wake-ups.
+
+    A runner is never run twice at once: it is re-queued only after its run finished, at its
+    next tick on a fixed grid (missed ticks are skipped, as in the runner's own loop).
+    """
+
+    def __init__(self, workers: int = 8) -> None:
+        self._heap: list[tuple[float, int, CheckRunner]] = []
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
+        self._thread = threading.Thread(target=self._loop, name="check-timer", daemon=True)
+        self._thread.start()
+
+    def add(self, runner: CheckRunner, at: float | None = None) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() if at is None else at, self._seq, runner))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (
+                        not self._heap or self._heap[0][0] > time.monotonic()):
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._stopped:
+                    return
+                due, _, runner = heapq.heappop(self._heap)
+            if not runner.stopped:
+                try:
+                    self._pool.submit(self._run, runner, due)
+                except RuntimeError:  # shut down
+                    return
+
+    def _run(self, runner: CheckRunner, due: float) -> None:
+        try:
+            runner.run_once()
+        except Exception:
+            log.exception("%s: check runner error", runner.name)
+        if runner.stopped:
+            return
+        interval = max(runner.spec.interval, 0.01)
+        next_at, now = due + interval, time.monotonic()
+        if next_at <= now:  # overran: skip the missed ticks
+            next_at += ((now - next_at) // interval + 1) * interval
+        self.add(runner, next_at)

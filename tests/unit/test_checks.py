@@ -595,3 +595,40 @@ def test_runner_stop_from_callback() -> None:
     while runner.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not runner.running and runner.runs == 1
+
+
+def test_scheduler_runs_many_checks_on_few_threads() -> None:
+    """CheckScheduler: every runner keeps its interval, never overlaps itself, stops cleanly."""
+    import threading as _threading
+
+    from discovery.agent.health import CheckRunner, CheckScheduler
+
+    class Counting:
+        def __init__(self) -> None:
+            self.runs = 0
+            self.active = 0
+            self.overlap = False
+
+        def run(self) -> CheckResult:
+            self.active += 1
+            self.overlap |= self.active > 1
+            self.runs += 1
+            time.sleep(0.01)
+            self.active -= 1
+            return CheckResult(True, "ok")
+
+    before = _threading.active_count()
+    scheduler = CheckScheduler(workers=4)
+    checks = [Counting() for _ in range(40)]
+    seen: list[bool] = []
+    runners = [CheckRunner(CheckSpec(type="none", interval=0.1, rise=1, fall=1), c,
+                           lambda ok, _r: seen.append(ok), scheduler=scheduler).start()
+               for c in checks]
+    time.sleep(0.55)
+    assert _threading.active_count() - before <= 1 + 4  # the timer + the workers, not 40
+    for r in runners:
+        r.stop()
+    scheduler.stop()
+    assert all(3 <= c.runs <= 8 for c in checks), [c.runs for c in checks]
+    assert not any(c.overlap for c in checks)
+    assert seen.count(True) == 40  # one transition each

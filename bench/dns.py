@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""DNS benchmark: dnsperf against discovery's DNS endpoint and dnsmasq, same records, one run.
+
+Both servers answer the same synthetic zone: ``--services`` services of ``--instances``
+instances each (one node per instance, so every SRV target is ``<node>.node.discovery.``).
+Ours runs in its own process (``bench/dns.py --serve``: a Catalog filled with Instance objects,
+a ``DnsServer`` on a free 127.0.0.1 port); dnsmasq gets the same names from an addn-hosts file
+and ``--srv-host`` options (``--no-resolv --no-hosts --keep-in-foreground``). For each query
+type (``--qtypes``, default A then SRV) and each of ``--rounds`` rounds, ours then dnsmasq run
+``dnsperf -c CLIENTS -l DURATION`` over a query file naming every service, one at a time
+(alternating, so that a busy neighbour on the host hurts both alike). Before and after each
+run a sample of names is asked with ``dig`` and checked against the records.
+
+Output: one JSON line per run on stdout, then a summary (median qps of the rounds). With
+``--write-docs`` the summary and the exact command replace the ``## DNS`` section of
+docs/dns.md. Exit 0 when ours reached ``--target`` (0.5) x dnsmasq's qps for A with 0 lost and
+every answer correct, 1 otherwise, 2 when something could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from discovery.model import Instance  # noqa: E402
+from tests.harness.util import free_port  # noqa: E402
+
+DOMAIN = "discovery"
+DOCS = ROOT / "docs" / "dns.md"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TOOLS = {"dnsperf": "dnsperf", "dnsmasq": "dnsmasq-base", "dig": "dnsutils"}
+
+
+def say(msg: str) -> None:
+    print(f"[bench-dns] {msg}", file=sys.stderr, flush=True)
+
+
+def zone(services: int, instances: int) -> list[Instance]:
+    out = []
+    for s in range(services):
+        for i in range(instances):
+            node = f"h{s}x{i}"
+            out.append(Instance(service=f"svc{s}", id=f"{node}:{s:06x}{i:06x}:80", node=node,
+                                address=f"10.{s // 250}.{s % 250}.{i + 1}", port=8000 + i,
+                                weight=100))
+    return out
+
+
+def expected(records: list[Instance], name: str, qtype: str) -> set[str]:
+    svc = name.split(".")[0].lstrip("_")
+    mine = [r for r in records if r.service == svc]
+    if qtype == "A":
+        return {r.address for r in mine}
+    return {f"1 100 {r.port} {r.node}.node.{DOMAIN}." for r in mine}
+
+
+def qname(service: str, qtype: str) -> str:
+    return f"{service}.service.{DOMAIN}" if qtype == "A" else f"_{service}._tcp.service.{DOMAIN}"
+
+
+# --- the servers -------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``--serve``: our DnsServer on ``--port`` with the bench zone, until SIGTERM."""
+    from discovery.dns import DnsServer
+    from discovery.registry.base import Snapshot
+    from discovery.watcher.catalog import Catalog
+
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in zone(args.services, args.instances)}))
+    hook = None
+    if args.metrics:  # a Prometheus counter per (qtype, rcode), children cached
+        from prometheus_client import Counter
+
+        counter = Counter("bench_dns_queries", "DNS queries", ["qtype", "rcode"])
+        children: dict[tuple[str, str], Any] = {}
+
+        def hook(qtype: str, rcode: str) -> None:
+            child = children.get((qtype, rcode))
+            if child is None:
+                child = children[(qtype, rcode)] = counter.labels(qtype, rcode)
+            child.inc()
+
+    server = DnsServer(catalog, port=args.port, udp_threads=args.udp_threads,
+                       on_query=hook).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.stop()
+
+
+def start_ours(args: argparse.Namespace, port: int, work: Path) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port),
+           "--services", str(args.services), "--instances", str(args.instances),
+           "--udp-threads", str(args.udp_threads)] + (["--metrics"] if args.metrics else [])
+    with open(work / "ours.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        stop(proc)
+        raise RuntimeError(f"our server did not start: see {work / 'ours.log'}")
+    return proc
+
+
+def start_dnsmasq(args: argparse.Namespace, port: int, work: Path,
+                  records: list[Instance]) -> subprocess.Popen[str]:
+    hosts = work / "hosts"
+    lines = [f"{r.address} {r.service}.service.{DOMAIN} {r.node}.node.{DOMAIN}" for r in records]
+    hosts.write_text("\n".join(lines) + "\n")
+    work.chmod(0o755)  # dnsmasq reads it after dropping to nobody
+    hosts.chmod(0o644)
+    cmd = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+           f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+           f"--addn-hosts={hosts}", f"--local=/{DOMAIN}/", "--local-ttl=0", "--pid-file=",
+           f"--log-facility={work / 'dnsmasq.log'}"]
+    cmd += [f"--srv-host=_{r.service}._tcp.service.{DOMAIN},{r.node}.node.{DOMAIN},{r.port},1,"
+            f"{r.weight}" for r in records]
+    (work / "dnsmasq.cmd").write_text(shlex.join(cmd) + "\n")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # ready when it answers
+        if proc.poll() is not None:
+            raise RuntimeError(f"dnsmasq exited {proc.returncode}: see {work / 'dnsmasq.log'}")
+        if dig(port, qname(records[0].service, "A"), "A"):
+            return proc
+        time.sleep(0.1)
+    stop(proc)
+    raise RuntimeError("dnsmasq did not answer within 10 s")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def dig(port: int, name: str, qtype: str) -> set[str]:
+    out = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+short", "+time=2",
+                          "+tries=2", name, qtype], capture_output=True, text=True, timeout=30)
+    return set(out.stdout.split("\n")) - {""}
+
+
+def check(port: int, records: list[Instance], qtype: str, services: Sequence[str]) -> list[str]:
+    """Ask every sampled name with dig; the mismatches."""
+    bad = []
+    for svc in services:
+        name = qname(svc, qtype)
+        got, want = dig(port, name, qtype), expected(records, name, qtype)
+        if got != want:
+            bad.append(f"{name} {qtype}: got {sorted(got)}, want {sorted(want)}")
+    return bad
+
+
+def dnsperf(args: argparse.Namespace, port: int, queries: Path) -> dict[str, object]:
+    cmd = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
+           "-c", str(args.clients), "-l", str(args.duration)]
+    if args.max_qps:
+        cmd += ["-Q", str(args.max_qps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    text = out.stdout + out.stderr
+
+    def num(label: str) -> float:
+        found = re.search(rf"{label}:\s+([0-9.]+)", text)
+        if not found:
+            raise RuntimeError(f"dnsperf output without {label!r}:\n{text}")
+        return float(found.group(1))
+
+    codes = dict(re.findall(r"([A-Z]+) (\d+) \(", text.split("Response codes:")[1].split("\n")[0]))
+    return {"sent": int(num("Queries sent")), "completed": int(num("Queries completed")),
+            "lost": int(num("Queries lost")), "qps": round(num("Queries per second")),
+            "avg_latency_ms": round(num("Average Latency \\(s\\)") * 1000, 3),
+            "rcodes": {k: int(v) for k, v in codes.items()}, "cmd": shlex.join(cmd)}
+
+
+def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    records = zone(args.services, args.instances)
+    names = sorted({r.service for r in records})
+    sample = names if len(names) <= args.check else names[:: max(1, len(names) // args.check)]
+    rows = []
+    for qtype in args.qtypes:
+        queries = work / f"queries-{qtype}.txt"
+        queries.write_text("".join(f"{qname(s, qtype)} {qtype}\n" for s in names))
+        for rnd in range(1, args.rounds + 1):
+            for server in ("discovery", "dnsmasq"):
+                port = free_port()
+                proc = (start_ours(args, port, work) if server == "discovery"
+                        else start_dnsmasq(args, port, work, records))
+                spy = None
+                try:
+                    bad = check(port, records, qtype, sample)
+                    if args.py_spy and server == "discovery":
+                        spy = subprocess.Popen([args.py_spy, "record", "-p", str(proc.pid),
+                                                "-f", "speedscope", "-o",
+                                                str(work / f"py-spy-{qtype}-{rnd}.json")],
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
+                    cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                    perf = dnsperf(args, port, queries)
+                    cpu1, wall = cpu_seconds(proc.pid), time.monotonic() - t0
+                    bad += check(port, records, qtype, sample)
+                finally:
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(30)
+                    stop(proc)
+                rcodes = perf["rcodes"]
+                assert isinstance(rcodes, dict)
+                correct = not bad and set(rcodes) == {"NOERROR"}
+                user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                done = max(1, int(perf["completed"]))  # type: ignore[call-overload]
+                row = {"server": server, "qtype": qtype, "round": rnd, **perf,
+                       "server_cpu_pct": round((user + system) / wall * 100),
+                       "server_us_per_query": {"user": round(user / done * 1e6, 2),
+                                               "sys": round(system / done * 1e6, 2)},
+                       "checked_names": len(sample) * 2,
+                       "correct": correct, "mismatches": bad[:5]}
+                print(json.dumps(row), flush=True)
+                say(f"{qtype} round {rnd} {server}: {perf['qps']} qps, lost {perf['lost']}, "
+                    f"cpu {row['server_cpu_pct']}%, correct {correct}")
+                rows.append(row)
+    return rows
+
+
+def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    lines = ["| query | discovery qps (median) | dnsmasq qps (median) | ratio (worst round) | "
+             "lost (discovery / dnsmasq) | answers correct | CPU µs/query user+sys (discovery / "
+             "dnsmasq) |", "|---|---|---|---|---|---|---|"]
+    ok = True
+    for qtype in args.qtypes:
+        def pick(server: str, key: str, qt: str = qtype) -> list[int]:
+            return [int(r[key]) for r in rows
+                    if r["server"] == server and r["qtype"] == qt]
+        ours, theirs = statistics.median(pick("discovery", "qps")), \
+            statistics.median(pick("dnsmasq", "qps"))
+        ratio = ours / theirs if theirs else 0.0
+        pairs = [a / b for a, b in zip(pick("discovery", "qps"), pick("dnsmasq", "qps"),
+                                       strict=True) if b]
+        lost = (sum(pick("discovery", "lost")), sum(pick("dnsmasq", "lost")))
+        correct = all(r["correct"] for r in rows if r["qtype"] == qtype)
+        cpu = " / ".join(_cpu(rows, server, qtype) for server in ("discovery", "dnsmasq"))
+        runs = ", ".join(str(q) for q in pick("discovery", "qps"))
+        them = ", ".join(str(q) for q in pick("dnsmasq", "qps"))
+        lines.append(f"| {qtype} | {ours:.0f} ({runs}) | {theirs:.0f} ({them}) | {ratio:.2f} "
+                     f"({min(pairs, default=0):.2f}) | "
+                     f"{lost[0]} / {lost[1]} | {'yes' if correct else 'NO'} | {cpu} |")
+        if qtype == "A":
+            ok = ratio >= args.target and lost[0] == 0 and correct
+    return "\n".join(lines), ok
+
+
+def _cpu(rows: list[dict[str, Any]], server: str, qtype: str) -> str:
+    mine = [r["server_us_per_query"] for r in rows if r["server"] == server and r["qtype"] == qtype]
+    user = statistics.median(c["user"] for c in mine)
+    system = statistics.median(c["sys"] for c in mine)
+    return f"{user:.1f}+{system:.1f}"
+
+
+def write_docs(args: argparse.Namespace, table: str, ok: bool, argv: Sequence[str]) -> None:
+    cores = os.cpu_count()
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    dnsmasq = subprocess.run(["dnsmasq", "--version"], capture_output=True, text=True).stdout
+    versions = f"dnsmasq {dnsmasq.split()[2]}, Python {sys.version.split()[0]}"
+    perf = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True)
+    perf_version = next((line for line in (perf.stdout + perf.stderr).splitlines()
+                         if line.startswith("Version")), "")
+    command = ".venv/bin/python bench/dns.py " + shlex.join(argv)
+    perf_flags = f"dnsperf -c {args.clients} -l {args.duration}" + \
+        (f" -Q {args.max_qps}" if args.max_qps else "")
+    metrics = "; our server counts every query in a Prometheus counter" if args.metrics else ""
+    section = f"""## DNS
+
+<!-- written by bench/dns.py --write-docs on {time.strftime('%Y-%m-%d')}; do not edit by hand -->
+
+```sh
+{command.strip()}
+```
+
+{cores} cores ({cpu}), {versions}, dnsperf {perf_version.replace('Version ', '')};
+load average {args.load_before} before the run, {args.load_after} after (a shared host: other
+work ran alongside, which is why the rounds alternate). Zone: {args.services} services x
+{args.instances} instances, one node each{metrics}. Per query type and round, ours then
+dnsmasq, each in its own process on a free 127.0.0.1 port, under `{perf_flags}` (default 100
+outstanding queries) over a file naming every service once; dnsperf and the server share the
+{cores} cores. Every run is framed by `dig` checks of {min(args.check, args.services)} names
+against the records, and all dnsperf answers must be NOERROR. Median of {args.rounds} rounds
+(each round's figure in brackets); CPU is the server's own (`/proc/PID/stat`), per answered query.
+
+{table}
+
+Target (A): discovery >= {args.target:.0%} of dnsmasq's qps, 0 lost, answers correct:
+**{'met' if ok else 'NOT met'}**.
+"""
+    text = DOCS.read_text() if DOCS.exists() else "# DNS\n"
+    start = text.find("\n## DNS\n")
+    end = text.find("\n## ", start + 1) if start >= 0 else -1
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = text[:start + 1] + section + (text[end:] if end >= 0 else "")
+    DOCS.write_text(text)
+    say(f"wrote the ## DNS section of {DOCS}")
+
+
+def ensure_tools() -> bool:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if not missing:
+        return True
+    packages = sorted({TOOLS[t] for t in missing})
+    say(f"missing {', '.join(missing)}: apt-get install -y {' '.join(packages)}")
+    if os.geteuid() != 0:
+        say("not root: install them first (scripts/setup.sh with DISCOVERY_BENCH=1 does)")
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "install", "-y", *packages], ["apt-get", "update"],
+                ["apt-get", "install", "-y", *packages]):
+        if subprocess.run(cmd, env=env, stdout=sys.stderr).returncode == 0:
+            return all(shutil.which(tool) for tool in TOOLS)
+    say(f"could not install {' '.join(packages)}")
+    return False
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--duration", type=int, default=10, help="seconds of dnsperf per run")
+    p.add_argument("--clients", type=int, default=4, help="dnsperf -c")
+    p.add_argument("--max-qps", type=int, default=0, help="dnsperf -Q (0: unlimited)")
+    p.add_argument("--rounds", type=int, default=3, help="ours/dnsmasq pairs per query type")
+    p.add_argument("--qtypes", type=lambda s: s.split(","), default=["A", "SRV"],
+                   help="A and/or SRV, comma-separated")
+    p.add_argument("--services", type=int, default=50)
+    p.add_argument("--instances", type=int, default=3, help="per service")
+    p.add_argument("--udp-threads", type=int, default=1, help="our DnsServer(udp_threads=)")
+    p.add_argument("--metrics", action="store_true",
+                   help="our server counts every query in a Prometheus counter (on_query hook)")
+    p.add_argument("--check", type=int, default=10, help="names checked with dig per run")
+    p.add_argument("--target", type=float, default=0.5, help="ours / dnsmasq qps for A")
+    p.add_argument("--py-spy", metavar="BIN", help="profile our server (speedscope in work dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, query files)")
+    p.add_argument("--write-docs", action="store_true", help=f"rewrite ## DNS in {DOCS}")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not set(args.qtypes) <= {"A", "SRV"} or not 1 <= args.services <= 10000 or \
+            not 1 <= args.instances <= 50 or not 1 <= args.duration <= 600 or \
+            not 1 <= args.rounds <= 20:
+        p.error("--qtypes A,SRV; --services 1..10000; --instances 1..50; --duration 1..600; "
+                "--rounds 1..20")
+    return args
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bench-dns-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            say(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.serve:
+        return serve(args)
+    if not ensure_tools():
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    try:
+        with workdir(args.keep) as work:
+            rows = run(args, work)
+        args.load_after = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        say(f"could not measure: {exc}")
+        return 2
+    table, ok = summarize(args, rows)
+    print(table)
+    if args.write_docs:
+        write_docs(args, table, ok, [a for a in argv if a != "--write-docs"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
