@@ -208,3 +208,23 @@ def test_dockerd_restart_state_recovered(registry_url, containers, start_agent):
     wait_registered(registry_url, web, timeout=60)  # restarted by dockerd: back again
     assert agent.alive
     assert "reconnecting" in agent.log()
+
+
+def test_sighup_rereads_the_config_file(registry_url, containers, start_agent, tmp_path):
+    web = svc()
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[agent]\naddress = "127.0.0.1"\n')
+    agent = start_agent(registry_url, None, "--config", str(conf))
+    port = free_port()
+    containers(name=f"{web}-1", port=port, labels=labels(web, port))
+    [inst] = wait_registered(registry_url, web)
+    assert inst.address == "127.0.0.1"
+    conf.write_text('[agent]\naddress = "127.0.0.2"\n')
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: [i.address for i in service_instances(registry_url, web)] == ["127.0.0.2"],
+             10, message="re-registered at the new address")
+    conf.write_text("[agent]\nbogus = 1\n")  # a broken file: logged, the last config kept
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration not reloaded" in agent.log(), 10, message="a clear error")
+    assert agent.alive
+    assert [i.address for i in service_instances(registry_url, web)] == ["127.0.0.2"]
