@@ -68,7 +68,6 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     """Register healthy containers of this host in the registry."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
-    from discovery.http import HttpApi, parse_listen
     from discovery.metrics import Metrics
     from discovery.status import agent_health
 
@@ -86,8 +85,12 @@ def agent(ctx: click.Context, **opts: Any) -> None:
         registry = open_registry(config.registry, ttl=config.ttl)
         metrics = Metrics()
         the_agent = Agent(config, registry, metrics)
-        api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
-                      maint=the_agent.set_maint).start() if http else None
+        api = None
+        if http:
+            from discovery.http import HttpApi, parse_listen
+
+            api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
+                          maint=the_agent.set_maint).start()
     except DiscoveryError as exc:
         fail(str(exc))
         return

@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from discovery import output
 from discovery.cli_options import registry_options
@@ -43,6 +42,8 @@ def show(service: str, registry: str, fmt: str, timeout: float) -> None:
     if fmt == "json":
         click.echo(output.as_json(found))
     else:
+        from rich.table import Table
+
         now = time.time()
         table = Table(box=None, header_style="bold", pad_edge=False)
         for column in ("ID", "ADDRESS", "STATE", "SINCE", "NODE", "WEIGHT", "TAGS", "CONTAINER",

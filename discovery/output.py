@@ -7,11 +7,12 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is loaded only by commands that print tables (not by daemons)
+    from rich.console import Console
 
 from discovery.model import Instance, State
 
@@ -33,6 +34,8 @@ def fail(message: str) -> NoReturn:
 
 def console() -> Console:
     """A console for tables: terminal width on a terminal, no folding when piped."""
+    from rich.console import Console
+
     probe = Console()
     return Console(soft_wrap=True, width=None if probe.is_terminal else 1000)
 
@@ -51,6 +54,8 @@ def as_table(instances: Iterable[Instance], console: Console, now: float | None 
     by_service: dict[str, list[Instance]] = defaultdict(list)
     for inst in rows:
         by_service[inst.service].append(inst)
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("SERVICE", "INSTANCES", "ADDRESS", "NODE", "STATE", "TAGS", "AGE"):
         table.add_column(column, overflow="fold")
