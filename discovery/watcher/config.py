@@ -249,7 +249,7 @@ class WatcherConfig:
     maxconn: int = 4096
     timeouts: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     stats_port: int | None = None
-    wait_min: float = 0.05
+    wait_min: float = 0.02  # a runtime change costs ~5 ms at any size: a short window is cheap
     wait_max: float = 0.5
     reload_min_interval: float = 1.0
     template: str | None = None

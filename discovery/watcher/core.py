@@ -43,7 +43,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 class Watcher:
     def __init__(self, registry: Registry, router: Router | None, *,
-                 json_out: Path | None = None, wait: tuple[float, float] = (0.05, 0.5),
+                 json_out: Path | None = None, wait: tuple[float, float] = (0.02, 0.5),
                  reload_min_interval: float = 1.0, metrics: Metrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or Metrics()

@@ -92,7 +92,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg == WatcherConfig()
     assert cfg.services == {} and cfg.stats_port is None and cfg.maxconn == 4096
     assert dict(cfg.timeouts) == {"connect": 5000, "client": 60000, "server": 60000}
-    assert (cfg.wait_min, cfg.wait_max) == (0.05, 0.5)
+    assert (cfg.wait_min, cfg.wait_max) == (0.02, 0.5)
 
 
 def bad(tmp_path: Path, text: str, match: str) -> None:
