@@ -116,6 +116,20 @@ def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
     os.replace(staged, path)
 
 
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until ``pid`` is gone (or a zombie: not our child, nobody reaps it here)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class HAProxyControl(Protocol):
     """What the watcher needs from an HAProxy, whoever runs it."""
 
@@ -202,7 +216,28 @@ class HAProxySupervisor:
                                                  name=f"haproxy-monitor-{self.state_dir.name}")
                 self._monitor.start()
 
+    def _stop_stale(self) -> None:
+        """A master left by an earlier watcher of this state dir that was SIGKILLed (HAProxy runs
+        in its own session and outlives it): stop it, by its pid, before starting ours —
+        otherwise two HAProxies would listen on the same ports with different membership."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return
+        if not cmdline or Path(cmdline[0].decode(errors="replace")).name != Path(self.binary).name \
+                or str(self.master_socket).encode() not in b" ".join(cmdline):
+            return  # not ours: a recycled pid, or another HAProxy
+        log.warning("stopping HAProxy pid %d left by an earlier watcher of %s", pid,
+                    self.state_dir)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid, 10.0):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 5.0)
+
     def _spawn(self) -> None:
+        self._stop_stale()
         argv = [self.binary, "-W", "-S", f"{self.master_socket},mode,600",
                 "-f", str(self.config), "-p", str(self.pid_file)]
         with open(self.log_file, "ab") as out:

@@ -1,0 +1,684 @@
+#!/usr/bin/env python3
+"""Write docs/configuration.md, the configuration reference, from the code.
+
+    .venv/bin/python scripts/gen_config_reference.py           # (re)write the file
+    .venv/bin/python scripts/gen_config_reference.py --check   # exit 1 if it is out of date
+
+What comes from the code, and from where:
+
+* every command, flag, environment variable, default and help text: the click command tree
+  (``discovery.cli.main``), exactly what ``discovery COMMAND --help`` shows;
+* the registry URL schemes, default ports and prefix, query parameters and environment
+  variables: ``discovery.registry.base``;
+* the config file keys and their defaults: ``discovery.agent.config`` (``[agent]``,
+  ``[agent.check]``), ``discovery.watcher.config`` (``[watcher]``, ``[services.NAME]``,
+  allowed modes, balance algorithms, timeouts, server and check keywords);
+* the registrator names and the built-in check types: ``discovery.agent.labels`` and
+  ``discovery.agent.checks``.
+
+What is maintained here, because the code has no list of it: the meaning of config keys and
+check types, the label table (``labels.py`` parses label *patterns*; it keeps no list of
+labels), options without help text, and the variables only the container image reads.
+Anything the code has and this script does not describe is written as ``UNDOCUMENTED`` and
+named on stderr; ``tests/unit/test_config_reference.py`` fails on it, and on a stale file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import click  # noqa: E402
+
+OUT = ROOT / "docs" / "configuration.md"
+COMMAND = ".venv/bin/python scripts/gen_config_reference.py"
+UNDOCUMENTED = "UNDOCUMENTED"
+#: commands in reading order; commands not listed here follow, alphabetically
+ORDER = ("agent", "watch", "up", "dns", "services", "show", "maint", "check-config")
+
+# ---- meanings the code does not carry -------------------------------------------------------
+
+#: options without a help text: "command:param" first, then "param" for every command
+OPTION_HELP = {
+    "fmt": "output format",
+    "dns_domain": "DNS domain answered: `<service>.service.<domain>`",
+    "dns_ttl": "TTL of DNS answers, seconds",
+    "check-config:haproxy_bin": "HAProxy binary that runs `haproxy -c` on the rendered config",
+    "check-config:services": "a listener to validate, as `watch --service`; repeatable",
+    "up:haproxy_bin": "HAProxy binary: `up` runs and supervises it (master-worker)",
+    "up:node": "this host's name in the registry (default: the short hostname)",
+}
+
+AGENT_CHECK_KEYS = {
+    "type": "check type for containers whose labels name none (a container whose image has a "
+            "HEALTHCHECK follows it instead)",
+    "interval": "seconds between check runs",
+    "timeout": "seconds one run may take",
+    "rise": "passing runs in a row to register",
+    "fall": "failing runs in a row to deregister",
+}
+
+WATCHER_KEYS = {
+    "maxconn": "HAProxy global `maxconn`",
+    "timeouts": "`defaults` timeouts, a table: `{ connect = \"5s\", client = \"1m\" }` "
+                "(bare numbers are milliseconds)",
+    "stats_port": "HAProxy stats page on `127.0.0.1:PORT`",
+    "wait": "quiescence window `MIN[:MAX]`: a burst of changes is applied once quiet for MIN, "
+            "never later than MAX after the first (MIN alone: MAX = 4 x MIN); `--wait` wins",
+    "reload_min_interval": "at most one HAProxy reload per this interval",
+    "template": "your Jinja2 template for haproxy.cfg ([templates/README.md]"
+                "(../templates/README.md)); `--template` wins",
+}
+
+SERVICE_KEYS = {
+    "port": "local port to listen on (**required**); `--service NAME:PORT` overrides it",
+    "bind": "listen address (an IP)",
+    "mode": "HAProxy mode",
+    "balance": "balance algorithm (`source` and `uri` get `hash-type consistent`)",
+    "server_options": "extra keywords for every `server` line: whitelisted server keywords "
+                      "only (below)",
+    "check": "HAProxy-side checks too (the agent already checks before registering)",
+    "check_options": "check keywords (below); needs `check = true`",
+    "httpchk": "path for `option httpchk GET <path>`; needs `check = true`",
+    "timeouts": "per-service timeouts, a table (frontend and backend names below)",
+    "tags": "route only instances having all these tags",
+    "slots": "minimum pre-allocated server slots (more are added, by a reload, when needed)",
+    "maxconn": "frontend `maxconn`",
+}
+
+CHECK_TYPES = {
+    "tcp": "a TCP connection to the advertised address and port succeeds",
+    "http": "`GET http://ADDRESS:PORT<path>` answers the expected status",
+    "exec": "`command` exits 0 **inside the container** (Docker exec, no shell)",
+    "docker": "the image's own HEALTHCHECK says `healthy` (follows Docker's events); needs a "
+              "HEALTHCHECK",
+    "none": "always healthy",
+}
+
+#: the registry URL's query parameters and environment variables
+URL_PARAMS = {
+    "ca": "CA certificate(s), PEM, to verify the servers with; implies TLS",
+    "cert": "client certificate, PEM (with `key=`); implies TLS",
+    "key": "private key of `cert=`, PEM; implies TLS",
+    "password_file": "file holding the password (trailing newlines ignored)",
+}
+URL_FIELDS = {
+    "user": "the user (etcd user / ZooKeeper digest user)",
+    "password": "the password itself (there is deliberately no flag for it)",
+    "password_file": "`password_file=`",
+    "tls_ca": "`ca=`",
+    "tls_cert": "`cert=`",
+    "tls_key": "`key=`",
+}
+
+#: (label, default, meaning, example labels that parse, as label -> value)
+LABELS: list[tuple[str, str, str, dict[str, str]]] = [
+    ("discovery.service", "—", "service name, a lowercase DNS label. **Only containers with "
+     "this label (or `SERVICE_NAME`) are registered**", {"discovery.service": "web"}),
+    ("discovery.port", "the only exposed TCP port",
+     "container port to register; needed when the container exposes several",
+     {"discovery.port": "8080"}),
+    ("discovery.tags", "none", "comma-separated tags, each a DNS label",
+     {"discovery.tags": "blue,v2"}),
+    ("discovery.weight", "`100`", "0..256; 0 takes no new connections",
+     {"discovery.weight": "50"}),
+    ("discovery.meta.KEY", "—", "free-form metadata `KEY=VALUE` (printable, up to 512 chars)",
+     {"discovery.meta.version": "1.4"}),
+    ("discovery.ignore", "`false`", "`true`: never register this container",
+     {"discovery.ignore": "false"}),
+    ("discovery.PORT.service", "—", "per-port service name, for a container offering several; "
+     "`discovery.PORT.tags`, `.weight`, `.ignore`, `.meta.KEY`, `.check*` likewise override "
+     "the container-wide labels for that port", {"discovery.8080.service": "web",
+                                                 "discovery.8080.tags": "blue"}),
+    ("discovery.check", "`docker` if the image has a HEALTHCHECK, else `{check}`",
+     "check type: a built-in (below) or a plugin's name ([docs/checks.md](checks.md))",
+     {"discovery.check": "tcp"}),
+    ("discovery.check.interval", "`{interval}`", "time between runs (`500ms`, `2s`, `1m`; "
+     "50ms..1h)", {"discovery.check.interval": "500ms"}),
+    ("discovery.check.timeout", "`{timeout}`", "how long one run may take",
+     {"discovery.check.timeout": "2s"}),
+    ("discovery.check.rise", "`{rise}`", "passing runs in a row to register (1..100)",
+     {"discovery.check.rise": "3"}),
+    ("discovery.check.fall", "`{fall}`", "failing runs in a row to deregister (1..100)",
+     {"discovery.check.fall": "3"}),
+    ("discovery.check.path", "`/`", "`http`: path to GET",
+     {"discovery.check": "http", "discovery.check.path": "/health"}),
+    ("discovery.check.status", "any 2xx or 3xx", "`http`: expected status: `200`, `2xx`, "
+     "`200,3xx`", {"discovery.check": "http", "discovery.check.status": "2xx"}),
+    ("discovery.check.command", "—", "`exec`: the command, a JSON array or shell-like words "
+     "(never run by a shell)",
+     {"discovery.check": "exec", "discovery.check.command": '["test", "-f", "/tmp/ok"]'}),
+    ("discovery.check.PARAM", "—", "any other parameter, handed to plugin checks",
+     {"discovery.check.contains": "ok"}),
+]
+#: registrator spellings the code reads but that have no discovery.* twin in _REGISTRATOR_FIELDS
+REGISTRATOR_EXTRA = [
+    ("SERVICE_KEY=value", "`discovery.meta.key=value` (the key lower-cased)"),
+    ("SERVICE_PORT_KEY=value", "`discovery.PORT.meta.key=value`"),
+    ("SERVICE_ID, SERVICE_CHECK_*", "ignored: our ids are `<node>:<container>:<port>`; "
+     "checks are `discovery.check*`"),
+]
+
+#: variables read only by the container image (deploy/entrypoint.sh, deploy/healthcheck.py)
+IMAGE_ENV = {
+    "DISCOVERY_CONFIG": "`agent`, `watch`, `up`: the TOML file; default "
+                        "`/etc/discovery/discovery.toml` when it is mounted (for `watch` it "
+                        "becomes `DISCOVERY_WATCH_CONFIG`, for `up` `--config`)",
+    "DISCOVERY_SERVICES": "`up`, `watch`: `\"web:18000 api:127.0.0.1:18001\"`, one `--service` "
+                          "each",
+    "DISCOVERY_HTTP": "`agent` (as `DISCOVERY_AGENT_HTTP`), `watch`: `--http`; `off` disables",
+    "DISCOVERY_DNS": "`watch`: `--dns`; `off` disables",
+    "DISCOVERY_HEALTH_URL": "the image's HEALTHCHECK: the `/v1/health` URL to ask (default: "
+                            "from the command's `--http`)",
+    "DISCOVERY_RUN_AS_ROOT": "`1`: keep root instead of switching to user `discovery`",
+}
+#: variables read by libraries or by the CLI itself, not through click options
+OTHER_ENV = {
+    "DISCOVERY_REGISTRY_PASSWORD": "the registry password (see the registry URL above)",
+    "DOCKER_HOST": "`agent`, `up`: dockerd to follow when `--docker` is not given",
+    "_DISCOVERY_COMPLETE": "shell completion: `eval \"$(_DISCOVERY_COMPLETE=bash_source "
+                           "discovery)\"` (`zsh_source`, `fish_source`)",
+}
+
+# ---- helpers --------------------------------------------------------------------------------
+
+missing: list[str] = []
+
+
+def undocumented(what: str) -> str:
+    missing.append(what)
+    return f"**{UNDOCUMENTED}**: describe it in scripts/gen_config_reference.py"
+
+
+def cell(text: object) -> str:
+    """Text for a Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def code(text: object) -> str:
+    return f"`{text}`"
+
+
+def table(head: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]:
+    head = list(head)
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return [*out, ""]
+
+
+def unset(value: object) -> bool:
+    """None, or click's ``UNSET`` sentinel (click >= 8.2)."""
+    return value is None or type(value).__name__ == "Sentinel"
+
+
+def duration(seconds: float) -> str:
+    """0.05 -> 50ms, 2.0 -> 2s, 60 -> 1m (how the config files spell durations)."""
+    ms = round(seconds * 1000)
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+_ENV_NOTE = re.compile(r"\s*\[env [A-Z0-9_, ]+\]")
+
+
+def help_text(param: click.Parameter) -> str:
+    return _ENV_NOTE.sub("", getattr(param, "help", None) or "").strip()
+
+
+# ---- the click tree -------------------------------------------------------------------------
+
+
+def commands() -> list[tuple[str, click.Command]]:
+    from discovery.cli import main
+
+    known = [n for n in ORDER if n in main.commands]
+    rest = sorted(set(main.commands) - set(known))
+    return [(n, main.commands[n]) for n in [*known, *rest]]
+
+
+def borrowed_help(all_commands: list[tuple[str, click.Command]]) -> dict[tuple[str, str], str]:
+    """(param name, flags) -> help, from whichever command has one (for repeats without)."""
+    out: dict[tuple[str, str], str] = {}
+    for _, cmd in all_commands:
+        for p in cmd.params:
+            text = help_text(p)
+            if text and p.name:
+                out.setdefault((p.name, " ".join(p.opts)), text)
+    return out
+
+
+def option_meaning(name: str, param: click.Parameter, borrowed: dict[tuple[str, str], str]
+                   ) -> str:
+    return (help_text(param) or OPTION_HELP.get(f"{name}:{param.name}")
+            or OPTION_HELP.get(param.name or "")
+            or borrowed.get((param.name or "", " ".join(param.opts)))
+            or undocumented(f"option {' '.join(param.opts)} of `discovery {name}`"))
+
+
+def flag_spelling(param: click.Option, ctx: click.Context) -> str:
+    names = ", ".join(param.opts)
+    if param.secondary_opts:
+        names += " / " + ", ".join(param.secondary_opts)
+    if param.is_flag:
+        return names
+    return f"{names} {param.make_metavar(ctx)}"
+
+
+def default_spelling(param: click.Option) -> str:
+    if param.required:
+        return "required"
+    if not param.expose_value:  # --version, --help: actions, not settings
+        return "—"
+    if isinstance(param.show_default, str):
+        return param.show_default
+    value = param.default
+    if param.is_flag:
+        return "on" if value is True else "off"
+    if unset(value) or value == "" or value == ():
+        return "—"
+    if isinstance(value, float):
+        return code(number(value))
+    return code(value)
+
+
+def envvars(param: click.Parameter) -> list[str]:
+    value = param.envvar
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def registry_flag_names() -> set[str]:
+    from discovery.cli_options import FLAGS
+
+    return set(FLAGS)
+
+
+def command_section(name: str, cmd: click.Command, parent: click.Context,
+                    borrowed: dict[tuple[str, str], str]) -> list[str]:
+    ctx = click.Context(cmd, info_name=name, parent=parent)
+    usage = " ".join(cmd.collect_usage_pieces(ctx))
+    out = [f"### `discovery {name}`", "", f"`discovery {name} {usage}`", ""]
+    if cmd.help:
+        out += [inspect.cleandoc(cmd.help), ""]
+    rows: list[list[str]] = []
+    shared = registry_flag_names()
+    collapsed = shared <= {p.name for p in cmd.params}
+    for p in cmd.params:
+        if isinstance(p, click.Argument):
+            rows.append([code(p.make_metavar(ctx)), "—", "required" if p.required else "optional",
+                         "argument"])
+            continue
+        if not isinstance(p, click.Option) or p.hidden:
+            continue
+        if collapsed and p.name in shared:
+            if p.name == next(iter(sorted(shared))):
+                from discovery.cli_options import FLAGS
+
+                flags = ", ".join(f"`{FLAGS[n][1]}`" for n in FLAGS)
+                rows.append([flags, "see [Registry options](#registry-options)", "—",
+                             "TLS and credentials, folded into the registry URL"])
+            continue
+        env = ", ".join(code(e) for e in envvars(p)) or "—"
+        meaning = option_meaning(name, p, borrowed)
+        if p.multiple:
+            meaning = meaning.rstrip(".") + ("" if "repeatable" in meaning else "; repeatable")
+        rows.append([code(flag_spelling(p, ctx)), env, default_spelling(p), meaning])
+    return out + table(["flag", "env", "default", "meaning"], rows)
+
+
+def registry_options_section(all_commands: list[tuple[str, click.Command]]) -> list[str]:
+    from discovery.cli_options import FLAGS
+
+    users = [n for n, c in all_commands if registry_flag_names() <= {p.name for p in c.params}]
+    example = dict(all_commands)[users[0]] if users else None
+    rows = []
+    for pname, (_field, flag, spelled, text) in FLAGS.items():
+        env = "—"
+        if example is not None:
+            param = next(p for p in example.params if p.name == pname)
+            env = ", ".join(code(e) for e in envvars(param)) or "—"
+        rows.append([code(flag), env, code(spelled), text])
+    return [
+        "### Registry options",
+        "",
+        "Every command with `--registry` (" + ", ".join(f"`{u}`" for u in users) + ") also "
+        "takes these. Flags given on the command line are folded into the URL (a flag that "
+        "contradicts the URL is an error); the environment variables are read when the "
+        "registry is opened, by the CLI and the Python client alike. There is no password "
+        "flag: use `--registry-password-file` or `DISCOVERY_REGISTRY_PASSWORD`.",
+        "",
+        *table(["flag", "env", "in the URL", "meaning"], rows),
+    ]
+
+
+def global_section() -> list[str]:
+    from discovery.cli import main
+
+    ctx = click.Context(main, info_name="discovery")
+    rows = []
+    for p in main.params:
+        if isinstance(p, click.Option) and not p.hidden:
+            meaning = help_text(p) or (p.name == "version" and "print the version and exit") \
+                or undocumented(f"global option {' '.join(p.opts)}")
+            env = ", ".join(code(e) for e in envvars(p)) or "—"
+            rows.append([code(flag_spelling(p, ctx)), env, default_spelling(p), meaning])
+    rows.append(["`-h`, `--help`", "—", "—", "help of `discovery` or of any command"])
+    return ["## Global options", "", "Given before the command: "
+            "`discovery --log-level debug agent …`.", "",
+            *table(["flag", "env", "default", "meaning"], rows)]
+
+
+# ---- registry URL ---------------------------------------------------------------------------
+
+
+def registry_url_section() -> list[str]:
+    from discovery.registry import base
+
+    schemes = [[code(f"{s}://"), base.DEFAULT_PORTS[backend], "TLS" if tls else "plain"]
+               for s, (backend, tls) in base.SCHEMES.items()]
+    params = [[code(f"{p}="), URL_PARAMS.get(p) or undocumented(f"URL parameter {p}")]
+              for p in base.QUERY_PARAMS]
+    env = [[code(v), URL_FIELDS.get(f) or undocumented(f"registry field {f}")]
+           for v, f in base.ENV_VARS.items()]
+    return [
+        "## The registry URL",
+        "",
+        "```",
+        "SCHEME://[user[:password]@]host[:port][,host[:port]...][/prefix][?param=value&...]",
+        "```",
+        "",
+        f"Default prefix `{base.DEFAULT_PREFIX}`; every instance is stored as JSON under "
+        "`<prefix>/services/<service>/<instance-id>`. Details, and how to set up the servers: "
+        "[docs/security.md](security.md).",
+        "",
+        *table(["scheme", "default port", "transport"], schemes),
+        *table(["parameter", "meaning"], params),
+        "Environment variables fill in what the URL leaves out (the URL always wins):",
+        "",
+        *table(["variable", "fills"], env),
+    ]
+
+
+# ---- config files ---------------------------------------------------------------------------
+
+
+def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
+    from discovery.agent.config import CHECK_KEYS, FILE_KEYS, AgentConfig
+    from discovery.agent.spec import CheckSpec
+
+    defaults = defaults_of(AgentConfig)
+    agent_help = {name: text for (name, _flags), text in borrowed.items()}
+    rows = []
+    for key in sorted(FILE_KEYS):
+        value = defaults.get(key)
+        shown = {"registry": "— (required somewhere)", "node": "the short hostname",
+                 "docker": "`DOCKER_HOST` or the local socket"}.get(key)
+        if shown is None:
+            shown = code(str(value).lower() if isinstance(value, bool) else
+                         number(value) if isinstance(value, float) else value)
+        flag = "--" + key.replace("_", "-")
+        rows.append([code(key), code(flag), shown,
+                     agent_help.get(key) or undocumented(f"[agent] key {key}")])
+    check_defaults = defaults_of(CheckSpec)
+    check_rows = []
+    for key in sorted(CHECK_KEYS):
+        value = check_defaults.get(key)
+        shown = code(number(value) if isinstance(value, float) else value)
+        check_rows.append([code(key), shown,
+                           AGENT_CHECK_KEYS.get(key) or undocumented(f"[agent.check] key {key}")])
+    return [
+        "### `[agent]`",
+        "",
+        "Read by `discovery agent --config` (re-read on SIGHUP) and `discovery up --config`. "
+        "Flags and environment variables win over the file. `registry` is honoured by "
+        "`discovery agent` only: `up` takes `--registry` / `DISCOVERY_REGISTRY` (or `--dev`).",
+        "",
+        *table(["key", "flag", "default", "meaning"], rows),
+        "### `[agent.check]`",
+        "",
+        "Check defaults for every container; its labels override them "
+        "([Container labels](#container-labels)). Durations are seconds (numbers).",
+        "",
+        *table(["key", "default", "meaning"], check_rows),
+    ]
+
+
+def watcher_file_section() -> list[str]:
+    from discovery.watcher import config as wc
+    from discovery.watcher import slots
+
+    defaults = defaults_of(wc.WatcherConfig)
+    timeouts = ", ".join(f"{k} {duration(ms / 1000)}" for k, ms in wc.DEFAULT_TIMEOUTS.items())
+    shown = {
+        "maxconn": code(defaults["maxconn"]),
+        "timeouts": timeouts,
+        "stats_port": "off",
+        "wait": code(f"{duration(defaults['wait_min'])}:{duration(defaults['wait_max'])}"),
+        "reload_min_interval": code(duration(defaults["reload_min_interval"])),
+        "template": "the built-in one",
+    }
+    rows = [[code(k), shown.get(k, "—"), WATCHER_KEYS.get(k) or undocumented(f"[watcher] {k}")]
+            for k in sorted(wc._WATCHER_KEYS)]
+    sdefaults = defaults_of(wc.ServiceConfig)
+    minimum = inspect.signature(slots.slot_count).parameters["minimum"].default
+    choices = {"mode": wc.MODES, "balance": wc.BALANCE}
+    srows = []
+    for key in sorted(wc._SERVICE_KEYS):
+        if key == "port":
+            value = "required"
+        elif key == "slots":
+            value = f"{minimum}, grown as needed"
+        elif key in choices:
+            value = code(sdefaults[key]) + ": " + " | ".join(code(c) for c in choices[key])
+        else:
+            raw = sdefaults.get(key)
+            value = {True: "`true`", False: "`false`"}.get(raw, "—") if isinstance(raw, bool) \
+                else "—" if raw in (None, (), {}) else code(raw)
+        srows.append([code(key), value,
+                      SERVICE_KEYS.get(key) or undocumented(f"[services.NAME] {key}")])
+
+    def keywords(table_: dict[str, Any]) -> str:
+        return ", ".join(code(k) for k in sorted(table_))
+
+    return [
+        "### `[watcher]`",
+        "",
+        "Read by `discovery watch --config` (re-read on SIGHUP), `discovery up --config` and "
+        "`discovery check-config --config`. Durations are strings (`\"500ms\"`, `\"1s\"`) or "
+        "numbers; an unknown key is an error naming it.",
+        "",
+        *table(["key", "default", "meaning"], rows),
+        "### `[services.NAME]`",
+        "",
+        "One table per routed service: HAProxy listens on `bind:port` and balances over the "
+        "healthy instances of the registry service `NAME` (the backend is named `NAME`). "
+        "`--service NAME[:BIND]:PORT` adds one or overrides the port (and bind) of one.",
+        "",
+        *table(["key", "default", "meaning"], srows),
+        f"* Timeout names: frontend {keywords(dict.fromkeys(wc.FRONTEND_TIMEOUTS))}; "
+        f"backend {keywords(dict.fromkeys(wc.BACKEND_TIMEOUTS))}. `[watcher] timeouts` takes "
+        "all of them.",
+        f"* `server_options` keywords: {keywords(dict(wc.SERVER_KEYWORDS))}.",
+        f"* `check_options` keywords: {keywords(dict(wc.CHECK_KEYWORDS))}.",
+        f"* At most {wc.MAX_OPTION_WORDS} words in `server_options` and `check_options` "
+        "together; every value is checked against the keyword's pattern.",
+        "",
+    ]
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+
+def labels_section() -> list[str]:
+    from discovery.agent import labels
+    from discovery.agent.checks import BUILTIN_CHECKS
+    from discovery.agent.spec import CheckSpec
+
+    check = defaults_of(CheckSpec)
+    fill = {"check": check["type"], "interval": duration(check["interval"]),
+            "timeout": duration(check["timeout"]), "rise": check["rise"], "fall": check["fall"]}
+    rows = [[code(label), default.format(**fill), meaning] for label, default, meaning, _ in LABELS]
+    documented = {label.split(".")[1] for label, *_ in LABELS}
+    for name in sorted(({*labels._PLAIN, "port", "meta", "check"}) - documented):
+        rows.append([code(labels.PREFIX + name), "—", undocumented(f"label {name}")])
+    types = [[code(t), CHECK_TYPES.get(t) or undocumented(f"check type {t}")]
+             for t in sorted(BUILTIN_CHECKS)]
+    reg_rows = [[code(f"SERVICE_{field}"), f"`{labels.PREFIX}{canon}`"]
+                for field, canon in labels._REGISTRATOR_FIELDS.items()]
+    reg_rows += [[code(f"SERVICE_PORT_{field}"), f"`{labels.PREFIX}PORT.{canon}`"]
+                 for field, canon in labels._REGISTRATOR_FIELDS.items()]
+    reg_rows += [[code(a), b] for a, b in REGISTRATOR_EXTRA]
+    return [
+        "## Container labels",
+        "",
+        "Read by the agent from each container's labels (this table is maintained in "
+        "`scripts/gen_config_reference.py`; `tests/unit/test_config_reference.py` parses every "
+        "example through `discovery.agent.labels`). A label that cannot be used skips that "
+        "container with one log line naming it and the label.",
+        "",
+        *table(["label", "default", "meaning"], rows),
+        "Built-in check types (plugins add more: [docs/checks.md](checks.md)):",
+        "",
+        *table(["`discovery.check=`", "healthy when"], types),
+        "### registrator's names",
+        "",
+        "Also read, as labels **or** environment variables of the container; when both "
+        "spellings are given, `discovery.*` labels win over `SERVICE_*` labels, which win over "
+        "`SERVICE_*` environment variables ([docs/migration.md](migration.md)).",
+        "",
+        *table(["registrator", "same as"], reg_rows),
+    ]
+
+
+# ---- environment index ----------------------------------------------------------------------
+
+
+def environment_section(all_commands: list[tuple[str, click.Command]]) -> list[str]:
+    from discovery.cli import main
+
+    used: dict[str, list[str]] = {}
+    for p in main.params:
+        for e in envvars(p):
+            used.setdefault(e, []).append("all (global)")
+    for name, cmd in all_commands:
+        for p in cmd.params:
+            for e in envvars(p):
+                used.setdefault(e, []).append(f"`{name}` {p.opts[-1]}")
+    rows = [[code(e), ", ".join(where)] for e, where in sorted(used.items())]
+    other = [[code(e), text] for e, text in sorted(OTHER_ENV.items())]
+    image = [[code(e), text] for e, text in sorted(IMAGE_ENV.items())]
+    return [
+        "## Environment variables",
+        "",
+        "Read by the commands as their options (a flag on the command line wins):",
+        "",
+        *table(["variable", "option"], rows),
+        "Read otherwise:",
+        "",
+        *table(["variable", "meaning"], other),
+        "Read only by the container image's entrypoint and health check "
+        "([docs/deployment.md](deployment.md)):",
+        "",
+        *table(["variable", "meaning"], image),
+    ]
+
+
+# ---- the page -------------------------------------------------------------------------------
+
+
+def render() -> str:
+    missing.clear()
+    from discovery.cli import main
+
+    all_commands = commands()
+    borrowed = borrowed_help(all_commands)
+    parent = click.Context(main, info_name="discovery")
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by scripts/gen_config_reference.py from the code: do not edit. -->",
+        "",
+        f"Generated from the code by `{COMMAND}`; do not edit by hand. `--check` (run by "
+        "`tests/unit/test_config_reference.py`) fails when this page is out of date.",
+        "",
+        "Precedence: flags > environment variables > config file > defaults. One TOML file "
+        "can hold every table (`[agent]`, `[agent.check]`, `[watcher]`, `[services.NAME]`): "
+        "each command reads the tables it needs. Example: "
+        "[deploy/discovery.toml](../deploy/discovery.toml).",
+        "",
+        "* [Global options](#global-options)",
+        "* [Commands](#commands): " + ", ".join(
+            f"[`{n}`](#discovery-{n})" for n, _ in all_commands),
+        "* [The registry URL](#the-registry-url)",
+        "* [Config file](#config-file)",
+        "* [Container labels](#container-labels)",
+        "* [Environment variables](#environment-variables)",
+        "",
+        *global_section(),
+        "## Commands",
+        "",
+    ]
+    for name, cmd in all_commands:
+        lines += command_section(name, cmd, parent, borrowed)
+    lines += registry_options_section(all_commands)
+    lines += registry_url_section()
+    lines += ["## Config file", "", *agent_file_section(borrowed), *watcher_file_section()]
+    lines += labels_section()
+    lines += environment_section(all_commands)
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the file is out of date; write nothing")
+    parser.add_argument("--output", type=Path, default=OUT, help="default: %(default)s")
+    args = parser.parse_args(argv)
+    text = render()
+    for what in missing:
+        print(f"gen_config_reference: {what} has no description", file=sys.stderr)
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current == text:
+            return 0
+        diff = difflib.unified_diff(current.splitlines(), text.splitlines(),
+                                    str(args.output), "generated", lineterm="", n=1)
+        print("\n".join(list(diff)[:60]), file=sys.stderr)
+        print(f"{args.output} is out of date: run {COMMAND}", file=sys.stderr)
+        return 1
+    args.output.write_text(text)
+    print(f"wrote {args.output}" + (f" ({len(missing)} undocumented)" if missing else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
