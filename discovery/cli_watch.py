@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +16,10 @@ from discovery.cli_options import registry_options
 from discovery.errors import DiscoveryError
 from discovery.output import fail
 from discovery.registry import mask_url
+
+if TYPE_CHECKING:
+    from discovery.lookups import Lookups
+    from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
@@ -64,7 +70,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     """Follow the registry; route services through a local HAProxy without dropping requests."""
     from discovery.lookups import start_lookups
     from discovery.metrics import Metrics
-    from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
+    from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import (
         WatcherConfig,
         load_watcher_config,
@@ -113,10 +119,6 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         fail(str(exc))
         return
 
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        watcher.stop()
-
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         if router is None:
             return
@@ -130,17 +132,9 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             log.error("SIGHUP: configuration not reloaded, keeping the last good one: %s", exc)
         watcher.poke()
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
     log.info("watcher starting: registry %s, %d services routed", mask_url(registry),
              len(cfg.services))
-    try:
-        watcher.run()
-    finally:
-        lookups.stop()
-        watcher.close()
-        stop_haproxy(watcher)
+    serve(watcher, lookups, on_hup)
 
 
 @click.command()
@@ -168,14 +162,25 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None
         fail(str(exc))
         return
 
+    serve(watcher, lookups)
+
+
+def serve(watcher: Watcher, lookups: Lookups,
+          on_hup: Callable[[int, FrameType | None], None] | None = None) -> None:
+    """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy."""
+    from discovery.watcher.assemble import stop_haproxy
+
     def on_term(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
         watcher.stop()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    if on_hup is not None:
+        signal.signal(signal.SIGHUP, on_hup)
     try:
         watcher.run()
     finally:
         lookups.stop()
         watcher.close()
+        stop_haproxy(watcher)
