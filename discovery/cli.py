@@ -90,7 +90,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
             from discovery.http import HttpApi, parse_listen
 
             api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
-                          maint=the_agent.set_maint).start()
+                          maint=the_agent.set_maint, checks=the_agent.checks).start()
     except DiscoveryError as exc:
         fail(str(exc))
         return

@@ -8,6 +8,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @click.option("--timeout", type=float, default=5.0, show_default=True)
-def show(service: str, registry: str, fmt: str, timeout: float) -> None:
+@click.option("--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default=None,
+              metavar="ADDR:PORT", help="Also show live check state (type, output, since) from "
+              "this agent's HTTP API [env DISCOVERY_AGENT_HTTP]")
+def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str | None) -> None:
     """Every instance of SERVICE with all it carries: state, since when, node, container, meta.
 
     Exit 0 when the service has instances, 1 when it has none, 2 on a bad registry."""
@@ -39,21 +43,32 @@ def show(service: str, registry: str, fmt: str, timeout: float) -> None:
     except DiscoveryError as exc:
         fail(str(exc))
     found = output.sort_instances(found)
+    checks: dict[str, dict[str, Any]] = {}
+    if agent_http:
+        checks = {c["id"]: c for c in agent_call(agent_http, "GET", "/v1/agent/checks")}
     if fmt == "json":
-        click.echo(output.as_json(found))
+        rows = [{**i.to_dict(), **({"check": checks[i.id]} if i.id in checks else {})}
+                for i in found]
+        click.echo(json.dumps(rows, indent=2))
     else:
         from rich.table import Table
 
         now = time.time()
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("ID", "ADDRESS", "STATE", "SINCE", "NODE", "WEIGHT", "TAGS", "CONTAINER",
-                       "IMAGE", "META"):
+        columns = ["ID", "ADDRESS", "STATE", "SINCE", "NODE", "WEIGHT", "TAGS", "CONTAINER",
+                   "IMAGE", "META"] + (["CHECK", "OUTPUT"] if agent_http else [])
+        for column in columns:
             table.add_column(column, overflow="fold")
         for i in found:
-            table.add_row(i.id, f"{i.address}:{i.port}", i.state.value,
-                          output.age(now - i.registered_at), i.node, str(i.weight),
-                          ",".join(i.tags), i.container_name, i.image,
-                          " ".join(f"{k}={v}" for k, v in i.meta.items()))
+            row = [i.id, f"{i.address}:{i.port}", i.state.value,
+                   output.age(now - i.registered_at), i.node, str(i.weight), ",".join(i.tags),
+                   i.container_name, i.image, " ".join(f"{k}={v}" for k, v in i.meta.items())]
+            if agent_http:
+                check = checks.get(i.id, {})
+                row += [f"{check.get('type', '-')} "
+                        f"{'passing' if check.get('healthy') else 'failing'}" if check else "-",
+                        str(check.get("output", ""))]
+            table.add_row(*row)
         output.console().print(table if found else f"no instances of {service}")
     raise SystemExit(0 if found else 1)
 
@@ -122,8 +137,21 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str) 
 
     Examples: `discovery maint host1:3f2a3f2a3f2a:8080 on`, `discovery maint --node x on`
     (with --node, TARGET is the node name and is only echoed)."""
-    import urllib.error
     import urllib.parse
+
+    query = {"enable": "true" if state == "on" else "false"}
+    if not whole_node:
+        query["id"] = target
+    data = agent_call(agent_http, "PUT", f"/v1/agent/maint?{urllib.parse.urlencode(query)}")
+    if fmt == "json":
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")
+
+
+def agent_call(agent_http: str, method: str, path: str) -> Any:
+    """One request to the local agent's HTTP API; any failure is one line and exit 2."""
+    import urllib.error
     import urllib.request
 
     from discovery.http import parse_listen
@@ -132,14 +160,10 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str) 
         host, port = parse_listen(agent_http)
     except DiscoveryError as exc:
         fail(str(exc))
-    query = {"enable": "true" if state == "on" else "false"}
-    if not whole_node:
-        query["id"] = target
-    url = f"http://{host}:{port}/v1/agent/maint?{urllib.parse.urlencode(query)}"
-    request = urllib.request.Request(url, method="PUT")
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
-            data = json.loads(resp.read())
+            return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
             reason = json.loads(exc.read()).get("error", exc.reason)
@@ -148,7 +172,3 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str) 
         fail(f"agent at {host}:{port}: {reason}")
     except (OSError, ValueError) as exc:
         fail(f"agent at {host}:{port} unreachable: {exc}")
-    if fmt == "json":
-        click.echo(json.dumps(data))
-    else:
-        click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")

@@ -87,7 +87,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
                                 http=None if http == "off" else http, domain=dns_domain,
                                 ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"),
-                                maint=agent.set_maint)
+                                maint=agent.set_maint, checks=agent.checks)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:

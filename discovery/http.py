@@ -83,9 +83,11 @@ class HttpApi:
 
     def __init__(self, catalog: Catalog | None, health: Health, metrics: Metrics | None = None,
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
-                 max_blocking: int = 256, maint: Maint | None = None) -> None:
+                 max_blocking: int = 256, maint: Maint | None = None,
+                 checks: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
+        self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
         self.bind, self._port = bind, port
         self._blocking = threading.BoundedSemaphore(max_blocking)
         self._lock = threading.Lock()
@@ -157,6 +159,9 @@ class HttpApi:
         path = parts.path
         if path == "/metrics":
             return self._metrics()
+        if path == "/v1/agent/checks" and self.checks is not None:
+            _allow(query, {"pretty"})
+            return Response(200, _dump(self.checks(), _flag(query, "pretty")))
         if path == "/v1/health":
             _allow(query, {"pretty"})
             return self._health(_flag(query, "pretty"))

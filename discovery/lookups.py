@@ -38,7 +38,8 @@ class Lookups:
 
 def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
-                  extra_health: Health | None = None, maint: Maint | None = None) -> Lookups:
+                  extra_health: Health | None = None, maint: Maint | None = None,
+                  checks: Callable[[], list[dict[str, Any]]] | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
     from discovery.dns import DnsServer
     from discovery.dns import parse_listen as dns_listen
@@ -62,7 +63,8 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
             def health() -> dict[str, dict[str, Any]]:
                 return {**base(), **(extra_health() if extra_health else {})}
 
-            api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint).start()
+            api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint,
+                          checks=checks).start()
             out.started.append(api)
             out.http_port = api.port
             log.info("HTTP API on %s:%d", bind, api.port)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
 
 from discovery.agent.checks import build_check
@@ -20,49 +19,13 @@ from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
+from discovery.agent.tracked import TERMINATING_SIGNALS, Key, Tracked, iso_ns, same_instances
 from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
 
 log = logging.getLogger(__name__)
-
-TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
-                       "KILL", "TERM", "INT", "QUIT"}
-Key = tuple[str, str]
-
-
-@dataclass
-class Tracked:
-    """One running container the agent looks after, and the instances it offers."""
-
-    container_id: str
-    started_ns: int
-    instances: dict[Key, Instance] = field(default_factory=dict)
-    healthy: dict[Key, bool] = field(default_factory=dict)
-    runners: dict[Key, CheckRunner] = field(default_factory=dict)
-    docker_health: bool = False
-    paused: bool = False
-
-    def stop_runners(self) -> None:
-        for runner in self.runners.values():
-            runner.stop(timeout=0)  # never wait under the agent lock: its callback takes it
-        self.runners.clear()
-
-
-def _iso_ns(stamp: str) -> int:
-    """Docker's RFC 3339 nano timestamp → ns since epoch (0 if unparsable)."""
-    try:
-        head, _, frac = stamp.rstrip("Z").partition(".")
-        secs = datetime.fromisoformat(head + "+00:00").timestamp()
-        return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
-    except ValueError:
-        return 0
-
-
-def _same(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
-    return a.keys() == b.keys() and all(a[k].same_registration(b[k]) for k in a)
-
 
 class Agent:
     def __init__(self, config: AgentConfig, registry: Registry,
@@ -217,9 +180,9 @@ class Agent:
         self._bad_labels.pop(cid, None)
         instances = {i.key: i for i in (self._instance(attrs, s) for s in specs)}
         tracked = self._tracked.get(cid)
-        started = _iso_ns(str(state.get("StartedAt", "")))
+        started = iso_ns(str(state.get("StartedAt", "")))
         if tracked is not None and (
-            tracked.started_ns != started or not _same(tracked.instances, instances)
+            tracked.started_ns != started or not same_instances(tracked.instances, instances)
         ):
             self._forget(cid)
             tracked = None
@@ -393,6 +356,27 @@ class Agent:
         log.log(logging.INFO if fixed else logging.DEBUG,
                 "reconcile done: %d wanted, %d in registry, %d fixed",
                 len(wanted), len(ours), fixed)
+
+    def checks(self) -> list[dict[str, Any]]:
+        """Live health of every instance on this node: check type, state, last output, since."""
+        with self._lock:
+            out = []
+            for tracked in self._tracked.values():
+                for key in tracked.instances:
+                    runner = tracked.runners.get(key)
+                    result = runner.last_result if runner is not None else None
+                    out.append({
+                        "service": key[0], "id": key[1],
+                        "type": runner.spec.type if runner is not None else "docker",
+                        "healthy": runner.healthy if runner is not None else tracked.docker_health,
+                        "registered": key in self._registered,
+                        "maintenance": self._maint_node or key[1] in self._maint,
+                        "output": result.output if result is not None else (
+                            "docker health: " + ("healthy" if tracked.docker_health
+                                                 else "not healthy")),
+                        "since": runner.since if runner is not None else None,
+                    })
+            return sorted(out, key=lambda c: (c["service"], c["id"]))
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -51,6 +51,14 @@ def test_up_dev_registers_routes_and_answers(containers, agents, tmp_path: Path)
     assert f" {port} " in srv.stdout, srv.stdout
     health = get_json(http_port, "/v1/health")
     assert health["healthy"] is True, health  # type: ignore[index]
+    url = health["components"]["registry"]["url"]  # type: ignore[index]
+    shown = subprocess.run([sys.executable, "-m", "discovery", "show", web, "--registry", url,
+                            "--agent", f"127.0.0.1:{http_port}", "-o", "json"],
+                           capture_output=True, text=True, timeout=30, check=False, cwd=REPO_ROOT)
+    assert shown.returncode == 0, shown.stderr
+    check = json.loads(shown.stdout)[0]["check"]
+    assert (check["type"], check["healthy"], check["registered"]) == ("tcp", True, True)
+    assert "127.0.0.1" in check["output"] and check["since"] > 0
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=3) as resp:
         metrics = resp.read().decode()
     # at least ours: the agent registers every labelled container on this dockerd

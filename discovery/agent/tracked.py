@@ -1,0 +1,48 @@
+"""What the agent keeps per running container, and small helpers on Docker's data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from discovery.agent.health import CheckRunner
+from discovery.model import Instance
+
+log = logging.getLogger(__name__)
+
+TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
+                       "KILL", "TERM", "INT", "QUIT"}
+Key = tuple[str, str]
+
+
+@dataclass
+class Tracked:
+    """One running container the agent looks after, and the instances it offers."""
+
+    container_id: str
+    started_ns: int
+    instances: dict[Key, Instance] = field(default_factory=dict)
+    healthy: dict[Key, bool] = field(default_factory=dict)
+    runners: dict[Key, CheckRunner] = field(default_factory=dict)
+    docker_health: bool = False
+    paused: bool = False
+
+    def stop_runners(self) -> None:
+        for runner in self.runners.values():
+            runner.stop(timeout=0)  # never wait under the agent lock: its callback takes it
+        self.runners.clear()
+
+
+def iso_ns(stamp: str) -> int:
+    """Docker's RFC 3339 nano timestamp → ns since epoch (0 if unparsable)."""
+    try:
+        head, _, frac = stamp.rstrip("Z").partition(".")
+        secs = datetime.fromisoformat(head + "+00:00").timestamp()
+        return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
+    except ValueError:
+        return 0
+
+
+def same_instances(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
+    return a.keys() == b.keys() and all(a[k].same_registration(b[k]) for k in a)
