@@ -222,3 +222,31 @@ def test_watcher_sigkilled_then_restarted_leaves_one_haproxy(registry_url, reg, 
             if proc is not None:
                 proc.terminate()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_watch_drives_an_external_haproxy(registry_url, reg, http_backends, haproxy_factory,
+                                          agents, tmp_path):
+    """--haproxy-socket: an HAProxy someone else runs; we write its config and reload it through
+    its master socket once, then membership goes through the runtime API; stopping the watcher
+    leaves that HAProxy running."""
+    from tests.harness.agent import DiscoveryProcess
+    from tests.harness.haproxy import build_config
+
+    a, b = http_backends("a", "b")
+    reg.register(inst("web", 1, a.port))
+    theirs = haproxy_factory(build_config(free_port(), {"be": 2}))
+    before = theirs.reload_count()
+    listen = free_port()
+    watcher = DiscoveryProcess(
+        ["watch", "--registry", registry_url, "--service", f"web:{listen}",
+         "--haproxy-socket", str(theirs.admin_socket), "--master-socket",
+         str(theirs.master_socket), "--haproxy-config", str(theirs.config),
+         "--state-dir", str(tmp_path / "unused")], "watcher", tmp_path).start()
+    agents.append(watcher)
+    wait_for(lambda: spread(listen, 2)["a"] == 2, 20, message="routed by the external HAProxy")
+    assert theirs.reload_count() == before + 1  # our config installed with one reload
+    reg.register(inst("web", 2, b.port))
+    wait_for(lambda: set(spread(listen, 8)) == {"a", "b"}, 10, message="b added at runtime")
+    assert theirs.reload_count() == before + 1
+    assert watcher.terminate() == 0
+    assert theirs.running and set(spread(listen, 8)) == {"a", "b"}  # not ours to stop
