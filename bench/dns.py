@@ -59,7 +59,7 @@ def zone(services: int, instances: int) -> list[Instance]:
         for i in range(instances):
             node = f"h{s}x{i}"
             out.append(Instance(service=f"svc{s}", id=f"{node}:{s:06x}{i:06x}:80", node=node,
-                                address=f"10.{s // 250}.{s % 250}.{i + 1}", port=8000 + i,
+                                address=f"127.{s // 250}.{s % 250}.{i + 1}", port=8000 + i,
                                 weight=100))
     return out
 

@@ -27,11 +27,11 @@ def inst(service: str, n: int, address: str, port: int, node: str, **kw: object)
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     instances = [
-        inst("web", 1, "10.0.0.1", 8080, "node1", tags=("blue",)),
-        inst("web", 2, "10.0.0.2", 8080, "node2"),
-        inst("web", 3, "10.0.0.3", 8080, "node3", state=State.DRAINING),
+        inst("web", 1, "192.0.2.1", 8080, "node1", tags=("blue",)),
+        inst("web", 2, "192.0.2.2", 8080, "node2"),
+        inst("web", 3, "192.0.2.3", 8080, "node3", state=State.DRAINING),
         inst("db", 4, "fd00::4", 5432, "node4"),
-        *(inst("big", 100 + i, f"10.9.0.{i + 1}", 9000 + i, f"b{i}") for i in range(60)),
+        *(inst("big", 100 + i, f"203.0.113.{i + 1}", 9000 + i, f"b{i}") for i in range(60)),
     ]
     cat = Catalog()
     cat.load(Snapshot({i.key: i for i in instances}))
@@ -58,12 +58,12 @@ def short(server: DnsServer, *args: str) -> list[str]:
 
 @pytest.mark.parametrize("transport", ["+notcp", "+tcp"])
 def test_a_aaaa_srv_node(server: DnsServer, transport: str) -> None:
-    assert short(server, transport, "web.service.discovery", "A") == ["10.0.0.1", "10.0.0.2"]
-    assert short(server, transport, "Blue.Web.Service.Discovery.", "A") == ["10.0.0.1"]
+    assert short(server, transport, "web.service.discovery", "A") == ["192.0.2.1", "192.0.2.2"]
+    assert short(server, transport, "Blue.Web.Service.Discovery.", "A") == ["192.0.2.1"]
     assert short(server, transport, "db.service.discovery", "AAAA") == ["fd00::4"]
     assert short(server, transport, "_web._tcp.service.discovery", "SRV") == [
         "1 100 8080 node1.node.discovery.", "1 100 8080 node2.node.discovery."]
-    assert short(server, transport, "node2.node.discovery", "A") == ["10.0.0.2"]
+    assert short(server, transport, "node2.node.discovery", "A") == ["192.0.2.2"]
     full = dig(server, transport, "web.service.discovery", "SRV")
     assert "ADDITIONAL: 3" in full  # + OPT and "node1.node.discovery.\t5\tIN\tA\t10.0.0.1" in full
 
@@ -88,13 +88,13 @@ def test_truncation_then_tcp(server: DnsServer) -> None:
 
 
 def test_catalog_changes_are_seen(server: DnsServer, catalog: Catalog) -> None:
-    assert short(server, "web.service.discovery") == ["10.0.0.1", "10.0.0.2"]
+    assert short(server, "web.service.discovery") == ["192.0.2.1", "192.0.2.2"]
     before = dict((i.key, i) for i in catalog.instances())
-    one = next(i for i in before.values() if i.address == "10.0.0.2")
+    one = next(i for i in before.values() if i.address == "192.0.2.2")
     try:
         catalog.load(Snapshot({k: (i.with_state(State.DRAINING) if i is one else i)
                                for k, i in before.items()}))
-        assert short(server, "web.service.discovery") == ["10.0.0.1"]
+        assert short(server, "web.service.discovery") == ["192.0.2.1"]
     finally:
         catalog.load(Snapshot(before))
-    assert short(server, "web.service.discovery") == ["10.0.0.1", "10.0.0.2"]
+    assert short(server, "web.service.discovery") == ["192.0.2.1", "192.0.2.2"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -28,16 +29,16 @@ def inst(service: str, n: int, address: str, port: int = 8080, node: str = "node
 
 
 INSTANCES = [
-    inst("web", 1, "10.0.0.1", 8080, tags=("blue", "v1")),
-    inst("web", 2, "10.0.0.1", 8081, tags=("green",), weight=50),
-    inst("web", 3, "10.0.0.2", 8080, node="node2", tags=("blue",)),
-    inst("web", 4, "10.0.0.3", 8080, node="node2", state=State.DRAINING),
-    inst("web", 5, "10.0.0.4", 8080, node="node2", tags=("green",)),  # node2's odd one out
-    inst("web", 6, "10.0.0.2", 8082, node="node2", weight=0),
+    inst("web", 1, "192.0.2.1", 8080, tags=("blue", "v1")),
+    inst("web", 2, "192.0.2.1", 8081, tags=("green",), weight=50),
+    inst("web", 3, "192.0.2.2", 8080, node="node2", tags=("blue",)),
+    inst("web", 4, "192.0.2.3", 8080, node="node2", state=State.DRAINING),
+    inst("web", 5, "192.0.2.4", 8080, node="node2", tags=("green",)),  # node2's odd one out
+    inst("web", 6, "192.0.2.2", 8082, node="node2", weight=0),
     inst("db", 7, "fd00::7", 5432, node="node3"),
-    inst("mixed", 8, "10.0.0.8", 80, node="node4"),
+    inst("mixed", 8, "192.0.2.8", 80, node="node4"),
     inst("mixed", 9, "fd00::9", 80, node="node4"),
-    inst("gone", 10, "10.0.0.10", 80, node="node5", state=State.DRAINING),
+    inst("gone", 10, "192.0.2.10", 80, node="node5", state=State.DRAINING),
 ]
 
 
@@ -70,31 +71,31 @@ def rdatas(records: list[Any], qtype: str | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize(("name", "qtype", "rcode", "expected"), [
-    ("web.service.discovery", "A", "NOERROR", {"10.0.0.1", "10.0.0.2", "10.0.0.4"}),
-    ("web.service.discovery.", "A", "NOERROR", {"10.0.0.1", "10.0.0.2", "10.0.0.4"}),
-    ("WEB.Service.DISCOVERY", "A", "NOERROR", {"10.0.0.1", "10.0.0.2", "10.0.0.4"}),
-    ("blue.web.service.discovery", "A", "NOERROR", {"10.0.0.1", "10.0.0.2"}),
-    ("green.web.service.discovery", "A", "NOERROR", {"10.0.0.1", "10.0.0.4"}),
-    ("v1.web.service.discovery", "A", "NOERROR", {"10.0.0.1"}),
+    ("web.service.discovery", "A", "NOERROR", {"192.0.2.1", "192.0.2.2", "192.0.2.4"}),
+    ("web.service.discovery.", "A", "NOERROR", {"192.0.2.1", "192.0.2.2", "192.0.2.4"}),
+    ("WEB.Service.DISCOVERY", "A", "NOERROR", {"192.0.2.1", "192.0.2.2", "192.0.2.4"}),
+    ("blue.web.service.discovery", "A", "NOERROR", {"192.0.2.1", "192.0.2.2"}),
+    ("green.web.service.discovery", "A", "NOERROR", {"192.0.2.1", "192.0.2.4"}),
+    ("v1.web.service.discovery", "A", "NOERROR", {"192.0.2.1"}),
     ("red.web.service.discovery", "A", "NXDOMAIN", set()),
     ("web.service.discovery", "AAAA", "NOERROR", set()),
     ("db.service.discovery", "AAAA", "NOERROR", {"fd00::7"}),
     ("db.service.discovery", "A", "NOERROR", set()),
-    ("mixed.service.discovery", "A", "NOERROR", {"10.0.0.8"}),
+    ("mixed.service.discovery", "A", "NOERROR", {"192.0.2.8"}),
     ("mixed.service.discovery", "AAAA", "NOERROR", {"fd00::9"}),
-    ("mixed.service.discovery", "ANY", "NOERROR", {"10.0.0.8", "fd00::9"}),
+    ("mixed.service.discovery", "ANY", "NOERROR", {"192.0.2.8", "fd00::9"}),
     ("web.service.discovery", "MX", "NOERROR", set()),
     ("gone.service.discovery", "A", "NXDOMAIN", set()),  # only draining instances
     ("nope.service.discovery", "A", "NXDOMAIN", set()),
-    ("node1.node.discovery", "A", "NOERROR", {"10.0.0.1"}),
-    ("node2.node.discovery", "A", "NOERROR", {"10.0.0.2"}),  # most of its instances
+    ("node1.node.discovery", "A", "NOERROR", {"192.0.2.1"}),
+    ("node2.node.discovery", "A", "NOERROR", {"192.0.2.2"}),  # most of its instances
     ("node3.node.discovery", "AAAA", "NOERROR", {"fd00::7"}),
     ("node3.node.discovery", "A", "NOERROR", set()),
-    ("node5.node.discovery", "A", "NOERROR", {"10.0.0.10"}),  # draining: still its node
+    ("node5.node.discovery", "A", "NOERROR", {"192.0.2.10"}),  # draining: still its node
     ("nope.node.discovery", "A", "NXDOMAIN", set()),
-    ("0a000004.addr.discovery", "A", "NOERROR", {"10.0.0.4"}),
+    ("c0000204.addr.discovery", "A", "NOERROR", {"192.0.2.4"}),
     ("fd000000000000000000000000000007.addr.discovery", "AAAA", "NOERROR", {"fd00::7"}),
-    ("0a0000ff.addr.discovery", "A", "NXDOMAIN", set()),
+    ("c00002ff.addr.discovery", "A", "NXDOMAIN", set()),
     ("service.discovery", "A", "NOERROR", set()),
     ("node.discovery", "A", "NOERROR", set()),
     ("x.web.extra.service.discovery", "A", "NXDOMAIN", set()),
@@ -128,7 +129,7 @@ def test_srv_with_targets_in_additional(name: str) -> None:
     r = ask(name, "SRV")
     srv = sorted((rr.rdata.port, rr.rdata.weight, str(rr.rdata.target)) for rr in r.rr)
     assert srv == [
-        (8080, 100, "0a000004.addr.discovery."),  # not at its node's address
+        (8080, 100, "c0000204.addr.discovery."),  # not at its node's address
         (8080, 100, "node1.node.discovery."),
         (8080, 100, "node2.node.discovery."),
         (8081, 50, "node1.node.discovery."),
@@ -136,8 +137,8 @@ def test_srv_with_targets_in_additional(name: str) -> None:
     ]
     assert all(rr.rdata.priority == 1 for rr in r.rr)
     glue = {str(rr.rname): str(rr.rdata) for rr in r.ar}
-    assert glue == {"node1.node.discovery.": "10.0.0.1", "node2.node.discovery.": "10.0.0.2",
-                    "0a000004.addr.discovery.": "10.0.0.4"}
+    assert glue == {"node1.node.discovery.": "192.0.2.1", "node2.node.discovery.": "192.0.2.2",
+                    "c0000204.addr.discovery.": "192.0.2.4"}
     assert len(r.ar) == 3
     for target, address in glue.items():  # every target resolves on its own too
         assert rdatas(ask(target, "A").rr) == [address]
@@ -176,7 +177,7 @@ def test_bad_config(domain: str, ttl: int) -> None:
 
 
 def big_catalog(n: int) -> Catalog:
-    return make_catalog([inst("big", i, f"10.1.{i // 250}.{i % 250 + 1}", 80 + i,
+    return make_catalog([inst("big", i, f"198.51.{100 + i // 250}.{i % 250 + 1}", 80 + i,
                               node=f"n{i}") for i in range(n)])
 
 
@@ -239,10 +240,10 @@ def test_malformed_requests() -> None:
 
 
 def test_no_unvalidated_label_reaches_an_answer() -> None:
-    bad = inst("web", 99, "10.0.0.99", node="node9")
+    bad = inst("web", 99, "192.0.2.99", node="node9")
     object.__setattr__(bad, "node", "evil.node\x00")  # as if it had bypassed the model
-    worse = inst("web", 98, "10.0.0.98", node="node8")
-    object.__setattr__(worse, "address", "10.0.0.98\n")
+    worse = inst("web", 98, "192.0.2.98", node="node8")
+    object.__setattr__(worse, "address", "192.0.2.98\n")
     zone = Zone([*INSTANCES, bad, worse], 1)
     wire = respond(query("web.service.discovery", "SRV"), zone, DnsConfig(), tcp=True)
     assert wire is not None
@@ -314,10 +315,13 @@ def test_server_udp_tcp_cache_and_hook() -> None:
             assert r.header.id == ident and len(r.rr) == 3
             addresses.add(str(r.rr[0].rdata))
         assert len(addresses) == 3
+        deadline = time.monotonic() + 5  # the hook runs right after the reply is sent
+        while len(seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert set(seen) == {("A", "NOERROR")} and len(seen) == 4
         catalog.load(Snapshot({i.key: i for i in INSTANCES[:1]}))  # the catalog moves on
         r = DNSRecord.parse(udp(server.port, q.pack()))
-        assert rdatas(r.rr) == ["10.0.0.1"]
+        assert rdatas(r.rr) == ["192.0.2.1"]
         big = big_catalog(300)
         catalog.load(Snapshot({i.key: i for i in big.instances()}))
         q = DNSRecord.question("big.service.discovery", "SRV")

@@ -23,12 +23,12 @@ HEADER = (
     "srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr "
     "srv_agent_port"
 )
-# `show servers state` after: web/s1 set ready (10.1.2.3:8080 w100), web/s2 drain, web/s3
+# `show servers state` after: web/s1 set ready (198.51.100.3:8080 w100), web/s2 drain, web/s3
 # untouched (`disabled` in the config), api/live a plain server, api/s1 untouched.
 SERVERS_STATE = (
     "1\n" + HEADER + "\n"
-    "3 web 1 s1 10.1.2.3 2 4 100 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0\n"
-    "3 web 2 s2 10.1.2.4 2 12 20 1 0 1 0 0 8 0 0 0 - 8081 - 0 0 - - 0\n"
+    "3 web 1 s1 198.51.100.3 2 4 100 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0\n"
+    "3 web 2 s2 198.51.100.4 2 12 20 1 0 1 0 0 8 0 0 0 - 8081 - 0 0 - - 0\n"
     "3 web 3 s3 127.0.0.1 0 5 1 1 0 1 0 0 8 0 0 0 - 1 - 0 0 - - 0\n"
     "4 api 1 live 127.0.0.1 2 0 50 50 0 1 0 2 0 0 0 0 - 9 - 0 0 - - 0\n"
     "4 api 2 s1 127.0.0.1 0 5 1 1 0 1 0 0 8 0 0 0 - 1 - 0 0 - - 0\n\n"
@@ -59,7 +59,7 @@ def test_parse_servers_state_fields():
     assert list(state) == [("web", "s1"), ("web", "s2"), ("web", "s3"), ("api", "live"),
                            ("api", "s1")]
     s1 = state[("web", "s1")]
-    assert (s1["srv_addr"], s1["srv_port"], s1["srv_uweight"]) == ("10.1.2.3", "8080", "100")
+    assert (s1["srv_addr"], s1["srv_port"], s1["srv_uweight"]) == ("198.51.100.3", "8080", "100")
     assert (s1["srv_op_state"], s1["srv_admin_state"]) == ("2", "4")
     assert state[("api", "live")]["srv_iweight"] == "50"
 
@@ -67,13 +67,13 @@ def test_parse_servers_state_fields():
 def test_server_view_maps_admin_bits_to_slot_states():
     views = {k: server_view(v) for k, v in parse_servers_state(SERVERS_STATE).items()}
     # CMAINT (0x04, from `disabled`) stays set after `state ready`: still ready.
-    assert views[("web", "s1")].matches(Slot("s1", "10.1.2.3", 8080, 100, "ready"))
+    assert views[("web", "s1")].matches(Slot("s1", "198.51.100.3", 8080, 100, "ready"))
     assert views[("web", "s1")].operational == "running"
-    assert views[("web", "s2")].as_slot() == Slot("s2", "10.1.2.4", 8081, 20, "drain")
+    assert views[("web", "s2")].as_slot() == Slot("s2", "198.51.100.4", 8081, 20, "drain")
     assert views[("web", "s3")].state == "maint"
     assert views[("web", "s3")].operational == "stopped"
     assert views[("api", "live")].state == "ready"
-    assert str(views[("web", "s2")]) == "web/s2 drain at 10.1.2.4:8081 weight 20 (running)"
+    assert str(views[("web", "s2")]) == "web/s2 drain at 198.51.100.4:8081 weight 20 (running)"
 
 
 @pytest.mark.parametrize("text", ["", "\n"])
@@ -87,8 +87,8 @@ def test_parse_servers_state_only_header():
 
 @pytest.mark.parametrize("text", [
     "2\n" + HEADER + "\n",                               # unknown format version
-    "1\n" + HEADER + "\n3 web 1 s1 10.1.2.3 2 4\n",      # short row
-    "1\n3 web 1 s1 10.1.2.3 2 4 100 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0\n",  # no header
+    "1\n" + HEADER + "\n3 web 1 s1 198.51.100.3 2 4\n",      # short row
+    "1\n3 web 1 s1 198.51.100.3 2 4 100 1 0 1 0 0 8 0 0 0 - 8080 - 0 0 - - 0\n",  # no header
     "Can't find backend.\n\n",                           # an error answer
 ])
 def test_parse_servers_state_rejects(text):
@@ -151,10 +151,10 @@ def test_response_error_detects_refusals(cmd, answer, error):
 @pytest.mark.parametrize(("cmd", "answer"), [
     ("set server web/s1 weight 3", "\n"),
     ("set server web/s1 state ready", ""),
-    ("set server web/s1 addr 10.9.9.9 port 81",
-     "IP changed from '10.1.2.3' to '10.9.9.9', port changed from '8080' to '81' by "
+    ("set server web/s1 addr 203.0.113.9 port 81",
+     "IP changed from '198.51.100.3' to '203.0.113.9', port changed from '8080' to '81' by "
      "'stats socket command'\n\n"),
-    ("set server web/s1 addr 10.9.9.9 port 81",
+    ("set server web/s1 addr 203.0.113.9 port 81",
      "no need to change the addr, no need to change the port by 'stats socket command'\n\n"),
     ("set server web/s1 addr 127.0.0.1 port 8081",
      "No need to change the addr, port changed from '1' to '8081' by 'stats socket command'"),
@@ -200,7 +200,7 @@ def test_slot_commands_ready_points_first_then_enables():
 
 
 def test_slot_commands_drain_points_first():
-    assert slot_commands("web", Slot("s1", "10.0.0.1", 81, 5, "drain"))[-1] == (
+    assert slot_commands("web", Slot("s1", "192.0.2.1", 81, 5, "drain"))[-1] == (
         "set server web/s1 state drain")
 
 
@@ -223,12 +223,12 @@ def test_slot_commands_ipv6():
     ("web", Slot("s1/x")),
     ("", Slot("s1")),
     ("web", Slot("s1", "example.com", 80, 1, "ready")),
-    ("web", Slot("s1", "10.0.0.1; show info", 80, 1, "ready")),
-    ("web", Slot("s1", "10.0.0.1", 0, 1, "ready")),
-    ("web", Slot("s1", "10.0.0.1", 99999, 1, "ready")),  # HAProxy would wrap it to 34463
-    ("web", Slot("s1", "10.0.0.1", 80, 257, "ready")),
-    ("web", Slot("s1", "10.0.0.1", 80, -1, "ready")),
-    ("web", Slot("s1", "10.0.0.1", 80, 1, "up")),  # type: ignore[arg-type]
+    ("web", Slot("s1", "192.0.2.1; show info", 80, 1, "ready")),
+    ("web", Slot("s1", "192.0.2.1", 0, 1, "ready")),
+    ("web", Slot("s1", "192.0.2.1", 99999, 1, "ready")),  # HAProxy would wrap it to 34463
+    ("web", Slot("s1", "192.0.2.1", 80, 257, "ready")),
+    ("web", Slot("s1", "192.0.2.1", 80, -1, "ready")),
+    ("web", Slot("s1", "192.0.2.1", 80, 1, "up")),  # type: ignore[arg-type]
 ])
 def test_slot_commands_validates(backend, slot):
     with pytest.raises(HAProxyError):

@@ -26,7 +26,7 @@ def container(
     published: dict[str, str] | None = None,
     network: str = "bridge",
     healthcheck: list[str] | None = None,
-    ip: str = "172.17.0.5",
+    ip: str = "203.0.113.5",
     networks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A trimmed-down ``docker inspect`` dict. ``published``: {"80/tcp": "32768"}."""
@@ -71,8 +71,8 @@ ADDRESSING = [
     (
         "advertise address used for published ports",
         container({"discovery.service": "web"}),
-        {"advertise": "10.0.0.7"},
-        [("web", 80, "10.0.0.7", 32768)],
+        {"advertise": "192.0.2.7"},
+        [("web", 80, "192.0.2.7", 32768)],
     ),
     (
         "explicit port among several",
@@ -96,7 +96,7 @@ ADDRESSING = [
         "port without /tcp suffix is tcp",
         container({"discovery.service": "web"}, exposed=("80",), published={}),
         {"internal": True},
-        [("web", 80, "172.17.0.5", 80)],
+        [("web", 80, "203.0.113.5", 80)],
     ),
     (
         "host network: advertise + container port, EXPOSE not needed",
@@ -116,17 +116,17 @@ ADDRESSING = [
         "internal: container IP and port, publishing not needed",
         container({"discovery.service": "web"}, published={}),
         {"internal": True},
-        [("web", 80, "172.17.0.5", 80)],
+        [("web", 80, "203.0.113.5", 80)],
     ),
     (
         "internal: first network's IP when IPAddress is empty",
         container(
             {"discovery.service": "web"},
             ip="",
-            networks={"a": {"IPAddress": ""}, "b": {"IPAddress": "10.1.2.3"}},
+            networks={"a": {"IPAddress": ""}, "b": {"IPAddress": "198.51.100.3"}},
         ),
         {"internal": True},
-        [("web", 80, "10.1.2.3", 80)],
+        [("web", 80, "198.51.100.3", 80)],
     ),
     (
         "per-port services, sorted by port",
@@ -208,9 +208,9 @@ def test_binding_prefers_advertise_then_specific_host_ip() -> None:
     attrs = container({"discovery.service": "web"})
     attrs["NetworkSettings"]["Ports"]["80/tcp"] = [
         {"HostIp": "192.0.2.9", "HostPort": "81"},
-        {"HostIp": "10.0.0.7", "HostPort": "82"},
+        {"HostIp": "192.0.2.7", "HostPort": "82"},
     ]
-    assert brief(parse_container(attrs, advertise="10.0.0.7")) == [("web", 80, "10.0.0.7", 82)]
+    assert brief(parse_container(attrs, advertise="192.0.2.7")) == [("web", 80, "192.0.2.7", 82)]
     assert brief(parse_container(attrs)) == [("web", 80, "192.0.2.9", 81)]
 
 

@@ -16,7 +16,7 @@ def instance(**kw: Any) -> Instance:
         "service": "web",
         "id": "node1:3f2a3f2a3f2a:80",
         "node": "node1",
-        "address": "10.0.0.5",
+        "address": "192.0.2.5",
         "port": 32768,
         "tags": ("a", "b"),
         "weight": 50,
@@ -63,7 +63,7 @@ def test_to_json_is_canonical() -> None:
 
 
 def test_defaults_for_optional_fields() -> None:
-    minimal = {"service": "web", "id": "n:1:80", "node": "n", "address": "10.0.0.1", "port": 80}
+    minimal = {"service": "web", "id": "n:1:80", "node": "n", "address": "192.0.2.1", "port": 80}
     inst = Instance.from_dict(minimal)
     assert (inst.tags, inst.weight, inst.meta, inst.state, inst.registered_at) == (
         (),
@@ -123,7 +123,7 @@ BAD_FIELDS = [
     ("node", {"node": "node_1"}, "not a DNS label"),
     ("id", {"id": "x/y"}, "not a valid instance id"),
     ("address", {"address": "example.com"}, "not an IP address"),
-    ("address injection", {"address": "10.0.0.1\nserver evil 6.6.6.6:80"}, "control character"),
+    ("address injection", {"address": "192.0.2.1\nserver evil 6.6.6.6:80"}, "control character"),
     ("container name", {"container_name": "a\u2028b"}, "control character"),
     ("image too long", {"image": "x" * 10_000}, "value too long"),
     ("state", {"state": "down"}, "missing or bad field"),

@@ -28,8 +28,8 @@ from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_a
         ("etcd://h1:2379/", "etcd", (("h1", 2379),), DEFAULT_PREFIX),
         ("etcd://h1//", "etcd", (("h1", 2379),), DEFAULT_PREFIX),
         ("etcd://a:1,b:2,c/x", "etcd", (("a", 1), ("b", 2), ("c", 2379)), "/x"),
-        ("zk://10.0.0.1:2181,10.0.0.2:2182/a/b/", "zk",
-         (("10.0.0.1", 2181), ("10.0.0.2", 2182)), "/a/b"),
+        ("zk://192.0.2.1:2181,192.0.2.2:2182/a/b/", "zk",
+         (("192.0.2.1", 2181), ("192.0.2.2", 2182)), "/a/b"),
         ("zk://[::1]:2181/p", "zk", (("::1", 2181),), "/p"),
         ("zk://[::1]/p", "zk", (("::1", 2181),), "/p"),
         ("etcd://[fe80::1]:1,h:2/p", "etcd", (("fe80::1", 1), ("h", 2)), "/p"),
@@ -83,7 +83,7 @@ KEY = "/p/services/web/n1:abc:80"
 
 def _inst(**kw: object) -> Instance:
     fields: dict[str, object] = dict(service="web", id="n1:abc:80", node="n1",
-                                     address="10.0.0.5", port=80, tags=("a", "b"),
+                                     address="192.0.2.5", port=80, tags=("a", "b"),
                                      meta={"k": "v"}, registered_at=12.5)
     fields.update(kw)
     return Instance(**fields)  # type: ignore[arg-type]
@@ -151,7 +151,7 @@ def test_decode_ignores_keys_outside_the_layout_silently(
 
 def test_decode_defaults_optional_fields() -> None:
     raw = json.dumps({"service": "web", "id": "n1:abc:80", "node": "n1",
-                      "address": "10.0.0.5", "port": 80}).encode()
+                      "address": "192.0.2.5", "port": 80}).encode()
     inst = decode(URL, KEY, raw)
     assert inst is not None
     assert (inst.weight, inst.tags, inst.meta, inst.state.value) == (100, (), {}, "up")

@@ -42,7 +42,7 @@ def inst(service: str, n: int, /, **kw: Any) -> Instance:
         "service": service,
         "id": f"host{n}:{n:012x}:8080",
         "node": f"host{n}",
-        "address": f"10.0.0.{n}",
+        "address": f"192.0.2.{n}",
         "port": 8080,
         "registered_at": 1.0,
     }
@@ -133,7 +133,7 @@ def test_golden(name: str) -> None:
 EXAMPLES = {"inter": "2s", "fastinter": "500ms", "downinter": "10s", "slowstart": "30s",
             "pool-purge-delay": "5s", "tcp-ut": "30s", "alpn": "h2,http/1.1", "proto": "h2",
             "check-alpn": "h2", "check-proto": "h2", "check-sni": "example.org",
-            "addr": "10.0.0.1", "port": "8081", "verify": "none", "max-reuse": "-1",
+            "addr": "192.0.2.1", "port": "8081", "verify": "none", "max-reuse": "-1",
             "ca-file": "/etc/ssl/certs/ca-certificates.crt"}  # fmt: skip
 FALLBACKS = ("1", "layer4", "fastinter", "auto", "TLSv1.2", "shutdown-sessions",
              "shutdown-backup-sessions")  # fmt: skip
@@ -178,8 +178,8 @@ def test_every_whitelisted_keyword_passes_haproxy(tmp_path: Path) -> None:
 def test_golden_shape() -> None:
     text = (GOLDEN / "mixed.cfg").read_text()
     assert "backend web\n" in text and "frontend svc_web\n" in text
-    assert "    server s1 10.0.0.1:8080 weight 100 check inter 1s" in text
-    assert "    server s3 10.0.0.3:8080 weight 0 check" in text  # draining: weight 0, not maint
+    assert "    server s1 192.0.2.1:8080 weight 100 check inter 1s" in text
+    assert "    server s3 192.0.2.3:8080 weight 0 check" in text  # draining: weight 0, not maint
     assert "server s4 127.0.0.1:1 weight 0 disabled check" in text
     assert "server s1 [fd00::4]:5432 weight 100" in text and "bind [::1]:15432" in text
     assert "hash-type consistent" in text  # balance source must allow runtime weights
@@ -340,7 +340,7 @@ def test_runtime_paths_validated(path: str) -> None:
 
 def test_unsafe_reason() -> None:
     assert unsafe_reason("maxconn 100 inter 2s") is None
-    assert unsafe_reason("10.0.0.1") is None
+    assert unsafe_reason("192.0.2.1") is None
     for bad in UNSAFE:
         assert unsafe_reason(bad), bad
 
@@ -422,16 +422,16 @@ def test_prune_server_state() -> None:
     cfg, slots, paths = case_mixed()
     ctx = build_context(cfg, slots, paths)
     lines = [
-        state_line("s1", "10.0.0.1", 8080, 0, 100),  # agrees: kept
-        state_line("s2", "10.0.0.2", 8080, 0, 100),  # weight 10 now: dropped
-        state_line("s3", "10.0.0.3", 8080, 0x08, 100),  # drained at runtime: kept
-        state_line("s4", "10.0.0.9", 8080, 0, 100),  # freed at runtime, stale: dropped
+        state_line("s1", "192.0.2.1", 8080, 0, 100),  # agrees: kept
+        state_line("s2", "192.0.2.2", 8080, 0, 100),  # weight 10 now: dropped
+        state_line("s3", "192.0.2.3", 8080, 0x08, 100),  # drained at runtime: kept
+        state_line("s4", "192.0.2.9", 8080, 0, 100),  # freed at runtime, stale: dropped
         state_line("s5", "127.0.0.1", 1, 0x05, 0),  # empty and in maint: kept
         state_line("s6", "127.0.0.1", 1, 0x04, 0),  # readied at runtime: dropped
         state_line("s7", "127.0.0.1", 1, 0x05, 0).replace(" s7 ", " s8 "),  # s8: kept
-        state_line("s1", "10.0.0.1", 8080, 0x08, 100).replace("web", "db"),  # db/s1: moved
-        state_line("s2", "10.0.0.2", 8080, 0x08, 10),  # ready slot drained at runtime: dropped
-        state_line("s99", "10.0.0.1", 8080, 0, 100),  # no such slot: dropped
+        state_line("s1", "192.0.2.1", 8080, 0x08, 100).replace("web", "db"),  # db/s1: moved
+        state_line("s2", "192.0.2.2", 8080, 0x08, 10),  # ready slot drained at runtime: dropped
+        state_line("s99", "192.0.2.1", 8080, 0, 100),  # no such slot: dropped
         "garbage",
     ]
     pruned = prune_server_state(STATE_HEADER + "\n".join(lines) + "\n", ctx)
@@ -510,7 +510,7 @@ def test_reload_with_state_file(tmp_path: Path, prune: bool) -> None:
         pid = wait_for(lambda: "master" in admin(master, "show proc") and worker_pid(sock))
         # runtime, as the watcher would do it
         for cmd in ("set server web/s1 state maint", "set server web/s2 state drain",
-                    "set server web/s3 addr 10.0.0.3 port 20003", "set weight web/s3 100",
+                    "set server web/s3 addr 192.0.2.3 port 20003", "set weight web/s3 100",
                     "set server web/s3 state ready"):  # fmt: skip
             admin(sock, cmd)
         ctx = build_context(cfg, {"web": after}, paths)
@@ -520,12 +520,12 @@ def test_reload_with_state_file(tmp_path: Path, prune: bool) -> None:
         admin(master, "reload")
         wait_for(lambda: worker_pid(sock) != pid)
         got = wait_for(lambda: servers(sock))
-        assert got["s2"] == ("10.0.0.2", 20002, "DRAIN")  # weight 0 in the config: still drained
-        assert got["s3"] == ("10.0.0.3", 20003, "no check")
+        assert got["s2"] == ("192.0.2.2", 20002, "DRAIN")  # weight 0 in the config: still drained
+        assert got["s3"] == ("192.0.2.3", 20003, "no check")
         if prune:
-            assert got["s1"] == ("10.0.0.4", 20004, "no check")  # the new instance, serving
+            assert got["s1"] == ("192.0.2.4", 20004, "no check")  # the new instance, serving
         else:  # HAProxy 2.6 lets the stale state win: in maint, and the *old* port
-            assert got["s1"] == ("10.0.0.4", 20001, "MAINT")
+            assert got["s1"] == ("192.0.2.4", 20001, "MAINT")
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)

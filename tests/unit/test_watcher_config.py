@@ -157,7 +157,7 @@ LONG_SERVER = (
         (SVC + 'server_options = "maxconn 1\\u2028"\n', r"control character"),
         (SVC + "server_options = 'maxconn 1 maxconn 2'\n", r"given twice"),
         (SVC + "server_options = 5\n", r"services\.web\.server_options: must be a string"),
-        (SVC + "server_options = 'addr 10.0.0.1'\n", r"'addr' is not an allowed"),
+        (SVC + "server_options = 'addr 192.0.2.1'\n", r"'addr' is not an allowed"),
         (SVC + "check_options = 'inter 1s'\n", r"services\.web\.check_options: needs check"),
         (SVC + "check = true\ncheck_options = 'maxconn 1'\n", r"check_options: 'maxconn'"),
         (SVC + "check = true\ncheck_options = 'port 0'\n", r"check_options: '0' is not"),
@@ -211,7 +211,7 @@ def test_every_whitelisted_keyword_is_accepted() -> None:
     examples = {"inter": "2s", "fastinter": "500ms", "downinter": "10s", "slowstart": "30s",
                 "pool-purge-delay": "5s", "tcp-ut": "30s", "ca-file": "/etc/ssl/ca.pem",
                 "alpn": "h2,http/1.1", "check-alpn": "h2", "proto": "h2", "check-proto": "h2",
-                "check-sni": "example.org", "addr": "10.0.0.1", "port": "8081"}  # fmt: skip
+                "check-sni": "example.org", "addr": "192.0.2.1", "port": "8081"}  # fmt: skip
     for keywords, check_only in ((SERVER_KEYWORDS, False), (CHECK_KEYWORDS, True)):
         for word, check in keywords.items():
             tokens = [word] if check is None else [word, examples.get(word, "")]
@@ -239,7 +239,7 @@ def test_service_config_normalises() -> None:
 
 def test_tag_filter() -> None:
     def inst(*tags: str, service: str = "web") -> Instance:
-        return Instance(service, "h:abc:80", "h", "10.0.0.1", 80, tags=tuple(sorted(tags)))
+        return Instance(service, "h:abc:80", "h", "192.0.2.1", 80, tags=tuple(sorted(tags)))
 
     svc = ServiceConfig("web", 18000, tags=("blue",))
     assert svc.accepts(inst("blue")) and svc.accepts(inst("blue", "canary"))
