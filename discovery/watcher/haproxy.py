@@ -17,9 +17,10 @@ import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from discovery.errors import HAProxyCommandError, HAProxyError
+from discovery.watcher.haproxy_proc import ShowProc, parse_info, parse_show_proc
 from discovery.watcher.slots import Slot, SlotState
 
 log = logging.getLogger(__name__)
@@ -151,63 +152,6 @@ def server_view(fields: Mapping[str, str]) -> ServerView:
                       int(port) if port.isdigit() else 0, int(fields["srv_uweight"]), state,
                       OP_STATES.get(int(fields["srv_op_state"]), fields["srv_op_state"]))
 
-
-@dataclass(frozen=True)
-class Proc:
-    """One row of the master CLI's ``show proc``."""
-
-    pid: int
-    kind: str  # master | worker | a program name
-    reloads: int
-    uptime: str
-    version: str
-    failed: int = 0  # master row only: failed reloads since the last successful one
-
-
-@dataclass(frozen=True)
-class ShowProc:
-    master: Proc
-    workers: list[Proc] = field(default_factory=list)
-    old_workers: list[Proc] = field(default_factory=list)
-    programs: list[Proc] = field(default_factory=list)
-
-
-_PROC_ROW = re.compile(
-    r"^(?P<pid>\d+)\s+(?P<kind>\S+)\s+(?P<reloads>\d+)(?:\s+\[failed:\s*(?P<failed>\d+)\])?"
-    r"\s+(?P<uptime>\S+)(?:\s+(?P<version>\S+))?")
-
-
-def parse_show_proc(text: str) -> ShowProc:
-    """Parse the master CLI's ``show proc`` (HAProxy 2.x layout)."""
-    master: Proc | None = None
-    sections: dict[str, list[Proc]] = {"workers": [], "old workers": [], "programs": []}
-    current = "master"
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#<"):
-            continue
-        if line.startswith("#"):
-            current = line.lstrip("# ").strip().lower()
-            continue
-        m = _PROC_ROW.match(line)
-        if m is None:
-            raise HAProxyError(f"malformed 'show proc' row: {line[:120]!r}")
-        proc = Proc(int(m["pid"]), m["kind"], int(m["reloads"]), m["uptime"],
-                    m["version"] or "", int(m["failed"] or 0))
-        if proc.kind == "master":
-            master = proc
-        else:
-            sections.setdefault(current, []).append(proc)
-    if master is None:
-        raise HAProxyError(f"no master row in 'show proc' output: {text[:200]!r}")
-    return ShowProc(master, sections["workers"], sections["old workers"],
-                    sections["programs"] + sections.get("old programs", []))
-
-
-def parse_info(text: str) -> dict[str, str]:
-    """Parse ``show info`` ("Name: value" lines)."""
-    pairs = (line.partition(":") for line in text.splitlines())
-    return {k.strip(): v.strip() for k, sep, v in pairs if sep}
 
 
 class _UnixCLI:
@@ -353,7 +297,17 @@ class HAProxyMaster(_UnixCLI):
         super().__init__(socket_path, timeout, connect_grace)
 
     def show_proc(self) -> ShowProc:
-        return parse_show_proc(self.command("show proc"))
+        """``show proc``, read-only: a connection the master resets (it does, briefly, around
+        starts and reloads) is retried for ``connect_grace`` seconds."""
+        deadline = time.monotonic() + self.connect_grace
+        while True:
+            try:
+                return parse_show_proc(self.command("show proc"))
+            except HAProxyError as exc:
+                reset = isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError)
+                if not reset or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
 
     def reload_count(self) -> int:
         """Reloads this master performed (the master row's ``reloads`` column).
