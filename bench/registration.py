@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
+from benchstats import percentile  # noqa: E402
 from requests.exceptions import RequestException  # noqa: E402
 
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
@@ -88,17 +89,6 @@ class Interrupted(BaseException):  # like KeyboardInterrupt: not caught as an Ex
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), ``q`` in [0, 1]."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(values_ns: Sequence[int]) -> list[float]:

@@ -60,6 +60,7 @@ for _p in (str(ROOT), str(BENCH)):
         sys.path.insert(0, _p)
 
 import docker.errors  # noqa: E402  (binds ``docker`` too)
+from benchstats import percentile  # noqa: E402
 
 from discovery.errors import DiscoveryError  # noqa: E402
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
@@ -112,17 +113,6 @@ def install_signal_handlers() -> None:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), ``q`` in [0, 1]."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def _r(v: float | None) -> float | None:
