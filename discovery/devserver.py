@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (bind to port 0, read, close). Another process
+    may take it before the caller binds it; on loopback that race is good enough."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -40,22 +40,7 @@ QueryHook = Callable[[str, str], None]
 
 def parse_listen(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``127.0.0.1:8600``, ``[::1]:8600``, ``127.0.0.1`` or ``:8600`` → (address, port)."""
-    text = value.strip()
-    host, port = text, str(default_port)
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigError(f"dns listen address {value!r}: expected [ADDRESS]:PORT")
-            port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    try:
-        address = v.address("dns listen address", host or "127.0.0.1")
-        number = v.port("dns port", port) if port != "0" else 0
-    except ValidationError as exc:
-        raise ConfigError(f"dns listen address {value!r}: {exc.reason}") from None
-    return address, number
+    return v.listen("dns listen address", value, default_port, port_zero=True)
 
 
 class DnsServer:

@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +22,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from discovery import validate as v
 from discovery.durations import parse_duration
-from discovery.errors import ConfigError, DiscoveryError, ValidationError
+from discovery.errors import DiscoveryError, ValidationError
+from discovery.status import Checks, Health, Maint
 
 if TYPE_CHECKING:
     from discovery.metrics import Metrics
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Health = Callable[[], dict[str, dict[str, Any]]]
-Maint = Callable[[str | None, bool], list[str]]  # (instance id or None for the node, on)
 DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
 MAX_WAIT = 300.0  # longer waits are capped, as Consul caps at 10 minutes
 MAX_TARGET = 4096  # bytes of request target
@@ -57,24 +55,9 @@ class Response:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``--http`` value → (ip, port): ``PORT``, ``:PORT``, ``IP:PORT``, ``[IPv6]:PORT``.
-
-    Without an address the API binds loopback (127.0.0.1).
-    """
-    text = value.strip()
-    host, sep, port_s = text.rpartition(":")
-    if not sep:
-        host, port_s = "", text
-    host = host.strip("[]") or DEFAULT_BIND
-    if host == "localhost":
-        host = DEFAULT_BIND
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"--http {value!r}: {host!r} is not an IP address") from None
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ConfigError(f"--http {value!r}: port must be 1-65535") from None
-    return host, int(port_s)
+    """``--http`` value → (ip, port): ``PORT``, ``:PORT``, ``IP:PORT``, ``[IPv6]:PORT``;
+    without an address the API binds loopback."""
+    return v.listen("--http", value, localhost=True)
 
 
 class HttpApi:
@@ -84,7 +67,7 @@ class HttpApi:
     def __init__(self, catalog: Catalog | None, health: Health, metrics: Metrics | None = None,
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
                  max_blocking: int = 256, maint: Maint | None = None,
-                 checks: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 checks: Checks | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from discovery.metrics import Metrics
+from discovery.status import Checks, Health, Maint
 from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
-Health = Callable[[], dict[str, dict[str, Any]]]
-Maint = Callable[[str | None, bool], list[str]]
 
 
 class Stoppable(Protocol):
@@ -39,7 +37,7 @@ class Lookups:
 def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
                   extra_health: Health | None = None, maint: Maint | None = None,
-                  checks: Callable[[], list[dict[str, Any]]] | None = None) -> Lookups:
+                  checks: Checks | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
     from discovery.dns import DnsServer
     from discovery.dns import parse_listen as dns_listen

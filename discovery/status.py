@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
-Health = Callable[[], dict[str, dict[str, Any]]]
+Health = Callable[[], dict[str, dict[str, Any]]]  # what /v1/health reports
+Maint = Callable[[str | None, bool], list[str]]  # (instance id or None for the node, on)
+Checks = Callable[[], list[dict[str, Any]]]  # the agent's live checks (/v1/agent/checks)
 
 
 def watcher_health(watcher: Watcher, prefix: str = "") -> Health:

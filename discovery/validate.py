@@ -10,7 +10,7 @@ import ipaddress
 import re
 import unicodedata
 
-from discovery.errors import ValidationError
+from discovery.errors import ConfigError, ValidationError
 
 MAX_VALUE = 512
 MAX_TAGS = 32
@@ -109,3 +109,35 @@ def text(culprit: str, value: str) -> str:
         raise ValidationError(culprit, "must be a string")
     _printable(culprit, value)
     return value
+
+
+
+def listen(culprit: str, value: str, default_port: int | None = None, *,
+           port_zero: bool = False, localhost: bool = False) -> tuple[str, int]:
+    """A listen address → ``(ip, port)``: ``IP:PORT``, ``[IPv6]:PORT``, ``:PORT``, ``PORT``, or
+    ``IP`` / ``[IPv6]`` alone when there is a ``default_port``. No address means loopback.
+    ``port_zero``: port 0 (any free port) is allowed; ``localhost``: the name stands for
+    127.0.0.1. One :class:`ConfigError` naming ``culprit`` and the value otherwise."""
+    text = value.strip()
+    port_text = str(default_port) if default_port is not None else ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{culprit} {value!r}: expected [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else port_text
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.isdigit():
+        host, port_text = "", text
+    else:
+        host = text
+    if localhost and host == "localhost":
+        host = ""
+    if not port_text:
+        raise ConfigError(f"{culprit} {value!r}: needs a port")
+    try:
+        ip = address(culprit, host or "127.0.0.1")
+        number = 0 if port_zero and port_text == "0" else port(culprit, port_text)
+    except ValidationError as exc:
+        raise ConfigError(f"{culprit} {value!r}: {exc.reason}") from None
+    return ip, number

@@ -225,8 +225,7 @@ class Agent:
     def _start_check(self, tracked: Tracked, spec: ServiceSpec) -> None:
         key = (spec.service, make_instance_id(self.config.node, tracked.container_id,
                                               spec.container_port))
-        adopted = key in self._adopt
-        tracked.healthy[key] = adopted
+        adopted = key in self._adopt  # registered by an earlier run: start healthy, no flap
         if spec.check.type == "docker":
             return
         target = CheckTarget(spec.address, spec.port, tracked.container_id, self.docker.client)
@@ -238,8 +237,7 @@ class Agent:
                     return
                 log.info("%s/%s is now %s (%s)", key[0], key[1], "healthy" if ok else "unhealthy",
                          result.output[:200])
-                tracked.healthy[key] = ok
-                self._apply(tracked, key)
+                self._apply(tracked, key)  # the runner's hysteresis holds the new state
 
         kind = spec.check.type
         runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
@@ -261,9 +259,8 @@ class Agent:
     def _wanted(self, tracked: Tracked, key: Key) -> bool:
         if tracked.paused:
             return False
-        if key in tracked.runners:
-            return tracked.healthy.get(key, False)
-        return tracked.docker_health
+        runner = tracked.runners.get(key)
+        return runner.healthy if runner is not None else tracked.docker_health
 
     def _apply_container(self, tracked: Tracked) -> None:
         for key in tracked.instances:

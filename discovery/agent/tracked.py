@@ -23,7 +23,6 @@ class Tracked:
     container_id: str
     started_ns: int
     instances: dict[Key, Instance] = field(default_factory=dict)
-    healthy: dict[Key, bool] = field(default_factory=dict)
     runners: dict[Key, CheckRunner] = field(default_factory=dict)
     docker_health: bool = False
     paused: bool = False

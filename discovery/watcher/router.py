@@ -178,12 +178,9 @@ class Router:
     def render_current(self, catalog: Catalog) -> str:
         """The config for the catalog as it is (``--once --dry-run``), touching nothing."""
         desired = self.desired(catalog)
-        slots = {}
-        for name, insts in desired.items():
-            table = SlotTable(self._sizes(desired)[name])
-            table.assign(insts)
-            slots[name] = table.slots()
-        return self.render(slots)
+        sizes = self._sizes(desired)  # once, not once per service
+        return self.render({name: SlotTable(0).resized(sizes[name], insts).slots()
+                            for name, insts in desired.items()})
 
     # ---- runtime API -----------------------------------------------------------------------
     def _apply(self, changes: dict[str, list[Slot]]) -> None:

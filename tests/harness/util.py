@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from discovery.devserver import free_port  # the package's own (up --dev picks ports with it)
+
 T = TypeVar("T")
 
 __all__ = ["free_port", "wait_for"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now (bind to port 0, read, close).
-
-    There is an unavoidable race between closing the probe socket and the real server
-    binding the port; on a loopback-only test host it is good enough.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(
