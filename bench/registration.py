@@ -59,6 +59,7 @@ import docker  # noqa: E402
 import docker.errors  # noqa: E402
 from benchstats import percentile  # noqa: E402
 from requests.exceptions import RequestException  # noqa: E402
+from routing import Daemon, discovery_cmd  # noqa: E402
 
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
 from tests.harness.dockerd import (  # noqa: E402
@@ -120,48 +121,17 @@ class HostCpu:
 # --------------------------------------------------------------------------- the agent
 
 
-class Agent:
-    """``python -m discovery agent`` in its own session; stopped by its pid."""
+class Agent(Daemon):
+    """``python -m discovery agent`` in its own session; stopped by its pid (routing.Daemon)."""
 
     def __init__(self, url: str, node: str, log_path: Path, log_level: str,
                  extra: Sequence[str] = ()) -> None:
-        self.url, self.node, self.log_path = url, node, log_path
-        self.cmd = [sys.executable, "-m", "discovery", "--log-level", log_level, "agent",
-                    "--registry", url, "--node", node, *extra]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> Agent:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-        return self
+        super().__init__(discovery_cmd("agent", "--registry", url, "--node", node, *extra,
+                                       log_level=log_level), log_path)
+        self.url, self.node = url, node
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return None if p is None else p.returncode
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGTERM)
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-            return None
+        return self.log_text()
 
     def wait_log(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
