@@ -81,9 +81,9 @@ def qname(service: str, qtype: str) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     """``--serve``: our DnsServer on ``--port`` with the bench zone, until SIGTERM."""
-    from discovery.dns import DnsServer
+    from discovery.lookup.dns import DnsServer
+    from discovery.model.catalog import Catalog
     from discovery.registry.base import Snapshot
-    from discovery.watcher.catalog import Catalog
 
     catalog = Catalog()
     catalog.load(Snapshot({i.key: i for i in zone(args.services, args.instances)}))

@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from discovery.errors import DiscoveryError  # noqa: E402
+from discovery.model.catalog import Catalog  # noqa: E402
 from discovery.registry import Change, open_registry  # noqa: E402
-from discovery.watcher.catalog import Catalog  # noqa: E402
 from discovery.watcher.config import ServiceConfig, WatcherConfig  # noqa: E402
 from discovery.watcher.render import Renderer, RuntimePaths, render_config  # noqa: E402
 from discovery.watcher.slots import Slot  # noqa: E402

@@ -34,8 +34,8 @@ from discovery.errors import (
     RegistryUnavailable,
 )
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, RegistryURL, Watch, open_registry
-from discovery.watcher.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 :class:`Metrics` owns its own :class:`CollectorRegistry` (never the global default one), so
 several agents and watchers can live in one process or one test run. The agent and the
 watcher call its small typed methods where things happen; ``GET /metrics``
-(:mod:`discovery.http`) serves :meth:`Metrics.exposition`.
+(:mod:`discovery.lookup.http`) serves :meth:`Metrics.exposition`.
 
 Label values that come from outside (Docker event actions, DNS query types and rcodes,
 check types) are folded into a bounded set, so nobody can grow the series count at will.

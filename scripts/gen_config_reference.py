@@ -255,7 +255,7 @@ def help_text(param: click.Parameter) -> str:
 
 
 def commands() -> list[tuple[str, click.Command]]:
-    from discovery.cli import main
+    from discovery.cli.app import main
 
     known = [n for n in ORDER if n in main.commands]
     rest = sorted(set(main.commands) - set(known))
@@ -315,7 +315,7 @@ def envvars(param: click.Parameter) -> list[str]:
 
 
 def registry_flag_names() -> set[str]:
-    from discovery.cli_options import FLAGS
+    from discovery.cli.options import FLAGS
 
     return set(FLAGS)
 
@@ -339,7 +339,7 @@ def command_section(name: str, cmd: click.Command, parent: click.Context,
             continue
         if collapsed and p.name in shared:
             if p.name == next(iter(sorted(shared))):
-                from discovery.cli_options import FLAGS
+                from discovery.cli.options import FLAGS
 
                 flags = ", ".join(f"`{FLAGS[n][1]}`" for n in FLAGS)
                 rows.append([flags, "see [Registry options](#registry-options)", "—",
@@ -354,7 +354,7 @@ def command_section(name: str, cmd: click.Command, parent: click.Context,
 
 
 def registry_options_section(all_commands: list[tuple[str, click.Command]]) -> list[str]:
-    from discovery.cli_options import FLAGS
+    from discovery.cli.options import FLAGS
 
     users = [n for n, c in all_commands if registry_flag_names() <= {p.name for p in c.params}]
     example = dict(all_commands)[users[0]] if users else None
@@ -379,7 +379,7 @@ def registry_options_section(all_commands: list[tuple[str, click.Command]]) -> l
 
 
 def global_section() -> list[str]:
-    from discovery.cli import main
+    from discovery.cli.app import main
 
     ctx = click.Context(main, info_name="discovery")
     rows = []
@@ -581,7 +581,7 @@ def labels_section() -> list[str]:
 
 
 def environment_section(all_commands: list[tuple[str, click.Command]]) -> list[str]:
-    from discovery.cli import main
+    from discovery.cli.app import main
 
     used: dict[str, list[str]] = {}
     for p in main.params:
@@ -615,7 +615,7 @@ def environment_section(all_commands: list[tuple[str, click.Command]]) -> list[s
 
 def render() -> str:
     missing.clear()
-    from discovery.cli import main
+    from discovery.cli.app import main
 
     all_commands = commands()
     borrowed = borrowed_help(all_commands)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from discovery import validate
 from discovery.agent.spec import CheckSpec
 from discovery.errors import ConfigError, ValidationError
+from discovery.model import validate
 
 log = logging.getLogger(__name__)
 

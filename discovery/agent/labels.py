@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from discovery import validate
 from discovery.agent.checks import CHECK_TYPES, parse_command, status_matcher
 from discovery.agent.spec import CheckSpec, ServiceSpec
-from discovery.durations import parse_duration
 from discovery.errors import CheckError, LabelError, ValidationError
+from discovery.model import validate
+from discovery.model.durations import parse_duration
 
 log = logging.getLogger(__name__)
 

@@ -166,15 +166,20 @@ class RegistryURL:
     def __str__(self) -> str:
         return self.to_url()
 
+    @property
+    def services_root(self) -> str:
+        """``<prefix>/services``: every service's directory is below it."""
+        return f"{self.prefix}/services"
+
     def service_dir(self, service: str) -> str:
-        return f"{self.prefix}/services/{service}"
+        return f"{self.services_root}/{service}"
 
     def key(self, service: str, instance_id: str) -> str:
         return f"{self.service_dir(service)}/{instance_id}"
 
     def split_key(self, key: str) -> tuple[str, str] | None:
         """``(service, instance_id)`` of a key under this prefix, or None."""
-        head = f"{self.prefix}/services/"
+        head = f"{self.services_root}/"
         if not key.startswith(head):
             return None
         parts = key[len(head):].split("/")

@@ -59,7 +59,7 @@ class ZkRegistry:
             raise ConfigError(f"registry URL {url}: not a zk:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
-        self._services = f"{url.prefix}/services"
+        self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
         self._checked: set[str] = set()  # service dirs whose ACL we looked at
@@ -289,7 +289,7 @@ class ZkRegistry:
     def watch(self, callback: ChangeCallback, start_revision: int = 0) -> ZkWatch:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-        w = ZkWatch(self, callback, start_revision)
+        w = ZkWatch(self.client, self.url, self._connected, callback, start_revision)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kazoo.exceptions import (
     ConnectionClosedError,
@@ -18,10 +18,14 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.model import Instance
-from discovery.registry.base import Change, ChangeCallback, Snapshot, decode, deliver
-
-if TYPE_CHECKING:
-    from discovery.registry.zk import ZkRegistry
+from discovery.registry.base import (
+    Change,
+    ChangeCallback,
+    RegistryURL,
+    Snapshot,
+    decode,
+    deliver,
+)
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -31,11 +35,16 @@ class ZkWatch:
     """Follows ``<prefix>/services`` with one worker thread.
 
     ZooKeeper's one-shot watches only queue "look again at X" items; the worker re-reads X
-    (re-arming the watch) and emits the difference to what it emitted before.
+    (re-arming the watch) and emits the difference to what it emitted before. It knows only
+    what it needs: the kazoo ``client``, the registry ``url`` (to decode keys), the
+    ``<prefix>/services`` path and the event that is set while the session is connected.
     """
 
-    def __init__(self, reg: ZkRegistry, callback: ChangeCallback, start_revision: int) -> None:
-        self._reg, self._callback = reg, callback
+    def __init__(self, client: Any, url: RegistryURL, connected: threading.Event,
+                 callback: ChangeCallback, start_revision: int) -> None:
+        self._client, self._url, self._connected = client, url, connected
+        self._services = url.services_root
+        self._callback = callback
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, str]] = deque()
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
@@ -44,7 +53,7 @@ class ZkWatch:
         self._live: set[str] = set()  # paths we emitted a put for (and no delete since)
         self._stopped = threading.Event()
         try:  # read now, so changes right after watch() returns are changes, not the start
-            if not reg._connected.is_set():
+            if not connected.is_set():
                 raise ConnectionLoss()
             self._init(start_revision)
         except Exception:
@@ -96,13 +105,13 @@ class ZkWatch:
             except _TRANSIENT:  # try again once connected (a reset may come first)
                 with self._cond:
                     self._queue.appendleft(item)
-                self._reg._connected.wait(1)
+                self._connected.wait(1)
                 self._stopped.wait(0.1)
             except ConnectionClosedError:
                 return
             except NoAuthError:  # an ACL without world READ, and we lack the credentials
                 log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
-                            "password; retrying", item[1] or self._reg._services)
+                            "password; retrying", item[1] or self._services)
                 self._stopped.wait(5)
                 self.reset()
             except Exception:
@@ -112,9 +121,9 @@ class ZkWatch:
 
     def _handle(self, item: tuple[str, str]) -> None:
         kind, arg = item
-        if not self._reg._connected.is_set():
+        if not self._connected.is_set():
             raise ConnectionLoss()
-        c, services = self._reg.client, self._reg._services
+        c, services = self._client, self._services
         if kind == "init":
             self._init(int(arg))
         elif kind == "reset":
@@ -146,17 +155,17 @@ class ZkWatch:
             self._node(arg)
 
     def _node(self, path: str) -> None:
-        url = self._reg.url
+        url = self._url
         split = url.split_key(path)
         try:
-            data, stat = self._reg.client.get(path, watch=self._fn(("node", path)))
+            data, stat = self._client.get(path, watch=self._fn(("node", path)))
         except NoNodeError:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
             if path in self._live and split is not None:
                 self._live.discard(path)
                 self._deliver(Change("delete", key=split,
-                                     revision=self._reg.client.last_zxid))
+                                     revision=self._client.last_zxid))
             return
         if self._nodes.get(path) == stat.mzxid or split is None:
             return
@@ -171,7 +180,7 @@ class ZkWatch:
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
-        c, services = self._reg.client, self._reg._services
+        c, services = self._client, self._services
         self._svcs.clear()
         self._nodes.clear()
         self._live.clear()
@@ -200,7 +209,7 @@ class ZkWatch:
                     continue
                 self._nodes[path] = st.mzxid
                 newest = max(newest, st.mzxid)
-                inst = decode(self._reg.url, path, data)
+                inst = decode(self._url, path, data)
                 if inst is not None:
                     self._live.add(path)
                     instances[inst.key] = inst

@@ -20,10 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
-from discovery import validate
-from discovery.durations import parse_duration, to_ms
 from discovery.errors import ConfigError, ValidationError
-from discovery.model import Instance
+from discovery.model import Instance, validate
+from discovery.model.durations import parse_duration, to_ms
 
 log = logging.getLogger(__name__)
 

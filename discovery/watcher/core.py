@@ -19,8 +19,8 @@ from pathlib import Path
 from discovery.errors import RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance
+from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
-from discovery.watcher.catalog import Catalog
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)

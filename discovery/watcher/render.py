@@ -22,8 +22,8 @@ from typing import Any
 
 import jinja2
 
-from discovery import validate
 from discovery.errors import ConfigError, RenderError, ValidationError
+from discovery.model import validate
 from discovery.watcher.config import (
     BACKEND_TIMEOUTS,
     FRONTEND_TIMEOUTS,

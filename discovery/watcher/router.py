@@ -20,7 +20,7 @@ from typing import Literal
 
 from discovery.errors import HAProxyError, RenderError, ValidationError
 from discovery.model import Instance
-from discovery.watcher.catalog import Catalog
+from discovery.model.catalog import Catalog
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.render import Renderer, RuntimePaths, build_context
 from discovery.watcher.slots import Slot, SlotTable, slot_count

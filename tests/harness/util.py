@@ -6,7 +6,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from discovery.devserver import free_port  # the package's own (up --dev picks ports with it)
+from discovery.registry.devserver import (
+    free_port,  # the package's own (up --dev picks ports with it)
+)
 
 T = TypeVar("T")
 

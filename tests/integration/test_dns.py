@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from discovery.dns import DnsServer
+from discovery.lookup.dns import DnsServer
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry.base import Snapshot
-from discovery.watcher.catalog import Catalog
 
 pytestmark = [
     pytest.mark.integration,

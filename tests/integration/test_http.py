@@ -16,12 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from discovery.errors import ConfigError
-from discovery.http import HttpApi, parse_listen
+from discovery.lookup.http import HttpApi, parse_listen
+from discovery.lookup.status import agent_health, watcher_health
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
-from discovery.status import agent_health, watcher_health
-from discovery.watcher.catalog import Catalog
 from discovery.watcher.router import RouterStats
 from tests.harness.util import free_port, wait_for
 

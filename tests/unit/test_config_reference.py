@@ -62,7 +62,7 @@ def test_the_output_does_not_depend_on_the_environment(gen: ModuleType, page: st
 
 
 def test_every_command_flag_and_env_var_is_on_the_page(page: str) -> None:
-    from discovery.cli import main
+    from discovery.cli.app import main
 
     sections = {part.split("`", 1)[0]: part for part in page.split("### `discovery ")[1:]}
     for name, cmd in main.commands.items():

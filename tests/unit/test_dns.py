@@ -1,4 +1,4 @@
-"""discovery.dns_answer / discovery.dns: every name form, truncation, errors; a real server.
+"""discovery.lookup.dns_wire and .dns: every name form, truncation, errors; a real server.
 
 Requests are built and responses decoded with dnslib, an independent implementation.
 """
@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSQuestion, DNSRecord
 
-from discovery.dns import DnsServer, parse_listen
-from discovery.dns_answer import DnsConfig, Zone, answer, respond
 from discovery.errors import ConfigError
+from discovery.lookup.dns import DnsServer, parse_listen
+from discovery.lookup.dns_wire import DnsConfig, Zone, answer, respond
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry.base import Snapshot
-from discovery.watcher.catalog import Catalog
 
 
 def inst(service: str, n: int, address: str, port: int = 8080, node: str = "node1",
@@ -350,7 +350,7 @@ def test_server_survives_its_own_bugs(monkeypatch: pytest.MonkeyPatch) -> None:
         def boom(*args: Any, **kw: Any) -> None:
             raise ValueError("a bug in answering")
 
-        monkeypatch.setattr("discovery.dns.respond", boom)
+        monkeypatch.setattr("discovery.lookup.dns.respond", boom)
         other = DNSRecord.question("db.service.discovery", "AAAA")
         r = DNSRecord.parse(udp(server.port, other.pack()))
         assert RCODE[r.header.rcode] == "SERVFAIL" and r.header.id == other.header.id

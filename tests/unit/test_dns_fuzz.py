@@ -19,8 +19,8 @@ from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from discovery.dns import DnsServer
-from discovery.dns_answer import DnsConfig, Zone, respond
+from discovery.lookup.dns import DnsServer
+from discovery.lookup.dns_wire import DnsConfig, Zone, respond
 from tests.unit.test_dns import INSTANCES, make_catalog
 
 ZONE = Zone(INSTANCES, 1)

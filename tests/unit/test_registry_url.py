@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from kazoo.security import OPEN_ACL_UNSAFE
 
-from discovery.cli_options import registry_options, registry_url_from
+from discovery.cli.options import registry_options, registry_url_from
 from discovery.errors import ConfigError
 from discovery.model import Instance
 from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, decode, mask_url
@@ -331,7 +331,7 @@ def test_zk_acl_owner_all_world_read() -> None:
     assert zk_acl(Secrets()) is None
 
 
-# -- the CLI options (discovery.cli_options) ----------------------------------------------
+# -- the CLI options (discovery.cli.options) ----------------------------------------------
 
 
 def test_registry_url_from_folds_flags(tmp_path: Path) -> None:

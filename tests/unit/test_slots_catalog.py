@@ -8,8 +8,8 @@ import time
 import pytest
 
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
-from discovery.watcher.catalog import Catalog
 from discovery.watcher.slots import Slot, SlotTable, slot_count
 
 

@@ -1,4 +1,4 @@
-"""discovery.validate: every outside value passes one of these."""
+"""discovery.model.validate: every outside value passes one of these."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from discovery import validate as v
 from discovery.errors import ValidationError
+from discovery.model import validate as v
 
 CONTROL = ["\n", "\r", "\x00", "\x1b", "\t", "\x7f", "\x85", "\u2028", "\u2029"]
 

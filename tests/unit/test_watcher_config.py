@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from discovery.durations import format_duration, parse_duration, to_ms
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance
+from discovery.model.durations import format_duration, parse_duration, to_ms
 from discovery.watcher.config import (
     CHECK_KEYWORDS,
     SERVER_KEYWORDS,

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from discovery import validate as v
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance, State
-from discovery.watcher.catalog import Catalog
+from discovery.model import validate as v
+from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from discovery.lookup.status import Checks, Health, Maint
 from discovery.metrics import Metrics
-from discovery.status import Checks, Health, Maint
 from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   extra_health: Health | None = None, maint: Maint | None = None,
                   checks: Checks | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
-    from discovery.dns import DnsServer
-    from discovery.dns import parse_listen as dns_listen
-    from discovery.http import HttpApi
-    from discovery.http import parse_listen as http_listen
-    from discovery.status import watcher_health
+    from discovery.lookup.dns import DnsServer
+    from discovery.lookup.dns import parse_listen as dns_listen
+    from discovery.lookup.http import HttpApi
+    from discovery.lookup.http import parse_listen as http_listen
+    from discovery.lookup.status import watcher_health
 
     out = Lookups()
     try:

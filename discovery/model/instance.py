@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from discovery import validate as v
 from discovery.errors import InvalidRecord, ValidationError
+from discovery.model import validate as v
 
 SCHEMA_VERSION = 1
 

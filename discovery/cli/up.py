@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import tempfile
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
 
-from discovery.cli_options import registry_options
+from discovery.cli.options import registry_options
+from discovery.cli.output import fail
+from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
-from discovery.output import fail
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,11 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     """Run the whole thing on this host: register, route, and answer lookups."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
-    from discovery.devserver import LocalEtcd
-    from discovery.lookups import Lookups, start_lookups
+    from discovery.lookup.serve import Lookups, start_lookups
+    from discovery.lookup.status import agent_health
     from discovery.metrics import Metrics
     from discovery.registry import mask_url, open_registry
-    from discovery.status import agent_health
+    from discovery.registry.devserver import LocalEtcd
     from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
     from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
     from discovery.watcher.config import merge as merge_services
@@ -97,12 +96,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
 
     done = threading.Event()
 
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    on_signals(done.set)
     threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
                threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
     for t in threads:

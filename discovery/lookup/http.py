@@ -20,14 +20,14 @@ from socket import AF_INET6
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from discovery import validate as v
-from discovery.durations import parse_duration
 from discovery.errors import DiscoveryError, ValidationError
-from discovery.status import Checks, Health, Maint
+from discovery.lookup.status import Checks, Health, Maint
+from discovery.model import validate as v
+from discovery.model.durations import parse_duration
 
 if TYPE_CHECKING:
     from discovery.metrics import Metrics
-    from discovery.watcher.catalog import Catalog
+    from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

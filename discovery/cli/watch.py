@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
 
-from discovery.cli_options import registry_options
+from discovery.cli.options import registry_options
+from discovery.cli.output import fail
+from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
-from discovery.output import fail
 from discovery.registry import mask_url
 
 if TYPE_CHECKING:
-    from discovery.lookups import Lookups
+    from discovery.lookup.serve import Lookups
     from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
           dns_ttl: int, http: str | None, once: bool, dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
-    from discovery.lookups import start_lookups
+    from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import (
@@ -119,7 +118,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         fail(str(exc))
         return
 
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+    def on_hup() -> None:
         if router is None:
             return
         try:
@@ -147,7 +146,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
               help="Also serve the HTTP API and /metrics here")
 def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
-    from discovery.lookups import start_lookups
+    from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import WatcherConfig
@@ -166,18 +165,11 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None
 
 
 def serve(watcher: Watcher, lookups: Lookups,
-          on_hup: Callable[[int, FrameType | None], None] | None = None) -> None:
+          on_hup: Callable[[], None] | None = None) -> None:
     """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy."""
     from discovery.watcher.assemble import stop_haproxy
 
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        watcher.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    if on_hup is not None:
-        signal.signal(signal.SIGHUP, on_hup)
+    on_signals(watcher.stop, on_hup)
     try:
         watcher.run()
     finally:

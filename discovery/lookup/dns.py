@@ -2,7 +2,7 @@
 
 ``DnsServer(catalog, bind, port, domain, ttl, on_query).start()`` runs one UDP thread and one
 TCP accept thread (plus one thread per open TCP connection, at most ``MAX_TCP_CONNECTIONS``).
-What is answered and how is :mod:`discovery.dns_answer`; this module moves bytes.
+What is answered and how is :mod:`discovery.lookup.dns_wire`; this module moves bytes.
 
 Hot path (UDP): a response depends only on the request minus its 2-byte ID and on the catalog
 index, so encoded responses are cached by ``request[2:]`` while the index stays the same, and a
@@ -20,10 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from discovery import validate as v
-from discovery.dns_answer import DnsConfig, Response, Zone, respond
 from discovery.errors import ConfigError, ValidationError
-from discovery.watcher.catalog import Catalog
+from discovery.lookup.dns_wire import DnsConfig, Response, Zone, respond
+from discovery.model import validate as v
+from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from discovery.cli.output import fail
 from discovery.errors import ConfigError
-from discovery.output import fail
 from discovery.registry.base import RegistryURL
 
 log = logging.getLogger(__name__)

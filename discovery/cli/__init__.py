@@ -1,0 +1,1 @@
+"""The ``discovery`` command line: one module per command, ``app`` holds the group."""

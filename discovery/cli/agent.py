@@ -1,0 +1,84 @@
+"""``discovery agent``: register this host's healthy containers in the registry."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from discovery.cli.options import registry_options
+from discovery.cli.output import fail
+from discovery.cli.signals import on_signals
+from discovery.errors import DiscoveryError
+from discovery.registry import mask_url, open_registry
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@registry_options(required=False)
+@click.option("--node", envvar="DISCOVERY_NODE", default="", show_default="hostname",
+              help="This host's name in the registry [env DISCOVERY_NODE]")
+@click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
+              help="Advertised IP for published ports [env DISCOVERY_ADDRESS]")
+@click.option("--docker", envvar="DISCOVERY_DOCKER", default=None, metavar="URL",
+              help="dockerd URL; default DOCKER_HOST or the local socket [env DISCOVERY_DOCKER]")
+@click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True,
+              help="etcd lease TTL / ZooKeeper session timeout, seconds [env DISCOVERY_TTL]")
+@click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True,
+              help="Reconcile Docker and the registry every N seconds [env DISCOVERY_RESYNC]")
+@click.option("--internal/--no-internal", envvar="DISCOVERY_INTERNAL", default=False,
+              help="Advertise container IP and exposed port [env DISCOVERY_INTERNAL]")
+@click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
+              help="TOML file with an [agent] table; re-read on SIGHUP [env DISCOVERY_CONFIG]")
+@click.option("--http", "http", envvar="DISCOVERY_AGENT_HTTP", default=None, metavar="ADDR:PORT",
+              help="Serve /v1/health and /metrics here [env DISCOVERY_AGENT_HTTP]")
+@click.pass_context
+def agent(ctx: click.Context, **opts: Any) -> None:
+    """Register healthy containers of this host in the registry."""
+    from discovery.agent.config import AgentConfig, merge, read_file
+    from discovery.agent.core import Agent
+    from discovery.lookup.status import agent_health
+    from discovery.metrics import Metrics
+
+    http = opts.pop("http")
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    explicit = {name for name in opts if ctx.get_parameter_source(name) in given}
+
+    def load() -> AgentConfig:
+        base = AgentConfig(**{**opts, "registry": opts["registry"] or ""})
+        file_values = read_file(opts["config_file"]) if opts["config_file"] else {}
+        return merge(base, file_values, explicit)
+
+    try:
+        config = load()
+        registry = open_registry(config.registry, ttl=config.ttl)
+        metrics = Metrics()
+        the_agent = Agent(config, registry, metrics)
+        api = None
+        if http:
+            from discovery.lookup.http import HttpApi, parse_listen
+
+            api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
+                          maint=the_agent.set_maint, checks=the_agent.checks).start()
+    except DiscoveryError as exc:
+        fail(str(exc))
+        return
+
+    def reload() -> None:
+        try:
+            the_agent.reload(load())
+        except DiscoveryError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+
+    on_signals(lambda: the_agent.stop(revoke=True), reload)
+    log.info("agent starting: node %s, registry %s", config.node, mask_url(config.registry))
+    try:
+        the_agent.run()
+    finally:
+        if api is not None:
+            api.stop()
+
+

@@ -1,0 +1,65 @@
+"""``discovery maint``: drain an instance or a whole node through the local agent's HTTP API;
+:func:`agent_call` is the one way the CLI talks to an agent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from discovery.cli.output import fail
+from discovery.errors import DiscoveryError
+
+
+@click.command()
+@click.argument("target", metavar="INSTANCE_ID|--node")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--node", "whole_node", is_flag=True, help="Every instance of the agent's node")
+@click.option("--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default="127.0.0.1:8500",
+              show_default=True, metavar="ADDR:PORT",
+              help="The agent's HTTP API (discovery agent --http, or discovery up) "
+                   "[env DISCOVERY_AGENT_HTTP]")
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str) -> None:
+    """Drain an instance (or the whole node) without stopping it: it stays registered as
+    `draining`, HAProxy drains it and DNS stops answering it. `off` puts it back.
+
+    Examples: `discovery maint host1:3f2a3f2a3f2a:8080 on`, `discovery maint --node x on`
+    (with --node, TARGET is the node name and is only echoed)."""
+    import urllib.parse
+
+    query = {"enable": "true" if state == "on" else "false"}
+    if not whole_node:
+        query["id"] = target
+    data = agent_call(agent_http, "PUT", f"/v1/agent/maint?{urllib.parse.urlencode(query)}")
+    if fmt == "json":
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")
+
+
+def agent_call(agent_http: str, method: str, path: str) -> Any:
+    """One request to the local agent's HTTP API; any failure is one line and exit 2."""
+    import urllib.error
+    import urllib.request
+
+    from discovery.lookup.http import parse_listen
+
+    try:
+        host, port = parse_listen(agent_http)
+    except DiscoveryError as exc:
+        fail(str(exc))
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        fail(f"agent at {host}:{port}: {reason}")
+    except (OSError, ValueError) as exc:
+        fail(f"agent at {host}:{port} unreachable: {exc}")

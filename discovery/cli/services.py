@@ -1,0 +1,38 @@
+"""``discovery services``: list what the registry holds."""
+
+from __future__ import annotations
+
+import click
+
+from discovery.cli import output
+from discovery.cli.options import registry_options
+from discovery.cli.output import fail
+from discovery.errors import DiscoveryError
+from discovery.registry import open_registry
+
+
+@click.command()
+@click.argument("service", required=False)
+@registry_options()
+@click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for the registry")
+def services(service: str | None, registry: str, fmt: str, timeout: float) -> None:
+    """List registered services and their instances."""
+    try:
+        reg = open_registry(registry, timeout=timeout)
+        try:
+            snap = reg.snapshot()
+        finally:
+            reg.close(revoke=False)
+    except DiscoveryError as exc:
+        fail(str(exc))
+        return
+    instances = [i for i in snap.instances.values() if service in (None, i.service)]
+    if fmt == "json":
+        click.echo(output.as_json(instances))
+    else:
+        output.as_table(instances, output.console())
+
+
