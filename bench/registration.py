@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
-from benchstats import percentile  # noqa: E402
+from common import percentile  # noqa: E402
 from requests.exceptions import RequestException  # noqa: E402
 from routing import Daemon, discovery_cmd  # noqa: E402
 

@@ -60,7 +60,7 @@ for _p in (str(ROOT), str(BENCH)):
         sys.path.insert(0, _p)
 
 import docker.errors  # noqa: E402  (binds ``docker`` too)
-from benchstats import percentile  # noqa: E402
+from common import percentile  # noqa: E402
 
 from discovery.errors import DiscoveryError  # noqa: E402
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
