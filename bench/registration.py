@@ -57,9 +57,8 @@ if str(ROOT) not in sys.path:
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
-from common import percentile  # noqa: E402
+from common import Daemon, discovery_cmd, percentile  # noqa: E402
 from requests.exceptions import RequestException  # noqa: E402
-from routing import Daemon, discovery_cmd  # noqa: E402
 
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
 from tests.harness.dockerd import (  # noqa: E402

@@ -46,15 +46,21 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import routing  # noqa: E402
-from routing import (  # noqa: E402
+from common import (  # noqa: E402
+    HAPROXY_BIN,
     HOST,
+    HostLoad,
+    Interrupted,
     Report,
     Routed,
     Unmeasured,
+    children_of,
     http_get,
+    install_signal_handlers,
+    port_open,
     rss_kib,
     say,
+    summary,
     wait_until,
 )
 
@@ -103,7 +109,7 @@ class Httpds:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         self.procs.append(proc)
-        wait_until(lambda: routing.port_open(port), 10, f"httpd {name} on :{port}")
+        wait_until(lambda: port_open(port), 10, f"httpd {name} on :{port}")
         self.ports[name] = port
         return port
 
@@ -196,7 +202,7 @@ def haproxy_check_ms(config: Path) -> tuple[float | None, int]:
     except OSError:
         return None, 0
     t = time.monotonic()
-    proc = subprocess.run([routing.HAPROXY_BIN, "-c", "-q", "-f", str(config)],
+    proc = subprocess.run([HAPROXY_BIN, "-c", "-q", "-f", str(config)],
                           capture_output=True, timeout=60, check=False)
     took = round((time.monotonic() - t) * 1000, 1)
     return (took if proc.returncode == 0 else None), lines
@@ -279,7 +285,7 @@ def measure(setup: Setup, services: int, wait: str) -> None:
     probe_port = setup.httpds.ports["probe"]
 
     agents = SimAgents(setup.etcd.client_ports[0], prefix, args.instances)
-    load = routing.HostLoad().start()
+    load = HostLoad().start()
     profilers: list[Profiler] = []
     watcher: Routed | None = None
     try:
@@ -369,7 +375,7 @@ def measure(setup: Setup, services: int, wait: str) -> None:
         master = watcher.haproxy_master_pid()
         if master is not None:
             hap_kib = rss_kib(master).get("VmRSS", 0) + sum(
-                rss_kib(c).get("VmRSS", 0) for c in routing.children_of(master))
+                rss_kib(c).get("VmRSS", 0) for c in children_of(master))
         marks = log_times(watcher.log_text())
         split = {k: round((v - wall0) * 1000) for k, v in sorted(marks.items(), key=lambda x: x[1])}
         reloads = watcher.reload_count()
@@ -449,13 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args(argv)
-    routing.install_signal_handlers()
+    install_signal_handlers()
     work = Path(tempfile.mkdtemp(prefix="discovery-scale-"))
     report = Report(args.json_out)
     code = 0
     try:
         run_scale(args, work, report)
-    except routing.Interrupted:
+    except Interrupted:
         say("interrupted: cleaning up")
         return 130
     except Unmeasured as exc:
@@ -463,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.unmeasured.append(str(exc).splitlines()[0][:200])
         code = 2
     finally:
-        print(routing.summary(report), flush=True)
+        print(summary(report), flush=True)
         if args.keep_logs or args.py_spy or code == 2:
             say(f"logs kept in {work}")
         else:
