@@ -8,7 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from discovery.cli.options import registry_options
+from discovery.cli.options import http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
               help="TOML file with an [agent] table; re-read on SIGHUP [env DISCOVERY_CONFIG]")
 @click.option("--http", "http", envvar="DISCOVERY_AGENT_HTTP", default=None, metavar="ADDR:PORT",
-              help="Serve /v1/health and /metrics here [env DISCOVERY_AGENT_HTTP]")
+              help="Serve /v1/health, /v1/agent/* and /metrics here [env DISCOVERY_AGENT_HTTP]")
+@http_token_option()
 @click.pass_context
 def agent(ctx: click.Context, **opts: Any) -> None:
     """Register healthy containers of this host in the registry."""
@@ -43,7 +44,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     from discovery.lookup.status import agent_health
     from discovery.metrics import Metrics
 
-    http = opts.pop("http")
+    http, token = opts.pop("http"), opts.pop("http_token")
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     explicit = {name for name in opts if ctx.get_parameter_source(name) in given}
 
@@ -62,7 +63,8 @@ def agent(ctx: click.Context, **opts: Any) -> None:
             from discovery.lookup.http import HttpApi, parse_listen
 
             api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
-                          maint=the_agent.set_maint, checks=the_agent.checks).start()
+                          maint=the_agent.set_maint, checks=the_agent.checks,
+                          token=token).start()
     except DiscoveryError as exc:
         fail(str(exc))
         return

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from discovery.cli.options import http_token_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 
@@ -22,36 +23,45 @@ from discovery.errors import DiscoveryError
                    "[env DISCOVERY_AGENT_HTTP]")
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
-def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str) -> None:
+@http_token_option(client=True)
+def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str,
+          http_token: str | None) -> None:
     """Drain an instance (or the whole node) without stopping it: it stays registered as
     `draining`, HAProxy drains it and DNS stops answering it. `off` puts it back.
 
     Examples: `discovery maint host1:3f2a3f2a3f2a:8080 on`, `discovery maint --node x on`
-    (with --node, TARGET is the node name and is only echoed)."""
+    (with --node, TARGET is the node name and is only echoed). The agent must have been
+    started with --http-token-file; give this command the same file."""
     import urllib.parse
 
     query = {"enable": "true" if state == "on" else "false"}
     if not whole_node:
         query["id"] = target
-    data = agent_call(agent_http, "PUT", f"/v1/agent/maint?{urllib.parse.urlencode(query)}")
+    data = agent_call(agent_http, "PUT", f"/v1/agent/maint?{urllib.parse.urlencode(query)}",
+                      token=http_token)
     if fmt == "json":
         click.echo(json.dumps(data))
     else:
         click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")
 
 
-def agent_call(agent_http: str, method: str, path: str) -> Any:
-    """One request to the local agent's HTTP API; any failure is one line and exit 2."""
+def agent_call(agent_http: str, method: str, path: str, token: str | None = None) -> Any:
+    """One request to the local agent's HTTP API (with ``token`` as X-Discovery-Token when
+    given); any failure is one line and exit 2."""
     import urllib.error
     import urllib.request
 
     from discovery.lookup.http import parse_listen
+    from discovery.lookup.http_guard import TOKEN_HEADER
 
     try:
         host, port = parse_listen(agent_http)
     except DiscoveryError as exc:
         fail(str(exc))
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+    headers = {TOKEN_HEADER: token} if token else {}
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = urllib.request.Request(f"http://{authority}{path}", method=method,
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return json.loads(resp.read())

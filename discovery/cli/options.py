@@ -14,6 +14,10 @@ reads the same variables itself (:meth:`RegistryURL.with_env`), which is how the
 gets them too. There is no password flag (``ps`` would show it): use
 ``--registry-password-file``, ``DISCOVERY_REGISTRY_PASSWORD`` or ``…_PASSWORD_FILE``.
 The folded URL names the password *file*, never the password, so it is safe to log.
+
+:func:`http_token_option` is ``--http-token-file`` (env ``DISCOVERY_HTTP_TOKEN_FILE``): the
+token HTTP API writes need, for the servers that check it and for ``discovery maint`` that
+sends it. The command receives the token itself (``http_token``: str or None), read once.
 """
 
 from __future__ import annotations
@@ -130,3 +134,33 @@ def _parsed_or_none(registry: str) -> RegistryURL | None:
         return RegistryURL.parse(registry)
     except ConfigError:
         return None
+
+
+def http_token_option(client: bool = False) -> Callable[[F], F]:
+    """``--http-token-file FILE``; the command receives ``http_token`` (the token or None).
+    A file that cannot be read, or holds no usable token, is one line and exit 2.
+    ``client``: the command sends the token (``discovery maint``) rather than checks it."""
+    from discovery.lookup.http_guard import TOKEN_ENV, TOKEN_FLAG, TOKEN_HEADER, read_token
+
+    if client:
+        text = f"File holding the agent's HTTP token, sent as {TOKEN_HEADER}"
+    else:
+        text = ("File holding the token HTTP API writes (PUT /v1/agent/maint) need; without "
+                "it writes are refused")
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            path = kwargs.pop("http_token_file", None)
+            try:
+                kwargs["http_token"] = read_token(path) if path else None
+            except ConfigError as exc:
+                fail(str(exc))
+            return fn(*args, **kwargs)
+
+        option = click.option(TOKEN_FLAG, "http_token_file", envvar=TOKEN_ENV, default=None,
+                              metavar="FILE", help=f"{text} [env {TOKEN_ENV}]")
+        wrapped: Any = option(command)
+        return wrapped
+
+    return decorate

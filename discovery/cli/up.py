@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from discovery.cli.options import registry_options
+from discovery.cli.options import http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -47,9 +47,11 @@ log = logging.getLogger(__name__)
 @click.option("--http", "http", envvar="DISCOVERY_HTTP", default="127.0.0.1:8500",
               show_default=True, help="HTTP API listen address; 'off' to disable "
               "[env DISCOVERY_HTTP]")
+@http_token_option()
 def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
        services: tuple[str, ...], config_file: str | None, state_dir: str | None,
-       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, http: str) -> None:
+       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, http: str,
+       http_token: str | None) -> None:
     """Run the whole thing on this host: register, route, and answer lookups."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
@@ -86,7 +88,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
                                 http=None if http == "off" else http, domain=dns_domain,
                                 ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"),
-                                maint=agent.set_maint, checks=agent.checks)
+                                maint=agent.set_maint, checks=agent.checks, token=http_token)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from discovery.cli.options import registry_options
+from discovery.cli.options import http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -57,6 +57,7 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
 @click.option("--dns-ttl", type=int, default=0, show_default=True)
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here, e.g. 127.0.0.1:8500")
+@http_token_option()
 @click.option("--once", is_flag=True, help="Render (and install) once, then exit")
 @click.option("--dry-run", is_flag=True, help="With --once: print the config, touch nothing")
 @click.pass_context
@@ -65,7 +66,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           template: str | None, haproxy_bin: str, haproxy_socket: str | None,
           haproxy_config: str | None, master_socket: str | None, reload_cmd: str | None,
           json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
-          dns_ttl: int, http: str | None, once: bool, dry_run: bool) -> None:
+          dns_ttl: int, http: str | None, http_token: str | None, once: bool,
+          dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
@@ -113,7 +115,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             watcher.close()
             return
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl)
+                                ttl=dns_ttl, token=http_token)
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -144,7 +146,9 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 @click.option("--ttl", "dns_ttl", type=int, default=0, show_default=True)
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here")
-def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None) -> None:
+@http_token_option()
+def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None,
+        http_token: str | None) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
@@ -156,7 +160,7 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None
         watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl)
+                                ttl=dns_ttl, token=http_token)
     except DiscoveryError as exc:
         fail(str(exc))
         return

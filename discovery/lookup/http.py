@@ -1,29 +1,47 @@
 """The HTTP API: catalog lookups with Consul-style blocking queries, health, metrics.
 
-``GET /v1/services``, ``GET /v1/services/<name>``, ``GET /v1/health``, ``GET /metrics``
-(docs/http.md). Stdlib only (``http.server``), one daemon thread per request, loopback by
-default. Every answer is JSON (metrics aside); errors are ``{"error": ..., "param": ...}``,
-never a traceback.
+``GET /v1/services``, ``GET /v1/services/<name>``, ``GET /v1/health``, ``GET /metrics``, and
+the agent's ``PUT /v1/agent/maint`` (docs/http.md). Stdlib only (``http.server``), one daemon
+thread per request, loopback by default. Every answer is JSON (metrics aside); errors are
+``{"error": ..., "param": ...}``, never a traceback. What is refused before answering (foreign
+Host headers, writes without the token, too many blocking queries) is in :mod:`http_guard`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
+import select
+import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socket import AF_INET6
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from discovery.errors import DiscoveryError, ValidationError
+from discovery.lookup.http_guard import (
+    HOW_TO_TOKEN,
+    TOKEN_HEADER,
+    BlockingSlots,
+    dump_json,
+    host_allowed,
+    presented_token,
+    token_matches,
+)
+from discovery.lookup.http_query import (
+    ApiError,
+    Request,
+    Response,
+    allow,
+    blocking_params,
+    flag,
+    parse_query,
+)
 from discovery.lookup.status import Checks, Health, Maint
 from discovery.model import validate as v
-from discovery.model.durations import parse_duration
 
 if TYPE_CHECKING:
     from discovery.metrics import Metrics
@@ -32,26 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
-MAX_WAIT = 300.0  # longer waits are capped, as Consul caps at 10 minutes
 MAX_TARGET = 4096  # bytes of request target
-MAX_PARAMS = 32
-WAIT_SLICE = 1.0  # blocking waits wake this often to notice stop()
+WAIT_SLICE = 0.5  # blocking waits wake this often to notice stop() and a client hanging up
 SERVICE_PARAMS = {"index", "wait", "tag", "up", "passing", "pretty"}
-TRUE, FALSE = {"", "1", "true", "yes"}, {"0", "false", "no"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json; charset=utf-8"
-    headers: dict[str, str] = field(default_factory=dict)
+ONE_VALUE = {"host", "authorization", TOKEN_HEADER.lower()}  # given twice: 400
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -66,18 +68,23 @@ class HttpApi:
 
     def __init__(self, catalog: Catalog | None, health: Health, metrics: Metrics | None = None,
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
-                 max_blocking: int = 256, maint: Maint | None = None,
-                 checks: Checks | None = None) -> None:
+                 max_blocking: int = 256, max_blocking_per_client: int = 128,
+                 maint: Maint | None = None, checks: Checks | None = None,
+                 token: str | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
+        self.token = token  # writes need it; None: writes are refused
         self.bind, self._port = bind, port
-        self._blocking = threading.BoundedSemaphore(max_blocking)
-        self._lock = threading.Lock()
-        self.blocked = 0  # blocking queries waiting right now
+        self.slots = BlockingSlots(max_blocking, max_blocking_per_client)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def blocked(self) -> int:
+        """Blocking queries waiting right now."""
+        return self.slots.used
 
     @property
     def port(self) -> int:
@@ -95,8 +102,9 @@ class HttpApi:
             "poll_interval": 0.2}, name=f"http-api-{self.port}", daemon=True)
         self._thread.start()
         if not _loopback(self.bind):
-            log.warning("HTTP API on %s:%d is reachable from the network (no authentication)",
-                        self.bind, self.port)
+            log.warning("HTTP API on %s:%d is reachable from the network (reads need no "
+                        "authentication%s)", self.bind, self.port,
+                        "" if self.token else "; writes are refused: no --http-token-file")
         log.info("HTTP API listening on %s:%d", self.bind, self.port)
         return self
 
@@ -113,52 +121,73 @@ class HttpApi:
             self._thread = None
 
     # ---- requests (socket-free: the handler only moves bytes) ------------------------------
-    def handle(self, target: str, method: str = "GET") -> Response:
-        """Answer ``METHOD target``; never raises."""
+    def handle(self, req: Request | str) -> Response:
+        """Answer one request (a bare target: ``GET`` it from loopback); never raises."""
+        if isinstance(req, str):
+            req = Request(req)
         try:
-            if urlsplit(target).path == "/v1/agent/maint":
-                return self._maint(target, method)
-            if method == "PUT":
+            host = req.headers.get("host")
+            if not host_allowed(host):
+                raise ApiError(421, f"Host {(host or '')[:80]!r} is not an IP address or "
+                                    "localhost: refused, as a DNS rebinding guard (address "
+                                    "this API by IP)")
+            if req.method == "PUT":
+                self._authorize(req.headers)
+            if urlsplit(req.target).path == "/v1/agent/maint":
+                return self._maint(req.target, req.method)
+            if req.method == "PUT":
                 raise ApiError(405, "PUT is only for /v1/agent/maint")
-            return self._route(target)
+            return self._route(req)
         except ApiError as exc:
-            return self.error(exc.status, exc.message, exc.param)
+            return self.error(exc.status, exc.message, exc.param, exc.headers)
         except Exception:
-            log.exception("HTTP API: %s failed", target[:200])
+            log.exception("HTTP API: %s failed", req.target[:200])
             return self.error(500, "internal error (see the server log)")
 
-    def error(self, status: int, message: str, param: str | None = None) -> Response:
+    def error(self, status: int, message: str, param: str | None = None,
+              headers: dict[str, str] | None = None) -> Response:
         body = {"error": message, **({"param": param} if param is not None else {})}
-        return Response(status, _dump(body, pretty=False))
+        return Response(status, dump_json(body, pretty=False), headers=headers or {})
 
-    def _route(self, target: str) -> Response:
+    def _authorize(self, headers: Mapping[str, str]) -> None:
+        """Writes need the token; without one configured they are refused outright."""
+        if self.token is None:
+            raise ApiError(403, f"writes are disabled: this process has no HTTP token; "
+                                f"{HOW_TO_TOKEN}")
+        presented = presented_token(headers)
+        challenge = {"WWW-Authenticate": 'Bearer realm="discovery"'}
+        if presented is None:
+            raise ApiError(401, f"this write needs the token: send {TOKEN_HEADER}: TOKEN or "
+                                "Authorization: Bearer TOKEN", headers=challenge)
+        if not token_matches(presented, self.token):
+            raise ApiError(401, "wrong token", headers=challenge)
+
+    def _route(self, req: Request) -> Response:
+        target = req.target
         if len(target) > MAX_TARGET:
             raise ApiError(414, f"request target longer than {MAX_TARGET} bytes")
         parts = urlsplit(target)
-        try:
-            query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=MAX_PARAMS)
-        except ValueError:
-            raise ApiError(400, f"more than {MAX_PARAMS} query parameters") from None
+        query = parse_query(parts.query)
         path = parts.path
         if path == "/metrics":
             return self._metrics()
         if path == "/v1/agent/checks" and self.checks is not None:
-            _allow(query, {"pretty"})
-            return Response(200, _dump(self.checks(), _flag(query, "pretty")))
+            allow(query, {"pretty"})
+            return Response(200, dump_json(self.checks(), flag(query, "pretty")))
         if path == "/v1/health":
-            _allow(query, {"pretty"})
-            return self._health(_flag(query, "pretty"))
+            allow(query, {"pretty"})
+            return self._health(flag(query, "pretty"))
         if path == "/v1/services" or path.startswith("/v1/services/"):
             name = unquote(path[len("/v1/services/"):]) if path != "/v1/services" else None
             if self.catalog is None:
                 raise ApiError(404, "this process has no catalog (the agent's API only has "
                                     "/v1/health and /metrics)")
-            return self._services(self.catalog, name, query)
+            return self._services(self.catalog, name, query, req)
         raise ApiError(404, f"no such endpoint: {path[:100]} (see /v1/services, /v1/health)")
 
-    def _services(self, catalog: Catalog, name: str | None,
-                  query: dict[str, list[str]]) -> Response:
-        _allow(query, SERVICE_PARAMS)
+    def _services(self, catalog: Catalog, name: str | None, query: dict[str, list[str]],
+                  req: Request) -> Response:
+        allow(query, SERVICE_PARAMS)
         if name is not None:
             try:
                 v.dns_label("service", name)
@@ -169,9 +198,9 @@ class HttpApi:
             v.tags("tag", tags)
         except ValidationError as exc:
             raise ApiError(400, str(exc), "tag") from None
-        up_only = _flag(query, "up") or _flag(query, "passing")
-        pretty = _flag(query, "pretty")
-        index = self._block(catalog, *_blocking(query))  # read before the data: never miss one
+        up_only = flag(query, "up") or flag(query, "passing")
+        pretty = flag(query, "pretty")
+        index = self._block(catalog, req, *blocking_params(query))  # before the data: miss none
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
                                                         include_draining=not up_only)]
         data: Any = found
@@ -179,24 +208,24 @@ class HttpApi:
             data = {"services": {}}
             for inst in found:
                 data["services"].setdefault(inst["service"], []).append(inst)
-        return Response(200, _dump(data, pretty), headers={"X-Discovery-Index": str(index)})
+        return Response(200, dump_json(data, pretty), headers={"X-Discovery-Index": str(index)})
 
-    def _block(self, catalog: Catalog, index: int | None, wait: float) -> int:
+    def _block(self, catalog: Catalog, req: Request, index: int | None, wait: float) -> int:
         """Wait while the catalog is still at ``index``; return the index to answer with.
 
         An index ahead of ours (a client of a restarted watcher) answers at once, so the
-        client resets, as Consul clients do when the index goes backwards.
+        client resets, as Consul clients do when the index goes backwards. The slot is
+        given back as soon as the client hangs up (checked every WAIT_SLICE).
         """
         current = catalog.index
         if index is None or index != current or wait <= 0:
             return current
-        if not self._blocking.acquire(blocking=False):
-            raise ApiError(429, "too many blocking queries in progress; retry later")
-        with self._lock:
-            self.blocked += 1
+        refused = self.slots.acquire(req.client)
+        if refused is not None:
+            raise ApiError(429, refused, headers={"Retry-After": "1"})
         try:
             deadline = time.monotonic() + wait
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not req.gone():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -205,9 +234,7 @@ class HttpApi:
                     break
             return catalog.index
         finally:
-            with self._lock:
-                self.blocked -= 1
-            self._blocking.release()
+            self.slots.release(req.client)
 
     def _health(self, pretty: bool) -> Response:
         try:
@@ -223,7 +250,7 @@ class HttpApi:
             healthy, body = False, {"healthy": False, "components": {},
                                     "error": f"health unavailable: {type(exc).__name__}"}
         body["time"] = time.time()
-        return Response(200 if healthy else 503, _dump(body, pretty))
+        return Response(200 if healthy else 503, dump_json(body, pretty))
 
     def _maint(self, target: str, method: str) -> Response:
         """``PUT /v1/agent/maint?enable=true|false[&id=INSTANCE]``: no id → the whole node."""
@@ -231,8 +258,8 @@ class HttpApi:
             raise ApiError(405, "use PUT /v1/agent/maint?enable=true|false[&id=INSTANCE]")
         if self.maint is None:
             raise ApiError(404, "maintenance is an agent endpoint (discovery agent --http)")
-        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
-        _allow(query, {"enable", "id", "pretty"})
+        query = parse_query(urlsplit(target).query)
+        allow(query, {"enable", "id", "pretty"})
         enable = query.get("enable", [""])[-1].lower()
         if enable not in ("true", "false"):
             raise ApiError(400, "enable must be true or false", "enable")
@@ -241,8 +268,8 @@ class HttpApi:
             affected = self.maint(ids[-1] if ids else None, enable == "true")
         except DiscoveryError as exc:
             raise ApiError(404, str(exc), "id") from None
-        return Response(200, _dump({"maintenance": enable == "true", "instances": affected},
-                                   _flag(query, "pretty")))
+        return Response(200, dump_json({"maintenance": enable == "true",
+                                        "instances": affected}, flag(query, "pretty")))
 
     def _metrics(self) -> Response:
         if self.metrics is None:
@@ -259,46 +286,6 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _dump(data: Any, pretty: bool) -> bytes:
-    text = json.dumps(data, sort_keys=True, default=str, indent=2 if pretty else None,
-                      separators=None if pretty else (",", ":"))
-    return (text + "\n").encode()
-
-
-def _allow(query: dict[str, list[str]], allowed: set[str]) -> None:
-    for key, values in query.items():
-        if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise ApiError(400, f"unknown parameter {key[:40]!r} (known: {known})", key[:40])
-        if len(values) > 1 and key != "tag":
-            raise ApiError(400, f"parameter {key!r} given {len(values)} times", key)
-
-
-def _flag(query: dict[str, list[str]], key: str) -> bool:
-    value = query[key][0].strip().lower() if key in query else "0"
-    if value in TRUE or value in FALSE:
-        return value in TRUE
-    raise ApiError(400, f"{key}: {value[:20]!r} is not a boolean (1|0|true|false)", key)
-
-
-def _blocking(query: dict[str, list[str]]) -> tuple[int | None, float]:
-    """``?index=N&wait=D`` → (N or None, seconds capped at MAX_WAIT; default MAX_WAIT)."""
-    index: int | None = None
-    if "index" in query:
-        raw = query["index"][0].strip()
-        if not raw.isdigit() or len(raw) > 18:
-            raise ApiError(400, f"index: {raw[:20]!r} is not a non-negative integer "
-                                "(the X-Discovery-Index of an earlier answer)", "index")
-        index = int(raw)
-    wait = MAX_WAIT
-    if "wait" in query:
-        try:
-            wait = parse_duration("wait", query["wait"][0], maximum=1e12)
-        except ValidationError as exc:
-            raise ApiError(400, str(exc), "wait") from None
-    return index, min(wait, MAX_WAIT)
-
-
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() never waits on a slow client
@@ -306,7 +293,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Server6(_Server):
-    address_family = AF_INET6
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -335,7 +322,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(api.error(413, "request bodies are not accepted"), send_body)
             return
-        self._send(api.handle(self.path, method), send_body)
+        names = [name.lower() for name in self.headers]
+        repeated = sorted({n for n in names if n in ONE_VALUE and names.count(n) > 1})
+        if repeated:
+            self.close_connection = True
+            self._send(api.error(400, f"header {repeated[0]!r} given more than once"), send_body)
+            return
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        self._send(api.handle(Request(self.path, method, headers, self.client_address[0],
+                                      self._gone)), send_body)
+
+    def _gone(self) -> bool:
+        """Has the client hung up (EOF or error on the socket)? Never blocks."""
+        try:
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN | select.POLLERR | select.POLLHUP)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return True
+            return self.connection.recv(1, socket.MSG_PEEK) == b""  # else: a pipelined request
+        except (OSError, ValueError):
+            return True
 
     def _send(self, resp: Response, send_body: bool, extra: dict[str, str] | None = None) -> None:
         try:

@@ -37,8 +37,9 @@ class Lookups:
 def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
                   extra_health: Health | None = None, maint: Maint | None = None,
-                  checks: Checks | None = None) -> Lookups:
-    """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started)."""
+                  checks: Checks | None = None, token: str | None = None) -> Lookups:
+    """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started).
+    ``token``: what HTTP writes must present (None: writes are refused)."""
     from discovery.lookup.dns import DnsServer
     from discovery.lookup.dns import parse_listen as dns_listen
     from discovery.lookup.http import HttpApi
@@ -62,7 +63,7 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                 return {**base(), **(extra_health() if extra_health else {})}
 
             api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint,
-                          checks=checks).start()
+                          checks=checks, token=token).start()
             out.started.append(api)
             out.http_port = api.port
             log.info("HTTP API on %s:%d", bind, api.port)
