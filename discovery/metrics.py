@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -23,9 +24,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 if TYPE_CHECKING:
     from discovery.model import Instance
+    from discovery.registry import Registry
     from discovery.watcher.router import RouterStats
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,20 @@ def check_type(kind: str) -> str:
     kind = kind.strip().lower()
     ok = 0 < len(kind) <= 32 and all(c.isalnum() or c in "-_." for c in kind)
     return kind if ok else OTHER
+
+
+class _InvalidRecords:
+    """``discovery_registry_invalid_records_total``: read from the registries at scrape time
+    (their decoders count what they skip), summed over every registry this process opened."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], int]] = []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "discovery_registry_invalid_records",
+            "Registry values skipped as malformed (each is named in the log, at most once per "
+            "key a minute).", value=sum(source() for source in self.sources))
 
 
 class Metrics:
@@ -117,6 +134,8 @@ class Metrics:
             "discovery_propagation_seconds",
             "Time from an instance's registered_at (the agent's write) to the watcher "
             "applying it to its catalog.", buckets=PROPAGATION_BUCKETS, registry=r)
+        self._invalid = _InvalidRecords()
+        r.register(self._invalid)
         self._lock = threading.Lock()
         self._router_seen = (0, 0, 0, 0)
         for kind in ("tcp", "http", "exec"):  # common series exist at 0 from the start
@@ -146,6 +165,10 @@ class Metrics:
     # ---- both ------------------------------------------------------------------------------
     def registry_state(self, up: bool) -> None:
         self.registry_connected.set(1 if up else 0)
+
+    def follow_registry(self, registry: Registry) -> None:
+        """Count ``registry``'s skipped malformed values in /metrics (once per registry)."""
+        self._invalid.sources.append(lambda: registry.invalid_records)
 
     # ---- watcher ---------------------------------------------------------------------------
     def runtime_ops(self, n: int = 1) -> None:

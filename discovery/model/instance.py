@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -12,6 +13,11 @@ from discovery.errors import InvalidRecord, ValidationError
 from discovery.model import validate as v
 
 SCHEMA_VERSION = 1
+#: A record this size or larger is not parsed: the largest valid one (64 meta values of 512
+#: characters, 32 tags) is about 40 KB. Nerve's and our own records are a few hundred bytes.
+MAX_RECORD_BYTES = 64 * 1024
+#: Brackets may nest this deep (a record needs 2: the object, then its tags list or meta).
+MAX_DEPTH = 8
 
 
 class State(StrEnum):
@@ -100,46 +106,115 @@ class Instance:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "record") -> Instance:
-        if not isinstance(data, dict):
-            raise InvalidRecord(where, "not a JSON object")
+        """An instance from a parsed record; :class:`InvalidRecord` naming ``where`` for any
+        value that is missing, of the wrong type, out of range or not finite. Never another
+        exception: whatever a stored value holds, the caller gets an Instance or one error."""
         try:
-            schema = int(data.get("schema", SCHEMA_VERSION))
-            if schema > SCHEMA_VERSION:
-                raise InvalidRecord(where, f"schema {schema} is newer than {SCHEMA_VERSION}")
-            tags = data.get("tags", [])
-            meta = data.get("meta", {})
-            if not isinstance(tags, list) or not isinstance(meta, dict):
-                raise InvalidRecord(where, "tags must be a list and meta an object")
-            port, weight = data["port"], data.get("weight", 100)
-            if not isinstance(port, int) or not isinstance(weight, int):
-                raise InvalidRecord(where, "port and weight must be integers")
-            return cls(
-                service=str(data["service"]),
-                id=str(data["id"]),
-                node=str(data["node"]),
-                address=str(data["address"]),
-                port=port,
-                tags=v.tags("tags", [str(t) for t in tags]),
-                weight=weight,
-                meta=v.meta("meta", meta),
-                container_id=str(data.get("container_id", "")),
-                container_name=str(data.get("container_name", "")),
-                image=str(data.get("image", "")),
-                state=State(data.get("state", "up")),
-                registered_at=float(data.get("registered_at", 0.0)),
-                schema=schema,
-            )
+            return cls._from_dict(data, where)
         except InvalidRecord:
             raise
         except ValidationError as exc:
             raise InvalidRecord(f"{where}: {exc.culprit}", exc.reason) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRecord(where, f"missing or bad field: {exc}") from None
+        except KeyError as exc:
+            raise InvalidRecord(where, f"missing field {exc}") from None
+        except Exception as exc:  # a stored value never escapes as a crash
+            raise InvalidRecord(where, f"unusable value ({type(exc).__name__}: "
+                                f"{str(exc)[:120]})") from None
+
+    @classmethod
+    def _from_dict(cls, data: Any, where: str) -> Instance:
+        if not isinstance(data, dict):
+            raise InvalidRecord(where, "not a JSON object")
+        schema = data.get("schema", SCHEMA_VERSION)
+        if not _is_int(schema) or schema < 1:
+            raise InvalidRecord(where, f"schema must be a positive integer, not {schema!r:.40}")
+        if schema > SCHEMA_VERSION:
+            raise InvalidRecord(where, f"schema {schema} is newer than {SCHEMA_VERSION}")
+        tags, meta = data.get("tags", []), data.get("meta", {})
+        if not isinstance(tags, list) or not isinstance(meta, dict):
+            raise InvalidRecord(where, "tags must be a list and meta an object")
+        port, weight = data["port"], data.get("weight", 100)
+        if not _is_int(port) or not _is_int(weight):
+            raise InvalidRecord(where, "port and weight must be integers")
+        registered_at = data.get("registered_at", 0.0)
+        if not _is_number(registered_at) or not 0 <= registered_at < 1e11:
+            raise InvalidRecord(where, "registered_at must be a finite number of seconds")
+        text = {name: data.get(name, "") for name in ("container_id", "container_name", "image")}
+        text |= {name: data[name] for name in ("service", "id", "node", "address")}
+        text["state"] = data.get("state", "up")
+        for name, value in text.items():
+            if not isinstance(value, str):
+                raise InvalidRecord(where, f"{name} must be a string")
+        if not all(isinstance(t, str) for t in tags):
+            raise InvalidRecord(where, "tags must be strings")
+        if text["state"] not in {s.value for s in State}:
+            raise InvalidRecord(where, f"state {text['state']!r:.40} is not up|draining")
+        return cls(
+            service=text["service"], id=text["id"], node=text["node"],
+            address=text["address"], port=port, tags=v.tags("tags", tags), weight=weight,
+            meta=v.meta("meta", meta), container_id=text["container_id"],
+            container_name=text["container_name"], image=text["image"],
+            state=State(text["state"]), registered_at=float(registered_at), schema=schema,
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str, where: str = "record") -> Instance:
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRecord(where, f"not JSON: {exc}") from None
-        return cls.from_dict(data, where)
+        """An instance from a stored value: :func:`load_record`, then :meth:`from_dict`."""
+        return cls.from_dict(load_record(raw, where), where)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return number
+
+
+def _nesting(raw: bytes) -> int:
+    """How deep brackets nest in ``raw``, outside strings (JSON's own string rules)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def load_record(raw: bytes | str, where: str = "record") -> Any:
+    """Parse a stored value as strict JSON: at most :data:`MAX_RECORD_BYTES`, brackets nested
+    at most :data:`MAX_DEPTH` deep, no ``NaN``/``Infinity`` and no number that overflows a
+    float. Anything else is one :class:`InvalidRecord` naming ``where``; nothing escapes."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if len(data) >= MAX_RECORD_BYTES:
+        raise InvalidRecord(where, f"value too large ({len(data)} >= {MAX_RECORD_BYTES} bytes)")
+    # Fast path: a record with few brackets cannot nest deeply (bytes.count runs in C).
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nesting(data) > MAX_DEPTH:
+        raise InvalidRecord(where, f"JSON nested deeper than {MAX_DEPTH}")
+    try:
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+    except Exception as exc:  # ValueError, RecursionError, ...
+        raise InvalidRecord(where, f"not JSON: {str(exc)[:120]}") from None

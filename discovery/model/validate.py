@@ -66,12 +66,44 @@ def weight(culprit: str, value: str | int) -> int:
     return value
 
 
-def address(culprit: str, value: str) -> str:
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _ip(culprit: str, value: str) -> IP:
+    """A plain IP address: no scope id (``fe80::1%eth0``), which Python accepts with spaces
+    and brackets in it and HAProxy would read as more tokens."""
+    if not isinstance(value, str):
+        raise ValidationError(culprit, "must be a string")
     _printable(culprit, value)
     try:
-        return str(ipaddress.ip_address(value))
+        ip = ipaddress.ip_address(value)
     except ValueError:
         raise ValidationError(culprit, f"{value[:64]!r} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValidationError(culprit, f"{value[:64]!r}: IPv6 scope ids are not allowed")
+    return ip
+
+
+def unicast_ip(culprit: str, value: str) -> IP:
+    """The address of an instance: a plain unicast IPv4 or IPv6 address."""
+    ip = _ip(culprit, value)
+    if ip.is_unspecified or ip.is_multicast or ip == _LIMITED_BROADCAST:
+        raise ValidationError(culprit, f"{value[:64]!r} is not a unicast address")
+    return ip
+
+
+def address(culprit: str, value: str) -> str:
+    """An instance's address in canonical form (see :func:`unicast_ip`)."""
+    return str(unicast_ip(culprit, value))
+
+
+def bind_address(culprit: str, value: str) -> str:
+    """An address to listen on, canonical: unicast, or the wildcard ``0.0.0.0`` / ``::``."""
+    ip = _ip(culprit, value)
+    if ip.is_multicast or ip == _LIMITED_BROADCAST:
+        raise ValidationError(culprit, f"{value[:64]!r} cannot be listened on")
+    return str(ip)
 
 
 def tags(culprit: str, values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -136,7 +168,7 @@ def listen(culprit: str, value: str, default_port: int | None = None, *,
     if not port_text:
         raise ConfigError(f"{culprit} {value!r}: needs a port")
     try:
-        ip = address(culprit, host or "127.0.0.1")
+        ip = bind_address(culprit, host or "127.0.0.1")
         number = 0 if port_zero and port_text == "0" else port(culprit, port_text)
     except ValidationError as exc:
         raise ConfigError(f"{culprit} {value!r}: {exc.reason}") from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
-from discovery.errors import ConfigError, InvalidRecord
+from discovery.errors import ConfigError
 from discovery.model import Instance
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,10 @@ class Registry(Protocol):
 
     url: RegistryURL
 
+    @property
+    def invalid_records(self) -> int:
+        """How many stored values were skipped as malformed so far (see registry.decoder)."""
+
     def register(self, instance: Instance) -> None:
         """Write (or overwrite) an instance owned by this process; it lives as long as we do."""
 
@@ -294,19 +298,15 @@ def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) 
 
 
 def decode(url: RegistryURL, key: str, raw: bytes | None) -> Instance | None:
-    """Decode one stored value; a malformed one is skipped with one warning naming the key."""
+    """TEMPORARY shim while etcd_read moves to registry.decoder.Decoder (no rate limit)."""
+    from discovery.errors import InvalidRecord
+
     split = url.split_key(key)
-    if split is None:
-        return None
-    if raw is None:
-        log.warning("registry entry %s has no value; skipped", key)
+    if split is None or raw is None:
         return None
     try:
         inst = Instance.from_json(raw, where=key)
     except InvalidRecord as exc:
         log.warning("malformed registry entry skipped: %s", exc)
         return None
-    if inst.key != split:
-        log.warning("registry entry %s holds %s/%s; skipped", key, inst.service, inst.id)
-        return None
-    return inst
+    return inst if inst.key == split else None

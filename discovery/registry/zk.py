@@ -41,8 +41,8 @@ from discovery.registry.base import (
     Snapshot,
     StateCallback,
     claiming,
-    decode,
 )
+from discovery.registry.decoder import Decoder
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
 from discovery.registry.zk_watch import ZkWatch
 
@@ -58,6 +58,7 @@ class ZkRegistry:
         if url.scheme != "zk":
             raise ConfigError(f"registry URL {url}: not a zk:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
+        self.decoder = Decoder(url)
         self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
         self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
@@ -281,7 +282,7 @@ class ZkRegistry:
                 data, _ = self._get(res)
             except NoNodeError:
                 continue
-            inst = decode(self.url, path, data)
+            inst = self.decoder.decode(path, data)
             if inst is not None:
                 instances[inst.key] = inst
         return Snapshot(instances=instances, revision=revision)
@@ -289,7 +290,7 @@ class ZkRegistry:
     def watch(self, callback: ChangeCallback, start_revision: int = 0) -> ZkWatch:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-        w = ZkWatch(self.client, self.url, self._connected, callback, start_revision)
+        w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:
@@ -298,6 +299,10 @@ class ZkRegistry:
             w.stop()
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
         return w
+
+    @property
+    def invalid_records(self) -> int:
+        return self.decoder.skipped
 
     def add_state_listener(self, callback: StateCallback) -> None:
         self._listeners.append(callback)

@@ -21,11 +21,10 @@ from discovery.model import Instance
 from discovery.registry.base import (
     Change,
     ChangeCallback,
-    RegistryURL,
     Snapshot,
-    decode,
     deliver,
 )
+from discovery.registry.decoder import Decoder
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -36,14 +35,15 @@ class ZkWatch:
 
     ZooKeeper's one-shot watches only queue "look again at X" items; the worker re-reads X
     (re-arming the watch) and emits the difference to what it emitted before. It knows only
-    what it needs: the kazoo ``client``, the registry ``url`` (to decode keys), the
-    ``<prefix>/services`` path and the event that is set while the session is connected.
+    what it needs: the kazoo ``client``, the registry's ``decoder`` (its URL names the
+    paths) and the event that is set while the session is connected.
     """
 
-    def __init__(self, client: Any, url: RegistryURL, connected: threading.Event,
+    def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int) -> None:
-        self._client, self._url, self._connected = client, url, connected
-        self._services = url.services_root
+        self._client, self._decoder, self._connected = client, decoder, connected
+        self._url = decoder.url
+        self._services = decoder.url.services_root
         self._callback = callback
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, str]] = deque()
@@ -170,7 +170,7 @@ class ZkWatch:
         if self._nodes.get(path) == stat.mzxid or split is None:
             return
         self._nodes[path] = stat.mzxid
-        inst = decode(url, path, data)
+        inst = self._decoder.decode(path, data)
         if inst is not None:
             self._live.add(path)
             self._deliver(Change("put", key=split, instance=inst, revision=stat.mzxid))
@@ -209,7 +209,7 @@ class ZkWatch:
                     continue
                 self._nodes[path] = st.mzxid
                 newest = max(newest, st.mzxid)
-                inst = decode(self._url, path, data)
+                inst = self._decoder.decode(path, data)
                 if inst is not None:
                     self._live.add(path)
                     instances[inst.key] = inst

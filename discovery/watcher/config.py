@@ -205,7 +205,7 @@ class ServiceConfig:
         at, put = f"services.{self.name}", partial(object.__setattr__, self)
         with _config_errors():
             validate.dns_label("services.<name>", self.name)
-            put("bind", validate.address(f"{at}.bind", str(self.bind)))
+            put("bind", validate.bind_address(f"{at}.bind", str(self.bind)))
             if isinstance(self.tags, str) or not all(isinstance(t, str) for t in self.tags):
                 raise ValidationError(f"{at}.tags", "must be a list of tags")
             put("tags", validate.tags(f"{at}.tags", list(self.tags)))
@@ -313,7 +313,7 @@ def parse_service_arg(value: str, culprit: str | None = None) -> ServiceConfig:
     name, bind, port = m[1], (m[2] or DEFAULT_BIND).strip("[]"), m[3]
     with _config_errors():
         validate.dns_label(where, name)
-        bind = validate.address(where, bind)
+        bind = validate.bind_address(where, bind)
         port_number = validate.port(where, port)
     return ServiceConfig(name=name, port=port_number, bind=bind)
 

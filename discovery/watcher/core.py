@@ -47,6 +47,7 @@ class Watcher:
                  reload_min_interval: float = 1.0, metrics: Metrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or Metrics()
+        self.metrics.follow_registry(registry)
         self.router = router
         self.catalog = Catalog()
         self.json_out = json_out

@@ -11,7 +11,6 @@ would treat it as a command separator.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import socket
@@ -19,7 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from discovery.errors import HAProxyCommandError, HAProxyError
+from discovery.errors import HAProxyCommandError, HAProxyError, ValidationError
+from discovery.model.endpoint import Endpoint
 from discovery.watcher.haproxy_proc import ShowProc, parse_info, parse_show_proc
 from discovery.watcher.slots import Slot, SlotState
 
@@ -81,17 +81,15 @@ def slot_commands(backend: str, slot: Slot) -> list[str]:
     after; a slot going ready/drain is re-pointed and weighted first, then enabled.
     """
     target = f"{_check_name('backend', backend)}/{_check_name('server', slot.name)}"
-    try:
-        addr = ipaddress.ip_address(slot.address)
-    except ValueError:
-        raise HAProxyError(f"{target}: address {slot.address!r} is not an IP") from None
-    if not 1 <= slot.port <= 65535:  # HAProxy itself silently wraps port 99999 to 34463
-        raise HAProxyError(f"{target}: port {slot.port} out of range 1..65535")
+    try:  # HAProxy itself silently wraps port 99999 to 34463: the Endpoint refuses it
+        endpoint = Endpoint.parse(target, slot.address, slot.port)
+    except ValidationError as exc:
+        raise HAProxyError(str(exc)) from None
     if not 0 <= slot.weight <= MAX_WEIGHT:
         raise HAProxyError(f"{target}: weight {slot.weight} out of range 0..{MAX_WEIGHT}")
     if slot.state not in ("ready", "drain", "maint"):
         raise HAProxyError(f"{target}: unknown state {slot.state!r}")
-    point = [f"set server {target} addr {addr} port {slot.port}",
+    point = [f"set server {target} addr {endpoint.address} port {endpoint.port}",
              f"set server {target} weight {slot.weight}"]
     state = f"set server {target} state {slot.state}"
     return [state, *point] if slot.state == "maint" else [*point, state]

@@ -233,3 +233,10 @@ def test_slot_commands_ipv6():
 def test_slot_commands_validates(backend, slot):
     with pytest.raises(HAProxyError):
         slot_commands(backend, slot)
+
+
+@pytest.mark.parametrize("address", ["::1%lo]:25080 init-addr none backup cookie [",
+                                     "192.0.2.1 backup", "0.0.0.0", "ff02::1"])
+def test_slot_commands_refuse_what_would_add_a_token(address: str) -> None:
+    with pytest.raises(HAProxyError, match="address"):
+        slot_commands("web", Slot("s1", address, 8080, 100, "ready"))

@@ -103,13 +103,13 @@ def test_not_object(raw: bytes) -> None:
 
 
 BAD_FIELDS = [
-    ("missing service", {"service": DROP}, "missing or bad field"),
-    ("missing port", {"port": DROP}, "missing or bad field"),
-    ("missing address", {"address": DROP}, "missing or bad field"),
+    ("missing service", {"service": DROP}, "missing field"),
+    ("missing port", {"port": DROP}, "missing field"),
+    ("missing address", {"address": DROP}, "missing field"),
     ("port as string", {"port": "80"}, "port and weight must be integers"),
     ("port float", {"port": 80.0}, "port and weight must be integers"),
     ("port zero", {"port": 0}, "not in 1..65535"),
-    ("port bool", {"port": True}, "not in 1..65535"),
+    ("port bool", {"port": True}, "port and weight must be integers"),
     ("weight string", {"weight": "1"}, "port and weight must be integers"),
     ("weight too big", {"weight": 1000}, "not in 0..256"),
     ("tags not a list", {"tags": "a,b"}, "tags must be a list"),
@@ -119,17 +119,25 @@ BAD_FIELDS = [
     ("meta value with newline", {"meta": {"k": "a\nb"}}, "control character"),
     ("meta key", {"meta": {"a b": "x"}}, "meta key"),
     ("service", {"service": "Web"}, "not a DNS label"),
-    ("service as object", {"service": {"a": 1}}, "not a DNS label"),
+    ("service as object", {"service": {"a": 1}}, "service must be a string"),
     ("node", {"node": "node_1"}, "not a DNS label"),
     ("id", {"id": "x/y"}, "not a valid instance id"),
     ("address", {"address": "example.com"}, "not an IP address"),
     ("address injection", {"address": "192.0.2.1\nserver evil 6.6.6.6:80"}, "control character"),
     ("container name", {"container_name": "a\u2028b"}, "control character"),
     ("image too long", {"image": "x" * 10_000}, "value too long"),
-    ("state", {"state": "down"}, "missing or bad field"),
+    ("state", {"state": "down"}, "is not up|draining"),
     ("schema newer", {"schema": SCHEMA_VERSION + 1}, "is newer than"),
-    ("schema not a number", {"schema": "one"}, "missing or bad field"),
-    ("registered_at", {"registered_at": "yesterday"}, "missing or bad field"),
+    ("schema not a number", {"schema": "one"}, "schema must be a positive integer"),
+    ("schema negative", {"schema": -5}, "schema must be a positive integer"),
+    ("schema float", {"schema": 1.0}, "schema must be a positive integer"),
+    ("schema bool", {"schema": True}, "schema must be a positive integer"),
+    ("tag not a string", {"tags": [1]}, "tags must be strings"),
+    ("state not a string", {"state": 1}, "state must be a string"),
+    ("registered_at", {"registered_at": "yesterday"}, "registered_at must be a finite"),
+    ("registered_at bool", {"registered_at": True}, "registered_at must be a finite"),
+    ("registered_at negative", {"registered_at": -1}, "registered_at must be a finite"),
+    ("registered_at huge", {"registered_at": 10**30}, "registered_at must be a finite"),
 ]
 
 
@@ -163,3 +171,33 @@ def test_constructor_validates(kw: dict[str, Any], reason: str) -> None:
 def test_meta_key_with_newline_rejected() -> None:
     with pytest.raises(InvalidRecord):
         Instance.from_json(json.dumps(record(meta={"k\n": "v"})))
+
+
+HOSTILE_RAW = [
+    ("schema 1e400", b'{"schema":1e400,"service":"web"}', "not JSON"),
+    ("NaN", b'{"schema":1,"registered_at":NaN}', "not JSON"),
+    ("Infinity", b'{"schema":1,"registered_at":Infinity}', "not JSON"),
+    ("-Infinity", b'{"registered_at":-Infinity}', "not JSON"),
+    ("huge int", b'{"schema":' + b"9" * 5000 + b"}", "not JSON"),
+    ("deep array", b"[" * 100_000 + b"]" * 100_000, "value too large"),
+    ("deep but small", b"[" * 9 + b"]" * 9, "nested deeper than"),
+    ("deep object", b'{"a":' * 20 + b"1" + b"}" * 20, "nested deeper than"),
+    ("too large", b'{"image":"' + b"x" * 70_000 + b'"}', "value too large"),
+    ("not utf-8", b'{"service":"\xff\xfe"}', "not JSON"),
+    ("lone surrogate", b'{"service":"\\ud800"}', ""),
+    ("null", b"null", "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), [c[1:] for c in HOSTILE_RAW],
+                         ids=[c[0] for c in HOSTILE_RAW])
+def test_hostile_values_are_one_invalid_record(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidRecord) as info:
+        Instance.from_json(raw, where="/discovery/web/x")
+    assert reason in str(info.value)
+    assert info.value.culprit.startswith("/discovery/web/x")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    inst = Instance.from_json(json.dumps(record(meta={"k": "[[[[[[[[[[{{{{{{{{{{ \\\" ["})))
+    assert inst.meta["k"].startswith("[[[[")

@@ -28,6 +28,10 @@ GOOD: list[tuple[Callable[..., Any], Any, Any]] = [
     (v.address, "192.0.2.1", "192.0.2.1"),
     (v.address, "::1", "::1"),
     (v.address, "2001:DB8::0001", "2001:db8::1"),
+    (v.address, "fe80::1", "fe80::1"),
+    (v.bind_address, "0.0.0.0", "0.0.0.0"),
+    (v.bind_address, "::", "::"),
+    (v.bind_address, "::1", "::1"),
     (v.tags, ["b", "a", "b"], ("a", "b")),
     (v.tags, [], ()),
     (v.tags, [f"t{i}" for i in range(v.MAX_TAGS)], tuple(sorted(f"t{i}" for i in range(32)))),
@@ -77,6 +81,15 @@ BAD: list[tuple[Callable[..., Any], Any, str]] = [
     (v.address, "192.0.2.256", "not an IP address"),
     (v.address, "192.0.2.1\n", "control character"),
     (v.address, "", "not an IP address"),
+    (v.address, "::1%lo]:25080 init-addr none backup cookie [", "scope ids are not allowed"),
+    (v.address, "fe80::1%eth0", "scope ids are not allowed"),
+    (v.address, "0.0.0.0", "not a unicast address"),
+    (v.address, "::", "not a unicast address"),
+    (v.address, "224.0.0.1", "not a unicast address"),
+    (v.address, "ff02::1", "not a unicast address"),
+    (v.address, "255.255.255.255", "not a unicast address"),
+    (v.bind_address, "fe80::1%lo backup", "scope ids are not allowed"),
+    (v.bind_address, "239.1.1.1", "cannot be listened on"),
     (v.tags, ["ok", "Not Ok"], "not a DNS label"),
     (v.tags, [f"t{i}" for i in range(v.MAX_TAGS + 1)], "too many tags"),
     (v.meta, {"a b": "x"}, "meta key"),
@@ -132,3 +145,21 @@ def test_non_ascii_digits(fn: Callable[[str, str], int]) -> None:
 def test_meta_key_trailing_newline() -> None:
     with pytest.raises(ValidationError):
         v.meta("meta", {"k\n": "v"})
+
+
+def test_endpoint_holds_only_a_plain_unicast_ip_object() -> None:
+    import ipaddress
+
+    from discovery.model.endpoint import Endpoint
+
+    assert str(Endpoint.parse("x", "2001:DB8::1", 80)) == "[2001:db8::1]:80"
+    assert str(Endpoint.parse("x", "192.0.2.1", 80)) == "192.0.2.1:80"
+    hostile = "::1%lo]:25080 init-addr none backup cookie ["
+    with pytest.raises(ValidationError, match="scope ids"):
+        Endpoint.parse("x", hostile, 80)
+    with pytest.raises(ValidationError, match="scope ids"):
+        Endpoint(ipaddress.IPv6Address(hostile), 80)  # not even by building it directly
+    with pytest.raises(ValidationError, match="IP address object"):
+        Endpoint("192.0.2.1 backup", 80)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="1..65535"):
+        Endpoint(ipaddress.IPv4Address("192.0.2.1"), 99999)

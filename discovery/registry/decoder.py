@@ -1,0 +1,74 @@
+"""The one path from a stored value to an :class:`Instance`, for every reader on every backend.
+
+Every reader (the agent's reconcile, the watcher, DNS, HTTP, the client, ``discovery
+services``/``show``) gets its instances from a backend's snapshot or watch, and every backend
+decodes each value here. Whatever a value holds, :meth:`Decoder.decode` returns an Instance or
+None: never an exception. A bad entry is skipped with one warning naming its key, repeated at
+most once per key per :data:`QUIET_S` seconds, and counted (``skipped``, served in /metrics as
+``discovery_registry_invalid_records_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from discovery.errors import InvalidRecord
+from discovery.model import Instance
+from discovery.registry.base import RegistryURL
+
+log = logging.getLogger(__name__)
+
+#: a key that stays bad is named in the log at most once per this many seconds
+QUIET_S = 60.0
+#: keys remembered for that; beyond it the oldest are forgotten (so at worst warned again)
+MAX_REMEMBERED = 10_000
+
+
+class Decoder:
+    """Decodes one registry's values (thread-safe); counts and rate-limits what it skips."""
+
+    def __init__(self, url: RegistryURL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.skipped = 0
+        self._clock = clock
+        self._warned: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def decode(self, key: str, raw: bytes | None) -> Instance | None:
+        """The instance stored at ``key``; None for a key outside the layout (not ours to
+        judge) or for a malformed value (skipped, counted, warned about)."""
+        split = self.url.split_key(key)
+        if split is None:
+            return None
+        if raw is None:
+            self._skip(key, f"registry entry {key}: no value")
+            return None
+        try:
+            inst = Instance.from_json(raw, where=key)
+        except InvalidRecord as exc:
+            self._skip(key, f"registry entry skipped: {exc}")
+            return None
+        except Exception as exc:  # from_json promises InvalidRecord only; this is the backstop
+            self._skip(key, f"registry entry {key} skipped: {type(exc).__name__}")
+            return None
+        if inst.key != split:
+            self._skip(key, f"registry entry {key} holds {inst.service}/{inst.id}")
+            return None
+        return inst
+
+    def _skip(self, key: str, message: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self.skipped += 1
+            last = self._warned.get(key)
+            if last is not None and now - last < QUIET_S:
+                return
+            if len(self._warned) >= MAX_REMEMBERED:
+                for old in sorted(self._warned, key=self._warned.__getitem__)[:MAX_REMEMBERED // 2]:
+                    del self._warned[old]
+            self._warned[key] = now
+        log.warning("%s (kept serving everything else; this key is named again in %.0f s at "
+                    "the earliest)", message, QUIET_S)
