@@ -296,17 +296,3 @@ def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) 
     except Exception:
         log.exception("registry watch callback failed on %s", change.kind)
 
-
-def decode(url: RegistryURL, key: str, raw: bytes | None) -> Instance | None:
-    """TEMPORARY shim while etcd_read moves to registry.decoder.Decoder (no rate limit)."""
-    from discovery.errors import InvalidRecord
-
-    split = url.split_key(key)
-    if split is None or raw is None:
-        return None
-    try:
-        inst = Instance.from_json(raw, where=key)
-    except InvalidRecord as exc:
-        log.warning("malformed registry entry skipped: %s", exc)
-        return None
-    return inst if inst.key == split else None
