@@ -37,6 +37,7 @@ from discovery.errors import DiscoveryError  # noqa: E402
 from discovery.watcher.haproxy import HAProxyMaster  # noqa: E402
 
 RESULTS = BENCH / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -66,6 +67,14 @@ def _zookeeper_version() -> str | None:
     return jars[-1].stem.removeprefix("zookeeper-") if jars else None
 
 
+def default_wait() -> str:
+    """The watcher's default quiescence window, read from the code: ``"20ms:500ms (default)"``."""
+    from discovery.watcher.config import WatcherConfig
+
+    cfg = WatcherConfig()
+    return f"{cfg.wait_min * 1000:g}ms:{cfg.wait_max * 1000:g}ms (default)"
+
+
 def machine() -> dict[str, Any]:
     """What ran the benchmark: cores, kernel, load, and the versions of every component."""
     return {
@@ -77,7 +86,16 @@ def machine() -> dict[str, Any]:
         "etcd": _version(["etcd", "--version"]),
         "zookeeper": _zookeeper_version(),
         "haproxy": _version(["haproxy", "-v"]),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The commit measured: ``git rev-parse HEAD``, or ``.bench-commit`` in an exported tree."""
+    marker = ROOT / ".bench-commit"
+    if marker.exists():
+        return marker.read_text().strip()
+    return _version(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
 
 
 def started() -> str:
@@ -182,6 +200,19 @@ class Report:
     def failed(self) -> bool:
         return any(r.get("pass") is False for r in self.rows)
 
+    def mark(self) -> tuple[int, str, dict[str, Any]]:
+        """Where a result starts: (rows so far, UTC start time, the machine now)."""
+        return len(self.rows), started(), machine()
+
+    def save(self, bench: str, backend: str, mark: tuple[int, str, dict[str, Any]],
+             samples: Any) -> Path:
+        """Write the rows emitted since ``mark`` and ``samples`` as one raw result."""
+        since, started_at, machine_info = mark
+        path = write_result(bench, backend, started_at=started_at, machine_info=machine_info,
+                            summary={"rows": self.rows[since:]}, samples=samples)
+        say(f"raw result: {path.relative_to(ROOT)}")
+        return path
+
 
 # --------------------------------------------------------------------------- processes
 
@@ -282,10 +313,11 @@ class Routed(Daemon):
                    work / f"watcher-{state.name}.log")
 
     @classmethod
-    def baseline(cls, url: str, services: Mapping[str, int], work: Path) -> Routed:
+    def baseline(cls, url: str, services: Mapping[str, int], work: Path,
+                 tuning: str = "best") -> Routed:
         state = Path(tempfile.mkdtemp(prefix="rtb-", dir="/tmp"))
         argv = [sys.executable, str(BENCH / "reload_per_change.py"), "--registry", url,
-                "--state-dir", str(state), "--haproxy-bin", HAPROXY_BIN,
+                "--state-dir", str(state), "--haproxy-bin", HAPROXY_BIN, "--tuning", tuning,
                 "--stats-out", str(work / f"baseline-{state.name}.json")]
         for name, port in services.items():
             argv += ["--service", f"{name}:{port}"]
@@ -345,34 +377,42 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 
 class HostLoad:
-    """Whole-host CPU busy % (``/proc/stat``) and TCP listen-queue overflows
-    (``/proc/net/netstat``: SYNs dropped because an accept queue was full, which costs the
-    client a 1 s SYN retransmit) between ``start()`` and ``read()``. Other processes on the
-    host (other benches and test suites) are included: that is the point."""
+    """Whole-host CPU busy % (``/proc/stat``) and TCP counters between ``start()`` and
+    ``read()`` (``nstat``'s sources): ``TcpExtListenOverflows`` / ``TcpExtListenDrops`` (SYNs
+    dropped because an accept queue was full, which costs the client a SYN retransmit, 1 s
+    initial RTO), ``TcpExtTCPSynRetrans`` and ``TcpRetransSegs``. Other processes on the host
+    (other benches and test suites) are included: that is the point."""
+
+    COUNTERS = {"tcp_listen_overflows": ("TcpExt", "ListenOverflows"),
+                "tcp_listen_drops": ("TcpExt", "ListenDrops"),
+                "tcp_syn_retrans": ("TcpExt", "TCPSynRetrans"),
+                "tcp_retrans_segs": ("Tcp", "RetransSegs")}
 
     def __init__(self) -> None:
         self._cpu: list[int] = []
-        self._ovf = 0
+        self._tcp: dict[str, int] = {}
 
     @staticmethod
     def _cpu_now() -> list[int]:
         with open("/proc/stat") as f:
             return [int(x) for x in f.readline().split()[1:]]
 
-    @staticmethod
-    def _overflows() -> int:
-        try:
-            lines = Path("/proc/net/netstat").read_text().splitlines()
-        except OSError:
-            return 0
-        for head, values in zip(lines[::2], lines[1::2], strict=False):
-            if head.startswith("TcpExt:"):
-                table = dict(zip(head.split()[1:], values.split()[1:], strict=False))
-                return int(table.get("ListenOverflows", 0))
-        return 0
+    @classmethod
+    def tcp_counters(cls) -> dict[str, int]:
+        tables: dict[str, dict[str, str]] = {}
+        for name in ("/proc/net/netstat", "/proc/net/snmp"):
+            try:
+                lines = Path(name).read_text().splitlines()
+            except OSError:
+                continue
+            for head, values in zip(lines[::2], lines[1::2], strict=False):
+                kind = head.split(":", 1)[0]
+                tables[kind] = dict(zip(head.split()[1:], values.split()[1:], strict=False))
+        return {key: int(tables.get(kind, {}).get(field, 0))
+                for key, (kind, field) in cls.COUNTERS.items()}
 
     def start(self) -> Self:
-        self._cpu, self._ovf = self._cpu_now(), self._overflows()
+        self._cpu, self._tcp = self._cpu_now(), self.tcp_counters()
         return self
 
     def read(self) -> dict[str, Any]:
@@ -380,8 +420,22 @@ class HostLoad:
         total = sum(b) - sum(self._cpu)
         idle = (b[3] + b[4]) - (self._cpu[3] + self._cpu[4])
         busy = round(100.0 * (total - idle) / total, 1) if total > 0 else None
+        now = self.tcp_counters()
         return {"host_cpu_busy_pct": busy, "host_cpus": os.cpu_count(),
-                "tcp_listen_overflows": self._overflows() - self._ovf}
+                **{k: now[k] - self._tcp.get(k, 0) for k in now}}
+
+
+def cpu_ticks(pid: int, *, tree: bool = True) -> int:
+    """utime + stime + cutime + cstime of ``pid`` (clock ticks), plus its live children's
+    (recursively) with ``tree``; 0 for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    ticks = sum(int(x) for x in fields[11:15])
+    if tree:
+        ticks += sum(cpu_ticks(c) for c in children_of(pid))
+    return ticks
 
 
 def children_of(pid: int) -> list[int]:

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
-from common import Daemon, discovery_cmd, percentile  # noqa: E402
+from common import Daemon, discovery_cmd, machine, percentile, started, write_result  # noqa: E402
 from requests.exceptions import RequestException  # noqa: E402
 
 from discovery.registry import Change, Registry, open_registry  # noqa: E402
@@ -448,6 +448,7 @@ class Options:
     agent_args: list[str]
     py_spy: str | None
     work: Path
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def start_py_spy(opts: Options, agent: Agent, name: str,
@@ -497,6 +498,13 @@ def run_backend(backend: str, opts: Options, image: str, token: str,
     registry: Registry | None = None
     recorder: Recorder | None = None
     client = docker.from_env(timeout=60)
+    started_at, machine_info = started(), machine()
+    rows: list[dict[str, Any]] = []
+
+    def emit_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        emit(row)
+
     try:
         docker_retry("docker ping", client.ping)
         say(f"{backend}: starting a single-node server on loopback")
@@ -517,12 +525,16 @@ def run_backend(backend: str, opts: Options, image: str, token: str,
         say(f"{backend}: agent pid {agent.pid} up ({url}, node {node}), "
             f"RSS {base['VmRSS'] / 1024:.1f} MiB with nothing registered")
         if opts.containers > 0:
-            run_latency(backend, opts, svc_lat, containers, agent, recorder, emit)
+            run_latency(backend, opts, svc_lat, containers, agent, recorder, emit_row)
         if opts.idle_containers > 0:
-            run_idle(backend, opts, svc_idle, containers, agent, recorder, emit,
+            run_idle(backend, opts, svc_idle, containers, agent, recorder, emit_row,
                      base["VmRSS"])
         code = agent.stop()
         say(f"{backend}: agent stopped (exit {code})")
+        bench = "registration" if opts.containers > 0 else f"registration-idle-{opts.idle_check}"
+        path = write_result(bench, backend, started_at=started_at, machine_info=machine_info,
+                            summary={"rows": rows}, samples=opts.samples.get(backend, {}))
+        say(f"{backend}: raw result written to {path}")
     finally:
         say(f"{backend}: cleaning up")
         if agent is not None:
@@ -608,6 +620,13 @@ def run_latency(backend: str, opts: Options, svc: str, containers: Containers, a
     flaps = sum(t.unhealthy for t in snap.values())
     notes = {"unhealthy_events": flaps, "watch_resets": rec.resets,
              "docker_events_ended": rec.events_ended}
+    opts.samples.setdefault(backend, {}).update({
+        "healthy_to_registered_ms": [round(v, 3) for v in ms(up_ns)],
+        "kill_to_removed_ms": [round(v, 3) for v in ms(down_ns)],
+        "split_event_to_agent_log_up_ms": ms(up_agent),
+        "split_agent_log_to_watch_up_ms": ms(up_watch),
+        "split_event_to_agent_log_down_ms": ms(down_agent),
+        "split_agent_log_to_watch_down_ms": ms(down_watch)})
     emit(latency_metric(
         backend, "healthy_to_registered", ms(up_ns), n, host_cpu_busy_pct=up_busy,
         health_interval_s=opts.health_interval,

@@ -9,6 +9,14 @@ socket). Changes that arrive while a reload is in progress are rendered together
 next pass (both tools render the current state, not a queue of events); an identical
 rendering is skipped, as both tools do.
 
+It runs HAProxy the way careful users of those tools do (``--tuning best``, the default): the
+master-worker reload through the master socket re-executes HAProxy with the listening sockets
+passed over (``expose-fd listeners`` on the stats socket; the master adds ``-x`` itself), and
+the project's template gets two more lines: ``option idle-close-on-response`` (an old worker
+answers the next request on an idle keep-alive connection with ``Connection: close`` instead
+of closing it under the client) and ``hard-stop-after 30s`` (old workers kept alive by
+long-lived connections go away after 30 s). ``--tuning plain`` renders the template as is.
+
 It reuses the project's own pieces so that the only difference from ``discovery watch``
 is *how* a change reaches HAProxy: the same built-in template (``option redispatch``,
 ``retries 2``, the same timeouts), the same registry client and catalog, the same
@@ -43,7 +51,12 @@ from discovery.errors import DiscoveryError  # noqa: E402
 from discovery.model.catalog import Catalog  # noqa: E402
 from discovery.registry import Change, open_registry  # noqa: E402
 from discovery.watcher.config import ServiceConfig, WatcherConfig  # noqa: E402
-from discovery.watcher.render import Renderer, RuntimePaths, render_config  # noqa: E402
+from discovery.watcher.render import (  # noqa: E402
+    DEFAULT_TEMPLATE,
+    Renderer,
+    RuntimePaths,
+    render_config,
+)
 from discovery.watcher.slots import Slot  # noqa: E402
 from discovery.watcher.supervisor import (  # noqa: E402
     HAProxySupervisor,
@@ -54,19 +67,37 @@ from discovery.watcher.supervisor import (  # noqa: E402
 
 log = logging.getLogger("reload_per_change")
 
+#: what careful consul-template/confd users add to the config (see the module docstring)
+BEST_GLOBAL = "    hard-stop-after 30s"
+BEST_DEFAULTS = "    option idle-close-on-response"
+
+
+def best_template(out: Path) -> Path:
+    """The project's template plus :data:`BEST_GLOBAL` and :data:`BEST_DEFAULTS`, in ``out``."""
+    text = DEFAULT_TEMPLATE.read_text()
+    for anchor, line in (("\nglobal\n", BEST_GLOBAL), ("\ndefaults\n", BEST_DEFAULTS)):
+        if anchor not in text:
+            raise SystemExit(f"{DEFAULT_TEMPLATE}: no {anchor.strip()!r} section")
+        text = text.replace(anchor, f"{anchor}{line}\n", 1)
+    out.write_text(text)
+    return out
+
 
 class ReloadPerChange:
     """Registry → full config → ``haproxy -c`` → install → reload, for every change."""
 
     def __init__(self, registry_url: str, services: Mapping[str, int], state_dir: Path,
-                 haproxy_bin: str = "haproxy", validate: bool = True) -> None:
+                 haproxy_bin: str = "haproxy", validate: bool = True,
+                 tuning: str = "best") -> None:
         self.config = WatcherConfig(services={
             name: ServiceConfig(name=name, port=port) for name, port in sorted(services.items())})
         self.state_dir = Path(state_dir).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.state_dir / "haproxy.cfg"
         self.paths = RuntimePaths(admin_socket=str(self.state_dir / "admin.sock"))
-        self.renderer = Renderer()
+        self.tuning = tuning
+        self.renderer = Renderer(best_template(self.state_dir / "best.cfg.j2")
+                                 if tuning == "best" else None)
         self.haproxy_bin = haproxy_bin
         self.validate = validate
         self.catalog = Catalog()
@@ -158,7 +189,8 @@ class ReloadPerChange:
             master_reloads: int | None = self.supervisor.reload_count()
         except DiscoveryError:
             master_reloads = None
-        return {"changes": self.changes, "passes": self.passes, "reloads": self.reloads,
+        return {"tuning": self.tuning, "changes": self.changes, "passes": self.passes,
+                "reloads": self.reloads,
                 "master_reload_count": master_reloads,
                 "skipped_identical": self.skipped_identical, "failures": self.failures,
                 "pass_ms": [round(v, 2) for v in self.pass_ms],
@@ -173,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", required=True, type=Path)
     ap.add_argument("--haproxy-bin", default="haproxy")
     ap.add_argument("--no-validate", action="store_true", help="skip 'haproxy -c'")
+    ap.add_argument("--tuning", choices=("best", "plain"), default="best",
+                    help="best: + idle-close-on-response, hard-stop-after (default)")
     ap.add_argument("--stats-out", type=Path, help="write the counters here (JSON) on exit")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -187,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if not services:
         ap.error("at least one --service")
     driver = ReloadPerChange(args.registry, services, args.state_dir, args.haproxy_bin,
-                             validate=not args.no_validate)
+                             validate=not args.no_validate, tuning=args.tuning)
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         driver.stop()

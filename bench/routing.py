@@ -21,7 +21,8 @@ containers on loopback and removing them when it ends:
    the same time and from the same registry: (a) ``discovery watch`` (runtime API) and (b)
    ``bench/reload_per_change.py`` (full render + ``haproxy -c`` + reload on every change,
    like consul-template/confd), each with its own HAProxy and its own ``wrk`` (HTTP/1.1
-   keep-alive unless ``--churn-close``, rate bounded by a per-request delay).
+   keep-alive and ``Connection: close``, ``--churn-loads``; rate bounded by a per-request
+   delay). The baseline runs as its careful users run it (``--baseline-tuning best``).
 3. **scale** (``bench/scale.py``): 1,000 services x 10 instances.
 
 Output: one JSON object per metric on stdout (``name, backend, n, p50_ms, p99_ms, target,
@@ -37,6 +38,8 @@ import json
 import secrets
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +58,7 @@ for _p in (str(ROOT), str(BENCH)):
 
 import docker.errors  # noqa: E402  (binds ``docker`` too)
 from common import (  # noqa: E402
+    CLK_TCK,
     HOST,
     Daemon,
     HostLoad,
@@ -64,10 +68,14 @@ from common import (  # noqa: E402
     Unmeasured,
     _r,
     answers_200,
+    children_of,
+    cpu_ticks,
+    default_wait,
     discovery_cmd,
     http_get,
     install_signal_handlers,
     percentile,
+    rss_kib,
     say,
     summary,
     wait_until,
@@ -390,6 +398,7 @@ def run_propagation(run: Run, backend: str, server: ServerCluster) -> None:
         stack.callback(trace.close)
         hc = app_healthcheck(interval=args.health_interval, timeout=1.0, retries=2)
         say(f"{backend}: propagation, {args.events} containers one after another")
+        mark = report.mark()
         load = HostLoad().start()
         others = other_containers(run.client)
         started = time.monotonic()
@@ -449,7 +458,7 @@ def run_propagation(run: Run, backend: str, server: ServerCluster) -> None:
                   "poll_errors": poller.errors, "poll_non200": poller.non200,
                   "poll_period_ms": round(elapsed * 1000 / max(polls, 1), 2),
                   "unhealthy_events": events.unhealthy, "watcher_reloads": watcher.reload_count(),
-                  "watcher_wait": "50ms:500ms (default)", "other_containers": others,
+                  "watcher_wait": default_wait(), "other_containers": others,
                   **load.read(), "problems": problems[:5]}
         report.latency("healthy_to_served", backend, add, expected=args.events,
                        target_ms=TARGET_ADD_P99_MS,
@@ -463,21 +472,46 @@ def run_propagation(run: Run, backend: str, server: ServerCluster) -> None:
                        split_agent_p99_ms=_r(percentile(drain_agent, 0.99)),
                        split_watcher_p50_ms=_r(percentile(drain_watcher, 0.5)),
                        split_watcher_p99_ms=_r(percentile(drain_watcher, 0.99)), **common)
+        report.save("propagation", backend, mark, {
+            "healthy_to_served_ms": add, "kill_to_last_served_ms": drain,
+            "add_agent_ms": add_agent, "add_watcher_ms": add_watcher,
+            "drain_agent_ms": drain_agent, "drain_watcher_ms": drain_watcher})
 
 
 # --------------------------------------------------------------------------- churn
 
+# Counts requests written (``request()``) and responses read (``response()``), so that a
+# connection closed while idle (no request on it: wrk still counts a ``read`` error and
+# reconnects) is told apart from a request that got no answer (lost).
 WRK_LUA = """-- written by bench/routing.py
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) sent = 0; answered = 0; bad = 0 end
 function delay() return %(delay)d end
+function request() sent = sent + 1; return wrk.format() end
+function response(status, headers, body)
+  answered = answered + 1
+  if status >= 400 then bad = bad + 1 end
+end
 done = function(summary, latency, requests)
+  local sent, answered, bad = 0, 0, 0
+  for _, t in ipairs(threads) do
+    sent = sent + t:get("sent"); answered = answered + t:get("answered"); bad = bad + t:get("bad")
+  end
+  local pct = {}
+  for _, p in ipairs({50, 90, 99, 99.9, 99.99}) do
+    table.insert(pct, string.format('"%%g":%%d', p, latency:percentile(p)))
+  end
   io.write(string.format(
     '\\nWRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,'
-    .. '"status":%%d,"timeout":%%d,"p50_us":%%d,"p99_us":%%d,"max_us":%%d}\\n',
+    .. '"status":%%d,"timeout":%%d,"sent":%%d,"answered":%%d,"bad_status":%%d,'
+    .. '"p50_us":%%d,"p99_us":%%d,"max_us":%%d,"percentiles_us":{%%s}}\\n',
     summary.requests, summary.duration, summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
+    summary.errors.write, summary.errors.status, summary.errors.timeout, sent, answered, bad,
+    latency:percentile(50), latency:percentile(99), latency.max, table.concat(pct, ",")))
 end
 """
+LOADS = {"keep-alive": False, "close": True}  # --churn-loads name -> Connection: close
 
 
 def start_wrk(port: int, work: Path, label: str, *, conns: int, delay_ms: int,
@@ -499,15 +533,90 @@ def wrk_result(d: Daemon) -> dict[str, Any]:
     raise Unmeasured(f"wrk printed no summary:\n{d.log_tail()}")
 
 
-def run_churn(run: Run, backend: str, server: ServerCluster) -> None:
+class IdleClients:
+    """``n`` long-lived keep-alive client connections to ``port``: one request each, then
+    idle (like a pooled HTTP client between bursts), open until :meth:`close`."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.socks: list[socket.socket] = []
+        for _ in range(n):
+            s = socket.create_connection((HOST, port), 2.0)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            s.recv(4096)
+            self.socks.append(s)
+
+    def close(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+class ProcSampler:
+    """Every ``period`` s: each HAProxy master's processes (old workers = children beyond the
+    newest one) and their RSS, and the listen sockets' accept queues (``ss -ltn``)."""
+
+    def __init__(self, masters: Mapping[str, int | None], ports: dict[int, str],
+                 period: float = 0.25) -> None:
+        self.masters = {k: v for k, v in masters.items() if v is not None}
+        self.ports, self.period = ports, period  # the caller adds app ports as they come
+        self.peak_old: dict[str, int] = dict.fromkeys(self.masters, 0)
+        self.peak_rss_kib: dict[str, int] = dict.fromkeys(self.masters, 0)
+        self.peak_old_rss_kib: dict[str, int] = dict.fromkeys(self.masters, 0)
+        self.accept_queue: dict[str, dict[str, int]] = {}  # role -> max Recv-Q, backlog
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="proc-sampler")
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for mode, master in self.masters.items():
+                kids = sorted(children_of(master))
+                old = kids[:-1]  # the newest child is the current worker
+                rss = [rss_kib(k).get("VmRSS", 0) for k in kids]
+                self.peak_old[mode] = max(self.peak_old[mode], len(old))
+                total = rss_kib(master).get("VmRSS", 0) + sum(rss)
+                self.peak_rss_kib[mode] = max(self.peak_rss_kib[mode], total)
+                self.peak_old_rss_kib[mode] = max(self.peak_old_rss_kib[mode], sum(rss[:-1]))
+            self._sample_ss()
+
+    def _sample_ss(self) -> None:
+        try:
+            out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, timeout=5,
+                                 check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) < 4 or not parts[1].isdigit():
+                continue
+            port = int(parts[3].rpartition(":")[2] or 0)
+            role = self.ports.get(port)
+            if role is None:
+                continue
+            q = self.accept_queue.setdefault(role, {"max_recv_q": 0, "backlog": 0})
+            q["max_recv_q"] = max(q["max_recv_q"], int(parts[1]))
+            q["backlog"] = max(q["backlog"], int(parts[2]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def run_churn(run: Run, backend: str, server: ServerCluster, load: str) -> None:
+    """One churn run under ``load`` (``keep-alive`` or ``close``): both routers side by side."""
     args, report = run.args, run.report
     assert run.client is not None
-    url = server.url(f"/bench-churn-{run.token}")
+    close = LOADS[load]
+    url = server.url(f"/bench-churn-{load}-{run.token}")
     svc = run.service
     grace = float(args.churn_grace)
+    mark = report.mark()
     with contextlib.ExitStack() as stack:
         agent = Daemon(discovery_cmd("agent", "--registry", url, "--node", "rt-churn"),
-                       run.work / "agent-churn.log").start()
+                       run.work / f"agent-churn-{load}.log").start()
         stack.callback(agent.stop)
         reglog = RegistryLog(url)
         stack.callback(reglog.close)
@@ -517,7 +626,7 @@ def run_churn(run: Run, backend: str, server: ServerCluster) -> None:
         ours = Routed.watcher(url, {svc: port_a}, run.work)
         ours.start()
         stack.callback(ours.close)
-        base = Routed.baseline(url, {svc: port_b}, run.work)
+        base = Routed.baseline(url, {svc: port_b}, run.work, tuning=args.baseline_tuning)
         base.start()
         stack.callback(base.close)
         ours.wait_ready([port_a])
@@ -532,26 +641,33 @@ def run_churn(run: Run, backend: str, server: ServerCluster) -> None:
                 n += 1
                 name = f"rt-churn-{n}-{run.token}"
             cport = free_port()
+            app_ports[cport] = "app"
             cid = containers.start(name, cport, app_labels(svc, cport, check="tcp"), grace=grace)
             if reglog.wait_put(cid, 30.0) is None:
                 raise Unmeasured(f"{name} not registered within 30 s")
             return cid, name
 
         lock = threading.Lock()
+        app_ports: dict[int, str] = {port_a: "runtime-api", port_b: "reload-per-change"}
         for _ in range(args.churn_pool):
             pool.append(start_one())
         for p in (port_a, port_b):
             wait_until(partial(answers_200, p), 30, f"the pool served on :{p}")
         time.sleep(0.5)  # both HAProxies have the whole pool
         reloads_before = (ours.reload_count() or 0, base.reload_count() or 0)
+        idle = [IdleClients(p, args.idle_conns) for p in (port_a, port_b)]
+        for c in idle:
+            stack.callback(c.close)
 
-        say(f"churn: wrk on :{port_a} (runtime API) and :{port_b} (reload per change), "
-            f"{args.replacements} rolling replacements, {args.churn_parallel} at a time")
+        say(f"churn ({load}): wrk on :{port_a} (runtime API) and :{port_b} (reload per "
+            f"change, tuning {args.baseline_tuning}), {args.replacements} rolling "
+            f"replacements, {args.churn_parallel} at a time, {args.idle_conns} idle "
+            "keep-alive connections each")
         wrk_opts: dict[str, Any] = {"conns": args.wrk_conns, "delay_ms": args.wrk_delay_ms,
-                    "close": args.churn_close, "max_seconds": 600}
-        wrk_a = start_wrk(port_a, run.work, "runtime-api", **wrk_opts)
+                                    "close": close, "max_seconds": 600}
+        wrk_a = start_wrk(port_a, run.work, f"runtime-api-{load}", **wrk_opts)
         stack.callback(wrk_a.stop, signal.SIGKILL)
-        wrk_b = start_wrk(port_b, run.work, "reload-per-change", **wrk_opts)
+        wrk_b = start_wrk(port_b, run.work, f"reload-per-change-{load}", **wrk_opts)
         stack.callback(wrk_b.stop, signal.SIGKILL)
         time.sleep(1.0)
 
@@ -578,55 +694,79 @@ def run_churn(run: Run, backend: str, server: ServerCluster) -> None:
                         errors.append(exc)
                     return
 
-        load = HostLoad().start()
+        masters = {"runtime-api": ours.haproxy_master_pid(),
+                   "reload-per-change": base.haproxy_master_pid()}
+        procs = {"runtime-api": ours.pid, "reload-per-change": base.pid}
+        ticks0 = {m: cpu_ticks(procs[m]) for m in procs}
+        sampler = ProcSampler(masters, app_ports)
+        sampler.start()
+        stack.callback(sampler.stop)
+        hostload = HostLoad().start()
         others = other_containers(run.client)
-        started = time.monotonic()
+        started_at = time.monotonic()
         threads = [threading.Thread(target=worker, daemon=True, name=f"churn-{i}")
                    for i in range(args.churn_parallel)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(args.churn_timeout)
-        churn_s = time.monotonic() - started
-        host = load.read()
+        churn_s = time.monotonic() - started_at
+        host = hostload.read()
         time.sleep(max(1.0, grace + 0.5))  # the last stopped instances drain and exit
         for d in (wrk_a, wrk_b):
             d.stop(signal.SIGINT, timeout=10)
+        ticks = {m: cpu_ticks(procs[m]) - ticks0[m] for m in procs}
+        sampler.stop()
         if errors:
             raise Unmeasured(f"churn: {errors[0]!r}")
         if any(t.is_alive() for t in threads):
             raise Unmeasured(f"churn: replacements not done within {args.churn_timeout} s")
-        res_a, res_b = wrk_result(wrk_a), wrk_result(wrk_b)
-        base_reloads = (base.reload_count() or 0) - reloads_before[1]
-        base_old = base.old_workers()
-        our_reloads = (ours.reload_count() or 0) - reloads_before[0]
-        our_old = ours.old_workers()
+        res = {"runtime-api": wrk_result(wrk_a), "reload-per-change": wrk_result(wrk_b)}
+        reloads = {"runtime-api": (ours.reload_count() or 0) - reloads_before[0],
+                   "reload-per-change": (base.reload_count() or 0) - reloads_before[1]}
+        old_at_end = {"runtime-api": ours.old_workers(), "reload-per-change": base.old_workers()}
         base.stop()  # writes its stats file
         base_stats: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             base_stats = json.loads(base.stats_path.read_text())
-        keep = "keep-alive" if not args.churn_close else "Connection: close"
-        common = {"replacements": args.replacements, "parallel": args.churn_parallel,
-                  "pool": args.churn_pool, "churn_seconds": round(churn_s, 1),
+        changes = 2 * args.replacements  # a put and a delete per replacement
+        common = {"load_kind": load, "replacements": args.replacements,
+                  "parallel": args.churn_parallel, "pool": args.churn_pool,
+                  "idle_conns": args.idle_conns, "churn_seconds": round(churn_s, 1),
                   "replacement_p50_s": _r(percentile(done_times, 0.5)),
-                  "other_containers": others, **host,
-                  "app_grace_s": grace, "load": f"wrk -t1 -c{args.wrk_conns}, {keep}, "
-                                                f"{args.wrk_delay_ms} ms pause per request"}
-        for mode, res, reloads, old in (("runtime-api", res_a, our_reloads, our_old),
-                                        ("reload-per-change", res_b, base_reloads, base_old)):
-            failed = sum(int(res[k]) for k in ("connect", "read", "write", "status", "timeout"))
-            requests = int(res["requests"])
+                  "other_containers": others, **host, "app_grace_s": grace,
+                  "accept_queues": sampler.accept_queue,
+                  "load": f"wrk -t1 -c{args.wrk_conns}, "
+                          f"{'Connection: close' if close else 'keep-alive'}, "
+                          f"{args.wrk_delay_ms} ms pause per request"}
+        for mode in ("runtime-api", "reload-per-change"):
+            r = res[mode]
+            unanswered = max(0, int(r["sent"]) - int(r["answered"]))
+            # wrk is stopped with requests in flight: up to one per connection is unanswered
+            lost = max(0, unanswered - args.wrk_conns)
+            failed = lost + int(r["bad_status"])
+            requests = int(r["requests"])
             row: dict[str, Any] = {
                 "name": "churn_failed_requests", "backend": backend, "mode": mode,
-                "n": requests, "failed": failed,
-                "errors": {k: res[k] for k in ("connect", "read", "write", "status", "timeout")},
-                "p50_ms": _r(res["p50_us"] / 1000), "p99_ms": _r(res["p99_us"] / 1000),
-                "max_ms": _r(res["max_us"] / 1000),
-                "rate_per_s": round(requests / max(res["duration_us"] / 1e6, 1e-9)),
-                "haproxy_reloads": reloads, "old_workers_at_end": old,
+                "n": requests, "failed": failed, "lost": lost, "unanswered": unanswered,
+                "bad_status": int(r["bad_status"]), "sent": int(r["sent"]),
+                "wrk_errors": {k: r[k] for k in ("connect", "read", "write", "status",
+                                                 "timeout")},
+                "p50_ms": _r(r["p50_us"] / 1000), "p99_ms": _r(r["p99_us"] / 1000),
+                "max_ms": _r(r["max_us"] / 1000),
+                "percentiles_ms": {k: _r(v / 1000) for k, v in r["percentiles_us"].items()},
+                "rate_per_s": round(requests / max(r["duration_us"] / 1e6, 1e-9)),
+                "haproxy_reloads": reloads[mode], "old_workers_at_end": old_at_end[mode],
+                "old_workers_peak": sampler.peak_old.get(mode),
+                "old_workers_peak_rss_mib": round(sampler.peak_old_rss_kib.get(mode, 0) / 1024,
+                                                  1),
+                "haproxy_peak_rss_mib": round(sampler.peak_rss_kib.get(mode, 0) / 1024, 1),
+                "cpu_s": round(ticks[mode] / CLK_TCK, 2),
+                "cpu_ms_per_change": round(ticks[mode] / CLK_TCK * 1000 / changes, 1),
                 "target": f"0 failed of >= {TARGET_CHURN_MIN_REQUESTS}",
                 "pass": failed == 0 and requests >= TARGET_CHURN_MIN_REQUESTS, **common}
             if mode == "reload-per-change":
+                row["baseline_tuning"] = base_stats.get("tuning")
                 row["baseline_changes"] = base_stats.get("changes")
                 row["baseline_passes"] = base_stats.get("passes")
                 pass_ms = base_stats.get("pass_ms") or []
@@ -634,6 +774,12 @@ def run_churn(run: Run, backend: str, server: ServerCluster) -> None:
                 row["baseline_render_to_reloaded_p99_ms"] = _r(percentile(pass_ms, 0.99))
                 row["pass"] = None  # the baseline is a comparison, not held to the target
             report.emit(row)
+        report.save(f"churn-{load}", backend, mark, {
+            "replacement_s": [round(v, 3) for v in done_times],
+            "baseline_pass_ms": base_stats.get("pass_ms"),
+            "baseline_reload_ms": base_stats.get("reload_ms"),
+            "wrk": res})
+
 
 
 # --------------------------------------------------------------------------- main
@@ -662,8 +808,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--churn-grace", type=float, default=1.0,
                     help="churn: the app answers this long after SIGTERM; 0 = the stock "
                          "example app, which exits at once")
-    ap.add_argument("--churn-close", action="store_true",
-                    help="wrk sends 'Connection: close' (default: keep-alive)")
+    ap.add_argument("--churn-loads", default="keep-alive,close",
+                    help="churn: one run per load, comma-separated: keep-alive (HTTP/1.1 "
+                         "keep-alive), close (wrk sends 'Connection: close'); default both")
+    ap.add_argument("--baseline-tuning", choices=("best", "plain"), default="best",
+                    help="churn: reload_per_change.py --tuning (default best)")
+    ap.add_argument("--idle-conns", type=int, default=8,
+                    help="churn: long-lived idle keep-alive connections to each HAProxy")
     ap.add_argument("--churn-timeout", type=float, default=300.0)
     ap.add_argument("--wrk-conns", type=int, default=8)
     ap.add_argument("--wrk-delay-ms", type=int, default=4)
@@ -678,7 +829,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                             (args.replacements, 1, 1000, "--replacements"),
                             (args.churn_pool, 1, 16, "--churn-pool"),
                             (args.churn_parallel, 1, 8, "--churn-parallel"),
-                            (args.wrk_conns, 1, 64, "--wrk-conns")):
+                            (args.wrk_conns, 1, 64, "--wrk-conns"),
+                            (args.idle_conns, 0, 256, "--idle-conns")):
         if not lo <= v <= hi:
             ap.error(f"{what} must be in {lo}..{hi}")
     return args
@@ -716,7 +868,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "propagation" in phases and backend in args.backends.split(","):
                     run_propagation(run, backend, server)
                 if "churn" in phases and backend == args.churn_backend:
-                    run_churn(run, backend, server)
+                    for load in args.churn_loads.split(","):
+                        if load.strip() not in LOADS:
+                            raise Unmeasured(f"--churn-loads: unknown load {load!r}")
+                        run_churn(run, backend, server, load.strip())
             except (Unmeasured, DiscoveryError, docker.errors.DockerException, OSError) as exc:
                 say(f"{backend}: NOT MEASURED: {exc}")
                 report.unmeasured.append(f"{backend}: {str(exc).splitlines()[0][:200]}")

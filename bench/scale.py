@@ -15,11 +15,15 @@ listener each on free ports below the ephemeral range, and the bench measures:
   instance (pointing at a ``probe`` httpd) and polls that service's listener until the
   answer is ``probe``: write → served. Then deletes it: delete → 503. ``--changes`` times
   each, after one warm-up (reported separately: the first change after start).
+* **bulk change**: after the single changes, one simulated host's lease is revoked, so its
+  instance of every service (1,000 at once) vanishes as when a host's lease expires; timed
+  from the revoke until HAProxy (``show servers state`` on the admin socket) has none of them
+  in service. Target: <= 250 ms, no reload.
 * **RSS** of the watcher (VmRSS at the end and VmHWM, the peak) and of its HAProxy.
 
 The same is done for ``--small-services`` x 10, to show whether the apply time depends on
-the size, and each size with the default quiescence window (``wait = 50ms:500ms``) and with
-``wait = 0ms:500ms`` (the change alone, without the deliberate 50 ms coalescing pause).
+the size, and each size with the default quiescence window (``wait = 20ms:500ms``) and with
+``wait = 0ms:500ms`` (the change alone, without the deliberate 20 ms coalescing pause).
 ``--py-spy`` samples the watcher (startup and changes, separately) and prints where the time
 goes. Output as ``bench/routing.py``: JSON lines, then a summary.
 """
@@ -55,6 +59,7 @@ from common import (  # noqa: E402
     Routed,
     Unmeasured,
     children_of,
+    default_wait,
     http_get,
     install_signal_handlers,
     port_open,
@@ -65,12 +70,14 @@ from common import (  # noqa: E402
 )
 
 from discovery.model import Instance, State  # noqa: E402
+from discovery.watcher.haproxy import parse_servers_state  # noqa: E402
 from tests.harness.servers import EtcdCluster  # noqa: E402
 from tests.harness.util import free_port  # noqa: E402
 
 TARGET_FIRST_CONFIG_MS = 2000.0
 TARGET_APPLY_P99_MS = 50.0
 TARGET_RSS_BYTES = 150e6
+TARGET_BULK_MS = 250.0
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 PORT_RANGE = (20000, 32000)  # below net.ipv4.ip_local_port_range (32768-60999 here)
 TXN_OPS = 100  # etcd's default --max-txn-ops is 128
@@ -84,7 +91,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="scale: the small size to compare with (0: skip)")
     g.add_argument("--changes", type=int, default=20, help="scale: measured changes per run")
     g.add_argument("--waits", default="default,0ms:500ms",
-                   help="scale: quiescence windows to run ('default' = 50ms:500ms)")
+                   help="scale: quiescence windows to run ('default': the watcher's, 20ms:500ms)")
+    g.add_argument("--no-bulk", dest="bulk", action="store_false",
+                   help="scale: skip the bulk change (one simulated host's lease revoked)")
     g.add_argument("--py-spy", metavar="BIN", default=None,
                    help="scale: sample the watcher with this py-spy (profiling run)")
 
@@ -257,6 +266,46 @@ class Profiler:
                 "self": [[f, pct(c)] for f, c in leaf.most_common(n)]}
 
 
+def admin_query(sock_path: Path, command: str, timeout: float = 10.0) -> str:
+    """One command on HAProxy's admin socket; the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock_path))
+        s.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def serving_on_port(sock_path: Path, port: int) -> int:
+    """Servers HAProxy still has in service (not in any maint) with this port."""
+    servers = parse_servers_state(admin_query(sock_path, "show servers state"))
+    return sum(1 for f in servers.values()
+               if f.get("srv_port") == str(port) and not int(f.get("srv_admin_state", "0")) & 0x27)
+
+
+def bulk_change(agents: SimAgents, node: int, admin: Path, port: int,
+                timeout: float = 60.0) -> dict[str, Any]:
+    """Revoke ``node``'s lease (every instance it registered vanishes at once, as when a
+    host's lease expires) and time it until HAProxy serves none of them."""
+    before = serving_on_port(admin, port)
+    polls: list[float] = []
+    t0 = time.monotonic()
+    agents.leases[node].revoke()
+    while True:
+        p0 = time.monotonic()
+        left = serving_on_port(admin, port)
+        polls.append((time.monotonic() - p0) * 1000)
+        if left == 0:
+            break
+        if time.monotonic() - t0 > timeout:
+            raise Unmeasured(f"bulk change: {left} servers still in service after {timeout:g}s")
+    took = (time.monotonic() - t0) * 1000
+    return {"servers_before": before, "applied_ms": round(took, 1),
+            "poll_ms_p50": round(sorted(polls)[len(polls) // 2], 1), "polls": len(polls)}
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -270,7 +319,7 @@ class Setup:
     run_no: int = 0
 
 
-def measure(setup: Setup, services: int, wait: str) -> None:
+def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
     args, report = setup.args, setup.report
     setup.run_no += 1
     label = f"{services}x{args.instances}"
@@ -369,6 +418,15 @@ def measure(setup: Setup, services: int, wait: str) -> None:
             removes.append(r)
         for prof in profilers:
             prof.stop()
+        bulk: dict[str, Any] | None = None
+        if args.bulk:
+            node = args.instances - 1
+            reloads_before = watcher.reload_count()
+            bulk = bulk_change(agents, node, watcher.state_dir / "admin.sock",
+                               backend_ports[node])
+            bulk["haproxy_reloads"] = (watcher.reload_count() or 0) - (reloads_before or 0)
+            say(f"scale {label}: bulk change ({bulk['instances']} instances of sim{node}) "
+                f"applied in {bulk['applied_ms']:.0f} ms, {bulk['haproxy_reloads']} reloads")
         check_ms, cfg_lines = haproxy_check_ms(watcher.state_dir / "haproxy.cfg")
         mem = rss_kib(watcher.pid)
         hap_kib = 0
@@ -382,7 +440,7 @@ def measure(setup: Setup, services: int, wait: str) -> None:
         profiled = bool(args.py_spy)
         common: dict[str, Any] = {"size": label, "services": services,
                                   "instances": services * args.instances,
-                                  "wait": "50ms:500ms (default)" if wait == "default" else wait,
+                                  "wait": default_wait() if wait == "default" else wait,
                                   "profiled": profiled, **load.read()}
         target_first = TARGET_FIRST_CONFIG_MS
         report.emit({"name": "scale_first_valid_config", "backend": "etcd", "n": 1,
@@ -407,6 +465,18 @@ def measure(setup: Setup, services: int, wait: str) -> None:
                      "target": f"peak (VmHWM) <= {TARGET_RSS_BYTES / 1e6:g} MB",
                      "pass": (hwm_b <= TARGET_RSS_BYTES) if services >= 1000 else None,
                      **common})
+        if bulk is not None:
+            report.emit({"name": "scale_bulk_change", "backend": "etcd", "n": 1,
+                         "p50_ms": bulk["applied_ms"], "p99_ms": bulk["applied_ms"],
+                         "value": bulk["applied_ms"], "unit": "ms",
+                         "target": f"<= {TARGET_BULK_MS:g} ms, no reload",
+                         "pass": (bulk["applied_ms"] <= TARGET_BULK_MS
+                                  and bulk["haproxy_reloads"] == 0)
+                         if services >= 1000 else None, **bulk, **common})
+        samples = {"first_valid_ms": round(first_valid_ms, 1),
+                   "first_change_after_start_ms": round(first_change_ms, 1),
+                   "add_ms": [round(v, 2) for v in adds],
+                   "remove_ms": [round(v, 2) for v in removes], "bulk": bulk}
         for prof in profilers:
             top = prof.top()
             phase = "startup" if prof.out.name.endswith("-start.txt") else "changes"
@@ -423,6 +493,7 @@ def measure(setup: Setup, services: int, wait: str) -> None:
         if watcher is not None:
             watcher.close()
         agents.close()
+    return samples
 
 
 def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
@@ -440,10 +511,13 @@ def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
             httpds.start(f"b{j}")
         httpds.start("probe")
         setup = Setup(etcd, httpds, work, report, args)
+        mark = report.mark()
+        samples: dict[str, Any] = {}
         for size in sizes:
             for wait in waits:
                 say(f"scale: {size} services x {args.instances}, wait {wait}")
-                measure(setup, size, wait)
+                samples[f"{size}x{args.instances} {wait}"] = measure(setup, size, wait)
+        report.save("scale", "etcd", mark, samples)
     finally:
         httpds.close()
         etcd.stop()
