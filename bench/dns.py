@@ -31,14 +31,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from common import machine, started, write_result  # noqa: E402
 
 from discovery.model import Instance  # noqa: E402
 from tests.harness.util import free_port  # noqa: E402
@@ -72,6 +76,25 @@ def expected(records: list[Instance], name: str, qtype: str) -> set[str]:
     return {f"1 100 {r.port} {r.node}.node.{DOMAIN}." for r in mine}
 
 
+#: what each --workloads name asks, and of what zone (see the module docstring)
+WORKLOADS = ("hot", "distinct", "nx", "churn")
+CHURN_SERVICE = "svc0"  # the service whose instance comes and goes in the churn workload
+COREDNS_REFERENCE_QPS = 33_700  # published figure, 2 vCPU; cited, not measured here
+
+
+def query_names(workload: str, services: int, distinct: int) -> list[str]:
+    """The services (or missing names) a workload's query file asks for."""
+    if workload == "distinct":
+        return [f"svc{s}" for s in range(distinct)]
+    if workload == "nx":
+        return [f"nx{s}" for s in range(distinct)]
+    return [f"svc{s}" for s in range(services)]
+
+
+def zone_size(args: argparse.Namespace, workload: str) -> int:
+    return args.distinct if workload == "distinct" else args.services
+
+
 def qname(service: str, qtype: str) -> str:
     return f"{service}.service.{DOMAIN}" if qtype == "A" else f"_{service}._tcp.service.{DOMAIN}"
 
@@ -102,6 +125,9 @@ def serve(args: argparse.Namespace) -> int:
 
     server = DnsServer(catalog, port=args.port, udp_threads=args.udp_threads,
                        on_query=hook).start()
+    if args.changes_per_s:
+        threading.Thread(target=churn_catalog, args=(catalog, args.changes_per_s),
+                         daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print("ready", flush=True)
     try:
@@ -111,10 +137,53 @@ def serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
-def start_ours(args: argparse.Namespace, port: int, work: Path) -> subprocess.Popen[str]:
+def churn_instance() -> Instance:
+    return Instance(service=CHURN_SERVICE, id="churn:000000000000:80", node="churn",
+                    address="127.255.255.1", port=8999, weight=100)
+
+
+def churn_catalog(catalog: Any, per_s: int) -> None:
+    """Put / delete :func:`churn_instance` ``per_s`` times a second (a registry change each)."""
+    from discovery.registry import Change
+
+    inst = churn_instance()
+    period, k = 1.0 / per_s, 0
+    nxt = time.monotonic()
+    while True:
+        k += 1
+        catalog.apply(Change("put", inst.key, inst) if k % 2 else Change("delete", inst.key))
+        nxt += period
+        time.sleep(max(0.0, nxt - time.monotonic()))
+
+
+def churn_dnsmasq(proc: subprocess.Popen[str], hosts: Path, per_s: int,
+                  stop_at: threading.Event) -> int:
+    """The same change for dnsmasq: rewrite its hosts file with / without the churn instance
+    and SIGHUP it (dnsmasq re-reads addn-hosts on SIGHUP), ``per_s`` times a second."""
+    base = hosts.read_text()
+    inst = churn_instance()
+    extra = f"{inst.address} {inst.service}.service.{DOMAIN} {inst.node}.node.{DOMAIN}\n"
+    period, k = 1.0 / per_s, 0
+    nxt = time.monotonic()
+    while not stop_at.is_set() and proc.poll() is None:
+        k += 1
+        tmp = hosts.with_suffix(".tmp")
+        tmp.write_text(base + extra if k % 2 else base)
+        tmp.chmod(0o644)
+        tmp.replace(hosts)
+        proc.send_signal(signal.SIGHUP)
+        nxt += period
+        stop_at.wait(max(0.0, nxt - time.monotonic()))
+    hosts.write_text(base)
+    return k
+
+
+def start_ours(args: argparse.Namespace, port: int, work: Path, services: int,
+               changes_per_s: int = 0) -> subprocess.Popen[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port),
-           "--services", str(args.services), "--instances", str(args.instances),
-           "--udp-threads", str(args.udp_threads)] + (["--metrics"] if args.metrics else [])
+           "--services", str(services), "--instances", str(args.instances),
+           "--udp-threads", str(args.udp_threads),
+           "--changes-per-s", str(changes_per_s)] + (["--metrics"] if args.metrics else [])
     with open(work / "ours.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
@@ -131,12 +200,14 @@ def start_dnsmasq(args: argparse.Namespace, port: int, work: Path,
     hosts.write_text("\n".join(lines) + "\n")
     work.chmod(0o755)  # dnsmasq reads it after dropping to nobody
     hosts.chmod(0o644)
-    cmd = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+    srv = work / "srv.conf"
+    srv.write_text("".join(f"srv-host=_{r.service}._tcp.service.{DOMAIN},{r.node}.node.{DOMAIN},"
+                           f"{r.port},1,{r.weight}\n" for r in records))
+    srv.chmod(0o644)
+    cmd = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", f"--conf-file={srv}",
            f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
            f"--addn-hosts={hosts}", f"--local=/{DOMAIN}/", "--local-ttl=0", "--pid-file=",
            f"--log-facility={work / 'dnsmasq.log'}"]
-    cmd += [f"--srv-host=_{r.service}._tcp.service.{DOMAIN},{r.node}.node.{DOMAIN},{r.port},1,"
-            f"{r.weight}" for r in records]
     (work / "dnsmasq.cmd").write_text(shlex.join(cmd) + "\n")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
@@ -175,15 +246,54 @@ def dig(port: int, name: str, qtype: str) -> set[str]:
     return set(out.stdout.split("\n")) - {""}
 
 
-def check(port: int, records: list[Instance], qtype: str, services: Sequence[str]) -> list[str]:
-    """Ask every sampled name with dig; the mismatches."""
-    bad = []
+def dig_sections(port: int, name: str, qtype: str) -> tuple[str, set[str], set[str]]:
+    """(rcode, answer records, additional records) as ``name type data``, TTLs left out."""
+    out = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+noall", "+comments",
+                          "+answer", "+additional", "+time=2", "+tries=2", name, qtype],
+                         capture_output=True, text=True, timeout=30).stdout
+    rcode = (re.search(r"status: ([A-Z]+)", out) or re.search("()", "")).group(1) or "?"
+    sections: dict[str, set[str]] = {"ANSWER": set(), "ADDITIONAL": set()}
+    current = ""
+    for line in out.splitlines():
+        head = re.match(r";; (\w+) SECTION:", line)
+        if head:
+            current = head.group(1)
+        elif line and not line.startswith(";") and current in sections:
+            f = line.split()
+            if len(f) >= 5 and f[3] != "OPT":
+                sections[current].add(" ".join([f[0].lower(), f[3], *f[4:]]))
+    return rcode, sections["ANSWER"], sections["ADDITIONAL"]
+
+
+def expected_additional(records: list[Instance], name: str, qtype: str) -> set[str]:
+    """For SRV: an A record for each target."""
+    svc = name.split(".")[0].lstrip("_")
+    if qtype != "SRV":
+        return set()
+    return {f"{r.node}.node.{DOMAIN}. A {r.address}" for r in records if r.service == svc}
+
+
+def check(port: int, records: list[Instance], qtype: str, services: Sequence[str],
+          *, nx: bool = False) -> tuple[list[str], list[str]]:
+    """Ask every sampled name with dig: (answer mismatches, additional-section mismatches)."""
+    bad: list[str] = []
+    extra: list[str] = []
     for svc in services:
         name = qname(svc, qtype)
+        if nx:
+            rcode, _, _ = dig_sections(port, name, qtype)
+            if rcode != "NXDOMAIN":
+                bad.append(f"{name} {qtype}: rcode {rcode}, want NXDOMAIN")
+            continue
         got, want = dig(port, name, qtype), expected(records, name, qtype)
         if got != want:
             bad.append(f"{name} {qtype}: got {sorted(got)}, want {sorted(want)}")
-    return bad
+        _, _, additional = dig_sections(port, name, qtype)
+        want_add = expected_additional(records, name, qtype)
+        if additional != want_add:
+            extra.append(f"{name} {qtype}: additional {sorted(additional)}, want "
+                         f"{sorted(want_add)}")
+    return bad, extra
 
 
 def dnsperf(args: argparse.Namespace, port: int, queries: Path) -> dict[str, object]:
@@ -208,83 +318,125 @@ def dnsperf(args: argparse.Namespace, port: int, queries: Path) -> dict[str, obj
 
 
 def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    records = zone(args.services, args.instances)
-    names = sorted({r.service for r in records})
-    sample = names if len(names) <= args.check else names[:: max(1, len(names) // args.check)]
     rows = []
-    for qtype in args.qtypes:
-        queries = work / f"queries-{qtype}.txt"
-        queries.write_text("".join(f"{qname(s, qtype)} {qtype}\n" for s in names))
-        for rnd in range(1, args.rounds + 1):
-            for server in ("discovery", "dnsmasq"):
-                port = free_port()
-                proc = (start_ours(args, port, work) if server == "discovery"
-                        else start_dnsmasq(args, port, work, records))
-                spy = None
-                try:
-                    bad = check(port, records, qtype, sample)
-                    if args.py_spy and server == "discovery":
-                        spy = subprocess.Popen([args.py_spy, "record", "-p", str(proc.pid),
-                                                "-f", "speedscope", "-o",
-                                                str(work / f"py-spy-{qtype}-{rnd}.json")],
-                                               stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL)
-                    cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-                    perf = dnsperf(args, port, queries)
-                    cpu1, wall = cpu_seconds(proc.pid), time.monotonic() - t0
-                    bad += check(port, records, qtype, sample)
-                finally:
-                    if spy is not None:
-                        spy.send_signal(signal.SIGINT)
-                        spy.wait(30)
-                    stop(proc)
-                rcodes = perf["rcodes"]
-                assert isinstance(rcodes, dict)
-                correct = not bad and set(rcodes) == {"NOERROR"}
-                user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-                done = max(1, int(perf["completed"]))  # type: ignore[call-overload]
-                row = {"server": server, "qtype": qtype, "round": rnd, **perf,
-                       "server_cpu_pct": round((user + system) / wall * 100),
-                       "server_us_per_query": {"user": round(user / done * 1e6, 2),
-                                               "sys": round(system / done * 1e6, 2)},
-                       "checked_names": len(sample) * 2,
-                       "correct": correct, "mismatches": bad[:5]}
-                print(json.dumps(row), flush=True)
-                say(f"{qtype} round {rnd} {server}: {perf['qps']} qps, lost {perf['lost']}, "
-                    f"cpu {row['server_cpu_pct']}%, correct {correct}")
-                rows.append(row)
+    for workload in args.workloads:
+        n_services = zone_size(args, workload)
+        records = zone(n_services, args.instances)
+        names = query_names(workload, args.services, args.distinct)
+        nx = workload == "nx"
+        checkable = [n for n in names if not (workload == "churn" and n == CHURN_SERVICE)]
+        sample = checkable[:: max(1, len(checkable) // args.check)][: args.check]
+        per_s = args.changes_per_s if workload == "churn" else 0
+        for qtype in args.qtypes:
+            queries = work / f"queries-{workload}-{qtype}.txt"
+            queries.write_text("".join(f"{qname(s, qtype)} {qtype}\n" for s in names))
+            for rnd in range(1, args.rounds + 1):
+                for server in ("discovery", "dnsmasq"):
+                    rows.append(one_run(args, work, server, workload, qtype, rnd, records,
+                                        queries, sample, nx=nx, per_s=per_s,
+                                        services=n_services))
     return rows
 
 
-def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[str, bool]:
-    lines = ["| query | discovery qps (median) | dnsmasq qps (median) | ratio (worst round) | "
-             "lost (discovery / dnsmasq) | answers correct | CPU µs/query user+sys (discovery / "
-             "dnsmasq) |", "|---|---|---|---|---|---|---|"]
+def one_run(args: argparse.Namespace, work: Path, server: str, workload: str, qtype: str,
+            rnd: int, records: list[Instance], queries: Path, sample: list[str], *, nx: bool,
+            per_s: int, services: int) -> dict[str, Any]:
+    port = free_port()
+    proc = (start_ours(args, port, work, services, per_s) if server == "discovery"
+            else start_dnsmasq(args, port, work, records))
+    spy = None
+    stop_churn = threading.Event()
+    churner: threading.Thread | None = None
+    try:
+        bad, extra = check(port, records, qtype, sample, nx=nx)
+        if per_s and server == "dnsmasq":
+            churner = threading.Thread(target=churn_dnsmasq, daemon=True,
+                                       args=(proc, work / "hosts", per_s, stop_churn))
+            churner.start()
+        if args.py_spy and server == "discovery":
+            spy = subprocess.Popen([args.py_spy, "record", "-p", str(proc.pid), "-f",
+                                    "speedscope", "-o", str(work / f"py-spy-{qtype}-{rnd}.json")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        perf = dnsperf(args, port, queries)
+        cpu1, wall = cpu_seconds(proc.pid), time.monotonic() - t0
+        stop_churn.set()
+        if churner is not None:
+            churner.join(5)
+        b2, e2 = check(port, records, qtype, sample, nx=nx)
+        bad, extra = bad + b2, extra + e2
+    finally:
+        stop_churn.set()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        stop(proc)
+    rcodes = perf["rcodes"]
+    assert isinstance(rcodes, dict)
+    correct = not bad and set(rcodes) == ({"NXDOMAIN"} if nx else {"NOERROR"})
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    done = max(1, int(perf["completed"]))  # type: ignore[call-overload]
+    row = {"server": server, "workload": workload, "qtype": qtype, "round": rnd, **perf,
+           "zone_services": services, "query_names": sum(1 for _ in queries.open()),
+           "changes_per_s": per_s, "server_cpu_pct": round((user + system) / wall * 100),
+           "server_us_per_query": {"user": round(user / done * 1e6, 2),
+                                   "sys": round(system / done * 1e6, 2)},
+           "checked_names": len(sample) * 2, "correct": correct,
+           "additional_correct": not extra, "mismatches": bad[:5],
+           "additional_mismatches": extra[:5]}
+    print(json.dumps(row), flush=True)
+    say(f"{workload} {qtype} round {rnd} {server}: {perf['qps']} qps, lost {perf['lost']}, "
+        f"cpu {row['server_cpu_pct']}%, correct {correct}, additional {not extra}")
+    return row
+
+
+def summarize(args: argparse.Namespace,
+              rows: list[dict[str, Any]]) -> tuple[str, bool, list[dict[str, Any]]]:
+    lines = ["| workload | query | discovery qps (median) | dnsmasq qps (median) | ratio (worst "
+             "round) | lost (discovery / dnsmasq) | answers correct | additional section "
+             "correct (discovery / dnsmasq) | CPU µs/query user+sys (discovery / dnsmasq) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ok = True
-    for qtype in args.qtypes:
-        def pick(server: str, key: str, qt: str = qtype) -> list[int]:
-            return [int(r[key]) for r in rows
-                    if r["server"] == server and r["qtype"] == qt]
-        ours, theirs = statistics.median(pick("discovery", "qps")), \
-            statistics.median(pick("dnsmasq", "qps"))
-        ratio = ours / theirs if theirs else 0.0
-        pairs = [a / b for a, b in zip(pick("discovery", "qps"), pick("dnsmasq", "qps"),
-                                       strict=True) if b]
-        lost = (sum(pick("discovery", "lost")), sum(pick("dnsmasq", "lost")))
-        correct = all(r["correct"] for r in rows if r["qtype"] == qtype)
-        cpu = " / ".join(_cpu(rows, server, qtype) for server in ("discovery", "dnsmasq"))
-        runs = ", ".join(str(q) for q in pick("discovery", "qps"))
-        them = ", ".join(str(q) for q in pick("dnsmasq", "qps"))
-        lines.append(f"| {qtype} | {ours:.0f} ({runs}) | {theirs:.0f} ({them}) | {ratio:.2f} "
-                     f"({min(pairs, default=0):.2f}) | "
-                     f"{lost[0]} / {lost[1]} | {'yes' if correct else 'NO'} | {cpu} |")
-        if qtype == "A":
-            ok = ratio >= args.target and lost[0] == 0 and correct
-    return "\n".join(lines), ok
+    table: list[dict[str, Any]] = []
+    for workload in args.workloads:
+        for qtype in args.qtypes:
+            mine = [r for r in rows if r["qtype"] == qtype and r["workload"] == workload]
+
+            def pick(server: str, key: str, sel: list[dict[str, Any]] = mine) -> list[int]:
+                return [int(r[key]) for r in sel if r["server"] == server]
+
+            ours_q, theirs_q = pick("discovery", "qps"), pick("dnsmasq", "qps")
+            if not ours_q or not theirs_q:
+                continue
+            ours, theirs = statistics.median(ours_q), statistics.median(theirs_q)
+            ratio = ours / theirs if theirs else 0.0
+            pairs = [a / b for a, b in zip(ours_q, theirs_q, strict=True) if b]
+            lost = (sum(pick("discovery", "lost")), sum(pick("dnsmasq", "lost")))
+            correct = all(r["correct"] for r in mine)
+            add = tuple(all(r["additional_correct"] for r in mine if r["server"] == srv)
+                        for srv in ("discovery", "dnsmasq"))
+            cpu = " / ".join(_cpu(mine, server) for server in ("discovery", "dnsmasq"))
+            table.append({"workload": workload, "qtype": qtype, "discovery_qps": ours,
+                          "dnsmasq_qps": theirs, "ratio": round(ratio, 2),
+                          "worst_ratio": round(min(pairs, default=0), 2),
+                          "discovery_rounds": ours_q, "dnsmasq_rounds": theirs_q,
+                          "lost": list(lost), "correct": correct,
+                          "additional_correct": list(add), "cpu_us_per_query": cpu,
+                          "changes_per_s": mine[0]["changes_per_s"],
+                          "query_names": mine[0]["query_names"]})
+            yn = {True: "yes", False: "NO"}
+            lines.append(
+                f"| {workload} | {qtype} | {ours:.0f} ({', '.join(map(str, ours_q))}) | "
+                f"{theirs:.0f} ({', '.join(map(str, theirs_q))}) | {ratio:.2f} "
+                f"({min(pairs, default=0):.2f}) | {lost[0]} / {lost[1]} | {yn[correct]} | "
+                f"{yn[add[0]]} / {yn[add[1]]} | {cpu} |")
+            if qtype == "A" and workload == "hot":
+                ok = ratio >= args.target and lost[0] == 0 and correct
+    return "\n".join(lines), ok, table
 
 
-def _cpu(rows: list[dict[str, Any]], server: str, qtype: str) -> str:
-    mine = [r["server_us_per_query"] for r in rows if r["server"] == server and r["qtype"] == qtype]
+def _cpu(rows: list[dict[str, Any]], server: str) -> str:
+    mine = [r["server_us_per_query"] for r in rows if r["server"] == server]
     user = statistics.median(c["user"] for c in mine)
     system = statistics.median(c["sys"] for c in mine)
     return f"{user:.1f}+{system:.1f}"
@@ -338,6 +490,15 @@ Target (A): discovery >= {args.target:.0%} of dnsmasq's qps, 0 lost, answers cor
     say(f"wrote the ## DNS section of {DOCS}")
 
 
+def _first_line(argv: list[str], prefix: str = "") -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    except OSError:
+        return None
+    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(prefix)]
+    return lines[0] if lines else None
+
+
 def ensure_tools() -> bool:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if not missing:
@@ -365,7 +526,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="ours/dnsmasq pairs per query type")
     p.add_argument("--qtypes", type=lambda s: s.split(","), default=["A", "SRV"],
                    help="A and/or SRV, comma-separated")
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS),
+                   help="hot: --services names, static catalog (the cached path); distinct: "
+                        "--distinct services, each name asked once per pass; nx: --distinct "
+                        "names that do not exist; churn: hot while the catalog changes "
+                        "--changes-per-s times a second")
     p.add_argument("--services", type=int, default=50)
+    p.add_argument("--distinct", type=int, default=5000, help="names for distinct / nx")
+    p.add_argument("--changes-per-s", type=int, default=100, help="catalog changes (churn)")
     p.add_argument("--instances", type=int, default=3, help="per service")
     p.add_argument("--udp-threads", type=int, default=1, help="our DnsServer(udp_threads=)")
     p.add_argument("--metrics", action="store_true",
@@ -378,6 +546,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not set(args.workloads) <= set(WORKLOADS) or not 1 <= args.distinct <= 20000 or \
+            not 0 <= args.changes_per_s <= 1000:
+        p.error(f"--workloads from {','.join(WORKLOADS)}; --distinct 1..20000; "
+                "--changes-per-s 0..1000")
     if not set(args.qtypes) <= {"A", "SRV"} or not 1 <= args.services <= 10000 or \
             not 1 <= args.instances <= 50 or not 1 <= args.duration <= 600 or \
             not 1 <= args.rounds <= 20:
@@ -407,6 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    started_at, machine_info = started(), machine()
+    machine_info["dnsmasq"] = _first_line(["dnsmasq", "--version"])
+    machine_info["dnsperf"] = _first_line(["dnsperf", "-h"], "Version")
     try:
         with workdir(args.keep) as work:
             rows = run(args, work)
@@ -416,8 +591,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         say(f"could not measure: {exc}")
         return 2
-    table, ok = summarize(args, rows)
+    table, ok, summary = summarize(args, rows)
     print(table)
+    path = write_result("dns", "none", started_at=started_at, machine_info=machine_info,
+                        summary={"rows": summary, "target_met": ok,
+                                 "coredns_reference_qps": COREDNS_REFERENCE_QPS},
+                        samples=rows, argv=["bench/dns.py", *argv])
+    say(f"raw result: {path}")
     if args.write_docs:
         write_docs(args, table, ok, [a for a in argv if a != "--write-docs"])
     return 0 if ok else 1
