@@ -36,26 +36,29 @@ class Lookups:
 
 def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
+                  dns_udp_answer_limit: int = 3,
                   extra_health: Health | None = None, maint: Maint | None = None,
                   checks: Checks | None = None, token: str | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started).
     ``token``: what HTTP writes must present (None: writes are refused)."""
-    from discovery.lookup.dns import DnsServer
-    from discovery.lookup.dns import parse_listen as dns_listen
-    from discovery.lookup.http import HttpApi
-    from discovery.lookup.http import parse_listen as http_listen
-    from discovery.lookup.status import watcher_health
-
     out = Lookups()
     try:
-        if dns:
+        if dns:  # imported only when asked for: an HTTP-only watcher never loads DNS code
+            from discovery.lookup.dns import DnsServer
+            from discovery.lookup.dns import parse_listen as dns_listen
+
             bind, port = dns_listen(dns)
             server = DnsServer(watcher.catalog, bind, port, domain=domain, ttl=ttl,
-                               on_query=metrics.dns_query).start()
+                               on_query=metrics.dns_query,
+                               udp_answer_limit=dns_udp_answer_limit).start()
             out.started.append(server)
             out.dns_port = server.port
             log.info("DNS on %s:%d for domain %s", bind, server.port, domain)
         if http:
+            from discovery.lookup.http import HttpApi
+            from discovery.lookup.http import parse_listen as http_listen
+            from discovery.lookup.status import watcher_health
+
             bind, port = http_listen(http)
             base = watcher_health(watcher)
 

@@ -58,10 +58,12 @@ def api(catalog: Catalog, components: dict[str, dict[str, Any]]) -> Iterator[Htt
 
 
 def get(api: HttpApi, path: str, method: str = "GET", timeout: float = 15,
-        body: bytes | None = None) -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=timeout)
+        body: bytes | None = None, headers: dict[str, str] | None = None,
+        source: str = "127.0.0.1") -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=timeout,
+                                      source_address=(source, 0))
     try:
-        conn.request(method, path, body=body)
+        conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -356,3 +358,35 @@ def test_health_builders(catalog: Catalog) -> None:
     assert health["docker"]["ok"] is True and health["registry"]["ok"] is False
     assert set(agent_health(agent, "agent_")()) == {"agent_docker", "agent_registry"}
     assert set(watcher_health(watcher, "w_")()) == {"w_registry", "w_catalog", "w_haproxy"}
+
+
+def test_foreign_host_is_421_and_ip_or_localhost_is_served(api: HttpApi) -> None:
+    for host in ("evil.example.com", "evil.example.com:8500", "127.0.0.1.nip.io",
+                 "localhost.evil.com", "[::1]x"):
+        status, _, data = get_json(api, "/v1/services", headers={"Host": host})
+        assert status == 421 and "rebinding" in data["error"], host
+    for host in ("127.0.0.1", f"127.0.0.1:{api.port}", "localhost", f"LOCALHOST:{api.port}",
+                 "[::1]:8500", "10.1.2.3:80"):
+        assert get(api, "/v1/services", headers={"Host": host})[0] == 200, host
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("index=%C2%B2", "index"), ("index=%D9%A3", "index"), ("index=1&wait=%EF%BC%95s", "wait"),
+])
+def test_non_ascii_digits_are_400_naming_the_parameter(api: HttpApi, query: str,
+                                                       param: str) -> None:
+    status, _, data = get_json(api, f"/v1/services?{query}")
+    assert status == 400 and data["param"] == param, data
+
+
+def test_non_finite_values_are_null_not_nan(catalog: Catalog) -> None:
+    components = {"haproxy": {"ok": True, "last_reload": float("nan"),
+                              "reloads": [float("inf"), 1.5]}}
+    server = HttpApi(catalog, lambda: components, None, port=0).start()
+    try:
+        status, _, body = get(server, "/v1/health")
+        assert status == 200 and b"NaN" not in body and b"Infinity" not in body
+        haproxy = json.loads(body)["components"]["haproxy"]
+        assert haproxy["last_reload"] is None and haproxy["reloads"] == [None, 1.5]
+    finally:
+        server.stop()

@@ -82,9 +82,12 @@ def test_up_without_registry_or_dev_is_one_clear_error(tmp_path: Path):
 def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
     web = f"m{uuid.uuid4().hex[:8]}"
     listen, dns_port, http_port = free_port(), free_port(), free_port()
+    token = tmp_path / "http-token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
     proc = DiscoveryProcess(["up", "--dev", "--service", f"{web}:{listen}",
-                             "--dns", f"127.0.0.1:{dns_port}", "--http", f"127.0.0.1:{http_port}"],
-                            "up", tmp_path).start()
+                             "--dns", f"127.0.0.1:{dns_port}", "--http", f"127.0.0.1:{http_port}",
+                             "--http-token-file", str(token)], "up", tmp_path).start()
     agents.append(proc)
     wait_for(lambda: get_json(http_port, "/v1/health"), 30, message="the HTTP API")
     for n in (1, 2):
@@ -99,7 +102,8 @@ def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
 
     def maint(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "discovery", "maint", *args,
-                               "--agent", f"127.0.0.1:{http_port}"], capture_output=True,
+                               "--agent", f"127.0.0.1:{http_port}",
+                               "--http-token-file", str(token)], capture_output=True,
                               text=True, timeout=30, check=False, cwd=REPO_ROOT)
 
     out = maint(victim["id"], "on")
