@@ -21,10 +21,14 @@ test: setup lint
 demo: setup
 	$(PY) scripts/demo.py
 
+# bench: the registration and routing benchmarks (bench/README.md), about 10 minutes; each
+# writes its raw results to bench/results/, then the tables of docs/benchmarks.md are
+# regenerated from them. The DNS benchmark is run apart: .venv/bin/python bench/dns.py
 bench: export DISCOVERY_BENCH := 1
 bench: setup
 	$(PY) bench/registration.py
 	$(PY) bench/routing.py
+	$(PY) scripts/gen_benchmarks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

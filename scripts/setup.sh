@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils debootstrap docker-compose)
 if [ "${DISCOVERY_BENCH:-}" = 1 ]; then
-  PKGS+=(wrk hey)  # load generators, for `make bench` only (bench/routing.py)
+  PKGS+=(wrk hey dnsperf dnsmasq-base)  # load generators and the DNS baseline, for bench/ only
 fi
 missing=()
 for p in "${PKGS[@]}"; do

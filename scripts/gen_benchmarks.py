@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Write the tables of docs/benchmarks.md from the raw results in bench/results/*.json.
+
+    .venv/bin/python scripts/gen_benchmarks.py           # rewrite the generated tables
+    .venv/bin/python scripts/gen_benchmarks.py --check   # exit 1 if one is out of date
+
+Every table of the page sits between ``<!-- generated: NAME -->`` and ``<!-- end generated
+-->``; this script rewrites what is between the markers and leaves the prose around them
+alone. Each NAME is a function of :data:`TABLES`, fed by the result files it names (written
+by ``bench/common.py:write_result``). A table whose results are missing says so instead of
+showing figures. ``tests/unit/test_benchmarks_doc.py`` fails when the page is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+COMMAND = ".venv/bin/python scripts/gen_benchmarks.py"
+MARKER = re.compile(r"(<!-- generated: ([a-z0-9-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
+
+Result = dict[str, Any]
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def load(results: Path = RESULTS) -> dict[str, Result]:
+    """Every result file by its stem (``<bench>-<backend>``)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+# ---- formatting ---------------------------------------------------------------------------
+
+
+def num(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v.is_integer() and abs(v) >= 100:
+            return f"{int(v):,}"
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def verdict(v: Any) -> str:
+    return {True: "**pass**", False: "**miss**", None: "—"}.get(v, str(v))
+
+
+def table(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    head = list(head)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def missing(*names: str) -> str:
+    return f"_No result committed for {', '.join(f'`bench/results/{n}.json`' for n in names)}._"
+
+
+def rows_of(res: Result | None, **match: Any) -> list[dict[str, Any]]:
+    if res is None:
+        return []
+    return [r for r in res["summary"].get("rows", [])
+            if all(r.get(k) == v for k, v in match.items())]
+
+
+# ---- the tables ---------------------------------------------------------------------------
+
+
+def t_runs(results: dict[str, Result]) -> str:
+    """One line per result file: when, on what load, from which commit, with which command."""
+    if not results:
+        return missing("*")
+    out = []
+    for stem, r in results.items():
+        m = r.get("machine", {})
+        load = m.get("loadavg_at_start") or []
+        out.append([f"`{stem}`", r.get("started_utc", "—"), num(r.get("wall_s"), 0) + " s",
+                    " / ".join(f"{x:.1f}" for x in load) or "—", m.get("cpus", "—"),
+                    f"`{(m.get('commit') or '—')[:7]}`", f"`{r.get('command', '?')}`"])
+    return table(["result", "started (UTC)", "took", "load avg 1/5/15 min at start", "cpus",
+                  "commit", "command"], out)
+
+
+def t_registration(results: dict[str, Result]) -> str:
+    out = []
+    for backend in ("etcd", "zk"):
+        res = results.get(f"registration-{backend}")
+        for r in rows_of(res):
+            if "p50_ms" not in r:
+                continue
+            out.append([backend, r["metric"].replace("_", " "), f"{r['n']} / {r['expected']}",
+                        num(r["p50_ms"]), num(r["p99_ms"]), num(r["max_ms"]),
+                        num(r.get("host_cpu_busy_pct"), 0) + " %", r.get("target") or "—",
+                        verdict(r.get("pass"))])
+    if not out:
+        return missing("registration-etcd", "registration-zk")
+    return table(["backend", "metric", "n / expected", "p50 ms", "p99 ms", "max ms",
+                  "host busy", "target", "result"], out)
+
+
+def t_footprint(results: dict[str, Result]) -> str:
+    out = []
+    for backend in ("etcd", "zk"):
+        res = results.get(f"registration-{backend}")
+        rss = rows_of(res, metric="agent_rss")
+        cpu = rows_of(res, metric="agent_idle_cpu")
+        if not rss:
+            continue
+        r, c = rss[0], (cpu[0] if cpu else {})
+        out.append([backend, f"{r['n']} / {r['expected']}", r.get("check", "—"),
+                    f"{num(r['rss_mib'])} MiB ({num(r['rss_mb'])} MB)",
+                    f"{num(r['rss_empty_mib'])} MiB",
+                    f"{num(r['rss_anon_mib'])} / {num(r['rss_file_mib'])} MiB",
+                    f"{num(r['pss_mib'])} MiB", r.get("threads", "—"),
+                    f"{num(c.get('cpu_pct_of_one_core'), 2)} %",
+                    num(r.get("host_cpu_busy_pct"), 0) + " %", verdict(r.get("pass"))])
+    if not out:
+        return missing("registration-etcd", "registration-zk")
+    return table(["backend", "containers registered", "check", "RSS (max over the window)",
+                  "RSS empty", "anon / file", "PSS", "threads", "idle CPU (of one core)",
+                  "host busy", "RSS ≤ 60 MiB"], out)
+
+
+def t_propagation(results: dict[str, Result]) -> str:
+    out = []
+    for backend in ("etcd", "zk"):
+        for r in rows_of(results.get(f"propagation-{backend}")):
+            out.append([backend, r["name"].replace("_", " "), f"{r['n']} / {r['expected']}",
+                        num(r["p50_ms"]), num(r["p99_ms"]), num(r["max_ms"]),
+                        f"{num(r.get('split_agent_p50_ms'))} / {num(r.get('split_agent_p99_ms'))}",
+                        f"{num(r.get('split_watcher_p50_ms'))} / "
+                        f"{num(r.get('split_watcher_p99_ms'))}",
+                        r.get("watcher_wait", "—"), num(r.get("host_cpu_busy_pct"), 0) + " %",
+                        r.get("target") or "—", verdict(r.get("pass"))])
+    if not out:
+        return missing("propagation-etcd", "propagation-zk")
+    return table(["backend", "metric", "n / expected", "p50 ms", "p99 ms", "max ms",
+                  "agent p50 / p99", "watcher p50 / p99", "window", "host busy", "target",
+                  "result"], out)
+
+
+def t_churn(results: dict[str, Result]) -> str:
+    out = []
+    for load in ("keep-alive", "close"):
+        for r in rows_of(results.get(f"churn-{load}-etcd")):
+            mode = ("runtime API (`discovery watch`)" if r["mode"] == "runtime-api"
+                    else f"reload per change (tuning `{r.get('baseline_tuning')}`)")
+            errs = r.get("wrk_errors", {})
+            out.append([load, mode, num(r["n"]), f"**{num(r['lost'])}**",
+                        num(r.get("bad_status")), num(errs.get("read")),
+                        num(r.get("haproxy_reloads")), num(r["p50_ms"]), num(r["p99_ms"]),
+                        num(r["max_ms"]), num(r.get("cpu_ms_per_change")),
+                        f"{num(r.get('old_workers_peak'))} / "
+                        f"{num(r.get('old_workers_peak_rss_mib'))} MiB",
+                        num(r.get("host_cpu_busy_pct"), 0) + " %", verdict(r.get("pass"))])
+    if not out:
+        return missing("churn-keep-alive-etcd", "churn-close-etcd")
+    return table(["client", "router", "answered", "lost", "4xx/5xx", "wrk read errors",
+                  "reloads", "p50 ms", "p99 ms", "max ms", "CPU ms per change",
+                  "old workers peak / their RSS", "host busy", "0 lost of ≥ 20,000"], out)
+
+
+def t_churn_tcp(results: dict[str, Result]) -> str:
+    out = []
+    for load in ("keep-alive", "close"):
+        rows = rows_of(results.get(f"churn-{load}-etcd"))
+        if not rows:
+            continue
+        r = rows[0]
+        q = r.get("accept_queues", {})
+        qs = "; ".join(f"{k}: {v['max_recv_q']} of {v['backlog']}" for k, v in sorted(q.items()))
+        out.append([load, num(r.get("churn_seconds")) + " s", num(r.get("tcp_listen_overflows")),
+                    num(r.get("tcp_listen_drops")), num(r.get("tcp_syn_retrans")),
+                    num(r.get("tcp_retrans_segs")), qs or "—"])
+    if not out:
+        return missing("churn-keep-alive-etcd", "churn-close-etcd")
+    return table(["client", "churn took", "TcpExtListenOverflows", "TcpExtListenDrops",
+                  "TcpExtTCPSynRetrans", "TcpRetransSegs",
+                  "accept queue peak (Recv-Q of backlog, `ss -ltn` every 250 ms)"], out)
+
+
+def t_scale(results: dict[str, Result]) -> str:
+    res = results.get("scale-etcd")
+    if res is None:
+        return missing("scale-etcd")
+    runs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in rows_of(res):
+        runs.setdefault((r["size"], r["wait"]), {})[r["name"]] = r
+    out = []
+    for (size, wait), m in runs.items():
+        first = m.get("scale_first_valid_config", {})
+        add, rem = m.get("scale_apply_add", {}), m.get("scale_apply_remove", {})
+        bulk, rss = m.get("scale_bulk_change"), m.get("scale_watcher_rss", {})
+        out.append([size.replace("x", f" {TIMES} "), wait, f"{num(first.get('value'))} ms",
+                    f"{num(add.get('p50_ms'))} / {num(add.get('p99_ms'))}",
+                    f"{num(rem.get('p50_ms'))} / {num(rem.get('p99_ms'))}",
+                    (f"{num(bulk['applied_ms'])} ms ({num(bulk['servers_before'])} servers, "
+                     f"{bulk['haproxy_reloads']} reloads)") if bulk else "—",
+                    f"{num(rss.get('value'))} / {num(rss.get('hwm_mb'))} MB",
+                    f"{num(rss.get('haproxy_rss_mib'))} MiB",
+                    num(first.get("host_cpu_busy_pct"), 0) + " %"])
+    return table(["size", "window", "first valid config", "add p50 / p99 ms",
+                  "remove p50 / p99 ms", "bulk change (a host's lease revoked)",
+                  "watcher RSS / peak", "HAProxy RSS (master + workers)", "host busy"], out)
+
+
+def t_scale_targets(results: dict[str, Result]) -> str:
+    res = results.get("scale-etcd")
+    if res is None:
+        return missing("scale-etcd")
+    out = []
+    for r in rows_of(res):
+        if r.get("pass") is None:
+            continue
+        what = {"scale_first_valid_config": "first valid config",
+                "scale_apply_add": "apply one change (add), p99",
+                "scale_apply_remove": "apply one change (remove), p99",
+                "scale_bulk_change": "bulk change applied, no reload",
+                "scale_watcher_rss": "watcher peak RSS"}.get(r["name"], r["name"])
+        value = r.get("value") if "value" in r else r.get("p99_ms")
+        out.append([f"{r['size'].replace('x', f' {TIMES} ')}, {r['wait']}", what,
+                    f"{num(value)} {r.get('unit', 'ms')}", r.get("target") or "—",
+                    verdict(r["pass"])])
+    return table(["run", "metric", "measured", "target", "result"], out)
+
+
+def t_dns(results: dict[str, Result]) -> str:
+    res = results.get("dns-none")
+    if res is None:
+        return missing("dns-none")
+    out = []
+    for r in res["summary"]["rows"]:
+        rounds = ", ".join(num(q) for q in r["discovery_rounds"])
+        theirs = ", ".join(num(q) for q in r["dnsmasq_rounds"])
+        add = " / ".join("yes" if x else "NO" for x in r["additional_correct"])
+        out.append([r["workload"], r["qtype"], num(r["query_names"]),
+                    num(r.get("changes_per_s")), f"{num(r['discovery_qps'])} ({rounds})",
+                    f"{num(r['dnsmasq_qps'])} ({theirs})",
+                    f"{r['ratio']:.2f} ({r['worst_ratio']:.2f})",
+                    " / ".join(num(x) for x in r["lost"]), "yes" if r["correct"] else "NO", add,
+                    r["cpu_us_per_query"]])
+    ref = res["summary"].get("coredns_reference_qps")
+    note = (f"\n\nCoreDNS, for reference: about {num(ref)} qps on 2 vCPU, a published figure "
+            "(cited, not measured here)." if ref else "")
+    return table(["workload", "query", "distinct names", "catalog changes/s",
+                  "discovery qps median (rounds)", "dnsmasq qps median (rounds)",
+                  "ratio (worst round)", "lost (ours / dnsmasq)", "answers correct",
+                  "additional section correct (ours / dnsmasq)",
+                  "CPU µs/query user+sys (ours / dnsmasq)"], out) + note
+
+
+def t_generic(stem: str) -> Callable[[dict[str, Result]], str]:
+    """Any result whose summary holds ``rows``: every scalar column, as written."""
+
+    def render(results: dict[str, Result]) -> str:
+        res = results.get(stem)
+        if res is None:
+            return missing(stem)
+        rows = res["summary"].get("rows") or [res["summary"]]
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict | list)]
+        return table(cols, [[num(r.get(c)) for c in cols] for r in rows])
+
+    return render
+
+
+TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
+    "runs": t_runs,
+    "registration": t_registration,
+    "footprint": t_footprint,
+    "propagation": t_propagation,
+    "churn": t_churn,
+    "churn-tcp": t_churn_tcp,
+    "scale": t_scale,
+    "scale-targets": t_scale_targets,
+    "dns": t_dns,
+    "dns-abuse": t_generic("dns-abuse-none"),
+}
+
+
+def render(text: str, results: dict[str, Result]) -> str:
+    """``text`` with every generated block rewritten; unknown names are an error."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"{DOC}: unknown generated block {name!r} (known: "
+                             f"{', '.join(TABLES)})")
+        return f"{m.group(1)}{TABLES[name](results).rstrip()}\n{m.group(4)}"
+
+    return MARKER.sub(repl, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    args = ap.parse_args(argv)
+    text = DOC.read_text()
+    new = render(text, load())
+    if args.check:
+        if new != text:
+            sys.stderr.writelines(difflib.unified_diff(
+                text.splitlines(keepends=True), new.splitlines(keepends=True),
+                "docs/benchmarks.md", "generated"))
+            print(f"docs/benchmarks.md is out of date: run {COMMAND}", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        DOC.write_text(new)
+        print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
