@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import docker
-import tenacity
 from docker.errors import DockerException, NotFound
 from requests.exceptions import RequestException
 
 from discovery.errors import DockerUnavailable
+from discovery.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -90,33 +90,25 @@ class DockerSource:
         return out
 
     def _run(self) -> None:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(
-                (StreamClosed, DockerException, RequestException, DockerUnavailable, OSError)
-            ),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
-            stop=tenacity.stop_never,
-            sleep=self._sleep,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
+        retrying = backoff((StreamClosed, DockerException, RequestException, DockerUnavailable,
+                            OSError), stop_event=self._stop, what="docker: reconnecting",
+                           logger=log)
         try:
-            retrying(self._session)
-        except Exception:  # only reached when stopping; anything else is logged by before_sleep
+            for attempt in retrying:
+                with attempt:
+                    try:
+                        self._session()
+                    except Exception:
+                        self._lost()
+                        raise
+        except Exception:  # only reached when stopping; anything else is logged and retried
             if not self._stop.is_set():
                 log.exception("docker event loop ended unexpectedly")
 
-    def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-        if self._stop.is_set():
-            raise StreamClosed("stopping")
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+    def _lost(self) -> None:
         if self.connected:
             self.connected = False
             self._on_state(False)
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("docker: %s; reconnecting (attempt %d)", exc, state.attempt_number)
 
     def _session(self) -> None:
         """One connection's life: subscribe, list, then follow until the stream ends."""

@@ -12,10 +12,10 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from discovery.errors import ConfigError, RegistryUnavailable
+from discovery.retry import poll
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,20 @@ class LocalEtcd:
         self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log_file.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RegistryUnavailable(f"dev etcd exited: {self.log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.client_port), timeout=0.5):
-                    log.info("dev etcd up at %s (data in %s)", self.url(""), self.data_dir)
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        if poll(self._answers, timeout=timeout, interval=0.05):
+            log.info("dev etcd up at %s (data in %s)", self.url(""), self.data_dir)
+            return self
         self.stop()
         raise RegistryUnavailable(f"dev etcd did not start within {timeout:g}s")
+
+    def _answers(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RegistryUnavailable(f"dev etcd exited: {self.log_tail()}")
+        try:
+            with socket.create_connection((self.host, self.client_port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def log_tail(self) -> str:
         path = self.data_dir / "etcd.log"

@@ -21,6 +21,7 @@ from discovery.metrics import Metrics
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
+from discovery.retry import backoff
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
@@ -70,23 +71,23 @@ class Watcher:
     # ---- lifecycle -------------------------------------------------------------------------
     def load(self, retry: bool = True) -> None:
         """Read the first snapshot (retrying with backoff while the registry is away)."""
-        delay = 0.2
-        while not self._stop.is_set():
+        if not retry:
+            snapshot = self.registry.snapshot()
+        else:
             try:
-                snapshot = self.registry.snapshot()
-            except RegistryError as exc:
-                if not retry:
-                    raise
-                log.warning("registry unavailable at start (%s); retrying in %.1fs", exc, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.catalog.load(snapshot)
-            self.registry_connected = True
-            self.metrics.registry_state(True)
-            log.info("catalog loaded: %d instances at revision %d",
-                     len(snapshot.instances), snapshot.revision)
-            return
+                for attempt in backoff(RegistryError, stop_event=self._stop, logger=log,
+                                       what="registry unavailable at start"):
+                    with attempt:
+                        snapshot = self.registry.snapshot()
+            except RegistryError:
+                if self._stop.is_set():
+                    return
+                raise
+        self.catalog.load(snapshot)
+        self.registry_connected = True
+        self.metrics.registry_state(True)
+        log.info("catalog loaded: %d instances at revision %d",
+                 len(snapshot.instances), snapshot.revision)
 
     def run(self) -> None:
         """Load, apply, then follow the registry until :meth:`stop`."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from discovery.errors import HAProxyCommandError, HAProxyError, ValidationError
 from discovery.model.endpoint import Endpoint
+from discovery.retry import backoff, poll
 from discovery.watcher.haproxy_proc import ShowProc, parse_info, parse_show_proc
 from discovery.watcher.slots import Slot, SlotState
 
@@ -152,6 +153,10 @@ def server_view(fields: Mapping[str, str]) -> ServerView:
 
 
 
+class _MasterReset(HAProxyError):
+    """The master CLI reset a read-only connection (it does, briefly, around (re)starts)."""
+
+
 class _UnixCLI:
     """``connect_grace``: keep retrying a refused/missing socket this long (seconds)."""
 
@@ -163,19 +168,21 @@ class _UnixCLI:
         self.timeout, self.connect_grace = timeout, connect_grace
 
     def _connect(self, what: str) -> socket.socket:
-        deadline = time.monotonic() + self.connect_grace
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-                return sock
-            except OSError as exc:
-                sock.close()
-                retry = isinstance(exc, ConnectionRefusedError | FileNotFoundError)
-                if not retry or time.monotonic() >= deadline:
-                    raise HAProxyError(f"{what}: cannot reach {self.socket_path}: {exc}") from exc
-            time.sleep(0.02)
+        try:
+            for attempt in backoff((ConnectionRefusedError, FileNotFoundError),
+                                   timeout=self.connect_grace, initial=0.02, maximum=0.02,
+                                   jitter=0):
+                with attempt:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(self.timeout)
+                    try:
+                        sock.connect(self.socket_path)
+                    except OSError:
+                        sock.close()
+                        raise
+        except OSError as exc:
+            raise HAProxyError(f"{what}: cannot reach {self.socket_path}: {exc}") from exc
+        return sock
 
     def _raw(self, cmd: str) -> str:
         """Send one command, read the answer until HAProxy closes the connection."""
@@ -297,15 +304,16 @@ class HAProxyMaster(_UnixCLI):
     def show_proc(self) -> ShowProc:
         """``show proc``, read-only: a connection the master resets (it does, briefly, around
         starts and reloads) is retried for ``connect_grace`` seconds."""
-        deadline = time.monotonic() + self.connect_grace
-        while True:
-            try:
-                return parse_show_proc(self.command("show proc"))
-            except HAProxyError as exc:
-                reset = isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError)
-                if not reset or time.monotonic() >= deadline:
+        for attempt in backoff(_MasterReset, timeout=self.connect_grace, initial=0.05,
+                               maximum=0.05, jitter=0):
+            with attempt:
+                try:
+                    return parse_show_proc(self.command("show proc"))
+                except HAProxyError as exc:
+                    if isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError):
+                        raise _MasterReset(str(exc)) from exc.__cause__
                     raise
-            time.sleep(0.05)
+        raise AssertionError("unreachable: backoff() re-raises its last error")
 
     def reload_count(self) -> int:
         """Reloads this master performed (the master row's ``reloads`` column).
@@ -332,19 +340,23 @@ class HAProxyMaster(_UnixCLI):
                     pass
             except OSError as exc:
                 log.debug("master CLI reload: %s (expected while it re-executes)", exc)
-        deadline = time.monotonic() + timeout
-        last: ShowProc | HAProxyError = before
-        while time.monotonic() < deadline:
+        last: list[ShowProc | HAProxyError] = [before]
+
+        def reloaded() -> ShowProc | None:
             try:
-                last = now = self.show_proc()
+                now = self.show_proc()
             except HAProxyError as exc:
-                last = exc
-            else:
-                if now.master.reloads > before.master.reloads:
-                    if now.master.failed > 0:
-                        raise HAProxyError(f"reload failed: master reports {now.master.failed}"
-                                           " failed reload(s); the old worker keeps serving")
-                    if any(p.pid not in old for p in now.workers):
-                        return now
-            time.sleep(0.02)
-        raise HAProxyError(f"reload: no new worker within {timeout:g}s (last: {last!r})")
+                last[0] = exc
+                return None
+            last[0] = now
+            if now.master.reloads <= before.master.reloads:
+                return None
+            if now.master.failed > 0:
+                raise HAProxyError(f"reload failed: master reports {now.master.failed}"
+                                   " failed reload(s); the old worker keeps serving")
+            return now if any(p.pid not in old for p in now.workers) else None
+
+        done = poll(reloaded, timeout=timeout)
+        if done is None:
+            raise HAProxyError(f"reload: no new worker within {timeout:g}s (last: {last[0]!r})")
+        return done

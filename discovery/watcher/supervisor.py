@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from discovery.errors import HAProxyError, RenderError
+from discovery.retry import backoff, poll
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,14 @@ def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     """Poll until ``pid`` is gone (or a zombie: not our child, nobody reaps it here)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except (OSError, IndexError):
             return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+
+    return poll(gone, timeout=timeout, interval=0.05)
 
 
 class HAProxyControl(Protocol):
@@ -145,20 +144,22 @@ class HAProxyControl(Protocol):
 
 def _wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: float) -> int:
     """Poll ``show info`` on the admin socket until the answering pid satisfies ``ok``."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
+    last: list[object] = [None]
+
+    def answered() -> int | None:
         try:
             pid = runtime.pid()
-            if ok(pid):
-                return pid
-            last = f"pid {pid}"
         except (HAProxyError, KeyError, ValueError) as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            raise HAProxyError(f"{runtime.socket_path}: no new worker answered within "
-                               f"{timeout:g}s (last: {last})")
-        time.sleep(0.02)
+            last[0] = exc
+            return None
+        last[0] = f"pid {pid}"
+        return pid if ok(pid) else None
+
+    pid = poll(answered, timeout=timeout)
+    if pid is None:
+        raise HAProxyError(f"{runtime.socket_path}: no new worker answered within "
+                           f"{timeout:g}s (last: {last[0]})")
+    return pid
 
 
 class HAProxySupervisor:
@@ -321,27 +322,26 @@ class HAProxySupervisor:
                 popen.wait(timeout)
 
     def _watch(self) -> None:
-        delay = self.backoff[0]
         while not self._stopping.wait(0.1):
             popen = self._popen
             if popen is None or popen.poll() is None:
                 continue
-            log.warning("HAProxy master %d died (exit %s); restarting in %.1fs",
-                        popen.pid, popen.returncode, delay)
-            if self._stopping.wait(delay):
-                return
-            with self._lock:
-                if self._stopping.is_set() or self._popen is not popen:
-                    continue
-                try:
-                    self._spawn()
-                except (HAProxyError, OSError) as exc:
-                    log.error("restarting HAProxy failed: %s", exc)
-                    delay = min(delay * 2, self.backoff[1])
-                    continue
-                self.restarts += 1
-            delay = self.backoff[0]
-            if self.on_restart is not None:
+            log.warning("HAProxy master %d died (exit %s); restarting it",
+                        popen.pid, popen.returncode)
+            restarted = False
+            try:
+                for attempt in backoff((HAProxyError, OSError), stop_event=self._stopping,
+                                       initial=self.backoff[0], maximum=self.backoff[1],
+                                       what="restarting HAProxy", logger=log):
+                    with attempt, self._lock:
+                        if self._stopping.is_set() or self._popen is not popen:
+                            break
+                        self._spawn()
+                        self.restarts += 1
+                        restarted = True
+            except (HAProxyError, OSError):
+                return  # only when stopping: backoff() never gives up otherwise
+            if restarted and self.on_restart is not None:
                 try:
                     self.on_restart()
                 except Exception:

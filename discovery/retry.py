@@ -1,0 +1,94 @@
+"""The one retry policy: every reconnect, restart and poll loop goes through these two.
+
+A small typed API over tenacity (in the spirit of stamina):
+
+- :func:`backoff` retries an operation on the given exceptions with exponential backoff and
+  jitter, so that a fleet that lost its registry at the same moment does not come back at the
+  same moment. It sleeps on a stop event, so stopping never waits out a backoff::
+
+      for attempt in backoff(RegistryError, stop_event=self._stop, what="registry"):
+          with attempt:
+              snapshot = registry.snapshot()
+
+  When it gives up (``timeout`` passed, or ``stop_event`` set) the last exception is raised.
+- :func:`poll` calls a check until it returns something truthy, or ``timeout`` passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import tenacity
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Exceptions = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def _sleeper(stop_event: threading.Event | None) -> Callable[[float], None]:
+    """Sleep that a stop event cuts short (tenacity then sees the event and stops)."""
+    if stop_event is None:
+        return tenacity.nap.sleep
+
+    def sleep(seconds: float) -> None:
+        stop_event.wait(seconds)
+
+    return sleep
+
+
+def backoff(on: Exceptions, *, stop_event: threading.Event | None = None,
+            timeout: float | None = None, initial: float = 0.2, maximum: float = 5.0,
+            jitter: float = 0.2, what: str = "", logger: logging.Logger | None = None
+            ) -> tenacity.Retrying:
+    """Retry on ``on`` with waits ``initial``·2ⁿ (at most ``maximum``) plus up to ``jitter``
+    seconds at random, until success, ``timeout`` seconds, or ``stop_event``.
+
+    With ``what``, each retry is logged as a warning on ``logger`` (this module's by default):
+    ``"<what>: <error>; retrying in 0.4s (attempt 2)"``.
+    """
+    stops: list[tenacity.stop.stop_base] = []
+    if stop_event is not None:
+        stops.append(tenacity.stop_when_event_set(stop_event))
+    if timeout is not None:
+        stops.append(tenacity.stop_after_delay(timeout))
+    wait: tenacity.wait.wait_base = tenacity.wait_exponential(multiplier=initial, max=maximum)
+    if jitter > 0:
+        wait = wait + tenacity.wait_random(0, jitter)
+    out = logger or log
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if not what:
+            return
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        out.warning("%s: %s; retrying in %.1fs (attempt %d)", what, exc, delay,
+                    state.attempt_number)
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(on),
+        stop=tenacity.stop_any(*stops) if stops else tenacity.stop_never,
+        wait=wait,
+        sleep=_sleeper(stop_event),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.02,
+         stop_event: threading.Event | None = None) -> T:
+    """Call ``check`` every ``interval`` seconds until it returns a truthy value (returned),
+    or ``timeout`` seconds pass (or ``stop_event`` is set): then its last, falsy, value."""
+    stops: list[tenacity.stop.stop_base] = [tenacity.stop_after_delay(timeout)]
+    if stop_event is not None:
+        stops.append(tenacity.stop_when_event_set(stop_event))
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda value: not value),
+        stop=tenacity.stop_any(*stops),
+        wait=tenacity.wait_fixed(interval),
+        sleep=_sleeper(stop_event),
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+    )
+    return retrying(check)

@@ -1,0 +1,84 @@
+"""discovery.retry: the one retry policy (backoff with jitter, poll), stop-event aware."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from discovery.retry import backoff, poll
+
+
+class Flaky:
+    def __init__(self, failures: int, exc: type[Exception] = ConnectionError) -> None:
+        self.failures, self.exc, self.calls = failures, exc, 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc(f"failure {self.calls}")
+        return "ok"
+
+
+def test_backoff_retries_until_success_and_logs_each_retry(caplog) -> None:
+    flaky = Flaky(3)
+    with caplog.at_level(logging.WARNING, logger="discovery.retry"):
+        for attempt in backoff(ConnectionError, initial=0.001, maximum=0.002, jitter=0.001,
+                               what="thing"):
+            with attempt:
+                result = flaky()
+    assert (result, flaky.calls) == ("ok", 4)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"thing: failure {n}" for n in (1, 2, 3)]
+
+
+def test_backoff_does_not_retry_other_errors() -> None:
+    flaky = Flaky(1, ValueError)
+    with pytest.raises(ValueError):
+        for attempt in backoff(ConnectionError, initial=0.001):
+            with attempt:
+                flaky()
+    assert flaky.calls == 1
+
+
+def test_backoff_gives_up_after_timeout_with_the_last_error() -> None:
+    flaky = Flaky(10**6)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="failure"):
+        for attempt in backoff(ConnectionError, timeout=0.2, initial=0.01, maximum=0.02,
+                               jitter=0):
+            with attempt:
+                flaky()
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    assert flaky.calls >= 5
+
+
+def test_stop_event_cuts_a_long_backoff_short() -> None:
+    stop = threading.Event()
+    flaky = Flaky(10**6)
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError):
+        for attempt in backoff(ConnectionError, stop_event=stop, initial=30, maximum=30):
+            with attempt:
+                flaky()
+    assert time.monotonic() - t0 < 2.0  # not the 30 s wait
+
+
+def test_jitter_spreads_the_waits() -> None:
+    waits = set()
+    for _ in range(20):
+        retrying = backoff(ConnectionError, initial=0.1, maximum=0.1, jitter=0.5)
+        state = type("S", (), {"attempt_number": 1, "outcome": None})()
+        waits.add(round(retrying.wait(state), 3))  # type: ignore[arg-type]
+    assert len(waits) > 10 and all(0.1 <= w <= 0.6 for w in waits)
+
+
+def test_poll_returns_the_first_truthy_value_or_the_last_falsy_one() -> None:
+    values = iter([0, None, "", "yes", "later"])
+    assert poll(lambda: next(values), timeout=5, interval=0.001) == "yes"
+    t0 = time.monotonic()
+    assert poll(lambda: 0, timeout=0.1, interval=0.01) == 0
+    assert 0.1 <= time.monotonic() - t0 < 1.0
