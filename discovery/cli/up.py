@@ -44,14 +44,18 @@ log = logging.getLogger(__name__)
               help="DNS listen address; 'off' to disable [env DISCOVERY_DNS]")
 @click.option("--dns-domain", default="discovery.", show_default=True)
 @click.option("--dns-ttl", type=int, default=0, show_default=True)
+@click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
+              show_default=True,
+              help="Most answer records in a UDP DNS response (all of them over TCP); 0: as "
+                   "many as fit")
 @click.option("--http", "http", envvar="DISCOVERY_HTTP", default="127.0.0.1:8500",
               show_default=True, help="HTTP API listen address; 'off' to disable "
               "[env DISCOVERY_HTTP]")
 @http_token_option()
 def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
        services: tuple[str, ...], config_file: str | None, state_dir: str | None,
-       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, http: str,
-       http_token: str | None) -> None:
+       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
+       http: str, http_token: str | None) -> None:
     """Run the whole thing on this host: register, route, and answer lookups."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
@@ -87,7 +91,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
                                 http=None if http == "off" else http, domain=dns_domain,
-                                ttl=dns_ttl, extra_health=agent_health(agent, prefix="agent_"),
+                                ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
+                                extra_health=agent_health(agent, prefix="agent_"),
                                 maint=agent.set_maint, checks=agent.checks, token=http_token)
     except DiscoveryError as exc:
         lookups.stop()

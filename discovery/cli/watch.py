@@ -55,6 +55,10 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
               help="Also answer DNS from the catalog here, e.g. 127.0.0.1:8600")
 @click.option("--dns-domain", default="discovery.", show_default=True)
 @click.option("--dns-ttl", type=int, default=0, show_default=True)
+@click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
+              show_default=True,
+              help="Most answer records in a UDP DNS response (all of them over TCP); 0: as "
+                   "many as fit")
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here, e.g. 127.0.0.1:8500")
 @http_token_option()
@@ -66,7 +70,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           template: str | None, haproxy_bin: str, haproxy_socket: str | None,
           haproxy_config: str | None, master_socket: str | None, reload_cmd: str | None,
           json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
-          dns_ttl: int, http: str | None, http_token: str | None, once: bool,
+          dns_ttl: int, dns_udp_answer_limit: int, http: str | None, http_token: str | None,
+          once: bool,
           dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
     from discovery.lookup.serve import start_lookups
@@ -115,7 +120,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             watcher.close()
             return
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl, token=http_token)
+                                ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
+                                token=http_token)
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -144,11 +150,15 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
               help="DNS listen address (UDP and TCP)")
 @click.option("--domain", "dns_domain", default="discovery.", show_default=True)
 @click.option("--ttl", "dns_ttl", type=int, default=0, show_default=True)
+@click.option("--udp-answer-limit", "dns_udp_answer_limit", type=click.IntRange(0, 65535),
+              default=3, show_default=True,
+              help="Most answer records in a UDP response (all of them over TCP); 0: as many "
+                   "as fit")
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here")
 @http_token_option()
-def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None,
-        http_token: str | None) -> None:
+def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
+        http: str | None, http_token: str | None) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
@@ -160,7 +170,8 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, http: str | None
         watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl, token=http_token)
+                                ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
+                                token=http_token)
     except DiscoveryError as exc:
         fail(str(exc))
         return

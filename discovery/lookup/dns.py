@@ -1,13 +1,16 @@
 """The DNS endpoint: UDP and TCP listeners answering from the watcher's catalog.
 
 ``DnsServer(catalog, bind, port, domain, ttl, on_query).start()`` runs one UDP thread and one
-TCP accept thread (plus one thread per open TCP connection, at most ``MAX_TCP_CONNECTIONS``).
-What is answered and how is :mod:`discovery.lookup.dns_wire`; this module moves bytes.
+TCP accept thread (plus one thread per open TCP connection, within :class:`TcpLimits`: 64 in
+all, 8 per client address, each message whole within 5 s). What is answered and how is
+:mod:`discovery.lookup.dns_wire`; this module moves bytes.
 
-Hot path (UDP): a response depends only on the request minus its 2-byte ID and on the catalog
-index, so encoded responses are cached by ``request[2:]`` while the index stays the same, and a
-hit is ``id + cached tail`` with no parsing at all. Responses with several records come in up to
-``MAX_ROTATIONS`` orders, served in turn (round-robin, as most resolvers take the first address).
+Hot path (UDP): a response depends only on the question (name as asked, type, class), the
+flags echoed, the client's EDNS size and the catalog index, so encoded responses are cached by
+:func:`~discovery.lookup.dns_packet.cache_key` (never the raw datagram: padding cannot multiply
+entries) in an :class:`AnswerCache` bounded in entries and bytes, and a hit is ``id + cached
+tail`` with no parsing. Responses with several records come in several orders (or windows, when
+the UDP answer limit cuts them), served in turn and each encoded the first time it is served.
 Anything malformed is answered (FORMERR, NOTIMP) or dropped and never stops the loop.
 """
 
@@ -21,16 +24,15 @@ import time
 from collections.abc import Callable
 
 from discovery.errors import ConfigError, ValidationError
-from discovery.lookup.dns_wire import DnsConfig, Response, Zone, respond
+from discovery.lookup.dns_limits import AnswerCache, TcpLimits, beyond_loopback, client_of
+from discovery.lookup.dns_packet import cache_key
+from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8600
-CACHE_ENTRIES = 4096  # distinct requests cached per catalog index; cleared when full
-MAX_TCP_CONNECTIONS = 64
-TCP_IDLE = 10.0  # seconds a TCP connection may sit idle (RFC 7766 suggests at least a few)
 UDP_RCVBUF = 4 << 20
 ERROR_LOG_EVERY = 60.0
 CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send those
@@ -48,11 +50,14 @@ class DnsServer:
 
     def __init__(self, catalog: Catalog, bind: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  domain: str = "discovery.", ttl: int = 0,
-                 on_query: QueryHook | None = None, *, udp_threads: int = 1) -> None:
+                 on_query: QueryHook | None = None, *, udp_threads: int = 1,
+                 udp_answer_limit: int = UDP_ANSWER_LIMIT,
+                 tcp_limits: TcpLimits | None = None) -> None:
         self.catalog = catalog
-        self.config = DnsConfig(domain, ttl)
+        self.config = DnsConfig(domain, ttl, udp_answer_limit)
+        self.tcp_limits = tcp_limits or TcpLimits()
         try:
-            self.bind = v.address("dns bind address", bind)
+            self.bind = v.bind_address("dns bind address", bind)
         except ValidationError as exc:
             raise ConfigError(str(exc)) from None
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -66,11 +71,13 @@ class DnsServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, str] = {}  # open TCP connections -> their client
+        self._per_client: dict[str, int] = {}
+        self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
         self._zone = Zone((), -1)
         self._stopping = threading.Event()
-        self._last_error = 0.0
+        self._last_error = self._last_warning = -ERROR_LOG_EVERY
 
     @property
     def port(self) -> int:
@@ -92,8 +99,14 @@ class DnsServer:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("dns: answering for %s on %s port %d (udp, tcp), ttl %d",
-                 self.config.domain, self.bind, self.port, self.config.ttl)
+        log.info("dns: answering for %s on %s port %d (udp, tcp), ttl %d, udp answer limit %d",
+                 self.config.domain, self.bind, self.port, self.config.ttl,
+                 self.config.udp_answer_limit)
+        if beyond_loopback(self.bind):
+            log.warning("dns: listening on %s, beyond loopback: anyone who reaches port %d can "
+                        "read every service's addresses and use it against others (UDP answers "
+                        "capped at %s records); firewall it to the hosts that need it",
+                        self.bind, self.port, self.config.udp_answer_limit or "no")
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -126,6 +139,11 @@ class DnsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def cache_size(self) -> tuple[int, int]:
+        """(entries, bytes) in the UDP answer caches, for tests and benchmarks."""
+        caches = list(self._caches)
+        return sum(len(c) for c in caches), sum(c.nbytes for c in caches)
 
     def zone(self) -> Zone:
         """The zone for the catalog's current index, rebuilt only when the index moved."""
@@ -173,24 +191,40 @@ class DnsServer:
             self._last_error = now
             log.exception(msg, *args)
 
+    def _warn(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= ERROR_LOG_EVERY:
+            self._last_warning = now
+            log.warning(msg + " (said at most once a minute)", *args)
+
     def _serve_udp(self) -> None:
         sock = self._udp
         assert sock is not None
         recv, send, catalog, stopping = sock.recvfrom, sock.sendto, self.catalog, self._stopping
-        cache: dict[bytes, tuple[tuple[bytes, ...], str, str]] = {}
-        get = cache.get
-        index, turn = -1, 0
+        cache = AnswerCache()
+        self._caches.append(cache)
+        get, turn = cache.entries.get, 0
         while True:
             try:
                 data, addr = recv(65535)
-                if catalog.index != index:
-                    cache.clear()
-                    index = catalog.index
-                hit = get(data[2:])
-                if hit is not None:  # the hot path: no parsing at all
+                if catalog.index != cache.index:
+                    cache.clear(catalog.index)
+                key = cache_key(data)
+                hit = None if key is None else get(key)
+                if hit is not None:  # the hot path: no parsing beyond the question's labels
                     tails = hit[0]
                     turn += 1
-                    send(data[:2] + tails[turn % len(tails)], addr)
+                    k = turn % len(tails)
+                    tail = tails[k]
+                    if tail is None:  # this turn's order or window, encoded once
+                        resp = self._answer(data, tcp=False, rotate=k)
+                        if resp is not None and resp.rcode == hit[2]:
+                            tail = resp.wire[2:]
+                            cache.fill(tails, k, tail)
+                        else:
+                            tail = tails[0]
+                            assert tail is not None
+                    send(data[:2] + tail, addr)
                     if self.on_query is not None:
                         self.on_query(hit[1], hit[2])
                     continue
@@ -202,11 +236,8 @@ class DnsServer:
                         self.on_query("NONE", "DROPPED")
                     continue
                 send(resp.wire, addr)
-                if resp.rcode in CACHEABLE:
-                    if len(cache) >= CACHE_ENTRIES:
-                        cache.clear()
-                    tails = (resp.wire[2:], *self._rotations(data, resp))
-                    cache[data[2:]] = (tails, resp.qtype, resp.rcode)
+                if key is not None and resp.rcode in CACHEABLE:
+                    cache.put(key, resp)
                 if self.on_query is not None:
                     self.on_query(resp.qtype, resp.rcode)
             except OSError:  # a send refused (ICMP unreachable, buffer full): next one
@@ -215,45 +246,47 @@ class DnsServer:
             except Exception:
                 self._error("dns: udp loop")
 
-    def _rotations(self, data: bytes, first: Response) -> list[bytes]:
-        out = []
-        for turn in range(1, first.rotations):
-            resp = self._answer(data, tcp=False, rotate=turn)
-            if resp is not None:
-                out.append(resp.wire[2:])
-        return out
-
     def _serve_tcp(self) -> None:
         sock = self._tcp
         assert sock is not None
+        limits = self.tcp_limits
         while not self._stopping.is_set():
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except OSError:
                 if self._stopping.is_set():
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
+            client = client_of(str(peer[0]))
             with self._lock:
-                if len(self._conns) >= MAX_TCP_CONNECTIONS:
-                    conn.close()
-                    continue
-                self._conns.add(conn)
+                busy = self._per_client.get(client, 0)
+                refused = len(self._conns) >= limits.connections or busy >= limits.per_client
+                if not refused:
+                    self._conns[conn] = client
+                    self._per_client[client] = busy + 1
+            if refused:
+                conn.close()
+                self._warn("dns: tcp connection from %s refused: %d open in all, %d from it",
+                           client, len(self._conns), busy)
+                continue
             threading.Thread(target=self._serve_conn, args=(conn,), name="dns-tcp-conn",
                              daemon=True).start()
 
     def _serve_conn(self, conn: socket.socket) -> None:
+        timeout = self.tcp_limits.timeout
         try:
-            conn.settimeout(TCP_IDLE)
             while not self._stopping.is_set():
-                head = _recv_exact(conn, 2)
+                deadline = time.monotonic() + timeout  # for the whole message, however sent
+                head = _recv_exact(conn, 2, deadline)
                 if head is None:
                     return
-                data = _recv_exact(conn, int.from_bytes(head, "big"))
+                data = _recv_exact(conn, int.from_bytes(head, "big"), deadline)
                 if data is None:
                     return
                 resp = self._answer(data, tcp=True)
                 if resp is not None:
+                    conn.settimeout(timeout)  # for sendall: in all, not per send
                     conn.sendall(len(resp.wire).to_bytes(2, "big") + resp.wire)
                 if self.on_query is not None:
                     try:
@@ -262,20 +295,31 @@ class DnsServer:
                         self._error("dns: on_query hook")
                 if resp is None:
                     return  # not a DNS query: hang up
+        except TimeoutError:
+            log.debug("dns: tcp connection cut: no whole message within %.1f s", timeout)
         except OSError:
-            pass  # timed out, reset, or stopped
+            pass  # reset, or stopped
         except Exception:
             self._error("dns: tcp connection")
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                client = self._conns.pop(conn, "")
+                left = self._per_client.get(client, 1) - 1
+                if left > 0:
+                    self._per_client[client] = left
+                else:
+                    self._per_client.pop(client, None)
             conn.close()
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
-    """``size`` bytes, or None when the peer closed first."""
+def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes | None:
+    """``size`` bytes by ``deadline`` (else TimeoutError), or None when the peer closed first."""
     buf = bytearray()
     while len(buf) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
         chunk = conn.recv(size - len(buf))
         if not chunk:
             return None

@@ -4,9 +4,12 @@ Names (case-insensitive) under the domain: ``[<tag>.]<service>.service`` and
 ``_<service>._tcp|_<tag>.service`` (A/AAAA of the instances that are up, SRV with the targets'
 addresses as additional records), ``<node>.node``, ``<hex address>.addr`` (SRV targets off
 their node's address), and the apex (SOA). Unknown names: NXDOMAIN, no record of that type:
-NOERROR; both with the SOA as authority. Outside the domain: REFUSED. UDP answers fit 512 bytes
-or the client's EDNS size (at most 4096): answer records that do not fit set TC, additional ones
-are just left out (RFC 2181 §9). TCP answers are complete. See docs/dns.md.
+NOERROR; both with the SOA as authority. Outside the domain: REFUSED. UDP answers carry at most
+``udp_answer_limit`` answer records (3, as Consul; a window that moves round every record, no TC)
+and fit 512 bytes or the client's EDNS size (at most 4096): answer records that do not fit set
+TC, additional ones are just left out (RFC 2181 §9), as are (with a limit) those that would take
+the response past 10x the size of the request without padding. TCP answers are complete. See
+docs/dns.md. The byte-level parser and writer are :mod:`discovery.lookup.dns_packet`.
 
 Every label in an answer is built from values validated here again (``validate.dns_label``,
 ``validate.address``); nothing from the registry reaches the wire unchecked.
@@ -19,22 +22,43 @@ import ipaddress
 import logging
 import struct
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from discovery.errors import ConfigError, ValidationError
+from discovery.lookup.dns_packet import (
+    AAAA,
+    ANY,
+    AXFR,
+    CLASS_IN,
+    HEADER,
+    IXFR,
+    NS,
+    SOA,
+    SRV,
+    TCP_MAX,
+    UDP_MAX,
+    UDP_MIN,
+    A,
+    FormErr,
+    Labels,
+    Record,
+    Soa,
+    Srv,
+    Writer,
+    parse,
+)
 from discovery.model import Instance, State
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
-A, NS, SOA, AAAA, SRV, OPT, IXFR, AXFR, ANY = 1, 2, 6, 28, 33, 41, 251, 252, 255
-CLASS_IN = 1
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-UDP_MIN, UDP_MAX, TCP_MAX = 512, 4096, 65535  # UDP_MAX: our OPT's size, the most we send
 MAX_ROTATIONS = 8
+MAX_WINDOWS = 1024  # capped UDP answers: at most this many windows (x the limit: all served)
+UDP_ANSWER_LIMIT = 3  # answer records in a UDP response, by default (Consul's udp_answer_limit)
+MAX_AMPLIFICATION = 10  # UDP: additional records only while response <= 10 x bare request
 SOA_TIMERS = (3600, 600, 86400)  # refresh, retry, expire
 MAX_DOMAIN = 180  # so that <63-char node>.node.<domain> stays under 255 bytes
 
@@ -45,32 +69,16 @@ RCODE_NAMES = {NOERROR: "NOERROR", FORMERR: "FORMERR", SERVFAIL: "SERVFAIL",
                NXDOMAIN: "NXDOMAIN", NOTIMP: "NOTIMP", REFUSED: "REFUSED", BADVERS: "BADVERS"}
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
-Labels = tuple[bytes, ...]
-
-
-class _Srv(NamedTuple):
-    weight: int
-    port: int
-    target: Labels
-
-
-class _Soa(NamedTuple):
-    mname: Labels
-    rname: Labels
-    timers: bytes
-
-
-_Record = tuple[Labels | None, int, "bytes | _Srv | _Soa"]  # owner (None: the qname), type, rdata
-_HEADER = struct.Struct(">HHHHHH")
-_RR = struct.Struct(">HHIH")
 
 
 @dataclass(frozen=True)
 class DnsConfig:
-    """The zone's domain (normalised: lowercase, trailing dot) and the TTL of every record."""
+    """The zone's domain (normalised: lowercase, trailing dot), the TTL of every record, and how
+    many answer records a UDP response carries at most (0: as many as fit)."""
 
     domain: str = "discovery."
     ttl: int = 0
+    udp_answer_limit: int = UDP_ANSWER_LIMIT
 
     def __post_init__(self) -> None:
         domain = str(self.domain).strip().lower().rstrip(".")
@@ -84,6 +92,9 @@ class DnsConfig:
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or \
                 not 0 <= self.ttl <= 2**31 - 1:
             raise ConfigError(f"dns ttl {self.ttl!r}: must be an integer in 0..2147483647")
+        limit = self.udp_answer_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 65535:
+            raise ConfigError(f"dns udp answer limit {limit!r}: must be an integer in 0..65535")
         object.__setattr__(self, "domain", domain + ".")
 
     @property
@@ -142,23 +153,7 @@ class Response:
     wire: bytes
     qtype: str
     rcode: str
-    rotations: int = 1  # how many distinct answer orders (``rotate``) are worth caching
-
-
-class _FormErr(Exception):
-    pass
-
-
-@dataclass
-class _Query:
-    ident: int
-    flags: int
-    qend: int  # offset just past the question (name, type, class)
-    labels: Labels  # lowercased
-    qtype: int
-    qclass: int
-    edns: int | None = None  # the client's UDP payload size, when it sent an OPT record
-    edns_version: int = 0
+    rotations: int = 1  # how many distinct answer orders or windows (``rotate``) to cache
 
 
 def answer(request: bytes, catalog: Catalog, config: DnsConfig | None = None, *,
@@ -170,7 +165,8 @@ def answer(request: bytes, catalog: Catalog, config: DnsConfig | None = None, *,
 
 def respond(data: bytes, zone: Zone, config: DnsConfig, *, tcp: bool = False,
             rotate: int = 0) -> Response | None:
-    """Answer ``data`` from ``zone``. ``rotate`` turns the answer records round by that many."""
+    """Answer ``data`` from ``zone``. ``rotate`` turns the answer records round by that many
+    (or, when the UDP answer limit cuts them, picks that window of them)."""
     data = bytes(data)
     if len(data) < 12 or data[2] & 0x80:  # no header, or a response: never answer those
         return None
@@ -178,11 +174,11 @@ def respond(data: bytes, zone: Zone, config: DnsConfig, *, tcp: bool = False,
     if (flags >> 11) & 0xF:
         return _bare(ident, flags, NOTIMP)
     try:
-        q = _parse(data, qdcount)
-    except _FormErr:
+        q = parse(data, qdcount)
+    except FormErr:
         return _bare(ident, flags, FORMERR)
     qtype = QTYPE_NAMES.get(q.qtype, "OTHER")
-    out = _Writer(data[:q.qend], q.labels)
+    out = Writer(data[:q.qend], q.labels)
     if q.edns is not None and q.edns_version > 0:
         return Response(out.finish(q, BADVERS, False, 0), qtype, "BADVERS")
     limit = TCP_MAX if tcp else max(UDP_MIN, min(q.edns or 0, UDP_MAX))
@@ -192,30 +188,43 @@ def respond(data: bytes, zone: Zone, config: DnsConfig, *, tcp: bool = False,
         return Response(out.finish(q, REFUSED, False, 0), qtype, "REFUSED")
     rel = q.labels[:-len(domain)]
     rcode, ips, members, soa = _resolve(zone, rel, q.qtype)
-    records: list[_Record] = []
-    extra: list[_Record] = []
+    records: list[Record] = []
+    targets: dict[Labels, IP] = {}
     ttl = config.ttl
     if soa:
         records.append((None, SOA, _soa(zone, domain, ttl)))
     for ip in ips:
         records.append((None, A if ip.version == 4 else AAAA, ip.packed))
-    if members:
-        targets: dict[Labels, IP] = {}
-        for m in members:
-            target = m.target + domain
-            targets.setdefault(target, m.ip)
-            records.append((None, SRV, _Srv(m.instance.weight, m.instance.port, target)))
-        extra = [(t, A if ip.version == 4 else AAAA, ip.packed) for t, ip in targets.items()]
-    rotations = min(len(records), MAX_ROTATIONS) if len(records) > 1 else 1
-    k = rotate % rotations
-    records = records[k:] + records[:k]
-    auth: list[_Record] = [] if records else [(domain, SOA, _soa(zone, domain, ttl))]
+    for m in members:
+        target = m.target + domain
+        targets.setdefault(target, m.ip)
+        records.append((None, SRV, Srv(m.instance.weight, m.instance.port, target)))
+    records, rotations = _turn(records, rotate, 0 if tcp else config.udp_answer_limit)
+    glue = dict.fromkeys(r[2].target for r in records if isinstance(r[2], Srv))
+    extra: list[Record] = [(t, A if targets[t].version == 4 else AAAA, targets[t].packed)
+                           for t in glue]
+    auth: list[Record] = [] if records else [(domain, SOA, _soa(zone, domain, ttl))]
     edns = q.edns is not None
     an, tc = out.records(records, ttl, limit, edns, required=True)
     ns, tc = (0, tc) if tc else out.records(auth, ttl, limit, edns, required=True)
+    if not tcp and config.udp_answer_limit:  # optional records: not past 10x a bare request
+        limit = min(limit, MAX_AMPLIFICATION * (q.qend + (11 if edns else 0)))
     ar = 0 if tc else out.records(extra, ttl, limit, edns, required=False)[0]
     wire = out.finish(q, rcode, True, 0x0200 if tc else 0, (an, ns, ar))
     return Response(wire, qtype, RCODE_NAMES[rcode], rotations)
+
+
+def _turn(records: list[Record], rotate: int, cap: int) -> tuple[list[Record], int]:
+    """The records in turn ``rotate``, and how many turns there are. Within ``cap`` (0: none)
+    all of them, turned round; beyond it a window of ``cap``, the windows spread evenly."""
+    n = len(records)
+    if cap and n > cap:
+        rotations = min(-(-n // cap), MAX_WINDOWS)
+        start = (rotate % rotations) * n // rotations
+        return (records[start:] + records[:start])[:cap], rotations
+    rotations = min(n, MAX_ROTATIONS) if n > 1 else 1
+    k = rotate % rotations
+    return records[k:] + records[:k], rotations
 
 
 def _resolve(zone: Zone, rel: Labels, qtype: int) -> tuple[int, list[IP], list[Member], bool]:
@@ -268,131 +277,14 @@ def _pick(ips: Iterable[IP], qtype: int) -> list[IP]:
     return [ip for ip in ips if ip.version in want]
 
 
-def _soa(zone: Zone, domain: Labels, ttl: int) -> _Soa:
+def _soa(zone: Zone, domain: Labels, ttl: int) -> Soa:
     timers = struct.pack(">IIIII", zone.index & 0xFFFFFFFF, *SOA_TIMERS, ttl)
-    return _Soa((b"ns", *domain), (b"hostmaster", *domain), timers)
+    return Soa((b"ns", *domain), (b"hostmaster", *domain), timers)
 
 
 def _bare(ident: int, flags: int, rcode: int) -> Response:
     """Header only (no question): for requests we cannot or will not parse."""
     out_flags = 0x8000 | (flags & 0x7900) | rcode  # opcode and RD as asked
-    return Response(_HEADER.pack(ident, out_flags, 0, 0, 0, 0), "NONE", RCODE_NAMES[rcode])
+    return Response(HEADER.pack(ident, out_flags, 0, 0, 0, 0), "NONE", RCODE_NAMES[rcode])
 
 
-def _parse(data: bytes, qdcount: int) -> _Query:
-    if qdcount != 1:
-        raise _FormErr
-    n, pos, labels, size = len(data), 12, [], 1
-    while True:
-        if pos >= n:
-            raise _FormErr
-        length = data[pos]
-        if length == 0:
-            pos += 1
-            break
-        size += length + 1
-        if length > 63 or pos + 1 + length > n or size > 255:  # no pointers in a question
-            raise _FormErr
-        labels.append(data[pos + 1:pos + 1 + length].lower())
-        pos += 1 + length
-    if pos + 4 > n:
-        raise _FormErr
-    ident, flags, _, ancount, nscount, arcount = _HEADER.unpack_from(data)
-    qtype, qclass = struct.unpack_from(">HH", data, pos)
-    q = _Query(ident, flags, pos + 4, tuple(labels), qtype, qclass)
-    pos = q.qend
-    for i in range(ancount + nscount + arcount):
-        opt = i >= ancount + nscount and pos < n and data[pos] == 0
-        pos = _skip_name(data, pos)
-        if pos + 10 > n:
-            raise _FormErr
-        rtype, rclass, rttl, rdlen = _RR.unpack_from(data, pos)
-        pos += 10 + rdlen
-        if pos > n:
-            raise _FormErr
-        if rtype == OPT:
-            if not opt or q.edns is not None:  # not at the root, or a second one
-                raise _FormErr
-            q.edns, q.edns_version = rclass, (rttl >> 16) & 0xFF
-    return q
-
-
-def _skip_name(data: bytes, pos: int) -> int:
-    while pos < len(data):
-        length = data[pos]
-        if length == 0 or length & 0xC0 == 0xC0:  # the end, or a compression pointer
-            end = pos + (1 if length == 0 else 2)
-            if end <= len(data):
-                return end
-            break
-        if length > 63:
-            break
-        pos += 1 + length
-    raise _FormErr
-
-
-class _Writer:
-    """A response being built: question copied, names compressed, records rolled back if big."""
-
-    def __init__(self, head: bytes, qlabels: Labels) -> None:
-        self.buf = bytearray(head)
-        self.names: dict[Labels, int] = {}
-        offset = 12
-        for i, label in enumerate(qlabels):
-            self.names[qlabels[i:]] = offset
-            offset += 1 + len(label)
-
-    def name(self, labels: Labels, compress: bool = True) -> None:
-        for i in range(len(labels)):
-            suffix = labels[i:]
-            where = self.names.get(suffix)
-            if where is not None and compress:
-                self.buf += struct.pack(">H", 0xC000 | where)
-                return
-            if where is None and len(self.buf) < 0x3FFF:
-                self.names[suffix] = len(self.buf)
-            self.buf.append(len(labels[i]))
-            self.buf += labels[i]
-        self.buf.append(0)
-
-    def records(self, records: Sequence[_Record], ttl: int,
-                limit: int, edns: bool, required: bool) -> tuple[int, bool]:
-        """Append what fits in ``limit``; (count, truncated?). Only required ones set TC."""
-        reserve = 11 if edns else 0
-        for count, (owner, rtype, rdata) in enumerate(records):
-            mark = len(self.buf)
-            self._record(owner, rtype, rdata, ttl)
-            if len(self.buf) + reserve > limit:
-                del self.buf[mark:]
-                self.names = {k: o for k, o in self.names.items() if o < mark}
-                return count, required
-        return len(records), False
-
-    def _record(self, owner: Labels | None, rtype: int, rdata: bytes | _Srv | _Soa,
-                ttl: int) -> None:
-        if owner is None:
-            self.buf += b"\xc0\x0c"  # the question's name
-        else:
-            self.name(owner)
-        self.buf += _RR.pack(rtype, CLASS_IN, ttl, 0)
-        start = len(self.buf)
-        if isinstance(rdata, _Srv):
-            self.buf += struct.pack(">HHH", 1, rdata.weight, rdata.port)
-            self.name(rdata.target, compress=False)  # RFC 2782: never compressed
-        elif isinstance(rdata, _Soa):
-            self.name(rdata.mname)
-            self.name(rdata.rname)
-            self.buf += rdata.timers
-        else:
-            self.buf += rdata
-        struct.pack_into(">H", self.buf, start - 2, len(self.buf) - start)
-
-    def finish(self, q: _Query, rcode: int, aa: bool, tc: int,
-               counts: tuple[int, int, int] = (0, 0, 0)) -> bytes:
-        an, ns, ar = counts
-        if q.edns is not None:
-            self.buf += b"\x00" + _RR.pack(OPT, UDP_MAX, (rcode >> 4) << 24, 0)
-            ar += 1
-        flags = 0x8000 | (0x0400 if aa else 0) | tc | (q.flags & 0x0110) | (rcode & 0xF)
-        self.buf[:12] = _HEADER.pack(q.ident, flags, 1, an, ns, ar)
-        return bytes(self.buf)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -77,14 +79,38 @@ def test_nxdomain_refused_and_flags(server: DnsServer) -> None:
     assert "recursion requested but not available" in outside
 
 
-def test_truncation_then_tcp(server: DnsServer) -> None:
-    truncated = dig(server, "+ignore", "+noedns", "big.service.discovery", "A")
-    assert "flags: qr aa tc rd;" in truncated
-    # dig retries over TCP by itself when it sees TC: the whole answer
-    assert len(short(server, "+noedns", "big.service.discovery", "A")) == 60
+def test_truncation_then_tcp(catalog: Catalog) -> None:
+    with DnsServer(catalog, port=0, udp_answer_limit=0) as uncapped:  # size limits only
+        truncated = dig(uncapped, "+ignore", "+noedns", "big.service.discovery", "A")
+        assert "flags: qr aa tc rd;" in truncated
+        # dig retries over TCP by itself when it sees TC: the whole answer
+        assert len(short(uncapped, "+noedns", "big.service.discovery", "A")) == 60
+        edns = dig(uncapped, "+ignore", "+bufsize=4096", "big.service.discovery", "A")
+        assert "ANSWER: 60" in edns and " tc" not in edns.split("flags:")[1].split(";")[0]
+
+
+def test_udp_answer_limit_and_full_set_over_tcp(server: DnsServer) -> None:
+    for qtype in ("A", "SRV", "ANY"):
+        udp = dig(server, "+notcp", "+ignore", "+bufsize=4096", "big.service.discovery", qtype)
+        assert "ANSWER: 3," in udp and " tc" not in udp.split("flags:")[1].split(";")[0]
+    assert len(short(server, "+tcp", "big.service.discovery", "A")) == 60
     assert len(short(server, "+tcp", "big.service.discovery", "SRV")) == 60
-    edns = dig(server, "+ignore", "+bufsize=4096", "big.service.discovery", "A")
-    assert "ANSWER: 60" in edns and " tc" not in edns.split("flags:")[1].split(";")[0]
+    full = dig(server, "+tcp", "big.service.discovery", "SRV")
+    assert "ADDITIONAL: 61" in full  # 60 targets' A records + OPT
+    seen: set[str] = set()  # over UDP the windows move round: every instance gets its turn
+    deadline = time.monotonic() + 30
+    while len(seen) < 60 and time.monotonic() < deadline:
+        seen.update(short(server, "+notcp", "big.service.discovery", "A"))
+    assert len(seen) == 60
+
+
+def test_amplification_with_dig(server: DnsServer) -> None:
+    for qtype in ("A", "SRV", "ANY"):
+        out = dig(server, "+notcp", "+qr", "+nocookie", "+bufsize=4096", "big.service.discovery",
+                  qtype)
+        sent = int(re.search(r"QUERY SIZE: (\d+)", out).group(1))  # type: ignore[union-attr]
+        rcvd = int(re.search(r"MSG SIZE\s+rcvd: (\d+)", out).group(1))  # type: ignore[union-attr]
+        assert rcvd <= 10 * sent, (qtype, sent, rcvd)
 
 
 def test_catalog_changes_are_seen(server: DnsServer, catalog: Catalog) -> None:

@@ -49,6 +49,7 @@ def make_catalog(instances: list[Instance]) -> Catalog:
 
 
 CATALOG = make_catalog(INSTANCES)
+UNCAPPED = DnsConfig(udp_answer_limit=0)  # UDP answers limited by size only (see test_dns_abuse)
 
 
 def query(name: str, qtype: str = "A", *, edns: int | None = None,
@@ -126,7 +127,7 @@ def test_answers(name: str, qtype: str, rcode: str, expected: set[str]) -> None:
 
 @pytest.mark.parametrize("name", ["_web._tcp.service.discovery", "web.service.discovery"])
 def test_srv_with_targets_in_additional(name: str) -> None:
-    r = ask(name, "SRV")
+    r = ask(name, "SRV", config=UNCAPPED)
     srv = sorted((rr.rdata.port, rr.rdata.weight, str(rr.rdata.target)) for rr in r.rr)
     assert srv == [
         (8080, 100, "c0000204.addr.discovery."),  # not at its node's address
@@ -183,11 +184,11 @@ def big_catalog(n: int) -> Catalog:
 
 def test_tc_bit_over_512_bytes_without_edns() -> None:
     catalog = big_catalog(40)  # 40 A records: 12 + 20 + 40 * 16 bytes > 512
-    wire = answer(query("big.service.discovery"), catalog)
+    wire = answer(query("big.service.discovery"), catalog, UNCAPPED)
     assert wire is not None and len(wire) <= 512
     r = DNSRecord.parse(wire)
     assert r.header.tc and 0 < len(r.rr) < 40
-    fits = answer(query("big.service.discovery", edns=4096), catalog)
+    fits = answer(query("big.service.discovery", edns=4096), catalog, UNCAPPED)
     assert fits is not None and len(fits) > 512
     assert not DNSRecord.parse(fits).header.tc and len(DNSRecord.parse(fits).rr) == 40
 
@@ -195,11 +196,12 @@ def test_tc_bit_over_512_bytes_without_edns() -> None:
 def test_tc_bit_over_edns_size_and_tcp_in_full() -> None:
     catalog = big_catalog(300)  # 300 * 16 bytes: more than any UDP size we send
     for size in (600, 1232, 4096, 65000):
-        wire = answer(query("big.service.discovery", edns=size), catalog)
+        wire = answer(query("big.service.discovery", edns=size), catalog, UNCAPPED)
         assert wire is not None and len(wire) <= min(size, 4096)
         r = DNSRecord.parse(wire)
         assert r.header.tc and r.ar and QTYPE[r.ar[-1].rtype] == "OPT"  # OPT kept
-    small = DNSRecord.parse(answer(query("big.service.discovery", edns=100), catalog) or b"")
+    small = DNSRecord.parse(answer(query("big.service.discovery", edns=100), catalog,
+                                   UNCAPPED) or b"")
     assert small.header.tc and len(small.pack()) <= 512  # below 512 counts as 512
     full = ask("big.service.discovery", catalog=catalog, tcp=True)
     assert not full.header.tc and len(full.rr) == 300
@@ -209,7 +211,7 @@ def test_tc_bit_over_edns_size_and_tcp_in_full() -> None:
 
 def test_additional_left_out_without_tc_when_answers_fit() -> None:
     catalog = big_catalog(12)  # 12 SRV fit in 512 bytes, their 12 targets' A records don't
-    r = ask("big.service.discovery", "SRV", catalog=catalog)
+    r = ask("big.service.discovery", "SRV", catalog=catalog, config=UNCAPPED)
     assert len(r.rr) == 12 and not r.header.tc
     assert 0 < len(r.ar) < 12 and len(r.pack()) <= 512
 
@@ -325,12 +327,13 @@ def test_server_udp_tcp_cache_and_hook() -> None:
         big = big_catalog(300)
         catalog.load(Snapshot({i.key: i for i in big.instances()}))
         q = DNSRecord.question("big.service.discovery", "SRV")
-        assert DNSRecord.parse(udp(server.port, q.pack())).header.tc
+        capped = DNSRecord.parse(udp(server.port, q.pack()))  # the UDP answer limit: 3, no TC
+        assert len(capped.rr) == 3 and not capped.header.tc
         full = DNSRecord.parse(tcp(server.port, bytes(q.pack())))
         assert len(full.rr) == 300 and not full.header.tc
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"\x00\x01", ("127.0.0.1", server.port))  # dropped: no answer at all
-        assert DNSRecord.parse(udp(server.port, q.pack())).header.tc  # still answering
+        assert len(DNSRecord.parse(udp(server.port, q.pack())).rr) == 3  # still answering
         assert ("NONE", "DROPPED") in seen
     assert server._threads == []
 

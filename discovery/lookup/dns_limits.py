@@ -1,0 +1,96 @@
+"""The bounds the DNS endpoint keeps under abuse: its UDP answer cache and its TCP limits.
+
+The cache holds encoded responses by question (:func:`~discovery.lookup.dns_packet.cache_key`),
+never by raw datagram, within ``CACHE_ENTRIES`` entries and ``CACHE_BYTES`` bytes. TCP: a whole
+message within ``TCP_TIMEOUT`` seconds, ``MAX_TCP_CONNECTIONS`` at once, ``MAX_TCP_PER_CLIENT``
+of them per client (an IPv4 address, an IPv6 /64). See docs/dns.md, "Limits".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from discovery.errors import ConfigError
+from discovery.lookup.dns_wire import Response
+
+CACHE_ENTRIES = 4096  # distinct questions cached per catalog index; cleared when full
+CACHE_BYTES = 8 << 20  # and at most this many bytes of keys, responses and overhead
+ENTRY_OVERHEAD = 256  # bytes counted per entry for the dict slot, tuple and list around it
+MAX_TCP_CONNECTIONS = 64
+MAX_TCP_PER_CLIENT = 8  # per IPv4 address, per IPv6 /64
+TCP_TIMEOUT = 5.0  # seconds for a whole message, from accept or the previous answer
+
+_Entry = tuple[list["bytes | None"], str, str]  # a response's tails (per turn), qtype, rcode
+
+
+@dataclass(frozen=True)
+class TcpLimits:
+    """How long a TCP message may take to arrive, whole (``timeout`` seconds, counted from the
+    accept or the previous answer: a client dripping bytes is cut there, not ``timeout`` after
+    its last byte), and how many connections are served at once, in all and per client."""
+
+    timeout: float = TCP_TIMEOUT
+    connections: int = MAX_TCP_CONNECTIONS
+    per_client: int = MAX_TCP_PER_CLIENT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout <= 300:
+            raise ConfigError(f"dns tcp timeout {self.timeout!r} is not in (0, 300] seconds")
+        if not 1 <= self.per_client <= self.connections <= 4096:
+            raise ConfigError(f"dns tcp limits: need 1 <= per client ({self.per_client}) <= "
+                              f"connections ({self.connections}) <= 4096")
+
+
+class AnswerCache:
+    """Encoded UDP responses for one catalog index, by cache key; cleared when the index moves,
+    or when one more entry would pass ``max_entries`` or ``max_bytes``."""
+
+    def __init__(self, max_entries: int = CACHE_ENTRIES, max_bytes: int = CACHE_BYTES) -> None:
+        self.entries: dict[bytes, _Entry] = {}
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.index = -1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self, index: int | None = None) -> None:
+        self.entries.clear()  # the same dict: the UDP loop holds its .get
+        self.nbytes = 0
+        if index is not None:
+            self.index = index
+
+    def put(self, key: bytes, resp: Response) -> None:
+        size = ENTRY_OVERHEAD + len(key) + len(resp.wire) + 8 * resp.rotations
+        if len(self.entries) >= self.max_entries or self.nbytes + size > self.max_bytes:
+            self.clear()
+        tails: list[bytes | None] = [None] * resp.rotations
+        tails[0] = resp.wire[2:]
+        self.entries[key] = (tails, resp.qtype, resp.rcode)
+        self.nbytes += size
+
+    def fill(self, tails: list[bytes | None], turn: int, tail: bytes) -> None:
+        """Keep the response of another turn, encoded the first time it was served."""
+        if self.nbytes + len(tail) <= self.max_bytes:
+            tails[turn] = tail
+            self.nbytes += len(tail)
+
+
+def beyond_loopback(bind: str) -> bool:
+    """True when ``bind`` (an IP address) can be reached from other hosts."""
+    return not ipaddress.ip_address(bind).is_loopback
+
+
+def client_of(peer: str) -> str:
+    """Whom a TCP connection counts against: its IPv4 address, or its IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
