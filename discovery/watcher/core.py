@@ -10,13 +10,12 @@ watch resyncs on return.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from discovery.errors import RegistryError
+from discovery.files import write_atomic
 from discovery.metrics import Metrics
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
@@ -25,21 +24,6 @@ from discovery.retry import backoff
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Watcher:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from discovery.errors import HAProxyError, RenderError, ValidationError
+from discovery.files import install, stage
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.watcher.config import WatcherConfig
@@ -27,8 +28,6 @@ from discovery.watcher.slots import Slot, SlotTable, slot_count
 from discovery.watcher.supervisor import (
     HAProxyControl,
     HAProxySupervisor,
-    install_config,
-    stage_config,
     validate_config,
 )
 
@@ -149,10 +148,10 @@ class Router:
             tables[name] = old.resized(sizes[name], insts)  # instances keep their slots
         text = self.render({name: t.slots() for name, t in tables.items()})
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        staged = stage_config(text, self.config_path)
+        staged = stage(text, self.config_path)
         try:
             validate_config(self.haproxy_bin, staged)
-            changed = install_config(staged, self.config_path)
+            changed = install(staged, self.config_path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()

@@ -13,12 +13,10 @@ reload the new worker then takes the listening sockets over and no connection is
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,13 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 from discovery.errors import HAProxyError, RenderError
+from discovery.files import write_atomic
 from discovery.retry import backoff, poll
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 
 log = logging.getLogger(__name__)
-
-_FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
-
 
 def validate_config(binary: str, path: str | Path, timeout: float = 20.0) -> None:
     """``haproxy -c -f path``; RenderError carrying HAProxy's own ALERT lines if invalid."""
@@ -58,63 +54,13 @@ def _strip_prefix(line: str) -> str:
     return rest if sep and head.startswith("[") else line
 
 
-def stage_config(text: str, dest: Path) -> Path:
-    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced."""
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return Path(name)
-
-
-def install_config(staged: Path, dest: Path) -> bool:
-    """Put ``staged`` (a file in dest's folder) in place of ``dest``, confd style.
-
-    Returns False (and removes ``staged``) when ``dest`` already has the same bytes.
-    Otherwise ``os.replace`` (atomic); when the rename is refused (EBUSY/EXDEV/EPERM/
-    EACCES: ``dest`` is a bind-mounted single file, another file system, ...) the bytes
-    are written into ``dest`` in place (truncate, write, fsync). Returns True.
-    """
-    data = staged.read_bytes()
-    try:
-        if dest.read_bytes() == data:
-            staged.unlink()
-            return False
-        mode: int | None = dest.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = None
-    try:
-        if mode is not None:
-            os.chmod(staged, mode)
-        os.replace(staged, dest)
-    except OSError as exc:
-        if exc.errno not in _FALLBACK_ERRNOS:
-            raise
-        log.info("rename onto %s refused (%s); writing in place", dest, exc.strerror)
-        with open(dest, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        staged.unlink(missing_ok=True)
-        return True
-    with contextlib.suppress(OSError):
-        dirfd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-    return True
-
-
 def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
     """Dump ``show servers state`` to ``path`` atomically (for ``server-state-file``).
 
     HAProxy 2.6 restores admin state, weight and port from it at a reload, but the
     address only for servers whose config line names a host (``localhost:1``), not an IP.
     """
-    staged = stage_config(runtime.command("show servers state"), path)
-    os.replace(staged, path)
+    write_atomic(path, runtime.command("show servers state"))
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 
 from discovery.errors import HAProxyCommandError, HAProxyError, RenderError
+from discovery.files import install, stage
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 from discovery.watcher.slots import Slot
-from discovery.watcher.supervisor import (
-    ExternalHAProxy,
-    install_config,
-    stage_config,
-    validate_config,
-)
+from discovery.watcher.supervisor import ExternalHAProxy, validate_config
 from tests.harness.haproxy import (  # fixtures: until tests/conftest.py lists the module
     HAPROXY_BIN,
     build_config,
@@ -117,7 +113,7 @@ def test_command_errors(two, tmp_path):
     with pytest.raises(HAProxyError, match="control character"):
         rt.commands(["show info", "set server be/s1 weight 5\nshutdown frontend fe"])
     assert rt.slots("be")["s1"].weight == 1  # nothing of the above was sent
-    with pytest.raises(HAProxyError, match="not in 1..65535"):
+    with pytest.raises(HAProxyError, match=r"not in 1\.\.65535"):
         rt.apply_slots({"be": [Slot("s1", "127.0.0.1", 99999, 1, "ready")]})
     # one batch: bad commands are reported, the good ones still ran
     with pytest.raises(HAProxyCommandError) as batch:
@@ -243,14 +239,14 @@ def test_install_config(tmp_path, monkeypatch):
     dest = tmp_path / "haproxy.cfg"
     dest.write_text("one\n")
     os.chmod(dest, 0o640)
-    staged = stage_config("one\n", dest)
+    staged = stage("one\n", dest)
     assert staged.parent == dest.parent
-    assert install_config(staged, dest) is False and not staged.exists()
+    assert install(staged, dest) is False and not staged.exists()
     inode = dest.stat().st_ino
-    assert install_config(stage_config("two\n", dest), dest) is True
+    assert install(stage("two\n", dest), dest) is True
     assert dest.read_text() == "two\n" and dest.stat().st_ino != inode  # renamed over
     assert dest.stat().st_mode & 0o777 == 0o640
-    assert install_config(stage_config("new\n", tmp_path / "fresh.cfg"),
+    assert install(stage("new\n", tmp_path / "fresh.cfg"),
                           tmp_path / "fresh.cfg") is True
 
     def busy(src: object, dst: object) -> None:  # as for a bind-mounted single file
@@ -258,8 +254,8 @@ def test_install_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", busy)
     inode = dest.stat().st_ino
-    staged = stage_config("three\n", dest)
-    assert install_config(staged, dest) is True
+    staged = stage("three\n", dest)
+    assert install(staged, dest) is True
     assert dest.read_text() == "three\n" and dest.stat().st_ino == inode  # written in place
     assert not staged.exists()
 
@@ -268,7 +264,7 @@ def test_install_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", denied)
     with pytest.raises(OSError):
-        install_config(stage_config("four\n", dest), dest)
+        install(stage("four\n", dest), dest)
     assert dest.read_text() == "three\n"
 
 

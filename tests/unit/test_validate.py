@@ -161,5 +161,5 @@ def test_endpoint_holds_only_a_plain_unicast_ip_object() -> None:
         Endpoint(ipaddress.IPv6Address(hostile), 80)  # not even by building it directly
     with pytest.raises(ValidationError, match="IP address object"):
         Endpoint("192.0.2.1 backup", 80)  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="1..65535"):
+    with pytest.raises(ValidationError, match=r"1\.\.65535"):
         Endpoint(ipaddress.IPv4Address("192.0.2.1"), 99999)

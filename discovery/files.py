@@ -1,0 +1,82 @@
+"""Writing files so that a reader never sees half of one: stage, then install (confd's chain).
+
+:func:`stage` writes the new bytes to a temporary file in the destination's folder (fsynced);
+the caller may check it there (``haproxy -c -f STAGED``); :func:`install` then renames it over
+the destination, or writes in place where a rename is refused (a bind-mounted single file).
+:func:`write_atomic` is both at once, for files nobody needs to check first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: a rename onto the destination refused with these: write into it in place instead
+_FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
+
+
+def stage(text: str, dest: Path) -> Path:
+    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced."""
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(name)
+
+
+def install(staged: Path, dest: Path) -> bool:
+    """Put ``staged`` (a file in dest's folder) in place of ``dest``, confd style.
+
+    Returns False (and removes ``staged``) when ``dest`` already has the same bytes.
+    Otherwise ``os.replace`` (atomic); when the rename is refused (EBUSY/EXDEV/EPERM/
+    EACCES: ``dest`` is a bind-mounted single file, another file system, ...) the bytes
+    are written into ``dest`` in place (truncate, write, fsync). Returns True.
+    """
+    data = staged.read_bytes()
+    try:
+        if dest.read_bytes() == data:
+            staged.unlink()
+            return False
+        mode: int | None = dest.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    try:
+        if mode is not None:
+            os.chmod(staged, mode)
+        os.replace(staged, dest)
+    except OSError as exc:
+        if exc.errno not in _FALLBACK_ERRNOS:
+            raise
+        log.info("rename onto %s refused (%s); writing in place", dest, exc.strerror)
+        with open(dest, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        staged.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(OSError):
+        dirfd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    return True
+
+
+def write_atomic(path: Path, text: str) -> bool:
+    """Put ``text`` at ``path`` atomically (creating its folder); False when it was already
+    there byte for byte (nothing written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = stage(text, path)
+    try:
+        return install(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
