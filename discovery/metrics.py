@@ -11,7 +11,6 @@ check types) are folded into a bounded set, so nobody can grow the series count 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from discovery.registry import Registry
     from discovery.watcher.router import RouterStats
 
-log = logging.getLogger(__name__)
 
 #: from 5 ms to 10 s: a registry write normally reaches the watcher in milliseconds
 PROPAGATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

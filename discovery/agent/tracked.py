@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from discovery.agent.health import CheckRunner
 from discovery.model import Instance
-
-log = logging.getLogger(__name__)
 
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
                        "KILL", "TERM", "INT", "QUIT"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from dataclasses import replace
@@ -18,8 +17,6 @@ from discovery.cli.options import registry_options
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 from discovery.registry import open_registry
-
-log = logging.getLogger(__name__)
 
 
 @click.command()

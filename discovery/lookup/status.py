@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +9,6 @@ if TYPE_CHECKING:
     from discovery.agent.core import Agent
     from discovery.watcher.core import Watcher
 
-log = logging.getLogger(__name__)
 Health = Callable[[], dict[str, dict[str, Any]]]  # what /v1/health reports
 Maint = Callable[[str | None, bool], list[str]]  # (instance id or None for the node, on)
 Checks = Callable[[], list[dict[str, Any]]]  # the agent's live checks (/v1/agent/checks)

@@ -8,14 +8,12 @@ queries (``?index=N&wait=30s``).
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Iterable
 
 from discovery.model import Instance, State
 from discovery.registry.base import Change, Snapshot
 
-log = logging.getLogger(__name__)
 Key = tuple[str, str]
 
 

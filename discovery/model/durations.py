@@ -7,12 +7,9 @@ as HAProxy itself reads them. Errors are :class:`ValidationError` naming the cul
 
 from __future__ import annotations
 
-import logging
 import re
 
 from discovery.errors import ValidationError
-
-log = logging.getLogger(__name__)
 
 UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*(us|ms|s|m|h|d)?")

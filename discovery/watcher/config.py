@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,8 +22,6 @@ from typing import Any, NoReturn
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance, validate
 from discovery.model.durations import parse_duration, to_ms
-
-log = logging.getLogger(__name__)
 
 MODES = ("http", "tcp")
 # Only dynamic algorithms: the watcher changes weights at runtime, which HAProxy refuses

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 
 from discovery.errors import HAProxyError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

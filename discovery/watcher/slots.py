@@ -8,13 +8,10 @@ out of slots changes the structure.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 from discovery.model import Instance, State
-
-log = logging.getLogger(__name__)
 
 SlotState = Literal["ready", "drain", "maint"]
 EMPTY_ADDRESS = "127.0.0.1"
