@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from discovery.agent.spec import CheckSpec
+from discovery.agent.spec import MAX_INTERVAL, CheckSpec, within_limits
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import validate
+from discovery.model.durations import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,27 @@ def read_file(path: str) -> dict[str, Any]:
     if not isinstance(check, dict) or set(check) - CHECK_KEYS:
         raise ConfigError(f"config file {path}: [agent.check] takes only {sorted(CHECK_KEYS)}")
     if check:
-        try:
-            out["check"] = CheckSpec(**check)
-        except TypeError as exc:
-            raise ConfigError(f"config file {path}: [agent.check]: {exc}") from None
+        out["check"] = _check_defaults(path, check)
     return out
+
+
+def _check_defaults(path: str, check: dict[str, Any]) -> CheckSpec:
+    """``[agent.check]`` as a :class:`CheckSpec` within the check limits, or a ConfigError
+    naming the key. Durations are seconds or strings like ``"500ms"``."""
+    def key(name: str) -> str:
+        return f"config file {path}: [agent.check] {name}"
+
+    try:
+        values = dict(check)
+        for name in ("interval", "timeout"):
+            if name in values:
+                values[name] = parse_duration(key(name), values[name], minimum=0.05,
+                                              maximum=MAX_INTERVAL)
+        return within_limits(CheckSpec(**values), key, timeout_given="timeout" in values)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
+    except TypeError as exc:
+        raise ConfigError(f"{key('')}: {exc}") from None
 
 
 def merge(base: AgentConfig, file_values: dict[str, Any], explicit: set[str]) -> AgentConfig:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from discovery.agent.checks import CHECK_TYPES, parse_command, status_matcher
-from discovery.agent.spec import CheckSpec, ServiceSpec
+from discovery.agent.spec import MAX_INTERVAL, CheckSpec, ServiceSpec, within_limits
 from discovery.errors import CheckError, LabelError, ValidationError
 from discovery.model import validate
 from discovery.model.durations import parse_duration
@@ -342,13 +342,18 @@ def _check(
             params["command"] = json.dumps(argv)
     except CheckError as exc:
         raise LabelError(where("command"), str(exc)) from None
-    return replace(defaults, type=ctype, params=params, **fields)
+
+    def label(field: str) -> str:  # the label to change, even when a default broke the limit
+        return (get(f"check.{field}") or ("", f"{who} label discovery.check.{field}"))[1]
+
+    spec = replace(defaults, type=ctype, params=params, **fields)
+    return within_limits(spec, label, timeout_given="timeout" in fields)
 
 
 def _duration(culprit: str, value: str) -> float:
-    """``"2s"``, ``"500ms"``, ``"1m"`` or plain seconds ``"2"`` / ``"0.5"``; 50ms..1h."""
+    """``"2s"``, ``"500ms"``, ``"1m"`` or plain seconds ``"2"`` / ``"0.5"``; 50ms..60s."""
     try:
-        return parse_duration(culprit, value, minimum=0.05, maximum=3600)
+        return parse_duration(culprit, value, minimum=0.05, maximum=MAX_INTERVAL)
     except ValidationError as exc:
         raise LabelError(culprit, exc.reason) from None
 

@@ -5,8 +5,19 @@ Produced by :mod:`discovery.agent.labels`, consumed by the agent and :mod:`disco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+from discovery.errors import ValidationError
+from discovery.model.durations import format_duration
+
+#: Longest check interval and timeout (seconds): a hung probe holds a worker at most this long.
+MAX_INTERVAL = 60.0
+#: Shortest interval of an ``exec`` check (seconds): each run is a process in the container.
+MIN_EXEC_INTERVAL = 1.0
+#: Checks of one container that may run at once (the agent has 8 shared check workers).
+PER_CONTAINER_CHECKS = 2
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,31 @@ class CheckSpec:
     rise: int = 1
     fall: int = 2
     params: dict[str, str] = field(default_factory=dict)
+
+
+def within_limits(
+    spec: CheckSpec, culprit: Callable[[str], str], timeout_given: bool = True
+) -> CheckSpec:
+    """``spec`` if it keeps the limits, else :class:`ValidationError` naming ``culprit(field)``.
+
+    ``timeout`` <= ``interval`` <= 60 s, and ``interval`` >= 1 s for ``exec`` checks. A timeout
+    that was not given explicitly (``timeout_given=False``: the 1 s default) is shortened to
+    the interval instead of refused.
+    """
+    if not 0 < spec.interval <= MAX_INTERVAL:
+        raise ValidationError(culprit("interval"), f"{spec.interval:g}s is not between 0 and "
+                              f"the limit of {format_duration(MAX_INTERVAL)}")
+    if not timeout_given:
+        spec = replace(spec, timeout=min(spec.timeout, spec.interval))
+    if spec.timeout <= 0:
+        raise ValidationError(culprit("timeout"), f"{spec.timeout:g}s is not a positive duration")
+    if spec.timeout > spec.interval:
+        raise ValidationError(culprit("timeout"), f"{spec.timeout:g}s is longer than the "
+                              f"interval ({spec.interval:g}s): a run must end before the next")
+    if spec.type == "exec" and spec.interval < MIN_EXEC_INTERVAL:
+        raise ValidationError(culprit("interval"), f"{spec.interval:g}s is too short for an exec "
+                              f"check (at least {format_duration(MIN_EXEC_INTERVAL)})")
+    return spec
 
 
 @dataclass(frozen=True)

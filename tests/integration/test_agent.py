@@ -156,7 +156,8 @@ def test_exec_check_runs_inside_the_container(registry_url, containers, start_ag
     port = free_port()
     command = '["test", "-f", "/tmp/www/ready"]'
     c = containers(name=f"{web}-1", port=port, labels=labels(
-        web, port, discovery_check="exec", discovery_check_command=command))
+        web, port, discovery_check="exec", discovery_check_command=command,
+        discovery_check_interval="1s"))  # the shortest an exec check may have
     other = svc()
     p2 = free_port()
     containers(name=f"{other}-1", port=p2, labels=labels(other, p2))

@@ -79,7 +79,7 @@ def test_agent_runs_the_installed_plugin(
         "discovery.service": service, "discovery.port": str(port),
         "discovery.check": "httpbody", "discovery.check.path": "/health",
         "discovery.check.contains": "ok", "discovery.check.interval": f"{INTERVAL}s",
-        "discovery.check.timeout": "1s",
+        "discovery.check.timeout": f"{INTERVAL}s",  # at most the interval
         "discovery.check.rise": str(RISE), "discovery.check.fall": str(FALL)})
 
     # 404, then 200 "degraded": a status-only check would register it now; httpbody must not.
