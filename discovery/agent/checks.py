@@ -17,7 +17,8 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -45,6 +46,29 @@ def clip(text: str, limit: int = OUTPUT_LIMIT) -> str:
 
 def _error(exc: BaseException) -> str:
     return clip(f"{type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def deadline(seconds: float, cancel: Callable[[], None]) -> Iterator[threading.Event]:
+    """Call ``cancel()`` from a timer thread if the block is still running after ``seconds``;
+    yields an event that is set once it was. So a peer that trickles bytes cannot stretch a
+    run past its timeout (a socket timeout bounds each read, not the whole exchange)."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        try:
+            cancel()
+        except Exception:  # already closed, or a transport that cannot cancel
+            log.debug("cannot cancel a check at its deadline", exc_info=True)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
 
 
 # --- parameter parsing, shared with discovery.agent.labels -------------------------------
@@ -131,20 +155,28 @@ class HttpCheck:
         conn = http.client.HTTPConnection(
             self.target.address, self.target.port, timeout=self.spec.timeout
         )
-        try:
-            conn.request(
-                "GET",
-                self.path,
-                headers={"User-Agent": "discovery-check", "Connection": "close"},
-            )
-            resp = conn.getresponse()
-            resp.read(_EXEC_OUTPUT_LIMIT)
-            line = clip(f"HTTP {resp.status} {resp.reason}")
-            return CheckResult(self.matches(resp.status), line)
-        except (OSError, http.client.HTTPException) as exc:
-            return CheckResult(False, _error(exc))
-        finally:
-            conn.close()
+
+        def cancel() -> None:
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        with deadline(self.spec.timeout, cancel) as timed_out:
+            try:
+                conn.request(
+                    "GET",
+                    self.path,
+                    headers={"User-Agent": "discovery-check", "Connection": "close"},
+                )
+                resp = conn.getresponse()
+                resp.read(_EXEC_OUTPUT_LIMIT)
+                line = clip(f"HTTP {resp.status} {resp.reason}")
+                return CheckResult(self.matches(resp.status) and not timed_out.is_set(), line)
+            except (OSError, http.client.HTTPException) as exc:
+                if timed_out.is_set():
+                    return CheckResult(False, f"timed out after {self.spec.timeout:g}s")
+                return CheckResult(False, _error(exc))
+            finally:
+                conn.close()
 
 
 class ExecCheck:
@@ -152,7 +184,8 @@ class ExecCheck:
     on the host); healthy when it exits 0 within ``spec.timeout``.
 
     On timeout the check fails; Docker offers no way to kill an exec, so a hung command
-    keeps running in the container until it ends by itself.
+    keeps running in the container until it ends by itself. Until it has, no new run starts
+    (each run fails at once, logged once): a hung command never piles up processes.
     """
 
     def __init__(self, spec: CheckSpec, target: CheckTarget) -> None:
@@ -160,34 +193,45 @@ class ExecCheck:
         self.argv = parse_command(spec.params.get("command"))
         if target.docker is None:
             raise CheckError("exec check needs a Docker client")
+        self._hung: str | None = None  # exec id of a timed-out run, maybe still running
+        self._told = False  # logged that runs are skipped for self._hung
+
+    def _previous_running(self, api: Any) -> bool:
+        """Whether the timed-out previous run is still going (logged once per hung run)."""
+        if self._hung is None:
+            return False
+        try:
+            running = bool(api.exec_inspect(self._hung).get("Running"))
+        except Exception:  # the exec (or the container) is gone: nothing left running
+            running = False
+        who = f"exec check of {self.target.container_id[:12]} ({clip(shlex.join(self.argv), 80)})"
+        if running and not self._told:
+            log.warning("%s: previous run still running; not starting another until it ends",
+                        who)
+            self._told = True
+        elif not running:
+            if self._told:
+                log.info("%s: previous run ended; running again", who)
+            self._hung, self._told = None, False
+        return running
 
     def run(self) -> CheckResult:
         api = self.target.docker.api
+        if self._previous_running(api):
+            return CheckResult(False, "previous run still running: not started again")
         try:
             exec_id = api.exec_create(
                 self.target.container_id, self.argv, stdout=True, stderr=True
             )["Id"]
             stream = api.exec_start(exec_id, stream=True)
-            timed_out = threading.Event()
-
-            def cancel() -> None:
-                timed_out.set()
-                try:
-                    stream.close()
-                except Exception:  # already closed, or a transport that cannot cancel
-                    log.debug("cannot cancel exec stream", exc_info=True)
-
-            timer = threading.Timer(self.spec.timeout, cancel)
-            timer.daemon = True
-            timer.start()
             out = bytearray()
-            try:
-                for chunk in stream:
-                    if len(out) < _EXEC_OUTPUT_LIMIT:
-                        out += chunk[: _EXEC_OUTPUT_LIMIT - len(out)]
-            finally:
-                timer.cancel()
-                stream.close()
+            with deadline(self.spec.timeout, stream.close) as timed_out:
+                try:
+                    for chunk in stream:
+                        if len(out) < _EXEC_OUTPUT_LIMIT:
+                            out += chunk[: _EXEC_OUTPUT_LIMIT - len(out)]
+                finally:
+                    stream.close()
             info = api.exec_inspect(exec_id)
             for _ in range(10):  # the stream can end a moment before dockerd records the exit
                 if timed_out.is_set() or not info.get("Running"):
@@ -198,6 +242,7 @@ class ExecCheck:
             return CheckResult(False, _error(exc))
         text = out.decode("utf-8", "replace")
         if info.get("Running") or (timed_out.is_set() and info.get("ExitCode") is None):
+            self._hung = exec_id
             return CheckResult(False, clip(f"timed out after {self.spec.timeout:g}s {text}"))
         code = info.get("ExitCode")
         return CheckResult(code == 0, clip(f"exit {code}: {text}" if text else f"exit {code}"))

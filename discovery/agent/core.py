@@ -33,6 +33,7 @@ class Agent:
         self.config = config
         self.metrics = metrics or Metrics()
         self.registry = registry
+        self.metrics.follow_registry(registry)
         self._lock = threading.RLock()
         self._tracked: dict[str, Tracked] = {}
         self._registered: dict[Key, Instance] = {}
@@ -46,7 +47,8 @@ class Agent:
         self.registry_connected = False
         self._maint: set[str] = set()  # instance ids in maintenance (discovery maint)
         self._maint_node = False
-        self._checks = CheckScheduler()  # every check of this agent: one timer, a few workers
+        # every check of this agent: one timer, 8 workers, at most 2 held by one container
+        self._checks = CheckScheduler()
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -243,7 +245,7 @@ class Agent:
         runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
                              name=f"check-{key[1]}",
                              on_result=lambda ok: self.metrics.check(kind, ok),
-                             scheduler=self._checks)
+                             scheduler=self._checks, group=tracked.container_id)
         tracked.runners[key] = runner
         runner.start()
 

@@ -6,11 +6,12 @@ import heapq
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from discovery.agent.checks import clip
-from discovery.agent.spec import Check, CheckResult, CheckSpec
+from discovery.agent.spec import PER_CONTAINER_CHECKS, Check, CheckResult, CheckSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,11 @@ class CheckRunner:
         name: str = "check",
         on_result: Callable[[bool], None] | None = None,
         scheduler: CheckScheduler | None = None,
+        group: str | None = None,
     ) -> None:
         self.spec, self.check, self.on_transition, self.name = spec, check, on_transition, name
+        # whose share of a scheduler's workers this runner uses (the agent: its container)
+        self.group = f"{name}@{id(self):x}" if group is None else group
         self.on_result = on_result  # every result (metrics), not only transitions
         self.scheduler = scheduler  # shared timer + workers; None: a thread of its own
         self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
@@ -160,11 +164,18 @@ class CheckScheduler:
 
     A runner is never run twice at once: it is re-queued only after its run finished, at its
     next tick on a fixed grid (missed ticks are skipped, as in the runner's own loop).
+
+    Fair share: at most ``per_group`` runs of one group (the agent's groups are containers)
+    hold workers at once; a group's further due runners wait in its own FIFO, never in the
+    shared pool's queue, so one container whose checks hang cannot delay anyone else's.
     """
 
-    def __init__(self, workers: int = 8) -> None:
+    def __init__(self, workers: int = 8, per_group: int = PER_CONTAINER_CHECKS) -> None:
         self._heap: list[tuple[float, int, CheckRunner]] = []
         self._seq = 0
+        self.per_group = per_group
+        self._busy: dict[str, int] = {}  # group -> runs holding (or queued for) a worker
+        self._waiting: dict[str, deque[tuple[float, CheckRunner]]] = {}  # due, over the share
         self._cond = threading.Condition()
         self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
@@ -183,6 +194,7 @@ class CheckScheduler:
         with self._cond:
             self._stopped = True
             self._heap.clear()
+            self._waiting.clear()
             self._cond.notify()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -196,17 +208,44 @@ class CheckScheduler:
                 if self._stopped:
                     return
                 due, _, runner = heapq.heappop(self._heap)
+                if runner.stopped:
+                    continue
+                if self._busy.get(runner.group, 0) >= self.per_group:
+                    log.debug("%s: waits, %d checks of %s running", runner.name,
+                              self.per_group, runner.group[:12])
+                    self._waiting.setdefault(runner.group, deque()).append((due, runner))
+                    continue
+                self._busy[runner.group] = self._busy.get(runner.group, 0) + 1
+            try:
+                self._pool.submit(self._run, runner, due)
+            except RuntimeError:  # shut down
+                return
+
+    def _next_of(self, group: str) -> tuple[float, CheckRunner] | None:
+        """A run of ``group`` ended: its next waiting runner takes over the slot (call locked)."""
+        waiting = self._waiting.get(group)
+        while waiting:
+            due, runner = waiting.popleft()
             if not runner.stopped:
-                try:
-                    self._pool.submit(self._run, runner, due)
-                except RuntimeError:  # shut down
-                    return
+                return due, runner
+        self._waiting.pop(group, None)
+        self._busy[group] -= 1
+        if not self._busy[group]:
+            del self._busy[group]
+        return None
 
     def _run(self, runner: CheckRunner, due: float) -> None:
         try:
             runner.run_once()
         except Exception:
             log.exception("%s: check runner error", runner.name)
+        with self._cond:
+            successor = None if self._stopped else self._next_of(runner.group)
+        if successor is not None:
+            try:
+                self._pool.submit(self._run, successor[1], successor[0])
+            except RuntimeError:  # shut down
+                return
         if runner.stopped:
             return
         interval = max(runner.spec.interval, 0.01)

@@ -18,6 +18,7 @@ import pytest
 
 from discovery.agent.checks import DockerCheck, ExecCheck
 from discovery.agent.spec import CheckResult, CheckSpec, CheckTarget
+from tests.harness.util import wait_for
 
 docker = pytest.importorskip("docker")
 
@@ -128,3 +129,31 @@ def test_docker_check_follows_healthcheck(client: Any, container: Any) -> None:
     assert "unhealthy" in wait_for(False).output
     assert check(client, container, "touch /healthy").ok
     assert wait_for(True).output.startswith("docker health healthy")
+
+
+def test_exec_never_starts_while_the_previous_run_goes_on(
+    client: Any, container: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung command is not started again and again (issue 8 §3: 202 processes piled up)."""
+    spec = CheckSpec(type="exec", interval=1.0, timeout=0.3, params={"command": "sleep 2.5"})
+    probe = ExecCheck(spec, CheckTarget("127.0.0.1", 1, container.id, client))
+
+    def running() -> int:
+        out = container.exec_run(["ps", "-o", "args"]).output.decode()
+        return out.splitlines().count("sleep 2.5")
+
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="discovery.agent.checks"):
+        assert probe.run().output.startswith("timed out after 0.3s")
+        for _ in range(10):
+            assert probe.run() == CheckResult(False, "previous run still running: "
+                                                     "not started again")
+        assert running() == 1
+        # once the hung command ends by itself, the next run starts a new one
+        wait_for(lambda: probe.run().output.startswith("timed out"), timeout=5,
+                 message="a new run after the hung one ended")
+    assert time.monotonic() - started >= 2.5
+    assert running() == 1
+    logged = [r.message for r in caplog.records]
+    assert sum("previous run still running" in m for m in logged) == 1, logged
+    assert sum("previous run ended" in m for m in logged) == 1, logged
