@@ -64,7 +64,12 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     from discovery.metrics import Metrics
     from discovery.registry import mask_url, open_registry
     from discovery.registry.devserver import LocalEtcd
-    from discovery.watcher.assemble import HAProxySettings, assemble, stop_haproxy
+    from discovery.watcher.assemble import (
+        HAProxySettings,
+        assemble,
+        stop_haproxy,
+        usable_state_dir,
+    )
     from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
     from discovery.watcher.config import merge as merge_services
 
@@ -85,6 +90,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         agent_cfg = merge(agent_cfg, read_file(config_file) if config_file else {}, {"registry"})
         watch_cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
         watch_cfg = merge_services(watch_cfg, [parse_service_arg(s) for s in services])
+        if watch_cfg.services:
+            usable_state_dir(state)  # before anything connects: one line, exit 2
         metrics = Metrics()
         agent = Agent(agent_cfg, open_registry(registry, ttl=agent_cfg.ttl), metrics)
         watcher = assemble(registry, watch_cfg, HAProxySettings(state, haproxy_bin),

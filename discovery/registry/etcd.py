@@ -29,9 +29,10 @@ from discovery.registry.base import (
     Snapshot,
     StateCallback,
     claiming,
-    decode,
     deliver,
 )
+from discovery.registry.decoder import Decoder
+from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
 from discovery.registry.security import (
     EtcdAuth,
     etcd_channel_credentials,
@@ -57,6 +58,7 @@ _GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
 ]
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 _ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
@@ -73,6 +75,7 @@ class EtcdRegistry:
         if url.scheme != "etcd":
             raise ConfigError(f"registry URL {url}: not an etcd:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
+        self.decoder = Decoder(url)
         self._root = f"{url.prefix}/services/"
         self._where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
@@ -98,6 +101,10 @@ class EtcdRegistry:
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
+
+    @property
+    def invalid_records(self) -> int:
+        return self.decoder.skipped
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -240,13 +247,8 @@ class EtcdRegistry:
         self._call(f"delete {key}", lambda: self.client.delete(key))
 
     def snapshot(self) -> Snapshot:
-        resp = self._call("read", lambda: self.client.get_prefix_response(self._root))
-        instances: dict[tuple[str, str], Instance] = {}
-        for kv in resp.kvs:
-            inst = decode(self.url, kv.key.decode("utf-8", "replace"), kv.value)
-            if inst is not None:
-                instances[inst.key] = inst
-        return Snapshot(instances=instances, revision=int(resp.header.revision))
+        """Paginated at one revision: see :mod:`discovery.registry.etcd_read`."""
+        return read_snapshot(self._call, self.client, self.decoder.decode, self._root)
 
     def watch(self, callback: ChangeCallback, start_revision: int = 0) -> _EtcdWatch:
         with self._lock:
@@ -382,7 +384,8 @@ class _EtcdWatch:
         split = url.split_key(key)
         if split is None:
             return
-        inst = None if ev.type == kv_pb2.Event.DELETE else decode(url, key, ev.kv.value)
+        inst = (None if ev.type == kv_pb2.Event.DELETE
+                else self._reg.decoder.decode(key, ev.kv.value))
         # A malformed value counts as a delete: snapshot() would not show it either.
         self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst
                       else Change("delete", key=split, revision=rev))

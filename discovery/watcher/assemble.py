@@ -6,11 +6,13 @@ Shared by ``discovery watch`` and ``discovery up`` so both run the same thing.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from discovery.errors import DiscoveryError
+from discovery.errors import ConfigError, DiscoveryError
 from discovery.metrics import Metrics
 from discovery.registry import open_registry
 from discovery.watcher.config import WatcherConfig
@@ -53,6 +55,8 @@ def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
         paths = RuntimePaths(admin_socket=str(state / "admin.sock"))
         config_path = state / "haproxy.cfg"
     router: Router | None = None
+    if (cfg.services or render_only) and not haproxy.socket and not dry_run:
+        usable_state_dir(haproxy.state_dir)
     if cfg.services or render_only:
         router = Router(cfg, config_path, paths, control, haproxy_bin=haproxy.binary,
                         renderer=renderer)
@@ -62,6 +66,23 @@ def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
     return Watcher(open_registry(registry_url), router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
                    reload_min_interval=cfg.reload_min_interval, metrics=metrics)
+
+
+def usable_state_dir(path: Path) -> None:
+    """Create ``path`` if missing and prove a file can be written in it (root ignores mode
+    bits, so only a write tells); :class:`ConfigError` naming the path otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "not a directory" if path.exists() and not path.is_dir() else exc.strerror
+        raise ConfigError(f"--state-dir {path}: cannot create it: {reason or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--state-dir {path}: cannot write in it: {exc.strerror or exc}"
+                          ) from None
 
 
 def stop_haproxy(watcher: Watcher) -> None:

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from discovery.errors import ConfigError, RenderError, ValidationError
 from discovery.model import validate
+from discovery.model.endpoint import Endpoint
 from discovery.watcher.config import (
     BACKEND_TIMEOUTS,
     FRONTEND_TIMEOUTS,
@@ -82,10 +85,10 @@ def unsafe_reason(value: str) -> str | None:
     return _control_reason(value)
 
 
-def _endpoint(address: str, port: int) -> str:
-    return (
-        f"[{address}]:{port}" if ipaddress.ip_address(address).version == 6 else f"{address}:{port}"
-    )
+def _bind_endpoint(bind: str, port: int) -> str:
+    """``bind`` (already a canonical bind address, maybe the wildcard) and ``port`` as
+    HAProxy's ``bind`` takes them."""
+    return f"[{bind}]:{port}" if ipaddress.ip_address(bind).version == 6 else f"{bind}:{port}"
 
 
 def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
@@ -96,10 +99,9 @@ def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
     if name != f"s{index + 1}" or not _SLOT_NAME.fullmatch(name):
         raise ValidationError(f"{where} name", f"{name[:16]!r} is not s{index + 1}")
     where = f"{service}/{name}"
-    address = validate.address(f"{where} address", slot.address)
     if isinstance(slot.port, bool) or not isinstance(slot.port, int):
         raise ValidationError(f"{where} port", f"{slot.port!r} is not a number")
-    port = validate.port(f"{where} port", slot.port)
+    endpoint = Endpoint.parse(where, slot.address, slot.port)
     if isinstance(slot.weight, bool) or not isinstance(slot.weight, int):
         raise ValidationError(f"{where} weight", f"{slot.weight!r} is not a number")
     weight = validate.weight(f"{where} weight", slot.weight)
@@ -112,9 +114,9 @@ def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
         validate.instance_id(f"{where} instance_id", iid)
     return {
         "name": name,
-        "address": address,
-        "port": port,
-        "endpoint": _endpoint(address, port),
+        "address": endpoint.address,
+        "port": endpoint.port,
+        "endpoint": str(endpoint),
         # HAProxy's config form of drain is weight 0: it then keeps serving only
         # persistent sessions, and a reload keeps it drained.
         "weight": 0 if slot.state == "drain" else weight,
@@ -127,7 +129,7 @@ def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
 
 def _service_context(svc: ServiceConfig, slots: Sequence[Slot]) -> dict[str, Any]:
     name = validate.dns_label("service", svc.name)
-    bind = validate.address(f"services.{name}.bind", svc.bind)
+    bind = validate.bind_address(f"services.{name}.bind", svc.bind)
     port = validate.port(f"services.{name}.port", svc.port)
     if not slots:
         raise RenderError(f"service {name}: no slots (allocate at least one)")
@@ -135,7 +137,7 @@ def _service_context(svc: ServiceConfig, slots: Sequence[Slot]) -> dict[str, Any
         "name": name,
         "bind": bind,
         "port": port,
-        "listen": _endpoint(bind, port),
+        "listen": _bind_endpoint(bind, port),
         "mode": svc.mode,
         "balance": svc.balance,
         "hash_type": "consistent" if svc.balance in HASH_BALANCE else None,
@@ -167,7 +169,7 @@ def build_context(
     stats = None
     if config.stats_port is not None:
         stats = {"bind": STATS_BIND, "port": config.stats_port}
-        stats["listen"] = _endpoint(STATS_BIND, config.stats_port)
+        stats["listen"] = _bind_endpoint(STATS_BIND, config.stats_port)
     return {
         "watcher": {"maxconn": config.maxconn, "timeouts": dict(config.timeouts)},
         "paths": {
@@ -216,7 +218,9 @@ class Renderer:
     def __init__(self, template_path: str | Path | None = None) -> None:
         path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
         self.template_path = path
-        env = jinja2.Environment(
+        # Sandboxed: a template may read its context, nothing else (no attribute walks to
+        # os/subprocess, no mutation); check-config promises to run nothing.
+        env = ImmutableSandboxedEnvironment(
             loader=jinja2.FileSystemLoader(str(path.parent)),
             undefined=jinja2.StrictUndefined,
             autoescape=False,
@@ -245,6 +249,9 @@ class Renderer:
             raise RenderError(f"template {where}: syntax error: {exc.message}") from None
         except RenderError as exc:
             raise RenderError(f"template {self._where(exc)}: {exc}") from None
+        except SecurityError as exc:
+            raise RenderError(f"template {self._where(exc)}: refused by the sandbox: "
+                              f"{str(exc)[:200]}") from None
         except jinja2.UndefinedError as exc:
             raise RenderError(f"template {self._where(exc)}: undefined: {exc.message}") from None
         except Exception as exc:  # anything a template expression can raise
@@ -271,52 +278,3 @@ def render_config(
 ) -> str:
     """Shorthand: :func:`build_context` then :meth:`Renderer.render`."""
     return (renderer or Renderer(config.template)).render(build_context(config, slots, paths))
-
-
-# srv_admin_state bits (HAProxy 2.6 enum srv_admin): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04
-# ("disabled" in the config), FDRAIN 0x08, IDRAIN 0x10, RMAINT 0x20.
-_MAINT, _DRAIN = 0x23, 0x18
-
-
-def prune_server_state(text: str, context: Mapping[str, Any]) -> str:
-    """Filter a ``show servers state`` dump down to the servers it agrees with ``context``.
-
-    On reload HAProxy applies the state file over the config: a slot that was freed at
-    runtime and now holds a new instance would come back in maint, with the old address.
-    Keeping only the lines whose address, port, weight and maint/drain state match what
-    is rendered leaves the file nothing to override but health-check state.
-    """
-    lines = text.splitlines()
-    if len(lines) < 2 or lines[0].strip() != "1" or not lines[1].startswith("# be_id"):
-        if text.strip():
-            log.warning("server state dump not understood; dropping it")
-        return ""
-    header = lines[1][1:].split()
-    wanted = {
-        (svc["name"], slot["name"]): slot
-        for svc in context.get("services", [])
-        for slot in svc["slots"]
-    }
-    kept = []
-    for line in lines[2:]:
-        row = dict(zip(header, line.split(), strict=False))
-        slot = wanted.get((row.get("be_name", ""), row.get("srv_name", "")))
-        try:
-            same = slot is not None and (
-                ipaddress.ip_address(row["srv_addr"]) == ipaddress.ip_address(slot["address"])
-                and int(row["srv_port"]) == slot["port"]
-            )
-            admin, uweight = int(row["srv_admin_state"]), int(row["srv_uweight"])
-        except (KeyError, ValueError):
-            continue
-        if not same or slot is None:
-            continue
-        if slot["state"] == "ready":
-            same = not admin & (_MAINT | _DRAIN) and uweight == slot["weight"]
-        elif slot["state"] == "drain":
-            same = not admin & _MAINT
-        else:
-            same = bool(admin & _MAINT)
-        if same:
-            kept.append(line)
-    return "\n".join([lines[0], lines[1], *kept]) + "\n"

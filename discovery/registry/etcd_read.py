@@ -1,0 +1,126 @@
+"""Full reads of an etcd prefix: paginated, consistent at one revision, bounded in size.
+
+gRPC refuses a message larger than the channel's receive limit (4 MiB by default), and etcd
+answers a range read in one message: an unpaginated read of a large registry fails outright.
+:func:`read_snapshot` therefore reads ``PAGE_KEYS`` keys at a time (``limit``), continuing
+from the last key + ``"\\x00"``, every page after the first at the first page's revision, so
+the result is the registry exactly as it was at that revision. If that revision is compacted
+mid-read, the read starts again. A page larger than the receive limit is asked again with half
+the keys; a single value larger than it is skipped with a warning, as is any value larger
+than ``max_value``. The limits and why: docs/operations.md, "Large registries".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import grpc
+from pyetcd.utils import prefix_range_end
+
+from discovery.errors import RegistryError
+from discovery.model import Instance
+from discovery.registry.base import Snapshot
+
+log = logging.getLogger(__name__)
+#: ``Decoder.decode``: the stored value at a key as an Instance, or None (skipped)
+Decode = Callable[[str, bytes], Instance | None]
+
+#: keys per page: 1000 instances of ~250 bytes are a ~250 KB message
+PAGE_KEYS = 1000
+#: the channel's receive limit (gRPC's default is 4 MiB); etcd itself sends up to 2 GiB
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+#: largest value decoded: etcd's default --max-request-bytes (1.5 MiB), so with a default
+#: server nothing is skipped; a valid instance is far smaller (tens of KB at most)
+MAX_VALUE_BYTES = 1536 * 1024
+#: how often a read is started again because its revision was compacted under it
+MAX_RESTARTS = 3
+
+
+class Caller(Protocol):
+    """``EtcdRegistry._call``: one request, retried on other members until the timeout."""
+
+    def __call__(self, what: str, fn: Any, closing: bool = False) -> Any: ...
+
+
+class _Compacted(RegistryError):
+    """The revision a paginated read started at was compacted before it finished."""
+
+
+class _TooBig(RegistryError):
+    """A page was larger than the channel's receive limit."""
+
+
+def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
+                  page_keys: int = PAGE_KEYS, max_value: int = MAX_VALUE_BYTES) -> Snapshot:
+    """Every valid instance under ``root``, read page by page at one revision."""
+    for attempt in range(MAX_RESTARTS + 1):
+        try:
+            return _read_once(call, client, decode, root, page_keys, max_value)
+        except _Compacted as exc:
+            log.warning("etcd read of %s: %s; reading again (%d/%d)", root, exc, attempt + 1,
+                        MAX_RESTARTS)
+    raise RegistryError(f"etcd read of {root}: its revision was compacted during each of "
+                        f"{MAX_RESTARTS + 1} attempts (is a compaction running in a loop?)")
+
+
+def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: int,
+               max_value: int) -> Snapshot:
+    start, end = root.encode(), prefix_range_end(root.encode())
+    revision, limit, pages = 0, page_keys, 0
+    instances: dict[tuple[str, str], Instance] = {}
+    while True:
+        pages += 1
+        try:
+            resp = call(f"read {root} (page {pages})",
+                        partial(_range, client, start, end, limit, revision))
+        except _TooBig as exc:
+            if limit > 1:
+                limit = max(1, limit // 2)
+                log.debug("etcd read of %s: %s; asking %d keys a page", root, exc, limit)
+                continue
+            resp = call(f"read {root} (key of page {pages})",
+                        partial(_range, client, start, end, 1, revision, keys_only=True))
+            revision = revision or int(resp.header.revision)
+            if not resp.kvs:
+                break
+            key = resp.kvs[0].key
+            log.warning("registry entry %s is larger than the gRPC receive limit; skipped",
+                        key.decode("utf-8", "replace"))
+            start = key + b"\0"
+            continue
+        revision = revision or int(resp.header.revision)
+        for kv in resp.kvs:
+            key = kv.key.decode("utf-8", "replace")
+            if len(kv.value) > max_value:
+                log.warning("registry entry %s is %d bytes (more than %d); skipped", key,
+                            len(kv.value), max_value)
+                continue
+            inst = decode(key, kv.value)
+            if inst is not None:
+                instances[inst.key] = inst
+        if not resp.more or not resp.kvs:
+            break
+        start = resp.kvs[-1].key + b"\0"
+        limit = min(page_keys, limit * 2)
+    log.debug("etcd read of %s: %d instances in %d pages at revision %d", root,
+              len(instances), pages, revision)
+    return Snapshot(instances=instances, revision=revision)
+
+
+def _range(client: Any, start: bytes, end: bytes, limit: int, revision: int,
+           keys_only: bool = False) -> Any:
+    """One page. The compaction and size errors become ours; the rest go to the caller."""
+    try:
+        return client.get_range_response(start, end, limit=limit, revision=revision or None,
+                                         keys_only=keys_only)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = str(exc.details() if hasattr(exc, "details") else exc)
+        if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+            raise _Compacted(f"revision {revision} compacted") from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            raise _TooBig(f"{limit} keys: {details}") from None
+        raise

@@ -1,0 +1,203 @@
+"""Full etcd reads larger than gRPC's 4 MiB default, against a real etcd (issue 8, part A).
+
+The data is written with a raw client (transactions of 128 puts, etcd's default
+--max-txn-ops), bypassing the registry code; each test first shows that one unpaginated read
+of it fails, so it would fail without the paging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pyetcd
+import pytest
+
+from discovery.errors import InvalidRecord
+from discovery.model import Instance
+from discovery.registry import Change, RegistryURL, open_registry
+from discovery.registry.etcd_read import read_snapshot
+from tests.harness.servers import ServerCluster, unique_prefix
+from tests.harness.util import wait_for
+
+pytestmark = pytest.mark.integration
+
+FOUR_MIB = 4 * 1024 * 1024
+TXN_OPS = 128  # etcd's default --max-txn-ops
+
+
+@pytest.fixture
+def etcd_url(etcd_single: ServerCluster) -> str:
+    etcd_single.ensure_running()
+    return etcd_single.url(unique_prefix())
+
+
+@pytest.fixture
+def raw(etcd_url: str) -> Iterator[Any]:
+    host, port = RegistryURL.parse(etcd_url).hosts[0]
+    client = pyetcd.client(host, port, timeout=10)  # gRPC's default 4 MiB receive limit
+    yield client
+    client.delete_prefix(RegistryURL.parse(etcd_url).prefix + "/")
+    client.close()
+
+
+def inst(n: int, service: str = "web") -> Instance:
+    meta = {f"k{i}": f"value-{n}-{i}-" + "x" * 20 for i in range(6)}  # ~420 bytes in all
+    return Instance(service=service, id=f"node-{n % 7}:{n:012x}:80", node=f"node-{n % 7}",
+                    address="127.0.0.1", port=1024 + n % 60000, meta=meta, registered_at=1.0)
+
+
+def write(raw: Any, items: dict[str, bytes]) -> int:
+    """Put ``items`` (key -> value) in transactions of at most 128 puts and 1 MB (etcd's
+    default limits: --max-txn-ops, --max-request-bytes); the bytes written."""
+    batch: list[Any] = []
+    size = total = 0
+    for key, value in items.items():
+        if batch and (len(batch) == TXN_OPS or size + len(value) > 1_000_000):
+            raw.transaction(compare=[], success=batch, failure=[])
+            batch, size = [], 0
+        batch.append(raw.transactions.put(key, value))
+        size += len(value)
+        total += len(value)
+    if batch:
+        raw.transaction(compare=[], success=batch, failure=[])
+    return total
+
+
+def unpaginated_read_fails(raw: Any, url: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        raw.get_prefix_response(RegistryURL.parse(url).services_root + "/")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def plain_call(what: str, fn: Any, closing: bool = False) -> Any:
+    return fn()
+
+
+def plain_decode(key: str, raw: bytes) -> Instance | None:
+    try:
+        return Instance.from_json(raw, where=key)
+    except InvalidRecord:
+        return None
+
+
+def test_snapshot_of_many_small_instances_then_watch(etcd_url: str, raw: Any) -> None:
+    url = RegistryURL.parse(etcd_url)
+    made = {x.key: x for x in (inst(n, ("web", "api", "db")[n % 3]) for n in range(12_000))}
+    size = write(raw, {url.key(*k): x.to_json() for k, x in made.items()})
+    assert size > FOUR_MIB, size
+    unpaginated_read_fails(raw, etcd_url)
+
+    reg, writer = open_registry(etcd_url), open_registry(etcd_url)
+    try:
+        t0 = time.monotonic()
+        snap = reg.snapshot()
+        took = time.monotonic() - t0
+        assert len(snap.instances) == len(made)
+        assert snap.instances == made
+        assert took < 15, f"snapshot of {len(made)} instances took {took:.1f}s"
+
+        seen: list[Change] = []
+        lock = threading.Lock()
+
+        def follow(change: Change) -> None:
+            with lock:
+                seen.append(change)
+
+        reg.watch(follow, snap.revision)
+        new = inst(99_999, "web")
+        writer.register(new)
+        gone = next(iter(made))
+        raw.delete(url.key(*gone))
+
+        def both() -> bool:
+            with lock:
+                kinds = {(c.kind, c.key) for c in seen}
+            return ("put", new.key) in kinds and ("delete", gone) in kinds
+
+        wait_for(both, 10, message="the watch after a paged snapshot sees a put and a delete")
+        assert reg.snapshot().instances.keys() == (made.keys() - {gone}) | {new.key}
+    finally:
+        writer.close(revoke=True)
+        reg.close(revoke=False)
+
+
+def test_values_near_etcd_request_limit(etcd_url: str, raw: Any,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    url = RegistryURL.parse(etcd_url)
+    good = {x.key: x for x in (inst(n) for n in range(5))}
+    big = {url.key("web", f"node-1:{n:012x}:81"): b"{" + b" " * 1_400_000 + b"}"
+           for n in range(3)}  # ~1.4 MB each: under etcd's 1.5 MiB request limit, not instances
+    size = write(raw, {**big, **{url.key(*k): x.to_json() for k, x in good.items()}})
+    assert size > FOUR_MIB
+    unpaginated_read_fails(raw, etcd_url)
+
+    reg = open_registry(etcd_url)  # 64 MiB receive limit: one page
+    try:
+        assert reg.snapshot().instances == good
+    finally:
+        reg.close(revoke=False)
+
+    root = url.services_root + "/"
+    host, port = url.hosts[0]
+    for limit, skipped in ((2 * 1024 * 1024, False), (1024 * 1024, True)):
+        # 2 MiB: pages shrink until each fits; 1 MiB: a single 1.4 MB value never fits
+        client = pyetcd.client(host, port, timeout=10,
+                               grpc_options=[("grpc.max_receive_message_length", limit)])
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
+                snap = read_snapshot(plain_call, client, plain_decode, root)
+        finally:
+            client.close()
+        assert snap.instances == good
+        named = [k for k in big if k in caplog.text]
+        assert named == (list(big) if skipped else []), caplog.text
+
+    caplog.clear()
+    client = pyetcd.client(host, port, timeout=10)
+    try:
+        with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
+            snap = read_snapshot(plain_call, client, plain_decode, root, max_value=1_000_000)
+    finally:
+        client.close()
+    assert snap.instances == good
+    assert all(f"{k} is 1400002 bytes" in caplog.text for k in big), caplog.text
+
+
+class CompactsAfterFirstPage:
+    """A real client that, right after the first page, writes one more instance and compacts
+    etcd up to it, so the next page's revision is gone."""
+
+    def __init__(self, client: Any, key: str, value: bytes) -> None:
+        self.client, self.key, self.value = client, key, value
+        self.pages, self.compacted = 0, 0
+
+    def get_range_response(self, *args: Any, **kwargs: Any) -> Any:
+        resp = self.client.get_range_response(*args, **kwargs)
+        self.pages += 1
+        if self.pages == 1:
+            self.client.put(self.key, self.value)
+            self.compacted = int(self.client.get_response(self.key).header.revision)
+            self.client.compact(self.compacted)
+        return resp
+
+
+def test_compaction_mid_read_starts_again(etcd_url: str, raw: Any,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    url = RegistryURL.parse(etcd_url)
+    made = {x.key: x for x in (inst(n) for n in range(50))}
+    write(raw, {url.key(*k): x.to_json() for k, x in made.items()})
+    extra = inst(1000)
+    client = CompactsAfterFirstPage(raw, url.key(*extra.key), extra.to_json())
+    with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
+        snap = read_snapshot(plain_call, client, plain_decode, url.services_root + "/",
+                             page_keys=10)
+    assert "compacted" in caplog.text
+    assert snap.revision >= client.compacted > 0
+    assert snap.instances == {**made, extra.key: extra}  # one consistent read, at the new revision
+    assert client.pages == 1 + 6  # the aborted read's first page, then 51 keys in pages of 10
