@@ -46,6 +46,10 @@ class Instance:
     state: State = State.UP
     registered_at: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
+    #: when the agent saw what caused this write (a Docker event, a check transition, a
+    #: maintenance call) and when it wrote the record; 0: unknown (older records)
+    seen_at: float = 0.0
+    written_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +103,8 @@ class Instance:
             "image": self.image,
             "state": self.state.value,
             "registered_at": self.registered_at,
+            **({"seen_at": self.seen_at} if self.seen_at else {}),
+            **({"written_at": self.written_at} if self.written_at else {}),
         }
 
     def to_json(self) -> bytes:
@@ -136,9 +142,10 @@ class Instance:
         port, weight = data["port"], data.get("weight", 100)
         if not _is_int(port) or not _is_int(weight):
             raise InvalidRecord(where, "port and weight must be integers")
-        registered_at = data.get("registered_at", 0.0)
-        if not _is_number(registered_at) or not 0 <= registered_at < 1e11:
-            raise InvalidRecord(where, "registered_at must be a finite number of seconds")
+        stamps = {name: data.get(name, 0.0) for name in ("registered_at", "seen_at", "written_at")}
+        for name, stamp in stamps.items():
+            if not _is_number(stamp) or not 0 <= stamp < 1e11:
+                raise InvalidRecord(where, f"{name} must be a finite number of seconds")
         text = {name: data.get(name, "") for name in ("container_id", "container_name", "image")}
         text |= {name: data[name] for name in ("service", "id", "node", "address")}
         text["state"] = data.get("state", "up")
@@ -154,7 +161,9 @@ class Instance:
             address=text["address"], port=port, tags=v.tags("tags", tags), weight=weight,
             meta=v.meta("meta", meta), container_id=text["container_id"],
             container_name=text["container_name"], image=text["image"],
-            state=State(text["state"]), registered_at=float(registered_at), schema=schema,
+            state=State(text["state"]), registered_at=float(stamps["registered_at"]),
+            schema=schema, seen_at=float(stamps["seen_at"]),
+            written_at=float(stamps["written_at"]),
         )
 
     @classmethod

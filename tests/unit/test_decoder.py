@@ -72,6 +72,10 @@ MALFORMED = [
     (_raw(service="api"), "holds"),
     (_raw().replace(b'"schema": 1,', b'"schema": 1e400,'), "not JSON"),
     (_raw().replace(b'"registered_at": 12.5', b'"registered_at": NaN'), "not JSON"),
+    (_raw().replace(b'"registered_at": 12.5', b'"registered_at": 12.5, "seen_at": Infinity'),
+     "not JSON"),
+    (_raw().replace(b'"registered_at": 12.5', b'"registered_at": 12.5, "written_at": "x"'),
+     "written_at"),
     (b"[" * 50_000 + b"]" * 50_000, "too large"),
     (b"[" * 1000 + b"]" * 1000, "nested deeper"),
     (_raw(address="::1%lo]:25080 init-addr none backup cookie ["), "scope ids"),
@@ -141,7 +145,8 @@ JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats() | st.text(ma
 JSON_ANY = st.recursive(JSON_LEAF, lambda kids: st.lists(kids, max_size=4)
                         | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=20)
 FIELDS = st.sampled_from(["schema", "service", "id", "node", "address", "port", "tags",
-                          "weight", "meta", "state", "registered_at", "image"])
+                          "weight", "meta", "state", "registered_at", "image", "seen_at",
+                          "written_at"])
 
 
 def _checked(inst: Instance | None) -> None:
@@ -151,6 +156,7 @@ def _checked(inst: Instance | None) -> None:
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in output"))
     assert Decoder(URL).decode(KEY, text) == inst
     assert math.isfinite(inst.registered_at)
+    assert math.isfinite(inst.seen_at) and math.isfinite(inst.written_at)
     assert isinstance(inst.schema, int) and inst.schema >= 1
 
 

@@ -138,6 +138,11 @@ BAD_FIELDS = [
     ("registered_at bool", {"registered_at": True}, "registered_at must be a finite"),
     ("registered_at negative", {"registered_at": -1}, "registered_at must be a finite"),
     ("registered_at huge", {"registered_at": 10**30}, "registered_at must be a finite"),
+    ("seen_at text", {"seen_at": "now"}, "seen_at must be a finite"),
+    ("seen_at bool", {"seen_at": False}, "seen_at must be a finite"),
+    ("seen_at negative", {"seen_at": -0.5}, "seen_at must be a finite"),
+    ("written_at huge", {"written_at": 1e300}, "written_at must be a finite"),
+    ("written_at list", {"written_at": [1]}, "written_at must be a finite"),
 ]
 
 
@@ -201,3 +206,15 @@ def test_hostile_values_are_one_invalid_record(raw: bytes, reason: str) -> None:
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     inst = Instance.from_json(json.dumps(record(meta={"k": "[[[[[[[[[[{{{{{{{{{{ \\\" ["})))
     assert inst.meta["k"].startswith("[[[[")
+
+
+def test_stage_stamps_round_trip_and_older_records_decode() -> None:
+    """seen_at / written_at (propagation stages) survive JSON; records without them (older
+    agents, Nerve) decode with 0 and print without them; they are not part of the registration."""
+    stamped = Instance.from_json(json.dumps(record(seen_at=1700000000.25, written_at=1700000000.5)))
+    assert (stamped.seen_at, stamped.written_at) == (1700000000.25, 1700000000.5)
+    assert Instance.from_json(stamped.to_json()) == stamped
+    old = Instance.from_json(json.dumps(record()))
+    assert (old.seen_at, old.written_at) == (0.0, 0.0)
+    assert "seen_at" not in old.to_dict() and "written_at" not in old.to_dict()
+    assert old.same_registration(stamped)
