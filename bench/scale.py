@@ -21,9 +21,12 @@ listener each on free ports below the ephemeral range, and the bench measures:
   in service. Target: <= 250 ms, no reload.
 * **RSS** of the watcher (VmRSS at the end and VmHWM, the peak) and of its HAProxy.
 
-The same is done for ``--small-services`` x 10, to show whether the apply time depends on
-the size, and each size with the default quiescence window (``wait = 20ms:500ms``) and with
-``wait = 0ms:500ms`` (the change alone, without the deliberate 20 ms coalescing pause).
+The same is done for ``--small-services`` x 10 (``10,100``: several sizes), to show whether
+the apply time depends on the size, and each size with the default quiescence window
+(``wait = 20ms:500ms``) and with ``wait = 0ms:500ms`` (the change alone, without the
+deliberate 20 ms coalescing pause).
+``--router baseline`` measures the same with ``bench/reload_per_change.py`` instead of the
+watcher (a full render, ``haproxy -c`` and a reload per change), for comparison.
 ``--py-spy`` samples the watcher (startup and changes, separately) and prints where the time
 goes. Output as ``bench/routing.py``: JSON lines, then a summary.
 """
@@ -87,8 +90,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("scale")
     g.add_argument("--services", type=int, default=1000, help="scale: services (default 1000)")
     g.add_argument("--instances", type=int, default=10, help="scale: instances per service")
-    g.add_argument("--small-services", type=int, default=10,
-                   help="scale: the small size to compare with (0: skip)")
+    g.add_argument("--small-services", default="10",
+                   help="scale: the smaller sizes to compare with, comma-separated (0: none)")
+    g.add_argument("--router", choices=("watcher", "baseline"), default="watcher",
+                   help="scale: discovery watch, or bench/reload_per_change.py (a reload per "
+                        "change; result scale-baseline-etcd.json)")
     g.add_argument("--changes", type=int, default=20, help="scale: measured changes per run")
     g.add_argument("--waits", default="default,0ms:500ms",
                    help="scale: quiescence windows to run ('default': the watcher's, 20ms:500ms)")
@@ -359,7 +365,10 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
             lines += [f"[services.{name}]", f"port = {port}"]
         toml.write_text("\n".join(lines) + "\n")
         url = f"etcd://{HOST}:{setup.etcd.client_ports[0]}{prefix}"
-        watcher = Routed.watcher(url, {}, setup.work, config=toml)
+        if args.router == "baseline":
+            watcher = Routed.baseline(url, dict(zip(names, ports, strict=True)), setup.work)
+        else:
+            watcher = Routed.watcher(url, {}, setup.work, config=toml)
         wall0 = time.time()
         watcher.start()
         if args.py_spy:
@@ -425,7 +434,7 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
             bulk = bulk_change(agents, node, watcher.state_dir / "admin.sock",
                                backend_ports[node])
             bulk["haproxy_reloads"] = (watcher.reload_count() or 0) - (reloads_before or 0)
-            say(f"scale {label}: bulk change ({bulk['instances']} instances of sim{node}) "
+            say(f"scale {label}: bulk change ({bulk['servers_before']} servers of sim{node}) "
                 f"applied in {bulk['applied_ms']:.0f} ms, {bulk['haproxy_reloads']} reloads")
         check_ms, cfg_lines = haproxy_check_ms(watcher.state_dir / "haproxy.cfg")
         mem = rss_kib(watcher.pid)
@@ -501,8 +510,11 @@ def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
         raise Unmeasured("--services must be in 1..2000 and --instances in 1..50")
     if not 1 <= args.changes <= 200:
         raise Unmeasured("--changes must be in 1..200")
-    sizes = [args.services] + ([args.small_services] if args.small_services else [])
+    small = [int(x) for x in str(args.small_services).split(",") if x.strip() and int(x)]
+    sizes = [args.services, *small]
     waits = [w.strip() for w in args.waits.split(",") if w.strip()]
+    if args.router == "baseline":
+        waits = ["none"]  # the baseline applies each change as it comes (no window)
     etcd = EtcdCluster(1, work / "scale-etcd")
     httpds = Httpds(work)
     try:
@@ -517,7 +529,8 @@ def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
             for wait in waits:
                 say(f"scale: {size} services x {args.instances}, wait {wait}")
                 samples[f"{size}x{args.instances} {wait}"] = measure(setup, size, wait)
-        report.save("scale", "etcd", mark, samples)
+        report.save("scale" if args.router == "watcher" else "scale-baseline", "etcd", mark,
+                    samples)
     finally:
         httpds.close()
         etcd.stop()

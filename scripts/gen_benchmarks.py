@@ -192,6 +192,22 @@ def t_churn_tcp(results: dict[str, Result]) -> str:
                   "accept queue peak (Recv-Q of backlog, `ss -ltn` every 250 ms)"], out)
 
 
+def t_accept_queue(results: dict[str, Result]) -> str:
+    res = results.get("accept-queue-none")
+    if res is None:
+        return missing("accept-queue-none")
+    out = []
+    for r in rows_of(res):
+        out.append([f"`{r['variant']}`", r["load"], num(r["n"]), num(r["p50_ms"]),
+                    num(r["p99_ms"]), num(r["p99_9_ms"]), num(r["max_ms"]),
+                    num(r.get("tcp_listen_overflows")), num(r.get("tcp_listen_drops")),
+                    num(r.get("tcp_syn_retrans")), num(r.get("app_backlog")),
+                    num(r.get("host_cpu_busy_pct"), 0) + " %"])
+    return table(["variant", "load", "requests", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+                  "ListenOverflows", "ListenDrops", "TCPSynRetrans", "app backlog",
+                  "host busy"], out)
+
+
 def t_scale(results: dict[str, Result]) -> str:
     res = results.get("scale-etcd")
     if res is None:
@@ -247,8 +263,8 @@ def t_dns(results: dict[str, Result]) -> str:
         theirs = ", ".join(num(q) for q in r["dnsmasq_rounds"])
         add = " / ".join("yes" if x else "NO" for x in r["additional_correct"])
         out.append([r["workload"], r["qtype"], num(r["query_names"]),
-                    num(r.get("changes_per_s")), f"{num(r['discovery_qps'])} ({rounds})",
-                    f"{num(r['dnsmasq_qps'])} ({theirs})",
+                    num(r.get("changes_per_s")), f"{num(round(r['discovery_qps']))} ({rounds})",
+                    f"{num(round(r['dnsmasq_qps']))} ({theirs})",
                     f"{r['ratio']:.2f} ({r['worst_ratio']:.2f})",
                     " / ".join(num(x) for x in r["lost"]), "yes" if r["correct"] else "NO", add,
                     r["cpu_us_per_query"]])
@@ -262,18 +278,33 @@ def t_dns(results: dict[str, Result]) -> str:
                   "CPU µs/query user+sys (ours / dnsmasq)"], out) + note
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            yield f"{prefix}{k}", v
+
+
 def t_generic(stem: str) -> Callable[[dict[str, Result]], str]:
-    """Any result whose summary holds ``rows``: every scalar column, as written."""
+    """Any other result: its summary's scalars (nested keys joined by dots) as one table, and
+    each list of rows in it as a table of its own."""
 
     def render(results: dict[str, Result]) -> str:
         res = results.get(stem)
         if res is None:
             return missing(stem)
-        rows = res["summary"].get("rows") or [res["summary"]]
-        cols: list[str] = []
-        for r in rows:
-            cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict | list)]
-        return table(cols, [[num(r.get(c)) for c in cols] for r in rows])
+        summary = res["summary"]
+        parts = [table(["summary", "value"], [[f"`{k}`", num(v)] for k, v in _flat(summary)])]
+        for key, rows in summary.items():
+            if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+                cols: list[str] = []
+                for r in rows:
+                    cols += [k for k, v in r.items()
+                             if k not in cols and not isinstance(v, dict | list)]
+                parts.append(f"`{key}`:\n\n" + table(cols, [[num(r.get(c)) for c in cols]
+                                                           for r in rows]))
+        return "\n\n".join(parts)
 
     return render
 
@@ -285,6 +316,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "propagation": t_propagation,
     "churn": t_churn,
     "churn-tcp": t_churn_tcp,
+    "accept-queue": t_accept_queue,
     "scale": t_scale,
     "scale-targets": t_scale_targets,
     "dns": t_dns,
