@@ -22,6 +22,7 @@ class Catalog:
         self._cond = threading.Condition()
         self._instances: dict[Key, Instance] = {}
         self._by_service: dict[str, dict[str, Instance]] = {}  # service → id → instance
+        self._up: dict[str, int] = {}  # service → how many of its instances are up
         self.revision = 0
         self.index = 0
         self.loaded = False
@@ -31,9 +32,10 @@ class Catalog:
         with self._cond:
             changed = self._instances != snapshot.instances
             self._instances = dict(snapshot.instances)
-            self._by_service = {}
+            self._by_service, self._up = {}, {}
             for (service, iid), inst in self._instances.items():
                 self._by_service.setdefault(service, {})[iid] = inst
+                self._count_up(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
             self.loaded = True
             return self._bump(changed)
@@ -45,10 +47,14 @@ class Catalog:
         with self._cond:
             self.revision = max(self.revision, change.revision)
             service, iid = change.key
+            old = self._instances.get(change.key)
+            if old is not None:
+                self._count_up(old, -1)
             if change.kind == "put" and change.instance is not None:
-                changed = self._instances.get(change.key) != change.instance
+                changed = old != change.instance
                 self._instances[change.key] = change.instance
                 self._by_service.setdefault(service, {})[iid] = change.instance
+                self._count_up(change.instance, 1)
             else:
                 changed = self._instances.pop(change.key, None) is not None
                 members = self._by_service.get(service)
@@ -57,6 +63,14 @@ class Catalog:
                     if not members:
                         del self._by_service[service]
             return self._bump(changed)
+
+    def _count_up(self, inst: Instance, delta: int) -> None:
+        if inst.state is State.UP:
+            left = self._up.get(inst.service, 0) + delta
+            if left:
+                self._up[inst.service] = left
+            else:
+                self._up.pop(inst.service, None)
 
     def _bump(self, changed: bool) -> bool:
         if changed:
@@ -82,6 +96,19 @@ class Catalog:
                 if wanted.issubset(i.tags) and (include_draining or i.state is State.UP)
             ]
         return sorted(found, key=lambda i: (i.service, i.id))
+
+    def get(self, key: Key) -> Instance | None:
+        with self._cond:
+            return self._instances.get(key)
+
+    def up_count(self, service: str) -> int:
+        """How many instances of ``service`` are up (kept as changes come: O(1))."""
+        with self._cond:
+            return self._up.get(service, 0)
+
+    def size(self) -> int:
+        with self._cond:
+            return len(self._instances)
 
     def count(self, service: str) -> int:
         with self._cond:

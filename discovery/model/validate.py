@@ -24,9 +24,14 @@ _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9.:_-]{0,200}$")
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})  # controls, format, separators
 
 
+_PLAIN_ASCII = re.compile(r"[\x20-\x7e]*")
+
+
 def _printable(culprit: str, value: str) -> None:
     if len(value) > MAX_VALUE:
         raise ValidationError(culprit, f"value too long ({len(value)} > {MAX_VALUE} chars)")
+    if _PLAIN_ASCII.fullmatch(value):  # the common case, checked in C
+        return
     for ch in value:
         if unicodedata.category(ch) in _UNPRINTABLE:
             raise ValidationError(culprit, f"control character {ord(ch):#04x} not allowed")

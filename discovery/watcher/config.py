@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance, validate
 from discovery.model.durations import parse_duration, to_ms
+from discovery.watcher.guard import GuardSettings
 
 MODES = ("http", "tcp")
 # Only dynamic algorithms: the watcher changes weights at runtime, which HAProxy refuses
@@ -249,6 +250,7 @@ class WatcherConfig:
     wait_max: float = 0.5
     reload_min_interval: float = 1.0
     template: str | None = None
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         for name, svc in self.services.items():
@@ -316,7 +318,8 @@ def parse_service_arg(value: str, culprit: str | None = None) -> ServiceConfig:
 
 
 _SERVICE_KEYS = {f.name for f in fields(ServiceConfig)} - {"name"}
-_WATCHER_KEYS = {"maxconn", "timeouts", "stats_port", "wait", "reload_min_interval", "template"}
+_WATCHER_KEYS = {"maxconn", "timeouts", "stats_port", "wait", "reload_min_interval", "template",
+                 "wipe_guard"}
 
 
 def _service_from_table(name: str, table: object) -> ServiceConfig:
@@ -351,6 +354,8 @@ def watcher_config_from_dict(data: Mapping[str, Any]) -> WatcherConfig:
         }
     if "wait" in table:
         values["wait_min"], values["wait_max"] = parse_wait(table["wait"], "watcher.wait")
+    if "wipe_guard" in table:
+        values["guard"] = GuardSettings.parse(table["wipe_guard"])
     if "reload_min_interval" in table:
         with _config_errors():
             values["reload_min_interval"] = parse_duration(

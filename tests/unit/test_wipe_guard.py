@@ -1,0 +1,172 @@
+"""The wipe guard (watcher/guard.py): both sides of the rule, with a fake clock.
+
+A wipe (half the catalog removed at once) never empties a service; a normal scale-down, or
+stopping the last instance, still stops traffic to it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from discovery.errors import ConfigError
+from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
+from discovery.registry import Change
+from discovery.registry.base import Snapshot
+from discovery.watcher.guard import GuardSettings, WipeGuard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def inst(service: str, n: int, state: State = State.UP) -> Instance:
+    return Instance(service=service, id=f"h{n}:{n:012x}:80", node=f"h{n}",
+                    address="192.0.2.1", port=8000 + n, state=state)
+
+
+def setup(instances: list[Instance]) -> tuple[Catalog, WipeGuard, Clock]:
+    catalog, clock = Catalog(), Clock()
+    catalog.load(Snapshot({i.key: i for i in instances}, revision=1))
+    return catalog, WipeGuard(catalog, clock=clock), clock
+
+
+def feed(catalog: Catalog, guard: WipeGuard, change: Change) -> None:
+    for c in guard.filter(change):
+        catalog.apply(c)
+
+
+def tick(catalog: Catalog, guard: WipeGuard, clock: Clock, seconds: float) -> None:
+    clock.now += seconds
+    for c in guard.due():
+        catalog.apply(c)
+
+
+def delete(i: Instance) -> Change:
+    return Change("delete", key=i.key, revision=2)
+
+
+def put(i: Instance) -> Change:
+    return Change("put", key=i.key, instance=i, revision=3)
+
+
+def ids(catalog: Catalog, service: str | None = None) -> set[str]:
+    return {i.id for i in catalog.instances(service)}
+
+
+def test_a_removal_that_leaves_an_instance_up_is_applied_at_once() -> None:
+    a1, a2, b1, c1, d1 = inst("a", 1), inst("a", 2), inst("b", 3), inst("c", 4), inst("d", 5)
+    catalog, guard, _ = setup([a1, a2, b1, c1, d1])
+    feed(catalog, guard, delete(a1))
+    assert ids(catalog, "a") == {a2.id}
+    assert guard.next_due() is None
+
+
+def test_stopping_the_last_instance_stops_traffic_after_settle() -> None:
+    a1, b1, c1, d1 = inst("a", 1), inst("b", 2), inst("c", 3), inst("d", 4)
+    catalog, guard, clock = setup([a1, b1, c1, d1])
+    feed(catalog, guard, delete(a1))
+    assert ids(catalog, "a") == {a1.id}  # settling: still served for 0.2 s
+    tick(catalog, guard, clock, 0.1)
+    assert ids(catalog, "a") == {a1.id}
+    tick(catalog, guard, clock, 0.15)
+    assert ids(catalog, "a") == set()
+    assert guard.status.holding == 0 and guard.status.engaged == 0
+
+
+def test_a_draining_last_instance_goes_at_once() -> None:
+    a1, b1 = inst("a", 1, State.DRAINING), inst("b", 2)
+    catalog, guard, _ = setup([a1, b1])
+    feed(catalog, guard, delete(a1))
+    assert ids(catalog, "a") == set()
+
+
+def test_a_single_host_with_one_instance_is_no_wipe() -> None:
+    a1 = inst("a", 1)
+    catalog, guard, clock = setup([a1])
+    feed(catalog, guard, delete(a1))
+    tick(catalog, guard, clock, 0.3)
+    assert ids(catalog) == set()  # 1 removal < min_removed: the last instance really went
+
+
+def test_every_lease_revoked_is_held_and_released_as_agents_come_back() -> None:
+    fleet = [inst(s, n) for n, s in enumerate(["a", "a", "b", "b", "c", "c"], start=1)]
+    catalog, guard, clock = setup(fleet)
+    for i in fleet:  # a stuck leader revokes every lease: deletes arrive back to back
+        feed(catalog, guard, delete(i))
+    # the first two went before the wipe was seen (each left its service an instance)
+    assert ids(catalog) == {i.id for i in fleet[2:]} | {fleet[1].id}
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.engaged == 1
+    assert ids(catalog, "a") == {fleet[1].id} and ids(catalog, "b") and ids(catalog, "c")
+    assert guard.status.holding == 5  # everything removed once the wipe was seen
+    tick(catalog, guard, clock, 5.0)  # still no agent back: nothing is released
+    assert guard.status.holding == 5
+    for i in fleet[:3]:  # agents re-register (same ids)
+        feed(catalog, guard, put(i))
+    assert ids(catalog, "a") == {fleet[0].id, fleet[1].id}
+    assert guard.status.holding == 3  # b's second and c's two
+    tick(catalog, guard, clock, 1.0)
+    # wipe over, b has an up instance again: its unreturned one goes; c keeps its held ones
+    assert ids(catalog, "b") == {fleet[2].id}
+    assert ids(catalog, "c") == {fleet[4].id, fleet[5].id}
+    assert guard.status.holding == 2
+    tick(catalog, guard, clock, 30.0)  # c's agents never came back: released after hold
+    assert ids(catalog, "c") == set() and guard.status.holding == 0
+
+
+def test_a_reset_that_drops_everything_keeps_everything() -> None:
+    fleet = [inst(s, n) for n, s in enumerate(["a", "b", "c", "d"], start=1)]
+    catalog, guard, clock = setup(fleet)
+    feed(catalog, guard, Change("reset", snapshot=Snapshot({}, revision=9), revision=9))
+    assert ids(catalog) == {i.id for i in fleet}
+    tick(catalog, guard, clock, 0.3)
+    assert guard.status.holding == 4 and ids(catalog) == {i.id for i in fleet}
+    new_a = inst("a", 9)
+    feed(catalog, guard, Change("reset", snapshot=Snapshot({new_a.key: new_a}, revision=10),
+                                revision=10))
+    tick(catalog, guard, clock, 2.5)  # wipe over; a is served by its new instance
+    assert ids(catalog, "a") == {new_a.id}
+    assert ids(catalog, "b") == {fleet[1].id}  # b, c, d: nothing else up, still held
+
+
+def test_a_rolling_replacement_is_never_held() -> None:
+    old = [inst("a", n) for n in range(1, 5)]
+    new = [inst("a", n) for n in range(11, 15)]
+    catalog, guard, clock = setup([*old, inst("b", 20), inst("c", 21), inst("d", 22),
+                                   inst("e", 23)])
+    for o, n in zip(old, new, strict=True):  # start new, then stop the oldest
+        feed(catalog, guard, put(n))
+        feed(catalog, guard, delete(o))
+    assert ids(catalog, "a") == {n.id for n in new}
+    tick(catalog, guard, clock, 0.3)
+    assert guard.status.holding == 0
+
+
+def test_disabled_guard_applies_everything() -> None:
+    a1 = inst("a", 1)
+    catalog = Catalog()
+    catalog.load(Snapshot({a1.key: a1}, revision=1))
+    guard = WipeGuard(catalog, GuardSettings(enabled=False))
+    feed(catalog, guard, delete(a1))
+    assert ids(catalog) == set()
+
+
+@pytest.mark.parametrize(("value", "culprit"), [
+    ("yes", "must be a table"), ({"holdd": "1s"}, "wipe_guard.holdd"),
+    ({"hold": "2h"}, "wipe_guard.hold"), ({"fraction": 0}, "wipe_guard.fraction"),
+    ({"fraction": True}, "wipe_guard.fraction"), ({"min_removed": 0}, "min_removed"),
+])
+def test_bad_settings_are_one_config_error_naming_the_key(value: object, culprit: str) -> None:
+    with pytest.raises(ConfigError, match=culprit):
+        GuardSettings.parse(value)
+
+
+def test_settings_parse() -> None:
+    assert GuardSettings.parse(False) == GuardSettings(enabled=False)
+    got = GuardSettings.parse({"hold": "1m", "settle": "100ms", "fraction": 0.3})
+    assert (got.hold, got.settle, got.fraction, got.min_removed) == (60.0, 0.1, 0.3, 3)
