@@ -68,6 +68,13 @@ AGENT_CHECK_KEYS = {
     "fall": "failing runs in a row to deregister",
 }
 
+def guard_default(g: Any) -> str:
+    """The default wipe guard as the TOML a user would write."""
+    return (f'{{ settle = "{duration(g.settle)}", window = "{duration(g.window)}", '
+            f'fraction = {g.fraction}, min_removed = {g.min_removed}, '
+            f'hold = "{duration(g.hold)}" }}')
+
+
 WATCHER_KEYS = {
     "maxconn": "HAProxy global `maxconn`",
     "timeouts": "`defaults` timeouts, a table: `{ connect = \"5s\", client = \"1m\" }` "
@@ -78,6 +85,11 @@ WATCHER_KEYS = {
     "reload_min_interval": "at most one HAProxy reload per this interval",
     "template": "your Jinja2 template for haproxy.cfg ([templates/README.md]"
                 "(../templates/README.md)); `--template` wins",
+    "wipe_guard": "a registry wipe (at least `min_removed` instances and `fraction` of the "
+                  "catalog removed within `window`) is held for up to `hold` instead of "
+                  "emptying services; the last instance of a service goes after `settle`. "
+                  "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
+                  "([operations.md](operations.md#the-wipe-guard))",
 }
 
 SERVICE_KEYS = {
@@ -143,9 +155,9 @@ LABELS: list[tuple[str, str, str, dict[str, str]]] = [
     ("discovery.check", "`docker` if the image has a HEALTHCHECK, else `{check}`",
      "check type: a built-in (below) or a plugin's name ([docs/checks.md](checks.md))",
      {"discovery.check": "tcp"}),
-    ("discovery.check.interval", "`{interval}`", "time between runs (`500ms`, `2s`, `1m`; "
-     "50ms..1h)", {"discovery.check.interval": "500ms"}),
-    ("discovery.check.timeout", "`{timeout}`", "how long one run may take",
+    ("discovery.check.interval", "`{interval}`", "time between runs (`500ms`, `2s`; "
+     "50ms..60s; `exec` checks at least 1s)", {"discovery.check.interval": "500ms"}),
+    ("discovery.check.timeout", "`{timeout}`", "how long one run may take (at most the interval)",
      {"discovery.check.timeout": "2s"}),
     ("discovery.check.rise", "`{rise}`", "passing runs in a row to register (1..100)",
      {"discovery.check.rise": "3"}),
@@ -483,6 +495,7 @@ def watcher_file_section() -> list[str]:
         "wait": code(f"{duration(defaults['wait_min'])}:{duration(defaults['wait_max'])}"),
         "reload_min_interval": code(duration(defaults["reload_min_interval"])),
         "template": "the built-in one",
+        "wipe_guard": "on: " + code(guard_default(defaults["guard"])),
     }
     rows = [[code(k), shown.get(k, "—"), WATCHER_KEYS.get(k) or undocumented(f"[watcher] {k}")]
             for k in sorted(wc._WATCHER_KEYS)]
