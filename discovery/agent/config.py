@@ -37,6 +37,7 @@ class AgentConfig:
     internal: bool = False
     check: CheckSpec = field(default_factory=CheckSpec)
     config_file: str | None = None
+    state_dir: str | None = None  # maintenance state (None: in memory only)
 
     def validated(self) -> AgentConfig:
         if not self.registry:

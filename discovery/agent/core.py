@@ -17,9 +17,18 @@ from discovery.agent.checks import build_check
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner, CheckScheduler
+from discovery.agent.history import LOST, Cause, History, docker_detail
 from discovery.agent.labels import parse_container
+from discovery.agent.maint import Maintenance
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
-from discovery.agent.tracked import TERMINATING_SIGNALS, Key, Tracked, iso_ns, same_instances
+from discovery.agent.tracked import (
+    TERMINATING_SIGNALS,
+    Key,
+    Tracked,
+    check_views,
+    iso_ns,
+    same_instances,
+)
 from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
@@ -45,8 +54,8 @@ class Agent:
         self._pending_config: AgentConfig | None = None
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
-        self._maint: set[str] = set()  # instance ids in maintenance (discovery maint)
-        self._maint_node = False
+        self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
+        self.history = History()  # each instance's transitions and their causes
         # every check of this agent: one timer, 8 workers, at most 2 held by one container
         self._checks = CheckScheduler()
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
@@ -81,6 +90,8 @@ class Agent:
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
             self._checks.stop()
+            if self._revoke:
+                self.history.shut_down([key[1] for key in self._registered])
             self.registry.close(revoke=self._revoke)
             log.info("agent stopped (registrations %s)", "revoked" if self._revoke else "left")
 
@@ -117,6 +128,9 @@ class Agent:
 
     def _on_registry(self, up: bool) -> None:
         log.info("registry %s", "connected" if up else "disconnected")
+        if up and not self.registry_connected:
+            with self._lock:
+                self.history.reconnected(list(self._registered.values()))
         self.registry_connected = up
         self.metrics.registry_state(up)
         if up:
@@ -130,7 +144,7 @@ class Agent:
                 self._refresh(attrs)
             for cid in list(self._tracked):
                 if cid not in seen:
-                    self._forget(cid)
+                    self._forget(cid, Cause("resync", "no longer running"))
             self._synced = True
         self._wake.set()
 
@@ -139,36 +153,37 @@ class Agent:
         cid = str(event.get("id") or event.get("Actor", {}).get("ID", ""))
         attrs = event.get("Actor", {}).get("Attributes", {}) or {}
         self.metrics.docker_event(action)
+        cause = Cause(action.partition(":")[0].strip() or "docker", docker_detail(action, attrs))
         with self._lock:
             tracked = self._tracked.get(cid)
             if action.startswith("health_status"):
                 if tracked is not None:
                     tracked.docker_health = action.endswith("healthy") and "unhealthy" not in action
-                    self._apply_container(tracked)
+                    self._apply_container(tracked, cause)
                     return
-                self._refresh_by_id(cid)
+                self._refresh_by_id(cid, cause)
             elif action in ("start", "restart", "unpause"):
-                self._refresh_by_id(cid)
+                self._refresh_by_id(cid, cause)
             elif action == "kill":
                 stale = tracked is None or int(event.get("timeNano", 0)) < tracked.started_ns
                 if str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS and not stale:
                     log.info("container %s killed: draining its instances", cid[:12])
-                    self._forget(cid)
+                    self._forget(cid, cause)
             elif action == "pause":
                 if tracked is not None:
                     tracked.paused = True
-                    self._apply_container(tracked)
+                    self._apply_container(tracked, cause)
             elif action in ("stop", "die", "destroy"):
-                self._forget(cid)
+                self._forget(cid, cause)
 
-    def _refresh_by_id(self, cid: str) -> None:
+    def _refresh_by_id(self, cid: str, cause: Cause) -> None:
         attrs = self.docker.inspect(cid)
         if attrs is None or not attrs.get("State", {}).get("Running"):
-            self._forget(cid)
+            self._forget(cid, cause)
         else:
-            self._refresh(attrs)
+            self._refresh(attrs, cause)
 
-    def _refresh(self, attrs: dict[str, Any]) -> None:
+    def _refresh(self, attrs: dict[str, Any], cause: Cause | None = None) -> None:
         """(Re)build what we know of one running container from its inspect data."""
         cid = attrs["Id"]
         name = str(attrs.get("Name", "")).lstrip("/")
@@ -183,10 +198,11 @@ class Agent:
         instances = {i.key: i for i in (self._instance(attrs, s) for s in specs)}
         tracked = self._tracked.get(cid)
         started = iso_ns(str(state.get("StartedAt", "")))
+        cause = cause or Cause("resync")
         if tracked is not None and (
             tracked.started_ns != started or not same_instances(tracked.instances, instances)
         ):
-            self._forget(cid)
+            self._forget(cid, Cause("replaced", "restarted, or its labels changed"))
             tracked = None
         if tracked is None:
             tracked = Tracked(cid, started, instances)
@@ -199,7 +215,7 @@ class Agent:
                 return
         tracked.paused = bool(state.get("Paused"))
         tracked.docker_health = (state.get("Health") or {}).get("Status") == "healthy"
-        self._apply_container(tracked)
+        self._apply_container(tracked, cause)
 
     def _instance(self, attrs: dict[str, Any], spec: ServiceSpec) -> Instance:
         cid = attrs["Id"]
@@ -222,7 +238,7 @@ class Agent:
         if self._bad_labels.get(cid) != str(exc):
             log.error("skipping container %s: %s", name or cid[:12], exc)
             self._bad_labels[cid] = str(exc)
-        self._forget(cid)
+        self._forget(cid, Cause("skipped", str(exc)))
 
     def _start_check(self, tracked: Tracked, spec: ServiceSpec) -> None:
         key = (spec.service, make_instance_id(self.config.node, tracked.container_id,
@@ -239,7 +255,8 @@ class Agent:
                     return
                 log.info("%s/%s is now %s (%s)", key[0], key[1], "healthy" if ok else "unhealthy",
                          result.output[:200])
-                self._apply(tracked, key)  # the runner's hysteresis holds the new state
+                self._apply(tracked, key, Cause("check_passed" if ok else "check_failed",
+                                                result.output))  # the runner holds the state
 
         kind = spec.check.type
         runner = CheckRunner(spec.check, check, on_transition, healthy=adopted,
@@ -249,13 +266,14 @@ class Agent:
         tracked.runners[key] = runner
         runner.start()
 
-    def _forget(self, cid: str) -> None:
+    def _forget(self, cid: str, cause: Cause) -> None:
         tracked = self._tracked.pop(cid, None)
         if tracked is None:
             return
         tracked.stop_runners()
         for key in tracked.instances:
             self._write(key, None)
+            self.history.depart(key[1], cause)
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:
@@ -264,18 +282,17 @@ class Agent:
         runner = tracked.runners.get(key)
         return runner.healthy if runner is not None else tracked.docker_health
 
-    def _apply_container(self, tracked: Tracked) -> None:
+    def _apply_container(self, tracked: Tracked, cause: Cause) -> None:
         for key in tracked.instances:
-            self._apply(tracked, key)
+            self._apply(tracked, key, cause)
 
-    def _apply(self, tracked: Tracked, key: Key) -> None:
+    def _apply(self, tracked: Tracked, key: Key, cause: Cause) -> None:
         wanted = self._wanted(tracked, key)
-        self._write(key, self._effective(tracked.instances[key]) if wanted else None)
+        self._write(key, self._effective(tracked.instances[key]) if wanted else None, cause)
 
     def _effective(self, inst: Instance) -> Instance:
         """The record as it should be written: ``draining`` while in maintenance."""
-        in_maint = self._maint_node or inst.id in self._maint
-        return inst.with_state(State.DRAINING) if in_maint else inst
+        return inst.with_state(State.DRAINING) if self.maint.active(inst.id) else inst
 
     def set_maint(self, instance_id: str | None, on: bool) -> list[str]:
         """Maintenance for one instance (by id) or, with None, every instance of this node:
@@ -283,23 +300,22 @@ class Agent:
         anything. Returns the ids affected; an unknown id raises :class:`ConfigError`."""
         with self._lock:
             known = {k[1]: (t, k) for t in self._tracked.values() for k in t.instances}
-            if instance_id is None:
-                self._maint_node = on
-                affected = sorted(known)
-            elif instance_id in known:
-                (self._maint.add if on else self._maint.discard)(instance_id)
-                affected = [instance_id]
-            else:
+            if instance_id is not None and instance_id not in known:
                 raise ConfigError(f"instance {instance_id[:80]!r} is not on this node")
+            self.maint.set(instance_id, on)  # saved in the state dir: survives a restart
+            affected = sorted(known) if instance_id is None else [instance_id]
+            cause = Cause("maintenance_on" if on else "maintenance_off",
+                          "whole node" if instance_id is None else "")
             for iid in affected:
                 tracked, key = known[iid]
-                self._apply(tracked, key)
+                self._apply(tracked, key, cause)
             log.info("maintenance %s for %s", "on" if on else "off",
                      instance_id or f"node {self.config.node}")
             return affected
 
-    def _write(self, key: Key, instance: Instance | None) -> None:
-        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change."""
+    def _write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
+        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
+        ``cause``: noted in the instance's history (None: the caller notes it)."""
         have = self._registered.get(key)
         try:
             if instance is None:
@@ -310,7 +326,9 @@ class Agent:
                 self._registered.pop(key, None)
                 self._adopt.discard(key)
             elif have is None or not have.same_registration(instance):
-                instance = replace(instance, registered_at=time.time())  # for propagation
+                now = time.time()  # registered_at and the stage stamps: for propagation
+                instance = replace(instance, registered_at=now, written_at=now,
+                                   seen_at=cause.at if cause is not None else now)
                 self.registry.register(instance)
                 self.metrics.registered()
                 self._registered[key] = instance
@@ -318,6 +336,10 @@ class Agent:
         except RegistryError as exc:
             log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
             self._wake.set()
+            return
+        if cause is not None:
+            state = instance.state.value if instance is not None else "down"
+            self.history.record(*key, self.config.node, state, cause)
 
     def reconcile(self) -> None:
         """Docker's truth vs the registry's view of this node, fixed in both directions.
@@ -344,12 +366,15 @@ class Agent:
                 present = ours.get(key)
                 mine = key in self._registered  # written by this process (on our lease/session)
                 if not mine or present is None or not present.same_registration(inst):
+                    lost = mine and present is None  # session expired or lease lost meanwhile
                     self._registered.pop(key, None)  # force the write
-                    self._write(key, inst)
+                    self._write(key, inst, Cause("reregistered" if lost else "reconcile",
+                                                 LOST if lost else ""))
                     fixed += 1
             for key in set(ours) - set(wanted):
                 self._registered[key] = ours[key]
                 self._write(key, None)
+                self.history.depart(key[1], Cause("reconcile", "not wanted any more"))
                 fixed += 1
             self._adopt &= set(wanted)
         log.log(logging.INFO if fixed else logging.DEBUG,
@@ -359,23 +384,8 @@ class Agent:
     def checks(self) -> list[dict[str, Any]]:
         """Live health of every instance on this node: check type, state, last output, since."""
         with self._lock:
-            out = []
-            for tracked in self._tracked.values():
-                for key in tracked.instances:
-                    runner = tracked.runners.get(key)
-                    result = runner.last_result if runner is not None else None
-                    out.append({
-                        "service": key[0], "id": key[1],
-                        "type": runner.spec.type if runner is not None else "docker",
-                        "healthy": runner.healthy if runner is not None else tracked.docker_health,
-                        "registered": key in self._registered,
-                        "maintenance": self._maint_node or key[1] in self._maint,
-                        "output": result.output if result is not None else (
-                            "docker health: " + ("healthy" if tracked.docker_health
-                                                 else "not healthy")),
-                        "since": runner.since if runner is not None else None,
-                    })
-            return sorted(out, key=lambda c: (c["service"], c["id"]))
+            return check_views(self._tracked.values(), set(self._registered), self.maint.active,
+                               self.history.flapping())
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -385,6 +395,6 @@ class Agent:
                 "registry_connected": self.registry_connected,
                 "containers": len(self._tracked),
                 "registered": len(self._registered),
-                "maintenance": sorted(self._maint) + (["node"] if self._maint_node else []),
+                "maintenance": sorted(self.maint.ids) + (["node"] if self.maint.node else []),
                 "time": time.time(),
             }

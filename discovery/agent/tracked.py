@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from discovery.agent.health import CheckRunner
 from discovery.model import Instance
@@ -42,3 +44,25 @@ def iso_ns(stamp: str) -> int:
 
 def same_instances(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
     return a.keys() == b.keys() and all(a[k].same_registration(b[k]) for k in a)
+
+
+def check_views(tracked: Iterable[Tracked], registered: set[Key],
+                in_maint: Callable[[str], bool], flapping: list[str]) -> list[dict[str, Any]]:
+    """``GET /v1/agent/checks``: per instance its check type, health, last output, since."""
+    out = []
+    for t in tracked:
+        for key in t.instances:
+            runner = t.runners.get(key)
+            result = runner.last_result if runner is not None else None
+            out.append({
+                "service": key[0], "id": key[1],
+                "type": runner.spec.type if runner is not None else "docker",
+                "healthy": runner.healthy if runner is not None else t.docker_health,
+                "registered": key in registered,
+                "maintenance": in_maint(key[1]),
+                "flapping": key[1] in flapping,
+                "output": result.output if result is not None else (
+                    "docker health: " + ("healthy" if t.docker_health else "not healthy")),
+                "since": runner.since if runner is not None else None,
+            })
+    return sorted(out, key=lambda c: (c["service"], c["id"]))

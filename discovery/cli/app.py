@@ -40,13 +40,14 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 def _register_commands() -> None:
     from discovery.cli.agent import agent
+    from discovery.cli.history import history
     from discovery.cli.maint import maint
     from discovery.cli.services import services
     from discovery.cli.show import check_config, show
     from discovery.cli.up import up
     from discovery.cli.watch import dns, watch
 
-    for command in (agent, services, watch, dns, up, show, check_config, maint):
+    for command in (agent, services, watch, dns, up, show, check_config, maint, history):
         main.add_command(command)
 
 

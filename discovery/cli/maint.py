@@ -12,15 +12,19 @@ from discovery.cli.options import http_token_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 
+#: ``--agent ADDR:PORT``: the local agent's HTTP API, for the commands that ask it
+agent_option = click.option(
+    "--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default="127.0.0.1:8500",
+    show_default=True, metavar="ADDR:PORT",
+    help="The agent's HTTP API (discovery agent --http, or discovery up) "
+         "[env DISCOVERY_AGENT_HTTP]")
+
 
 @click.command()
 @click.argument("target", metavar="INSTANCE_ID|--node")
 @click.argument("state", type=click.Choice(["on", "off"]))
 @click.option("--node", "whole_node", is_flag=True, help="Every instance of the agent's node")
-@click.option("--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default="127.0.0.1:8500",
-              show_default=True, metavar="ADDR:PORT",
-              help="The agent's HTTP API (discovery agent --http, or discovery up) "
-                   "[env DISCOVERY_AGENT_HTTP]")
+@agent_option
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 @http_token_option(client=True)
@@ -45,9 +49,10 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str,
         click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")
 
 
-def agent_call(agent_http: str, method: str, path: str, token: str | None = None) -> Any:
+def agent_call(agent_http: str, method: str, path: str, token: str | None = None,
+               not_found: int = 2) -> Any:
     """One request to the local agent's HTTP API (with ``token`` as X-Discovery-Token when
-    given); any failure is one line and exit 2."""
+    given); any failure is one line and exit 2 (a 404: exit ``not_found``)."""
     import urllib.error
     import urllib.request
 
@@ -70,6 +75,6 @@ def agent_call(agent_http: str, method: str, path: str, token: str | None = None
             reason = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             reason = exc.reason
-        fail(f"agent at {host}:{port}: {reason}")
+        fail(f"agent at {host}:{port}: {reason}", code=not_found if exc.code == 404 else 2)
     except (OSError, ValueError) as exc:
         fail(f"agent at {host}:{port} unreachable: {exc}")

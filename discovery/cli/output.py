@@ -26,10 +26,10 @@ def age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, code: int = 2) -> NoReturn:
     """One clear line on stderr, exit code 2 (bad input or unreachable registry/Docker)."""
     click.echo(f"discovery: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def console() -> Console:
