@@ -11,6 +11,7 @@ would treat it as a command separator.
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 import socket
@@ -114,6 +115,19 @@ def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
             raise HAProxyError(f"malformed 'show servers state' row: {line[:120]!r}")
         row = dict(zip(header, values, strict=True))
         out[(row["be_name"], row["srv_name"])] = row
+    return out
+
+
+def parse_stat(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """``show stat`` CSV (``# pxname,svname,...`` then rows) -> {(backend, server): row}."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# pxname,"):
+        raise HAProxyError(f"unexpected 'show stat' answer: {text[:80]!r}")
+    header = lines[0][2:].split(",")
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for row in csv.reader(line for line in lines[1:] if line.strip()):
+        fields = dict(zip(header, row, strict=False))
+        out[(fields.get("pxname", ""), fields.get("svname", ""))] = fields
     return out
 
 
@@ -279,6 +293,12 @@ class HAProxyRuntime(_UnixCLI):
     def slots(self, backend: str) -> dict[str, ServerView]:
         """The servers of one backend by name: ``rt.slots("web")["s3"].state == "ready"``."""
         return {srv: view for (_, srv), view in self.servers(backend).items()}
+
+    def stat(self) -> dict[tuple[str, str], dict[str, str]]:
+        """``show stat`` of every server: {(backend, server): {CSV field: value}} (``scur``:
+        current sessions, ``status``: UP/DOWN/MAINT/DRAIN/no check). Read raw: its header
+        names fields like ``h2_..._errors``, which :func:`response_error` would take for one."""
+        return parse_stat(self._raw("show stat -1 4 -1"))
 
     def info(self) -> dict[str, str]:
         return parse_info(self.command("show info"))

@@ -44,9 +44,19 @@ class RouterStats:
     last_reload: float = 0.0
     last_error: str = ""
     history: list[str] = field(default_factory=list)  # outcomes, newest last (bounded)
+    #: (unix time, "reload" | "error", error text): the status page's recent reloads and errors
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    _seen: tuple[int, int] = (0, 0)  # reloads and errors when events were last noted
 
     def note(self, outcome: Outcome) -> None:
         self.history = [*self.history[-99:], outcome]
+        errors = self.render_errors + self.haproxy_errors
+        new = [(time.time(), kind, text) for kind, text, more in (
+            ("reload", "", self.reloads > self._seen[0]),
+            ("error", self.last_error, errors > self._seen[1])) if more]
+        if new:
+            self.events = [*self.events, *new][-20:]
+        self._seen = (self.reloads, errors)
 
 
 class Router:
