@@ -534,18 +534,40 @@ def wrk_result(d: Daemon) -> dict[str, Any]:
 
 
 class IdleClients:
-    """``n`` long-lived keep-alive client connections to ``port``: one request each, then
-    idle (like a pooled HTTP client between bursts), open until :meth:`close`."""
+    """Long-lived keep-alive client connections to ``port``: ``initial`` at once, then one more
+    every ``every`` s (at most ``limit``), each sending one request and then staying idle until
+    :meth:`close` (like pooled HTTP clients between bursts). Opening them over time means each
+    HAProxy worker generation holds some, which is what keeps old workers alive after reloads."""
 
-    def __init__(self, port: int, n: int) -> None:
+    def __init__(self, port: int, initial: int, every: float = 0.5, limit: int = 200) -> None:
+        self.port, self.every, self.limit = port, every, limit
         self.socks: list[socket.socket] = []
-        for _ in range(n):
-            s = socket.create_connection((HOST, port), 2.0)
+        self.failed = 0
+        self._stop = threading.Event()
+        for _ in range(initial):
+            self._open()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="idle-clients")
+        if every > 0:
+            self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection((HOST, self.port), 2.0)
             s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             s.recv(4096)
-            self.socks.append(s)
+        except OSError:
+            self.failed += 1
+            return
+        self.socks.append(s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every) and len(self.socks) < self.limit:
+            self._open()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
         for s in self.socks:
             with contextlib.suppress(OSError):
                 s.close()
@@ -655,14 +677,14 @@ def run_churn(run: Run, backend: str, server: ServerCluster, load: str) -> None:
             wait_until(partial(answers_200, p), 30, f"the pool served on :{p}")
         time.sleep(0.5)  # both HAProxies have the whole pool
         reloads_before = (ours.reload_count() or 0, base.reload_count() or 0)
-        idle = [IdleClients(p, args.idle_conns) for p in (port_a, port_b)]
+        idle = [IdleClients(p, args.idle_conns, every=args.idle_every) for p in (port_a, port_b)]
         for c in idle:
             stack.callback(c.close)
 
         say(f"churn ({load}): wrk on :{port_a} (runtime API) and :{port_b} (reload per "
             f"change, tuning {args.baseline_tuning}), {args.replacements} rolling "
             f"replacements, {args.churn_parallel} at a time, {args.idle_conns} idle "
-            "keep-alive connections each")
+            f"keep-alive connections each, one more every {args.idle_every:g} s")
         wrk_opts: dict[str, Any] = {"conns": args.wrk_conns, "delay_ms": args.wrk_delay_ms,
                                     "close": close, "max_seconds": 600}
         wrk_a = start_wrk(port_a, run.work, f"runtime-api-{load}", **wrk_opts)
@@ -732,7 +754,10 @@ def run_churn(run: Run, backend: str, server: ServerCluster, load: str) -> None:
         changes = 2 * args.replacements  # a put and a delete per replacement
         common = {"load_kind": load, "replacements": args.replacements,
                   "parallel": args.churn_parallel, "pool": args.churn_pool,
-                  "idle_conns": args.idle_conns, "churn_seconds": round(churn_s, 1),
+                  "idle_conns": args.idle_conns, "idle_every_s": args.idle_every,
+                  "idle_conns_at_end": [len(c.socks) for c in idle],
+                  "idle_conns_failed": [c.failed for c in idle],
+                  "churn_seconds": round(churn_s, 1),
                   "replacement_p50_s": _r(percentile(done_times, 0.5)),
                   "other_containers": others, **host, "app_grace_s": grace,
                   "accept_queues": sampler.accept_queue,
@@ -814,7 +839,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--baseline-tuning", choices=("best", "plain"), default="best",
                     help="churn: reload_per_change.py --tuning (default best)")
     ap.add_argument("--idle-conns", type=int, default=8,
-                    help="churn: long-lived idle keep-alive connections to each HAProxy")
+                    help="churn: long-lived idle keep-alive connections to each HAProxy at the "
+                         "start")
+    ap.add_argument("--idle-every", type=float, default=0.5,
+                    help="churn: then one more every this many seconds (0: none), at most 200")
     ap.add_argument("--churn-timeout", type=float, default=300.0)
     ap.add_argument("--wrk-conns", type=int, default=8)
     ap.add_argument("--wrk-delay-ms", type=int, default=4)

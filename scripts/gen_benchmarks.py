@@ -94,6 +94,19 @@ def t_runs(results: dict[str, Result]) -> str:
                   "commit", "command"], out)
 
 
+def t_versions(results: dict[str, Result]) -> str:
+    """Each component's version(s), as recorded by the results."""
+    seen: dict[str, set[str]] = {}
+    for r in results.values():
+        for key, value in r.get("machine", {}).items():
+            if key not in ("loadavg_at_start", "commit", "cpus") and value is not None:
+                seen.setdefault(key, set()).add(str(value))
+    if not seen:
+        return missing("*")
+    return table(["component", "version (as recorded)"],
+                 [[k, "; ".join(f"`{v}`" for v in sorted(vs))] for k, vs in sorted(seen.items())])
+
+
 def t_registration(results: dict[str, Result]) -> str:
     out = []
     for backend in ("etcd", "zk"):
@@ -208,10 +221,10 @@ def t_accept_queue(results: dict[str, Result]) -> str:
                   "host busy"], out)
 
 
-def t_scale(results: dict[str, Result]) -> str:
-    res = results.get("scale-etcd")
+def t_scale(results: dict[str, Result], stem: str = "scale-etcd") -> str:
+    res = results.get(stem)
     if res is None:
-        return missing("scale-etcd")
+        return missing(stem)
     runs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in rows_of(res):
         runs.setdefault((r["size"], r["wait"]), {})[r["name"]] = r
@@ -230,7 +243,7 @@ def t_scale(results: dict[str, Result]) -> str:
                     num(first.get("host_cpu_busy_pct"), 0) + " %"])
     return table(["size", "window", "first valid config", "add p50 / p99 ms",
                   "remove p50 / p99 ms", "bulk change (a host's lease revoked)",
-                  "watcher RSS / peak", "HAProxy RSS (master + workers)", "host busy"], out)
+                  "router process RSS / peak", "HAProxy RSS (master + workers)", "host busy"], out)
 
 
 def t_scale_targets(results: dict[str, Result]) -> str:
@@ -311,6 +324,7 @@ def t_generic(stem: str) -> Callable[[dict[str, Result]], str]:
 
 TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "runs": t_runs,
+    "versions": t_versions,
     "registration": t_registration,
     "footprint": t_footprint,
     "propagation": t_propagation,
@@ -319,6 +333,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "accept-queue": t_accept_queue,
     "scale": t_scale,
     "scale-targets": t_scale_targets,
+    "scale-baseline": lambda results: t_scale(results, "scale-baseline-etcd"),
     "dns": t_dns,
     "dns-abuse": t_generic("dns-abuse-none"),
 }
