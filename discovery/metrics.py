@@ -25,6 +25,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
+from discovery.propagation import Stages
+
 if TYPE_CHECKING:
     from discovery.model import Instance
     from discovery.registry import Registry
@@ -67,18 +69,17 @@ def check_type(kind: str) -> str:
     return kind if ok else OTHER
 
 
-class _InvalidRecords:
-    """``discovery_registry_invalid_records_total``: read from the registries at scrape time
-    (their decoders count what they skip), summed over every registry this process opened."""
+class _Summed:
+    """A counter read from the registries at scrape time (they count, e.g. what their
+    decoders skip or what they read), summed over every registry this process opened."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
         self.sources: list[Callable[[], int]] = []
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(
-            "discovery_registry_invalid_records",
-            "Registry values skipped as malformed (each is named in the log, at most once per "
-            "key a minute).", value=sum(source() for source in self.sources))
+        yield CounterMetricFamily(self.name, self.documentation,
+                                  value=sum(source() for source in self.sources))
 
 
 class Metrics:
@@ -128,14 +129,30 @@ class Metrics:
         self.last_reload = Gauge(
             "discovery_haproxy_last_reload_timestamp_seconds",
             "Unix time of the last HAProxy reload (0: none yet).", registry=r)
+        self.guard_held = Gauge(
+            "discovery_wipe_guard_held_instances",
+            "Instances removed from the registry but still served by the wipe guard.",
+            registry=r)
+        self.guard_engaged = Counter(
+            "discovery_wipe_guard_engaged",
+            "Times the wipe guard saw a registry wipe and held services that would go empty.",
+            registry=r)
         self.propagation_seconds = Histogram(
             "discovery_propagation_seconds",
             "Time from an instance's registered_at (the agent's write) to the watcher "
             "applying it to its catalog.", buckets=PROPAGATION_BUCKETS, registry=r)
-        self._invalid = _InvalidRecords()
+        self.stages = Stages(r)  # discovery_propagation_stage_seconds{stage}
+        self._invalid = _Summed(
+            "discovery_registry_invalid_records", "Registry values skipped as malformed (each "
+            "is named in the log, at most once per key a minute).")
+        self._read_bytes = _Summed(
+            "discovery_registry_read_bytes", "Bytes of keys and values read from the registry "
+            "(snapshots, per-node reads, watch events).")
         r.register(self._invalid)
+        r.register(self._read_bytes)
         self._lock = threading.Lock()
         self._router_seen = (0, 0, 0, 0)
+        self._guard_engaged_seen = 0
         for kind in ("tcp", "http", "exec"):  # common series exist at 0 from the start
             for result in ("pass", "fail"):
                 self.checks.labels(type=kind, result=result)
@@ -165,8 +182,10 @@ class Metrics:
         self.registry_connected.set(1 if up else 0)
 
     def follow_registry(self, registry: Registry) -> None:
-        """Count ``registry``'s skipped malformed values in /metrics (once per registry)."""
+        """Count ``registry``'s skipped malformed values and read bytes in /metrics (once per
+        registry)."""
         self._invalid.sources.append(lambda: registry.invalid_records)
+        self._read_bytes.sources.append(lambda: registry.reads.bytes)
 
     # ---- watcher ---------------------------------------------------------------------------
     def runtime_ops(self, n: int = 1) -> None:
@@ -206,19 +225,32 @@ class Metrics:
         if stats.last_reload:
             self.last_reload.set(stats.last_reload)
 
+    def wipe_guard(self, holding: int, engaged: int) -> None:
+        """The wipe guard's state: instances held now, and times it engaged so far."""
+        self.guard_held.set(holding)
+        with self._lock:
+            new, self._guard_engaged_seen = engaged - self._guard_engaged_seen, engaged
+        if new > 0:
+            self.guard_engaged.inc(new)
+
     def propagation(self, seconds: float) -> None:
         self.propagation_seconds.observe(max(0.0, seconds))
 
-    def propagated(self, instance: Instance, now: float | None = None) -> float | None:
-        """Observe how long ``instance`` took from its ``registered_at`` to now.
+    def propagated(self, instance: Instance, now: float | None = None,
+                   received: float | None = None) -> float | None:
+        """Observe how long ``instance`` took from its ``registered_at`` to now (applied), and
+        its stages (:class:`~discovery.propagation.Stages`; ``received``: when the watcher got
+        the change, default now).
 
         Skipped (``None``) for records without a timestamp and for ones older than
         :data:`PROPAGATION_MAX_AGE` (a replay, not a propagation). Clock skew between hosts
         can make the age negative: it counts as 0.
         """
+        applied = time.time() if now is None else now
+        self.stages.observe(instance, applied if received is None else received, applied)
         if instance.registered_at <= 0:
             return None
-        age = (time.time() if now is None else now) - instance.registered_at
+        age = applied - instance.registered_at
         if age > PROPAGATION_MAX_AGE:
             return None
         self.propagation(age)

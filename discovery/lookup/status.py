@@ -22,7 +22,8 @@ def watcher_health(watcher: Watcher, prefix: str = "") -> Health:
             "registry": {"ok": bool(watcher.registry_connected),
                          "url": str(watcher.registry.url)},
             "catalog": {"ok": watcher.catalog.loaded, "index": watcher.catalog.index,
-                        "instances": len(watcher.catalog.instances())},
+                        "instances": watcher.catalog.size()},
+            "wipe_guard": _guard(watcher),
         }
         router = watcher.router
         if router is not None:
@@ -38,6 +39,15 @@ def watcher_health(watcher: Watcher, prefix: str = "") -> Health:
         return {prefix + k: c for k, c in out.items()}
 
     return health
+
+
+def _guard(watcher: Watcher) -> dict[str, Any]:
+    """ok stays true while the guard holds: serving the last known instances is the point."""
+    status = watcher.guard.status
+    return {"ok": True, "enabled": watcher.guard.settings.enabled,
+            "wiping": watcher.guard.wiping(), "holding": status.holding,
+            "held_services": status.services, "settling": status.settling,
+            "engaged": status.engaged, "last_engaged": status.last_engaged}
 
 
 def agent_health(agent: Agent, prefix: str = "") -> Health:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from discovery.errors import RegistryError
@@ -21,6 +22,7 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
 from discovery.retry import backoff
+from discovery.watcher.guard import GuardSettings, WipeGuard
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,15 @@ log = logging.getLogger(__name__)
 class Watcher:
     def __init__(self, registry: Registry, router: Router | None, *,
                  json_out: Path | None = None, wait: tuple[float, float] = (0.02, 0.5),
-                 reload_min_interval: float = 1.0, metrics: Metrics | None = None) -> None:
+                 reload_min_interval: float = 1.0, metrics: Metrics | None = None,
+                 guard: GuardSettings | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.metrics.follow_registry(registry)
         self.router = router
         self.catalog = Catalog()
+        self.guard = WipeGuard(self.catalog, guard)
+        self._apply_lock = threading.Lock()  # guard + catalog: one change at a time, in order
         self.json_out = json_out
         self.wait_min, self.wait_max = wait
         self.reload_min_interval = reload_min_interval
@@ -43,11 +48,12 @@ class Watcher:
         self._json_written: str | None = None
         self._stop = threading.Event()
         self._dirty = threading.Event()
+        self._wake = threading.Event()  # set on every change and every guard deferral
         self._first_dirty = 0.0
         self._last_change = 0.0
         self._watch: Watch | None = None
         self._ready = threading.Event()
-        self._pending: list[Instance] = []  # applied puts waiting for the next sync (latency)
+        self._pending: list[tuple[Instance, float]] = []  # puts (and when received) to sync
         self._pending_lock = threading.Lock()
         self._changed: set[str] | None = None  # services changed since the last sync; None: all
         registry.add_state_listener(self._on_state)
@@ -82,7 +88,9 @@ class Watcher:
         self.sync()
         self._ready.set()
         while not self._stop.is_set():
-            self._dirty.wait(1.0)
+            self._wake.wait(self._until_guard_due())
+            self._wake.clear()
+            self._apply(self.guard.due)
             if self._stop.is_set() or not self._dirty.is_set():
                 continue
             self._quiesce()
@@ -95,6 +103,7 @@ class Watcher:
     def stop(self) -> None:
         self._stop.set()
         self._dirty.set()
+        self._wake.set()
 
     def close(self) -> None:
         if self._watch is not None:
@@ -116,16 +125,29 @@ class Watcher:
 
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1
-        if self.catalog.apply(change):
-            with self._pending_lock:
-                if change.kind == "reset":
-                    self._changed = None  # everything may have changed
-                elif self._changed is not None:
-                    self._changed.add(change.key[0])
-            if change.kind == "put" and change.instance is not None:
+        self._apply(lambda: self.guard.filter(change))
+
+    def _apply(self, decide: Callable[[], list[Change]]) -> None:
+        """Apply what the wipe guard lets through now (``decide`` runs under the same lock,
+        so a removal it releases can never overtake a put that came after it)."""
+        with self._apply_lock:
+            for change in decide():
+                if not self.catalog.apply(change):
+                    continue
                 with self._pending_lock:
-                    self._pending.append(change.instance)
-            self._mark_dirty()
+                    if change.kind == "reset":
+                        self._changed = None  # everything may have changed
+                    elif self._changed is not None:
+                        self._changed.add(change.key[0])
+                    if change.kind == "put" and change.instance is not None:
+                        self._pending.append((change.instance, time.time()))
+                self._mark_dirty()
+            self._wake.set()  # a deferral may have moved the guard's next deadline
+            self.metrics.wipe_guard(self.guard.status.holding, self.guard.status.engaged)
+
+    def _until_guard_due(self) -> float:
+        due = self.guard.next_due()
+        return 1.0 if due is None else min(1.0, max(0.0, due - time.monotonic()))
 
     def _mark_dirty(self) -> None:
         now = time.monotonic()
@@ -133,6 +155,7 @@ class Watcher:
             self._first_dirty = now
         self._last_change = now
         self._dirty.set()
+        self._wake.set()
 
     def _quiesce(self) -> None:
         """Wait until quiet for wait_min, but never longer than wait_max since the first change;
@@ -156,8 +179,9 @@ class Watcher:
         if self.router is not None:
             self.router.sync(self.catalog, changed)
             self.metrics.sync_router(self.router.stats)
-        for instance in pending:  # registered_at → applied: the propagation histogram
-            self.metrics.propagated(instance)
+        applied = time.time()
+        for instance, received in pending:  # seen → written → received → applied: histograms
+            self.metrics.propagated(instance, applied, received)
         if self.json_out is not None:
             text = self.catalog.to_json()
             if text != self._json_written:

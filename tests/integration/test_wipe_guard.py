@@ -1,0 +1,142 @@
+"""The wipe guard end to end (issue 10 §2): a registry-side wipe never blacks out a service,
+and stopping the last instance still stops traffic to it. Real etcd / ZooKeeper, a real
+watcher and HAProxy, requests flowing the whole time.
+
+The wipe: on etcd every lease of the writer is revoked (what a stuck leader does, etcd
+#15247) and the writer re-registers on its own at its next keepalive; on ZooKeeper the whole
+prefix is deleted and the writer registers again a second later (what an agent's resync does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import open_registry
+from discovery.registry.base import RegistryURL
+from tests.harness.haproxy import http_get
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import spread
+
+pytestmark = pytest.mark.integration
+
+
+def inst(service: str, n: int, port: int) -> Instance:
+    return Instance(service=service, id=f"h{n}:{n:012x}:80", node=f"h{n}",
+                    address="127.0.0.1", port=port)
+
+
+class Load:
+    """Requests to every listener, one new connection each, until stopped; counts outcomes."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports, self.seen = ports, Counter[str]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120  # bounded, whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            for port in self.ports:
+                try:
+                    status, _ = http_get(port, timeout=2)
+                    self.seen["ok" if status == 200 else f"http {status}"] += 1
+                except OSError as exc:
+                    self.seen[type(exc).__name__] += 1
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wipe(registry_url: str) -> None:
+    url = RegistryURL.parse(registry_url)
+    host, port = url.hosts[0]
+    if url.scheme == "etcd":
+        import pyetcd
+
+        client = pyetcd.client(host, port, timeout=5)
+        try:
+            leases = {kv.lease for kv in client.get_prefix_response(url.services_root).kvs}
+            assert leases and 0 not in leases
+            for lease in leases:
+                client.revoke_lease(lease)
+        finally:
+            client.close()
+        return
+    from kazoo.client import KazooClient
+
+    zk = KazooClient(hosts=f"{host}:{port}", timeout=5)
+    zk.start(timeout=10)
+    try:
+        zk.delete(url.services_root, recursive=True)
+    finally:
+        zk.stop()
+        zk.close()
+
+
+def get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_a_wipe_is_ridden_out_and_the_last_instance_still_goes(registry_url, http_backends,
+                                                               start_watcher) -> None:
+    a, b, c, d = http_backends("a", "b", "c", "d")
+    listen = {"web": free_port(), "api": free_port(), "db": free_port()}
+    http = free_port()
+    writer = open_registry(registry_url, ttl=3)  # keepalive every second: re-registers fast
+    try:
+        fleet = [inst("web", 1, a.port), inst("web", 2, b.port), inst("api", 3, c.port),
+                 inst("db", 4, d.port)]
+        for i in fleet:
+            writer.register(i)
+        watcher = start_watcher(registry_url, listen, "--http", f"127.0.0.1:{http}")
+        wait_for(lambda: set(spread(listen["web"], 8)) == {"a", "b"}
+                 and spread(listen["db"], 2) == {"d": 2}, 15, message="everything served")
+        with Load(list(listen.values())) as load:
+            wait_for(lambda: load.seen["ok"] > 50, 10, message="load running")
+            wipe(registry_url)
+            wait_for(lambda: "wipe guard engaged" in watcher.log(), 10,
+                     message="the guard to see the wipe")
+            if registry_url.startswith("zk"):
+                time.sleep(1.0)  # the agent's resync period, simulated: nothing registered
+                for i in fleet:
+                    writer.register(i)
+            wait_for(lambda: len(writer.snapshot().instances) == len(fleet), 10,
+                     message="the writer to register everything again")
+
+            def settled() -> bool:
+                guard = json.loads(get(http, "/v1/health"))["components"]["wipe_guard"]
+                return guard["engaged"] >= 1 and guard["holding"] == guard["settling"] == 0
+
+            wait_for(settled, 10, message="nothing held or settling any more")
+            served_before = load.seen["ok"]
+            wait_for(lambda: load.seen["ok"] > served_before + 50, 10, message="more load")
+        assert set(load.seen) == {"ok"}, f"a request failed during the wipe: {load.seen}"
+        metrics = get(http, "/metrics")
+        assert re.search(r"^discovery_wipe_guard_engaged_total [1-9]", metrics, re.M)
+        assert re.search(r"^discovery_wipe_guard_held_instances 0", metrics, re.M)
+
+        # the other side: stopping the last instance of a service still stops traffic to it
+        # (once the wipe is over: no mass removal within the guard's window)
+        wait_for(lambda: not json.loads(get(http, "/v1/health"))["components"]["wipe_guard"]
+                 ["wiping"], 5, message="the wipe to be over")
+        t0, seen = time.monotonic(), len(watcher.log())
+        writer.deregister("db", fleet[3].id)
+        wait_for(lambda: "d" not in spread(listen["db"], 2), 5, message="db's last instance gone")
+        assert time.monotonic() - t0 < 2.0
+        assert "holding" not in watcher.log()[seen:]
+    finally:
+        writer.close(revoke=True)
