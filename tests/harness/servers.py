@@ -5,6 +5,9 @@ on free loopback ports, with data under pytest's tmp dirs. Every process is stop
 own pid; readiness is polled with a deadline.
 
 Fixtures (session): ``etcd_single``, ``zk_single``, ``etcd_cluster3``, ``zk_ensemble3``.
+Clusters can name their leader (``leader()``/``wait_leader()``: etcd's maintenance status,
+ZooKeeper's ``srvr``) and SIGKILL a member by the pid they started (``kill_member``).
+
 Fixtures (function): ``registry_url`` (str, params etcd/zk, unique prefix per test, single
 nodes), ``registry_server`` (the server behind ``registry_url``) and ``cluster_url``
 ((cluster, str), params etcd3/zk3, every member running at the start).
@@ -15,12 +18,14 @@ Helpers: ``expire_zk_session(client)``, ``raw_put(url, key, value)``, ``TcpProxy
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,7 +134,19 @@ class ServerCluster:
         self.procs[i].stop()
 
     def kill_member(self, i: int) -> None:
+        """SIGKILL member ``i`` (by the pid the harness started) and reap it: no goodbye to
+        its peers or clients. ``start_member(i)`` brings it back on the same data dir."""
         self.procs[i].kill()
+
+    def leader(self) -> int | None:
+        """Index of the member every running member agrees leads now; None during an election."""
+        raise NotImplementedError
+
+    def wait_leader(self, timeout: float = START_TIMEOUT) -> int:
+        """The leader's index, once there is one (see :meth:`leader`)."""
+        found = wait_until(lambda: (i := self.leader()) is not None and [i], timeout,
+                           f"a {self.scheme} leader among the running members")
+        return found[0]
 
     def start_member(self, i: int, wait: bool = True) -> None:
         self.procs[i].start()
@@ -193,6 +210,32 @@ class EtcdCluster(ServerCluster):
             self._clients.pop(i, None)
             return False
         return True
+
+    def status(self, i: int, timeout: float = 1.0) -> dict[str, Any]:
+        """etcd's ``/v3/maintenance/status`` of member ``i`` (the JSON gateway on its client
+        port): ``header.member_id``, ``leader`` (member ids as decimal strings), ``raftTerm``."""
+        req = urllib.request.Request(f"http://{HOST}:{self.client_ports[i]}/v3/maintenance/status",
+                                     data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            out: dict[str, Any] = json.load(resp)
+        return out
+
+    def leader(self) -> int | None:
+        ids: dict[str, int] = {}
+        leaders: set[str] = set()
+        for i, p in enumerate(self.procs):
+            if not p.running:
+                continue
+            try:
+                st = self.status(i)
+            except (OSError, ValueError):
+                return None  # a running member that does not answer: not settled yet
+            ids[str(st["header"]["member_id"])] = i
+            leaders.add(str(st.get("leader", "0")))
+        if len(leaders) != 1:
+            return None
+        return ids.get(leaders.pop())  # None while the others still name a dead leader
 
     def stop(self) -> None:
         for c in self._clients.values():
@@ -267,6 +310,13 @@ class ZkEnsemble(ServerCluster):
 
     def member_ready(self, i: int) -> bool:
         return self.mode(i) in ("standalone", "leader", "follower")
+
+    def leader(self) -> int | None:
+        modes = {i: self.mode(i) for i, p in enumerate(self.procs) if p.running}
+        if not all(m in ("leader", "follower") for m in modes.values()):
+            return None  # someone is still electing or syncing
+        leaders = [i for i, m in modes.items() if m == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         super().wait_ready(timeout)

@@ -17,6 +17,7 @@ from discovery.model import Instance
 from discovery.registry import open_registry
 from discovery.registry.base import RegistryURL
 from tests.harness.agent import REPO_ROOT, wait_registered
+from tests.harness.haproxy import http_get
 from tests.harness.servers import TcpProxy, raw_put
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
@@ -132,6 +133,57 @@ def test_broken_template_keeps_last_good_config(registry_url, reg, http_backends
     assert watcher.config_text() == good
     assert watcher.reload_count() == reloads
     assert watcher.alive
+
+
+def test_template_haproxy_rejects_keeps_last_good_config(registry_url, reg, http_backends,
+                                                         start_watcher, tmp_path):
+    """The template renders (no Jinja error) but ``haproxy -c`` rejects the result, on a running
+    watcher after SIGHUP: nothing installed, no reload, traffic and membership keep flowing,
+    the error is logged with HAProxy's own words and counted in /metrics."""
+    a, b = http_backends("a", "b")
+    template = tmp_path / "mine.cfg.j2"
+    shutil.copy(TEMPLATE, template)
+    conf = tmp_path / "watch.toml"
+    web_port, http_port = free_port(), free_port()
+    conf.write_text(f"[services.web]\nport = {web_port}\n")
+    reg.register(inst("web", 1, a.port))
+    watcher = start_watcher(registry_url, {}, "--config", str(conf), "--template", str(template),
+                            "--http", f"127.0.0.1:{http_port}")
+    wait_for(lambda: spread(web_port, 2)["a"] == 2, 10, message="web served")
+    assert render_errors(http_port) == 0
+    good = watcher.config_text()
+    reloads = watcher.reload_count()
+    # Plain text to Jinja, so it renders; HAProxy refuses the algorithm.
+    template.write_text(template.read_text()
+                        + "\nbackend rejected_by_haproxy\n    balance no-such-algorithm\n")
+    conf.write_text(f"[services.web]\nport = {web_port}\n\n[services.api]\nport = {free_port()}\n")
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: "HAProxy rejects the config" in watcher.log(), 10,
+             message="HAProxy's refusal in the log")
+    log = watcher.log()
+    assert "SIGHUP: configuration re-read" in log  # accepted and rendered: not a template error
+    assert "configuration not reloaded" not in log
+    assert "config not applied, the last good one keeps serving" in log
+    assert "balance only supports" in log, log[-2000:]  # HAProxy's own line, passed on
+    wait_for(lambda: render_errors(http_port) >= 1, 10, message="discovery_render_errors_total")
+    failures = 0
+    for _ in range(20):  # traffic keeps flowing on the last good config, request after request
+        failures += sum(n for body, n in spread(web_port, 2).items() if body != "a")
+    assert failures == 0
+    reg.register(inst("web", 2, b.port))  # membership still flows through the runtime API
+    wait_for(lambda: set(spread(web_port, 8)) == {"a", "b"}, 10, message="b served")
+    assert watcher.config_text() == good
+    assert watcher.reload_count() == reloads
+    assert render_errors(http_port) == 1  # counted once, not once per sync
+    assert watcher.alive
+
+
+def render_errors(http_port: int) -> float:
+    status, text = http_get(http_port, "/metrics")
+    assert status == 200, text
+    [value] = [float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("discovery_render_errors_total ")]
+    return value
 
 
 def test_hostile_registry_entries_never_reach_the_config(registry_url, reg, http_backends,
