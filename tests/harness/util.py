@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -12,7 +13,20 @@ from discovery.registry.devserver import (
 
 T = TypeVar("T")
 
-__all__ = ["free_port", "wait_for"]
+__all__ = ["free_port", "require_tool", "wait_for"]
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of the program ``name`` (a name on PATH or a path); when it is missing the test
+    *fails* (never skips): scripts/setup.sh, run by ``make test``, installs Debian ``package``,
+    so a missing tool is a broken set-up, not a reason to test less."""
+    path = shutil.which(name)
+    if path is None:
+        import pytest  # here, not at the top: the demo and the benchmarks run without pytest
+
+        pytest.fail(f"{name} is missing: run scripts/setup.sh (apt-get install {package})",
+                    pytrace=False)
+    return path
 
 
 def wait_for(

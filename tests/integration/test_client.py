@@ -113,7 +113,7 @@ def test_watch_initial_list_then_changes_in_order(client: Client, writer: Regist
     handle.stop()
     writer.register(inst("web", 5, tags=("blue",)))
     assert blue.wait(4)[-1] == [8005]  # the blue watch saw it; the stopped one must not
-    time.sleep(0.2)
+    time.sleep(0.2)  # an absence window: no late call for the stopped handle
     assert len(web.calls) == 4 and not handle.active
     assert web.threads == blue.threads == {"discovery-client-callbacks"}
 
@@ -143,7 +143,7 @@ def test_watch_survives_a_lost_connection(registry_url: str, registry_server: Se
             assert calls.wait(1) == [[8001]]
             with proxy.blocked():  # every connection cut, new ones refused
                 writer.register(inst("web", 2))
-                time.sleep(1.5)
+                time.sleep(1.5)  # an absence window: nothing arrives while cut off
                 assert calls.calls == [[8001]]  # really cut off
             assert calls.wait(2, timeout=30)[-1] == [8001, 8002]
             writer.deregister("web", inst("web", 1).id)
@@ -252,7 +252,7 @@ def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
         again = replace(inst("web", 3), registered_at=1.0)  # re-written, nothing else new
         fake.callback(Change("put", key=again.key, instance=again, revision=101))
         fake.callback(Change("put", key=inst("db", 4).key, instance=inst("db", 4)))
-        time.sleep(0.2)
+        time.sleep(0.2)  # an absence window: no call for the unchanged "web" list
         assert len(calls.calls) == 2 and client.services() == ["db", "web"]
     assert fake.closed and fake.callback is None
 

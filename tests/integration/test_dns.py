@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,11 +13,9 @@ from discovery.lookup.dns import DnsServer
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Snapshot
+from tests.harness.util import require_tool
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("dig") is None, reason="dig (dnsutils) is not installed"),
-]
+pytestmark = pytest.mark.integration
 
 
 def inst(service: str, n: int, address: str, port: int, node: str, **kw: object) -> Instance:
@@ -48,7 +45,8 @@ def server(catalog: Catalog) -> Iterator[DnsServer]:
 
 def dig(server: DnsServer, *args: str) -> str:
     out = subprocess.run(
-        ["dig", "@127.0.0.1", "-p", str(server.port), "+time=2", "+tries=1", *args],
+        [require_tool("dig", "dnsutils"), "@127.0.0.1", "-p", str(server.port), "+time=2",
+         "+tries=1", *args],
         capture_output=True, text=True, timeout=20, check=True,
     )
     return out.stdout

@@ -14,13 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from discovery.agent.checks import DockerCheck, ExecCheck
 from discovery.agent.spec import CheckResult, CheckSpec, CheckTarget
-from tests.harness.util import wait_for
-
-docker = pytest.importorskip("docker")
+from tests.harness.util import require_tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +36,12 @@ CMD ["sleep", "3600"]
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    if not BUSYBOX.exists():
-        pytest.skip("needs /bin/busybox (apt-get install busybox-static)")
+    require_tool(str(BUSYBOX), "busybox-static")
     try:
         cli = docker.from_env(timeout=30)
         cli.ping()
-    except Exception as exc:
-        pytest.skip(f"no dockerd: {exc}")
+    except Exception as exc:  # scripts/setup.sh starts dockerd: its absence is a failure
+        pytest.fail(f"dockerd unreachable (scripts/setup.sh starts it): {exc}", pytrace=False)
     with tempfile.TemporaryDirectory(prefix="discovery-exec-check-") as ctx:
         (Path(ctx) / "Dockerfile").write_text(DOCKERFILE)
         shutil.copy2(BUSYBOX, Path(ctx) / "busybox")
@@ -117,18 +115,18 @@ def test_docker_check_follows_healthcheck(client: Any, container: Any) -> None:
     target = CheckTarget("127.0.0.1", 1, container.id, client)
     probe = DockerCheck(CheckSpec(type="docker"), target)
 
-    def wait_for(ok: bool) -> CheckResult:
-        deadline = time.monotonic() + 20
-        while True:
+    def settled(ok: bool) -> CheckResult:
+        def probe_once() -> CheckResult | None:
             result = probe.run()
-            if result.ok is ok and "starting" not in result.output:
-                return result
-            assert time.monotonic() < deadline, result
-            time.sleep(0.2)
+            return result if result.ok is ok and "starting" not in result.output else None
 
-    assert "unhealthy" in wait_for(False).output
+        found: CheckResult = wait_for(probe_once, 20, interval=0.2,
+                                      message=f"docker health ok={ok}")
+        return found
+
+    assert "unhealthy" in settled(False).output
     assert check(client, container, "touch /healthy").ok
-    assert wait_for(True).output.startswith("docker health healthy")
+    assert settled(True).output.startswith("docker health healthy")
 
 
 def test_exec_never_starts_while_the_previous_run_goes_on(

@@ -175,7 +175,7 @@ def test_reload_is_seamless(http_backends, haproxy_factory):
         durations.append(time.monotonic() - started)
         assert sup.reload_count() == before + 1 == n
         pids.add(sup.runtime.pid())
-        time.sleep(0.15)
+        time.sleep(0.15)  # pacing: requests run between the reloads (nothing is waited for)
     stop.set()
     thread.join(15)
     print(f"\nreloads: {[f'{d * 1000:.0f} ms' for d in durations]}; requests {dict(results)}")

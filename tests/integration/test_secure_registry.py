@@ -233,7 +233,9 @@ def test_etcd_auth_token_expiry_and_server_restart(etcd_auth: AuthEtcd,
     agent, reader = open_reg(url), open_reg(url)
     agent.register(inst(1))
     follower = Follower(reader)
-    time.sleep(etcd_auth.TOKEN_TTL + 1.5)  # reader idle: its token expires on the server
+    # A deliberate idle window (nothing to poll without touching the token): the reader's
+    # token expires on the server meanwhile.
+    time.sleep(etcd_auth.TOKEN_TTL + 1.5)
     assert set(reader.snapshot().instances) == {inst(1).key}
 
     etcd_auth.stop()

@@ -37,7 +37,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path
         if path.startswith("/slow"):
-            time.sleep(1.0)
+            time.sleep(1.0)  # a slow endpoint (simulated work, not a wait)
         code = int(path.strip("/").split("?")[0]) if path.strip("/")[:3].isdigit() else 200
         if path.startswith("/longreason"):
             self.send_response(200, "x" * 1000 + "\x1b[31m")
@@ -466,7 +466,7 @@ class Scripted:
     def run(self) -> CheckResult:
         self.times.append(time.monotonic())
         if self.delay:
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # the check's own run time (simulated work)
         item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(item, Exception):
             raise item
@@ -520,7 +520,7 @@ def test_runner_first_run_immediate_and_no_drift() -> None:
     check = Scripted([OK], delay=0.03)
     started = time.monotonic()
     runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None).start()
-    time.sleep(1.05)
+    time.sleep(1.05)  # a measurement window: the runs' timing is what is tested
     runner.stop()
     assert check.times[0] - started < 0.05
     # 0.03s of work per 0.1s tick must not stretch the period: ~11 runs, not ~8
@@ -532,7 +532,7 @@ def test_runner_first_run_immediate_and_no_drift() -> None:
 def test_runner_overrun_skips_ticks() -> None:
     check = Scripted([OK], delay=0.25)
     runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None).start()
-    time.sleep(0.9)
+    time.sleep(0.9)  # a measurement window: the runs' timing is what is tested
     runner.stop()
     gaps = [b - a for a, b in zip(check.times, check.times[1:], strict=False)]
     assert gaps and all(g >= 0.25 for g in gaps)  # no burst of catch-up runs
@@ -549,9 +549,7 @@ def test_runner_survives_exceptions_and_bad_callbacks() -> None:
     check = Scripted([RuntimeError("a"), OK, RuntimeError("b"), RuntimeError("c"), OK])
     runner = CheckRunner(CheckSpec(interval=0.01, fall=2), check, on_transition, healthy=True)
     runner.start()
-    deadline = time.monotonic() + 2
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(calls) >= 2, 2, interval=0.01, message="two transitions")
     assert runner.running
     runner.stop()
     assert calls[:2] == [False, True]
@@ -559,7 +557,7 @@ def test_runner_survives_exceptions_and_bad_callbacks() -> None:
 
 def test_runner_stop_quickly_with_long_interval() -> None:
     runner = CheckRunner(CheckSpec(interval=3600), Scripted([OK]), lambda ok, r: None).start()
-    time.sleep(0.05)
+    wait_for(lambda: runner.runs >= 1, 2, interval=0.01, message="the first run")  # now idle
     started = time.monotonic()
     runner.stop()
     assert time.monotonic() - started < 0.2 and not runner.running
@@ -567,10 +565,11 @@ def test_runner_stop_quickly_with_long_interval() -> None:
 
 def test_runner_no_callback_after_stop() -> None:
     calls: list[bool] = []
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     class Slow:
         def run(self) -> CheckResult:
+            entered.set()
             gate.wait(2)
             return OK
 
@@ -578,10 +577,10 @@ def test_runner_no_callback_after_stop() -> None:
         CheckSpec(interval=0.01, timeout=2), Slow(), lambda ok, r: calls.append(ok)
     )
     runner.start()
-    time.sleep(0.05)
+    assert entered.wait(2), "the check never ran"
     stopper = threading.Thread(target=runner.stop)
     stopper.start()
-    time.sleep(0.05)
+    time.sleep(0.05)  # a deliberate window (no state to poll): stop() is under way meanwhile
     gate.set()
     stopper.join(3)
     assert calls == [] and not runner.running
@@ -592,10 +591,8 @@ def test_runner_stop_from_callback() -> None:
     runner = CheckRunner(CheckSpec(interval=0.01), Scripted([OK]), lambda ok, r: holder[0].stop())
     holder.append(runner)
     runner.start()
-    deadline = time.monotonic() + 2
-    while runner.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not runner.running and runner.runs == 1
+    wait_for(lambda: not runner.running, 2, interval=0.01, message="the runner to stop itself")
+    assert runner.runs == 1
 
 
 def test_scheduler_runs_many_checks_on_few_threads() -> None:
@@ -614,7 +611,7 @@ def test_scheduler_runs_many_checks_on_few_threads() -> None:
             self.active += 1
             self.overlap |= self.active > 1
             self.runs += 1
-            time.sleep(0.01)
+            time.sleep(0.01)  # simulated work: long enough for an overlap to show
             self.active -= 1
             return CheckResult(True, "ok")
 
@@ -625,7 +622,7 @@ def test_scheduler_runs_many_checks_on_few_threads() -> None:
     runners = [CheckRunner(CheckSpec(type="none", interval=0.1, rise=1, fall=1), c,
                            lambda ok, _r: seen.append(ok), scheduler=scheduler).start()
                for c in checks]
-    time.sleep(0.55)
+    time.sleep(0.55)  # a measurement window: five ticks of 40 runners on 4 workers
     assert _threading.active_count() - before <= 1 + 4  # the timer + the workers, not 40
     for r in runners:
         r.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from discovery.lookup.dns_wire import DnsConfig, Zone, answer, respond
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Snapshot
+from tests.harness.util import wait_for
 
 
 def inst(service: str, n: int, address: str, port: int = 8080, node: str = "node1",
@@ -317,9 +317,8 @@ def test_server_udp_tcp_cache_and_hook() -> None:
             assert r.header.id == ident and len(r.rr) == 3
             addresses.add(str(r.rr[0].rdata))
         assert len(addresses) == 3
-        deadline = time.monotonic() + 5  # the hook runs right after the reply is sent
-        while len(seen) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # the hook runs right after the reply is sent
+        wait_for(lambda: len(seen) >= 4, 5, interval=0.01, message="four hook calls")
         assert set(seen) == {("A", "NOERROR")} and len(seen) == 4
         catalog.load(Snapshot({i.key: i for i in INSTANCES[:1]}))  # the catalog moves on
         r = DNSRecord.parse(udp(server.port, q.pack()))

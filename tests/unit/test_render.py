@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +26,9 @@ from discovery.watcher.render import (
     unsafe_reason,
 )
 from discovery.watcher.slots import Slot, SlotTable, slot_count
+from tests.harness.util import free_port, require_tool, wait_for
 
 GOLDEN = Path(__file__).parent / "golden"
-HAPROXY = shutil.which("haproxy")
 PATHS = RuntimePaths("/run/discovery/haproxy.sock")
 FULL_PATHS = RuntimePaths(
     "/run/discovery/haproxy.sock", "/run/discovery/haproxy.state", "/run/discovery/haproxy.pid"
@@ -106,10 +105,9 @@ CASES = {"empty": case_empty, "basic": case_basic, "mixed": case_mixed, "tuned":
 
 
 def haproxy_check(path: Path, allow_warnings: bool = False) -> None:
-    if HAPROXY is None:  # pragma: no cover - the test image has it
-        pytest.skip("haproxy not installed")
     out = subprocess.run(
-        [HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30
+        [require_tool("haproxy", "haproxy"), "-c", "-f", str(path)], capture_output=True,
+        text=True, timeout=30,
     )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
@@ -420,12 +418,6 @@ def state_line(srv: str, addr: str, port: int, admin: int, weight: int) -> str:
 # --- a real HAProxy: drain survives a reload; a stale state file wins over the config ---
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def admin(sock: Path, command: str) -> str:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
@@ -451,21 +443,6 @@ def worker_pid(sock: Path) -> str:
     return next(line for line in admin(sock, "show info").splitlines() if line.startswith("Pid:"))
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed")
 def test_reload_with_state_file(tmp_path: Path) -> None:
     """Why every reload renders each slot's current address and never relies on the
     server-state file: HAProxy 2.6 lets a stale state line win over the new config."""
@@ -481,11 +458,12 @@ def test_reload_with_state_file(tmp_path: Path) -> None:
     conf = tmp_path / "haproxy.cfg"
     conf.write_text(renderer.render(build_context(cfg, {"web": before}, paths)))
     master = tmp_path / "master.sock"
-    argv = [str(HAPROXY), "-W", "-S", f"{master},mode,600", "-f", str(conf)]
+    argv = [require_tool("haproxy", "haproxy"), "-W", "-S", f"{master},mode,600", "-f", str(conf)]
     proc = subprocess.Popen(argv, cwd=tmp_path, stderr=subprocess.PIPE)
     try:
         sock = Path(paths.admin_socket)
-        pid = wait_for(lambda: "master" in admin(master, "show proc") and worker_pid(sock))
+        pid = wait_for(lambda: "master" in admin(master, "show proc") and worker_pid(sock), 10,
+                       message="HAProxy master and worker up")
         # runtime, as the watcher would do it
         for cmd in ("set server web/s1 state maint", "set server web/s2 state drain",
                     "set server web/s3 addr 192.0.2.3 port 20003", "set weight web/s3 100",
@@ -496,8 +474,8 @@ def test_reload_with_state_file(tmp_path: Path) -> None:
         Path(str(paths.state_file)).write_text(dump)
         conf.write_text(renderer.render(ctx))
         admin(master, "reload")
-        wait_for(lambda: worker_pid(sock) != pid)
-        got = wait_for(lambda: servers(sock))
+        wait_for(lambda: worker_pid(sock) != pid, 10, message="a new worker after the reload")
+        got = wait_for(lambda: servers(sock), 10, message="the servers' state")
         assert got["s2"] == ("192.0.2.2", 20002, "DRAIN")  # weight 0 in the config: still drained
         assert got["s3"] == ("192.0.2.3", 20003, "no check")
         # HAProxy 2.6 lets the stale state win: in maint, and the *old* port
