@@ -123,6 +123,12 @@ URL_PARAMS = {
     "cert": "client certificate, PEM (with `key=`); implies TLS",
     "key": "private key of `cert=`, PEM; implies TLS",
     "password_file": "file holding the password (trailing newlines ignored)",
+    "format": "`zk://` only: `nerve` reads and writes Airbnb Nerve's ZooKeeper nodes "
+              "(service S under `<prefix>/S`; [migration.md](migration.md#joining-a-nerve-fleet"
+              "-host-by-host)); default: discovery's own layout",
+    "path": "with `format=nerve`: where service S's nodes are, `{service}` standing for S, "
+            "e.g. `/nerve/services/{service}/services` (Airbnb's layout); the prefix is then "
+            "unused",
 }
 URL_FIELDS = {
     "user": "the user (etcd user / ZooKeeper digest user)",

@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils debootstrap docker-compose)
+# prometheus and dnsmasq-base: real clients the interop tests start (http_sd/nerve_sd, forwarding)
+PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils debootstrap docker-compose
+      prometheus dnsmasq-base chromium chromium-driver)  # chromium: the status page's browser test
 if [ "${DISCOVERY_BENCH:-}" = 1 ]; then
-  PKGS+=(wrk hey dnsperf dnsmasq-base)  # load generators and the DNS baseline, for bench/ only
+  PKGS+=(wrk hey dnsperf)  # load generators, for bench/ only
 fi
 missing=()
 for p in "${PKGS[@]}"; do
@@ -29,7 +31,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing the project and its test extras into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import discovery, pyetcd, kazoo, docker" 
+  .venv/bin/python -c "import discovery, pyetcd, kazoo, docker, consul" 
   touch "$stamp"
 fi
 

@@ -164,3 +164,20 @@ def http_token_option(client: bool = False) -> Callable[[F], F]:
         return wrapped
 
     return decorate
+
+
+def datacenter_option() -> Callable[[F], F]:
+    """``--datacenter NAME`` (env ``DISCOVERY_DATACENTER``, default ``dc1``): what the
+    Consul-compatible endpoints report (``/v1/agent/self``, ``Datacenter`` fields)."""
+    from discovery.lookup.consul import DEFAULT_DATACENTER, parse_datacenter
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        try:
+            return parse_datacenter(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return click.option("--datacenter", envvar="DISCOVERY_DATACENTER", metavar="NAME",
+                        default=DEFAULT_DATACENTER, show_default=True, callback=check,
+                        help="Datacenter the Consul-compatible HTTP endpoints report "
+                             "[env DISCOVERY_DATACENTER]")

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from discovery.cli.options import http_token_option, registry_options
+from discovery.cli.options import datacenter_option, http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -52,10 +52,11 @@ log = logging.getLogger(__name__)
               show_default=True, help="HTTP API listen address; 'off' to disable "
               "[env DISCOVERY_HTTP]")
 @http_token_option()
+@datacenter_option()
 def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
        services: tuple[str, ...], config_file: str | None, state_dir: str | None,
        haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
-       http: str, http_token: str | None) -> None:
+       http: str, http_token: str | None, datacenter: str) -> None:
     """Run the whole thing on this host: register, route, and answer lookups."""
     from discovery.agent.config import AgentConfig, merge, read_file
     from discovery.agent.core import Agent
@@ -100,7 +101,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                                 http=None if http == "off" else http, domain=dns_domain,
                                 ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
                                 extra_health=agent_health(agent, prefix="agent_"),
-                                maint=agent.set_maint, checks=agent.checks, token=http_token)
+                                maint=agent.set_maint, checks=agent.checks, token=http_token,
+                                datacenter=datacenter, node=agent_cfg.node)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:

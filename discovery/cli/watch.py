@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from discovery.cli.options import http_token_option, registry_options
+from discovery.cli.options import datacenter_option, http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -62,6 +62,7 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here, e.g. 127.0.0.1:8500")
 @http_token_option()
+@datacenter_option()
 @click.option("--once", is_flag=True, help="Render (and install) once, then exit")
 @click.option("--dry-run", is_flag=True, help="With --once: print the config, touch nothing")
 @click.pass_context
@@ -71,9 +72,10 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           haproxy_config: str | None, master_socket: str | None, reload_cmd: str | None,
           json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
           dns_ttl: int, dns_udp_answer_limit: int, http: str | None, http_token: str | None,
-          once: bool,
+          datacenter: str, once: bool,
           dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
+    from discovery.agent.config import default_node
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
@@ -121,7 +123,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             return
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
                                 ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
-                                token=http_token)
+                                token=http_token, datacenter=datacenter,
+                                node=default_node())
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -157,9 +160,11 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here")
 @http_token_option()
+@datacenter_option()
 def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
-        http: str | None, http_token: str | None) -> None:
+        http: str | None, http_token: str | None, datacenter: str) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
+    from discovery.agent.config import default_node
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
@@ -171,7 +176,8 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
                                 ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
-                                token=http_token)
+                                token=http_token, datacenter=datacenter,
+                                node=default_node())
     except DiscoveryError as exc:
         fail(str(exc))
         return

@@ -1,7 +1,8 @@
 """The HTTP API: catalog lookups with Consul-style blocking queries, health, metrics.
 
-``GET /v1/services``, ``GET /v1/services/<name>``, ``GET /v1/health``, ``GET /metrics``, and
-the agent's ``PUT /v1/agent/maint`` (docs/http.md). Stdlib only (``http.server``), one daemon
+``GET /v1/services``, ``GET /v1/services/<name>``, ``GET /v1/health``, ``GET /metrics``, the
+agent's ``PUT /v1/agent/maint``, and Consul's read API and Prometheus SD (:mod:`consul`;
+docs/http.md). Stdlib only (``http.server``), one daemon
 thread per request, loopback by default. Every answer is JSON (metrics aside); errors are
 ``{"error": ..., "param": ...}``, never a traceback. What is refused before answering (foreign
 Host headers, writes without the token, too many blocking queries) is in :mod:`http_guard`.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from discovery.errors import DiscoveryError, ValidationError
+from discovery.lookup import consul
 from discovery.lookup.http_guard import (
     HOW_TO_TOKEN,
     TOKEN_HEADER,
@@ -70,8 +72,11 @@ class HttpApi:
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
                  max_blocking: int = 256, max_blocking_per_client: int = 128,
                  maint: Maint | None = None, checks: Checks | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, datacenter: str = consul.DEFAULT_DATACENTER,
+                 node: str = "") -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
+        self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node)
+                       if catalog is not None else None)
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
         self.token = token  # writes need it; None: writes are refused
@@ -183,6 +188,8 @@ class HttpApi:
                 raise ApiError(404, "this process has no catalog (the agent's API only has "
                                     "/v1/health and /metrics)")
             return self._services(self.catalog, name, query, req)
+        if consul.handles(path) and self.consul is not None:
+            return self.consul.route(path, query, req)
         raise ApiError(404, f"no such endpoint: {path[:100]} (see /v1/services, /v1/health)")
 
     def _services(self, catalog: Catalog, name: str | None, query: dict[str, list[str]],
@@ -200,7 +207,7 @@ class HttpApi:
             raise ApiError(400, str(exc), "tag") from None
         up_only = flag(query, "up") or flag(query, "passing")
         pretty = flag(query, "pretty")
-        index = self._block(catalog, req, *blocking_params(query))  # before the data: miss none
+        index = self.block(catalog, req, *blocking_params(query))  # before the data: miss none
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
                                                         include_draining=not up_only)]
         data: Any = found
@@ -210,7 +217,7 @@ class HttpApi:
                 data["services"].setdefault(inst["service"], []).append(inst)
         return Response(200, dump_json(data, pretty), headers={"X-Discovery-Index": str(index)})
 
-    def _block(self, catalog: Catalog, req: Request, index: int | None, wait: float) -> int:
+    def block(self, catalog: Catalog, req: Request, index: int | None, wait: float) -> int:
         """Wait while the catalog is still at ``index``; return the index to answer with.
 
         An index ahead of ours (a client of a restarted watcher) answers at once, so the

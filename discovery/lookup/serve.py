@@ -38,9 +38,11 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   http: str | None = None, domain: str = "discovery.", ttl: int = 0,
                   dns_udp_answer_limit: int = 3,
                   extra_health: Health | None = None, maint: Maint | None = None,
-                  checks: Checks | None = None, token: str | None = None) -> Lookups:
+                  checks: Checks | None = None, token: str | None = None,
+                  datacenter: str = "dc1", node: str = "") -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started).
-    ``token``: what HTTP writes must present (None: writes are refused)."""
+    ``token``: what HTTP writes must present (None: writes are refused); ``datacenter`` and
+    ``node``: what the Consul-compatible endpoints report."""
     out = Lookups()
     try:
         if dns:  # imported only when asked for: an HTTP-only watcher never loads DNS code
@@ -66,7 +68,8 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                 return {**base(), **(extra_health() if extra_health else {})}
 
             api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint,
-                          checks=checks, token=token).start()
+                          checks=checks, token=token, datacenter=datacenter,
+                          node=node).start()
             out.started.append(api)
             out.http_port = api.port
             log.info("HTTP API on %s:%d", bind, api.port)

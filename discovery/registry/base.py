@@ -1,7 +1,9 @@
 """The registry interface every backend implements, and the URL that picks one.
 
-Keys: ``<prefix>/services/<service>/<instance-id>`` holding an instance's JSON. The URL also
-carries credentials and TLS files (see :class:`RegistryURL` and docs/security.md).
+Keys: ``<prefix>/services/<service>/<instance-id>`` holding an instance's JSON; with
+``zk://…?format=nerve``, Airbnb Nerve's layout (``<prefix>/<service>/<id>_<sequence>``, or
+``path=`` with ``{service}``: see :mod:`discovery.model.nerve`). The URL also carries
+credentials and TLS files (see :class:`RegistryURL` and docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ SCHEMES: dict[str, tuple[Literal["etcd", "zk"], bool]] = {
     "etcd": ("etcd", False), "etcds": ("etcd", True), "zk": ("zk", False), "zks": ("zk", True)}
 #: query parameter -> RegistryURL field (``key`` is a method of RegistryURL, hence ``tls_*``)
 QUERY_PARAMS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
-                "password_file": "password_file"}
+                "password_file": "password_file", "format": "format", "path": "path"}
+FORMATS = ("discovery", "nerve")
+SERVICE_PART = "{service}"
 #: environment variable -> RegistryURL field, read by :meth:`RegistryURL.with_env`
 ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "password",
             "DISCOVERY_REGISTRY_PASSWORD_FILE": "password_file",
@@ -71,6 +75,12 @@ class RegistryURL:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    format: str | None = None  # None: ours; "nerve": Airbnb Nerve's ZooKeeper nodes
+    path: str | None = None  # nerve: where service S's nodes are, with {service} for S
+
+    @property
+    def nerve(self) -> bool:
+        return self.format == "nerve"
 
     @classmethod
     def parse(cls, url: str) -> RegistryURL:
@@ -132,7 +142,27 @@ class RegistryURL:
             raise ConfigError(f"registry URL '{self}': a password and password_file= both given")
         if self.scheme == "zk" and self.user and ":" in self.user:
             raise ConfigError(f"registry URL '{self}': a ZooKeeper digest user cannot contain ':'")
+        self._check_layout()
         return self if tls == self.tls else replace(self, tls=tls)
+
+    def _check_layout(self) -> None:
+        if self.format not in (None, *FORMATS):
+            raise ConfigError(f"registry URL '{self}': format= must be one of "
+                              f"{', '.join(FORMATS)}")
+        if self.nerve and self.scheme != "zk":
+            raise ConfigError(f"registry URL '{self}': format=nerve is ZooKeeper's (zk://)")
+        if self.path is None:
+            return
+        segments = self.path.split("/")
+        if not self.nerve:
+            raise ConfigError(f"registry URL '{self}': path= goes with format=nerve")
+        if (not self.path.startswith("/") or segments.count(SERVICE_PART) != 1
+                or SERVICE_PART in self.path.replace(f"/{SERVICE_PART}", "", 1)
+                or any(not part for part in segments[1:])
+                or any(c in self.path for c in "\x00\n\r ")):
+            raise ConfigError(f"registry URL '{self}': path= must be an absolute ZooKeeper "
+                              f"path with {SERVICE_PART} as one whole part, e.g. "
+                              f"/nerve/services/{SERVICE_PART}/services")
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> RegistryURL:
         """Fill what the URL leaves out from ``DISCOVERY_REGISTRY_{USER,PASSWORD,
@@ -159,33 +189,50 @@ class RegistryURL:
                 userinfo += ":" + (quote(self.password, safe="") if reveal else MASK)
             userinfo += "@"
         hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
-        query = "&".join(f"{param}={quote(value, safe='/')}" for param, name in QUERY_PARAMS.items()
+        query = "&".join(f"{param}={quote(value, safe='/{}')}"
+                         for param, name in QUERY_PARAMS.items()
                          if (value := getattr(self, name)) is not None)
         return f"{scheme}://{userinfo}{hosts}{self.prefix}{'?' + query if query else ''}"
 
     def __str__(self) -> str:
         return self.to_url()
 
+    def _template(self) -> tuple[str, str]:
+        """(the path above the service names, the path below one) of this layout."""
+        if not self.nerve:
+            return f"{self.prefix}/services", ""
+        if self.path is None:
+            return self.prefix, ""
+        head, _, tail = self.path.partition(f"/{SERVICE_PART}")
+        return head or "/", tail
+
     @property
     def services_root(self) -> str:
-        """``<prefix>/services``: every service's directory is below it."""
-        return f"{self.prefix}/services"
+        """``<prefix>/services`` (Nerve: ``<prefix>``): its children are the services."""
+        return self._template()[0]
 
     def service_dir(self, service: str) -> str:
-        return f"{self.services_root}/{service}"
+        """Where ``service``'s instances are (Nerve: the path with ``{service}`` filled in)."""
+        head, tail = self._template()
+        return f"{head.rstrip('/')}/{service}{tail}"
 
     def key(self, service: str, instance_id: str) -> str:
         return f"{self.service_dir(service)}/{instance_id}"
 
     def split_key(self, key: str) -> tuple[str, str] | None:
-        """``(service, instance_id)`` of a key under this prefix, or None."""
-        head = f"{self.services_root}/"
+        """``(service, instance_id)`` of a key under this prefix, or None. Nerve: ``(service,
+        node name)``, the node name being ``<instance>_<sequence>``."""
+        head, tail = self._template()
+        head = head.rstrip("/") + "/"
         if not key.startswith(head):
             return None
         parts = key[len(head):].split("/")
-        if len(parts) != 2 or not all(parts):
+        tail_parts = tail.split("/")[1:] if tail else []
+        if len(parts) != 2 + len(tail_parts) or not all(parts):
             return None
-        return parts[0], parts[1]
+        if parts[1:-1] != tail_parts:
+            return None
+        return parts[0], parts[-1]
 
 
 def _query(query: str, shown: str) -> dict[str, str]:
@@ -203,7 +250,7 @@ def _query(query: str, shown: str) -> dict[str, str]:
             raise ConfigError(f"registry URL {shown!r}: parameter {name}= given twice")
         if not value:
             raise ConfigError(f"registry URL {shown!r}: parameter {name}= is empty")
-        params[QUERY_PARAMS[name]] = value
+        params[QUERY_PARAMS[name]] = value.lower() if name == "format" else value
     return params
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ services``/``show``) gets its instances from a backend's snapshot or watch, and 
 decodes each value here. Whatever a value holds, :meth:`Decoder.decode` returns an Instance or
 None: never an exception. A bad entry is skipped with one warning naming its key, repeated at
 most once per key per :data:`QUIET_S` seconds, and counted (``skipped``, served in /metrics as
-``discovery_registry_invalid_records_total``).
+``discovery_registry_invalid_records_total``). A ``zk://…?format=nerve`` registry's values are
+Nerve's records (:func:`discovery.model.nerve.from_nerve`), under the same rules.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 from discovery.errors import InvalidRecord
 from discovery.model import Instance
+from discovery.model.nerve import from_nerve
 from discovery.registry.base import RegistryURL
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,10 @@ class Decoder:
         self._warned: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def decode(self, key: str, raw: bytes | None) -> Instance | None:
+    def decode(self, key: str, raw: bytes | None, stamp: float = 0.0) -> Instance | None:
         """The instance stored at ``key``; None for a key outside the layout (not ours to
-        judge) or for a malformed value (skipped, counted, warned about)."""
+        judge) or for a malformed value (skipped, counted, warned about). ``stamp``: when the
+        value was written (Nerve's records carry no time of their own)."""
         split = self.url.split_key(key)
         if split is None:
             return None
@@ -47,7 +50,11 @@ class Decoder:
             self._skip(key, f"registry entry {key}: no value")
             return None
         try:
-            inst = Instance.from_json(raw, where=key)
+            if self.url.nerve:
+                inst = from_nerve(raw, split[0], split[1], where=key, stamp=stamp)
+                split = inst.key  # Nerve: the id comes from the node name and the port
+            else:
+                inst = Instance.from_json(raw, where=key)
         except InvalidRecord as exc:
             self._skip(key, f"registry entry skipped: {exc}")
             return None

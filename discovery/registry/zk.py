@@ -6,6 +6,8 @@ every watch sends a ``reset``; after a mere connection loss kazoo resumes the sa
 
 With a user and password (digest auth) every node we create gets the ACL ``digest:<user>``
 ALL + ``world:anyone`` READ (see :mod:`discovery.registry.security` and docs/security.md).
+``?format=nerve`` writes and reads Airbnb Nerve's sequential nodes instead
+(:mod:`discovery.registry.zk_nerve`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
+from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_watch import ZkWatch
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class ZkRegistry:
             hosts=self._where, timeout=ttl,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
             **options)
+        self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._written: dict[tuple[str, str], int] = {}  # key -> session id that wrote it
@@ -189,6 +193,10 @@ class ZkRegistry:
         session = (c.client_id or (None,))[0]
         if session is None:
             raise ConnectionLoss()
+        if self._nerve is not None:
+            self._nerve.claim(inst, session)
+            self._written[key] = session
+            return
         if self._written.get(key) == session:
             try:
                 self._get(c.set_async(path, data))
@@ -250,6 +258,9 @@ class ZkRegistry:
             self._written.pop((service, instance_id), None)
 
         def delete() -> None:
+            if self._nerve is not None:
+                self._nerve.delete((service, instance_id))
+                return
             with contextlib.suppress(NoNodeError):
                 self._get(self.client.delete_async(path))
 
@@ -266,23 +277,23 @@ class ZkRegistry:
             return Snapshot(revision=max(c.last_zxid, 1))
         # Every change up to this zxid is in what we read from now on.
         revision = max(c.last_zxid, 1)
-        dirs = {s: c.get_children_async(f"{self._services}/{s}") for s in services}
+        dirs = {s: c.get_children_async(self.url.service_dir(s)) for s in services}
         pending: list[tuple[str, Any]] = []
         for s, res in dirs.items():
             try:
                 children = self._get(res)
             except NoNodeError:
                 continue
-            for child in children:
-                path = f"{self._services}/{s}/{child}"
+            for child in sorted(children):  # Nerve: of one instance's nodes, the newest wins
+                path = f"{self.url.service_dir(s)}/{child}"
                 pending.append((path, c.get_async(path)))
         instances: dict[tuple[str, str], Instance] = {}
         for path, res in pending:
             try:
-                data, _ = self._get(res)
+                data, stat = self._get(res)
             except NoNodeError:
                 continue
-            inst = self.decoder.decode(path, data)
+            inst = self.decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None:
                 instances[inst.key] = inst
         return Snapshot(instances=instances, revision=revision)
@@ -319,12 +330,14 @@ class ZkRegistry:
         try:
             if revoke and self._connected.is_set():
                 session = (self.client.client_id or (None,))[0]
-                for key in owned:
-                    if self._written.get(key) == session:
-                        try:
-                            self._get(self.client.delete_async(self.url.key(*key)))
-                        except (NoNodeError, *_TRANSIENT):
-                            pass  # closing the session below removes it anyway
+                paths = [self.url.key(*k) for k in owned if self._written.get(k) == session]
+                if self._nerve is not None and session is not None:
+                    paths = self._nerve.owned(session)
+                for path in paths:
+                    try:
+                        self._get(self.client.delete_async(path))
+                    except (NoNodeError, *_TRANSIENT):
+                        pass  # closing the session below removes it anyway
         except KazooException as exc:
             log.warning("ZooKeeper at %s: removing our nodes: %s", self._where, exc)
         finally:

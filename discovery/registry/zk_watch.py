@@ -50,7 +50,9 @@ class ZkWatch:
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
         self._svcs: set[str] = set()
         self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
-        self._live: set[str] = set()  # paths we emitted a put for (and no delete since)
+        # path -> the key we emitted a put for (and no delete since). Nerve: several paths
+        # may hold one instance (a restarted reporter's old and new node) until one goes.
+        self._live: dict[str, tuple[str, str]] = {}
         self._stopped = threading.Event()
         try:  # read now, so changes right after watch() returns are changes, not the start
             if not connected.is_set():
@@ -141,13 +143,16 @@ class ZkWatch:
                     self._svcs.add(s)
                     self._push(("svc", s))
         elif kind == "svc":
+            folder = self._url.service_dir(arg)
             try:
-                children = c.get_children(f"{services}/{arg}", watch=self._fn(item))
+                children = c.get_children(folder, watch=self._fn(item))
             except NoNodeError:
                 self._svcs.discard(arg)
+                if folder != f"{services}/{arg}" and c.exists(folder, watch=self._fn(item)):
+                    self._push(item)  # Nerve's path= below the service: created meanwhile
                 return
             for child in children:
-                path = f"{services}/{arg}/{child}"
+                path = f"{folder}/{child}"
                 if path not in self._nodes:
                     self._nodes[path] = 0
                     self._push(("node", path))
@@ -155,28 +160,37 @@ class ZkWatch:
             self._node(arg)
 
     def _node(self, path: str) -> None:
-        url = self._url
-        split = url.split_key(path)
         try:
             data, stat = self._client.get(path, watch=self._fn(("node", path)))
         except NoNodeError:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
-            if path in self._live and split is not None:
-                self._live.discard(path)
-                self._deliver(Change("delete", key=split,
-                                     revision=self._client.last_zxid))
+            self._gone(path, self._client.last_zxid)
             return
-        if self._nodes.get(path) == stat.mzxid or split is None:
+        if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
             return
         self._nodes[path] = stat.mzxid
-        inst = self._decoder.decode(path, data)
-        if inst is not None:
-            self._live.add(path)
-            self._deliver(Change("put", key=split, instance=inst, revision=stat.mzxid))
-        elif path in self._live:
-            self._live.discard(path)
-            self._deliver(Change("delete", key=split, revision=stat.mzxid))
+        inst = self._decoder.decode(path, data, stat.mtime / 1000)
+        if inst is None:
+            self._gone(path, stat.mzxid)
+            return
+        if self._live.get(path, inst.key) != inst.key:  # a Nerve node now says another port
+            self._gone(path, stat.mzxid)
+        self._live[path] = inst.key
+        self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
+
+    def _gone(self, path: str, revision: int) -> None:
+        """``path`` no longer holds the instance it held: delete that instance, unless another
+        path still holds it (then read that one again, so that it is put back as it is)."""
+        key = self._live.pop(path, None)
+        if key is None:
+            return
+        others = [p for p, k in self._live.items() if k == key]
+        if not others:
+            self._deliver(Change("delete", key=key, revision=revision))
+        for other in others:
+            self._nodes[other] = 0
+            self._push(("node", other))
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
@@ -194,14 +208,16 @@ class ZkWatch:
         revision, newest = max(c.last_zxid, 1), stat.pzxid
         instances: dict[tuple[str, str], Instance] = {}
         for s in children:
-            svc_dir = f"{services}/{s}"
+            svc_dir = self._url.service_dir(s)
             try:
                 nodes, st = c.get_children(svc_dir, watch=self._fn(("svc", s)), include_data=True)
             except NoNodeError:
+                if svc_dir != f"{services}/{s}":
+                    c.exists(svc_dir, watch=self._fn(("svc", s)))
                 continue
             self._svcs.add(s)
             newest = max(newest, st.pzxid)
-            for n in nodes:
+            for n in sorted(nodes):  # Nerve: of one instance's nodes, the newest wins
                 path = f"{svc_dir}/{n}"
                 try:
                     data, st = c.get(path, watch=self._fn(("node", path)))
@@ -209,9 +225,9 @@ class ZkWatch:
                     continue
                 self._nodes[path] = st.mzxid
                 newest = max(newest, st.mzxid)
-                inst = self._decoder.decode(path, data)
+                inst = self._decoder.decode(path, data, st.mtime / 1000)
                 if inst is not None:
-                    self._live.add(path)
+                    self._live[path] = inst.key
                     instances[inst.key] = inst
         return Snapshot(instances=instances, revision=revision), newest
 

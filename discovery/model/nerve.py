@@ -1,0 +1,158 @@
+"""Airbnb Nerve's ZooKeeper record, both ways (``zk://…?format=nerve``).
+
+Nerve's reporter writes one ephemeral *sequential* node per instance, ``<instance_id>_`` plus
+ZooKeeper's 10-digit sequence, holding JSON ``{"host", "port", "name"}`` and, where set,
+``"weight"``, ``"haproxy_server_options"`` and ``"labels"`` (a string map). Synapse and
+Prometheus's ``nerve_sd_configs`` read ``host``/``port``/``name`` and ignore the rest.
+
+We write ``host`` = address, ``port``, ``name`` = our instance id (it is also the node name's
+prefix), ``weight``, and ``labels`` = meta plus what the format has no field for: ``node``,
+``tags`` (comma-separated), ``state`` (only ``draining``), ``container_id``,
+``container_name``, ``image`` (those label names are reserved: meta under them is not carried).
+
+Reading (:func:`from_nerve`), nodes as Nerve writes them map to an :class:`Instance`:
+
+- service: from the path; id: the node name without its sequence, lower-cased, with
+  ``:<port>`` appended unless it has a ``:`` already (ours: ``node:container:port``), so two
+  ports of one Nerve host are two instances and a restarted Nerve's new node is the same
+  instance as its old one;
+- node: the ``node`` label, else the first DNS label of ``name`` or of the node name, else the
+  host's address with ``-`` for dots; state ``up`` unless labelled ``draining``;
+- ``host`` must be an IP address and ``port`` 1..65535; a weight above 256 is taken as 256;
+  labels that are not usable meta (bad key, not a scalar) are dropped.
+
+Anything else (not JSON, too large or deep, no host or port) is :class:`InvalidRecord`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from discovery.errors import InvalidRecord, ValidationError
+from discovery.model import validate as v
+from discovery.model.instance import Instance, State, load_record
+
+_SEQUENCE = re.compile(r"^(.+)_\d{10}$")
+RESERVED = ("node", "tags", "state", "container_id", "container_name", "image")
+
+
+def node_prefix(child: str) -> str:
+    """A sequential node's name without ZooKeeper's ``_NNNNNNNNNN`` suffix."""
+    m = _SEQUENCE.fullmatch(child)
+    return m[1] if m else child
+
+
+def to_nerve(inst: Instance) -> bytes:
+    """The JSON Nerve's reporter would write for ``inst`` (plus our labels, see above)."""
+    labels = dict(inst.meta)
+    labels["node"] = inst.node
+    if inst.tags:
+        labels["tags"] = ",".join(inst.tags)
+    if inst.state is State.DRAINING:
+        labels["state"] = State.DRAINING.value
+    for name in ("container_id", "container_name", "image"):
+        if value := getattr(inst, name):
+            labels[name] = value
+    data = {"host": inst.address, "port": inst.port, "name": inst.id, "weight": inst.weight,
+            "labels": labels}
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def from_nerve(raw: bytes | str, service: str, child: str, where: str,
+               stamp: float = 0.0) -> Instance:
+    """The instance a Nerve node holds; :class:`InvalidRecord` naming ``where`` otherwise.
+    ``stamp``: when the node was last written (ZooKeeper's mtime), as ``registered_at``."""
+    data = load_record(raw, where)
+    try:
+        return _instance(data, service, child, where, stamp)
+    except InvalidRecord:
+        raise
+    except ValidationError as exc:
+        raise InvalidRecord(f"{where}: {exc.culprit}", exc.reason) from None
+    except Exception as exc:  # a stored value never escapes as a crash
+        raise InvalidRecord(where, f"unusable Nerve record ({type(exc).__name__})") from None
+
+
+def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> Instance:
+    if not isinstance(data, dict):
+        raise InvalidRecord(where, "not a JSON object")
+    host, port = data.get("host"), data.get("port")
+    if not isinstance(host, str) or not host:
+        raise InvalidRecord(where, "no host")
+    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise InvalidRecord(where, "no port (an integer)")
+    try:
+        address = v.address("host", host)
+    except ValidationError:
+        raise InvalidRecord(where, f"host {host[:64]!r} is not an IP address") from None
+    labels = data.get("labels") or {}
+    if not isinstance(labels, dict):
+        labels = {}
+    text: dict[str, str] = {}
+    for k, val in labels.items():
+        if isinstance(k, str) and (scalar := _scalar(val)) is not None:
+            text[k] = scalar
+    name = data["name"] if isinstance(data.get("name"), str) else ""
+    node = _node(text.get("node", ""), name, node_prefix(child), address)
+    base = node_prefix(child).lower()
+    iid = base if ":" in base else f"{base}:{port}"
+    try:
+        v.instance_id("id", iid)
+    except ValidationError:
+        iid = f"{node}:{port}"
+    weight = data.get("weight", 100)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+        weight = 100
+    tags = [t for t in text.get("tags", "").split(",") if _is_label(t)][: v.MAX_TAGS]
+    meta = {k: val for k, val in text.items() if k not in RESERVED and _meta_ok(k, val)}
+    return Instance(
+        service=service, id=iid, node=node, address=address, port=v.port("port", port),
+        tags=v.tags("tags", tags), weight=min(weight, 256),
+        meta=dict(sorted(meta.items())[: v.MAX_META]),
+        container_id=_text(text.get("container_id", "")),
+        container_name=_text(text.get("container_name", "")), image=_text(text.get("image", "")),
+        state=State.DRAINING if text.get("state") == State.DRAINING.value else State.UP,
+        registered_at=stamp if 0 < stamp < 1e11 else 0.0)
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value)
+    return None
+
+
+def _is_label(value: str) -> bool:
+    try:
+        v.dns_label("tag", value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _meta_ok(key: str, value: str) -> bool:
+    try:
+        v.meta("meta", {key: value})
+    except ValidationError:
+        return False
+    return True
+
+
+def _text(value: str) -> str:
+    try:
+        return v.text("text", value)
+    except ValidationError:
+        return ""
+
+
+def _node(label: str, name: str, prefix: str, address: str) -> str:
+    for candidate in (label, name, prefix):
+        first = re.split(r"[.:]", candidate.lower(), maxsplit=1)[0]
+        if _is_label(first):
+            return first
+    return re.sub(r"[^a-z0-9]+", "-", address.lower()).strip("-")[:63] or "nerve"

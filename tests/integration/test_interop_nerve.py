@@ -1,0 +1,159 @@
+"""Airbnb Nerve's ZooKeeper format, both ways, on a real ZooKeeper.
+
+Write side: the ZooKeeper backend with ``?format=nerve&path=…/{service}/services`` (Airbnb's
+layout) writes ephemeral sequential nodes holding Nerve's JSON; a real Prometheus with
+``nerve_sd_configs`` lists them, and the nodes survive a session expiry and go on deregister.
+Read side: nodes written with raw kazoo exactly as Nerve's reporter writes them (and
+malformed ones) are read by ``discovery services`` and by the client's live watch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+
+from discovery import Client
+from discovery.model import Instance
+from discovery.registry import open_registry
+from discovery.registry.zk import ZkRegistry
+from tests.harness.prometheus import Prometheus
+from tests.harness.servers import ServerCluster, expire_zk_session, unique_prefix
+from tests.harness.util import wait_for
+
+pytestmark = pytest.mark.integration
+NERVE_KEYS = {"host", "port", "name", "weight", "labels"}
+
+
+@pytest.fixture
+def zk(zk_single: ServerCluster) -> Iterator[KazooClient]:
+    zk_single.ensure_running()
+    host, port = zk_single.address(0)
+    client = KazooClient(hosts=f"{host}:{port}", timeout=5)
+    client.start(timeout=20)
+    yield client
+    client.stop()
+    client.close()
+
+
+def layout(zk_single: ServerCluster) -> tuple[str, str, str]:
+    """(registry URL, Airbnb-style path template, the web service's folder)."""
+    host, port = zk_single.address(0)
+    base = unique_prefix()
+    template = f"{base}/nerve/services/{{service}}/services"
+    url = f"zk://{host}:{port}{base}?format=nerve&path={template}"
+    return url, template, template.replace("{service}", "web")
+
+
+def inst(n: int, **kw: object) -> Instance:
+    return Instance(service="web", id=f"host{n}:{n:012x}:8080", node=f"host{n}",
+                    address=f"127.0.1.{n}", port=31000 + n, **kw)  # type: ignore[arg-type]
+
+
+def test_written_as_nerve_and_listed_by_prometheus_nerve_sd(
+        zk_single: ServerCluster, zk: KazooClient, tmp_path: Path) -> None:
+    url, _, folder = layout(zk_single)
+    registry = open_registry(url, ttl=4.0)
+    assert isinstance(registry, ZkRegistry)
+    one, two = inst(1, tags=("blue",), meta={"az": "a"}), inst(2)
+    registry.register(one)
+    registry.register(two)
+    host, port = zk_single.address(0)
+    prom = Prometheus(f"""
+global: {{scrape_interval: 1h}}
+scrape_configs:
+  - job_name: nerve
+    nerve_sd_configs: [{{servers: ["{host}:{port}"], paths: ["{folder}"], timeout: 5s}}]
+""", tmp_path).start()
+    try:
+        children = zk.get_children(folder)
+        assert sorted(c.rsplit("_", 1)[0] for c in children) == [one.id, two.id]
+        assert all(len(c.rsplit("_", 1)[1]) == 10 for c in children)  # ZooKeeper's sequence
+        data, stat = zk.get(f"{folder}/{min(children)}")
+        record = json.loads(data)
+        assert set(record) == NERVE_KEYS and stat.ephemeralOwner != 0
+        assert (record["host"], record["port"], record["name"]) == ("127.0.1.1", 31001, one.id)
+        assert record["labels"] == {"az": "a", "node": "host1", "tags": "blue"}
+
+        expect = {"127.0.1.1:31001", "127.0.1.2:31002"}
+        wait_for(lambda: prom.addresses("nerve") == expect, 40, interval=0.25,
+                 message=f"Prometheus nerve_sd lists {expect}")
+        target = {t["__address__"]: t for t in prom.targets("nerve")}["127.0.1.1:31001"]
+        assert target["__meta_nerve_endpoint_name"] == one.id
+        assert target["__meta_nerve_path"].startswith(f"{folder}/{one.id}_")
+
+        registry.register(inst(1, tags=("blue", "v2"), meta={"az": "a"}))  # same session: set
+        assert len(zk.get_children(folder)) == 2
+        before = set(zk.get_children(folder))
+        expire_zk_session(registry.client)  # type: ignore[attr-defined]
+        after = wait_for(lambda: len(now := set(zk.get_children(folder))) == 2 and now, 20,
+                         message="both instances re-created in the new session")
+        assert not after & before  # new sequential nodes, the old ones died with the session
+        registry.deregister("web", two.id)
+        wait_for(lambda: prom.addresses("nerve") == {"127.0.1.1:31001"}, 40, interval=0.25,
+                 message="Prometheus drops the deregistered instance")
+        assert [c.rsplit("_", 1)[0] for c in zk.get_children(folder)] == [one.id]
+    except AssertionError:
+        print(f"----- prometheus log -----\n{prom.log()}")
+        raise
+    finally:
+        prom.stop()
+        registry.close()
+    assert zk.get_children(folder) == []  # close removed our nodes
+
+
+def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:
+    """What Nerve's ZooKeeper reporter does: mkdir -p, then an ephemeral sequential node."""
+    zk.ensure_path(folder)
+    created: str = zk.create(f"{folder}/{instance_id}_", data, ephemeral=True, sequence=True)
+    return created
+
+
+def test_nodes_written_by_nerve_are_read_and_bad_ones_skipped(
+        zk_single: ServerCluster, zk: KazooClient, tmp_path: Path) -> None:
+    url, template, folder = layout(zk_single)
+    old = nerve_write(zk, folder, "i-0a1b2c",
+                      b'{"host":"127.0.2.1","port":8080,"name":"i-0a1b2c"}')
+    nerve_write(zk, folder, "i-0a1b2c",  # the same Nerve host, a second port
+                b'{"host":"127.0.2.1","port":8081,"name":"i-0a1b2c","weight":5,'
+                b'"haproxy_server_options":"backup","labels":{"az":"us-east-1a"}}')
+    bad = {"not-json": b"{host", "no-port": b'{"host":"127.0.2.9","name":"x"}',
+           "hostname": b'{"host":"web.example.com","port":80,"name":"x"}',
+           "huge": b'{"host":"127.0.2.9","port":80,"pad":"' + b"x" * 70_000 + b'"}'}
+    bad_paths = {nerve_write(zk, folder, name, data) for name, data in bad.items()}
+    nerve_write(zk, template.replace("{service}", "db"), "i-0d0d0d",
+                b'{"host":"127.0.2.4","port":5432,"name":"i-0d0d0d"}')
+
+    cli = subprocess.run([sys.executable, "-m", "discovery", "--log-level", "warning",
+                          "services", "--registry", url,
+                          "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    listed = json.loads(cli.stdout)
+    assert sorted({i["service"] for i in listed}) == ["db", "web"]
+    web = {(i["address"], i["port"]): i for i in listed if i["service"] == "web"}
+    assert set(web) == {("127.0.2.1", 8080), ("127.0.2.1", 8081)}
+    assert web[("127.0.2.1", 8080)]["id"] == "i-0a1b2c:8080"
+    assert web[("127.0.2.1", 8081)]["weight"] == 5
+    assert web[("127.0.2.1", 8081)]["meta"] == {"az": "us-east-1a"}
+    assert {i["state"] for i in web.values()} == {"up"}
+    for path in bad_paths:
+        assert cli.stderr.count(path) == 1, f"one warning naming {path}:\n{cli.stderr}"
+
+    with Client(url) as client:
+        seen: list[set[tuple[str, int]]] = []
+        client.watch("web", lambda found: seen.append({(i.address, i.port) for i in found}))
+        assert client.instances("web")  # the live catalog is loaded
+        # Nerve restarts on host i-0a1b2c: a new node next to the old, then the old one goes
+        nerve_write(zk, folder, "i-0a1b2c",
+                    b'{"host":"127.0.2.1","port":8080,"name":"i-0a1b2c"}')
+        zk.delete(old)
+        nerve_write(zk, folder, "i-0e0e0e", b'{"host":"127.0.2.5","port":80,"name":"i-0e0e0e"}')
+        wait_for(lambda: seen and seen[-1] == {("127.0.2.1", 8080), ("127.0.2.1", 8081),
+                                               ("127.0.2.5", 80)}, 20,
+                 message="the client follows Nerve's nodes")
+        assert all(("127.0.2.1", 8080) in s for s in seen)  # never lost across the restart

@@ -1,0 +1,110 @@
+"""The Consul-compatible endpoints and Prometheus SD labels, answered in-process (no socket)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from discovery.errors import ConfigError
+from discovery.lookup.consul import label_name, parse_datacenter, sd_labels
+from discovery.lookup.http import HttpApi
+from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
+from discovery.registry.base import Snapshot
+
+PROM_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def inst(n: int, *, state: State = State.UP, **kw: Any) -> Instance:
+    return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address=f"10.0.0.{n}",
+                    port=8000 + n, state=state, **kw)
+
+
+@pytest.fixture
+def api() -> HttpApi:
+    cat = Catalog()
+    members = [inst(1, tags=("blue",), meta={"version": "1.4"}), inst(2, state=State.DRAINING)]
+    cat.load(Snapshot({i.key: i for i in members}))
+    return HttpApi(cat, dict, None, datacenter="eu-1", node="h9")
+
+
+def answer(api: HttpApi, target: str) -> tuple[int, Any, dict[str, str]]:
+    resp = api.handle(target)
+    return resp.status, json.loads(resp.body), resp.headers
+
+
+def test_health_service_shape_passing_and_index(api: HttpApi) -> None:
+    status, body, headers = answer(api, "/v1/health/service/web")
+    assert status == 200 and headers["X-Consul-Index"] == "2"  # catalog index 1, plus one
+    assert headers["X-Consul-KnownLeader"] == "true" and headers["X-Consul-LastContact"] == "0"
+    first, second = body
+    assert first["Service"]["ID"] == "h1:000000000001:80" and first["Service"]["Port"] == 8001
+    assert first["Service"]["Tags"] == ["blue"] and first["Service"]["Meta"] == {"version": "1.4"}
+    assert first["Node"]["Node"] == "h1" and first["Node"]["Datacenter"] == "eu-1"
+    assert [c["Status"] for c in first["Checks"]] == ["passing"]
+    assert [c["Status"] for c in second["Checks"]] == ["critical"]  # draining
+    _, passing, _ = answer(api, "/v1/health/service/web?passing")
+    assert [e["Service"]["ID"] for e in passing] == ["h1:000000000001:80"]
+
+
+def test_catalog_endpoints_and_agent_self(api: HttpApi) -> None:
+    assert answer(api, "/v1/catalog/services")[1] == {"web": ["blue"]}
+    _, entries, _ = answer(api, "/v1/catalog/service/web?tag=blue")
+    assert [(e["ServiceAddress"], e["ServicePort"], e["ServiceName"]) for e in entries] == [
+        ("10.0.0.1", 8001, "web")]
+    assert answer(api, "/v1/agent/self")[1]["Config"]["Datacenter"] == "eu-1"
+    assert answer(api, "/v1/catalog/datacenters")[1] == ["eu-1"]
+
+
+@pytest.mark.parametrize("target", ["/v1/health/service/nope", "/v1/catalog/service/nope",
+                                    "/v1/health/service/NOT%20A%20NAME",
+                                    "/v1/health/service/web?tag=green"])
+def test_unknown_service_is_consuls_empty_answer(api: HttpApi, target: str) -> None:
+    status, body, _ = answer(api, target)
+    assert (status, body) == (200, [])
+
+
+@pytest.mark.parametrize(("target", "param"), [
+    ("/v1/health/service/web?index=abc", "index"), ("/v1/health/service/web?index=-1", "index"),
+    ("/v1/health/service/web?wait=forever", "wait"), ("/v1/health/service/web?passing=maybe",
+                                                      "passing"),
+    ("/v1/catalog/services?dc=us-2", "dc"), ("/v1/catalog/services?stale&consistent", "stale"),
+    ("/v1/catalog/services?passing=1", "passing"), ("/v1/prometheus/sd?up=2", "up"),
+])
+def test_malformed_parameters_are_400_naming_them(api: HttpApi, target: str, param: str) -> None:
+    status, body, _ = answer(api, target)
+    assert status == 400 and body["param"] == param
+
+
+def test_blocking_query_on_the_current_index_waits_out_wait(api: HttpApi) -> None:
+    status, _, headers = answer(api, "/v1/health/service/web?index=2&wait=50ms")
+    assert status == 200 and headers["X-Consul-Index"] == "2"
+
+
+def test_sd_labels_are_valid_prometheus_names_and_strings() -> None:
+    one = inst(1, tags=("a", "b"), meta={"build.id": "7", "build_id": "8", "x-y": "z"})
+    labels = sd_labels(one)
+    assert all(PROM_LABEL.fullmatch(k) for k in labels)
+    assert all(isinstance(v, str) for v in labels.values())
+    assert labels["__meta_discovery_tags"] == ",a,b,"
+    assert labels["__meta_discovery_meta_build_id"] == "7"  # first in sorted order wins
+    assert labels["__meta_discovery_meta_x_y"] == "z"
+    assert label_name("a.b-c_D9") == "a_b_c_D9"
+
+
+def test_sd_targets_bracket_ipv6(api: HttpApi) -> None:
+    cat = Catalog()
+    six = Instance(service="v6", id="h1:0000000000aa:80", node="h1", address="fd00::5", port=81)
+    cat.load(Snapshot({six.key: six}))
+    _, groups, _ = answer(HttpApi(cat, dict, None), "/v1/prometheus/sd")
+    assert groups == [{"targets": ["[fd00::5]:81"], "labels": sd_labels(six)}]
+
+
+@pytest.mark.parametrize("bad", ["", "DC1", "dc 1", "-dc", "x" * 64])
+def test_datacenter_names(bad: str) -> None:
+    assert parse_datacenter("dc1") == "dc1" and parse_datacenter("eu_west-2") == "eu_west-2"
+    with pytest.raises(ConfigError, match="--datacenter"):
+        parse_datacenter(bad)
