@@ -98,8 +98,10 @@ class Router:
         """A new configuration (SIGHUP); applied by the next :meth:`sync`."""
         with self._lock:
             self.config = config
-            if renderer is not None:
+            if renderer is not None:  # the template file may have changed: render it again
                 self.renderer = renderer
+                self._running_config = None
+                self._last_attempt = None
 
     # ---- the one entry point ---------------------------------------------------------------
     def sync(self, catalog: Catalog, only: set[str] | None = None) -> Outcome:

@@ -135,6 +135,25 @@ def test_broken_template_keeps_last_good_config(registry_url, reg, http_backends
     assert watcher.alive
 
 
+def test_sighup_after_a_template_edit_alone_renders_it(registry_url, reg, http_backends,
+                                                      start_watcher, tmp_path):
+    """Only the template changed (same TOML): SIGHUP renders it and reloads once."""
+    (a,) = http_backends("a")
+    template = tmp_path / "mine.cfg.j2"
+    shutil.copy(TEMPLATE, template)
+    web_port = free_port()
+    reg.register(inst("web", 1, a.port))
+    watcher = start_watcher(registry_url, {"web": web_port}, "--template", str(template))
+    wait_for(lambda: spread(web_port, 2)["a"] == 2, 10, message="web served")
+    reloads = watcher.reload_count()
+    template.write_text(template.read_text() + "\n# edited by the operator\n")
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: "# edited by the operator" in watcher.config_text(), 10,
+             message="the edited template rendered and installed")
+    wait_for(lambda: watcher.reload_count() == reloads + 1, 10, message="one reload")
+    assert spread(web_port, 4) == {"a": 4}
+
+
 def test_template_haproxy_rejects_keeps_last_good_config(registry_url, reg, http_backends,
                                                          start_watcher, tmp_path):
     """The template renders (no Jinja error) but ``haproxy -c`` rejects the result, on a running
