@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
               help="This host's name in the registry [env DISCOVERY_NODE]")
 @click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
               help="Advertised IP for published ports [env DISCOVERY_ADDRESS]")
+@click.option("--zone", envvar="DISCOVERY_ZONE", default="", metavar="NAME",
+              help="This host's zone (a DNS label), written into every instance record; "
+              "a container's discovery.zone label overrides it [env DISCOVERY_ZONE]")
 @click.option("--docker", envvar="DISCOVERY_DOCKER", default=None, metavar="URL",
               help="dockerd URL; default DOCKER_HOST or the local socket [env DISCOVERY_DOCKER]")
 @click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True,
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
               help="Advertise container IP and exposed port [env DISCOVERY_INTERNAL]")
 @click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
               help="TOML file with an [agent] table; re-read on SIGHUP [env DISCOVERY_CONFIG]")
+@click.option("--state-dir", envvar="DISCOVERY_AGENT_STATE_DIR", default="/var/lib/discovery/agent",
+              show_default=True, help="Where maintenance state is kept across restarts "
+              "[env DISCOVERY_AGENT_STATE_DIR]")
 @click.option("--http", "http", envvar="DISCOVERY_AGENT_HTTP", default=None, metavar="ADDR:PORT",
               help="Serve /v1/health, /v1/agent/* and /metrics here [env DISCOVERY_AGENT_HTTP]")
 @http_token_option()
@@ -61,10 +67,11 @@ def agent(ctx: click.Context, **opts: Any) -> None:
         api = None
         if http:
             from discovery.lookup.http import HttpApi, parse_listen
+            from discovery.lookup.ui import Views
 
             api = HttpApi(None, agent_health(the_agent), metrics, *parse_listen(http),
                           maint=the_agent.set_maint, checks=the_agent.checks,
-                          token=token).start()
+                          token=token, views=Views(the_agent.history.query)).start()
     except DiscoveryError as exc:
         fail(str(exc))
         return

@@ -21,6 +21,7 @@ from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
 
 log = logging.getLogger(__name__)
+DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as the agent's
 
 
 @click.command()
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
               help="TOML with [agent], [watcher] and [services.NAME] tables "
                    "[env DISCOVERY_CONFIG]")
 @click.option("--state-dir", envvar="DISCOVERY_STATE_DIR", default=None,
-              help="HAProxy files (default: /var/lib/discovery/watch; a temporary one with --dev)")
+              help="HAProxy files, and the agent's maintenance state in its agent/ folder "
+                   "(default: /var/lib/discovery/watch and /var/lib/discovery/agent; a "
+                   "temporary one with --dev)")
 @click.option("--haproxy-bin", default="haproxy", show_default=True)
 @click.option("--dns", "dns", envvar="DISCOVERY_DNS", default="127.0.0.1:8600", show_default=True,
               help="DNS listen address; 'off' to disable [env DISCOVERY_DNS]")
@@ -86,8 +89,9 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         if state_dir is None and dev:
             temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
         state = Path(state_dir) if state_dir else (temp_state or Path("/var/lib/discovery/watch"))
+        agent_state = state / "agent" if state_dir or temp_state else DEFAULT_AGENT_STATE
         agent_cfg = AgentConfig(registry=registry, node=node, address=address, ttl=ttl,
-                                resync=resync)
+                                resync=resync, state_dir=str(agent_state))
         agent_cfg = merge(agent_cfg, read_file(config_file) if config_file else {}, {"registry"})
         watch_cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
         watch_cfg = merge_services(watch_cfg, [parse_service_arg(s) for s in services])
@@ -102,7 +106,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                                 ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
                                 extra_health=agent_health(agent, prefix="agent_"),
                                 maint=agent.set_maint, checks=agent.checks, token=http_token,
-                                datacenter=datacenter, node=agent_cfg.node)
+                                datacenter=datacenter, node=agent_cfg.node,
+                                history=agent.history.query)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:

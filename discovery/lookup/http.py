@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from discovery.errors import DiscoveryError, ValidationError
-from discovery.lookup import consul
+from discovery.lookup import consul, ui
 from discovery.lookup.http_guard import (
     HOW_TO_TOKEN,
     TOKEN_HEADER,
@@ -73,8 +73,9 @@ class HttpApi:
                  max_blocking: int = 256, max_blocking_per_client: int = 128,
                  maint: Maint | None = None, checks: Checks | None = None,
                  token: str | None = None, datacenter: str = consul.DEFAULT_DATACENTER,
-                 node: str = "") -> None:
+                 node: str = "", views: ui.Views | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
+        self.views = views  # the status page's sources (GET /ui/, /v1/agent/history)
         self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node)
                        if catalog is not None else None)
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
@@ -188,6 +189,8 @@ class HttpApi:
                 raise ApiError(404, "this process has no catalog (the agent's API only has "
                                     "/v1/health and /metrics)")
             return self._services(self.catalog, name, query, req)
+        if ui.handles(path):
+            return ui.route(self, path, query)
         if consul.handles(path) and self.consul is not None:
             return self.consul.route(path, query, req)
         raise ApiError(404, f"no such endpoint: {path[:100]} (see /v1/services, /v1/health)")

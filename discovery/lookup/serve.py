@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from discovery.lookup.status import Checks, Health, Maint
+from discovery.lookup.ui import HistoryQuery, Views
 from discovery.metrics import Metrics
 from discovery.watcher.core import Watcher
 
@@ -39,7 +40,8 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                   dns_udp_answer_limit: int = 3,
                   extra_health: Health | None = None, maint: Maint | None = None,
                   checks: Checks | None = None, token: str | None = None,
-                  datacenter: str = "dc1", node: str = "") -> Lookups:
+                  datacenter: str = "dc1", node: str = "",
+                  history: HistoryQuery | None = None) -> Lookups:
     """Start DNS on ``dns`` and the HTTP API on ``http`` (``ADDRESS:PORT``; None: not started).
     ``token``: what HTTP writes must present (None: writes are refused); ``datacenter`` and
     ``node``: what the Consul-compatible endpoints report."""
@@ -69,7 +71,7 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
 
             api = HttpApi(watcher.catalog, health, metrics, bind, port, maint=maint,
                           checks=checks, token=token, datacenter=datacenter,
-                          node=node).start()
+                          node=node, views=Views(history, watcher)).start()
             out.started.append(api)
             out.http_port = api.port
             log.info("HTTP API on %s:%d", bind, api.port)

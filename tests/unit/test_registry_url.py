@@ -3,8 +3,6 @@ options."""
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import click
@@ -14,7 +12,6 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.cli.options import registry_options, registry_url_from
 from discovery.errors import ConfigError
-from discovery.model import Instance
 from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url
 from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_acl
 
