@@ -30,6 +30,7 @@ from discovery.propagation import Stages
 if TYPE_CHECKING:
     from discovery.model import Instance
     from discovery.registry import Registry
+    from discovery.watcher.outlier import OutlierDetector
     from discovery.watcher.router import RouterStats
 
 
@@ -224,6 +225,12 @@ class Metrics:
             self.haproxy_errors.inc(haproxy)
         if stats.last_reload:
             self.last_reload.set(stats.last_reload)
+
+    def follow_outliers(self, detector: OutlierDetector) -> None:
+        """Serve a router's outlier ejections (``discovery_outlier_*``) at scrape time."""
+        from discovery.watcher.outlier import OutlierCollector
+
+        self.registry.register(OutlierCollector(detector))
 
     def wipe_guard(self, holding: int, engaged: int) -> None:
         """The wipe guard's state: instances held now, and times it engaged so far."""

@@ -90,6 +90,9 @@ WATCHER_KEYS = {
                   "emptying services; the last instance of a service goes after `settle`. "
                   "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
                   "([operations.md](operations.md#the-wipe-guard))",
+    "zone": "this watcher's zone (a DNS label; `--zone` wins): each service is routed to the "
+            "instances of this zone, and to every zone while it has fewer than `zone_min_up` "
+            "up instances ([traffic.md](traffic.md#zone-aware-routing))",
 }
 
 SERVICE_KEYS = {
@@ -106,6 +109,13 @@ SERVICE_KEYS = {
     "tags": "route only instances having all these tags",
     "slots": "minimum pre-allocated server slots (more are added, by a reload, when needed)",
     "maxconn": "frontend `maxconn`",
+    "outlier": "outlier ejection: `{ consecutive_errors = 5, interval = \"1s\", base_ejection "
+               "= \"10s\", max_ejected = \"50%\" }` (those are the defaults; every key "
+               "optional; `true`: all defaults). An instance failing `consecutive_errors` "
+               "requests in a row is drained for `base_ejection` x its ejections "
+               "([traffic.md](traffic.md#outlier-ejection))",
+    "zone_min_up": "with `[watcher] zone`: spill over to other zones while the local zone has "
+                   "fewer up instances than this",
 }
 
 CHECK_TYPES = {
@@ -150,6 +160,8 @@ LABELS: list[tuple[str, str, str, dict[str, str]]] = [
      {"discovery.tags": "blue,v2"}),
     ("discovery.weight", "`100`", "0..256; 0 takes no new connections",
      {"discovery.weight": "50"}),
+    ("discovery.zone", "the agent's `--zone`", "this container's zone, a DNS label (written "
+     "into the record as `zone`)", {"discovery.zone": "eu-1a"}),
     ("discovery.meta.KEY", "—", "free-form metadata `KEY=VALUE` (printable, up to 512 chars)",
      {"discovery.meta.version": "1.4"}),
     ("discovery.ignore", "`false`", "`true`: never register this container",

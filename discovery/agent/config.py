@@ -38,6 +38,7 @@ class AgentConfig:
     check: CheckSpec = field(default_factory=CheckSpec)
     config_file: str | None = None
     state_dir: str | None = None  # maintenance state (None: in memory only)
+    zone: str = ""  # written into every instance record ("": none)
 
     def validated(self) -> AgentConfig:
         if not self.registry:
@@ -47,13 +48,14 @@ class AgentConfig:
         try:
             node = validate.dns_label("--node", self.node or default_node())
             address = validate.address("--address", self.address)
+            zone = validate.dns_label("--zone", self.zone) if self.zone else ""
         except ValidationError as exc:
             raise ConfigError(str(exc)) from None
         if not 1.0 <= self.ttl <= 3600:
             raise ConfigError(f"--ttl {self.ttl}: must be between 1 and 3600 seconds")
         if not 0.5 <= self.resync <= 86400:
             raise ConfigError(f"--resync {self.resync}: must be between 0.5 and 86400 seconds")
-        return replace(self, node=node, address=address)
+        return replace(self, node=node, address=address, zone=zone)
 
 
 FILE_KEYS = {f.name for f in fields(AgentConfig)} - {"config_file", "check"}

@@ -37,7 +37,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 _DISCOVERY_KEY = re.compile(r"(?:([0-9]+)\.)?([a-z]+)(?:\.(.+))?", re.S)
 _REGISTRATOR_KEY = re.compile(r"SERVICE_(?:([0-9]+)_)?(.+)", re.S)
 _REGISTRATOR_FIELDS = {"NAME": "service", "TAGS": "tags", "WEIGHT": "weight", "IGNORE": "ignore"}
-_PLAIN = {"service", "tags", "weight", "ignore", "check"}  # discovery.[<port>.]<name>
+_PLAIN = {"service", "tags", "weight", "ignore", "check", "zone"}  # discovery.[<port>.]<name>
 
 Entry = tuple[str, str]  # (value, culprit)
 
@@ -171,7 +171,7 @@ def _parse(
             return table.get(f"{cport}.{field}") or table.get(field)
 
         address, port = _address(attrs, cport, port_culprit, tcp, udp, advertise, internal)
-        tags, weight = get("tags"), get("weight")
+        tags, weight, zone = get("tags"), get("weight"), get("zone")
         specs.append(
             ServiceSpec(
                 service=validate.dns_label(name_culprit, name),
@@ -182,6 +182,7 @@ def _parse(
                 weight=_number(validate.weight, weight[1], weight[0]) if weight else 100,
                 meta=validate.meta(f"{who} meta", _prefixed(table, cport, "meta.")),
                 check=_check(table, cport, get, who, _has_healthcheck(attrs), defaults),
+                zone=validate.dns_label(zone[1], zone[0]) if zone else "",
             )
         )
     return specs

@@ -74,6 +74,7 @@ class ServiceSpec:
     weight: int = 100
     meta: dict[str, str] = field(default_factory=dict)
     check: CheckSpec = field(default_factory=CheckSpec)
+    zone: str = ""  # discovery.zone label; "": the agent's --zone
 
 
 @dataclass(frozen=True)

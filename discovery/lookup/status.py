@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from discovery.watcher.outlier import health as outlier_health
+
 if TYPE_CHECKING:
     from discovery.agent.core import Agent
     from discovery.watcher.core import Watcher
@@ -36,6 +38,7 @@ def watcher_health(watcher: Watcher, prefix: str = "") -> Health:
                 "last_error": stats.last_error or None,
                 "render_errors": stats.render_errors, "haproxy_errors": stats.haproxy_errors,
             }
+            out["outliers"] = outlier_health(router.outliers)
         return {prefix + k: c for k, c in out.items()}
 
     return health

@@ -50,6 +50,8 @@ class Instance:
     #: maintenance call) and when it wrote the record; 0: unknown (older records)
     seen_at: float = 0.0
     written_at: float = 0.0
+    #: the availability zone the instance runs in (a DNS label); "": none given
+    zone: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +70,10 @@ class Instance:
         v.text("container_id", self.container_id)
         v.text("container_name", self.container_name)
         v.text("image", self.image)
+        if not isinstance(self.zone, str):
+            raise ValidationError("zone", f"{self.zone!r:.40} is not a string")
+        if self.zone:
+            v.dns_label("zone", self.zone)
         if not isinstance(self.state, State):
             raise ValidationError("state", f"{self.state!r} is not up|draining")
 
@@ -82,10 +88,10 @@ class Instance:
         """Equal apart from registered_at: re-writing would change nothing (hot path: no copies)."""
         return (self.service, self.id, self.node, self.address, self.port, self.tags, self.weight,
                 self.meta, self.container_id, self.container_name, self.image, self.state,
-                self.schema) == (
+                self.schema, self.zone) == (
                 other.service, other.id, other.node, other.address, other.port, other.tags,
                 other.weight, other.meta, other.container_id, other.container_name, other.image,
-                other.state, other.schema)
+                other.state, other.schema, other.zone)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +111,7 @@ class Instance:
             "registered_at": self.registered_at,
             **({"seen_at": self.seen_at} if self.seen_at else {}),
             **({"written_at": self.written_at} if self.written_at else {}),
+            **({"zone": self.zone} if self.zone else {}),
         }
 
     def to_json(self) -> bytes:
@@ -146,7 +153,8 @@ class Instance:
         for name, stamp in stamps.items():
             if not _is_number(stamp) or not 0 <= stamp < 1e11:
                 raise InvalidRecord(where, f"{name} must be a finite number of seconds")
-        text = {name: data.get(name, "") for name in ("container_id", "container_name", "image")}
+        text = {name: data.get(name, "")
+                for name in ("container_id", "container_name", "image", "zone")}
         text |= {name: data[name] for name in ("service", "id", "node", "address")}
         text["state"] = data.get("state", "up")
         for name, value in text.items():
@@ -163,7 +171,7 @@ class Instance:
             container_name=text["container_name"], image=text["image"],
             state=State(text["state"]), registered_at=float(stamps["registered_at"]),
             schema=schema, seen_at=float(stamps["seen_at"]),
-            written_at=float(stamps["written_at"]),
+            written_at=float(stamps["written_at"]), zone=text["zone"],
         )
 
     @classmethod

@@ -9,20 +9,28 @@ naming the exact TOML key (``services.web.server_options``).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance, validate
 from discovery.model.durations import parse_duration, to_ms
 from discovery.watcher.guard import GuardSettings
+from discovery.watcher.options import CHECK_KEYWORDS as CHECK_KEYWORDS
+from discovery.watcher.options import SERVER_KEYWORDS as SERVER_KEYWORDS
+from discovery.watcher.options import config_errors as _config_errors
+from discovery.watcher.options import fail as _fail
+from discovery.watcher.options import key_name as _key
+from discovery.watcher.options import keywords as _keywords
+from discovery.watcher.options import parse_options as parse_options
+from discovery.watcher.options import show as _show
+from discovery.watcher.outlier import OutlierSettings
 
 MODES = ("http", "tcp")
 # Only dynamic algorithms: the watcher changes weights at runtime, which HAProxy refuses
@@ -38,121 +46,7 @@ MAX_TIMEOUT = 86400.0  # seconds
 MAX_OPTION_WORDS = 50  # + "server sN ADDR weight W disabled check" <= HAProxy's 64 words
 DEFAULT_BIND = "127.0.0.1"
 
-_SAFE_TOKEN = re.compile(r"-?[A-Za-z0-9/][A-Za-z0-9._:/,+=@-]{0,127}")
 _HTTPCHK_PATH = re.compile(r"/[A-Za-z0-9._~!&()*+,;=:@%/?-]{0,254}")
-
-Check = Callable[[str], bool] | None  # None: a flag without a value
-
-
-def _int(lo: int, hi: int) -> Check:
-    return lambda s: bool(re.fullmatch(r"-?[0-9]{1,9}", s)) and lo <= int(s) <= hi
-
-
-def _enum(*choices: str) -> Check:
-    return choices.__contains__
-
-
-def _match(pattern: str) -> Check:
-    return lambda s: re.fullmatch(pattern, s) is not None
-
-
-def _ip(s: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return bool(ipaddress.ip_address(s))
-    return False
-
-
-_time, _token = _match(r"[0-9]{1,9}(?:us|ms|s|m|h|d)?"), _match(_SAFE_TOKEN.pattern)
-_TLS = ("SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-CHECK_KEYWORDS: Mapping[str, Check] = {
-    "inter": _time, "fastinter": _time, "downinter": _time,
-    "rise": _int(1, 1000), "fall": _int(1, 1000), "port": _int(1, 65535), "addr": _ip,
-    "check-ssl": None, "check-send-proxy": None, "check-alpn": _token, "check-proto": _token,
-    "check-sni": _token, "observe": _enum("layer4", "layer7"),
-    "on-error": _enum("fastinter", "fail-check", "sudden-death", "mark-down"),
-    "on-marked-down": _enum("shutdown-sessions"),
-    "on-marked-up": _enum("shutdown-backup-sessions"), "error-limit": _int(1, 1000000),
-}  # fmt: skip
-_CHECK_ONLY = ("port", "addr", "check-ssl", "check-send-proxy", "check-alpn", "check-proto",
-               "check-sni")  # fmt: skip
-SERVER_KEYWORDS: Mapping[str, Check] = {
-    **{k: c for k, c in CHECK_KEYWORDS.items() if k not in _CHECK_ONLY},
-    "maxconn": _int(0, 1000000), "minconn": _int(0, 1000000), "maxqueue": _int(0, 1000000),
-    "slowstart": _time, "backup": None, "send-proxy": None, "send-proxy-v2": None,
-    "tfo": None, "ssl": None, "verify": _enum("none", "required"), "ca-file": _token,
-    "alpn": _token, "proto": _token, "ws": _enum("auto", "h1", "h2"),
-    "ssl-min-ver": _enum(*_TLS), "ssl-max-ver": _enum(*_TLS), "no-ssl-reuse": None,
-    "pool-max-conn": _int(-1, 1000000), "pool-low-conn": _int(0, 1000000),
-    "pool-purge-delay": _time, "max-reuse": _int(-1, 1000000), "tcp-ut": _time,
-}  # fmt: skip
-
-
-def _fail(culprit: str, reason: str) -> NoReturn:
-    raise ConfigError(f"{culprit}: {reason}")
-
-
-@contextlib.contextmanager
-def _config_errors() -> Iterator[None]:
-    """Re-raise a :class:`ValidationError` as a :class:`ConfigError` naming the same key."""
-    try:
-        yield
-    except ValidationError as exc:
-        _fail(exc.culprit, exc.reason)
-
-
-def _show(value: object) -> str:
-    return repr(value)[:64]
-
-
-def _key(key: object) -> str:
-    """A TOML key as it may appear in an error message."""
-    return key if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key) else _show(key)
-
-
-def parse_options(culprit: str, value: object, check_only: bool = False) -> tuple[str, ...]:
-    """``"maxconn 100 inter 2s"`` (or a list of such strings) -> checked tokens: keywords
-    from :data:`SERVER_KEYWORDS` (or :data:`CHECK_KEYWORDS` with ``check_only``)."""
-    keywords = CHECK_KEYWORDS if check_only else SERVER_KEYWORDS
-    if isinstance(value, str):
-        raw = [value]
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        raw = list(value)
-    else:
-        _fail(culprit, 'must be a string of HAProxy keywords, e.g. "maxconn 100"')
-    for ch in "".join(raw):
-        if ch not in " \t" and not ch.isprintable():
-            _fail(culprit, f"control character {ord(ch):#04x} not allowed")
-    tokens = [word for part in raw for word in part.split()]
-    seen: set[str] = set()
-    i = 0
-    while i < len(tokens):
-        word = tokens[i]
-        if word not in keywords:
-            allowed = ", ".join(sorted(keywords))
-            _fail(culprit, f"{_show(word)} is not an allowed keyword here (allowed: {allowed})")
-        if word in seen:
-            _fail(culprit, f"{word!r} given twice")
-        seen.add(word)
-        check = keywords[word]
-        if check is not None:
-            if i + 1 >= len(tokens):
-                _fail(culprit, f"{word!r} needs a value")
-            arg = tokens[i + 1]
-            if not _SAFE_TOKEN.fullmatch(arg) or not check(arg):
-                _fail(culprit, f"{_show(arg)} is not a valid value for {word!r}")
-            i += 1
-        i += 1
-    return tuple(tokens)
-
-
-def _keywords(tokens: Sequence[str]) -> list[str]:
-    """The keywords of already checked option tokens (skipping their values)."""
-    out, i = [], 0
-    while i < len(tokens):
-        out.append(tokens[i])
-        i += 1 if SERVER_KEYWORDS.get(tokens[i], CHECK_KEYWORDS.get(tokens[i])) is None else 2
-    return out
-
 
 def parse_timeouts(culprit: str, value: object) -> dict[str, int]:
     """``{connect = "5s", http_request = 10000}`` -> ``{"connect": 5000, ...}`` (ms)."""
@@ -197,6 +91,9 @@ class ServiceConfig:
     tags: tuple[str, ...] = ()
     slots: int | None = None
     maxconn: int | None = None
+    outlier: OutlierSettings | None = None  # TOML: a table (or true / false)
+    zone_min_up: int = 1  # local-zone up instances below which traffic spills over
+
 
     def __post_init__(self) -> None:
         """Validate, and normalise: options to token tuples, timeouts to ms, tags sorted."""
@@ -234,6 +131,11 @@ class ServiceConfig:
             _int_in(f"{at}.slots", self.slots, 1, 4096)
         if self.maxconn is not None:
             _int_in(f"{at}.maxconn", self.maxconn, 1, 1000000)
+        if self.outlier is False:
+            put("outlier", None)
+        elif self.outlier is not None and not isinstance(self.outlier, OutlierSettings):
+            put("outlier", OutlierSettings.parse(f"{at}.outlier", self.outlier))
+        _int_in(f"{at}.zone_min_up", self.zone_min_up, 1, 100000)
 
     def accepts(self, instance: Instance) -> bool:
         """Whether ``instance`` belongs in this listener's backend (tag filter)."""
@@ -251,8 +153,14 @@ class WatcherConfig:
     reload_min_interval: float = 1.0
     template: str | None = None
     guard: GuardSettings = field(default_factory=GuardSettings)
+    zone: str = ""  # this watcher's zone: route there first ("": no zone routing)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.zone, str):
+            _fail("watcher.zone", f"{_show(self.zone)} is not a zone name (a DNS label)")
+        if self.zone:
+            with _config_errors():
+                validate.dns_label("watcher.zone", self.zone)
         for name, svc in self.services.items():
             if not isinstance(svc, ServiceConfig) or svc.name != name:
                 _fail(f"services.{_key(name)}", "key and service name differ")
@@ -319,7 +227,7 @@ def parse_service_arg(value: str, culprit: str | None = None) -> ServiceConfig:
 
 _SERVICE_KEYS = {f.name for f in fields(ServiceConfig)} - {"name"}
 _WATCHER_KEYS = {"maxconn", "timeouts", "stats_port", "wait", "reload_min_interval", "template",
-                 "wipe_guard"}
+                 "wipe_guard", "zone"}
 
 
 def _service_from_table(name: str, table: object) -> ServiceConfig:
@@ -345,7 +253,7 @@ def watcher_config_from_dict(data: Mapping[str, Any]) -> WatcherConfig:
     if unknown:
         _fail(f"watcher.{unknown[0]}", f"unknown key (allowed: {', '.join(sorted(_WATCHER_KEYS))})")
     values: dict[str, Any] = {
-        k: table[k] for k in ("maxconn", "stats_port", "template") if k in table
+        k: table[k] for k in ("maxconn", "stats_port", "template", "zone") if k in table
     }
     if "timeouts" in table:
         values["timeouts"] = {

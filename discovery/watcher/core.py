@@ -37,6 +37,8 @@ class Watcher:
         self.metrics = metrics or Metrics()
         self.metrics.follow_registry(registry)
         self.router = router
+        if router is not None:
+            self.metrics.follow_outliers(router.outliers)
         self.catalog = Catalog()
         self.guard = WipeGuard(self.catalog, guard)
         self._apply_lock = threading.Lock()  # guard + catalog: one change at a time, in order
@@ -91,6 +93,8 @@ class Watcher:
             self._wake.wait(self._until_guard_due())
             self._wake.clear()
             self._apply(self.guard.due)
+            if self.router is not None:
+                self.router.tick(self.catalog)  # outlier ejection: runtime API, when due
             if self._stop.is_set() or not self._dirty.is_set():
                 continue
             self._quiesce()
@@ -146,8 +150,10 @@ class Watcher:
             self.metrics.wipe_guard(self.guard.status.holding, self.guard.status.engaged)
 
     def _until_guard_due(self) -> float:
-        due = self.guard.next_due()
-        return 1.0 if due is None else min(1.0, max(0.0, due - time.monotonic()))
+        dues = [d for d in (self.guard.next_due(),
+                            self.router.next_due() if self.router is not None else None)
+                if d is not None]
+        return min([1.0, *(max(0.0, d - time.monotonic()) for d in dues)])
 
     def _mark_dirty(self) -> None:
         now = time.monotonic()

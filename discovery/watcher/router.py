@@ -14,15 +14,17 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from discovery.errors import HAProxyError, RenderError, ValidationError
 from discovery.files import install, stage
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.watcher.config import WatcherConfig
+from discovery.watcher.outlier import OutlierDetector, OutlierSettings
 from discovery.watcher.render import Renderer, RuntimePaths, build_context
 from discovery.watcher.slots import Slot, SlotTable, slot_count
 from discovery.watcher.supervisor import (
@@ -30,6 +32,7 @@ from discovery.watcher.supervisor import (
     HAProxySupervisor,
     validate_config,
 )
+from discovery.watcher.zones import steer
 
 log = logging.getLogger(__name__)
 Outcome = Literal["none", "runtime", "reload", "failed"]
@@ -74,6 +77,7 @@ class Router:
         self._lock = threading.RLock()
         self._running_config: WatcherConfig | None = None  # what the installed file was made of
         self._last_attempt: tuple[WatcherConfig, dict[str, int]] | None = None
+        self.outliers = OutlierDetector()
 
     # ---- what the catalog asks for ---------------------------------------------------------
     def desired(self, catalog: Catalog, only: set[str] | None = None
@@ -82,7 +86,9 @@ class Router:
         out: dict[str, dict[str, Instance]] = {}
         for name, svc in self.config.services.items():
             if only is None or name in only:
-                out[name] = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
+                mine = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
+                out[name] = steer(mine, self.config.zone, svc.zone_min_up,
+                                  self.outliers.ejected(name))  # zones; ejections drain
         return out
 
     def structure_changed(self) -> bool:
@@ -126,7 +132,8 @@ class Router:
                         self._failed(exc, sizes)
                         outcome = "failed"
             if outcome != "reload":
-                changes = {name: list(self.tables[name].assign(insts).values())
+                busy = _Busy(self.control)
+                changes = {name: list(self.tables[name].assign(insts, busy.of(name)).values())
                            for name, insts in desired.items() if name in self.tables}
                 if any(changes.values()):
                     self._apply({k: v for k, v in changes.items() if v})
@@ -206,7 +213,63 @@ class Router:
             self.stats.last_error = str(exc)
             log.error("runtime API: %s", exc)
 
+    # ---- outlier ejection (the watcher loop calls these) ------------------------------------
+    def _outlier_settings(self) -> dict[str, OutlierSettings]:
+        return {n: s.outlier for n, s in self.config.services.items() if s.outlier is not None}
+
+    def next_due(self) -> float | None:
+        """When :meth:`tick` has work (monotonic time); None: no service asks for it."""
+        return self.outliers.due(self._outlier_settings())
+
+    def tick(self, catalog: Catalog) -> None:
+        """Read HAProxy's counters when due, eject and re-admit: runtime API only."""
+        with self._lock:
+            settings = self._outlier_settings()
+            due = self.outliers.due(settings)
+            if due is None or time.monotonic() < due or self.control is None:
+                return
+            stat = None
+            if time.monotonic() >= self.outliers.next_read:
+                try:
+                    stat = self.control.runtime.stat()
+                except HAProxyError as exc:
+                    log.debug("outlier detection: show stat: %s", exc)
+            names = [n for n in settings if n in self.tables]
+            slots = {n: self.tables[n].ids() for n in names}
+            up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
+                      and self.config.services[n].accepts(i)} for n in names}
+            changed = self.outliers.observe(settings, stat, slots, up)
+            if not changed:
+                return
+            desired = self.desired(catalog, changed)
+            changes = {name: list(self.tables[name].assign(insts).values())
+                       for name, insts in desired.items() if name in self.tables}
+            self._apply({k: v for k, v in changes.items() if v})
+
     def reapply(self) -> None:
         """Put every slot into HAProxy again: after a reload or a restart runtime state is gone."""
         with self._lock:
             self._apply({name: table.slots() for name, table in self.tables.items()})
+
+
+class _Busy:
+    """Which slots of a backend still have sessions (``scur``), read once per sync and only
+    when a slot that served before is about to take a new instance."""
+
+    def __init__(self, control: HAProxyControl | None) -> None:
+        self.control = control
+        self._stat: dict[tuple[str, str], dict[str, str]] | None = None
+
+    def of(self, backend: str) -> Callable[[str], bool]:
+        def busy(slot: str) -> bool:
+            if self.control is None:
+                return False
+            if self._stat is None:
+                try:
+                    self._stat = self.control.runtime.stat()
+                except HAProxyError as exc:
+                    log.warning("cannot read sessions (%s): freed slots are not reused now", exc)
+                    return True
+            return self._stat.get((backend, slot), {}).get("scur", "0") not in ("0", "")
+        return busy
+

@@ -4,10 +4,16 @@ Each backend has a fixed number of ``server`` lines (``s1`` .. ``sN``). Instance
 free slot; an instance that leaves frees its slot (the server goes to ``maint``). So
 membership changes are runtime-API calls on existing slots, never reloads; only running
 out of slots changes the structure.
+
+A freed slot is never given to a new address while it still has sessions (HAProxy's ``scur``):
+slots that never served go first, then freed ones, longest free first, skipping busy ones; when
+every free slot is busy the instance waits (``overflow``), and the table grows with a reload.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,12 +60,16 @@ class SlotTable:
         self.size = size
         self._by_id: dict[str, int] = {}
         self._slots: list[Instance | None] = [None] * size
+        self._freed: dict[int, int] = {}  # slot index -> when it was freed (sequence number)
+        self._clock = itertools.count()
         self.overflow = 0
 
-    def assign(self, instances: dict[str, Instance]) -> dict[str, Slot]:
-        """Place ``instances`` (by id); returns the slots that changed.
+    def assign(self, instances: dict[str, Instance],
+               busy: Callable[[str], bool] | None = None) -> dict[str, Slot]:
+        """Place ``instances`` (by id); returns the slots that changed. ``busy(slot name)``:
+        whether a freed slot still has sessions (asked only about slots that served before).
 
-        When there are more instances than slots, the ones that do not fit are left out
+        When there are more instances than usable slots, the ones that do not fit are left out
         (``overflow`` counts them): the caller grows the table with a reload.
         """
         self.overflow = 0
@@ -67,21 +77,42 @@ class SlotTable:
         for iid in [i for i in self._by_id if i not in instances]:
             gone = self._by_id.pop(iid)
             self._slots[gone] = None
+            self._freed[gone] = next(self._clock)
             changed[self.name(gone)] = Slot(self.name(gone))
         for iid, inst in sorted(instances.items()):
             index = self._by_id.get(iid)
             if index is None:
-                free = [n for n, s in enumerate(self._slots) if s is None]
-                if not free:
+                found = self._free_slot(busy, set(changed))
+                if found is None:
                     self.overflow += 1
                     continue
-                index = free[0]
+                index = found
+                self._freed.pop(index, None)
                 self._by_id[iid] = index
             current = self._slots[index]
             if current is None or not current.same_registration(inst):
                 self._slots[index] = inst
                 changed[self.name(index)] = Slot.of(self.name(index), inst)
         return changed
+
+    def _free_slot(self, busy: Callable[[str], bool] | None, just_freed: set[str]) -> int | None:
+        """A free slot: one that never served, else the longest-freed one without sessions (a
+        slot freed in this very call still has its sessions as far as HAProxy knows)."""
+        free = [n for n, s in enumerate(self._slots) if s is None]
+        fresh = [n for n in free if n not in self._freed]
+        if fresh:
+            return fresh[0]
+        for n in sorted(free, key=self._freed.__getitem__):
+            name = self.name(n)
+            if name in just_freed and busy is not None:
+                continue
+            if busy is None or not busy(name):
+                return n
+        return None
+
+    def ids(self) -> dict[str, str]:
+        """Slot name -> the id of the instance in it, for the slots in use."""
+        return {self.name(n): inst.id for n, inst in enumerate(self._slots) if inst is not None}
 
     @staticmethod
     def name(index: int) -> str:

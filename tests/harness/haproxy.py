@@ -5,7 +5,9 @@ Fixtures (function scope):
 config (``{state_dir}`` placeholders replaced) under tmp_path, starts a supervised
 master-worker HAProxy; every one is stopped by its pid at teardown.
 ``http_backends(*names) -> list[NamedBackend]``: threaded ``http.server`` instances on free
-127.0.0.1 ports answering ``GET /`` with their own name.
+127.0.0.1 ports answering ``GET /`` with their own name (``status``: the code they answer it
+with, 200 by default; ``GET /health`` is always 200: a gray failure passes its check; ``delay``:
+seconds each answer takes, ``?sleep=S`` per request).
 Helpers: ``build_config(...)``, ``http_get(port)``, ``NamedBackend``.
 """
 
@@ -16,6 +18,7 @@ import http.client
 import itertools
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,7 +91,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = self.server.name.encode()
         self.server.hits += 1
-        self.send_response(200)
+        path, _, query = self.path.partition("?")
+        status = 200 if path == "/health" else self.server.status
+        delay = self.server.delay
+        if query.startswith("sleep="):
+            with contextlib.suppress(ValueError):
+                delay = min(10.0, float(query[6:]))
+        if delay:
+            time.sleep(delay)
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -102,6 +113,8 @@ class _NamedServer(ThreadingHTTPServer):
     daemon_threads = True
     name = ""
     hits = 0
+    status = 200
+    delay = 0.0
 
 
 class NamedBackend:
@@ -119,6 +132,22 @@ class NamedBackend:
     @property
     def hits(self) -> int:
         return self._server.hits
+
+    @property
+    def status(self) -> int:
+        return self._server.status
+
+    @status.setter
+    def status(self, code: int) -> None:
+        self._server.status = code
+
+    @property
+    def delay(self) -> float:
+        return self._server.delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._server.delay = seconds
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -83,6 +83,9 @@ MALFORMED = [
     (_raw(address="::"), "not a unicast address"),
     (_raw(address="224.0.0.1"), "not a unicast address"),
     (_raw(address="ff02::1"), "not a unicast address"),
+    (_raw(zone="Zone A"), "zone"),
+    (_raw(zone=7), "zone must be a string"),
+    (_raw(zone="a\u2028b"), "zone"),
 ]
 
 
@@ -137,6 +140,12 @@ def test_optional_fields_have_defaults() -> None:
     inst = Decoder(URL).decode(KEY, raw)
     assert inst is not None
     assert (inst.weight, inst.tags, inst.meta, inst.state.value) == (100, (), {}, "up")
+    assert inst.zone == ""
+
+
+def test_zone_decodes() -> None:
+    inst = Decoder(URL).decode(KEY, _raw(zone="eu-west-1a"))
+    assert inst is not None and inst.zone == "eu-west-1a"
 
 
 # -- property: no exception escapes, and nothing unusable crosses a process ----------------
@@ -146,7 +155,7 @@ JSON_ANY = st.recursive(JSON_LEAF, lambda kids: st.lists(kids, max_size=4)
                         | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=20)
 FIELDS = st.sampled_from(["schema", "service", "id", "node", "address", "port", "tags",
                           "weight", "meta", "state", "registered_at", "image", "seen_at",
-                          "written_at"])
+                          "written_at", "zone"])
 
 
 def _checked(inst: Instance | None) -> None:

@@ -1246,3 +1246,28 @@ def test_agent_config_check_durations(tmp_path: Any) -> None:
     assert read_file(str(path))["check"] == CheckSpec(interval=0.5, timeout=0.5, rise=2)
     path.write_text('[agent.check]\ninterval = 5\ntimeout = "1.5s"\n')
     assert read_file(str(path))["check"] == CheckSpec(interval=5, timeout=1.5)
+
+
+def test_zone_label_per_container_and_per_port() -> None:
+    specs = parse_container(container({"discovery.service": "web", "discovery.zone": "eu-1"}))
+    assert [s.zone for s in specs] == ["eu-1"]
+    assert parse_container(container({"discovery.service": "web"}))[0].zone == ""
+    specs = parse_container(container({"discovery.80.service": "web", "discovery.zone": "eu-1",
+                                       "discovery.80.zone": "eu-2"}))
+    assert [s.zone for s in specs] == ["eu-2"]
+
+
+@pytest.mark.parametrize("zone", ["EU-1", "eu 1", "-eu", "z" * 64, "eu\n1"])
+def test_zone_label_not_a_dns_label_skips_the_container(zone: str) -> None:
+    with pytest.raises(LabelError) as info:
+        parse_container(container({"discovery.service": "web", "discovery.zone": zone}))
+    assert "discovery.zone" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_agent_zone_is_a_dns_label() -> None:
+    from discovery.agent.config import AgentConfig
+
+    assert AgentConfig(registry="etcd://h", zone="eu-1").validated().zone == "eu-1"
+    assert AgentConfig(registry="etcd://h").validated().zone == ""
+    with pytest.raises(ConfigError, match="--zone"):
+        AgentConfig(registry="etcd://h", zone="Eu_1").validated()

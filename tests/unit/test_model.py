@@ -143,6 +143,12 @@ BAD_FIELDS = [
     ("seen_at negative", {"seen_at": -0.5}, "seen_at must be a finite"),
     ("written_at huge", {"written_at": 1e300}, "written_at must be a finite"),
     ("written_at list", {"written_at": [1]}, "written_at must be a finite"),
+    ("zone not a label", {"zone": "eu west"}, "not a DNS label"),
+    ("zone upper case", {"zone": "EU-1"}, "not a DNS label"),
+    ("zone injection", {"zone": "a\nserver evil 6.6.6.6:80"}, "control character"),
+    ("zone number", {"zone": 1}, "zone must be a string"),
+    ("zone list", {"zone": ["a"]}, "zone must be a string"),
+    ("zone too long", {"zone": "z" * 64}, "not a DNS label"),
 ]
 
 
@@ -218,3 +224,15 @@ def test_stage_stamps_round_trip_and_older_records_decode() -> None:
     assert (old.seen_at, old.written_at) == (0.0, 0.0)
     assert "seen_at" not in old.to_dict() and "written_at" not in old.to_dict()
     assert old.same_registration(stamped)
+
+
+def test_zone_round_trips_and_is_optional() -> None:
+    inst = instance(zone="eu-1")
+    data = json.loads(inst.to_json())
+    assert data["zone"] == "eu-1"
+    assert Instance.from_json(inst.to_json()) == inst
+    assert "zone" not in instance().to_dict()  # older readers see the record they know
+    assert Instance.from_dict(record()).zone == ""
+    assert not instance(zone="eu-1").same_registration(instance(zone="eu-2"))
+    with pytest.raises(ValidationError, match="not a DNS label"):
+        instance(zone="-bad")

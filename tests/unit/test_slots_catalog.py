@@ -32,7 +32,8 @@ def test_instances_keep_their_slots_and_freed_slots_go_to_maint() -> None:
     changed = table.assign({i.id: i for i in (inst(1), inst(2))})
     assert set(changed) == {"s1", "s2"} and changed["s1"].state == "ready"
     changed = table.assign({i.id: i for i in (inst(2), inst(3))})
-    assert changed == {"s1": Slot.of("s1", inst(3))}  # 2 stays in s2; 3 takes the freed s1
+    # 2 stays in s2; s1 goes to maint (its sessions finish there); 3 takes a never-used slot
+    assert changed == {"s1": Slot("s1"), "s3": Slot.of("s3", inst(3))}
     assert table.assign({i.id: i for i in (inst(2), inst(3))}) == {}  # nothing changed
     drained = inst(2, state=State.DRAINING)
     assert table.assign({i.id: i for i in (drained, inst(3))})["s2"].state == "drain"

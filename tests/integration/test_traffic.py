@@ -1,0 +1,165 @@
+"""Traffic quality end to end (issue 14): outlier ejection and zone-aware routing, on a real
+etcd, a real watcher process and its HAProxy 2.6, with local HTTP backends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import Registry, open_registry
+from discovery.watcher.haproxy import HAProxyRuntime
+from tests.harness.servers import ServerCluster, unique_prefix
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import spread
+
+pytestmark = pytest.mark.integration
+
+
+def inst(n: int, port: int, zone: str = "", address: str = "127.0.0.1") -> Instance:
+    return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address=address,
+                    port=port, zone=zone)
+
+
+@pytest.fixture
+def etcd_url(etcd_single: ServerCluster) -> str:
+    etcd_single.ensure_running()
+    return etcd_single.url(unique_prefix())
+
+
+@pytest.fixture
+def reg(etcd_url: str) -> Iterator[Registry]:
+    client = open_registry(etcd_url)
+    yield client
+    client.close(revoke=True)
+
+
+def health(port: int) -> dict[str, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/health")
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:  # 503 still carries the components
+        return dict(json.loads(exc.read()))
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as resp:
+        return str(resp.read().decode())
+
+
+def outlier_config(tmp_path: Path, port: int, extra: str = "") -> Path:
+    conf = tmp_path / "watch.toml"
+    conf.write_text(f"[services.web]\nport = {port}\n"
+                    'outlier = { consecutive_errors = 3, interval = "200ms", '
+                    f'base_ejection = "60s" }}\n{extra}')
+    return conf
+
+
+def test_gray_failure_is_ejected_and_clients_stop_seeing_500(
+        etcd_url, reg, http_backends, start_watcher, tmp_path):
+    a, b, bad = http_backends("a", "b", "bad")
+    bad.status = 500  # /health still answers 200: the agent's check would pass
+    listen, api = free_port(), free_port()
+    for n, backend in enumerate((a, b, bad), 1):
+        reg.register(inst(n, backend.port))
+    watcher = start_watcher(etcd_url, {}, "--config", str(outlier_config(tmp_path, listen)),
+                            "--http", f"127.0.0.1:{api}")
+    wait_for(lambda: "bad" in spread(listen, 6) or "!500" in spread(listen, 6), 10,
+             message="the bad instance routed")
+    # warm-up: requests until the watcher has seen 3 errors in a row and ejected it
+    wait_for(lambda: spread(listen, 6) and "ejected" in watcher.log(), 15,
+             message="the bad instance ejected")
+    after = spread(listen, 60)
+    assert after["!500"] == 0 and set(after) == {"a", "b"}, f"after warm-up: {after}"
+    line = next(ln for ln in watcher.log().splitlines() if "ejected for" in ln)
+    assert "h3:000000000003:80" in line and "errors in a row" in line and "hrsp_5xx" in line
+    out = health(api)["components"]["outliers"]
+    assert [e["id"] for e in out["ejected"]] == ["h3:000000000003:80"]
+    assert "errors in a row" in out["ejected"][0]["reason"] and out["ejections"] == {"web": 1}
+    text = metrics(api)
+    assert 'discovery_outlier_ejections_total{service="web"} 1.0' in text
+    assert 'discovery_outlier_ejected_instances{service="web"} 1.0' in text
+    slots = HAProxyRuntime(str(watcher.state_dir / "admin.sock")).slots("web")
+    assert {v.state for v in slots.values() if v.port == bad.port} == {"drain"}
+    assert "reloaded" not in watcher.log(), "an ejection is a runtime-API change"
+
+
+def test_ejection_comes_back_after_base_ejection(etcd_url, reg, http_backends, start_watcher,
+                                                 tmp_path):
+    a, flaky = http_backends("a", "flaky")
+    flaky.status = 500
+    listen = free_port()
+    reg.register(inst(1, a.port))
+    reg.register(inst(2, flaky.port))
+    conf = tmp_path / "watch.toml"
+    conf.write_text(f"[services.web]\nport = {listen}\noutlier = {{ consecutive_errors = 2, "
+                    'interval = "100ms", base_ejection = "1s", max_ejected = 1 }\n')
+    watcher = start_watcher(etcd_url, {}, "--config", str(conf))
+    wait_for(lambda: spread(listen, 4) and "ejected for 1.0s" in watcher.log(), 15,
+             message="first ejection (1 s)")
+    flaky.status = 200  # it recovers while out
+    wait_for(lambda: "back in" in watcher.log(), 5, message="readmitted after base_ejection")
+    wait_for(lambda: spread(listen, 10)["flaky"] > 0, 5, message="flaky served again")
+    flaky.status = 500
+    wait_for(lambda: spread(listen, 4) and "ejected for 2.0s (ejection 2)" in watcher.log(),
+             15, message="second ejection lasts twice as long")
+
+
+def test_max_ejected_caps_two_bad_of_three_to_one(etcd_url, reg, http_backends, start_watcher,
+                                                 tmp_path):
+    good, bad1, bad2 = http_backends("good", "bad1", "bad2")
+    bad1.status = bad2.status = 500
+    listen, api = free_port(), free_port()
+    for n, backend in enumerate((good, bad1, bad2), 1):
+        reg.register(inst(n, backend.port))
+    watcher = start_watcher(etcd_url, {}, "--config", str(outlier_config(tmp_path, listen)),
+                            "--http", f"127.0.0.1:{api}")
+    wait_for(lambda: spread(listen, 6) and "max_ejected" in watcher.log(), 15,
+             message="one ejected, the second held by the cap")
+    for _ in range(10):  # keep failing: the cap still holds
+        spread(listen, 6)
+    out = health(api)["components"]["outliers"]
+    assert len(out["ejected"]) == 1 and out["held_by_max_ejected"] == {"web": 1}
+    assert out["ejections"] == {"web": 1}
+    assert watcher.log().count("ejected for") == 1
+
+
+def test_zone_prefers_local_spills_over_and_comes_back(etcd_url, reg, http_backends,
+                                                      start_watcher):
+    near, far = http_backends("near", "far")
+    listen = free_port()
+    reg.register(inst(1, near.port, zone="z1"))
+    reg.register(inst(2, far.port, zone="z2"))
+    watcher = start_watcher(etcd_url, {"web": listen}, "--zone", "z1")
+    wait_for(lambda: spread(listen, 4)["near"] == 4, 10, message="near served")
+    assert spread(listen, 20) == {"near": 20}, "the local zone suffices: no cross-zone request"
+    reloads = watcher.reload_count()
+    reg.deregister("web", inst(1, near.port).id)
+    wait_for(lambda: spread(listen, 4)["far"] == 4, 5, message="spill-over to z2")
+    reg.register(inst(1, near.port, zone="z1"))
+    wait_for(lambda: spread(listen, 10) == {"near": 10}, 5, message="back to the local zone")
+    assert watcher.reload_count() == reloads, "spilling over is a runtime-API weight change"
+
+
+def test_bad_outlier_config_on_sighup_keeps_the_last_good_one(etcd_url, reg, http_backends,
+                                                              start_watcher, tmp_path):
+    (a,) = http_backends("a")
+    listen = free_port()
+    reg.register(inst(1, a.port))
+    conf = outlier_config(tmp_path, listen)
+    watcher = start_watcher(etcd_url, {}, "--config", str(conf))
+    wait_for(lambda: spread(listen, 2)["a"] == 2, 10, message="a served")
+    conf.write_text(f"[services.web]\nport = {listen}\noutlier = {{ max_ejected = \"200%\" }}\n")
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: "services.web.outlier.max_ejected" in watcher.log(), 10,
+             message="one error naming the key")
+    lines = [ln for ln in watcher.log().splitlines() if "outlier.max_ejected" in ln]
+    assert len(lines) == 1
+    assert spread(listen, 4) == {"a": 4} and watcher.alive
