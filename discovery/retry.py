@@ -12,11 +12,14 @@ A small typed API over tenacity (in the spirit of stamina):
 
   When it gives up (``timeout`` passed, or ``stop_event`` set) the last exception is raised.
 - :func:`poll` calls a check until it returns something truthy, or ``timeout`` passes.
+- :func:`jittered` spreads a period (an agent's resync, a lease renewal) by ±10 %, so a fleet
+  that started at one moment (after a registry restart) does not stay in step.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -92,3 +95,8 @@ def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.02,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
     return retrying(check)
+
+
+def jittered(seconds: float, fraction: float = 0.1) -> float:
+    """``seconds`` ± ``fraction`` of it, at random (uniform): the wait before periodic work."""
+    return seconds * random.uniform(1.0 - fraction, 1.0 + fraction)

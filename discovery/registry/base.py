@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from discovery.errors import ConfigError
 from discovery.model import Instance
+from discovery.registry.reads import ReadStats
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,8 @@ class Registry(Protocol):
     """What every backend offers. All methods are thread-safe."""
 
     url: RegistryURL
+    #: what this client has read (``discovery_registry_read_bytes_total``)
+    reads: ReadStats
 
     @property
     def invalid_records(self) -> int:
@@ -299,13 +302,21 @@ class Registry(Protocol):
     def deregister(self, service: str, instance_id: str) -> None:
         """Remove an instance; removing a missing one is not an error."""
 
-    def snapshot(self) -> Snapshot:
-        """All valid instances, read consistently. Malformed entries are skipped with a warning."""
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+        """All valid instances (``services``: of those services only), read consistently.
+        Malformed entries are skipped with a warning."""
 
-    def watch(self, callback: ChangeCallback, start_revision: int = 0) -> Watch:
-        """Call ``callback`` for every change after ``start_revision`` until stopped.
+    def node_snapshot(self, node: str) -> Snapshot:
+        """The valid instances of ``node`` (any writer's: an earlier run's too), read through
+        a per-node index: what it costs grows with that node's instances, not the registry."""
 
-        Survives disconnects: resumes where it left off, or sends a ``reset``.
+    def watch(self, callback: ChangeCallback, start_revision: int = 0,
+              services: Collection[str] | None = None) -> Watch:
+        """Call ``callback`` for every change after ``start_revision`` until stopped
+        (``services``: of those services only).
+
+        Survives disconnects: resumes where it left off (a ``reset`` only when that is
+        impossible: etcd compacted the revision, the ZooKeeper session expired).
         """
 
     def add_state_listener(self, callback: StateCallback) -> None:

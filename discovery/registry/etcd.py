@@ -1,44 +1,43 @@
-"""etcd v3 backend: one lease per registry object, kept alive in the background; prefix watches
-that resume from the last seen revision (or send a ``reset`` when it was compacted).
-TLS and user/password authentication: see :mod:`discovery.registry.security`."""
+"""etcd v3 backend: one lease per registry object, kept alive (jittered) in the background;
+watches that resume from the last seen revision, or send a ``reset`` when it was compacted
+(:mod:`~discovery.registry.etcd_watch`); each instance written with its per-node index key
+(:mod:`~discovery.registry.etcd_index`), so :meth:`EtcdRegistry.node_snapshot` reads one
+node's entries only. TLS and user/password authentication: :mod:`discovery.registry.security`."""
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
 import pyetcd
-from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
-from pyetcd.etcdrpc import kv_pb2
-from pyetcd.utils import prefix_range_end
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
+from discovery.registry import etcd_index
 from discovery.registry.base import (
-    Change,
     ChangeCallback,
     RegistryURL,
     Snapshot,
     StateCallback,
     claiming,
-    deliver,
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
+from discovery.registry.etcd_watch import EtcdWatch
+from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
     etcd_channel_credentials,
     load_secrets,
     rpc_details,
 )
+from discovery.retry import jittered
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,8 +49,6 @@ _TRANSIENT = (
     etcd_exc.NoServerAvailableError,
     etcd_exc.InternalServerError,
 )
-_ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                  grpc.StatusCode.INTERNAL)
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -60,7 +57,6 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
 ]
-_REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 _ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
 
 
@@ -76,6 +72,7 @@ class EtcdRegistry:
             raise ConfigError(f"registry URL {url}: not an etcd:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self.decoder = Decoder(url)
+        self.reads = ReadStats()
         self._root = f"{url.prefix}/services/"
         self._where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
@@ -94,7 +91,8 @@ class EtcdRegistry:
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
         self._need_reput = False
-        self._watches: list[_EtcdWatch] = []
+        self._watches: list[EtcdWatch] = []
+        self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
         self._state_lock = threading.RLock()
         self._listeners: list[StateCallback] = []
         self._up: bool | None = None
@@ -124,7 +122,7 @@ class EtcdRegistry:
                     raise RegistryUnavailable(
                         f"etcd at {self._where}: {what} failed, no member answered within "
                         f"{self.timeout:g}s ({rpc_details(exc)})") from None
-                (self._closed if closing else self._closing).wait(delay)
+                (self._closed if closing else self._closing).wait(jittered(delay, 0.5))
                 delay = min(delay * 2, 0.5)
                 continue
             except grpc.RpcError as exc:
@@ -158,9 +156,7 @@ class EtcdRegistry:
                     log.exception("registry state listener failed")
 
     def _put(self, inst: Instance, lease: int) -> None:
-        key = self.url.key(inst.service, inst.id)
-        value = inst.to_json()
-        self._call(f"put {key}", lambda: self.client.put(key, value, lease=lease))
+        etcd_index.put(self._call, self.client, self.url, inst, lease)
 
     # -- lease ------------------------------------------------------------------------------
 
@@ -206,7 +202,7 @@ class EtcdRegistry:
     def _keepalive_loop(self) -> None:
         interval = max(self.ttl / 3, 0.2)
         wait = interval
-        while not self._closing.wait(wait):
+        while not self._closing.wait(jittered(wait)):  # a fleet's renewals do not align
             lease = self._lease
             try:
                 if lease is None:  # a renewal failed half-way: finish it
@@ -241,20 +237,31 @@ class EtcdRegistry:
             raise RegistryError(f"etcd at {self._where}: lease keeps expiring")
 
     def deregister(self, service: str, instance_id: str) -> None:
-        key = self.url.key(service, instance_id)
         with self._lock:
-            self._owned.pop((service, instance_id), None)
-        self._call(f"delete {key}", lambda: self.client.delete(key))
+            owned = self._owned.pop((service, instance_id), None)
+            node = owned.node if owned else self._nodes.pop((service, instance_id), None)
+        node = node or instance_id.partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
+        etcd_index.delete(self._call, self.client, self.url, service, instance_id, node)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
         """Paginated at one revision: see :mod:`discovery.registry.etcd_read`."""
-        return read_snapshot(self._call, self.client, self.decoder.decode, self._root)
+        return read_snapshot(self._call, self.client, self.decoder.decode, self._root,
+                             services=services, reads=self.reads)
 
-    def watch(self, callback: ChangeCallback, start_revision: int = 0) -> _EtcdWatch:
+    def node_snapshot(self, node: str) -> Snapshot:
+        """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
+        snap = etcd_index.read_node(self._call, self.client, self.url, self.decoder.decode,
+                                    node, self.reads)
+        with self._lock:
+            self._nodes.update(dict.fromkeys(snap.instances, node))
+        return snap
+
+    def watch(self, callback: ChangeCallback, start_revision: int = 0,
+              services: Collection[str] | None = None) -> EtcdWatch:
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError(f"etcd registry {self.url} is closed")
-            w = _EtcdWatch(self, callback, start_revision)
+            w = EtcdWatch(self, callback, start_revision, services)
             self._watches.append(w)
         return w
 
@@ -283,117 +290,3 @@ class EtcdRegistry:
             self._closed.set()
             self.client.close()
 
-
-class _EtcdWatch:
-    """One background thread following the prefix; ``stop()`` ends it."""
-
-    def __init__(self, reg: EtcdRegistry, callback: ChangeCallback, start_revision: int) -> None:
-        self._reg, self._callback, self._rev = reg, callback, start_revision
-        self._stopped = threading.Event()
-        self._lock = threading.Lock()
-        self._stream: Any = None
-        self._reauth = False
-        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        with self._lock:
-            stream = self._stream
-        if stream is not None:
-            stream.cancel()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        delay, failing = 0.1, False
-        while not self._stopped.is_set():
-            try:
-                self._follow()
-                delay = 0.1
-            except Exception as exc:
-                if self._stopped.is_set():
-                    break
-                self._reg._set_state(False)
-                if not failing:
-                    log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                                self._reg._where, rpc_details(exc), self._rev + 1)
-                failing = True
-                self._stopped.wait(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 2.0)
-                continue
-            failing = False
-
-    def _follow(self) -> None:
-        """One watch stream, from ``self._rev + 1``, until it breaks or we stop."""
-        reg = self._reg
-        reg._auth.ensure()
-        channel = reg.client.channel  # the first endpoint not recently failed
-        endpoint = reg.client.endpoint_in_use
-        requests: queue.Queue[Any] = queue.Queue()
-        requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-            key=reg._root.encode(), range_end=prefix_range_end(reg._root.encode()),
-            start_revision=self._rev + 1 if self._rev else 0, progress_notify=True)))
-        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
-                                                  metadata=_REQUIRE_LEADER + reg._auth.metadata())
-        with self._lock:
-            self._stream = stream
-        if self._stopped.is_set():
-            stream.cancel()
-        try:
-            for resp in stream:
-                if resp.compact_revision:
-                    log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
-                                self._rev + 1, resp.compact_revision)
-                    snap = reg.snapshot()
-                    self._rev = snap.revision
-                    self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
-                    return
-                if resp.canceled:
-                    if not self._reauth and reg._auth.stale(resp.cancel_reason):
-                        self._reauth = True  # our token expired: once, a new stream at once
-                        return
-                    raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
-                if resp.created:
-                    reg._set_state(True)
-                    self._reauth = False
-                    if not self._rev:
-                        self._rev = int(resp.header.revision)
-                for ev in resp.events:
-                    self._event(ev)
-                if not resp.events and not resp.created:  # progress notification
-                    self._rev = max(self._rev, int(resp.header.revision))
-        except grpc.RpcError as exc:
-            if self._stopped.is_set():
-                return
-            if exc.code() in _ENDPOINT_DOWN:
-                endpoint.fail()
-            reg._auth.stale(exc)
-            raise
-        finally:
-            requests.put(None)
-            with self._lock:
-                self._stream = None
-            stream.cancel()
-
-    def _event(self, ev: Any) -> None:
-        url = self._reg.url
-        key = ev.kv.key.decode("utf-8", "replace")
-        rev = int(ev.kv.mod_revision)
-        self._rev = max(self._rev, rev)
-        split = url.split_key(key)
-        if split is None:
-            return
-        inst = (None if ev.type == kv_pb2.Event.DELETE
-                else self._reg.decoder.decode(key, ev.kv.value))
-        # A malformed value counts as a delete: snapshot() would not show it either.
-        self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst
-                      else Change("delete", key=split, revision=rev))
-
-    def _deliver(self, change: Change) -> None:
-        deliver(self._callback, change, self._stopped)
-
-
-def _drain(requests: queue.Queue[Any]) -> Iterator[Any]:
-    while (item := requests.get()) is not None:
-        yield item

@@ -13,7 +13,7 @@ than ``max_value``. The limits and why: docs/operations.md, "Large registries".
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from pyetcd.utils import prefix_range_end
 from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry.base import Snapshot
+from discovery.registry.reads import ReadStats
 
 log = logging.getLogger(__name__)
 #: ``Decoder.decode``: the stored value at a key as an Instance, or None (skipped)
@@ -54,11 +55,23 @@ class _TooBig(RegistryError):
 
 
 def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
-                  page_keys: int = PAGE_KEYS, max_value: int = MAX_VALUE_BYTES) -> Snapshot:
-    """Every valid instance under ``root``, read page by page at one revision."""
+                  page_keys: int = PAGE_KEYS, max_value: int = MAX_VALUE_BYTES,
+                  services: Collection[str] | None = None,
+                  reads: ReadStats | None = None) -> Snapshot:
+    """Every valid instance under ``root``, read page by page at one revision; with
+    ``services``, only under ``root<service>/`` for each (still at one revision)."""
+    roots = [root] if services is None else [f"{root}{s}/" for s in sorted(set(services))]
+    stats = reads if reads is not None else ReadStats()
+    stats.full_read()
+    if not roots:
+        return _empty(call, client, root)
     for attempt in range(MAX_RESTARTS + 1):
         try:
-            return _read_once(call, client, decode, root, page_keys, max_value)
+            snap = Snapshot(revision=0)
+            for one in roots:
+                snap = _read_once(call, client, decode, one, page_keys, max_value, stats,
+                                  snap)
+            return snap
         except _Compacted as exc:
             log.warning("etcd read of %s: %s; reading again (%d/%d)", root, exc, attempt + 1,
                         MAX_RESTARTS)
@@ -66,11 +79,18 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                         f"{MAX_RESTARTS + 1} attempts (is a compaction running in a loop?)")
 
 
+def _empty(call: Caller, client: Any, root: str) -> Snapshot:
+    """No service asked for: nothing, at the current revision (to watch from)."""
+    resp = call(f"read {root} (revision)", partial(client.get_response, root.encode()))
+    return Snapshot(revision=int(resp.header.revision))
+
+
 def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: int,
-               max_value: int) -> Snapshot:
+               max_value: int, reads: ReadStats, base: Snapshot) -> Snapshot:
+    """``base`` plus what is under ``root``, at ``base``'s revision (if it has one)."""
     start, end = root.encode(), prefix_range_end(root.encode())
-    revision, limit, pages = 0, page_keys, 0
-    instances: dict[tuple[str, str], Instance] = {}
+    revision, limit, pages = base.revision, page_keys, 0
+    instances = dict(base.instances)
     while True:
         pages += 1
         try:
@@ -87,12 +107,14 @@ def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: 
             if not resp.kvs:
                 break
             key = resp.kvs[0].key
+            reads.add(key, None)
             log.warning("registry entry %s is larger than the gRPC receive limit; skipped",
                         key.decode("utf-8", "replace"))
             start = key + b"\0"
             continue
         revision = revision or int(resp.header.revision)
         for kv in resp.kvs:
+            reads.add(kv.key, kv.value)
             key = kv.key.decode("utf-8", "replace")
             if len(kv.value) > max_value:
                 log.warning("registry entry %s is %d bytes (more than %d); skipped", key,

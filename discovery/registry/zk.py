@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient, KazooState
@@ -45,7 +45,9 @@ from discovery.registry.base import (
     claiming,
 )
 from discovery.registry.decoder import Decoder
+from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
+from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_watch import ZkWatch
 
@@ -62,6 +64,7 @@ class ZkRegistry:
             raise ConfigError(f"registry URL {url}: not a zk:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self.decoder = Decoder(url)
+        self.reads = ReadStats()
         self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
         self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
@@ -69,8 +72,10 @@ class ZkRegistry:
         self._checked: set[str] = set()  # service dirs whose ACL we looked at
         self.client = KazooClient(
             hosts=self._where, timeout=ttl,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0,
+                                        max_jitter=0.5),  # ±50 %: a fleet reconnects spread
             **options)
+        self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, str], Instance] = {}
@@ -147,7 +152,7 @@ class ZkRegistry:
                         if self._owned.get(inst.key) is not inst:
                             continue  # deregistered or replaced meanwhile
                     self._op(f"re-register {inst.service}/{inst.id}",
-                             functools.partial(self._claim, inst))
+                             functools.partial(self._claim_indexed, inst))
                 return
             except RegistryError as exc:
                 log.warning("re-registering after session expiry: %s; retrying", exc)
@@ -249,15 +254,22 @@ class ZkRegistry:
 
     def register(self, instance: Instance) -> None:
         with claiming(self._owned, self._lock, instance):
-            self._op(f"register {instance.service}/{instance.id}", lambda: self._claim(instance))
+            self._op(f"register {instance.service}/{instance.id}",
+                     lambda: self._claim_indexed(instance))
+
+    def _claim_indexed(self, inst: Instance) -> None:
+        self._claim(inst)
+        self._index.claim(inst)  # after the instance: an index node never names nothing long
 
     def deregister(self, service: str, instance_id: str) -> None:
         path = self.url.key(service, instance_id)
         with self._lock:
-            self._owned.pop((service, instance_id), None)
+            owned = self._owned.pop((service, instance_id), None)
             self._written.pop((service, instance_id), None)
+        node = self._index.node_of((service, instance_id), owned)
 
         def delete() -> None:
+            self._index.delete(node, (service, instance_id))
             if self._nerve is not None:
                 self._nerve.delete((service, instance_id))
                 return
@@ -266,13 +278,25 @@ class ZkRegistry:
 
         self._op(f"deregister {service}/{instance_id}", delete)
 
-    def snapshot(self) -> Snapshot:
-        return self._op("read", self._read)
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+        return self._op("read", functools.partial(self._read, services))
 
-    def _read(self) -> Snapshot:
+    def node_snapshot(self, node: str) -> Snapshot:
+        """``node``'s instances through its index (:mod:`discovery.registry.zk_index`)."""
+        if not self._index.enabled:  # Nerve's layout has no index
+            snap = self.snapshot()
+            return Snapshot({k: i for k, i in snap.instances.items() if i.node == node},
+                            snap.revision)
+        return self._op(f"read node {node}", functools.partial(self._index.read, node))
+
+    def _read(self, only: Collection[str] | None = None) -> Snapshot:
         c = self.client
+        self.reads.full_read()
         try:
-            services = self._get(c.get_children_async(self._services))
+            services = (sorted(set(only)) if only is not None
+                        else self._get(c.get_children_async(self._services)))
+            if only is not None:  # a first answer: the zxid below is the server's of now
+                self._get(c.exists_async(self._services))
         except NoNodeError:
             return Snapshot(revision=max(c.last_zxid, 1))
         # Every change up to this zxid is in what we read from now on.
@@ -285,6 +309,7 @@ class ZkRegistry:
             except NoNodeError:
                 continue
             for child in sorted(children):  # Nerve: of one instance's nodes, the newest wins
+                self.reads.add(child, None)
                 path = f"{self.url.service_dir(s)}/{child}"
                 pending.append((path, c.get_async(path)))
         instances: dict[tuple[str, str], Instance] = {}
@@ -293,15 +318,18 @@ class ZkRegistry:
                 data, stat = self._get(res)
             except NoNodeError:
                 continue
+            self.reads.add(path, data)
             inst = self.decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None:
                 instances[inst.key] = inst
         return Snapshot(instances=instances, revision=revision)
 
-    def watch(self, callback: ChangeCallback, start_revision: int = 0) -> ZkWatch:
+    def watch(self, callback: ChangeCallback, start_revision: int = 0,
+              services: Collection[str] | None = None) -> ZkWatch:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-        w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision)
+        w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision,
+                    services, self.reads)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kazoo.exceptions import (
@@ -16,6 +16,7 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType, KazooState, KeeperState
 
 from discovery.model import Instance
 from discovery.registry.base import (
@@ -25,6 +26,8 @@ from discovery.registry.base import (
     deliver,
 )
 from discovery.registry.decoder import Decoder
+from discovery.registry.reads import ReadStats
+from discovery.registry.zk_rewatch import rewatch
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -37,11 +40,20 @@ class ZkWatch:
     (re-arming the watch) and emits the difference to what it emitted before. It knows only
     what it needs: the kazoo ``client``, the registry's ``decoder`` (its URL names the
     paths) and the event that is set while the session is connected.
+
+    With ``services`` it follows only those services' directories (not the list of services),
+    so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
+    A lost connection (same session) re-arms the watches it dropped from the zxid seen before
+    (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again.
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
-                 callback: ChangeCallback, start_revision: int) -> None:
+                 callback: ChangeCallback, start_revision: int,
+                 services: Collection[str] | None = None, reads: ReadStats | None = None
+                 ) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
+        self._only = None if services is None else frozenset(services)
+        self._reads = reads if reads is not None else ReadStats()
         self._url = decoder.url
         self._services = decoder.url.services_root
         self._callback = callback
@@ -54,6 +66,9 @@ class ZkWatch:
         # may hold one instance (a restarted reporter's old and new node) until one goes.
         self._live: dict[str, tuple[str, str]] = {}
         self._stopped = threading.Event()
+        self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
+        self._loss_zxid: int | None = None  # the last zxid seen before that
+        client.add_listener(self._on_state)
         try:  # read now, so changes right after watch() returns are changes, not the start
             if not connected.is_set():
                 raise ConnectionLoss()
@@ -68,7 +83,22 @@ class ZkWatch:
         if start_revision and newest > start_revision:  # changed since: we can't tell what
             self._push(("reset", ""))
 
+    def _on_state(self, state: str) -> None:
+        """kazoo's connection thread, before it drops the watches: remember where we were."""
+        if state == KazooState.SUSPENDED and self._loss_zxid is None:
+            self._loss_zxid = self._client.last_zxid
+
+    def _fired(self, item: tuple[str, str], event: Any) -> None:
+        if event.type != EventType.NONE:
+            self._push(item)  # something changed: read it again
+        elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing
+            with self._cond:
+                self._rearm.add(item)
+            self._push(("rearm", ""))
+        # else the session is over: the registry's recovery sends us a reset
+
     def stop(self, join: bool = True) -> None:
+        self._client.remove_listener(self._on_state)
         self._stopped.set()
         with self._cond:
             self._cond.notify_all()
@@ -78,6 +108,8 @@ class ZkWatch:
     def reset(self) -> None:
         with self._cond:
             self._queue.clear()
+            self._rearm.clear()  # the scan arms everything anew
+            self._loss_zxid = None
             self._queue.append(("reset", ""))
             self._cond.notify_all()
 
@@ -91,7 +123,7 @@ class ZkWatch:
         """One stable callable per watched thing (kazoo keeps watchers in a set)."""
         fn = self._fns.get(item)
         if fn is None:
-            fn = self._fns[item] = lambda _event: self._push(item)
+            fn = self._fns[item] = lambda event: self._fired(item, event)
         return fn
 
     def _run(self) -> None:
@@ -148,7 +180,8 @@ class ZkWatch:
                 children = c.get_children(folder, watch=self._fn(item))
             except NoNodeError:
                 self._svcs.discard(arg)
-                if folder != f"{services}/{arg}" and c.exists(folder, watch=self._fn(item)):
+                if ((self._only is not None or folder != f"{services}/{arg}")
+                        and c.exists(folder, watch=self._fn(item))):
                     self._push(item)  # Nerve's path= below the service: created meanwhile
                 return
             for child in children:
@@ -158,6 +191,30 @@ class ZkWatch:
                     self._push(("node", path))
         elif kind == "node":
             self._node(arg)
+        elif kind == "rearm":
+            self._rewatch()
+
+    def _rewatch(self) -> None:
+        with self._cond:
+            items, self._rearm = self._rearm, set()
+        zxid = self._loss_zxid
+        if zxid is None:  # we did not see the connection go: read them again instead
+            for item in items:
+                self._push(item)
+            return
+        services = self._services
+        data = {path: self._fn(("node", path)) for kind, path in items if kind == "node"}
+        child = {services if kind == "services" else self._url.service_dir(arg): self._fn(
+            (kind, arg)) for kind, arg in items if kind != "node"}
+        try:
+            rewatch(self._client, zxid, data, child, timeout=10.0)
+        except Exception:
+            with self._cond:
+                self._rearm |= items
+            raise
+        with self._cond:
+            if not self._rearm:
+                self._loss_zxid = None
 
     def _node(self, path: str) -> None:
         try:
@@ -167,6 +224,7 @@ class ZkWatch:
             self._fns.pop(("node", path), None)
             self._gone(path, self._client.last_zxid)
             return
+        self._reads.add(path, data)
         if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
             return
         self._nodes[path] = stat.mzxid
@@ -199,20 +257,26 @@ class ZkWatch:
         self._nodes.clear()
         self._live.clear()
         self._fns.clear()
-        try:
-            children, stat = c.get_children(services, watch=self._fn(("services", "")),
-                                             include_data=True)
-        except NoNodeError:
-            c.exists(services, watch=self._fn(("services", "")))
-            return Snapshot(revision=max(c.last_zxid, 1)), 0
-        revision, newest = max(c.last_zxid, 1), stat.pzxid
+        self._reads.full_read()
+        if self._only is not None:  # those services' directories, not the list of services
+            children, newest = sorted(self._only), 0
+            c.exists(services)  # a first answer: last_zxid below is the server's of now
+        else:
+            try:
+                children, stat = c.get_children(services, watch=self._fn(("services", "")),
+                                                 include_data=True)
+            except NoNodeError:
+                c.exists(services, watch=self._fn(("services", "")))
+                return Snapshot(revision=max(c.last_zxid, 1)), 0
+            newest = stat.pzxid
+        revision = max(c.last_zxid, 1)
         instances: dict[tuple[str, str], Instance] = {}
         for s in children:
             svc_dir = self._url.service_dir(s)
             try:
                 nodes, st = c.get_children(svc_dir, watch=self._fn(("svc", s)), include_data=True)
             except NoNodeError:
-                if svc_dir != f"{services}/{s}":
+                if self._only is not None or svc_dir != f"{services}/{s}":
                     c.exists(svc_dir, watch=self._fn(("svc", s)))
                 continue
             self._svcs.add(s)
@@ -224,6 +288,7 @@ class ZkWatch:
                 except NoNodeError:
                     continue
                 self._nodes[path] = st.mzxid
+                self._reads.add(path, data)
                 newest = max(newest, st.mzxid)
                 inst = self._decoder.decode(path, data, st.mtime / 1000)
                 if inst is not None:

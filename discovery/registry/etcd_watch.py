@@ -1,0 +1,195 @@
+"""Following an etcd registry: one gRPC watch stream, one etcd watcher per key range.
+
+Without a service filter the stream holds one watcher on ``<prefix>/services/``; with one
+(a watcher that routes k services and serves no DNS/HTTP) it holds k watchers, one per
+``<prefix>/services/<service>/``, so etcd sends this host only what it routes. Each watcher
+keeps its own last revision: after a broken stream every watcher resumes from the revision
+after the last it delivered (or was told of by a progress notification); nothing is read
+again. Only when etcd has compacted that revision does the watch read everything it follows
+once more and send a ``reset``. A broken stream is re-opened with jittered exponential
+backoff (:func:`discovery.retry.backoff`), so a fleet that lost its registry together does
+not come back together.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
+from pyetcd.utils import prefix_range_end
+
+from discovery.errors import RegistryUnavailable
+from discovery.registry.base import Change, ChangeCallback, deliver
+from discovery.registry.security import rpc_details
+from discovery.retry import backoff
+
+if TYPE_CHECKING:
+    from discovery.registry.etcd import EtcdRegistry
+
+log = logging.getLogger(__name__)
+
+_ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.INTERNAL)
+_REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
+#: re-opening a broken stream: 0.1 s doubling to 2 s, plus up to 1 s at random
+RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER = 0.1, 2.0, 1.0
+
+
+class EtcdWatch:
+    """One background thread following the registry (or some services of it); ``stop()``
+    ends it. ``services``: None for everything, else only those services' instances."""
+
+    def __init__(self, reg: EtcdRegistry, callback: ChangeCallback, start_revision: int,
+                 services: Collection[str] | None = None) -> None:
+        self._reg, self._callback = reg, callback
+        root = reg.url.services_root + "/"
+        self._services = None if services is None else frozenset(services)
+        self._ranges = ([root] if self._services is None
+                        else [f"{root}{s}/" for s in sorted(self._services)])
+        self._revs = dict.fromkeys(self._ranges, start_revision)  # last revision delivered
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._reauth = False
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
+        self._thread.start()
+
+    @property
+    def revision(self) -> int:
+        """The revision every watched range has been delivered up to."""
+        return min(self._revs.values(), default=0)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        if not self._ranges:  # filtered to no service at all: nothing to follow
+            self._stopped.wait()
+            return
+        while not self._stopped.is_set():
+            try:
+                for attempt in backoff(Exception, stop_event=self._stopped,
+                                       initial=RECONNECT_INITIAL, maximum=RECONNECT_MAX,
+                                       jitter=RECONNECT_JITTER):
+                    with attempt:
+                        self._follow_once()
+            except Exception:  # only when stopped: backoff retries forever otherwise
+                return
+
+    def _follow_once(self) -> None:
+        try:
+            self._follow()
+        except Exception as exc:
+            if self._stopped.is_set():
+                return
+            self._reg._set_state(False)
+            if not self._failing:
+                log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
+                            self._reg._where, rpc_details(exc), self.revision + 1)
+            self._failing = True
+            raise
+
+    def _create(self, rng: str) -> Any:
+        rev = self._revs[rng]
+        return etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=rng.encode(), range_end=prefix_range_end(rng.encode()),
+            start_revision=rev + 1 if rev else 0, progress_notify=True))
+
+    def _follow(self) -> None:
+        """One watch stream, each range from its own revision + 1, until it breaks or we stop.
+        The watchers are created one after the other, so each ``created`` answer names the
+        range it is for (a gRPC proxy numbers watchers its own way)."""
+        reg = self._reg
+        reg._auth.ensure()
+        channel = reg.client.channel  # the first endpoint not recently failed
+        endpoint = reg.client.endpoint_in_use
+        requests: queue.Queue[Any] = queue.Queue()
+        pending = list(self._ranges)
+        ids: dict[int, str] = {}
+        requests.put(self._create(pending[0]))
+        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
+                                                  metadata=_REQUIRE_LEADER + reg._auth.metadata())
+        with self._lock:
+            self._stream = stream
+        if self._stopped.is_set():
+            stream.cancel()
+        try:
+            for resp in stream:
+                if resp.compact_revision:
+                    log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
+                                self.revision + 1, resp.compact_revision)
+                    snap = reg.snapshot(self._services)
+                    self._revs = dict.fromkeys(self._ranges, snap.revision)
+                    self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+                    return
+                if resp.canceled:
+                    if not self._reauth and reg._auth.stale(resp.cancel_reason):
+                        self._reauth = True  # our token expired: once, a new stream at once
+                        return
+                    raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
+                rng = ids.get(resp.watch_id)
+                if resp.created and pending:
+                    rng = ids[resp.watch_id] = pending.pop(0)
+                    if not self._revs[rng]:
+                        self._revs[rng] = int(resp.header.revision)
+                    if pending:
+                        requests.put(self._create(pending[0]))
+                    else:
+                        reg._set_state(True)
+                        self._reauth = self._failing = False
+                    continue
+                if rng is None:
+                    continue
+                for ev in resp.events:
+                    self._event(rng, ev)
+                if not resp.events:  # progress notification
+                    self._revs[rng] = max(self._revs[rng], int(resp.header.revision))
+        except grpc.RpcError as exc:
+            if self._stopped.is_set():
+                return
+            if exc.code() in _ENDPOINT_DOWN:
+                endpoint.fail()
+            reg._auth.stale(exc)
+            raise
+        finally:
+            requests.put(None)
+            with self._lock:
+                self._stream = None
+            stream.cancel()
+
+    def _event(self, rng: str, ev: Any) -> None:
+        reg = self._reg
+        key = ev.kv.key.decode("utf-8", "replace")
+        rev = int(ev.kv.mod_revision)
+        self._revs[rng] = max(self._revs[rng], rev)
+        split = reg.url.split_key(key)
+        if split is None:
+            return
+        deleted = ev.type == kv_pb2.Event.DELETE
+        if not deleted:
+            reg.reads.add(ev.kv.key, ev.kv.value)
+        inst = None if deleted else reg.decoder.decode(key, ev.kv.value)
+        # A malformed value counts as a delete: snapshot() would not show it either.
+        self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst
+                      else Change("delete", key=split, revision=rev))
+
+    def _deliver(self, change: Change) -> None:
+        deliver(self._callback, change, self._stopped)
+
+
+def _drain(requests: queue.Queue[Any]) -> Iterator[Any]:
+    while (item := requests.get()) is not None:
+        yield item

@@ -1,0 +1,137 @@
+"""A registry seen through a set of services: what a watcher that only routes uses.
+
+A watcher that routes k services and serves neither DNS nor HTTP (nor writes the whole
+catalog to ``--json-out``) needs those k services and nothing else. :class:`ServicesView`
+wraps a :class:`~discovery.registry.base.Registry` so that its snapshot and watch cover only
+them (etcd: one watcher per service prefix; ZooKeeper: only those directories), whatever the
+size of the fleet. When the routed services change (SIGHUP), :meth:`ServicesView.set_services`
+reads the new set once and hands the watch's callback a ``reset`` with it, then follows the
+new set from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+
+from discovery.errors import RegistryError
+from discovery.model import Instance
+from discovery.registry.base import (
+    Change,
+    ChangeCallback,
+    Registry,
+    Snapshot,
+    StateCallback,
+    Watch,
+    deliver,
+)
+from discovery.retry import backoff
+
+log = logging.getLogger(__name__)
+
+
+class ServicesView:
+    """``registry`` restricted to ``services`` for reads; writes pass through unchanged."""
+
+    def __init__(self, registry: Registry, services: Collection[str]) -> None:
+        self.inner = registry
+        self.url = registry.url
+        self.reads = registry.reads
+        self.services = frozenset(services)
+        self._lock = threading.Lock()
+        self._follow_lock = threading.Lock()
+        self._watches: list[_ViewWatch] = []
+
+    @property
+    def invalid_records(self) -> int:
+        return self.inner.invalid_records
+
+    def register(self, instance: Instance) -> None:
+        self.inner.register(instance)
+
+    def deregister(self, service: str, instance_id: str) -> None:
+        self.inner.deregister(service, instance_id)
+
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+        return self.inner.snapshot(self.services if services is None
+                                   else self.services & frozenset(services))
+
+    def node_snapshot(self, node: str) -> Snapshot:
+        return self.inner.node_snapshot(node)
+
+    def watch(self, callback: ChangeCallback, start_revision: int = 0,
+              services: Collection[str] | None = None) -> Watch:
+        if services is not None:
+            raise RegistryError("a ServicesView watches its own services (set_services)")
+        with self._lock:
+            w = _ViewWatch(self.inner, callback, self.services, start_revision)
+            self._watches.append(w)
+        return w
+
+    def set_services(self, services: Collection[str]) -> None:
+        """Follow ``services`` from now on: each watch gets a ``reset`` holding them. Returns
+        at once (safe from a signal handler); the read happens on a thread of its own."""
+        new = frozenset(services)
+        with self._lock:
+            if new == self.services:
+                return
+            log.info("following %d service(s) now (was %d)", len(new), len(self.services))
+            self.services = new
+        threading.Thread(target=self._follow, args=(new,), daemon=True,
+                         name="registry-view").start()
+
+    def _follow(self, services: frozenset[str]) -> None:
+        with self._follow_lock:  # one at a time, and only the newest set
+            with self._lock:
+                watches = list(self._watches) if services == self.services else []
+            for w in watches:
+                w.follow(services)
+
+    def add_state_listener(self, callback: StateCallback) -> None:
+        self.inner.add_state_listener(callback)
+
+    def close(self, revoke: bool = True) -> None:
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for w in watches:
+            w.stop()
+        self.inner.close(revoke)
+
+
+class _ViewWatch:
+    """The watch of a view; re-created on the inner registry when the services change."""
+
+    def __init__(self, inner: Registry, callback: ChangeCallback, services: frozenset[str],
+                 start_revision: int) -> None:
+        self._inner, self._callback = inner, callback
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._watch = inner.watch(self._deliver, start_revision, services)
+
+    def _deliver(self, change: Change) -> None:
+        deliver(self._callback, change, self._stopped)
+
+    def follow(self, services: frozenset[str]) -> None:
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            self._watch.stop()
+            try:
+                for attempt in backoff(RegistryError, stop_event=self._stopped, timeout=30.0,
+                                       what="reading the routed services", logger=log):
+                    with attempt:
+                        snap = self._inner.snapshot(services)
+            except RegistryError:
+                if self._stopped.is_set():
+                    return
+                # From the first revision: the backend sends a reset once it can read.
+                self._watch = self._inner.watch(self._deliver, 1, services)
+                return
+            self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+            self._watch = self._inner.watch(self._deliver, snap.revision, services)
+
+    def stop(self) -> None:
+        self._stopped.set()  # first: ends a backoff in follow() that holds the lock
+        with self._lock:
+            self._watch.stop()

@@ -1,0 +1,146 @@
+"""The per-node index of a ZooKeeper registry, so an agent's reconcile costs what its node holds.
+
+Next to each instance node ``<prefix>/services/<service>/<id>`` the backend keeps an empty
+EPHEMERAL node ``<prefix>/nodes/<node>/<service>/<id>`` of the same session, created right
+after the instance and deleted with it; both go when the session ends. :meth:`read` reads one
+node's entries: the index's children, then the instances they name (pipelined) — bytes
+proportional to the node's own instances, whatever the size of the fleet. Readers of
+``<prefix>/services`` never see the index (it is outside that path).
+
+An agent restarted on the same node finds its predecessor's entries (another session) the
+same way; adopting one re-creates both nodes in its own session (the index node in one
+transaction: delete the old, create ours).
+
+When the two disagree:
+
+- an index node whose instance is gone (deleted by hand, or between the two writes): skipped;
+  it goes with its session;
+- an index node naming an instance of another node (written by hand): skipped;
+- an instance without an index node (written by hand, by a version before the index, or
+  its index node deleted by hand): not seen by :meth:`read`. A restarted agent does not adopt
+  it (it goes with its old session); for the running agent the next reconcile sees it
+  missing, writes it again, and the index node is created again.
+
+With Nerve's layout (``?format=nerve``: the services are not under ``<prefix>/services``)
+there is no index: :attr:`enabled` is False and callers read everything instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.exceptions import NodeExistsError, NoNodeError
+
+from discovery.model import Instance
+from discovery.registry.base import RegistryURL, Snapshot
+from discovery.registry.decoder import Decoder
+from discovery.registry.reads import ReadStats
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+class ZkNodeIndex:
+    """The index nodes of one ZooKeeper registry; ``get`` waits for a kazoo async result."""
+
+    def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any],
+                 decoder: Decoder, reads: ReadStats) -> None:
+        self.client, self.url, self._get = client, url, get
+        self._decoder, self._reads = decoder, reads
+        self.enabled = url.services_root == f"{url.prefix}/services"
+        self._lock = threading.Lock()
+        self._mine: dict[Key, int] = {}  # key -> session whose index node we know is there
+        self._nodes: dict[Key, str] = {}  # key -> its node, from read()
+
+    def root(self, node: str) -> str:
+        return f"{self.url.prefix}/nodes/{node}"
+
+    def path(self, node: str, service: str, instance_id: str) -> str:
+        return f"{self.root(node)}/{service}/{instance_id}"
+
+    def claim(self, inst: Instance) -> None:
+        """Make the index node of ``inst`` one of our session's (after the instance's own)."""
+        if not self.enabled:
+            return
+        c = self.client
+        session = (c.client_id or (None,))[0]
+        with self._lock:
+            if session is None or self._mine.get(inst.key) == session:
+                return
+        path = self.path(inst.node, inst.service, inst.id)
+        for _ in range(5):
+            try:
+                self._get(c.create_async(path, b"", ephemeral=True, makepath=True))
+                break
+            except NodeExistsError:
+                pass
+            stat = self._get(c.exists_async(path))
+            if stat is None:
+                continue
+            if stat.ephemeralOwner == session:
+                break
+            txn = c.transaction()  # a predecessor's (or a hand-made) node: make it ours
+            txn.delete(path, version=stat.version)
+            txn.create(path, b"", ephemeral=True)
+            if not any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
+                break
+        else:
+            log.warning("ZooKeeper index node %s keeps changing; the next resync retries", path)
+            return
+        with self._lock:
+            self._mine[inst.key] = session
+            self._nodes[inst.key] = inst.node
+
+    def node_of(self, key: Key, owned: Instance | None) -> str:
+        """The node an instance being removed is indexed under (owned, read, or its id's)."""
+        with self._lock:
+            self._mine.pop(key, None)
+            known = self._nodes.pop(key, None)
+        return owned.node if owned is not None else known or key[1].partition(":")[0]
+
+    def delete(self, node: str, key: Key) -> None:
+        if self.enabled:
+            with contextlib.suppress(NoNodeError):
+                self._get(self.client.delete_async(self.path(node, *key)))
+
+    def read(self, node: str) -> Snapshot:
+        """Every valid instance of ``node`` that the index names."""
+        c, root = self.client, self.root(node)
+        self._reads.node_read()
+        revision = max(c.last_zxid, 1)
+        try:
+            services = self._get(c.get_children_async(root))
+        except NoNodeError:
+            services = []
+        dirs = [(s, c.get_children_async(f"{root}/{s}")) for s in services]
+        pending: list[tuple[str, Any]] = []
+        for s, res in dirs:
+            self._reads.add(s, None)
+            try:
+                ids = self._get(res)
+            except NoNodeError:
+                continue
+            for iid in ids:
+                self._reads.add(iid, None)
+                path = self.url.key(s, iid)
+                pending.append((path, c.get_async(path)))
+        instances: dict[Key, Instance] = {}
+        for path, res in pending:
+            try:
+                data, _ = self._get(res)
+            except NoNodeError:
+                continue  # an index node without its instance
+            self._reads.add(path, data)
+            inst = self._decoder.decode(path, data)
+            if inst is not None and inst.node == node:
+                instances[inst.key] = inst
+        with self._lock:  # an index node we thought there and is not: create it again
+            for key in [k for k in self._mine if self._nodes.get(k) == node]:
+                if key not in instances:
+                    self._mine.pop(key, None)
+            self._nodes.update(dict.fromkeys(instances, node))
+        return Snapshot(instances=instances, revision=revision)

@@ -1,0 +1,225 @@
+"""Issue 11: each host's registry cost stays flat as the fleet grows (both backends).
+
+What a read cost is *counted* (``Registry.reads``: the keys and bytes the server returned),
+with 2,000 instances of other nodes written by raw clients: an agent's per-node read, a
+filtered watcher's reads, and a watch that resumes after a cut link without reading again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry import Change, Registry, RegistryURL, open_registry
+from discovery.registry.view import ServicesView
+from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
+from tests.harness.servers import TcpProxy, raw_put, wait_until
+
+pytestmark = pytest.mark.integration
+
+TTL = 4.0  # lease TTL / session timeout: every cut in these tests is shorter
+FOREIGN = 2000
+ME = "node-me"
+OpenReg = Callable[[str], Registry]
+
+
+def mine(n: int, service: str = "web", **kw: object) -> Instance:
+    fields: dict[str, object] = dict(service=service, id=f"{ME}:{n:012x}:80", node=ME,
+                                     address="127.0.0.1", port=8000 + n, registered_at=1.0)
+    fields.update(kw)
+    return Instance(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def open_reg() -> Iterator[OpenReg]:
+    """Opens registries (TTL above); each is closed without revoking when the test ends."""
+    with contextlib.ExitStack() as stack:
+        def make(url: str) -> Registry:
+            reg = open_registry(url, ttl=TTL, timeout=5.0)
+            stack.callback(reg.close, revoke=False)
+            return reg
+
+        yield make
+
+
+class Seen:
+    """A watch callback that keeps every change, and applies them to a catalog."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.catalog = Catalog()
+        self.lock = threading.Lock()
+
+    def __call__(self, change: Change) -> None:
+        with self.lock:
+            self.changes.append(change)
+        self.catalog.apply(change)
+
+    def has(self, key: tuple[str, str]) -> bool:
+        return self.catalog.get(key) is not None
+
+    def got(self, kind: str = "put") -> set[tuple[str, str]]:
+        with self.lock:
+            return {c.key for c in self.changes if c.kind == kind}
+
+    def kinds(self) -> list[str]:
+        with self.lock:
+            return [c.kind for c in self.changes]
+
+
+def test_node_snapshot_costs_the_same_whatever_the_fleet(registry_url: str,
+                                                         open_reg: OpenReg) -> None:
+    """Bytes and keys read by one node's read: identical with 0 and with 2,000 instances of
+    other nodes stored, and a small fraction of a whole-registry read."""
+    reg = open_reg(registry_url)
+    own = [mine(n) for n in range(4)] + [mine(9, service="api")]
+    for inst in own:
+        reg.register(inst)
+    before = reg.reads.counts()
+    alone = reg.node_snapshot(ME)
+    cost_alone = reg.reads.counts() - before
+    assert alone.instances == {i.key: i for i in own}
+
+    fill_foreign(registry_url, FOREIGN)
+    before = reg.reads.counts()
+    crowded = reg.node_snapshot(ME)
+    cost_crowded = reg.reads.counts() - before
+    before = reg.reads.counts()
+    full = reg.snapshot()
+    cost_full = reg.reads.counts() - before
+
+    assert crowded.instances == alone.instances
+    assert len(full.instances) == FOREIGN + len(own)
+    assert (cost_crowded.bytes, cost_crowded.keys) == (cost_alone.bytes, cost_alone.keys)
+    assert cost_crowded.keys <= 3 * len(own) + 2  # index entries + instances (+ dirs on zk)
+    assert cost_crowded.node_reads == 1 and cost_crowded.full_reads == 0
+    assert cost_crowded.bytes * 100 < cost_full.bytes, (cost_crowded, cost_full)
+    print(f"{RegistryURL.parse(registry_url).scheme}: node read {cost_crowded.bytes} B "
+          f"({cost_crowded.keys} keys) for {len(own)} own instances; whole registry "
+          f"{cost_full.bytes} B ({cost_full.keys} keys) for {len(full.instances)}")
+
+
+def test_successor_adopts_and_index_mismatches_are_handled(registry_url: str,
+                                                           open_reg: OpenReg) -> None:
+    url = RegistryURL.parse(registry_url)
+    first = open_reg(registry_url)
+    own = [mine(n) for n in range(3)]
+    for inst in own:
+        first.register(inst)
+    assert len(index_paths(registry_url, ME)) == 3
+
+    # A restarted agent (another lease / session) finds its predecessor's entries ...
+    second = open_reg(registry_url)
+    assert second.node_snapshot(ME).instances == {i.key: i for i in own}
+    for inst in own:  # ... and adopts them: both keys are now of its lease / session
+        second.register(inst)
+    # the predecessor goes: etcd revokes its lease, ZooKeeper ends its session
+    first.close(revoke=url.scheme == "etcd")
+    assert second.node_snapshot(ME).instances == {i.key: i for i in own}
+    assert len(second.snapshot().instances) == 3
+
+    # An index entry whose instance is gone: skipped.
+    raw_delete(registry_url, url.key("web", own[0].id))
+    assert set(second.node_snapshot(ME).instances) == {own[1].key, own[2].key}
+    second.register(own[0])  # written again: seen again
+    assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
+
+    # An instance whose index entry is gone: not seen, until it is written again.
+    gone = f"{url.prefix}/nodes/{ME}/web/{own[1].id}"
+    raw_delete(registry_url, gone)
+    assert set(second.node_snapshot(ME).instances) == {own[0].key, own[2].key}
+    second.register(own[1])
+    assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
+
+    # An instance of this node written without an index (by hand, or an older version):
+    # not read (documented), while every reader of the services sees it.
+    stray = mine(7)
+    raw_put(registry_url, url.key("web", stray.id), stray.to_json())
+    assert stray.key not in second.node_snapshot(ME).instances
+    assert stray.key in second.snapshot().instances
+
+    # Deregistering removes the instance and its index entry.
+    second.deregister("web", own[2].id)
+    assert f"{url.prefix}/nodes/{ME}/web/{own[2].id}" not in index_paths(registry_url, ME)
+    assert own[2].key not in second.snapshot().instances
+
+
+def test_filtered_snapshot_and_watch_cover_only_their_services(registry_url: str,
+                                                               open_reg: OpenReg) -> None:
+    fill_foreign(registry_url, FOREIGN)  # svc0..svc19, 100 instances each
+    writer, reader = open_reg(registry_url), open_reg(registry_url)
+    view = ServicesView(reader, ["svc3", "web"])
+    before = reader.reads.counts()
+    snap = view.snapshot()
+    cost = reader.reads.counts() - before
+    assert {k[0] for k in snap.instances} == {"svc3"} and len(snap.instances) == 100
+    assert cost.keys <= 2 * 100, cost  # svc3's instances (zk: their names, then their data)
+
+    seen = Seen()
+    view.watch(seen, snap.revision)
+    before = reader.reads.counts()
+    for n in range(40):  # other services: nothing of this reaches the filtered watch
+        writer.register(foreign(FOREIGN + n, nodes=7))
+    web = mine(1)
+    writer.register(web)
+    wait_until(lambda: web.key in seen.got(), 10, "the put of web")
+    writer.register(foreign(FOREIGN + 3))  # svc3: seen
+    wait_until(lambda: ("svc3", foreign(FOREIGN + 3).id) in seen.got(), 10, "svc3's put")
+    assert {k[0] for k in seen.got()} == {"web", "svc3"}, seen.got()
+    assert "reset" not in seen.kinds()
+    cost = reader.reads.counts() - before
+    assert cost.keys <= 4 and cost.full_reads == 0, cost  # the two puts (zk: + a re-read)
+
+    # A new routed service (SIGHUP): one reset holding the new set, then its changes.
+    view.set_services(["svc3", "web", "svc5"])
+    wait_until(lambda: "reset" in seen.kinds(), 10, "the reset with svc5")
+    reset = next(c for c in seen.changes if c.kind == "reset")
+    assert reset.snapshot is not None
+    assert {k[0] for k in reset.snapshot.instances} == {"svc3", "svc5", "web"}
+    assert seen.has(foreign(5).key)
+    writer.deregister("svc5", foreign(5).id)
+    wait_until(lambda: not seen.has(foreign(5).key), 10, "svc5's delete")
+    assert set(seen.catalog.services()) == {"svc3", "svc5", "web"}
+
+
+def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
+                                                         open_reg: OpenReg) -> None:
+    """A link cut for less than the TTL: the watches (whole and filtered) resume from the last
+    revision / zxid: incremental changes, no reset, no full read."""
+    fill_foreign(registry_url, 200)
+    writer = open_reg(registry_url)
+    parsed = RegistryURL.parse(registry_url)
+    proxy = TcpProxy(parsed.hosts[0])
+    try:
+        reader = open_reg(proxy.url(parsed.scheme, parsed.prefix))
+        states: list[bool] = []
+        reader.add_state_listener(states.append)
+        whole, only = Seen(), Seen()
+        snap = reader.snapshot()
+        reader.watch(whole, snap.revision)
+        reader.watch(only, snap.revision, services=["web"])
+        writer.register(mine(1))
+        wait_until(lambda: mine(1).key in only.got() and mine(1).key in whole.got(), 10,
+                   "the first put")
+        before = reader.reads.counts()
+        with proxy.blocked():
+            wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
+            writer.register(mine(2))
+            writer.deregister("web", mine(1).id)
+            writer.register(foreign(7))
+        wait_until(lambda: mine(2).key in only.got() and mine(1).key in only.got("delete"),
+                   15, "the filtered watch to catch up")
+        wait_until(lambda: {mine(2).key, foreign(7).key} <= whole.got()
+                   and mine(1).key in whole.got("delete"), 15, "the whole watch to catch up")
+        cost = reader.reads.counts() - before
+        assert "reset" not in whole.kinds() + only.kinds()
+        assert cost.full_reads == 0, cost
+        assert cost.keys <= 10, cost  # what changed, not the 200 instances
+        assert foreign(7).key not in only.got()
+    finally:
+        proxy.close()
