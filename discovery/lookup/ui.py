@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from discovery.errors import DiscoveryError, HAProxyError, ValidationError
 from discovery.lookup.http_guard import dump_json
@@ -22,11 +22,23 @@ from discovery.lookup.http_query import ApiError, Response, allow, flag
 from discovery.model import validate as v
 
 if TYPE_CHECKING:
-    from discovery.lookup.http import HttpApi
+    from discovery.lookup.status import Checks, Health
+    from discovery.metrics import Metrics
+    from discovery.model.catalog import Catalog
     from discovery.watcher.core import Watcher
     from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
+
+class Api(Protocol):
+    """What the page reads from the HTTP API it is served by (``lookup.http.HttpApi``)."""
+
+    catalog: Catalog | None
+    health: Health
+    metrics: Metrics | None
+    checks: Checks | None
+    views: Views | None
+
 
 #: (instance id, service, last N transitions) -> histories (discovery.agent.history.History)
 HistoryQuery = Callable[[str | None, str | None, int | None], list[dict[str, Any]]]
@@ -57,7 +69,7 @@ def handles(path: str) -> bool:
     return path == "/ui" or path.startswith("/ui/") or path == "/v1/agent/history"
 
 
-def route(api: HttpApi, path: str, query: dict[str, list[str]]) -> Response:
+def route(api: Api, path: str, query: dict[str, list[str]]) -> Response:
     """Answer ``/ui``, ``/ui/*`` and ``/v1/agent/history``."""
     views = api.views or Views()
     if path == "/v1/agent/history":
@@ -94,7 +106,7 @@ def history(views: Views, query: dict[str, list[str]]) -> Response:
     return Response(200, dump_json({"instances": found}, flag(query, "pretty")))
 
 
-def status(api: HttpApi, views: Views) -> dict[str, Any]:
+def status(api: Api, views: Views) -> dict[str, Any]:
     """Everything the page shows that ``/v1/services`` does not."""
     out: dict[str, Any] = {"time": time.time(), "catalog": api.catalog is not None}
     try:
