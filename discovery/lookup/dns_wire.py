@@ -1,10 +1,11 @@
 """DNS answers from the catalog, in wire format: parsing and encoding only, no sockets.
 
-Names (case-insensitive) under the domain: ``[<tag>.]<service>.service`` and
-``_<service>._tcp|_<tag>.service`` (A/AAAA of the instances that are up, SRV with the targets'
-addresses as additional records), ``<node>.node``, ``<hex address>.addr`` (SRV targets off
-their node's address), and the apex (SOA). Unknown names: NXDOMAIN, no record of that type:
-NOERROR; both with the SOA as authority. Outside the domain: REFUSED. UDP answers carry at most
+Names (case-insensitive) under the domain: ``[<tag>.]<service>.service``,
+``<service>.<zone>.zone`` (the instances of one zone) and ``_<service>._tcp|_<tag>.service``
+(A/AAAA of the instances that are up, SRV with the targets' addresses as additional records),
+``<node>.node``, ``<hex address>.addr`` (SRV targets off their node's address), and the apex
+(SOA). Unknown names: NXDOMAIN, no record of that type: NOERROR; both with the SOA as authority.
+Outside the domain: REFUSED. UDP answers carry at most
 ``udp_answer_limit`` answer records (3, as Consul; a window that moves round every record, no TC)
 and fit 512 bytes or the client's EDNS size (at most 4096): answer records that do not fit set
 TC, additional ones are just left out (RFC 2181 §9), as are (with a limit) those that would take
@@ -232,7 +233,7 @@ def _resolve(zone: Zone, rel: Labels, qtype: int) -> tuple[int, list[IP], list[M
     if not rel:
         return NOERROR, [], [], qtype in (SOA, ANY)
     kind, n = rel[-1], len(rel)
-    if n == 1 and kind in (b"service", b"node", b"addr"):
+    if n == 1 and kind in (b"service", b"node", b"addr", b"zone"):
         return NOERROR, [], [], False  # empty non-terminals
     found: list[Member] = []
     ip: IP | None = None
@@ -242,6 +243,9 @@ def _resolve(zone: Zone, rel: Labels, qtype: int) -> tuple[int, list[IP], list[M
         found = zone.members(rel[0][1:], None if rel[1] == b"_tcp" else rel[1][1:])
     elif kind == b"service" and n == 3:
         found = zone.members(rel[1], rel[0])
+    elif kind == b"zone" and n == 3:  # <service>.<zone>.zone: one availability zone's
+        where = rel[1].decode("ascii", "replace")
+        found = [m for m in zone.members(rel[0], None) if m.instance.zone == where]
     elif kind == b"node" and n == 2:
         ip = zone.nodes.get(rel[0])
     elif kind == b"addr" and n == 2:

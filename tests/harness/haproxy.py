@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import itertools
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,13 +118,19 @@ class _NamedServer(ThreadingHTTPServer):
     delay = 0.0
 
 
-class NamedBackend:
-    """A tiny HTTP server that answers its own name; ``hits`` counts requests."""
+class _NamedServer6(_NamedServer):
+    address_family = socket.AF_INET6
 
-    def __init__(self, name: str) -> None:
+
+class NamedBackend:
+    """A tiny HTTP server that answers its own name; ``hits`` counts requests. ``host``:
+    ``127.0.0.1`` or ``::1``."""
+
+    def __init__(self, name: str, host: str = HOST) -> None:
         self.name = name
         self.port = free_port()
-        self._server = _NamedServer((HOST, self.port), _Handler)
+        server = _NamedServer6 if ":" in host else _NamedServer
+        self._server = server((host, self.port), _Handler)
         self._server.name = name
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)

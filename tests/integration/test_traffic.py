@@ -163,3 +163,132 @@ def test_bad_outlier_config_on_sighup_keeps_the_last_good_one(etcd_url, reg, htt
     lines = [ln for ln in watcher.log().splitlines() if "outlier.max_ejected" in ln]
     assert len(lines) == 1
     assert spread(listen, 4) == {"a": 4} and watcher.alive
+
+
+# ---- IPv6 end to end --------------------------------------------------------------------
+
+def test_ipv6_end_to_end(etcd_url, reg, start_watcher):
+    import subprocess
+    import sys
+
+    from dnslib import QTYPE, DNSRecord
+
+    from discovery.client import Client
+    from tests.harness.haproxy import NamedBackend
+
+    backend = NamedBackend("six", host="::1")
+    try:
+        listen, dns, api = free_port(), free_port(), free_port()
+        reg.register(inst(1, backend.port, address="::1"))
+        watcher = start_watcher(etcd_url, {}, "--service", f"web:[::1]:{listen}",
+                                "--dns", f"[::1]:{dns}", "--http", f"[::1]:{api}")
+        config = watcher.config_text()
+        assert f"bind [::1]:{listen}" in config and f"[::1]:{backend.port}" in config
+
+        def get(port: int, path: str) -> tuple[int, str]:
+            import http.client
+            conn = http.client.HTTPConnection("::1", port, timeout=3)
+            try:
+                conn.request("GET", path, headers={"Connection": "close"})
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        wait_for(lambda: get(listen, "/") == (200, "six"), 10, message="served over IPv6")
+        status, body = get(api, "/v1/services/web")
+        assert status == 200 and [i["address"] for i in json.loads(body)] == ["::1"]
+        reply = DNSRecord.parse(DNSRecord.question("web.service.discovery", "AAAA").send(
+            "::1", dns, timeout=3, ipv6=True))
+        assert [str(r.rdata) for r in reply.rr if QTYPE[r.rtype] == "AAAA"] == ["::1"]
+        client = Client(etcd_url)
+        try:
+            assert [(i.address, i.port) for i in client.instances("web")] == [("::1",
+                                                                              backend.port)]
+        finally:
+            client.close()
+        out = subprocess.run([sys.executable, "-m", "discovery", "services", "web",
+                              "--registry", etcd_url, "-o", "json"], capture_output=True,
+                             text=True, timeout=30, check=True)
+        assert [i["address"] for i in json.loads(out.stdout)] == ["::1"]
+    finally:
+        backend.stop()
+
+
+def test_slow_start_ramps_a_joining_instance(etcd_url, reg, http_backends, start_watcher,
+                                             tmp_path):
+    old, new = http_backends("old", "new")
+    listen = free_port()
+    conf = tmp_path / "watch.toml"
+    conf.write_text(f'[services.web]\nport = {listen}\nserver_options = "slowstart 6s"\n')
+    reg.register(inst(1, old.port))
+    start_watcher(etcd_url, {}, "--config", str(conf))
+    wait_for(lambda: spread(listen, 2)["old"] == 2, 10, message="old served")
+    reg.register(inst(2, new.port))
+    wait_for(lambda: spread(listen, 2) and new.hits > 0, 10,
+             message="the new instance gets its first request")
+    early = spread(listen, 40)  # the first seconds of the ramp
+    assert 0 < early["new"] <= 16, f"a joining instance gets a small share first: {early}"
+    wait_for(lambda: spread(listen, 40)["new"] >= 16, 15,
+             message="its share grows to about half once the window has passed")
+
+
+def test_rolling_replacement_under_load_fails_nothing(etcd_url, reg, http_backends,
+                                                     start_watcher):
+    """Every instance replaced while requests lasting 0-2 s flow: the record goes first (the
+    agent deletes it on Docker's kill event), the app serves its in-flight requests for its
+    grace period, then exits. The watcher drains it; no request fails."""
+    import http.client
+    import random
+    import threading
+
+    listen = free_port()
+    old = http_backends("v1-1", "v1-2", "v1-3")
+    for n, b in enumerate(old, 1):
+        reg.register(inst(n, b.port))
+    watcher = start_watcher(etcd_url, {"web": listen})
+    runtime = HAProxyRuntime(str(watcher.state_dir / "admin.sock"))
+    wait_for(lambda: set(spread(listen, 12)) == {"v1-1", "v1-2", "v1-3"}, 10,
+             message="v1 served")
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
+            try:
+                conn.request("GET", f"/?sleep={random.uniform(0, 2):.2f}",
+                             headers={"Connection": "close"})
+                resp = conn.getresponse()
+                resp.read()
+                outcomes.append(str(resp.status))
+            except OSError as exc:
+                outcomes.append(type(exc).__name__)
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for n, gone in enumerate(old, 1):
+            (new,) = http_backends(f"v2-{n}")
+            reg.register(inst(10 + n, new.port))
+            wait_for(lambda new=new: new.hits > 0, 15, message=f"v2-{n} served")
+            slot = next(name for name, view in runtime.slots("web").items()
+                        if view.port == gone.port)
+            reg.deregister("web", inst(n, gone.port).id)
+            # grace: the old app finishes what it has (at most 2 s), then exits
+            wait_for(lambda slot=slot: _idle(runtime, slot), 10, message=f"v1-{n} drained")
+            gone.stop()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert len(outcomes) > 20 and set(outcomes) == {"200"}, sorted(set(outcomes))
+
+
+def _idle(runtime: HAProxyRuntime, slot: str) -> bool:
+    """The slot is out of rotation and has no session left (HAProxy's ``scur``)."""
+    row = runtime.stat().get(("web", slot), {})
+    return row.get("status") == "MAINT" and row.get("scur") == "0"
