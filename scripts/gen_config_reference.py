@@ -469,7 +469,7 @@ def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
     for key in sorted(FILE_KEYS):
         value = defaults.get(key)
         shown = {"registry": "— (required somewhere)", "node": "the short hostname",
-                 "docker": "`DOCKER_HOST` or the local socket"}.get(key)
+                 "docker": "`DOCKER_HOST` or the local socket", "zone": "none"}.get(key)
         if shown is None:
             shown = code(str(value).lower() if isinstance(value, bool) else
                          number(value) if isinstance(value, float) else value)

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
 MAX_TARGET = 4096  # bytes of request target
 WAIT_SLICE = 0.5  # blocking waits wake this often to notice stop() and a client hanging up
-SERVICE_PARAMS = {"index", "wait", "tag", "up", "passing", "pretty"}
+SERVICE_PARAMS = {"index", "wait", "tag", "up", "passing", "pretty", "zone"}
 ONE_VALUE = {"host", "authorization", TOKEN_HEADER.lower()}  # given twice: 400
 
 
@@ -208,11 +208,18 @@ class HttpApi:
             v.tags("tag", tags)
         except ValidationError as exc:
             raise ApiError(400, str(exc), "tag") from None
+        zone = query.get("zone", [""])[0]
+        if zone:
+            try:
+                v.dns_label("zone", zone)
+            except ValidationError as exc:
+                raise ApiError(400, str(exc), "zone") from None
         up_only = flag(query, "up") or flag(query, "passing")
         pretty = flag(query, "pretty")
         index = self.block(catalog, req, *blocking_params(query))  # before the data: miss none
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
-                                                        include_draining=not up_only)]
+                                                        include_draining=not up_only)
+                 if not zone or i.zone == zone]
         data: Any = found
         if name is None:
             data = {"services": {}}
