@@ -6,15 +6,17 @@ node's entries only. TLS and user/password authentication: :mod:`discovery.regis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
@@ -122,7 +124,7 @@ class EtcdRegistry:
                     raise RegistryUnavailable(
                         f"etcd at {self._where}: {what} failed, no member answered within "
                         f"{self.timeout:g}s ({rpc_details(exc)})") from None
-                (self._closed if closing else self._closing).wait(jittered(delay, 0.5))
+                (self._closed if closing else self._closing).wait(delay)
                 delay = min(delay * 2, 0.5)
                 continue
             except grpc.RpcError as exc:
@@ -197,11 +199,11 @@ class EtcdRegistry:
             self._need_reput = False
 
     def _refresh(self, lease: int) -> list[Any]:
-        return self._call("lease keepalive", lambda: list(self.client.refresh_lease(lease)))
+        return self._call("lease keepalive", lambda: _keepalive(self.client, lease))
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ttl / 3, 0.2)
-        wait = interval
+        wait, renewed = interval, time.monotonic()
         while not self._closing.wait(jittered(wait)):  # a fleet's renewals do not align
             lease = self._lease
             try:
@@ -215,10 +217,13 @@ class EtcdRegistry:
                     self._renew_lease(lease)
                 elif self._need_reput:
                     self._reput_all()
-                wait = interval
+                wait, renewed = interval, time.monotonic()
             except RegistryError as exc:
                 log.debug("lease keepalive: %s", exc)
                 wait = min(interval, 0.5)
+                if lease is not None and time.monotonic() - renewed > self.ttl:
+                    with contextlib.suppress(RegistryError):  # not renewed for a TTL: gone
+                        self._renew_lease(lease)
             except Exception:
                 log.exception("etcd lease keepalive failed")
                 wait = interval
@@ -290,3 +295,27 @@ class EtcdRegistry:
             self._closed.set()
             self.client.close()
 
+
+def _keepalive(client: Any, lease: int) -> list[Any]:
+    """One lease keepalive. Unlike pyetcd's ``refresh_lease``, the request stream stays open
+    until the answer came: etcd's gRPC proxy cancels a keepalive stream the client half-closed
+    before it answered ("context canceled"), so every renewal through a proxy failed."""
+    answered = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield etcdrpc.LeaseKeepAliveRequest(ID=lease)
+        answered.wait(client.timeout)
+
+    stream = client.leasestub.LeaseKeepAlive(requests(), client.timeout,
+                                             credentials=client.call_credentials,
+                                             metadata=client.metadata)
+    try:
+        for resp in stream:
+            return [resp]
+        return []
+    except grpc.RpcError as exc:
+        client._manage_grpc_errors(exc)  # pyetcd's own translation (e.g. another member next)
+        raise
+    finally:
+        answered.set()
+        stream.cancel()

@@ -1,14 +1,17 @@
 """Issue 11: each host's registry cost stays flat as the fleet grows (both backends).
 
 What a read cost is *counted* (``Registry.reads``: the keys and bytes the server returned),
-with 2,000 instances of other nodes written by raw clients: an agent's per-node read, a
-filtered watcher's reads, and a watch that resumes after a cut link without reading again.
+with 2,000 instances of other nodes written by raw clients: an agent's per-node read (and a
+real agent's resyncs, through its /metrics), a filtered watcher's reads, and a watch that
+resumes after a cut link without reading again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,8 +20,11 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, RegistryURL, open_registry
 from discovery.registry.view import ServicesView
+from tests.harness.agent import AgentProcess, wait_registered
+from tests.harness.dockerd import ContainerFactory, http_get
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
 from tests.harness.servers import TcpProxy, raw_put, wait_until
+from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +229,46 @@ def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
         assert foreign(7).key not in only.got()
     finally:
         proxy.close()
+
+
+def test_agent_resync_reads_only_its_node(registry_url: str, open_reg: OpenReg,
+                                          containers: ContainerFactory,
+                                          start_agent: Callable[..., AgentProcess]) -> None:
+    """A real agent (``--resync 1``) next to 2,000 instances of other nodes: the bytes it
+    reads per resync (``discovery_registry_read_bytes_total``) are its own instance's, not
+    the registry's."""
+    fill_foreign(registry_url, FOREIGN)
+    whole = open_reg(registry_url)
+    before = whole.reads.counts()
+    whole.snapshot()
+    full_bytes = (whole.reads.counts() - before).bytes  # what each resync read before
+    http, app = free_port(), free_port()
+    web = f"s{uuid.uuid4().hex[:10]}"
+    agent = start_agent(registry_url, None, "--resync", "1", "--http", f"127.0.0.1:{http}")
+    containers(name=f"{web}-1", port=app, labels={
+        "discovery.service": web, "discovery.port": str(app), "discovery.check.interval": "200ms"})
+    wait_registered(registry_url, web)
+    before = whole.reads.counts()
+    whole.node_snapshot(agent.node)
+    one_read = (whole.reads.counts() - before).bytes  # what a resync reads now
+
+    def resyncs() -> int:
+        return agent.log().count("reconcile done")
+
+    def read_bytes() -> float:
+        status, text = http_get(http, "/metrics")
+        assert status == 200
+        found = re.search(r"^discovery_registry_read_bytes_total (\S+)$", text, re.M)
+        assert found, text[-2000:]
+        return float(found.group(1))
+
+    wait_for(lambda: resyncs() >= 1, 20, message="a first resync")
+    start_bytes, start_count = read_bytes(), resyncs()
+    wait_for(lambda: resyncs() >= start_count + 3, 20, message="three more resyncs")
+    end_bytes, end_count = read_bytes(), resyncs()
+    per_resync = (end_bytes - start_bytes) / (end_count - start_count)
+    print(f"{RegistryURL.parse(registry_url).scheme}: agent read {per_resync:.0f} B per resync "
+          f"(1 own instance, {one_read} B a node read); a whole-registry read is {full_bytes} "
+          f"B ({FOREIGN + 1} instances)")
+    assert 0 < per_resync < 3 * one_read, (per_resync, one_read)
+    assert per_resync * 100 < full_bytes

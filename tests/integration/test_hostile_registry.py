@@ -59,8 +59,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=REPO_ROOT, timeout=60, check=False)
 
 
-def poison(url: str, service: str) -> list[str]:
-    """Write the corpus under ``service``; each value names its own service and key."""
+def poison(url: str, service: str, node: str | None = None) -> list[str]:
+    """Write the corpus under ``service``; each value names its own service and key. With
+    ``node``, each is also in that node's index (so its agent's reconcile reads it)."""
     parsed = RegistryURL.parse(url)
     keys = []
     for n, (name, raw) in enumerate(HOSTILE.items()):
@@ -68,15 +69,18 @@ def poison(url: str, service: str) -> list[str]:
         keys.append(key := parsed.key(service, iid))
         raw_put(url, key, raw.replace(b'"S"', f'"{service}"'.encode())
                 .replace(b'"ID"', f'"{iid}"'.encode()))
+        if node is not None:
+            raw_put(url, f"{parsed.prefix}/nodes/{node}/{service}/{iid}", b"")
     return keys
 
 
 def test_every_reader_survives_the_hostile_corpus(registry_url: str, containers, agents,
                                                   tmp_path: Path) -> None:
     web = f"h{uuid.uuid4().hex[:8]}"
-    keys = poison(registry_url, web)
+    keys = poison(registry_url, web, node="hnode")
     # The agent's own container, registered while the poison is there (its reconcile reads
-    # every resync), and one more good instance written the ordinary way.
+    # this node's entries, the poison among them, every resync), and one more good instance
+    # written the ordinary way.
     listen, dns_port, http_port = free_port(), free_port(), free_port()
     state = Path(f"/tmp/dh-{uuid.uuid4().hex[:6]}")
     up = DiscoveryProcess(["up", "--registry", registry_url, "--service", f"{web}:{listen}",

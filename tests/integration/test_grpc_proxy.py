@@ -1,0 +1,85 @@
+"""Issue 11 §2: etcd's gRPC proxy between the hosts and the cluster (docs/operations.md).
+
+A real agent (real dockerd, real containers) and a real watcher (its own HAProxy) reach etcd
+only through ``etcd grpc-proxy``; the proxy is SIGKILLed by its pid and started again on the
+same port, once briefly (less than the TTL: nothing is lost) and once for longer than the TTL
+(the lease expires behind the proxy; the agent registers everything again on its own).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery.registry import Change, open_registry
+from tests.harness.agent import AgentProcess, wait_gone, wait_registered
+from tests.harness.dockerd import ContainerFactory
+from tests.harness.fleet import EtcdGrpcProxy
+from tests.harness.servers import ServerCluster, unique_prefix
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import WatcherProcess, spread
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def grpc_proxy(etcd_single: ServerCluster, tmp_path: Path) -> Iterator[EtcdGrpcProxy]:
+    etcd_single.ensure_running()
+    proxy = EtcdGrpcProxy(etcd_single, tmp_path / "grpc-proxy").start()
+    yield proxy
+    proxy.stop()
+
+
+def app_labels(service: str, port: int) -> dict[str, str]:
+    return {"discovery.service": service, "discovery.port": str(port),
+            "discovery.check.interval": "200ms"}
+
+
+def test_agent_and_watcher_through_the_proxy_survive_its_restarts(
+        etcd_single: ServerCluster, grpc_proxy: EtcdGrpcProxy, containers: ContainerFactory,
+        start_agent: Callable[..., AgentProcess],
+        start_watcher: Callable[..., WatcherProcess]) -> None:
+    prefix = unique_prefix()
+    via, direct = grpc_proxy.url(prefix), etcd_single.url(prefix)
+    web = f"s{uuid.uuid4().hex[:10]}"
+    agent = start_agent(via, None, "--ttl", "2", "--resync", "1")
+    p1, p2, listen = free_port(), free_port(), free_port()
+    containers(name=f"{web}-1", port=p1, labels=app_labels(web, p1))
+    [first] = wait_registered(direct, web)  # written through the proxy, read from etcd itself
+    assert first.node == agent.node
+    watcher = start_watcher(via, {web: listen})
+    wait_for(lambda: spread(listen, 4)[f"{web}-1"] == 4, 20, message="web-1 routed")
+
+    # SIGKILL, back on the same port at once: the lease lives on (keepalives through the new
+    # proxy), and the watcher's watch resumes from its revision.
+    deletes: list[Change] = []
+    follower = open_registry(direct, timeout=5.0)  # straight to etcd: sees any gap
+    follower.watch(lambda c: c.kind != "put" and deletes.append(c), services=[web])
+    grpc_proxy.kill()
+    grpc_proxy.start()
+    containers(name=f"{web}-2", port=p2, labels=app_labels(web, p2))
+    wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 20,
+             message="both instances routed after the proxy restart")
+    assert {i.id for i in wait_registered(direct, web, count=2)} >= {first.id}
+    assert deletes == [], "the registration must survive a short proxy restart"
+    follower.close(revoke=False)
+
+    # Down for longer than the TTL: etcd expires the agent's lease (the instances go), and
+    # once the proxy is back the agent grants a new lease and writes them again.
+    grpc_proxy.kill()
+    wait_gone(direct, web, timeout=10)
+    grpc_proxy.start()
+    wait_registered(direct, web, count=2, timeout=30)
+    wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 30,
+             message="both instances routed again")
+    assert agent.alive and watcher.alive
+    assert "re-reading all" not in watcher.log()  # resumed: etcd had not compacted anything
+
+    reg = open_registry(via, timeout=5.0)  # reads through the proxy see what etcd holds
+    try:
+        assert {i.service for i in reg.node_snapshot(agent.node).instances.values()} == {web}
+    finally:
+        reg.close(revoke=False)
