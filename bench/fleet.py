@@ -1,0 +1,1141 @@
+#!/usr/bin/env python3
+"""Fleet benchmark (issue 11 §3): up to 1,000 simulated hosts against a real 3-member etcd
+cluster and a real 3-member ZooKeeper ensemble, on one machine.
+
+**A simulated host** is what ``discovery up`` runs on a host, minus Docker and HAProxy, built
+from the project's own code: an *agent* registry (``open_registry(url, ttl=...)``: its own
+etcd lease / ZooKeeper session) that registers the host's ``--instances`` (10) instances and
+every ``--resync`` seconds (±10 %, like the agent) reconciles them through
+``node_snapshot(node)``, re-registering what is missing; and a *watcher* registry (a second
+connection, as ``discovery up`` opens one for its watcher) that reads a snapshot of the
+services the host routes and follows them with ``watch(..., services=...)`` into a
+:class:`~discovery.model.catalog.Catalog` (its own watch stream). Each host routes
+``--watch-services`` (5) services: ``svc000`` (every host: the change under test) and 4 others
+picked at random from ``--services`` (100); each host's instances are spread over 10
+consecutive services, so a service has ``10 x hosts / 100`` instances (100 at 1,000 hosts).
+
+**Source addresses.** Host *n* uses its own loopback address ``127.20.<n // 250>.<n % 250 +
+1>``. ZooKeeper: the KazooClient of both registries gets a handler whose
+``create_connection`` binds that address (``socket.create_connection(...,
+source_address=...)``); the bench injects it by wrapping ``discovery.registry.zk``'s
+``zk_client_options`` while the host's registries are being opened, nothing else of the
+backend changes. etcd: Python gRPC has no per-channel source address, so each host talks to
+its own three loopback **relay** ports (one per member) of one HAProxy process in TCP mode
+whose ``server`` lines carry ``source <host address>``: etcd sees one source address per
+host, as from a real fleet, and the client's own multi-endpoint failover still chooses the
+member. The price: one extra loopback hop (HAProxy's CPU is reported apart).
+
+**Processes.** The hosts run as threads in ``--workers`` (4) worker processes (this script
+with ``--worker``), driven over a pipe; the host that dies is alone in a process of its own,
+SIGKILLed (no goodbye: its lease or session must expire).
+
+**What is measured**, at each size of ``--sizes`` (250, 500, 1,000; the fleet grows between
+sizes, the servers stay up):
+
+* **steady state** over ``--steady`` s (30, one resync period): registry requests/s and
+  bytes/s per host. Requests are counted by the servers (etcd: ``grpc_server_handled_total``
+  of unary calls + ``grpc_server_msg_received_total`` of streams, summed over the members;
+  ZooKeeper: ``zk_packets_received`` of ``mntr``, summed) and divided by the hosts; bytes at
+  the client side, from the kernel (``ss -ti``: ``bytes_sent``/``bytes_received`` of every
+  connection from a fleet address to a member); reads as the project counts them
+  (``Registry.reads``: keys and bytes the server returned to each host).
+* **one change → every host's catalog**: ``--changes`` (6) writes to ``svc000`` (put a new
+  instance, delete it, ...) from the bench's own client; per host, the time from just before
+  the write to the catalog holding it (the watch callback, on ``Catalog.apply``); p50 / p99 /
+  max. Target: reaches every host, p99 <= 250 ms.
+* **a host dying**: SIGKILL of the victim's process; time until none of its instances is in
+  any host's catalog. Target: <= TTL + 1 s.
+* **full registry restart**: every member stopped (SIGTERM) and started again; once all serve,
+  a probe is written; resync = until every host's catalog has the probe (its watch is back),
+  and every host's catalog then equals the registry's. Server request rate sampled every
+  0.5 s: peak (1 s window) vs steady. Targets: every host resynced within 10 s of the
+  registry serving again, peak <= 3 x steady.
+* **servers**: RSS and CPU of every member (and of the relay), data size, watches, sessions.
+
+Raw results: ``bench/results/fleet-etcd.json``, ``fleet-zk.json`` (``--grpc-proxy``:
+``fleet-proxy-etcd.json``, the hosts behind one ``etcd grpc-proxy`` instead of the members).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import json
+import os
+import random
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    HAPROXY_BIN,
+    ROOT,
+    Interrupted,
+    Report,
+    cpu_ticks,
+    install_signal_handlers,
+    percentile,
+    rss_kib,
+    say,
+)
+
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry import Change, Registry, open_registry
+from discovery.retry import jittered
+
+PREFIX = "/fleet"
+HOT = "svc000"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+VICTIM_BASE = 50_000  # victims' host numbers: 50,000 + 10 k (so that instance 0 is in svc000)
+
+
+def source_ip(n: int) -> str:
+    return f"127.20.{n // 250}.{n % 250 + 1}"
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def host_instances(n: int, count: int, services: int) -> list[Instance]:
+    node = f"h{n:05d}"
+    out = []
+    for i in range(count):
+        cid = f"{n:08x}{i:04x}".ljust(64, "0")
+        port = 20000 + i
+        out.append(Instance(
+            service=f"svc{(n * count + i) % services:03d}", id=f"{node}:{cid[:12]}:{port}",
+            node=node, address=source_ip(n), port=port, tags=("blue", "v2"),
+            meta={"team": "payments", "zone": "eu-west-1a"}, container_id=cid,
+            container_name=f"app-{n}-{i}", image="registry.local/app:1.2.3",
+            registered_at=time.time()))
+    return out
+
+
+def watched_services(n: int, k: int, services: int) -> list[str]:
+    if k <= 0:
+        return []  # everything (no filter)
+    rnd = random.Random(n)
+    return [HOT, *(f"svc{s:03d}" for s in sorted(rnd.sample(range(1, services), k - 1)))]
+
+
+# ================================================================ worker (one process, N hosts)
+
+_bind = threading.local()
+
+
+def _install_zk_source_binding() -> None:
+    """Every KazooClient opened while ``_bind.source`` is set connects from that address."""
+    from kazoo.handlers import utils as kutils
+    from kazoo.handlers.threading import SequentialThreadingHandler
+
+    import discovery.registry.zk as zkmod
+
+    class BoundHandler(SequentialThreadingHandler):  # type: ignore[misc]
+        def __init__(self, source: str) -> None:
+            super().__init__()
+            self.source = source
+
+        def create_connection(self, address: tuple[str, int], hostname: str | None = None,
+                              timeout: float | None = None, use_ssl: bool = False,
+                              **_kw: Any) -> socket.socket:
+            assert not use_ssl, "the fleet bench runs without TLS"
+            sock = socket.create_connection(address, timeout,
+                                            source_address=(self.source, 0))
+            kutils._set_default_tcpsock_options(socket, sock)
+            return sock
+
+    original = zkmod.zk_client_options
+
+    def options(url: Any, secrets: Any) -> dict[str, Any]:
+        out = original(url, secrets)
+        source = getattr(_bind, "source", None)
+        if source:
+            out["handler"] = BoundHandler(source)
+        return out
+
+    zkmod.zk_client_options = options  # type: ignore[assignment]
+
+
+class Host:
+    def __init__(self, n: int, url: str, args: argparse.Namespace) -> None:
+        self.n, self.url, self.args = n, url, args
+        self.node = f"h{n:05d}"
+        self.instances = host_instances(n, args.instances, args.services)
+        self.watched = watched_services(n, args.watch_services, args.services)
+        self.catalog = Catalog()
+        self.agent: Registry | None = None
+        self.reader: Registry | None = None
+        self.watch: Any = None
+        self.arm: Callable[[Catalog], bool] | None = None
+        self.hit: float | None = None
+        self.lock = threading.Lock()
+        self.reconciles = self.reconcile_errors = self.reregistered = 0
+
+    def start(self) -> None:
+        _bind.source = source_ip(self.n)
+        try:
+            self.agent = open_registry(self.url, ttl=self.args.ttl)
+            self.reader = open_registry(self.url, ttl=self.args.ttl)
+        finally:
+            _bind.source = None
+        for inst in self.instances:
+            self.agent.register(inst)
+        only = self.watched or None
+        snap = self.reader.snapshot(only)
+        self.catalog.load(snap)
+        self.watch = self.reader.watch(self.on_change, snap.revision, only)
+
+    def on_change(self, change: Change) -> None:
+        self.catalog.apply(change)
+        if self.arm is not None and self.hit is None:
+            self.check_hit()
+
+    def check_hit(self) -> None:
+        with self.lock:
+            if self.arm is not None and self.hit is None and self.arm(self.catalog):
+                self.hit = time.time()
+
+    def follows(self, service: str) -> bool:
+        return not self.watched or service in self.watched
+
+    def reconcile(self) -> None:
+        """What the agent's reconcile does with the registry: read this node's entries, write
+        what is missing."""
+        assert self.agent is not None
+        self.reconciles += 1
+        try:
+            have = self.agent.node_snapshot(self.node).instances
+            for inst in self.instances:
+                if inst.key not in have:
+                    self.agent.register(inst)
+                    self.reregistered += 1
+        except Exception:
+            self.reconcile_errors += 1
+
+    def close(self, revoke: bool) -> None:
+        for reg in (self.reader, self.agent):
+            if reg is not None:
+                with contextlib.suppress(Exception):
+                    reg.close(revoke=revoke)
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.hosts: dict[int, Host] = {}
+        self.stop = threading.Event()
+        self.heap: list[tuple[float, int]] = []
+        self.heap_lock = threading.Lock()
+        threading.Thread(target=self.reconcile_loop, daemon=True, name="reconciles").start()
+
+    def reconcile_loop(self) -> None:
+        while not self.stop.is_set():
+            with self.heap_lock:
+                due = self.heap[0][0] if self.heap else None
+            now = time.monotonic()
+            if due is None or due > now:
+                self.stop.wait(min(0.5, due - now) if due is not None else 0.5)
+                continue
+            with self.heap_lock:
+                _, n = heapq.heappop(self.heap)
+            host = self.hosts.get(n)
+            if host is None:
+                continue
+            host.reconcile()
+            with self.heap_lock:
+                heapq.heappush(self.heap, (time.monotonic() + jittered(self.args.resync), n))
+
+    def add(self, numbers: list[int], urls: dict[str, str]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        failed: list[tuple[int, str]] = []
+
+        def one(n: int) -> None:
+            host = Host(n, urls[str(n)], self.args)
+            try:
+                host.start()
+            except Exception as exc:
+                failed.append((n, f"{type(exc).__name__}: {exc}"[:300]))
+                host.close(revoke=True)
+                return
+            self.hosts[n] = host
+            with self.heap_lock:  # first reconcile spread over one period
+                heapq.heappush(self.heap, (time.monotonic()
+                                           + random.uniform(0, self.args.resync), n))
+
+        with ThreadPoolExecutor(max_workers=self.args.start_parallel) as pool:
+            list(pool.map(one, numbers))
+        return {"started": len(numbers) - len(failed), "failed": failed[:5],
+                "n_failed": len(failed), "took_s": round(time.monotonic() - t0, 2)}
+
+    def stats(self) -> dict[str, Any]:
+        per_host = []
+        for h in self.hosts.values():
+            b = k = full = node = 0
+            for reg in (h.agent, h.reader):
+                if reg is not None:
+                    c = reg.reads.counts()
+                    b, k, full, node = b + c.bytes, k + c.keys, full + c.full_reads, \
+                        node + c.node_reads
+            per_host.append([h.n, b, k, full, node, h.catalog.size()])
+        me = rss_kib(os.getpid())
+        return {"hosts": len(self.hosts), "reads": per_host,
+                "reconciles": sum(h.reconciles for h in self.hosts.values()),
+                "reconcile_errors": sum(h.reconcile_errors for h in self.hosts.values()),
+                "reregistered": sum(h.reregistered for h in self.hosts.values()),
+                "threads": threading.active_count(), "rss_kib": me.get("VmRSS", 0),
+                "cpu_ticks": cpu_ticks(os.getpid(), tree=False)}
+
+    def arm(self, kind: str, service: str, keys: list[list[str]]) -> dict[str, Any]:
+        wanted = [tuple(k) for k in keys]
+        if kind == "put":
+            def pred(cat: Catalog) -> bool:
+                return all(cat.get(k) is not None for k in wanted)  # type: ignore[arg-type]
+        else:
+            def pred(cat: Catalog) -> bool:
+                return all(cat.get(k) is None for k in wanted)  # type: ignore[arg-type]
+        armed = 0
+        for h in self.hosts.values():
+            with h.lock:
+                h.hit = None
+                h.arm = pred if h.follows(service) else None
+            armed += h.arm is not None
+        return {"armed": armed}
+
+    def collect(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        armed = [h for h in self.hosts.values() if h.arm is not None]
+        while time.monotonic() < deadline:
+            for h in armed:
+                if h.hit is None:
+                    h.check_hit()  # a change applied before arming, or a reset
+            if all(h.hit is not None for h in armed):
+                break
+            time.sleep(0.02)
+        hits = {str(h.n): h.hit for h in armed if h.hit is not None}
+        missing = [h.n for h in armed if h.hit is None]
+        for h in armed:
+            with h.lock:
+                h.arm = None
+        return {"hits": hits, "missing": missing}
+
+    def check(self, truth: dict[str, list[str]]) -> dict[str, Any]:
+        bad: list[int] = []
+        for h in self.hosts.values():
+            for svc in (h.watched or truth.keys()):
+                have = {i.id for i in h.catalog.instances(svc)}
+                if have != set(truth.get(svc, [])):
+                    bad.append(h.n)
+                    break
+        return {"hosts": len(self.hosts), "mismatched": len(bad), "examples": bad[:5]}
+
+    def quit(self, revoke: bool) -> dict[str, Any]:
+        self.stop.set()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(lambda h: h.close(revoke), self.hosts.values()))
+        return {"closed": len(self.hosts)}
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_nofile()
+    threading.stack_size(512 * 1024)
+    _install_zk_source_binding()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
+    w = Worker(args)
+    out = sys.stdout
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        try:
+            if cmd == "add":
+                reply = w.add(msg["hosts"], msg["urls"])
+            elif cmd == "stats":
+                reply = w.stats()
+            elif cmd == "arm":
+                reply = w.arm(msg["kind"], msg["service"], msg["keys"])
+            elif cmd == "collect":
+                reply = w.collect(msg["timeout"])
+            elif cmd == "check":
+                reply = w.check(msg["truth"])
+            elif cmd == "quit":
+                reply = w.quit(msg.get("revoke", True))
+                out.write(json.dumps(reply) + "\n")
+                out.flush()
+                return 0
+            else:
+                reply = {"error": f"unknown command {cmd}"}
+        except Exception:
+            reply = {"error": traceback.format_exc()[-2000:]}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    return 0
+
+
+# ================================================================ the parent side
+
+
+class WorkerProc:
+    """One worker process, spoken to over its stdin/stdout, stopped by its own pid."""
+
+    def __init__(self, args: argparse.Namespace, log: Path) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker",
+                "--ttl", str(args.ttl), "--resync", str(args.resync),
+                "--instances", str(args.instances), "--services", str(args.services),
+                "--watch-services", str(args.watch_services),
+                "--start-parallel", str(args.start_parallel)]
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, cwd=ROOT, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lock = threading.Lock()
+        self.count = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, cmd: str, **kw: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def recv(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.pid} exited ({self.proc.poll()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.pid}: {reply['error']}")
+        return reply
+
+    def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        with self.lock:
+            self.send(cmd, **kw)
+            return self.recv()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def quit(self, revoke: bool = True, timeout: float = 60.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send("quit", revoke=revoke)
+                self.proc.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            self.kill()
+        else:
+            self.log.close()
+
+
+def all_workers(workers: Sequence[WorkerProc], cmd: str, **kw: Any) -> list[dict[str, Any]]:
+    for w in workers:
+        with w.lock:
+            w.send(cmd, **kw)
+    return [w.recv() for w in workers]
+
+
+# ---------------------------------------------------------------- relays (etcd only)
+
+
+def free_port_block(count: int, start: int = 12000, stop: int = 32000) -> int:
+    """The first port p in [start, stop) with p .. p + count - 1 all bindable on 127.0.0.1
+    (below the ephemeral range, so no free_port() of another test picks one meanwhile)."""
+    base = start
+    while base + count <= stop:
+        ok = True
+        for p in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    base, ok = p + 1, False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no block of {count} free ports below {stop}")
+
+
+class Relay:
+    """One HAProxy in TCP mode: for host n and member m, 127.0.0.1:<port> → member m's
+    client port, from ``source_ip(n)``. Stopped by its own pid."""
+
+    def __init__(self, hosts: Sequence[int], targets: Sequence[int], work: Path) -> None:
+        self.targets = list(targets)
+        self.base = free_port_block(len(hosts) * len(targets))
+        self.ports: dict[int, list[int]] = {}
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        maxconn = max(1000, (hard - len(hosts) * len(targets) - 200) // 2)
+        lines = ["global", f"  maxconn {maxconn}", "  log stderr format short local0 err", "",
+                 "defaults", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
+                 "  timeout server 1h", "  timeout client-fin 1s",
+                 "  timeout server-fin 1s", "  retries 1", ""]
+        p = self.base
+        for n in hosts:
+            self.ports[n] = []
+            for m, target in enumerate(self.targets):
+                lines += [f"listen h{n}m{m}", f"  bind 127.0.0.1:{p}",
+                          f"  server m{m} 127.0.0.1:{target} source {source_ip(n)}", ""]
+                self.ports[n].append(p)
+                p += 1
+        self.cfg = work / "relay.cfg"
+        self.cfg.write_text("\n".join(lines))
+        self.log = (work / "relay.log").open("ab")
+        self.proc = subprocess.Popen([HAPROXY_BIN, "-db", "-f", str(self.cfg)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        last = self.ports[hosts[-1]][-1]
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay HAProxy exited {self.proc.returncode}: "
+                                   f"{(work / 'relay.log').read_text()[-1500:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", last), 1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("relay HAProxy not listening within 30 s")
+            time.sleep(0.1)
+
+    def url(self, n: int) -> str:
+        return "etcd://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[n]) + PREFIX
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+# ---------------------------------------------------------------- server-side counters
+
+_METRIC = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+ETCD_GAUGES = ("etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes",
+               "etcd_debugging_mvcc_keys_total", "etcd_debugging_mvcc_watcher_total",
+               "etcd_debugging_mvcc_watch_stream_total",
+               "etcd_network_client_grpc_sent_bytes_total",
+               "etcd_network_client_grpc_received_bytes_total",
+               "etcd_server_proposals_committed_total")
+#: what counts as a request: (metric, grpc_type)
+ETCD_REQUESTS = {("grpc_server_handled_total", "unary"),
+                 ("grpc_server_msg_received_total", "bidi_stream")}
+ZK_KEYS = ("zk_packets_received", "zk_packets_sent", "zk_num_alive_connections",
+           "zk_watch_count", "zk_znode_count", "zk_ephemerals_count",
+           "zk_approximate_data_size", "zk_outstanding_requests", "zk_avg_latency",
+           "zk_max_latency")
+
+
+def etcd_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
+    """Requests (unary handled + stream messages received, by method) and a few gauges."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {"requests": 0.0}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))
+        method = labels.get("grpc_method", "")
+        if (name, labels.get("grpc_type")) in ETCD_REQUESTS:
+            out["requests"] += value
+            out[f"req.{method}"] = out.get(f"req.{method}", 0.0) + value
+        elif name in ETCD_GAUGES:
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def zk_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"mntr")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    out: dict[str, float] = {}
+    for line in b"".join(chunks).decode(errors="replace").splitlines():
+        key, _, value = line.partition("\t")
+        if key in ZK_KEYS:
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    out["requests"] = out.get("zk_packets_received", 0.0)
+    return out
+
+
+class Servers:
+    """The cluster plus how to read each member's counters, pid, RSS and CPU."""
+
+    def __init__(self, backend: str, work: Path) -> None:
+        from tests.harness.servers import EtcdCluster, ZkEnsemble
+
+        self.backend = backend
+        self.cluster = (EtcdCluster(3, work / "etcd") if backend == "etcd"
+                        else ZkEnsemble(3, work / "zk"))
+
+    def counters(self) -> list[dict[str, float] | None]:
+        read = etcd_counters if self.backend == "etcd" else zk_counters
+        out: list[dict[str, float] | None] = []
+        for p in self.cluster.client_ports:
+            try:
+                out.append(read(p))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
+
+    def pids(self) -> list[int | None]:
+        return [p.popen.pid if p.running and p.popen else None for p in self.cluster.procs]
+
+    def usage(self) -> dict[str, Any]:
+        pids = self.pids()
+        return {"rss_mib": [round(rss_kib(p).get("VmRSS", 0) / 1024, 1) if p else None
+                            for p in pids],
+                "ticks": [cpu_ticks(p, tree=False) if p else None for p in pids]}
+
+
+def total(counts: Sequence[dict[str, float] | None], key: str = "requests") -> float:
+    return sum((c or {}).get(key, 0.0) for c in counts)
+
+
+class RateSampler:
+    """Server request totals every ``interval`` s in a thread (restarts reset a member's
+    counters: a drop counts as a restart from 0)."""
+
+    def __init__(self, servers: Servers, interval: float = 0.5) -> None:
+        self.servers, self.interval = servers, interval
+        self.samples: list[tuple[float, float]] = []  # (time, cumulative requests)
+        self._last: list[dict[str, float] | None] = [None] * 3
+        self._acc: dict[str, float] = {}
+        self.by_method: list[dict[str, float]] = []
+        self.peak_from: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RateSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.time()
+            for i, c in enumerate(self.servers.counters()):
+                if c is None:
+                    continue
+                last = self._last[i]
+                for key, v in c.items():
+                    if key != "requests" and not key.startswith("req."):
+                        continue
+                    before = None if last is None else last.get(key)
+                    self._acc[key] = self._acc.get(key, 0.0) + (
+                        v if before is None or v < before else v - before)
+                self._last[i] = c
+            self.samples.append((t, self._acc.get("requests", 0.0)))
+            self.by_method.append(dict(self._acc))
+            self._stop.wait(self.interval)
+
+    def methods_between(self, t0: float, t1: float) -> dict[str, float]:
+        """Requests per method between the samples nearest ``t0`` and ``t1``."""
+        i = min(range(len(self.samples)), key=lambda k: abs(self.samples[k][0] - t0))
+        j = min(range(len(self.samples)), key=lambda k: abs(self.samples[k][0] - t1))
+        a, b = self.by_method[i], self.by_method[j]
+        return {k[4:]: round(b[k] - a.get(k, 0.0)) for k in b
+                if k.startswith("req.") and b[k] - a.get(k, 0.0) > 0}
+
+    def peak_per_s(self, since: float, window: float = 1.0) -> tuple[float, float | None]:
+        """(highest rate over any ``window`` s or more ending after ``since``, when): for each
+        sample, the rate since the latest sample at least ``window`` s before it."""
+        s = self.samples
+        best, when = 0.0, None
+        k = 0
+        for i in range(len(s)):
+            if s[i][0] < since:
+                continue
+            while k + 1 < i and s[i][0] - s[k + 1][0] >= window:
+                k += 1
+            dt = s[i][0] - s[k][0]
+            if dt >= window:
+                rate = (s[i][1] - s[k][1]) / dt
+                if rate > best:
+                    best, when, self.peak_from = rate, s[i][0], s[k][0]
+        return best, when
+
+
+# ---------------------------------------------------------------- client-side bytes (kernel)
+
+
+def socket_bytes(server_ports: Iterable[int]) -> dict[str, list[int]]:
+    """Per fleet source address: [connections, bytes sent, bytes received] over every
+    established TCP connection from 127.20.0.0/16 to one of ``server_ports`` (tcp_info)."""
+    ports = {str(p) for p in server_ports}
+    out = subprocess.run(["ss", "-tinH", "state", "established", "src", "127.20.0.0/16"],
+                         capture_output=True, text=True, timeout=30).stdout
+    res: dict[str, list[int]] = {}
+    current: str | None = None
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            parts = line.split()
+            local, peer = parts[-2], parts[-1]
+            current = local.rsplit(":", 1)[0] if peer.rsplit(":", 1)[1] in ports else None
+            continue
+        if current is None:
+            continue
+        sent = re.search(r"bytes_sent:(\d+)", line)
+        recv = re.search(r"bytes_received:(\d+)", line)
+        row = res.setdefault(current, [0, 0, 0])
+        row[0] += 1
+        row[1] += int(sent.group(1)) if sent else 0
+        row[2] += int(recv.group(1)) if recv else 0
+        current = None
+    return res
+
+
+def bytes_delta(before: dict[str, list[int]], after: dict[str, list[int]]
+                ) -> dict[str, tuple[int, int]]:
+    return {ip: (a[1] - before.get(ip, [0, 0, 0])[1], a[2] - before.get(ip, [0, 0, 0])[2])
+            for ip, a in after.items()}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _r(v: float | None, d: int = 2) -> float | None:
+    return None if v is None else round(v, d)
+
+
+def dist(values: Sequence[float]) -> dict[str, float | None]:
+    return {"p50": _r(percentile(values, 0.5)), "p99": _r(percentile(values, 0.99)),
+            "max": _r(max(values)) if values else None, "min": _r(min(values)) if values else None}
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, backend: str, work: Path,
+                 report: Report) -> None:
+        self.args, self.backend, self.work, self.report = args, backend, work, report
+        self.servers = Servers(backend, work)
+        self.relay: Relay | None = None
+        self.proxy: Any = None
+        self.workers: list[WorkerProc] = []
+        self.hosts: list[int] = []
+        self.samples: dict[str, Any] = {}
+        self.writer: Registry | None = None
+        self.probe_seq = 0
+
+    # -- set-up / tear-down
+
+    def start(self) -> None:
+        say(f"{self.backend}: starting a 3-member cluster")
+        self.servers.cluster.start()
+        if self.backend == "etcd":
+            every = list(range(max(self.args.sizes))) + [
+                VICTIM_BASE + 10 * k for k in range(len(self.args.sizes))]
+            targets = self.servers.cluster.client_ports
+            if self.args.grpc_proxy:
+                from tests.harness.fleet import EtcdGrpcProxy
+
+                self.proxy = EtcdGrpcProxy(self.servers.cluster, self.work / "proxy").start()
+                targets = [self.proxy.port]
+            say(f"etcd: relay HAProxy with {len(every) * len(targets)} ports (one source "
+                "address per host)")
+            self.relay = Relay(every, targets, self.work)
+        self.writer = open_registry(self.direct_url(), ttl=self.args.ttl, timeout=15.0)
+        self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log")
+                        for i in range(self.args.workers)]
+
+    def direct_url(self) -> str:
+        return self.servers.cluster.url(PREFIX)
+
+    def url_of(self, n: int) -> str:
+        if self.relay is not None:
+            return self.relay.url(n)
+        return self.direct_url()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.quit(revoke=True)
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        if self.relay is not None:
+            self.relay.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.servers.cluster.stop()
+
+    def server_ports(self) -> list[int]:
+        ports = list(self.servers.cluster.client_ports)
+        if self.proxy is not None:
+            ports.append(self.proxy.port)
+        return ports
+
+    # -- phases
+
+    def grow(self, size: int) -> None:
+        new = list(range(len(self.hosts), size))
+        if not new:
+            return
+        say(f"{self.backend}: adding {len(new)} hosts ({len(self.hosts)} → {size})")
+        t0 = time.monotonic()
+        load0 = self.servers.usage()
+        replies: list[dict[str, Any]] = []
+        chunks = [new[i::len(self.workers)] for i in range(len(self.workers))]
+        for w, chunk in zip(self.workers, chunks, strict=True):
+            with w.lock:
+                w.send("add", hosts=chunk, urls={str(n): self.url_of(n) for n in chunk})
+        for w in self.workers:
+            replies.append(w.recv())
+        took = time.monotonic() - t0
+        failed = sum(r["n_failed"] for r in replies)
+        if failed:
+            raise RuntimeError(f"{failed} hosts did not start: "
+                               f"{[r['failed'] for r in replies if r['failed']]}")
+        self.hosts += new
+        load1 = self.servers.usage()
+        self.report.emit({"name": "fleet_grow", "backend": self.backend, "size": size,
+                          "added": len(new), "took_s": round(took, 1),
+                          "server_cpu_pct": self._cpu_pct(load0, load1, took)})
+
+    def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
+        return [None if x is None or y is None or y < x
+                else round(100 * (y - x) / CLK_TCK / wall, 1)
+                for x, y in zip(a["ticks"], b["ticks"], strict=True)]
+
+    def steady(self, size: int) -> dict[str, Any]:
+        say(f"{self.backend} {size}: settling {self.args.settle:g}s, then steady state for "
+            f"{self.args.steady:g}s")
+        time.sleep(self.args.settle)
+        ports = self.server_ports()
+        c0, b0, u0 = self.servers.counters(), socket_bytes(ports), self.servers.usage()
+        relay0 = cpu_ticks(self.relay.pid, tree=False) if self.relay else 0
+        proxy0 = cpu_ticks(self.proxy.pid, tree=False) if self.proxy and self.proxy.pid else 0
+        s0 = all_workers(self.workers, "stats")
+        t0 = time.monotonic()
+        time.sleep(self.args.steady)
+        wall = time.monotonic() - t0
+        c1, b1, u1 = self.servers.counters(), socket_bytes(ports), self.servers.usage()
+        s1 = all_workers(self.workers, "stats")
+        relay_cpu = (round(100 * (cpu_ticks(self.relay.pid, tree=False) - relay0) / CLK_TCK
+                           / wall, 1) if self.relay else None)
+        proxy_cpu = (round(100 * (cpu_ticks(self.proxy.pid, tree=False) - proxy0) / CLK_TCK
+                           / wall, 1) if self.proxy and self.proxy.pid else None)
+        n = len(self.hosts)
+        req = total(c1) - total(c0)
+        methods = sorted({k for c in c1 if c for k in c if k.startswith("req.")})
+        by_method = {m[4:]: round((total(c1, m) - total(c0, m)) / wall / n, 4) for m in methods
+                     if total(c1, m) - total(c0, m) > 0}
+        delta = bytes_delta(b0, b1)
+        fleet_ips = {source_ip(h) for h in self.hosts}
+        sent = [delta.get(ip, (0, 0))[0] / wall for ip in fleet_ips]
+        recv = [delta.get(ip, (0, 0))[1] / wall for ip in fleet_ips]
+        r0 = {row[0]: row for s in s0 for row in s["reads"]}
+        read_b = [(row[1] - r0.get(row[0], [0, 0])[1]) / wall for s in s1 for row in s["reads"]]
+        read_k = [(row[2] - r0.get(row[0], [0, 0, 0])[2]) / wall for s in s1 for row in s["reads"]]
+        conns = sum(v[0] for ip, v in b1.items() if ip in fleet_ips)
+        gauges = {k: total(c1, k) for k in (*ETCD_GAUGES, *ZK_KEYS)
+                  if any(c and k in c for c in c1)}
+        row = {"name": "fleet_steady", "backend": self.backend, "size": size,
+               "window_s": round(wall, 1),
+               "requests_per_s_per_host": round(req / wall / n, 4),
+               "requests_per_s_total": round(req / wall, 1),
+               "requests_by_method_per_s_per_host": by_method,
+               "client_sent_bytes_per_s_per_host": dist(sent),
+               "client_received_bytes_per_s_per_host": dist(recv),
+               "client_bytes_per_s_per_host_mean": round((sum(sent) + sum(recv)) / n, 1),
+               "reads_bytes_per_s_per_host": dist(read_b),
+               "reads_keys_per_s_per_host": dist(read_k),
+               "reads_bytes_per_s_per_host_mean": round(sum(read_b) / n, 1),
+               "connections": conns,
+               "reconciles": sum(s["reconciles"] for s in s1) - sum(s["reconciles"] for s in s0),
+               "reconcile_errors": sum(s["reconcile_errors"] for s in s1),
+               "reregistered": sum(s["reregistered"] for s in s1),
+               "server_rss_mib": u1["rss_mib"],
+               "server_cpu_pct": self._cpu_pct(u0, u1, wall),
+               "relay_cpu_pct": relay_cpu, "proxy_cpu_pct": proxy_cpu,
+               "relay_rss_mib": round(rss_kib(self.relay.pid).get("VmRSS", 0) / 1024, 1)
+               if self.relay else None,
+               "worker_rss_mib": [round(s["rss_kib"] / 1024) for s in s1],
+               "worker_threads": [s["threads"] for s in s1],
+               "server": gauges, "host_loadavg": list(os.getloadavg())}
+        return self.report.emit(row)
+
+    def _arm(self, kind: str, service: str, keys: list[tuple[str, str]]) -> int:
+        return sum(r["armed"] for r in all_workers(self.workers, "arm", kind=kind,
+                                                    service=service, keys=keys))
+
+    def _collect(self, timeout: float, t0: float) -> tuple[list[float], list[int]]:
+        replies = all_workers(self.workers, "collect", timeout=timeout)
+        lat = [(t - t0) * 1000 for r in replies for t in r["hits"].values()]
+        missing = [n for r in replies for n in r["missing"]]
+        return lat, missing
+
+    def probe(self, seq: int) -> Instance:
+        cid = f"{seq:08x}".ljust(64, "f")
+        return Instance(service=HOT, id=f"probe:{cid[:12]}:{9000 + seq % 1000}", node="probe",
+                        address="127.0.0.1", port=9000 + seq % 1000, container_id=cid,
+                        registered_at=time.time())
+
+    def changes(self, size: int) -> dict[str, Any]:
+        assert self.writer is not None
+        ports = self.server_ports()
+        lat_all: list[float] = []
+        per_change = []
+        missing_total = 0
+        b0 = socket_bytes(ports)
+        for i in range(self.args.changes):
+            if i % 2 == 0:
+                self.probe_seq += 1
+                inst = self.probe(self.probe_seq)
+                armed = self._arm("put", HOT, [inst.key])
+                t0 = time.time()
+                self.writer.register(inst)
+            else:
+                armed = self._arm("gone", HOT, [inst.key])
+                t0 = time.time()
+                self.writer.deregister(inst.service, inst.id)
+            lat, missing = self._collect(self.args.change_timeout, t0)
+            lat_all += lat
+            missing_total += len(missing)
+            per_change.append({"kind": "put" if i % 2 == 0 else "delete", "armed": armed,
+                               "reached": len(lat), **dist(lat)})
+            time.sleep(self.args.change_gap)
+        b1 = socket_bytes(ports)
+        fleet_ips = {source_ip(h) for h in self.hosts}
+        delta = bytes_delta(b0, b1)
+        recv = sum(delta.get(ip, (0, 0))[1] for ip in fleet_ips)
+        wall_gap = self.args.changes * self.args.change_gap
+        self.samples.setdefault("change_latency_ms", {})[str(size)] = [round(x, 2)
+                                                                       for x in lat_all]
+        p99 = percentile(lat_all, 0.99)
+        expected = len(self.hosts) * self.args.changes
+        ok = len(lat_all) == expected and p99 <= self.args.target_change_ms
+        return self.report.emit({
+            "name": "fleet_change", "backend": self.backend, "size": size,
+            "n": len(lat_all), "expected": expected, "hosts_missed": missing_total,
+            "p50_ms": _r(percentile(lat_all, 0.5)), "p99_ms": _r(p99),
+            "max_ms": _r(max(lat_all)) if lat_all else None,
+            "per_change": per_change,
+            "received_bytes_per_change_all_hosts": round(recv / self.args.changes),
+            "received_bytes_per_change_per_host": round(recv / self.args.changes
+                                                        / len(self.hosts), 1),
+            "note_bytes": f"includes {wall_gap:g}s of steady traffic",
+            "target": f"every host, p99 <= {self.args.target_change_ms:g} ms", "pass": ok})
+
+    def death(self, size: int, k: int) -> dict[str, Any]:
+        victim = VICTIM_BASE + 10 * k
+        say(f"{self.backend} {size}: a host dies (SIGKILL of its process)")
+        w = WorkerProc(self.args, self.work / f"victim{k}.log")
+        try:
+            r = w.call("add", hosts=[victim], urls={str(victim): self.url_of(victim)})
+            if r["n_failed"]:
+                raise RuntimeError(f"victim did not start: {r['failed']}")
+            insts = host_instances(victim, self.args.instances, self.args.services)
+            hot = [i.key for i in insts if i.service == HOT]
+            self._arm("put", HOT, hot)
+            _, missing = self._collect(30, time.time())
+            if missing:
+                say(f"{len(missing)} hosts never saw the victim's {HOT} instance")
+            keys = [i.key for i in insts]
+            armed = sum(r["armed"] for r in all_workers(
+                self.workers, "arm", kind="gone", service=HOT, keys=keys))
+            t_kill = time.time()
+            w.kill()
+        except BaseException:
+            w.kill()
+            raise
+        lat, missing = self._collect(self.args.ttl + 15, t_kill)
+        limit = (self.args.ttl + 1) * 1000
+        worst = max(lat) if lat else None
+        self.samples.setdefault("death_ms", {})[str(size)] = [round(x, 1) for x in lat]
+        return self.report.emit({
+            "name": "fleet_host_death", "backend": self.backend, "size": size, "ttl_s":
+            self.args.ttl, "n": len(lat), "expected": armed, "hosts_missed": len(missing),
+            "p50_ms": _r(percentile(lat, 0.5)), "p99_ms": _r(percentile(lat, 0.99)),
+            "max_ms": _r(worst), "target": f"every host, <= TTL + 1 s ({limit:g} ms)",
+            "pass": bool(lat) and not missing and worst is not None and worst <= limit})
+
+    def truth(self) -> dict[str, list[str]]:
+        assert self.writer is not None
+        snap = self.writer.snapshot()
+        out: dict[str, list[str]] = {}
+        for (svc, iid) in snap.instances:
+            out.setdefault(svc, []).append(iid)
+        return out
+
+    def restart(self, size: int, steady_rate: float) -> dict[str, Any]:
+        assert self.writer is not None
+        say(f"{self.backend} {size}: full registry restart")
+        cluster = self.servers.cluster
+        with RateSampler(self.servers) as sampler:
+            time.sleep(2)
+            t_stop = time.time()
+            cluster.stop()
+            t_down = time.time()
+            cluster.start()
+            t_ready = time.time()
+            self.probe_seq += 1
+            inst = self.probe(self.probe_seq)
+            armed = self._arm("put", HOT, [inst.key])
+            t_write = time.time()
+            self.writer.register(inst)
+            t_written = time.time()
+            lat, missing = self._collect(self.args.resync_timeout, t_ready)
+            time.sleep(self.args.after_restart)
+        peak, when = sampler.peak_per_s(t_ready - 0.5)
+        peak_methods = (sampler.methods_between(sampler.peak_from, when)
+                        if when is not None and sampler.peak_from is not None else {})
+        after = sampler.methods_between(t_ready, t_ready + 10)
+        # every host's catalog equals the registry's, for the services it follows
+        check = all_workers(self.workers, "check", truth=self.truth())
+        mismatched = sum(c["mismatched"] for c in check)
+        self.writer.deregister(inst.service, inst.id)
+        worst = max(lat) if lat else None
+        ratio = peak / steady_rate if steady_rate else None
+        self.samples.setdefault("restart_resync_ms", {})[str(size)] = [round(x, 1) for x in lat]
+        self.samples.setdefault("restart_rate", {})[str(size)] = [
+            [round(t - t_stop, 2), round(v)] for t, v in sampler.samples]
+        ok = (bool(lat) and not missing and worst is not None
+              and worst <= self.args.target_resync_s * 1000 and mismatched == 0
+              and ratio is not None and ratio <= self.args.target_peak_ratio)
+        return self.report.emit({
+            "name": "fleet_restart", "backend": self.backend, "size": size,
+            "stop_s": round(t_down - t_stop, 2), "down_to_serving_s": round(t_ready - t_down, 2),
+            "probe_write_s": round(t_written - t_write, 2),
+            "n": len(lat), "expected": armed, "hosts_missed": len(missing),
+            "resync_p50_ms": _r(percentile(lat, 0.5)), "resync_p99_ms": _r(percentile(lat, 0.99)),
+            "resync_max_ms": _r(worst), "catalogs_mismatched_after": mismatched,
+            "peak_requests_per_s": round(peak, 1),
+            "peak_at_s_after_serving": _r(when - t_ready if when else None, 1),
+            "steady_requests_per_s": round(steady_rate, 1),
+            "peak_over_steady": _r(ratio, 1),
+            "peak_window_requests_by_method": peak_methods,
+            "first_10s_requests_by_method_per_host": {
+                k: round(v / len(self.hosts), 2) for k, v in after.items()},
+            "target": f"every host within {self.args.target_resync_s:g} s; peak <= "
+                      f"{self.args.target_peak_ratio:g} x steady",
+            "pass": ok})
+
+    def run(self) -> None:
+        self.start()
+        for k, size in enumerate(self.args.sizes):
+            self.grow(size)
+            st = self.steady(size)
+            self.changes(size)
+            if not self.args.skip_death:
+                self.death(size, k)
+            if not self.args.skip_restart:
+                self.restart(size, st["requests_per_s_total"])
+                time.sleep(self.args.settle)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--backends", default="etcd,zk")
+    ap.add_argument("--sizes", default="250,500,1000",
+                    type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--workers", type=int, default=4, help="worker processes for the hosts")
+    ap.add_argument("--instances", type=int, default=10, help="instances per host")
+    ap.add_argument("--services", type=int, default=100)
+    ap.add_argument("--watch-services", type=int, default=5,
+                    help="services each host routes (0: all, no filter)")
+    ap.add_argument("--ttl", type=float, default=10.0, help="lease TTL / session timeout")
+    ap.add_argument("--resync", type=float, default=30.0, help="agent reconcile period")
+    ap.add_argument("--start-parallel", type=int, default=16,
+                    help="hosts a worker starts at once")
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--steady", type=float, default=30.0)
+    ap.add_argument("--changes", type=int, default=6)
+    ap.add_argument("--change-gap", type=float, default=1.0)
+    ap.add_argument("--change-timeout", type=float, default=10.0)
+    ap.add_argument("--resync-timeout", type=float, default=60.0)
+    ap.add_argument("--after-restart", type=float, default=5.0)
+    ap.add_argument("--target-change-ms", type=float, default=250.0)
+    ap.add_argument("--target-resync-s", type=float, default=10.0)
+    ap.add_argument("--target-peak-ratio", type=float, default=3.0)
+    ap.add_argument("--skip-death", action="store_true")
+    ap.add_argument("--skip-restart", action="store_true")
+    ap.add_argument("--grpc-proxy", action="store_true",
+                    help="etcd: hosts reach the cluster through one etcd grpc-proxy")
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results")
+    ap.add_argument("--keep-logs", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    nofile = raise_nofile()
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # the bench's own client: only real trouble
+    install_signal_handlers()
+    report = Report()
+    code = 0
+    for backend in args.backends.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"discovery-fleet-{backend}-", dir="/tmp"))
+        mark = report.mark()
+        fleet = Fleet(args, backend, work, report)
+        t0 = time.monotonic()
+        failed = False
+        try:
+            fleet.run()
+        except Interrupted:
+            say("interrupted: cleaning up")
+            fleet.close()
+            return 130
+        except Exception:
+            say(f"{backend}: NOT MEASURED (all of it): {traceback.format_exc()[-3000:]}")
+            report.unmeasured.append(backend)
+            failed, code = True, 2
+        finally:
+            with contextlib.suppress(Exception):
+                fleet.close()
+        say(f"{backend}: took {time.monotonic() - t0:.0f}s; logs in {work}")
+        if not args.no_save and not failed:
+            fleet.samples["nofile_soft_limit"] = nofile
+            fleet.samples["workers"] = args.workers
+            report.save("fleet-proxy" if args.grpc_proxy else "fleet", backend, mark,
+                        fleet.samples)
+    if code == 0 and report.failed():
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
