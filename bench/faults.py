@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import logging
 import os
 import secrets
@@ -83,6 +84,8 @@ from tests.harness.servers import EtcdCluster, ServerCluster, TcpProxy, ZkEnsemb
 from tests.harness.util import free_port  # noqa: E402
 
 REGISTRY_BACK_WITHIN_S = 2.0  # partition / session expiry: instances back within 2 s of the link
+# SIGABRT makes a stuck agent or watcher write every thread's stack to its log
+FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
 
 
 def now() -> float:
@@ -132,7 +135,7 @@ class Load:
                 status, body = http_get(self.port, timeout=self.timeout)
                 if status != 200:
                     kind = f"HTTP {status}"
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # HTTPException: cut short
                 kind = type(exc).__name__
             t1 = now()
             with self._lock:
@@ -297,11 +300,12 @@ class Rig:
         self.agent = Daemon(discovery_cmd(
             "agent", "--registry", self._url([p.port for p in self.agent_proxies]),
             "--node", f"ft-{self.backend}-{self.token}", "--ttl", f"{args.ttl:g}"),
-            self.work / f"agent-{self.backend}.log").start()
+            self.work / f"agent-{self.backend}.log", env=FAULTHANDLER).start()
         stack.callback(self.agent.stop)
         self.port = free_port()
         self.watcher = Routed.watcher(self._url([p.port for p in self.watcher_proxies]),
                                       {self.service: self.port}, self.work)
+        self.watcher.env.update(FAULTHANDLER)
         self.watcher.start()
         stack.callback(self.watcher.close)
         self.watcher.wait_ready([self.port])
@@ -346,6 +350,16 @@ class Rig:
                    and self.load.window(now() - 1.0, now())["requests"] > 0, timeout,
                    f"{self.backend}: 1 s without a failed request", interval=0.2)
 
+    def unstick(self) -> str:
+        """Not steady before a fault: SIGABRT the agent (its threads' stacks go to its log),
+        start it again and wait for steady. Returns what was done, for the next row."""
+        say(f"{self.backend}: not steady; SIGABRT to the agent (stacks in "
+            f"{self.agent.log_path.name}) and a new one")
+        self.agent.stop(signal.SIGABRT, timeout=10.0)
+        self.agent.start()
+        self.steady(60.0)
+        return "the agent did not recover from the previous fault: SIGABRTed and restarted"
+
     def close(self) -> None:
         self.stack.close()
 
@@ -389,19 +403,26 @@ def f_cluster_down(rig: Rig) -> Fault:
 
 
 def _agent_links(rig: Rig, how: Callable[[TcpProxy], contextlib.AbstractContextManager[None]],
-                 window: float, what: str) -> Fault:
-    """Every link of the agent (to each member) stalled or refused for ``window`` s."""
+                 window: float, what: str, start_one: bool = False) -> Fault:
+    """Every link of the agent (to each member) stalled or refused for ``window`` s; with
+    ``start_one``, a container is started 1 s into it (its registration waits for the link)."""
     t0 = now()
+    notes: dict[str, Any] = {"cut_s": window, "how": what}
     with contextlib.ExitStack() as stack:
         for p in rig.agent_proxies:
             stack.enter_context(how(p))
+        if start_one:
+            sleep_until(t0 + 1.0)
+            notes["started_meanwhile"] = rig.add_container("-cut")
         sleep_until(t0 + window)
-    return Fault(t0, now(), {"cut_s": window, "how": what})
+    return Fault(t0, now(), notes)
 
 
 def f_agent_partition(rig: Rig) -> Fault:
-    """The agent's links to every member stall (no reset: a partition) for TTL + 3 s."""
-    return _agent_links(rig, TcpProxy.stalled, rig.args.ttl + 3.0, "stalled links (no reset)")
+    """The agent's links to every member stall (no reset: a partition) for TTL + 3 s; a
+    container is started meanwhile."""
+    return _agent_links(rig, TcpProxy.stalled, rig.args.ttl + 3.0, "stalled links (no reset)",
+                        start_one=True)
 
 
 def f_session_expiry(rig: Rig) -> Fault:
@@ -571,7 +592,8 @@ FAULTS: dict[str, Spec] = {
     "leader-kill": Spec("leader SIGKILL, back after 6 s", f_leader_kill),
     "session-expiry": Spec("the agent's session expired", f_session_expiry, backends=("zk",),
                            registry_back_within=REGISTRY_BACK_WITHIN_S),
-    "agent-partition": Spec("agent cut off from the registry for TTL + 3 s",
+    "agent-partition": Spec("agent cut off from the registry for TTL + 3 s, a container "
+                            "started meanwhile",
                             f_agent_partition, registry_back_within=REGISTRY_BACK_WITHIN_S),
     "cluster-down": Spec("whole cluster down 15 s, a container started meanwhile",
                          f_cluster_down),
@@ -585,8 +607,10 @@ DOCKERD_FAULTS = ("dockerd-restart", "dockerd-restart-live-restore")
 # --------------------------------------------------------------------------- measuring
 
 
-def measure(rig: Rig, name: str, spec: Spec, report: Report) -> dict[str, Any]:
-    """Inject ``name``, wait for the recovery, emit its row."""
+def measure(rig: Rig, name: str, spec: Spec, report: Report, before_note: str = ""
+            ) -> dict[str, Any]:
+    """Inject ``name``, wait for the recovery, emit its row (``before_note``: what had to be
+    done to make the rig steady first)."""
     args = rig.args
     before = rig.expected_ids()
     host = HostLoad().start()
@@ -660,7 +684,7 @@ def measure(rig: Rig, name: str, spec: Spec, report: Report) -> dict[str, Any]:
                                                   - cpu0.system) / max(t_end - fault.t_inject,
                                                                        1e-9), 1),
         "other_containers": others, **host.read(), **fault.notes,
-        "target": target, "pass": ok})
+        **({"before": before_note} if before_note else {}), "target": target, "pass": ok})
     rig.samples[name] = {
         "failure_times_s": window["failure_times_s"],
         "registry_missing": [(round(t - fault.t_inject, 2),
@@ -686,8 +710,12 @@ def run_backend(args: argparse.Namespace, backend: str, names: list[str], work: 
                 code = 2
                 continue
             try:
-                rig.steady()
-                measure(rig, name, FAULTS[name], report)
+                before = ""
+                try:
+                    rig.steady()
+                except Unmeasured:
+                    before = rig.unstick()
+                measure(rig, name, FAULTS[name], report, before)
             except (Unmeasured, DiscoveryError, docker.errors.DockerException, OSError,
                     RuntimeError) as exc:
                 say(f"{backend} {name}: NOT MEASURED: {exc}")
