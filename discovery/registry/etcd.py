@@ -76,7 +76,7 @@ class EtcdRegistry:
         self.decoder = Decoder(url)
         self.reads = ReadStats()
         self._root = f"{url.prefix}/services/"
-        self._where = ",".join(f"{h}:{p}" for h, p in url.hosts)
+        self.where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
         endpoints = [
@@ -88,7 +88,7 @@ class EtcdRegistry:
         # No user/password here: pyetcd would authenticate once, now; EtcdAuth does it lazily.
         self.client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
-        self._auth = EtcdAuth(self.client, secrets, self._where)
+        self.auth = EtcdAuth(self.client, secrets, self.where)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
@@ -116,13 +116,13 @@ class EtcdRegistry:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
                 raise RegistryError(f"etcd registry {self.url} is closed")
             try:
-                self._auth.ensure()
+                self.auth.ensure()
                 result = fn()
             except _TRANSIENT as exc:
                 if time.monotonic() + delay >= deadline:
-                    self._set_state(False)
+                    self.set_state(False)
                     raise RegistryUnavailable(
-                        f"etcd at {self._where}: {what} failed, no member answered within "
+                        f"etcd at {self.where}: {what} failed, no member answered within "
                         f"{self.timeout:g}s ({rpc_details(exc)})") from None
                 (self._closed if closing else self._closing).wait(delay)
                 delay = min(delay * 2, 0.5)
@@ -132,25 +132,25 @@ class EtcdRegistry:
                 details = exc.details() if hasattr(exc, "details") else str(exc)
                 if code == grpc.StatusCode.NOT_FOUND and "lease" in str(details):
                     raise _LeaseGone() from None
-                if not reauthenticated and self._auth.stale(exc):
+                if not reauthenticated and self.auth.stale(exc):
                     reauthenticated = True  # etcd forgot our token (restart, idle TTL)
                     continue
-                raise RegistryError(f"etcd at {self._where}: {what} failed: "
+                raise RegistryError(f"etcd at {self.where}: {what} failed: "
                                     f"{rpc_details(exc)}") from None
             except (etcd_exc.Etcd3Exception, ValueError) as exc:
-                raise RegistryError(f"etcd at {self._where}: {what} failed: {exc!r}") from None
-            self._set_state(True)
+                raise RegistryError(f"etcd at {self.where}: {what} failed: {exc!r}") from None
+            self.set_state(True)
             return result
 
-    def _set_state(self, up: bool) -> None:
+    def set_state(self, up: bool) -> None:
         with self._state_lock:
             if self._up == up:
                 return
             self._up = up
             if not up:
-                log.warning("etcd at %s unreachable", self._where)
+                log.warning("etcd at %s unreachable", self.where)
             elif up and self._lease is not None:
-                log.info("etcd at %s reachable again", self._where)
+                log.info("etcd at %s reachable again", self.where)
             for cb in list(self._listeners):
                 try:
                     cb(up)
@@ -239,7 +239,7 @@ class EtcdRegistry:
                     return
                 except _LeaseGone:
                     self._renew_lease(lease)
-            raise RegistryError(f"etcd at {self._where}: lease keeps expiring")
+            raise RegistryError(f"etcd at {self.where}: lease keeps expiring")
 
     def deregister(self, service: str, instance_id: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from pyetcd import etcdrpc
@@ -30,7 +30,10 @@ from discovery.registry.security import rpc_details
 from discovery.retry import backoff
 
 if TYPE_CHECKING:
-    from discovery.registry.etcd import EtcdRegistry
+    from discovery.registry.base import RegistryURL, Snapshot
+    from discovery.registry.decoder import Decoder
+    from discovery.registry.reads import ReadStats
+    from discovery.registry.security import EtcdAuth
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,27 @@ _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member los
 RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER = 0.1, 2.0, 1.0
 
 
+class WatchSource(Protocol):
+    """What a watch needs from its registry (``EtcdRegistry``): where and how to connect,
+    how to decode, and whom to tell that the connection came or went."""
+
+    url: RegistryURL
+    client: Any
+    auth: EtcdAuth
+    where: str
+    decoder: Decoder
+    reads: ReadStats
+
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot: ...
+
+    def set_state(self, up: bool) -> None: ...
+
+
 class EtcdWatch:
     """One background thread following the registry (or some services of it); ``stop()``
     ends it. ``services``: None for everything, else only those services' instances."""
 
-    def __init__(self, reg: EtcdRegistry, callback: ChangeCallback, start_revision: int,
+    def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None) -> None:
         self._reg, self._callback = reg, callback
         root = reg.url.services_root + "/"
@@ -95,10 +114,10 @@ class EtcdWatch:
         except Exception as exc:
             if self._stopped.is_set():
                 return
-            self._reg._set_state(False)
+            self._reg.set_state(False)
             if not self._failing:
                 log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                            self._reg._where, rpc_details(exc), self.revision + 1)
+                            self._reg.where, rpc_details(exc), self.revision + 1)
             self._failing = True
             raise
 
@@ -113,7 +132,7 @@ class EtcdWatch:
         The watchers are created one after the other, so each ``created`` answer names the
         range it is for (a gRPC proxy numbers watchers its own way)."""
         reg = self._reg
-        reg._auth.ensure()
+        reg.auth.ensure()
         channel = reg.client.channel  # the first endpoint not recently failed
         endpoint = reg.client.endpoint_in_use
         requests: queue.Queue[Any] = queue.Queue()
@@ -121,7 +140,7 @@ class EtcdWatch:
         ids: dict[int, str] = {}
         requests.put(self._create(pending[0]))
         stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
-                                                  metadata=_REQUIRE_LEADER + reg._auth.metadata())
+                                                  metadata=_REQUIRE_LEADER + reg.auth.metadata())
         with self._lock:
             self._stream = stream
         if self._stopped.is_set():
@@ -136,7 +155,7 @@ class EtcdWatch:
                     self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
                     return
                 if resp.canceled:
-                    if not self._reauth and reg._auth.stale(resp.cancel_reason):
+                    if not self._reauth and reg.auth.stale(resp.cancel_reason):
                         self._reauth = True  # our token expired: once, a new stream at once
                         return
                     raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
@@ -148,7 +167,7 @@ class EtcdWatch:
                     if pending:
                         requests.put(self._create(pending[0]))
                     else:
-                        reg._set_state(True)
+                        reg.set_state(True)
                         self._reauth = self._failing = False
                     continue
                 if rng is None:
@@ -162,7 +181,7 @@ class EtcdWatch:
                 return
             if exc.code() in _ENDPOINT_DOWN:
                 endpoint.fail()
-            reg._auth.stale(exc)
+            reg.auth.stale(exc)
             raise
         finally:
             requests.put(None)
