@@ -1,8 +1,7 @@
 """The agent: Docker's truth → health checks → only healthy instances in the registry.
 
-Writes happen only on transitions. Every ``resync`` seconds (and after every Docker
-reconnect) it reconciles Docker's truth with what the registry holds for this node,
-in both directions.
+Writes happen only on transitions. Every ``resync`` seconds (±10 %, and after every Docker
+reconnect) it reconciles Docker's truth with this node's entries, read alone, both ways.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
+from discovery.retry import jittered
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ class Agent:
     def run(self) -> None:
         """Run until :meth:`stop`, then deregister all this agent owns (unless told not to)."""
         try:
-            prior = self.registry.snapshot()
-            self._adopt = {k for k, i in prior.instances.items() if i.node == self.config.node}
+            self._adopt = set(self.registry.node_snapshot(self.config.node).instances)
             self.registry_connected = True
             self.metrics.registry_state(True)
             log.info("agent %s: %d instances of this node already registered",
@@ -76,7 +75,7 @@ class Agent:
         self.docker.start()
         try:
             while not self._stop.is_set():
-                self._wake.wait(self.config.resync)
+                self._wake.wait(jittered(self.config.resync))  # ±10 %: the fleet spreads out
                 self._wake.clear()
                 if self._stop.is_set():
                     break
@@ -231,6 +230,7 @@ class Agent:
             container_id=cid,
             container_name=str(attrs.get("Name", "")).lstrip("/"),
             image=str(attrs.get("Config", {}).get("Image", "")),
+            zone=spec.zone or self.config.zone,
         )
 
     def _skip(self, cid: str, name: str, exc: Exception) -> None:
@@ -350,7 +350,7 @@ class Agent:
             log.debug("reconcile skipped: Docker not listed yet")
             return
         try:
-            snap = self.registry.snapshot()
+            snap = self.registry.node_snapshot(self.config.node)  # only ours: see etcd_index
         except RegistryError as exc:
             log.warning("reconcile: registry unavailable (%s)", exc)
             return
