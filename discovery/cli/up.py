@@ -71,6 +71,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     from discovery.watcher.assemble import (
         HAProxySettings,
         assemble,
+        leave_haproxy,
         stop_haproxy,
         usable_state_dir,
     )
@@ -117,7 +118,14 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
 
     done = threading.Event()
 
-    on_signals(done.set)
+    leaving = threading.Event()  # SIGUSR2: registrations and HAProxy stay for a successor
+
+    def leave() -> None:
+        leaving.set()
+        leave_haproxy(watcher)
+        done.set()
+
+    on_signals(done.set, leave=leave)
     threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
                threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
     for t in threads:
@@ -128,7 +136,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         while not done.wait(0.5):
             pass
     finally:
-        agent.stop(revoke=True)
+        agent.stop(revoke=not leaving.is_set())
         watcher.stop()
         for t in threads:
             t.join(15)

@@ -187,10 +187,15 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
 
 def serve(watcher: Watcher, lookups: Lookups,
           on_hup: Callable[[], None] | None = None) -> None:
-    """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy."""
-    from discovery.watcher.assemble import stop_haproxy
+    """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy
+    (SIGUSR2: the same, but HAProxy is left serving for the next watcher, which adopts it)."""
+    from discovery.watcher.assemble import leave_haproxy, stop_haproxy
 
-    on_signals(watcher.stop, on_hup)
+    def leave() -> None:
+        leave_haproxy(watcher)
+        watcher.stop()
+
+    on_signals(watcher.stop, on_hup, leave)
     try:
         watcher.run()
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 from discovery.errors import ConfigError, DiscoveryError
 from discovery.metrics import Metrics
 from discovery.registry import open_registry
+from discovery.watcher.adopt import converge
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.core import Watcher
 from discovery.watcher.render import Renderer, RuntimePaths
@@ -61,11 +62,20 @@ def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
         router = Router(cfg, config_path, paths, control, haproxy_bin=haproxy.binary,
                         renderer=renderer)
         if control is None and not render_only and not haproxy.socket:
-            router.control = HAProxySupervisor(config_path, haproxy.state_dir.absolute(),
-                                               haproxy.binary, on_restart=router.reapply)
+            router.control = supervise(router, config_path, haproxy)
     return Watcher(open_registry(registry_url), router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
                    reload_min_interval=cfg.reload_min_interval, metrics=metrics)
+
+
+def supervise(router: Router, config_path: Path, haproxy: HAProxySettings) -> HAProxySupervisor:
+    """Our own HAProxy: re-applied after a restart, converged when adopted (watcher/adopt.py)."""
+    def on_adopt() -> bool:
+        return converge({name: t.slots() for name, t in router.tables.items()}, sup.runtime)
+
+    sup = HAProxySupervisor(config_path, haproxy.state_dir.absolute(), haproxy.binary,
+                            on_restart=router.reapply, on_adopt=on_adopt)
+    return sup
 
 
 def usable_state_dir(path: Path) -> None:
@@ -86,7 +96,17 @@ def usable_state_dir(path: Path) -> None:
 
 
 def stop_haproxy(watcher: Watcher) -> None:
-    """Stop the HAProxy this watcher runs itself (an external one is left alone)."""
+    """Stop the HAProxy this watcher runs itself (an external one is left alone; so is ours
+    after :func:`leave_haproxy`)."""
     control = watcher.router.control if watcher.router is not None else None
     if isinstance(control, HAProxySupervisor):
         control.stop()
+
+
+def leave_haproxy(watcher: Watcher) -> None:
+    """SIGUSR2: stop supervising our HAProxy and leave it serving for the next watcher of the
+    state dir, which adopts it (signal-handler safe)."""
+    control = watcher.router.control if watcher.router is not None else None
+    if isinstance(control, HAProxySupervisor):
+        control.leave()
+        log.info("leaving HAProxy (master %s) running for the next watcher", control.master_pid)

@@ -114,6 +114,8 @@ class Router:
         """Bring HAProxy in line with the catalog. ``only``: the services that changed since the
         last sync (None: all) — a change then costs the same whatever the catalog's size."""
         with self._lock:
+            if getattr(self.control, "handed_over", None) is not None:
+                return "none"  # another watcher drives this HAProxy now (watcher/adopt.py)
             if only is not None and self.structure_changed():
                 only = None
             desired = self.desired(catalog, only)

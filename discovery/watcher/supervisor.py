@@ -1,13 +1,16 @@
 """Running, validating, installing and reloading HAProxy.
 
-:class:`HAProxySupervisor` owns a master-worker HAProxy (``haproxy -W -S ...``) as a child
-process, reloads it through the master CLI and restarts it if the master dies.
-:class:`ExternalHAProxy` drives an HAProxy that someone else runs. Both offer ``runtime``,
-``reload()``, ``reload_count()`` and ``stop()`` (the :class:`HAProxyControl` protocol).
+:class:`HAProxySupervisor` owns a master-worker HAProxy (``haproxy -W -S ...``): it starts one,
+or adopts the one a previous watcher of the state dir left running (:mod:`.adopt`), reloads
+it through the master CLI, restarts it the moment its master dies (a pidfd wakes the monitor),
+and hands it over to a successor. :class:`ExternalHAProxy` drives an HAProxy that someone
+else runs. Both offer ``runtime``, ``reload()``, ``reload_count()`` and ``stop()`` (the
+:class:`HAProxyControl` protocol).
 
 The config must declare the admin socket with ``expose-fd listeners``, e.g.
 ``stats socket <state_dir>/admin.sock mode 600 level admin expose-fd listeners``: on a
-reload the new worker then takes the listening sockets over and no connection is refused.
+reload, and when a new master takes over with ``-x``, the new worker then takes the
+listening sockets over and no connection is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ from pathlib import Path
 from typing import Protocol
 
 from discovery.errors import HAProxyError, RenderError
-from discovery.files import write_atomic
 from discovery.retry import backoff, poll
+from discovery.watcher import adopt
+from discovery.watcher.adopt import Found, Owner, Watched
+from discovery.watcher.external import ExternalHAProxy, save_server_state, wait_worker
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 
+__all__ = ["ExternalHAProxy", "HAProxyControl", "HAProxySupervisor", "save_server_state",
+           "validate_config"]
 log = logging.getLogger(__name__)
+
 
 def validate_config(binary: str, path: str | Path, timeout: float = 20.0) -> None:
     """``haproxy -c -f path``; RenderError carrying HAProxy's own ALERT lines if invalid."""
@@ -54,27 +62,6 @@ def _strip_prefix(line: str) -> str:
     return rest if sep and head.startswith("[") else line
 
 
-def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
-    """Dump ``show servers state`` to ``path`` atomically (for ``server-state-file``).
-
-    HAProxy 2.6 restores admin state, weight and port from it at a reload, but the
-    address only for servers whose config line names a host (``localhost:1``), not an IP.
-    """
-    write_atomic(path, runtime.command("show servers state"))
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Poll until ``pid`` is gone (or a zombie: not our child, nobody reaps it here)."""
-
-    def gone() -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            return True
-
-    return poll(gone, timeout=timeout, interval=0.05)
-
-
 class HAProxyControl(Protocol):
     """What the watcher needs from an HAProxy, whoever runs it."""
 
@@ -88,42 +75,34 @@ class HAProxyControl(Protocol):
     def stop(self) -> None: ...
 
 
-def _wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: float) -> int:
-    """Poll ``show info`` on the admin socket until the answering pid satisfies ``ok``."""
-    last: list[object] = [None]
+class _HandedOver(HAProxyRuntime):
+    """The runtime API of an HAProxy another watcher now drives: every command is refused."""
 
-    def answered() -> int | None:
-        try:
-            pid = runtime.pid()
-        except (HAProxyError, KeyError, ValueError) as exc:
-            last[0] = exc
-            return None
-        last[0] = f"pid {pid}"
-        return pid if ok(pid) else None
-
-    pid = poll(answered, timeout=timeout)
-    if pid is None:
-        raise HAProxyError(f"{runtime.socket_path}: no new worker answered within "
-                           f"{timeout:g}s (last: {last[0]})")
-    return pid
+    def _connect(self, what: str) -> object:  # type: ignore[override]
+        raise HAProxyError(f"{what}: HAProxy was handed over to another watcher")
 
 
 class HAProxySupervisor:
-    """A master-worker HAProxy run as our child: start, reload, stop, restart on death.
+    """A master-worker HAProxy of one state dir: start or adopt, reload, stop or leave, restart.
 
     ``on_restart`` is called (from the monitor thread) after HAProxy was restarted because
-    its master died: every runtime change is lost then and must be re-applied. With
-    ``server_state_file`` (the config's ``server-state-file``), ``reload()`` first dumps
-    the servers' state there, so the new worker starts from it.
+    its master died: every runtime change is lost then and must be re-applied. ``on_adopt``
+    is called when :meth:`start` adopted a running master whose config is the installed one:
+    it brings the servers to the slot tables and returns False when only a reload can (see
+    :func:`.adopt.converge`). With ``server_state_file`` (the config's ``server-state-file``),
+    ``reload()`` first dumps the servers' state there, so the new worker starts from it.
+    :meth:`stop` soft-stops HAProxy (SIGUSR1: it finishes what it serves, at most
+    ``soft_stop_timeout`` seconds, then SIGTERM); :meth:`leave` leaves it serving.
     """
 
     def __init__(self, config: Path, state_dir: Path, binary: str = "haproxy", *,
-                 on_restart: Callable[[], None] | None = None, start_timeout: float = 15.0,
+                 on_restart: Callable[[], None] | None = None,
+                 on_adopt: Callable[[], bool] | None = None, start_timeout: float = 15.0,
                  backoff: tuple[float, float] = (0.2, 10.0),
-                 server_state_file: Path | None = None) -> None:
+                 server_state_file: Path | None = None, soft_stop_timeout: float = 3.0) -> None:
         self.config, self.state_dir, self.binary = Path(config), Path(state_dir), binary
-        self.on_restart = on_restart
-        self.start_timeout = start_timeout
+        self.on_restart, self.on_adopt = on_restart, on_adopt
+        self.start_timeout, self.soft_stop_timeout = start_timeout, soft_stop_timeout
         self.backoff = backoff
         self.server_state_file = server_state_file
         self.admin_socket = self.state_dir / "admin.sock"
@@ -133,87 +112,110 @@ class HAProxySupervisor:
         self.runtime = HAProxyRuntime(str(self.admin_socket))
         self.master = HAProxyMaster(str(self.master_socket))
         self.restarts = 0
-        self._popen: subprocess.Popen[bytes] | None = None
+        self.adopted = False  # the running master was left by an earlier watcher
+        self.handed_over: Owner | None = None  # another watcher drives HAProxy now
+        self.last_restart_ms: float | None = None  # master death -> new worker ready
+        self._proc: Watched | None = None
+        self._token = ""
+        self._left = False
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
         self._monitor: threading.Thread | None = None
 
     @property
     def master_pid(self) -> int | None:
-        p = self._popen
-        return p.pid if p is not None and p.poll() is None else None
+        p = self._proc
+        return p.pid if p is not None and p.alive() else None
 
     @property
     def running(self) -> bool:
-        return self.master_pid is not None
+        return self.handed_over is None and self.master_pid is not None
 
+    # ---- start: adopt what runs, or start (taking the sockets over) ---------------------------
     def start(self, validated: bool = False) -> None:
-        """Validate the config (unless the caller just did), start HAProxy, wait until both
-        sockets answer."""
+        """Adopt the HAProxy running on the state dir, or start one; return once it serves."""
         with self._lock:
+            if self.handed_over is not None:
+                raise HAProxyError("HAProxy was handed over to another watcher")
             if self.running:
                 return
             if not validated:
                 validate_config(self.binary, self.config)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._stopping.clear()
-            self._spawn()
+            self._left = False
+            found = adopt.survey(self.pid_file, self.master_socket, self.admin_socket)
+            if found is not None and found.master is not None and found.workers \
+                    and adopt.exe(found.master) == adopt.binary_path(self.binary):
+                self._adopt(found.master)
+            else:
+                self._spawn(found)
             if self._monitor is None or not self._monitor.is_alive():
                 self._monitor = threading.Thread(target=self._watch, daemon=True,
                                                  name=f"haproxy-monitor-{self.state_dir.name}")
                 self._monitor.start()
 
-    def _stop_stale(self) -> None:
-        """A master left by an earlier watcher of this state dir that was SIGKILLed (HAProxy runs
-        in its own session and outlives it): stop it, by its pid, before starting ours —
-        otherwise two HAProxies would listen on the same ports with different membership."""
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+    def _adopt(self, pid: int) -> None:
+        self._proc, self.adopted = Watched(pid), True
+        self._token = adopt.claim(self.state_dir, pid)
+        log.warning("adopted HAProxy master %d left running on %s by an earlier watcher",
+                    pid, self.state_dir)
+        if adopt.loaded_digest(self.state_dir) != adopt.digest(self.config):
+            log.info("the adopted HAProxy runs another config than %s: reloading", self.config)
+            self.reload()
             return
-        if not cmdline or Path(cmdline[0].decode(errors="replace")).name != Path(self.binary).name \
-                or str(self.master_socket).encode() not in b" ".join(cmdline):
-            return  # not ours: a recycled pid, or another HAProxy
-        log.warning("stopping HAProxy pid %d left by an earlier watcher of %s", pid,
-                    self.state_dir)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            if not _wait_gone(pid, 10.0):
-                os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid, 5.0)
+        try:
+            converged = self.on_adopt() if self.on_adopt is not None else True
+        except HAProxyError as exc:
+            log.warning("adopted HAProxy: %s; reloading", exc)
+            converged = False
+        if not converged:
+            self.reload()
 
-    def _spawn(self) -> None:
-        self._stop_stale()
+    def _spawn(self, takeover: Found | None) -> None:
+        """Start a master; with ``takeover`` (an HAProxy already serving here) take its
+        listening sockets with ``-x`` and soft-stop it once ours serves."""
         argv = [self.binary, "-W", "-S", f"{self.master_socket},mode,600",
                 "-f", str(self.config), "-p", str(self.pid_file)]
+        if takeover is not None:
+            argv += ["-x", str(self.admin_socket)]
         with open(self.log_file, "ab") as out:
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        self._popen = popen
+        self._proc, self.adopted = Watched(popen.pid, popen), False
         log.info("started HAProxy master pid %d: %s", popen.pid, " ".join(argv))
-        deadline = time.monotonic() + self.start_timeout
-        probe = HAProxyMaster(str(self.master_socket), connect_grace=0.0)
         try:
-            while True:
-                if popen.poll() is not None:
-                    raise HAProxyError(f"HAProxy exited with code {popen.returncode} at start: "
-                                       f"{self.log_tail()}")
-                try:
-                    workers = probe.worker_pids()
-                    if workers:
-                        _wait_worker(self.runtime, set(workers).__contains__,
-                                     max(0.1, deadline - time.monotonic()))
-                        return
-                except HAProxyError:
-                    if time.monotonic() >= deadline:
-                        raise
-                if time.monotonic() >= deadline:
-                    raise HAProxyError(f"HAProxy not ready within {self.start_timeout:g}s")
-                time.sleep(0.02)
+            self._wait_ready(popen)
         except HAProxyError:
-            self._kill(popen, timeout=5.0)
+            self._terminate(popen.pid, popen, soft=0.0, timeout=5.0)
             raise
+        adopt.note_loaded(self.state_dir, self.config)
+        self._token = adopt.claim(self.state_dir, popen.pid)  # an old watcher now lets go
+        if takeover is not None:
+            stopped = adopt.soft_stop(takeover.visible(), self.master_socket)
+            log.warning("took the listening sockets over from the HAProxy running on %s; "
+                        "soft-stopping its processes %s", self.state_dir,
+                        stopped or "(not visible here: its watcher lets go)")
+
+    def _wait_ready(self, popen: subprocess.Popen[bytes]) -> None:
+        """Ready: a worker of our master answers on the admin socket (its listeners are open
+        then). Only the admin socket is asked: during a takeover it may be shared with the old
+        worker (``-x`` hands it over too), whose answers do not count."""
+        started = time.monotonic()
+
+        def ours(pid: int) -> bool:
+            if popen.poll() is not None:
+                raise HAProxyError(f"HAProxy exited with code {popen.returncode} at start: "
+                                   f"{self.log_tail()}")
+            return adopt.parent(pid) == popen.pid
+
+        try:
+            wait_worker(self.runtime, ours, self.start_timeout, interval=0.005)
+        except HAProxyError as exc:
+            raise HAProxyError(f"HAProxy not ready within {self.start_timeout:g}s: {exc}: "
+                               f"{self.log_tail(3)}") from None
+        log.debug("HAProxy ready in %.0f ms", (time.monotonic() - started) * 1000)
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -222,6 +224,7 @@ class HAProxySupervisor:
             return ""
         return " | ".join(ln.strip() for ln in text.splitlines()[-lines:])
 
+    # ---- reload ----------------------------------------------------------------------------
     def reload(self, timeout: float = 15.0) -> None:
         """Seamless reload through the master CLI; returns once the new worker answers."""
         with self._lock:
@@ -234,9 +237,10 @@ class HAProxySupervisor:
                 proc = self.master.reload(timeout)
             except HAProxyError as exc:
                 raise HAProxyError(f"{exc} | {self.log_tail(5)}") from exc
+            adopt.note_loaded(self.state_dir, self.config)
             new = {p.pid for p in proc.workers}
-            _wait_worker(self.runtime, new.__contains__,
-                         max(0.5, timeout - (time.monotonic() - started)))
+            wait_worker(self.runtime, new.__contains__,
+                        max(0.5, timeout - (time.monotonic() - started)))
             log.info("HAProxy reloaded in %.0f ms (reload #%d)",
                      (time.monotonic() - started) * 1000, proc.master.reloads)
 
@@ -244,99 +248,106 @@ class HAProxySupervisor:
         """The current master's reload counter (``show proc``; restarts from 0 on restart)."""
         return self.master.reload_count()
 
+    # ---- stop, leave, hand over ------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop monitoring, then SIGTERM the master (by its pid), SIGKILL after ``timeout``."""
+        """Stop monitoring, then soft-stop the master (by its pid): SIGUSR1, SIGTERM after
+        ``soft_stop_timeout``, SIGKILL after ``timeout``. After :meth:`leave`, or once handed
+        over to a watcher that adopted it, HAProxy is left running."""
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         with self._lock:
-            if self._popen is not None:
-                self._kill(self._popen, timeout)
+            proc = self._proc
+            owner = self.handed_over
+            keep = self._left or (owner is not None and adopt.same_master(
+                owner, proc.pid if proc is not None else None))
+            if proc is not None and not keep:
+                self._terminate(proc.pid, proc.popen, self.soft_stop_timeout, timeout)
         monitor = self._monitor
         if monitor is not None and monitor is not threading.current_thread():
             monitor.join(timeout)
 
-    @staticmethod
-    def _kill(popen: subprocess.Popen[bytes], timeout: float) -> None:
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(popen.pid, signal.SIGTERM)
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("HAProxy master %d ignored SIGTERM; killing it", popen.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(popen.pid, signal.SIGKILL)
-                popen.wait(timeout)
+    def leave(self) -> None:
+        """Stop supervising and leave HAProxy serving for a successor (signal-handler safe)."""
+        self._left = True
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
+    def _terminate(self, pid: int, popen: subprocess.Popen[bytes] | None, soft: float,
+                   timeout: float) -> None:
+        def gone() -> bool:
+            return popen.poll() is not None if popen is not None else not adopt.alive(pid)
+
+        for sig, wait in ((signal.SIGUSR1, soft), (signal.SIGTERM, timeout),
+                          (signal.SIGKILL, timeout)):
+            if gone():
+                return
+            if sig == signal.SIGKILL:
+                log.warning("HAProxy master %d ignored SIGTERM; killing it", pid)
+            if wait > 0 or sig == signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                poll(gone, timeout=wait, interval=0.02)
+
+    def _handed_over(self) -> bool:
+        """Another watcher claimed this state dir: let go of HAProxy (soft-stopping our master
+        unless that watcher adopted it)."""
+        owner = adopt.claimed_by_other(self.state_dir, self._token) if self._token else None
+        if owner is None:
+            return False
+        with self._lock:
+            self.handed_over = owner
+            self.runtime = _HandedOver(str(self.admin_socket))
+            pid = self.master_pid
+            if pid is None or adopt.same_master(owner, pid):
+                log.warning("another watcher now drives the HAProxy of %s (master %s): "
+                            "letting go of it", self.state_dir, pid)
+            else:
+                log.warning("another watcher took the HAProxy of %s over: soft-stopping our "
+                            "master %d, no longer driving HAProxy", self.state_dir, pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+        return True
+
+    # ---- monitor ---------------------------------------------------------------------------
     def _watch(self) -> None:
-        while not self._stopping.wait(0.1):
-            popen = self._popen
-            if popen is None or popen.poll() is None:
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is None:
+                self._stopping.wait(0.25)
                 continue
-            log.warning("HAProxy master %d died (exit %s); restarting it",
-                        popen.pid, popen.returncode)
-            restarted = False
-            try:
-                for attempt in backoff((HAProxyError, OSError), stop_event=self._stopping,
-                                       initial=self.backoff[0], maximum=self.backoff[1],
-                                       what="restarting HAProxy", logger=log):
-                    with attempt, self._lock:
-                        if self._stopping.is_set() or self._popen is not popen:
-                            break
-                        self._spawn()
-                        self.restarts += 1
-                        restarted = True
-            except (HAProxyError, OSError):
-                return  # only when stopping: backoff() never gives up otherwise
-            if restarted and self.on_restart is not None:
+            ended = adopt.wait_ended(proc, self._wake_r, 0.25)
+            if self._stopping.is_set() or self._handed_over():
+                return
+            if ended and self._proc is proc:
+                self._restart(proc)
+
+    def _restart(self, dead: Watched) -> None:
+        died = time.monotonic()
+        log.warning("HAProxy master %d died (exit %s); restarting it", dead.pid,
+                    dead.returncode())
+        dead.close()
+        restarted = False
+        try:
+            for attempt in backoff((HAProxyError, OSError), stop_event=self._stopping,
+                                   initial=self.backoff[0], maximum=self.backoff[1],
+                                   what="restarting HAProxy", logger=log):
+                with attempt, self._lock:
+                    if self._stopping.is_set() or self._proc is not dead:
+                        break
+                    self._spawn(adopt.survey(self.pid_file, self.master_socket,
+                                             self.admin_socket))
+                    self.restarts += 1
+                    restarted = True
+        except (HAProxyError, OSError):
+            return  # only when stopping: backoff() never gives up otherwise
+        if restarted:
+            self.last_restart_ms = (time.monotonic() - died) * 1000
+            log.info("HAProxy serving again %.0f ms after its master died",
+                     self.last_restart_ms)
+            if self.on_restart is not None:
                 try:
                     self.on_restart()
                 except Exception:
                     log.exception("on_restart callback failed")
-
-
-class ExternalHAProxy:
-    """An HAProxy someone else runs: runtime API, and reload by command or master CLI.
-
-    ``reload_cmd`` is run without a shell (e.g. ``["systemctl", "reload", "haproxy"]``);
-    without it, ``master_socket`` must be given. ``reload_count()`` is the master's
-    counter when a master socket is known, else the number of reloads done by us.
-    """
-
-    def __init__(self, admin_socket: str | Path, reload_cmd: list[str] | None = None,
-                 master_socket: str | Path | None = None, timeout: float = 30.0,
-                 server_state_file: Path | None = None) -> None:
-        if not reload_cmd and master_socket is None:
-            raise HAProxyError("external HAProxy needs a reload command or a master socket")
-        self.runtime = HAProxyRuntime(str(admin_socket))
-        self.master = HAProxyMaster(str(master_socket)) if master_socket else None
-        self.reload_cmd = list(reload_cmd) if reload_cmd else None
-        self.timeout = timeout
-        self.server_state_file = server_state_file
-        self._reloads = 0
-
-    def reload(self) -> None:
-        old = self.runtime.pid()
-        if self.server_state_file is not None:
-            save_server_state(self.runtime, self.server_state_file)
-        if self.reload_cmd:
-            try:
-                proc = subprocess.run(self.reload_cmd, capture_output=True, text=True,
-                                      timeout=self.timeout, stdin=subprocess.DEVNULL,
-                                      check=False)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise HAProxyError(f"reload command {self.reload_cmd}: {exc}") from exc
-            if proc.returncode != 0:
-                out = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                raise HAProxyError(f"reload command {self.reload_cmd} exited "
-                                   f"{proc.returncode}: {' | '.join(out)}")
-        else:
-            assert self.master is not None
-            self.master.reload(self.timeout)
-        _wait_worker(self.runtime, lambda pid: pid != old, self.timeout)
-        self._reloads += 1
-
-    def reload_count(self) -> int:
-        return self.master.reload_count() if self.master is not None else self._reloads
-
-    def stop(self) -> None:
-        """Nothing to stop: this HAProxy is not ours."""

@@ -7,9 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -256,43 +254,8 @@ def test_once_unreachable_registry_exits_2(tmp_path):
 
 
 
-def test_watcher_sigkilled_then_restarted_leaves_one_haproxy(registry_url, reg, http_backends,
-                                                             tmp_path):
-    from tests.harness.agent import DiscoveryProcess
-
-    (a,) = http_backends("a")
-    reg.register(inst("web", 1, a.port))
-    listen = free_port()
-    state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
-    args = ["watch", "--registry", registry_url, "--service", f"web:{listen}",
-            "--state-dir", str(state)]
-    first = DiscoveryProcess(args, "watcher-1", tmp_path).start()
-    second = None
-    try:
-        wait_for(lambda: spread(listen, 2)["a"] == 2, 20, message="first watcher routes")
-        old_master = int((state / "haproxy.pid").read_text().split()[0])
-        first.kill()  # SIGKILL: its HAProxy (own session) survives it
-        assert Path(f"/proc/{old_master}").exists()
-        second = DiscoveryProcess(args, "watcher-2", tmp_path).start()
-        wait_for(lambda: "stopping HAProxy pid" in second.log(), 20,
-                 message="the stale HAProxy stopped")
-        wait_for(lambda: spread(listen, 2)["a"] == 2 and (state / "haproxy.pid").exists()
-                 and int((state / "haproxy.pid").read_text().split()[0]) != old_master, 20,
-                 message="the new watcher's HAProxy routes")
-
-        def gone() -> bool:
-            try:
-                stat = Path(f"/proc/{old_master}/stat").read_text()
-            except OSError:
-                return True
-            return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-        assert wait_for(gone, 10, message="the old master gone")
-    finally:
-        for proc in (first, second):
-            if proc is not None:
-                proc.terminate()
-        shutil.rmtree(state, ignore_errors=True)
+# A SIGKILLed watcher's HAProxy is adopted by the next watcher (never stopped, never two
+# masters): tests/integration/test_watcher_handover.py.
 
 
 def test_watch_drives_an_external_haproxy(registry_url, reg, http_backends, haproxy_factory,

@@ -1,0 +1,196 @@
+"""Watcher restarts and upgrades are hitless: the HAProxy a watcher leaves is adopted or taken
+over, never stopped under the apps' feet. Real watchers (processes), real HAProxy 2.6, real
+etcd / ZooKeeper; steady load of 4 clients, a new connection per request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import Registry, open_registry
+from discovery.watcher.adopt import alive, ours
+from tests.harness.agent import DiscoveryProcess
+from tests.harness.haproxy import HAPROXY_BIN, NamedBackend, http_get
+from tests.harness.load import SteadyLoad
+from tests.harness.servers import ServerCluster, unique_prefix
+from tests.harness.util import free_port, wait_for
+from tests.harness.watcher import spread
+
+pytestmark = pytest.mark.integration
+
+
+def inst(n: int, port: int) -> Instance:
+    return Instance(service="web", id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                    port=port)
+
+
+class Host:
+    """One host's state dir, the watchers started on it, and its routed port."""
+
+    def __init__(self, url: str, log_dir: Path) -> None:
+        self.url, self.log_dir = url, log_dir
+        self.state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))  # short socket paths
+        self.port = free_port()
+        self.started: list[DiscoveryProcess] = []
+
+    def watcher(self, *extra: str) -> DiscoveryProcess:
+        args = ["watch", "--registry", self.url, "--service", f"web:{self.port}",
+                "--state-dir", str(self.state), *extra]
+        proc = DiscoveryProcess(args, f"watcher-{len(self.started) + 1}", self.log_dir).start()
+        self.started.append(proc)
+        return proc
+
+    def master(self) -> int:
+        return int((self.state / "haproxy.pid").read_text().split()[0])
+
+    def masters(self) -> list[int]:
+        """Every live HAProxy master of this state dir (workers have a master as parent)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and alive(int(entry.name)) \
+                    and ours(int(entry.name), self.state / "master.sock"):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent = int(stat[1])
+                if not ours(parent, self.state / "master.sock"):
+                    found.append(int(entry.name))
+        return found
+
+    def routes(self, names: set[str]) -> bool:
+        return set(spread(self.port, 2 * len(names))) == names
+
+    def close(self) -> None:
+        for proc in self.started:
+            proc.terminate()
+        for pid in self.masters():  # a test that failed half-way: stop what it left, by pid
+            os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Callable[[str], Host]]:
+    made: list[Host] = []
+
+    def make(url: str) -> Host:
+        made.append(Host(url, tmp_path))
+        return made[-1]
+
+    yield make
+    for h in made:
+        for proc in h.started:
+            print(f"----- {proc.name} -----\n{proc.log()[-4000:]}")
+        h.close()
+
+
+class Routed:
+    """A host whose first watcher routes ``web`` to backend ``a``; ``reg`` writes instances."""
+
+    def __init__(self, host: Host, reg: Registry, backends: list[NamedBackend]) -> None:
+        self.host, self.reg, self.backends = host, reg, backends
+        self.first = host.watcher()
+        wait_for(lambda: host.routes({"a"}), 20, message="the first watcher routes")
+        self.master = host.master()
+
+
+@pytest.fixture
+def routed(request: pytest.FixtureRequest, http_backends, host) -> Iterator[Routed]:
+    """On etcd, or on ZooKeeper with ``@pytest.mark.parametrize("routed", ["zk"],
+    indirect=True)``; backends ``a`` and ``b`` are ``routed.backends``."""
+    server: ServerCluster = request.getfixturevalue(
+        "zk_single" if getattr(request, "param", "etcd") == "zk" else "etcd_single")
+    server.ensure_running()
+    url = server.url(unique_prefix())
+    backends = http_backends("a", "b")
+    reg = open_registry(url)
+    try:
+        reg.register(inst(1, backends[0].port))
+        yield Routed(host(url), reg, backends)
+    finally:
+        reg.close(revoke=True)
+
+
+@pytest.mark.parametrize("routed", ["zk"], indirect=True)
+def test_sigkilled_watcher_restarted_adopts_its_haproxy(routed):
+    h, b = routed.host, routed.backends[1]
+    with SteadyLoad(h.port) as load:
+        routed.first.kill()  # SIGKILL: HAProxy (its own session) keeps serving
+        routed.reg.register(inst(2, b.port))  # a change while no watcher runs
+        load.wait_more(300)
+        second = h.watcher()
+        wait_for(lambda: "adopted HAProxy master" in second.log(), 30,
+                 message="the new watcher adopts the running HAProxy")
+        wait_for(lambda: h.routes({"a", "b"}), 20, message="the missed change applied")
+        load.wait_more(300)
+    assert load.failed == 0, str(load)
+    assert h.master() == routed.master and h.masters() == [routed.master]  # never two
+    assert "reloaded" not in second.log()  # the runtime API brought it up to date
+
+
+def test_leave_signal_then_new_watcher(routed):
+    h = routed.host
+    with SteadyLoad(h.port) as load:
+        routed.first.signal(signal.SIGUSR2)
+        assert routed.first.wait(20) == 0
+        assert alive(routed.master)
+        load.wait_more(200)
+        second = h.watcher()
+        wait_for(lambda: "adopted HAProxy master" in second.log(), 30, message="adopted")
+        load.wait_more(300)
+    assert load.failed == 0, str(load)
+    assert h.masters() == [routed.master]
+
+
+def test_other_binary_takes_the_sockets_over(routed, tmp_path):
+    """A watcher with another HAProxy binary starts while the first still runs: it starts its
+    own master with -x (the listening sockets handed over), the old HAProxy soft-stops, the
+    first watcher lets go; then the first is stopped with SIGTERM, which must not stop the new
+    HAProxy."""
+    h, old = routed.host, routed.master
+    other = tmp_path / "haproxy-upgraded"
+    shutil.copy(HAPROXY_BIN, other)
+    with SteadyLoad(h.port) as load:
+        second = h.watcher("--haproxy-bin", str(other))
+        wait_for(lambda: "took the listening sockets over" in second.log(), 30,
+                 message="the takeover")
+        wait_for(lambda: not alive(old), 20, message="the old master soft-stopped")
+        wait_for(lambda: "another watcher" in routed.first.log(), 10,
+                 message="the first watcher lets go")
+        load.wait_more(200)
+        assert routed.first.terminate() == 0
+        load.wait_more(300)
+    assert load.failed == 0, str(load)
+    [new] = h.masters()
+    assert new != old and os.readlink(f"/proc/{new}/exe") == str(other)
+    assert f"-x {h.state / 'admin.sock'}" in second.log()
+
+
+def test_sigterm_still_stops_haproxy(routed):
+    assert routed.first.terminate() == 0
+    assert not alive(routed.master) and routed.host.masters() == []
+    with pytest.raises(OSError):
+        http_get(routed.host.port, timeout=1)
+
+
+def test_worker_crash_serves_again(routed):
+    h, master = routed.host, routed.master
+    worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
+
+    def served() -> bool:
+        try:
+            return http_get(h.port, timeout=1) == (200, "a")
+        except OSError:
+            return False
+
+    killed = time.monotonic()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(served, 2.0, interval=0.002, message="serving again within 2 s")
+    took = (time.monotonic() - killed) * 1000
+    wait_for(lambda: "serving again" in routed.first.log(), 10, message="the restart logged")
+    print(f"\nworker SIGKILL -> first 200 through the watcher's HAProxy: {took:.0f} ms")
