@@ -21,14 +21,16 @@ test: setup lint
 demo: setup
 	$(PY) scripts/demo.py
 
-# bench: the registration and routing benchmarks (bench/README.md), about 10 minutes; each
-# writes its raw results to bench/results/, then the tables of docs/benchmarks.md are
-# regenerated from them; a missed target (exit 1) does not stop the next benchmark. The DNS
-# and accept-queue benchmarks are run apart (bench/README.md).
+# bench: the registration, routing and fault-matrix benchmarks (bench/README.md), about 20
+# minutes; each writes its raw results to bench/results/, then the tables of
+# docs/benchmarks.md are regenerated from them; a missed target (exit 1) does not stop the next
+# benchmark. The DNS, deploy, accept-queue, fleet and footprint benchmarks, and faults.py's
+# dockerd restarts (--include-dockerd), are run apart (bench/README.md).
 bench: export DISCOVERY_BENCH := 1
 bench: setup
 	-$(PY) bench/registration.py
 	-$(PY) bench/routing.py
+	-$(PY) bench/faults.py
 	$(PY) scripts/gen_benchmarks.py
 
 clean:

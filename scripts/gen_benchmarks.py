@@ -291,6 +291,35 @@ def t_dns(results: dict[str, Result]) -> str:
                   "CPU µs/query user+sys (ours / dnsmasq)"], out) + note
 
 
+def _s(v: Any) -> str:
+    return "—" if v is None else f"{v:g} s"
+
+
+def t_faults(results: dict[str, Result]) -> str:
+    """bench/faults.py: one row per fault and backend."""
+    out = []
+    for backend in ("etcd", "zk"):
+        res = results.get(f"faults-{backend}")
+        for r in rows_of(res):
+            failed = f"{num(r['failed'])} / {num(r['requests'])}"
+            span = (f"{r['failed_from_s']:g} → {r['failed_until_s']:g} s" if r["failed"]
+                    else "—")
+            out.append([backend, r["what"], f"**{failed}**" if r["failed"] else failed, span,
+                        _s(r.get("serving_again_s")) if r["failed"] else "—",
+                        _s(r.get("registry_complete_s")), _s(r.get("routed_all_s")),
+                        num(r.get("missing_peak")), f"**{num(r.get('lost'))}**",
+                        num(r.get("stale")), num(r.get("host_cpu_busy_pct"), 0) + " %",
+                        r.get("target") or "—", verdict(r.get("pass"))])
+        for what in (res or {}).get("samples", {}).get("not_measured", []):
+            out.append([backend, f"_not measured_: {what}", *["—"] * 11])
+    if not out:
+        return missing("faults-etcd", "faults-zk")
+    return table(["backend", "fault", "failed / requests", "failing (after the fault)",
+                  "serving again after",
+                  "registry complete after the heal", "every instance served after the heal",
+                  "missing at worst", "lost", "stale", "host busy", "target", "result"], out)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         if isinstance(v, dict):
@@ -336,6 +365,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "scale-baseline": lambda results: t_scale(results, "scale-baseline-etcd"),
     "dns": t_dns,
     "dns-abuse": t_generic("dns-abuse-none"),
+    "faults": t_faults,
 }
 
 
