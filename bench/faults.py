@@ -475,11 +475,7 @@ def f_watcher_kill(rig: Rig) -> Fault:
     t0 = now()
     rig.watcher.stop(signal.SIGKILL)
     rig.watcher.start()
-    t_heal = now()
-    wait_until(lambda: (m := rig.watcher.haproxy_master_pid()) and m != old, 30.0,
-               "a new HAProxy master", interval=0.05)
-    return Fault(t0, t_heal, {"haproxy_master_before": old,
-                              "haproxy_master_after": rig.watcher.haproxy_master_pid()})
+    return Fault(t0, now(), {"haproxy_master_before": old})  # adopted: the same at the end
 
 
 def f_watcher_upgrade(rig: Rig) -> Fault:
@@ -491,13 +487,9 @@ def f_watcher_upgrade(rig: Rig) -> Fault:
     code = rig.watcher.stop(sig, timeout=30.0)
     exited = now() - t0
     rig.watcher.start()
-    t_heal = now()
-    wait_until(lambda: (m := rig.watcher.haproxy_master_pid()) and m != old, 30.0,
-               "the new watcher's HAProxy", interval=0.05)
-    return Fault(t0, t_heal, {"signal": sig.name, "old_exit_code": code,
-                              "old_exited_after_s": round(exited, 2),
-                              "haproxy_master_before": old,
-                              "haproxy_master_after": rig.watcher.haproxy_master_pid()})
+    return Fault(t0, now(), {"signal": sig.name, "old_exit_code": code,
+                             "old_exited_after_s": round(exited, 2),
+                             "haproxy_master_before": old})
 
 
 def f_haproxy_worker_kill(rig: Rig) -> Fault:
@@ -786,8 +778,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-ms", type=float, default=200.0,
                     help="added to every registry round trip (default 200)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
-    ap.add_argument("--upgrade-signal", default="TERM",
-                    help="how watcher-upgrade stops the old watcher (default TERM)")
+    ap.add_argument("--upgrade-signal", default="USR2",
+                    help="how watcher-upgrade stops the old watcher: USR2 (default) exits "
+                         "leaving HAProxy to the next watcher; TERM stops HAProxy too")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="after recovery, wait this long (and past TTL + 1.5 s from the fault) "
                          "before counting what is lost")
