@@ -106,6 +106,7 @@ def run_sidecar(
     group_add: bool = True,
     user: str | None = None,
     volumes: Mapping[str, str] | None = None,
+    rw_volumes: Mapping[str, str] | None = None,
     health_interval: float | None = None,
     name: str | None = None,
 ) -> Container:
@@ -113,7 +114,8 @@ def run_sidecar(
     [--group-add GID] IMAGE args...``; return the started Container.
 
     ``docker_socket=False`` mounts no socket (``watch`` needs none) and adds no group.
-    ``volumes`` maps host path -> container path (mounted read-only). ``health_interval``
+    ``volumes`` maps host path -> container path (mounted read-only; ``rw_volumes``: writable,
+    e.g. a state dir two sidecars share during an upgrade). ``health_interval``
     overrides the image's HEALTHCHECK interval (and start period) while keeping its command:
     Docker takes the test from the image when the container gives none.
     """
@@ -122,6 +124,8 @@ def run_sidecar(
         binds[DOCKER_SOCKET] = {"bind": DOCKER_SOCKET, "mode": "ro"}
     for host_path, container_path in (volumes or {}).items():
         binds[host_path] = {"bind": container_path, "mode": "ro"}
+    for host_path, container_path in (rw_volumes or {}).items():
+        binds[host_path] = {"bind": container_path, "mode": "rw"}
     host_config = client.api.create_host_config(
         network_mode="host",
         binds=binds,
