@@ -13,7 +13,7 @@ import click
 from discovery.cli.options import datacenter_option, http_token_option, registry_options
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
-from discovery.errors import DiscoveryError
+from discovery.errors import ConfigError, DiscoveryError
 from discovery.registry import mask_url
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
                    "run by one)")
 @click.option("--json-out", default=None, metavar="FILE",
               help="Write the catalog as JSON here, atomically, only when it changes")
+@click.option("--zone", envvar="DISCOVERY_ZONE", default=None, metavar="NAME",
+              help="This host's zone: route to its instances, spill over to other zones "
+                   "below zone_min_up (default [watcher] zone) [env DISCOVERY_ZONE]")
 @click.option("--wait", default=None, metavar="MIN:MAX",
               help="Quiescence window for bursts, e.g. 50ms:500ms (default from config)")
 @click.option("--dns", "dns", default=None, metavar="ADDR:PORT",
@@ -70,7 +73,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           config_file: str | None, state_dir: str,
           template: str | None, haproxy_bin: str, haproxy_socket: str | None,
           haproxy_config: str | None, master_socket: str | None, reload_cmd: str | None,
-          json_out: str | None, wait: str | None, dns: str | None, dns_domain: str,
+          json_out: str | None, zone: str | None, wait: str | None, dns: str | None,
+          dns_domain: str,
           dns_ttl: int, dns_udp_answer_limit: int, http: str | None, http_token: str | None,
           datacenter: str, once: bool,
           dry_run: bool) -> None:
@@ -78,6 +82,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     from discovery.agent.config import default_node
     from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
+    from discovery.registry.view import ServicesView
     from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import (
         WatcherConfig,
@@ -96,6 +101,11 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         if wait:
             low, high = parse_wait(wait)
             cfg = replace(cfg, wait_min=low, wait_max=high)
+        if zone is not None:
+            try:
+                cfg = replace(cfg, zone=zone)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("watcher.zone", "--zone", 1)) from None
         return cfg
 
     if once and not (ctx.obj or {}).get("log_level_given"):
@@ -108,7 +118,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
                                    master_socket, reload_cmd)
         metrics = Metrics()
         watcher = assemble(registry, cfg, settings, json_out=Path(json_out) if json_out else None,
-                           render_only=once, dry_run=dry_run, metrics=metrics)
+                           render_only=once, dry_run=dry_run, metrics=metrics,
+                           only_routed=not (dns or http))  # DNS/HTTP answer for everything
         router = watcher.router
         if once:
             watcher.load(retry=False)
@@ -135,6 +146,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         try:
             new = load_config()
             router.set_config(new, Renderer(new.template))
+            if isinstance(watcher.registry, ServicesView):
+                watcher.registry.set_services(new.services)
             log.info("SIGHUP: configuration re-read")
         except DiscoveryError as exc:
             router.stats.render_errors += 1

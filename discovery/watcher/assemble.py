@@ -14,7 +14,8 @@ from pathlib import Path
 
 from discovery.errors import ConfigError, DiscoveryError
 from discovery.metrics import Metrics
-from discovery.registry import open_registry
+from discovery.registry import Registry, open_registry
+from discovery.registry.view import ServicesView
 from discovery.watcher.adopt import converge
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.core import Watcher
@@ -37,9 +38,11 @@ class HAProxySettings:
 
 def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
              json_out: Path | None = None, render_only: bool = False,
-             dry_run: bool = False, metrics: Metrics | None = None) -> Watcher:
+             dry_run: bool = False, metrics: Metrics | None = None,
+             only_routed: bool = False) -> Watcher:
     """A ready-to-run :class:`Watcher`. ``render_only``: no HAProxy is started (``--once``);
-    with ``dry_run`` nothing external is driven either."""
+    with ``dry_run`` nothing external is driven either. ``only_routed`` (nothing serves the
+    whole catalog): read and watch only the routed services (:mod:`discovery.registry.view`)."""
     if haproxy.socket and not haproxy.config:
         raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
     renderer = Renderer(cfg.template)
@@ -63,9 +66,13 @@ def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
                         renderer=renderer)
         if control is None and not render_only and not haproxy.socket:
             router.control = supervise(router, config_path, haproxy)
-    return Watcher(open_registry(registry_url), router, json_out=json_out,
+    registry: Registry = open_registry(registry_url)
+    if only_routed and cfg.services and json_out is None:
+        registry = ServicesView(registry, cfg.services)
+    return Watcher(registry, router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
-                   reload_min_interval=cfg.reload_min_interval, metrics=metrics)
+                   reload_min_interval=cfg.reload_min_interval, metrics=metrics,
+                   guard=cfg.guard)
 
 
 def supervise(router: Router, config_path: Path, haproxy: HAProxySettings) -> HAProxySupervisor:
