@@ -203,18 +203,23 @@ class HAProxySupervisor:
         then). Only the admin socket is asked: during a takeover it may be shared with the old
         worker (``-x`` hands it over too), whose answers do not count."""
         started = time.monotonic()
+        last: list[object] = ["no answer yet"]
 
-        def ours(pid: int) -> bool:
+        def ready() -> bool:
             if popen.poll() is not None:
                 raise HAProxyError(f"HAProxy exited with code {popen.returncode} at start: "
                                    f"{self.log_tail()}")
+            try:
+                pid = self.runtime.pid()
+            except (HAProxyError, KeyError, ValueError) as exc:
+                last[0] = exc
+                return False
+            last[0] = f"pid {pid} answered, not a worker of master {popen.pid}"
             return adopt.parent(pid) == popen.pid
 
-        try:
-            wait_worker(self.runtime, ours, self.start_timeout, interval=0.005)
-        except HAProxyError as exc:
-            raise HAProxyError(f"HAProxy not ready within {self.start_timeout:g}s: {exc}: "
-                               f"{self.log_tail(3)}") from None
+        if not poll(ready, timeout=self.start_timeout, interval=0.005):
+            raise HAProxyError(f"HAProxy not ready within {self.start_timeout:g}s ({last[0]}): "
+                               f"{self.log_tail(3)}")
         log.debug("HAProxy ready in %.0f ms", (time.monotonic() - started) * 1000)
 
     def log_tail(self, lines: int = 8) -> str:
