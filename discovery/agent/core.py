@@ -54,6 +54,7 @@ class Agent:
         self._pending_config: AgentConfig | None = None
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
+        self._reconnected = False  # the registry came back: the run loop records it
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         # every check of this agent: one timer, 8 workers, at most 2 held by one container
@@ -82,6 +83,10 @@ class Agent:
                 pending, self._pending_config = self._pending_config, None
                 if pending is not None:
                     self._reload(pending)
+                if self._reconnected:
+                    self._reconnected = False
+                    with self._lock:
+                        self.history.reconnected(list(self._registered.values()))
                 self.reconcile()
         finally:
             self.docker.stop()
@@ -126,10 +131,11 @@ class Agent:
             self._synced = False
 
     def _on_registry(self, up: bool) -> None:
+        """The registry's listener: only record and wake the run loop (never take our lock: the
+        registry's thread may be the one a thread holding it waits for)."""
         log.info("registry %s", "connected" if up else "disconnected")
         if up and not self.registry_connected:
-            with self._lock:
-                self.history.reconnected(list(self._registered.values()))
+            self._reconnected = True
         self.registry_connected = up
         self.metrics.registry_state(up)
         if up:

@@ -96,6 +96,7 @@ class EtcdRegistry:
         self._watches: list[EtcdWatch] = []
         self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
         self._state_lock = threading.RLock()
+        self._notify_lock = threading.Lock()
         self._listeners: list[StateCallback] = []
         self._up: bool | None = None
         self._closing = threading.Event()
@@ -151,9 +152,15 @@ class EtcdRegistry:
                 log.warning("etcd at %s unreachable", self.where)
             elif up and self._lease is not None:
                 log.info("etcd at %s reachable again", self.where)
+        # Listeners run outside _state_lock: a listener that waits for its owner's lock must
+        # never hold up a thread that owns that lock and is in a registry call (a deadlock
+        # bench/faults.py found). One at a time, each told the latest state, so the last
+        # word a listener hears is the current one whatever order threads arrive in.
+        with self._notify_lock:
+            latest = self._up
             for cb in list(self._listeners):
                 try:
-                    cb(up)
+                    cb(bool(latest))
                 except Exception:
                     log.exception("registry state listener failed")
 
