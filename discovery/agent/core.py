@@ -25,6 +25,7 @@ from discovery.agent.tracked import (
     Key,
     Tracked,
     check_views,
+    instance_of,
     iso_ns,
     same_instances,
 )
@@ -200,7 +201,8 @@ class Agent:
             self._skip(cid, name, exc)
             return
         self._bad_labels.pop(cid, None)
-        instances = {i.key: i for i in (self._instance(attrs, s) for s in specs)}
+        instances = {i.key: i for i in (instance_of(attrs, s, self.config.node, self.config.zone)
+                                          for s in specs)}
         tracked = self._tracked.get(cid)
         started = iso_ns(str(state.get("StartedAt", "")))
         cause = cause or Cause("resync")
@@ -221,23 +223,6 @@ class Agent:
         tracked.paused = bool(state.get("Paused"))
         tracked.docker_health = (state.get("Health") or {}).get("Status") == "healthy"
         self._apply_container(tracked, cause)
-
-    def _instance(self, attrs: dict[str, Any], spec: ServiceSpec) -> Instance:
-        cid = attrs["Id"]
-        return Instance(
-            service=spec.service,
-            id=make_instance_id(self.config.node, cid, spec.container_port),
-            node=self.config.node,
-            address=spec.address,
-            port=spec.port,
-            tags=spec.tags,
-            weight=spec.weight,
-            meta=spec.meta,
-            container_id=cid,
-            container_name=str(attrs.get("Name", "")).lstrip("/"),
-            image=str(attrs.get("Config", {}).get("Image", "")),
-            zone=spec.zone or self.config.zone,
-        )
 
     def _skip(self, cid: str, name: str, exc: Exception) -> None:
         """One log line per container and problem; the container is not registered."""

@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from discovery.agent.health import CheckRunner
-from discovery.model import Instance
+from discovery.agent.spec import ServiceSpec
+from discovery.model import Instance, make_instance_id
 
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
                        "KILL", "TERM", "INT", "QUIT"}
@@ -66,3 +67,13 @@ def check_views(tracked: Iterable[Tracked], registered: set[Key],
                 "since": runner.since if runner is not None else None,
             })
     return sorted(out, key=lambda c: (c["service"], c["id"]))
+
+
+def instance_of(attrs: dict[str, Any], spec: ServiceSpec, node: str, zone: str) -> Instance:
+    """The record one service of a container (its inspect data ``attrs``) registers as."""
+    cid = attrs["Id"]
+    return Instance(
+        service=spec.service, id=make_instance_id(node, cid, spec.container_port), node=node,
+        address=spec.address, port=spec.port, tags=spec.tags, weight=spec.weight,
+        meta=spec.meta, container_id=cid, container_name=str(attrs.get("Name", "")).lstrip("/"),
+        image=str(attrs.get("Config", {}).get("Image", "")), zone=spec.zone or zone)
