@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +99,14 @@ def http_json(port: int, path: str) -> Any:
         return json.load(r)
 
 
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def catalog_size(port: int) -> int:
     services = http_json(port, "/v1/catalog/services")
     names = list(services)
@@ -139,7 +148,8 @@ def run(args: argparse.Namespace, work: Path, report: Report) -> None:
         for name in routes:
             argv += ["--service", f"{name}:{free_port()}"]
         up = Daemon(discovery_cmd(*argv, log_level="warning"), work / "up.log").start()
-        wait(lambda: http_json(http, "/v1/health") is not None, 60, "discovery up's HTTP API")
+        wait(lambda: http_status(http, "/v1/health") in (200, 503), 60,
+             "discovery up's HTTP API")  # 503: not every routed service has a server yet
         empty = proc_status(up.pid)
         say(f"discovery up running (pid {up.pid}); starting {args.containers} containers")
 
