@@ -58,12 +58,13 @@ def run_check(check: Check) -> CheckResult:
 
 
 class CheckRunner:
-    """Runs ``check`` every ``spec.interval`` seconds (the first run at once) on a daemon
-    thread and calls ``on_transition(healthy, result)`` whenever the state flips.
+    """Runs ``check`` every ``spec.interval`` seconds (the first run at once) on
+    ``scheduler``'s workers and calls ``on_transition(healthy, result)`` whenever the state
+    flips.
 
     Runs are scheduled on a fixed grid, so slow checks do not make the interval drift;
     when a run overruns one or more ticks, they are skipped rather than bunched up.
-    No callback is made after :meth:`stop` returns.
+    Once :meth:`stop` has returned, no run starts and no ``on_transition`` call begins.
     """
 
     def __init__(
@@ -71,24 +72,23 @@ class CheckRunner:
         spec: CheckSpec,
         check: Check,
         on_transition: Callable[[bool, CheckResult], None],
+        scheduler: CheckScheduler,
         healthy: bool = False,
         name: str = "check",
         on_result: Callable[[bool], None] | None = None,
-        scheduler: CheckScheduler | None = None,
         group: str | None = None,
     ) -> None:
         self.spec, self.check, self.on_transition, self.name = spec, check, on_transition, name
         # whose share of a scheduler's workers this runner uses (the agent: its container)
         self.group = f"{name}@{id(self):x}" if group is None else group
         self.on_result = on_result  # every result (metrics), not only transitions
-        self.scheduler = scheduler  # shared timer + workers; None: a thread of its own
+        self.scheduler = scheduler  # the timer and workers shared by all runners
         self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
         self.last_result: CheckResult | None = None
         self.last_run: float | None = None
         self.since: float = time.time()  # wall-clock time of the last transition (or start)
         self.runs = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"check:{name}", daemon=True)
 
     @property
     def healthy(self) -> bool:
@@ -96,26 +96,19 @@ class CheckRunner:
 
     @property
     def running(self) -> bool:
-        if self.scheduler is not None:
-            return not self._stop.is_set()
-        return self._thread.is_alive()
+        return not self._stop.is_set()
 
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
 
     def start(self) -> CheckRunner:
-        if self.scheduler is not None:
-            self.scheduler.add(self)
-        else:
-            self._thread.start()
+        self.scheduler.add(self)
         return self
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop and wait for the thread (at most ``timeout``, default ``spec.timeout + 1``)."""
+    def stop(self) -> None:
+        """Stop without waiting: a run still going ends without calling ``on_transition``."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(self.spec.timeout + 1.0 if timeout is None else timeout)
 
     def run_once(self) -> bool | None:
         """One check run: update state and return the new state on a transition."""
@@ -143,27 +136,13 @@ class CheckRunner:
                 log.exception("%s: transition callback failed", self.name)
         return changed
 
-    def _loop(self) -> None:
-        interval = max(self.spec.interval, 0.01)
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # never let the thread die
-                log.exception("%s: check runner error", self.name)
-            next_at += interval
-            now = time.monotonic()
-            if next_at <= now:  # overran: skip the missed ticks
-                next_at += ((now - next_at) // interval + 1) * interval
-            self._stop.wait(next_at - now)
-
 
 class CheckScheduler:
     """Runs many :class:`CheckRunner` s with one timer thread and a few worker threads, instead
     of a thread per check: an agent with 100 containers keeps ~4 MiB and most idle wake-ups.
 
     A runner is never run twice at once: it is re-queued only after its run finished, at its
-    next tick on a fixed grid (missed ticks are skipped, as in the runner's own loop).
+    next tick on a fixed grid (missed ticks are skipped).
 
     Fair share: at most ``per_group`` runs of one group (the agent's groups are containers)
     hold workers at once; a group's further due runners wait in its own FIFO, never in the

@@ -29,7 +29,7 @@ class Tracked:
 
     def stop_runners(self) -> None:
         for runner in self.runners.values():
-            runner.stop(timeout=0)  # never wait under the agent lock: its callback takes it
+            runner.stop()  # never waits: its callback takes the agent lock we hold
         self.runners.clear()
 
 

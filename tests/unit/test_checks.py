@@ -351,10 +351,20 @@ def test_builtin_factories() -> None:
     assert {"tcp", "http", "exec", "none", "docker"} <= CHECK_TYPES()
 
 
-def test_installed_entry_points_resolve() -> None:
-    eps = checks._plugins()
-    assert {"tcp", "http", "exec", "none"} <= set(eps)
-    assert eps["http"].load() is HttpCheck
+BUILTINS = {"tcp": TcpCheck, "http": HttpCheck, "exec": ExecCheck, "none": NoneCheck,
+            "docker": DockerCheck}
+
+
+def test_builtins_resolve_without_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not set(BUILTINS) & set(checks._plugins())  # discovery publishes none of its own
+    monkeypatch.setattr(checks, "entry_points", lambda group: [])  # no metadata installed
+    assert CHECK_TYPES() == set(BUILTINS)
+    assert all(load_check_factory(name) is cls for name, cls in BUILTINS.items())
+
+
+def test_a_plugin_cannot_replace_a_builtin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "_plugins", lambda: {"http": FakeEntryPoint(redis_check)})
+    assert load_check_factory("http") is HttpCheck
 
 
 class FakeEntryPoint:
@@ -483,12 +493,13 @@ def test_run_check_never_raises() -> None:
     assert not run_check(Scripted(["yes"])).ok
 
 
-def test_runner_run_once_transitions() -> None:
+def test_runner_run_once_transitions(check_scheduler: CheckScheduler) -> None:
     seen: list[tuple[bool, CheckResult]] = []
     runner = CheckRunner(
         CheckSpec(rise=2, fall=1),
         Scripted([OK, OK, RuntimeError("boom"), OK]),
         lambda ok, r: seen.append((ok, r)),
+        check_scheduler,
         name="t",
     )
     since = runner.since
@@ -498,7 +509,7 @@ def test_runner_run_once_transitions() -> None:
     assert runner.last_result is not None and runner.runs == 3
 
 
-def test_runner_thread() -> None:
+def test_runner_runs_until_stopped(check_scheduler: CheckScheduler) -> None:
     seen: list[bool] = []
     done = threading.Event()
 
@@ -508,7 +519,8 @@ def test_runner_thread() -> None:
             done.set()
 
     check = Scripted([OK, BAD, BAD, OK])
-    runner = CheckRunner(CheckSpec(interval=0.02, rise=1, fall=2), check, on_transition).start()
+    runner = CheckRunner(CheckSpec(interval=0.02, rise=1, fall=2), check, on_transition,
+                         check_scheduler).start()
     assert done.wait(2)
     started = time.monotonic()
     runner.stop()
@@ -516,10 +528,11 @@ def test_runner_thread() -> None:
     assert seen[:2] == [True, False]
 
 
-def test_runner_first_run_immediate_and_no_drift() -> None:
+def test_runner_first_run_immediate_and_no_drift(check_scheduler: CheckScheduler) -> None:
     check = Scripted([OK], delay=0.03)
     started = time.monotonic()
-    runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None).start()
+    runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None,
+                         check_scheduler).start()
     time.sleep(1.05)  # a measurement window: the runs' timing is what is tested
     runner.stop()
     assert check.times[0] - started < 0.05
@@ -529,9 +542,10 @@ def test_runner_first_run_immediate_and_no_drift() -> None:
     assert sum(gaps) / len(gaps) == pytest.approx(0.1, abs=0.015)
 
 
-def test_runner_overrun_skips_ticks() -> None:
+def test_runner_overrun_skips_ticks(check_scheduler: CheckScheduler) -> None:
     check = Scripted([OK], delay=0.25)
-    runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None).start()
+    runner = CheckRunner(CheckSpec(interval=0.1), check, lambda ok, r: None,
+                         check_scheduler).start()
     time.sleep(0.9)  # a measurement window: the runs' timing is what is tested
     runner.stop()
     gaps = [b - a for a, b in zip(check.times, check.times[1:], strict=False)]
@@ -539,7 +553,7 @@ def test_runner_overrun_skips_ticks() -> None:
     assert sum(gaps) / len(gaps) == pytest.approx(0.3, abs=0.05)  # next free tick of the 0.1s grid
 
 
-def test_runner_survives_exceptions_and_bad_callbacks() -> None:
+def test_runner_survives_exceptions_and_bad_callbacks(check_scheduler: CheckScheduler) -> None:
     calls: list[bool] = []
 
     def on_transition(ok: bool, result: CheckResult) -> None:
@@ -547,7 +561,8 @@ def test_runner_survives_exceptions_and_bad_callbacks() -> None:
         raise RuntimeError("callback bug")
 
     check = Scripted([RuntimeError("a"), OK, RuntimeError("b"), RuntimeError("c"), OK])
-    runner = CheckRunner(CheckSpec(interval=0.01, fall=2), check, on_transition, healthy=True)
+    runner = CheckRunner(CheckSpec(interval=0.01, fall=2), check, on_transition, check_scheduler,
+                         healthy=True)
     runner.start()
     wait_for(lambda: len(calls) >= 2, 2, interval=0.01, message="two transitions")
     assert runner.running
@@ -555,15 +570,16 @@ def test_runner_survives_exceptions_and_bad_callbacks() -> None:
     assert calls[:2] == [False, True]
 
 
-def test_runner_stop_quickly_with_long_interval() -> None:
-    runner = CheckRunner(CheckSpec(interval=3600), Scripted([OK]), lambda ok, r: None).start()
+def test_runner_stop_quickly_with_long_interval(check_scheduler: CheckScheduler) -> None:
+    runner = CheckRunner(CheckSpec(interval=3600), Scripted([OK]), lambda ok, r: None,
+                         check_scheduler).start()
     wait_for(lambda: runner.runs >= 1, 2, interval=0.01, message="the first run")  # now idle
     started = time.monotonic()
     runner.stop()
     assert time.monotonic() - started < 0.2 and not runner.running
 
 
-def test_runner_no_callback_after_stop() -> None:
+def test_runner_no_callback_after_stop(check_scheduler: CheckScheduler) -> None:
     calls: list[bool] = []
     gate, entered = threading.Event(), threading.Event()
 
@@ -574,21 +590,22 @@ def test_runner_no_callback_after_stop() -> None:
             return OK
 
     runner = CheckRunner(
-        CheckSpec(interval=0.01, timeout=2), Slow(), lambda ok, r: calls.append(ok)
+        CheckSpec(interval=0.01, timeout=2), Slow(), lambda ok, r: calls.append(ok),
+        check_scheduler,
     )
     runner.start()
     assert entered.wait(2), "the check never ran"
-    stopper = threading.Thread(target=runner.stop)
-    stopper.start()
-    time.sleep(0.05)  # a deliberate window (no state to poll): stop() is under way meanwhile
-    gate.set()
-    stopper.join(3)
-    assert calls == [] and not runner.running
+    runner.stop()  # returns at once, while the run is still going
+    assert not runner.running and runner.runs == 0
+    gate.set()  # the run ends healthy (rise = 1), after stop()
+    wait_for(lambda: runner.runs == 1, 2, interval=0.01, message="the run in progress to end")
+    assert calls == [] and runner.healthy  # the state changed, but no callback was made
 
 
-def test_runner_stop_from_callback() -> None:
+def test_runner_stop_from_callback(check_scheduler: CheckScheduler) -> None:
     holder: list[CheckRunner] = []
-    runner = CheckRunner(CheckSpec(interval=0.01), Scripted([OK]), lambda ok, r: holder[0].stop())
+    runner = CheckRunner(CheckSpec(interval=0.01), Scripted([OK]), lambda ok, r: holder[0].stop(),
+                         check_scheduler)
     holder.append(runner)
     runner.start()
     wait_for(lambda: not runner.running, 2, interval=0.01, message="the runner to stop itself")
@@ -728,7 +745,7 @@ def test_one_container_holds_at_most_its_share_of_the_workers() -> None:
     finally:
         release.set()
         for r in [*hogs, *([other] if other else [])]:
-            r.stop(timeout=0)
+            r.stop()
         scheduler.stop()
 
 
@@ -742,7 +759,7 @@ def test_stopped_runners_give_their_share_back() -> None:
     try:
         wait_for(lambda: hog["active"] == 2, timeout=2, message="two hung runs")
         for r in old:  # the container restarts: its runners are replaced
-            r.stop(timeout=0)
+            r.stop()
         release.set()
         ran = threading.Event()
         new = CheckRunner(CheckSpec(interval=60), Scripted([OK]), lambda ok, r: ran.set(),
@@ -751,7 +768,7 @@ def test_stopped_runners_give_their_share_back() -> None:
         wait_for(lambda: not scheduler._busy and not scheduler._waiting, timeout=2,
                  message="every slot of c1 given back")
         assert sum(g.runs for g in (r.check for r in old) if isinstance(g, Gate)) == 2
-        new.stop(timeout=0)
+        new.stop()
     finally:
         release.set()
         scheduler.stop()

@@ -16,7 +16,7 @@ import pytest
 
 from discovery import hooks
 from discovery.agent.checks import CHECK_TYPES, build_check, load_check_factory
-from discovery.agent.health import CheckRunner
+from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.hooks import (
     Check,
     CheckError,
@@ -192,7 +192,7 @@ def test_timeout_and_no_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- the agent's side: rise/fall and entry points -----------------------------------------
 
 
-def test_rise_fall_with_the_real_runner() -> None:
+def test_rise_fall_with_the_real_runner(check_scheduler: CheckScheduler) -> None:
     state = {"ok": True}
 
     @check("flag")
@@ -201,7 +201,7 @@ def test_rise_fall_with_the_real_runner() -> None:
 
     spec = CheckSpec(type="flag", interval=0.05, timeout=0.5, rise=3, fall=2)
     transitions: list[tuple[bool, CheckResult, int]] = []
-    runner = CheckRunner(spec, flag(spec, TARGET), name="flag",
+    runner = CheckRunner(spec, flag(spec, TARGET), name="flag", scheduler=check_scheduler,
                          on_transition=lambda ok, res: transitions.append((ok, res, runner.runs)))
     runner.start()
     try:
