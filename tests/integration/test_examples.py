@@ -220,7 +220,7 @@ def test_zookeeper_example_on_a_real_ensemble(zk_ensemble3: ServerCluster, echo,
 
 # The Markdown files with discovery TOML in them. test_every_toml_block_is_tested keeps this
 # list complete; a document listed here with no block fails (a loop over nothing proves nothing).
-TOML_DOCS = ["README.md", "docs/migration.md"]
+TOML_DOCS = ["README.md", "docs/migration.md", "docs/traffic.md"]
 NOT_DISCOVERY_TOML = {"docs/checks.md"}  # a plugin's pyproject.toml, not a discovery config
 
 

@@ -22,6 +22,8 @@ from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
+from discovery.watcher.guard import WipeGuard
+from discovery.watcher.outlier import OutlierDetector
 from discovery.watcher.router import RouterStats
 from tests.harness.util import free_port, wait_for
 
@@ -342,9 +344,12 @@ def test_health_builders(catalog: Catalog) -> None:
     stats.note("reload")
     watcher: Any = SimpleNamespace(
         registry_connected=True, registry=SimpleNamespace(url="etcd://h:2379/d"),
-        catalog=catalog, router=SimpleNamespace(stats=stats, control=None))
+        catalog=catalog, guard=WipeGuard(catalog),
+        router=SimpleNamespace(stats=stats, control=None, outliers=OutlierDetector()))
     health = watcher_health(watcher)()
     assert health["registry"] == {"ok": True, "url": "etcd://h:2379/d"}
+    assert health["wipe_guard"]["ok"] is True and health["wipe_guard"]["holding"] == 0
+    assert health["outliers"]["ok"] is True
     assert health["catalog"]["instances"] == 4 and health["catalog"]["ok"] is True
     assert health["haproxy"]["ok"] is True and health["haproxy"]["reloads"] == 2
     stats.last_error = "boom"
@@ -357,7 +362,8 @@ def test_health_builders(catalog: Catalog) -> None:
     health = agent_health(agent)()
     assert health["docker"]["ok"] is True and health["registry"]["ok"] is False
     assert set(agent_health(agent, "agent_")()) == {"agent_docker", "agent_registry"}
-    assert set(watcher_health(watcher, "w_")()) == {"w_registry", "w_catalog", "w_haproxy"}
+    assert set(watcher_health(watcher, "w_")()) == {"w_registry", "w_catalog", "w_haproxy",
+                                                    "w_wipe_guard", "w_outliers"}
 
 
 def test_foreign_host_is_421_and_ip_or_localhost_is_served(api: HttpApi) -> None:
