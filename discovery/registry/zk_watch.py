@@ -244,11 +244,28 @@ class ZkWatch:
         if key is None:
             return
         others = [p for p, k in self._live.items() if k == key]
+        if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
+            others = self._unread_holders(key)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision))
         for other in others:
             self._nodes[other] = 0
             self._push(("node", other))
+
+    def _unread_holders(self, key: tuple[str, str]) -> list[str]:
+        """Read the service's nodes this watch has not read yet (listed meanwhile, or still
+        queued) and return those that hold ``key`` (each was put as it was read)."""
+        folder = self._url.service_dir(key[0])
+        try:
+            children = self._client.get_children(folder)
+        except NoNodeError:
+            return []
+        for child in children:
+            path = f"{folder}/{child}"
+            if not self._nodes.get(path):  # never read: read it now, in order
+                self._nodes.setdefault(path, 0)
+                self._node(path)
+        return [p for p, k in self._live.items() if k == key]
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
