@@ -24,7 +24,7 @@ def foreign(n: int, nodes: int = 100, services: int = 20) -> Instance:
     """The ``n``-th instance of the fleet: node ``f<n % nodes>``, service ``svc<n % services>``."""
     node = f"f{n % nodes}"
     return Instance(service=f"svc{n % services}", id=f"{node}:{n:012x}:8080", node=node,
-                    address="10.0.0.1", port=20000 + n % 40000, tags=("blue", "v2"),
+                    address="192.0.2.1", port=20000 + n % 40000, tags=("blue", "v2"),
                     meta={"team": "payments", "zone": "eu-west-1a"}, container_id=f"{n:064x}",
                     container_name=f"app-{n}", image="registry.local/app:1.2.3",
                     registered_at=1.0)

@@ -372,7 +372,7 @@ def test_foreign_host_is_421_and_ip_or_localhost_is_served(api: HttpApi) -> None
         status, _, data = get_json(api, "/v1/services", headers={"Host": host})
         assert status == 421 and "rebinding" in data["error"], host
     for host in ("127.0.0.1", f"127.0.0.1:{api.port}", "localhost", f"LOCALHOST:{api.port}",
-                 "[::1]:8500", "10.1.2.3:80"):
+                 "[::1]:8500", "203.0.113.3:80"):
         assert get(api, "/v1/services", headers={"Host": host})[0] == 200, host
 
 

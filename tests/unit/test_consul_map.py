@@ -19,7 +19,7 @@ PROM_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 def inst(n: int, *, state: State = State.UP, **kw: Any) -> Instance:
-    return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address=f"10.0.0.{n}",
+    return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address=f"192.0.2.{n}",
                     port=8000 + n, state=state, **kw)
 
 
@@ -54,7 +54,7 @@ def test_catalog_endpoints_and_agent_self(api: HttpApi) -> None:
     assert answer(api, "/v1/catalog/services")[1] == {"web": ["blue"]}
     _, entries, _ = answer(api, "/v1/catalog/service/web?tag=blue")
     assert [(e["ServiceAddress"], e["ServicePort"], e["ServiceName"]) for e in entries] == [
-        ("10.0.0.1", 8001, "web")]
+        ("192.0.2.1", 8001, "web")]
     assert answer(api, "/v1/agent/self")[1]["Config"]["Datacenter"] == "eu-1"
     assert answer(api, "/v1/catalog/datacenters")[1] == ["eu-1"]
 

@@ -289,7 +289,7 @@ def test_client_of() -> None:
 def test_warning_when_bound_beyond_loopback(caplog: pytest.LogCaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     assert [beyond_loopback(a) for a in ("127.0.0.1", "127.0.0.2", "::1")] == [False] * 3
-    assert all(beyond_loopback(a) for a in ("0.0.0.0", "::", "10.0.0.1", "192.0.2.1"))
+    assert all(beyond_loopback(a) for a in ("0.0.0.0", "::", "198.51.100.1", "192.0.2.1"))
     caplog.set_level(logging.INFO, logger="discovery.lookup.dns")
     with DnsServer(make_catalog(MANY), port=0):
         pass

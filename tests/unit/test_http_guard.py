@@ -23,7 +23,7 @@ from discovery.lookup.http_query import ApiError, blocking_params, parse_query
 
 
 @pytest.mark.parametrize("host", [
-    None, "127.0.0.1", "127.0.0.1:8500", "localhost", "LocalHost:80", "10.0.0.5",
+    None, "127.0.0.1", "127.0.0.1:8500", "localhost", "LocalHost:80", "198.51.100.5",
     "[::1]", "[::1]:8500", "::1", "[fe80::1]:8500",
 ])
 def test_ip_literals_and_localhost_are_allowed(host: str | None) -> None:

@@ -12,7 +12,7 @@ from discovery.model.nerve import from_nerve, node_prefix, to_nerve
 from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import Decoder
 
-OURS = Instance(service="web", id="host1:3f2a9c0d1e2b:8080", node="host1", address="10.0.0.6",
+OURS = Instance(service="web", id="host1:3f2a9c0d1e2b:8080", node="host1", address="192.0.2.6",
                 port=32768, tags=("a", "b"), weight=7, meta={"v": "1"},
                 container_id="3f2a9c0d1e2b" * 2, container_name="web-1", image="web:1",
                 state=State.DRAINING)
@@ -22,32 +22,33 @@ def test_our_record_round_trips_through_nerves_json() -> None:
     raw = to_nerve(OURS)
     data = json.loads(raw)
     assert set(data) == {"host", "port", "name", "weight", "labels"}
-    assert (data["host"], data["port"], data["name"]) == ("10.0.0.6", 32768, OURS.id)
+    assert (data["host"], data["port"], data["name"]) == ("192.0.2.6", 32768, OURS.id)
     back = from_nerve(raw, "web", f"{OURS.id}_0000000042", "here")
     assert back.same_registration(OURS)
 
 
 def test_a_record_as_nerve_writes_it() -> None:
-    raw = b'{"host":"10.1.2.3","port":8080,"name":"I-0ABC","weight":900,"labels":{"az":"e1",' \
+    raw = b'{"host":"203.0.113.3","port":8080,"name":"I-0ABC","weight":900,"labels":{"az":"e1",' \
           b'"n":3,"deep":{"x":1},"bad key":"y"},"haproxy_server_options":"backup"}'
     inst = from_nerve(raw, "web", "I-0ABC_0000000003", "here", stamp=1.7e9)
     assert (inst.id, inst.node, inst.address, inst.port) == ("i-0abc:8080", "i-0abc",
-                                                            "10.1.2.3", 8080)
+                                                            "203.0.113.3", 8080)
     assert (inst.weight, inst.meta, inst.state) == (256, {"az": "e1", "n": "3"}, State.UP)
     assert inst.registered_at == 1.7e9
 
 
 def test_node_falls_back_to_the_address() -> None:
-    inst = from_nerve(b'{"host":"10.1.2.3","port":"81"}', "web", "_0000000001", "here")
-    assert (inst.node, inst.port) == ("10-1-2-3", 81)
+    inst = from_nerve(b'{"host":"203.0.113.3","port":"81"}', "web", "_0000000001", "here")
+    assert (inst.node, inst.port) == ("203-0-113-3", 81)
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"port":80}', b'{"host":"10.0.0.1"}',
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"port":80}', b'{"host":"192.0.2.1"}',
                                  b'{"host":"web.example.com","port":80}',
-                                 b'{"host":"10.0.0.1","port":0}', b'{"host":"10.0.0.1","port":1.5}',
-                                 b'{"host":"10.0.0.1","port":80,"x":' + b"[" * 40 + b"]" * 40
+                                 b'{"host":"192.0.2.1","port":0}',
+                                 b'{"host":"192.0.2.1","port":1.5}',
+                                 b'{"host":"192.0.2.1","port":80,"x":' + b"[" * 40 + b"]" * 40
                                  + b"}",
-                                 b'{"host":"10.0.0.1","port":80,"p":"' + b"x" * 70_000 + b'"}'])
+                                 b'{"host":"192.0.2.1","port":80,"p":"' + b"x" * 70_000 + b'"}'])
 def test_malformed_nerve_records_are_skipped_with_one_warning(
         raw: bytes, caplog: pytest.LogCaptureFixture) -> None:
     decoder = Decoder(RegistryURL.parse("zk://h/nerve?format=nerve"))

@@ -21,7 +21,7 @@ IID = "n1:0123456789ab:80"
 
 
 def inst(**kw: Any) -> Instance:
-    base: dict[str, Any] = {"service": "web", "id": IID, "node": "n1", "address": "10.0.0.1",
+    base: dict[str, Any] = {"service": "web", "id": IID, "node": "n1", "address": "192.0.2.1",
                             "port": 80}
     return Instance(**{**base, **kw})
 
@@ -111,7 +111,7 @@ def test_status_json_carries_history_and_timings() -> None:
 
 
 STAT = ("# pxname,svname,qcur,scur,stot,status,weight,h2_detected_conn_protocol_errors,addr,\n"
-        "web,s1,0,3,17,UP,100,0,10.0.0.1:80,\n"
+        "web,s1,0,3,17,UP,100,0,192.0.2.1:80,\n"
         "web,s2,0,0,0,MAINT,1,0,127.0.0.1:1,\n")
 
 
