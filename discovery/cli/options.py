@@ -181,3 +181,23 @@ def datacenter_option() -> Callable[[F], F]:
                         default=DEFAULT_DATACENTER, show_default=True, callback=check,
                         help="Datacenter the Consul-compatible HTTP endpoints report "
                              "[env DISCOVERY_DATACENTER]")
+
+
+def dns_answer_options() -> Callable[[F], F]:
+    """``--dns-domain``, ``--dns-ttl`` and ``--dns-udp-answer-limit``: how the DNS endpoint of
+    ``up`` and ``watch --dns`` answers (``discovery dns`` names them without ``dns-``)."""
+    options = [
+        click.option("--dns-domain", default="discovery.", show_default=True),
+        click.option("--dns-ttl", type=int, default=0, show_default=True),
+        click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
+                     show_default=True,
+                     help="Most answer records in a UDP DNS response (all of them over TCP); "
+                          "0: as many as fit"),
+    ]
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate

@@ -15,7 +15,12 @@ from typing import Any
 
 import click
 
-from discovery.cli.options import datacenter_option, http_token_option, registry_options
+from discovery.cli.options import (
+    datacenter_option,
+    dns_answer_options,
+    http_token_option,
+    registry_options,
+)
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -45,12 +50,7 @@ DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as 
 @click.option("--haproxy-bin", default="haproxy", show_default=True)
 @click.option("--dns", "dns", envvar="DISCOVERY_DNS", default="127.0.0.1:8600", show_default=True,
               help="DNS listen address; 'off' to disable [env DISCOVERY_DNS]")
-@click.option("--dns-domain", default="discovery.", show_default=True)
-@click.option("--dns-ttl", type=int, default=0, show_default=True)
-@click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
-              show_default=True,
-              help="Most answer records in a UDP DNS response (all of them over TCP); 0: as "
-                   "many as fit")
+@dns_answer_options()
 @click.option("--http", "http", envvar="DISCOVERY_HTTP", default="127.0.0.1:8500",
               show_default=True, help="HTTP API listen address; 'off' to disable "
               "[env DISCOVERY_HTTP]")

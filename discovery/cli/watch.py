@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from discovery.cli.options import datacenter_option, http_token_option, registry_options
+from discovery.cli.options import (
+    datacenter_option,
+    dns_answer_options,
+    http_token_option,
+    registry_options,
+)
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import ConfigError, DiscoveryError
@@ -18,6 +23,7 @@ from discovery.registry import mask_url
 
 if TYPE_CHECKING:
     from discovery.lookup.serve import Lookups
+    from discovery.metrics import Metrics
     from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
@@ -56,12 +62,7 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
               help="Quiescence window for bursts, e.g. 50ms:500ms (default from config)")
 @click.option("--dns", "dns", default=None, metavar="ADDR:PORT",
               help="Also answer DNS from the catalog here, e.g. 127.0.0.1:8600")
-@click.option("--dns-domain", default="discovery.", show_default=True)
-@click.option("--dns-ttl", type=int, default=0, show_default=True)
-@click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
-              show_default=True,
-              help="Most answer records in a UDP DNS response (all of them over TCP); 0: as "
-                   "many as fit")
+@dns_answer_options()
 @click.option("--http", "http", default=None, metavar="ADDR:PORT",
               help="Also serve the HTTP API and /metrics here, e.g. 127.0.0.1:8500")
 @http_token_option()
@@ -79,8 +80,6 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           datacenter: str, once: bool,
           dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
-    from discovery.agent.config import default_node
-    from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.registry.view import ServicesView
     from discovery.watcher.assemble import HAProxySettings, assemble
@@ -132,10 +131,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
                     raise DiscoveryError(router.stats.last_error)
             watcher.close()
             return
-        lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
-                                token=http_token, datacenter=datacenter,
-                                node=default_node())
+        lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,
+                           dns_udp_answer_limit, http_token, datacenter)
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -177,8 +174,6 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
         http: str | None, http_token: str | None, datacenter: str) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
-    from discovery.agent.config import default_node
-    from discovery.lookup.serve import start_lookups
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import WatcherConfig
@@ -187,15 +182,25 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
         metrics = Metrics()
         watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
                            metrics=metrics)
-        lookups = start_lookups(watcher, metrics, dns=dns, http=http, domain=dns_domain,
-                                ttl=dns_ttl, dns_udp_answer_limit=dns_udp_answer_limit,
-                                token=http_token, datacenter=datacenter,
-                                node=default_node())
+        lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,
+                           dns_udp_answer_limit, http_token, datacenter)
     except DiscoveryError as exc:
         fail(str(exc))
         return
 
     serve(watcher, lookups)
+
+
+def _lookups(watcher: Watcher, metrics: Metrics, dns: str | None, http: str | None,
+             domain: str, ttl: int, udp_answer_limit: int, token: str | None,
+             datacenter: str) -> Lookups:
+    """DNS and HTTP next to ``watcher``'s catalog, as ``watch`` and ``dns`` start them."""
+    from discovery.agent.config import default_node
+    from discovery.lookup.serve import start_lookups
+
+    return start_lookups(watcher, metrics, dns=dns, http=http, domain=domain, ttl=ttl,
+                         dns_udp_answer_limit=udp_answer_limit, token=token,
+                         datacenter=datacenter, node=default_node())
 
 
 def serve(watcher: Watcher, lookups: Lookups,
