@@ -8,7 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from discovery.cli.options import http_token_option, registry_options
+from discovery.cli.options import http_token_option, registry_options, zone_option
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
               help="This host's name in the registry [env DISCOVERY_NODE]")
 @click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
               help="Advertised IP for published ports [env DISCOVERY_ADDRESS]")
-@click.option("--zone", envvar="DISCOVERY_ZONE", default="", metavar="NAME",
-              help="This host's zone (a DNS label), written into every instance record; "
-              "a container's discovery.zone label overrides it [env DISCOVERY_ZONE]")
+@zone_option("This host's zone (a DNS label), written into every instance record; "
+             "a container's discovery.zone label overrides it", default="")
 @click.option("--docker", envvar="DISCOVERY_DOCKER", default=None, metavar="URL",
               help="dockerd URL; default DOCKER_HOST or the local socket [env DISCOVERY_DOCKER]")
 @click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True,

@@ -183,6 +183,23 @@ def datacenter_option() -> Callable[[F], F]:
                              "[env DISCOVERY_DATACENTER]")
 
 
+def zone_option(text: str, default: str | None = None) -> Callable[[F], F]:
+    """``--zone NAME`` (env ``DISCOVERY_ZONE``) of ``agent``, ``watch`` and ``up``: this host's
+    zone, a DNS label; ``text`` says what the command does with it. A bad name is a usage
+    error naming ``--zone`` (exit 2), before anything starts."""
+    from discovery.errors import ValidationError
+    from discovery.model import validate
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        try:
+            return validate.dns_label("--zone", value) if value else value
+        except ValidationError as exc:
+            raise click.BadParameter(exc.reason) from None
+
+    return click.option("--zone", envvar="DISCOVERY_ZONE", default=default, metavar="NAME",
+                        callback=check, help=f"{text} [env DISCOVERY_ZONE]")
+
+
 def dns_answer_options() -> Callable[[F], F]:
     """``--dns-domain``, ``--dns-ttl`` and ``--dns-udp-answer-limit``: how the DNS endpoint of
     ``up`` and ``watch --dns`` answers (``discovery dns`` names them without ``dns-``)."""

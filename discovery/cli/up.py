@@ -10,8 +10,9 @@ import logging
 import shutil
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,10 +21,15 @@ from discovery.cli.options import (
     dns_answer_options,
     http_token_option,
     registry_options,
+    zone_option,
 )
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
+
+if TYPE_CHECKING:
+    from discovery.agent.config import AgentConfig
+    from discovery.watcher.config import WatcherConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as the agent's
@@ -36,6 +42,8 @@ DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as 
 @click.option("--node", envvar="DISCOVERY_NODE", default="", help="This host's name")
 @click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
               help="Advertised IP for published ports")
+@zone_option("This host's zone: written into the records of its instances, and routed to "
+             "first (other zones below zone_min_up); default [agent] zone / [watcher] zone")
 @click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True)
 @click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True)
 @click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
@@ -57,13 +65,13 @@ DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as 
 @http_token_option()
 @datacenter_option()
 def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
-       services: tuple[str, ...], config_file: str | None, state_dir: str | None,
-       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
-       http: str, http_token: str | None, datacenter: str) -> None:
+       zone: str | None, services: tuple[str, ...], config_file: str | None,
+       state_dir: str | None, haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int,
+       dns_udp_answer_limit: int, http: str, http_token: str | None, datacenter: str) -> None:
     """Run the whole thing on this host: register, route, and answer lookups."""
-    from discovery.agent.config import AgentConfig, merge, read_file
+    from discovery.agent.config import AgentConfig
     from discovery.agent.core import Agent
-    from discovery.lookup.serve import Lookups, start_lookups
+    from discovery.lookup.serve import Lookups, predecessor, start_lookups
     from discovery.lookup.status import agent_health
     from discovery.metrics import Metrics
     from discovery.registry import mask_url, open_registry
@@ -75,8 +83,6 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         stop_haproxy,
         usable_state_dir,
     )
-    from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
-    from discovery.watcher.config import merge as merge_services
 
     etcd: LocalEtcd | None = None
     temp_state: Path | None = None
@@ -91,14 +97,14 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
             temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
         state = Path(state_dir) if state_dir else (temp_state or Path("/var/lib/discovery/watch"))
         agent_state = state / "agent" if state_dir or temp_state else DEFAULT_AGENT_STATE
-        agent_cfg = AgentConfig(registry=registry, node=node, address=address, ttl=ttl,
-                                resync=resync, state_dir=str(agent_state))
-        agent_cfg = merge(agent_cfg, read_file(config_file) if config_file else {}, {"registry"})
-        watch_cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
-        watch_cfg = merge_services(watch_cfg, [parse_service_arg(s) for s in services])
+        agent_cfg, watch_cfg = configs(
+            AgentConfig(registry=registry, node=node, address=address, ttl=ttl, resync=resync,
+                        state_dir=str(agent_state)), zone, services, config_file)
         if watch_cfg.services:
             usable_state_dir(state)  # before anything connects: one line, exit 2
         metrics = Metrics()
+        taken = predecessor(None if temp_state else state, None if dns == "off" else dns,
+                            None if http == "off" else http)  # a leaving `up`'s DNS/HTTP
         agent = Agent(agent_cfg, open_registry(registry, ttl=agent_cfg.ttl), metrics)
         watcher = assemble(registry, watch_cfg, HAProxySettings(state, haproxy_bin),
                            metrics=metrics)
@@ -108,7 +114,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
                                 extra_health=agent_health(agent, prefix="agent_"),
                                 maint=agent.set_maint, checks=agent.checks, token=http_token,
                                 datacenter=datacenter, node=agent_cfg.node,
-                                history=agent.history.query)
+                                history=agent.history.query, inherited=taken)
     except DiscoveryError as exc:
         lookups.stop()
         if etcd is not None:
@@ -125,7 +131,11 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         leave_haproxy(watcher)
         done.set()
 
-    on_signals(done.set, leave=leave)
+    def stop() -> None:
+        lookups.cancel()
+        done.set()
+
+    on_signals(stop, leave=leave)
     threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
                threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
     for t in threads:
@@ -140,6 +150,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         watcher.stop()
         for t in threads:
             t.join(15)
+        if leaving.is_set():  # DNS/HTTP answer on until the next `up` answers on their sockets
+            lookups.hand_over(state)
         watcher.close()
         stop_haproxy(watcher)
         lookups.stop()
@@ -148,6 +160,26 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         if temp_state is not None:
             shutil.rmtree(temp_state, ignore_errors=True)
         log.info("up: everything stopped")
+
+
+def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
+            config_file: str | None) -> tuple[AgentConfig, WatcherConfig]:
+    """The agent's and the watcher's configuration of ``up``: the flags in ``agent``, ``zone``
+    and ``services`` over the ``[agent]`` / ``[watcher]`` tables of ``config_file``. A
+    ``--zone`` goes to both: the agent writes it into its records, the watcher routes to it."""
+    from discovery.agent.config import merge, read_file
+    from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
+    from discovery.watcher.config import merge as merge_services
+
+    explicit = {"registry"}
+    if zone is not None:
+        agent, explicit = replace(agent, zone=zone), explicit | {"zone"}
+    agent = merge(agent, read_file(config_file) if config_file else {}, explicit)
+    watcher = load_watcher_config(config_file) if config_file else WatcherConfig()
+    watcher = merge_services(watcher, [parse_service_arg(s) for s in services])
+    if zone is not None:
+        watcher = replace(watcher, zone=zone)
+    return agent, watcher
 
 
 def _guard(run: Any, done: threading.Event) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,19 +16,23 @@ from discovery.cli.options import (
     dns_answer_options,
     http_token_option,
     registry_options,
+    zone_option,
 )
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
-from discovery.errors import ConfigError, DiscoveryError
+from discovery.errors import DiscoveryError
 from discovery.registry import mask_url
 
 if TYPE_CHECKING:
+    from discovery.lookup.handover import Taken
     from discovery.lookup.serve import Lookups
     from discovery.metrics import Metrics
     from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
+WATCH_ZONE_HELP = ("This host's zone: route to its instances, spill over to other zones below "
+                   "zone_min_up (default [watcher] zone)")
 
 
 @click.command()
@@ -55,9 +60,7 @@ DEFAULT_STATE_DIR = "/var/lib/discovery/watch"
                    "run by one)")
 @click.option("--json-out", default=None, metavar="FILE",
               help="Write the catalog as JSON here, atomically, only when it changes")
-@click.option("--zone", envvar="DISCOVERY_ZONE", default=None, metavar="NAME",
-              help="This host's zone: route to its instances, spill over to other zones "
-                   "below zone_min_up (default [watcher] zone) [env DISCOVERY_ZONE]")
+@zone_option(WATCH_ZONE_HELP)
 @click.option("--wait", default=None, metavar="MIN:MAX",
               help="Quiescence window for bursts, e.g. 50ms:500ms (default from config)")
 @click.option("--dns", "dns", default=None, metavar="ADDR:PORT",
@@ -80,6 +83,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           datacenter: str, once: bool,
           dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
+    from discovery.lookup.serve import predecessor
     from discovery.metrics import Metrics
     from discovery.registry.view import ServicesView
     from discovery.watcher.assemble import HAProxySettings, assemble
@@ -101,10 +105,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             low, high = parse_wait(wait)
             cfg = replace(cfg, wait_min=low, wait_max=high)
         if zone is not None:
-            try:
-                cfg = replace(cfg, zone=zone)
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("watcher.zone", "--zone", 1)) from None
+            cfg = replace(cfg, zone=zone)  # a DNS label: checked by the option
         return cfg
 
     if once and not (ctx.obj or {}).get("log_level_given"):
@@ -116,6 +117,9 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         settings = HAProxySettings(Path(state_dir), haproxy_bin, haproxy_socket, haproxy_config,
                                    master_socket, reload_cmd)
         metrics = Metrics()
+        # a watcher leaving this state dir (SIGUSR2) hands its DNS/HTTP sockets over: take
+        # them before adopting its HAProxy (it offers them once it has let go of HAProxy)
+        taken = None if once else predecessor(Path(state_dir), dns, http)
         watcher = assemble(registry, cfg, settings, json_out=Path(json_out) if json_out else None,
                            render_only=once, dry_run=dry_run, metrics=metrics,
                            only_routed=not (dns or http))  # DNS/HTTP answer for everything
@@ -132,7 +136,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             watcher.close()
             return
         lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,
-                           dns_udp_answer_limit, http_token, datacenter)
+                           dns_udp_answer_limit, http_token, datacenter, taken)
     except DiscoveryError as exc:
         fail(str(exc))
         return
@@ -154,7 +158,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 
     log.info("watcher starting: registry %s, %d services routed", mask_url(registry),
              len(cfg.services))
-    serve(watcher, lookups, on_hup)
+    serve(watcher, lookups, on_hup, Path(state_dir))
 
 
 @click.command()
@@ -193,30 +197,40 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
 
 def _lookups(watcher: Watcher, metrics: Metrics, dns: str | None, http: str | None,
              domain: str, ttl: int, udp_answer_limit: int, token: str | None,
-             datacenter: str) -> Lookups:
+             datacenter: str, inherited: Taken | None = None) -> Lookups:
     """DNS and HTTP next to ``watcher``'s catalog, as ``watch`` and ``dns`` start them."""
     from discovery.agent.config import default_node
     from discovery.lookup.serve import start_lookups
 
     return start_lookups(watcher, metrics, dns=dns, http=http, domain=domain, ttl=ttl,
                          dns_udp_answer_limit=udp_answer_limit, token=token,
-                         datacenter=datacenter, node=default_node())
+                         datacenter=datacenter, node=default_node(), inherited=inherited)
 
 
-def serve(watcher: Watcher, lookups: Lookups,
-          on_hup: Callable[[], None] | None = None) -> None:
+def serve(watcher: Watcher, lookups: Lookups, on_hup: Callable[[], None] | None = None,
+          state_dir: Path | None = None) -> None:
     """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy
-    (SIGUSR2: the same, but HAProxy is left serving for the next watcher, which adopts it)."""
+    (SIGUSR2: the same, but HAProxy is left serving for the next watcher, which adopts it,
+    and DNS/HTTP answer on until it answers on their sockets, taken from ``state_dir``)."""
     from discovery.watcher.assemble import leave_haproxy, stop_haproxy
+
+    leaving = threading.Event()
 
     def leave() -> None:
         leave_haproxy(watcher)
+        leaving.set()
         watcher.stop()
 
-    on_signals(watcher.stop, on_hup, leave)
+    def stop() -> None:
+        lookups.cancel()
+        watcher.stop()
+
+    on_signals(stop, on_hup, leave)
     try:
         watcher.run()
     finally:
+        if leaving.is_set() and state_dir is not None:
+            lookups.hand_over(state_dir)
         lookups.stop()
         watcher.close()
         stop_haproxy(watcher)
