@@ -50,9 +50,10 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str,
 
 
 def agent_call(agent_http: str, method: str, path: str, token: str | None = None,
-               not_found: int = 2) -> Any:
+               not_found: int = 2, peer: str = "agent") -> Any:
     """One request to the local agent's HTTP API (with ``token`` as X-Discovery-Token when
-    given); any failure is one line and exit 2 (a 404: exit ``not_found``)."""
+    given); any failure is one line naming ``peer`` and exit 2 (a 404: exit ``not_found``).
+    A 503 from ``/v1/health`` is an answer too: its body still carries the components."""
     import urllib.error
     import urllib.request
 
@@ -72,9 +73,12 @@ def agent_call(agent_http: str, method: str, path: str, token: str | None = None
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
-            reason = json.loads(exc.read()).get("error", exc.reason)
+            body = json.loads(exc.read())
         except ValueError:
-            reason = exc.reason
-        fail(f"agent at {host}:{port}: {reason}", code=not_found if exc.code == 404 else 2)
+            body = {}
+        if exc.code == 503 and path.startswith("/v1/health") and "components" in body:
+            return body
+        reason = body.get("error", exc.reason) if isinstance(body, dict) else exc.reason
+        fail(f"{peer} at {host}:{port}: {reason}", code=not_found if exc.code == 404 else 2)
     except (OSError, ValueError) as exc:
-        fail(f"agent at {host}:{port} unreachable: {exc}")
+        fail(f"{peer} at {host}:{port} unreachable: {exc}")

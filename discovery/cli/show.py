@@ -28,7 +28,12 @@ from discovery.registry import open_registry
 @click.option("--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default=None,
               metavar="ADDR:PORT", help="Also show live check state (type, output, since) from "
               "this agent's HTTP API [env DISCOVERY_AGENT_HTTP]")
-def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str | None) -> None:
+@click.option("--watcher", "watcher_http", envvar="DISCOVERY_WATCHER_HTTP", default=None,
+              metavar="ADDR:PORT", help="Also show which instances this watcher's outlier "
+              "detection has ejected (reason, until when), from its HTTP API (watch --http, "
+              "or up) [env DISCOVERY_WATCHER_HTTP]")
+def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str | None,
+         watcher_http: str | None) -> None:
     """Every instance of SERVICE with all it carries: state, since when, node, container, meta.
 
     Exit 0 when the service has instances, 1 when it has none, 2 on a bad registry."""
@@ -44,17 +49,19 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
     checks: dict[str, dict[str, Any]] = {}
     if agent_http:
         checks = {c["id"]: c for c in agent_call(agent_http, "GET", "/v1/agent/checks")}
+    now = time.time()
+    ejected = ejections(watcher_http, service, now) if watcher_http else {}
     if fmt == "json":
-        rows = [{**i.to_dict(), **({"check": checks[i.id]} if i.id in checks else {})}
-                for i in found]
+        rows = [{**i.to_dict(), **({"check": checks[i.id]} if i.id in checks else {}),
+                 **({"ejected": ejected.get(i.id)} if watcher_http else {})} for i in found]
         click.echo(json.dumps(rows, indent=2))
     else:
         from rich.table import Table
 
-        now = time.time()
         table = Table(box=None, header_style="bold", pad_edge=False)
         columns = ["ID", "ADDRESS", "STATE", "SINCE", "NODE", "WEIGHT", "TAGS", "CONTAINER",
-                   "IMAGE", "META"] + (["CHECK", "OUTPUT"] if agent_http else [])
+                   "IMAGE", "META"] + (["CHECK", "OUTPUT"] if agent_http else []) + (
+                   ["EJECTED", "REASON"] if watcher_http else [])
         for column in columns:
             table.add_column(column, overflow="fold")
         for i in found:
@@ -66,9 +73,27 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
                 row += [f"{check.get('type', '-')} "
                         f"{'passing' if check.get('healthy') else 'failing'}" if check else "-",
                         str(check.get("output", ""))]
+            if watcher_http:
+                out = ejected.get(i.id)
+                row += [_until(out["until"], now) if out else "-", out["reason"] if out else ""]
             table.add_row(*row)
         output.console().print(table if found else f"no instances of {service}")
     raise SystemExit(0 if found else 1)
+
+
+def ejections(watcher_http: str, service: str, now: float) -> dict[str, dict[str, Any]]:
+    """The instances of ``service`` the watcher at ``watcher_http`` has ejected, by id: reason,
+    ejections so far, seconds until it comes back and that moment (``until``, epoch seconds).
+    A watcher without outlier detection has ejected nothing."""
+    components = agent_call(watcher_http, "GET", "/v1/health", peer="watcher")["components"]
+    found = components.get("outliers", {}).get("ejected", [])
+    return {e["id"]: {"reason": e["reason"], "ejections": e["ejections"],
+                      "back_in_s": e["back_in_s"], "until": round(now + e["back_in_s"], 1)}
+            for e in found if e["service"] == service}
+
+
+def _until(until: float, now: float) -> str:
+    return f"until {time.strftime('%H:%M:%SZ', time.gmtime(until))} (in {until - now:.0f}s)"
 
 
 @click.command(name="check-config")

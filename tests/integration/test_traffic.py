@@ -4,7 +4,11 @@ etcd, a real watcher process and its HAProxy 2.6, with local HTTP backends."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +58,14 @@ def metrics(port: int) -> str:
         return str(resp.read().decode())
 
 
+def show(*args: str) -> str:
+    """``discovery show`` as a user runs it; it must succeed."""
+    done = subprocess.run([sys.executable, "-m", "discovery", "show", *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def outlier_config(tmp_path: Path, port: int, extra: str = "") -> Path:
     conf = tmp_path / "watch.toml"
     conf.write_text(f"[services.web]\nport = {port}\n"
@@ -89,6 +101,20 @@ def test_gray_failure_is_ejected_and_clients_stop_seeing_500(
     slots = HAProxyRuntime(str(watcher.state_dir / "admin.sock")).slots("web")
     assert {v.state for v in slots.values() if v.port == bad.port} == {"drain"}
     assert "reloaded" not in watcher.log(), "an ejection is a runtime-API change"
+    # discovery show, asking the watcher: the ejected instance, its reason and until when
+    table = show("web", "--registry", etcd_url, "--watcher", f"127.0.0.1:{api}")
+    rows = {ln.split()[0]: ln for ln in table.splitlines()[1:]}
+    assert set(rows) == {f"h{n}:{n:012x}:80" for n in (1, 2, 3)}, table
+    assert "EJECTED" in table.splitlines()[0] and "REASON" in table.splitlines()[0]
+    assert re.search(r"until \d\d:\d\d:\d\dZ \(in (5\d|60)s\)  \d+ errors in a row \(.*hrsp_5xx",
+                     rows["h3:000000000003:80"]), table
+    assert "until" not in rows["h1:000000000001:80"] + rows["h2:000000000002:80"], table
+    by_id = {r["id"]: r for r in json.loads(show("web", "--registry", etcd_url, "--watcher",
+                                                 f"127.0.0.1:{api}", "-o", "json"))}
+    ejected = by_id["h3:000000000003:80"]["ejected"]
+    assert "errors in a row" in ejected["reason"] and ejected["ejections"] == 1
+    assert 50 < ejected["back_in_s"] <= 60 and ejected["until"] > time.time() + 45
+    assert by_id["h1:000000000001:80"]["ejected"] is None
 
 
 def test_ejection_comes_back_after_base_ejection(etcd_url, reg, http_backends, start_watcher,
