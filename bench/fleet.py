@@ -892,23 +892,27 @@ class Fleet:
         t0 = time.monotonic()
         load0 = self.servers.usage()
         replies: list[dict[str, Any]] = []
-        chunks = [new[i::len(self.workers)] for i in range(len(self.workers))]
-        for w, chunk in zip(self.workers, chunks, strict=True):
-            with w.lock:
-                w.send("add", hosts=chunk, urls={str(n): self.url_of(n) for n in chunk})
-        for w, chunk in zip(self.workers, chunks, strict=True):
-            replies.append(w.recv())
-            self.worker_hosts[w.pid] = self.worker_hosts.get(w.pid, 0) + len(chunk)
+        step = max(self.args.grow_step, len(self.workers))
+        for s in range(0, len(new), step):  # in steps, as a fleet is rolled out
+            batch = new[s:s + step]
+            chunks = [batch[i::len(self.workers)] for i in range(len(self.workers))]
+            for w, chunk in zip(self.workers, chunks, strict=True):
+                with w.lock:
+                    w.send("add", hosts=chunk, urls={str(n): self.url_of(n) for n in chunk})
+            for w, chunk in zip(self.workers, chunks, strict=True):
+                replies.append(w.recv())
+                self.worker_hosts[w.pid] = self.worker_hosts.get(w.pid, 0) + len(chunk)
+            failed = sum(r["n_failed"] for r in replies)
+            if failed:
+                raise RuntimeError(f"{failed} hosts did not start: "
+                                   f"{[r['failed'] for r in replies if r['failed']]}")
+            self.hosts += batch
         took = time.monotonic() - t0
-        failed = sum(r["n_failed"] for r in replies)
-        if failed:
-            raise RuntimeError(f"{failed} hosts did not start: "
-                               f"{[r['failed'] for r in replies if r['failed']]}")
-        self.hosts += new
         load1 = self.servers.usage()
         self.report.emit({"name": "fleet_grow", "backend": self.backend, "size": size,
                           "added": len(new), "took_s": round(took, 1),
-                          "start_retries": sum(r.get("retried", 0) for r in replies),
+                          "start_retries": sum(r.get("retried", 0)  # cumulative per worker
+                                               for r in replies[-len(self.workers):]),
                           "server_cpu_pct": self._cpu_pct(load0, load1, took)})
 
     def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
@@ -1162,6 +1166,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="services each host routes (0: all, no filter)")
     ap.add_argument("--ttl", type=float, default=10.0, help="lease TTL / session timeout")
     ap.add_argument("--resync", type=float, default=30.0, help="agent reconcile period")
+    ap.add_argument("--grow-step", type=int, default=100,
+                    help="hosts started per step while the fleet grows")
     ap.add_argument("--worker-nice", type=int, default=10,
                     help="niceness of the worker processes (the registry members keep 0)")
     ap.add_argument("--start-parallel", type=int, default=16,
