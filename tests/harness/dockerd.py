@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shlex
@@ -61,6 +62,8 @@ __all__ = [
     "free_port",
     "health_status",
     "http_get",
+    "live_restore",
+    "live_restore_enabled",
     "remove_containers",
     "restart_dockerd",
     "run_app",
@@ -81,6 +84,7 @@ IMAGE_HASH_LABEL = "example-app.content-hash"
 TEST_LABEL = "discovery-test.session"
 
 DOCKER_PIDFILE = Path("/var/run/docker.pid")
+DAEMON_JSON = Path("/etc/docker/daemon.json")  # dockerd's default --config-file
 DOCKERD_LOG = Path("/var/log/discovery-dockerd.log")
 # Same flags as scripts/setup.sh.
 DEFAULT_DOCKERD_ARGS: tuple[str, ...] = (
@@ -413,6 +417,58 @@ def restart_dockerd(timeout: float = 60.0, args: Sequence[str] | None = None) ->
     new_pid = wait_for(dockerd_pid, timeout=5.0, message="the new dockerd pidfile")
     assert new_pid is not None
     return new_pid
+
+
+def live_restore_enabled() -> bool:
+    """What the running dockerd says: ``docker info --format '{{.LiveRestoreEnabled}}'``."""
+    out = subprocess.run(
+        ["docker", "info", "--format", "{{.LiveRestoreEnabled}}"],
+        capture_output=True, text=True, timeout=10, check=True,
+    )
+    return out.stdout.strip() == "true"
+
+
+def _reload_dockerd(config: Mapping[str, Any] | bytes | None, path: Path) -> None:
+    """Write (None: remove) dockerd's config file and SIGHUP the running dockerd, which
+    re-reads it. A reload applies only the keys the file sets: removing a key (or the file)
+    changes nothing, so a value is put back by writing it explicitly first."""
+    if config is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+    pid = dockerd_pid()
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def live_restore(path: Path = DAEMON_JSON) -> Iterator[None]:
+    """Turn ``live-restore`` on in the running dockerd without restarting it (``"live-restore":
+    true`` in its config file, then SIGHUP, as Docker documents), so that the *next* restart
+    keeps the containers running; a dockerd started meanwhile reads the same file. On exit,
+    even on failure, put everything back as it was: live-restore off again (written
+    explicitly, SIGHUP), then the config file's original content, or no file (SIGHUP again).
+    Nothing is touched when dockerd already runs with live-restore (``--live-restore`` and the
+    file may not both set it)."""
+    if live_restore_enabled():
+        yield
+        return
+    original = path.read_bytes() if path.exists() else None
+    config: dict[str, Any] = json.loads(original) if original else {}
+    try:
+        _reload_dockerd({**config, "live-restore": True}, path)
+        wait_for(live_restore_enabled, timeout=15.0, interval=0.2,
+                 message=f"dockerd to turn live-restore on after SIGHUP ({path})")
+        yield
+    finally:
+        try:
+            if dockerd_pid() is not None:
+                _reload_dockerd({**config, "live-restore": False}, path)
+                wait_for(lambda: docker_info_ok() and not live_restore_enabled(), timeout=30.0,
+                         interval=0.2, message="dockerd to turn live-restore off after SIGHUP")
+        finally:
+            _reload_dockerd(original, path)
 
 
 # --------------------------------------------------------------------------- fixtures
