@@ -15,9 +15,15 @@ requests through HAProxy. Three phases, each bounded in time:
   turn under load: the new one is registered, then the old one's record is deleted (what the
   agent does on Docker's ``kill`` event) while it keeps serving its in-flight requests for its
   grace period (2.5 s) before it stops. Failed requests over the whole replacement.
-* ``slowstart``: two warm instances, then a cold one joins (its answers take 150 ms at first,
-  falling linearly to the warm 5 ms over 8 s), with ``server_options = "slowstart 8s"`` and
-  without: client p99 during the 10 s after the join vs the steady state before it.
+* ``slowstart``: two warm instances, then a cold one joins; four modes side by side in one run:
+  ``none`` (registered when it starts), ``slowstart 8s`` (``server_options``), ``readiness +
+  slowstart 8s`` (its ``/health`` answers 503 until its preload is done; the agent's HTTP check,
+  every 2 s, rise 1, registers it when it passes) and ``readiness`` alone. Every instance is
+  one model (``bench/coldapp.py``): a time-driven preload (150 ms falling linearly to the warm
+  5 ms over 8 s), a request-driven residual (its first 200 requests 25 ms falling to 5 ms,
+  whenever they come) and a capacity of 2 requests at a time; warm ones have neither warm-up.
+  Client p50/p99 during the 10 s after the record is written vs the steady state before it,
+  and how many ramp requests were over 1.5x the steady p99.
 
 Result: ``bench/results/deploys-etcd.json``.
 """
@@ -35,6 +41,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+from coldapp import WARM, ColdApp, Model  # noqa: E402
 from common import (  # noqa: E402
     HOST,
     Report,
@@ -52,6 +60,8 @@ from common import (  # noqa: E402
     wait_until,
 )
 
+from discovery.agent.checks import HttpCheck  # noqa: E402
+from discovery.agent.spec import CheckSpec, CheckTarget  # noqa: E402
 from discovery.model import Instance  # noqa: E402
 from discovery.registry import Registry, open_registry  # noqa: E402
 from discovery.registry.devserver import LocalEtcd  # noqa: E402
@@ -133,7 +143,7 @@ class Phase:
         self.watcher = Routed.watcher(self.url, {}, work, "--http", f"{HOST}:{self.api}",
                                       config=conf)
         self.reg: Registry = open_registry(self.url)
-        self.backends: list[NamedBackend] = []
+        self.backends: list[NamedBackend | ColdApp] = []
 
     def backend(self, name: str) -> NamedBackend:
         b = NamedBackend(name)
@@ -227,38 +237,72 @@ def deploy_phase(etcd: LocalEtcd, work: Path, report: Report) -> dict[str, Any]:
                                         for s, lat, o in rows]}
 
 
+SLOW_MODES = (  # (mode, server_options, the cold app's /health waits for its preload)
+    ("none", "", False),
+    ("slowstart 8s", 'server_options = "slowstart 8s"\n', False),
+    ("readiness + slowstart 8s", 'server_options = "slowstart 8s"\n', True),
+    ("readiness", "", True),
+)
+
+
+def registered_when_healthy(ph: Phase, n: int, app: ColdApp, timeout: float) -> float:
+    """What the agent does: run the instance's HTTP check on ``/health`` every interval (the
+    agent's default 2 s, rise 1) and write the record once it passes; returns that moment."""
+    check = HttpCheck(CheckSpec(type="http", params={"path": "/health"}),
+                      CheckTarget(HOST, app.port, ""))
+    deadline = time.monotonic() + timeout
+    while not check.run().ok:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{app.name}: /health never passed in {timeout:g}s")
+        time.sleep(check.spec.interval)
+    ph.reg.register(record(n, app.port))
+    return time.monotonic()
+
+
 def slowstart_phase(etcd: LocalEtcd, work: Path, report: Report,
                     steady_s: float, ramp_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode, toml in (("slowstart 8s", 'server_options = "slowstart 8s"\n'), ("none", "")):
-        with Phase(etcd, work, "slow" + mode.split()[0], toml) as ph:
-            for n in (1, 2):
-                b = ph.backend(f"warm-{n}")
-                b.delay = 0.005
+    model = Model()
+    for mode, toml, readiness in SLOW_MODES:
+        with Phase(etcd, work, "slow-" + mode.split()[0], toml) as ph:
+            warm = [ColdApp(f"warm-{n}", WARM) for n in (1, 2)]
+            ph.backends.extend(warm)  # stopped with the phase
+            for n, b in enumerate(warm, 1):
                 ph.reg.register(record(n, b.port))
             ph.serving({"warm-1", "warm-2"})
             load = Load(ph.listen, 4)
-            cold = ph.backend("cold")
-            cold.delay = 0.15
             with load.running():
-                time.sleep(steady_s)
-                joined = time.monotonic()
-                ph.reg.register(record(3, cold.port))
-                while (since := time.monotonic() - joined) < ramp_s:
-                    cold.delay = max(0.005, 0.15 - 0.145 * since / 8.0)  # warms up over 8 s
-                    time.sleep(0.1)
-            steady = [r[1] * 1000 for r in load.window(joined - steady_s + 1, joined)]
+                started = time.monotonic()
+                if readiness:  # the app starts now; the agent registers it once /health passes
+                    cold = ColdApp("cold", replace(model, readiness=True))
+                    ph.backends.append(cold)
+                    joined = registered_when_healthy(ph, 3, cold, 30.0)
+                else:  # the app starts and is registered at once (a TCP check passes)
+                    time.sleep(steady_s)
+                    cold = ColdApp("cold", model)
+                    ph.backends.append(cold)
+                    ph.reg.register(record(3, cold.port))
+                    joined = time.monotonic()
+                time.sleep(max(0.0, joined + ramp_s - time.monotonic()))
+            steady = [r[1] * 1000 for r in load.window(started + 1, joined)]
             ramp_rows = load.window(joined, joined + ramp_s)
             ramp = [r[1] * 1000 for r in ramp_rows]
             share = [sum(1 for r in load.window(joined + k, joined + k + 1) if r[2] == "cold")
                      / max(1, len(load.window(joined + k, joined + k + 1)))
                      for k in range(int(ramp_s))]
             p99s, p99r = percentile(steady, 0.99), percentile(ramp, 0.99)
+            over = sum(1 for x in ramp if x > 1.5 * p99s)
             row = report.emit({
                 "name": "slowstart", "mode": mode, "n": len(steady) + len(ramp),
-                "steady_p99_ms": round(p99s, 1), "ramp_p99_ms": round(p99r, 1),
+                "steady_p50_ms": round(percentile(steady, 0.5), 1),
+                "steady_p99_ms": round(p99s, 1),
+                "ramp_p50_ms": round(percentile(ramp, 0.5), 1), "ramp_p99_ms": round(p99r, 1),
                 "ratio": round(p99r / p99s, 2), "failed": failed(ramp_rows),
+                "ramp_n": len(ramp), "ramp_over_1.5x": over,
+                "cold_requests_in_ramp": sum(1 for r in ramp_rows if r[2] == "cold"),
+                "traffic_after_start_s": round(joined - cold.started, 2),
                 "cold_share_per_s": [round(x, 2) for x in share],
+                "model": {k: v for k, v in asdict(model).items() if k != "readiness"},
                 "target": "ramp p99 <= 1.5 x steady",
                 "pass": (p99r <= 1.5 * p99s) if mode != "none" else None})
             out[mode] = {"row": row, "steady_ms": [round(x, 1) for x in steady],
@@ -271,6 +315,8 @@ def main() -> int:
     parser.add_argument("--outlier-s", type=float, default=15.0)
     parser.add_argument("--steady-s", type=float, default=10.0)
     parser.add_argument("--ramp-s", type=float, default=10.0)
+    parser.add_argument("--only", choices=["outlier", "deploy", "slowstart"], default=None,
+                        help="run one phase and save nothing (a try; the result keeps every row)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     install_signal_handlers()
@@ -280,15 +326,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-deploys-"))
     samples: dict[str, Any] = {}
     try:
-        say("outlier ejection")
-        samples["outlier"] = outlier_phase(etcd, work, report, args.outlier_s)
-        say("rolling deploy under load")
-        samples["deploy"] = deploy_phase(etcd, work, report)
-        say("slow start onto a cold instance")
-        samples["slowstart"] = slowstart_phase(etcd, work, report, args.steady_s, args.ramp_s)
+        if args.only in (None, "outlier"):
+            say("outlier ejection")
+            samples["outlier"] = outlier_phase(etcd, work, report, args.outlier_s)
+        if args.only in (None, "deploy"):
+            say("rolling deploy under load")
+            samples["deploy"] = deploy_phase(etcd, work, report)
+        if args.only in (None, "slowstart"):
+            say("slow start onto a cold instance")
+            samples["slowstart"] = slowstart_phase(etcd, work, report, args.steady_s,
+                                                   args.ramp_s)
     finally:
         etcd.stop()
-    if not args.no_save:
+    if not (args.no_save or args.only):
         report.save("deploys", "etcd", mark, samples)
     return 1 if report.failed() else 0
 

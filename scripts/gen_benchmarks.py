@@ -458,6 +458,48 @@ def t_faults(results: dict[str, Result]) -> str:
                   "missing at worst", "lost", "stale", "host busy", "target", "result"], out)
 
 
+def t_deploys(results: dict[str, Result]) -> str:
+    """bench/deploys.py: outlier ejection off/on and the rolling replacement."""
+    res = results.get("deploys-etcd")
+    out = []
+    for r in rows_of(res, name="outlier"):
+        after = (f"{num(r['failed_after_ejection'])} / {num(r['n_after_ejection'])}"
+                 if r["ejection_s"] is not None else "—")
+        out.append([f"gray failure, outlier {r['mode']}", f"{num(r['failed'])} / {num(r['n'])}",
+                    f"{100 * r['failed_share']:.2f} %", _s(r["ejection_s"]), after,
+                    verdict(r["pass"])])
+    for r in rows_of(res, name="deploy"):
+        out.append([f"deploy: {r['mode']}, requests 0-2 s", f"{num(r['failed'])} / {num(r['n'])}",
+                    f"{100 * r['failed'] / max(1, r['n']):.2f} %", "—", "—", verdict(r["pass"])])
+    if not out:
+        return missing("deploys-etcd")
+    return table(["phase", "failed / requests", "failed share", "ejected after",
+                  "failed / requests after the ejection", "result"], out)
+
+
+def t_slowstart(results: dict[str, Result]) -> str:
+    """bench/deploys.py: a cold instance joining, per mode: p50/p99 steady vs during the ramp."""
+    out = []
+    for r in rows_of(results.get("deploys-etcd"), name="slowstart"):
+        if "steady_p50_ms" not in r:
+            continue  # a run from before the modes were measured side by side
+        share = ", ".join(f"{100 * x:.0f}" for x in r["cold_share_per_s"])
+        out.append([r["mode"], _s(r["traffic_after_start_s"]),
+                    f"{num(r['steady_p50_ms'])} / {num(r['steady_p99_ms'])}",
+                    f"{num(r['ramp_p50_ms'])} / {num(r['ramp_p99_ms'])}",
+                    f"{num(r['ratio'], 2)}{TIMES}",
+                    f"{num(r['ramp_over_1.5x'])} of {num(r['ramp_n'])}",
+                    num(r["cold_requests_in_ramp"]), share, num(r["failed"]),
+                    verdict(r["pass"])])
+    if not out:
+        return missing("deploys-etcd")
+    return table(["mode", "traffic after the app starts", "steady p50 / p99 ms",
+                  "ramp p50 / p99 ms", "ramp p99 / steady p99",
+                  f"ramp requests > 1.5{TIMES} steady p99",
+                  "cold instance's requests in the ramp", "cold share per second (%)", "failed",
+                  f"p99 <= 1.5{TIMES} steady"], out)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         if isinstance(v, dict):
@@ -508,6 +550,8 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "dns": t_dns,
     "dns-abuse": t_generic("dns-abuse-none"),
     "faults": t_faults,
+    "deploys": t_deploys,
+    "slowstart": t_slowstart,
 }
 
 
