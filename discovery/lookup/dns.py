@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8600
 UDP_RCVBUF = 4 << 20
 ERROR_LOG_EVERY = 60.0
+POLL = 0.2  # s: how soon an idle listener thread notices stop()
 CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send those
 
 QueryHook = Callable[[str, str], None]
@@ -87,11 +89,15 @@ class DnsServer:
         port: int = self._udp.getsockname()[1]
         return port
 
-    def start(self) -> DnsServer:
+    def start(self, inherited: tuple[socket.socket, socket.socket] | None = None) -> DnsServer:
+        """Bind and answer; ``inherited``: the (UDP, TCP) listeners of a previous process
+        (:mod:`discovery.lookup.handover`), answered on as they are."""
         if self._udp is not None:
             raise RuntimeError("DnsServer already started")
         self._stopping.clear()
-        self._udp, self._tcp = self._bind()
+        self._udp, self._tcp = inherited or self._bind()
+        self._udp.setblocking(True)  # reads never wait in the kernel (MSG_DONTWAIT, select)
+        self._tcp.setblocking(False)  # two processes may accept: never wait in accept()
         names = [f"dns-udp-{i}" for i in range(self._udp_threads)]
         targets: list[tuple[str, Callable[[], None]]] = [(n, self._serve_udp) for n in names]
         targets.append(("dns-tcp", self._serve_tcp))
@@ -109,26 +115,37 @@ class DnsServer:
                         self.bind, self.port, self.config.udp_answer_limit or "no")
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop answering; returns once every listener thread has ended (or ``timeout``)."""
+    def listeners(self) -> list[tuple[str, socket.socket]]:
+        """The listening sockets, to hand over to the next process."""
+        if self._udp is None or self._tcp is None:
+            return []
+        return [("dns-udp", self._udp), ("dns-tcp", self._tcp)]
+
+    def stop(self, timeout: float = 5.0, handoff: bool = False) -> None:
+        """Stop answering; returns once every listener thread has ended (or ``timeout``).
+        ``handoff``: the next process answers on the same sockets, so nothing is done to
+        them (no wake-up datagram, no shutdown): the loops end on their next poll, a query
+        read is answered first, and open TCP connections are served until their client
+        closes them or leaves them idle (:class:`TcpLimits` ``timeout``)."""
         udp, tcp = self._udp, self._tcp
         if udp is None or tcp is None:
             return
         self._stopping.set()
         wake = ("127.0.0.1" if self._family == socket.AF_INET else "::1") \
             if self.bind in ("0.0.0.0", "::") else self.bind
-        for _ in self._threads:  # one empty datagram per UDP thread wakes it up
+        for _ in [] if handoff else self._threads:  # an empty datagram wakes a UDP thread
             with contextlib.suppress(OSError):
                 udp.sendto(b"", (wake, self.port))
-        with contextlib.suppress(OSError):
-            tcp.shutdown(socket.SHUT_RDWR)  # wakes accept()
         with self._lock:
-            for conn in list(self._conns):
+            for conn in [] if handoff else list(self._conns):
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + self.tcp_limits.timeout + 1.0
+        while handoff and self._conns and time.monotonic() < deadline:
+            time.sleep(0.05)
         udp.close()
         tcp.close()
         self._threads, self._udp, self._tcp = [], None, None
@@ -204,9 +221,17 @@ class DnsServer:
         cache = AnswerCache()
         self._caches.append(cache)
         get, turn = cache.entries.get, 0
-        while True:
+        while not stopping.is_set():
             try:
-                data, addr = recv(65535)
+                try:  # never blocked inside recvfrom: a process handing over reads no more
+                    data, addr = recv(65535, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    select.select([sock], [], [], POLL)
+                    continue
+                if not data:  # stop()'s wake-up, or an empty datagram: nothing to answer
+                    if self.on_query is not None and not stopping.is_set():
+                        self.on_query("NONE", "DROPPED")
+                    continue
                 if catalog.index != cache.index:
                     cache.clear(catalog.index)
                 key = cache_key(data)
@@ -228,8 +253,6 @@ class DnsServer:
                     if self.on_query is not None:
                         self.on_query(hit[1], hit[2])
                     continue
-                if stopping.is_set():
-                    return
                 resp = self._answer(data, tcp=False)
                 if resp is None:
                     if self.on_query is not None:
@@ -252,7 +275,11 @@ class DnsServer:
         limits = self.tcp_limits
         while not self._stopping.is_set():
             try:
-                conn, peer = sock.accept()
+                if not select.select([sock], [], [], POLL)[0]:
+                    continue
+                conn, peer = sock.accept()  # non-blocking: another process may have it
+            except BlockingIOError:
+                continue
             except OSError:
                 if self._stopping.is_set():
                     return
@@ -276,7 +303,7 @@ class DnsServer:
     def _serve_conn(self, conn: socket.socket) -> None:
         timeout = self.tcp_limits.timeout
         try:
-            while not self._stopping.is_set():
+            while True:  # until the client closes, goes idle, or stop() shuts the connection
                 deadline = time.monotonic() + timeout  # for the whole message, however sent
                 head = _recv_exact(conn, 2, deadline)
                 if head is None:

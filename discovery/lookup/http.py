@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +33,7 @@ from discovery.lookup.http_guard import (
     presented_token,
     token_matches,
 )
+from discovery.lookup.http_listen import ApiServer
 from discovery.lookup.http_query import (
     ApiError,
     Request,
@@ -84,7 +85,7 @@ class HttpApi:
         self.bind, self._port = bind, port
         self.slots = BlockingSlots(max_blocking, max_blocking_per_client)
         self._stopping = threading.Event()
-        self._server: _Server | None = None
+        self._server: ApiServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -96,13 +97,13 @@ class HttpApi:
     def port(self) -> int:
         return self._server.server_address[1] if self._server is not None else self._port
 
-    def start(self) -> HttpApi:
-        """Bind (raises OSError when the address is taken) and serve on a daemon thread."""
+    def start(self, inherited: socket.socket | None = None) -> HttpApi:
+        """Bind (raises OSError when the address is taken) and serve on a daemon thread;
+        ``inherited``: the listening socket of a previous process, served as it is."""
         if self._server is not None:
             return self
-        server_cls = _Server6 if ":" in self.bind else _Server
         self._stopping.clear()
-        self._server = server_cls((self.bind, self._port), _Handler)
+        self._server = ApiServer((self.bind, self._port), _Handler, inherited)
         self._server.api = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
             "poll_interval": 0.2}, name=f"http-api-{self.port}", daemon=True)
@@ -114,13 +115,20 @@ class HttpApi:
         log.info("HTTP API listening on %s:%d", self.bind, self.port)
         return self
 
-    def stop(self) -> None:
-        """Stop serving; blocked queries return within a second."""
+    def listeners(self) -> list[tuple[str, socket.socket]]:
+        """The listening socket, to hand over to the next process."""
+        return [] if self._server is None else [("http", self._server.socket)]
+
+    def stop(self, handoff: bool = False) -> None:
+        """Stop serving; blocked queries return within a second. ``handoff``: the next
+        process serves the same socket; every request accepted here is answered first."""
         self._stopping.set()
         server, self._server = self._server, None
         if server is not None:
             self._port = server.server_address[1]
             server.shutdown()
+            if handoff:
+                server.wait_idle(WAIT_SLICE + 5.0)
             server.server_close()
         if self._thread is not None:
             self._thread.join(5)
@@ -303,18 +311,8 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # stop() never waits on a slow client
-    api: HttpApi
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: ApiServer
     timeout = 10  # seconds a client may take to send its request (or to read a write)
 
     def do_GET(self) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,3 +197,108 @@ def test_worker_crash_serves_again(routed):
     took = (time.monotonic() - killed) * 1000
     wait_for(lambda: "serving again" in routed.first.log(), 10, message="the restart logged")
     print(f"\nworker SIGKILL -> first 200 through the watcher's HAProxy: {took:.0f} ms")
+
+
+class LookupLoad:
+    """Steady lookups against a watcher's DNS (UDP and TCP) and HTTP API, one thread each,
+    every request on a new socket, bounded in count and time; what failed and why."""
+
+    def __init__(self, dns_port: int, http_port: int, max_each: int = 20_000,
+                 max_seconds: float = 60.0) -> None:
+        from dnslib import DNSRecord
+
+        self.question = DNSRecord.question("web.service.discovery", "A")
+        self.dns_port, self.http_port, self.max_each = dns_port, http_port, max_each
+        self.deadline = time.monotonic() + max_seconds
+        self.ok: dict[str, int] = {"udp": 0, "tcp": 0, "http": 0}
+        self.failures: list[str] = []
+        self.last_ok: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True)
+                         for kind in self.ok]
+
+    def _one(self, kind: str) -> None:
+        from dnslib import DNSRecord
+
+        wire = self.question.pack()
+        if kind == "http":
+            status, body = http_get(self.http_port, "/v1/services/web", timeout=2)
+            assert status == 200 and '"web"' in body, (status, body[:200])
+            return
+        if kind == "udp":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(2.0)
+                s.sendto(wire, ("127.0.0.1", self.dns_port))
+                answer = s.recv(65535)
+        else:
+            with socket.create_connection(("127.0.0.1", self.dns_port), timeout=2.0) as s:
+                s.sendall(struct.pack(">H", len(wire)) + wire)
+                size = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
+                answer = s.recv(size, socket.MSG_WAITALL)
+        reply = DNSRecord.parse(answer)
+        assert reply.header.rcode == 0 and [str(r.rdata) for r in reply.rr] == ["127.0.0.1"]
+
+    def _run(self, kind: str) -> None:
+        for _ in range(self.max_each):
+            if self._stop.is_set() or time.monotonic() > self.deadline:
+                return
+            try:
+                self._one(kind)
+            except Exception as exc:  # refused, reset, timed out, a wrong answer
+                self.failures.append(f"{kind}: {type(exc).__name__}: {exc}"[:200])
+            else:
+                self.ok[kind] += 1
+                self.last_ok[kind] = time.monotonic()
+            time.sleep(0.002)
+
+    def wait_more(self, n: int, timeout: float = 15.0) -> None:
+        """Until each kind has ``n`` more answers."""
+        want = {k: v + n for k, v in self.ok.items()}
+        wait_for(lambda: all(self.ok[k] >= want[k] for k in want), timeout,
+                 message=f"{n} more lookups of each kind: {self}")
+
+    def __enter__(self) -> LookupLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+
+    def __str__(self) -> str:
+        return f"answered {self.ok}, failed {len(self.failures)}: {self.failures[:5]}"
+
+
+def test_dns_and_http_handed_over_to_the_next_watcher(
+        request: pytest.FixtureRequest, http_backends: Callable[..., list[NamedBackend]],
+        host: Callable[[str], Host]) -> None:
+    """`watch --dns --http` replaced (SIGUSR2, the next one started at once on the same state
+    dir): the next watcher takes the DNS (UDP, TCP) and HTTP listening sockets over from the
+    leaving one, which answers until then: not one lookup refused, lost or unanswered."""
+    server: ServerCluster = request.getfixturevalue("etcd_single")
+    server.ensure_running()
+    url = server.url(unique_prefix())
+    backend = http_backends("a")[0]
+    reg = open_registry(url)
+    try:
+        reg.register(inst(1, backend.port))
+        h = host(url)
+        dns_port, http_port = free_port(), free_port()
+        extra = ("--dns", f"127.0.0.1:{dns_port}", "--http", f"127.0.0.1:{http_port}")
+        first = h.watcher(*extra)
+        wait_for(lambda: h.routes({"a"}), 20, message="the first watcher routes")
+        with LookupLoad(dns_port, http_port) as load:
+            load.wait_more(50)
+            first.signal(signal.SIGUSR2)
+            second = h.watcher(*extra)  # at once: it waits for the offer
+            assert first.wait(20) == 0
+            load.wait_more(100)  # answered by the second watcher alone
+        assert load.failures == [], str(load)
+        assert "took the DNS/HTTP listeners of the previous process: dns-tcp, dns-udp, http" \
+            in second.log()
+        assert "the next process answers on the DNS/HTTP listeners" in first.log()
+        assert "adopted HAProxy master" in second.log()
+    finally:
+        reg.close(revoke=True)

@@ -1,0 +1,89 @@
+"""The DNS/HTTP listener handover (discovery/lookup/handover.py) inside one process: the
+"old" servers offer their sockets on a unix socket, the "new" ones take them, answer on them,
+acknowledge, and the old ones stop without closing them under the new ones."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dnslib import DNSRecord
+
+from discovery.errors import ConfigError
+from discovery.lookup import handover
+from discovery.lookup.dns import DnsServer
+from discovery.lookup.http import HttpApi
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry.base import Snapshot
+
+
+def catalog(address: str) -> Catalog:
+    inst = Instance(service="web", id="n1:000000000001:80", node="n1", address=address, port=80)
+    cat = Catalog()
+    cat.load(Snapshot({inst.key: inst}, revision=1))
+    return cat
+
+
+def ask(port: int) -> list[str]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2.0)
+        s.sendto(DNSRecord.question("web.service.discovery", "A").pack(), ("127.0.0.1", port))
+        return [str(r.rdata) for r in DNSRecord.parse(s.recv(65535)).rr]
+
+
+def get(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/services/web", timeout=2) as r:
+        return str(r.read().decode())
+
+
+def test_sockets_handed_over_and_still_answering(tmp_path: Path) -> None:
+    old_dns = DnsServer(catalog("192.0.2.1"), "127.0.0.1", 0).start()
+    old_http = HttpApi(catalog("192.0.2.1"), dict, None, "127.0.0.1", 0).start()
+    dns_port, http_port = old_dns.port, old_http.port
+    assert ask(dns_port) == ["192.0.2.1"] and "192.0.2.1" in get(http_port)
+    offered: list[bool] = []
+    t = threading.Thread(target=lambda: offered.append(handover.offer(
+        tmp_path, [*old_dns.listeners(), *old_http.listeners()], wait=10)))
+    t.start()
+    busy = [(socket.SOCK_DGRAM, "127.0.0.1", dns_port), (socket.SOCK_STREAM, "127.0.0.1", dns_port),
+            (socket.SOCK_STREAM, "127.0.0.1", http_port)]
+    assert handover.busy(busy)
+    taken = handover.from_predecessor(tmp_path, busy, wait=5)
+    assert taken is not None and sorted(taken.sockets) == ["dns-tcp", "dns-udp", "http"]
+    assert taken.pop("http", "127.0.0.1", http_port + 1) is None  # another address: not used
+    udp, tcp = taken.pop("dns-udp", "127.0.0.1", dns_port), taken.pop("dns-tcp", "127.0.0.1", 0)
+    assert udp is not None and tcp is not None
+    new_dns = DnsServer(catalog("192.0.2.2"), "127.0.0.1", dns_port).start((udp, tcp))
+    new_http = HttpApi(catalog("192.0.2.2"), dict, None, "127.0.0.1", http_port).start(
+        taken.pop("http", "127.0.0.1", http_port))
+    taken.ack()
+    t.join(10)
+    assert offered == [True]
+    old_dns.stop(handoff=True)
+    old_http.stop(handoff=True)
+    try:  # the old ones let go without closing the sockets: the new ones answer every time
+        for _ in range(20):
+            assert ask(dns_port) == ["192.0.2.2"]
+            assert "192.0.2.2" in get(http_port)
+    finally:
+        new_dns.stop()
+        new_http.stop()
+    assert not (tmp_path / handover.SOCKET_NAME).exists()
+    assert not handover.busy(busy)  # closed for good once the last holder stops
+
+
+def test_nobody_to_take_over_from(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert handover.from_predecessor(tmp_path, [(socket.SOCK_STREAM, "127.0.0.1", 0)]) is None
+        s.listen(1)  # in use, and nobody offers it: the error a bind would give, after a wait
+        with pytest.raises(ConfigError, match="address in use"):
+            handover.from_predecessor(tmp_path, [(socket.SOCK_STREAM, "127.0.0.1", port)],
+                                      wait=0.3)
+    assert handover.offer(tmp_path, [], wait=0.3) is False  # nobody came: closes its own
+    assert not (tmp_path / handover.SOCKET_NAME).exists()
