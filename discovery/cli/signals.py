@@ -1,5 +1,6 @@
 """One way for a daemon command to take SIGTERM/SIGINT (stop), SIGHUP (reload) and SIGUSR2
-(leave: exit, leaving HAProxy — and with ``up`` the registrations — for a successor)."""
+(leave: exit, leaving HAProxy — and with ``up`` the registrations — for a successor, which also
+takes the DNS/HTTP listening sockets over: :mod:`discovery.lookup.handover`)."""
 
 from __future__ import annotations
 
@@ -39,5 +40,5 @@ def on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = Non
     if reload is not None:
         signal.signal(signal.SIGHUP, later("reloading", reload))
     if leave is not None:
-        signal.signal(signal.SIGUSR2, later("exiting, leaving HAProxy running for the next "
-                                            "watcher", leave))
+        signal.signal(signal.SIGUSR2, later("exiting, leaving HAProxy running (and DNS/HTTP "
+                                            "answering) for the next watcher", leave))
