@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,39 @@ def test_gray_failure_is_ejected_and_clients_stop_seeing_500(
     assert "errors in a row" in ejected["reason"] and ejected["ejections"] == 1
     assert 50 < ejected["back_in_s"] <= 60 and ejected["until"] > time.time() + 45
     assert by_id["h1:000000000001:80"]["ejected"] is None
+
+
+# busybox httpd runs /cgi-bin/index.cgi for "/" once index.html is gone; a CGI whose output
+# starts with a status line is sent as it is
+GRAY_CGI = ('#!/bin/sh\nprintf "HTTP/1.0 500 Internal Server Error\\r\\n'
+            'Content-Length: 0\\r\\n\\r\\n"\n')
+CGI = "/tmp/www/cgi-bin/index.cgi"
+GRAY = (f"mkdir -p /tmp/www/cgi-bin && printf %s {shlex.quote(GRAY_CGI)} > {CGI}"
+        f" && chmod 755 {CGI} && rm /tmp/www/index.html")
+
+
+def test_gray_failure_of_a_container_through_agent_and_watcher(
+        etcd_url, containers, start_agent, start_watcher, tmp_path):
+    """The real agent checks a container's static /health (it passes) while the app's traffic
+    path, a CGI, answers 500: registered, routed, ejected; after warm-up no client sees a 500."""
+    listen = free_port()
+    start_agent(etcd_url)
+    labels = {"discovery.service": "web", "discovery.check": "http",
+              "discovery.check.path": "/health", "discovery.check.interval": "200ms"}
+    apps = {}
+    for name in ("good-1", "good-2", "gray"):
+        port = free_port()
+        apps[name] = containers(name=f"{name}-{uuid.uuid4().hex[:6]}", port=port,
+                                labels={**labels, "discovery.port": str(port)})
+    done = apps["gray"].exec_run(["sh", "-c", GRAY])
+    assert done.exit_code == 0, done.output
+    watcher = start_watcher(etcd_url, {}, "--config", str(outlier_config(tmp_path, listen)))
+    wait_for(lambda: "!500" in spread(listen, 6), 15, message="the gray instance routed")
+    wait_for(lambda: spread(listen, 6) and "ejected" in watcher.log(), 10,
+             message="the gray instance ejected")
+    after = spread(listen, 60)
+    assert after["!500"] == 0 and len(after) == 2, f"after warm-up: {after}"
+    assert all(name.startswith("good-") for name in after), after
 
 
 def test_ejection_comes_back_after_base_ejection(etcd_url, reg, http_backends, start_watcher,
