@@ -20,6 +20,7 @@ import contextlib
 import logging
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -96,7 +97,11 @@ class DnsServer:
             raise RuntimeError("DnsServer already started")
         self._stopping.clear()
         self._udp, self._tcp = inherited or self._bind()
-        self._udp.setblocking(True)  # reads never wait in the kernel (MSG_DONTWAIT, select)
+        self._udp.setblocking(True)
+        # a read waits POLL s at most, so a process handing over stops reading (and answers
+        # what it read first) without anything done to the socket the next one reads
+        self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", 0, int(POLL * 1_000_000)))
         self._tcp.setblocking(False)  # two processes may accept: never wait in accept()
         names = [f"dns-udp-{i}" for i in range(self._udp_threads)]
         targets: list[tuple[str, Callable[[], None]]] = [(n, self._serve_udp) for n in names]
@@ -223,10 +228,9 @@ class DnsServer:
         get, turn = cache.entries.get, 0
         while not stopping.is_set():
             try:
-                try:  # never blocked inside recvfrom: a process handing over reads no more
-                    data, addr = recv(65535, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    select.select([sock], [], [], POLL)
+                try:
+                    data, addr = recv(65535)
+                except BlockingIOError:  # SO_RCVTIMEO: nothing for POLL s
                     continue
                 if not data:  # stop()'s wake-up, or an empty datagram: nothing to answer
                     if self.on_query is not None and not stopping.is_set():
