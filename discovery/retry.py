@@ -14,6 +14,10 @@ A small typed API over tenacity (in the spirit of stamina):
 - :func:`poll` calls a check until it returns something truthy, or ``timeout`` passes.
 - :func:`jittered` spreads a period (an agent's resync, a lease renewal) by ±10 %, so a fleet
   that started at one moment (after a registry restart) does not stay in step.
+- :func:`spread` is the random delay of one host's *resume* after it lost its registry (its
+  watches' reconnect, its agent's reconcile): uniform over a window, ``RESUME_SPREAD`` seconds
+  unless the registry URL says otherwise (``spread=``), so that a whole fleet that lost a
+  restarted registry together comes back over that window, not in its first second.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import tenacity
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Exceptions = type[BaseException] | tuple[type[BaseException], ...]
+#: seconds over which a fleet spreads its resume after losing its registry (see :func:`spread`)
+RESUME_SPREAD = 3.0
 
 
 def _sleeper(stop_event: threading.Event | None) -> Callable[[float], None]:
@@ -100,3 +106,8 @@ def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.02,
 def jittered(seconds: float, fraction: float = 0.1) -> float:
     """``seconds`` ± ``fraction`` of it, at random (uniform): the wait before periodic work."""
     return seconds * random.uniform(1.0 - fraction, 1.0 + fraction)
+
+
+def spread(window: float) -> float:
+    """A random delay in ``[0, window)`` (uniform; 0 when ``window`` <= 0)."""
+    return random.uniform(0.0, window) if window > 0 else 0.0

@@ -139,6 +139,9 @@ URL_PARAMS = {
     "path": "with `format=nerve`: where service S's nodes are, `{service}` standing for S, "
             "e.g. `/nerve/services/{service}/services` (Airbnb's layout); the prefix is then "
             "unused",
+    "spread": "seconds (0 to 60, default 3) over which this host spreads its resume after it lost "
+              "the registry: watch reconnects, lease renewal retries, the agent's reconcile "
+              "([operations.md](operations.md#a-full-registry-restart))",
 }
 URL_FIELDS = {
     "user": "the user (etcd user / ZooKeeper digest user)",

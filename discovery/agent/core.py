@@ -1,7 +1,8 @@
 """The agent: Docker's truth → health checks → only healthy instances in the registry.
 
 Writes happen only on transitions. Every ``resync`` seconds (±10 %, and after every Docker
-reconnect) it reconciles Docker's truth with this node's entries, read alone, both ways.
+reconnect) it reconciles Docker's truth with this node's entries, read alone, both ways; after
+the registry comes back, at a random moment within the URL's resume spread (``spread=``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
-from discovery.retry import jittered
+from discovery.registry.base import resume_spread
+from discovery.retry import jittered, spread
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Agent:
                     self._reconnected = False
                     with self._lock:
                         self.history.reconnected(list(self._registered.values()))
+                    if self._stop.wait(spread(resume_spread(self.config.registry))):
+                        break  # a fleet that lost its registry does not reconcile at once
                 self.reconcile()
         finally:
             self.docker.stop()

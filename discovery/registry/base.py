@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urlsplit
 from discovery.errors import ConfigError
 from discovery.model import Instance
 from discovery.registry.reads import ReadStats
+from discovery.retry import RESUME_SPREAD
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ SCHEMES: dict[str, tuple[Literal["etcd", "zk"], bool]] = {
     "etcd": ("etcd", False), "etcds": ("etcd", True), "zk": ("zk", False), "zks": ("zk", True)}
 #: query parameter -> RegistryURL field (``key`` is a method of RegistryURL, hence ``tls_*``)
 QUERY_PARAMS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
-                "password_file": "password_file", "format": "format", "path": "path"}
+                "password_file": "password_file", "format": "format", "path": "path",
+                "spread": "spread"}
 FORMATS = ("discovery", "nerve")
 SERVICE_PART = "{service}"
 #: environment variable -> RegistryURL field, read by :meth:`RegistryURL.with_env`
@@ -78,6 +80,7 @@ class RegistryURL:
     tls_key: str | None = None
     format: str | None = None  # None: ours; "nerve": Airbnb Nerve's ZooKeeper nodes
     path: str | None = None  # nerve: where service S's nodes are, with {service} for S
+    spread: str | None = None  # seconds: a host's resume after an outage (retry.RESUME_SPREAD)
 
     @property
     def nerve(self) -> bool:
@@ -144,7 +147,21 @@ class RegistryURL:
         if self.scheme == "zk" and self.user and ":" in self.user:
             raise ConfigError(f"registry URL '{self}': a ZooKeeper digest user cannot contain ':'")
         self._check_layout()
+        _ = self.resume_spread
         return self if tls == self.tls else replace(self, tls=tls)
+
+    @property
+    def resume_spread(self) -> float:
+        """``spread=``: the window (s) over which a host spreads its resume after an outage."""
+        if self.spread is None:
+            return RESUME_SPREAD
+        try:
+            value = float(self.spread)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 60:
+            raise ConfigError(f"registry URL '{self}': spread= must be seconds from 0 to 60")
+        return value
 
     def _check_layout(self) -> None:
         if self.format not in (None, *FORMATS):
@@ -234,6 +251,14 @@ class RegistryURL:
         if parts[1:-1] != tail_parts:
             return None
         return parts[0], parts[-1]
+
+
+def resume_spread(url: str) -> float:
+    """The resume spread of registry URL ``url``; the default when it is empty or invalid."""
+    try:
+        return RegistryURL.parse(url).resume_spread
+    except ConfigError:
+        return RESUME_SPREAD
 
 
 def _query(query: str, shown: str) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """etcd v3 backend: one lease per registry object, kept alive (jittered) in the background;
-watches that resume from the last seen revision, or send a ``reset`` when it was compacted
-(:mod:`~discovery.registry.etcd_watch`); each instance written with its per-node index key
-(:mod:`~discovery.registry.etcd_index`), so :meth:`EtcdRegistry.node_snapshot` reads one
-node's entries only. TLS and user/password authentication: :mod:`discovery.registry.security`."""
+a failed renewal is one short attempt, tried again about one renewal interval later (sooner
+as the lease runs out, ±50 %), so a fleet whose registry restarts does not renew in the
+registry's first second; watches that resume from the last seen revision, or send a ``reset``
+when it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
+per-node index key (:mod:`~discovery.registry.etcd_index`), so
+:meth:`EtcdRegistry.node_snapshot` reads one node's entries only. TLS and user/password
+authentication: :mod:`discovery.registry.security`."""
 
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
 ]
 _ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
+_RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
 
 
 class _LeaseGone(RegistryError):
@@ -109,9 +113,12 @@ class EtcdRegistry:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T], closing: bool = False) -> T:
-        """Run one etcd request, retrying transient failures (other endpoints) until timeout."""
-        deadline = time.monotonic() + self.timeout
+    def _call(self, what: str, fn: Callable[[], T], closing: bool = False,
+              patience: float | None = None) -> T:
+        """Run one etcd request, retrying transient failures (other endpoints) until timeout
+        (or ``patience`` seconds)."""
+        started = time.monotonic()
+        deadline = started + (self.timeout if patience is None else patience)
         delay, reauthenticated = 0.05, False
         while True:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
@@ -124,7 +131,7 @@ class EtcdRegistry:
                     self.set_state(False)
                     raise RegistryUnavailable(
                         f"etcd at {self.where}: {what} failed, no member answered within "
-                        f"{self.timeout:g}s ({rpc_details(exc)})") from None
+                        f"{deadline - started:.3g}s ({rpc_details(exc)})") from None
                 (self._closed if closing else self._closing).wait(delay)
                 delay = min(delay * 2, 0.5)
                 continue
@@ -206,12 +213,22 @@ class EtcdRegistry:
             self._need_reput = False
 
     def _refresh(self, lease: int) -> list[Any]:
-        return self._call("lease keepalive", lambda: _keepalive(self.client, lease))
+        return self._call("lease keepalive", lambda: _keepalive(self.client, lease),
+                          patience=_RENEW_PATIENCE)
+
+    def _retry_wait(self, interval: float, renewed: float) -> float:
+        """After a failed renewal: the renewal interval or half of what is left of the lease,
+        whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
+        it, so the fleet's first renewals once it is back arrive spread over about one
+        interval, as in steady state (etcd gives every lease a new TTL when it elects a
+        leader); a host cut off alone still tries again before its lease runs out."""
+        left = renewed + self.ttl - time.monotonic()
+        return jittered(max(min(interval, left / 2), 0.2), 0.5)
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ttl / 3, 0.2)
-        wait, renewed = interval, time.monotonic()
-        while not self._closing.wait(jittered(wait)):  # a fleet's renewals do not align
+        wait, renewed = jittered(interval), time.monotonic()
+        while not self._closing.wait(wait):  # a fleet's renewals do not align
             lease = self._lease
             try:
                 if lease is None:  # a renewal failed half-way: finish it
@@ -220,20 +237,21 @@ class EtcdRegistry:
                         self._reput_all()
                     continue
                 resp = self._refresh(lease)
-                if not resp or resp[0].TTL <= 0:
+                if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
                     self._renew_lease(lease)
                 elif self._need_reput:
                     self._reput_all()
-                wait, renewed = interval, time.monotonic()
+                wait, renewed = jittered(interval), time.monotonic()
+            except _LeaseGone:
+                with contextlib.suppress(RegistryError):
+                    self._renew_lease(lease)  # type: ignore[arg-type]
+                wait = self._retry_wait(interval, renewed)
             except RegistryError as exc:
                 log.debug("lease keepalive: %s", exc)
-                wait = min(interval, 0.5)
-                if lease is not None and time.monotonic() - renewed > self.ttl:
-                    with contextlib.suppress(RegistryError):  # not renewed for a TTL: gone
-                        self._renew_lease(lease)
+                wait = self._retry_wait(interval, renewed)
             except Exception:
                 log.exception("etcd lease keepalive failed")
-                wait = interval
+                wait = jittered(interval)
 
     # -- the Registry interface -------------------------------------------------------------
 
@@ -273,7 +291,8 @@ class EtcdRegistry:
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError(f"etcd registry {self.url} is closed")
-            w = EtcdWatch(self, callback, start_revision, services)
+            w = EtcdWatch(self, callback, start_revision, services,
+                          spread=self.url.resume_spread)
             self._watches.append(w)
         return w
 

@@ -6,15 +6,28 @@ Without a service filter the stream holds one watcher on ``<prefix>/services/``;
 keeps its own last revision: after a broken stream every watcher resumes from the revision
 after the last it delivered (or was told of by a progress notification); nothing is read
 again. Only when etcd has compacted that revision does the watch read everything it follows
-once more and send a ``reset``. A broken stream is re-opened with jittered exponential
-backoff (:func:`discovery.retry.backoff`), so a fleet that lost its registry together does
-not come back together.
+once more and send a ``reset``.
+
+**After a lost connection** (not at the first start) a fleet must not come back at once:
+
+- a broken stream is re-opened at once (another member), then with jittered backoff
+  (:func:`discovery.retry.backoff`) whose random part is the registry URL's resume spread
+  (``spread=``, 3 s), so the fleet's re-opened streams arrive over that window, not in the
+  registry's first second;
+- with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from
+  the oldest of the k revisions, filtered here (an event of another service is dropped, one
+  of a followed service already delivered is skipped), so a resume costs etcd one
+  ``WatchCreate`` instead of k. ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes
+  back to its k watchers (a new stream, each from its own revision), so in steady state etcd
+  again sends this host only what it routes; until then it receives every change of the
+  registry (docs/operations.md#a-full-registry-restart).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +40,7 @@ from pyetcd.utils import prefix_range_end
 from discovery.errors import RegistryUnavailable
 from discovery.registry.base import Change, ChangeCallback, deliver
 from discovery.registry.security import rpc_details
-from discovery.retry import backoff
+from discovery.retry import RESUME_SPREAD, backoff
 
 if TYPE_CHECKING:
     from discovery.registry.base import RegistryURL, Snapshot
@@ -40,8 +53,12 @@ log = logging.getLogger(__name__)
 _ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.INTERNAL)
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
-#: re-opening a broken stream: 0.1 s doubling to 2 s, plus up to 1 s at random
-RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER = 0.1, 2.0, 1.0
+#: re-opening a broken stream: once after 0.1 s (another member), then every half resume
+#: spread plus up to one spread at random (a fleet whose registry is down retries one spread
+#: apart on average, so it comes back over that window when the registry does)
+RECONNECT_INITIAL = 0.1
+#: seconds (uniform between the two) a watch that resumed wide stays wide
+NARROW_AFTER = (10.0, 60.0)
 
 
 class WatchSource(Protocol):
@@ -65,9 +82,10 @@ class EtcdWatch:
     ends it. ``services``: None for everything, else only those services' instances."""
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
-                 services: Collection[str] | None = None) -> None:
-        self._reg, self._callback = reg, callback
-        root = reg.url.services_root + "/"
+                 services: Collection[str] | None = None,
+                 spread: float = RESUME_SPREAD) -> None:
+        self._reg, self._callback, self._spread = reg, callback, spread
+        self._root = root = reg.url.services_root + "/"
         self._services = None if services is None else frozenset(services)
         self._ranges = ([root] if self._services is None
                         else [f"{root}{s}/" for s in sorted(self._services)])
@@ -77,6 +95,9 @@ class EtcdWatch:
         self._stream: Any = None
         self._reauth = False
         self._failing = False
+        self._lost = False  # a stream broke: the next one resumes wide (k > 1)
+        self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
+        self.wide = False  # the current stream follows the whole prefix (filtered here)
         self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
         self._thread.start()
 
@@ -100,9 +121,9 @@ class EtcdWatch:
             return
         while not self._stopped.is_set():
             try:
-                for attempt in backoff(Exception, stop_event=self._stopped,
-                                       initial=RECONNECT_INITIAL, maximum=RECONNECT_MAX,
-                                       jitter=RECONNECT_JITTER):
+                half = max(self._spread / 2, RECONNECT_INITIAL)
+                for attempt in backoff(Exception, stop_event=self._stopped, initial=half,
+                                       maximum=half, jitter=self._spread):
                     with attempt:
                         self._follow_once()
             except Exception:  # only when stopped: backoff retries forever otherwise
@@ -114,15 +135,17 @@ class EtcdWatch:
         except Exception as exc:
             if self._stopped.is_set():
                 return
+            self._lost = len(self._ranges) > 1 and all(self._revs.values())
             self._reg.set_state(False)
-            if not self._failing:
-                log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                            self._reg.where, rpc_details(exc), self.revision + 1)
+            if self._failing:
+                raise  # the backoff waits
+            log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
+                        self._reg.where, rpc_details(exc), self.revision + 1)
             self._failing = True
-            raise
+            self._stopped.wait(RECONNECT_INITIAL)  # the first time: another member, at once
 
     def _create(self, rng: str) -> Any:
-        rev = self._revs[rng]
+        rev = self._revs.get(rng, self.revision)  # the wide watcher: the oldest
         return etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=rng.encode(), range_end=prefix_range_end(rng.encode()),
             start_revision=rev + 1 if rev else 0, progress_notify=True))
@@ -136,8 +159,11 @@ class EtcdWatch:
         channel = reg.client.channel  # the first endpoint not recently failed
         endpoint = reg.client.endpoint_in_use
         requests: queue.Queue[Any] = queue.Queue()
-        pending = list(self._ranges)
+        self._narrowing = False
+        self.wide = wide = self._lost
+        pending = [self._root] if wide else list(self._ranges)
         ids: dict[int, str] = {}
+        narrow: threading.Timer | None = None
         requests.put(self._create(pending[0]))
         stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
                                                   metadata=_REQUIRE_LEADER + reg.auth.metadata())
@@ -162,44 +188,66 @@ class EtcdWatch:
                 rng = ids.get(resp.watch_id)
                 if resp.created and pending:
                     rng = ids[resp.watch_id] = pending.pop(0)
-                    if not self._revs[rng]:
+                    if not self._revs.get(rng, -1):
                         self._revs[rng] = int(resp.header.revision)
                     if pending:
                         requests.put(self._create(pending[0]))
                     else:
                         reg.set_state(True)
                         self._reauth = self._failing = False
+                        if wide:
+                            narrow = threading.Timer(random.uniform(*NARROW_AFTER),
+                                                     self._narrow, (stream,))
+                            narrow.daemon = True
+                            narrow.start()
                     continue
                 if rng is None:
                     continue
                 for ev in resp.events:
                     self._event(rng, ev)
                 if not resp.events:  # progress notification
-                    self._revs[rng] = max(self._revs[rng], int(resp.header.revision))
+                    for r in (self._ranges if wide else (rng,)):
+                        self._revs[r] = max(self._revs[r], int(resp.header.revision))
         except grpc.RpcError as exc:
             if self._stopped.is_set():
+                return
+            if self._narrowing:  # our own cancel: the next stream holds the k watchers
+                self._narrowing = self._lost = False
                 return
             if exc.code() in _ENDPOINT_DOWN:
                 endpoint.fail()
             reg.auth.stale(exc)
             raise
         finally:
+            if narrow is not None:
+                narrow.cancel()
             requests.put(None)
             with self._lock:
                 self._stream = None
             stream.cancel()
 
+    def _narrow(self, stream: Any) -> None:
+        """The wide stream has served its resume: end it; the next one holds k watchers."""
+        with self._lock:
+            if self._stream is stream and not self._stopped.is_set():
+                self._narrowing = True
+                stream.cancel()
+
     def _event(self, rng: str, ev: Any) -> None:
         reg = self._reg
         key = ev.kv.key.decode("utf-8", "replace")
         rev = int(ev.kv.mod_revision)
-        self._revs[rng] = max(self._revs[rng], rev)
         split = reg.url.split_key(key)
+        deleted = ev.type == kv_pb2.Event.DELETE
+        if not deleted and split is not None:
+            reg.reads.add(ev.kv.key, ev.kv.value)  # what etcd sent, followed or not
+        if rng not in self._revs:  # the wide watcher: only followed services, once each
+            rng = f"{self._root}{split[0]}/" if split is not None else ""
+            if rng not in self._revs or rev <= self._revs[rng]:
+                return
+        self._revs[rng] = max(self._revs[rng], rev)
         if split is None:
             return
-        deleted = ev.type == kv_pb2.Event.DELETE
-        if not deleted:
-            reg.reads.add(ev.kv.key, ev.kv.value)
         inst = None if deleted else reg.decoder.decode(key, ev.kv.value)
         # A malformed value counts as a delete: snapshot() would not show it either.
         self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst

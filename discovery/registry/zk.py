@@ -72,8 +72,11 @@ class ZkRegistry:
         self._checked: set[str] = set()  # service dirs whose ACL we looked at
         self.client = KazooClient(
             hosts=self._where, timeout=ttl,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0,
-                                        max_jitter=0.5),  # ±50 %: a fleet reconnects spread
+            # After a lost connection the retries grow to one resume spread apart (±50 %), so
+            # a fleet that lost a restarted ensemble reconnects over that window; at most a
+            # third of the session timeout, so a session outlives the wait.
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.5,
+                                        max_delay=max(min(url.resume_spread, ttl / 3), 0.1)),
             **options)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None

@@ -18,12 +18,18 @@ import pytest
 
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, RegistryURL, open_registry
+from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_registry
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory, http_get
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
-from tests.harness.servers import TcpProxy, raw_put, wait_until
+from tests.harness.servers import (
+    ServerCluster,
+    TcpProxy,
+    raw_put,
+    unique_prefix,
+    wait_until,
+)
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -230,6 +236,59 @@ def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
         assert cost.full_reads == 0, cost
         assert cost.keys <= 12, cost  # what changed, not the 200 instances
         assert foreign(7).key not in only.got()
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def etcd_url(etcd_single: ServerCluster) -> str:
+    etcd_single.ensure_running()
+    return etcd_single.url(unique_prefix())
+
+
+def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: OpenReg,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a cut, an etcd watch of k > 1 services resumes with one watcher on the whole
+    prefix (one WatchCreate instead of k), filtered here: nothing of another service is
+    delivered, nothing twice, nothing read again. NARROW_AFTER later it holds its k watchers
+    again: another service's change does not even reach the host."""
+    monkeypatch.setattr(etcd_watch, "NARROW_AFTER", (1.5, 2.0))
+    writer = open_reg(etcd_url)
+    parsed = RegistryURL.parse(etcd_url)
+    proxy = TcpProxy(parsed.hosts[0])
+    try:
+        reader = open_reg(proxy.url(parsed.scheme, parsed.prefix) + "?spread=0.5")
+        states: list[bool] = []
+        reader.add_state_listener(states.append)
+        seen = Seen()
+        snap = reader.snapshot(["web", "svc3"])
+        watch = reader.watch(seen, snap.revision, services=["web", "svc3"])
+        assert isinstance(watch, etcd_watch.EtcdWatch)
+        writer.register(mine(1))
+        wait_until(lambda: mine(1).key in seen.got(), 10, "the first put")
+        assert not watch.wide
+        with proxy.blocked():
+            wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
+            writer.register(mine(2))
+            writer.register(foreign(7))  # svc7: not followed
+            writer.register(foreign(3))  # svc3
+        wait_until(lambda: {mine(2).key, foreign(3).key} <= seen.got(), 15, "the resume")
+        assert watch.wide
+        before = reader.reads.counts()
+        writer.register(foreign(27))  # svc7 again: reaches the wide watch, is dropped
+        writer.register(mine(4))
+        wait_until(lambda: mine(4).key in seen.got(), 10, "a put while wide")
+        assert (reader.reads.counts() - before).keys == 2
+        wait_until(lambda: not watch.wide, 10, "the watch back to its k watchers")
+        before = reader.reads.counts()
+        writer.register(foreign(47))  # svc7: etcd no longer sends it
+        writer.register(mine(5))
+        wait_until(lambda: mine(5).key in seen.got(), 10, "a put after narrowing")
+        cost = reader.reads.counts() - before
+        assert cost.keys == 1 and cost.full_reads == 0, cost
+        puts = [c.key for c in seen.changes if c.kind == "put"]
+        assert sorted(puts) == sorted({mine(n).key for n in (1, 2, 4, 5)} | {foreign(3).key})
+        assert "reset" not in seen.kinds()
     finally:
         proxy.close()
 

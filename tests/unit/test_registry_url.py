@@ -12,8 +12,9 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.cli.options import registry_options, registry_url_from
 from discovery.errors import ConfigError
-from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url
+from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url, resume_spread
 from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_acl
+from discovery.retry import RESUME_SPREAD
 
 
 @pytest.mark.parametrize(
@@ -56,12 +57,24 @@ def test_parse_good(url: str, scheme: str, hosts: tuple[tuple[str, int], ...],
         ("zk://:2181", "bad host:port"),
         ("etcd://h/a b", "bad prefix"),
         ("etcd://h/a//b", "bad prefix"),
+        ("etcd://h/p?spread=x", "spread= must be seconds"),
+        ("zk://h/p?spread=-1", "spread= must be seconds"),
+        ("zk://h/p?spread=61", "spread= must be seconds"),
     ],
 )
 def test_parse_bad(url: str, complaint: str) -> None:
     with pytest.raises(ConfigError) as err:
         RegistryURL.parse(url)
     assert complaint in str(err.value)
+
+
+def test_resume_spread_from_the_url_or_the_default() -> None:
+    assert RegistryURL.parse("etcd://h/p").resume_spread == RESUME_SPREAD
+    url = RegistryURL.parse("zk://h/p?spread=0.5")
+    assert url.resume_spread == 0.5 and RegistryURL.parse(str(url)) == url
+    assert RegistryURL.parse("etcd://h?spread=0").resume_spread == 0
+    assert resume_spread("etcd://h/p?spread=7") == 7
+    assert resume_spread("") == RESUME_SPREAD  # an agent without a URL (tests): the default
 
 
 def test_keys() -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from discovery.retry import backoff, poll
+from discovery.retry import backoff, poll, spread
 
 
 class Flaky:
@@ -74,6 +74,25 @@ def test_jitter_spreads_the_waits() -> None:
         state = type("S", (), {"attempt_number": 1, "outcome": None})()
         waits.add(round(retrying.wait(state), 3))  # type: ignore[arg-type]
     assert len(waits) > 10 and all(0.1 <= w <= 0.6 for w in waits)
+
+
+def test_backoff_grows_to_its_maximum_then_stays_spread_by_its_jitter() -> None:
+    """Waits double from ``initial`` to ``maximum``, each plus up to ``jitter`` at random: a
+    fleet that lost its registry retries spread out, never busily."""
+    retrying = backoff(ConnectionError, initial=0.1, maximum=1.5, jitter=3.0)
+    for attempt, base in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.5), (12, 1.5)]:
+        state = type("S", (), {"attempt_number": attempt, "outcome": None})()
+        waits = [retrying.wait(state) for _ in range(200)]
+        assert all(base <= w <= base + 3.0 for w in waits), (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > 2.0  # spread over (nearly) the whole jitter
+
+
+def test_spread_is_uniform_over_its_window() -> None:
+    delays = [spread(3.0) for _ in range(2000)]
+    assert all(0 <= d < 3.0 for d in delays)
+    assert [sum(1 for d in delays if k <= d < k + 1) for k in range(3)] == pytest.approx(
+        [667, 667, 667], abs=120)
+    assert spread(0) == 0 and spread(-1) == 0
 
 
 def test_poll_returns_the_first_truthy_value_or_the_last_falsy_one() -> None:
