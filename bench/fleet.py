@@ -56,7 +56,9 @@ sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,
   = the bench's own first probe write that succeeds; resync = until every host's catalog has
   the probe (its watch is back), and every host's catalog then equals the registry's. Server
   request rate sampled every 0.5 s: peak (1 s window) vs steady. Targets: every host
-  resynced within 10 s of the registry serving again, peak <= 3 x steady.
+  resynced within 10 s of the registry serving again, peak <= 3 x steady. etcd watchers
+  resume wide and return to their per-service watchers 10-60 s later (``NARROW_AFTER``), so
+  before the next size the bench waits that long.
 * **servers**: RSS and CPU of every member (and of the relay), data size, watches, sessions.
 
 Raw results: ``bench/results/fleet-etcd.json``, ``fleet-zk.json`` (``--grpc-proxy``:
@@ -105,6 +107,7 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, open_registry
+from discovery.registry.etcd_watch import NARROW_AFTER
 from discovery.retry import jittered
 
 PREFIX = "/fleet"
@@ -850,7 +853,10 @@ class Fleet:
             say(f"etcd: relay HAProxy with {len(every) * len(targets)} ports (one source "
                 "address per host)")
             self.relay = Relay(every, targets, self.work)
-        self.writer = open_registry(self.direct_url(), ttl=self.args.ttl, timeout=15.0)
+        # The bench's own client measures when the registry serves again: it reconnects
+        # without the fleet's resume spread (spread=0), or "serving again" would come late
+        self.writer = open_registry(self.direct_url() + "?spread=0", ttl=self.args.ttl,
+                                    timeout=15.0)
         self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log")
                         for i in range(self.args.workers)]
 
@@ -1152,7 +1158,11 @@ class Fleet:
                 self.death(size, k)
             if not self.args.skip_restart:
                 self.restart(size, st["requests_per_s_total"])
-                time.sleep(self.args.settle)
+                # etcd watchers resume wide and go back to their k watchers NARROW_AFTER later:
+                # those creates belong to this restart, not to the next size's steady state
+                last = k == len(self.args.sizes) - 1
+                time.sleep(self.args.settle if last or self.backend != "etcd"
+                           else max(self.args.settle, NARROW_AFTER[1]))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
