@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable
+from itertools import chain
 
 from discovery.model import Instance, State
 from discovery.registry.base import Change, Snapshot
@@ -20,8 +21,9 @@ Key = tuple[str, str]
 class Catalog:
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._instances: dict[Key, Instance] = {}
-        self._by_service: dict[str, dict[str, Instance]] = {}  # service → id → instance
+        # service → id → instance: the only copy (no second index by key: 10,000 tuples)
+        self._by_service: dict[str, dict[str, Instance]] = {}
+        self._size = 0
         self._up: dict[str, int] = {}  # service → how many of its instances are up
         self.revision = 0
         self.index = 0
@@ -29,12 +31,14 @@ class Catalog:
 
     def load(self, snapshot: Snapshot) -> bool:
         """Replace everything with ``snapshot``; True when that changed anything."""
+        by_service: dict[str, dict[str, Instance]] = {}
+        for (service, iid), inst in snapshot.instances.items():
+            by_service.setdefault(service, {})[iid] = inst
         with self._cond:
-            changed = self._instances != snapshot.instances
-            self._instances = dict(snapshot.instances)
-            self._by_service, self._up = {}, {}
-            for (service, iid), inst in self._instances.items():
-                self._by_service.setdefault(service, {})[iid] = inst
+            changed = self._by_service != by_service
+            self._by_service, self._up = by_service, {}
+            self._size = len(snapshot.instances)
+            for inst in snapshot.instances.values():
                 self._count_up(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
             self.loaded = True
@@ -47,19 +51,20 @@ class Catalog:
         with self._cond:
             self.revision = max(self.revision, change.revision)
             service, iid = change.key
-            old = self._instances.get(change.key)
+            members = self._by_service.get(service)
+            old = members.get(iid) if members is not None else None
             if old is not None:
                 self._count_up(old, -1)
             if change.kind == "put" and change.instance is not None:
                 changed = old != change.instance
-                self._instances[change.key] = change.instance
                 self._by_service.setdefault(service, {})[iid] = change.instance
+                self._size += old is None
                 self._count_up(change.instance, 1)
             else:
-                changed = self._instances.pop(change.key, None) is not None
-                members = self._by_service.get(service)
-                if members is not None:
-                    members.pop(iid, None)
+                changed = old is not None
+                if members is not None and old is not None:
+                    del members[iid]
+                    self._size -= 1
                     if not members:
                         del self._by_service[service]
             return self._bump(changed)
@@ -89,8 +94,8 @@ class Catalog:
         """Instances (sorted), optionally of one service, having all ``tags``."""
         wanted = set(tags)
         with self._cond:
-            pool = (self._instances.values() if service is None
-                    else self._by_service.get(service, {}).values())
+            pool = (chain.from_iterable(m.values() for m in self._by_service.values())
+                    if service is None else self._by_service.get(service, {}).values())
             found = [
                 i for i in pool
                 if wanted.issubset(i.tags) and (include_draining or i.state is State.UP)
@@ -99,7 +104,7 @@ class Catalog:
 
     def get(self, key: Key) -> Instance | None:
         with self._cond:
-            return self._instances.get(key)
+            return self._by_service.get(key[0], {}).get(key[1])
 
     def up_count(self, service: str) -> int:
         """How many instances of ``service`` are up (kept as changes come: O(1))."""
@@ -108,7 +113,7 @@ class Catalog:
 
     def size(self) -> int:
         with self._cond:
-            return len(self._instances)
+            return self._size
 
     def count(self, service: str) -> int:
         with self._cond:

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from discovery.errors import InvalidRecord, ValidationError
 from discovery.model import validate as v
 
 SCHEMA_VERSION = 1
+K = TypeVar("K")
+V = TypeVar("V")
 #: A record this size or larger is not parsed: the largest valid one (64 meta values of 512
 #: characters, 32 tags) is about 40 KB. Nerve's and our own records are a few hundred bytes.
 MAX_RECORD_BYTES = 64 * 1024
 #: Brackets may nest this deep (a record needs 2: the object, then its tags list or meta).
 MAX_DEPTH = 8
+#: Decoded instances share what they repeat (see :meth:`Instance.shared`): one tags tuple and
+#: one meta dict per distinct value, remembered up to this many of each (then forgotten at once).
+SHARED_MAX = 1024
+_INTERNED = ("service", "node", "address", "image", "zone")
+_shared_tags: dict[tuple[str, ...], tuple[str, ...]] = {}
+_shared_meta: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
 
 class State(StrEnum):
@@ -30,7 +39,7 @@ def make_instance_id(node: str, container_id: str, port: int) -> str:
     return f"{node}:{container_id[:12].lower()}:{port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Instance:
     service: str
     id: str
@@ -55,6 +64,30 @@ class Instance:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def shared(cls, **fields: Any) -> Instance:
+        """An instance of values decoded from the registry, sharing what instances repeat: the
+        service, node, address, image and zone strings are interned, and an equal tags tuple or
+        meta dict is the same object in every instance (a watcher holds the whole fleet: this
+        halves its memory). The meta dict may be shared: never change an instance's meta."""
+        for name in _INTERNED:
+            if type(fields.get(name)) is str:
+                fields[name] = sys.intern(fields[name])
+        tags, meta = fields.get("tags"), fields.get("meta")
+        if isinstance(tags, tuple) and all(type(t) is str for t in tags):
+            found = _shared_tags.get(tags)
+            if found is None:
+                found = _remember(_shared_tags, tags, tuple(map(sys.intern, tags)))
+            fields["tags"] = found
+        if isinstance(meta, dict) and all(type(x) is str for kv in meta.items() for x in kv):
+            items = tuple(meta.items())
+            shared = _shared_meta.get(items)
+            if shared is None:
+                shared = _remember(_shared_meta, items,
+                                   {sys.intern(k): sys.intern(x) for k, x in items})
+            fields["meta"] = shared
+        return cls(**fields)
 
     def validate(self) -> None:
         """Raise :class:`ValidationError` if any field is unusable."""
@@ -164,7 +197,7 @@ class Instance:
             raise InvalidRecord(where, "tags must be strings")
         if text["state"] not in {s.value for s in State}:
             raise InvalidRecord(where, f"state {text['state']!r:.40} is not up|draining")
-        return cls(
+        return cls.shared(
             service=text["service"], id=text["id"], node=text["node"],
             address=text["address"], port=port, tags=v.tags("tags", tags), weight=weight,
             meta=v.meta("meta", meta), container_id=text["container_id"],
@@ -178,6 +211,14 @@ class Instance:
     def from_json(cls, raw: bytes | str, where: str = "record") -> Instance:
         """An instance from a stored value: :func:`load_record`, then :meth:`from_dict`."""
         return cls.from_dict(load_record(raw, where), where)
+
+
+def _remember(cache: dict[K, V], key: K, value: V) -> V:
+    """``value``, remembered under ``key`` (a full cache is emptied first: bounded)."""
+    if len(cache) >= SHARED_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _is_int(value: Any) -> bool:

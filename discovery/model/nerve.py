@@ -109,7 +109,7 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
         weight = 100
     tags = [t for t in text.get("tags", "").split(",") if _is_label(t)][: v.MAX_TAGS]
     meta = {k: val for k, val in text.items() if k not in RESERVED and _meta_ok(k, val)}
-    return Instance(
+    return Instance.shared(
         service=service, id=iid, node=node, address=address, port=v.port("port", port),
         tags=v.tags("tags", tags), weight=min(weight, 256),
         meta=dict(sorted(meta.items())[: v.MAX_META]),

@@ -236,3 +236,15 @@ def test_zone_round_trips_and_is_optional() -> None:
     assert not instance(zone="eu-1").same_registration(instance(zone="eu-2"))
     with pytest.raises(ValidationError, match="not a DNS label"):
         instance(zone="-bad")
+
+
+def test_decoded_instances_share_repeated_values_and_stay_equal() -> None:
+    a = Instance.from_json(instance().to_json())
+    b = Instance.from_json(instance(id="node1:4f2a3f2a3f2a:80", container_id="4f" * 32).to_json())
+    assert a == instance() and a.to_json() == instance().to_json()
+    assert a.meta is b.meta and a.tags is b.tags  # one object per distinct value
+    assert a.service is b.service and a.node is b.node and a.image is b.image
+    assert a.id is not b.id and a.container_id != b.container_id
+    c = Instance.from_json(instance(meta={"version": "1.3"}, tags=("a",)).to_json())
+    assert c.meta == {"version": "1.3"} and c.tags == ("a",) and c.meta is not a.meta
+    assert not hasattr(a, "__dict__")  # slots: no per-instance dict
