@@ -218,12 +218,13 @@ class EtcdRegistry:
 
     def _retry_wait(self, interval: float, renewed: float) -> float:
         """After a failed renewal: the renewal interval or half of what is left of the lease,
-        whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
-        it, so the fleet's first renewals once it is back arrive spread over about one
-        interval, as in steady state (etcd gives every lease a new TTL when it elects a
-        leader); a host cut off alone still tries again before its lease runs out."""
+        whichever is less (0.2 s at least), ±50 %; the interval again once the lease has run
+        out (hurrying saves nothing then). While the registry is down nothing reaches it, so
+        the fleet's first renewals once it is back arrive spread over about one interval, as
+        in steady state (etcd gives every lease a new TTL when it elects a leader); a host cut
+        off alone still tries again before its lease runs out."""
         left = renewed + self.ttl - time.monotonic()
-        return jittered(max(min(interval, left / 2), 0.2), 0.5)
+        return jittered(interval if left <= 0 else max(min(interval, left / 2), 0.2), 0.5)
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ttl / 3, 0.2)

@@ -1,10 +1,11 @@
 """Registry state listeners run with no registry lock held (bench/faults.py found a deadlock:
 the agent's listener waited for the agent's lock while a thread holding it waited for the
-registry's state lock)."""
+registry's state lock); when a failed etcd lease renewal is tried again."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 from discovery.registry import open_registry
 
@@ -32,5 +33,22 @@ def test_etcd_listeners_run_without_the_state_lock() -> None:
         reg.set_state(True)  # type: ignore[attr-defined]
         reg.set_state(False)  # type: ignore[attr-defined]
         assert seen == [(True, True), (False, True)]
+    finally:
+        reg.close(revoke=False)
+
+
+def test_etcd_failed_renewal_retried_spread_and_before_the_lease_runs_out() -> None:
+    """One renewal interval later (±50 %) while the lease has time, so a fleet's renewals after
+    a registry restart arrive as spread as in steady state; sooner as it runs out (at most half
+    of what is left); the interval again once it has run out: never a busy retry."""
+    reg = open_registry("etcd://127.0.0.1:1/x", ttl=9, timeout=0.5)  # no I/O here
+    wait = reg._retry_wait  # type: ignore[attr-defined]
+    try:
+        now = time.monotonic()
+        for renewed, low, high in [(now, 1.5, 4.5), (now - 8, 0.25, 0.75), (now - 8.9, 0.1, 0.3),
+                                   (now - 9.5, 1.5, 4.5), (now - 60, 1.5, 4.5)]:
+            waits = [wait(3.0, renewed) for _ in range(200)]
+            assert low <= min(waits) and max(waits) <= high, (now - renewed, waits)
+            assert max(waits) - min(waits) > (high - low) / 2  # spread, not one value
     finally:
         reg.close(revoke=False)
