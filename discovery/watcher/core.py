@@ -130,6 +130,7 @@ class Watcher:
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1
         self._apply(lambda: self.guard.filter(change))
+        self._wake.set()  # a deferral may have moved the guard's next deadline
 
     def _apply(self, decide: Callable[[], list[Change]]) -> None:
         """Apply what the wipe guard lets through now (``decide`` runs under the same lock,
@@ -146,7 +147,6 @@ class Watcher:
                     if change.kind == "put" and change.instance is not None:
                         self._pending.append((change.instance, time.time()))
                 self._mark_dirty()
-            self._wake.set()  # a deferral may have moved the guard's next deadline
             self.metrics.wipe_guard(self.guard.status.holding, self.guard.status.engaged)
 
     def _until_guard_due(self) -> float:

@@ -1,0 +1,76 @@
+"""The watcher's run loop sleeps between changes: it must not wake itself (a busy loop cost
+a whole core in ``discovery up``, bench/footprint.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from discovery.model import Instance
+from discovery.registry.base import Change, Snapshot
+from discovery.registry.reads import ReadStats
+from discovery.watcher.core import Watcher
+
+
+class _Registry:
+    """Just enough of a Registry for a Watcher without a router."""
+
+    url = "etcd://127.0.0.1:2379/unit"
+    invalid_records = 0
+
+    def __init__(self) -> None:
+        self.reads = ReadStats()
+        self.callback: Callable[[Change], None] | None = None
+
+    def add_state_listener(self, callback: Any) -> None:
+        pass
+
+    def snapshot(self, services: Any = None) -> Snapshot:
+        return Snapshot({}, 1)
+
+    def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
+              services: Any = None) -> _Registry:
+        self.callback = callback
+        return self
+
+    def stop(self) -> None:
+        self.callback = None
+
+    def close(self, revoke: bool = True) -> None:
+        pass
+
+
+def test_an_idle_watcher_loop_sleeps_and_a_change_still_wakes_it() -> None:
+    registry = _Registry()
+    watcher = Watcher(registry, None)  # type: ignore[arg-type]
+    rounds = 0
+    due = watcher.guard.due
+
+    def counted() -> list[Change]:
+        nonlocal rounds
+        rounds += 1
+        return due()
+
+    watcher.guard.due = counted  # type: ignore[method-assign]
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        assert watcher.wait_ready(10)
+        rounds_at_start, t0 = rounds, time.monotonic()
+        time.sleep(1.5)  # idle: the loop waits up to 1 s at a time
+        idle_rounds = rounds - rounds_at_start
+        assert idle_rounds <= 1 + (time.monotonic() - t0) / 1.0, idle_rounds
+        assert registry.callback is not None
+        web = Instance(service="web", id="h:000000000001:80", node="h", address="192.0.2.1",
+                       port=80, registered_at=1.0)
+        registry.callback(Change("put", web.key, web, revision=2))
+        deadline = time.monotonic() + 5
+        while watcher.catalog.size() != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.catalog.get(web.key) == web
+    finally:
+        watcher.stop()
+        thread.join(5)
+    assert not thread.is_alive()
