@@ -33,8 +33,9 @@ on (docs/benchmarks.md), so it is not the default.
 **Processes.** The hosts run as threads in ``--workers`` (4) worker processes (this script
 with ``--worker``), driven over a pipe; the host that dies is alone in a process of its own,
 SIGKILLed (no goodbye: its lease or session must expire). The workers run at
-``--worker-nice`` (10): they stand for other machines and must not starve the registry members
-of CPU on this one; that only slows the hosts' own measured timings.
+``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own): they
+stand for other machines and must not starve the registry members of CPU on this one; that
+only slows the hosts' own measured timings.
 
 **What is measured**, at each size of ``--sizes`` (250, 500, 1,000; the fleet grows between
 sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,000):
@@ -452,6 +453,11 @@ class WorkerProc:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, cwd=ROOT, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # A new session is a new autogroup when the kernel groups by session
+        # (/proc/sys/kernel/sched_autogroup_enabled): there ``nice`` only ranks threads within
+        # the group, and the group's own weight is its autogroup nice.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.proc.pid}/autogroup").write_text(str(args.worker_nice))
         self.lock = threading.Lock()
         self.count = 0
 
