@@ -58,6 +58,7 @@ class Agent:
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
+        self._write_failed = False  # a registry write failed since the last reconcile
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         # every check of this agent: one timer, 8 workers, at most 2 held by one container
@@ -90,8 +91,13 @@ class Agent:
                     self._reconnected = False
                     with self._lock:
                         self.history.reconnected(list(self._registered.values()))
-                    if self._stop.wait(spread(resume_spread(self.config.registry))):
-                        break  # a fleet that lost its registry does not reconcile at once
+                    # a fleet that lost its registry does not reconcile at once; a host with a
+                    # write that failed meanwhile (a container started or stopped) has
+                    # something to tell and does not wait
+                    if not self._write_failed and self._stop.wait(
+                            spread(resume_spread(self.config.registry))):
+                        break
+                self._write_failed = False
                 self.reconcile()
         finally:
             self.docker.stop()
@@ -330,6 +336,7 @@ class Agent:
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:
             log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
+            self._write_failed = True
             self._wake.set()
             return
         if cause is not None:

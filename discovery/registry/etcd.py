@@ -64,6 +64,7 @@ _GRPC_OPTIONS = [
 ]
 _ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
+_GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 
 
 class _LeaseGone(RegistryError):
@@ -218,13 +219,16 @@ class EtcdRegistry:
 
     def _retry_wait(self, interval: float, renewed: float) -> float:
         """After a failed renewal: the renewal interval or half of what is left of the lease,
-        whichever is less (0.2 s at least), ±50 %; the interval again once the lease has run
-        out (hurrying saves nothing then). While the registry is down nothing reaches it, so
-        the fleet's first renewals once it is back arrive spread over about one interval, as
-        in steady state (etcd gives every lease a new TTL when it elects a leader); a host cut
-        off alone still tries again before its lease runs out."""
+        whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
+        it, so the fleet's first renewals once it is back arrive spread over about one
+        interval, as in steady state (etcd gives every lease a new TTL when it elects a
+        leader); a host cut off alone still tries again before its lease runs out. Once the
+        lease has run out its instances are gone from the registry: at most ``_GONE_RETRY``
+        (±50 %) between tries then, so they are back within about a second of the link."""
         left = renewed + self.ttl - time.monotonic()
-        return jittered(interval if left <= 0 else max(min(interval, left / 2), 0.2), 0.5)
+        if left <= 0:
+            return jittered(min(interval, _GONE_RETRY), 0.5)
+        return jittered(max(min(interval, left / 2), 0.2), 0.5)
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ttl / 3, 0.2)
