@@ -303,14 +303,15 @@ class Worker:
         failed: list[tuple[int, str]] = []
 
         def one(n: int) -> None:
-            for attempt in range(3):  # a start that times out on a loaded host: once more
+            tries = self.args.start_attempts
+            for attempt in range(tries):  # a start that times out on a loaded host: once more
                 host = Host(n, urls[str(n)], self.args)
                 try:
                     host.start()
                     break
                 except Exception as exc:
                     host.close(revoke=True)
-                    if attempt == 2:
+                    if attempt == tries - 1:
                         failed.append((n, f"{type(exc).__name__}: {exc}"[:300]))
                         return
                     self.retried += 1
@@ -448,7 +449,8 @@ class WorkerProc:
                 "--ttl", str(args.ttl), "--resync", str(args.resync),
                 "--instances", str(args.instances), "--services", str(args.services),
                 "--watch-services", str(args.watch_services),
-                "--start-parallel", str(args.start_parallel)]
+                "--start-parallel", str(args.start_parallel),
+                "--start-attempts", str(args.start_attempts)]
         self.log = log.open("ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, cwd=ROOT, start_new_session=True,
@@ -1182,6 +1184,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="services each host routes (0: all, no filter)")
     ap.add_argument("--ttl", type=float, default=10.0, help="lease TTL / session timeout")
     ap.add_argument("--resync", type=float, default=30.0, help="agent reconcile period")
+    ap.add_argument("--start-attempts", type=int, default=3,
+                    help="attempts to start one simulated host (each within the registry "
+                    "timeout, 5 s) before the growth fails")
     ap.add_argument("--grow-step", type=int, default=100,
                     help="hosts started per step while the fleet grows")
     ap.add_argument("--worker-nice", type=int, default=10,
