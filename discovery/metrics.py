@@ -101,6 +101,9 @@ class Metrics:
         self.checks = Counter(
             "discovery_checks", "Health check runs, by check type and result (pass|fail).",
             ["type", "result"], registry=r)
+        self.warmup_requests = Counter(
+            "discovery_warmup_requests", "Warm-up requests the agent sent new instances before "
+            "registering them, by result (answered|error).", ["result"], registry=r)
         self.haproxy_runtime_ops = Counter(
             "discovery_haproxy_runtime_ops", "Server slots changed through HAProxy's runtime API.",
             registry=r)
@@ -154,6 +157,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._router_seen = (0, 0, 0, 0)
         self._guard_engaged_seen = 0
+        for outcome in ("answered", "error"):
+            self.warmup_requests.labels(result=outcome)
         for kind in ("tcp", "http", "exec"):  # common series exist at 0 from the start
             for result in ("pass", "fail"):
                 self.checks.labels(type=kind, result=result)
@@ -179,6 +184,11 @@ class Metrics:
         self.checks.labels(type=check_type(kind), result="pass" if ok else "fail").inc()
 
     # ---- both ------------------------------------------------------------------------------
+    def warmup(self, sent: int, errors: int) -> None:
+        """One instance's warm-up: ``sent`` requests, ``errors`` of them unanswered."""
+        self.warmup_requests.labels(result="answered").inc(sent - errors)
+        self.warmup_requests.labels(result="error").inc(errors)
+
     def registry_state(self, up: bool) -> None:
         self.registry_connected.set(1 if up else 0)
 

@@ -193,6 +193,19 @@ LABELS: list[tuple[str, str, str, dict[str, str]]] = [
      {"discovery.check": "exec", "discovery.check.command": '["test", "-f", "/tmp/ok"]'}),
     ("discovery.check.PARAM", "—", "any other parameter, handed to plugin checks",
      {"discovery.check.contains": "ok"}),
+    ("discovery.warmup.requests", "`0` (off)", "warm-up requests (1..10000): once the checks "
+     "first pass after the container starts, the agent sends this many `GET`s to the "
+     "instance's address and port and only then registers it (HTTP, whatever the check type; "
+     "any status counts; [traffic.md](traffic.md#warm-up-requests))",
+     {"discovery.warmup.requests": "200"}),
+    ("discovery.warmup.path", "`/`", "path the warm-up requests `GET` (printable ASCII, "
+     "starts with `/`, up to 256 chars)",
+     {"discovery.warmup.requests": "50", "discovery.warmup.path": "/_ah/warmup"}),
+    ("discovery.warmup.concurrency", "`2`", "warm-up requests in flight at once (1..16)",
+     {"discovery.warmup.requests": "50", "discovery.warmup.concurrency": "4"}),
+    ("discovery.warmup.timeout", "`30s`", "budget of the whole warm-up (100ms..5m; each request "
+     "at most 5s); when it runs out the instance is registered anyway, with a warning",
+     {"discovery.warmup.requests": "50", "discovery.warmup.timeout": "1m"}),
 ]
 #: registrator spellings the code reads but that have no discovery.* twin in _REGISTRATOR_FIELDS
 REGISTRATOR_EXTRA = [

@@ -30,6 +30,7 @@ from discovery.agent.tracked import (
     iso_ns,
     same_instances,
 )
+from discovery.agent.warmup import WarmupResult, start_warm_up
 from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
@@ -224,6 +225,7 @@ class Agent:
         if tracked is None:
             tracked = Tracked(cid, started, instances)
             self._tracked[cid] = tracked
+            tracked.ask_warmups(specs, self._adopt)
             try:
                 for spec in specs:
                     self._start_check(tracked, spec)
@@ -278,7 +280,7 @@ class Agent:
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:
-        if tracked.paused:
+        if tracked.paused or key in tracked.warming:
             return False
         runner = tracked.runners.get(key)
         return runner.healthy if runner is not None else tracked.docker_health
@@ -288,8 +290,24 @@ class Agent:
             self._apply(tracked, key, cause)
 
     def _apply(self, tracked: Tracked, key: Key, cause: Cause) -> None:
+        if key in tracked.warming:
+            return  # _warmed applies it once the warm-up ends
         wanted = self._wanted(tracked, key)
+        spec = tracked.start_warmup(key) if wanted else None
+        if spec is not None:  # first time up: warm-up requests first, in a thread of their own
+            inst = tracked.instances[key]
+            start_warm_up(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
+                          lambda result: self._warmed(tracked, key, cause, result), self._stop)
+            return
         self._write(key, self._effective(tracked.instances[key]) if wanted else None, cause)
+
+    def _warmed(self, tracked: Tracked, key: Key, cause: Cause, result: WarmupResult) -> None:
+        self.metrics.warmup(result.sent, result.errors)
+        with self._lock:
+            tracked.warming.discard(key)
+            if self._tracked.get(tracked.container_id) is tracked and not self._stop.is_set():
+                self._apply(tracked, key, Cause(cause.what, f"{cause.output[:200]} (warmed up: "
+                                                f"{result.sent} requests, {result.seconds:.1f}s)"))
 
     def _effective(self, inst: Instance) -> Instance:
         """The record as it should be written: ``draining`` while in maintenance."""

@@ -2,10 +2,10 @@
 
 Two conventions are read. Ours, as labels: ``discovery.service``, ``discovery.port``,
 ``discovery.tags``, ``discovery.weight``, ``discovery.meta.<key>``, ``discovery.ignore``,
-``discovery.check[.<param>]``, each also as ``discovery.<port>.<...>`` for one port of a
-multi-port container. Registrator's, as labels or env vars: ``SERVICE_NAME``,
-``SERVICE_TAGS``, ``SERVICE_WEIGHT``, ``SERVICE_IGNORE``, ``SERVICE_<KEY>`` (meta) and
-their ``SERVICE_<port>_<...>`` forms.
+``discovery.check[.<param>]``, ``discovery.warmup.<field>``, each also as
+``discovery.<port>.<...>`` for one port of a multi-port container. Registrator's, as labels
+or env vars: ``SERVICE_NAME``, ``SERVICE_TAGS``, ``SERVICE_WEIGHT``, ``SERVICE_IGNORE``,
+``SERVICE_<KEY>`` (meta) and their ``SERVICE_<port>_<...>`` forms.
 
 Both are folded into one table of canonical keys (``service``, ``80.tags``,
 ``meta.region``, ``check.path`` ...); later sources overwrite earlier ones:
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from discovery.agent import warmup
 from discovery.agent.checks import CHECK_TYPES, parse_command, status_matcher
 from discovery.agent.spec import MAX_INTERVAL, CheckSpec, ServiceSpec, within_limits
 from discovery.errors import CheckError, LabelError, ValidationError
@@ -121,6 +122,7 @@ def _canonical(key: str, culprit: str) -> str | None:
             (m[2] in _PLAIN and m[3] is None)
             or (m[2] == "port" and m[1] is None and m[3] is None)
             or (m[2] in ("check", "meta") and m[3] is not None)
+            or (m[2] == "warmup" and m[3] in warmup.FIELDS)
         ):
             raise LabelError(culprit, "unknown label (see the label reference)")
         port, rest = m[1], key[len(PREFIX) + (len(m[1]) + 1 if m[1] else 0) :]
@@ -183,6 +185,7 @@ def _parse(
                 meta=validate.meta(f"{who} meta", _prefixed(table, cport, "meta.")),
                 check=_check(table, cport, get, who, _has_healthcheck(attrs), defaults),
                 zone=validate.dns_label(zone[1], zone[0]) if zone else "",
+                warmup=warmup.parse({f: e for f in warmup.FIELDS if (e := get(f"warmup.{f}"))}),
             )
         )
     return specs

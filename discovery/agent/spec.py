@@ -63,6 +63,18 @@ def within_limits(
 
 
 @dataclass(frozen=True)
+class WarmupSpec:
+    """Warm-up requests the agent sends before it first registers an instance
+    (``discovery.warmup.*``): ``requests`` GETs of ``path`` (0: off), ``concurrency`` at a
+    time, all within ``timeout`` seconds. See :mod:`discovery.agent.warmup`."""
+
+    requests: int = 0
+    path: str = "/"
+    concurrency: int = 2
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """One service port of one container, ready to become an :class:`~discovery.model.Instance`."""
 
@@ -75,6 +87,7 @@ class ServiceSpec:
     meta: dict[str, str] = field(default_factory=dict)
     check: CheckSpec = field(default_factory=CheckSpec)
     zone: str = ""  # discovery.zone label; "": the agent's --zone
+    warmup: WarmupSpec | None = None  # discovery.warmup.* labels; None: no warm-up
 
 
 @dataclass(frozen=True)
@@ -99,3 +112,4 @@ class Check(Protocol):
     from a worker thread and must return within ``spec.timeout`` (or soon after)."""
 
     def run(self) -> CheckResult: ...
+

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from discovery.agent.health import CheckRunner
-from discovery.agent.spec import ServiceSpec
+from discovery.agent.spec import ServiceSpec, WarmupSpec
 from discovery.model import Instance, make_instance_id
 
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
@@ -26,6 +26,28 @@ class Tracked:
     runners: dict[Key, CheckRunner] = field(default_factory=dict)
     docker_health: bool = False
     paused: bool = False
+    warmups: dict[Key, WarmupSpec] = field(default_factory=dict)  # discovery.warmup.* asked
+    warming: set[Key] = field(default_factory=set)  # warm-up under way: not registered yet
+    warmed: set[Key] = field(default_factory=set)  # had theirs (or adopted): no warm-up again
+
+    def ask_warmups(self, specs: list[ServiceSpec], adopted: set[Key]) -> None:
+        """Note the warm-ups ``specs`` (in ``instances``' order) ask; ``adopted`` instances
+        (registered by an earlier run) are warm already."""
+        for spec, key in zip(specs, self.instances, strict=True):
+            if spec.warmup is not None:
+                self.warmups[key] = spec.warmup
+            if key in adopted:
+                self.warmed.add(key)
+
+    def start_warmup(self, key: Key) -> WarmupSpec | None:
+        """The warm-up ``key`` needs before its first registration (marked under way), or
+        ``None``: none asked, already had, or under way."""
+        spec = self.warmups.get(key)
+        if spec is None or key in self.warmed:
+            return None
+        self.warmed.add(key)
+        self.warming.add(key)
+        return spec
 
     def stop_runners(self) -> None:
         for runner in self.runners.values():

@@ -20,6 +20,7 @@ ALL = {
     "discovery_deregistrations": "counter",
     "discovery_docker_events": "counter",
     "discovery_checks": "counter",
+    "discovery_warmup_requests": "counter",
     "discovery_haproxy_runtime_ops": "counter",
     "discovery_haproxy_reloads": "counter",
     "discovery_render_errors": "counter",
@@ -65,6 +66,7 @@ def test_exposition_after_every_call() -> None:
     m.check("tcp", False)
     m.runtime_ops(3)
     m.runtime_ops(0)
+    m.warmup(200, 3)
     m.reloaded(at=1234.5)
     m.render_error()
     m.haproxy_error()
@@ -86,6 +88,8 @@ def test_exposition_after_every_call() -> None:
     assert val(m, "discovery_checks_total", type="tcp", result="fail") == 1
     assert val(m, "discovery_checks_total", type="exec", result="pass") == 0
     assert val(m, "discovery_haproxy_runtime_ops_total") == 3
+    assert val(m, "discovery_warmup_requests_total", result="answered") == 197
+    assert val(m, "discovery_warmup_requests_total", result="error") == 3
     assert val(m, "discovery_haproxy_reloads_total") == 1
     assert val(m, "discovery_haproxy_last_reload_timestamp_seconds") == 1234.5
     assert val(m, "discovery_render_errors_total") == 1

@@ -1,0 +1,147 @@
+"""Warm-up requests: what the agent sends a new instance before it first registers it.
+
+As App Engine's ``/_ah/warmup``, but as many requests as the app needs: a container labelled
+``discovery.warmup.requests=N`` gets, once its checks pass for the first time after it
+started, N ``GET <path>`` requests on its registered address and port (``concurrency`` at a
+time, each with a short timeout, all within the ``timeout`` budget), and only then its record.
+Whatever answers count (any status; connection errors too, counted apart); when the budget runs
+out it is registered anyway. HTTP only, whatever its check type (tcp, http, exec, docker).
+
+:func:`warm_up` does the requests (blocking; ``bench/deploys.py`` calls it too),
+:func:`start_warm_up` does them in a thread of their own and calls back.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from discovery.agent.spec import WarmupSpec
+from discovery.errors import LabelError, ValidationError
+from discovery.model.durations import parse_duration
+
+log = logging.getLogger(__name__)
+
+#: the ``discovery.warmup.<field>`` labels
+FIELDS = frozenset({"requests", "path", "concurrency", "timeout"})
+MAX_REQUESTS, MAX_CONCURRENCY, MAX_TIMEOUT, MAX_PATH = 10_000, 16, 300.0, 256
+#: longest one warm-up request may take (less when the budget has less left)
+REQUEST_TIMEOUT = 5.0
+_READ_CAP = 1 << 20  # bytes of one answer read (the rest is dropped with the connection)
+
+
+def parse(values: dict[str, tuple[str, str]]) -> WarmupSpec | None:
+    """The warm-up asked by ``values`` (field -> (label value, culprit)); ``None`` when
+    ``requests`` is absent or 0 (the others are checked all the same). Raises
+    :class:`LabelError` naming the bad label."""
+    requests = _int(values.get("requests"), 0, MAX_REQUESTS) if "requests" in values else 0
+    fields: dict[str, Any] = {"requests": requests}
+    if "path" in values:
+        path, culprit = values["path"]
+        if not (path.startswith("/") and len(path) <= MAX_PATH
+                and all(33 <= ord(c) < 127 for c in path)):
+            raise LabelError(culprit, f"must start with /, be printable ASCII without spaces and "
+                             f"at most {MAX_PATH} characters")
+        fields["path"] = path
+    if "concurrency" in values:
+        fields["concurrency"] = _int(values["concurrency"], 1, MAX_CONCURRENCY)
+    if "timeout" in values:
+        value, culprit = values["timeout"]
+        try:
+            fields["timeout"] = parse_duration(culprit, value, minimum=0.1, maximum=MAX_TIMEOUT)
+        except ValidationError as exc:
+            raise LabelError(culprit, exc.reason) from None
+    return WarmupSpec(**fields) if requests else None
+
+
+def _int(entry: tuple[str, str] | None, low: int, high: int) -> int:
+    value, culprit = entry or ("", "?")
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 6 and low <= int(text) <= high):
+        raise LabelError(culprit, f"{value[:32]!r} is not a whole number in {low}..{high}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    sent: int  # requests made (answered or not)
+    errors: int  # of them, those that got no HTTP answer (refused, reset, timed out)
+    seconds: float
+    complete: bool  # False: the budget ran out (or the agent stopped) first
+
+
+def warm_up(address: str, port: int, spec: WarmupSpec,
+            stop: threading.Event | None = None) -> WarmupResult:
+    """Send ``spec.requests`` GETs of ``spec.path`` to ``address:port``, ``spec.concurrency``
+    at a time, within ``spec.timeout`` seconds (blocks that long at most, plus one
+    request's timeout). Never raises for what the app does."""
+    start = time.monotonic()
+    deadline = start + spec.timeout
+    lock = threading.Lock()
+    counts = {"issued": 0, "errors": 0}
+
+    def worker() -> None:
+        while not (stop is not None and stop.is_set()):
+            with lock:
+                if counts["issued"] >= spec.requests or time.monotonic() >= deadline:
+                    return
+                counts["issued"] += 1
+            timeout = max(0.05, min(REQUEST_TIMEOUT, deadline - time.monotonic()))
+            if not _one(address, port, spec.path, timeout):
+                with lock:
+                    counts["errors"] += 1
+
+    threads = [threading.Thread(target=worker, name=f"warmup-{port}-{n}", daemon=True)
+               for n in range(min(spec.concurrency, spec.requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()) + REQUEST_TIMEOUT + 1)
+    with lock:
+        sent, errors = counts["issued"], counts["errors"]
+    done = sent >= spec.requests and not any(t.is_alive() for t in threads)
+    return WarmupResult(sent, errors, time.monotonic() - start, done)
+
+
+def _one(address: str, port: int, path: str, timeout: float) -> bool:
+    """One warm-up request: True if it got an HTTP answer (any status)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close",
+                                           "User-Agent": "discovery-warmup"})
+        resp = conn.getresponse()
+        resp.read(_READ_CAP)
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def start_warm_up(name: str, address: str, port: int, spec: WarmupSpec,
+                  done: Callable[[WarmupResult], None],
+                  stop: threading.Event | None = None) -> threading.Thread:
+    """:func:`warm_up` in a thread of its own; logs its outcome, then calls ``done``."""
+
+    def run() -> None:
+        result = warm_up(address, port, spec, stop)
+        if result.complete:
+            log.info("%s warmed up: %d requests to %s in %.2fs, %d errors", name, result.sent,
+                     spec.path, result.seconds, result.errors)
+        else:
+            log.warning("%s: warm-up stopped after %d of %d requests to %s (%d errors) at its "
+                        "%gs budget; registering it anyway", name, result.sent, spec.requests,
+                        spec.path, result.errors, spec.timeout)
+        try:
+            done(result)
+        except Exception:
+            log.exception("%s: after warm-up", name)
+
+    thread = threading.Thread(target=run, name=f"warmup-{name}"[:60], daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,169 @@
+"""discovery.agent.warmup: the ``discovery.warmup.*`` labels, and the requests themselves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from discovery.agent.labels import parse_container
+from discovery.agent.spec import WarmupSpec
+from discovery.agent.warmup import WarmupResult, start_warm_up, warm_up
+from discovery.errors import LabelError
+from tests.harness.util import free_port
+from tests.unit.test_labels import WHO, container
+
+
+def warmup_of(**labels: str) -> WarmupSpec | None:
+    [spec] = parse_container(container({"discovery.service": "web", **labels}))
+    return spec.warmup
+
+
+def test_absent_or_zero_is_no_warm_up() -> None:
+    assert warmup_of() is None
+    assert warmup_of(**{"discovery.warmup.requests": "0"}) is None
+
+
+def test_defaults_and_every_field() -> None:
+    assert warmup_of(**{"discovery.warmup.requests": "200"}) == WarmupSpec(200, "/", 2, 30.0)
+    assert warmup_of(**{"discovery.warmup.requests": "10000", "discovery.warmup.path":
+                        "/_ah/warmup?x=1", "discovery.warmup.concurrency": "16",
+                        "discovery.warmup.timeout": "5m"}) == WarmupSpec(
+        10000, "/_ah/warmup?x=1", 16, 300.0)
+    assert warmup_of(**{"discovery.warmup.requests": "1", "discovery.warmup.concurrency": "1",
+                        "discovery.warmup.timeout": "500ms"}) == WarmupSpec(1, "/", 1, 0.5)
+
+
+def test_per_port_overrides_container_wide() -> None:
+    specs = parse_container(container(
+        {"discovery.80.service": "web", "discovery.81.service": "admin",
+         "discovery.warmup.requests": "5", "discovery.81.warmup.requests": "0",
+         "discovery.80.warmup.path": "/warm"},
+        exposed=("80/tcp", "81/tcp"), published={"80/tcp": "32768", "81/tcp": "32769"}))
+    assert [s.warmup for s in specs] == [WarmupSpec(5, "/warm"), None]
+
+
+@pytest.mark.parametrize(("label", "value", "reason"), [
+    ("requests", "-1", "not a whole number in 0..10000"),
+    ("requests", "10001", "not a whole number in 0..10000"),
+    ("requests", "ten", "not a whole number"),
+    ("requests", "\u0661\u0660", "not a whole number"),  # Arabic-Indic digits int() would take
+    ("path", "warm", "must start with /"),
+    ("path", "/a b", "without spaces"),
+    ("path", "/é", "printable ASCII"),
+    ("path", "/" + "a" * 256, "at most 256"),
+    ("concurrency", "0", "1..16"),
+    ("concurrency", "17", "1..16"),
+    ("timeout", "301s", "between"),
+    ("timeout", "10ms", "between"),
+    ("timeout", "soon", ""),
+])
+def test_bad_value_names_its_label(label: str, value: str, reason: str) -> None:
+    with pytest.raises(LabelError) as info:
+        warmup_of(**{"discovery.warmup.requests": "5", f"discovery.warmup.{label}": value})
+    assert f"{WHO} label discovery.warmup.{label}" in str(info.value)
+    assert reason in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_value_is_refused_even_with_warm_up_off() -> None:
+    with pytest.raises(LabelError, match=r"discovery\.warmup\.concurrency"):
+        warmup_of(**{"discovery.warmup.concurrency": "99"})
+
+
+def test_unknown_warmup_label() -> None:
+    with pytest.raises(LabelError, match=r"discovery\.warmup\.count: unknown label"):
+        warmup_of(**{"discovery.warmup.count": "5"})
+
+
+class App:
+    """A loopback HTTP server counting GETs by path; answers ``status`` after ``delay`` s."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+        self.paths: list[str] = []
+        self.agents: set[str] = set()
+        self.in_flight = self.most_in_flight = 0
+        lock = threading.Lock()
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    app.paths.append(self.path)
+                    app.agents.add(self.headers.get("User-Agent", ""))
+                    app.in_flight += 1
+                    app.most_in_flight = max(app.most_in_flight, app.in_flight)
+                time.sleep(delay)
+                with lock:
+                    app.in_flight -= 1
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    a = App(status=503, delay=0.02)
+    yield a
+    a.server.shutdown()
+    a.server.server_close()
+
+
+def test_sends_n_requests_c_at_a_time_any_status_counts(app: App) -> None:
+    result = warm_up("127.0.0.1", app.port, WarmupSpec(30, "/warm?x", 3, 10.0))
+    assert (result.sent, result.errors, result.complete) == (30, 0, True)
+    assert app.paths == ["/warm?x"] * 30 and app.agents == {"discovery-warmup"}
+    assert app.most_in_flight == 3
+    assert 0.2 <= result.seconds < 5  # 10 rounds of 20 ms
+
+
+def test_connection_errors_are_counted() -> None:
+    result = warm_up("127.0.0.1", free_port(), WarmupSpec(7, "/", 2, 10.0))
+    assert (result.sent, result.errors, result.complete) == (7, 7, True)
+
+
+def test_budget_bounds_the_whole_warm_up() -> None:
+    slow = App(delay=0.3)
+    try:
+        result = warm_up("127.0.0.1", slow.port, WarmupSpec(100, "/", 2, 0.5))
+    finally:
+        slow.server.shutdown()
+        slow.server.server_close()
+    assert not result.complete and 2 <= result.sent <= 6, result
+    assert result.seconds < 1.5
+
+
+def test_stop_ends_it_early(app: App) -> None:
+    stop = threading.Event()
+    stop.set()
+    result = warm_up("127.0.0.1", app.port, WarmupSpec(50, "/", 2, 10.0), stop)
+    assert (result.sent, result.complete) == (0, False)
+
+
+def test_in_a_thread_then_the_callback(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    done = threading.Event()
+    got: list[WarmupResult] = []
+
+    def finished(result: WarmupResult) -> None:
+        got.append(result)
+        done.set()
+
+    caplog.set_level("INFO", logger="discovery.agent.warmup")
+    thread = start_warm_up("web/h1:abc:80", "127.0.0.1", app.port, WarmupSpec(4),
+                           finished)
+    assert done.wait(10)
+    thread.join(5)
+    assert got[0].sent == 4 and len(app.paths) == 4
+    assert "web/h1:abc:80 warmed up: 4 requests to / in" in caplog.text
