@@ -15,10 +15,12 @@ requests through HAProxy. Three phases, each bounded in time:
   turn under load: the new one is registered, then the old one's record is deleted (what the
   agent does on Docker's ``kill`` event) while it keeps serving its in-flight requests for its
   grace period (2.5 s) before it stops. Failed requests over the whole replacement.
-* ``slowstart``: two warm instances, then a cold one joins; four modes side by side in one run:
+* ``slowstart``: two warm instances, then a cold one joins; five modes side by side in one run:
   ``none`` (registered when it starts), ``slowstart 8s`` (``server_options``), ``readiness +
   slowstart 8s`` (its ``/health`` answers 503 until its preload is done; the agent's HTTP check,
-  every 2 s, rise 1, registers it when it passes) and ``readiness`` alone. Every instance is
+  every 2 s, rise 1, registers it when it passes), ``readiness`` alone, and ``readiness +
+  warm-up + slowstart 8s`` (once the check passes, the agent's warm-up requests,
+  ``discovery.warmup.requests=200`` of ``/``, two at a time, before the record). Every instance is
   one model (``bench/coldapp.py``): a time-driven preload (150 ms falling linearly to the warm
   5 ms over 8 s), a request-driven residual (its first 200 requests 25 ms falling to 5 ms,
   whenever they come) and a capacity of 2 requests at a time; warm ones have neither warm-up.
@@ -61,7 +63,8 @@ from common import (  # noqa: E402
 )
 
 from discovery.agent.checks import HttpCheck  # noqa: E402
-from discovery.agent.spec import CheckSpec, CheckTarget  # noqa: E402
+from discovery.agent.spec import CheckSpec, CheckTarget, WarmupSpec  # noqa: E402
+from discovery.agent.warmup import WarmupResult, warm_up  # noqa: E402
 from discovery.model import Instance  # noqa: E402
 from discovery.registry import Registry, open_registry  # noqa: E402
 from discovery.registry.devserver import LocalEtcd  # noqa: E402
@@ -237,17 +240,21 @@ def deploy_phase(etcd: LocalEtcd, work: Path, report: Report) -> dict[str, Any]:
                                         for s, lat, o in rows]}
 
 
-SLOW_MODES = (  # (mode, server_options, the cold app's /health waits for its preload)
-    ("none", "", False),
-    ("slowstart 8s", 'server_options = "slowstart 8s"\n', False),
-    ("readiness + slowstart 8s", 'server_options = "slowstart 8s"\n', True),
-    ("readiness", "", True),
+SLOW_MODES = (  # (mode, server_options, /health waits for the preload, agent warm-up requests)
+    ("none", "", False, False),
+    ("slowstart 8s", 'server_options = "slowstart 8s"\n', False, False),
+    ("readiness + slowstart 8s", 'server_options = "slowstart 8s"\n', True, False),
+    ("readiness", "", True, False),
+    ("readiness + warm-up + slowstart 8s", 'server_options = "slowstart 8s"\n', True, True),
 )
 
 
-def registered_when_healthy(ph: Phase, n: int, app: ColdApp, timeout: float) -> float:
+def registered_when_healthy(ph: Phase, n: int, app: ColdApp, timeout: float,
+                            warmup: WarmupSpec | None = None) -> tuple[float, WarmupResult | None]:
     """What the agent does: run the instance's HTTP check on ``/health`` every interval (the
-    agent's default 2 s, rise 1) and write the record once it passes; returns that moment."""
+    agent's default 2 s, rise 1), then, with ``warmup`` (``discovery.warmup.*``), send the
+    warm-up requests (the function the agent's warm-up thread runs), and write the record;
+    returns that moment and the warm-up's outcome."""
     check = HttpCheck(CheckSpec(type="http", params={"path": "/health"}),
                       CheckTarget(HOST, app.port, ""))
     deadline = time.monotonic() + timeout
@@ -255,28 +262,33 @@ def registered_when_healthy(ph: Phase, n: int, app: ColdApp, timeout: float) -> 
         if time.monotonic() > deadline:
             raise RuntimeError(f"{app.name}: /health never passed in {timeout:g}s")
         time.sleep(check.spec.interval)
+    warmed = warm_up(HOST, app.port, warmup) if warmup is not None else None
     ph.reg.register(record(n, app.port))
-    return time.monotonic()
+    return time.monotonic(), warmed
 
 
 def slowstart_phase(etcd: LocalEtcd, work: Path, report: Report,
                     steady_s: float, ramp_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     model = Model()
-    for mode, toml, readiness in SLOW_MODES:
-        with Phase(etcd, work, "slow-" + mode.split()[0], toml) as ph:
+    for number, (mode, toml, readiness, warming) in enumerate(SLOW_MODES):
+        with Phase(etcd, work, f"slow-{number}", toml) as ph:
             warm = [ColdApp(f"warm-{n}", WARM) for n in (1, 2)]
             ph.backends.extend(warm)  # stopped with the phase
             for n, b in enumerate(warm, 1):
                 ph.reg.register(record(n, b.port))
             ph.serving({"warm-1", "warm-2"})
             load = Load(ph.listen, 4)
+            warmed = None
             with load.running():
                 started = time.monotonic()
                 if readiness:  # the app starts now; the agent registers it once /health passes
                     cold = ColdApp("cold", replace(model, readiness=True))
                     ph.backends.append(cold)
-                    joined = registered_when_healthy(ph, 3, cold, 30.0)
+                    # the agent's warm-up as the cold app's labels would ask it: the model's
+                    # residual_n requests of / (discovery.warmup.requests=200)
+                    warmup = WarmupSpec(requests=model.residual_n) if warming else None
+                    joined, warmed = registered_when_healthy(ph, 3, cold, 30.0, warmup)
                 else:  # the app starts and is registered at once (a TCP check passes)
                     time.sleep(steady_s)
                     cold = ColdApp("cold", model)
@@ -301,6 +313,9 @@ def slowstart_phase(etcd: LocalEtcd, work: Path, report: Report,
                 "ramp_n": len(ramp), "ramp_over_1.5x": over,
                 "cold_requests_in_ramp": sum(1 for r in ramp_rows if r[2] == "cold"),
                 "traffic_after_start_s": round(joined - cold.started, 2),
+                "warmup": None if warmed is None else {
+                    "requests": warmed.sent, "errors": warmed.errors,
+                    "seconds": round(warmed.seconds, 2), "complete": warmed.complete},
                 "cold_share_per_s": [round(x, 2) for x in share],
                 "model": {k: v for k, v in asdict(model).items() if k != "readiness"},
                 "target": "ramp p99 <= 1.5 x steady",
