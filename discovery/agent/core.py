@@ -35,7 +35,6 @@ from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
-from discovery.registry.base import resume_spread
 from discovery.retry import jittered, spread
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ class Agent:
                     # write that failed meanwhile (a container started or stopped) has
                     # something to tell and does not wait
                     if not self._write_failed and self._stop.wait(
-                            spread(resume_spread(self.config.registry))):
+                            spread(self.registry.url.resume_spread)):
                         break
                 self._write_failed = False
                 self.reconcile()

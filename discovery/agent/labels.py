@@ -26,10 +26,15 @@ from typing import Any
 
 from discovery.agent import warmup
 from discovery.agent.checks import CHECK_TYPES, parse_command, status_matcher
-from discovery.agent.spec import MAX_INTERVAL, CheckSpec, ServiceSpec, within_limits
+from discovery.agent.spec import (
+    CheckSpec,
+    ServiceSpec,
+    label_count,
+    label_duration,
+    within_limits,
+)
 from discovery.errors import CheckError, LabelError, ValidationError
 from discovery.model import validate
-from discovery.model.durations import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +331,10 @@ def _check(
     fields: dict[str, Any] = {}
     for name in ("interval", "timeout"):
         if name in params:
-            fields[name] = _duration(where(name), params.pop(name))
+            fields[name] = label_duration(where(name), params.pop(name))
     for name in ("rise", "fall"):
         if name in params:
-            fields[name] = _count(where(name), params.pop(name))
+            fields[name] = label_count(where(name), params.pop(name))
     try:
         if ctype == "http":
             path = params["path"] = params.get("path") or "/"
@@ -352,17 +357,3 @@ def _check(
 
     spec = replace(defaults, type=ctype, params=params, **fields)
     return within_limits(spec, label, timeout_given="timeout" in fields)
-
-
-def _duration(culprit: str, value: str) -> float:
-    """``"2s"``, ``"500ms"``, ``"1m"`` or plain seconds ``"2"`` / ``"0.5"``; 50ms..60s."""
-    try:
-        return parse_duration(culprit, value, minimum=0.05, maximum=MAX_INTERVAL)
-    except ValidationError as exc:
-        raise LabelError(culprit, exc.reason) from None
-
-
-def _count(culprit: str, value: str) -> int:
-    if not re.fullmatch("[0-9]{1,3}", value.strip()) or not 1 <= int(value) <= 100:
-        raise LabelError(culprit, f"{value[:32]!r} is not a whole number in 1..100")
-    return int(value)

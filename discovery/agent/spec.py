@@ -5,12 +5,13 @@ Produced by :mod:`discovery.agent.labels`, consumed by the agent and :mod:`disco
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from discovery.errors import ValidationError
-from discovery.model.durations import format_duration
+from discovery.errors import LabelError, ValidationError
+from discovery.model.durations import format_duration, parse_duration
 
 #: Longest check interval and timeout (seconds): a hung probe holds a worker at most this long.
 MAX_INTERVAL = 60.0
@@ -60,6 +61,24 @@ def within_limits(
         raise ValidationError(culprit("interval"), f"{spec.interval:g}s is too short for an exec "
                               f"check (at least {format_duration(MIN_EXEC_INTERVAL)})")
     return spec
+
+
+def label_count(culprit: str, value: str, low: int = 1, high: int = 100) -> int:
+    """A label's whole number (ASCII digits) in ``low..high``, else :class:`LabelError`."""
+    text = value.strip()
+    if not re.fullmatch("[0-9]{1,6}", text) or not low <= int(text) <= high:
+        raise LabelError(culprit, f"{value[:32]!r} is not a whole number in {low}..{high}")
+    return int(text)
+
+
+def label_duration(culprit: str, value: str, minimum: float = 0.05,
+                   maximum: float = MAX_INTERVAL) -> float:
+    """A label's duration (``"2s"``, ``"500ms"``, ``"1m"``, plain seconds) in
+    ``minimum..maximum``, else :class:`LabelError`."""
+    try:
+        return parse_duration(culprit, value, minimum=minimum, maximum=maximum)
+    except ValidationError as exc:
+        raise LabelError(culprit, exc.reason) from None
 
 
 @dataclass(frozen=True)
@@ -112,4 +131,3 @@ class Check(Protocol):
     from a worker thread and must return within ``spec.timeout`` (or soon after)."""
 
     def run(self) -> CheckResult: ...
-

@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from discovery.agent.spec import WarmupSpec
-from discovery.errors import LabelError, ValidationError
-from discovery.model.durations import parse_duration
+from discovery.agent.spec import WarmupSpec, label_count, label_duration
+from discovery.errors import LabelError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,11 @@ def parse(values: dict[str, tuple[str, str]]) -> WarmupSpec | None:
     """The warm-up asked by ``values`` (field -> (label value, culprit)); ``None`` when
     ``requests`` is absent or 0 (the others are checked all the same). Raises
     :class:`LabelError` naming the bad label."""
-    requests = _int(values.get("requests"), 0, MAX_REQUESTS) if "requests" in values else 0
+    def number(name: str, low: int, high: int) -> int:
+        value, culprit = values[name]
+        return label_count(culprit, value, low, high)
+
+    requests = number("requests", 0, MAX_REQUESTS) if "requests" in values else 0
     fields: dict[str, Any] = {"requests": requests}
     if "path" in values:
         path, culprit = values["path"]
@@ -49,22 +52,11 @@ def parse(values: dict[str, tuple[str, str]]) -> WarmupSpec | None:
                              f"at most {MAX_PATH} characters")
         fields["path"] = path
     if "concurrency" in values:
-        fields["concurrency"] = _int(values["concurrency"], 1, MAX_CONCURRENCY)
+        fields["concurrency"] = number("concurrency", 1, MAX_CONCURRENCY)
     if "timeout" in values:
         value, culprit = values["timeout"]
-        try:
-            fields["timeout"] = parse_duration(culprit, value, minimum=0.1, maximum=MAX_TIMEOUT)
-        except ValidationError as exc:
-            raise LabelError(culprit, exc.reason) from None
+        fields["timeout"] = label_duration(culprit, value, minimum=0.1, maximum=MAX_TIMEOUT)
     return WarmupSpec(**fields) if requests else None
-
-
-def _int(entry: tuple[str, str] | None, low: int, high: int) -> int:
-    value, culprit = entry or ("", "?")
-    text = value.strip()
-    if not (text.isascii() and text.isdigit() and len(text) <= 6 and low <= int(text) <= high):
-        raise LabelError(culprit, f"{value[:32]!r} is not a whole number in {low}..{high}")
-    return int(text)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class DnsServer:
         self._per_client: dict[str, int] = {}
         self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
+        self._conn_closed = threading.Condition(self._lock)  # a TCP connection ended
         self._zone = Zone((), -1)
         self._stopping = threading.Event()
         self._last_error = self._last_warning = -ERROR_LOG_EVERY
@@ -148,9 +149,10 @@ class DnsServer:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        deadline = time.monotonic() + self.tcp_limits.timeout + 1.0
-        while handoff and self._conns and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if handoff:  # open connections are served to their end (bounded by the idle timeout)
+            with self._conn_closed:
+                self._conn_closed.wait_for(lambda: not self._conns,
+                                           self.tcp_limits.timeout + 1.0)
         udp.close()
         tcp.close()
         self._threads, self._udp, self._tcp = [], None, None
@@ -335,6 +337,7 @@ class DnsServer:
         finally:
             with self._lock:
                 client = self._conns.pop(conn, "")
+                self._conn_closed.notify_all()
                 left = self._per_client.get(client, 1) - 1
                 if left > 0:
                     self._per_client[client] = left

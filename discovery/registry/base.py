@@ -253,14 +253,6 @@ class RegistryURL:
         return parts[0], parts[-1]
 
 
-def resume_spread(url: str) -> float:
-    """The resume spread of registry URL ``url``; the default when it is empty or invalid."""
-    try:
-        return RegistryURL.parse(url).resume_spread
-    except ConfigError:
-        return RESUME_SPREAD
-
-
 def _query(query: str, shown: str) -> dict[str, str]:
     """The ``?ca=…&cert=…&key=…&password_file=…`` of a registry URL, as RegistryURL fields."""
     params: dict[str, str] = {}

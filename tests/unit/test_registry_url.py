@@ -12,7 +12,7 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.cli.options import registry_options, registry_url_from
 from discovery.errors import ConfigError
-from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url, resume_spread
+from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url
 from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_acl
 from discovery.retry import RESUME_SPREAD
 
@@ -73,8 +73,7 @@ def test_resume_spread_from_the_url_or_the_default() -> None:
     url = RegistryURL.parse("zk://h/p?spread=0.5")
     assert url.resume_spread == 0.5 and RegistryURL.parse(str(url)) == url
     assert RegistryURL.parse("etcd://h?spread=0").resume_spread == 0
-    assert resume_spread("etcd://h/p?spread=7") == 7
-    assert resume_spread("") == RESUME_SPREAD  # an agent without a URL (tests): the default
+    assert RegistryURL.parse("etcd://h/p?spread=7").resume_spread == 7
 
 
 def test_keys() -> None:
