@@ -175,6 +175,24 @@ def _install_etcd_host_channels() -> None:
     pyetcd.Endpoint = HostEndpoint
 
 
+#: seconds a simulated host's blocked gRPC stream reader sleeps between checks (grpc's own: 0.1)
+STREAM_WAIT_S = 5.0
+
+
+def _relax_grpc_stream_polling() -> None:
+    """grpc-python wakes every thread blocked on a stream (a watch, a keepalive) every 0.1 s
+    (``grpc._common.MAXIMUM_WAIT_TIMEOUT``, so that a main thread blocked there still takes a
+    signal). A real host pays about 10 wakeups a second for that, nothing; 1,000 simulated
+    hosts in one machine pay 10,000 a second, and measured with 200 idle hosts in one process
+    those wakeups were 0.37 of a host's 0.56 ms of CPU a second (0.155 without them). The
+    hosts here never take a signal in those threads, so the worker sets it to
+    ``STREAM_WAIT_S``; the messages, requests and their timing are unchanged: a response wakes
+    its reader at once either way."""
+    import grpc._common
+
+    grpc._common.MAXIMUM_WAIT_TIMEOUT = STREAM_WAIT_S
+
+
 def _install_zk_source_binding() -> None:
     """Every KazooClient opened while ``_bind.source`` is set connects from that address."""
     from kazoo.handlers import utils as kutils
@@ -403,6 +421,7 @@ def worker_main(args: argparse.Namespace) -> int:
     threading.stack_size(512 * 1024)
     _install_zk_source_binding()
     _install_etcd_host_channels()
+    _relax_grpc_stream_polling()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
     w = Worker(args)
     out = sys.stdout
