@@ -179,8 +179,11 @@ def _install_etcd_host_channels() -> None:
 STREAM_WAIT_S = 5.0
 
 
-def _relax_grpc_stream_polling() -> None:
-    """grpc-python wakes every thread blocked on a stream (a watch, a keepalive) every 0.1 s
+def _relieve_grpc_process_costs() -> None:
+    """Two per-process costs of grpc-python that a host of its own does not feel, and a few
+    hundred hosts in one process do.
+
+    grpc-python wakes every thread blocked on a stream (a watch, a keepalive) every 0.1 s
     (``grpc._common.MAXIMUM_WAIT_TIMEOUT``, so that a main thread blocked there still takes a
     signal). A real host pays about 10 wakeups a second for that, nothing; 1,000 simulated
     hosts in one machine pay 10,000 a second, and measured with 200 idle hosts in one process
@@ -189,8 +192,16 @@ def _relax_grpc_stream_polling() -> None:
     ``STREAM_WAIT_S``; the messages, requests and their timing are unchanged: a response wakes
     its reader at once either way."""
     import grpc._common
+    import grpc._observability
 
     grpc._common.MAXIMUM_WAIT_TIMEOUT = STREAM_WAIT_S
+    # grpc-python also takes one process-wide lock at the start and the end of every call, to
+    # look up its observability plugin (none is installed here, and none can be: nothing calls
+    # set_plugin). With a few hundred hosts' threads on one GIL that lock convoys: growing
+    # 500 -> 1,000 hosts, 181 of a worker's 837 threads were queued on it and lease grants
+    # and puts missed their 5 s deadlines. A host of its own process has a few threads.
+    assert grpc._observability._OBSERVABILITY_PLUGIN is None
+    grpc._observability._plugin_lock = contextlib.nullcontext()  # type: ignore[assignment]
 
 
 def _install_zk_source_binding() -> None:
@@ -433,7 +444,7 @@ def worker_main(args: argparse.Namespace) -> int:
     threading.stack_size(512 * 1024)
     _install_zk_source_binding()
     _install_etcd_host_channels()
-    _relax_grpc_stream_polling()
+    _relieve_grpc_process_costs()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
     w = Worker(args)
     out = sys.stdout
