@@ -950,6 +950,7 @@ class Fleet:
         t0 = time.monotonic()
         load0 = self.servers.usage()
         replies: list[dict[str, Any]] = []
+        quiet_waits: list[float] = []
         step = max(self.args.grow_step, len(self.workers))
         for s in range(0, len(new), step):  # in steps, as a fleet is rolled out
             batch = new[s:s + step]
@@ -965,13 +966,32 @@ class Fleet:
                 raise RuntimeError(f"{failed} hosts did not start: "
                                    f"{[r['failed'] for r in replies if r['failed']]}")
             self.hosts += batch
+            quiet_waits.append(self.wait_quiet())
         took = time.monotonic() - t0
         load1 = self.servers.usage()
         self.report.emit({"name": "fleet_grow", "backend": self.backend, "size": size,
                           "added": len(new), "took_s": round(took, 1),
                           "start_retries": sum(r.get("retried", 0)  # cumulative per worker
                                                for r in replies[-len(self.workers):]),
-                          "server_cpu_pct": self._cpu_pct(load0, load1, took)})
+                          "server_cpu_pct": self._cpu_pct(load0, load1, took),
+                          "quiet_waits_s": [round(x, 1) for x in quiet_waits]})
+
+    def wait_quiet(self, limit: float = 120.0) -> float:
+        """After a step of the growth: until the workers have caught up with it (their CPU
+        over one second below ``--grow-quiet`` cores) or ``limit`` s. Every new instance
+        reaches each host following its service, so a step of 100 hosts is ~50,000 watch
+        deliveries at 1,000 hosts: a simulator that takes the next step before it has
+        delivered them starves its own hosts' lease renewals, not the registry. Returns the
+        seconds waited."""
+        t0 = time.monotonic()
+        last = self.workers_cpu_s()
+        while time.monotonic() - t0 < limit:
+            time.sleep(1.0)
+            now = self.workers_cpu_s()
+            busy, last = now - last, now
+            if busy < self.args.grow_quiet:
+                break
+        return time.monotonic() - t0
 
     def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
         return [None if x is None or y is None or y < x
@@ -1250,6 +1270,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     "timeout, 5 s) before the growth fails")
     ap.add_argument("--grow-step", type=int, default=100,
                     help="hosts started per step while the fleet grows")
+    ap.add_argument("--grow-quiet", type=float, default=0.5,
+                    help="after each growth step, wait until the workers use less than this "
+                         "many cores (at most 120 s)")
     ap.add_argument("--worker-nice", type=int, default=10,
                     help="niceness of the worker processes (the registry members keep 0)")
     ap.add_argument("--start-parallel", type=int, default=16,
