@@ -1,4 +1,5 @@
-"""etcd v3 backend: one lease per registry object, kept alive (jittered) in the background;
+"""etcd v3 backend: one lease per registry object, kept alive (jittered) in the background
+on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`);
 a failed renewal is one short attempt, tried again about one renewal interval later (sooner
 as the lease runs out, ±50 %), so a fleet whose registry restarts does not renew in the
 registry's first second; watches that resume from the last seen revision, or send a ``reset``
@@ -14,12 +15,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
 import pyetcd
-from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
@@ -33,6 +33,7 @@ from discovery.registry.base import (
     claiming,
 )
 from discovery.registry.decoder import Decoder
+from discovery.registry.etcd_keepalive import KeepAliveStream
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
 from discovery.registry.etcd_watch import EtcdWatch
 from discovery.registry.reads import ReadStats
@@ -94,6 +95,7 @@ class EtcdRegistry:
         self.client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
         self.auth = EtcdAuth(self.client, secrets, self.where)
+        self._renewals = KeepAliveStream(self.client)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
@@ -214,7 +216,7 @@ class EtcdRegistry:
             self._need_reput = False
 
     def _refresh(self, lease: int) -> list[Any]:
-        return self._call("lease keepalive", lambda: _keepalive(self.client, lease),
+        return self._call("lease keepalive", lambda: self._renewals.renew(lease),
                           patience=_RENEW_PATIENCE)
 
     def _retry_wait(self, interval: float, renewed: float) -> float:
@@ -312,6 +314,7 @@ class EtcdRegistry:
             self._closing.set()
             lease, watches, keeper = self._lease, list(self._watches), self._keeper
             self._watches.clear()
+        self._renewals.close()
         try:
             for w in watches:
                 w.stop()
@@ -325,28 +328,3 @@ class EtcdRegistry:
         finally:
             self._closed.set()
             self.client.close()
-
-
-def _keepalive(client: Any, lease: int) -> list[Any]:
-    """One lease keepalive. Unlike pyetcd's ``refresh_lease``, the request stream stays open
-    until the answer came: etcd's gRPC proxy cancels a keepalive stream the client half-closed
-    before it answered ("context canceled"), so every renewal through a proxy failed."""
-    answered = threading.Event()
-
-    def requests() -> Iterator[Any]:
-        yield etcdrpc.LeaseKeepAliveRequest(ID=lease)
-        answered.wait(client.timeout)
-
-    stream = client.leasestub.LeaseKeepAlive(requests(), client.timeout,
-                                             credentials=client.call_credentials,
-                                             metadata=client.metadata)
-    try:
-        for resp in stream:
-            return [resp]
-        return []
-    except grpc.RpcError as exc:
-        client._manage_grpc_errors(exc)  # pyetcd's own translation (e.g. another member next)
-        raise
-    finally:
-        answered.set()
-        stream.cancel()

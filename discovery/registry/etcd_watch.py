@@ -165,7 +165,7 @@ class EtcdWatch:
         ids: dict[int, str] = {}
         narrow: threading.Timer | None = None
         requests.put(self._create(pending[0]))
-        stream = etcdrpc.WatchStub(channel).Watch(_drain(requests),
+        stream = etcdrpc.WatchStub(channel).Watch(drain(requests),
                                                   metadata=_REQUIRE_LEADER + reg.auth.metadata())
         with self._lock:
             self._stream = stream
@@ -257,6 +257,7 @@ class EtcdWatch:
         deliver(self._callback, change, self._stopped)
 
 
-def _drain(requests: queue.Queue[Any]) -> Iterator[Any]:
+def drain(requests: queue.Queue[Any]) -> Iterator[Any]:
+    """A gRPC request stream fed from ``requests``; ``None`` ends it."""
     while (item := requests.get()) is not None:
         yield item

@@ -1,0 +1,87 @@
+"""etcd lease renewals ride one long-lived LeaseKeepAlive stream (etcd_keepalive), counted by
+etcd itself in its /metrics: many renewals, one stream; a stream whose member is SIGKILLed
+is opened again on another member before the lease runs out."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import open_registry
+from discovery.registry.etcd import EtcdRegistry
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def keepalive_counts(cluster: ServerCluster, member: int) -> tuple[float, float]:
+    """(LeaseKeepAlive streams started, keepalive messages received) on one member."""
+    host, port = cluster.address(member)
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+
+    def metric(name: str) -> float:
+        pattern = rf'^{name}{{[^}}]*grpc_method="LeaseKeepAlive"[^}}]*}} (\S+)$'
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    return metric("grpc_server_started_total"), metric("grpc_server_msg_received_total")
+
+
+@pytest.fixture
+def registry(etcd_single: ServerCluster) -> Iterator[EtcdRegistry]:
+    reg = open_registry(etcd_single.url(unique_prefix()), ttl=1.0, timeout=3.0)
+    assert isinstance(reg, EtcdRegistry)
+    yield reg
+    reg.close()
+
+
+def test_renewals_share_one_stream(etcd_single: ServerCluster, registry: EtcdRegistry) -> None:
+    started0, received0 = keepalive_counts(etcd_single, 0)
+    registry.register(Instance(service="web", id="n1:000000000001:80", node="n1",
+                               address="127.0.0.1", port=80))
+    # TTL 1 s: a renewal every ~0.33 s. Ten renewals take ~3.3 s.
+    wait_until(lambda: keepalive_counts(etcd_single, 0)[1] - received0 >= 10, 8,
+               "ten lease renewals counted by etcd")
+    started = keepalive_counts(etcd_single, 0)[0] - started0
+    assert started == 1, f"{started:g} LeaseKeepAlive streams for one registry's renewals"
+
+
+def test_a_killed_members_stream_moves_on(etcd_cluster3: ServerCluster) -> None:
+    """SIGKILL of the member holding the keepalive stream: renewals go on through another
+    member, and the instance outlives its TTL (1 s) by far."""
+    etcd_cluster3.ensure_running()
+    url = etcd_cluster3.url(unique_prefix())
+    reg = open_registry(url, ttl=1.0, timeout=3.0)
+    reader = open_registry(url, ttl=1.0, timeout=3.0)
+    assert isinstance(reg, EtcdRegistry)
+    try:
+        inst = Instance(service="web", id="n1:000000000002:80", node="n1",
+                        address="127.0.0.1", port=80)
+        reg.register(inst)
+
+        def streams() -> list[float]:
+            return [keepalive_counts(etcd_cluster3, m)[0] for m in range(3)]
+
+        before = streams()
+        wait_until(lambda: any(a > b for a, b in zip(streams(), before, strict=True)), 5,
+                   "the keepalive stream opened on a member")
+        holder = next(m for m, (a, b) in enumerate(zip(streams(), before, strict=True))
+                      if a > b)
+        etcd_cluster3.kill_member(holder)
+        killed_at = time.monotonic()
+        checks = 0
+        while time.monotonic() < killed_at + 4.0:  # four TTLs past the kill
+            assert inst.key in reader.snapshot().instances, (
+                f"lease expired {time.monotonic() - killed_at:.1f}s after the kill")
+            checks += 1
+            time.sleep(0.2)
+        assert checks >= 10
+    finally:
+        reg.close()
+        reader.close()
+        etcd_cluster3.ensure_running()
