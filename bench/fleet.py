@@ -978,7 +978,8 @@ class Fleet:
 
     def wait_quiet(self, limit: float = 120.0) -> float:
         """After a step of the growth: until the workers have caught up with it (their CPU
-        over one second below ``--grow-quiet`` cores) or ``limit`` s. Every new instance
+        over one second below ``--grow-quiet`` cores plus 1 ms a second per host, about twice
+        what the hosts use when nothing happens) or ``limit`` s. Every new instance
         reaches each host following its service, so a step of 100 hosts is ~50,000 watch
         deliveries at 1,000 hosts: a simulator that takes the next step before it has
         delivered them starves its own hosts' lease renewals, not the registry. Returns the
@@ -989,7 +990,7 @@ class Fleet:
             time.sleep(1.0)
             now = self.workers_cpu_s()
             busy, last = now - last, now
-            if busy < self.args.grow_quiet:
+            if busy < self.args.grow_quiet + 0.001 * len(self.hosts):
                 break
         return time.monotonic() - t0
 
@@ -1272,7 +1273,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="hosts started per step while the fleet grows")
     ap.add_argument("--grow-quiet", type=float, default=0.5,
                     help="after each growth step, wait until the workers use less than this "
-                         "many cores (at most 120 s)")
+                         "many cores + 1 ms/s per host (at most 120 s)")
     ap.add_argument("--worker-nice", type=int, default=10,
                     help="niceness of the worker processes (the registry members keep 0)")
     ap.add_argument("--start-parallel", type=int, default=16,
