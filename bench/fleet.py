@@ -72,6 +72,7 @@ import argparse
 import contextlib
 import heapq
 import json
+import logging
 import os
 import random
 import re
@@ -308,6 +309,7 @@ class Worker:
         self.heap: list[tuple[float, int]] = []
         self.heap_lock = threading.Lock()
         self.retried = 0
+        self.expired = 0  # leases / sessions that expired in this process (ExpiryCounter)
         threading.Thread(target=self.reconcile_loop, daemon=True, name="reconciles").start()
 
     def reconcile_loop(self) -> None:
@@ -435,9 +437,20 @@ class Worker:
         return {"closed": len(self.hosts)}
 
 
-def worker_main(args: argparse.Namespace) -> int:
-    import logging
+class ExpiryCounter(logging.Handler):
+    """Counts the backends' "lease/session expired; re-registering" warnings in a worker: a
+    host whose renewals or pings missed its TTL inside this process."""
 
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(logging.WARNING)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "expired; re-registering" in str(record.msg):
+            self.worker.expired += 1
+
+
+def worker_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_nofile()
@@ -447,6 +460,7 @@ def worker_main(args: argparse.Namespace) -> int:
     _relieve_grpc_process_costs()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
     w = Worker(args)
+    logging.getLogger("discovery.registry").addHandler(ExpiryCounter(w))
     out = sys.stdout
     for line in sys.stdin:
         msg = json.loads(line)
@@ -457,7 +471,8 @@ def worker_main(args: argparse.Namespace) -> int:
             elif cmd == "stats":
                 reply = w.stats()
             elif cmd == "cpu":
-                reply = {"cpu_ticks": cpu_ticks(os.getpid(), tree=False)}
+                reply = {"cpu_ticks": cpu_ticks(os.getpid(), tree=False),
+                         "expired": w.expired}
             elif cmd == "arm":
                 reply = w.arm(msg["kind"], msg["service"], msg["keys"])
             elif cmd == "collect":
@@ -951,6 +966,7 @@ class Fleet:
         load0 = self.servers.usage()
         replies: list[dict[str, Any]] = []
         quiet_waits: list[float] = []
+        expired0 = sum(r["expired"] for r in all_workers(self.workers, "cpu"))
         step = max(self.args.grow_step, len(self.workers))
         for s in range(0, len(new), step):  # in steps, as a fleet is rolled out
             batch = new[s:s + step]
@@ -967,6 +983,13 @@ class Fleet:
                                    f"{[r['failed'] for r in replies if r['failed']]}")
             self.hosts += batch
             quiet_waits.append(self.wait_quiet())
+            expired = sum(r["expired"] for r in all_workers(self.workers, "cpu")) - expired0
+            if expired:
+                raise RuntimeError(
+                    f"the simulator starved its own hosts at {len(self.hosts)} hosts: {expired} "
+                    "leases/sessions expired while the fleet grew (their renewals or pings "
+                    "missed the TTL inside the worker processes); what it would measure at "
+                    f"{size} hosts is the simulator, not the registry")
         took = time.monotonic() - t0
         load1 = self.servers.usage()
         self.report.emit({"name": "fleet_grow", "backend": self.backend, "size": size,
@@ -1310,7 +1333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
     nofile = raise_nofile()
-    import logging
 
     logging.basicConfig(level=logging.ERROR)  # the bench's own client: only real trouble
     install_signal_handlers()
