@@ -396,23 +396,16 @@ class Worker:
         armed = [h for h in self.hosts.values() if h.arm is not None]
         # Hits are taken by the watch callbacks (on_change); this loop only looks at them, so
         # that it takes as little CPU as it can from the deliveries it measures. A host's
-        # catalog is checked here only once at the start and once before it counts as missing.
-        checked_at_end = False
-        for h in armed:
-            if h.hit is None:
-                h.check_hit()  # a change applied before arming
-        while True:
-            if all(h.hit is not None for h in armed):
-                break
-            if time.monotonic() >= deadline:
-                if checked_at_end:
+        # catalog is checked here only at the start (a change applied before arming) and once
+        # more before the host counts as missing.
+        for last_look in (False, True):
+            for h in armed:
+                if h.hit is None:
+                    h.check_hit()
+            while not last_look and time.monotonic() < deadline:
+                if all(h.hit is not None for h in armed):
                     break
-                for h in armed:
-                    if h.hit is None:
-                        h.check_hit()
-                checked_at_end = True
-                continue
-            time.sleep(0.02)
+                time.sleep(0.02)
         hits = {str(h.n): h.hit for h in armed if h.hit is not None}
         missing = [h.n for h in armed if h.hit is None]
         for h in armed:
@@ -966,7 +959,7 @@ class Fleet:
         load0 = self.servers.usage()
         replies: list[dict[str, Any]] = []
         quiet_waits: list[float] = []
-        expired0 = sum(r["expired"] for r in all_workers(self.workers, "cpu"))
+        expired0 = self.workers_sample()[1]
         step = max(self.args.grow_step, len(self.workers))
         for s in range(0, len(new), step):  # in steps, as a fleet is rolled out
             batch = new[s:s + step]
@@ -982,8 +975,9 @@ class Fleet:
                 raise RuntimeError(f"{failed} hosts did not start: "
                                    f"{[r['failed'] for r in replies if r['failed']]}")
             self.hosts += batch
-            quiet_waits.append(self.wait_quiet())
-            expired = sum(r["expired"] for r in all_workers(self.workers, "cpu")) - expired0
+            waited, expired = self.wait_quiet()
+            quiet_waits.append(waited)
+            expired -= expired0
             if expired:
                 raise RuntimeError(
                     f"the simulator starved its own hosts at {len(self.hosts)} hosts: {expired} "
@@ -999,23 +993,23 @@ class Fleet:
                           "server_cpu_pct": self._cpu_pct(load0, load1, took),
                           "quiet_waits_s": [round(x, 1) for x in quiet_waits]})
 
-    def wait_quiet(self, limit: float = 120.0) -> float:
+    def wait_quiet(self, limit: float = 120.0) -> tuple[float, int]:
         """After a step of the growth: until the workers have caught up with it (their CPU
         over one second below ``--grow-quiet`` cores plus 1 ms a second per host, about twice
         what the hosts use when nothing happens) or ``limit`` s. Every new instance
         reaches each host following its service, so a step of 100 hosts is ~50,000 watch
         deliveries at 1,000 hosts: a simulator that takes the next step before it has
         delivered them starves its own hosts' lease renewals, not the registry. Returns the
-        seconds waited."""
+        seconds waited and the workers' expired leases/sessions so far."""
         t0 = time.monotonic()
-        last = self.workers_cpu_s()
+        last, expired = self.workers_sample()
         while time.monotonic() - t0 < limit:
             time.sleep(1.0)
-            now = self.workers_cpu_s()
+            now, expired = self.workers_sample()
             busy, last = now - last, now
             if busy < self.args.grow_quiet + 0.001 * len(self.hosts):
                 break
-        return time.monotonic() - t0
+        return time.monotonic() - t0, expired
 
     def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
         return [None if x is None or y is None or y < x
@@ -1097,8 +1091,11 @@ class Fleet:
                         address="127.0.0.1", port=9000 + seq % 1000, container_id=cid,
                         registered_at=time.time())
 
-    def workers_cpu_s(self) -> float:
-        return sum(r["cpu_ticks"] for r in all_workers(self.workers, "cpu")) / CLK_TCK
+    def workers_sample(self) -> tuple[float, int]:
+        """The workers' CPU seconds so far, and their hosts' expired leases/sessions."""
+        replies = all_workers(self.workers, "cpu")
+        return (sum(r["cpu_ticks"] for r in replies) / CLK_TCK,
+                sum(r["expired"] for r in replies))
 
     def changes(self, size: int, idle_ms_per_host_s: float) -> dict[str, Any]:
         """``idle_ms_per_host_s``: the workers' CPU per host in the steady state, taken off
@@ -1108,7 +1105,7 @@ class Fleet:
         per_change = []
         missing_total = 0
         b0 = self.sockets()
-        cpu0 = self.workers_cpu_s()
+        cpu0 = self.workers_sample()[0]
         t_changes = time.monotonic()
         for i in range(self.args.changes):
             if i % 2 == 0:
@@ -1128,7 +1125,7 @@ class Fleet:
                                "reached": len(lat), **dist(lat)})
             time.sleep(self.args.change_gap)
         changes_s = time.monotonic() - t_changes
-        cpu_s = self.workers_cpu_s() - cpu0
+        cpu_s = self.workers_sample()[0] - cpu0
         b1 = self.sockets()
         deliveries = max(len(lat_all), 1)
         idle_s = idle_ms_per_host_s / 1000 * len(self.hosts) * changes_s

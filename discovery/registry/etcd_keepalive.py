@@ -24,6 +24,31 @@ from pyetcd import exceptions as etcd_exc
 from discovery.registry.etcd_watch import drain
 
 
+class _Stream:
+    """One open ``LeaseKeepAlive`` call: its request queue and its own answer queue, filled by
+    a reader thread (every answer, then None or the error that ended it), so that a late answer
+    of this stream never reaches the next one."""
+
+    def __init__(self, client: Any) -> None:
+        self.requests: queue.Queue[Any] = queue.Queue()
+        self.answers: queue.Queue[Any] = queue.Queue()
+        self.call = client.leasestub.LeaseKeepAlive(
+            drain(self.requests), credentials=client.call_credentials, metadata=client.metadata)
+        threading.Thread(target=self._read, daemon=True, name="etcd-lease-stream").start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self.call:
+                self.answers.put(resp)
+            self.answers.put(None)
+        except grpc.RpcError as exc:
+            self.answers.put(exc)
+
+    def end(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+
+
 class KeepAliveStream:
     """``renew(lease)``: one keepalive of ``lease`` on the open stream, its answer or an error
     in pyetcd's terms (transient ones: another member next). ``close()`` ends the stream."""
@@ -31,9 +56,7 @@ class KeepAliveStream:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._lock = threading.Lock()  # one renewal at a time; guards the current stream
-        self._stream: Any = None
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._answers: queue.Queue[Any] = queue.Queue()
+        self._stream: _Stream | None = None
         self._closed = False
 
     def renew(self, lease: int) -> list[Any]:
@@ -41,14 +64,12 @@ class KeepAliveStream:
         with self._lock:
             if self._closed:
                 raise etcd_exc.ConnectionFailedError()
-            if self._stream is None:
-                self._open()
-            answers = self._answers
-            self._requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
+            stream = self._stream = self._stream or _Stream(self._client)
+            stream.requests.put(etcdrpc.LeaseKeepAliveRequest(ID=lease))
             deadline = time.monotonic() + self._client.timeout
             while True:
                 try:
-                    answer = answers.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    answer = stream.answers.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     self._drop()
                     endpoint = self._client.endpoint_in_use
@@ -57,10 +78,10 @@ class KeepAliveStream:
                     raise etcd_exc.ConnectionTimeoutError() from None
                 if isinstance(answer, grpc.RpcError):
                     self._drop()
-                    try:
+                    try:  # pyetcd's translation re-raises the exception being handled
                         raise answer
                     except grpc.RpcError as exc:
-                        self._client._manage_grpc_errors(exc)  # pyetcd's translation
+                        self._client._manage_grpc_errors(exc)
                         raise
                 if answer is None:  # the stream ended without an error
                     self._drop()
@@ -74,29 +95,9 @@ class KeepAliveStream:
         self._closed = True
         stream = self._stream
         if stream is not None:
-            stream.cancel()
-
-    def _open(self) -> None:
-        client, requests, answers = self._client, queue.Queue[Any](), queue.Queue[Any]()
-        stream = client.leasestub.LeaseKeepAlive(
-            drain(requests), credentials=client.call_credentials, metadata=client.metadata)
-        self._stream, self._requests, self._answers = stream, requests, answers
-        threading.Thread(target=_read, args=(stream, answers), daemon=True,
-                         name="etcd-lease-stream").start()
+            stream.call.cancel()
 
     def _drop(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            self._requests.put(None)
-            stream.cancel()
-
-
-def _read(stream: Any, answers: queue.Queue[Any]) -> None:
-    """The stream's reader: every answer (then None, or the error that ended it) to
-    ``answers``, which belongs to this stream alone: a late answer never reaches the next."""
-    try:
-        for resp in stream:
-            answers.put(resp)
-        answers.put(None)
-    except grpc.RpcError as exc:
-        answers.put(exc)
+            stream.end()
