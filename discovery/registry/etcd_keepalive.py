@@ -4,10 +4,11 @@ A renewal is one message on the stream and its answer, as etcd's own clients do 
 gRPC call: a call costs the host a stream set-up (and, in grpc-python, a thread to feed its
 requests) and etcd a new stream, every TTL/3 on every host of the fleet. The stream is opened
 on the first renewal and opened again (on the member the client uses then) after any failure:
-an error from the member, the stream ending, or no answer within the client's timeout, which
-also marks that member failed so that the next try goes to another. The request stream is
-never half-closed while a renewal waits (etcd's gRPC proxy cancels a keepalive stream the
-client half-closed before it answered).
+an error from the member, the stream ending, or no answer within the client's timeout. A
+member that failed so is marked failed, so that the next try goes to another: the stream's
+own member, which need not be the one the client's other calls use by then. The request
+stream is never half-closed while a renewal waits (etcd's gRPC proxy cancels a keepalive
+stream the client half-closed before it answered).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from discovery.registry.etcd_watch import drain
+from discovery.registry.etcd_watch import ENDPOINT_DOWN, drain
 
 
 class _Stream:
@@ -32,7 +33,10 @@ class _Stream:
     def __init__(self, client: Any) -> None:
         self.requests: queue.Queue[Any] = queue.Queue()
         self.answers: queue.Queue[Any] = queue.Queue()
-        self.call = client.leasestub.LeaseKeepAlive(
+        channel = client.channel  # the first member not recently failed
+        self.endpoint = client.endpoint_in_use  # the member this stream is on, whatever the
+        # client uses later: a failure here is this member's, never the one in use then
+        self.call = etcdrpc.LeaseStub(channel).LeaseKeepAlive(
             drain(self.requests), credentials=client.call_credentials, metadata=client.metadata)
         threading.Thread(target=self._read, daemon=True, name="etcd-lease-stream").start()
 
@@ -72,17 +76,14 @@ class KeepAliveStream:
                     answer = stream.answers.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:
                     self._drop()
-                    endpoint = self._client.endpoint_in_use
-                    if endpoint is not None:
-                        endpoint.fail()  # as a DEADLINE_EXCEEDED call would
+                    stream.endpoint.fail()  # as a DEADLINE_EXCEEDED call would
                     raise etcd_exc.ConnectionTimeoutError() from None
                 if isinstance(answer, grpc.RpcError):
                     self._drop()
-                    try:  # pyetcd's translation re-raises the exception being handled
-                        raise answer
-                    except grpc.RpcError as exc:
-                        self._client._manage_grpc_errors(exc)
-                        raise
+                    if answer.code() in ENDPOINT_DOWN:  # this member: another one next
+                        stream.endpoint.fail()
+                        raise etcd_exc.ConnectionFailedError() from answer
+                    raise answer  # the registry's own handling (lease gone, token expired)
                 if answer is None:  # the stream ended without an error
                     self._drop()
                     return []

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                   grpc.StatusCode.INTERNAL)
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 #: re-opening a broken stream: once after 0.1 s (another member), then every half resume
@@ -214,7 +214,7 @@ class EtcdWatch:
             if self._narrowing:  # our own cancel: the next stream holds the k watchers
                 self._narrowing = self._lost = False
                 return
-            if exc.code() in _ENDPOINT_DOWN:
+            if exc.code() in ENDPOINT_DOWN:
                 endpoint.fail()
             reg.auth.stale(exc)
             raise
