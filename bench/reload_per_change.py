@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from discovery.errors import DiscoveryError  # noqa: E402
+from discovery.files import install, stage  # noqa: E402
 from discovery.model.catalog import Catalog  # noqa: E402
 from discovery.registry import Change, open_registry  # noqa: E402
 from discovery.watcher.config import ServiceConfig, WatcherConfig  # noqa: E402
@@ -58,12 +59,7 @@ from discovery.watcher.render import (  # noqa: E402
     render_config,
 )
 from discovery.watcher.slots import Slot  # noqa: E402
-from discovery.watcher.supervisor import (  # noqa: E402
-    HAProxySupervisor,
-    install_config,
-    stage_config,
-    validate_config,
-)
+from discovery.watcher.supervisor import HAProxySupervisor, validate_config  # noqa: E402
 
 log = logging.getLogger("reload_per_change")
 
@@ -154,11 +150,11 @@ class ReloadPerChange:
             if text == self._last_text:
                 self.skipped_identical += 1
                 return
-            staged = stage_config(text, self.config_path)
+            staged = stage(text, self.config_path)
             try:
                 if self.validate:
                     validate_config(self.haproxy_bin, staged)
-                install_config(staged, self.config_path)
+                install(staged, self.config_path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     staged.unlink()
