@@ -2,7 +2,8 @@
 
 The session timeout is the TTL. After a session expiry every owned node is created again and
 every watch sends a ``reset``; after a mere connection loss kazoo resumes the same session
-(and re-arms its watches), so nothing is lost. ``Snapshot.revision`` is a zxid.
+(and :mod:`~discovery.registry.zk_watch` re-arms its watches), so nothing is lost.
+``Snapshot.revision`` is a zxid.
 
 With a user and password (digest auth) every node we create gets the ACL ``digest:<user>``
 ALL + ``world:anyone`` READ (see :mod:`discovery.registry.security` and docs/security.md).
@@ -49,6 +50,7 @@ from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
 from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_nerve import NerveNodes
+from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_watch import ZkWatch
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class ZkRegistry:
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.5,
                                         max_delay=max(min(url.resume_spread, ttl / 3), 0.1)),
             **options)
+        self._router = EventRouter(self.client)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
         self._lock = threading.RLock()
@@ -332,7 +335,7 @@ class ZkRegistry:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
         w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision,
-                    services, self.reads)
+                    services, self.reads, self._router)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:

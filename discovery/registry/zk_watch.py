@@ -1,4 +1,4 @@
-"""Following a ZooKeeper registry: one worker thread turning one-shot watches into Changes."""
+"""Following a ZooKeeper registry: one worker thread turning watch events into Changes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kazoo.exceptions import (
     NoAuthError,
     NoNodeError,
     SessionExpiredError,
+    UnimplementedError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
@@ -27,6 +28,7 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import rewatch
 
 log = logging.getLogger(__name__)
@@ -36,22 +38,28 @@ _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
 class ZkWatch:
     """Follows ``<prefix>/services`` with one worker thread.
 
-    ZooKeeper's one-shot watches only queue "look again at X" items; the worker re-reads X
-    (re-arming the watch) and emits the difference to what it emitted before. It knows only
-    what it needs: the kazoo ``client``, the registry's ``decoder`` (its URL names the
-    paths) and the event that is set while the session is connected.
+    Watch events only queue "look again at X" items; the worker reads X and emits the
+    difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
+    one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
+    tells of each node created, changed or deleted: a change costs one read of that node.
+    Otherwise (an older ensemble) one-shot watches, re-armed by each read: a new or removed
+    instance costs a listing of its service's directory. It knows only what it needs: the
+    kazoo ``client``, the registry's ``decoder`` (its URL names the paths) and the event that
+    is set while the session is connected.
 
     With ``services`` it follows only those services' directories (not the list of services),
     so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
-    A lost connection (same session) re-arms the watches it dropped from the zxid seen before
+    A lost connection (same session) re-arms the watches from the zxid seen before
     (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again.
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
-                 services: Collection[str] | None = None, reads: ReadStats | None = None
-                 ) -> None:
+                 services: Collection[str] | None = None, reads: ReadStats | None = None,
+                 router: EventRouter | None = None) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
+        self._router = router
+        self._persistent = router is not None and router.supported is not False
         self._only = None if services is None else frozenset(services)
         self._reads = reads if reads is not None else ReadStats()
         self._url = decoder.url
@@ -68,6 +76,8 @@ class ZkWatch:
         self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
         self._loss_zxid: int | None = None  # the last zxid seen before that
+        self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
+                       if self._only is not None else [self._services])
         client.add_listener(self._on_state)
         try:  # read now, so changes right after watch() returns are changes, not the start
             if not connected.is_set():
@@ -84,13 +94,26 @@ class ZkWatch:
             self._push(("reset", ""))
 
     def _on_state(self, state: str) -> None:
-        """kazoo's connection thread, before it drops the watches: remember where we were."""
+        """kazoo's connection thread, before it drops the watches: remember where we were
+        (persistent watches: and after the reconnect, add them again)."""
         if state == KazooState.SUSPENDED and self._loss_zxid is None:
             self._loss_zxid = self._client.last_zxid
+        elif state == KazooState.LOST:
+            self._loss_zxid = None  # a new session: the registry's recovery resets us
+        elif (state == KazooState.CONNECTED and self._persistent
+              and self._loss_zxid is not None):
+            self._push(("rearm", ""))
+
+    def _event(self, _type: int, path: str) -> None:
+        """A persistent watch's event (kazoo's connection thread): read that node again."""
+        if self._url.split_key(path) is not None:
+            self._push(("node", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:
             self._push(item)  # something changed: read it again
+        elif self._persistent:
+            pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
         elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing
             with self._cond:
                 self._rearm.add(item)
@@ -99,6 +122,9 @@ class ZkWatch:
 
     def stop(self, join: bool = True) -> None:
         self._client.remove_listener(self._on_state)
+        if self._router is not None:
+            for root in self._roots:
+                self._router.remove(root, self._event)
         self._stopped.set()
         with self._cond:
             self._cond.notify_all()
@@ -125,6 +151,21 @@ class ZkWatch:
         if fn is None:
             fn = self._fns[item] = lambda event: self._fired(item, event)
         return fn
+
+    def _w(self, item: tuple[str, str]) -> Callable[[Any], None] | None:
+        """The one-shot watch a read of ``item`` sets: none under persistent watches."""
+        return None if self._persistent else self._fn(item)
+
+    def _add_roots(self) -> None:
+        """(Again) the persistent watches, before reading: no change falls in between."""
+        if not self._persistent or self._router is None:
+            return
+        try:
+            for root in self._roots:
+                self._router.add(root, self._event, timeout=10.0)
+        except UnimplementedError:  # ZooKeeper < 3.6; it drops the connection: read later
+            self._persistent = False
+            raise ConnectionLoss() from None
 
     def _run(self) -> None:
         while True:
@@ -165,11 +206,12 @@ class ZkWatch:
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
         elif kind == "services":
             try:
-                children = c.get_children(services, watch=self._fn(item))
+                children = c.get_children(services, watch=self._w(item))
             except NoNodeError:
-                if c.exists(services, watch=self._fn(item)) is not None:
+                if c.exists(services, watch=self._w(item)) is not None:
                     self._push(item)
                 return
+            self._listed(children)
             for s in children:
                 if s not in self._svcs:
                     self._svcs.add(s)
@@ -177,13 +219,14 @@ class ZkWatch:
         elif kind == "svc":
             folder = self._url.service_dir(arg)
             try:
-                children = c.get_children(folder, watch=self._fn(item))
+                children = c.get_children(folder, watch=self._w(item))
             except NoNodeError:
                 self._svcs.discard(arg)
                 if ((self._only is not None or folder != f"{services}/{arg}")
-                        and c.exists(folder, watch=self._fn(item))):
+                        and c.exists(folder, watch=self._w(item))):
                     self._push(item)  # Nerve's path= below the service: created meanwhile
                 return
+            self._listed(children)
             for child in children:
                 path = f"{folder}/{child}"
                 if path not in self._nodes:
@@ -194,10 +237,21 @@ class ZkWatch:
         elif kind == "rearm":
             self._rewatch()
 
+    def _listed(self, names: list[str]) -> None:
+        for name in names:
+            self._reads.add(name, None)
+
     def _rewatch(self) -> None:
         with self._cond:
             items, self._rearm = self._rearm, set()
         zxid = self._loss_zxid
+        if self._persistent and zxid is not None:  # everything: persistent + catch-up watches
+            self._add_roots()
+            keys = (self._url.split_key(path) for path in self._nodes)
+            svcs = self._svcs | (self._only or set()) | {k[0] for k in keys if k}
+            items = {("node", path) for path in self._nodes} | {("svc", s) for s in svcs}
+            if self._only is None:
+                items.add(("services", ""))
         if zxid is None:  # we did not see the connection go: read them again instead
             for item in items:
                 self._push(item)
@@ -218,7 +272,7 @@ class ZkWatch:
 
     def _node(self, path: str) -> None:
         try:
-            data, stat = self._client.get(path, watch=self._fn(("node", path)))
+            data, stat = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
@@ -275,15 +329,16 @@ class ZkWatch:
         self._live.clear()
         self._fns.clear()
         self._reads.full_read()
+        self._add_roots()
         if self._only is not None:  # those services' directories, not the list of services
             children, newest = sorted(self._only), 0
             c.exists(services)  # a first answer: last_zxid below is the server's of now
         else:
             try:
-                children, stat = c.get_children(services, watch=self._fn(("services", "")),
+                children, stat = c.get_children(services, watch=self._w(("services", "")),
                                                  include_data=True)
             except NoNodeError:
-                c.exists(services, watch=self._fn(("services", "")))
+                c.exists(services, watch=self._w(("services", "")))
                 return Snapshot(revision=max(c.last_zxid, 1)), 0
             newest = stat.pzxid
         revision = max(c.last_zxid, 1)
@@ -291,17 +346,17 @@ class ZkWatch:
         for s in children:
             svc_dir = self._url.service_dir(s)
             try:
-                nodes, st = c.get_children(svc_dir, watch=self._fn(("svc", s)), include_data=True)
+                nodes, st = c.get_children(svc_dir, watch=self._w(("svc", s)), include_data=True)
             except NoNodeError:
                 if self._only is not None or svc_dir != f"{services}/{s}":
-                    c.exists(svc_dir, watch=self._fn(("svc", s)))
+                    c.exists(svc_dir, watch=self._w(("svc", s)))
                 continue
             self._svcs.add(s)
             newest = max(newest, st.pzxid)
             for n in sorted(nodes):  # Nerve: of one instance's nodes, the newest wins
                 path = f"{svc_dir}/{n}"
                 try:
-                    data, st = c.get(path, watch=self._fn(("node", path)))
+                    data, st = c.get(path, watch=self._w(("node", path)))
                 except NoNodeError:
                     continue
                 self._nodes[path] = st.mzxid

@@ -234,7 +234,9 @@ def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
         cost = reader.reads.counts() - before
         assert "reset" not in whole.kinds() + only.kinds()
         assert cost.full_reads == 0, cost
-        assert cost.keys <= 12, cost  # what changed, not the 200 instances
+        # What changed, not the 200 instances; on ZooKeeper also the names in the directories
+        # that gained or lost a node meanwhile (svc7's 10, web's 2 for each watch).
+        assert cost.keys <= 12 + (14 if parsed.scheme == "zk" else 0), cost
         assert foreign(7).key not in only.got()
     finally:
         proxy.close()

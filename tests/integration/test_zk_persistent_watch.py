@@ -1,0 +1,87 @@
+"""Issue 11: a ZooKeeper follower's cost per change does not grow with the fleet.
+
+With ZooKeeper 3.6+ a watch is one persistent recursive watch (``zk_persistent``): the
+server holds one watch per follower, not one per node it read, and a new or removed instance
+costs one read of that node, not a listing of its service's directory. A server without
+``AddWatch`` (older than 3.6, made here by sending an opcode the real server does not know)
+drops the connection; the follower goes on with one-shot watches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_persistent
+from tests.harness.fleet import fill_foreign, foreign
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def zk(zk_single: ServerCluster) -> ServerCluster:
+    zk_single.ensure_running()
+    return zk_single
+
+
+@pytest.fixture
+def regs() -> Iterator[list[Registry]]:
+    opened: list[Registry] = []
+    yield opened
+    for reg in opened:
+        with contextlib.suppress(Exception):
+            reg.close()
+
+
+def watched(zk: ServerCluster, prefix: str) -> set[str]:
+    """The paths below ``prefix`` the server holds a watch on (``wchp``)."""
+    lines = zk.four_letter(0, "wchp").splitlines()
+    return {line for line in lines if line.startswith(prefix + "/")}
+
+
+def test_one_watch_and_one_read_per_change(zk: ServerCluster, regs: list[Registry]) -> None:
+    url = zk.url(unique_prefix())
+    root = RegistryURL.parse(url).services_root
+    fill_foreign(url, 2000)  # svc0..svc19, 100 instances each
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    seen: list[Change] = []
+    watch = reader.watch(seen.append, reader.snapshot().revision)
+    assert watched(zk, RegistryURL.parse(url).prefix) == {root}  # not 2,020 paths
+
+    before = reader.reads.counts()
+    added, gone = foreign(2003), foreign(5)  # svc3 gains one, svc5 loses one
+    writer.register(added)
+    writer.deregister(*gone.key)
+    wait_until(lambda: {(c.kind, c.key) for c in seen} >= {("put", added.key),
+                                                          ("delete", gone.key)},
+               10, "the put and the delete")
+    cost = reader.reads.counts() - before
+    assert cost.keys == 1 and cost.bytes < 1000, cost  # the new node, not svc3's 101 names
+
+    watch.stop()
+    wait_until(lambda: not watched(zk, RegistryURL.parse(url).prefix), 5,
+               "the server to drop the watch")
+
+
+def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[Registry],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zk_persistent.AddWatch, "type", 250)  # no such opcode: UNIMPLEMENTED
+    url = zk.url(unique_prefix())
+    prefix = RegistryURL.parse(url).prefix
+    fill_foreign(url, 40)
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    seen: list[Change] = []
+    reader.watch(seen.append, reader.snapshot().revision)
+    wait_until(lambda: len(watched(zk, prefix)) >= 40, 10, "one-shot watches on every node")
+    added, gone = foreign(43), foreign(7)
+    writer.register(added)
+    writer.deregister(*gone.key)
+    wait_until(lambda: {(c.kind, c.key) for c in seen} >= {("put", added.key),
+                                                          ("delete", gone.key)},
+               10, "the put and the delete")
+    assert "reset" not in [c.kind for c in seen]
