@@ -7,8 +7,10 @@ the whole registry again on every blip of its link — every host at once when a
 member restarts. :func:`rewatch` sends ZooKeeper's own ``SetWatches`` request (opcode 101)
 instead: the paths we watched and the last zxid we had seen. The server re-arms them and at
 once fires a watch event for each node that changed after that zxid (data changed, children
-changed, created or deleted) — so only what changed is read again. The request is split into
-parts of :data:`CHUNK_BYTES` (as the Java client does), far below ``jute.maxbuffer``.
+changed, created or deleted) — so only what changed is read again. Persistent recursive
+watches (:mod:`~discovery.registry.zk_persistent`) go in the same request, ``SetWatches2``
+(opcode 105, ZooKeeper 3.6+), as the Java client sends them. The request is split into parts
+of :data:`CHUNK_BYTES` (as the Java client does), far below ``jute.maxbuffer``.
 """
 
 from __future__ import annotations
@@ -27,21 +29,26 @@ Watcher = Callable[[Any], None]
 
 
 class SetWatches:
-    """ZooKeeper's SetWatches request (``relativeZxid``, data, exist and child watches)."""
-
-    type = 101
+    """ZooKeeper's SetWatches request (``relativeZxid``, data, exist and child watches); with
+    ``recursive`` paths SetWatches2 (+ persistent, persistent recursive)."""
 
     def __init__(self, relative_zxid: int, data: Sequence[str], exist: Sequence[str],
-                 child: Sequence[str]) -> None:
+                 child: Sequence[str], recursive: Sequence[str] = ()) -> None:
         self.relative_zxid, self.data, self.exist, self.child = relative_zxid, data, exist, child
+        self.recursive = recursive
+        self.type = 105 if recursive else 101
 
     def __repr__(self) -> str:
         return (f"SetWatches(zxid={self.relative_zxid:#x}, {len(self.data)} data, "
-                f"{len(self.exist)} exist, {len(self.child)} child)")
+                f"{len(self.exist)} exist, {len(self.child)} child, "
+                f"{len(self.recursive)} persistent recursive)")
 
     def serialize(self) -> bytearray:
         b = bytearray(long_struct.pack(self.relative_zxid))
-        for paths in (self.data, self.exist, self.child):
+        lists = [self.data, self.exist, self.child]
+        if self.recursive:
+            lists += [(), self.recursive]
+        for paths in lists:
             b.extend(int_struct.pack(len(paths)))
             for path in paths:
                 b.extend(write_string(path))
@@ -67,18 +74,21 @@ def _chunks(data: list[str], child: list[str]) -> Iterable[tuple[list[str], list
 
 
 def rewatch(client: Any, zxid: int, data: dict[str, Watcher], child: dict[str, Watcher],
-            timeout: float) -> None:
+            timeout: float, recursive: Sequence[str] = ()) -> None:
     """Watch again, on ``client``'s current session, the ``data`` paths (their data) and the
-    ``child`` paths (their children), each calling its watcher; ZooKeeper tells at once of
-    whatever changed after ``zxid``. Raises what kazoo raises (e.g. ConnectionLoss)."""
+    ``child`` paths (their children), each calling its watcher, and the ``recursive`` paths
+    (persistent recursive: their events are routed by zk_persistent); ZooKeeper tells at once
+    of whatever changed after ``zxid``. Raises what kazoo raises (e.g. ConnectionLoss)."""
     # First kazoo's side: an event fired right after the request must find its watcher.
     for path, fn in data.items():
         client._data_watchers[path].add(fn)
     for path, fn in child.items():
         client._child_watchers[path].add(fn)
-    for data_part, child_part in _chunks(sorted(data), sorted(child)):
+    parts = list(_chunks(sorted(data), sorted(child))) or [([], [])]
+    for i, (data_part, child_part) in enumerate(parts):
         result = client.handler.async_result()
-        client._call(SetWatches(zxid, data_part, [], child_part), result)
+        client._call(SetWatches(zxid, data_part, [], child_part,
+                                recursive if i == 0 else ()), result)
         result.get(timeout=timeout)
-    log.debug("re-armed %d data and %d child watches from zxid %#x", len(data), len(child),
-              zxid)
+    log.debug("re-armed %d data, %d child and %d persistent watches from zxid %#x", len(data),
+              len(child), len(recursive), zxid)

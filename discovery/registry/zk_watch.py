@@ -246,7 +246,6 @@ class ZkWatch:
             items, self._rearm = self._rearm, set()
         zxid = self._loss_zxid
         if self._persistent and zxid is not None:  # everything: persistent + catch-up watches
-            self._add_roots()
             keys = (self._url.split_key(path) for path in self._nodes)
             svcs = self._svcs | (self._only or set()) | {k[0] for k in keys if k}
             items = {("node", path) for path in self._nodes} | {("svc", s) for s in svcs}
@@ -261,7 +260,8 @@ class ZkWatch:
         child = {services if kind == "services" else self._url.service_dir(arg): self._fn(
             (kind, arg)) for kind, arg in items if kind != "node"}
         try:
-            rewatch(self._client, zxid, data, child, timeout=10.0)
+            rewatch(self._client, zxid, data, child, timeout=10.0,
+                    recursive=self._roots if self._persistent else ())
         except Exception:
             with self._cond:
                 self._rearm |= items

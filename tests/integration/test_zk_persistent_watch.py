@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_persistent
 from tests.harness.fleet import fill_foreign, foreign
-from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+from tests.harness.servers import ServerCluster, TcpProxy, unique_prefix, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,3 +86,33 @@ def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[
                                                           ("delete", gone.key)},
                10, "the put and the delete")
     assert "reset" not in [c.kind for c in seen]
+
+
+def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
+                                                        regs: list[Registry]) -> None:
+    """A cut link: the watch re-adds its persistent watch (SetWatches2) with the catch-up;
+    the catch-up's one-shot watches fire once, so the second change of a node after the cut
+    reaches the watch only through the persistent one."""
+    url = zk.url(unique_prefix())
+    parsed = RegistryURL.parse(url)
+    fill_foreign(url, 20)
+    writer = open_registry(url, ttl=5)
+    proxy = TcpProxy(parsed.hosts[0])
+    try:
+        reader = open_registry(proxy.url("zk", parsed.prefix), ttl=5)
+        regs += [writer, reader]
+        states: list[bool] = []
+        reader.add_state_listener(states.append)
+        seen: list[Change] = []
+        reader.watch(seen.append, reader.snapshot().revision)
+        with proxy.blocked():
+            wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
+        wait_until(lambda: states[-1:] == [True], 10, "the reader to reconnect")
+        node = foreign(3)
+        for weight in (2, 3, 4):
+            writer.register(replace(node, weight=weight))
+            wait_until(lambda w=weight: any(c.instance is not None and c.instance.weight == w
+                                            for c in seen), 10, f"weight {weight}")
+        assert "reset" not in [c.kind for c in seen]
+    finally:
+        proxy.close()
