@@ -16,17 +16,18 @@ consecutive services, so a service has ``10 x hosts / 100`` instances (100 at 1,
 
 **Source addresses.** Host *n* has its own loopback address ``127.20.<n // 250>.<n % 250 +
 1>``. ZooKeeper (whose ``maxClientCnxns`` counts connections per client address): the
-KazooClient of both registries gets a handler whose ``create_connection`` binds that address
+host's KazooClient gets a handler whose ``create_connection`` binds that address
 (``socket.create_connection(..., source_address=...)``); the bench injects it by wrapping
-``discovery.registry.zk``'s ``zk_client_options`` while the host's registries are being
+``discovery.registry.zk``'s ``zk_client_options`` while the host's registry is being
 opened, nothing else of the backend changes. etcd: Python gRPC has no per-channel source
 address, so by default the etcd hosts connect from 127.0.0.1 — etcd has no per-address limit —
 but **each host with its own connection**: gRPC shares one connection among a process's
 channels with equal target and arguments, so every host's channels carry their own user agent
-(``pyetcd.Endpoint`` wrapped the same way); a host's agent and watcher share one, as in one
-``discovery up`` process. etcd bytes are then counted per worker process and divided by its
-hosts. ``--etcd-relay`` gives etcd hosts their own source addresses through one HAProxy relay
-(``server ... source <host address>``, one loopback port per host and member); it measures
+(``pyetcd.Endpoint`` wrapped the same way). A host's agent and watcher share one registry
+client (one session or lease, one connection), as one ``discovery up`` process does. etcd
+bytes are then counted per worker process and divided by its hosts. ``--etcd-relay`` gives
+etcd hosts their own source addresses through one HAProxy relay (``server ... source <host
+address>``, one loopback port per host and member); it measures
 the steady state the same, but collapses under a full restart's reconnect storm from 500 hosts
 on (docs/benchmarks.md), so it is not the default.
 
@@ -160,8 +161,7 @@ def _install_etcd_host_channels() -> None:
     """Every gRPC channel opened while ``_bind.source`` is set carries that host's own user
     agent. gRPC shares one connection among the channels of a process that have the same
     target and arguments; without this, the hosts of one worker would multiplex over a few
-    connections. With it each simulated host has its own connection to a member, shared by its
-    agent and watcher registries as in one ``discovery up`` process."""
+    connections. With it each simulated host has its own connection to a member."""
     import pyetcd
 
     original = pyetcd.Endpoint
@@ -245,8 +245,7 @@ class Host:
         self.instances = host_instances(n, args.instances, args.services)
         self.watched = watched_services(n, args.watch_services, args.services)
         self.catalog = Catalog()
-        self.agent: Registry | None = None
-        self.reader: Registry | None = None
+        self.registry: Registry | None = None  # the agent's and the watcher's, as in `up`
         self.watch: Any = None
         self.arm: Callable[[Catalog], bool] | None = None
         self.hit: float | None = None
@@ -256,16 +255,15 @@ class Host:
     def start(self) -> None:
         _bind.source = source_ip(self.n)
         try:
-            self.agent = open_registry(self.url, ttl=self.args.ttl)
-            self.reader = open_registry(self.url, ttl=self.args.ttl)
+            self.registry = open_registry(self.url, ttl=self.args.ttl)
         finally:
             _bind.source = None
         for inst in self.instances:
-            self.agent.register(inst)
+            self.registry.register(inst)
         only = self.watched or None
-        snap = self.reader.snapshot(only)
+        snap = self.registry.snapshot(only)
         self.catalog.load(snap)
-        self.watch = self.reader.watch(self.on_change, snap.revision, only)
+        self.watch = self.registry.watch(self.on_change, snap.revision, only)
 
     def on_change(self, change: Change) -> None:
         self.catalog.apply(change)
@@ -283,22 +281,21 @@ class Host:
     def reconcile(self) -> None:
         """What the agent's reconcile does with the registry: read this node's entries, write
         what is missing."""
-        assert self.agent is not None
+        assert self.registry is not None
         self.reconciles += 1
         try:
-            have = self.agent.node_snapshot(self.node).instances
+            have = self.registry.node_snapshot(self.node).instances
             for inst in self.instances:
                 if inst.key not in have:
-                    self.agent.register(inst)
+                    self.registry.register(inst)
                     self.reregistered += 1
         except Exception:
             self.reconcile_errors += 1
 
     def close(self, revoke: bool) -> None:
-        for reg in (self.reader, self.agent):
-            if reg is not None:
-                with contextlib.suppress(Exception):
-                    reg.close(revoke=revoke)
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                self.registry.close(revoke=revoke)
 
 
 class Worker:

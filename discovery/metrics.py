@@ -154,6 +154,7 @@ class Metrics:
             "(snapshots, per-node reads, watch events).")
         r.register(self._invalid)
         r.register(self._read_bytes)
+        self._followed: list[object] = []  # the ReadStats of the registries followed
         self._lock = threading.Lock()
         self._router_seen = (0, 0, 0, 0)
         self._guard_engaged_seen = 0
@@ -194,7 +195,10 @@ class Metrics:
 
     def follow_registry(self, registry: Registry) -> None:
         """Count ``registry``'s skipped malformed values and read bytes in /metrics (once per
-        registry)."""
+        registry: ``up``'s agent and watcher share one)."""
+        if any(r is registry.reads for r in self._followed):
+            return
+        self._followed.append(registry.reads)
         self._invalid.sources.append(lambda: registry.invalid_records)
         self._read_bytes.sources.append(lambda: registry.reads.bytes)
 

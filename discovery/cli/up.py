@@ -105,8 +105,12 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         metrics = Metrics()
         taken = predecessor(None if temp_state else state, None if dns == "off" else dns,
                             None if http == "off" else http)  # a leaving `up`'s DNS/HTTP
-        agent = Agent(agent_cfg, open_registry(registry, ttl=agent_cfg.ttl), metrics)
-        watcher = assemble(registry, watch_cfg, HAProxySettings(state, haproxy_bin),
+        # One registry client (one session, one connection) for both: on a fleet, half the
+        # sessions, pings and connections of two. The agent closes it (revoking or leaving
+        # its registrations) when it stops; the watcher's close after that is a no-op.
+        shared = open_registry(registry, ttl=agent_cfg.ttl)
+        agent = Agent(agent_cfg, shared, metrics)
+        watcher = assemble(shared, watch_cfg, HAProxySettings(state, haproxy_bin),
                            metrics=metrics)
         lookups = start_lookups(watcher, metrics, dns=None if dns == "off" else dns,
                                 http=None if http == "off" else http, domain=dns_domain,

@@ -36,13 +36,14 @@ class HAProxySettings:
     reload_cmd: str | None = None
 
 
-def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
+def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxySettings, *,
              json_out: Path | None = None, render_only: bool = False,
              dry_run: bool = False, metrics: Metrics | None = None,
              only_routed: bool = False) -> Watcher:
     """A ready-to-run :class:`Watcher`. ``render_only``: no HAProxy is started (``--once``);
     with ``dry_run`` nothing external is driven either. ``only_routed`` (nothing serves the
-    whole catalog): read and watch only the routed services (:mod:`discovery.registry.view`)."""
+    whole catalog): read and watch only the routed services (:mod:`discovery.registry.view`).
+    ``registry_url`` may be an open registry instead (``up`` shares the agent's)."""
     if haproxy.socket and not haproxy.config:
         raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
     renderer = Renderer(cfg.template)
@@ -66,7 +67,8 @@ def assemble(registry_url: str, cfg: WatcherConfig, haproxy: HAProxySettings, *,
                         renderer=renderer)
         if control is None and not render_only and not haproxy.socket:
             router.control = supervise(router, config_path, haproxy)
-    registry: Registry = open_registry(registry_url)
+    registry: Registry = (open_registry(registry_url) if isinstance(registry_url, str)
+                          else registry_url)
     if only_routed and cfg.services and json_out is None:
         registry = ServicesView(registry, cfg.services)
     return Watcher(registry, router, json_out=json_out,

@@ -23,7 +23,8 @@ from discovery import Client
 from discovery.model import Instance
 from discovery.registry import RegistryURL, open_registry
 from tests.harness.agent import REPO_ROOT, DiscoveryProcess, wait_registered
-from tests.harness.servers import raw_put
+from tests.harness.fleet import close_raw, raw_client
+from tests.harness.servers import ServerCluster, raw_put
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 
@@ -74,8 +75,20 @@ def poison(url: str, service: str, node: str | None = None) -> list[str]:
     return keys
 
 
-def test_every_reader_survives_the_hostile_corpus(registry_url: str, containers, agents,
-                                                  tmp_path: Path) -> None:
+def zk_sessions_watching(server: ServerCluster, path: str) -> set[int]:
+    """The ZooKeeper sessions holding a watch on ``path`` (``wchc``: a session, then its
+    paths, each on its own line)."""
+    sessions, current = set(), 0
+    for line in server.four_letter(0, "wchc").splitlines():
+        if line.startswith("0x"):
+            current = int(line, 16)
+        elif line.strip() == path:
+            sessions.add(current)
+    return sessions
+
+
+def test_every_reader_survives_the_hostile_corpus(registry_url: str, registry_server,
+                                                  containers, agents, tmp_path: Path) -> None:
     web = f"h{uuid.uuid4().hex[:8]}"
     keys = poison(registry_url, web, node="hnode")
     # The agent's own container, registered while the poison is there (its reconcile reads
@@ -95,6 +108,14 @@ def test_every_reader_survives_the_hostile_corpus(registry_url: str, containers,
         "discovery.check.interval": "200ms"})
     [good] = wait_registered(registry_url, web, timeout=20)
     assert good.port == port
+    if registry_url.startswith("zk:"):  # up's agent and watcher: one session, not two
+        raw = raw_client(registry_url)
+        try:
+            owner = raw.exists(RegistryURL.parse(registry_url).key(*good.key)).ephemeralOwner
+        finally:
+            close_raw(raw)
+        root = RegistryURL.parse(registry_url).services_root
+        assert zk_sessions_watching(registry_server, root) == {owner}
 
     # watcher + HAProxy: routed; DNS and HTTP: answer the good one only
     wait_for(lambda: spread(listen, 2)[f"{web}-1"] == 2, 20, message="routed through HAProxy")

@@ -174,3 +174,19 @@ def test_dns_labels_are_bounded() -> None:
     assert val(m, "discovery_dns_queries_total", qtype="OTHER", rcode="OTHER") == 1
     assert val(m, "discovery_dns_queries_total", qtype="SRV", rcode="SERVFAIL") == 1
     assert val(m, "discovery_dns_queries_total", qtype="NONE", rcode="DROPPED") == 1
+
+
+def test_a_registry_followed_twice_is_counted_once() -> None:
+    """``up``'s agent and watcher share one registry client: its bytes count once."""
+    from discovery.registry.reads import ReadStats
+
+    class Reg:
+        reads = ReadStats()
+        invalid_records = 3
+
+    m, reg = Metrics(), Reg()
+    reg.reads.add("k", b"12345")
+    m.follow_registry(reg)  # type: ignore[arg-type]
+    m.follow_registry(reg)  # type: ignore[arg-type]
+    assert val(m, "discovery_registry_read_bytes_total") == 6
+    assert val(m, "discovery_registry_invalid_records_total") == 3
