@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -126,7 +127,7 @@ def run_variant(args: argparse.Namespace, work: Path, variant: str) -> dict[str,
         for _ in range(args.apps):
             port = free_port()
             start(procs, [BUSYBOX, "httpd", "-f", "-p", f"{HOST}:{port}", "-h", str(www)])
-            wait_until(lambda p=port: port_open(p), 10, f"httpd on :{port}")
+            wait_until(functools.partial(port_open, port), 10, f"httpd on :{port}")
             apps.append(port)
         target, close = apps[0], True
         if variant != "direct":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import random
@@ -226,7 +227,7 @@ def deploy_phase(etcd: LocalEtcd, work: Path, report: Report) -> dict[str, Any]:
             for n in (1, 2, 3):
                 new = ph.backend(f"v2-{n}")
                 ph.reg.register(record(10 + n, new.port))
-                wait_until(lambda new=new: new.hits > 0, 20, f"v2-{n} served")
+                wait_until(functools.partial(lambda b: b.hits > 0, new), 20, f"v2-{n} served")
                 ph.reg.deregister("web", record(n, live[n].port).id)  # the agent, on `kill`
                 time.sleep(GRACE_S)  # the app finishes its in-flight requests...
                 live[n].stop()  # ...then exits

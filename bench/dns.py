@@ -251,7 +251,8 @@ def dig_sections(port: int, name: str, qtype: str) -> tuple[str, set[str], set[s
     out = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+noall", "+comments",
                           "+answer", "+additional", "+time=2", "+tries=2", name, qtype],
                          capture_output=True, text=True, timeout=30).stdout
-    rcode = (re.search(r"status: ([A-Z]+)", out) or re.search("()", "")).group(1) or "?"
+    status = re.search(r"status: ([A-Z]+)", out)
+    rcode = status.group(1) if status else "?"
     sections: dict[str, set[str]] = {"ANSWER": set(), "ADDITIONAL": set()}
     current = ""
     for line in out.splitlines():

@@ -111,6 +111,7 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, open_registry
 from discovery.registry.etcd_watch import NARROW_AFTER
+from discovery.registry.reads import ReadCounts
 from discovery.retry import jittered
 
 PREFIX = "/fleet"
@@ -202,7 +203,7 @@ def _relieve_grpc_process_costs() -> None:
     # 500 -> 1,000 hosts, 181 of a worker's 837 threads were queued on it and lease grants
     # and puts missed their 5 s deadlines. A host of its own process has a few threads.
     assert grpc._observability._OBSERVABILITY_PLUGIN is None
-    grpc._observability._plugin_lock = contextlib.nullcontext()  # type: ignore[assignment]
+    grpc._observability._plugin_lock = contextlib.nullcontext()
 
 
 def _install_zk_source_binding() -> None:
@@ -212,7 +213,7 @@ def _install_zk_source_binding() -> None:
 
     import discovery.registry.zk as zkmod
 
-    class BoundHandler(SequentialThreadingHandler):  # type: ignore[misc]
+    class BoundHandler(SequentialThreadingHandler):
         def __init__(self, source: str) -> None:
             super().__init__()
             self.source = source
@@ -235,7 +236,7 @@ def _install_zk_source_binding() -> None:
             out["handler"] = BoundHandler(source)
         return out
 
-    zkmod.zk_client_options = options  # type: ignore[assignment]
+    zkmod.zk_client_options = options
 
 
 class Host:
@@ -357,13 +358,9 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         per_host = []
         for h in self.hosts.values():
-            b = k = full = node = 0
-            for reg in (h.agent, h.reader):
-                if reg is not None:
-                    c = reg.reads.counts()
-                    b, k, full, node = b + c.bytes, k + c.keys, full + c.full_reads, \
-                        node + c.node_reads
-            per_host.append([h.n, b, k, full, node, h.catalog.size()])
+            c = h.registry.reads.counts() if h.registry is not None else ReadCounts()
+            per_host.append([h.n, c.bytes, c.keys, c.full_reads, c.node_reads,
+                             h.catalog.size()])
         me = rss_kib(os.getpid())
         return {"hosts": len(self.hosts), "reads": per_host,
                 "reconciles": sum(h.reconciles for h in self.hosts.values()),

@@ -147,8 +147,8 @@ class ServerCluster:
 
     def wait_leader(self, timeout: float = START_TIMEOUT) -> int:
         """The leader's index, once there is one (see :meth:`leader`)."""
-        found = wait_until(lambda: (i := self.leader()) is not None and [i], timeout,
-                           f"a {self.scheme} leader among the running members")
+        found = wait_until(lambda: [] if (i := self.leader()) is None else [i], timeout,
+                           f"a {self.scheme} leader among the running members")  # 0 is one
         return found[0]
 
     def start_member(self, i: int, wait: bool = True) -> None:
