@@ -1,0 +1,99 @@
+"""The agent's reconcile after the registry comes back (issue 11: a fleet must not resync at once).
+
+A registry that reconnects wakes every agent of the fleet in the same second; each waits a
+random moment within the URL's ``spread=`` before its reconcile, unless one of its own writes
+failed meanwhile (a container started or stopped): that one has something to tell at once.
+Driven through the registry's state listener, with a fake registry and no Docker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from discovery.agent import core
+from discovery.agent.config import AgentConfig
+from discovery.registry import RegistryURL, Snapshot
+from discovery.registry.reads import ReadStats
+
+
+class FakeDocker:
+    def __init__(self, *_args: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class FakeRegistry:
+    """What the agent's run loop uses of a registry: per-node reads are timed."""
+
+    url = RegistryURL.parse("etcd://127.0.0.1:1/p?spread=2")
+    invalid_records = 0
+
+    def __init__(self) -> None:
+        self.reads = ReadStats()
+        self.listeners: list[Any] = []
+        self.node_reads: list[float] = []
+
+    def add_state_listener(self, callback: Any) -> None:
+        self.listeners.append(callback)
+
+    def node_snapshot(self, _node: str) -> Snapshot:
+        self.node_reads.append(time.monotonic())
+        return Snapshot()
+
+    def close(self, revoke: bool = True) -> None:
+        pass
+
+    def state(self, up: bool) -> None:
+        for cb in self.listeners:
+            cb(up)
+
+
+def wait_reads(reg: FakeRegistry, n: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while len(reg.node_reads) < n:
+        assert time.monotonic() < deadline, f"{len(reg.node_reads)} node reads, not {n}"
+        time.sleep(0.01)
+    return reg.node_reads[n - 1]
+
+
+def test_reconcile_after_a_reconnect_waits_within_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    windows: list[float] = []
+    delay = [0.3]
+    monkeypatch.setattr(core, "DockerSource", FakeDocker)
+    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), delay[0])[1])
+    reg = FakeRegistry()
+    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
+    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_reads(reg, 1, 5)  # adoption at start
+        agent._on_sync([])  # Docker listed: the first reconcile, at once
+        wait_reads(reg, 2, 5)
+
+        reg.state(False)
+        back = time.monotonic()
+        reg.state(True)  # the whole fleet sees this at once: a random moment within spread=
+        assert wait_reads(reg, 3, 5) - back >= 0.3
+        assert windows == [2.0]
+
+        delay[0] = 20.0  # would outlast the wait below
+        reg.state(False)
+        agent._write_failed = True  # a register/deregister failed while it was away
+        back = time.monotonic()
+        reg.state(True)
+        assert wait_reads(reg, 4, 5) - back < 5
+        assert windows == [2.0]  # no wait asked for
+    finally:
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
