@@ -58,6 +58,18 @@ T = TypeVar("T")
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
 
 
+def connection_retry(url: RegistryURL, ttl: float) -> KazooRetry:
+    """kazoo's reconnect policy. Each attempt tries every member; after a lost connection the
+    first comes after 0.1 s (±50 %: another member takes over at once), the next ones a
+    resume spread apart ±50 %, as etcd's watch resumes: a fleet that lost a restarted ensemble
+    reconnects over that window, not within the same second (kazoo's default doubling from
+    0.1 s brings every host back within ~1 s of the ensemble serving again). At most a third
+    of the session timeout apart, so a session outlives the wait."""
+    window = max(min(url.resume_spread, ttl / 3), 0.1)
+    return KazooRetry(max_tries=-1, delay=0.1, backoff=window / 0.05, max_jitter=0.5,
+                      max_delay=window)
+
+
 class ZkRegistry:
     """The :class:`~discovery.registry.base.Registry` on ZooKeeper. See the module docstring."""
 
@@ -72,14 +84,8 @@ class ZkRegistry:
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
         self._checked: set[str] = set()  # service dirs whose ACL we looked at
-        self.client = KazooClient(
-            hosts=self._where, timeout=ttl,
-            # After a lost connection the retries grow to one resume spread apart (±50 %), so
-            # a fleet that lost a restarted ensemble reconnects over that window; at most a
-            # third of the session timeout, so a session outlives the wait.
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.5,
-                                        max_delay=max(min(url.resume_spread, ttl / 3), 0.1)),
-            **options)
+        self.client = KazooClient(hosts=self._where, timeout=ttl,
+                                  connection_retry=connection_retry(url, ttl), **options)
         self._router = EventRouter(self.client)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
