@@ -60,14 +60,17 @@ _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
 
 def connection_retry(url: RegistryURL, ttl: float) -> KazooRetry:
     """kazoo's reconnect policy. Each attempt tries every member; after a lost connection the
-    first comes after 0.1 s (±50 %: another member takes over at once), the next ones a
-    resume spread apart ±50 %, as etcd's watch resumes: a fleet that lost a restarted ensemble
-    reconnects over that window, not within the same second (kazoo's default doubling from
-    0.1 s brings every host back within ~1 s of the ensemble serving again). At most a third
-    of the session timeout apart, so a session outlives the wait."""
+    first comes within 0.2 s (another member takes over at once), each next one at a random
+    moment within a resume spread: a fleet that lost a restarted ensemble reconnects evenly
+    over that window, not within the same second (kazoo's default doubling from 0.1 s brought
+    every host back within ~1 s of the ensemble serving again), and still tries every 1.5 s
+    on average, so a session outlives a busy recovery. The window is at most a third of the
+    session timeout."""
     window = max(min(url.resume_spread, ttl / 3), 0.1)
-    return KazooRetry(max_tries=-1, delay=0.1, backoff=window / 0.05, max_jitter=0.5,
-                      max_delay=window)
+    # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
+    # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
+    return KazooRetry(max_tries=-1, delay=0.1, backoff=1e6, max_jitter=1.0,
+                      max_delay=window / 2)
 
 
 class ZkRegistry:

@@ -1,4 +1,4 @@
-"""ZooKeeper reconnects: one quick retry (another member), then a resume spread apart ±50 %."""
+"""ZooKeeper reconnects: one quick retry (another member), then at random within the spread."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def sleeps(url: str, ttl: float, attempts: int = 400) -> list[float]:
 
 def test_first_retry_at_once_then_spread_over_the_window() -> None:
     first, *rest = sleeps("zk://h/p?spread=3", ttl=10)
-    assert 0.05 <= first <= 0.15
-    assert all(1.5 <= s <= 4.5 for s in rest)
-    assert min(rest) < 2.0 and max(rest) > 4.0  # spread over the window, not bunched
+    assert 0 <= first <= 0.2
+    assert all(0 <= s <= 3.0 for s in rest)
+    assert min(rest) < 0.3 and max(rest) > 2.7  # over the whole window, not bunched
+    assert 1.2 < sum(rest) / len(rest) < 1.8  # an attempt every 1.5 s on average
 
 
 def test_the_window_stays_below_a_third_of_the_session_timeout() -> None:
     _, *rest = sleeps("zk://h/p?spread=30", ttl=6)
-    assert max(rest) <= 1.5 * 2.0
+    assert max(rest) <= 2.0
     _, *rest = sleeps("zk://h/p?spread=0", ttl=10)
-    assert max(rest) <= 0.15  # spread=0: no window (0.1 s ±50 %)
+    assert max(rest) <= 0.1  # spread=0: no window (at most 0.1 s apart)
