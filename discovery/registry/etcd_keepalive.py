@@ -96,7 +96,7 @@ class KeepAliveStream:
         self._closed = True
         stream = self._stream
         if stream is not None:
-            stream.call.cancel()
+            stream.end()
 
     def _drop(self) -> None:
         stream, self._stream = self._stream, None

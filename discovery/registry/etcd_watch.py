@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                  grpc.StatusCode.INTERNAL)
+                 grpc.StatusCode.INTERNAL)
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 #: re-opening a broken stream: once after 0.1 s (another member), then every half resume
 #: spread plus up to one spread at random (a fleet whose registry is down retries one spread

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 PERSISTENT_RECURSIVE = 1  # AddWatchMode
 ANY_WATCHER = 3  # WatcherType of RemoveWatches
-#: called with (event type, path) on kazoo's connection thread
-EventFn = Callable[[int, str], None]
+#: called with the path of a node created, changed or deleted, on kazoo's connection thread
+EventFn = Callable[[str], None]
 
 
 class _PathRequest:
@@ -83,7 +83,7 @@ class EventRouter:
             for root, fns in self._routes.items():
                 if path == root or path.startswith(root.rstrip("/") + "/"):
                     for fn in fns:
-                        fn(event.type, path)
+                        fn(path)
         except Exception:  # never break kazoo's connection thread
             log.exception("routing a ZooKeeper watch event failed")
         self._read_event(buffer, offset)

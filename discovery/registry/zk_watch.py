@@ -104,7 +104,7 @@ class ZkWatch:
               and self._loss_zxid is not None):
             self._push(("rearm", ""))
 
-    def _event(self, _type: int, path: str) -> None:
+    def _event(self, path: str) -> None:
         """A persistent watch's event (kazoo's connection thread): read that node again."""
         if self._url.split_key(path) is not None:
             self._push(("node", path))
@@ -263,8 +263,9 @@ class ZkWatch:
             rewatch(self._client, zxid, data, child, timeout=10.0,
                     recursive=self._roots if self._persistent else ())
         except Exception:
-            with self._cond:
-                self._rearm |= items
+            if not self._persistent:  # persistent: the next try re-arms everything anyway
+                with self._cond:
+                    self._rearm |= items
             raise
         with self._cond:
             if not self._rearm:
