@@ -55,6 +55,16 @@ _TRANSIENT = (
     etcd_exc.NoServerAvailableError,
     etcd_exc.InternalServerError,
 )
+
+
+def _timed_out_in_server(code: Any, details: Any) -> bool:
+    """etcd's answer to a write whose proposal timed out inside the member (during an
+    election, a member that lost its leader): ``UNKNOWN: context deadline exceeded``. Every
+    request here may be sent again (puts and deletes of fixed values, reads, keepalives,
+    revokes; a lease grant sent twice leaves one unused lease that expires after its TTL)."""
+    return code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in str(details)
+
+
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -129,15 +139,6 @@ class EtcdRegistry:
             try:
                 self.auth.ensure()
                 result = fn()
-            except _TRANSIENT as exc:
-                if time.monotonic() + delay >= deadline:
-                    self.set_state(False)
-                    raise RegistryUnavailable(
-                        f"etcd at {self.where}: {what} failed, no member answered within "
-                        f"{deadline - started:.3g}s ({rpc_details(exc)})") from None
-                (self._closed if closing else self._closing).wait(delay)
-                delay = min(delay * 2, 0.5)
-                continue
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -146,12 +147,24 @@ class EtcdRegistry:
                 if not reauthenticated and self.auth.stale(exc):
                     reauthenticated = True  # etcd forgot our token (restart, idle TTL)
                     continue
-                raise RegistryError(f"etcd at {self.where}: {what} failed: "
-                                    f"{rpc_details(exc)}") from None
+                if not _timed_out_in_server(code, details):
+                    raise RegistryError(f"etcd at {self.where}: {what} failed: "
+                                        f"{rpc_details(exc)}") from None
+                failure: Exception = exc
+            except _TRANSIENT as exc:
+                failure = exc
             except (etcd_exc.Etcd3Exception, ValueError) as exc:
                 raise RegistryError(f"etcd at {self.where}: {what} failed: {exc!r}") from None
-            self.set_state(True)
-            return result
+            else:
+                self.set_state(True)
+                return result
+            if time.monotonic() + delay >= deadline:
+                self.set_state(False)
+                raise RegistryUnavailable(
+                    f"etcd at {self.where}: {what} failed, no member answered within "
+                    f"{deadline - started:.3g}s ({rpc_details(failure)})") from None
+            (self._closed if closing else self._closing).wait(delay)
+            delay = min(delay * 2, 0.5)
 
     def set_state(self, up: bool) -> None:
         with self._state_lock:
@@ -323,6 +336,8 @@ class EtcdRegistry:
             if revoke and lease is not None:
                 try:
                     self._call("revoke lease", lambda: self.client.revoke_lease(lease), True)
+                except _LeaseGone:
+                    pass  # gone already: expired, or revoked by a first try that timed out
                 except RegistryError as exc:
                     log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
         finally:

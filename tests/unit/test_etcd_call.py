@@ -1,0 +1,69 @@
+"""EtcdRegistry._call: which failures are tried again (another member, a later try) and which
+end the call at once. No server: the request is a function that fails as etcd answered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.registry.base import RegistryURL
+from discovery.registry.etcd import EtcdRegistry
+
+
+class Answer(grpc.RpcError):
+    """What grpc raises for a failed unary call."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.fixture
+def reg() -> Iterator[EtcdRegistry]:
+    # port 1 on loopback: nothing listens; _call never reaches it (fn is ours)
+    r = EtcdRegistry(RegistryURL.parse("etcd://127.0.0.1:1/t"), ttl=3, timeout=1.0)
+    yield r
+    r.close()
+
+
+def failing(*answers: Exception) -> tuple[list[int], object]:
+    calls = [0]
+
+    def fn() -> str:
+        calls[0] += 1
+        if calls[0] <= len(answers):
+            raise answers[calls[0] - 1]
+        return "ok"
+    return calls, fn
+
+
+def test_a_write_that_timed_out_in_an_election_is_sent_again(reg: EtcdRegistry) -> None:
+    # etcd's answer when a proposal times out while the member has no leader
+    timed_out = Answer(grpc.StatusCode.UNKNOWN, "context deadline exceeded")
+    calls, fn = failing(timed_out, timed_out)
+    assert reg._call("put /t/services/a/1", fn) == "ok"  # type: ignore[arg-type]
+    assert calls[0] == 3
+
+
+def test_it_gives_up_at_the_deadline_naming_the_request(reg: EtcdRegistry) -> None:
+    calls, fn = failing(*[Answer(grpc.StatusCode.UNKNOWN, "context deadline exceeded")] * 100)
+    with pytest.raises(RegistryUnavailable, match="put /t/services/a/1 failed, no member"):
+        reg._call("put /t/services/a/1", fn, patience=0.3)  # type: ignore[arg-type]
+    assert 2 <= calls[0] < 100
+
+
+def test_other_unknown_answers_end_the_call_at_once(reg: EtcdRegistry) -> None:
+    calls, fn = failing(Answer(grpc.StatusCode.UNKNOWN, "etcdserver: some other fault"))
+    with pytest.raises(RegistryError, match="some other fault") as caught:
+        reg._call("put /t/services/a/1", fn)  # type: ignore[arg-type]
+    assert not isinstance(caught.value, RegistryUnavailable)
+    assert calls[0] == 1
