@@ -74,7 +74,7 @@ from common import (  # noqa: E402
 
 from discovery.model import Instance, State  # noqa: E402
 from tests.harness.servers import EtcdCluster  # noqa: E402
-from tests.harness.util import free_port  # noqa: E402
+from tests.harness.util import free_port, server_ports  # noqa: E402
 
 TARGET_FIRST_CONFIG_MS = 2000.0
 TARGET_APPLY_P99_MS = 50.0
@@ -137,21 +137,6 @@ class Httpds:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-
-
-def free_ports(count: int, lo: int, hi: int) -> list[int]:
-    """``count`` ports in [lo, hi) that can be bound on 127.0.0.1 right now."""
-    out: list[int] = []
-    for port in range(lo, hi):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-        out.append(port)
-        if len(out) == count:
-            return out
-    raise Unmeasured(f"only {len(out)} free ports in {lo}..{hi}, need {count}")
 
 
 class SimAgents:
@@ -346,7 +331,7 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
     check_services = [names[0], names[len(names) // 2], names[-1]]
     if probe_service in check_services:
         check_services = [n for n in check_services if n != probe_service] or [names[0]]
-    ports = free_ports(services, *PORT_RANGE)
+    ports = server_ports(services, HOST, PORT_RANGE)
     backend_ports = [setup.httpds.ports[f"b{j}"] for j in range(args.instances)]
     probe_port = setup.httpds.ports["probe"]
 

@@ -19,7 +19,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.harness.servers import HOST, EtcdCluster, ZkEnsemble, _started, free_port
+from tests.harness.servers import HOST, EtcdCluster, ZkEnsemble, _started
+from tests.harness.util import free_port
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"

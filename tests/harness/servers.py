@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from discovery.registry.base import RegistryURL
-from tests.harness.util import free_port, wait_for
+from tests.harness.util import server_ports, wait_for
 
 T = TypeVar("T")
 
@@ -180,8 +180,8 @@ class EtcdCluster(ServerCluster):
     def __init__(self, size: int, base_dir: Path) -> None:
         super().__init__(size, base_dir)
         names = [f"m{i}" for i in range(size)]
-        self.client_ports = [free_port() for _ in range(size)]
-        peer_ports = [free_port() for _ in range(size)]
+        ports = server_ports(2 * size, HOST)  # a restarted member comes back on its own
+        self.client_ports, peer_ports = ports[:size], ports[size:]
         initial = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(names, peer_ports, strict=True))
         token = f"t-{uuid.uuid4().hex[:8]}"
         for i, name in enumerate(names):
@@ -264,8 +264,9 @@ class ZkEnsemble(ServerCluster):
 
     def __init__(self, size: int, base_dir: Path) -> None:
         super().__init__(size, base_dir)
-        self.client_ports = [free_port() for _ in range(size)]
-        quorum = [(free_port(), free_port()) for _ in range(size)]
+        ports = server_ports(3 * size, HOST)  # a restarted member comes back on its own
+        self.client_ports = ports[:size]
+        quorum = list(zip(ports[size::2], ports[size + 1::2], strict=True))
         for i in range(size):
             d = base_dir / f"zk{i + 1}"
             (d / "data").mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -13,7 +15,36 @@ from discovery.registry.devserver import (
 
 T = TypeVar("T")
 
-__all__ = ["free_port", "require_tool", "wait_for"]
+__all__ = ["free_port", "require_tool", "server_ports", "wait_for"]
+
+#: where :func:`server_ports` picks registry members' ports: below Linux's ephemeral range
+#: (32768-60999), which is where free_port() and every outgoing connection's own port come
+#: from; between the fleet bench's relay block (from 12000) and bench/scale.py's backends
+#: (from 20000)
+SERVER_PORTS = (16000, 20000)
+
+
+def server_ports(count: int, host: str = "127.0.0.1",
+                 span: tuple[int, int] = SERVER_PORTS) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, for servers a test restarts on the same
+    port (registry members). A port from free_port() is in the ephemeral range: while its
+    member is down an outgoing connection may take it as its own port, and the member cannot
+    come back (ZooKeeper exits 14). Ports here are never given to outgoing connections.
+    Picked at random within ``span`` (two clusters started one after the other differ)."""
+    picked: list[int] = []
+    for _ in range(100 * count):
+        port = random.randrange(*span)
+        if port in picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        picked.append(port)
+        if len(picked) == count:
+            return picked
+    raise RuntimeError(f"only {len(picked)} free ports in {span} on {host}, need {count}")
 
 
 def require_tool(name: str, package: str) -> str:
