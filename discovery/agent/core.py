@@ -1,8 +1,9 @@
 """The agent: Docker's truth → health checks → only healthy instances in the registry.
 
-Writes happen only on transitions. Every ``resync`` seconds (±10 %, and after every Docker
-reconnect) it reconciles Docker's truth with this node's entries, read alone, both ways; after
-the registry comes back, at a random moment within the URL's resume spread (``spread=``).
+Writes (:mod:`~discovery.agent.registrations`) happen only on transitions. Every ``resync``
+seconds (±10 %, and after every Docker reconnect) it reconciles Docker's truth with this
+node's entries, read alone, both ways; after the registry comes back, at a random moment
+within the URL's resume spread (``spread=``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from discovery.agent.checks import build_check
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner, CheckScheduler
-from discovery.agent.history import LOST, Cause, History, docker_detail
+from discovery.agent.history import Cause, History, docker_detail
 from discovery.agent.labels import parse_container
 from discovery.agent.maint import Maintenance
+from discovery.agent.registrations import Registrations
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.agent.tracked import (
     TERMINATING_SIGNALS,
@@ -48,8 +49,6 @@ class Agent:
         self.metrics.follow_registry(registry)
         self._lock = threading.RLock()
         self._tracked: dict[str, Tracked] = {}
-        self._registered: dict[Key, Instance] = {}
-        self._adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
         self._bad_labels: dict[str, str] = {}  # container id → last label error logged
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -58,9 +57,10 @@ class Agent:
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
-        self._write_failed = False  # a registry write failed since the last reconcile
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
+        self.registrations = Registrations(registry, config.node, self.metrics, self.history,
+                                           self._wake.set)
         # every check of this agent: one timer, 8 workers, at most 2 held by one container
         self._checks = CheckScheduler()
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
@@ -70,11 +70,11 @@ class Agent:
     def run(self) -> None:
         """Run until :meth:`stop`, then deregister all this agent owns (unless told not to)."""
         try:
-            self._adopt = set(self.registry.node_snapshot(self.config.node).instances)
+            adopted = self.registrations.load()
             self.registry_connected = True
             self.metrics.registry_state(True)
             log.info("agent %s: %d instances of this node already registered",
-                     self.config.node, len(self._adopt))
+                     self.config.node, adopted)
         except RegistryError as exc:
             log.warning("registry not reachable at start (%s); will reconcile when it is", exc)
         self.docker.start()
@@ -90,14 +90,14 @@ class Agent:
                 if self._reconnected:
                     self._reconnected = False
                     with self._lock:
-                        self.history.reconnected(list(self._registered.values()))
+                        self.history.reconnected(list(self.registrations.written.values()))
                     # a fleet that lost its registry does not reconcile at once; a host with a
                     # write that failed meanwhile (a container started or stopped) has
                     # something to tell and does not wait
-                    if not self._write_failed and self._stop.wait(
+                    if not self.registrations.write_failed and self._stop.wait(
                             spread(self.registry.url.resume_spread)):
                         break
-                self._write_failed = False
+                self.registrations.write_failed = False
                 self.reconcile()
         finally:
             self.docker.stop()
@@ -106,7 +106,7 @@ class Agent:
                     tracked.stop_runners()
             self._checks.stop()
             if self._revoke:
-                self.history.shut_down([key[1] for key in self._registered])
+                self.history.shut_down([key[1] for key in self.registrations.written])
             self.registry.close(revoke=self._revoke)
             log.info("agent stopped (registrations %s)", "revoked" if self._revoke else "left")
 
@@ -124,7 +124,8 @@ class Agent:
     def _reload(self, config: AgentConfig) -> None:
         with self._lock:
             self.config = config
-            self._adopt |= set(self._registered)  # re-checked instances start healthy: no flap
+            # re-checked instances start healthy: no flap
+            self.registrations.adopt |= set(self.registrations.written)
             for tracked in self._tracked.values():
                 tracked.stop_runners()
             self._tracked.clear()
@@ -224,7 +225,7 @@ class Agent:
         if tracked is None:
             tracked = Tracked(cid, started, instances)
             self._tracked[cid] = tracked
-            tracked.ask_warmups(specs, self._adopt)
+            tracked.ask_warmups(specs, self.registrations.adopt)
             try:
                 for spec in specs:
                     self._start_check(tracked, spec)
@@ -245,7 +246,7 @@ class Agent:
     def _start_check(self, tracked: Tracked, spec: ServiceSpec) -> None:
         key = (spec.service, make_instance_id(self.config.node, tracked.container_id,
                                               spec.container_port))
-        adopted = key in self._adopt  # registered by an earlier run: start healthy, no flap
+        adopted = key in self.registrations.adopt  # an earlier run's: start healthy, no flap
         if spec.check.type == "docker":
             return
         target = CheckTarget(spec.address, spec.port, tracked.container_id, self.docker.client)
@@ -274,7 +275,7 @@ class Agent:
             return
         tracked.stop_runners()
         for key in tracked.instances:
-            self._write(key, None)
+            self.registrations.write(key, None)
             self.history.depart(key[1], cause)
 
     # ---- registry --------------------------------------------------------------------------
@@ -298,7 +299,8 @@ class Agent:
             start_warm_up(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
                           lambda result: self._warmed(tracked, key, cause, result), self._stop)
             return
-        self._write(key, self._effective(tracked.instances[key]) if wanted else None, cause)
+        self.registrations.write(key, self._effective(tracked.instances[key]) if wanted else None,
+                                 cause)
 
     def _warmed(self, tracked: Tracked, key: Key, cause: Cause, result: WarmupResult) -> None:
         self.metrics.warmup(result.sent, result.errors)
@@ -331,35 +333,6 @@ class Agent:
                      instance_id or f"node {self.config.node}")
             return affected
 
-    def _write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
-        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
-        ``cause``: noted in the instance's history (None: the caller notes it)."""
-        have = self._registered.get(key)
-        try:
-            if instance is None:
-                if have is not None or key in self._adopt:
-                    self.registry.deregister(*key)
-                    self.metrics.deregistered()
-                    log.info("deregistered %s/%s", *key)
-                self._registered.pop(key, None)
-                self._adopt.discard(key)
-            elif have is None or not have.same_registration(instance):
-                now = time.time()  # registered_at and the stage stamps: for propagation
-                instance = replace(instance, registered_at=now, written_at=now,
-                                   seen_at=cause.at if cause is not None else now)
-                self.registry.register(instance)
-                self.metrics.registered()
-                self._registered[key] = instance
-                log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
-        except RegistryError as exc:
-            log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
-            self._write_failed = True
-            self._wake.set()
-            return
-        if cause is not None:
-            state = instance.state.value if instance is not None else "down"
-            self.history.record(*key, self.config.node, state, cause)
-
     def reconcile(self) -> None:
         """Docker's truth vs the registry's view of this node, fixed in both directions.
 
@@ -374,36 +347,15 @@ class Agent:
             log.warning("reconcile: registry unavailable (%s)", exc)
             return
         with self._lock:
-            ours = {k: i for k, i in snap.instances.items() if i.node == self.config.node}
-            wanted: dict[Key, Instance] = {}
-            for tracked in self._tracked.values():
-                for key, inst in tracked.instances.items():
-                    if self._wanted(tracked, key):
-                        wanted[key] = self._effective(inst)
-            fixed = 0
-            for key, inst in wanted.items():
-                present = ours.get(key)
-                mine = key in self._registered  # written by this process (on our lease/session)
-                if not mine or present is None or not present.same_registration(inst):
-                    lost = mine and present is None  # session expired or lease lost meanwhile
-                    self._registered.pop(key, None)  # force the write
-                    self._write(key, inst, Cause("reregistered" if lost else "reconcile",
-                                                 LOST if lost else ""))
-                    fixed += 1
-            for key in set(ours) - set(wanted):
-                self._registered[key] = ours[key]
-                self._write(key, None)
-                self.history.depart(key[1], Cause("reconcile", "not wanted any more"))
-                fixed += 1
-            self._adopt &= set(wanted)
-        log.log(logging.INFO if fixed else logging.DEBUG,
-                "reconcile done: %d wanted, %d in registry, %d fixed",
-                len(wanted), len(ours), fixed)
+            wanted = {key: self._effective(inst) for tracked in self._tracked.values()
+                      for key, inst in tracked.instances.items() if self._wanted(tracked, key)}
+            self.registrations.reconcile(snap, wanted)
 
     def checks(self) -> list[dict[str, Any]]:
         """Live health of every instance on this node: check type, state, last output, since."""
         with self._lock:
-            return check_views(self._tracked.values(), set(self._registered), self.maint.active,
+            return check_views(self._tracked.values(), set(self.registrations.written),
+                               self.maint.active,
                                self.history.flapping())
 
     def status(self) -> dict[str, Any]:
@@ -413,7 +365,7 @@ class Agent:
                 "docker_connected": self.docker.connected,
                 "registry_connected": self.registry_connected,
                 "containers": len(self._tracked),
-                "registered": len(self._registered),
+                "registered": len(self.registrations.written),
                 "maintenance": sorted(self.maint.ids) + (["node"] if self.maint.node else []),
                 "time": time.time(),
             }

@@ -88,7 +88,7 @@ def test_reconcile_after_a_reconnect_waits_within_spread(monkeypatch: pytest.Mon
 
         delay[0] = 20.0  # would outlast the wait below
         reg.state(False)
-        agent._write_failed = True  # a register/deregister failed while it was away
+        agent.registrations.write_failed = True  # a register/deregister failed while it was away
         back = time.monotonic()
         reg.state(True)
         assert wait_reads(reg, 4, 5) - back < 5

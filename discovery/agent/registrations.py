@@ -1,0 +1,92 @@
+"""What one agent has written to the registry, and the writes that keep it so.
+
+The agent (:mod:`discovery.agent.core`) decides what should be registered (Docker, checks,
+warm-ups, maintenance); this writes it, only on change, and reconciles the registry's view of
+this node (read alone: :meth:`~discovery.registry.base.Registry.node_snapshot`) with what is
+wanted, both ways. A failed write is logged and left to the next reconcile, which the agent
+runs sooner (``wake``). Called with the agent's lock held: no lock of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from discovery.agent.history import LOST, Cause, History
+from discovery.agent.tracked import Key
+from discovery.errors import RegistryError
+from discovery.metrics import Metrics
+from discovery.model import Instance
+from discovery.registry import Registry, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Registrations:
+    def __init__(self, registry: Registry, node: str, metrics: Metrics, history: History,
+                 wake: Callable[[], None]) -> None:
+        self.registry, self.node = registry, node
+        self.metrics, self.history, self._wake = metrics, history, wake
+        self.written: dict[Key, Instance] = {}  # by this process, on our lease/session
+        self.adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
+        self.write_failed = False  # a registry write failed since the last reconcile
+
+    def load(self) -> int:
+        """At start: this node's entries left by an earlier run, to adopt (their checks start
+        healthy, no flap). Raises :class:`RegistryError` when the registry is unreachable."""
+        self.adopt = set(self.registry.node_snapshot(self.node).instances)
+        return len(self.adopt)
+
+    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
+        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
+        ``cause``: noted in the instance's history (None: the caller notes it)."""
+        have = self.written.get(key)
+        try:
+            if instance is None:
+                if have is not None or key in self.adopt:
+                    self.registry.deregister(*key)
+                    self.metrics.deregistered()
+                    log.info("deregistered %s/%s", *key)
+                self.written.pop(key, None)
+                self.adopt.discard(key)
+            elif have is None or not have.same_registration(instance):
+                now = time.time()  # registered_at and the stage stamps: for propagation
+                instance = replace(instance, registered_at=now, written_at=now,
+                                   seen_at=cause.at if cause is not None else now)
+                self.registry.register(instance)
+                self.metrics.registered()
+                self.written[key] = instance
+                log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
+        except RegistryError as exc:
+            log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
+            self.write_failed = True
+            self._wake()
+            return
+        if cause is not None:
+            state = instance.state.value if instance is not None else "down"
+            self.history.record(*key, self.node, state, cause)
+
+    def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance]) -> None:
+        """Fix the registry's view of this node (``snap``) towards ``wanted``, both ways."""
+        ours = {k: i for k, i in snap.instances.items() if i.node == self.node}
+        fixed = 0
+        for key, inst in wanted.items():
+            present = ours.get(key)
+            mine = key in self.written
+            if not mine or present is None or not present.same_registration(inst):
+                lost = mine and present is None  # session expired or lease lost meanwhile
+                self.written.pop(key, None)  # force the write
+                self.write(key, inst, Cause("reregistered" if lost else "reconcile",
+                                            LOST if lost else ""))
+                fixed += 1
+        for key in set(ours) - set(wanted):
+            self.written[key] = ours[key]
+            self.write(key, None)
+            self.history.depart(key[1], Cause("reconcile", "not wanted any more"))
+            fixed += 1
+        self.adopt &= set(wanted)
+        log.log(logging.INFO if fixed else logging.DEBUG,
+                "reconcile done: %d wanted, %d in registry, %d fixed",
+                len(wanted), len(ours), fixed)
