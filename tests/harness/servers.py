@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from discovery.registry.base import RegistryURL
+from tests.harness.util import free_port as free_port  # re-exported: tests import it here
 from tests.harness.util import server_ports, wait_for
 
 T = TypeVar("T")
