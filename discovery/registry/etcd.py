@@ -73,7 +73,13 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
 ]
-_ENDPOINT_RETRY = 0.5  # seconds a failed endpoint is skipped before it is tried again
+_ENDPOINT_RETRY = 1.0  # seconds a failed endpoint is skipped before it is tried again
+#: the longest pause between two tries of one request: shorter than _ENDPOINT_RETRY, or the
+#: next try finds the member that just failed eligible again and, pyetcd asking the member
+#: in use first, asks it again: a SIGKILLed member in use held every try of a call (one each
+#: 0.5 s) while the other two, after their election, could have answered
+_PAUSE_MAX = 0.5
+assert _PAUSE_MAX < _ENDPOINT_RETRY
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
 _GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 
@@ -164,7 +170,7 @@ class EtcdRegistry:
                     f"etcd at {self.where}: {what} failed, no member answered within "
                     f"{deadline - started:.3g}s ({rpc_details(failure)})") from None
             (self._closed if closing else self._closing).wait(delay)
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, _PAUSE_MAX)
 
     def set_state(self, up: bool) -> None:
         with self._state_lock:

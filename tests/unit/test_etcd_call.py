@@ -3,6 +3,7 @@ end the call at once. No server: the request is a function that fails as etcd an
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -67,3 +68,38 @@ def test_other_unknown_answers_end_the_call_at_once(reg: EtcdRegistry) -> None:
         reg._call("put /t/services/a/1", fn)  # type: ignore[arg-type]
     assert not isinstance(caught.value, RegistryUnavailable)
     assert calls[0] == 1
+
+
+def test_a_dead_member_does_not_hold_the_call_while_the_others_elect() -> None:
+    """The member in use is SIGKILLed (refused at once); the other two time out (1 s each)
+    while they elect a leader, then serve. Every try must not go back to the dead member: the
+    pause between tries stays below the time a failed member is skipped (it once equalled it,
+    and the call asked the dead member every 0.5 s until its deadline)."""
+    from pyetcd import exceptions as etcd_exc
+
+    r = EtcdRegistry(RegistryURL.parse("etcd://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3/t"),
+                     ttl=3, timeout=5.0)
+    client = r.client
+    dead = "127.0.0.1:1"
+    client._current_endpoint_label = dead
+    elected_at = time.monotonic() + 2.4
+    tries: list[str] = []
+
+    def put() -> str:
+        client.channel  # noqa: B018 -- what a request does first: pick a member not failed
+        member = client.endpoint_in_use
+        tries.append(member.netloc)
+        if member.netloc == dead:
+            member.fail()
+            raise etcd_exc.ConnectionFailedError()
+        if time.monotonic() < elected_at:
+            time.sleep(1.0)  # the per-request deadline: no leader to commit the write
+            member.fail()
+            raise etcd_exc.ConnectionTimeoutError()
+        return "ok"
+
+    try:
+        assert r._call("put /t/services/a/1", put) == "ok"  # type: ignore[arg-type]
+    finally:
+        r.close()
+    assert tries.count(dead) <= 3, tries
