@@ -276,12 +276,13 @@ def _mean(xs: Iterable[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-FLEET_STEMS = ("fleet-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd")
+FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd")
 
 
 def _fleet_label(stem: str) -> str:
     return {"fleet1000-etcd": "etcd (a fleet of 1,000 from the start)",
-            "fleet-proxy-etcd": "etcd via grpc-proxy"}.get(stem, stem.removeprefix("fleet-"))
+            "fleet-proxy-etcd": "etcd via grpc-proxy",
+            "fleet-rerun-etcd": "etcd, re-run"}.get(stem, stem.removeprefix("fleet-"))
 
 
 def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) -> str:
