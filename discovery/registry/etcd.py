@@ -139,6 +139,7 @@ class EtcdRegistry:
         started = time.monotonic()
         deadline = started + (self.timeout if patience is None else patience)
         delay, reauthenticated = 0.05, False
+        failure: Exception | None = None  # the last answer that says why (for the error)
         while True:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
                 raise RegistryError(f"etcd registry {self.url} is closed")
@@ -156,9 +157,12 @@ class EtcdRegistry:
                 if not _timed_out_in_server(code, details):
                     raise RegistryError(f"etcd at {self.where}: {what} failed: "
                                         f"{rpc_details(exc)}") from None
-                failure: Exception = exc
-            except _TRANSIENT as exc:
                 failure = exc
+            except _TRANSIENT as exc:
+                # "no endpoint available" only says every member failed within
+                # _ENDPOINT_RETRY: the failure before it says why (TLS, refused...)
+                if failure is None or not isinstance(exc, etcd_exc.NoServerAvailableError):
+                    failure = exc
             except (etcd_exc.Etcd3Exception, ValueError) as exc:
                 raise RegistryError(f"etcd at {self.where}: {what} failed: {exc!r}") from None
             else:

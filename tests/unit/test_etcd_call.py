@@ -103,3 +103,24 @@ def test_a_dead_member_does_not_hold_the_call_while_the_others_elect() -> None:
     finally:
         r.close()
     assert tries.count(dead) <= 3, tries
+
+
+def test_the_error_says_why_the_member_failed_not_that_it_is_skipped(reg: EtcdRegistry) -> None:
+    """One member, refusing our TLS: the first try says why; the tries within the second it
+    is skipped only say "no endpoint available". The error names the first."""
+    from pyetcd import exceptions as etcd_exc
+
+    calls = [0]
+
+    def read() -> str:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise etcd_exc.NoServerAvailableError("No endpoint available and not failed")
+        try:  # as pyetcd raises it: its own exception, the gRPC answer as the context
+            raise Answer(grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY")
+        except grpc.RpcError:
+            raise etcd_exc.ConnectionFailedError() from None
+
+    with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY"):
+        reg._call("read /t/services/", read, patience=0.3)  # type: ignore[arg-type]
+    assert calls[0] >= 2
