@@ -78,8 +78,7 @@ _ENDPOINT_RETRY = 1.0  # seconds a failed endpoint is skipped before it is tried
 #: next try finds the member that just failed eligible again and, pyetcd asking the member
 #: in use first, asks it again: a SIGKILLed member in use held every try of a call (one each
 #: 0.5 s) while the other two, after their election, could have answered
-_PAUSE_MAX = 0.5
-assert _PAUSE_MAX < _ENDPOINT_RETRY
+_PAUSE_MAX = _ENDPOINT_RETRY / 2
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
 _GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 

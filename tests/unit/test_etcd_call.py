@@ -4,7 +4,7 @@ end the call at once. No server: the request is a function that fails as etcd an
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -36,7 +36,7 @@ def reg() -> Iterator[EtcdRegistry]:
     r.close()
 
 
-def failing(*answers: Exception) -> tuple[list[int], object]:
+def failing(*answers: Exception) -> tuple[list[int], Callable[[], str]]:
     calls = [0]
 
     def fn() -> str:
@@ -51,21 +51,21 @@ def test_a_write_that_timed_out_in_an_election_is_sent_again(reg: EtcdRegistry) 
     # etcd's answer when a proposal times out while the member has no leader
     timed_out = Answer(grpc.StatusCode.UNKNOWN, "context deadline exceeded")
     calls, fn = failing(timed_out, timed_out)
-    assert reg._call("put /t/services/a/1", fn) == "ok"  # type: ignore[arg-type]
+    assert reg._call("put /t/services/a/1", fn) == "ok"
     assert calls[0] == 3
 
 
 def test_it_gives_up_at_the_deadline_naming_the_request(reg: EtcdRegistry) -> None:
     calls, fn = failing(*[Answer(grpc.StatusCode.UNKNOWN, "context deadline exceeded")] * 100)
     with pytest.raises(RegistryUnavailable, match="put /t/services/a/1 failed, no member"):
-        reg._call("put /t/services/a/1", fn, patience=0.3)  # type: ignore[arg-type]
+        reg._call("put /t/services/a/1", fn, patience=0.3)
     assert 2 <= calls[0] < 100
 
 
 def test_other_unknown_answers_end_the_call_at_once(reg: EtcdRegistry) -> None:
     calls, fn = failing(Answer(grpc.StatusCode.UNKNOWN, "etcdserver: some other fault"))
     with pytest.raises(RegistryError, match="some other fault") as caught:
-        reg._call("put /t/services/a/1", fn)  # type: ignore[arg-type]
+        reg._call("put /t/services/a/1", fn)
     assert not isinstance(caught.value, RegistryUnavailable)
     assert calls[0] == 1
 
@@ -99,7 +99,7 @@ def test_a_dead_member_does_not_hold_the_call_while_the_others_elect() -> None:
         return "ok"
 
     try:
-        assert r._call("put /t/services/a/1", put) == "ok"  # type: ignore[arg-type]
+        assert r._call("put /t/services/a/1", put) == "ok"
     finally:
         r.close()
     assert tries.count(dead) <= 3, tries
@@ -122,5 +122,5 @@ def test_the_error_says_why_the_member_failed_not_that_it_is_skipped(reg: EtcdRe
             raise etcd_exc.ConnectionFailedError() from None
 
     with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY"):
-        reg._call("read /t/services/", read, patience=0.3)  # type: ignore[arg-type]
+        reg._call("read /t/services/", read, patience=0.3)
     assert calls[0] >= 2
