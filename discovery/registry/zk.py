@@ -49,6 +49,7 @@ from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
 from discovery.registry.zk_index import ZkNodeIndex
+from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_watch import ZkWatch
@@ -75,7 +76,9 @@ class ZkRegistry:
         self.client = KazooClient(hosts=self._where, timeout=ttl, **options)
         zk_reconnect.install(self.client, url, ttl)
         self._router = EventRouter(self.client)
-        self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads)
+        self._many = ManyReads(self.client, self._get)
+        self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
+                                  self._many)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, str], Instance] = {}
@@ -301,23 +304,14 @@ class ZkRegistry:
             return Snapshot(revision=max(c.last_zxid, 1))
         # Every change up to this zxid is in what we read from now on.
         revision = max(c.last_zxid, 1)
-        dirs = {s: c.get_children_async(self.url.service_dir(s)) for s in services}
-        pending: list[tuple[str, Any]] = []
-        for s, res in dirs.items():
-            try:
-                children = self._get(res)
-            except NoNodeError:
-                continue
+        dirs = self._many.children([self.url.service_dir(s) for s in services])
+        paths = []
+        for d, children in dirs.items():
             for child in sorted(children):  # Nerve: of one instance's nodes, the newest wins
                 self.reads.add(child, None)
-                path = f"{self.url.service_dir(s)}/{child}"
-                pending.append((path, c.get_async(path)))
+                paths.append(f"{d}/{child}")
         instances: dict[tuple[str, str], Instance] = {}
-        for path, res in pending:
-            try:
-                data, stat = self._get(res)
-            except NoNodeError:
-                continue
+        for path, (data, stat) in self._many.data(paths).items():
             self.reads.add(path, data)
             inst = self.decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None:

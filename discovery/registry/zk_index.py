@@ -3,7 +3,7 @@
 Next to each instance node ``<prefix>/services/<service>/<id>`` the backend keeps an empty
 EPHEMERAL node ``<prefix>/nodes/<node>/<service>/<id>`` of the same session, created right
 after the instance and deleted with it; both go when the session ends. :meth:`read` reads one
-node's entries: the index's children, then the instances they name (pipelined) — bytes
+node's entries: the index's children, then the instances they name (three requests) — bytes
 proportional to the node's own instances, whatever the size of the fleet. Readers of
 ``<prefix>/services`` never see the index (it is outside that path).
 
@@ -39,6 +39,7 @@ from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_multi import ManyReads
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -48,8 +49,8 @@ class ZkNodeIndex:
     """The index nodes of one ZooKeeper registry; ``get`` waits for a kazoo async result."""
 
     def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any],
-                 decoder: Decoder, reads: ReadStats) -> None:
-        self.client, self.url, self._get = client, url, get
+                 decoder: Decoder, reads: ReadStats, many: ManyReads) -> None:
+        self.client, self.url, self._get, self._many = client, url, get, many
         self._decoder, self._reads = decoder, reads
         self.enabled = url.services_root == f"{url.prefix}/services"
         self._lock = threading.Lock()
@@ -108,7 +109,8 @@ class ZkNodeIndex:
                 self._get(self.client.delete_async(self.path(node, *key)))
 
     def read(self, node: str) -> Snapshot:
-        """Every valid instance of ``node`` that the index names."""
+        """Every valid instance of ``node`` that the index names: three requests (the index
+        root, its service directories, the instances; :mod:`~discovery.registry.zk_multi`)."""
         c, root = self.client, self.root(node)
         self._reads.node_read()
         revision = max(c.last_zxid, 1)
@@ -116,24 +118,16 @@ class ZkNodeIndex:
             services = self._get(c.get_children_async(root))
         except NoNodeError:
             services = []
-        dirs = [(s, c.get_children_async(f"{root}/{s}")) for s in services]
-        pending: list[tuple[str, Any]] = []
-        for s, res in dirs:
+        dirs = self._many.children([f"{root}/{s}" for s in services])
+        paths = []
+        for s in services:
             self._reads.add(s, None)
-            try:
-                ids = self._get(res)
-            except NoNodeError:
-                continue
-            for iid in ids:
+            for iid in dirs.get(f"{root}/{s}", ()):
                 self._reads.add(iid, None)
-                path = self.url.key(s, iid)
-                pending.append((path, c.get_async(path)))
+                paths.append(self.url.key(s, iid))
+        found = self._many.data(paths)  # an index node without its instance: left out
         instances: dict[Key, Instance] = {}
-        for path, res in pending:
-            try:
-                data, _ = self._get(res)
-            except NoNodeError:
-                continue  # an index node without its instance
+        for path, (data, _) in found.items():
             self._reads.add(path, data)
             inst = self._decoder.decode(path, data)
             if inst is not None and inst.node == node:

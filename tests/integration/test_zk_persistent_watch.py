@@ -1,10 +1,17 @@
-"""Issue 11: a ZooKeeper follower's cost per change does not grow with the fleet.
+"""Issue 11: what a ZooKeeper host costs the ensemble does not grow with the fleet, through the
+two ZooKeeper 3.6+ requests kazoo has no API for.
 
 With ZooKeeper 3.6+ a watch is one persistent recursive watch (``zk_persistent``): the
 server holds one watch per follower, not one per node it read, and a new or removed instance
 costs one read of that node, not a listing of its service's directory. A server without
 ``AddWatch`` (older than 3.6, made here by sending an opcode the real server does not know)
 drops the connection; the follower goes on with one-shot watches.
+
+A read of many nodes (an agent's reconcile reads its node's index: the services it has
+instances in, their ids, the instances; a snapshot reads the followed services) sends each
+level as one ``multiRead`` of at most 200 paths (``zk_multi``), counted here as the requests
+the registry's kazoo client sends. Without ``multiRead`` (the same unknown-opcode trick) it is
+read one path per request, with the same result.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import replace
 
 import pytest
 
-from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_persistent
+from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_multi, zk_persistent
 from tests.harness.fleet import fill_foreign, foreign
 from tests.harness.servers import ServerCluster, TcpProxy, unique_prefix, wait_until
 
@@ -116,3 +123,58 @@ def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
         assert "reset" not in [c.kind for c in seen]
     finally:
         proxy.close()
+
+
+NODE = "f3"  # with 2,000 instances on 10 nodes: 200 instances, in svc3 and svc13
+
+
+def requests_of(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kinds of the requests ``reg``'s kazoo client sends from now on, in order."""
+    client = reg.client  # type: ignore[attr-defined]
+    sent: list[str] = []
+    real = client._call
+
+    def call(request: object, result: object) -> object:
+        sent.append(type(request).__name__)
+        return real(request, result)
+
+    monkeypatch.setattr(client, "_call", call)
+    return sent
+
+
+def test_node_read_and_snapshot_are_a_few_requests(zk: ServerCluster, regs: list[Registry],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    url = zk.url(unique_prefix())
+    made = fill_foreign(url, 2000, nodes=10)
+    reg = open_registry(url, ttl=5)
+    regs.append(reg)
+    sent = requests_of(reg, monkeypatch)
+
+    node = reg.node_snapshot(NODE)
+    assert set(node.instances) == {i.key for i in made if i.node == NODE}
+    assert len(node.instances) == 200
+    # the index root; its 2 service dirs in one request; the 200 instances in one
+    assert sent == ["GetChildren", "MultiRead", "MultiRead"]
+
+    sent.clear()
+    full = reg.snapshot()
+    assert set(full.instances) == {i.key for i in made}
+    # the services; their 20 dirs in one request; 2,000 instances, 200 a request
+    assert sent == ["GetChildren"] + ["MultiRead"] * 11
+
+
+def test_without_multiread_one_request_per_path(zk: ServerCluster, regs: list[Registry],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zk_multi.MultiRead, "type", 250)  # no such opcode: UNIMPLEMENTED
+    url = zk.url(unique_prefix())
+    made = fill_foreign(url, 200, nodes=10)  # f3: 20 instances in svc3 and svc13
+    reg = open_registry(url, ttl=5)
+    regs.append(reg)
+    expected = {i.key for i in made if i.node == NODE}
+    assert set(reg.node_snapshot(NODE).instances) == expected  # the server refused once
+    assert reg._many.supported is False  # type: ignore[attr-defined]
+
+    sent = requests_of(reg, monkeypatch)
+    assert set(reg.node_snapshot(NODE).instances) == expected
+    assert sent == ["GetChildren"] * 3 + ["GetData"] * 20
+    assert set(reg.snapshot().instances) == {i.key for i in made}
