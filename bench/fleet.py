@@ -5,7 +5,8 @@ cluster and a real 3-member ZooKeeper ensemble, on one machine.
 **A simulated host** is what ``discovery up`` runs on a host, minus Docker and HAProxy, built
 from the project's own code: an *agent* registry (``open_registry(url, ttl=...)``: its own
 etcd lease / ZooKeeper session) that registers the host's ``--instances`` (10) instances and
-every ``--resync`` seconds (±10 %, like the agent) reconciles them through
+every ``--resync`` seconds (±10 %, like the agent; and, like the agent, at a random moment
+within the resume spread after its registry came back) reconciles them through
 ``node_snapshot(node)``, re-registering what is missing; and a *watcher* registry (a second
 connection, as ``discovery up`` opens one for its watcher) that reads a snapshot of the
 services the host routes and follows them with ``watch(..., services=...)`` into a
@@ -112,7 +113,7 @@ from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, open_registry
 from discovery.registry.etcd_watch import NARROW_AFTER
 from discovery.registry.reads import ReadCounts
-from discovery.retry import jittered
+from discovery.retry import jittered, spread
 
 PREFIX = "/fleet"
 HOT = "svc000"
@@ -179,6 +180,11 @@ def _install_etcd_host_channels() -> None:
 
 #: seconds a simulated host's blocked gRPC stream reader sleeps between checks (grpc's own: 0.1)
 STREAM_WAIT_S = 5.0
+#: reconciles running at once in one worker process: more than its hosts that are due within
+#: a registry call's timeout (250 hosts, --resync 30 s: ~42 within 5 s), so a reconcile that
+#: waits for a registry that is down does not hold back the others (as one thread did: their
+#: backlog then ran all at once when the registry came back)
+RECONCILE_THREADS = 64
 
 
 def _relieve_grpc_process_costs() -> None:
@@ -252,6 +258,8 @@ class Host:
         self.hit: float | None = None
         self.lock = threading.Lock()
         self.reconciles = self.reconcile_errors = self.reregistered = 0
+        self.was_down = False
+        self.schedule: Callable[[int, float], None] | None = None  # the worker's: reconcile in
 
     def start(self) -> None:
         _bind.source = source_ip(self.n)
@@ -259,6 +267,7 @@ class Host:
             self.registry = open_registry(self.url, ttl=self.args.ttl)
         finally:
             _bind.source = None
+        self.registry.add_state_listener(self.on_state)
         for inst in self.instances:
             self.registry.register(inst)
         only = self.watched or None
@@ -293,6 +302,15 @@ class Host:
         except Exception:
             self.reconcile_errors += 1
 
+    def on_state(self, up: bool) -> None:
+        """The registry's state listener: as the agent, a host whose registry came back
+        reconciles at a random moment within the URL's resume spread."""
+        if not up:
+            self.was_down = True
+        elif self.was_down and self.registry is not None and self.schedule is not None:
+            self.was_down = False
+            self.schedule(self.n, spread(self.registry.url.resume_spread))
+
     def close(self, revoke: bool) -> None:
         if self.registry is not None:
             with contextlib.suppress(Exception):
@@ -300,32 +318,54 @@ class Host:
 
 
 class Worker:
+    """The hosts of one process. Their reconciles run on a pool of threads, each host on its
+    own schedule as its own agent would: a reconcile that waits for a registry that is down
+    holds only its own host, and the host's next one is due ``--resync`` (±10 %) after it ends,
+    or a random moment within the resume spread after its registry came back."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.hosts: dict[int, Host] = {}
         self.stop = threading.Event()
         self.heap: list[tuple[float, int]] = []
+        self.due: dict[int, float] = {}  # host -> when its next reconcile is due (not running)
         self.heap_lock = threading.Lock()
         self.retried = 0
         self.expired = 0  # leases / sessions that expired in this process (ExpiryCounter)
+        self.reconcilers = ThreadPoolExecutor(max_workers=RECONCILE_THREADS)
         threading.Thread(target=self.reconcile_loop, daemon=True, name="reconciles").start()
+
+    def schedule(self, n: int, delay: float) -> None:
+        """Host ``n``'s next reconcile in ``delay`` s (instead of when it was due)."""
+        when = time.monotonic() + delay
+        with self.heap_lock:
+            self.due[n] = when
+            heapq.heappush(self.heap, (when, n))
 
     def reconcile_loop(self) -> None:
         while not self.stop.is_set():
             with self.heap_lock:
                 due = self.heap[0][0] if self.heap else None
-            now = time.monotonic()
+                now = time.monotonic()
+                if due is not None and due <= now:
+                    _, n = heapq.heappop(self.heap)
+                    if self.due.get(n) != due:
+                        continue  # moved (the registry came back) or running
+                    del self.due[n]
             if due is None or due > now:
                 self.stop.wait(min(0.5, due - now) if due is not None else 0.5)
                 continue
-            with self.heap_lock:
-                _, n = heapq.heappop(self.heap)
             host = self.hosts.get(n)
-            if host is None:
-                continue
-            host.reconcile()
-            with self.heap_lock:
-                heapq.heappush(self.heap, (time.monotonic() + jittered(self.args.resync), n))
+            if host is not None:
+                self.reconcilers.submit(self._reconcile, host)
+
+    def _reconcile(self, host: Host) -> None:
+        host.reconcile()
+        with self.heap_lock:
+            if host.n not in self.due:  # not moved meanwhile
+                when = time.monotonic() + jittered(self.args.resync)
+                self.due[host.n] = when
+                heapq.heappush(self.heap, (when, host.n))
 
     def add(self, numbers: list[int], urls: dict[str, str]) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -345,9 +385,8 @@ class Worker:
                         return
                     self.retried += 1
             self.hosts[n] = host
-            with self.heap_lock:  # first reconcile spread over one period
-                heapq.heappush(self.heap, (time.monotonic()
-                                           + random.uniform(0, self.args.resync), n))
+            host.schedule = self.schedule
+            self.schedule(n, random.uniform(0, self.args.resync))  # the first: spread out
 
         with ThreadPoolExecutor(max_workers=self.args.start_parallel) as pool:
             list(pool.map(one, numbers))
