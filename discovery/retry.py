@@ -15,7 +15,8 @@ A small typed API over tenacity (in the spirit of stamina):
 - :func:`jittered` spreads a period (an agent's resync, a lease renewal) by ±10 %, so a fleet
   that started at one moment (after a registry restart) does not stay in step.
 - :func:`spread` is the random delay of one host's *resume* after it lost its registry (its
-  watches' reconnect, its agent's reconcile): uniform over a window, ``RESUME_SPREAD`` seconds
+  watches' reconnect; its agent's reconcile, over a resync period): uniform over a window,
+  ``RESUME_SPREAD`` seconds
   unless the registry URL says otherwise (``spread=``), so that a whole fleet that lost a
   restarted registry together comes back over that window, not in its first second.
 """

@@ -140,7 +140,8 @@ URL_PARAMS = {
             "e.g. `/nerve/services/{service}/services` (Airbnb's layout); the prefix is then "
             "unused",
     "spread": "seconds (0 to 60, default 3) over which this host spreads its resume after it lost "
-              "the registry: watch reconnects, lease renewal retries, the agent's reconcile "
+              "the registry: watch reconnects, ZooKeeper reconnects, lease renewal retries "
+              "(the agent's reconcile after it comes within one `--resync` period) "
               "([operations.md](operations.md#a-full-registry-restart))",
 }
 URL_FIELDS = {

@@ -3,7 +3,7 @@
 Writes (:mod:`~discovery.agent.registrations`) happen only on transitions. Every ``resync``
 seconds (±10 %, and after every Docker reconnect) it reconciles Docker's truth with this
 node's entries, read alone, both ways; after the registry comes back, at a random moment
-within the URL's resume spread (``spread=``).
+within one resync period (at once if one of its writes failed meanwhile).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class Agent:
             log.warning("registry not reachable at start (%s); will reconcile when it is", exc)
         self.docker.start()
         try:
+            due = time.monotonic() + jittered(self.config.resync)  # ±10 %: the fleet spreads out
             while not self._stop.is_set():
-                self._wake.wait(jittered(self.config.resync))  # ±10 %: the fleet spreads out
+                self._wake.wait(max(due - time.monotonic(), 0.0))
                 self._wake.clear()
                 if self._stop.is_set():
                     break
@@ -91,14 +92,17 @@ class Agent:
                     self._reconnected = False
                     with self._lock:
                         self.history.reconnected(list(self.registrations.written.values()))
-                    # a fleet that lost its registry does not reconcile at once; a host with a
-                    # write that failed meanwhile (a container started or stopped) has
-                    # something to tell and does not wait
-                    if not self.registrations.write_failed and self._stop.wait(
-                            spread(self.registry.url.resume_spread)):
-                        break
+                    # A fleet that lost its registry does not reconcile at once: the backend
+                    # has already put back what it owns if its lease or session was lost, so
+                    # this one only checks, at a random moment within a resync period. A host
+                    # with a write that failed meanwhile (a container started or stopped) has
+                    # something to tell and does not wait.
+                    if not self.registrations.write_failed:
+                        due = time.monotonic() + spread(self.config.resync)
+                        continue
                 self.registrations.write_failed = False
                 self.reconcile()
+                due = time.monotonic() + jittered(self.config.resync)
         finally:
             self.docker.stop()
             with self._lock:

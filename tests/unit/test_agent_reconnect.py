@@ -1,7 +1,7 @@
 """The agent's reconcile after the registry comes back (issue 11: a fleet must not resync at once).
 
 A registry that reconnects wakes every agent of the fleet in the same second; each waits a
-random moment within the URL's ``spread=`` before its reconcile, unless one of its own writes
+random moment within one resync period before its reconcile, unless one of its own writes
 failed meanwhile (a container started or stopped): that one has something to tell at once.
 Driven through the registry's state listener, with a fake registry and no Docker.
 """
@@ -65,7 +65,8 @@ def wait_reads(reg: FakeRegistry, n: int, timeout: float) -> float:
     return reg.node_reads[n - 1]
 
 
-def test_reconcile_after_a_reconnect_waits_within_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     windows: list[float] = []
     delay = [0.3]
     monkeypatch.setattr(core, "DockerSource", FakeDocker)
@@ -82,9 +83,9 @@ def test_reconcile_after_a_reconnect_waits_within_spread(monkeypatch: pytest.Mon
 
         reg.state(False)
         back = time.monotonic()
-        reg.state(True)  # the whole fleet sees this at once: a random moment within spread=
+        reg.state(True)  # the whole fleet sees this at once: a random moment within resync
         assert wait_reads(reg, 3, 5) - back >= 0.3
-        assert windows == [2.0]
+        assert windows == [30.0]
 
         delay[0] = 20.0  # would outlast the wait below
         reg.state(False)
@@ -92,7 +93,7 @@ def test_reconcile_after_a_reconnect_waits_within_spread(monkeypatch: pytest.Mon
         back = time.monotonic()
         reg.state(True)
         assert wait_reads(reg, 4, 5) - back < 5
-        assert windows == [2.0]  # no wait asked for
+        assert windows == [30.0]  # no wait asked for
     finally:
         agent.stop()
         runner.join(5)
