@@ -6,7 +6,7 @@ cluster and a real 3-member ZooKeeper ensemble, on one machine.
 from the project's own code: an *agent* registry (``open_registry(url, ttl=...)``: its own
 etcd lease / ZooKeeper session) that registers the host's ``--instances`` (10) instances and
 every ``--resync`` seconds (±10 %, like the agent; and, like the agent, at a random moment
-within the resume spread after its registry came back) reconciles them through
+within one such period after its registry came back) reconciles them through
 ``node_snapshot(node)``, re-registering what is missing; and a *watcher* registry (a second
 connection, as ``discovery up`` opens one for its watcher) that reads a snapshot of the
 services the host routes and follows them with ``watch(..., services=...)`` into a
@@ -304,12 +304,12 @@ class Host:
 
     def on_state(self, up: bool) -> None:
         """The registry's state listener: as the agent, a host whose registry came back
-        reconciles at a random moment within the URL's resume spread."""
+        reconciles at a random moment within one resync period."""
         if not up:
             self.was_down = True
-        elif self.was_down and self.registry is not None and self.schedule is not None:
+        elif self.was_down and self.schedule is not None:
             self.was_down = False
-            self.schedule(self.n, spread(self.registry.url.resume_spread))
+            self.schedule(self.n, spread(self.args.resync))
 
     def close(self, revoke: bool) -> None:
         if self.registry is not None:
@@ -321,7 +321,7 @@ class Worker:
     """The hosts of one process. Their reconciles run on a pool of threads, each host on its
     own schedule as its own agent would: a reconcile that waits for a registry that is down
     holds only its own host, and the host's next one is due ``--resync`` (±10 %) after it ends,
-    or a random moment within the resume spread after its registry came back."""
+    or a random moment within one such period after its registry came back."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
