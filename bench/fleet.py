@@ -259,7 +259,8 @@ class Host:
         self.lock = threading.Lock()
         self.reconciles = self.reconcile_errors = self.reregistered = 0
         self.was_down = False
-        self.schedule: Callable[[int, float], None] | None = None  # the worker's: reconcile in
+        #: the worker's Worker.schedule(n, delay): this host's next reconcile in delay seconds
+        self.schedule: Callable[[int, float], None] | None = None
 
     def start(self) -> None:
         _bind.source = source_ip(self.n)
