@@ -33,6 +33,7 @@ from discovery.registry.zk_rewatch import rewatch
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
+_NODE_ITEMS = ("node", "gone")  # read a node again / it was deleted: read nothing
 
 
 class ZkWatch:
@@ -41,7 +42,8 @@ class ZkWatch:
     Watch events only queue "look again at X" items; the worker reads X and emits the
     difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
     one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
-    tells of each node created, changed or deleted: a change costs one read of that node.
+    tells of each node created, changed or deleted: a change costs one read of that node, a
+    deletion none.
     Otherwise (an older ensemble) one-shot watches, re-armed by each read: a new or removed
     instance costs a listing of its service's directory. It knows only what it needs: the
     kazoo ``client``, the registry's ``decoder`` (its URL names the paths) and the event that
@@ -104,14 +106,17 @@ class ZkWatch:
               and self._loss_zxid is not None):
             self._push(("rearm", ""))
 
-    def _event(self, path: str) -> None:
-        """A persistent watch's event (kazoo's connection thread): read that node again."""
+    def _event(self, path: str, deleted: bool) -> None:
+        """A persistent watch's event (kazoo's connection thread): read that node again, or,
+        deleted, drop it without a read."""
         if self._url.split_key(path) is not None:
-            self._push(("node", path))
+            self._push(("gone" if deleted else "node", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:
-            self._push(item)  # something changed: read it again
+            # something changed: read it again (a deleted node too: the read is what would
+            # arm the watch of a node created again meanwhile)
+            self._push(item)
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
         elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing
@@ -140,7 +145,15 @@ class ZkWatch:
             self._cond.notify_all()
 
     def _push(self, item: tuple[str, str]) -> None:
+        """Queue ``item`` once. A node's read and its deletion replace each other: of the
+        two, only the last event's goes (at the end), so a node deleted and created again
+        is read, and one changed and then deleted is dropped without a read."""
         with self._cond:
+            kind, arg = item
+            if kind in _NODE_ITEMS:
+                for other in _NODE_ITEMS:
+                    if (other, arg) in self._queue and other != kind:
+                        self._queue.remove((other, arg))
             if item not in self._queue:
                 self._queue.append(item)
                 self._cond.notify_all()
@@ -234,6 +247,8 @@ class ZkWatch:
                     self._push(("node", path))
         elif kind == "node":
             self._node(arg)
+        elif kind == "gone":
+            self._drop(arg, self._client.last_zxid)
         elif kind == "rearm":
             self._rewatch()
 
@@ -275,9 +290,7 @@ class ZkWatch:
         try:
             data, stat = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
-            self._nodes.pop(path, None)
-            self._fns.pop(("node", path), None)
-            self._gone(path, self._client.last_zxid)
+            self._drop(path, self._client.last_zxid)
             return
         self._reads.add(path, data)
         if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
@@ -291,6 +304,12 @@ class ZkWatch:
             self._gone(path, stat.mzxid)
         self._live[path] = inst.key
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
+
+    def _drop(self, path: str, revision: int) -> None:
+        """``path`` was deleted: forget it, and delete what it held."""
+        self._nodes.pop(path, None)
+        self._fns.pop(("node", path), None)
+        self._gone(path, revision)
 
     def _gone(self, path: str, revision: int) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another
