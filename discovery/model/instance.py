@@ -22,11 +22,13 @@ MAX_RECORD_BYTES = 64 * 1024
 #: Brackets may nest this deep (a record needs 2: the object, then its tags list or meta).
 MAX_DEPTH = 8
 #: Decoded instances share what they repeat (see :meth:`Instance.shared`): one tags tuple and
-#: one meta dict per distinct value, remembered up to this many of each (then forgotten at once).
+#: one meta dict per distinct value, and the addresses validated, remembered up to this many of
+#: each (then forgotten at once).
 SHARED_MAX = 1024
 _INTERNED = ("service", "node", "address", "image", "zone")
 _shared_tags: dict[tuple[str, ...], tuple[str, ...]] = {}
 _shared_meta: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+_shared_addresses: dict[str, str] = {}
 
 
 class State(StrEnum):
@@ -70,36 +72,53 @@ class Instance:
         """An instance of values decoded from the registry, sharing what instances repeat: the
         service, node, address, image and zone strings are interned, and an equal tags tuple or
         meta dict is the same object in every instance (a watcher holds the whole fleet: this
-        halves its memory). The meta dict may be shared: never change an instance's meta."""
+        halves its memory). The meta dict may be shared: never change an instance's meta.
+
+        What is shared has been validated: a tags tuple, meta dict or address is remembered
+        only once an instance holding it passed :meth:`validate`, which then checks it no
+        more (a fleet's records repeat a few of each: decoding one costs half as much)."""
         for name in _INTERNED:
             if type(fields.get(name)) is str:
                 fields[name] = sys.intern(fields[name])
         tags, meta = fields.get("tags"), fields.get("meta")
+        new_tags = new_meta = None
         if isinstance(tags, tuple) and all(type(t) is str for t in tags):
             found = _shared_tags.get(tags)
             if found is None:
-                found = _remember(_shared_tags, tags, tuple(map(sys.intern, tags)))
+                found = new_tags = tuple(map(sys.intern, tags))
             fields["tags"] = found
+        items: tuple[tuple[str, str], ...] = ()
         if isinstance(meta, dict) and all(type(x) is str for kv in meta.items() for x in kv):
             items = tuple(meta.items())
             shared = _shared_meta.get(items)
             if shared is None:
-                shared = _remember(_shared_meta, items,
-                                   {sys.intern(k): sys.intern(x) for k, x in items})
+                shared = new_meta = {sys.intern(k): sys.intern(x) for k, x in items}
             fields["meta"] = shared
-        return cls(**fields)
+        inst = cls(**fields)
+        if new_tags is not None:
+            _remember(_shared_tags, new_tags, new_tags)
+        if new_meta is not None:
+            _remember(_shared_meta, items, new_meta)
+        if inst.address not in _shared_addresses:
+            _remember(_shared_addresses, inst.address, inst.address)
+        return inst
 
     def validate(self) -> None:
-        """Raise :class:`ValidationError` if any field is unusable."""
+        """Raise :class:`ValidationError` if any field is unusable (tags, meta and the
+        address: unless :meth:`shared` remembers that very value, validated before)."""
         v.dns_label("service", self.service)
         v.instance_id("id", self.id)
         v.dns_label("node", self.node)
-        v.address("address", self.address)
+        if _cached(_shared_addresses, self.address) is None:
+            v.address("address", self.address)
         v.port("port", self.port)
-        if tuple(v.tags("tags", list(self.tags))) != tuple(self.tags):
+        if (_cached(_shared_tags, self.tags) is not self.tags
+                and tuple(v.tags("tags", list(self.tags))) != tuple(self.tags)):
             raise ValidationError("tags", "must be sorted and unique")
         v.weight("weight", self.weight)
-        v.meta("meta", self.meta)
+        if not isinstance(self.meta, dict) or _cached(_shared_meta, tuple(
+                self.meta.items())) is not self.meta:
+            v.meta("meta", self.meta)
         v.text("container_id", self.container_id)
         v.text("container_name", self.container_name)
         v.text("image", self.image)
@@ -199,8 +218,12 @@ class Instance:
             raise InvalidRecord(where, f"state {text['state']!r:.40} is not up|draining")
         return cls.shared(
             service=text["service"], id=text["id"], node=text["node"],
-            address=text["address"], port=port, tags=v.tags("tags", tags), weight=weight,
-            meta=v.meta("meta", meta), container_id=text["container_id"],
+            address=text["address"], port=port, weight=weight,
+            tags=(tuple(tags) if _cached(_shared_tags, tuple(tags)) is not None
+                  else v.tags("tags", tags)),
+            meta=(meta if _cached(_shared_meta, tuple(meta.items())) is not None
+                  else v.meta("meta", meta)),
+            container_id=text["container_id"],
             container_name=text["container_name"], image=text["image"],
             state=State(text["state"]), registered_at=float(stamps["registered_at"]),
             schema=schema, seen_at=float(stamps["seen_at"]),
@@ -219,6 +242,14 @@ def _remember(cache: dict[K, V], key: K, value: V) -> V:
         cache.clear()
     cache[key] = value
     return value
+
+
+def _cached(cache: dict[K, V], key: K) -> V | None:
+    """What ``cache`` remembers under ``key``; None for a key it cannot hold (unhashable)."""
+    try:
+        return cache.get(key)
+    except TypeError:
+        return None
 
 
 def _is_int(value: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -248,3 +249,19 @@ def test_decoded_instances_share_repeated_values_and_stay_equal() -> None:
     c = Instance.from_json(instance(meta={"version": "1.3"}, tags=("a",)).to_json())
     assert c.meta == {"version": "1.3"} and c.tags == ("a",) and c.meta is not a.meta
     assert not hasattr(a, "__dict__")  # slots: no per-instance dict
+
+
+@pytest.mark.parametrize(("kw", "reason"), [
+    ({"tags": ("Bad",)}, "not a DNS label"),
+    ({"meta": {"k": "v\x00"}}, "control character"),
+    ({"address": "0.0.0.0"}, "not a unicast address"),
+])
+def test_shared_values_are_remembered_only_once_valid(kw: dict[str, Any], reason: str) -> None:
+    """A shared tags tuple, meta dict or address is not checked again (decoding a fleet's
+    records costs half as much): so a value that failed is never remembered, and fails again."""
+    fields = {f.name: getattr(instance(), f.name) for f in dataclasses.fields(Instance)}
+    for _ in range(2):
+        with pytest.raises(ValidationError, match=reason):
+            Instance.shared(**{**fields, **kw})
+    a, b = Instance.shared(**fields), Instance.shared(**fields)
+    assert a.tags is b.tags and a.meta is b.meta and a == instance()
