@@ -344,7 +344,7 @@ class ZkRegistry:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
         w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision,
-                    services, self.reads, self._router)
+                    services, self.reads, self._router, self._many)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:

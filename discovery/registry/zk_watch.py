@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from kazoo.exceptions import (
@@ -28,6 +28,7 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import rewatch
 
@@ -43,11 +44,10 @@ class ZkWatch:
     difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
     one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
     tells of each node created, changed or deleted: a change costs one read of that node, a
-    deletion none.
-    Otherwise (an older ensemble) one-shot watches, re-armed by each read: a new or removed
-    instance costs a listing of its service's directory. It knows only what it needs: the
-    kazoo ``client``, the registry's ``decoder`` (its URL names the paths) and the event that
-    is set while the session is connected.
+    deletion none. Otherwise (an older ensemble) one-shot watches, re-armed by each read: a
+    new or removed instance costs a listing of its service's directory. It knows only what it
+    needs: the kazoo ``client``, the registry's ``decoder`` (its URL names the paths), the
+    event set while the session is connected, and ``many`` to read many nodes a request.
 
     With ``services`` it follows only those services' directories (not the list of services),
     so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
@@ -58,9 +58,9 @@ class ZkWatch:
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, reads: ReadStats | None = None,
-                 router: EventRouter | None = None) -> None:
+                 router: EventRouter | None = None, many: ManyReads | None = None) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
-        self._router = router
+        self._router, self._many = router, many
         self._persistent = router is not None and router.supported is not False
         self._only = None if services is None else frozenset(services)
         self._reads = reads if reads is not None else ReadStats()
@@ -145,9 +145,8 @@ class ZkWatch:
             self._cond.notify_all()
 
     def _push(self, item: tuple[str, str]) -> None:
-        """Queue ``item`` once. A node's read and its deletion replace each other: of the
-        two, only the last event's goes (at the end), so a node deleted and created again
-        is read, and one changed and then deleted is dropped without a read."""
+        """Queue ``item`` once. A node's read and its deletion replace each other (the last
+        event's goes at the end): a node deleted and created again is read."""
         with self._cond:
             kind, arg = item
             if kind in _NODE_ITEMS:
@@ -362,7 +361,7 @@ class ZkWatch:
                 return Snapshot(revision=max(c.last_zxid, 1)), 0
             newest = stat.pzxid
         revision = max(c.last_zxid, 1)
-        instances: dict[tuple[str, str], Instance] = {}
+        paths: list[str] = []
         for s in children:
             svc_dir = self._url.service_dir(s)
             try:
@@ -373,20 +372,30 @@ class ZkWatch:
                 continue
             self._svcs.add(s)
             newest = max(newest, st.pzxid)
-            for n in sorted(nodes):  # Nerve: of one instance's nodes, the newest wins
-                path = f"{svc_dir}/{n}"
-                try:
-                    data, st = c.get(path, watch=self._w(("node", path)))
-                except NoNodeError:
-                    continue
-                self._nodes[path] = st.mzxid
-                self._reads.add(path, data)
-                newest = max(newest, st.mzxid)
-                inst = self._decoder.decode(path, data, st.mtime / 1000)
-                if inst is not None:
-                    self._live[path] = inst.key
-                    instances[inst.key] = inst
+            paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
+        instances: dict[tuple[str, str], Instance] = {}
+        for path, (data, st) in self._read_nodes(paths):
+            self._nodes[path] = st.mzxid
+            self._reads.add(path, data)
+            newest = max(newest, st.mzxid)
+            inst = self._decoder.decode(path, data, st.mtime / 1000)
+            if inst is not None:
+                self._live[path] = inst.key
+                instances[inst.key] = inst
         return Snapshot(instances=instances, revision=revision), newest
+
+    def _read_nodes(self, paths: list[str]) -> Iterator[tuple[str, tuple[bytes, Any]]]:
+        """``(path, (data, stat))`` of each node of ``paths`` that exists, in order: many a
+        request under a persistent watch (``multiRead``; a full read after a session expiry
+        is a few requests, not one per instance), else one each (the read arms its watch)."""
+        if self._persistent and self._many is not None:
+            yield from self._many.data(paths).items()
+            return
+        for path in paths:
+            try:
+                yield path, self._client.get(path, watch=self._w(("node", path)))
+            except NoNodeError:
+                continue
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

@@ -181,3 +181,27 @@ def test_without_multiread_one_request_per_path(zk: ServerCluster, regs: list[Re
     assert set(reg.node_snapshot(NODE).instances) == expected
     assert sent == ["GetChildren"] * 3 + ["GetData"] * 20
     assert set(reg.snapshot().instances) == {i.key for i in made}
+
+
+def test_a_watch_reads_everything_in_a_few_requests(zk: ServerCluster, regs: list[Registry],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower's full read (at its start, and again after its session expired: a reset)
+    reads its instances many a request, not one request each: after an ensemble restart
+    every host whose session expired reads all it follows at once."""
+    url = zk.url(unique_prefix())
+    made = fill_foreign(url, 2000, nodes=10)
+    reg = open_registry(url, ttl=5)
+    regs.append(reg)
+    revision = reg.snapshot().revision  # connected: the watch reads at once
+    sent = requests_of(reg, monkeypatch)
+    seen: list[Change] = []
+    watch = reg.watch(seen.append, revision)
+    # the persistent watch; the services; their 20 dirs; 2,000 instances, 200 a request
+    expected = ["AddWatch", "GetChildren2"] + ["GetChildren2"] * 20 + ["MultiRead"] * 10
+    assert sent == expected
+
+    sent.clear()
+    watch.reset()  # what the registry does when its session expired
+    wait_until(lambda: [c.kind for c in seen] == ["reset"], 10, "the reset")
+    assert set(seen[0].snapshot.instances) == {i.key for i in made}  # type: ignore[union-attr]
+    assert sent == expected
