@@ -282,7 +282,7 @@ FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "
 def _fleet_label(stem: str) -> str:
     return {"fleet1000-etcd": "etcd (a fleet of 1,000 from the start)",
             "fleet-proxy-etcd": "etcd via grpc-proxy",
-            "fleet-rerun-etcd": "etcd, re-run"}.get(stem, stem.removeprefix("fleet-"))
+            "fleet-rerun-etcd": "etcd, 4 workers"}.get(stem, stem.removeprefix("fleet-"))
 
 
 def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) -> str:
