@@ -10,9 +10,7 @@ follower instead of one per node it read.
 kazoo hands a watch event only to the one-shot watchers registered on that very path and
 drops the others, so :class:`EventRouter` reads every event first (it wraps the connection's
 event reader) and calls, for an event below a path added with :meth:`EventRouter.add`, that
-path's callbacks — on kazoo's connection thread: they must only queue work. A callback is
-told whether the node was deleted: a deletion needs no read (the node is gone), so a host
-dying costs its followers no request at all.
+path's callbacks — on kazoo's connection thread: they must only queue work.
 
 Persistent watches belong to a connection: after a reconnect they are added again, and the
 server sends no catch-up events for them (``zk_watch`` asks ``SetWatches`` for those).
@@ -29,15 +27,13 @@ from typing import Any
 
 from kazoo.exceptions import UnimplementedError
 from kazoo.protocol.serialization import Watch, int_struct, write_string
-from kazoo.protocol.states import EVENT_TYPE_MAP, EventType
 
 log = logging.getLogger(__name__)
 
 PERSISTENT_RECURSIVE = 1  # AddWatchMode
 ANY_WATCHER = 3  # WatcherType of RemoveWatches
-#: called with the path of a node created, changed or deleted and whether it was deleted, on
-#: kazoo's connection thread
-EventFn = Callable[[str, bool], None]
+#: called with the path of a node created, changed or deleted, on kazoo's connection thread
+EventFn = Callable[[str], None]
 
 
 class _PathRequest:
@@ -83,11 +79,11 @@ class EventRouter:
     def _on_event(self, buffer: bytes, offset: int) -> None:
         try:
             event, _ = Watch.deserialize(buffer, offset)
-            path, deleted = event.path, EVENT_TYPE_MAP.get(event.type) == EventType.DELETED
+            path = event.path
             for root, fns in self._routes.items():
                 if path == root or path.startswith(root.rstrip("/") + "/"):
                     for fn in fns:
-                        fn(path, deleted)
+                        fn(path)
         except Exception:  # never break kazoo's connection thread
             log.exception("routing a ZooKeeper watch event failed")
         self._read_event(buffer, offset)

@@ -34,7 +34,6 @@ from discovery.registry.zk_rewatch import rewatch
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
-_NODE_ITEMS = ("node", "gone")  # read a node again / it was deleted: read nothing
 
 
 class ZkWatch:
@@ -43,11 +42,12 @@ class ZkWatch:
     Watch events only queue "look again at X" items; the worker reads X and emits the
     difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
     one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
-    tells of each node created, changed or deleted: a change costs one read of that node, a
-    deletion none. Otherwise (an older ensemble) one-shot watches, re-armed by each read: a
-    new or removed instance costs a listing of its service's directory. It knows only what it
-    needs: the kazoo ``client``, the registry's ``decoder`` (its URL names the paths), the
-    event set while the session is connected, and ``many`` to read many nodes a request.
+    tells of each node created, changed or deleted: a change costs one read of that node (a
+    deleted one too: the read is what tells a deletion from a take-over, below). Otherwise (an
+    older ensemble) one-shot watches, re-armed by each read: a new or removed instance costs a
+    listing of its service's directory. It knows only what it needs: the kazoo ``client``, the
+    registry's ``decoder`` (its URL names the paths), the event set while the session is
+    connected, and ``many`` to read many nodes a request.
 
     With ``services`` it follows only those services' directories (not the list of services),
     so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
@@ -106,17 +106,18 @@ class ZkWatch:
               and self._loss_zxid is not None):
             self._push(("rearm", ""))
 
-    def _event(self, path: str, deleted: bool) -> None:
-        """A persistent watch's event (kazoo's connection thread): read that node again, or,
-        deleted, drop it without a read."""
+    def _event(self, path: str) -> None:
+        """A persistent watch's event (kazoo's connection thread): read that node again, a
+        deleted one too. An agent that restarts takes its nodes over from its old session
+        with a delete and a create in one transaction; the two events may reach this worker
+        apart, and only the read (served after the whole transaction) tells that the node
+        is still there: dropping it on the event alone made it flap (tried in 73d8834)."""
         if self._url.split_key(path) is not None:
-            self._push(("gone" if deleted else "node", path))
+            self._push(("node", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:
-            # something changed: read it again (a deleted node too: the read is what would
-            # arm the watch of a node created again meanwhile)
-            self._push(item)
+            self._push(item)  # something changed: read it again
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
         elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing
@@ -145,14 +146,7 @@ class ZkWatch:
             self._cond.notify_all()
 
     def _push(self, item: tuple[str, str]) -> None:
-        """Queue ``item`` once. A node's read and its deletion replace each other (the last
-        event's goes at the end): a node deleted and created again is read."""
         with self._cond:
-            kind, arg = item
-            if kind in _NODE_ITEMS:
-                for other in _NODE_ITEMS:
-                    if (other, arg) in self._queue and other != kind:
-                        self._queue.remove((other, arg))
             if item not in self._queue:
                 self._queue.append(item)
                 self._cond.notify_all()
@@ -246,8 +240,6 @@ class ZkWatch:
                     self._push(("node", path))
         elif kind == "node":
             self._node(arg)
-        elif kind == "gone":
-            self._drop(arg, self._client.last_zxid)
         elif kind == "rearm":
             self._rewatch()
 
@@ -289,7 +281,9 @@ class ZkWatch:
         try:
             data, stat = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
-            self._drop(path, self._client.last_zxid)
+            self._nodes.pop(path, None)
+            self._fns.pop(("node", path), None)
+            self._gone(path, self._client.last_zxid)
             return
         self._reads.add(path, data)
         if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
@@ -303,12 +297,6 @@ class ZkWatch:
             self._gone(path, stat.mzxid)
         self._live[path] = inst.key
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
-
-    def _drop(self, path: str, revision: int) -> None:
-        """``path`` was deleted: forget it, and delete what it held."""
-        self._nodes.pop(path, None)
-        self._fns.pop(("node", path), None)
-        self._gone(path, revision)
 
     def _gone(self, path: str, revision: int) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another
