@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -91,3 +92,19 @@ def wait_for(
     detail = f"last error: {last_exc!r}" if last_exc is not None else f"last value: {last_value!r}"
     text = f"timed out after {timeout:g}s waiting for {message or 'condition'} ({detail})"
     raise AssertionError(text) from last_exc
+
+
+def dns_tcp_reply(sock: socket.socket) -> bytes:
+    """One DNS-over-TCP message from ``sock``: its 2-byte length, then that many bytes, read
+    until all have come (``MSG_WAITALL`` does not wait on a socket with a timeout: a reply
+    of 32 KB came back cut short)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    return exactly(struct.unpack(">H", exactly(2))[0])

@@ -24,7 +24,7 @@ from tests.harness.agent import DiscoveryProcess
 from tests.harness.haproxy import HAPROXY_BIN, NamedBackend, http_get
 from tests.harness.load import SteadyLoad
 from tests.harness.servers import ServerCluster, unique_prefix
-from tests.harness.util import free_port, wait_for
+from tests.harness.util import dns_tcp_reply, free_port, wait_for
 from tests.harness.watcher import spread
 
 pytestmark = pytest.mark.integration
@@ -233,8 +233,7 @@ class LookupLoad:
         else:
             with socket.create_connection(("127.0.0.1", self.dns_port), timeout=2.0) as s:
                 s.sendall(struct.pack(">H", len(wire)) + wire)
-                size = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
-                answer = s.recv(size, socket.MSG_WAITALL)
+                answer = dns_tcp_reply(s)
         reply = DNSRecord.parse(answer)
         assert reply.header.rcode == 0 and [str(r.rdata) for r in reply.rr] == ["127.0.0.1"]
 

@@ -19,7 +19,7 @@ from discovery.lookup.dns_wire import DnsConfig, Zone, answer, respond
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Snapshot
-from tests.harness.util import wait_for
+from tests.harness.util import dns_tcp_reply, wait_for
 
 
 def inst(service: str, n: int, address: str, port: int = 8080, node: str = "node1",
@@ -294,8 +294,7 @@ def udp(port: int, wire: bytes, timeout: float = 2.0) -> bytes:
 def tcp(port: int, wire: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
         s.sendall(struct.pack(">H", len(wire)) + wire)
-        size = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
-        return s.recv(size, socket.MSG_WAITALL)
+        return dns_tcp_reply(s)
 
 
 def test_server_udp_tcp_cache_and_hook() -> None:
@@ -372,8 +371,7 @@ def test_tcp_several_queries_on_one_connection() -> None:
         s.sendall(b"".join(struct.pack(">H", len(w)) + w for w in wires))  # pipelined
         codes = []
         for wire in wires:
-            size = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
-            r = DNSRecord.parse(s.recv(size, socket.MSG_WAITALL))
+            r = DNSRecord.parse(dns_tcp_reply(s))
             assert r.pack()[:2] == wire[:2]
             codes.append(RCODE[r.header.rcode])
         assert codes == ["NOERROR", "NOERROR", "NXDOMAIN"]

@@ -32,7 +32,7 @@ from discovery.lookup.dns_limits import (
 from discovery.lookup.dns_packet import cache_key
 from discovery.lookup.dns_wire import DnsConfig, Response, Zone, respond
 from discovery.metrics import Metrics
-from tests.harness.util import wait_for
+from tests.harness.util import dns_tcp_reply, wait_for
 from tests.unit.test_dns import inst, make_catalog, query, tcp, udp
 
 LONG = "n" * 55  # node names of 58..59 characters: SRV targets as long as they get
@@ -246,8 +246,7 @@ def hung_up(sock: socket.socket) -> bool:
 def asks(sock: socket.socket) -> bool:
     wire = query("c.service.discovery")
     sock.sendall(struct.pack(">H", len(wire)) + wire)
-    size = struct.unpack(">H", sock.recv(2, socket.MSG_WAITALL))[0]
-    return len(DNSRecord.parse(sock.recv(size, socket.MSG_WAITALL)).rr) == 150
+    return len(DNSRecord.parse(dns_tcp_reply(sock)).rr) == 150
 
 
 def test_tcp_connections_capped_per_client_and_in_all(caplog: pytest.LogCaptureFixture) -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from discovery.lookup.dns import DnsServer
 from discovery.lookup.dns_wire import DnsConfig, Zone, respond
+from tests.harness.util import dns_tcp_reply
 from tests.unit.test_dns import INSTANCES, make_catalog
 
 ZONE = Zone(INSTANCES, 1)
@@ -157,5 +158,4 @@ def test_server_keeps_answering(server: DnsServer, batch: list[bytes]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=2.0) as c:
         wire = bytes(good.pack())
         c.sendall(struct.pack(">H", len(wire)) + wire)
-        size = struct.unpack(">H", c.recv(2, socket.MSG_WAITALL))[0]
-        expect_web(c.recv(size, socket.MSG_WAITALL), 4242)
+        expect_web(dns_tcp_reply(c), 4242)
