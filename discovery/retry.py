@@ -16,9 +16,9 @@ A small typed API over tenacity (in the spirit of stamina):
   that started at one moment (after a registry restart) does not stay in step.
 - :func:`spread` is the random delay of one host's *resume* after it lost its registry (its
   watches' reconnect; its agent's reconcile, over a resync period): uniform over a window,
-  ``RESUME_SPREAD`` seconds
-  unless the registry URL says otherwise (``spread=``), so that a whole fleet that lost a
-  restarted registry together comes back over that window, not in its first second.
+  ``RESUME_SPREAD`` seconds unless the registry URL says otherwise (``spread=``), so that a
+  whole fleet that lost a restarted registry together comes back over that window, not in its
+  first second.
 """
 
 from __future__ import annotations

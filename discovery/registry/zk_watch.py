@@ -42,12 +42,11 @@ class ZkWatch:
     Watch events only queue "look again at X" items; the worker reads X and emits the
     difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
     one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
-    tells of each node created, changed or deleted: a change costs one read of that node (a
-    deleted one too: the read is what tells a deletion from a take-over, below). Otherwise (an
-    older ensemble) one-shot watches, re-armed by each read: a new or removed instance costs a
-    listing of its service's directory. It knows only what it needs: the kazoo ``client``, the
-    registry's ``decoder`` (its URL names the paths), the event set while the session is
-    connected, and ``many`` to read many nodes a request.
+    tells of each node created, changed or deleted: each costs one read of that node (a
+    deletion too: :meth:`_event` says why). Otherwise (an older ensemble) one-shot watches,
+    re-armed by each read: a new or removed instance costs a listing of its service's
+    directory. It knows only what it needs: the kazoo ``client``, the registry's ``decoder``
+    (its URL names the paths), the event set while the session is connected, and ``many``.
 
     With ``services`` it follows only those services' directories (not the list of services),
     so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
