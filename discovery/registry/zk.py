@@ -24,12 +24,10 @@ from typing import Any, TypeVar
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
-    BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
     NoAuthError,
-    NodeExistsError,
     NoNodeError,
     SessionExpiredError,
 )
@@ -47,7 +45,8 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
-from discovery.registry.security import load_secrets, tls_probe, zk_client_options, zk_open_acl
+from discovery.registry.security import load_secrets, tls_probe, zk_client_options
+from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
@@ -93,7 +92,6 @@ class ZkRegistry:
         self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
-        self._checked: set[str] = set()  # service dirs whose ACL we looked at
         self.client = KazooClient(hosts=self._where, timeout=ttl,
                                   connection_retry=connection_retry(url, ttl), **options)
         self._router = EventRouter(self.client)
@@ -101,9 +99,10 @@ class ZkRegistry:
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
+        self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
+                                self._acl, self._where)
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, str], Instance] = {}
-        self._written: dict[tuple[str, str], int] = {}  # key -> session id that wrote it
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -154,7 +153,7 @@ class ZkRegistry:
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
-            if self._recovery.wait(0.5) and not self._closing.is_set():
+            if self._recovery.wait() and not self._closing.is_set():  # close() sets it
                 self._recovery.clear()
                 try:
                     self._recover()
@@ -171,12 +170,14 @@ class ZkRegistry:
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
         while owned and not self._closing.is_set() and not self._recovery.is_set():
             try:
-                for inst in owned:
+                left = self._op(f"re-register {len(owned)} instance(s)",
+                                functools.partial(self._claims.claim_together, owned))
+                for inst in left:
                     with self._lock:
                         if self._owned.get(inst.key) is not inst:
                             continue  # deregistered or replaced meanwhile
                     self._op(f"re-register {inst.service}/{inst.id}",
-                             functools.partial(self._claim_indexed, inst))
+                             functools.partial(self._claims.claim, inst))
                 return
             except RegistryError as exc:
                 log.warning("re-registering after session expiry: %s; retrying", exc)
@@ -215,81 +216,18 @@ class ZkRegistry:
     def _get(self, result: Any) -> Any:
         return result.get(timeout=self.timeout)
 
-    def _claim(self, inst: Instance) -> None:
-        """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
-        key, c = inst.key, self.client
-        path, data = self.url.key(*key), inst.to_json()
-        session = (c.client_id or (None,))[0]
-        if session is None:
-            raise ConnectionLoss()
-        if self._nerve is not None:
-            self._nerve.claim(inst, session)
-            self._written[key] = session
-            return
-        if self._written.get(key) == session:
-            try:
-                self._get(c.set_async(path, data))
-                return
-            except NoNodeError:
-                pass
-        self._check_parent(self.url.service_dir(inst.service))
-        for _ in range(5):
-            try:
-                self._get(c.create_async(path, data, ephemeral=True, makepath=True))
-                self._written[key] = session
-                return
-            except NodeExistsError:
-                pass
-            try:
-                _, stat = self._get(c.get_async(path))
-                if stat.ephemeralOwner == session:
-                    self._get(c.set_async(path, data, version=stat.version))
-                    self._written[key] = session
-                    return
-                log.info("taking over %s from ZooKeeper session %x", path, stat.ephemeralOwner)
-                # one transaction: readers never see the instance missing in between
-                txn = c.transaction()
-                txn.delete(path, version=stat.version)
-                txn.create(path, data, ephemeral=True)
-                results = self._get(txn.commit_async())
-                if not any(isinstance(r, Exception) for r in results):
-                    self._written[key] = session
-                    return
-            except (NoNodeError, BadVersionError):
-                continue
-        raise RegistryError(f"ZooKeeper at {self._where}: {path} keeps changing under us")
-
-    def _check_parent(self, path: str) -> None:
-        """Once per service dir, with credentials: warn (in the background) if anyone may delete
-        our nodes there (it was made with an open ACL, e.g. before the registry was secured)."""
-        if self._acl is None or path in self._checked:
-            return
-        self._checked.add(path)
-
-        def done(result: Any) -> None:
-            with contextlib.suppress(Exception):
-                if entries := zk_open_acl(result.get()[0]):
-                    log.warning("ZooKeeper node %s lets anyone delete the instances in it (ACL "
-                                "%s); see docs/security.md", path, entries)
-
-        self.client.get_acls_async(path).rawlink(done)
-
     # -- the Registry interface -------------------------------------------------------------
 
     def register(self, instance: Instance) -> None:
         with claiming(self._owned, self._lock, instance):
             self._op(f"register {instance.service}/{instance.id}",
-                     lambda: self._claim_indexed(instance))
-
-    def _claim_indexed(self, inst: Instance) -> None:
-        self._claim(inst)
-        self._index.claim(inst)  # after the instance: an index node never names nothing long
+                     lambda: self._claims.claim(instance))
 
     def deregister(self, service: str, instance_id: str) -> None:
         path = self.url.key(service, instance_id)
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
-            self._written.pop((service, instance_id), None)
+            self._claims.written.pop((service, instance_id), None)
         node = self._index.node_of((service, instance_id), owned)
 
         def delete() -> None:
@@ -373,7 +311,7 @@ class ZkRegistry:
         try:
             if revoke and self._connected.is_set():
                 session = (self.client.client_id or (None,))[0]
-                paths = [self.url.key(*k) for k in owned if self._written.get(k) == session]
+                paths = [self.url.key(*k) for k in owned if self._claims.written.get(k) == session]
                 if self._nerve is not None and session is not None:
                     paths = self._nerve.owned(session)
                 for path in paths:

@@ -96,6 +96,20 @@ class ZkNodeIndex:
             self._mine[inst.key] = session
             self._nodes[inst.key] = inst.node
 
+    def add_create(self, txn: Any, inst: Instance) -> None:
+        """Add the creation of the index node of ``inst`` to ``txn`` (a transaction that
+        creates the instance too: after a session expiry, both are gone with it)."""
+        if self.enabled:
+            txn.create(self.path(inst.node, inst.service, inst.id), b"", ephemeral=True)
+
+    def claimed(self, insts: list[Instance], session: int) -> None:
+        """The index nodes of ``insts`` are ``session``'s: :meth:`add_create` committed."""
+        if self.enabled:
+            with self._lock:
+                for inst in insts:
+                    self._mine[inst.key] = session
+                    self._nodes[inst.key] = inst.node
+
     def node_of(self, key: Key, owned: Instance | None) -> str:
         """The node an instance being removed is indexed under (owned, read, or its id's)."""
         with self._lock:

@@ -347,7 +347,7 @@ def test_zk_warns_about_an_open_service_dir(zk_base: str, open_reg: OpenReg,
     finally:
         zk.stop()
         zk.close()
-    with caplog.at_level(logging.WARNING, logger="discovery.registry.zk"):
+    with caplog.at_level(logging.WARNING, logger="discovery.registry.zk_claim"):
         open_reg(with_user(zk_base, "agent", "s3cret")).register(inst(1))
         wait_until(lambda: "lets anyone delete" in caplog.text, 5, "the open-ACL warning")
     assert "s3cret" not in caplog.text

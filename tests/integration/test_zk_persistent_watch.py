@@ -24,7 +24,13 @@ import pytest
 
 from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_multi, zk_persistent
 from tests.harness.fleet import fill_foreign, foreign
-from tests.harness.servers import ServerCluster, TcpProxy, unique_prefix, wait_until
+from tests.harness.servers import (
+    ServerCluster,
+    TcpProxy,
+    expire_zk_session,
+    unique_prefix,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +208,41 @@ def test_a_watch_reads_everything_in_a_few_requests(zk: ServerCluster, regs: lis
     wait_until(lambda: [c.kind for c in seen] == ["reset"], 10, "the reset")
     assert set(seen[0].snapshot.instances) == {i.key for i in made}  # type: ignore[union-attr]
     assert sent == expected
+
+
+def test_an_expired_session_registers_again_in_one_request(
+        zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its session expired (its nodes gone with it), a host creates every instance node
+    and its index node again in one transaction: one request, where one by one took 24 (an
+    ensemble down for longer than the session timeout expires the whole fleet's sessions)."""
+    url = zk.url(unique_prefix())
+    mine = [foreign(n, nodes=1, services=2) for n in range(12)]  # node f0, svc0 and svc1
+    reg, other = open_registry(url, ttl=5), open_registry(url)
+    regs += [reg, other]
+    for inst in mine:
+        reg.register(inst)
+    client, look = reg.client, other.client  # type: ignore[attr-defined]
+    paths = [reg.url.key(*i.key) for i in mine] + [  # type: ignore[attr-defined]
+        f"{reg.url.prefix}/nodes/f0/{i.service}/{i.id}" for i in mine]  # type: ignore[attr-defined]
+    old = client.client_id[0]
+    assert {look.exists(p).ephemeralOwner for p in paths} == {old}
+    sent = requests_of(reg, monkeypatch)
+
+    expire_zk_session(client)
+
+    new = client.client_id[0]
+    assert new != old
+
+    def owners() -> set[int | None]:
+        return {getattr(look.exists(p), "ephemeralOwner", None) for p in paths}
+
+    wait_until(lambda: owners() == {new}, 10, "every node created again by the new session")
+    assert sent == ["Transaction"]
+    assert set(reg.node_snapshot("f0").instances) == {i.key for i in mine}
+
+    # A part whose transaction fails (here: its nodes are there already) is left to claim one
+    # by one, and the failed transaction changed nothing.
+    before = {p: look.exists(p).version for p in paths}
+    claims = reg._claims  # type: ignore[attr-defined]
+    assert claims.claim_together(mine) == mine
+    assert {p: look.exists(p).version for p in paths} == before

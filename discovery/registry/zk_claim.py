@@ -1,0 +1,135 @@
+"""Making a ZooKeeper registry's instance nodes ours: the ephemeral nodes of this session.
+
+:meth:`ZkClaims.claim` writes one instance: its node (created, or updated if this session
+wrote it, or taken over from an earlier session in one transaction, so that readers never see
+it missing), then its index node (:mod:`~discovery.registry.zk_index`). After a session
+expiry every node of the old session is gone, and :meth:`ZkClaims.claim_together` creates them
+all again, many instances in one transaction: a fleet that lost its sessions at once (an
+ensemble down for longer than the session timeout) sends one request a host, not two round
+trips an instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError
+
+from discovery.errors import RegistryError
+from discovery.model import Instance
+from discovery.registry.base import RegistryURL
+from discovery.registry.security import zk_open_acl
+from discovery.registry.zk_index import ZkNodeIndex
+from discovery.registry.zk_nerve import NerveNodes
+
+log = logging.getLogger(__name__)
+#: instances created again in one transaction after a session expiry (two nodes each)
+CLAIM_TOGETHER = 100
+
+
+class ZkClaims:
+    """The instance nodes one registry wrote; ``get`` waits for a kazoo async result, ``acl``
+    is the registry's default ACL (None: the registry has no credentials)."""
+
+    def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any],
+                 index: ZkNodeIndex, nerve: NerveNodes | None, acl: Any, where: str) -> None:
+        self.client, self.url, self._get = client, url, get
+        self._index, self._nerve, self._acl, self._where = index, nerve, acl, where
+        self._checked: set[str] = set()  # service dirs whose ACL we looked at
+        #: key -> the session that wrote its node
+        self.written: dict[tuple[str, str], int] = {}
+
+    def _session(self) -> int | None:
+        return (self.client.client_id or (None,))[0]
+
+    def claim(self, inst: Instance) -> None:
+        """The instance node of ``inst``, then its index node (an index node never names
+        nothing for long)."""
+        self._claim(inst)
+        self._index.claim(inst)
+
+    def _claim(self, inst: Instance) -> None:
+        """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
+        key, c = inst.key, self.client
+        path, data = self.url.key(*key), inst.to_json()
+        session = self._session()
+        if session is None:
+            raise ConnectionLoss()
+        if self._nerve is not None:
+            self._nerve.claim(inst, session)
+            self.written[key] = session
+            return
+        if self.written.get(key) == session:
+            try:
+                self._get(c.set_async(path, data))
+                return
+            except NoNodeError:
+                pass
+        self._check_parent(self.url.service_dir(inst.service))
+        for _ in range(5):
+            try:
+                self._get(c.create_async(path, data, ephemeral=True, makepath=True))
+                self.written[key] = session
+                return
+            except NodeExistsError:
+                pass
+            try:
+                _, stat = self._get(c.get_async(path))
+                if stat.ephemeralOwner == session:
+                    self._get(c.set_async(path, data, version=stat.version))
+                    self.written[key] = session
+                    return
+                log.info("taking over %s from ZooKeeper session %x", path, stat.ephemeralOwner)
+                # one transaction: readers never see the instance missing in between
+                txn = c.transaction()
+                txn.delete(path, version=stat.version)
+                txn.create(path, data, ephemeral=True)
+                results = self._get(txn.commit_async())
+                if not any(isinstance(r, Exception) for r in results):
+                    self.written[key] = session
+                    return
+            except (NoNodeError, BadVersionError):
+                continue
+        raise RegistryError(f"ZooKeeper at {self._where}: {path} keeps changing under us")
+
+    def claim_together(self, owned: list[Instance]) -> list[Instance]:
+        """A new session's first writes: each instance node and its index node, up to
+        ``CLAIM_TOGETHER`` instances in one transaction. Returns what is left to
+        :meth:`claim` one by one: all of a part whose transaction failed (a node is still
+        there: of another session, or of ours after a lost answer; a parent is gone), and
+        everything with Nerve's layout (sequential nodes)."""
+        session = self._session()
+        if self._nerve is not None or session is None:
+            return owned
+        left: list[Instance] = []
+        for start in range(0, len(owned), CLAIM_TOGETHER):
+            part = owned[start:start + CLAIM_TOGETHER]
+            txn = self.client.transaction()
+            for inst in part:
+                txn.create(self.url.key(*inst.key), inst.to_json(), ephemeral=True)
+                self._index.add_create(txn, inst)
+            if any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
+                left += part
+                continue
+            for inst in part:
+                self.written[inst.key] = session
+            self._index.claimed(part, session)
+        return left
+
+    def _check_parent(self, path: str) -> None:
+        """Once per service dir, with credentials: warn (in the background) if anyone may delete
+        our nodes there (it was made with an open ACL, e.g. before the registry was secured)."""
+        if self._acl is None or path in self._checked:
+            return
+        self._checked.add(path)
+
+        def done(result: Any) -> None:
+            with contextlib.suppress(Exception):
+                if entries := zk_open_acl(result.get()[0]):
+                    log.warning("ZooKeeper node %s lets anyone delete the instances in it (ACL "
+                                "%s); see docs/security.md", path, entries)
+
+        self.client.get_acls_async(path).rawlink(done)
