@@ -40,13 +40,13 @@ class ZkWatch:
     """Follows ``<prefix>/services`` with one worker thread.
 
     Watch events only queue "look again at X" items; the worker reads X and emits the
-    difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client,
-    one persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
-    tells of each node created, changed or deleted: each costs one read of that node (a
-    deletion too: :meth:`_event` says why). Otherwise (an older ensemble) one-shot watches,
-    re-armed by each read: a new or removed instance costs a listing of its service's
-    directory. It knows only what it needs: the kazoo ``client``, the registry's ``decoder``
-    (its URL names the paths), the event set while the session is connected, and ``many``.
+    difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client, one
+    persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
+    tells of each node created, changed or deleted: a read of that node (a deletion too:
+    :meth:`_event`), of all the nodes queued together in one ``multiRead``. Otherwise (before
+    3.6) one-shot watches, re-armed by each read: a new or removed instance costs a listing of
+    its service's directory. It knows the kazoo ``client``, the registry's ``decoder`` (its
+    URL names the paths), the event set while the session is connected, and ``many``.
 
     With ``services`` it follows only those services' directories (not the list of services),
     so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
@@ -107,10 +107,9 @@ class ZkWatch:
 
     def _event(self, path: str) -> None:
         """A persistent watch's event (kazoo's connection thread): read that node again, a
-        deleted one too. An agent that restarts takes its nodes over from its old session
-        with a delete and a create in one transaction; the two events may reach this worker
-        apart, and only the read (served after the whole transaction) tells that the node
-        is still there: dropping it on the event alone made it flap (tried in 73d8834)."""
+        deleted one too. A restarted agent takes its nodes over from its old session with a
+        delete and a create in one transaction; the two events may reach this worker apart:
+        only the read tells that the node is still there (dropped on the event, it flapped)."""
         if self._url.split_key(path) is not None:
             self._push(("node", path))
 
@@ -179,12 +178,15 @@ class ZkWatch:
                     self._cond.wait()
                 if self._stopped.is_set():
                     return
-                item = self._queue.popleft()
+                items = [item := self._queue.popleft()]
+                batch = item[0] == "node" and self._persistent  # + the nodes queued behind it
+                while batch and self._queue and self._queue[0][0] == "node":
+                    items.append(self._queue.popleft())
             try:
-                self._handle(item)
+                self._read_changed([p for _, p in items]) if len(items) > 1 else self._handle(item)
             except _TRANSIENT:  # try again once connected (a reset may come first)
                 with self._cond:
-                    self._queue.appendleft(item)
+                    self._queue.extendleft(reversed(items))
                 self._connected.wait(1)
                 self._stopped.wait(0.1)
             except ConnectionClosedError:
@@ -276,14 +278,28 @@ class ZkWatch:
             if not self._rearm:
                 self._loss_zxid = None
 
+    def _read_changed(self, paths: list[str]) -> None:
+        """Nodes whose events came together (a dead host's, a deploy's): one ``multiRead``
+        (persistent watches: a read arms none), not one read each."""
+        found = dict(self._read_nodes(paths))
+        for path in paths:
+            self._changed(path, found.get(path))
+
     def _node(self, path: str) -> None:
         try:
-            data, stat = self._client.get(path, watch=self._w(("node", path)))
+            read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
+            read = None
+        self._changed(path, read)
+
+    def _changed(self, path: str, read: tuple[bytes, Any] | None) -> None:
+        """Deliver what a read of ``path`` (its data and stat; None: it is gone) changed."""
+        if read is None:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
             self._gone(path, self._client.last_zxid)
             return
+        data, stat = read
         self._reads.add(path, data)
         if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
             return

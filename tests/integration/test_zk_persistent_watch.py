@@ -17,6 +17,7 @@ read one path per request, with the same result.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -246,3 +247,34 @@ def test_an_expired_session_registers_again_in_one_request(
     claims = reg._claims  # type: ignore[attr-defined]
     assert claims.claim_together(mine) == mine
     assert {p: look.exists(p).version for p in paths} == before
+
+
+def test_changes_that_come_together_are_read_in_one_request(
+        zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that dies takes its instances with its session: a follower gets one event per
+    node at once, and reads the nodes queued together in one ``multiRead``, not one each."""
+    url = zk.url(unique_prefix())
+    dying = [foreign(n, nodes=1, services=2) for n in range(10)]  # node f0, svc0 and svc1
+    gate = foreign(11, nodes=2, services=2)  # node f1, svc1
+    host, other, reader = (open_registry(url, ttl=5) for _ in range(3))
+    regs += [host, other, reader]
+    for inst in dying:
+        host.register(inst)
+    release = threading.Event()
+    seen: list[Change] = []
+
+    def follow(change: Change) -> None:
+        seen.append(change)
+        if change.key == gate.key:
+            release.wait(10)  # the worker is busy: what comes meanwhile queues up
+
+    watch = reader.watch(follow, reader.snapshot().revision)
+    other.register(gate)
+    wait_until(lambda: any(c.key == gate.key for c in seen), 10, "the gate's put")
+    host.close(revoke=False)  # its session ends: its 10 nodes go at once
+    wait_until(lambda: len(watch._queue) == 10, 10, "the 10 events queued")  # type: ignore[attr-defined]
+    sent = requests_of(reader, monkeypatch)
+    release.set()
+    wait_until(lambda: {c.key for c in seen if c.kind == "delete"} == {i.key for i in dying},
+               10, "the 10 deletes")
+    assert sent == ["MultiRead"]
