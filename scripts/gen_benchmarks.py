@@ -347,7 +347,9 @@ def t_fleet_targets(results: dict[str, Result]) -> str:
                     "fleet_restart": (f"full restart: {num(r.get('n'))} of "
                                       f"{num(r.get('expected'))} hosts, max "
                                       f"{num((r.get('resync_max_ms') or 0) / 1000, 1)} s; peak "
-                                      f"{num(r.get('peak_over_steady'))}{TIMES} steady")
+                                      f"{num(r.get('peak_over_steady'))}{TIMES} steady"
+                                      + (f" (over {num(r['peak_window_s'], 2)} s)"
+                                         if r.get("peak_window_s") is not None else ""))
                     }.get(r["name"], r["name"])
             out.append([_fleet_label(stem), num(r["size"]), what, r.get("target", "—"),
                         verdict(r["pass"])])
