@@ -170,6 +170,8 @@ class ZkRegistry:
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
         while owned and not self._closing.is_set() and not self._recovery.is_set():
             try:
+                with self._lock:  # not one deregistered or replaced meanwhile
+                    owned = [i for i in owned if self._owned.get(i.key) is i]
                 left = self._op(f"re-register {len(owned)} instance(s)",
                                 functools.partial(self._claims.claim_together, owned))
                 for inst in left:

@@ -183,7 +183,10 @@ class ZkWatch:
                 while batch and self._queue and self._queue[0][0] == "node":
                     items.append(self._queue.popleft())
             try:
-                self._read_changed([p for _, p in items]) if len(items) > 1 else self._handle(item)
+                if len(items) > 1:
+                    self._read_changed([path for _, path in items])
+                else:
+                    self._handle(item)
             except _TRANSIENT:  # try again once connected (a reset may come first)
                 with self._cond:
                     self._queue.extendleft(reversed(items))
