@@ -750,6 +750,7 @@ class Servers:
         self.backend = backend
         self.cluster = (EtcdCluster(3, work / "etcd") if backend == "etcd"
                         else ZkEnsemble(3, work / "zk"))
+        self._readers = ThreadPoolExecutor(max_workers=3)  # one per member
 
     def counters(self) -> list[dict[str, float] | None]:
         """Every member's counters, read at once (one thread each): a member slow to answer
@@ -762,9 +763,7 @@ class Servers:
             except (OSError, ValueError):
                 return None
 
-        ports = self.cluster.client_ports
-        with ThreadPoolExecutor(max_workers=len(ports)) as pool:
-            return list(pool.map(one, ports))
+        return list(self._readers.map(one, self.cluster.client_ports))
 
     def pids(self) -> list[int | None]:
         return [p.popen.pid if p.running and p.popen else None for p in self.cluster.procs]

@@ -47,7 +47,7 @@ from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
-from discovery.registry.zk_index import ZkNodeIndex
+from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
@@ -312,7 +312,7 @@ class ZkRegistry:
             w.stop(join=False)
         try:
             if revoke and self._connected.is_set():
-                session = (self.client.client_id or (None,))[0]
+                session = session_of(self.client)
                 paths = [self.url.key(*k) for k in owned if self._claims.written.get(k) == session]
                 if self._nerve is not None and session is not None:
                     paths = self._nerve.owned(session)

@@ -22,7 +22,7 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL
 from discovery.registry.security import zk_open_acl
-from discovery.registry.zk_index import ZkNodeIndex
+from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_nerve import NerveNodes
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,6 @@ class ZkClaims:
         #: key -> the session that wrote its node
         self.written: dict[tuple[str, str], int] = {}
 
-    def _session(self) -> int | None:
-        return (self.client.client_id or (None,))[0]
-
     def claim(self, inst: Instance) -> None:
         """The instance node of ``inst``, then its index node (an index node never names
         nothing for long)."""
@@ -55,7 +52,7 @@ class ZkClaims:
         """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
         key, c = inst.key, self.client
         path, data = self.url.key(*key), inst.to_json()
-        session = self._session()
+        session = session_of(c)
         if session is None:
             raise ConnectionLoss()
         if self._nerve is not None:
@@ -101,7 +98,7 @@ class ZkClaims:
         :meth:`claim` one by one: all of a part whose transaction failed (a node is still
         there: of another session, or of ours after a lost answer; a parent is gone), and
         everything with Nerve's layout (sequential nodes)."""
-        session = self._session()
+        session = session_of(self.client)
         if self._nerve is not None or session is None:
             return owned
         left: list[Instance] = []

@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 
 
+def session_of(client: Any) -> int | None:
+    """The id of a kazoo ``client``'s session, None while it has none."""
+    session: int | None = (client.client_id or (None,))[0]
+    return session
+
+
 class ZkNodeIndex:
     """The index nodes of one ZooKeeper registry; ``get`` waits for a kazoo async result."""
 
@@ -68,7 +74,7 @@ class ZkNodeIndex:
         if not self.enabled:
             return
         c = self.client
-        session = (c.client_id or (None,))[0]
+        session = session_of(c)
         with self._lock:
             if session is None or self._mine.get(inst.key) == session:
                 return
@@ -92,9 +98,7 @@ class ZkNodeIndex:
         else:
             log.warning("ZooKeeper index node %s keeps changing; the next resync retries", path)
             return
-        with self._lock:
-            self._mine[inst.key] = session
-            self._nodes[inst.key] = inst.node
+        self.claimed([inst], session)
 
     def add_create(self, txn: Any, inst: Instance) -> None:
         """Add the creation of the index node of ``inst`` to ``txn`` (a transaction that
@@ -103,7 +107,8 @@ class ZkNodeIndex:
             txn.create(self.path(inst.node, inst.service, inst.id), b"", ephemeral=True)
 
     def claimed(self, insts: list[Instance], session: int) -> None:
-        """The index nodes of ``insts`` are ``session``'s: :meth:`add_create` committed."""
+        """The index nodes of ``insts`` are ``session``'s (created, or :meth:`add_create`
+        committed)."""
         if self.enabled:
             with self._lock:
                 for inst in insts:
