@@ -24,8 +24,11 @@ opened, nothing else of the backend changes. etcd: Python gRPC has no per-channe
 address, so by default the etcd hosts connect from 127.0.0.1 — etcd has no per-address limit —
 but **each host with its own connection**: gRPC shares one connection among a process's
 channels with equal target and arguments, so every host's channels carry their own user agent
-(``pyetcd.Endpoint`` wrapped the same way). A host's agent and watcher share one registry
-client (one session or lease, one connection), as one ``discovery up`` process does. etcd
+(``discovery.registry.etcd_aio.Endpoint`` wrapped the same way: its asyncio watch channel
+gets the same options). A host's agent and watcher share one registry client (one session or
+lease, one connection), as one ``discovery up`` process does; the etcd hosts of a worker
+process run their watch streams on one shared asyncio loop (``open_registry(..., loop=)``),
+as any process holding many registries does. etcd
 bytes are then counted per worker process and divided by its hosts. ``--etcd-relay`` gives
 etcd hosts their own source addresses through one HAProxy relay (``server ... source <host
 address>``, one loopback port per host and member); it measures
@@ -115,6 +118,7 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, open_registry
+from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_watch import NARROW_AFTER
 from discovery.registry.reads import ReadCounts
 from discovery.retry import jittered, spread
@@ -168,9 +172,9 @@ def _install_etcd_host_channels() -> None:
     agent. gRPC shares one connection among the channels of a process that have the same
     target and arguments; without this, the hosts of one worker would multiplex over a few
     connections. With it each simulated host has its own connection to a member."""
-    import pyetcd
+    from discovery.registry import etcd_aio
 
-    original = pyetcd.Endpoint
+    original = etcd_aio.Endpoint
 
     class HostEndpoint(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, opts: Any = None, **kw: Any) -> None:
@@ -179,7 +183,7 @@ def _install_etcd_host_channels() -> None:
                 opts = [*(opts or []), ("grpc.primary_user_agent", f"fleet-host/{source}")]
             super().__init__(*args, opts=opts, **kw)
 
-    pyetcd.Endpoint = HostEndpoint
+    etcd_aio.Endpoint = HostEndpoint  # type: ignore[misc]
 
 
 #: seconds a simulated host's blocked gRPC stream reader sleeps between checks (grpc's own: 0.1)
@@ -252,8 +256,9 @@ def _install_zk_source_binding() -> None:
 
 
 class Host:
-    def __init__(self, n: int, url: str, args: argparse.Namespace) -> None:
-        self.n, self.url, self.args = n, url, args
+    def __init__(self, n: int, url: str, args: argparse.Namespace,
+                 loop: LoopThread | None = None) -> None:
+        self.n, self.url, self.args, self.loop = n, url, args, loop
         self.node = f"h{n:05d}"
         self.instances = host_instances(n, args.instances, args.services)
         self.watched = watched_services(n, args.watch_services, args.services)
@@ -271,7 +276,7 @@ class Host:
     def start(self) -> None:
         _bind.source = source_ip(self.n)
         try:
-            self.registry = open_registry(self.url, ttl=self.args.ttl)
+            self.registry = open_registry(self.url, ttl=self.args.ttl, loop=self.loop)
         finally:
             _bind.source = None
         self.registry.add_state_listener(self.on_state)
@@ -340,6 +345,7 @@ class Worker:
         self.retried = 0
         self.expired = 0  # leases / sessions that expired in this process (ExpiryCounter)
         self.reconcilers = ThreadPoolExecutor(max_workers=RECONCILE_THREADS)
+        self.loop = LoopThread("fleet-watch-loop")  # every etcd host's watch stream
         threading.Thread(target=self.reconcile_loop, daemon=True, name="reconciles").start()
 
     def schedule(self, n: int, delay: float) -> None:
@@ -381,7 +387,7 @@ class Worker:
         def one(n: int) -> None:
             tries = self.args.start_attempts
             for attempt in range(tries):  # a start that times out on a loaded host: once more
-                host = Host(n, urls[str(n)], self.args)
+                host = Host(n, urls[str(n)], self.args, self.loop)
                 try:
                     host.start()
                     break

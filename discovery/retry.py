@@ -1,4 +1,4 @@
-"""The one retry policy: every reconnect, restart and poll loop goes through these two.
+"""The one retry policy: every reconnect, restart and poll loop goes through these.
 
 A small typed API over tenacity (in the spirit of stamina):
 
@@ -11,6 +11,8 @@ A small typed API over tenacity (in the spirit of stamina):
               snapshot = registry.snapshot()
 
   When it gives up (``timeout`` passed, or ``stop_event`` set) the last exception is raised.
+  :func:`backoff_async` is the same policy for a coroutine (the etcd watch streams, which run
+  on an asyncio loop).
 - :func:`poll` calls a check until it returns something truthy, or ``timeout`` passes.
 - :func:`jittered` spreads a period (an agent's resync, a lease renewal) by ±10 %, so a fleet
   that started at one moment (after a registry restart) does not stay in step.
@@ -23,11 +25,12 @@ A small typed API over tenacity (in the spirit of stamina):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -49,16 +52,10 @@ def _sleeper(stop_event: threading.Event | None) -> Callable[[float], None]:
     return sleep
 
 
-def backoff(on: Exceptions, *, stop_event: threading.Event | None = None,
-            timeout: float | None = None, initial: float = 0.2, maximum: float = 5.0,
-            jitter: float = 0.2, what: str = "", logger: logging.Logger | None = None
-            ) -> tenacity.Retrying:
-    """Retry on ``on`` with waits ``initial``·2ⁿ (at most ``maximum``) plus up to ``jitter``
-    seconds at random, until success, ``timeout`` seconds, or ``stop_event``.
-
-    With ``what``, each retry is logged as a warning on ``logger`` (this module's by default):
-    ``"<what>: <error>; retrying in 0.4s (attempt 2)"``.
-    """
+def _backoff_policy(on: Exceptions, stop_event: threading.Event | None, timeout: float | None,
+                    initial: float, maximum: float, jitter: float, what: str,
+                    logger: logging.Logger | None) -> dict[str, Any]:
+    """What :func:`backoff` and :func:`backoff_async` retry on, wait and log."""
     stops: list[tenacity.stop.stop_base] = []
     if stop_event is not None:
         stops.append(tenacity.stop_when_event_set(stop_event))
@@ -77,14 +74,33 @@ def backoff(on: Exceptions, *, stop_event: threading.Event | None = None,
         out.warning("%s: %s; retrying in %.1fs (attempt %d)", what, exc, delay,
                     state.attempt_number)
 
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(on),
-        stop=tenacity.stop_any(*stops) if stops else tenacity.stop_never,
-        wait=wait,
-        sleep=_sleeper(stop_event),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    return {"retry": tenacity.retry_if_exception_type(on),
+            "stop": tenacity.stop_any(*stops) if stops else tenacity.stop_never,
+            "wait": wait, "before_sleep": before_sleep, "reraise": True}
+
+
+def backoff(on: Exceptions, *, stop_event: threading.Event | None = None,
+            timeout: float | None = None, initial: float = 0.2, maximum: float = 5.0,
+            jitter: float = 0.2, what: str = "", logger: logging.Logger | None = None
+            ) -> tenacity.Retrying:
+    """Retry on ``on`` with waits ``initial``·2ⁿ (at most ``maximum``) plus up to ``jitter``
+    seconds at random, until success, ``timeout`` seconds, or ``stop_event``.
+
+    With ``what``, each retry is logged as a warning on ``logger`` (this module's by default):
+    ``"<what>: <error>; retrying in 0.4s (attempt 2)"``.
+    """
+    return tenacity.Retrying(sleep=_sleeper(stop_event), **_backoff_policy(
+        on, stop_event, timeout, initial, maximum, jitter, what, logger))
+
+
+def backoff_async(on: Exceptions, *, stop_event: threading.Event | None = None,
+                  timeout: float | None = None, initial: float = 0.2, maximum: float = 5.0,
+                  jitter: float = 0.2, what: str = "", logger: logging.Logger | None = None
+                  ) -> tenacity.AsyncRetrying:
+    """:func:`backoff` for a coroutine (``async for attempt in backoff_async(...)``): it
+    sleeps with ``asyncio.sleep``; cancel the task to stop it sooner than ``stop_event``."""
+    return tenacity.AsyncRetrying(sleep=asyncio.sleep, **_backoff_policy(
+        on, stop_event, timeout, initial, maximum, jitter, what, logger))
 
 
 def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.02,

@@ -24,7 +24,7 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import etcd_index
+from discovery.registry import etcd_aio, etcd_index
 from discovery.registry.base import (
     ChangeCallback,
     RegistryURL,
@@ -33,6 +33,7 @@ from discovery.registry.base import (
     claiming,
 )
 from discovery.registry.decoder import Decoder
+from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
 from discovery.registry.etcd_watch import EtcdWatch
@@ -90,7 +91,8 @@ class _LeaseGone(RegistryError):
 class EtcdRegistry:
     """The :class:`~discovery.registry.base.Registry` on etcd v3. See the module docstring."""
 
-    def __init__(self, url: RegistryURL, ttl: float = 10.0, timeout: float = 5.0) -> None:
+    def __init__(self, url: RegistryURL, ttl: float = 10.0, timeout: float = 5.0,
+                 loop: LoopThread | None = None) -> None:
         if url.scheme != "etcd":
             raise ConfigError(f"registry URL {url}: not an etcd:// URL")
         self.url, self.ttl, self.timeout = url, ttl, timeout
@@ -101,8 +103,8 @@ class EtcdRegistry:
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
         endpoints = [
-            pyetcd.Endpoint(f"[{h}]" if ":" in h else h, p, secure=url.tls, creds=creds,
-                            time_retry=_ENDPOINT_RETRY, opts=_GRPC_OPTIONS)
+            etcd_aio.Endpoint(f"[{h}]" if ":" in h else h, p, secure=url.tls, creds=creds,
+                              time_retry=_ENDPOINT_RETRY, opts=_GRPC_OPTIONS)
             for h, p in url.hosts
         ]
         # Per-RPC deadline: short enough that a hung member is left for another in time.
@@ -124,6 +126,16 @@ class EtcdRegistry:
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
+        # the watch streams: on the given loop, or on one of our own from the first watch
+        self.channels = etcd_aio.AioChannels()
+        self._loop, self._own_loop = loop, loop is None
+
+    @property
+    def loop(self) -> LoopThread:
+        with self._lock:
+            if self._loop is None:
+                self._loop = LoopThread()
+            return self._loop
 
     @property
     def invalid_records(self) -> int:
@@ -351,4 +363,15 @@ class EtcdRegistry:
                     log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
         finally:
             self._closed.set()
+            self._close_channels()
             self.client.close()
+
+    def _close_channels(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if not loop.inside:
+            with contextlib.suppress(Exception):
+                loop.submit(self.channels.close()).result(self.timeout)
+        if self._own_loop:
+            loop.close()

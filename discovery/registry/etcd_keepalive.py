@@ -16,13 +16,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from discovery.registry.etcd_watch import ENDPOINT_DOWN, drain
+from discovery.registry.etcd_watch import ENDPOINT_DOWN
 
 
 class _Stream:
@@ -102,3 +103,9 @@ class KeepAliveStream:
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.end()
+
+
+def drain(requests: queue.Queue[Any]) -> Iterator[Any]:
+    """A gRPC request stream fed from ``requests``; ``None`` ends it."""
+    while (item := requests.get()) is not None:
+        yield item

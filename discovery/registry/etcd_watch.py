@@ -1,5 +1,7 @@
 """Following an etcd registry: one gRPC watch stream, one etcd watcher per key range.
 
+The stream runs on an asyncio loop (:mod:`~discovery.registry.etcd_aio`), not a thread.
+
 Without a service filter the stream holds one watcher on ``<prefix>/services/``; with one
 (a watcher that routes k services and serves no DNS/HTTP) it holds k watchers, one per
 ``<prefix>/services/<service>/``, so etcd sends this host only what it routes. Each watcher
@@ -11,7 +13,7 @@ once more and send a ``reset``.
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
 - a broken stream is re-opened at once (another member), then with jittered backoff
-  (:func:`discovery.retry.backoff`) whose random part is the registry URL's resume spread
+  (:func:`discovery.retry.backoff_async`) whose random part is the registry URL's resume spread
   (``spread=``, 3 s), so the fleet's re-opened streams arrive over that window, not in the
   registry's first second;
 - with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from
@@ -25,11 +27,11 @@ once more and send a ``reset``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import random
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -40,11 +42,12 @@ from pyetcd.utils import prefix_range_end
 from discovery.errors import RegistryUnavailable
 from discovery.registry.base import Change, ChangeCallback, deliver
 from discovery.registry.security import rpc_details
-from discovery.retry import RESUME_SPREAD, backoff
+from discovery.retry import RESUME_SPREAD, backoff_async
 
 if TYPE_CHECKING:
     from discovery.registry.base import RegistryURL, Snapshot
     from discovery.registry.decoder import Decoder
+    from discovery.registry.etcd_aio import AioChannels, LoopThread
     from discovery.registry.reads import ReadStats
     from discovery.registry.security import EtcdAuth
 
@@ -71,6 +74,10 @@ class WatchSource(Protocol):
     where: str
     decoder: Decoder
     reads: ReadStats
+    channels: AioChannels
+
+    @property
+    def loop(self) -> LoopThread: ...
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot: ...
 
@@ -78,8 +85,12 @@ class WatchSource(Protocol):
 
 
 class EtcdWatch:
-    """One background thread following the registry (or some services of it); ``stop()``
-    ends it. ``services``: None for everything, else only those services' instances."""
+    """Follows the registry (or some services of it) on the registry's ``loop``
+    (:mod:`~discovery.registry.etcd_aio`: one asyncio task and stream, no thread of its own);
+    ``stop()`` ends it. ``services``: None for
+    everything, else only those services' instances. Changes are delivered on the loop's
+    thread; what may block (authenticating, a re-read after compaction, the registry's state
+    listeners) runs in the loop's executor."""
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None,
@@ -91,15 +102,15 @@ class EtcdWatch:
                         else [f"{root}{s}/" for s in sorted(self._services)])
         self._revs = dict.fromkeys(self._ranges, start_revision)  # last revision delivered
         self._stopped = threading.Event()
-        self._lock = threading.Lock()
+        self._done = threading.Event()
         self._stream: Any = None
         self._reauth = False
         self._failing = False
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
-        self._thread.start()
+        self._loop = reg.loop
+        self._task = self._loop.submit(self._run())
 
     @property
     def revision(self) -> int:
@@ -108,41 +119,40 @@ class EtcdWatch:
 
     def stop(self) -> None:
         self._stopped.set()
-        with self._lock:
-            stream = self._stream
-        if stream is not None:
-            stream.cancel()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5)
+        self._task.cancel()  # the task ends its stream on its way out
+        if not self._loop.inside:
+            self._done.wait(5)
 
-    def _run(self) -> None:
-        if not self._ranges:  # filtered to no service at all: nothing to follow
-            self._stopped.wait()
-            return
-        while not self._stopped.is_set():
-            try:
-                half = max(self._spread / 2, RECONNECT_INITIAL)
-                for attempt in backoff(Exception, stop_event=self._stopped, initial=half,
-                                       maximum=half, jitter=self._spread):
-                    with attempt:
-                        self._follow_once()
-            except Exception:  # only when stopped: backoff retries forever otherwise
-                return
-
-    def _follow_once(self) -> None:
+    async def _run(self) -> None:
         try:
-            self._follow()
+            if not self._ranges:  # filtered to no service at all: nothing to follow
+                await asyncio.Event().wait()  # until cancelled
+            while not self._stopped.is_set():
+                half = max(self._spread / 2, RECONNECT_INITIAL)
+                async for attempt in backoff_async(Exception, stop_event=self._stopped,
+                                                   initial=half, maximum=half,
+                                                   jitter=self._spread):
+                    with attempt:
+                        await self._follow_once()
+        except Exception:  # only when stopped: backoff retries forever otherwise
+            return
+        finally:
+            self._done.set()
+
+    async def _follow_once(self) -> None:
+        try:
+            await self._follow()
         except Exception as exc:
             if self._stopped.is_set():
                 return
             self._lost = len(self._ranges) > 1 and all(self._revs.values())
-            self._reg.set_state(False)
+            await asyncio.to_thread(self._reg.set_state, False)
             if self._failing:
                 raise  # the backoff waits
             log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
                         self._reg.where, rpc_details(exc), self.revision + 1)
             self._failing = True
-            self._stopped.wait(RECONNECT_INITIAL)  # the first time: another member, at once
+            await asyncio.sleep(RECONNECT_INITIAL)  # the first time: another member, at once
 
     def _create(self, rng: str) -> Any:
         rev = self._revs.get(rng, self.revision)  # the wide watcher: the oldest
@@ -150,33 +160,28 @@ class EtcdWatch:
             key=rng.encode(), range_end=prefix_range_end(rng.encode()),
             start_revision=rev + 1 if rev else 0, progress_notify=True))
 
-    def _follow(self) -> None:
+    async def _follow(self) -> None:
         """One watch stream, each range from its own revision + 1, until it breaks or we stop.
         The watchers are created one after the other, so each ``created`` answer names the
         range it is for (a gRPC proxy numbers watchers its own way)."""
         reg = self._reg
-        reg.auth.ensure()
-        channel = reg.client.channel  # the first endpoint not recently failed
+        await asyncio.to_thread(reg.auth.ensure)
+        reg.client.channel  # noqa: B018 -- picks the first endpoint not recently failed
         endpoint = reg.client.endpoint_in_use
-        requests: queue.Queue[Any] = queue.Queue()
         self._narrowing = False
         self.wide = wide = self._lost
         pending = [self._root] if wide else list(self._ranges)
         ids: dict[int, str] = {}
-        narrow: threading.Timer | None = None
-        requests.put(self._create(pending[0]))
-        stream = etcdrpc.WatchStub(channel).Watch(drain(requests),
-                                                  metadata=_REQUIRE_LEADER + reg.auth.metadata())
-        with self._lock:
-            self._stream = stream
-        if self._stopped.is_set():
-            stream.cancel()
+        narrow: asyncio.TimerHandle | None = None
+        stream = self._stream = etcdrpc.WatchStub(reg.channels.get(endpoint)).Watch(
+            metadata=_REQUIRE_LEADER + reg.auth.metadata())
         try:
-            for resp in stream:
+            await stream.write(self._create(pending[0]))
+            while (resp := await stream.read()) is not grpc.aio.EOF:
                 if resp.compact_revision:
                     log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
                                 self.revision + 1, resp.compact_revision)
-                    snap = reg.snapshot(self._services)
+                    snap = await asyncio.to_thread(reg.snapshot, self._services)
                     self._revs = dict.fromkeys(self._ranges, snap.revision)
                     self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
                     return
@@ -191,15 +196,13 @@ class EtcdWatch:
                     if not self._revs.get(rng, -1):
                         self._revs[rng] = int(resp.header.revision)
                     if pending:
-                        requests.put(self._create(pending[0]))
+                        await stream.write(self._create(pending[0]))
                     else:
-                        reg.set_state(True)
+                        await asyncio.to_thread(reg.set_state, True)
                         self._reauth = self._failing = False
                         if wide:
-                            narrow = threading.Timer(random.uniform(*NARROW_AFTER),
-                                                     self._narrow, (stream,))
-                            narrow.daemon = True
-                            narrow.start()
+                            narrow = asyncio.get_running_loop().call_later(
+                                random.uniform(*NARROW_AFTER), self._narrow, stream)
                     continue
                 if rng is None:
                     continue
@@ -208,11 +211,14 @@ class EtcdWatch:
                 if not resp.events:  # progress notification
                     for r in (self._ranges if wide else (rng,)):
                         self._revs[r] = max(self._revs[r], int(resp.header.revision))
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._narrowing and not (current and current.cancelling()):
+                self._narrowing = self._lost = False  # our own cancel: the next stream holds
+                return  # the k watchers
+            raise
         except grpc.RpcError as exc:
             if self._stopped.is_set():
-                return
-            if self._narrowing:  # our own cancel: the next stream holds the k watchers
-                self._narrowing = self._lost = False
                 return
             if exc.code() in ENDPOINT_DOWN:
                 endpoint.fail()
@@ -221,17 +227,14 @@ class EtcdWatch:
         finally:
             if narrow is not None:
                 narrow.cancel()
-            requests.put(None)
-            with self._lock:
-                self._stream = None
+            self._stream = None
             stream.cancel()
 
     def _narrow(self, stream: Any) -> None:
         """The wide stream has served its resume: end it; the next one holds k watchers."""
-        with self._lock:
-            if self._stream is stream and not self._stopped.is_set():
-                self._narrowing = True
-                stream.cancel()
+        if self._stream is stream and not self._stopped.is_set():
+            self._narrowing = True
+            stream.cancel()
 
     def _event(self, rng: str, ev: Any) -> None:
         reg = self._reg
@@ -255,9 +258,3 @@ class EtcdWatch:
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)
-
-
-def drain(requests: queue.Queue[Any]) -> Iterator[Any]:
-    """A gRPC request stream fed from ``requests``; ``None`` ends it."""
-    while (item := requests.get()) is not None:
-        yield item

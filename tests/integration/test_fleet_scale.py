@@ -9,6 +9,7 @@ resumes after a cut link without reading again.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import uuid
@@ -19,6 +20,7 @@ import pytest
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_registry
+from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory, http_get
@@ -293,6 +295,37 @@ def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: 
         assert "reset" not in seen.kinds()
     finally:
         proxy.close()
+
+
+def test_etcd_registries_of_one_process_share_one_watch_loop(etcd_url: str) -> None:
+    """Many etcd registries in one process (the fleet bench's simulated hosts) given one
+    ``LoopThread`` follow the registry on it: a watch costs no thread of its own, one change
+    reaches every one, and a stopped watch delivers nothing more while the others go on."""
+    loop = LoopThread("test-watch-loop")
+    regs: list[Registry] = []
+    try:
+        writer = open_registry(etcd_url, ttl=TTL)
+        regs.append(writer)
+        followers = [open_registry(etcd_url, ttl=TTL, loop=loop) for _ in range(30)]
+        regs += followers
+        seen = [Seen() for _ in followers]
+        writer.register(mine(0))  # its lease's keeper and stream threads: before the count
+        snap = writer.snapshot()
+        threads = threading.active_count()
+        watches = [reg.watch(s, snap.revision) for reg, s in zip(followers, seen, strict=True)]
+        writer.register(mine(1))
+        wait_until(lambda: all(s.has(mine(1).key) for s in seen), 10, "every follower")
+        # no thread a watch (a thread each would be 30 more): gRPC's asyncio poller and the
+        # loop's executor (which tells the registries' state listeners), whatever their count
+        assert threading.active_count() - threads <= 1 + min(32, (os.cpu_count() or 1) + 4)
+        watches[0].stop()
+        writer.register(mine(2))
+        wait_until(lambda: all(s.has(mine(2).key) for s in seen[1:]), 10, "the others")
+        assert not seen[0].has(mine(2).key)
+    finally:
+        for reg in regs:
+            reg.close(revoke=False)
+        loop.close()
 
 
 def test_agent_resync_reads_only_its_node(registry_url: str, open_reg: OpenReg,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 
 import pytest
 
-from discovery.retry import backoff, poll, spread
+from discovery.retry import backoff, backoff_async, poll, spread
 
 
 class Flaky:
@@ -65,6 +66,37 @@ def test_stop_event_cuts_a_long_backoff_short() -> None:
             with attempt:
                 flaky()
     assert time.monotonic() - t0 < 2.0  # not the 30 s wait
+
+
+def test_backoff_async_retries_a_coroutine_and_a_cancel_ends_its_wait() -> None:
+    flaky = Flaky(2)
+
+    async def retried() -> str:
+        async for attempt in backoff_async(ConnectionError, initial=0.001, maximum=0.002):
+            with attempt:
+                return flaky()
+        raise AssertionError("unreachable")
+
+    assert (asyncio.run(retried()), flaky.calls) == ("ok", 3)
+
+    async def cancelled() -> float:
+        failing = Flaky(10**6)
+
+        async def forever() -> None:
+            async for attempt in backoff_async(ConnectionError, initial=30, maximum=30):
+                with attempt:
+                    failing()
+
+        task = asyncio.create_task(forever())
+        await asyncio.sleep(0.05)
+        assert failing.calls == 1  # in its 30 s wait
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - t0
+
+    assert asyncio.run(cancelled()) < 1.0
 
 
 def test_jitter_spreads_the_waits() -> None:
