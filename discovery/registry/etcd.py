@@ -112,7 +112,6 @@ class EtcdRegistry:
         self.client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
         self.auth = EtcdAuth(self.client, secrets, self.where)
-        self._renewals = KeepAliveStream(self.client)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
@@ -126,13 +125,15 @@ class EtcdRegistry:
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
-        # the watch streams: on the given loop, or on one of our own from the first watch
+        # the watch and keepalive streams: on the given loop, or on one of our own from the
+        # first that opens
         self.channels = etcd_aio.AioChannels()
-        self._loop, self._own_loop = loop, loop is None
+        self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
+        self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop)
 
     @property
     def loop(self) -> LoopThread:
-        with self._lock:
+        with self._loop_lock:
             if self._loop is None:
                 self._loop = LoopThread()
             return self._loop

@@ -1,4 +1,4 @@
-"""The etcd watch streams' asyncio side: one event loop thread, and gRPC asyncio channels.
+"""The etcd streams' asyncio side: one event loop thread, and gRPC asyncio channels.
 
 A watch stream in grpc-python's threaded API costs a reader thread and a channel thread, and
 each delivered event a hand-off between them: a host of its own barely feels it, a process
@@ -8,8 +8,10 @@ asyncio loop the streams cost no thread of their own, and the events that arrive
 (docs/benchmarks.md, "fleet scale"). The asyncio channel is a second connection to the
 member: gRPC does not share one between its threaded and its asyncio channels.
 
-A registry opened without a :class:`LoopThread` starts its own on its first watch; a process
-that holds many registries passes one to each (``open_registry(..., loop=...)``).
+The lease's keepalive stream (:mod:`~discovery.registry.etcd_keepalive`) runs on the same
+loop. A registry opened without a :class:`LoopThread` starts its own when its first stream
+opens; a process that holds many registries passes one to each (``open_registry(...,
+loop=...)``).
 """
 
 from __future__ import annotations
@@ -89,3 +91,18 @@ class AioChannels:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+async def write(call: Any, request: Any) -> bool:
+    """``call.write(request)``: False if the call has ended without an error, its error if it
+    ended with one (grpc.aio raises ``InvalidStateError`` for a write to an ended call; the
+    stream's error, say UNAVAILABLE from a member that died, is what the caller handles)."""
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError:
+        code = await call.code()
+        if code == grpc.StatusCode.OK:
+            return False
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   await call.details()) from None
+    return True

@@ -40,6 +40,7 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryUnavailable
+from discovery.registry import etcd_aio
 from discovery.registry.base import Change, ChangeCallback, deliver
 from discovery.registry.security import rpc_details
 from discovery.retry import RESUME_SPREAD, backoff_async
@@ -176,7 +177,8 @@ class EtcdWatch:
         stream = self._stream = etcdrpc.WatchStub(reg.channels.get(endpoint)).Watch(
             metadata=_REQUIRE_LEADER + reg.auth.metadata())
         try:
-            await stream.write(self._create(pending[0]))
+            if not await etcd_aio.write(stream, self._create(pending[0])):
+                return
             while (resp := await stream.read()) is not grpc.aio.EOF:
                 if resp.compact_revision:
                     log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
@@ -196,7 +198,8 @@ class EtcdWatch:
                     if not self._revs.get(rng, -1):
                         self._revs[rng] = int(resp.header.revision)
                     if pending:
-                        await stream.write(self._create(pending[0]))
+                        if not await etcd_aio.write(stream, self._create(pending[0])):
+                            return
                     else:
                         await asyncio.to_thread(reg.set_state, True)
                         self._reauth = self._failing = False
