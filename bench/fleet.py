@@ -345,7 +345,9 @@ class Worker:
         self.retried = 0
         self.expired = 0  # leases / sessions that expired in this process (ExpiryCounter)
         self.reconcilers = ThreadPoolExecutor(max_workers=RECONCILE_THREADS)
-        self.loop = LoopThread("fleet-watch-loop")  # every etcd host's watch stream
+        # every etcd host's streams and lease keeper; when the registry is down, every host's
+        # keeper takes a thread of the loop's executor for its round at once
+        self.loop = LoopThread("fleet-loop", workers=160)
         threading.Thread(target=self.reconcile_loop, daemon=True, name="reconciles").start()
 
     def schedule(self, n: int, delay: float) -> None:

@@ -1,5 +1,6 @@
 """etcd v3 backend: one lease per registry object, kept alive (jittered) in the background
-on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`);
+on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; it and the
+watch streams run on an asyncio loop, :mod:`~discovery.registry.etcd_aio`);
 a failed renewal is one short attempt, tried again about one renewal interval later (sooner
 as the lease runs out, ±50 %), so a fleet whose registry restarts does not renew in the
 registry's first second; watches that resume from the last seen revision, or send a ``reset``
@@ -10,6 +11,8 @@ authentication: :mod:`discovery.registry.security`."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -34,7 +37,7 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
-from discovery.registry.etcd_keepalive import KeepAliveStream
+from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
 from discovery.registry.etcd_watch import EtcdWatch
 from discovery.registry.reads import ReadStats
@@ -81,7 +84,6 @@ _ENDPOINT_RETRY = 1.0  # seconds a failed endpoint is skipped before it is tried
 #: 0.5 s) while the other two, after their election, could have answered
 _PAUSE_MAX = _ENDPOINT_RETRY / 2
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
-_GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 
 
 class _LeaseGone(RegistryError):
@@ -124,7 +126,8 @@ class EtcdRegistry:
         self._up: bool | None = None
         self._closing = threading.Event()
         self._closed = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._keeper: concurrent.futures.Future[None] | None = None  # the lease's, on the loop
+        self._kept = threading.Event()  # it has ended
         # the watch and keepalive streams: on the given loop, or on one of our own from the
         # first that opens
         self.channels = etcd_aio.AioChannels()
@@ -223,9 +226,7 @@ class EtcdRegistry:
                 self._lease = self._call("grant lease", lambda: self.client.lease(ttl)).id
                 log.debug("etcd lease %x granted (ttl %ss)", self._lease, ttl)
             if self._keeper is None:
-                self._keeper = threading.Thread(target=self._keepalive_loop, daemon=True,
-                                                 name="etcd-lease-keepalive")
-                self._keeper.start()
+                self._keeper = self.loop.submit(self._keep())
             return self._lease
 
     def _renew_lease(self, old: int) -> None:
@@ -254,46 +255,65 @@ class EtcdRegistry:
         return self._call("lease keepalive", lambda: self._renewals.renew(lease),
                           patience=_RENEW_PATIENCE)
 
-    def _retry_wait(self, interval: float, renewed: float) -> float:
-        """After a failed renewal: the renewal interval or half of what is left of the lease,
-        whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
-        it, so the fleet's first renewals once it is back arrive spread over about one
-        interval, as in steady state (etcd gives every lease a new TTL when it elects a
-        leader); a host cut off alone still tries again before its lease runs out. Once the
-        lease has run out its instances are gone from the registry: at most ``_GONE_RETRY``
-        (±50 %) between tries then, so they are back within about a second of the link."""
-        left = renewed + self.ttl - time.monotonic()
-        if left <= 0:
-            return jittered(min(interval, _GONE_RETRY), 0.5)
-        return jittered(max(min(interval, left / 2), 0.2), 0.5)
-
-    def _keepalive_loop(self) -> None:
+    async def _keep(self) -> None:
+        """The lease's keeper, one task on the loop: every renewal interval (jittered, so a
+        fleet's renewals do not align) one keepalive on the stream, on the loop; anything else
+        (a failure, the lease gone, instances to write again, the state to tell listeners)
+        is one round of :meth:`_keep_round` in the loop's executor."""
         interval = max(self.ttl / 3, 0.2)
         wait, renewed = jittered(interval), time.monotonic()
-        while not self._closing.wait(wait):  # a fleet's renewals do not align
-            lease = self._lease
-            try:
-                if lease is None:  # a renewal failed half-way: finish it
-                    if self._need_reput:
-                        self._ensure_lease()
-                        self._reput_all()
-                    continue
-                resp = self._refresh(lease)
-                if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
-                    self._renew_lease(lease)
-                elif self._need_reput:
+        try:
+            while True:
+                await asyncio.sleep(wait)
+                if self._closing.is_set():
+                    return
+                lease, answer = self._lease, None
+                if lease is not None and not self._need_reput and self._up and self.auth.ready:
+                    with contextlib.suppress(Exception):  # the round below tries again
+                        answer = await self._renewals.renew_async(lease)
+                    if answer and answer[0].TTL > 0:
+                        wait, renewed = jittered(interval), time.monotonic()
+                        continue
+                round_ = asyncio.ensure_future(asyncio.to_thread(
+                    self._keep_round, interval, wait, renewed, (lease, answer)))
+                try:
+                    wait, renewed = await asyncio.shield(round_)
+                except asyncio.CancelledError:  # closing: let the round in flight finish
+                    await asyncio.wait([round_])
+                    raise
+        finally:
+            self._kept.set()
+
+    def _keep_round(self, interval: float, wait: float, renewed: float,
+                    tried: tuple[int | None, list[Any] | None]) -> tuple[float, float]:
+        """One round of the keeper with every retry and wait of ``_call`` (a thread of the
+        loop's executor): renew (or use the answer of the keepalive ``tried``, if it was for
+        the lease we hold now), grant a new lease if it is gone, write the instances again if
+        needed. Returns the wait until the next round and when the lease was last renewed."""
+        lease = self._lease
+        answer = tried[1] if tried[0] == lease else None
+        try:
+            if lease is None:  # a renewal failed half-way: finish it
+                if self._need_reput:
+                    self._ensure_lease()
                     self._reput_all()
-                wait, renewed = jittered(interval), time.monotonic()
-            except _LeaseGone:
-                with contextlib.suppress(RegistryError):
-                    self._renew_lease(lease)  # type: ignore[arg-type]
-                wait = self._retry_wait(interval, renewed)
-            except RegistryError as exc:
-                log.debug("lease keepalive: %s", exc)
-                wait = self._retry_wait(interval, renewed)
-            except Exception:
-                log.exception("etcd lease keepalive failed")
-                wait = jittered(interval)
+                return wait, renewed
+            resp = self._refresh(lease) if answer is None else answer
+            if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
+                self._renew_lease(lease)
+            elif self._need_reput:
+                self._reput_all()
+            return jittered(interval), time.monotonic()
+        except _LeaseGone:
+            with contextlib.suppress(RegistryError):
+                self._renew_lease(lease)  # type: ignore[arg-type]
+            return retry_wait(self.ttl, interval, renewed), renewed
+        except RegistryError as exc:
+            log.debug("lease keepalive: %s", exc)
+            return retry_wait(self.ttl, interval, renewed), renewed
+        except Exception:
+            log.exception("etcd lease keepalive failed")
+            return jittered(interval), renewed
 
     # -- the Registry interface -------------------------------------------------------------
 
@@ -353,8 +373,10 @@ class EtcdRegistry:
         try:
             for w in watches:
                 w.stop()
-            if keeper is not None:
-                keeper.join(self.timeout + 1)
+            if keeper is not None:  # its round in flight ends first (it sees we are closing)
+                keeper.cancel()
+                if self._loop is not None and not self._loop.inside:
+                    self._kept.wait(self.timeout + 1)
             if revoke and lease is not None:
                 try:
                     self._call("revoke lease", lambda: self.client.revoke_lease(lease), True)

@@ -31,10 +31,16 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An asyncio event loop running in one daemon thread, until :meth:`close`."""
+    """An asyncio event loop running in one daemon thread, until :meth:`close`, and its
+    executor of ``workers`` threads (started as needed)."""
 
-    def __init__(self, name: str = "etcd-watch-loop") -> None:
+    def __init__(self, name: str = "etcd-loop", workers: int = 4) -> None:
         self.loop = asyncio.new_event_loop()
+        # what may block runs here (a registry's state listeners, its keeper's slow rounds):
+        # a loop shared by many registries needs about one worker each for a registry outage
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix=name)
+        self.loop.set_default_executor(self._executor)
         self._thread = threading.Thread(target=self._run, daemon=True, name=name)
         self._thread.start()
 
@@ -54,6 +60,7 @@ class LoopThread:
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self._executor.shutdown(wait=False)
         if not self.inside:
             self._thread.join(5)
             self.loop.close()

@@ -3,8 +3,9 @@
 A renewal is one message on the stream and its answer, as etcd's own clients do it, not a new
 gRPC call: a call costs the host a stream set-up and etcd a new stream, every TTL/3 on every
 host of the fleet. The stream runs on the registry's asyncio loop, beside its watch streams
-(:mod:`~discovery.registry.etcd_aio`): no thread of its own; the registry's keeper thread
-hands each renewal to the loop and waits for its answer. The stream is opened on the first
+(:mod:`~discovery.registry.etcd_aio`), and so does the registry's keeper, which renews on it
+(``renew_async``); a round that needs more (retries over the members, a new lease) runs in
+the loop's executor and renews with ``renew``. The stream is opened on the first
 renewal and opened again (on the member the client uses then) after any failure: an error
 from the member, the stream ending, or no answer within the client's timeout. A member that
 failed so is marked failed, so that the next try goes to another: the stream's own member,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +29,26 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.registry import etcd_aio
 from discovery.registry.etcd_watch import ENDPOINT_DOWN
+from discovery.retry import jittered
 
 if TYPE_CHECKING:
     from discovery.registry.etcd_aio import AioChannels, LoopThread
+
+GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
+
+
+def retry_wait(ttl: float, interval: float, renewed: float) -> float:
+    """After a failed renewal: the renewal interval or half of what is left of the lease,
+    whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
+    it, so the fleet's first renewals once it is back arrive spread over about one
+    interval, as in steady state (etcd gives every lease a new TTL when it elects a
+    leader); a host cut off alone still tries again before its lease runs out. Once the
+    lease has run out its instances are gone from the registry: at most ``GONE_RETRY``
+    (±50 %) between tries then, so they are back within about a second of the link."""
+    left = renewed + ttl - time.monotonic()
+    if left <= 0:
+        return jittered(min(interval, GONE_RETRY), 0.5)
+    return jittered(max(min(interval, left / 2), 0.2), 0.5)
 
 
 class KeepAliveStream:
@@ -50,15 +69,18 @@ class KeepAliveStream:
         with self._lock:
             if self._closed:
                 raise etcd_exc.ConnectionFailedError()
-            self._waiting = waiting = self._loop().submit(self._renew(lease))
+            self._waiting = waiting = self._loop().submit(self.renew_async(lease))
             try:
-                return waiting.result()  # _renew keeps the client's timeout itself
+                return waiting.result()  # renew_async keeps the client's timeout itself
             except concurrent.futures.CancelledError:  # close()
                 raise etcd_exc.ConnectionFailedError() from None
             finally:
                 self._waiting = None
 
-    async def _renew(self, lease: int) -> list[Any]:
+    async def renew_async(self, lease: int) -> list[Any]:
+        """:meth:`renew` on the loop (the registry's keeper, which renews one at a time)."""
+        if self._closed:
+            raise etcd_exc.ConnectionFailedError()
         client = self._client
         if self._stream is None:
             client.channel  # noqa: B018 -- picks the first member not recently failed

@@ -161,6 +161,11 @@ class EtcdAuth:
         """For our own stubs (the watch stream): the token header, if any."""
         return tuple(self._client.metadata or ())
 
+    @property
+    def ready(self) -> bool:
+        """No call needs :meth:`ensure` to authenticate first (none enabled, or a token)."""
+        return not self.enabled or self._client.metadata is not None
+
     def ensure(self) -> None:
         """Authenticate unless we hold a token. Transient failures raise pyetcd's
         ConnectionFailedError (retry elsewhere); a refusal raises RegistryError."""
