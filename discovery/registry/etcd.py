@@ -12,7 +12,6 @@ authentication: :mod:`discovery.registry.security`."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -126,8 +125,7 @@ class EtcdRegistry:
         self._up: bool | None = None
         self._closing = threading.Event()
         self._closed = threading.Event()
-        self._keeper: concurrent.futures.Future[None] | None = None  # the lease's, on the loop
-        self._kept = threading.Event()  # it has ended
+        self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
         # the watch and keepalive streams: on the given loop, or on one of our own from the
         # first that opens
         self.channels = etcd_aio.AioChannels()
@@ -226,7 +224,7 @@ class EtcdRegistry:
                 self._lease = self._call("grant lease", lambda: self.client.lease(ttl)).id
                 log.debug("etcd lease %x granted (ttl %ss)", self._lease, ttl)
             if self._keeper is None:
-                self._keeper = self.loop.submit(self._keep())
+                self._keeper = self.loop.start(self._keep())
             return self._lease
 
     def _renew_lease(self, old: int) -> None:
@@ -262,27 +260,24 @@ class EtcdRegistry:
         is one round of :meth:`_keep_round` in the loop's executor."""
         interval = max(self.ttl / 3, 0.2)
         wait, renewed = jittered(interval), time.monotonic()
-        try:
-            while True:
-                await asyncio.sleep(wait)
-                if self._closing.is_set():
-                    return
-                lease, answer = self._lease, None
-                if lease is not None and not self._need_reput and self._up and self.auth.ready:
-                    with contextlib.suppress(Exception):  # the round below tries again
-                        answer = await self._renewals.renew_async(lease)
-                    if answer and answer[0].TTL > 0:
-                        wait, renewed = jittered(interval), time.monotonic()
-                        continue
-                round_ = asyncio.ensure_future(asyncio.to_thread(
-                    self._keep_round, interval, wait, renewed, (lease, answer)))
-                try:
-                    wait, renewed = await asyncio.shield(round_)
-                except asyncio.CancelledError:  # closing: let the round in flight finish
-                    await asyncio.wait([round_])
-                    raise
-        finally:
-            self._kept.set()
+        while True:
+            await asyncio.sleep(wait)
+            if self._closing.is_set():
+                return
+            lease, answer = self._lease, None
+            if lease is not None and not self._need_reput and self._up and self.auth.ready:
+                with contextlib.suppress(Exception):  # the round below tries again
+                    answer = await self._renewals.renew_async(lease)
+                if answer and answer[0].TTL > 0:
+                    wait, renewed = jittered(interval), time.monotonic()
+                    continue
+            round_ = asyncio.ensure_future(asyncio.to_thread(
+                self._keep_round, interval, wait, renewed, (lease, answer)))
+            try:
+                wait, renewed = await asyncio.shield(round_)
+            except asyncio.CancelledError:  # closing: let the round in flight finish
+                await asyncio.wait([round_])
+                raise
 
     def _keep_round(self, interval: float, wait: float, renewed: float,
                     tried: tuple[int | None, list[Any] | None]) -> tuple[float, float]:
@@ -374,9 +369,7 @@ class EtcdRegistry:
             for w in watches:
                 w.stop()
             if keeper is not None:  # its round in flight ends first (it sees we are closing)
-                keeper.cancel()
-                if self._loop is not None and not self._loop.inside:
-                    self._kept.wait(self.timeout + 1)
+                keeper.stop(self.timeout + 1)
             if revoke and lease is not None:
                 try:
                     self._call("revoke lease", lambda: self.client.revoke_lease(lease), True)

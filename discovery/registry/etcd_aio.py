@@ -54,7 +54,12 @@ class LoopThread:
         return threading.current_thread() is self._thread
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the loop; its result (or exception) on the returned future."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> LoopTask:
+        """Run ``coro`` on the loop as a task that :meth:`LoopTask.stop` ends."""
+        return LoopTask(self, coro)
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -66,9 +71,35 @@ class LoopThread:
             self.loop.close()
 
 
+class LoopTask:
+    """A task on a :class:`LoopThread`. ``stop()`` cancels it and waits until it has ended (its
+    ``finally`` blocks done), also when it was cancelled before it ever ran."""
+
+    def __init__(self, owner: LoopThread, coro: Coroutine[Any, Any, Any]) -> None:
+        self._owner, self._ended = owner, threading.Event()
+        self._task: asyncio.Task[Any] | None = None
+
+        def create() -> None:
+            self._task = owner.loop.create_task(coro)
+            self._task.add_done_callback(lambda _: self._ended.set())
+
+        owner.loop.call_soon_threadsafe(create)
+
+    def stop(self, timeout: float) -> None:
+        def cancel() -> None:  # after create(): the loop runs its callbacks in order
+            if self._task is not None:
+                self._task.cancel()
+
+        if self._owner.loop.is_closed():
+            return
+        self._owner.loop.call_soon_threadsafe(cancel)
+        if not self._owner.inside:
+            self._ended.wait(timeout)
+
+
 class Endpoint(pyetcd.Endpoint):
     """pyetcd's member endpoint, keeping the gRPC options its channel was made with: the
-    watch's asyncio channel to that member is made with the same ones."""
+    asyncio channel of the streams to that member is made with the same ones."""
 
     options: list[tuple[str, Any]]
 
@@ -83,10 +114,10 @@ class AioChannels:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def get(self, endpoint: Any) -> grpc.aio.Channel:
+    def get(self, endpoint: Endpoint) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint.netloc)
         if channel is None:
-            options = getattr(endpoint, "options", None)
+            options = endpoint.options
             channel = (grpc.aio.secure_channel(endpoint.netloc, endpoint.credentials,
                                                options=options)
                        if endpoint.secure else

@@ -103,15 +103,13 @@ class EtcdWatch:
                         else [f"{root}{s}/" for s in sorted(self._services)])
         self._revs = dict.fromkeys(self._ranges, start_revision)  # last revision delivered
         self._stopped = threading.Event()
-        self._done = threading.Event()
         self._stream: Any = None
         self._reauth = False
         self._failing = False
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
-        self._loop = reg.loop
-        self._task = self._loop.submit(self._run())
+        self._task = reg.loop.start(self._run())
 
     @property
     def revision(self) -> int:
@@ -120,14 +118,12 @@ class EtcdWatch:
 
     def stop(self) -> None:
         self._stopped.set()
-        self._task.cancel()  # the task ends its stream on its way out
-        if not self._loop.inside:
-            self._done.wait(5)
+        self._task.stop(5)  # the task ends its stream on its way out
 
     async def _run(self) -> None:
+        if not self._ranges:  # filtered to no service at all: nothing to follow
+            await asyncio.Event().wait()  # until cancelled
         try:
-            if not self._ranges:  # filtered to no service at all: nothing to follow
-                await asyncio.Event().wait()  # until cancelled
             while not self._stopped.is_set():
                 half = max(self._spread / 2, RECONNECT_INITIAL)
                 async for attempt in backoff_async(Exception, stop_event=self._stopped,
@@ -137,8 +133,6 @@ class EtcdWatch:
                         await self._follow_once()
         except Exception:  # only when stopped: backoff retries forever otherwise
             return
-        finally:
-            self._done.set()
 
     async def _follow_once(self) -> None:
         try:
