@@ -24,11 +24,12 @@ opened, nothing else of the backend changes. etcd: Python gRPC has no per-channe
 address, so by default the etcd hosts connect from 127.0.0.1 — etcd has no per-address limit —
 but **each host with its own connection**: gRPC shares one connection among a process's
 channels with equal target and arguments, so every host's channels carry their own user agent
-(``discovery.registry.etcd_aio.Endpoint`` wrapped the same way: its asyncio watch channel
-gets the same options). A host's agent and watcher share one registry client (one session or
-lease, one connection), as one ``discovery up`` process does; the etcd hosts of a worker
-process run their watch streams on one shared asyncio loop (``open_registry(..., loop=)``),
-as any process holding many registries does. etcd
+(``discovery.registry.etcd_aio.Endpoint`` wrapped the same way: the asyncio channel of its
+streams gets the same options). A host's agent and watcher share one registry client (one
+session or lease; on etcd two connections, one for calls and one for the streams), as one
+``discovery up`` process does; the etcd hosts of a worker process run their streams and lease
+keepers on one shared asyncio loop (``open_registry(..., loop=)``), as any process holding
+many registries does. etcd
 bytes are then counted per worker process and divided by its hosts. ``--etcd-relay`` gives
 etcd hosts their own source addresses through one HAProxy relay (``server ... source <host
 address>``, one loopback port per host and member); it measures
@@ -208,7 +209,8 @@ def _relieve_grpc_process_costs() -> None:
     those wakeups were 0.37 of a host's 0.56 ms of CPU a second (0.155 without them). The
     hosts here never take a signal in those threads, so the worker sets it to
     ``STREAM_WAIT_S``; the messages, requests and their timing are unchanged: a response wakes
-    its reader at once either way."""
+    its reader at once either way. (Since ``b0256db`` the etcd backend's streams run on an
+    asyncio loop and no host thread blocks on a stream: this one no longer applies there.)"""
     import grpc._common
     import grpc._observability
 

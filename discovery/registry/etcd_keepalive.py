@@ -70,10 +70,13 @@ class KeepAliveStream:
             if self._closed:
                 raise etcd_exc.ConnectionFailedError()
             self._waiting = waiting = self._loop().submit(self.renew_async(lease))
-            try:
-                return waiting.result()  # renew_async keeps the client's timeout itself
+            try:  # renew_async keeps the client's timeout; this one covers a loop that stopped
+                return waiting.result(self._client.timeout + 1)
             except concurrent.futures.CancelledError:  # close()
                 raise etcd_exc.ConnectionFailedError() from None
+            except concurrent.futures.TimeoutError:
+                waiting.cancel()
+                raise etcd_exc.ConnectionTimeoutError() from None
             finally:
                 self._waiting = None
 
