@@ -36,13 +36,13 @@ address>``, one loopback port per host and member); it measures
 the steady state the same, but collapses under a full restart's reconnect storm from 500 hosts
 on (docs/benchmarks.md), so it is not the default.
 
-**Processes.** The hosts run as threads in ``--workers`` (8) worker processes (this script
-with ``--worker``), driven over a pipe (a delivery costs a worker more CPU the more hosts it
-holds: 8 processes of 100 to 150 hosts measured 299 µs a delivery at 1,000 etcd hosts, 4 of 250 429
-µs; a real host is a process of its own); the host that dies is alone in a process of its own,
-SIGKILLed (no goodbye: its lease or session must expire). The workers run at
-``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own): they
-stand for other machines and must not starve the registry members of CPU on this one; that
+**Processes.** The hosts run as threads in ``--workers`` (8) worker processes (this script with
+``--worker``), driven over a pipe (a delivery costs a worker more CPU the more hosts it holds:
+with a thread a stream, 8 processes of 100 to 150 hosts measured 299 µs a delivery at 1,000
+etcd hosts, 4 of 250 429 µs; a real host is a process of its own); the host that dies is alone
+in a process of its own, SIGKILLed (no goodbye: its lease or session must expire). The workers
+run at ``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own):
+they stand for other machines and must not starve the registry members of CPU on this one; that
 only slows the hosts' own measured timings.
 
 **What is measured**, at each size of ``--sizes`` (250, 500, 1,000; the fleet grows between
