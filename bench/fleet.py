@@ -187,8 +187,6 @@ def _install_etcd_host_channels() -> None:
     etcd_aio.Endpoint = HostEndpoint  # type: ignore[misc]
 
 
-#: seconds a simulated host's blocked gRPC stream reader sleeps between checks (grpc's own: 0.1)
-STREAM_WAIT_S = 5.0
 #: a restart's peak rate counts as measured (for the target) only over samples this close
 PEAK_WINDOW_MAX_S = 1.5
 #: reconciles running at once in one worker process: more than its hosts that are due within
@@ -199,23 +197,13 @@ RECONCILE_THREADS = 64
 
 
 def _relieve_grpc_process_costs() -> None:
-    """Two per-process costs of grpc-python that a host of its own does not feel, and a few
-    hundred hosts in one process do.
-
-    grpc-python wakes every thread blocked on a stream (a watch, a keepalive) every 0.1 s
-    (``grpc._common.MAXIMUM_WAIT_TIMEOUT``, so that a main thread blocked there still takes a
-    signal). A real host pays about 10 wakeups a second for that, nothing; 1,000 simulated
-    hosts in one machine pay 10,000 a second, and measured with 200 idle hosts in one process
-    those wakeups were 0.37 of a host's 0.56 ms of CPU a second (0.155 without them). The
-    hosts here never take a signal in those threads, so the worker sets it to
-    ``STREAM_WAIT_S``; the messages, requests and their timing are unchanged: a response wakes
-    its reader at once either way. (Since ``b0256db`` the etcd backend's streams run on an
-    asyncio loop and no host thread blocks on a stream: this one no longer applies there.)"""
-    import grpc._common
+    """A per-process cost of grpc-python that a host of its own does not feel, and a few
+    hundred hosts in one process do. (Until ``b0256db`` also its 0.1 s wake-up of every thread
+    blocked on a stream, ``grpc._common.MAXIMUM_WAIT_TIMEOUT``, raised to 5 s here: the etcd
+    streams now run on an asyncio loop, and no host thread blocks on one.)"""
     import grpc._observability
 
-    grpc._common.MAXIMUM_WAIT_TIMEOUT = STREAM_WAIT_S
-    # grpc-python also takes one process-wide lock at the start and the end of every call, to
+    # grpc-python takes one process-wide lock at the start and the end of every call, to
     # look up its observability plugin (none is installed here, and none can be: nothing calls
     # set_plugin). With a few hundred hosts' threads on one GIL that lock convoys: growing
     # 500 -> 1,000 hosts, 181 of a worker's 837 threads were queued on it and lease grants

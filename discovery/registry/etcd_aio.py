@@ -114,6 +114,14 @@ class AioChannels:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
+    def pick(self, client: Any) -> tuple[Endpoint, grpc.aio.Channel]:
+        """The member a new stream goes to (pyetcd's choice: the first not recently failed)
+        and its channel. A failure of the stream is that member's, whichever the client's
+        other calls use by then."""
+        client.channel  # noqa: B018 -- the property makes the choice
+        endpoint = client.endpoint_in_use
+        return endpoint, self.get(endpoint)
+
     def get(self, endpoint: Endpoint) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint.netloc)
         if channel is None:

@@ -86,11 +86,8 @@ class KeepAliveStream:
             raise etcd_exc.ConnectionFailedError()
         client = self._client
         if self._stream is None:
-            client.channel  # noqa: B018 -- picks the first member not recently failed
-            self._endpoint = client.endpoint_in_use  # this stream's member, whatever the
-            # client uses later: a failure here is this member's, never the one in use then
-            self._stream = etcdrpc.LeaseStub(self._channels.get(self._endpoint)).LeaseKeepAlive(
-                metadata=client.metadata)
+            self._endpoint, channel = self._channels.pick(client)
+            self._stream = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=client.metadata)
         stream, endpoint = self._stream, self._endpoint
         try:
             async with asyncio.timeout(client.timeout):

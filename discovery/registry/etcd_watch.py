@@ -161,14 +161,13 @@ class EtcdWatch:
         range it is for (a gRPC proxy numbers watchers its own way)."""
         reg = self._reg
         await asyncio.to_thread(reg.auth.ensure)
-        reg.client.channel  # noqa: B018 -- picks the first endpoint not recently failed
-        endpoint = reg.client.endpoint_in_use
+        endpoint, channel = reg.channels.pick(reg.client)
         self._narrowing = False
         self.wide = wide = self._lost
         pending = [self._root] if wide else list(self._ranges)
         ids: dict[int, str] = {}
         narrow: asyncio.TimerHandle | None = None
-        stream = self._stream = etcdrpc.WatchStub(reg.channels.get(endpoint)).Watch(
+        stream = self._stream = etcdrpc.WatchStub(channel).Watch(
             metadata=_REQUIRE_LEADER + reg.auth.metadata())
         try:
             if not await etcd_aio.write(stream, self._create(pending[0])):
