@@ -215,11 +215,11 @@ def _relieve_grpc_process_costs() -> None:
 def _install_zk_source_binding() -> None:
     """Every KazooClient opened while ``_bind.source`` is set connects from that address."""
     from kazoo.handlers import utils as kutils
-    from kazoo.handlers.threading import SequentialThreadingHandler
 
     import discovery.registry.zk as zkmod
+    from discovery.registry.zk_io import PollingHandler
 
-    class BoundHandler(SequentialThreadingHandler):
+    class BoundHandler(PollingHandler):  # the registry's own handler, bound to an address
         def __init__(self, source: str) -> None:
             super().__init__()
             self.source = source

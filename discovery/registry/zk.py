@@ -48,6 +48,7 @@ from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex, session_of
+from discovery.registry.zk_io import PollingHandler, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
@@ -92,8 +93,10 @@ class ZkRegistry:
         self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
+        options.setdefault("handler", PollingHandler())
         self.client = KazooClient(hosts=self._where, timeout=ttl,
                                   connection_retry=connection_retry(url, ttl), **options)
+        fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
         self._many = ManyReads(self.client, self._get)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
