@@ -63,7 +63,8 @@ sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,
   any host's catalog. Target: <= TTL + 1 s.
 * **full registry restart**: every member stopped (SIGTERM) and started again; serving again
   = the bench's own first probe write that succeeds; resync = until every host's catalog has
-  the probe (its watch is back), and every host's catalog then equals the registry's. Server
+  the probe (its watch is back), and every host's catalog then equals the registry's. Leases or
+  sessions that expired meanwhile are counted (``expired_during``). Server
   request rate sampled every 0.25 s (the members read at once): peak (over the shortest window
   of 1 s or more the samples allow: ``peak_window_s``, which a member slow to answer stretches;
   over 1.5 s the peak is a lower bound and does not count as met) vs steady. Targets: every
@@ -1244,6 +1245,7 @@ class Fleet:
         assert self.writer is not None
         say(f"{self.backend} {size}: full registry restart")
         cluster = self.servers.cluster
+        expired0 = self.workers_sample()[1]
         with RateSampler(self.servers) as sampler:
             time.sleep(2)
             t_stop = time.time()
@@ -1276,6 +1278,7 @@ class Fleet:
         # every host's catalog equals the registry's, for the services it follows
         check = all_workers(self.workers, "check", truth=self.truth())
         mismatched = sum(c["mismatched"] for c in check)
+        expired = self.workers_sample()[1] - expired0
         self.writer.deregister(inst.service, inst.id)
         worst = max(lat) if lat else None
         ratio = peak / steady_rate if steady_rate else None
@@ -1295,6 +1298,8 @@ class Fleet:
             "n": len(lat), "expected": armed, "hosts_missed": len(missing),
             "resync_p50_ms": _r(percentile(lat, 0.5)), "resync_p99_ms": _r(percentile(lat, 0.99)),
             "resync_max_ms": _r(worst), "catalogs_mismatched_after": mismatched,
+            # leases / sessions that expired meanwhile (their hosts registered again)
+            "expired_during": expired,
             "peak_requests_per_s": round(peak, 1),
             "peak_at_s_after_serving": _r(when - t_ready if when else None, 1),
             "steady_requests_per_s": round(steady_rate, 1),
