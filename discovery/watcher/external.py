@@ -25,9 +25,13 @@ def save_server_state(runtime: HAProxyRuntime, path: Path) -> None:
 
 
 def wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: float,
-                interval: float = 0.02) -> int:
-    """Poll ``show info`` on the admin socket until the answering pid satisfies ``ok``."""
+                interval: float = 0.02, settle: int = 3) -> int:
+    """Poll ``show info`` on the admin socket until the answering pid satisfies ``ok``
+    ``settle`` times in a row. After a reload the old worker shares the socket until its
+    soft-stop reaches it, and may answer again after the new one did (seen in ``make
+    test``): a runtime change sent then would reach only the old worker."""
     last: list[object] = [None]
+    streak: list[int] = []  # the answers in a row of one pid that satisfies ok
 
     def answered() -> int | None:
         try:
@@ -36,7 +40,11 @@ def wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: flo
             last[0] = exc
             return None
         last[0] = f"pid {pid}"
-        return pid if ok(pid) else None
+        if not ok(pid) or (streak and streak[-1] != pid):
+            streak.clear()
+        if ok(pid):
+            streak.append(pid)
+        return pid if len(streak) >= settle else None
 
     pid = poll(answered, timeout=timeout, interval=interval)
     if pid is None:
