@@ -26,7 +26,7 @@ but **each host with its own connection**: gRPC shares one connection among a pr
 channels with equal target and arguments, so every host's channels carry their own user agent
 (``discovery.registry.etcd_aio.Endpoint`` wrapped the same way: the asyncio channel of its
 streams gets the same options). A host's agent and watcher share one registry client (one
-session or lease; on etcd two connections, one for calls and one for the streams), as one
+session or lease; on etcd one connection for the calls and the streams), as one
 ``discovery up`` process does; the etcd hosts of a worker process run their streams and lease
 keepers on one shared asyncio loop (``open_registry(..., loop=)``), as any process holding
 many registries does. etcd

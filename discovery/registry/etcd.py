@@ -21,7 +21,6 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
-import pyetcd
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
@@ -110,8 +109,12 @@ class EtcdRegistry:
         ]
         # Per-RPC deadline: short enough that a hung member is left for another in time.
         # No user/password here: pyetcd would authenticate once, now; EtcdAuth does it lazily.
-        self.client = pyetcd.MultiEndpointEtcd3Client(
-            endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True)
+        # the calls and the streams share one asyncio channel a member, on the given loop or
+        # on one of our own from the first call
+        self.channels = etcd_aio.AioChannels()
+        self.client = etcd_aio.Client(
+            endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True,
+            channels=self.channels, loop=lambda: self.loop)
         self.auth = EtcdAuth(self.client, secrets, self.where)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
@@ -126,9 +129,6 @@ class EtcdRegistry:
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
-        # the watch and keepalive streams: on the given loop, or on one of our own from the
-        # first that opens
-        self.channels = etcd_aio.AioChannels()
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop)
 

@@ -5,8 +5,9 @@ each delivered event a hand-off between them: a host of its own barely feels it,
 holding many registries does (the fleet bench: 125 simulated hosts a process). On one
 asyncio loop the streams cost no thread of their own, and the events that arrive together
 (one change, every host of the process) are handled in one pass of the loop
-(docs/benchmarks.md, "fleet scale"). The asyncio channel is a second connection to the
-member: gRPC does not share one between its threaded and its asyncio channels.
+(docs/benchmarks.md, "fleet scale"). gRPC shares no connection between its threaded and
+its asyncio channels, so the registry's calls go the same way (:class:`Client`): one
+connection to a member for the streams and the calls, not two.
 
 The lease's keepalive stream (:mod:`~discovery.registry.etcd_keepalive`) runs on the same
 loop. A registry opened without a :class:`LoopThread` starts its own when its first stream
@@ -18,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +117,7 @@ class AioChannels:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[type, str], Any] = {}  # (stub class, member): on the loop
 
     def pick(self, client: Any) -> tuple[Endpoint, grpc.aio.Channel]:
         """The member a new stream goes to (pyetcd's choice: the first not recently failed)
@@ -133,8 +138,16 @@ class AioChannels:
             self._channels[endpoint.netloc] = channel
         return channel
 
+    def stub(self, stub_class: type, endpoint: Endpoint) -> Any:
+        """``stub_class`` on ``endpoint``'s channel (on the loop)."""
+        stub = self._stubs.get((stub_class, endpoint.netloc))
+        if stub is None:
+            stub = self._stubs[stub_class, endpoint.netloc] = stub_class(self.get(endpoint))
+        return stub
+
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
+        self._stubs = {}
         for channel in channels:
             await channel.close()
 
@@ -152,3 +165,66 @@ async def write(call: Any, request: Any) -> bool:
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    await call.details()) from None
     return True
+
+
+class LoopStub:
+    """A stub of pyetcd's calling convention (``stub.Range(request, timeout, metadata=...)``)
+    whose calls run as grpc.aio calls on the loop, over the member's asyncio channel; the
+    caller's thread waits for the answer. Called on the loop's own thread (which must never
+    wait for the loop), it uses the threaded channel instead: a second connection, opened
+    only then."""
+
+    def __init__(self, stub_class: type, endpoint: Endpoint, channels: AioChannels,
+                 loop: Callable[[], LoopThread], threaded: Callable[[], Any]) -> None:
+        self._class, self._endpoint, self._channels = stub_class, endpoint, channels
+        self._loop, self._threaded = loop, threaded
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        return functools.partial(self._call, method)
+
+    def _call(self, method: str, request: Any, timeout: float | None = None,
+              **kw: Any) -> Any:
+        loop = self._loop()
+        if loop.inside:
+            return getattr(self._threaded(), method)(request, timeout, **kw)
+
+        async def call() -> Any:
+            stub = self._channels.stub(self._class, self._endpoint)
+            return await getattr(stub, method)(request, timeout=timeout, **kw)
+
+        try:  # the call's own deadline ends it; the margin is for a loop that is stuck
+            return loop.submit(call()).result(None if timeout is None else timeout + 1)
+        except concurrent.futures.TimeoutError:
+            raise etcd_exc.ConnectionTimeoutError() from None
+
+
+def _loop_stub(name: str, stub_class: type) -> Any:
+    """The property of :class:`Client` that makes (once a member) its :class:`LoopStub`."""
+
+    def get(self: Client) -> LoopStub:
+        stub = self._stubs.get(name)
+        if stub is None:
+            self.channel  # noqa: B018 -- the property makes the choice
+            threaded = functools.partial(stub_class, self.channel)
+            stub = self._stubs[name] = LoopStub(stub_class, self.endpoint_in_use,
+                                                self.aio_channels, self._loop_of, threaded)
+        return stub
+
+    return property(get)
+
+
+class Client(pyetcd.MultiEndpointEtcd3Client):
+    """pyetcd's client whose calls go over the registry's asyncio channels (:class:`LoopStub`).
+    pyetcd still chooses the member (the first not recently failed) and drops its stubs when
+    that member fails, so the next call picks again."""
+
+    def __init__(self, *args: Any, channels: AioChannels, loop: Callable[[], LoopThread],
+                 **kw: Any) -> None:
+        self.aio_channels, self._loop_of = channels, loop
+        super().__init__(*args, **kw)
+
+    authstub = _loop_stub("authstub", etcdrpc.AuthStub)
+    kvstub = _loop_stub("kvstub", etcdrpc.KVStub)
+    clusterstub = _loop_stub("clusterstub", etcdrpc.ClusterStub)
+    leasestub = _loop_stub("leasestub", etcdrpc.LeaseStub)
+    maintenancestub = _loop_stub("maintenancestub", etcdrpc.MaintenanceStub)

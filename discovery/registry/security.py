@@ -179,7 +179,7 @@ class EtcdAuth:
         client = self._client
         request = etcdrpc.AuthenticateRequest(name=self._user, password=self._password)
         try:
-            resp = etcdrpc.AuthStub(client.channel).Authenticate(request, client.timeout)
+            resp = client.authstub.Authenticate(request, client.timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), str(exc.details() or "")
             if code in _DOWN:
