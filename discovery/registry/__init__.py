@@ -19,9 +19,9 @@ def open_registry(url: str | RegistryURL, *, ttl: float = 10.0, timeout: float =
     What the URL leaves out of user, password and TLS files is taken from
     ``DISCOVERY_REGISTRY_{USER,PASSWORD,PASSWORD_FILE,CA,CERT,KEY}`` in ``environ`` (default:
     ``os.environ``, read now); the files are read now too (ConfigError when one cannot be).
-    ``loop``: etcd only, the asyncio loop thread its watch and keepalive streams run on; a
-    process holding many registries shares one (default: the registry starts its own when its
-    first stream opens).
+    ``loop``: etcd only, the asyncio loop thread its calls and its watch and keepalive streams
+    run on; a process holding many registries shares one (default: the registry starts its
+    own at its first call or stream).
     """
     parsed = url if isinstance(url, RegistryURL) else RegistryURL.parse(url)
     parsed = parsed.with_env(environ)

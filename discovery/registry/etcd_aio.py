@@ -10,8 +10,8 @@ its asyncio channels, so the registry's calls go the same way (:class:`Client`):
 connection to a member for the streams and the calls, not two.
 
 The lease's keepalive stream (:mod:`~discovery.registry.etcd_keepalive`) runs on the same
-loop. A registry opened without a :class:`LoopThread` starts its own when its first stream
-opens; a process that holds many registries passes one to each (``open_registry(...,
+loop. A registry opened without a :class:`LoopThread` starts its own at its first call or
+stream; a process that holds many registries passes one to each (``open_registry(...,
 loop=...)``).
 """
 
