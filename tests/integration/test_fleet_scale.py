@@ -20,7 +20,7 @@ import pytest
 
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_registry
+from discovery.registry import Change, Registry, RegistryURL, etcd, etcd_watch, open_registry
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
@@ -352,12 +352,16 @@ def _connections_to(port: int) -> set[str]:
     return found
 
 
-def test_an_etcd_registry_holds_one_connection_to_its_member(etcd_single: ServerCluster,
-                                                              etcd_url: str) -> None:
+def test_an_etcd_registry_holds_one_connection_to_its_member(
+        etcd_single: ServerCluster, etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls (lease grant, writes, reads), the watch stream and the lease's keepalive stream
     of one registry share one connection to the member: the calls run on the registry's
     asyncio channel, as the streams do (gRPC shares no connection between its threaded and
     asyncio channels: it was two a host)."""
+    # channels of equal target and options share a process's connections: this registry's
+    # get options of their own, as each simulated host's in the fleet bench
+    monkeypatch.setattr(etcd, "_GRPC_OPTIONS", [
+        *etcd._GRPC_OPTIONS, ("grpc.primary_user_agent", f"test-{uuid.uuid4()}")])
     port = etcd_single.address(0)[1]
     before = _connections_to(port)
     reg = open_registry(etcd_url, ttl=TTL)
