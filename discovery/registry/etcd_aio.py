@@ -112,6 +112,12 @@ class Endpoint(pyetcd.Endpoint):
         return super()._mkchannel(opts)
 
 
+def chosen(client: Any) -> Endpoint:
+    """The member pyetcd's ``client`` uses now: the first not recently failed."""
+    client.channel  # noqa: B018 -- the property makes the choice
+    return client.endpoint_in_use
+
+
 class AioChannels:
     """One registry's asyncio channels, one per member, made on the loop on first use."""
 
@@ -120,11 +126,9 @@ class AioChannels:
         self._stubs: dict[tuple[type, str], Any] = {}  # (stub class, member): on the loop
 
     def pick(self, client: Any) -> tuple[Endpoint, grpc.aio.Channel]:
-        """The member a new stream goes to (pyetcd's choice: the first not recently failed)
-        and its channel. A failure of the stream is that member's, whichever the client's
-        other calls use by then."""
-        client.channel  # noqa: B018 -- the property makes the choice
-        endpoint = client.endpoint_in_use
+        """The member a new stream goes to (:func:`chosen`) and its channel. A failure of the
+        stream is that member's, whichever the client's other calls use by then."""
+        endpoint = chosen(client)
         return endpoint, self.get(endpoint)
 
     def get(self, endpoint: Endpoint) -> grpc.aio.Channel:
@@ -204,10 +208,10 @@ def _loop_stub(name: str, stub_class: type) -> Any:
     def get(self: Client) -> LoopStub:
         stub = self._stubs.get(name)
         if stub is None:
-            self.channel  # noqa: B018 -- the property makes the choice
-            threaded = functools.partial(stub_class, self.channel)
-            stub = self._stubs[name] = LoopStub(stub_class, self.endpoint_in_use,
-                                                self.aio_channels, self._loop_of, threaded)
+            endpoint = chosen(self)
+            threaded = functools.partial(stub_class, endpoint.channel)
+            stub = self._stubs[name] = LoopStub(stub_class, endpoint, self.aio_channels,
+                                                self._loop_of, threaded)
         return stub
 
     return property(get)

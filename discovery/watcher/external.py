@@ -31,7 +31,7 @@ def wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: flo
     soft-stop reaches it, and may answer again after the new one did (seen in ``make
     test``): a runtime change sent then would reach only the old worker."""
     last: list[object] = [None]
-    streak: list[int] = []  # the answers in a row of one pid that satisfies ok
+    streak: list[int] = []  # the latest answers, in a row, of one pid that satisfies ok
 
     def answered() -> int | None:
         try:
@@ -40,10 +40,12 @@ def wait_worker(runtime: HAProxyRuntime, ok: Callable[[int], bool], timeout: flo
             last[0] = exc
             return None
         last[0] = f"pid {pid}"
-        if not ok(pid) or (streak and streak[-1] != pid):
+        if not ok(pid):
             streak.clear()
-        if ok(pid):
-            streak.append(pid)
+            return None
+        if streak and streak[-1] != pid:
+            streak.clear()
+        streak.append(pid)
         return pid if len(streak) >= settle else None
 
     pid = poll(answered, timeout=timeout, interval=interval)
