@@ -351,8 +351,11 @@ class Agent:
             log.warning("reconcile: registry unavailable (%s)", exc)
             return
         with self._lock:
+            # not an instance still to warm up: its check may have passed a moment ago, its
+            # transition (which starts the warm-up) waiting for the lock we hold
             wanted = {key: self._effective(inst) for tracked in self._tracked.values()
-                      for key, inst in tracked.instances.items() if self._wanted(tracked, key)}
+                      for key, inst in tracked.instances.items()
+                      if tracked.warm(key) and self._wanted(tracked, key)}
             self.registrations.reconcile(snap, wanted)
 
     def checks(self) -> list[dict[str, Any]]:

@@ -49,6 +49,10 @@ class Tracked:
         self.warming.add(key)
         return spec
 
+    def warm(self, key: Key) -> bool:
+        """False while ``key`` still needs its warm-up: asked and not had yet, or under way."""
+        return key not in self.warming and (key not in self.warmups or key in self.warmed)
+
     def stop_runners(self) -> None:
         for runner in self.runners.values():
             runner.stop()  # never waits: its callback takes the agent lock we hold

@@ -12,8 +12,10 @@ import pytest
 
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import WarmupSpec
+from discovery.agent.tracked import Tracked
 from discovery.agent.warmup import WarmupResult, start_warm_up, warm_up
 from discovery.errors import LabelError
+from discovery.model import Instance
 from tests.harness.util import free_port
 from tests.unit.test_labels import WHO, container
 
@@ -167,3 +169,18 @@ def test_in_a_thread_then_the_callback(app: App, caplog: pytest.LogCaptureFixtur
     thread.join(5)
     assert got[0].sent == 4 and len(app.paths) == 4
     assert "web/h1:abc:80 warmed up: 4 requests to / in" in caplog.text
+
+
+def test_an_instance_is_warm_only_once_its_warm_up_is_had() -> None:
+    """The agent's reconcile writes only warm instances: one whose check passed but whose
+    warm-up has not started yet (its transition waiting for the agent's lock) is not, or the
+    reconcile would register it before its warm-up (seen in make test)."""
+    keys = [("web", "n1:abc:80"), ("db", "n1:abc:5432")]
+    tracked = Tracked("abc", 0, {k: Instance(service=k[0], id=k[1], address="127.0.0.1", node="n1",
+                                             port=80) for k in keys})
+    tracked.warmups[keys[0]] = WarmupSpec(12)
+    assert not tracked.warm(keys[0]) and tracked.warm(keys[1])  # db asks for none
+    assert tracked.start_warmup(keys[0]) == WarmupSpec(12)
+    assert not tracked.warm(keys[0])  # under way
+    tracked.warming.discard(keys[0])  # as _warmed does
+    assert tracked.warm(keys[0])
