@@ -10,6 +10,7 @@ reconnect resumed a watch without reading everything again.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -40,6 +41,13 @@ class ReadStats:
         with self._lock:
             self._bytes += size
             self._keys += 1
+
+    def listed(self, names: Iterable[bytes | str]) -> None:
+        """A listing came back: these names, without values."""
+        names = list(names)
+        with self._lock:
+            self._bytes += sum(len(n) for n in names)
+            self._keys += len(names)
 
     def full_read(self) -> None:
         with self._lock:

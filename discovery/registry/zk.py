@@ -271,9 +271,8 @@ class ZkRegistry:
         dirs = self._many.children([self.url.service_dir(s) for s in services])
         paths = []
         for d, children in dirs.items():
-            for child in sorted(children):  # Nerve: of one instance's nodes, the newest wins
-                self.reads.add(child, None)
-                paths.append(f"{d}/{child}")
+            self.reads.listed(children)
+            paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
         instances: dict[tuple[str, str], Instance] = {}
         for path, (data, stat) in self._many.data(paths).items():
             self.reads.add(path, data)

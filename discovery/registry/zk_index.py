@@ -139,11 +139,11 @@ class ZkNodeIndex:
             services = []
         dirs = self._many.children([f"{root}/{s}" for s in services])
         paths = []
+        self._reads.listed(services)
         for s in services:
-            self._reads.add(s, None)
-            for iid in dirs.get(f"{root}/{s}", ()):
-                self._reads.add(iid, None)
-                paths.append(self.url.key(s, iid))
+            ids = dirs.get(f"{root}/{s}", ())
+            self._reads.listed(ids)
+            paths += [self.url.key(s, iid) for iid in ids]
         found = self._many.data(paths)  # an index node without its instance: left out
         instances: dict[Key, Instance] = {}
         for path, (data, _) in found.items():

@@ -20,12 +20,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
 
 from discovery.model import Instance
-from discovery.registry.base import (
-    Change,
-    ChangeCallback,
-    Snapshot,
-    deliver,
-)
+from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.zk_multi import ManyReads
@@ -221,7 +216,7 @@ class ZkWatch:
                 if c.exists(services, watch=self._w(item)) is not None:
                     self._push(item)
                 return
-            self._listed(children)
+            self._reads.listed(children)
             for s in children:
                 if s not in self._svcs:
                     self._svcs.add(s)
@@ -236,7 +231,7 @@ class ZkWatch:
                         and c.exists(folder, watch=self._w(item))):
                     self._push(item)  # Nerve's path= below the service: created meanwhile
                 return
-            self._listed(children)
+            self._reads.listed(children)
             for child in children:
                 path = f"{folder}/{child}"
                 if path not in self._nodes:
@@ -246,10 +241,6 @@ class ZkWatch:
             self._node(arg)
         elif kind == "rearm":
             self._rewatch()
-
-    def _listed(self, names: list[str]) -> None:
-        for name in names:
-            self._reads.add(name, None)
 
     def _rewatch(self) -> None:
         with self._cond:

@@ -190,3 +190,13 @@ def test_a_registry_followed_twice_is_counted_once() -> None:
     m.follow_registry(reg)  # type: ignore[arg-type]
     assert val(m, "discovery_registry_read_bytes_total") == 6
     assert val(m, "discovery_registry_invalid_records_total") == 3
+
+
+def test_a_listing_counts_its_names_as_keys_without_values() -> None:
+    from discovery.registry.reads import ReadCounts, ReadStats
+
+    reads = ReadStats()
+    reads.add("k", b"12345")
+    reads.listed(name for name in ("web", "db1"))  # any iterable, once
+    reads.listed([])
+    assert reads.counts() == ReadCounts(bytes=6 + 6, keys=3)
