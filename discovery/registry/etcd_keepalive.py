@@ -9,7 +9,9 @@ the loop's executor and renews with ``renew``. The stream is opened on the first
 renewal and opened again (on the member the client uses then) after any failure: an error
 from the member, the stream ending, or no answer within the client's timeout. A member that
 failed so is marked failed, so that the next try goes to another: the stream's own member,
-which need not be the one the client's other calls use by then. The request stream is never
+which need not be the one the client's other calls use by then. A stream on another member
+than the calls' (which go back to the watch stream's: ``etcd_aio.Client.follow``) is opened
+again on theirs at its next renewal: one connection a host. The request stream is never
 half-closed while a renewal waits (etcd's gRPC proxy cancels a keepalive stream the client
 half-closed before it answered).
 """
@@ -85,6 +87,8 @@ class KeepAliveStream:
         if self._closed:
             raise etcd_exc.ConnectionFailedError()
         client = self._client
+        if self._stream is not None and self._endpoint is not etcd_aio.chosen(client):
+            self._drop()  # the calls went to another member: one connection, so this too
         if self._stream is None:
             self._endpoint, channel = self._channels.pick(client)
             self._stream = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=client.metadata)

@@ -194,6 +194,7 @@ class EtcdWatch:
                         if not await etcd_aio.write(stream, self._create(pending[0])):
                             return
                     else:
+                        reg.client.follow(endpoint)  # one connection: the calls come here
                         await asyncio.to_thread(reg.set_state, True)
                         self._reauth = self._failing = False
                         if wide:

@@ -9,18 +9,16 @@ resumes after a cut link without reading again.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, RegistryURL, etcd, etcd_watch, open_registry
+from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_registry
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
@@ -331,50 +329,6 @@ def test_etcd_registries_of_one_process_share_one_watch_loop(etcd_url: str) -> N
         for reg in regs:
             reg.close(revoke=False)
         loop.close()
-
-
-def _connections_to(port: int) -> set[str]:
-    """This process's established TCP connections to ``port``, by socket inode (from /proc:
-    its sockets, matched in the kernel's connection tables)."""
-    fds = Path("/proc/self/fd")
-    inodes = set()
-    for fd in fds.iterdir():
-        with contextlib.suppress(OSError):
-            if (target := os.readlink(fd)).startswith("socket:["):
-                inodes.add(target[8:-1])
-    found = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        for row in Path(table).read_text().splitlines()[1:]:
-            cols = row.split()
-            if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01" \
-                    and cols[9] in inodes:
-                found.add(cols[9])
-    return found
-
-
-def test_an_etcd_registry_holds_one_connection_to_its_member(
-        etcd_single: ServerCluster, etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Calls (lease grant, writes, reads), the watch stream and the lease's keepalive stream
-    of one registry share one connection to the member: the calls run on the registry's
-    asyncio channel, as the streams do (gRPC shares no connection between its threaded and
-    asyncio channels: it was two a host)."""
-    # channels of equal target and options share a process's connections: this registry's
-    # get options of their own, as each simulated host's in the fleet bench
-    monkeypatch.setattr(etcd, "_GRPC_OPTIONS", [
-        *etcd._GRPC_OPTIONS, ("grpc.primary_user_agent", f"test-{uuid.uuid4()}")])
-    port = etcd_single.address(0)[1]
-    before = _connections_to(port)
-    reg = open_registry(etcd_url, ttl=TTL)
-    try:
-        reg.register(mine(0))
-        seen = Seen()
-        reg.watch(seen, reg.snapshot().revision)
-        reg.register(mine(1))
-        wait_until(lambda: seen.has(mine(1).key), 10, "the watch")
-        assert mine(0).key in reg.node_snapshot(mine(0).node).instances
-        assert len(_connections_to(port) - before) == 1
-    finally:
-        reg.close()
 
 
 def test_agent_resync_reads_only_its_node(registry_url: str, open_reg: OpenReg,

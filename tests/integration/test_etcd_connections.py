@@ -1,0 +1,153 @@
+"""One etcd registry, one connection (issue 11: a fleet's connections to its members grow
+with its hosts, not twice as fast): its calls, its watch stream and its lease's keepalive
+stream share one connection to one member, and come back to sharing one after a member that
+paused made them part (a call timed out there while the watch stream lived on).
+
+Connections are counted in the kernel's tables, matched to this process's sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry import Change, Registry, etcd, open_registry
+from discovery.registry.etcd import EtcdRegistry
+from discovery.registry.etcd_aio import chosen
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+
+pytestmark = pytest.mark.integration
+
+TTL = 3.0  # a renewal every second; a call's timeout max(1 s, TTL / 3)
+
+
+def instance(n: int) -> Instance:
+    return Instance(service="web", id=f"node-c:{n:012x}:80", node="node-c",
+                    address="127.0.0.1", port=8000 + n, registered_at=1.0)
+
+
+def follow(reg: Registry) -> Catalog:
+    """A catalog that ``reg``'s watch keeps up to date from now on."""
+    catalog = Catalog()
+
+    def seen(change: Change) -> None:
+        catalog.apply(change)
+
+    reg.watch(seen, reg.snapshot().revision)
+    return catalog
+
+
+def connections_to(port: int) -> set[str]:
+    """This process's established TCP connections to ``port``, by socket inode (from /proc:
+    its sockets, matched in the kernel's connection tables)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[3] == "01" \
+                    and cols[9] in inodes:
+                found.add(cols[9])
+    return found
+
+
+@pytest.fixture
+def own_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels of equal target and options share a process's connections: the registries
+    of a test get options of their own (as each simulated host's in the fleet bench), and
+    a channel left idle lets its connection go after 1 s (gRPC's least; 60 s in use)."""
+    options = [(k, v) for k, v in etcd._GRPC_OPTIONS if k != "grpc.client_idle_timeout_ms"]
+    monkeypatch.setattr(etcd, "_GRPC_OPTIONS", [
+        *options, ("grpc.primary_user_agent", f"test-{uuid.uuid4()}"),
+        ("grpc.client_idle_timeout_ms", 1000)])
+
+
+def test_an_etcd_registry_holds_one_connection_to_its_member(
+        etcd_single: ServerCluster, own_options: None) -> None:
+    """Calls (lease grant, writes, reads), the watch stream and the lease's keepalive stream
+    of one registry share one connection to the member: the calls run on the registry's
+    asyncio channel, as the streams do (gRPC shares no connection between its threaded and
+    asyncio channels: it was two a host)."""
+    etcd_single.ensure_running()
+    port = etcd_single.address(0)[1]
+    before = connections_to(port)
+    reg = open_registry(etcd_single.url(unique_prefix()), ttl=TTL)
+    try:
+        reg.register(instance(0))
+        catalog = follow(reg)
+        reg.register(instance(1))
+        wait_until(lambda: catalog.get(instance(1).key) is not None, 10, "the watch")
+        assert instance(0).key in reg.node_snapshot(instance(0).node).instances
+        assert len(connections_to(port) - before) == 1
+    finally:
+        reg.close()
+
+
+@pytest.fixture
+def on_a_follower(etcd_cluster3: ServerCluster, own_options: None) -> Iterator[EtcdRegistry]:
+    """A registry whose calls happen to go to a follower (pyetcd picks a member at random):
+    pausing a follower elects no one, so its watch streams live on."""
+    etcd_cluster3.ensure_running()
+    leader = etcd_cluster3.wait_leader()
+    url = etcd_cluster3.url(unique_prefix())
+    for _ in range(30):
+        reg = open_registry(url, ttl=TTL)
+        assert isinstance(reg, EtcdRegistry)
+        if not chosen(reg.client).netloc.endswith(f":{etcd_cluster3.address(leader)[1]}"):
+            break
+        reg.close()
+    else:
+        raise AssertionError("30 registries, each on the leader")
+    yield reg
+    reg.close()
+
+
+def test_calls_and_streams_come_back_to_one_member(etcd_cluster3: ServerCluster,
+                                                   on_a_follower: EtcdRegistry) -> None:
+    """SIGSTOP of the member a registry uses, for 2 s: a call made then times out there and
+    goes to another member, the keepalive stream with it, while the watch stream waits on
+    the paused one. Once it runs again, the calls and the keepalive stream come back to the
+    watch stream's member and the connection to the other one goes: one connection again."""
+    reg = on_a_follower
+    ports = [etcd_cluster3.address(m)[1] for m in range(3)]
+    before = [connections_to(p) for p in ports]
+
+    def held() -> list[int]:
+        return [len(connections_to(p) - b) for p, b in zip(ports, before, strict=True)]
+
+    reg.register(instance(0))
+    catalog = follow(reg)
+    reg.register(instance(1))
+    wait_until(lambda: catalog.get(instance(1).key) is not None, 10, "the watch")
+    home = next(m for m in range(3) if chosen(reg.client).netloc.endswith(f":{ports[m]}"))
+    assert held() == [int(m == home) for m in range(3)]
+    proc = etcd_cluster3.procs[home].popen
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        reg.register(instance(2))  # times out on the paused member, then goes to another
+        split = wait_until(lambda: [n for n in held() if n] if sum(held()) == 2 else [], 5,
+                           "the calls and the keepalive stream on another member")
+        assert split == [1, 1]
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+    def one_connection() -> bool:
+        reg.node_snapshot(instance(0).node)  # the calls go on, as an agent's reconciles do
+        return held() == [int(m == home) for m in range(3)]
+
+    wait_until(one_connection, 10, "one connection, to the watch stream's member")
+    reg.register(instance(3))
+    wait_until(lambda: catalog.get(instance(3).key) is not None, 10, "the watch, after")
+    assert catalog.get(instance(2).key) is not None
