@@ -26,13 +26,7 @@ from pyetcd import exceptions as etcd_exc
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import etcd_aio, etcd_index
-from discovery.registry.base import (
-    ChangeCallback,
-    RegistryURL,
-    Snapshot,
-    StateCallback,
-    claiming,
-)
+from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
@@ -254,6 +248,12 @@ class EtcdRegistry:
                 self._put(inst, lease)  # raises: _need_reput stays set, the keeper retries
             self._need_reput = False
 
+    def members_in_use(self) -> set[str]:
+        """The members the calls and the streams use now (the channels to keep)."""
+        used = [self.client.endpoint_in_use, self._renewals.endpoint,
+                *(w.endpoint for w in list(self._watches))]
+        return {e.netloc for e in used if e is not None}
+
     def _refresh(self, lease: int) -> list[Any]:
         return self._call("lease keepalive", lambda: self._renewals.renew(lease),
                           patience=_RENEW_PATIENCE)
@@ -269,6 +269,7 @@ class EtcdRegistry:
             await asyncio.sleep(wait)
             if self._closing.is_set():
                 return
+            await self.channels.prune(self.members_in_use())  # what a failover left
             lease, answer = self._lease, None
             if lease is not None and not self._need_reput and self._up and self.auth.ready:
                 with contextlib.suppress(Exception):  # the round below tries again

@@ -22,7 +22,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -148,6 +148,17 @@ class AioChannels:
         if stub is None:
             stub = self._stubs[stub_class, endpoint.netloc] = stub_class(self.get(endpoint))
         return stub
+
+    async def prune(self, keep: Collection[str]) -> None:
+        """Close the channels to members (netlocs) not in ``keep``, those the calls and the
+        streams use now. A channel that a failover tried on its way, and that connected
+        again by itself once its member was back, keeps its connection for good: gRPC's idle
+        timeout starts only when a call ends (measured: every host of a full restart then
+        held a connection to each of the 3 members). The next use opens it again."""
+        for netloc in [n for n in self._channels if n not in keep]:
+            channel = self._channels.pop(netloc)
+            self._stubs = {k: v for k, v in self._stubs.items() if k[1] != netloc}
+            await channel.close()
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

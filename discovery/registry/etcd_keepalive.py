@@ -34,7 +34,7 @@ from discovery.registry.etcd_watch import ENDPOINT_DOWN
 from discovery.retry import jittered
 
 if TYPE_CHECKING:
-    from discovery.registry.etcd_aio import AioChannels, LoopThread
+    from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
 
 GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 
@@ -117,6 +117,11 @@ class KeepAliveStream:
         except asyncio.CancelledError:
             self._drop()
             raise
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The member of the stream (None before the first)."""
+        return self._endpoint
 
     def close(self) -> None:
         """End the stream; a renewal waiting on it fails at once (no lock: it holds it)."""

@@ -48,7 +48,7 @@ from discovery.retry import RESUME_SPREAD, backoff_async
 if TYPE_CHECKING:
     from discovery.registry.base import RegistryURL, Snapshot
     from discovery.registry.decoder import Decoder
-    from discovery.registry.etcd_aio import AioChannels, LoopThread
+    from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
     from discovery.registry.reads import ReadStats
     from discovery.registry.security import EtcdAuth
 
@@ -84,6 +84,8 @@ class WatchSource(Protocol):
 
     def set_state(self, up: bool) -> None: ...
 
+    def members_in_use(self) -> set[str]: ...
+
 
 class EtcdWatch:
     """Follows the registry (or some services of it) on the registry's ``loop``
@@ -104,6 +106,7 @@ class EtcdWatch:
         self._revs = dict.fromkeys(self._ranges, start_revision)  # last revision delivered
         self._stopped = threading.Event()
         self._stream: Any = None
+        self.endpoint: Endpoint | None = None  # the member of the stream open now
         self._reauth = False
         self._failing = False
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
@@ -162,6 +165,7 @@ class EtcdWatch:
         reg = self._reg
         await asyncio.to_thread(reg.auth.ensure)
         endpoint, channel = reg.channels.pick(reg.client)
+        self.endpoint = endpoint
         self._narrowing = False
         self.wide = wide = self._lost
         pending = [self._root] if wide else list(self._ranges)
@@ -195,6 +199,7 @@ class EtcdWatch:
                             return
                     else:
                         reg.client.follow(endpoint)  # one connection: the calls come here
+                        await reg.channels.prune(reg.members_in_use())
                         await asyncio.to_thread(reg.set_state, True)
                         self._reauth = self._failing = False
                         if wide:
@@ -224,7 +229,7 @@ class EtcdWatch:
         finally:
             if narrow is not None:
                 narrow.cancel()
-            self._stream = None
+            self._stream = self.endpoint = None
             stream.cancel()
 
     def _narrow(self, stream: Any) -> None:
