@@ -48,7 +48,7 @@ from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex, session_of
-from discovery.registry.zk_io import PollingHandler, fewer_syscalls
+from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
@@ -98,6 +98,8 @@ class ZkRegistry:
                                   connection_retry=connection_retry(url, ttl), **options)
         fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
+        handler = self.client.handler  # the bench's binds an address: a PollingHandler too
+        self._pre = PreReads(self.client) if isinstance(handler, PollingHandler) else None
         self._many = ManyReads(self.client, self._get)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)
@@ -286,7 +288,7 @@ class ZkRegistry:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
         w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision,
-                    services, self.reads, self._router, self._many)
+                    services, self.reads, self._router, self._many, self._pre)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:

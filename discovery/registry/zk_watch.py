@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -19,42 +20,40 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
 
-from discovery.model import Instance
 from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import rewatch
+from discovery.registry.zk_scan import scan
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
 
 
 class ZkWatch:
-    """Follows ``<prefix>/services`` with one worker thread.
+    """Follows ``<prefix>/services`` with one worker thread, which emits what changed.
 
-    Watch events only queue "look again at X" items; the worker reads X and emits the
-    difference to what it emitted before. With the ``router`` of a ZooKeeper 3.6+ client, one
-    persistent recursive watch per followed root (:mod:`~discovery.registry.zk_persistent`)
-    tells of each node created, changed or deleted: a read of that node (a deletion too:
-    :meth:`_event`), of all the nodes queued together in one ``multiRead``. Otherwise (before
-    3.6) one-shot watches, re-armed by each read: a new or removed instance costs a listing of
-    its service's directory. It knows the kazoo ``client``, the registry's ``decoder`` (its
-    URL names the paths), the event set while the session is connected, and ``many``.
-
-    With ``services`` it follows only those services' directories (not the list of services),
-    so ZooKeeper tells this host only about what it routes. ``reads`` counts what it reads.
-    A lost connection (same session) re-arms the watches from the zxid seen before
+    With the ``router`` of a ZooKeeper 3.6+ client, one persistent recursive watch per
+    followed root (:mod:`~discovery.registry.zk_persistent`) tells of each node created,
+    changed or deleted; kazoo's connection thread reads that node at once (``pre``:
+    :class:`~discovery.registry.zk_io.PreReads`, the nodes of events that came together in one
+    ``multiRead``) and queues the answer. Before 3.6, one-shot watches queue "look again at X"
+    items, re-armed by the worker's reads. With ``services`` it follows only those services'
+    directories: ZooKeeper tells this host only about what it routes. ``reads`` counts what
+    it reads. A lost connection (same session) re-arms the watches from the zxid seen before
     (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again.
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, reads: ReadStats | None = None,
-                 router: EventRouter | None = None, many: ManyReads | None = None) -> None:
+                 router: EventRouter | None = None, many: ManyReads | None = None,
+                 pre: PreReads | None = None) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
-        self._router, self._many = router, many
+        self._router, self._many, self._pre = router, many, pre
         self._persistent = router is not None and router.supported is not False
         self._only = None if services is None else frozenset(services)
         self._reads = reads if reads is not None else ReadStats()
@@ -71,6 +70,8 @@ class ZkWatch:
         self._live: dict[str, tuple[str, str]] = {}
         self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
+        self._answers: dict[str, tuple[Any, int, int]] = {}  # path -> _answered's
+        self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
         self._loss_zxid: int | None = None  # the last zxid seen before that
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
@@ -102,11 +103,26 @@ class ZkWatch:
 
     def _event(self, path: str) -> None:
         """A persistent watch's event (kazoo's connection thread): read that node again, a
-        deleted one too. A restarted agent takes its nodes over from its old session with a
-        delete and a create in one transaction; the two events may reach this worker apart:
-        only the read tells that the node is still there (dropped on the event, it flapped)."""
-        if self._url.split_key(path) is not None:
+        deleted one too, sent from this very thread (:class:`~discovery.registry.zk_io.
+        PreReads`); the worker gets the answer. A restarted agent takes its nodes over from
+        its old session with a delete and a create in one transaction; only the read tells
+        that the node is still there (dropped on the event, it flapped)."""
+        if self._url.split_key(path) is None or self._stopped.is_set():
+            return
+        if self._pre is None:
             self._push(("node", path))
+        else:
+            self._pre.add(path, functools.partial(self._answered, path, self._gen))
+
+    def _answered(self, path: str, gen: int, read: Any, error: BaseException | None,
+                  zxid: int) -> None:
+        """The answer to :meth:`_event`'s read (the connection thread): to the worker."""
+        if error is not None and not isinstance(error, NoNodeError):
+            self._push(("node", path))  # lost with the connection: the worker reads again
+            return
+        with self._cond:
+            self._answers[path] = (read, zxid, gen)
+        self._push(("read", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:
@@ -134,6 +150,7 @@ class ZkWatch:
         with self._cond:
             self._queue.clear()
             self._rearm.clear()  # the scan arms everything anew
+            self._answers.clear()
             self._loss_zxid = None
             self._queue.append(("reset", ""))
             self._cond.notify_all()
@@ -201,6 +218,9 @@ class ZkWatch:
 
     def _handle(self, item: tuple[str, str]) -> None:
         kind, arg = item
+        if kind == "read":
+            self._answer(arg)
+            return
         if not self._connected.is_set():
             raise ConnectionLoss()
         c, services = self._client, self._services
@@ -272,9 +292,23 @@ class ZkWatch:
             if not self._rearm:
                 self._loss_zxid = None
 
+    def _answer(self, path: str) -> None:
+        """Deliver the last answer to :meth:`_event`'s reads of ``path`` (answers come in order)
+        unless what was read since (a full read, the worker's own) is newer."""
+        with self._cond:
+            answer = self._answers.get(path)
+        if answer is None:
+            return
+        read, zxid, gen = answer
+        if gen == self._gen and self._nodes.get(path, 0) <= (
+                zxid if read is None else read[1].mzxid):
+            self._changed(path, read)
+        with self._cond:
+            if self._answers.get(path) is answer:
+                del self._answers[path]
+
     def _read_changed(self, paths: list[str]) -> None:
-        """Nodes whose events came together (a dead host's, a deploy's): one ``multiRead``
-        (persistent watches: a read arms none), not one read each."""
+        """Nodes whose events came together: one ``multiRead`` (persistent watches)."""
         found = dict(self._read_nodes(paths))
         for path in paths:
             self._changed(path, found.get(path))
@@ -339,47 +373,15 @@ class ZkWatch:
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
-        c, services = self._client, self._services
-        self._svcs.clear()
-        self._nodes.clear()
-        self._live.clear()
+        self._gen += 1
         self._fns.clear()
         self._reads.full_read()
         self._add_roots()
-        if self._only is not None:  # those services' directories, not the list of services
-            children, newest = sorted(self._only), 0
-            c.exists(services)  # a first answer: last_zxid below is the server's of now
-        else:
-            try:
-                children, stat = c.get_children(services, watch=self._w(("services", "")),
-                                                 include_data=True)
-            except NoNodeError:
-                c.exists(services, watch=self._w(("services", "")))
-                return Snapshot(revision=max(c.last_zxid, 1)), 0
-            newest = stat.pzxid
-        revision = max(c.last_zxid, 1)
-        paths: list[str] = []
-        for s in children:
-            svc_dir = self._url.service_dir(s)
-            try:
-                nodes, st = c.get_children(svc_dir, watch=self._w(("svc", s)), include_data=True)
-            except NoNodeError:
-                if self._only is not None or svc_dir != f"{services}/{s}":
-                    c.exists(svc_dir, watch=self._w(("svc", s)))
-                continue
-            self._svcs.add(s)
-            newest = max(newest, st.pzxid)
-            paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
-        instances: dict[tuple[str, str], Instance] = {}
-        for path, (data, st) in self._read_nodes(paths):
-            self._nodes[path] = st.mzxid
-            self._reads.add(path, data)
-            newest = max(newest, st.mzxid)
-            inst = self._decoder.decode(path, data, st.mtime / 1000)
-            if inst is not None:
-                self._live[path] = inst.key
-                instances[inst.key] = inst
-        return Snapshot(instances=instances, revision=revision), newest
+        self._svcs, self._nodes, self._live = set(), {}, {}
+        found = scan(self._client, self._url, self._decoder, self._only, self._reads,
+                     self._read_nodes, self._w)
+        self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
+        return found.snapshot, found.newest
 
     def _read_nodes(self, paths: list[str]) -> Iterator[tuple[str, tuple[bytes, Any]]]:
         """``(path, (data, stat))`` of each node of ``paths`` that exists, in order: many a

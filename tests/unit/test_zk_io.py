@@ -2,35 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
 from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.connection import ConnectionDropped
 
-from discovery.registry.zk_io import PollingHandler, fewer_syscalls
+from discovery.registry import zk_io
+from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 
 
 @pytest.fixture()
-def conn() -> Any:
+def conn(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A kazoo connection (never started) on one end of a socket pair, and the other end."""
     handler = PollingHandler()
     waits: list[tuple[int, int]] = []
-    select = handler.select
+    poll = zk_io._poll
 
-    def counted(r: Any, w: Any, x: Any, timeout: float) -> Any:
+    def counted(r: Any, w: Any, x: Any, timeout: float | None) -> Any:
         waits.append((len(r), len(w)))
-        return select(r, w, x, timeout)
+        return poll(r, w, x, timeout)
 
-    handler.select = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(zk_io, "_poll", counted)
     client = KazooClient(hosts="127.0.0.1:1", handler=handler)
     fewer_syscalls(client)
     ours, peer = socket.socketpair()
     ours.setblocking(False)  # as kazoo's own connection sets it
     client._connection._socket = ours
+    client._connection._xid = 0  # as a connection sets it
     yield client._connection, peer, waits
     ours.close()
     peer.close()
@@ -102,3 +107,54 @@ def test_the_polling_handler_selects_like_kazoos() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _requests(peer: socket.socket) -> list[tuple[int, int, bytes]]:
+    """(xid, opcode, body) of each request that came to ``peer`` so far."""
+    peer.setblocking(False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := peer.recv(1 << 16):
+            data += chunk
+    out = []
+    while data:
+        size, xid, op = struct.unpack_from(">iii", data)
+        out.append((xid, op, data[12:4 + size]))
+        data = data[4 + size:]
+    return out
+
+
+def test_pre_reads_go_in_one_request_once_nothing_more_is_there_to_read(conn: Any) -> None:
+    """Queued reads wait while the socket still has something to read (more events); then
+    one GetData, or one multiRead, goes, and each answer reaches its path's callback."""
+    c, peer, _ = conn
+    client = c.client
+    pre = PreReads(client)
+    got: list[tuple[str, Any, Any, int]] = []
+
+    def done(path: str) -> Any:
+        return lambda read, error, zxid: got.append((path, read, error, zxid))
+
+    pre.add("/a", done("/a"))
+    peer.sendall(b"more")  # not read yet: the reads wait
+    assert client.handler.select([c._socket], [], [], 1.0)[0] == [c._socket]
+    assert _requests(peer) == []
+    c._socket.recv(4)
+    pre.add("/b", done("/b"))
+    assert client.handler.select([c._socket], [], [], 0.01) == ([], [], [])
+    [(xid, op, _)] = _requests(peer)
+    assert op == 22 and not pre.queued  # one multiRead of both
+    request, answer, pending_xid = client._pending.popleft()
+    assert pending_xid == xid and [o.path for o in request.ops] == ["/a", "/b"]
+    client.last_zxid = 7
+    stat = object()
+    answer.set([(b"x", stat), NoNodeError()])
+    assert got[0] == ("/a", (b"x", stat), None, 7)
+    assert got[1][0] == "/b" and isinstance(got[1][2], NoNodeError) and got[1][1] is None
+    pre.add("/c", done("/c"))
+    client.handler.select([c._socket], [], [], 0.01)
+    [(_, op, body)] = _requests(peer)
+    assert op == 4 and b"/c" in body  # one path: a GetData
+    _, answer, _ = client._pending.popleft()
+    answer.set_exception(ConnectionDropped("gone"))
+    assert got[2][0] == "/c" and isinstance(got[2][2], ConnectionDropped)

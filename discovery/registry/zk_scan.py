@@ -1,0 +1,80 @@
+"""A ZooKeeper follower's full read: every followed service's instance nodes, at once.
+
+:class:`~discovery.registry.zk_watch.ZkWatch` reads everything when it starts and after a
+session expired (``reset``); this is that read. It lists the services (or only the followed
+ones: their directories, not the list of services), then reads their nodes, arming the
+one-shot watches a follower without persistent watches needs through ``watch_for``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kazoo.exceptions import NoNodeError
+
+from discovery.model import Instance
+from discovery.registry.base import RegistryURL, Snapshot
+from discovery.registry.decoder import Decoder
+from discovery.registry.reads import ReadStats
+
+Key = tuple[str, str]
+#: the one-shot watch a read of an item (``("svc", name)``...) sets, or None
+WatchFor = Callable[[tuple[str, str]], Callable[[Any], None] | None]
+#: ``(path, (data, stat))`` of each node of the paths given that exists, in order
+ReadNodes = Callable[[list[str]], Iterable[tuple[str, tuple[bytes, Any]]]]
+
+
+@dataclass
+class Scan:
+    """What a full read found: the snapshot, the newest zxid seen, the services listed, each
+    node's mzxid and the instance each node holds."""
+
+    snapshot: Snapshot
+    newest: int = 0
+    svcs: set[str] = field(default_factory=set)
+    nodes: dict[str, int] = field(default_factory=dict)
+    live: dict[str, Key] = field(default_factory=dict)
+
+
+def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,
+         reads: ReadStats, read_nodes: ReadNodes, watch_for: WatchFor) -> Scan:
+    """Read everything ``only`` (None: all services) names, arming the watches."""
+    services = url.services_root
+    if only is not None:  # those services' directories, not the list of services
+        children, newest = sorted(only), 0
+        client.exists(services)  # a first answer: last_zxid below is the server's of now
+    else:
+        try:
+            children, stat = client.get_children(services, watch=watch_for(("services", "")),
+                                                 include_data=True)
+        except NoNodeError:
+            client.exists(services, watch=watch_for(("services", "")))
+            return Scan(Snapshot(revision=max(client.last_zxid, 1)))
+        newest = stat.pzxid
+    found = Scan(Snapshot(revision=max(client.last_zxid, 1)), newest)
+    paths: list[str] = []
+    for s in children:
+        svc_dir = url.service_dir(s)
+        try:
+            nodes, st = client.get_children(svc_dir, watch=watch_for(("svc", s)),
+                                            include_data=True)
+        except NoNodeError:
+            if only is not None or svc_dir != f"{services}/{s}":
+                client.exists(svc_dir, watch=watch_for(("svc", s)))
+            continue
+        found.svcs.add(s)
+        found.newest = max(found.newest, st.pzxid)
+        paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
+    instances: dict[Key, Instance] = {}
+    for path, (data, st) in read_nodes(paths):
+        found.nodes[path] = st.mzxid
+        reads.add(path, data)
+        found.newest = max(found.newest, st.mzxid)
+        inst = decoder.decode(path, data, st.mtime / 1000)
+        if inst is not None:
+            found.live[path] = inst.key
+            instances[inst.key] = inst
+    found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
+    return found
