@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import selectors
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,9 +34,10 @@ from kazoo.handlers.utils import selector_select
 from kazoo.protocol.connection import ConnectionDropped
 from kazoo.protocol.serialization import GetData
 
-from discovery.registry.zk_multi import MultiRead
+from discovery.registry.zk_multi import MAX_OPS, MultiRead
 
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+MAX_WAIT = 0.02  # seconds a changed node's read waits for more events to go with it
 
 
 class _PollSelectors:
@@ -65,7 +67,7 @@ class PollingHandler(SequentialThreadingHandler):
         pre = self.pre_reads
         if pre is not None and pre.queued:
             ready = _poll(rlist, wlist, xlist, 0)
-            if any(ready):  # more events, perhaps: their reads go in the same request
+            if any(ready) and not pre.due():  # more events: their reads in the same request
                 return ready
             pre.send()
         return _poll(rlist, wlist, xlist, timeout)
@@ -115,7 +117,6 @@ def fewer_syscalls(client: Any) -> None:
     conn._read, conn._write = read, write
 
 
-
 #: what :meth:`PreReads.add` calls with the answer: ``(data, stat)`` or None, the error (None:
 #: none; ``NoNodeError``: the node is gone) and the server's zxid when it answered
 Answered = Callable[[Any, BaseException | None, int], None]
@@ -135,13 +136,22 @@ class PreReads:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._queued: list[tuple[str, Answered]] = []
+        self._since = 0.0  # when the first of them was queued
         client.handler.pre_reads = self
 
     @property
     def queued(self) -> bool:
         return bool(self._queued)
 
+    def due(self) -> bool:
+        """Send now, though more may be there to read: a full request, or the first path
+        queued ``MAX_WAIT`` s ago (a storm of events never leaves the socket empty)."""
+        return (len(self._queued) >= MAX_OPS
+                or time.monotonic() - self._since >= MAX_WAIT)
+
     def add(self, path: str, done: Answered) -> None:
+        if not self._queued:
+            self._since = time.monotonic()
         self._queued.append((path, done))
 
     def send(self) -> None:

@@ -158,3 +158,20 @@ def test_pre_reads_go_in_one_request_once_nothing_more_is_there_to_read(conn: An
     _, answer, _ = client._pending.popleft()
     answer.set_exception(ConnectionDropped("gone"))
     assert got[2][0] == "/c" and isinstance(got[2][2], ConnectionDropped)
+
+
+def test_pre_reads_wait_for_more_events_at_most_max_wait(conn: Any, monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A storm of events never leaves the socket empty: a read queued ``MAX_WAIT`` s ago
+    goes though more is there to read."""
+    c, peer, _ = conn
+    now = [100.0]
+    monkeypatch.setattr(zk_io.time, "monotonic", lambda: now[0])
+    pre = PreReads(c.client)
+    pre.add("/a", lambda *_: None)
+    peer.sendall(b"more")
+    assert c.client.handler.select([c._socket], [], [], 1.0)[0] == [c._socket]
+    assert _requests(peer) == []  # waits for the events behind
+    now[0] += zk_io.MAX_WAIT + 0.001
+    c.client.handler.select([c._socket], [], [], 1.0)
+    assert [op for _, op, _ in _requests(peer)] == [4] and not pre.queued
