@@ -98,8 +98,7 @@ class ZkRegistry:
                                   connection_retry=connection_retry(url, ttl), **options)
         fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
-        handler = self.client.handler  # the bench's binds an address: a PollingHandler too
-        self._pre = PreReads(self.client) if isinstance(handler, PollingHandler) else None
+        self._pre = PreReads(self.client)
         self._many = ManyReads(self.client, self._get)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)

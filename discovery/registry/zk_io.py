@@ -128,12 +128,15 @@ class PreReads:
     request for that thread, wake it through a socket pair and wait for the answer on a
     condition, three hand-overs between threads a read, each a wait for the GIL in a busy
     process. :meth:`add` (on that thread) queues a path; before the thread waits again
-    (:class:`PollingHandler`), with nothing more to read, the queued paths go as one
+    (:class:`PollingHandler`), with nothing more to read or ``MAX_WAIT`` s after the first
+    was queued, the queued paths go as one
     ``GetData`` or one ``multiRead`` (the events of a dead host's nodes come together), and
     the answer, on that thread too, goes to each path's callback. Needs a
     :class:`PollingHandler` and ZooKeeper 3.6+ (persistent watches, ``multiRead``)."""
 
     def __init__(self, client: Any) -> None:
+        if not isinstance(client.handler, PollingHandler):  # no other one would ever send
+            raise TypeError(f"PreReads needs a PollingHandler, not {client.handler!r}")
         self._client = client
         self._queued: list[tuple[str, Answered]] = []
         self._since = 0.0  # when the first of them was queued
@@ -163,12 +166,13 @@ class PreReads:
         client = self._client
         conn = client._connection
         conn._xid = xid = (conn._xid % 2147483647) + 1  # as kazoo numbers its own requests
+        answer = _Answer(client, batch)
         try:
             conn._submit(request, client._session_timeout / 3000.0, xid)
         except Exception as exc:
-            _Answer(client, batch).set_exception(exc)
+            answer.set_exception(exc)
             raise
-        client._pending.append((request, _Answer(client, batch), xid))
+        client._pending.append((request, answer, xid))
 
 
 class _Answer:

@@ -377,7 +377,7 @@ class ZkWatch:
         self._fns.clear()
         self._reads.full_read()
         self._add_roots()
-        self._svcs, self._nodes, self._live = set(), {}, {}
+        self._svcs, self._nodes, self._live = set(), {}, {}  # as they are if the scan fails
         found = scan(self._client, self._url, self._decoder, self._only, self._reads,
                      self._read_nodes, self._w)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live

@@ -135,9 +135,12 @@ def test_calls_and_streams_come_back_to_one_member(etcd_cluster3: ServerCluster,
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         reg.register(instance(2))  # times out on the paused member, then goes to another
-        split = wait_until(lambda: [n for n in held() if n] if sum(held()) == 2 else [], 5,
-                           "the calls and the keepalive stream on another member")
-        assert split == [1, 1]
+        def split() -> list[int]:
+            counts = held()
+            return [n for n in counts if n] if sum(counts) == 2 else []
+
+        found = wait_until(split, 5, "the calls and the keepalive stream on another member")
+        assert found == [1, 1]
     finally:
         os.kill(proc.pid, signal.SIGCONT)
 

@@ -175,3 +175,11 @@ def test_pre_reads_wait_for_more_events_at_most_max_wait(conn: Any, monkeypatch:
     now[0] += zk_io.MAX_WAIT + 0.001
     c.client.handler.select([c._socket], [], [], 1.0)
     assert [op for _, op, _ in _requests(peer)] == [4] and not pre.queued
+
+
+def test_pre_reads_refuse_a_handler_that_would_never_send_them() -> None:
+    from kazoo.handlers.threading import SequentialThreadingHandler
+
+    client = KazooClient(hosts="127.0.0.1:1", handler=SequentialThreadingHandler())
+    with pytest.raises(TypeError, match="PollingHandler"):
+        PreReads(client)
