@@ -295,6 +295,8 @@ class Host:
         """What the agent's reconcile does with the registry: read this node's entries, write
         what is missing."""
         assert self.registry is not None
+        if self.was_down:  # as the agent: none while its registry is down; on_state schedules
+            return
         self.reconciles += 1
         try:
             have = self.registry.node_snapshot(self.node).instances
@@ -310,9 +312,10 @@ class Host:
         reconciles at a random moment within one resync period."""
         if not up:
             self.was_down = True
-        elif self.was_down and self.schedule is not None:
+        elif self.was_down:
             self.was_down = False
-            self.schedule(self.n, spread(self.args.resync))
+            if self.schedule is not None:
+                self.schedule(self.n, spread(self.args.resync))
 
     def close(self, revoke: bool) -> None:
         if self.registry is not None:

@@ -57,6 +57,7 @@ class Agent:
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
+        self._registry_down = False  # its listener said so (not: never reached yet)
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
@@ -100,6 +101,12 @@ class Agent:
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
+                if self._registry_down and not self.registrations.write_failed:
+                    # Its reads would wait for it and go out in the first second it is back,
+                    # with those of every host whose resync fell in the outage (fleet bench,
+                    # etcd: a tenth of the fleet at once). Its return schedules one (above).
+                    due = time.monotonic() + jittered(self.config.resync)
+                    continue
                 self.registrations.write_failed = False
                 self.reconcile()
                 due = time.monotonic() + jittered(self.config.resync)
@@ -152,7 +159,7 @@ class Agent:
         log.info("registry %s", "connected" if up else "disconnected")
         if up and not self.registry_connected:
             self._reconnected = True
-        self.registry_connected = up
+        self.registry_connected, self._registry_down = up, not up
         self.metrics.registry_state(up)
         if up:
             self._wake.set()

@@ -82,6 +82,11 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         wait_reads(reg, 2, 5)
 
         reg.state(False)
+        agent._on_sync([])  # a wake while the registry is down: no read waits for it
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert len(reg.node_reads) == 2
+            time.sleep(0.02)
         back = time.monotonic()
         reg.state(True)  # the whole fleet sees this at once: a random moment within resync
         assert wait_reads(reg, 3, 5) - back >= 0.3
