@@ -5,8 +5,9 @@ cluster and a real 3-member ZooKeeper ensemble, on one machine.
 **A simulated host** is what ``discovery up`` runs on a host, minus Docker and HAProxy, built
 from the project's own code: an *agent* registry (``open_registry(url, ttl=...)``: its own
 etcd lease / ZooKeeper session) that registers the host's ``--instances`` (10) instances and
-every ``--resync`` seconds (±10 %, like the agent; and, like the agent, at a random moment
-within one such period after its registry came back) reconciles them through
+every ``--resync`` seconds (±10 %, like the agent; and, like the agent, none while its
+registry is down and one at a random moment within such a period after it came back)
+reconciles them through
 ``node_snapshot(node)``, re-registering what is missing; and a *watcher* registry (a second
 connection, as ``discovery up`` opens one for its watcher) that reads a snapshot of the
 services the host routes and follows them with ``watch(..., services=...)`` into a
@@ -327,7 +328,8 @@ class Worker:
     """The hosts of one process. Their reconciles run on a pool of threads, each host on its
     own schedule as its own agent would: a reconcile that waits for a registry that is down
     holds only its own host, and the host's next one is due ``--resync`` (±10 %) after it ends,
-    or a random moment within one such period after its registry came back."""
+    or a random moment within one such period after its registry came back (one that falls
+    due while the registry is down reads nothing)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
