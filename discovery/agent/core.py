@@ -58,6 +58,7 @@ class Agent:
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
         self._registry_down = False  # its listener said so (not: never reached yet)
+        self._postponed = False  # a resync that fell due while it was down waits once
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
@@ -101,12 +102,17 @@ class Agent:
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
-                if self._registry_down and not self.registrations.write_failed:
-                    # Its reads would wait for it and go out in the first second it is back,
-                    # with those of every host whose resync fell in the outage (fleet bench,
-                    # etcd: a tenth of the fleet at once). Its return schedules one (above).
-                    due = time.monotonic() + jittered(self.config.resync)
+                if (self._registry_down and not self._postponed
+                        and not self.registrations.write_failed):
+                    # Its read would wait for the registry and go out in the first second it
+                    # is back, with those of every host whose resync fell in the outage (fleet
+                    # bench, etcd: a tenth of the fleet at once). It waits a random moment
+                    # within a period (its return, above, reschedules it), then runs, down or
+                    # not: without a watch, etcd says it is back only when a call succeeds.
+                    self._postponed = True
+                    due = time.monotonic() + spread(self.config.resync)
                     continue
+                self._postponed = False
                 self.registrations.write_failed = False
                 self.reconcile()
                 due = time.monotonic() + jittered(self.config.resync)
