@@ -5,9 +5,9 @@ cluster and a real 3-member ZooKeeper ensemble, on one machine.
 **A simulated host** is what ``discovery up`` runs on a host, minus Docker and HAProxy, built
 from the project's own code: an *agent* registry (``open_registry(url, ttl=...)``: its own
 etcd lease / ZooKeeper session) that registers the host's ``--instances`` (10) instances and
-every ``--resync`` seconds (±10 %, like the agent; and, like the agent, one that falls due
-while its registry is down waits a random moment within such a period, and one comes at a
-random moment within a period after it came back) reconciles them through
+every ``--resync`` seconds (±10 %, like the agent; and, like the agent, none while its
+registry has been down for less than two such periods, and one at a random moment within a
+period after it came back) reconciles them through
 ``node_snapshot(node)``, re-registering what is missing; and a *watcher* registry (a second
 connection, as ``discovery up`` opens one for its watcher) that reads a snapshot of the
 services the host routes and follows them with ``watch(..., services=...)`` into a
@@ -262,7 +262,7 @@ class Host:
         self.lock = threading.Lock()
         self.reconciles = self.reconcile_errors = self.reregistered = 0
         self.was_down = False
-        self.postponed = False  # a reconcile that fell due while the registry was down waits
+        self.down_since: float | None = None  # when its registry went down (if it is)
         #: the worker's Worker.schedule(n, delay): this host's next reconcile in delay seconds
         self.schedule: Callable[[int, float], None] | None = None
 
@@ -297,11 +297,9 @@ class Host:
         """What the agent's reconcile does with the registry: read this node's entries, write
         what is missing."""
         assert self.registry is not None
-        if self.was_down and not self.postponed and self.schedule is not None:
-            self.postponed = True  # as the agent: one due while its registry is down waits a
-            self.schedule(self.n, spread(self.args.resync))  # random moment, then runs
-            return
-        self.postponed = False
+        if (self.down_since is not None
+                and time.monotonic() - self.down_since < 2 * self.args.resync):
+            return  # as the agent: none while its registry is down (on_state schedules one)
         self.reconciles += 1
         try:
             have = self.registry.node_snapshot(self.node).instances
@@ -317,8 +315,10 @@ class Host:
         reconciles at a random moment within one resync period."""
         if not up:
             self.was_down = True
+            if self.down_since is None:
+                self.down_since = time.monotonic()
         elif self.was_down:
-            self.was_down = False
+            self.was_down, self.down_since = False, None
             if self.schedule is not None:
                 self.schedule(self.n, spread(self.args.resync))
 
@@ -333,7 +333,7 @@ class Worker:
     own schedule as its own agent would: a reconcile that waits for a registry that is down
     holds only its own host, and the host's next one is due ``--resync`` (±10 %) after it ends,
     or a random moment within one such period after its registry came back (one that falls
-    due while the registry is down waits as long, then runs)."""
+    due while the registry is down reads nothing)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args

@@ -57,8 +57,7 @@ class Agent:
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
-        self._registry_down = False  # its listener said so (not: never reached yet)
-        self._postponed = False  # a resync that fell due while it was down waits once
+        self._down_since: float | None = None  # when its listener said it went down
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
@@ -102,17 +101,17 @@ class Agent:
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
-                if (self._registry_down and not self._postponed
+                down_for = (time.monotonic() - self._down_since
+                            if self._down_since is not None else None)
+                if (down_for is not None and down_for < 2 * self.config.resync
                         and not self.registrations.write_failed):
                     # Its read would wait for the registry and go out in the first second it
                     # is back, with those of every host whose resync fell in the outage (fleet
-                    # bench, etcd: a tenth of the fleet at once). It waits a random moment
-                    # within a period (its return, above, reschedules it), then runs, down or
-                    # not: without a watch, etcd says it is back only when a call succeeds.
-                    self._postponed = True
-                    due = time.monotonic() + spread(self.config.resync)
+                    # bench, etcd: a tenth of the fleet at once). Its return schedules one
+                    # (above). Down for longer, it reads anyway: without a watch, etcd says
+                    # it is back only when a call succeeds.
+                    due = time.monotonic() + jittered(self.config.resync)
                     continue
-                self._postponed = False
                 self.registrations.write_failed = False
                 self.reconcile()
                 due = time.monotonic() + jittered(self.config.resync)
@@ -165,7 +164,11 @@ class Agent:
         log.info("registry %s", "connected" if up else "disconnected")
         if up and not self.registry_connected:
             self._reconnected = True
-        self.registry_connected, self._registry_down = up, not up
+        self.registry_connected = up
+        if up:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = time.monotonic()
         self.metrics.registry_state(up)
         if up:
             self._wake.set()
