@@ -261,7 +261,6 @@ class Host:
         self.hit: float | None = None
         self.lock = threading.Lock()
         self.reconciles = self.reconcile_errors = self.reregistered = 0
-        self.was_down = False
         self.down_since: float | None = None  # when its registry went down (if it is)
         #: the worker's Worker.schedule(n, delay): this host's next reconcile in delay seconds
         self.schedule: Callable[[int, float], None] | None = None
@@ -314,11 +313,10 @@ class Host:
         """The registry's state listener: as the agent, a host whose registry came back
         reconciles at a random moment within one resync period."""
         if not up:
-            self.was_down = True
             if self.down_since is None:
                 self.down_since = time.monotonic()
-        elif self.was_down:
-            self.was_down, self.down_since = False, None
+        elif self.down_since is not None:
+            self.down_since = None
             if self.schedule is not None:
                 self.schedule(self.n, spread(self.args.resync))
 
