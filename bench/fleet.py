@@ -37,11 +37,11 @@ address>``, one loopback port per host and member); it measures
 the steady state the same, but collapses under a full restart's reconnect storm from 500 hosts
 on (docs/benchmarks.md), so it is not the default.
 
-**Processes.** The hosts run as threads in ``--workers`` worker processes (etcd 8, ZooKeeper
-16: :data:`WORKERS`; this script with ``--worker``), host n in worker n mod workers, driven over
-a pipe (a delivery costs a worker more CPU the more hosts it holds: with a thread a stream, 8
-processes of 100 to 150 hosts measured 299 µs a delivery at 1,000 etcd hosts, 4 of 250 429 µs;
-a real host is a process of its own); the host that dies is alone
+**Processes.** The hosts run as threads in ``--workers`` (8) worker processes (this script with
+``--worker``), host n in worker n mod workers, driven over a pipe (a delivery costs a worker
+more CPU the more hosts it holds: with a thread a stream, 8 processes of 100 to 150 hosts
+measured 299 µs a delivery at 1,000 etcd hosts, 4 of 250 429 µs; a real host is a process of
+its own); the host that dies is alone
 in a process of its own, SIGKILLed (no goodbye: its lease or session must expire). The workers
 run at ``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own):
 they stand for other machines and must not starve the registry members of CPU on this one; that
@@ -189,13 +189,6 @@ def _install_etcd_host_channels() -> None:
 
     etcd_aio.Endpoint = HostEndpoint  # type: ignore[misc]
 
-
-#: worker processes for the hosts by backend (``--workers``). A ZooKeeper host is ~7 threads
-#: (kazoo's and the follower's): with 125-150 hosts a process (~900-1,100 threads on one GIL)
-#: a full restart at 1,000 hosts left connection threads waiting 10-100 s and 76-459 sessions
-#: expired, with 50-100 a process 2 (docs/benchmarks.md). An etcd host's streams share one
-#: asyncio loop a process (6-9 threads a process at 250 hosts).
-WORKERS = {"etcd": 8, "zk": 16}
 
 #: a restart's peak rate counts as measured (for the target) only over samples this close
 PEAK_WINDOW_MAX_S = 1.5
@@ -980,7 +973,7 @@ class Fleet:
         self.writer = open_registry(self.direct_url() + "?spread=0", ttl=self.args.ttl,
                                     timeout=15.0)
         self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log")
-                        for i in range(self.args.workers or WORKERS[self.backend])]
+                        for i in range(self.args.workers)]
 
     def direct_url(self) -> str:
         return self.servers.cluster.url(PREFIX)
@@ -1025,9 +1018,8 @@ class Fleet:
         step = max(self.args.grow_step, len(self.workers))
         for s in range(0, len(new), step):  # in steps, as a fleet is rolled out
             batch = new[s:s + step]
-            # host n goes to worker n mod workers, evenly over the whole growth: each batch
-            # dealt from the first worker gave 4 of 8 workers 150 hosts and the others 100 at
-            # 1,000, and in a full ZooKeeper restart the fuller ones' sessions starved
+            # host n goes to worker n mod workers, evenly over the whole growth (each batch
+            # dealt from the first worker gave 4 of 8 workers 150 hosts and 4 of them 100)
             chunks = [[n for n in batch if n % len(self.workers) == i]
                       for i in range(len(self.workers))]
             for w, chunk in zip(self.workers, chunks, strict=True):
@@ -1353,8 +1345,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backends", default="etcd,zk")
     ap.add_argument("--sizes", default="250,500,1000",
                     type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--workers", type=int, default=0,
-                    help="worker processes for the hosts (default: etcd 8, zk 16)")
+    ap.add_argument("--workers", type=int, default=8, help="worker processes for the hosts")
     ap.add_argument("--instances", type=int, default=10, help="instances per host")
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--watch-services", type=int, default=5,
