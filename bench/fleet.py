@@ -125,7 +125,7 @@ from discovery.registry import Change, Registry, open_registry
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_watch import NARROW_AFTER
 from discovery.registry.reads import ReadCounts
-from discovery.retry import jittered, spread
+from discovery.retry import Outage, jittered, spread
 
 PREFIX = "/fleet"
 HOT = "svc000"
@@ -262,7 +262,7 @@ class Host:
         self.hit: float | None = None
         self.lock = threading.Lock()
         self.reconciles = self.reconcile_errors = self.reregistered = 0
-        self.down_since: float | None = None  # when its registry went down (if it is)
+        self.outage = Outage()  # as its registry's state listener tells
         #: the worker's Worker.schedule(n, delay): this host's next reconcile in delay seconds
         self.schedule: Callable[[int, float], None] | None = None
 
@@ -297,8 +297,7 @@ class Host:
         """What the agent's reconcile does with the registry: read this node's entries, write
         what is missing."""
         assert self.registry is not None
-        if (self.down_since is not None
-                and time.monotonic() - self.down_since < 2 * self.args.resync):
+        if self.outage.holds_back(self.args.resync):
             return  # as the agent: none while its registry is down (on_state schedules one)
         self.reconciles += 1
         try:
@@ -313,13 +312,8 @@ class Host:
     def on_state(self, up: bool) -> None:
         """The registry's state listener: as the agent, a host whose registry came back
         reconciles at a random moment within one resync period."""
-        if not up:
-            if self.down_since is None:
-                self.down_since = time.monotonic()
-        elif self.down_since is not None:
-            self.down_since = None
-            if self.schedule is not None:
-                self.schedule(self.n, spread(self.args.resync))
+        if self.outage.mark(up) and self.schedule is not None:
+            self.schedule(self.n, spread(self.args.resync))
 
     def close(self, revoke: bool) -> None:
         if self.registry is not None:

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -128,3 +129,28 @@ def jittered(seconds: float, fraction: float = 0.1) -> float:
 def spread(window: float) -> float:
     """A random delay in ``[0, window)`` (uniform; 0 when ``window`` <= 0)."""
     return random.uniform(0.0, window) if window > 0 else 0.0
+
+
+class Outage:
+    """How long a registry has been down, as its state listener tells: one per client (the
+    agent's, each simulated host's in ``bench/fleet.py``)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # when it went down (monotonic), None while up
+
+    def mark(self, up: bool) -> bool:
+        """Record a state change; True when it ends an outage."""
+        if up:
+            ended, self.since = self.since is not None, None
+            return ended
+        if self.since is None:
+            self.since = time.monotonic()
+        return False
+
+    def holds_back(self, period: float) -> bool:
+        """Whether a resync of ``period`` falling due now should read nothing: down for less
+        than two periods (its read would wait and go out in the registry's first second back,
+        with every host's that fell due in the outage). Down for longer it reads anyway: an
+        etcd client without a watch hears the registry is back only from a call that
+        succeeds."""
+        return self.since is not None and time.monotonic() - self.since < 2 * period

@@ -36,7 +36,7 @@ from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
-from discovery.retry import jittered, spread
+from discovery.retry import Outage, jittered, spread
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Agent:
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
-        self._down_since: float | None = None  # when its listener said it went down
+        self._outage = Outage()  # as its listener tells
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
@@ -101,15 +101,10 @@ class Agent:
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
-                down_for = (time.monotonic() - self._down_since
-                            if self._down_since is not None else None)
-                if (down_for is not None and down_for < 2 * self.config.resync
+                if (self._outage.holds_back(self.config.resync)
                         and not self.registrations.write_failed):
-                    # Its read would wait for the registry and go out in the first second it
-                    # is back, with those of every host whose resync fell in the outage (fleet
-                    # bench, etcd: a tenth of the fleet at once). Its return schedules one
-                    # (above). Down for longer, it reads anyway: without a watch, etcd says
-                    # it is back only when a call succeeds.
+                    # Its read would go out with the whole fleet's as the registry comes back;
+                    # its return schedules one (above). Down longer: Outage.holds_back.
                     due = time.monotonic() + jittered(self.config.resync)
                     continue
                 self.registrations.write_failed = False
@@ -165,10 +160,7 @@ class Agent:
         if up and not self.registry_connected:
             self._reconnected = True
         self.registry_connected = up
-        if up:
-            self._down_since = None
-        elif self._down_since is None:
-            self._down_since = time.monotonic()
+        self._outage.mark(up)
         self.metrics.registry_state(up)
         if up:
             self._wake.set()

@@ -87,7 +87,8 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         while time.monotonic() < deadline:
             assert len(reg.node_reads) == 2
             time.sleep(0.02)
-        agent._down_since -= 60  # down for two resync periods: it reads, down or not (etcd
+        assert agent._outage.since is not None
+        agent._outage.since -= 60  # down for two resync periods: it reads, down or not (etcd
         agent._on_sync([])  # without a watch says it is back only when a call succeeds)
         wait_reads(reg, 3, 5)
         assert windows == []
@@ -96,7 +97,7 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         reg.state(True)  # the whole fleet sees this at once: a random moment within resync
         assert wait_reads(reg, 4, 5) - back >= 0.3
         assert windows == [30.0]
-        assert agent._down_since is None
+        assert agent._outage.since is None
 
         delay[0] = 20.0  # would outlast the wait below
         reg.state(False)
