@@ -45,7 +45,12 @@ its own); the host that dies is alone
 in a process of its own, SIGKILLed (no goodbye: its lease or session must expire). The workers
 run at ``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own):
 they stand for other machines and must not starve the registry members of CPU on this one; that
-only slows the hosts' own measured timings.
+only slows the hosts' own measured timings. A worker makes its full garbage collections only
+between the measured phases (``--full-gc between-phases``: after each growth step, before the
+steady state and before the restart it collects once and freezes what it holds, ``gc.freeze()``):
+one walks the heaps of all of its hosts and stops them all, where a host of its own walks a
+heap ~1/125 the size and stops only itself (``--full-gc python`` leaves them to Python: at
+1,000 ZooKeeper hosts a restart then lost 382 sessions in the simulator).
 
 **What is measured**, at each size of ``--sizes`` (250, 500, 1,000; the fleet grows between
 sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,000):
@@ -83,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import heapq
 import json
 import logging
@@ -130,6 +136,8 @@ from discovery.retry import Outage, jittered, spread
 PREFIX = "/fleet"
 HOT = "svc000"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+FULL_GC_NEVER = 10**9  # gen-2 threshold (full collections after this many gen-1 ones)
+GC_PAUSE_MIN_S = 0.02  # a worker's garbage collections counted as pauses from this long
 VICTIM_BASE = 50_000  # victims' host numbers: 50,000 + 10 k (so that instance 0 is in svc000)
 
 
@@ -471,6 +479,30 @@ class Worker:
         return {"closed": len(self.hosts)}
 
 
+class GcPauses:
+    """The worker's own garbage collections of over ``GC_PAUSE_MIN_S``: each holds the GIL, so
+    it stops every host of the process at once. Timed twice: wall clock, which includes waiting
+    for a CPU and any finalizer run meanwhile letting other threads in, and the collecting
+    thread's own CPU time."""
+
+    def __init__(self) -> None:
+        self._t0 = (0.0, 0.0)
+        self.pauses: list[tuple[float, int, float, float]] = []  # (end, gen, wall s, CPU s)
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = (time.perf_counter(), time.thread_time())
+            return
+        took = time.perf_counter() - self._t0[0]
+        if took >= GC_PAUSE_MIN_S:
+            cpu = time.thread_time() - self._t0[1]
+            self.pauses.append((time.time(), info["generation"], took, cpu))
+
+    def since(self, t: float) -> list[tuple[float, int, float, float]]:
+        return [p for p in self.pauses if p[0] >= t]
+
+
 class ExpiryCounter(logging.Handler):
     """Counts the backends' "lease/session expired; re-registering" warnings in a worker: a
     host whose renewals or pings missed its TTL inside this process."""
@@ -493,7 +525,10 @@ def worker_main(args: argparse.Namespace) -> int:
     _install_etcd_host_channels()
     _relieve_grpc_process_costs()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
+    if args.full_gc == "between-phases":  # Fleet.freeze: no full collection on its own
+        gc.set_threshold(*gc.get_threshold()[:2], FULL_GC_NEVER)
     w = Worker(args)
+    pauses = GcPauses()
     logging.getLogger("discovery.registry").addHandler(ExpiryCounter(w))
     out = sys.stdout
     for line in sys.stdin:
@@ -507,6 +542,15 @@ def worker_main(args: argparse.Namespace) -> int:
             elif cmd == "cpu":
                 reply = {"cpu_ticks": cpu_ticks(os.getpid(), tree=False),
                          "expired": w.expired}
+            elif cmd == "gc":
+                reply = {"pauses": pauses.since(msg["since"])}
+            elif cmd == "freeze":  # between phases: see Fleet.freeze
+                t0 = time.perf_counter()
+                gc.collect()
+                took = time.perf_counter() - t0
+                gc.freeze()
+                reply = {"collect_s": round(took, 3), "frozen": gc.get_freeze_count(),
+                         "hosts": len(w.hosts)}
             elif cmd == "arm":
                 reply = w.arm(msg["kind"], msg["service"], msg["keys"])
             elif cmd == "collect":
@@ -543,7 +587,7 @@ class WorkerProc:
                 "--instances", str(args.instances), "--services", str(args.services),
                 "--watch-services", str(args.watch_services),
                 "--start-parallel", str(args.start_parallel),
-                "--start-attempts", str(args.start_attempts)]
+                "--start-attempts", str(args.start_attempts), "--full-gc", args.full_gc]
         self.log = log.open("ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, cwd=ROOT, start_new_session=True,
@@ -786,8 +830,13 @@ class RateSampler:
     next one due ``interval`` after the last began. A read that takes longer stretches the
     interval: :meth:`peak_per_s` tells the window it could resolve (``peak_window_s``)."""
 
-    def __init__(self, servers: Servers, interval: float = 0.25) -> None:
-        self.servers, self.interval = servers, interval
+    def __init__(self, servers: Servers, interval: float = 0.25,
+                 workers: Sequence[int] = ()) -> None:
+        self.servers, self.interval, self.workers = servers, interval, list(workers)
+        # (time, the members' CPU seconds, the workers' CPU seconds) since the sample before:
+        # what each side got of the machine through a restart
+        self.cpu: list[tuple[float, float, float]] = []
+        self._ticks: dict[int, int] = {}
         self.samples: list[tuple[float, float]] = []  # (time, cumulative requests)
         self._last: list[dict[str, float] | None] = [None] * 3
         self._acc: dict[str, float] = {}
@@ -822,7 +871,29 @@ class RateSampler:
                 self._last[i] = c
             self.samples.append((t, self._acc.get("requests", 0.0)))
             self.by_method.append(dict(self._acc))
+            members = [p for p in self.servers.pids() if p]
+            self.cpu.append((t, self._cpu_s(members), self._cpu_s(self.workers)))
             self._stop.wait(max(began + self.interval - time.time(), 0.0))
+
+    def _cpu_s(self, pids: Sequence[int]) -> float:
+        """CPU seconds ``pids`` used since the previous sample (a pid seen for the first time,
+        such as a restarted member's: since it started)."""
+        got = 0
+        for pid in pids:
+            ticks = cpu_ticks(pid, tree=False)
+            got += max(ticks - self._ticks.get(pid, 0), 0)
+            self._ticks[pid] = ticks
+        return got / CLK_TCK
+
+    def cpu_by_second(self, t0: float, seconds: int) -> list[list[float]]:
+        """[second after ``t0``, the members' cores, the workers' cores] over whole seconds."""
+        bins: dict[int, list[float]] = {}
+        for t, m, w in self.cpu[1:]:  # the first: since each process started
+            if 0 <= t - t0 < seconds:
+                b = bins.setdefault(int(t - t0), [0.0, 0.0])
+                b[0] += m
+                b[1] += w
+        return [[k, round(m, 2), round(w, 2)] for k, (m, w) in sorted(bins.items())]
 
     def methods_between(self, t0: float, t1: float) -> dict[str, float]:
         """Requests per method between the samples nearest ``t0`` and ``t1``."""
@@ -916,6 +987,7 @@ class Fleet:
         self.workers: list[WorkerProc] = []
         self.hosts: list[int] = []
         self.samples: dict[str, Any] = {}
+        self.gc_model: dict[str, float] = {}  # Fleet.freeze: a host's share of a worker's heap
         self.writer: Registry | None = None
         self.probe_seq = 0
         self.worker_hosts: dict[int, int] = {}  # worker pid -> hosts it holds
@@ -1029,6 +1101,7 @@ class Fleet:
             self.hosts += batch
             waited, expired = self.wait_quiet()
             quiet_waits.append(waited)
+            self.freeze(quiet=True)
             expired -= expired0
             if expired:
                 raise RuntimeError(
@@ -1071,6 +1144,7 @@ class Fleet:
     def steady(self, size: int) -> dict[str, Any]:
         say(f"{self.backend} {size}: settling {self.args.settle:g}s, then steady state for "
             f"{self.args.steady:g}s")
+        self.freeze()
         time.sleep(self.args.settle)
         c0, b0, u0 = self.servers.counters(), self.sockets(), self.servers.usage()
         relay0 = cpu_ticks(self.relay.pid, tree=False) if self.relay else 0
@@ -1124,6 +1198,8 @@ class Fleet:
                "worker_cpu_ms_per_host_s": round(
                    1000 * (sum(s["cpu_ticks"] for s in s1) - sum(s["cpu_ticks"] for s in s0))
                    / CLK_TCK / wall / n, 3),
+               # --full-gc between-phases: what a host's share of its worker's heap is
+               "worker_heap": dict(self.gc_model),
                "server": gauges, "host_loadavg": list(os.getloadavg())}
         return self.report.emit(row)
 
@@ -1143,6 +1219,38 @@ class Fleet:
                         address="127.0.0.1", port=9000 + seq % 1000, container_id=cid,
                         registered_at=time.time())
 
+    def gc_pauses(self, since: float) -> dict[str, Any]:
+        """The workers' garbage collections of over ``GC_PAUSE_MIN_S`` (wall clock) since
+        ``since``: how many, how many of them full (generation 2), their wall time and their
+        CPU time (in all, the longest)."""
+        pauses = [p for r in all_workers(self.workers, "gc", since=since) for p in r["pauses"]]
+        return {"n": len(pauses), "full": sum(1 for p in pauses if p[1] == 2),
+                "wall_s": round(sum(p[2] for p in pauses), 2),
+                "wall_max_s": round(max((p[2] for p in pauses), default=0.0), 3),
+                "cpu_s": round(sum(p[3] for p in pauses), 2),
+                "cpu_max_s": round(max((p[3] for p in pauses), default=0.0), 3)}
+
+    def freeze(self, quiet: bool = False) -> None:
+        """``--full-gc between-phases`` (the default): between the measured phases each worker
+        makes its one full collection and moves what it holds out of the collector's reach
+        (``gc.freeze``); during them it makes none. A worker's full collection walks the heaps
+        of all of its hosts and stops them all, where a host of its own walks a heap ~1/125 the
+        size and stops only itself (left to Python, ``--full-gc python``, a 1,000-host
+        ZooKeeper restart lost 382 sessions in the simulator: docs/benchmarks.md). Young
+        collections run as Python makes them."""
+        if self.args.full_gc != "between-phases":
+            return
+        replies = all_workers(self.workers, "freeze")
+        hosts = sum(r["hosts"] for r in replies)
+        if hosts:
+            objects = sum(r["frozen"] for r in replies) / hosts
+            per_host = max(r["collect_s"] / max(r["hosts"], 1) for r in replies) * 1000
+            self.gc_model = {"objects_per_host": round(objects), "full_collection_ms_per_host":
+                             round(per_host, 2)}
+            if not quiet:
+                say(f"workers collected and froze their heaps: {objects:,.0f} objects a host, "
+                    f"a full collection {per_host:.2f} ms a host")
+
     def workers_sample(self) -> tuple[float, int]:
         """The workers' CPU seconds so far, and their hosts' expired leases/sessions."""
         replies = all_workers(self.workers, "cpu")
@@ -1158,7 +1266,7 @@ class Fleet:
         missing_total = 0
         b0 = self.sockets()
         cpu0 = self.workers_sample()[0]
-        t_changes = time.monotonic()
+        t_changes, wall0 = time.monotonic(), time.time()
         for i in range(self.args.changes):
             if i % 2 == 0:
                 self.probe_seq += 1
@@ -1202,6 +1310,8 @@ class Fleet:
             # and all workers share the machine's cores with the registry members
             "worker_cpu_s": round(cpu_s, 2),
             "worker_cpu_us_per_delivery": round(max(cpu_s - idle_s, 0) / deliveries * 1e6),
+            # a worker's collection stops all of its hosts at once (a host of its own: itself)
+            "worker_gc_pauses": self.gc_pauses(wall0),
             "note_bytes": "includes the steady traffic of the window",
             "target": f"every host, p99 <= {self.args.target_change_ms:g} ms", "pass": ok})
 
@@ -1250,8 +1360,10 @@ class Fleet:
         assert self.writer is not None
         say(f"{self.backend} {size}: full registry restart")
         cluster = self.servers.cluster
+        self.freeze()
         expired0 = self.workers_sample()[1]
-        with RateSampler(self.servers) as sampler:
+        wall0 = time.time()
+        with RateSampler(self.servers, workers=[w.pid for w in self.workers]) as sampler:
             time.sleep(2)
             t_stop = time.time()
             cluster.stop()
@@ -1288,6 +1400,7 @@ class Fleet:
         worst = max(lat) if lat else None
         ratio = peak / steady_rate if steady_rate else None
         self.samples.setdefault("restart_resync_ms", {})[str(size)] = [round(x, 1) for x in lat]
+        self.samples.setdefault("restart_cpu", {})[str(size)] = sampler.cpu_by_second(t_stop, 300)
         self.samples.setdefault("restart_rate", {})[str(size)] = [
             [round(t - t_stop, 2), round(v)] for t, v in sampler.samples]
         window = when - sampler.peak_from if when and sampler.peak_from else None
@@ -1305,6 +1418,10 @@ class Fleet:
             "resync_max_ms": _r(worst), "catalogs_mismatched_after": mismatched,
             # leases / sessions that expired meanwhile (their hosts registered again)
             "expired_during": expired,
+            "worker_gc_pauses": self.gc_pauses(wall0),
+            # what the members and the simulator each got of the machine, second by second
+            # from the stop: [s, members' cores, workers' cores]
+            "cpu_cores_by_second": sampler.cpu_by_second(t_stop, 40),
             "peak_requests_per_s": round(peak, 1),
             "peak_at_s_after_serving": _r(when - t_ready if when else None, 1),
             "steady_requests_per_s": round(steady_rate, 1),
@@ -1368,6 +1485,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target-change-ms", type=float, default=250.0)
     ap.add_argument("--target-resync-s", type=float, default=10.0)
     ap.add_argument("--target-peak-ratio", type=float, default=3.0)
+    ap.add_argument("--full-gc", choices=("between-phases", "python"), default="between-phases",
+                    help="when the workers make full garbage collections: only between the "
+                         "measured phases (each then freezes what it holds), or whenever Python's "
+                         "thresholds say (a full collection walks all of a worker's hosts' heaps)")
     ap.add_argument("--skip-death", action="store_true")
     ap.add_argument("--skip-restart", action="store_true")
     ap.add_argument("--grpc-proxy", action="store_true",
