@@ -26,6 +26,41 @@ WatchFor = Callable[[tuple[str, str]], Callable[[Any], None] | None]
 ReadNodes = Callable[[list[str]], Iterable[tuple[str, tuple[bytes, Any]]]]
 
 
+class LivePaths:
+    """The instance each node holds (``path -> key``) and, the other way, the nodes holding
+    each instance (several only under Nerve, while a restarted reporter's old node is still
+    there), so that a node's delete finds the other holders of its instance in O(1), not in a
+    walk over every followed node (a watcher following a whole fleet's catalog)."""
+
+    def __init__(self) -> None:
+        self._key: dict[str, Key] = {}
+        self._paths: dict[Key, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._key)
+
+    def get(self, path: str) -> Key | None:
+        return self._key.get(path)
+
+    def set(self, path: str, key: Key) -> None:
+        self.pop(path)
+        self._key[path] = key
+        self._paths.setdefault(key, set()).add(path)
+
+    def pop(self, path: str) -> Key | None:
+        key = self._key.pop(path, None)
+        if key is not None:
+            holders = self._paths[key]
+            holders.discard(path)
+            if not holders:
+                del self._paths[key]
+        return key
+
+    def holders(self, key: Key) -> list[str]:
+        """The nodes that hold ``key``, in a stable order."""
+        return sorted(self._paths.get(key, ()))
+
+
 @dataclass
 class Scan:
     """What a full read found: the snapshot, the newest zxid seen, the services listed, each
@@ -35,7 +70,7 @@ class Scan:
     newest: int = 0
     svcs: set[str] = field(default_factory=set)
     nodes: dict[str, int] = field(default_factory=dict)
-    live: dict[str, Key] = field(default_factory=dict)
+    live: LivePaths = field(default_factory=LivePaths)
 
 
 def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,
@@ -74,7 +109,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         found.newest = max(found.newest, st.mzxid)
         inst = decoder.decode(path, data, st.mtime / 1000)
         if inst is not None:
-            found.live[path] = inst.key
+            found.live.set(path, inst.key)
             instances[inst.key] = inst
     found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
     return found

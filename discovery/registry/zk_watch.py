@@ -27,7 +27,7 @@ from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import rewatch
-from discovery.registry.zk_scan import scan
+from discovery.registry.zk_scan import LivePaths, scan
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -67,7 +67,7 @@ class ZkWatch:
         self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
         # path -> the key we emitted a put for (and no delete since). Nerve: several paths
         # may hold one instance (a restarted reporter's old and new node) until one goes.
-        self._live: dict[str, tuple[str, str]] = {}
+        self._live = LivePaths()
         self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
         self._answers: dict[str, tuple[Any, int, int]] = {}  # path -> _answered's
@@ -336,18 +336,18 @@ class ZkWatch:
         if inst is None:
             self._gone(path, stat.mzxid)
             return
-        if self._live.get(path, inst.key) != inst.key:  # a Nerve node now says another port
+        if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
             self._gone(path, stat.mzxid)
-        self._live[path] = inst.key
+        self._live.set(path, inst.key)
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
 
     def _gone(self, path: str, revision: int) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another
         path still holds it (then read that one again, so that it is put back as it is)."""
-        key = self._live.pop(path, None)
+        key = self._live.pop(path)
         if key is None:
             return
-        others = [p for p, k in self._live.items() if k == key]
+        others = self._live.holders(key)
         if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
             others = self._unread_holders(key)
         if not others:
@@ -369,7 +369,7 @@ class ZkWatch:
             if not self._nodes.get(path):  # never read: read it now, in order
                 self._nodes.setdefault(path, 0)
                 self._node(path)
-        return [p for p, k in self._live.items() if k == key]
+        return self._live.holders(key)
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
@@ -377,7 +377,7 @@ class ZkWatch:
         self._fns.clear()
         self._reads.full_read()
         self._add_roots()
-        self._svcs, self._nodes, self._live = set(), {}, {}  # as they are if the scan fails
+        self._svcs, self._nodes, self._live = set(), {}, LivePaths()  # as if the scan failed
         found = scan(self._client, self._url, self._decoder, self._only, self._reads,
                      self._read_nodes, self._w)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
