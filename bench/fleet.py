@@ -280,6 +280,7 @@ class Host:
             self.registry = open_registry(self.url, ttl=self.args.ttl, loop=self.loop)
         finally:
             _bind.source = None
+        self._name_threads()
         self.registry.add_state_listener(self.on_state)
         for inst in self.instances:
             self.registry.register(inst)
@@ -287,6 +288,17 @@ class Host:
         snap = self.registry.snapshot(only)
         self.catalog.load(snap)
         self.watch = self.registry.watch(self.on_change, snap.revision, only)
+
+    def _name_threads(self) -> None:
+        """ZooKeeper: the host's kazoo threads carry its name, so that the worker's log lines
+        (``threadName``) tell whose connection dropped, waited or lost its session."""
+        client = getattr(self.registry, "client", None)
+        routine = getattr(getattr(client, "_connection", None), "_connection_routine", None)
+        if isinstance(routine, threading.Thread):
+            routine.name = f"{self.node}-zk"
+        for i, t in enumerate(getattr(getattr(client, "handler", None), "_workers", ())):
+            if isinstance(t, threading.Thread):
+                t.name = f"{self.node}-zk-cb{i}"
 
     def on_change(self, change: Change) -> None:
         self.catalog.apply(change)
@@ -518,7 +530,7 @@ class ExpiryCounter(logging.Handler):
 
 def worker_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     raise_nofile()
     threading.stack_size(512 * 1024)
     _install_zk_source_binding()
