@@ -1115,7 +1115,8 @@ class Fleet:
             self.hosts += batch
             waited, expired = self.wait_quiet()
             quiet_waits.append(waited)
-            self.freeze(quiet=True)
+            if s + step < len(new):  # after the last step: steady() does it
+                self.freeze(quiet=True)
             expired -= expired0
             if expired:
                 raise RuntimeError(
@@ -1245,13 +1246,9 @@ class Fleet:
                 "cpu_max_s": round(max((p[3] for p in pauses), default=0.0), 3)}
 
     def freeze(self, quiet: bool = False) -> None:
-        """``--full-gc between-phases`` (the default): between the measured phases each worker
-        makes its one full collection and moves what it holds out of the collector's reach
-        (``gc.freeze``); during them it makes none. A worker's full collection walks the heaps
-        of all of its hosts and holds the thread that made it, a kazoo connection thread among
-        others, for all of its run, where a host of its own walks a heap ~1/125 the size (left
-        to Python, ``--full-gc python``, 1,000-host ZooKeeper restarts lost 264-382 sessions in
-        the simulator: docs/benchmarks.md). Young collections run as Python makes them."""
+        """``--full-gc between-phases`` (the default; why: the module docstring): each worker
+        makes one full collection of its whole heap and freezes it (``gc.freeze``); between
+        these calls it makes young collections only. Records a host's share in ``gc_model``."""
         if self.args.full_gc != "between-phases":
             return
         replies = all_workers(self.workers, "freeze")
