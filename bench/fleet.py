@@ -38,7 +38,11 @@ the steady state the same, but collapses under a full restart's reconnect storm 
 on (docs/benchmarks.md), so it is not the default.
 
 **Processes.** The hosts run as threads in ``--workers`` (8) worker processes (this script with
-``--worker``), host n in worker n mod workers, driven over a pipe (a delivery costs a worker
+``--worker``; a ZooKeeper worker's threads are gevent greenlets, ``--zk-hosts greenlets``,
+through ``bench/fleet_greenlets.py``: ~765 threads of 125 hosts contending for one GIL left
+some waiting up to 15 s, long enough for their sessions to expire in a full restart, where a
+host of its own has a few threads; greenlets take their turn in the order they became
+ready), host n in worker n mod workers, driven over a pipe (a delivery costs a worker
 more CPU the more hosts it holds: with a thread a stream, 8 processes of 100 to 150 hosts
 measured 299 µs a delivery at 1,000 etcd hosts, 4 of 250 429 µs; a real host is a process of
 its own); the host that dies is alone
@@ -591,12 +595,14 @@ def worker_main(args: argparse.Namespace) -> int:
 class WorkerProc:
     """One worker process, spoken to over its stdin/stdout, stopped by its own pid."""
 
-    def __init__(self, args: argparse.Namespace, log: Path) -> None:
+    def __init__(self, args: argparse.Namespace, log: Path, backend: str) -> None:
         # The simulated hosts stand for other machines: niced, so that they do not starve the
         # registry members of CPU on this one (at 1,000 hosts an un-niced fleet took the etcd
         # members' heartbeats down: "no leader"). Their own timings only get worse for it.
-        argv = ["nice", "-n", str(args.worker_nice),
-                sys.executable, str(Path(__file__).resolve()), "--worker",
+        script = Path(__file__).resolve()
+        if backend == "zk" and args.zk_hosts == "greenlets":
+            script = script.with_name("fleet_greenlets.py")
+        argv = ["nice", "-n", str(args.worker_nice), sys.executable, str(script), "--worker",
                 "--ttl", str(args.ttl), "--resync", str(args.resync),
                 "--instances", str(args.instances), "--services", str(args.services),
                 "--watch-services", str(args.watch_services),
@@ -803,12 +809,13 @@ def zk_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
 class Servers:
     """The cluster plus how to read each member's counters, pid, RSS and CPU."""
 
-    def __init__(self, backend: str, work: Path) -> None:
-        from tests.harness.servers import EtcdCluster, ZkEnsemble
+    def __init__(self, backend: str, work: Path, zk_jvm: str = "test") -> None:
+        from tests.harness.servers import ZK_SERVER_JVM, ZK_TEST_JVM, EtcdCluster, ZkEnsemble
 
         self.backend = backend
+        jvm = ZK_SERVER_JVM if zk_jvm == "server" else ZK_TEST_JVM
         self.cluster = (EtcdCluster(3, work / "etcd") if backend == "etcd"
-                        else ZkEnsemble(3, work / "zk"))
+                        else ZkEnsemble(3, work / "zk", jvm))
         self._readers = ThreadPoolExecutor(max_workers=3)  # one per member
 
     def counters(self) -> list[dict[str, float] | None]:
@@ -995,7 +1002,7 @@ class Fleet:
     def __init__(self, args: argparse.Namespace, backend: str, work: Path,
                  report: Report) -> None:
         self.args, self.backend, self.work, self.report = args, backend, work, report
-        self.servers = Servers(backend, work)
+        self.servers = Servers(backend, work, args.zk_jvm)
         self.relay: Relay | None = None
         self.proxy: Any = None
         self.workers: list[WorkerProc] = []
@@ -1052,7 +1059,7 @@ class Fleet:
         # without the fleet's resume spread (spread=0), or "serving again" would come late
         self.writer = open_registry(self.direct_url() + "?spread=0", ttl=self.args.ttl,
                                     timeout=15.0)
-        self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log")
+        self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log", self.backend)
                         for i in range(self.args.workers)]
 
     def direct_url(self) -> str:
@@ -1276,7 +1283,7 @@ class Fleet:
         per_change = []
         missing_total = 0
         b0 = self.sockets()
-        cpu0 = self.workers_sample()[0]
+        cpu0, members0 = self.workers_sample()[0], self.servers.usage()
         t_changes, wall0 = time.monotonic(), time.time()
         for i in range(self.args.changes):
             if i % 2 == 0:
@@ -1297,6 +1304,8 @@ class Fleet:
             time.sleep(self.args.change_gap)
         changes_s = time.monotonic() - t_changes
         cpu_s = self.workers_sample()[0] - cpu0
+        members_s = sum((y or 0) - (x or 0) for x, y in zip(
+            members0["ticks"], self.servers.usage()["ticks"], strict=True)) / CLK_TCK
         b1 = self.sockets()
         deliveries = max(len(lat_all), 1)
         idle_s = idle_ms_per_host_s / 1000 * len(self.hosts) * changes_s
@@ -1321,6 +1330,8 @@ class Fleet:
             # and all workers share the machine's cores with the registry members
             "worker_cpu_s": round(cpu_s, 2),
             "worker_cpu_us_per_delivery": round(max(cpu_s - idle_s, 0) / deliveries * 1e6),
+            # the registry members' CPU in the same window (steady traffic included)
+            "members_cpu_s": round(members_s, 2),
             # a worker's collections, each holding the thread that made it (docs/benchmarks.md)
             "worker_gc_pauses": self.gc_pauses(wall0),
             "note_bytes": "includes the steady traffic of the window",
@@ -1329,7 +1340,7 @@ class Fleet:
     def death(self, size: int, k: int) -> dict[str, Any]:
         victim = VICTIM_BASE + 10 * k
         say(f"{self.backend} {size}: a host dies (SIGKILL of its process)")
-        w = WorkerProc(self.args, self.work / f"victim{k}.log")
+        w = WorkerProc(self.args, self.work / f"victim{k}.log", self.backend)
         try:
             r = w.call("add", hosts=[victim], urls={str(victim): self.url_of(victim)})
             if r["n_failed"]:
@@ -1500,6 +1511,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="when the workers make full garbage collections: only between the "
                          "measured phases (each then freezes what it holds), or whenever Python's "
                          "thresholds say (a full collection walks all of a worker's hosts' heaps)")
+    ap.add_argument("--zk-jvm", choices=("test", "server"), default="test",
+                    help="the ZooKeeper members' JVM: the tests' (C1 only, 256 MiB, serial "
+                         "collector) or as zkServer.sh starts one (-Xmx1000m, full JIT)")
+    ap.add_argument("--zk-hosts", choices=("greenlets", "threads"), default="greenlets",
+                    help="a ZooKeeper worker's hosts as threads, or as gevent greenlets "
+                         "(bench/fleet_greenlets.py)")
     ap.add_argument("--skip-death", action="store_true")
     ap.add_argument("--skip-restart", action="store_true")
     ap.add_argument("--grpc-proxy", action="store_true",

@@ -28,10 +28,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.discovery-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing the project and its test extras into .venv"
+  echo "setup: installing the project and its test and bench extras into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import discovery, pyetcd, kazoo, docker, consul" 
+  .venv/bin/pip install -q -e '.[test,bench]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import discovery, pyetcd, kazoo, docker, consul, gevent" 
   touch "$stamp"
 fi
 

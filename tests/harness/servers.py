@@ -47,6 +47,11 @@ ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 JAVA_BIN = shutil.which("java") or "/usr/bin/java"
 ZK_CLASSPATH = "/usr/share/java/*"
 ZK_TICK_MS = 500  # minSessionTimeout = 2 ticks = 1 s, maxSessionTimeout = 20 ticks = 10 s
+#: the tests' JVM: quick to start (a C1-only JIT), small
+ZK_TEST_JVM = ("-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
+#: a JVM as ZooKeeper's own ``zkServer.sh`` starts a member (``ZK_SERVER_HEAP`` 1000 MiB, the
+#: JVM's default collector and full JIT), for benchmarks that load the ensemble for minutes
+ZK_SERVER_JVM = ("-Xmx1000m",)
 START_TIMEOUT = 60.0
 
 
@@ -263,7 +268,7 @@ _LOG4J = "log4j.rootLogger=WARN, C\nlog4j.appender.C=org.apache.log4j.ConsoleApp
 class ZkEnsemble(ServerCluster):
     scheme = "zk"
 
-    def __init__(self, size: int, base_dir: Path) -> None:
+    def __init__(self, size: int, base_dir: Path, jvm: tuple[str, ...] = ZK_TEST_JVM) -> None:
         super().__init__(size, base_dir)
         ports = server_ports(3 * size, HOST)  # a restarted member comes back on its own
         self.client_ports = ports[:size]
@@ -285,7 +290,7 @@ class ZkEnsemble(ServerCluster):
             (d / "logback.xml").write_text(_LOGBACK)
             (d / "log4j.properties").write_text(_LOG4J)
             argv = [
-                JAVA_BIN, "-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                JAVA_BIN, *jvm,
                 f"-Dlogback.configurationFile={d / 'logback.xml'}",
                 f"-Dlog4j.configuration=file:{d / 'log4j.properties'}",
                 "-Dzookeeper.jmx.log4j.disable=true", "-Dzookeeper.admin.enableServer=false",
