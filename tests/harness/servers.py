@@ -45,10 +45,13 @@ T = TypeVar("T")
 HOST = "127.0.0.1"
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 JAVA_BIN = shutil.which("java") or "/usr/bin/java"
-#: zookeeper.jar names what it needs in its manifest; the log4j binding sends the members'
-#: warnings to their zk.log (with /usr/share/java/* SLF4J met six bindings and took the no-op)
-ZK_CLASSPATH = ":".join(f"/usr/share/java/{jar}.jar"
-                        for jar in ("zookeeper", "slf4j-log4j12", "log4j-1.2"))
+#: SLF4J's simple binding first: /usr/share/java/* holds six bindings, and SLF4J took the
+#: no-op one, so a member's zk.log held nothing (log4j's binding clashes with log4j-over-slf4j)
+ZK_CLASSPATH = "/usr/share/java/slf4j-simple.jar:/usr/share/java/*"
+#: what the simple binding writes to the member's zk.log: warnings and errors, timed
+ZK_LOG_FLAGS = ("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-Dorg.slf4j.simpleLogger.showDateTime=true",
+                "-Dorg.slf4j.simpleLogger.dateTimeFormat=yyyy-MM-dd HH:mm:ss,SSS")
 ZK_TICK_MS = 500  # minSessionTimeout = 2 ticks = 1 s, maxSessionTimeout = 20 ticks = 10 s
 #: the tests' JVM: quick to start (a C1-only JIT), small
 ZK_TEST_JVM = ("-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
@@ -293,7 +296,7 @@ class ZkEnsemble(ServerCluster):
             (d / "logback.xml").write_text(_LOGBACK)
             (d / "log4j.properties").write_text(_LOG4J)
             argv = [
-                JAVA_BIN, *jvm,
+                JAVA_BIN, *jvm, *ZK_LOG_FLAGS,
                 f"-Dlogback.configurationFile={d / 'logback.xml'}",
                 f"-Dlog4j.configuration=file:{d / 'log4j.properties'}",
                 "-Dzookeeper.jmx.log4j.disable=true", "-Dzookeeper.admin.enableServer=false",
