@@ -259,18 +259,6 @@ class EtcdCluster(ServerCluster):
         super().stop()
 
 
-_LOGBACK = """<configuration>
-  <appender name="F" class="ch.qos.logback.core.ConsoleAppender">
-    <encoder><pattern>%d %-5level [%thread] %logger{0} - %msg%n</pattern></encoder>
-  </appender>
-  <root level="WARN"><appender-ref ref="F"/></root>
-</configuration>
-"""
-_LOG4J = "log4j.rootLogger=WARN, C\nlog4j.appender.C=org.apache.log4j.ConsoleAppender\n" \
-         "log4j.appender.C.layout=org.apache.log4j.PatternLayout\n" \
-         "log4j.appender.C.layout.ConversionPattern=%d %-5p [%t] %c{1} - %m%n\n"
-
-
 class ZkEnsemble(ServerCluster):
     scheme = "zk"
 
@@ -293,14 +281,10 @@ class ZkEnsemble(ServerCluster):
             if size > 1:
                 lines += [f"server.{j + 1}={HOST}:{pp}:{ep}" for j, (pp, ep) in enumerate(quorum)]
             (d / "zoo.cfg").write_text("\n".join(lines) + "\n")
-            (d / "logback.xml").write_text(_LOGBACK)
-            (d / "log4j.properties").write_text(_LOG4J)
             argv = [
                 JAVA_BIN, *jvm, *ZK_LOG_FLAGS,
-                f"-Dlogback.configurationFile={d / 'logback.xml'}",
-                f"-Dlog4j.configuration=file:{d / 'log4j.properties'}",
                 "-Dzookeeper.jmx.log4j.disable=true", "-Dzookeeper.admin.enableServer=false",
-                "-cp", f"{d}:{ZK_CLASSPATH}",
+                "-cp", ZK_CLASSPATH,
                 "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(d / "zoo.cfg"),
             ]
             self.procs.append(_Proc(argv, d / "zk.log", d))
