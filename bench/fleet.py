@@ -1284,6 +1284,7 @@ class Fleet:
         missing_total = 0
         b0 = self.sockets()
         cpu0, members0 = self.workers_sample()[0], self.servers.usage()
+        requests0 = total(self.servers.counters())
         t_changes, wall0 = time.monotonic(), time.time()
         for i in range(self.args.changes):
             if i % 2 == 0:
@@ -1306,6 +1307,7 @@ class Fleet:
         cpu_s = self.workers_sample()[0] - cpu0
         members_s = sum((y or 0) - (x or 0) for x, y in zip(
             members0["ticks"], self.servers.usage()["ticks"], strict=True)) / CLK_TCK
+        requests = total(self.servers.counters()) - requests0
         b1 = self.sockets()
         deliveries = max(len(lat_all), 1)
         idle_s = idle_ms_per_host_s / 1000 * len(self.hosts) * changes_s
@@ -1330,8 +1332,10 @@ class Fleet:
             # and all workers share the machine's cores with the registry members
             "worker_cpu_s": round(cpu_s, 2),
             "worker_cpu_us_per_delivery": round(max(cpu_s - idle_s, 0) / deliveries * 1e6),
-            # the registry members' CPU in the same window (steady traffic included)
+            # the registry members' CPU and the requests they counted in the same window
+            # (steady traffic included)
             "members_cpu_s": round(members_s, 2),
+            "members_requests": round(requests),
             # a worker's collections, each holding the thread that made it (docs/benchmarks.md)
             "worker_gc_pauses": self.gc_pauses(wall0),
             "note_bytes": "includes the steady traffic of the window",
