@@ -1158,10 +1158,15 @@ class Fleet:
                 break
         return time.monotonic() - t0, expired
 
-    def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
-        return [None if x is None or y is None or y < x
-                else round(100 * (y - x) / CLK_TCK / wall, 1)
+    @staticmethod
+    def _cpu_s(a: dict[str, Any], b: dict[str, Any]) -> list[float | None]:
+        """Each member's CPU seconds between two ``Servers.usage()`` readings (None: a member
+        down at either, or restarted between them)."""
+        return [None if x is None or y is None or y < x else (y - x) / CLK_TCK
                 for x, y in zip(a["ticks"], b["ticks"], strict=True)]
+
+    def _cpu_pct(self, a: dict[str, Any], b: dict[str, Any], wall: float) -> list[float | None]:
+        return [None if c is None else round(100 * c / wall, 1) for c in self._cpu_s(a, b)]
 
     def steady(self, size: int) -> dict[str, Any]:
         say(f"{self.backend} {size}: settling {self.args.settle:g}s, then steady state for "
@@ -1305,8 +1310,7 @@ class Fleet:
             time.sleep(self.args.change_gap)
         changes_s = time.monotonic() - t_changes
         cpu_s = self.workers_sample()[0] - cpu0
-        members_s = sum((y or 0) - (x or 0) for x, y in zip(
-            members0["ticks"], self.servers.usage()["ticks"], strict=True)) / CLK_TCK
+        members_s = sum(c or 0.0 for c in self._cpu_s(members0, self.servers.usage()))
         requests = total(self.servers.counters()) - requests0
         b1 = self.sockets()
         deliveries = max(len(lat_all), 1)
