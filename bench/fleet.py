@@ -809,13 +809,21 @@ def zk_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
 class Servers:
     """The cluster plus how to read each member's counters, pid, RSS and CPU."""
 
-    def __init__(self, backend: str, work: Path, zk_jvm: str = "test") -> None:
-        from tests.harness.servers import ZK_SERVER_JVM, ZK_TEST_JVM, EtcdCluster, ZkEnsemble
+    def __init__(self, backend: str, work: Path, zk_jvm: str = "test",
+                 zk_io: str = "direct") -> None:
+        from tests.harness.servers import (
+            ZK_DIRECT_IO,
+            ZK_SERVER_JVM,
+            ZK_TEST_JVM,
+            EtcdCluster,
+            ZkEnsemble,
+        )
 
         self.backend = backend
         jvm = ZK_SERVER_JVM if zk_jvm == "server" else ZK_TEST_JVM
+        settings = ZK_DIRECT_IO if zk_io == "direct" else ()
         self.cluster = (EtcdCluster(3, work / "etcd") if backend == "etcd"
-                        else ZkEnsemble(3, work / "zk", jvm))
+                        else ZkEnsemble(3, work / "zk", jvm, settings))
         self._readers = ThreadPoolExecutor(max_workers=3)  # one per member
 
     def counters(self) -> list[dict[str, float] | None]:
@@ -1002,7 +1010,7 @@ class Fleet:
     def __init__(self, args: argparse.Namespace, backend: str, work: Path,
                  report: Report) -> None:
         self.args, self.backend, self.work, self.report = args, backend, work, report
-        self.servers = Servers(backend, work, args.zk_jvm)
+        self.servers = Servers(backend, work, args.zk_jvm, args.zk_io)
         self.relay: Relay | None = None
         self.proxy: Any = None
         self.workers: list[WorkerProc] = []
@@ -1522,6 +1530,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--zk-jvm", choices=("test", "server"), default="test",
                     help="the ZooKeeper members' JVM: the tests' (C1 only, 256 MiB, serial "
                          "collector) or as zkServer.sh starts one (-Xmx1000m, full JIT)")
+    ap.add_argument("--zk-io", choices=("direct", "pools"), default="direct",
+                    help="the ZooKeeper members' request threads: direct (a connection's "
+                         "selector thread does its socket I/O, the commit processor serves the "
+                         "reads: zoo.cfg nio.numWorkerThreads=0, commitProcessor."
+                         "numWorkerThreads=0) or ZooKeeper's default pools")
     ap.add_argument("--zk-hosts", choices=("greenlets", "threads"), default="greenlets",
                     help="a ZooKeeper worker's hosts as threads, or as gevent greenlets "
                          "(bench/fleet_greenlets.py)")

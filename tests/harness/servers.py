@@ -58,6 +58,11 @@ ZK_TEST_JVM = ("-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLeve
 #: a JVM as ZooKeeper's own ``zkServer.sh`` starts a member (``ZK_SERVER_HEAP`` 1000 MiB, the
 #: JVM's default collector and full JIT), for benchmarks that load the ensemble for minutes
 ZK_SERVER_JVM = ("-Xmx1000m",)
+#: zoo.cfg lines for members that share a few cores under load (the fleet bench): the selector
+#: thread does its connections' socket I/O and the commit processor's thread serves the reads,
+#: where by default each request is handed to a pool (2 x cores and cores threads) and back;
+#: ZooKeeper makes a key it does not know a ``zookeeper.``-prefixed system property
+ZK_DIRECT_IO = ("nio.numWorkerThreads=0", "commitProcessor.numWorkerThreads=0")
 START_TIMEOUT = 60.0
 
 
@@ -262,7 +267,8 @@ class EtcdCluster(ServerCluster):
 class ZkEnsemble(ServerCluster):
     scheme = "zk"
 
-    def __init__(self, size: int, base_dir: Path, jvm: tuple[str, ...] = ZK_TEST_JVM) -> None:
+    def __init__(self, size: int, base_dir: Path, jvm: tuple[str, ...] = ZK_TEST_JVM,
+                 settings: tuple[str, ...] = ()) -> None:
         super().__init__(size, base_dir)
         ports = server_ports(3 * size, HOST)  # a restarted member comes back on its own
         self.client_ports = ports[:size]
@@ -276,7 +282,7 @@ class ZkEnsemble(ServerCluster):
                 f"dataDir={d / 'data'}", f"clientPort={self.client_ports[i]}",
                 f"clientPortAddress={HOST}", "admin.enableServer=false",
                 "4lw.commands.whitelist=*", "preAllocSize=1024", "forceSync=no",
-                "maxClientCnxns=0",
+                "maxClientCnxns=0", *settings,
             ]
             if size > 1:
                 lines += [f"server.{j + 1}={HOST}:{pp}:{ep}" for j, (pp, ep) in enumerate(quorum)]
