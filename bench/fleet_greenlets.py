@@ -5,17 +5,89 @@ before anything else is imported, then ``fleet.py`` itself. The hosts' code is u
 kazoo's threading handler and the registry's own threads become greenlets, taking their turn
 on one OS thread in the order they became ready, instead of ~765 threads of a worker
 contending for its GIL (docs/benchmarks.md). Not for etcd hosts: grpc-python's own threads
-are not greenlets."""
+are not greenlets.
+
+Its one change to the hosts' code is their connections' wait for a socket
+(``discovery.registry.zk_io._poll``): gevent's ``select.poll`` makes and starts a watcher per
+socket and a result object at every call, and kazoo's ``selector_select`` a selector around
+it. Here the system's own ``poll`` tells at once what is ready; only when nothing is does the
+greenlet wait on the hub, one watcher a socket, then poll again.
+"""
 
 from gevent import monkey
 
 monkey.patch_all()
 
 import runpy  # noqa: E402  (after the patching, as everything else)
+import select  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
+from gevent import get_hub  # noqa: E402
 from gevent.fileobject import FileObject  # noqa: E402
+from gevent.hub import Waiter  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from discovery.registry import zk_io  # noqa: E402
+
+_system_poll = monkey.get_original("select", "poll")
+_READ, _WRITE = select.POLLIN, select.POLLOUT
+
+
+def _fd(obj: Any) -> int:
+    return obj if isinstance(obj, int) else int(obj.fileno())
+
+
+def poll(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | None
+         ) -> tuple[list[Any], list[Any], list[Any]]:
+    """What ``zk_io._poll`` answers (kazoo's ``selector_select`` over ``poll``: an object
+    whose socket is readable, or hung up, is in the first list, else if writable in the
+    second), waiting as a greenlet."""
+    masks: dict[int, int] = {}
+    for objs, bit in ((rlist, _READ), (wlist, _WRITE)):
+        for obj in objs:
+            masks[_fd(obj)] = masks.get(_fd(obj), 0) | bit
+    p = _system_poll()
+    for fd, mask in masks.items():
+        p.register(fd, mask)
+    ready = p.poll(0)
+    if not ready and timeout != 0:
+        hub = get_hub()
+        waiter: Waiter = Waiter(hub)
+        woken: list[bool] = []
+
+        def wake() -> None:
+            if not woken:
+                woken.append(True)
+                waiter.switch(None)
+
+        watchers = [hub.loop.io(fd, (1 if mask & _READ else 0) | (2 if mask & _WRITE else 0))
+                    for fd, mask in masks.items()]
+        if timeout is not None:
+            watchers.append(hub.loop.timer(timeout))
+        try:
+            for w in watchers:
+                w.start(wake)
+            waiter.get()
+        finally:
+            for w in watchers:
+                w.stop()
+                w.close()
+        ready = p.poll(0)
+    events = dict(ready)
+    readable, writable = [], []
+    for objs in (rlist, wlist):
+        for obj in objs:
+            ev = events.get(_fd(obj), 0)
+            if ev & ~_WRITE:  # readable, hung up or failed: selectors counts it readable
+                readable.append(obj)
+            elif ev & _WRITE:
+                writable.append(obj)
+    return readable, writable, []
+
+
+zk_io._poll = poll
 
 # The parent's commands: read without holding every other greenlet.
 sys.stdin = FileObject(sys.stdin.fileno(), "r")
