@@ -89,6 +89,7 @@ def poll(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | 
 
 zk_io._poll = poll
 
-# The parent's commands: read without holding every other greenlet.
-sys.stdin = FileObject(sys.stdin.fileno(), "r")
-runpy.run_path(str(Path(__file__).with_name("fleet.py")), run_name="__main__")
+if __name__ == "__main__":
+    # The parent's commands: read without holding every other greenlet.
+    sys.stdin = FileObject(sys.stdin.fileno(), "r")
+    runpy.run_path(str(Path(__file__).with_name("fleet.py")), run_name="__main__")
