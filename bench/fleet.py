@@ -810,7 +810,7 @@ class Servers:
     """The cluster plus how to read each member's counters, pid, RSS and CPU."""
 
     def __init__(self, backend: str, work: Path, zk_jvm: str = "test",
-                 zk_io: str = "direct") -> None:
+                 zk_io: str = "direct", etcd_procs: int = 1) -> None:
         from tests.harness.servers import (
             ZK_DIRECT_IO,
             ZK_SERVER_JVM,
@@ -822,7 +822,7 @@ class Servers:
         self.backend = backend
         jvm = ZK_SERVER_JVM if zk_jvm == "server" else ZK_TEST_JVM
         settings = ZK_DIRECT_IO if zk_io == "direct" else ()
-        self.cluster = (EtcdCluster(3, work / "etcd") if backend == "etcd"
+        self.cluster = (EtcdCluster(3, work / "etcd", etcd_procs) if backend == "etcd"
                         else ZkEnsemble(3, work / "zk", jvm, settings))
         self._readers = ThreadPoolExecutor(max_workers=3)  # one per member
 
@@ -1010,7 +1010,7 @@ class Fleet:
     def __init__(self, args: argparse.Namespace, backend: str, work: Path,
                  report: Report) -> None:
         self.args, self.backend, self.work, self.report = args, backend, work, report
-        self.servers = Servers(backend, work, args.zk_jvm, args.zk_io)
+        self.servers = Servers(backend, work, args.zk_jvm, args.zk_io, args.etcd_procs)
         self.relay: Relay | None = None
         self.proxy: Any = None
         self.workers: list[WorkerProc] = []
@@ -1527,6 +1527,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="when the workers make full garbage collections: only between the "
                          "measured phases (each then freezes what it holds), or whenever Python's "
                          "thresholds say (a full collection walks all of a worker's hosts' heaps)")
+    ap.add_argument("--etcd-procs", type=int, default=1,
+                    help="GOMAXPROCS of each etcd member (0: Go's default, one per core; 3 "
+                         "members share this machine's cores)")
     ap.add_argument("--zk-jvm", choices=("test", "server"), default="test",
                     help="the ZooKeeper members' JVM: the tests' (C1 only, 256 MiB, serial "
                          "collector) or as zkServer.sh starts one (-Xmx1000m, full JIT)")

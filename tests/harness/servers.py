@@ -74,8 +74,10 @@ def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float
 class _Proc:
     """One server process, started and stopped by its own pid."""
 
-    def __init__(self, argv: list[str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, cwd: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.argv, self.log_path, self.cwd = argv, log_path, cwd
+        self.env = None if env is None else {**os.environ, **env}
         self.popen: subprocess.Popen[bytes] | None = None
         self.wanted = False  # False after a deliberate stop/kill: its exit is no failure
 
@@ -90,7 +92,7 @@ class _Proc:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, cwd=self.cwd,
-                                          start_new_session=True)
+                                          env=self.env, start_new_session=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         self.wanted = False
@@ -192,10 +194,13 @@ class ServerCluster:
 
 
 class EtcdCluster(ServerCluster):
+    """``go_procs``: each member's ``GOMAXPROCS`` (0: Go's default, one per core)."""
+
     scheme = "etcd"
 
-    def __init__(self, size: int, base_dir: Path) -> None:
+    def __init__(self, size: int, base_dir: Path, go_procs: int = 0) -> None:
         super().__init__(size, base_dir)
+        env = {"GOMAXPROCS": str(go_procs)} if go_procs > 0 else None
         names = [f"m{i}" for i in range(size)]
         ports = server_ports(2 * size, HOST)  # a restarted member comes back on its own
         self.client_ports, peer_ports = ports[:size], ports[size:]
@@ -214,7 +219,7 @@ class EtcdCluster(ServerCluster):
                 "--initial-cluster-state", "new",
                 "--logger", "zap", "--log-level", "warn",
             ]
-            self.procs.append(_Proc(argv, d / "etcd.log", d))
+            self.procs.append(_Proc(argv, d / "etcd.log", d, env))
         self._clients: dict[int, Any] = {}
 
     def member_ready(self, i: int) -> bool:
