@@ -49,7 +49,10 @@ its own); the host that dies is alone
 in a process of its own, SIGKILLed (no goodbye: its lease or session must expire). The workers
 run at ``--worker-nice`` (10, and the same autogroup nice, since each is a session of its own):
 they stand for other machines and must not starve the registry members of CPU on this one; that
-only slows the hosts' own measured timings. A worker makes its full garbage collections only
+only slows the hosts' own measured timings. The three members share this machine's cores too, so
+each etcd member runs with ``GOMAXPROCS=1`` (``--etcd-procs``) and each ZooKeeper member serves
+requests on its selector and commit threads instead of thread pools (``--zk-io direct``).
+A worker makes its full garbage collections only
 between the measured phases (``--full-gc between-phases``: after each growth step, before the
 steady state and before the restart it collects once and freezes what it holds, ``gc.freeze()``):
 one walks the heaps of all of its hosts and holds the thread that made it for all of its run,
