@@ -46,8 +46,8 @@ def poll(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | 
     second), waiting as a greenlet."""
     masks: dict[int, int] = {}
     for objs, bit in ((rlist, _READ), (wlist, _WRITE)):
-        for obj in objs:
-            masks[_fd(obj)] = masks.get(_fd(obj), 0) | bit
+        for fd in map(_fd, objs):
+            masks[fd] = masks.get(fd, 0) | bit
     p = _system_poll()
     for fd, mask in masks.items():
         p.register(fd, mask)
