@@ -70,6 +70,10 @@ sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,
   the client side, from the kernel (``ss -ti``: ``bytes_sent``/``bytes_received`` of every
   connection from a fleet address, or etcd worker process, to a member); reads as the
   project counts them (``Registry.reads``: keys and bytes the server returned to each host).
+  ZooKeeper's ``mntr`` does not tell requests apart, so the ZooKeeper rows also count what
+  the hosts sent, by type (``zk_requests``: ``Ping``, ``GetChildren``, ``MultiRead``, ...):
+  ``client_requests_by_type_per_s_per_host``, and in the restart row per second from the stop
+  (``client_requests_by_second``), over the peak's window and the first 10 s after serving.
 * **one change → every host's catalog**: ``--changes`` (6) writes to ``svc000`` (put a new
   instance, delete it, ...) from the bench's own client; per host, the time from just before
   the write to the catalog holding it (the watch callback, on ``Catalog.apply``); p50 / p99 /
@@ -131,6 +135,8 @@ from common import (
     rss_kib,
     say,
 )
+from zk_requests import RequestLog, by_type_between, merge, per_second
+from zk_requests import install as count_zk_requests
 
 from discovery.errors import RegistryError
 from discovery.model import Instance
@@ -549,6 +555,8 @@ def worker_main(args: argparse.Namespace) -> int:
         gc.set_threshold(*gc.get_threshold()[:2], FULL_GC_NEVER)
     w = Worker(args)
     pauses = GcPauses()
+    sent = RequestLog()
+    count_zk_requests(sent)
     logging.getLogger("discovery.registry").addHandler(ExpiryCounter(w))
     out = sys.stdout
     for line in sys.stdin:
@@ -564,6 +572,8 @@ def worker_main(args: argparse.Namespace) -> int:
                          "expired": w.expired}
             elif cmd == "gc":
                 reply = {"pauses": pauses.since(msg["since"])}
+            elif cmd == "requests":  # what the ZooKeeper hosts sent, by type (zk_requests)
+                reply = {"rows": sent.since(msg["since"])}
             elif cmd == "freeze":  # between phases: see Fleet.freeze
                 gc.unfreeze()  # the whole heap, timed: what a host's share of it costs
                 t0 = time.thread_time()
@@ -1188,9 +1198,10 @@ class Fleet:
         relay0 = cpu_ticks(self.relay.pid, tree=False) if self.relay else 0
         proxy0 = cpu_ticks(self.proxy.pid, tree=False) if self.proxy and self.proxy.pid else 0
         s0 = all_workers(self.workers, "stats")
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         time.sleep(self.args.steady)
         wall = time.monotonic() - t0
+        kinds = self.client_requests(t0_wall)
         c1, b1, u1 = self.servers.counters(), self.sockets(), self.servers.usage()
         s1 = all_workers(self.workers, "stats")
         relay_cpu = (round(100 * (cpu_ticks(self.relay.pid, tree=False) - relay0) / CLK_TCK
@@ -1216,6 +1227,11 @@ class Fleet:
                "requests_per_s_per_host": round(req / wall / n, 4),
                "requests_per_s_total": round(req / wall, 1),
                "requests_by_method_per_s_per_host": by_method,
+               # ZooKeeper: what the hosts sent (zk_requests), by type
+               "client_requests_by_type_per_s_per_host": {
+                   k: round(v / wall / n, 4)
+                   for k, v in by_type_between(kinds, t0_wall, t0_wall + wall).items()}
+               if kinds else None,
                "client_sent_bytes_per_s_per_host": dist(sent),
                "client_received_bytes_per_s_per_host": dist(recv),
                "client_bytes_per_s_per_host_mean": round((sum(sent) + sum(recv)) / n, 1),
@@ -1240,6 +1256,13 @@ class Fleet:
                "worker_heap": dict(self.gc_model),
                "server": gauges, "host_loadavg": list(os.getloadavg())}
         return self.report.emit(row)
+
+    def client_requests(self, since: float) -> list[list[Any]]:
+        """ZooKeeper: every request the hosts sent since ``since``, ``[bucket, type, n]``
+        (:mod:`zk_requests`); etcd: none (the members count theirs by method)."""
+        if self.backend != "zk":
+            return []
+        return merge(r["rows"] for r in all_workers(self.workers, "requests", since=since))
 
     def _arm(self, kind: str, service: str, keys: list[tuple[str, str]]) -> int:
         return sum(r["armed"] for r in all_workers(self.workers, "arm", kind=kind,
@@ -1433,6 +1456,7 @@ class Fleet:
         peak_methods = (sampler.methods_between(sampler.peak_from, when)
                         if when is not None and sampler.peak_from is not None else {})
         after = sampler.methods_between(t_ready, t_ready + 10)
+        sent = self.client_requests(t_stop)
         # every host's catalog equals the registry's, for the services it follows
         check = all_workers(self.workers, "check", truth=self.truth())
         mismatched = sum(c["mismatched"] for c in check)
@@ -1472,6 +1496,15 @@ class Fleet:
             "peak_window_requests_by_method": peak_methods,
             "first_10s_requests_by_method_per_host": {
                 k: round(v / len(self.hosts), 2) for k, v in after.items()},
+            # ZooKeeper: what the hosts sent (zk_requests), by type; per second from the stop
+            "client_requests_peak_window_by_type": by_type_between(
+                sent, sampler.peak_from or 0.0, when or 0.0) if sent else None,
+            "client_requests_first_10s_by_type_per_host": {
+                k: round(v / len(self.hosts), 2)
+                for k, v in by_type_between(sent, t_ready, t_ready + 10).items()}
+            if sent else None,
+            "client_requests_by_second": per_second(sent, t_stop)[:40] if sent else None,
+            "serving_at_s": round(t_ready - t_stop, 2),
             "target": f"every host within {self.args.target_resync_s:g} s; peak <= "
                       f"{self.args.target_peak_ratio:g} x steady",
             "pass": ok})

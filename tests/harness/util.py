@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import shutil
 import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 from discovery.registry.devserver import (
@@ -16,7 +19,17 @@ from discovery.registry.devserver import (
 
 T = TypeVar("T")
 
-__all__ = ["free_port", "require_tool", "server_ports", "wait_for"]
+__all__ = ["free_port", "load_script", "require_tool", "server_ports", "wait_for"]
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script outside the package (``scripts/``, ``bench/``) as a module, named after its
+    file, without putting its folder on ``sys.path``."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 #: where :func:`server_ports` picks registry members' ports: below Linux's ephemeral range
 #: (32768-60999), which is where free_port() and every outgoing connection's own port come

@@ -7,7 +7,6 @@ A new flag, env var, config key or check type without a regenerated page fails h
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from discovery.agent.labels import parse_container
 from discovery.errors import LabelError
+from tests.harness.util import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_config_reference.py"
@@ -27,11 +27,7 @@ PAGE = ROOT / "docs" / "configuration.md"
 
 @pytest.fixture(scope="module")
 def gen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_config_reference", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
