@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kazoo.protocol.serialization import int_struct, long_struct, write_string
+from kazoo.protocol.states import Callback
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +93,32 @@ def rewatch(client: Any, zxid: int, data: dict[str, Watcher], child: dict[str, W
         result.get(timeout=timeout)
     log.debug("re-armed %d data, %d child and %d persistent watches from zxid %#x", len(data),
               len(child), len(recursive), zxid)
+
+
+class CatchUp:
+    """Whether the catch-up of the latest :func:`rewatch` is still coming in. Its events come
+    before the answer; one-shot watches of it that fire later (they stay on the server until
+    their node or directory changes) tell, under persistent watches, of a change those told of
+    already. :meth:`answered` queues the end on kazoo's event thread, behind the events read
+    before the answer; an earlier re-arm's end does not close a later one."""
+
+    def __init__(self) -> None:
+        self._state = (0, False)  # (the latest re-arm, its catch-up still open)
+
+    @property
+    def open(self) -> bool:
+        return self._state[1]
+
+    def begin(self) -> int:
+        """Before a re-arm: its number."""
+        gen = self._state[0] + 1
+        self._state = (gen, True)
+        return gen
+
+    def answered(self, client: Any, gen: int) -> None:
+        """Re-arm ``gen`` was answered."""
+        client.handler.dispatch_callback(Callback("watch", self._end, (gen,)))
+
+    def _end(self, gen: int) -> None:
+        if self._state == (gen, True):
+            self._state = (gen, False)

@@ -26,7 +26,7 @@ from discovery.registry.reads import ReadStats
 from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_persistent import EventRouter
-from discovery.registry.zk_rewatch import rewatch
+from discovery.registry.zk_rewatch import CatchUp, rewatch
 from discovery.registry.zk_scan import LivePaths, scan
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ZkWatch:
         self._answers: dict[str, tuple[Any, int, int]] = {}  # path -> _answered's
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
         self._loss_zxid: int | None = None  # the last zxid seen before that
+        self._catch_up = CatchUp()  # persistent: later one-shot events are stale
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
         client.add_listener(self._on_state)
@@ -126,7 +127,8 @@ class ZkWatch:
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:
-            self._push(item)  # something changed: read it again
+            if not self._persistent or self._catch_up.open:
+                self._push(item)  # something changed: read it again
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
         elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing
@@ -276,10 +278,10 @@ class ZkWatch:
             for item in items:
                 self._push(item)
             return
-        services = self._services
         data = {path: self._fn(("node", path)) for kind, path in items if kind == "node"}
-        child = {services if kind == "services" else self._url.service_dir(arg): self._fn(
+        child = {self._services if kind == "services" else self._url.service_dir(arg): self._fn(
             (kind, arg)) for kind, arg in items if kind != "node"}
+        gen = self._catch_up.begin()  # persistent: its one-shot watches tell only till answered
         try:
             rewatch(self._client, zxid, data, child, timeout=10.0,
                     recursive=self._roots if self._persistent else ())
@@ -288,6 +290,8 @@ class ZkWatch:
                 with self._cond:
                     self._rearm |= items
             raise
+        if self._persistent:  # the later events of those one-shot watches are stale
+            self._catch_up.answered(self._client, gen)
         with self._cond:
             if not self._rearm:
                 self._loss_zxid = None

@@ -103,10 +103,14 @@ def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[
 
 
 def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
-                                                        regs: list[Registry]) -> None:
+                                                        regs: list[Registry],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A cut link: the watch re-adds its persistent watch (SetWatches2) with the catch-up;
     the catch-up's one-shot watches fire once, so the second change of a node after the cut
-    reaches the watch only through the persistent one."""
+    reaches the watch only through the persistent one. Those one-shot watches stay on the
+    server until their node or directory changes; when it does after the catch-up, the
+    persistent watch has told of it already: one read a change, not one more for the node
+    (its data watch) or a listing of its directory (its child watch)."""
     url = zk.url(unique_prefix())
     parsed = RegistryURL.parse(url)
     fill_foreign(url, 20)
@@ -122,12 +126,21 @@ def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
         with proxy.blocked():
             wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
         wait_until(lambda: states[-1:] == [True], 10, "the reader to reconnect")
+        wait_until(lambda: len(watched(zk, parsed.prefix)) > 20, 10, "the catch-up watches")
+        sent = requests_of(reader, monkeypatch)
         node = foreign(3)
         for weight in (2, 3, 4):
             writer.register(replace(node, weight=weight))
             wait_until(lambda w=weight: any(c.instance is not None and c.instance.weight == w
                                             for c in seen), 10, f"weight {weight}")
+        for added in (foreign(23), foreign(25)):  # into svc3's and svc5's directories
+            writer.register(added)
+            wait_until(lambda k=added.key: ("put", k) in {(c.kind, c.key) for c in seen}, 10,
+                       f"{added.id}'s put")
         assert "reset" not in [c.kind for c in seen]
+        # one read a change: foreign(3)'s first is a delete and a create (the writer takes the
+        # node over), its two events one multiRead; before, 9 requests, 2 of them listings
+        assert sent == ["MultiRead"] + ["GetData"] * 4, sent
     finally:
         proxy.close()
 
