@@ -126,9 +126,10 @@ class ZkWatch:
         self._push(("read", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
-        if event.type != EventType.NONE:
-            if not self._persistent or self._catch_up.open:
-                self._push(item)  # something changed: read it again
+        if event.type != EventType.NONE:  # something changed: read it again; persistent: a
+            # node's event went to _event too (it reads it), a directory's counts in the catch-up
+            if not self._persistent or (self._catch_up.open and item[0] != "node"):
+                self._push(item)
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
         elif event.state == KeeperState.CONNECTING:  # connection lost: re-arm, read nothing

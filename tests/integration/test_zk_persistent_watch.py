@@ -110,11 +110,15 @@ def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
     reaches the watch only through the persistent one. Those one-shot watches stay on the
     server until their node or directory changes; when it does after the catch-up, the
     persistent watch has told of it already: one read a change, not one more for the node
-    (its data watch) or a listing of its directory (its child watch)."""
+    (its data watch) or a listing of its directory (its child watch). What changed during
+    the cut is read once too: the persistent watch reads a node whose catch-up event it sees,
+    so the one-shot watch's event only lists directories."""
     url = zk.url(unique_prefix())
     parsed = RegistryURL.parse(url)
     fill_foreign(url, 20)
     writer = open_registry(url, ttl=5)
+    node = foreign(3)
+    writer.register(node)  # taken over (a delete and a create): from now on one event a change
     proxy = TcpProxy(parsed.hosts[0])
     try:
         reader = open_registry(proxy.url("zk", parsed.prefix), ttl=5)
@@ -123,12 +127,24 @@ def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
         reader.add_state_listener(states.append)
         seen: list[Change] = []
         reader.watch(seen.append, reader.snapshot().revision)
+        sent = requests_of(reader, monkeypatch)
+        changed, gone = replace(foreign(4), weight=9), foreign(6)
         with proxy.blocked():
             wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
+            writer.register(changed)
+            writer.deregister(*gone.key)
         wait_until(lambda: states[-1:] == [True], 10, "the reader to reconnect")
-        wait_until(lambda: len(watched(zk, parsed.prefix)) > 20, 10, "the catch-up watches")
-        sent = requests_of(reader, monkeypatch)
-        node = foreign(3)
+        wait_until(lambda: ("put", changed.key) in {(c.kind, c.key) for c in seen}
+                   and ("delete", gone.key) in {(c.kind, c.key) for c in seen}, 10,
+                   "the catch-up")
+        wait_until(lambda: len(watched(zk, parsed.prefix)) >= 19, 10,  # + the persistent one
+                   "the catch-up watches of the 18 instances the cut left alone")
+        wait_until(lambda: sent.count("GetChildren") >= 2, 10, "svc4's and svc6's listings")
+        # SetWatches, the two nodes (together or apart), the listings of their directories
+        reads = [r for r in sent if r in ("GetData", "MultiRead")]
+        assert sent[0] == "SetWatches" and reads in (["MultiRead"], ["GetData"] * 2), sent
+        assert sorted(sent[1:]) == sorted(reads + ["GetChildren"] * 2), sent
+        del sent[:]
         for weight in (2, 3, 4):
             writer.register(replace(node, weight=weight))
             wait_until(lambda w=weight: any(c.instance is not None and c.instance.weight == w
@@ -138,9 +154,8 @@ def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
             wait_until(lambda k=added.key: ("put", k) in {(c.kind, c.key) for c in seen}, 10,
                        f"{added.id}'s put")
         assert "reset" not in [c.kind for c in seen]
-        # one read a change: foreign(3)'s first is a delete and a create (the writer takes the
-        # node over), its two events one multiRead; before, 9 requests, 2 of them listings
-        assert sent == ["MultiRead"] + ["GetData"] * 4, sent
+        # one read a change (before: 9 requests for these 5, 2 of them listings)
+        assert sent == ["GetData"] * 5, sent
     finally:
         proxy.close()
 
@@ -295,6 +310,8 @@ def test_changes_that_come_together_are_read_in_one_request(
     release.set()
     wait_until(lambda: {c.key for c in seen if c.kind == "delete"} == {i.key for i in dying},
                10, "the 10 deletes")
-    # the events come in one or two bursts (what the connection thread finds to read before
-    # its socket runs dry): a multiRead of each, not 10 reads
-    assert sent and set(sent) <= {"MultiRead", "GetData"} and len(sent) <= 3, sent
+    # the events come in a few bursts (what the connection thread finds to read before its
+    # socket runs dry: 1-3 mostly, 4 seen once on a loaded machine): a multiRead of each,
+    # not 10 reads
+    assert "MultiRead" in sent and set(sent) <= {"MultiRead", "GetData"}, sent
+    assert len(sent) <= 5, sent
