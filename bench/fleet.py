@@ -1504,7 +1504,6 @@ class Fleet:
                 for k, v in by_type_between(sent, t_ready, t_ready + 10).items()}
             if sent else None,
             "client_requests_by_second": per_second(sent, t_stop)[:40] if sent else None,
-            "serving_at_s": round(t_ready - t_stop, 2),
             "target": f"every host within {self.args.target_resync_s:g} s; peak <= "
                       f"{self.args.target_peak_ratio:g} x steady",
             "pass": ok})

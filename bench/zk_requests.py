@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 BUCKET_S = 0.25
@@ -22,11 +22,12 @@ class RequestLog:
     """Request type names, ``(bucket, name)`` in the order sent; ``append`` of a deque is
     atomic, so the hosts' threads (or greenlets) need no lock."""
 
-    def __init__(self, keep: int = 2_000_000) -> None:
+    def __init__(self, keep: int = 2_000_000, clock: Callable[[], float] = time.time) -> None:
         self._sent: deque[tuple[int, str]] = deque(maxlen=keep)
+        self._clock = clock
 
     def note(self, request: Any) -> None:
-        self._sent.append((int(time.time() / BUCKET_S), type(request).__name__))
+        self._sent.append((int(self._clock() / BUCKET_S), type(request).__name__))
 
     def since(self, t0: float) -> list[list[Any]]:
         """``[bucket start (UNIX s), type, count]`` from ``t0`` on, in time order."""

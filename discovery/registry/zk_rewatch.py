@@ -74,15 +74,17 @@ def _chunks(data: list[str], child: list[str]) -> Iterable[tuple[list[str], list
         yield part
 
 
-def rewatch(client: Any, zxid: int, data: dict[str, Watcher], child: dict[str, Watcher],
-            timeout: float, recursive: Sequence[str] = ()) -> None:
+def rewatch(client: Any, zxid: int, data: dict[str, Watcher | None],
+            child: dict[str, Watcher], timeout: float, recursive: Sequence[str] = ()) -> None:
     """Watch again, on ``client``'s current session, the ``data`` paths (their data) and the
-    ``child`` paths (their children), each calling its watcher, and the ``recursive`` paths
-    (persistent recursive: their events are routed by zk_persistent); ZooKeeper tells at once
-    of whatever changed after ``zxid``. Raises what kazoo raises (e.g. ConnectionLoss)."""
+    ``child`` paths (their children), each calling its watcher (a data path without one: its
+    events go only to the persistent watch above it), and the ``recursive`` paths (persistent
+    recursive: their events are routed by zk_persistent); ZooKeeper tells at once of whatever
+    changed after ``zxid``. Raises what kazoo raises (e.g. ConnectionLoss)."""
     # First kazoo's side: an event fired right after the request must find its watcher.
     for path, fn in data.items():
-        client._data_watchers[path].add(fn)
+        if fn is not None:
+            client._data_watchers[path].add(fn)
     for path, fn in child.items():
         client._child_watchers[path].add(fn)
     parts = list(_chunks(sorted(data), sorted(child))) or [([], [])]

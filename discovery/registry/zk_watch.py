@@ -126,9 +126,8 @@ class ZkWatch:
         self._push(("read", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
-        if event.type != EventType.NONE:  # something changed: read it again; persistent: a
-            # node's event went to _event too (it reads it), a directory's counts in the catch-up
-            if not self._persistent or (self._catch_up.open and item[0] != "node"):
+        if event.type != EventType.NONE:  # something changed: read it again
+            if not self._persistent or self._catch_up.open:
                 self._push(item)
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
@@ -279,7 +278,8 @@ class ZkWatch:
             for item in items:
                 self._push(item)
             return
-        data = {path: self._fn(("node", path)) for kind, path in items if kind == "node"}
+        data = {path: None if self._persistent else self._fn(("node", path))  # None: _event
+                for kind, path in items if kind == "node"}  # gets its events and reads it
         child = {self._services if kind == "services" else self._url.service_dir(arg): self._fn(
             (kind, arg)) for kind, arg in items if kind != "node"}
         gen = self._catch_up.begin()  # persistent: its one-shot watches tell only till answered

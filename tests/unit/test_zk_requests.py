@@ -27,8 +27,7 @@ class GetData:
     pass
 
 
-def test_install_counts_every_request_and_still_sends_it(zr: ModuleType,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_counts_every_request_and_still_sends_it(zr: ModuleType) -> None:
     sent: list[tuple[Any, float, int | None]] = []
 
     class Handler:  # stands in for kazoo's ConnectionHandler
@@ -37,8 +36,7 @@ def test_install_counts_every_request_and_still_sends_it(zr: ModuleType,
             return "written"
 
     clock = [1000.0]
-    monkeypatch.setattr(zr.time, "time", lambda: clock[0])
-    log = zr.RequestLog()
+    log = zr.RequestLog(clock=lambda: clock[0])
     zr.install(log, Handler)
     h, ping, get = Handler(), Ping(), GetData()
     assert h._submit(ping, 2.0, -2) == "written"
