@@ -233,6 +233,10 @@ IMAGE_ENV = {
 OTHER_ENV = {
     "DISCOVERY_REGISTRY_PASSWORD": "the registry password (see the registry URL above)",
     "DOCKER_HOST": "`agent`, `up`: dockerd to follow when `--docker` is not given",
+    "MALLOC_ARENA_MAX": "`agent`, `watch`, `dns`, `up` (glibc): the most malloc arenas; "
+                        "unset, these commands use 2 (glibc: 8 a core), which keeps `up` ~5 MB "
+                        "smaller ([benchmarks.md]"
+                        "(benchmarks.md#per-host-footprint-benchfootprintpy))",
     "_DISCOVERY_COMPLETE": "shell completion: `eval \"$(_DISCOVERY_COMPLETE=bash_source "
                            "discovery)\"` (`zsh_source`, `fish_source`)",
 }
