@@ -41,15 +41,8 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from common import (  # noqa: E402
-    HAPROXY_BIN,
-    HOST,
-    HostLoad,
-    Report,
-    port_open,
-    say,
-    wait_until,
-)
+from common import Report, say  # noqa: E402
+from procs import HAPROXY_BIN, HOST, HostLoad, port_open, wait_until  # noqa: E402
 
 from tests.harness.util import free_port  # noqa: E402
 

@@ -53,15 +53,8 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from coldapp import WARM, ColdApp, Model  # noqa: E402
-from common import (  # noqa: E402
-    HOST,
-    Report,
-    Routed,
-    install_signal_handlers,
-    percentile,
-    say,
-    wait_until,
-)
+from common import Report, install_signal_handlers, percentile, say  # noqa: E402
+from procs import HOST, Routed, wait_until  # noqa: E402
 
 from discovery.agent.checks import HttpCheck  # noqa: E402
 from discovery.agent.spec import CheckSpec, CheckTarget, WarmupSpec  # noqa: E402

@@ -41,7 +41,7 @@ for path in (str(ROOT), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from common import started, write_result  # noqa: E402
+from common import say, started, write_result  # noqa: E402
 from dnslib import EDNS0, DNSRecord, EDNSOption  # noqa: E402
 
 QUERIES = [("a.service.discovery", "A"), ("a.service.discovery", "AAAA"),
@@ -49,10 +49,6 @@ QUERIES = [("a.service.discovery", "A"), ("a.service.discovery", "AAAA"),
            ("_a._tcp.service.discovery", "SRV"), ("nope.service.discovery", "A"),
            ("discovery", "SOA")]
 LONG = "n" * 55
-
-
-def say(msg: str) -> None:
-    print(f"[bench-dns-abuse] {msg}", file=sys.stderr, flush=True)
 
 
 def serve(limit: int) -> int:

@@ -10,11 +10,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from common import cpu_ticks, percentile, rss_kib, say
+from common import percentile, say
 from fleet_host import HOT, VICTIM_BASE, host_instances
 from fleet_procs import WorkerProc, all_workers
 from fleet_servers import CLK_TCK, ETCD_GAUGES, ZK_KEYS, RateSampler, bytes_delta, total
 from fleet_setup import FleetSetup
+from procs import cpu_ticks, rss_kib
 from zk_requests import by_type_between, per_second
 
 from discovery.errors import RegistryError

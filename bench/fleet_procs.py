@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import HAPROXY_BIN, ROOT
+from common import ROOT
 from fleet_host import PREFIX, source_ip
+from procs import HAPROXY_BIN
 
 
 class WorkerProc:

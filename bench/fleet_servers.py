@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import cpu_ticks, rss_kib
+from procs import cpu_ticks, rss_kib
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -19,7 +19,6 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from common import cpu_ticks, rss_kib
 from fleet_host import (
     Host,
     install_etcd_host_channels,
@@ -27,6 +26,7 @@ from fleet_host import (
     raise_nofile,
     relieve_grpc_process_costs,
 )
+from procs import cpu_ticks, rss_kib
 from zk_requests import RequestLog
 from zk_requests import install as count_zk_requests
 

@@ -9,7 +9,7 @@ written, index entries included). Then ``discovery up --registry … --node fp``
 its DNS and HTTP endpoints on free loopback ports, routing ``--route`` services (default: its
 own service and ``svc0`` … ``svc4``: 100 + 2,500 servers in HAProxy), and ``--containers``
 (100) example-app containers (host network, ``discovery.check=tcp``) are started 8 at a time
-(``bench/registration.py``'s ``Containers``). Once the registry holds the 100 and the HTTP API
+(``bench/registration_rig.py``'s ``Containers``). Once the registry holds the 100 and the HTTP API
 shows the whole catalog (10,100 instances), after ``--settle`` s, ``/proc`` is read every
 second for ``--seconds`` (30, one resync period):
 
@@ -42,26 +42,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import docker
-from common import (
-    CLK_TCK,
-    HAPROXY_BIN,
-    Daemon,
-    Interrupted,
-    Report,
-    children_of,
-    cpu_ticks,
-    discovery_cmd,
-    install_signal_handlers,
-    say,
-)
-from registration import Containers
+from common import CLK_TCK, Interrupted, Report, install_signal_handlers, say
+from procs import HAPROXY_BIN, Daemon, children_of, cpu_ticks, discovery_cmd
+from registration_rig import Containers
 
 from discovery.registry import open_registry
-from tests.harness.dockerd import (
-    SESSION_ID,
-    build_example_image,
-    cleanup_session_containers,
-)
+from tests.harness.dockerd import SESSION_ID, build_example_image, cleanup_session_containers
 from tests.harness.fleet import fill_foreign
 from tests.harness.servers import EtcdCluster
 from tests.harness.util import free_port
