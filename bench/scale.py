@@ -13,7 +13,8 @@ listener each on free ports below the ephemeral range, and the bench measures:
 * **apply one change**: on a probe service whose 10 instances are ``draining`` (so every
   request that reaches a ready server reaches the new one), the bench puts one more
   instance (pointing at a ``probe`` httpd) and polls that service's listener until the
-  answer is ``probe``: write → served. Then deletes it: delete → 503. ``--changes`` times
+  answer is ``probe``: write → served. Then deregisters it as the agent does (``draining``,
+  then the delete): deregistration → 503. ``--changes`` times
   each, after one warm-up (reported separately: the first change after start).
 * **bulk change**: after the single changes, one simulated host's lease is revoked, so its
   instance of every service (1,000 at once) vanishes as when a host's lease expires; timed
@@ -191,7 +192,7 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
             add_ms = (time.monotonic() - t0) * 1000
             time.sleep(0.1)
             t1 = time.monotonic()
-            agents.delete(inst)
+            agents.leave(0, inst)
             wait_until(lambda: served("", 503), 60, f"removal {k} applied", interval=0.0005)
             remove_ms = (time.monotonic() - t1) * 1000
             time.sleep(0.1)

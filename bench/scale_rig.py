@@ -87,7 +87,9 @@ class SimAgents:
     def put(self, node: int, inst: Instance) -> None:
         self.client.put(self.key(inst), inst.to_json(), lease=self.leases[node])
 
-    def delete(self, inst: Instance) -> None:
+    def leave(self, node: int, inst: Instance) -> None:
+        """Deregister ``inst`` as the agent does: ``draining`` first, then the delete."""
+        self.put(node, inst.with_state(State.DRAINING))
         self.client.delete(self.key(inst))
 
     def close(self) -> None:

@@ -3,8 +3,12 @@
 The agent (:mod:`discovery.agent.core`) decides what should be registered (Docker, checks,
 warm-ups, maintenance); this writes it, only on change, and reconciles the registry's view of
 this node (read alone: :meth:`~discovery.registry.base.Registry.node_snapshot`) with what is
-wanted, both ways. A failed write is logged and left to the next reconcile, which the agent
-runs sooner (``wake``). Called with the agent's lock held: no lock of its own.
+wanted, both ways. An instance this agent registered ``up`` leaves as ``draining`` first, then
+is deleted: every watcher drains it at once, and a watcher's wipe guard
+(:mod:`discovery.watcher.guard`) tells the departure from a registry-side wipe, which deletes
+``up`` entries, and so never holds it in rotation. A failed write is logged and left to the
+next reconcile, which the agent runs sooner (``wake``). Called with the agent's lock held: no
+lock of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from discovery.agent.history import LOST, Cause, History
 from discovery.agent.tracked import Key
 from discovery.errors import RegistryError
 from discovery.metrics import Metrics
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,10 @@ class Registrations:
         have = self.written.get(key)
         try:
             if instance is None:
+                if have is not None and have.state is State.UP:
+                    # draining first: a watcher takes it out of rotation at once, and its wipe
+                    # guard then sees a departure, not the start of a registry-side wipe
+                    self.registry.register(have.with_state(State.DRAINING))
                 if have is not None or key in self.adopt:
                     self.registry.deregister(*key)
                     self.metrics.deregistered()

@@ -8,13 +8,15 @@ instance keeps traffic on it; Envoy's panic threshold routes to every host once 
 healthy, dead ones included. Our rule:
 
 1. A *wipe* is at least ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the
-   catalog removed within ``window`` seconds (2 s), by deletes or by a resync snapshot.
+   catalog removed within ``window`` seconds (2 s), by deletes or by a resync snapshot, while
+   ``up``. An agent drains what it deregisters (``draining`` first, then the delete), so a
+   departure, such as a rolling deploy of a small service, never counts, and is never held.
 2. Outside a wipe, a removal that leaves its service another up instance is applied at once
    (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
    service with no up instance *settles* for ``settle`` seconds (0.2 s; the instance keeps
-   serving meanwhile), then is applied unless a wipe began meanwhile. So stopping the last
-   instance of a service stops traffic to it 0.2 s later, and a host that dies takes its
-   instances away after its TTL.
+   serving meanwhile), then is applied unless a wipe began meanwhile. So a host that dies
+   takes its instances away after its TTL, and a bare delete of a service's last instance
+   stops traffic to it 0.2 s later (an agent's, drained first, at once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no mass removal for ``window`` seconds) and
@@ -186,9 +188,11 @@ class WipeGuard:
         current = self._current(change.key)
         if current is None:
             return [change]
+        if current.state is not State.UP:  # drained first: a departure (the agent), not a wipe
+            self._pop(change.key)
+            return [change]
         self._note_removals(now, 1)
-        keep = current.state is State.UP and (
-            self._wiped(now) or not self._has_up(change.key[0], change.key))
+        keep = self._wiped(now) or not self._has_up(change.key[0], change.key)
         if not keep:
             self._pop(change.key)
             return [change]
@@ -201,8 +205,9 @@ class WipeGuard:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
         gone = [k for k in before if k not in snapshot.instances]
-        if gone:
-            self._note_removals(now, len(gone))
+        up_gone = sum(1 for k in gone if before[k].state is State.UP)
+        if up_gone:
+            self._note_removals(now, up_gone)
         keep = dict(snapshot.instances)
         up_after = {i.service for i in keep.values() if i.state is State.UP}
         wiped = self._wiped(now)

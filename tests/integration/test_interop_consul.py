@@ -114,6 +114,10 @@ scrape_configs:
         prom.stop()
         for service, n in ("web", 2), ("web", 4), ("db", 3):
             stack.registry.deregister(service, inst(service, n).id)
+        # the last up instance of a service goes after the wipe guard's settle (0.2 s): the next
+        # test's blocking query must not see this test's removals land
+        wait_for(lambda: stack.get("/v1/catalog/services")[1] == {}, 10,
+                 message="this test's instances gone from the catalog")
 
 
 def test_py_consul_catalog_health_and_blocking_query(stack: Stack) -> None:
