@@ -255,23 +255,24 @@ class Router:
 
 
 class _Busy:
-    """Which slots of a backend still have sessions (``scur``), read once per sync and only
-    when a slot that served before is about to take a new instance."""
+    """Which slots of a backend still have sessions (``scur``), read once per backend and sync
+    and only when a slot that served before is about to take a new instance: that backend's
+    ``show stat`` alone (every backend's took ~0.5 s a sync at 1,000 services)."""
 
     def __init__(self, control: HAProxyControl | None) -> None:
         self.control = control
-        self._stat: dict[tuple[str, str], dict[str, str]] | None = None
+        self._stat: dict[str, dict[tuple[str, str], dict[str, str]]] = {}
 
     def of(self, backend: str) -> Callable[[str], bool]:
         def busy(slot: str) -> bool:
             if self.control is None:
                 return False
-            if self._stat is None:
+            if backend not in self._stat:
                 try:
-                    self._stat = self.control.runtime.stat()
+                    self._stat[backend] = self.control.runtime.stat(backend)
                 except HAProxyError as exc:
                     log.warning("cannot read sessions (%s): freed slots are not reused now", exc)
                     return True
-            return self._stat.get((backend, slot), {}).get("scur", "0") not in ("0", "")
+            return self._stat[backend].get((backend, slot), {}).get("scur", "0") not in ("0", "")
         return busy
 
