@@ -6,6 +6,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -78,7 +79,10 @@ def test_a_write_larger_than_the_socket_buffer_waits_for_the_reader(conn: Any) -
     msg = bytes(range(256)) * 16384  # 4 MiB
     got = bytearray()
 
-    def drain() -> None:
+    def drain() -> None:  # only once the writer blocked: a reader that keeps up never lets it
+        deadline = time.monotonic() + 5.0
+        while not waits and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
         while len(got) < len(msg):
             got.extend(peer.recv(1 << 16))
 
