@@ -32,6 +32,13 @@ TARGET_ADD_P99_MS = 250.0
 TARGET_DRAIN_P99_MS = 100.0
 
 
+def splits(agent: list[float], watcher: list[float]) -> dict[str, float | None]:
+    """A figure's agent (Docker → registry) and watcher (registry → HAProxy) parts, p50 / p99."""
+    return {f"split_{part}_{name}_ms": _r(percentile(values, q))
+            for part, values in (("agent", agent), ("watcher", watcher))
+            for name, q in (("p50", 0.5), ("p99", 0.99))}
+
+
 def run_propagation(run: Run, backend: str, server: ServerCluster) -> None:
     args, report = run.args, run.report
     assert run.client is not None
@@ -136,17 +143,10 @@ def run_propagation(run: Run, backend: str, server: ServerCluster) -> None:
                   "watcher_wait": default_wait(), "other_containers": others,
                   **load.read(), "problems": problems[:5]}
         report.latency("healthy_to_served", backend, add, expected=args.events,
-                       target_ms=TARGET_ADD_P99_MS,
-                       split_agent_p50_ms=_r(percentile(add_agent, 0.5)),
-                       split_agent_p99_ms=_r(percentile(add_agent, 0.99)),
-                       split_watcher_p50_ms=_r(percentile(add_watcher, 0.5)),
-                       split_watcher_p99_ms=_r(percentile(add_watcher, 0.99)), **common)
+                       target_ms=TARGET_ADD_P99_MS, **splits(add_agent, add_watcher), **common)
         report.latency("kill_to_last_served", backend, drain, expected=args.events,
-                       target_ms=TARGET_DRAIN_P99_MS,
-                       split_agent_p50_ms=_r(percentile(drain_agent, 0.5)),
-                       split_agent_p99_ms=_r(percentile(drain_agent, 0.99)),
-                       split_watcher_p50_ms=_r(percentile(drain_watcher, 0.5)),
-                       split_watcher_p99_ms=_r(percentile(drain_watcher, 0.99)), **common)
+                       target_ms=TARGET_DRAIN_P99_MS, **splits(drain_agent, drain_watcher),
+                       **common)
         report.save("propagation", backend, mark, {
             "healthy_to_served_ms": add, "kill_to_last_served_ms": drain,
             "add_agent_ms": add_agent, "add_watcher_ms": add_watcher,
