@@ -32,11 +32,14 @@ pytestmark = pytest.mark.integration
 NORMAL = 2.0
 
 
-def socket_inode(port: int) -> str | None:
-    """The inode of the loopback TCP socket bound to local ``port`` (from /proc/net/tcp)."""
+def socket_inode(port: int, peer_port: int) -> str | None:
+    """The inode of the loopback TCP socket from local ``port`` to ``peer_port`` (from
+    /proc/net/tcp). Both ends count: an ephemeral port is reused towards other peers, and such
+    a socket (say, one in TIME_WAIT, whose inode is 0) may be listed first."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{peer_port:04X}"
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[1] == f"0100007F:{port:04X}":
+        if fields[1] == local and fields[2] == remote:
             return fields[9]
     return None
 
@@ -80,14 +83,25 @@ class Tarpit:
             key.fileobj.close()  # type: ignore[union-attr]
         self._sel.close()
 
+    @staticmethod
+    def _receive(sock: socket.socket) -> bytes:
+        """What arrived, or nothing once the peer has closed or reset the connection."""
+        try:
+            return sock.recv(4096)
+        except OSError:
+            return b""
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             for key, _ in self._sel.select(0.05):
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 if key.data == "listen":
-                    conn, peer = sock.accept()
+                    try:
+                        conn, peer = sock.accept()
+                    except OSError:  # the connection went away before the accept
+                        continue
                     conn.setblocking(False)
-                    mine = owned_by(self.pid, socket_inode(peer[1]))
+                    mine = owned_by(self.pid, socket_inode(peer[1], sock.getsockname()[1]))
                     self._sel.register(conn, selectors.EVENT_READ, mine)
                     if not mine:
                         continue
@@ -95,7 +109,7 @@ class Tarpit:
                         self.open += 1
                         self.accepted += 1
                         self.max_open = max(self.max_open, self.open)
-                elif not sock.recv(4096):  # the check gave up: the peer closed
+                elif not self._receive(sock):  # the check gave up: the peer closed
                     self._sel.unregister(sock)
                     sock.close()
                     if not key.data:
