@@ -266,3 +266,13 @@ class Client(pyetcd.MultiEndpointEtcd3Client):
     clusterstub = _loop_stub("clusterstub", etcdrpc.ClusterStub)
     leasestub = _loop_stub("leasestub", etcdrpc.LeaseStub)
     maintenancestub = _loop_stub("maintenancestub", etcdrpc.MaintenanceStub)
+
+    def txn_response(self, request: etcdrpc.TxnRequest) -> Any:
+        """One ``Txn`` built by the caller, its errors handled as pyetcd handles its own
+        (pyetcd's ``transaction`` cannot limit, pin to a revision or count a range)."""
+        try:
+            return self.kvstub.Txn(request, self.timeout, credentials=self.call_credentials,
+                                   metadata=self.metadata)
+        except grpc.RpcError as exc:
+            self._manage_grpc_errors(exc)
+            raise  # not reached: pyetcd raises its own error or this one

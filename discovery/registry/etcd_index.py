@@ -4,9 +4,9 @@ Next to each instance ``<prefix>/services/<service>/<id>`` the backend keeps an 
 ``<prefix>/nodes/<node>/<service>/<id>``, written **in the same transaction and on the same
 lease** as the instance, and deleted in the same transaction as it. :func:`read_node` reads
 one node's entries: one keys-only range read of ``<prefix>/nodes/<node>/``, then the
-instances it names in transactions of :data:`TXN_GETS` gets — bytes proportional to the
-node's own instances, whatever the size of the fleet (a whole-registry read at 100,000
-instances is ~25 MB; one node's 20 instances are ~10 KB).
+instances it names in transactions of ``TXN_OPS`` gets (:mod:`~discovery.registry.etcd_read`)
+— bytes proportional to the node's own instances, whatever the size of the fleet (a
+whole-registry read at 100,000 instances is ~25 MB; one node's 20 instances are ~10 KB).
 
 An agent restarted on the same node finds its predecessor's entries (another lease) the same
 way, and adopts them by writing both keys again on its own lease. Readers of
@@ -32,13 +32,10 @@ from pyetcd.utils import prefix_range_end
 
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
-from discovery.registry.etcd_read import Caller, Decode
+from discovery.registry.etcd_read import TXN_OPS, Caller, Decode
 from discovery.registry.reads import ReadStats
 
 log = logging.getLogger(__name__)
-
-#: gets per transaction: etcd's default --max-txn-ops is 128
-TXN_GETS = 100
 
 
 def node_root(url: RegistryURL, node: str) -> str:
@@ -84,8 +81,8 @@ def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node:
             keys.append(url.key(*parts))
     instances: dict[tuple[str, str], Instance] = {}
     gone = 0
-    for start in range(0, len(keys), TXN_GETS):
-        chunk = keys[start:start + TXN_GETS]
+    for start in range(0, len(keys), TXN_OPS):
+        chunk = keys[start:start + TXN_OPS]
         _, results = call(f"read {len(chunk)} instances of node {node}",
                           partial(client.transaction, compare=[], failure=[],
                                   success=[transactions.Get(k) for k in chunk]))

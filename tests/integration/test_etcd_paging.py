@@ -8,8 +8,10 @@ of it fails, so it would fail without the paging.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from discovery.errors import InvalidRecord
 from discovery.model import Instance
 from discovery.registry import Change, RegistryURL, open_registry
 from discovery.registry.etcd_read import read_snapshot
+from discovery.registry.view import ServicesView
 from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import wait_for
 
@@ -201,3 +204,76 @@ def test_compaction_mid_read_starts_again(etcd_url: str, raw: Any,
     assert snap.revision >= client.compacted > 0
     assert snap.instances == {**made, extra.key: extra}  # one consistent read, at the new revision
     assert client.pages == 1 + 6  # the aborted read's first page, then 51 keys in pages of 10
+
+
+def etcd_requests(url: str) -> int:
+    """The reads etcd served so far (``Range`` and ``Txn`` answered OK), from its /metrics."""
+    host, port = RegistryURL.parse(url).hosts[0]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.findall(r'^grpc_server_handled_total\{grpc_code="OK",grpc_method="(?:Range|Txn)",'
+                       r'grpc_service="etcdserverpb\.KV"[^}]*\} (\d+)', text, re.M)
+    assert len(found) == 2, "etcd's /metrics lacks its KV counters"
+    return sum(map(int, found))
+
+
+def test_many_services_are_read_in_a_few_transactions(etcd_url: str, raw: Any) -> None:
+    """A watcher routing k services (ServicesView) reads them in transactions of many ranges
+    at one revision, not a request each: 301 services in 8 requests, counted by etcd."""
+    url = RegistryURL.parse(etcd_url)
+    made = {x.key: x for x in (inst(n, f"s{n % 300}") for n in range(600))}
+    made.update({x.key: x for x in (inst(n, "big") for n in range(1000, 1030))})
+    other = {x.key: x for x in (inst(n, "other") for n in range(2000, 2050))}  # not routed
+    write(raw, {url.key(*k): x.to_json() for k, x in {**made, **other}.items()})
+    reg = open_registry(etcd_url)
+    try:
+        view = ServicesView(reg, [f"s{n}" for n in range(300)] + ["big", "absent"])
+        before = etcd_requests(etcd_url)
+        snap = view.snapshot()
+        spent = etcd_requests(etcd_url) - before
+    finally:
+        reg.close(revoke=False)
+    assert snap.instances == made
+    # 302 counts in 4 transactions, then 630 keys of 301 services in 4 (100 ranges at most);
+    # one request a service was 302
+    assert spent == 8, spent
+
+
+class CompactsAfterFirstTxn:
+    """The registry's client that, right after its first transaction (the counts), writes
+    one more instance of a routed service and compacts etcd up to it."""
+
+    def __init__(self, client: Any, raw: Any, key: str, value: bytes) -> None:
+        self.client, self.raw, self.key, self.value = client, raw, key, value
+        self.txns, self.compacted = 0, 0
+
+    def txn_response(self, request: Any) -> Any:
+        resp = self.client.txn_response(request)
+        self.txns += 1
+        if self.txns == 1:
+            self.raw.put(self.key, self.value)
+            self.compacted = int(self.raw.get_response(self.key).header.revision)
+            self.raw.compact(self.compacted)
+        return resp
+
+
+def test_services_read_at_a_compacted_revision_are_read_again(
+        etcd_url: str, raw: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The transactions after the counts read at the counts' revision (etcd honours it inside
+    a transaction): once compacted, the read starts again and is consistent at a new one."""
+    url = RegistryURL.parse(etcd_url)
+    made = {x.key: x for x in (inst(n, f"s{n % 5}") for n in range(20))}
+    write(raw, {url.key(*k): x.to_json() for k, x in made.items()})
+    extra = inst(1000, "s1")
+    reg = open_registry(etcd_url)
+    try:
+        client = CompactsAfterFirstTxn(reg.client, raw, url.key(*extra.key), extra.to_json())
+        with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
+            snap = read_snapshot(plain_call, client, plain_decode, url.services_root + "/",
+                                 services=[f"s{n}" for n in range(5)])
+    finally:
+        reg.close(revoke=False)
+    assert "compacted" in caplog.text
+    assert snap.revision >= client.compacted > 0
+    assert snap.instances == {**made, extra.key: extra}
+    assert client.txns == 1 + 2  # the aborted read's counts, then counts and one read

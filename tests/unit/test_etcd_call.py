@@ -12,20 +12,7 @@ import pytest
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.registry.base import RegistryURL
 from discovery.registry.etcd import EtcdRegistry
-
-
-class Answer(grpc.RpcError):
-    """What grpc raises for a failed unary call."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+from tests.harness.rpc import Answer
 
 
 @pytest.fixture

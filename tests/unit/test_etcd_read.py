@@ -1,0 +1,132 @@
+"""etcd_read's reads of many services (a watcher routing k services): how many requests, of
+what size, and what happens when the cluster refuses a transaction. No server: a small
+in-memory KV answers ``Range`` and ``Txn`` as etcd does (sorted keys, ``limit``, ``more``,
+``count``). The same reads against a real etcd: tests/integration/test_fleet_scale.py."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+
+from discovery.model import Instance
+from discovery.registry.etcd_read import TXN_OPS, _packs, read_snapshot
+from discovery.registry.reads import ReadStats
+from tests.harness.rpc import Answer
+
+ROOT = "/t/services/"
+
+
+class FakeEtcd:
+    """Sorted keys at revision 7; ``max_txn_ops`` and ``max_keys`` (a message larger than the
+    receive limit) as a cluster may set them. Counts requests by kind."""
+
+    def __init__(self, services: dict[str, int], max_txn_ops: int = 128,
+                 max_keys: int = 10**6) -> None:
+        self.kv = {f"{ROOT}{s}/{s}-{n}".encode(): b"v" for s, count in services.items()
+                   for n in range(count)}
+        self.keys = sorted(self.kv)
+        self.max_txn_ops, self.max_keys = max_txn_ops, max_keys
+        self.requests: list[tuple[str, int]] = []  # (kind, operations)
+
+    def _range(self, key: bytes, end: bytes, limit: int = 0, count_only: bool = False) -> Any:
+        keys = self.keys[bisect_left(self.keys, key):bisect_left(self.keys, end)]
+        shown = keys[:limit] if limit else keys
+        kvs = [] if count_only else [SimpleNamespace(key=k, value=self.kv[k]) for k in shown]
+        return SimpleNamespace(kvs=kvs, more=len(shown) < len(keys), count=len(keys),
+                               header=SimpleNamespace(revision=7))
+
+    def get_range_response(self, start: bytes, end: bytes, limit: int = 0,
+                           revision: int | None = None, keys_only: bool = False) -> Any:
+        self.requests.append(("range", 1))
+        resp = self._range(start, end, limit)
+        if len(resp.kvs) > self.max_keys:
+            raise Answer(grpc.StatusCode.RESOURCE_EXHAUSTED, "received message larger than max")
+        return resp
+
+    def get_response(self, key: bytes) -> Any:
+        self.requests.append(("range", 1))
+        return self._range(key, key + b"\0")
+
+    def txn_response(self, request: Any) -> Any:
+        self.requests.append(("txn", len(request.success)))
+        if len(request.success) > self.max_txn_ops:
+            raise Answer(grpc.StatusCode.INVALID_ARGUMENT,
+                         "etcdserver: too many operations in txn request")
+        answers = [self._range(op.request_range.key, op.request_range.range_end,
+                               count_only=op.request_range.count_only)
+                   for op in request.success]
+        if sum(len(a.kvs) for a in answers) > self.max_keys:
+            raise Answer(grpc.StatusCode.RESOURCE_EXHAUSTED, "received message larger than max")
+        return SimpleNamespace(header=SimpleNamespace(revision=7),
+                               responses=[SimpleNamespace(response_range=a) for a in answers])
+
+
+def decode(key: str, value: bytes) -> Instance | None:
+    service, _, rest = key[len(ROOT):].partition("/")
+    return Instance(service=service, id=f"n:{rest.replace('-', '')}:80", node="n",
+                    address="192.0.2.1", port=80)
+
+
+def call(what: str, fn: Callable[[], Any], closing: bool = False) -> Any:
+    return fn()
+
+
+def read(etcd: FakeEtcd, services: list[str], page_keys: int = 1000) -> dict[str, int]:
+    snap = read_snapshot(call, etcd, decode, ROOT, services=services, page_keys=page_keys,
+                         reads=ReadStats())
+    assert snap.revision == 7
+    found: dict[str, int] = {}
+    for service, _ in snap.instances:
+        found[service] = found.get(service, 0) + 1
+    return found
+
+
+def test_packs_hold_at_most_a_page_of_keys_and_txn_ops_roots() -> None:
+    counts = [(f"r{n}", 3) for n in range(10)] + [("big", 50), ("r10", 3)]
+    assert list(_packs(counts, 10)) == [
+        ["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6", "r7", "r8"], ["r9"], ["big"], ["r10"]]
+    many = [(f"r{n}", 0) for n in range(TXN_OPS + 1)]
+    assert [len(p) for p in _packs(many, 1000)] == [TXN_OPS, 1]
+    assert list(_packs([], 1000)) == []
+
+
+def test_a_thousand_services_are_read_in_twenty_requests() -> None:
+    services = {f"svc{n:04d}": 10 for n in range(1000)}
+    etcd = FakeEtcd(services)
+    assert read(etcd, [*services, "absent"]) == services
+    # 11 counts (1,001 services, 100 a request), then 10 reads of 1,000 keys
+    assert etcd.requests == [("txn", 100)] * 10 + [("txn", 1)] + [("txn", 100)] * 10
+
+
+def test_a_service_larger_than_a_page_is_paged_on_its_own() -> None:
+    etcd = FakeEtcd({"small": 3, "big": 25, "other": 4})
+    assert read(etcd, ["small", "big", "other"], page_keys=10) == {
+        "small": 3, "big": 25, "other": 4}
+    kinds = [kind for kind, _ in etcd.requests]
+    assert kinds == ["txn", "range", "range", "range", "txn"]  # counts, big's pages, the rest
+
+
+def test_a_cluster_allowing_fewer_operations_is_read_one_service_at_a_time() -> None:
+    services = {f"svc{n}": 2 for n in range(30)}
+    etcd = FakeEtcd(services, max_txn_ops=8)
+    assert read(etcd, list(services)) == services
+    assert etcd.requests[0] == ("txn", 30)  # refused
+    assert etcd.requests[1:] == [("range", 1)] * 30
+
+
+def test_an_answer_too_large_is_read_again_service_by_service() -> None:
+    etcd = FakeEtcd({"a": 6, "b": 6, "c": 6}, max_keys=10)
+    assert read(etcd, ["a", "b", "c"], page_keys=20) == {"a": 6, "b": 6, "c": 6}
+    assert etcd.requests == [("txn", 3), ("txn", 3)] + [("range", 1)] * 3
+
+
+@pytest.mark.parametrize("services", [[], ["absent"]])
+def test_nothing_to_read(services: list[str]) -> None:
+    etcd = FakeEtcd({"a": 3})
+    assert read(etcd, services) == {}
+    assert len(etcd.requests) == 1  # the revision to watch from, or the one count
