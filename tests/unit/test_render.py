@@ -7,12 +7,15 @@ import os
 import shutil
 import socket
 import subprocess
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from discovery.errors import ConfigError, DiscoveryError, RenderError, ValidationError
 from discovery.model import Instance, State
@@ -21,6 +24,7 @@ from discovery.watcher.render import (
     DEFAULT_TEMPLATE,
     Renderer,
     RuntimePaths,
+    _check_value,
     build_context,
     render_config,
     unsafe_reason,
@@ -315,6 +319,53 @@ def test_render_refuses_hostile_context_values(value: str) -> None:
     ctx["paths"]["admin_socket"] = value
     with pytest.raises(RenderError, match=r"paths\.admin_socket"):
         Renderer().render(ctx)
+
+
+def _unsafe(text: str) -> bool:
+    """The rule, character by character: HAProxy's quoting characters and every control,
+    format, separator, surrogate, private-use or unassigned code point."""
+    return any(ch in "#'\"\\" or unicodedata.category(ch) in
+               {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"} for ch in text)
+
+
+@pytest.mark.parametrize("ch", [chr(c) for c in range(128)]
+                         + list("\x80\x85\xa0é\u2028\u2029\u200b\ufeff\ue000\U0010ffff"))
+def test_the_context_check_refuses_exactly_the_rule(ch: str) -> None:
+    """Each ASCII character and the non-ASCII edges, alone in an otherwise plain context."""
+    ctx = {"services": [{"name": f"ab{ch}cd", "port": 1}], "tags": ("x", None)}
+    if _unsafe(ch):
+        with pytest.raises(RenderError, match=r"refusing to render ctx\.services\[0\]\.name"):
+            _check_value(ctx, "ctx")
+    else:
+        _check_value(ctx, "ctx")
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.text(max_size=8), max_size=4), st.text(max_size=8),
+       st.sampled_from([None, 1, 2.5, True]))
+def test_the_check_in_one_call_agrees_with_the_rule(values: list[str], key: str,
+                                                    number: object) -> None:
+    """The context check proves a plain context safe in one regex call over all its strings;
+    it refuses exactly what the rule refuses, and names where."""
+    ctx = {"services": [{"name": v, "port": number} for v in values], key: tuple(values)}
+    if any(_unsafe(s) for s in [*values, key]):
+        with pytest.raises(RenderError, match=r"refusing to render ctx"):
+            _check_value(ctx, "ctx")
+    else:
+        _check_value(ctx, "ctx")
+
+
+@pytest.mark.parametrize("ch", ["\x0b", "\x00", "\x7f", "\x85", "\u2028", "\ufeff", "\t"])
+def test_a_template_writing_a_control_character_is_refused(tmp_path: Path, ch: str) -> None:
+    """The rendered text, the template's own literal text included: tabs only (a ``\\r``
+    in a template file reads as a line break: Jinja reads it with universal newlines)."""
+    template = tmp_path / "t.cfg.j2"
+    template.write_text(f"global\n\tmaxconn 10\nlisten a{ch}b\n")
+    if ch == "\t":
+        assert Renderer(template).render({}) == "global\n\tmaxconn 10\nlisten a\tb\n"
+        return
+    with pytest.raises(RenderError, match=r"t\.cfg\.j2: rendered line 3: control character"):
+        Renderer(template).render({})
 
 
 def test_render_refuses_odd_types_and_keys() -> None:
