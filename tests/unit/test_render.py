@@ -368,6 +368,17 @@ def test_a_template_writing_a_control_character_is_refused(tmp_path: Path, ch: s
         Renderer(template).render({})
 
 
+def test_the_context_check_meets_a_shared_or_cyclic_container_once() -> None:
+    shared = {"team": "payments"}
+    loop: list[object] = ["x"]
+    loop.append(loop)
+    _check_value({"a": shared, "b": [shared, shared], "c": loop}, "ctx")  # terminates, passes
+    bad: list[object] = ["y#"]
+    bad.append(bad)
+    with pytest.raises(RenderError, match=r"ctx\.c\[0\] = 'y#'"):
+        _check_value({"a": shared, "c": bad}, "ctx")
+
+
 def test_render_refuses_odd_types_and_keys() -> None:
     ctx = build_context(*case_basic())
     with pytest.raises(RenderError, match="unsupported type"):
