@@ -27,7 +27,7 @@ from discovery.watcher.slots import Slot, SlotState
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" would let a trailing newline in
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f;]")
 _PROMPT = b"\n> "
 MAX_WEIGHT = 256
@@ -71,7 +71,7 @@ def response_error(cmd: str, text: str) -> str | None:
 
 
 def _check_name(what: str, value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise HAProxyError(f"invalid {what} name {value!r}")
     return value
 
@@ -300,7 +300,7 @@ class HAProxyRuntime(_UnixCLI):
         backend's is what a sync needs: every server's is ~0.5 s at 1,000 services. Read raw:
         its header names fields like ``h2_..._errors``, which :func:`response_error` would
         take for one."""
-        named = backend is not None and _NAME.match(backend) and not backend.isdigit()
+        named = backend is not None and _NAME.fullmatch(backend) and not backend.isdigit()
         proxy = backend if named else "-1"  # a number would name a proxy id
         return parse_stat(self._raw(f"show stat {proxy} 4 -1"))
 

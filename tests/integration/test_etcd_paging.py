@@ -172,21 +172,27 @@ def test_values_near_etcd_request_limit(etcd_url: str, raw: Any,
     assert all(f"{k} is 1400002 bytes" in caplog.text for k in big), caplog.text
 
 
-class CompactsAfterFirstPage:
-    """A real client that, right after the first page, writes one more instance and compacts
-    etcd up to it, so the next page's revision is gone."""
+class CompactsAfterFirstRequest:
+    """A real client that, right after its first read (a page, or a transaction of ranges),
+    writes one more instance through ``raw`` and compacts etcd up to it, so that the next
+    read's revision is gone. Counts the reads it passed on."""
 
-    def __init__(self, client: Any, key: str, value: bytes) -> None:
-        self.client, self.key, self.value = client, key, value
-        self.pages, self.compacted = 0, 0
+    def __init__(self, client: Any, raw: Any, key: str, value: bytes) -> None:
+        self.client, self.raw, self.key, self.value = client, raw, key, value
+        self.requests, self.compacted = 0, 0
 
     def get_range_response(self, *args: Any, **kwargs: Any) -> Any:
-        resp = self.client.get_range_response(*args, **kwargs)
-        self.pages += 1
-        if self.pages == 1:
-            self.client.put(self.key, self.value)
-            self.compacted = int(self.client.get_response(self.key).header.revision)
-            self.client.compact(self.compacted)
+        return self._after(self.client.get_range_response(*args, **kwargs))
+
+    def txn_response(self, request: Any) -> Any:
+        return self._after(self.client.txn_response(request))
+
+    def _after(self, resp: Any) -> Any:
+        self.requests += 1
+        if self.requests == 1:
+            self.raw.put(self.key, self.value)
+            self.compacted = int(self.raw.get_response(self.key).header.revision)
+            self.raw.compact(self.compacted)
         return resp
 
 
@@ -196,14 +202,14 @@ def test_compaction_mid_read_starts_again(etcd_url: str, raw: Any,
     made = {x.key: x for x in (inst(n) for n in range(50))}
     write(raw, {url.key(*k): x.to_json() for k, x in made.items()})
     extra = inst(1000)
-    client = CompactsAfterFirstPage(raw, url.key(*extra.key), extra.to_json())
+    client = CompactsAfterFirstRequest(raw, raw, url.key(*extra.key), extra.to_json())
     with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
         snap = read_snapshot(plain_call, client, plain_decode, url.services_root + "/",
                              page_keys=10)
     assert "compacted" in caplog.text
     assert snap.revision >= client.compacted > 0
     assert snap.instances == {**made, extra.key: extra}  # one consistent read, at the new revision
-    assert client.pages == 1 + 6  # the aborted read's first page, then 51 keys in pages of 10
+    assert client.requests == 1 + 6  # the aborted read's first page, then 51 keys in pages of 10
 
 
 def etcd_requests(url: str) -> int:
@@ -239,24 +245,6 @@ def test_many_services_are_read_in_a_few_transactions(etcd_url: str, raw: Any) -
     assert spent == 8, spent
 
 
-class CompactsAfterFirstTxn:
-    """The registry's client that, right after its first transaction (the counts), writes
-    one more instance of a routed service and compacts etcd up to it."""
-
-    def __init__(self, client: Any, raw: Any, key: str, value: bytes) -> None:
-        self.client, self.raw, self.key, self.value = client, raw, key, value
-        self.txns, self.compacted = 0, 0
-
-    def txn_response(self, request: Any) -> Any:
-        resp = self.client.txn_response(request)
-        self.txns += 1
-        if self.txns == 1:
-            self.raw.put(self.key, self.value)
-            self.compacted = int(self.raw.get_response(self.key).header.revision)
-            self.raw.compact(self.compacted)
-        return resp
-
-
 def test_services_read_at_a_compacted_revision_are_read_again(
         etcd_url: str, raw: Any, caplog: pytest.LogCaptureFixture) -> None:
     """The transactions after the counts read at the counts' revision (etcd honours it inside
@@ -267,7 +255,8 @@ def test_services_read_at_a_compacted_revision_are_read_again(
     extra = inst(1000, "s1")
     reg = open_registry(etcd_url)
     try:
-        client = CompactsAfterFirstTxn(reg.client, raw, url.key(*extra.key), extra.to_json())
+        client = CompactsAfterFirstRequest(reg.client, raw, url.key(*extra.key),
+                                          extra.to_json())
         with caplog.at_level(logging.WARNING, logger="discovery.registry.etcd_read"):
             snap = read_snapshot(plain_call, client, plain_decode, url.services_root + "/",
                                  services=[f"s{n}" for n in range(5)])
@@ -276,4 +265,4 @@ def test_services_read_at_a_compacted_revision_are_read_again(
     assert "compacted" in caplog.text
     assert snap.revision >= client.compacted > 0
     assert snap.instances == {**made, extra.key: extra}
-    assert client.txns == 1 + 2  # the aborted read's counts, then counts and one read
+    assert client.requests == 1 + 2  # the aborted read's counts, then counts and one read

@@ -240,3 +240,10 @@ def test_slot_commands_validates(backend, slot):
 def test_slot_commands_refuse_what_would_add_a_token(address: str) -> None:
     with pytest.raises(HAProxyError, match="address"):
         slot_commands("web", Slot("s1", address, 8080, 100, "ready"))
+
+
+@pytest.mark.parametrize("backend", ["web\n", "web x", "", "w" * 129])
+def test_slot_commands_refuse_a_bad_backend_name(backend):
+    """The name must be all of it: a regex ``$`` also matches before a final newline."""
+    with pytest.raises(HAProxyError, match="invalid backend name"):
+        slot_commands(backend, Slot("s3", "127.0.0.1", 8080, 100, "ready"))
