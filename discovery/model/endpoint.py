@@ -8,10 +8,8 @@ one token by construction, not by a list of forbidden characters.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from discovery.errors import ValidationError
 from discovery.model import validate
 
 
@@ -21,9 +19,7 @@ class Endpoint:
     port: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            raise ValidationError("endpoint", f"{self.ip!r:.64} is not an IP address object")
-        validate.unicast_ip("endpoint", str(self.ip))
+        validate.unicast("endpoint", self.ip)
         validate.port("endpoint port", self.port)
 
     @classmethod

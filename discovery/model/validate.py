@@ -92,9 +92,17 @@ def _ip(culprit: str, value: str) -> IP:
 
 def unicast_ip(culprit: str, value: str) -> IP:
     """The address of an instance: a plain unicast IPv4 or IPv6 address."""
-    ip = _ip(culprit, value)
+    return unicast(culprit, _ip(culprit, value))
+
+
+def unicast(culprit: str, ip: IP) -> IP:
+    """``ip`` itself, if an address object :func:`unicast_ip` would give (no scope id, unicast)."""
+    if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        raise ValidationError(culprit, f"{ip!r:.64} is not an IP address object")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValidationError(culprit, f"{str(ip)[:64]!r}: IPv6 scope ids are not allowed")
     if ip.is_unspecified or ip.is_multicast or ip == _LIMITED_BROADCAST:
-        raise ValidationError(culprit, f"{value[:64]!r} is not a unicast address")
+        raise ValidationError(culprit, f"{str(ip)[:64]!r} is not a unicast address")
     return ip
 
 

@@ -99,7 +99,10 @@ def _bind_endpoint(bind: str, port: int) -> str:
     return f"[{bind}]:{port}" if ipaddress.ip_address(bind).version == 6 else f"{bind}:{port}"
 
 
-def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
+def _slot_context(service: str, index: int, slot: Slot, ips: dict[str, validate.IP]
+                  ) -> dict[str, Any]:
+    """One slot's variables. ``ips``: the addresses this render parsed so far (an address
+    repeats in a backend's spare slots and among a host's instances): each is parsed once."""
     where = f"{service} slot #{index + 1}"
     if not isinstance(slot, Slot):
         raise ValidationError(where, "not a Slot")
@@ -109,7 +112,10 @@ def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
     where = f"{service}/{name}"
     if isinstance(slot.port, bool) or not isinstance(slot.port, int):
         raise ValidationError(f"{where} port", f"{slot.port!r} is not a number")
-    endpoint = Endpoint.parse(where, slot.address, slot.port)
+    ip = ips.get(slot.address) if type(slot.address) is str else None
+    if ip is None:
+        ip = ips[slot.address] = validate.unicast_ip(f"{where} address", slot.address)
+    endpoint = Endpoint(ip, validate.port(f"{where} port", slot.port))
     if isinstance(slot.weight, bool) or not isinstance(slot.weight, int):
         raise ValidationError(f"{where} weight", f"{slot.weight!r} is not a number")
     weight = validate.weight(f"{where} weight", slot.weight)
@@ -135,7 +141,8 @@ def _slot_context(service: str, index: int, slot: Slot) -> dict[str, Any]:
     }
 
 
-def _service_context(svc: ServiceConfig, slots: Sequence[Slot]) -> dict[str, Any]:
+def _service_context(svc: ServiceConfig, slots: Sequence[Slot], ips: dict[str, validate.IP]
+                     ) -> dict[str, Any]:
     name = validate.dns_label("service", svc.name)
     bind = validate.bind_address(f"services.{name}.bind", svc.bind)
     port = validate.port(f"services.{name}.port", svc.port)
@@ -157,7 +164,7 @@ def _service_context(svc: ServiceConfig, slots: Sequence[Slot]) -> dict[str, Any
         "tags": list(svc.tags),
         "frontend_timeouts": {k: v for k, v in svc.timeouts.items() if k in FRONTEND_TIMEOUTS},
         "backend_timeouts": {k: v for k, v in svc.timeouts.items() if k in BACKEND_TIMEOUTS},
-        "slots": [_slot_context(name, n, slot) for n, slot in enumerate(slots)],
+        "slots": [_slot_context(name, n, slot, ips) for n, slot in enumerate(slots)],
     }
 
 
@@ -170,10 +177,11 @@ def build_context(
     if extra:
         log.debug("slots for unconfigured services ignored: %s", ", ".join(extra[:10]))
     services = []
+    ips: dict[str, validate.IP] = {}
     for name in sorted(config.services):
         if name not in slots:
             raise RenderError(f"service {name}: no slots (allocate at least one)")
-        services.append(_service_context(config.services[name], slots[name]))
+        services.append(_service_context(config.services[name], slots[name], ips))
     stats = None
     if config.stats_port is not None:
         stats = {"bind": STATS_BIND, "port": config.stats_port}
@@ -202,7 +210,8 @@ def _plainly_safe(value: object) -> bool:
     """Whether ``value`` is made of dicts (string keys), lists, tuples, None, numbers and
     strings of :data:`_SAFE_VALUE` alone: every string is matched in one call (a context of
     1,000 services x 10 holds ~250,000), a container met twice once. False does not mean
-    unsafe, only "walk it"."""
+    unsafe, only "walk it". A dict's plain values are taken in its own loop (most of a
+    context is the slots' dicts of strings and numbers)."""
     strings: list[str] = []
     stack = [value]
     seen: set[int] = set()
@@ -219,7 +228,12 @@ def _plainly_safe(value: object) -> bool:
             if not all(isinstance(k, str) for k in item):
                 return False
             strings.extend(item)
-            stack.extend(item.values())
+            for member in item.values():
+                kind = type(member)
+                if kind is str:
+                    strings.append(member)
+                elif not (kind is int or kind is bool or member is None):
+                    stack.append(member)
         elif isinstance(item, list | tuple):
             stack.extend(item)
         elif item is not None and not isinstance(item, bool | int | float):
@@ -257,6 +271,24 @@ def _finalize(value: object) -> object:
     return value
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, with ``x.name`` on a plain dict (the context's every value) looked up at
+    once: Jinja tries the attribute first and the item after its AttributeError, and a
+    dict's attributes are those of its type, so the answer is the same (at 1,000 services
+    x 10, ~150,000 lookups: the template took 0.18 s to render, 0.08 s this way)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 class Renderer:
     """A compiled template; :meth:`render` turns a context into the config text."""
 
@@ -265,7 +297,7 @@ class Renderer:
         self.template_path = path
         # Sandboxed: a template may read its context, nothing else (no attribute walks to
         # os/subprocess, no mutation); check-config promises to run nothing.
-        env = ImmutableSandboxedEnvironment(
+        env = _Environment(
             loader=jinja2.FileSystemLoader(str(path.parent)),
             undefined=jinja2.StrictUndefined,
             autoescape=False,

@@ -546,3 +546,24 @@ def test_reload_with_state_file(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
         print(err.decode(errors="replace"))
+
+
+@pytest.mark.parametrize("expr", [
+    "d.a", "d.items() | list | length", "d.items is defined", "d.get('a')", "d['items']",
+    "n.a", "d.__class__ is defined", "d.missing is defined", "l.a is defined",
+])
+def test_a_dict_lookup_renders_as_jinjas_own_sandbox(tmp_path: Path, expr: str) -> None:
+    """The renderer takes ``x.name`` on a plain dict straight from the dict; Jinja's sandbox
+    renders every one of these the same (an attribute of dict first, then the item)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    (tmp_path / "t.j2").write_text(f"{{{{ {expr} }}}}\n")
+    context = {"d": {"a": "1", "items": "2"}, "n": _Attrs(), "l": ["a"]}
+    jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    expected = jinja.from_string(f"{{{{ {expr} }}}}\n").render(context)
+    assert Renderer(tmp_path / "t.j2")._template.render(context) == expected
+
+
+class _Attrs:
+    a = "attr"
