@@ -36,6 +36,9 @@ class State(StrEnum):
     DRAINING = "draining"
 
 
+_STATES = frozenset(s.value for s in State)
+
+
 def make_instance_id(node: str, container_id: str, port: int) -> str:
     """Stable id: the same container port on the same node always gets the same id."""
     return f"{node}:{container_id[:12].lower()}:{port}"
@@ -214,7 +217,7 @@ class Instance:
                 raise InvalidRecord(where, f"{name} must be a string")
         if not all(isinstance(t, str) for t in tags):
             raise InvalidRecord(where, "tags must be strings")
-        if text["state"] not in {s.value for s in State}:
+        if text["state"] not in _STATES:
             raise InvalidRecord(where, f"state {text['state']!r:.40} is not up|draining")
         return cls.shared(
             service=text["service"], id=text["id"], node=text["node"],
@@ -293,6 +296,10 @@ def _nesting(raw: bytes) -> int:
     return deepest
 
 
+#: json.loads with these hooks builds a decoder a call; this one serves every record
+_RECORD_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def load_record(raw: bytes | str, where: str = "record") -> Any:
     """Parse a stored value as strict JSON: at most :data:`MAX_RECORD_BYTES`, brackets nested
     at most :data:`MAX_DEPTH` deep, no ``NaN``/``Infinity`` and no number that overflows a
@@ -304,6 +311,6 @@ def load_record(raw: bytes | str, where: str = "record") -> Any:
     if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nesting(data) > MAX_DEPTH:
         raise InvalidRecord(where, f"JSON nested deeper than {MAX_DEPTH}")
     try:
-        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+        return _RECORD_JSON.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
     except Exception as exc:  # ValueError, RecursionError, ...
         raise InvalidRecord(where, f"not JSON: {str(exc)[:120]}") from None
