@@ -169,17 +169,24 @@ class Router:
             tables[name] = old.resized(sizes[name], insts)  # instances keep their slots
         text = self.render({name: t.slots() for name, t in tables.items()})
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        control = self.control
+        # a new HAProxy checks the config itself as it starts (HAProxySupervisor.start)
+        fresh = isinstance(control, HAProxySupervisor) and control.nothing_here()
         staged = stage(text, self.config_path)
         try:
-            validate_config(self.haproxy_bin, staged)
+            if not fresh:
+                validate_config(self.haproxy_bin, staged)
             changed = install(staged, self.config_path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
-        self.tables = tables
-        control = self.control
+        previous, self.tables = self.tables, tables
         if isinstance(control, HAProxySupervisor) and not control.running:
-            control.start(validated=True)
+            try:
+                control.start(validated=not fresh)
+            except RenderError:  # the new HAProxy refused the config, as haproxy -c does
+                self.tables = previous
+                raise
             log.info("HAProxy started with %s", self.config_path)
         elif control is not None and changed:
             control.reload()

@@ -133,24 +133,33 @@ class HAProxySupervisor:
         return self.handed_over is None and self.master_pid is not None
 
     # ---- start: adopt what runs, or start (taking the sockets over) ---------------------------
+    def nothing_here(self) -> bool:
+        """Whether no HAProxy runs on the state dir, to adopt or to take over: a start would
+        be a new one's."""
+        return (not self.running
+                and adopt.survey(self.pid_file, self.master_socket, self.admin_socket) is None)
+
     def start(self, validated: bool = False) -> None:
-        """Adopt the HAProxy running on the state dir, or start one; return once it serves."""
+        """Adopt the HAProxy running on the state dir, or start one; return once it serves.
+        Unless ``validated``, the config is checked first (``haproxy -c``) when an HAProxy runs
+        there; a new one checks it itself as it starts (one parse fewer: ~0.2 s at 1,000
+        services), and a config it refuses raises the check's own RenderError."""
         with self._lock:
             if self.handed_over is not None:
                 raise HAProxyError("HAProxy was handed over to another watcher")
             if self.running:
                 return
-            if not validated:
-                validate_config(self.binary, self.config)
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            found = adopt.survey(self.pid_file, self.master_socket, self.admin_socket)
+            if not validated and found is not None:
+                validate_config(self.binary, self.config)
             self._stopping.clear()
             self._left = False
-            found = adopt.survey(self.pid_file, self.master_socket, self.admin_socket)
             if found is not None and found.master is not None and found.workers \
                     and adopt.exe(found.master) == adopt.binary_path(self.binary):
                 self._adopt(found.master)
             else:
-                self._spawn(found)
+                self._spawn(found, checked=validated or found is not None)
             if self._monitor is None or not self._monitor.is_alive():
                 self._monitor = threading.Thread(target=self._watch, daemon=True,
                                                  name=f"haproxy-monitor-{self.state_dir.name}")
@@ -173,9 +182,10 @@ class HAProxySupervisor:
         if not converged:
             self.reload()
 
-    def _spawn(self, takeover: Found | None) -> None:
+    def _spawn(self, takeover: Found | None, checked: bool = True) -> None:
         """Start a master; with ``takeover`` (an HAProxy already serving here) take its
-        listening sockets with ``-x`` and soft-stop it once ours serves."""
+        listening sockets with ``-x`` and soft-stop it once ours serves. Not ``checked``: a
+        start that fails is asked why of ``haproxy -c`` (its RenderError, if the config)."""
         argv = [self.binary, "-W", "-S", f"{self.master_socket},mode,600",
                 "-f", str(self.config), "-p", str(self.pid_file)]
         if takeover is not None:
@@ -189,6 +199,8 @@ class HAProxySupervisor:
             self._wait_ready(popen)
         except HAProxyError:
             self._terminate(popen.pid, popen, soft=0.0, timeout=5.0)
+            if not checked:
+                validate_config(self.binary, self.config)
             raise
         adopt.note_loaded(self.state_dir, self.config)
         self._token = adopt.claim(self.state_dir, popen.pid)  # an old watcher now lets go

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -193,6 +194,31 @@ def test_template_haproxy_rejects_keeps_last_good_config(registry_url, reg, http
     assert watcher.reload_count() == reloads
     assert render_errors(http_port) == 1  # counted once, not once per sync
     assert watcher.alive
+
+
+def test_first_config_haproxy_rejects_starts_nothing_until_fixed(registry_url, reg, http_backends,
+                                                                 start_watcher, tmp_path):
+    """No HAProxy runs yet: the new one checks the config itself as it starts (no ``haproxy
+    -c`` first). One it refuses is reported as ``haproxy -c`` reports it, counted once, and
+    nothing listens; the fixed template (SIGHUP) starts it."""
+    (a,) = http_backends("a")
+    template = tmp_path / "mine.cfg.j2"
+    template.write_text(TEMPLATE.read_text()
+                        + "\nbackend rejected_by_haproxy\n    balance no-such-algorithm\n")
+    web_port, http_port = free_port(), free_port()
+    reg.register(inst("web", 1, a.port))
+    watcher = start_watcher(registry_url, {"web": web_port}, "--template", str(template),
+                            "--http", f"127.0.0.1:{http_port}", ready=False)
+    wait_for(lambda: "HAProxy rejects the config" in watcher.log(), 15,
+             message="HAProxy's refusal in the log")
+    assert "balance only supports" in watcher.log()  # HAProxy's own line, passed on
+    wait_for(lambda: render_errors(http_port) == 1, 10, message="discovery_render_errors_total")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", web_port), timeout=1).close()
+    shutil.copy(TEMPLATE, template)
+    watcher.signal(signal.SIGHUP)
+    wait_for(lambda: spread(web_port, 2) == {"a": 2}, 15, message="web served once fixed")
+    assert render_errors(http_port) == 1 and watcher.alive
 
 
 def render_errors(http_port: int) -> float:
