@@ -92,6 +92,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--changes", type=int, default=20, help="scale: measured changes per run")
     g.add_argument("--waits", default="default,0ms:500ms",
                    help="scale: quiescence windows to run ('default': the watcher's, 20ms:500ms)")
+    g.add_argument("--starts", type=int, default=3,
+                   help="scale: starts of the router per run, the first valid config of each "
+                        "timed (median reported; this machine's start times vary by ~1 s)")
     g.add_argument("--no-bulk", dest="bulk", action="store_false",
                    help="scale: skip the bulk change (one simulated host's lease revoked)")
     g.add_argument("--py-spy", metavar="BIN", default=None,
@@ -151,29 +154,46 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
             lines += [f"[services.{name}]", f"port = {port}"]
         toml.write_text("\n".join(lines) + "\n")
         url = f"etcd://{HOST}:{setup.etcd.client_ports[0]}{prefix}"
-        if args.router == "baseline":
-            watcher = Routed.baseline(url, dict(zip(names, ports, strict=True)), setup.work)
-        else:
-            watcher = Routed.watcher(url, {}, setup.work, config=toml)
-        wall0 = time.time()
-        watcher.start()
-        if args.py_spy:
-            profilers.append(Profiler(args.py_spy, watcher.pid, idle=True,
-                                      out=setup.work / f"pyspy-{label}-{setup.run_no}-start.txt"))
         check_ports = [ports[names.index(n)] for n in check_services]
-        pending = set(check_ports)
-        deadline = time.monotonic() + 120
-        while pending:
-            if not watcher.alive:
-                raise Unmeasured(f"watcher exited:\n{watcher.log_tail()}")
-            if time.monotonic() > deadline:
-                raise Unmeasured(f"scale {label}: no valid config within 120 s")
-            for p in list(pending):
-                with contextlib.suppress(OSError):
-                    if http_get(p, timeout=1.0)[0] == 200:
-                        pending.discard(p)
-            time.sleep(0.005)
-        first_valid_ms = (time.monotonic() - watcher.started_at) * 1000
+
+        def start_router(profile: bool) -> tuple[Routed, float, dict[str, int]]:
+            """A new router (nothing runs on its state dir); the ms from its exec until
+            HAProxy answers on the check ports, and its log's milestones (ms after exec)."""
+            if args.router == "baseline":
+                routed = Routed.baseline(url, dict(zip(names, ports, strict=True)), setup.work)
+            else:
+                routed = Routed.watcher(url, {}, setup.work, config=toml)
+            wall0 = time.time()
+            routed.start()
+            if profile:
+                profilers.append(Profiler(args.py_spy, routed.pid, idle=True, out=setup.work
+                                          / f"pyspy-{label}-{setup.run_no}-start.txt"))
+            pending = set(check_ports)
+            deadline = time.monotonic() + 120
+            while pending:
+                if not routed.alive:
+                    raise Unmeasured(f"watcher exited:\n{routed.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise Unmeasured(f"scale {label}: no valid config within 120 s")
+                for p in list(pending):
+                    with contextlib.suppress(OSError):
+                        if http_get(p, timeout=1.0)[0] == 200:
+                            pending.discard(p)
+                time.sleep(0.005)
+            took = (time.monotonic() - routed.started_at) * 1000
+            wait_until(lambda: "haproxy_started" in log_times(routed.log_text()), 10,
+                       "the router logged its HAProxy's start")
+            marks = sorted(log_times(routed.log_text()).items(), key=lambda x: x[1])
+            return routed, took, {k: round((v - wall0) * 1000) for k, v in marks}
+
+        starts: list[tuple[float, dict[str, int]]] = []
+        for n in range(args.starts):  # the profiled start (if any) is the last one
+            if watcher is not None:
+                watcher.close()
+            watcher, took, split = start_router(bool(args.py_spy) and n == args.starts - 1)
+            starts.append((took, split))
+        first_valid_ms, split = sorted(starts, key=lambda s: s[0])[(len(starts) - 1) // 2]
+        assert watcher is not None  # --starts >= 1
 
         probe_listen = ports[names.index(probe_service)]
 
@@ -229,8 +249,6 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
         if master is not None:
             hap_kib = rss_kib(master).get("VmRSS", 0) + sum(
                 rss_kib(c).get("VmRSS", 0) for c in children_of(master))
-        marks = log_times(watcher.log_text())
-        split = {k: round((v - wall0) * 1000) for k, v in sorted(marks.items(), key=lambda x: x[1])}
         reloads = watcher.reload_count()
         profiled = bool(args.py_spy)
         common: dict[str, Any] = {"size": label, "services": services,
@@ -238,9 +256,11 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
                                   "wait": default_wait() if wait == "default" else wait,
                                   "profiled": profiled, **load.read()}
         target_first = TARGET_FIRST_CONFIG_MS
-        report.emit({"name": "scale_first_valid_config", "backend": "etcd", "n": 1,
-                     "p50_ms": round(first_valid_ms), "p99_ms": round(first_valid_ms),
+        report.emit({"name": "scale_first_valid_config", "backend": "etcd", "n": len(starts),
+                     "p50_ms": round(first_valid_ms),
+                     "p99_ms": round(max(took for took, _ in starts)),
                      "value": round(first_valid_ms), "unit": "ms",
+                     "starts_ms": [round(took) for took, _ in starts],
                      "target": f"<= {target_first:g} ms",
                      "pass": (first_valid_ms <= target_first) if services >= 1000 else None,
                      "split_ms_after_exec": split, "ready_for_changes_ms": round(ready_ms),
@@ -269,6 +289,7 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
                                   and bulk["haproxy_reloads"] == 0)
                          if services >= 1000 else None, **bulk, **common})
         samples = {"first_valid_ms": round(first_valid_ms, 1),
+                   "starts_ms": [round(took, 1) for took, _ in starts],
                    "first_change_after_start_ms": round(first_change_ms, 1),
                    "add_ms": [round(v, 2) for v in adds],
                    "remove_ms": [round(v, 2) for v in removes], "bulk": bulk}
@@ -296,6 +317,8 @@ def run_scale(args: argparse.Namespace, work: Path, report: Report) -> None:
         raise Unmeasured("--services must be in 1..2000 and --instances in 1..50")
     if not 1 <= args.changes <= 200:
         raise Unmeasured("--changes must be in 1..200")
+    if not 1 <= args.starts <= 20:
+        raise Unmeasured("--starts must be in 1..20")
     small = [int(x) for x in str(args.small_services).split(",") if x.strip() and int(x)]
     sizes = [args.services, *small]
     waits = [w.strip() for w in args.waits.split(",") if w.strip()]
