@@ -31,6 +31,9 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # fullmatch: "$" would let a trai
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f;]")
 _PROMPT = b"\n> "
 MAX_WEIGHT = 256
+#: ``set server`` commands sent at once before their answers are read (one round trip each
+#: took 36 us: a host's 1,000 instances gone at once, 3,000 commands, 109 ms)
+SLOT_BATCH = 100
 # srv_admin_state bits (HAProxy's enum srv_admin): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04
 # ("disabled" in the config; stays set after "state ready"), FDRAIN 0x08, IDRAIN 0x10,
 # RMAINT 0x20. Maint is any of FMAINT|IMAINT|RMAINT, drain any of FDRAIN|IDRAIN.
@@ -224,8 +227,11 @@ class _UnixCLI:
 class HAProxyRuntime(_UnixCLI):
     """The runtime API on a stats socket with ``level admin``: ``HAProxyRuntime(path)``."""
 
-    def commands(self, cmds: Sequence[str]) -> list[str]:
-        """Run ``cmds`` in order over ONE connection (interactive ``prompt`` mode).
+    def commands(self, cmds: Sequence[str], batch: int = 1) -> list[str]:
+        """Run ``cmds`` in order over ONE connection (interactive ``prompt`` mode), sent
+        ``batch`` at a time before their answers are read: HAProxy answers them in order.
+        Batch only commands whose answers are short (``set server``: a line at most): a
+        batch's answers must fit the socket's buffers, which nobody reads while it is sent.
 
         Every command runs even if an earlier one is refused; the refused ones are then
         reported together in a HAProxyCommandError. Returns the answers, in order.
@@ -240,13 +246,15 @@ class HAProxyRuntime(_UnixCLI):
             try:
                 sock.sendall(b"prompt\n")
                 self._until_prompt(sock, buf)
-                for cmd in checked:
-                    sock.sendall(cmd.encode() + b"\n")
-                    text = self._until_prompt(sock, buf)
-                    answers.append(text)
-                    error = response_error(cmd, text)
-                    if error is not None:
-                        failures.append((cmd, error))
+                for i in range(0, len(checked), max(1, batch)):
+                    part = checked[i:i + max(1, batch)]
+                    sock.sendall(b"".join(cmd.encode() + b"\n" for cmd in part))
+                    for cmd in part:
+                        text = self._until_prompt(sock, buf)
+                        answers.append(text)
+                        error = response_error(cmd, text)
+                        if error is not None:
+                            failures.append((cmd, error))
                 sock.sendall(b"quit\n")
             except OSError as exc:
                 done = len(answers)
@@ -258,13 +266,15 @@ class HAProxyRuntime(_UnixCLI):
 
     @staticmethod
     def _until_prompt(sock: socket.socket, buf: bytearray) -> str:
-        while not buf.endswith(_PROMPT):
+        """The next answer: what comes before the next prompt (``buf`` keeps what follows,
+        the answers of the rest of a batch)."""
+        while (end := buf.find(_PROMPT)) < 0:
             data = sock.recv(65536)
             if not data:
                 raise OSError("HAProxy closed the connection")
             buf += data
-        text = bytes(buf[: -len(_PROMPT)]).decode(errors="replace")
-        buf.clear()
+        text = bytes(buf[:end]).decode(errors="replace")
+        del buf[:end + len(_PROMPT)]
         return text.strip("\n") + "\n" if text.strip() else ""
 
     @staticmethod
@@ -277,7 +287,7 @@ class HAProxyRuntime(_UnixCLI):
         cmds = [c for backend, slots in changes.items() for s in slots
                 for c in slot_commands(backend, s)]
         started = time.monotonic()
-        self.commands(cmds)
+        self.commands(cmds, batch=SLOT_BATCH)
         log.debug("applied %d commands in %.1f ms", len(cmds),
                   (time.monotonic() - started) * 1000)
         return cmds

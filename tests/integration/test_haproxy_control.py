@@ -123,6 +123,20 @@ def test_command_errors(two, tmp_path):
     assert [c for c, _ in batch.value.failures] == ["set server be/s9 weight 2",
                                                     "set server nob/s1 weight 2"]
     assert rt.slots("be")["s1"].weight == 7
+    # sent at once, answers read after: each answer and each refusal is still its command's
+    port = free_port()
+    sent = ["set server be/s9 weight 2", f"set server be/s2 addr 127.0.0.2 port {port}",
+            "set server be/s1 weight 9", "show servers state be", "set server nob/s1 weight 2",
+            "set server be/s1 weight 8"]
+    with pytest.raises(HAProxyCommandError) as batch:
+        rt.commands(sent, batch=len(sent))
+    answers = batch.value.answers
+    assert [c for c, _ in batch.value.failures] == [sent[0], sent[4]]
+    assert "No such server" in answers[0] and "No such backend" in answers[4]
+    assert "changed from" in answers[1] and answers[2] == answers[5] == ""
+    assert f"127.0.0.2 {port}" not in answers[0] + answers[4] and "be s2" not in answers[1]
+    assert {ln.split()[3] for ln in answers[3].splitlines()[2:]} >= {"s1", "s2"}  # srv_name
+    assert rt.slots("be")["s1"].weight == 8 and rt.slots("be")["s2"].port == port
     with pytest.raises(HAProxyError, match="cannot reach"):
         HAProxyRuntime(str(tmp_path / "nothing.sock")).command("show info")
     with pytest.raises(HAProxyError, match="Unknown command"):
