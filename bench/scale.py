@@ -9,7 +9,9 @@ name). Then ``discovery watch --config scale.toml`` routes all services, one HAP
 listener each on free ports below the ephemeral range, and the bench measures:
 
 * **first valid config**: from the watcher's exec to HAProxy answering 200 on three
-  listeners (the first, middle and last service); the watcher's log splits it.
+  listeners (the first, middle and last service); the watcher's log splits it. The watcher
+  is started ``--starts`` times (3), each time a new one on a new state dir after the
+  previous one and its HAProxy stopped; the median is reported, each start in the result.
 * **apply one change**: on a probe service whose 10 instances are ``draining`` (so every
   request that reaches a ready server reaches the new one), the bench puts one more
   instance (pointing at a ``probe`` httpd) and polls that service's listener until the
