@@ -1,7 +1,8 @@
 """Clients for HAProxy's runtime API (stats socket, level admin) and master CLI.
 
-Parsing is done by pure functions (``parse_servers_state``, ``parse_show_proc``,
-``response_error``) so it can be unit tested on captured outputs. Every failure is an
+Commands are built and answers judged by pure functions here (``slot_commands``,
+``batch_commands``, ``response_error``), answers parsed by those of
+:mod:`~discovery.watcher.haproxy_proc`, so all of it is unit tested on captured outputs. Every failure is an
 :class:`~discovery.errors.HAProxyError`; a batch with refused commands raises
 :class:`~discovery.errors.HAProxyCommandError` after running the rest of the batch.
 
@@ -11,19 +12,25 @@ would treat it as a command separator.
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 
 from discovery.errors import HAProxyCommandError, HAProxyError, ValidationError
 from discovery.model.endpoint import Endpoint
 from discovery.retry import backoff, poll
-from discovery.watcher.haproxy_proc import ShowProc, parse_info, parse_show_proc
-from discovery.watcher.slots import Slot, SlotState
+from discovery.watcher.haproxy_proc import (
+    ServerView,
+    ShowProc,
+    parse_info,
+    parse_servers_state,
+    parse_show_proc,
+    parse_stat,
+    server_view,
+)
+from discovery.watcher.slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,6 @@ MAX_WEIGHT = 256
 #: ``set server`` commands sent at once before their answers are read (one round trip each
 #: took 36 us: a host's 1,000 instances gone at once, 3,000 commands, 109 ms)
 SLOT_BATCH = 100
-# srv_admin_state bits (HAProxy's enum srv_admin): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04
-# ("disabled" in the config; stays set after "state ready"), FDRAIN 0x08, IDRAIN 0x10,
-# RMAINT 0x20. Maint is any of FMAINT|IMAINT|RMAINT, drain any of FDRAIN|IDRAIN.
-_MAINT_MASK, _DRAIN_MASK = 0x23, 0x18
-OP_STATES = {0: "stopped", 1: "starting", 2: "running", 3: "stopping"}
 # First words of HAProxy's CLI refusals (2.6): "No such server.", "Unknown command, ...",
 # "Require 'backend/server'.", "Invalid addr ...", "Permission denied", "Can't find ...".
 _ERROR_START = re.compile(r"^(no such|unknown|require|invalid|permission denied|can't|cannot|"
@@ -100,74 +102,19 @@ def slot_commands(backend: str, slot: Slot) -> list[str]:
     return [state, *point] if slot.state == "maint" else [*point, state]
 
 
-def parse_servers_state(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """``show servers state`` (format 1) -> {(backend, server): {header field: value}}."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return {}
-    if lines[0].strip() != "1":
-        raise HAProxyError(f"unsupported 'show servers state' format: {lines[0][:80]!r}")
-    header: list[str] = []
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    for line in lines[1:]:
-        if line.startswith("#"):
-            header = line.lstrip("#").split()
-            continue
-        values = line.split()
-        if not header or len(values) != len(header):
-            raise HAProxyError(f"malformed 'show servers state' row: {line[:120]!r}")
-        row = dict(zip(header, values, strict=True))
-        out[(row["be_name"], row["srv_name"])] = row
-    return out
-
-
-def parse_stat(text: str) -> dict[tuple[str, str], dict[str, str]]:
-    """``show stat`` CSV (``# pxname,svname,...`` then rows) -> {(backend, server): row}."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("# pxname,"):
-        raise HAProxyError(f"unexpected 'show stat' answer: {text[:80]!r}")
-    header = lines[0][2:].split(",")
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    for row in csv.reader(line for line in lines[1:] if line.strip()):
-        fields = dict(zip(header, row, strict=False))
-        out[(fields.get("pxname", ""), fields.get("svname", ""))] = fields
-    return out
-
-
-@dataclass(frozen=True)
-class ServerView:
-    """One server as HAProxy has it now, in Slot terms (from ``show servers state``)."""
-
-    backend: str
-    name: str
-    address: str
-    port: int
-    weight: int
-    state: SlotState
-    operational: str  # stopped | starting | running | stopping (health, not admin state)
-
-    def as_slot(self) -> Slot:
-        return Slot(self.name, self.address, self.port, self.weight, self.state)
-
-    def matches(self, slot: Slot) -> bool:
-        """True when address, port, weight and admin state are what ``slot`` asks for."""
-        return self.as_slot() == replace(slot, instance_id="")
-
-    def __str__(self) -> str:
-        return (f"{self.backend}/{self.name} {self.state} at {self.address}:{self.port} "
-                f"weight {self.weight} ({self.operational})")
-
-
-def server_view(fields: Mapping[str, str]) -> ServerView:
-    """Map one parsed ``show servers state`` row to a :class:`ServerView`."""
-    admin = int(fields["srv_admin_state"])
-    state: SlotState = ("maint" if admin & _MAINT_MASK else
-                        "drain" if admin & _DRAIN_MASK else "ready")
-    port = fields.get("srv_port", "0")
-    return ServerView(fields["be_name"], fields["srv_name"], fields["srv_addr"],
-                      int(port) if port.isdigit() else 0, int(fields["srv_uweight"]), state,
-                      OP_STATES.get(int(fields["srv_op_state"]), fields["srv_op_state"]))
-
+def batch_commands(changes: Mapping[str, Sequence[Slot]]) -> list[str]:
+    """Every backend's :func:`slot_commands`, in its slots' order, except that a backend
+    whose slots all go to maint (a dead host's instances) is out of service first: each
+    such slot's ``state maint`` comes before any slot is re-pointed. A backend with an add
+    and a removal together keeps its order (no moment with fewer servers than it allows)."""
+    first: list[str] = []
+    rest: list[str] = []
+    for backend, slots in changes.items():
+        per_slot = [slot_commands(backend, s) for s in slots]
+        removals_only = all(s.state == "maint" for s in slots)
+        first += [c[0] for c in per_slot] if removals_only else []
+        rest += [x for c in per_slot for x in (c[1:] if removals_only else c)]
+    return first + rest
 
 
 class _MasterReset(HAProxyError):
@@ -284,8 +231,7 @@ class HAProxyRuntime(_UnixCLI):
 
     def apply_slots(self, changes: Mapping[str, Sequence[Slot]]) -> list[str]:
         """Apply slot changes for many backends in one connection; returns the commands."""
-        cmds = [c for backend, slots in changes.items() for s in slots
-                for c in slot_commands(backend, s)]
+        cmds = batch_commands(changes)
         started = time.monotonic()
         self.commands(cmds, batch=SLOT_BATCH)
         log.debug("applied %d commands in %.1f ms", len(cmds),

@@ -6,6 +6,7 @@ import pytest
 
 from discovery.errors import HAProxyError
 from discovery.watcher.haproxy import (
+    batch_commands,
     check_command,
     parse_info,
     parse_servers_state,
@@ -210,6 +211,22 @@ def test_slot_commands_maint_disables_first():
         "set server web/s2 addr 127.0.0.1 port 1",
         "set server web/s2 weight 0",
     ]
+
+
+def test_a_backend_of_removals_only_is_out_of_service_first():
+    """A dead host's instances (every changed slot of a backend to maint) stop taking traffic
+    before anything is re-pointed; a backend with an add and a removal keeps its order."""
+    mixed = [Slot("s1"), Slot("s3", "127.0.0.1", 8080, 100, "ready")]
+    gone = [Slot("s1"), Slot("s2")]
+    cmds = batch_commands({"api": mixed, "web": gone, "db": [Slot("s4")]})
+    assert cmds[:3] == ["set server web/s1 state maint", "set server web/s2 state maint",
+                        "set server db/s4 state maint"]
+    assert cmds[3:] == [*slot_commands("api", mixed[0]), *slot_commands("api", mixed[1]),
+                        *slot_commands("web", gone[0])[1:], *slot_commands("web", gone[1])[1:],
+                        *slot_commands("db", Slot("s4"))[1:]]
+    assert sorted(cmds) == sorted(c for b, slots in (("api", mixed), ("web", gone),
+                                                     ("db", [Slot("s4")]))
+                                  for s in slots for c in slot_commands(b, s))
 
 
 def test_slot_commands_ipv6():
