@@ -2,9 +2,9 @@
 
 Commands are built and answers judged by pure functions here (``slot_commands``,
 ``batch_commands``, ``response_error``), answers parsed by those of
-:mod:`~discovery.watcher.haproxy_proc`, so all of it is unit tested on captured outputs. Every failure is an
-:class:`~discovery.errors.HAProxyError`; a batch with refused commands raises
-:class:`~discovery.errors.HAProxyCommandError` after running the rest of the batch.
+:mod:`~discovery.watcher.haproxy_proc`, so all of it is unit tested on captured outputs.
+Every failure is an :class:`~discovery.errors.HAProxyError`; a batch with refused commands
+raises :class:`~discovery.errors.HAProxyCommandError` after running the rest of the batch.
 
 Nothing containing a newline, ``;`` or another control character is ever sent: HAProxy
 would treat it as a command separator.
