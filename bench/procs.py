@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import functools
 import http.client
 import os
 import shutil
@@ -87,6 +88,7 @@ class Daemon:
         return "\n".join(self.log_text().splitlines()[-n:])
 
 
+@functools.cache  # once a bench process: a file edited during a bench is not benched anyway
 def compile_package() -> None:
     """Byte-compile the package's modules (``__pycache__``, ignored by git) where their
     bytecode is missing or stale, as ``pip install`` does for a user. The benches run the

@@ -183,10 +183,14 @@ def measure(setup: Setup, services: int, wait: str) -> dict[str, Any]:
                             pending.discard(p)
                 time.sleep(0.005)
             took = (time.monotonic() - routed.started_at) * 1000
-            wait_until(lambda: "haproxy_started" in log_times(routed.log_text()), 10,
-                       "the router logged its HAProxy's start")
-            marks = sorted(log_times(routed.log_text()).items(), key=lambda x: x[1])
-            return routed, took, {k: round((v - wall0) * 1000) for k, v in marks}
+
+            def logged() -> dict[str, float] | None:
+                marks = log_times(routed.log_text())
+                return marks if "haproxy_started" in marks else None
+
+            marks = wait_until(logged, 10, "the router logged its HAProxy's start")
+            return routed, took, {k: round((v - wall0) * 1000)
+                                  for k, v in sorted(marks.items(), key=lambda x: x[1])}
 
         starts: list[tuple[float, dict[str, int]]] = []
         for n in range(args.starts):  # the profiled start (if any) is the last one

@@ -193,8 +193,9 @@ class HAProxyRuntime(_UnixCLI):
             try:
                 sock.sendall(b"prompt\n")
                 self._until_prompt(sock, buf)
-                for i in range(0, len(checked), max(1, batch)):
-                    part = checked[i:i + max(1, batch)]
+                step = max(1, batch)
+                for i in range(0, len(checked), step):
+                    part = checked[i:i + step]
                     sock.sendall(b"".join(cmd.encode() + b"\n" for cmd in part))
                     for cmd in part:
                         text = self._until_prompt(sock, buf)
