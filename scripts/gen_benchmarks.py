@@ -1,81 +1,49 @@
 #!/usr/bin/env python3
-"""Write the tables of docs/benchmarks.md from the raw results in bench/results/*.json.
+"""Write the tables of docs/benchmarks.md, and the sizing of docs/operations.md, from the raw
+results in bench/results/*.json.
 
     .venv/bin/python scripts/gen_benchmarks.py           # rewrite the generated tables
     .venv/bin/python scripts/gen_benchmarks.py --check   # exit 1 if one is out of date
 
-Every table of the page sits between ``<!-- generated: NAME -->`` and ``<!-- end generated
+Every table of a page sits between ``<!-- generated: NAME -->`` and ``<!-- end generated
 -->``; this script rewrites what is between the markers and leaves the prose around them
-alone. Each NAME is a function of :data:`TABLES`, fed by the result files it names (written
-by ``bench/common.py:write_result``). A table whose results are missing says so instead of
-showing figures. ``tests/unit/test_benchmarks_doc.py`` fails when the page is stale.
+alone (``docgen.render``). Each NAME of docs/benchmarks.md is a function of :data:`TABLES`,
+each of docs/operations.md one of ``sizing.TABLES``, fed by the result files it names
+(written by ``bench/common.py:write_result``). A table whose results are missing says so
+instead of showing figures. ``tests/unit/test_benchmarks_doc.py`` fails when a page is stale.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sizing
+from docgen import MARKER as MARKER  # re-exported: tests/unit/test_benchmarks_doc.py
+from docgen import (
+    ROOT,
+    TIMES,
+    Result,
+    Tables,
+    fleet_rows,
+    load,
+    mean,
+    missing,
+    num,
+    rows_of,
+    table,
+    verdict,
+)
+from docgen import render as render_page
+
 DOC = ROOT / "docs" / "benchmarks.md"
 COMMAND = ".venv/bin/python scripts/gen_benchmarks.py"
-MARKER = re.compile(r"(<!-- generated: ([a-z0-9-]+) -->\n)(.*?)(<!-- end generated -->)", re.S)
-
-Result = dict[str, Any]
-TIMES = "\N{MULTIPLICATION SIGN}"
-
-
-def load(results: Path = RESULTS) -> dict[str, Result]:
-    """Every result file by its stem (``<bench>-<backend>``)."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
-
-
-# ---- formatting ---------------------------------------------------------------------------
-
-
-def num(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if v.is_integer() and abs(v) >= 100:
-            return f"{int(v):,}"
-        return f"{v:,.{digits}f}"
-    return str(v)
-
-
-def verdict(v: Any) -> str:
-    return {True: "**pass**", False: "**miss**", None: "—"}.get(v, str(v))
-
-
-def table(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
-    head = list(head)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def missing(*names: str) -> str:
-    return f"_No result committed for {', '.join(f'`bench/results/{n}.json`' for n in names)}._"
-
-
-def rows_of(res: Result | None, **match: Any) -> list[dict[str, Any]]:
-    if res is None:
-        return []
-    return [r for r in res["summary"].get("rows", [])
-            if all(r.get(k) == v for k, v in match.items())]
-
-
 # ---- the tables ---------------------------------------------------------------------------
 
 
@@ -167,12 +135,12 @@ def t_propagation(results: dict[str, Result]) -> str:
 
 def t_churn(results: dict[str, Result]) -> str:
     out = []
-    for load in ("keep-alive", "close"):
-        for r in rows_of(results.get(f"churn-{load}-etcd")):
+    for conn in ("keep-alive", "close"):
+        for r in rows_of(results.get(f"churn-{conn}-etcd")):
             mode = ("runtime API (`discovery watch`)" if r["mode"] == "runtime-api"
                     else f"reload per change (tuning `{r.get('baseline_tuning')}`)")
             errs = r.get("wrk_errors", {})
-            out.append([load, mode, num(r["n"]), f"**{num(r['lost'])}**",
+            out.append([conn, mode, num(r["n"]), f"**{num(r['lost'])}**",
                         num(r.get("bad_status")), num(errs.get("read")),
                         num(r.get("haproxy_reloads")), num(r["p50_ms"]), num(r["p99_ms"]),
                         num(r["max_ms"]), num(r.get("cpu_ms_per_change")),
@@ -188,14 +156,14 @@ def t_churn(results: dict[str, Result]) -> str:
 
 def t_churn_tcp(results: dict[str, Result]) -> str:
     out = []
-    for load in ("keep-alive", "close"):
-        rows = rows_of(results.get(f"churn-{load}-etcd"))
+    for conn in ("keep-alive", "close"):
+        rows = rows_of(results.get(f"churn-{conn}-etcd"))
         if not rows:
             continue
         r = rows[0]
         q = r.get("accept_queues", {})
         qs = "; ".join(f"{k}: {v['max_recv_q']} of {v['backlog']}" for k, v in sorted(q.items()))
-        out.append([load, num(r.get("churn_seconds")) + " s", num(r.get("tcp_listen_overflows")),
+        out.append([conn, num(r.get("churn_seconds")) + " s", num(r.get("tcp_listen_overflows")),
                     num(r.get("tcp_listen_drops")), num(r.get("tcp_syn_retrans")),
                     num(r.get("tcp_retrans_segs")), qs or "—"])
     if not out:
@@ -270,16 +238,6 @@ def t_scale_targets(results: dict[str, Result]) -> str:
     return table(["run", "metric", "measured", "target", "result"], out)
 
 
-def _fleet_rows(results: dict[str, Result], stem: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """bench/fleet.py: the rows of one result by (name, size)."""
-    return {(r["name"], r["size"]): r for r in rows_of(results.get(stem))}
-
-
-def _mean(xs: Iterable[Any]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd")
 
 
@@ -293,7 +251,7 @@ def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) ->
     """bench/fleet.py: one row per backend and size."""
     out = []
     for stem in stems:
-        rows = _fleet_rows(results, stem)
+        rows = fleet_rows(results, stem)
         for size in sorted({k[1] for k in rows}):
             st, ch = rows.get(("fleet_steady", size), {}), rows.get(("fleet_change", size), {})
             de, rs = rows.get(("fleet_host_death", size), {}), rows.get(("fleet_restart", size), {})
@@ -318,7 +276,7 @@ def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) ->
                 f"**{num(rs.get('peak_over_steady'))}{TIMES}**" if rs else "—",
                 " / ".join(num(x, 0) for x in st.get("server_rss_mib", [])) + " MiB",
                 " / ".join(num(x, 0) for x in st.get("server_cpu_pct", [])) + " %",
-                num(_mean(st.get("host_loadavg", [None])[:1]))])
+                num(mean(st.get("host_loadavg", [None])[:1]))])
         if (results.get(stem) or {}).get("samples", {}).get("not_measured"):
             sizes = [int(x) for x in re.findall(r"--sizes[ =]([0-9,]+)",
                                                results[stem]["command"])[:1]
@@ -563,36 +521,35 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
 
 
 def render(text: str, results: dict[str, Result]) -> str:
-    """``text`` with every generated block rewritten; unknown names are an error."""
+    """docs/benchmarks.md's ``text`` with every generated block rewritten."""
+    return render_page(text, results, TABLES, "docs/benchmarks.md")
 
-    def repl(m: re.Match[str]) -> str:
-        name = m.group(2)
-        if name not in TABLES:
-            raise SystemExit(f"{DOC}: unknown generated block {name!r} (known: "
-                             f"{', '.join(TABLES)})")
-        return f"{m.group(1)}{TABLES[name](results).rstrip()}\n{m.group(4)}"
 
-    return MARKER.sub(repl, text)
+#: every generated page and the tables its blocks name
+PAGES: dict[Path, Tables] = {DOC: TABLES, ROOT / "docs" / "operations.md": sizing.TABLES}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     args = ap.parse_args(argv)
-    text = DOC.read_text()
-    new = render(text, load())
-    if args.check:
-        if new != text:
+    results, stale = load(), 0
+    for page, tables in PAGES.items():
+        name = str(page.relative_to(ROOT))
+        text = page.read_text()
+        new = render_page(text, results, tables, name)
+        if new == text:
+            continue
+        if args.check:
             sys.stderr.writelines(difflib.unified_diff(
-                text.splitlines(keepends=True), new.splitlines(keepends=True),
-                "docs/benchmarks.md", "generated"))
-            print(f"docs/benchmarks.md is out of date: run {COMMAND}", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        DOC.write_text(new)
-        print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
-    return 0
+                text.splitlines(keepends=True), new.splitlines(keepends=True), name,
+                "generated"))
+            print(f"{name} is out of date: run {COMMAND}", file=sys.stderr)
+            stale += 1
+        else:
+            page.write_text(new)
+            print(f"wrote {name}", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

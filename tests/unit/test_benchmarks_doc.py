@@ -1,4 +1,5 @@
-"""docs/benchmarks.md's tables are generated from bench/results/*.json and must match them.
+"""docs/benchmarks.md's tables and docs/operations.md's sizing are generated from
+bench/results/*.json and must match them.
 
 A new or re-run result without a regenerated page fails here. Fix:
 
@@ -36,7 +37,7 @@ def test_the_page_is_up_to_date() -> None:
     out = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True,
                          text=True, cwd=ROOT, timeout=60, check=False)
     assert out.returncode == 0, (
-        "docs/benchmarks.md is out of date; regenerate it with\n"
+        "a generated page is out of date; regenerate it with\n"
         "    .venv/bin/python scripts/gen_benchmarks.py\n" + out.stderr[-4000:])
 
 
@@ -51,9 +52,11 @@ def test_every_result_file_is_complete() -> None:
 
 
 def test_every_generated_block_has_a_known_name(gen: ModuleType) -> None:
-    names = [m.group(2) for m in gen.MARKER.finditer(DOC.read_text())]
-    assert names, "no generated block in docs/benchmarks.md"
-    assert set(names) <= set(gen.TABLES), set(names) - set(gen.TABLES)
+    assert DOC in gen.PAGES
+    for page, tables in gen.PAGES.items():
+        names = [m.group(2) for m in gen.MARKER.finditer(page.read_text())]
+        assert names, f"no generated block in {page}"
+        assert set(names) <= set(tables), (page, set(names) - set(tables))
 
 
 def test_a_changed_result_makes_the_page_stale(gen: ModuleType, tmp_path: Path) -> None:
@@ -67,3 +70,40 @@ def test_a_changed_result_makes_the_page_stale(gen: ModuleType, tmp_path: Path) 
     assert "old" not in new and "| hot | A | 50 |" in new
     assert gen.render(new, fake) == new  # idempotent
     assert "No result committed" in gen.render(text, {})
+
+
+def _fleet_rows(size: int, rss: float, requests: float) -> list[dict[str, object]]:
+    return [
+        {"name": "fleet_steady", "size": size, "backend": "etcd", "connections": size,
+         "requests_per_s_per_host": requests,
+         "requests_by_method_per_s_per_host": {"LeaseKeepAlive": 0.3},
+         "client_sent_bytes_per_s_per_host": {"p50": 50.0},
+         "client_received_bytes_per_s_per_host": {"p50": 200.0},
+         "reads_bytes_per_s_per_host_mean": 100.0, "server_rss_mib": [rss, rss, rss],
+         "server": {"etcd_mvcc_db_total_size_in_use_in_bytes": 3 * 700.0 * 10 * size,
+                    "etcd_debugging_mvcc_watcher_total": 5.0 * size}},
+        {"name": "fleet_change", "size": size, "received_bytes_per_change_per_host": 500.0,
+         "p99_ms": 100.0},
+    ]
+
+
+def test_the_sizing_is_the_measured_per_host_figures_times_the_hosts(gen: ModuleType) -> None:
+    """scripts/sizing.py's method: flat per-host figures x hosts, memory on the fitted line."""
+    fake = {"fleet-etcd": {"command": "bench/fleet.py --backends etcd --resync 20",
+                           "machine": {"commit": "abcdef0123"},
+                           "summary": {"rows": _fleet_rows(250, 100.0, 0.36)
+                                       + _fleet_rows(500, 150.0, 0.38)}}}
+    text = "<!-- generated: sizing-measured -->\n<!-- end generated -->\n" \
+           "<!-- generated: sizing -->\n<!-- end generated -->\n"
+    out = gen.render_page(text, fake, gen.sizing.TABLES, "operations.md")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()}
+    assert "| 0.360 | 0.380 |" in rows["requests/s, steady"]
+    assert "2.00 KB" in rows["bytes read a resync (the node's own instances)"]  # 100 B/s x 20 s
+    assert "etcd 37/s | etcd 370/s | etcd 3,700/s" in rows["steady requests, all hosts"]
+    # 50 + 0.2 MiB a host: 70 / 250 / 2,050 MiB
+    assert "etcd ~70 MiB | etcd ~250 MiB | etcd ~2,050 MiB" in rows[
+        "member memory (the fitted line)"]
+    assert "etcd ~7.0 MB" in rows["registry data, a member"]  # 0.7 KB x 10 x 1,000
+    assert "etcd ~5.0 MB" in rows["bytes sent for one change, every host following"]
+    assert "etcd at `abcdef0`" in out
+    assert "No result committed" in gen.render_page(text, {}, gen.sizing.TABLES, "x")
