@@ -29,8 +29,7 @@ from docgen import TIMES, Result, fleet_rows, mean, missing, num, table
 #: the backends' result files, in the order of the tables' columns
 STEMS = {"etcd": "fleet-etcd", "ZooKeeper": "fleet-zk"}
 #: the fleet bench's options the model needs, and their defaults (a run's command may set them)
-PARAMS = {"instances": 10.0, "services": 100.0, "watch-services": 5.0, "ttl": 10.0,
-          "resync": 30.0}
+PARAMS = {"instances": 10.0, "services": 100.0, "watch-services": 5.0, "resync": 30.0}
 FLEETS = (100, 1000, 10000)
 RENEWALS = {"etcd": "LeaseKeepAlive", "ZooKeeper": "Ping"}
 
@@ -190,9 +189,11 @@ def t_sizing(results: dict[str, Result]) -> str:
             [Run, int], str]:
         return lambda r, n: f"{num(r.flat(fn) * n, 0)}{unit}"
 
+    def fit(r: Run) -> tuple[float, float]:
+        return _fit(r.sizes, [_rss(r.row("fleet_steady", z), z) or 0.0 for z in r.sizes])
+
     def memory(r: Run, n: int) -> str:
-        sizes = [z for z in r.sizes if r.row("fleet_steady", z)]
-        a, b = _fit(sizes, [_rss(r.row("fleet_steady", z), z) or 0.0 for z in sizes])
+        a, b = fit(r)
         return f"~{num(a + b * n, 0)} MiB"
 
     def followed(r: Run, n: int, whole: bool) -> str:
@@ -206,7 +207,9 @@ def t_sizing(results: dict[str, Result]) -> str:
         ["instances"] + [num(int(inst * n)) for n in FLEETS],
         row("registry data, a member", lambda r, n: _bytes(
             r.flat(_data_per_instance(r)) * r.params["instances"] * n)),
-        row("member memory (the fitted line)", memory),
+        row("member memory (the fitted line, MiB: " + "; ".join(
+            f"{r.backend} {num(fit(r)[0], 0)} + {num(fit(r)[1], 3)} a host" for r in rs) + ")",
+            memory),
         row("lease keepalives / session pings", lambda r, n: rate(
             lambda st, z: _by_type(st).get(RENEWALS[r.backend]))(r, n)),
         row("steady requests, all hosts", rate(lambda st, z: st["requests_per_s_per_host"])),

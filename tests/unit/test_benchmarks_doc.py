@@ -102,7 +102,7 @@ def test_the_sizing_is_the_measured_per_host_figures_times_the_hosts(gen: Module
     assert "etcd 37/s | etcd 370/s | etcd 3,700/s" in rows["steady requests, all hosts"]
     # 50 + 0.2 MiB a host: 70 / 250 / 2,050 MiB
     assert "etcd ~70 MiB | etcd ~250 MiB | etcd ~2,050 MiB" in rows[
-        "member memory (the fitted line)"]
+        "member memory (the fitted line, MiB: etcd 50 + 0.200 a host)"]
     assert "etcd ~7.0 MB" in rows["registry data, a member"]  # 0.7 KB x 10 x 1,000
     assert "etcd ~5.0 MB" in rows["bytes sent for one change, every host following"]
     assert "etcd at `abcdef0`" in out
