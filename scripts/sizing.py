@@ -97,6 +97,14 @@ def _watches(run: Run) -> Callable[[dict[str, Any], int], float | None]:
     return lambda st, z: st["server"].get(key, 0) / z or None
 
 
+def _renewals(run: Run) -> Callable[[dict[str, Any], int], float | None]:
+    return lambda st, z: _by_type(st).get(RENEWALS[run.backend])
+
+
+def _change_bytes(ch: dict[str, Any], z: int) -> float:
+    return ch["received_bytes_per_change_per_host"]
+
+
 def _read_per_resync(run: Run) -> Callable[[dict[str, Any], int], float]:
     return lambda st, z: st["reads_bytes_per_s_per_host_mean"] * run.params["resync"]
 
@@ -139,8 +147,7 @@ def t_sizing_measured(results: dict[str, Result]) -> str:
         ("requests/s, steady", lambda r: (num(v, 3) for v in r.per_size(
             lambda st, z: st["requests_per_s_per_host"]))),
         ("of which lease keepalives (etcd) / session pings (ZooKeeper)", lambda r: (
-            num(v, 3) for v in r.per_size(lambda st, z: _by_type(st).get(RENEWALS[r.backend]))
-        )),
+            num(v, 3) for v in r.per_size(_renewals(r)))),
         ("bytes/s sent / received (p50)", lambda r: r.per_size(
             lambda st, z: f"{num(st['client_sent_bytes_per_s_per_host']['p50'], 0)} / "
                           f"{num(st['client_received_bytes_per_s_per_host']['p50'], 0)}")),
@@ -155,8 +162,7 @@ def t_sizing_measured(results: dict[str, Result]) -> str:
         ("member RSS (mean of the members)", lambda r: (
             f"{num(v, 0)} MiB" for v in r.per_size(_rss))),
         ("bytes received for one change, a following host", lambda r: (
-            num(v, 0) for v in r.per_size(
-                lambda ch, z: ch["received_bytes_per_change_per_host"], "fleet_change"))),
+            num(v, 0) for v in r.per_size(_change_bytes, "fleet_change"))),
         ("one change reached every host: p99", lambda r: (
             f"{num(v, 0)} ms" for v in r.per_size(lambda ch, z: ch["p99_ms"], "fleet_change"))),
         ("full restart: requests a host in its first 10 s back (steady: 10 x the first row)",
@@ -189,18 +195,17 @@ def t_sizing(results: dict[str, Result]) -> str:
             [Run, int], str]:
         return lambda r, n: f"{num(r.flat(fn) * n, 0)}{unit}"
 
-    def fit(r: Run) -> tuple[float, float]:
-        return _fit(r.sizes, [_rss(r.row("fleet_steady", z), z) or 0.0 for z in r.sizes])
+    fits = {r.backend: _fit(r.sizes, [v or 0.0 for v in r.per_size(_rss)]) for r in rs}
 
     def memory(r: Run, n: int) -> str:
-        a, b = fit(r)
+        a, b = fits[r.backend]
         return f"~{num(a + b * n, 0)} MiB"
 
     def followed(r: Run, n: int, whole: bool) -> str:
-        inst = r.params["instances"]
-        per_instance = r.flat(_read_per_resync(r)) / inst
+        # a resync reads the host's own instances: its bytes an instance x the instances read
+        # (a host's instances x hosts x the share of services followed)
         share = 1.0 if whole else r.params["watch-services"] / r.params["services"]
-        return _bytes(per_instance * inst * n * share)
+        return _bytes(r.flat(_read_per_resync(r)) * n * share)
 
     inst = rs[0].params["instances"]
     body = [
@@ -208,10 +213,11 @@ def t_sizing(results: dict[str, Result]) -> str:
         row("registry data, a member", lambda r, n: _bytes(
             r.flat(_data_per_instance(r)) * r.params["instances"] * n)),
         row("member memory (the fitted line, MiB: " + "; ".join(
-            f"{r.backend} {num(fit(r)[0], 0)} + {num(fit(r)[1], 3)} a host" for r in rs) + ")",
+            f"{r.backend} {num(a, 0)} + {num(b, 3)} a host" for r in rs
+            for a, b in [fits[r.backend]]) + ")",
             memory),
-        row("lease keepalives / session pings", lambda r, n: rate(
-            lambda st, z: _by_type(st).get(RENEWALS[r.backend]))(r, n)),
+        row("lease keepalives / session pings",
+            lambda r, n: f"{num(r.flat(_renewals(r)) * n, 0)}/s"),
         row("steady requests, all hosts", rate(lambda st, z: st["requests_per_s_per_host"])),
         row("steady traffic, all hosts", lambda r, n: _bytes(r.flat(
             lambda st, z: st["client_sent_bytes_per_s_per_host"]["p50"]
@@ -222,9 +228,8 @@ def t_sizing(results: dict[str, Result]) -> str:
             lambda st, z: st["connections"] / z, "")),
         row("watches on the members (as counted at the first size)", lambda r, n: num(
             (r.per_size(_watches(r))[0] or 0) * n, 0)),
-        row("bytes sent for one change, every host following", lambda r, n: _bytes(r.flat(
-            lambda st, z: r.row("fleet_change", z).get("received_bytes_per_change_per_host",
-                                                       0)) * n)),
+        row("bytes sent for one change, every host following", lambda r, n: _bytes(
+            (mean(r.per_size(_change_bytes, "fleet_change")) or 0.0) * n)),
         row("a full re-read, a filtered watcher (5 of 100 services)",
             lambda r, n: followed(r, n, False)),
         row("a full re-read, a whole catalog (DNS, HTTP, `up`)",
