@@ -6,8 +6,9 @@ as the lease runs out, ±50 %), so a fleet whose registry restarts does not rene
 registry's first second; watches that resume from the last seen revision, or send a ``reset``
 when it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
 per-node index key (:mod:`~discovery.registry.etcd_index`), so
-:meth:`EtcdRegistry.node_snapshot` reads one node's entries only. TLS and user/password
-authentication: :mod:`discovery.registry.security`."""
+:meth:`EtcdRegistry.node_snapshot` reads one node's entries only; a registry that watches
+and holds no lease reads one key a TTL (:mod:`~discovery.registry.etcd_pulse`). TLS and
+user/password authentication: :mod:`discovery.registry.security`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +32,7 @@ from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, State
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
+from discovery.registry.etcd_pulse import pulse
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
 from discovery.registry.etcd_watch import EtcdWatch
 from discovery.registry.reads import ReadStats
@@ -43,23 +46,6 @@ from discovery.retry import jittered
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Errors after which another endpoint (or a later try) may well succeed.
-_TRANSIENT = (
-    etcd_exc.ConnectionFailedError,
-    etcd_exc.ConnectionTimeoutError,
-    etcd_exc.NoServerAvailableError,
-    etcd_exc.InternalServerError,
-)
-
-
-def _timed_out_in_server(code: Any, details: Any) -> bool:
-    """etcd's answer to a write whose proposal timed out inside the member (during an
-    election, a member that lost its leader): ``UNKNOWN: context deadline exceeded``. Every
-    request here may be sent again (puts and deletes of fixed values, reads, keepalives,
-    revokes; a lease grant sent twice leaves one unused lease that expires after its TTL)."""
-    return code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in str(details)
-
 
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -128,6 +114,7 @@ class EtcdRegistry:
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
+        self._pulse: etcd_aio.LoopTask | None = None  # a watch-only registry's (etcd_pulse)
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop)
 
@@ -166,11 +153,11 @@ class EtcdRegistry:
                 if not reauthenticated and self.auth.stale(exc):
                     reauthenticated = True  # etcd forgot our token (restart, idle TTL)
                     continue
-                if not _timed_out_in_server(code, details):
+                if not etcd_aio.timed_out_in_server(code, details):
                     raise RegistryError(f"etcd at {self.where}: {what} failed: "
                                         f"{rpc_details(exc)}") from None
                 failure = exc
-            except _TRANSIENT as exc:
+            except etcd_aio.TRANSIENT as exc:
                 # "no endpoint available" only says every member failed within
                 # _ENDPOINT_RETRY: the failure before it says why (TLS, refused...)
                 if failure is None or not isinstance(exc, etcd_exc.NoServerAvailableError):
@@ -357,6 +344,11 @@ class EtcdRegistry:
             w = EtcdWatch(self, callback, start_revision, services,
                           spread=self.url.resume_spread)
             self._watches.append(w)
+            if self._pulse is None:
+                read = partial(self.client.get_range_response, f"{self.url.prefix}/alive", None)
+                self._pulse = self.loop.start(pulse(
+                    max(self.ttl, 1.0), lambda: self._lease is None,
+                    lambda: self._call("liveness read", read)))
         return w
 
     def add_state_listener(self, callback: StateCallback) -> None:
@@ -374,6 +366,8 @@ class EtcdRegistry:
         try:
             for w in watches:
                 w.stop()
+            if self._pulse is not None:
+                self._pulse.stop(self.timeout + 1)
             if keeper is not None:  # its round in flight ends first (it sees we are closing)
                 keeper.stop(self.timeout + 1)
             if revoke and lease is not None:

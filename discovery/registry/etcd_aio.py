@@ -33,6 +33,22 @@ from pyetcd import exceptions as etcd_exc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Errors after which another endpoint (or a later try) may well succeed.
+TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+)
+
+
+def timed_out_in_server(code: Any, details: Any) -> bool:
+    """etcd's answer to a write whose proposal timed out inside the member (during an
+    election, a member that lost its leader): ``UNKNOWN: context deadline exceeded``. Every
+    request here may be sent again (puts and deletes of fixed values, reads, keepalives,
+    revokes; a lease grant sent twice leaves one unused lease that expires after its TTL)."""
+    return code == grpc.StatusCode.UNKNOWN and "deadline exceeded" in str(details)
+
 
 class LoopThread:
     """An asyncio event loop running in one daemon thread, until :meth:`close`, and its

@@ -3,17 +3,21 @@
 A real agent (real dockerd, real containers) and a real watcher (its own HAProxy) reach etcd
 only through ``etcd grpc-proxy``; the proxy is SIGKILLed by its pid and started again on the
 same port, once briefly (less than the TTL: nothing is lost) and once for longer than the TTL
-(the lease expires behind the proxy; the agent registers everything again on its own).
+(the lease expires behind the proxy; the agent registers everything again on its own). And
+etcd itself SIGKILLed behind a running proxy: a host that only watches hears of it from its
+liveness read (the proxy keeps its watch stream open), and its watch goes on once etcd is back.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from discovery.model import Instance
 from discovery.registry import Change, open_registry
 from tests.harness.agent import AgentProcess, wait_gone, wait_registered
 from tests.harness.dockerd import ContainerFactory
@@ -83,3 +87,37 @@ def test_agent_and_watcher_through_the_proxy_survive_its_restarts(
         assert {i.service for i in reg.node_snapshot(agent.node).instances.values()} == {web}
     finally:
         reg.close(revoke=False)
+
+
+def test_a_watch_only_host_behind_the_proxy_hears_that_etcd_is_gone(
+        etcd_single: ServerCluster, grpc_proxy: EtcdGrpcProxy) -> None:
+    prefix, web = unique_prefix(), f"s{uuid.uuid4().hex[:10]}"
+    ttl, timeout = 2.0, 1.0
+    reg = open_registry(grpc_proxy.url(prefix), ttl=ttl, timeout=timeout)  # registers nothing
+    states: list[bool] = []
+    changes: list[Change] = []
+    reg.add_state_listener(states.append)
+    try:
+        reg.watch(changes.append, services=[web])
+        wait_for(lambda: states == [True], 10, message="the watch through the proxy is up")
+        etcd_single.kill_member(0)  # the proxy lives on and keeps the watch stream open
+        killed = time.monotonic()
+        # the next liveness read (within the TTL, +10 %) fails within the registry's timeout
+        wait_for(lambda: states[-1] is False, ttl * 1.1 + timeout + 1,
+                 message="the watch-only registry reports etcd unreachable")
+        assert time.monotonic() - killed >= timeout  # told by a read that timed out
+        etcd_single.start_member(0)
+        wait_for(lambda: states[-1] is True, 10, message="reported reachable again")
+        writer = open_registry(etcd_single.url(prefix), ttl=10, timeout=5.0)
+        try:
+            inst = Instance(service=web, id="n9:000000000009:80", node="n9",
+                            address="127.0.0.1", port=80)
+            writer.register(inst)
+            wait_for(lambda: [c.kind for c in changes] == ["put"], 10,
+                     message="the watch through the proxy goes on after etcd's return")
+            assert changes[0].instance is not None and changes[0].instance.key == inst.key
+        finally:
+            writer.close(revoke=True)
+    finally:
+        reg.close(revoke=False)
+        etcd_single.ensure_running()

@@ -62,3 +62,30 @@ def test_submit_returns_the_coroutines_result_and_the_executor_runs_blocking_wor
         assert loop.submit(blocking()).result(5).startswith("test-loop")
     finally:
         loop.close()
+
+
+def test_the_liveness_pulse_reads_only_when_needed_and_outlives_failed_reads() -> None:
+    from discovery.errors import RegistryUnavailable
+    from discovery.registry.etcd_pulse import pulse
+
+    needed = {"now": False}
+    answers: list[BaseException | None] = [RegistryUnavailable("down"), ValueError("bug"), None]
+    reads: list[float] = []
+
+    def read() -> None:
+        reads.append(time.monotonic())
+        answer = answers.pop(0) if answers else None
+        if answer is not None:
+            raise answer
+
+    async def run() -> None:
+        task = asyncio.ensure_future(pulse(0.02, lambda: needed["now"], read))
+        await asyncio.sleep(0.2)
+        assert reads == []  # a registry with a lease: its renewals tell, no read
+        needed["now"] = True
+        while len(reads) < 4:  # a failed read (ours or a bug) does not end the pulse
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 5))
+    assert answers == [] and len(reads) >= 4

@@ -1,0 +1,45 @@
+"""How an etcd client that only watches learns that the cluster stopped answering.
+
+A host that holds a lease hears from the cluster at every renewal (TTL/3): a renewal that
+fails tells the registry's state listeners. A host that registers nothing (``discovery dns``
+or ``watch`` alone, ``up`` with no container yet) has only its watch streams. Straight to the
+members that is enough: a member that dies ends its streams at once. Through ``etcd
+grpc-proxy`` it is not: the proxy keeps a client's watch stream open while every member
+behind it is down (measured on etcd 3.4: still open 40 s after all members were SIGKILLed;
+the proxy does not end it for the require-leader header and does not answer a progress
+request), so the watcher would go on reporting "registry connected" while it serves a
+catalog that nothing updates any more.
+
+So while a registry watches and holds no lease, it reads one key once a TTL (±10 %), a
+linearizable read (a serializable one the proxy may answer from its cache): the read goes
+through ``_call``, which tells the listeners "up" when it succeeds and "down" when no member
+answered within the registry's timeout. Cost: one single-key ``Range`` a TTL a watch-only
+host, a third of what a lease's keepalives cost; nothing for a host with a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from discovery.errors import RegistryError
+from discovery.retry import jittered
+
+log = logging.getLogger(__name__)
+
+
+async def pulse(interval: float, needed: Callable[[], bool], read: Callable[[], object]
+                ) -> None:
+    """Every ``interval`` (±10 %), ``read()`` in the loop's executor when ``needed()``; its
+    failure is the state listeners' news (``_call`` tells them), not this task's end."""
+    while True:
+        await asyncio.sleep(jittered(interval))
+        if not needed():
+            continue
+        try:
+            await asyncio.to_thread(read)
+        except RegistryError:
+            pass  # _call told the listeners
+        except Exception:
+            log.exception("etcd liveness read failed")
