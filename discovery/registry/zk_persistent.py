@@ -14,24 +14,28 @@ path's callbacks — on kazoo's connection thread: they must only queue work.
 
 Persistent watches belong to a connection: after a reconnect they are added again, and the
 server sends no catch-up events for them (``zk_watch`` asks ``SetWatches`` for those).
-A server older than 3.6 answers ``UNIMPLEMENTED`` and drops the connection;
-:attr:`EventRouter.supported` then says False and the followers use one-shot watches.
+A server older than 3.6 answers ``UNIMPLEMENTED`` and drops the connection; a 3.6+ server
+whose watch manager has no persistent watches (``zookeeper.watchManagerName=...
+WatchManagerOptimized``, measured on 3.8) answers ``MARSHALLINGERROR`` and keeps it. Either
+way :attr:`EventRouter.supported` then says False and the followers use one-shot watches.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from kazoo.exceptions import UnimplementedError
+from kazoo.exceptions import ConnectionLoss, MarshallingError, UnimplementedError
 from kazoo.protocol.serialization import Watch, int_struct, write_string
 
 log = logging.getLogger(__name__)
 
 PERSISTENT_RECURSIVE = 1  # AddWatchMode
 ANY_WATCHER = 3  # WatcherType of RemoveWatches
+#: a server's answers to ``AddWatch`` when it offers no persistent watches (module docstring)
+NOT_OFFERED = (UnimplementedError, MarshallingError)
 #: called with the path of a node created, changed or deleted, on kazoo's connection thread
 EventFn = Callable[[str], None]
 
@@ -90,8 +94,8 @@ class EventRouter:
 
     def add(self, root: str, fn: EventFn, timeout: float) -> None:
         """Route the events below ``root`` to ``fn`` and (again) add the server's persistent
-        recursive watch there. Raises UnimplementedError (ZooKeeper < 3.6) or what kazoo
-        raises (ConnectionLoss...)."""
+        recursive watch there. Raises one of ``NOT_OFFERED`` (no persistent watches on this
+        server) or what kazoo raises (ConnectionLoss...)."""
         with self._lock:
             fns = self._routes.get(root, ())
             if fn not in fns:
@@ -100,14 +104,30 @@ class EventRouter:
         self._client._call(AddWatch(root, PERSISTENT_RECURSIVE), result)
         try:
             result.get(timeout=timeout)
-        except UnimplementedError:
+        except NOT_OFFERED as exc:
             if self.supported is None:
-                log.warning("this ZooKeeper has no persistent watches (older than 3.6): "
-                            "following with one-shot watches")
+                log.warning("this ZooKeeper offers no persistent watches (%s: older than 3.6, "
+                            "or a watch manager without them): following with one-shot "
+                            "watches", type(exc).__name__)
             self.supported = False
             self.remove(root, fn)
             raise
         self.supported = True
+
+    def add_all(self, roots: Iterable[str], fn: EventFn, timeout: float) -> bool:
+        """:meth:`add` of ``fn`` at each of ``roots``: whether the server holds them. False
+        when it offers no persistent watches (the caller follows with one-shot ones); a server
+        older than 3.6 has dropped the connection then: ConnectionLoss, this once."""
+        if self.supported is False:
+            return False
+        try:
+            for root in roots:
+                self.add(root, fn, timeout)
+        except UnimplementedError:
+            raise ConnectionLoss() from None
+        except MarshallingError:
+            return False
+        return True
 
     def remove(self, root: str, fn: EventFn) -> None:
         """Stop routing to ``fn``; the last one of ``root`` removes the server's watch too

@@ -15,7 +15,6 @@ from kazoo.exceptions import (
     NoAuthError,
     NoNodeError,
     SessionExpiredError,
-    UnimplementedError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
@@ -176,14 +175,8 @@ class ZkWatch:
 
     def _add_roots(self) -> None:
         """(Again) the persistent watches, before reading: no change falls in between."""
-        if not self._persistent or self._router is None:
-            return
-        try:
-            for root in self._roots:
-                self._router.add(root, self._event, timeout=10.0)
-        except UnimplementedError:  # ZooKeeper < 3.6; it drops the connection: read later
-            self._persistent = False
-            raise ConnectionLoss() from None
+        if self._persistent and self._router is not None:
+            self._persistent = self._router.add_all(self._roots, self._event, timeout=10.0)
 
     def _run(self) -> None:
         while True:

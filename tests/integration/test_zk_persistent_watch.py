@@ -5,7 +5,9 @@ With ZooKeeper 3.6+ a watch is one persistent recursive watch (``zk_persistent``
 server holds one watch per follower, not one per node it read, and a new or removed instance
 costs one read of that node, not a listing of its service's directory. A server without
 ``AddWatch`` (older than 3.6, made here by sending an opcode the real server does not know)
-drops the connection; the follower goes on with one-shot watches.
+drops the connection; the follower goes on with one-shot watches. A 3.6+ server whose watch
+manager has no persistent watches (a real ZooKeeper started with ``WatchManagerOptimized``)
+answers ``MARSHALLINGERROR`` and keeps the connection; the follower goes on the same way.
 
 A read of many nodes (an agent's reconcile reads its node's index: the services it has
 instances in, their ids, the instances; a snapshot reads the followed services) sends each
@@ -18,16 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_multi, zk_persistent
 from tests.harness.fleet import fill_foreign, foreign
 from tests.harness.servers import (
+    ZK_TEST_JVM,
     ServerCluster,
     TcpProxy,
+    ZkEnsemble,
     expire_zk_session,
     unique_prefix,
     wait_until,
@@ -82,17 +87,16 @@ def test_one_watch_and_one_read_per_change(zk: ServerCluster, regs: list[Registr
                "the server to drop the watch")
 
 
-def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[Registry],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zk_persistent.AddWatch, "type", 250)  # no such opcode: UNIMPLEMENTED
-    url = zk.url(unique_prefix())
-    prefix = RegistryURL.parse(url).prefix
+def put_and_delete_follow(url: str, regs: list[Registry],
+                          armed: Callable[[], bool] = lambda: True) -> None:
+    """Of 40 instances, a writer adds one and removes one: a reader's watch (once ``armed``)
+    gets a put and a delete, no reset."""
     fill_foreign(url, 40)
     writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
     regs += [writer, reader]
     seen: list[Change] = []
     reader.watch(seen.append, reader.snapshot().revision)
-    wait_until(lambda: len(watched(zk, prefix)) >= 40, 10, "one-shot watches on every node")
+    wait_until(armed, 10, "the watches armed")
     added, gone = foreign(43), foreign(7)
     writer.register(added)
     writer.deregister(*gone.key)
@@ -100,6 +104,35 @@ def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[
                                                           ("delete", gone.key)},
                10, "the put and the delete")
     assert "reset" not in [c.kind for c in seen]
+
+
+def test_without_addwatch_one_shot_watches_follow(zk: ServerCluster, regs: list[Registry],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zk_persistent.AddWatch, "type", 250)  # no such opcode: UNIMPLEMENTED
+    url = zk.url(unique_prefix())
+    prefix = RegistryURL.parse(url).prefix
+    put_and_delete_follow(url, regs, lambda: len(watched(zk, prefix)) >= 40)  # one a node
+
+
+@pytest.fixture
+def zk_bitset_watches(tmp_path: Path) -> Iterator[ServerCluster]:
+    """A real ZooKeeper whose watch manager keeps watches as bit sets (9 x less memory a
+    watch) and has no persistent ones."""
+    manager = "-Dzookeeper.watchManagerName=org.apache.zookeeper.server.watch.WatchManagerOptimized"
+    ensemble = ZkEnsemble(1, tmp_path / "zk", (*ZK_TEST_JVM, manager))
+    try:
+        ensemble.start()
+        yield ensemble
+    finally:
+        ensemble.stop()
+
+
+def test_a_server_without_persistent_watches_is_followed_with_one_shot_ones(
+        zk_bitset_watches: ServerCluster, regs: list[Registry],
+        caplog: pytest.LogCaptureFixture) -> None:
+    put_and_delete_follow(zk_bitset_watches.url(unique_prefix()), regs)  # at once
+    assert "re-reading everything" not in caplog.text  # it did: every second, and no change
+    assert "offers no persistent watches (MarshallingError" in caplog.text
 
 
 def test_after_a_reconnect_the_persistent_watch_goes_on(zk: ServerCluster,
