@@ -116,7 +116,8 @@ class EtcdRegistry:
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
         self._pulse: etcd_aio.LoopTask | None = None  # a watch-only registry's (etcd_pulse)
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
-        self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop)
+        self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
+                                         late_wait=max(self.ttl / 3, 0.2) + 1.0)
 
     @property
     def loop(self) -> LoopThread:

@@ -14,6 +14,15 @@ than the calls' (which go back to the watch stream's: ``etcd_aio.Client.follow``
 again on theirs at its next renewal: one connection a host. The request stream is never
 half-closed while a renewal waits (etcd's gRPC proxy cancels a keepalive stream the client
 half-closed before it answered).
+
+How long a renewal waits for its answer depends on who answers. A member answers at once,
+so no answer within the client's timeout means a member that hangs: another one next. etcd's
+gRPC proxy renews each lease itself, every TTL/3 on a 0.5 s tick, and answers a renewal only
+at its own next one (measured on etcd 3.4: 2.6 s after the request, straight to etcd 1 ms): a
+renewal sent just after the proxy's waited more than the client's timeout, and every host
+behind a proxy reported a healthy etcd unreachable now and then (5 hosts at TTL 10 s: 12
+times a minute). So once a member's answers have come late (over ``LATE`` s), renewals wait
+for its answers up to a renewal interval + 1 s (``late_wait``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
     from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
 
 GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
+LATE = 0.25  # seconds: an answer this late is not a member's own (module docstring)
 
 
 def retry_wait(ttl: float, interval: float, renewed: float) -> float:
@@ -57,9 +67,11 @@ class KeepAliveStream:
     """``renew(lease)``: one keepalive of ``lease`` on the open stream, its answer or an error
     in pyetcd's terms (transient ones: another member next). ``close()`` ends the stream."""
 
-    def __init__(self, client: Any, channels: AioChannels, loop: Callable[[], LoopThread]
-                 ) -> None:
+    def __init__(self, client: Any, channels: AioChannels, loop: Callable[[], LoopThread],
+                 late_wait: float = 0.0) -> None:
         self._client, self._channels, self._loop = client, channels, loop
+        self._late_wait = late_wait
+        self._late: set[str] = set()  # the members (netlocs) whose answers came late
         self._lock = threading.Lock()  # one renewal at a time
         self._stream: Any = None  # the open call (the loop's own)
         self._endpoint: Any = None  # the member it is on
@@ -72,8 +84,8 @@ class KeepAliveStream:
             if self._closed:
                 raise etcd_exc.ConnectionFailedError()
             self._waiting = waiting = self._loop().submit(self.renew_async(lease))
-            try:  # renew_async keeps the client's timeout; this one covers a loop that stopped
-                return waiting.result(self._client.timeout + 1)
+            try:  # renew_async keeps its own timeout; this one covers a loop that stopped
+                return waiting.result(max(self._client.timeout, self._late_wait) + 1)
             except concurrent.futures.CancelledError:  # close()
                 raise etcd_exc.ConnectionFailedError() from None
             except concurrent.futures.TimeoutError:
@@ -93,8 +105,10 @@ class KeepAliveStream:
             self._endpoint, channel = self._channels.pick(client)
             self._stream = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=client.metadata)
         stream, endpoint = self._stream, self._endpoint
+        late = endpoint.netloc in self._late
+        sent = time.monotonic()
         try:
-            async with asyncio.timeout(client.timeout):
+            async with asyncio.timeout(max(client.timeout, self._late_wait if late else 0.0)):
                 written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
                 while True:
                     answer = await stream.read() if written else grpc.aio.EOF
@@ -102,6 +116,8 @@ class KeepAliveStream:
                         self._drop()
                         return []
                     if lease == answer.ID:
+                        if not late and time.monotonic() - sent > LATE:
+                            self._late.add(endpoint.netloc)
                         return [answer]
                     # an answer for another lease (one we renewed before a new grant): not ours
         except TimeoutError:

@@ -121,3 +121,30 @@ def test_a_watch_only_host_behind_the_proxy_hears_that_etcd_is_gone(
     finally:
         reg.close(revoke=False)
         etcd_single.ensure_running()
+
+
+def test_renewals_through_the_proxy_never_report_a_healthy_etcd_unreachable(
+        grpc_proxy: EtcdGrpcProxy) -> None:
+    """The proxy answers a renewal only at its own next renewal of that lease (up to TTL/3 and
+    its 0.5 s tick later; straight to etcd: at once): a renewal must wait that long there,
+    or the hosts behind a proxy see a healthy etcd come and go."""
+    prefix, hosts, ttl = unique_prefix(), 8, 3.0
+    regs = [open_registry(grpc_proxy.url(prefix), ttl=ttl) for _ in range(hosts)]
+    downs: list[int] = []
+    try:
+        for n, reg in enumerate(regs):
+            reg.add_state_listener(lambda up, n=n: None if up else downs.append(n))
+            reg.register(Instance(service="web", id=f"n{n}:00000000000{n}:80", node=f"n{n}",
+                                  address="127.0.0.1", port=80))
+        deadline = time.monotonic() + 10 * ttl  # ~30 renewals a host
+        while time.monotonic() < deadline and not downs:
+            time.sleep(0.1)
+        assert downs == [], f"hosts {sorted(set(downs))} reported etcd unreachable"
+        live = open_registry(grpc_proxy.url(prefix), timeout=5.0)
+        try:
+            assert len(live.snapshot().instances) == hosts  # no lease ran out meanwhile
+        finally:
+            live.close(revoke=False)
+    finally:
+        for reg in regs:
+            reg.close(revoke=True)
