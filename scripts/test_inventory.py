@@ -24,7 +24,7 @@ COMPONENTS = {
     "dockerd": ({"docker_client", "containers", "example_image", "sidecar_image"},
                 r"docker|container"),
     "etcd": ({"etcd_single", "etcd_cluster3"}, r"\[etcd|etcd://|EtcdCluster|--dev"),
-    "ZooKeeper": ({"zk_single", "zk_ensemble3"}, r"\[zk|zk://|ZkEnsemble"),
+    "ZooKeeper": ({"zk_single", "zk_ensemble3", "zk_bitset_watches"}, r"\[zk|zk://|ZkEnsemble"),
     "HAProxy": ({"haproxy_factory", "start_watcher"}, r"haproxy|\"watch\"|\"up\""),
 }
 
