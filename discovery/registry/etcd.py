@@ -116,8 +116,9 @@ class EtcdRegistry:
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
         self._pulse: etcd_aio.LoopTask | None = None  # a watch-only registry's (etcd_pulse)
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
+        self._interval = max(ttl / 3, 0.2)  # between renewals (jittered)
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
-                                         late_wait=max(self.ttl / 3, 0.2) + 1.0)
+                                         late_wait=self._interval + 1.0)
 
     @property
     def loop(self) -> LoopThread:
@@ -251,7 +252,7 @@ class EtcdRegistry:
         fleet's renewals do not align) one keepalive on the stream, on the loop; anything else
         (a failure, the lease gone, instances to write again, the state to tell listeners)
         is one round of :meth:`_keep_round` in the loop's executor."""
-        interval = max(self.ttl / 3, 0.2)
+        interval = self._interval
         wait, renewed = jittered(interval), time.monotonic()
         while True:
             await asyncio.sleep(wait)
