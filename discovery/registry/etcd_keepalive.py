@@ -106,9 +106,10 @@ class KeepAliveStream:
             self._stream = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=client.metadata)
         stream, endpoint = self._stream, self._endpoint
         late = endpoint.netloc in self._late
+        wait = max(client.timeout, self._late_wait) if late else client.timeout
         sent = time.monotonic()
         try:
-            async with asyncio.timeout(max(client.timeout, self._late_wait if late else 0.0)):
+            async with asyncio.timeout(wait):
                 written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
                 while True:
                     answer = await stream.read() if written else grpc.aio.EOF

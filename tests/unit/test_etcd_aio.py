@@ -68,7 +68,7 @@ def test_the_liveness_pulse_reads_only_when_needed_and_outlives_failed_reads() -
     from discovery.errors import RegistryUnavailable
     from discovery.registry.etcd_pulse import pulse
 
-    needed = {"now": False}
+    needed = threading.Event()  # set: the registry holds no lease
     answers: list[BaseException | None] = [RegistryUnavailable("down"), ValueError("bug"), None]
     reads: list[float] = []
 
@@ -79,10 +79,10 @@ def test_the_liveness_pulse_reads_only_when_needed_and_outlives_failed_reads() -
             raise answer
 
     async def run() -> None:
-        task = asyncio.ensure_future(pulse(0.02, lambda: needed["now"], read))
+        task = asyncio.ensure_future(pulse(0.02, needed.is_set, read))
         await asyncio.sleep(0.2)
         assert reads == []  # a registry with a lease: its renewals tell, no read
-        needed["now"] = True
+        needed.set()
         while len(reads) < 4:  # a failed read (ours or a bug) does not end the pulse
             await asyncio.sleep(0.01)
         task.cancel()
