@@ -22,7 +22,13 @@ at its own next one (measured on etcd 3.4: 2.6 s after the request, straight to 
 renewal sent just after the proxy's waited more than the client's timeout, and every host
 behind a proxy reported a healthy etcd unreachable now and then (5 hosts at TTL 10 s: 12
 times a minute). So once a member's answers have come late (over ``LATE`` s), renewals wait
-for its answers up to a renewal interval + 1 s (``late_wait``).
+for its answers up to a renewal interval + 1 s (``late_wait``). A member not known to be late
+whose answer does not come within the client's timeout is asked for its status (``PROBE`` s
+at most): one that answers that at once but not the renewal defers renewals, so it is late,
+and the renewal waits on for its answer; one that answers neither hangs. Without this, the
+first late answer of every new stream to a proxy (new host, new member) could come after
+the client's timeout (at TTL 3 s: 9 hosts of 96 reported etcd unreachable in their first
+9 s), and a host behind a proxy has no other member to fail over to.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
 
 GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 LATE = 0.25  # seconds: an answer this late is not a member's own (module docstring)
+PROBE = 2 * LATE  # seconds a member not known late has to answer a status call (docstring)
 
 
 def retry_wait(ttl: float, interval: float, renewed: float) -> float:
@@ -85,7 +92,7 @@ class KeepAliveStream:
                 raise etcd_exc.ConnectionFailedError()
             self._waiting = waiting = self._loop().submit(self.renew_async(lease))
             try:  # renew_async keeps its own timeout; this one covers a loop that stopped
-                return waiting.result(max(self._client.timeout, self._late_wait) + 1)
+                return waiting.result(max(self._client.timeout, self._late_wait) + PROBE + 1)
             except concurrent.futures.CancelledError:  # close()
                 raise etcd_exc.ConnectionFailedError() from None
             except concurrent.futures.TimeoutError:
@@ -107,24 +114,17 @@ class KeepAliveStream:
         stream, endpoint = self._stream, self._endpoint
         late = endpoint.netloc in self._late
         wait = max(client.timeout, self._late_wait) if late else client.timeout
-        sent = time.monotonic()
+        answering = asyncio.ensure_future(self._answer(stream, endpoint, lease, late))
         try:
-            async with asyncio.timeout(wait):
-                written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
-                while True:
-                    answer = await stream.read() if written else grpc.aio.EOF
-                    if answer is grpc.aio.EOF:  # the stream ended without an error
-                        self._drop()
-                        return []
-                    if lease == answer.ID:
-                        if not late and time.monotonic() - sent > LATE:
-                            self._late.add(endpoint.netloc)
-                        return [answer]
-                    # an answer for another lease (one we renewed before a new grant): not ours
-        except TimeoutError:
-            self._drop()
-            endpoint.fail()  # as a DEADLINE_EXCEEDED call would
-            raise etcd_exc.ConnectionTimeoutError() from None
+            done, _ = await asyncio.wait([answering], timeout=wait)
+            if not done and not late and self._late_wait > wait and await self._answers(endpoint):
+                self._late.add(endpoint.netloc)  # it answers at once, but not the renewal
+                done, _ = await asyncio.wait([answering], timeout=self._late_wait - wait)
+            if not done:
+                self._drop()
+                endpoint.fail()  # as a DEADLINE_EXCEEDED call would
+                raise etcd_exc.ConnectionTimeoutError()
+            return answering.result()
         except grpc.RpcError as exc:
             self._drop()
             if exc.code() in ENDPOINT_DOWN:  # this member: another one next
@@ -134,6 +134,34 @@ class KeepAliveStream:
         except asyncio.CancelledError:
             self._drop()
             raise
+        finally:
+            answering.cancel()  # done by now, unless the renewal failed or was cancelled
+
+    async def _answer(self, stream: Any, endpoint: Endpoint, lease: int,
+                      late: bool) -> list[Any]:
+        """Send one keepalive of ``lease`` on ``stream`` and read until its answer."""
+        sent = time.monotonic()
+        written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
+        while True:
+            answer = await stream.read() if written else grpc.aio.EOF
+            if answer is grpc.aio.EOF:  # the stream ended without an error
+                self._drop()
+                return []
+            if lease == answer.ID:
+                if not late and time.monotonic() - sent > LATE:
+                    self._late.add(endpoint.netloc)
+                return [answer]
+            # an answer for another lease (one we renewed before a new grant): not ours
+
+    async def _answers(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint`` answers a status call within ``PROBE`` s."""
+        stub = self._channels.stub(etcdrpc.MaintenanceStub, endpoint)
+        try:
+            await stub.Status(etcdrpc.StatusRequest(), timeout=PROBE,
+                              metadata=self._client.metadata)
+        except grpc.RpcError:
+            return False
+        return True
 
     @property
     def endpoint(self) -> Endpoint | None:
