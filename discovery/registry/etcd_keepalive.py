@@ -23,9 +23,10 @@ renewal sent just after the proxy's waited more than the client's timeout, and e
 behind a proxy reported a healthy etcd unreachable now and then (5 hosts at TTL 10 s: 12
 times a minute). So once a member's answers have come late (over ``LATE`` s), renewals wait
 for its answers up to a renewal interval + 1 s (``late_wait``). A member not known to be late
-whose answer does not come within the client's timeout is asked for its status (``PROBE`` s
-at most): one that answers that at once but not the renewal defers renewals, so it is late,
-and the renewal waits on for its answer; one that answers neither hangs. Without this, the
+whose answer has not come half-way through the client's timeout is asked for its status
+(``PROBE`` s at most): one that answers that at once but not the renewal defers renewals, so
+it is late, and the renewal waits on for its answer; one that answers neither hangs, and is
+left at the client's timeout, as before the probe. Without this, the
 first late answer of every new stream to a proxy (new host, new member) could come after
 the client's timeout (at TTL 3 s: 9 hosts of 96 reported etcd unreachable in their first
 9 s), and a host behind a proxy has no other member to fail over to.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +52,8 @@ from discovery.retry import jittered
 
 if TYPE_CHECKING:
     from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
+
+log = logging.getLogger(__name__)
 
 GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
 LATE = 0.25  # seconds: an answer this late is not a member's own (module docstring)
@@ -112,15 +116,9 @@ class KeepAliveStream:
             self._endpoint, channel = self._channels.pick(client)
             self._stream = etcdrpc.LeaseStub(channel).LeaseKeepAlive(metadata=client.metadata)
         stream, endpoint = self._stream, self._endpoint
-        late = endpoint.netloc in self._late
-        wait = max(client.timeout, self._late_wait) if late else client.timeout
-        answering = asyncio.ensure_future(self._answer(stream, endpoint, lease, late))
+        answering = asyncio.ensure_future(self._answer(stream, endpoint, lease))
         try:
-            done, _ = await asyncio.wait([answering], timeout=wait)
-            if not done and not late and self._late_wait > wait and await self._answers(endpoint):
-                self._late.add(endpoint.netloc)  # it answers at once, but not the renewal
-                done, _ = await asyncio.wait([answering], timeout=self._late_wait - wait)
-            if not done:
+            if not await self._waited(answering, endpoint):
                 self._drop()
                 endpoint.fail()  # as a DEADLINE_EXCEEDED call would
                 raise etcd_exc.ConnectionTimeoutError()
@@ -137,8 +135,35 @@ class KeepAliveStream:
         finally:
             answering.cancel()  # done by now, unless the renewal failed or was cancelled
 
-    async def _answer(self, stream: Any, endpoint: Endpoint, lease: int,
-                      late: bool) -> list[Any]:
+    async def _waited(self, answering: asyncio.Future[list[Any]], endpoint: Endpoint) -> bool:
+        """Whether the renewal was answered in time: within ``late_wait`` from a member known
+        to be late; else within the client's timeout, or, if from half-way on the member
+        answers a status call (``PROBE`` s at most) though not the renewal, within
+        ``late_wait`` (it defers renewals: late). A member that hangs answers neither, and
+        is left after the client's timeout as before: the probe ran beside the wait."""
+        timeout = self._client.timeout
+        late = endpoint.netloc in self._late
+        if late or self._late_wait <= timeout:
+            wait = max(timeout, self._late_wait) if late else timeout
+            done, _ = await asyncio.wait([answering], timeout=wait)
+            return bool(done)
+        done, _ = await asyncio.wait([answering], timeout=timeout / 2)
+        if done:
+            return True
+        probing = asyncio.ensure_future(self._answers(endpoint))
+        try:
+            done, _ = await asyncio.wait([answering], timeout=timeout / 2)
+            if done:
+                return True
+            if not await probing:
+                return False
+        finally:
+            probing.cancel()  # done by now, unless answered first
+        self._mark_late(endpoint)  # it answers at once, but not the renewal
+        done, _ = await asyncio.wait([answering], timeout=self._late_wait - timeout)
+        return bool(done)
+
+    async def _answer(self, stream: Any, endpoint: Endpoint, lease: int) -> list[Any]:
         """Send one keepalive of ``lease`` on ``stream`` and read until its answer."""
         sent = time.monotonic()
         written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
@@ -148,10 +173,16 @@ class KeepAliveStream:
                 self._drop()
                 return []
             if lease == answer.ID:
-                if not late and time.monotonic() - sent > LATE:
-                    self._late.add(endpoint.netloc)
+                if time.monotonic() - sent > LATE:
+                    self._mark_late(endpoint)
                 return [answer]
             # an answer for another lease (one we renewed before a new grant): not ours
+
+    def _mark_late(self, endpoint: Endpoint) -> None:
+        if endpoint.netloc not in self._late:
+            self._late.add(endpoint.netloc)
+            log.debug("etcd member %s answers renewals late: waiting up to %.3gs for them",
+                      endpoint.netloc, self._late_wait)
 
     async def _answers(self, endpoint: Endpoint) -> bool:
         """Whether ``endpoint`` answers a status call within ``PROBE`` s."""
