@@ -24,9 +24,10 @@ behind a proxy reported a healthy etcd unreachable now and then (5 hosts at TTL 
 times a minute). So once a member's answers have come late (over ``LATE`` s), renewals wait
 for its answers up to a renewal interval + 1 s (``late_wait``). A member not known to be late
 whose answer has not come half-way through the client's timeout is asked for its status
-(``PROBE`` s at most): one that answers that at once but not the renewal defers renewals, so
-it is late, and the renewal waits on for its answer; one that answers neither hangs, and is
-left at the client's timeout, as before the probe. Without this, the
+(``PROBE`` s at most, as a member with a leader): one that answers that at once but not the
+renewal defers renewals, so it is late, and the renewal waits on for its answer; one that
+answers neither hangs or has no leader, and is left at the client's timeout, as before the
+probe. Without this, the
 first late answer of every new stream to a proxy (new host, new member) could come after
 the client's timeout (at TTL 3 s: 9 hosts of 96 reported etcd unreachable in their first
 9 s), and a host behind a proxy has no other member to fail over to.
@@ -47,7 +48,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.registry import etcd_aio
-from discovery.registry.etcd_watch import ENDPOINT_DOWN
+from discovery.registry.etcd_watch import ENDPOINT_DOWN, REQUIRE_LEADER
 from discovery.retry import jittered
 
 if TYPE_CHECKING:
@@ -185,11 +186,13 @@ class KeepAliveStream:
                       endpoint.netloc, self._late_wait)
 
     async def _answers(self, endpoint: Endpoint) -> bool:
-        """Whether ``endpoint`` answers a status call within ``PROBE`` s."""
+        """Whether ``endpoint`` answers a status call within ``PROBE`` s, as a member with a
+        leader (require-leader: a member without one, which cannot renew either, says so at
+        once; etcd's proxy, which renews by itself, answers for the member it uses)."""
         stub = self._channels.stub(etcdrpc.MaintenanceStub, endpoint)
         try:
             await stub.Status(etcdrpc.StatusRequest(), timeout=PROBE,
-                              metadata=self._client.metadata)
+                              metadata=REQUIRE_LEADER + tuple(self._client.metadata or ()))
         except grpc.RpcError:
             return False
         return True

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.INTERNAL)
-_REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
+REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 #: re-opening a broken stream: once after 0.1 s (another member), then every half resume
 #: spread plus up to one spread at random (a fleet whose registry is down retries one spread
 #: apart on average, so it comes back over that window when the registry does)
@@ -172,7 +172,7 @@ class EtcdWatch:
         ids: dict[int, str] = {}
         narrow: asyncio.TimerHandle | None = None
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
-            metadata=_REQUIRE_LEADER + reg.auth.metadata())
+            metadata=REQUIRE_LEADER + reg.auth.metadata())
         try:
             if not await etcd_aio.write(stream, self._create(pending[0])):
                 return
