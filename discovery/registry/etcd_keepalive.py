@@ -26,11 +26,11 @@ for its answers up to a renewal interval + 1 s (``late_wait``). A member not kno
 whose answer has not come half-way through the client's timeout is asked for its status
 (``PROBE`` s at most, as a member with a leader): one that answers that at once but not the
 renewal defers renewals, so it is late, and the renewal waits on for its answer; one that
-answers neither hangs or has no leader, and is left at the client's timeout, as before the
-probe. Without this, the
-first late answer of every new stream to a proxy (new host, new member) could come after
-the client's timeout (at TTL 3 s: 9 hosts of 96 reported etcd unreachable in their first
-9 s), and a host behind a proxy has no other member to fail over to.
+answers neither (it hangs, or has no leader) is left at the client's timeout, as before the
+probe. Without it, the first late answer of every new stream to a proxy (new host, new
+member) could come after the client's timeout (at TTL 3 s: 9 hosts of 96 reported etcd
+unreachable in their first 9 s), and a host behind a proxy has no other member to fail over
+to.
 """
 
 from __future__ import annotations
