@@ -7,8 +7,10 @@ Without a service filter the stream holds one watcher on ``<prefix>/services/``;
 ``<prefix>/services/<service>/``, so etcd sends this host only what it routes. Each watcher
 keeps its own last revision: after a broken stream every watcher resumes from the revision
 after the last it delivered (or was told of by a progress notification); nothing is read
-again. Only when etcd has compacted that revision does the watch read everything it follows
-once more and send a ``reset``.
+again. Only when etcd has compacted that revision, or is behind it (a cluster restored from
+a backup: etcd 3.4 restores the backup's revision, and a watch from a later one would wait,
+silent, until etcd caught up), does the watch read everything it follows once more and send
+a ``reset``.
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
@@ -180,9 +182,15 @@ class EtcdWatch:
                 if resp.compact_revision:
                     log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
                                 self.revision + 1, resp.compact_revision)
-                    snap = await asyncio.to_thread(reg.snapshot, self._services)
-                    self._revs = dict.fromkeys(self._ranges, snap.revision)
-                    self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+                    await self._reread()
+                    return
+                if resp.created and int(resp.header.revision) < max(self._revs.values()):
+                    # etcd is behind what we saw: restored from a backup (etcd 3.4 restores
+                    # its revision; a watch from ours would wait, silent, until it caught up)
+                    log.warning("etcd watch: etcd is at revision %d, behind the %d seen here "
+                                "(restored from a backup?); re-reading all",
+                                resp.header.revision, max(self._revs.values()))
+                    await self._reread()
                     return
                 if resp.canceled:
                     if not self._reauth and reg.auth.stale(resp.cancel_reason):
@@ -231,6 +239,13 @@ class EtcdWatch:
                 narrow.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
+
+    async def _reread(self) -> None:
+        """Read everything followed again and deliver it as a ``reset``; the next stream
+        resumes from the revision of that read."""
+        snap = await asyncio.to_thread(self._reg.snapshot, self._services)
+        self._revs = dict.fromkeys(self._ranges, snap.revision)
+        self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
 
     def _narrow(self, stream: Any) -> None:
         """The wide stream has served its resume: end it; the next one holds k watchers."""
