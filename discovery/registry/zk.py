@@ -52,6 +52,7 @@ from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
+from discovery.registry.zk_rewind import ensemble_behind
 from discovery.registry.zk_watch import ZkWatch
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class ZkRegistry:
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
+        self._down_since: float | None = time.monotonic()  # not connected since (None: it is)
         self._lost = False
         self._closing = threading.Event()
         self._events: queue.Queue[bool | None] = queue.Queue()
@@ -129,12 +131,15 @@ class ZkRegistry:
         """kazoo's listener (its connection thread): only record and hand over."""
         if state == KazooState.CONNECTED:
             self._connected.set()
+            self._down_since = None
             if self._lost:
                 self._lost = False
                 self._recovery.set()
             self._events.put(True)
         else:
             self._connected.clear()
+            if self._down_since is None:
+                self._down_since = time.monotonic()
             if state == KazooState.LOST:
                 self._lost = True
             self._events.put(False)
@@ -157,12 +162,32 @@ class ZkRegistry:
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
-            if self._recovery.wait() and not self._closing.is_set():  # close() sets it
-                self._recovery.clear()
-                try:
+            woken = self._recovery.wait(self.ttl)  # close() sets it too
+            if self._closing.is_set():
+                return
+            try:
+                if woken:
+                    self._recovery.clear()
                     self._recover()
-                except Exception:
-                    log.exception("ZooKeeper session recovery failed")
+                else:
+                    self._check_behind()
+            except Exception:
+                log.exception("ZooKeeper session recovery failed")
+
+    def _check_behind(self) -> None:
+        """Disconnected for a session timeout or more: if the ensemble is behind the zxid we
+        saw (:mod:`~discovery.registry.zk_rewind`), it will never take our session back, so
+        ask for it from zxid 0: a server that lost it says it expired and kazoo starts a new
+        one; one restored with it takes it back. Either way, once connected, everything is
+        registered and read again, as after an expiry."""
+        down, zxid = self._down_since, self.client.last_zxid
+        if (down is None or time.monotonic() - down < self.ttl or not zxid or self.url.tls
+                or not ensemble_behind(self.url.hosts, zxid)):
+            return
+        log.warning("ZooKeeper at %s is behind zxid %#x seen here (restored from a backup, "
+                    "or its data lost): starting over with a new session", self._where, zxid)
+        self._lost = True
+        self.client.last_zxid = 0
 
     def _recover(self) -> None:
         """New session after an expiry: create our nodes again, tell watches to reset."""

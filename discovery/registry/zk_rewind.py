@@ -1,0 +1,55 @@
+"""A ZooKeeper ensemble behind the zxid a client has seen: restored from a backup, or its data
+lost and the ensemble started again empty.
+
+Its members refuse the session of a client that has seen a later zxid than theirs ("client
+must try another server": a lagging follower would hand it an older view), and kazoo tries
+again forever: every host of the fleet would stay disconnected for good, the agents unable to
+register, the catalogs frozen (measured: 30 s after a wipe of a 1-member ensemble, still
+disconnected). A member that leads (or stands alone) holds everything the ensemble committed,
+so if it and every other member that answers are behind our zxid, no member will ever take
+our session back: :func:`ensemble_behind` tells so from ZooKeeper's ``srvr`` four-letter word
+(on by default), and the registry then starts a session afresh (as after an expiry).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+SERVING = {"leader", "follower", "observer", "standalone"}
+_ZXID = re.compile(r"^Zxid: (0x[0-9a-fA-F]+)\s*$", re.M)
+_MODE = re.compile(r"^Mode: (\w+)\s*$", re.M)
+
+
+def parse_srvr(text: str) -> tuple[str, int] | None:
+    """``(mode, zxid)`` from a member's ``srvr`` answer; None unless it serves."""
+    zxid, mode = _ZXID.search(text), _MODE.search(text)
+    if zxid is None or mode is None or mode.group(1) not in SERVING:
+        return None
+    return mode.group(1), int(zxid.group(1), 16)
+
+
+def member_state(host: str, port: int, timeout: float) -> tuple[str, int] | None:
+    """``(mode, zxid)`` of the member at ``host:port`` (None: it does not answer, or does not
+    serve)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"srvr")
+            chunks: list[bytes] = []
+            while len(b"".join(chunks)) < 65536 and (chunk := sock.recv(4096)):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    return parse_srvr(b"".join(chunks).decode("utf-8", "replace"))
+
+
+def ensemble_behind(hosts: Iterable[tuple[str, int]], zxid: int, timeout: float = 1.0) -> bool:
+    """Whether the ensemble is behind ``zxid`` for good: a member that leads (or stands
+    alone) answers, and every member that answers is behind it."""
+    states = [s for h, p in hosts if (s := member_state(h, p, timeout)) is not None]
+    return (any(mode in ("leader", "standalone") for mode, _ in states)
+            and all(seen < zxid for _, seen in states))
