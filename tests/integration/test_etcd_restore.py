@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from discovery.model import Instance
-from discovery.registry import Change, Snapshot, open_registry
+from discovery.registry import Change, open_registry
+from tests.harness.history import a_late_put_arrives, first_reset
+from tests.harness.history import instance as inst
 from tests.harness.servers import EtcdCluster, unique_prefix, wait_until
 from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration
 
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
-
-
-def inst(n: int) -> Instance:
-    return Instance(service="web", id=f"h{n}:00000000000{n}:8{n}", node=f"h{n}",
-                    address="127.0.0.1", port=8000 + n)
 
 
 def etcdctl(*args: str) -> None:
@@ -59,19 +55,11 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
                 argv[argv.index("--initial-advertise-peer-urls") + 1])
         seen = len(changes)
         cluster.ensure_running()
-        def reset() -> Snapshot | None:
-            return next((c.snapshot for c in changes[seen:] if c.kind == "reset"), None)
-
-        snapshot = wait_for(reset, 15, message="a reset once etcd is back, behind the watch")
+        snapshot = wait_for(lambda: first_reset(changes, seen), 15,
+                            message="a reset once etcd is back, behind the watch")
         assert snapshot is not None
         assert set(snapshot.instances) == {inst(1).key}  # what the backup held
-        late = open_registry(url, ttl=10)  # a host that registers after the restore
-        try:
-            late.register(inst(9))
-            wait_until(lambda: any(c.key == inst(9).key for c in changes[seen:]), 10,
-                       "the put made after the restore")
-        finally:
-            late.close()
+        a_late_put_arrives(url, 10, changes, seen)
     finally:
         watch.stop()
         follower.close(revoke=False)

@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from discovery.model import Instance
-from discovery.registry import Change, Snapshot, open_registry
+from discovery.registry import Change, open_registry
+from tests.harness.history import a_late_put_arrives, first_reset
+from tests.harness.history import instance as inst
 from tests.harness.servers import ZkEnsemble, unique_prefix, wait_until
 from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration
 
 TTL = 4.0
-
-
-def inst(n: int) -> Instance:
-    return Instance(service="web", id=f"h{n}:00000000000{n}:8{n}", node=f"h{n}",
-                    address="127.0.0.1", port=8000 + n)
 
 
 def test_a_host_starts_over_on_an_ensemble_that_lost_its_data(tmp_path: Path) -> None:
@@ -56,20 +52,11 @@ def test_a_host_starts_over_on_an_ensemble_that_lost_its_data(tmp_path: Path) ->
         # checked once a TTL after a TTL down, then kazoo's next try (within TTL/3)
         wait_until(lambda: states[-1] is True, 2 * TTL + TTL / 3 + 3, "connected again")
         assert time.monotonic() - lost_at < 2 * TTL + TTL / 3 + 3
-
-        def reset() -> Snapshot | None:
-            return next((c.snapshot for c in changes[seen:] if c.kind == "reset"), None)
-
-        assert wait_for(reset, 10, message="the watch reads everything again") is not None
+        assert wait_for(lambda: first_reset(changes, seen), 10,
+                        message="the watch reads everything again") is not None
         wait_until(lambda: set(reg.snapshot().instances) == {inst(n).key for n in range(1, 4)},
                    10, "the instances registered again")
-        other = open_registry(url, ttl=TTL)
-        try:
-            other.register(inst(9))
-            wait_until(lambda: any(c.key == inst(9).key for c in changes[seen:]), 10,
-                       "a put after the wipe, through the watch")
-        finally:
-            other.close()
+        a_late_put_arrives(url, TTL, changes, seen)
     finally:
         watch.stop()
         reg.close(revoke=False)
