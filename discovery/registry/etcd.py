@@ -19,7 +19,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection
-from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -347,11 +346,18 @@ class EtcdRegistry:
                           spread=self.url.resume_spread)
             self._watches.append(w)
             if self._pulse is None:
-                read = partial(self.client.get_range_response, f"{self.url.prefix}/alive", None)
                 self._pulse = self.loop.start(pulse(
                     max(self.ttl, 1.0), lambda: self._lease is None,
-                    lambda: self._call("liveness read", read)))
+                    lambda: self._call("liveness read", self._read_alive)))
         return w
+
+    def _read_alive(self) -> Any:
+        """One linearizable read of one key (``<prefix>/alive``), its header included."""
+        return self.client.get_range_response(f"{self.url.prefix}/alive", None)
+
+    def revision(self) -> int:
+        """etcd's current revision (a linearizable read: a member answers once caught up)."""
+        return int(self._call("revision read", self._read_alive).header.revision)
 
     def add_state_listener(self, callback: StateCallback) -> None:
         with self._state_lock:

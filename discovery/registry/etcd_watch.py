@@ -84,6 +84,8 @@ class WatchSource(Protocol):
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot: ...
 
+    def revision(self) -> int: ...
+
     def set_state(self, up: bool) -> None: ...
 
     def members_in_use(self) -> set[str]: ...
@@ -184,12 +186,7 @@ class EtcdWatch:
                                 self.revision + 1, resp.compact_revision)
                     await self._reread()
                     return
-                if resp.created and int(resp.header.revision) < max(self._revs.values()):
-                    # etcd is behind what we saw: restored from a backup (etcd 3.4 restores
-                    # its revision; a watch from ours would wait, silent, until it caught up)
-                    log.warning("etcd watch: etcd is at revision %d, behind the %d seen here "
-                                "(restored from a backup?); re-reading all",
-                                resp.header.revision, max(self._revs.values()))
+                if resp.created and await self._behind(int(resp.header.revision)):
                     await self._reread()
                     return
                 if resp.canceled:
@@ -239,6 +236,21 @@ class EtcdWatch:
                 narrow.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
+
+    async def _behind(self, revision: int) -> bool:
+        """Whether etcd is behind the revision this watch has seen: restored from a backup
+        (etcd 3.4 restores the backup's revision; a watch from ours would wait, silent, until
+        etcd caught up). A member still catching up after its restart answers a watcher with
+        its own, lower, revision too, so a linearizable read confirms it first."""
+        seen = max(self._revs.values())
+        if revision >= seen:
+            return False
+        now = await asyncio.to_thread(self._reg.revision)
+        if now >= seen:
+            return False
+        log.warning("etcd watch: etcd is at revision %d, behind the %d seen here (restored "
+                    "from a backup?); re-reading all", now, seen)
+        return True
 
     async def _reread(self) -> None:
         """Read everything followed again and deliver it as a ``reset``; the next stream
