@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from procs import cpu_ticks, rss_kib
+
+from discovery.registry.zk_rewind import four_letter
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -60,13 +61,8 @@ def etcd_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
 
 
 def zk_counters(port: int, timeout: float = 2.0) -> dict[str, float]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"mntr")
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
     out: dict[str, float] = {}
-    for line in b"".join(chunks).decode(errors="replace").splitlines():
+    for line in four_letter("127.0.0.1", port, "mntr", timeout).splitlines():
         key, _, value = line.partition("\t")
         if key in ZK_KEYS:
             with contextlib.suppress(ValueError):

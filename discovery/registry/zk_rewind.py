@@ -33,18 +33,26 @@ def parse_srvr(text: str) -> tuple[str, int] | None:
     return mode.group(1), int(zxid.group(1), 16)
 
 
+def four_letter(host: str, port: int, command: str, timeout: float) -> str:
+    """A ZooKeeper member's answer to a four-letter word (``srvr``, ``mntr``...), up to 1 MiB;
+    raises OSError if it does not answer."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(command.encode())
+        chunks: list[bytes] = []
+        size = 0
+        while size < 1 << 20 and (chunk := sock.recv(65536)):
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def member_state(host: str, port: int, timeout: float) -> tuple[str, int] | None:
     """``(mode, zxid)`` of the member at ``host:port`` (None: it does not answer, or does not
     serve)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"srvr")
-            chunks: list[bytes] = []
-            while len(b"".join(chunks)) < 65536 and (chunk := sock.recv(4096)):
-                chunks.append(chunk)
+        return parse_srvr(four_letter(host, port, "srvr", timeout))
     except OSError:
         return None
-    return parse_srvr(b"".join(chunks).decode("utf-8", "replace"))
 
 
 def ensemble_behind(hosts: Iterable[tuple[str, int]], zxid: int, timeout: float = 1.0) -> bool:

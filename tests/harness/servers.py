@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from discovery.registry.base import RegistryURL
+from discovery.registry.zk_rewind import four_letter
 from tests.harness.util import free_port as free_port  # re-exported: tests import it here
 from tests.harness.util import server_ports, wait_for
 
@@ -301,12 +302,7 @@ class ZkEnsemble(ServerCluster):
             self.procs.append(_Proc(argv, d / "zk.log", d))
 
     def four_letter(self, i: int, cmd: str, timeout: float = 1.0) -> str:
-        with socket.create_connection(self.address(i), timeout=timeout) as s:
-            s.sendall(cmd.encode())
-            chunks = []
-            while chunk := s.recv(4096):
-                chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
+        return four_letter(*self.address(i), cmd, timeout)
 
     def mode(self, i: int) -> str:
         """``standalone``/``leader``/``follower``, or "" if not serving."""
