@@ -33,7 +33,7 @@ from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
 from discovery.registry.etcd_pulse import pulse
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
-from discovery.registry.etcd_watch import EtcdWatch
+from discovery.registry.etcd_watch import EtcdWatch, checked
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -331,8 +331,9 @@ class EtcdRegistry:
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
-        snap = etcd_index.read_node(self._call, self.client, self.url, self.decoder.decode,
-                                    node, self.reads)
+        snap = checked(list(self._watches), lambda: etcd_index.read_node(
+            self._call, self.client, self.url, self.decoder.decode, node, self.reads),
+            lambda s: s.revision)
         with self._lock:
             self._nodes.update(dict.fromkeys(snap.instances, node))
         return snap
@@ -352,8 +353,10 @@ class EtcdRegistry:
         return w
 
     def _read_alive(self) -> Any:
-        """One linearizable read of one key (``<prefix>/alive``), its header included."""
-        return self.client.get_range_response(f"{self.url.prefix}/alive", None)
+        """One linearizable read of one key (``<prefix>/alive``), its header included, whose
+        revision is compared with what the watches have seen (``etcd_watch.checked``)."""
+        return checked(list(self._watches), lambda: self.client.get_range_response(
+            f"{self.url.prefix}/alive", None), lambda r: int(r.header.revision))
 
     def revision(self) -> int:
         """etcd's current revision (a linearizable read: a member answers once caught up)."""

@@ -10,7 +10,11 @@ after the last it delivered (or was told of by a progress notification); nothing
 again. Only when etcd has compacted that revision, or is behind it (a cluster restored from
 a backup: etcd 3.4 restores the backup's revision, and a watch from a later one would wait,
 silent, until etcd caught up), does the watch read everything it follows once more and send
-a ``reset``.
+a ``reset``. etcd behind the watch shows in the answer that creates a watcher (a linearizable
+read confirms it) or in any linearizable read the registry makes anyway (:func:`checked`: the
+agent's reconcile, a watch-only host's pulse), which is how a host behind ``etcd grpc-proxy``
+learns it: the proxy keeps the host's stream open while the members are down and answers a
+new watcher with the revision it asked for.
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
@@ -33,8 +37,8 @@ import asyncio
 import logging
 import random
 import threading
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 from pyetcd import etcdrpc
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from discovery.registry.security import EtcdAuth
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.INTERNAL)
@@ -116,12 +121,33 @@ class EtcdWatch:
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
+        self._rewind_to: int | None = None  # etcd answered a read at this revision, behind us
         self._task = reg.loop.start(self._run())
 
     @property
     def revision(self) -> int:
         """The revision every watched range has been delivered up to."""
         return min(self._revs.values(), default=0)
+
+    @property
+    def seen(self) -> int:
+        """The latest revision this watch has delivered or been told of."""
+        return max(self._revs.values(), default=0)
+
+    def rewound(self, revision: int) -> None:
+        """From any thread: a linearizable read made after this watch had seen :attr:`seen`
+        was answered at ``revision``, behind it (etcd restored from a backup). The stream is
+        ended and everything followed read again (a ``reset``)."""
+        self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision)
+
+    def _rewind(self, revision: int) -> None:
+        if self._stopped.is_set() or revision >= self.seen:
+            return
+        log.warning("etcd watch: etcd answered at revision %d, behind the %d seen here "
+                    "(restored from a backup?); re-reading all", revision, self.seen)
+        self._rewind_to = revision
+        if self._stream is not None:
+            self._stream.cancel()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -168,6 +194,10 @@ class EtcdWatch:
         range it is for (a gRPC proxy numbers watchers its own way)."""
         reg = self._reg
         await asyncio.to_thread(reg.auth.ensure)
+        if self._rewind_to is not None:
+            if self._rewind_to < self.seen:
+                await self._reread()
+            self._rewind_to = None
         endpoint, channel = reg.channels.pick(reg.client)
         self.endpoint = endpoint
         self._narrowing = False
@@ -220,9 +250,13 @@ class EtcdWatch:
                         self._revs[r] = max(self._revs[r], int(resp.header.revision))
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if self._narrowing and not (current and current.cancelling()):
+            if current and current.cancelling():
+                raise
+            if self._narrowing:
                 self._narrowing = self._lost = False  # our own cancel: the next stream holds
                 return  # the k watchers
+            if self._rewind_to is not None:
+                return  # our own cancel: the next stream reads everything again first
             raise
         except grpc.RpcError as exc:
             if self._stopped.is_set():
@@ -287,3 +321,17 @@ class EtcdWatch:
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)
+
+
+def checked(watches: Collection[EtcdWatch], read: Callable[[], T],
+            revision: Callable[[T], int]) -> T:
+    """``read()``, a linearizable read, whose answer's etcd ``revision`` is compared with what
+    each watch had seen before it: on a cluster that has not gone back in time it is never
+    behind (see :meth:`EtcdWatch.rewound`)."""
+    before = [(w, w.seen) for w in watches]
+    result = read()
+    now = revision(result)
+    for w, seen in before:
+        if now < seen:
+            w.rewound(now)
+    return result

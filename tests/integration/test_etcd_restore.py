@@ -2,7 +2,9 @@
 comes back at the backup's revision, behind the revision every watch of the fleet has seen.
 A watch that resumed from its own revision would wait there, silent, until etcd caught up:
 every host would miss every change meanwhile. It reads everything again instead (a
-``reset``) and follows on from there."""
+``reset``) and follows on from there: straight to etcd at once (the answer that creates its
+watcher), behind ``etcd grpc-proxy`` at the registry's next linearizable read (a watch-only
+host's pulse, an agent's reconcile), as the proxy hides both the outage and the rewind."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from discovery.registry import Change, open_registry
+from discovery.registry import Change, Registry, open_registry
+from tests.harness.fleet import EtcdGrpcProxy
 from tests.harness.history import a_late_put_arrives, first_reset
 from tests.harness.history import instance as inst
 from tests.harness.servers import EtcdCluster, unique_prefix, wait_until
@@ -28,6 +31,27 @@ def etcdctl(*args: str) -> None:
                    env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"})
 
 
+def back_up_write_and_restore(cluster: EtcdCluster, writer: Registry, changes: list[Change],
+                              backup: Path) -> None:
+    """Instance 1 is in the backup, 2-5 are written after it; the member is SIGKILLed and
+    restored from the backup (started again by the caller)."""
+    writer.register(inst(1))
+    host, port = cluster.address(0)
+    etcdctl("--endpoints", f"{host}:{port}", "snapshot", "save", str(backup))
+    for n in range(2, 6):  # after the backup: revisions the restored etcd never had
+        writer.register(inst(n))
+    wait_until(lambda: any(c.key == inst(5).key for c in changes), 10, "the last put")
+    argv = cluster.procs[0].argv
+    data = Path(argv[argv.index("--data-dir") + 1])
+    cluster.kill_member(0)
+    shutil.rmtree(data)
+    etcdctl("snapshot", "restore", str(backup), "--data-dir", str(data),
+            "--name", argv[argv.index("--name") + 1],
+            "--initial-cluster", argv[argv.index("--initial-cluster") + 1],
+            "--initial-advertise-peer-urls",
+            argv[argv.index("--initial-advertise-peer-urls") + 1])
+
+
 def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -> None:
     cluster = EtcdCluster(1, tmp_path / "etcd")  # its own: a restore loses the others' data
     cluster.start()
@@ -37,22 +61,7 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
     changes: list[Change] = []
     watch = follower.watch(changes.append)
     try:
-        writer.register(inst(1))
-        host, port = cluster.address(0)
-        backup = tmp_path / "backup.db"
-        etcdctl("--endpoints", f"{host}:{port}", "snapshot", "save", str(backup))
-        for n in range(2, 6):  # after the backup: revisions the restored etcd never had
-            writer.register(inst(n))
-        wait_until(lambda: any(c.key == inst(5).key for c in changes), 10, "the last put")
-        argv = cluster.procs[0].argv
-        data = Path(argv[argv.index("--data-dir") + 1])
-        cluster.kill_member(0)
-        shutil.rmtree(data)
-        etcdctl("snapshot", "restore", str(backup), "--data-dir", str(data),
-                "--name", argv[argv.index("--name") + 1],
-                "--initial-cluster", argv[argv.index("--initial-cluster") + 1],
-                "--initial-advertise-peer-urls",
-                argv[argv.index("--initial-advertise-peer-urls") + 1])
+        back_up_write_and_restore(cluster, writer, changes, tmp_path / "backup.db")
         seen = len(changes)
         cluster.ensure_running()
         snapshot = wait_for(lambda: first_reset(changes, seen), 15,
@@ -64,4 +73,45 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
         watch.stop()
         follower.close(revoke=False)
         writer.close(revoke=False)
+        cluster.stop()
+
+
+def test_hosts_behind_a_proxy_read_again_a_registry_restored_from_a_backup(
+        tmp_path: Path) -> None:
+    """A watch-only host (its pulse, once a TTL) and an agent (its reconcile's index read)."""
+    ttl = 2.0
+    cluster = EtcdCluster(1, tmp_path / "etcd")
+    cluster.start()
+    proxy = EtcdGrpcProxy(cluster, tmp_path / "grpc-proxy").start()
+    prefix = unique_prefix()
+    writer = open_registry(cluster.url(prefix), ttl=10)
+    watcher = open_registry(proxy.url(prefix), ttl=ttl)  # registers nothing: pulses
+    agent = open_registry(proxy.url(prefix), ttl=ttl)
+    heard: list[Change] = []
+    changes: list[Change] = []
+    watches = [watcher.watch(heard.append), agent.watch(changes.append)]
+    try:
+        agent.register(inst(8))
+        wait_until(lambda: any(c.key == inst(8).key for c in heard), 10, "the agent's put")
+        back_up_write_and_restore(cluster, writer, heard, tmp_path / "backup.db")
+        wait_until(lambda: any(c.key == inst(5).key for c in changes), 10, "the last put")
+        seen, seen_by_agent = len(heard), len(changes)
+        cluster.ensure_running()
+        snapshot = wait_for(lambda: first_reset(heard, seen), 3 * ttl + 10,
+                            message="the watch-only host's reset, at its pulse")
+        assert snapshot is not None and set(snapshot.instances) == {inst(1).key, inst(8).key}
+        assert first_reset(changes, seen_by_agent) is None  # no pulse: a lease
+        agent.node_snapshot(inst(8).node)  # the reconcile
+        snapshot = wait_for(lambda: first_reset(changes, seen_by_agent), 10,
+                            message="the agent's reset, after its reconcile's read")
+        assert snapshot is not None and inst(1).key in snapshot.instances
+        a_late_put_arrives(cluster.url(prefix), 10, heard, seen)
+        wait_until(lambda: any(c.key == inst(9).key for c in changes[seen_by_agent:]), 10,
+                   "the late put, through the agent's watch")
+    finally:
+        for w in watches:
+            w.stop()
+        for reg in (agent, watcher, writer):
+            reg.close(revoke=False)
+        proxy.stop()
         cluster.stop()
