@@ -246,14 +246,21 @@ def zk_open_acl(acls: list[ACL]) -> str | None:
     return ", ".join(f"world:{a.id.id}:{','.join(a.acl_list)}" for a in open_) or None
 
 
+def tls_context(url: RegistryURL) -> ssl.SSLContext:
+    """A client TLS context from the URL's ``ca=``, ``cert=`` and ``key=`` (for our own
+    sockets to a ZooKeeper member; kazoo builds its own from the same)."""
+    ctx = ssl.create_default_context(cafile=url.tls_ca)
+    if url.tls_cert:
+        ctx.load_cert_chain(url.tls_cert, url.tls_key)
+    return ctx
+
+
 def tls_probe(url: RegistryURL, timeout: float = 1.0) -> str:
     """Why a TLS connection to the first host of ``url`` fails, as `` (TLS: …)``; "" when it
     does not (or the host is down). For error messages only: kazoo just says "not connected"."""
     host, port = url.hosts[0]
     try:
-        ctx = ssl.create_default_context(cafile=url.tls_ca)
-        if url.tls_cert:
-            ctx.load_cert_chain(url.tls_cert, url.tls_key)
+        ctx = tls_context(url)
         with socket.create_connection((host, port), timeout) as raw, \
                 ctx.wrap_socket(raw, server_hostname=host) as conn:
             conn.settimeout(timeout / 2)

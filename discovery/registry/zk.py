@@ -45,7 +45,12 @@ from discovery.registry.base import (
 )
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
-from discovery.registry.security import load_secrets, tls_probe, zk_client_options
+from discovery.registry.security import (
+    load_secrets,
+    tls_context,
+    tls_probe,
+    zk_client_options,
+)
 from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
@@ -181,8 +186,9 @@ class ZkRegistry:
         one; one restored with it takes it back. Either way, once connected, everything is
         registered and read again, as after an expiry."""
         down, zxid = self._down_since, self.client.last_zxid
-        if (down is None or time.monotonic() - down < self.ttl or not zxid or self.url.tls
-                or not ensemble_behind(self.url.hosts, zxid)):
+        if (down is None or time.monotonic() - down < self.ttl or not zxid
+                or not ensemble_behind(self.url.hosts, zxid,
+                                       tls=tls_context(self.url) if self.url.tls else None)):
             return
         log.warning("ZooKeeper at %s is behind zxid %#x seen here (restored from a backup, "
                     "or its data lost): starting over with a new session", self._where, zxid)

@@ -3,7 +3,8 @@ empty, as after a restore of an empty backup): its zxid starts over, behind the 
 has seen, and it refuses their sessions ("client must try another server"); kazoo alone would
 try again forever (measured: still disconnected 30 s later). The registry sees the ensemble
 behind (``srvr``), starts over with a new session, registers its instances again and its
-watch reads everything again (zk_rewind)."""
+watch reads everything again (zk_rewind). Over TLS too: ``srvr`` goes over the TLS client
+port, with the registry's certificates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from discovery.registry import Change, open_registry
 from tests.harness.history import a_late_put_arrives, first_reset
 from tests.harness.history import instance as inst
+from tests.harness.secure import TlsZk, make_pki
 from tests.harness.servers import ZkEnsemble, unique_prefix, wait_until
 from tests.harness.util import wait_for
 
@@ -23,8 +25,12 @@ pytestmark = pytest.mark.integration
 TTL = 4.0
 
 
-def test_a_host_starts_over_on_an_ensemble_that_lost_its_data(tmp_path: Path) -> None:
-    ensemble = ZkEnsemble(1, tmp_path / "zk")  # its own: the wipe loses everyone's data
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_host_starts_over_on_an_ensemble_that_lost_its_data(tmp_path: Path, tls: bool
+                                                               ) -> None:
+    # its own ensemble: the wipe loses everyone's data
+    ensemble = (TlsZk(tmp_path / "zk", make_pki(tmp_path / "pki")) if tls
+                else ZkEnsemble(1, tmp_path / "zk"))
     ensemble.start()
     url = ensemble.url(unique_prefix())
     reg = open_registry(url, ttl=TTL)

@@ -46,6 +46,6 @@ def test_ensemble_behind_needs_a_leader_and_every_answer_behind(
         monkeypatch: pytest.MonkeyPatch, states: list[tuple[str, int]], behind: bool) -> None:
     answers = dict(enumerate(states))
     monkeypatch.setattr(zk_rewind, "member_state",
-                        lambda host, port, timeout: answers.get(port))
+                        lambda host, port, timeout, tls: answers.get(port))
     hosts = [("127.0.0.1", port) for port in range(len(states) + 1)]  # one never answers
     assert ensemble_behind(hosts, zxid=10) is behind
