@@ -34,6 +34,7 @@ new watcher with the revision it asked for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -138,7 +139,8 @@ class EtcdWatch:
         """From any thread: a linearizable read made after this watch had seen :attr:`seen`
         was answered at ``revision``, behind it (etcd restored from a backup). The stream is
         ended and everything followed read again (a ``reset``)."""
-        self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision)
+        with contextlib.suppress(RuntimeError):  # the registry closed its loop meanwhile
+            self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision)
 
     def _rewind(self, revision: int) -> None:
         if self._stopped.is_set() or revision >= self.seen:
