@@ -6,6 +6,7 @@ stopped by its own pid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
@@ -20,12 +21,22 @@ from discovery.retry import poll
 log = logging.getLogger(__name__)
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now: bound to port 0 together (the
+    kernel may hand out a port just closed again, so one at a time two could be the same),
+    read, closed. Another process may take one before the caller binds it; on loopback that
+    race is good enough."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (bind to port 0, read, close). Another process
-    may take it before the caller binds it; on loopback that race is good enough."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """One TCP port free on ``host`` right now (see :func:`free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 class LocalEtcd:
@@ -35,8 +46,7 @@ class LocalEtcd:
             raise ConfigError(f"--dev needs the etcd binary ({binary!r} not found; "
                               "apt-get install etcd-server)")
         self.binary, self.host = found, host
-        self.client_port = free_port(host)
-        self.peer_port = free_port(host)
+        self.client_port, self.peer_port = free_ports(2, host)
         self.data_dir = Path(tempfile.mkdtemp(prefix="discovery-dev-etcd-"))
         self.proc: subprocess.Popen[bytes] | None = None
 

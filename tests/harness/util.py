@@ -8,18 +8,33 @@ import shutil
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
-from discovery.registry.devserver import (
-    free_port,  # the package's own (up --dev picks ports with it)
-)
+from discovery.registry.devserver import free_port as _kernel_port
 
 T = TypeVar("T")
 
 __all__ = ["free_port", "load_script", "require_tool", "server_ports", "wait_for"]
+
+#: the ports free_port() handed out lately in this process: the kernel may give a port just
+#: closed again, and two of a test's ports were once the same (the watcher refused its
+#: config: "services.web.port: 127.0.0.1:42427 is already used by services.db")
+_HANDED_OUT: deque[int] = deque(maxlen=4096)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the package's own pick, as ``up --dev`` makes
+    it), never one this process was given lately."""
+    for _ in range(100):
+        port = _kernel_port(host)
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise RuntimeError(f"no free port on {host} that this process was not given lately")
 
 
 def load_script(path: Path) -> ModuleType:
