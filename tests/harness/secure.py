@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.harness.servers import HOST, EtcdCluster, ZkEnsemble, _started
-from tests.harness.util import free_port
+from tests.harness.util import server_ports
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
@@ -215,7 +215,9 @@ class TlsZk(ZkEnsemble):
     def __init__(self, base_dir: Path, pki: Pki) -> None:
         super().__init__(1, base_dir)
         self.pki = pki
-        self.secure_port = free_port()
+        # outside the ephemeral range, as the members' own ports: a member restarted (the
+        # rewind test) must find its port free, not taken by an outgoing connection
+        self.secure_port = next(p for p in server_ports(2, HOST) if p not in self.client_ports)
         d = base_dir / "zk1"
         keystore = d / "server-keystore.pem"  # ZooKeeper's PEM key store: key and certificate
         keystore.write_bytes(pki.server_key.read_bytes() + pki.server_cert.read_bytes())
