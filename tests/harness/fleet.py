@@ -15,7 +15,7 @@ from typing import Any
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL
 from tests.harness.servers import ETCD_BIN, HOST, ServerCluster, _Proc, wait_until
-from tests.harness.util import free_port
+from tests.harness.util import server_ports
 
 BATCH = 100  # writes per transaction (etcd's default --max-txn-ops is 128)
 
@@ -131,7 +131,9 @@ class EtcdGrpcProxy:
 
     def __init__(self, cluster: ServerCluster, base_dir: Path, port: int | None = None) -> None:
         self.cluster = cluster
-        self.port = port or free_port()
+        # outside the ephemeral range (the cluster runs: its ports are taken): a restarted
+        # proxy must find its port free, not taken by an outgoing connection
+        self.port = port or server_ports(1, HOST)[0]
         base_dir.mkdir(parents=True, exist_ok=True)
         endpoints = ",".join(f"{HOST}:{p}" for p in cluster.client_ports)
         argv = [ETCD_BIN, "grpc-proxy", "start", "--endpoints", endpoints,
