@@ -91,9 +91,14 @@ def service_instances(url: str, service: str) -> list[Instance]:
 def wait_registered(
     url: str, service: str, count: int = 1, timeout: float = 20.0
 ) -> list[Instance]:
-    return wait_for(lambda: len(found := service_instances(url, service)) == count and found,
-                    timeout=timeout, interval=0.05,
-                    message=f"{count} instance(s) of {service} in {url}")
+    def found() -> list[Instance] | None:
+        instances = service_instances(url, service)
+        return instances if len(instances) == count else None
+
+    result = wait_for(found, timeout=timeout, interval=0.05,
+                      message=f"{count} instance(s) of {service} in {url}")
+    assert result is not None  # wait_for returns only a truthy value
+    return result
 
 
 def wait_gone(url: str, service: str, timeout: float) -> None:
