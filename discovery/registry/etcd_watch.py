@@ -218,9 +218,13 @@ class EtcdWatch:
                                 self.revision + 1, resp.compact_revision)
                     await self._reread()
                     return
-                if resp.created and await self._behind(int(resp.header.revision)):
-                    await self._reread()
-                    return
+                if resp.created and int(resp.header.revision) < self.seen:
+                    # behind us, or a member still catching up after its own restart: a
+                    # linearizable read tells (checked() rewinds us, on this loop, before
+                    # the read's answer resumes this task)
+                    await asyncio.to_thread(self._reg.revision)
+                    if self._rewind_to is not None:
+                        return  # the next stream reads everything again first
                 if resp.canceled:
                     if not self._reauth and reg.auth.stale(resp.cancel_reason):
                         self._reauth = True  # our token expired: once, a new stream at once
@@ -272,21 +276,6 @@ class EtcdWatch:
                 narrow.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
-
-    async def _behind(self, revision: int) -> bool:
-        """Whether etcd is behind the revision this watch has seen: restored from a backup
-        (etcd 3.4 restores the backup's revision; a watch from ours would wait, silent, until
-        etcd caught up). A member still catching up after its restart answers a watcher with
-        its own, lower, revision too, so a linearizable read confirms it first."""
-        seen = max(self._revs.values())
-        if revision >= seen:
-            return False
-        now = await asyncio.to_thread(self._reg.revision)
-        if now >= seen:
-            return False
-        log.warning("etcd watch: etcd is at revision %d, behind the %d seen here (restored "
-                    "from a backup?); re-reading all", now, seen)
-        return True
 
     async def _reread(self) -> None:
         """Read everything followed again and deliver it as a ``reset``; the next stream

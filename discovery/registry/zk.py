@@ -117,6 +117,7 @@ class ZkRegistry:
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
         self._down_since: float | None = time.monotonic()  # not connected since (None: it is)
+        self._tls = tls_context(url) if url.tls else None  # for srvr (zk_rewind)
         self._lost = False
         self._closing = threading.Event()
         self._events: queue.Queue[bool | None] = queue.Queue()
@@ -187,8 +188,7 @@ class ZkRegistry:
         registered and read again, as after an expiry."""
         down, zxid = self._down_since, self.client.last_zxid
         if (down is None or time.monotonic() - down < self.ttl or not zxid
-                or not ensemble_behind(self.url.hosts, zxid,
-                                       tls=tls_context(self.url) if self.url.tls else None)):
+                or not ensemble_behind(self.url.hosts, zxid, tls=self._tls)):
             return
         log.warning("ZooKeeper at %s is behind zxid %#x seen here (restored from a backup, "
                     "or its data lost): starting over with a new session", self._where, zxid)
