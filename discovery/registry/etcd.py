@@ -32,7 +32,7 @@ from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
 from discovery.registry.etcd_pulse import pulse
-from discovery.registry.etcd_read import MAX_RECEIVE_BYTES, read_snapshot
+from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_watch import EtcdWatch, checked
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
@@ -46,25 +46,11 @@ from discovery.retry import jittered
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_GRPC_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
-    # A channel with no call or stream for a minute lets its connection go (gRPC's default
-    # is 30 min): after a failover the calls and the streams may have moved to another
-    # member, and the channel to the one they left kept a connection open for nothing (the
-    # fleet bench: 1.5 connections a host after a full restart). The next call reconnects.
-    ("grpc.client_idle_timeout_ms", 60_000),
-]
-_ENDPOINT_RETRY = 1.0  # seconds a failed endpoint is skipped before it is tried again
-#: the longest pause between two tries of one request: shorter than _ENDPOINT_RETRY, or the
+#: the longest pause between two tries of one request: shorter than ENDPOINT_RETRY, or the
 #: next try finds the member that just failed eligible again and, pyetcd asking the member
 #: in use first, asks it again: a SIGKILLed member in use held every try of a call (one each
 #: 0.5 s) while the other two, after their election, could have answered
-_PAUSE_MAX = _ENDPOINT_RETRY / 2
+_PAUSE_MAX = etcd_aio.ENDPOINT_RETRY / 2
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
 
 
@@ -86,18 +72,14 @@ class EtcdRegistry:
         self.where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
-        endpoints = [
-            etcd_aio.Endpoint(f"[{h}]" if ":" in h else h, p, secure=url.tls, creds=creds,
-                              time_retry=_ENDPOINT_RETRY, opts=_GRPC_OPTIONS)
-            for h, p in url.hosts
-        ]
         # Per-RPC deadline: short enough that a hung member is left for another in time.
         # No user/password here: pyetcd would authenticate once, now; EtcdAuth does it lazily.
         # the calls and the streams share one asyncio channel a member, on the given loop or
         # on one of our own from the first call
         self.channels = etcd_aio.AioChannels()
         self.client = etcd_aio.Client(
-            endpoints=endpoints, timeout=min(timeout, max(1.0, ttl / 3)), failover=True,
+            endpoints=etcd_aio.endpoints(url.hosts, url.tls, creds),
+            timeout=min(timeout, max(1.0, ttl / 3)), failover=True,
             channels=self.channels, loop=lambda: self.loop)
         self.auth = EtcdAuth(self.client, secrets, self.where)
         self._lock = threading.RLock()  # owned, lease, watches
@@ -160,7 +142,7 @@ class EtcdRegistry:
                 failure = exc
             except etcd_aio.TRANSIENT as exc:
                 # "no endpoint available" only says every member failed within
-                # _ENDPOINT_RETRY: the failure before it says why (TLS, refused...)
+                # etcd_aio.ENDPOINT_RETRY: the failure before it says why (TLS, refused...)
                 if failure is None or not isinstance(exc, etcd_exc.NoServerAvailableError):
                     failure = exc
             except (etcd_exc.Etcd3Exception, ValueError) as exc:

@@ -30,6 +30,8 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
+from discovery.registry.etcd_read import MAX_RECEIVE_BYTES
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -40,6 +42,23 @@ TRANSIENT = (
     etcd_exc.NoServerAvailableError,
     etcd_exc.InternalServerError,
 )
+
+#: every registry channel's gRPC options (a process's channels of equal target and options
+#: share their connections)
+GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),  # see etcd_read
+    # A channel with no call or stream for a minute lets its connection go (gRPC's default
+    # is 30 min): after a failover the calls and the streams may have moved to another
+    # member, and the channel to the one they left kept a connection open for nothing (the
+    # fleet bench: 1.5 connections a host after a full restart). The next call reconnects.
+    ("grpc.client_idle_timeout_ms", 60_000),
+]
+ENDPOINT_RETRY = 1.0  # seconds a failed endpoint is skipped before it is tried again
 
 
 def timed_out_in_server(code: Any, details: Any) -> bool:
@@ -126,6 +145,12 @@ class Endpoint(pyetcd.Endpoint):
     def _mkchannel(self, opts: Any) -> Any:
         self.options = list(opts or [])
         return super()._mkchannel(opts)
+
+
+def endpoints(hosts: Collection[tuple[str, int]], secure: bool, creds: Any) -> list[Endpoint]:
+    """pyetcd's endpoints of the members ``hosts``, with :data:`GRPC_OPTIONS`."""
+    return [Endpoint(f"[{h}]" if ":" in h else h, p, secure=secure, creds=creds,
+                     time_retry=ENDPOINT_RETRY, opts=GRPC_OPTIONS) for h, p in hosts]
 
 
 def chosen(client: Any) -> Endpoint:

@@ -18,7 +18,7 @@ import pytest
 
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, etcd, open_registry
+from discovery.registry import Change, Registry, etcd_aio, open_registry
 from discovery.registry.etcd import EtcdRegistry
 from discovery.registry.etcd_aio import chosen
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
@@ -66,8 +66,8 @@ def connections_to(port: int) -> set[str]:
 def own_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """Channels of equal target and options share a process's connections: the registries
     of a test get options of their own, as each simulated host's in the fleet bench."""
-    monkeypatch.setattr(etcd, "_GRPC_OPTIONS", [
-        *etcd._GRPC_OPTIONS, ("grpc.primary_user_agent", f"test-{uuid.uuid4()}")])
+    monkeypatch.setattr(etcd_aio, "GRPC_OPTIONS", [
+        *etcd_aio.GRPC_OPTIONS, ("grpc.primary_user_agent", f"test-{uuid.uuid4()}")])
 
 
 def test_an_etcd_registry_holds_one_connection_to_its_member(
