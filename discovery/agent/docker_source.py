@@ -28,7 +28,7 @@ SyncCallback = Callable[[list[dict[str, Any]]], None]
 StateCallback = Callable[[bool], None]
 
 
-class StreamClosed(Exception):
+class StreamClosed(DockerUnavailable):
     """The event stream ended: dockerd went away or closed it."""
 
 
@@ -90,7 +90,7 @@ class DockerSource:
         return out
 
     def _run(self) -> None:
-        retrying = backoff((StreamClosed, DockerException, RequestException, DockerUnavailable,
+        retrying = backoff((DockerException, RequestException, DockerUnavailable,
                             OSError), stop_event=self._stop, what="docker: reconnecting",
                            logger=log)
         try:

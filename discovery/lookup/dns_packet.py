@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from discovery.errors import DiscoveryError
+
 A, NS, SOA, AAAA, SRV, OPT, IXFR, AXFR, ANY = 1, 2, 6, 28, 33, 41, 251, 252, 255
 CLASS_IN = 1
 UDP_MIN, UDP_MAX, TCP_MAX = 512, 4096, 65535  # UDP_MAX: our OPT's size, the most we send
@@ -37,7 +39,7 @@ HEADER = struct.Struct(">HHHHHH")
 RR = struct.Struct(">HHIH")
 
 
-class FormErr(Exception):
+class FormErr(DiscoveryError):
     """Internal: the request cannot be read (answered FORMERR); never leaves the DNS modules."""
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
-from discovery.errors import ValidationError
+from discovery.errors import DiscoveryError, ValidationError
 from discovery.lookup.http_guard import ascii_int
 from discovery.model.durations import parse_duration
 
@@ -16,7 +16,7 @@ TRUE, FALSE = {"", "1", "true", "yes"}, {"0", "false", "no"}
 MAX_PARAMS = 32
 
 
-class ApiError(Exception):
+class ApiError(DiscoveryError):
     """Answered as ``{"error": message, "param": param}`` with ``status`` and ``headers``."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
