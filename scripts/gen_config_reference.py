@@ -483,8 +483,11 @@ def registry_url_section() -> list[str]:
 def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
     from discovery.agent.config import CHECK_KEYS, FILE_KEYS, AgentConfig
     from discovery.agent.spec import CheckSpec
+    from discovery.cli.agent import agent
 
-    defaults = defaults_of(AgentConfig)
+    # the command's own default where it has one (the state dir), else the dataclass's
+    defaults = {**defaults_of(AgentConfig),
+                **{p.name: p.default for p in agent.params if p.default is not None}}
     agent_help = {name: text for (name, _flags), text in borrowed.items()}
     rows = []
     for key in sorted(FILE_KEYS):
