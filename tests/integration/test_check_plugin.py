@@ -100,23 +100,23 @@ def test_agent_runs_the_installed_plugin(
     # "ok": registered after RISE passing runs.
     started = time.monotonic()
     serve(app, "ok")
-    [instance] = wait_registered(registry_url, service, timeout=15)
+    [instance] = wait_registered(registry_url, service, timeout=RISE * INTERVAL + 2)
     assert time.monotonic() - started >= (RISE - 1) * INTERVAL - 0.05
     assert (instance.port, instance.container_id) == (port, app.id)
 
     # "degraded" again: deregistered after FALL failing runs, not at the first one.
     started = time.monotonic()
     serve(app, "degraded")
-    wait_gone(registry_url, service, timeout=15)
+    wait_gone(registry_url, service, timeout=FALL * INTERVAL + 2)
     assert time.monotonic() - started >= (FALL - 1) * INTERVAL - 0.05
     wait_for(lambda: "body lacks 'ok'" in agent.log(), timeout=5,
              message="the plugin's output in the agent log")
 
     # and back, then a 404
     serve(app, "ok")
-    wait_registered(registry_url, service, timeout=15)
+    wait_registered(registry_url, service, timeout=RISE * INTERVAL + 2)
     set_app_healthy(app, False)
-    wait_gone(registry_url, service, timeout=15)
+    wait_gone(registry_url, service, timeout=FALL * INTERVAL + 2)
     assert agent.alive
 
 

@@ -59,7 +59,8 @@ def test_unreachable_registry_is_one_line_exit_2(url):
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("discovery: ")
-    assert time.monotonic() - t0 < 20
+    took = time.monotonic() - t0
+    assert took < 2 + 3, f"{took:.1f} s with --timeout 2 (and the interpreter's start)"
 
 
 @pytest.mark.parametrize("url", ["http://x", "etcd://host:99999/x", "etcd:///x", ""])

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,23 +20,14 @@ import pytest
 from discovery.client import Client, ClientClosed, NoInstances
 from discovery.errors import ConfigError, DiscoveryError, RegistryUnavailable
 from discovery.model import Instance, State
-from discovery.registry import Registry, RegistryURL, Snapshot, open_registry
-from discovery.registry.base import Change
+from discovery.registry import Registry, RegistryURL, open_registry
 from tests.harness.agent import REPO_ROOT
+from tests.harness.client_calls import Recorder, inst, ports
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.servers import ServerCluster, TcpProxy
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def inst(service: str, n: int, **kw: Any) -> Instance:
-    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
-                    port=8000 + n, **kw)
-
-
-def ports(instances: list[Instance]) -> list[int]:
-    return [i.port for i in instances]
 
 
 @pytest.fixture
@@ -51,25 +41,6 @@ def writer(registry_url: str) -> Iterator[Registry]:
 def client(registry_url: str) -> Iterator[Client]:
     with Client(registry_url, timeout=5.0) as c:
         yield c
-
-
-class Recorder:
-    """A watch callback that records every list it is given (as port lists)."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[int]] = []
-        self.threads: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, instances: list[Instance]) -> None:
-        with self._lock:
-            self.calls.append(ports(instances))
-            self.threads.add(threading.current_thread().name)
-
-    def wait(self, count: int, timeout: float = 15.0) -> list[list[int]]:
-        wait_for(lambda: len(self.calls) >= count, timeout=timeout,
-                 message=f"{count} callback(s), have {self.calls}")
-        return self.calls[:count]
 
 
 def test_instances_tags_draining_services(client: Client, writer: Registry) -> None:
@@ -180,7 +151,8 @@ def test_unreachable_registry_fails_fast_and_clearly(scheme: str) -> None:
             started = time.monotonic()
             with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{port}") as err:
                 call()
-            assert time.monotonic() - started < 4.0
+            took = time.monotonic() - started
+            assert took < 1.0 + 1.0, f"{took:.2f} s with a timeout of 1 s"
             assert isinstance(err.value, DiscoveryError)
 
 
@@ -209,54 +181,6 @@ def test_bad_url_and_closed_client(registry_url: str) -> None:
     assert "closed" in repr(client)
 
 
-# ---- a reset (the backend could not resume its watch) replaces the catalog --------------
-
-
-class FakeRegistry:
-    """Just enough of a Registry to hand the client a ``reset`` on demand."""
-
-    def __init__(self, url: RegistryURL, snapshot: Snapshot) -> None:
-        self.url, self.snap = url, snapshot
-        self.callback: Callable[[Change], None] | None = None
-        self.closed = False
-
-    def snapshot(self) -> Snapshot:
-        return self.snap
-
-    def watch(self, callback: Callable[[Change], None], start_revision: int = 0) -> Any:
-        self.callback = callback
-        return self
-
-    def stop(self) -> None:
-        self.callback = None
-
-    def close(self, revoke: bool = True) -> None:
-        self.closed = True
-
-
-def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
-    url = RegistryURL.parse("etcd://127.0.0.1:1/x")
-    start = Snapshot({i.key: i for i in (inst("web", 1), inst("web", 2))}, revision=10)
-    fake = FakeRegistry(url, start)
-    monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
-    calls = Recorder()
-    with Client(url) as client:
-        client.watch("web", calls)
-        assert calls.wait(1) == [[8001, 8002]]
-        assert fake.callback is not None
-        new = Snapshot({i.key: i for i in (inst("web", 2), inst("web", 3))}, revision=99)
-        fake.callback(Change("reset", snapshot=new, revision=99))
-        assert calls.wait(2)[-1] == [8002, 8003]
-        assert ports(client.instances("web")) == [8002, 8003]
-        fake.callback(Change("reset", snapshot=new, revision=100))  # same list: no call
-        again = replace(inst("web", 3), registered_at=1.0)  # re-written, nothing else new
-        fake.callback(Change("put", key=again.key, instance=again, revision=101))
-        fake.callback(Change("put", key=inst("db", 4).key, instance=inst("db", 4)))
-        time.sleep(0.2)  # an absence window: no call for the unchanged "web" list
-        assert len(calls.calls) == 2 and client.services() == ["db", "web"]
-    assert fake.closed and fake.callback is None
-
-
 # ---- end to end: the agent registers a container, the client sees it come and go ---------
 
 
@@ -273,11 +197,11 @@ def test_client_follows_the_agent(registry_url: str, start_agent: Callable[..., 
             "discovery.service": service, "discovery.port": str(port),
             "discovery.check": "http", "discovery.check.path": "/health",
             "discovery.check.interval": "200ms"})
-        assert calls.wait(2, timeout=30)[-1] == [port]
+        assert calls.wait(2, timeout=10)[-1] == [port]
         picked = client.pick(service)
         assert (picked.address, picked.port, picked.container_id) == ("127.0.0.1", port, app.id)
-        app.stop(timeout=5)
-        wait_for(lambda: calls.calls[-1] == [], timeout=30, message=f"[] last in {calls.calls}")
+        app.stop(timeout=5)  # the agent deletes on Docker's kill event, before this returns
+        wait_for(lambda: calls.calls[-1] == [], timeout=2, message=f"[] last in {calls.calls}")
         assert all(c == [port] for c in calls.calls[1:-1]), calls.calls
 
 

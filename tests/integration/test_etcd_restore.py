@@ -97,7 +97,9 @@ def test_hosts_behind_a_proxy_read_again_a_registry_restored_from_a_backup(
         wait_until(lambda: any(c.key == inst(5).key for c in changes), 10, "the last put")
         seen, seen_by_agent = len(heard), len(changes)
         cluster.ensure_running()
-        snapshot = wait_for(lambda: first_reset(heard, seen), 3 * ttl + 10,
+        # the next pulse: a TTL (+10 %) away, after one that was in flight through the outage
+        # gave up (the registry's timeout, 5 s)
+        snapshot = wait_for(lambda: first_reset(heard, seen), ttl * 1.1 + 5 + 1,
                             message="the watch-only host's reset, at its pulse")
         assert snapshot is not None and set(snapshot.instances) == {inst(1).key, inst(8).key}
         assert first_reset(changes, seen_by_agent) is None  # no pulse: a lease

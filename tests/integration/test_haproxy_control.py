@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from discovery.errors import HAProxyCommandError, HAProxyError, RenderError
-from discovery.files import install, stage
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 from discovery.watcher.slots import Slot
 from discovery.watcher.supervisor import ExternalHAProxy, HAProxySupervisor, validate_config
@@ -258,39 +256,6 @@ def test_validate_config(tmp_path):
     assert "bad.cfg" in msg and "'server' expects <name> and <addr>" in msg, msg
     with pytest.raises(HAProxyError):
         validate_config(str(tmp_path / "no-haproxy"), good)
-
-
-def test_install_config(tmp_path, monkeypatch):
-    dest = tmp_path / "haproxy.cfg"
-    dest.write_text("one\n")
-    os.chmod(dest, 0o640)
-    staged = stage("one\n", dest)
-    assert staged.parent == dest.parent
-    assert install(staged, dest) is False and not staged.exists()
-    inode = dest.stat().st_ino
-    assert install(stage("two\n", dest), dest) is True
-    assert dest.read_text() == "two\n" and dest.stat().st_ino != inode  # renamed over
-    assert dest.stat().st_mode & 0o777 == 0o640
-    assert install(stage("new\n", tmp_path / "fresh.cfg"),
-                          tmp_path / "fresh.cfg") is True
-
-    def busy(src: object, dst: object) -> None:  # as for a bind-mounted single file
-        raise OSError(errno.EBUSY, "Device or resource busy")
-
-    monkeypatch.setattr(os, "replace", busy)
-    inode = dest.stat().st_ino
-    staged = stage("three\n", dest)
-    assert install(staged, dest) is True
-    assert dest.read_text() == "three\n" and dest.stat().st_ino == inode  # written in place
-    assert not staged.exists()
-
-    def denied(src: object, dst: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", denied)
-    with pytest.raises(OSError):
-        install(stage("four\n", dest), dest)
-    assert dest.read_text() == "three\n"
 
 
 def test_start_failure_is_reported(haproxy_factory):

@@ -143,7 +143,8 @@ def test_worker_crash_recovery_time(http_backends, state):
             except OSError:
                 return False
 
-        wait_for(served, 5.0, interval=0.002, message="serving again after a worker crash")
+        # 64-107 ms measured (docs/operations.md); a second is a bound that still fails
+        wait_for(served, 1.0, interval=0.002, message="serving again within 1 s of a worker crash")
         figures.append((time.monotonic() - killed) * 1000)
         wait_for(lambda r=restarts: sup.restarts == r + 1, 5, message="restart counted")
     print(f"\nworker SIGKILL -> first 200: {', '.join(f'{f:.0f} ms' for f in figures)}")

@@ -296,9 +296,7 @@ def test_closed_without_revoke_entries_expire(registry_url: str, open_reg: OpenR
     reg.close(revoke=False)
     if scheme(registry_url) == "etcd":  # the lease lives on until its TTL
         assert inst(1).key in other.snapshot().instances
-    start = time.monotonic()
     wait_until(lambda: not other.snapshot().instances, EXPIRED_WITHIN, "the entry to expire")
-    assert time.monotonic() - start <= EXPIRED_WITHIN
 
 
 def test_crashed_agent_entries_expire_within_ttl(registry_url: str, open_reg: OpenReg) -> None:
@@ -332,10 +330,8 @@ def test_outage_longer_than_ttl_re_registers(registry_url: str, open_reg: OpenRe
         reg.deregister("web", inst(3).id)  # not owned any more: must not come back
         seen = Follower().follow(other)
         with proxy.blocked():
-            start = time.monotonic()
             wait_until(lambda: not other.snapshot().instances, EXPIRED_WITHIN,
                        "the entries to expire during the outage")
-            assert time.monotonic() - start <= EXPIRED_WITHIN
         wait_until(lambda: instances(other.snapshot()) == mine, 15,
                    "the entries to be re-registered")
         seen.wait_state(mine)

@@ -15,7 +15,7 @@ import pytest
 from discovery.model import Instance
 from discovery.registry import open_registry
 from discovery.registry.base import RegistryURL
-from tests.harness.agent import REPO_ROOT, wait_registered
+from tests.harness.agent import REPO_ROOT
 from tests.harness.haproxy import http_get
 from tests.harness.servers import TcpProxy, raw_put
 from tests.harness.util import free_port, wait_for
@@ -40,21 +40,28 @@ def reg(registry_url):  # a registry client for writing instances directly
 def test_routes_healthy_instances_without_reloads(registry_url, containers, start_agent,
                                                   start_watcher):
     web = f"w{uuid.uuid4().hex[:8]}"
-    listen = free_port()
-    start_agent(registry_url)
+    listen, agent_http = free_port(), free_port()
+    start_agent(registry_url, None, "--http", f"127.0.0.1:{agent_http}")
     watcher = start_watcher(registry_url, {web: listen})
     reloads = watcher.reload_count()
     p1, p2 = free_port(), free_port()
     labels = {"discovery.service": web, "discovery.check.interval": "200ms"}
     first = containers(name=f"{web}-1", port=p1, labels={**labels, "discovery.port": str(p1)})
     wait_for(lambda: spread(listen, 4)[f"{web}-1"] == 4, 20, message="web-1 served")
-    containers(name=f"{web}-2", port=p2, labels={**labels, "discovery.port": str(p2)},
-               env={"HEALTHY": "0"}, healthcheck={"test": ["CMD", "test", "-f", "/tmp/ok"],
-                                                 "interval": 200_000_000, "retries": 1})
-    wait_registered(registry_url, web, count=1)
+    second = containers(
+        name=f"{web}-2", port=p2, labels={**labels, "discovery.port": str(p2)},
+        env={"HEALTHY": "0"}, healthcheck={"test": ["CMD", "test", "-f", "/tmp/ok"],
+                                           "interval": 200_000_000, "retries": 1})
+
+    def held_back() -> bool:  # the agent knows web-2 and holds it: not healthy, not registered
+        status, body = http_get(agent_http, "/v1/agent/checks")
+        return status == 200 and any(
+            c["service"] == web and second.id[:12] in c["id"] and not c["healthy"]
+            and not c["registered"] for c in json.loads(body))
+
+    wait_for(held_back, 20, message="the agent holds web-2 back (GET /v1/agent/checks)")
     early = spread(listen, 10)
     assert f"{web}-2" not in early, f"routed before healthy: {early}"
-    second = containers.started[-1]
     second.exec_run(["touch", "/tmp/ok"])
     wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 20,
              message="both instances served")

@@ -8,7 +8,6 @@ port, with the registry's certificates."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -53,11 +52,9 @@ def test_a_host_starts_over_on_an_ensemble_that_lost_its_data(tmp_path: Path, tl
             path.rmdir()
         seen = len(changes)
         wait_until(lambda: states and states[-1] is False, 10, "the connection lost")
-        lost_at = time.monotonic()
         ensemble.ensure_running()
         # checked once a TTL after a TTL down, then kazoo's next try (within TTL/3)
         wait_until(lambda: states[-1] is True, 2 * TTL + TTL / 3 + 3, "connected again")
-        assert time.monotonic() - lost_at < 2 * TTL + TTL / 3 + 3
         assert wait_for(lambda: first_reset(changes, seen), 10,
                         message="the watch reads everything again") is not None
         wait_until(lambda: set(reg.snapshot().instances) == {inst(n).key for n in range(1, 4)},

@@ -1,0 +1,38 @@
+"""What the client tests share: instances of a service numbered by port, and a watch callback
+that records the port lists it is given."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from discovery.model import Instance
+from tests.harness.util import wait_for
+
+
+def inst(service: str, n: int, **kw: Any) -> Instance:
+    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                    port=8000 + n, **kw)
+
+
+def ports(instances: list[Instance]) -> list[int]:
+    return [i.port for i in instances]
+
+
+class Recorder:
+    """A watch callback that records every list it is given (as port lists)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, instances: list[Instance]) -> None:
+        with self._lock:
+            self.calls.append(ports(instances))
+            self.threads.add(threading.current_thread().name)
+
+    def wait(self, count: int, timeout: float = 15.0) -> list[list[int]]:
+        wait_for(lambda: len(self.calls) >= count, timeout=timeout,
+                 message=f"{count} callback(s), have {self.calls}")
+        return self.calls[:count]

@@ -1,0 +1,61 @@
+"""The client's catalog on a ``reset`` (the backend could not resume its watch), with a
+registry that hands one over on demand: pure client logic, no server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from discovery.client import Client
+from discovery.registry import RegistryURL, Snapshot
+from discovery.registry.base import Change
+from tests.harness.client_calls import Recorder, inst, ports
+
+
+class FakeRegistry:
+    """Just enough of a Registry to hand the client a ``reset`` on demand."""
+
+    def __init__(self, url: RegistryURL, snapshot: Snapshot) -> None:
+        self.url, self.snap = url, snapshot
+        self.callback: Callable[[Change], None] | None = None
+        self.closed = False
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    def watch(self, callback: Callable[[Change], None], start_revision: int = 0) -> Any:
+        self.callback = callback
+        return self
+
+    def stop(self) -> None:
+        self.callback = None
+
+    def close(self, revoke: bool = True) -> None:
+        self.closed = True
+
+
+def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = RegistryURL.parse("etcd://127.0.0.1:1/x")
+    start = Snapshot({i.key: i for i in (inst("web", 1), inst("web", 2))}, revision=10)
+    fake = FakeRegistry(url, start)
+    monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
+    calls = Recorder()
+    with Client(url) as client:
+        client.watch("web", calls)
+        assert calls.wait(1) == [[8001, 8002]]
+        assert fake.callback is not None
+        new = Snapshot({i.key: i for i in (inst("web", 2), inst("web", 3))}, revision=99)
+        fake.callback(Change("reset", snapshot=new, revision=99))
+        assert calls.wait(2)[-1] == [8002, 8003]
+        assert ports(client.instances("web")) == [8002, 8003]
+        fake.callback(Change("reset", snapshot=new, revision=100))  # same list: no call
+        again = replace(inst("web", 3), registered_at=1.0)  # re-written, nothing else new
+        fake.callback(Change("put", key=again.key, instance=again, revision=101))
+        fake.callback(Change("put", key=inst("db", 4).key, instance=inst("db", 4)))
+        time.sleep(0.2)  # an absence window: no call for the unchanged "web" list
+        assert len(calls.calls) == 2 and client.services() == ["db", "web"]
+    assert fake.closed and fake.callback is None

@@ -1,0 +1,45 @@
+"""Installing a staged file (``discovery.files``): renamed over the old one, or written in
+place where a rename cannot work (a bind-mounted single file), never half-written."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from discovery.files import install, stage
+
+
+def test_install_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "haproxy.cfg"
+    dest.write_text("one\n")
+    os.chmod(dest, 0o640)
+    staged = stage("one\n", dest)
+    assert staged.parent == dest.parent
+    assert install(staged, dest) is False and not staged.exists()
+    inode = dest.stat().st_ino
+    assert install(stage("two\n", dest), dest) is True
+    assert dest.read_text() == "two\n" and dest.stat().st_ino != inode  # renamed over
+    assert dest.stat().st_mode & 0o777 == 0o640
+    assert install(stage("new\n", tmp_path / "fresh.cfg"),
+                          tmp_path / "fresh.cfg") is True
+
+    def busy(src: object, dst: object) -> None:  # as for a bind-mounted single file
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(os, "replace", busy)
+    inode = dest.stat().st_ino
+    staged = stage("three\n", dest)
+    assert install(staged, dest) is True
+    assert dest.read_text() == "three\n" and dest.stat().st_ino == inode  # written in place
+    assert not staged.exists()
+
+    def denied(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(OSError):
+        install(stage("four\n", dest), dest)
+    assert dest.read_text() == "three\n"
