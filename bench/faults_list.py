@@ -18,7 +18,7 @@ from procs import children_of, wait_until
 
 from discovery.registry import RegistryURL
 from tests.harness.dockerd import SESSION_ID, TEST_LABEL
-from tests.harness.servers import TcpProxy
+from tests.harness.tcp_proxy import TcpProxy
 
 REGISTRY_BACK_WITHIN_S = 2.0  # partition / session expiry: instances back within 2 s of the link
 
@@ -186,7 +186,7 @@ def _dockerd_restart(rig: Rig, live_restore: bool) -> Fault:
     live-restore is turned on *before* the measured restart without stopping anything
     (``daemon.json`` + SIGHUP, unmeasured) and turned off the same way after, even on
     failure: dockerd is left exactly as it was."""
-    from tests.harness import dockerd as hd
+    from tests.harness import docker_daemon as hd
 
     try:
         with contextlib.ExitStack() as stack:

@@ -25,7 +25,8 @@ from procs import Daemon, Routed, discovery_cmd, http_get, wait_until
 from routing_rig import Containers, app_labels
 
 from discovery.registry import Registry, open_registry
-from tests.harness.servers import EtcdCluster, ServerCluster, TcpProxy, ZkEnsemble
+from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port
 
 # SIGABRT makes a stuck agent or watcher write every thread's stack to its log

@@ -1,4 +1,5 @@
-"""Real-dockerd harness: the example app image, containers on loopback, dockerd restarts.
+"""Real-dockerd harness: the example app image and containers on loopback (the daemon itself:
+:mod:`tests.harness.docker_daemon`).
 
 Plain functions first (usable from the demo script and the benchmarks without pytest),
 pytest fixtures at the bottom (this module is listed in ``tests/conftest.py``'s
@@ -18,17 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import secrets
-import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +31,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from discovery.watcher.adopt import alive
 from tests.harness.util import free_port, wait_for
 
 try:
@@ -45,7 +40,6 @@ except ImportError:  # pragma: no cover - plain-function use (demo, benchmarks) 
     pytest = None  # type: ignore[assignment]
 
 __all__ = [
-    "DEFAULT_DOCKERD_ARGS",
     "EXAMPLE_APP_DIR",
     "EXAMPLE_IMAGE_TAG",
     "IMAGE_HASH_LABEL",
@@ -56,19 +50,12 @@ __all__ = [
     "app_port",
     "build_example_image",
     "cleanup_session_containers",
-    "docker_info_ok",
-    "dockerd_pid",
     "example_image_hash",
     "free_port",
     "health_status",
-    "http_get",
-    "live_restore",
-    "live_restore_enabled",
     "remove_containers",
-    "restart_dockerd",
     "run_app",
     "set_app_healthy",
-    "start_dockerd",
     "wait_for",
 ]
 
@@ -82,17 +69,6 @@ IMAGE_HASH_LABEL = "example-app.content-hash"
 # Not "discovery.test": the agent rejects unknown keys under "discovery." (LabelError
 # "unknown label"), so every harness label stays outside that namespace.
 TEST_LABEL = "discovery-test.session"
-
-DOCKER_PIDFILE = Path("/var/run/docker.pid")
-DAEMON_JSON = Path("/etc/docker/daemon.json")  # dockerd's default --config-file
-DOCKERD_LOG = Path("/var/log/discovery-dockerd.log")
-# Same flags as scripts/setup.sh.
-DEFAULT_DOCKERD_ARGS: tuple[str, ...] = (
-    "dockerd",
-    "--bridge=none",
-    "--iptables=false",
-    "--ip-masq=false",
-)
 
 # "<pid>-<random>": unique per test process (and per xdist worker). The pid part lets
 # run_app recognise leftovers of a dead session (killed -9, no teardown) by name clash.
@@ -187,20 +163,6 @@ def app_healthcheck(
     return hc
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie counts as dead
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 def _stale_harness_container(client: docker.DockerClient, name: str) -> Container | None:
     """The container called ``name`` if it is a leftover of a *dead* harness session."""
     try:
@@ -211,7 +173,7 @@ def _stale_harness_container(client: docker.DockerClient, name: str) -> Containe
     if not owner or owner == SESSION_ID:
         return None
     pid_part = owner.split("-", 1)[0]
-    if not pid_part.isdigit() or _pid_alive(int(pid_part)):
+    if not pid_part.isdigit() or alive(int(pid_part)):
         return None
     return other
 
@@ -237,7 +199,8 @@ def run_app(
     * ``expose=True`` is ``--expose port`` (Config.ExposedPorts has ``"<port>/tcp"``);
     * ``labels`` plus ``discovery-test.session=<SESSION_ID>``;
     * ``healthcheck`` is a docker-py healthcheck dict (see :func:`app_healthcheck`);
-    * ``restart_policy`` e.g. ``{"Name": "always"}`` (survives :func:`restart_dockerd`).
+    * ``restart_policy`` e.g. ``{"Name": "always"}`` (survives a dockerd restart,
+      :func:`tests.harness.docker_daemon.restart_dockerd`).
 
     The image must already exist (:func:`build_example_image`). A name clash with a
     leftover of a dead harness session is resolved by removing that container; any other
@@ -305,16 +268,6 @@ def health_status(container: Container) -> str | None:
     return None if not health else str(health.get("Status"))
 
 
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, str]:
-    """GET http://127.0.0.1:port/path -> (status, body); HTTP errors are returned too."""
-    url = f"http://127.0.0.1:{port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status), resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read().decode(errors="replace")
-
-
 def remove_containers(client: docker.DockerClient, ids: Sequence[str]) -> None:
     """Force-remove the containers with these ids (and their anonymous volumes)."""
     for cid in ids:
@@ -335,140 +288,6 @@ def cleanup_session_containers(client: docker.DockerClient, session: str = SESSI
     ids = [str(c["Id"]) for c in found]
     remove_containers(client, ids)
     return ids
-
-
-# --------------------------------------------------------------------------- dockerd
-
-
-def docker_info_ok(timeout: float = 10.0) -> bool:
-    """True when ``docker info`` succeeds (i.e. the daemon answers)."""
-    try:
-        proc = subprocess.run(
-            ["docker", "info"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        )
-    except (subprocess.TimeoutExpired, FileNotFoundError):
-        return False
-    return proc.returncode == 0
-
-
-def dockerd_pid(pidfile: Path = DOCKER_PIDFILE) -> int | None:
-    """The running dockerd's pid, from its pidfile (None if absent/stale)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _pid_alive(pid) else None
-
-
-def start_dockerd(args: Sequence[str] = DEFAULT_DOCKERD_ARGS, log: Path = DOCKERD_LOG) -> None:
-    """Start dockerd detached, like scripts/setup.sh (``setsid nohup ... &``).
-
-    The log is appended to (setup.sh truncates it), so the pre-restart log survives.
-    Does not wait; poll :func:`docker_info_ok`.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = f"setsid nohup {shlex.join(args)} >>{shlex.quote(str(log))} 2>&1 </dev/null &"
-    subprocess.run(["bash", "-c", cmd], check=True)
-
-
-def restart_dockerd(timeout: float = 60.0, args: Sequence[str] | None = None) -> int:
-    """SIGTERM the running dockerd, wait until it is gone, start a new one; return its pid.
-
-    ``args`` defaults to the old daemon's own command line (read from /proc before the
-    kill), falling back to scripts/setup.sh's flags.
-
-    What happens to containers: with live-restore off (the default, and how setup.sh
-    starts dockerd) dockerd stops every running container on shutdown (their stop signal,
-    SIGKILL after the stop timeout; the example app stops at once). After the restart
-    they are ``exited`` with the same ids, names and labels, except those with restart
-    policy ``always``/``unless-stopped``, which dockerd starts again. The event stream of
-    a watcher breaks (die/stop events first). With ``--live-restore`` containers keep
-    running. docker-py clients made earlier keep working (new connections per request),
-    but streaming calls (``events()``) must be reopened.
-    """
-    deadline = time.monotonic() + timeout
-    pid = dockerd_pid()
-    if pid is None:
-        raise RuntimeError(f"no running dockerd found via {DOCKER_PIDFILE}")
-    if args is None:
-        try:
-            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-            args = [a.decode() for a in raw.split(b"\0") if a] or list(DEFAULT_DOCKERD_ARGS)
-        except OSError:
-            args = list(DEFAULT_DOCKERD_ARGS)
-    os.kill(pid, signal.SIGTERM)
-    wait_for(
-        lambda: not _pid_alive(pid) and not docker_info_ok(timeout=2.0),
-        timeout=max(deadline - time.monotonic(), 1.0),
-        interval=0.1,
-        message=f"dockerd (pid {pid}) to exit after SIGTERM",
-    )
-    start_dockerd(args)
-    wait_for(
-        lambda: docker_info_ok(timeout=5.0),
-        timeout=max(deadline - time.monotonic(), 1.0),
-        interval=0.2,
-        message=f"the restarted dockerd to answer `docker info` (see {DOCKERD_LOG})",
-    )
-    new_pid = wait_for(dockerd_pid, timeout=5.0, message="the new dockerd pidfile")
-    assert new_pid is not None
-    return new_pid
-
-
-def live_restore_enabled() -> bool:
-    """What the running dockerd says: ``docker info --format '{{.LiveRestoreEnabled}}'``."""
-    out = subprocess.run(
-        ["docker", "info", "--format", "{{.LiveRestoreEnabled}}"],
-        capture_output=True, text=True, timeout=10, check=True,
-    )
-    return out.stdout.strip() == "true"
-
-
-def _reload_dockerd(config: Mapping[str, Any] | bytes | None, path: Path) -> None:
-    """Write (None: remove) dockerd's config file and SIGHUP the running dockerd, which
-    re-reads it. A reload applies only the keys the file sets: removing a key (or the file)
-    changes nothing, so a value is put back by writing it explicitly first."""
-    if config is None:
-        path.unlink(missing_ok=True)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
-    pid = dockerd_pid()
-    if pid is not None:
-        os.kill(pid, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def live_restore(path: Path = DAEMON_JSON) -> Iterator[None]:
-    """Turn ``live-restore`` on in the running dockerd without restarting it (``"live-restore":
-    true`` in its config file, then SIGHUP, as Docker documents), so that the *next* restart
-    keeps the containers running; a dockerd started meanwhile reads the same file. On exit,
-    even on failure, put everything back as it was: live-restore off again (written
-    explicitly, SIGHUP), then the config file's original content, or no file (SIGHUP again).
-    Nothing is touched when dockerd already runs with live-restore (``--live-restore`` and the
-    file may not both set it)."""
-    if live_restore_enabled():
-        yield
-        return
-    original = path.read_bytes() if path.exists() else None
-    config: dict[str, Any] = json.loads(original) if original else {}
-    try:
-        _reload_dockerd({**config, "live-restore": True}, path)
-        wait_for(live_restore_enabled, timeout=15.0, interval=0.2,
-                 message=f"dockerd to turn live-restore on after SIGHUP ({path})")
-        yield
-    finally:
-        try:
-            if dockerd_pid() is not None:
-                _reload_dockerd({**config, "live-restore": False}, path)
-                wait_for(lambda: docker_info_ok() and not live_restore_enabled(), timeout=30.0,
-                         interval=0.2, message="dockerd to turn live-restore off after SIGHUP")
-        finally:
-            _reload_dockerd(original, path)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -1,4 +1,4 @@
-"""Real etcd and ZooKeeper servers on 127.0.0.1 for tests, plus a TCP proxy that can cut links.
+"""Real etcd and ZooKeeper servers on 127.0.0.1 for tests.
 
 Servers run from the Debian packages (``/usr/bin/etcd``, ZooKeeper jars in /usr/share/java),
 on free loopback ports, with data under pytest's tmp dirs. Every process is stopped by its
@@ -11,9 +11,8 @@ ZooKeeper's ``srvr``) and SIGKILL a member by the pid they started (``kill_membe
 Fixtures (function): ``registry_url`` (str, params etcd/zk, unique prefix per test, single
 nodes), ``registry_server`` (the server behind ``registry_url``) and ``cluster_url``
 ((cluster, str), params etcd3/zk3, every member running at the start).
-Helpers: ``expire_zk_session(client)``, ``raw_put(url, key, value)``, ``TcpProxy`` (cut,
-refuse, stall or delay a link),
-``wait_until(pred, timeout, what)``.
+Helper: ``wait_until(pred, timeout, what)``. Links that tests cut: :mod:`tests.harness.tcp_proxy`;
+writes the registry code never makes: :mod:`tests.harness.raw_clients`.
 """
 
 from __future__ import annotations
@@ -21,22 +20,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
 import signal
-import socket
 import subprocess
-import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
-from discovery.registry.base import RegistryURL
 from discovery.registry.zk_rewind import four_letter
 from tests.harness.util import free_port as free_port  # re-exported: tests import it here
 from tests.harness.util import server_ports, wait_for
@@ -330,203 +324,6 @@ class ZkEnsemble(ServerCluster):
         if self.size > 1:
             wait_until(lambda: any(self.mode(i) == "leader" for i in range(self.size)
                                    if self.procs[i].running), timeout, "a ZooKeeper leader")
-
-
-# -- raw clients (to write what the registry never would) -------------------------------
-
-
-def raw_put(url: str, key: str, value: bytes) -> None:
-    """Write ``value`` at ``key`` (etcd key / ZooKeeper path) bypassing the registry code."""
-    parsed = RegistryURL.parse(url)
-    host, port = parsed.hosts[0]
-    if parsed.scheme == "etcd":
-        import pyetcd
-
-        client = pyetcd.client(host, port, timeout=5)
-        try:
-            client.put(key, value)
-        finally:
-            client.close()
-        return
-    from kazoo.client import KazooClient
-
-    zk = KazooClient(hosts=",".join(f"{h}:{p}" for h, p in parsed.hosts), timeout=5)
-    zk.start(timeout=10)
-    try:
-        if zk.exists(key):
-            zk.set(key, value)
-        else:
-            zk.create(key, value, makepath=True)
-    finally:
-        zk.stop()
-        zk.close()
-
-
-class _KazooLike(Protocol):
-    hosts: Any
-    client_id: Any
-
-    def add_listener(self, listener: Callable[[Any], Any]) -> None: ...
-
-
-def expire_zk_session(client: _KazooLike, timeout: float = 30.0) -> None:
-    """Really expire ``client``'s ZooKeeper session, server side, and wait until it has a new one.
-
-    A second client attaches to the same session id/password and closes it; the server ends the
-    session (its ephemeral nodes go), the first client is told "expired" (LOST) and reconnects
-    with a fresh session (CONNECTED).
-    """
-    from kazoo.client import KazooClient, KazooState
-
-    lost, back = threading.Event(), threading.Event()
-
-    def listener(state: Any) -> bool:
-        if state == KazooState.LOST:
-            lost.set()
-        elif state == KazooState.CONNECTED and lost.is_set():
-            back.set()
-            return True  # remove this listener
-        return False
-
-    client_id = wait_until(lambda: client.client_id, timeout, "the ZooKeeper client to connect")
-    client.add_listener(listener)
-    hosts = ",".join(f"{h}:{p}" for h, p in client.hosts)
-    other = KazooClient(hosts=hosts, client_id=client_id, timeout=5)
-    other.start(timeout=timeout)
-    other.stop()
-    other.close()
-    if not lost.wait(timeout):
-        raise TimeoutError("ZooKeeper session did not expire")
-    if not back.wait(timeout):
-        raise TimeoutError("ZooKeeper client did not get a new session after expiry")
-
-
-# -- a TCP proxy whose connections tests can cut ------------------------------------------
-
-
-class TcpProxy:
-    """Listens on a free loopback port and relays to ``target``.
-
-    ``cut()`` drops every current connection; ``blocked()`` (a context manager) also refuses
-    new ones (accept and close at once) until it exits. ``stalled()`` (a context manager) is
-    a partition without resets: connections stay open but nothing is relayed either way, and
-    new ones are accepted but not connected upstream, until it exits; then what was held
-    flows on. ``delay`` (seconds, settable at any time) holds every chunk that long in each
-    direction before relaying it: ``delay=0.1`` adds 200 ms to every round trip.
-    """
-
-    def __init__(self, target: tuple[str, int], delay: float = 0.0) -> None:
-        self.target = target
-        self.delay = delay
-        self._listener = socket.create_server((HOST, 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._blocked = threading.Event()
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._closed = False
-        threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True).start()
-
-    def url(self, scheme: str, prefix: str) -> str:
-        return f"{scheme}://{HOST}:{self.port}{prefix}"
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                down, _ = self._listener.accept()
-            except OSError:
-                return
-            if self._blocked.is_set():
-                down.close()
-                continue
-            with self._lock:
-                self._conns.add(down)
-            threading.Thread(target=self._connect, args=(down,), daemon=True).start()
-
-    def _connect(self, down: socket.socket) -> None:
-        self._flowing.wait()  # stalled: accepted, not connected upstream
-        try:
-            up = socket.create_connection(self.target, timeout=2)
-            up.settimeout(None)
-        except OSError:
-            self._drop(down)
-            return
-        with self._lock:
-            live = down in self._conns and not self._blocked.is_set()
-            if live:
-                self._conns.add(up)
-        if not live:  # cut (or blocked) while connecting
-            self._drop(up)
-            self._drop(down)
-            return
-        for a, b in ((down, up), (up, down)):
-            chunks: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
-            threading.Thread(target=self._read, args=(a, chunks), daemon=True).start()
-            threading.Thread(target=self._write, args=(a, b, chunks), daemon=True).start()
-
-    def _read(self, src: socket.socket,
-              chunks: queue.SimpleQueue[tuple[float, bytes] | None]) -> None:
-        try:
-            while data := src.recv(65536):
-                chunks.put((time.monotonic() + self.delay, data))
-        except OSError:
-            pass
-        finally:
-            chunks.put(None)  # the writer relays what is queued, then closes both ends
-
-    def _write(self, src: socket.socket, dst: socket.socket,
-               chunks: queue.SimpleQueue[tuple[float, bytes] | None]) -> None:
-        try:
-            while (item := chunks.get()) is not None:
-                due, data = item
-                self._flowing.wait()
-                if (wait := due - time.monotonic()) > 0:
-                    time.sleep(wait)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(src)
-            self._drop(dst)
-
-    def _drop(self, s: socket.socket) -> None:
-        with self._lock:
-            self._conns.discard(s)
-        with contextlib.suppress(OSError):
-            s.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            s.close()
-
-    def cut(self) -> None:
-        with self._lock:
-            conns = list(self._conns)
-        for s in conns:
-            self._drop(s)
-
-    @contextlib.contextmanager
-    def blocked(self) -> Iterator[None]:
-        self._blocked.set()
-        self.cut()
-        try:
-            yield
-        finally:
-            self._blocked.clear()
-
-    @contextlib.contextmanager
-    def stalled(self) -> Iterator[None]:
-        self._flowing.clear()
-        try:
-            yield
-        finally:
-            self._flowing.set()
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        self._flowing.set()
-        self.cut()
 
 
 # -- fixtures ------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from tests.harness.agent import (
     wait_gone,
     wait_registered,
 )
-from tests.harness.dockerd import app_healthcheck, restart_dockerd, set_app_healthy
+from tests.harness.docker_daemon import restart_dockerd
+from tests.harness.dockerd import app_healthcheck, set_app_healthy
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,8 @@ from discovery.registry import Registry, RegistryURL, open_registry
 from tests.harness.agent import REPO_ROOT
 from tests.harness.client_calls import Recorder, inst, ports
 from tests.harness.dockerd import ContainerFactory
-from tests.harness.servers import ServerCluster, TcpProxy
+from tests.harness.servers import ServerCluster
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration

@@ -22,15 +22,12 @@ from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_r
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
-from tests.harness.dockerd import ContainerFactory, http_get
+from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
-from tests.harness.servers import (
-    ServerCluster,
-    TcpProxy,
-    raw_put,
-    unique_prefix,
-    wait_until,
-)
+from tests.harness.haproxy import http_get
+from tests.harness.raw_clients import raw_put
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration

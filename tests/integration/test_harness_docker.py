@@ -10,6 +10,7 @@ import docker
 import docker.errors
 import pytest
 
+from tests.harness.docker_daemon import dockerd_pid, restart_dockerd
 from tests.harness.dockerd import (
     EXAMPLE_IMAGE_TAG,
     IMAGE_HASH_LABEL,
@@ -20,14 +21,12 @@ from tests.harness.dockerd import (
     app_port,
     build_example_image,
     cleanup_session_containers,
-    dockerd_pid,
     example_image_hash,
     health_status,
-    http_get,
-    restart_dockerd,
     run_app,
     set_app_healthy,
 )
+from tests.harness.haproxy import http_get
 from tests.harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -66,17 +65,15 @@ def test_image_builds_and_second_build_is_cached(
 
 
 def test_app_serves_its_name_on_loopback(containers: ContainerFactory) -> None:
-    ports = [free_port(), free_port()]
-    while ports[1] == ports[0]:
-        ports[1] = free_port()
+    ports = [free_port(), free_port()]  # distinct: free_port never repeats one
     started = [
         containers(name=f"harness-web-{SESSION_ID}-{i}", port=p, labels={"smartstack.test": "x"})
         for i, p in enumerate(ports)
     ]
     for c, p in zip(started, ports, strict=True):
         status, body = wait_for(partial(http_get, p), timeout=15, message=f"app on :{p}")
-        assert (status, body) == (200, f"{c.name}\n")
-        assert http_get(p, "/health") == (200, "ok\n")
+        assert (status, body) == (200, c.name)
+        assert http_get(p, "/health") == (200, "ok")
         assert app_port(c) == p
         assert c.attrs["HostConfig"]["NetworkMode"] == "host"
         assert c.attrs["Config"]["ExposedPorts"] == {f"{p}/tcp": {}}
@@ -100,7 +97,7 @@ def test_healthy_0_gives_404_on_health(containers: ContainerFactory) -> None:
     wait_for(lambda: http_get(port)[0] == 200, timeout=15, message="app up")
     assert http_get(port, "/health")[0] == 404
     set_app_healthy(c, True)
-    assert http_get(port, "/health") == (200, "ok\n")
+    assert http_get(port, "/health") == (200, "ok")
     set_app_healthy(c, False)
     assert http_get(port, "/health")[0] == 404
 

@@ -24,7 +24,8 @@ from discovery.model import Instance
 from discovery.registry import RegistryURL, open_registry
 from tests.harness.agent import REPO_ROOT, DiscoveryProcess, wait_registered
 from tests.harness.fleet import close_raw, raw_client
-from tests.harness.servers import ServerCluster, raw_put
+from tests.harness.raw_clients import raw_put
+from tests.harness.servers import ServerCluster
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 

@@ -23,7 +23,8 @@ from discovery.model import Instance
 from discovery.registry import open_registry
 from discovery.registry.zk import ZkRegistry
 from tests.harness.prometheus import Prometheus
-from tests.harness.servers import ServerCluster, expire_zk_session, unique_prefix
+from tests.harness.raw_clients import expire_zk_session
+from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """One contract for every registry backend, against real etcd and ZooKeeper servers.
 
 ``registry_url`` runs each test on single-node etcd and ZooKeeper, ``cluster_url`` on
-3-member ones. Links are broken with a TCP proxy (tests.harness.servers.TcpProxy) or by
+3-member ones. Links are broken with a TCP proxy (tests.harness.tcp_proxy.TcpProxy) or by
 SIGKILLing members; nothing is mocked.
 """
 
@@ -17,15 +17,9 @@ import pytest
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import Change, Registry, RegistryURL, Snapshot, open_registry
-from tests.harness.servers import (
-    ServerCluster,
-    TcpProxy,
-    expire_zk_session,
-    free_port,
-    raw_put,
-    unique_prefix,
-    wait_until,
-)
+from tests.harness.raw_clients import expire_zk_session, raw_put
+from tests.harness.servers import ServerCluster, free_port, unique_prefix, wait_until
+from tests.harness.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 

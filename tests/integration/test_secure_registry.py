@@ -21,14 +21,8 @@ from discovery.client import Client
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import Change, Registry, RegistryURL, open_registry
-from tests.harness.servers import (
-    HOST,
-    ServerCluster,
-    expire_zk_session,
-    free_port,
-    unique_prefix,
-    wait_until,
-)
+from tests.harness.raw_clients import expire_zk_session
+from tests.harness.servers import HOST, ServerCluster, free_port, unique_prefix, wait_until
 
 if TYPE_CHECKING:
     from tests.harness.secure import AuthEtcd, Pki, TlsEtcd, TlsZk

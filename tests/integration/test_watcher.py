@@ -17,7 +17,8 @@ from discovery.registry import open_registry
 from discovery.registry.base import RegistryURL
 from tests.harness.agent import REPO_ROOT
 from tests.harness.haproxy import http_get
-from tests.harness.servers import TcpProxy, raw_put
+from tests.harness.raw_clients import raw_put
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 

@@ -28,15 +28,9 @@ import pytest
 
 from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_multi, zk_persistent
 from tests.harness.fleet import fill_foreign, foreign
-from tests.harness.servers import (
-    ZK_TEST_JVM,
-    ServerCluster,
-    TcpProxy,
-    ZkEnsemble,
-    expire_zk_session,
-    unique_prefix,
-    wait_until,
-)
+from tests.harness.raw_clients import expire_zk_session
+from tests.harness.servers import ZK_TEST_JVM, ServerCluster, ZkEnsemble, unique_prefix, wait_until
+from tests.harness.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
