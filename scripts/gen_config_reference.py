@@ -60,12 +60,12 @@ OPTION_HELP = {
 }
 
 AGENT_CHECK_KEYS = {
-    "type": "check type for containers whose labels name none (a container whose image has a "
-            "HEALTHCHECK follows it instead)",
+    "type": "check type (a known type or plugin) for containers whose labels name none (a "
+            "container whose image has a HEALTHCHECK follows it instead)",
     "interval": "seconds between check runs",
     "timeout": "seconds one run may take",
-    "rise": "passing runs in a row to register",
-    "fall": "failing runs in a row to deregister",
+    "rise": "passing runs in a row to register (1..100)",
+    "fall": "failing runs in a row to deregister (1..100)",
 }
 
 def guard_default(g: Any) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from discovery.agent.checks import CHECK_TYPES
 from discovery.agent.spec import MAX_INTERVAL, CheckSpec, within_limits
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import validate
@@ -91,6 +92,10 @@ def _check_defaults(path: str, check: dict[str, Any]) -> CheckSpec:
 
     try:
         values = dict(check)
+        if "type" in values and values["type"] not in CHECK_TYPES():
+            known = ", ".join(sorted(CHECK_TYPES()))
+            raise ValidationError(key("type"), f"unknown check type {str(values['type'])[:32]!r} "
+                                  f"(known: {known})")
         for name in ("interval", "timeout"):
             if name in values:
                 values[name] = parse_duration(key(name), values[name], minimum=0.05,

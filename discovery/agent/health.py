@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from discovery.agent.checks import clip
 from discovery.agent.spec import PER_CONTAINER_CHECKS, Check, CheckResult, CheckSpec
+from discovery.errors import CheckError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class Hysteresis:
 
     def __init__(self, rise: int, fall: int, healthy: bool = False) -> None:
         if rise < 1 or fall < 1:
-            raise ValueError(f"rise and fall must be >= 1 (got rise={rise}, fall={fall})")
+            raise CheckError(f"rise and fall must be >= 1 (got rise={rise}, fall={fall})")
         self.rise, self.fall = rise, fall
         self._healthy = healthy
         self._streak = 0  # consecutive results that disagree with the current state

@@ -43,10 +43,16 @@ def within_limits(
 ) -> CheckSpec:
     """``spec`` if it keeps the limits, else :class:`ValidationError` naming ``culprit(field)``.
 
-    ``timeout`` <= ``interval`` <= 60 s, and ``interval`` >= 1 s for ``exec`` checks. A timeout
+    ``timeout`` <= ``interval`` <= 60 s, ``interval`` >= 1 s for ``exec`` checks, ``rise`` and
+    ``fall`` whole numbers in 1..100 (as their labels). A timeout
     that was not given explicitly (``timeout_given=False``: the 1 s default) is shortened to
     the interval instead of refused.
     """
+    for name in ("rise", "fall"):
+        count = getattr(spec, name)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100:
+            raise ValidationError(culprit(name), f"{str(count)[:32]!r} is not a whole number "
+                                  "in 1..100")
     if not 0 < spec.interval <= MAX_INTERVAL:
         raise ValidationError(culprit("interval"), f"{spec.interval:g}s is not between 0 and "
                               f"the limit of {format_duration(MAX_INTERVAL)}")

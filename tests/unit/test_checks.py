@@ -459,7 +459,7 @@ def test_hysteresis(rise: int, fall: int, healthy: bool, seq: str, want: list[bo
 
 @pytest.mark.parametrize(("rise", "fall"), [(0, 1), (1, 0), (-1, 2)])
 def test_hysteresis_bounds(rise: int, fall: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(CheckError, match="rise and fall must be >= 1"):
         Hysteresis(rise, fall)
 
 

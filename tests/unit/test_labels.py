@@ -1232,6 +1232,12 @@ def test_check_limits_kept(labels: dict[str, str], interval: float, timeout: flo
         ('type = "exec"\ninterval = 0.5', "[agent.check] interval: 0.5s is too short for an exec"),
         ('interval = "soon"', "[agent.check] interval: 'soon' is not a duration"),
         ("colour = 1", "[agent.check] takes only"),
+        # rise/fall and the type as their labels: refused at load, not per container later
+        ("rise = 0", "[agent.check] rise: '0' is not a whole number in 1..100"),
+        ('fall = "3"', "[agent.check] fall: '3' is not a whole number in 1..100"),
+        ("fall = 2.5", "[agent.check] fall: '2.5' is not a whole number in 1..100"),
+        ("rise = true", "[agent.check] rise: 'True' is not a whole number in 1..100"),
+        ('type = "bogus"', "[agent.check] type: unknown check type 'bogus' (known: docker,"),
     ],
 )
 def test_agent_config_check_limits(tmp_path: Any, table: str, culprit: str) -> None:
