@@ -59,6 +59,7 @@ from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
 from discovery.registry.zk_watch import ZkWatch
+from discovery.retry import backoff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,22 +204,24 @@ class ZkRegistry:
         for w in watches:
             w.reset()
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
-        while owned and not self._closing.is_set() and not self._recovery.is_set():
-            try:
-                with self._lock:  # not one deregistered or replaced meanwhile
-                    owned = [i for i in owned if self._owned.get(i.key) is i]
-                left = self._op(f"re-register {len(owned)} instance(s)",
-                                functools.partial(self._claims.claim_together, owned))
-                for inst in left:
-                    with self._lock:
-                        if self._owned.get(inst.key) is not inst:
-                            continue  # deregistered or replaced meanwhile
-                    self._op(f"re-register {inst.service}/{inst.id}",
-                             functools.partial(self._claims.claim, inst))
-                return
-            except RegistryError as exc:
-                log.warning("re-registering after session expiry: %s; retrying", exc)
-                self._closing.wait(0.5)
+        # a fleet whose sessions expired together retries apart: growing, jittered waits
+        retrying = backoff(RegistryError, stop_event=self._closing, initial=0.5, maximum=2.0,
+                           jitter=0.5, what="re-registering after session expiry", logger=log)
+        with contextlib.suppress(RegistryError):  # raised again only once closing
+            for attempt in retrying:
+                with attempt:
+                    with self._lock:  # not one deregistered or replaced meanwhile
+                        owned = [i for i in owned if self._owned.get(i.key) is i]
+                    if not owned or self._recovery.is_set():  # a newer expiry: its own round
+                        return
+                    left = self._op(f"re-register {len(owned)} instance(s)",
+                                    functools.partial(self._claims.claim_together, owned))
+                    for inst in left:
+                        with self._lock:
+                            if self._owned.get(inst.key) is not inst:
+                                continue  # deregistered or replaced meanwhile
+                        self._op(f"re-register {inst.service}/{inst.id}",
+                                 functools.partial(self._claims.claim, inst))
 
     def _op(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` once connected, retrying connection loss until ``timeout``."""

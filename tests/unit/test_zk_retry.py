@@ -1,11 +1,18 @@
-"""ZooKeeper reconnects: one quick retry (another member), then at random within the spread."""
+"""ZooKeeper reconnects: one quick retry (another member), then at random within the spread;
+and the re-registration after a session expiry, retried with growing, jittered waits."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 from kazoo.retry import ForceRetryError
 
+from discovery.errors import RegistryUnavailable
+from discovery.model import Instance
 from discovery.registry import RegistryURL
-from discovery.registry.zk import connection_retry
+from discovery.registry.zk import ZkRegistry, connection_retry
 
 
 def sleeps(url: str, ttl: float, attempts: int = 400) -> list[float]:
@@ -37,3 +44,33 @@ def test_the_window_stays_below_a_third_of_the_session_timeout() -> None:
     assert max(rest) <= 2.0
     _, *rest = sleeps("zk://h/p?spread=0", ttl=10)
     assert max(rest) <= 0.1  # spread=0: no window (at most 0.1 s apart)
+
+
+def test_re_registering_after_an_expiry_retries_apart_until_done() -> None:
+    """A fleet whose sessions expired together must not retry in step: the waits between tries
+    grow from 0.5 s, each with up to 0.5 s at random; a success ends it, closing stops it."""
+    reg = ZkRegistry(RegistryURL.parse("zk://127.0.0.1:1/p"), ttl=2.0, timeout=0.2)  # nobody
+    try:
+        inst = Instance(service="web", id="h1:000000000001:80", node="h1",
+                        address="127.0.0.1", port=8001)
+        reg._owned[inst.key] = inst
+        tries: list[float] = []
+
+        def op(what: str, fn: Callable[[], Any]) -> list[Instance]:
+            tries.append(time.monotonic())
+            if len(tries) < 3:
+                raise RegistryUnavailable(f"{what}: not connected")
+            return []  # every instance written
+
+        reg._op = op  # type: ignore[method-assign,assignment]
+        reg._recover()
+        assert len(tries) == 3
+        first, second = tries[1] - tries[0], tries[2] - tries[1]
+        assert 0.5 <= first <= 1.0 + 0.1 and 1.0 <= second <= 1.5 + 0.1, (first, second)
+
+        tries.clear()
+        reg._closing.set()
+        reg._recover()  # closing: at most the one try, which the closed registry refuses
+        assert len(tries) <= 1
+    finally:
+        reg.close()
