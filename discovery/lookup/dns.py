@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from discovery.errors import ConfigError, ValidationError
+from discovery.errors import ConfigError, DiscoveryError, ValidationError
 from discovery.lookup.dns_limits import AnswerCache, TcpLimits, beyond_loopback, client_of
 from discovery.lookup.dns_packet import cache_key
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
@@ -95,7 +95,7 @@ class DnsServer:
         """Bind and answer; ``inherited``: the (UDP, TCP) listeners of a previous process
         (:mod:`discovery.lookup.handover`), answered on as they are."""
         if self._udp is not None:
-            raise RuntimeError("DnsServer already started")
+            raise DiscoveryError("DnsServer already started")
         self._stopping.clear()
         self._udp, self._tcp = inherited or self._bind()
         self._udp.setblocking(True)

@@ -111,7 +111,8 @@ def status(api: Api, views: Views) -> dict[str, Any]:
     out: dict[str, Any] = {"time": time.time(), "catalog": api.catalog is not None}
     try:
         out["health"] = api.health()
-    except Exception as exc:
+    except Exception as exc:  # the page still shows the rest; the log says why
+        log.warning("status page: the health callback failed", exc_info=True)
         out["health"] = {"status": {"ok": False, "error": type(exc).__name__}}
     out["checks"] = api.checks() if api.checks is not None else None
     if views.history is not None:

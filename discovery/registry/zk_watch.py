@@ -80,7 +80,8 @@ class ZkWatch:
             if not connected.is_set():
                 raise ConnectionLoss()
             self._init(start_revision)
-        except Exception:
+        except Exception as exc:  # the worker reads it again (and logs a failure there)
+            log.debug("first read deferred to the worker: %r", exc)
             self._queue.append(("init", str(start_revision)))
         self._thread = threading.Thread(target=self._run, daemon=True, name="zk-watch")
         self._thread.start()
