@@ -166,11 +166,18 @@ def test_ejection_comes_back_after_base_ejection(etcd_url, reg, http_backends, s
     wait_for(lambda: spread(listen, 4) and "ejected for 1.0s" in watcher.log(), 15,
              message="first ejection (1 s)")
     flaky.status = 200  # it recovers while out
-    wait_for(lambda: "back in" in watcher.log(), 5, message="readmitted after base_ejection")
+    # back within the ejection + the detector's interval + 1 s, seen here (polled) a little late
+    wait_for(lambda: "back in" in watcher.log(), 1.0 + 0.1 + 1.0,
+             message="readmitted after base_ejection")
     wait_for(lambda: spread(listen, 10)["flaky"] > 0, 5, message="flaky served again")
     flaky.status = 500
     wait_for(lambda: spread(listen, 4) and "ejected for 2.0s (ejection 2)" in watcher.log(),
              15, message="second ejection lasts twice as long")
+    ejected = time.monotonic()
+    flaky.status = 200
+    wait_for(lambda: "back in after 2.0s out (ejection 2)" in watcher.log(), 2.0 + 0.1 + 1.0,
+             message="readmitted after twice base_ejection")
+    assert time.monotonic() - ejected >= 2.0 - 0.5, "out for its whole 2 s ejection"
 
 
 def test_max_ejected_caps_two_bad_of_three_to_one(etcd_url, reg, http_backends, start_watcher,
