@@ -33,7 +33,7 @@ from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
 from discovery.registry.etcd_pulse import pulse
 from discovery.registry.etcd_read import read_snapshot
-from discovery.registry.etcd_watch import EtcdWatch, checked
+from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -87,6 +87,7 @@ class EtcdRegistry:
         self._lease: int | None = None
         self._need_reput = False
         self._watches: list[EtcdWatch] = []
+        self._cluster = ClusterSeen()  # the cluster and raft term of our linearizable reads
         self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
         self._state_lock = threading.RLock()
         self._notify_lock = threading.Lock()
@@ -313,9 +314,9 @@ class EtcdRegistry:
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
-        snap = checked(list(self._watches), lambda: etcd_index.read_node(
+        snap, _ = checked(list(self._watches), lambda: etcd_index.read_node(
             self._call, self.client, self.url, self.decoder.decode, node, self.reads),
-            lambda s: s.revision)
+            lambda answer: answer[1], self._cluster)
         with self._lock:
             self._nodes.update(dict.fromkeys(snap.instances, node))
         return snap
@@ -338,7 +339,7 @@ class EtcdRegistry:
         """One linearizable read of one key (``<prefix>/alive``), its header included, whose
         revision is compared with what the watches have seen (``etcd_watch.checked``)."""
         return checked(list(self._watches), lambda: self.client.get_range_response(
-            f"{self.url.prefix}/alive", None), lambda r: int(r.header.revision))
+            f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
 
     def revision(self) -> int:
         """etcd's current revision (a linearizable read: a member answers once caught up)."""

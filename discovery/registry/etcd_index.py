@@ -66,8 +66,9 @@ def delete(call: Caller, client: Any, url: RegistryURL, service: str, instance_i
 
 
 def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node: str,
-              reads: ReadStats) -> Snapshot:
-    """Every valid instance of ``node`` that the index names (see the module docstring)."""
+              reads: ReadStats) -> tuple[Snapshot, Any]:
+    """Every valid instance of ``node`` that the index names (see the module docstring), and
+    the header of the linearizable read of the index."""
     root = node_root(url, node)
     resp = call(f"read index of node {node}",
                 partial(client.get_range_response, root.encode(),
@@ -95,5 +96,5 @@ def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node:
                     instances[inst.key] = inst
     if gone:
         log.debug("index of node %s names %d instance(s) no longer there", node, gone)
-    return Snapshot(instances=instances, revision=int(resp.header.revision))
+    return Snapshot(instances=instances, revision=int(resp.header.revision)), resp.header
 

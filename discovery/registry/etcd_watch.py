@@ -14,7 +14,9 @@ a ``reset``. etcd behind the watch shows in the answer that creates a watcher (a
 read confirms it) or in any linearizable read the registry makes anyway (:func:`checked`: the
 agent's reconcile, a watch-only host's pulse), which is how a host behind ``etcd grpc-proxy``
 learns it: the proxy keeps the host's stream open while the members are down and answers a
-new watcher with the revision it asked for.
+new watcher with the revision it asked for. Those reads also compare etcd's cluster id and
+raft term with what they saw before (:class:`ClusterSeen`), which tell a restore after its
+revision has passed the host's.
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
@@ -123,6 +125,7 @@ class EtcdWatch:
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
         self._rewind_to: int | None = None  # etcd answered a read at this revision, behind us
+        self._rewind_all = False  # ... or as another cluster, or at a lower raft term
         self._task = reg.loop.start(self._run())
 
     @property
@@ -135,19 +138,21 @@ class EtcdWatch:
         """The latest revision this watch has delivered or been told of."""
         return max(self._revs.values(), default=0)
 
-    def rewound(self, revision: int) -> None:
+    def rewound(self, revision: int, why: str = "") -> None:
         """From any thread: a linearizable read made after this watch had seen :attr:`seen`
-        was answered at ``revision``, behind it (etcd restored from a backup). The stream is
-        ended and everything followed read again (a ``reset``)."""
+        was answered at ``revision``, behind it (etcd restored from a backup), or ``why``: by
+        another cluster, or at a lower raft term (:class:`ClusterSeen`), whatever its revision.
+        The stream is ended and everything followed read again (a ``reset``)."""
         with contextlib.suppress(RuntimeError):  # the registry closed its loop meanwhile
-            self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision)
+            self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision, why)
 
-    def _rewind(self, revision: int) -> None:
-        if self._stopped.is_set() or revision >= self.seen:
+    def _rewind(self, revision: int, why: str = "") -> None:
+        if self._stopped.is_set() or (not why and revision >= self.seen):
             return
-        log.warning("etcd watch: etcd answered at revision %d, behind the %d seen here "
-                    "(restored from a backup?); re-reading all", revision, self.seen)
-        self._rewind_to = revision
+        log.warning("etcd watch: %s; re-reading all", why or (
+            f"etcd answered at revision {revision}, behind the {self.seen} seen here "
+            "(restored from a backup?)"))
+        self._rewind_to, self._rewind_all = revision, self._rewind_all or bool(why)
         if self._stream is not None:
             self._stream.cancel()
 
@@ -197,9 +202,9 @@ class EtcdWatch:
         reg = self._reg
         await asyncio.to_thread(reg.auth.ensure)
         if self._rewind_to is not None:
-            if self._rewind_to < self.seen:
+            if self._rewind_to < self.seen or self._rewind_all:
                 await self._reread()
-            self._rewind_to = None
+            self._rewind_to, self._rewind_all = None, False
         endpoint, channel = reg.channels.pick(reg.client)
         self.endpoint = endpoint
         self._narrowing = False
@@ -314,15 +319,49 @@ class EtcdWatch:
         deliver(self._callback, change, self._stopped)
 
 
+class ClusterSeen:
+    """Which etcd cluster answered a registry's linearizable reads, and at which raft term. A
+    cluster keeps its id for life and its term never goes down (a linearizable read waits for
+    the leader of the current term); one restored from a backup (``etcdctl snapshot restore``)
+    starts again at term 1, and with another ``--initial-cluster-token`` under another id. So
+    an answer from another id, or at a lower term, tells a restore even when the restored
+    cluster's revision has already passed the one a watch had seen (writes since: behind
+    ``etcd grpc-proxy`` a host may learn of the restore only then). Not told: a restore under
+    the same token of a cluster still at its first term (never restarted nor re-elected), where
+    only the revision tells."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cluster = self.term = 0
+
+    def changed(self, cluster: int, term: int) -> str:
+        """Why an answer from ``cluster`` at ``term`` comes from a restored cluster ("": it
+        does not); it becomes the one seen."""
+        with self._lock:
+            why = ""
+            if self.cluster and cluster and cluster != self.cluster:
+                why = (f"etcd cluster {cluster:x} answered, not {self.cluster:x} seen here "
+                       "(restored from a backup?)")
+            elif self.cluster and 0 < term < self.term:
+                why = (f"etcd answered at raft term {term}, below the {self.term} seen here "
+                       "(restored from a backup?)")
+            if cluster:
+                self.cluster, self.term = cluster, term if why else max(term, self.term)
+            return why
+
+
 def checked(watches: Collection[EtcdWatch], read: Callable[[], T],
-            revision: Callable[[T], int]) -> T:
-    """``read()``, a linearizable read, whose answer's etcd ``revision`` is compared with what
-    each watch had seen before it: on a cluster that has not gone back in time it is never
-    behind (see :meth:`EtcdWatch.rewound`)."""
+            header: Callable[[T], Any], cluster: ClusterSeen | None = None) -> T:
+    """``read()``, a linearizable read, whose answer's etcd ``header`` (revision, cluster id,
+    raft term) is compared with what each watch had seen before it: on a cluster that has not
+    gone back in time it is never behind (see :meth:`EtcdWatch.rewound`), and with what
+    ``cluster`` had seen (:class:`ClusterSeen`)."""
     before = [(w, w.seen) for w in watches]
     result = read()
-    now = revision(result)
+    h = header(result)
+    now = int(h.revision)
+    why = cluster.changed(int(h.cluster_id), int(h.raft_term)) if cluster is not None else ""
     for w, seen in before:
-        if now < seen:
-            w.rewound(now)
+        if why or now < seen:
+            w.rewound(now, why)
     return result

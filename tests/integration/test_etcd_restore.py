@@ -32,9 +32,11 @@ def etcdctl(*args: str) -> None:
 
 
 def back_up_write_and_restore(cluster: EtcdCluster, writer: Registry, changes: list[Change],
-                              backup: Path) -> None:
+                              backup: Path, same_token: bool = False) -> None:
     """Instance 1 is in the backup, 2-5 are written after it; the member is SIGKILLed and
-    restored from the backup (started again by the caller)."""
+    restored from the backup (started again by the caller); ``same_token``: under the
+    cluster's own ``--initial-cluster-token``, so under its own cluster id (else etcdctl's
+    default token: another id)."""
     writer.register(inst(1))
     host, port = cluster.address(0)
     etcdctl("--endpoints", f"{host}:{port}", "snapshot", "save", str(backup))
@@ -49,7 +51,9 @@ def back_up_write_and_restore(cluster: EtcdCluster, writer: Registry, changes: l
             "--name", argv[argv.index("--name") + 1],
             "--initial-cluster", argv[argv.index("--initial-cluster") + 1],
             "--initial-advertise-peer-urls",
-            argv[argv.index("--initial-advertise-peer-urls") + 1])
+            argv[argv.index("--initial-advertise-peer-urls") + 1],
+            *(["--initial-cluster-token", argv[argv.index("--initial-cluster-token") + 1]]
+              if same_token else []))
 
 
 def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -> None:
@@ -117,3 +121,43 @@ def test_hosts_behind_a_proxy_read_again_a_registry_restored_from_a_backup(
             reg.close(revoke=False)
         proxy.stop()
         cluster.stop()
+
+
+def test_behind_a_proxy_a_restore_past_the_hosts_revision_is_told_by_the_raft_term(
+        tmp_path: Path) -> None:
+    """Restored under the cluster's own token (its own cluster id) from a cluster that had been
+    restarted (raft term 3; a restored one starts again at 2), then written to at once past
+    the revision a host behind the proxy had seen: the revision of the host's next
+    linearizable read says nothing, the term does. Without it the host never reads again and
+    misses for good the writes between the backup's revision and its own."""
+    cluster = EtcdCluster(1, tmp_path / "etcd")
+    cluster.start()
+    cluster.kill_member(0)  # SIGKILL and start: an election, raft term 3
+    cluster.ensure_running()
+    proxy = EtcdGrpcProxy(cluster, tmp_path / "grpc-proxy").start()
+    prefix = unique_prefix()
+    writer = open_registry(cluster.url(prefix), ttl=10)
+    host = open_registry(proxy.url(prefix), ttl=60)  # watch-only: no pulse within this test
+    heard: list[Change] = []
+    watch = host.watch(heard.append)
+    try:
+        before = host.revision()  # as its pulse would: the cluster and the term it knows
+        back_up_write_and_restore(cluster, writer, heard, tmp_path / "backup.db",
+                                  same_token=True)
+        seen = len(heard)
+        cluster.ensure_running()
+        for n in range(10, 20):  # past the revision the host had seen: it cannot tell by that
+            writer.register(inst(n))
+        assert host.revision() > before + 5  # the host's next linearizable read
+        truth = set(writer.snapshot().instances)
+        assert inst(10).key in truth and inst(2).key not in truth
+        snapshot = wait_for(lambda: first_reset(heard, seen), 10,
+                            message="the host's reset, told by the lower raft term")
+        assert snapshot is not None and set(snapshot.instances) == truth
+    finally:
+        watch.stop()
+        host.close(revoke=False)
+        writer.close(revoke=False)
+        proxy.stop()
+        cluster.stop()
+
