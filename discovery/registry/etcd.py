@@ -337,7 +337,8 @@ class EtcdRegistry:
 
     def _read_alive(self) -> Any:
         """One linearizable read of one key (``<prefix>/alive``), its header included, whose
-        revision is compared with what the watches have seen (``etcd_watch.checked``)."""
+        revision is compared with what the watches have seen, and its cluster id and raft
+        term with this registry's reads before (``etcd_watch.checked``)."""
         return checked(list(self._watches), lambda: self.client.get_range_response(
             f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
 
