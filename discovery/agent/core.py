@@ -107,8 +107,9 @@ class Agent:
                     # its return schedules one (above). Down longer: Outage.holds_back.
                     due = time.monotonic() + jittered(self.config.resync)
                     continue
-                self.registrations.write_failed = False
-                self.reconcile()
+                untold, self.registrations.write_failed = self.registrations.write_failed, False
+                if not self.reconcile() and untold:  # still to tell: the registry's return
+                    self.registrations.write_failed = True  # reconciles at once, not spread
                 due = time.monotonic() + jittered(self.config.resync)
         finally:
             self.docker.stop()
@@ -345,19 +346,20 @@ class Agent:
                      instance_id or f"node {self.config.node}")
             return affected
 
-    def reconcile(self) -> None:
-        """Docker's truth vs the registry's view of this node, fixed in both directions.
+    def reconcile(self) -> bool:
+        """Docker's truth vs the registry's view of this node, fixed in both directions; False
+        when it could not be made.
 
         Only while Docker's truth is known: never delete on the word of a Docker we cannot see.
         """
         if not self._synced:
             log.debug("reconcile skipped: Docker not listed yet")
-            return
+            return False
         try:
             snap = self.registry.node_snapshot(self.config.node)  # only ours: see etcd_index
         except RegistryError as exc:
             log.warning("reconcile: registry unavailable (%s)", exc)
-            return
+            return False
         with self._lock:
             # not an instance still to warm up: its check may have passed a moment ago, its
             # transition (which starts the warm-up) waiting for the lock we hold
@@ -365,6 +367,7 @@ class Agent:
                       for key, inst in tracked.instances.items()
                       if tracked.warm(key) and self._wanted(tracked, key)}
             self.registrations.reconcile(snap, wanted)
+        return True
 
     def checks(self) -> list[dict[str, Any]]:
         """Live health of every instance on this node: check type, state, last output, since."""

@@ -16,6 +16,7 @@ import pytest
 
 from discovery.agent import core
 from discovery.agent.config import AgentConfig
+from discovery.errors import RegistryUnavailable
 from discovery.registry import RegistryURL, Snapshot
 from discovery.registry.reads import ReadStats
 
@@ -41,12 +42,15 @@ class FakeRegistry:
         self.reads = ReadStats()
         self.listeners: list[Any] = []
         self.node_reads: list[float] = []
+        self.failing = False  # node reads fail (the registry is down)
 
     def add_state_listener(self, callback: Any) -> None:
         self.listeners.append(callback)
 
     def node_snapshot(self, _node: str) -> Snapshot:
         self.node_reads.append(time.monotonic())
+        if self.failing:
+            raise RegistryUnavailable("no member answered")
         return Snapshot()
 
     def close(self, revoke: bool = True) -> None:
@@ -110,3 +114,38 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         agent.stop()
         runner.join(5)
     assert not runner.is_alive()
+
+
+def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container started while the registry was down: its write failed, and so did the
+    reconcile that asked for (the registry still down). Back, the agent still has something
+    to tell: it reconciles at once, not at a random moment within a resync period (the fault
+    bench's whole-cluster outage: registered 27.5 s after the registry was back)."""
+    windows: list[float] = []
+    monkeypatch.setattr(core, "DockerSource", FakeDocker)
+    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), 20.0)[1])
+    reg = FakeRegistry()
+    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
+                       reg)  # type: ignore[arg-type]
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_reads(reg, 1, 5)  # adoption at start
+        agent._on_sync([])  # Docker listed: the first reconcile
+        wait_reads(reg, 2, 5)
+        reg.failing = True
+        reg.state(False)
+        agent.registrations.write_failed = True  # a container started: its write failed
+        agent._on_sync([])  # a wake: the reconcile it asks for, which fails too
+        wait_reads(reg, 3, 5)
+        reg.failing = False
+        back = time.monotonic()
+        reg.state(True)
+        assert wait_reads(reg, 4, 5) - back < 1.0  # not the 20 s wait: at once
+        assert windows == []
+    finally:
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
+
