@@ -122,7 +122,7 @@ def measure(rig: Rig, name: str, spec: Spec, report: Report, before_note: str = 
           and (spec.registry_back_within is None or reg_s <= spec.registry_back_within))
     target = "nothing lost" if spec.max_failed is None else "0 failed, nothing lost"
     if spec.registry_back_within is not None:
-        target += f", registry complete <= {spec.registry_back_within:g} s after the link"
+        target += f", registry complete <= {spec.registry_back_within:g} s after the heal"
     cpu1 = os.times()
     row = report.emit({
         "fault": name, "what": spec.what, "backend": rig.backend,
