@@ -124,8 +124,9 @@ class EtcdWatch:
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
-        self._rewind_to: int | None = None  # etcd answered a read at this revision, behind us
-        self._rewind_all = False  # ... or as another cluster, or at a lower raft term
+        # etcd answered a read behind us, or as another cluster or at a lower raft term: the
+        # next stream reads everything again first (a re-read since then clears it)
+        self._rewinding = False
         self._task = reg.loop.start(self._run())
 
     @property
@@ -152,7 +153,7 @@ class EtcdWatch:
         log.warning("etcd watch: %s; re-reading all", why or (
             f"etcd answered at revision {revision}, behind the {self.seen} seen here "
             "(restored from a backup?)"))
-        self._rewind_to, self._rewind_all = revision, self._rewind_all or bool(why)
+        self._rewinding = True
         if self._stream is not None:
             self._stream.cancel()
 
@@ -201,10 +202,8 @@ class EtcdWatch:
         range it is for (a gRPC proxy numbers watchers its own way)."""
         reg = self._reg
         await asyncio.to_thread(reg.auth.ensure)
-        if self._rewind_to is not None:
-            if self._rewind_to < self.seen or self._rewind_all:
-                await self._reread()
-            self._rewind_to, self._rewind_all = None, False
+        if self._rewinding:
+            await self._reread()
         endpoint, channel = reg.channels.pick(reg.client)
         self.endpoint = endpoint
         self._narrowing = False
@@ -228,7 +227,7 @@ class EtcdWatch:
                     # linearizable read tells (checked() rewinds us, on this loop, before
                     # the read's answer resumes this task)
                     await asyncio.to_thread(self._reg.revision)
-                    if self._rewind_to is not None:
+                    if self._rewinding:
                         return  # the next stream reads everything again first
                 if resp.canceled:
                     if not self._reauth and reg.auth.stale(resp.cancel_reason):
@@ -266,7 +265,7 @@ class EtcdWatch:
             if self._narrowing:
                 self._narrowing = self._lost = False  # our own cancel: the next stream holds
                 return  # the k watchers
-            if self._rewind_to is not None:
+            if self._rewinding:
                 return  # our own cancel: the next stream reads everything again first
             raise
         except grpc.RpcError as exc:
@@ -284,7 +283,8 @@ class EtcdWatch:
 
     async def _reread(self) -> None:
         """Read everything followed again and deliver it as a ``reset``; the next stream
-        resumes from the revision of that read."""
+        resumes from the revision of that read (which answers any rewind told before it)."""
+        self._rewinding = False
         snap = await asyncio.to_thread(self._reg.snapshot, self._services)
         self._revs = dict.fromkeys(self._ranges, snap.revision)
         self._deliver(Change("reset", snapshot=snap, revision=snap.revision))

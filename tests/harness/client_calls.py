@@ -1,18 +1,29 @@
-"""What the client tests share: instances of a service numbered by port, and a watch callback
-that records the port lists it is given."""
+"""What the client and lookup tests share: instances of a service numbered by port, a small
+catalog of them, and a watch callback that records the port lists it is given."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from discovery.model import Instance
+from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
+from discovery.registry.base import Snapshot
 from tests.harness.util import wait_for
 
 
 def inst(service: str, n: int, **kw: Any) -> Instance:
     return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
                     port=8000 + n, **kw)
+
+
+def sample_catalog() -> Catalog:
+    """web: 1 (blue, v2), 2 (green), 3 (blue, draining); db: 4; at revision 10."""
+    cat = Catalog()
+    members = [inst("web", 1, tags=("blue", "v2")), inst("web", 2, tags=("green",)),
+               inst("web", 3, tags=("blue",), state=State.DRAINING), inst("db", 4)]
+    cat.load(Snapshot({i.key: i for i in members}, revision=10))
+    return cat
 
 
 def ports(instances: list[Instance]) -> list[int]:

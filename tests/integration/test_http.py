@@ -17,27 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery.errors import ConfigError
 from discovery.lookup.http import HttpApi, parse_listen
 from discovery.metrics import Metrics
-from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
-from discovery.registry.base import Change, Snapshot
+from discovery.registry.base import Change
+from tests.harness.client_calls import inst, sample_catalog
 from tests.harness.util import free_port, wait_for
 
 Reply = tuple[int, dict[str, str], bytes]
 
 
-def inst(service: str, n: int, *, tags: tuple[str, ...] = (),
-         state: State = State.UP) -> Instance:
-    return Instance(service=service, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
-                    port=8000 + n, tags=tags, state=state)
-
-
 @pytest.fixture
 def catalog() -> Catalog:
-    cat = Catalog()
-    members = [inst("web", 1, tags=("blue", "v2")), inst("web", 2, tags=("green",)),
-               inst("web", 3, tags=("blue",), state=State.DRAINING), inst("db", 4)]
-    cat.load(Snapshot({i.key: i for i in members}, revision=10))
-    return cat
+    return sample_catalog()
 
 
 @pytest.fixture

@@ -8,24 +8,16 @@ from typing import Any
 import pytest
 
 from discovery.lookup.status import agent_health, watcher_health
-from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
-from discovery.registry.base import Snapshot
 from discovery.watcher.guard import WipeGuard
 from discovery.watcher.outlier import OutlierDetector
 from discovery.watcher.router import RouterStats
+from tests.harness.client_calls import sample_catalog
 
 
 @pytest.fixture
 def catalog() -> Catalog:
-    """web: 2 up and 1 draining; db: 1 up."""
-    cat = Catalog()
-    members = [Instance(service=svc, id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
-                        port=8000 + n, state=state)
-               for svc, n, state in (("web", 1, State.UP), ("web", 2, State.UP),
-                                     ("web", 3, State.DRAINING), ("db", 4, State.UP))]
-    cat.load(Snapshot({i.key: i for i in members}, revision=10))
-    return cat
+    return sample_catalog()
 
 
 def test_health_builders(catalog: Catalog) -> None:
