@@ -285,6 +285,9 @@ class Change:
 
     ``put``: ``instance`` was written. ``delete``: ``key`` is gone.
     ``reset``: the watch could not be resumed; ``snapshot`` is the whole new truth.
+    ``drained``: a delete that came right after the entry was changed, read too late to see
+    what it was changed to (ZooKeeper's events carry no data): the agent's departure, which
+    writes ``draining`` and then deletes. The wipe guard never holds such a delete.
     """
 
     kind: Literal["put", "delete", "reset"]
@@ -292,6 +295,7 @@ class Change:
     instance: Instance | None = None
     snapshot: Snapshot | None = None
     revision: int = 0
+    drained: bool = False
 
 
 ChangeCallback = Callable[[Change], None]

@@ -10,7 +10,8 @@ follower instead of one per node it read.
 kazoo hands a watch event only to the one-shot watchers registered on that very path and
 drops the others, so :class:`EventRouter` reads every event first (it wraps the connection's
 event reader) and calls, for an event below a path added with :meth:`EventRouter.add`, that
-path's callbacks — on kazoo's connection thread: they must only queue work.
+path's callbacks with the path and the event's type (kazoo's ``EventType``) — on kazoo's
+connection thread: they must only queue work.
 
 Persistent watches belong to a connection: after a reconnect they are added again, and the
 server sends no catch-up events for them (``zk_watch`` asks ``SetWatches`` for those).
@@ -29,6 +30,7 @@ from typing import Any
 
 from kazoo.exceptions import ConnectionLoss, MarshallingError, UnimplementedError
 from kazoo.protocol.serialization import Watch, int_struct, write_string
+from kazoo.protocol.states import EVENT_TYPE_MAP, EventType
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,9 @@ PERSISTENT_RECURSIVE = 1  # AddWatchMode
 ANY_WATCHER = 3  # WatcherType of RemoveWatches
 #: a server's answers to ``AddWatch`` when it offers no persistent watches (module docstring)
 NOT_OFFERED = (UnimplementedError, MarshallingError)
-#: called with the path of a node created, changed or deleted, on kazoo's connection thread
-EventFn = Callable[[str], None]
+#: called with the path of a node created, changed or deleted and the event's type (kazoo's
+#: ``EventType.CREATED``...), on kazoo's connection thread
+EventFn = Callable[[str, str], None]
 
 
 class _PathRequest:
@@ -83,11 +86,11 @@ class EventRouter:
     def _on_event(self, buffer: bytes, offset: int) -> None:
         try:
             event, _ = Watch.deserialize(buffer, offset)
-            path = event.path
+            path, kind = event.path, EVENT_TYPE_MAP.get(event.type, EventType.NONE)
             for root, fns in self._routes.items():
                 if path == root or path.startswith(root.rstrip("/") + "/"):
                     for fn in fns:
-                        fn(path)
+                        fn(path, kind)
         except Exception:  # never break kazoo's connection thread
             log.exception("routing a ZooKeeper watch event failed")
         self._read_event(buffer, offset)

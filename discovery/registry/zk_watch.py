@@ -24,6 +24,7 @@ from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
+from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, rewatch
 from discovery.registry.zk_scan import LivePaths, scan
@@ -69,7 +70,7 @@ class ZkWatch:
         self._live = LivePaths()
         self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
-        self._answers: dict[str, tuple[Any, int, int]] = {}  # path -> _answered's
+        self._pending = Pending()  # _answered's answers; nodes whose data changed
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
         self._loss_zxid: int | None = None  # the last zxid seen before that
         self._catch_up = CatchUp()  # persistent: later one-shot events are stale
@@ -102,7 +103,7 @@ class ZkWatch:
               and self._loss_zxid is not None):
             self._push(("rearm", ""))
 
-    def _event(self, path: str) -> None:
+    def _event(self, path: str, kind: str) -> None:
         """A persistent watch's event (kazoo's connection thread): read that node again, a
         deleted one too, sent from this very thread (:class:`~discovery.registry.zk_io.
         PreReads`); the worker gets the answer. A restarted agent takes its nodes over from
@@ -110,24 +111,28 @@ class ZkWatch:
         that the node is still there (dropped on the event, it flapped)."""
         if self._url.split_key(path) is None or self._stopped.is_set():
             return
+        changed = kind == EventType.CHANGED
         if self._pre is None:
+            self._pending.touch(path, changed)
             self._push(("node", path))
         else:
-            self._pre.add(path, functools.partial(self._answered, path, self._gen))
+            self._pre.add(path, functools.partial(self._answered, path, self._gen, changed))
 
-    def _answered(self, path: str, gen: int, read: Any, error: BaseException | None,
-                  zxid: int) -> None:
+    def _answered(self, path: str, gen: int, changed: bool, read: Any,
+                  error: BaseException | None, zxid: int) -> None:
         """The answer to :meth:`_event`'s read (the connection thread): to the worker."""
         if error is not None and not isinstance(error, NoNodeError):
-            self._push(("node", path))  # lost with the connection: the worker reads again
+            self._pending.touch(path, changed)  # lost with the connection: the worker
+            self._push(("node", path))  # reads it again
             return
-        with self._cond:
-            self._answers[path] = (read, zxid, gen)
+        self._pending.answered(path, Answer(read, zxid, gen, changed))
         self._push(("read", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
         if event.type != EventType.NONE:  # something changed: read it again
             if not self._persistent or self._catch_up.open:
+                self._pending.touch(item[1], event.type == EventType.CHANGED
+                                    and item[0] == "node")
                 self._push(item)
         elif self._persistent:
             pass  # a catch-up watch of the last reconnect: _on_state re-arms everything
@@ -152,7 +157,7 @@ class ZkWatch:
         with self._cond:
             self._queue.clear()
             self._rearm.clear()  # the scan arms everything anew
-            self._answers.clear()
+            self._pending.clear()
             self._loss_zxid = None
             self._queue.append(("reset", ""))
             self._cond.notify_all()
@@ -292,39 +297,35 @@ class ZkWatch:
                 self._loss_zxid = None
 
     def _answer(self, path: str) -> None:
-        """Deliver the last answer to :meth:`_event`'s reads of ``path`` (answers come in order)
-        unless what was read since (a full read, the worker's own) is newer."""
-        with self._cond:
-            answer = self._answers.get(path)
-        if answer is None:
-            return
-        read, zxid, gen = answer
-        if gen == self._gen and self._nodes.get(path, 0) <= (
-                zxid if read is None else read[1].mzxid):
-            self._changed(path, read)
-        with self._cond:
-            if self._answers.get(path) is answer:
-                del self._answers[path]
+        """Deliver the answers to :meth:`_event`'s reads of ``path`` in order, each unless what
+        was read since (a full read, the worker's own) is newer."""
+        for read, zxid, gen, changed in self._pending.take(path):
+            if gen == self._gen and self._nodes.get(path, 0) <= (
+                    zxid if read is None else read[1].mzxid):
+                self._changed(path, read, changed)
 
     def _read_changed(self, paths: list[str]) -> None:
         """Nodes whose events came together: one ``multiRead`` (persistent watches)."""
+        touched = [self._pending.untouch(path) for path in paths]  # before the read
         found = dict(self._read_nodes(paths))
-        for path in paths:
-            self._changed(path, found.get(path))
+        for path, changed in zip(paths, touched, strict=True):
+            self._changed(path, found.get(path), changed)
 
     def _node(self, path: str) -> None:
+        changed = self._pending.untouch(path)
         try:
             read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
             read = None
-        self._changed(path, read)
+        self._changed(path, read, changed)
 
-    def _changed(self, path: str, read: tuple[bytes, Any] | None) -> None:
-        """Deliver what a read of ``path`` (its data and stat; None: it is gone) changed."""
+    def _changed(self, path: str, read: tuple[bytes, Any] | None, changed: bool = False) -> None:
+        """Deliver what a read of ``path`` (data and stat; None: gone) changed. ``changed``:
+        the read was for a change of its data, so a node gone by then was drained."""
         if read is None:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
-            self._gone(path, self._client.last_zxid)
+            self._gone(path, self._client.last_zxid, drained=changed)
             return
         data, stat = read
         self._reads.add(path, data)
@@ -340,7 +341,7 @@ class ZkWatch:
         self._live.set(path, inst.key)
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
 
-    def _gone(self, path: str, revision: int) -> None:
+    def _gone(self, path: str, revision: int, drained: bool = False) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another
         path still holds it (then read that one again, so that it is put back as it is)."""
         key = self._live.pop(path)
@@ -350,7 +351,7 @@ class ZkWatch:
         if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
             others = self._unread_holders(key)
         if not others:
-            self._deliver(Change("delete", key=key, revision=revision))
+            self._deliver(Change("delete", key=key, revision=revision, drained=drained))
         for other in others:
             self._nodes[other] = 0
             self._push(("node", other))

@@ -10,7 +10,9 @@ healthy, dead ones included. Our rule:
 1. A *wipe* is at least ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the
    catalog removed within ``window`` seconds (2 s), by deletes or by a resync snapshot, while
    ``up``. An agent drains what it deregisters (``draining`` first, then the delete), so a
-   departure, such as a rolling deploy of a small service, never counts, and is never held.
+   departure, such as a rolling deploy of a small service, never counts, and is never held
+   (on ZooKeeper, whose events carry no data, a delete read right after a change of the same
+   node is taken as that: :attr:`~discovery.registry.base.Change.drained`).
 2. Outside a wipe, a removal that leaves its service another up instance is applied at once
    (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
    service with no up instance *settles* for ``settle`` seconds (0.2 s; the instance keeps
@@ -188,7 +190,7 @@ class WipeGuard:
         current = self._current(change.key)
         if current is None:
             return [change]
-        if current.state is not State.UP:  # drained first: a departure (the agent), not a wipe
+        if change.drained or current.state is not State.UP:  # drained first: a departure
             self._pop(change.key)
             return [change]
         self._note_removals(now, 1)

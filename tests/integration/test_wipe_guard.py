@@ -15,13 +15,21 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
+from discovery.agent.history import Cause, History
+from discovery.agent.registrations import Registrations
+from discovery.metrics import Metrics
 from discovery.model import Instance
-from discovery.registry import open_registry
+from discovery.model.catalog import Catalog
+from discovery.registry import Change, open_registry, zk_persistent
 from discovery.registry.base import RegistryURL
+from discovery.watcher.guard import WipeGuard
 from tests.harness.haproxy import http_get
+from tests.harness.servers import ServerCluster, unique_prefix
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 
@@ -140,3 +148,65 @@ def test_a_wipe_is_ridden_out_and_the_last_instance_still_goes(registry_url, htt
         assert "holding" not in watcher.log()[seen:]
     finally:
         writer.close(revoke=True)
+
+
+def test_an_agents_departures_are_never_held(registry_url) -> None:
+    """An agent deregisters the way it always does (agent/registrations.py: ``draining``,
+    then the delete at once), three of a four-instance catalog within the guard's window.
+    Every watch must tell them as departures, which the guard never holds. On ZooKeeper a
+    watch reads a node after its event, when the node is already gone: only the events'
+    order (the data changed, then the node went) tells the departure from a wipe's delete.
+    The watching host is 50 ms away (a slow link, or a busy host): its reads come after the
+    writer's deletes."""
+    agent_departures(registry_url)
+
+
+def test_an_agents_departures_are_never_held_with_one_shot_watches(
+        zk_single: ServerCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on a ZooKeeper followed with one-shot watches (no ``AddWatch``: older than
+    3.6): the node's data watch fires on the change, its read finds the node gone."""
+    monkeypatch.setattr(zk_persistent.AddWatch, "type", 250)  # no such opcode: UNIMPLEMENTED
+    zk_single.ensure_running()
+    agent_departures(zk_single.url(unique_prefix()))
+
+
+def agent_departures(registry_url: str) -> None:
+    parsed = RegistryURL.parse(registry_url)
+    proxy = TcpProxy(parsed.hosts[0], delay=0.05)
+    writer = open_registry(registry_url, ttl=5)
+    reader = open_registry(proxy.url(parsed.scheme, parsed.prefix), ttl=5)
+    catalog, changes = Catalog(), list[Change]()
+    guard = WipeGuard(catalog)
+
+    def follow(change: Change) -> None:
+        changes.append(change)
+        for applied in guard.filter(change):
+            catalog.apply(applied)
+
+    try:
+        regs = Registrations(writer, "h1", Metrics(), History(), lambda: None)
+        fleet = [Instance(service="web", id=f"h1:{n:012x}:80", node="h1", address="127.0.0.1",
+                          port=8000 + n) for n in range(1, 5)]
+        for i in fleet:
+            regs.write(i.key, i, Cause("check"))
+        snap = reader.snapshot()
+        assert len(snap.instances) == 4
+        catalog.load(snap)
+        watch = reader.watch(follow, snap.revision)
+        try:
+            db = replace(fleet[0], service="db")  # the watch follows (one-shot: armed again
+            regs.write(db.key, db, Cause("check"))  # after its probe dropped the connection)
+            wait_for(lambda: catalog.size() == 5, 5, message="the watch following")
+            for i in fleet[:3]:  # 3 of 5: a wipe, were they bare deletes
+                regs.write(i.key, None, Cause("kill"))
+            wait_for(lambda: catalog.size() == 2 and not guard.next_due(), 5,
+                     message="the three departures applied")
+            deletes = [c for c in changes if c.kind == "delete"]
+            assert len(deletes) == 3, changes
+            assert guard.status.engaged == 0 and guard.status.held_total == 0
+        finally:
+            watch.stop()
+    finally:
+        reader.close()
+        writer.close(revoke=True)
+        proxy.close()

@@ -85,6 +85,18 @@ def test_a_draining_last_instance_goes_at_once() -> None:
     assert ids(catalog, "a") == set()
 
 
+def test_drained_deletes_of_up_entries_are_departures() -> None:
+    """A delete read too late to see its ``draining`` record (ZooKeeper: ``drained``) is the
+    agent's departure, like the delete of a draining entry: never counted, never held."""
+    fleet = [inst(s, n) for n, s in enumerate(["a", "a", "b", "c"], start=1)]
+    catalog, guard, clock = setup(fleet)
+    for i in fleet[1:]:  # three of four: a wipe, were they bare deletes
+        feed(catalog, guard, Change("delete", key=i.key, revision=2, drained=True))
+    assert ids(catalog) == {fleet[0].id}
+    tick(catalog, guard, clock, 0.3)
+    assert guard.status.engaged == 0 and guard.status.holding == 0
+
+
 def test_a_single_host_with_one_instance_is_no_wipe() -> None:
     a1 = inst("a", 1)
     catalog, guard, clock = setup([a1])

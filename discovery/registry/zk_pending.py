@@ -1,0 +1,68 @@
+"""What a ZooKeeper follower's worker has yet to read or deliver, handed over by other threads.
+
+:class:`~discovery.registry.zk_watch.ZkWatch` reads a node again at each of its events. Two
+things travel with those reads from kazoo's threads to the watch's worker:
+
+- the answers to the reads kazoo's connection thread sent itself
+  (:class:`~discovery.registry.zk_io.PreReads`), every one in order: a drain's ``draining``
+  record and then its delete are two answers, and the worker delivers both;
+- which nodes' *data* changed (an event of type ``CHANGED``, not a create or a delete) since
+  the worker last read them. ZooKeeper's events carry no data, so when the agent writes
+  ``draining`` and deletes at once, the read made for the change may find the node gone: a
+  delete that answers a change is the agent's departure
+  (:attr:`~discovery.registry.base.Change.drained`), which the wipe guard never holds, not a
+  bare delete, which a registry-side wipe makes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple
+
+
+class Answer(NamedTuple):
+    """An answer to a node's read: its ``(data, stat)`` (None: gone), the zxid then, the
+    watch's full reads then (an answer to a read before the last full one is stale), and
+    whether the read was for a change of its data."""
+
+    read: Any
+    zxid: int
+    gen: int
+    changed: bool
+
+
+class Pending:
+    """One lock; kazoo's threads add, the worker takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answers: dict[str, list[Answer]] = {}
+        self._touched: set[str] = set()
+
+    def touch(self, path: str, changed: bool = True) -> None:
+        """The worker reads ``path`` again; ``changed``: for a change of its data."""
+        if changed:
+            with self._lock:
+                self._touched.add(path)
+
+    def untouch(self, path: str) -> bool:
+        """Before the worker reads ``path``: whether that read answers a change of its data."""
+        with self._lock:
+            if path not in self._touched:
+                return False
+            self._touched.discard(path)
+            return True
+
+    def answered(self, path: str, answer: Answer) -> None:
+        with self._lock:
+            self._answers.setdefault(path, []).append(answer)
+
+    def take(self, path: str) -> list[Answer]:
+        """The answers of ``path`` not taken yet, oldest first."""
+        with self._lock:
+            return self._answers.pop(path, [])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+            self._touched.clear()
