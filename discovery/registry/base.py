@@ -286,8 +286,9 @@ class Change:
     ``put``: ``instance`` was written. ``delete``: ``key`` is gone.
     ``reset``: the watch could not be resumed; ``snapshot`` is the whole new truth.
     ``drained``: a delete that came right after the entry was changed, read too late to see
-    what it was changed to (ZooKeeper's events carry no data): the agent's departure, which
-    writes ``draining`` and then deletes. The wipe guard never holds such a delete.
+    what it was changed to (ZooKeeper's events carry no data): taken for the agent's
+    departure, which writes ``draining`` and then deletes (:mod:`~discovery.registry.
+    zk_pending` says where that inference fails). The wipe guard never holds such a delete.
     """
 
     kind: Literal["put", "delete", "reset"]

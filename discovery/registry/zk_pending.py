@@ -8,15 +8,19 @@ things travel with those reads from kazoo's threads to the watch's worker:
   record and then its delete are two answers, and the worker delivers both;
 - which nodes' *data* changed (an event of type ``CHANGED``, not a create or a delete) since
   the worker last read them. ZooKeeper's events carry no data, so when the agent writes
-  ``draining`` and deletes at once, the read made for the change may find the node gone: a
-  delete that answers a change is the agent's departure
-  (:attr:`~discovery.registry.base.Change.drained`), which the wipe guard never holds, not a
-  bare delete, which a registry-side wipe makes.
+  ``draining`` and deletes at once, the read made for the change may find the node gone. Such
+  a delete is taken for the agent's departure
+  (:attr:`~discovery.registry.base.Change.drained`), which the wipe guard never holds, not
+  for a bare delete, which a registry-side wipe makes (a session expiry, a deleted prefix:
+  no data change before). An inference, not a record: a node whose data changed (new tags,
+  maintenance) and that a wipe deleted before the read reads as a departure too; a departure
+  told only by a reconnect's catch-up (``SetWatches``: "deleted") reads as a bare delete.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 
@@ -57,10 +61,18 @@ class Pending:
         with self._lock:
             self._answers.setdefault(path, []).append(answer)
 
-    def take(self, path: str) -> list[Answer]:
-        """The answers of ``path`` not taken yet, oldest first."""
+    def deliver(self, path: str, one: Callable[[Answer], None]) -> None:
+        """Hand ``path``'s answers to ``one``, oldest first; when it raises (the connection
+        lost), that answer and those after it stay for the next time."""
         with self._lock:
-            return self._answers.pop(path, [])
+            answers = self._answers.pop(path, [])
+        for n, answer in enumerate(answers):
+            try:
+                one(answer)
+            except BaseException:
+                with self._lock:
+                    self._answers[path] = answers[n:] + self._answers.get(path, [])
+                raise
 
     def clear(self) -> None:
         with self._lock:

@@ -3,7 +3,8 @@
 :class:`~discovery.registry.zk_watch.ZkWatch` reads everything when it starts and after a
 session expired (``reset``); this is that read. It lists the services (or only the followed
 ones: their directories, not the list of services), then reads their nodes, arming the
-one-shot watches a follower without persistent watches needs through ``watch_for``.
+one-shot watches a follower without persistent watches needs through ``watch_for``. And
+:func:`unread_holders`: under Nerve, the nodes of a service the follower has not read yet.
 """
 
 from __future__ import annotations
@@ -113,3 +114,21 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
             instances[inst.key] = inst
     found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
     return found
+
+
+def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int],
+                   read_node: Callable[[str], None], live: LivePaths) -> list[str]:
+    """A Nerve node gone while its instance's other node (a restarted reporter's) may not be
+    read yet: read the service's nodes not read yet (listed meanwhile, or still queued) with
+    ``read_node`` (which puts each as it is read) and return those that hold ``key``."""
+    folder = url.service_dir(key[0])
+    try:
+        children = client.get_children(folder)
+    except NoNodeError:
+        return []
+    for child in children:
+        path = f"{folder}/{child}"
+        if not nodes.get(path):  # never read: read it now, in order
+            nodes.setdefault(path, 0)
+            read_node(path)
+    return live.holders(key)

@@ -27,7 +27,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, rewatch
-from discovery.registry.zk_scan import LivePaths, scan
+from discovery.registry.zk_scan import LivePaths, scan, unread_holders
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -122,8 +122,8 @@ class ZkWatch:
                   error: BaseException | None, zxid: int) -> None:
         """The answer to :meth:`_event`'s read (the connection thread): to the worker."""
         if error is not None and not isinstance(error, NoNodeError):
-            self._pending.touch(path, changed)  # lost with the connection: the worker
-            self._push(("node", path))  # reads it again
+            self._pending.touch(path, changed and gen == self._gen)  # lost with the
+            self._push(("node", path))  # connection: the worker reads it again
             return
         self._pending.answered(path, Answer(read, zxid, gen, changed))
         self._push(("read", path))
@@ -299,25 +299,25 @@ class ZkWatch:
     def _answer(self, path: str) -> None:
         """Deliver the answers to :meth:`_event`'s reads of ``path`` in order, each unless what
         was read since (a full read, the worker's own) is newer."""
-        for read, zxid, gen, changed in self._pending.take(path):
+        def one(answer: Answer) -> None:
+            read, zxid, gen, changed = answer
             if gen == self._gen and self._nodes.get(path, 0) <= (
                     zxid if read is None else read[1].mzxid):
                 self._changed(path, read, changed)
+        self._pending.deliver(path, one)
 
     def _read_changed(self, paths: list[str]) -> None:
         """Nodes whose events came together: one ``multiRead`` (persistent watches)."""
-        touched = [self._pending.untouch(path) for path in paths]  # before the read
         found = dict(self._read_nodes(paths))
-        for path, changed in zip(paths, touched, strict=True):
-            self._changed(path, found.get(path), changed)
+        for path in paths:  # each flag taken after the read: a read that failed keeps it
+            self._changed(path, found.get(path), self._pending.untouch(path))
 
     def _node(self, path: str) -> None:
-        changed = self._pending.untouch(path)
         try:
             read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
             read = None
-        self._changed(path, read, changed)
+        self._changed(path, read, self._pending.untouch(path))  # taken after the read
 
     def _changed(self, path: str, read: tuple[bytes, Any] | None, changed: bool = False) -> None:
         """Deliver what a read of ``path`` (data and stat; None: gone) changed. ``changed``:
@@ -349,27 +349,13 @@ class ZkWatch:
             return
         others = self._live.holders(key)
         if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
-            others = self._unread_holders(key)
+            others = unread_holders(self._client, self._url, key, self._nodes, self._node,
+                                    self._live)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))
         for other in others:
             self._nodes[other] = 0
             self._push(("node", other))
-
-    def _unread_holders(self, key: tuple[str, str]) -> list[str]:
-        """Read the service's nodes this watch has not read yet (listed meanwhile, or still
-        queued) and return those that hold ``key`` (each was put as it was read)."""
-        folder = self._url.service_dir(key[0])
-        try:
-            children = self._client.get_children(folder)
-        except NoNodeError:
-            return []
-        for child in children:
-            path = f"{folder}/{child}"
-            if not self._nodes.get(path):  # never read: read it now, in order
-                self._nodes.setdefault(path, 0)
-                self._node(path)
-        return self._live.holders(key)
 
     def _scan(self) -> tuple[Snapshot, int]:
         """Read everything, arming every watch. Returns the snapshot and the newest zxid seen."""
