@@ -22,11 +22,12 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import etcd_aio, etcd_index
+from discovery.registry import etcd_aio, etcd_index, etcd_watch
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
@@ -338,9 +339,16 @@ class EtcdRegistry:
     def _read_alive(self) -> Any:
         """One linearizable read of one key (``<prefix>/alive``), its header included, whose
         revision is compared with what the watches have seen, and its cluster id and raft
-        term with this registry's reads before (``etcd_watch.checked``)."""
-        return checked(list(self._watches), lambda: self.client.get_range_response(
+        term with this registry's reads before (``etcd_watch.checked``); then the answering
+        member's ``Status``, as a member with a leader, whose raft index is compared with that
+        member's before (``etcd_watch.status_checked``)."""
+        watches, c = list(self._watches), self.client
+        answer = checked(watches, lambda: c.get_range_response(
             f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
+        etcd_watch.status_checked(watches, lambda: c.maintenancestub.Status(
+            etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
+            metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
+        return answer
 
     def revision(self) -> int:
         """etcd's current revision (a linearizable read: a member answers once caught up)."""

@@ -1,14 +1,15 @@
 """``etcd_watch.checked``: a linearizable read answered behind what a watch had seen before it
 tells that watch (etcd went back in time); one answered at or past it tells no one, unless it
-came from another cluster or at a lower raft term (:class:`ClusterSeen`: a restored cluster
-whose revision has passed the watch's already)."""
+came from another cluster or at a lower raft term, or a member's ``Status`` came at a lower
+raft index (:class:`ClusterSeen`: a restored cluster whose revision has passed the watch's
+already)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any, cast
 
-from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked
+from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked, status_checked
 
 
 class FakeWatch:
@@ -84,3 +85,28 @@ def test_the_first_answer_is_what_is_seen() -> None:
     assert cluster.changed(0xAA, 9) == "" and cluster.term == 9
     assert cluster.changed(0, 0) == ""  # no header fields (a fake, an old server): no verdict
     assert (cluster.cluster, cluster.term) == (0xAA, 9)
+
+
+def status(member: int, index: int, revision: int = 50, term: int = 1) -> Any:
+    """A member's Status answer: its header (a lagging member's revision and term) and index."""
+    return SimpleNamespace(header=SimpleNamespace(revision=revision, cluster_id=0xC1,
+                                                  raft_term=term, member_id=member),
+                           raftIndex=index)
+
+
+def test_a_member_at_a_lower_raft_index_tells_every_watch() -> None:
+    """Restored under the same token at the first term: only the member's raft log, which
+    starts again at one entry a member, has gone back."""
+    cluster, ws = ClusterSeen(), watches(8, 20)
+    checked(ws, lambda: header(20, term=2), lambda h: h, cluster)
+    status_checked(ws, lambda: status(0xA, 640), cluster)
+    status_checked(ws, lambda: status(0xB, 600), cluster)  # another member, behind: no verdict
+    status_checked(ws, lambda: status(0xA, 650, revision=5, term=1), cluster)  # a lagging
+    assert told(ws) == [[], []]  # revision and term of a Status are the member's: not compared
+    status_checked(ws, lambda: status(0xA, 44), cluster)
+    [[(rev, why)], [_]] = told(ws)
+    assert rev == 50 and "etcd member a answered at raft index 44, below the 650 seen" in why
+    status_checked(ws, lambda: status(0xB, 45), cluster)  # the new history: seen from now on
+    status_checked(ws, lambda: status(0xA, 46), cluster)
+    assert [len(t) for t in told(ws)] == [1, 1]
+    assert cluster.term == 2  # a Status's term left alone
