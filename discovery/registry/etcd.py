@@ -332,23 +332,27 @@ class EtcdRegistry:
             self._watches.append(w)
             if self._pulse is None:
                 self._pulse = self.loop.start(pulse(
-                    max(self.ttl, 1.0), lambda: self._lease is None,
-                    lambda: self._call("liveness read", self._read_alive)))
+                    max(self.ttl, 1.0), lambda: self._lease is None, self._pulse_read))
         return w
 
     def _read_alive(self) -> Any:
-        """One linearizable read of one key (``<prefix>/alive``), its header included, whose
-        revision is compared with what the watches have seen, and its cluster id and raft
-        term with this registry's reads before (``etcd_watch.checked``); then the answering
-        member's ``Status``, as a member with a leader, whose raft index is compared with that
-        member's before (``etcd_watch.status_checked``)."""
-        watches, c = list(self._watches), self.client
-        answer = checked(watches, lambda: c.get_range_response(
+        """One linearizable read of one key (``<prefix>/alive``), whose header is compared with
+        the watches' revisions and this registry's reads before (``etcd_watch.checked``)."""
+        return checked(list(self._watches), lambda: self.client.get_range_response(
             f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
-        etcd_watch.status_checked(watches, lambda: c.maintenancestub.Status(
-            etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
-            metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
-        return answer
+
+    def _pulse_read(self) -> None:
+        """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state
+        listeners, then a member's ``Status``, whose raft index is compared with that member's
+        before (``etcd_watch.status_checked``): a best effort, whose failure changes no state."""
+        self._call("liveness read", self._read_alive)
+        c = self.client
+        try:
+            etcd_watch.status_checked(list(self._watches), lambda: c.maintenancestub.Status(
+                etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
+                metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
+        except grpc.RpcError as exc:
+            log.debug("etcd status for the restore check failed: %s", rpc_details(exc))
 
     def revision(self) -> int:
         """etcd's current revision (a linearizable read: a member answers once caught up)."""

@@ -11,12 +11,12 @@ request), so the watcher would go on reporting "registry connected" while it ser
 catalog that nothing updates any more.
 
 So while a registry watches and holds no lease, it reads one key once a TTL (±10 %), a
-linearizable read (a serializable one the proxy may answer from its cache), and asks the
-answering member's ``Status`` (a restore from a backup is told by its raft index:
-``etcd_watch.ClusterSeen``): the reads go through ``_call``, which tells the listeners "up"
-when they succeed and "down" when no member answered within the registry's timeout. Cost: one
-single-key ``Range`` and one ``Status`` a TTL a watch-only host, two thirds of what a lease's
-keepalives cost; nothing for a host with a lease.
+linearizable read (a serializable one the proxy may answer from its cache): the read goes
+through ``_call``, which tells the listeners "up" when it succeeds and "down" when no member
+answered within the registry's timeout. Then it asks a member's ``Status``, a best effort
+whose failure changes no state (a restore from a backup is told by the member's raft index:
+``etcd_watch.ClusterSeen``). Cost: one single-key ``Range`` and one ``Status`` a TTL a
+watch-only host, two thirds of what a lease's keepalives cost; nothing for a host with a lease.
 """
 
 from __future__ import annotations

@@ -323,9 +323,10 @@ class ClusterSeen:
     """Which etcd cluster answered a registry's reads, at which raft term, and each member's
     raft index. A cluster keeps its id for life, its term never goes down (a linearizable read
     waits for the leader of the current term), and neither does a member's raft log index.
-    One restored from a backup (``etcdctl snapshot restore``) starts again at term 2 with a log
-    of one entry a member (measured on 3.4: index 64 before, 44 after the restore and 40
-    writes), and with another ``--initial-cluster-token`` under another id. So an answer from
+    One restored from a backup (``etcdctl snapshot restore``) starts again at term 1 (2 after
+    its first election) with a log of one entry a member (measured on 3.4: index 64 before, 44
+    after the restore and 40 writes), and with another ``--initial-cluster-token`` under
+    another id. So an answer from
     another id, at a lower term, or from a member at a lower index tells a restore even when
     the restored cluster's revision has already passed the one a watch had seen (writes since:
     behind ``etcd grpc-proxy`` a host may learn of the restore only then). The index comes
