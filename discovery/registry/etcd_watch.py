@@ -326,13 +326,12 @@ class ClusterSeen:
     One restored from a backup (``etcdctl snapshot restore``) starts again at term 1 (2 after
     its first election) with a log of one entry a member (measured on 3.4: index 64 before, 44
     after the restore and 40 writes), and with another ``--initial-cluster-token`` under
-    another id. So an answer from
-    another id, at a lower term, or from a member at a lower index tells a restore even when
-    the restored cluster's revision has already passed the one a watch had seen (writes since:
-    behind ``etcd grpc-proxy`` a host may learn of the restore only then). The index comes
-    from etcd's ``Status``, which only a watch-only host's pulse asks (:func:`status_checked`);
-    a host with a lease, a restore under the same token of a cluster at its first term is told
-    by the revision alone."""
+    another id. So an answer from another id, at a lower term, or from a member at a lower
+    index tells a restore even when the restored cluster's revision has already passed the one
+    a watch had seen (writes since: behind ``etcd grpc-proxy`` a host may learn of the restore
+    only then). The index comes from etcd's ``Status``, which only a watch-only host's pulse
+    asks (:func:`status_checked`): on a host with a lease, a restore under the same token of a
+    cluster at its first term is told by the revision alone."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -52,10 +52,9 @@ class Pending:
     def untouch(self, path: str) -> bool:
         """Before the worker reads ``path``: whether that read answers a change of its data."""
         with self._lock:
-            if path not in self._touched:
-                return False
+            touched = path in self._touched
             self._touched.discard(path)
-            return True
+            return touched
 
     def answered(self, path: str, answer: Answer) -> None:
         with self._lock:
