@@ -1,49 +1,169 @@
-"""ZooKeeper reconnects: one quick retry (another member), then at random within the spread;
+"""ZooKeeper reconnects: one quick retry (another member), then a random phase within the
+window, kept, so a fleet whose ensemble comes back reconnects at an even rate over the window;
 and the re-registration after a session expiry, retried with growing, jittered waits."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from kazoo.retry import ForceRetryError
+from kazoo.retry import InterruptedError as RetryInterrupted
 
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import RegistryURL
-from discovery.registry.zk import ZkRegistry, connection_retry
+from discovery.registry import RegistryURL, zk_reconnect
+from discovery.registry.zk import ZkRegistry
+from discovery.registry.zk_reconnect import FIRST, SLOW, ReconnectSchedule, window
 
 
-def sleeps(url: str, ttl: float, attempts: int = 400) -> list[float]:
-    retry = connection_retry(RegistryURL.parse(url), ttl)
-    slept: list[float] = []
-    retry.sleep_func = slept.append
-    left = [attempts]
+class Clock:
+    """time.monotonic and a sleep that advances it."""
 
-    def attempt() -> None:
-        left[0] -= 1
-        if left[0]:
-            raise ForceRetryError()
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    retry(attempt)
-    assert len(slept) == attempts - 1
-    return slept
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
-def test_first_retry_at_once_then_spread_over_the_window() -> None:
-    first, *rest = sleeps("zk://h/p?spread=3", ttl=10)
-    assert 0 <= first <= 0.2
-    assert all(0 <= s <= 3.0 for s in rest)
-    assert min(rest) < 0.3 and max(rest) > 2.7  # over the whole window, not bunched
-    assert 1.2 < sum(rest) / len(rest) < 1.8  # an attempt every 1.5 s on average
+def waits(schedule: ReconnectSchedule, attempts: int) -> list[float]:
+    return [schedule.wait(n) for n in range(1, attempts + 1)]
+
+
+def test_first_at_once_then_a_random_phase_then_one_window_apart() -> None:
+    schedule = ReconnectSchedule(window(RegistryURL.parse("zk://h/p?spread=3"), 10))
+    assert schedule.window == 3.0
+    firsts, seconds = [], []
+    for _ in range(400):
+        first, second, *rest = waits(schedule, 6)
+        firsts.append(first)
+        seconds.append(second)
+        assert rest == [3.0] * 4  # the phase is kept
+    assert all(0 <= f <= FIRST for f in firsts)
+    assert all(0 <= s <= 3.0 for s in seconds)
+    assert min(seconds) < 0.3 and max(seconds) > 2.7  # phases over the whole window
+
+
+def arrivals(schedule: ReconnectSchedule, back: float, hosts: int,
+             rng: random.Random) -> list[float]:
+    """When each of ``hosts`` that lost the ensemble at 0 next tries once it serves at
+    ``back``, seconds after ``back``."""
+    out = []
+    for _ in range(hosts):
+        t, failed = 0.0, 0
+        while t < back:
+            failed += 1
+            t += schedule.wait(failed) + rng.uniform(0, 0.002)  # the attempt itself
+        out.append(t - back)
+    return out
+
+
+def test_a_fleet_comes_back_evenly_over_the_window() -> None:
+    """2,000 hosts lose the ensemble at 0; it serves again at ``back``. Each host's next attempt
+    from then on lands anywhere in the window after ``back`` alike: about a third of them in
+    each third. The policy before (a new random wait within the window after each failure)
+    put more than half of them in the first third: checked here too, so the test can tell."""
+    rng = random.Random(7)
+    random.seed(7)
+    schedule = ReconnectSchedule(3.0)
+    for back in (0.5, 1.6, 4.0, 9.3):
+        came = arrivals(schedule, back, 2000, rng)
+        assert max(came) <= 3.0 + FIRST + 0.01
+        thirds = [sum(1 for a in came if k <= a < k + 1) / len(came) for k in (0, 1, 2)]
+        assert all(0.28 < share < 0.39 for share in thirds), (back, thirds)
+
+    class EveryTimeAtRandom(ReconnectSchedule):
+        def wait(self, failed: int) -> float:
+            return super().wait(1) if failed <= 1 else rng.uniform(0, self.window)
+
+    came = arrivals(EveryTimeAtRandom(3.0), 9.3, 2000, rng)
+    assert sum(1 for a in came if a < 1) / len(came) > 0.5
 
 
 def test_the_window_stays_below_a_third_of_the_session_timeout() -> None:
-    _, *rest = sleeps("zk://h/p?spread=30", ttl=6)
-    assert max(rest) <= 2.0
-    _, *rest = sleeps("zk://h/p?spread=0", ttl=10)
-    assert max(rest) <= 0.1  # spread=0: no window (at most 0.1 s apart)
+    assert window(RegistryURL.parse("zk://h/p?spread=30"), 6) == 2.0
+    assert window(RegistryURL.parse("zk://h/p?spread=0"), 10) == 0.1  # no window: 0.1 s apart
+
+
+def run(schedule: ReconnectSchedule, clock: Clock, fails: list[float]) -> list[float]:
+    """Call ``schedule`` with an attempt that fails taking each of ``fails`` seconds in turn,
+    then connects; the moments the attempts began."""
+    tries: list[float] = []
+
+    def attempt() -> str:
+        tries.append(clock.now)
+        if len(tries) <= len(fails):
+            clock.now += fails[len(tries) - 1]
+            raise ForceRetryError()
+        return "connected"
+
+    assert schedule(attempt) == "connected"
+    assert len(tries) == len(fails) + 1
+    return tries
+
+
+def test_call_retries_on_the_schedule_until_it_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(zk_reconnect.time, "monotonic", clock.monotonic)
+    schedule = ReconnectSchedule(2.0)
+    schedule.sleep_func = clock.sleep
+    schedule = schedule.copy()  # kazoo's connection loop runs a copy
+    tries = run(schedule, clock, [0.0] * 4)
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert gaps[0] <= FIRST + 1e-9 and gaps[1] <= 2.0 + 1e-9
+    assert gaps[2:] == pytest.approx([2.0, 2.0])
+
+
+def test_a_slow_failed_attempt_is_retried_at_once_then_on_a_new_phase(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members that are down refuse at once; a member that takes the connection and does not
+    answer in time is a busy ensemble that serves: its host must not wait a window more."""
+    clock = Clock()
+    monkeypatch.setattr(zk_reconnect.time, "monotonic", clock.monotonic)
+    schedule = ReconnectSchedule(3.0)
+    schedule.sleep_func = clock.sleep
+    # quick, quick, quick (on the phase), slow (a busy member), quick, quick
+    tries = run(schedule, clock, [0.0, 0.0, 0.0, SLOW + 0.5, 0.0, 0.0])
+    waited = [b - a for a, b in itertools.pairwise(tries)]
+    assert waited[0] <= FIRST + 1e-9 and waited[2] == pytest.approx(3.0)
+    assert SLOW + 0.5 <= waited[3] <= SLOW + 0.5 + FIRST + 1e-9  # at once after the slow one
+    assert waited[4] <= 3.0 + 1e-9 and waited[5] == pytest.approx(3.0)  # a new phase, kept
+
+
+def test_a_stopped_client_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(zk_reconnect.time, "monotonic", clock.monotonic)
+    schedule = ReconnectSchedule(3.0, interrupt=lambda: clock.now >= 4.0)
+    schedule.sleep_func = clock.sleep
+
+    def attempt() -> None:
+        raise ForceRetryError()
+
+    with pytest.raises(RetryInterrupted):
+        schedule(attempt)
+    assert 4.0 <= clock.now <= 4.0 + zk_reconnect._TICK + 1e-9
+
+
+def test_the_registry_client_reconnects_on_the_schedule() -> None:
+    reg = ZkRegistry(RegistryURL.parse("zk://127.0.0.1:1/p?spread=2"), ttl=9)  # not connected
+    try:
+        installed = reg.client._connection.retry_sleeper
+        assert type(installed) is ReconnectSchedule and installed.window == 2.0
+        running = installed.copy()  # what kazoo's connection loop runs
+        assert type(running) is ReconnectSchedule and running.window == 2.0
+        assert running.interrupt is not None
+        assert running.interrupt() is reg.client._stopped.is_set()
+        assert running.sleep_func is reg.client.handler.sleep_func
+    finally:
+        reg.close()
 
 
 def test_re_registering_after_an_expiry_retries_apart_until_done() -> None:
