@@ -19,7 +19,9 @@ so 56 % of a 3 s window's reconnects came in its first second (1 - (2/3)²).
 An attempt that failed *slowly* (:data:`SLOW` or more: a member took the connection and did not
 answer in time, so the ensemble is there but busy) is followed by a quick one, as after a
 lost connection, then a new phase: a session must not wait out whole windows while the
-ensemble already serves. Members that are down or not serving yet refuse or close at once.
+ensemble already serves. Members that are down or not serving yet refuse or close at once. (A
+member whose address does not answer at all, a host powered off, also makes an attempt slow;
+its attempts are then already a connect time-out apart.)
 The window is at most a third of the session timeout.
 
 kazoo's client takes no subclass of ``KazooRetry`` (it checks the exact type), so
