@@ -10,19 +10,16 @@ waits:
 3. then exactly one window, so each host keeps that phase while the ensemble is down.
 
 Whenever the ensemble serves again, each host's next attempt is therefore equally likely
-anywhere in the window after it, and the fleet's reconnects arrive at an even rate. A new
+anywhere in the window after it, and the fleet's attempts arrive at an even rate. A new
 random wait within the window after *every* failure (the policy before) also averages one
 attempt a half window, but the attempts right after the ensemble's return are the likelier
 ones: a host waiting its turn is more often near the end of a short wait than of a long one,
-so 56 % of a 3 s window's reconnects came in its first second (1 - (2/3)²).
+so 56 % of a 3 s window's reconnects come in its first second (1 - (2/3)²).
 
-An attempt that failed *slowly* (:data:`SLOW` or more: a member took the connection and did not
-answer in time, so the ensemble is there but busy) is followed by a quick one, as after a
-lost connection, then a new phase: a session must not wait out whole windows while the
-ensemble already serves. Members that are down or not serving yet refuse or close at once. (A
-member whose address does not answer at all, a host powered off, also makes an attempt slow;
-its attempts are then already a connect time-out apart.)
-The window is at most a third of the session timeout.
+The window is at most a third of the session timeout, so a session gets about three attempts
+after the ensemble serves again (each wait begins when an attempt has failed: members that
+are down or not serving yet refuse or close at once). An attempt that connects resets the
+count (kazoo's ``reset()``), so the next loss is again retried at once.
 
 kazoo's client takes no subclass of ``KazooRetry`` (it checks the exact type), so
 :func:`install_schedule` puts the schedule where its connection loop copies its policy from.
@@ -41,11 +38,8 @@ from kazoo.retry import KazooRetry
 from discovery.registry.base import RegistryURL
 from discovery.retry import spread
 
-#: the longest wait after a lost connection or a slow failed attempt
+#: the longest wait after a lost connection
 FIRST = 0.2
-#: seconds from which a failed attempt (every member tried) counts as slow: a member answered
-#: the connection but not the handshake in time
-SLOW = 1.0
 #: how often a waiting client looks whether it was closed (as kazoo's own retry does)
 _TICK = 0.1
 
@@ -63,17 +57,17 @@ class ReconnectSchedule(KazooRetry):
     _attempts: int  # failed attempts in a row (kazoo's; set by its reset())
 
     def __init__(self, window: float, interrupt: Callable[[], bool] | None = None) -> None:
-        super().__init__(max_tries=-1, interrupt=interrupt)
+        super().__init__(max_tries=-1, interrupt=interrupt)  # no deadline: kazoo's is None
         self.window = window
 
     def copy(self) -> ReconnectSchedule:
         obj = ReconnectSchedule(self.window, self.interrupt)
-        obj.sleep_func = self.sleep_func
+        obj.sleep_func, obj.retry_exceptions = self.sleep_func, self.retry_exceptions
         return obj
 
     def wait(self, failed: int) -> float:
-        """Seconds to wait after the ``failed``-th quick failed attempt in a row (1: the first
-        after a lost connection or a slow attempt)."""
+        """Seconds to wait after the ``failed``-th failed attempt in a row (1: the first after a
+        lost connection)."""
         if failed <= 1:
             return spread(FIRST)
         if failed == 2:
@@ -83,15 +77,12 @@ class ReconnectSchedule(KazooRetry):
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.reset()  # kazoo resets it too once an attempt connected
         while True:
-            began = time.monotonic()
             try:
                 return func(*args, **kwargs)
-            except ConnectionClosedError:
+            except ConnectionClosedError:  # a SessionExpiredError kazoo does not retry
                 raise
             except self.retry_exceptions:
-                # a slow attempt starts the count again: a quick retry, then a new phase
-                slow = self._attempts > 0 and time.monotonic() - began >= SLOW
-                self._attempts = 1 if slow else self._attempts + 1
+                self._attempts += 1
                 end = time.monotonic() + self.wait(self._attempts)
                 while (left := end - time.monotonic()) > 0:
                     self.sleep_func(min(_TICK, left))
@@ -101,7 +92,11 @@ class ReconnectSchedule(KazooRetry):
 
 def install_schedule(client: Any, url: RegistryURL, session_timeout: float) -> ReconnectSchedule:
     """Make ``client`` (a KazooClient, not started) reconnect on this schedule."""
+    connection = client._connection
+    if not isinstance(getattr(connection, "retry_sleeper", None), KazooRetry):
+        raise TypeError("kazoo's connection has no retry_sleeper to replace: a kazoo release "
+                        "this project does not know")
     schedule = ReconnectSchedule(window(url, session_timeout), client._stopped.is_set)
     schedule.sleep_func = client.handler.sleep_func
-    client._connection.retry_sleeper = schedule  # what kazoo's connection loop copies
+    connection.retry_sleeper = schedule  # what kazoo's connection loop copies
     return schedule

@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,5 +180,12 @@ def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
     found = wait_for(lambda: registry_instances(url).get(victim.key), 20,
                      message="registered again after the restart")
     assert found.state.value == "draining", found  # straight back in maintenance, no flap
-    (item,) = get_json(port, f"/v1/agent/history?id={victim.id}")["instances"]  # type: ignore[index]
-    assert item["transitions"][-1]["state"] == "draining", item
+
+    def history() -> dict[str, Any]:
+        (item,) = get_json(port, f"/v1/agent/history?id={victim.id}")["instances"]  # type: ignore[index]
+        return item  # type: ignore[no-any-return]
+
+    # the agent records a transition once its write is done: the registry may show it first
+    item = wait_for(lambda: (h := history())["transitions"][-1]["state"] == "draining" and h,
+                    5, message="the draining transition in the agent's history")
+    assert "up" not in [t["state"] for t in item["transitions"]], item  # never served

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kazoo.exceptions import ConnectionClosedError
 from kazoo.retry import ForceRetryError
 from kazoo.retry import InterruptedError as RetryInterrupted
 
@@ -18,7 +20,7 @@ from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import RegistryURL, zk_reconnect
 from discovery.registry.zk import ZkRegistry
-from discovery.registry.zk_reconnect import FIRST, SLOW, ReconnectSchedule, window
+from discovery.registry.zk_reconnect import FIRST, ReconnectSchedule, install_schedule, window
 
 
 class Clock:
@@ -72,13 +74,17 @@ def test_a_fleet_comes_back_evenly_over_the_window() -> None:
     each third. The policy before (a new random wait within the window after each failure)
     put more than half of them in the first third: checked here too, so the test can tell."""
     rng = random.Random(7)
-    random.seed(7)
-    schedule = ReconnectSchedule(3.0)
-    for back in (0.5, 1.6, 4.0, 9.3):
-        came = arrivals(schedule, back, 2000, rng)
-        assert max(came) <= 3.0 + FIRST + 0.01
-        thirds = [sum(1 for a in came if k <= a < k + 1) / len(came) for k in (0, 1, 2)]
-        assert all(0.28 < share < 0.39 for share in thirds), (back, thirds)
+    state = random.getstate()
+    random.seed(7)  # the schedule's own draws (discovery.retry.spread)
+    try:
+        schedule = ReconnectSchedule(3.0)
+        for back in (0.5, 1.6, 4.0, 9.3):
+            came = arrivals(schedule, back, 2000, rng)
+            assert max(came) <= 3.0 + FIRST + 0.01
+            thirds = [sum(1 for a in came if k <= a < k + 1) / len(came) for k in (0, 1, 2)]
+            assert all(0.28 < share < 0.39 for share in thirds), (back, thirds)
+    finally:
+        random.setstate(state)
 
     class EveryTimeAtRandom(ReconnectSchedule):
         def wait(self, failed: int) -> float:
@@ -93,20 +99,23 @@ def test_the_window_stays_below_a_third_of_the_session_timeout() -> None:
     assert window(RegistryURL.parse("zk://h/p?spread=0"), 10) == 0.1  # no window: 0.1 s apart
 
 
-def run(schedule: ReconnectSchedule, clock: Clock, fails: list[float]) -> list[float]:
-    """Call ``schedule`` with an attempt that fails taking each of ``fails`` seconds in turn,
-    then connects; the moments the attempts began."""
+def run(schedule: ReconnectSchedule, clock: Clock, outcomes: list[str]) -> list[float]:
+    """Call ``schedule`` with attempts that each ``fail`` at once, or ``connect`` (as kazoo's
+    does: ``reset()``) and are lost 60 s later; then one connects for good. The moments the
+    attempts began."""
     tries: list[float] = []
 
     def attempt() -> str:
         tries.append(clock.now)
-        if len(tries) <= len(fails):
-            clock.now += fails[len(tries) - 1]
-            raise ForceRetryError()
-        return "connected"
+        if len(tries) > len(outcomes):
+            return "connected"
+        if outcomes[len(tries) - 1] == "connect":
+            schedule.reset()
+            clock.now += 60.0
+        raise ForceRetryError()
 
     assert schedule(attempt) == "connected"
-    assert len(tries) == len(fails) + 1
+    assert len(tries) == len(outcomes) + 1
     return tries
 
 
@@ -116,26 +125,44 @@ def test_call_retries_on_the_schedule_until_it_connects(monkeypatch: pytest.Monk
     schedule = ReconnectSchedule(2.0)
     schedule.sleep_func = clock.sleep
     schedule = schedule.copy()  # kazoo's connection loop runs a copy
-    tries = run(schedule, clock, [0.0] * 4)
+    assert schedule.sleep_func == clock.sleep  # or the wait below would be the real one
+    tries = run(schedule, clock, ["fail"] * 4)
     gaps = [b - a for a, b in itertools.pairwise(tries)]
     assert gaps[0] <= FIRST + 1e-9 and gaps[1] <= 2.0 + 1e-9
     assert gaps[2:] == pytest.approx([2.0, 2.0])
 
 
-def test_a_slow_failed_attempt_is_retried_at_once_then_on_a_new_phase(
+def test_a_connection_lost_later_is_retried_at_once_then_on_a_new_phase(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Members that are down refuse at once; a member that takes the connection and does not
-    answer in time is a busy ensemble that serves: its host must not wait a window more."""
     clock = Clock()
     monkeypatch.setattr(zk_reconnect.time, "monotonic", clock.monotonic)
     schedule = ReconnectSchedule(3.0)
     schedule.sleep_func = clock.sleep
-    # quick, quick, quick (on the phase), slow (a busy member), quick, quick
-    tries = run(schedule, clock, [0.0, 0.0, 0.0, SLOW + 0.5, 0.0, 0.0])
+    tries = run(schedule, clock, ["fail", "fail", "fail", "connect", "fail", "fail"])
     waited = [b - a for a, b in itertools.pairwise(tries)]
-    assert waited[0] <= FIRST + 1e-9 and waited[2] == pytest.approx(3.0)
-    assert SLOW + 0.5 <= waited[3] <= SLOW + 0.5 + FIRST + 1e-9  # at once after the slow one
+    assert waited[2] == pytest.approx(3.0)  # on its phase while the ensemble is down
+    assert 60.0 <= waited[3] <= 60.0 + FIRST + 1e-9  # lost after 60 s: at once
     assert waited[4] <= 3.0 + 1e-9 and waited[5] == pytest.approx(3.0)  # a new phase, kept
+
+
+def test_a_closed_client_is_not_retried() -> None:
+    """kazoo's ConnectionClosedError is a SessionExpiredError, which kazoo retries elsewhere:
+    the schedule must let it through at once, as kazoo's own retry does."""
+    schedule = ReconnectSchedule(3.0)
+
+    def sleep(seconds: float) -> None:
+        raise AssertionError("a closed client was retried")
+
+    schedule.sleep_func = sleep
+    calls = []
+
+    def attempt() -> None:
+        calls.append(1)
+        raise ConnectionClosedError()
+
+    with pytest.raises(ConnectionClosedError):
+        schedule(attempt)
+    assert calls == [1]
 
 
 def test_a_stopped_client_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,13 +184,36 @@ def test_the_registry_client_reconnects_on_the_schedule() -> None:
     try:
         installed = reg.client._connection.retry_sleeper
         assert type(installed) is ReconnectSchedule and installed.window == 2.0
+
+        def sleep(seconds: float) -> None:
+            pass
+
+        installed.sleep_func = sleep
         running = installed.copy()  # what kazoo's connection loop runs
         assert type(running) is ReconnectSchedule and running.window == 2.0
+        assert running.sleep_func is sleep
         assert running.interrupt is not None
-        assert running.interrupt() is reg.client._stopped.is_set()
-        assert running.sleep_func is reg.client.handler.sleep_func
+        stopped = reg.client._stopped
+        was = stopped.is_set()
+        stopped.set()
+        assert running.interrupt() is True
+        stopped.clear()
+        assert running.interrupt() is False
+        if was:
+            stopped.set()
     finally:
         reg.close()
+
+
+def test_an_unknown_kazoo_is_refused() -> None:
+    """The schedule replaces an attribute of kazoo's connection: a release without it must
+    fail loudly, not leave the client on kazoo's own policy."""
+    class Client:
+        _connection = object()
+        _stopped = threading.Event()
+
+    with pytest.raises(TypeError, match="retry_sleeper"):
+        install_schedule(Client(), RegistryURL.parse("zk://h/p"), 10.0)
 
 
 def test_re_registering_after_an_expiry_retries_apart_until_done() -> None:
