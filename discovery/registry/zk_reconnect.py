@@ -15,14 +15,16 @@ random wait within the window after *every* failure (the policy before) also ave
 attempt a half window, but the attempts right after the ensemble's return are the likelier
 ones: a host waiting its turn is more often near the end of a short wait than of a long one,
 so 56 % of a 3 s window's reconnects come in its first second (1 - (2/3)²). The turns are
-kept on the clock, not counted from the end of the last attempt, because attempts can end
-together: a restarting member listens before it reads its data, so its connections wait
-unanswered and then all fail at once; counted from there, every host that waited would
-keep trying in step (the fleet bench at `ca01db2`: 312 of 500 hosts back in one second).
+kept on the clock, not counted from the end of the last attempt, so that attempts that end
+together (at a member that takes connections before it answers them) do not keep their hosts
+in step. This spreads the attempts, not the handshakes: in the fleet bench up to 77 % of a
+500-host fleet's handshakes still completed within one second of the ensemble serving,
+under three of the four policies tried (docs/benchmarks.md), and the restart peak there was
+not measurably lower.
 
 The window is at most a third of the session timeout, so a session gets about three attempts
-after the ensemble serves again (each wait begins when an attempt has failed: members that
-are down or not serving yet refuse or close at once). An attempt that connects resets the
+after the ensemble serves again (members that are down or not serving yet refuse or close
+at once, so a failed attempt rarely runs into the next turn). An attempt that connects resets the
 count (kazoo's ``reset()``), so the next loss is again retried at once.
 
 kazoo's client takes no subclass of ``KazooRetry`` (it checks the exact type), so

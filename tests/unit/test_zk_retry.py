@@ -78,8 +78,8 @@ def test_a_fleet_comes_back_evenly_over_the_window() -> None:
     each third, also when attempts ended together at a member that listened before it read
     its data. Two policies before fail it, so the test can tell: a new random wait within the
     window after each failure put more than half of the hosts in the first third; turns
-    counted from the end of the last attempt kept the hosts whose attempts ended together in
-    step (``ca01db2``, the fleet bench: 312 of 500 hosts in one second)."""
+    counted from the end of the last attempt keep the hosts whose attempts ended together in
+    step (``ca01db2``)."""
     rng = random.Random(7)
     state = random.getstate()
     random.seed(7)  # the schedule's own draws (discovery.retry.spread)
