@@ -144,6 +144,7 @@ def test_status_page_live_in_a_real_browser(containers, agents, browser, tmp_pat
 
 def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
                                               tmp_path: Path) -> None:
+    from discovery.model.instance import State
     from tests.harness.agent import registry_instances, wait_registered
     from tests.harness.servers import unique_prefix
 
@@ -188,4 +189,4 @@ def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
     # the agent records a transition once its write is done: the registry may show it first
     item = wait_for(lambda: (h := history())["transitions"][-1]["state"] == "draining" and h,
                     5, message="the draining transition in the agent's history")
-    assert "up" not in [t["state"] for t in item["transitions"]], item  # never served
+    assert State.UP not in [t["state"] for t in item["transitions"]], item  # never served
