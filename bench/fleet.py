@@ -135,6 +135,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="services each host routes (0: all, no filter)")
     ap.add_argument("--ttl", type=float, default=10.0, help="lease TTL / session timeout")
     ap.add_argument("--resync", type=float, default=30.0, help="agent reconcile period")
+    ap.add_argument("--spread", type=float, default=None,
+                    help="the hosts' resume spread (the registry URL's spread=, seconds; "
+                         "default: the URL's own, 3 s, at most a third of --ttl)")
     ap.add_argument("--start-attempts", type=int, default=3,
                     help="attempts to start one simulated host (each within the registry "
                     "timeout, 5 s) before the growth fails")

@@ -90,10 +90,12 @@ class FleetSetup:
 
     def url_of(self, n: int) -> str:
         if self.relay is not None:
-            return self.relay.url(n)
-        if self.proxy is not None:
-            return self.proxy.url(PREFIX)
-        return self.direct_url()
+            url = self.relay.url(n)
+        elif self.proxy is not None:
+            url = self.proxy.url(PREFIX)
+        else:
+            url = self.direct_url()
+        return url if self.args.spread is None else f"{url}?spread={self.args.spread:g}"
 
     def close(self) -> None:
         for w in self.workers:
