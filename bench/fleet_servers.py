@@ -75,11 +75,12 @@ class Servers:
     """The cluster plus how to read each member's counters, pid, RSS and CPU."""
 
     def __init__(self, backend: str, work: Path, zk_jvm: str = "test",
-                 zk_io: str = "direct", etcd_procs: int = 1) -> None:
+                 zk_io: str = "direct", etcd_procs: int = 1, ttl: float = 10.0) -> None:
         from tests.harness.servers import (
             ZK_DIRECT_IO,
             ZK_SERVER_JVM,
             ZK_TEST_JVM,
+            ZK_TICK_MS,
             EtcdCluster,
             ZkEnsemble,
         )
@@ -87,6 +88,8 @@ class Servers:
         self.backend = backend
         jvm = ZK_SERVER_JVM if zk_jvm == "server" else ZK_TEST_JVM
         settings = ZK_DIRECT_IO if zk_io == "direct" else ()
+        if ttl * 1000 > 20 * ZK_TICK_MS:  # ZooKeeper caps sessions at 20 ticks unless told
+            settings = (*settings, f"maxSessionTimeout={round(ttl * 1000)}")
         self.cluster = (EtcdCluster(3, work / "etcd", etcd_procs) if backend == "etcd"
                         else ZkEnsemble(3, work / "zk", jvm, settings))
         self._readers = ThreadPoolExecutor(max_workers=3)  # one per member

@@ -25,7 +25,8 @@ class FleetSetup:
     def __init__(self, args: argparse.Namespace, backend: str, work: Path,
                  report: Report) -> None:
         self.args, self.backend, self.work, self.report = args, backend, work, report
-        self.servers = Servers(backend, work, args.zk_jvm, args.zk_io, args.etcd_procs)
+        self.servers = Servers(backend, work, args.zk_jvm, args.zk_io, args.etcd_procs,
+                               args.ttl)
         self.relay: Relay | None = None
         self.proxy: Any = None
         self.workers: list[WorkerProc] = []
