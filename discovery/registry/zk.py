@@ -32,7 +32,6 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.retry import KazooRetry
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
@@ -58,36 +57,13 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
+from discovery.registry.zk_session import SessionTimeout
 from discovery.registry.zk_watch import ZkWatch
 from discovery.retry import backoff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
-
-
-def connection_retry(url: RegistryURL, ttl: float) -> KazooRetry:
-    """kazoo's reconnect policy. Each attempt tries every member; after a lost connection the
-    first comes within 0.2 s (another member takes over at once), each next one at a random
-    moment within a resume spread: a fleet that lost a restarted ensemble reconnects evenly
-    over that window, not within the same second (kazoo's default doubling from 0.1 s brought
-    every host back within ~1 s of the ensemble serving again), and still tries every 1.5 s
-    on average, so a session outlives a busy recovery. The window is at most a third of the
-    session timeout.
-
-    The reconnects are not quite even: a host waiting its turn is more often near the end of a
-    short wait than of a long one, so more of them come early in the window. A fixed phase
-    (one random wait, then one window apart) spreads them evenly (fleet bench, 250 hosts: peak
-    4.0 x steady against 6.0 x) but leaves a session about three attempts: at 1,000 hosts 151
-    sessions expired during a restart, against a few with this policy (docs/operations.md).
-    Tried again with the fleet bench's greenlet hosts (no session lost): the attempts came
-    evenly, the handshakes and the restart peak did not, and a host cut off alone reconnected
-    later after the heal; docs/benchmarks.md has the runs."""
-    window = max(min(url.resume_spread, ttl / 3), 0.1)
-    # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
-    # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
-    return KazooRetry(max_tries=-1, delay=0.1, backoff=1e6, max_jitter=1.0,
-                      max_delay=window / 2)
 
 
 class ZkRegistry:
@@ -104,8 +80,9 @@ class ZkRegistry:
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
         options.setdefault("handler", PollingHandler())
-        self.client = KazooClient(hosts=self._where, timeout=ttl,
-                                  connection_retry=connection_retry(url, ttl), **options)
+        self.client = KazooClient(hosts=self._where, timeout=ttl, **options)
+        self._session = SessionTimeout(ttl, self._where)  # what the ensemble grants
+        self._session.install(self.client, url)  # and the reconnect policy that follows it
         fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
         self._pre = PreReads(self.client)
@@ -172,7 +149,7 @@ class ZkRegistry:
 
     def _recover_loop(self) -> None:
         while not self._closing.is_set():
-            woken = self._recovery.wait(self.ttl)  # close() sets it too
+            woken = self._recovery.wait(self._session.seconds)  # close() sets it too
             if self._closing.is_set():
                 return
             try:
@@ -191,7 +168,7 @@ class ZkRegistry:
         one; one restored with it takes it back. Either way, once connected, everything is
         registered and read again, as after an expiry."""
         down, zxid = self._down_since, self.client.last_zxid
-        if (down is None or time.monotonic() - down < self.ttl or not zxid
+        if (down is None or time.monotonic() - down < self._session.seconds or not zxid
                 or not ensemble_behind(self.url.hosts, zxid, tls=self._tls)):
             return
         log.warning("ZooKeeper at %s is behind zxid %#x seen here (restored from a backup, "

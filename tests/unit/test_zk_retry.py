@@ -3,20 +3,28 @@ and the re-registration after a session expiry, retried with growing, jittered w
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from kazoo.retry import ForceRetryError
 
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import RegistryURL
-from discovery.registry.zk import ZkRegistry, connection_retry
+from discovery.registry.zk import ZkRegistry
+from discovery.registry.zk_session import SessionTimeout, connection_retry
 
 
 def sleeps(url: str, ttl: float, attempts: int = 400) -> list[float]:
-    retry = connection_retry(RegistryURL.parse(url), ttl)
+    return slept_by(connection_retry(RegistryURL.parse(url), SessionTimeout(ttl, "h")).copy(),
+                    attempts)
+
+
+def slept_by(retry: Any, attempts: int = 400) -> list[float]:
+    """The waits of ``retry`` (kazoo's ``KazooRetry``) over ``attempts`` failed attempts."""
     slept: list[float] = []
     retry.sleep_func = slept.append
     left = [attempts]
@@ -44,6 +52,35 @@ def test_the_window_stays_below_a_third_of_the_session_timeout() -> None:
     assert max(rest) <= 2.0
     _, *rest = sleeps("zk://h/p?spread=0", ttl=10)
     assert max(rest) <= 0.1  # spread=0: no window (at most 0.1 s apart)
+
+
+def test_the_window_follows_the_session_timeout_the_ensemble_grants() -> None:
+    """kazoo's connection loop retries with a copy taken when the client starts, before any
+    handshake: the copy follows the timeout granted later (a third of it at most)."""
+    session = SessionTimeout(15.0, "h")
+    running = connection_retry(RegistryURL.parse("zk://h/p?spread=6"), session).copy()
+    _, *rest = slept_by(running)
+    assert 4.5 < max(rest) <= 5.0  # a third of the 15 s asked for
+    session.granted(9000, 15000)  # the member's maxSessionTimeout
+    _, *rest = slept_by(running)
+    assert 2.7 < max(rest) <= 3.0  # a third of the 9 s granted
+    assert running.copy().max_delay == 1.5
+
+
+def test_a_granted_timeout_unlike_the_one_asked_is_told_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="discovery.registry.zk_session")
+    session = SessionTimeout(15.0, "zk1:2181")
+    session.granted(15000, 15000)
+    assert caplog.records == []
+    for _ in range(3):
+        session.granted(10000, 15000)
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and session.seconds == 10.0
+    assert told[0].startswith("ZooKeeper at zk1:2181 grants sessions of 10s, not the 15s asked "
+                              "for (--ttl): a dead host's instances leave after 10s.")
+    session.granted(4000, 15000)  # another member, another limit: told too
+    assert len(caplog.records) == 2 and session.seconds == 4.0
 
 
 def test_re_registering_after_an_expiry_retries_apart_until_done() -> None:

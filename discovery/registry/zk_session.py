@@ -1,0 +1,120 @@
+"""The session timeout a ZooKeeper ensemble grants, and the reconnect policy that follows it.
+
+A member grants a session timeout within its ``[minSessionTimeout, maxSessionTimeout]`` (by
+default 2 and 20 x ``tickTime``: 4 to 40 s at ZooKeeper's sample 2,000 ms, 1 to 10 s at 500)
+whatever the client asks for, and kazoo keeps the answer to itself. :class:`SessionTimeout`
+reads it off every handshake. A dead host's instances leave after the granted timeout, not
+after ``--ttl``, so when the two differ it says so, once a value, with both figures and what
+to change; and the registry follows the granted one: its reconnect window
+(:func:`connection_retry`: at most a third of the session timeout, or a fleet that lost its
+ensemble could wait past the end of its sessions) and its check for an ensemble behind its
+zxid (after a session timeout cut off).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kazoo.retry import KazooRetry
+
+from discovery.registry.base import RegistryURL
+
+log = logging.getLogger(__name__)
+
+
+class SessionTimeout:
+    """The session timeout (s): ``asked`` until a member answers a handshake, then what the
+    last one granted. :meth:`install` hooks a kazoo client's handshake."""
+
+    def __init__(self, asked: float, where: str) -> None:
+        self.asked, self.seconds, self._where = asked, asked, where
+        self._told: set[int] = set()  # granted values (ms) already logged
+
+    def window(self, spread: float) -> float:
+        """The reconnect window: ``spread`` (the URL's ``spread=``), at most a third of the
+        session timeout, 0.1 s at least."""
+        return max(min(spread, self.seconds / 3), 0.1)
+
+    def install(self, client: Any, url: RegistryURL) -> None:
+        """Make :func:`connection_retry` ``client``'s reconnect policy, and read the granted
+        timeout off each of its handshakes: kazoo's ``ConnectionHandler._connect`` returns
+        the read time-out it derives from it (2/3). kazoo takes a retry policy of its own
+        class only (``type(...) is KazooRetry``), hence set here, before the client starts."""
+        conn = client._connection
+        if not (hasattr(conn, "_connect") and hasattr(conn, "retry_sleeper")
+                and isinstance(client._conn_retry, KazooRetry)):
+            raise TypeError(f"kazoo {client!r}: no handshake or retry policy to follow")
+        retry = connection_retry(url, self)
+        retry.interrupt = client._conn_retry.interrupt  # kazoo's: stop waiting once stopped
+        retry.sleep_func = client.handler.sleep_func
+        client._conn_retry, conn.retry_sleeper = retry, retry.copy()
+        connect = conn._connect
+        asked_ms = int(client._session_timeout)  # what kazoo sends: int(timeout * 1000)
+
+        def handshake(*args: Any, **kwargs: Any) -> Any:
+            read_timeout, connect_timeout = connect(*args, **kwargs)
+            self.granted(round(read_timeout * 1.5), asked_ms)
+            return read_timeout, connect_timeout
+
+        conn._connect = handshake
+
+    def granted(self, granted_ms: int, asked_ms: int) -> None:
+        self.seconds = granted_ms / 1000
+        if granted_ms == asked_ms or granted_ms in self._told:
+            return
+        self._told.add(granted_ms)
+        log.warning(
+            "ZooKeeper at %s grants sessions of %gs, not the %gs asked for (--ttl): a dead "
+            "host's instances leave after %gs. Set --ttl within the ensemble's "
+            "minSessionTimeout and maxSessionTimeout (zoo.cfg; by default 2 and 20 x tickTime), "
+            "or those to admit it", self._where, self.seconds, asked_ms / 1000, self.seconds)
+
+
+class _Reconnect(KazooRetry):
+    """kazoo's retry whose longest wait is read at every retry from the session timeout
+    granted so far: kazoo's connection loop retries with a copy made when the client starts,
+    before any handshake."""
+
+    def __init__(self, spread: float, session: SessionTimeout, **kwargs: Any) -> None:
+        self._spread, self._session = spread, session
+        super().__init__(**kwargs)
+
+    @property
+    def max_delay(self) -> float:
+        return self._session.window(self._spread) / 2
+
+    @max_delay.setter
+    def max_delay(self, _value: float) -> None:
+        """Set by ``KazooRetry.__init__``: the window decides instead."""
+
+    def copy(self) -> _Reconnect:
+        obj = _Reconnect(self._spread, self._session, max_tries=self.max_tries,
+                         delay=self.delay, backoff=self.backoff, max_jitter=self.max_jitter,
+                         sleep_func=self.sleep_func, deadline=self.deadline,
+                         interrupt=self.interrupt)
+        obj.retry_exceptions = self.retry_exceptions
+        return obj
+
+
+def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
+    """kazoo's reconnect policy. Each attempt tries every member; after a lost connection the
+    first comes within 0.2 s (another member takes over at once), each next one at a random
+    moment within a resume spread: a fleet that lost a restarted ensemble reconnects evenly
+    over that window, not within the same second (kazoo's default doubling from 0.1 s brought
+    every host back within ~1 s of the ensemble serving again), and still tries every 1.5 s
+    on average, so a session outlives a busy recovery. The window is at most a third of the
+    session timeout (:meth:`SessionTimeout.window`, the granted one once known).
+
+    The reconnects are not quite even: a host waiting its turn is more often near the end of a
+    short wait than of a long one, so more of them come early in the window. A fixed phase
+    (one random wait, then one window apart) spreads them evenly (fleet bench, 250 hosts: peak
+    4.0 x steady against 6.0 x) but leaves a session about three attempts: at 1,000 hosts 151
+    sessions expired during a restart, against a few with this policy (docs/operations.md).
+    Tried again with the fleet bench's greenlet hosts (no session lost): the attempts came
+    evenly, the handshakes and the restart peak did not, and a host cut off alone reconnected
+    later after the heal; docs/benchmarks.md has the runs."""
+    # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
+    # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
+    return _Reconnect(url.resume_spread, session, max_tries=-1, delay=0.1, backoff=1e6,
+                      max_jitter=1.0)
