@@ -101,7 +101,9 @@ counters, RSS and CPU, the restart's rate sampler, the kernel's byte counts),
 (the four measured phases) and ``fleet_greenlets.py`` (a ZooKeeper worker on gevent).
 
 Raw results: ``bench/results/fleet-etcd.json``, ``fleet-zk.json`` (``--grpc-proxy``:
-``fleet-proxy-etcd.json``, the hosts behind one ``etcd grpc-proxy`` instead of the members).
+``fleet-proxy-etcd.json``, the hosts behind one ``etcd grpc-proxy`` instead of the members;
+``--ttl 30 --spread 10 --bench-name fleet-ttl30``: ``fleet-ttl30-*.json``, a longer session
+timeout, which the ZooKeeper members are then configured to admit, and resume spread).
 """
 
 from __future__ import annotations

@@ -238,13 +238,16 @@ def t_scale_targets(results: dict[str, Result]) -> str:
     return table(["run", "metric", "measured", "target", "result"], out)
 
 
-FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd")
+FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd",
+               "fleet-ttl30-etcd", "fleet-ttl30-zk")
 
 
 def _fleet_label(stem: str) -> str:
     return {"fleet1000-etcd": "etcd (a fleet of 1,000 from the start)",
             "fleet-proxy-etcd": "etcd via grpc-proxy",
-            "fleet-rerun-etcd": "etcd, 4 workers"}.get(stem, stem.removeprefix("fleet-"))
+            "fleet-rerun-etcd": "etcd, 4 workers",
+            "fleet-ttl30-etcd": "etcd, TTL 30 s, `spread=10`",
+            "fleet-ttl30-zk": "zk, TTL 30 s, `spread=10`"}.get(stem, stem.removeprefix("fleet-"))
 
 
 def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) -> str:
