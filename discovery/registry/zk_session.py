@@ -2,13 +2,13 @@
 
 A member grants a session timeout within its ``[minSessionTimeout, maxSessionTimeout]`` (by
 default 2 and 20 x ``tickTime``: 4 to 40 s at ZooKeeper's sample 2,000 ms, 1 to 10 s at 500)
-whatever the client asks for, and kazoo keeps the answer to itself. :class:`SessionTimeout`
-reads it off every handshake. A dead host's instances leave after the granted timeout, not
-after ``--ttl``, so when the two differ it says so, once a value, with both figures and what
-to change; and the registry follows the granted one: its reconnect window
-(:func:`connection_retry`: at most a third of the session timeout, or a fleet that lost its
-ensemble could wait past the end of its sessions) and its check for an ensemble behind its
-zxid (after a session timeout cut off).
+whatever the client asks for, and kazoo only logs the answer (at its lowest level).
+:class:`SessionTimeout` reads it off every handshake. A dead host's instances leave after the
+granted timeout, not after ``--ttl``, so when the two differ it says so, once a value, with
+both figures and what to change; and the registry follows the granted one: its reconnect
+window (:func:`connection_retry`: at most a third of the session timeout, or a fleet that
+lost its ensemble could wait past the end of its sessions) and its check for an ensemble
+behind its zxid (after a session timeout cut off).
 """
 
 from __future__ import annotations
@@ -50,17 +50,22 @@ class SessionTimeout:
         retry.sleep_func = client.handler.sleep_func
         client._conn_retry, conn.retry_sleeper = retry, retry.copy()
         connect = conn._connect
-        asked_ms = int(client._session_timeout)  # what kazoo sends: int(timeout * 1000)
 
         def handshake(*args: Any, **kwargs: Any) -> Any:
-            read_timeout, connect_timeout = connect(*args, **kwargs)
-            self.granted(round(read_timeout * 1.5), asked_ms)
-            return read_timeout, connect_timeout
+            answer = connect(*args, **kwargs)
+            try:  # (read time-out, connect time-out) in ms: not ours to break if that changed
+                self.granted(round(answer[0] * 1.5))
+            except Exception as exc:
+                log.debug("ZooKeeper handshake: no granted session timeout in %r: %r", answer, exc)
+            return answer
 
         conn._connect = handshake
 
-    def granted(self, granted_ms: int, asked_ms: int) -> None:
+    def granted(self, granted_ms: int) -> None:
+        """A member granted sessions of ``granted_ms``: follow it, and say so once a value if
+        it is not what was asked for (kazoo asks ``int(ttl * 1000)`` ms)."""
         self.seconds = granted_ms / 1000
+        asked_ms = int(self.asked * 1000)
         if granted_ms == asked_ms or granted_ms in self._told:
             return
         self._told.add(granted_ms)

@@ -36,11 +36,13 @@ def test_the_granted_session_timeout_is_told_and_followed(
             assert len(told) == 1, told
             assert f"grants sessions of {granted:g}s, not the {ttl:g}s asked for" in told[0]
             assert "minSessionTimeout and maxSessionTimeout" in told[0]
-        # the policy kazoo's connection loop copies at start, and that copy: the window is
-        # spread=6 s capped at a third of the granted timeout, not of the one asked for
+        # the policy kazoo's connection loop copies at each start (its connection's
+        # retry_sleeper), and such a copy: the window is spread=6 s capped at a third of the
+        # granted timeout, not of the one asked for; and it stops waiting once kazoo stops
         window = min(6.0, granted / 3)
-        retry = reg.client._conn_retry  # type: ignore[attr-defined]
+        retry = reg.client._connection.retry_sleeper  # type: ignore[attr-defined]
         assert retry.max_delay == pytest.approx(window / 2)
         assert retry.copy().max_delay == pytest.approx(window / 2)
+        assert retry.interrupt is not None and retry.interrupt() is False
     finally:
         reg.close()
