@@ -42,6 +42,7 @@ from discovery.registry.security import (
     load_secrets,
     rpc_details,
 )
+from discovery.registry.ttl import ETCD_SHORTEST, GrantedTtl
 from discovery.retry import jittered
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,16 @@ class EtcdRegistry:
         self.where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
-        # Per-RPC deadline: short enough that a hung member is left for another in time.
-        # No user/password here: pyetcd would authenticate once, now; EtcdAuth does it lazily.
-        # the calls and the streams share one asyncio channel a member, on the given loop or
-        # on one of our own from the first call
+        # Per-RPC deadline: short enough that a hung member is left for another in time. No
+        # user/password here (pyetcd would authenticate once, now; EtcdAuth does it lazily).
+        # Calls and streams share one asyncio channel a member, on the loop given or our own
         self.channels = etcd_aio.AioChannels()
         self.client = etcd_aio.Client(
             endpoints=etcd_aio.endpoints(url.hosts, url.tls, creds),
             timeout=min(timeout, max(1.0, ttl / 3)), failover=True,
             channels=self.channels, loop=lambda: self.loop)
         self.auth = EtcdAuth(self.client, secrets, self.where)
+        self._granted = GrantedTtl("etcd", self.where, "leases", ETCD_SHORTEST)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
@@ -192,8 +193,9 @@ class EtcdRegistry:
                 raise RegistryError(f"etcd registry {self.url} is closed")
             if self._lease is None:
                 ttl = max(1, math.ceil(self.ttl))
-                self._lease = self._call("grant lease", lambda: self.client.lease(ttl)).id
-                log.debug("etcd lease %x granted (ttl %ss)", self._lease, ttl)
+                lease = self._call("grant lease", lambda: self.client.lease(ttl))
+                self._lease = lease.id
+                self._granted.check(lease.ttl, ttl)
             if self._keeper is None:
                 self._keeper = self.loop.start(self._keep())
             return self._lease

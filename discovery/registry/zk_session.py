@@ -19,6 +19,7 @@ from typing import Any
 from kazoo.retry import KazooRetry
 
 from discovery.registry.base import RegistryURL
+from discovery.registry.ttl import GrantedTtl
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ class SessionTimeout:
     last one granted. :meth:`install` hooks a kazoo client's handshake."""
 
     def __init__(self, asked: float, where: str) -> None:
-        self.asked, self.seconds, self._where = asked, asked, where
-        self._told: set[int] = set()  # granted values (ms) already logged
+        self.asked, self.seconds = asked, asked
+        self._told = GrantedTtl(
+            "ZooKeeper", where, "sessions", "Set --ttl within the ensemble's minSessionTimeout "
+            "and maxSessionTimeout (zoo.cfg; by default 2 and 20 x tickTime), or those to admit it")
 
     def window(self, spread: float) -> float:
         """The reconnect window: ``spread`` (the URL's ``spread=``), at most a third of the
@@ -65,15 +68,7 @@ class SessionTimeout:
         """A member granted sessions of ``granted_ms``: follow it, and say so once a value if
         it is not what was asked for (kazoo asks ``int(ttl * 1000)`` ms)."""
         self.seconds = granted_ms / 1000
-        asked_ms = int(self.asked * 1000)
-        if granted_ms == asked_ms or granted_ms in self._told:
-            return
-        self._told.add(granted_ms)
-        log.warning(
-            "ZooKeeper at %s grants sessions of %gs, not the %gs asked for (--ttl): a dead "
-            "host's instances leave after %gs. Set --ttl within the ensemble's "
-            "minSessionTimeout and maxSessionTimeout (zoo.cfg; by default 2 and 20 x tickTime), "
-            "or those to admit it", self._where, self.seconds, asked_ms / 1000, self.seconds)
+        self._told.check(self.seconds, int(self.asked * 1000) / 1000)
 
 
 class _Reconnect(KazooRetry):

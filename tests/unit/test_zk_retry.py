@@ -69,12 +69,12 @@ def test_the_window_follows_the_session_timeout_the_ensemble_grants() -> None:
 
 def test_a_granted_timeout_unlike_the_one_asked_is_told_once(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="discovery.registry.zk_session")
+    caplog.set_level(logging.WARNING, logger="discovery.registry.ttl")
     session = SessionTimeout(15.0, "zk1:2181")
 
     def told() -> list[str]:
         return [r.getMessage() for r in caplog.records
-                if r.name == "discovery.registry.zk_session"]
+                if r.name == "discovery.registry.ttl"]
 
     session.granted(15000)
     assert told() == [] and session.seconds == 15.0
