@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
+#: what each backend's warning advises
 ETCD_SHORTEST = "etcd's shortest lease is 1.5 election timeouts, rounded up (--election-timeout)"
+ZK_RANGE = ("Set --ttl within the ensemble's minSessionTimeout and maxSessionTimeout (zoo.cfg; by "
+            "default 2 and 20 x tickTime), or those to admit it")
 
 
 class GrantedTtl:

@@ -19,7 +19,7 @@ from typing import Any
 from kazoo.retry import KazooRetry
 
 from discovery.registry.base import RegistryURL
-from discovery.registry.ttl import GrantedTtl
+from discovery.registry.ttl import ZK_RANGE, GrantedTtl
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,9 @@ class SessionTimeout:
     last one granted. :meth:`install` hooks a kazoo client's handshake."""
 
     def __init__(self, asked: float, where: str) -> None:
-        self.asked, self.seconds = asked, asked
-        self._told = GrantedTtl(
-            "ZooKeeper", where, "sessions", "Set --ttl within the ensemble's minSessionTimeout "
-            "and maxSessionTimeout (zoo.cfg; by default 2 and 20 x tickTime), or those to admit it")
+        self.asked = int(asked * 1000) / 1000  # what kazoo asks for: int(timeout * 1000) ms
+        self.seconds = self.asked
+        self._told = GrantedTtl("ZooKeeper", where, "sessions", ZK_RANGE)
 
     def window(self, spread: float) -> float:
         """The reconnect window: ``spread`` (the URL's ``spread=``), at most a third of the
@@ -66,9 +65,9 @@ class SessionTimeout:
 
     def granted(self, granted_ms: int) -> None:
         """A member granted sessions of ``granted_ms``: follow it, and say so once a value if
-        it is not what was asked for (kazoo asks ``int(ttl * 1000)`` ms)."""
+        it is not what was asked for."""
         self.seconds = granted_ms / 1000
-        self._told.check(self.seconds, int(self.asked * 1000) / 1000)
+        self._told.check(self.seconds, self.asked)
 
 
 class _Reconnect(KazooRetry):
