@@ -85,7 +85,7 @@ class ZkRegistry:
         self._session.install(self.client, url)  # and the reconnect policy that follows it
         fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
-        self._pre = PreReads(self.client)
+        self._pre = PreReads(self.client, lambda: self._session.write_timeout(len(url.hosts)))
         self._many = ManyReads(self.client, self._get)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)

@@ -132,12 +132,14 @@ class PreReads:
     was queued, the queued paths go as one
     ``GetData`` or one ``multiRead`` (the events of a dead host's nodes come together), and
     the answer, on that thread too, goes to each path's callback. Needs a
-    :class:`PollingHandler` and ZooKeeper 3.6+ (persistent watches, ``multiRead``)."""
+    :class:`PollingHandler` and ZooKeeper 3.6+ (persistent watches, ``multiRead``).
+    ``write_timeout`` gives how long (s) a request's write may take, as kazoo times its own:
+    the granted session timeout over the number of members."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, write_timeout: Callable[[], float]) -> None:
         if not isinstance(client.handler, PollingHandler):  # no other one would ever send
             raise TypeError(f"PreReads needs a PollingHandler, not {client.handler!r}")
-        self._client = client
+        self._client, self._write_timeout = client, write_timeout
         self._queued: list[tuple[str, Answered]] = []
         self._since = 0.0  # when the first of them was queued
         client.handler.pre_reads = self
@@ -168,7 +170,7 @@ class PreReads:
         conn._xid = xid = (conn._xid % 2147483647) + 1  # as kazoo numbers its own requests
         answer = _Answer(client, batch)
         try:
-            conn._submit(request, client._session_timeout / 3000.0, xid)
+            conn._submit(request, self._write_timeout(), xid)
         except Exception as exc:
             answer.set_exception(exc)
             raise

@@ -38,6 +38,11 @@ class SessionTimeout:
         session timeout, 0.1 s at least."""
         return max(min(spread, self.seconds / 3), 0.1)
 
+    def write_timeout(self, members: int) -> float:
+        """How long (s) one request's write may take: kazoo's connect time-out, the granted
+        session timeout over the number of members."""
+        return self.seconds / max(members, 1)
+
     def install(self, client: Any, url: RegistryURL) -> None:
         """Make :func:`connection_retry` ``client``'s reconnect policy, and read the granted
         timeout off each of its handshakes: kazoo's ``ConnectionHandler._connect`` returns

@@ -133,7 +133,11 @@ def test_pre_reads_go_in_one_request_once_nothing_more_is_there_to_read(conn: An
     one GetData, or one multiRead, goes, and each answer reaches its path's callback."""
     c, peer, _ = conn
     client = c.client
-    pre = PreReads(client)
+    timeouts: list[float] = []
+    submit = c._submit
+    c._submit = lambda request, timeout, xid: (timeouts.append(timeout),
+                                               submit(request, timeout, xid))
+    pre = PreReads(client, lambda: 1.25)
     got: list[tuple[str, Any, Any, int]] = []
 
     def done(path: str) -> Any:
@@ -162,6 +166,7 @@ def test_pre_reads_go_in_one_request_once_nothing_more_is_there_to_read(conn: An
     _, answer, _ = client._pending.popleft()
     answer.set_exception(ConnectionDropped("gone"))
     assert got[2][0] == "/c" and isinstance(got[2][2], ConnectionDropped)
+    assert timeouts == [1.25, 1.25]  # each write timed by the granted figure, as kazoo's
 
 
 def test_pre_reads_wait_for_more_events_at_most_max_wait(conn: Any, monkeypatch: pytest.MonkeyPatch
@@ -171,7 +176,7 @@ def test_pre_reads_wait_for_more_events_at_most_max_wait(conn: Any, monkeypatch:
     c, peer, _ = conn
     now = [100.0]
     monkeypatch.setattr(zk_io.time, "monotonic", lambda: now[0])
-    pre = PreReads(c.client)
+    pre = PreReads(c.client, lambda: 1.0)
     pre.add("/a", lambda *_: None)
     peer.sendall(b"more")
     assert c.client.handler.select([c._socket], [], [], 1.0)[0] == [c._socket]
@@ -186,4 +191,4 @@ def test_pre_reads_refuse_a_handler_that_would_never_send_them() -> None:
 
     client = KazooClient(hosts="127.0.0.1:1", handler=SequentialThreadingHandler())
     with pytest.raises(TypeError, match="PollingHandler"):
-        PreReads(client)
+        PreReads(client, lambda: 1.0)

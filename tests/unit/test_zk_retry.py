@@ -65,6 +65,7 @@ def test_the_window_follows_the_session_timeout_the_ensemble_grants() -> None:
     _, *rest = slept_by(running)
     assert 2.7 < max(rest) <= 3.0  # a third of the 9 s granted
     assert running.copy().max_delay == 1.5
+    assert session.write_timeout(3) == 3.0  # a request's write: granted over the members
 
 
 def test_a_granted_timeout_unlike_the_one_asked_is_told_once(
