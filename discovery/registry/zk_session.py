@@ -9,21 +9,13 @@ both figures and what to change; and the registry follows the granted one: its r
 window (:func:`connection_retry`: at most a third of the session timeout, or a fleet that
 lost its ensemble could wait past the end of its sessions) and its check for an ensemble
 behind its zxid (after a session timeout cut off).
-
-A member that takes a connection and then drops it before answering the handshake is not
-serving (loading its data, electing); kazoo goes on at once to the next member of the same
-attempt, so a member that held a whole fleet's handshakes while it started and then dropped
-them all together sends the whole fleet to the next member in the same instant. After such a
-drop a host first waits a random moment within the reconnect window.
 """
 
 from __future__ import annotations
 
 import logging
-from random import uniform
 from typing import Any
 
-from kazoo.exceptions import ConnectionDropped
 from kazoo.retry import KazooRetry
 
 from discovery.registry.base import RegistryURL
@@ -73,24 +65,6 @@ class SessionTimeout:
             except Exception as exc:
                 log.debug("ZooKeeper handshake: no granted session timeout in %r: %r", answer, exc)
             return answer
-
-        conn._connect = handshake
-        self._pause_after_drops(client, url.resume_spread)
-
-    def _pause_after_drops(self, client: Any, spread: float) -> None:
-        """After a handshake that a member took and dropped unanswered, wait a random moment
-        within the reconnect window before kazoo tries the next member (the module's
-        docstring); a member that refuses the connection (down) is passed over at once."""
-        conn = client._connection
-        connect = conn._connect
-
-        def handshake(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return connect(*args, **kwargs)
-            except ConnectionDropped:
-                if conn._socket is not None:  # connected: taken, then dropped
-                    client._stopped.wait(uniform(0.0, self.window(spread)))
-                raise
 
         conn._connect = handshake
 
