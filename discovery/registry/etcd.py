@@ -388,15 +388,5 @@ class EtcdRegistry:
                     log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
         finally:
             self._closed.set()
-            self._close_channels()
+            self.channels.close_on(self._loop, self.timeout, own_loop=self._own_loop)
             self.client.close()
-
-    def _close_channels(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        if not loop.inside:
-            with contextlib.suppress(Exception):
-                loop.submit(self.channels.close()).result(self.timeout)
-        if self._own_loop:
-            loop.close()

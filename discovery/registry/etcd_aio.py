@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -206,6 +207,17 @@ class AioChannels:
         self._stubs = {}
         for channel in channels:
             await channel.close()
+
+    def close_on(self, loop: LoopThread | None, timeout: float, own_loop: bool) -> None:
+        """Close the channels on ``loop`` (waiting at most ``timeout`` s; not from inside it),
+        then ``loop`` itself if it is the registry's own."""
+        if loop is None:
+            return
+        if not loop.inside:
+            with contextlib.suppress(Exception):
+                loop.submit(self.close()).result(timeout)
+        if own_loop:
+            loop.close()
 
 
 async def write(call: Any, request: Any) -> bool:
