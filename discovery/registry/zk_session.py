@@ -40,8 +40,8 @@ class SessionTimeout:
 
     def write_timeout(self, members: int) -> float:
         """How long (s) one request's write may take: kazoo's connect time-out, the granted
-        session timeout over the number of members."""
-        return self.seconds / max(members, 1)
+        session timeout over the number of members (a registry URL names one at least)."""
+        return self.seconds / members
 
     def install(self, client: Any, url: RegistryURL) -> None:
         """Make :func:`connection_retry` ``client``'s reconnect policy, and read the granted
