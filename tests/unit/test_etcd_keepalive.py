@@ -1,0 +1,113 @@
+"""etcd_keepalive's status probe, on fake streams: a renewal not answered half-way through the
+client's timeout costs the member a status call, unless the member has answered PROMPT
+renewals within FAST (a member, not a proxy); a renewal it then leaves unanswered past the
+timeout starts the count again."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pyetcd import exceptions as etcd_exc
+
+from discovery.registry import etcd_keepalive
+from discovery.registry.etcd_keepalive import FAST, LATE, PROMPT, KeepAliveStream
+
+TIMEOUT = 0.4  # the client's: a probe from 0.2 s on
+SLOW = 0.3  # an answer after the probe started (and late: over LATE)
+NEVER = None
+
+
+class Member:
+    """One fake member: its keepalive streams answer after ``delay`` s (NEVER: not at all),
+    and its status calls are counted (each answered at once)."""
+
+    netloc = "127.0.0.1:2379"
+
+    def __init__(self) -> None:
+        self.delay: float | None = 0.0
+        self.status_calls = 0
+        self.failed = 0
+
+    def fail(self) -> None:
+        self.failed += 1
+
+    def keepalive(self, metadata: Any = None) -> Any:
+        return Stream(self)
+
+    async def Status(self, request: Any, timeout: float, metadata: Any) -> None:
+        self.status_calls += 1
+
+
+class Stream:
+    """A keepalive stream to ``member``: each renewal answered after the member's delay now."""
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.answers: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def write(self, request: Any) -> None:
+        if self.member.delay is not None:
+            asyncio.get_running_loop().call_later(
+                self.member.delay, self.answers.put_nowait, SimpleNamespace(ID=request.ID, TTL=10))
+
+    async def read(self) -> Any:
+        return await self.answers.get()
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.fixture
+def member(monkeypatch: pytest.MonkeyPatch) -> Member:
+    m = Member()
+    monkeypatch.setattr(etcd_keepalive.etcdrpc, "LeaseStub",
+                        lambda channel: SimpleNamespace(LeaseKeepAlive=m.keepalive))
+    return m
+
+
+def renewals(member: Member, delays: list[float | None]) -> list[str]:
+    """Renew once per delay on one KeepAliveStream: 'ok' or the error's name, in order."""
+    client = SimpleNamespace(timeout=TIMEOUT, metadata=None, channel=None,
+                             endpoint_in_use=member)
+    channels = SimpleNamespace(pick=lambda c: (member, None), stub=lambda kind, e: member)
+    stream = KeepAliveStream(client, channels, lambda: None,  # type: ignore[arg-type]
+                             late_wait=TIMEOUT + 1.0)
+
+    async def run() -> list[str]:
+        outcomes = []
+        for delay in delays:
+            member.delay = delay
+            try:
+                assert (await stream.renew_async(7))[0].ID == 7
+                outcomes.append("ok")
+            except etcd_exc.ConnectionTimeoutError as exc:
+                outcomes.append(type(exc).__name__)
+        return outcomes
+
+    return asyncio.run(run())
+
+
+def test_a_slow_renewal_of_a_member_not_known_yet_is_probed(member: Member) -> None:
+    assert renewals(member, [0.0] * (PROMPT - 1) + [SLOW]) == ["ok"] * PROMPT
+    assert member.status_calls == 1
+
+
+def test_answers_slower_than_fast_do_not_count(member: Member) -> None:
+    between = (FAST + LATE) / 2  # neither late nor a member's own
+    assert renewals(member, [between] * PROMPT + [SLOW]) == ["ok"] * (PROMPT + 1)
+    assert member.status_calls == 1
+
+
+def test_a_member_that_answered_prompt_renewals_fast_is_not_probed(member: Member) -> None:
+    assert renewals(member, [0.0] * PROMPT + [SLOW]) == ["ok"] * (PROMPT + 1)
+    assert member.status_calls == 0
+
+
+def test_a_renewal_left_unanswered_starts_the_count_again(member: Member) -> None:
+    outcomes = renewals(member, [0.0] * PROMPT + [NEVER, SLOW])
+    assert outcomes == ["ok"] * PROMPT + ["ConnectionTimeoutError", "ok"]
+    assert member.failed == 1
+    assert member.status_calls == 1  # the slow renewal after the failure only
