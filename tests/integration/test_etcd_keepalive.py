@@ -1,10 +1,13 @@
 """etcd lease renewals ride one long-lived LeaseKeepAlive stream (etcd_keepalive), counted by
 etcd itself in its /metrics: many renewals, one stream; a stream whose member is SIGKILLed
-is opened again on another member before the lease runs out."""
+is opened again on another member before the lease runs out; a member that has answered
+renewals at once is not asked its status when one is slow (the probe is for proxies)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,22 +18,28 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry import open_registry
 from discovery.registry.etcd import EtcdRegistry
+from discovery.registry.etcd_keepalive import FAST, PROMPT
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def keepalive_counts(cluster: ServerCluster, member: int) -> tuple[float, float]:
-    """(LeaseKeepAlive streams started, keepalive messages received) on one member."""
+def grpc_counts(cluster: ServerCluster, member: int, method: str) -> tuple[float, float]:
+    """(``method`` calls or streams started, messages received for it) on one member."""
     host, port = cluster.address(member)
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
 
     def metric(name: str) -> float:
-        pattern = rf'^{name}{{[^}}]*grpc_method="LeaseKeepAlive"[^}}]*}} (\S+)$'
+        pattern = rf'^{name}{{[^}}]*grpc_method="{method}"[^}}]*}} (\S+)$'
         return sum(float(v) for v in re.findall(pattern, text, re.M))
 
     return metric("grpc_server_started_total"), metric("grpc_server_msg_received_total")
+
+
+def keepalive_counts(cluster: ServerCluster, member: int) -> tuple[float, float]:
+    """(LeaseKeepAlive streams started, keepalive messages received) on one member."""
+    return grpc_counts(cluster, member, "LeaseKeepAlive")
 
 
 @pytest.fixture
@@ -92,3 +101,33 @@ def test_a_killed_members_stream_moves_on(etcd_cluster3: ServerCluster) -> None:
         reg.close()
         reader.close()
         etcd_cluster3.ensure_running()
+
+
+def test_a_member_that_answered_fast_is_not_asked_its_status(etcd_single: ServerCluster,
+                                                              registry: EtcdRegistry) -> None:
+    """A renewal the member leaves unanswered half-way through the client's timeout asks the
+    member's status (the probe that tells a proxy), unless the member has answered PROMPT
+    renewals within FAST: after a full restart every host would ask it of the busy members.
+    SIGSTOP of the member for 0.9 s (TTL 1 s: the timeout 1 s, one renewal outstanding, sent
+    0-0.37 s into the pause, so unanswered for 0.53-0.9 s): counted by etcd, no Status call,
+    and the renewal is answered once the member runs again, the registry never down."""
+    downs: list[bool] = []
+    registry.add_state_listener(lambda up: None if up else downs.append(up))
+    registry.register(Instance(service="web", id="n1:000000000003:80", node="n1",
+                               address="127.0.0.1", port=80))
+    renewals = registry._renewals  # what the stream has seen of the member
+    wait_until(lambda: max(renewals._prompt.values(), default=0) >= PROMPT, 15,
+               f"{PROMPT} renewals answered within {FAST}s")
+    status_before = grpc_counts(etcd_single, 0, "Status")[0]
+    received_before = keepalive_counts(etcd_single, 0)[1]
+    proc = etcd_single.procs[0].popen
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.9)  # the fault's length (one renewal outstanding through it)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: keepalive_counts(etcd_single, 0)[1] >= received_before + 3, 5,
+               "renewals after the pause")
+    assert grpc_counts(etcd_single, 0, "Status")[0] == status_before, "the member was probed"
+    assert downs == [], "a paused member's slow renewal reported the registry down"
