@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, work: Path, report: Report) -> dict[str, list[
         return {path: [round(d, 5) for d in ds] for path, ds in delays.items()}
     finally:
         if proxy is not None:
-            proxy.proc.stop()
+            proxy.stop()
         cluster.stop()
 
 

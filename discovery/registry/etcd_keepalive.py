@@ -49,6 +49,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class KeepAliveStream:
         self._client, self._channels, self._loop = client, channels, loop
         self._late_wait = late_wait
         self._late: set[str] = set()  # the members (netlocs) whose answers came late
-        self._prompt: dict[str, int] = {}  # netloc: renewals it answered within FAST
+        self._prompt: Counter[str] = Counter()  # netloc: renewals it answered within FAST
         self._lock = threading.Lock()  # one renewal at a time
         self._stream: Any = None  # the open call (the loop's own)
         self._endpoint: Any = None  # the member it is on
@@ -158,7 +159,7 @@ class KeepAliveStream:
         is left after the client's timeout as before: the probe ran beside the wait."""
         timeout = self._client.timeout
         late = endpoint.netloc in self._late
-        member = self._prompt.get(endpoint.netloc, 0) >= PROMPT
+        member = self._prompt[endpoint.netloc] >= PROMPT
         if late or member or self._late_wait <= timeout:
             wait = max(timeout, self._late_wait) if late else timeout
             done, _ = await asyncio.wait([answering], timeout=wait)
@@ -193,7 +194,7 @@ class KeepAliveStream:
                 if took > LATE:
                     self._mark_late(endpoint)
                 elif took <= FAST:
-                    self._prompt[endpoint.netloc] = self._prompt.get(endpoint.netloc, 0) + 1
+                    self._prompt[endpoint.netloc] += 1
                 return [answer]
             # an answer for another lease (one we renewed before a new grant): not ours
 
