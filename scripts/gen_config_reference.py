@@ -27,100 +27,38 @@ and on a stale file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import inspect
 import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))  # config_texts, beside this script
+sys.path.insert(0, str(ROOT / "scripts"))  # config_cells, _files, _texts: beside it
 
 import click  # noqa: E402
-from config_texts import (  # noqa: E402
-    AGENT_CHECK_KEYS,
-    CHECK_TYPES,
-    IMAGE_ENV,
-    LABELS,
-    OPTION_HELP,
-    OTHER_ENV,
-    REGISTRATOR_EXTRA,
-    SERVICE_KEYS,
-    URL_FIELDS,
-    URL_PARAMS,
-    WATCHER_KEYS,
+from config_cells import (  # noqa: E402  (UNDOCUMENTED, missing: read by the test too)
+    UNDOCUMENTED,  # noqa: F401
+    code,
+    missing,
+    number,
+    table,
+    undocumented,
+    unset,
 )
+from config_files import (  # noqa: E402
+    agent_file_section,
+    labels_section,
+    registry_url_section,
+    watcher_file_section,
+)
+from config_texts import IMAGE_ENV, OPTION_HELP, OTHER_ENV  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
 COMMAND = ".venv/bin/python scripts/gen_config_reference.py"
-UNDOCUMENTED = "UNDOCUMENTED"
 #: commands in reading order; commands not listed here follow, alphabetically
 ORDER = ("agent", "watch", "up", "dns", "services", "show", "maint", "check-config")
-
-def guard_default(g: Any) -> str:
-    """The default wipe guard as the TOML a user would write."""
-    return (f'{{ settle = "{duration(g.settle)}", window = "{duration(g.window)}", '
-            f'fraction = {g.fraction}, min_removed = {g.min_removed}, '
-            f'hold = "{duration(g.hold)}" }}')
-
-
-# ---- helpers --------------------------------------------------------------------------------
-
-missing: list[str] = []
-
-
-def undocumented(what: str) -> str:
-    missing.append(what)
-    return f"**{UNDOCUMENTED}**: describe it in scripts/config_texts.py"
-
-
-def cell(text: object) -> str:
-    """Text for a Markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def code(text: object) -> str:
-    return f"`{text}`"
-
-
-def table(head: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]:
-    head = list(head)
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return [*out, ""]
-
-
-def unset(value: object) -> bool:
-    """None, or click's ``UNSET`` sentinel (click >= 8.2)."""
-    return value is None or type(value).__name__ == "Sentinel"
-
-
-def duration(seconds: float) -> str:
-    """0.05 -> 50ms, 2.0 -> 2s, 60 -> 1m (how the config files spell durations)."""
-    ms = round(seconds * 1000)
-    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
-
-
-def number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def defaults_of(cls: type) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
 
 _ENV_NOTE = re.compile(r"\s*\[env [A-Z0-9_, ]+\]")
 
@@ -271,192 +209,6 @@ def global_section() -> list[str]:
     return ["## Global options", "", "Given before the command: "
             "`discovery --log-level debug agent …`.", "",
             *table(["flag", "env", "default", "meaning"], rows)]
-
-
-# ---- registry URL ---------------------------------------------------------------------------
-
-
-def registry_url_section() -> list[str]:
-    from discovery.registry import base
-
-    schemes = [[code(f"{s}://"), base.DEFAULT_PORTS[backend], "TLS" if tls else "plain"]
-               for s, (backend, tls) in base.SCHEMES.items()]
-    params = [[code(f"{p}="), URL_PARAMS.get(p) or undocumented(f"URL parameter {p}")]
-              for p in base.QUERY_PARAMS]
-    env = [[code(v), URL_FIELDS.get(f) or undocumented(f"registry field {f}")]
-           for v, f in base.ENV_VARS.items()]
-    return [
-        "## The registry URL",
-        "",
-        "```",
-        "SCHEME://[user[:password]@]host[:port][,host[:port]...][/prefix][?param=value&...]",
-        "```",
-        "",
-        f"Default prefix `{base.DEFAULT_PREFIX}`; every instance is stored as JSON under "
-        "`<prefix>/services/<service>/<instance-id>`. Details, and how to set up the servers: "
-        "[docs/security.md](security.md).",
-        "",
-        *table(["scheme", "default port", "transport"], schemes),
-        *table(["parameter", "meaning"], params),
-        "Environment variables fill in what the URL leaves out (the URL always wins):",
-        "",
-        *table(["variable", "fills"], env),
-    ]
-
-
-# ---- config files ---------------------------------------------------------------------------
-
-
-def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
-    from discovery.agent.config import CHECK_KEYS, FILE_KEYS, AgentConfig
-    from discovery.agent.spec import CheckSpec
-    from discovery.cli.agent import agent
-
-    # the command's own default where it has one (the state dir), else the dataclass's
-    defaults = {**defaults_of(AgentConfig),
-                **{p.name: p.default for p in agent.params if p.default is not None}}
-    agent_help = {name: text for (name, _flags), text in borrowed.items()}
-    rows = []
-    for key in sorted(FILE_KEYS):
-        value = defaults.get(key)
-        shown = {"registry": "— (required somewhere)", "node": "the short hostname",
-                 "docker": "`DOCKER_HOST` or the local socket", "zone": "none"}.get(key)
-        if shown is None:
-            shown = code(str(value).lower() if isinstance(value, bool) else
-                         number(value) if isinstance(value, float) else value)
-        flag = "--" + key.replace("_", "-")
-        rows.append([code(key), code(flag), shown,
-                     agent_help.get(key) or undocumented(f"[agent] key {key}")])
-    check_defaults = defaults_of(CheckSpec)
-    check_rows = []
-    for key in sorted(CHECK_KEYS):
-        value = check_defaults.get(key)
-        shown = code(number(value) if isinstance(value, float) else value)
-        check_rows.append([code(key), shown,
-                           AGENT_CHECK_KEYS.get(key) or undocumented(f"[agent.check] key {key}")])
-    return [
-        "### `[agent]`",
-        "",
-        "Read by `discovery agent --config` (re-read on SIGHUP) and `discovery up --config`. "
-        "Flags and environment variables win over the file. `registry` is honoured by "
-        "`discovery agent` only: `up` takes `--registry` / `DISCOVERY_REGISTRY` (or `--dev`).",
-        "",
-        *table(["key", "flag", "default", "meaning"], rows),
-        "### `[agent.check]`",
-        "",
-        "Check defaults for every container; its labels override them "
-        "([Container labels](#container-labels)). Durations are seconds (numbers).",
-        "",
-        *table(["key", "default", "meaning"], check_rows),
-    ]
-
-
-def watcher_file_section() -> list[str]:
-    from discovery.watcher import config as wc
-    from discovery.watcher import slots
-
-    defaults = defaults_of(wc.WatcherConfig)
-    timeouts = ", ".join(f"{k} {duration(ms / 1000)}" for k, ms in wc.DEFAULT_TIMEOUTS.items())
-    shown = {
-        "maxconn": code(defaults["maxconn"]),
-        "timeouts": timeouts,
-        "stats_port": "off",
-        "wait": code(f"{duration(defaults['wait_min'])}:{duration(defaults['wait_max'])}"),
-        "reload_min_interval": code(duration(defaults["reload_min_interval"])),
-        "template": "the built-in one",
-        "wipe_guard": "on: " + code(guard_default(defaults["guard"])),
-    }
-    rows = [[code(k), shown.get(k, "—"), WATCHER_KEYS.get(k) or undocumented(f"[watcher] {k}")]
-            for k in sorted(wc._WATCHER_KEYS)]
-    sdefaults = defaults_of(wc.ServiceConfig)
-    minimum = inspect.signature(slots.slot_count).parameters["minimum"].default
-    choices = {"mode": wc.MODES, "balance": wc.BALANCE}
-    srows = []
-    for key in sorted(wc._SERVICE_KEYS):
-        if key == "port":
-            value = "required"
-        elif key == "slots":
-            value = f"{minimum}, grown as needed"
-        elif key in choices:
-            value = code(sdefaults[key]) + ": " + " | ".join(code(c) for c in choices[key])
-        else:
-            raw = sdefaults.get(key)
-            value = {True: "`true`", False: "`false`"}.get(raw, "—") if isinstance(raw, bool) \
-                else "—" if raw in (None, (), {}) else code(raw)
-        srows.append([code(key), value,
-                      SERVICE_KEYS.get(key) or undocumented(f"[services.NAME] {key}")])
-
-    def keywords(table_: dict[str, Any]) -> str:
-        return ", ".join(code(k) for k in sorted(table_))
-
-    return [
-        "### `[watcher]`",
-        "",
-        "Read by `discovery watch --config` (re-read on SIGHUP), `discovery up --config` and "
-        "`discovery check-config --config`. Durations are strings (`\"500ms\"`, `\"1s\"`) or "
-        "numbers; an unknown key is an error naming it.",
-        "",
-        *table(["key", "default", "meaning"], rows),
-        "### `[services.NAME]`",
-        "",
-        "One table per routed service: HAProxy listens on `bind:port` and balances over the "
-        "healthy instances of the registry service `NAME` (the backend is named `NAME`). "
-        "`--service NAME[:BIND]:PORT` adds one or overrides the port (and bind) of one.",
-        "",
-        *table(["key", "default", "meaning"], srows),
-        f"* Timeout names: frontend {keywords(dict.fromkeys(wc.FRONTEND_TIMEOUTS))}; "
-        f"backend {keywords(dict.fromkeys(wc.BACKEND_TIMEOUTS))}. `[watcher] timeouts` takes "
-        "all of them.",
-        f"* `server_options` keywords: {keywords(dict(wc.SERVER_KEYWORDS))}.",
-        f"* `check_options` keywords: {keywords(dict(wc.CHECK_KEYWORDS))}.",
-        f"* At most {wc.MAX_OPTION_WORDS} words in `server_options` and `check_options` "
-        "together; every value is checked against the keyword's pattern.",
-        "",
-    ]
-
-
-# ---- labels ---------------------------------------------------------------------------------
-
-
-def labels_section() -> list[str]:
-    from discovery.agent import labels
-    from discovery.agent.checks import BUILTIN_CHECKS
-    from discovery.agent.spec import CheckSpec
-
-    check = defaults_of(CheckSpec)
-    fill = {"check": check["type"], "interval": duration(check["interval"]),
-            "timeout": duration(check["timeout"]), "rise": check["rise"], "fall": check["fall"]}
-    rows = [[code(label), default.format(**fill), meaning] for label, default, meaning, _ in LABELS]
-    documented = {label.split(".")[1] for label, *_ in LABELS}
-    for name in sorted(({*labels._PLAIN, "port", "meta", "check"}) - documented):
-        rows.append([code(labels.PREFIX + name), "—", undocumented(f"label {name}")])
-    types = [[code(t), CHECK_TYPES.get(t) or undocumented(f"check type {t}")]
-             for t in sorted(BUILTIN_CHECKS)]
-    reg_rows = [[code(f"SERVICE_{field}"), f"`{labels.PREFIX}{canon}`"]
-                for field, canon in labels._REGISTRATOR_FIELDS.items()]
-    reg_rows += [[code(f"SERVICE_PORT_{field}"), f"`{labels.PREFIX}PORT.{canon}`"]
-                 for field, canon in labels._REGISTRATOR_FIELDS.items()]
-    reg_rows += [[code(a), b] for a, b in REGISTRATOR_EXTRA]
-    return [
-        "## Container labels",
-        "",
-        "Read by the agent from each container's labels (this table is maintained in "
-        "`scripts/config_texts.py`; `tests/unit/test_config_reference.py` parses every "
-        "example through `discovery.agent.labels`). A label that cannot be used skips that "
-        "container with one log line naming it and the label.",
-        "",
-        *table(["label", "default", "meaning"], rows),
-        "Built-in check types (plugins add more: [docs/checks.md](checks.md)):",
-        "",
-        *table(["`discovery.check=`", "healthy when"], types),
-        "### registrator's names",
-        "",
-        "Also read, as labels **or** environment variables of the container; when both "
-        "spellings are given, `discovery.*` labels win over `SERVICE_*` labels, which win over "
-        "`SERVICE_*` environment variables ([docs/migration.md](migration.md)).",
-        "",
-        *table(["registrator", "same as"], reg_rows),
-    ]
 
 
 # ---- environment index ----------------------------------------------------------------------
