@@ -205,6 +205,18 @@ class Report:
     def failed(self) -> bool:
         return any(r.get("pass") is False for r in self.rows)
 
+    def not_measured(self, what: str, exc: object) -> int:
+        """Say and keep that ``what`` could not be measured, and why; 2, the bench's status
+        for it."""
+        say(f"{what}: NOT MEASURED: {exc}")
+        self.unmeasured.append(f"{what}: {str(exc).splitlines()[0][:200]}")
+        return 2
+
+    def status(self, code: int) -> int:
+        """The bench's exit status: ``code`` if not 0 (2: something not measured), else 1 when
+        a row missed its target, else 0."""
+        return code or (1 if self.failed() else 0)
+
     def mark(self) -> tuple[int, str, dict[str, Any]]:
         """Where a result starts: (rows so far, UTC start time, the machine now)."""
         return len(self.rows), started(), machine()
@@ -218,6 +230,14 @@ class Report:
         say(f"raw result: {path.relative_to(ROOT)}")
         return path
 
+
+
+def keep_or_remove(work: Path, keep: bool) -> None:
+    """A bench's work dir: kept (and named) when asked or when something went wrong."""
+    if keep:
+        say(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def summary(report: Report) -> str:

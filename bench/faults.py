@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -50,7 +49,15 @@ for _p in (str(ROOT), str(BENCH)):
         sys.path.insert(0, _p)
 
 import docker.errors  # noqa: E402  (binds ``docker`` too)
-from common import RESULTS, Interrupted, Report, Unmeasured, install_signal_handlers, say  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    Interrupted,
+    Report,
+    Unmeasured,
+    install_signal_handlers,
+    keep_or_remove,
+    say,
+)
 from faults_list import DOCKERD_FAULTS, FAULTS, Spec  # noqa: E402
 from faults_rig import Rig, now, sleep_until  # noqa: E402
 from procs import HostLoad  # noqa: E402
@@ -178,14 +185,10 @@ def run_backend(args: argparse.Namespace, backend: str, names: list[str], work: 
                 measure(rig, name, FAULTS[name], report, before)
             except (Unmeasured, DiscoveryError, docker.errors.DockerException, OSError,
                     RuntimeError) as exc:
-                say(f"{backend} {name}: NOT MEASURED: {exc}")
-                report.unmeasured.append(f"{backend} {name}: {str(exc).splitlines()[0][:200]}")
-                code = 2
+                code = report.not_measured(f"{backend} {name}", exc)
     except (Unmeasured, DiscoveryError, docker.errors.DockerException, OSError,
             RuntimeError) as exc:
-        say(f"{backend}: NOT MEASURED: {exc}")
-        report.unmeasured.append(f"{backend}: {str(exc).splitlines()[0][:200]}")
-        code = 2
+        code = report.not_measured(backend, exc)
     finally:
         load = getattr(rig, "load", None)
         total = len(load.times) if load is not None else 0
@@ -333,13 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cleanup_session_containers(client)
             client.close()
         print(table(report), flush=True)
-        if args.keep_logs or code == 2:
-            say(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if code == 0 and report.failed():
-        code = 1
-    return code
+        keep_or_remove(work, args.keep_logs or code == 2)
+    return report.status(code)
 
 
 if __name__ == "__main__":

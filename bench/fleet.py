@@ -235,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fleet.samples["not_measured"] = [error[-600:]]
             report.save(args.bench_name or ("fleet-proxy" if args.grpc_proxy else "fleet"),
                         backend, mark, fleet.samples)
-    if code == 0 and report.failed():
-        code = 1
-    return code
+    return report.status(code)
 
 
 if __name__ == "__main__":

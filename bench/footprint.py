@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import docker
-from common import CLK_TCK, Interrupted, Report, install_signal_handlers, say
+from common import CLK_TCK, Interrupted, Report, install_signal_handlers, keep_or_remove, say
 from procs import HAPROXY_BIN, Daemon, children_of, cpu_ticks, discovery_cmd
 from registration_rig import Containers
 
@@ -234,11 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 2
     if code == 0 and not args.no_save:
         report.save("footprint", "etcd", mark, getattr(report, "samples", []))
-    if code == 2 or args.keep_logs:
-        say(f"logs kept in {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return code or (1 if report.failed() else 0)
+    keep_or_remove(work, code == 2 or args.keep_logs)
+    return report.status(code)
 
 
 if __name__ == "__main__":

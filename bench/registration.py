@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
-from common import Interrupted, machine, say, signals_unwind, started, write_result  # noqa: E402
+from common import Interrupted, keep_or_remove, machine, say, signals_unwind, started, write_result  # noqa: E402
 from registration_phases import Options, run_idle, run_latency  # noqa: E402
 from registration_rig import Agent, Containers, Recorder, docker_retry  # noqa: E402
 
@@ -259,10 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client.close()
             if out is not None:
                 out.close()
-            if args.keep_logs or failed or errors:
-                say(f"logs kept in {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
+            keep_or_remove(work, args.keep_logs or failed or bool(errors))
     say(f"total {time.monotonic() - t_start:.0f}s")
     if rows:
         print(table(rows), flush=True)

@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     Report,
     Unmeasured,
     install_signal_handlers,
+    keep_or_remove,
     say,
     summary,
 )
@@ -159,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             raise Unmeasured(f"--churn-loads: unknown load {load!r}")
                         run_churn(run, backend, server, load.strip())
             except (Unmeasured, DiscoveryError, docker.errors.DockerException, OSError) as exc:
-                say(f"{backend}: NOT MEASURED: {exc}")
-                report.unmeasured.append(f"{backend}: {str(exc).splitlines()[0][:200]}")
-                code = 2
+                code = report.not_measured(backend, exc)
             finally:
                 if server is not None:
                     server.stop()
@@ -171,9 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 scale.run_scale(args, work, report)
             except (Unmeasured, DiscoveryError, OSError) as exc:
-                say(f"scale: NOT MEASURED: {exc}")
-                report.unmeasured.append(f"scale: {str(exc).splitlines()[0][:200]}")
-                code = 2
+                code = report.not_measured("scale", exc)
     except Interrupted:
         say("interrupted: cleaning up")
         return 130
@@ -183,13 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cleanup_session_containers(run.client)
             run.client.close()
         print(summary(report), flush=True)
-        if args.keep_logs or code == 2:
-            say(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if code == 0 and report.failed():
-        code = 1
-    return code
+        keep_or_remove(work, args.keep_logs or code == 2)
+    return report.status(code)
 
 
 if __name__ == "__main__":

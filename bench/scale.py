@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from common import (  # noqa: E402
     Unmeasured,
     default_wait,
     install_signal_handlers,
+    keep_or_remove,
     say,
     summary,
 )
@@ -367,18 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted: cleaning up")
         return 130
     except Unmeasured as exc:
-        say(f"scale: NOT MEASURED: {exc}")
-        report.unmeasured.append(str(exc).splitlines()[0][:200])
-        code = 2
+        code = report.not_measured("scale", exc)
     finally:
         print(summary(report), flush=True)
-        if args.keep_logs or args.py_spy or code == 2:
-            say(f"logs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if code == 0 and report.failed():
-        code = 1
-    return code
+        keep_or_remove(work, args.keep_logs or args.py_spy or code == 2)
+    return report.status(code)
 
 
 if __name__ == "__main__":
