@@ -40,6 +40,7 @@ from docgen import render as render_page
 from fleet_tables import (
     t_fleet,
     t_fleet_server,
+    t_fleet_summary,
     t_fleet_targets,
     t_host_footprint,
     t_proxy_renewals,
@@ -192,7 +193,8 @@ def render(text: str, results: dict[str, Result]) -> str:
 
 
 #: every generated page and the tables its blocks name
-PAGES: dict[Path, Tables] = {DOC: TABLES, ROOT / "docs" / "operations.md": sizing.TABLES}
+PAGES: dict[Path, Tables] = {DOC: TABLES, ROOT / "docs" / "operations.md": sizing.TABLES,
+                             ROOT / "README.md": {"fleet-summary": t_fleet_summary}}
 
 
 def main(argv: list[str] | None = None) -> int:
