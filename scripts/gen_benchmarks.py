@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write the tables of docs/benchmarks.md, and the sizing of docs/operations.md, from the raw
-results in bench/results/*.json.
+"""Write the tables of docs/benchmarks.md, the sizing of docs/operations.md and the README's
+fleet summary from the raw results in bench/results/*.json.
 
     .venv/bin/python scripts/gen_benchmarks.py           # rewrite the generated tables
     .venv/bin/python scripts/gen_benchmarks.py --check   # exit 1 if one is out of date
@@ -8,7 +8,8 @@ results in bench/results/*.json.
 Every table of a page sits between ``<!-- generated: NAME -->`` and ``<!-- end generated
 -->``; this script rewrites what is between the markers and leaves the prose around them
 alone (``docgen.render``). Each NAME of docs/benchmarks.md is a function of :data:`TABLES`,
-each of docs/operations.md one of ``sizing.TABLES``, fed by the result files it names
+each of docs/operations.md one of ``sizing.TABLES``, the README's ``fleet-summary``
+``fleet_tables.t_fleet_summary``, fed by the result files it names
 (written by ``bench/common.py:write_result``). A table whose results are missing says so
 instead of showing figures. ``tests/unit/test_benchmarks_doc.py`` fails when a page is stale.
 """
