@@ -173,8 +173,7 @@ def run_backend(args: argparse.Namespace, backend: str, names: list[str], work: 
         rig.up()
         for name in names:
             if now() > deadline:
-                report.unmeasured.append(f"{backend} {name}: --max-minutes reached")
-                code = 2
+                code = report.not_measured(f"{backend} {name}", "--max-minutes reached")
                 continue
             try:
                 before = ""

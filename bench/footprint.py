@@ -230,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted: cleaned up")
         return 130
     except Exception as exc:
-        say(f"NOT MEASURED: {exc}")
-        code = 2
+        code = report.not_measured("footprint", exc)
     if code == 0 and not args.no_save:
         report.save("footprint", "etcd", mark, getattr(report, "samples", []))
     keep_or_remove(work, code == 2 or args.keep_logs)

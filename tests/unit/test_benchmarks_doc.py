@@ -1,5 +1,5 @@
-"""docs/benchmarks.md's tables and docs/operations.md's sizing are generated from
-bench/results/*.json and must match them.
+"""docs/benchmarks.md's tables, docs/operations.md's sizing and the README's fleet summary are
+generated from bench/results/*.json and must match them.
 
 A new or re-run result without a regenerated page fails here. Fix:
 
@@ -109,3 +109,22 @@ def test_the_sizing_is_the_measured_per_host_figures_times_the_hosts(gen: Module
     assert "etcd ~5.0 MB" in rows["bytes sent for one change, every host following"]
     assert "etcd at `abcdef0`" in out
     assert "No result committed" in gen.render_page(text, {}, gen.sizing.TABLES, "x")
+
+
+def test_the_readme_summary_marks_what_its_row_says_missed(gen: ModuleType) -> None:
+    """A restart row that failed on something the cell does not show (its catalogs, say) is a
+    miss too; a size the run never reached shows as a dash, a missing file by its name."""
+    rows = [{"name": "fleet_restart", "size": 250, "resync_max_ms": 2500.0,
+             "peak_over_steady": 2.0, "pass": False, "target": "every host within 10 s"},
+            {"name": "fleet_change", "size": 250, "p99_ms": 40.0, "pass": True,
+             "target": "p99 <= 250 ms"},
+            {"name": "fleet_change", "size": 500, "p99_ms": 260.0, "pass": False}]
+    fake = {"fleet-zk": {"summary": {"rows": rows}}, "fleet-etcd": {"summary": {"rows": []}}}
+    out = gen.t_fleet_summary(fake)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()}
+    change = lines["one change on every host: p99 (target: p99 <= 250 ms)"]
+    assert change.endswith(
+        "| — / — / — | no `fleet-proxy-etcd.json` | 40 ms / **260 ms (miss)** / — |")
+    restart = next(v for k, v in lines.items() if k.startswith("full restart"))
+    assert "**2.5 s, 2.0\N{MULTIPLICATION SIGN} (miss)** / — / —" in restart
+    assert "No result committed" in gen.t_fleet_summary({})
