@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import shutil
 import sys
 import tempfile
 import threading
@@ -33,7 +32,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Interrupted, Report, install_signal_handlers, percentile, say
+from common import (
+    Interrupted,
+    Report,
+    install_signal_handlers,
+    keep_or_remove,
+    percentile,
+    say,
+)
 
 from discovery.registry.etcd_keepalive import FAST, LATE, PROMPT
 from discovery.retry import jittered
@@ -131,18 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="discovery-proxy-renewals-"))
     report = Report()
     mark = report.mark()
+    code = 0
     try:
         samples = run(args, work, report)
+        if not args.no_save:
+            report.save("proxy-renewals", "etcd", mark, samples)
     except Interrupted:
         say("interrupted: cleaned up")
         return 130
     except Exception as exc:
-        say(f"NOT MEASURED: {exc} (logs kept in {work})")
-        return 2
-    if not args.no_save:
-        report.save("proxy-renewals", "etcd", mark, samples)
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+        code = report.not_measured("proxy renewals", exc)
+    keep_or_remove(work, code == 2)
+    return report.status(code)
 
 
 if __name__ == "__main__":

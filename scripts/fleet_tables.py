@@ -6,6 +6,7 @@ per-host footprint (``bench/footprint.py``) and the renewal answers straight and
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from docgen import TIMES, Result, fleet_rows, mean, missing, num, rows_of, table, verdict
 
@@ -178,17 +179,28 @@ def _seconds(ms: float | None, digits: int = 1) -> str:
     return f"{num(ms / 1000, digits if ms >= 1000 else 2)} s"
 
 
-def _figure(name: str, r: dict[str, object]) -> str:
-    get = r.get
+def _figure(name: str, r: dict[str, Any]) -> str:
     if name == "fleet_steady":
-        return num(get("requests_per_s_per_host"), 3)
+        return num(r.get("requests_per_s_per_host"), 3)
     if name == "fleet_change":
-        return "—" if get("p99_ms") is None else f"{num(get('p99_ms'), 0)} ms"
+        return "—" if r.get("p99_ms") is None else f"{num(r['p99_ms'], 0)} ms"
     if name == "fleet_host_death":
-        return _seconds(get("max_ms"), 2)  # type: ignore[arg-type]
-    ratio = get("peak_over_steady")
-    return f"{_seconds(get('resync_max_ms'))}, " + (  # type: ignore[arg-type]
+        return _seconds(r.get("max_ms"), 2)
+    ratio = r.get("peak_over_steady")
+    return f"{_seconds(r.get('resync_max_ms'))}, " + (
         "—" if ratio is None else f"{num(ratio)}{TIMES}")
+
+
+def _sizes(rows: dict[tuple[str, int], dict[str, Any]], name: str) -> str:
+    """One backend's figures of ``name`` at each size: a dash for a size it never reached, a
+    figure whose row missed its target in bold, marked."""
+    shown = []
+    for size in SUMMARY_SIZES:
+        r = rows.get((name, size))
+        figure = "—" if r is None else _figure(name, r)
+        shown.append(f"**{figure} (miss)**" if r is not None and r.get("pass") is False
+                     else figure)
+    return " / ".join(shown)
 
 
 def t_fleet_summary(results: dict[str, Result]) -> str:
@@ -196,25 +208,13 @@ def t_fleet_summary(results: dict[str, Result]) -> str:
     whose row missed its target (the row's own ``pass``) in bold, marked."""
     if not any(results.get(stem) for stem, _ in SUMMARY_STEMS):
         return missing(*(stem for stem, _ in SUMMARY_STEMS))
-    targets: dict[str, str] = {}
+    backends = {stem: fleet_rows(results, stem) if stem in results else None
+                for stem, _ in SUMMARY_STEMS}
     out = []
     for what, name in SUMMARY_LINES:
-        cells = []
-        for stem, _label in SUMMARY_STEMS:
-            if stem not in results:
-                cells.append(f"no `{stem}.json`")
-                continue
-            rows = fleet_rows(results, stem)
-            figures = []
-            for size in SUMMARY_SIZES:
-                r = rows.get((name, size))
-                if r is None:
-                    figures.append("—")
-                    continue
-                targets.setdefault(name, str(r.get("target") or ""))
-                shown = _figure(name, r)
-                figures.append(f"**{shown} (miss)**" if r.get("pass") is False else shown)
-            cells.append(" / ".join(figures))
-        target = targets.get(name)
-        out.append([f"{what} (target: {target})" if target else what, *cells])
+        target = next((str(r["target"]) for rows in backends.values() for (n, _), r in
+                       (rows or {}).items() if n == name and r.get("target")), "")
+        out.append([f"{what} (target: {target})" if target else what,
+                    *(f"no `{stem}.json`" if rows is None else _sizes(rows, name)
+                      for stem, rows in backends.items())])
     return table(["at 250 / 500 / 1,000 hosts", *(label for _, label in SUMMARY_STEMS)], out)
