@@ -28,8 +28,11 @@ from discovery.model.catalog import Catalog
 
 DEFAULT_DATACENTER = "dc1"
 PATHS = ("/v1/catalog/", "/v1/health/service/", "/v1/agent/self", "/v1/prometheus/sd")
-#: Consul's own query parameters we accept (and mostly ignore: we have one consistent catalog)
-COMMON = {"dc", "index", "wait", "stale", "consistent", "cached", "pretty"}
+#: Consul's query parameters every endpoint takes; ``token`` is ignored, as is the
+#: ``X-Consul-Token`` header (reads need none here)
+ANY = {"pretty", "token"}
+#: those of the catalog reads, mostly ignored too: we have one consistent catalog
+COMMON = ANY | {"dc", "index", "wait", "stale", "consistent", "cached"}
 _DATACENTER = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_]")
 _NODE_IDS = uuid.UUID("6f1a3a8e-1c9b-4e0e-9a55-2d1f0b7c4e11")  # namespace for node UUIDs
@@ -77,10 +80,10 @@ class ConsulApi:
         if path == "/v1/prometheus/sd":
             return self._prometheus_sd(query)
         if path == "/v1/agent/self":
-            allow(query, {"pretty"})
+            allow(query, ANY)
             return self._json(self._self(), query)
         if path == "/v1/catalog/datacenters":
-            allow(query, {"pretty"})
+            allow(query, ANY)
             return self._json([self.datacenter], query)
         if path == "/v1/catalog/services":
             allow(query, COMMON)

@@ -59,6 +59,14 @@ def test_catalog_endpoints_and_agent_self(api: HttpApi) -> None:
     assert answer(api, "/v1/catalog/datacenters")[1] == ["eu-1"]
 
 
+@pytest.mark.parametrize("target", ["/v1/agent/self", "/v1/catalog/datacenters",
+                                    "/v1/catalog/services", "/v1/catalog/service/web",
+                                    "/v1/health/service/web?passing"])
+def test_a_consul_token_parameter_is_ignored_as_its_header_is(api: HttpApi, target: str) -> None:
+    join = "&" if "?" in target else "?"
+    assert answer(api, f"{target}{join}token=s3cr3t")[:2] == answer(api, target)[:2]
+
+
 @pytest.mark.parametrize("target", ["/v1/health/service/nope", "/v1/catalog/service/nope",
                                     "/v1/health/service/NOT%20A%20NAME",
                                     "/v1/health/service/web?tag=green"])
