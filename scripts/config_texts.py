@@ -9,12 +9,6 @@ from __future__ import annotations
 #: options without a help text: "command:param" first, then "param" for every command
 OPTION_HELP = {
     "fmt": "output format",
-    "dns_domain": "DNS domain answered: `<service>.service.<domain>`",
-    "dns_ttl": "TTL of DNS answers, seconds",
-    "check-config:haproxy_bin": "HAProxy binary that runs `haproxy -c` on the rendered config",
-    "check-config:services": "a listener to validate, as `watch --service`; repeatable",
-    "up:haproxy_bin": "HAProxy binary: `up` runs and supervises it (master-worker)",
-    "up:node": "this host's name in the registry (default: the short hostname)",
 }
 
 AGENT_CHECK_KEYS = {

@@ -6,9 +6,14 @@ import logging
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from discovery.cli.options import http_token_option, registry_options, zone_option
+from discovery.cli.options import (
+    given,
+    host_options,
+    http_token_option,
+    registry_options,
+    zone_option,
+)
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
 from discovery.errors import DiscoveryError
@@ -19,18 +24,9 @@ log = logging.getLogger(__name__)
 
 @click.command()
 @registry_options(required=False)
-@click.option("--node", envvar="DISCOVERY_NODE", default="", show_default="hostname",
-              help="This host's name in the registry [env DISCOVERY_NODE]")
-@click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
-              help="Advertised IP for published ports [env DISCOVERY_ADDRESS]")
+@host_options()
 @zone_option("This host's zone (a DNS label), written into every instance record; "
              "a container's discovery.zone label overrides it", default="")
-@click.option("--docker", envvar="DISCOVERY_DOCKER", default=None, metavar="URL",
-              help="dockerd URL; default DOCKER_HOST or the local socket [env DISCOVERY_DOCKER]")
-@click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True,
-              help="etcd lease TTL / ZooKeeper session timeout, seconds [env DISCOVERY_TTL]")
-@click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True,
-              help="Reconcile Docker and the registry every N seconds [env DISCOVERY_RESYNC]")
 @click.option("--internal/--no-internal", envvar="DISCOVERY_INTERNAL", default=False,
               help="Advertise container IP and exposed port [env DISCOVERY_INTERNAL]")
 @click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
@@ -50,8 +46,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     from discovery.metrics import Metrics
 
     http, token = opts.pop("http"), opts.pop("http_token")
-    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    explicit = {name for name in opts if ctx.get_parameter_source(name) in given}
+    explicit = given(ctx, opts)
 
     def load() -> AgentConfig:
         base = AgentConfig(**{**opts, "registry": opts["registry"] or ""})

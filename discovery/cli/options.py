@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -200,18 +200,57 @@ def zone_option(text: str, default: str | None = None) -> Callable[[F], F]:
                         callback=check, help=f"{text} [env DISCOVERY_ZONE]")
 
 
+DNS_DOMAIN_HELP = "DNS domain answered: SERVICE.service.DOMAIN"
+DNS_TTL_HELP = "TTL of DNS answers, seconds"
+
+
 def dns_answer_options() -> Callable[[F], F]:
     """``--dns-domain``, ``--dns-ttl`` and ``--dns-udp-answer-limit``: how the DNS endpoint of
     ``up`` and ``watch --dns`` answers (``discovery dns`` names them without ``dns-``)."""
     options = [
-        click.option("--dns-domain", default="discovery.", show_default=True),
-        click.option("--dns-ttl", type=int, default=0, show_default=True),
+        click.option("--dns-domain", default="discovery.", show_default=True,
+                     help=DNS_DOMAIN_HELP),
+        click.option("--dns-ttl", type=int, default=0, show_default=True,
+                     help=DNS_TTL_HELP),
         click.option("--dns-udp-answer-limit", type=click.IntRange(0, 65535), default=3,
                      show_default=True,
                      help="Most answer records in a UDP DNS response (all of them over TCP); "
                           "0: as many as fit"),
     ]
 
+    return _all(options)
+
+
+def host_options() -> Callable[[F], F]:
+    """``--node``, ``--address``, ``--docker``, ``--ttl`` and ``--resync`` of ``agent`` and
+    ``up``: what this host registers and how. Given as a flag or in the environment, each wins
+    over the ``[agent]`` table of ``--config`` (:func:`given`)."""
+    return _all([
+        click.option("--node", envvar="DISCOVERY_NODE", default="", show_default="hostname",
+                     help="This host's name in the registry [env DISCOVERY_NODE]"),
+        click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1",
+                     show_default=True,
+                     help="Advertised IP for published ports [env DISCOVERY_ADDRESS]"),
+        click.option("--docker", envvar="DISCOVERY_DOCKER", default=None, metavar="URL",
+                     help="dockerd URL; default DOCKER_HOST or the local socket "
+                          "[env DISCOVERY_DOCKER]"),
+        click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0,
+                     show_default=True, help="etcd lease TTL / ZooKeeper session timeout, "
+                                             "seconds [env DISCOVERY_TTL]"),
+        click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0,
+                     show_default=True, help="Reconcile Docker and the registry every N "
+                                             "seconds [env DISCOVERY_RESYNC]"),
+    ])
+
+
+def given(ctx: click.Context, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` given on the command line or in the environment: they win over the
+    configuration file."""
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name for name in names if ctx.get_parameter_source(name) in sources}
+
+
+def _all(options: list[Callable[[F], F]]) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         for option in reversed(options):
             fn = option(fn)

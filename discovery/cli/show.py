@@ -98,9 +98,11 @@ def _until(until: float, now: float) -> str:
 
 @click.command(name="check-config")
 @click.option("--config", "config_file", metavar="FILE", help="Agent/watcher TOML to validate")
-@click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT")
+@click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
+              help="A listener to validate, as watch --service; repeatable")
 @click.option("--template", default=None, metavar="FILE", help="Template to render")
-@click.option("--haproxy-bin", default="haproxy", show_default=True)
+@click.option("--haproxy-bin", default="haproxy", show_default=True,
+              help="HAProxy binary that runs haproxy -c on the rendered config")
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 def check_config(config_file: str | None, services: tuple[str, ...], template: str | None,

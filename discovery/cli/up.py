@@ -10,6 +10,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ import click
 from discovery.cli.options import (
     datacenter_option,
     dns_answer_options,
+    given,
+    host_options,
     http_token_option,
     registry_options,
     zone_option,
@@ -39,23 +42,20 @@ DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as 
 @click.option("--dev", is_flag=True,
               help="Private etcd on loopback when no --registry is given; temporary state dir")
 @registry_options(required=False)
-@click.option("--node", envvar="DISCOVERY_NODE", default="", help="This host's name")
-@click.option("--address", envvar="DISCOVERY_ADDRESS", default="127.0.0.1", show_default=True,
-              help="Advertised IP for published ports")
+@host_options()
 @zone_option("This host's zone: written into the records of its instances, and routed to "
              "first (other zones below zone_min_up); default [agent] zone / [watcher] zone")
-@click.option("--ttl", envvar="DISCOVERY_TTL", type=float, default=10.0, show_default=True)
-@click.option("--resync", envvar="DISCOVERY_RESYNC", type=float, default=30.0, show_default=True)
 @click.option("--service", "services", multiple=True, metavar="NAME[:BIND]:PORT",
               help="Route service NAME through HAProxy on BIND:PORT; repeatable")
 @click.option("--config", "config_file", envvar="DISCOVERY_CONFIG", default=None, metavar="FILE",
-              help="TOML with [agent], [watcher] and [services.NAME] tables "
-                   "[env DISCOVERY_CONFIG]")
+              help="TOML with [agent], [watcher] and [services.NAME] tables; re-read on "
+                   "SIGHUP [env DISCOVERY_CONFIG]")
 @click.option("--state-dir", envvar="DISCOVERY_STATE_DIR", default=None,
               help="HAProxy files, and the agent's maintenance state in its agent/ folder "
                    "(default: /var/lib/discovery/watch and /var/lib/discovery/agent; a "
                    "temporary one with --dev)")
-@click.option("--haproxy-bin", default="haproxy", show_default=True)
+@click.option("--haproxy-bin", default="haproxy", show_default=True,
+              help="HAProxy binary: up runs and supervises it (master-worker)")
 @click.option("--dns", "dns", envvar="DISCOVERY_DNS", default="127.0.0.1:8600", show_default=True,
               help="DNS listen address; 'off' to disable [env DISCOVERY_DNS]")
 @dns_answer_options()
@@ -64,12 +64,14 @@ DEFAULT_AGENT_STATE = Path("/var/lib/discovery/agent")  # maintenance state, as 
               "[env DISCOVERY_HTTP]")
 @http_token_option()
 @datacenter_option()
-def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, resync: float,
-       zone: str | None, services: tuple[str, ...], config_file: str | None,
-       state_dir: str | None, haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int,
+@click.pass_context
+def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: str,
+       docker: str | None, ttl: float, resync: float, zone: str | None,
+       services: tuple[str, ...], config_file: str | None, state_dir: str | None,
+       haproxy_bin: str, dns: str, dns_domain: str, dns_ttl: int,
        dns_udp_answer_limit: int, http: str, http_token: str | None, datacenter: str) -> None:
     """Run the whole thing on this host: register, route, and answer lookups."""
-    from discovery.agent.config import AgentConfig
+    from discovery.agent.config import AgentConfig, read_file
     from discovery.agent.core import Agent
     from discovery.lookup.serve import Lookups, predecessor, start_lookups
     from discovery.lookup.status import agent_health
@@ -80,6 +82,7 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         HAProxySettings,
         assemble,
         leave_haproxy,
+        reconfigure,
         stop_haproxy,
         usable_state_dir,
     )
@@ -88,6 +91,8 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
     temp_state: Path | None = None
     lookups = Lookups()
     try:
+        if registry is None and config_file:  # flags and environment win over the file
+            registry = read_file(config_file).get("registry") or None
         if registry is None:
             if not dev:
                 raise DiscoveryError("no registry: give --registry URL, or --dev")
@@ -97,9 +102,11 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
             temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
         state = Path(state_dir) if state_dir else (temp_state or Path("/var/lib/discovery/watch"))
         agent_state = state / "agent" if state_dir or temp_state else DEFAULT_AGENT_STATE
-        agent_cfg, watch_cfg = configs(
-            AgentConfig(registry=registry, node=node, address=address, ttl=ttl, resync=resync,
-                        state_dir=str(agent_state)), zone, services, config_file)
+        base = AgentConfig(registry=registry, node=node, address=address, docker=docker,
+                           ttl=ttl, resync=resync, state_dir=str(agent_state))
+        # the registry, once chosen, is the one both share: a reload does not change it
+        explicit = given(ctx, ("node", "address", "docker", "ttl", "resync")) | {"registry"}
+        agent_cfg, watch_cfg = configs(base, zone, services, config_file, explicit)
         if watch_cfg.services:
             usable_state_dir(state)  # before anything connects: one line, exit 2
         metrics = Metrics()
@@ -139,7 +146,12 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
         lookups.cancel()
         done.set()
 
-    on_signals(stop, leave=leave)
+    def load() -> WatcherConfig:  # SIGHUP: the file again, flags and environment still winning
+        new_agent, new_watch = configs(base, zone, services, config_file, explicit)
+        agent.reload(new_agent)
+        return new_watch
+
+    on_signals(stop, reload=lambda: reconfigure(watcher, load), leave=leave)
     threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
                threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
     for t in threads:
@@ -167,15 +179,17 @@ def up(dev: bool, registry: str | None, node: str, address: str, ttl: float, res
 
 
 def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
-            config_file: str | None) -> tuple[AgentConfig, WatcherConfig]:
-    """The agent's and the watcher's configuration of ``up``: the flags in ``agent``, ``zone``
-    and ``services`` over the ``[agent]`` / ``[watcher]`` tables of ``config_file``. A
+            config_file: str | None, explicit: Collection[str] = ("registry",)
+            ) -> tuple[AgentConfig, WatcherConfig]:
+    """The agent's and the watcher's configuration of ``up``: the fields of ``agent`` named in
+    ``explicit`` (given as flags or in the environment), ``zone`` and ``services`` over the
+    ``[agent]`` / ``[watcher]`` tables of ``config_file``, over the defaults in ``agent``. A
     ``--zone`` goes to both: the agent writes it into its records, the watcher routes to it."""
     from discovery.agent.config import merge, read_file
     from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
     from discovery.watcher.config import merge as merge_services
 
-    explicit = {"registry"}
+    explicit = set(explicit)
     if zone is not None:
         agent, explicit = replace(agent, zone=zone), explicit | {"zone"}
     agent = merge(agent, read_file(config_file) if config_file else {}, explicit)

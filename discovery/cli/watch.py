@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import click
 
 from discovery.cli.options import (
+    DNS_DOMAIN_HELP,
+    DNS_TTL_HELP,
     datacenter_option,
     dns_answer_options,
     http_token_option,
@@ -85,8 +87,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     """Follow the registry; route services through a local HAProxy without dropping requests."""
     from discovery.lookup.serve import predecessor
     from discovery.metrics import Metrics
-    from discovery.registry.view import ServicesView
-    from discovery.watcher.assemble import HAProxySettings, assemble
+    from discovery.watcher.assemble import HAProxySettings, assemble, reconfigure
     from discovery.watcher.config import (
         WatcherConfig,
         load_watcher_config,
@@ -94,7 +95,6 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         parse_service_arg,
         parse_wait,
     )
-    from discovery.watcher.render import Renderer
 
     def load_config() -> WatcherConfig:
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
@@ -142,19 +142,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         return
 
     def on_hup() -> None:
-        if router is None:
-            return
-        try:
-            new = load_config()
-            router.set_config(new, Renderer(new.template))
-            if isinstance(watcher.registry, ServicesView):
-                watcher.registry.set_services(new.services)
-            log.info("SIGHUP: configuration re-read")
-        except DiscoveryError as exc:
-            router.stats.render_errors += 1
-            router.stats.last_error = str(exc)
-            log.error("SIGHUP: configuration not reloaded, keeping the last good one: %s", exc)
-        watcher.poke()
+        reconfigure(watcher, load_config)
 
     log.info("watcher starting: registry %s, %d services routed", mask_url(registry),
              len(cfg.services))
@@ -165,8 +153,9 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 @registry_options()
 @click.option("--listen", "dns", default="127.0.0.1:8600", show_default=True,
               help="DNS listen address (UDP and TCP)")
-@click.option("--domain", "dns_domain", default="discovery.", show_default=True)
-@click.option("--ttl", "dns_ttl", type=int, default=0, show_default=True)
+@click.option("--domain", "dns_domain", default="discovery.", show_default=True,
+              help=DNS_DOMAIN_HELP)
+@click.option("--ttl", "dns_ttl", type=int, default=0, show_default=True, help=DNS_TTL_HELP)
 @click.option("--udp-answer-limit", "dns_udp_answer_limit", type=click.IntRange(0, 65535),
               default=3, show_default=True,
               help="Most answer records in a UDP response (all of them over TCP); 0: as many "

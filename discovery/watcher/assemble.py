@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,28 @@ def leave_haproxy(watcher: Watcher) -> None:
     if isinstance(control, HAProxySupervisor):
         control.leave()
         log.info("leaving HAProxy (master %s) running for the next watcher", control.master_pid)
+
+
+def reconfigure(watcher: Watcher, load: Callable[[], WatcherConfig]) -> None:
+    """SIGHUP of ``watch`` and ``up``: the routed services, their settings and the template
+    from ``load`` (the configuration file read again). One that does not load (or render) is
+    logged and counted as a render error; the last good configuration stays."""
+    router = watcher.router
+    try:
+        new = load()
+        if router is None:  # nothing was routed at start: no HAProxy runs to take them
+            if new.services:
+                log.warning("SIGHUP: %d services to route, but none was at start: restart to "
+                            "route them", len(new.services))
+            return
+        router.set_config(new, Renderer(new.template))
+        if isinstance(watcher.registry, ServicesView):
+            watcher.registry.set_services(new.services)
+        log.info("SIGHUP: configuration re-read")
+    except DiscoveryError as exc:
+        log.error("SIGHUP: configuration not reloaded, keeping the last good one: %s", exc)
+        if router is None:
+            return
+        router.stats.render_errors += 1
+        router.stats.last_error = str(exc)
+    watcher.poke()

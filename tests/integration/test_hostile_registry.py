@@ -103,10 +103,7 @@ def test_every_reader_survives_the_hostile_corpus(registry_url: str, registry_se
                           "up", tmp_path).start()
     agents.append(up)
     wait_for(lambda: get(http_port, "/v1/health"), 30, message="the HTTP API")
-    port = free_port()
-    containers(name=f"{web}-1", port=port, labels={
-        "discovery.service": web, "discovery.port": str(port),
-        "discovery.check.interval": "200ms"})
+    port = containers.instance(f"{web}-1", web)
     [good] = wait_registered(registry_url, web, timeout=20)
     assert good.port == port
     if registry_url.startswith("zk:"):  # up's agent and watcher: one session, not two

@@ -91,10 +91,7 @@ def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
     agents.append(proc)
     wait_for(lambda: get_json(http_port, "/v1/health"), 30, message="the HTTP API")
     for n in (1, 2):
-        port = free_port()
-        containers(name=f"{web}-{n}", port=port, labels={
-            "discovery.service": web, "discovery.port": str(port),
-            "discovery.check.interval": "200ms"})
+        containers.instance(f"{web}-{n}", web)
     wait_for(lambda: set(spread(listen, 8)) == {f"{web}-1", f"{web}-2"}, 30,
              message="both routed")
     found = get_json(http_port, f"/v1/services/{web}")
@@ -119,3 +116,45 @@ def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
     wait_for(lambda: set(spread(listen, 8)) == {f"{web}-1", f"{web}-2"}, 10, message="back")
     bad = maint("nosuch:000000000000:1", "on")
     assert bad.returncode == 2 and "not on this node" in bad.stderr
+
+
+def test_up_rereads_its_config_on_sighup_its_flags_winning(containers, agents, etcd_url: str,
+                                                          tmp_path: Path):
+    """The registry, the agent's zone and the routed listener come from the file, the node
+    from the flag over the file's; SIGHUP applies a new zone and listener, a broken file
+    changes nothing, and SIGTERM still ends it cleanly."""
+    web = f"h{uuid.uuid4().hex[:8]}"
+    first, second, http_port = free_port(), free_port(), free_port()
+    config = tmp_path / "up.toml"
+
+    def write(zone: str, listen: int) -> None:
+        config.write_text(f'[agent]\nregistry = "{etcd_url}"\nnode = "filenode"\n'
+                          f'zone = "{zone}"\n[services.{web}]\nport = {listen}\n')
+
+    write("zone-a", first)
+    proc = DiscoveryProcess(["up", "--config", str(config), "--node", "flagnode", "--dns", "off",
+                             "--http", f"127.0.0.1:{http_port}", "--state-dir",
+                             str(tmp_path / "state")], "up", tmp_path).start()
+    agents.append(proc)
+    wait_for(lambda: get_json(http_port, "/v1/health"), 30, message="the HTTP API")
+    containers.instance(f"{web}-1", web)
+
+    def record() -> dict | None:
+        found = get_json(http_port, f"/v1/services/{web}")
+        return found[0] if found else None  # type: ignore[index]
+
+    rec = wait_for(record, 20, message="the instance in the HTTP API")
+    assert (rec["node"], rec.get("zone")) == ("flagnode", "zone-a"), rec
+    wait_for(lambda: spread(first, 2)[f"{web}-1"] == 2, 20, message="routed on the first port")
+    write("zone-b", second)
+    proc.signal(signal.SIGHUP)
+    wait_for(lambda: (record() or {}).get("zone") == "zone-b", 15, message="the new zone")
+    wait_for(lambda: spread(second, 2)[f"{web}-1"] == 2, 20, message="routed on the new port")
+    assert record()["node"] == "flagnode"  # type: ignore[index]
+    config.write_text("[agent\n")  # broken: the last good configuration stays
+    proc.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration not reloaded" in proc.log(), 10, message="the error")
+    assert spread(second, 2)[f"{web}-1"] == 2 and proc.alive
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "everything stopped" in proc.log()
