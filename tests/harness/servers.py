@@ -361,6 +361,13 @@ def unique_prefix() -> str:
     return f"/t-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture
+def etcd_url(etcd_single: ServerCluster) -> str:
+    """A fresh prefix on the session's single etcd (started again if a test stopped it)."""
+    etcd_single.ensure_running()
+    return etcd_single.url(unique_prefix())
+
+
 @pytest.fixture(params=["etcd", "zk"])
 def registry_url(request: pytest.FixtureRequest) -> str:
     """A registry URL on a single-node server, with a prefix no other test uses."""

@@ -24,19 +24,12 @@ from discovery.model import Instance
 from discovery.registry import Change, RegistryURL, open_registry
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.view import ServicesView
-from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration
 
 FOUR_MIB = 4 * 1024 * 1024
 TXN_OPS = 128  # etcd's default --max-txn-ops
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 @pytest.fixture

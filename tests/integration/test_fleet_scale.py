@@ -26,7 +26,7 @@ from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
 from tests.harness.haproxy import http_get
 from tests.harness.raw_clients import raw_put
-from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+from tests.harness.servers import wait_until
 from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
 
@@ -238,12 +238,6 @@ def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
         assert foreign(7).key not in only.got()
     finally:
         proxy.close()
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: OpenReg,

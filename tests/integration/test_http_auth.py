@@ -30,7 +30,6 @@ from tests.harness.agent import (
     wait_registered,
 )
 from tests.harness.dockerd import ContainerFactory
-from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import free_port, wait_for
 from tests.integration.test_http import catalog, get, get_json, inst
 
@@ -67,12 +66,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, "-m", "discovery", *args], capture_output=True,
                           text=True, timeout=30, check=False, cwd=REPO_ROOT,
                           env={**os.environ, **(env or {})})
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 def start(agents: list[DiscoveryProcess], tmp_path: Path, *args: str) -> tuple[int, str]:

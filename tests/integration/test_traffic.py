@@ -21,7 +21,6 @@ import pytest
 from discovery.model import Instance
 from discovery.registry import Registry, open_registry
 from discovery.watcher.haproxy import HAProxyRuntime
-from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.integration
 def inst(n: int, port: int, zone: str = "", address: str = "127.0.0.1") -> Instance:
     return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address=address,
                     port=port, zone=zone)
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 @pytest.fixture

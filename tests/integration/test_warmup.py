@@ -10,7 +10,6 @@ import pytest
 
 from tests.harness.agent import service_instances, wait_gone, wait_registered
 from tests.harness.dockerd import set_app_healthy
-from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -22,12 +21,6 @@ HIT_CGI = ('#!/bin/sh\ncat /proc/uptime >> /tmp/hits\nsleep 0.1\n'
            'printf "Content-Type: text/plain\\r\\n\\r\\nwarm\\n"\n')
 CGI = "/tmp/www/cgi-bin/hit"
 SETUP = f"mkdir -p /tmp/www/cgi-bin && printf %s {shlex.quote(HIT_CGI)} > {CGI} && chmod 755 {CGI}"
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 def hits(container) -> list[float]:
