@@ -227,7 +227,7 @@ class DnsServer:
         recv, send, catalog, stopping = sock.recvfrom, sock.sendto, self.catalog, self._stopping
         cache = AnswerCache()
         self._caches.append(cache)
-        get, turn = cache.entries.get, 0
+        get = cache.entries.get
         while not stopping.is_set():
             try:
                 try:
@@ -244,8 +244,7 @@ class DnsServer:
                 hit = None if key is None else get(key)
                 if hit is not None:  # the hot path: no parsing beyond the question's labels
                     tails = hit[0]
-                    turn += 1
-                    k = turn % len(tails)
+                    k = next(hit[3]) % len(tails)  # this name's next turn
                     tail = tails[k]
                     if tail is None:  # this turn's order or window, encoded once
                         resp = self._answer(data, tcp=False, rotate=k)

@@ -375,3 +375,18 @@ def test_tcp_several_queries_on_one_connection() -> None:
             assert r.pack()[:2] == wire[:2]
             codes.append(RCODE[r.header.rcode])
         assert codes == ["NOERROR", "NOERROR", "NXDOMAIN"]
+
+
+def test_each_name_turns_through_its_windows_whatever_else_is_asked() -> None:
+    """Two names of two UDP windows each (6 instances, 3 an answer), asked in turn: each
+    still goes round its own windows (one counter for both served each name one window)."""
+    catalog = make_catalog([inst(svc, n, f"198.51.100.{k * 10 + n}", node=f"n{n}")
+                            for k, svc in enumerate(("left", "right")) for n in range(6)])
+    with DnsServer(catalog, port=0) as server:
+        seen: dict[str, set[frozenset[str]]] = {"left": set(), "right": set()}
+        for _ in range(4):
+            for svc in seen:
+                r = DNSRecord.parse(udp(server.port, DNSRecord.question(
+                    f"{svc}.service.discovery").pack()))
+                seen[svc].add(frozenset(rdatas(r.rr)))
+        assert {svc: len(windows) for svc, windows in seen.items()} == {"left": 2, "right": 2}
