@@ -84,8 +84,10 @@ def _same(a: list[Instance], b: list[Instance]) -> bool:
 
 
 class Subscription:
-    """What :meth:`Client.watch` returns. ``stop()`` ends the watch: no callback starts after
-    it returns (one already running on the dispatcher thread finishes)."""
+    """What :meth:`Client.watch` returns. ``stop()`` ends the watch: once it returns no
+    callback of it runs or starts. It waits for one already running on the dispatcher thread
+    (so do not call it holding a lock that callback needs); from inside the callback it
+    returns at once."""
 
     def __init__(self, client: Client, service: str, callback: InstancesCallback,
                  tag: str | None, include_draining: bool) -> None:
@@ -93,6 +95,7 @@ class Subscription:
         self.callback = callback
         self._client = client
         self._stopped = threading.Event()
+        self._calling = threading.RLock()  # held by the dispatcher while the callback runs
         self._last: list[Instance] = []  # the last list queued for delivery
 
     @property
@@ -105,7 +108,8 @@ class Subscription:
         return list(self._last)
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._calling:
+            self._stopped.set()
         self._client._unsubscribe(self)
 
     def __enter__(self) -> Subscription:
@@ -246,12 +250,13 @@ class Client:
     def _dispatch(self) -> None:
         while (item := self._queue.get()) is not None:
             sub, instances = item
-            if not sub.active:
-                continue
-            try:
-                sub.callback(list(instances))
-            except Exception:
-                log.exception("watch callback for %s failed", sub.service)
+            with sub._calling:
+                if not sub.active:
+                    continue
+                try:
+                    sub.callback(list(instances))
+                except Exception:
+                    log.exception("watch callback for %s failed", sub.service)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ registry that hands one over on demand: pure client logic, no server."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -59,3 +60,48 @@ def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
         time.sleep(0.2)  # an absence window: no call for the unchanged "web" list
         assert len(calls.calls) == 2 and client.services() == ["db", "web"]
     assert fake.closed and fake.callback is None
+
+
+def test_stop_waits_for_a_running_callback_and_none_starts_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = RegistryURL.parse("etcd://127.0.0.1:1/x")
+    fake = FakeRegistry(url, Snapshot({inst("web", 1).key: inst("web", 1)}, revision=10))
+    monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
+    entered, release, stopped = threading.Event(), threading.Event(), threading.Event()
+    calls: list[tuple[list[int], bool]] = []  # (ports, whether stop() had returned)
+
+    def slow(instances: list[Any]) -> None:
+        calls.append((ports(instances), stopped.is_set()))
+        if len(calls) == 2:
+            entered.set()
+            release.wait(5)
+
+    def put(n: int) -> None:
+        assert fake.callback is not None
+        fake.callback(Change("put", key=inst("web", n).key, instance=inst("web", n)))
+
+    with Client(url) as client:
+        handle = client.watch("web", slow)
+        put(2)
+        assert entered.wait(5)  # the second call is running
+        stopper = threading.Thread(target=lambda: (handle.stop(), stopped.set()))
+        stopper.start()
+        assert not stopped.wait(0.3)  # stop() waits for the running call
+        put(3)  # queued meanwhile: delivered before stop() returns, or never
+        release.set()
+        assert stopped.wait(5)
+        stopper.join(5)
+        put(4)
+        time.sleep(0.2)  # an absence window: nothing runs after stop() returned
+        assert [p for p, _ in calls][:2] == [[8001], [8001, 8002]]
+        assert not any(after for _, after in calls), calls
+
+    def stop_itself(_: list[Any]) -> None:
+        inner.stop()  # from inside the callback: returns at once
+
+    with Client(url) as client:
+        inner = client.watch("web", stop_itself)
+        deadline = time.monotonic() + 5
+        while inner.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not inner.active
