@@ -139,12 +139,13 @@ class TlsEtcd(EtcdCluster):
 
 
 class AuthEtcd(EtcdCluster):
-    """etcd with auth enabled: ``root`` (everything) and ``alice``, whose role ``agents`` may
-    read and write keys under ``/alice/`` only. Tokens expire after ``TOKEN_TTL`` idle seconds,
+    """etcd with auth enabled: ``root`` (everything), ``alice``, whose role ``agents`` may
+    read and write keys under ``/alice/`` only, and ``bob``, who may only read them. Tokens expire after ``TOKEN_TTL`` idle seconds,
     so clients must authenticate again."""
 
     ROOT_PASSWORD = "root pw:/@?"  # characters that need escaping in a URL
     USER, USER_PASSWORD, USER_PREFIX = "alice", "alice-secret", "/alice"
+    READER = "bob"  # role ``readers``: read only, under /alice/
     TOKEN_TTL = 2
 
     def __init__(self, size: int, base_dir: Path) -> None:
@@ -175,6 +176,12 @@ class AuthEtcd(EtcdCluster):
                          self.USER_PREFIX + "/")
             self.etcdctl("user", "add", self.USER, "--new-user-password", self.USER_PASSWORD)
             self.etcdctl("user", "grant-role", self.USER, "agents")
+            # docs/security.md's role for hosts that only watch: read on the whole prefix
+            self.etcdctl("role", "add", "readers")
+            self.etcdctl("role", "grant-permission", "readers", "--prefix=true", "read",
+                         self.USER_PREFIX + "/")
+            self.etcdctl("user", "add", self.READER, "--new-user-password", self.USER_PASSWORD)
+            self.etcdctl("user", "grant-role", self.READER, "readers")
             self.etcdctl("auth", "enable")
             self.auth_enabled = True
 

@@ -192,6 +192,15 @@ def test_etcd_auth_root_and_a_prefix_user(etcd_auth: AuthEtcd, open_reg: OpenReg
                                "DISCOVERY_REGISTRY_PASSWORD": etcd_auth.USER_PASSWORD})
     assert set(reader.snapshot().instances) == {inst(2).key}
     Follower(reader).wait_keys(inst(2).key)
+    # docs/security.md's reader role: a watch-only host follows (and checks <prefix>/alive),
+    # and may not write
+    bob = open_reg(etcd_auth.url_as(etcd_auth.READER, etcd_auth.USER_PASSWORD, prefix))
+    watching = Follower(bob)
+    alice.register(inst(4))
+    watching.wait_keys(inst(2).key, inst(4).key)
+    bob._read_alive()  # type: ignore[attr-defined]  # its liveness read (etcd_pulse) is allowed
+    message = fails_fast(lambda: bob.register(inst(5)), RegistryError, 1.5)
+    assert "permission denied" in message, message
 
     outside = open_reg(f"{etcd_auth.url_as('alice', None, '/elsewhere')}"
                        f"?password_file={pw_file}")
