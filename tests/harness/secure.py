@@ -140,8 +140,8 @@ class TlsEtcd(EtcdCluster):
 
 class AuthEtcd(EtcdCluster):
     """etcd with auth enabled: ``root`` (everything), ``alice``, whose role ``agents`` may
-    read and write keys under ``/alice/`` only, and ``bob``, who may only read them. Tokens expire after ``TOKEN_TTL`` idle seconds,
-    so clients must authenticate again."""
+    read and write keys under ``/alice/`` only, and ``bob``, who may only read them. Tokens
+    expire after ``TOKEN_TTL`` idle seconds, so clients must authenticate again."""
 
     ROOT_PASSWORD = "root pw:/@?"  # characters that need escaping in a URL
     USER, USER_PASSWORD, USER_PREFIX = "alice", "alice-secret", "/alice"
