@@ -77,6 +77,11 @@ class Router:
         self._lock = threading.RLock()
         self._running_config: WatcherConfig | None = None  # what the installed file was made of
         self._last_attempt: tuple[WatcherConfig, dict[str, int]] | None = None
+        self._unloaded = False  # a file was installed that HAProxy did not load (reload failed)
+        # (service, slot) the runtime API failed to set: sent again at _retry[0] (monotonic),
+        # the wait doubling from 1 s to 30 s while it keeps failing
+        self._unapplied: set[tuple[str, str]] = set()
+        self._retry = (0.0, 0.0)
         self.outliers = OutlierDetector()
 
     # ---- what the catalog asks for ---------------------------------------------------------
@@ -127,21 +132,37 @@ class Router:
                 if self._last_attempt == (self.config, sizes):
                     outcome = "failed"  # same inputs failed before: don't hammer; runtime only
                 else:
-                    try:
-                        self._restructure(desired, sizes)
-                        outcome = "reload"
-                    except (RenderError, ValidationError, HAProxyError) as exc:
-                        self._failed(exc, sizes)
-                        outcome = "failed"
+                    outcome = self._reload(desired, sizes)
             if outcome != "reload":
                 busy = _Busy(self.control)
                 changes = {name: list(self.tables[name].assign(insts, busy.of(name)).values())
                            for name, insts in desired.items() if name in self.tables}
-                if any(changes.values()):
+                if any(changes.values()) or self._unapplied:
                     self._apply({k: v for k, v in changes.items() if v})
                     outcome = "runtime" if outcome == "none" else outcome
+                waiting = [n for n in changes if self.tables[n].overflow]
+                if waiting and outcome != "failed":
+                    # no usable slot (every free one still has sessions): the table grows
+                    # with a reload, whose new worker's slots have none
+                    full = desired if only is None else self.desired(catalog)
+                    sizes = self._sizes(full)
+                    for name in waiting:
+                        sizes[name] = max(sizes[name], slot_count(
+                            self.tables[name].size + 1, self.config.services[name].slots or 8))
+                    log.info("no free slot without sessions in %s: growing with a reload",
+                             ", ".join(waiting))
+                    outcome = self._reload(full, sizes)
             self.stats.note(outcome)
             return outcome
+
+    def _reload(self, desired: dict[str, dict[str, Instance]], sizes: dict[str, int]
+                ) -> Outcome:
+        try:
+            self._restructure(desired, sizes)
+            return "reload"
+        except (RenderError, ValidationError, HAProxyError, OSError) as exc:
+            self._failed(exc, sizes)  # OSError: the state dir (disk full, read-only)
+            return "failed"
 
     def _sizes(self, desired: dict[str, dict[str, Instance]]) -> dict[str, int]:
         sizes = {}
@@ -188,13 +209,20 @@ class Router:
                 self.tables = previous
                 raise
             log.info("HAProxy started with %s", self.config_path)
-        elif control is not None and changed:
-            control.reload()
+        elif control is not None and (changed or self._unloaded):
+            self._unloaded = True  # until a reload succeeds, even if the next file is the same
+            try:
+                control.reload()
+            except HAProxyError:
+                self.tables = previous  # HAProxy still runs the config it had
+                raise
+            self._unloaded = False
             self.stats.reloads += 1
             self.stats.last_reload = time.time()
             log.info("HAProxy reloaded (%d services)", len(tables))
         self._running_config = self.config
         self._last_attempt = None
+        self._unapplied.clear()  # the file carries every slot
         # No re-apply: the file just installed carries every slot as the tables hold it (runtime
         # state is lost on reload, but nothing is missing from the file). A crash restart, whose
         # file may be older than the runtime state, re-applies (supervisor on_restart).
@@ -211,28 +239,52 @@ class Router:
 
     # ---- runtime API -----------------------------------------------------------------------
     def _apply(self, changes: dict[str, list[Slot]]) -> None:
-        if self.control is None or not changes:
+        """Send ``changes``, and the slots an earlier call failed to set (as the tables hold
+        them now); what fails is sent again later (:meth:`tick`)."""
+        if self.control is None:
+            return
+        merged = {name: {s.name: s for s in slots} for name, slots in changes.items()}
+        for name, slot_name in self._unapplied:
+            table = self.tables.get(name)
+            slot = table.slot(slot_name) if table is not None else None
+            if slot is not None:
+                merged.setdefault(name, {}).setdefault(slot_name, slot)
+        todo = {name: list(slots.values()) for name, slots in merged.items() if slots}
+        if not todo:
+            self._unapplied.clear()
             return
         try:
-            self.control.runtime.apply_slots(changes)
-            self.stats.runtime_ops += sum(len(v) for v in changes.values())
-            log.debug("runtime: %s", {k: [s.name for s in v] for k, v in changes.items()})
+            self.control.runtime.apply_slots(todo)
+            self.stats.runtime_ops += sum(len(v) for v in todo.values())
+            log.debug("runtime: %s", {k: [s.name for s in v] for k, v in todo.items()})
+            self._unapplied.clear()
+            self._retry = (0.0, 0.0)
         except HAProxyError as exc:
             self.stats.haproxy_errors += 1
             self.stats.last_error = str(exc)
-            log.error("runtime API: %s", exc)
+            self._unapplied = {(name, s.name) for name, slots in todo.items() for s in slots}
+            wait = min(max(2 * self._retry[1], 1.0), 30.0)
+            self._retry = (time.monotonic() + wait, wait)
+            log.error("runtime API: %s; %d slot(s) sent again in %.0f s", exc,
+                      len(self._unapplied), wait)
 
     # ---- outlier ejection (the watcher loop calls these) ------------------------------------
     def _outlier_settings(self) -> dict[str, OutlierSettings]:
         return {n: s.outlier for n, s in self.config.services.items() if s.outlier is not None}
 
     def next_due(self) -> float | None:
-        """When :meth:`tick` has work (monotonic time); None: no service asks for it."""
-        return self.outliers.due(self._outlier_settings())
+        """When :meth:`tick` has work (monotonic time); None: none."""
+        due = self.outliers.due(self._outlier_settings())
+        if self._unapplied:
+            due = self._retry[0] if due is None else min(due, self._retry[0])
+        return due
 
     def tick(self, catalog: Catalog) -> None:
-        """Read HAProxy's counters when due, eject and re-admit: runtime API only."""
+        """Send again what the runtime API failed to set, when due; read HAProxy's counters
+        when due, eject and re-admit: runtime API only."""
         with self._lock:
+            if self._unapplied and time.monotonic() >= self._retry[0]:
+                self._apply({})
             settings = self._outlier_settings()
             due = self.outliers.due(settings)
             if due is None or time.monotonic() < due or self.control is None:
@@ -241,8 +293,10 @@ class Router:
             if time.monotonic() >= self.outliers.next_read:
                 try:
                     stat = self.control.runtime.stat()
-                except HAProxyError as exc:
+                except HAProxyError as exc:  # not before the next interval: no busy loop
                     log.debug("outlier detection: show stat: %s", exc)
+                    self.outliers.next_read = time.monotonic() + min(
+                        cfg.interval for cfg in settings.values())
             names = [n for n in settings if n in self.tables]
             slots = {n: self.tables[n].ids() for n in names}
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP

@@ -130,3 +130,8 @@ class SlotTable:
 
     def slots(self) -> list[Slot]:
         return [Slot.of(self.name(n), inst) for n, inst in enumerate(self._slots)]
+
+    def slot(self, name: str) -> Slot | None:
+        """The slot ``name`` (``s1``…) as HAProxy should have it; None: no such slot."""
+        n = int(name[1:]) - 1
+        return Slot.of(name, self._slots[n]) if 0 <= n < self.size else None

@@ -191,9 +191,12 @@ def test_steer_prefers_the_local_zone_and_spills_over() -> None:
     assert steer(drained, "eu-1", 1, set())[b.id].weight == 100  # draining is not up
 
 
-def test_zone_min_up_counts_up_local_instances_only() -> None:
+def test_zone_min_up_counts_local_instances_that_take_traffic_only() -> None:
     insts = {i.id: i for i in (inst(1, "z1"), inst(2, "z1", weight=0), inst(3, "z2"))}
-    assert steer(insts, "z1", 2, set())[inst(3).id].weight == 0
+    assert steer(insts, "z1", 1, set())[inst(3).id].weight == 0
+    assert steer(insts, "z1", 2, set())[inst(3).id].weight == 100  # weight 0 serves nothing
+    only_idle = {i.id: i for i in (inst(2, "z1", weight=0), inst(3, "z2"))}
+    assert steer(only_idle, "z1", 1, set())[inst(3).id].weight == 100  # never every one at 0
 
 
 # ---- slot reuse --------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""The router after what goes wrong between it and HAProxy: no usable slot, a runtime-API
+call or a reload that fails, a full disk, a ``show stat`` that fails. A fake HAProxy control;
+the real ``haproxy -c`` checks what is rendered."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery.errors import HAProxyError
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry.base import Change, Snapshot
+from discovery.watcher import router as router_module
+from discovery.watcher.config import ServiceConfig, WatcherConfig
+from discovery.watcher.outlier import OutlierSettings
+from discovery.watcher.render import Renderer, RuntimePaths
+from discovery.watcher.router import Router
+from tests.harness.util import require_tool
+
+WEB = ServiceConfig(name="web", port=18000)
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, list[tuple[str, str]]]] = []
+        self.busy: set[str] = set()
+        self.fail_apply = self.fail_stat = False
+        self.stats = 0
+
+    def stat(self, backend: str | None = None) -> dict[tuple[str, str], dict[str, str]]:
+        self.stats += 1
+        if self.fail_stat:
+            raise HAProxyError("cannot reach admin.sock")
+        return {("web", f"s{n}"): {"scur": "3" if f"s{n}" in self.busy else "0"}
+                for n in range(1, 33)}
+
+    def apply_slots(self, changes: dict[str, list[Any]]) -> None:
+        if self.fail_apply:
+            raise HAProxyError("admin.sock: connection failed after 0 of 3 commands: timed out")
+        self.sent.append({k: [(s.name, s.instance_id) for s in v] for k, v in changes.items()})
+
+
+class Control:
+    def __init__(self) -> None:
+        self.runtime = Runtime()
+        self.reloads = 0
+        self.fail_reload = False
+
+    def reload(self) -> None:
+        if self.fail_reload:
+            raise HAProxyError("reload failed: the old worker keeps serving")
+        self.reloads += 1
+
+
+def inst(n: int) -> Instance:
+    return Instance(service="web", id=f"h:{n:012x}:80", node="h", address="127.0.0.1",
+                    port=8000 + n)
+
+
+def setup(tmp_path: Path, n: int, config: WatcherConfig | None = None
+          ) -> tuple[Router, Control, Catalog]:
+    require_tool("haproxy", "haproxy")
+    control = Control()
+    router = Router(config or WatcherConfig(services={"web": WEB}), tmp_path / "haproxy.cfg",
+                    RuntimePaths(str(tmp_path / "admin.sock")), control)  # type: ignore[arg-type]
+    catalog = Catalog()
+    catalog.load(Snapshot({inst(i).key: inst(i) for i in range(1, n + 1)}, revision=1))
+    assert router.sync(catalog) == "reload"
+    return router, control, catalog
+
+
+def put(catalog: Catalog, n: int) -> None:
+    catalog.apply(Change("put", inst(n).key, inst(n), revision=100 + n))
+
+
+def test_a_replacement_with_no_usable_slot_grows_the_table_with_a_reload(tmp_path: Path) -> None:
+    router, control, catalog = setup(tmp_path, 5)
+    for n in (6, 7, 8):  # grown to 8 instances in the 8 slots: runtime only
+        put(catalog, n)
+        assert router.sync(catalog, {"web"}) == "runtime"
+    assert router.tables["web"].size == 8
+    catalog.apply(Change("delete", inst(1).key, revision=50))  # a rolling deploy: 1 -> 9
+    put(catalog, 9)
+    assert router.sync(catalog, {"web"}) == "reload"
+    assert inst(9).id in router.tables["web"].ids().values()
+    assert router.tables["web"].size == 16 and control.reloads == 2
+
+
+def test_a_failed_runtime_call_is_sent_again(tmp_path: Path) -> None:
+    router, control, catalog = setup(tmp_path, 1)
+    control.runtime.fail_apply = True
+    put(catalog, 2)
+    assert router.sync(catalog, {"web"}) == "runtime"
+    assert control.runtime.sent == [] and router.next_due() is not None
+    control.runtime.fail_apply = False
+    assert router.sync(catalog, set()) == "runtime"  # any later sync sends it along
+    assert control.runtime.sent == [{"web": [("s2", inst(2).id)]}]
+    assert router.next_due() is None  # nothing left to send
+    control.runtime.fail_apply = True
+    put(catalog, 3)
+    router.sync(catalog, {"web"})
+    control.runtime.fail_apply = False
+    deadline = time.monotonic() + 5  # with no sync, the watcher's tick sends it when due
+    while control.runtime.sent[-1] != {"web": [("s3", inst(3).id)]}:
+        assert time.monotonic() < deadline, control.runtime.sent
+        router.tick(catalog)
+        time.sleep(0.05)
+    assert router.next_due() is None
+
+
+def test_a_failed_reload_is_tried_again_even_if_the_file_is_the_same(tmp_path: Path) -> None:
+    router, control, catalog = setup(tmp_path, 1)
+    more = WatcherConfig(services={"web": WEB, "api": ServiceConfig(name="api", port=18001)})
+    control.fail_reload = True  # e.g. the new port is taken: haproxy -c cannot see that
+    router.set_config(more, Renderer(None))
+    assert router.sync(catalog) == "failed" and set(router.tables) == {"web"}
+    control.fail_reload = False
+    router.set_config(more, Renderer(None))  # SIGHUP again, the same file
+    assert router.sync(catalog) == "reload" and control.reloads == 2
+    assert set(router.tables) == {"web", "api"} and not router.structure_changed()
+
+
+def test_a_full_disk_keeps_the_last_good_config(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    router, control, catalog = setup(tmp_path, 1)
+
+    def full(text: str, dest: Path) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(router_module, "stage", full)
+    for n in range(2, 10):  # 9 instances: more than the 8 slots, a reload
+        put(catalog, n)
+    assert router.sync(catalog, {"web"}) == "failed"
+    assert "No space left" in router.stats.last_error and control.reloads == 1
+
+
+def test_a_failing_show_stat_waits_for_the_next_interval(tmp_path: Path) -> None:
+    config = WatcherConfig(services={"web": ServiceConfig(name="web", port=18000,
+                                                          outlier=OutlierSettings())})
+    router, control, catalog = setup(tmp_path, 1, config)
+    control.runtime.fail_stat = True
+    for _ in range(100):
+        router.tick(catalog)
+    due = router.next_due()
+    assert control.runtime.stats == 1 and due is not None and due > time.monotonic()
