@@ -80,10 +80,12 @@ class ConsulApi:
         if path == "/v1/prometheus/sd":
             return self._prometheus_sd(query)
         if path == "/v1/agent/self":
-            allow(query, ANY)
+            allow(query, ANY | {"dc"})  # Consul's Go client sends its datacenter everywhere
+            self._datacenter(query)
             return self._json(self._self(), query)
         if path == "/v1/catalog/datacenters":
-            allow(query, ANY)
+            allow(query, ANY | {"dc"})
+            self._datacenter(query)
             return self._json([self.datacenter], query)
         if path == "/v1/catalog/services":
             allow(query, COMMON)
@@ -107,15 +109,18 @@ class ConsulApi:
     # ---- shared -----------------------------------------------------------------------------
     def _wait(self, query: dict[str, list[str]], req: Request) -> int:
         """Check the common parameters, block if asked; the Consul index to answer with."""
-        dc = query.get("dc", [self.datacenter])[0]
-        if dc not in ("", self.datacenter):
-            raise ApiError(400, f"unknown datacenter {dc[:64]!r} (this one is "
-                                f"{self.datacenter!r})", "dc")
+        self._datacenter(query)
         if "stale" in query and "consistent" in query:
             raise ApiError(400, "stale and consistent cannot both be given", "stale")
         index, wait = blocking_params(query)
         wanted = index - 1 if index else None  # Consul index N is catalog index N - 1
         return self.block(self.catalog, req, wanted, wait) + 1
+
+    def _datacenter(self, query: dict[str, list[str]]) -> None:
+        dc = query.get("dc", [self.datacenter])[0]
+        if dc not in ("", self.datacenter):
+            raise ApiError(400, f"unknown datacenter {dc[:64]!r} (this one is "
+                                f"{self.datacenter!r})", "dc")
 
     def _json(self, data: Any, query: dict[str, list[str]], index: int | None = None
               ) -> Response:
@@ -187,11 +192,12 @@ class ConsulApi:
         allow(query, {"service", "tag", "up", "passing", "pretty"})
         up_only = flag(query, "up") or flag(query, "passing")
         service = query.get("service", [None])[0]
+        index = self.catalog.index  # before the data: a client sending it back misses nothing
         found = self.catalog.instances(service, tags=query.get("tag", []),
                                        include_draining=not up_only)
         groups = [{"targets": [_target(i)], "labels": sd_labels(i)} for i in found]
         return Response(200, dump_json(groups, flag(query, "pretty")),
-                        headers={"X-Discovery-Index": str(self.catalog.index)})
+                        headers={"X-Discovery-Index": str(index)})
 
 
 def _target(inst: Instance) -> str:

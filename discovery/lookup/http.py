@@ -147,7 +147,13 @@ class HttpApi:
                                     "this API by IP)")
             if req.method == "PUT":
                 self._authorize(req.headers)
-            if urlsplit(req.target).path == "/v1/agent/maint":
+            if len(req.target) > MAX_TARGET:
+                raise ApiError(414, f"request target longer than {MAX_TARGET} bytes")
+            try:
+                path = urlsplit(req.target).path
+            except ValueError:  # e.g. "http://[" (an unclosed IPv6 literal): the client's error
+                raise ApiError(400, "malformed request target") from None
+            if path == "/v1/agent/maint":
                 return self._maint(req.target, req.method)
             if req.method == "PUT":
                 raise ApiError(405, "PUT is only for /v1/agent/maint")
@@ -177,10 +183,7 @@ class HttpApi:
             raise ApiError(401, "wrong token", headers=challenge)
 
     def _route(self, req: Request) -> Response:
-        target = req.target
-        if len(target) > MAX_TARGET:
-            raise ApiError(414, f"request target longer than {MAX_TARGET} bytes")
-        parts = urlsplit(target)
+        parts = urlsplit(req.target)  # checked by handle()
         query = parse_query(parts.query)
         path = parts.path
         if path == "/metrics":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
@@ -12,6 +13,10 @@ from discovery.lookup.http_guard import ascii_int
 from discovery.model.durations import parse_duration
 
 MAX_WAIT = 300.0  # longer waits are capped, as Consul caps at 10 minutes
+#: Go's time.ParseDuration spelling of several parts, as Consul reads ``wait`` (1m30s, 5m0s)
+_GO_DURATION = re.compile(r"(?:[0-9]{1,9}(?:\.[0-9]{1,6})?(?:ns|us|µs|ms|s|m|h)){1,7}")
+_GO_PART = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 TRUE, FALSE = {"", "1", "true", "yes"}, {"0", "false", "no"}
 MAX_PARAMS = 32
 
@@ -89,10 +94,13 @@ def blocking_params(query: dict[str, list[str]]) -> tuple[int | None, float]:
                            "index")
     wait = MAX_WAIT
     if "wait" in query:
+        raw = query["wait"][0]
         try:
-            wait = parse_duration("wait", query["wait"][0], maximum=1e12)
+            wait = parse_duration("wait", raw, maximum=1e12)
         except ValidationError as exc:
-            raise ApiError(400, str(exc), "wait") from None
+            if not _GO_DURATION.fullmatch(raw):
+                raise ApiError(400, str(exc), "wait") from None
+            wait = sum(float(n) * _GO_UNITS[u] for n, u in _GO_PART.findall(raw))
     return index, min(wait, MAX_WAIT)
 
 

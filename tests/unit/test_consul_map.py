@@ -87,6 +87,40 @@ def test_malformed_parameters_are_400_naming_them(api: HttpApi, target: str, par
     assert status == 400 and body["param"] == param
 
 
+def test_datacenter_on_every_consul_endpoint_as_the_go_client_sends_it(api: HttpApi) -> None:
+    for target in ("/v1/agent/self", "/v1/catalog/datacenters", "/v1/catalog/services"):
+        assert answer(api, f"{target}?dc=eu-1")[0] == 200, target
+        status, body, _ = answer(api, f"{target}?dc=us-2")
+        assert status == 400 and body["param"] == "dc", target
+
+
+def test_wait_in_go_duration_form(api: HttpApi) -> None:
+    """Consul reads wait with Go's time.ParseDuration: 1m30s and 5m0s are waits too."""
+    from discovery.lookup.http_query import blocking_params
+    assert blocking_params({"wait": ["1m30s"]}) == (None, 90.0)
+    assert blocking_params({"wait": ["50ms"]}) == (None, 0.05)
+    status, _, headers = answer(api, "/v1/health/service/web?index=2&wait=0m0.05s")
+    assert status == 200 and headers["X-Consul-Index"] == "2"
+    assert answer(api, "/v1/health/service/web?wait=1m30")[0] == 400
+
+
+def test_sd_index_is_read_before_the_data(api: HttpApi, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    catalog = api.catalog
+    assert catalog is not None
+    real = catalog.instances
+
+    def then_a_change(*args: Any, **kw: Any) -> Any:
+        found = real(*args, **kw)
+        catalog.load(Snapshot({i.key: i for i in (inst(1), inst(2), inst(3))}))  # index moves
+        return found
+
+    before = catalog.index
+    monkeypatch.setattr(catalog, "instances", then_a_change)
+    status, body, headers = answer(api, "/v1/prometheus/sd")
+    assert status == 200 and len(body) == 2 and headers["X-Discovery-Index"] == str(before)
+
+
 def test_blocking_query_on_the_current_index_waits_out_wait(api: HttpApi) -> None:
     status, _, headers = answer(api, "/v1/health/service/web?index=2&wait=50ms")
     assert status == 200 and headers["X-Consul-Index"] == "2"

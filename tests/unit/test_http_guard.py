@@ -144,3 +144,24 @@ def test_parse_query_limits() -> None:
     assert parse_query("a=1&b&a=2") == {"a": ["1", "2"], "b": [""]}
     with pytest.raises(ApiError, match="32"):
         parse_query("&".join(f"p{i}=1" for i in range(40)))
+
+
+def test_malformed_or_long_targets_are_client_errors_on_every_path() -> None:
+    from discovery.lookup.http import HttpApi
+    from discovery.lookup.http_query import Request
+    from discovery.model.catalog import Catalog
+
+    asked: list[str] = []
+
+    def maint(enable: bool, instance: str | None) -> list[str]:
+        asked.append(instance or "")
+        return []
+
+    token = "t" * 40
+    api = HttpApi(Catalog(), dict, None, maint=maint, token=token)
+    assert api.handle("http://[::1/v1/services").status == 400  # an unclosed IPv6 literal
+    long_id = "a" * 6000
+    put = Request(f"/v1/agent/maint?enable=true&id={long_id}", "PUT",
+                  {"x-discovery-token": token})
+    assert api.handle(put).status == 414 and asked == []  # refused before the maint call
+    assert api.handle(f"/v1/health?pretty={long_id}").status == 414
