@@ -115,7 +115,6 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
         WatcherConfig,
         load_watcher_config,
         merge,
-        parse_service_arg,
     )
     from discovery.watcher.render import Renderer, RuntimePaths, build_context
     from discovery.watcher.slots import SlotTable, slot_count
@@ -125,7 +124,7 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
         if config_file:
             read_file(config_file)  # the [agent] table, if any
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
-        cfg = merge(cfg, [parse_service_arg(s) for s in services])
+        cfg = merge(cfg, services)
         if template:
             cfg = replace(cfg, template=template)
         with tempfile.TemporaryDirectory(prefix="discovery-check-") as tmp:

@@ -186,7 +186,7 @@ def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
     ``[agent]`` / ``[watcher]`` tables of ``config_file``, over the defaults in ``agent``. A
     ``--zone`` goes to both: the agent writes it into its records, the watcher routes to it."""
     from discovery.agent.config import merge, read_file
-    from discovery.watcher.config import WatcherConfig, load_watcher_config, parse_service_arg
+    from discovery.watcher.config import WatcherConfig, load_watcher_config
     from discovery.watcher.config import merge as merge_services
 
     explicit = set(explicit)
@@ -194,7 +194,7 @@ def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
         agent, explicit = replace(agent, zone=zone), explicit | {"zone"}
     agent = merge(agent, read_file(config_file) if config_file else {}, explicit)
     watcher = load_watcher_config(config_file) if config_file else WatcherConfig()
-    watcher = merge_services(watcher, [parse_service_arg(s) for s in services])
+    watcher = merge_services(watcher, services)
     if zone is not None:
         watcher = replace(watcher, zone=zone)
     return agent, watcher

@@ -92,13 +92,12 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
         WatcherConfig,
         load_watcher_config,
         merge,
-        parse_service_arg,
         parse_wait,
     )
 
     def load_config() -> WatcherConfig:
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
-        cfg = merge(cfg, [parse_service_arg(s) for s in services])
+        cfg = merge(cfg, services)
         if template:
             cfg = replace(cfg, template=template)
         if wait:

@@ -213,6 +213,11 @@ def parse_wait(value: str, culprit: str = "--wait") -> tuple[float, float]:
 
 def parse_service_arg(value: str, culprit: str | None = None) -> ServiceConfig:
     """``"web:18000"`` or ``"web:127.0.0.2:18000"`` (IPv6: ``"web:[::1]:18000"``)."""
+    return _service_arg(value, culprit)[0]
+
+
+def _service_arg(value: str, culprit: str | None = None) -> tuple[ServiceConfig, bool]:
+    """:func:`parse_service_arg`, and whether ``value`` names a bind address."""
     where = culprit or f"--service {_show(value)}"
     m = re.fullmatch(r"([^:]+)(?::(\[[^]]*\]|[^:]*))?:([^:]+)", value) if len(value) < 300 else None
     if m is None:
@@ -222,7 +227,7 @@ def parse_service_arg(value: str, culprit: str | None = None) -> ServiceConfig:
         validate.dns_label(where, name)
         bind = validate.bind_address(where, bind)
         port_number = validate.port(where, port)
-    return ServiceConfig(name=name, port=port_number, bind=bind)
+    return ServiceConfig(name=name, port=port_number, bind=bind), bool(m[2])
 
 
 _SERVICE_KEYS = {f.name for f in fields(ServiceConfig)} - {"name"}
@@ -288,13 +293,14 @@ def load_watcher_config(path: str | Path) -> WatcherConfig:
         raise ConfigError(f"config file {path}: {exc}") from None
 
 
-def merge(file_cfg: WatcherConfig, cli_services: Sequence[ServiceConfig]) -> WatcherConfig:
-    """Add ``--service`` listeners to the file's. For a service the file also defines, the
-    flag sets the port (and the bind address, when it names one); the rest comes from the
-    file."""
+def merge(file_cfg: WatcherConfig, cli_services: Sequence[str]) -> WatcherConfig:
+    """Add the ``--service`` listeners (``NAME[:BIND]:PORT``) to the file's. For a service the
+    file also defines, the flag sets the port (and the bind address, when it names one, even
+    the default's); the rest comes from the file."""
     services = dict(file_cfg.services)
     given: set[str] = set()
-    for svc in cli_services:
+    for arg in cli_services:
+        svc, bind_given = _service_arg(arg)
         if svc.name in given:
             _fail(f"--service {svc.name}", "given twice")
         given.add(svc.name)
@@ -302,6 +308,6 @@ def merge(file_cfg: WatcherConfig, cli_services: Sequence[ServiceConfig]) -> Wat
         if base is None:
             services[svc.name] = svc
         else:
-            bind = svc.bind if svc.bind != DEFAULT_BIND else base.bind
+            bind = svc.bind if bind_given else base.bind
             services[svc.name] = replace(base, port=svc.port, bind=bind)
     return replace(file_cfg, services=dict(sorted(services.items())))

@@ -219,7 +219,8 @@ class WipeGuard:
                 keep[key] = inst
                 if key not in self._deferred:
                     self._defer(key, _Deferred(inst, now + self.settings.settle))
-        for key in [k for k in self._deferred if k in snapshot.instances]:
+        # back in the registry, or gone from the catalog the reset makes: nothing to hold
+        for key in [k for k in self._deferred if k in snapshot.instances or k not in keep]:
             self._pop(key)
         self._count()
         if len(keep) == len(snapshot.instances):

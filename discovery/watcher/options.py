@@ -38,12 +38,28 @@ def _ip(s: str) -> bool:
     return False
 
 
-_time, _token = _match(r"[0-9]{1,9}(?:us|ms|s|m|h|d)?"), _match(_SAFE_TOKEN.pattern)
+_MS = {"us": 0.001, "ms": 1, "": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_TIMER_MAX_MS = 2_147_483_647  # HAProxy refuses a longer timer ("timer overflow")
+
+
+def _timer(minimum_ms: float) -> Check:
+    """An HAProxy time (a bare number: milliseconds) of at least ``minimum_ms``."""
+    def check(s: str) -> bool:
+        m = re.fullmatch(r"([0-9]{1,12})(us|ms|s|m|h|d)?", s)
+        return m is not None and minimum_ms <= int(m[1]) * _MS[m[2] or ""] <= _TIMER_MAX_MS
+
+    return check
+
+
+# a check interval of 0 is refused by HAProxy ("invalid value 0 for argument 'inter'")
+_time, _interval = _timer(0), _timer(1)
+_token = _match(_SAFE_TOKEN.pattern)
+_PROTO = _enum("h1", "h2", "fcgi", "none")  # HAProxy 2.6's `proto` multiplexers
 _TLS = ("SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 CHECK_KEYWORDS: Mapping[str, Check] = {
-    "inter": _time, "fastinter": _time, "downinter": _time,
+    "inter": _interval, "fastinter": _interval, "downinter": _interval,
     "rise": _int(1, 1000), "fall": _int(1, 1000), "port": _int(1, 65535), "addr": _ip,
-    "check-ssl": None, "check-send-proxy": None, "check-alpn": _token, "check-proto": _token,
+    "check-ssl": None, "check-send-proxy": None, "check-alpn": _token, "check-proto": _PROTO,
     "check-sni": _token, "observe": _enum("layer4", "layer7"),
     "on-error": _enum("fastinter", "fail-check", "sudden-death", "mark-down"),
     "on-marked-down": _enum("shutdown-sessions"),
@@ -56,7 +72,7 @@ SERVER_KEYWORDS: Mapping[str, Check] = {
     "maxconn": _int(0, 1000000), "minconn": _int(0, 1000000), "maxqueue": _int(0, 1000000),
     "slowstart": _time, "backup": None, "send-proxy": None, "send-proxy-v2": None,
     "tfo": None, "ssl": None, "verify": _enum("none", "required"), "ca-file": _token,
-    "alpn": _token, "proto": _token, "ws": _enum("auto", "h1", "h2"),
+    "alpn": _token, "proto": _PROTO, "ws": _enum("auto", "h1", "h2"),
     "ssl-min-ver": _enum(*_TLS), "ssl-max-ver": _enum(*_TLS), "no-ssl-reuse": None,
     "pool-max-conn": _int(-1, 1000000), "pool-low-conn": _int(0, 1000000),
     "pool-purge-delay": _time, "max-reuse": _int(-1, 1000000), "tcp-ut": _time,
@@ -118,6 +134,9 @@ def parse_options(culprit: str, value: object, check_only: bool = False) -> tupl
                 fail(culprit, f"{show(arg)} is not a valid value for {word!r}")
             i += 1
         i += 1
+    if "verify" in seen and tokens[tokens.index("verify") + 1] == "required" \
+            and "ca-file" not in seen:
+        fail(culprit, "'verify required' needs a 'ca-file' to verify with")
     return tuple(tokens)
 
 

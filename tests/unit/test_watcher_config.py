@@ -152,6 +152,14 @@ LONG_SERVER = (
         (SVC + 'server_options = "maxconn\\t1 send-proxy\\u00a0"\n', r"control character 0xa0"),
         (SVC + "server_options = 'maxconn 1 # x'\n", r"'#' is not an allowed keyword"),
         (SVC + "server_options = 'inter 2s#x'\n", r"not a valid value for 'inter'"),
+        # what haproxy -c refuses, refused here first (a first start has nothing to fall
+        # back on): a zero interval, a timer past 2^31 - 1 ms, an unknown multiplexer,
+        # verification without a CA
+        (SVC + "server_options = 'inter 0'\n", r"'0' is not a valid value for 'inter'"),
+        (SVC + "check_options = 'fastinter 0us'\n", r"not a valid value for 'fastinter'"),
+        (SVC + "server_options = 'slowstart 999999999d'\n", r"not a valid value for 'slowstart'"),
+        (SVC + "server_options = 'proto foo'\n", r"'foo' is not a valid value for 'proto'"),
+        (SVC + "server_options = 'ssl verify required'\n", r"needs a 'ca-file'"),
         (SVC + "server_options = 'ca-file \"/x\"'\n", r"not a valid value for 'ca-file'"),
         (SVC + "server_options = 'ca-file /x\\\\y'\n", r"not a valid value for 'ca-file'"),
         (SVC + 'server_options = "maxconn 1\\u2028"\n', r"control character"),
@@ -319,26 +327,28 @@ def test_format_duration_and_ms() -> None:
 
 def test_merge(tmp_path: Path) -> None:
     file_cfg = load(tmp_path, FULL)
-    merged = merge(file_cfg, [parse_service_arg("web:19000"), parse_service_arg("api:19001")])
+    merged = merge(file_cfg, ["web:19000", "api:19001"])
     assert list(merged.services) == ["api", "db", "web"]
     web = merged.services["web"]
     assert (web.port, web.bind, web.balance, web.httpchk) == (19000, "127.0.0.1", "leastconn",
                                                               "/health")  # fmt: skip
-    db = merge(file_cfg, [parse_service_arg("db:15000")]).services["db"]
+    db = merge(file_cfg, ["db:15000"]).services["db"]
     assert (db.bind, db.port, db.mode) == ("127.0.0.2", 15000, "tcp")  # file's bind kept
-    db = merge(file_cfg, [parse_service_arg("db:127.0.0.3:15000")]).services["db"]
+    db = merge(file_cfg, ["db:127.0.0.3:15000"]).services["db"]
     assert db.bind == "127.0.0.3"
+    db = merge(file_cfg, ["db:127.0.0.1:15000"]).services["db"]  # the default, named: it wins
+    assert db.bind == "127.0.0.1"
     assert merged.maxconn == file_cfg.maxconn and merge(file_cfg, []) == file_cfg
 
 
 def test_merge_errors(tmp_path: Path) -> None:
     file_cfg = load(tmp_path, FULL)
     with pytest.raises(ConfigError, match="given twice"):
-        merge(file_cfg, [parse_service_arg("x:1"), parse_service_arg("x:2")])
+        merge(file_cfg, ["x:1", "x:2"])
     with pytest.raises(ConfigError, match="already used"):
-        merge(file_cfg, [parse_service_arg("api:18000")])
+        merge(file_cfg, ["api:18000"])
     with pytest.raises(ConfigError, match="already used"):
-        merge(file_cfg, [parse_service_arg("api:8404")])  # the stats port
+        merge(file_cfg, ["api:8404"])  # the stats port
 
 
 def test_from_dict_and_direct_construction() -> None:

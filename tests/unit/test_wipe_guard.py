@@ -182,3 +182,24 @@ def test_settings_parse() -> None:
     assert GuardSettings.parse(False) == GuardSettings(enabled=False)
     got = GuardSettings.parse({"hold": "1m", "settle": "100ms", "fraction": 0.3})
     assert (got.hold, got.settle, got.fraction, got.min_removed) == (60.0, 0.1, 0.3, 3)
+
+
+def test_a_reset_forgets_a_settling_removal_it_does_not_keep() -> None:
+    """web/A settles (its service's last up instance); a reset brings B and C instead: A is
+    gone for good and no longer counts against web's up instances, so when a wipe then takes
+    B, B goes once the wipe is over (C is up), not after the whole hold."""
+    a, b, c = inst("web", 1), inst("web", 2), inst("web", 3)
+    others = [inst("x", n) for n in range(10, 14)]
+    cat, guard, clock = setup([a, *others])
+    feed(cat, guard, delete(a))
+    assert ids(cat, "web") == {a.id}  # settling: still in the catalog
+    snap = {i.key: i for i in (b, c, *others)}
+    feed(cat, guard, Change("reset", snapshot=Snapshot(snap, revision=5)))
+    assert sorted(ids(cat, "web")) == [b.id, c.id]
+    for i in others:
+        feed(cat, guard, delete(i))
+    feed(cat, guard, delete(b))
+    tick(cat, guard, clock, 0.3)
+    assert guard.wiping() and b.key in guard.held()
+    tick(cat, guard, clock, 3.0)  # the wipe is over; web has C up
+    assert not guard.wiping() and sorted(ids(cat, "web")) == [c.id]
