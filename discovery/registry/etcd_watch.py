@@ -124,6 +124,9 @@ class EtcdWatch:
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
+        # each range's revision when the wide stream began: what it delivers at or below that
+        # was delivered before (one revision may hold many events: a lease's deletes)
+        self._floor: dict[str, int] = {}
         # etcd answered a read behind us, or as another cluster or at a lower raft term: the
         # next stream reads everything again first (a re-read since then clears it)
         self._rewinding = False
@@ -208,6 +211,7 @@ class EtcdWatch:
         self.endpoint = endpoint
         self._narrowing = False
         self.wide = wide = self._lost
+        self._floor = dict(self._revs)
         pending = [self._root] if wide else list(self._ranges)
         ids: dict[int, str] = {}
         narrow: asyncio.TimerHandle | None = None
@@ -303,9 +307,9 @@ class EtcdWatch:
         deleted = ev.type == kv_pb2.Event.DELETE
         if not deleted and split is not None:
             reg.reads.add(ev.kv.key, ev.kv.value)  # what etcd sent, followed or not
-        if rng not in self._revs:  # the wide watcher: only followed services, once each
+        if rng not in self._revs:  # the wide watcher: only followed services, each event once
             rng = f"{self._root}{split[0]}/" if split is not None else ""
-            if rng not in self._revs or rev <= self._revs[rng]:
+            if rng not in self._revs or rev <= self._floor.get(rng, 0):
                 return
         self._revs[rng] = max(self._revs[rng], rev)
         if split is None:

@@ -248,6 +248,7 @@ def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: 
     again: another service's change does not even reach the host."""
     monkeypatch.setattr(etcd_watch, "NARROW_AFTER", (1.5, 2.0))
     writer = open_reg(etcd_url)
+    leaving = open_reg(etcd_url)  # a host whose lease goes while the watch is wide
     parsed = RegistryURL.parse(etcd_url)
     proxy = TcpProxy(parsed.hosts[0])
     try:
@@ -259,7 +260,9 @@ def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: 
         watch = reader.watch(seen, snap.revision, services=["web", "svc3"])
         assert isinstance(watch, etcd_watch.EtcdWatch)
         writer.register(mine(1))
-        wait_until(lambda: mine(1).key in seen.got(), 10, "the first put")
+        for n in (8, 9):
+            leaving.register(mine(n))
+        wait_until(lambda: {mine(n).key for n in (1, 8, 9)} <= seen.got(), 10, "the puts")
         assert not watch.wide
         with proxy.blocked():
             wait_until(lambda: states[-1:] == [False], 10, "the reader to see the link down")
@@ -268,6 +271,9 @@ def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: 
             writer.register(foreign(3))  # svc3
         wait_until(lambda: {mine(2).key, foreign(3).key} <= seen.got(), 15, "the resume")
         assert watch.wide
+        leaving.close(revoke=True)  # both of its instances go in one revision: both delivered
+        wait_until(lambda: {mine(8).key, mine(9).key} <= seen.got("delete"), 10,
+                   "both deletes of one revision while wide")
         before = reader.reads.counts()
         writer.register(foreign(27))  # svc7 again: reaches the wide watch, is dropped
         writer.register(mine(4))
@@ -281,7 +287,8 @@ def test_etcd_filtered_watch_resumes_wide_then_narrows(etcd_url: str, open_reg: 
         cost = reader.reads.counts() - before
         assert cost.keys == 1 and cost.full_reads == 0, cost
         puts = [c.key for c in seen.changes if c.kind == "put"]
-        assert sorted(puts) == sorted({mine(n).key for n in (1, 2, 4, 5)} | {foreign(3).key})
+        assert sorted(puts) == sorted({mine(n).key for n in (1, 2, 4, 5, 8, 9)}
+                                      | {foreign(3).key})
         assert "reset" not in seen.kinds()
     finally:
         proxy.close()
