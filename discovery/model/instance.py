@@ -296,14 +296,26 @@ def _nesting(raw: bytes) -> int:
     return deepest
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members; a name given twice is refused (parsers disagree on which wins)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"member {twice[:40]!r} given twice")
+    return out
+
+
 #: json.loads with these hooks builds a decoder a call; this one serves every record
-_RECORD_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+_RECORD_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite,
+                                object_pairs_hook=_unique)
 
 
 def load_record(raw: bytes | str, where: str = "record") -> Any:
     """Parse a stored value as strict JSON: at most :data:`MAX_RECORD_BYTES`, brackets nested
     at most :data:`MAX_DEPTH` deep, no ``NaN``/``Infinity`` and no number that overflows a
-    float. Anything else is one :class:`InvalidRecord` naming ``where``; nothing escapes."""
+    float, UTF-8, no object member given twice. Anything else is one :class:`InvalidRecord`
+    naming ``where``; nothing escapes."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) >= MAX_RECORD_BYTES:
         raise InvalidRecord(where, f"value too large ({len(data)} >= {MAX_RECORD_BYTES} bytes)")
@@ -311,6 +323,6 @@ def load_record(raw: bytes | str, where: str = "record") -> Any:
     if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _nesting(data) > MAX_DEPTH:
         raise InvalidRecord(where, f"JSON nested deeper than {MAX_DEPTH}")
     try:
-        return _RECORD_JSON.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+        return _RECORD_JSON.decode(data.decode("utf-8", "surrogatepass"))  # UTF-8 only
     except Exception as exc:  # ValueError, RecursionError, ...
         raise InvalidRecord(where, f"not JSON: {str(exc)[:120]}") from None

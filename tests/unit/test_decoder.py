@@ -86,6 +86,9 @@ MALFORMED = [
     (_raw(zone="Zone A"), "zone"),
     (_raw(zone=7), "zone must be a string"),
     (_raw(zone="a\u2028b"), "zone"),
+    # a member twice (parsers disagree on which wins), a record not in UTF-8
+    (_raw().replace(b'"port": 80,', b'"port": 80, "port": 8080,'), "given twice"),
+    (_raw().decode().encode("utf-16-le"), "not JSON"),
 ]
 
 
