@@ -22,13 +22,28 @@ _FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
 
 
 def stage(text: str, dest: Path) -> Path:
-    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced."""
+    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced; nothing
+    is left behind when that fails (a full disk). Its mode is what a new file gets under the
+    process's umask (mkstemp's 0600 would hide a new ``--json-out`` from other users);
+    :func:`install` gives it the mode of the file it replaces."""
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set it back at once
+    os.umask(mask)
+    return mask
 
 
 def install(staged: Path, dest: Path) -> bool:

@@ -42,21 +42,26 @@ Exceptions = type[BaseException] | tuple[type[BaseException], ...]
 RESUME_SPREAD = 3.0
 
 
-def _sleeper(stop_event: threading.Event | None) -> Callable[[float], None]:
-    """Sleep that a stop event cuts short (tenacity then sees the event and stops)."""
+def _sleeper(stop_event: threading.Event | None, last: list[BaseException]
+             ) -> Callable[[float], None]:
+    """Sleep that a stop event cuts short: then it gives up at once with the last error
+    (tenacity, left to itself, would make one more attempt before it looks at the event)."""
     if stop_event is None:
         return tenacity.nap.sleep
 
     def sleep(seconds: float) -> None:
-        stop_event.wait(seconds)
+        if stop_event.wait(seconds) and last:
+            raise last[-1]
 
     return sleep
 
 
 def _backoff_policy(on: Exceptions, stop_event: threading.Event | None, timeout: float | None,
                     initial: float, maximum: float, jitter: float, what: str,
-                    logger: logging.Logger | None) -> dict[str, Any]:
-    """What :func:`backoff` and :func:`backoff_async` retry on, wait and log."""
+                    logger: logging.Logger | None, last: list[BaseException] | None = None
+                    ) -> dict[str, Any]:
+    """What :func:`backoff` and :func:`backoff_async` retry on, wait and log; each error
+    before a wait goes into ``last``."""
     stops: list[tenacity.stop.stop_base] = []
     if stop_event is not None:
         stops.append(tenacity.stop_when_event_set(stop_event))
@@ -68,9 +73,11 @@ def _backoff_policy(on: Exceptions, stop_event: threading.Event | None, timeout:
     out = logger or log
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if last is not None and exc is not None:
+            last[:] = [exc]
         if not what:
             return
-        exc = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
         out.warning("%s: %s; retrying in %.1fs (attempt %d)", what, exc, delay,
                     state.attempt_number)
@@ -90,8 +97,9 @@ def backoff(on: Exceptions, *, stop_event: threading.Event | None = None,
     With ``what``, each retry is logged as a warning on ``logger`` (this module's by default):
     ``"<what>: <error>; retrying in 0.4s (attempt 2)"``.
     """
-    return tenacity.Retrying(sleep=_sleeper(stop_event), **_backoff_policy(
-        on, stop_event, timeout, initial, maximum, jitter, what, logger))
+    last: list[BaseException] = []
+    return tenacity.Retrying(sleep=_sleeper(stop_event, last), **_backoff_policy(
+        on, stop_event, timeout, initial, maximum, jitter, what, logger, last))
 
 
 def backoff_async(on: Exceptions, *, stop_event: threading.Event | None = None,
@@ -115,7 +123,7 @@ def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.02,
         retry=tenacity.retry_if_result(lambda value: not value),
         stop=tenacity.stop_any(*stops),
         wait=tenacity.wait_fixed(interval),
-        sleep=_sleeper(stop_event),
+        sleep=_sleeper(stop_event, []),  # one more check, then its value
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
     return retrying(check)

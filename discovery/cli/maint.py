@@ -57,11 +57,11 @@ def agent_call(agent_http: str, method: str, path: str, token: str | None = None
     import urllib.error
     import urllib.request
 
-    from discovery.lookup.http import parse_listen
     from discovery.lookup.http_guard import TOKEN_HEADER
+    from discovery.model import validate
 
     try:
-        host, port = parse_listen(agent_http)
+        host, port = validate.listen(f"--{peer}", agent_http, localhost=True)
     except DiscoveryError as exc:
         fail(str(exc))
     headers = {TOKEN_HEADER: token} if token else {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -219,6 +220,17 @@ def dns_answer_options() -> Callable[[F], F]:
     ]
 
     return _all(options)
+
+
+def timeout_option(default: float = 5.0) -> Callable[[F], F]:
+    """``--timeout SECONDS`` of the one-shot commands: how long the registry may take."""
+    def check(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+        if not (math.isfinite(value) and 0 < value <= 3600):
+            raise click.BadParameter(f"{value!r}: seconds, more than 0 and at most 3600")
+        return value
+
+    return click.option("--timeout", type=float, default=default, show_default=True,
+                        callback=check, help="Seconds the registry may take to answer")
 
 
 def host_options() -> Callable[[F], F]:

@@ -33,11 +33,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def console() -> Console:
-    """A console for tables: terminal width on a terminal, no folding when piped."""
+    """A console for tables: terminal width on a terminal, no folding when piped. What it
+    prints is shown as it is: registry values and labels are never read as Rich markup,
+    emoji codes or highlighting (``[/x]`` in a meta value, ``:abc:`` in an id)."""
     from rich.console import Console
 
     probe = Console()
-    return Console(soft_wrap=True, width=None if probe.is_terminal else 1000)
+    return Console(soft_wrap=True, width=None if probe.is_terminal else 1000, markup=False,
+                   emoji=False, highlight=False)
 
 
 def sort_instances(instances: Iterable[Instance]) -> list[Instance]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from discovery.cli import output
-from discovery.cli.options import registry_options
+from discovery.cli.options import registry_options, timeout_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 from discovery.registry import open_registry
@@ -16,8 +16,7 @@ from discovery.registry import open_registry
 @registry_options()
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
-@click.option("--timeout", type=float, default=5.0, show_default=True,
-              help="Seconds to wait for the registry")
+@timeout_option()
 def services(service: str | None, registry: str, fmt: str, timeout: float) -> None:
     """List registered services and their instances."""
     try:

@@ -13,7 +13,7 @@ import click
 
 from discovery.cli import output
 from discovery.cli.maint import agent_call
-from discovery.cli.options import registry_options
+from discovery.cli.options import registry_options, timeout_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 from discovery.registry import open_registry
@@ -24,7 +24,7 @@ from discovery.registry import open_registry
 @registry_options()
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@timeout_option()
 @click.option("--agent", "agent_http", envvar="DISCOVERY_AGENT_HTTP", default=None,
               metavar="ADDR:PORT", help="Also show live check state (type, output, since) from "
               "this agent's HTTP API [env DISCOVERY_AGENT_HTTP]")
@@ -110,7 +110,8 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
     """Validate the configuration, render the template and check it with `haproxy -c`.
 
     Exit 0 when everything is valid, 2 with one line naming the culprit otherwise."""
-    from discovery.agent.config import read_file
+    from discovery.agent.config import AgentConfig, read_file
+    from discovery.agent.config import merge as merge_agent
     from discovery.watcher.config import (
         WatcherConfig,
         load_watcher_config,
@@ -121,8 +122,9 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
     from discovery.watcher.supervisor import validate_config
 
     try:
-        if config_file:
-            read_file(config_file)  # the [agent] table, if any
+        if config_file:  # the [agent] table, if any, checked as the agent takes it
+            merge_agent(AgentConfig(registry="etcd://127.0.0.1"), read_file(config_file),
+                        set())
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
         cfg = merge(cfg, services)
         if template:

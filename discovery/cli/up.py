@@ -28,7 +28,7 @@ from discovery.cli.options import (
 )
 from discovery.cli.output import fail
 from discovery.cli.signals import on_signals
-from discovery.errors import DiscoveryError
+from discovery.errors import ConfigError, DiscoveryError
 
 if TYPE_CHECKING:
     from discovery.agent.config import AgentConfig
@@ -92,7 +92,11 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     lookups = Lookups()
     try:
         if registry is None and config_file:  # flags and environment win over the file
-            registry = read_file(config_file).get("registry") or None
+            from_file = read_file(config_file).get("registry")
+            if from_file is not None and not isinstance(from_file, str):
+                raise ConfigError(f"config file {config_file}: [agent] registry must be a "
+                                  "string (a registry URL)")
+            registry = from_file or None
         if registry is None:
             if not dev:
                 raise DiscoveryError("no registry: give --registry URL, or --dev")
@@ -130,6 +134,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         lookups.stop()
         if etcd is not None:
             etcd.stop()
+        if temp_state is not None:
+            shutil.rmtree(temp_state, ignore_errors=True)
         fail(str(exc))
         return
 
@@ -152,8 +158,11 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         return new_watch
 
     on_signals(stop, reload=lambda: reconfigure(watcher, load), leave=leave)
-    threads = [threading.Thread(target=_guard(agent.run, done), name="agent", daemon=True),
-               threading.Thread(target=_guard(watcher.run, done), name="watcher", daemon=True)]
+    failed: list[str] = []  # components that died: the exit status says so
+    threads = [threading.Thread(target=_guard(agent.run, done, failed), name="agent",
+                                daemon=True),
+               threading.Thread(target=_guard(watcher.run, done, failed), name="watcher",
+                                daemon=True)]
     for t in threads:
         t.start()
     log.info("up: registry %s, node %s, %d services routed, DNS %s, HTTP %s", mask_url(registry),
@@ -176,6 +185,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         if temp_state is not None:
             shutil.rmtree(temp_state, ignore_errors=True)
         log.info("up: everything stopped")
+    if failed:
+        fail(f"{' and '.join(failed)} failed (see the log above)", code=1)
 
 
 def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
@@ -200,14 +211,17 @@ def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
     return agent, watcher
 
 
-def _guard(run: Any, done: threading.Event) -> Any:
-    """Run a component's loop; if it dies, bring the whole process down (never half up)."""
+def _guard(run: Any, done: threading.Event, failed: list[str]) -> Any:
+    """Run a component's loop; if it dies, bring the whole process down (never half up),
+    and name it in ``failed``."""
 
     def target() -> None:
         try:
             run()
         except Exception:
-            log.exception("%s failed: stopping", getattr(run, "__qualname__", run))
+            name = getattr(run, "__qualname__", str(run))
+            log.exception("%s failed: stopping", name)
+            failed.append(name)
         finally:
             done.set()
 

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from discovery.errors import DiscoveryError, ValidationError
+from discovery.errors import ConfigError, DiscoveryError, ValidationError
 from discovery.lookup import consul, ui
 from discovery.lookup.http_guard import (
     HOW_TO_TOKEN,
@@ -98,12 +98,16 @@ class HttpApi:
         return self._server.server_address[1] if self._server is not None else self._port
 
     def start(self, inherited: socket.socket | None = None) -> HttpApi:
-        """Bind (raises OSError when the address is taken) and serve on a daemon thread;
-        ``inherited``: the listening socket of a previous process, served as it is."""
+        """Bind (a ConfigError naming the address when it cannot) and serve on a daemon
+        thread; ``inherited``: the listening socket of a previous process, served as it is."""
         if self._server is not None:
             return self
         self._stopping.clear()
-        self._server = ApiServer((self.bind, self._port), _Handler, inherited)
+        try:
+            self._server = ApiServer((self.bind, self._port), _Handler, inherited)
+        except OSError as exc:
+            raise ConfigError(f"http: cannot listen on {self.bind} port {self._port}: "
+                              f"{exc.strerror or exc}") from None
         self._server.api = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
             "poll_interval": 0.2}, name=f"http-api-{self.port}", daemon=True)

@@ -53,9 +53,11 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
         paths = RuntimePaths(admin_socket=str(Path(haproxy.socket).absolute()))
         config_path = Path(str(haproxy.config)).absolute()
         if not dry_run:
-            control = ExternalHAProxy(haproxy.socket,
-                                      shlex.split(haproxy.reload_cmd or "") or None,
-                                      haproxy.master_socket)
+            try:
+                reload_cmd = shlex.split(haproxy.reload_cmd or "") or None
+            except ValueError as exc:  # an unbalanced quote
+                raise ConfigError(f"--reload-cmd {haproxy.reload_cmd!r:.80}: {exc}") from None
+            control = ExternalHAProxy(haproxy.socket, reload_cmd, haproxy.master_socket)
     else:
         state = haproxy.state_dir.absolute()
         paths = RuntimePaths(admin_socket=str(state / "admin.sock"))

@@ -44,10 +44,10 @@ def validate_config(binary: str, path: str | Path, timeout: float = 20.0) -> Non
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, check=False)
-    except FileNotFoundError as exc:
-        raise HAProxyError(f"cannot run {binary!r}: {exc}") from exc
     except subprocess.TimeoutExpired as exc:
         raise RenderError(f"{path}: 'haproxy -c' took longer than {timeout:g}s") from exc
+    except OSError as exc:  # missing, a directory, not executable
+        raise HAProxyError(f"cannot run {binary!r}: {exc.strerror or exc}") from exc
     if proc.returncode == 0:
         return
     lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]

@@ -43,3 +43,17 @@ def test_install_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(OSError):
         install(stage("four\n", dest), dest)
     assert dest.read_text() == "three\n"
+
+
+def test_a_failed_stage_leaves_nothing_and_new_files_follow_the_umask(tmp_path: Path) -> None:
+    from discovery.files import write_atomic
+
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(tmp_path / "out.json", "x\udcff")  # cannot be written as UTF-8
+    assert list(tmp_path.iterdir()) == []
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "new.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -66,6 +66,7 @@ def test_stop_event_cuts_a_long_backoff_short() -> None:
             with attempt:
                 flaky()
     assert time.monotonic() - t0 < 2.0  # not the 30 s wait
+    assert flaky.calls == 1  # and no attempt after the stop: it gives up with the last error
 
 
 def test_backoff_async_retries_a_coroutine_and_a_cancel_ends_its_wait() -> None:
