@@ -83,9 +83,12 @@ def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
     return [
         "### `[agent]`",
         "",
-        "Read by `discovery agent --config` (re-read on SIGHUP) and `discovery up --config`. "
-        "Flags and environment variables win over the file. `registry` is honoured by "
-        "`discovery agent` only: `up` takes `--registry` / `DISCOVERY_REGISTRY` (or `--dev`).",
+        "Read by `discovery agent --config` and `discovery up --config`, both re-reading it on "
+        "SIGHUP (a changed `node` is refused with a warning: restart to rename a node). Flags "
+        "and environment variables win over the file; `up` uses the file's `registry` when "
+        "neither `--registry` nor `DISCOVERY_REGISTRY` is given. Each key's value must be of "
+        "its type (`ttl`, `resync`: numbers; `internal`: true or false; the rest strings): "
+        "one error names the key otherwise.",
         "",
         *table(["key", "flag", "default", "meaning"], rows),
         "### `[agent.check]`",

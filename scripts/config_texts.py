@@ -130,7 +130,7 @@ LABELS: list[tuple[str, str, str, dict[str, str]]] = [
      {"discovery.check.rise": "3"}),
     ("discovery.check.fall", "`{fall}`", "failing runs in a row to deregister (1..100)",
      {"discovery.check.fall": "3"}),
-    ("discovery.check.path", "`/`", "`http`: path to GET",
+    ("discovery.check.path", "`/`", "`http`: path to GET (printable ASCII, no spaces)",
      {"discovery.check": "http", "discovery.check.path": "/health"}),
     ("discovery.check.status", "any 2xx or 3xx", "`http`: expected status: `200`, `2xx`, "
      "`200,3xx`", {"discovery.check": "http", "discovery.check.status": "2xx"}),

@@ -61,13 +61,14 @@ class AgentConfig:
 
 FILE_KEYS = {f.name for f in fields(AgentConfig)} - {"config_file", "check"}
 CHECK_KEYS = {"type", "interval", "timeout", "rise", "fall"}
+_FILE_TYPES = {"ttl": "a number", "resync": "a number", "internal": "true or false"}  # else str
 
 
 def read_file(path: str) -> dict[str, Any]:
     """Read the ``[agent]`` table (and ``[agent.check]`` defaults) of a TOML file."""
     try:
         data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     table = data.get("agent", {})  # a shared file also holds [watcher] and [services.*]
     if not isinstance(table, dict):
@@ -110,6 +111,14 @@ def _check_defaults(path: str, check: dict[str, Any]) -> CheckSpec:
 def merge(base: AgentConfig, file_values: dict[str, Any], explicit: set[str]) -> AgentConfig:
     """Apply file values to every setting not given explicitly by flag or env."""
     changes = {k: v for k, v in file_values.items() if k not in explicit}
+    for key, value in changes.items():
+        want = _FILE_TYPES.get(key, "a string")
+        if key != "check" and not {  # check: a CheckSpec already, made by read_file
+            "a number": isinstance(value, int | float) and not isinstance(value, bool),
+            "true or false": isinstance(value, bool),
+            "a string": isinstance(value, str),
+        }[want]:
+            raise ConfigError(f"config file: [agent] {key} must be {want}, not {value!r:.40}")
     try:
         return replace(base, **changes).validated()
     except TypeError as exc:

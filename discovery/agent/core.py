@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from discovery.agent.checks import build_check
@@ -23,16 +24,17 @@ from discovery.agent.maint import Maintenance
 from discovery.agent.registrations import Registrations
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.agent.tracked import (
+    KILL_GRACE,
     TERMINATING_SIGNALS,
     Key,
     Tracked,
-    check_views,
     instance_of,
     iso_ns,
     same_instances,
 )
+from discovery.agent.views import AgentViews
 from discovery.agent.warmup import WarmupResult, start_warm_up
-from discovery.errors import CheckError, ConfigError, DiscoveryError, LabelError, RegistryError
+from discovery.errors import CheckError, DiscoveryError, LabelError, RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
@@ -40,7 +42,7 @@ from discovery.retry import Outage, jittered, spread
 
 log = logging.getLogger(__name__)
 
-class Agent:
+class Agent(AgentViews):
     def __init__(self, config: AgentConfig, registry: Registry,
                  metrics: Metrics | None = None) -> None:
         self.config = config
@@ -54,6 +56,8 @@ class Agent:
         self._wake = threading.Event()
         self._revoke = True
         self._pending_config: AgentConfig | None = None
+        self._relisting: set[str] | None = None  # a reload lists Docker: containers with events
+        self._killed: dict[str, float] = {}  # container id → its grace's end (drained on a kill)
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
@@ -134,17 +138,31 @@ class Agent:
         self._wake.set()
 
     def _reload(self, config: AgentConfig) -> None:
+        if config.node != self.config.node:  # its records and maintenance are under the old name
+            log.warning("reload: node %s ignored: restart the agent to change the node name; "
+                        "%s stays in effect", config.node, self.config.node)
+            config = replace(config, node=self.config.node)
         with self._lock:
-            self.config = config
-            # re-checked instances start healthy: no flap
-            self.registrations.adopt |= set(self.registrations.written)
-            for tracked in self._tracked.values():
-                tracked.stop_runners()
-            self._tracked.clear()
+            self._relisting = set()  # containers whose events arrive while Docker is listed
         try:
-            self._on_sync(self.docker.list_running())
+            running = self.docker.list_running()
+            with self._lock:  # those events may be newer than the listing: look again
+                touched, self._relisting = self._relisting or set(), None
+                fresh = [a for a in running if a["Id"] not in touched]
+                fresh += [a for a in map(self.docker.inspect, touched)
+                          if a is not None and a.get("State", {}).get("Running")]
+                self.config = config
+                # re-checked instances start healthy: no flap
+                self.registrations.adopt |= set(self.registrations.written)
+                for tracked in self._tracked.values():
+                    tracked.stop_runners()
+                self._tracked.clear()
+                self._on_sync(fresh)
         except DiscoveryError as exc:
-            log.warning("reload: %s", exc)
+            with self._lock:
+                self._relisting = None
+            log.error("reload: Docker not listed (%s); the old configuration stays in effect", exc)
+            return
         log.info("configuration reloaded")
 
     # ---- Docker ----------------------------------------------------------------------------
@@ -185,7 +203,10 @@ class Agent:
         self.metrics.docker_event(action)
         cause = Cause(action.partition(":")[0].strip() or "docker", docker_detail(action, attrs))
         with self._lock:
+            if self._relisting is not None:
+                self._relisting.add(cid)
             tracked = self._tracked.get(cid)
+            stale = tracked is not None and 0 < int(event.get("timeNano") or 0) < tracked.started_ns
             if action.startswith("health_status"):
                 if tracked is not None:
                     tracked.docker_health = action.endswith("healthy") and "unhealthy" not in action
@@ -195,16 +216,33 @@ class Agent:
             elif action in ("start", "restart", "unpause"):
                 self._refresh_by_id(cid, cause)
             elif action == "kill":
-                stale = tracked is None or int(event.get("timeNano", 0)) < tracked.started_ns
-                if str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS and not stale:
+                if (tracked is not None and not stale
+                        and str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS):
                     log.info("container %s killed: draining its instances", cid[:12])
-                    self._forget(cid, cause)
+                    self._killed[cid] = end = time.monotonic() + KILL_GRACE
+                    self._apply_container(tracked, cause)
+                    threading.Thread(target=self._kill_grace_over, args=(cid, end),
+                                     name=f"kill-{cid[:12]}", daemon=True).start()
             elif action == "pause":
                 if tracked is not None:
                     tracked.paused = True
                     self._apply_container(tracked, cause)
-            elif action in ("stop", "die", "destroy"):
+            elif action in ("stop", "die", "destroy") and not stale:  # not a replayed older run's
                 self._forget(cid, cause)
+
+    def _kill_grace_over(self, cid: str, end: float) -> None:
+        """A container drained on a kill signal and still running :data:`KILL_GRACE` seconds
+        later survived it: its check decides again."""
+        if self._stop.wait(KILL_GRACE):
+            return
+        with self._lock:
+            if self._killed.get(cid) != end:
+                return  # gone, or killed again since
+            del self._killed[cid]
+            try:  # not running or restarted: forgotten or replaced
+                self._refresh_by_id(cid, Cause("kill", f"running {KILL_GRACE:g}s after it"))
+            except DiscoveryError as exc:  # the listing on Docker's reconnect decides
+                log.warning("container %s: %s", cid[:12], exc)
 
     def _refresh_by_id(self, cid: str, cause: Cause) -> None:
         attrs = self.docker.inspect(cid)
@@ -283,6 +321,7 @@ class Agent:
         runner.start()
 
     def _forget(self, cid: str, cause: Cause) -> None:
+        self._killed.pop(cid, None)
         tracked = self._tracked.pop(cid, None)
         if tracked is None:
             return
@@ -293,7 +332,7 @@ class Agent:
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:
-        if tracked.paused or key in tracked.warming:
+        if tracked.paused or key in tracked.warming or tracked.container_id in self._killed:
             return False
         runner = tracked.runners.get(key)
         return runner.healthy if runner is not None else tracked.docker_health
@@ -327,25 +366,6 @@ class Agent:
         """The record as it should be written: ``draining`` while in maintenance."""
         return inst.with_state(State.DRAINING) if self.maint.active(inst.id) else inst
 
-    def set_maint(self, instance_id: str | None, on: bool) -> list[str]:
-        """Maintenance for one instance (by id) or, with None, every instance of this node:
-        written as ``draining`` (HAProxy drains it, DNS stops answering it) without stopping
-        anything. Returns the ids affected; an unknown id raises :class:`ConfigError`."""
-        with self._lock:
-            known = {k[1]: (t, k) for t in self._tracked.values() for k in t.instances}
-            if instance_id is not None and instance_id not in known:
-                raise ConfigError(f"instance {instance_id[:80]!r} is not on this node")
-            self.maint.set(instance_id, on)  # saved in the state dir: survives a restart
-            affected = sorted(known) if instance_id is None else [instance_id]
-            cause = Cause("maintenance_on" if on else "maintenance_off",
-                          "whole node" if instance_id is None else "")
-            for iid in affected:
-                tracked, key = known[iid]
-                self._apply(tracked, key, cause)
-            log.info("maintenance %s for %s", "on" if on else "off",
-                     instance_id or f"node {self.config.node}")
-            return affected
-
     def reconcile(self) -> bool:
         """Docker's truth vs the registry's view of this node, fixed in both directions; False
         when it could not be made.
@@ -368,22 +388,3 @@ class Agent:
                       if tracked.warm(key) and self._wanted(tracked, key)}
             self.registrations.reconcile(snap, wanted)
         return True
-
-    def checks(self) -> list[dict[str, Any]]:
-        """Live health of every instance on this node: check type, state, last output, since."""
-        with self._lock:
-            return check_views(self._tracked.values(), set(self.registrations.written),
-                               self.maint.active,
-                               self.history.flapping())
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "node": self.config.node,
-                "docker_connected": self.docker.connected,
-                "registry_connected": self.registry_connected,
-                "containers": len(self._tracked),
-                "registered": len(self.registrations.written),
-                "maintenance": sorted(self.maint.ids) + (["node"] if self.maint.node else []),
-                "time": time.time(),
-            }

@@ -82,8 +82,13 @@ class DockerSource:
             raise DockerUnavailable(f"docker inspect {container_id[:12]}: {exc}") from exc
 
     def list_running(self) -> list[dict[str, Any]]:
+        """Inspect data of every running container; raises :class:`DockerUnavailable`."""
+        try:
+            listed = self.client.api.containers()
+        except (DockerException, RequestException) as exc:
+            raise DockerUnavailable(f"docker ps: {exc}") from exc
         out = []
-        for c in self.client.api.containers():
+        for c in listed:
             attrs = self.inspect(c["Id"])
             if attrs is not None:
                 out.append(attrs)

@@ -44,6 +44,7 @@ _DISCOVERY_KEY = re.compile(r"(?:([0-9]+)\.)?([a-z]+)(?:\.(.+))?", re.S)
 _REGISTRATOR_KEY = re.compile(r"SERVICE_(?:([0-9]+)_)?(.+)", re.S)
 _REGISTRATOR_FIELDS = {"NAME": "service", "TAGS": "tags", "WEIGHT": "weight", "IGNORE": "ignore"}
 _PLAIN = {"service", "tags", "weight", "ignore", "check", "zone"}  # discovery.[<port>.]<name>
+_PORT_SERVICE = re.compile(r"([0-9]+)\.service")  # canonical key naming one port's service
 
 Entry = tuple[str, str]  # (value, culprit)
 
@@ -106,7 +107,7 @@ def _collect(attrs: dict[str, Any], who: str) -> tuple[dict[str, Entry], list[La
                 canon = _canonical(key, culprit)
                 if canon is None:
                     continue
-                asked = asked or canon == "service" or canon.endswith(".service")
+                asked = asked or canon == "service" or bool(_PORT_SERVICE.fullmatch(canon))
                 if canon.split(".")[0].isdigit():
                     validate.port(culprit, canon.split(".")[0])
                 validate.text(culprit, value)
@@ -154,8 +155,8 @@ def _parse(
     tcp, udp = _ports(attrs)
     wanted: dict[int, tuple[Entry, str]] = {}  # port -> ((name, culprit), port culprit)
     for key, entry in table.items():
-        if key.endswith(".service"):
-            wanted[int(key.split(".")[0])] = (entry, entry[1])
+        if m := _PORT_SERVICE.fullmatch(key):
+            wanted[int(m[1])] = (entry, entry[1])
     if "service" in table:
         if "port" in table:
             value, culprit = table["port"]
@@ -266,10 +267,9 @@ def _address(
     if host_net:
         return advertise, cport
     net = attrs.get("NetworkSettings") or {}
-    if internal:
-        ips = [net.get("IPAddress")] + [
-            n.get("IPAddress") for n in (net.get("Networks") or {}).values() if isinstance(n, dict)
-        ]
+    if internal:  # an IPv4 address if it has one, else a global IPv6 one
+        nets = [net, *(n for n in (net.get("Networks") or {}).values() if isinstance(n, dict))]
+        ips = [n.get(field) for field in ("IPAddress", "GlobalIPv6Address") for n in nets]
         ip = next((i for i in ips if i), None)
         if not ip:
             raise LabelError(culprit, "container has no IP address to register (internal)")
@@ -338,8 +338,9 @@ def _check(
     try:
         if ctype == "http":
             path = params["path"] = params.get("path") or "/"
-            if not path.startswith("/") or any(c.isspace() for c in path):
-                raise LabelError(where("path"), "HTTP path must start with / and have no spaces")
+            if not path.startswith("/") or not all(33 <= ord(c) < 127 for c in path):
+                raise LabelError(where("path"), "HTTP path must start with / and be printable "
+                                 "ASCII without spaces")  # http.client sends ASCII only
             try:
                 status_matcher(params.get("status"))
             except CheckError as exc:

@@ -13,6 +13,9 @@ from discovery.model import Instance, make_instance_id
 
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
                        "KILL", "TERM", "INT", "QUIT"}
+#: seconds a container drained on a terminating signal may keep running before it is wanted
+#: again (it survived the signal); ``docker stop`` waits 10 s before its SIGKILL
+KILL_GRACE = 15.0
 Key = tuple[str, str]
 
 

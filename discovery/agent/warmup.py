@@ -13,8 +13,10 @@ out it is registered anyway. HTTP only, whatever its check type (tcp, http, exec
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ MAX_REQUESTS, MAX_CONCURRENCY, MAX_TIMEOUT, MAX_PATH = 10_000, 16, 300.0, 256
 #: longest one warm-up request may take (less when the budget has less left)
 REQUEST_TIMEOUT = 5.0
 _READ_CAP = 1 << 20  # bytes of one answer read (the rest is dropped with the connection)
+_GRACE = 1.0  # after the budget: for workers to return once their connections are cut
 
 
 def parse(values: dict[str, tuple[str, str]]) -> WarmupSpec | None:
@@ -70,12 +73,37 @@ class WarmupResult:
 def warm_up(address: str, port: int, spec: WarmupSpec,
             stop: threading.Event | None = None) -> WarmupResult:
     """Send ``spec.requests`` GETs of ``spec.path`` to ``address:port``, ``spec.concurrency``
-    at a time, within ``spec.timeout`` seconds (blocks that long at most, plus one
-    request's timeout). Never raises for what the app does."""
+    at a time, within ``spec.timeout`` seconds: requests still under way then are cut off,
+    so it blocks that long at most (and a moment). Never raises for what the app does."""
     start = time.monotonic()
     deadline = start + spec.timeout
     lock = threading.Lock()
     counts = {"issued": 0, "errors": 0}
+    socks: set[socket.socket] = set()  # of requests under way: shut down at the deadline
+    cut = threading.Event()
+
+    def one(timeout: float) -> bool:
+        """One warm-up request: True if it got an HTTP answer (any status)."""
+        conn = http.client.HTTPConnection(address, port, timeout=timeout)
+        sock = None
+        try:
+            conn.connect()
+            with lock:
+                if cut.is_set():
+                    return False
+                sock = conn.sock
+                socks.add(sock)
+            conn.request("GET", spec.path, headers={"Connection": "close",
+                                                    "User-Agent": "discovery-warmup"})
+            resp = conn.getresponse()
+            resp.read(_READ_CAP)
+            return True
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            with lock:
+                socks.discard(sock)
+            conn.close()
 
     def worker() -> None:
         while not (stop is not None and stop.is_set()):
@@ -83,8 +111,7 @@ def warm_up(address: str, port: int, spec: WarmupSpec,
                 if counts["issued"] >= spec.requests or time.monotonic() >= deadline:
                     return
                 counts["issued"] += 1
-            timeout = max(0.05, min(REQUEST_TIMEOUT, deadline - time.monotonic()))
-            if not _one(address, port, spec.path, timeout):
+            if not one(max(0.05, min(REQUEST_TIMEOUT, deadline - time.monotonic()))):
                 with lock:
                     counts["errors"] += 1
 
@@ -92,27 +119,19 @@ def warm_up(address: str, port: int, spec: WarmupSpec,
                for n in range(min(spec.concurrency, spec.requests))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()) + REQUEST_TIMEOUT + 1)
+    for t in threads:  # one deadline for all
+        t.join(max(0.0, deadline - time.monotonic()))
+    with lock:  # a slow app (an answer trickling in) holds no worker past the deadline
+        cut.set()
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    for t in threads:  # a connect under way ends by its timeout, at the deadline at most
+        t.join(max(0.0, deadline + _GRACE - time.monotonic()))
     with lock:
         sent, errors = counts["issued"], counts["errors"]
     done = sent >= spec.requests and not any(t.is_alive() for t in threads)
     return WarmupResult(sent, errors, time.monotonic() - start, done)
-
-
-def _one(address: str, port: int, path: str, timeout: float) -> bool:
-    """One warm-up request: True if it got an HTTP answer (any status)."""
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Connection": "close",
-                                           "User-Agent": "discovery-warmup"})
-        resp = conn.getresponse()
-        resp.read(_READ_CAP)
-        return True
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
 
 
 def start_warm_up(name: str, address: str, port: int, spec: WarmupSpec,

@@ -124,6 +124,27 @@ ADDRESSING = [
         [("web", 80, "198.51.100.3", 80)],
     ),
     (
+        "internal: an IPv4 address first, then a global IPv6 one",
+        container(
+            {"discovery.service": "web"},
+            ip="",
+            networks={"a": {"IPAddress": "", "GlobalIPv6Address": "2001:db8::5"},
+                      "b": {"IPAddress": "198.51.100.3"}},
+        ),
+        {"internal": True},
+        [("web", 80, "198.51.100.3", 80)],
+    ),
+    (
+        "internal: IPv6 only",
+        container(
+            {"discovery.service": "web"},
+            ip="",
+            networks={"v6": {"IPAddress": "", "GlobalIPv6Address": "2001:db8:0:0::5"}},
+        ),
+        {"internal": True},
+        [("web", 80, "2001:db8::5", 80)],
+    ),
+    (
         "per-port services, sorted by port",
         container(
             {"discovery.8080.service": "admin", "discovery.80.service": "web"},

@@ -300,6 +300,15 @@ BAD_CHECKS: tuple[BadRow, ...] = (
         "must start with /",
     ),
     (
+        "http path not ASCII",  # http.client could not send it: every run would fail
+        {"discovery.service": "web", "discovery.check": "http",
+         "discovery.check.path": "/health/\u00e9"},
+        [],
+        {},
+        "label discovery.check.path",
+        "printable ASCII",
+    ),
+    (
         "http status",
         {"discovery.service": "web", "discovery.check": "http", "discovery.check.status": "ok"},
         [],

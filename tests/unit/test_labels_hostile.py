@@ -105,6 +105,11 @@ KEYS = st.sampled_from(
         "discovery.check.command",
         "SERVICE_80_TAGS",
         "SERVICE_IGNORE",
+        "discovery.meta.service",
+        "discovery.check.service",
+        "discovery.80.meta.service",
+        "SERVICE_SERVICE",
+        "SERVICE_80_SERVICE",
     ]
 )
 VALUES = st.one_of(
@@ -157,6 +162,24 @@ def test_fuzz_specs_or_label_error(labels: dict[str, str], internal: bool, netwo
             meta=spec.meta,
             container_id=CID,
         )
+
+
+# ---- keys ending in "service": only service and <port>.service name one -------------------
+
+@pytest.mark.parametrize(("labels", "env", "want"), [
+    ({"discovery.service": "web", "discovery.80.meta.service": "evil"}, [],
+     [("web", 80, {"service": "evil"}, {})]),
+    ({"discovery.service": "web", "discovery.meta.service": "x",
+      "discovery.check.service": "y"}, [], [("web", 80, {"service": "x"}, {"service": "y"})]),
+    ({}, ["SERVICE_NAME=web", "SERVICE_SERVICE=x", "SERVICE_80_SERVICE=y"],
+     [("web", 80, {"service": "y"}, {})]),
+    ({}, ["SERVICE_80_NAME=web"], [("web", 80, {}, {})]),
+    ({"discovery.meta.service": "x", "discovery.check.service": "y"}, ["SERVICE_SERVICE=z"], []),
+])
+def test_only_service_keys_name_a_service(labels: dict[str, str], env: list[str],
+                                          want: list[tuple[object, ...]]) -> None:
+    specs = parse_container(container(labels, env))
+    assert [(s.service, s.container_port, s.meta, s.check.params) for s in specs] == want
 
 
 def test_meta_key_trailing_newline_rejected_here() -> None:

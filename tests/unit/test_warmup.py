@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -145,6 +147,41 @@ def test_budget_bounds_the_whole_warm_up() -> None:
         slow.server.server_close()
     assert not result.complete and 2 <= result.sent <= 6, result
     assert result.seconds < 1.5
+
+
+def test_an_answer_trickling_in_is_cut_at_the_budget() -> None:
+    """Each byte in time for the socket's timeout, the answer never ends: the budget holds
+    all the same, and no worker is left behind."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+    done = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not done.wait(0.1):
+                conn.sendall(b"X-A: b\r\n")
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = server.accept()[0]
+                conns.append(conn)
+                threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = server.getsockname()[1]
+    try:
+        result = warm_up("127.0.0.1", port, WarmupSpec(100, "/", 3, 0.5))
+    finally:
+        done.set()
+        server.close()
+        for conn in conns:
+            conn.close()
+    assert not result.complete and 1 <= result.sent <= 3, result
+    assert result.seconds < 1.5
+    assert not [t for t in threading.enumerate() if t.name.startswith(f"warmup-{port}-")]
 
 
 def test_stop_ends_it_early(app: App) -> None:

@@ -1,0 +1,73 @@
+"""What the agent shows of itself and the one switch it takes from outside: its checks'
+live state, its status (``/v1/agent/checks``, ``/v1/health``) and maintenance
+(``PUT /v1/agent/maint``, ``discovery maint``). A mixin of :class:`~discovery.agent.core.Agent`,
+which holds the state it reads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from discovery.agent.config import AgentConfig
+from discovery.agent.docker_source import DockerSource
+from discovery.agent.history import Cause, History
+from discovery.agent.maint import Maintenance
+from discovery.agent.registrations import Registrations
+from discovery.agent.tracked import Key, Tracked, check_views
+from discovery.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class AgentViews:
+    config: AgentConfig
+    docker: DockerSource
+    maint: Maintenance
+    history: History
+    registrations: Registrations
+    registry_connected: bool
+    _lock: threading.RLock
+    _tracked: dict[str, Tracked]
+
+    def _apply(self, tracked: Tracked, key: Key, cause: Cause) -> None:
+        raise NotImplementedError  # the agent's: write or remove one instance as it stands
+
+    def set_maint(self, instance_id: str | None, on: bool) -> list[str]:
+        """Maintenance for one instance (by id) or, with None, every instance of this node:
+        written as ``draining`` (HAProxy drains it, DNS stops answering it) without stopping
+        anything. Returns the ids affected; an unknown id raises :class:`ConfigError`."""
+        with self._lock:
+            known = {k[1]: (t, k) for t in self._tracked.values() for k in t.instances}
+            if instance_id is not None and instance_id not in known:
+                raise ConfigError(f"instance {instance_id[:80]!r} is not on this node")
+            self.maint.set(instance_id, on)  # saved in the state dir: survives a restart
+            affected = sorted(known) if instance_id is None else [instance_id]
+            cause = Cause("maintenance_on" if on else "maintenance_off",
+                          "whole node" if instance_id is None else "")
+            for iid in affected:
+                tracked, key = known[iid]
+                self._apply(tracked, key, cause)
+            log.info("maintenance %s for %s", "on" if on else "off",
+                     instance_id or f"node {self.config.node}")
+            return affected
+
+    def checks(self) -> list[dict[str, Any]]:
+        """Live health of every instance on this node: check type, state, last output, since."""
+        with self._lock:
+            return check_views(self._tracked.values(), set(self.registrations.written),
+                               self.maint.active,
+                               self.history.flapping())
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "node": self.config.node,
+                "docker_connected": self.docker.connected,
+                "registry_connected": self.registry_connected,
+                "containers": len(self._tracked),
+                "registered": len(self.registrations.written),
+                "maintenance": sorted(self.maint.ids) + (["node"] if self.maint.node else []),
+                "time": time.time(),
+            }

@@ -1,0 +1,288 @@
+"""The agent's side of Docker (agent/core.py): the container list, its events, SIGHUP reloads.
+
+Driven with a fake Docker (what :class:`DockerSource` hands the agent) and a fake registry
+that records every write; checks are ``none`` (healthy at their first run).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import requests
+
+from discovery.agent import core
+from discovery.agent.config import AgentConfig
+from discovery.agent.docker_source import DockerSource
+from discovery.agent.spec import CheckSpec
+from discovery.agent.tracked import iso_ns
+from discovery.errors import DockerUnavailable
+from discovery.model import Instance
+from discovery.registry import RegistryURL, Snapshot
+from discovery.registry.reads import ReadStats
+from tests.unit.test_labels import container
+
+STARTED = "2024-01-01T00:00:05.500000000Z"
+
+
+class FakeDocker:
+    """The running containers (id -> inspect data); ``fail`` makes the next list raise."""
+
+    def __init__(self, *_args: Any) -> None:
+        self.running: dict[str, dict[str, Any]] = {}
+        self.fail: Exception | None = None
+        self.during_list: Callable[[], None] = lambda: None  # runs while Docker is listed
+        self.client = None
+        self.connected = True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def inspect(self, cid: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.running.get(cid))
+
+    def list_running(self) -> list[dict[str, Any]]:
+        if self.fail is not None:
+            raise self.fail
+        listed = [copy.deepcopy(a) for a in self.running.values()]
+        self.during_list()
+        return listed
+
+
+class FakeRegistry:
+    url = RegistryURL.parse("etcd://127.0.0.1:1/p")
+    invalid_records = 0
+
+    def __init__(self) -> None:
+        self.reads = ReadStats()
+        self.data: dict[tuple[str, str], Instance] = {}
+        self.log: list[tuple[Any, ...]] = []
+
+    def add_state_listener(self, _callback: Any) -> None:
+        pass
+
+    def node_snapshot(self, node: str) -> Snapshot:
+        return Snapshot({k: v for k, v in self.data.items() if v.node == node})
+
+    def register(self, inst: Instance) -> None:
+        self.log.append(("put", inst.key, inst.state.value))
+        self.data[inst.key] = inst
+
+    def deregister(self, service: str, iid: str) -> None:
+        self.log.append(("delete", (service, iid)))
+        self.data.pop((service, iid), None)
+
+
+class Setup:
+    def __init__(self, agent: core.Agent, registry: FakeRegistry) -> None:
+        self.agent, self.registry = agent, registry
+        docker = agent.docker
+        assert isinstance(docker, FakeDocker)
+        self.docker = docker
+
+    def run(self, cid: str, service: str, labels: dict[str, str] | None = None,
+            started: str = STARTED) -> dict[str, Any]:
+        """A container running in Docker (not yet told to the agent)."""
+        attrs = container({"discovery.service": service, **(labels or {})})
+        attrs.update(Id=cid * 64, Name=f"/{service}-1",
+                     State={"Running": True, "StartedAt": started})
+        self.docker.running[attrs["Id"]] = attrs
+        return attrs
+
+    def services(self) -> list[str]:
+        return sorted(key[0] for key in self.registry.data)
+
+    def wait_services(self, want: list[str], timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while self.services() != want:
+            assert time.monotonic() < deadline, f"registered {self.services()}, not {want}"
+            time.sleep(0.01)
+
+    def event(self, action: str, attrs: dict[str, Any], ns: int | None = None,
+              **extra: str) -> None:
+        event: dict[str, Any] = {"Action": action, "id": attrs["Id"],
+                                 "Actor": {"ID": attrs["Id"], "Attributes": extra}}
+        if ns is not None:
+            event["timeNano"] = ns
+        self.agent._on_event(event)
+
+
+@pytest.fixture
+def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    monkeypatch.setattr(core, "DockerSource", FakeDocker)
+    registry = FakeRegistry()
+    config = AgentConfig(registry=str(registry.url), node="n1", resync=3600,
+                         check=CheckSpec(type="none"))
+    agent = core.Agent(config, registry)  # type: ignore[arg-type]
+    yield Setup(agent, registry)
+    agent.stop()
+    with agent._lock:
+        for tracked in agent._tracked.values():
+            tracked.stop_runners()
+    agent._checks.stop()
+
+
+def later(attrs: dict[str, Any], seconds: float = 1.0) -> int:
+    """timeNano of an event ``seconds`` after the container started."""
+    return iso_ns(attrs["State"]["StartedAt"]) + int(seconds * 1e9)
+
+
+# ---- labels: one bad container is skipped, the others are registered ---------------------
+
+@pytest.mark.parametrize("label", ["discovery.meta.service", "discovery.check.service",
+                                   "discovery.80.meta.service", "SERVICE_SERVICE"])
+def test_a_label_ending_in_service_neither_names_a_service_nor_stops_the_list(
+        setup: Setup, label: str) -> None:
+    setup.run("a", "alpha")
+    setup.run("b", "beta", {label: "evil"})
+    setup.run("c", "gamma")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    assert setup.agent._synced
+    setup.wait_services(["alpha", "beta", "gamma"])
+
+
+# ---- SIGHUP reload ----------------------------------------------------------------------
+
+def test_a_reload_whose_listing_fails_keeps_the_old_state(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    setup.run("a", "alpha")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["alpha"])
+    old = setup.agent.config
+    setup.docker.fail = DockerUnavailable("docker inspect aaaa: read timed out")
+    setup.agent._reload(replace(old, zone="z1"))
+    assert setup.agent.config is old and len(setup.agent._tracked) == 1
+    assert [r.levelname for r in caplog.records if "reload" in r.getMessage()] == ["ERROR"]
+    setup.docker.fail = None
+    assert setup.agent.reconcile()
+    assert setup.services() == ["alpha"] and setup.registry.log[-1][0] == "put"
+
+
+def test_docker_list_errors_are_docker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Api:
+        def containers(self) -> list[dict[str, Any]]:
+            raise requests.exceptions.ConnectionError("dockerd restarting")
+
+    class Client:
+        api = Api()
+
+    monkeypatch.setattr(DockerSource, "_connect", lambda _self: Client())
+    source = DockerSource(None, lambda _e: None, lambda _l: None)
+    with pytest.raises(DockerUnavailable, match="dockerd restarting"):
+        source.list_running()
+
+
+def test_a_container_that_dies_while_a_reload_lists_docker_stays_gone(setup: Setup) -> None:
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+
+    def dies() -> None:  # listed as running, then it dies; the event thread tells the agent
+        setup.docker.running.clear()
+        told = threading.Thread(target=setup.event, args=("die", x, later(x)))
+        told.start()
+        told.join(5)
+        assert not told.is_alive()
+
+    setup.docker.during_list = dies
+    setup.agent._reload(setup.agent.config)
+    assert setup.agent._tracked == {}
+    assert setup.agent.reconcile()
+    assert setup.services() == []
+
+
+def test_a_container_started_while_a_reload_lists_docker_is_kept(setup: Setup) -> None:
+    def starts() -> None:
+        y = setup.run("y", "ysvc")
+        told = threading.Thread(target=setup.event, args=("start", y))
+        told.start()
+        told.join(5)
+        assert not told.is_alive()
+
+    setup.docker.during_list = starts
+    setup.agent._reload(setup.agent.config)
+    assert list(setup.agent._tracked) == ["y" * 64]
+    setup.wait_services(["ysvc"])
+
+
+def test_a_reload_keeps_the_node_name(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    setup.run("a", "alpha")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["alpha"])
+    setup.agent._reload(replace(setup.agent.config, node="n2", zone="z1"))
+    assert (setup.agent.config.node, setup.agent.config.zone) == ("n1", "z1")
+    assert "restart the agent to change the node name" in caplog.text
+    setup.wait_services(["alpha"])
+    written = len(setup.registry.log)
+    assert setup.agent.reconcile() and setup.agent.reconcile()
+    assert len(setup.registry.log) == written  # nothing rewritten
+    assert {i.node for i in setup.registry.data.values()} == {"n1"}
+
+
+# ---- events -------------------------------------------------------------------------------
+
+def kill_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kill-")]
+
+
+@pytest.fixture
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(core, "KILL_GRACE", 0.3)
+    return 0.3
+
+
+def test_a_container_that_survives_its_kill_signal_is_registered_again(
+        setup: Setup, short_grace: float) -> None:
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    written = len(setup.registry.log)
+    setup.event("kill", x, later(x), signal="3")  # docker kill -s QUIT: a JVM's thread dump
+    key = ("xsvc", "n1:" + "x" * 12 + ":80")
+    assert setup.registry.log[written:] == [("put", key, "draining"), ("delete", key)]
+    setup.wait_services(["xsvc"])  # still running after the grace: its check decides
+
+
+def test_a_killed_container_that_dies_is_not_registered_again(
+        setup: Setup, short_grace: float) -> None:
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    setup.event("kill", x, later(x), signal="15")
+    assert setup.services() == []
+    setup.event("die", x, later(x, 2), exitCode="0")
+    del setup.docker.running[x["Id"]]
+    deadline = time.monotonic() + 5
+    while kill_threads():  # the grace has passed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert setup.services() == [] and setup.agent._tracked == {}
+
+
+@pytest.mark.parametrize("action", ["kill", "die", "stop", "destroy"])
+def test_replayed_events_of_an_earlier_run_are_ignored(setup: Setup, action: str) -> None:
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    written = len(setup.registry.log)
+    # the same second as this run's start, before it: replayed by events(since=...)
+    setup.event(action, x, later(x, -0.3), signal="15", exitCode="0")
+    assert setup.registry.log[written:] == []
+    setup.event(action, x, later(x), signal="15", exitCode="0")  # this run's: drains
+    assert setup.services() == []
+
+
+def test_a_die_without_a_time_is_not_taken_for_a_replay(setup: Setup) -> None:
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    setup.event("die", x, exitCode="0")
+    assert setup.services() == [] and setup.agent._tracked == {}
