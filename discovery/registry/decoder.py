@@ -47,7 +47,7 @@ class Decoder:
         if split is None:
             return None
         if raw is None:
-            self._skip(key, f"registry entry {key}: no value")
+            self.skip(key, f"registry entry {key}: no value")
             return None
         try:
             if self.url.nerve:
@@ -56,17 +56,18 @@ class Decoder:
             else:
                 inst = Instance.from_json(raw, where=key)
         except InvalidRecord as exc:
-            self._skip(key, f"registry entry skipped: {exc}")
+            self.skip(key, f"registry entry skipped: {exc}")
             return None
         except Exception as exc:  # from_json promises InvalidRecord only; this is the backstop
-            self._skip(key, f"registry entry {key} skipped: {type(exc).__name__}")
+            self.skip(key, f"registry entry {key} skipped: {type(exc).__name__}")
             return None
         if inst.key != split:
-            self._skip(key, f"registry entry {key} holds {inst.service}/{inst.id}")
+            self.skip(key, f"registry entry {key} holds {inst.service}/{inst.id}")
             return None
         return inst
 
-    def _skip(self, key: str, message: str) -> None:
+    def skip(self, key: str, message: str) -> None:
+        """``key`` is left out: counted, and ``message`` logged at most once a while."""
         now = self._clock()
         with self._lock:
             self.skipped += 1

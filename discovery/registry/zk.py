@@ -86,13 +86,17 @@ class ZkRegistry:
         fewer_syscalls(self.client)
         self._router = EventRouter(self.client)
         self._pre = PreReads(self.client, lambda: self._session.write_timeout(len(url.hosts)))
-        self._many = ManyReads(self.client, self._get)
+        self._many = ManyReads(self.client, self._get, self.decoder)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)
         self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
         self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
                                 self._acl, self._where)
         self._lock = threading.RLock()
+        #: a session recovery's write and a deregister, one at a time: a deregister while a
+        #: write of that instance is in flight would find nothing to delete, and the write
+        #: would then create what was deregistered
+        self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
@@ -177,7 +181,9 @@ class ZkRegistry:
         self.client.last_zxid = 0
 
     def _recover(self) -> None:
-        """New session after an expiry: create our nodes again, tell watches to reset."""
+        """New session after an expiry: create our nodes again, tell watches to reset. One
+        that cannot be (its service directory locked against us) is logged and retried alone
+        until written, deregistered or replaced (by the agent's next reconcile), or closing."""
         with self._lock:
             watches = list(self._watches)
             owned = list(self._owned.values())
@@ -185,23 +191,41 @@ class ZkRegistry:
             w.reset()
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
         # a fleet whose sessions expired together retries apart: growing, jittered waits
-        retrying = backoff(RegistryError, stop_event=self._closing, initial=0.5, maximum=2.0,
+        # (growing to 30 s: an instance refused for good is named twice a minute, not forever
+        # every 2 s)
+        retrying = backoff(RegistryError, stop_event=self._closing, initial=0.5, maximum=30.0,
                            jitter=0.5, what="re-registering after session expiry", logger=log)
         with contextlib.suppress(RegistryError):  # raised again only once closing
             for attempt in retrying:
                 with attempt:
-                    with self._lock:  # not one deregistered or replaced meanwhile
-                        owned = [i for i in owned if self._owned.get(i.key) is i]
-                    if not owned or self._recovery.is_set():  # a newer expiry: its own round
-                        return
-                    left = self._op(f"re-register {len(owned)} instance(s)",
-                                    functools.partial(self._claims.claim_together, owned))
-                    for inst in left:
-                        with self._lock:
-                            if self._owned.get(inst.key) is not inst:
-                                continue  # deregistered or replaced meanwhile
-                        self._op(f"re-register {inst.service}/{inst.id}",
-                                 functools.partial(self._claims.claim, inst))
+                    with self._writes:
+                        with self._lock:  # not one deregistered or replaced meanwhile
+                            owned = [i for i in owned if self._owned.get(i.key) is i]
+                        if not owned or self._recovery.is_set():  # a newer expiry: its own round
+                            return
+                        left = self._op(f"re-register {len(owned)} instance(s)",
+                                        functools.partial(self._claims.claim_together, owned))
+                    failed = [inst for inst in left if not self._reclaim(inst)]
+                    if failed:  # the next attempt retries only those
+                        owned = failed
+                        raise RegistryError(f"{len(failed)} instance(s) not re-registered")
+
+    def _reclaim(self, inst: Instance) -> bool:
+        """One instance of a recovery round, on its own; False if it failed (logged): the
+        others go on."""
+        try:
+            with self._writes:
+                with self._lock:
+                    if self._owned.get(inst.key) is not inst:
+                        return True  # deregistered or replaced meanwhile
+                self._op(f"re-register {inst.service}/{inst.id}",
+                         functools.partial(self._claims.claim, inst))
+        except RegistryError as exc:
+            if self._closing.is_set():
+                raise
+            log.warning("after the session expiry: %s", exc)
+            return False
+        return True
 
     def _op(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` once connected, retrying connection loss until ``timeout``."""
@@ -244,6 +268,10 @@ class ZkRegistry:
                      lambda: self._claims.claim(instance))
 
     def deregister(self, service: str, instance_id: str) -> None:
+        with self._writes:  # after a recovery's write in flight (see __init__)
+            self._deregister(service, instance_id)
+
+    def _deregister(self, service: str, instance_id: str) -> None:
         path = self.url.key(service, instance_id)
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)

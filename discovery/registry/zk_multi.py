@@ -8,7 +8,10 @@ instance), every resync on every host of the fleet, and all of them within a few
 an ensemble restart. :class:`ManyReads` sends each level as one ``multiRead`` of at most
 :data:`MAX_OPS` paths: 3 requests for that reconcile. Each read in it succeeds or fails on its
 own (a transaction's all-or-nothing does not apply to reads): a node that is gone is left out,
-as one missing between a listing and a read always was.
+as one missing between a listing and a read always was. A node whose ACL denies us READ
+(anyone may create one in a world-writable service directory) is left out too, as a record
+that cannot be decoded is (:func:`skip_denied`): one such node must not fail every read of
+the catalog. A listing refused (a locked service directory) still raises ``NoAuthError``.
 
 A server older than 3.6 answers ``UNIMPLEMENTED``: logged once, and from then on one request
 per path (pipelined), as before.
@@ -20,7 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kazoo.exceptions import EXCEPTIONS, NoNodeError, UnimplementedError
+from kazoo.exceptions import EXCEPTIONS, NoAuthError, NoNodeError, UnimplementedError
 from kazoo.protocol.serialization import (
     GetChildren,
     GetData,
@@ -33,11 +36,20 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 
+from discovery.registry.decoder import Decoder
+
 log = logging.getLogger(__name__)
 
 #: paths per multiRead (instance records of ~0.4 KB: answers well below jute.maxbuffer, 1 MB)
 MAX_OPS = 200
 _ERROR = -1  # OpCode.error: the answer of one read that failed
+
+
+def skip_denied(decoder: Decoder, path: str) -> None:
+    """The data of ``path`` (an instance node) may not be read (NoAuth): it is skipped as a
+    record that cannot be decoded is, counted and named at most once per path a while."""
+    decoder.skip(path, f"registry entry {path} skipped: its ACL does not let this client "
+                        "read it (NoAuth)")
 
 
 class MultiRead:
@@ -87,10 +99,10 @@ class MultiRead:
 
 class ManyReads:
     """Listings and reads of many paths of one kazoo client; ``get`` waits for an async
-    result (the registry's timeout)."""
+    result (the registry's timeout); ``decoder`` counts the nodes we may not read."""
 
-    def __init__(self, client: Any, get: Callable[[Any], Any]) -> None:
-        self.client, self._get = client, get
+    def __init__(self, client: Any, get: Callable[[Any], Any], decoder: Decoder) -> None:
+        self.client, self._get, self._decoder = client, get, decoder
         #: None until a server answered a multiRead; False: older than 3.6
         self.supported: bool | None = None
 
@@ -99,7 +111,8 @@ class ManyReads:
         return self._read([GetChildren(p, None) for p in paths], self.client.get_children_async)
 
     def data(self, paths: Sequence[str]) -> dict[str, tuple[bytes, ZnodeStat]]:
-        """``(data, stat)`` of each node of ``paths`` (one that does not exist is left out)."""
+        """``(data, stat)`` of each node of ``paths`` (one that does not exist, or that we may
+        not read, is left out)."""
         return self._read([GetData(p, None) for p in paths], self.client.get_async)
 
     def _read(self, ops: list[Any], one: Callable[[str], Any]) -> dict[str, Any]:
@@ -112,10 +125,13 @@ class ManyReads:
                 for pending in [one(op.path) for op in chunk]:
                     try:
                         answers.append(self._get(pending))
-                    except NoNodeError as exc:
+                    except (NoNodeError, NoAuthError) as exc:
                         answers.append(exc)
             for op, answer in zip(chunk, answers, strict=True):
                 if isinstance(answer, NoNodeError):
+                    continue
+                if isinstance(answer, NoAuthError) and isinstance(op, GetData):
+                    skip_denied(self._decoder, op.path)
                     continue
                 if isinstance(answer, Exception):
                     raise answer

@@ -16,6 +16,7 @@ of :data:`CHUNK_BYTES` (as the Java client does), far below ``jute.maxbuffer``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -124,3 +125,60 @@ class CatchUp:
     def _end(self, gen: int) -> None:
         if self._state == (gen, True):
             self._state = (gen, False)
+
+
+class Reconnects:
+    """What a follower needs to re-arm its watches after lost connections (thread-safe: kazoo's
+    connection thread tells, the worker re-arms):
+
+    - :attr:`zxid`, the last one seen before the first drop not re-armed since (None: nothing
+      to re-arm), and the drops counted: a re-arm that a later drop raced (the link went
+      again after its answer) is not done;
+    - the services learned of (puts, events of service directories; forgotten at the delete
+      of the directory), each to get its catch-up watch: a directory made after the full
+      read, whose instances were all gone when the link went, would otherwise tell of none
+      created meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.zxid: int | None = None
+        self._drops = 0
+        self._services: set[str] = set()
+
+    def dropped(self, zxid: int) -> None:
+        """The connection went (kazoo's SUSPENDED); ``zxid``: the last one seen."""
+        with self._lock:
+            self._drops += 1
+            if self.zxid is None:
+                self.zxid = zxid
+
+    def forget(self) -> None:
+        """Nothing to re-arm: a new session (everything is read again)."""
+        with self._lock:
+            self.zxid = None
+
+    def begin(self) -> tuple[int | None, int]:
+        """Before a re-arm: the zxid to re-arm from, and the drops so far for :meth:`done`."""
+        with self._lock:
+            return self.zxid, self._drops
+
+    def done(self, drops: int) -> bool:
+        """The re-arm begun at ``drops`` was answered: nothing left to re-arm, unless the link
+        went again since (False: its re-arm is still to come)."""
+        with self._lock:
+            if self._drops != drops:
+                return False
+            self.zxid = None
+            return True
+
+    def learned(self, service: str, gone: bool = False) -> None:
+        with self._lock:
+            if gone:
+                self._services.discard(service)
+            else:
+                self._services.add(service)
+
+    def services(self) -> set[str]:
+        with self._lock:
+            return set(self._services)

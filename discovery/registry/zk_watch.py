@@ -23,10 +23,10 @@ from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.zk_io import PreReads
-from discovery.registry.zk_multi import ManyReads
+from discovery.registry.zk_multi import ManyReads, skip_denied
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
-from discovery.registry.zk_rewatch import CatchUp, rewatch
+from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
 from discovery.registry.zk_scan import LivePaths, scan, unread_holders
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ZkWatch:
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
         self._pending = Pending()  # _answered's answers; nodes whose data changed
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
-        self._loss_zxid: int | None = None  # the last zxid seen before that
+        self._reconnects = Reconnects()  # where we were when the link went
         self._catch_up = CatchUp()  # persistent: later one-shot events are stale
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
@@ -95,12 +95,12 @@ class ZkWatch:
     def _on_state(self, state: str) -> None:
         """kazoo's connection thread, before it drops the watches: remember where we were
         (persistent watches: and after the reconnect, add them again)."""
-        if state == KazooState.SUSPENDED and self._loss_zxid is None:
-            self._loss_zxid = self._client.last_zxid
+        if state == KazooState.SUSPENDED:
+            self._reconnects.dropped(self._client.last_zxid)
         elif state == KazooState.LOST:
-            self._loss_zxid = None  # a new session: the registry's recovery resets us
+            self._reconnects.forget()  # a new session: the registry's recovery resets us
         elif (state == KazooState.CONNECTED and self._persistent
-              and self._loss_zxid is not None):
+              and self._reconnects.zxid is not None):
             self._push(("rearm", ""))
 
     def _event(self, path: str, kind: str) -> None:
@@ -109,7 +109,12 @@ class ZkWatch:
         PreReads`); the worker gets the answer. A restarted agent takes its nodes over from
         its old session with a delete and a create in one transaction; only the read tells
         that the node is still there (dropped on the event, it flapped)."""
-        if self._url.split_key(path) is None or self._stopped.is_set():
+        if self._stopped.is_set():
+            return
+        if self._url.split_key(path) is None:
+            folder = self._url.split_key(f"{path}/-")  # a service's directory, made or gone:
+            if folder is not None:  # its catch-up watch after a cut (zk_rewatch.Reconnects)
+                self._reconnects.learned(folder[0], gone=kind == EventType.DELETED)
             return
         changed = kind == EventType.CHANGED
         if self._pre is None:
@@ -158,7 +163,7 @@ class ZkWatch:
             self._queue.clear()
             self._rearm.clear()  # the scan arms everything anew
             self._pending.clear()
-            self._loss_zxid = None
+            self._reconnects.forget()
             self._queue.append(("reset", ""))
             self._cond.notify_all()
 
@@ -266,10 +271,11 @@ class ZkWatch:
     def _rewatch(self) -> None:
         with self._cond:
             items, self._rearm = self._rearm, set()
-        zxid = self._loss_zxid
+        zxid, drops = self._reconnects.begin()
         if self._persistent and zxid is not None:  # everything: persistent + catch-up watches
             keys = (self._url.split_key(path) for path in self._nodes)
-            svcs = self._svcs | (self._only or set()) | {k[0] for k in keys if k}
+            svcs = (self._svcs | self._reconnects.services() | (self._only or set())
+                    | {k[0] for k in keys if k})
             items = {("node", path) for path in self._nodes} | {("svc", s) for s in svcs}
             if self._only is None:
                 items.add(("services", ""))
@@ -293,8 +299,8 @@ class ZkWatch:
         if self._persistent:  # the later events of those one-shot watches are stale
             self._catch_up.answered(self._client, gen)
         with self._cond:
-            if not self._rearm:
-                self._loss_zxid = None
+            if not self._rearm and not self._reconnects.done(drops):
+                self._push(("rearm", ""))  # the link went again after the answer
 
     def _answer(self, path: str) -> None:
         """Deliver the answers to :meth:`_event`'s reads of ``path`` in order, each unless what
@@ -316,6 +322,9 @@ class ZkWatch:
         try:
             read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
+            read = None
+        except NoAuthError:  # its ACL denies us READ: skipped as a record we cannot decode
+            skip_denied(self._decoder, path)
             read = None
         self._changed(path, read, self._pending.untouch(path))  # taken after the read
 
@@ -339,6 +348,7 @@ class ZkWatch:
         if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
             self._gone(path, stat.mzxid)
         self._live.set(path, inst.key)
+        self._reconnects.learned(inst.service)
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
 
     def _gone(self, path: str, revision: int, drained: bool = False) -> None:
@@ -381,6 +391,8 @@ class ZkWatch:
                 yield path, self._client.get(path, watch=self._w(("node", path)))
             except NoNodeError:
                 continue
+            except NoAuthError:
+                skip_denied(self._decoder, path)
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

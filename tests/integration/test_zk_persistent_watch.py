@@ -18,7 +18,6 @@ read one path per request, with the same result.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -33,21 +32,6 @@ from tests.harness.servers import ZK_TEST_JVM, ServerCluster, ZkEnsemble, unique
 from tests.harness.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def zk(zk_single: ServerCluster) -> ServerCluster:
-    zk_single.ensure_running()
-    return zk_single
-
-
-@pytest.fixture
-def regs() -> Iterator[list[Registry]]:
-    opened: list[Registry] = []
-    yield opened
-    for reg in opened:
-        with contextlib.suppress(Exception):
-            reg.close()
 
 
 def watched(zk: ServerCluster, prefix: str) -> set[str]:
