@@ -86,8 +86,8 @@ def _same(a: list[Instance], b: list[Instance]) -> bool:
 class Subscription:
     """What :meth:`Client.watch` returns. ``stop()`` ends the watch: once it returns no
     callback of it runs or starts. It waits for one already running on the dispatcher thread
-    (so do not call it holding a lock that callback needs); from inside the callback it
-    returns at once."""
+    (so do not call it holding a lock that callback needs, nor from another client's callback
+    that this one's may be stopping); from inside the callback it returns at once."""
 
     def __init__(self, client: Client, service: str, callback: InstancesCallback,
                  tag: str | None, include_draining: bool) -> None:
@@ -108,8 +108,9 @@ class Subscription:
         return list(self._last)
 
     def stop(self) -> None:
-        with self._calling:
-            self._stopped.set()
+        self._stopped.set()  # first: a list queued meanwhile is skipped, not called
+        with self._calling:  # then a call already running ends
+            pass
         self._client._unsubscribe(self)
 
     def __enter__(self) -> Subscription:

@@ -21,15 +21,16 @@ log = logging.getLogger(__name__)
 _FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
 
 
-def stage(text: str, dest: Path) -> Path:
+def stage(text: str, dest: Path, shared: bool = False) -> Path:
     """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced; nothing
-    is left behind when that fails (a full disk). Its mode is what a new file gets under the
-    process's umask (mkstemp's 0600 would hide a new ``--json-out`` from other users);
+    is left behind when that fails (a full disk). It is private (0600) unless ``shared``:
+    then what a new file gets under the process's umask (a ``--json-out`` other users read);
     :func:`install` gives it the mode of the file it replaces."""
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if shared:
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -40,10 +41,16 @@ def stage(text: str, dest: Path) -> Path:
     return Path(name)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it: set it back at once
-    os.umask(mask)
-    return mask
+def _read_umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+_UMASK = _read_umask()
 
 
 def install(staged: Path, dest: Path) -> bool:
@@ -85,11 +92,11 @@ def install(staged: Path, dest: Path) -> bool:
     return True
 
 
-def write_atomic(path: Path, text: str) -> bool:
+def write_atomic(path: Path, text: str, shared: bool = False) -> bool:
     """Put ``text`` at ``path`` atomically (creating its folder); False when it was already
-    there byte for byte (nothing written)."""
+    there byte for byte (nothing written). ``shared``: see :func:`stage`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = stage(text, path)
+    staged = stage(text, path, shared)
     try:
         return install(staged, path)
     except BaseException:

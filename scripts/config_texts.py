@@ -37,7 +37,8 @@ WATCHER_KEYS = {
                   "([operations.md](operations.md#the-wipe-guard))",
     "zone": "this watcher's zone (a DNS label; `--zone` wins): each service is routed to the "
             "instances of this zone, and to every zone while it has fewer than `zone_min_up` "
-            "up instances ([traffic.md](traffic.md#zone-aware-routing))",
+            "up instances that take traffic (weight above 0) "
+            "([traffic.md](traffic.md#zone-aware-routing))",
 }
 
 SERVICE_KEYS = {
@@ -60,7 +61,7 @@ SERVICE_KEYS = {
                "requests in a row is drained for `base_ejection` x its ejections "
                "([traffic.md](traffic.md#outlier-ejection))",
     "zone_min_up": "with `[watcher] zone`: spill over to other zones while the local zone has "
-                   "fewer up instances than this",
+                   "fewer up instances of weight above 0 than this",
 }
 
 CHECK_TYPES = {

@@ -30,6 +30,7 @@ from discovery.agent.tracked import (
     Tracked,
     instance_of,
     iso_ns,
+    kill_grace,
     same_instances,
 )
 from discovery.agent.views import AgentViews
@@ -57,7 +58,8 @@ class Agent(AgentViews):
         self._revoke = True
         self._pending_config: AgentConfig | None = None
         self._relisting: set[str] | None = None  # a reload lists Docker: containers with events
-        self._killed: dict[str, float] = {}  # container id → its grace's end (drained on a kill)
+        # container id → its grace's end and the kill that drained it (its departure's cause)
+        self._killed: dict[str, tuple[float, Cause]] = {}
         self._synced = False  # Docker listed at least once on the current connection
         self.registry_connected = False
         self._reconnected = False  # the registry came back: the run loop records it
@@ -161,7 +163,11 @@ class Agent(AgentViews):
         except DiscoveryError as exc:
             with self._lock:
                 self._relisting = None
-            log.error("reload: Docker not listed (%s); the old configuration stays in effect", exc)
+            log.error("reload: Docker not listed (%s); the old configuration stays in effect "
+                      "until the next try, within a resync period", exc)
+            with self._lock:  # unless a newer SIGHUP came meanwhile
+                if self._pending_config is None:
+                    self._pending_config = config
             return
         log.info("configuration reloaded")
 
@@ -219,7 +225,8 @@ class Agent(AgentViews):
                 if (tracked is not None and not stale
                         and str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS):
                     log.info("container %s killed: draining its instances", cid[:12])
-                    self._killed[cid] = end = time.monotonic() + KILL_GRACE
+                    end = time.monotonic() + KILL_GRACE
+                    self._killed[cid] = (end, cause)
                     self._apply_container(tracked, cause)
                     threading.Thread(target=self._kill_grace_over, args=(cid, end),
                                      name=f"kill-{cid[:12]}", daemon=True).start()
@@ -231,16 +238,19 @@ class Agent(AgentViews):
                 self._forget(cid, cause)
 
     def _kill_grace_over(self, cid: str, end: float) -> None:
-        """A container drained on a kill signal and still running :data:`KILL_GRACE` seconds
-        later survived it: its check decides again."""
-        if self._stop.wait(KILL_GRACE):
+        """Still running after its :func:`kill_grace`, it survived the kill: its check decides."""
+        try:
+            grace = kill_grace(self.docker.inspect(cid))
+        except DiscoveryError:
+            grace = KILL_GRACE
+        if self._stop.wait(max(grace - (time.monotonic() - (end - KILL_GRACE)), 0.0)):
             return
         with self._lock:
-            if self._killed.get(cid) != end:
+            if self._killed.get(cid, (None,))[0] != end:
                 return  # gone, or killed again since
             del self._killed[cid]
             try:  # not running or restarted: forgotten or replaced
-                self._refresh_by_id(cid, Cause("kill", f"running {KILL_GRACE:g}s after it"))
+                self._refresh_by_id(cid, Cause("kill", f"running {grace:g}s after it"))
             except DiscoveryError as exc:  # the listing on Docker's reconnect decides
                 log.warning("container %s: %s", cid[:12], exc)
 
@@ -321,14 +331,14 @@ class Agent(AgentViews):
         runner.start()
 
     def _forget(self, cid: str, cause: Cause) -> None:
-        self._killed.pop(cid, None)
+        killed = self._killed.pop(cid, None)
         tracked = self._tracked.pop(cid, None)
         if tracked is None:
             return
         tracked.stop_runners()
         for key in tracked.instances:
             self.registrations.write(key, None)
-            self.history.depart(key[1], cause)
+            self.history.depart(key[1], killed[1] if killed else cause)  # why it left
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:

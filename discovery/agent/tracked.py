@@ -14,8 +14,16 @@ from discovery.model import Instance, make_instance_id
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
                        "KILL", "TERM", "INT", "QUIT"}
 #: seconds a container drained on a terminating signal may keep running before it is wanted
-#: again (it survived the signal); ``docker stop`` waits 10 s before its SIGKILL
-KILL_GRACE = 15.0
+#: again (it survived the signal): at least this, or its stop timeout (``docker stop`` waits
+#: that long, 10 s by default, before its SIGKILL) and 5 s more; ``docker stop -t N`` with a
+#: longer N than both is not seen
+KILL_GRACE = 60.0
+
+
+def kill_grace(attrs: dict[str, Any] | None) -> float:
+    """Seconds a container (its inspect ``attrs``) drained on a kill signal gets to die."""
+    stop_timeout = ((attrs or {}).get("Config") or {}).get("StopTimeout")
+    return max(KILL_GRACE, stop_timeout + 5.0 if isinstance(stop_timeout, int) else 0.0)
 Key = tuple[str, str]
 
 

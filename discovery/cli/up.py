@@ -86,6 +86,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         stop_haproxy,
         usable_state_dir,
     )
+    from discovery.watcher.render import Renderer
 
     etcd: LocalEtcd | None = None
     temp_state: Path | None = None
@@ -154,6 +155,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
 
     def load() -> WatcherConfig:  # SIGHUP: the file again, flags and environment still winning
         new_agent, new_watch = configs(base, zone, services, config_file, explicit)
+        Renderer(new_watch.template)  # a broken template: nothing of the file is taken
         agent.reload(new_agent)
         return new_watch
 

@@ -26,7 +26,13 @@ import time
 from collections.abc import Callable
 
 from discovery.errors import ConfigError, DiscoveryError, ValidationError
-from discovery.lookup.dns_limits import AnswerCache, TcpLimits, beyond_loopback, client_of
+from discovery.lookup.dns_limits import (
+    CACHE_ENTRIES,
+    AnswerCache,
+    TcpLimits,
+    beyond_loopback,
+    client_of,
+)
 from discovery.lookup.dns_packet import cache_key
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
 from discovery.model import validate as v
@@ -228,6 +234,9 @@ class DnsServer:
         cache = AnswerCache()
         self._caches.append(cache)
         get = cache.entries.get
+        # each question's last turn, kept across the cache's clears (a catalog change clears
+        # it: a name asked less often than the catalog changes still goes round its windows)
+        turns: dict[bytes | None, int] = {}
         while not stopping.is_set():
             try:
                 try:
@@ -244,7 +253,8 @@ class DnsServer:
                 hit = None if key is None else get(key)
                 if hit is not None:  # the hot path: no parsing beyond the question's labels
                     tails = hit[0]
-                    k = next(hit[3]) % len(tails)  # this name's next turn
+                    turn = turns[key] = turns.get(key, 0) + 1  # this question's next turn
+                    k = turn % len(tails)
                     tail = tails[k]
                     if tail is None:  # this turn's order or window, encoded once
                         resp = self._answer(data, tcp=False, rotate=k)
@@ -258,6 +268,8 @@ class DnsServer:
                     if self.on_query is not None:
                         self.on_query(hit[1], hit[2])
                     continue
+                if len(turns) > 2 * CACHE_ENTRIES:  # bounded: as many questions as the cache
+                    turns.clear()
                 resp = self._answer(data, tcp=False)
                 if resp is None:
                     if self.on_query is not None:

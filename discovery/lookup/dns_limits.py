@@ -9,7 +9,6 @@ of them per client (an IPv4 address, an IPv6 /64). See docs/dns.md, "Limits".
 from __future__ import annotations
 
 import ipaddress
-import itertools
 from dataclasses import dataclass
 
 from discovery.errors import ConfigError
@@ -22,9 +21,7 @@ MAX_TCP_CONNECTIONS = 64
 MAX_TCP_PER_CLIENT = 8  # per IPv4 address, per IPv6 /64
 TCP_TIMEOUT = 5.0  # seconds for a whole message, from accept or the previous answer
 
-#: a response's tails (one per turn), qtype, rcode, and the name's own turns (from 1: the
-#: first answer, which filled the entry, was turn 0)
-_Entry = tuple[list["bytes | None"], str, str, "itertools.count[int]"]
+_Entry = tuple[list["bytes | None"], str, str]  # a response's tails (per turn), qtype, rcode
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ class AnswerCache:
             self.clear()
         tails: list[bytes | None] = [None] * resp.rotations
         tails[0] = resp.wire[2:]
-        self.entries[key] = (tails, resp.qtype, resp.rcode, itertools.count(1))
+        self.entries[key] = (tails, resp.qtype, resp.rcode)
         self.nbytes += size
 
     def fill(self, tails: list[bytes | None], turn: int, tail: bytes) -> None:

@@ -201,8 +201,8 @@ class HttpApi:
         if path == "/v1/services" or path.startswith("/v1/services/"):
             name = unquote(path[len("/v1/services/"):]) if path != "/v1/services" else None
             if self.catalog is None:
-                raise ApiError(404, "this process has no catalog (the agent's API only has "
-                                    "/v1/health and /metrics)")
+                raise ApiError(404, "this process has no catalog (an agent's API serves "
+                                    "/v1/health, /metrics, /v1/agent/* and /ui/)")
             return self._services(self.catalog, name, query, req)
         if ui.handles(path):
             return ui.route(self, path, query)

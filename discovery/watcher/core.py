@@ -191,5 +191,5 @@ class Watcher:
         if self.json_out is not None:
             text = self.catalog.to_json()
             if text != self._json_written:
-                write_atomic(self.json_out, text)
+                write_atomic(self.json_out, text, shared=True)  # for other users' tools
                 self._json_written = text

@@ -142,16 +142,14 @@ class Router:
                     outcome = "runtime" if outcome == "none" else outcome
                 waiting = [n for n in changes if self.tables[n].overflow]
                 if waiting and outcome != "failed":
-                    # no usable slot (every free one still has sessions): the table grows
-                    # with a reload, whose new worker's slots have none
+                    # no usable slot (every free one still has sessions): a reload places them,
+                    # its new worker's slots having none (once for the same inputs, as above)
                     full = desired if only is None else self.desired(catalog)
                     sizes = self._sizes(full)
-                    for name in waiting:
-                        sizes[name] = max(sizes[name], slot_count(
-                            self.tables[name].size + 1, self.config.services[name].slots or 8))
-                    log.info("no free slot without sessions in %s: growing with a reload",
-                             ", ".join(waiting))
-                    outcome = self._reload(full, sizes)
+                    if self._last_attempt != (self.config, sizes):
+                        log.info("no free slot without sessions in %s: placed with a reload",
+                                 ", ".join(waiting))
+                        outcome = self._reload(full, sizes)
             self.stats.note(outcome)
             return outcome
 
@@ -209,6 +207,7 @@ class Router:
                 self.tables = previous
                 raise
             log.info("HAProxy started with %s", self.config_path)
+            self._unapplied.clear()  # the file carries every slot
         elif control is not None and (changed or self._unloaded):
             self._unloaded = True  # until a reload succeeds, even if the next file is the same
             try:
@@ -217,12 +216,12 @@ class Router:
                 self.tables = previous  # HAProxy still runs the config it had
                 raise
             self._unloaded = False
+            self._unapplied.clear()  # the file carries every slot
             self.stats.reloads += 1
             self.stats.last_reload = time.time()
             log.info("HAProxy reloaded (%d services)", len(tables))
         self._running_config = self.config
         self._last_attempt = None
-        self._unapplied.clear()  # the file carries every slot
         # No re-apply: the file just installed carries every slot as the tables hold it (runtime
         # state is lost on reload, but nothing is missing from the file). A crash restart, whose
         # file may be older than the runtime state, re-applies (supervisor on_restart).

@@ -7,7 +7,8 @@ out of slots changes the structure.
 
 A freed slot is never given to a new address while it still has sessions (HAProxy's ``scur``):
 slots that never served go first, then freed ones, longest free first, skipping busy ones; when
-every free slot is busy the instance waits (``overflow``), and the table grows with a reload.
+every free slot is busy the instance waits (``overflow``), and a reload places it (the new
+worker's slots have no sessions).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from discovery.agent import core
+from discovery.agent import core, tracked
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
 from discovery.agent.spec import CheckSpec
@@ -161,9 +161,12 @@ def test_a_reload_whose_listing_fails_keeps_the_old_state(
     setup.agent._reload(replace(old, zone="z1"))
     assert setup.agent.config is old and len(setup.agent._tracked) == 1
     assert [r.levelname for r in caplog.records if "reload" in r.getMessage()] == ["ERROR"]
+    assert setup.agent._pending_config is not None  # tried again by the run loop
     setup.docker.fail = None
     assert setup.agent.reconcile()
     assert setup.services() == ["alpha"] and setup.registry.log[-1][0] == "put"
+    setup.agent._reload(setup.agent._pending_config)
+    assert setup.agent.config.zone == "z1"
 
 
 def test_docker_list_errors_are_docker_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,6 +239,7 @@ def kill_threads() -> list[threading.Thread]:
 @pytest.fixture
 def short_grace(monkeypatch: pytest.MonkeyPatch) -> float:
     monkeypatch.setattr(core, "KILL_GRACE", 0.3)
+    monkeypatch.setattr(tracked, "KILL_GRACE", 0.3)  # kill_grace()'s floor
     return 0.3
 
 
@@ -286,3 +290,9 @@ def test_a_die_without_a_time_is_not_taken_for_a_replay(setup: Setup) -> None:
     setup.wait_services(["xsvc"])
     setup.event("die", x, exitCode="0")
     assert setup.services() == [] and setup.agent._tracked == {}
+
+
+def test_the_kill_grace_covers_the_containers_own_stop_timeout() -> None:
+    assert tracked.kill_grace(None) == tracked.KILL_GRACE
+    assert tracked.kill_grace({"Config": {"StopTimeout": 10}}) == tracked.KILL_GRACE
+    assert tracked.kill_grace({"Config": {"StopTimeout": 120}}) == 125.0

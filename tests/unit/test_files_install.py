@@ -51,9 +51,9 @@ def test_a_failed_stage_leaves_nothing_and_new_files_follow_the_umask(tmp_path: 
     with pytest.raises(UnicodeEncodeError):
         write_atomic(tmp_path / "out.json", "x\udcff")  # cannot be written as UTF-8
     assert list(tmp_path.iterdir()) == []
-    old = os.umask(0o022)
-    try:
-        write_atomic(tmp_path / "new.json", "{}")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    from discovery import files
+
+    write_atomic(tmp_path / "private", "{}")
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600  # haproxy.cfg, state files
+    write_atomic(tmp_path / "new.json", "{}", shared=True)  # --json-out: the umask's mode
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~files._UMASK

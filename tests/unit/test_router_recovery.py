@@ -77,7 +77,7 @@ def put(catalog: Catalog, n: int) -> None:
     catalog.apply(Change("put", inst(n).key, inst(n), revision=100 + n))
 
 
-def test_a_replacement_with_no_usable_slot_grows_the_table_with_a_reload(tmp_path: Path) -> None:
+def test_a_replacement_with_no_usable_slot_is_placed_with_a_reload(tmp_path: Path) -> None:
     router, control, catalog = setup(tmp_path, 5)
     for n in (6, 7, 8):  # grown to 8 instances in the 8 slots: runtime only
         put(catalog, n)
@@ -87,7 +87,8 @@ def test_a_replacement_with_no_usable_slot_grows_the_table_with_a_reload(tmp_pat
     put(catalog, 9)
     assert router.sync(catalog, {"web"}) == "reload"
     assert inst(9).id in router.tables["web"].ids().values()
-    assert router.tables["web"].size == 16 and control.reloads == 2
+    assert router.tables["web"].size == 8 and control.reloads == 2
+    assert router.sync(catalog, {"web"}) == "none"  # placed: nothing more to do
 
 
 def test_a_failed_runtime_call_is_sent_again(tmp_path: Path) -> None:
@@ -147,3 +148,17 @@ def test_a_failing_show_stat_waits_for_the_next_interval(tmp_path: Path) -> None
         router.tick(catalog)
     due = router.next_due()
     assert control.runtime.stats == 1 and due is not None and due > time.monotonic()
+
+
+def test_a_reload_for_no_usable_slot_is_tried_once_for_the_same_inputs(tmp_path: Path) -> None:
+    router, control, catalog = setup(tmp_path, 5)
+    for n in (6, 7, 8):
+        put(catalog, n)
+        router.sync(catalog, {"web"})
+    control.fail_reload = True
+    catalog.apply(Change("delete", inst(1).key, revision=50))
+    put(catalog, 9)
+    assert router.sync(catalog, {"web"}) == "failed"
+    for _ in range(3):
+        router.sync(catalog, {"web"})
+    assert router.stats.haproxy_errors == 1  # not once a sync
