@@ -92,7 +92,8 @@ class Agent(AgentViews):
                 self._wake.clear()
                 if self._stop.is_set():
                     break
-                pending, self._pending_config = self._pending_config, None
+                with self._lock:  # a SIGHUP meanwhile is not lost (nor one kept by _reload)
+                    pending, self._pending_config = self._pending_config, None
                 if pending is not None:
                     self._reload(pending)
                 if self._reconnected:
@@ -135,8 +136,9 @@ class Agent(AgentViews):
         self._wake.set()
 
     def reload(self, config: AgentConfig) -> None:
-        """SIGHUP: new settings, applied by the run loop (safe from a signal handler)."""
-        self._pending_config = config
+        """SIGHUP: new settings, applied by the run loop (on_signals' thread, not a handler)."""
+        with self._lock:
+            self._pending_config = config
         self._wake.set()
 
     def _reload(self, config: AgentConfig) -> None:
@@ -161,13 +163,11 @@ class Agent(AgentViews):
                 self._tracked.clear()
                 self._on_sync(fresh)
         except DiscoveryError as exc:
-            with self._lock:
-                self._relisting = None
             log.error("reload: Docker not listed (%s); the old configuration stays in effect "
                       "until the next try, within a resync period", exc)
-            with self._lock:  # unless a newer SIGHUP came meanwhile
-                if self._pending_config is None:
-                    self._pending_config = config
+            with self._lock:  # tried again, unless a newer SIGHUP came meanwhile
+                self._relisting = None
+                self._pending_config = self._pending_config or config
             return
         log.info("configuration reloaded")
 

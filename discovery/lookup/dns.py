@@ -275,9 +275,20 @@ class DnsServer:
                     if self.on_query is not None:
                         self.on_query("NONE", "DROPPED")
                     continue
-                send(resp.wire, addr)
+                wire, k = resp.wire, 0
+                if key is not None and resp.rotations > 1:  # a miss takes its turn too
+                    turn = turns[key] = turns.get(key, -1) + 1
+                    k = turn % resp.rotations
+                    turned = self._answer(data, tcp=False, rotate=k) if k else None
+                    if turned is not None and turned.rcode == resp.rcode:
+                        wire = turned.wire
+                    else:
+                        k = 0
+                send(wire, addr)
                 if key is not None and resp.rcode in CACHEABLE:
                     cache.put(key, resp)
+                    if k:
+                        cache.fill(get(key)[0], k, wire[2:])  # type: ignore[index]
                 if self.on_query is not None:
                     self.on_query(resp.qtype, resp.rcode)
             except OSError:  # a send refused (ICMP unreachable, buffer full): next one

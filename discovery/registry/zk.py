@@ -93,9 +93,9 @@ class ZkRegistry:
         self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
                                 self._acl, self._where)
         self._lock = threading.RLock()
-        #: a session recovery's write and a deregister, one at a time: a deregister while a
-        #: write of that instance is in flight would find nothing to delete, and the write
-        #: would then create what was deregistered
+        #: a session recovery's write, a register and a deregister, one at a time: a
+        #: deregister (or a newer register) while a recovery's write of that instance is in
+        #: flight would be undone by that write
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._watches: list[ZkWatch] = []
@@ -190,12 +190,12 @@ class ZkRegistry:
         for w in watches:
             w.reset()
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
-        # a fleet whose sessions expired together retries apart: growing, jittered waits
-        # (growing to 30 s: an instance refused for good is named twice a minute, not forever
-        # every 2 s)
-        retrying = backoff(RegistryError, stop_event=self._closing, initial=0.5, maximum=30.0,
+        # a fleet whose sessions expired together retries apart: growing, jittered waits; a
+        # newer expiry (its own round) or close() ends them (both set _recovery)
+        retrying = backoff(RegistryError, stop_event=self._recovery, initial=0.5, maximum=2.0,
                            jitter=0.5, what="re-registering after session expiry", logger=log)
-        with contextlib.suppress(RegistryError):  # raised again only once closing
+        failed: list[Instance] = []
+        with contextlib.suppress(RegistryError):  # raised again only once stopped
             for attempt in retrying:
                 with attempt:
                     with self._writes:
@@ -206,9 +206,18 @@ class ZkRegistry:
                         left = self._op(f"re-register {len(owned)} instance(s)",
                                         functools.partial(self._claims.claim_together, owned))
                     failed = [inst for inst in left if not self._reclaim(inst)]
-                    if failed:  # the next attempt retries only those
-                        owned = failed
-                        raise RegistryError(f"{len(failed)} instance(s) not re-registered")
+        if not failed:
+            return
+        # refused on their own (a service directory locked against us): alone, the wait
+        # growing to 30 s, so one refused for good is named twice a minute, not every 2 s
+        refused = backoff(RegistryError, stop_event=self._recovery, initial=1.0, maximum=30.0,
+                          jitter=0.5, what="re-registering refused instance(s)", logger=log)
+        with contextlib.suppress(RegistryError):
+            for attempt in refused:
+                with attempt:
+                    failed = [inst for inst in failed if not self._reclaim(inst)]
+                    if failed:
+                        raise RegistryError(f"{len(failed)} instance(s) still refused")
 
     def _reclaim(self, inst: Instance) -> bool:
         """One instance of a recovery round, on its own; False if it failed (logged): the
@@ -263,7 +272,7 @@ class ZkRegistry:
     # -- the Registry interface -------------------------------------------------------------
 
     def register(self, instance: Instance) -> None:
-        with claiming(self._owned, self._lock, instance):
+        with self._writes, claiming(self._owned, self._lock, instance):  # see __init__
             self._op(f"register {instance.service}/{instance.id}",
                      lambda: self._claims.claim(instance))
 

@@ -11,7 +11,8 @@ own (a transaction's all-or-nothing does not apply to reads): a node that is gon
 as one missing between a listing and a read always was. A node whose ACL denies us READ
 (anyone may create one in a world-writable service directory) is left out too, as a record
 that cannot be decoded is (:func:`skip_denied`): one such node must not fail every read of
-the catalog. A listing refused (a locked service directory) still raises ``NoAuthError``.
+the catalog. So is a directory whose listing is refused while others were listed; when every
+listing is refused, ``NoAuthError`` is raised (our credentials: the caller says to give them).
 
 A server older than 3.6 answers ``UNIMPLEMENTED``: logged once, and from then on one request
 per path (pipelined), as before.
@@ -46,7 +47,7 @@ _ERROR = -1  # OpCode.error: the answer of one read that failed
 
 
 def skip_denied(decoder: Decoder, path: str) -> None:
-    """The data of ``path`` (an instance node) may not be read (NoAuth): it is skipped as a
+    """``path`` (an instance node, or a directory) may not be read (NoAuth): it is skipped as a
     record that cannot be decoded is, counted and named at most once per path a while."""
     decoder.skip(path, f"registry entry {path} skipped: its ACL does not let this client "
                         "read it (NoAuth)")
@@ -117,6 +118,7 @@ class ManyReads:
 
     def _read(self, ops: list[Any], one: Callable[[str], Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        denied: list[tuple[Any, NoAuthError]] = []
         for start in range(0, len(ops), MAX_OPS):
             chunk = ops[start:start + MAX_OPS]
             answers = self._multi(chunk) if self.supported is not False else None
@@ -130,12 +132,19 @@ class ManyReads:
             for op, answer in zip(chunk, answers, strict=True):
                 if isinstance(answer, NoNodeError):
                     continue
-                if isinstance(answer, NoAuthError) and isinstance(op, GetData):
-                    skip_denied(self._decoder, op.path)
+                if isinstance(answer, NoAuthError):
+                    denied.append((op, answer))
                     continue
                 if isinstance(answer, Exception):
                     raise answer
                 out[op.path] = answer
+        listed = any(isinstance(op, GetChildren) for op in ops if op.path in out)
+        for op, answer in denied:
+            # a listing refused while none other was: our credentials, said (the caller
+            # tells to give them); else one directory, or a node, planted against us: left out
+            if isinstance(op, GetChildren) and not listed:
+                raise answer
+            skip_denied(self._decoder, op.path)
         return out
 
     def _multi(self, chunk: list[Any]) -> list[Any] | None:

@@ -182,3 +182,8 @@ class Reconnects:
     def services(self) -> set[str]:
         with self._lock:
             return set(self._services)
+
+    def read(self, services: set[str]) -> None:
+        """A full read found exactly ``services``: what was learned before it is replaced."""
+        with self._lock:
+            self._services = set(services)

@@ -13,12 +13,13 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_multi import skip_denied
 
 Key = tuple[str, str]
 #: the one-shot watch a read of an item (``("svc", name)``...) sets, or None
@@ -91,6 +92,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         newest = stat.pzxid
     found = Scan(Snapshot(revision=max(client.last_zxid, 1)), newest)
     paths: list[str] = []
+    denied: list[tuple[str, NoAuthError]] = []
     for s in children:
         svc_dir = url.service_dir(s)
         try:
@@ -100,9 +102,16 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
             if only is not None or svc_dir != f"{services}/{s}":
                 client.exists(svc_dir, watch=watch_for(("svc", s)))
             continue
+        except NoAuthError as exc:  # one planted against us is left out (below)
+            denied.append((svc_dir, exc))
+            continue
         found.svcs.add(s)
         found.newest = max(found.newest, st.pzxid)
         paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
+    if denied and not found.svcs:
+        raise denied[0][1]  # none may be listed: our credentials (the caller says so)
+    for svc_dir, _ in denied:
+        skip_denied(decoder, svc_dir)
     instances: dict[Key, Instance] = {}
     for path, (data, st) in read_nodes(paths):
         found.nodes[path] = st.mzxid

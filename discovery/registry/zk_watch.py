@@ -377,6 +377,7 @@ class ZkWatch:
         found = scan(self._client, self._url, self._decoder, self._only, self._reads,
                      self._read_nodes, self._w)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
+        self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest
 
     def _read_nodes(self, paths: list[str]) -> Iterator[tuple[str, tuple[bytes, Any]]]:

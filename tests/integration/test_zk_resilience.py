@@ -78,6 +78,8 @@ def test_an_instance_node_we_may_not_read_is_skipped(
     first = parsed.key("web", "node-1:locked-1:80")
     other.create(first, b"{}", acl=LOCKED)
     other.create(f"{parsed.prefix}/nodes/node-1/web/node-1:locked-1:80", b"")  # its index entry
+    if mode != "one-shot watches":  # a whole directory planted against us, among open ones
+        other.create(parsed.service_dir("evil"), b"", acl=LOCKED)
 
     assert set(reader.snapshot().instances) == {web.key, api.key}
     assert set(reader.node_snapshot("node-1").instances) == {web.key, api.key}

@@ -52,3 +52,22 @@ def test_up_takes_the_file_only_for_what_was_not_given(tmp_path: Path) -> None:
     assert (agent.node, agent.address, agent.ttl, agent.resync) == (
         "flagnode", "127.0.0.2", 12.0, 40.0)
     assert agent.docker is None  # named as given: the value passed (None) stands
+
+
+def test_a_component_of_up_that_dies_is_named_for_the_exit_status() -> None:
+    """``up`` runs agent and watcher through _guard: one that raises stops the process
+    (``done``) and is named in ``failed``, which makes ``up`` exit 1, not 0."""
+    import threading
+
+    from discovery.cli.up import _guard
+
+    class Agent:
+        def run(self) -> None:
+            raise RuntimeError("boom")
+
+    done, failed = threading.Event(), list[str]()
+    _guard(Agent().run, done, failed)()
+    assert done.is_set() and len(failed) == 1 and failed[0].endswith("Agent.run")
+    done.clear()
+    _guard(lambda: None, done, failed)()  # a clean end stops too, and fails nothing
+    assert done.is_set() and len(failed) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,10 @@ def test_a_failed_stage_leaves_nothing_and_new_files_follow_the_umask(tmp_path: 
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600  # haproxy.cfg, state files
     write_atomic(tmp_path / "new.json", "{}", shared=True)  # --json-out: the umask's mode
     assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
+    # the umask as the process has it, read without changing it: 027 gives 0640
+    code = ("import sys; from pathlib import Path; from discovery.files import write_atomic; "
+            "write_atomic(Path(sys.argv[1]), '{}', shared=True)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other.json")], check=True,
+                   cwd=Path(__file__).resolve().parents[2], preexec_fn=lambda: os.umask(0o027),
+                   timeout=30)
+    assert (tmp_path / "other.json").stat().st_mode & 0o777 == 0o640

@@ -112,6 +112,7 @@ def test_re_registering_after_an_expiry_retries_apart_until_done() -> None:
 
         tries.clear()
         reg._closing.set()
+        reg._recovery.set()  # as close() does: it wakes the recovery, which then stops
         reg._recover()  # closing: at most the one try, which the closed registry refuses
         assert len(tries) <= 1
     finally:
