@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.harness.servers",
+    "tests.harness.registries",
     "tests.harness.dockerd",
     "tests.harness.agent",
     "tests.harness.haproxy",

@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from discovery.registry import Registry
 from discovery.registry.zk_rewind import four_letter
 from tests.harness.util import free_port as free_port  # re-exported: tests import it here
 from tests.harness.util import server_ports, wait_for
@@ -360,30 +359,6 @@ def zk_ensemble3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerClu
 
 def unique_prefix() -> str:
     return f"/t-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def zk(zk_single: ServerCluster) -> ServerCluster:
-    """The session's single ZooKeeper, running (started again if a test stopped it)."""
-    zk_single.ensure_running()
-    return zk_single
-
-
-@pytest.fixture
-def regs() -> Iterator[list[Registry]]:
-    """Registries a test opens: each closed at its end, whatever happened."""
-    opened: list[Registry] = []
-    yield opened
-    for reg in opened:
-        with contextlib.suppress(Exception):
-            reg.close()
-
-
-@pytest.fixture
-def etcd_url(etcd_single: ServerCluster) -> str:
-    """A fresh prefix on the session's single etcd (started again if a test stopped it)."""
-    etcd_single.ensure_running()
-    return etcd_single.url(unique_prefix())
 
 
 @pytest.fixture(params=["etcd", "zk"])
