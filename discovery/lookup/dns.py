@@ -286,9 +286,9 @@ class DnsServer:
                         k = 0
                 send(wire, addr)
                 if key is not None and resp.rcode in CACHEABLE:
-                    cache.put(key, resp)
+                    tails = cache.put(key, resp)
                     if k:
-                        cache.fill(get(key)[0], k, wire[2:])  # type: ignore[index]
+                        cache.fill(tails, k, wire[2:])
                 if self.on_query is not None:
                     self.on_query(resp.qtype, resp.rcode)
             except OSError:  # a send refused (ICMP unreachable, buffer full): next one

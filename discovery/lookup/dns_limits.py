@@ -62,7 +62,8 @@ class AnswerCache:
         if index is not None:
             self.index = index
 
-    def put(self, key: bytes, resp: Response) -> None:
+    def put(self, key: bytes, resp: Response) -> list[bytes | None]:
+        """Cache ``resp`` as turn 0 of ``key``; returns its tails (see :meth:`fill`)."""
         size = ENTRY_OVERHEAD + len(key) + len(resp.wire) + 8 * resp.rotations
         if len(self.entries) >= self.max_entries or self.nbytes + size > self.max_bytes:
             self.clear()
@@ -70,6 +71,7 @@ class AnswerCache:
         tails[0] = resp.wire[2:]
         self.entries[key] = (tails, resp.qtype, resp.rcode)
         self.nbytes += size
+        return tails
 
     def fill(self, tails: list[bytes | None], turn: int, tail: bytes) -> None:
         """Keep the response of another turn, encoded the first time it was served."""
