@@ -82,6 +82,9 @@ class Router:
         # the wait doubling from 1 s to 30 s while it keeps failing
         self._unapplied: set[tuple[str, str]] = set()
         self._retry = (0.0, 0.0)
+        # a start or reload HAProxy failed (its process, not the config): tried again at
+        # _again[0] (monotonic), the wait doubling from 1 s to 30 s while it keeps failing
+        self._again = (0.0, 0.0)
         self.outliers = OutlierDetector()
 
     # ---- what the catalog asks for ---------------------------------------------------------
@@ -173,13 +176,22 @@ class Router:
         return sizes
 
     def _failed(self, exc: Exception, sizes: dict[str, int]) -> None:
-        self._last_attempt = (self.config, sizes)
-        if isinstance(exc, HAProxyError):
-            self.stats.haproxy_errors += 1
-        else:
-            self.stats.render_errors += 1
+        self._last_attempt = (self.config, sizes)  # the same inputs are not tried again...
         self.stats.last_error = str(exc)
-        log.error("config not applied, the last good one keeps serving: %s", exc)
+        if not isinstance(exc, HAProxyError):
+            self.stats.render_errors += 1
+            log.error("config not applied, the last good one keeps serving: %s", exc)
+            return
+        # ...unless HAProxy itself failed (a listener's port still taken, its master socket
+        # not answering): that may pass, so the same start or reload is tried again later
+        self.stats.haproxy_errors += 1
+        wait = min(max(2 * self._again[1], 1.0), 30.0)
+        self._again = (time.monotonic() + wait, wait)
+        if isinstance(self.control, HAProxySupervisor) and not self.control.running:
+            log.error("HAProxy not started: %s; tried again in %.0f s", exc, wait)
+        else:
+            log.error("config not applied, the last good one keeps serving: %s; tried again "
+                      "in %.0f s", exc, wait)
 
     def _restructure(self, desired: dict[str, dict[str, Instance]], sizes: dict[str, int]) -> None:
         tables = {}
@@ -222,6 +234,7 @@ class Router:
             log.info("HAProxy reloaded (%d services)", len(tables))
         self._running_config = self.config
         self._last_attempt = None
+        self._again = (0.0, 0.0)
         # No re-apply: the file just installed carries every slot as the tables hold it (runtime
         # state is lost on reload, but nothing is missing from the file). A crash restart, whose
         # file may be older than the runtime state, re-applies (supervisor on_restart).
@@ -242,6 +255,9 @@ class Router:
         them now); what fails is sent again later (:meth:`tick`)."""
         if self.control is None:
             return
+        if self._again[0] and isinstance(self.control, HAProxySupervisor) \
+                and not self.control.running:
+            return  # no HAProxy to tell: the start tried again writes every slot in its file
         merged = {name: {s.name: s for s in slots} for name, slots in changes.items()}
         for name, slot_name in self._unapplied:
             table = self.tables.get(name)
@@ -273,15 +289,17 @@ class Router:
 
     def next_due(self) -> float | None:
         """When :meth:`tick` has work (monotonic time); None: none."""
-        due = self.outliers.due(self._outlier_settings())
-        if self._unapplied:
-            due = self._retry[0] if due is None else min(due, self._retry[0])
-        return due
+        dues = [self.outliers.due(self._outlier_settings()),
+                self._retry[0] if self._unapplied else None, self._again[0] or None]
+        return min((d for d in dues if d is not None), default=None)
 
     def tick(self, catalog: Catalog) -> None:
-        """Send again what the runtime API failed to set, when due; read HAProxy's counters
-        when due, eject and re-admit: runtime API only."""
+        """Try a start or reload HAProxy failed again, and send again what the runtime API
+        failed to set, when due; read HAProxy's counters when due, eject and re-admit."""
         with self._lock:
+            if self._again[0] and time.monotonic() >= self._again[0]:
+                self._again, self._last_attempt = (0.0, self._again[1]), None
+                self.sync(catalog)  # the failed start or reload, once more
             if self._unapplied and time.monotonic() >= self._retry[0]:
                 self._apply({})
             settings = self._outlier_settings()

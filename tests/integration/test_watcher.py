@@ -229,6 +229,26 @@ def test_first_config_haproxy_rejects_starts_nothing_until_fixed(registry_url, r
     assert render_errors(http_port) == 1 and watcher.alive
 
 
+def test_a_start_haproxy_fails_is_tried_again_until_it_serves(registry_url, reg, http_backends,
+                                                              start_watcher):
+    """The service's port is taken when the watcher starts (an old process still on it): the
+    start fails, nothing changes in the catalog, and HAProxy starts on its own once the port is
+    free (1 s, 2 s, 4 s ... apart), not at the next structural change."""
+    (a,) = http_backends("a")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    web_port = squatter.getsockname()[1]
+    reg.register(inst("web", 1, a.port))
+    watcher = start_watcher(registry_url, {"web": web_port}, ready=False)
+    wait_for(lambda: watcher.log().count("HAProxy not started") >= 2, 15,
+             message="the failed start, tried again")
+    assert "Address already in use" in watcher.log() and "runtime API" not in watcher.log()
+    squatter.close()
+    wait_for(lambda: spread(web_port, 2) == {"a": 2}, 15, message="web served once free")
+    assert watcher.alive
+
+
 def render_errors(http_port: int) -> float:
     status, text = http_get(http_port, "/metrics")
     assert status == 200, text

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from discovery.errors import HAProxyError
+from discovery.errors import HAProxyError, RenderError
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
@@ -123,6 +123,45 @@ def test_a_failed_reload_is_tried_again_even_if_the_file_is_the_same(tmp_path: P
     router.set_config(more, Renderer(None))  # SIGHUP again, the same file
     assert router.sync(catalog) == "reload" and control.reloads == 2
     assert set(router.tables) == {"web", "api"} and not router.structure_changed()
+
+
+def test_a_failed_reload_is_tried_again_when_due_with_nothing_changing(tmp_path: Path) -> None:
+    router, control, catalog = setup(tmp_path, 1)
+    more = WatcherConfig(services={"web": WEB, "api": ServiceConfig(name="api", port=18001)})
+    control.fail_reload = True
+    router.set_config(more, Renderer(None))
+    started = time.monotonic()
+    assert router.sync(catalog) == "failed" and router.sync(catalog) == "failed"
+    assert control.reloads == 1  # the same inputs again: not hammered...
+    due = router.next_due()
+    assert due is not None and 0.9 <= due - started <= 1.1  # ...but tried again in 1 s,
+    router.tick(catalog)
+    assert control.reloads == 1  # (not before)
+    while time.monotonic() < due:
+        time.sleep(0.02)
+    router.tick(catalog)  # still failing: the wait doubles
+    again = router.next_due()
+    assert again is not None and 1.9 <= again - time.monotonic() <= 2.1
+    control.fail_reload = False
+    while time.monotonic() < again:
+        time.sleep(0.02)
+    router.tick(catalog)  # HAProxy answers again: reloaded with no SIGHUP nor change
+    assert control.reloads == 2 and set(router.tables) == {"web", "api"}
+    assert router.next_due() is None
+
+
+def test_a_config_haproxy_refuses_is_not_tried_again(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    router, _, catalog = setup(tmp_path, 1)
+    router.set_config(WatcherConfig(services={"web": WEB, "api": ServiceConfig(
+        name="api", port=18001)}), Renderer(None))
+
+    def refuse(binary: str, path: Path) -> None:
+        raise RenderError(f"{path}: HAProxy rejects the config: [ALERT] ...")
+
+    monkeypatch.setattr(router_module, "validate_config", refuse)
+    assert router.sync(catalog) == "failed"
+    assert router.next_due() is None  # the same file would be refused again
 
 
 def test_a_full_disk_keeps_the_last_good_config(tmp_path: Path,
