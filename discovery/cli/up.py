@@ -161,10 +161,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
 
     on_signals(stop, reload=lambda: reconfigure(watcher, load), leave=leave)
     failed: list[str] = []  # components that died: the exit status says so
-    threads = [threading.Thread(target=_guard(agent.run, done, failed), name="agent",
-                                daemon=True),
-               threading.Thread(target=_guard(watcher.run, done, failed), name="watcher",
-                                daemon=True)]
+    threads = [threading.Thread(target=_guard(name, run, done, failed), name=name, daemon=True)
+               for name, run in (("agent", agent.run), ("watcher", watcher.run))]
     for t in threads:
         t.start()
     log.info("up: registry %s, node %s, %d services routed, DNS %s, HTTP %s", mask_url(registry),
@@ -213,7 +211,7 @@ def configs(agent: AgentConfig, zone: str | None, services: tuple[str, ...],
     return agent, watcher
 
 
-def _guard(run: Any, done: threading.Event, failed: list[str]) -> Any:
+def _guard(name: str, run: Any, done: threading.Event, failed: list[str]) -> Any:
     """Run a component's loop; if it dies, bring the whole process down (never half up),
     and name it in ``failed``."""
 
@@ -221,7 +219,6 @@ def _guard(run: Any, done: threading.Event, failed: list[str]) -> Any:
         try:
             run()
         except Exception:
-            name = getattr(run, "__qualname__", str(run))
             log.exception("%s failed: stopping", name)
             failed.append(name)
         finally:

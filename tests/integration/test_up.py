@@ -79,6 +79,29 @@ def test_up_without_registry_or_dev_is_one_clear_error(tmp_path: Path):
     assert "discovery: no registry" in proc.log()
 
 
+def test_up_exits_1_naming_a_component_that_died(tmp_path: Path):
+    """A component of ``up`` that dies takes the process down with exit status 1, so that a
+    supervisor's Restart=on-failure runs (it was 0). The agent is made to die by replacing its
+    loop in the real process; the watcher, still waiting for its registry, is stopped with it."""
+    boom = ("import sys, discovery.agent.core as core\n"
+            "def run(self): raise RuntimeError('the agent broke')\n"
+            "core.Agent.run = run\n"
+            "from discovery.cli.app import main\n"
+            "sys.argv[0] = 'discovery'\n"
+            "main()\n")
+    state = tmp_path / "state"
+    proc = subprocess.run(
+        [sys.executable, "-c", boom, "up", "--registry", f"etcd://127.0.0.1:{free_port()}/p",
+         "--dns", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
+         "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RuntimeError: the agent broke" in proc.stderr
+    assert "agent failed: stopping" in proc.stderr
+    assert proc.stderr.endswith("discovery: agent failed (see the log above)\n")
+    assert "up: everything stopped" in proc.stderr  # the rest stopped in order first
+
+
 def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
     web = f"m{uuid.uuid4().hex[:8]}"
     listen, dns_port, http_port = free_port(), free_port(), free_port()
