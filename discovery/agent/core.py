@@ -100,11 +100,9 @@ class Agent(AgentViews):
                     self._reconnected = False
                     with self._lock:
                         self.history.reconnected(list(self.registrations.written.values()))
-                    # A fleet that lost its registry does not reconcile at once: the backend
-                    # has already put back what it owns if its lease or session was lost, so
-                    # this one only checks, at a random moment within a resync period. A host
-                    # with a write that failed meanwhile (a container started or stopped) has
-                    # something to tell and does not wait.
+                    # A fleet back from an outage does not reconcile at once (the backend put
+                    # back what it owns): at a random moment within a resync period; a host
+                    # with a write that failed meanwhile has something to tell: at once.
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
@@ -118,6 +116,9 @@ class Agent(AgentViews):
                 if not self.reconcile() and untold:  # still to tell: the registry's return
                     self.registrations.write_failed = True  # reconciles at once, not spread
                 due = time.monotonic() + jittered(self.config.resync)
+        except Exception:  # a bug: what is registered stays for a restart to adopt (or lapses)
+            self._revoke = False
+            raise
         finally:
             self.docker.stop()
             with self._lock:
@@ -179,8 +180,7 @@ class Agent(AgentViews):
             self._synced = False
 
     def _on_registry(self, up: bool) -> None:
-        """The registry's listener: only record and wake the run loop (never take our lock: the
-        registry's thread may be the one a thread holding it waits for)."""
+        """The registry's listener: records, wakes the run loop; never our lock (a deadlock)."""
         log.info("registry %s", "connected" if up else "disconnected")
         if up and not self.registry_connected:
             self._reconnected = True

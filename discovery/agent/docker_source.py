@@ -50,8 +50,15 @@ class DockerSource:
         self._since: int | None = None  # unix seconds of the last event seen
         self._stream: Any = None
         self._thread: threading.Thread | None = None
-        self.client = self._connect()
+        # connected by the event loop (dockerd may be down at start: waited for, not fatal)
+        self._client: docker.DockerClient | None = None
         self.connected = False
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise DockerUnavailable("docker: not connected yet")
+        return self._client
 
     def _connect(self) -> docker.DockerClient:
         if self._base_url:
@@ -119,7 +126,7 @@ class DockerSource:
         """One connection's life: subscribe, list, then follow until the stream ends."""
         if self._stop.is_set():
             return
-        self.client = self._connect()
+        self._client = self._connect()
         filters = {"type": ["container"], "event": list(EVENTS)}
         stream = self.client.api.events(since=self._since, decode=True, filters=filters)
         self._stream = stream

@@ -131,12 +131,14 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
                                 maint=agent.set_maint, checks=agent.checks, token=http_token,
                                 datacenter=datacenter, node=agent_cfg.node,
                                 history=agent.history.query, inherited=taken)
-    except DiscoveryError as exc:
+    except BaseException as exc:  # nothing of ours is left behind (the private etcd above all)
         lookups.stop()
         if etcd is not None:
             etcd.stop()
         if temp_state is not None:
             shutil.rmtree(temp_state, ignore_errors=True)
+        if not isinstance(exc, DiscoveryError):
+            raise
         fail(str(exc))
         return
 
@@ -171,7 +173,11 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         while not done.wait(0.5):
             pass
     finally:
-        agent.stop(revoke=not leaving.is_set())
+        # A component that died (a bug) leaves like SIGUSR2: the registrations, and HAProxy
+        # on a lasting state dir, stay for the restart (Restart=on-failure) to adopt.
+        agent.stop(revoke=not (leaving.is_set() or failed))
+        if failed and temp_state is None:
+            leave_haproxy(watcher)
         watcher.stop()
         for t in threads:
             t.join(15)

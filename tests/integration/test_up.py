@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -81,11 +82,11 @@ def test_up_without_registry_or_dev_is_one_clear_error(tmp_path: Path):
 
 def test_up_exits_1_naming_a_component_that_died(tmp_path: Path):
     """A component of ``up`` that dies takes the process down with exit status 1, so that a
-    supervisor's Restart=on-failure runs (it was 0). The agent is made to die by replacing its
-    loop in the real process; the watcher, still waiting for its registry, is stopped with it."""
+    supervisor's Restart=on-failure runs (it was 0). The agent is made to die in its loop in
+    the real process; the watcher, still waiting for its registry, is stopped with it."""
     boom = ("import sys, discovery.agent.core as core\n"
-            "def run(self): raise RuntimeError('the agent broke')\n"
-            "core.Agent.run = run\n"
+            "def jittered(seconds): raise RuntimeError('the agent broke')\n"
+            "core.jittered = jittered\n"
             "from discovery.cli.app import main\n"
             "sys.argv[0] = 'discovery'\n"
             "main()\n")
@@ -93,13 +94,40 @@ def test_up_exits_1_naming_a_component_that_died(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, "-c", boom, "up", "--registry", f"etcd://127.0.0.1:{free_port()}/p",
          "--dns", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
-         "--state-dir", str(state)],
+         "--state-dir", str(state), "--docker", f"unix://{tmp_path}/no-dockerd.sock"],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "RuntimeError: the agent broke" in proc.stderr
     assert "agent failed: stopping" in proc.stderr
     assert proc.stderr.endswith("discovery: agent failed (see the log above)\n")
     assert "up: everything stopped" in proc.stderr  # the rest stopped in order first
+    # like SIGUSR2, not SIGTERM: what is registered stays for the restart to adopt
+    assert "agent stopped (registrations left)" in proc.stderr
+
+
+def test_up_started_before_dockerd_waits_for_it(tmp_path: Path):
+    """dockerd not (yet) there: ``up`` runs and says so in /v1/health, retrying (it was a
+    traceback, exit 1, and ``--dev``'s private etcd left running); SIGTERM still exits 0 and
+    removes that etcd."""
+    http_port = free_port()
+    proc = DiscoveryProcess(["up", "--dev", "--docker", f"unix://{tmp_path}/no-dockerd.sock",
+                             "--dns", f"127.0.0.1:{free_port()}", "--http",
+                             f"127.0.0.1:{http_port}"], "up", tmp_path).start()
+
+    def docker_down() -> bool:
+        try:
+            get_json(http_port, "/v1/health")
+        except urllib.error.HTTPError as exc:  # 503: a component down
+            components = json.loads(exc.read())["components"]
+            return components["agent_docker"]["ok"] is False and components["agent_registry"]["ok"]
+        return False
+
+    wait_for(docker_down, 30, message="up serving /v1/health, Docker down")
+    assert "docker: reconnecting" in proc.log() and "Traceback" not in proc.log()
+    etcd_dirs = re.findall(r"data in (\S+discovery-dev-etcd-\S+)\)", proc.log())
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert etcd_dirs and not Path(etcd_dirs[0]).exists()
 
 
 def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):

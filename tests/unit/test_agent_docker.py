@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,10 +178,22 @@ def test_docker_list_errors_are_docker_unavailable(monkeypatch: pytest.MonkeyPat
     class Client:
         api = Api()
 
-    monkeypatch.setattr(DockerSource, "_connect", lambda _self: Client())
     source = DockerSource(None, lambda _e: None, lambda _l: None)
+    with pytest.raises(DockerUnavailable, match="not connected yet"):
+        source.list_running()  # before the event loop connected
+    source._client = Client()  # type: ignore[assignment]
     with pytest.raises(DockerUnavailable, match="dockerd restarting"):
         source.list_running()
+
+
+def test_a_dockerd_down_at_start_is_waited_for(tmp_path: Path) -> None:
+    """Built without dockerd (the agent started before it): no error, the event loop
+    connects when it comes (it raised DockerException, a traceback for `agent` and `up`)."""
+    source = DockerSource(f"unix://{tmp_path}/no-dockerd.sock", lambda _e: None,
+                          lambda _l: None)
+    assert not source.connected
+    with pytest.raises(DockerUnavailable):
+        source.inspect("abc")
 
 
 def test_a_container_that_dies_while_a_reload_lists_docker_stays_gone(setup: Setup) -> None:
