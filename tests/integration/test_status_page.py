@@ -144,8 +144,10 @@ def test_status_page_live_in_a_real_browser(containers, agents, browser, tmp_pat
         assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
+def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents, browser,
                                               tmp_path: Path) -> None:
+    """... and an agent's own page (no catalog) lists a service named like a JavaScript
+    object's own property (`constructor`: the page's script used to stop there)."""
     from discovery.model.instance import State
     from tests.harness.agent import registry_instances, wait_registered
     from tests.harness.servers import unique_prefix
@@ -167,8 +169,8 @@ def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
         return proc, port
 
     first, port = agent()
-    web, app_port = f"p{uuid.uuid4().hex[:8]}", free_port()
-    containers(name=f"{web}-1", port=app_port, labels={
+    web, app_port = "constructor", free_port()  # the registry prefix is the test's own
+    containers(name=f"p{uuid.uuid4().hex[:8]}-1", port=app_port, labels={
         "discovery.service": web, "discovery.port": str(app_port),
         "discovery.check.interval": "200ms"})
     victim = wait_registered(url, web)[0]
@@ -192,3 +194,11 @@ def test_maintenance_survives_an_agent_restart(etcd_single, containers, agents,
     item = wait_for(lambda: (h := history())["transitions"][-1]["state"] == "draining" and h,
                     5, message="the draining transition in the agent's history")
     assert State.UP not in [t["state"] for t in item["transitions"]], item  # never served
+    from selenium.webdriver.common.by import By
+
+    driver: Any = browser
+    driver.get(f"http://127.0.0.1:{port}/ui/")
+    row = wait_for(lambda: [r.text for r in driver.find_elements(
+        By.CSS_SELECTOR, '[data-service="constructor"] tr.instance')], 15,
+        message="the constructor service on the agent's page")
+    assert victim.id in row[0] and "draining" in row[0], row

@@ -91,7 +91,7 @@
       el("td", {}, check ? [check.type + (check.healthy ? " ✓ " : " ✗ "),
         el("span", { class: "muted" }, check.output)] : el("span", { class: "muted" }, "–")),
       el("td", {}, meta),
-      timingCell(timings[inst.id]),
+      timingCell(Object.hasOwn(timings, inst.id) ? timings[inst.id] : undefined),
       historyCell(hist));
   }
 
@@ -103,7 +103,7 @@
     const timings = status.timings || {};
     let services = view.services;
     if (view.noCatalog) {  // an agent alone: its own instances, from its checks
-      services = {};
+      services = Object.create(null);  // a service may be named "constructor" or "__proto__"
       for (const c of status.checks || []) {
         (services[c.service] = services[c.service] || []).push({
           id: c.id, service: c.service, address: "", port: "", node: "", tags: [], weight: "",
