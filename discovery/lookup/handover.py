@@ -134,8 +134,10 @@ def take(state_dir: Path) -> Taken | None:
     return taken
 
 
-def busy(addresses: Sequence[tuple[int, str, int]]) -> bool:
-    """Is one of ``(socket type, ip, port)`` bound by another socket now?"""
+def busy(addresses: Sequence[tuple[int, str, int]]) -> list[str]:
+    """Those of ``(socket type, ip, port)`` bound by another socket now, as ``ip:port/tcp``
+    (empty: all free)."""
+    found = []
     for kind, ip, port in addresses:
         if not port:
             continue
@@ -146,10 +148,11 @@ def busy(addresses: Sequence[tuple[int, str, int]]) -> bool:
             probe.bind((ip, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return True
+                where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                found.append(f"{where}/{'tcp' if kind == socket.SOCK_STREAM else 'udp'}")
         finally:
             probe.close()
-    return False
+    return found
 
 
 def from_predecessor(state_dir: Path | None, addresses: Sequence[tuple[int, str, int]],
@@ -165,11 +168,11 @@ def from_predecessor(state_dir: Path | None, addresses: Sequence[tuple[int, str,
         taken = take(state_dir)
         if taken is not None:
             return taken
-        if not busy(addresses):
+        held = busy(addresses)
+        if not held:
             return None
         if time.monotonic() > deadline:
-            where = ", ".join(f"{ip}:{port}" for _kind, ip, port in addresses)
-            raise ConfigError(f"cannot listen on {where}: address in use, and no process "
+            raise ConfigError(f"cannot listen on {', '.join(held)}: address in use, and no process "
                               f"leaving it offers it on {state_dir / SOCKET_NAME} (stop the "
                               "one that has it with SIGUSR2 to hand it over)")
         time.sleep(0.05)

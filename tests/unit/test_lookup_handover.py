@@ -82,8 +82,15 @@ def test_nobody_to_take_over_from(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         assert handover.from_predecessor(tmp_path, [(socket.SOCK_STREAM, "127.0.0.1", 0)]) is None
         s.listen(1)  # in use, and nobody offers it: the error a bind would give, after a wait
-        with pytest.raises(ConfigError, match="address in use"):
-            handover.from_predecessor(tmp_path, [(socket.SOCK_STREAM, "127.0.0.1", port)],
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            other = free.getsockname()[1]
+        # named: the one address in use, not the free ones asked for with it
+        named = rf"listen on 127\.0\.0\.1:{port}/tcp: address in use"
+        with pytest.raises(ConfigError, match=named):
+            handover.from_predecessor(tmp_path, [(socket.SOCK_DGRAM, "127.0.0.1", other),
+                                                 (socket.SOCK_STREAM, "127.0.0.1", other),
+                                                 (socket.SOCK_STREAM, "127.0.0.1", port)],
                                       wait=0.3)
     assert handover.offer(tmp_path, [], wait=0.3) is False  # nobody came: closes its own
     assert not (tmp_path / handover.SOCKET_NAME).exists()
