@@ -1,7 +1,8 @@
 """A private single-node etcd on loopback for ``discovery up --dev`` (like ``consul agent -dev``).
 
 Data lives in a temporary folder that is removed on :meth:`LocalEtcd.stop`; the process is
-stopped by its own pid.
+stopped by its own pid. If the process that started it is killed (SIGKILL: no stop), etcd is
+killed with it (``setpriv --pdeathsig``, util-linux), never left running on its own.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class LocalEtcd:
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"dev={peer}", "--logger", "zap", "--log-level", "error"]
+        setpriv = shutil.which("setpriv")  # start it from a thread that lives as long as we do
+        if setpriv is not None:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
         log_file = (self.data_dir / "etcd.log").open("ab")
         self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

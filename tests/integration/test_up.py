@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +130,38 @@ def test_up_started_before_dockerd_waits_for_it(tmp_path: Path):
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert etcd_dirs and not Path(etcd_dirs[0]).exists()
+
+
+def test_a_killed_up_dev_takes_its_private_etcd_with_it(tmp_path: Path):
+    """SIGKILL leaves ``up`` no time to stop its etcd: the kernel does (it was left running,
+    re-parented to init, with its data)."""
+    http_port = free_port()
+    proc = DiscoveryProcess(["up", "--dev", "--dns", "off", "--http", f"127.0.0.1:{http_port}",
+                             "--state-dir", str(tmp_path / "state"), "--docker",
+                             f"unix://{tmp_path}/no-dockerd.sock"], "up", tmp_path).start()
+    data = wait_for(lambda: re.findall(r"data in (\S+discovery-dev-etcd-\S+)\)", proc.log()),
+                    30, message="the private etcd")[0]
+
+    def etcd_pids() -> list[int]:  # found by its data dir, ours alone
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"etcd") and f"{data}/data".encode() in argv:
+                pids.append(int(cmdline.parent.name))
+        return pids
+
+    assert len(etcd_pids()) == 1
+    proc.signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    try:
+        wait_for(lambda: not etcd_pids(), 5, message="the private etcd gone with its parent")
+    finally:
+        for pid in etcd_pids():  # failed: stopped by its own pid, not left behind
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def test_maint_drains_without_stopping(containers, agents, tmp_path: Path):
