@@ -215,7 +215,7 @@ class Agent(AgentViews):
             stale = tracked is not None and 0 < int(event.get("timeNano") or 0) < tracked.started_ns
             if action.startswith("health_status"):
                 if tracked is not None:
-                    tracked.docker_health = action.endswith("healthy") and "unhealthy" not in action
+                    tracked.docker_health_is(action.rsplit(":", 1)[-1].strip() == "healthy")
                     self._apply_container(tracked, cause)
                     return
                 self._refresh_by_id(cid, cause)
@@ -294,7 +294,7 @@ class Agent(AgentViews):
                 self._skip(cid, name, exc)
                 return
         tracked.paused = bool(state.get("Paused"))
-        tracked.docker_health = (state.get("Health") or {}).get("Status") == "healthy"
+        tracked.docker_health_is((state.get("Health") or {}).get("Status") == "healthy")
         self._apply_container(tracked, cause)
 
     def _skip(self, cid: str, name: str, exc: Exception) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,11 +36,18 @@ class Tracked:
     started_ns: int
     instances: dict[Key, Instance] = field(default_factory=dict)
     runners: dict[Key, CheckRunner] = field(default_factory=dict)
-    docker_health: bool = False
+    docker_health: bool = False  # set through docker_health_is: its ``since`` follows
+    docker_since: float | None = None  # wall-clock time of its last change (or first look)
     paused: bool = False
     warmups: dict[Key, WarmupSpec] = field(default_factory=dict)  # discovery.warmup.* asked
     warming: set[Key] = field(default_factory=set)  # warm-up under way: not registered yet
     warmed: set[Key] = field(default_factory=set)  # had theirs (or adopted): no warm-up again
+
+    def docker_health_is(self, healthy: bool) -> None:
+        """Docker's own health check said ``healthy`` (an event, or a look at the container)."""
+        if healthy != self.docker_health or self.docker_since is None:
+            self.docker_since = time.time()
+        self.docker_health = healthy
 
     def ask_warmups(self, specs: list[ServiceSpec], adopted: set[Key]) -> None:
         """Note the warm-ups ``specs`` (in ``instances``' order) ask; ``adopted`` instances
@@ -101,7 +109,7 @@ def check_views(tracked: Iterable[Tracked], registered: set[Key],
                 "flapping": key[1] in flapping,
                 "output": result.output if result is not None else (
                     "docker health: " + ("healthy" if t.docker_health else "not healthy")),
-                "since": runner.since if runner is not None else None,
+                "since": runner.since if runner is not None else t.docker_since,
             })
     return sorted(out, key=lambda c: (c["service"], c["id"]))
 
