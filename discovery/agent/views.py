@@ -34,24 +34,30 @@ class AgentViews:
     def _apply(self, tracked: Tracked, key: Key, cause: Cause) -> None:
         raise NotImplementedError  # the agent's: write or remove one instance as it stands
 
-    def set_maint(self, instance_id: str | None, on: bool) -> list[str]:
-        """Maintenance for one instance (by id) or, with None, every instance of this node:
-        written as ``draining`` (HAProxy drains it, DNS stops answering it) without stopping
-        anything. Returns the ids affected; an unknown id raises :class:`ConfigError`."""
+    def set_maint(self, instance_id: str | None, on: bool) -> tuple[list[str], list[str]]:
+        """Maintenance for one instance (by id) or, with None, the whole node: written as
+        ``draining`` (HAProxy drains it, DNS stops answering it) without stopping anything.
+        The two are apart, as in Consul: the node's off leaves an instance's own on, and the
+        other way round. Returns the ids whose state changed and those of the ids asked for
+        that stay otherwise (held by the other); an unknown id raises :class:`ConfigError`."""
         with self._lock:
             known = {k[1]: (t, k) for t in self._tracked.values() for k in t.instances}
             if instance_id is not None and instance_id not in known:
                 raise ConfigError(f"instance {instance_id[:80]!r} is not on this node")
+            asked = sorted(known) if instance_id is None else [instance_id]
+            before = {iid: self.maint.active(iid) for iid in asked}
             self.maint.set(instance_id, on)  # saved in the state dir: survives a restart
-            affected = sorted(known) if instance_id is None else [instance_id]
+            changed = [iid for iid in asked if self.maint.active(iid) != before[iid]]
+            held = [iid for iid in asked if self.maint.active(iid) != on]
             cause = Cause("maintenance_on" if on else "maintenance_off",
                           "whole node" if instance_id is None else "")
-            for iid in affected:
+            for iid in changed:
                 tracked, key = known[iid]
                 self._apply(tracked, key, cause)
-            log.info("maintenance %s for %s", "on" if on else "off",
-                     instance_id or f"node {self.config.node}")
-            return affected
+            log.info("maintenance %s for %s%s", "on" if on else "off",
+                     instance_id or f"node {self.config.node}",
+                     f"; still in maintenance: {', '.join(held)}" if held else "")
+            return changed, held
 
     def checks(self) -> list[dict[str, Any]]:
         """Live health of every instance on this node: check type, state, last output, since."""

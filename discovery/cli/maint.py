@@ -46,7 +46,11 @@ def maint(target: str, state: str, whole_node: bool, agent_http: str, fmt: str,
     if fmt == "json":
         click.echo(json.dumps(data))
     else:
-        click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instances'}")
+        click.echo(f"maintenance {state}: {', '.join(data['instances']) or 'no instance changed'}")
+        if data.get("held"):  # the node's and an instance's own maintenance are apart
+            why = ("its own maintenance: `discovery maint ID off`" if whole_node
+                   else "the whole node's: `discovery maint --node NODE off`")
+            click.echo(f"still in maintenance ({why}): {', '.join(data['held'])}")
 
 
 def agent_call(agent_http: str, method: str, path: str, token: str | None = None,

@@ -7,17 +7,24 @@ Consul's JSON field names and blocking queries (``?index=&wait=``, ``X-Consul-In
 ``/v1/prometheus/sd`` answers Prometheus's ``http_sd_configs`` format. docs/http.md describes
 both; :mod:`discovery.lookup.http` routes here.
 
-Consul's index is the catalog's plus one: Consul never answers 0 (clients treat 0 as "no
-index"), and blocking on ``?index=N`` waits for the catalog to pass ``N - 1``.
+``X-Consul-Index`` is the catalog's index, the one ``/v1/services`` and ``/v1/prometheus/sd``
+send as ``X-Discovery-Index``: based on the clock at process start, so it never repeats across
+restarts (a client holding an index of the previous process must not be given it again with
+other data) and never 0 (clients read 0 as "no index"). Until the catalog has its first
+snapshot the catalog reads are Consul's ``500 No cluster leader``, not an empty answer;
+``X-Consul-KnownLeader``/``X-Consul-LastContact`` follow the registry connection (:class:`Contact`).
+Other paths of Consul's API are ``501``: a 404 reads as "key absent" to Consul's clients.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from discovery.errors import ConfigError
@@ -25,6 +32,9 @@ from discovery.lookup.http_guard import dump_json
 from discovery.lookup.http_query import ApiError, Request, Response, allow, blocking_params, flag
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
+
+if TYPE_CHECKING:
+    from discovery.watcher.core import Watcher
 
 DEFAULT_DATACENTER = "dc1"
 PATHS = ("/v1/catalog/", "/v1/health/service/", "/v1/agent/self", "/v1/prometheus/sd")
@@ -37,6 +47,13 @@ _DATACENTER = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_]")
 _NODE_IDS = uuid.UUID("6f1a3a8e-1c9b-4e0e-9a55-2d1f0b7c4e11")  # namespace for node UUIDs
 SD_PREFIX = "__meta_discovery_"
+#: the sections of Consul's HTTP API (``/v1/<section>/...``): paths in them we do not serve
+#: are 501, so that Consul's clients fail loudly instead of reading "absent" from a 404
+CONSUL_SECTIONS = ("kv", "agent", "catalog", "health", "status", "session", "acl", "event",
+                   "txn", "coordinate", "query", "operator", "connect", "config", "internal")
+#: ``/v1/health`` itself is ours (component status): only Consul's own health paths are 501
+CONSUL_HEALTH = ("node", "checks", "service", "connect", "ingress", "state")
+NO_LEADER = "No cluster leader"
 
 #: blocks a request on the catalog: (catalog, request, index or None, wait) -> catalog index
 Block = Callable[[Catalog, Request, "int | None", float], int]
@@ -45,6 +62,58 @@ Block = Callable[[Catalog, Request, "int | None", float], int]
 def handles(path: str) -> bool:
     """Is ``path`` one of this module's endpoints?"""
     return path.startswith(PATHS)
+
+
+def unsupported(path: str) -> bool:
+    """Is ``path`` in Consul's API (a client expects Consul there) though not served here?"""
+    parts = path.split("/", 4)  # "", "v1", section[, first part of the rest]
+    if len(parts) < 3 or parts[:2] != ["", "v1"] or parts[2] not in CONSUL_SECTIONS:
+        return False
+    return parts[2] != "health" or (len(parts) > 3 and parts[3] in CONSUL_HEALTH)
+
+
+def not_implemented(path: str, why: str = "") -> ApiError:
+    """The 501 for a path of Consul's API that is not served here."""
+    return ApiError(501, f"{path[:100]}: not implemented; {why or 'this is not a Consul server'}"
+                         " (Consul-compatible reads: /v1/catalog/services, "
+                         "/v1/catalog/service/NAME, /v1/health/service/NAME, /v1/agent/self, "
+                         "/v1/catalog/datacenters; see docs/http.md)")
+
+
+class Contact:
+    """The registry connection, as Consul reports its leader: ``X-Consul-KnownLeader`` false
+    while the watcher's registry connection is down, ``X-Consul-LastContact`` the milliseconds
+    since it was last up (0 while it is). ``connected`` None: no registry to lose."""
+
+    def __init__(self, connected: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._connected, self._clock = connected, clock
+        self._lock = threading.Lock()
+        self._lost_at: float | None = None  # when the connection was last seen going down
+        self._since = clock()  # never heard of: counted from here
+
+    @classmethod
+    def of(cls, watcher: Watcher) -> Contact:
+        """Follow ``watcher``'s registry connection."""
+        contact = cls(lambda: bool(watcher.registry_connected))
+        watcher.registry.add_state_listener(contact.changed)
+        return contact
+
+    def changed(self, up: bool) -> None:
+        """A registry state listener: told when the connection comes and goes."""
+        with self._lock:
+            if up:
+                self._lost_at = None
+            elif self._lost_at is None:
+                self._lost_at = self._clock()
+
+    def last_contact(self) -> int | None:
+        """None while connected, else the milliseconds since the connection was last up."""
+        if self._connected is None or self._connected():
+            return None
+        with self._lock:
+            since = self._lost_at if self._lost_at is not None else self._since
+        return max(0, int((self._clock() - since) * 1000))
 
 
 def parse_datacenter(value: str) -> str:
@@ -69,12 +138,15 @@ def _software_version() -> str:
 
 class ConsulApi:
     """The Consul-compatible endpoints over ``catalog``; ``block`` is the HTTP API's blocking
-    wait (shared slots and limits), ``node`` the name ``/v1/agent/self`` reports."""
+    wait (shared slots and limits), ``node`` the name ``/v1/agent/self`` reports, ``contact``
+    the registry connection (None: always connected)."""
 
     def __init__(self, catalog: Catalog, block: Block, datacenter: str = DEFAULT_DATACENTER,
-                 node: str = "") -> None:
+                 node: str = "", contact: Contact | None = None) -> None:
         self.catalog, self.block = catalog, block
         self.datacenter, self.node = datacenter, node
+        self.contact = contact or Contact()
+        catalog.base_index_on_clock()
 
     def route(self, path: str, query: dict[str, list[str]], req: Request) -> Response:
         if path == "/v1/prometheus/sd":
@@ -98,23 +170,35 @@ class ConsulApi:
                 allow(query, COMMON | {"tag"} | ({"passing"} if health else set()))
                 passing = flag(query, "passing") if health else False
                 index = self._wait(query, req)
-                found = self.catalog.instances(unquote(path[len(head):]),
-                                               tags=query.get("tag", []),
+                # Consul matches names and tags case-insensitively; our names are lowercase
+                found = self.catalog.instances(unquote(path[len(head):]).lower(),
                                                include_draining=not passing)
+                wanted = {t.casefold() for t in query.get("tag", [])}
+                found = [i for i in found if wanted <= {t.casefold() for t in i.tags}
+                         and not (passing and _warning(i))]
                 return self._json([render(i, index) for i in found], query, index)
-        raise ApiError(404, f"no such endpoint: {path[:100]} (Consul-compatible: "
-                            "/v1/catalog/services, /v1/catalog/service/NAME, "
-                            "/v1/health/service/NAME, /v1/agent/self)")
+        raise not_implemented(path)
 
     # ---- shared -----------------------------------------------------------------------------
     def _wait(self, query: dict[str, list[str]], req: Request) -> int:
-        """Check the common parameters, block if asked; the Consul index to answer with."""
+        """Check the common parameters, block if asked; the Consul index to answer with.
+        Consul's 500s: no catalog yet (no snapshot: nothing to answer from, where ``[]``
+        would drop every target of consul_sd), or ``?consistent`` without the registry."""
         self._datacenter(query)
         if "stale" in query and "consistent" in query:
             raise ApiError(400, "stale and consistent cannot both be given", "stale")
         index, wait = blocking_params(query)
-        wanted = index - 1 if index else None  # Consul index N is catalog index N - 1
-        return self.block(self.catalog, req, wanted, wait) + 1
+        answered = self.block(self.catalog, req, index, wait)
+        if not self.catalog.loaded:
+            raise ApiError(500, f"{NO_LEADER}: the catalog has not loaded its first snapshot "
+                                "from the registry yet (see /v1/health); retry",
+                           headers=self._leader_headers())
+        if "consistent" in query and self.contact.last_contact() is not None:
+            raise ApiError(500, f"{NO_LEADER}: the registry connection is down, so a "
+                                "consistent read cannot be answered; the default and ?stale "
+                                "read the last known catalog", "consistent",
+                           headers=self._leader_headers())
+        return answered
 
     def _datacenter(self, query: dict[str, list[str]]) -> None:
         dc = query.get("dc", [self.datacenter])[0]
@@ -125,10 +209,15 @@ class ConsulApi:
     def _json(self, data: Any, query: dict[str, list[str]], index: int | None = None
               ) -> Response:
         if index is None:
-            index = self.catalog.index + 1
-        headers = {"X-Consul-Index": str(index), "X-Consul-KnownLeader": "true",
-                   "X-Consul-LastContact": "0", "X-Discovery-Index": str(index - 1)}
+            index = self.catalog.index
+        headers = {"X-Consul-Index": str(index), "X-Discovery-Index": str(index),
+                   **self._leader_headers()}
         return Response(200, dump_json(data, flag(query, "pretty")), headers=headers)
+
+    def _leader_headers(self) -> dict[str, str]:
+        lost = self.contact.last_contact()
+        return {"X-Consul-KnownLeader": "true" if lost is None else "false",
+                "X-Consul-LastContact": str(lost or 0)}
 
     def _node_id(self, node: str) -> str:
         return str(uuid.uuid5(_NODE_IDS, node))
@@ -161,7 +250,7 @@ class ConsulApi:
             "ServiceTags": list(inst.tags), "ServiceAddress": inst.address,
             "ServiceTaggedAddresses": self._tagged(inst), "ServicePort": inst.port,
             "ServiceMeta": dict(inst.meta),
-            "ServiceWeights": {"Passing": inst.weight, "Warning": 1},
+            "ServiceWeights": _weights(inst),
             "ServiceEnableTagOverride": False, "CreateIndex": index, "ModifyIndex": index,
         }
 
@@ -173,17 +262,21 @@ class ConsulApi:
         service = {"ID": inst.id, "Service": inst.service, "Tags": list(inst.tags),
                    "Address": inst.address, "TaggedAddresses": self._tagged(inst),
                    "Meta": dict(inst.meta), "Port": inst.port,
-                   "Weights": {"Passing": inst.weight, "Warning": 1},
+                   "Weights": _weights(inst),
                    "EnableTagOverride": False, "CreateIndex": index, "ModifyIndex": index}
         up = inst.state is State.UP
+        status, notes = "passing", ""
+        if not up:
+            status, notes = "critical", "draining: the agent is taking it out of service"
+        elif _warning(inst):
+            status, notes = "warning", WEIGHT_0_NOTE
         check = {"Node": inst.node, "ServiceID": inst.id, "ServiceName": inst.service,
                  "ServiceTags": list(inst.tags), "Type": "", "Output": "", "Definition": {},
                  "CreateIndex": index, "ModifyIndex": index,
                  "CheckID": f"service:{inst.id}" if up else f"_service_maintenance:{inst.id}",
                  "Name": (f"Service '{inst.service}' check" if up
                           else "Service Maintenance Mode"),
-                 "Status": "passing" if up else "critical",
-                 "Notes": "" if up else "draining: the agent is taking it out of service"}
+                 "Status": status, "Notes": notes}
         return {"Node": node, "Service": service, "Checks": [check]}
 
     def _prometheus_sd(self, query: dict[str, list[str]]) -> Response:
@@ -193,11 +286,32 @@ class ConsulApi:
         up_only = flag(query, "up") or flag(query, "passing")
         service = query.get("service", [None])[0]
         index = self.catalog.index  # before the data: a client sending it back misses nothing
+        if not self.catalog.loaded:  # Prometheus keeps its targets on an error, not on []
+            raise ApiError(503, "the catalog has not loaded its first snapshot from the "
+                                "registry yet (see /v1/health); retry",
+                           headers={"Retry-After": "1"})
         found = self.catalog.instances(service, tags=query.get("tag", []),
                                        include_draining=not up_only)
         groups = [{"targets": [_target(i)], "labels": sd_labels(i)} for i in found]
         return Response(200, dump_json(groups, flag(query, "pretty")),
                         headers={"X-Discovery-Index": str(index)})
+
+
+WEIGHT_0_NOTE = ("weight 0: up, but takes no new traffic (Consul has no Passing weight "
+                 "below 1: Weights.Warning 0, and ?passing leaves it out)")
+
+
+def _warning(inst: Instance) -> bool:
+    """An up instance of weight 0: Consul's "warning" (its weights cannot say 0 otherwise)."""
+    return inst.state is State.UP and inst.weight < 1
+
+
+def _weights(inst: Instance) -> dict[str, int]:
+    """Consul's weights: ``Passing`` is at least 1 (Consul's ValidateWeights), so weight 0
+    is ``Passing 1, Warning 0`` with a warning check: weighted readers send it nothing."""
+    if inst.weight < 1:
+        return {"Passing": 1, "Warning": 0}
+    return {"Passing": inst.weight, "Warning": 1}
 
 
 def _target(inst: Instance) -> str:

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import select
 import socket
 import threading
 import time
 from collections.abc import Mapping
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +30,7 @@ from discovery.lookup.http_guard import (
     presented_token,
     token_matches,
 )
+from discovery.lookup.http_handler import Handler
 from discovery.lookup.http_listen import ApiServer
 from discovery.lookup.http_query import (
     ApiError,
@@ -56,7 +54,10 @@ DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
 MAX_TARGET = 4096  # bytes of request target
 WAIT_SLICE = 0.5  # blocking waits wake this often to notice stop() and a client hanging up
 SERVICE_PARAMS = {"index", "wait", "tag", "up", "passing", "pretty", "zone"}
-ONE_VALUE = {"host", "authorization", TOKEN_HEADER.lower()}  # given twice: 400
+#: blocking queries at once, in all and per client address. Each holds a thread (a few tens of
+#: KiB resident) for up to 5 min. Per client as Consul's http_max_conns_per_client (200) and
+#: more: Prometheus' consul_sd holds one per service it watches, from one address.
+MAX_BLOCKING, MAX_BLOCKING_PER_CLIENT = 1024, 512
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -71,13 +72,19 @@ class HttpApi:
 
     def __init__(self, catalog: Catalog | None, health: Health, metrics: Metrics | None = None,
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
-                 max_blocking: int = 256, max_blocking_per_client: int = 128,
+                 max_blocking: int = MAX_BLOCKING,
+                 max_blocking_per_client: int = MAX_BLOCKING_PER_CLIENT,
                  maint: Maint | None = None, checks: Checks | None = None,
                  token: str | None = None, datacenter: str = consul.DEFAULT_DATACENTER,
-                 node: str = "", views: ui.Views | None = None) -> None:
+                 node: str = "", views: ui.Views | None = None,
+                 contact: consul.Contact | None = None) -> None:
         self.catalog, self.health, self.metrics = catalog, health, metrics
         self.views = views  # the status page's sources (GET /ui/, /v1/agent/history)
-        self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node)
+        if contact is None and views is not None and views.watcher is not None:
+            contact = consul.Contact.of(views.watcher)  # the registry connection, for Consul
+        if catalog is not None:
+            catalog.base_index_on_clock()  # X-Discovery-Index never repeats across restarts
+        self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node, contact)
                        if catalog is not None else None)
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
@@ -104,7 +111,7 @@ class HttpApi:
             return self
         self._stopping.clear()
         try:
-            self._server = ApiServer((self.bind, self._port), _Handler, inherited)
+            self._server = ApiServer((self.bind, self._port), Handler, inherited)
         except OSError as exc:
             raise ConfigError(f"http: cannot listen on {self.bind} port {self._port}: "
                               f"{exc.strerror or exc}") from None
@@ -208,6 +215,10 @@ class HttpApi:
             return ui.route(self, path, query)
         if consul.handles(path) and self.consul is not None:
             return self.consul.route(path, query, req)
+        if consul.unsupported(path):  # a 404 reads as "absent" to Consul's clients
+            raise consul.not_implemented(path, "" if self.consul is not None else
+                                         "this process has no catalog (an agent): Consul's "
+                                         "reads are served by watch, dns and up --http")
         raise ApiError(404, f"no such endpoint: {path[:100]} (see /v1/services, /v1/health)")
 
     def _services(self, catalog: Catalog, name: str | None, query: dict[str, list[str]],
@@ -232,6 +243,10 @@ class HttpApi:
         up_only = flag(query, "up") or flag(query, "passing")
         pretty = flag(query, "pretty")
         index = self.block(catalog, req, *blocking_params(query))  # before the data: miss none
+        if not catalog.loaded:  # an empty answer would read as "every instance is gone"
+            raise ApiError(503, "the catalog has not loaded its first snapshot from the "
+                                "registry yet (see /v1/health); retry",
+                           headers={"Retry-After": "1"})
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
                                                         include_draining=not up_only)
                  if not zone or i.zone == zone]
@@ -297,11 +312,12 @@ class HttpApi:
             raise ApiError(400, "enable must be true or false", "enable")
         ids = query.get("id", [])
         try:
-            affected = self.maint(ids[-1] if ids else None, enable == "true")
+            changed, held = self.maint(ids[-1] if ids else None, enable == "true")
         except DiscoveryError as exc:
             raise ApiError(404, str(exc), "id") from None
         return Response(200, dump_json({"maintenance": enable == "true",
-                                        "instances": affected}, flag(query, "pretty")))
+                                        "instances": changed, "held": held},
+                                       flag(query, "pretty")))
 
     def _metrics(self) -> Response:
         if self.metrics is None:
@@ -316,84 +332,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ApiServer
-    timeout = 10  # seconds a client may take to send its request (or to read a write)
-
-    def do_GET(self) -> None:
-        self._serve(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._serve(send_body=False)
-
-    def do_PUT(self) -> None:
-        self._serve(send_body=True, method="PUT")
-
-    def _not_allowed(self) -> None:
-        self._send(self.server.api.error(405, f"method {self.command} not allowed: only GET"),
-                   True, {"Allow": "GET, HEAD"})
-
-    do_POST = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def _serve(self, send_body: bool, method: str = "GET") -> None:
-        api = self.server.api
-        length = self.headers.get("Content-Length", "0").strip() or "0"
-        if length != "0" or "Transfer-Encoding" in self.headers:
-            self.close_connection = True
-            self._send(api.error(413, "request bodies are not accepted"), send_body)
-            return
-        names = [name.lower() for name in self.headers]
-        repeated = sorted({n for n in names if n in ONE_VALUE and names.count(n) > 1})
-        if repeated:
-            self.close_connection = True
-            self._send(api.error(400, f"header {repeated[0]!r} given more than once"), send_body)
-            return
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        self._send(api.handle(Request(self.path, method, headers, self.client_address[0],
-                                      self._gone)), send_body)
-
-    def _gone(self) -> bool:
-        """Has the client hung up (EOF or error on the socket)? Never blocks."""
-        try:
-            poller = select.poll()
-            poller.register(self.connection, select.POLLIN | select.POLLERR | select.POLLHUP)
-            events = poller.poll(0)
-            if not events:
-                return False
-            if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                return True
-            return self.connection.recv(1, socket.MSG_PEEK) == b""  # else: a pipelined request
-        except (OSError, ValueError):
-            return True
-
-    def _send(self, resp: Response, send_body: bool, extra: dict[str, str] | None = None) -> None:
-        try:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            self.send_header("Content-Length", str(len(resp.body)))
-            self.send_header("Cache-Control", "no-store")
-            for key, value in {**resp.headers, **(extra or {})}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if send_body:
-                self.wfile.write(resp.body)
-        except OSError as exc:  # the client went away
-            log.debug("HTTP API: client gone: %s", exc)
-            self.close_connection = True
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own errors (malformed request, line too long…) as JSON too."""
-        self.close_connection = True
-        if getattr(self, "request_version", "") in ("", "HTTP/0.9"):
-            self.request_version = "HTTP/1.0"  # a status line and headers, even for garbage
-        text = message or HTTPStatus(code).phrase
-        self._send(self.server.api.error(code, text), self.command != "HEAD")
-
-    def version_string(self) -> str:
-        return "discovery"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)

@@ -14,6 +14,9 @@ from typing import Any
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() never waits on a slow client
+    # accept queue: socketserver's 5 made a burst of connections (Prometheus' consul_sd opens
+    # one blocking query per service at once) wait on SYN retries, seconds each
+    request_queue_size = 1024
     api: Any  # the HttpApi answering
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],

@@ -12,7 +12,9 @@ if TYPE_CHECKING:
     from discovery.watcher.core import Watcher
 
 Health = Callable[[], dict[str, dict[str, Any]]]  # what /v1/health reports
-Maint = Callable[[str | None, bool], list[str]]  # (instance id or None for the node, on)
+#: (instance id or None for the node, on) → (the ids whose state changed, the ids asked for that
+#: another maintenance still holds: the node's and an instance's own are apart)
+Maint = Callable[[str | None, bool], tuple[list[str], list[str]]]
 Checks = Callable[[], list[dict[str, Any]]]  # the agent's live checks (/v1/agent/checks)
 
 

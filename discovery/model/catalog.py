@@ -2,13 +2,16 @@
 
 Everything that answers lookups (HAProxy, DNS, HTTP, JSON output) reads this, never the
 registry per request. ``index`` grows by one with every effective change, for blocking
-queries (``?index=N&wait=30s``).
+queries (``?index=N&wait=30s``). Served over HTTP it is made restart-proof
+(:meth:`Catalog.base_index_on_clock`): a client holding an index of an earlier process must
+never be given that index again with other data, or it misses the change for good.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable
 from itertools import chain
 
@@ -16,6 +19,11 @@ from discovery.model import Instance, State
 from discovery.registry.base import Change, Snapshot
 
 Key = tuple[str, str]
+#: the wall clock when this process started (imported this module), in microseconds: the base
+#: of the restart-proof index. The next process starts later, so its base is above every index
+#: this one reached unless this one made more than one change per microsecond on average.
+#: About 1.8e15 today, below 2**53 (JSON clients keep it exact) until the year 2255.
+CLOCK_BASE = time.time_ns() // 1000
 
 
 class Catalog:
@@ -41,8 +49,9 @@ class Catalog:
             for inst in snapshot.instances.values():
                 self._count_up(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
-            self.loaded = True
-            return self._bump(changed)
+            first, self.loaded = not self.loaded, True
+            self._bump(changed or first)  # loaded is news too: blocked readers answer now
+            return changed
 
     def apply(self, change: Change) -> bool:
         """Apply one registry change; True when the catalog changed."""
@@ -82,6 +91,14 @@ class Catalog:
             self.index += 1
             self._cond.notify_all()
         return changed
+
+    def base_index_on_clock(self) -> None:
+        """Make :attr:`index` unique across restarts: from now on it is :data:`CLOCK_BASE`
+        plus the changes made (it only moves up; calling again changes nothing)."""
+        with self._cond:
+            if self.index < CLOCK_BASE:
+                self.index += CLOCK_BASE
+                self._cond.notify_all()
 
     def wait(self, index: int, timeout: float) -> int:
         """Block until the catalog's index passes ``index`` or ``timeout``; return the index."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from discovery.lookup.http import HttpApi
+from discovery.lookup.http import MAX_BLOCKING_PER_CLIENT, HttpApi
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Change
 from tests.harness.agent import (
@@ -108,7 +108,7 @@ def test_token_guards_writes_and_maint_sends_it(
                   {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Basic {token}"}):
         assert call(port, "PUT", MAINT, wrong)[0] == 401, wrong
     assert call(port, "PUT", MAINT, {"X-Discovery-Token": token})[:3:2] == (
-        200, {"maintenance": True, "instances": []})
+        200, {"maintenance": True, "instances": [], "held": []})
     assert call(port, "PUT", MAINT.replace("true", "false"),
                 {"Authorization": f"Bearer {token}"})[0] == 200
 
@@ -173,7 +173,7 @@ def test_abandoned_blocking_queries_free_their_slots(etcd_url: str, agents: Proc
     port, _ = start(agents, tmp_path, "watch", "--registry", etcd_url,
                     "--state-dir", str(tmp_path))
     index = int(call(port, "GET", "/v1/services")[1]["x-discovery-index"])
-    per_client = 128  # HttpApi's default
+    per_client = MAX_BLOCKING_PER_CLIENT  # HttpApi's default
     with contextlib.ExitStack() as stack:
         for _ in range(per_client + 2):
             stack.enter_context(blocking(port, index))
@@ -247,9 +247,9 @@ def test_blocking_queries_are_capped_per_client(catalog: Catalog) -> None:
 def test_writes_need_the_token(catalog: Catalog) -> None:
     calls: list[tuple[str | None, bool]] = []
 
-    def maint(instance: str | None, on: bool) -> list[str]:
+    def maint(instance: str | None, on: bool) -> tuple[list[str], list[str]]:
         calls.append((instance, on))
-        return []
+        return [], []
 
     open_api = HttpApi(None, dict, None, port=0, maint=maint).start()
     token = "t" * 40

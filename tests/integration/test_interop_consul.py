@@ -163,3 +163,65 @@ def test_py_consul_catalog_health_and_blocking_query(stack: Stack) -> None:
     assert inst("pay", 14).id in {e["Service"]["ID"] for e in entries}
     for n in (11, 12, 13, 14):
         stack.registry.deregister("pay", inst("pay", n).id)
+
+
+def test_py_consul_sees_errors_not_absence_and_matches_case_as_consul(stack: Stack) -> None:
+    """Unserved Consul endpoints are 501 (py-consul raises instead of returning None: "key
+    absent"); names and tags match case-insensitively, as Consul's."""
+    stack.registry.register(inst("mail", 21, tags=("smtp",)))
+    client = consul.Consul(host="127.0.0.1", port=stack.http)
+    try:
+        wait_for(lambda: len(client.health.service("mail")[1]) == 1, 20, message="mail")
+        assert [e["Service"]["ID"] for e in client.health.service("MAIL", tag="SMTP")[1]] == [
+            inst("mail", 21).id]
+        with pytest.raises(consul.ConsulException, match="501"):
+            client.kv.get("foo")
+        with pytest.raises(consul.ConsulException, match="501"):
+            client.status.leader()
+    finally:
+        stack.registry.deregister("mail", inst("mail", 21).id)
+
+
+def test_index_survives_a_restart_and_no_catalog_is_an_error(
+        etcd_single: ServerCluster, tmp_path: Path) -> None:
+    """A restarted process never gives a client its old index back (the change would be missed
+    for good); one that has no catalog yet (registry unreachable) answers Consul's 500."""
+    etcd_single.ensure_running()
+    url = etcd_single.url(unique_prefix())
+    registry = open_registry(url, timeout=5.0)
+    registry.register(inst("cal", 31))
+    indexes = []
+    try:
+        for _ in range(2):
+            http = free_port()
+            proc = DiscoveryProcess(["dns", "--registry", url, "--listen",
+                                     f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{http}"],
+                                    "dns", tmp_path).start()
+            try:
+                client = consul.Consul(host="127.0.0.1", port=http)
+
+                def cal_index(c: consul.Consul = client) -> str | None:
+                    index, entries = c.health.service("cal")
+                    return str(index) if entries else None
+
+                indexes.append(int(wait_for(cal_index, 30, message="cal in the API") or 0))
+            finally:
+                proc.terminate()
+        assert indexes[1] > indexes[0]
+        http = free_port()
+        away = f"etcd://127.0.0.1:{free_port()}/nowhere"  # nothing listens there
+        proc = DiscoveryProcess(["dns", "--registry", away, "--listen",
+                                 f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{http}"],
+                                "dns", tmp_path).start()
+        try:
+            client = consul.Consul(host="127.0.0.1", port=http)
+            wait_for(lambda: client.agent.self(), 30, message="the HTTP API up")
+            with pytest.raises(consul.ConsulException, match="No cluster leader"):
+                client.health.service("cal")
+            with pytest.raises(consul.ConsulException, match="500"):
+                client.catalog.services()
+        finally:
+            proc.terminate()
+    finally:
+        registry.deregister("cal", inst("cal", 31).id)
+        registry.close()

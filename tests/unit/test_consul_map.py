@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -38,7 +39,9 @@ def answer(api: HttpApi, target: str) -> tuple[int, Any, dict[str, str]]:
 
 def test_health_service_shape_passing_and_index(api: HttpApi) -> None:
     status, body, headers = answer(api, "/v1/health/service/web")
-    assert status == 200 and headers["X-Consul-Index"] == "2"  # catalog index 1, plus one
+    assert api.catalog is not None
+    assert status == 200 and headers["X-Consul-Index"] == str(api.catalog.index)
+    assert headers["X-Discovery-Index"] == headers["X-Consul-Index"]  # one index, one source
     assert headers["X-Consul-KnownLeader"] == "true" and headers["X-Consul-LastContact"] == "0"
     first, second = body
     assert first["Service"]["ID"] == "h1:000000000001:80" and first["Service"]["Port"] == 8001
@@ -99,8 +102,10 @@ def test_wait_in_go_duration_form(api: HttpApi) -> None:
     from discovery.lookup.http_query import blocking_params
     assert blocking_params({"wait": ["1m30s"]}) == (None, 90.0)
     assert blocking_params({"wait": ["50ms"]}) == (None, 0.05)
-    status, _, headers = answer(api, "/v1/health/service/web?index=2&wait=0m0.05s")
-    assert status == 200 and headers["X-Consul-Index"] == "2"
+    assert api.catalog is not None
+    index = api.catalog.index
+    status, _, headers = answer(api, f"/v1/health/service/web?index={index}&wait=0m0.05s")
+    assert status == 200 and headers["X-Consul-Index"] == str(index)
     assert answer(api, "/v1/health/service/web?wait=1m30")[0] == 400
 
 
@@ -122,8 +127,12 @@ def test_sd_index_is_read_before_the_data(api: HttpApi, monkeypatch: pytest.Monk
 
 
 def test_blocking_query_on_the_current_index_waits_out_wait(api: HttpApi) -> None:
-    status, _, headers = answer(api, "/v1/health/service/web?index=2&wait=50ms")
-    assert status == 200 and headers["X-Consul-Index"] == "2"
+    assert api.catalog is not None
+    index = api.catalog.index
+    started = time.monotonic()
+    status, _, headers = answer(api, f"/v1/health/service/web?index={index}&wait=50ms")
+    assert status == 200 and headers["X-Consul-Index"] == str(index)
+    assert time.monotonic() - started >= 0.04  # held for the wait
 
 
 def test_sd_labels_are_valid_prometheus_names_and_strings() -> None:

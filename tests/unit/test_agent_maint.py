@@ -1,0 +1,30 @@
+"""``discovery maint``'s two kinds, as in Consul: the whole node's and an instance's own are
+apart, and the answer names what changed and what another kind still holds."""
+
+from __future__ import annotations
+
+from discovery.model import State
+from tests.unit.test_agent_docker import Setup, setup  # noqa: F401  (the fixture)
+
+
+def states(s: Setup) -> dict[str, str]:
+    return {key[0]: inst.state.value for key, inst in s.registry.data.items()}
+
+
+def test_the_nodes_maintenance_and_an_instances_own_are_apart(setup: Setup) -> None:  # noqa: F811
+    for cid, service in (("a", "asvc"), ("b", "bsvc")):
+        setup.run(cid, service)
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["asvc", "bsvc"])
+    ids = {key[0]: key[1] for key in setup.registry.data}
+    a, b = ids["asvc"], ids["bsvc"]
+    assert setup.agent.set_maint(a, True) == ([a], [])
+    assert setup.agent.set_maint(None, True) == ([b], [])  # a was in maintenance already
+    assert states(setup) == {"asvc": "draining", "bsvc": "draining"}
+    # the node's off: b back; a stays, in its own maintenance (it was reported as back)
+    assert setup.agent.set_maint(None, False) == ([b], [a])
+    assert states(setup) == {"asvc": "draining", "bsvc": State.UP.value}
+    setup.agent.set_maint(None, True)
+    assert setup.agent.set_maint(a, False) == ([], [a])  # held by the node's
+    assert setup.agent.set_maint(None, False) == ([a, b], [])
+    assert states(setup) == {"asvc": "up", "bsvc": "up"}
