@@ -24,6 +24,7 @@ from typing import Any
 
 from discovery.agent.spec import Check, CheckResult, CheckSpec, CheckTarget
 from discovery.errors import CheckError
+from discovery.model.validate import blank_unprintable
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,9 @@ CheckFactory = Callable[[CheckSpec, CheckTarget], Check]
 
 
 def clip(text: str, limit: int = OUTPUT_LIMIT) -> str:
-    """Make ``text`` safe to display on one line: no control characters, at most ``limit``."""
-    text = "".join(
-        " " if (ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029") else ch
-        for ch in text[: limit * 2]
-    )
-    text = " ".join(text.split())
+    """Make ``text`` safe to display on one line, at most ``limit``: no control, format/bidi
+    (U+202E, U+200B), separator or other character the validators refuse (each a space)."""
+    text = " ".join(blank_unprintable(text[: limit * 2]).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -176,7 +176,9 @@ class Instance:
     def from_dict(cls, data: Any, where: str = "record") -> Instance:
         """An instance from a parsed record; :class:`InvalidRecord` naming ``where`` for any
         value that is missing, of the wrong type, out of range or not finite. Never another
-        exception: whatever a stored value holds, the caller gets an Instance or one error."""
+        exception: whatever a stored value holds, the caller gets an Instance or one error.
+        ``where`` (a registry key: anyone's text) is named escaped and shortened."""
+        where = v.shown(where)
         try:
             return cls._from_dict(data, where)
         except InvalidRecord:
@@ -187,7 +189,7 @@ class Instance:
             raise InvalidRecord(where, f"missing field {exc}") from None
         except Exception as exc:  # a stored value never escapes as a crash
             raise InvalidRecord(where, f"unusable value ({type(exc).__name__}: "
-                                f"{str(exc)[:120]})") from None
+                                f"{v.shown(str(exc), 120)})") from None
 
     @classmethod
     def _from_dict(cls, data: Any, where: str) -> Instance:
@@ -315,7 +317,9 @@ def load_record(raw: bytes | str, where: str = "record") -> Any:
     """Parse a stored value as strict JSON: at most :data:`MAX_RECORD_BYTES`, brackets nested
     at most :data:`MAX_DEPTH` deep, no ``NaN``/``Infinity`` and no number that overflows a
     float, UTF-8, no object member given twice. Anything else is one :class:`InvalidRecord`
-    naming ``where``; nothing escapes."""
+    naming ``where`` (escaped and shortened: :func:`~discovery.model.validate.shown`);
+    nothing escapes."""
+    where = v.shown(where)
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) >= MAX_RECORD_BYTES:
         raise InvalidRecord(where, f"value too large ({len(data)} >= {MAX_RECORD_BYTES} bytes)")
@@ -325,4 +329,4 @@ def load_record(raw: bytes | str, where: str = "record") -> Any:
     try:
         return _RECORD_JSON.decode(data.decode("utf-8", "surrogatepass"))  # UTF-8 only
     except Exception as exc:  # ValueError, RecursionError, ...
-        raise InvalidRecord(where, f"not JSON: {str(exc)[:120]}") from None
+        raise InvalidRecord(where, f"not JSON: {v.shown(str(exc), 120)}") from None

@@ -27,6 +27,61 @@ _UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})  # controls
 _PLAIN_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
+#: the most characters :func:`shown` gives for a value from outside, its marker included
+SHOWN_MAX = 200
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(ch: str) -> str:
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    return _ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
+                                f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """``value`` (a registry key, a node path, a value read from outside) as a log line or an
+    error message may show it: every character that is not printable (controls, format/bidi
+    characters such as U+202E and U+200B, line and paragraph separators, surrogates,
+    unassigned) escaped as ``repr`` does (``\\n``, ``\\x1b``, ``\\u202e``), and at most
+    ``limit`` characters: a longer one is cut and ends ``...(N chars)``, N its full length.
+    Not a string: its ``repr``, the same way. Idempotent (what it gives, it gives back as is),
+    so each layer may apply it; backslashes are left as they are for that."""
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # an integer of more digits than str() allows, a broken __repr__
+            text = f"<{type(value).__name__}>"
+    if len(text) <= limit and text.isprintable():  # the common case, checked in C
+        return text
+    if len(text) <= limit:
+        whole = "".join(_escaped(ch) for ch in text)
+        if len(whole) <= limit:
+            return whole
+    marker = f"...({len(text)} chars)"
+    room = max(0, limit - len(marker))
+    parts: list[str] = []
+    for ch in text[:room]:
+        part = _escaped(ch)
+        room -= len(part)
+        if room < 0:  # never half an escape
+            break
+        parts.append(part)
+    return "".join(parts) + marker
+
+
+def blank_unprintable(text: str) -> str:
+    """``text`` with each character :func:`_printable` refuses (controls, format/bidi
+    characters, line/paragraph separators, surrogates, private use, unassigned) made a
+    space: for output shown on one line that is not a value to refuse (a check's output)."""
+    if _PLAIN_ASCII.fullmatch(text):
+        return text
+    return "".join(" " if unicodedata.category(ch) in _UNPRINTABLE else ch for ch in text)
+
+
 def _printable(culprit: str, value: str) -> None:
     if len(value) > MAX_VALUE:
         raise ValidationError(culprit, f"value too long ({len(value)} > {MAX_VALUE} chars)")
@@ -56,7 +111,7 @@ def port(culprit: str, value: str | int) -> int:
             raise ValidationError(culprit, f"port {value[:32]!r} is not a number")
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValidationError(culprit, f"port {value!r} is not in 1..65535")
+        raise ValidationError(culprit, f"port {shown(value, 64)} is not in 1..65535")
     return value
 
 
@@ -67,12 +122,24 @@ def weight(culprit: str, value: str | int) -> int:
             raise ValidationError(culprit, f"weight {value[:32]!r} is not a number")
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
-        raise ValidationError(culprit, f"weight {value!r} is not in 0..256")
+        raise ValidationError(culprit, f"weight {shown(value, 64)} is not in 0..256")
     return value
 
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+#: never an instance's address, though unicast: HAProxy would route to it and DNS answer it, so
+#: one registry write would make every host's HAProxy a proxy to what only that host may reach
+#: (docs/security.md, "Registry values"). Loopback, private and public addresses stay allowed.
+_NOT_AN_INSTANCE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = (
+    (ipaddress.ip_network("0.0.0.0/8"), "a 'this network' address (0.0.0.0/8)"),
+    (ipaddress.ip_network("169.254.0.0/16"),
+     "a link-local address (169.254.0.0/16: cloud metadata endpoints)"),
+    (ipaddress.ip_network("240.0.0.0/4"), "a reserved address (240.0.0.0/4)"),
+    (ipaddress.ip_network("fe80::/10"), "a link-local address (fe80::/10)"),
+    (ipaddress.ip_network("fd00:ec2::254/128"), "a cloud metadata endpoint (AWS IMDS)"),
+    (ipaddress.ip_network("100.100.100.200/32"), "a cloud metadata endpoint (Alibaba Cloud)"),
+)
 
 
 def _ip(culprit: str, value: str) -> IP:
@@ -91,7 +158,8 @@ def _ip(culprit: str, value: str) -> IP:
 
 
 def unicast_ip(culprit: str, value: str) -> IP:
-    """The address of an instance: a plain unicast IPv4 or IPv6 address."""
+    """The address of an instance: a plain unicast IPv4 or IPv6 address, not link-local,
+    reserved, "this network" nor a cloud metadata endpoint (loopback is allowed)."""
     return unicast(culprit, _ip(culprit, value))
 
 
@@ -101,8 +169,16 @@ def unicast(culprit: str, ip: IP) -> IP:
         raise ValidationError(culprit, f"{ip!r:.64} is not an IP address object")
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValidationError(culprit, f"{str(ip)[:64]!r}: IPv6 scope ids are not allowed")
-    if ip.is_unspecified or ip.is_multicast or ip == _LIMITED_BROADCAST:
-        raise ValidationError(culprit, f"{str(ip)[:64]!r} is not a unicast address")
+    # an IPv4-mapped IPv6 address (::ffff:169.254.169.254) reaches its IPv4 address
+    as_v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    for one in (ip, as_v4) if as_v4 is not None else (ip,):
+        if one.is_unspecified or one.is_multicast or one == _LIMITED_BROADCAST:
+            raise ValidationError(culprit, f"{str(ip)[:64]!r} is not a unicast address")
+        for net, what in _NOT_AN_INSTANCE:
+            if one.version == net.version and one in net:
+                named = f"{str(ip)[:64]!r}" + (f" ({one})" if one is as_v4 else "")
+                raise ValidationError(culprit, f"{named} is {what}: not allowed as an "
+                                      "instance's address")
     return ip
 
 

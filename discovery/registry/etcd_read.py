@@ -30,6 +30,7 @@ from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryError
 from discovery.model import Instance
+from discovery.model.validate import shown
 from discovery.registry.base import Snapshot
 from discovery.registry.reads import ReadStats
 
@@ -130,7 +131,7 @@ def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: 
             key = resp.kvs[0].key
             reads.add(key, None)
             log.warning("registry entry %s is larger than the gRPC receive limit; skipped",
-                        key.decode("utf-8", "replace"))
+                        shown(key.decode("utf-8", "replace")))
             start = key + b"\0"
             continue
         revision = revision or int(resp.header.revision)
@@ -151,7 +152,7 @@ def _take(kvs: Iterable[Any], decode: Decode, max_value: int, reads: ReadStats,
         reads.add(kv.key, kv.value)
         key = kv.key.decode("utf-8", "replace")
         if len(kv.value) > max_value:
-            log.warning("registry entry %s is %d bytes (more than %d); skipped", key,
+            log.warning("registry entry %s is %d bytes (more than %d); skipped", shown(key),
                         len(kv.value), max_value)
             continue
         inst = decode(key, kv.value)

@@ -25,6 +25,7 @@ from kazoo.exceptions import (
 
 from discovery.errors import RegistryError
 from discovery.model import Instance
+from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL
 from discovery.registry.security import zk_open_acl
 from discovery.registry.zk_index import ZkNodeIndex, session_of
@@ -84,7 +85,8 @@ class ZkClaims:
                     self._get(c.set_async(path, data, version=stat.version))
                     self.written[key] = session
                     return
-                log.info("taking over %s from ZooKeeper session %x", path, stat.ephemeralOwner)
+                log.info("taking over %s from ZooKeeper session %x", shown(path),
+                         stat.ephemeralOwner)
                 # one transaction: readers never see the instance missing in between
                 txn = c.transaction()
                 txn.delete(path, version=stat.version)
@@ -95,7 +97,7 @@ class ZkClaims:
                     return
             except (NoNodeError, BadVersionError):
                 continue
-        raise RegistryError(f"ZooKeeper at {self._where}: {path} keeps changing under us")
+        raise RegistryError(f"ZooKeeper at {self._where}: {shown(path)} keeps changing under us")
 
     def claim_together(self, owned: list[Instance]) -> list[Instance]:
         """A new session's first writes: each instance node and its index node, up to
@@ -132,10 +134,10 @@ class ZkClaims:
             try:
                 acls = result.get()[0]
             except KazooException as exc:  # a check we could not make: nothing to warn of
-                log.debug("ACL of %s not read: %r", path, exc)
+                log.debug("ACL of %s not read: %r", shown(path), exc)
                 return
             if entries := zk_open_acl(acls):
                 log.warning("ZooKeeper node %s lets anyone delete the instances in it (ACL "
-                            "%s); see docs/security.md", path, entries)
+                            "%s); see docs/security.md", shown(path), entries)
 
         self.client.get_acls_async(path).rawlink(done)

@@ -36,6 +36,7 @@ from typing import Any
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from discovery.model import Instance
+from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
@@ -96,7 +97,8 @@ class ZkNodeIndex:
             if not any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
                 break
         else:
-            log.warning("ZooKeeper index node %s keeps changing; the next resync retries", path)
+            log.warning("ZooKeeper index node %s keeps changing; the next resync retries",
+                        shown(path))
             return
         self.claimed([inst], session)
 

@@ -37,6 +37,7 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 
+from discovery.model.validate import shown
 from discovery.registry.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ _ERROR = -1  # OpCode.error: the answer of one read that failed
 def skip_denied(decoder: Decoder, path: str) -> None:
     """``path`` (an instance node, or a directory) may not be read (NoAuth): it is skipped as a
     record that cannot be decoded is, counted and named at most once per path a while."""
-    decoder.skip(path, f"registry entry {path} skipped: its ACL does not let this client "
+    decoder.skip(path, f"registry entry {shown(path)} skipped: its ACL does not let this client "
                         "read it (NoAuth)")
 
 

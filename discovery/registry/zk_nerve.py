@@ -21,6 +21,7 @@ from kazoo.exceptions import NoNodeError
 
 from discovery.model import Instance
 from discovery.model.nerve import node_prefix, to_nerve
+from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,6 @@ class NerveNodes:
                     _, stat = self._get(self.client.get_async(path))
                     if stat.ephemeralOwner == keep[1]:
                         continue
-                    log.info("Nerve node %s of session %x replaced by %s", path,
-                             stat.ephemeralOwner, keep[0])
+                    log.info("Nerve node %s of session %x replaced by %s", shown(path),
+                             stat.ephemeralOwner, shown(keep[0]))
                 self._get(self.client.delete_async(path))

@@ -19,6 +19,7 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
 
+from discovery.model.validate import shown
 from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
@@ -214,11 +215,11 @@ class ZkWatch:
                 return
             except NoAuthError:  # an ACL without world READ, and we lack the credentials
                 log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
-                            "password; retrying", item[1] or self._services)
+                            "password; retrying", shown(item[1] or self._services))
                 self._stopped.wait(5)
                 self.reset()
             except Exception:
-                log.exception("ZooKeeper watch failed on %s; re-reading everything", item)
+                log.exception("ZooKeeper watch failed on %s; re-reading everything", shown(item))
                 self._stopped.wait(1)
                 self.reset()
 

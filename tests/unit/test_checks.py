@@ -300,6 +300,15 @@ def test_exec_output_sanitised() -> None:
     assert result.output.isprintable()
 
 
+@pytest.mark.parametrize("hidden", ["\u202e", "\u200b", "\u2066", "\ufeff", "\u00ad"])
+def test_exec_output_has_no_bidi_or_zero_width_characters(hidden: str) -> None:
+    """Format characters (Unicode Cf) would display the output reversed or hide text on the
+    status page: each is made a space, as control characters are."""
+    result = exec_check(FakeAPI(1, [f"ok{hidden}gnp.exe\n".encode()])).run()
+    assert result.output == "exit 1: ok gnp.exe"
+    assert checks.clip(f"a{hidden}b") == "a b"
+
+
 def test_exec_misconfigured() -> None:
     with pytest.raises(CheckError, match="needs a command"):
         ExecCheck(CheckSpec(type="exec"), target(80, FakeDocker(FakeAPI())))
