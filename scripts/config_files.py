@@ -94,7 +94,8 @@ def agent_file_section(borrowed: dict[tuple[str, str], str]) -> list[str]:
         "### `[agent.check]`",
         "",
         "Check defaults for every container; its labels override them "
-        "([Container labels](#container-labels)). Durations are seconds (numbers).",
+        "([Container labels](#container-labels)). Durations are seconds (a number) or a "
+        "string such as `\"500ms\"` or `\"2s\"`.",
         "",
         *table(["key", "default", "meaning"], check_rows),
     ]

@@ -283,7 +283,10 @@ def render() -> str:
         lines += command_section(name, cmd, parent, borrowed)
     lines += registry_options_section(all_commands)
     lines += registry_url_section()
-    lines += ["## Config file", "", *agent_file_section(borrowed), *watcher_file_section()]
+    lines += ["## Config file", "",
+              "The tables below and no others (a misspelled one, say `[agnet]`, is one error "
+              "naming it and the known tables).", "",
+              *agent_file_section(borrowed), *watcher_file_section()]
     lines += labels_section()
     lines += environment_section(all_commands)
     while lines and lines[-1] == "":

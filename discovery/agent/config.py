@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from discovery.agent.spec import MAX_INTERVAL, CheckSpec, within_limits
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import validate
 from discovery.model.durations import parse_duration
+from discovery.registry.base import RegistryURL
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +44,68 @@ class AgentConfig:
     state_dir: str | None = None  # maintenance state (None: in memory only)
     zone: str = ""  # written into every instance record ("": none)
 
-    def validated(self) -> AgentConfig:
+    def validated(self, origin: Callable[[str], str] | None = None) -> AgentConfig:
+        """This config, checked and normalised; a ConfigError names the culprit: ``origin(key)``
+        (default ``--key``, the flag; :func:`merge` names the file and key a value came from)."""
+        where = origin or _flag
         if not self.registry:
             raise ConfigError(
                 "no registry: give --registry URL, DISCOVERY_REGISTRY or registry in --config"
             )
         try:
-            node = validate.dns_label("--node", self.node or default_node())
-            address = validate.address("--address", self.address)
-            zone = validate.dns_label("--zone", self.zone) if self.zone else ""
+            RegistryURL.parse(self.registry)
+            node = validate.dns_label(where("node"), self.node or default_node())
+            address = validate.address(where("address"), self.address)
+            zone = validate.dns_label(where("zone"), self.zone) if self.zone else ""
         except ValidationError as exc:
             raise ConfigError(str(exc)) from None
+        except ConfigError as exc:  # the registry URL
+            raise ConfigError(_named(where("registry"), str(exc))) from None
+        if self.docker:  # "" (an empty DISCOVERY_DOCKER): the default, as None
+            check_docker_url(where("docker"), self.docker)
         if not 1.0 <= self.ttl <= 3600:
-            raise ConfigError(f"--ttl {self.ttl}: must be between 1 and 3600 seconds")
+            raise ConfigError(f"{where('ttl')} {self.ttl}: must be between 1 and 3600 seconds")
         if not 0.5 <= self.resync <= 86400:
-            raise ConfigError(f"--resync {self.resync}: must be between 0.5 and 86400 seconds")
+            raise ConfigError(f"{where('resync')} {self.resync}: must be between 0.5 and 86400 "
+                              "seconds")
         return replace(self, node=node, address=address, zone=zone)
+
+
+def _flag(key: str) -> str:
+    return f"--{key}"
+
+
+def _named(culprit: str, message: str) -> str:
+    """``message`` about a value, prefixed with where it came from unless a flag (whose URL
+    message says ``registry URL …`` already)."""
+    return message if culprit.startswith("--") else f"{culprit}: {message}"
+
+
+#: the schemes docker-py takes (``http+unix://`` too); a bare ``host:port`` is tcp
+DOCKER_SCHEMES = ("unix", "tcp", "http", "https", "ssh", "npipe", "http+unix")
+
+
+def check_docker_url(culprit: str, url: str) -> None:
+    """A ConfigError naming ``culprit`` unless docker-py can connect to ``url``, so a typo
+    fails at start instead of on every connection attempt."""
+    from docker.errors import DockerException
+    from docker.utils import parse_host
+
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(f"{culprit} {url[:200]!r}: {reason} (give unix:///PATH, "
+                           "tcp://HOST:PORT, https://HOST:PORT or ssh://[USER@]HOST)")
+
+    scheme, sep, _ = url.strip().partition("://")
+    if url.strip().startswith("/"):
+        raise bad("a bare socket path (write unix://" + url.strip() + ")")
+    if sep and scheme.lower() not in DOCKER_SCHEMES:
+        raise bad(f"unknown scheme {scheme[:20]}://")
+    if scheme.lower() == "npipe" and sys.platform != "win32":
+        raise bad("npipe:// is Windows' only")
+    try:
+        parse_host(url, is_win32=sys.platform == "win32")
+    except (DockerException, ValueError) as exc:
+        raise bad(str(exc)[:200]) from None
 
 
 FILE_KEYS = {f.name for f in fields(AgentConfig)} - {"config_file", "check"}
@@ -64,19 +113,43 @@ CHECK_KEYS = {"type", "interval", "timeout", "rise", "fall"}
 _FILE_TYPES = {"ttl": "a number", "resync": "a number", "internal": "true or false"}  # else str
 
 
-def read_file(path: str) -> dict[str, Any]:
-    """Read the ``[agent]`` table (and ``[agent.check]`` defaults) of a TOML file."""
+#: the top-level tables a config file may hold: the agent's, the watcher's, the services'
+TABLES = {"agent": "[agent]", "watcher": "[watcher]", "services": "[services.NAME]"}
+
+
+class FileValues(dict[str, Any]):
+    """What :func:`read_file` found in the ``[agent]`` table, and the file it is in."""
+
+    path: str = ""
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """A config file's TOML; a ConfigError naming the file when it cannot be read or parsed, or
+    holds a top-level table (or key) other than those in :data:`TABLES` (a typo such as
+    ``[agnet]`` would otherwise leave its settings silently unused)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise ConfigError(f"config file {path}: unknown table(s) or key(s) {names} at the top "
+                          f"level (known tables: {', '.join(TABLES.values())})")
+    return data
+
+
+def read_file(path: str) -> FileValues:
+    """Read the ``[agent]`` table (and ``[agent.check]`` defaults) of a TOML file."""
+    data = read_toml(path)
     table = data.get("agent", {})  # a shared file also holds [watcher] and [services.*]
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [agent] must be a table")
     unknown = set(table) - FILE_KEYS - {"check"}
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s) {', '.join(sorted(unknown))}")
-    out = {k: table[k] for k in FILE_KEYS if k in table}
+    out = FileValues({k: table[k] for k in FILE_KEYS if k in table})
+    out.path = path
     check = table.get("check", {})
     if not isinstance(check, dict) or set(check) - CHECK_KEYS:
         raise ConfigError(f"config file {path}: [agent.check] takes only {sorted(CHECK_KEYS)}")
@@ -109,8 +182,14 @@ def _check_defaults(path: str, check: dict[str, Any]) -> CheckSpec:
 
 
 def merge(base: AgentConfig, file_values: dict[str, Any], explicit: set[str]) -> AgentConfig:
-    """Apply file values to every setting not given explicitly by flag or env."""
+    """Apply file values to every setting not given explicitly by flag or env. An error names
+    the file and key of a value that came from the file, the flag of one that did not."""
     changes = {k: v for k, v in file_values.items() if k not in explicit}
+    path = getattr(file_values, "path", "") or "?"
+
+    def origin(key: str) -> str:
+        return f"config file {path}: [agent] {key}" if key in changes else f"--{key}"
+
     for key, value in changes.items():
         want = _FILE_TYPES.get(key, "a string")
         if key != "check" and not {  # check: a CheckSpec already, made by read_file
@@ -118,8 +197,8 @@ def merge(base: AgentConfig, file_values: dict[str, Any], explicit: set[str]) ->
             "true or false": isinstance(value, bool),
             "a string": isinstance(value, str),
         }[want]:
-            raise ConfigError(f"config file: [agent] {key} must be {want}, not {value!r:.40}")
+            raise ConfigError(f"{origin(key)} must be {want}, not {value!r:.40}")
     try:
-        return replace(base, **changes).validated()
+        return replace(base, **changes).validated(origin)
     except TypeError as exc:
-        raise ConfigError(f"config file: {exc}") from None
+        raise ConfigError(f"config file {path}: {exc}") from None

@@ -167,6 +167,18 @@ def http_token_option(client: bool = False) -> Callable[[F], F]:
     return decorate
 
 
+def service_name(value: str) -> str:
+    """A SERVICE argument, checked as the model checks service names (a DNS label): a name no
+    service can have is one error line and exit 2, not "no instances" (exit 1)."""
+    from discovery.errors import ValidationError
+    from discovery.model import validate
+
+    try:
+        return validate.dns_label("SERVICE", value)
+    except ValidationError as exc:
+        fail(str(exc))
+
+
 def datacenter_option() -> Callable[[F], F]:
     """``--datacenter NAME`` (env ``DISCOVERY_DATACENTER``, default ``dc1``): what the
     Consul-compatible endpoints report (``/v1/agent/self``, ``Datacenter`` fields)."""

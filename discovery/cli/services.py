@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from discovery.cli import output
-from discovery.cli.options import registry_options, timeout_option
+from discovery.cli.options import registry_options, service_name, timeout_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 from discovery.registry import open_registry
@@ -19,6 +19,8 @@ from discovery.registry import open_registry
 @timeout_option()
 def services(service: str | None, registry: str, fmt: str, timeout: float) -> None:
     """List registered services and their instances."""
+    if service is not None:
+        service = service_name(service)  # a name no service can have: exit 2, not "none"
     try:
         reg = open_registry(registry, timeout=timeout)
         try:

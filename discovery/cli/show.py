@@ -13,7 +13,7 @@ import click
 
 from discovery.cli import output
 from discovery.cli.maint import agent_call
-from discovery.cli.options import registry_options, timeout_option
+from discovery.cli.options import registry_options, service_name, timeout_option
 from discovery.cli.output import fail
 from discovery.errors import DiscoveryError
 from discovery.registry import open_registry
@@ -36,7 +36,9 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
          watcher_http: str | None) -> None:
     """Every instance of SERVICE with all it carries: state, since when, node, container, meta.
 
-    Exit 0 when the service has instances, 1 when it has none, 2 on a bad registry."""
+    Exit 0 when the service has instances, 1 when it has none, 2 on a bad registry or a
+    SERVICE that is no service name."""
+    service = service_name(service)
     try:
         reg = open_registry(registry, timeout=timeout)
         try:
@@ -112,6 +114,7 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
     Exit 0 when everything is valid, 2 with one line naming the culprit otherwise."""
     from discovery.agent.config import AgentConfig, read_file
     from discovery.agent.config import merge as merge_agent
+    from discovery.watcher.assemble import check_haproxy_bin
     from discovery.watcher.config import (
         WatcherConfig,
         load_watcher_config,
@@ -136,6 +139,7 @@ def check_config(config_file: str | None, services: tuple[str, ...], template: s
             text = Renderer(cfg.template).render(build_context(cfg, slots, paths))
             rendered = Path(tmp) / "haproxy.cfg"
             rendered.write_text(text)
+            check_haproxy_bin(haproxy_bin)  # else /bin/false "rejects" the config
             validate_config(haproxy_bin, rendered)
     except DiscoveryError as exc:
         fail(str(exc))

@@ -85,6 +85,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
           datacenter: str, once: bool,
           dry_run: bool) -> None:
     """Follow the registry; route services through a local HAProxy without dropping requests."""
+    from discovery.agent.config import read_toml
     from discovery.lookup.serve import predecessor
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble, reconfigure
@@ -96,6 +97,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
     )
 
     def load_config() -> WatcherConfig:
+        if config_file:
+            read_toml(config_file)  # one error for a misspelled table such as [watchr]
         cfg = load_watcher_config(config_file) if config_file else WatcherConfig()
         cfg = merge(cfg, services)
         if template:
@@ -132,6 +135,8 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
                 watcher.sync()
                 if router is not None and router.stats.last_error:
                     raise DiscoveryError(router.stats.last_error)
+                if watcher.json_error:
+                    raise DiscoveryError(watcher.json_error)
             watcher.close()
             return
         lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,

@@ -130,6 +130,9 @@ class RegistryURL:
         prefix = "/" + parts.path.strip("/") if parts.path.strip("/") else DEFAULT_PREFIX
         if any(c in prefix for c in "\x00\n\r ") or "//" in prefix:
             raise ConfigError(f"registry URL {shown!r}: bad prefix {prefix!r}")
+        if _relative(prefix):  # ZooKeeper refuses them; on etcd they would only mislead
+            raise ConfigError(f"registry URL {shown!r}: bad prefix {prefix!r}: . and .. "
+                              "parts are not allowed")
         params = _query(parts.query, shown)
         url_obj = cls(scheme=scheme, hosts=tuple(hosts), prefix=prefix, user=user,
                       password=password, tls=tls, **params)
@@ -176,10 +179,11 @@ class RegistryURL:
             raise ConfigError(f"registry URL '{self}': path= goes with format=nerve")
         if (not self.path.startswith("/") or segments.count(SERVICE_PART) != 1
                 or SERVICE_PART in self.path.replace(f"/{SERVICE_PART}", "", 1)
-                or any(not part for part in segments[1:])
+                or any(not part for part in segments[1:]) or _relative(self.path)
                 or any(c in self.path for c in "\x00\n\r ")):
             raise ConfigError(f"registry URL '{self}': path= must be an absolute ZooKeeper "
-                              f"path with {SERVICE_PART} as one whole part, e.g. "
+                              f"path (no empty, . or .. parts) with {SERVICE_PART} as one "
+                              "whole part, e.g. "
                               f"/nerve/services/{SERVICE_PART}/services")
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> RegistryURL:
@@ -251,6 +255,11 @@ class RegistryURL:
         if parts[1:-1] != tail_parts:
             return None
         return parts[0], parts[-1]
+
+
+def _relative(path: str) -> bool:
+    """Whether ``path`` has a ``.`` or ``..`` part (which ZooKeeper refuses)."""
+    return any(part in (".", "..") for part in path.split("/"))
 
 
 def _query(query: str, shown: str) -> dict[str, str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +49,15 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
     ``registry_url`` may be an open registry instead (``up`` shares the agent's)."""
     if haproxy.socket and not haproxy.config:
         raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
+    if not haproxy.socket:  # else silently unused: say so
+        for flag, value in (("--haproxy-config", haproxy.config),
+                            ("--master-socket", haproxy.master_socket),
+                            ("--reload-cmd", haproxy.reload_cmd)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --haproxy-socket (it drives an HAProxy "
+                                  "already running; without it the watcher runs its own)")
+    if json_out is not None and not dry_run:
+        usable_json_out(json_out)
     renderer = Renderer(cfg.template)
     control: HAProxyControl | None = None
     if haproxy.socket:
@@ -65,6 +76,8 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
     router: Router | None = None
     if (cfg.services or render_only) and not haproxy.socket and not dry_run:
         usable_state_dir(haproxy.state_dir)
+    if (cfg.services or render_only) and not dry_run:  # it checks every config (haproxy -c)
+        check_haproxy_bin(haproxy.binary)
     if cfg.services or render_only:
         router = Router(cfg, config_path, paths, control, haproxy_bin=haproxy.binary,
                         renderer=renderer)
@@ -105,6 +118,43 @@ def usable_state_dir(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"--state-dir {path}: cannot write in it: {exc.strerror or exc}"
                           ) from None
+
+
+_VERSION = re.compile(r"HA-?Proxy version (\S+)")
+
+
+def check_haproxy_bin(binary: str, timeout: float = 10.0) -> str:
+    """The version ``binary -v`` prints; :class:`ConfigError` naming ``--haproxy-bin`` when it
+    cannot run or is no HAProxy (else every config would be "rejected" by, say, /bin/false)."""
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(f"--haproxy-bin {binary!r:.200}: {reason}")
+
+    try:
+        proc = subprocess.run([binary, "-v"], capture_output=True, text=True, errors="replace",
+                              timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise bad(f"'-v' took longer than {timeout:g}s") from None
+    except (OSError, ValueError) as exc:  # missing, a directory, not executable, a NUL
+        raise bad(f"cannot run it: {getattr(exc, 'strerror', None) or exc}") from None
+    found = _VERSION.search(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise bad(f"not HAProxy: '-v' exited {proc.returncode} without an HAProxy version")
+    return found.group(1)
+
+
+def usable_json_out(path: Path) -> None:
+    """Create the folder of ``path`` if missing and prove a file can be written in it and
+    renamed onto ``path`` (not a directory); :class:`ConfigError` naming ``--json-out``."""
+    if path.is_dir():
+        raise ConfigError(f"--json-out {path}: is a directory (give a file name)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--json-out {path}: cannot write in its folder: {reason}") from None
 
 
 def stop_haproxy(watcher: Watcher) -> None:

@@ -48,6 +48,7 @@ class Watcher:
         self.registry_connected = False
         self.changes_seen = 0
         self._json_written: str | None = None
+        self.json_error: str | None = None  # why the last --json-out write failed
         self._stop = threading.Event()
         self._dirty = threading.Event()
         self._wake = threading.Event()  # set on every change and every guard deferral
@@ -191,5 +192,10 @@ class Watcher:
         if self.json_out is not None:
             text = self.catalog.to_json()
             if text != self._json_written:
-                write_atomic(self.json_out, text, shared=True)  # for other users' tools
-                self._json_written = text
+                try:
+                    write_atomic(self.json_out, text, shared=True)  # for other users' tools
+                except OSError as exc:  # a full disk, a folder gone: retried at the next change
+                    self.json_error = f"--json-out {self.json_out}: cannot write it: {exc}"
+                    log.error("%s", self.json_error)
+                else:
+                    self._json_written, self.json_error = text, None

@@ -315,6 +315,9 @@ class Renderer:
             raise RenderError(f"template {path}: not found") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise RenderError(f"template {path}: {exc}") from None
+        except (RecursionError, MemoryError) as exc:  # e.g. thousands of nested ( or {% if %}
+            raise RenderError(f"template {path}: too deeply nested to compile "
+                              f"({type(exc).__name__})") from None
 
     def render(self, context: Mapping[str, Any]) -> str:
         """The config text; raises :class:`RenderError` naming the template line."""
@@ -331,6 +334,9 @@ class Renderer:
                               f"{str(exc)[:200]}") from None
         except jinja2.UndefinedError as exc:
             raise RenderError(f"template {self._where(exc)}: undefined: {exc.message}") from None
+        except (RecursionError, MemoryError) as exc:  # an included template nested too deep
+            raise RenderError(f"template {self.template_path}: too deeply nested to render "
+                              f"({type(exc).__name__})") from None
         except Exception as exc:  # anything a template expression can raise
             raise RenderError(f"template {self._where(exc)}: {type(exc).__name__}: {exc}") from None
         if _SAFE_TEXT.fullmatch(text):

@@ -39,7 +39,7 @@ def test_check_config_checks_the_agent_table_and_the_encoding(tmp_path: Path) ->
     bad = tmp_path / "bad.toml"
     bad.write_text("[agent]\nttl = -3\n")
     code, out = run("check-config", "--config", str(bad))
-    assert code == 2 and "--ttl -3" in out
+    assert code == 2 and f"config file {bad}: [agent] ttl -3" in out
     binary = tmp_path / "bin.toml"
     binary.write_bytes(b"\xff\xfe[agent]\n")
     code, out = run("check-config", "--config", str(binary))
