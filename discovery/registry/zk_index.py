@@ -59,7 +59,9 @@ class ZkNodeIndex:
                  decoder: Decoder, reads: ReadStats, many: ManyReads) -> None:
         self.client, self.url, self._get, self._many = client, url, get, many
         self._decoder, self._reads = decoder, reads
-        self.enabled = url.services_root == f"{url.prefix}/services"
+        # never with Nerve's layout: its nodes are <id>_<sequence>, not found by their key (a
+        # prefix /nerve with path=/nerve/services/{service}/services looks like ours)
+        self.enabled = not url.nerve and url.services_root == f"{url.prefix}/services"
         self._lock = threading.Lock()
         self._mine: dict[Key, int] = {}  # key -> session whose index node we know is there
         self._nodes: dict[Key, str] = {}  # key -> its node, from read()

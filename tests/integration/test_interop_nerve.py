@@ -108,6 +108,23 @@ scrape_configs:
     assert zk.get_children(folder) == []  # close removed our nodes
 
 
+def test_airbnbs_own_prefix_reads_a_nodes_instances_back(zk_single: ServerCluster) -> None:
+    """The URL of migration.md, prefix /nerve and path=/nerve/services/{service}/services: an
+    agent reads its node's instances back (it found none, as the node index was taken for
+    ours: every resync wrote them all again and a restart adopted nothing)."""
+    host, port = zk_single.address(0)
+    base = f"{unique_prefix()}/nerve"
+    url = f"zk://{host}:{port}{base}?format=nerve&path={base}/services/{{service}}/services"
+    registry = open_registry(url, ttl=4.0)
+    try:
+        registry.register(inst(1))
+        registry.register(inst(2))
+        mine = registry.node_snapshot("host1").instances
+        assert [i.id for i in mine.values()] == [inst(1).id]
+    finally:
+        registry.close()
+
+
 def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:
     """What Nerve's ZooKeeper reporter does: mkdir -p, then an ephemeral sequential node."""
     zk.ensure_path(folder)
