@@ -61,9 +61,11 @@ STOPSIGNAL SIGTERM
 # 127.0.0.1:8500); python + urllib, there is no curl in the image.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/discovery-healthcheck"]
-# tini is PID 1: it forwards SIGTERM to discovery (which deregisters and stops HAProxy) and
-# reaps any orphaned HAProxy worker.
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/docker-entrypoint"]
+# The entrypoint (PID 1) checks the socket and, started as root, drops to user discovery;
+# then it execs tini, which stays PID 1 as that user: it forwards SIGTERM to discovery (which
+# deregisters and stops HAProxy) and reaps any orphaned HAProxy worker. A tini left root
+# could not signal uid 10001 without CAP_KILL (dropped with --cap-drop ALL).
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint"]
 CMD ["up"]
 LABEL org.opencontainers.image.title="discovery" \
       org.opencontainers.image.description="SmartStack-style service discovery sidecar: agent, watcher, HAProxy" \

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Entrypoint of the discovery image (PID 1 is tini, this runs under it, then execs discovery).
+# Entrypoint of the discovery image: PID 1, it execs (as the user it ends up as) tini, which
+# stays PID 1 and runs discovery (or the program asked for).
 #
 # 1. Started as root (`--user 0`)? Drop to the user `discovery`, adding the group that owns the
 #    Docker socket, so no `--group-add` is needed. DISCOVERY_RUN_AS_ROOT=1 keeps root (only for
@@ -21,7 +22,7 @@ DEFAULT_CONFIG=/etc/discovery/discovery.toml
 [ $# -gt 0 ] || set -- up
 case "$1" in
   up|agent|watch|services|dns|-*) ;;
-  *) if command -v "$1" >/dev/null 2>&1; then exec "$@"; fi ;;
+  *) if command -v "$1" >/dev/null 2>&1; then exec /usr/bin/tini -- "$@"; fi ;;
 esac
 
 # The subcommand: the first argument that is not a global option (--log-level X).
@@ -124,4 +125,4 @@ for w in $extra; do
 done
 
 # shellcheck disable=SC2086  # $extra: checked words, split on purpose
-exec discovery "$@" $extra
+exec /usr/bin/tini -- discovery "$@" $extra

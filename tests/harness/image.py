@@ -109,6 +109,8 @@ def run_sidecar(
     rw_volumes: Mapping[str, str] | None = None,
     health_interval: float | None = None,
     name: str | None = None,
+    cap_drop: Sequence[str] | None = None,
+    cap_add: Sequence[str] | None = None,
 ) -> Container:
     """Start the sidecar detached: ``docker run -d --network host -v SOCK:SOCK:ro
     [--group-add GID] IMAGE args...``; return the started Container.
@@ -130,6 +132,8 @@ def run_sidecar(
         network_mode="host",
         binds=binds,
         group_add=[str(docker_socket_gid())] if docker_socket and group_add else None,
+        cap_drop=list(cap_drop) if cap_drop else None,
+        cap_add=list(cap_add) if cap_add else None,
     )
     healthcheck: dict[str, Any] | None = None
     if health_interval is not None:

@@ -198,7 +198,9 @@ def test_agent_and_watch_as_two_containers(
     tmp_path: Path,
 ) -> None:
     """The same image as two containers, settings from env + the mounted TOML file (the
-    routed port is only in the file); the watcher needs no Docker socket."""
+    routed port is only in the file); the watcher needs no Docker socket. The agent starts as
+    root with docker-compose.yml's capabilities (SETUID and SETGID alone): it drops to uid
+    10001, and SIGHUP and docker stop still reach it (tini, left root, could not signal it)."""
     zk_single.ensure_running()
     url = zk_single.url(unique_prefix())
     route_port, agent_http, watch_http = free_port(), free_port(), free_port()
@@ -218,7 +220,8 @@ def test_agent_and_watch_as_two_containers(
     env = {"DISCOVERY_REGISTRY": url, "DISCOVERY_NODE": f"node-{service}"}
     agent = run_sidecar(docker_client, ["agent"], image=sidecar_image, volumes=mount,
                         env={**env, "DISCOVERY_HTTP": f"127.0.0.1:{agent_http}"},
-                        health_interval=1.0)
+                        health_interval=1.0, user="0", group_add=False, cap_drop=["ALL"],
+                        cap_add=["SETUID", "SETGID"])
     sidecars.append(agent)
     watch = run_sidecar(docker_client, ["watch"], image=sidecar_image, volumes=mount,
                         env={**env, "DISCOVERY_HTTP": f"127.0.0.1:{watch_http}"},
@@ -231,6 +234,12 @@ def test_agent_and_watch_as_two_containers(
     sidecars.append(app)
     wait_registered(url, service, timeout=30.0)
     _wait_routed(route_port, app.name, watch)
+    uids = _process_uids(agent)
+    assert set(uids.values()) == {"10001"} and any("tini" in c for c in uids), uids
+    agent.kill(signal="SIGHUP")  # re-reads its file, running on
+    wait_for(lambda: "configuration reloaded" in container_logs(agent), 15,
+             message="the agent's SIGHUP reload")
+    assert _exit_code(agent) is None, container_logs(agent)
 
     agent.stop(timeout=20)
     assert _exit_code(agent) == 0, container_logs(agent)
