@@ -43,6 +43,11 @@ def console() -> Console:
                    emoji=False, highlight=False)
 
 
+def hostport(inst: Instance) -> str:
+    """``ADDRESS:PORT``, an IPv6 address in brackets (``[2001:db8::5]:8080``, not ambiguous)."""
+    return f"[{inst.address}]:{inst.port}" if ":" in inst.address else f"{inst.address}:{inst.port}"
+
+
 def sort_instances(instances: Iterable[Instance]) -> list[Instance]:
     return sorted(instances, key=lambda i: (i.service, i.node, i.address, i.port, i.id))
 
@@ -69,7 +74,7 @@ def as_table(instances: Iterable[Instance], console: Console, now: float | None 
             table.add_row(
                 service if n == 0 else "",
                 counts if n == 0 else "",
-                f"{inst.address}:{inst.port}",
+                hostport(inst),
                 inst.node,
                 inst.state.value,
                 ",".join(inst.tags),

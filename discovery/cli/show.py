@@ -67,7 +67,7 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
         for column in columns:
             table.add_column(column, overflow="fold")
         for i in found:
-            row = [i.id, f"{i.address}:{i.port}", i.state.value,
+            row = [i.id, output.hostport(i), i.state.value,
                    output.age(now - i.registered_at), i.node, str(i.weight), ",".join(i.tags),
                    i.container_name, i.image, " ".join(f"{k}={v}" for k, v in i.meta.items())]
             if agent_http:

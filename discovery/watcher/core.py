@@ -126,7 +126,8 @@ class Watcher:
         if up:
             log.info("registry connected")
         else:
-            log.warning("registry connection lost: serving the last known catalog")
+            log.warning("registry connection lost: %s", "serving the last known catalog"
+                        if self.catalog.loaded else "no catalog loaded yet")
 
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1

@@ -203,6 +203,8 @@ class OutlierDetector:
                 why = _reason(row, new_errors, new_ok, t.run)
                 candidates.append((t.run, iid, t))
                 t.reason = why
+            else:
+                t.held = False  # its run ended: a later hold is a new one, logged again
         ejected = sum(1 for (s, _), t in self._tracked.items() if s == svc and t.until)
         cap = cfg.cap(len(up))
         changed = False

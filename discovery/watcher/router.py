@@ -322,7 +322,8 @@ class Router:
             if not changed:
                 return
             desired = self.desired(catalog, changed)
-            changes = {name: list(self.tables[name].assign(insts).values())
+            busy = _Busy(self.control)  # a change not synced yet may place an instance too
+            changes = {name: list(self.tables[name].assign(insts, busy.of(name)).values())
                        for name, insts in desired.items() if name in self.tables}
             self._apply({k: v for k, v in changes.items() if v})
 

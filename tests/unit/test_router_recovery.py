@@ -30,12 +30,14 @@ class Runtime:
         self.busy: set[str] = set()
         self.fail_apply = self.fail_stat = False
         self.stats = 0
+        self.errors: dict[str, int] = {}  # slot -> its 5xx so far
 
     def stat(self, backend: str | None = None) -> dict[tuple[str, str], dict[str, str]]:
         self.stats += 1
         if self.fail_stat:
             raise HAProxyError("cannot reach admin.sock")
-        return {("web", f"s{n}"): {"scur": "3" if f"s{n}" in self.busy else "0"}
+        return {("web", f"s{n}"): {"scur": "3" if f"s{n}" in self.busy else "0",
+                                   "hrsp_5xx": str(self.errors.get(f"s{n}", 0))}
                 for n in range(1, 33)}
 
     def apply_slots(self, changes: dict[str, list[Any]]) -> None:
@@ -187,6 +189,31 @@ def test_a_failing_show_stat_waits_for_the_next_interval(tmp_path: Path) -> None
         router.tick(catalog)
     due = router.next_due()
     assert control.runtime.stats == 1 and due is not None and due > time.monotonic()
+
+
+def test_an_ejection_never_reuses_a_freed_slot_with_sessions(tmp_path: Path) -> None:
+    """An ejection (the watcher's tick) applied while a membership change waits for its sync:
+    the change's new instance must not take the slot whose old instance still has sessions."""
+    config = WatcherConfig(services={"web": ServiceConfig(
+        name="web", port=18000, outlier=OutlierSettings(1, 0.05, 30.0))})
+    router, control, catalog = setup(tmp_path, 8, config)
+    size = router.tables["web"].size
+    for n in range(9, size + 1):  # every slot used: none never used is left
+        put(catalog, n)
+    assert router.sync(catalog, {"web"}) in ("runtime", "none")
+    router.tick(catalog)  # the counters' baseline
+    new = size + 1
+    catalog.apply(Change("delete", inst(1).key, revision=50))  # a rolling replacement 1 -> new
+    put(catalog, new)  # (its sync not yet run)
+    control.runtime.busy = {"s1"}  # instance 1's slot still serves its sessions
+    control.runtime.errors["s2"] = 1
+    deadline = time.monotonic() + 5
+    while router.outliers.ejected("web") != {inst(2).id}:
+        assert time.monotonic() < deadline, "instance 2 was not ejected"
+        time.sleep(0.06)
+        router.tick(catalog)
+    sent = [slot for batch in control.runtime.sent for slot in batch.get("web", [])]
+    assert ("s1", inst(new).id) not in sent, sent
 
 
 def test_a_reload_for_no_usable_slot_is_tried_once_for_the_same_inputs(tmp_path: Path) -> None:

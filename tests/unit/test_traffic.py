@@ -165,6 +165,23 @@ def test_cap_two_bad_of_three_only_one_out_and_gone_instances_forgotten() -> Non
     assert det.ejected("web") == {"i2"}
 
 
+def test_each_hold_by_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock, feed = Clock(), Feed(3)
+    det, cfg = OutlierDetector(clock), OutlierSettings(2, 1.0, 30.0)
+    step(det, cfg, feed)
+    feed.add("s1", errors=5)
+    feed.add("s2", errors=4)
+    step(det, cfg, feed)
+    feed.add("s2", errors=2)
+    step(det, cfg, feed)  # still held: not logged again
+    assert caplog.text.count("but not ejected") == 1
+    feed.add("s2", ok=20)  # back to health: the hold ends...
+    step(det, cfg, feed)
+    feed.add("s2", errors=3)  # ...and a new one is logged (it was not: once per ejection)
+    step(det, cfg, feed)
+    assert det.ejected("web") == {"i1"} and caplog.text.count("but not ejected") == 2
+
+
 def test_counter_reset_is_a_new_baseline() -> None:
     clock, feed = Clock(), Feed(2)
     det, cfg = OutlierDetector(clock), OutlierSettings(3)
