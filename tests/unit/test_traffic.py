@@ -149,13 +149,19 @@ def test_a_success_ends_the_run_and_clean_time_forgives() -> None:
     assert det.status()[0].ejections == 1, "the count was forgiven"
 
 
-def test_cap_two_bad_of_three_only_one_out_and_gone_instances_forgotten() -> None:
-    clock, feed = Clock(), Feed(3)
-    det, cfg = OutlierDetector(clock), OutlierSettings(2, 1.0, 30.0)
+def two_bad_of_three() -> tuple[OutlierDetector, OutlierSettings, Feed]:
+    """Three instances, i1 and i2 failing: i1 ejected, i2 held by the cap (one of three)."""
+    feed = Feed(3)
+    det, cfg = OutlierDetector(Clock()), OutlierSettings(2, 1.0, 30.0)
     step(det, cfg, feed)
     feed.add("s1", errors=5)
     feed.add("s2", errors=4)
     step(det, cfg, feed)
+    return det, cfg, feed
+
+
+def test_cap_two_bad_of_three_only_one_out_and_gone_instances_forgotten() -> None:
+    det, cfg, feed = two_bad_of_three()
     assert det.ejected("web") == {"i1"}
     assert det.stats.held == {"web": 1}
     del feed.slots["s1"]  # i1 left the catalog: forgotten, room for i2 (cap of 2 up: 1)
@@ -166,12 +172,7 @@ def test_cap_two_bad_of_three_only_one_out_and_gone_instances_forgotten() -> Non
 
 
 def test_each_hold_by_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    clock, feed = Clock(), Feed(3)
-    det, cfg = OutlierDetector(clock), OutlierSettings(2, 1.0, 30.0)
-    step(det, cfg, feed)
-    feed.add("s1", errors=5)
-    feed.add("s2", errors=4)
-    step(det, cfg, feed)
+    det, cfg, feed = two_bad_of_three()
     feed.add("s2", errors=2)
     step(det, cfg, feed)  # still held: not logged again
     assert caplog.text.count("but not ejected") == 1
