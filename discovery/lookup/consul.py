@@ -188,17 +188,21 @@ class ConsulApi:
         if "stale" in query and "consistent" in query:
             raise ApiError(400, "stale and consistent cannot both be given", "stale")
         index, wait = blocking_params(query)
+        self._consistent(query)  # at once: never holding a blocking slot to say it later
         answered = self.block(self.catalog, req, index, wait)
         if not self.catalog.loaded:
             raise ApiError(500, f"{NO_LEADER}: the catalog has not loaded its first snapshot "
                                 "from the registry yet (see /v1/health); retry",
                            headers=self._leader_headers())
+        self._consistent(query)  # the registry lost while it blocked
+        return answered
+
+    def _consistent(self, query: dict[str, list[str]]) -> None:
         if "consistent" in query and self.contact.last_contact() is not None:
             raise ApiError(500, f"{NO_LEADER}: the registry connection is down, so a "
                                 "consistent read cannot be answered; the default and ?stale "
                                 "read the last known catalog", "consistent",
                            headers=self._leader_headers())
-        return answered
 
     def _datacenter(self, query: dict[str, list[str]]) -> None:
         dc = query.get("dc", [self.datacenter])[0]

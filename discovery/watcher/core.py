@@ -94,8 +94,9 @@ class Watcher:
             self._wake.wait(self._until_guard_due())
             self._wake.clear()
             self._apply(self.guard.due)
-            if self.router is not None:
-                self.router.tick(self.catalog)  # outlier ejection: runtime API, when due
+            if self.router is not None:  # outlier ejection, retries: runtime API, when due
+                self.router.tick(self.catalog)
+                self.metrics.sync_router(self.router.stats)
             if self._stop.is_set() or not self._dirty.is_set():
                 continue
             self._quiesce()

@@ -257,7 +257,8 @@ class Router:
             return
         if self._again[0] and isinstance(self.control, HAProxySupervisor) \
                 and not self.control.running:
-            return  # no HAProxy to tell: the start tried again writes every slot in its file
+            self._unapplied.clear()  # no HAProxy to tell: the start tried again writes every
+            return  # slot in its file (and nothing is left due for tick: no busy loop)
         merged = {name: {s.name: s for s in slots} for name, slots in changes.items()}
         for name, slot_name in self._unapplied:
             table = self.tables.get(name)

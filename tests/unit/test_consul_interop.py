@@ -121,8 +121,10 @@ def test_a_blocking_query_before_the_first_snapshot_answers_when_it_loads() -> N
     waiter = threading.Thread(target=lambda: got.append(
         answer(api, f"/v1/health/service/web?index={index}&wait=10s")))
     waiter.start()
-    time.sleep(0.3)
-    assert waiter.is_alive()
+    deadline = time.monotonic() + 5
+    while api.blocked == 0:  # polled: it holds a blocking slot, waiting for the load
+        assert time.monotonic() < deadline and waiter.is_alive(), got
+        time.sleep(0.01)
     cat.load(Snapshot())  # an empty registry: loading is news all the same
     waiter.join(5)
     status, body, headers = got[0]
@@ -151,6 +153,10 @@ def test_known_leader_and_last_contact_follow_the_registry() -> None:
     status, body, headers = answer(api, "/v1/health/service/web?consistent")
     assert status == 500 and "No cluster leader" in body["error"]
     assert headers["X-Consul-KnownLeader"] == "false"
+    index = api.catalog.index  # type: ignore[union-attr]
+    started = time.monotonic()  # a blocking consistent read: refused at once, not after wait
+    status, _, _ = answer(api, f"/v1/health/service/web?consistent&index={index}&wait=5s")
+    assert status == 500 and time.monotonic() - started < 1.0
     up[0] = True
     contact.changed(True)
     status, _, headers = answer(api, "/v1/health/service/web?consistent")

@@ -91,7 +91,8 @@
       el("td", {}, check ? [check.type + (check.healthy ? " ✓ " : " ✗ "),
         el("span", { class: "muted" }, check.output)] : el("span", { class: "muted" }, "–")),
       el("td", {}, meta),
-      timingCell(Object.hasOwn(timings, inst.id) ? timings[inst.id] : undefined),
+      timingCell(Object.prototype.hasOwnProperty.call(timings, inst.id)
+        ? timings[inst.id] : undefined),
       historyCell(hist));
   }
 
