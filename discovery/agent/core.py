@@ -378,13 +378,12 @@ class Agent(AgentViews):
 
     def reconcile(self) -> bool:
         """Docker's truth vs the registry's view of this node, fixed in both directions; False
-        when it could not be made.
-
-        Only while Docker's truth is known: never delete on the word of a Docker we cannot see.
-        """
+        when it could not be made. Only while Docker's truth is known: never delete on the
+        word of a Docker we cannot see."""
         if not self._synced:
             log.debug("reconcile skipped: Docker not listed yet")
             return False
+        read_at = time.monotonic()  # what is written from now on may be missing from snap
         try:
             snap = self.registry.node_snapshot(self.config.node)  # only ours: see etcd_index
         except RegistryError as exc:
@@ -396,5 +395,5 @@ class Agent(AgentViews):
             wanted = {key: self._effective(inst) for tracked in self._tracked.values()
                       for key, inst in tracked.instances.items()
                       if tracked.warm(key) and self._wanted(tracked, key)}
-            self.registrations.reconcile(snap, wanted)
+            self.registrations.reconcile(snap, wanted, read_at)
         return True

@@ -36,6 +36,9 @@ class Registrations:
         self.written: dict[Key, Instance] = {}  # by this process, on our lease/session
         self.adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
         self.write_failed = False  # a registry write failed since the last reconcile
+        # key -> monotonic time of its last write: a reconcile leaves alone a key written
+        # after its read began (its read does not show that write yet: no second write)
+        self._touched: dict[Key, float] = {}
 
     def load(self) -> int:
         """At start: this node's entries left by an earlier run, to adopt (their checks start
@@ -47,6 +50,7 @@ class Registrations:
         """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
         ``cause``: noted in the instance's history (None: the caller notes it)."""
         have = self.written.get(key)
+        self._touched[key] = time.monotonic()
         try:
             if instance is None:
                 if have is not None and have.state is State.UP:
@@ -76,11 +80,18 @@ class Registrations:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
 
-    def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance]) -> None:
-        """Fix the registry's view of this node (``snap``) towards ``wanted``, both ways."""
-        ours = {k: i for k, i in snap.instances.items() if i.node == self.node}
+    def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance],
+                  read_at: float = float("inf")) -> None:
+        """Fix the registry's view of this node (``snap``, read from ``read_at``, monotonic)
+        towards ``wanted``, both ways; a key written since ``read_at`` is newer than ``snap``
+        and left alone (it was taken for lost and written twice)."""
+        newer = {k for k, at in self._touched.items() if at >= read_at}
+        self._touched = {k: at for k, at in self._touched.items() if k in newer}
+        ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0
         for key, inst in wanted.items():
+            if key in newer:
+                continue
             present = ours.get(key)
             mine = key in self.written
             if not mine or present is None or not present.same_registration(inst):

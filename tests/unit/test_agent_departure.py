@@ -65,6 +65,28 @@ def test_a_draining_or_adopted_instance_is_only_deleted() -> None:
     assert [k for k, _ in reg.writes] == ["put", "delete", "delete"]
 
 
+def test_a_write_after_the_reconciles_read_is_not_taken_for_lost() -> None:
+    """The reconcile reads the node, a check passes and its instance is written, then the
+    reconcile compares: the read does not show that write, which is newer; not written again
+    (it was, as "lost": two writes per instance at every agent's start). The delete side too."""
+    import time
+
+    regs, reg = registrations()
+    a, b = inst("a", 1), inst("a", 2)
+    regs.write(b.key, b)
+    read_at = time.monotonic()
+    snap = Snapshot({b.key: b})  # read now: b there, a not yet
+    regs.write(a.key, a, Cause("check"))  # a registered after the read began
+    regs.write(b.key, None, Cause("kill"))  # b drained and deleted after it
+    before = len(reg.writes)
+    regs.reconcile(snap, {a.key: a}, read_at)
+    assert reg.writes[before:] == []
+    regs.reconcile(Snapshot({a.key: a}), {a.key: a}, time.monotonic())  # the next one: at rest
+    assert reg.writes[before:] == [] and set(regs.written) == {a.key}
+    regs.reconcile(Snapshot(), {a.key: a}, time.monotonic())  # lost for real: written again
+    assert [k for k, _ in reg.writes[before:]] == ["put"]
+
+
 def feed(catalog: Catalog, guard: WipeGuard, change: Change) -> None:
     for c in guard.filter(change):
         catalog.apply(c)
