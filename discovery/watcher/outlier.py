@@ -142,6 +142,9 @@ class OutlierDetector:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        # instances that left the up set with ejections on record (a check that flaps, a
+        # re-registration): back in it, they are still out and keep their count, until forgiven
+        self._gone: dict[tuple[str, str], _Tracked] = {}
         self.next_read = 0.0
         self.stats = OutlierStats()
 
@@ -166,8 +169,19 @@ class OutlierDetector:
         changed: set[str] = set()
         live = {(svc, iid) for svc in settings for iid in up.get(svc, set())}
         for key in [k for k in self._tracked if k not in live]:
-            if self._tracked.pop(key).until:
+            t = self._tracked.pop(key)
+            if t.until:
                 changed.add(key[0])
+            if t.ejections:
+                t.errors, t.run, t.held = -1, 0, False  # its counters start again on return
+                self._gone[key] = t
+        for key in [k for k in self._gone if k in live]:
+            t = self._gone.pop(key)
+            self._tracked[key] = t
+            if t.until:
+                changed.add(key[0])  # back in the up set, still ejected
+        self._gone = {k: t for k, t in self._gone.items()
+                      if now < max(t.until, t.back_at) + t.last_duration}  # else forgiven
         for key, t in self._tracked.items():
             if t.until and t.until <= now:
                 self._readmit(key, t, now)

@@ -183,6 +183,34 @@ def test_each_hold_by_the_cap_is_logged_once(caplog: pytest.LogCaptureFixture) -
     assert det.ejected("web") == {"i1"} and caplog.text.count("but not ejected") == 2
 
 
+def test_an_instance_that_flaps_out_and_back_stays_ejected_and_keeps_its_count() -> None:
+    """An ejected instance whose check flaps (it leaves the up set, then comes back) is still
+    out when it returns, and its next ejection is the next one (it came back at ejection 1)."""
+    clock, feed = Clock(), Feed(3)
+    det, cfg = OutlierDetector(clock), OutlierSettings(3, 1.0, 10.0)
+    step(det, cfg, feed)
+    feed.add("s1", errors=3)
+    step(det, cfg, feed)
+    assert det.ejected("web") == {"i1"}
+    del feed.slots["s1"]  # deregistered by its check...
+    step(det, cfg, feed)
+    feed.slots["s1"] = "i1"  # ...and back 2 s later: still out for its 10 s
+    clock.now += 2
+    assert step(det, cfg, feed) == {"web"} and det.ejected("web") == {"i1"}
+    clock.now += 8.1
+    step(det, cfg, feed, read=False)
+    assert det.ejected("web") == set()
+    step(det, cfg, feed)  # re-based after coming back
+    feed.add("s1", errors=3)
+    step(det, cfg, feed)
+    assert det.status()[0].ejections == 2 and det.status()[0].remaining == pytest.approx(20)
+    del feed.slots["s1"]  # gone for good: forgotten once it would have been forgiven
+    step(det, cfg, feed)
+    clock.now += 41
+    step(det, cfg, feed)
+    assert det._gone == {}
+
+
 def test_counter_reset_is_a_new_baseline() -> None:
     clock, feed = Clock(), Feed(2)
     det, cfg = OutlierDetector(clock), OutlierSettings(3)
