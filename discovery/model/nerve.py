@@ -105,6 +105,8 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
     except ValidationError:
         iid = f"{node}:{port}"
     weight = data.get("weight", 100)
+    if isinstance(weight, str) and weight.isascii() and weight.isdigit() and len(weight) < 6:
+        weight = int(weight)  # as its port may be: Synapse puts either form in its config
     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
         weight = 100
     tags = [t for t in text.get("tags", "").split(",") if _is_label(t)][: v.MAX_TAGS]

@@ -42,6 +42,13 @@ def test_node_falls_back_to_the_address() -> None:
     assert (inst.node, inst.port) == ("203-0-113-3", 81)
 
 
+@pytest.mark.parametrize(("weight", "read"), [('"5"', 5), ("5", 5), ('"0"', 0), ('"900"', 256),
+                                              ('"-5"', 100), ('"x"', 100), ("true", 100)])
+def test_a_weight_given_as_digits_is_a_number(weight: str, read: int) -> None:
+    raw = f'{{"host":"192.0.2.1","port":80,"weight":{weight}}}'.encode()
+    assert from_nerve(raw, "web", "h_0000000001", "here").weight == read  # "5" was read as 100
+
+
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]", b'{"port":80}', b'{"host":"192.0.2.1"}',
                                  b'{"host":"web.example.com","port":80}',
                                  b'{"host":"192.0.2.1","port":0}',
