@@ -51,12 +51,16 @@ class Registrations:
         ``cause``: noted in the instance's history (None: the caller notes it)."""
         have = self.written.get(key)
         self._touched[key] = time.monotonic()
+        now = time.time()  # registered_at and the stage stamps: for propagation
+        seen = cause.at if cause is not None else now
         try:
             if instance is None:
                 if have is not None and have.state is State.UP:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
-                    # guard then sees a departure, not the start of a registry-side wipe
-                    self.registry.register(have.with_state(State.DRAINING))
+                    # guard then sees a departure, not the start of a registry-side wipe;
+                    # stamped now (its registration's stamps timed the instance's age)
+                    self.registry.register(replace(have.with_state(State.DRAINING),
+                                                   written_at=now, seen_at=seen))
                 if have is not None or key in self.adopt:
                     self.registry.deregister(*key)
                     self.metrics.deregistered()
@@ -64,9 +68,7 @@ class Registrations:
                 self.written.pop(key, None)
                 self.adopt.discard(key)
             elif have is None or not have.same_registration(instance):
-                now = time.time()  # registered_at and the stage stamps: for propagation
-                instance = replace(instance, registered_at=now, written_at=now,
-                                   seen_at=cause.at if cause is not None else now)
+                instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
                 self.registry.register(instance)
                 self.metrics.registered()
                 self.written[key] = instance

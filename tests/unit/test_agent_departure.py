@@ -46,13 +46,18 @@ def registrations() -> tuple[Registrations, Recorder]:
 
 
 def test_an_up_instance_leaves_draining_then_deleted() -> None:
+    import time
+
     regs, reg = registrations()
     a = inst("a", 1)
-    regs.write(a.key, a, Cause("check"))
-    regs.write(a.key, None, Cause("kill"))
+    regs.write(a.key, a, Cause("check", at=time.time() - 100))  # registered 100 s ago
+    kill = Cause("kill")
+    regs.write(a.key, None, kill)
     kinds = [(k, v.state if k == "put" else v) for k, v in reg.writes[1:]]
     assert kinds == [("put", State.DRAINING), ("delete", a.key)]
     assert a.key not in regs.written
+    draining = reg.writes[1][1]  # stamped for this write: watchers time its propagation from
+    assert draining.seen_at == kill.at and draining.written_at >= kill.at  # it, not the age
 
 
 def test_a_draining_or_adopted_instance_is_only_deleted() -> None:
