@@ -14,6 +14,7 @@ See docs/security.md.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -226,9 +227,33 @@ def zk_acl(secrets: Secrets) -> list[ACL] | None:
             make_acl("world", "anyone", read=True)]
 
 
+#: kazoo's own log lines go through this logger (its ``logger=``): at debug level its Auth
+#: request carries the password (``auth='user:password'``), masked by :class:`MaskAuth`
+KAZOO_LOGGER = "discovery.registry.kazoo"
+
+
+class MaskAuth(logging.Filter):
+    """Masks the password of a ZooKeeper digest ``Auth`` request in a log line."""
+
+    _AUTH = re.compile(r"(auth=b?['\"][^'\":]*:)[^'\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "auth=" in text:
+            record.msg, record.args = self._AUTH.sub(r"\1***", text), ()
+        return True
+
+
+def kazoo_logger() -> logging.Logger:
+    logger = logging.getLogger(KAZOO_LOGGER)
+    if not any(isinstance(f, MaskAuth) for f in logger.filters):
+        logger.addFilter(MaskAuth())
+    return logger
+
+
 def zk_client_options(url: RegistryURL, secrets: Secrets) -> dict[str, Any]:
-    """KazooClient keyword arguments for digest auth, our ACL and TLS."""
-    options: dict[str, Any] = {}
+    """KazooClient keyword arguments for digest auth, our ACL, TLS and our logger."""
+    options: dict[str, Any] = {"logger": kazoo_logger()}
     acl = zk_acl(secrets)
     if acl is not None:
         options["auth_data"] = {("digest", f"{secrets.user}:{secrets.password}")}

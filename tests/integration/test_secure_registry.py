@@ -321,8 +321,9 @@ def test_zk_digest_nodes_readable_by_all_changeable_by_owner(zk_base: str,
     follower.wait_keys()
 
 
-def test_zk_digest_password_from_env_and_session_expiry(zk_base: str,
-                                                         open_reg: OpenReg) -> None:
+def test_zk_digest_password_from_env_and_session_expiry(
+        zk_base: str, open_reg: OpenReg, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(1)  # every level: kazoo logs its Auth request, password and all, at debug
     env = {"DISCOVERY_REGISTRY_USER": "agent", "DISCOVERY_REGISTRY_PASSWORD": "s3cret"}
     agent = open_reg(zk_base, environ=env)
     assert "agent:***@" in str(agent.url) and "s3cret" not in str(agent.url)
@@ -340,6 +341,7 @@ def test_zk_digest_password_from_env_and_session_expiry(zk_base: str,
         zk.stop()
         zk.close()
     follower.wait_keys(inst(1).key)
+    assert "auth='agent:***'" in caplog.text and "s3cret" not in caplog.text
 
 
 def test_zk_warns_about_an_open_service_dir(zk_base: str, open_reg: OpenReg,
