@@ -94,8 +94,17 @@ def load_secrets(url: RegistryURL) -> Secrets:
     if url.user is None and password is not None:
         raise ConfigError(f"registry URL '{url}': a password but no user (give the user as "
                           "user@ in the URL, --registry-user or DISCOVERY_REGISTRY_USER)")
-    return Secrets(user=url.user, password=password, ca=_pem(url.tls_ca, "ca"),
-                   cert=_pem(url.tls_cert, "cert"), key=_pem(url.tls_key, "key"))
+    secrets = Secrets(user=url.user, password=password, ca=_pem(url.tls_ca, "ca"),
+                      cert=_pem(url.tls_cert, "cert"), key=_pem(url.tls_key, "key"))
+    if url.tls_cert is not None and url.tls_key is not None:
+        try:  # else only the handshake fails, after the timeout, naming no file
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                url.tls_cert, url.tls_key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"registry key= file {url.tls_key!r} does not go with cert= "
+                              f"{url.tls_cert!r}, or is encrypted (give an unencrypted key): "
+                              f"{getattr(exc, 'reason', None) or exc}") from None
+    return secrets
 
 
 # -- etcd -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ ZooKeeper over TLS. Certificates are made by the harness with openssl; nothing i
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +166,15 @@ def test_tls_file_missing_is_a_config_error(tmp_path: Path, pki: Pki) -> None:
     with pytest.raises(ConfigError, match="DISCOVERY_REGISTRY_CA"):
         open_registry(f"zk://{HOST}:{free_port()}/p",
                       environ={"DISCOVERY_REGISTRY_CA": str(tmp_path / "ca.pem")})
+    # a key that is not the certificate's, or one with a passphrase: named at once (the
+    # handshake failed after the timeout, naming ca=, cert= and key= together)
+    encrypted = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki.client_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(encrypted)], check=True, capture_output=True)
+    for key in (pki.rogue_key, encrypted):
+        url = f"etcd://{HOST}:{free_port()}/p?ca={pki.ca}&cert={pki.client_cert}&key={key}"
+        with pytest.raises(ConfigError, match=r"key= file .* does not go with cert="):
+            open_registry(url, environ={})
 
 
 # -- etcd with users, roles and authentication ----------------------------------------------
