@@ -50,11 +50,12 @@ class Registrations:
         """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
         ``cause``: noted in the instance's history (None: the caller notes it)."""
         have = self.written.get(key)
-        self._touched[key] = time.monotonic()
         now = time.time()  # registered_at and the stage stamps: for propagation
         seen = cause.at if cause is not None else now
         try:
             if instance is None:
+                if have is not None or key in self.adopt:
+                    self._touched[key] = time.monotonic()  # a write, not a call that skips
                 if have is not None and have.state is State.UP:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
                     # guard then sees a departure, not the start of a registry-side wipe;
@@ -68,6 +69,7 @@ class Registrations:
                 self.written.pop(key, None)
                 self.adopt.discard(key)
             elif have is None or not have.same_registration(instance):
+                self._touched[key] = time.monotonic()
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
                 self.registry.register(instance)
                 self.metrics.registered()
