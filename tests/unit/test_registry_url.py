@@ -3,6 +3,7 @@ options."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import click
@@ -209,17 +210,28 @@ PEM_CERT = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 PEM_KEY = b"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"
 
 
+def self_signed(folder: Path) -> tuple[bytes, bytes]:
+    """A real certificate and its key (load_secrets checks that the two go together)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=t", "-days", "1",
+                    "-keyout", str(folder / "k.pem"), "-out", str(folder / "c.pem")],
+                   check=True, capture_output=True, timeout=30)
+    return (folder / "c.pem").read_bytes(), (folder / "k.pem").read_bytes()
+
+
 def test_load_secrets_reads_files(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("from-file\n")
     (tmp_path / "ca.pem").write_bytes(PEM_CERT)
-    (tmp_path / "c.pem").write_bytes(PEM_CERT)
-    (tmp_path / "k.pem").write_bytes(PEM_KEY)
+    cert, key = self_signed(tmp_path)
     url = RegistryURL.parse(f"etcd://u@h/p?password_file={tmp_path}/pw&ca={tmp_path}/ca.pem"
                             f"&cert={tmp_path}/c.pem&key={tmp_path}/k.pem")
     secrets = load_secrets(url)
     assert (secrets.user, secrets.password) == ("u", "from-file")
-    assert (secrets.ca, secrets.cert, secrets.key) == (PEM_CERT, PEM_CERT, PEM_KEY)
+    assert (secrets.ca, secrets.cert, secrets.key) == (PEM_CERT, cert, key)
     assert "from-file" not in repr(secrets) and "PRIVATE" not in repr(secrets)
+    (tmp_path / "k.pem").write_bytes(PEM_KEY)  # a key that is not the certificate's
+    with pytest.raises(ConfigError, match=r"key= file .*k.pem' does not go with cert="):
+        load_secrets(url)
 
 
 @pytest.mark.parametrize(
