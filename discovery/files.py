@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import tempfile
@@ -30,7 +31,7 @@ def stage(text: str, dest: Path, shared: bool = False) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             if shared:
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -41,16 +42,15 @@ def stage(text: str, dest: Path, shared: bool = False) -> Path:
     return Path(name)
 
 
-def _read_umask() -> int:
-    """The process's umask, read without changing it (os.umask would, for every thread)."""
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread); read
+    once, at the first shared write (not at import: most processes never make one)."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
-
-
-_UMASK = _read_umask()
 
 
 def install(staged: Path, dest: Path) -> bool:

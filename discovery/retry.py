@@ -14,6 +14,8 @@ A small typed API over tenacity (in the spirit of stamina):
   :func:`backoff_async` is the same policy for a coroutine (the etcd watch streams, which run
   on an asyncio loop).
 - :func:`poll` calls a check until it returns something truthy, or ``timeout`` passes.
+- :class:`RetryAt` is the same doubling for a loop that cannot block on one operation (the
+  watcher's): it only says when a failed operation is due again, the loop calls it then.
 - :func:`jittered` spreads a period (an agent's resync, a lease renewal) by ±10 %, so a fleet
   that started at one moment (after a registry restart) does not stay in step.
 - :func:`spread` is the random delay of one host's *resume* after it lost its registry (its
@@ -162,3 +164,31 @@ class Outage:
         etcd client without a watch hears the registry is back only from a call that
         succeeds."""
         return self.since is not None and time.monotonic() - self.since < 2 * period
+
+
+class RetryAt:
+    """When a failed operation is due again, for a loop that polls (``due``, monotonic; 0:
+    nothing to retry): the wait doubles from ``initial`` to ``maximum`` while it keeps
+    failing, and starts again from ``initial`` once it succeeds."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 30.0) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.due = 0.0
+        self.wait = 0.0
+
+    def failed(self) -> float:
+        """It failed (again): due after the next wait, which is returned."""
+        self.wait = min(max(2 * self.wait, self.initial), self.maximum)
+        self.due = time.monotonic() + self.wait
+        return self.wait
+
+    def taken(self) -> bool:
+        """Whether it is due now; if so it is no longer (the caller tries it: ``failed`` or
+        ``succeeded`` follows), its wait kept for the next doubling."""
+        if not self.due or time.monotonic() < self.due:
+            return False
+        self.due = 0.0
+        return True
+
+    def succeeded(self) -> None:
+        self.due = self.wait = 0.0

@@ -23,6 +23,7 @@ from discovery.errors import HAProxyError, RenderError, ValidationError
 from discovery.files import install, stage
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
+from discovery.retry import RetryAt
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.outlier import OutlierDetector, OutlierSettings
 from discovery.watcher.render import Renderer, RuntimePaths, build_context
@@ -78,13 +79,11 @@ class Router:
         self._running_config: WatcherConfig | None = None  # what the installed file was made of
         self._last_attempt: tuple[WatcherConfig, dict[str, int]] | None = None
         self._unloaded = False  # a file was installed that HAProxy did not load (reload failed)
-        # (service, slot) the runtime API failed to set: sent again at _retry[0] (monotonic),
-        # the wait doubling from 1 s to 30 s while it keeps failing
+        # (service, slot) the runtime API failed to set: sent again when _retry is due
         self._unapplied: set[tuple[str, str]] = set()
-        self._retry = (0.0, 0.0)
-        # a start or reload HAProxy failed (its process, not the config): tried again at
-        # _again[0] (monotonic), the wait doubling from 1 s to 30 s while it keeps failing
-        self._again = (0.0, 0.0)
+        self._retry = RetryAt()
+        # a start or reload HAProxy failed (its process, not the config): tried again when due
+        self._again = RetryAt()
         self.outliers = OutlierDetector()
 
     # ---- what the catalog asks for ---------------------------------------------------------
@@ -185,8 +184,7 @@ class Router:
         # ...unless HAProxy itself failed (a listener's port still taken, its master socket
         # not answering): that may pass, so the same start or reload is tried again later
         self.stats.haproxy_errors += 1
-        wait = min(max(2 * self._again[1], 1.0), 30.0)
-        self._again = (time.monotonic() + wait, wait)
+        wait = self._again.failed()
         if isinstance(self.control, HAProxySupervisor) and not self.control.running:
             log.error("HAProxy not started: %s; tried again in %.0f s", exc, wait)
         else:
@@ -234,7 +232,7 @@ class Router:
             log.info("HAProxy reloaded (%d services)", len(tables))
         self._running_config = self.config
         self._last_attempt = None
-        self._again = (0.0, 0.0)
+        self._again.succeeded()
         # No re-apply: the file just installed carries every slot as the tables hold it (runtime
         # state is lost on reload, but nothing is missing from the file). A crash restart, whose
         # file may be older than the runtime state, re-applies (supervisor on_restart).
@@ -255,7 +253,7 @@ class Router:
         them now); what fails is sent again later (:meth:`tick`)."""
         if self.control is None:
             return
-        if self._again[0] and isinstance(self.control, HAProxySupervisor) \
+        if self._again.due and isinstance(self.control, HAProxySupervisor) \
                 and not self.control.running:
             self._unapplied.clear()  # no HAProxy to tell: the start tried again writes every
             return  # slot in its file (and nothing is left due for tick: no busy loop)
@@ -274,13 +272,12 @@ class Router:
             self.stats.runtime_ops += sum(len(v) for v in todo.values())
             log.debug("runtime: %s", {k: [s.name for s in v] for k, v in todo.items()})
             self._unapplied.clear()
-            self._retry = (0.0, 0.0)
+            self._retry.succeeded()
         except HAProxyError as exc:
             self.stats.haproxy_errors += 1
             self.stats.last_error = str(exc)
             self._unapplied = {(name, s.name) for name, slots in todo.items() for s in slots}
-            wait = min(max(2 * self._retry[1], 1.0), 30.0)
-            self._retry = (time.monotonic() + wait, wait)
+            wait = self._retry.failed()
             log.error("runtime API: %s; %d slot(s) sent again in %.0f s", exc,
                       len(self._unapplied), wait)
 
@@ -291,17 +288,17 @@ class Router:
     def next_due(self) -> float | None:
         """When :meth:`tick` has work (monotonic time); None: none."""
         dues = [self.outliers.due(self._outlier_settings()),
-                self._retry[0] if self._unapplied else None, self._again[0] or None]
+                self._retry.due if self._unapplied else None, self._again.due or None]
         return min((d for d in dues if d is not None), default=None)
 
     def tick(self, catalog: Catalog) -> None:
         """Try a start or reload HAProxy failed again, and send again what the runtime API
         failed to set, when due; read HAProxy's counters when due, eject and re-admit."""
         with self._lock:
-            if self._again[0] and time.monotonic() >= self._again[0]:
-                self._again, self._last_attempt = (0.0, self._again[1]), None
+            if self._again.taken():
+                self._last_attempt = None
                 self.sync(catalog)  # the failed start or reload, once more
-            if self._unapplied and time.monotonic() >= self._retry[0]:
+            if self._unapplied and self._retry.taken():
                 self._apply({})
             settings = self._outlier_settings()
             due = self.outliers.due(settings)

@@ -58,7 +58,7 @@ def test_a_failed_stage_leaves_nothing_and_new_files_follow_the_umask(tmp_path: 
     write_atomic(tmp_path / "private", "{}")
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600  # haproxy.cfg, state files
     write_atomic(tmp_path / "new.json", "{}", shared=True)  # --json-out: the umask's mode
-    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~files._umask()
     # the umask as the process has it, read without changing it: 027 gives 0640
     code = ("import sys; from pathlib import Path; from discovery.files import write_atomic; "
             "write_atomic(Path(sys.argv[1]), '{}', shared=True)")

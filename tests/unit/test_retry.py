@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from discovery.retry import backoff, backoff_async, poll, spread
+from discovery.retry import RetryAt, backoff, backoff_async, poll, spread
 
 
 class Flaky:
@@ -134,3 +134,15 @@ def test_poll_returns_the_first_truthy_value_or_the_last_falsy_one() -> None:
     t0 = time.monotonic()
     assert poll(lambda: 0, timeout=0.1, interval=0.01) == 0
     assert 0.1 <= time.monotonic() - t0 < 1.0
+
+
+def test_retry_at_doubles_while_failing_and_starts_again_after_success() -> None:
+    later = RetryAt(initial=1.0, maximum=4.0)
+    assert not later.taken() and later.due == 0.0  # nothing failed: nothing due
+    assert [later.failed() for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+    assert not later.taken()  # due in 4 s, not now
+    later.due = time.monotonic() - 0.01  # as if the wait were over
+    assert later.taken() and later.due == 0.0 and not later.taken()  # taken once
+    assert later.failed() == 4.0  # the wait kept for the doubling
+    later.succeeded()
+    assert later.failed() == 1.0
