@@ -146,7 +146,6 @@ class ConsulApi:
         self.catalog, self.block = catalog, block
         self.datacenter, self.node = datacenter, node
         self.contact = contact or Contact()
-        catalog.base_index_on_clock()
 
     def route(self, path: str, query: dict[str, list[str]], req: Request) -> Response:
         if path == "/v1/prometheus/sd":

@@ -82,8 +82,6 @@ class HttpApi:
         self.views = views  # the status page's sources (GET /ui/, /v1/agent/history)
         if contact is None and views is not None and views.watcher is not None:
             contact = consul.Contact.of(views.watcher)  # the registry connection, for Consul
-        if catalog is not None:
-            catalog.base_index_on_clock()  # X-Discovery-Index never repeats across restarts
         self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node, contact)
                        if catalog is not None else None)
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)

@@ -2,9 +2,9 @@
 
 Everything that answers lookups (HAProxy, DNS, HTTP, JSON output) reads this, never the
 registry per request. ``index`` grows by one with every effective change, for blocking
-queries (``?index=N&wait=30s``). Served over HTTP it is made restart-proof
-(:meth:`Catalog.base_index_on_clock`): a client holding an index of an earlier process must
-never be given that index again with other data, or it misses the change for good.
+queries (``?index=N&wait=30s``). It starts at :data:`CLOCK_BASE`, so it never repeats across
+restarts: a client holding an index of an earlier process must never be given that index
+again with other data, or it misses the change for good.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Catalog:
         self._size = 0
         self._up: dict[str, int] = {}  # service → how many of its instances are up
         self.revision = 0
-        self.index = 0
+        self.index = CLOCK_BASE
         self.loaded = False
 
     def load(self, snapshot: Snapshot) -> bool:
@@ -91,14 +91,6 @@ class Catalog:
             self.index += 1
             self._cond.notify_all()
         return changed
-
-    def base_index_on_clock(self) -> None:
-        """Make :attr:`index` unique across restarts: from now on it is :data:`CLOCK_BASE`
-        plus the changes made (it only moves up; calling again changes nothing)."""
-        with self._cond:
-            if self.index < CLOCK_BASE:
-                self.index += CLOCK_BASE
-                self._cond.notify_all()
 
     def wait(self, index: int, timeout: float) -> int:
         """Block until the catalog's index passes ``index`` or ``timeout``; return the index."""

@@ -87,7 +87,7 @@ def test_index_only_moves_up_and_an_earlier_process_index_answers_at_once() -> N
     first = cat.index
     assert first > CLOCK_BASE
     api.handle("/v1/services")
-    HttpApi(cat, dict, None)  # basing again changes nothing
+    HttpApi(cat, dict, None)  # another API over it changes nothing
     assert cat.index == first
     cat.load(Snapshot({i.key: i for i in (inst(1), inst(2))}))
     assert cat.index == first + 1

@@ -64,12 +64,13 @@ def test_same_registration_ignores_only_registered_at() -> None:
 
 def test_catalog_load_apply_index_and_filters() -> None:
     cat = Catalog()
+    start = cat.index  # the clock at start (never repeated across restarts)
     one = inst(1)
     assert cat.load(Snapshot({i.key: i for i in (one, inst(2, tags=("blue",)))}, 5))
-    assert cat.index == 1 and cat.revision == 5 and cat.count("web") == 2
+    assert cat.index == start + 1 and cat.revision == 5 and cat.count("web") == 2
     assert [i.port for i in cat.instances("web", tags=["blue"])] == [8002]
     assert not cat.apply(Change("put", one.key, one, revision=6))  # same record: no change
-    assert cat.index == 1
+    assert cat.index == start + 1
     assert cat.apply(Change("put", inst(3, "api").key, inst(3, "api"), revision=7))
     assert cat.apply(Change("put", inst(2).key, inst(2, state=State.DRAINING), revision=8))
     assert [i.port for i in cat.instances("web", include_draining=False)] == [8001]
@@ -100,10 +101,11 @@ def test_catalog_size_get_and_up_count_follow_every_change() -> None:
 
 def test_catalog_wait_returns_on_change_or_timeout() -> None:
     cat = Catalog()
+    start = cat.index
     t0 = time.monotonic()
-    assert cat.wait(0, timeout=0.2) == 0
+    assert cat.wait(start, timeout=0.2) == start
     assert time.monotonic() - t0 >= 0.19
     threading.Timer(0.1, lambda: cat.apply(Change("put", inst(1).key, inst(1)))).start()
     t0 = time.monotonic()
-    assert cat.wait(0, timeout=5) == 1
+    assert cat.wait(start, timeout=5) == start + 1
     assert time.monotonic() - t0 < 2
