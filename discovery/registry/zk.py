@@ -89,7 +89,8 @@ class ZkRegistry:
         self._many = ManyReads(self.client, self._get, self.decoder)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
                                   self._many)
-        self._nerve = NerveNodes(self.client, url, self._get) if url.nerve else None
+        self._nerve = (NerveNodes(self.client, url, self._get, self._index.named)
+                       if url.nerve else None)
         self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
                                 self._acl, self._where)
         self._lock = threading.RLock()
@@ -288,10 +289,12 @@ class ZkRegistry:
         node = self._index.node_of((service, instance_id), owned)
 
         def delete() -> None:
-            self._index.delete(node, (service, instance_id))
-            if self._nerve is not None:
-                self._nerve.delete((service, instance_id))
+            key = (service, instance_id)
+            if self._nerve is not None:  # its nodes (found through the index), then the index
+                self._nerve.delete(key, node)
+                self._index.delete(node, key)
                 return
+            self._index.delete(node, key)
             with contextlib.suppress(NoNodeError):
                 self._get(self.client.delete_async(path))
 
@@ -302,7 +305,7 @@ class ZkRegistry:
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (:mod:`discovery.registry.zk_index`)."""
-        if not self._index.enabled:  # Nerve's layout has no index
+        if not self._index.enabled:  # a Nerve layout without one (see zk_index)
             snap = self.snapshot()
             return Snapshot({k: i for k, i in snap.instances.items() if i.node == node},
                             snap.revision)

@@ -52,7 +52,8 @@ class ZkClaims:
         """The instance node of ``inst``, then its index node (an index node never names
         nothing for long)."""
         self._claim(inst)
-        self._index.claim(inst)
+        created = self._nerve.path(inst.key) if self._nerve is not None else None
+        self._index.claim(inst, created.rpartition("/")[2] if created else None)
 
     def _claim(self, inst: Instance) -> None:
         """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""

@@ -21,8 +21,14 @@ When the two disagree:
   it (it goes with its old session); for the running agent the next reconcile sees it
   missing, writes it again, and the index node is created again.
 
-With Nerve's layout (``?format=nerve``: the services are not under ``<prefix>/services``)
-there is no index: :attr:`enabled` is False and callers read everything instead.
+With Nerve's layout (``?format=nerve``) an instance's node is ``<id>_<sequence>``, named by
+ZooKeeper, so its index node carries that name: ``<prefix>/nodes/<node>/<service>/<id>_<seq>``,
+created right after the sequential node (it cannot be in the same transaction: the sequence is
+not known before), and a claim in a new session removes the older index nodes of the same
+``<id>_``. :meth:`read` is the same three requests. The index lives beside the services, so it
+needs them elsewhere than under ``<prefix>``: Airbnb's ``path=<prefix>/services/{service}/...``
+has it; a layout whose services are ``<prefix>``'s children has no index (:attr:`enabled` is
+False, and callers read everything instead).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
 from discovery.model import Instance
+from discovery.model.nerve import node_prefix
 from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
@@ -59,29 +66,29 @@ class ZkNodeIndex:
                  decoder: Decoder, reads: ReadStats, many: ManyReads) -> None:
         self.client, self.url, self._get, self._many = client, url, get, many
         self._decoder, self._reads = decoder, reads
-        # never with Nerve's layout: its nodes are <id>_<sequence>, not found by their key (a
-        # prefix /nerve with path=/nerve/services/{service}/services looks like ours)
-        self.enabled = not url.nerve and url.services_root == f"{url.prefix}/services"
+        self.enabled = apart(f"{url.prefix}/nodes", url.services_root)
         self._lock = threading.Lock()
-        self._mine: dict[Key, int] = {}  # key -> session whose index node we know is there
+        #: key -> (session, name) of the index node we know is there
+        self._mine: dict[Key, tuple[int, str]] = {}
         self._nodes: dict[Key, str] = {}  # key -> its node, from read()
 
     def root(self, node: str) -> str:
         return f"{self.url.prefix}/nodes/{node}"
 
-    def path(self, node: str, service: str, instance_id: str) -> str:
-        return f"{self.root(node)}/{service}/{instance_id}"
+    def path(self, node: str, service: str, name: str) -> str:
+        return f"{self.root(node)}/{service}/{name}"
 
-    def claim(self, inst: Instance) -> None:
-        """Make the index node of ``inst`` one of our session's (after the instance's own)."""
+    def claim(self, inst: Instance, name: str | None = None) -> None:
+        """Make the index node of ``inst`` one of our session's (after the instance's own);
+        ``name``: its node's (Nerve: ``<id>_<sequence>``), by default its id."""
         if not self.enabled:
             return
-        c = self.client
+        c, name = self.client, name or inst.id
         session = session_of(c)
         with self._lock:
-            if session is None or self._mine.get(inst.key) == session:
+            if session is None or self._mine.get(inst.key) == (session, name):
                 return
-        path = self.path(inst.node, inst.service, inst.id)
+        path = self.path(inst.node, inst.service, name)
         for _ in range(5):
             try:
                 self._get(c.create_async(path, b"", ephemeral=True, makepath=True))
@@ -102,7 +109,11 @@ class ZkNodeIndex:
             log.warning("ZooKeeper index node %s keeps changing; the next resync retries",
                         shown(path))
             return
-        self.claimed([inst], session)
+        if name != inst.id:  # Nerve's: the index nodes of the instance's older nodes go
+            self._remove(inst.node, inst.key, keep=name)
+        with self._lock:
+            self._mine[inst.key] = (session, name)
+            self._nodes[inst.key] = inst.node
 
     def add_create(self, txn: Any, inst: Instance) -> None:
         """Add the creation of the index node of ``inst`` to ``txn`` (a transaction that
@@ -111,12 +122,11 @@ class ZkNodeIndex:
             txn.create(self.path(inst.node, inst.service, inst.id), b"", ephemeral=True)
 
     def claimed(self, insts: list[Instance], session: int) -> None:
-        """The index nodes of ``insts`` are ``session``'s (created, or :meth:`add_create`
-        committed)."""
+        """The index nodes of ``insts`` are ``session``'s (:meth:`add_create` committed)."""
         if self.enabled:
             with self._lock:
                 for inst in insts:
-                    self._mine[inst.key] = session
+                    self._mine[inst.key] = (session, inst.id)
                     self._nodes[inst.key] = inst.node
 
     def node_of(self, key: Key, owned: Instance | None) -> str:
@@ -126,10 +136,29 @@ class ZkNodeIndex:
             known = self._nodes.pop(key, None)
         return owned.node if owned is not None else known or key[1].partition(":")[0]
 
+    def named(self, node: str, key: Key) -> list[str] | None:
+        """The names of the Nerve nodes of ``key`` that ``node``'s index holds (None: no
+        index, ask the service's directory)."""
+        if not self.enabled:
+            return None
+        try:
+            children = self._get(self.client.get_children_async(f"{self.root(node)}/{key[0]}"))
+        except NoNodeError:
+            return []
+        return [child for child in children if node_prefix(child) == key[1]]
+
     def delete(self, node: str, key: Key) -> None:
-        if self.enabled:
+        if self.url.nerve:
+            self._remove(node, key, keep=None)
+        elif self.enabled:
             with contextlib.suppress(NoNodeError):
                 self._get(self.client.delete_async(self.path(node, *key)))
+
+    def _remove(self, node: str, key: Key, keep: str | None) -> None:
+        for name in self.named(node, key) or ():
+            if name != keep:
+                with contextlib.suppress(NoNodeError):
+                    self._get(self.client.delete_async(self.path(node, key[0], name)))
 
     def read(self, node: str) -> Snapshot:
         """Every valid instance of ``node`` that the index names: three requests (the index
@@ -145,14 +174,14 @@ class ZkNodeIndex:
         paths = []
         self._reads.listed(services)
         for s in services:
-            ids = dirs.get(f"{root}/{s}", ())
-            self._reads.listed(ids)
-            paths += [self.url.key(s, iid) for iid in ids]
+            names = dirs.get(f"{root}/{s}", ())
+            self._reads.listed(names)
+            paths += [self.url.key(s, name) for name in names]
         found = self._many.data(paths)  # an index node without its instance: left out
         instances: dict[Key, Instance] = {}
-        for path, (data, _) in found.items():
+        for path, (data, stat) in found.items():
             self._reads.add(path, data)
-            inst = self._decoder.decode(path, data)
+            inst = self._decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None and inst.node == node:
                 instances[inst.key] = inst
         with self._lock:  # an index node we thought there and is not: create it again
@@ -161,3 +190,9 @@ class ZkNodeIndex:
                     self._mine.pop(key, None)
             self._nodes.update(dict.fromkeys(instances, node))
         return Snapshot(instances=instances, revision=revision)
+
+
+def apart(a: str, b: str) -> bool:
+    """Neither ZooKeeper path is the other or under it."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return not (a.startswith(b) or b.startswith(a))

@@ -6,6 +6,8 @@ instance → the path ZooKeeper created (and the session that created it). Re-wr
 instance in the same session sets that node's data; in a new session (after an expiry, or a
 restart) it creates a new node, then removes the nodes of other sessions left under the same
 ``<id>_`` prefix, so readers never see the instance missing and never see it twice for long.
+Those are found in the host's index (:mod:`~discovery.registry.zk_index`), a listing of its own
+instances, where the layout has one; else in the service's directory, a listing of the fleet's.
 The record itself is :func:`discovery.model.nerve.to_nerve`.
 """
 
@@ -26,13 +28,17 @@ from discovery.registry.base import RegistryURL
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+#: the names of a key's nodes in a node's index: (node, key) -> names, None without an index
+Named = Callable[[str, Key], "list[str] | None"]
 
 
 class NerveNodes:
-    """Our instances' sequential nodes on ``client``; ``get`` waits for a kazoo async result."""
+    """Our instances' sequential nodes on ``client``; ``get`` waits for a kazoo async result,
+    ``named`` lists a key's nodes in a host's index."""
 
-    def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any]) -> None:
-        self.client, self.url, self._get = client, url, get
+    def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any],
+                 named: Named) -> None:
+        self.client, self.url, self._get, self._named = client, url, get, named
         self._lock = threading.Lock()
         self._paths: dict[Key, tuple[str, int]] = {}  # key -> (created path, session id)
 
@@ -57,14 +63,14 @@ class NerveNodes:
             f"{folder}/{inst.id}_", data, ephemeral=True, sequence=True, makepath=True))
         with self._lock:
             self._paths[inst.key] = (created, session)
-        self._remove(folder, inst.id, keep=(created, session))
+        self._remove(inst.node, inst.key, keep=(created, session))
 
-    def delete(self, key: Key) -> None:
+    def delete(self, key: Key, node: str) -> None:
         """Remove ``key``'s node, and any other node under its ``<id>_`` prefix (left by an
-        earlier run of this agent); a missing node is not an error."""
+        earlier run of this agent on ``node``); a missing node is not an error."""
         with self._lock:
-            self._paths.pop(key, None)
-        self._remove(self.url.service_dir(key[0]), key[1], keep=None)
+            entry = self._paths.pop(key, None)
+        self._remove(node, key, keep=None, known=entry[0] if entry else None)
 
     def forget(self, key: Key) -> None:
         with self._lock:
@@ -75,16 +81,21 @@ class NerveNodes:
         with self._lock:
             return [path for path, owner in self._paths.values() if owner == session]
 
-    def _remove(self, folder: str, instance_id: str, keep: tuple[str, int] | None) -> None:
-        """Delete the nodes named ``<instance_id>_<seq>`` in ``folder``, except ``keep`` (the
-        node just created) and, when keeping one, other nodes of the same session."""
-        try:
-            children = self._get(self.client.get_children_async(folder))
-        except NoNodeError:
-            return
-        for child in children:
-            path = f"{folder}/{child}"
-            if node_prefix(child) != instance_id or (keep is not None and path == keep[0]):
+    def _remove(self, node: str, key: Key, keep: tuple[str, int] | None,
+                known: str | None = None) -> None:
+        """Delete the nodes named ``<id>_<seq>`` of ``key`` (``known``, and those ``node``'s
+        index or else the service's directory lists), except ``keep`` (the node just created)
+        and, when keeping one, other nodes of the same session."""
+        folder = self.url.service_dir(key[0])
+        children = self._named(node, key)
+        if children is None:
+            try:
+                children = self._get(self.client.get_children_async(folder))
+            except NoNodeError:
+                children = []
+        paths = {f"{folder}/{child}" for child in children if node_prefix(child) == key[1]}
+        for path in sorted(paths | ({known} if known else set())):
+            if keep is not None and path == keep[0]:
                 continue
             with contextlib.suppress(NoNodeError):
                 if keep is not None:

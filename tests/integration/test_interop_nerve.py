@@ -108,21 +108,59 @@ scrape_configs:
     assert zk.get_children(folder) == []  # close removed our nodes
 
 
-def test_airbnbs_own_prefix_reads_a_nodes_instances_back(zk_single: ServerCluster) -> None:
-    """The URL of migration.md, prefix /nerve and path=/nerve/services/{service}/services: an
-    agent reads its node's instances back (it found none, as the node index was taken for
-    ours: every resync wrote them all again and a restart adopted nothing)."""
+def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
+        zk_single: ServerCluster, zk: KazooClient) -> None:
+    """The URL of migration.md, prefix /nerve and path=/nerve/services/{service}/services.
+
+    An agent's node read goes through the per-node index (``/nerve/nodes/<node>/<service>/``
+    holding the names of the sequential nodes): the same bytes with 300 nodes of other Nerve
+    hosts written next to ours, and no whole read (it read the whole registry at every
+    resync). A successor (another session) finds the entries, adopts them (one node per
+    instance left, of its session, and one index entry), and a deregister removes both."""
     host, port = zk_single.address(0)
     base = f"{unique_prefix()}/nerve"
     url = f"zk://{host}:{port}{base}?format=nerve&path={base}/services/{{service}}/services"
-    registry = open_registry(url, ttl=4.0)
+    folder = f"{base}/services/web/services"
+    first, second = open_registry(url, ttl=4.0), open_registry(url, ttl=4.0)
     try:
-        registry.register(inst(1))
-        registry.register(inst(2))
-        mine = registry.node_snapshot("host1").instances
-        assert [i.id for i in mine.values()] == [inst(1).id]
+        own = [inst(1), Instance(service="api", id="host1:00000000000a:80", node="host1",
+                                 address="127.0.1.1", port=31100)]
+        for one in [*own, inst(2)]:
+            first.register(one)
+        before = first.reads.counts()
+        alone = first.node_snapshot("host1").instances
+        cost_alone = first.reads.counts() - before
+        assert {k: i.id for k, i in alone.items()} == {i.key: i.id for i in own}
+
+        for n in range(300):
+            nerve_write(zk, folder, f"i-{n:06x}",
+                        b'{"host":"127.0.2.1","port":%d,"name":"i-%06x"}' % (20000 + n, n))
+        before = first.reads.counts()
+        crowded = first.node_snapshot("host1").instances
+        cost = first.reads.counts() - before
+        assert {k: i.id for k, i in crowded.items()} == {i.key: i.id for i in own}
+        assert (cost.node_reads, cost.full_reads) == (1, 0)
+        assert (cost.bytes, cost.keys) == (cost_alone.bytes, cost_alone.keys)
+        assert sorted(zk.get_children(f"{base}/nodes/host1")) == ["api", "web"]
+        assert set(second.snapshot().instances) >= {i.key for i in own}  # no "nodes" service
+        assert {s for s, _ in second.snapshot().instances} == {"web", "api"}
+
+        session = second.client.client_id[0]  # type: ignore[attr-defined]
+        assert set(second.node_snapshot("host1").instances) == {i.key for i in own}
+        for one in own:  # adopted while the first still runs: its nodes are replaced
+            second.register(one)
+        mine = [c for c in zk.get_children(folder) if c.startswith(f"{own[0].id}_")]
+        assert len(mine) == 1 and zk.exists(f"{folder}/{mine[0]}").ephemeralOwner == session
+        assert zk.get_children(f"{base}/nodes/host1/web") == mine
+        assert set(second.node_snapshot("host1").instances) == {i.key for i in own}
+
+        second.deregister("web", own[0].id)
+        assert not [c for c in zk.get_children(folder) if c.startswith(f"{own[0].id}_")]
+        assert zk.get_children(f"{base}/nodes/host1/web") == []
+        assert set(second.node_snapshot("host1").instances) == {own[1].key}
     finally:
-        registry.close()
+        first.close(revoke=False)
+        second.close()
 
 
 def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:

@@ -11,6 +11,7 @@ from discovery.model import Instance, State
 from discovery.model.nerve import from_nerve, node_prefix, to_nerve
 from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import Decoder
+from discovery.registry.zk_index import ZkNodeIndex
 
 OURS = Instance(service="web", id="host1:3f2a9c0d1e2b:8080", node="host1", address="192.0.2.6",
                 port=32768, tags=("a", "b"), weight=7, meta={"v": "1"},
@@ -89,3 +90,17 @@ def test_nerve_url_layouts() -> None:
 def test_bad_nerve_urls(url: str) -> None:
     with pytest.raises(ConfigError, match="registry URL"):
         RegistryURL.parse(url)
+
+
+@pytest.mark.parametrize(("url", "indexed"), [
+    ("zk://h:2181/discovery", True),
+    ("zk://h:2181/nerve?format=nerve&path=/nerve/services/{service}/services", True),  # Airbnb's
+    ("zk://h:2181/?format=nerve&path=/services/{service}", True),  # index: /discovery/nodes
+    ("zk://h:2181/nerve?format=nerve", False),  # the services are /nerve's children
+    ("zk://h:2181/nerve?format=nerve&path=/nerve/{service}/services", False),
+    ("zk://h:2181/nerve?format=nerve&path=/nerve/nodes/{service}", False),
+    ("zk://h:2181/a/b?format=nerve&path=/a/{service}", False),  # /a/b/nodes is under /a
+])
+def test_the_node_index_lives_only_apart_from_the_services(url: str, indexed: bool) -> None:
+    index = ZkNodeIndex(None, RegistryURL.parse(url), None, None, None, None)  # type: ignore
+    assert index.enabled is indexed
