@@ -91,6 +91,7 @@ class ZkRegistry:
                                   self._many)
         self._nerve = (NerveNodes(self.client, url, self._get, self._index.named)
                        if url.nerve else None)
+        self._nerve_read: set[str] = set()  # nodes whose index was empty once (see below)
         self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
                                 self._acl, self._where)
         self._lock = threading.RLock()
@@ -304,12 +305,19 @@ class ZkRegistry:
         return self._op("read", functools.partial(self._read, services))
 
     def node_snapshot(self, node: str) -> Snapshot:
-        """``node``'s instances through its index (:mod:`discovery.registry.zk_index`)."""
-        if not self._index.enabled:  # a Nerve layout without one (see zk_index)
-            snap = self.snapshot()
-            return Snapshot({k: i for k, i in snap.instances.items() if i.node == node},
-                            snap.revision)
-        return self._op(f"read node {node}", functools.partial(self._index.read, node))
+        """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
+        Nerve's layout, a first read that finds nothing there reads everything (once): the
+        nodes of a version before its index, which a restarted agent adopts."""
+        if self._index.enabled:
+            snap = self._op(f"read node {node}", functools.partial(self._index.read, node))
+            if self._nerve is None or snap.instances or node in self._nerve_read:
+                return snap
+            self._nerve_read.add(node)
+        snap = self.snapshot()
+        mine = {k: i for k, i in snap.instances.items() if i.node == node}
+        if self._nerve is not None:
+            self._nerve.unindexed(mine)
+        return Snapshot(mine, snap.revision)
 
     def _read(self, only: Collection[str] | None = None) -> Snapshot:
         c = self.client

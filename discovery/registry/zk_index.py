@@ -28,7 +28,8 @@ not known before), and a claim in a new session removes the older index nodes of
 ``<id>_``. :meth:`read` is the same three requests. The index lives beside the services, so it
 needs them elsewhere than under ``<prefix>``: Airbnb's ``path=<prefix>/services/{service}/...``
 has it; a layout whose services are ``<prefix>``'s children has no index (:attr:`enabled` is
-False, and callers read everything instead).
+False, and callers read everything instead). Nodes written by a version without it are not in
+it: the registry reads everything once when a node's index is empty at first.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kazoo.exceptions import NoNodeError
@@ -41,6 +41,7 @@ class NerveNodes:
         self.client, self.url, self._get, self._named = client, url, get, named
         self._lock = threading.Lock()
         self._paths: dict[Key, tuple[str, int]] = {}  # key -> (created path, session id)
+        self._unindexed: set[Key] = set()  # keys read with no index entry (see unindexed)
 
     def path(self, key: Key) -> str | None:
         with self._lock:
@@ -72,6 +73,12 @@ class NerveNodes:
             entry = self._paths.pop(key, None)
         self._remove(node, key, keep=None, known=entry[0] if entry else None)
 
+    def unindexed(self, keys: Iterable[Key]) -> None:
+        """``keys`` were found without an index entry (written by a version before it): their
+        older nodes are looked for in the service's directory."""
+        with self._lock:
+            self._unindexed.update(keys)
+
     def forget(self, key: Key) -> None:
         with self._lock:
             self._paths.pop(key, None)
@@ -87,7 +94,10 @@ class NerveNodes:
         index or else the service's directory lists), except ``keep`` (the node just created)
         and, when keeping one, other nodes of the same session."""
         folder = self.url.service_dir(key[0])
-        children = self._named(node, key)
+        with self._lock:
+            unindexed = key in self._unindexed
+            self._unindexed.discard(key)
+        children = None if unindexed else self._named(node, key)
         if children is None:
             try:
                 children = self._get(self.client.get_children_async(folder))

@@ -163,6 +163,37 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         second.close()
 
 
+def test_nodes_of_a_version_before_the_index_are_adopted(zk_single: ServerCluster,
+                                                        zk: KazooClient) -> None:
+    """An agent upgraded from a version that kept no index for Nerve's layout: its first read
+    finds nothing in the index, so it reads everything once and adopts its predecessor's
+    nodes (else they would vanish with the old session before the checks pass again); after
+    the adoption the index serves."""
+    url, _, folder = layout(zk_single)
+    base = url.split("?")[0].split("/", 3)[3]
+    old = open_registry(url, ttl=4.0)
+    new = open_registry(url, ttl=4.0)
+    try:
+        old.register(inst(1))
+        zk.delete(f"/{base}/nodes", recursive=True)  # as the version before wrote it
+        before = new.reads.counts()
+        found = new.node_snapshot("host1").instances
+        assert [i.id for i in found.values()] == [inst(1).id]
+        assert (new.reads.counts() - before).full_reads == 1
+        new.register(inst(1))  # adopted: a node and an index entry of the new session
+        before = new.reads.counts()
+        assert [i.id for i in new.node_snapshot("host1").instances.values()] == [inst(1).id]
+        assert (new.reads.counts() - before).full_reads == 0
+        assert len(zk.get_children(folder)) == 1
+        assert new.node_snapshot("host9").instances == {}  # nothing there: one whole read
+        before = new.reads.counts()
+        assert new.node_snapshot("host9").instances == {}  # then the index alone
+        assert (new.reads.counts() - before).full_reads == 0
+    finally:
+        old.close(revoke=False)
+        new.close()
+
+
 def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:
     """What Nerve's ZooKeeper reporter does: mkdir -p, then an ephemeral sequential node."""
     zk.ensure_path(folder)
