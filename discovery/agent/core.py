@@ -83,7 +83,7 @@ class Agent(AgentViews):
             log.info("agent %s: %d instances of this node already registered",
                      self.config.node, adopted)
         except RegistryError as exc:
-            log.warning("registry not reachable at start (%s); will reconcile when it is", exc)
+            log.warning("registry read failed at start (%s); will reconcile when it answers", exc)
         self.docker.start()
         try:
             due = time.monotonic() + jittered(self.config.resync)  # ±10 %: the fleet spreads out
