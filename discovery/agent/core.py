@@ -1,9 +1,9 @@
 """The agent: Docker's truth → health checks → only healthy instances in the registry.
 
 Writes (:mod:`~discovery.agent.registrations`) happen only on transitions. Every ``resync``
-seconds (±10 %, and after every Docker reconnect) it reconciles Docker's truth with this
-node's entries, read alone, both ways; after the registry comes back, at a random moment
-within one resync period (at once if one of its writes failed meanwhile).
+seconds (±10 %, after every Docker reconnect, and soon after a failed write) it reconciles
+Docker's truth with this node's entries, read alone, both ways; after the registry comes back
+at a random moment within one resync period (at once if one of its writes failed meanwhile).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Agent(AgentViews):
         try:
             due = time.monotonic() + jittered(self.config.resync)  # ±10 %: the fleet spreads out
             while not self._stop.is_set():
-                self._wake.wait(max(due - time.monotonic(), 0.0))
+                self._wake.wait(max(min(due, self.registrations.retry_due()) - time.monotonic(), 0))
                 self._wake.clear()
                 if self._stop.is_set():
                     break
@@ -100,21 +100,23 @@ class Agent(AgentViews):
                     self._reconnected = False
                     with self._lock:
                         self.history.reconnected(list(self.registrations.written.values()))
-                    # A fleet back from an outage does not reconcile at once (the backend put
-                    # back what it owns): at a random moment within a resync period; a host
-                    # with a write that failed meanwhile has something to tell: at once.
+                    # A fleet back from an outage reconciles at a random moment within a resync
+                    # period (the backend put back what it owns); a failed write: at once.
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
+                    self.registrations.retry_now()
                 if (self._outage.holds_back(self.config.resync)
                         and not self.registrations.write_failed):
-                    # Its read would go out with the whole fleet's as the registry comes back;
-                    # its return schedules one (above). Down longer: Outage.holds_back.
+                    # Its read would go out with the fleet's as the registry comes back; its
+                    # return schedules one (above). Down longer: Outage.holds_back.
                     due = time.monotonic() + jittered(self.config.resync)
                     continue
+                if self.registrations.waits(due):  # failed writes wait their turn
+                    continue
                 untold, self.registrations.write_failed = self.registrations.write_failed, False
-                if not self.reconcile() and untold:  # still to tell: the registry's return
-                    self.registrations.write_failed = True  # reconciles at once, not spread
+                if not self.reconcile() and untold:  # still to tell at the registry's return
+                    self.registrations.unread()  # at once then, not spread
                 due = time.monotonic() + jittered(self.config.resync)
         except Exception:  # a bug: what is registered stays for a restart to adopt (or lapses)
             self._revoke = False
@@ -297,8 +299,7 @@ class Agent(AgentViews):
         tracked.docker_health_is((state.get("Health") or {}).get("Status") == "healthy")
         self._apply_container(tracked, cause)
 
-    def _skip(self, cid: str, name: str, exc: Exception) -> None:
-        """One log line per container and problem; the container is not registered."""
+    def _skip(self, cid: str, name: str, exc: Exception) -> None:  # not registered, logged once
         if self._bad_labels.get(cid) != str(exc):
             log.error("skipping container %s: %s", name or cid[:12], exc)
             self._bad_labels[cid] = str(exc)
@@ -377,9 +378,8 @@ class Agent(AgentViews):
         return inst.with_state(State.DRAINING) if self.maint.active(inst.id) else inst
 
     def reconcile(self) -> bool:
-        """Docker's truth vs the registry's view of this node, fixed in both directions; False
-        when it could not be made. Only while Docker's truth is known: never delete on the
-        word of a Docker we cannot see."""
+        """Docker's truth vs the registry's view of this node, fixed both ways; False when it
+        could not be made (or Docker is not listed: never delete on an unseen Docker's word)."""
         if not self._synced:
             log.debug("reconcile skipped: Docker not listed yet")
             return False

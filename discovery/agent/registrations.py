@@ -7,13 +7,16 @@ wanted, both ways. An instance this agent registered ``up`` leaves as ``draining
 is deleted: every watcher drains it at once, and a watcher's wipe guard
 (:mod:`discovery.watcher.guard`) tells the departure from a registry-side wipe, which deletes
 ``up`` entries, and so never holds it in rotation. A failed write is logged and left to the
-next reconcile, which the agent runs sooner (``wake``). Called with the agent's lock held: no
-lock of its own.
+next reconcile, which the agent runs sooner (``wake``): after 0.25 s, doubling to 30 s while
+writes keep failing (:attr:`Registrations.retry`; a registry that refuses writes but answers
+reads, etcd out of space, must not get them at the round-trip rate from every host). Called
+with the agent's lock held: no lock of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -24,6 +27,7 @@ from discovery.errors import RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.registry import Registry, Snapshot
+from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class Registrations:
         self.written: dict[Key, Instance] = {}  # by this process, on our lease/session
         self.adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
         self.write_failed = False  # a registry write failed since the last reconcile
+        self.retry = RetryAt(0.25, 30.0)  # when a reconcile may try failed writes again
         # key -> monotonic time of its last write: a reconcile leaves alone a key written
         # after its read began (its read does not show that write yet: no second write)
         self._touched: dict[Key, float] = {}
@@ -64,6 +69,7 @@ class Registrations:
                                                    written_at=now, seen_at=seen))
                 if have is not None or key in self.adopt:
                     self.registry.deregister(*key)
+                    self.retry.succeeded()
                     self.metrics.deregistered()
                     log.info("deregistered %s/%s", *key)
                 self.written.pop(key, None)
@@ -72,17 +78,42 @@ class Registrations:
                 self._touched[key] = time.monotonic()
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
                 self.registry.register(instance)
+                self.retry.succeeded()
                 self.metrics.registered()
                 self.written[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:
             log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
-            self.write_failed = True
-            self._wake()
+            self.failed(exc)
             return
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
+
+    def failed(self, exc: RegistryError) -> None:
+        """A write failed: a reconcile is due, at :attr:`retry`'s next turn."""
+        wait = self.retry.failed()
+        log.debug("failed writes retried in %.2f s (%s)", wait, exc)
+        self.write_failed = True
+        self._wake()
+
+    def retry_due(self) -> float:
+        """When failed writes may be tried again (monotonic; inf: none failed)."""
+        return self.retry.due if self.write_failed else math.inf
+
+    def waits(self, resync_due: float) -> bool:
+        """Whether failed writes wait their turn (the resync, when due, goes on)."""
+        return self.write_failed and time.monotonic() < min(resync_due, self.retry.due)
+
+    def unread(self) -> None:
+        """The reconcile for failed writes could not read: they wait for the registry's
+        return (:meth:`retry_now`) or the resync."""
+        self.write_failed = True
+        self.retry.due = math.inf
+
+    def retry_now(self) -> None:
+        """The registry is back: failed writes are tried at once (their wait kept)."""
+        self.retry.due = 0.0
 
     def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance],
                   read_at: float = float("inf")) -> None:

@@ -8,6 +8,7 @@ Driven through the registry's state listener, with a fake registry and no Docker
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 
 from discovery.agent import core
 from discovery.agent.config import AgentConfig
-from discovery.errors import RegistryUnavailable
+from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.model import Instance
 from discovery.registry import RegistryURL, Snapshot
 from discovery.registry.reads import ReadStats
 
@@ -149,3 +151,55 @@ def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
         runner.join(5)
     assert not runner.is_alive()
 
+
+
+def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry answers reads but refuses writes (etcd out of space, a role without
+    write): each reconcile's write fails and wakes the loop. It retried at once, at the
+    round-trip rate, forever: a fleet doing so keeps a full cluster from recovering. Now
+    after 0.25 s, doubling up to 30 s; a registry that comes back is told at once."""
+    monkeypatch.setattr(core, "DockerSource", FakeDocker)
+    monkeypatch.setattr(core, "spread", lambda w: 20.0)
+    reg = FakeRegistry()
+    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
+                       reg)  # type: ignore[arg-type]
+    regs = agent.registrations
+
+    inst = Instance(service="web", id="n1:0123456789ab:80", node="n1", address="127.0.0.1",
+                    port=8080)
+
+    def refused(*_args: Any) -> None:  # the reconcile writes what is missing: refused
+        regs.write(inst.key, inst)
+
+    def register(_inst: Instance) -> None:
+        raise RegistryError("etcdserver: mvcc: database space exceeded")
+
+    reg.register = register  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(regs, "reconcile", refused)
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_reads(reg, 1, 5)  # adoption at start
+        start = time.monotonic()
+        agent._on_sync([])  # Docker listed: the first reconcile, whose write fails
+        wait_reads(reg, 4, 5)  # retried after 0.25, 0.5 s: then 1 s
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            assert len(reg.node_reads) <= 6, reg.node_reads
+            time.sleep(0.02)
+        times = [t - start for t in reg.node_reads[1:]]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps and all(g >= 0.2 for g in gaps), times
+        assert gaps[-1] >= 1.5 * gaps[0], times  # doubling
+
+        reg.state(False)
+        back = time.monotonic()
+        n = len(reg.node_reads)
+        reg.state(True)  # back: what failed is told at once, not at its turn
+        assert wait_reads(reg, n + 1, 5) - back < 0.2
+    finally:
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
