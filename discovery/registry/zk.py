@@ -35,21 +35,10 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry.base import (
-    ChangeCallback,
-    RegistryURL,
-    Snapshot,
-    StateCallback,
-    claiming,
-)
+from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
-from discovery.registry.security import (
-    load_secrets,
-    tls_context,
-    tls_probe,
-    zk_client_options,
-)
+from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
@@ -306,18 +295,21 @@ class ZkRegistry:
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
-        Nerve's layout, a first read that finds nothing there reads everything (once): the
-        nodes of a version before its index, which a restarted agent adopts."""
+        Nerve's layout the first read of a node reads everything too: nodes the index does not
+        name (written by a version before it, or by a predecessor that died between the two
+        creates) are adopted by a restarted agent, their older nodes found in their directory."""
+        indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
             snap = self._op(f"read node {node}", functools.partial(self._index.read, node))
-            if self._nerve is None or snap.instances or node in self._nerve_read:
+            if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
-            self._nerve_read.add(node)
-        snap = self.snapshot()
-        mine = {k: i for k, i in snap.instances.items() if i.node == node}
+            indexed = set(snap.instances) if snap is not None else indexed
+        self._nerve_read.add(node)
+        full = self.snapshot()
+        mine = {k: i for k, i in full.instances.items() if i.node == node}
         if self._nerve is not None:
-            self._nerve.unindexed(mine)
-        return Snapshot(mine, snap.revision)
+            self._nerve.unindexed(k for k in mine if k not in indexed)
+        return Snapshot(mine, full.revision)
 
     def _read(self, only: Collection[str] | None = None) -> Snapshot:
         c = self.client

@@ -22,14 +22,17 @@ When the two disagree:
   missing, writes it again, and the index node is created again.
 
 With Nerve's layout (``?format=nerve``) an instance's node is ``<id>_<sequence>``, named by
-ZooKeeper, so its index node carries that name: ``<prefix>/nodes/<node>/<service>/<id>_<seq>``,
-created right after the sequential node (it cannot be in the same transaction: the sequence is
-not known before), and a claim in a new session removes the older index nodes of the same
-``<id>_``. :meth:`read` is the same three requests. The index lives beside the services, so it
-needs them elsewhere than under ``<prefix>``: Airbnb's ``path=<prefix>/services/{service}/...``
-has it; a layout whose services are ``<prefix>``'s children has no index (:attr:`enabled` is
-False, and callers read everything instead). Nodes written by a version without it are not in
-it: the registry reads everything once when a node's index is empty at first.
+ZooKeeper, so its index node carries that name: ``<prefix>/nerve-nodes/<node>/<service>/
+<id>_<seq>`` (apart from ours: both may share a prefix), created right after the sequential
+node (not in the same transaction: the sequence is not known before); a claim in a new session
+removes the older index nodes of the same ``<id>_``. :meth:`read` is the same three requests.
+The index lives beside the services, so it needs them elsewhere than under ``<prefix>``:
+Airbnb's ``path=<prefix>/services/{service}/...`` has it; a layout whose services are
+``<prefix>``'s children has none (:attr:`enabled` False: callers read everything instead), nor
+has one whose index ZooKeeper refuses (a Nerve fleet's ACLs: :meth:`refused`). What it may
+miss (nodes of a version before it, or of a predecessor that died between the two creates) is
+found by a node's first read, which reads everything too
+(:meth:`discovery.registry.zk.ZkRegistry.node_snapshot`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 
 from discovery.model import Instance
 from discovery.model.nerve import node_prefix
@@ -67,14 +70,29 @@ class ZkNodeIndex:
                  decoder: Decoder, reads: ReadStats, many: ManyReads) -> None:
         self.client, self.url, self._get, self._many = client, url, get, many
         self._decoder, self._reads = decoder, reads
-        self.enabled = apart(f"{url.prefix}/nodes", url.services_root)
+        # Nerve's apart from ours: a Nerve URL with path= may keep the default prefix, where
+        # an agent of our layout keeps its index (migration.md runs both on one host)
+        self.base = f"{url.prefix}/{'nerve-nodes' if url.nerve else 'nodes'}"
+        self.enabled = apart(self.base, url.services_root)
         self._lock = threading.Lock()
         #: key -> (session, name) of the index node we know is there
         self._mine: dict[Key, tuple[int, str]] = {}
         self._nodes: dict[Key, str] = {}  # key -> its node, from read()
 
     def root(self, node: str) -> str:
-        return f"{self.url.prefix}/nodes/{node}"
+        return f"{self.base}/{node}"
+
+    def refused(self, exc: NoAuthError) -> bool:
+        """Whether the index is off since ZooKeeper refused it (Nerve's layout only: its
+        fleet's ACLs may not let us under the prefix; ours needs it, docs/security.md)."""
+        if not self.url.nerve:
+            return False
+        if self.enabled:
+            log.warning("ZooKeeper refused the index of Nerve's layout under %s (%s): each "
+                        "resync reads the whole registry (docs/security.md)", shown(self.base),
+                        exc)
+        self.enabled = False
+        return True
 
     def path(self, node: str, service: str, name: str) -> str:
         return f"{self.root(node)}/{service}/{name}"
@@ -90,31 +108,41 @@ class ZkNodeIndex:
             if session is None or self._mine.get(inst.key) == (session, name):
                 return
         path = self.path(inst.node, inst.service, name)
+        try:
+            if not self._create(path, session):
+                log.warning("ZooKeeper index node %s keeps changing; the next resync retries",
+                            shown(path))
+                return
+            if name != inst.id:  # Nerve's: the index nodes of the instance's older nodes go
+                self._remove(inst.node, inst.key, keep=name)
+        except NoAuthError as exc:
+            if self.refused(exc):
+                return
+            raise
+        with self._lock:
+            self._mine[inst.key] = (session, name)
+            self._nodes[inst.key] = inst.node
+
+    def _create(self, path: str, session: int) -> bool:
+        """Make the index node ``path`` ours; False if it keeps changing under us."""
+        c = self.client
         for _ in range(5):
             try:
                 self._get(c.create_async(path, b"", ephemeral=True, makepath=True))
-                break
+                return True
             except NodeExistsError:
                 pass
             stat = self._get(c.exists_async(path))
             if stat is None:
                 continue
             if stat.ephemeralOwner == session:
-                break
+                return True
             txn = c.transaction()  # a predecessor's (or a hand-made) node: make it ours
             txn.delete(path, version=stat.version)
             txn.create(path, b"", ephemeral=True)
             if not any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
-                break
-        else:
-            log.warning("ZooKeeper index node %s keeps changing; the next resync retries",
-                        shown(path))
-            return
-        if name != inst.id:  # Nerve's: the index nodes of the instance's older nodes go
-            self._remove(inst.node, inst.key, keep=name)
-        with self._lock:
-            self._mine[inst.key] = (session, name)
-            self._nodes[inst.key] = inst.node
+                return True
+        return False
 
     def add_create(self, txn: Any, inst: Instance) -> None:
         """Add the creation of the index node of ``inst`` to ``txn`` (a transaction that
@@ -146,7 +174,11 @@ class ZkNodeIndex:
             children = self._get(self.client.get_children_async(f"{self.root(node)}/{key[0]}"))
         except NoNodeError:
             return []
-        return [child for child in children if node_prefix(child) == key[1]]
+        except NoAuthError as exc:
+            if self.refused(exc):
+                return None
+            raise
+        return [child for child in children if child != key[1] == node_prefix(child)]
 
     def delete(self, node: str, key: Key) -> None:
         if self.url.nerve:
@@ -161,21 +193,26 @@ class ZkNodeIndex:
                 with contextlib.suppress(NoNodeError):
                     self._get(self.client.delete_async(self.path(node, key[0], name)))
 
-    def read(self, node: str) -> Snapshot:
+    def read(self, node: str) -> Snapshot | None:
         """Every valid instance of ``node`` that the index names: three requests (the index
-        root, its service directories, the instances; :mod:`~discovery.registry.zk_multi`)."""
+        root, its service directories, the instances; :mod:`~discovery.registry.zk_multi`).
+        None: refused, and so off (:meth:`refused`)."""
         c, root = self.client, self.root(node)
         self._reads.node_read()
         revision = max(c.last_zxid, 1)
         try:
             services = self._get(c.get_children_async(root))
+            dirs = self._many.children([f"{root}/{s}" for s in services])
         except NoNodeError:
-            services = []
-        dirs = self._many.children([f"{root}/{s}" for s in services])
+            services, dirs = [], {}
+        except NoAuthError as exc:
+            if self.refused(exc):
+                return None
+            raise
         paths = []
         self._reads.listed(services)
         for s in services:
-            names = dirs.get(f"{root}/{s}", ())
+            names = sorted(dirs.get(f"{root}/{s}", ()))  # the newest of a Nerve instance's last
             self._reads.listed(names)
             paths += [self.url.key(s, name) for name in names]
         found = self._many.data(paths)  # an index node without its instance: left out

@@ -4,10 +4,12 @@ Nerve's reporter creates one ephemeral *sequential* node per instance, ``<dir>/<
 ZooKeeper's 10-digit sequence, so a node cannot be addressed by a fixed key: this keeps a map
 instance → the path ZooKeeper created (and the session that created it). Re-writing an
 instance in the same session sets that node's data; in a new session (after an expiry, or a
-restart) it creates a new node, then removes the nodes of other sessions left under the same
-``<id>_`` prefix, so readers never see the instance missing and never see it twice for long.
-Those are found in the host's index (:mod:`~discovery.registry.zk_index`), a listing of its own
-instances, where the layout has one; else in the service's directory, a listing of the fleet's.
+restart) it creates a new node, then removes the other nodes left under the same ``<id>_``
+prefix, so readers never see the instance missing and never see it twice for long. Those are
+found in the host's index (:mod:`~discovery.registry.zk_index`), a listing of its own
+instances, where the layout has one; in the service's directory, a listing of the fleet's,
+where it has none, for a key the index may miss (read without an index entry, or whose
+create's answer was lost, :meth:`NerveNodes.unindexed`) and at a deregister.
 The record itself is :func:`discovery.model.nerve.to_nerve`.
 """
 
@@ -60,17 +62,23 @@ class NerveNodes:
             except NoNodeError:
                 pass  # deleted behind our back: create it again
         folder = self.url.service_dir(inst.service)
-        created = self._get(self.client.create_async(
-            f"{folder}/{inst.id}_", data, ephemeral=True, sequence=True, makepath=True))
+        try:
+            created = self._get(self.client.create_async(
+                f"{folder}/{inst.id}_", data, ephemeral=True, sequence=True, makepath=True))
+        except Exception:  # its answer lost, perhaps not the node: the next claim looks for it
+            self.unindexed([inst.key])
+            raise
         with self._lock:
             self._paths[inst.key] = (created, session)
         self._remove(inst.node, inst.key, keep=(created, session))
 
     def delete(self, key: Key, node: str) -> None:
         """Remove ``key``'s node, and any other node under its ``<id>_`` prefix (left by an
-        earlier run of this agent on ``node``); a missing node is not an error."""
+        earlier run of this agent on ``node``, or a create whose answer was lost: looked for in
+        the service's directory too); a missing node is not an error."""
         with self._lock:
             entry = self._paths.pop(key, None)
+            self._unindexed.add(key)
         self._remove(node, key, keep=None, known=entry[0] if entry else None)
 
     def unindexed(self, keys: Iterable[Key]) -> None:
@@ -90,28 +98,25 @@ class NerveNodes:
 
     def _remove(self, node: str, key: Key, keep: tuple[str, int] | None,
                 known: str | None = None) -> None:
-        """Delete the nodes named ``<id>_<seq>`` of ``key`` (``known``, and those ``node``'s
-        index or else the service's directory lists), except ``keep`` (the node just created)
-        and, when keeping one, other nodes of the same session."""
+        """Delete the nodes named ``<id>_<seq>`` of ``key`` except ``keep`` (the node just
+        created): ``known``, those ``node``'s index lists, and those in the service's directory
+        if the index has none or may miss some (:meth:`unindexed`). Our claims of a key are
+        one at a time, so another node of ours is one whose create's answer was lost."""
         folder = self.url.service_dir(key[0])
         with self._lock:
             unindexed = key in self._unindexed
             self._unindexed.discard(key)
-        children = None if unindexed else self._named(node, key)
-        if children is None:
-            try:
-                children = self._get(self.client.get_children_async(folder))
-            except NoNodeError:
-                children = []
-        paths = {f"{folder}/{child}" for child in children if node_prefix(child) == key[1]}
+        children = self._named(node, key)
+        if children is None or unindexed:
+            with contextlib.suppress(NoNodeError):
+                children = (children or []) + self._get(self.client.get_children_async(folder))
+        paths = {f"{folder}/{child}" for child in children or () if node_prefix(child) == key[1]}
         for path in sorted(paths | ({known} if known else set())):
             if keep is not None and path == keep[0]:
                 continue
             with contextlib.suppress(NoNodeError):
                 if keep is not None:
                     _, stat = self._get(self.client.get_async(path))
-                    if stat.ephemeralOwner == keep[1]:
-                        continue
                     log.info("Nerve node %s of session %x replaced by %s", shown(path),
                              stat.ephemeralOwner, shown(keep[0]))
                 self._get(self.client.delete_async(path))

@@ -14,9 +14,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import ConnectionLoss
+from kazoo.security import make_digest_acl
 
 from discovery import Client
 from discovery.model import Instance
@@ -112,7 +115,7 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         zk_single: ServerCluster, zk: KazooClient) -> None:
     """The URL of migration.md, prefix /nerve and path=/nerve/services/{service}/services.
 
-    An agent's node read goes through the per-node index (``/nerve/nodes/<node>/<service>/``
+    An agent's node read goes through the per-node index (``/nerve/nerve-nodes/<node>/<svc>/``
     holding the names of the sequential nodes): the same bytes with 300 nodes of other Nerve
     hosts written next to ours, and no whole read (it read the whole registry at every
     resync). A successor (another session) finds the entries, adopts them (one node per
@@ -127,6 +130,7 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
                                  address="127.0.1.1", port=31100)]
         for one in [*own, inst(2)]:
             first.register(one)
+        first.node_snapshot("host1")  # a node's first read reads everything too (see below)
         before = first.reads.counts()
         alone = first.node_snapshot("host1").instances
         cost_alone = first.reads.counts() - before
@@ -141,7 +145,7 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         assert {k: i.id for k, i in crowded.items()} == {i.key: i.id for i in own}
         assert (cost.node_reads, cost.full_reads) == (1, 0)
         assert (cost.bytes, cost.keys) == (cost_alone.bytes, cost_alone.keys)
-        assert sorted(zk.get_children(f"{base}/nodes/host1")) == ["api", "web"]
+        assert sorted(zk.get_children(f"{base}/nerve-nodes/host1")) == ["api", "web"]
         assert set(second.snapshot().instances) >= {i.key for i in own}  # no "nodes" service
         assert {s for s, _ in second.snapshot().instances} == {"web", "api"}
 
@@ -151,47 +155,123 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
             second.register(one)
         mine = [c for c in zk.get_children(folder) if c.startswith(f"{own[0].id}_")]
         assert len(mine) == 1 and zk.exists(f"{folder}/{mine[0]}").ephemeralOwner == session
-        assert zk.get_children(f"{base}/nodes/host1/web") == mine
+        assert zk.get_children(f"{base}/nerve-nodes/host1/web") == mine
         assert set(second.node_snapshot("host1").instances) == {i.key for i in own}
 
         second.deregister("web", own[0].id)
         assert not [c for c in zk.get_children(folder) if c.startswith(f"{own[0].id}_")]
-        assert zk.get_children(f"{base}/nodes/host1/web") == []
+        assert zk.get_children(f"{base}/nerve-nodes/host1/web") == []
         assert set(second.node_snapshot("host1").instances) == {own[1].key}
     finally:
         first.close(revoke=False)
         second.close()
 
 
-def test_nodes_of_a_version_before_the_index_are_adopted(zk_single: ServerCluster,
-                                                        zk: KazooClient) -> None:
-    """An agent upgraded from a version that kept no index for Nerve's layout: its first read
-    finds nothing in the index, so it reads everything once and adopts its predecessor's
-    nodes (else they would vanish with the old session before the checks pass again); after
-    the adoption the index serves."""
+def test_a_successor_adopts_nodes_the_index_does_not_name(zk_single: ServerCluster,
+                                                          zk: KazooClient) -> None:
+    """A node's first read reads everything too: a predecessor's nodes the index does not name
+    (written by a version before it, or created right before the predecessor died, its index
+    node not yet) are adopted (else they would vanish with the old session before the checks
+    pass again), and their old nodes removed from the service's directory (found in the index
+    alone, they stayed: the instance twice). Then the index alone serves."""
     url, _, folder = layout(zk_single)
     base = url.split("?")[0].split("/", 3)[3]
     old = open_registry(url, ttl=4.0)
     new = open_registry(url, ttl=4.0)
     try:
+        second = Instance(service="web", id="host1:00000000000b:8080", node="host1",
+                          address="127.0.1.1", port=31002)
         old.register(inst(1))
-        zk.delete(f"/{base}/nodes", recursive=True)  # as the version before wrote it
+        old.register(second)
+        index = f"/{base}/nerve-nodes/host1/web"
+        unnamed = [c for c in zk.get_children(index) if c.startswith(f"{second.id}_")]
+        zk.delete(f"{index}/{unnamed[0]}")  # as if the predecessor died in between
         before = new.reads.counts()
         found = new.node_snapshot("host1").instances
-        assert [i.id for i in found.values()] == [inst(1).id]
+        assert sorted(i.id for i in found.values()) == [inst(1).id, second.id]
         assert (new.reads.counts() - before).full_reads == 1
-        new.register(inst(1))  # adopted: a node and an index entry of the new session
+        new.register(inst(1))  # adopted: a node and an index entry of the new session each
+        new.register(second)
+        session = new.client.client_id[0]  # type: ignore[attr-defined]
+        children = zk.get_children(folder)
+        assert len(children) == 2, children
+        assert {zk.exists(f"{folder}/{c}").ephemeralOwner for c in children} == {session}
         before = new.reads.counts()
-        assert [i.id for i in new.node_snapshot("host1").instances.values()] == [inst(1).id]
+        assert len(new.node_snapshot("host1").instances) == 2
         assert (new.reads.counts() - before).full_reads == 0
-        assert len(zk.get_children(folder)) == 1
-        assert new.node_snapshot("host9").instances == {}  # nothing there: one whole read
+        assert new.node_snapshot("host9").instances == {}  # a node's first read: everything
         before = new.reads.counts()
         assert new.node_snapshot("host9").instances == {}  # then the index alone
         assert (new.reads.counts() - before).full_reads == 0
     finally:
         old.close(revoke=False)
         new.close()
+
+
+class LostAnswer:
+    """A kazoo async result whose request the server applied but whose answer never came."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.real.get(timeout=timeout)
+        raise ConnectionLoss()
+
+
+def test_a_create_whose_answer_was_lost_leaves_one_node(zk_single: ServerCluster,
+                                                         zk: KazooClient) -> None:
+    """The first create of an instance's sequential node is applied, its answer lost: the
+    registry tries again in the same session. The node it never heard of is removed at once
+    (it stayed for the session: the instance twice to Synapse), and a deregister looks in the
+    service's directory too (it looked in the index only: that node outlived the instance)."""
+    url, _, folder = layout(zk_single)
+    registry = open_registry(url, ttl=4.0)
+    client = registry.client  # type: ignore[attr-defined]
+    real, lost = client.create_async, [1]
+
+    def create_async(path: str, *args: Any, **kw: Any) -> Any:
+        answer = real(path, *args, **kw)
+        if kw.get("sequence") and lost:
+            lost.pop()
+            return LostAnswer(answer)
+        return answer
+
+    client.create_async = create_async
+    try:
+        registry.register(inst(1))
+        assert not lost  # the lost answer happened
+        assert len(zk.get_children(folder)) == 1, zk.get_children(folder)
+        registry.deregister("web", inst(1).id)
+        assert zk.get_children(folder) == []
+    finally:
+        client.create_async = real
+        registry.close()
+
+
+def test_an_index_zookeeper_refuses_is_turned_off(zk_single: ServerCluster,
+                                                  zk: KazooClient) -> None:
+    """A Nerve fleet's ACLs may keep us out of ``<prefix>/nerve-nodes``: registering works as
+    it did before the index (it failed after the instance's node was written, at every try),
+    and node reads read everything, with one warning."""
+    url, _, folder = layout(zk_single)
+    base = url.split("?")[0].split("/", 3)[3]
+    zk.add_auth("digest", "ops:secret")
+    zk.ensure_path(f"/{base}")  # open, as Nerve's tree; its parents' ACL would be this one's
+    zk.create(f"/{base}/nerve-nodes", acl=[make_digest_acl("ops", "secret", all=True)])
+    registry = open_registry(url, ttl=4.0)
+    try:
+        registry.register(inst(1))
+        assert [c.rsplit("_", 1)[0] for c in zk.get_children(folder)] == [inst(1).id]
+        found = registry.node_snapshot("host1").instances
+        assert [i.id for i in found.values()] == [inst(1).id]
+        before = registry.reads.counts()
+        registry.node_snapshot("host1")
+        assert (registry.reads.counts() - before).full_reads == 1  # the index is off
+        registry.deregister("web", inst(1).id)
+        assert zk.get_children(folder) == []
+    finally:
+        registry.close()
 
 
 def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:

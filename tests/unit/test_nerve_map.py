@@ -98,9 +98,19 @@ def test_bad_nerve_urls(url: str) -> None:
     ("zk://h:2181/?format=nerve&path=/services/{service}", True),  # index: /discovery/nodes
     ("zk://h:2181/nerve?format=nerve", False),  # the services are /nerve's children
     ("zk://h:2181/nerve?format=nerve&path=/nerve/{service}/services", False),
-    ("zk://h:2181/nerve?format=nerve&path=/nerve/nodes/{service}", False),
+    ("zk://h:2181/nerve?format=nerve&path=/nerve/nerve-nodes/{service}", False),
     ("zk://h:2181/a/b?format=nerve&path=/a/{service}", False),  # /a/b/nodes is under /a
 ])
 def test_the_node_index_lives_only_apart_from_the_services(url: str, indexed: bool) -> None:
     index = ZkNodeIndex(None, RegistryURL.parse(url), None, None, None, None)  # type: ignore
     assert index.enabled is indexed
+
+
+def test_nerves_index_is_apart_from_ours_under_the_same_prefix() -> None:
+    """A Nerve URL with path= keeps the default prefix, where an agent of our layout on the
+    same host keeps its index (migration.md runs both): Nerve's never touches it."""
+    def base(url: str) -> str:
+        return ZkNodeIndex(None, RegistryURL.parse(url), None, None, None, None).base  # type: ignore
+
+    assert base("zk://h:2181/discovery") == "/discovery/nodes"
+    assert base("zk://h:2181/?format=nerve&path=/nerve/{service}") == "/discovery/nerve-nodes"
