@@ -83,19 +83,20 @@ class Registrations:
                 self.written[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:
-            log.warning("registry write for %s/%s failed (%s); the next resync retries", *key, exc)
-            self.failed(exc)
+            log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
+                        "%.2f s", *key, exc, self.failed())
             return
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
 
-    def failed(self, exc: RegistryError) -> None:
-        """A write failed: a reconcile is due, at :attr:`retry`'s next turn."""
+    def failed(self) -> float:
+        """A write failed: a reconcile is due at :attr:`retry`'s next turn, in the seconds
+        returned."""
         wait = self.retry.failed()
-        log.debug("failed writes retried in %.2f s (%s)", wait, exc)
         self.write_failed = True
         self._wake()
+        return wait
 
     def retry_due(self) -> float:
         """When failed writes may be tried again (monotonic; inf: none failed)."""

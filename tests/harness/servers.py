@@ -189,11 +189,13 @@ class ServerCluster:
 
 
 class EtcdCluster(ServerCluster):
-    """``go_procs``: each member's ``GOMAXPROCS`` (0: Go's default, one per core)."""
+    """``go_procs``: each member's ``GOMAXPROCS`` (0: Go's default, one per core); ``extra``:
+    more flags for every member (``--quota-backend-bytes``...)."""
 
     scheme = "etcd"
 
-    def __init__(self, size: int, base_dir: Path, go_procs: int = 0) -> None:
+    def __init__(self, size: int, base_dir: Path, go_procs: int = 0,
+                 extra: tuple[str, ...] = ()) -> None:
         super().__init__(size, base_dir)
         env = {"GOMAXPROCS": str(go_procs)} if go_procs > 0 else None
         names = [f"m{i}" for i in range(size)]
@@ -212,7 +214,7 @@ class EtcdCluster(ServerCluster):
                 "--initial-advertise-peer-urls", f"http://{HOST}:{peer_ports[i]}",
                 "--initial-cluster", initial, "--initial-cluster-token", token,
                 "--initial-cluster-state", "new",
-                "--logger", "zap", "--log-level", "warn",
+                "--logger", "zap", "--log-level", "warn", *extra,
             ]
             self.procs.append(_Proc(argv, d / "etcd.log", d, env))
         self._clients: dict[int, Any] = {}
