@@ -145,6 +145,12 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         assert {k: i.id for k, i in crowded.items()} == {i.key: i.id for i in own}
         assert (cost.node_reads, cost.full_reads) == (1, 0)
         assert (cost.bytes, cost.keys) == (cost_alone.bytes, cost_alone.keys)
+        before = first.reads.counts()
+        first.snapshot()
+        whole = first.reads.counts() - before
+        assert cost.bytes * 10 < whole.bytes, (cost, whole)
+        print(f"Nerve layout: node read {cost.bytes} B ({cost.keys} keys) for {len(own)} own "
+              f"instances; whole registry {whole.bytes} B ({whole.keys} keys)")
         assert sorted(zk.get_children(f"{base}/nerve-nodes/host1")) == ["api", "web"]
         assert set(second.snapshot().instances) >= {i.key for i in own}  # no "nodes" service
         assert {s for s, _ in second.snapshot().instances} == {"web", "api"}
