@@ -2,7 +2,9 @@
 
 :class:`HAProxySupervisor` owns a master-worker HAProxy (``haproxy -W -S ...``): it starts one,
 or adopts the one a previous watcher of the state dir left running (:mod:`.adopt`), reloads
-it through the master CLI, restarts it the moment its master dies (a pidfd wakes the monitor),
+it through the master CLI, restarts it the moment its master dies (a pidfd wakes the monitor;
+when the master before died within ``stable_after`` seconds of its start too, only after a
+wait doubling from 0.2 s to 10 s: an HAProxy that keeps crashing is not restarted in a loop),
 and hands it over to a successor. :class:`ExternalHAProxy` drives an HAProxy that someone
 else runs. Both offer ``runtime``, ``reload()``, ``reload_count()`` and ``stop()`` (the
 :class:`HAProxyControl` protocol).
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from discovery.errors import HAProxyError, RenderError
-from discovery.retry import backoff, poll
+from discovery.retry import RetryAt, backoff, poll
 from discovery.watcher import adopt
 from discovery.watcher.adopt import Found, Owner, Watched
 from discovery.watcher.external import ExternalHAProxy, save_server_state, wait_worker
@@ -91,6 +93,9 @@ class HAProxySupervisor:
     it brings the servers to the slot tables and returns False when only a reload can (see
     :func:`.adopt.converge`). With ``server_state_file`` (the config's ``server-state-file``),
     ``reload()`` first dumps the servers' state there, so the new worker starts from it.
+    A master that dies within ``stable_after`` seconds of its start is a quick death: the first
+    one in a row is restarted at once, each further one only after a wait doubling through
+    ``crash_backoff`` (from 0.2 s to 10 s); a master that lasted that long starts it over.
     :meth:`stop` soft-stops HAProxy (SIGUSR1: it finishes what it serves, at most
     ``soft_stop_timeout`` seconds, then SIGTERM); :meth:`leave` leaves it serving.
     """
@@ -99,11 +104,15 @@ class HAProxySupervisor:
                  on_restart: Callable[[], None] | None = None,
                  on_adopt: Callable[[], bool] | None = None, start_timeout: float = 15.0,
                  backoff: tuple[float, float] = (0.2, 10.0),
-                 server_state_file: Path | None = None, soft_stop_timeout: float = 3.0) -> None:
+                 server_state_file: Path | None = None, soft_stop_timeout: float = 3.0,
+                 crash_backoff: tuple[float, float] = (0.2, 10.0), stable_after: float = 30.0
+                 ) -> None:
         self.config, self.state_dir, self.binary = Path(config), Path(state_dir), binary
         self.on_restart, self.on_adopt = on_restart, on_adopt
         self.start_timeout, self.soft_stop_timeout = start_timeout, soft_stop_timeout
-        self.backoff = backoff
+        self.backoff, self.stable_after = backoff, stable_after
+        self._crashes = RetryAt(*crash_backoff)  # quick deaths in a row: the wait to restart
+        self._started = time.monotonic()  # when the current master was started or adopted
         self.server_state_file = server_state_file
         self.admin_socket = self.state_dir / "admin.sock"
         self.master_socket = self.state_dir / "master.sock"
@@ -166,7 +175,7 @@ class HAProxySupervisor:
                 self._monitor.start()
 
     def _adopt(self, pid: int) -> None:
-        self._proc, self.adopted = Watched(pid), True
+        self._proc, self.adopted, self._started = Watched(pid), True, time.monotonic()
         self._token = adopt.claim(self.state_dir, pid)
         log.warning("adopted HAProxy master %d left running on %s by an earlier watcher",
                     pid, self.state_dir)
@@ -194,6 +203,7 @@ class HAProxySupervisor:
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self._proc, self.adopted = Watched(popen.pid, popen), False
+        self._started = time.monotonic()
         log.info("started HAProxy master pid %d: %s", popen.pid, " ".join(argv))
         try:
             self._wait_ready(popen)
@@ -342,9 +352,23 @@ class HAProxySupervisor:
 
     def _restart(self, dead: Watched) -> None:
         died = time.monotonic()
-        log.warning("HAProxy master %d died (exit %s); restarting it", dead.pid,
-                    dead.returncode())
+        lived = died - self._started
+        wait = 0.0  # a long-lived master's death, or the first quick one in a row: at once
+        if lived < self.stable_after:
+            wait = self._crashes.wait
+            self._crashes.failed()
+        else:
+            self._crashes.succeeded()
+        if wait:
+            log.warning("HAProxy master %d died (exit %s) %.1f s after its start, as the one "
+                        "before; restarting it in %.1f s", dead.pid, dead.returncode(), lived,
+                        wait)
+        else:
+            log.warning("HAProxy master %d died (exit %s); restarting it", dead.pid,
+                        dead.returncode())
         dead.close()
+        if wait and (self._stopping.wait(wait) or self._handed_over()):
+            return  # stopped, left or handed over meanwhile: nothing to restart
         restarted = False
         try:
             for attempt in backoff((HAProxyError, OSError), stop_event=self._stopping,
