@@ -3,7 +3,8 @@ on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; i
 watch streams run on an asyncio loop, :mod:`~discovery.registry.etcd_aio`);
 a failed renewal is one short attempt, tried again about one renewal interval later (sooner
 as the lease runs out, ±50 %), so a fleet whose registry restarts does not renew in the
-registry's first second; watches that resume from the last seen revision, or send a ``reset``
+registry's first second; a new lease or a rewrite etcd refuses, 0.8 s later, doubling to 30 s
+(``KeeperWaits``); watches that resume from the last seen revision, or send a ``reset``
 when it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
 per-node index key (:mod:`~discovery.registry.etcd_index`), so
 :meth:`EtcdRegistry.node_snapshot` reads one node's entries only; a registry that watches
@@ -31,7 +32,7 @@ from discovery.registry import etcd_aio, etcd_index, etcd_watch
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
-from discovery.registry.etcd_keepalive import KeepAliveStream, retry_wait
+from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
 from discovery.registry.etcd_pulse import pulse
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked
@@ -101,6 +102,7 @@ class EtcdRegistry:
         self._pulse: etcd_aio.LoopTask | None = None  # a watch-only registry's (etcd_pulse)
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
         self._interval = max(ttl / 3, 0.2)  # between renewals (jittered)
+        self._waits = KeeperWaits(ttl, self._interval)  # the keeper's, after a failed round
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
                                          late_wait=self._interval + 1.0)
 
@@ -165,6 +167,8 @@ class EtcdRegistry:
         with self._state_lock:
             if self._up == up:
                 return
+            if up and self._up is False:
+                self._waits.back()  # what the keeper was refused: tried again soon
             self._up = up
             if not up:
                 log.warning("etcd at %s unreachable", self.where)
@@ -196,6 +200,7 @@ class EtcdRegistry:
                 lease = self._call("grant lease", lambda: self.client.lease(ttl))
                 self._lease = lease.id
                 self._granted.check(lease.ttl, ttl)
+                self._waits.back()  # granted: a rewrite the keeper was refused goes on soon
             if self._keeper is None:
                 self._keeper = self.loop.start(self._keep())
             return self._lease
@@ -240,7 +245,7 @@ class EtcdRegistry:
         interval = self._interval
         wait, renewed = jittered(interval), time.monotonic()
         while True:
-            await asyncio.sleep(wait)
+            await self._waits.sleep(wait)
             if self._closing.is_set():
                 return
             await self.channels.prune(self.members_in_use())  # what a failover left
@@ -264,31 +269,34 @@ class EtcdRegistry:
         """One round of the keeper with every retry and wait of ``_call`` (a thread of the
         loop's executor): renew (or use the answer of the keepalive ``tried``, if it was for
         the lease we hold now), grant a new lease if it is gone, write the instances again if
-        needed. Returns the wait until the next round and when the lease was last renewed."""
+        needed (once refused: when ``_waits`` says it is due). Returns the wait until the
+        next round and when the lease was last renewed."""
         lease = self._lease
         answer = tried[1] if tried[0] == lease else None
+        failure: RegistryError | None = None
         try:
-            if lease is None:  # a renewal failed half-way: finish it
-                if self._need_reput:
+            try:
+                if lease is not None:
+                    resp = self._refresh(lease) if answer is None else answer
+                    if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
+                        self._renew_lease(lease)
+                    else:
+                        renewed = time.monotonic()
+                if self._need_reput and self._waits.due():  # a new lease or a rewrite to finish
                     self._ensure_lease()
                     self._reput_all()
-                return wait, renewed
-            resp = self._refresh(lease) if answer is None else answer
-            if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
-                self._renew_lease(lease)
-            elif self._need_reput:
-                self._reput_all()
-            return jittered(interval), time.monotonic()
-        except _LeaseGone:
-            with contextlib.suppress(RegistryError):
+            except _LeaseGone:
                 self._renew_lease(lease)  # type: ignore[arg-type]
-            return retry_wait(self.ttl, interval, renewed), renewed
         except RegistryError as exc:
-            log.debug("lease keepalive: %s", exc)
-            return retry_wait(self.ttl, interval, renewed), renewed
+            if self._closing.is_set():
+                return wait, renewed
+            failure = exc
         except Exception:
             log.exception("etcd lease keepalive failed")
             return jittered(interval), renewed
+        leased = self._lease is not None  # after a failure: link down, soon; refused, later
+        renewed = time.monotonic() if leased and self._lease != lease else renewed  # new lease
+        return self._waits.after(failure, renewed, leased, self._need_reput), renewed
 
     # -- the Registry interface -------------------------------------------------------------
 

@@ -40,12 +40,29 @@ member answers in 1 ms (144 of 144 within ``FAST``); a proxy's answers spread ev
 once), so one passes for a member with odds of (42 / 512)^11, about 10^-12; if it then leaves
 a renewal unanswered past the client's timeout, the stream fails, the count starts again, and
 the next slow renewal is probed.
+
+When the keeper tries again after a failed round (:class:`KeeperWaits`) depends on why it
+failed. No member answered (:class:`~discovery.errors.RegistryUnavailable`, the link or the
+registry down): :func:`retry_wait`, short, so the fleet is back soon after its registry. etcd
+answered no (any other :class:`~discovery.errors.RegistryError`: a new lease or the rewrite of
+the instances refused, etcd out of space with its NOSPACE alarm, a role without write
+permission): that is tried again after ``GONE_RETRY`` s, the wait doubling (±25 %, so a fleet
+refused at one moment drifts apart, each wait still longer than the last) to
+``REFUSED_MAX`` s while it is refused, each refusal a warning; a lease held meanwhile is renewed
+every renewal interval as in steady state. Before, a refusal was tried again every
+``GONE_RETRY`` s forever (measured: 14 refused grants in 10 s; a refused rewrite, 1.1 rewrites
+and 1.1 renewals a second), on every host of the fleet. Once a round works the wait starts
+again from ``GONE_RETRY``; when the registry comes back after an outage (a call of the
+registry's succeeds again) or another call of the registry's is granted a lease, the keeper
+tries again within about ``GONE_RETRY`` s (±50 %), as after an outage it saw itself, its wait
+kept for a next refusal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -57,9 +74,10 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
+from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.registry import etcd_aio
 from discovery.registry.etcd_watch import ENDPOINT_DOWN, REQUIRE_LEADER
-from discovery.retry import jittered
+from discovery.retry import RetryAt, jittered
 
 if TYPE_CHECKING:
     from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
@@ -67,6 +85,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GONE_RETRY = 0.8  # seconds between renewals once the lease ran out (its instances are gone)
+REFUSED_MAX = 30.0  # seconds: the longest wait before a refused grant or rewrite is tried again
 LATE = 0.25  # seconds: an answer this late is not a member's own (module docstring)
 PROBE = 2 * LATE  # seconds a member not known late has to answer a status call (docstring)
 FAST = 0.05  # seconds: an answer this prompt is a member's own (module docstring)
@@ -74,17 +93,94 @@ PROMPT = 12  # renewals answered within FAST: a member, not a proxy (docstring)
 
 
 def retry_wait(ttl: float, interval: float, renewed: float) -> float:
-    """After a failed renewal: the renewal interval or half of what is left of the lease,
-    whichever is less (0.2 s at least), ±50 %. While the registry is down nothing reaches
-    it, so the fleet's first renewals once it is back arrive spread over about one
-    interval, as in steady state (etcd gives every lease a new TTL when it elects a
-    leader); a host cut off alone still tries again before its lease runs out. Once the
-    lease has run out its instances are gone from the registry: at most ``GONE_RETRY``
-    (±50 %) between tries then, so they are back within about a second of the link."""
+    """After a round no member answered (a refusal: :class:`KeeperWaits`): the renewal
+    interval or half of what is left of the lease, whichever is less (0.2 s at least),
+    ±50 %. While the registry is down nothing reaches it, so the fleet's first renewals
+    once it is back arrive spread over about one interval, as in steady state (etcd gives
+    every lease a new TTL when it elects a leader); a host cut off alone still tries again
+    before its lease runs out. Once the lease has run out its instances are gone from the
+    registry: at most ``GONE_RETRY`` (±50 %) between tries then, so they are back within
+    about a second of the link."""
     left = renewed + ttl - time.monotonic()
     if left <= 0:
         return jittered(min(interval, GONE_RETRY), 0.5)
     return jittered(max(min(interval, left / 2), 0.2), 0.5)
+
+
+class KeeperWaits:
+    """When the lease's keeper tries again after a failed round (module docstring): after a
+    link down, :func:`retry_wait`; after a refusal, :attr:`refused`'s doubling wait (±25 %)
+    before what was refused (a new lease, the rewrite) is tried again, a lease held renewed
+    meanwhile. The keeper sleeps with :meth:`sleep`, which :meth:`back` cuts short."""
+
+    def __init__(self, ttl: float, interval: float) -> None:
+        self.ttl, self.interval = ttl, interval
+        self.refused = RetryAt(GONE_RETRY, REFUSED_MAX)
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    def after(self, failure: RegistryError | None, renewed: float, leased: bool,
+              unwritten: bool) -> float:
+        """The wait before the keeper's next round: after ``failure`` (:meth:`failed`); while
+        a lease or a rewrite refused before waits for its turn (no lease or ``unwritten``:
+        :meth:`pending`); else, all done (:meth:`succeeded`), one renewal interval."""
+        if failure is not None:
+            return self.failed(failure, renewed, leased)
+        if not leased or unwritten:
+            return self.pending(leased)
+        self.succeeded()
+        return jittered(self.interval)
+
+    def due(self) -> bool:
+        """Whether a new lease or the rewrite may be tried now (always, if none was refused)."""
+        return time.monotonic() >= self.refused.due
+
+    def failed(self, exc: RegistryError, renewed: float, leased: bool) -> float:
+        """The wait before the next round after ``exc`` (``leased``: a lease is held, to be
+        renewed meanwhile; ``renewed``: when it last was, monotonic)."""
+        if isinstance(exc, RegistryUnavailable):
+            log.debug("etcd lease keeper: %s", exc)
+            self.refused.due = 0.0  # tried with the next round (a refusal's wait kept)
+            return retry_wait(self.ttl, self.interval, renewed)
+        wait = min(jittered(self.refused.failed(), 0.25), REFUSED_MAX)
+        self.refused.due = time.monotonic() + wait
+        log.warning("etcd lease keeper: %s; tries again in %.2f s%s", exc, wait,
+                    " (the lease renewed meanwhile)" if leased else "")
+        return min(wait, jittered(self.interval)) if leased else wait
+
+    def pending(self, leased: bool) -> float:
+        """The wait before the next round while what was refused waits for its turn."""
+        wait = self.refused.due - time.monotonic()
+        if wait <= 0:  # due, but not tried (a lease lost meanwhile): soon, never busy
+            wait = jittered(GONE_RETRY, 0.5)
+        return min(wait, jittered(self.interval)) if leased else wait
+
+    def succeeded(self) -> None:
+        """A round did all it had to: a next refusal waits ``GONE_RETRY`` s again."""
+        self.refused.succeeded()
+
+    def back(self) -> None:
+        """The registry is back after an outage, or granted a lease to another call: what
+        was refused is tried within about ``GONE_RETRY`` s (±50 %) (any thread)."""
+        if not self.refused.wait:
+            return  # nothing refused: the keeper's waits are the outage's (retry_wait)
+        self.refused.due = 0.0
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the keeper is gone
+                wake[0].call_soon_threadsafe(wake[1].set)
+
+    async def sleep(self, seconds: float) -> None:
+        """The keeper's wait between two rounds: ``seconds``, or until :meth:`back`, then
+        ``GONE_RETRY`` s ±50 % (a fleet told at one moment does not try at one moment)."""
+        loop, event = asyncio.get_running_loop(), asyncio.Event()
+        until, self._wake = loop.time() + seconds, (loop, event)
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            return
+        finally:
+            self._wake = None
+        await asyncio.sleep(min(jittered(GONE_RETRY, 0.5), until - loop.time()))
 
 
 class KeepAliveStream:

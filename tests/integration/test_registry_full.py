@@ -11,10 +11,17 @@ Counted twice: the agent's own log (``reconcile done``, one per node read) and e
 ``grpc_server_handled_total`` (what the registry was sent). The agent's /metrics has no
 such counter (``discovery_registry_read_bytes_total`` stays 0: the node's index is empty).
 Once space is freed and the alarm disarmed, the instance is registered at the next retry.
+
+The registry's lease keeper, refused the same way: a lease revoked from outside while etcd is
+full (a new one refused: NOSPACE), and a new lease granted but the rewrite of the instances
+refused (its role lost write permission). Each is tried again after 0.8 s, the wait doubling
+(±25 %) to 30 s, and logged as a warning; before, every 0.8 s (±50 %) forever, at DEBUG
+(measured here in 10 s: 13 to 15 grants, all refused; 11 to 14 rewrites and as many renewals).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -26,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from discovery.model import Instance
+from discovery.registry import open_registry
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.haproxy import http_get
@@ -42,24 +51,41 @@ WINDOW = 4.0  # seconds measured after the first refused write
 #: reconciles within WINDOW: 0.25, 0.75, 1.75, 3.75 s after the first refusal (4), with margin;
 #: before 2241d85 it was hundreds (one per round trip)
 MAX_RETRIES = 8
+TTL = 6.0  # the lease keeper's tests: a renewal every 2 s
+KEEPER_WINDOW = 10.0  # seconds measured after the keeper's first refusal
+#: the keeper's tries within KEEPER_WINDOW: 0.8, 2.4, 5.6 s (nominal, ±25 %) after the first
+#: refusal (3), with margin; before, one every 0.8 s ±50 % (13)
+MAX_KEEPER_TRIES = 5
+WEB = Instance(service="web", id="node-1:000000000001:80", node="node-1", address=HOST,
+               port=8001, registered_at=1.0)
 
 
 @pytest.fixture
-def full_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    """A single etcd of its own (no other test shares it) whose NOSPACE alarm is raised."""
+def quota_etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A single etcd of its own (no other test shares it) with a QUOTA, not full yet."""
     cluster = EtcdCluster(1, tmp_path / "etcd", extra=("--quota-backend-bytes", str(QUOTA)))
     try:
         cluster.start()
-        client = _client(cluster)
-        try:
-            filled = _fill(client)
-            alarms = list(client.list_alarms())
-        finally:
-            client.close()
-        assert alarms, f"no alarm after {filled} puts of {len(FILL_VALUE)} B"
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def full_etcd(quota_etcd: EtcdCluster) -> EtcdCluster:
+    """``quota_etcd`` with its NOSPACE alarm raised."""
+    _fill_to_alarm(quota_etcd)
+    return quota_etcd
+
+
+def _fill_to_alarm(cluster: EtcdCluster) -> None:
+    client = _client(cluster)
+    try:
+        filled = _fill(client)
+        alarms = list(client.list_alarms())
+    finally:
+        client.close()
+    assert alarms, f"no alarm after {filled} puts of {len(FILL_VALUE)} B"
 
 
 def _client(cluster: EtcdCluster) -> Any:
@@ -96,13 +122,15 @@ def _free_space(cluster: EtcdCluster) -> None:
         assert out.returncode == 0, (args, out.stderr)
 
 
-def etcd_handled(cluster: EtcdCluster) -> dict[str, float]:
-    """etcd's own count of the gRPC calls it answered, by method (every code summed)."""
+def etcd_handled(cluster: EtcdCluster, name: str = "grpc_server_handled_total"
+                 ) -> dict[str, float]:
+    """etcd's own count of the gRPC calls it answered, by method (every code summed); with
+    ``name="grpc_server_msg_received_total"``, of the messages it received (a stream's)."""
     url = f"http://{HOST}:{cluster.client_ports[0]}/metrics"
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
-    for m in re.finditer(r'^grpc_server_handled_total\{([^}]*)\} (\S+)$', text, re.M):
+    for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
         method = re.search(r'grpc_method="([^"]+)"', m.group(1))
         if method:
             out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
@@ -159,3 +187,103 @@ def test_refused_writes_are_retried_rarely_not_per_round_trip(
     print(f"registered {time.monotonic() - freed:.2f} s after the alarm was disarmed "
           f"(the wait then: {waits[-1]} s)")
     assert metric(http, "discovery_registrations_total") == 1.0
+
+
+def _keeper_waits(caplog: pytest.LogCaptureFixture, cause: str) -> list[float]:
+    """The waits the keeper's warnings named, for refusals that say ``cause``."""
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and r.name.startswith("discovery.registry") and cause in r.getMessage()]
+    return [float(w) for m in said for w in re.findall(r"tries again in (\S+) s", m)]
+
+
+def _counted(cluster: EtcdCluster, since: dict[str, float], *methods: str,
+             name: str = "grpc_server_handled_total") -> dict[str, float]:
+    now = etcd_handled(cluster, name)
+    return {m: now.get(m, 0.0) - since.get(m, 0.0) for m in methods}
+
+
+def test_a_new_lease_refused_is_asked_for_rarely_not_every_second(
+        quota_etcd: EtcdCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """An instance registered, etcd filled to NOSPACE, the lease revoked from outside: the
+    keeper asks for a new lease 0.8 s after the first refusal, the wait doubling (each
+    refusal a warning that names the cause), not every 0.8 s forever; once space is freed
+    the instance is back at the next try."""
+    caplog.set_level(logging.WARNING, logger="discovery.registry")
+    prefix = unique_prefix()
+    reg = open_registry(quota_etcd.url(prefix), ttl=TTL, timeout=2.0, environ={})
+    client = _client(quota_etcd)
+    try:
+        reg.register(WEB)
+        leases = {meta.lease_id for _, meta in client.get_prefix(prefix + "/")}
+        assert len(leases) == 1 and 0 not in leases, leases
+        _fill_to_alarm(quota_etcd)
+        before = etcd_handled(quota_etcd)
+        client.revoke_lease(leases.pop())
+        wait_for(lambda: _counted(quota_etcd, before, "LeaseGrant")["LeaseGrant"], 10,
+                 message="the keeper's first try of a new lease")
+        first = etcd_handled(quota_etcd)
+        time.sleep(KEEPER_WINDOW)
+        sent = _counted(quota_etcd, first, "LeaseGrant", "Txn", "LeaseKeepAlive")
+        waits = _keeper_waits(caplog, NOSPACE)
+        print(f"in {KEEPER_WINDOW:g} s after the first refused grant etcd answered {sent}; "
+              f"the keeper's waits: {waits}")
+        assert 2 <= sent["LeaseGrant"] <= MAX_KEEPER_TRIES, sent
+        assert sent["Txn"] == 0, sent  # nothing to write under no lease
+        assert len(waits) >= 3 and waits == sorted(waits) and waits[0] < 1.5, waits
+
+        _free_space(quota_etcd)
+        freed = time.monotonic()
+        wait_for(lambda: WEB.key in reg.snapshot().instances, _keeper_waits(caplog, NOSPACE)[-1]
+                 + 3.0, message="the instance registered again at the keeper's next try")
+        print(f"registered again {time.monotonic() - freed:.2f} s after space was freed")
+    finally:
+        client.close()
+        reg.close()
+
+
+def test_a_rewrite_refused_is_tried_rarely_and_the_lease_renewed(tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An instance registered by a user whose role then loses write permission, its lease
+    revoked: the keeper's new lease is granted, the rewrite refused; the rewrite is tried
+    again 0.8 s later, the wait doubling, while the new lease is renewed every TTL/3 as in
+    steady state (before: a rewrite and a renewal every 0.8 s, forever)."""
+    from tests.harness.secure import AuthEtcd
+
+    caplog.set_level(logging.WARNING, logger="discovery.registry")
+    cluster = AuthEtcd(1, tmp_path / "etcd")
+    reg = None
+    try:
+        cluster.start()
+        root = ("--user", f"root:{cluster.ROOT_PASSWORD}")
+        prefix = cluster.USER_PREFIX + unique_prefix()
+        reg = open_registry(cluster.url_as(cluster.USER, cluster.USER_PASSWORD, prefix),
+                            ttl=TTL, timeout=2.0, environ={})
+        reg.register(WEB)
+        where = ("--prefix=true", cluster.USER_PREFIX + "/")
+        cluster.etcdctl("role", "revoke-permission", "agents", *where, *root)
+        cluster.etcdctl("role", "grant-permission", "agents", "read", *where, *root)
+        leases = cluster.etcdctl("lease", "list", *root).split()[3:]  # found N leases ...
+        assert len(leases) == 1, leases
+        before = etcd_handled(cluster)
+        cluster.etcdctl("lease", "revoke", leases[0], *root)
+        wait_for(lambda: _counted(cluster, before, "Txn")["Txn"], 10,
+                 message="the keeper's first rewrite under a new lease")
+        first = etcd_handled(cluster)
+        first_messages = etcd_handled(cluster, "grpc_server_msg_received_total")
+        time.sleep(KEEPER_WINDOW)
+        sent = _counted(cluster, first, "LeaseGrant", "Txn")
+        renewals = _counted(cluster, first_messages, "LeaseKeepAlive",
+                            name="grpc_server_msg_received_total")["LeaseKeepAlive"]
+        waits = _keeper_waits(caplog, "permission denied")
+        print(f"in {KEEPER_WINDOW:g} s after the first refused rewrite etcd answered {sent}, "
+              f"{renewals:g} renewals; the keeper's waits: {waits}")
+        assert 2 <= sent["Txn"] <= MAX_KEEPER_TRIES, sent
+        assert sent["LeaseGrant"] == 0, sent  # the new lease is kept...
+        # ...renewed every TTL/3 (±10 %), and with each rewrite (before: every 0.8 s)
+        steady = KEEPER_WINDOW / (TTL / 3)
+        assert steady / 1.1 - 1 <= renewals <= steady / 0.9 + sent["Txn"] + 1, renewals
+        assert len(waits) >= 3 and waits == sorted(waits) and waits[0] < 1.5, waits
+    finally:
+        if reg is not None:
+            reg.close(revoke=False)
+        cluster.stop()
