@@ -30,7 +30,10 @@ revision has passed the host's.
   ``WatchCreate`` instead of k. ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes
   back to its k watchers (a new stream, each from its own revision), so in steady state etcd
   again sends this host only what it routes; until then it receives every change of the
-  registry (docs/operations.md#a-full-registry-restart).
+  registry (docs/operations.md#a-full-registry-restart);
+- etcd *refusing* (a watcher denied, a failed login) is no lost connection: the registry is not
+  reported down, each refusal is logged, the wait doubles to a minute; a wide resume etcd denies
+  resumes with the k watchers, and no longer wide (:mod:`~discovery.registry.etcd_refusal`).
 """
 
 from __future__ import annotations
@@ -48,11 +51,9 @@ from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
-from discovery.errors import RegistryUnavailable
-from discovery.registry import etcd_aio
+from discovery.registry import etcd_aio, etcd_refusal
 from discovery.registry.base import Change, ChangeCallback, deliver
-from discovery.registry.security import rpc_details
-from discovery.retry import RESUME_SPREAD, backoff_async
+from discovery.retry import RESUME_SPREAD
 
 if TYPE_CHECKING:
     from discovery.registry.base import RegistryURL, Snapshot
@@ -67,10 +68,6 @@ T = TypeVar("T")
 ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.INTERNAL)
 REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
-#: re-opening a broken stream: once after 0.1 s (another member), then every half resume
-#: spread plus up to one spread at random (a fleet whose registry is down retries one spread
-#: apart on average, so it comes back over that window when the registry does)
-RECONNECT_INITIAL = 0.1
 #: seconds (uniform between the two) a watch that resumed wide stays wide
 NARROW_AFTER = (10.0, 60.0)
 
@@ -110,7 +107,7 @@ class EtcdWatch:
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None,
                  spread: float = RESUME_SPREAD) -> None:
-        self._reg, self._callback, self._spread = reg, callback, spread
+        self._reg, self._callback = reg, callback
         self._root = root = reg.url.services_root + "/"
         self._services = None if services is None else frozenset(services)
         self._ranges = ([root] if self._services is None
@@ -120,8 +117,9 @@ class EtcdWatch:
         self._stream: Any = None
         self.endpoint: Endpoint | None = None  # the member of the stream open now
         self._reauth = False
-        self._failing = False
+        self._failures = etcd_refusal.WatchFailures(reg.where, spread, log)  # waits, logs
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
+        self._widen = True  # False once etcd denied a wide resume: the k watchers, always
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
         self.wide = False  # the current stream follows the whole prefix (filtered here)
         # each range's revision when the wide stream began: what it delivers at or below that
@@ -169,10 +167,7 @@ class EtcdWatch:
             await asyncio.Event().wait()  # until cancelled
         try:
             while not self._stopped.is_set():
-                half = max(self._spread / 2, RECONNECT_INITIAL)
-                async for attempt in backoff_async(Exception, stop_event=self._stopped,
-                                                   initial=half, maximum=half,
-                                                   jitter=self._spread):
+                async for attempt in self._failures.link_backoff(self._stopped):
                     with attempt:
                         await self._follow_once()
         except Exception:  # only when stopped: backoff retries forever otherwise
@@ -184,14 +179,13 @@ class EtcdWatch:
         except Exception as exc:
             if self._stopped.is_set():
                 return
-            self._lost = len(self._ranges) > 1 and all(self._revs.values())
+            if etcd_refusal.refused(exc):  # etcd said no: not down; a wait that doubles
+                return await self._failures.refused(exc, self.revision + 1)
+            self._lost = self._widen and len(self._ranges) > 1 and all(self._revs.values())
             await asyncio.to_thread(self._reg.set_state, False)
-            if self._failing:
-                raise  # the backoff waits
-            log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                        self._reg.where, rpc_details(exc), self.revision + 1)
-            self._failing = True
-            await asyncio.sleep(RECONNECT_INITIAL)  # the first time: another member, at once
+            if not self._failures.interrupted(exc, self.revision + 1):
+                raise  # the backoff waits (a fixed resume spread)
+            await asyncio.sleep(etcd_refusal.RECONNECT_INITIAL)  # the first time: another member
 
     def _create(self, rng: str) -> Any:
         rev = self._revs.get(rng, self.revision)  # the wide watcher: the oldest
@@ -237,7 +231,12 @@ class EtcdWatch:
                     if not self._reauth and reg.auth.stale(resp.cancel_reason):
                         self._reauth = True  # our token expired: once, a new stream at once
                         return
-                    raise RegistryUnavailable(f"watch canceled: {resp.cancel_reason}")
+                    reason = resp.cancel_reason
+                    if wide and pending and etcd_refusal.denied(reason):  # the role reads k ranges
+                        self._widen = self._lost = False  # a new stream at once, with those
+                        self._failures.narrowed(reason, self._root, len(self._ranges))
+                        return
+                    raise etcd_refusal.canceled(reason, pending[0] if pending else self._root)
                 rng = ids.get(resp.watch_id)
                 if resp.created and pending:
                     rng = ids[resp.watch_id] = pending.pop(0)
@@ -250,7 +249,8 @@ class EtcdWatch:
                         reg.client.follow(endpoint)  # one connection: the calls come here
                         await reg.channels.prune(reg.members_in_use())
                         await asyncio.to_thread(reg.set_state, True)
-                        self._reauth = self._failing = False
+                        self._reauth = False
+                        self._failures.held()
                         if wide:
                             narrow = asyncio.get_running_loop().call_later(
                                 random.uniform(*NARROW_AFTER), self._narrow, stream)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,20 @@ class ServerCluster:
         """SIGKILL member ``i`` (by the pid the harness started) and reap it: no goodbye to
         its peers or clients. ``start_member(i)`` brings it back on the same data dir."""
         self.procs[i].kill()
+
+    def grpc_counts(self, name: str = "grpc_server_handled_total", i: int = 0) -> dict[str, float]:
+        """Member ``i``'s own count, by gRPC method (every code summed), of the calls and streams
+        it has ended; with ``name="grpc_server_msg_received_total"``, of the messages it
+        received (a stream's). What a test's hosts sent, as the registry saw it."""
+        url = f"http://{HOST}:{self.client_ports[i]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
+            method = re.search(r'grpc_method="([^"]+)"', m.group(1))
+            if method:
+                out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
+        return out
 
     def leader(self) -> int | None:
         """Index of the member every running member agrees leads now; None during an election."""

@@ -25,7 +25,6 @@ import logging
 import re
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,21 +121,6 @@ def _free_space(cluster: EtcdCluster) -> None:
         assert out.returncode == 0, (args, out.stderr)
 
 
-def etcd_handled(cluster: EtcdCluster, name: str = "grpc_server_handled_total"
-                 ) -> dict[str, float]:
-    """etcd's own count of the gRPC calls it answered, by method (every code summed); with
-    ``name="grpc_server_msg_received_total"``, of the messages it received (a stream's)."""
-    url = f"http://{HOST}:{cluster.client_ports[0]}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
-        method = re.search(r'grpc_method="([^"]+)"', m.group(1))
-        if method:
-            out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
-    return out
-
-
 def metric(port: int, name: str) -> float:
     status, text = http_get(port, "/metrics")
     assert status == 200
@@ -161,7 +145,7 @@ def test_refused_writes_are_retried_rarely_not_per_round_trip(
 
     def counts() -> tuple[int, int, dict[str, float]]:
         log = agent.log()
-        return log.count("reconcile done"), len(refused.findall(log)), etcd_handled(full_etcd)
+        return log.count("reconcile done"), len(refused.findall(log)), full_etcd.grpc_counts()
 
     wait_for(lambda: refused.search(agent.log()), 30, message="a write refused for want of space")
     reconciles0, refusals0, etcd0 = counts()
@@ -198,7 +182,7 @@ def _keeper_waits(caplog: pytest.LogCaptureFixture, cause: str) -> list[float]:
 
 def _counted(cluster: EtcdCluster, since: dict[str, float], *methods: str,
              name: str = "grpc_server_handled_total") -> dict[str, float]:
-    now = etcd_handled(cluster, name)
+    now = cluster.grpc_counts(name)
     return {m: now.get(m, 0.0) - since.get(m, 0.0) for m in methods}
 
 
@@ -217,11 +201,11 @@ def test_a_new_lease_refused_is_asked_for_rarely_not_every_second(
         leases = {meta.lease_id for _, meta in client.get_prefix(prefix + "/")}
         assert len(leases) == 1 and 0 not in leases, leases
         _fill_to_alarm(quota_etcd)
-        before = etcd_handled(quota_etcd)
+        before = quota_etcd.grpc_counts()
         client.revoke_lease(leases.pop())
         wait_for(lambda: _counted(quota_etcd, before, "LeaseGrant")["LeaseGrant"], 10,
                  message="the keeper's first try of a new lease")
-        first = etcd_handled(quota_etcd)
+        first = quota_etcd.grpc_counts()
         time.sleep(KEEPER_WINDOW)
         sent = _counted(quota_etcd, first, "LeaseGrant", "Txn", "LeaseKeepAlive")
         waits = _keeper_waits(caplog, NOSPACE)
@@ -264,12 +248,12 @@ def test_a_rewrite_refused_is_tried_rarely_and_the_lease_renewed(tmp_path: Path,
         cluster.etcdctl("role", "grant-permission", "agents", "read", *where, *root)
         leases = cluster.etcdctl("lease", "list", *root).split()[3:]  # found N leases ...
         assert len(leases) == 1, leases
-        before = etcd_handled(cluster)
+        before = cluster.grpc_counts()
         cluster.etcdctl("lease", "revoke", leases[0], *root)
         wait_for(lambda: _counted(cluster, before, "Txn")["Txn"], 10,
                  message="the keeper's first rewrite under a new lease")
-        first = etcd_handled(cluster)
-        first_messages = etcd_handled(cluster, "grpc_server_msg_received_total")
+        first = cluster.grpc_counts()
+        first_messages = cluster.grpc_counts("grpc_server_msg_received_total")
         time.sleep(KEEPER_WINDOW)
         sent = _counted(cluster, first, "LeaseGrant", "Txn")
         renewals = _counted(cluster, first_messages, "LeaseKeepAlive",

@@ -1,0 +1,119 @@
+"""What an etcd watch (:mod:`~discovery.registry.etcd_watch`) does when its stream fails: a lost
+link, or a refusal.
+
+A **lost link** (``RegistryUnavailable``, a gRPC ``UNAVAILABLE``, no member to be reached) is
+what a whole fleet sees at once when its registry restarts. The broken stream is re-opened at
+once (another member), then after half the registry URL's resume spread plus up to one spread
+at random, every time (:func:`discovery.retry.backoff_async` with a fixed wait): the fleet's
+streams come back over that window, each host within one spread of the registry's return
+(docs/benchmarks.md). The registry is reported down; the first failure is logged.
+
+A **refusal** is etcd answering no: it denies a watcher (``permission denied``: the role may
+not read the range; ``user name is empty``: etcd wants a user), it refuses the login (the
+password given is no longer etcd's), or any other ``RegistryError`` but ``RegistryUnavailable``
+(a re-read after compaction that is denied). Trying again at the resume rate changes nothing
+and costs etcd every time (a failed login is a bcrypt: measured 61 ms of etcd CPU). So the wait
+doubles from the same first wait (half a spread) up to ``REFUSED_MAX``, plus up to one spread
+at random (:class:`discovery.retry.RetryAt`, :func:`discovery.retry.spread`), and starts again
+once a stream holds its watchers. Each refusal is logged (WARNING) with etcd's reason and the
+wait. The registry is not reported down for it: etcd answered (a lost link, or a liveness read
+that no member answers, still reports it down).
+
+A **wide resume** (k > 1 services: one watcher on the whole prefix) that etcd denies is no
+refusal of what the watch follows (a role granting read on the followed services only, not on
+the prefix docs/security.md asks for): the watch resumes at once with its k watchers, and no
+longer resumes wide (logged once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+import tenacity
+
+from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.registry.security import hint, rpc_details
+from discovery.retry import RetryAt, backoff_async, spread
+
+#: re-opening a broken stream: once after 0.1 s (another member), then every half resume
+#: spread plus up to one spread at random (a fleet whose registry is down retries one spread
+#: apart on average, so it comes back over that window when the registry does)
+RECONNECT_INITIAL = 0.1
+#: the longest wait after a refusal (plus up to one resume spread at random)
+REFUSED_MAX = 60.0
+
+
+class WatchRefused(RegistryError):
+    """etcd denied a watcher (its cancel reason says why)."""
+
+
+def denied(reason: str) -> bool:
+    """Whether a watch's cancel reason is etcd denying it (not a lost link, not a token to
+    renew: :meth:`~discovery.registry.security.EtcdAuth.stale` tells those)."""
+    low = reason.lower()
+    return "permission denied" in low or "user name is empty" in low
+
+
+def canceled(reason: str, rng: str) -> RegistryError:
+    """The error of a watcher on ``rng`` that etcd canceled for ``reason``."""
+    if denied(reason):
+        return WatchRefused(f"etcd denied the watch on {rng}: {reason}{hint(reason)}")
+    return RegistryUnavailable(f"watch canceled: {reason}")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a failure is etcd refusing (see the module docstring), not a lost link."""
+    if isinstance(exc, RegistryError):
+        return not isinstance(exc, RegistryUnavailable)
+    code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+    return code == grpc.StatusCode.PERMISSION_DENIED
+
+
+class WatchFailures:
+    """One watch's failures: which kind, how long it waits, what it logs (on ``log``, the
+    watch's logger). ``where``: the registry's members, for the log."""
+
+    def __init__(self, where: str, resume_spread: float, log: logging.Logger) -> None:
+        self._where, self._spread, self._log = where, resume_spread, log
+        self._first = max(resume_spread / 2, RECONNECT_INITIAL)
+        self._refused = RetryAt(self._first, REFUSED_MAX)
+        self._failing = False  # a lost link logged, and no stream has held its watchers since
+
+    def link_backoff(self, stop_event: threading.Event) -> tenacity.AsyncRetrying:
+        """The waits after a lost link: half a spread plus up to a spread, every time."""
+        return backoff_async(Exception, stop_event=stop_event, initial=self._first,
+                             maximum=self._first, jitter=self._spread)
+
+    def interrupted(self, exc: BaseException, resume: int) -> bool:
+        """A lost link: True, and logged, when it is the first since a stream last held."""
+        if self._failing:
+            return False
+        self._log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
+                          self._where, rpc_details(exc), resume)
+        self._failing = True
+        return True
+
+    async def refused(self, exc: BaseException, resume: int) -> None:
+        """A refusal: logged with its reason, then the wait (which doubles each time)."""
+        wait = self._refused.failed() + spread(self._spread)
+        why = str(exc) if isinstance(exc, RegistryError) else rpc_details(exc)
+        self._log.warning("etcd watch on %s refused (%s); trying again in %.1fs, from revision "
+                          "%d (the registry is not reported down for it)",
+                          self._where, why, wait, resume)
+        await asyncio.sleep(wait)
+
+    def narrowed(self, reason: str, root: str, services: int) -> None:
+        """etcd denied a wide resume on ``root``: the watch resumes with its own watchers."""
+        self._log.warning("etcd watch on %s: a resume watching all of %s was denied (%s); "
+                          "resuming with one watcher for each of the %d services, now and at "
+                          "every resume (grant the registry user read on the whole prefix for "
+                          "the one-watcher resume: docs/security.md)",
+                          self._where, root, reason, services)
+
+    def held(self) -> None:
+        """A stream holds its watchers: the next failure is a first one again."""
+        self._failing = False
+        self._refused.succeeded()
