@@ -361,7 +361,7 @@ class EtcdRegistry:
             etcd_watch.status_checked(list(self._watches), lambda: c.maintenancestub.Status(
                 etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
                 metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, *etcd_aio.TRANSIENT) as exc:  # no member right after a restart
             log.debug("etcd status for the restore check failed: %s", rpc_details(exc))
 
     def revision(self) -> int:

@@ -28,6 +28,7 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryError
 from discovery.registry.base import RegistryURL
+from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,10 @@ class EtcdAuth:
     never again; etcd forgets simple tokens on restart and after ``--auth-token-ttl`` idle.
     So: :meth:`ensure` gets a token when we have none (through whichever endpoint pyetcd uses)
     and puts it in ``client.metadata``, which every pyetcd call sends; :meth:`stale` tells
-    whether an error means "authenticate again".
+    whether an error means "authenticate again". A login etcd refuses (a rotated password, a
+    removed user) is not asked again before a wait doubling from 1 s to a minute: the calls
+    meanwhile fail with the same error, for a failed login costs etcd a bcrypt (~61 ms of its
+    CPU), and every host of a fleet with the old password would otherwise try at every call.
     """
 
     def __init__(self, client: Any, secrets: Secrets, where: str) -> None:
@@ -164,6 +168,8 @@ class EtcdAuth:
         self._user, self._password = secrets.user, secrets.password
         self.enabled = secrets.user is not None
         self._lock = threading.Lock()
+        self._refusals = RetryAt(1.0, 60.0)  # a refused login: when it may be asked again
+        self._refused: RegistryError | None = None
         if self.enabled:
             client.metadata = None  # no token yet
 
@@ -182,8 +188,19 @@ class EtcdAuth:
         if not self.enabled or self._client.metadata is not None:
             return
         with self._lock:
-            if self._client.metadata is None:
+            if self._client.metadata is not None:
+                return
+            if self._refused is not None and not self._refusals.taken():
+                raise RegistryError(f"{self._refused} (not asked again until "
+                                    f"{self._refusals.wait:g} s after that refusal)")
+            try:
                 self._client.metadata = self._authenticate()
+            except RegistryError as exc:
+                self._refused = exc
+                self._refusals.failed()
+                raise
+            self._refused = None
+            self._refusals.succeeded()
 
     def _authenticate(self) -> tuple[tuple[str, str], ...]:
         client = self._client
