@@ -3,8 +3,11 @@
 :class:`~discovery.registry.zk_watch.ZkWatch` reads everything when it starts and after a
 session expired (``reset``); this is that read. It lists the services (or only the followed
 ones: their directories, not the list of services), then reads their nodes, arming the
-one-shot watches a follower without persistent watches needs through ``watch_for``. And
-:func:`unread_holders`: under Nerve, the nodes of a service the follower has not read yet.
+one-shot watches a follower without persistent watches needs through ``watch_for``. Such a
+follower's one-shot watch on a listing (the list of services, a service's directory) tells it
+to list that again: :func:`relist`, by the same rules (a directory gone, or refused to us,
+is left out). And :func:`unread_holders`: under Nerve, the nodes of a service the follower has
+not read yet.
 """
 
 from __future__ import annotations
@@ -123,6 +126,42 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
             instances[inst.key] = inst
     found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
     return found
+
+
+def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,
+           reads: ReadStats, svcs: set[str], nodes: dict[str, int], item: tuple[str, str],
+           watch: Callable[[Any], None] | None) -> list[tuple[str, str]]:
+    """List ``item`` again (``("services", "")``: the services; ``("svc", name)``: that
+    service's directory), arming ``watch``, and return what to read next: the services and
+    nodes not in ``svcs`` and ``nodes`` yet (added there), or ``item`` itself (made
+    meanwhile). A service directory we may not list is left out as :func:`scan` leaves it out
+    (named, counted; listed again at the next change of the list of services, or the next full
+    read): one directory planted against us must not stall every change of the catalog (it
+    cost each follower a 5 s wait and a full read). The list of services refused: raised.
+    """
+    kind, name = item
+    services = url.services_root
+    folder = services if kind == "services" else url.service_dir(name)
+    try:
+        children = client.get_children(folder, watch=watch)
+    except NoNodeError:
+        svcs.discard(name)  # made meanwhile (a followed service, Nerve's path= below one)?
+        again = kind == "services" or only is not None or folder != f"{services}/{name}"
+        return [item] if again and client.exists(folder, watch=watch) is not None else []
+    except NoAuthError:
+        if kind == "services":
+            raise  # our credentials, or its ACL changed: the caller says so, reads it all again
+        svcs.discard(name)
+        skip_denied(decoder, folder)
+        return []
+    reads.listed(children)
+    if kind == "services":
+        fresh = [s for s in children if s not in svcs]
+        svcs.update(fresh)
+        return [("svc", s) for s in fresh]
+    paths = [f"{folder}/{child}" for child in children if f"{folder}/{child}" not in nodes]
+    nodes.update(dict.fromkeys(paths, 0))
+    return [("node", path) for path in paths]
 
 
 def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int],

@@ -28,10 +28,14 @@ from discovery.registry.zk_multi import ManyReads, skip_denied
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
-from discovery.registry.zk_scan import LivePaths, scan, unread_holders
+from discovery.registry.zk_scan import LivePaths, relist, scan, unread_holders
+from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
+#: seconds before everything is read again after a refused read (NoAuth): the first, doubling
+#: up to the last while refused, from the first again once a full read succeeds
+REFUSED_WAIT = (5.0, 60.0)
 
 
 class ZkWatch:
@@ -45,7 +49,10 @@ class ZkWatch:
     items, re-armed by the worker's reads. With ``services`` it follows only those services'
     directories: ZooKeeper tells this host only about what it routes. ``reads`` counts what
     it reads. A lost connection (same session) re-arms the watches from the zxid seen before
-    (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again.
+    (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again. A read
+    refused (NoAuth: no world READ, no credentials given) is logged, and everything read again
+    5 s later, the wait doubling to 60 s while refused (:data:`REFUSED_WAIT`); one service
+    directory refused is left out, as the full read leaves it out (``zk_scan.relist``).
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
@@ -75,6 +82,7 @@ class ZkWatch:
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
         self._reconnects = Reconnects()  # where we were when the link went
         self._catch_up = CatchUp()  # persistent: later one-shot events are stale
+        self._refused = RetryAt(*REFUSED_WAIT)  # NoAuth: the wait before reading it all again
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
         client.add_listener(self._on_state)
@@ -214,9 +222,11 @@ class ZkWatch:
             except ConnectionClosedError:
                 return
             except NoAuthError:  # an ACL without world READ, and we lack the credentials
+                wait = jittered(self._refused.failed())  # a fleet refused at once reads apart
                 log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
-                            "password; retrying", shown(item[1] or self._services))
-                self._stopped.wait(5)
+                            "password; reading everything again in %.1fs",
+                            shown(item[1] or self._services), wait)
+                self._stopped.wait(wait)
                 self.reset()
             except Exception:
                 log.exception("ZooKeeper watch failed on %s; re-reading everything", shown(item))
@@ -230,40 +240,15 @@ class ZkWatch:
             return
         if not self._connected.is_set():
             raise ConnectionLoss()
-        c, services = self._client, self._services
         if kind == "init":
             self._init(int(arg))
         elif kind == "reset":
             snap, _ = self._scan()
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
-        elif kind == "services":
-            try:
-                children = c.get_children(services, watch=self._w(item))
-            except NoNodeError:
-                if c.exists(services, watch=self._w(item)) is not None:
-                    self._push(item)
-                return
-            self._reads.listed(children)
-            for s in children:
-                if s not in self._svcs:
-                    self._svcs.add(s)
-                    self._push(("svc", s))
-        elif kind == "svc":
-            folder = self._url.service_dir(arg)
-            try:
-                children = c.get_children(folder, watch=self._w(item))
-            except NoNodeError:
-                self._svcs.discard(arg)
-                if ((self._only is not None or folder != f"{services}/{arg}")
-                        and c.exists(folder, watch=self._w(item))):
-                    self._push(item)  # Nerve's path= below the service: created meanwhile
-                return
-            self._reads.listed(children)
-            for child in children:
-                path = f"{folder}/{child}"
-                if path not in self._nodes:
-                    self._nodes[path] = 0
-                    self._push(("node", path))
+        elif kind in ("services", "svc"):  # one-shot watches: a listing changed
+            for todo in relist(self._client, self._url, self._decoder, self._only,
+                               self._reads, self._svcs, self._nodes, item, self._w(item)):
+                self._push(todo)
         elif kind == "node":
             self._node(arg)
         elif kind == "rearm":
@@ -378,6 +363,7 @@ class ZkWatch:
         found = scan(self._client, self._url, self._decoder, self._only, self._reads,
                      self._read_nodes, self._w)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
+        self._refused.succeeded()  # a refusal from now on waits the first wait again
         self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest
 

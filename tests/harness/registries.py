@@ -1,5 +1,6 @@
 """Fixtures over the session's servers (tests/harness/servers.py): a fresh etcd prefix, the
-running ZooKeeper, and registries closed at a test's end."""
+running ZooKeeper, a raw ZooKeeper client of another identity, and registries closed at a
+test's end."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
+from kazoo.client import KazooClient
+from kazoo.security import make_digest_acl
 
 from discovery.registry import Registry
 from tests.harness.servers import ServerCluster, unique_prefix
@@ -17,6 +20,22 @@ def zk(zk_single: ServerCluster) -> ServerCluster:
     """The session's single ZooKeeper, running (started again if a test stopped it)."""
     zk_single.ensure_running()
     return zk_single
+
+
+#: another ZooKeeper identity: what it creates with ``LOCKED``, a test's registry may not read
+OTHER = ("other", "pw")
+LOCKED = [make_digest_acl(*OTHER, all=True)]
+
+
+@pytest.fixture
+def other(zk: ServerCluster) -> Iterator[KazooClient]:
+    """A raw ZooKeeper client of the ``OTHER`` identity."""
+    host, port = zk.address(0)
+    client = KazooClient(hosts=f"{host}:{port}", auth_data=[("digest", ":".join(OTHER))])
+    client.start(timeout=10)
+    yield client
+    client.stop()
+    client.close()
 
 
 @pytest.fixture

@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
+from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.model import Instance
 from discovery.registry import (
@@ -31,24 +30,12 @@ from discovery.registry import (
     zk_persistent,
 )
 from tests.harness.raw_clients import expire_zk_session
+from tests.harness.registries import LOCKED
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
 from tests.harness.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
-OTHER = ("other", "pw")  # another identity: a node it makes with its ACL, we may not read
-LOCKED = [make_digest_acl(*OTHER, all=True)]
-
-
-@pytest.fixture
-def other(zk: ServerCluster) -> Iterator[KazooClient]:
-    """A raw client of another identity."""
-    host, port = zk.address(0)
-    client = KazooClient(hosts=f"{host}:{port}", auth_data=[("digest", ":".join(OTHER))])
-    client.start(timeout=10)
-    yield client
-    client.stop()
-    client.close()
 
 
 def inst(n: int, service: str = "web") -> Instance:

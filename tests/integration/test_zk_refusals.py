@@ -1,0 +1,161 @@
+"""A ZooKeeper watch whose reads are refused (NoAuth) must not hammer the ensemble:
+
+- the services directory locked against this client (its ACL changed to digest-only, then
+  the session expired): the watch says so and reads everything again 5 s later, then 10, 20,
+  up to 60 s, and from 5 s again once a full read succeeded (it re-read the whole registry
+  every 5 s, forever: one such read a host every 5 s, a fleet's at once);
+- one service directory locked, among readable ones or planted alone in a catalog with
+  nothing readable yet, followed with one-shot watches (an ensemble without persistent
+  watches: before 3.6, or ``WatchManagerOptimized``; here a 3.6+ server sent an opcode it does
+  not know): a new service is followed at once, the locked directory skipped as the full read
+  skips it (every change to the list of services made every such watch stall 5 s and then
+  re-read the whole registry: a new service followed after 5.03 s, not 0.01 s).
+
+Refusals are counted in the watch's log, its changes and ``registry.reads``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.security import OPEN_ACL_UNSAFE
+
+from discovery.model import Instance
+from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_persistent, zk_watch
+from tests.harness.raw_clients import expire_zk_session
+from tests.harness.registries import LOCKED
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+
+pytestmark = pytest.mark.integration
+
+REFUSED = re.compile(r"ZooKeeper watch may not read .* \(NoAuth\).* in ([0-9.]+) ?s")
+
+
+def inst(n: int, service: str = "web") -> Instance:
+    return Instance(service=service, id=f"node-1:{n:012x}:80", node="node-1",
+                    address="127.0.0.1", port=8000 + n, registered_at=1.0)
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[tuple[float, str]]:
+    """The watch's NoAuth warnings so far: (when, message)."""
+    return [(r.created, r.getMessage()) for r in caplog.records
+            if r.name == zk_watch.__name__ and "(NoAuth)" in r.getMessage()]
+
+
+def waits(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits those warnings announce (none: they announce none)."""
+    found = [REFUSED.search(message) for _, message in refusals(caplog)]
+    return [float(m.group(1)) for m in found if m]
+
+
+def followed(url: str, regs: list[Registry]) -> tuple[Registry, Registry, list[Change]]:
+    """A writer with one instance, and a reader (no credentials) watching from its snapshot."""
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    writer.register(inst(1))
+    seen: list[Change] = []
+    reader.watch(seen.append, reader.snapshot().revision)
+    return writer, reader, seen
+
+
+def test_a_locked_services_directory_is_read_again_less_and_less_often(
+        zk: ServerCluster, regs: list[Registry], other: KazooClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    url = zk.url(unique_prefix())
+    _, reader, _ = followed(url, regs)
+    other.set_acls(RegistryURL.parse(url).services_root, LOCKED)
+    expire_zk_session(reader.client)  # the registry's recovery: the watch reads everything
+    wait_until(lambda: len(refusals(caplog)) >= 3, 20, "three refused full reads")
+    full = reader.reads.counts().full_reads
+    times = [t for t, _ in refusals(caplog)]
+    first, second = times[1] - times[0], times[2] - times[1]
+    print(f"gaps between refused full reads: {first:.2f} s, {second:.2f} s; "
+          f"full reads so far {full}")
+    assert 4.4 <= first <= 5.6, first  # 5 s ±10 %
+    assert 8.9 <= second <= 11.1, second  # doubled (it was 5 s again, forever)
+    assert waits(caplog)[:3] == pytest.approx([5, 10, 20], rel=0.11)  # each says its wait
+
+
+def test_the_wait_starts_again_once_a_full_read_succeeds(
+        zk: ServerCluster, regs: list[Registry], other: KazooClient,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zk_watch, "REFUSED_WAIT", (0.4, 1.6), raising=False)  # 0.4 .. 1.6 s
+    url = zk.url(unique_prefix())
+    root = RegistryURL.parse(url).services_root
+    _, reader, seen = followed(url, regs)
+    other.set_acls(root, LOCKED)
+    expire_zk_session(reader.client)
+    wait_until(lambda: len(refusals(caplog)) >= 4, 10, "four refused full reads")
+    assert waits(caplog)[:4] == pytest.approx([0.4, 0.8, 1.6, 1.6], rel=0.15)  # up to the most
+
+    other.set_acls(root, OPEN_ACL_UNSAFE)  # read again: the watch's reset delivers the catalog
+    wait_until(lambda: [c.kind for c in seen][-1:] == ["reset"], 10, "the reset once readable")
+    assert set(seen[-1].snapshot.instances) == {inst(1).key}  # type: ignore[union-attr]
+    caplog.clear()
+    other.set_acls(root, LOCKED)
+    expire_zk_session(reader.client)
+    wait_until(lambda: len(refusals(caplog)) >= 2, 10, "refused again")
+    assert waits(caplog)[:2] == pytest.approx([0.4, 0.8], rel=0.15)  # from the start again
+
+
+def served(seen: list[Change]) -> set[tuple[str, str]]:
+    """The instances the changes so far hold (puts and resets minus deletes)."""
+    keys: set[tuple[str, str]] = set()
+    for c in seen:
+        if c.kind == "reset" and c.snapshot is not None:
+            keys = set(c.snapshot.instances)
+        elif c.key is not None:
+            (keys.add if c.kind == "put" else keys.discard)(c.key)
+    return keys
+
+
+def watch_count(zk: ServerCluster) -> int:
+    """The watches the server holds, data and child (``mntr``)."""
+    for line in zk.four_letter(0, "mntr").splitlines():
+        if line.startswith("zk_watch_count"):
+            return int(line.split()[1])
+    raise AssertionError("no zk_watch_count in mntr")
+
+
+@pytest.mark.parametrize("catalog", ["among readable services", "alone"])
+def test_one_locked_service_directory_holds_back_no_new_service(
+        zk: ServerCluster, regs: list[Registry], other: KazooClient, catalog: str,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zk_persistent.AddWatch, "type", 250)  # UNIMPLEMENTED: one-shot watches
+    url = zk.url(unique_prefix())
+    parsed = RegistryURL.parse(url)
+    evil = parsed.service_dir("evil")
+    other.ensure_path(parsed.services_root)  # (open: create(makepath=) would lock it too)
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    seen: list[Change] = []
+    if catalog == "alone":  # planted in a catalog that has nothing readable yet
+        watches = watch_count(zk)
+        reader.watch(seen.append, reader.snapshot().revision)
+        wait_until(lambda: watch_count(zk) > watches, 10, "the one-shot watch on the services")
+        other.create(evil, b"", acl=LOCKED)  # the watch lists it, is refused
+        wait_until(lambda: evil in caplog.text, 10, "the locked directory skipped")
+    else:
+        other.create(evil, b"", acl=LOCKED)  # planted against us before the watch
+        writer.register(inst(1))
+        reader.watch(seen.append, reader.snapshot().revision)
+        web = parsed.key(*inst(1).key)  # its full read's last: the listings' watches before it
+        wait_until(lambda: web in zk.four_letter(0, "wchp").splitlines(), 10,
+                   "the full read's one-shot watches")  # (AddWatch refused: it reconnected first)
+        assert evil in caplog.text  # the full read skipped it
+    before, skipped, changes = reader.reads.counts(), reader.invalid_records, len(seen)
+    for n, service in enumerate(["api", "db"], 2):  # each changes the list of services
+        added = inst(n, service)
+        start = time.monotonic()
+        writer.register(added)
+        wait_until(lambda key=added.key: key in served(seen), 10, f"{service} followed")
+        took = time.monotonic() - start
+        print(f"{service}: followed after {took:.2f} s")
+        assert took < 2.0, took  # 5 s before: a refused listing, a wait, a full read
+    assert [c.kind for c in seen[changes:]] == ["put", "put"]  # no reset
+    assert (reader.reads.counts() - before).full_reads == 0
+    assert reader.invalid_records > skipped  # each refused listing counted as the scan counts
+    assert not refusals(caplog)  # no "may not read ... (NoAuth)": no wait, no reset
