@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.harness.servers",
     "tests.harness.registries",
+    "tests.harness.secure",
     "tests.harness.dockerd",
     "tests.harness.agent",
     "tests.harness.haproxy",

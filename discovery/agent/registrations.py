@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from discovery.agent.history import LOST, Cause, History
 from discovery.agent.tracked import Key
-from discovery.errors import RegistryError
+from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.registry import Registry, Snapshot
@@ -84,19 +84,25 @@ class Registrations:
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
-                        "%.2f s", *key, exc, self.failed())
+                        "%.2f s", *key, exc, self.failed(exc))
             return
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
 
-    def failed(self) -> float:
-        """A write failed: a reconcile is due at :attr:`retry`'s next turn, in the seconds
-        returned."""
-        wait = self.retry.failed()
+    def failed(self, exc: RegistryError) -> float:
+        """A write failed: a reconcile is due, in the seconds returned. A refusal waits
+        :attr:`retry`'s turn, which doubles once a round (the first refusal since the last
+        reconcile began), not once a write; a lost link (no member answered, after the
+        request's whole timeout) no turn: its reconcile finds the registry down and waits for
+        its return (:meth:`unread`), whose first writes must not wait a grown turn."""
+        if isinstance(exc, RegistryUnavailable):
+            self.retry.due = 0.0
+        elif not self.write_failed:
+            self.retry.failed()
         self.write_failed = True
         self._wake()
-        return wait
+        return max(self.retry.due - time.monotonic(), 0.0)
 
     def retry_due(self) -> float:
         """When failed writes may be tried again (monotonic; inf: none failed)."""

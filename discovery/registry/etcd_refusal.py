@@ -100,7 +100,7 @@ class WatchFailures:
         """A refusal: logged with its reason, then the wait (which doubles each time)."""
         wait = self._refused.failed() + spread(self._spread)
         why = str(exc) if isinstance(exc, RegistryError) else rpc_details(exc)
-        self._log.warning("etcd watch on %s refused (%s); trying again in %.1fs, from revision "
+        self._log.warning("etcd watch on %s refused (%s); trying again in %.1f s, from revision "
                           "%d (the registry is not reported down for it)",
                           self._where, why, wait, resume)
         await asyncio.sleep(wait)

@@ -228,10 +228,12 @@ class EtcdWatch:
                     if self._rewinding:
                         return  # the next stream reads everything again first
                 if resp.canceled:
-                    if not self._reauth and reg.auth.stale(resp.cancel_reason):
-                        self._reauth = True  # our token expired: once, a new stream at once
+                    reason = resp.cancel_reason  # etcd < 3.4.22 / 3.5.6 denies a forgotten
+                    if not self._reauth and (reg.auth.stale(reason) or (  # token (#12385)
+                            reg.auth.enabled and etcd_refusal.denied(reason))):
+                        reg.auth.drop()  # our token expired: once, a new stream at once
+                        self._reauth = True
                         return
-                    reason = resp.cancel_reason
                     if wide and pending and etcd_refusal.denied(reason):  # the role reads k ranges
                         self._widen = self._lost = False  # a new stream at once, with those
                         self._failures.narrowed(reason, self._root, len(self._ranges))

@@ -43,6 +43,9 @@ _WHERE_SET = {  # how each file/secret can be given, for error messages
 }
 _PEM_MARK = {"ca": b"CERTIFICATE", "cert": b"CERTIFICATE", "key": b"PRIVATE KEY"}
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: etcd's word that the credentials are wrong (a bad password, no such user): a refused login
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.FAILED_PRECONDITION)
 _STALE = ("unauthenticated", "invalid auth token", "user name is empty", "auth store is old")
 
 
@@ -150,6 +153,10 @@ def hint(details: str) -> str:
     return ""
 
 
+class _Refused(RegistryError):
+    """A login etcd refused for its credentials (not asked again at once: :class:`EtcdAuth`)."""
+
+
 class EtcdAuth:
     """The etcd auth token of one client, or nothing when the URL has no user.
 
@@ -195,10 +202,10 @@ class EtcdAuth:
                                     f"{self._refusals.wait:g} s after that refusal)")
             try:
                 self._client.metadata = self._authenticate()
-            except RegistryError as exc:
-                self._refused = exc
+            except _Refused as exc:
+                self._refused = RegistryError(str(exc))
                 self._refusals.failed()
-                raise
+                raise self._refused from None
             self._refused = None
             self._refusals.succeeded()
 
@@ -216,8 +223,9 @@ class EtcdAuth:
                 log.warning("etcd at %s has authentication disabled; the registry user %r "
                             "is not used", self._where, self._user)
                 return ()
-            raise RegistryError(f"etcd at {self._where}: authentication as {self._user!r} "
-                                f"failed: {code.name}: {details}{hint(details)}") from None
+            error = _Refused if code in _REFUSED else RegistryError  # else: timed out, busy...
+            raise error(f"etcd at {self._where}: authentication as {self._user!r} "
+                        f"failed: {code.name}: {details}{hint(details)}") from None
         log.debug("etcd at %s: authenticated as %r", self._where, self._user)
         return (("token", str(resp.token)),)
 

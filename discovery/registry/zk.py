@@ -304,8 +304,8 @@ class ZkRegistry:
             if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
             indexed = set(snap.instances) if snap is not None else indexed
-        self._nerve_read.add(node)
         full = self.snapshot()
+        self._nerve_read.add(node)  # once it was read (a read that failed: again next time)
         mine = {k: i for k, i in full.instances.items() if i.node == node}
         if self._nerve is not None:
             self._nerve.unindexed(k for k in mine if k not in indexed)

@@ -224,7 +224,7 @@ class ZkWatch:
             except NoAuthError:  # an ACL without world READ, and we lack the credentials
                 wait = jittered(self._refused.failed())  # a fleet refused at once reads apart
                 log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
-                            "password; reading everything again in %.1fs",
+                            "password; reading everything again in %.1f s",
                             shown(item[1] or self._services), wait)
                 self._stopped.wait(wait)
                 self.reset()

@@ -157,17 +157,14 @@ class ServerCluster:
         self.procs[i].kill()
 
     def grpc_counts(self, name: str = "grpc_server_handled_total", i: int = 0) -> dict[str, float]:
-        """Member ``i``'s own count, by gRPC method (every code summed), of the calls and streams
-        it has ended; with ``name="grpc_server_msg_received_total"``, of the messages it
-        received (a stream's). What a test's hosts sent, as the registry saw it."""
+        """Member ``i``'s own count by gRPC method of the calls and streams it has ended (or of
+        ``name``, e.g. ``grpc_server_msg_received_total``): what the hosts sent, as it saw it."""
         url = f"http://{HOST}:{self.client_ports[i]}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
         out: dict[str, float] = {}
-        for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
-            method = re.search(r'grpc_method="([^"]+)"', m.group(1))
-            if method:
-                out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
+        for m in re.finditer(rf'^{name}\{{[^}}]*grpc_method="([^"]+)"[^}}]*\}} (\S+)$', text, re.M):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         return out
 
     def leader(self) -> int | None:
@@ -204,8 +201,7 @@ class ServerCluster:
 
 
 class EtcdCluster(ServerCluster):
-    """``go_procs``: each member's ``GOMAXPROCS`` (0: Go's default, one per core); ``extra``:
-    more flags for every member (``--quota-backend-bytes``...)."""
+    """``go_procs``: each member's ``GOMAXPROCS`` (0: Go's default); ``extra``: more flags."""
 
     scheme = "etcd"
 

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from tests.harness.secure import AuthEtcd, Pki, TlsEtcd, TlsZk
 
 pytestmark = pytest.mark.integration
-pytest_plugins = ["tests.harness.secure"]  # fixtures pki, etcd_tls, etcd_auth, zk_tls
 
 TTL = 2.0
 TIMEOUT = 2.0  # registry timeout: how long a failing call may take before it gives up

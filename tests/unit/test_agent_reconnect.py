@@ -169,8 +169,12 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
     inst = Instance(service="web", id="n1:0123456789ab:80", node="n1", address="127.0.0.1",
                     port=8080)
 
-    def refused(*_args: Any) -> None:  # the reconcile writes what is missing: refused
+    other = Instance(service="web", id="n1:0123456789ac:80", node="n1", address="127.0.0.1",
+                     port=8081)
+
+    def refused(*_args: Any) -> None:  # the reconcile writes what is missing: refused, twice
         regs.write(inst.key, inst)
+        regs.write(other.key, other)
 
     def register(_inst: Instance) -> None:
         raise RegistryError("etcdserver: mvcc: database space exceeded")
@@ -193,6 +197,7 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert gaps and all(g >= 0.2 for g in gaps), times
         assert gaps[-1] >= 1.5 * gaps[0], times  # doubling
+        assert gaps[0] < 0.45, times  # once a round, not once a refused write (0.5 s)
 
         reg.state(False)
         back = time.monotonic()
@@ -203,3 +208,24 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
         agent.stop()
         runner.join(5)
     assert not runner.is_alive()
+
+
+def test_a_lost_link_does_not_grow_the_wait_of_refused_writes() -> None:
+    """Writes that failed because no member answered (an outage) leave the wait as it was: the
+    first writes after the registry's return must not wait a turn grown meanwhile."""
+    failures: list[Exception] = [RegistryUnavailable("no member answered")] * 3
+
+    class Registry:
+        def register(self, _inst: Instance) -> None:
+            raise failures.pop(0) if failures else RegistryError("permission denied")
+
+    regs = core.Registrations(Registry(), "n1", core.Metrics(), core.History(),  # type: ignore
+                              lambda: None)
+    for n in range(3):
+        regs.write(("web", f"n1:{n:012x}:80"), Instance(
+            service="web", id=f"n1:{n:012x}:80", node="n1", address="127.0.0.1", port=8000 + n))
+    assert regs.write_failed and regs.retry.wait == 0.0 and regs.retry_due() == 0.0  # at once
+    regs.write_failed = False  # the run loop's reconcile begins: its write is refused
+    regs.write(("web", "n1:00000000000f:80"), Instance(
+        service="web", id="n1:00000000000f:80", node="n1", address="127.0.0.1", port=8015))
+    assert regs.retry.wait == 0.25  # a refusal: the first turn

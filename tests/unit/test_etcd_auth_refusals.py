@@ -73,3 +73,26 @@ def test_a_refused_login_is_asked_again_after_a_growing_wait(
         auth.ensure()
     now[0] += 1.0
     assert tries(0.1) == 1  # 1 s after, as the first time
+
+
+class TimedOut(Refused):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        return "context deadline exceeded"  # a member's proposal timed out (an election)
+
+
+def test_a_login_that_timed_out_in_the_server_is_no_refusal() -> None:
+    client = Client()
+    auth = EtcdAuth(client, Secrets(user="alice", password="right"), "127.0.0.1:2379")
+
+    def timed_out(_request: Any, _timeout: float) -> Any:
+        client.authstub.calls += 1
+        raise TimedOut()
+
+    client.authstub.Authenticate = timed_out  # type: ignore[method-assign]
+    for _ in range(3):
+        with pytest.raises(RegistryError, match="deadline exceeded"):
+            auth.ensure()
+    assert client.authstub.calls == 3  # asked each time: not a wrong password

@@ -95,11 +95,11 @@ def test_bad_nerve_urls(url: str) -> None:
 @pytest.mark.parametrize(("url", "indexed"), [
     ("zk://h:2181/discovery", True),
     ("zk://h:2181/nerve?format=nerve&path=/nerve/services/{service}/services", True),  # Airbnb's
-    ("zk://h:2181/?format=nerve&path=/services/{service}", True),  # index: /discovery/nodes
+    ("zk://h:2181/?format=nerve&path=/services/{service}", True),  # index: /discovery/nerve-nodes
     ("zk://h:2181/nerve?format=nerve", False),  # the services are /nerve's children
     ("zk://h:2181/nerve?format=nerve&path=/nerve/{service}/services", False),
     ("zk://h:2181/nerve?format=nerve&path=/nerve/nerve-nodes/{service}", False),
-    ("zk://h:2181/a/b?format=nerve&path=/a/{service}", False),  # /a/b/nodes is under /a
+    ("zk://h:2181/a/b?format=nerve&path=/a/{service}", False),  # /a/b/nerve-nodes is under /a
 ])
 def test_the_node_index_lives_only_apart_from_the_services(url: str, indexed: bool) -> None:
     index = ZkNodeIndex(None, RegistryURL.parse(url), None, None, None, None)  # type: ignore
