@@ -17,16 +17,13 @@ from discovery.errors import HAProxyCommandError, HAProxyError, RenderError
 from discovery.watcher.haproxy import HAProxyMaster, HAProxyRuntime
 from discovery.watcher.slots import Slot
 from discovery.watcher.supervisor import ExternalHAProxy, HAProxySupervisor, validate_config
-from tests.harness.haproxy import (  # fixtures: until tests/conftest.py lists the module
+from tests.harness.haproxy import (  # the fixtures come from tests/conftest.py's plugins
     HAPROXY_BIN,
     build_config,
-    haproxy_factory,
-    http_backends,
     http_get,
 )
 from tests.harness.util import free_port, wait_for
 
-__all__ = ["haproxy_factory", "http_backends"]
 pytestmark = pytest.mark.integration
 
 

@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 
 from discovery.watcher.supervisor import HAProxySupervisor
-from tests.harness.haproxy import (  # fixtures: until tests/conftest.py lists the module
+from tests.harness.haproxy import (  # the fixtures come from tests/conftest.py's plugins
     build_config,
-    haproxy_factory,
-    http_backends,
     http_get,
 )
 from tests.harness.util import free_port, wait_for
 
-__all__ = ["haproxy_factory", "http_backends"]
 pytestmark = pytest.mark.integration
 LOGGER = "discovery.watcher.supervisor"
 

@@ -17,16 +17,14 @@ import pytest
 from discovery.watcher.adopt import alive, converge
 from discovery.watcher.slots import Slot
 from discovery.watcher.supervisor import HAProxySupervisor
-from tests.harness.haproxy import (  # fixtures: until tests/conftest.py lists the module
+from tests.harness.haproxy import (  # the fixtures come from tests/conftest.py's plugins
     HAPROXY_BIN,
     build_config,
-    http_backends,
     http_get,
 )
 from tests.harness.load import SteadyLoad
 from tests.harness.util import free_port, wait_for
 
-__all__ = ["http_backends"]
 pytestmark = pytest.mark.integration
 
 
