@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -168,19 +169,29 @@ class Outage:
 
 class RetryAt:
     """When a failed operation is due again, for a loop that polls (``due``, monotonic; 0:
-    nothing to retry): the wait doubles from ``initial`` to ``maximum`` while it keeps
-    failing, and starts again from ``initial`` once it succeeds."""
+    nothing to retry or due now, inf: held until told): the wait doubles from ``initial`` to
+    ``maximum`` while it keeps failing, and starts again from ``initial`` once it succeeds."""
 
     def __init__(self, initial: float = 1.0, maximum: float = 30.0) -> None:
         self.initial, self.maximum = initial, maximum
         self.due = 0.0
         self.wait = 0.0
 
-    def failed(self) -> float:
-        """It failed (again): due after the next wait, which is returned."""
+    def failed(self, jitter: float = 0.0) -> float:
+        """It failed (again): due after the next wait (± ``jitter`` of it, at most
+        ``maximum``: a fleet that failed at one moment tries apart), which is returned."""
         self.wait = min(max(2 * self.wait, self.initial), self.maximum)
-        self.due = time.monotonic() + self.wait
-        return self.wait
+        delay = min(jittered(self.wait, jitter), self.maximum) if jitter else self.wait
+        self.due = time.monotonic() + delay
+        return delay
+
+    def now(self) -> None:
+        """Due at once (the cause went away, e.g. the registry is back); the wait is kept."""
+        self.due = 0.0
+
+    def hold(self) -> None:
+        """Not due until :meth:`now`, :meth:`failed` or :meth:`succeeded`."""
+        self.due = math.inf
 
     def taken(self) -> bool:
         """Whether it is due now; if so it is no longer (the caller tries it: ``failed`` or

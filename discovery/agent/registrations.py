@@ -97,7 +97,7 @@ class Registrations:
         request's whole timeout) no turn: its reconcile finds the registry down and waits for
         its return (:meth:`unread`), whose first writes must not wait a grown turn."""
         if isinstance(exc, RegistryUnavailable):
-            self.retry.due = 0.0
+            self.retry.now()
         elif not self.write_failed:
             self.retry.failed()
         self.write_failed = True
@@ -116,11 +116,11 @@ class Registrations:
         """The reconcile for failed writes could not read: they wait for the registry's
         return (:meth:`retry_now`) or the resync."""
         self.write_failed = True
-        self.retry.due = math.inf
+        self.retry.hold()
 
     def retry_now(self) -> None:
         """The registry is back: failed writes are tried at once (their wait kept)."""
-        self.retry.due = 0.0
+        self.retry.now()
 
     def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance],
                   read_at: float = float("inf")) -> None:

@@ -139,10 +139,9 @@ class KeeperWaits:
         renewed meanwhile; ``renewed``: when it last was, monotonic)."""
         if isinstance(exc, RegistryUnavailable):
             log.debug("etcd lease keeper: %s", exc)
-            self.refused.due = 0.0  # tried with the next round (a refusal's wait kept)
+            self.refused.now()  # tried with the next round (a refusal's wait kept)
             return retry_wait(self.ttl, self.interval, renewed)
-        wait = min(jittered(self.refused.failed(), 0.25), REFUSED_MAX)
-        self.refused.due = time.monotonic() + wait
+        wait = self.refused.failed(jitter=0.25)
         log.warning("etcd lease keeper: %s; tries again in %.2f s%s", exc, wait,
                     " (the lease renewed meanwhile)" if leased else "")
         return min(wait, jittered(self.interval)) if leased else wait
@@ -163,7 +162,7 @@ class KeeperWaits:
         was refused is tried within about ``GONE_RETRY`` s (±50 %) (any thread)."""
         if not self.refused.wait:
             return  # nothing refused: the keeper's waits are the outage's (retry_wait)
-        self.refused.due = 0.0
+        self.refused.now()
         wake = self._wake
         if wake is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the keeper is gone

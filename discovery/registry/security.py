@@ -203,9 +203,9 @@ class EtcdAuth:
             try:
                 self._client.metadata = self._authenticate()
             except _Refused as exc:
-                self._refused = RegistryError(str(exc))
+                self._refused = exc
                 self._refusals.failed()
-                raise self._refused from None
+                raise
             self._refused = None
             self._refusals.succeeded()
 

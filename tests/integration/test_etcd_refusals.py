@@ -33,6 +33,7 @@ from discovery.model import Instance
 from discovery.registry import Change, Registry, etcd_watch, open_registry
 from tests.harness.secure import ETCDCTL, AuthEtcd
 from tests.harness.servers import HOST, _started, unique_prefix, wait_until
+from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,9 +145,16 @@ def refusals(caplog: pytest.LogCaptureFixture, since: float, mark: str) -> list[
 def measure(etcd: RbacEtcd, method: str) -> tuple[float, float]:
     """WINDOW seconds from now: how many ``method`` etcd handled, and when it began."""
     before, wall = etcd.grpc_counts().get(method, 0.0), time.time()
-    time.sleep(WINDOW)
-    time.sleep(0.3)  # a stream the client ended just now: etcd counts it once it has ended
-    return etcd.grpc_counts().get(method, 0.0) - before, wall
+    time.sleep(WINDOW)  # the measurement: what the host sends in WINDOW s
+    # a stream the client ended just now is counted once etcd has ended it: two reads agree
+    seen: list[float] = []
+
+    def settled() -> bool:
+        seen.append(etcd.grpc_counts().get(method, 0.0))
+        return len(seen) > 1 and seen[-1] == seen[-2]
+
+    wait_for(settled, 5, interval=0.15, message=f"etcd's count of {method} settled")
+    return seen[-1] - before, wall
 
 
 def watching(etcd: RbacEtcd, open_reg: OpenReg, password: str,

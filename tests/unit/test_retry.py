@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 
@@ -146,3 +147,16 @@ def test_retry_at_doubles_while_failing_and_starts_again_after_success() -> None
     assert later.failed() == 4.0  # the wait kept for the doubling
     later.succeeded()
     assert later.failed() == 1.0
+
+
+def test_retry_at_jitters_within_its_maximum_and_is_held_or_hurried() -> None:
+    later = RetryAt(initial=1.0, maximum=4.0)
+    delays = [later.failed(jitter=0.25) for _ in range(4)]
+    assert 0.75 <= delays[0] <= 1.25 and 1.5 <= delays[1] <= 2.5
+    assert all(3.0 <= d <= 4.0 for d in delays[2:])  # ± a quarter, never past the maximum
+    assert later.wait == 4.0 and later.due <= time.monotonic() + 4.0
+    later.hold()  # until told: not due, however long it waits
+    assert later.due == math.inf and not later.taken()
+    later.now()  # the cause went away: due at once, its wait kept
+    assert later.due == 0.0 and later.wait == 4.0
+    assert later.failed() == 4.0
