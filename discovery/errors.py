@@ -40,6 +40,11 @@ class RegistryUnavailable(RegistryError):
     """No member of the registry cluster answered."""
 
 
+class RegistryDenied(RegistryError):
+    """The registry answered that this client may not read or write there (etcd: permission
+    denied)."""
+
+
 class CheckError(DiscoveryError):
     """A health check is misconfigured (not: a check that failed)."""
 

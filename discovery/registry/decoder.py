@@ -73,6 +73,15 @@ class Decoder:
             return None
         return inst
 
+    def denied(self, key: str) -> None:
+        """``key`` (an entry, or a service's directory or prefix) may not be read by this
+        client (ZooKeeper: its ACL, NoAuth; etcd: the user's role): skipped as a malformed
+        entry is, counted, and named at most once a while."""
+        why = ("its ACL: NoAuth" if self.url.scheme == "zk" else "permission denied: grant the "
+               "registry user's role read on it, docs/security.md")
+        self.skip(key, f"registry entry {shown(key)} skipped: the registry does not let this "
+                       f"client read it ({why})")
+
     def skip(self, key: str, message: str) -> None:
         """``key`` is left out: counted, and ``message`` logged at most once a while (escaped
         and shortened: name ``key`` in it as :func:`~discovery.model.validate.shown` does)."""

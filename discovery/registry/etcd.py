@@ -1,15 +1,14 @@
 """etcd v3 backend: one lease per registry object, kept alive (jittered) in the background
 on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; it and the
-watch streams run on an asyncio loop, :mod:`~discovery.registry.etcd_aio`);
-a failed renewal is one short attempt, tried again about one renewal interval later (sooner
-as the lease runs out, ±50 %), so a fleet whose registry restarts does not renew in the
-registry's first second; a new lease or a rewrite etcd refuses, 0.8 s later, doubling to 30 s
-(``KeeperWaits``); watches that resume from the last seen revision, or send a ``reset``
-when it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
-per-node index key (:mod:`~discovery.registry.etcd_index`), so
-:meth:`EtcdRegistry.node_snapshot` reads one node's entries only; a registry that watches
-and holds no lease reads one key a TTL (:mod:`~discovery.registry.etcd_pulse`). TLS and
-user/password authentication: :mod:`discovery.registry.security`."""
+watch streams run on an asyncio loop, :mod:`~discovery.registry.etcd_aio`); a failed renewal
+is one short attempt, tried again about one renewal interval later (sooner as the lease runs
+out, ±50 %), so a fleet whose registry restarts does not renew in the registry's first
+second; a new lease or a rewrite etcd refuses, 0.8 s later, doubling to 30 s
+(``KeeperWaits``); watches that resume from the last seen revision, or send a ``reset`` when
+it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
+per-node index key (:mod:`~discovery.registry.etcd_index`), so :meth:`EtcdRegistry.
+node_snapshot` reads one node's entries only; a watch-only registry reads one key a TTL
+(:mod:`~discovery.registry.etcd_pulse`). TLS, credentials: :mod:`~discovery.registry.security`."""
 
 from __future__ import annotations
 
@@ -26,16 +25,16 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
+from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import etcd_aio, etcd_index, etcd_watch
+from discovery.registry import etcd_aio, etcd_index, etcd_rewind, etcd_watch
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
 from discovery.registry.etcd_pulse import pulse
 from discovery.registry.etcd_read import read_snapshot
-from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked
+from discovery.registry.etcd_watch import EtcdWatch
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -90,7 +89,7 @@ class EtcdRegistry:
         self._lease: int | None = None
         self._need_reput = False
         self._watches: list[EtcdWatch] = []
-        self._cluster = ClusterSeen()  # the cluster and raft term of our linearizable reads
+        self._cluster = etcd_rewind.ClusterSeen()  # who answered our reads
         self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
         self._state_lock = threading.RLock()
         self._notify_lock = threading.Lock()
@@ -142,8 +141,9 @@ class EtcdRegistry:
                     reauthenticated = True  # etcd forgot our token (restart, idle TTL)
                     continue
                 if not etcd_aio.timed_out_in_server(code, details):
-                    raise RegistryError(f"etcd at {self.where}: {what} failed: "
-                                        f"{rpc_details(exc)}") from None
+                    raise (RegistryDenied if code == grpc.StatusCode.PERMISSION_DENIED
+                           else RegistryError)(
+                        f"etcd at {self.where}: {what} failed: {rpc_details(exc)}") from None
                 failure = exc
             except etcd_aio.TRANSIENT as exc:
                 # "no endpoint available" only says every member failed within
@@ -321,11 +321,11 @@ class EtcdRegistry:
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
         """Paginated at one revision: see :mod:`discovery.registry.etcd_read`."""
         return read_snapshot(self._call, self.client, self.decoder.decode, self._root,
-                             services=services, reads=self.reads)
+                             services=services, reads=self.reads, denied=self.decoder.denied)
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
-        snap, _ = checked(list(self._watches), lambda: etcd_index.read_node(
+        snap, _ = etcd_rewind.checked(list(self._watches), lambda: etcd_index.read_node(
             self._call, self.client, self.url, self.decoder.decode, node, self.reads),
             lambda answer: answer[1], self._cluster)
         with self._lock:
@@ -347,18 +347,18 @@ class EtcdRegistry:
 
     def _read_alive(self) -> Any:
         """One linearizable read of one key (``<prefix>/alive``), whose header is compared with
-        the watches' revisions and this registry's reads before (``etcd_watch.checked``)."""
-        return checked(list(self._watches), lambda: self.client.get_range_response(
+        the watches' revisions and this registry's reads before (``etcd_rewind.checked``)."""
+        return etcd_rewind.checked(list(self._watches), lambda: self.client.get_range_response(
             f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
 
     def _pulse_read(self) -> None:
         """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state
         listeners, then a member's ``Status``, whose raft index is compared with that member's
-        before (``etcd_watch.status_checked``): a best effort, whose failure changes no state."""
+        before (``etcd_rewind.status_checked``): a best effort, whose failure changes no state."""
         self._call("liveness read", self._read_alive)
         c = self.client
         try:
-            etcd_watch.status_checked(list(self._watches), lambda: c.maintenancestub.Status(
+            etcd_rewind.status_checked(list(self._watches), lambda: c.maintenancestub.Status(
                 etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
                 metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
         except (grpc.RpcError, *etcd_aio.TRANSIENT) as exc:  # no member right after a restart

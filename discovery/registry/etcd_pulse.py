@@ -15,7 +15,7 @@ linearizable read (a serializable one the proxy may answer from its cache): the 
 through ``_call``, which tells the listeners "up" when it succeeds and "down" when no member
 answered within the registry's timeout. Then it asks a member's ``Status``, a best effort
 whose failure changes no state (a restore from a backup is told by the member's raft index:
-``etcd_watch.ClusterSeen``). Cost: one single-key ``Range`` and one ``Status`` a TTL a
+``etcd_rewind.ClusterSeen``). Cost: one single-key ``Range`` and one ``Status`` a TTL a
 watch-only host, two thirds of what a lease's keepalives cost; nothing for a host with a lease.
 """
 

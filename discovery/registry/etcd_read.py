@@ -13,7 +13,11 @@ With ``services``, each service's prefix is read on its own, but many prefixes i
 transaction (:func:`_read_many`): first how many keys each holds (``count_only``, up to
 ``TXN_OPS`` prefixes a request), then the prefixes themselves, packed up to ``page_keys`` keys a
 request, all at the first request's revision. A watcher routing 1,000 services reads them in
-about 20 requests, not 1,000; a prefix of more than ``page_keys`` keys is paged as above.
+about 20 requests, not 1,000; a prefix of more than ``page_keys`` keys is paged as above. A
+service the registry user may not read (etcd denies the whole transaction) is left out and
+told to ``denied`` (a warning, as a malformed entry is), the others read: one service missing
+from a role must not keep a watcher from every other one. Only when every one is denied does
+the read fail (the credentials, then).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.utils import prefix_range_end
 
-from discovery.errors import RegistryError
+from discovery.errors import RegistryDenied, RegistryError
 from discovery.model import Instance
 from discovery.model.validate import shown
 from discovery.registry.base import Snapshot
@@ -37,6 +41,8 @@ from discovery.registry.reads import ReadStats
 log = logging.getLogger(__name__)
 #: ``Decoder.decode``: the stored value at a key as an Instance, or None (skipped)
 Decode = Callable[[str, bytes], Instance | None]
+#: told each service prefix etcd would not let this client read (left out of the read)
+Denied = Callable[[str], None]
 
 #: keys per page: 1000 instances of ~250 bytes are a ~250 KB message
 PAGE_KEYS = 1000
@@ -72,9 +78,10 @@ class _TooManyOps(RegistryError):
 def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                   page_keys: int = PAGE_KEYS, max_value: int = MAX_VALUE_BYTES,
                   services: Collection[str] | None = None,
-                  reads: ReadStats | None = None) -> Snapshot:
+                  reads: ReadStats | None = None, denied: Denied | None = None) -> Snapshot:
     """Every valid instance under ``root``, read page by page at one revision; with
-    ``services``, only under ``root<service>/`` for each (still at one revision)."""
+    ``services``, only under ``root<service>/`` for each (still at one revision), those etcd
+    denies left out and told to ``denied`` (without it, a denial fails the read)."""
     roots = [root] if services is None else [f"{root}{s}/" for s in sorted(set(services))]
     stats = reads if reads is not None else ReadStats()
     stats.full_read()
@@ -86,14 +93,12 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                 return _read_once(call, client, decode, root, page_keys, max_value, stats,
                                   Snapshot(revision=0))
             try:
-                return _read_many(call, client, decode, roots, page_keys, max_value, stats)
+                return _read_many(call, client, decode, roots, page_keys, max_value, stats,
+                                  denied)
             except _TooManyOps as exc:
                 log.info("etcd read of %d services, one request each: %s", len(roots), exc)
-                snap = Snapshot(revision=0)
-                for one in roots:
-                    snap = _read_once(call, client, decode, one, page_keys, max_value, stats,
-                                      snap)
-                return snap
+                return _read_each(call, client, decode, roots, page_keys, max_value, stats,
+                                  denied)
         except _Compacted as exc:
             log.warning("etcd read of %s: %s; reading again (%d/%d)", root, exc, attempt + 1,
                         MAX_RESTARTS)
@@ -160,21 +165,66 @@ def _take(kvs: Iterable[Any], decode: Decode, max_value: int, reads: ReadStats,
             instances[inst.key] = inst
 
 
+def _each(roots: list[str], denied: Denied | None, read: Callable[[str], object]
+          ) -> list[RegistryDenied]:
+    """``read(root)`` for each of ``roots``; a root etcd denies is told to ``denied``, left out,
+    and its denial returned (raised at once when there is no ``denied``)."""
+    refusals: list[RegistryDenied] = []
+    for root in roots:
+        try:
+            read(root)
+        except RegistryDenied as exc:
+            if denied is None:
+                raise
+            refusals.append(exc)
+            denied(root)
+    return refusals
+
+
+def _read_each(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
+               max_value: int, reads: ReadStats, denied: Denied | None) -> Snapshot:
+    """Each of ``roots`` in requests of its own, at one revision (a cluster that allows fewer
+    operations a transaction than :func:`_read_many` sends)."""
+    snaps = [Snapshot(revision=0)]
+
+    def read(one: str) -> None:
+        snaps.append(_read_once(call, client, decode, one, page_keys, max_value, reads,
+                                snaps[-1]))
+
+    refusals = _each(roots, denied, read)
+    if len(refusals) == len(roots):
+        raise refusals[0]
+    return snaps[-1]
+
+
 def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
-               max_value: int, reads: ReadStats) -> Snapshot:
+               max_value: int, reads: ReadStats, denied: Denied | None = None) -> Snapshot:
     """Every valid instance under each of ``roots``, at one revision, in few requests: how
     many keys each holds (``TXN_OPS`` counts a request), then those that hold any, packed
     into transactions of at most ``page_keys`` keys. A root of more keys is paged on its
     own (:func:`_read_once`), as is each root of a transaction whose answer was too large."""
     counts: dict[str, int] = {}
     revision = 0
-    for start in range(0, len(roots), TXN_OPS):
-        group = roots[start:start + TXN_OPS]
+
+    def count(group: list[str]) -> None:
+        nonlocal revision
         resp = call(f"count the keys of {len(group)} services",
                     partial(_txn, client, group, revision, count_only=True))
         revision = revision or int(resp.header.revision)
         for one, answer in zip(group, resp.responses, strict=True):
             counts[one] = int(answer.response_range.count)
+
+    refusals: list[RegistryDenied] = []
+    for start in range(0, len(roots), TXN_OPS):
+        group = roots[start:start + TXN_OPS]
+        try:
+            count(group)
+        except RegistryDenied:  # one denied root fails the whole transaction: each alone
+            if denied is None:
+                raise
+            refusals += _each(group, denied, lambda one: count([one]))
+    if len(refusals) == len(roots):
+        raise refusals[0]
     instances: dict[tuple[str, str], Instance] = {}
     for pack in _packs([(r, n) for r, n in counts.items() if n], page_keys):
         if len(pack) > 1 or counts[pack[0]] <= page_keys:

@@ -19,6 +19,14 @@ once a stream holds its watchers. Each refusal is logged (WARNING) with etcd's r
 wait. The registry is not reported down for it: etcd answered (a lost link, or a liveness read
 that no member answers, still reports it down).
 
+**One service denied** among the k > 1 a filtered watch follows (a role granting read on some
+of them: a service added to the routed ones before the role) is no refusal of the others: its
+watcher is left out, the stream holds the others' watchers, and it is asked again on the same
+stream (one ``WatchCreate``) after a wait that doubles to ``REFUSED_MAX``
+(:class:`DeniedRanges`). Once etcd allows it, the watch reads everything it follows once (a
+``reset``: that service was never read, or changed while denied). Before, the whole stream was
+refused and retried, and no followed service's change came through meanwhile.
+
 A **wide resume** (k > 1 services: one watcher on the whole prefix) that etcd denies is no
 refusal of what the watch follows (a role granting read on the followed services only, not on
 the prefix docs/security.md asks for): the watch resumes at once with its k watchers, and no
@@ -35,6 +43,7 @@ import grpc
 import tenacity
 
 from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.model.validate import shown
 from discovery.registry.security import hint, rpc_details
 from discovery.retry import RetryAt, backoff_async, spread
 
@@ -117,3 +126,48 @@ class WatchFailures:
         """A stream holds its watchers: the next failure is a first one again."""
         self._failing = False
         self._refused.succeeded()
+
+
+class DeniedRanges:
+    """The ranges (``<prefix>/services/<service>/``) of a filtered watch that etcd denied while
+    it allowed others: left out of the stream and asked again after a wait that doubles from
+    half a resume spread to ``REFUSED_MAX`` (plus up to one spread), logged each time."""
+
+    def __init__(self, where: str, resume_spread: float, log: logging.Logger) -> None:
+        self._where, self._spread, self._log = where, resume_spread, log
+        self._at = RetryAt(max(resume_spread / 2, RECONNECT_INITIAL), REFUSED_MAX)
+        self.ranges: set[str] = set()
+        self._reason = ""
+
+    def skip(self, rng: str, reason: str) -> None:
+        """etcd denied the watcher on ``rng`` (``reason``): it is left out for now."""
+        self.ranges.add(rng)
+        self._reason = reason
+
+    def allowed(self, rng: str) -> bool:
+        """etcd created a watcher on ``rng``: whether it had been denied (its service was not
+        followed meanwhile: the caller reads everything again)."""
+        if rng not in self.ranges:
+            return False
+        self.ranges.discard(rng)
+        self._log.warning("etcd watch on %s: %s is allowed again; reading everything followed "
+                          "once", self._where, shown(rng))
+        if not self.ranges:
+            self._at.succeeded()
+        return True
+
+    def first(self, ranges: list[str]) -> list[str]:
+        """``ranges``, those not denied first (a denial then comes after a watcher etcd
+        created on the stream: no forgotten token)."""
+        return sorted(ranges, key=lambda r: r in self.ranges)
+
+    def wait(self, following: int) -> float:
+        """The stream holds ``following`` watchers without the denied: how long until they are
+        asked again (logged)."""
+        wait = self._at.failed() + spread(self._spread)
+        self._log.warning("etcd watch on %s: etcd denied watching %s (%s); following the other "
+                          "%d without it, asking again in %.1f s (grant the registry user's "
+                          "role read on it: docs/security.md)", self._where,
+                          ", ".join(shown(r) for r in sorted(self.ranges)), self._reason,
+                          following, wait)
+        return wait

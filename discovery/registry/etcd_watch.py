@@ -11,12 +11,12 @@ again. Only when etcd has compacted that revision, or is behind it (a cluster re
 a backup: etcd 3.4 restores the backup's revision, and a watch from a later one would wait,
 silent, until etcd caught up), does the watch read everything it follows once more and send
 a ``reset``. etcd behind the watch shows in the answer that creates a watcher (a linearizable
-read confirms it) or in any linearizable read the registry makes anyway (:func:`checked`: the
-agent's reconcile, a watch-only host's pulse), which is how a host behind ``etcd grpc-proxy``
-learns it: the proxy keeps the host's stream open while the members are down and answers a
-new watcher with the revision it asked for. Those reads also compare etcd's cluster id and
-raft term with what they saw before (:class:`ClusterSeen`), which tell a restore after its
-revision has passed the host's.
+read confirms it) or in any linearizable read the registry makes anyway (the agent's
+reconcile, a watch-only host's pulse: :mod:`~discovery.registry.etcd_rewind`), which is how a
+host behind ``etcd grpc-proxy`` learns it: the proxy keeps the host's stream open while the
+members are down and answers a new watcher with the revision it asked for. Those reads also
+compare etcd's cluster id and raft term with what they saw before, which tell a restore after
+its revision has passed the host's.
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
@@ -43,7 +43,7 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
@@ -118,6 +118,8 @@ class EtcdWatch:
         self.endpoint: Endpoint | None = None  # the member of the stream open now
         self._reauth = False
         self._failures = etcd_refusal.WatchFailures(reg.where, spread, log)  # waits, logs
+        self._denied = etcd_refusal.DeniedRanges(reg.where, spread, log)  # services etcd denies
+        self._asking: asyncio.Future[bool] | None = None
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._widen = True  # False once etcd denied a wide resume: the k watchers, always
         self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
@@ -132,8 +134,9 @@ class EtcdWatch:
 
     @property
     def revision(self) -> int:
-        """The revision every watched range has been delivered up to."""
-        return min(self._revs.values(), default=0)
+        """The revision every watched range (but those etcd denies) has been delivered up to."""
+        revs = [v for r, v in self._revs.items() if r not in self._denied.ranges]
+        return min(revs or self._revs.values(), default=0)
 
     @property
     def seen(self) -> int:
@@ -206,11 +209,34 @@ class EtcdWatch:
         self._narrowing = False
         self.wide = wide = self._lost
         self._floor = dict(self._revs)
-        pending = [self._root] if wide else list(self._ranges)
+        pending = [self._root] if wide else self._denied.first(self._ranges)
         ids: dict[int, str] = {}
-        narrow: asyncio.TimerHandle | None = None
+        narrow = asking = None
+        held = False
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
             metadata=REQUIRE_LEADER + reg.auth.metadata())
+
+        async def advance() -> bool:
+            """The next watcher's create or, none left, the stream holds: False to end it."""
+            nonlocal held, narrow, asking
+            if pending:
+                return await etcd_aio.write(stream, self._create(pending[0]))
+            if self._rewinding:  # a service etcd denied is allowed: read everything first
+                return False
+            loop = asyncio.get_running_loop()
+            if not held:
+                held = True
+                reg.client.follow(endpoint)  # one connection: the calls come here
+                await reg.channels.prune(reg.members_in_use())
+                await asyncio.to_thread(reg.set_state, True)
+                self._reauth = False
+                self._failures.held()
+                if wide:
+                    narrow = loop.call_later(random.uniform(*NARROW_AFTER), self._narrow, stream)
+            if self._denied.ranges:
+                asking = loop.call_later(self._denied.wait(len(ids)), self._ask, stream, pending)
+            return True
+
         try:
             if not await etcd_aio.write(stream, self._create(pending[0])):
                 return
@@ -230,7 +256,7 @@ class EtcdWatch:
                 if resp.canceled:
                     reason = resp.cancel_reason  # etcd < 3.4.22 / 3.5.6 denies a forgotten
                     if not self._reauth and (reg.auth.stale(reason) or (  # token (#12385)
-                            reg.auth.enabled and etcd_refusal.denied(reason))):
+                            reg.auth.enabled and etcd_refusal.denied(reason) and not ids)):
                         reg.auth.drop()  # our token expired: once, a new stream at once
                         self._reauth = True
                         return
@@ -238,24 +264,22 @@ class EtcdWatch:
                         self._widen = self._lost = False  # a new stream at once, with those
                         self._failures.narrowed(reason, self._root, len(self._ranges))
                         return
+                    if (resp.created and not wide and pending and etcd_refusal.denied(reason)
+                            and (ids or len(pending) > 1)):  # one service: the others go on
+                        self._denied.skip(pending.pop(0), reason)
+                        if not await advance():
+                            return
+                        continue
                     raise etcd_refusal.canceled(reason, pending[0] if pending else self._root)
                 rng = ids.get(resp.watch_id)
                 if resp.created and pending:
                     rng = ids[resp.watch_id] = pending.pop(0)
                     if not self._revs.get(rng, -1):
                         self._revs[rng] = int(resp.header.revision)
-                    if pending:
-                        if not await etcd_aio.write(stream, self._create(pending[0])):
-                            return
-                    else:
-                        reg.client.follow(endpoint)  # one connection: the calls come here
-                        await reg.channels.prune(reg.members_in_use())
-                        await asyncio.to_thread(reg.set_state, True)
-                        self._reauth = False
-                        self._failures.held()
-                        if wide:
-                            narrow = asyncio.get_running_loop().call_later(
-                                random.uniform(*NARROW_AFTER), self._narrow, stream)
+                    if self._denied.allowed(rng):  # never followed, or not for a while
+                        self._rewinding = True
+                    if not await advance():
+                        return
                     continue
                 if rng is None:
                     continue
@@ -282,8 +306,9 @@ class EtcdWatch:
             reg.auth.stale(exc)
             raise
         finally:
-            if narrow is not None:
-                narrow.cancel()
+            for timer in (narrow, asking):
+                if timer is not None:
+                    timer.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
 
@@ -294,6 +319,12 @@ class EtcdWatch:
         snap = await asyncio.to_thread(self._reg.snapshot, self._services)
         self._revs = dict.fromkeys(self._ranges, snap.revision)
         self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+
+    def _ask(self, stream: Any, pending: list[str]) -> None:
+        """Ask etcd again, on the same stream, for the watchers it denied."""
+        if self._stream is stream and not self._stopped.is_set() and not pending:
+            pending.extend(sorted(self._denied.ranges))
+            self._asking = asyncio.ensure_future(etcd_aio.write(stream, self._create(pending[0])))
 
     def _narrow(self, stream: Any) -> None:
         """The wide stream has served its resume: end it; the next one holds k watchers."""
@@ -323,78 +354,3 @@ class EtcdWatch:
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)
-
-
-class ClusterSeen:
-    """Which etcd cluster answered a registry's reads, at which raft term, and each member's
-    raft index. A cluster keeps its id for life, its term never goes down (a linearizable read
-    waits for the leader of the current term), and neither does a member's raft log index.
-    One restored from a backup (``etcdctl snapshot restore``) starts again at term 1 (2 after
-    its first election) with a log of one entry a member (measured on 3.4: index 64 before, 44
-    after the restore and 40 writes), and with another ``--initial-cluster-token`` under
-    another id. So an answer from another id, at a lower term, or from a member at a lower
-    index tells a restore even when the restored cluster's revision has already passed the one
-    a watch had seen (writes since: behind ``etcd grpc-proxy`` a host may learn of the restore
-    only then). The index comes from etcd's ``Status``, which only a watch-only host's pulse
-    asks (:func:`status_checked`): on a host with a lease, a restore under the same token of a
-    cluster at its first term is told by the revision alone."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.cluster = self.term = 0
-        self._index: dict[int, int] = {}  # member id -> the highest raft index it answered
-
-    def changed(self, cluster: int, term: int, member: int = 0, index: int = 0) -> str:
-        """Why an answer from ``cluster`` at ``term`` (0: not compared), from ``member`` at raft
-        ``index`` (0: none), comes from a restored cluster ("": it does not); it becomes the
-        one seen."""
-        with self._lock:
-            why, before = "", self._index.get(member, 0)
-            if self.cluster and cluster and cluster != self.cluster:
-                why = (f"etcd cluster {cluster:x} answered, not {self.cluster:x} seen here "
-                       "(restored from a backup?)")
-            elif self.cluster and 0 < term < self.term:
-                why = (f"etcd answered at raft term {term}, below the {self.term} seen here "
-                       "(restored from a backup?)")
-            elif member and 0 < index < before:
-                why = (f"etcd member {member:x} answered at raft index {index}, below the "
-                       f"{before} seen here (restored from a backup?)")
-            if cluster:
-                self.cluster = cluster
-            if term:
-                self.term = term if why else max(term, self.term)
-            if why:
-                self._index.clear()  # another history
-            if member and index:
-                self._index[member] = max(index, self._index.get(member, 0))
-            return why
-
-
-def checked(watches: Collection[EtcdWatch], read: Callable[[], T],
-            header: Callable[[T], Any], cluster: ClusterSeen | None = None) -> T:
-    """``read()``, a linearizable read, whose answer's etcd ``header`` (revision, cluster id,
-    raft term) is compared with what each watch had seen before it: on a cluster that has not
-    gone back in time it is never behind (see :meth:`EtcdWatch.rewound`), and with what
-    ``cluster`` had seen (:class:`ClusterSeen`)."""
-    before = [(w, w.seen) for w in watches]
-    result = read()
-    h = header(result)
-    now = int(h.revision)
-    why = cluster.changed(int(h.cluster_id), int(h.raft_term)) if cluster is not None else ""
-    for w, seen in before:
-        if why or now < seen:
-            w.rewound(now, why)
-    return result
-
-
-def status_checked(watches: Collection[EtcdWatch], status: Callable[[], Any],
-                   cluster: ClusterSeen) -> None:
-    """``status()``, etcd's ``Status`` of one member, whose cluster id and raft index are
-    compared with what ``cluster`` had seen (:class:`ClusterSeen`). Not its revision nor its
-    term: a member's own, not linearizable, they may lag behind another member's."""
-    answer = status()
-    h = answer.header
-    why = cluster.changed(int(h.cluster_id), 0, int(h.member_id), int(answer.raftIndex))
-    if why:
-        for w in watches:
-            w.rewound(int(h.revision), why)

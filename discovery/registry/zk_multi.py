@@ -10,9 +10,10 @@ an ensemble restart. :class:`ManyReads` sends each level as one ``multiRead`` of
 own (a transaction's all-or-nothing does not apply to reads): a node that is gone is left out,
 as one missing between a listing and a read always was. A node whose ACL denies us READ
 (anyone may create one in a world-writable service directory) is left out too, as a record
-that cannot be decoded is (:func:`skip_denied`): one such node must not fail every read of
-the catalog. So is a directory whose listing is refused while others were listed; when every
-listing is refused, ``NoAuthError`` is raised (our credentials: the caller says to give them).
+that cannot be decoded is (:meth:`~discovery.registry.decoder.Decoder.denied`): one such node
+must not fail every read of the catalog. So is a directory whose listing is refused while
+others were listed; when every listing is refused, ``NoAuthError`` is raised (our
+credentials: the caller says to give them).
 
 A server older than 3.6 answers ``UNIMPLEMENTED``: logged once, and from then on one request
 per path (pipelined), as before.
@@ -37,7 +38,6 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 
-from discovery.model.validate import shown
 from discovery.registry.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 #: paths per multiRead (instance records of ~0.4 KB: answers well below jute.maxbuffer, 1 MB)
 MAX_OPS = 200
 _ERROR = -1  # OpCode.error: the answer of one read that failed
-
-
-def skip_denied(decoder: Decoder, path: str) -> None:
-    """``path`` (an instance node, or a directory) may not be read (NoAuth): it is skipped as a
-    record that cannot be decoded is, counted and named at most once per path a while."""
-    decoder.skip(path, f"registry entry {shown(path)} skipped: its ACL does not let this client "
-                        "read it (NoAuth)")
 
 
 class MultiRead:
@@ -145,7 +138,7 @@ class ManyReads:
             # tells to give them); else one directory, or a node, planted against us: left out
             if isinstance(op, GetChildren) and not listed:
                 raise answer
-            skip_denied(self._decoder, op.path)
+            self._decoder.denied(op.path)
         return out
 
     def _multi(self, chunk: list[Any]) -> list[Any] | None:

@@ -22,7 +22,6 @@ from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
-from discovery.registry.zk_multi import skip_denied
 
 Key = tuple[str, str]
 #: the one-shot watch a read of an item (``("svc", name)``...) sets, or None
@@ -114,7 +113,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
     if denied and not found.svcs:
         raise denied[0][1]  # none may be listed: our credentials (the caller says so)
     for svc_dir, _ in denied:
-        skip_denied(decoder, svc_dir)
+        decoder.denied(svc_dir)
     instances: dict[Key, Instance] = {}
     for path, (data, st) in read_nodes(paths):
         found.nodes[path] = st.mzxid
@@ -152,7 +151,7 @@ def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str
         if kind == "services":
             raise  # our credentials, or its ACL changed: the caller says so, reads it all again
         svcs.discard(name)
-        skip_denied(decoder, folder)
+        decoder.denied(folder)
         return []
     reads.listed(children)
     if kind == "services":

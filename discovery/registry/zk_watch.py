@@ -24,7 +24,7 @@ from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.zk_io import PreReads
-from discovery.registry.zk_multi import ManyReads, skip_denied
+from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
@@ -310,7 +310,7 @@ class ZkWatch:
         except NoNodeError:
             read = None
         except NoAuthError:  # its ACL denies us READ: skipped as a record we cannot decode
-            skip_denied(self._decoder, path)
+            self._decoder.denied(path)
             read = None
         self._changed(path, read, self._pending.untouch(path))  # taken after the read
 
@@ -380,7 +380,7 @@ class ZkWatch:
             except NoNodeError:
                 continue
             except NoAuthError:
-                skip_denied(self._decoder, path)
+                self._decoder.denied(path)
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from discovery.errors import RegistryDenied
 from discovery.model import Instance
 from discovery.registry import Change, Registry, etcd_watch, open_registry
 from tests.harness.secure import ETCDCTL, AuthEtcd
@@ -120,6 +121,8 @@ class Seen:
         with self.lock:
             if change.kind == "put":
                 self.puts.add(change.key)
+            elif change.kind == "reset" and change.snapshot is not None:
+                self.puts.update(change.snapshot.instances)
 
     def has(self, inst: Instance) -> bool:
         with self.lock:
@@ -247,3 +250,41 @@ def test_a_refused_wide_resume_falls_back_to_the_services_watches(
         print(f"restart {n - 1}: watch streams {streams:g}, wide refusals logged {len(wide)}")
         assert streams <= 2, streams
         assert len(wide) == (1 if n == 2 else 0), [r.getMessage() for r in caplog.records]
+
+
+def test_one_denied_service_leaves_the_others_followed(
+        etcd: RbacEtcd, open_reg: OpenReg, caplog: pytest.LogCaptureFixture) -> None:
+    """A watcher routing two services whose role reads one of them (a service added to the
+    routed ones before the role): the read and the watch follow the one it may read (before,
+    the read failed, so a watcher could not start, and the whole watch stream was refused and
+    retried: no change of either came through). The denied one is asked again on the same
+    stream; once granted, what it holds arrives (a reset) and then its changes."""
+    caplog.set_level(logging.WARNING, logger=etcd_watch.__name__)
+    prefix = unique_prefix()
+    name = etcd.user("pw", f"{prefix}/services/web/", f"{prefix}/alive")
+    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), 10.0)
+    root.register(inst(1))
+    root.register(inst(1, "api"))
+    reg = open_reg(etcd.url_of(name, "pw", prefix), 2.0)
+    with pytest.raises(RegistryDenied, match="permission denied"):
+        reg.snapshot(["api"])  # the one service: the credentials, said as such
+    snap = reg.snapshot(["web", "api"])
+    assert set(snap.instances) == {inst(1).key}, snap.instances
+    seen = Seen(reg)
+    wall = time.time()
+    reg.watch(seen, snap.revision, services=["web", "api"])
+    root.register(inst(2))
+    wait_until(lambda: seen.has(inst(2)), 5, "a change of the service it may read")
+    wait_until(lambda: refusals(caplog, wall, "denied watching"), 5, "the denial logged")
+    streams = etcd.grpc_counts().get("Watch", 0.0)
+
+    etcd.grant(name, f"{prefix}/services/api/")
+    wait_until(lambda: seen.has(inst(1, "api")), 10, "the granted service's instance")
+    root.register(inst(2, "api"))
+    root.register(inst(3))
+    wait_until(lambda: seen.has(inst(2, "api")) and seen.has(inst(3)), 5, "both followed")
+    logged = refusals(caplog, wall, "denied watching")
+    print(f"denials logged: {len(logged)}; watch streams ended meanwhile: "
+          f"{etcd.grpc_counts().get('Watch', 0.0) - streams:g}")
+    assert etcd.grpc_counts().get("Watch", 0.0) - streams <= 1  # the reset's one new stream
+    assert seen.downs_since(wall) == 0, seen.states

@@ -17,7 +17,6 @@ from discovery.model import Instance
 from discovery.registry import etcd_read
 from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import Decoder
-from discovery.registry.zk_multi import skip_denied
 
 ETCD = RegistryURL.parse("etcd://127.0.0.1:2379/discovery")
 NERVE = RegistryURL.parse("zk://127.0.0.1:2181/nerve?format=nerve")
@@ -108,6 +107,14 @@ def test_etcd_read_names_an_oversized_key_escaped_and_short(
 
 def test_zookeeper_path_denied_is_named_escaped(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        skip_denied(Decoder(NERVE), f"/nerve/services/web{FORGED}\u202e" + "p" * 100_000)
+        Decoder(NERVE).denied(f"/nerve/services/web{FORGED}\u202e" + "p" * 100_000)
     (line,) = _lines(caplog)
     assert _safe(line) and "NoAuth" in line
+
+
+def test_etcd_prefix_denied_is_named_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        Decoder(RegistryURL.parse("etcd://127.0.0.1:2379/discovery")).denied(
+            f"/discovery/services/web{FORGED}\u202e/" + "p" * 100_000)
+    (line,) = _lines(caplog)
+    assert _safe(line) and "permission denied" in line

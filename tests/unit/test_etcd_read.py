@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from discovery.errors import RegistryDenied
 from discovery.model import Instance
 from discovery.registry.etcd_read import TXN_OPS, _packs, read_snapshot
 from discovery.registry.reads import ReadStats
@@ -26,14 +27,17 @@ class FakeEtcd:
     receive limit) as a cluster may set them. Counts requests by kind."""
 
     def __init__(self, services: dict[str, int], max_txn_ops: int = 128,
-                 max_keys: int = 10**6) -> None:
+                 max_keys: int = 10**6, denied: tuple[str, ...] = ()) -> None:
         self.kv = {f"{ROOT}{s}/{s}-{n}".encode(): b"v" for s, count in services.items()
                    for n in range(count)}
         self.keys = sorted(self.kv)
         self.max_txn_ops, self.max_keys = max_txn_ops, max_keys
         self.requests: list[tuple[str, int]] = []  # (kind, operations)
+        self.denied = {f"{ROOT}{s}/".encode() for s in denied}  # the role may not read those
 
     def _range(self, key: bytes, end: bytes, limit: int = 0, count_only: bool = False) -> Any:
+        if key in self.denied:  # etcd denies a request (a whole transaction) that asks one
+            raise Answer(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
         keys = self.keys[bisect_left(self.keys, key):bisect_left(self.keys, end)]
         shown = keys[:limit] if limit else keys
         kvs = [] if count_only else [SimpleNamespace(key=k, value=self.kv[k]) for k in shown]
@@ -73,12 +77,18 @@ def decode(key: str, value: bytes) -> Instance | None:
 
 
 def call(what: str, fn: Callable[[], Any], closing: bool = False) -> Any:
-    return fn()
+    try:
+        return fn()
+    except Answer as exc:  # as EtcdRegistry._call says it
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+            raise RegistryDenied(f"{what} failed: permission denied") from None
+        raise
 
 
-def read(etcd: FakeEtcd, services: list[str], page_keys: int = 1000) -> dict[str, int]:
+def read(etcd: FakeEtcd, services: list[str], page_keys: int = 1000,
+         denied: Callable[[str], None] | None = None) -> dict[str, int]:
     snap = read_snapshot(call, etcd, decode, ROOT, services=services, page_keys=page_keys,
-                         reads=ReadStats())
+                         reads=ReadStats(), denied=denied)
     assert snap.revision == 7
     found: dict[str, int] = {}
     for service, _ in snap.instances:
@@ -130,3 +140,26 @@ def test_nothing_to_read(services: list[str]) -> None:
     etcd = FakeEtcd({"a": 3})
     assert read(etcd, services) == {}
     assert len(etcd.requests) == 1  # the revision to watch from, or the one count
+
+
+@pytest.mark.parametrize("max_txn_ops", [128, 2])
+def test_a_service_the_role_may_not_read_is_left_out(max_txn_ops: int) -> None:
+    """One denied service fails etcd's whole transaction: each is then counted alone, and the
+    denied one is told and left out, the others read (also one request a service)."""
+    etcd = FakeEtcd({"a": 2, "b": 3, "c": 1}, max_txn_ops=max_txn_ops, denied=("b",))
+    told: list[str] = []
+    assert read(etcd, ["a", "b", "c"], denied=told.append) == {"a": 2, "c": 1}
+    assert told == [f"{ROOT}b/"]
+    if max_txn_ops > 3:  # the refused count, one count a service, the two read in one request
+        assert etcd.requests == [("txn", 3)] + [("txn", 1)] * 3 + [("txn", 2)]
+    else:  # too many operations (before the denial), then one read a service
+        assert etcd.requests == [("txn", 3)] + [("range", 1)] * 3
+
+
+def test_every_service_denied_or_no_one_to_tell_fails_the_read() -> None:
+    """Every followed service denied is the credentials: the read fails, as it does for one
+    denied service when the caller gives no ``denied`` (the agent's reads)."""
+    with pytest.raises(RegistryDenied):
+        read(FakeEtcd({"a": 1, "b": 1}, denied=("a", "b")), ["a", "b"], denied=lambda r: None)
+    with pytest.raises(RegistryDenied):
+        read(FakeEtcd({"a": 1, "b": 1}, denied=("b",)), ["a", "b"])

@@ -1,4 +1,4 @@
-"""``etcd_watch.checked``: a linearizable read answered behind what a watch had seen before it
+"""``etcd_rewind.checked``: a linearizable read answered behind what a watch had seen before it
 tells that watch (etcd went back in time); one answered at or past it tells no one, unless it
 came from another cluster or at a lower raft term, or a member's ``Status`` came at a lower
 raft index (:class:`ClusterSeen`: a restored cluster whose revision has passed the watch's
@@ -9,7 +9,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
-from discovery.registry.etcd_watch import ClusterSeen, EtcdWatch, checked, status_checked
+from discovery.registry.etcd_rewind import ClusterSeen, checked, status_checked
+from discovery.registry.etcd_watch import EtcdWatch
 
 
 class FakeWatch:
