@@ -3,6 +3,7 @@ RenderError naming the template, nothing it asks for runs, and the last good con
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from discovery.errors import RenderError
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Snapshot
+from discovery.watcher import sandbox
 from discovery.watcher.config import ServiceConfig, WatcherConfig
 from discovery.watcher.render import DEFAULT_TEMPLATE, Renderer, RuntimePaths, render_config
 from discovery.watcher.router import Router
@@ -79,3 +81,45 @@ def test_sandbox_violation_keeps_the_last_good_config(tmp_path: Path) -> None:
     assert dest.read_text() == installed
     assert str(template) in router.stats.last_error and router.stats.render_errors == 1
     assert not marker.exists()
+
+
+def quadratic(tmp_path: Path) -> Path:
+    """The default template, then a loop over every slot inside another, over a list that
+    makes it ~10^10 steps: a template whose work grows faster than the catalog."""
+    template = tmp_path / "quadratic.cfg.j2"
+    template.write_text(DEFAULT_TEMPLATE.read_text() + "\n{% for a in range(100000) %}"
+                        "{% for b in range(100000) %}{% if a.real == b.real %}{% endif %}"
+                        "{% endfor %}{% endfor %}\n")
+    return template
+
+
+def test_a_runaway_template_is_stopped_at_its_limit_naming_its_line(tmp_path: Path) -> None:
+    """It used to hold the watcher's thread for good (here: hours); now it stops at the limit
+    with one RenderError naming the template's line, and the next render starts afresh."""
+    template = quadratic(tmp_path)
+    renderer = Renderer(template)
+    cfg = WatcherConfig(services={"web": ServiceConfig(name="web", port=18000)})
+    from discovery.watcher.render import build_context
+    from discovery.watcher.slots import SlotTable
+
+    context = build_context(cfg, {"web": SlotTable(8).slots()}, PATHS)
+    for _ in range(2):  # the deadline is per render
+        started = time.monotonic()
+        with pytest.raises(RenderError) as err:
+            renderer.render(context, limit=0.3)
+        took = time.monotonic() - started
+        assert 0.3 <= took < 1.0, took
+        line = (DEFAULT_TEMPLATE.read_text() + "\n").count("\n") + 1  # the loop's
+        assert f"{template}:{line}" in str(err.value), err.value
+        assert "still rendering after 0.3 s" in str(err.value)
+
+
+def test_a_template_writing_too_much_is_stopped(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "MAX_RENDER_BYTES", 1 << 20)
+    template = tmp_path / "big.cfg.j2"
+    template.write_text("{% for a in range(100000) %}{{ a }} padding padding padding\n"
+                        "{% endfor %}")
+    with pytest.raises(RenderError, match="wrote more than 1 MiB"):
+        Renderer(template).render({})
+
