@@ -13,11 +13,16 @@ See docs/security.md.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import math
+import random
 import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,27 @@ _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.FAILED_PRECONDITION)
 _STALE = ("unauthenticated", "invalid auth token", "user name is empty", "auth store is old")
+#: a JWT (etcd's ``--auth-token jwt``) is renewed at a random moment between these fractions of
+#: the life it had left when issued, so a fleet whose tokens were issued together (a cold start,
+#: a new signing key) does not log in again together at each expiry (a login is a bcrypt)
+RENEW_WITHIN = (0.5, 0.9)
+#: a token issued with less life left than this (a clock far from etcd's) is renewed when etcd
+#: says it expired, as a simple token is; and a renewal that failed is tried again this late
+RENEW_MIN = 20.0
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim (UNIX time) of an etcd JWT; None for a simple token or anything else
+    (the claims are read, not verified: etcd verifies them)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:  # not base64, not UTF-8, not JSON
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 @dataclass(frozen=True)
@@ -168,6 +194,8 @@ class EtcdAuth:
     removed user) is not asked again before a wait doubling from 1 s to a minute: the calls
     meanwhile fail with the same error, for a failed login costs etcd a bcrypt (~61 ms of its
     CPU), and every host of a fleet with the old password would otherwise try at every call.
+    A JWT is renewed ahead of its expiry, at a random moment (:data:`RENEW_WITHIN`): the one held
+    serves until then, and still if the renewal fails.
     """
 
     def __init__(self, client: Any, secrets: Secrets, where: str) -> None:
@@ -177,6 +205,7 @@ class EtcdAuth:
         self._lock = threading.Lock()
         self._refusals = RetryAt(1.0, 60.0)  # a refused login: when it may be asked again
         self._refused: RegistryError | None = None
+        self._renew_at = math.inf  # monotonic: when the JWT held is renewed ahead of expiry
         if self.enabled:
             client.metadata = None  # no token yet
 
@@ -192,7 +221,15 @@ class EtcdAuth:
     def ensure(self) -> None:
         """Authenticate unless we hold a token. Transient failures raise pyetcd's
         ConnectionFailedError (retry elsewhere); a refusal raises RegistryError."""
-        if not self.enabled or self._client.metadata is not None:
+        if not self.enabled:
+            return
+        if self._client.metadata is not None:  # a JWT due: one caller renews, the rest go on
+            if time.monotonic() >= self._renew_at and self._lock.acquire(blocking=False):
+                try:
+                    if self._client.metadata is not None and time.monotonic() >= self._renew_at:
+                        self._renew()
+                finally:
+                    self._lock.release()
             return
         with self._lock:
             if self._client.metadata is not None:
@@ -201,13 +238,31 @@ class EtcdAuth:
                 raise RegistryError(f"{self._refused} (not asked again until "
                                     f"{self._refusals.wait:g} s after that refusal)")
             try:
-                self._client.metadata = self._authenticate()
+                self._client.metadata = self._issued(self._authenticate())
             except _Refused as exc:
                 self._refused = exc
                 self._refusals.failed()
                 raise
             self._refused = None
             self._refusals.succeeded()
+
+    def _renew(self) -> None:
+        """A new JWT ahead of the held one's expiry; the held one serves on if this fails."""
+        try:
+            self._client.metadata = self._issued(self._authenticate())
+        except (RegistryError, etcd_exc.ConnectionFailedError) as exc:
+            self._renew_at = time.monotonic() + RENEW_MIN
+            log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
+                        "the one held serves on, tried again in %g s", self._where,
+                        str(exc) or type(exc).__name__, RENEW_MIN)
+
+    def _issued(self, metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """``metadata`` (a new token), with its renewal planned if it is a JWT."""
+        expiry = token_expiry(dict(metadata).get("token", ""))
+        life = 0.0 if expiry is None else expiry - time.time()
+        self._renew_at = (time.monotonic() + life * random.uniform(*RENEW_WITHIN)
+                          if life >= RENEW_MIN else math.inf)
+        return metadata
 
     def _authenticate(self) -> tuple[tuple[str, str], ...]:
         client = self._client

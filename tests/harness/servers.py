@@ -9,11 +9,9 @@ Clusters can name their leader (``leader()``/``wait_leader()``: etcd's maintenan
 ZooKeeper's ``srvr``) and SIGKILL a member by the pid they started (``kill_member``).
 
 Fixtures (function): ``registry_url`` (str, params etcd/zk, unique prefix per test, single
-nodes), ``registry_server`` (the server behind ``registry_url``) and ``cluster_url``
-((cluster, str), params etcd3/zk3, every member running at the start).
-Helper: ``wait_until(pred, timeout, what)``. Links that tests cut: :mod:`tests.harness.tcp_proxy`;
-writes the registry code never makes: :mod:`tests.harness.raw_clients`.
-"""
+nodes), ``registry_server`` (its server), ``cluster_url`` ((cluster, str), params etcd3/zk3,
+every member running at the start). ``wait_until(pred, timeout, what)``; links tests cut:
+:mod:`tests.harness.tcp_proxy`; writes the code never makes: :mod:`tests.harness.raw_clients`."""
 
 from __future__ import annotations
 
@@ -54,10 +52,9 @@ ZK_TEST_JVM = ("-Xmx256m", "-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLeve
 #: a JVM as ZooKeeper's own ``zkServer.sh`` starts a member (``ZK_SERVER_HEAP`` 1000 MiB, the
 #: JVM's default collector and full JIT), for benchmarks that load the ensemble for minutes
 ZK_SERVER_JVM = ("-Xmx1000m",)
-#: zoo.cfg lines for members that share a few cores under load (the fleet bench): the selector
-#: thread does its connections' socket I/O and the commit processor's thread serves the reads,
-#: where by default each request is handed to a pool (2 x cores and cores threads) and back;
-#: ZooKeeper makes a key it does not know a ``zookeeper.``-prefixed system property
+#: zoo.cfg lines for members sharing a few cores under load (the fleet bench): the selector
+#: thread does the socket I/O and the commit processor's the reads, not pools (2 x cores and
+#: cores threads); ZooKeeper makes an unknown key a ``zookeeper.``-prefixed system property
 ZK_DIRECT_IO = ("nio.numWorkerThreads=0", "commitProcessor.numWorkerThreads=0")
 START_TIMEOUT = 60.0
 
@@ -156,15 +153,18 @@ class ServerCluster:
         its peers or clients. ``start_member(i)`` brings it back on the same data dir."""
         self.procs[i].kill()
 
-    def grpc_counts(self, name: str = "grpc_server_handled_total", i: int = 0) -> dict[str, float]:
-        """Member ``i``'s own count by gRPC method of the calls and streams it has ended (or of
-        ``name``, e.g. ``grpc_server_msg_received_total``): what the hosts sent, as it saw it."""
+    def grpc_counts(self, name: str = "grpc_server_handled_total", i: int = 0,
+                    code: str = "") -> dict[str, float]:
+        """Member ``i``'s count by gRPC method of the calls it ended (or of ``name``, e.g.
+        ``grpc_server_msg_received_total``; answered ``code`` only, if given)."""
         url = f"http://{HOST}:{self.client_ports[i]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
         out: dict[str, float] = {}
-        for m in re.finditer(rf'^{name}\{{[^}}]*grpc_method="([^"]+)"[^}}]*\}} (\S+)$', text, re.M):
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
+            if (method := re.search(r'grpc_method="([^"]+)"', m.group(1))) and (
+                    not code or f'grpc_code="{code}"' in m.group(1)):
+                out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
         return out
 
     def leader(self) -> int | None:

@@ -1,0 +1,85 @@
+"""etcd issuing JWTs (``--auth-token jwt``), against a real etcd: the token a host holds is
+renewed ahead of its expiry (``EtcdAuth``: at a random moment of its life, so a fleet does not
+log in together), and it outlives a restart of the members (a simple token does not once etcd
+has taken a raft snapshot since it was issued: then every host of a fleet logs in again at
+once, a bcrypt each; docs/security.md, "A fleet and its logins"). What etcd answered is counted
+by etcd itself (``grpc_server_handled_total``: ``Authenticate`` calls, ``Unauthenticated``
+answers: a call made with a token etcd no longer takes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from discovery.model import Instance
+from discovery.registry import Registry, open_registry, security
+from tests.harness.secure import JwtEtcd
+from tests.harness.servers import _started, unique_prefix, wait_until
+
+pytestmark = pytest.mark.integration
+
+JWT_TTL = 8.0  # seconds a token lives
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwtEtcd]:
+    for c in _started(JwtEtcd(1, tmp_path_factory.mktemp("etcd-jwt"), jwt_ttl=JWT_TTL)):
+        assert isinstance(c, JwtEtcd)
+        c.ensure_running()
+        yield c
+
+
+def handled(etcd: JwtEtcd, code: str = "", method: str = "") -> float:
+    """etcd's count of the calls it answered with gRPC ``code`` (any), to ``method`` (any)."""
+    counts = etcd.grpc_counts(code=code)
+    return counts.get(method, 0.0) if method else sum(counts.values())
+
+
+@pytest.fixture
+def reg(etcd: JwtEtcd) -> Iterator[Registry]:
+    r = open_registry(etcd.url_as(etcd.USER, etcd.USER_PASSWORD, etcd.USER_PREFIX
+                                  + unique_prefix()), ttl=10.0, timeout=3.0, environ={})
+    yield r
+    r.close()
+
+
+def test_a_jwt_is_renewed_before_etcd_would_refuse_it(
+        etcd: JwtEtcd, reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads every 0.2 s for two of the token's lives: etcd's own JWTs are read, each renewed
+    within 40-60 % of its life here (the window narrowed to fit the test; 50-90 % by
+    default), and etcd never answers a call with a token it no longer takes. Before, the host
+    held its token until etcd refused a call with it, then logged in: at the same moment as
+    every host whose token was issued with its own."""
+    monkeypatch.setattr(security, "RENEW_MIN", 2.0)
+    monkeypatch.setattr(security, "RENEW_WITHIN", (0.4, 0.6))
+    reg.snapshot()  # the first login
+    refused, logins = handled(etcd, code="Unauthenticated"), handled(etcd, method="Authenticate")
+    ends = time.monotonic() + 2 * JWT_TTL
+    while time.monotonic() < ends:
+        reg.snapshot()
+        time.sleep(0.2)
+    renewed = handled(etcd, method="Authenticate") - logins
+    print(f"renewals in {2 * JWT_TTL:g} s of a token living {JWT_TTL:g} s: {renewed:g}")
+    assert 3 <= renewed <= 6, renewed  # every 3.2-4.8 s
+    assert handled(etcd, code="Unauthenticated") == refused
+
+
+def test_a_jwt_outlives_a_restart_of_etcd(etcd: JwtEtcd, reg: Registry) -> None:
+    """The token held before etcd restarted is taken after it: no call answered
+    Unauthenticated, the host's instance and watch carry on. (The host drops a token only when
+    etcd says it no longer takes it: a lost link keeps it.)"""
+    web = Instance(service="web", id="n1:000000000001:80", node="n1", address="127.0.0.1",
+                   port=8080, registered_at=1.0)
+    reg.register(web)
+    seen: list[str] = []
+    reg.watch(lambda change: seen.append(change.kind), reg.snapshot().revision)
+    etcd.stop_member(0)  # its only member: a full restart (SIGTERM, by the harness's pid)
+    etcd.start_member(0)
+    refused = handled(etcd, code="Unauthenticated")  # a new count: the member restarted
+    reg.register(Instance(service="web", id="n1:000000000002:80", node="n1",
+                          address="127.0.0.1", port=8081, registered_at=1.0))
+    wait_until(lambda: "put" in seen, 10, "the put after the restart, watched")
+    assert set(reg.snapshot().instances) == {web.key, ("web", "n1:000000000002:80")}
+    assert refused == 0 and handled(etcd, code="Unauthenticated") == 0
