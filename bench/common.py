@@ -18,8 +18,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -230,6 +231,29 @@ class Report:
         say(f"raw result: {path.relative_to(ROOT)}")
         return path
 
+
+
+def measured(bench: str, backend: str, what: str, run: Callable[[Path, Report], Any], *,
+             save: bool = True) -> int:
+    """``run(work, report)`` in a new work folder, what it returns saved as the raw result
+    ``<bench>-<backend>`` (unless not ``save``): the bench's exit status (130 on Ctrl-C, 2 when
+    ``what`` could not be measured: the work folder is then kept, for its logs)."""
+    install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix=f"discovery-{bench}-"))
+    report = Report()
+    mark = report.mark()
+    code = 0
+    try:
+        samples = run(work, report)
+        if save:
+            report.save(bench, backend, mark, samples)
+    except Interrupted:
+        say("interrupted: cleaned up")
+        return 130
+    except Exception as exc:
+        code = report.not_measured(what, exc)
+    keep_or_remove(work, code == 2)
+    return report.status(code)
 
 
 def keep_or_remove(work: Path, keep: bool) -> None:

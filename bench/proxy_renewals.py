@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import queue
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,10 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    Interrupted,
     Report,
-    install_signal_handlers,
-    keep_or_remove,
+    measured,
     percentile,
     say,
 )
@@ -133,22 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (1 <= args.renewals <= 200 and 1 <= args.proxy_leases <= 100
             and 1 <= args.member_leases <= 100 and 1 <= args.ttl <= 60):
         ap.error("--renewals 1..200, --proxy-leases/--member-leases 1..100, --ttl 1..60")
-    install_signal_handlers()
-    work = Path(tempfile.mkdtemp(prefix="discovery-proxy-renewals-"))
-    report = Report()
-    mark = report.mark()
-    code = 0
-    try:
-        samples = run(args, work, report)
-        if not args.no_save:
-            report.save("proxy-renewals", "etcd", mark, samples)
-    except Interrupted:
-        say("interrupted: cleaned up")
-        return 130
-    except Exception as exc:
-        code = report.not_measured("proxy renewals", exc)
-    keep_or_remove(work, code == 2)
-    return report.status(code)
+    return measured("proxy-renewals", "etcd", "proxy renewals",
+                    lambda work, report: run(args, work, report), save=not args.no_save)
 
 
 if __name__ == "__main__":
