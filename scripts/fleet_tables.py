@@ -158,6 +158,21 @@ def t_proxy_renewals(results: dict[str, Result]) -> str:
                   "p50 ms", "min ms", "max ms", "odds of passing for a member"], out)
 
 
+def t_auth_restart(results: dict[str, Result]) -> str:
+    out = []
+    for r in rows_of(results.get("auth-restart-etcd")):
+        out.append([f"`{r['mode']}`", r["token"], num(r["bcrypt_cost"]), num(r["hosts"]),
+                    num(r["members_serving_after_s"], 2),
+                    f"{num(r['resynced'])} of {num(r['hosts'])}", num(r["resynced_p50_s"], 2),
+                    num(r["resynced_max_s"], 2), num(r["logins"]), num(r["members_cpu_s"]),
+                    verdict(r["pass"])])
+    if not out:
+        return missing("auth-restart-etcd")
+    return table(["mode", "token", "bcrypt cost", "hosts", "members serve again after s",
+                  "resynced", "p50 s", "max s", "logins after the restart",
+                  "members' CPU s until resynced", "every host within 10 s"], out)
+
+
 #: the README's summary: the fleet bench's main runs, by column, and the sizes it grows to
 SUMMARY_STEMS = (("fleet-etcd", "etcd"), ("fleet-proxy-etcd", "etcd via `etcd grpc-proxy`"),
                  ("fleet-zk", "ZooKeeper"))

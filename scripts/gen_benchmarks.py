@@ -39,6 +39,7 @@ from docgen import (
 )
 from docgen import render as render_page
 from fleet_tables import (
+    t_auth_restart,
     t_fleet,
     t_fleet_server,
     t_fleet_summary,
@@ -182,6 +183,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "dns": t_dns,
     "dns-abuse": t_generic("dns-abuse-none"),
     "proxy-renewals": t_proxy_renewals,
+    "auth-restart": t_auth_restart,
     "faults": t_faults,
     "deploys": t_deploys,
     "slowstart": t_slowstart,
