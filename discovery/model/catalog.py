@@ -38,16 +38,20 @@ class Catalog:
         self.loaded = False
 
     def load(self, snapshot: Snapshot) -> bool:
-        """Replace everything with ``snapshot``; True when that changed anything."""
+        """Replace everything with ``snapshot`` (but the services it withheld: kept as they
+        were); True when that changed anything."""
         by_service: dict[str, dict[str, Instance]] = {}
         for (service, iid), inst in snapshot.instances.items():
             by_service.setdefault(service, {})[iid] = inst
         with self._cond:
+            for service in snapshot.withheld & self._by_service.keys():
+                by_service[service] = dict(self._by_service[service])
             changed = self._by_service != by_service
             self._by_service, self._up = by_service, {}
-            self._size = len(snapshot.instances)
-            for inst in snapshot.instances.values():
-                self._count_up(inst, 1)
+            self._size = sum(map(len, by_service.values()))
+            for members in by_service.values():
+                for inst in members.values():
+                    self._count_up(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
             first, self.loaded = not self.loaded, True
             self._bump(changed or first)  # loaded is news too: blocked readers answer now

@@ -282,10 +282,14 @@ def _query(query: str, shown: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every valid instance in the registry, read at one point (``revision``)."""
+    """Every valid instance in the registry, read at one point (``revision``). ``withheld``:
+    services whose entries the registry would not let this client read (etcd: its role;
+    ZooKeeper: a directory's ACL), so not in ``instances``: a reader keeps what it had of them
+    (one service left out of a role must not empty it on every host at the next reset)."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0
+    withheld: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -81,24 +82,35 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                   reads: ReadStats | None = None, denied: Denied | None = None) -> Snapshot:
     """Every valid instance under ``root``, read page by page at one revision; with
     ``services``, only under ``root<service>/`` for each (still at one revision), those etcd
-    denies left out and told to ``denied`` (without it, a denial fails the read)."""
+    denies left out, told to ``denied`` and named in the snapshot's ``withheld`` (without
+    ``denied``, a denial fails the read)."""
     roots = [root] if services is None else [f"{root}{s}/" for s in sorted(set(services))]
     stats = reads if reads is not None else ReadStats()
     stats.full_read()
     if not roots:
         return _empty(call, client, root)
+    withheld: set[str] = set()
+
+    def deny(one: str) -> None:
+        withheld.add(one[len(root):-1])  # root<service>/ -> service
+        if denied is not None:
+            denied(one)
+
+    refused = None if denied is None else deny
     for attempt in range(MAX_RESTARTS + 1):
         try:
             if services is None:
                 return _read_once(call, client, decode, root, page_keys, max_value, stats,
                                   Snapshot(revision=0))
+            withheld.clear()
             try:
-                return _read_many(call, client, decode, roots, page_keys, max_value, stats,
-                                  denied)
+                snap = _read_many(call, client, decode, roots, page_keys, max_value, stats,
+                                  refused)
             except _TooManyOps as exc:
                 log.info("etcd read of %d services, one request each: %s", len(roots), exc)
-                return _read_each(call, client, decode, roots, page_keys, max_value, stats,
-                                  denied)
+                snap = _read_each(call, client, decode, roots, page_keys, max_value, stats,
+                                  refused)
+            return replace(snap, withheld=frozenset(withheld))
         except _Compacted as exc:
             log.warning("etcd read of %s: %s; reading again (%d/%d)", root, exc, attempt + 1,
                         MAX_RESTARTS)

@@ -122,7 +122,7 @@ class EtcdWatch:
         self._asking: asyncio.Future[bool] | None = None
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._widen = True  # False once etcd denied a wide resume: the k watchers, always
-        self._narrowing = False  # we end the wide stream ourselves, to go back to k watchers
+        self._ending = False  # we end the stream ourselves: to narrow it, or a renewed token
         self.wide = False  # the current stream follows the whole prefix (filtered here)
         # each range's revision when the wide stream began: what it delivers at or below that
         # was delivered before (one revision may hold many events: a lease's deletes)
@@ -206,10 +206,11 @@ class EtcdWatch:
             await self._reread()
         endpoint, channel = reg.channels.pick(reg.client)
         self.endpoint = endpoint
-        self._narrowing = False
+        self._ending = False
         self.wide = wide = self._lost
         self._floor = dict(self._revs)
         pending = [self._root] if wide else self._denied.first(self._ranges)
+        token = reg.auth.metadata()  # etcd checks each watcher against the stream's own
         ids: dict[int, str] = {}
         narrow = asking = None
         held = False
@@ -233,8 +234,9 @@ class EtcdWatch:
                 self._failures.held()
                 if wide:
                     narrow = loop.call_later(random.uniform(*NARROW_AFTER), self._narrow, stream)
-            if self._denied.ranges:
-                asking = loop.call_later(self._denied.wait(len(ids)), self._ask, stream, pending)
+            if self._denied.ranges and not wide:  # a wide stream narrows soon: asked then
+                asking = loop.call_later(self._denied.wait(len(ids)), self._ask, stream, pending,
+                                         token)
             return True
 
         try:
@@ -246,7 +248,7 @@ class EtcdWatch:
                                 self.revision + 1, resp.compact_revision)
                     await self._reread()
                     return
-                if resp.created and int(resp.header.revision) < self.seen:
+                if resp.created and not resp.canceled and int(resp.header.revision) < self.seen:
                     # behind us, or a member still catching up after its own restart: a
                     # linearizable read tells (checked() rewinds us, on this loop, before
                     # the read's answer resumes this task)
@@ -292,9 +294,9 @@ class EtcdWatch:
             current = asyncio.current_task()
             if current and current.cancelling():
                 raise
-            if self._narrowing:
-                self._narrowing = self._lost = False  # our own cancel: the next stream holds
-                return  # the k watchers
+            if self._ending:
+                self._ending = self._lost = False  # our own cancel: the next stream holds
+                return  # the k watchers, with the token held now
             if self._rewinding:
                 return  # our own cancel: the next stream reads everything again first
             raise
@@ -306,7 +308,7 @@ class EtcdWatch:
             reg.auth.stale(exc)
             raise
         finally:
-            for timer in (narrow, asking):
+            for timer in (narrow, asking, self._asking):
                 if timer is not None:
                     timer.cancel()
             self._stream = self.endpoint = None
@@ -316,20 +318,33 @@ class EtcdWatch:
         """Read everything followed again and deliver it as a ``reset``; the next stream
         resumes from the revision of that read (which answers any rewind told before it)."""
         self._rewinding = False
-        snap = await asyncio.to_thread(self._reg.snapshot, self._services)
+        try:
+            snap = await asyncio.to_thread(self._reg.snapshot, self._services)
+        except BaseException:
+            self._rewinding = True  # not read: the next stream reads again first
+            raise
         self._revs = dict.fromkeys(self._ranges, snap.revision)
         self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
 
-    def _ask(self, stream: Any, pending: list[str]) -> None:
-        """Ask etcd again, on the same stream, for the watchers it denied."""
-        if self._stream is stream and not self._stopped.is_set() and not pending:
-            pending.extend(sorted(self._denied.ranges))
-            self._asking = asyncio.ensure_future(etcd_aio.write(stream, self._create(pending[0])))
+    def _ask(self, stream: Any, pending: list[str], token: Any) -> None:
+        """Ask etcd again, on the same stream, for the watchers it denied; on a new one if the
+        token was renewed since this one opened (etcd checks a watcher against the stream's
+        token, which may have expired: a JWT's life)."""
+        if self._stream is not stream or self._stopped.is_set() or pending:
+            return
+        if self._reg.auth.metadata() != token:
+            self._ending = True
+            stream.cancel()
+            return
+        pending.extend(sorted(self._denied.ranges))
+        self._asking = asking = asyncio.ensure_future(
+            etcd_aio.write(stream, self._create(pending[0])))
+        asking.add_done_callback(lambda t: t.cancelled() or t.exception())  # the read says why
 
     def _narrow(self, stream: Any) -> None:
         """The wide stream has served its resume: end it; the next one holds k watchers."""
         if self._stream is stream and not self._stopped.is_set():
-            self._narrowing = True
+            self._ending = True
             stream.cancel()
 
     def _event(self, rng: str, ev: Any) -> None:

@@ -7,7 +7,6 @@
 - ZooKeeper: :func:`zk_client_options` (digest auth, the ACL of the nodes we create, TLS).
   Nodes the agent creates get ``digest:<user>`` ALL + ``world:anyone`` READ: readers need no
   secret, and only holders of the agent's credentials can change or delete them.
-
 See docs/security.md.
 """
 
@@ -52,18 +51,16 @@ _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.FAILED_PRECONDITION)
 _STALE = ("unauthenticated", "invalid auth token", "user name is empty", "auth store is old")
-#: a JWT (etcd's ``--auth-token jwt``) is renewed at a random moment between these fractions of
-#: the life it had left when issued, so a fleet whose tokens were issued together (a cold start,
-#: a new signing key) does not log in again together at each expiry (a login is a bcrypt)
+#: a JWT (``--auth-token jwt``) is renewed at a random moment between these fractions of its
+#: life left when issued: a fleet whose tokens were issued together does not log in together
 RENEW_WITHIN = (0.5, 0.9)
-#: a token issued with less life left than this (a clock far from etcd's) is renewed when etcd
-#: says it expired, as a simple token is; and a renewal that failed is tried again this late
+#: a token issued with less life left (a clock far from etcd's) is renewed when etcd says it
+#: expired, as a simple token is; a renewal that failed is tried again this late at the soonest
 RENEW_MIN = 20.0
 
 
 def token_expiry(token: str) -> float | None:
-    """The ``exp`` claim (UNIX time) of an etcd JWT; None for a simple token or anything else
-    (the claims are read, not verified: etcd verifies them)."""
+    """The ``exp`` claim (UNIX time) of an etcd JWT (read, not verified); None for others."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -186,11 +183,10 @@ class _Refused(RegistryError):
 class EtcdAuth:
     """The etcd auth token of one client, or nothing when the URL has no user.
 
-    pyetcd authenticates only in its constructor (which would fail while etcd is down) and
-    never again; etcd forgets simple tokens on restart and after ``--auth-token-ttl`` idle.
-    So: :meth:`ensure` gets a token when we have none (through whichever endpoint pyetcd uses)
-    and puts it in ``client.metadata``, which every pyetcd call sends; :meth:`stale` tells
-    whether an error means "authenticate again". A login etcd refuses (a rotated password, a
+    pyetcd authenticates only in its constructor (which fails while etcd is down), never again;
+    etcd forgets simple tokens on restart and ``--auth-token-ttl`` idle. :meth:`ensure` gets a
+    token when we have none into ``client.metadata`` (every pyetcd call sends it); :meth:`stale`
+    tells whether an error means "authenticate again". A login etcd refuses (a rotated password, a
     removed user) is not asked again before a wait doubling from 1 s to a minute: the calls
     meanwhile fail with the same error, for a failed login costs etcd a bcrypt (~61 ms of its
     CPU), and every host of a fleet with the old password would otherwise try at every call.
@@ -206,6 +202,7 @@ class EtcdAuth:
         self._refusals = RetryAt(1.0, 60.0)  # a refused login: when it may be asked again
         self._refused: RegistryError | None = None
         self._renew_at = math.inf  # monotonic: when the JWT held is renewed ahead of expiry
+        self._renewing = False  # one caller renews; the others go on with the token held
         if self.enabled:
             client.metadata = None  # no token yet
 
@@ -223,13 +220,9 @@ class EtcdAuth:
         ConnectionFailedError (retry elsewhere); a refusal raises RegistryError."""
         if not self.enabled:
             return
-        if self._client.metadata is not None:  # a JWT due: one caller renews, the rest go on
-            if time.monotonic() >= self._renew_at and self._lock.acquire(blocking=False):
-                try:
-                    if self._client.metadata is not None and time.monotonic() >= self._renew_at:
-                        self._renew()
-                finally:
-                    self._lock.release()
+        if self._client.metadata is not None:
+            if time.monotonic() >= self._renew_at:
+                self._renew()
             return
         with self._lock:
             if self._client.metadata is not None:
@@ -247,14 +240,28 @@ class EtcdAuth:
             self._refusals.succeeded()
 
     def _renew(self) -> None:
-        """A new JWT ahead of the held one's expiry; the held one serves on if this fails."""
+        """A new JWT ahead of the held one's expiry, by one caller, outside the lock: the
+        others go on with the token held, which also serves on if this fails."""
+        with self._lock:
+            if self._renewing or time.monotonic() < self._renew_at:
+                return
+            self._renewing = True
         try:
-            self._client.metadata = self._issued(self._authenticate())
-        except (RegistryError, etcd_exc.ConnectionFailedError) as exc:
-            self._renew_at = time.monotonic() + RENEW_MIN
+            metadata = self._authenticate()
+        except Exception as exc:  # refused (a rotated password), or no answer: not now
+            wait = RENEW_MIN
+            if isinstance(exc, _Refused):  # a failed bcrypt each: the refusals' doubling wait
+                wait = max(wait, self._refusals.failed())
+            self._renew_at = time.monotonic() + wait
             log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
                         "the one held serves on, tried again in %g s", self._where,
-                        str(exc) or type(exc).__name__, RENEW_MIN)
+                        str(exc) or type(exc).__name__, wait)
+        else:
+            with self._lock:
+                self._client.metadata = self._issued(metadata)
+                self._refusals.succeeded()
+        finally:
+            self._renewing = False
 
     def _issued(self, metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """``metadata`` (a new token), with its renewal planned if it is a JWT."""
@@ -299,10 +306,10 @@ class EtcdAuth:
         return True
 
     def drop(self) -> None:
-        """Forget the token: the next :meth:`ensure` authenticates again."""
+        """Forget the token: the next :meth:`ensure` logs in. No lock: the watch's loop thread
+        calls it, and must not wait for a login."""
         if self.enabled:
-            with self._lock:
-                self._client.metadata = None
+            self._client.metadata = None
 
 
 # -- ZooKeeper --------------------------------------------------------------------------------

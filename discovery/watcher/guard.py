@@ -206,7 +206,8 @@ class WipeGuard:
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
-        gone = [k for k in before if k not in snapshot.instances]
+        withheld = snapshot.withheld  # not read (denied): the catalog keeps them as they are
+        gone = [k for k in before if k not in snapshot.instances and k[0] not in withheld]
         up_gone = sum(1 for k in gone if before[k].state is State.UP)
         if up_gone:
             self._note_removals(now, up_gone)
@@ -220,7 +221,8 @@ class WipeGuard:
                 if key not in self._deferred:
                     self._defer(key, _Deferred(inst, now + self.settings.settle))
         # back in the registry, or gone from the catalog the reset makes: nothing to hold
-        for key in [k for k in self._deferred if k in snapshot.instances or k not in keep]:
+        for key in [k for k in self._deferred
+                    if k in snapshot.instances or (k not in keep and k[0] not in withheld)]:
             self._pop(key)
         self._count()
         if len(keep) == len(snapshot.instances):

@@ -4,10 +4,13 @@ Jinja2's immutable sandbox lets a template read its context and nothing else (no
 walks to ``os``, no mutation). On top of it, a render is bounded: a template whose work grows
 faster than the catalog (a loop over every instance inside another: 10,000 instances are 10^8
 steps) would hold the watcher's thread for good once the catalog grows, and a registry grows on
-every host at once. Every attribute, item and call a template makes, and every piece it
-writes, counts; every ``_CHECK_EVERY`` of them the clock is read, and past ``RENDER_LIMIT_S``
-(or ``MAX_RENDER_BYTES`` written) the render stops with a :class:`TooLong` naming the line it
-was at. The watcher logs it and the last good config keeps serving, as for any bad template.
+every host at once. Every attribute, item and call a template makes, and every piece of its
+output, counts; every ``_CHECK_EVERY`` of them the clock is read, and past ``RENDER_LIMIT_S``
+the render stops with a :class:`TooLong` naming the line it was at; past ``MAX_RENDER_BYTES``
+of output (characters, counted as the top level writes them) it stops too. The watcher logs it
+and the last good config keeps serving, as for any bad template. Not bounded: a loop that
+neither looks anything up nor writes (``{% if a == b %}`` on loop variables alone), and text a
+macro, a ``{% set %}`` block or one expression builds before it is written.
 """
 
 from __future__ import annotations
@@ -82,12 +85,16 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
         :data:`MAX_RENDER_BYTES` (one render at a time: the caller's lock)."""
         self.deadline, self.limit = time.monotonic() + limit, limit
         chunks: list[str] = []
-        size = 0
+        size = written = 0
+        deadline, clock = self.deadline, time.monotonic
         try:  # Template.render, with the size counted as it grows
             for chunk in template.root_render_func(template.new_context(dict(context))):
                 size += len(chunk)
+                written += 1
                 if size > MAX_RENDER_BYTES:
                     raise TooLong(f"wrote more than {MAX_RENDER_BYTES >> 20} MiB, stopped")
+                if not written % _CHECK_EVERY and clock() > deadline:
+                    self._late()  # a loop that only writes counts too
                 chunks.append(chunk)
         except Exception:
             self.handle_exception()  # raises it again, its traceback naming template lines

@@ -270,6 +270,7 @@ def test_one_denied_service_leaves_the_others_followed(
         reg.snapshot(["api"])  # the one service: the credentials, said as such
     snap = reg.snapshot(["web", "api"])
     assert set(snap.instances) == {inst(1).key}, snap.instances
+    assert snap.withheld == {"api"}  # a reader keeps what it had of api
     seen = Seen(reg)
     wall = time.time()
     reg.watch(seen, snap.revision, services=["web", "api"])

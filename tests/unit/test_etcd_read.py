@@ -154,6 +154,9 @@ def test_a_service_the_role_may_not_read_is_left_out(max_txn_ops: int) -> None:
         assert etcd.requests == [("txn", 3)] + [("txn", 1)] * 3 + [("txn", 2)]
     else:  # too many operations (before the denial), then one read a service
         assert etcd.requests == [("txn", 3)] + [("range", 1)] * 3
+    snap = read_snapshot(call, etcd, decode, ROOT, services=["a", "b", "c"],
+                         denied=lambda r: None)
+    assert snap.withheld == {"b"}  # named: a reader keeps what it had of b
 
 
 def test_every_service_denied_or_no_one_to_tell_fails_the_read() -> None:

@@ -203,3 +203,22 @@ def test_a_reset_forgets_a_settling_removal_it_does_not_keep() -> None:
     assert guard.wiping() and b.key in guard.held()
     tick(cat, guard, clock, 3.0)  # the wipe is over; web has C up
     assert not guard.wiping() and sorted(ids(cat, "web")) == [c.id]
+
+
+def test_a_service_the_registry_withheld_keeps_what_the_catalog_had() -> None:
+    """A reset that could not read one service (its role or ACL denies it now) names it
+    withheld: its instances stay as they were, neither removed nor held, while the services it
+    did read are applied (a departure in one of them too). Without ``withheld`` the reset
+    emptied that service on every host (a small service: applied after the settle)."""
+    fleet = [inst("big", n) for n in range(1, 9)] + [inst("api", 20), inst("web", 30)]
+    catalog, guard, clock = setup(fleet)
+    read = {i.key: i for i in fleet if i.service == "big" and i.id != fleet[0].id}
+    feed(catalog, guard, Change("reset", snapshot=Snapshot(
+        read, revision=9, withheld=frozenset({"api", "web"})), revision=9))
+    tick(catalog, guard, clock, 0.3)
+    assert ids(catalog, "api") == {fleet[8].id} and ids(catalog, "web") == {fleet[9].id}
+    assert ids(catalog, "big") == {i.id for i in fleet[1:8]}  # its departure applied
+    assert guard.status.holding == 0 and catalog.size() == 9
+    assert catalog.up_count("api") == 1
+    catalog.load(Snapshot(read, revision=10))  # read again, nothing withheld: the truth
+    assert ids(catalog, "api") == set() and catalog.size() == 7
