@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = {
     "dockerd": ({"docker_client", "containers", "example_image", "sidecar_image"},
                 r"docker|container"),
-    "etcd": ({"etcd_single", "etcd_cluster3"}, r"\[etcd|etcd://|EtcdCluster|--dev"),
+    "etcd": ({"etcd_single", "etcd_cluster3"},
+             r"\[etcd|etcd://|EtcdCluster|--dev|(Rbac|Jwt|Auth|Tls)Etcd\b"),
     "ZooKeeper": ({"zk_single", "zk_ensemble3", "zk_bitset_watches"}, r"\[zk|zk://|ZkEnsemble"),
     "HAProxy": ({"haproxy_factory", "start_watcher"}, r"haproxy|\"watch\"|\"up\""),
 }
