@@ -14,10 +14,11 @@ transaction (:func:`_read_many`): first how many keys each holds (``count_only``
 ``TXN_OPS`` prefixes a request), then the prefixes themselves, packed up to ``page_keys`` keys a
 request, all at the first request's revision. A watcher routing 1,000 services reads them in
 about 20 requests, not 1,000; a prefix of more than ``page_keys`` keys is paged as above. A
-service the registry user may not read (etcd denies the whole transaction) is left out and
-told to ``denied`` (a warning, as a malformed entry is), the others read: one service missing
-from a role must not keep a watcher from every other one. Only when every one is denied does
-the read fail (the credentials, then).
+service the registry user may not read (etcd denies the whole transaction: it is halved down
+to that service) is left out, named in the snapshot's ``withheld`` (a reader keeps what it had
+of it) and, once the read stands, told to ``denied`` (a warning, as a malformed entry is): one
+service missing from a role must not keep a watcher from every other one. Only when every one
+is denied does the read fail (the credentials, then).
 """
 
 from __future__ import annotations
@@ -89,14 +90,8 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
     stats.full_read()
     if not roots:
         return _empty(call, client, root)
-    withheld: set[str] = set()
-
-    def deny(one: str) -> None:
-        withheld.add(one[len(root):-1])  # root<service>/ -> service
-        if denied is not None:
-            denied(one)
-
-    refused = None if denied is None else deny
+    withheld: list[str] = []  # the roots etcd denied: told once the read stands
+    refused = None if denied is None else withheld.append
     for attempt in range(MAX_RESTARTS + 1):
         try:
             if services is None:
@@ -110,7 +105,10 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                 log.info("etcd read of %d services, one request each: %s", len(roots), exc)
                 snap = _read_each(call, client, decode, roots, page_keys, max_value, stats,
                                   refused)
-            return replace(snap, withheld=frozenset(withheld))
+            if denied is not None:
+                for one in withheld:
+                    denied(one)
+            return replace(snap, withheld=frozenset(r[len(root):-1] for r in withheld))
         except _Compacted as exc:
             log.warning("etcd read of %s: %s; reading again (%d/%d)", root, exc, attempt + 1,
                         MAX_RESTARTS)
@@ -227,14 +225,24 @@ def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page
             counts[one] = int(answer.response_range.count)
 
     refusals: list[RegistryDenied] = []
-    for start in range(0, len(roots), TXN_OPS):
-        group = roots[start:start + TXN_OPS]
+
+    def count_apart(group: list[str]) -> None:
+        """``group`` counted; one root etcd denies fails the whole transaction, so then each
+        half apart, down to the roots it denies (one of 100: 15 requests, not 101)."""
         try:
             count(group)
-        except RegistryDenied:  # one denied root fails the whole transaction: each alone
+        except RegistryDenied as exc:
             if denied is None:
                 raise
-            refusals += _each(group, denied, lambda one: count([one]))
+            if len(group) == 1:
+                refusals.append(exc)
+                denied(group[0])
+                return
+            count_apart(group[:len(group) // 2])
+            count_apart(group[len(group) // 2:])
+
+    for start in range(0, len(roots), TXN_OPS):
+        count_apart(roots[start:start + TXN_OPS])
     if len(refusals) == len(roots):
         raise refusals[0]
     instances: dict[tuple[str, str], Instance] = {}

@@ -144,14 +144,15 @@ def test_nothing_to_read(services: list[str]) -> None:
 
 @pytest.mark.parametrize("max_txn_ops", [128, 2])
 def test_a_service_the_role_may_not_read_is_left_out(max_txn_ops: int) -> None:
-    """One denied service fails etcd's whole transaction: each is then counted alone, and the
-    denied one is told and left out, the others read (also one request a service)."""
+    """One denied service fails etcd's whole transaction: it is halved down to the denied one,
+    which is told, left out and named withheld, the others read (also one request a service)."""
     etcd = FakeEtcd({"a": 2, "b": 3, "c": 1}, max_txn_ops=max_txn_ops, denied=("b",))
     told: list[str] = []
     assert read(etcd, ["a", "b", "c"], denied=told.append) == {"a": 2, "c": 1}
     assert told == [f"{ROOT}b/"]
-    if max_txn_ops > 3:  # the refused count, one count a service, the two read in one request
-        assert etcd.requests == [("txn", 3)] + [("txn", 1)] * 3 + [("txn", 2)]
+    if max_txn_ops > 3:  # the refused count, its halves apart, the two read in one request
+        assert etcd.requests == [("txn", 3), ("txn", 1), ("txn", 2), ("txn", 1), ("txn", 1),
+                                 ("txn", 2)]
     else:  # too many operations (before the denial), then one read a service
         assert etcd.requests == [("txn", 3)] + [("range", 1)] * 3
     snap = read_snapshot(call, etcd, decode, ROOT, services=["a", "b", "c"],
@@ -159,10 +160,23 @@ def test_a_service_the_role_may_not_read_is_left_out(max_txn_ops: int) -> None:
     assert snap.withheld == {"b"}  # named: a reader keeps what it had of b
 
 
+def test_one_denied_service_of_a_hundred_costs_a_few_counts() -> None:
+    """The refused transaction is halved down to the denied root: 15 counts, not 101."""
+    services = {f"svc{n:03d}": 1 for n in range(100)}
+    etcd = FakeEtcd(services, denied=("svc042",))
+    told: list[str] = []
+    assert len(read(etcd, list(services), denied=told.append)) == 99
+    assert told == [f"{ROOT}svc042/"]
+    counts = [n for kind, n in etcd.requests[:-1]]  # the last: the read of the 99
+    assert len(counts) <= 15 and etcd.requests[-1] == ("txn", 99), etcd.requests
+
+
 def test_every_service_denied_or_no_one_to_tell_fails_the_read() -> None:
     """Every followed service denied is the credentials: the read fails, as it does for one
     denied service when the caller gives no ``denied`` (the agent's reads)."""
+    told: list[str] = []
     with pytest.raises(RegistryDenied):
-        read(FakeEtcd({"a": 1, "b": 1}, denied=("a", "b")), ["a", "b"], denied=lambda r: None)
+        read(FakeEtcd({"a": 1, "b": 1}, denied=("a", "b")), ["a", "b"], denied=told.append)
+    assert told == []  # nothing skipped is counted: the read failed as a whole
     with pytest.raises(RegistryDenied):
         read(FakeEtcd({"a": 1, "b": 1}, denied=("b",)), ["a", "b"])
