@@ -283,9 +283,11 @@ def _query(query: str, shown: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Snapshot:
     """Every valid instance in the registry, read at one point (``revision``). ``withheld``:
-    services whose entries the registry would not let this client read (etcd: its role;
-    ZooKeeper: a directory's ACL), so not in ``instances``: a reader keeps what it had of them
-    (one service left out of a role must not empty it on every host at the next reset)."""
+    services whose entries etcd would not let this client read (its role), so not in
+    ``instances``: a reader keeps what it had of them (one service left out of a role must not
+    empty it on every host at the next reset; the watch reads it again once etcd allows it).
+    ZooKeeper names none: its watch cannot follow a directory it may not list, so a reset
+    leaves that directory's instances out (a directory planted against us holds none)."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0

@@ -215,7 +215,7 @@ class EtcdWatch:
         narrow = asking = None
         held = False
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
-            metadata=REQUIRE_LEADER + reg.auth.metadata())
+            metadata=REQUIRE_LEADER + token)
 
         async def advance() -> bool:
             """The next watcher's create or, none left, the stream holds: False to end it."""
@@ -324,6 +324,8 @@ class EtcdWatch:
             self._rewinding = True  # not read: the next stream reads again first
             raise
         self._revs = dict.fromkeys(self._ranges, snap.revision)
+        # a service the read left out: its watcher, once etcd allows it, reads everything again
+        self._denied.ranges.update(f"{self._root}{s}/" for s in snap.withheld)
         self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
 
     def _ask(self, stream: Any, pending: list[str], token: Any) -> None:

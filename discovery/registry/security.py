@@ -190,9 +190,7 @@ class EtcdAuth:
     removed user) is not asked again before a wait doubling from 1 s to a minute: the calls
     meanwhile fail with the same error, for a failed login costs etcd a bcrypt (~61 ms of its
     CPU), and every host of a fleet with the old password would otherwise try at every call.
-    A JWT is renewed ahead of its expiry, at a random moment (:data:`RENEW_WITHIN`): the one held
-    serves until then, and still if the renewal fails.
-    """
+    A JWT is renewed ahead of its expiry, at a random moment (:data:`RENEW_WITHIN`)."""
 
     def __init__(self, client: Any, secrets: Secrets, where: str) -> None:
         self._client, self._where = client, where
@@ -243,22 +241,24 @@ class EtcdAuth:
         """A new JWT ahead of the held one's expiry, by one caller, outside the lock: the
         others go on with the token held, which also serves on if this fails."""
         with self._lock:
-            if self._renewing or time.monotonic() < self._renew_at:
+            held = self._client.metadata
+            if self._renewing or held is None or time.monotonic() < self._renew_at:
                 return
             self._renewing = True
         try:
             metadata = self._authenticate()
         except Exception as exc:  # refused (a rotated password), or no answer: not now
-            wait = RENEW_MIN
-            if isinstance(exc, _Refused):  # a failed bcrypt each: the refusals' doubling wait
-                wait = max(wait, self._refusals.failed())
-            self._renew_at = time.monotonic() + wait
+            with self._lock:  # a refusal (a failed bcrypt each) waits the refusals' doubling
+                wait = max(RENEW_MIN, self._refusals.failed() if isinstance(exc, _Refused) else 0)
+                if self._client.metadata is held:  # else dropped, and logged in again meanwhile
+                    self._renew_at = time.monotonic() + wait
             log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
                         "the one held serves on, tried again in %g s", self._where,
                         str(exc) or type(exc).__name__, wait)
         else:
             with self._lock:
-                self._client.metadata = self._issued(metadata)
+                if self._client.metadata is held:  # else a newer login replaced it meanwhile
+                    self._client.metadata = self._issued(metadata)
                 self._refusals.succeeded()
         finally:
             self._renewing = False

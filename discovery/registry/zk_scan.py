@@ -94,7 +94,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         newest = stat.pzxid
     found = Scan(Snapshot(revision=max(client.last_zxid, 1)), newest)
     paths: list[str] = []
-    denied: dict[str, NoAuthError] = {}  # service -> why we may not list its directory
+    denied: list[tuple[str, NoAuthError]] = []
     for s in children:
         svc_dir = url.service_dir(s)
         try:
@@ -105,15 +105,15 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
                 client.exists(svc_dir, watch=watch_for(("svc", s)))
             continue
         except NoAuthError as exc:  # one planted against us is left out (below)
-            denied[s] = exc
+            denied.append((svc_dir, exc))
             continue
         found.svcs.add(s)
         found.newest = max(found.newest, st.pzxid)
         paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
     if denied and not found.svcs:
-        raise next(iter(denied.values()))  # none may be listed: our credentials (say so)
-    for s in denied:
-        decoder.denied(url.service_dir(s))
+        raise denied[0][1]  # none may be listed: our credentials (the caller says so)
+    for svc_dir, _ in denied:
+        decoder.denied(svc_dir)
     instances: dict[Key, Instance] = {}
     for path, (data, st) in read_nodes(paths):
         found.nodes[path] = st.mzxid
@@ -123,8 +123,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         if inst is not None:
             found.live.set(path, inst.key)
             instances[inst.key] = inst
-    found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision,
-                              withheld=frozenset(denied))
+    found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
     return found
 
 
