@@ -175,36 +175,23 @@ def _take(kvs: Iterable[Any], decode: Decode, max_value: int, reads: ReadStats,
             instances[inst.key] = inst
 
 
-def _each(roots: list[str], denied: Denied | None, read: Callable[[str], object]
-          ) -> list[RegistryDenied]:
-    """``read(root)`` for each of ``roots``; a root etcd denies is told to ``denied``, left out,
-    and its denial returned (raised at once when there is no ``denied``)."""
-    refusals: list[RegistryDenied] = []
-    for root in roots:
-        try:
-            read(root)
-        except RegistryDenied as exc:
-            if denied is None:
-                raise
-            refusals.append(exc)
-            denied(root)
-    return refusals
-
-
 def _read_each(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
                max_value: int, reads: ReadStats, denied: Denied | None) -> Snapshot:
     """Each of ``roots`` in requests of its own, at one revision (a cluster that allows fewer
-    operations a transaction than :func:`_read_many` sends)."""
-    snaps = [Snapshot(revision=0)]
-
-    def read(one: str) -> None:
-        snaps.append(_read_once(call, client, decode, one, page_keys, max_value, reads,
-                                snaps[-1]))
-
-    refusals = _each(roots, denied, read)
-    if len(refusals) == len(roots):
-        raise refusals[0]
-    return snaps[-1]
+    operations a transaction than :func:`_read_many` sends); one etcd denies is told to
+    ``denied`` and left out (raised without ``denied``, or when every one is denied)."""
+    snap, denial = Snapshot(revision=0), None
+    for one in roots:
+        try:
+            snap = _read_once(call, client, decode, one, page_keys, max_value, reads, snap)
+        except RegistryDenied as exc:
+            if denied is None:
+                raise
+            denial = exc
+            denied(one)
+    if denial is not None and not snap.revision:  # nothing read: every one denied
+        raise denial
+    return snap
 
 
 def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
@@ -224,30 +211,31 @@ def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page
         for one, answer in zip(group, resp.responses, strict=True):
             counts[one] = int(answer.response_range.count)
 
-    refusals: list[RegistryDenied] = []
+    denial: RegistryDenied | None = None  # the last etcd answered
 
     def count_apart(group: list[str], depth: int = 0) -> None:
         """``group`` counted; one root etcd denies fails the whole transaction, so then each
         half apart, three times (one denied of 100: 20 requests, not 101), then each root
         alone (every one denied: 115, not 199 halving down to each)."""
+        nonlocal denial
         try:
             count(group)
         except RegistryDenied as exc:
             if denied is None:
                 raise
             if len(group) == 1:
-                refusals.append(exc)
+                denial = exc
                 denied(group[0])
-            elif depth == 3:
-                refusals.extend(_each(group, denied, lambda one: count([one])))
             else:
-                count_apart(group[:len(group) // 2], depth + 1)
-                count_apart(group[len(group) // 2:], depth + 1)
+                halves = ([group[:len(group) // 2], group[len(group) // 2:]] if depth < 3
+                          else [[one] for one in group])
+                for part in halves:
+                    count_apart(part, depth + 1)
 
     for start in range(0, len(roots), TXN_OPS):
         count_apart(roots[start:start + TXN_OPS])
-    if len(refusals) == len(roots):
-        raise refusals[0]
+    if denial is not None and not counts:  # nothing counted: every one denied
+        raise denial
     instances: dict[tuple[str, str], Instance] = {}
     for pack in _packs([(r, n) for r, n in counts.items() if n], page_keys):
         if len(pack) > 1 or counts[pack[0]] <= page_keys:

@@ -5,13 +5,14 @@ test's end."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
 from kazoo.security import make_digest_acl
 
-from discovery.registry import Registry
+from discovery.registry import Registry, open_registry
 from tests.harness.servers import ServerCluster, unique_prefix
 
 
@@ -46,6 +47,20 @@ def regs() -> Iterator[list[Registry]]:
     for reg in opened:
         with contextlib.suppress(Exception):
             reg.close()
+
+
+@pytest.fixture
+def open_reg() -> Iterator[Callable[..., Registry]]:
+    """Opens registries (``open_registry(url, **kw)``, no environment read); each is closed
+    without revoking its lease when the test ends. Modules that need other defaults have their
+    own ``open_reg``."""
+    with contextlib.ExitStack() as stack:
+        def make(url: str, **kw: Any) -> Registry:
+            reg = open_registry(url, **{"environ": {}, **kw})
+            stack.callback(reg.close, revoke=False)
+            return reg
+
+        yield make
 
 
 @pytest.fixture

@@ -9,35 +9,37 @@ answers: a call made with a token etcd no longer takes)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from discovery.model import Instance
-from discovery.registry import Registry, open_registry, security
+from discovery.registry import Registry, security
 from tests.harness.secure import JwtEtcd
 from tests.harness.servers import _started, unique_prefix, wait_until
 
 pytestmark = pytest.mark.integration
 
 JWT_TTL = 8.0  # seconds a token lives
+OpenReg = Callable[..., Registry]
+
+
+def started(factory: pytest.TempPathFactory, name: str, ttl: float) -> Iterator[JwtEtcd]:
+    for c in _started(JwtEtcd(1, factory.mktemp(name), jwt_ttl=ttl)):
+        assert isinstance(c, JwtEtcd)
+        c.ensure_running()
+        yield c
 
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwtEtcd]:
-    for c in _started(JwtEtcd(1, tmp_path_factory.mktemp("etcd-jwt"), jwt_ttl=JWT_TTL)):
-        assert isinstance(c, JwtEtcd)
-        c.ensure_running()
-        yield c
+    yield from started(tmp_path_factory, "etcd-jwt", JWT_TTL)
 
 
 @pytest.fixture(scope="module")
 def etcd_long(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwtEtcd]:
     """JWTs of 10 minutes, as a fleet's: none expires or is renewed during a test."""
-    for c in _started(JwtEtcd(1, tmp_path_factory.mktemp("etcd-jwt-long"), jwt_ttl=600)):
-        assert isinstance(c, JwtEtcd)
-        c.ensure_running()
-        yield c
+    yield from started(tmp_path_factory, "etcd-jwt-long", 600)
 
 
 def handled(etcd: JwtEtcd, code: str = "", method: str = "") -> float:
@@ -46,20 +48,13 @@ def handled(etcd: JwtEtcd, code: str = "", method: str = "") -> float:
     return counts.get(method, 0.0) if method else sum(counts.values())
 
 
-def opened(etcd: JwtEtcd) -> Registry:
-    return open_registry(etcd.url_as(etcd.USER, etcd.USER_PASSWORD, etcd.USER_PREFIX
-                                     + unique_prefix()), ttl=10.0, timeout=3.0, environ={})
-
-
-@pytest.fixture
-def reg(etcd: JwtEtcd) -> Iterator[Registry]:
-    r = opened(etcd)
-    yield r
-    r.close()
+def user_url(etcd: JwtEtcd) -> str:
+    """The harness user's registry URL on a fresh prefix of its own."""
+    return etcd.url_as(etcd.USER, etcd.USER_PASSWORD, etcd.USER_PREFIX + unique_prefix())
 
 
 def test_a_jwt_is_renewed_before_etcd_would_refuse_it(
-        etcd: JwtEtcd, reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+        etcd: JwtEtcd, open_reg: OpenReg, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads every 0.2 s for two of the token's lives: etcd's own JWTs are read, each renewed
     within 40-60 % of its life here (the window narrowed to fit the test; 50-90 % by
     default), and etcd never answers a call with a token it no longer takes. Before, the host
@@ -67,6 +62,7 @@ def test_a_jwt_is_renewed_before_etcd_would_refuse_it(
     every host whose token was issued with its own."""
     monkeypatch.setattr(security, "RENEW_MIN", 2.0)
     monkeypatch.setattr(security, "RENEW_WITHIN", (0.4, 0.6))
+    reg = open_reg(user_url(etcd), ttl=10.0, timeout=3.0)
     reg.snapshot()  # the first login
     refused, logins = handled(etcd, code="Unauthenticated"), handled(etcd, method="Authenticate")
     ends = time.monotonic() + 2 * JWT_TTL
@@ -79,12 +75,13 @@ def test_a_jwt_is_renewed_before_etcd_would_refuse_it(
     assert handled(etcd, code="Unauthenticated") == refused
 
 
-def test_a_jwt_outlives_a_restart_of_etcd(etcd_long: JwtEtcd) -> None:
+def test_a_jwt_outlives_a_restart_of_etcd(etcd_long: JwtEtcd, open_reg: OpenReg) -> None:
     """The token held before etcd restarted is taken after it: no login after the restart
     (the harness asks the member's readiness without one), no call answered Unauthenticated,
     the host's instance and watch carry on. (The host drops a token only when etcd says it no
     longer takes it: a lost link keeps it.)"""
-    etcd, reg = etcd_long, opened(etcd_long)
+    etcd = etcd_long
+    reg = open_reg(user_url(etcd), ttl=10.0, timeout=3.0)
     web = Instance(service="web", id="n1:000000000001:80", node="n1", address="127.0.0.1",
                    port=8080, registered_at=1.0)
     reg.register(web)
@@ -99,4 +96,3 @@ def test_a_jwt_outlives_a_restart_of_etcd(etcd_long: JwtEtcd) -> None:
     assert set(reg.snapshot().instances) == {web.key, ("web", "n1:000000000002:80")}
     assert refused == 0 and handled(etcd, code="Unauthenticated") == 0
     assert handled(etcd, method="Authenticate") == 0  # the member's count since its restart
-    reg.close()

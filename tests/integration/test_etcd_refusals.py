@@ -31,7 +31,7 @@ import pytest
 
 from discovery.errors import RegistryDenied
 from discovery.model import Instance
-from discovery.registry import Change, Registry, etcd_watch, open_registry
+from discovery.registry import Change, Registry, etcd_watch
 from tests.harness.secure import ETCDCTL, AuthEtcd
 from tests.harness.servers import HOST, _started, unique_prefix, wait_until
 from tests.harness.util import wait_for
@@ -94,20 +94,6 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RbacEtcd]:
         yield c
 
 
-@pytest.fixture
-def open_reg() -> Iterator[OpenReg]:
-    made: list[Registry] = []
-
-    def make(url: str, ttl: float) -> Registry:
-        reg = open_registry(url, ttl=ttl, timeout=2.0, environ={})
-        made.append(reg)
-        return reg
-
-    yield make
-    for reg in made:
-        reg.close(revoke=False)
-
-
 class Seen:
     """A watch callback that keeps the keys put, and the registry's states told."""
 
@@ -166,8 +152,8 @@ def watching(etcd: RbacEtcd, open_reg: OpenReg, password: str,
     first put there: (the prefix, the user, what its watch saw)."""
     prefix = unique_prefix()
     name = etcd.user(password, prefix + "/")
-    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), 10.0)
-    reg = open_reg(etcd.url_of(name, password, prefix), ttl)
+    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
+    reg = open_reg(etcd.url_of(name, password, prefix), ttl=ttl, timeout=2.0)
     seen = Seen(reg)
     reg.watch(seen, reg.snapshot().revision)
     root.register(inst(1))
@@ -228,8 +214,8 @@ def test_a_refused_wide_resume_falls_back_to_the_services_watches(
     prefix = unique_prefix()
     name = etcd.user("pw", f"{prefix}/services/web/", f"{prefix}/services/api/",
                      f"{prefix}/alive")
-    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), 10.0)
-    reg = open_reg(etcd.url_of(name, "pw", prefix), 2.0)
+    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
+    reg = open_reg(etcd.url_of(name, "pw", prefix), ttl=2.0, timeout=2.0)
     seen = Seen(reg)
     snap = reg.snapshot(["web", "api"])
     watch = reg.watch(seen, snap.revision, services=["web", "api"])
@@ -262,10 +248,10 @@ def test_one_denied_service_leaves_the_others_followed(
     caplog.set_level(logging.WARNING, logger=etcd_watch.__name__)
     prefix = unique_prefix()
     name = etcd.user("pw", f"{prefix}/services/web/", f"{prefix}/alive")
-    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), 10.0)
+    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
     root.register(inst(1))
     root.register(inst(1, "api"))
-    reg = open_reg(etcd.url_of(name, "pw", prefix), 2.0)
+    reg = open_reg(etcd.url_of(name, "pw", prefix), ttl=2.0, timeout=2.0)
     with pytest.raises(RegistryDenied, match="permission denied"):
         reg.snapshot(["api"])  # the one service: the credentials, said as such
     snap = reg.snapshot(["web", "api"])

@@ -16,6 +16,7 @@ import pytest
 
 from discovery.registry import security
 from discovery.registry.security import RENEW_MIN, EtcdAuth, Secrets, token_expiry
+from tests.harness.rpc import Answer, AuthClient
 
 NOW = 1_800_000_000.0  # wall clock of the fake etcd and of the host
 
@@ -25,34 +26,12 @@ def jwt(exp: Any) -> str:
     return f"eyJhbGciOiJSUzI1NiJ9.{claims.decode().rstrip('=')}.c2lnbmF0dXJl"
 
 
-class Down(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "deadline exceeded"
+DOWN = Answer(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
 
-class Stub:
-    def __init__(self, life: float) -> None:
-        self.life, self.logins, self.down = life, 0, False
-
-    def Authenticate(self, _request: Any, _timeout: float) -> Any:
-        if self.down:
-            raise Down()
-        self.logins += 1
-        return type("Answer", (), {"token": jwt(clock[1] + self.life)})()
-
-
-class Endpoint:
-    def fail(self) -> None:
-        pass
-
-
-class Client:
-    def __init__(self, life: float) -> None:
-        self.authstub, self.timeout, self.metadata = Stub(life), 1.0, None
-        self.endpoint_in_use = Endpoint()
+def issuing(life: float) -> AuthClient:
+    """etcd issuing JWTs that live ``life`` seconds from the fake wall clock."""
+    return AuthClient(token=lambda: jwt(clock[1] + life))
 
 
 clock = [1000.0, NOW]  # monotonic, wall
@@ -70,14 +49,14 @@ def advance(seconds: float) -> None:
     clock[1] += seconds
 
 
-def renewals(auth: EtcdAuth, client: Client, seconds: float, step: float = 1.0) -> list[float]:
+def renewals(auth: EtcdAuth, client: AuthClient, seconds: float, step: float = 1.0) -> list[float]:
     """Calls every ``step`` s for ``seconds``: when (into the token's life) each login came."""
-    out, issued, logins = [], clock[0], client.authstub.logins
+    out, issued, logins = [], clock[0], client.calls
     for _ in range(round(seconds / step)):
         auth.ensure()
-        if client.authstub.logins != logins:
+        if client.calls != logins:
             out.append(clock[0] - issued)
-            issued, logins = clock[0], client.authstub.logins
+            issued, logins = clock[0], client.calls
         advance(step)
     return out
 
@@ -92,7 +71,7 @@ def test_token_expiry_reads_a_jwt_and_nothing_else() -> None:
 def test_a_jwt_is_renewed_between_half_and_nine_tenths_of_its_life() -> None:
     lives = []
     for _ in range(40):  # forty hosts whose tokens were issued at the same moment
-        client = Client(life=300.0)
+        client = issuing(life=300.0)
         auth = EtcdAuth(client, Secrets(user="a", password="pw"), "127.0.0.1:2379")
         clock[:] = [1000.0, NOW]
         lives += renewals(auth, client, 301.0)[1:2]  # [0]: the first login, at once
@@ -102,31 +81,31 @@ def test_a_jwt_is_renewed_between_half_and_nine_tenths_of_its_life() -> None:
 
 
 def test_a_failed_renewal_keeps_the_token_and_tries_again_later() -> None:
-    client = Client(life=300.0)
+    client = issuing(life=300.0)
     auth = EtcdAuth(client, Secrets(user="a", password="pw"), "127.0.0.1:2379")
     auth.ensure()
     held = client.metadata
-    client.authstub.down = True
+    client.failure = DOWN
     advance(271.0)  # past any planned renewal
     auth.ensure()  # the renewal times out: no error for the caller, the token held serves
     assert client.metadata == held
-    logins = client.authstub.logins
-    client.authstub.down = False
+    logins = client.calls
+    client.failure = None
     advance(RENEW_MIN - 1)
     auth.ensure()
-    assert client.authstub.logins == logins  # not before RENEW_MIN
+    assert client.calls == logins  # not before RENEW_MIN
     advance(1.0)
     auth.ensure()
-    assert client.authstub.logins == logins + 1 and client.metadata != held
+    assert client.calls == logins + 1 and client.metadata != held
 
 
 @pytest.mark.parametrize("life", [5.0, -60.0])
 def test_a_jwt_too_short_to_plan_is_renewed_only_when_etcd_says_so(life: float) -> None:
     """A short life, or a host clock ahead of etcd's: no renewal ahead (it would log in at
     every call); etcd's 'invalid auth token' drops it, as a simple token."""
-    client = Client(life=life)
+    client = issuing(life=life)
     auth = EtcdAuth(client, Secrets(user="a", password="pw"), "127.0.0.1:2379")
     assert renewals(auth, client, 100.0) == [0.0]
     assert auth.stale("etcdserver: invalid auth token")
     auth.ensure()
-    assert client.authstub.logins == 2
+    assert client.calls == 2
