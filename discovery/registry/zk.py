@@ -272,7 +272,6 @@ class ZkRegistry:
             self._deregister(service, instance_id)
 
     def _deregister(self, service: str, instance_id: str) -> None:
-        path = self.url.key(service, instance_id)
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
             self._claims.written.pop((service, instance_id), None)
@@ -284,9 +283,7 @@ class ZkRegistry:
                 self._nerve.delete(key, node)
                 self._index.delete(node, key)
                 return
-            self._index.delete(node, key)
-            with contextlib.suppress(NoNodeError):
-                self._get(self.client.delete_async(path))
+            self._claims.remove(key, node)
 
         self._op(f"deregister {service}/{instance_id}", delete)
 

@@ -1,8 +1,9 @@
 """Making a ZooKeeper registry's instance nodes ours: the ephemeral nodes of this session.
 
-:meth:`ZkClaims.claim` writes one instance: its node (created, or updated if this session
-wrote it, or taken over from an earlier session in one transaction, so that readers never see
-it missing), then its index node (:mod:`~discovery.registry.zk_index`). After a session
+:meth:`ZkClaims.claim` writes one instance: a new one's node and its index node
+(:mod:`~discovery.registry.zk_index`) in one transaction; else its node (updated if this
+session wrote it, or taken over from an earlier session in one transaction, so that readers
+never see it missing), then its index node. After a session
 expiry every node of the old session is gone, and :meth:`ZkClaims.claim_together` creates them
 all again, many instances in one transaction: a fleet that lost its sessions at once (an
 ensemble down for longer than the session timeout) sends one request a host, not two round
@@ -11,6 +12,7 @@ trips an instance.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -49,11 +51,40 @@ class ZkClaims:
         self.written: dict[tuple[str, str], int] = {}
 
     def claim(self, inst: Instance) -> None:
-        """The instance node of ``inst``, then its index node (an index node never names
-        nothing for long)."""
+        """The instance node of ``inst`` and its index node: a new instance's in one
+        transaction; an update, or a take-over of a predecessor's node, the instance's first
+        (an index node never names nothing for long)."""
+        if self._nerve is None and self._create_both(inst):
+            return
         self._claim(inst)
         created = self._nerve.path(inst.key) if self._nerve is not None else None
         self._index.claim(inst, created.rpartition("/")[2] if created else None)
+
+    def _create_both(self, inst: Instance) -> bool:
+        """Create the node of a new instance and its index node in one transaction (one round
+        trip), so that no crash leaves the instance without the index node through which a
+        restarted agent finds what its predecessor wrote. False: one is there already (an
+        update, a predecessor's node to take over) or the transaction failed otherwise: left
+        to :meth:`_claim` and the index's own claim, which say why."""
+        session, key = session_of(self.client), inst.key
+        if not self._index.enabled or session is None or self.written.get(key) == session:
+            return False
+        path, index = self.url.key(*key), self._index.path(inst.node, *key)
+        self._check_parent(self.url.service_dir(inst.service))
+        for first in (True, False):
+            txn = self.client.transaction()
+            txn.create(path, inst.to_json(), ephemeral=True)
+            self._index.add_create(txn, inst)
+            results = self._get(txn.commit_async())
+            if not any(isinstance(r, Exception) for r in results):
+                self.written[key] = session
+                self._index.claimed([inst], session)
+                return True
+            if not first or not any(isinstance(r, NoNodeError) for r in results):
+                return False
+            for parent in (self.url.service_dir(inst.service), index.rpartition("/")[0]):
+                self._get(self.client.ensure_path_async(parent))
+        return False
 
     def _claim(self, inst: Instance) -> None:
         """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
@@ -99,6 +130,21 @@ class ZkClaims:
             except (NoNodeError, BadVersionError):
                 continue
         raise RegistryError(f"ZooKeeper at {self._where}: {shown(path)} keeps changing under us")
+
+    def remove(self, key: tuple[str, str], node: str) -> None:
+        """Delete the instance node of ``key`` and its index node under ``node``: in one
+        transaction when both are there (no crash leaves the instance without the index node
+        a restarted agent finds it by); else the instance's, then the index node."""
+        path = self.url.key(*key)
+        if self._index.enabled:
+            txn = self.client.transaction()
+            txn.delete(path)
+            txn.delete(self._index.path(node, *key))
+            if not any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
+                return
+        with contextlib.suppress(NoNodeError):
+            self._get(self.client.delete_async(path))
+        self._index.delete(node, key)
 
     def claim_together(self, owned: list[Instance]) -> list[Instance]:
         """A new session's first writes: each instance node and its index node, up to

@@ -1,8 +1,9 @@
 """The per-node index of a ZooKeeper registry, so an agent's reconcile costs what its node holds.
 
 Next to each instance node ``<prefix>/services/<service>/<id>`` the backend keeps an empty
-EPHEMERAL node ``<prefix>/nodes/<node>/<service>/<id>`` of the same session, created right
-after the instance and deleted with it; both go when the session ends. :meth:`read` reads one
+EPHEMERAL node ``<prefix>/nodes/<node>/<service>/<id>`` of the same session, created in the
+same transaction as a new instance and deleted in one with it (so no crash of the agent leaves
+one without the other); both go when the session ends. :meth:`read` reads one
 node's entries: the index's children, then the instances they name (three requests) — bytes
 proportional to the node's own instances, whatever the size of the fleet. Readers of
 ``<prefix>/services`` never see the index (it is outside that path).
@@ -13,11 +14,11 @@ transaction: delete the old, create ours).
 
 When the two disagree:
 
-- an index node whose instance is gone (deleted by hand, or between the two writes): skipped;
-  it goes with its session;
+- an index node whose instance is gone (deleted by hand): skipped; it goes with its session;
 - an index node naming an instance of another node (written by hand): skipped;
-- an instance without an index node (written by hand, by a version before the index, or
-  its index node deleted by hand): not seen by :meth:`read`. A restarted agent does not adopt
+- an instance without an index node (written by hand, by a version before the index, its
+  index node deleted by hand, or taken over from an expired session by an agent that died
+  before its index node): not seen by :meth:`read`. A restarted agent does not adopt
   it (it goes with its old session); for the running agent the next reconcile sees it
   missing, writes it again, and the index node is created again.
 
@@ -98,7 +99,8 @@ class ZkNodeIndex:
         return f"{self.root(node)}/{service}/{name}"
 
     def claim(self, inst: Instance, name: str | None = None) -> None:
-        """Make the index node of ``inst`` one of our session's (after the instance's own);
+        """Make the index node of ``inst`` one of our session's (after the instance's own, when
+        that was not created with it: :meth:`add_create`);
         ``name``: its node's (Nerve: ``<id>_<sequence>``), by default its id."""
         if not self.enabled:
             return
@@ -146,7 +148,7 @@ class ZkNodeIndex:
 
     def add_create(self, txn: Any, inst: Instance) -> None:
         """Add the creation of the index node of ``inst`` to ``txn`` (a transaction that
-        creates the instance too: after a session expiry, both are gone with it)."""
+        creates the instance too)."""
         if self.enabled:
             txn.create(self.path(inst.node, inst.service, inst.id), b"", ephemeral=True)
 
