@@ -203,3 +203,9 @@ class RetryAt:
 
     def succeeded(self) -> None:
         self.due = self.wait = 0.0
+
+    def remaining(self) -> float | None:
+        """Seconds until it is due (0: now), None while nothing is due or it is held."""
+        if not self.due or self.due == math.inf:
+            return None
+        return max(0.0, self.due - time.monotonic())

@@ -283,11 +283,11 @@ def _query(query: str, shown: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Snapshot:
     """Every valid instance in the registry, read at one point (``revision``). ``withheld``:
-    services whose entries etcd would not let this client read (its role), so not in
-    ``instances``: a reader keeps what it had of them (one service left out of a role must not
-    empty it on every host at the next reset; the watch reads it again once etcd allows it).
-    ZooKeeper names none: its watch cannot follow a directory it may not list, so a reset
-    leaves that directory's instances out (a directory planted against us holds none)."""
+    services whose entries the registry would not let this client read (etcd: its role;
+    ZooKeeper: its directory's ACL, NoAuth), so not in ``instances``: a reader keeps what it
+    had of them (one service left out of a role, or locked by mistake, must not empty it on
+    every host at the next reset); the watch reads everything again once the registry allows
+    it (a directory planted against us held nothing, so nothing is kept)."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0

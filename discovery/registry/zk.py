@@ -320,7 +320,8 @@ class ZkRegistry:
             return Snapshot(revision=max(c.last_zxid, 1))
         # Every change up to this zxid is in what we read from now on.
         revision = max(c.last_zxid, 1)
-        dirs = self._many.children([self.url.service_dir(s) for s in services])
+        refused: list[str] = []  # the directories we may not list: withheld
+        dirs = self._many.children([self.url.service_dir(s) for s in services], refused)
         paths = []
         for d, children in dirs.items():
             self.reads.listed(children)
@@ -331,7 +332,8 @@ class ZkRegistry:
             inst = self.decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None:
                 instances[inst.key] = inst
-        return Snapshot(instances=instances, revision=revision)
+        return Snapshot(instances=instances, revision=revision, withheld=frozenset(
+            s for s in services if self.url.service_dir(s) in refused))
 
     def watch(self, callback: ChangeCallback, start_revision: int = 0,
               services: Collection[str] | None = None) -> ZkWatch:

@@ -101,16 +101,20 @@ class ManyReads:
         #: None until a server answered a multiRead; False: older than 3.6
         self.supported: bool | None = None
 
-    def children(self, paths: Sequence[str]) -> dict[str, list[str]]:
-        """The names in each directory of ``paths`` (one that does not exist is left out)."""
-        return self._read([GetChildren(p, None) for p in paths], self.client.get_children_async)
+    def children(self, paths: Sequence[str], refused: list[str] | None = None
+                 ) -> dict[str, list[str]]:
+        """The names in each directory of ``paths`` (one that does not exist is left out; one
+        we may not list too, and added to ``refused``)."""
+        return self._read([GetChildren(p, None) for p in paths], self.client.get_children_async,
+                          refused)
 
     def data(self, paths: Sequence[str]) -> dict[str, tuple[bytes, ZnodeStat]]:
         """``(data, stat)`` of each node of ``paths`` (one that does not exist, or that we may
         not read, is left out)."""
         return self._read([GetData(p, None) for p in paths], self.client.get_async)
 
-    def _read(self, ops: list[Any], one: Callable[[str], Any]) -> dict[str, Any]:
+    def _read(self, ops: list[Any], one: Callable[[str], Any],
+              refused: list[str] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         denied: list[tuple[Any, NoAuthError]] = []
         for start in range(0, len(ops), MAX_OPS):
@@ -139,6 +143,8 @@ class ManyReads:
             if isinstance(op, GetChildren) and not listed:
                 raise answer
             self._decoder.denied(op.path)
+            if refused is not None:
+                refused.append(op.path)
         return out
 
     def _multi(self, chunk: list[Any]) -> list[Any] | None:

@@ -6,12 +6,14 @@ ones: their directories, not the list of services), then reads their nodes, armi
 one-shot watches a follower without persistent watches needs through ``watch_for``. Such a
 follower's one-shot watch on a listing (the list of services, a service's directory) tells it
 to list that again: :func:`relist`, by the same rules (a directory gone, or refused to us,
-is left out). And :func:`unread_holders`: under Nerve, the nodes of a service the follower has
-not read yet.
+is left out). A directory the full read may not list is named in the snapshot (withheld: the
+catalog keeps what it had of that service) and listed again later, :class:`Withheld`. And
+:func:`unread_holders`: under Nerve, the nodes of a service the follower has not read yet.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +21,13 @@ from typing import Any
 from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.model import Instance
+from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.retry import RetryAt
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 #: the one-shot watch a read of an item (``("svc", name)``...) sets, or None
@@ -94,7 +100,7 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         newest = stat.pzxid
     found = Scan(Snapshot(revision=max(client.last_zxid, 1)), newest)
     paths: list[str] = []
-    denied: list[tuple[str, NoAuthError]] = []
+    denied: dict[str, NoAuthError] = {}  # service -> why we may not list its directory
     for s in children:
         svc_dir = url.service_dir(s)
         try:
@@ -104,16 +110,16 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
             if only is not None or svc_dir != f"{services}/{s}":
                 client.exists(svc_dir, watch=watch_for(("svc", s)))
             continue
-        except NoAuthError as exc:  # one planted against us is left out (below)
-            denied.append((svc_dir, exc))
+        except NoAuthError as exc:  # left out, named as withheld (below)
+            denied[s] = exc
             continue
         found.svcs.add(s)
         found.newest = max(found.newest, st.pzxid)
         paths += [f"{svc_dir}/{n}" for n in sorted(nodes)]  # Nerve: the newest node wins
     if denied and not found.svcs:
-        raise denied[0][1]  # none may be listed: our credentials (the caller says so)
-    for svc_dir, _ in denied:
-        decoder.denied(svc_dir)
+        raise next(iter(denied.values()))  # none may be listed: our credentials (say so)
+    for s in denied:
+        decoder.denied(url.service_dir(s))
     instances: dict[Key, Instance] = {}
     for path, (data, st) in read_nodes(paths):
         found.nodes[path] = st.mzxid
@@ -123,8 +129,46 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         if inst is not None:
             found.live.set(path, inst.key)
             instances[inst.key] = inst
-    found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision)
+    found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision,
+                              withheld=frozenset(denied))
     return found
+
+
+class Withheld:
+    """The services a full read could not list (NoAuth on their directory: an ACL changed by
+    mistake), whose instances the catalog keeps (:attr:`Snapshot.withheld`). Their
+    directories are listed again (one request each, nothing read) after a wait doubling from
+    ``wait[0]`` to ``wait[1]`` (jittered: a fleet refused at one moment asks apart); once one
+    may be listed, or is gone, everything is read again, so a kept instance does not stay
+    stale once the ACL is fixed."""
+
+    def __init__(self, wait: tuple[float, float]) -> None:
+        self.services: frozenset[str] = frozenset()
+        self.retry = RetryAt(*wait)
+
+    def scanned(self, snapshot: Snapshot) -> None:
+        """A full read gave ``snapshot``: look again later at what it withheld."""
+        self.services = snapshot.withheld
+        if self.services:
+            self.retry.failed(jitter=0.1)
+        else:
+            self.retry.succeeded()
+
+    def readable(self, client: Any, url: RegistryURL) -> bool:
+        """List each withheld directory: whether one may be listed now (or is gone)."""
+        for s in sorted(self.services):
+            try:
+                client.get_children(url.service_dir(s))
+            except NoAuthError:
+                continue
+            except NoNodeError:
+                pass
+            log.info("ZooKeeper lets us list %s again: reading everything",
+                     shown(url.service_dir(s)))
+            return True
+        wait = self.retry.failed(jitter=0.1)
+        log.debug("still refused: %s; listed again in %.1f s", sorted(self.services), wait)
+        return False
 
 
 def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,

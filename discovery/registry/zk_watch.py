@@ -28,7 +28,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
-from discovery.registry.zk_scan import LivePaths, relist, scan, unread_holders
+from discovery.registry.zk_scan import LivePaths, Withheld, relist, scan, unread_holders
 from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ class ZkWatch:
     (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again. A read
     refused (NoAuth: no world READ, no credentials given) is logged, and everything read again
     5 s later, the wait doubling to 60 s while refused (:data:`REFUSED_WAIT`); one service
-    directory refused is left out, as the full read leaves it out (``zk_scan.relist``).
+    directory refused is left out, as the full read leaves it out (``zk_scan.relist``); one a
+    full read may not list is withheld (the catalog keeps it) and listed again after the same
+    wait, everything read again once it may be (``zk_scan.Withheld``).
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
@@ -83,6 +85,7 @@ class ZkWatch:
         self._reconnects = Reconnects()  # where we were when the link went
         self._catch_up = CatchUp()  # persistent: later one-shot events are stale
         self._refused = RetryAt(*REFUSED_WAIT)  # NoAuth: the wait before reading it all again
+        self._withheld = Withheld(REFUSED_WAIT)  # directories the last full read may not list
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
         client.add_listener(self._on_state)
@@ -202,7 +205,10 @@ class ZkWatch:
         while True:
             with self._cond:
                 while not self._queue and not self._stopped.is_set():
-                    self._cond.wait()
+                    if self._withheld.retry.taken():
+                        self._queue.append(("withheld", ""))
+                    else:
+                        self._cond.wait(self._withheld.retry.remaining())
                 if self._stopped.is_set():
                     return
                 items = [item := self._queue.popleft()]
@@ -253,6 +259,8 @@ class ZkWatch:
             self._node(arg)
         elif kind == "rearm":
             self._rewatch()
+        elif kind == "withheld" and self._withheld.readable(self._client, self._url):
+            self._push(("reset", ""))
 
     def _rewatch(self) -> None:
         with self._cond:
@@ -364,6 +372,7 @@ class ZkWatch:
                      self._read_nodes, self._w)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
         self._refused.succeeded()  # a refusal from now on waits the first wait again
+        self._withheld.scanned(found.snapshot)
         self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest
 

@@ -16,6 +16,7 @@ Refusals are counted in the watch's log, its changes and ``registry.reads``.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -24,7 +25,17 @@ from kazoo.client import KazooClient
 from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.model import Instance
-from discovery.registry import Change, Registry, RegistryURL, open_registry, zk_persistent, zk_watch
+from discovery.model.catalog import Catalog
+from discovery.registry import (
+    Change,
+    Registry,
+    RegistryURL,
+    open_registry,
+    zk_persistent,
+    zk_scan,
+    zk_watch,
+)
+from discovery.registry.view import ServicesView
 from tests.harness.raw_clients import expire_zk_session
 from tests.harness.registries import LOCKED
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
@@ -159,3 +170,48 @@ def test_one_locked_service_directory_holds_back_no_new_service(
     assert (reader.reads.counts() - before).full_reads == 0
     assert reader.invalid_records > skipped  # each refused listing counted as the scan counts
     assert not refusals(caplog)  # no "may not read ... (NoAuth)": no wait, no reset
+
+
+@pytest.mark.parametrize("follows", ["everything", "web and api"])
+def test_a_service_locked_later_keeps_its_instances_until_it_may_be_listed(
+        zk: ServerCluster, regs: list[Registry], other: KazooClient, follows: str,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One service's directory locked by mistake, then a full read (the reader's session
+    expired): the service keeps its instances (the reset emptied it, on every host whose
+    session went with the ensemble); the directory is listed again (nothing read) after the
+    refusals' doubling wait, and once it may be, everything is read again: what changed
+    meanwhile shows."""
+    monkeypatch.setattr(zk_watch, "REFUSED_WAIT", (0.4, 1.6), raising=False)
+    caplog.set_level(logging.DEBUG, logger=zk_scan.__name__)
+    url = zk.url(unique_prefix())
+    api = RegistryURL.parse(url).service_dir("api")
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    web, old, new = inst(1), inst(2, "api"), inst(3, "api")
+    writer.register(web)
+    writer.register(old)
+    source = reader if follows == "everything" else ServicesView(reader, ["web", "api"])
+    catalog, seen = Catalog(), []
+    catalog.load(source.snapshot())
+    source.watch(lambda c: (seen.append(c.kind), catalog.apply(c)), source.snapshot().revision)
+    other.set_acls(api, LOCKED)
+    assert source.snapshot().withheld == {"api"}  # the registry's own read names it
+
+    expire_zk_session(reader.client)
+    wait_until(lambda: "reset" in seen, 10, "the watch's reset after the expiry")
+    assert catalog.get(old.key) == old and catalog.get(web.key) == web
+    before = reader.reads.counts()
+    other.delete(f"{api}/{old.id}")  # meanwhile: one instance goes, another comes
+    other.create(f"{api}/{new.id}", new.to_json())
+    wait_until(lambda: caplog.text.count("still refused") >= 3, 10, "three listings refused")
+    assert (reader.reads.counts() - before).full_reads == 0  # listed, not read
+    assert catalog.get(old.key) == old  # kept as it was while we may not look
+
+    other.set_acls(api, OPEN_ACL_UNSAFE)
+    start = time.monotonic()
+    wait_until(lambda: catalog.get(new.key) is not None and catalog.get(old.key) is None, 10,
+               "the service read again once it may be listed")
+    took = time.monotonic() - start
+    print(f"read again {took:.2f} s after the ACL was fixed")
+    assert took < 1.6 * 1.1 + 1.0, took  # the longest wait, jittered, and a read
+    assert catalog.get(web.key) == web and seen.count("reset") == 2

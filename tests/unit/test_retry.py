@@ -155,8 +155,11 @@ def test_retry_at_jitters_within_its_maximum_and_is_held_or_hurried() -> None:
     assert 0.75 <= delays[0] <= 1.25 and 1.5 <= delays[1] <= 2.5
     assert all(3.0 <= d <= 4.0 for d in delays[2:])  # ± a quarter, never past the maximum
     assert later.wait == 4.0 and later.due <= time.monotonic() + 4.0
+    assert 0.0 < (later.remaining() or 0.0) <= 4.0  # a loop sleeps at most this long
     later.hold()  # until told: not due, however long it waits
-    assert later.due == math.inf and not later.taken()
+    assert later.due == math.inf and not later.taken() and later.remaining() is None
     later.now()  # the cause went away: due at once, its wait kept
-    assert later.due == 0.0 and later.wait == 4.0
+    assert later.due == 0.0 and later.wait == 4.0 and later.remaining() is None
+    later.due = time.monotonic() - 1.0
+    assert later.remaining() == 0.0  # overdue: now
     assert later.failed() == 4.0
