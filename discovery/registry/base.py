@@ -360,7 +360,9 @@ class Registry(Protocol):
         """Told True/False when the connection to the registry comes and goes."""
 
     def close(self, revoke: bool = True) -> None:
-        """Stop everything; with ``revoke``, remove all this process registered."""
+        """Stop everything; with ``revoke``, remove all this process registered (only what is
+        still its own: not what a successor took over). Without, what it registered lives
+        until its lease or session times out, as after a SIGKILL, for a successor to adopt."""
 
 
 @contextmanager

@@ -40,13 +40,13 @@ from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
-from discovery.registry.zk_index import ZkNodeIndex, session_of
+from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
-from discovery.registry.zk_session import SessionTimeout
+from discovery.registry.zk_session import SessionTimeout, leave
 from discovery.registry.zk_watch import ZkWatch
 from discovery.retry import backoff
 
@@ -367,20 +367,13 @@ class ZkRegistry:
         for w in watches:
             w.stop(join=False)
         try:
-            if revoke and self._connected.is_set():
-                session = session_of(self.client)
-                paths = [self.url.key(*k) for k in owned if self._claims.written.get(k) == session]
-                if self._nerve is not None and session is not None:
-                    paths = self._nerve.owned(session)
-                for path in paths:
-                    try:
-                        self._get(self.client.delete_async(path))
-                    except (NoNodeError, *_TRANSIENT):
-                        pass  # closing the session below removes it anyway
+            if revoke or not owned:
+                self.client.stop()  # ends the session: its ephemeral nodes (ours only) go
+            else:  # left for a successor: they live until the session times out
+                leave(self.client)
         except KazooException as exc:
-            log.warning("ZooKeeper at %s: removing our nodes: %s", self._where, exc)
+            log.warning("ZooKeeper at %s: closing the session: %s", self._where, exc)
         finally:
-            self.client.stop()  # ends the session: its ephemeral nodes go
             self.client.close()
             for w in watches:
                 w.stop()

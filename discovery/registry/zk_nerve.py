@@ -91,11 +91,6 @@ class NerveNodes:
         with self._lock:
             self._paths.pop(key, None)
 
-    def owned(self, session: int) -> list[str]:
-        """The paths this session created (removed on close)."""
-        with self._lock:
-            return [path for path, owner in self._paths.values() if owner == session]
-
     def _remove(self, node: str, key: Key, keep: tuple[str, int] | None,
                 known: str | None = None) -> None:
         """Delete the nodes named ``<id>_<seq>`` of ``key`` except ``keep`` (the node just

@@ -8,14 +8,17 @@ granted timeout, not after ``--ttl``, so when the two differ it says so, once a 
 both figures and what to change; and the registry follows the granted one: its reconnect
 window (:func:`connection_retry`: at most a third of the session timeout, or a fleet that
 lost its ensemble could wait past the end of its sessions) and its check for an ensemble
-behind its zxid (after a session timeout cut off).
+behind its zxid (after a session timeout cut off). :func:`leave` stops a client without
+ending its session, as a killed process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+from kazoo.protocol import connection
 from kazoo.retry import KazooRetry
 
 from discovery.registry.base import RegistryURL
@@ -122,3 +125,21 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
     return _Reconnect(url.resume_spread, session, max_tries=-1, delay=0.1, backoff=1e6,
                       max_jitter=1.0)
+
+
+def leave(client: Any) -> None:
+    """Stop a started kazoo ``client`` without ending its session: the connection is dropped,
+    no ``closeSession`` sent, so the ensemble keeps the session and its ephemeral nodes until
+    its timeout, as after a SIGKILL, and a successor can take them over. (kazoo's ``stop``
+    always ends the session, and its nodes go at once.) Uses kazoo's own connection-drop
+    request; a kazoo without it is stopped the usual way, with a warning."""
+    drop = getattr(connection, "_CONNECTION_DROP", None)
+    if drop is None:
+        log.warning("this kazoo cannot leave a session: ending it (its nodes go now)")
+        client.stop()
+        return
+    client._stopped.set()
+    client._queue.append((drop, None))
+    with contextlib.suppress(OSError, AttributeError):  # already down: nothing to wake
+        client._connection._write_sock.send(b"\0")
+    client._safe_close()

@@ -49,13 +49,31 @@ def test_close_revoke_removes_everything(registry_url: str, open_reg: OpenReg) -
     reg.close()  # twice: fine
 
 
+def test_a_revoke_leaves_what_a_successor_took_over(registry_url: str,
+                                                    open_reg: OpenReg) -> None:
+    """An old agent stopped (SIGTERM) after its successor adopted one of its instances: the
+    revoke removes only what is still the old one's (on ZooKeeper it deleted each path it
+    had written, the successor's node since the take-over among them)."""
+    old, new = open_reg(registry_url, ttl=30), open_reg(registry_url, ttl=30)
+    other = open_reg(registry_url)
+    old.register(inst(1))
+    old.register(inst(2))
+    new.register(inst(1))  # adopted: the same key, now of the successor's lease / session
+    old.close(revoke=True)
+    assert list(other.snapshot().instances) == [inst(1).key]
+
+
 def test_closed_without_revoke_entries_expire(registry_url: str, open_reg: OpenReg) -> None:
+    """Left for a successor (SIGUSR2, a component of ``up`` that died): the entries live until
+    the TTL on both backends (ZooKeeper's session was closed: its nodes went at once), then
+    go."""
     reg, other = open_reg(registry_url), open_reg(registry_url)
     reg.register(inst(1))
+    start = time.monotonic()
     reg.close(revoke=False)
-    if scheme(registry_url) == "etcd":  # the lease lives on until its TTL
-        assert inst(1).key in other.snapshot().instances
+    assert inst(1).key in other.snapshot().instances  # the lease / session lives on
     wait_until(lambda: not other.snapshot().instances, EXPIRED_WITHIN, "the entry to expire")
+    assert time.monotonic() - start >= TTL * 0.5  # not at once
 
 
 def test_crashed_agent_entries_expire_within_ttl(registry_url: str, open_reg: OpenReg) -> None:

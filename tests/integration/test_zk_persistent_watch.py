@@ -316,7 +316,7 @@ def test_changes_that_come_together_are_read_in_one_request(
     other.register(gate)
     wait_until(lambda: any(c.key == gate.key for c in seen), 10, "the gate's put")
     sent = requests_of(reader, monkeypatch)
-    host.close(revoke=False)  # its session ends: its 10 nodes go at once
+    host.close()  # its session ends: its 10 nodes go at once
     wait_until(lambda: len(watch._queue) == 10, 10, "the 10 answers queued")  # type: ignore[attr-defined]
     release.set()
     wait_until(lambda: {c.key for c in seen if c.kind == "delete"} == {i.key for i in dying},
