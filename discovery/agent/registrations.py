@@ -39,6 +39,10 @@ class Registrations:
         self.metrics, self.history, self._wake = metrics, history, wake
         self.written: dict[Key, Instance] = {}  # by this process, on our lease/session
         self.adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
+        # a registration that failed may have been written all the same (its answer lost): if
+        # it is not wanted any more it is deleted anyway, since the reconcile may not see it
+        # (a ZooKeeper node without its index node; Nerve's sequential node)
+        self.unsure: set[Key] = set()
         self.write_failed = False  # a registry write failed since the last reconcile
         self.retry = RetryAt(0.25, 30.0)  # when a reconcile may try failed writes again
         # key -> monotonic time of its last write: a reconcile leaves alone a key written
@@ -59,7 +63,8 @@ class Registrations:
         seen = cause.at if cause is not None else now
         try:
             if instance is None:
-                if have is not None or key in self.adopt:
+                ours = have is not None or key in self.adopt or key in self.unsure
+                if ours:
                     self._touched[key] = time.monotonic()  # a write, not a call that skips
                 if have is not None and have.state is State.UP:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
@@ -67,17 +72,20 @@ class Registrations:
                     # stamped now (its registration's stamps timed the instance's age)
                     self.registry.register(replace(have.with_state(State.DRAINING),
                                                    written_at=now, seen_at=seen))
-                if have is not None or key in self.adopt:
+                if ours:
                     self.registry.deregister(*key)
                     self.retry.succeeded()
                     self.metrics.deregistered()
                     log.info("deregistered %s/%s", *key)
                 self.written.pop(key, None)
                 self.adopt.discard(key)
+                self.unsure.discard(key)
             elif have is None or not have.same_registration(instance):
                 self._touched[key] = time.monotonic()
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
+                self.unsure.add(key)
                 self.registry.register(instance)
+                self.unsure.discard(key)
                 self.retry.succeeded()
                 self.metrics.registered()
                 self.written[key] = instance
@@ -146,6 +154,9 @@ class Registrations:
             self.written[key] = ours[key]
             self.write(key, None)
             self.history.depart(key[1], Cause("reconcile", "not wanted any more"))
+            fixed += 1
+        for key in sorted(self.unsure - set(wanted) - set(ours) - newer):
+            self.write(key, None)  # a failed registration that may have landed, not wanted
             fixed += 1
         self.adopt &= set(wanted)
         log.log(logging.INFO if fixed else logging.DEBUG,

@@ -131,3 +131,37 @@ def test_the_same_replacement_with_up_deletes_reads_as_a_wipe() -> None:
     catalog, guard = replace_all(drain_first=False)
     assert guard.status.engaged == 1 and guard.status.holding >= 1
     assert len(catalog.instances("a")) > 4  # stopped ones held in rotation
+
+
+class Lossy(Recorder):
+    """A registry whose registrations land but whose answers are lost, while ``lossy``."""
+
+    lossy = True
+
+    def register(self, instance: Instance) -> None:
+        super().register(instance)
+        if self.lossy:
+            from discovery.errors import RegistryUnavailable
+
+            raise RegistryUnavailable("the answer was lost")
+
+
+def test_a_registration_whose_answer_was_lost_is_deleted_when_not_wanted() -> None:
+    """A failed registration may have landed (ZooKeeper: a node created whose answer was
+    lost): once the instance is not wanted any more it is deleted anyway, as the reconcile,
+    which reads the node's index, may not see it (Nerve's sequential node, a take-over)."""
+    reg = Lossy()
+    regs = Registrations(reg, "h1", Metrics(), History(), lambda: None)  # type: ignore[arg-type]
+    a, b = inst("a", 1), inst("a", 2)
+    regs.write(a.key, a)
+    regs.write(a.key, None)  # the container stopped before any write succeeded
+    assert reg.writes[-1] == ("delete", a.key) and not regs.unsure
+    regs.write(b.key, b)
+    reg.lossy = False
+    regs.write(b.key, b)  # written again (the reconcile): no longer unsure
+    assert not regs.unsure and b.key in regs.written
+    reg.lossy = True
+    c = inst("a", 3)
+    regs.write(c.key, c)  # lost again; the reconcile finds c neither wanted nor indexed
+    regs.reconcile(Snapshot(instances={b.key: b}), {b.key: b})
+    assert ("delete", c.key) in reg.writes and not regs.unsure
