@@ -223,8 +223,14 @@ class EtcdRegistry:
             if lease is None or self._closing.is_set():
                 return
             self._need_reput = True
+            denied: RegistryDenied | None = None
             for inst in list(self._owned.values()):
-                self._put(inst, lease)  # raises: _need_reput stays set, the keeper retries
+                try:  # raises: _need_reput stays set, the keeper retries
+                    self._put(inst, lease)
+                except RegistryDenied as exc:  # this service's: the others are written still
+                    denied = exc
+            if denied is not None:
+                raise denied
             self._need_reput = False
 
     def members_in_use(self) -> set[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.errors import RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import open_registry
 from discovery.registry.etcd_keepalive import GONE_RETRY, REFUSED_MAX, KeeperWaits
@@ -130,6 +130,27 @@ def test_a_refused_rewrite_is_tried_when_due_and_the_lease_renewed_every_round(
     wait, _ = registry._keep_round(INTERVAL, 1.0, renewed, (None, None))
     assert not registry._need_reput and 0.9 * INTERVAL <= wait <= 1.1 * INTERVAL
     assert registry._waits.refused.wait == 0  # a next refusal: 0.8 s again
+
+
+def test_one_refused_instance_does_not_hold_back_the_others_rewrite(registry: Any) -> None:
+    """A new lease, and the role may no longer write one service: the rewrite writes every
+    other instance in that round (it stopped at the refused one, the ones after it missing
+    from every catalog until the agent's next reconcile), then says it was refused."""
+    api = Instance(service="api", id="node-1:000000000002:80", node="node-1",
+                   address="127.0.0.1", port=8002, registered_at=1.0)
+    registry._owned = {WEB.key: WEB, api.key: api}
+    written: list[str] = []
+
+    def put(inst: Instance, lease: int) -> None:
+        if inst.service == "web":
+            raise RegistryDenied("etcd at x: put web: PERMISSION_DENIED")
+        written.append(inst.service)
+
+    registry._put = put
+    registry._lease = 7
+    with pytest.raises(RegistryDenied):
+        registry._reput_all()
+    assert written == ["api"] and registry._need_reput  # tried again at the keeper's turn
 
 
 def _sleep_in_a_loop(waits: KeeperWaits, seconds: float) -> threading.Thread:
