@@ -172,7 +172,10 @@ def test_abandoned_blocking_queries_free_their_slots(etcd_url: str, agents: Proc
                                                      tmp_path: Path) -> None:
     port, _ = start(agents, tmp_path, "watch", "--registry", etcd_url,
                     "--state-dir", str(tmp_path))
-    index = int(call(port, "GET", "/v1/services")[1]["x-discovery-index"])
+    # the API answers 503 until the first catalog is loaded (start() waits for the API only)
+    loaded = wait_for(lambda: (r := call(port, "GET", "/v1/services"))[0] == 200 and r, 20,
+                      message="the first catalog")
+    index = int(loaded[1]["x-discovery-index"])
     per_client = MAX_BLOCKING_PER_CLIENT  # HttpApi's default
     with contextlib.ExitStack() as stack:
         for _ in range(per_client + 2):
