@@ -30,8 +30,9 @@ WATCHER_KEYS = {
     "reload_min_interval": "at most one HAProxy reload per this interval",
     "template": "your Jinja2 template for haproxy.cfg ([templates/README.md]"
                 "(../templates/README.md)); `--template` wins",
-    "wipe_guard": "a registry wipe (at least `min_removed` instances and `fraction` of the "
-                  "catalog removed within `window`) is held for up to `hold` instead of "
+    "wipe_guard": "a registry wipe (a burst of removals, each within `window` of the one "
+                  "before, reaching at least `min_removed` instances and `fraction` of the "
+                  "catalog) is held for up to `hold` instead of "
                   "emptying services; the last instance of a service goes after `settle`. "
                   "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
                   "([operations.md](operations.md#the-wipe-guard))",

@@ -51,7 +51,7 @@ def _guard(watcher: Watcher) -> dict[str, Any]:
     status = watcher.guard.status
     return {"ok": True, "enabled": watcher.guard.settings.enabled,
             "wiping": watcher.guard.wiping(), "holding": status.holding,
-            "held_services": status.services, "settling": status.settling,
+            "held_services": watcher.guard.held_services(), "settling": status.settling,
             "engaged": status.engaged, "last_engaged": status.last_engaged}
 
 

@@ -7,12 +7,17 @@ Synapse's ``use_previous_backends`` never lets a service go empty, so stopping t
 instance keeps traffic on it; Envoy's panic threshold routes to every host once too few are
 healthy, dead ones included. Our rule:
 
-1. A *wipe* is at least ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the
-   catalog removed within ``window`` seconds (2 s), by deletes or by a resync snapshot, while
-   ``up``. An agent drains what it deregisters (``draining`` first, then the delete), so a
-   departure, such as a rolling deploy of a small service, never counts, and is never held
-   (on ZooKeeper, whose events carry no data, a delete read right after a change of the same
-   node is taken as that: :attr:`~discovery.registry.base.Change.drained`).
+1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot),
+   each less than ``window`` seconds (2 s) after the one before, that reaches at least
+   ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was
+   when the burst began. A burst, not a fixed window: a wipe of 100,000 instances takes the
+   watcher seconds to apply, and etcd revokes expired leases at most 1,000 a second, so
+   half the catalog never goes within any 2 s (measured: a sliding 2 s window let most of
+   such a wipe through on every host). An agent drains what it deregisters (``draining``
+   first, then the delete), so a departure, such as a rolling deploy of a small service,
+   never counts, and is never held (on ZooKeeper, whose events carry no data, a delete read
+   right after a change of the same node is taken as that:
+   :attr:`~discovery.registry.base.Change.drained`).
 2. Outside a wipe, a removal that leaves its service another up instance is applied at once
    (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
    service with no up instance *settles* for ``settle`` seconds (0.2 s; the instance keeps
@@ -21,7 +26,7 @@ healthy, dead ones included. Our rule:
    stops traffic to it 0.2 s later (an agent's, drained first, at once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
-   their lease or session), or the wipe is over (no mass removal for ``window`` seconds) and
+   their lease or session), or the wipe is over (no removal for ``window`` seconds) and
    its service has an up instance again, or ``hold`` seconds (30 s) passed.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
@@ -30,17 +35,20 @@ healthy, dead ones included. Our rule:
 
 The guard is a pure state machine driven by the watcher (one lock, no threads of its own):
 :meth:`WipeGuard.filter` takes each registry change and returns what to apply now;
-:meth:`WipeGuard.due` returns the removals whose time has come.
+:meth:`WipeGuard.due` returns the removals whose time has come. Each costs about the same
+whatever it holds (a heap of deadlines; held entries are looked at again only when the wipe
+ends or their service gets a put): it walked every deferred entry on every change, so a wipe
+of 20,000 instances took the watcher seconds and ran past the window.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from discovery.errors import ConfigError, ValidationError
@@ -99,6 +107,7 @@ class GuardSettings:
 class _Deferred:
     instance: Instance
     due: float
+    since: float  # when it was removed from the registry
     held_since: float | None = None
 
 
@@ -111,7 +120,6 @@ class GuardStatus:
     engaged: int = 0  # times a wipe was detected
     held_total: int = 0  # instances ever held
     last_engaged: float | None = None  # unix time
-    services: list[str] = field(default_factory=list)
 
 
 class WipeGuard:
@@ -123,8 +131,13 @@ class WipeGuard:
         self._lock = threading.Lock()
         self._deferred: dict[Key, _Deferred] = {}
         self._by_service: dict[str, set[str]] = {}  # service -> deferred instance ids
-        self._removals: deque[tuple[float, int]] = deque()  # (time, catalog size before)
-        self._wiped_until = 0.0
+        self._deadlines: list[tuple[float, Key]] = []  # heap; stale entries skipped
+        self._held: set[Key] = set()
+        self._look_again = False  # held entries may be released (a put, the wipe's end)
+        self._was_wiped = False
+        # the burst of removals: how many, the catalog's size when it began, the last one's time
+        self._burst, self._burst_base, self._last_removal = 0, 0, -float("inf")
+        self._engaged = False  # this burst is a wipe
         self.status = GuardStatus()
 
     # ---- input ----------------------------------------------------------------------------
@@ -146,29 +159,76 @@ class WipeGuard:
         with self._lock:
             now = self._clock()
             wiped = self._wiped(now)
-            for key, entry in list(self._deferred.items()):
+            keys: set[Key] = set()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, key = heapq.heappop(self._deadlines)
+                entry = self._deferred.get(key)
+                if entry is not None and entry.due <= now:
+                    keys.add(key)
+            if not wiped and (self._look_again or self._was_wiped):
+                keys |= self._held  # the wipe is over, or a service got a put: look again
+                self._look_again = False
+            self._was_wiped = wiped
+            newly = expired = released = 0
+            for key in sorted(keys):
+                entry = self._deferred[key]
                 if entry.held_since is None:
                     if entry.due > now:
                         continue
                     if wiped:
                         entry.held_since, entry.due = now, now + self.settings.hold
+                        heapq.heappush(self._deadlines, (entry.due, key))
+                        self._held.add(key)
+                        self._count()
                         self.status.held_total += 1
-                        log.warning("wipe guard: holding %s/%s (removed during a registry "
-                                    "wipe)", *key)
+                        newly += 1
+                        log.debug("wipe guard: holding %s/%s", *key)
                         continue
+                    if self._streaming(entry, now):
+                        continue  # removals still pour in: not the service's last yet
                 elif entry.due <= now:
-                    log.warning("wipe guard: %s/%s not back after %.0fs: removed", *key,
-                                self.settings.hold)
+                    expired += 1
+                    log.debug("wipe guard: %s/%s not back after %.0fs: removed", *key,
+                              self.settings.hold)
                 elif wiped or not self._has_up(key[0], key):
                     continue  # still wiping, or its service has nothing else up: keep it
+                released += self._deferred[key].held_since is not None
                 out.append(self._release(key))
-            self._count()
+            if released > expired:
+                log.info("wipe guard: released %d held instances (their service has an up "
+                         "instance again, the wipe over)", released - expired)
+            if newly:
+                log.warning("wipe guard: holding %d more instances removed during a registry "
+                            "wipe (%d in all)", newly, len(self._held))
+            if expired:
+                log.warning("wipe guard: %d held instances not back after %.0fs: removed",
+                            expired, self.settings.hold)
         return out
+
+    def _streaming(self, entry: _Deferred, now: float) -> bool:
+        """Whether a settled removal waits on (until then: due again): bare removals still
+        come less than ``settle`` apart, so the burst it is part of may yet turn out a wipe
+        (a prefix deleted at once reaches a watcher as a stream: 100,000 deletes took it
+        1.3 s, and the wipe is seen only at half of them); at most ``window`` after it."""
+        if now - self._last_removal >= self.settings.settle:
+            return False
+        if now >= entry.since + self.settings.window:
+            return False
+        entry.due = min(self._last_removal + self.settings.settle,
+                        entry.since + self.settings.window)
+        heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
+        return True
 
     def next_due(self) -> float | None:
         """Monotonic time of the next :meth:`due` work, or None."""
         with self._lock:
-            return min((e.due for e in self._deferred.values()), default=None)
+            while self._deadlines:
+                when, key = self._deadlines[0]
+                entry = self._deferred.get(key)
+                if entry is not None and entry.due == when:
+                    return when
+                heapq.heappop(self._deadlines)  # popped, or due again later: stale
+            return None
 
     def wiping(self) -> bool:
         """True while removals within the window amount to a wipe."""
@@ -177,13 +237,19 @@ class WipeGuard:
 
     def held(self) -> list[Key]:
         with self._lock:
-            return sorted(k for k, e in self._deferred.items() if e.held_since is not None)
+            return sorted(self._held)
+
+    def held_services(self) -> list[str]:
+        """The services with an instance held (/v1/health)."""
+        with self._lock:
+            return sorted({k[0] for k in self._held})
 
     # ---- the rules --------------------------------------------------------------------------
     def _put(self, change: Change, now: float) -> list[Change]:
         assert change.instance is not None
         self._pop(change.key)  # back (or re-registered): nothing to remove
-        self._count()
+        if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
+            self._look_again = True
         return [change]
 
     def _delete(self, change: Change, now: float) -> list[Change]:
@@ -199,8 +265,7 @@ class WipeGuard:
             self._pop(change.key)
             return [change]
         if change.key not in self._deferred:
-            self._defer(change.key, _Deferred(current, now + self.settings.settle))
-        self._count()
+            self._defer(change.key, _Deferred(current, now + self.settings.settle, now))
         return []  # stays in the catalog until due() decides
 
     def _reset(self, change: Change, now: float) -> Change:
@@ -219,38 +284,34 @@ class WipeGuard:
             if inst.state is State.UP and (wiped or key[0] not in up_after):
                 keep[key] = inst
                 if key not in self._deferred:
-                    self._defer(key, _Deferred(inst, now + self.settings.settle))
+                    self._defer(key, _Deferred(inst, now + self.settings.settle, now))
         # back in the registry, or gone from the catalog the reset makes: nothing to hold
         for key in [k for k in self._deferred
                     if k in snapshot.instances or (k not in keep and k[0] not in withheld)]:
             self._pop(key)
-        self._count()
         if len(keep) == len(snapshot.instances):
             return change
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
     def _note_removals(self, now: float, count: int) -> None:
-        size = self.catalog.size()
-        for _ in range(count):
-            self._removals.append((now, size))
-        if self._wiped(now) and self._wiped_until < now:
+        if now - self._last_removal > self.settings.window:  # a new burst
+            self._burst, self._burst_base, self._engaged = 0, self.catalog.size(), False
+        self._burst += count
+        self._last_removal = now
+        if (not self._engaged and self._burst >= self.settings.min_removed
+                and self._burst >= self.settings.fraction * max(self._burst_base, 1)):
+            self._engaged = True
             self.status.engaged += 1
             self.status.last_engaged = time.time()
-            log.warning("wipe guard engaged: %d instances removed from the registry within "
-                        "%.1fs (%d in the catalog): removals are held until re-registered, "
-                        "at most %.0fs",
-                        len(self._removals), self.settings.window, self._removals[0][1],
-                        self.settings.hold)
-        if self._wiped(now):
-            self._wiped_until = now + self.settings.window
+            log.warning("wipe guard engaged: %d instances removed from the registry, each "
+                        "within %.1fs of the one before (%d in the catalog): removals are "
+                        "held until re-registered, at most %.0fs", self._burst,
+                        self.settings.window, self._burst_base, self.settings.hold)
 
     def _wiped(self, now: float) -> bool:
-        while self._removals and self._removals[0][0] < now - self.settings.window:
-            self._removals.popleft()
-        if len(self._removals) < self.settings.min_removed:
-            return False
-        return len(self._removals) >= self.settings.fraction * max(self._removals[0][1], 1)
+        """Whether a wipe goes on: this burst reached the mark, and is not over."""
+        return self._engaged and now - self._last_removal <= self.settings.window
 
     def _current(self, key: Key) -> Instance | None:
         return self.catalog.get(key)
@@ -266,9 +327,15 @@ class WipeGuard:
     def _defer(self, key: Key, entry: _Deferred) -> None:
         self._deferred[key] = entry
         self._by_service.setdefault(key[0], set()).add(key[1])
+        heapq.heappush(self._deadlines, (entry.due, key))
+        self._count()
 
     def _pop(self, key: Key) -> _Deferred | None:
         entry = self._deferred.pop(key, None)
+        if entry is None:
+            return None
+        self._held.discard(key)
+        self._count()
         ids = self._by_service.get(key[0])
         if ids is not None:
             ids.discard(key[1])
@@ -280,12 +347,10 @@ class WipeGuard:
         entry = self._pop(key)
         assert entry is not None
         if entry.held_since is not None:
-            log.info("wipe guard: released %s/%s after %.1fs", *key,
-                     self._clock() - entry.held_since)
+            log.debug("wipe guard: released %s/%s after %.1fs", *key,
+                      self._clock() - entry.held_since)
         return Change("delete", key=key, revision=self.catalog.revision)
 
     def _count(self) -> None:
-        held = [k for k, e in self._deferred.items() if e.held_since is not None]
-        self.status.holding = len(held)
-        self.status.settling = len(self._deferred) - len(held)
-        self.status.services = sorted({k[0] for k in held})
+        self.status.holding = len(self._held)
+        self.status.settling = len(self._deferred) - len(self._held)

@@ -222,3 +222,50 @@ def test_a_service_the_registry_withheld_keeps_what_the_catalog_had() -> None:
     assert catalog.up_count("api") == 1
     catalog.load(Snapshot(read, revision=10))  # read again, nothing withheld: the truth
     assert ids(catalog, "api") == set() and catalog.size() == 7
+
+
+def test_a_wipe_slower_than_the_window_is_still_a_wipe() -> None:
+    """etcd revokes expired leases at most 1,000 a second: a whole fleet's go over many
+    seconds. A burst of removals each within ``window`` of the one before is one wipe,
+    however long it lasts (a sliding 2 s window never saw half the catalog go)."""
+    fleet = [inst(f"s{n % 10}", n) for n in range(20)]
+    catalog, guard, clock = setup(fleet)
+    for i in fleet:
+        feed(catalog, guard, delete(i))
+        tick(catalog, guard, clock, 0.5)  # 10 s in all
+    assert guard.status.engaged == 1
+    assert all(ids(catalog, f"s{n}") for n in range(10))  # no service emptied
+
+
+def test_a_prefix_deleted_at_once_empties_no_service() -> None:
+    """One DeleteRange of 20,000 instances reaches the watcher as a stream it takes a while
+    to apply (here 1 s of the fake clock, the main loop looking every 100 deletes): the
+    services emptied before half the catalog went (their last instance settled after 0.2 s)
+    wait while the stream goes on, and are held once it is seen to be a wipe."""
+    fleet = [inst(f"s{n // 10:04d}", n) for n in range(20_000)]
+    catalog, guard, clock = setup(fleet)
+    for n, i in enumerate(sorted(fleet, key=lambda i: i.key)):  # key order, as etcd sends
+        feed(catalog, guard, delete(i))
+        clock.now += 0.00005
+        if n % 100 == 0:
+            tick(catalog, guard, clock, 0)
+    tick(catalog, guard, clock, 0.5)
+    assert guard.status.engaged == 1
+    empty = [s for s in {i.service for i in fleet} if not ids(catalog, s)]
+    assert not empty, len(empty)
+
+
+def test_a_last_instance_waits_at_most_the_window_while_removals_keep_coming() -> None:
+    """Hosts dying one after another (not a wipe: a small share of a big catalog): a
+    service's last instance is removed once removals pause for ``settle``, or ``window``
+    after it at the latest."""
+    others = [inst("big", n) for n in range(100, 400)]
+    lone = inst("lone", 1)
+    catalog, guard, clock = setup([lone, *others])
+    feed(catalog, guard, delete(lone))
+    for i in others[:30]:  # a removal every 0.1 s for 3 s
+        tick(catalog, guard, clock, 0.1)
+        feed(catalog, guard, delete(i))
+        if clock.now - 100.0 < 1.9:
+            assert ids(catalog, "lone"), clock.now  # waits while removals keep coming
+    assert not ids(catalog, "lone") and guard.status.engaged == 0  # gone by the window
