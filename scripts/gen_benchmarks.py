@@ -184,6 +184,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "dns-abuse": t_generic("dns-abuse-none"),
     "proxy-renewals": t_proxy_renewals,
     "auth-restart": t_auth_restart,
+    "wipe-guard": t_generic("wipe-guard-none"),
     "faults": t_faults,
     "deploys": t_deploys,
     "slowstart": t_slowstart,
