@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from discovery.agent.history import LOST, Cause, History
 from discovery.agent.tracked import Key
-from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.errors import RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.registry import Registry, Snapshot
@@ -84,7 +84,11 @@ class Registrations:
                 self._touched[key] = time.monotonic()
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
                 self.unsure.add(key)
-                self.registry.register(instance)
+                try:
+                    self.registry.register(instance)
+                except RegistryDenied:  # refused, so not written: nothing to delete later
+                    self.unsure.discard(key)
+                    raise
                 self.unsure.discard(key)
                 self.retry.succeeded()
                 self.metrics.registered()

@@ -33,7 +33,7 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
-from discovery.errors import ConfigError, RegistryError, RegistryUnavailable
+from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
@@ -251,8 +251,8 @@ class ZkRegistry:
                 who = (f"user {self.url.user!r} is not allowed: the node or its parent was "
                        "created by another identity (user or password)" if self._acl else
                        "the nodes are protected by ACLs: give the registry user and password")
-                raise RegistryError(f"ZooKeeper at {self._where}: {what} refused (NoAuth): "
-                                    f"{who}") from None
+                raise RegistryDenied(f"ZooKeeper at {self._where}: {what} refused (NoAuth): "
+                                     f"{who}") from None
             except KazooException as exc:
                 raise RegistryError(f"ZooKeeper at {self._where}: {what} failed: "
                                     f"{type(exc).__name__} {exc}") from None

@@ -9,14 +9,15 @@ healthy, dead ones included. Our rule:
 
 1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot),
    each less than ``window`` seconds (2 s) after the one before, that reaches at least
-   ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was
-   when the burst began. A burst, not a fixed window: a wipe of 100,000 instances takes the
-   watcher seconds to apply, and etcd revokes expired leases at most 1,000 a second, so
-   half the catalog never goes within any 2 s (measured: a sliding 2 s window let most of
-   such a wipe through on every host). An agent drains what it deregisters (``draining``
-   first, then the delete), so a departure, such as a rolling deploy of a small service,
-   never counts, and is never held (on ZooKeeper, whose events carry no data, a delete read
-   right after a change of the same node is taken as that:
+   ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
+   the burst began. A burst, not a fixed window: a wipe of 100,000 instances takes the watcher
+   seconds to apply, and etcd revokes expired leases at most 1,000 a second, so half the
+   catalog never goes within any 2 s (measured: a sliding 2 s window let most of such a wipe
+   through on every host). A burst that has not made a wipe within ``hold`` starts again:
+   crashes replaced as they come must not add up to half the catalog. An agent drains what it
+   deregisters (``draining`` first, then the delete), so a departure, such as a rolling deploy
+   of a small service, never counts, and is never held (on ZooKeeper, whose events carry no
+   data, a delete read right after a change of the same node is taken as that:
    :attr:`~discovery.registry.base.Change.drained`).
 2. Outside a wipe, a removal that leaves its service another up instance is applied at once
    (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
@@ -36,9 +37,10 @@ healthy, dead ones included. Our rule:
 The guard is a pure state machine driven by the watcher (one lock, no threads of its own):
 :meth:`WipeGuard.filter` takes each registry change and returns what to apply now;
 :meth:`WipeGuard.due` returns the removals whose time has come. Each costs about the same
-whatever it holds (a heap of deadlines; held entries are looked at again only when the wipe
-ends or their service gets a put): it walked every deferred entry on every change, so a wipe
-of 20,000 instances took the watcher seconds and ran past the window.
+whatever it holds (a heap of deadlines; held entries are looked at again when the wipe ends,
+all of them, once, or when their service gets a put, that service's): it walked every
+deferred entry on every change, so a wipe of 20,000 instances took the watcher seconds and
+ran past the window.
 """
 
 from __future__ import annotations
@@ -133,10 +135,12 @@ class WipeGuard:
         self._by_service: dict[str, set[str]] = {}  # service -> deferred instance ids
         self._deadlines: list[tuple[float, Key]] = []  # heap; stale entries skipped
         self._held: set[Key] = set()
-        self._look_again = False  # held entries may be released (a put, the wipe's end)
+        self._look_at: set[str] = set()  # services with held entries that got a put since
         self._was_wiped = False
-        # the burst of removals: how many, the catalog's size when it began, the last one's time
-        self._burst, self._burst_base, self._last_removal = 0, 0, -float("inf")
+        # the burst of removals: how many, the catalog's size when it began, when it began and
+        # when the last one came
+        self._burst, self._burst_base = 0, 0
+        self._burst_start = self._last_removal = -float("inf")
         self._engaged = False  # this burst is a wipe
         self.status = GuardStatus()
 
@@ -165,9 +169,13 @@ class WipeGuard:
                 entry = self._deferred.get(key)
                 if entry is not None and entry.due <= now:
                     keys.add(key)
-            if not wiped and (self._look_again or self._was_wiped):
-                keys |= self._held  # the wipe is over, or a service got a put: look again
-                self._look_again = False
+            if not wiped and self._was_wiped:
+                keys |= self._held  # the wipe is over: look at everything held again
+            elif not wiped:  # a service that got a put: its held ones may go
+                for service in self._look_at:
+                    keys |= {(service, i) for i in self._by_service.get(service, ())} & self._held
+            if not wiped:
+                self._look_at.clear()
             self._was_wiped = wiped
             newly = expired = released = 0
             for key in sorted(keys):
@@ -249,7 +257,7 @@ class WipeGuard:
         assert change.instance is not None
         self._pop(change.key)  # back (or re-registered): nothing to remove
         if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
-            self._look_again = True
+            self._look_at.add(change.key[0])
         return [change]
 
     def _delete(self, change: Change, now: float) -> list[Change]:
@@ -295,8 +303,12 @@ class WipeGuard:
 
     # ---- helpers ---------------------------------------------------------------------------
     def _note_removals(self, now: float, count: int) -> None:
-        if now - self._last_removal > self.settings.window:  # a new burst
+        if now - self._last_removal > self.settings.window or (
+                not self._engaged and now - self._burst_start > self.settings.hold):
+            # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
+            # (crashes replaced as they come must not add up to half the catalog for ever)
             self._burst, self._burst_base, self._engaged = 0, self.catalog.size(), False
+            self._burst_start = now
         self._burst += count
         self._last_removal = now
         if (not self._engaged and self._burst >= self.settings.min_removed

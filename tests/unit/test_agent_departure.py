@@ -165,3 +165,21 @@ def test_a_registration_whose_answer_was_lost_is_deleted_when_not_wanted() -> No
     regs.write(c.key, c)  # lost again; the reconcile finds c neither wanted nor indexed
     regs.reconcile(Snapshot(instances={b.key: b}), {b.key: b})
     assert ("delete", c.key) in reg.writes and not regs.unsure
+
+
+def test_a_refused_registration_is_not_deleted_later() -> None:
+    """Refused (a role without write on the service, a ZooKeeper ACL): certainly not written,
+    so nothing to delete once it is not wanted (its delete would be refused every round)."""
+    from discovery.errors import RegistryDenied
+
+    class Refusing(Recorder):
+        def register(self, instance: Instance) -> None:
+            super().register(instance)
+            raise RegistryDenied("refused")
+
+    reg = Refusing()
+    regs = Registrations(reg, "h1", Metrics(), History(), lambda: None)  # type: ignore[arg-type]
+    a = inst("a", 1)
+    regs.write(a.key, a)
+    regs.write(a.key, None)
+    assert [k for k, _ in reg.writes] == ["put"] and not regs.unsure

@@ -269,3 +269,18 @@ def test_a_last_instance_waits_at_most_the_window_while_removals_keep_coming() -
         if clock.now - 100.0 < 1.9:
             assert ids(catalog, "lone"), clock.now  # waits while removals keep coming
     assert not ids(catalog, "lone") and guard.status.engaged == 0  # gone by the window
+
+
+def test_crashes_replaced_as_they_come_never_add_up_to_a_wipe() -> None:
+    """A bare removal every 1.5 s (crashes, expiries), each replaced a second later: one long
+    burst, but it never makes half the catalog within ``hold``, so it starts again and
+    nothing is ever held (counted for ever, it reached half the catalog after 45 s, and the
+    guard then held every dead instance for 30 s while the trickle lasted)."""
+    fleet = [inst(f"s{n % 20}", n) for n in range(60)]
+    catalog, guard, clock = setup(fleet)
+    for n, gone in enumerate(fleet + fleet[:20]):  # 80 removals over 120 s
+        feed(catalog, guard, delete(gone))
+        tick(catalog, guard, clock, 1.0)
+        feed(catalog, guard, put(inst(gone.service, 1000 + n)))  # its replacement
+        tick(catalog, guard, clock, 0.5)
+    assert guard.status.engaged == 0 and guard.status.holding == 0
