@@ -1,9 +1,9 @@
 """Making a ZooKeeper registry's instance nodes ours: the ephemeral nodes of this session.
 
 :meth:`ZkClaims.claim` writes one instance: a new one's node and its index node
-(:mod:`~discovery.registry.zk_index`) in one transaction; else its node (updated if this
-session wrote it, or taken over from an earlier session in one transaction, so that readers
-never see it missing), then its index node. After a session
+(:mod:`~discovery.registry.zk_index`) in one transaction; one of an earlier session's taken
+over with its index node in one transaction too (readers never see it missing, and no crash
+leaves it without its index node); this session's own updated. After a session
 expiry every node of the old session is gone, and :meth:`ZkClaims.claim_together` creates them
 all again, many instances in one transaction: a fleet that lost its sessions at once (an
 ensemble down for longer than the session timeout) sends one request a host, not two round
@@ -51,9 +51,9 @@ class ZkClaims:
         self.written: dict[tuple[str, str], int] = {}
 
     def claim(self, inst: Instance) -> None:
-        """The instance node of ``inst`` and its index node: a new instance's in one
-        transaction; an update, or a take-over of a predecessor's node, the instance's first
-        (an index node never names nothing for long)."""
+        """The instance node of ``inst`` and its index node: a new instance's, or a
+        predecessor's taken over, in one transaction; an update of ours, the node's data
+        (its index node is there already, or claimed again: Nerve's layout, or a lost one)."""
         if self._nerve is None and self._create_both(inst):
             return
         self._claim(inst)
@@ -119,13 +119,16 @@ class ZkClaims:
                     return
                 log.info("taking over %s from ZooKeeper session %x", shown(path),
                          stat.ephemeralOwner)
-                # one transaction: readers never see the instance missing in between
+                # one transaction: readers never see the instance missing in between, and no
+                # crash leaves it ours without its index node
                 txn = c.transaction()
                 txn.delete(path, version=stat.version)
                 txn.create(path, data, ephemeral=True)
+                self._index.add_take_over(txn, inst, session)
                 results = self._get(txn.commit_async())
                 if not any(isinstance(r, Exception) for r in results):
                     self.written[key] = session
+                    self._index.claimed([inst], session)
                     return
             except (NoNodeError, BadVersionError):
                 continue

@@ -9,16 +9,15 @@ proportional to the node's own instances, whatever the size of the fleet. Reader
 ``<prefix>/services`` never see the index (it is outside that path).
 
 An agent restarted on the same node finds its predecessor's entries (another session) the
-same way; adopting one re-creates both nodes in its own session (the index node in one
-transaction: delete the old, create ours).
+same way; adopting one re-creates both nodes in its own session, in one transaction (delete
+the old ones, create ours).
 
 When the two disagree:
 
 - an index node whose instance is gone (deleted by hand): skipped; it goes with its session;
 - an index node naming an instance of another node (written by hand): skipped;
-- an instance without an index node (written by hand, by a version before the index, its
-  index node deleted by hand, or taken over from an expired session by an agent that died
-  before its index node): not seen by :meth:`read`. A restarted agent does not adopt
+- an instance without an index node (written by hand, by a version before the index, or its
+  index node deleted by hand): not seen by :meth:`read`. A restarted agent does not adopt
   it (it goes with its old session); for the running agent the next reconcile sees it
   missing, writes it again, and the index node is created again.
 
@@ -151,6 +150,21 @@ class ZkNodeIndex:
         creates the instance too)."""
         if self.enabled:
             txn.create(self.path(inst.node, inst.service, inst.id), b"", ephemeral=True)
+
+    def add_take_over(self, txn: Any, inst: Instance, session: int) -> None:
+        """Add to ``txn`` (the take-over of an earlier session's instance node) making the
+        index node of ``inst`` ours: created, or taken over from that session too."""
+        if not self.enabled:
+            return
+        path = self.path(inst.node, inst.service, inst.id)
+        stat = self._get(self.client.exists_async(path))
+        if stat is None:  # (a transaction makes no parents)
+            self._get(self.client.ensure_path_async(path.rpartition("/")[0]))
+        elif stat.ephemeralOwner == session:
+            return
+        else:
+            txn.delete(path, version=stat.version)
+        txn.create(path, b"", ephemeral=True)
 
     def claimed(self, insts: list[Instance], session: int) -> None:
         """The index nodes of ``insts`` are ``session``'s (:meth:`add_create` committed)."""

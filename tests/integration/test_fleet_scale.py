@@ -23,14 +23,7 @@ from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory
-from tests.harness.fleet import (
-    close_raw,
-    fill_foreign,
-    foreign,
-    index_paths,
-    raw_client,
-    raw_delete,
-)
+from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
 from tests.harness.haproxy import http_get
 from tests.harness.raw_clients import raw_put
 from tests.harness.servers import wait_until
@@ -164,33 +157,6 @@ def test_successor_adopts_and_index_mismatches_are_handled(registry_url: str,
     second.deregister("web", own[2].id)
     assert f"{url.prefix}/nodes/{ME}/web/{own[2].id}" not in index_paths(registry_url, ME)
     assert own[2].key not in second.snapshot().instances
-
-
-def test_instance_and_its_index_entry_change_together(registry_url: str,
-                                                      open_reg: OpenReg) -> None:
-    """One transaction writes a new instance and its index entry, one deletes both: an agent
-    killed mid-registration leaves both or neither, so its successor finds all it wrote (on
-    ZooKeeper the index node once came a round trip after the instance)."""
-    url, reg, inst = RegistryURL.parse(registry_url), open_reg(registry_url), mine(1)
-    paths = (url.key(*inst.key), f"{url.prefix}/nodes/{ME}/web/{inst.id}")
-    client = raw_client(registry_url)
-    try:
-        reg.register(inst)
-        if url.scheme == "etcd":
-            written = {client.get(p)[1].mod_revision for p in paths}
-            before = client.get_response(paths[0]).header.revision
-            reg.deregister(*inst.key)
-            # one revision for both deletes; both keys were there just before
-            assert client.get_response(paths[0]).header.revision == before + 1
-        else:
-            written = {client.exists(p).czxid for p in paths}
-            reg.deregister(*inst.key)
-            removed = {client.exists(p.rpartition("/")[0]).pzxid for p in paths}
-            assert len(removed) == 1 and min(removed) > max(written), (removed, written)
-        assert len(written) == 1, written
-        assert not index_paths(registry_url, ME) and not reg.snapshot().instances
-    finally:
-        close_raw(client)
 
 
 def test_filtered_snapshot_and_watch_cover_only_their_services(registry_url: str,

@@ -8,6 +8,7 @@ import pytest
 
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.registry import RegistryURL
+from tests.harness.fleet import close_raw, index_paths, raw_client
 from tests.harness.raw_clients import expire_zk_session
 from tests.harness.servers import ServerCluster, free_port, unique_prefix, wait_until
 from tests.integration.test_registry_contract import (
@@ -61,6 +62,37 @@ def test_a_revoke_leaves_what_a_successor_took_over(registry_url: str,
     new.register(inst(1))  # adopted: the same key, now of the successor's lease / session
     old.close(revoke=True)
     assert list(other.snapshot().instances) == [inst(1).key]
+
+
+def test_instance_and_its_index_entry_change_together(registry_url: str,
+                                                      open_reg: OpenReg) -> None:
+    """One transaction writes a new instance and its index entry, one takes both over from a
+    predecessor, one deletes both: an agent killed mid-registration leaves both or neither, so
+    its successor finds all it wrote (on ZooKeeper the index node came a round trip after the
+    instance)."""
+    url, one = RegistryURL.parse(registry_url), inst(1)
+    old, reg = open_reg(registry_url), open_reg(registry_url)
+    paths = (url.key(*one.key), f"{url.prefix}/nodes/{one.node}/web/{one.id}")
+    client = raw_client(registry_url)
+    etcd = url.scheme == "etcd"
+    try:
+        for writer in (old, reg):  # created, then taken over
+            writer.register(one)
+            written = {client.get(p)[1].mod_revision if etcd else client.exists(p).czxid
+                       for p in paths}
+            assert len(written) == 1, written
+        if etcd:
+            before = client.get_response(paths[0]).header.revision
+            reg.deregister(*one.key)
+            # one revision for both deletes; both keys were there just before
+            assert client.get_response(paths[0]).header.revision == before + 1
+        else:
+            reg.deregister(*one.key)
+            removed = {client.exists(p.rpartition("/")[0]).pzxid for p in paths}
+            assert len(removed) == 1 and min(removed) > max(written), (removed, written)
+        assert not index_paths(registry_url, one.node) and not reg.snapshot().instances
+    finally:
+        close_raw(client)
 
 
 def test_closed_without_revoke_entries_expire(registry_url: str, open_reg: OpenReg) -> None:
