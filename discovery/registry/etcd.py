@@ -222,15 +222,8 @@ class EtcdRegistry:
             lease = self._lease
             if lease is None or self._closing.is_set():
                 return
-            self._need_reput = True
-            denied: RegistryDenied | None = None
-            for inst in list(self._owned.values()):
-                try:  # raises: _need_reput stays set, the keeper retries
-                    self._put(inst, lease)
-                except RegistryDenied as exc:  # this service's: the others are written still
-                    denied = exc
-            if denied is not None:
-                raise denied
+            self._need_reput = True  # until this round writes everything: the keeper retries
+            etcd_index.put_all(lambda inst: self._put(inst, lease), list(self._owned.values()))
             self._need_reput = False
 
     def members_in_use(self) -> set[str]:

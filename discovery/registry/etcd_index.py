@@ -24,12 +24,14 @@ When the two disagree:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 from pyetcd import transactions
 from pyetcd.utils import prefix_range_end
 
+from discovery.errors import RegistryDenied
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.etcd_read import TXN_OPS, Caller, Decode
@@ -53,6 +55,19 @@ def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int)
     ops = [transactions.Put(key, inst.to_json(), lease),
            transactions.Put(index_key(url, inst.node, inst.service, inst.id), b"", lease)]
     call(f"put {key}", partial(client.transaction, compare=[], failure=[], success=ops))
+
+
+def put_all(put: Callable[[Instance], None], instances: Iterable[Instance]) -> None:
+    """``put`` each of ``instances``: one etcd refuses (its service's role) does not keep the
+    others from being written; the refusal is raised after them."""
+    denied: RegistryDenied | None = None
+    for inst in instances:
+        try:
+            put(inst)
+        except RegistryDenied as exc:
+            denied = exc
+    if denied is not None:
+        raise denied
 
 
 def delete(call: Caller, client: Any, url: RegistryURL, service: str, instance_id: str,
