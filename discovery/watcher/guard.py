@@ -281,7 +281,8 @@ class WipeGuard:
         before = {i.key: i for i in self.catalog.instances()}
         withheld = snapshot.withheld  # not read (denied): the catalog keeps them as they are
         gone = [k for k in before if k not in snapshot.instances and k[0] not in withheld]
-        up_gone = sum(1 for k in gone if before[k].state is State.UP)
+        # what it holds already is not removed again (a reset after a wipe re-engaged it)
+        up_gone = sum(1 for k in gone if before[k].state is State.UP and k not in self._deferred)
         if up_gone:
             self._note_removals(now, up_gone)
         keep = dict(snapshot.instances)

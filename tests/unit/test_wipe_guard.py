@@ -144,6 +144,10 @@ def test_a_reset_that_drops_everything_keeps_everything() -> None:
     tick(catalog, guard, clock, 2.5)  # wipe over; a is served by its new instance
     assert ids(catalog, "a") == {new_a.id}
     assert ids(catalog, "b") == {fleet[1].id}  # b, c, d: nothing else up, still held
+    tick(catalog, guard, clock, 1.0)
+    feed(catalog, guard, Change("reset", snapshot=Snapshot({new_a.key: new_a}, revision=11),
+                                revision=11))  # the same again: what it holds is no new wipe
+    assert guard.status.engaged == 1 and guard.status.holding == 3
 
 
 def test_a_rolling_replacement_is_never_held() -> None:
