@@ -9,8 +9,9 @@ prefix, so readers never see the instance missing and never see it twice for lon
 found in the host's index (:mod:`~discovery.registry.zk_index`), a listing of its own
 instances, where the layout has one; in the service's directory, a listing of the fleet's,
 where it has none, for a key the index may miss (read without an index entry, or whose
-create's answer was lost, :meth:`NerveNodes.unindexed`) and at a deregister.
-The record itself is :func:`discovery.model.nerve.to_nerve`.
+create's answer was lost, :meth:`NerveNodes.unindexed`: looked for again by each claim until
+a look succeeds, even one that only updates the data) and at a deregister. The record
+itself is :func:`discovery.model.nerve.to_nerve`.
 """
 
 from __future__ import annotations
@@ -58,9 +59,14 @@ class NerveNodes:
         if known is not None and known[1] == session:
             try:
                 self._get(self.client.set_async(known[0], data))
-                return
             except NoNodeError:
                 pass  # deleted behind our back: create it again
+            else:
+                with self._lock:
+                    lost = inst.key in self._unindexed
+                if lost:  # an older node's removal failed: look for it again
+                    self._remove(inst.node, inst.key, keep=known)
+                return
         folder = self.url.service_dir(inst.service)
         try:
             created = self._get(self.client.create_async(
@@ -100,7 +106,6 @@ class NerveNodes:
         folder = self.url.service_dir(key[0])
         with self._lock:
             unindexed = key in self._unindexed
-            self._unindexed.discard(key)
         children = self._named(node, key)
         if children is None or unindexed:
             with contextlib.suppress(NoNodeError):
@@ -115,3 +120,5 @@ class NerveNodes:
                     log.info("Nerve node %s of session %x replaced by %s", shown(path),
                              stat.ephemeralOwner, shown(keep[0]))
                 self._get(self.client.delete_async(path))
+        with self._lock:  # only once every older node is gone (a failed listing: again)
+            self._unindexed.discard(key)
