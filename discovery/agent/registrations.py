@@ -83,11 +83,12 @@ class Registrations:
             elif have is None or not have.same_registration(instance):
                 self._touched[key] = time.monotonic()
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
-                self.unsure.add(key)
                 try:
                     self.registry.register(instance)
                 except RegistryDenied:  # refused, so not written: nothing to delete later
-                    self.unsure.discard(key)
+                    raise
+                except RegistryError:  # its answer lost, perhaps written all the same
+                    self.unsure.add(key)
                     raise
                 self.unsure.discard(key)
                 self.retry.succeeded()

@@ -69,16 +69,11 @@ class ZkClaims:
         session, key = session_of(self.client), inst.key
         if not self._index.enabled or session is None or self.written.get(key) == session:
             return False
-        path, index = self.url.key(*key), self._index.path(inst.node, *key)
+        index = self._index.path(inst.node, *key)
         self._check_parent(self.url.service_dir(inst.service))
         for first in (True, False):
-            txn = self.client.transaction()
-            txn.create(path, inst.to_json(), ephemeral=True)
-            self._index.add_create(txn, inst)
-            results = self._get(txn.commit_async())
-            if not any(isinstance(r, Exception) for r in results):
-                self.written[key] = session
-                self._index.claimed([inst], session)
+            results = self._create_all([inst], session)
+            if results is None:
                 return True
             if not first or not any(isinstance(r, NoNodeError) for r in results):
                 return False
@@ -161,17 +156,24 @@ class ZkClaims:
         left: list[Instance] = []
         for start in range(0, len(owned), CLAIM_TOGETHER):
             part = owned[start:start + CLAIM_TOGETHER]
-            txn = self.client.transaction()
-            for inst in part:
-                txn.create(self.url.key(*inst.key), inst.to_json(), ephemeral=True)
-                self._index.add_create(txn, inst)
-            if any(isinstance(r, Exception) for r in self._get(txn.commit_async())):
+            if self._create_all(part, session) is not None:
                 left += part
-                continue
-            for inst in part:
-                self.written[inst.key] = session
-            self._index.claimed(part, session)
         return left
+
+    def _create_all(self, part: list[Instance], session: int) -> list[Any] | None:
+        """Create the nodes of ``part`` and their index nodes in one transaction: None once
+        they are this session's, else the transaction's answers (what failed)."""
+        txn = self.client.transaction()
+        for inst in part:
+            txn.create(self.url.key(*inst.key), inst.to_json(), ephemeral=True)
+            self._index.add_create(txn, inst)
+        results: list[Any] = self._get(txn.commit_async())
+        if any(isinstance(r, Exception) for r in results):
+            return results
+        for inst in part:
+            self.written[inst.key] = session
+        self._index.claimed(part, session)
+        return None
 
     def _check_parent(self, path: str) -> None:
         """Once per service dir, with credentials: warn (in the background) if anyone may delete
