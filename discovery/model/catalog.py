@@ -38,14 +38,18 @@ class Catalog:
         self.loaded = False
 
     def load(self, snapshot: Snapshot) -> bool:
-        """Replace everything with ``snapshot`` (but the services it withheld: kept as they
-        were); True when that changed anything."""
+        """Replace everything with ``snapshot`` (but what it withheld or could not read: kept
+        as it was, :meth:`Snapshot.keeps`); True when that changed anything."""
         by_service: dict[str, dict[str, Instance]] = {}
         for (service, iid), inst in snapshot.instances.items():
             by_service.setdefault(service, {})[iid] = inst
         with self._cond:
             for service in snapshot.withheld & self._by_service.keys():
                 by_service[service] = dict(self._by_service[service])
+            for service, iid in snapshot.unreadable - snapshot.instances.keys():
+                old = self._by_service.get(service, {}).get(iid)
+                if old is not None:
+                    by_service.setdefault(service, {})[iid] = old
             changed = self._by_service != by_service
             self._by_service, self._up = by_service, {}
             self._size = sum(map(len, by_service.values()))

@@ -282,16 +282,21 @@ def _query(query: str, shown: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every valid instance in the registry, read at one point (``revision``). ``withheld``:
-    services whose entries the registry would not let this client read (etcd: its role;
-    ZooKeeper: its directory's ACL, NoAuth), so not in ``instances``: a reader keeps what it
-    had of them (one service left out of a role, or locked by mistake, must not empty it on
-    every host at the next reset); the watch reads everything again once the registry allows
-    it (a directory planted against us held nothing, so nothing is kept)."""
+    """Every valid instance in the registry, read at one point (``revision``). A reader
+    keeps what it had of what the read could not see, until the registry lets it (a service
+    locked by mistake, or one bad write, must not empty it on every host at the next reset):
+    ``withheld``: services the registry would not let this client read (etcd: its role;
+    ZooKeeper: its directory's ACL); ``unreadable``: entries there but not read (a value that
+    does not decode, e.g. a newer ``schema``; ZooKeeper: a node whose own ACL denies us)."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0
     withheld: frozenset[str] = frozenset()
+    unreadable: frozenset[tuple[str, str]] = frozenset()
+
+    def keeps(self, key: tuple[str, str]) -> bool:
+        """Whether a reader keeps what it had at ``key`` though it is not in ``instances``."""
+        return key[0] in self.withheld or key in self.unreadable
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Every reader (the agent's reconcile, the watcher, DNS, HTTP, the client, ``discovery
 services``/``show``) gets its instances from a backend's snapshot or watch, and every backend
 decodes each value here. Whatever a value holds, :meth:`Decoder.decode` returns an Instance or
-None: never an exception. A bad entry is skipped with one warning naming its key (escaped and
+None: never an exception. A bad entry is skipped (a reader that had its instance keeps the last
+good value: ``Snapshot.unreadable``) with one warning naming its key (escaped and
 shortened: :func:`discovery.model.validate.shown`; a key is anyone's text), repeated at
 most once per key per :data:`QUIET_S` seconds, and counted (``skipped``, served in /metrics as
 ``discovery_registry_invalid_records_total``). A ``zk://…?format=nerve`` registry's values are
@@ -33,6 +34,8 @@ QUIET_S = 60.0
 MAX_REMEMBERED = 10_000
 #: the most characters of a skip's message in the log (its key is shown in at most 200)
 MAX_MESSAGE = 1000
+#: said of a value that does not decode (``Snapshot.unreadable``)
+KEPT = "; a watcher that had its instance keeps the last good value until it is deleted"
 
 
 class Decoder:
@@ -63,10 +66,10 @@ class Decoder:
             else:
                 inst = Instance.from_json(raw, where=where)
         except InvalidRecord as exc:
-            self.skip(key, f"registry entry skipped: {exc}")
+            self.skip(key, f"registry entry skipped: {exc}{KEPT}")
             return None
         except Exception as exc:  # from_json promises InvalidRecord only; this is the backstop
-            self.skip(key, f"registry entry {where} skipped: {type(exc).__name__}")
+            self.skip(key, f"registry entry {where} skipped: {type(exc).__name__}{KEPT}")
             return None
         if inst.key != split:
             self.skip(key, f"registry entry {where} holds {inst.service}/{inst.id}")

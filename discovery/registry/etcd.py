@@ -320,7 +320,8 @@ class EtcdRegistry:
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
         """Paginated at one revision: see :mod:`discovery.registry.etcd_read`."""
         return read_snapshot(self._call, self.client, self.decoder.decode, self._root,
-                             services=services, reads=self.reads, denied=self.decoder.denied)
+                             services=services, reads=self.reads, denied=self.decoder.denied,
+                             split=self.url.split_key)
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 Decode = Callable[[str, bytes], Instance | None]
 #: told each service prefix etcd would not let this client read (left out of the read)
 Denied = Callable[[str], None]
+#: ``RegistryURL.split_key``: the instance a key is for, None for a key outside the layout
+Split = Callable[[str], tuple[str, str] | None]
 
 #: keys per page: 1000 instances of ~250 bytes are a ~250 KB message
 PAGE_KEYS = 1000
@@ -80,11 +82,13 @@ class _TooManyOps(RegistryError):
 def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
                   page_keys: int = PAGE_KEYS, max_value: int = MAX_VALUE_BYTES,
                   services: Collection[str] | None = None,
-                  reads: ReadStats | None = None, denied: Denied | None = None) -> Snapshot:
+                  reads: ReadStats | None = None, denied: Denied | None = None,
+                  split: Split | None = None) -> Snapshot:
     """Every valid instance under ``root``, read page by page at one revision; with
     ``services``, only under ``root<service>/`` for each (still at one revision), those etcd
     denies left out, told to ``denied`` and named in the snapshot's ``withheld`` (without
-    ``denied``, a denial fails the read)."""
+    ``denied``, a denial fails the read). With ``split``, the instances whose value is there
+    but skipped (it does not decode, or is too large) are named in ``unreadable``."""
     roots = [root] if services is None else [f"{root}{s}/" for s in sorted(set(services))]
     stats = reads if reads is not None else ReadStats()
     stats.full_read()
@@ -94,17 +98,17 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
     refused = None if denied is None else withheld.append
     for attempt in range(MAX_RESTARTS + 1):
         try:
+            reading = _Reading(decode, split, max_value, stats)  # each attempt anew
             if services is None:
-                return _read_once(call, client, decode, root, page_keys, max_value, stats,
-                                  Snapshot(revision=0))
+                return _read_once(call, client, reading, root, page_keys, Snapshot(revision=0))
             withheld.clear()
             try:
-                snap = _read_many(call, client, decode, roots, page_keys, max_value, stats,
-                                  refused)
+                snap = _read_many(call, client, reading, roots, page_keys, refused)
             except _TooManyOps as exc:
                 log.info("etcd read of %d services, one request each: %s", len(roots), exc)
-                snap = _read_each(call, client, decode, roots, page_keys, max_value, stats,
-                                  refused)
+                withheld.clear()  # read again from the start, at another revision
+                reading = _Reading(decode, split, max_value, stats)
+                snap = _read_each(call, client, reading, roots, page_keys, refused)
             if denied is not None:
                 for one in withheld:
                     denied(one)
@@ -122,8 +126,44 @@ def _empty(call: Caller, client: Any, root: str) -> Snapshot:
     return Snapshot(revision=int(resp.header.revision))
 
 
-def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: int,
-               max_value: int, reads: ReadStats, base: Snapshot) -> Snapshot:
+class _Reading:
+    """One attempt's decoding: the instances read, and with ``split`` the instances whose
+    value is there but skipped (:attr:`Snapshot.unreadable`)."""
+
+    def __init__(self, decode: Decode, split: Split | None, max_value: int,
+                 reads: ReadStats) -> None:
+        self.decode, self.split, self.max_value, self.reads = decode, split, max_value, reads
+        self.unreadable: set[tuple[str, str]] = set()
+
+    def take(self, kvs: Iterable[Any], instances: dict[tuple[str, str], Instance]) -> None:
+        """Decode ``kvs`` into ``instances``, skipping (with a warning) a value too large."""
+        for kv in kvs:
+            self.reads.add(kv.key, kv.value)
+            key = kv.key.decode("utf-8", "replace")
+            inst = None
+            if len(kv.value) > self.max_value:
+                log.warning("registry entry %s is %d bytes (more than %d); skipped",
+                            shown(key), len(kv.value), self.max_value)
+            else:
+                inst = self.decode(key, kv.value)
+            if inst is not None:
+                instances[inst.key] = inst
+            else:
+                self.skipped(key)
+
+    def skipped(self, key: str) -> None:
+        """The value at ``key`` is there but was not taken."""
+        split = self.split(key) if self.split is not None else None
+        if split is not None:
+            self.unreadable.add(split)
+
+    def snapshot(self, instances: dict[tuple[str, str], Instance], revision: int) -> Snapshot:
+        return Snapshot(instances=instances, revision=revision,
+                        unreadable=frozenset(self.unreadable - instances.keys()))
+
+
+def _read_once(call: Caller, client: Any, reading: _Reading, root: str, page_keys: int,
+               base: Snapshot) -> Snapshot:
     """``base`` plus what is under ``root``, at ``base``'s revision (if it has one)."""
     start, end = root.encode(), prefix_range_end(root.encode())
     revision, limit, pages = base.revision, page_keys, 0
@@ -144,46 +184,32 @@ def _read_once(call: Caller, client: Any, decode: Decode, root: str, page_keys: 
             if not resp.kvs:
                 break
             key = resp.kvs[0].key
-            reads.add(key, None)
+            reading.reads.add(key, None)
             log.warning("registry entry %s is larger than the gRPC receive limit; skipped",
                         shown(key.decode("utf-8", "replace")))
+            reading.skipped(key.decode("utf-8", "replace"))
             start = key + b"\0"
             continue
         revision = revision or int(resp.header.revision)
-        _take(resp.kvs, decode, max_value, reads, instances)
+        reading.take(resp.kvs, instances)
         if not resp.more or not resp.kvs:
             break
         start = resp.kvs[-1].key + b"\0"
         limit = min(page_keys, limit * 2)
     log.debug("etcd read of %s: %d instances in %d pages at revision %d", root,
               len(instances), pages, revision)
-    return Snapshot(instances=instances, revision=revision)
+    return reading.snapshot(instances, revision)
 
 
-def _take(kvs: Iterable[Any], decode: Decode, max_value: int, reads: ReadStats,
-          instances: dict[tuple[str, str], Instance]) -> None:
-    """Decode ``kvs`` into ``instances``, skipping (with a warning) a value too large."""
-    for kv in kvs:
-        reads.add(kv.key, kv.value)
-        key = kv.key.decode("utf-8", "replace")
-        if len(kv.value) > max_value:
-            log.warning("registry entry %s is %d bytes (more than %d); skipped", shown(key),
-                        len(kv.value), max_value)
-            continue
-        inst = decode(key, kv.value)
-        if inst is not None:
-            instances[inst.key] = inst
-
-
-def _read_each(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
-               max_value: int, reads: ReadStats, denied: Denied | None) -> Snapshot:
+def _read_each(call: Caller, client: Any, reading: _Reading, roots: list[str], page_keys: int,
+               denied: Denied | None) -> Snapshot:
     """Each of ``roots`` in requests of its own, at one revision (a cluster that allows fewer
     operations a transaction than :func:`_read_many` sends); one etcd denies is told to
     ``denied`` and left out (raised without ``denied``, or when every one is denied)."""
     snap, denial = Snapshot(revision=0), None
     for one in roots:
         try:
-            snap = _read_once(call, client, decode, one, page_keys, max_value, reads, snap)
+            snap = _read_once(call, client, reading, one, page_keys, snap)
         except RegistryDenied as exc:
             if denied is None:
                 raise
@@ -194,8 +220,8 @@ def _read_each(call: Caller, client: Any, decode: Decode, roots: list[str], page
     return snap
 
 
-def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page_keys: int,
-               max_value: int, reads: ReadStats, denied: Denied | None = None) -> Snapshot:
+def _read_many(call: Caller, client: Any, reading: _Reading, roots: list[str], page_keys: int,
+               denied: Denied | None = None) -> Snapshot:
     """Every valid instance under each of ``roots``, at one revision, in few requests: how
     many keys each holds (``TXN_OPS`` counts a request), then those that hold any, packed
     into transactions of at most ``page_keys`` keys. A root of more keys is paged on its
@@ -245,12 +271,12 @@ def _read_many(call: Caller, client: Any, decode: Decode, roots: list[str], page
                 log.debug("etcd read of %d services: %s; one at a time", len(pack), exc)
             else:
                 for answer in resp.responses:
-                    _take(answer.response_range.kvs, decode, max_value, reads, instances)
+                    reading.take(answer.response_range.kvs, instances)
                 continue
         for one in pack:
-            instances.update(_read_once(call, client, decode, one, page_keys, max_value, reads,
+            instances.update(_read_once(call, client, reading, one, page_keys,
                                         Snapshot(revision=revision)).instances)
-    return Snapshot(instances=instances, revision=revision)
+    return reading.snapshot(instances, revision)
 
 
 def _packs(counts: list[tuple[str, int]], page_keys: int) -> Iterator[list[str]]:

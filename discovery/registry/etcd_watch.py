@@ -364,10 +364,12 @@ class EtcdWatch:
         self._revs[rng] = max(self._revs[rng], rev)
         if split is None:
             return
-        inst = None if deleted else reg.decoder.decode(key, ev.kv.value)
-        # A malformed value counts as a delete: snapshot() would not show it either.
-        self._deliver(Change("put", key=split, instance=inst, revision=rev) if inst
-                      else Change("delete", key=split, revision=rev))
+        if deleted:
+            self._deliver(Change("delete", key=split, revision=rev))
+        elif (inst := reg.decoder.decode(key, ev.kv.value)) is not None:
+            self._deliver(Change("put", key=split, instance=inst, revision=rev))
+        # else a value that does not decode: readers keep their last good one (Snapshot.
+        # unreadable: one bad write takes no instance out of every host's routing)
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

@@ -46,6 +46,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
+from discovery.registry.zk_scan import unreadable
 from discovery.registry.zk_session import SessionTimeout, leave
 from discovery.registry.zk_watch import ZkWatch
 from discovery.retry import backoff
@@ -327,13 +328,17 @@ class ZkRegistry:
             self.reads.listed(children)
             paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
         instances: dict[tuple[str, str], Instance] = {}
-        for path, (data, stat) in self._many.data(paths).items():
+        bad: list[str] = []  # there, but not read (NoAuth), or not decoded
+        for path, (data, stat) in self._many.data(paths, bad).items():
             self.reads.add(path, data)
             inst = self.decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None:
                 instances[inst.key] = inst
+            else:
+                bad.append(path)
         return Snapshot(instances=instances, revision=revision, withheld=frozenset(
-            s for s in services if self.url.service_dir(s) in refused))
+            s for s in services if self.url.service_dir(s) in refused), unreadable=frozenset(
+            unreadable(self.url, bad, instances).values()))
 
     def watch(self, callback: ChangeCallback, start_revision: int = 0,
               services: Collection[str] | None = None) -> ZkWatch:

@@ -108,10 +108,11 @@ class ManyReads:
         return self._read([GetChildren(p, None) for p in paths], self.client.get_children_async,
                           refused)
 
-    def data(self, paths: Sequence[str]) -> dict[str, tuple[bytes, ZnodeStat]]:
+    def data(self, paths: Sequence[str], refused: list[str] | None = None,
+             ) -> dict[str, tuple[bytes, ZnodeStat]]:
         """``(data, stat)`` of each node of ``paths`` (one that does not exist, or that we may
-        not read, is left out)."""
-        return self._read([GetData(p, None) for p in paths], self.client.get_async)
+        not read, is left out; the latter added to ``refused``)."""
+        return self._read([GetData(p, None) for p in paths], self.client.get_async, refused)
 
     def _read(self, ops: list[Any], one: Callable[[str], Any],
               refused: list[str] | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ catalog keeps what it had of that service) and listed again later, :class:`Withh
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.zk_multi import ManyReads
 from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 #: the one-shot watch a read of an item (``("svc", name)``...) sets, or None
 WatchFor = Callable[[tuple[str, str]], Callable[[Any], None] | None]
-#: ``(path, (data, stat))`` of each node of the paths given that exists, in order
-ReadNodes = Callable[[list[str]], Iterable[tuple[str, tuple[bytes, Any]]]]
+#: ``(path, (data, stat))`` of each node of the paths given that exists, in order; those we
+#: may not read (NoAuth) added to the list given
+ReadNodes = Callable[[list[str], list[str]], Iterable[tuple[str, tuple[bytes, Any]]]]
+#: the instance a node held when last read (Nerve: its id is in its data), or None
+Known = Callable[[str], "Key | None"]
 
 
 class LivePaths:
@@ -74,18 +78,22 @@ class LivePaths:
 @dataclass
 class Scan:
     """What a full read found: the snapshot, the newest zxid seen, the services listed, each
-    node's mzxid and the instance each node holds."""
+    node's mzxid, the instance each node holds and the nodes kept though refused to us."""
 
     snapshot: Snapshot
     newest: int = 0
     svcs: set[str] = field(default_factory=set)
     nodes: dict[str, int] = field(default_factory=dict)
     live: LivePaths = field(default_factory=LivePaths)
+    refused: frozenset[str] = frozenset()
 
 
 def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,
-         reads: ReadStats, read_nodes: ReadNodes, watch_for: WatchFor) -> Scan:
-    """Read everything ``only`` (None: all services) names, arming the watches."""
+         reads: ReadStats, read_nodes: ReadNodes, watch_for: WatchFor,
+         known: Known | None = None) -> Scan:
+    """Read everything ``only`` (None: all services) names, arming the watches. A node there
+    but unreadable (its data does not decode, or its ACL denies us) is named in the
+    snapshot's ``unreadable`` and kept in ``live`` (its delete is news), by ``known``."""
     services = url.services_root
     if only is not None:  # those services' directories, not the list of services
         children, newest = sorted(only), 0
@@ -121,7 +129,9 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
     for s in denied:
         decoder.denied(url.service_dir(s))
     instances: dict[Key, Instance] = {}
-    for path, (data, st) in read_nodes(paths):
+    refused: list[str] = []  # there, but we may not read them (NoAuth)
+    bad: list[str] = []  # read, but not decoded
+    for path, (data, st) in read_nodes(paths, refused):
         found.nodes[path] = st.mzxid
         reads.add(path, data)
         found.newest = max(found.newest, st.mzxid)
@@ -129,45 +139,102 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
         if inst is not None:
             found.live.set(path, inst.key)
             instances[inst.key] = inst
+        else:
+            bad.append(path)
+    kept = unreadable(url, refused + bad, instances, known)
+    for path, key in kept.items():
+        found.live.set(path, key)
+    # looked at again: those read before (a node planted locked is not polled for ever)
+    found.refused = frozenset(p for p in refused if p in kept and known and known(p))
     found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision,
-                              withheld=frozenset(denied))
+                              withheld=frozenset(denied), unreadable=frozenset(kept.values()))
     return found
+
+
+def read_nodes(client: Any, many: ManyReads | None, decoder: Decoder, watch_for: WatchFor,
+               paths: list[str], refused: list[str]) -> Iterator[tuple[str, tuple[bytes, Any]]]:
+    """``(path, (data, stat))`` of each node of ``paths`` that exists, in order: many a
+    request with ``many`` (``multiRead``, under a persistent watch: a full read after a
+    session expiry is a few requests, not one per instance), else one each (the read arms
+    its one-shot watch). Those we may not read (NoAuth) are added to ``refused``."""
+    if many is not None:
+        yield from many.data(paths, refused).items()
+        return
+    for path in paths:
+        try:
+            yield path, client.get(path, watch=watch_for(("node", path)))
+        except NoNodeError:
+            continue
+        except NoAuthError:
+            decoder.denied(path)
+            refused.append(path)
+
+
+def unreadable(url: RegistryURL, bad: Iterable[str], instances: Collection[Key],
+               known: Known | None = None) -> dict[str, Key]:
+    """The instance of each node of ``bad`` (there, but not read) that no other node holds:
+    a reader keeps its last good value (:attr:`Snapshot.unreadable`). Nerve's node names do
+    not say the instance (its port is in the data): ``known`` does, or nothing is kept."""
+    out: dict[str, Key] = {}
+    for path in bad:
+        key = (known(path) if known is not None else None) if url.nerve else url.split_key(path)
+        if key is not None and key not in instances:
+            out[path] = key
+    return out
 
 
 class Withheld:
     """The services a full read could not list (NoAuth on their directory: an ACL changed by
-    mistake), whose instances the catalog keeps (:attr:`Snapshot.withheld`). Their
-    directories are listed again (one request each, nothing read) after a wait doubling from
+    mistake), whose instances the catalog keeps (:attr:`Snapshot.withheld`), and the
+    instance nodes kept though their own ACL refuses us (:attr:`Snapshot.unreadable`).
+    ZooKeeper tells no watch about a node its client may not read (not even its delete), so
+    each is looked at again (one request each: a listing, or a node's read) after a wait
+    doubling from
     ``wait[0]`` to ``wait[1]`` (jittered: a fleet refused at one moment asks apart); once one
-    may be listed, or is gone, everything is read again, so a kept instance does not stay
-    stale once the ACL is fixed."""
+    may be read, or is gone, everything is read again, so a kept instance does not stay
+    stale once the ACL is fixed, nor for ever once it is deleted."""
 
     def __init__(self, wait: tuple[float, float]) -> None:
         self.services: frozenset[str] = frozenset()
+        self.nodes: set[str] = set()
         self.retry = RetryAt(*wait)
 
-    def scanned(self, snapshot: Snapshot) -> None:
-        """A full read gave ``snapshot``: look again later at what it withheld."""
-        self.services = snapshot.withheld
-        if self.services:
+    def scanned(self, snapshot: Snapshot, nodes: Collection[str] = ()) -> None:
+        """A full read gave ``snapshot``, and kept ``nodes`` refused to it: look again later
+        at what it withheld."""
+        self.services, self.nodes = snapshot.withheld, set(nodes)
+        if self.services or self.nodes:
             self.retry.failed(jitter=0.1)
         else:
             self.retry.succeeded()
 
+    def kept(self, path: str, live: LivePaths) -> bool:
+        """Whether ``path``, refused to a read after the full read, is kept as last read (as a
+        record that does not decode is): one read before (in ``live``); then looked at again
+        too."""
+        if live.get(path) is None:
+            return False
+        if not self.services and not self.nodes:
+            self.retry.failed(jitter=0.1)
+        self.nodes.add(path)
+        return True
+
     def readable(self, client: Any, url: RegistryURL) -> bool:
-        """List each withheld directory: whether one may be listed now (or is gone)."""
-        for s in sorted(self.services):
+        """Look at each: whether one may be listed or read now (or is gone)."""
+        looks = [(url.service_dir(s), client.get_children) for s in sorted(self.services)]
+        for path, look in looks + [(p, client.get) for p in sorted(self.nodes)]:
             try:
-                client.get_children(url.service_dir(s))
+                look(path)
             except NoAuthError:
                 continue
             except NoNodeError:
                 pass
-            log.info("ZooKeeper lets us list %s again: reading everything",
-                     shown(url.service_dir(s)))
+            log.info("ZooKeeper lets us read %s again (or it is gone): reading everything",
+                     shown(path))
             return True
         wait = self.retry.failed(jitter=0.1)
-        log.debug("still refused: %s; listed again in %.1f s", sorted(self.services), wait)
+        log.debug("still refused: %s; looked at again in %.1f s",
+                  sorted(self.services) + sorted(self.nodes), wait)
         return False
 
 

@@ -28,7 +28,14 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
-from discovery.registry.zk_scan import LivePaths, Withheld, relist, scan, unread_holders
+from discovery.registry.zk_scan import (
+    LivePaths,
+    Withheld,
+    read_nodes,
+    relist,
+    scan,
+    unread_holders,
+)
 from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
@@ -50,11 +57,9 @@ class ZkWatch:
     directories: ZooKeeper tells this host only about what it routes. ``reads`` counts what
     it reads. A lost connection (same session) re-arms the watches from the zxid seen before
     (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again. A read
-    refused (NoAuth: no world READ, no credentials given) is logged, and everything read again
-    5 s later, the wait doubling to 60 s while refused (:data:`REFUSED_WAIT`); one service
-    directory refused is left out, as the full read leaves it out (``zk_scan.relist``); one a
-    full read may not list is withheld (the catalog keeps it) and listed again after the same
-    wait, everything read again once it may be (``zk_scan.Withheld``).
+    refused (NoAuth) is logged, and everything read again 5 s later, the wait doubling to 60 s
+    while refused (:data:`REFUSED_WAIT`); a service directory or node refused is left out or
+    kept as the full read leaves or keeps it, and looked at again (``zk_scan.Withheld``).
     """
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
@@ -77,7 +82,7 @@ class ZkWatch:
         self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
         # path -> the key we emitted a put for (and no delete since). Nerve: several paths
         # may hold one instance (a restarted reporter's old and new node) until one goes.
-        self._live = LivePaths()
+        self._live, self._known = LivePaths(), LivePaths()  # _known: _live of a failed scan
         self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
         self._pending = Pending()  # _answered's answers; nodes whose data changed
@@ -204,11 +209,12 @@ class ZkWatch:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopped.is_set():
-                    if self._withheld.retry.taken():
+                while not self._stopped.is_set():
+                    if self._withheld.retry.taken():  # due: also while events keep coming
                         self._queue.append(("withheld", ""))
-                    else:
-                        self._cond.wait(self._withheld.retry.remaining())
+                    if self._queue:
+                        break
+                    self._cond.wait(self._withheld.retry.remaining())
                 if self._stopped.is_set():
                     return
                 items = [item := self._queue.popleft()]
@@ -308,17 +314,23 @@ class ZkWatch:
 
     def _read_changed(self, paths: list[str]) -> None:
         """Nodes whose events came together: one ``multiRead`` (persistent watches)."""
-        found = dict(self._read_nodes(paths))
+        refused: list[str] = []
+        found = dict(self._read_nodes(paths, refused))
         for path in paths:  # each flag taken after the read: a read that failed keeps it
-            self._changed(path, found.get(path), self._pending.untouch(path))
+            changed = self._pending.untouch(path)
+            if path not in refused or not self._withheld.kept(path, self._live):
+                self._changed(path, found.get(path), changed)
 
     def _node(self, path: str) -> None:
         try:
             read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
             read = None
-        except NoAuthError:  # its ACL denies us READ: skipped as a record we cannot decode
+        except NoAuthError:  # its own ACL denies us READ
             self._decoder.denied(path)
+            if self._withheld.kept(path, self._live):
+                self._pending.untouch(path)
+                return
             read = None
         self._changed(path, read, self._pending.untouch(path))  # taken after the read
 
@@ -336,9 +348,8 @@ class ZkWatch:
             return
         self._nodes[path] = stat.mzxid
         inst = self._decoder.decode(path, data, stat.mtime / 1000)
-        if inst is None:
-            self._gone(path, stat.mzxid)
-            return
+        if inst is None:  # readers keep its last good value, if any (Snapshot.unreadable):
+            return  # one bad write takes no instance out of every host's routing
         if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
             self._gone(path, stat.mzxid)
         self._live.set(path, inst.key)
@@ -367,29 +378,22 @@ class ZkWatch:
         self._fns.clear()
         self._reads.full_read()
         self._add_roots()
+        self._known = self._live or self._known  # what nodes held: until a scan succeeds
         self._svcs, self._nodes, self._live = set(), {}, LivePaths()  # as if the scan failed
         found = scan(self._client, self._url, self._decoder, self._only, self._reads,
-                     self._read_nodes, self._w)
+                     self._read_nodes, self._w, self._known.get)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
+        self._known = LivePaths()
         self._refused.succeeded()  # a refusal from now on waits the first wait again
-        self._withheld.scanned(found.snapshot)
+        self._withheld.scanned(found.snapshot, found.refused)
         self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest
 
-    def _read_nodes(self, paths: list[str]) -> Iterator[tuple[str, tuple[bytes, Any]]]:
-        """``(path, (data, stat))`` of each node of ``paths`` that exists, in order: many a
-        request under a persistent watch (``multiRead``; a full read after a session expiry
-        is a few requests, not one per instance), else one each (the read arms its watch)."""
-        if self._persistent and self._many is not None:
-            yield from self._many.data(paths).items()
-            return
-        for path in paths:
-            try:
-                yield path, self._client.get(path, watch=self._w(("node", path)))
-            except NoNodeError:
-                continue
-            except NoAuthError:
-                self._decoder.denied(path)
+    def _read_nodes(self, paths: list[str], refused: list[str],
+                    ) -> Iterator[tuple[str, tuple[bytes, Any]]]:
+        """:func:`~discovery.registry.zk_scan.read_nodes`: ``multiRead`` if persistent."""
+        many = self._many if self._persistent else None
+        return read_nodes(self._client, many, self._decoder, self._w, paths, refused)
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

@@ -279,8 +279,8 @@ class WipeGuard:
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
-        withheld = snapshot.withheld  # not read (denied): the catalog keeps them as they are
-        gone = [k for k in before if k not in snapshot.instances and k[0] not in withheld]
+        # not read (withheld, unreadable): the catalog keeps them as they are
+        gone = [k for k in before if k not in snapshot.instances and not snapshot.keeps(k)]
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
         up_gone = sum(1 for k in gone if before[k].state is State.UP and k not in self._deferred)
         if up_gone:
@@ -294,9 +294,10 @@ class WipeGuard:
                 keep[key] = inst
                 if key not in self._deferred:
                     self._defer(key, _Deferred(inst, now + self.settings.settle, now))
-        # back in the registry, or gone from the catalog the reset makes: nothing to hold
-        for key in [k for k in self._deferred
-                    if k in snapshot.instances or (k not in keep and k[0] not in withheld)]:
+        # back in the registry (unreadable: there, the catalog keeps what it had), or gone
+        # from the catalog the reset makes: nothing to hold
+        for key in [k for k in self._deferred if k in snapshot.instances or k in
+                    snapshot.unreadable or (k not in keep and k[0] not in snapshot.withheld)]:
             self._pop(key)
         if len(keep) == len(snapshot.instances):
             return change

@@ -100,7 +100,7 @@ def test_etcd_read_names_an_oversized_key_escaped_and_short(
     kvs = [SimpleNamespace(key=key, value=b"v" * 100)]
     stats = SimpleNamespace(add=lambda *a: None)
     with caplog.at_level(logging.WARNING):
-        etcd_read._take(kvs, lambda k, v: None, 10, stats, {})  # type: ignore[arg-type]
+        etcd_read._Reading(lambda k, v: None, None, 10, stats).take(kvs, {})  # type: ignore[arg-type]
     (line,) = _lines(caplog)
     assert _safe(line, 400) and "100 bytes" in line
 

@@ -71,6 +71,8 @@ class FakeEtcd:
 
 
 def decode(key: str, value: bytes) -> Instance | None:
+    if value != b"v":  # a value that does not decode
+        return None
     service, _, rest = key[len(ROOT):].partition("/")
     return Instance(service=service, id=f"n:{rest.replace('-', '')}:80", node="n",
                     address="192.0.2.1", port=80)
@@ -181,3 +183,59 @@ def test_every_service_denied_or_no_one_to_tell_fails_the_read() -> None:
     assert told == []  # nothing skipped is counted: the read failed as a whole
     with pytest.raises(RegistryDenied):
         read(FakeEtcd({"a": 1, "b": 1}, denied=("b",)), ["a", "b"])
+
+
+@pytest.mark.parametrize("services", [None, ["a", "b"]])
+def test_values_that_do_not_decode_are_named_unreadable(services: list[str] | None) -> None:
+    """An entry whose value does not decode (or is too large) is left out of ``instances``
+    and named in ``unreadable`` (a reader keeps its last good value); a key outside the
+    layout is not named. Without ``split`` nothing is named."""
+    etcd = FakeEtcd({"a": 3, "b": 2})
+    etcd.kv[f"{ROOT}a/a-1".encode()] = b"{not json"
+    etcd.kv[f"{ROOT}b/b-0".encode()] = b"v" * 100  # larger than max_value below
+    outside = f"{ROOT}b/b-9/deeper".encode()  # not an instance's key: not ours to name
+    etcd.kv[outside] = b"{not json"
+    etcd.keys = sorted(etcd.kv)
+    snap = read_snapshot(call, etcd, decode, ROOT, services=services, max_value=10,
+                         split=split)
+    assert sorted(snap.instances) == [("a", "n:a0:80"), ("a", "n:a2:80"), ("b", "n:b1:80")]
+    assert snap.unreadable == {("a", "a-1"), ("b", "b-0")}
+    assert not read_snapshot(call, etcd, decode, ROOT, services=services).unreadable
+
+
+def split(key: str) -> tuple[str, str] | None:
+    """``RegistryURL.split_key`` of ROOT's layout: ``<service>/<id>``."""
+    parts = key[len(ROOT):].split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+class ShrinkingTxns(FakeEtcd):
+    """A cluster whose member takes the counts and the first read, then allows fewer
+    operations a transaction (members of different ``--max-txn-ops``), the bad entry read by
+    the first read deleted meanwhile."""
+
+    def txn_response(self, request: Any) -> Any:
+        if not request.success[0].request_range.count_only:
+            reads = sum(1 for kind, _ in self.requests if kind == "txn")
+            if reads > 1:  # the counts (one), the first read: then too many operations
+                self.requests.append(("txn", len(request.success)))
+                del self.kv[f"{ROOT}a/a-1".encode()]
+                self.keys = sorted(self.kv)
+                raise Answer(grpc.StatusCode.INVALID_ARGUMENT,
+                             "etcdserver: too many operations in txn request")
+        return super().txn_response(request)
+
+
+def test_a_read_started_again_names_only_what_it_found_unreadable() -> None:
+    """A read of many services that must start again one request a service (too many
+    operations) names as unreadable only what the new read found: an entry found bad by the
+    first read and deleted since would be kept on every reader for ever (its delete is before
+    the revision the watch resumes from)."""
+    etcd = ShrinkingTxns({"a": 3, "b": 2}, max_keys=3)  # a and b: two reads
+    etcd.kv[f"{ROOT}a/a-1".encode()] = b"{not json"
+    snap = read_snapshot(call, etcd, decode, ROOT, services=["a", "b"], page_keys=3,
+                         split=split)
+    assert ("txn", 2) in etcd.requests and ("range", 1) in etcd.requests  # started again
+    assert sorted(snap.instances) == [("a", "n:a0:80"), ("a", "n:a2:80"), ("b", "n:b0:80"),
+                                      ("b", "n:b1:80")]
+    assert not snap.unreadable

@@ -228,6 +228,38 @@ def test_a_service_the_registry_withheld_keeps_what_the_catalog_had() -> None:
     assert ids(catalog, "api") == set() and catalog.size() == 7
 
 
+def test_entries_a_reset_could_not_read_keep_their_last_good_value() -> None:
+    """A reset that found some entries there but unreadable (a newer schema, a node's own ACL)
+    names them ``unreadable``: each keeps the value the catalog had, is neither removed nor
+    held, and counts toward no wipe; an entry the catalog never had is not made up."""
+    fleet = [inst("web", n) for n in range(1, 7)]
+    catalog, guard, clock = setup(fleet)
+    read = {i.key: i for i in fleet[3:]}
+    unread = frozenset({i.key for i in fleet[:3]} | {("web", "never-had")})
+    feed(catalog, guard, Change("reset", snapshot=Snapshot(read, revision=9,
+                                                           unreadable=unread), revision=9))
+    tick(catalog, guard, clock, 3.0)
+    assert ids(catalog, "web") == {i.id for i in fleet}  # half the catalog: no wipe either
+    assert guard.status.holding == 0 and guard.status.engaged == 0 and catalog.size() == 6
+    catalog.load(Snapshot(read, revision=10))  # read again, all readable: the truth
+    assert ids(catalog, "web") == {i.id for i in fleet[3:]}
+
+
+def test_a_settling_removal_a_reset_finds_unreadable_is_not_applied() -> None:
+    """A service's last instance deleted (settling), then a reset finds its entry there again
+    but unreadable: it is back, so the catalog keeps its last good value and the removal is
+    dropped, not applied when due."""
+    lone, others = inst("lone", 1), [inst("big", n) for n in range(100, 120)]
+    catalog, guard, clock = setup([lone, *others])
+    feed(catalog, guard, delete(lone))
+    assert guard.status.settling == 1
+    feed(catalog, guard, Change("reset", snapshot=Snapshot(
+        {i.key: i for i in others}, revision=9, unreadable=frozenset({lone.key})), revision=9))
+    assert guard.status.settling == 0
+    tick(catalog, guard, clock, 3.0)
+    assert ids(catalog, "lone") == {lone.id} and guard.status.engaged == 0
+
+
 def test_a_wipe_slower_than_the_window_is_still_a_wipe() -> None:
     """etcd revokes expired leases at most 1,000 a second: a whole fleet's go over many
     seconds. A burst of removals each within ``window`` of the one before is one wipe,

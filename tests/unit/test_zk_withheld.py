@@ -1,12 +1,13 @@
-"""Withheld: the service directories a ZooKeeper full read could not list are listed again,
-less and less often, until one may be (then everything is read again)."""
+"""Withheld: the service directories a ZooKeeper full read could not list, and the instance
+nodes it kept though their own ACL refused it, are looked at again, less and less often, until
+one may be read or is gone (then everything is read again)."""
 
 from __future__ import annotations
 
 from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.registry.base import RegistryURL, Snapshot
-from discovery.registry.zk_scan import Withheld
+from discovery.registry.zk_scan import LivePaths, Withheld
 
 URL = RegistryURL.parse("zk://127.0.0.1:2181/d")
 
@@ -23,6 +24,8 @@ class Listings:
         if isinstance(answer, Exception):
             raise answer
         return list(answer)  # type: ignore[call-overload]
+
+    get = get_children  # a node's data: the same answers
 
 
 def test_refused_listings_wait_longer_each_time_and_a_full_read_starts_again() -> None:
@@ -42,3 +45,25 @@ def test_a_directory_that_may_be_listed_or_is_gone_means_read_everything() -> No
     held.scanned(Snapshot(withheld=frozenset({"api", "db"})))
     assert held.readable(Listings(api=NoAuthError(), db=["n1"]), URL)
     assert held.readable(Listings(api=NoNodeError(), db=NoAuthError()), URL)
+
+
+def test_kept_nodes_are_read_again_until_one_may_be_or_is_gone() -> None:
+    """ZooKeeper tells no watch about a node its client may not read, not even its delete:
+    a node kept though refused is read again (one request, no listing) after the wait."""
+    held = Withheld((1.0, 4.0))
+    n1, n2 = f"{URL.service_dir('web')}/n1", f"{URL.service_dir('web')}/n2"
+    held.scanned(Snapshot(), [n1])
+    assert 0.9 <= (held.retry.remaining() or 0) <= 1.1
+    client = Listings(n1=NoAuthError(), n2=NoAuthError())
+    assert not held.readable(client, URL) and client.asked == [n1]
+    live = LivePaths()
+    live.set(n2, ("web", "n2"))
+    assert not held.kept(f"{URL.service_dir('web')}/n3", live)  # never read: nothing kept
+    assert held.kept(n2, live)  # refused later, to a watch's read: looked at too, wait kept
+    assert 1.8 <= (held.retry.remaining() or 0) <= 2.2
+    assert not held.readable(client, URL) and client.asked == [n1, n1, n2]
+    assert held.readable(Listings(n1=NoAuthError(), n2=NoNodeError()), URL)  # gone
+    assert held.readable(Listings(n1=b"{}", n2=NoAuthError()), URL)  # readable again
+    fresh = Withheld((1.0, 4.0))
+    assert fresh.kept(n2, live)  # nothing withheld before: the first wait
+    assert 0.9 <= (fresh.retry.remaining() or 0) <= 1.1
