@@ -140,6 +140,11 @@ _NOT_AN_INSTANCE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str
     (ipaddress.ip_network("fd00:ec2::254/128"), "a cloud metadata endpoint (AWS IMDS)"),
     (ipaddress.ip_network("100.100.100.200/32"), "a cloud metadata endpoint (Alibaba Cloud)"),
 )
+#: IPv6 addresses that reach the IPv4 address in their last 32 bits through a translator:
+#: NAT64 (RFC 6052's well-known prefix, RFC 8215's local-use one) and SIIT's IPv4-translated
+#: ``::ffff:0:a.b.c.d`` (``64:ff9b::a9fe:a9fe`` is 169.254.169.254 behind a NAT64)
+_EMBEDS_V4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48",
+                                                      "::ffff:0:0:0/96"))
 
 
 def _ip(culprit: str, value: str) -> IP:
@@ -169,8 +174,11 @@ def unicast(culprit: str, ip: IP) -> IP:
         raise ValidationError(culprit, f"{ip!r:.64} is not an IP address object")
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValidationError(culprit, f"{str(ip)[:64]!r}: IPv6 scope ids are not allowed")
-    # an IPv4-mapped IPv6 address (::ffff:169.254.169.254) reaches its IPv4 address
+    # an IPv4-mapped IPv6 address (::ffff:169.254.169.254) reaches its IPv4 address, as a
+    # translated one does (NAT64, SIIT)
     as_v4 = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if isinstance(ip, ipaddress.IPv6Address) and any(ip in net for net in _EMBEDS_V4):
+        as_v4 = ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
     for one in (ip, as_v4) if as_v4 is not None else (ip,):
         if one.is_unspecified or one.is_multicast or one == _LIMITED_BROADCAST:
             raise ValidationError(culprit, f"{str(ip)[:64]!r} is not a unicast address")

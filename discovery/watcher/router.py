@@ -27,7 +27,7 @@ from discovery.retry import RetryAt
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.outlier import OutlierDetector, OutlierSettings
 from discovery.watcher.render import Renderer, RuntimePaths, build_context
-from discovery.watcher.slots import Slot, SlotTable, slot_count
+from discovery.watcher.slots import MAX_SLOTS, Slot, SlotTable, slot_count
 from discovery.watcher.supervisor import (
     HAProxyControl,
     HAProxySupervisor,
@@ -84,6 +84,8 @@ class Router:
         self._retry = RetryAt()
         # a start or reload HAProxy failed (its process, not the config): tried again when due
         self._again = RetryAt()
+        self._placing = 0.0  # when a reload may place instances no free slot took (monotonic)
+        self._capped: dict[str, int] = {}  # service -> instances past MAX_SLOTS, last said
         self.outliers = OutlierDetector()
 
     # ---- what the catalog asks for ---------------------------------------------------------
@@ -105,7 +107,8 @@ class Router:
     def needs_reload(self, desired: dict[str, dict[str, Instance]]) -> bool:
         if self.structure_changed():
             return True
-        return any(len(insts) > self.tables[name].size for name, insts in desired.items())
+        return any(len(insts) > self.tables[name].size < MAX_SLOTS
+                   for name, insts in desired.items())
 
     def set_config(self, config: WatcherConfig, renderer: Renderer | None = None) -> None:
         """A new configuration (SIGHUP); applied by the next :meth:`sync`."""
@@ -142,8 +145,13 @@ class Router:
                 if any(changes.values()) or self._unapplied:
                     self._apply({k: v for k, v in changes.items() if v})
                     outcome = "runtime" if outcome == "none" else outcome
-                waiting = [n for n in changes if self.tables[n].overflow]
-                if waiting and outcome != "failed":
+                self._past_most(changes, desired)
+                waiting = [n for n in changes if self.tables[n].overflow
+                           and len(desired[n]) <= self.tables[n].size]
+                wait = self.stats.last_reload + self.config.reload_min_interval - time.time()
+                if waiting and outcome != "failed" and wait > 0:
+                    self._placing = time.monotonic() + wait  # one reload an interval: tick
+                elif waiting and outcome != "failed":
                     # no usable slot (every free one still has sessions): a reload places them,
                     # its new worker's slots having none (once for the same inputs, as above)
                     full = desired if only is None else self.desired(catalog)
@@ -163,6 +171,18 @@ class Router:
         except (RenderError, ValidationError, HAProxyError, OSError) as exc:
             self._failed(exc, sizes)  # OSError: the state dir (disk full, read-only)
             return "failed"
+
+    def _past_most(self, changes: dict[str, list[Slot]],
+                   desired: dict[str, dict[str, Instance]]) -> None:
+        """Say (once a count) which services have more instances than a backend's most slots:
+        those past it are not routed (a runaway writer must not stop every host's reloads)."""
+        for name in changes:
+            table = self.tables[name]
+            over = table.overflow if table.size >= MAX_SLOTS else 0
+            if over and self._capped.get(name) != over:
+                log.error("%s has %d instances, more than the %d slots a backend may have: %d "
+                          "of them not routed", name, len(desired[name]), MAX_SLOTS, over)
+            self._capped[name] = over
 
     def _sizes(self, desired: dict[str, dict[str, Instance]]) -> dict[str, int]:
         sizes = {}
@@ -288,7 +308,8 @@ class Router:
     def next_due(self) -> float | None:
         """When :meth:`tick` has work (monotonic time); None: none."""
         dues = [self.outliers.due(self._outlier_settings()),
-                self._retry.due if self._unapplied else None, self._again.due or None]
+                self._retry.due if self._unapplied else None, self._again.due or None,
+                self._placing or None]
         return min((d for d in dues if d is not None), default=None)
 
     def tick(self, catalog: Catalog) -> None:
@@ -298,6 +319,9 @@ class Router:
             if self._again.taken():
                 self._last_attempt = None
                 self.sync(catalog)  # the failed start or reload, once more
+            if self._placing and time.monotonic() >= self._placing:
+                self._placing = 0.0
+                self.sync(catalog)  # what no free slot took, placed with a reload now
             if self._unapplied and self._retry.taken():
                 self._apply({})
             settings = self._outlier_settings()

@@ -7,6 +7,7 @@ names (the largest SRV targets). Servers run on free loopback ports; waits poll 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -20,6 +21,7 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord, EDNSOption
 
 from discovery.errors import ConfigError
+from discovery.lookup import dns
 from discovery.lookup.dns import DnsServer
 from discovery.lookup.dns_limits import (
     CACHE_BYTES,
@@ -32,6 +34,7 @@ from discovery.lookup.dns_limits import (
 from discovery.lookup.dns_packet import cache_key
 from discovery.lookup.dns_wire import DnsConfig, Response, Zone, respond
 from discovery.metrics import Metrics
+from discovery.registry.base import Change
 from tests.harness.util import dns_tcp_reply, wait_for
 from tests.unit.test_dns import inst, make_catalog, query, tcp, udp
 
@@ -312,3 +315,32 @@ def test_the_limit_reaches_the_server_from_start_lookups() -> None:
         assert len(DNSRecord.parse(reply).rr) == 1
     finally:
         lookups.stop()
+
+
+def test_a_storm_of_changes_rebuilds_the_zone_a_share_of_the_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One key written over and over (a put storm, anywhere in the catalog): every query
+    used to rebuild the whole zone first, so DNS answered a few queries a second for every
+    name. A rebuild now waits ``REBUILD_WAIT`` times the last one: the zone of a moment
+    before answers meanwhile, and once the storm stops the next query has the last change."""
+    catalog = make_catalog(MANY)
+    server = DnsServer(catalog, port=0)  # not started: its zone, as each query asks it
+    builds: list[float] = []
+    real = Zone.from_catalog
+
+    def slow(cat: Any) -> Zone:  # a big catalog's rebuild: 20 ms
+        builds.append(time.monotonic())
+        time.sleep(0.02)
+        return real(cat)
+
+    monkeypatch.setattr(Zone, "from_catalog", slow)
+    start, asked = time.monotonic(), 0
+    while time.monotonic() - start < 1.0:  # changes and queries back to back for 1 s
+        put = inst("web", asked % 7 + 1, "127.0.0.1", weight=asked % 100 + 1)
+        catalog.apply(Change("put", put.key, put, revision=10 + asked))
+        server.zone()
+        asked += 1
+    assert asked > 100 and 1 < len(builds) <= 1.0 / (0.02 * (1 + dns.REBUILD_WAIT)) + 2
+    gaps = [b - a for a, b in itertools.pairwise(builds)]
+    assert min(gaps) >= 0.02 * (1 + dns.REBUILD_WAIT) * 0.9, gaps
+    wait_for(lambda: server.zone().index == catalog.index, 2, message="the last change")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,8 @@ from discovery.watcher.render import (
     build_context,
     render_config,
 )
-from discovery.watcher.slots import Slot, SlotTable, slot_count
+from discovery.watcher.slots import MAX_SLOTS, Slot, SlotTable, slot_count
+from discovery.watcher.supervisor import validate_config
 from tests.harness.util import require_tool
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -173,10 +175,10 @@ def test_every_whitelisted_keyword_passes_haproxy(tmp_path: Path) -> None:
 def test_golden_shape() -> None:
     text = (GOLDEN / "mixed.cfg").read_text()
     assert "backend web\n" in text and "frontend svc_web\n" in text
-    assert "    server s1 192.0.2.1:8080 weight 100 check inter 1s" in text
-    assert "    server s3 192.0.2.3:8080 weight 0 check" in text  # draining: weight 0, not maint
-    assert "server s4 127.0.0.1:1 weight 0 disabled check" in text
-    assert "server s1 [fd00::4]:5432 weight 100" in text and "bind [::1]:15432" in text
+    assert "    server s1 192.0.2.1:8080 id 1 weight 100 check inter 1s" in text
+    assert "    server s3 192.0.2.3:8080 id 3 weight 0 check" in text  # draining: weight 0
+    assert "server s4 127.0.0.1:1 id 4 weight 0 disabled check" in text
+    assert "server s1 [fd00::4]:5432 id 1 weight 100" in text and "bind [::1]:15432" in text
     assert "hash-type consistent" in text  # balance source must allow runtime weights
     assert "    timeout http-request 5000ms" in text
 
@@ -301,3 +303,19 @@ def test_a_dict_lookup_renders_as_jinjas_own_sandbox(tmp_path: Path, expr: str) 
 
 class _Attrs:
     a = "attr"
+
+
+def test_the_largest_backend_passes_haproxy_check_well_within_its_timeout(
+        tmp_path: Path) -> None:
+    """A backend of ``MAX_SLOTS`` servers (a runaway writer's service) is checked by
+    ``haproxy -c`` well within the watcher's own check timeout: each server line names its
+    id (HAProxy 2.6 assigning them itself took 36-41 s at 65,536, past the 20 s timeout, so
+    no host routing that service could reload or start HAProxy again)."""
+    cfg = WatcherConfig(services={"web": ServiceConfig("web", 18000)})
+    slots = [Slot(SlotTable.name(n)) for n in range(MAX_SLOTS)]
+    path = tmp_path / "big.cfg"
+    path.write_text(Renderer().render(build_context(cfg, {"web": slots}, PATHS)))
+    start = time.monotonic()
+    validate_config(require_tool("haproxy", "haproxy"), path)
+    took = time.monotonic() - start
+    assert took < 20.0 / 4, f"haproxy -c took {took:.1f} s"  # the check's timeout, a quarter

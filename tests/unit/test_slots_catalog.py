@@ -10,7 +10,7 @@ import pytest
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
-from discovery.watcher.slots import Slot, SlotTable, slot_count
+from discovery.watcher.slots import MAX_SLOTS, Slot, SlotTable, slot_count
 
 
 def inst(n: int, service: str = "web", **kw: object) -> Instance:
@@ -25,6 +25,32 @@ def inst(n: int, service: str = "web", **kw: object) -> Instance:
 def test_slot_count_leaves_room_to_grow(n: int, minimum: int, want: int) -> None:
     assert slot_count(n, minimum) == want
     assert slot_count(n, minimum) >= n + n // 2
+
+
+def test_slot_count_stops_at_the_most_a_backend_may_have() -> None:
+    """A runaway writer (one service's instances by the ten thousand) gets ``MAX_SLOTS``
+    slots, no more: HAProxy then still checks, starts and reloads the config."""
+    assert slot_count(MAX_SLOTS // 2) == MAX_SLOTS == slot_count(10**6)
+    assert slot_count(10**6, 4096) == MAX_SLOTS
+
+
+def test_each_free_slot_is_looked_at_once_a_call() -> None:
+    """Placing many new instances asks about each free slot at most once (it listed every
+    slot again for each instance: 21,846 new instances took ~95 s on one host's watcher)."""
+    table = SlotTable(4096)
+    first = {i.id: i for i in map(inst, range(4096))}
+    table.assign(first)
+    asked: list[str] = []
+
+    def busy(name: str) -> bool:
+        asked.append(name)
+        return int(name[1:]) % 2 == 0  # every other freed slot still has sessions
+
+    second = {i.id: i for i in map(inst, range(5000, 7048))}  # all replaced: 4,096 freed
+    table.assign(second, busy)  # freed in this very call: none usable, none asked
+    assert not asked and table.overflow == 2048
+    table.assign(second, busy)  # freed before: those without sessions take them
+    assert table.overflow == 0 and len(asked) == len(set(asked)) <= 4096
 
 
 def test_instances_keep_their_slots_and_freed_slots_go_to_maint() -> None:
