@@ -56,7 +56,7 @@ CONSUL_HEALTH = ("node", "checks", "service", "connect", "ingress", "state")
 NO_LEADER = "No cluster leader"
 
 #: blocks a request on the catalog: (catalog, request, index or None, wait) -> catalog index
-Block = Callable[[Catalog, Request, "int | None", float], int]
+Block = Callable[[Catalog, Request, "int | None", float, "str | None"], int]
 
 
 def handles(path: str) -> bool:
@@ -168,10 +168,10 @@ class ConsulApi:
                 health = head.startswith("/v1/health/")
                 allow(query, COMMON | {"tag"} | ({"passing"} if health else set()))
                 passing = flag(query, "passing") if health else False
-                index = self._wait(query, req)
                 # Consul matches names and tags case-insensitively; our names are lowercase
-                found = self.catalog.instances(unquote(path[len(head):]).lower(),
-                                               include_draining=not passing)
+                name = unquote(path[len(head):]).lower()
+                index = self._wait(query, req, name)  # waits for a change of this service
+                found = self.catalog.instances(name, include_draining=not passing)
                 wanted = {t.casefold() for t in query.get("tag", [])}
                 found = [i for i in found if wanted <= {t.casefold() for t in i.tags}
                          and not (passing and _warning(i))]
@@ -179,7 +179,8 @@ class ConsulApi:
         raise not_implemented(path)
 
     # ---- shared -----------------------------------------------------------------------------
-    def _wait(self, query: dict[str, list[str]], req: Request) -> int:
+    def _wait(self, query: dict[str, list[str]], req: Request, service: str | None = None
+              ) -> int:
         """Check the common parameters, block if asked; the Consul index to answer with.
         Consul's 500s: no catalog yet (no snapshot: nothing to answer from, where ``[]``
         would drop every target of consul_sd), or ``?consistent`` without the registry."""
@@ -188,7 +189,7 @@ class ConsulApi:
             raise ApiError(400, "stale and consistent cannot both be given", "stale")
         index, wait = blocking_params(query)
         self._consistent(query)  # at once: never holding a blocking slot to say it later
-        answered = self.block(self.catalog, req, index, wait)
+        answered = self.block(self.catalog, req, index, wait, service)
         if not self.catalog.loaded:
             raise ApiError(500, f"{NO_LEADER}: the catalog has not loaded its first snapshot "
                                 "from the registry yet (see /v1/health); retry",

@@ -240,7 +240,7 @@ class HttpApi:
                 raise ApiError(400, str(exc), "zone") from None
         up_only = flag(query, "up") or flag(query, "passing")
         pretty = flag(query, "pretty")
-        index = self.block(catalog, req, *blocking_params(query))  # before the data: miss none
+        index = self.block(catalog, req, *blocking_params(query), name)  # before the data
         if not catalog.loaded:  # an empty answer would read as "every instance is gone"
             raise ApiError(503, "the catalog has not loaded its first snapshot from the "
                                 "registry yet (see /v1/health); retry",
@@ -255,15 +255,18 @@ class HttpApi:
                 data["services"].setdefault(inst["service"], []).append(inst)
         return Response(200, dump_json(data, pretty), headers={"X-Discovery-Index": str(index)})
 
-    def block(self, catalog: Catalog, req: Request, index: int | None, wait: float) -> int:
-        """Wait while the catalog is still at ``index``; return the index to answer with.
+    def block(self, catalog: Catalog, req: Request, index: int | None, wait: float,
+              service: str | None = None) -> int:
+        """Wait while the catalog (with ``service``: that service) has not changed since
+        ``index``; return the index to answer with. One service's query waits for a change of
+        that service, not of any (a fleet's churn woke every blocked query on every host).
 
         An index ahead of ours (a client of a restarted watcher) answers at once, so the
         client resets, as Consul clients do when the index goes backwards. The slot is
         given back as soon as the client hangs up (checked every WAIT_SLICE).
         """
-        current = catalog.index
-        if index is None or index != current or wait <= 0:
+        current = catalog.modified(service)
+        if index is None or index < current or index > catalog.index or wait <= 0:
             return current
         refused = self.slots.acquire(req.client)
         if refused is not None:
@@ -274,10 +277,9 @@ class HttpApi:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                current = catalog.wait(index, min(remaining, WAIT_SLICE))
-                if current != index:
+                if catalog.wait(index, min(remaining, WAIT_SLICE), service) > index:
                     break
-            return catalog.index
+            return max(index, catalog.modified(service))  # never behind what it was given
         finally:
             self.slots.release(req.client)
 

@@ -36,6 +36,10 @@ class Catalog:
         self.revision = 0
         self.index = CLOCK_BASE
         self.loaded = False
+        # service -> the index of its last change (a blocking query on one service waits for
+        # that, not for any change anywhere); a service never seen: ``_first``
+        self._modified: dict[str, int] = {}
+        self._first = CLOCK_BASE
 
     def load(self, snapshot: Snapshot) -> bool:
         """Replace everything with ``snapshot`` (but what it withheld or could not read: kept
@@ -51,6 +55,8 @@ class Catalog:
                 if old is not None:
                     by_service.setdefault(service, {})[iid] = old
             changed = self._by_service != by_service
+            touched = {s for s in self._by_service.keys() | by_service.keys()
+                       if self._by_service.get(s) != by_service.get(s)} if changed else set()
             self._by_service, self._up = by_service, {}
             self._size = sum(map(len, by_service.values()))
             for members in by_service.values():
@@ -59,6 +65,9 @@ class Catalog:
             self.revision = max(self.revision, snapshot.revision)
             first, self.loaded = not self.loaded, True
             self._bump(changed or first)  # loaded is news too: blocked readers answer now
+            if first:
+                self._first = self.index
+            self._modified.update(dict.fromkeys(touched, self.index))
             return changed
 
     def apply(self, change: Change) -> bool:
@@ -84,7 +93,9 @@ class Catalog:
                     self._size -= 1
                     if not members:
                         del self._by_service[service]
-            return self._bump(changed)
+            if self._bump(changed):
+                self._modified[service] = self.index
+            return changed
 
     def _count_up(self, inst: Instance, delta: int) -> None:
         if inst.state is State.UP:
@@ -100,11 +111,21 @@ class Catalog:
             self._cond.notify_all()
         return changed
 
-    def wait(self, index: int, timeout: float) -> int:
-        """Block until the catalog's index passes ``index`` or ``timeout``; return the index."""
+    def wait(self, index: int, timeout: float, service: str | None = None) -> int:
+        """Block until the catalog's index (with ``service``: the index of that service's
+        last change) passes ``index`` or ``timeout``; return that index."""
         with self._cond:
-            self._cond.wait_for(lambda: self.index > index, timeout=timeout)
-            return self.index
+            self._cond.wait_for(lambda: self._index_of(service) > index, timeout=timeout)
+            return self._index_of(service)
+
+    def modified(self, service: str | None = None) -> int:
+        """The index of ``service``'s last change (Consul's per-service ``X-Consul-Index``);
+        None: the catalog's index."""
+        with self._cond:
+            return self._index_of(service)
+
+    def _index_of(self, service: str | None) -> int:
+        return self.index if service is None else self._modified.get(service, self._first)
 
     def instances(self, service: str | None = None, *, tags: Iterable[str] = (),
                   include_draining: bool = True) -> list[Instance]:

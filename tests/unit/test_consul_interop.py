@@ -265,3 +265,49 @@ def test_served_paths_are_unchanged_and_an_agent_says_501_too() -> None:
     assert status == 501 and "agent" in body["error"]
     assert agent.handle("/v1/services").status == 404  # native: as before
     assert agent.handle("/v1/prometheus/sd").status == 404
+
+
+# ---- a blocking query on one service waits for that service ----------------------------------
+
+def test_a_blocking_query_on_a_service_waits_for_that_service_only() -> None:
+    """Consul's per-service index: a query blocked on web is not answered when api changes
+    (a fleet's churn elsewhere woke every blocked query on every host, consul_sd's one a
+    service among them), and is when web changes, with web's index."""
+    from discovery.registry.base import Change
+
+    one = inst(1)
+    cat = loaded(one, inst(2, service="api"))
+    api = HttpApi(cat, dict, None)
+    _, _, headers = answer(api, "/v1/health/service/web")
+    index = int(headers["X-Consul-Index"])
+    assert index == cat.modified("web") == cat.index  # both loaded at once
+    got: list[tuple[int, Any, dict[str, str]]] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        answer(api, f"/v1/health/service/web?index={index}&wait=10s")))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while api.blocked == 0:  # polled: it holds a blocking slot
+        assert time.monotonic() < deadline and waiter.is_alive(), got
+        time.sleep(0.01)
+    for n in range(3, 8):  # api changes: web's query stays blocked
+        other = inst(n, service="api")
+        cat.apply(Change("put", other.key, other, revision=n))
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got and cat.index == index + 5
+    assert cat.modified("web") == index and cat.modified("api") == index + 5
+    two = inst(2)
+    cat.apply(Change("put", two.key, two, revision=9))  # web changes: answered
+    waiter.join(5)
+    status, body, headers = got[0]
+    assert status == 200 and len(body) == 2 and headers["X-Consul-Index"] == str(index + 6)
+    # an index between web's and the catalog's (the client's of /v1/catalog/services) is
+    # valid: it waits too, and an answer never goes behind it (a Consul client resets then)
+    nine = inst(9, service="api")
+    cat.apply(Change("put", nine.key, nine, revision=10))
+    started = time.monotonic()
+    status, _, headers = answer(api, f"/v1/health/service/web?index={cat.index}&wait=50ms")
+    assert status == 200 and headers["X-Consul-Index"] == str(cat.index) == str(index + 7)
+    assert time.monotonic() - started >= 0.04  # held for the wait
+    cat.load(Snapshot({i.key: i for i in (one, two, inst(3, service="api"))}))
+    assert cat.modified("web") == index + 6 and cat.modified("api") == cat.index  # a reset
+    assert cat.modified("never") == index  # a service never seen: the first load's index
