@@ -50,6 +50,8 @@ CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send th
 #: and the zone of a moment before answers meanwhile (every rebuild at once: 14 queries a
 #: second at 10,000 instances, 2 at 50,000, for every name)
 REBUILD_WAIT = 4.0
+#: but never longer than this (one slow rebuild, the watcher applying a big reset meanwhile)
+REBUILD_WAIT_MAX = 2.0
 
 QueryHook = Callable[[str, str], None]
 
@@ -191,7 +193,8 @@ class DnsServer:
                     start = time.monotonic()
                     zone = self._zone = Zone.from_catalog(self.catalog)
                     end = time.monotonic()
-                    self._next_build = end + REBUILD_WAIT * (end - start)
+                    self._next_build = end + min(REBUILD_WAIT * (end - start),
+                                                 REBUILD_WAIT_MAX)
         return zone
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:

@@ -266,8 +266,10 @@ class HttpApi:
         given back as soon as the client hangs up (checked every WAIT_SLICE).
         """
         current = catalog.modified(service)
-        if index is None or index < current or index > catalog.index or wait <= 0:
+        if index is None or index > catalog.index:  # none, or a restarted process's
             return current
+        if index < current or wait <= 0:
+            return max(index, current)  # never behind what it was given
         refused = self.slots.acquire(req.client)
         if refused is not None:
             raise ApiError(429, refused, headers={"Retry-After": "1"})

@@ -37,9 +37,11 @@ class Catalog:
         self.index = CLOCK_BASE
         self.loaded = False
         # service -> the index of its last change (a blocking query on one service waits for
-        # that, not for any change anywhere); a service never seen: ``_first``
+        # that, not for any change anywhere); a service not in the catalog: ``_absent``, the
+        # index when one last went (or the first load), so the names of services gone are not
+        # kept for ever and a query blocked on one still wakes when it goes
         self._modified: dict[str, int] = {}
-        self._first = CLOCK_BASE
+        self._absent = CLOCK_BASE
 
     def load(self, snapshot: Snapshot) -> bool:
         """Replace everything with ``snapshot`` (but what it withheld or could not read: kept
@@ -65,9 +67,10 @@ class Catalog:
             self.revision = max(self.revision, snapshot.revision)
             first, self.loaded = not self.loaded, True
             self._bump(changed or first)  # loaded is news too: blocked readers answer now
+            for service in touched:
+                self._touch(service)
             if first:
-                self._first = self.index
-            self._modified.update(dict.fromkeys(touched, self.index))
+                self._absent = self.index
             return changed
 
     def apply(self, change: Change) -> bool:
@@ -94,8 +97,16 @@ class Catalog:
                     if not members:
                         del self._by_service[service]
             if self._bump(changed):
-                self._modified[service] = self.index
+                self._touch(service)
             return changed
+
+    def _touch(self, service: str) -> None:
+        """``service`` changed at this index (under the lock)."""
+        if service in self._by_service:
+            self._modified[service] = self.index
+        else:
+            self._modified.pop(service, None)
+            self._absent = self.index
 
     def _count_up(self, inst: Instance, delta: int) -> None:
         if inst.state is State.UP:
@@ -125,7 +136,7 @@ class Catalog:
             return self._index_of(service)
 
     def _index_of(self, service: str | None) -> int:
-        return self.index if service is None else self._modified.get(service, self._first)
+        return self.index if service is None else self._modified.get(service, self._absent)
 
     def instances(self, service: str | None = None, *, tags: Iterable[str] = (),
                   include_draining: bool = True) -> list[Instance]:

@@ -141,10 +141,10 @@ _NOT_AN_INSTANCE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str
     (ipaddress.ip_network("100.100.100.200/32"), "a cloud metadata endpoint (Alibaba Cloud)"),
 )
 #: IPv6 addresses that reach the IPv4 address in their last 32 bits through a translator:
-#: NAT64 (RFC 6052's well-known prefix, RFC 8215's local-use one) and SIIT's IPv4-translated
-#: ``::ffff:0:a.b.c.d`` (``64:ff9b::a9fe:a9fe`` is 169.254.169.254 behind a NAT64)
-_EMBEDS_V4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48",
-                                                      "::ffff:0:0:0/96"))
+#: NAT64's well-known prefix (RFC 6052) and SIIT's IPv4-translated ``::ffff:0:a.b.c.d``
+#: (``64:ff9b::a9fe:a9fe`` is 169.254.169.254 behind a NAT64). A site's own prefix (RFC 8215's
+#: ``64:ff9b:1::/48`` among them) may put the IPv4 bits elsewhere: not decoded here
+_EMBEDS_V4 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96"))
 
 
 def _ip(culprit: str, value: str) -> IP:

@@ -148,7 +148,8 @@ class Router:
                 self._past_most(changes, desired)
                 waiting = [n for n in changes if self.tables[n].overflow
                            and len(desired[n]) <= self.tables[n].size]
-                wait = self.stats.last_reload + self.config.reload_min_interval - time.time()
+                wait = min(self.stats.last_reload + self.config.reload_min_interval
+                           - time.time(), self.config.reload_min_interval)  # clock stepped back
                 if waiting and outcome != "failed" and wait > 0:
                     self._placing = time.monotonic() + wait  # one reload an interval: tick
                 elif waiting and outcome != "failed":
@@ -178,7 +179,7 @@ class Router:
         those past it are not routed (a runaway writer must not stop every host's reloads)."""
         for name in changes:
             table = self.tables[name]
-            over = table.overflow if table.size >= MAX_SLOTS else 0
+            over = max(0, len(desired[name]) - table.size) if table.size >= MAX_SLOTS else 0
             if over and self._capped.get(name) != over:
                 log.error("%s has %d instances, more than the %d slots a backend may have: %d "
                           "of them not routed", name, len(desired[name]), MAX_SLOTS, over)

@@ -311,3 +311,7 @@ def test_a_blocking_query_on_a_service_waits_for_that_service_only() -> None:
     cat.load(Snapshot({i.key: i for i in (one, two, inst(3, service="api"))}))
     assert cat.modified("web") == index + 6 and cat.modified("api") == cat.index  # a reset
     assert cat.modified("never") == index  # a service never seen: the first load's index
+    cat.apply(Change("delete", inst(3, service="api").key, revision=12))  # api goes
+    assert cat.modified("api") == cat.modified("never") == cat.index  # not kept, yet moved
+    status, _, headers = answer(api, f"/v1/health/service/web?index={cat.index}&wait=0")
+    assert headers["X-Consul-Index"] == str(cat.index)  # not behind it, even with no wait

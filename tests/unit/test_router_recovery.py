@@ -278,3 +278,23 @@ def test_a_reload_for_no_usable_slot_is_tried_once_for_the_same_inputs(tmp_path:
     for _ in range(3):
         router.sync(catalog, {"web"})
     assert router.stats.haproxy_errors == 1  # not once a sync
+
+
+def test_a_service_past_the_most_slots_routes_what_fits_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A runaway writer's service (here past a most of 8 slots): the backend stops growing,
+    what fits is routed, one error says how many are not (again only when that changes), and
+    no sync tries a reload for it (each would render and check the whole config in vain)."""
+    from discovery.watcher import slots as slots_module
+    monkeypatch.setattr(slots_module, "MAX_SLOTS", 8)
+    monkeypatch.setattr(router_module, "MAX_SLOTS", 8)
+    router, control, catalog = setup(tmp_path, 6)
+    for n in range(7, 13):  # 12 instances for 8 slots
+        put(catalog, n)
+    assert router.sync(catalog, {"web"}) == "runtime"
+    assert router.tables["web"].size == 8 and len(router.tables["web"].ids()) == 8
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["web has 12 instances, more than the 8 slots a backend may have: 4 of "
+                      "them not routed"]
+    assert router.sync(catalog) in ("none", "runtime") and control.reloads == 1
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1  # said once

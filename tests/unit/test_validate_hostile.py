@@ -69,7 +69,6 @@ REFUSED = [
     ("febf:ffff::1", "link-local"),
     ("::ffff:169.254.169.254", "link-local"),  # IPv4-mapped reaches its IPv4 address
     ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 (RFC 6052) reaches it too
-    ("64:ff9b:1::a9fe:a9fe", "link-local"),  # local-use NAT64 (RFC 8215)
     ("::ffff:0:a9fe:a9fe", "link-local"),  # SIIT's IPv4-translated
     ("64:ff9b::6464:64c8", "metadata"),  # 100.100.100.200 behind a NAT64
     ("240.0.0.1", "reserved"),
