@@ -28,7 +28,11 @@ CLOCK_BASE = time.time_ns() // 1000
 
 class Catalog:
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # waiters on the catalog's index
+        # service -> (its waiters' condition, on the same lock; how many wait): a change
+        # wakes only those who wait for it (1,024 blocked queries woke on every change)
+        self._waiting: dict[str, tuple[threading.Condition, int]] = {}
         # service → id → instance: the only copy (no second index by key: 10,000 tuples)
         self._by_service: dict[str, dict[str, Instance]] = {}
         self._size = 0
@@ -71,6 +75,7 @@ class Catalog:
                 self._touch(service)
             if first:
                 self._absent = self.index
+                self._absent_moved()
             return changed
 
     def apply(self, change: Change) -> bool:
@@ -107,6 +112,16 @@ class Catalog:
         else:
             self._modified.pop(service, None)
             self._absent = self.index
+            self._absent_moved()
+        waiting = self._waiting.get(service)
+        if waiting is not None:
+            waiting[0].notify_all()
+
+    def _absent_moved(self) -> None:
+        """The index of every service not in the catalog moved: wake those who wait on one."""
+        for service, (cond, _) in self._waiting.items():
+            if service not in self._modified:
+                cond.notify_all()
 
     def _count_up(self, inst: Instance, delta: int) -> None:
         if inst.state is State.UP:
@@ -126,7 +141,19 @@ class Catalog:
         """Block until the catalog's index (with ``service``: the index of that service's
         last change) passes ``index`` or ``timeout``; return that index."""
         with self._cond:
-            self._cond.wait_for(lambda: self._index_of(service) > index, timeout=timeout)
+            if service is None:
+                self._cond.wait_for(lambda: self.index > index, timeout=timeout)
+                return self.index
+            cond, count = self._waiting.get(service) or (threading.Condition(self._lock), 0)
+            self._waiting[service] = (cond, count + 1)
+            try:
+                cond.wait_for(lambda: self._index_of(service) > index, timeout=timeout)
+            finally:
+                cond, count = self._waiting[service]
+                if count > 1:
+                    self._waiting[service] = (cond, count - 1)
+                else:
+                    del self._waiting[service]
             return self._index_of(service)
 
     def modified(self, service: str | None = None) -> int:

@@ -289,11 +289,16 @@ def test_a_blocking_query_on_a_service_waits_for_that_service_only() -> None:
     while api.blocked == 0:  # polled: it holds a blocking slot
         assert time.monotonic() < deadline and waiter.is_alive(), got
         time.sleep(0.01)
-    for n in range(3, 8):  # api changes: web's query stays blocked
+    looks: list[str | None] = []  # the blocked query's looks at its service's index
+    real_index_of = cat._index_of
+    cat._index_of = lambda service: looks.append(service) or real_index_of(service)  # type: ignore[method-assign]
+    for n in range(3, 8):  # api changes: web's query stays blocked, not even woken
         other = inst(n, service="api")
         cat.apply(Change("put", other.key, other, revision=n))
-    waiter.join(0.3)
+        waiter.join(0.05)  # an absence window: time for a woken waiter to look
     assert waiter.is_alive() and not got and cat.index == index + 5
+    assert looks.count("web") <= 3, looks  # (its 0.5 s slice may end once meanwhile: 3)
+    cat._index_of = real_index_of  # type: ignore[method-assign]
     assert cat.modified("web") == index and cat.modified("api") == index + 5
     two = inst(2)
     cat.apply(Change("put", two.key, two, revision=9))  # web changes: answered
