@@ -107,7 +107,7 @@ def read_snapshot(call: Caller, client: Any, decode: Decode, root: str, *,
             except _TooManyOps as exc:
                 log.info("etcd read of %d services, one request each: %s", len(roots), exc)
                 withheld.clear()  # read again from the start, at another revision
-                reading = _Reading(decode, split, max_value, stats)
+                reading.unreadable.clear()
                 snap = _read_each(call, client, reading, roots, page_keys, refused)
             if denied is not None:
                 for one in withheld:

@@ -46,7 +46,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
-from discovery.registry.zk_scan import unreadable
+from discovery.registry.zk_scan import decoded, unreadable
 from discovery.registry.zk_session import SessionTimeout, leave
 from discovery.registry.zk_watch import ZkWatch
 from discovery.retry import backoff
@@ -329,9 +329,8 @@ class ZkRegistry:
             paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
         instances: dict[tuple[str, str], Instance] = {}
         bad: list[str] = []  # there, but not read (NoAuth), or not decoded
-        for path, (data, stat) in self._many.data(paths, bad).items():
-            self.reads.add(path, data)
-            inst = self.decoder.decode(path, data, stat.mtime / 1000)
+        for path, _, inst in decoded(self._many.data(paths, bad).items(), self.decoder,
+                                     self.reads):
             if inst is not None:
                 instances[inst.key] = inst
             else:

@@ -131,11 +131,9 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
     instances: dict[Key, Instance] = {}
     refused: list[str] = []  # there, but we may not read them (NoAuth)
     bad: list[str] = []  # read, but not decoded
-    for path, (data, st) in read_nodes(paths, refused):
+    for path, st, inst in decoded(read_nodes(paths, refused), decoder, reads):
         found.nodes[path] = st.mzxid
-        reads.add(path, data)
         found.newest = max(found.newest, st.mzxid)
-        inst = decoder.decode(path, data, st.mtime / 1000)
         if inst is not None:
             found.live.set(path, inst.key)
             instances[inst.key] = inst
@@ -149,6 +147,15 @@ def scan(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] 
     found.snapshot = Snapshot(instances=instances, revision=found.snapshot.revision,
                               withheld=frozenset(denied), unreadable=frozenset(kept.values()))
     return found
+
+
+def decoded(nodes: Iterable[tuple[str, tuple[bytes, Any]]], decoder: Decoder,
+            reads: ReadStats) -> Iterator[tuple[str, Any, Instance | None]]:
+    """``(path, stat, instance)`` of each node read (counted in ``reads``); the instance None
+    where its data does not decode."""
+    for path, (data, st) in nodes:
+        reads.add(path, data)
+        yield path, st, decoder.decode(path, data, st.mtime / 1000)
 
 
 def read_nodes(client: Any, many: ManyReads | None, decoder: Decoder, watch_for: WatchFor,
