@@ -125,7 +125,9 @@ def test_up_started_before_dockerd_waits_for_it(tmp_path: Path):
         return False
 
     wait_for(docker_down, 30, message="up serving /v1/health, Docker down")
-    assert "docker: reconnecting" in proc.log() and "Traceback" not in proc.log()
+    # the health component turns before the retry's log line is written: wait for that too
+    wait_for(lambda: "docker: reconnecting" in proc.log(), 10, message="docker: reconnecting")
+    assert "Traceback" not in proc.log()
     etcd_dirs = re.findall(r"data in (\S+discovery-dev-etcd-\S+)\)", proc.log())
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
