@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 _FALLBACK_ERRNOS = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES}
 
 
-def stage(text: str, dest: Path, shared: bool = False) -> Path:
-    """Write ``text`` to a temporary file next to ``dest`` (same folder), fsynced; nothing
-    is left behind when that fails (a full disk). It is private (0600) unless ``shared``:
+def stage(text: str | Iterable[str], dest: Path, shared: bool = False) -> Path:
+    """Write ``text`` (or its pieces, one after another: a large file is not built as one
+    string first) to a temporary file next to ``dest`` (same folder), fsynced; nothing is left
+    behind when that fails (a full disk). It is private (0600) unless ``shared``:
     then what a new file gets under the process's umask (a ``--json-out`` other users read);
     :func:`install` gives it the mode of the file it replaces."""
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -32,7 +34,10 @@ def stage(text: str, dest: Path, shared: bool = False) -> Path:
         with os.fdopen(fd, "w") as f:
             if shared:
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(text)
+            if isinstance(text, str):
+                f.write(text)
+            else:
+                f.writelines(text)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -92,9 +97,9 @@ def install(staged: Path, dest: Path) -> bool:
     return True
 
 
-def write_atomic(path: Path, text: str, shared: bool = False) -> bool:
-    """Put ``text`` at ``path`` atomically (creating its folder); False when it was already
-    there byte for byte (nothing written). ``shared``: see :func:`stage`."""
+def write_atomic(path: Path, text: str | Iterable[str], shared: bool = False) -> bool:
+    """Put ``text`` (or its pieces) at ``path`` atomically (creating its folder); False when it
+    was already there byte for byte (nothing written). ``shared``: see :func:`stage`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = stage(text, path, shared)
     try:

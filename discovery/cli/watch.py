@@ -133,11 +133,11 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
                 click.echo(router.render_current(watcher.catalog), nl=False)
             else:
                 watcher.sync()
-                if router is not None and router.stats.last_error:
-                    raise DiscoveryError(router.stats.last_error)
-                if watcher.json_error:
-                    raise DiscoveryError(watcher.json_error)
-            watcher.close()
+            watcher.close()  # --json-out written by then
+            if router is not None and router.stats.last_error:
+                raise DiscoveryError(router.stats.last_error)
+            if watcher.json_error:
+                raise DiscoveryError(watcher.json_error)
             return
         lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,
                            dns_udp_answer_limit, http_token, datacenter, taken)

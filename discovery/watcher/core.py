@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from discovery.errors import RegistryError
-from discovery.files import write_atomic
 from discovery.metrics import Metrics
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
 from discovery.retry import backoff
 from discovery.watcher.guard import GuardSettings, WipeGuard
+from discovery.watcher.json_out import JsonOut
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,11 @@ class Watcher:
         self.catalog = Catalog()
         self.guard = WipeGuard(self.catalog, guard)
         self._apply_lock = threading.Lock()  # guard + catalog: one change at a time, in order
-        self.json_out = json_out
+        self.json_out = JsonOut(json_out, self.catalog) if json_out is not None else None
         self.wait_min, self.wait_max = wait
         self.reload_min_interval = reload_min_interval
         self.registry_connected = False
         self.changes_seen = 0
-        self._json_written: str | None = None
-        self.json_error: str | None = None  # why the last --json-out write failed
         self._stop = threading.Event()
         self._dirty = threading.Event()
         self._wake = threading.Event()  # set on every change and every guard deferral
@@ -102,6 +100,8 @@ class Watcher:
             self._quiesce()
             self._dirty.clear()
             self.sync()
+        if self.json_out is not None:  # written before a successor (SIGUSR2) writes its own
+            self.json_out.flush()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -112,6 +112,9 @@ class Watcher:
         self._wake.set()
 
     def close(self) -> None:
+        """Stop following the registry; what ``--json-out`` has pending is written first."""
+        if self.json_out is not None:
+            self.json_out.close()
         if self._watch is not None:
             self._watch.stop()
         self.registry.close(revoke=False)
@@ -192,12 +195,9 @@ class Watcher:
         for instance, received in pending:  # seen → written → received → applied: histograms
             self.metrics.propagated(instance, applied, received)
         if self.json_out is not None:
-            text = self.catalog.to_json()
-            if text != self._json_written:
-                try:
-                    write_atomic(self.json_out, text, shared=True)  # for other users' tools
-                except OSError as exc:  # a full disk, a folder gone: retried at the next change
-                    self.json_error = f"--json-out {self.json_out}: cannot write it: {exc}"
-                    log.error("%s", self.json_error)
-                else:
-                    self._json_written, self.json_error = text, None
+            self.json_out.sync(changed)
+
+    @property
+    def json_error(self) -> str | None:
+        """Why the last ``--json-out`` write failed (None: it did not)."""
+        return self.json_out.error if self.json_out is not None else None

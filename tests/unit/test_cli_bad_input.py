@@ -173,10 +173,12 @@ def test_a_json_out_write_that_fails_while_running_is_logged_and_retried(
     watcher = Watcher(_Registry(), None, json_out=target)  # type: ignore[arg-type]
     target.mkdir()  # gone bad after the start
     watcher.sync()
+    assert watcher.json_out is not None and watcher.json_out.flush(10)  # written apart
     assert watcher.json_error and "--json-out" in watcher.json_error
     assert any("--json-out" in r.getMessage() for r in caplog.records)
     target.rmdir()
     watcher.sync()
+    assert watcher.json_out.flush(10)
     assert watcher.json_error is None and target.read_text() == watcher.catalog.to_json()
 
 
