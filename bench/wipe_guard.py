@@ -10,7 +10,10 @@ instances, then gets the wipe as etcd would send it, from one thread (etcd's wat
   order, back to back;
 - ``leases``: every host's lease revoked (a stuck leader, etcd #15247) as etcd's lessor does it,
   at most 1,000 leases a second (500 every 0.5 s), each host holding 10 instances of 10
-  services and each service 10 instances on 10 hosts; the agents do not come back.
+  services and each service 10 instances on 10 hosts; the agents do not come back;
+- ``beside``: the same prefix delete of every service but one, ``big``, which holds twice as
+  many instances as all the others and stays (the hosts of every other service lost, a large
+  batch fleet left): a third of the catalog goes, but 100 % of the other services.
 
 Measured per row: how long the watcher took to take the deletes, and the services with no
 instance left in the catalog (what HAProxy, DNS and HTTP serve) sampled every 0.1 s until 1 s
@@ -88,13 +91,18 @@ def fleet(services: int, seed: int = 1) -> tuple[dict[Any, Instance], list[list[
 
 def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, Any]:
     instances, hosts = fleet(services)
+    wiped = sorted(instances)
+    if scenario == "beside":  # one service of twice the others' instances, left as it is
+        big = [Instance(service="big", id=f"b{n}:{n:012x}:80", node=f"b{n}",
+                        address="127.0.0.1", port=8000) for n in range(2 * len(instances))]
+        instances = {**instances, **{i.key: i for i in big}}
     registry = Registry(instances)
     watcher = Watcher(registry, None, guard=GuardSettings(enabled=guard))  # type: ignore[arg-type]
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     if not watcher.wait_ready(60) or registry.callback is None:
         raise RuntimeError("the watcher did not start")
-    names = {i.service for i in instances.values()}
+    names = {key[0] for key in wiped}
     worst, done = [0], threading.Event()
 
     def sample() -> None:
@@ -105,8 +113,8 @@ def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    if scenario == "prefix":
-        for key in sorted(instances):
+    if scenario in ("prefix", "beside"):
+        for key in wiped:
             registry.callback(Change("delete", key=key, revision=2))
     else:
         for tick, first in enumerate(range(0, len(hosts), LEASES_A_TICK)):
@@ -125,7 +133,7 @@ def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, 
     thread.join(10)
     return report.emit({
         "scenario": scenario, "guard": "on" if guard else "off", "services": services,
-        "instances": len(instances), "deletes_taken_s": round(took, 2),
+        "instances": len(instances), "deleted": len(wiped), "deletes_taken_s": round(took, 2),
         "empty_services_most": max(worst[0], empty_end), "empty_services_end": empty_end,
         "held_end": watcher.guard.status.holding, "engaged": watcher.guard.status.engaged,
         "target": "no service emptied" if guard else None,
@@ -135,7 +143,7 @@ def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="2000,10000", help="services (x 10 instances)")
-    ap.add_argument("--scenarios", default="prefix,leases")
+    ap.add_argument("--scenarios", default="prefix,leases,beside")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # a wipe of 100,000 is many lines; the rows say it

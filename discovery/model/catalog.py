@@ -201,6 +201,11 @@ class Catalog:
             out.setdefault(inst.service, []).append(inst)
         return out
 
+    def up_services(self) -> int:
+        """How many services have an up instance (O(1))."""
+        with self._cond:
+            return len(self._up)
+
     def to_json(self) -> str:
         """The catalog as stable JSON: ``{"services": {name: [instance, ...]}}``."""
         return "".join(catalog_json({name: service_json(members)

@@ -10,15 +10,19 @@ healthy, dead ones included. Our rule:
 1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot),
    each less than ``window`` seconds (2 s) after the one before, that reaches at least
    ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
-   the burst began. A burst, not a fixed window: a wipe of 100,000 instances takes the watcher
-   seconds to apply, and etcd revokes expired leases at most 1,000 a second, so half the
-   catalog never goes within any 2 s (measured: a sliding 2 s window let most of such a wipe
-   through on every host). A burst that has not made a wipe within ``hold`` starts again:
-   crashes replaced as they come must not add up to half the catalog. An agent drains what it
-   deregisters (``draining`` first, then the delete), so a departure, such as a rolling deploy
-   of a small service, never counts, and is never held (on ZooKeeper, whose events carry no
-   data, a delete read right after a change of the same node is taken as that:
-   :attr:`~discovery.registry.base.Change.drained`).
+   the burst began (an instance removed again, a flap, counts once); or that leaves at least
+   ``min_removed`` services, and ``fraction`` of those with an up instance when it began, with
+   none up, their last instances on more than one node (one large service must not hide a wipe
+   of all the others: 1,000 instances of 100 services deleted beside a service of 2,000 did not
+   count; one host's death is never a wipe by this count). A burst, not a fixed window: a wipe
+   of 100,000 instances takes the watcher seconds to apply, and etcd revokes expired leases at
+   most 1,000 a second, so half the catalog never goes within any 2 s (measured: a sliding 2 s
+   window let most of such a wipe through on every host). A burst that has not made a wipe
+   within ``hold`` starts again: crashes replaced as they come must not add up to half the
+   catalog. An agent drains what it deregisters (``draining`` first, then the delete), so a
+   departure, such as a rolling deploy of a small service, never counts, and is never held (on
+   ZooKeeper, whose events carry no data, a delete read right after a change of the same node
+   is taken as that: :attr:`~discovery.registry.base.Change.drained`).
 2. Outside a wipe, a removal that leaves its service another up instance is applied at once
    (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
    service with no up instance *settles* for ``settle`` seconds (0.2 s; the instance keeps
@@ -49,60 +53,20 @@ import heapq
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
-from discovery.errors import ConfigError, ValidationError
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
-from discovery.model.durations import parse_duration
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
+from discovery.watcher.guard_settings import GuardSettings
+
+__all__ = ["GuardSettings", "GuardStatus", "WipeGuard"]
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    """``[watcher] wipe_guard = { settle = "200ms", window = "2s", fraction = 0.5,
-    min_removed = 3, hold = "30s" }``, or ``wipe_guard = false`` to turn it off."""
-
-    settle: float = 0.2
-    window: float = 2.0
-    fraction: float = 0.5
-    min_removed: int = 3
-    hold: float = 30.0
-    enabled: bool = True
-
-    @classmethod
-    def parse(cls, value: object, culprit: str = "watcher.wipe_guard") -> GuardSettings:
-        """From TOML: a table of the keys above, or a boolean. One :class:`ConfigError`
-        naming the key otherwise."""
-        if isinstance(value, bool):
-            return cls(enabled=value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{culprit}: must be a table or true/false")
-        unknown = sorted(set(value) - {"settle", "window", "fraction", "min_removed", "hold"})
-        if unknown:
-            raise ConfigError(f"{culprit}.{unknown[0]}: unknown key (allowed: fraction, hold, "
-                              "min_removed, settle, window)")
-        out: dict[str, Any] = {}
-        try:
-            for key, most in (("settle", 10.0), ("window", 60.0), ("hold", 3600.0)):
-                if key in value:
-                    out[key] = parse_duration(f"{culprit}.{key}", value[key], maximum=most)
-        except ValidationError as exc:
-            raise ConfigError(str(exc)) from None
-        fraction = value.get("fraction", cls.fraction)
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
-                or not 0 < fraction <= 1:
-            raise ConfigError(f"{culprit}.fraction: must be a number in (0, 1]")
-        least = value.get("min_removed", cls.min_removed)
-        if isinstance(least, bool) or not isinstance(least, int) or not 1 <= least <= 10**6:
-            raise ConfigError(f"{culprit}.min_removed: must be a whole number >= 1")
-        return cls(fraction=float(fraction), min_removed=least, **out)
 
 
 @dataclass
@@ -139,7 +103,13 @@ class WipeGuard:
         self._was_wiped = False
         # the burst of removals: how many, the catalog's size when it began, when it began and
         # when the last one came
-        self._burst, self._burst_base = 0, 0
+        self._burst: set[Key] = set()  # the up instances it removed (a flap counts once)
+        self._burst_base = 0
+        # this burst's services left with none up (-> the node their last one was on), and
+        # how many services had one up when it began
+        self._emptied: dict[str, str] = {}
+        self._emptied_nodes: Counter[str] = Counter()
+        self._services_base = 0
         self._burst_start = self._last_removal = -float("inf")
         self._engaged = False  # this burst is a wipe
         self.status = GuardStatus()
@@ -256,6 +226,8 @@ class WipeGuard:
     def _put(self, change: Change, now: float) -> list[Change]:
         assert change.instance is not None
         self._pop(change.key)  # back (or re-registered): nothing to remove
+        if change.instance.state is State.UP:
+            self._refilled({change.key[0]})
         if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
             self._look_at.add(change.key[0])
         return [change]
@@ -267,8 +239,10 @@ class WipeGuard:
         if change.drained or current.state is not State.UP:  # drained first: a departure
             self._pop(change.key)
             return [change]
-        self._note_removals(now, 1)
-        keep = self._wiped(now) or not self._has_up(change.key[0], change.key)
+        last = not self._has_up(change.key[0], change.key)
+        self._note_removals(now, [change.key], {change.key[0]: current.node}
+                            if last and change.key not in self._deferred else {})
+        keep = self._wiped(now) or last
         if not keep:
             self._pop(change.key)
             return [change]
@@ -279,14 +253,25 @@ class WipeGuard:
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
-        # not read (withheld, unreadable): the catalog keeps them as they are
-        gone = [k for k in before if k not in snapshot.instances and not snapshot.keeps(k)]
+        # not read (withheld, unreadable): the catalog keeps them as they are (and their
+        # services what of them is up)
+        gone: list[Key] = []
+        kept_up: set[str] = set()
+        for k, inst in before.items():
+            if k in snapshot.instances:
+                continue
+            if not snapshot.keeps(k):
+                gone.append(k)
+            elif inst.state is State.UP:
+                kept_up.add(k[0])
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
-        up_gone = sum(1 for k in gone if before[k].state is State.UP and k not in self._deferred)
-        if up_gone:
-            self._note_removals(now, up_gone)
+        up_gone = [k for k in gone if before[k].state is State.UP and k not in self._deferred]
         keep = dict(snapshot.instances)
-        up_after = {i.service for i in keep.values() if i.state is State.UP}
+        up_after = {i.service for i in keep.values() if i.state is State.UP} | kept_up
+        self._refilled(up_after)
+        if up_gone:
+            self._note_removals(now, up_gone, {k[0]: before[k].node for k in up_gone
+                                                    if k[0] not in up_after})
         wiped = self._wiped(now)
         for key in gone:
             inst = before[key]
@@ -304,24 +289,46 @@ class WipeGuard:
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _note_removals(self, now: float, count: int) -> None:
+    def _note_removals(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
+        """Up instances ``removed``, leaving the services of ``emptied`` with none up (-> the
+        node of their last)."""
         if now - self._last_removal > self.settings.window or (
                 not self._engaged and now - self._burst_start > self.settings.hold):
             # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
             # (crashes replaced as they come must not add up to half the catalog for ever)
-            self._burst, self._burst_base, self._engaged = 0, self.catalog.size(), False
+            self._burst, self._burst_base, self._engaged = set(), self.catalog.size(), False
+            self._emptied, self._emptied_nodes = {}, Counter()
+            self._services_base = self.catalog.up_services()
             self._burst_start = now
-        self._burst += count
+        self._burst.update(removed)
+        for service, node in emptied.items():
+            if service not in self._emptied:
+                self._emptied[service] = node
+                self._emptied_nodes[node] += 1
         self._last_removal = now
-        if (not self._engaged and self._burst >= self.settings.min_removed
-                and self._burst >= self.settings.fraction * max(self._burst_base, 1)):
+        if not self._engaged and (self._reached(len(self._burst), self._burst_base)
+                                  or (self._reached(len(self._emptied), self._services_base)
+                                      and len(self._emptied_nodes) > 1)):
             self._engaged = True
             self.status.engaged += 1
             self.status.last_engaged = time.time()
             log.warning("wipe guard engaged: %d instances removed from the registry, each "
-                        "within %.1fs of the one before (%d in the catalog): removals are "
-                        "held until re-registered, at most %.0fs", self._burst,
-                        self.settings.window, self._burst_base, self.settings.hold)
+                        "within %.1fs of the one before (%d in the catalog), %d of %d services "
+                        "left with none up: removals are held until re-registered, at most "
+                        "%.0fs", len(self._burst), self.settings.window, self._burst_base,
+                        len(self._emptied), self._services_base, self.settings.hold)
+
+    def _refilled(self, services: set[str]) -> None:
+        """These services have an up instance again: no longer emptied by this burst."""
+        for service in services & self._emptied.keys():
+            node = self._emptied.pop(service)
+            self._emptied_nodes[node] -= 1
+            if not self._emptied_nodes[node]:
+                del self._emptied_nodes[node]
+
+    def _reached(self, removed: int, base: int) -> bool:
+        return removed >= self.settings.min_removed and \
+            removed >= self.settings.fraction * max(base, 1)
 
     def _wiped(self, now: float) -> bool:
         """Whether a wipe goes on: this burst reached the mark, and is not over."""

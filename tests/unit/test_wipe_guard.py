@@ -320,3 +320,74 @@ def test_crashes_replaced_as_they_come_never_add_up_to_a_wipe() -> None:
         feed(catalog, guard, put(inst(gone.service, 1000 + n)))  # its replacement
         tick(catalog, guard, clock, 0.5)
     assert guard.status.engaged == 0 and guard.status.holding == 0
+
+
+def big_and_small() -> tuple[list[Instance], list[Instance]]:
+    """A service of 2,000 instances beside 100 services of 10: two thirds of the catalog is
+    the big one, so a wipe of every other service is a third of the catalog."""
+    big = [inst("big", n) for n in range(2000)]
+    return big, [inst(f"s{s:03d}", 10_000 + s * 10 + k) for s in range(100) for k in range(10)]
+
+
+def test_one_large_service_does_not_hide_a_wipe_of_all_the_others() -> None:
+    big, small = big_and_small()
+    catalog, guard, clock = setup(big + small)
+    for i in small:  # deleted one after the other, 1 ms apart: the big service untouched
+        clock.now += 0.001
+        feed(catalog, guard, delete(i))
+    assert guard.status.engaged == 1  # 100 of 101 services left with none up
+    tick(catalog, guard, clock, 0.5)
+    assert all(catalog.up_count(f"s{s:03d}") >= 1 for s in range(100)), "a service emptied"
+    for i in small:  # the agents come back
+        feed(catalog, guard, put(i))
+    tick(catalog, guard, clock, 2.5)
+    assert guard.status.holding == 0 and catalog.size() == 3000
+
+
+def test_one_large_service_does_not_hide_a_wipe_read_by_a_reset() -> None:
+    big, small = big_and_small()
+    catalog, guard, clock = setup(big + small)
+    feed(catalog, guard, Change("reset", snapshot=Snapshot({i.key: i for i in big}, 5)))
+    assert guard.status.engaged == 1 and catalog.size() == 3000
+    tick(catalog, guard, clock, 0.5)
+    assert catalog.size() == 3000
+
+
+def test_a_host_that_was_half_the_services_only_home_is_no_wipe() -> None:
+    """Three of six services lived on one host only (3 of 12 instances): that host's death
+    takes them away after `settle`. Services emptied from one node never make a wipe."""
+    others = [inst(f"s{s}", 10 + s * 10 + k) for s in range(3) for k in range(3)]
+    lone = [Instance(service=name, id=f"a:{n:012x}:80", node="a", address="192.0.2.1",
+                     port=8000 + n) for n, name in enumerate("xyz")]
+    catalog, guard, clock = setup(others + lone)
+    for i in lone:
+        feed(catalog, guard, delete(i))
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.engaged == 0 and catalog.size() == 9
+
+
+def test_a_service_that_empties_again_and_again_counts_once() -> None:
+    """A lone instance that flaps (deleted, put back, deleted...) within the window leaves one
+    service with none up, not one a flap: 1 of 4 services is no wipe."""
+    x = inst("x", 1)
+    others = [inst(f"s{s}", 10 + s * 10 + k) for s in range(3) for k in range(3)]
+    catalog, guard, clock = setup([x, *others])
+    for _ in range(4):
+        feed(catalog, guard, delete(x))
+        clock.now += 0.1
+        feed(catalog, guard, put(x))
+        clock.now += 0.1
+    feed(catalog, guard, delete(x))
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.engaged == 0 and ids(catalog, "x") == set()
+
+
+def test_a_service_a_reset_could_not_read_all_of_is_not_left_empty() -> None:
+    """Its other instance is unreadable, so kept up: the gone one leaves at once, and the
+    service counts as one still up (not as emptied)."""
+    a1, a2 = inst("a", 1), inst("a", 2)
+    rest = [inst(f"s{s}", 10 + s) for s in range(3)]
+    catalog, guard, _ = setup([a1, a2, *rest])
+    snapshot = Snapshot({i.key: i for i in rest}, 5, unreadable=frozenset({a2.key}))
+    feed(catalog, guard, Change("reset", snapshot=snapshot))
+    assert ids(catalog, "a") == {a2.id} and guard.next_due() is None
