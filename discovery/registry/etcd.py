@@ -346,10 +346,10 @@ class EtcdRegistry:
         return w
 
     def _read_alive(self) -> Any:
-        """One linearizable read of one key (``<prefix>/alive``), whose header is compared with
-        the watches' revisions and this registry's reads before (``etcd_rewind.checked``)."""
+        """One linearizable read of ``<prefix>/alive``'s count (a value put there never comes
+        back), whose header is compared with the watches' revisions and reads before."""
         return etcd_rewind.checked(list(self._watches), lambda: self.client.get_range_response(
-            f"{self.url.prefix}/alive", None), lambda r: r.header, self._cluster)
+            f"{self.url.prefix}/alive", None, count_only=True), lambda r: r.header, self._cluster)
 
     def _pulse_read(self) -> None:
         """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state

@@ -169,3 +169,28 @@ def test_every_reader_survives_the_hostile_corpus(registry_url: str, registry_se
             assert "Traceback" not in out.stderr
     finally:
         reg.close(revoke=True)
+
+
+def test_a_large_value_at_alive_is_never_read_back(etcd_single: ServerCluster) -> None:
+    """A watch-only host reads ``<prefix>/alive`` once a TTL (its pulse, and the revision any
+    read is compared with): a megabyte put there by hand (any agent's role may write under the
+    prefix) came back to every such host, ~150 MB/s at 1,000 of them at TTL 10 s. It reads the
+    key's count only: the answer's header, all it uses, stays linearizable."""
+    etcd_single.ensure_running()
+    url = etcd_single.url(f"/t-{uuid.uuid4().hex[:12]}")
+    raw_put(url, f"{RegistryURL.parse(url).prefix}/alive", b"x" * 1_000_000)
+    reg = open_registry(url)
+    try:
+        answers = []
+        ask = reg.client.get_range_response  # type: ignore[attr-defined]
+
+        def kept(*args: object, **kw: object) -> object:
+            answers.append(answer := ask(*args, **kw))
+            return answer
+
+        reg.client.get_range_response = kept  # type: ignore[attr-defined]
+        assert reg.revision() > 1  # type: ignore[attr-defined]
+        [answer] = answers
+        assert answer.count == 1 and not answer.kvs and answer.ByteSize() < 200
+    finally:
+        reg.close(revoke=False)
