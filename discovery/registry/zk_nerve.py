@@ -10,7 +10,7 @@ found in the host's index (:mod:`~discovery.registry.zk_index`), a listing of it
 instances, where the layout has one; in the service's directory, a listing of the fleet's,
 where it has none, for a key the index may miss (read without an index entry, or whose
 create's answer was lost, :meth:`NerveNodes.unindexed`: looked for again by each claim until
-a look succeeds, even one that only updates the data) and at a deregister. The record
+a look succeeds, even one that only updates the data, or the key's deregister). The record
 itself is :func:`discovery.model.nerve.to_nerve`.
 """
 
@@ -79,12 +79,14 @@ class NerveNodes:
         self._remove(inst.node, inst.key, keep=(created, session))
 
     def delete(self, key: Key, node: str) -> None:
-        """Remove ``key``'s node, and any other node under its ``<id>_`` prefix (left by an
-        earlier run of this agent on ``node``, or a create whose answer was lost: looked for in
-        the service's directory too); a missing node is not an error."""
+        """Remove ``key``'s node, and any other node under its ``<id>_`` prefix that ``node``'s
+        index names (left by an earlier run of this agent); the service's directory is listed
+        only where there is no index, or for a key it may miss (:meth:`unindexed`: a create
+        whose answer was lost, a node read without an index entry). Listing it at every
+        deregister cost each a listing of the fleet's instances of that service (~190 KB at
+        5,000). A missing node is not an error."""
         with self._lock:
             entry = self._paths.pop(key, None)
-            self._unindexed.add(key)
         self._remove(node, key, keep=None, known=entry[0] if entry else None)
 
     def unindexed(self, keys: Iterable[Key]) -> None:

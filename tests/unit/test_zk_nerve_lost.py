@@ -72,3 +72,36 @@ def test_a_lost_create_whose_first_look_failed_is_removed_by_the_next_claim() ->
     assert len(zk.nodes) == 2  # the instance's node and the lost one
     nerve.claim(web, session=1)  # an update: it looks again
     assert list(zk.nodes) == [nerve.path(web.key)]
+
+
+def test_a_deregister_lists_the_services_directory_only_for_a_key_the_index_may_miss() -> None:
+    """The index names the instance's node: its deregister deletes it without listing the
+    service's directory (a listing of the fleet's instances of that service, ~190 KB at
+    5,000, at every deregister). A key whose create's answer was lost is still looked for
+    there."""
+    zk = Ensemble()
+    lists: list[str] = []
+    listing = zk.get_children_async
+
+    def counted(folder: str) -> Callable[[], Any]:
+        lists.append(folder)
+        return listing(folder)
+
+    zk.get_children_async = counted  # type: ignore[method-assign]
+    index: dict[tuple[str, str], list[str]] = {}
+    nerve = NerveNodes(zk, URL, lambda answer: answer(), lambda node, key: index.get(key, []))
+    web, api = (Instance(service=s, id=f"h1:00000000000{n}:80", node="h1", address="127.0.0.1",
+                         port=8000 + n, registered_at=1.0) for n, s in ((1, "web"), (2, "api")))
+    nerve.claim(web, session=1)
+    path = nerve.path(web.key)
+    assert path is not None
+    index[web.key] = [path.rpartition("/")[2]]  # the index entry the claim writes beside it
+    nerve.claim(api, session=1)
+    index[api.key] = [nerve.path(api.key).rpartition("/")[2]]  # type: ignore[union-attr]
+    lists.clear()
+    nerve.forget(web.key)  # a restarted agent: only the index knows the node
+    nerve.delete(web.key, "h1")
+    assert lists == [] and path not in zk.nodes
+    nerve.unindexed([api.key])  # read without its index entry: may have another node
+    nerve.delete(api.key, "h1")
+    assert lists == [URL.service_dir("api")] and not zk.nodes
