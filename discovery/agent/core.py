@@ -47,8 +47,7 @@ class Agent(AgentViews):
     def __init__(self, config: AgentConfig, registry: Registry,
                  metrics: Metrics | None = None) -> None:
         self.config = config
-        self.metrics = metrics or Metrics()
-        self.registry = registry
+        self.metrics, self.registry = metrics or Metrics(), registry
         self.metrics.follow_registry(registry)
         self._lock = threading.RLock()
         self._tracked: dict[str, Tracked] = {}
@@ -238,6 +237,8 @@ class Agent(AgentViews):
                     self._apply_container(tracked, cause)
             elif action in ("stop", "die", "destroy") and not stale:  # not a replayed older run's
                 self._forget(cid, cause)
+                if action == "destroy":  # never back (kept till then: logged once a run)
+                    self._bad_labels.pop(cid, None)
 
     def _kill_grace_over(self, cid: str, end: float) -> None:
         """Still running after its :func:`kill_grace`, it survived the kill: its check decides."""

@@ -112,7 +112,7 @@ class Registrations:
         if isinstance(exc, RegistryUnavailable):
             self.retry.now()
         elif not self.write_failed:
-            self.retry.failed()
+            self.retry.failed(0.25)  # a fleet refused at once (etcd out of space) tries apart
         self.write_failed = True
         self._wake()
         return max(self.retry.due - time.monotonic(), 0.0)

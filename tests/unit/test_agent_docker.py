@@ -150,6 +150,18 @@ def test_a_label_ending_in_service_neither_names_a_service_nor_stops_the_list(
     setup.wait_services(["alpha", "beta", "gamma"])
 
 
+def test_a_destroyed_containers_label_error_is_not_kept(setup: Setup) -> None:
+    """A container with bad labels is logged once (its error kept while it may come back); a
+    destroyed one never does: its error is dropped (it was kept for good, one a container)."""
+    bad = setup.run("b", "beta", {"discovery.port": "not-a-port"})
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    assert list(setup.agent._bad_labels) == [bad["Id"]]
+    setup.event("die", bad, later(bad), exitCode="1")
+    assert list(setup.agent._bad_labels) == [bad["Id"]]  # may start again: logged once still
+    setup.event("destroy", bad, later(bad, 2.0))
+    assert setup.agent._bad_labels == {}
+
+
 # ---- SIGHUP reload ----------------------------------------------------------------------
 
 def test_a_reload_whose_listing_fails_keeps_the_old_state(

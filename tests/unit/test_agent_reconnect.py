@@ -229,3 +229,20 @@ def test_a_lost_link_does_not_grow_the_wait_of_refused_writes() -> None:
     regs.write(("web", "n1:00000000000f:80"), Instance(
         service="web", id="n1:00000000000f:80", node="n1", address="127.0.0.1", port=8015))
     assert regs.retry.wait == 0.25  # a refusal: the first turn
+
+
+def test_a_fleet_refused_at_once_tries_its_writes_again_apart() -> None:
+    """A refusal's turn is drawn ±25 % (it was the same 0.25 s, 0.5 s... on every host: a fleet
+    refused at one moment, etcd out of space, came back in the same instant each time)."""
+    class Registry:
+        def register(self, _inst: Instance) -> None:
+            raise RegistryError("etcdserver: mvcc: database space exceeded")
+
+    turns = set()
+    for _ in range(20):  # 20 hosts
+        regs = core.Registrations(Registry(), "n1", core.Metrics(), core.History(),  # type: ignore
+                                  lambda: None)
+        regs.write(("web", "n1:000000000001:80"), Instance(
+            service="web", id="n1:000000000001:80", node="n1", address="127.0.0.1", port=8001))
+        turns.add(round(regs.retry_due() - time.monotonic(), 3))
+    assert len(turns) > 10 and all(0.18 <= t <= 0.32 for t in turns), turns
