@@ -11,10 +11,13 @@
         ...
         handle.stop()
 
-Without a watch every call reads the registry once (one consistent snapshot). The first
-:meth:`Client.watch` (or :meth:`Client.follow`) starts a live catalog: one snapshot, then the
-registry's change stream; from then on every read is local and cheap, and a lost connection
-keeps the last known catalog (the backend resumes or re-reads everything when it is back).
+Without a watch every call reads the registry once (one consistent snapshot of the service
+asked for). :meth:`Client.watch` (or :meth:`Client.follow`) starts a live catalog: one
+snapshot, then the registry's change stream, of the services watched (``follow()`` with no
+argument: of all of them); from then on reading those is local and cheap, and a lost
+connection keeps the last known catalog (the backend resumes or re-reads everything when it
+is back). The live catalog has the watcher's wipe guard: a registry-side wipe (every lease
+revoked, the prefix deleted) does not empty it in every process of the fleet at once.
 See docs/client.md.
 """
 
@@ -27,6 +30,7 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 
+from discovery.client_catalog import LiveCatalog
 from discovery.errors import (
     ConfigError,
     DiscoveryError,
@@ -34,8 +38,7 @@ from discovery.errors import (
     RegistryUnavailable,
 )
 from discovery.model import Instance, State
-from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, RegistryURL, Watch, open_registry
+from discovery.registry import Registry, RegistryURL, open_registry
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,9 @@ class Subscription:
         self._client = client
         self._stopped = threading.Event()
         self._calling = threading.RLock()  # held by the dispatcher while the callback runs
-        self._last: list[Instance] = []  # the last list queued for delivery
+        self._last: list[Instance] = []  # the last list the callback was given
+        self._queued = False  # on the dispatcher's queue (at most once: changes coalesce)
+        self._first = True  # the first call comes whatever the list
 
     @property
     def active(self) -> bool:
@@ -104,8 +109,8 @@ class Subscription:
 
     @property
     def instances(self) -> list[Instance]:
-        """The newest list this subscription has seen (what the callback gets next or got last)."""
-        return list(self._last)
+        """The current list (what the callback gets next, or got last)."""
+        return self._client._current(self)
 
     def stop(self) -> None:
         self._stopped.set()  # first: a list queued meanwhile is skipped, not called
@@ -129,23 +134,24 @@ class Client:
     """Reads services from an ``etcd://`` or ``zk://`` registry (the agent's URL and prefix).
 
     ``timeout``: seconds any registry read may take before :class:`RegistryUnavailable`.
+    ``wipe_guard``: the live catalog holds what a registry-side wipe removes (docs/client.md).
     Thread-safe. Use it as a context manager, or call :meth:`close`.
     Raises :class:`ConfigError` at once for a malformed URL.
     """
 
-    def __init__(self, registry_url: str | RegistryURL, *, timeout: float = 5.0) -> None:
+    def __init__(self, registry_url: str | RegistryURL, *, timeout: float = 5.0,
+                 wipe_guard: bool = True) -> None:
         if not timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds (got {timeout!r})")
         self.url = (registry_url if isinstance(registry_url, RegistryURL)
                     else RegistryURL.parse(registry_url))
         self.timeout = timeout
         self._registry: Registry = open_registry(self.url, timeout=timeout)
-        self._lock = threading.RLock()
-        self._catalog: Catalog | None = None
-        self._watch: Watch | None = None
+        self._lock = threading.RLock()  # also the live catalog's
+        self._live = LiveCatalog(self._registry, self._lock, self._touched, wipe_guard)
         self._subs: list[Subscription] = []
-        self._queue: queue.SimpleQueue[tuple[Subscription, list[Instance]] | None] = (
-            queue.SimpleQueue())
+        # the subscriptions whose list may have changed, each at most once
+        self._queue: queue.SimpleQueue[Subscription | None] = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
         self._closed = False
         self._rng = random.Random()
@@ -157,21 +163,33 @@ class Client:
         """Instances of ``service`` (sorted by id), only those tagged ``tag`` if given.
 
         Draining instances (being stopped, no new work) are left out unless
-        ``include_draining``. Reads the live catalog when watching, else the registry.
-        Raises :class:`RegistryUnavailable` when the registry does not answer in time.
+        ``include_draining``. Reads the live catalog when it follows ``service``, else the
+        registry (that service only). Raises :class:`RegistryUnavailable` when the registry
+        does not answer in time.
         """
-        return select(self._all(), service, tag, include_draining)
+        with self._lock:
+            self._check_open()
+            catalog = self._live.catalog if self._live.follows(service) else None
+        found = (catalog.instances(service) if catalog is not None
+                 else list(self._registry.snapshot({service}).instances.values()))
+        return select(found, service, tag, include_draining)
 
     def services(self) -> list[str]:
-        """Names of every service with at least one instance (up or draining), sorted."""
-        return sorted({i.service for i in self._all()})
+        """Names of every service with at least one instance (up or draining), sorted. Reads
+        the registry (all of it) unless :meth:`follow` was called with no argument."""
+        with self._lock:
+            self._check_open()
+            catalog = self._live.catalog if self._live.follows(None) else None
+        if catalog is not None:
+            return sorted(catalog.services())
+        return sorted({i.service for i in self._registry.snapshot().instances.values()})
 
     def pick(self, service: str, tag: str | None = None) -> Instance:
         """One up instance of ``service`` (having ``tag``), chosen at random in proportion to
         its weight; weight 0 is never picked. Raises :class:`NoInstances` when there is none.
 
-        Without a watch this reads the registry on every call: for a request path, call
-        :meth:`follow` (or :meth:`watch`) first.
+        Without a watch of ``service`` this reads the registry on every call: for a request
+        path, call :meth:`follow` (or :meth:`watch`) first.
         """
         candidates = [i for i in self.instances(service, tag) if i.weight > 0]
         if not candidates:
@@ -179,34 +197,26 @@ class Client:
             raise NoInstances(f"no healthy instance of {what} in {self.url}")
         return self._rng.choices(candidates, weights=[i.weight for i in candidates])[0]
 
-    def _all(self) -> list[Instance]:
-        with self._lock:
-            self._check_open()
-            catalog = self._catalog
-        if catalog is not None:
-            return catalog.instances()
-        return list(self._registry.snapshot().instances.values())
-
     # -- watching ---------------------------------------------------------------------------
 
-    def follow(self) -> None:
-        """Start the live catalog (if not yet running): one snapshot now, then changes.
+    def follow(self, *services: str) -> None:
+        """Keep a live catalog of ``services`` (added to those followed), or of every service
+        (no argument): one read now, then changes. A process that needs a few services follows
+        those, whatever the size of the fleet. Adding services reads those followed again, in
+        one read: name them together (``follow("web", "db")``) rather than one at a time.
 
-        Raises :class:`RegistryUnavailable` if that first snapshot cannot be read; later
-        outages are ridden out (the last known catalog keeps answering).
+        Raises :class:`RegistryUnavailable` if that read fails; later outages are ridden out
+        (the last known catalog keeps answering).
         """
         with self._lock:
             self._check_open()
-            if self._catalog is not None:
-                return
-            catalog = Catalog()
-            catalog.load(self._registry.snapshot())
-            self._catalog = catalog
-            self._watch = self._registry.watch(self._on_change, catalog.revision)
-            self._dispatcher = threading.Thread(target=self._dispatch, daemon=True,
-                                                name="discovery-client-callbacks")
-            self._dispatcher.start()
-            log.debug("following %s from revision %d", self.url, catalog.revision)
+        self._live.follow(frozenset(services) or None)
+        with self._lock:
+            self._check_open()
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(target=self._dispatch, daemon=True,
+                                                    name="discovery-client-callbacks")
+                self._dispatcher.start()
 
     def watch(self, service: str, callback: InstancesCallback, tag: str | None = None, *,
               include_draining: bool = False) -> Subscription:
@@ -215,49 +225,57 @@ class Client:
         (a record re-written with nothing but a new ``registered_at`` is no change).
 
         Calls come in order, one at a time, from one dispatcher thread shared by all watches
-        of this client, so a slow callback delays the others (but never the registry). An
-        exception in a callback is logged and the watch goes on. Survives registry outages;
-        after a resync (``reset``) the callback gets the new list if it differs.
+        of this client, so a slow callback delays the others (but never the registry); changes
+        that come meanwhile make one call, with the newest list. An exception in a callback is
+        logged and the watch goes on. Survives registry outages; after a resync (``reset``)
+        the callback gets the new list if it differs. Follows ``service`` (:meth:`follow`).
         Raises :class:`RegistryUnavailable` when the registry cannot be read at the start.
         """
-        self.follow()
+        self.follow(service)
         sub = Subscription(self, service, callback, tag, include_draining)
         with self._lock:
             self._check_open()
-            assert self._catalog is not None
-            sub._last = self._current(sub, self._catalog)
+            sub._last = self._current(sub)  # the first call's list: the one at this moment
             self._subs.append(sub)
-            self._queue.put((sub, sub._last))
+            self._changed(sub)
         return sub
 
-    def _current(self, sub: Subscription, catalog: Catalog) -> list[Instance]:
+    def _current(self, sub: Subscription) -> list[Instance]:
+        with self._lock:
+            catalog = self._live.catalog
+        if catalog is None:
+            return list(sub._last)
         return select(catalog.instances(sub.service), sub.service, sub.tag, sub.include_draining)
 
-    def _on_change(self, change: Change) -> None:
-        """Registry watch callback (a backend thread): apply, queue what changed for whom."""
-        with self._lock:
-            catalog = self._catalog
-            if catalog is None or self._closed or not catalog.apply(change):
-                return
-            for sub in self._subs:
-                if change.kind != "reset" and change.key[0] != sub.service:
-                    continue
-                now = self._current(sub, catalog)
-                changed = not _same(now, sub._last)
-                sub._last = now
-                if changed:
-                    self._queue.put((sub, now))
+    def _changed(self, sub: Subscription) -> None:
+        """(Under the lock.) ``sub``'s list may have changed: queued once until delivered."""
+        if not sub._queued:
+            sub._queued = True
+            self._queue.put(sub)
+
+    def _touched(self, services: set[str] | None) -> None:
+        """(Under the lock: the live catalog's.) These services changed (None: any)."""
+        for sub in self._subs:
+            if services is None or sub.service in services:
+                self._changed(sub)
 
     def _dispatch(self) -> None:
-        while (item := self._queue.get()) is not None:
-            sub, instances = item
+        while (sub := self._queue.get()) is not None:
             with sub._calling:
-                if not sub.active:
+                with self._lock:
+                    sub._queued = False
+                first, sub._first = sub._first, False
+                now = sub._last if first else self._current(sub)
+                if not sub.active or (not first and _same(now, sub._last)):
                     continue
+                sub._last = now
                 try:
-                    sub.callback(list(instances))
+                    sub.callback(list(now))
                 except Exception:
                     log.exception("watch callback for %s failed", sub.service)
+                if first:  # changes before the first call found it queued: look at them now
+                    with self._lock:
+                        self._changed(sub)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -277,13 +295,10 @@ class Client:
                 return
             self._closed = True
             subs, self._subs = list(self._subs), []
-            watch, dispatcher = self._watch, self._dispatcher
-            self._watch = None
+            dispatcher = self._dispatcher
         for sub in subs:
             sub._stopped.set()
-        # Outside the lock: stopping joins the backend's thread, which may wait for the lock.
-        if watch is not None:
-            watch.stop()
+        self._live.close()  # outside the lock: stopping joins the backend's thread
         self._queue.put(None)
         if dispatcher is not None and dispatcher is not threading.current_thread():
             dispatcher.join(self.timeout)
@@ -297,5 +312,6 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        mode = "closed" if self._closed else "live" if self._catalog is not None else "snapshot"
+        mode = ("closed" if self._closed else "live" if self._live.catalog is not None
+                else "snapshot")
         return f"<discovery.Client {self.url} {mode}>"

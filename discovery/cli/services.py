@@ -24,7 +24,7 @@ def services(service: str | None, registry: str, fmt: str, timeout: float) -> No
     try:
         reg = open_registry(registry, timeout=timeout)
         try:
-            snap = reg.snapshot()
+            snap = reg.snapshot(None if service is None else {service})  # that one only
         finally:
             reg.close(revoke=False)
     except DiscoveryError as exc:

@@ -42,7 +42,8 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
     try:
         reg = open_registry(registry, timeout=timeout)
         try:
-            found = [i for i in reg.snapshot().instances.values() if i.service == service]
+            found = [i for i in reg.snapshot({service}).instances.values()  # that one only
+                     if i.service == service]
         finally:
             reg.close(revoke=False)
     except DiscoveryError as exc:

@@ -47,3 +47,17 @@ class Recorder:
         wait_for(lambda: len(self.calls) >= count, timeout=timeout,
                  message=f"{count} callback(s), have {self.calls}")
         return self.calls[:count]
+
+    def settle(self, steps: list[list[int]], timeout: float = 15.0) -> None:
+        """Wait for the last of ``steps``, then check the calls went through them in order:
+        the first and the last, each step at most once, no list that is not one of them
+        (changes that came while one was delivered make one call, with the newest list: a
+        step may be skipped). ``steps`` must not end as they begin."""
+        assert steps[-1] != steps[0] or len(steps) == 1, steps
+        wait_for(lambda: self.calls and self.calls[-1] == steps[-1], timeout=timeout,
+                 message=f"the list {steps[-1]}, have {self.calls}")
+        at = 0
+        for n, call in enumerate(self.calls):
+            assert call in steps[at + (n > 0):], (self.calls, steps)  # onwards, never again
+            at = steps.index(call, at + (n > 0))
+        assert self.calls[0] == steps[0], (self.calls, steps)

@@ -73,20 +73,23 @@ def test_watch_initial_list_then_changes_in_order(client: Client, writer: Regist
 
     writer.register(inst("web", 2, tags=("blue",)))
     assert web.wait(2)[-1] == [8001, 8002]
+    assert blue.wait(2) == [[], [8002]]
     writer.register(inst("web", 1).with_state(State.DRAINING))  # draining: left out
     writer.deregister("web", inst("web", 2).id)
     writer.register(inst("db", 9))
-    assert db.wait(2) == [[], [8009]]
-    assert web.wait(4) == [[8001], [8001, 8002], [8002], []]
+    db.settle([[], [8009]])
+    web.settle([[8001], [8001, 8002], [8002], []])  # [8002] may be skipped (coalesced)
     assert blue.wait(3) == [[], [8002], []]
     assert ports(client.instances("web", include_draining=True)) == [8001]  # live catalog
     assert handle.active and handle.instances == []
 
     handle.stop()
     writer.register(inst("web", 5, tags=("blue",)))
-    assert blue.wait(4)[-1] == [8005]  # the blue watch saw it; the stopped one must not
+    calls = len(web.calls)
+    wait_for(lambda: blue.calls[-1] == [8005], timeout=15, message=f"blue: {blue.calls}")
+    assert blue.calls == [[], [8002], [], [8005]]  # the blue watch saw it; not the stopped one
     time.sleep(0.2)  # an absence window: no late call for the stopped handle
-    assert len(web.calls) == 4 and not handle.active
+    assert len(web.calls) == calls and not handle.active
     assert web.threads == blue.threads == {"discovery-client-callbacks"}
 
 
@@ -257,3 +260,31 @@ def test_client_side_example_unreachable() -> None:
                       "--timeout", "1")
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and last.startswith("error: etcd at 127.0.0.1:"), out.stderr
+
+
+def test_a_watch_reads_and_follows_its_service_only(registry_url: str, writer: Registry) -> None:
+    """Whatever else the registry holds, a process that watches one service reads that one
+    (it read the whole registry at its start and followed every change in the fleet), proven
+    by counting what came back from the registry; ``follow()`` still reads everything."""
+    writer.register(inst("web", 1))
+    for n in range(200):
+        writer.register(Instance(service="other", id=f"h2:{n:012x}:80", node="h2",
+                                 address="127.0.0.1", port=9000 + n))
+    with Client(registry_url, timeout=5.0) as client, Client(registry_url, timeout=5.0) as whole:
+        calls = Recorder()
+        client.watch("web", calls)
+        assert calls.wait(1) == [[8001]]
+        whole.follow()
+        mine = client._registry.reads.counts()  # type: ignore[attr-defined]
+        everything = whole._registry.reads.counts()  # type: ignore[attr-defined]
+        assert mine.keys <= 3 and everything.keys >= 201, (mine, everything)
+        assert mine.bytes * 20 < everything.bytes, (mine, everything)
+        writer.register(Instance(service="other", id="h2:0000000000ff:80", node="h2",
+                                 address="127.0.0.1", port=9500))
+        writer.register(inst("web", 2))
+        calls.settle([[8001], [8001, 8002]])
+        wait_for(lambda: whole._live.catalog is not None and whole._live.catalog.size() == 203,
+                 timeout=15, message="the whole catalog")
+        assert client._live.catalog is not None and client._live.catalog.size() == 2
+        after = client._registry.reads.counts() - mine  # type: ignore[attr-defined]
+        assert after.bytes < 2 * mine.bytes + 1000, after  # web's change, not other's

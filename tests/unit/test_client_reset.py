@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -14,26 +14,36 @@ import pytest
 from discovery.client import Client
 from discovery.registry import RegistryURL, Snapshot
 from discovery.registry.base import Change
+from discovery.registry.reads import ReadStats
 from tests.harness.client_calls import Recorder, inst, ports
 
 
 class FakeRegistry:
     """Just enough of a Registry to hand the client a ``reset`` on demand."""
 
+    invalid_records = 0
+
     def __init__(self, url: RegistryURL, snapshot: Snapshot) -> None:
-        self.url, self.snap = url, snapshot
+        self.url, self.snap, self.reads = url, snapshot, ReadStats()
         self.callback: Callable[[Change], None] | None = None
         self.closed = False
+        self.asked: list[frozenset[str] | None] = []  # the services each snapshot was of
 
-    def snapshot(self) -> Snapshot:
-        return self.snap
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+        self.asked.append(None if services is None else frozenset(services))
+        return replace(self.snap, instances={k: i for k, i in self.snap.instances.items()
+                                             if services is None or k[0] in services})
 
-    def watch(self, callback: Callable[[Change], None], start_revision: int = 0) -> Any:
+    def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
+              services: Collection[str] | None = None) -> Any:
         self.callback = callback
-        return self
+        fake = self
 
-    def stop(self) -> None:
-        self.callback = None
+        class Handle:  # stopping an older watch leaves the newest one's callback
+            def stop(self) -> None:
+                if fake.callback is callback:
+                    fake.callback = None
+        return Handle()
 
     def close(self, revoke: bool = True) -> None:
         self.closed = True
@@ -46,6 +56,7 @@ def test_reset_replaces_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
     calls = Recorder()
     with Client(url) as client:
+        client.follow()  # every service
         client.watch("web", calls)
         assert calls.wait(1) == [[8001, 8002]]
         assert fake.callback is not None
@@ -82,6 +93,9 @@ def test_stop_waits_for_a_running_callback_and_none_starts_after(
 
     with Client(url) as client:
         handle = client.watch("web", slow)
+        deadline = time.monotonic() + 5  # the first call made (changes before it join it)
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
         put(2)
         assert entered.wait(5)  # the second call is running
         stopper = threading.Thread(target=lambda: (handle.stop(), stopped.set()))

@@ -1,0 +1,155 @@
+"""The client's live catalog: some services of a registry (or all of them), followed through
+the watcher's wipe guard.
+
+:class:`LiveCatalog` reads the services it is asked to follow once, then follows their changes
+(one watch: a service added reads the services followed again, in one read, and starts the
+watch again from there, as a watcher does on SIGHUP). Every change goes through the wipe guard
+(:mod:`discovery.watcher.guard`), timed by a thread of its own, so that a registry-side wipe
+does not empty every process's catalog at once and no callback of the client delays it. Reads
+of the registry are made outside the lock the watch's thread takes to apply a change (on etcd
+that thread is also the one every read waits for).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+from discovery.model.catalog import Catalog
+from discovery.registry import Change, Registry, Watch
+from discovery.watcher.guard import WipeGuard
+
+log = logging.getLogger(__name__)
+
+#: told (under the lock) which services a change touched; None: any
+Touched = Callable[[set[str] | None], None]
+
+
+class LiveCatalog:
+    def __init__(self, registry: Registry, lock: threading.RLock, touched: Touched,
+                 guarded: bool) -> None:
+        self._registry, self._lock, self._touched = registry, lock, touched
+        self._guarded = guarded
+        self.catalog: Catalog | None = None  # None: following nothing yet
+        self.services: frozenset[str] | None = None  # those followed; None: every one
+        self._guard: WipeGuard | None = None
+        self._watch: Watch | None = None
+        self._generation = 0  # of the watch: a stopped one's late changes are dropped
+        self._following = threading.Lock()  # one follow() at a time
+        self._wake = threading.Event()  # the guard's timer: something deferred, or closing
+        self._timer: threading.Thread | None = None
+        self._closed = False
+
+    def follows(self, service: str | None) -> bool:
+        """Whether ``service`` (None: every one) is followed (under the lock)."""
+        return self.catalog is not None and (
+            self.services is None or (service is not None and service in self.services))
+
+    def follow(self, services: frozenset[str] | None) -> None:
+        """Follow ``services`` too (None: every service); raises what the read raises (the
+        services followed before are followed on, resumed where they were)."""
+        with self._following:
+            with self._lock:
+                if self._closed or self.follows(None) or (
+                        services is not None and self.catalog is not None
+                        and services <= (self.services or frozenset())):
+                    return
+                now = self.services if self.catalog is not None else None
+                want = None if services is None else services | (now or frozenset())
+                self._generation += 1  # the old watch's late changes: in the read, or resent
+                generation, old, self._watch = self._generation, self._watch, None
+            if old is not None:  # outside the lock: stopping joins the backend's thread
+                old.stop()
+            try:
+                snap = self._registry.snapshot(want)
+            except BaseException:
+                self._resume(generation)
+                raise
+            with self._lock:
+                if self._closed:
+                    return
+                if self.catalog is None:
+                    self.catalog = Catalog()
+                    self.catalog.load(snap)
+                    self._guard = WipeGuard(self.catalog) if self._guarded else None
+                else:
+                    self._apply([Change("reset", snapshot=snap, revision=snap.revision)])
+                self.services = want
+                self._touched(None)
+            self._start(generation, snap.revision)
+        log.debug("following %s from revision %d", "every service" if want is None
+                  else f"{len(want)} service(s)", snap.revision)
+
+    def _resume(self, generation: int) -> None:
+        """A read failed: the services followed before are followed on from where they were."""
+        with self._lock:
+            revision = self.catalog.revision if self.catalog is not None else None
+        if revision is not None:
+            self._start(generation, revision)
+
+    def _start(self, generation: int, revision: int) -> None:
+        watch = self._registry.watch(partial(self._on_change, generation), revision,
+                                     services=self.services)
+        with self._lock:
+            stale = self._closed or generation != self._generation
+            if not stale:
+                self._watch = watch
+                if self._guard is not None and self._timer is None:
+                    self._timer = threading.Thread(target=self._time, daemon=True,
+                                                   name="discovery-client-guard")
+                    self._timer.start()
+        if stale:
+            watch.stop()
+
+    def _on_change(self, generation: int, change: Change) -> None:
+        """The watch's callback (a backend thread): through the wipe guard, then applied."""
+        with self._lock:
+            if generation != self._generation or self._closed or self.catalog is None:
+                return
+            self._apply(self._guard.filter(change) if self._guard is not None else [change])
+            deferred = self._guard is not None and self._guard.next_due() is not None
+        if deferred:
+            self._wake.set()
+
+    def _apply(self, changes: list[Change]) -> None:
+        """(Under the lock.) Apply ``changes`` and tell which services they touched."""
+        assert self.catalog is not None
+        touched: set[str] | None = set()
+        for change in changes:
+            if self.catalog.apply(change) and touched is not None:
+                touched = None if change.kind == "reset" else touched | {change.key[0]}
+        if touched is None or touched:
+            self._touched(touched)
+
+    def _time(self) -> None:
+        """The wipe guard's timer: its removals applied when due; while it holds anything, at
+        least once a second (a wipe over, a service back: what it held may go then)."""
+        assert self._guard is not None
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                due = self._guard.next_due()
+                status = self._guard.status
+            wait = 1.0 if status.holding or status.settling else None
+            if due is not None:
+                wait = min(wait or 1.0, max(0.0, due - time.monotonic()))
+            self._wake.wait(wait)
+            self._wake.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                self._apply(self._guard.due())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            watch, self._watch = self._watch, None
+        self._wake.set()
+        if watch is not None:  # outside the lock: stopping joins the backend's thread
+            watch.stop()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join(5)
