@@ -50,7 +50,8 @@ class LiveCatalog:
 
     def follow(self, services: frozenset[str] | None) -> None:
         """Follow ``services`` too (None: every service); raises what the read raises (the
-        services followed before are followed on, resumed where they were)."""
+        services followed before are followed on: their watch runs on while the read is made).
+        """
         with self._following:
             with self._lock:
                 if self._closed or self.follows(None) or (
@@ -59,36 +60,28 @@ class LiveCatalog:
                     return
                 now = self.services if self.catalog is not None else None
                 want = None if services is None else services | (now or frozenset())
-                self._generation += 1  # the old watch's late changes: in the read, or resent
-                generation, old, self._watch = self._generation, self._watch, None
-            if old is not None:  # outside the lock: stopping joins the backend's thread
-                old.stop()
-            try:
-                snap = self._registry.snapshot(want)
-            except BaseException:
-                self._resume(generation)
-                raise
+            snap = self._registry.snapshot(want)  # outside the lock; the old watch goes on
             with self._lock:
                 if self._closed:
                     return
+                # the old watch's later changes (past the read) come again from the new one,
+                # which starts at the read's revision
+                self._generation += 1
+                generation, old, self._watch = self._generation, self._watch, None
                 if self.catalog is None:
                     self.catalog = Catalog()
                     self.catalog.load(snap)
                     self._guard = WipeGuard(self.catalog) if self._guarded else None
-                else:
-                    self._apply([Change("reset", snapshot=snap, revision=snap.revision)])
+                else:  # through the guard, as any reset: a read during a wipe is held too
+                    self._on_change(generation, Change("reset", snapshot=snap,
+                                                       revision=snap.revision))
                 self.services = want
                 self._touched(None)
+            if old is not None:  # outside the lock: stopping joins the backend's thread
+                old.stop()
             self._start(generation, snap.revision)
         log.debug("following %s from revision %d", "every service" if want is None
                   else f"{len(want)} service(s)", snap.revision)
-
-    def _resume(self, generation: int) -> None:
-        """A read failed: the services followed before are followed on from where they were."""
-        with self._lock:
-            revision = self.catalog.revision if self.catalog is not None else None
-        if revision is not None:
-            self._start(generation, revision)
 
     def _start(self, generation: int, revision: int) -> None:
         watch = self._registry.watch(partial(self._on_change, generation), revision,

@@ -339,7 +339,7 @@ class EtcdRegistry:
                 raise RegistryError(f"etcd registry {self.url} is closed")
             w = EtcdWatch(self, callback, start_revision, services,
                           spread=self.url.resume_spread)
-            self._watches.append(w)
+            self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
             if self._pulse is None:
                 self._pulse = self.loop.start(pulse(
                     max(self.ttl, 1.0), lambda: self._lease is None, self._pulse_read))

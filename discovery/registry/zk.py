@@ -347,8 +347,8 @@ class ZkRegistry:
                     services, self.reads, self._router, self._many, self._pre)
         with self._lock:
             closing = self._closing.is_set()
-            if not closing:
-                self._watches.append(w)
+            if not closing:  # those stopped (a client following more services) let go
+                self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
         if closing:
             w.stop()
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")

@@ -288,3 +288,5 @@ def test_a_watch_reads_and_follows_its_service_only(registry_url: str, writer: R
         assert client._live.catalog is not None and client._live.catalog.size() == 2
         after = client._registry.reads.counts() - mine  # type: ignore[attr-defined]
         assert after.bytes < 2 * mine.bytes + 1000, after  # web's change, not other's
+        client.follow("db")  # a new watch of both: the registry lets the stopped one go
+        assert len(client._registry._watches) == 1  # type: ignore[attr-defined]

@@ -192,3 +192,20 @@ def test_a_burst_of_changes_makes_one_call_with_the_newest_list(
         until(lambda: len(calls) >= 2)
         time.sleep(0.2)  # an absence window: no further call for the same list
     assert len(calls) == 2 and calls[1] == list(range(8001, 8502))
+
+
+def test_a_service_watched_during_a_wipe_does_not_empty_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Watching one more service reads those followed again: a read of the wiped registry is
+    a reset like any other, held by the guard (it was applied around it: every held instance
+    gone at once)."""
+    snap = fleet()
+    fake = opened(monkeypatch, snap)
+    with Client(URL) as client:
+        client.follow(*sorted({k[0] for k in snap.instances}))
+        push(fake, Change("reset", snapshot=Snapshot({}, revision=11), revision=11))
+        fake.snap = Snapshot({}, revision=12)  # the registry still empty
+        client.watch("new", lambda _: None)
+        assert fake.asked[-1] is not None and "new" in fake.asked[-1]
+        time.sleep(0.5)  # past the guard's settle
+        assert all(len(client.instances(f"s{s:02d}")) == 3 for s in range(20))
