@@ -3,7 +3,7 @@
 Writes (:mod:`~discovery.agent.registrations`) happen only on transitions. Every ``resync``
 seconds (±10 %, after every Docker reconnect, and soon after a failed write) it reconciles
 Docker's truth with this node's entries, read alone, both ways; after the registry comes back
-at a random moment within one resync period (at once if one of its writes failed meanwhile).
+or a SIGHUP at a random moment within one resync period (at once if a write failed meanwhile).
 """
 
 from __future__ import annotations
@@ -46,29 +46,24 @@ log = logging.getLogger(__name__)
 class Agent(AgentViews):
     def __init__(self, config: AgentConfig, registry: Registry,
                  metrics: Metrics | None = None) -> None:
-        self.config = config
-        self.metrics, self.registry = metrics or Metrics(), registry
+        self.config, self.metrics, self.registry = config, metrics or Metrics(), registry
         self.metrics.follow_registry(registry)
         self._lock = threading.RLock()
         self._tracked: dict[str, Tracked] = {}
         self._bad_labels: dict[str, str] = {}  # container id → last label error logged
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._revoke = True
         self._pending_config: AgentConfig | None = None
         self._relisting: set[str] | None = None  # a reload lists Docker: containers with events
-        # container id → its grace's end and the kill that drained it (its departure's cause)
-        self._killed: dict[str, tuple[float, Cause]] = {}
+        self._killed: dict[str, tuple[float, Cause]] = {}  # id → grace's end, the kill's cause
         self._synced = False  # Docker listed at least once on the current connection
-        self.registry_connected = False
-        self._reconnected = False  # the registry came back: the run loop records it
+        self.registry_connected, self._reconnected = False, False  # back: the run loop tells
         self._outage = Outage()  # as its listener tells
         self.maint = Maintenance(config.state_dir, config.node)  # discovery maint, persisted
         self.history = History()  # each instance's transitions and their causes
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
                                            self._wake.set)
-        # every check of this agent: one timer, 8 workers, at most 2 held by one container
-        self._checks = CheckScheduler()
+        self._checks = CheckScheduler()  # all its checks: 1 timer, 8 workers, 2 a container
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -95,6 +90,11 @@ class Agent(AgentViews):
                     pending, self._pending_config = self._pending_config, None
                 if pending is not None:
                     self._reload(pending)
+                    if not (self.registrations.write_failed or self._reconnected):
+                        # a fleet's SIGHUP comes at once (a config push): its reconcile later
+                        self._wake.clear()  # (its own listing's wake; stop() is seen above)
+                        due = min(due, time.monotonic() + spread(self.config.resync))
+                        continue
                 if self._reconnected:
                     self._reconnected = False
                     with self._lock:

@@ -246,3 +246,39 @@ def test_a_fleet_refused_at_once_tries_its_writes_again_apart() -> None:
             service="web", id="n1:000000000001:80", node="n1", address="127.0.0.1", port=8001))
         turns.add(round(regs.retry_due() - time.monotonic(), 3))
     assert len(turns) > 10 and all(0.18 <= t <= 0.32 for t in turns), turns
+
+
+def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config push sends SIGHUP to the whole fleet at once: each agent applies it at once
+    (Docker listed again, what changed written), and reads the registry for its reconcile at
+    a random moment within a resync period (it read at once: every host in the same second)."""
+    from dataclasses import replace
+
+    class ListedDocker(FakeDocker):
+        def list_running(self) -> list[Any]:
+            return []
+
+        def inspect(self, _cid: str) -> None:
+            return None
+
+    windows: list[float] = []
+    monkeypatch.setattr(core, "DockerSource", ListedDocker)
+    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), 0.5)[1])
+    reg = FakeRegistry()
+    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
+    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_reads(reg, 1, 5)  # adoption at start
+        agent._on_sync([])  # Docker listed: the first reconcile, at once
+        wait_reads(reg, 2, 5)
+        told = time.monotonic()
+        agent.reload(replace(config, zone="z1"))
+        assert wait_reads(reg, 3, 5) - told >= 0.5
+        assert windows == [30.0] and agent.config.zone == "z1"
+    finally:
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
