@@ -88,13 +88,11 @@ class Agent(AgentViews):
                     break
                 with self._lock:  # a SIGHUP meanwhile is not lost (nor one kept by _reload)
                     pending, self._pending_config = self._pending_config, None
-                if pending is not None:
-                    self._reload(pending)
-                    if not (self.registrations.write_failed or self._reconnected):
-                        # a fleet's SIGHUP comes at once (a config push): its reconcile later
-                        self._wake.clear()  # (its own listing's wake; stop() is seen above)
-                        due = min(due, time.monotonic() + spread(self.config.resync))
-                        continue
+                if pending is not None and self._reload(pending) and not (
+                        self.registrations.write_failed or self._reconnected):
+                    # a fleet's SIGHUP comes at once (a config push): its reconcile later
+                    due = min(due, time.monotonic() + spread(self.config.resync))
+                    continue
                 if self._reconnected:
                     self._reconnected = False
                     with self._lock:
@@ -143,7 +141,7 @@ class Agent(AgentViews):
             self._pending_config = config
         self._wake.set()
 
-    def _reload(self, config: AgentConfig) -> None:
+    def _reload(self, config: AgentConfig) -> bool:
         if config.node != self.config.node:  # its records and maintenance are under the old name
             log.warning("reload: node %s ignored: restart the agent to change the node name; "
                         "%s stays in effect", config.node, self.config.node)
@@ -163,15 +161,16 @@ class Agent(AgentViews):
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
                 self._tracked.clear()
-                self._on_sync(fresh)
+                self._on_sync(fresh, wake=False)  # the run loop's reconcile: its own time
         except DiscoveryError as exc:
             log.error("reload: Docker not listed (%s); the old configuration stays in effect "
                       "until the next try, within a resync period", exc)
             with self._lock:  # tried again, unless a newer SIGHUP came meanwhile
                 self._relisting = None
                 self._pending_config = self._pending_config or config
-            return
+            return False
         log.info("configuration reloaded")
+        return True
 
     # ---- Docker ----------------------------------------------------------------------------
     def _on_docker(self, up: bool) -> None:
@@ -191,7 +190,7 @@ class Agent(AgentViews):
         if up:
             self._wake.set()
 
-    def _on_sync(self, running: list[dict[str, Any]]) -> None:
+    def _on_sync(self, running: list[dict[str, Any]], wake: bool = True) -> None:
         with self._lock:
             seen = set()
             for attrs in running:
@@ -201,7 +200,8 @@ class Agent(AgentViews):
                 if cid not in seen:
                     self._forget(cid, Cause("resync", "no longer running"))
             self._synced = True
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")

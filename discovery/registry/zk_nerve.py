@@ -87,7 +87,13 @@ class NerveNodes:
         5,000). A missing node is not an error."""
         with self._lock:
             entry = self._paths.pop(key, None)
-        self._remove(node, key, keep=None, known=entry[0] if entry else None)
+        try:
+            self._remove(node, key, keep=None, known=entry[0] if entry else None)
+        except Exception:  # its retry must find the node again (the index may not name it)
+            if entry is not None:
+                with self._lock:
+                    self._paths.setdefault(key, entry)
+            raise
 
     def unindexed(self, keys: Iterable[Key]) -> None:
         """``keys`` were found without an index entry (written by a version before it): their

@@ -282,3 +282,58 @@ def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
         agent.stop()
         runner.join(5)
     assert not runner.is_alive()
+
+
+def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not_delayed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP while Docker cannot be listed keeps the old configuration and tries again
+    within a resync period (it spun: a listing a loop, 254,760 in 1.2 s, found by a review);
+    a SIGHUP that comes while a reload lists Docker is applied right after it."""
+    from dataclasses import replace
+
+    from discovery.errors import DockerUnavailable
+
+    listing, release = threading.Event(), threading.Event()
+    calls = itertools.count()
+    down = [True]
+
+    class SlowDocker(FakeDocker):
+        def list_running(self) -> list[Any]:
+            next(calls)
+            if down[0]:
+                raise DockerUnavailable("docker ps: connection refused")
+            listing.set()
+            release.wait(5)
+            return []
+
+        def inspect(self, _cid: str) -> None:
+            return None
+
+    monkeypatch.setattr(core, "DockerSource", SlowDocker)
+    monkeypatch.setattr(core, "spread", lambda w: 20.0)
+    reg = FakeRegistry()
+    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
+    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_reads(reg, 1, 5)
+        agent.reload(replace(config, zone="z1"))
+        time.sleep(0.5)  # an absence window: one listing, not one a loop
+        assert next(calls) <= 3 and agent.config.zone == ""
+        assert agent._pending_config is not None  # kept for the next try
+        down[0] = False
+        agent._pending_config = None
+        agent.reload(replace(config, zone="z2"))
+        assert listing.wait(5)  # the reload lists Docker; a second SIGHUP meanwhile
+        agent.reload(replace(config, zone="z3"))
+        release.set()
+        deadline = time.monotonic() + 2
+        while agent.config.zone != "z3" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent.config.zone == "z3"  # not 20 s later
+    finally:
+        release.set()
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
