@@ -8,9 +8,11 @@ Driven through the registry's state listener, with a fake registry and no Docker
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -63,6 +65,19 @@ class FakeRegistry:
             cb(up)
 
 
+@contextlib.contextmanager
+def running(agent: core.Agent) -> Iterator[core.Agent]:
+    """``agent`` running on a thread of its own; stopped, its thread ended, afterwards."""
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        runner.join(5)
+    assert not runner.is_alive()
+
+
 def wait_reads(reg: FakeRegistry, n: int, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while len(reg.node_reads) < n:
@@ -80,9 +95,7 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
     reg = FakeRegistry()
     config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
     agent = core.Agent(config, reg)  # type: ignore[arg-type]
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
+    with running(agent):
         wait_reads(reg, 1, 5)  # adoption at start
         agent._on_sync([])  # Docker listed: the first reconcile, at once
         wait_reads(reg, 2, 5)
@@ -112,10 +125,6 @@ def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         reg.state(True)
         assert wait_reads(reg, 5, 5) - back < 1.0  # not the 20 s wait: at once
         assert windows == [30.0]  # no wait asked for
-    finally:
-        agent.stop()
-        runner.join(5)
-    assert not runner.is_alive()
 
 
 def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
@@ -130,9 +139,7 @@ def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
     reg = FakeRegistry()
     agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
                        reg)  # type: ignore[arg-type]
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
+    with running(agent):
         wait_reads(reg, 1, 5)  # adoption at start
         agent._on_sync([])  # Docker listed: the first reconcile
         wait_reads(reg, 2, 5)
@@ -146,10 +153,6 @@ def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
         reg.state(True)
         assert wait_reads(reg, 4, 5) - back < 1.0  # not the 20 s wait: at once
         assert windows == []
-    finally:
-        agent.stop()
-        runner.join(5)
-    assert not runner.is_alive()
 
 
 
@@ -182,9 +185,7 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
     reg.register = register  # type: ignore[attr-defined]
 
     monkeypatch.setattr(regs, "reconcile", refused)
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
+    with running(agent):
         wait_reads(reg, 1, 5)  # adoption at start
         start = time.monotonic()
         agent._on_sync([])  # Docker listed: the first reconcile, whose write fails
@@ -204,10 +205,6 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
         n = len(reg.node_reads)
         reg.state(True)  # back: what failed is told at once, not at its turn
         assert wait_reads(reg, n + 1, 5) - back < 0.2
-    finally:
-        agent.stop()
-        runner.join(5)
-    assert not runner.is_alive()
 
 
 def test_a_lost_link_does_not_grow_the_wait_of_refused_writes() -> None:
@@ -268,9 +265,7 @@ def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
     reg = FakeRegistry()
     config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
     agent = core.Agent(config, reg)  # type: ignore[arg-type]
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
+    with running(agent):
         wait_reads(reg, 1, 5)  # adoption at start
         agent._on_sync([])  # Docker listed: the first reconcile, at once
         wait_reads(reg, 2, 5)
@@ -278,10 +273,6 @@ def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
         agent.reload(replace(config, zone="z1"))
         assert wait_reads(reg, 3, 5) - told >= 0.5
         assert windows == [30.0] and agent.config.zone == "z1"
-    finally:
-        agent.stop()
-        runner.join(5)
-    assert not runner.is_alive()
 
 
 def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not_delayed(
@@ -314,26 +305,22 @@ def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not
     reg = FakeRegistry()
     config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
     agent = core.Agent(config, reg)  # type: ignore[arg-type]
-    runner = threading.Thread(target=agent.run, daemon=True)
-    runner.start()
-    try:
-        wait_reads(reg, 1, 5)
-        agent.reload(replace(config, zone="z1"))
-        time.sleep(0.5)  # an absence window: one listing, not one a loop
-        assert next(calls) <= 3 and agent.config.zone == ""
-        assert agent._pending_config is not None  # kept for the next try
-        down[0] = False
-        agent._pending_config = None
-        agent.reload(replace(config, zone="z2"))
-        assert listing.wait(5)  # the reload lists Docker; a second SIGHUP meanwhile
-        agent.reload(replace(config, zone="z3"))
-        release.set()
-        deadline = time.monotonic() + 2
-        while agent.config.zone != "z3" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert agent.config.zone == "z3"  # not 20 s later
-    finally:
-        release.set()
-        agent.stop()
-        runner.join(5)
-    assert not runner.is_alive()
+    with running(agent):
+        try:
+            wait_reads(reg, 1, 5)
+            agent.reload(replace(config, zone="z1"))
+            time.sleep(0.5)  # an absence window: one listing, not one a loop
+            assert next(calls) <= 3 and agent.config.zone == ""
+            assert agent._pending_config is not None  # kept for the next try
+            down[0] = False
+            agent._pending_config = None
+            agent.reload(replace(config, zone="z2"))
+            assert listing.wait(5)  # the reload lists Docker; a second SIGHUP meanwhile
+            agent.reload(replace(config, zone="z3"))
+            release.set()
+            deadline = time.monotonic() + 2
+            while agent.config.zone != "z3" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert agent.config.zone == "z3"  # not 20 s later
+        finally:
+            release.set()
