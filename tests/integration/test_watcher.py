@@ -297,6 +297,34 @@ def test_once_dry_run_prints_config_and_json_out(registry_url, reg, http_backend
     assert [i["port"] for i in data["services"]["web"]] == [a.port]
 
 
+def test_a_running_watcher_keeps_its_json_out_current(registry_url, reg, http_backends,
+                                                      start_watcher, tmp_path):
+    """``--json-out`` is written by a thread of the watcher's own, each service's part kept
+    (the loop only names what changed): a registration, another service and a deregistration
+    show in the file, which is whole JSON whenever it is read; SIGTERM leaves the last one."""
+    a, b = http_backends("a", "b")
+    reg.register(inst("web", 1, a.port))
+    json_path = tmp_path / "catalog.json"
+    watcher = start_watcher(registry_url, {"web": free_port()}, "--json-out", str(json_path))
+
+    def ports(service: str = "web") -> list[int] | None:
+        try:
+            data = json.loads(json_path.read_text())  # never half a file: renamed in place
+        except FileNotFoundError:
+            return None
+        return sorted(i["port"] for i in data["services"].get(service, []))
+
+    wait_for(lambda: ports() == [a.port], 15, message="the first catalog in the file")
+    reg.register(inst("web", 2, b.port))
+    wait_for(lambda: ports() == sorted([a.port, b.port]), 15, message="a registration")
+    reg.register(inst("db", 3, 9003))
+    wait_for(lambda: ports("db") == [9003], 15, message="another service")
+    reg.deregister("web", inst("web", 1, a.port).id)
+    wait_for(lambda: ports() == [b.port], 15, message="a deregistration")
+    assert watcher.terminate() == 0
+    assert ports() == [b.port] and ports("db") == [9003]
+
+
 def test_once_unreachable_registry_exits_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "discovery", "watch", "--registry",
                           f"etcd://127.0.0.1:{free_port()}/x", "--once", "--dry-run",
