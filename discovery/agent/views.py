@@ -67,13 +67,16 @@ class AgentViews:
                                self.history.flapping())
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "node": self.config.node,
-                "docker_connected": self.docker.connected,
-                "registry_connected": self.registry_connected,
-                "containers": len(self._tracked),
-                "registered": len(self.registrations.written),
-                "maintenance": sorted(self.maint.ids) + (["node"] if self.maint.node else []),
-                "time": time.time(),
-            }
+        """Counts and flags, read without the agent's lock (each read is one atomic step): a
+        registry write in flight holds it for up to its request's timeout (three writes to a
+        member that never answered held it 14 s), and /v1/health, which reads this, must
+        answer the image's HEALTHCHECK within 3 s whatever the registry does."""
+        return {
+            "node": self.config.node,
+            "docker_connected": self.docker.connected,
+            "registry_connected": self.registry_connected,
+            "containers": len(self._tracked),
+            "registered": len(self.registrations.written),
+            "maintenance": sorted(list(self.maint.ids)) + (["node"] if self.maint.node else []),
+            "time": time.time(),
+        }

@@ -324,3 +324,35 @@ def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not
             assert agent.config.zone == "z3"  # not 20 s later
         finally:
             release.set()
+
+
+def test_health_answers_while_a_registry_write_holds_the_agent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to a member that never answers holds the agent's lock for its request's
+    timeout; /v1/health (``agent.status()``) answers meanwhile (it waited 14 s, past the
+    image's 3 s HEALTHCHECK: found by this stop's audit)."""
+    from discovery.lookup.status import agent_health
+
+    monkeypatch.setattr(core, "DockerSource", FakeDocker)
+    reg = FakeRegistry()
+    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
+                       reg)  # type: ignore[arg-type]
+    agent.docker.connected = True  # type: ignore[attr-defined]
+    held, done = threading.Event(), threading.Event()
+
+    def writing() -> None:  # what a write in flight does: the lock, for its timeout
+        with agent._lock:
+            held.set()
+            done.wait(5)
+
+    writer = threading.Thread(target=writing, daemon=True)
+    writer.start()
+    try:
+        assert held.wait(5)
+        start = time.monotonic()
+        health = agent_health(agent)()
+        assert time.monotonic() - start < 0.5
+        assert health["docker"]["ok"] and health["registry"]["registered"] == 0
+    finally:
+        done.set()
+        writer.join(5)
