@@ -72,11 +72,12 @@ class LiveCatalog:
                     self.catalog = Catalog()
                     self.catalog.load(snap)
                     self._guard = WipeGuard(self.catalog) if self._guarded else None
-                else:  # through the guard, as any reset: a read during a wipe is held too
+                    self._touched(None)
+                else:  # through the guard, as any reset (a read during a wipe is held too);
+                    # what it changes is told as for any change
                     self._on_change(generation, Change("reset", snapshot=snap,
                                                        revision=snap.revision))
                 self.services = want
-                self._touched(None)
             if old is not None:  # outside the lock: stopping joins the backend's thread
                 old.stop()
             self._start(generation, snap.revision)

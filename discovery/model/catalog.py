@@ -9,10 +9,9 @@ again with other data, or it misses the change for good.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from itertools import chain
 
 from discovery.model import Instance, State
@@ -205,28 +204,3 @@ class Catalog:
         """How many services have an up instance (O(1))."""
         with self._cond:
             return len(self._up)
-
-    def to_json(self) -> str:
-        """The catalog as stable JSON: ``{"services": {name: [instance, ...]}}``."""
-        return "".join(catalog_json({name: service_json(members)
-                                     for name, members in self.services().items()}))
-
-
-def service_json(members: list[Instance]) -> str:
-    """One service's part of :meth:`Catalog.to_json` (its sorted instances), as it stands
-    there, so that a writer keeps each service's part and serialises again only what changed
-    (``indent`` makes ``json`` use its pure-Python encoder: 1.2 s for 100,000 instances)."""
-    return json.dumps([i.to_dict() for i in members], indent=2,
-                      sort_keys=True).replace("\n", "\n    ")  # JSON strings hold no newline
-
-
-def catalog_json(parts: dict[str, str]) -> Iterator[str]:
-    """:meth:`Catalog.to_json`, in pieces, from each service's :func:`service_json`."""
-    if not parts:
-        yield '{\n  "services": {}\n}\n'
-        return
-    yield '{\n  "services": {\n'
-    for n, name in enumerate(sorted(parts)):
-        yield (",\n" if n else "") + f"    {json.dumps(name)}: "
-        yield parts[name]
-    yield "\n  }\n}\n"

@@ -10,12 +10,15 @@ every host, for a change anywhere in the fleet.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from discovery.files import write_atomic
-from discovery.model.catalog import Catalog, catalog_json, service_json
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +113,25 @@ class JsonOut:
             log.error("%s", self.error, exc_info=not isinstance(exc, OSError))
         else:
             self.error, self._written = None, True
+
+
+def service_json(members: list[Instance]) -> str:
+    """One service's part of the file (its sorted instances), as it stands there: each
+    service's part is kept and only what changed is serialised again (``indent`` makes
+    ``json`` use its pure-Python encoder: 1.2 s for 100,000 instances)."""
+    return json.dumps([i.to_dict() for i in members], indent=2,
+                      sort_keys=True).replace("\n", "\n    ")  # JSON strings hold no newline
+
+
+def catalog_json(parts: dict[str, str]) -> Iterator[str]:
+    """The whole file (``{"services": {name: [instance, ...]}}``, as ``json.dumps`` with
+    ``indent=2, sort_keys=True`` writes it), in pieces, from each service's
+    :func:`service_json`."""
+    if not parts:
+        yield '{\n  "services": {}\n}\n'
+        return
+    yield '{\n  "services": {\n'
+    for n, name in enumerate(sorted(parts)):
+        yield (",\n" if n else "") + f"    {json.dumps(name)}: "
+        yield parts[name]
+    yield "\n  }\n}\n"

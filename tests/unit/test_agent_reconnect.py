@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -86,19 +86,32 @@ def wait_reads(reg: FakeRegistry, n: int, timeout: float) -> float:
     return reg.node_reads[n - 1]
 
 
+def new_agent(monkeypatch: pytest.MonkeyPatch, spread: Callable[[float], float] | None = None,
+              docker: type = FakeDocker) -> tuple[FakeRegistry, core.Agent]:
+    """An agent of node n1 (resync 30 s) on a :class:`FakeRegistry` and ``docker``; ``spread``:
+    its random wait within a window."""
+    monkeypatch.setattr(core, "DockerSource", docker)
+    if spread is not None:
+        monkeypatch.setattr(core, "spread", spread)
+    reg = FakeRegistry()
+    return reg, core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
+                           reg)  # type: ignore[arg-type]
+
+
+def first_reconcile(reg: FakeRegistry, agent: core.Agent) -> None:
+    """Wait for the adoption read at start, then list Docker: the first reconcile, at once."""
+    wait_reads(reg, 1, 5)
+    agent._on_sync([])
+    wait_reads(reg, 2, 5)
+
+
 def test_reconcile_after_a_reconnect_waits_within_a_resync_period(
         monkeypatch: pytest.MonkeyPatch) -> None:
     windows: list[float] = []
     delay = [0.3]
-    monkeypatch.setattr(core, "DockerSource", FakeDocker)
-    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), delay[0])[1])
-    reg = FakeRegistry()
-    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
-    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    reg, agent = new_agent(monkeypatch, lambda w: (windows.append(w), delay[0])[1])
     with running(agent):
-        wait_reads(reg, 1, 5)  # adoption at start
-        agent._on_sync([])  # Docker listed: the first reconcile, at once
-        wait_reads(reg, 2, 5)
+        first_reconcile(reg, agent)
 
         reg.state(False)
         agent._on_sync([])  # a wake while the registry is down: no read waits for it
@@ -134,15 +147,9 @@ def test_a_failed_write_is_told_at_once_though_a_reconcile_failed_meanwhile(
     to tell: it reconciles at once, not at a random moment within a resync period (the fault
     bench's whole-cluster outage: registered 27.5 s after the registry was back)."""
     windows: list[float] = []
-    monkeypatch.setattr(core, "DockerSource", FakeDocker)
-    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), 20.0)[1])
-    reg = FakeRegistry()
-    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
-                       reg)  # type: ignore[arg-type]
+    reg, agent = new_agent(monkeypatch, lambda w: (windows.append(w), 20.0)[1])
     with running(agent):
-        wait_reads(reg, 1, 5)  # adoption at start
-        agent._on_sync([])  # Docker listed: the first reconcile
-        wait_reads(reg, 2, 5)
+        first_reconcile(reg, agent)
         reg.failing = True
         reg.state(False)
         agent.registrations.write_failed = True  # a container started: its write failed
@@ -162,11 +169,7 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
     write): each reconcile's write fails and wakes the loop. It retried at once, at the
     round-trip rate, forever: a fleet doing so keeps a full cluster from recovering. Now
     after 0.25 s, doubling up to 30 s; a registry that comes back is told at once."""
-    monkeypatch.setattr(core, "DockerSource", FakeDocker)
-    monkeypatch.setattr(core, "spread", lambda w: 20.0)
-    reg = FakeRegistry()
-    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
-                       reg)  # type: ignore[arg-type]
+    reg, agent = new_agent(monkeypatch, lambda w: 20.0)
     regs = agent.registrations
 
     inst = Instance(service="web", id="n1:0123456789ab:80", node="n1", address="127.0.0.1",
@@ -260,15 +263,10 @@ def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
             return None
 
     windows: list[float] = []
-    monkeypatch.setattr(core, "DockerSource", ListedDocker)
-    monkeypatch.setattr(core, "spread", lambda w: (windows.append(w), 0.5)[1])
-    reg = FakeRegistry()
-    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
-    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    reg, agent = new_agent(monkeypatch, lambda w: (windows.append(w), 0.5)[1], ListedDocker)
+    config = agent.config
     with running(agent):
-        wait_reads(reg, 1, 5)  # adoption at start
-        agent._on_sync([])  # Docker listed: the first reconcile, at once
-        wait_reads(reg, 2, 5)
+        first_reconcile(reg, agent)
         told = time.monotonic()
         agent.reload(replace(config, zone="z1"))
         assert wait_reads(reg, 3, 5) - told >= 0.5
@@ -300,11 +298,8 @@ def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not
         def inspect(self, _cid: str) -> None:
             return None
 
-    monkeypatch.setattr(core, "DockerSource", SlowDocker)
-    monkeypatch.setattr(core, "spread", lambda w: 20.0)
-    reg = FakeRegistry()
-    config = AgentConfig(registry=str(reg.url), node="n1", resync=30)
-    agent = core.Agent(config, reg)  # type: ignore[arg-type]
+    reg, agent = new_agent(monkeypatch, lambda w: 20.0, SlowDocker)
+    config = agent.config
     with running(agent):
         try:
             wait_reads(reg, 1, 5)
@@ -333,11 +328,8 @@ def test_health_answers_while_a_registry_write_holds_the_agent(
     image's 3 s HEALTHCHECK: found by this stop's audit)."""
     from discovery.lookup.status import agent_health
 
-    monkeypatch.setattr(core, "DockerSource", FakeDocker)
-    reg = FakeRegistry()
-    agent = core.Agent(AgentConfig(registry=str(reg.url), node="n1", resync=30),
-                       reg)  # type: ignore[arg-type]
-    agent.docker.connected = True  # type: ignore[attr-defined]
+    _, agent = new_agent(monkeypatch)
+    agent.docker.connected = True
     held, done = threading.Event(), threading.Event()
 
     def writing() -> None:  # what a write in flight does: the lock, for its timeout
