@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from discovery import retry
 from discovery.agent import core
 from discovery.agent.config import AgentConfig
 from discovery.errors import RegistryError, RegistryUnavailable
@@ -171,6 +172,9 @@ def test_a_write_that_keeps_failing_is_retried_less_and_less_often(
     after 0.25 s, doubling up to 30 s; a registry that comes back is told at once."""
     reg, agent = new_agent(monkeypatch, lambda w: 20.0)
     regs = agent.registrations
+    # the turns' ±25 % draw (a test of its own, below) left out: it made the doubling's
+    # measured ratio anywhere from 1.2 to 3.3 (a CI run failed on 1.41)
+    monkeypatch.setattr(retry, "jittered", lambda seconds, _fraction=0.1: seconds)
 
     inst = Instance(service="web", id="n1:0123456789ab:80", node="n1", address="127.0.0.1",
                     port=8080)
