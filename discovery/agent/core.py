@@ -1,10 +1,10 @@
 """The agent: Docker's truth → health checks → only healthy instances in the registry.
 
-Writes (:mod:`~discovery.agent.registrations`) happen only on transitions. Every ``resync``
-seconds (±10 %, after every Docker reconnect, and soon after a failed write) it reconciles
-Docker's truth with this node's entries, read alone, both ways; after the registry comes back
-or a SIGHUP at a random moment within one resync period (at once if a write failed meanwhile).
-"""
+Writes (:mod:`~discovery.agent.registrations`) happen only on transitions, decided under the
+agent's lock, made outside it by a thread of their own. Every ``resync`` seconds (±10 %, after
+every Docker reconnect, soon after a failed write) it reconciles Docker's truth with this
+node's entries, read alone, both ways; after the registry comes back or a SIGHUP at a random
+moment within one resync period (at once if a write failed meanwhile)."""
 
 from __future__ import annotations
 
@@ -95,8 +95,7 @@ class Agent(AgentViews):
                     continue
                 if self._reconnected:
                     self._reconnected = False
-                    with self._lock:
-                        self.history.reconnected(list(self.registrations.written.values()))
+                    self.history.reconnected(list(self.registrations.written.values()))
                     # A fleet back from an outage reconciles at a random moment within a resync
                     # period (the backend put back what it owns); a failed write: at once.
                     if not self.registrations.write_failed:
@@ -124,6 +123,7 @@ class Agent(AgentViews):
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
             self._checks.stop()
+            self.registrations.stop(self._revoke)
             if self._revoke:
                 self.history.shut_down([key[1] for key in self.registrations.written])
             self.registry.close(revoke=self._revoke)
@@ -157,7 +157,7 @@ class Agent(AgentViews):
                           if a is not None and a.get("State", {}).get("Running")]
                 self.config = config
                 # re-checked instances start healthy: no flap
-                self.registrations.adopt |= set(self.registrations.written)
+                self.registrations.adopt |= self.registrations.held()
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
                 self._tracked.clear()
@@ -339,7 +339,7 @@ class Agent(AgentViews):
             return
         tracked.stop_runners()
         for key in tracked.instances:
-            self.registrations.write(key, None)
+            self.registrations.want(key, None)
             self.history.depart(key[1], killed[1] if killed else cause)  # why it left
 
     # ---- registry --------------------------------------------------------------------------
@@ -363,8 +363,8 @@ class Agent(AgentViews):
             start_warm_up(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
                           lambda result: self._warmed(tracked, key, cause, result), self._stop)
             return
-        self.registrations.write(key, self._effective(tracked.instances[key]) if wanted else None,
-                                 cause)
+        self.registrations.want(key, self._effective(tracked.instances[key]) if wanted else None,
+                                cause)
 
     def _warmed(self, tracked: Tracked, key: Key, cause: Cause, result: WarmupResult) -> None:
         self.metrics.warmup(result.sent, result.errors)
@@ -390,11 +390,11 @@ class Agent(AgentViews):
         except RegistryError as exc:
             log.warning("reconcile: registry unavailable (%s)", exc)
             return False
-        with self._lock:
-            # not an instance still to warm up: its check may have passed a moment ago, its
-            # transition (which starts the warm-up) waiting for the lock we hold
-            wanted = {key: self._effective(inst) for tracked in self._tracked.values()
-                      for key, inst in tracked.instances.items()
-                      if tracked.warm(key) and self._wanted(tracked, key)}
-            self.registrations.reconcile(snap, wanted, read_at)
+        with self.registrations.turn():  # what is pending written first, then decided again
+            with self._lock:  # not an instance still to warm up: its check may have passed a
+                # moment ago, its transition (which starts the warm-up) waiting for our lock
+                wanted = {key: self._effective(inst) for tracked in self._tracked.values()
+                          for key, inst in tracked.instances.items()
+                          if tracked.warm(key) and self._wanted(tracked, key)}
+            self.registrations.reconcile(snap, wanted, read_at)  # outside the agent's lock
         return True

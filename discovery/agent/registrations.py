@@ -9,16 +9,25 @@ is deleted: every watcher drains it at once, and a watcher's wipe guard
 ``up`` entries, and so never holds it in rotation. A failed write is logged and left to the
 next reconcile, which the agent runs sooner (``wake``): after 0.25 s, doubling to 30 s while
 writes keep failing (:attr:`Registrations.retry`; a registry that refuses writes but answers
-reads, etcd out of space, must not get them at the round-trip rate from every host). Called
-with the agent's lock held: no lock of its own.
+reads, etcd out of space, must not get them at the round-trip rate from every host).
+
+The agent decides under its lock and writes outside it: :meth:`Registrations.want` only notes
+the newest wish for a key and returns; a thread that runs while wishes are pending writes them,
+one at a time, so a write to a member that never answers (up to its request's timeout) holds
+no Docker event, check transition or ``PUT /v1/agent/maint`` meanwhile (it held each of them:
+three such writes held the agent 14 s). Writes and reconciles take turns on one lock of this
+class (``_io``); the agent's lock is never taken while holding it, except by the reconcile's
+``wanted``, asked for after the pending wishes are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from discovery.agent.history import LOST, Cause, History
@@ -30,6 +39,7 @@ from discovery.registry import Registry, Snapshot
 from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
+STOP_WAIT = 5.0  # seconds the writes left at the agent's stop get
 
 
 class Registrations:
@@ -48,6 +58,12 @@ class Registrations:
         # key -> monotonic time of its last write: a reconcile leaves alone a key written
         # after its read began (its read does not show that write yet: no second write)
         self._touched: dict[Key, float] = {}
+        self._io = threading.Lock()  # one write or reconcile at a time
+        self._pending: dict[Key, tuple[Instance | None, Cause | None]] = {}  # newest wish a key
+        self._idle = threading.Condition()  # guards _pending, _writing; told when both end
+        self._writing = False  # a writer thread runs
+        self._current: tuple[Key, tuple[Instance | None, Cause | None]] | None = None  # its write
+        self._lost = False  # the last failed write's link was lost (no member answered)
 
     def load(self) -> int:
         """At start: this node's entries left by an earlier run, to adopt (their checks start
@@ -55,9 +71,90 @@ class Registrations:
         self.adopt = set(self.registry.node_snapshot(self.node).instances)
         return len(self.adopt)
 
-    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
-        """Make the registry hold ``instance`` under ``key`` (or nothing); only on change.
-        ``cause``: noted in the instance's history (None: the caller notes it)."""
+    def want(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
+        """The registry should hold ``instance`` under ``key`` (or nothing): written soon, by a
+        thread of its own, and only the newest wish of a key (one not yet written is replaced,
+        its cause with it: it never happened). Returns at once."""
+        with self._idle:
+            self._pending[key] = (instance, cause)
+            if self._writing:
+                return
+            self._writing = True
+        threading.Thread(target=self._write_pending, name="registry-writes", daemon=True).start()
+
+    def _write_pending(self) -> None:
+        """The writer thread: writes what is pending until nothing is, then ends."""
+        while True:
+            with self._io:
+                if self._write_next():
+                    continue
+                with self._idle:
+                    if not self._pending:  # none came meanwhile
+                        self._writing = False
+                        self._idle.notify_all()
+                        return
+
+    def _write_next(self) -> bool:
+        """Write the oldest pending wish (``_io`` held); False if none is. After a lost link
+        (no member answered within the request's timeout) the others are left to the
+        reconcile at the registry's return: each would wait its own timeout first."""
+        with self._idle:
+            if not self._pending:
+                return False
+            key = next(iter(self._pending))
+            self._current = key, self._pending.pop(key)
+        if not self.write(key, *self._current[1]) and self._lost:
+            dropped = self.drop_pending()
+            if dropped:
+                log.warning("%d more registry writes left to the reconcile", dropped)
+        self._current = None
+        return True
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """The writes' turn, held (for a reconcile), the pending ones written first."""
+        with self._io:
+            while self._write_next():
+                pass
+            yield
+
+    def held(self) -> set[Key]:
+        """The keys registered, or to be once the pending writes (and the one under way) are
+        done."""
+        with self._idle:
+            wishes = [self._current] if self._current else []
+            wishes += self._pending.items()
+        keys = set(self.written)
+        for key, (instance, _cause) in wishes:
+            (keys.add if instance is not None else keys.discard)(key)
+        return keys
+
+    def stop(self, revoke: bool) -> None:
+        """At the agent's stop: the writes not begun are dropped if the lease's revoke follows
+        (it removes all), else written (a hand-over: the successor adopts what it finds); the
+        one under way is waited for. :data:`STOP_WAIT` in all: a successor's reconcile (or
+        the lease) settles what is left."""
+        if revoke:
+            self.drop_pending()
+        if not self.flush(STOP_WAIT):
+            log.warning("agent stopped with registry writes not done")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no write is pending or under way; False if ``timeout`` ran out first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._writing and not self._pending, timeout)
+
+    def drop_pending(self) -> int:
+        """Forget the writes not yet begun (the lease's revoke at stop removes all); their
+        number."""
+        with self._idle:
+            dropped, self._pending = len(self._pending), {}
+        return dropped
+
+    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> bool:
+        """Make the registry hold ``instance`` under ``key`` (or nothing) now; only on change.
+        ``cause``: noted in the instance's history (None: the caller notes it). False when the
+        write failed (logged; a reconcile is due)."""
         have = self.written.get(key)
         now = time.time()  # registered_at and the stage stamps: for propagation
         seen = cause.at if cause is not None else now
@@ -98,10 +195,11 @@ class Registrations:
         except RegistryError as exc:
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
-            return
+            return False
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
+        return True
 
     def failed(self, exc: RegistryError) -> float:
         """A write failed: a reconcile is due, in the seconds returned. A refusal waits
@@ -109,7 +207,8 @@ class Registrations:
         reconcile began), not once a write; a lost link (no member answered, after the
         request's whole timeout) no turn: its reconcile finds the registry down and waits for
         its return (:meth:`unread`), whose first writes must not wait a grown turn."""
-        if isinstance(exc, RegistryUnavailable):
+        self._lost = isinstance(exc, RegistryUnavailable)
+        if self._lost:
             self.retry.now()
         elif not self.write_failed:
             self.retry.failed(0.25)  # a fleet refused at once (etcd out of space) tries apart

@@ -67,10 +67,10 @@ class AgentViews:
                                self.history.flapping())
 
     def status(self) -> dict[str, Any]:
-        """Counts and flags, read without the agent's lock (each read is one atomic step): a
-        registry write in flight holds it for up to its request's timeout (three writes to a
-        member that never answered held it 14 s), and /v1/health, which reads this, must
-        answer the image's HEALTHCHECK within 3 s whatever the registry does."""
+        """Counts and flags, read without the agent's lock (each read is one atomic step):
+        /v1/health, which reads this, must answer the image's HEALTHCHECK within 3 s whatever
+        holds the lock (registry writes once did: three to a member that never answered, 14 s;
+        they are made outside it since)."""
         return {
             "node": self.config.node,
             "docker_connected": self.docker.connected,

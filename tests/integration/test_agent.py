@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -256,3 +257,36 @@ def test_sighup_rereads_the_config_file(registry_url, containers, start_agent, t
     wait_for(lambda: "configuration not reloaded" in agent.log(), 10, message="a clear error")
     assert agent.alive
     assert [i.address for i in service_instances(registry_url, web)] == ["127.0.0.2"]
+
+
+def test_maintenance_and_events_go_on_while_the_registry_does_not_answer(
+        etcd_single, etcd_url, containers, agents, tmp_path):
+    """The etcd member stopped (SIGSTOP: it takes connections, answers nothing): a
+    maintenance PUT answers at once and a container started meanwhile is checked; both are
+    written once it answers. Before, each write waited its request's timeout (5 s) holding
+    the agent's lock, and everything waited behind it."""
+    from tests.integration.test_http_auth import MAINT, call, start, token_file
+
+    web = svc()
+    path, token = token_file(tmp_path)
+    port, node = start(agents, tmp_path, "agent", "--registry", etcd_url,
+                       "--http-token-file", str(path))
+    p1, p2 = free_port(), free_port()
+    containers(name=f"{web}-1", port=p1, labels=labels(web, p1))
+    wait_registered(etcd_url, web)
+    member = etcd_single.procs[0].popen
+    assert member is not None
+    os.kill(member.pid, signal.SIGSTOP)
+    try:
+        start_at = time.monotonic()
+        assert call(port, "PUT", MAINT, {"X-Discovery-Token": token})[0] == 200
+        assert time.monotonic() - start_at < 1.0  # not the write's 5 s
+        containers(name=f"{web}-2", port=p2, labels=labels(web, p2))  # Docker's event: handled
+        wait_for(lambda: len([c for c in call(port, "GET", "/v1/agent/checks", timeout=1)[2]
+                              if c["healthy"]]) == 2, 5,
+                 message="both instances checked while the registry does not answer")
+    finally:
+        os.kill(member.pid, signal.SIGCONT)
+    wait_for(lambda: sorted(i.state.value for i in service_instances(etcd_url, web))
+             == ["draining", "draining"], 15, message="both written, in maintenance")
+    assert all(i.node == node for i in service_instances(etcd_url, web))

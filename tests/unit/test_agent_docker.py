@@ -6,6 +6,7 @@ that records every write; checks are ``none`` (healthy at their first run).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -116,10 +117,11 @@ class Setup:
         self.agent._on_event(event)
 
 
-@pytest.fixture
-def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+@contextlib.contextmanager
+def agent_on(monkeypatch: pytest.MonkeyPatch, registry: FakeRegistry) -> Iterator[Setup]:
+    """An agent of node n1 on ``registry`` and a :class:`FakeDocker`, its checks stopped
+    afterwards."""
     monkeypatch.setattr(core, "DockerSource", FakeDocker)
-    registry = FakeRegistry()
     config = AgentConfig(registry=str(registry.url), node="n1", resync=3600,
                          check=CheckSpec(type="none"))
     agent = core.Agent(config, registry)  # type: ignore[arg-type]
@@ -129,6 +131,12 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
         for tracked in agent._tracked.values():
             tracked.stop_runners()
     agent._checks.stop()
+
+
+@pytest.fixture
+def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    with agent_on(monkeypatch, FakeRegistry()) as made:
+        yield made
 
 
 def later(attrs: dict[str, Any], seconds: float = 1.0) -> int:

@@ -327,16 +327,16 @@ def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not
 
 def test_health_answers_while_a_registry_write_holds_the_agent(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write to a member that never answers holds the agent's lock for its request's
-    timeout; /v1/health (``agent.status()``) answers meanwhile (it waited 14 s, past the
-    image's 3 s HEALTHCHECK: found by this stop's audit)."""
+    """Whatever holds the agent's lock (once, a write to a member that never answers, for its
+    request's timeout), /v1/health (``agent.status()``) answers meanwhile (it waited 14 s,
+    past the image's 3 s HEALTHCHECK)."""
     from discovery.lookup.status import agent_health
 
     _, agent = new_agent(monkeypatch)
     agent.docker.connected = True
     held, done = threading.Event(), threading.Event()
 
-    def writing() -> None:  # what a write in flight does: the lock, for its timeout
+    def writing() -> None:  # what a write in flight did: the lock, for its timeout
         with agent._lock:
             held.set()
             done.wait(5)

@@ -1,0 +1,173 @@
+"""The agent decides under its lock and writes outside it (agent/registrations.py).
+
+Before, each registry write ran under the agent's lock: a write to a member that never
+answered held every Docker event, check transition and ``PUT /v1/agent/maint`` for the
+request's timeout (three such writes held the agent 14 s). Now a writer thread of its own
+writes the newest wish of each key; whatever decides returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from discovery.agent.history import Cause
+from discovery.errors import RegistryUnavailable
+from discovery.model import Instance
+from tests.unit.test_agent_departure import inst, registrations
+from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
+
+
+class HeldRegistry(FakeRegistry):
+    """Its first register waits for ``release`` (a member that does not answer), then
+    ``outcome`` runs (raise to fail it); ``attempts`` counts every register."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.attempts = 0
+        self.outcome: Callable[[], None] = lambda: None
+        self.after: Callable[[], None] = lambda: None  # each later register
+
+    def register(self, inst: Instance) -> None:
+        self.attempts += 1
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+            self.outcome()
+        else:
+            self.after()
+        super().register(inst)
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
+    registry = HeldRegistry()
+    with agent_on(monkeypatch, registry) as made:
+        yield made
+        registry.release.set()
+        assert made.agent.registrations.flush(5)
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()``'s result, asserting it returned within ``seconds`` (run on a thread: a call
+    that hangs fails the test instead of hanging it)."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds} s"
+    return out[0]
+
+
+def registry(setup: Setup) -> HeldRegistry:
+    assert isinstance(setup.registry, HeldRegistry)
+    return setup.registry
+
+
+def test_a_write_in_flight_holds_no_event_check_or_maintenance(held: Setup) -> None:
+    reg = registry(held)
+    a = held.run("a", "alpha")
+    within(1, lambda: held.agent._on_sync(list(held.docker.running.values())))
+    assert reg.entered.wait(5)  # its check passed: the registration hangs
+    b = held.run("b", "beta")
+    within(1, lambda: held.event("start", b))  # a Docker event: handled meanwhile
+    assert within(1, lambda: held.agent.set_maint(None, True))[0]  # maintenance: at once
+    within(1, held.agent.checks)
+    within(1, lambda: held.event("die", a, later(a), exitCode="0"))
+    assert held.registry.log == []  # nothing written yet: the first write still hangs
+    reg.release.set()
+    assert held.agent.registrations.flush(5)
+    writes: dict[str, list[str]] = {}
+    for kind, key, *state in held.registry.log:
+        writes.setdefault(key[0], []).append(" ".join([kind, *state]))
+    # alpha written (its hung write), then drained and deleted; beta in maintenance
+    assert writes == {"alpha": ["put up", "put draining", "delete"], "beta": ["put draining"]}
+
+
+def test_only_the_newest_wish_of_a_key_is_written(held: Setup) -> None:
+    """Wishes that came while a write hung: the newest of each key, once."""
+    reg = registry(held)
+    held.run("a", "alpha")
+    held.agent._on_sync(list(held.docker.running.values()))
+    assert reg.entered.wait(5)
+    for on in (True, False, True, False, True):
+        held.agent.set_maint(None, on)
+    reg.release.set()
+    assert held.agent.registrations.flush(5)
+    assert [(k, s) for k, _, s in held.registry.log] == [("put", "up"), ("put", "draining")]
+
+
+def test_a_lost_link_leaves_the_other_pending_writes_to_the_reconcile(
+        held: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """Each write to a member that never answers waits its timeout: after one, the writes
+    pending are left to the reconcile at the registry's return, not tried one by one."""
+    reg = registry(held)
+
+    def lost() -> None:
+        raise RegistryUnavailable("no member answered within 5s")
+
+    reg.outcome = reg.after = lost
+    held.run("a", "alpha")
+    held.agent._on_sync(list(held.docker.running.values()))
+    assert reg.entered.wait(5)
+    for cid, service in (("b", "beta"), ("c", "gamma"), ("d", "delta")):
+        held.event("start", held.run(cid, service))
+    deadline = time.monotonic() + 5
+    while sum(i is not None for i, _ in held.agent.registrations._pending.values()) < 3:
+        assert time.monotonic() < deadline, held.agent.registrations._pending  # checks passed
+        time.sleep(0.01)
+    with caplog.at_level(logging.WARNING):
+        reg.release.set()
+        assert held.agent.registrations.flush(5)
+    assert reg.attempts == 1 and held.registry.log == []
+    assert "3 more registry writes left to the reconcile" in caplog.text
+    assert held.agent.registrations.write_failed
+    reg.outcome = reg.after = lambda: None  # back: the reconcile writes all four
+    assert held.agent.reconcile()
+    assert held.services() == ["alpha", "beta", "delta", "gamma"]
+
+
+def test_a_reload_keeps_healthy_an_instance_whose_registration_is_pending(
+        held: Setup) -> None:
+    """A SIGHUP re-checks every instance, those registered starting healthy; one whose
+    registration is under way or pending counts as registered (it flapped down, then up)."""
+    reg = registry(held)
+    held.run("a", "alpha")
+    held.agent._on_sync(list(held.docker.running.values()))
+    assert reg.entered.wait(5)
+    assert {key[0] for key in held.agent.registrations.held()} == {"alpha"}  # under way
+    assert held.agent._reload(held.agent.config)
+    reg.release.set()
+    assert held.agent.registrations.flush(5)
+    assert [(k, s) for k, _, s in held.registry.log] == [("put", "up")]  # no delete
+
+
+def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_waited_for(
+) -> None:
+    regs, rec = registrations()
+    release = threading.Event()
+    put = rec.register
+
+    def slow(instance: Instance) -> None:
+        assert release.wait(5)
+        put(instance)
+
+    rec.register = slow  # type: ignore[method-assign]
+    a, b = inst("a", 1), inst("b", 2)
+    regs.want(a.key, a, Cause("check_passed"))
+    deadline = time.monotonic() + 5
+    while regs._current is None:  # under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    regs.want(b.key, b, Cause("check_passed"))
+    assert regs.drop_pending() == 1
+    assert not regs.flush(0.1)  # a's write still hangs
+    release.set()
+    assert regs.flush(5)
+    assert [v.key for _, v in rec.writes] == [a.key] and set(regs.written) == {a.key}
