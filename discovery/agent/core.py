@@ -110,7 +110,7 @@ class Agent(AgentViews):
                     continue
                 if self.registrations.waits(due):  # failed writes wait their turn
                     continue
-                untold, self.registrations.write_failed = self.registrations.write_failed, False
+                untold = self.registrations.take_failed()
                 if not self.reconcile() and untold:  # still to tell at the registry's return
                     self.registrations.unread()  # at once then, not spread
                 due = time.monotonic() + jittered(self.config.resync)
@@ -125,7 +125,7 @@ class Agent(AgentViews):
             self._checks.stop()
             self.registrations.stop(self._revoke)
             if self._revoke:
-                self.history.shut_down([key[1] for key in self.registrations.written])
+                self.history.shut_down([key[1] for key in list(self.registrations.written)])
             self.registry.close(revoke=self._revoke)
             log.info("agent stopped (registrations %s)", "revoked" if self._revoke else "left")
 
@@ -338,9 +338,9 @@ class Agent(AgentViews):
         if tracked is None:
             return
         tracked.stop_runners()
-        for key in tracked.instances:
-            self.registrations.want(key, None)
-            self.history.depart(key[1], killed[1] if killed else cause)  # why it left
+        for service, iid in tracked.instances:  # why it left, told at once (writes: later)
+            self.registrations.want((service, iid), None)
+            self.history.depart(iid, killed[1] if killed else cause, service, self.config.node)
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:

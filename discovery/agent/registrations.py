@@ -80,7 +80,13 @@ class Registrations:
             if self._writing:
                 return
             self._writing = True
-        threading.Thread(target=self._write_pending, name="registry-writes", daemon=True).start()
+        try:
+            threading.Thread(target=self._write_pending, name="registry-writes",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: the reconcile writes it, or the next wish
+            with self._idle:
+                self._writing = False
+            raise
 
     def _write_pending(self) -> None:
         """The writer thread: writes what is pending until nothing is, then ends."""
@@ -103,11 +109,16 @@ class Registrations:
                 return False
             key = next(iter(self._pending))
             self._current = key, self._pending.pop(key)
-        if not self.write(key, *self._current[1]) and self._lost:
-            dropped = self.drop_pending()
-            if dropped:
-                log.warning("%d more registry writes left to the reconcile", dropped)
-        self._current = None
+        try:
+            if not self.write(key, *self._current[1]) and self._lost:
+                dropped = self.drop_pending()
+                if dropped:
+                    log.warning("%d more registry writes left to the reconcile", dropped)
+        except Exception:  # a bug: logged, the writer goes on, the reconcile fixes the key
+            log.exception("registry write for %s/%s failed", *key)
+            self.failed(RegistryError("unexpected error"))
+        finally:
+            self._current = None
         return True
 
     @contextlib.contextmanager
@@ -196,7 +207,7 @@ class Registrations:
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False
-        if cause is not None:
+        if cause is not None:  # (one overtaken by the instance's departure is not: History)
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
         return True
@@ -207,14 +218,22 @@ class Registrations:
         reconcile began), not once a write; a lost link (no member answered, after the
         request's whole timeout) no turn: its reconcile finds the registry down and waits for
         its return (:meth:`unread`), whose first writes must not wait a grown turn."""
-        self._lost = isinstance(exc, RegistryUnavailable)
-        if self._lost:
-            self.retry.now()
-        elif not self.write_failed:
-            self.retry.failed(0.25)  # a fleet refused at once (etcd out of space) tries apart
-        self.write_failed = True
+        with self._idle:  # the run loop takes the flag (take_failed) from another thread
+            self._lost = isinstance(exc, RegistryUnavailable)
+            if self._lost:
+                self.retry.now()
+            elif not self.write_failed:
+                self.retry.failed(0.25)  # a fleet refused at once (etcd out of space): apart
+            self.write_failed = True
         self._wake()
         return max(self.retry.due - time.monotonic(), 0.0)
+
+    def take_failed(self) -> bool:
+        """Whether a write failed since the last call, cleared (the reconcile about to run
+        tells them): one step, so a failure meanwhile is not lost."""
+        with self._idle:
+            failed, self.write_failed = self.write_failed, False
+        return failed
 
     def retry_due(self) -> float:
         """When failed writes may be tried again (monotonic; inf: none failed)."""
@@ -239,7 +258,9 @@ class Registrations:
         """Fix the registry's view of this node (``snap``, read from ``read_at``, monotonic)
         towards ``wanted``, both ways; a key written since ``read_at`` is newer than ``snap``
         and left alone (it was taken for lost and written twice)."""
-        newer = {k for k, at in self._touched.items() if at >= read_at}
+        with self._idle:  # a wish still pending is newer than ``wanted``: written next
+            newer = set(self._pending)
+        newer |= {k for k, at in self._touched.items() if at >= read_at}
         self._touched = {k: at for k, at in self._touched.items() if k in newer}
         ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0
@@ -257,7 +278,8 @@ class Registrations:
         for key in set(ours) - set(wanted):
             self.written[key] = ours[key]
             self.write(key, None)
-            self.history.depart(key[1], Cause("reconcile", "not wanted any more"))
+            self.history.depart(key[1], Cause("reconcile", "not wanted any more"), key[0],
+                                self.node)
             fixed += 1
         for key in sorted(self.unsure - set(wanted) - set(ours) - newer):
             self.write(key, None)  # a failed registration that may have landed, not wanted

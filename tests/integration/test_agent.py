@@ -262,9 +262,10 @@ def test_sighup_rereads_the_config_file(registry_url, containers, start_agent, t
 def test_maintenance_and_events_go_on_while_the_registry_does_not_answer(
         etcd_single, etcd_url, containers, agents, tmp_path):
     """The etcd member stopped (SIGSTOP: it takes connections, answers nothing): a
-    maintenance PUT answers at once and a container started meanwhile is checked; both are
-    written once it answers. Before, each write waited its request's timeout (5 s) holding
-    the agent's lock, and everything waited behind it."""
+    maintenance PUT answers at once and a container started meanwhile is checked; the write
+    under way fails after its timeout, the one pending is left to the reconcile, and both are
+    written once the member answers. Before, each write waited its request's timeout (5 s)
+    holding the agent's lock, and everything waited behind it."""
     from tests.integration.test_http_auth import MAINT, call, start, token_file
 
     web = svc()
@@ -285,6 +286,8 @@ def test_maintenance_and_events_go_on_while_the_registry_does_not_answer(
         wait_for(lambda: len([c for c in call(port, "GET", "/v1/agent/checks", timeout=1)[2]
                               if c["healthy"]]) == 2, 5,
                  message="both instances checked while the registry does not answer")
+        wait_for(lambda: "1 more registry writes left to the reconcile" in agents[-1].log(), 10,
+                 message="the write under way failed, the other left to the reconcile")
     finally:
         os.kill(member.pid, signal.SIGCONT)
     wait_for(lambda: sorted(i.state.value for i in service_instances(etcd_url, web))

@@ -100,6 +100,8 @@ class Setup:
         return attrs
 
     def services(self) -> list[str]:
+        """The services registered once the agent's pending writes are done."""
+        assert self.agent.registrations.flush(5)
         return sorted(key[0] for key in self.registry.data)
 
     def wait_services(self, want: list[str], timeout: float = 5) -> None:
@@ -109,12 +111,15 @@ class Setup:
             time.sleep(0.01)
 
     def event(self, action: str, attrs: dict[str, Any], ns: int | None = None,
-              **extra: str) -> None:
+              flush: bool = True, **extra: str) -> None:
+        """Docker's event ``action`` of the container ``attrs``, handled; with ``flush``, the
+        writes it decided are done too (made by a thread of their own)."""
         event: dict[str, Any] = {"Action": action, "id": attrs["Id"],
                                  "Actor": {"ID": attrs["Id"], "Attributes": extra}}
         if ns is not None:
             event["timeNano"] = ns
         self.agent._on_event(event)
+        assert not flush or self.agent.registrations.flush(5)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from tests.unit.test_agent_docker import Setup, setup  # noqa: F401  (the fixtur
 
 
 def states(s: Setup) -> dict[str, str]:
+    assert s.agent.registrations.flush(5)  # the writes are made by a thread of their own
     return {key[0]: inst.state.value for key, inst in s.registry.data.items()}
 
 

@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 
 from discovery.agent.history import Cause
+from discovery.agent.registrations import Registrations
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
+from discovery.registry import Snapshot
 from tests.unit.test_agent_departure import inst, registrations
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
 
@@ -65,6 +67,17 @@ def within(seconds: float, fn: Callable[[], Any]) -> Any:
     return out[0]
 
 
+def wait_pending(regs: Registrations, n: int) -> None:
+    """Until ``n`` registrations are pending."""
+    deadline = time.monotonic() + 5
+    while True:
+        with regs._idle:
+            if sum(i is not None for i, _ in regs._pending.values()) >= n:
+                return
+        assert time.monotonic() < deadline, regs._pending
+        time.sleep(0.01)
+
+
 def registry(setup: Setup) -> HeldRegistry:
     assert isinstance(setup.registry, HeldRegistry)
     return setup.registry
@@ -76,10 +89,10 @@ def test_a_write_in_flight_holds_no_event_check_or_maintenance(held: Setup) -> N
     within(1, lambda: held.agent._on_sync(list(held.docker.running.values())))
     assert reg.entered.wait(5)  # its check passed: the registration hangs
     b = held.run("b", "beta")
-    within(1, lambda: held.event("start", b))  # a Docker event: handled meanwhile
+    within(1, lambda: held.event("start", b, flush=False))  # a Docker event: handled
     assert within(1, lambda: held.agent.set_maint(None, True))[0]  # maintenance: at once
     within(1, held.agent.checks)
-    within(1, lambda: held.event("die", a, later(a), exitCode="0"))
+    within(1, lambda: held.event("die", a, later(a), flush=False, exitCode="0"))
     assert held.registry.log == []  # nothing written yet: the first write still hangs
     reg.release.set()
     assert held.agent.registrations.flush(5)
@@ -117,11 +130,8 @@ def test_a_lost_link_leaves_the_other_pending_writes_to_the_reconcile(
     held.agent._on_sync(list(held.docker.running.values()))
     assert reg.entered.wait(5)
     for cid, service in (("b", "beta"), ("c", "gamma"), ("d", "delta")):
-        held.event("start", held.run(cid, service))
-    deadline = time.monotonic() + 5
-    while sum(i is not None for i, _ in held.agent.registrations._pending.values()) < 3:
-        assert time.monotonic() < deadline, held.agent.registrations._pending  # checks passed
-        time.sleep(0.01)
+        held.event("start", held.run(cid, service), flush=False)
+    wait_pending(held.agent.registrations, 3)  # their checks passed
     with caplog.at_level(logging.WARNING):
         reg.release.set()
         assert held.agent.registrations.flush(5)
@@ -166,8 +176,58 @@ def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_wai
         assert time.monotonic() < deadline
         time.sleep(0.01)
     regs.want(b.key, b, Cause("check_passed"))
-    assert regs.drop_pending() == 1
-    assert not regs.flush(0.1)  # a's write still hangs
-    release.set()
-    assert regs.flush(5)
+    threading.Timer(0.2, release.set).start()
+    regs.stop(revoke=True)
+    assert release.is_set() and regs.flush(0)
     assert [v.key for _, v in rec.writes] == [a.key] and set(regs.written) == {a.key}
+
+
+def test_a_departure_is_not_undone_by_a_write_that_was_under_way(held: Setup) -> None:
+    """The container died while its registration hung: the write, told last, does not bring
+    it back to life in the instance's history (it showed live and up for good)."""
+    reg = registry(held)
+    a = held.run("a", "alpha")
+    held.agent._on_sync(list(held.docker.running.values()))
+    assert reg.entered.wait(5)
+    held.event("die", a, later(a), flush=False, exitCode="1")
+    reg.release.set()
+    assert held.agent.registrations.flush(5)
+    [history] = held.agent.history.query(service="alpha")
+    assert not history["live"] and history["state"] == "gone", history
+    assert held.services() == []
+
+
+def test_a_reconcile_leaves_a_key_whose_newer_wish_is_pending() -> None:
+    """A wish made after the reconcile's ``wanted`` (a kill) waits behind its writes: the
+    reconcile leaves that key to it (it put a stopping container back in rotation first)."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    regs.write(a.key, a, Cause("check_passed"))
+    read_at = time.monotonic()
+    with regs._io:  # the reconcile's turn: ``wanted`` computed, then a kill comes
+        regs.want(a.key, None, Cause("kill"))
+        regs.reconcile(Snapshot(), {a.key: a}, read_at)  # a's lease lost meanwhile
+    assert regs.flush(5)
+    assert [(k, v.state.value if k == "put" else v) for k, v in rec.writes] == [
+        ("put", "up"), ("put", "draining"), ("delete", a.key)]
+
+
+def test_the_writer_goes_on_after_an_unexpected_error(caplog: pytest.LogCaptureFixture) -> None:
+    regs, rec = registrations()
+    put = rec.register
+    calls = []
+
+    def once_broken(instance: Instance) -> None:
+        calls.append(instance.key)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        put(instance)
+
+    rec.register = once_broken  # type: ignore[method-assign]
+    a, b = inst("a", 1), inst("b", 2)
+    regs.want(a.key, a, Cause("check_passed"))
+    assert regs.flush(5)
+    regs.want(b.key, b, Cause("check_passed"))
+    assert regs.flush(5)
+    assert calls == [a.key, b.key] and set(regs.written) == {b.key}
+    assert regs.write_failed and "registry write for a/" in caplog.text  # the reconcile: a
