@@ -338,9 +338,8 @@ class Agent(AgentViews):
         if tracked is None:
             return
         tracked.stop_runners()
-        for service, iid in tracked.instances:  # why it left, told at once (writes: later)
-            self.registrations.want((service, iid), None)
-            self.history.depart(iid, killed[1] if killed else cause, service, self.config.node)
+        for key in tracked.instances:  # why it left: told in its history once written
+            self.registrations.want(key, None, departs=killed[1] if killed else cause)
 
     # ---- registry --------------------------------------------------------------------------
     def _wanted(self, tracked: Tracked, key: Key) -> bool:
@@ -390,11 +389,12 @@ class Agent(AgentViews):
         except RegistryError as exc:
             log.warning("reconcile: registry unavailable (%s)", exc)
             return False
-        with self.registrations.turn():  # what is pending written first, then decided again
-            with self._lock:  # not an instance still to warm up: its check may have passed a
-                # moment ago, its transition (which starts the warm-up) waiting for our lock
-                wanted = {key: self._effective(inst) for tracked in self._tracked.values()
-                          for key, inst in tracked.instances.items()
-                          if tracked.warm(key) and self._wanted(tracked, key)}
-            self.registrations.reconcile(snap, wanted, read_at)  # outside the agent's lock
+        # No write under way (what was written is known); its wishes keep the order of the
+        # agent's decisions. Not an instance still to warm up: its check may have passed a
+        # moment ago, its transition (which starts the warm-up) waiting for the lock we hold.
+        with self.registrations.turn(), self._lock:
+            wanted = {key: self._effective(inst) for tracked in self._tracked.values()
+                      for key, inst in tracked.instances.items()
+                      if tracked.warm(key) and self._wanted(tracked, key)}
+            self.registrations.reconcile(snap, wanted, read_at)
         return True

@@ -78,15 +78,10 @@ class History:
 
     def record(self, service: str, iid: str, node: str, state: str, cause: Cause) -> bool:
         """Note ``state`` for an instance; a no-op (False) when it is the state it already had,
-        unless the cause is one of :data:`EVENTS` (worth keeping though nothing changed), or
-        the instance left after the cause was seen (a write under way as its container died,
-        told after the departure: it did not come back)."""
+        unless the cause is one of :data:`EVENTS` (worth keeping though nothing changed)."""
         with self._lock:
             entry = self._live.get(iid)
             if entry is None:
-                gone = self._departed.get(iid)
-                if gone is not None and gone.left_at is not None and cause.at < gone.left_at:
-                    return False
                 entry = self._departed.pop(iid, None)  # the same container came back
                 if entry is None:
                     entry = _Entry(service, node, deque(maxlen=self.per_instance))
@@ -101,20 +96,15 @@ class History:
                                       "output": cause.output[:MAX_OUTPUT], "changed": flap})
             return True
 
-    def depart(self, iid: str, cause: Cause, service: str = "", node: str = "") -> None:
-        """The instance left: note ``gone`` with ``cause`` and keep its history (bounded).
-        Given its ``service`` and ``node``, one with no history yet gets one (its first
-        state, written by a thread of its own, may come after; :meth:`record` drops it)."""
+    def depart(self, iid: str, cause: Cause) -> None:
+        """The instance left: note ``gone`` with ``cause`` and keep its history (bounded)."""
         with self._lock:
             entry = self._live.get(iid)
-        if entry is None and not service:
+        if entry is None:
             return
-        self.record(*((entry.service, iid, entry.node) if entry else (service, iid, node)),
-                    "gone", cause)
+        self.record(entry.service, iid, entry.node, "gone", cause)
         with self._lock:
-            entry = self._live.pop(iid, None)
-            if entry is None:  # its cause older than its last departure: told already
-                return
+            entry = self._live.pop(iid, entry)
             entry.left_at = time.time()
             self._departed[iid] = entry
             while len(self._departed) > self.departed_max:
@@ -125,7 +115,8 @@ class History:
         session or lease expired meanwhile."""
         cause = Cause("registry_reconnected", "records re-put if the session or lease expired")
         for inst in instances:
-            self.record(inst.service, inst.id, inst.node, inst.state.value, cause)
+            if self.state(inst.id):  # live: one departed (its delete failed) stays departed
+                self.record(inst.service, inst.id, inst.node, inst.state.value, cause)
 
     def shut_down(self, ids: list[str]) -> None:
         """The agent stops and revokes its registrations."""

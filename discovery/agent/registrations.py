@@ -11,27 +11,27 @@ next reconcile, which the agent runs sooner (``wake``): after 0.25 s, doubling t
 writes keep failing (:attr:`Registrations.retry`; a registry that refuses writes but answers
 reads, etcd out of space, must not get them at the round-trip rate from every host).
 
-The agent decides under its lock and writes outside it: :meth:`Registrations.want` only notes
-the newest wish for a key and returns; a thread that runs while wishes are pending writes them,
-one at a time, so a write to a member that never answers (up to its request's timeout) holds
-no Docker event, check transition or ``PUT /v1/agent/maint`` meanwhile (it held each of them:
-three such writes held the agent 14 s). Writes and reconciles take turns on one lock of this
-class (``_io``); the agent's lock is never taken while holding it, except by the reconcile's
-``wanted``, asked for after the pending wishes are written.
+The agent decides under its lock and writes outside it: :meth:`Registrations.want` adds a
+wish (:mod:`~discovery.agent.wishes`) and returns; a thread writes the wishes in order, so a
+write to a member that never answers (up to its request's timeout) holds no Docker event,
+check transition or ``PUT /v1/agent/maint`` meanwhile (three such writes held the agent 14 s).
+After such a lost link the wishes still pending are left to the reconcile at the registry's
+return. The reconcile, too, only adds wishes, under the agent's lock and this class's ``_io``
+(no write under way): a decision made after it (a kill) replaces its wish for that key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from discovery.agent.history import LOST, Cause, History
 from discovery.agent.tracked import Key
+from discovery.agent.wishes import Wish, Wishes
 from discovery.errors import RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
@@ -58,12 +58,11 @@ class Registrations:
         # key -> monotonic time of its last write: a reconcile leaves alone a key written
         # after its read began (its read does not show that write yet: no second write)
         self._touched: dict[Key, float] = {}
-        self._io = threading.Lock()  # one write or reconcile at a time
-        self._pending: dict[Key, tuple[Instance | None, Cause | None]] = {}  # newest wish a key
-        self._idle = threading.Condition()  # guards _pending, _writing; told when both end
-        self._writing = False  # a writer thread runs
-        self._current: tuple[Key, tuple[Instance | None, Cause | None]] | None = None  # its write
+        self._io = threading.Lock()  # held by the write under way, and by the reconcile
+        self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
+        self._wishes = Wishes(self._write_wish, self._io,
+                              lambda: self.failed(RegistryError("unexpected error")))
 
     def load(self) -> int:
         """At start: this node's entries left by an earlier run, to adopt (their checks start
@@ -71,73 +70,36 @@ class Registrations:
         self.adopt = set(self.registry.node_snapshot(self.node).instances)
         return len(self.adopt)
 
-    def want(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> None:
+    def want(self, key: Key, instance: Instance | None, cause: Cause | None = None, *,
+             force: bool = False, departs: Cause | None = None) -> None:
         """The registry should hold ``instance`` under ``key`` (or nothing): written soon, by a
-        thread of its own, and only the newest wish of a key (one not yet written is replaced,
-        its cause with it: it never happened). Returns at once."""
-        with self._idle:
-            self._pending[key] = (instance, cause)
-            if self._writing:
-                return
-            self._writing = True
-        try:
-            threading.Thread(target=self._write_pending, name="registry-writes",
-                             daemon=True).start()
-        except RuntimeError:  # no thread to be had: the reconcile writes it, or the next wish
-            with self._idle:
-                self._writing = False
-            raise
+        thread of its own, and only the newest wish of a key (:class:`Wish`). Returns at once.
+        Called under the agent's lock: the wishes keep the order of its decisions."""
+        self._wishes.add(key, Wish(instance, cause, force, departs))
 
-    def _write_pending(self) -> None:
-        """The writer thread: writes what is pending until nothing is, then ends."""
-        while True:
-            with self._io:
-                if self._write_next():
-                    continue
-                with self._idle:
-                    if not self._pending:  # none came meanwhile
-                        self._writing = False
-                        self._idle.notify_all()
-                        return
+    def _write_wish(self, key: Key, wish: Wish) -> None:
+        """The writer thread's write of one wish (``_io`` held)."""
+        if wish.force:
+            self.written.pop(key, None)
+        ok = self.write(key, wish.instance, wish.cause)
+        if wish.departs is not None:
+            self.history.depart(key[1], wish.departs)
+        if not ok and self._lost:  # each would wait its own timeout first
+            dropped = self._wishes.drop()
+            if dropped:
+                log.warning("%d more registry writes left to the reconcile", dropped)
 
-    def _write_next(self) -> bool:
-        """Write the oldest pending wish (``_io`` held); False if none is. After a lost link
-        (no member answered within the request's timeout) the others are left to the
-        reconcile at the registry's return: each would wait its own timeout first."""
-        with self._idle:
-            if not self._pending:
-                return False
-            key = next(iter(self._pending))
-            self._current = key, self._pending.pop(key)
-        try:
-            if not self.write(key, *self._current[1]) and self._lost:
-                dropped = self.drop_pending()
-                if dropped:
-                    log.warning("%d more registry writes left to the reconcile", dropped)
-        except Exception:  # a bug: logged, the writer goes on, the reconcile fixes the key
-            log.exception("registry write for %s/%s failed", *key)
-            self.failed(RegistryError("unexpected error"))
-        finally:
-            self._current = None
-        return True
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        """The writes' turn, held (for a reconcile), the pending ones written first."""
-        with self._io:
-            while self._write_next():
-                pass
-            yield
+    def turn(self) -> threading.Lock:
+        """The lock a reconcile holds (no write under way: what was written is known)."""
+        return self._io
 
     def held(self) -> set[Key]:
         """The keys registered, or to be once the pending writes (and the one under way) are
         done."""
-        with self._idle:
-            wishes = [self._current] if self._current else []
-            wishes += self._pending.items()
+        wishes = self._wishes.wished()
         keys = set(self.written)
-        for key, (instance, _cause) in wishes:
-            (keys.add if instance is not None else keys.discard)(key)
+        for key, wish in wishes:
+            (keys.add if wish.instance is not None else keys.discard)(key)
         return keys
 
     def stop(self, revoke: bool) -> None:
@@ -146,21 +108,13 @@ class Registrations:
         one under way is waited for. :data:`STOP_WAIT` in all: a successor's reconcile (or
         the lease) settles what is left."""
         if revoke:
-            self.drop_pending()
+            self._wishes.drop()
         if not self.flush(STOP_WAIT):
             log.warning("agent stopped with registry writes not done")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no write is pending or under way; False if ``timeout`` ran out first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._writing and not self._pending, timeout)
-
-    def drop_pending(self) -> int:
-        """Forget the writes not yet begun (the lease's revoke at stop removes all); their
-        number."""
-        with self._idle:
-            dropped, self._pending = len(self._pending), {}
-        return dropped
+        return self._wishes.flush(timeout)
 
     def write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> bool:
         """Make the registry hold ``instance`` under ``key`` (or nothing) now; only on change.
@@ -207,7 +161,7 @@ class Registrations:
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False
-        if cause is not None:  # (one overtaken by the instance's departure is not: History)
+        if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
         return True
@@ -218,7 +172,7 @@ class Registrations:
         reconcile began), not once a write; a lost link (no member answered, after the
         request's whole timeout) no turn: its reconcile finds the registry down and waits for
         its return (:meth:`unread`), whose first writes must not wait a grown turn."""
-        with self._idle:  # the run loop takes the flag (take_failed) from another thread
+        with self._flag:  # the run loop takes the flag (take_failed) from another thread
             self._lost = isinstance(exc, RegistryUnavailable)
             if self._lost:
                 self.retry.now()
@@ -231,7 +185,7 @@ class Registrations:
     def take_failed(self) -> bool:
         """Whether a write failed since the last call, cleared (the reconcile about to run
         tells them): one step, so a failure meanwhile is not lost."""
-        with self._idle:
+        with self._flag:
             failed, self.write_failed = self.write_failed, False
         return failed
 
@@ -246,8 +200,9 @@ class Registrations:
     def unread(self) -> None:
         """The reconcile for failed writes could not read: they wait for the registry's
         return (:meth:`retry_now`) or the resync."""
-        self.write_failed = True
-        self.retry.hold()
+        with self._flag:
+            self.write_failed = True
+            self.retry.hold()
 
     def retry_now(self) -> None:
         """The registry is back: failed writes are tried at once (their wait kept)."""
@@ -255,12 +210,11 @@ class Registrations:
 
     def reconcile(self, snap: Snapshot, wanted: Mapping[Key, Instance],
                   read_at: float = float("inf")) -> None:
-        """Fix the registry's view of this node (``snap``, read from ``read_at``, monotonic)
-        towards ``wanted``, both ways; a key written since ``read_at`` is newer than ``snap``
-        and left alone (it was taken for lost and written twice)."""
-        with self._idle:  # a wish still pending is newer than ``wanted``: written next
-            newer = set(self._pending)
-        newer |= {k for k, at in self._touched.items() if at >= read_at}
+        """Wishes that fix the registry's view of this node (``snap``, read from ``read_at``,
+        monotonic) towards ``wanted``, both ways. Called holding :meth:`turn` and the agent's
+        lock (``wanted`` decided under it). A key written since ``read_at`` is newer than
+        ``snap``, and one with a wish pending is written next: both left alone."""
+        newer = self._wishes.keys() | {k for k, at in self._touched.items() if at >= read_at}
         self._touched = {k: at for k, at in self._touched.items() if k in newer}
         ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0
@@ -271,20 +225,19 @@ class Registrations:
             mine = key in self.written
             if not mine or present is None or not present.same_registration(inst):
                 lost = mine and present is None  # session expired or lease lost meanwhile
-                self.written.pop(key, None)  # force the write
-                self.write(key, inst, Cause("reregistered" if lost else "reconcile",
-                                            LOST if lost else ""))
+                self.want(key, inst, Cause("reregistered" if lost else "reconcile",
+                                           LOST if lost else ""), force=True)
                 fixed += 1
         for key in set(ours) - set(wanted):
-            self.written[key] = ours[key]
-            self.write(key, None)
-            self.history.depart(key[1], Cause("reconcile", "not wanted any more"), key[0],
-                                self.node)
+            self.written[key] = ours[key]  # drained, then deleted
+            self.want(key, None, departs=Cause("reconcile", "not wanted any more"))
             fixed += 1
         for key in sorted(self.unsure - set(wanted) - set(ours) - newer):
-            self.write(key, None)  # a failed registration that may have landed, not wanted
+            self.want(key, None)  # a failed registration that may have landed, not wanted
             fixed += 1
+        for key in set(self.written) - set(wanted) - set(ours) - newer - self.unsure:
+            del self.written[key]  # its delete failed, and the registry has lost it since
         self.adopt &= set(wanted)
         log.log(logging.INFO if fixed else logging.DEBUG,
-                "reconcile done: %d wanted, %d in registry, %d fixed",
+                "reconcile: %d wanted, %d in registry, %d to fix",
                 len(wanted), len(ours), fixed)

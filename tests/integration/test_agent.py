@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -261,35 +262,37 @@ def test_sighup_rereads_the_config_file(registry_url, containers, start_agent, t
 
 def test_maintenance_and_events_go_on_while_the_registry_does_not_answer(
         etcd_single, etcd_url, containers, agents, tmp_path):
-    """The etcd member stopped (SIGSTOP: it takes connections, answers nothing): a
-    maintenance PUT answers at once and a container started meanwhile is checked; the write
-    under way fails after its timeout, the one pending is left to the reconcile, and both are
-    written once the member answers. Before, each write waited its request's timeout (5 s)
-    holding the agent's lock, and everything waited behind it."""
+    """The etcd member stopped (SIGSTOP: it takes connections, answers nothing): the node's
+    maintenance PUT answers at once and a container started meanwhile is checked; the first
+    write fails after its timeout, the others are left to the reconcile, and all are written
+    once the member answers. Before, each write waited its request's timeout (5 s) holding
+    the agent's lock, and everything waited behind it (the PUT answered after 7.9 s)."""
     from tests.integration.test_http_auth import MAINT, call, start, token_file
 
     web = svc()
     path, token = token_file(tmp_path)
     port, node = start(agents, tmp_path, "agent", "--registry", etcd_url,
                        "--http-token-file", str(path))
-    p1, p2 = free_port(), free_port()
-    containers(name=f"{web}-1", port=p1, labels=labels(web, p1))
-    wait_registered(etcd_url, web)
+    ports = [free_port() for _ in range(3)]
+    for n, p in enumerate(ports[:2], 1):
+        containers(name=f"{web}-{n}", port=p, labels=labels(web, p))
+    wait_registered(etcd_url, web, 2)
     member = etcd_single.procs[0].popen
     assert member is not None
     os.kill(member.pid, signal.SIGSTOP)
     try:
         start_at = time.monotonic()
-        assert call(port, "PUT", MAINT, {"X-Discovery-Token": token})[0] == 200
-        assert time.monotonic() - start_at < 1.0  # not the write's 5 s
-        containers(name=f"{web}-2", port=p2, labels=labels(web, p2))  # Docker's event: handled
+        assert call(port, "PUT", MAINT, {"X-Discovery-Token": token})[0] == 200  # two writes
+        assert time.monotonic() - start_at < 1.0  # not the first write's 5 s
+        containers(name=f"{web}-3", port=ports[2], labels=labels(web, ports[2]))
         wait_for(lambda: len([c for c in call(port, "GET", "/v1/agent/checks", timeout=1)[2]
-                              if c["healthy"]]) == 2, 5,
-                 message="both instances checked while the registry does not answer")
-        wait_for(lambda: "1 more registry writes left to the reconcile" in agents[-1].log(), 10,
-                 message="the write under way failed, the other left to the reconcile")
+                              if c["healthy"]]) == 3, 5,
+                 message="the new container checked while the registry does not answer")
+        wait_for(lambda: re.search(r"\d+ more registry writes left to the reconcile",
+                                   agents[-1].log()), 10,
+                 message="the first write failed, the others left to the reconcile")
     finally:
         os.kill(member.pid, signal.SIGCONT)
     wait_for(lambda: sorted(i.state.value for i in service_instances(etcd_url, web))
-             == ["draining", "draining"], 15, message="both written, in maintenance")
+             == ["draining"] * 3, 15, message="all written, in maintenance")
     assert all(i.node == node for i in service_instances(etcd_url, web))

@@ -85,12 +85,15 @@ def test_a_write_after_the_reconciles_read_is_not_taken_for_lost() -> None:
     regs.write(b.key, None, Cause("kill"))  # b drained and deleted after it
     before = len(reg.writes)
     regs.reconcile(snap, {a.key: a}, read_at)
+    assert regs.flush(5)  # its writes: made by a thread of their own
     assert reg.writes[before:] == []
     regs.reconcile(Snapshot({a.key: a}), {a.key: a}, time.monotonic())  # the next one: at rest
+    assert regs.flush(5)  # its writes: made by a thread of their own
     assert reg.writes[before:] == [] and set(regs.written) == {a.key}
     read_at = time.monotonic()
     regs.write(a.key, a, Cause("check"))  # the same again (a check result): no write...
     regs.reconcile(Snapshot(), {a.key: a}, read_at)  # ...so its loss is repaired at once
+    assert regs.flush(5)  # its writes: made by a thread of their own
     assert [k for k, _ in reg.writes[before:]] == ["put"]
 
 
@@ -164,6 +167,7 @@ def test_a_registration_whose_answer_was_lost_is_deleted_when_not_wanted() -> No
     c = inst("a", 3)
     regs.write(c.key, c)  # lost again; the reconcile finds c neither wanted nor indexed
     regs.reconcile(Snapshot(instances={b.key: b}), {b.key: b})
+    assert regs.flush(5)  # its writes: made by a thread of their own
     assert ("delete", c.key) in reg.writes and not regs.unsure
 
 
