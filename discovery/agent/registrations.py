@@ -79,15 +79,26 @@ class Registrations:
 
     def _write_wish(self, key: Key, wish: Wish) -> None:
         """The writer thread's write of one wish (``_io`` held)."""
+        if wish.left is not None:
+            self.history.depart(key[1], wish.left)
         if wish.force:
             self.written.pop(key, None)
         ok = self.write(key, wish.instance, wish.cause)
         if wish.departs is not None:
             self.history.depart(key[1], wish.departs)
         if not ok and self._lost:  # each would wait its own timeout first
-            dropped = self._wishes.drop()
+            dropped = self._drop()
             if dropped:
                 log.warning("%d more registry writes left to the reconcile", dropped)
+
+    def _drop(self) -> int:
+        """Forget the pending wishes (their departures told: the reconcile cannot); how many."""
+        dropped = self._wishes.drop()
+        for key, wish in dropped:
+            for why in (wish.left, wish.departs):
+                if why is not None:
+                    self.history.depart(key[1], why)
+        return len(dropped)
 
     def turn(self) -> threading.Lock:
         """The lock a reconcile holds (no write under way: what was written is known)."""
@@ -108,7 +119,7 @@ class Registrations:
         one under way is waited for. :data:`STOP_WAIT` in all: a successor's reconcile (or
         the lease) settles what is left."""
         if revoke:
-            self._wishes.drop()
+            self._drop()
         if not self.flush(STOP_WAIT):
             log.warning("agent stopped with registry writes not done")
 
@@ -123,11 +134,10 @@ class Registrations:
         have = self.written.get(key)
         now = time.time()  # registered_at and the stage stamps: for propagation
         seen = cause.at if cause is not None else now
+        touching = False  # a write, not a call that skips: its time kept once it returned
         try:
             if instance is None:
-                ours = have is not None or key in self.adopt or key in self.unsure
-                if ours:
-                    self._touched[key] = time.monotonic()  # a write, not a call that skips
+                ours = touching = have is not None or key in self.adopt or key in self.unsure
                 if have is not None and have.state is State.UP:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
                     # guard then sees a departure, not the start of a registry-side wipe;
@@ -143,7 +153,7 @@ class Registrations:
                 self.adopt.discard(key)
                 self.unsure.discard(key)
             elif have is None or not have.same_registration(instance):
-                self._touched[key] = time.monotonic()
+                touching = True
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
                 try:
                     self.registry.register(instance)
@@ -161,6 +171,9 @@ class Registrations:
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False
+        finally:  # (a write landing while a reconcile reads is newer than what it read)
+            if touching:
+                self._touched[key] = time.monotonic()
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
@@ -197,12 +210,16 @@ class Registrations:
         """Whether failed writes wait their turn (the resync, when due, goes on)."""
         return self.write_failed and time.monotonic() < min(resync_due, self.retry.due)
 
-    def unread(self) -> None:
+    def unread(self, down: bool = True) -> None:
         """The reconcile for failed writes could not read: they wait for the registry's
-        return (:meth:`retry_now`) or the resync."""
+        return (:meth:`retry_now`) or the resync; while it is not reported ``down`` (a read
+        timed out on a connection kept: no return to wait for) the retry's next turn."""
         with self._flag:
             self.write_failed = True
-            self.retry.hold()
+            if down:
+                self.retry.hold()
+            else:
+                self.retry.failed(0.25)
 
     def retry_now(self) -> None:
         """The registry is back: failed writes are tried at once (their wait kept)."""
@@ -214,7 +231,11 @@ class Registrations:
         monotonic) towards ``wanted``, both ways. Called holding :meth:`turn` and the agent's
         lock (``wanted`` decided under it). A key written since ``read_at`` is newer than
         ``snap``, and one with a wish pending is written next: both left alone."""
-        newer = self._wishes.keys() | {k for k, at in self._touched.items() if at >= read_at}
+        touched = {k for k, at in self._touched.items() if at >= read_at}
+        pending = self._wishes.keys()
+        for key in pending - touched - set(snap.instances):
+            self.written.pop(key, None)  # lost meanwhile: its wish, though the same, writes it
+        newer = pending | touched
         self._touched = {k: at for k, at in self._touched.items() if k in newer}
         ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0
@@ -237,7 +258,7 @@ class Registrations:
             fixed += 1
         for key in set(self.written) - set(wanted) - set(ours) - newer - self.unsure:
             del self.written[key]  # its delete failed, and the registry has lost it since
-        self.adopt &= set(wanted)
+        self.adopt &= set(wanted) | newer  # a pending delete of an adopted one: still ours
         log.log(logging.INFO if fixed else logging.DEBUG,
                 "reconcile: %d wanted, %d in registry, %d to fix",
                 len(wanted), len(ours), fixed)

@@ -30,6 +30,7 @@ class Wish(NamedTuple):
     cause: Cause | None = None  # noted in the instance's history once written
     force: bool = False  # written even if the same as the last write (the registry lost it)
     departs: Cause | None = None  # the instance left (its history says why, once written)
+    left: Cause | None = None  # it had left before this wish (a departure it replaced)
 
 
 class Wishes:
@@ -42,12 +43,16 @@ class Wishes:
         self._current: tuple[Key, Wish] | None = None  # the write under way
 
     def add(self, key: Key, wish: Wish) -> None:
-        """``wish`` for ``key``, in place of one not yet written (its ``force`` kept while an
-        instance is wanted: the registry still lacks it)."""
+        """``wish`` for ``key``, in place of one not yet written: its ``force`` kept while an
+        instance is wanted (the registry still lacks it), its departure kept as ``left``
+        (the same container back: the history tells both, in order)."""
         with self._idle:
             old = self._pending.get(key)
-            if old is not None and old.force and wish.instance is not None:
-                wish = wish._replace(force=True)
+            if old is not None:
+                if old.force and wish.instance is not None:
+                    wish = wish._replace(force=True)
+                if (old.departs or old.left) and not wish.departs:
+                    wish = wish._replace(left=old.departs or old.left)
             self._pending[key] = wish
             if self._writing:
                 return
@@ -88,10 +93,10 @@ class Wishes:
         with self._idle:
             return ([self._current] if self._current else []) + list(self._pending.items())
 
-    def drop(self) -> int:
-        """Forget the wishes not yet written; their number."""
+    def drop(self) -> list[tuple[Key, Wish]]:
+        """Forget the wishes not yet written; returned."""
         with self._idle:
-            dropped, self._pending = len(self._pending), {}
+            dropped, self._pending = list(self._pending.items()), {}
         return dropped
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -235,6 +235,22 @@ def test_a_lost_link_does_not_grow_the_wait_of_refused_writes() -> None:
     assert regs.retry.wait == 0.25  # a refusal: the first turn
 
 
+def test_a_read_that_times_out_on_a_kept_connection_is_tried_again_on_a_turn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write fails with no answer, and so does the reconcile's read, while the registry
+    never reported itself down (ZooKeeper: a request timed out on a connection kept): no
+    return will come to wait for, so the failed writes are tried again on the retry's turn
+    (they waited for the next resync)."""
+    reg, agent = new_agent(monkeypatch, lambda w: 20.0)
+    with running(agent):
+        first_reconcile(reg, agent)
+        reg.failing = True  # reads time out; the listeners hear nothing
+        agent.registrations.failed(RegistryUnavailable("no member answered within 5s"))
+        n = len(reg.node_reads)
+        wait_reads(reg, n + 3, 5)  # the reconcile's read, then again on its turn, and again
+        reg.failing = False
+
+
 def test_a_fleet_refused_at_once_tries_its_writes_again_apart() -> None:
     """A refusal's turn is drawn ±25 % (it was the same 0.25 s, 0.5 s... on every host: a fleet
     refused at one moment, etcd out of space, came back in the same instant each time)."""

@@ -16,12 +16,9 @@ from typing import Any
 
 import pytest
 
-from discovery.agent.history import Cause
 from discovery.agent.registrations import Registrations
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import Snapshot
-from tests.unit.test_agent_departure import inst, registrations
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
 
 
@@ -157,30 +154,6 @@ def test_a_reload_keeps_healthy_an_instance_whose_registration_is_pending(
     assert [(k, s) for k, _, s in held.registry.log] == [("put", "up")]  # no delete
 
 
-def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_waited_for(
-) -> None:
-    regs, rec = registrations()
-    release = threading.Event()
-    put = rec.register
-
-    def slow(instance: Instance) -> None:
-        assert release.wait(5)
-        put(instance)
-
-    rec.register = slow  # type: ignore[method-assign]
-    a, b = inst("a", 1), inst("b", 2)
-    regs.want(a.key, a, Cause("check_passed"))
-    deadline = time.monotonic() + 5
-    while not regs._wishes.wished():  # under way
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    regs.want(b.key, b, Cause("check_passed"))
-    threading.Timer(0.2, release.set).start()
-    regs.stop(revoke=True)
-    assert release.is_set() and regs.flush(0)
-    assert [v.key for _, v in rec.writes] == [a.key] and set(regs.written) == {a.key}
-
-
 def test_a_departure_is_not_undone_by_a_write_that_was_under_way(held: Setup) -> None:
     """The container died while its registration hung: the write, told last, does not bring
     it back to life in the instance's history (it showed live and up for good)."""
@@ -194,94 +167,3 @@ def test_a_departure_is_not_undone_by_a_write_that_was_under_way(held: Setup) ->
     [history] = held.agent.history.query(service="alpha")
     assert not history["live"] and history["state"] == "gone", history
     assert held.services() == []
-
-
-def test_a_reconcile_leaves_a_key_whose_newer_wish_is_pending() -> None:
-    """A wish made before the reconcile waits behind the write under way: the reconcile
-    leaves that key to it."""
-    regs, rec = registrations()
-    a = inst("a", 1)
-    regs.write(a.key, a, Cause("check_passed"))
-    read_at = time.monotonic()
-    with regs.turn():  # a write under way: the kill waits behind it, then the reconcile
-        regs.want(a.key, None, Cause("kill"))
-        regs.reconcile(Snapshot(), {a.key: a}, read_at)  # a's lease lost meanwhile
-    assert regs.flush(5)
-    assert [(k, v.state.value if k == "put" else v) for k, v in rec.writes] == [
-        ("put", "up"), ("put", "draining"), ("delete", a.key)]
-
-
-def test_a_decision_after_the_reconcile_wins_over_its_writes() -> None:
-    """The lease was lost: the reconcile puts a and b back; while a's write hangs, b's
-    container dies. b is not put back up (then drained): its departure replaces the
-    reconcile's wish, and its history ends gone (the reconcile wrote it up, live for good)."""
-    regs, rec = registrations()
-    a, b = inst("a", 1), inst("b", 2)
-    for i in (a, b):
-        regs.write(i.key, i, Cause("check_passed"))
-    release, put = threading.Event(), rec.register
-
-    def slow(instance: Instance) -> None:
-        if instance.key == a.key:
-            assert release.wait(5)
-        put(instance)
-
-    rec.register = slow  # type: ignore[method-assign]
-    before = len(rec.writes)
-    with regs.turn():
-        regs.reconcile(Snapshot(), {a.key: a, b.key: b}, time.monotonic())
-    deadline = time.monotonic() + 5
-    while regs._wishes.wished()[0][0] != a.key:  # a's write under way
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    regs.want(b.key, None, departs=Cause("die"))  # the agent's decision, under its lock
-    release.set()
-    assert regs.flush(5)
-    assert [(k, v.key if k == "put" else v, v.state.value if k == "put" else "")
-            for k, v in rec.writes[before:]] == [
-        ("put", a.key, "up"), ("put", b.key, "draining"), ("delete", b.key, "")]
-    [history] = regs.history.query(b.key[1])
-    assert not history["live"] and history["state"] == "gone", history
-
-
-def test_a_key_whose_delete_failed_and_the_registry_lost_is_let_go() -> None:
-    """Its delete failed (an outage), and the registry lost it since (the lease expired): a
-    reconcile that finds it neither wanted nor registered lets it go (it was kept as written
-    for good: counted as registered, adopted by a reload, and put back live in its history at
-    the registry's return)."""
-    regs, rec = registrations()
-    a = inst("a", 1)
-    regs.write(a.key, a, Cause("check_passed"))
-
-    def lost(*_args: Any) -> None:
-        raise RegistryUnavailable("no member answered within 5s")
-
-    rec.deregister = lost  # type: ignore[method-assign]
-    regs.want(a.key, None, departs=Cause("die"))
-    assert regs.flush(5) and a.key in regs.written
-    with regs.turn():
-        regs.reconcile(Snapshot(), {}, time.monotonic())
-    assert regs.written == {}
-    regs.history.reconnected([a])  # not brought back
-    assert not regs.history.query(a.key[1])[0]["live"]
-
-
-def test_the_writer_goes_on_after_an_unexpected_error(caplog: pytest.LogCaptureFixture) -> None:
-    regs, rec = registrations()
-    put = rec.register
-    calls = []
-
-    def once_broken(instance: Instance) -> None:
-        calls.append(instance.key)
-        if len(calls) == 1:
-            raise ValueError("a bug")
-        put(instance)
-
-    rec.register = once_broken  # type: ignore[method-assign]
-    a, b = inst("a", 1), inst("b", 2)
-    regs.want(a.key, a, Cause("check_passed"))
-    assert regs.flush(5)
-    regs.want(b.key, b, Cause("check_passed"))
-    assert regs.flush(5)
-    assert calls == [a.key, b.key] and set(regs.written) == {b.key}
-    assert regs.write_failed and "registry write for a/" in caplog.text  # the reconcile: a

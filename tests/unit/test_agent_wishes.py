@@ -1,0 +1,252 @@
+"""The agent's registry writes, queued (agent/wishes.py, agent/registrations.py), driven
+directly: the newest wish of each key, written in order by a thread of its own; the
+reconcile's fixes queued the same way; the history told in the order of the writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from discovery.agent.history import Cause
+from discovery.agent.registrations import Registrations
+from discovery.errors import RegistryUnavailable
+from discovery.model import Instance
+from discovery.registry import Snapshot
+from tests.unit.test_agent_departure import Recorder, inst, registrations
+
+
+def hang(rec: Recorder, key: tuple[str, str]) -> tuple[threading.Event, threading.Event]:
+    """``rec``'s first put of ``key`` waits for the first event returned (a member that does
+    not answer); the second is set once it waits."""
+    release, entered, put = threading.Event(), threading.Event(), rec.register
+
+    def slow(instance: Instance) -> None:
+        if instance.key == key and not entered.is_set():
+            entered.set()
+            assert release.wait(5)
+        put(instance)
+
+    rec.register = slow  # type: ignore[method-assign]
+    return release, entered
+
+
+def behind_a_hung_write(regs: Registrations, rec: Recorder) -> tuple[Instance, threading.Event]:
+    """a written; then z's write under way, hung until the event returned is set."""
+    a, z = inst("a", 1), inst("z", 9)
+    regs.write(a.key, a, Cause("check_passed"))
+    release, entered = hang(rec, z.key)
+    regs.want(z.key, z, Cause("check_passed"))
+    assert entered.wait(5)
+    return a, release
+
+
+def causes(regs: Registrations, iid: str) -> list[str]:
+    [history] = regs.history.query(iid)
+    return [t["cause"] for t in history["transitions"]]
+
+
+def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_waited_for(
+) -> None:
+    regs, rec = registrations()
+    release = threading.Event()
+    put = rec.register
+
+    def slow(instance: Instance) -> None:
+        assert release.wait(5)
+        put(instance)
+
+    rec.register = slow  # type: ignore[method-assign]
+    a, b = inst("a", 1), inst("b", 2)
+    regs.want(a.key, a, Cause("check_passed"))
+    deadline = time.monotonic() + 5
+    while not regs._wishes.wished():  # under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    regs.want(b.key, b, Cause("check_passed"))
+    threading.Timer(0.2, release.set).start()
+    regs.stop(revoke=True)
+    assert release.is_set() and regs.flush(0)
+    assert [v.key for _, v in rec.writes] == [a.key] and set(regs.written) == {a.key}
+
+
+def test_a_reconcile_leaves_a_key_whose_newer_wish_is_pending() -> None:
+    """A wish made before the reconcile waits behind the write under way: the reconcile
+    leaves that key to it (a, which the registry lost, is not put back up before the kill's
+    delete, which has nothing left to delete)."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    regs.write(a.key, a, Cause("check_passed"))
+    read_at = time.monotonic()
+    with regs.turn():  # a write under way: the kill waits behind it, then the reconcile
+        regs.want(a.key, None, Cause("kill"))
+        regs.reconcile(Snapshot(), {a.key: a}, read_at)  # a's lease lost meanwhile
+    assert regs.flush(5)
+    assert [(k, v.state.value) for k, v in rec.writes] == [("put", "up")]
+    assert a.key not in regs.written and causes(regs, a.key[1]) == ["check_passed", "kill"]
+
+
+def test_a_decision_after_the_reconcile_wins_over_its_writes() -> None:
+    """The lease was lost: the reconcile puts a and b back; while a's write hangs, b's
+    container dies. b is not put back up (then drained): its departure replaces the
+    reconcile's wish, and its history ends gone (the reconcile wrote it up, live for good)."""
+    regs, rec = registrations()
+    a, b = inst("a", 1), inst("b", 2)
+    for i in (a, b):
+        regs.write(i.key, i, Cause("check_passed"))
+    release, put = threading.Event(), rec.register
+
+    def slow(instance: Instance) -> None:
+        if instance.key == a.key:
+            assert release.wait(5)
+        put(instance)
+
+    rec.register = slow  # type: ignore[method-assign]
+    before = len(rec.writes)
+    with regs.turn():
+        regs.reconcile(Snapshot(), {a.key: a, b.key: b}, time.monotonic())
+    deadline = time.monotonic() + 5
+    while regs._wishes.wished()[0][0] != a.key:  # a's write under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    regs.want(b.key, None, departs=Cause("die"))  # the agent's decision, under its lock
+    release.set()
+    assert regs.flush(5)
+    assert [(k, v.key if k == "put" else v, v.state.value if k == "put" else "")
+            for k, v in rec.writes[before:]] == [
+        ("put", a.key, "up"), ("put", b.key, "draining"), ("delete", b.key, "")]
+    [history] = regs.history.query(b.key[1])
+    assert not history["live"] and history["state"] == "gone", history
+
+
+def test_a_key_whose_delete_failed_and_the_registry_lost_is_let_go() -> None:
+    """Its delete failed (an outage), and the registry lost it since (the lease expired): a
+    reconcile that finds it neither wanted nor registered lets it go (it was kept as written
+    for good: counted as registered, adopted by a reload, and put back live in its history at
+    the registry's return)."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    regs.write(a.key, a, Cause("check_passed"))
+
+    def lost(*_args: Any) -> None:
+        raise RegistryUnavailable("no member answered within 5s")
+
+    rec.deregister = lost  # type: ignore[method-assign]
+    regs.want(a.key, None, departs=Cause("die"))
+    assert regs.flush(5) and a.key in regs.written
+    with regs.turn():
+        regs.reconcile(Snapshot(), {}, time.monotonic())
+    assert regs.written == {}
+    regs.history.reconnected([a])  # not brought back
+    assert not regs.history.query(a.key[1])[0]["live"]
+
+
+def test_the_writer_goes_on_after_an_unexpected_error(caplog: pytest.LogCaptureFixture) -> None:
+    regs, rec = registrations()
+    put = rec.register
+    calls = []
+
+    def once_broken(instance: Instance) -> None:
+        calls.append(instance.key)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        put(instance)
+
+    rec.register = once_broken  # type: ignore[method-assign]
+    a, b = inst("a", 1), inst("b", 2)
+    regs.want(a.key, a, Cause("check_passed"))
+    assert regs.flush(5)
+    regs.want(b.key, b, Cause("check_passed"))
+    assert regs.flush(5)
+    assert calls == [a.key, b.key] and set(regs.written) == {b.key}
+    assert regs.write_failed and "registry write for a/" in caplog.text  # the reconcile: a
+
+
+def test_a_pending_delete_of_an_adopted_instance_still_deletes_it() -> None:
+    """An earlier run's instance (adopted) not wanted any more, its delete pending when the
+    reconcile runs (at a restart, the writer busy with one write a key): it stays ours and is
+    deleted (the reconcile let go of it, so the delete wrote nothing: up till the resync)."""
+    regs, rec = registrations()
+    k = inst("k", 2)
+    regs.adopt = {k.key}
+    read_at = time.monotonic()
+    with regs.turn():  # a write under way
+        regs.want(k.key, None, Cause("pause"))
+        regs.reconcile(Snapshot({k.key: k}), {}, read_at)
+    assert regs.flush(5) and ("delete", k.key) in rec.writes
+
+
+def test_a_pending_wish_the_same_as_written_still_mends_a_lost_key() -> None:
+    """The registry lost a key (lease expired) whose wish, the same as written (a Docker
+    re-listing), is pending at the reconcile: it is written (skipped as unchanged before)."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    regs.write(a.key, a, Cause("check_passed"))
+    read_at = time.monotonic()
+    with regs.turn():
+        regs.want(a.key, a, Cause("start"))
+        regs.reconcile(Snapshot(), {a.key: a}, read_at)
+    assert regs.flush(5) and [k for k, _ in rec.writes] == ["put", "put"]
+
+
+def test_a_forced_wish_replaced_by_the_same_instance_is_still_written() -> None:
+    regs, rec = registrations()
+    a, release = behind_a_hung_write(regs, rec)
+    regs.want(a.key, a, Cause("reregistered"), force=True)  # the reconcile: the registry lost a
+    regs.want(a.key, a, Cause("start"))  # then the same again, unforced
+    release.set()
+    assert regs.flush(5) and [v.key for _, v in rec.writes].count(a.key) == 2
+
+
+def test_departures_dropped_after_a_lost_link_are_told() -> None:
+    """The writes pending after a lost link are dropped (the reconcile redoes them), their
+    departures told at once (a container that died then stayed live in its history)."""
+    regs, rec = registrations()
+    a, b = inst("a", 1), inst("b", 2)
+    regs.write(b.key, None, Cause("check_failed"))  # b: known, never registered
+    release = threading.Event()
+
+    def lost(_instance: Instance) -> None:
+        assert release.wait(5)
+        raise RegistryUnavailable("no member answered")
+
+    rec.register = lost  # type: ignore[method-assign]
+    regs.want(a.key, a, Cause("check_passed"))
+    deadline = time.monotonic() + 5
+    while regs._wishes.keys():  # a's write under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    regs.want(b.key, None, departs=Cause("die", "exit code 1"))
+    release.set()
+    assert regs.flush(5)
+    assert causes(regs, b.key[1])[-1] == "die" and not regs.history.query(b.key[1])[0]["live"]
+
+
+def test_a_departure_replaced_by_the_containers_return_is_told_first() -> None:
+    regs, rec = registrations()
+    a, release = behind_a_hung_write(regs, rec)
+    regs.want(a.key, None, departs=Cause("die", "exit code 137"))
+    regs.want(a.key, None, Cause("start"))  # restarted (same container): not healthy yet
+    release.set()
+    assert regs.flush(5)
+    assert causes(regs, a.key[1]) == ["check_passed", "die", "start"]
+
+
+def test_a_write_landing_while_the_reconcile_reads_is_not_taken_for_lost() -> None:
+    """Its time is kept once it returned: the read that began before it landed does not show
+    it, and it is not written again as lost (two puts, a false 'reregistered')."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    release, entered = hang(rec, a.key)
+    regs.want(a.key, a, Cause("check_passed"))
+    assert entered.wait(5)
+    read_at = time.monotonic()  # the read begins; it does not show the put under way
+    release.set()
+    assert regs.flush(5)
+    with regs.turn():
+        regs.reconcile(Snapshot(), {a.key: a}, read_at)
+    assert regs.flush(5)
+    assert [k for k, _ in rec.writes] == ["put"] and "reregistered" not in causes(regs, a.key[1])
