@@ -112,7 +112,7 @@ class Agent(AgentViews):
                     continue
                 untold = self.registrations.take_failed()
                 if not self.reconcile() and untold:  # still to tell at the registry's return
-                    self.registrations.unread(not self.registry_connected)  # at once then
+                    self.registrations.unread(self._outage.since is not None)  # at once then
                 due = time.monotonic() + jittered(self.config.resync)
         except Exception:  # a bug: what is registered stays for a restart to adopt (or lapses)
             self._revoke = False

@@ -76,11 +76,15 @@ class History:
         self._live: dict[str, _Entry] = {}
         self._departed: OrderedDict[str, _Entry] = OrderedDict()
 
-    def record(self, service: str, iid: str, node: str, state: str, cause: Cause) -> bool:
+    def record(self, service: str, iid: str, node: str, state: str, cause: Cause,
+               live: bool = False) -> bool:
         """Note ``state`` for an instance; a no-op (False) when it is the state it already had,
-        unless the cause is one of :data:`EVENTS` (worth keeping though nothing changed)."""
+        unless the cause is one of :data:`EVENTS` (worth keeping though nothing changed), or
+        with ``live`` when the instance has left."""
         with self._lock:
             entry = self._live.get(iid)
+            if entry is None and live:
+                return False
             if entry is None:
                 entry = self._departed.pop(iid, None)  # the same container came back
                 if entry is None:
@@ -114,9 +118,8 @@ class History:
         """The registry is back after a disconnection: its client re-puts every record if the
         session or lease expired meanwhile."""
         cause = Cause("registry_reconnected", "records re-put if the session or lease expired")
-        for inst in instances:
-            if self.state(inst.id):  # live: one departed (its delete failed) stays departed
-                self.record(inst.service, inst.id, inst.node, inst.state.value, cause)
+        for inst in instances:  # one departed (its delete failed, or told meanwhile) stays so
+            self.record(inst.service, inst.id, inst.node, inst.state.value, cause, live=True)
 
     def shut_down(self, ids: list[str]) -> None:
         """The agent stops and revokes its registrations."""

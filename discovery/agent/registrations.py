@@ -74,15 +74,22 @@ class Registrations:
              force: bool = False, departs: Cause | None = None) -> None:
         """The registry should hold ``instance`` under ``key`` (or nothing): written soon, by a
         thread of its own, and only the newest wish of a key (:class:`Wish`). Returns at once.
-        Called under the agent's lock: the wishes keep the order of its decisions."""
+        Called under the agent's lock: the wishes keep the order of its decisions; an earlier
+        run's instance (adopted) not wanted any more is adopted no longer from now (the same
+        key back starts afresh: checked, warmed up), its delete forced."""
+        if instance is None and key in self.adopt:
+            self.adopt.discard(key)
+            force = True
         self._wishes.add(key, Wish(instance, cause, force, departs))
 
     def _write_wish(self, key: Key, wish: Wish) -> None:
         """The writer thread's write of one wish (``_io`` held)."""
         if wish.left is not None:
             self.history.depart(key[1], wish.left)
-        if wish.force:
+        if wish.force and wish.instance is not None:
             self.written.pop(key, None)
+        elif wish.force and key not in self.written:
+            self.unsure.add(key)  # may be in the registry (an earlier run's): deleted
         ok = self.write(key, wish.instance, wish.cause)
         if wish.departs is not None:
             self.history.depart(key[1], wish.departs)
@@ -232,10 +239,9 @@ class Registrations:
         lock (``wanted`` decided under it). A key written since ``read_at`` is newer than
         ``snap``, and one with a wish pending is written next: both left alone."""
         touched = {k for k, at in self._touched.items() if at >= read_at}
-        pending = self._wishes.keys()
-        for key in pending - touched - set(snap.instances):
+        for key in self._wishes.keys(puts=True) - touched - set(snap.instances):
             self.written.pop(key, None)  # lost meanwhile: its wish, though the same, writes it
-        newer = pending | touched
+        newer = self._wishes.keys() | touched
         self._touched = {k: at for k, at in self._touched.items() if k in newer}
         ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0

@@ -123,12 +123,13 @@ class Setup:
 
 
 @contextlib.contextmanager
-def agent_on(monkeypatch: pytest.MonkeyPatch, registry: FakeRegistry) -> Iterator[Setup]:
-    """An agent of node n1 on ``registry`` and a :class:`FakeDocker`, its checks stopped
-    afterwards."""
+def agent_on(monkeypatch: pytest.MonkeyPatch, registry: FakeRegistry,
+             check: CheckSpec | None = None) -> Iterator[Setup]:
+    """An agent of node n1 on ``registry`` and a :class:`FakeDocker` (its checks ``check``,
+    by default ``none``), its checks stopped afterwards."""
     monkeypatch.setattr(core, "DockerSource", FakeDocker)
     config = AgentConfig(registry=str(registry.url), node="n1", resync=3600,
-                         check=CheckSpec(type="none"))
+                         check=check or CheckSpec(type="none"))
     agent = core.Agent(config, registry)  # type: ignore[arg-type]
     yield Setup(agent, registry)
     agent.stop()

@@ -76,7 +76,7 @@ def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_wai
 def test_a_reconcile_leaves_a_key_whose_newer_wish_is_pending() -> None:
     """A wish made before the reconcile waits behind the write under way: the reconcile
     leaves that key to it (a, which the registry lost, is not put back up before the kill's
-    delete, which has nothing left to delete)."""
+    drain and delete)."""
     regs, rec = registrations()
     a = inst("a", 1)
     regs.write(a.key, a, Cause("check_passed"))
@@ -85,7 +85,8 @@ def test_a_reconcile_leaves_a_key_whose_newer_wish_is_pending() -> None:
         regs.want(a.key, None, Cause("kill"))
         regs.reconcile(Snapshot(), {a.key: a}, read_at)  # a's lease lost meanwhile
     assert regs.flush(5)
-    assert [(k, v.state.value) for k, v in rec.writes] == [("put", "up")]
+    assert [(k, v.state.value if k == "put" else v) for k, v in rec.writes] == [
+        ("put", "up"), ("put", "draining"), ("delete", a.key)]
     assert a.key not in regs.written and causes(regs, a.key[1]) == ["check_passed", "kill"]
 
 

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from discovery.agent import core
 from discovery.agent.registrations import Registrations
+from discovery.agent.spec import CheckResult, CheckSpec
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
@@ -167,3 +169,36 @@ def test_a_departure_is_not_undone_by_a_write_that_was_under_way(held: Setup) ->
     [history] = held.agent.history.query(service="alpha")
     assert not history["live"] and history["state"] == "gone", history
     assert held.services() == []
+
+
+class Failing:
+    """A check that never passes."""
+
+    def run(self) -> CheckResult:
+        return CheckResult(False, "connection refused")
+
+
+def test_an_adopted_instance_restarted_while_its_delete_is_pending_starts_afresh(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier run's instance (adopted at a hand-over, its check starting healthy) whose
+    container restarted, seen by a Docker listing while another write hangs: its adoption
+    ends with the delete decided, not written (the new run was taken for adopted: healthy at
+    once, no warm-up, and the old run never drained: up while its container restarted)."""
+    monkeypatch.setattr(core, "build_check", lambda _spec, _target: Failing())
+    registry = FakeRegistry()
+    with agent_on(monkeypatch, registry, CheckSpec(type="tcp", interval=60)) as made:
+        attrs = made.run("a", "alpha")
+        made.agent._on_sync([attrs])  # not healthy: not registered
+        earlier = made.agent._tracked.pop(attrs["Id"])
+        earlier.stop_runners()
+        [(key, inst)] = earlier.instances.items()
+        registry.data[key] = inst  # as after a hand-over: the predecessor's, adopted
+        made.agent.registrations.load()
+        made.agent._on_sync([attrs])
+        assert made.services() == ["alpha"]  # adopted: healthy at once
+        attrs["State"]["StartedAt"] = "2024-01-01T00:01:00.000000000Z"  # restarted
+        with made.agent.registrations.turn():  # another write under way
+            made.agent._on_sync([attrs])
+        assert made.services() == []  # drained and deleted
+        [tracked] = made.agent._tracked.values()
+        assert not tracked.runners[key].healthy
