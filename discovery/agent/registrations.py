@@ -266,5 +266,5 @@ class Registrations:
             del self.written[key]  # its delete failed, and the registry has lost it since
         self.adopt &= set(wanted) | newer  # a pending delete of an adopted one: still ours
         log.log(logging.INFO if fixed else logging.DEBUG,
-                "reconcile: %d wanted, %d in registry, %d to fix",
+                "reconcile done: %d wanted, %d in registry, %d to fix (queued)",
                 len(wanted), len(ours), fixed)
