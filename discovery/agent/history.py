@@ -72,7 +72,7 @@ class History:
 
     def __init__(self, per_instance: int = PER_INSTANCE, departed: int = DEPARTED) -> None:
         self.per_instance, self.departed_max = per_instance, departed
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._live: dict[str, _Entry] = {}
         self._departed: OrderedDict[str, _Entry] = OrderedDict()
 
@@ -102,12 +102,11 @@ class History:
 
     def depart(self, iid: str, cause: Cause) -> None:
         """The instance left: note ``gone`` with ``cause`` and keep its history (bounded)."""
-        with self._lock:
+        with self._lock:  # (re-entered by record: nothing recorded between the two)
             entry = self._live.get(iid)
-        if entry is None:
-            return
-        self.record(entry.service, iid, entry.node, "gone", cause)
-        with self._lock:
+            if entry is None:
+                return
+            self.record(entry.service, iid, entry.node, "gone", cause)
             entry = self._live.pop(iid, entry)
             entry.left_at = time.time()
             self._departed[iid] = entry

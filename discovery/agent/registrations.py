@@ -76,20 +76,18 @@ class Registrations:
         thread of its own, and only the newest wish of a key (:class:`Wish`). Returns at once.
         Called under the agent's lock: the wishes keep the order of its decisions; an earlier
         run's instance (adopted) not wanted any more is adopted no longer from now (the same
-        key back starts afresh: checked, warmed up), its delete forced."""
+        key back starts afresh: checked, warmed up) and stays ours to delete (``unsure``)."""
         if instance is None and key in self.adopt:
+            self.unsure.add(key)
             self.adopt.discard(key)
-            force = True
         self._wishes.add(key, Wish(instance, cause, force, departs))
 
     def _write_wish(self, key: Key, wish: Wish) -> None:
         """The writer thread's write of one wish (``_io`` held)."""
         if wish.left is not None:
             self.history.depart(key[1], wish.left)
-        if wish.force and wish.instance is not None:
+        if wish.force:
             self.written.pop(key, None)
-        elif wish.force and key not in self.written:
-            self.unsure.add(key)  # may be in the registry (an earlier run's): deleted
         ok = self.write(key, wish.instance, wish.cause)
         if wish.departs is not None:
             self.history.depart(key[1], wish.departs)
@@ -239,9 +237,10 @@ class Registrations:
         lock (``wanted`` decided under it). A key written since ``read_at`` is newer than
         ``snap``, and one with a wish pending is written next: both left alone."""
         touched = {k for k, at in self._touched.items() if at >= read_at}
-        for key in self._wishes.keys(puts=True) - touched - set(snap.instances):
-            self.written.pop(key, None)  # lost meanwhile: its wish, though the same, writes it
-        newer = self._wishes.keys() | touched
+        pending = self._wishes.keys()
+        missing = {k for k in pending - touched - set(snap.instances) if k in self.written}
+        self._wishes.force(missing)  # lost meanwhile: a pending put, though the same, written
+        newer = pending | touched
         self._touched = {k: at for k, at in self._touched.items() if k in newer}
         ours = {k: i for k, i in snap.instances.items() if i.node == self.node and k not in newer}
         fixed = 0

@@ -28,9 +28,7 @@ class Wish(NamedTuple):
 
     instance: Instance | None
     cause: Cause | None = None  # noted in the instance's history once written
-    # written even if the same as the last write (the registry lost it); a delete: even if
-    # it looks not ours (an earlier run's, adopted, whose adoption ended with this wish)
-    force: bool = False
+    force: bool = False  # a put written even if the same as the last write (the registry lost it)
     departs: Cause | None = None  # the instance left (its history says why, once written)
     left: Cause | None = None  # it had left before this wish (a departure it replaced)
 
@@ -45,14 +43,13 @@ class Wishes:
         self._current: tuple[Key, Wish] | None = None  # the write under way
 
     def add(self, key: Key, wish: Wish) -> None:
-        """``wish`` for ``key``, in place of one not yet written: its ``force`` kept unless a
-        delete replaces a forced put (the registry still lacks it, or may hold what an earlier
-        run wrote), its departure kept as ``left`` (the same container back: the history
-        tells both, in order)."""
+        """``wish`` for ``key``, in place of one not yet written: its ``force`` kept while an
+        instance is wanted (the registry still lacks it), its departure kept as ``left`` (the
+        same container back: the history tells both, in order)."""
         with self._idle:
             old = self._pending.get(key)
             if old is not None:
-                if old.force and (wish.instance is not None or old.instance is None):
+                if old.force and wish.instance is not None:
                     wish = wish._replace(force=True)
                 if (old.departs or old.left) and not wish.departs:
                     wish = wish._replace(left=old.departs or old.left)
@@ -86,10 +83,19 @@ class Wishes:
                 finally:
                     self._current = None
 
-    def keys(self, puts: bool = False) -> set[Key]:
-        """The keys with a wish not yet written (``puts``: of an instance)."""
+    def keys(self) -> set[Key]:
+        """The keys with a wish not yet written."""
         with self._idle:
-            return {k for k, w in self._pending.items() if not puts or w.instance is not None}
+            return set(self._pending)
+
+    def force(self, keys: set[Key]) -> None:
+        """Those of ``keys`` whose pending wish is a put: written even if the same as the last
+        write (the registry lost them)."""
+        with self._idle:
+            for key in keys:
+                wish = self._pending.get(key)
+                if wish is not None and wish.instance is not None:
+                    self._pending[key] = wish._replace(force=True)
 
     def wished(self) -> list[tuple[Key, Wish]]:
         """The write under way, then the pending ones, oldest first."""

@@ -180,9 +180,12 @@ def test_a_pending_delete_of_an_adopted_instance_still_deletes_it() -> None:
     assert regs.flush(5) and ("delete", k.key) in rec.writes
 
 
-def test_a_pending_wish_the_same_as_written_still_mends_a_lost_key() -> None:
+@pytest.mark.parametrize("dies", [False, True])
+def test_a_pending_wish_the_same_as_written_still_mends_a_lost_key(dies: bool) -> None:
     """The registry lost a key (lease expired) whose wish, the same as written (a Docker
-    re-listing), is pending at the reconcile: it is written (skipped as unchanged before)."""
+    re-listing), is pending at the reconcile: it is written (skipped as unchanged before).
+    If the container dies before that write, it is drained and deleted (the read may have
+    missed it: a backend's re-put, an index gap; the delete found it not ours before)."""
     regs, rec = registrations()
     a = inst("a", 1)
     regs.write(a.key, a, Cause("check_passed"))
@@ -190,7 +193,11 @@ def test_a_pending_wish_the_same_as_written_still_mends_a_lost_key() -> None:
     with regs.turn():
         regs.want(a.key, a, Cause("start"))
         regs.reconcile(Snapshot(), {a.key: a}, read_at)
-    assert regs.flush(5) and [k for k, _ in rec.writes] == ["put", "put"]
+        if dies:
+            regs.want(a.key, None, departs=Cause("die"))
+    assert regs.flush(5)
+    assert [(k, v.state.value if k == "put" else "") for k, v in rec.writes[1:]] == (
+        [("put", "draining"), ("delete", "")] if dies else [("put", "up")])
 
 
 def test_a_forced_wish_replaced_by_the_same_instance_is_still_written() -> None:
@@ -251,3 +258,15 @@ def test_a_write_landing_while_the_reconcile_reads_is_not_taken_for_lost() -> No
         regs.reconcile(Snapshot(), {a.key: a}, read_at)
     assert regs.flush(5)
     assert [k for k, _ in rec.writes] == ["put"] and "reregistered" not in causes(regs, a.key[1])
+
+
+def test_an_adopted_instance_unwanted_then_wanted_then_unwanted_is_still_deleted() -> None:
+    """An earlier run's instance: its check fails, passes, fails again, all behind a write
+    under way; the earlier run's record is deleted (the last delete found it not ours)."""
+    regs, rec = registrations()
+    k = inst("k", 3)
+    regs.adopt = {k.key}
+    with regs.turn():
+        for wish in (None, k, None):
+            regs.want(k.key, wish, Cause("check_passed" if wish else "check_failed"))
+    assert regs.flush(5) and rec.writes == [("delete", k.key)] and not regs.unsure
