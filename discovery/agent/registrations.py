@@ -139,7 +139,7 @@ class Registrations:
         have = self.written.get(key)
         now = time.time()  # registered_at and the stage stamps: for propagation
         seen = cause.at if cause is not None else now
-        touching = False  # a write, not a call that skips: its time kept once it returned
+        touching = False  # a write, not a call that skips: its time kept once it succeeded
         try:
             if instance is None:
                 ours = touching = have is not None or key in self.adopt or key in self.unsure
@@ -172,13 +172,13 @@ class Registrations:
                 self.metrics.registered()
                 self.written[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
-        except RegistryError as exc:
+        except RegistryError as exc:  # the reconcile it wakes looks at it whatever it reads
+            self._touched.pop(key, None)
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False
-        finally:  # (a write landing while a reconcile reads is newer than what it read)
-            if touching:
-                self._touched[key] = time.monotonic()
+        if touching:  # (a write landing while a reconcile reads is newer than what it read)
+            self._touched[key] = time.monotonic()
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
@@ -249,7 +249,11 @@ class Registrations:
                 continue
             present = ours.get(key)
             mine = key in self.written
-            if not mine or present is None or not present.same_registration(inst):
+            # unsure: its write's answer was lost, the read may show it landed; written again
+            # all the same, so that the backend's own record (what it puts back after a lease
+            # or session expiry) is it, not the value before
+            if (not mine or present is None or not present.same_registration(inst)
+                    or key in self.unsure):
                 lost = mine and present is None  # session expired or lease lost meanwhile
                 self.want(key, inst, Cause("reregistered" if lost else "reconcile",
                                            LOST if lost else ""), force=True)

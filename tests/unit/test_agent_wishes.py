@@ -14,7 +14,7 @@ import pytest
 from discovery.agent.history import Cause
 from discovery.agent.registrations import Registrations
 from discovery.errors import RegistryUnavailable
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.registry import Snapshot
 from tests.unit.test_agent_departure import Recorder, inst, registrations
 
@@ -270,3 +270,34 @@ def test_an_adopted_instance_unwanted_then_wanted_then_unwanted_is_still_deleted
         for wish in (None, k, None):
             regs.want(k.key, wish, Cause("check_passed" if wish else "check_failed"))
     assert regs.flush(5) and rec.writes == [("delete", k.key)] and not regs.unsure
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_write_whose_answer_was_lost_is_written_again(landed: bool) -> None:
+    """The draining write's answer was lost (the member stopped: no answer within the
+    timeout), and the reconcile its failure wakes reads. Written again in either case:
+    - it landed all the same once the member ran again (the read shows it, as wanted): so
+      that the backend's own record is it (left at ``up``, it put ``up`` back after the
+      lease expired);
+    - it did not, and the read began just before the failure returned: it is no newer than
+      that read (taken for newer, it was skipped, the instance left ``up`` till the resync).
+    Both seen in the SIGSTOP integration test (test_agent.py), about 1 run in 8."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    draining = a.with_state(State.DRAINING)
+    regs.write(a.key, a, Cause("check_passed"))
+    put = rec.register
+
+    def lost(_instance: Instance) -> None:
+        raise RegistryUnavailable("no member answered within 5s")
+
+    rec.register = lost  # type: ignore[method-assign]
+    read_at = time.monotonic()
+    regs.want(a.key, draining, Cause("maintenance_on"))
+    assert regs.flush(5) and a.key in regs.unsure
+    rec.register = put  # type: ignore[method-assign]
+    with regs.turn():
+        regs.reconcile(Snapshot({a.key: draining if landed else a}), {a.key: draining},
+                       read_at if not landed else time.monotonic())
+    assert regs.flush(5) and [v.state for _, v in rec.writes] == [State.UP, State.DRAINING]
+    assert not regs.unsure
