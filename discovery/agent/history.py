@@ -68,7 +68,8 @@ class _Entry:
 
 
 class History:
-    """Thread-safe; every method is cheap (called under the agent's lock)."""
+    """Thread-safe; every method is cheap (called under the agent's lock and by the thread
+    that writes to the registry)."""
 
     def __init__(self, per_instance: int = PER_INSTANCE, departed: int = DEPARTED) -> None:
         self.per_instance, self.departed_max = per_instance, departed

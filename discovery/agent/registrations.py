@@ -61,8 +61,7 @@ class Registrations:
         self._io = threading.Lock()  # held by the write under way, and by the reconcile
         self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
-        self._wishes = Wishes(self._write_wish, self._io,
-                              lambda: self.failed(RegistryError("unexpected error")))
+        self._wishes = Wishes(self._write_wish, self._io, self._broken)
 
     def load(self) -> int:
         """At start: this node's entries left by an earlier run, to adopt (their checks start
@@ -95,6 +94,11 @@ class Registrations:
             dropped = self._drop()
             if dropped:
                 log.warning("%d more registry writes left to the reconcile", dropped)
+
+    def _broken(self, key: Key) -> None:
+        """A write ended in an unexpected error (a bug, logged): it may have landed."""
+        self.unsure.add(key)
+        self.failed(RegistryError("unexpected error"))
 
     def _drop(self) -> int:
         """Forget the pending wishes (their departures told: the reconcile cannot); how many."""
@@ -172,8 +176,7 @@ class Registrations:
                 self.metrics.registered()
                 self.written[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
-        except RegistryError as exc:  # the reconcile it wakes looks at it whatever it reads
-            self._touched.pop(key, None)
+        except RegistryError as exc:  # not stamped: the reconcile it wakes looks at it
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False

@@ -35,7 +35,7 @@ class Wish(NamedTuple):
 
 class Wishes:
     def __init__(self, write: Callable[[Key, Wish], None], io: threading.Lock,
-                 on_error: Callable[[], object]) -> None:
+                 on_error: Callable[[Key], object]) -> None:
         self._write, self._io, self._on_error = write, io, on_error
         self._pending: dict[Key, Wish] = {}
         self._idle = threading.Condition()  # guards the three below; told when all is done
@@ -79,7 +79,7 @@ class Wishes:
                     self._write(*self._current)
                 except Exception:  # a bug: logged; the writer goes on, the reconcile mends
                     log.exception("registry write for %s/%s failed", *key)
-                    self._on_error()
+                    self._on_error(key)
                 finally:
                     self._current = None
 

@@ -164,6 +164,7 @@ def test_the_writer_goes_on_after_an_unexpected_error(caplog: pytest.LogCaptureF
     assert regs.flush(5)
     assert calls == [a.key, b.key] and set(regs.written) == {b.key}
     assert regs.write_failed and "registry write for a/" in caplog.text  # the reconcile: a
+    assert regs.unsure == {a.key}  # it may have landed: written again whatever is read
 
 
 def test_a_pending_delete_of_an_adopted_instance_still_deletes_it() -> None:
@@ -301,3 +302,23 @@ def test_a_write_whose_answer_was_lost_is_written_again(landed: bool) -> None:
                        read_at if not landed else time.monotonic())
     assert regs.flush(5) and [v.state for _, v in rec.writes] == [State.UP, State.DRAINING]
     assert not regs.unsure
+
+
+def test_a_failed_write_keeps_the_time_of_the_write_before_it() -> None:
+    """A reconcile's read begins (it will not show a); a's put lands, then its delete's
+    draining put gets no answer. The reconcile does not take a as lost and forget it: the
+    next one deletes it (a failure erased the put's time, and the dead container's ``up``
+    record stayed till the resync)."""
+    regs, rec = registrations()
+    a = inst("a", 1)
+    read_at = time.monotonic()
+    regs.write(a.key, a, Cause("check_passed"))
+
+    def lost(_instance: Instance) -> None:
+        raise RegistryUnavailable("no member answered within 5s")
+
+    rec.register = lost  # type: ignore[method-assign]
+    assert not regs.write(a.key, None, Cause("die"))
+    with regs.turn():
+        regs.reconcile(Snapshot(), {}, read_at)
+    assert a.key in regs.written
