@@ -125,6 +125,10 @@ class Metrics:
             registry=r)
         self.docker_connected = Gauge(
             "discovery_docker_connected", "1 while connected to dockerd, else 0.", registry=r)
+        self.writes_pending = Gauge(
+            "discovery_agent_writes_pending",
+            "Registry writes the agent has decided and not yet made (the one under way too).",
+            registry=r)
         self.catalog_instances = Gauge(
             "discovery_catalog_instances", "Instances in the watcher's catalog.", registry=r)
         self.catalog_index = Gauge(
@@ -176,6 +180,10 @@ class Metrics:
     def docker_event(self, action: str) -> None:
         """One Docker event (its ``Action``, e.g. ``"die"`` or ``"health_status: healthy"``)."""
         self.docker_events.labels(action=docker_action(action)).inc()
+
+    def follow_writes(self, pending: Callable[[], int]) -> None:
+        """``discovery_agent_writes_pending`` reads ``pending()`` at each scrape."""
+        self.writes_pending.set_function(pending)
 
     def docker_state(self, up: bool) -> None:
         self.docker_connected.set(1 if up else 0)

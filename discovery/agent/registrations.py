@@ -62,6 +62,7 @@ class Registrations:
         self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
         self._wishes = Wishes(self._write_wish, self._io, self._broken)
+        metrics.follow_writes(self._wishes.count)
 
     def load(self) -> int:
         """At start: this node's entries left by an earlier run, to adopt (their checks start

@@ -83,6 +83,11 @@ class Wishes:
                 finally:
                     self._current = None
 
+    def count(self) -> int:
+        """The wishes not yet written, the one under way included."""
+        with self._idle:
+            return len(self._pending) + (self._current is not None)
+
     def keys(self) -> set[Key]:
         """The keys with a wish not yet written."""
         with self._idle:

@@ -202,3 +202,20 @@ def test_an_adopted_instance_restarted_while_its_delete_is_pending_starts_afresh
         assert made.services() == []  # drained and deleted
         [tracked] = made.agent._tracked.values()
         assert not tracked.runners[key].healthy
+
+
+def test_the_writes_waiting_on_the_registry_are_a_metric(held: Setup) -> None:
+    """``discovery_agent_writes_pending``: the one under way and those behind it."""
+    reg = registry(held)
+    metrics = held.agent.metrics
+    assert metrics.registry.get_sample_value("discovery_agent_writes_pending") == 0
+    held.run("a", "alpha")
+    held.agent._on_sync(list(held.docker.running.values()))
+    assert reg.entered.wait(5)
+    held.agent.set_maint(None, True)  # alpha's draining, behind its registration
+    held.event("start", held.run("b", "beta"), flush=False)
+    wait_pending(held.agent.registrations, 2)  # beta's check passed too
+    assert metrics.registry.get_sample_value("discovery_agent_writes_pending") == 3
+    reg.release.set()
+    assert held.agent.registrations.flush(5)
+    assert metrics.registry.get_sample_value("discovery_agent_writes_pending") == 0

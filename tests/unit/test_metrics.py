@@ -28,6 +28,7 @@ ALL = {
     "discovery_dns_queries": "counter",
     "discovery_registry_connected": "gauge",
     "discovery_docker_connected": "gauge",
+    "discovery_agent_writes_pending": "gauge",
     "discovery_catalog_instances": "gauge",
     "discovery_catalog_index": "gauge",
     "discovery_haproxy_last_reload_timestamp_seconds": "gauge",
