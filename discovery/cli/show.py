@@ -42,8 +42,7 @@ def show(service: str, registry: str, fmt: str, timeout: float, agent_http: str 
     try:
         reg = open_registry(registry, timeout=timeout)
         try:
-            found = [i for i in reg.snapshot({service}).instances.values()  # that one only
-                     if i.service == service]
+            found = list(reg.snapshot({service}).instances.values())  # that one only
         finally:
             reg.close(revoke=False)
     except DiscoveryError as exc:

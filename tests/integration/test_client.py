@@ -287,6 +287,7 @@ def test_a_watch_reads_and_follows_its_service_only(registry_url: str, writer: R
                  timeout=15, message="the whole catalog")
         assert client._live.catalog is not None and client._live.catalog.size() == 2
         after = client._registry.reads.counts() - mine  # type: ignore[attr-defined]
-        assert after.bytes < 2 * mine.bytes + 1000, after  # web's change, not other's
+        # web's change, one record, not other's too (2), and no read of everything again
+        assert (after.keys, after.full_reads) == (1, 0), after
         client.follow("db")  # a new watch of both: the registry lets the stopped one go
         assert len(client._registry._watches) == 1  # type: ignore[attr-defined]

@@ -239,16 +239,19 @@ def test_a_read_that_times_out_on_a_kept_connection_is_tried_again_on_a_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A write fails with no answer, and so does the reconcile's read, while the registry
     never reported itself down (ZooKeeper: a request timed out on a connection kept): no
-    return will come to wait for, so the failed writes are tried again on the retry's turn
-    (they waited for the next resync)."""
+    return will come to wait for, so the reconcile for the failed writes is tried again on
+    the retry's turn, 0.25 s then doubling (it waited for the next resync, 30 s)."""
     reg, agent = new_agent(monkeypatch, lambda w: 20.0)
+    monkeypatch.setattr(retry, "jittered", lambda seconds, _fraction=0.1: seconds)  # the turns
     with running(agent):
         first_reconcile(reg, agent)
         reg.failing = True  # reads time out; the listeners hear nothing
         agent.registrations.failed(RegistryUnavailable("no member answered within 5s"))
         n = len(reg.node_reads)
         wait_reads(reg, n + 3, 5)  # the reconcile's read, then again on its turn, and again
-        reg.failing = False
+        times = reg.node_reads[n:n + 3]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps[0] >= 0.2 and gaps[1] >= 0.4, times  # its turns, not the round-trip rate
 
 
 def test_a_fleet_refused_at_once_tries_its_writes_again_apart() -> None:
@@ -271,8 +274,8 @@ def test_a_fleet_refused_at_once_tries_its_writes_again_apart() -> None:
 def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A config push sends SIGHUP to the whole fleet at once: each agent applies it at once
-    (Docker listed again, what changed written), and reads the registry for its reconcile at
-    a random moment within a resync period (it read at once: every host in the same second)."""
+    (its new zone in effect), and reads the registry for its reconcile at a random moment
+    within a resync period (it read at once: every host in the same second)."""
     from dataclasses import replace
 
     class ListedDocker(FakeDocker):
@@ -295,9 +298,9 @@ def test_a_sighup_reconciles_at_a_random_moment_within_a_resync_period(
 
 def test_a_reload_docker_refuses_is_tried_again_later_and_a_second_sighup_is_not_delayed(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A SIGHUP while Docker cannot be listed keeps the old configuration and tries again
-    within a resync period (it spun: a listing a loop, 254,760 in 1.2 s, found by a review);
-    a SIGHUP that comes while a reload lists Docker is applied right after it."""
+    """A SIGHUP while Docker cannot be listed keeps the old configuration and the new one for
+    a later try, within a resync period (it spun: a listing a loop, 254,760 in 1.2 s, found by
+    a review); a SIGHUP that comes while a reload lists Docker is applied right after it."""
     from dataclasses import replace
 
     from discovery.errors import DockerUnavailable

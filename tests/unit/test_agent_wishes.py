@@ -19,15 +19,24 @@ from discovery.registry import Snapshot
 from tests.unit.test_agent_departure import Recorder, inst, registrations
 
 
-def hang(rec: Recorder, key: tuple[str, str]) -> tuple[threading.Event, threading.Event]:
+def lost(*_args: Any) -> None:
+    """A registry call no member answered."""
+    raise RegistryUnavailable("no member answered within 5s")
+
+
+def hang(rec: Recorder, key: tuple[str, str], fail: bool = False,
+         ) -> tuple[threading.Event, threading.Event]:
     """``rec``'s first put of ``key`` waits for the first event returned (a member that does
-    not answer); the second is set once it waits."""
+    not answer), then is made (or, with ``fail``, gets no answer); the second event is set
+    once it waits."""
     release, entered, put = threading.Event(), threading.Event(), rec.register
 
     def slow(instance: Instance) -> None:
         if instance.key == key and not entered.is_set():
             entered.set()
             assert release.wait(5)
+            if fail:
+                lost()
         put(instance)
 
     rec.register = slow  # type: ignore[method-assign]
@@ -52,24 +61,18 @@ def causes(regs: Registrations, iid: str) -> list[str]:
 def test_pending_writes_at_a_revoking_stop_are_dropped_and_the_one_under_way_waited_for(
 ) -> None:
     regs, rec = registrations()
-    release = threading.Event()
-    put = rec.register
-
-    def slow(instance: Instance) -> None:
-        assert release.wait(5)
-        put(instance)
-
-    rec.register = slow  # type: ignore[method-assign]
     a, b = inst("a", 1), inst("b", 2)
+    release, entered = hang(rec, a.key)
     regs.want(a.key, a, Cause("check_passed"))
-    deadline = time.monotonic() + 5
-    while not regs._wishes.wished():  # under way
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert entered.wait(5)  # under way
     regs.want(b.key, b, Cause("check_passed"))
-    threading.Timer(0.2, release.set).start()
-    regs.stop(revoke=True)
-    assert release.is_set() and regs.flush(0)
+    stopper = threading.Thread(target=regs.stop, kwargs={"revoke": True})
+    stopper.start()
+    stopper.join(0.2)  # an absence window: stop() waits for a's write
+    assert stopper.is_alive()
+    release.set()
+    stopper.join(5)
+    assert not stopper.is_alive() and regs.flush(0)
     assert [v.key for _, v in rec.writes] == [a.key] and set(regs.written) == {a.key}
 
 
@@ -98,21 +101,11 @@ def test_a_decision_after_the_reconcile_wins_over_its_writes() -> None:
     a, b = inst("a", 1), inst("b", 2)
     for i in (a, b):
         regs.write(i.key, i, Cause("check_passed"))
-    release, put = threading.Event(), rec.register
-
-    def slow(instance: Instance) -> None:
-        if instance.key == a.key:
-            assert release.wait(5)
-        put(instance)
-
-    rec.register = slow  # type: ignore[method-assign]
+    release, entered = hang(rec, a.key)
     before = len(rec.writes)
     with regs.turn():
         regs.reconcile(Snapshot(), {a.key: a, b.key: b}, time.monotonic())
-    deadline = time.monotonic() + 5
-    while regs._wishes.wished()[0][0] != a.key:  # a's write under way
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert entered.wait(5)  # a's write under way
     regs.want(b.key, None, departs=Cause("die"))  # the agent's decision, under its lock
     release.set()
     assert regs.flush(5)
@@ -131,11 +124,7 @@ def test_a_key_whose_delete_failed_and_the_registry_lost_is_let_go() -> None:
     regs, rec = registrations()
     a = inst("a", 1)
     regs.write(a.key, a, Cause("check_passed"))
-
-    def lost(*_args: Any) -> None:
-        raise RegistryUnavailable("no member answered within 5s")
-
-    rec.deregister = lost  # type: ignore[method-assign]
+    rec.deregister = lost  # type: ignore[method-assign,assignment]
     regs.want(a.key, None, departs=Cause("die"))
     assert regs.flush(5) and a.key in regs.written
     with regs.turn():
@@ -216,18 +205,9 @@ def test_departures_dropped_after_a_lost_link_are_told() -> None:
     regs, rec = registrations()
     a, b = inst("a", 1), inst("b", 2)
     regs.write(b.key, None, Cause("check_failed"))  # b: known, never registered
-    release = threading.Event()
-
-    def lost(_instance: Instance) -> None:
-        assert release.wait(5)
-        raise RegistryUnavailable("no member answered")
-
-    rec.register = lost  # type: ignore[method-assign]
+    release, entered = hang(rec, a.key, fail=True)
     regs.want(a.key, a, Cause("check_passed"))
-    deadline = time.monotonic() + 5
-    while regs._wishes.keys():  # a's write under way
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert entered.wait(5)  # a's write under way
     regs.want(b.key, None, departs=Cause("die", "exit code 1"))
     release.set()
     assert regs.flush(5)
@@ -288,11 +268,7 @@ def test_a_write_whose_answer_was_lost_is_written_again(landed: bool) -> None:
     draining = a.with_state(State.DRAINING)
     regs.write(a.key, a, Cause("check_passed"))
     put = rec.register
-
-    def lost(_instance: Instance) -> None:
-        raise RegistryUnavailable("no member answered within 5s")
-
-    rec.register = lost  # type: ignore[method-assign]
+    rec.register = lost  # type: ignore[method-assign,assignment]
     read_at = time.monotonic()
     regs.want(a.key, draining, Cause("maintenance_on"))
     assert regs.flush(5) and a.key in regs.unsure
@@ -313,12 +289,14 @@ def test_a_failed_write_keeps_the_time_of_the_write_before_it() -> None:
     a = inst("a", 1)
     read_at = time.monotonic()
     regs.write(a.key, a, Cause("check_passed"))
-
-    def lost(_instance: Instance) -> None:
-        raise RegistryUnavailable("no member answered within 5s")
-
-    rec.register = lost  # type: ignore[method-assign]
+    put = rec.register
+    rec.register = lost  # type: ignore[method-assign,assignment]
     assert not regs.write(a.key, None, Cause("die"))
     with regs.turn():
         regs.reconcile(Snapshot(), {}, read_at)
     assert a.key in regs.written
+    rec.register = put  # type: ignore[method-assign]
+    with regs.turn():  # the next reconcile reads a: drained and deleted
+        regs.reconcile(Snapshot({a.key: a}), {}, time.monotonic())
+    assert regs.flush(5) and [(k, v.state if k == "put" else v) for k, v in rec.writes] == [
+        ("put", State.UP), ("put", State.DRAINING), ("delete", a.key)]

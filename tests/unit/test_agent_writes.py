@@ -19,9 +19,9 @@ import pytest
 from discovery.agent import core
 from discovery.agent.registrations import Registrations
 from discovery.agent.spec import CheckResult, CheckSpec
-from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
+from tests.unit.test_agent_wishes import lost
 
 
 class HeldRegistry(FakeRegistry):
@@ -76,16 +76,21 @@ def wait_pending(regs: Registrations, n: int) -> None:
         time.sleep(0.01)
 
 
-def registry(setup: Setup) -> HeldRegistry:
-    assert isinstance(setup.registry, HeldRegistry)
-    return setup.registry
+def hung_registration(setup: Setup, fail: bool = False) -> tuple[HeldRegistry, dict[str, Any]]:
+    """alpha's container listed (the listing returns at once), its check passed and its
+    registration hanging; with ``fail``, it and every later write get no answer."""
+    reg = setup.registry
+    assert isinstance(reg, HeldRegistry)
+    if fail:
+        reg.outcome = reg.after = lost
+    attrs = setup.run("a", "alpha")
+    within(1, lambda: setup.agent._on_sync(list(setup.docker.running.values())))
+    assert reg.entered.wait(5)
+    return reg, attrs
 
 
 def test_a_write_in_flight_holds_no_event_check_or_maintenance(held: Setup) -> None:
-    reg = registry(held)
-    a = held.run("a", "alpha")
-    within(1, lambda: held.agent._on_sync(list(held.docker.running.values())))
-    assert reg.entered.wait(5)  # its check passed: the registration hangs
+    reg, a = hung_registration(held)
     b = held.run("b", "beta")
     within(1, lambda: held.event("start", b, flush=False))  # a Docker event: handled
     assert within(1, lambda: held.agent.set_maint(None, True))[0]  # maintenance: at once
@@ -103,10 +108,7 @@ def test_a_write_in_flight_holds_no_event_check_or_maintenance(held: Setup) -> N
 
 def test_only_the_newest_wish_of_a_key_is_written(held: Setup) -> None:
     """Wishes that came while a write hung: the newest of each key, once."""
-    reg = registry(held)
-    held.run("a", "alpha")
-    held.agent._on_sync(list(held.docker.running.values()))
-    assert reg.entered.wait(5)
+    reg, _ = hung_registration(held)
     for on in (True, False, True, False, True):
         held.agent.set_maint(None, on)
     reg.release.set()
@@ -118,15 +120,7 @@ def test_a_lost_link_leaves_the_other_pending_writes_to_the_reconcile(
         held: Setup, caplog: pytest.LogCaptureFixture) -> None:
     """Each write to a member that never answers waits its timeout: after one, the writes
     pending are left to the reconcile at the registry's return, not tried one by one."""
-    reg = registry(held)
-
-    def lost() -> None:
-        raise RegistryUnavailable("no member answered within 5s")
-
-    reg.outcome = reg.after = lost
-    held.run("a", "alpha")
-    held.agent._on_sync(list(held.docker.running.values()))
-    assert reg.entered.wait(5)
+    reg, _ = hung_registration(held, fail=True)
     for cid, service in (("b", "beta"), ("c", "gamma"), ("d", "delta")):
         held.event("start", held.run(cid, service), flush=False)
     wait_pending(held.agent.registrations, 3)  # their checks passed
@@ -145,10 +139,7 @@ def test_a_reload_keeps_healthy_an_instance_whose_registration_is_pending(
         held: Setup) -> None:
     """A SIGHUP re-checks every instance, those registered starting healthy; one whose
     registration is under way or pending counts as registered (it flapped down, then up)."""
-    reg = registry(held)
-    held.run("a", "alpha")
-    held.agent._on_sync(list(held.docker.running.values()))
-    assert reg.entered.wait(5)
+    reg, _ = hung_registration(held)
     assert {key[0] for key in held.agent.registrations.held()} == {"alpha"}  # under way
     assert held.agent._reload(held.agent.config)
     reg.release.set()
@@ -159,10 +150,7 @@ def test_a_reload_keeps_healthy_an_instance_whose_registration_is_pending(
 def test_a_departure_is_not_undone_by_a_write_that_was_under_way(held: Setup) -> None:
     """The container died while its registration hung: the write, told last, does not bring
     it back to life in the instance's history (it showed live and up for good)."""
-    reg = registry(held)
-    a = held.run("a", "alpha")
-    held.agent._on_sync(list(held.docker.running.values()))
-    assert reg.entered.wait(5)
+    reg, a = hung_registration(held)
     held.event("die", a, later(a), flush=False, exitCode="1")
     reg.release.set()
     assert held.agent.registrations.flush(5)
@@ -183,7 +171,7 @@ def test_an_adopted_instance_restarted_while_its_delete_is_pending_starts_afresh
     """An earlier run's instance (adopted at a hand-over, its check starting healthy) whose
     container restarted, seen by a Docker listing while another write hangs: its adoption
     ends with the delete decided, not written (the new run was taken for adopted: healthy at
-    once, no warm-up, and the old run never drained: up while its container restarted)."""
+    once, no warm-up, and the old run's record never deleted: up while it restarted)."""
     monkeypatch.setattr(core, "build_check", lambda _spec, _target: Failing())
     registry = FakeRegistry()
     with agent_on(monkeypatch, registry, CheckSpec(type="tcp", interval=60)) as made:
@@ -199,19 +187,16 @@ def test_an_adopted_instance_restarted_while_its_delete_is_pending_starts_afresh
         attrs["State"]["StartedAt"] = "2024-01-01T00:01:00.000000000Z"  # restarted
         with made.agent.registrations.turn():  # another write under way
             made.agent._on_sync([attrs])
-        assert made.services() == []  # drained and deleted
+        assert made.services() == [] and registry.log[-1] == ("delete", key)
         [tracked] = made.agent._tracked.values()
         assert not tracked.runners[key].healthy
 
 
 def test_the_writes_waiting_on_the_registry_are_a_metric(held: Setup) -> None:
     """``discovery_agent_writes_pending``: the one under way and those behind it."""
-    reg = registry(held)
     metrics = held.agent.metrics
     assert metrics.registry.get_sample_value("discovery_agent_writes_pending") == 0
-    held.run("a", "alpha")
-    held.agent._on_sync(list(held.docker.running.values()))
-    assert reg.entered.wait(5)
+    reg, _ = hung_registration(held)
     held.agent.set_maint(None, True)  # alpha's draining, behind its registration
     held.event("start", held.run("b", "beta"), flush=False)
     wait_pending(held.agent.registrations, 2)  # beta's check passed too

@@ -7,6 +7,7 @@ A registry that hands changes over on demand: client logic, no server."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -126,9 +127,16 @@ def test_services_added_at_once_from_two_threads_are_both_followed(
     snap = fleet()
     fake = opened(monkeypatch, snap)
     read = fake.snapshot
+    reads, second, order = itertools.count(), threading.Event(), []
 
     def slow(services: Collection[str] | None = None) -> Snapshot:
-        time.sleep(0.1)
+        n = next(reads)  # 0: s01's; 1 and 2: the two threads'
+        order.append(f"start {n}")
+        if n == 1:  # a read that could start meanwhile would land first, this one after it
+            second.wait(0.5)  # an absence window: none may start
+        elif n == 2:
+            second.set()
+        order.append(f"end {n}")
         return read(services)
 
     fake.snapshot = slow  # type: ignore[method-assign]
@@ -141,6 +149,8 @@ def test_services_added_at_once_from_two_threads_are_both_followed(
             t.start()
         for t in threads:
             t.join(10)
+            assert not t.is_alive()
+        assert order[2:] == ["start 1", "end 1", "start 2", "end 2"], order  # one at a time
         assert client._live.services == frozenset({"s01", "s02", "s03"})
         for name, rec in seen.items():
             rec.wait(1)

@@ -96,6 +96,7 @@ def test_stop_waits_for_a_running_callback_and_none_starts_after(
         deadline = time.monotonic() + 5  # the first call made (changes before it join it)
         while not calls and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert calls
         put(2)
         assert entered.wait(5)  # the second call is running
         stopper = threading.Thread(target=lambda: (handle.stop(), stopped.set()))
