@@ -103,7 +103,7 @@ class Agent(AgentViews):
                         continue
                     self.registrations.retry_now()
                 if (self._outage.holds_back(self.config.resync)
-                        and not self.registrations.write_failed):
+                        and not self.registrations.owed()):
                     # Its read would go out with the fleet's as the registry comes back; its
                     # return schedules one (above). Down longer: Outage.holds_back.
                     due = time.monotonic() + jittered(self.config.resync)

@@ -18,6 +18,13 @@ check transition or ``PUT /v1/agent/maint`` meanwhile (three such writes held th
 After such a lost link the wishes still pending are left to the reconcile at the registry's
 return. The reconcile, too, only adds wishes, under the agent's lock and this class's ``_io``
 (no write under way): a decision made after it (a kill) replaces its wish for that key.
+
+A put whose answer was lost (no member answered within the request's timeout) may still land
+later, once the member that holds it runs again: after a later write of the same key (a
+delete, the container dead) it would put back what that write replaced, a dead container
+``up``, until the next resync (30 s by default). So the first write of that key to succeed
+afterwards asks for one more reconcile (:meth:`Registrations.recheck_due`), twice the lost
+put's wait later (±10 %): it deletes, or writes again, what landed late.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from discovery.errors import RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.registry import Registry, Snapshot
-from discovery.retry import RetryAt
+from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
 STOP_WAIT = 5.0  # seconds the writes left at the agent's stop get
@@ -61,6 +68,9 @@ class Registrations:
         self._io = threading.Lock()  # held by the write under way, and by the reconcile
         self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
+        self._late: dict[Key, float] = {}  # key -> how long its put waited, its answer lost
+        self._recheck = math.inf  # a reconcile for a lost put that may land late (monotonic)
+        self._moved = False  # the run loop was woken for a new _recheck only
         self._wishes = Wishes(self._write_wish, self._io, self._broken)
         metrics.follow_writes(self._wishes.count)
 
@@ -165,12 +175,15 @@ class Registrations:
             elif have is None or not have.same_registration(instance):
                 touching = True
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
+                began = time.monotonic()
                 try:
                     self.registry.register(instance)
                 except RegistryDenied:  # refused, so not written: nothing to delete later
                     raise
-                except RegistryError:  # its answer lost, perhaps written all the same
+                except RegistryError as exc:  # its answer lost, perhaps written all the same
                     self.unsure.add(key)
+                    if isinstance(exc, RegistryUnavailable):  # it may land later still
+                        self._late[key] = time.monotonic() - began
                     raise
                 self.unsure.discard(key)
                 self.retry.succeeded()
@@ -183,6 +196,8 @@ class Registrations:
             return False
         if touching:  # (a write landing while a reconcile reads is newer than what it read)
             self._touched[key] = time.monotonic()
+            if (waited := self._late.pop(key, None)) is not None:
+                self._recheck_after(key, 2 * waited)
         if cause is not None:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
@@ -204,20 +219,47 @@ class Registrations:
         self._wake()
         return max(self.retry.due - time.monotonic(), 0.0)
 
+    def _recheck_after(self, key: Key, seconds: float) -> None:
+        """A write of ``key`` succeeded after a put of it whose answer was lost: a reconcile
+        in about ``seconds`` finds that put if it landed late (module docstring)."""
+        at = time.monotonic() + jittered(seconds)
+        with self._flag:
+            if at >= self._recheck:
+                return
+            self._recheck, self._moved = at, True
+        log.info("a registration of %s/%s whose answer was lost may still land: a reconcile "
+                 "looks again in %.1f s", *key, at - time.monotonic())
+        self._wake()
+
     def take_failed(self) -> bool:
         """Whether a write failed since the last call, cleared (the reconcile about to run
-        tells them): one step, so a failure meanwhile is not lost."""
+        tells them; a recheck due is made by it): one step, so a failure meanwhile is not
+        lost."""
         with self._flag:
             failed, self.write_failed = self.write_failed, False
+            if time.monotonic() >= self._recheck:
+                self._recheck = math.inf
         return failed
 
+    def owed(self) -> bool:
+        """Whether a reconcile is owed now: a write failed, or a recheck is due."""
+        return self.write_failed or time.monotonic() >= self._recheck
+
     def retry_due(self) -> float:
-        """When failed writes may be tried again (monotonic; inf: none failed)."""
-        return self.retry.due if self.write_failed else math.inf
+        """When failed writes may be tried again, or a lost put looked for (monotonic; inf:
+        neither)."""
+        return min(self.retry.due if self.write_failed else math.inf, self._recheck)
 
     def waits(self, resync_due: float) -> bool:
-        """Whether failed writes wait their turn (the resync, when due, goes on)."""
-        return self.write_failed and time.monotonic() < min(resync_due, self.retry.due)
+        """Whether failed writes wait their turn, or the run loop was woken only to learn of
+        a later recheck (the resync, when due, goes on). A Docker listing that woke it at
+        the same moment is reconciled at the recheck then (twice a request's timeout)."""
+        with self._flag:
+            moved, self._moved = self._moved, False
+        now = time.monotonic()
+        if self.write_failed:
+            return now < min(resync_due, self.retry.due, self._recheck)
+        return moved and now < min(resync_due, self._recheck)
 
     def unread(self, down: bool = True) -> None:
         """The reconcile for failed writes could not read: they wait for the registry's

@@ -20,7 +20,9 @@ from discovery.agent import core
 from discovery.agent.registrations import Registrations
 from discovery.agent.spec import CheckResult, CheckSpec
 from discovery.model import Instance
+from discovery.registry import Snapshot
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on, later
+from tests.unit.test_agent_reconnect import running
 from tests.unit.test_agent_wishes import lost
 
 
@@ -204,3 +206,51 @@ def test_the_writes_waiting_on_the_registry_are_a_metric(held: Setup) -> None:
     reg.release.set()
     assert held.agent.registrations.flush(5)
     assert metrics.registry.get_sample_value("discovery_agent_writes_pending") == 0
+
+
+def test_a_registration_that_lands_after_its_containers_delete_is_looked_for_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """alpha's registration gets no answer (0.3 s: a member that stalls) and its container
+    dies meanwhile; the reconcile that the failure wakes deletes it (it may have landed). The
+    stalled put then lands: one more reconcile, twice its wait after the delete (±10 %),
+    deletes it again, and no other read comes before it. Before, the dead container stayed
+    registered ``up`` until the resync (an hour here; 30 s by default)."""
+    reads: list[float] = []
+    deletes: list[float] = []
+
+    class Stalling(HeldRegistry):
+        def node_snapshot(self, node: str) -> Snapshot:
+            reads.append(time.monotonic())
+            return super().node_snapshot(node)
+
+        def deregister(self, service: str, iid: str) -> None:
+            deletes.append(time.monotonic())
+            super().deregister(service, iid)
+
+        def close(self, revoke: bool = True) -> None:
+            pass
+
+    registry = Stalling()
+    registry.outcome = lost
+    with agent_on(monkeypatch, registry) as made, running(made.agent), \
+            caplog.at_level(logging.INFO, logger="discovery.agent.registrations"):
+        _, a = hung_registration(made)
+        made.event("die", a, later(a), flush=False, exitCode="1")
+        time.sleep(0.3)  # the member stalls
+        registry.release.set()
+        deadline = time.monotonic() + 5
+        while not registry.log:  # the reconcile's delete
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        [(kind, key)] = registry.log
+        [deleted] = deletes
+        assert kind == "delete" and not made.agent._tracked
+        registry.data[key] = Instance(service=key[0], id=key[1], node="n1",
+                                      address="127.0.0.1", port=80, registered_at=1.0)
+        while registry.data:  # the stalled put, landed: deleted again
+            assert time.monotonic() < deadline, registry.data
+            time.sleep(0.005)
+        again = time.monotonic() - deleted
+    [after] = [t - deleted for t in reads if t > deleted]  # one read since the delete
+    assert 0.5 <= after <= again <= 1.5, (after, again)
+    assert "whose answer was lost may still land" in caplog.text
