@@ -201,7 +201,7 @@ class Agent(AgentViews):
                     self._forget(cid, Cause("resync", "no longer running"))
             self._synced = True
         if wake:
-            self._wake.set()
+            self.registrations.reconcile_soon()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")

@@ -19,16 +19,17 @@ After such a lost link the wishes still pending are left to the reconcile at the
 return. The reconcile, too, only adds wishes, under the agent's lock and this class's ``_io``
 (no write under way): a decision made after it (a kill) replaces its wish for that key.
 
-A put whose answer was lost (no member answered within the request's timeout) may still land
+A write whose answer was lost (no member answered within the request's timeout) may still land
 later, once the member that holds it runs again: after a later write of the same key (a
 delete, the container dead) it would put back what that write replaced, a dead container
 ``up``, until the next resync (30 s by default). So the first write of that key to succeed
-afterwards asks for one more reconcile (:meth:`Registrations.recheck_due`), twice the lost
-put's wait later (±10 %): it deletes, or writes again, what landed late.
+afterwards asks for one more reconcile (a *recheck*: :meth:`Registrations.retry_due`), twice
+the lost write's wait later (±10 %): it deletes, or writes again, what landed late.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import threading
@@ -68,9 +69,10 @@ class Registrations:
         self._io = threading.Lock()  # held by the write under way, and by the reconcile
         self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
-        self._late: dict[Key, float] = {}  # key -> how long its put waited, its answer lost
-        self._recheck = math.inf  # a reconcile for a lost put that may land late (monotonic)
-        self._moved = False  # the run loop was woken for a new _recheck only
+        self._late: dict[Key, float] = {}  # key -> how long its write waited, its answer lost
+        self._rechecks: list[float] = []  # heap: reconciles for lost writes (monotonic)
+        self._moved = False  # the run loop was woken to learn of a sooner recheck
+        self._asked = False  # ... or for a reconcile at once (reconcile_soon)
         self._wishes = Wishes(self._write_wish, self._io, self._broken)
         metrics.follow_writes(self._wishes.count)
 
@@ -152,7 +154,7 @@ class Registrations:
         ``cause``: noted in the instance's history (None: the caller notes it). False when the
         write failed (logged; a reconcile is due)."""
         have = self.written.get(key)
-        now = time.time()  # registered_at and the stage stamps: for propagation
+        now, began = time.time(), time.monotonic()  # now: the stamps, for propagation
         seen = cause.at if cause is not None else now
         touching = False  # a write, not a call that skips: its time kept once it succeeded
         try:
@@ -175,15 +177,12 @@ class Registrations:
             elif have is None or not have.same_registration(instance):
                 touching = True
                 instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
-                began = time.monotonic()
                 try:
                     self.registry.register(instance)
                 except RegistryDenied:  # refused, so not written: nothing to delete later
                     raise
-                except RegistryError as exc:  # its answer lost, perhaps written all the same
+                except RegistryError:  # its answer lost, perhaps written all the same
                     self.unsure.add(key)
-                    if isinstance(exc, RegistryUnavailable):  # it may land later still
-                        self._late[key] = time.monotonic() - began
                     raise
                 self.unsure.discard(key)
                 self.retry.succeeded()
@@ -191,6 +190,8 @@ class Registrations:
                 self.written[key] = instance
                 log.info("registered %s/%s at %s:%d", *key, instance.address, instance.port)
         except RegistryError as exc:  # not stamped: the reconcile it wakes looks at it
+            if isinstance(exc, RegistryUnavailable):  # it may land later still
+                self._late[key] = time.monotonic() - began
             log.warning("registry write for %s/%s failed (%s); a reconcile tries again in "
                         "%.2f s", *key, exc, self.failed(exc))
             return False
@@ -220,46 +221,60 @@ class Registrations:
         return max(self.retry.due - time.monotonic(), 0.0)
 
     def _recheck_after(self, key: Key, seconds: float) -> None:
-        """A write of ``key`` succeeded after a put of it whose answer was lost: a reconcile
-        in about ``seconds`` finds that put if it landed late (module docstring)."""
+        """A write of ``key`` succeeded after one whose answer was lost: a reconcile in about
+        ``seconds`` finds that one if it landed late (module docstring)."""
         at = time.monotonic() + jittered(seconds)
+        log.info("a write of %s/%s whose answer was lost may still land: a reconcile looks "
+                 "again in %.1f s", *key, at - time.monotonic())
         with self._flag:
-            if at >= self._recheck:
-                return
-            self._recheck, self._moved = at, True
-        log.info("a registration of %s/%s whose answer was lost may still land: a reconcile "
-                 "looks again in %.1f s", *key, at - time.monotonic())
+            sooner = not self._rechecks or at < self._rechecks[0]
+            heapq.heappush(self._rechecks, at)
+            self._moved |= sooner
+        if sooner:  # the run loop sleeps until a later one, or the resync
+            self._wake()
+
+    def _recheck(self) -> float:
+        """The next recheck (monotonic; inf: none)."""
+        return self._rechecks[0] if self._rechecks else math.inf
+
+    def reconcile_soon(self) -> None:
+        """Wake the run loop for a reconcile at once (Docker listed), never taken for a wake
+        that only tells of a recheck."""
+        with self._flag:
+            self._asked = True
         self._wake()
 
     def take_failed(self) -> bool:
-        """Whether a write failed since the last call, cleared (the reconcile about to run
-        tells them; a recheck due is made by it): one step, so a failure meanwhile is not
-        lost."""
+        """Whether a write failed, or a recheck came due, since the last call, cleared (the
+        reconcile about to run tells them, and one that cannot read leaves them owed: see
+        :meth:`unread`): one step, so a failure meanwhile is not lost."""
         with self._flag:
             failed, self.write_failed = self.write_failed, False
-            if time.monotonic() >= self._recheck:
-                self._recheck = math.inf
+            now = time.monotonic()
+            while self._rechecks and self._rechecks[0] <= now:
+                heapq.heappop(self._rechecks)
+                failed = True
         return failed
 
     def owed(self) -> bool:
         """Whether a reconcile is owed now: a write failed, or a recheck is due."""
-        return self.write_failed or time.monotonic() >= self._recheck
+        return self.write_failed or time.monotonic() >= self._recheck()
 
     def retry_due(self) -> float:
-        """When failed writes may be tried again, or a lost put looked for (monotonic; inf:
+        """When failed writes may be tried again, or the next recheck is due (monotonic; inf:
         neither)."""
-        return min(self.retry.due if self.write_failed else math.inf, self._recheck)
+        return min(self.retry.due if self.write_failed else math.inf, self._recheck())
 
     def waits(self, resync_due: float) -> bool:
         """Whether failed writes wait their turn, or the run loop was woken only to learn of
-        a later recheck (the resync, when due, goes on). A Docker listing that woke it at
-        the same moment is reconciled at the recheck then (twice a request's timeout)."""
+        a sooner recheck (the resync, when due, goes on)."""
         with self._flag:
-            moved, self._moved = self._moved, False
+            moved = self._moved and not self._asked
+            self._moved = self._asked = False
         now = time.monotonic()
         if self.write_failed:
-            return now < min(resync_due, self.retry.due, self._recheck)
-        return moved and now < min(resync_due, self._recheck)
+            return now < min(resync_due, self.retry.due, self._recheck())
+        return moved and now < min(resync_due, self._recheck())
 
     def unread(self, down: bool = True) -> None:
         """The reconcile for failed writes could not read: they wait for the registry's

@@ -5,6 +5,7 @@ reconcile's fixes queued the same way; the history told in the order of the writ
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -300,3 +301,54 @@ def test_a_failed_write_keeps_the_time_of_the_write_before_it() -> None:
         regs.reconcile(Snapshot({a.key: a}), {}, time.monotonic())
     assert regs.flush(5) and [(k, v.state if k == "put" else v) for k, v in rec.writes] == [
         ("put", State.UP), ("put", State.DRAINING), ("delete", a.key)]
+
+
+def lost_after(seconds: float) -> Any:
+    """A registry call no member answered within ``seconds``."""
+    def call(*_args: Any) -> None:
+        time.sleep(seconds)
+        lost()
+    return call
+
+
+def test_each_lost_write_gets_its_own_recheck_and_one_that_cannot_read_stays_owed() -> None:
+    """a's put waited 0.4 s and b's draining put 0.05 s, both unanswered; each instance then
+    deleted. Each lost write is looked for again twice its wait after that delete (±10 %):
+    b's recheck, sooner, does not replace a's. A recheck whose reconcile cannot read is
+    still owed (:meth:`Registrations.unread`)."""
+    regs, rec = registrations()
+    a, b = inst("a", 1), inst("b", 2)
+    regs.write(b.key, b)
+    put = rec.register
+    rec.register = lost_after(0.4)  # type: ignore[method-assign]
+    assert not regs.write(a.key, a)
+    rec.register = lost_after(0.05)  # type: ignore[method-assign]
+    assert not regs.write(b.key, None)  # its draining put
+    assert regs.take_failed() and regs.retry_due() == math.inf  # no recheck before a write
+    rec.register = put  # type: ignore[method-assign]
+    t = time.monotonic()
+    assert regs.write(a.key, None) and regs.write(b.key, None)
+    assert 0.09 <= regs.retry_due() - t <= 0.12  # b's: 2 x 0.05 s
+    deadline = time.monotonic() + 2
+    while not regs.owed():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert regs.take_failed() and not regs.owed()  # b's taken by the reconcile about to run
+    assert 0.72 <= regs.retry_due() - t <= 0.95  # a's still there: 2 x 0.4 s (±10 %)
+    regs.unread(down=False)  # that reconcile could not read: owed at the retry's turn
+    assert regs.write_failed and regs.retry_due() <= time.monotonic() + 0.5
+
+
+def test_a_wake_that_tells_of_a_recheck_is_no_reconcile_but_a_docker_listing_is() -> None:
+    """The run loop, woken to learn of a sooner recheck, waits on (``waits``: True) rather
+    than reconciling at once; a Docker listing's wake at the same moment still reconciles."""
+    regs, _ = registrations()
+    due = time.monotonic() + 60  # the resync
+    regs._recheck_after(inst("a", 1).key, 1.0)
+    assert regs.waits(due) and regs.retry_due() < due
+    assert not regs.waits(due)  # woken again, for something else: a reconcile
+    regs._recheck_after(inst("b", 2).key, 0.5)
+    regs.reconcile_soon()
+    assert not regs.waits(due)
+    regs._recheck_after(inst("c", 3).key, 5.0)  # later than the next: no wake needed
+    assert not regs._moved
