@@ -139,13 +139,36 @@ class LoopTask:
 
 class Endpoint(pyetcd.Endpoint):
     """pyetcd's member endpoint, keeping the gRPC options its channel was made with: the
-    asyncio channel of the streams to that member is made with the same ones."""
+    asyncio channel of the streams to that member is made with the same ones; and the
+    streams on it to end when it hangs (:meth:`hung`)."""
 
     options: list[tuple[str, Any]]
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self._hang_lock = threading.Lock()
+        self._on_hang: set[Callable[[], None]] = set()
+        super().__init__(*args, **kw)
 
     def _mkchannel(self, opts: Any) -> Any:
         self.options = list(opts or [])
         return super()._mkchannel(opts)
+
+    def on_hang(self, callback: Callable[[], None], listen: bool = True) -> None:
+        """Call ``callback`` (from any thread) when this member hangs (``listen`` False: no
+        more). A watch stream on it listens while it is open."""
+        with self._hang_lock:
+            (self._on_hang.add if listen else self._on_hang.discard)(callback)
+
+    def hung(self) -> None:
+        """A call or a renewal got no answer within its timeout: another member next (as
+        pyetcd does), and the streams on this one are told. A member that hangs (a paused
+        process, a stalled disk) keeps its streams open and silent: measured, a watch stream
+        on a SIGSTOPped etcd delivered nothing for 40 s, gRPC's keepalive did not end it."""
+        self.fail()
+        with self._hang_lock:
+            callbacks = list(self._on_hang)
+        for callback in callbacks:
+            callback()
 
 
 def endpoints(hosts: Collection[tuple[str, int]], secure: bool, creds: Any) -> list[Endpoint]:
@@ -264,6 +287,12 @@ class LoopStub:
             return loop.submit(call()).result(None if timeout is None else timeout + 1)
         except concurrent.futures.TimeoutError:
             raise etcd_exc.ConnectionTimeoutError() from None
+        except concurrent.futures.CancelledError:  # its channel closed meanwhile (pruned)
+            raise etcd_exc.ConnectionFailedError() from None
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._endpoint.hung()  # this call's member, whichever the client uses now
+            raise
 
 
 def _loop_stub(name: str, stub_class: type) -> Any:

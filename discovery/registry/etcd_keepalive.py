@@ -230,7 +230,7 @@ class KeepAliveStream:
             if not await self._waited(answering, endpoint):
                 self._drop()
                 self._prompt.pop(endpoint.netloc, None)  # probed again next time
-                endpoint.fail()  # as a DEADLINE_EXCEEDED call would
+                endpoint.hung()  # as a DEADLINE_EXCEEDED call does
                 raise etcd_exc.ConnectionTimeoutError()
             return answering.result()
         except grpc.RpcError as exc:

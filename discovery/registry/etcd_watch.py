@@ -1,7 +1,5 @@
 """Following an etcd registry: one gRPC watch stream, one etcd watcher per key range.
 
-The stream runs on an asyncio loop (:mod:`~discovery.registry.etcd_aio`), not a thread.
-
 Without a service filter the stream holds one watcher on ``<prefix>/services/``; with one
 (a watcher that routes k services and serves no DNS/HTTP) it holds k watchers, one per
 ``<prefix>/services/<service>/``, so etcd sends this host only what it routes. Each watcher
@@ -33,7 +31,8 @@ its revision has passed the host's.
   registry (docs/operations.md#a-full-registry-restart);
 - etcd *refusing* (a watcher denied, a failed login) is no lost connection: the registry is not
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume etcd denies
-  resumes with the k watchers, and no longer wide (:mod:`~discovery.registry.etcd_refusal`).
+  resumes with the k watchers, and no longer wide (:mod:`~discovery.registry.etcd_refusal`);
+- a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from pyetcd.utils import prefix_range_end
 
 from discovery.registry import etcd_aio, etcd_refusal
 from discovery.registry.base import Change, ChangeCallback, deliver
+from discovery.registry.etcd_hang import HangProbe
 from discovery.retry import RESUME_SPREAD
 
 if TYPE_CHECKING:
@@ -123,6 +123,8 @@ class EtcdWatch:
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
         self._widen = True  # False once etcd denied a wide resume: the k watchers, always
         self._ending = False  # we end the stream ourselves: to narrow it, or a renewed token
+        self._leaving = False  # ... because its member hangs (_leave): resumed elsewhere
+        self._hang = HangProbe(lambda: reg.loop.loop, reg.client, self._leave)  # etcd_hang
         self.wide = False  # the current stream follows the whole prefix (filtered here)
         # each range's revision when the wide stream began: what it delivers at or below that
         # was delivered before (one revision may hold many events: a lease's deletes)
@@ -184,7 +186,7 @@ class EtcdWatch:
                 return
             if etcd_refusal.refused(exc):  # etcd said no: not down; a wait that doubles
                 return await self._failures.refused(exc, self.revision + 1)
-            self._lost = self._widen and len(self._ranges) > 1 and all(self._revs.values())
+            self._lost = self._resume_wide
             await asyncio.to_thread(self._reg.set_state, False)
             if not self._failures.interrupted(exc, self.revision + 1):
                 raise  # the backoff waits (a fixed resume spread)
@@ -206,7 +208,7 @@ class EtcdWatch:
             await self._reread()
         endpoint, channel = reg.channels.pick(reg.client)
         self.endpoint = endpoint
-        self._ending = False
+        self._ending = self._leaving = False
         self.wide = wide = self._lost
         self._floor = dict(self._revs)
         pending = [self._root] if wide else self._denied.first(self._ranges)
@@ -216,10 +218,13 @@ class EtcdWatch:
         held = False
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
             metadata=REQUIRE_LEADER + token)
+        unfollow = self._hang.follow(endpoint, stream)  # its member may hang (etcd_hang)
 
         async def advance() -> bool:
             """The next watcher's create or, none left, the stream holds: False to end it."""
             nonlocal held, narrow, asking
+            if self._leaving:  # its member hangs: the calls are not sent back there
+                return False
             if pending:
                 return await etcd_aio.write(stream, self._create(pending[0]))
             if self._rewinding:  # a service etcd denied is allowed: read everything first
@@ -243,6 +248,7 @@ class EtcdWatch:
             if not await etcd_aio.write(stream, self._create(pending[0])):
                 return
             while (resp := await stream.read()) is not grpc.aio.EOF:
+                self._hang.heard()
                 if resp.compact_revision:
                     log.warning("etcd watch: revision %d compacted (now %d); re-reading all",
                                 self.revision + 1, resp.compact_revision)
@@ -299,20 +305,39 @@ class EtcdWatch:
                 return  # the k watchers, with the token held now
             if self._rewinding:
                 return  # our own cancel: the next stream reads everything again first
-            raise
+            if not self._leaving:
+                raise
         except grpc.RpcError as exc:
             if self._stopped.is_set():
                 return
-            if exc.code() in ENDPOINT_DOWN:
-                endpoint.fail()
-            reg.auth.stale(exc)
-            raise
+            if not self._leaving:  # (else a write to the stream cancelled to leave)
+                if exc.code() in ENDPOINT_DOWN:
+                    endpoint.fail()
+                reg.auth.stale(exc)
+                raise
         finally:
+            unfollow()
             for timer in (narrow, asking, self._asking):
                 if timer is not None:
                     timer.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
+        if self._leaving:  # at once, on another member, as after a lost link (wide)
+            self._lost = self._resume_wide
+
+    @property
+    def _resume_wide(self) -> bool:
+        """Whether the next stream resumes on the whole prefix (k > 1 watchers, all resumed)."""
+        return self._widen and len(self._ranges) > 1 and all(self._revs.values())
+
+    def _leave(self, stream: Any) -> None:
+        """``stream``'s member hangs (etcd_hang): another member's, from where it was."""
+        if self._stream is not stream or self._stopped.is_set() or self._ending:
+            return
+        log.warning("etcd watch: member %s does not answer; following on another one from "
+                    "revision %d", getattr(self.endpoint, "netloc", "?"), self.revision + 1)
+        self._leaving = True
+        stream.cancel()
 
     async def _reread(self) -> None:
         """Read everything followed again and deliver it as a ``reset``; the next stream

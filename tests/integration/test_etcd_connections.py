@@ -1,13 +1,14 @@
 """One etcd registry, one connection (issue 11: a fleet's connections to its members grow
 with its hosts, not twice as fast): its calls, its watch stream and its lease's keepalive
-stream share one connection to one member, and come back to sharing one after a member that
-paused made them part (a call timed out there while the watch stream lived on).
+stream share one connection to one member, and leave a member that hangs together (a call
+timed out there: the watch stream, which nothing else ends there, moves with it).
 
 Connections are counted in the kernel's tables, matched to this process's sockets."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import uuid
@@ -110,13 +111,16 @@ def on_a_follower(etcd_cluster3: ServerCluster, own_options: None) -> Iterator[E
     reg.close()
 
 
-def test_calls_and_streams_come_back_to_one_member(etcd_cluster3: ServerCluster,
-                                                   on_a_follower: EtcdRegistry) -> None:
-    """SIGSTOP of the member a registry uses, for 2 s: a call made then times out there and
-    goes to another member, the keepalive stream with it, while the watch stream waits on
-    the paused one. Once it runs again, the calls and the keepalive stream come back to the
-    watch stream's member and the channel to the other one is closed (gRPC's idle timeout,
-    60 s, would not: the keepalive stream kept it busy): one connection again."""
+def test_a_member_that_hangs_is_left_by_the_calls_and_the_streams_together(
+        etcd_cluster3: ServerCluster, on_a_follower: EtcdRegistry) -> None:
+    """SIGSTOP of the member a registry uses (it takes connections and answers nothing, as in
+    a long disk stall): a call made then gets no answer (1 s) and goes to another member, and
+    the watch stream and the keepalive stream follow it at once. The watch delivers what is
+    registered while the member is still paused, and once it runs again the registry holds
+    one connection, to the other member. Before, nothing ended a watch stream on a paused
+    member (nor did gRPC's keepalive: 40 s in ``bench/faults.py``): the catalog stood still
+    for as long as it hung, and the calls and the keepalive stream held a second connection
+    meanwhile."""
     reg = on_a_follower
     ports = [etcd_cluster3.address(m)[1] for m in range(3)]
     before = [connections_to(p) for p in ports]
@@ -134,21 +138,28 @@ def test_calls_and_streams_come_back_to_one_member(etcd_cluster3: ServerCluster,
     assert proc is not None
     os.kill(proc.pid, signal.SIGSTOP)
     try:
-        reg.register(instance(2))  # times out on the paused member, then goes to another
-        def split() -> list[int]:
-            counts = held()
-            return [n for n in counts if n] if sum(counts) == 2 else []
+        reg.register(instance(2))  # no answer on the paused member, then another one's
 
-        found = wait_until(split, 5, "the calls and the keepalive stream on another member")
-        assert found == [1, 1]
+        def moved() -> list[int]:  # where the calls and both streams are now
+            used = reg.members_in_use()
+            if any(w.endpoint is None for w in reg._watches):
+                return []  # the watch between two streams
+            return [m for m in range(3) if used == {f"127.0.0.1:{ports[m]}"} and m != home]
+
+        [other] = wait_until(moved, 5, "the calls and the streams on another member")
+        reg.register(instance(3))
+        wait_until(lambda: catalog.get(instance(3).key) is not None, 5,
+                   "the watch, on another member, while the member is paused")
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-
-    def one_connection() -> bool:
-        reg.node_snapshot(instance(0).node)  # the calls go on, as an agent's reconciles do
-        return held() == [int(m == home) for m in range(3)]
-
-    wait_until(one_connection, 10, "one connection, to the watch stream's member")
-    reg.register(instance(3))
-    wait_until(lambda: catalog.get(instance(3).key) is not None, 10, "the watch, after")
     assert catalog.get(instance(2).key) is not None
+    # The channel to the paused member is closed (by the keeper's next round), but its
+    # connection goes only once the channel is collected: it sits in a reference cycle,
+    # which a full collection frees (a busy process runs one soon; this test's, quiet,
+    # could keep it for minutes).
+    wait_until(lambda: gc.collect() >= 0 and held() == [int(m == other) for m in range(3)],
+               10, "one connection, to the other member")
+    reg.node_snapshot(instance(0).node)  # the calls go on, as an agent's reconciles do
+    reg.register(instance(4))
+    wait_until(lambda: catalog.get(instance(4).key) is not None, 10, "the watch, after")
+    assert held() == [int(m == other) for m in range(3)]

@@ -35,6 +35,9 @@ class Member:
     def fail(self) -> None:
         self.failed += 1
 
+    def hung(self) -> None:  # etcd_aio.Endpoint.hung: fails it, tells its streams
+        self.fail()
+
     def keepalive(self, metadata: Any = None) -> Any:
         return Stream(self)
 
