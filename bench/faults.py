@@ -276,6 +276,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="an app answers this long after SIGTERM (default 2 s)")
     ap.add_argument("--leader-down", type=float, default=6.0)
     ap.add_argument("--outage", type=float, default=15.0, help="whole cluster down, s")
+    ap.add_argument("--stall", type=float, default=20.0,
+                    help="member-stall, leader-stall: how long the member is stopped (SIGSTOP), "
+                         "s (default 20: longer than gRPC's keepalive, 10 s + 5 s)")
     ap.add_argument("--agent-down", type=float, default=1.0)
     ap.add_argument("--latency-ms", type=float, default=200.0,
                     help="added to every registry round trip (default 200)")

@@ -102,24 +102,86 @@ def f_registry_latency(rig: Rig) -> Fault:
     for p in proxies:
         p.delay = args.latency_ms / 2000.0  # each way
     try:
-        t_add = now()
-        name = rig.add_container("-slow")
-        served = wait_until(lambda: rig.load.last_seen.get(name), 30.0, f"{name} served",
-                            interval=0.02)
-        oldest = next(iter(rig.expected))
-        t_retire = now()
-        rig.retire_container(oldest)
-        wait_until(lambda: now() - rig.load.last_seen.get(oldest, 0.0) > 0.5
-                   or now() - t_retire > args.grace + 1, args.grace + 5, f"{oldest} drained",
-                   interval=0.05)
-        last = rig.load.last_seen.get(oldest, t_retire)
+        timings = _add_and_retire(rig, "-slow", 30.0)
+        timings.pop("served_at")
         sleep_until(t0 + args.latency_seconds)
     finally:
         for p in proxies:
             p.delay = 0.0
     return Fault(t0, now(), {"latency_ms": args.latency_ms, "window_s": args.latency_seconds,
-                             "added_started_to_served_s": round(served - t_add, 2),
-                             "retired_term_to_last_served_s": round(last - t_retire, 2)})
+                             **timings})
+
+
+def _add_and_retire(rig: Rig, tag: str, timeout: float, required: bool = True
+                    ) -> dict[str, Any]:
+    """Add one instance and wait until it is served (``timeout`` s at most; not
+    ``required``: then retired all the same, its row saying it was not served: the fault's
+    measure tells whether it is routed after the heal), then retire the oldest and wait until
+    it is no longer served (or its grace ran out): how long each took, when it was served."""
+    t_add = now()
+    name = rig.add_container(tag)
+    served: float | None = None
+    try:
+        served = wait_until(lambda: rig.load.last_seen.get(name), timeout, f"{name} served",
+                            interval=0.02)
+    except Unmeasured:
+        if required:
+            raise
+    oldest = next(iter(rig.expected))
+    t_retire = now()
+    rig.retire_container(oldest)
+    grace = rig.args.grace
+    wait_until(lambda: now() - rig.load.last_seen.get(oldest, 0.0) > 0.5
+               or now() - t_retire > grace + 1, grace + 5, f"{oldest} drained", interval=0.05)
+    last = rig.load.last_seen.get(oldest, t_retire)
+    return {"added_started_to_served_s": None if served is None else round(served - t_add, 2),
+            "served_at": served, "retired_term_to_last_served_s": round(last - t_retire, 2)}
+
+
+def _in_use(proxies: list[TcpProxy]) -> int | None:
+    """The member whose proxy carries the most connections now (None: none carries any)."""
+    counts = [p.connections() for p in proxies]
+    return counts.index(max(counts)) if max(counts) else None
+
+
+def _stall(rig: Rig, leader_too: bool) -> Fault:
+    """SIGSTOP the member the watcher's registry client uses (its watch stream), or
+    (``leader_too``) the leader (it takes connections and answers nothing, as in a long
+    fsync or GC pause) for ``--stall`` s, longer than a request's timeout; one instance is
+    added and one retired 1 s into it; SIGCONT."""
+    args, c = rig.args, rig.cluster
+    leader, agent_member = c.wait_leader(30), _in_use(rig.agent_proxies)
+    watcher_member = _in_use(rig.watcher_proxies)
+    member = leader if leader_too else watcher_member
+    if member is None:
+        raise Unmeasured("no connection from the watcher to any member")
+    popen = c.procs[member].popen
+    if popen is None:
+        raise Unmeasured(f"member {member} is not running")
+    pid = popen.pid
+    t0 = now()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sleep_until(t0 + 1.0)
+        timings = _add_and_retire(rig, "-stall", args.stall - 1.0, required=False)
+        sleep_until(t0 + args.stall)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t_heal = now()
+    c.wait_ready()
+    served = timings.pop("served_at")
+    return Fault(t0, t_heal, {"stalled_member": member, "was_leader": member == leader,
+                              "agent_on_it": agent_member == member,
+                              "watcher_on_it": watcher_member == member, "stall_s": args.stall,
+                              "served_before_heal": served is not None, **timings})
+
+
+def f_member_stall(rig: Rig) -> Fault:
+    return _stall(rig, leader_too=False)
+
+
+def f_leader_stall(rig: Rig) -> Fault:
+    return _stall(rig, leader_too=True)
 
 
 def f_agent_kill(rig: Rig) -> Fault:
@@ -248,6 +310,10 @@ FAULTS: dict[str, Spec] = {
                                 max_failed=None),
     "lease-revoke": Spec("the agent's lease revoked", f_lease_revoke, backends=("etcd",)),
     "leader-kill": Spec("leader SIGKILL, back after 6 s", f_leader_kill),
+    "member-stall": Spec("the watcher's member stalled (SIGSTOP) 20 s, one instance added "
+                         "and one retired meanwhile", f_member_stall),
+    "leader-stall": Spec("the leader stalled (SIGSTOP) 20 s, one instance added and one "
+                         "retired meanwhile", f_leader_stall),
     "session-expiry": Spec("the agent's session expired", f_session_expiry, backends=("zk",),
                            registry_back_within=REGISTRY_BACK_WITHIN_S),
     "agent-partition": Spec("agent cut off from the registry for TTL + 3 s, a container "

@@ -99,7 +99,10 @@ def compile_package() -> None:
 
 
 def discovery_cmd(*args: str, log_level: str = "info") -> list[str]:
-    return [sys.executable, "-m", "discovery", "--log-level", log_level, *args]
+    """``discovery`` with ``args``; its log level ``BENCH_LOG_LEVEL`` when set (debug, to see
+    why a run missed), else ``log_level``."""
+    level = os.environ.get("BENCH_LOG_LEVEL", log_level)
+    return [sys.executable, "-m", "discovery", "--log-level", level, *args]
 
 
 def _kill_pidfile(pidfile: Path, must_contain: str) -> None:

@@ -106,6 +106,11 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             s.close()
 
+    def connections(self) -> int:
+        """The sockets open through this proxy now (both ends of each connection)."""
+        with self._lock:
+            return len(self._conns)
+
     def cut(self) -> None:
         with self._lock:
             conns = list(self._conns)
