@@ -10,7 +10,11 @@ its progress (etcd 3.4's ``WatchProgressRequest``, answered by the member itself
 Anything the stream delivers within ``PROBE`` s says the member is alive and only a call was
 slow (a large read, an election): the stream stays. Nothing: the stream is left for another
 member, from the revision delivered (nothing missed). No other member to go to (one
-endpoint: etcd's gRPC proxy, which answers no progress request): nothing is asked.
+endpoint: etcd's gRPC proxy, which answers no progress request): nothing is asked. Behind two
+or more proxies, a call that merely ran late moves the stream to the next proxy (a new
+stream, resumed: nothing missed). While the stream awaits the answer to a watcher it asked
+etcd to create, that answer is the sign of life, and nothing more is written (one write at a
+time on a gRPC stream: a second fails the stream).
 
 Not told: a member whose process runs but whose applying stalls (its disk hangs) answers the
 progress request from what it has applied, so its stream stays, silent, until it catches up.
@@ -45,16 +49,22 @@ class HangProbe:
         self._loop, self._client, self._leave = loop, client, leave
         self._asked: Any = None  # the stream asked, until it answers or PROBE s pass
         self._timer: asyncio.TimerHandle | None = None
+        self._stream: Any = None  # the stream followed now
+        self._awaits: Callable[[], bool] = bool  # whether it awaits an answer already
 
-    def follow(self, endpoint: etcd_aio.Endpoint, stream: Any) -> Callable[[], None]:
-        """Listen for ``endpoint`` hanging while ``stream`` is open on it; returns the call
-        that stops (when the stream ends)."""
+    def follow(self, endpoint: etcd_aio.Endpoint, stream: Any,
+               awaits: Callable[[], bool]) -> Callable[[], None]:
+        """Listen for ``endpoint`` hanging while ``stream`` is open on it (``awaits()``:
+        whether it awaits a create's answer); returns the call that stops (when it ends)."""
         hangs = functools.partial(self._hangs, stream, endpoint)
+        self._stream, self._awaits = stream, awaits
         endpoint.on_hang(hangs)
 
         def done() -> None:
             endpoint.on_hang(hangs, listen=False)
-            self.heard()
+            if self._stream is stream:
+                self._stream = None
+                self.heard()
         return done
 
     def _hangs(self, stream: Any, endpoint: etcd_aio.Endpoint) -> None:
@@ -64,13 +74,15 @@ class HangProbe:
     def _suspect(self, stream: Any, endpoint: etcd_aio.Endpoint) -> None:
         """(On the loop.) Asked, unless it is asked already or no other member is up (one
         endpoint: a proxy)."""
-        if self._asked is stream or not any(e is not endpoint and not e.is_failed()
-                                            for e in self._client.endpoints.values()):
+        if (stream is not self._stream or self._asked is stream
+                or not any(e is not endpoint and not e.is_failed()
+                           for e in self._client.endpoints.values())):
             return
         self.heard()
         self._asked = stream
-        asking = asyncio.ensure_future(etcd_aio.write(stream, PROGRESS))
-        asking.add_done_callback(lambda t: t.cancelled() or t.exception())  # the read says why
+        if not self._awaits():
+            asking = asyncio.ensure_future(etcd_aio.write(stream, PROGRESS))
+            asking.add_done_callback(lambda t: t.cancelled() or t.exception())  # read says why
         self._timer = asyncio.get_running_loop().call_later(PROBE, self._silent, stream)
 
     def heard(self) -> None:
@@ -82,6 +94,6 @@ class HangProbe:
 
     def _silent(self, stream: Any) -> None:
         self._timer = None
-        if self._asked is stream:
+        if self._asked is stream and stream is self._stream:
             self._asked = None
             self._leave(stream)

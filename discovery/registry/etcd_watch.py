@@ -218,7 +218,7 @@ class EtcdWatch:
         held = False
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
             metadata=REQUIRE_LEADER + token)
-        unfollow = self._hang.follow(endpoint, stream)  # its member may hang (etcd_hang)
+        unfollow = self._hang.follow(endpoint, stream, lambda: bool(pending))  # etcd_hang
 
         async def advance() -> bool:
             """The next watcher's create or, none left, the stream holds: False to end it."""
@@ -317,26 +317,26 @@ class EtcdWatch:
                 raise
         finally:
             unfollow()
+            if self._leaving and not (self._ending or self._rewinding):  # at once, elsewhere,
+                self._lost = self._resume_wide  # as after a lost link (wide)
             for timer in (narrow, asking, self._asking):
                 if timer is not None:
                     timer.cancel()
             self._stream = self.endpoint = None
             stream.cancel()
-        if self._leaving:  # at once, on another member, as after a lost link (wide)
-            self._lost = self._resume_wide
 
     @property
-    def _resume_wide(self) -> bool:
-        """Whether the next stream resumes on the whole prefix (k > 1 watchers, all resumed)."""
+    def _resume_wide(self) -> bool:  # the next stream on the whole prefix (k > 1, all resumed)
         return self._widen and len(self._ranges) > 1 and all(self._revs.values())
 
     def _leave(self, stream: Any) -> None:
         """``stream``'s member hangs (etcd_hang): another member's, from where it was."""
-        if self._stream is not stream or self._stopped.is_set() or self._ending:
+        if (here := self.endpoint) is None or self._stream is not stream or self._ending:
             return
         log.warning("etcd watch: member %s does not answer; following on another one from "
-                    "revision %d", getattr(self.endpoint, "netloc", "?"), self.revision + 1)
+                    "revision %d", here.netloc, self.revision + 1)
         self._leaving = True
+        here.fail()  # the next stream goes elsewhere (a mark of 1 s, from now)
         stream.cancel()
 
     async def _reread(self) -> None:

@@ -32,9 +32,11 @@ class Client:
         self.endpoints = {e.netloc: e for e in eps}
 
 
-async def probed(answers: bool, others_up: bool = True) -> tuple[list[Any], Stream]:
+async def probed(answers: bool, others_up: bool = True, creating: bool = False
+                 ) -> tuple[list[Any], Stream]:
     """A stream on member a; a call to a got no answer (a.hung()); the stream answers the
-    progress request or not. Returns the streams left, and the stream."""
+    progress request (or, ``creating``, the create it awaits) or not. Returns the streams
+    left, and the stream."""
     a, b = endpoint(1), endpoint(2)
     if not others_up:
         b.fail()
@@ -42,7 +44,7 @@ async def probed(answers: bool, others_up: bool = True) -> tuple[list[Any], Stre
     loop = asyncio.get_running_loop()
     probe = HangProbe(lambda: loop, Client(a, b), left.append)
     stream = Stream()
-    done = probe.follow(a, stream)
+    done = probe.follow(a, stream, lambda: creating)
     a.hung()  # from this thread: as from a call's
     await asyncio.sleep(0.05)
     if answers:
@@ -62,6 +64,34 @@ def test_a_stream_that_answers_stays_though_a_call_timed_out() -> None:
     assert left == [] and stream.written == [etcd_hang.PROGRESS]
 
 
+@pytest.mark.parametrize("answers", [True, False])
+def test_a_stream_awaiting_a_create_is_not_written_to(answers: bool) -> None:
+    """The create's answer is the sign of life (a second write at once fails a gRPC stream)."""
+    left, stream = asyncio.run(probed(answers=answers, creating=True))
+    assert stream.written == [] and left == ([] if answers else [stream])
+
+
+def test_a_late_word_of_an_ended_stream_leaves_the_next_one_asked() -> None:
+    """Stream A on member a ends, B opens on b; b hangs, then a's hang (a call that timed
+    out there) is told late: B is still asked, and left (A's word cancelled B's probe)."""
+    async def run() -> tuple[list[Any], Stream, Stream]:
+        a, b, c = endpoint(1), endpoint(2), endpoint(3)
+        left: list[Any] = []
+        loop = asyncio.get_running_loop()
+        probe = HangProbe(lambda: loop, Client(a, b, c), left.append)
+        first, second = Stream(), Stream()
+        probe.follow(a, first, bool)()  # A followed, then ended
+        probe.follow(b, second, bool)
+        b.hung()
+        await asyncio.sleep(0.05)
+        probe._suspect(first, a)  # A's member's hang, told late
+        await asyncio.sleep(etcd_hang.PROBE + 0.1)
+        return left, first, second
+
+    left, first, second = asyncio.run(run())
+    assert left == [second] and first.written == []
+
+
 def test_with_no_other_member_up_nothing_is_asked() -> None:
     """One endpoint (etcd's gRPC proxy), or every other one failed: nowhere to go."""
     left, stream = asyncio.run(probed(answers=False, others_up=False))
@@ -76,7 +106,7 @@ def test_a_stream_no_longer_followed_is_not_asked(twice: bool) -> None:
         loop = asyncio.get_running_loop()
         probe = HangProbe(lambda: loop, Client(a, b), left.append)
         stream = Stream()
-        done = probe.follow(a, stream)
+        done = probe.follow(a, stream, bool)
         if twice:
             a.hung()
             a.hung()  # asked once
