@@ -280,8 +280,8 @@ class LoopStub:
             return getattr(self._threaded(), method)(request, timeout, **kw)
 
         async def call() -> Any:
-            stub = self._channels.stub(self._class, self._endpoint)
-            return await getattr(stub, method)(request, timeout=timeout, **kw)
+            return await getattr(self._channels.stub(self._class, self._endpoint), method)(
+                request, timeout=timeout, **kw)
 
         try:  # the call's own deadline ends it; the margin is for a loop that is stuck
             return loop.submit(call()).result(None if timeout is None else timeout + 1)
@@ -292,7 +292,18 @@ class LoopStub:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._endpoint.hung()  # this call's member, whichever the client uses now
-            raise
+            failure = _bare(exc)
+        raise failure  # (outside the handler: no context that holds the call's frames)
+
+
+def _bare(exc: grpc.RpcError) -> grpc.RpcError:
+    """``exc`` without its traceback: the frames it holds hold the call and its channel, and a
+    caller that keeps the error (a cycle through its own frame: ``failure = exc``) kept a
+    channel closed since (after a failover) and its connection until a full collection."""
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return exc
+    return grpc.aio.AioRpcError(exc.code(), exc.initial_metadata(), exc.trailing_metadata(),
+                                exc.details(), exc.debug_error_string())
 
 
 def _loop_stub(name: str, stub_class: type) -> Any:
