@@ -102,8 +102,7 @@ def f_registry_latency(rig: Rig) -> Fault:
     for p in proxies:
         p.delay = args.latency_ms / 2000.0  # each way
     try:
-        timings = _add_and_retire(rig, "-slow", 30.0)
-        timings.pop("served_at")
+        timings, _ = _add_and_retire(rig, "-slow", 30.0)
         sleep_until(t0 + args.latency_seconds)
     finally:
         for p in proxies:
@@ -113,11 +112,12 @@ def f_registry_latency(rig: Rig) -> Fault:
 
 
 def _add_and_retire(rig: Rig, tag: str, timeout: float, required: bool = True
-                    ) -> dict[str, Any]:
+                    ) -> tuple[dict[str, Any], float | None]:
     """Add one instance and wait until it is served (``timeout`` s at most; not
     ``required``: then retired all the same, its row saying it was not served: the fault's
     measure tells whether it is routed after the heal), then retire the oldest and wait until
-    it is no longer served (or its grace ran out): how long each took, when it was served."""
+    it is no longer served (or its grace ran out): how long each took, and when it was served
+    (None: not within ``timeout``)."""
     t_add = now()
     name = rig.add_container(tag)
     served: float | None = None
@@ -135,7 +135,7 @@ def _add_and_retire(rig: Rig, tag: str, timeout: float, required: bool = True
                or now() - t_retire > grace + 1, grace + 5, f"{oldest} drained", interval=0.05)
     last = rig.load.last_seen.get(oldest, t_retire)
     return {"added_started_to_served_s": None if served is None else round(served - t_add, 2),
-            "served_at": served, "retired_term_to_last_served_s": round(last - t_retire, 2)}
+            "retired_term_to_last_served_s": round(last - t_retire, 2)}, served
 
 
 def _in_use(proxies: list[TcpProxy]) -> int | None:
@@ -163,13 +163,12 @@ def _stall(rig: Rig, leader_too: bool) -> Fault:
     os.kill(pid, signal.SIGSTOP)
     try:
         sleep_until(t0 + 1.0)
-        timings = _add_and_retire(rig, "-stall", args.stall - 1.0, required=False)
+        timings, served = _add_and_retire(rig, "-stall", args.stall - 1.0, required=False)
         sleep_until(t0 + args.stall)
     finally:
         os.kill(pid, signal.SIGCONT)
     t_heal = now()
     c.wait_ready()
-    served = timings.pop("served_at")
     return Fault(t0, t_heal, {"stalled_member": member, "was_leader": member == leader,
                               "agent_on_it": agent_member == member,
                               "watcher_on_it": watcher_member == member, "stall_s": args.stall,

@@ -289,19 +289,17 @@ class LoopStub:
             raise etcd_exc.ConnectionTimeoutError() from None
         except concurrent.futures.CancelledError:  # its channel closed meanwhile (pruned)
             raise etcd_exc.ConnectionFailedError() from None
-        except grpc.RpcError as exc:
+        except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._endpoint.hung()  # this call's member, whichever the client uses now
             failure = _bare(exc)
         raise failure  # (outside the handler: no context that holds the call's frames)
 
 
-def _bare(exc: grpc.RpcError) -> grpc.RpcError:
+def _bare(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
     """``exc`` without its traceback: the frames it holds hold the call and its channel, and a
     caller that keeps the error (a cycle through its own frame: ``failure = exc``) kept a
     channel closed since (after a failover) and its connection until a full collection."""
-    if not isinstance(exc, grpc.aio.AioRpcError):
-        return exc
     return grpc.aio.AioRpcError(exc.code(), exc.initial_metadata(), exc.trailing_metadata(),
                                 exc.details(), exc.debug_error_string())
 

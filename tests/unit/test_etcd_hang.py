@@ -32,6 +32,12 @@ class Client:
         self.endpoints = {e.netloc: e for e in eps}
 
 
+async def past_probe() -> None:
+    """Until after the probe's timer: the loop runs its timers in the order they fall due, so
+    one set PROBE s from now has run when this sleep ends (no race: one thread, one clock)."""
+    await asyncio.sleep(etcd_hang.PROBE + 0.01)
+
+
 async def probed(answers: bool, others_up: bool = True, creating: bool = False
                  ) -> tuple[list[Any], Stream]:
     """A stream on member a; a call to a got no answer (a.hung()); the stream answers the
@@ -46,10 +52,10 @@ async def probed(answers: bool, others_up: bool = True, creating: bool = False
     stream = Stream()
     done = probe.follow(a, stream, lambda: creating)
     a.hung()  # from this thread: as from a call's
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one turn: hung()'s word, queued first, runs
     if answers:
         probe.heard()  # the progress notification
-    await asyncio.sleep(etcd_hang.PROBE + 0.1)
+    await past_probe()
     done()
     return left, stream
 
@@ -83,9 +89,9 @@ def test_a_late_word_of_an_ended_stream_leaves_the_next_one_asked() -> None:
         probe.follow(a, first, bool)()  # A followed, then ended
         probe.follow(b, second, bool)
         b.hung()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one turn: hung()'s word, queued first, runs
         probe._suspect(first, a)  # A's member's hang, told late
-        await asyncio.sleep(etcd_hang.PROBE + 0.1)
+        await past_probe()
         return left, first, second
 
     left, first, second = asyncio.run(run())
@@ -110,10 +116,10 @@ def test_a_stream_no_longer_followed_is_not_asked(twice: bool) -> None:
         if twice:
             a.hung()
             a.hung()  # asked once
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # one turn: hung()'s word, queued first, runs
         done()  # the stream ended: its member's hang is no longer its concern
         a.hung()
-        await asyncio.sleep(etcd_hang.PROBE + 0.1)
+        await past_probe()
         return left, stream
 
     left, stream = asyncio.run(run())
