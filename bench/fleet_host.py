@@ -53,6 +53,16 @@ def host_instances(n: int, count: int, services: int) -> list[Instance]:
     return out
 
 
+def put_back(registry: Registry, node: str, instances: list[Instance]) -> int:
+    """What the agent's reconcile does with the registry: read ``node``'s entries (through its
+    index), write what of ``instances`` is missing. Returns how many were written."""
+    have = registry.node_snapshot(node).instances
+    missing = [inst for inst in instances if inst.key not in have]
+    for inst in missing:
+        registry.register(inst)
+    return len(missing)
+
+
 def watched_services(n: int, k: int, services: int) -> list[str]:
     if k <= 0:
         return []  # everything (no filter)
@@ -199,11 +209,7 @@ class Host:
             return  # as the agent: none while its registry is down (on_state schedules one)
         self.reconciles += 1
         try:
-            have = self.registry.node_snapshot(self.node).instances
-            for inst in self.instances:
-                if inst.key not in have:
-                    self.registry.register(inst)
-                    self.reregistered += 1
+            self.reregistered += put_back(self.registry, self.node, self.instances)
         except Exception:
             self.reconcile_errors += 1
 

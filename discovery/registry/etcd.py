@@ -22,19 +22,20 @@ from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import grpc
-from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import etcd_aio, etcd_index, etcd_rewind, etcd_watch
+from discovery.registry import etcd_aio, etcd_index, etcd_rewind
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
-from discovery.registry.etcd_pulse import pulse
+from discovery.registry.etcd_pulse import pulse, status
 from discovery.registry.etcd_read import read_snapshot
+from discovery.registry.etcd_state import StateBoard
 from discovery.registry.etcd_watch import EtcdWatch
+from discovery.registry.owned import Restorer
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -91,10 +92,6 @@ class EtcdRegistry:
         self._watches: list[EtcdWatch] = []
         self._cluster = etcd_rewind.ClusterSeen()  # who answered our reads
         self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
-        self._state_lock = threading.RLock()
-        self._notify_lock = threading.Lock()
-        self._listeners: list[StateCallback] = []
-        self._up: bool | None = None
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
@@ -102,8 +99,11 @@ class EtcdRegistry:
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
         self._interval = max(ttl / 3, 0.2)  # between renewals (jittered)
         self._waits = KeeperWaits(ttl, self._interval)  # the keeper's, after a failed round
+        self._state = StateBoard(self.where, lambda: self._waits.back(),
+                                 lambda: self._lease is not None)
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
                                          late_wait=self._interval + 1.0)
+        self._restorer = Restorer(self._owned_keys, self._restore, url.resume_spread, "etcd")
 
     @property
     def loop(self) -> LoopThread:
@@ -164,30 +164,26 @@ class EtcdRegistry:
             delay = min(delay * 2, _PAUSE_MAX)
 
     def set_state(self, up: bool) -> None:
-        with self._state_lock:
-            if self._up == up:
-                return
-            if up and self._up is False:
-                self._waits.back()  # what the keeper was refused: tried again soon
-            self._up = up
-            if not up:
-                log.warning("etcd at %s unreachable", self.where)
-            elif up and self._lease is not None:
-                log.info("etcd at %s reachable again", self.where)
-        # Listeners run outside _state_lock: a listener that waits for its owner's lock must
-        # never hold up a thread that owns that lock and is in a registry call (a deadlock
-        # bench/faults.py found). One at a time, each told the latest state, so the last
-        # word a listener hears is the current one whatever order threads arrive in.
-        with self._notify_lock:
-            latest = self._up
-            for cb in list(self._listeners):
-                try:
-                    cb(bool(latest))
-                except Exception:
-                    log.exception("registry state listener failed")
+        self._state.set(up)
 
-    def _put(self, inst: Instance, lease: int) -> None:
-        etcd_index.put(self._call, self.client, self.url, inst, lease)
+    def _put(self, inst: Instance, lease: int, missing: bool = False) -> bool:
+        return etcd_index.put(self._call, self.client, self.url, inst, lease, missing)
+
+    def _owned_keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._owned)
+
+    def _restore(self, key: tuple[str, str]) -> bool:
+        """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) put
+        back if still missing; under the lock, so a deregister never sees it undone."""
+        with self._lock:
+            inst, lease = self._owned.get(key), self._lease
+            if inst is None or lease is None or self._closing.is_set():
+                return False
+            try:
+                return self._put(inst, lease, missing=True)
+            except _LeaseGone:
+                return False  # the keeper grants a new lease and writes everything again
 
     # -- lease ------------------------------------------------------------------------------
 
@@ -249,7 +245,7 @@ class EtcdRegistry:
                 return
             await self.channels.prune(self.members_in_use())  # what a failover left
             lease, answer = self._lease, None
-            if lease is not None and not self._need_reput and self._up and self.auth.ready:
+            if lease is not None and not self._need_reput and self._state.up and self.auth.ready:
                 with contextlib.suppress(Exception):  # the round below tries again
                     answer = await self._renewals.renew_async(lease)
                 if answer and answer[0].TTL > 0:
@@ -337,8 +333,8 @@ class EtcdRegistry:
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError(f"etcd registry {self.url} is closed")
-            w = EtcdWatch(self, callback, start_revision, services,
-                          spread=self.url.resume_spread)
+            w = EtcdWatch(self, self._restorer.wrap(callback, services), start_revision,
+                          services, spread=self.url.resume_spread)
             self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
             if self._pulse is None:
                 self._pulse = self.loop.start(pulse(
@@ -353,24 +349,16 @@ class EtcdRegistry:
 
     def _pulse_read(self) -> None:
         """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state
-        listeners, then a member's ``Status``, whose raft index is compared with that member's
-        before (``etcd_rewind.status_checked``): a best effort, whose failure changes no state."""
+        listeners, then a member's ``Status`` (:func:`~discovery.registry.etcd_pulse.status`)."""
         self._call("liveness read", self._read_alive)
-        c = self.client
-        try:
-            etcd_rewind.status_checked(list(self._watches), lambda: c.maintenancestub.Status(
-                etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
-                metadata=etcd_watch.REQUIRE_LEADER + tuple(c.metadata or ())), self._cluster)
-        except (grpc.RpcError, *etcd_aio.TRANSIENT) as exc:  # no member right after a restart
-            log.debug("etcd status for the restore check failed: %s", rpc_details(exc))
+        status(self.client, list(self._watches), self._cluster)
 
     def revision(self) -> int:
         """etcd's current revision (a linearizable read: a member answers once caught up)."""
         return int(self._call("revision read", self._read_alive).header.revision)
 
     def add_state_listener(self, callback: StateCallback) -> None:
-        with self._state_lock:
-            self._listeners.append(callback)
+        self._state.add(callback)
 
     def close(self, revoke: bool = True) -> None:
         with self._lock:
@@ -380,6 +368,7 @@ class EtcdRegistry:
             lease, watches, keeper = self._lease, list(self._watches), self._keeper
             self._watches.clear()
         self._renewals.close()
+        self._restorer.close()
         try:
             for w in watches:
                 w.stop()

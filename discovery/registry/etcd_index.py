@@ -49,15 +49,20 @@ def index_key(url: RegistryURL, node: str, service: str, instance_id: str) -> st
     return f"{node_root(url, node)}{service}/{instance_id}"
 
 
-def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int) -> None:
-    """The instance and its index key, in one transaction, on ``lease``."""
+def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
+        missing: bool = False) -> bool:
+    """The instance and its index key, in one transaction, on ``lease``; with ``missing``,
+    only if the instance's key is not there (its version compared with 0). True if written."""
     key = url.key(inst.service, inst.id)
     ops = [transactions.Put(key, inst.to_json(), lease),
            transactions.Put(index_key(url, inst.node, inst.service, inst.id), b"", lease)]
-    call(f"put {key}", partial(client.transaction, compare=[], failure=[], success=ops))
+    compare = [transactions.Version(key) == 0] if missing else []
+    written, _ = call(f"put {key}{' back' if missing else ''}", partial(
+        client.transaction, compare=compare, failure=[], success=ops))
+    return bool(written)
 
 
-def put_all(put: Callable[[Instance], None], instances: Iterable[Instance]) -> None:
+def put_all(put: Callable[[Instance], object], instances: Iterable[Instance]) -> None:
     """``put`` each of ``instances``: one etcd refuses (its service's role) does not keep the
     others from being written; the refusal is raised after them."""
     denied: RegistryDenied | None = None

@@ -24,8 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
+
+import grpc
+from pyetcd import etcdrpc
 
 from discovery.errors import RegistryError
+from discovery.registry import etcd_aio, etcd_rewind
+from discovery.registry.etcd_watch import REQUIRE_LEADER
+from discovery.registry.security import rpc_details
 from discovery.retry import jittered
 
 log = logging.getLogger(__name__)
@@ -45,3 +52,15 @@ async def pulse(interval: float, needed: Callable[[], bool], read: Callable[[], 
             pass  # _call told the listeners
         except Exception:
             log.exception("etcd liveness read failed")
+
+
+def status(client: Any, watches: list[Any], cluster: etcd_rewind.ClusterSeen) -> None:
+    """A member's ``Status``, whose raft index is compared with that member's before
+    (``etcd_rewind.status_checked``): a best effort, whose failure changes no state."""
+    c = client
+    try:
+        etcd_rewind.status_checked(watches, lambda: c.maintenancestub.Status(
+            etcdrpc.StatusRequest(), c.timeout, credentials=c.call_credentials,
+            metadata=REQUIRE_LEADER + tuple(c.metadata or ())), cluster)
+    except (grpc.RpcError, *etcd_aio.TRANSIENT) as exc:  # no member right after a restart
+        log.debug("etcd status for the restore check failed: %s", rpc_details(exc))

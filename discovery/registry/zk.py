@@ -28,15 +28,16 @@ from kazoo.exceptions import (
     ConnectionLoss,
     KazooException,
     NoAuthError,
-    NoNodeError,
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
+from discovery.model.validate import shown
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
+from discovery.registry.owned import Restorer
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
@@ -46,7 +47,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
-from discovery.registry.zk_scan import decoded, unreadable
+from discovery.registry.zk_scan import full_read
 from discovery.registry.zk_session import SessionTimeout, leave
 from discovery.registry.zk_watch import ZkWatch
 from discovery.retry import backoff
@@ -66,7 +67,6 @@ class ZkRegistry:
         self.decoder = Decoder(url)
         self.reads = ReadStats()
         self._where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in url.hosts)
-        self._services = url.services_root
         options = zk_client_options(url, load_secrets(url))
         self._acl = options.get("default_acl")
         options.setdefault("handler", PollingHandler())
@@ -90,6 +90,7 @@ class ZkRegistry:
         #: flight would be undone by that write
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
+        self._restorer = Restorer(self._owned_keys, self._restore, url.resume_spread, "zk")
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -272,6 +273,24 @@ class ZkRegistry:
         with self._writes:  # after a recovery's write in flight (see __init__)
             self._deregister(service, instance_id)
 
+    def _owned_keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._owned)
+
+    def _restore(self, key: tuple[str, str]) -> bool:
+        """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written
+        again if its node is still missing; one write at a time (see __init__)."""
+        with self._writes:
+            with self._lock:
+                inst = self._owned.get(key)
+            path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
+            if inst is None or (path and self._op(f"look at {shown(path)}", lambda: self._get(
+                    self.client.exists_async(path)))):
+                return False
+            self._op(f"write back {inst.service}/{inst.id}",
+                     functools.partial(self._claims.claim, inst))
+            return True
+
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
@@ -289,7 +308,9 @@ class ZkRegistry:
         self._op(f"deregister {service}/{instance_id}", delete)
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
-        return self._op("read", functools.partial(self._read, services))
+        return self._op("read", functools.partial(
+            full_read, self.client, self.url, self._many, self.decoder, self.reads, self._get,
+            services))
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
@@ -309,41 +330,12 @@ class ZkRegistry:
             self._nerve.unindexed(k for k in mine if k not in indexed)
         return Snapshot(mine, full.revision)
 
-    def _read(self, only: Collection[str] | None = None) -> Snapshot:
-        c = self.client
-        self.reads.full_read()
-        try:
-            services = (sorted(set(only)) if only is not None
-                        else self._get(c.get_children_async(self._services)))
-            if only is not None:  # a first answer: the zxid below is the server's of now
-                self._get(c.exists_async(self._services))
-        except NoNodeError:
-            return Snapshot(revision=max(c.last_zxid, 1))
-        # Every change up to this zxid is in what we read from now on.
-        revision = max(c.last_zxid, 1)
-        refused: list[str] = []  # the directories we may not list: withheld
-        dirs = self._many.children([self.url.service_dir(s) for s in services], refused)
-        paths = []
-        for d, children in dirs.items():
-            self.reads.listed(children)
-            paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
-        instances: dict[tuple[str, str], Instance] = {}
-        bad: list[str] = []  # there, but not read (NoAuth), or not decoded
-        for path, _, inst in decoded(self._many.data(paths, bad).items(), self.decoder,
-                                     self.reads):
-            if inst is not None:
-                instances[inst.key] = inst
-            else:
-                bad.append(path)
-        return Snapshot(instances=instances, revision=revision, withheld=frozenset(
-            s for s in services if self.url.service_dir(s) in refused), unreadable=frozenset(
-            unreadable(self.url, bad, instances).values()))
-
     def watch(self, callback: ChangeCallback, start_revision: int = 0,
               services: Collection[str] | None = None) -> ZkWatch:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-        w = ZkWatch(self.client, self.decoder, self._connected, callback, start_revision,
+        w = ZkWatch(self.client, self.decoder, self._connected,
+                    self._restorer.wrap(callback, services), start_revision,
                     services, self.reads, self._router, self._many, self._pre)
         with self._lock:
             closing = self._closing.is_set()
@@ -368,6 +360,7 @@ class ZkRegistry:
             self._closing.set()
             watches, owned = list(self._watches), list(self._owned)
             self._watches.clear()
+        self._restorer.close()
         for w in watches:
             w.stop(join=False)
         try:

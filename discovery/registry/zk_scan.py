@@ -297,3 +297,35 @@ def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int
             nodes.setdefault(path, 0)
             read_node(path)
     return live.holders(key)
+
+
+def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads: ReadStats,
+              get: Callable[[Any], Any], only: Collection[str] | None = None) -> Snapshot:
+    """Every instance (``only``: of those services), in three rounds of requests (the
+    services, their children, their data: ``many``); ``get`` waits for a kazoo result."""
+    reads.full_read()
+    try:
+        services = (sorted(set(only)) if only is not None
+                    else get(c.get_children_async(url.services_root)))
+        if only is not None:  # a first answer: the zxid below is the server's of now
+            get(c.exists_async(url.services_root))
+    except NoNodeError:
+        return Snapshot(revision=max(c.last_zxid, 1))
+    # Every change up to this zxid is in what we read from now on.
+    revision = max(c.last_zxid, 1)
+    refused: list[str] = []  # the directories we may not list: withheld
+    dirs = many.children([url.service_dir(s) for s in services], refused)
+    paths = []
+    for d, children in dirs.items():
+        reads.listed(children)
+        paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
+    instances: dict[tuple[str, str], Instance] = {}
+    bad: list[str] = []  # there, but not read (NoAuth), or not decoded
+    for path, _, inst in decoded(many.data(paths, bad).items(), decoder, reads):
+        if inst is not None:
+            instances[inst.key] = inst
+        else:
+            bad.append(path)
+    return Snapshot(instances=instances, revision=revision, withheld=frozenset(
+        s for s in services if url.service_dir(s) in refused), unreadable=frozenset(
+        unreadable(url, bad, instances).values()))

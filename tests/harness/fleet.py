@@ -9,6 +9,7 @@ a cluster; it is stopped, SIGKILLed and restarted (on the same port) by its own 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,36 @@ def raw_delete(url_s: str, path: str) -> None:
     client = raw_client(url_s)
     try:
         client.delete(path)
+    finally:
+        close_raw(client)
+
+
+def delete_services(url_s: str) -> int:
+    """Every instance of every writer deleted at once, as an operator's ``etcdctl del --prefix
+    <prefix>/services/`` does (one ``DeleteRange``); on ZooKeeper each instance node, the
+    deletes sent together (a recursive delete of the directories fails while agents write
+    back into them). Returns how many were deleted."""
+    url = RegistryURL.parse(url_s)
+    client = raw_client(url_s)
+    try:
+        if url.scheme == "etcd":
+            return int(client.delete_prefix(url.services_root + "/").deleted)
+        from kazoo.exceptions import NoNodeError
+
+        try:
+            dirs = [url.service_dir(s) for s in client.get_children(url.services_root)]
+        except NoNodeError:
+            return 0
+        paths = []
+        for d in dirs:
+            with contextlib.suppress(NoNodeError):
+                paths += [f"{d}/{child}" for child in client.get_children(d)]
+        deleted = 0
+        for result in [client.delete_async(p) for p in paths]:
+            with contextlib.suppress(NoNodeError):
+                result.get()
+                deleted += 1
+        return deleted
     finally:
         close_raw(client)
 

@@ -15,7 +15,7 @@ def test_etcd_listeners_run_without_the_state_lock() -> None:
     reg = open_registry("etcd://127.0.0.1:1/x", timeout=0.5)  # nothing listens: no I/O here
     seen: list[tuple[bool, bool]] = []
 
-    lock = reg._state_lock  # type: ignore[attr-defined]
+    lock = reg._state.lock  # type: ignore[attr-defined]
 
     def try_lock(got: list[bool]) -> None:
         got.append(lock.acquire(timeout=2))

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""The services prefix deleted by hand under a live fleet: how soon every instance is back,
+and what one host's watcher serves meanwhile, side by side: the registry writing back what
+its watch saw deleted of its own entries (``discovery/registry/owned.py``) and the same code
+with that turned off (the agents put their instances back at their reconcile, as before).
+
+Per backend (``--backends``), on a real 3-member etcd cluster or ZooKeeper ensemble on
+loopback (``tests/harness/servers.py``): ``--hosts`` (100) simulated hosts, each as ``discovery
+up`` runs one: one registry client (its lease or session; the URL's ``spread=``, ``--spread``
+s) that registers ``--instances`` (10) instances, over ``--services`` (50) services (each
+then on ``hosts x instances / services`` hosts), follows the whole catalog (as with DNS or
+HTTP on) and reconciles every ``--resync`` s (±10 %; each host's first at a random moment
+within one period, as agents started at different times) through ``node_snapshot``,
+registering again what is missing (the agent's reconcile); one *observer*: the project's
+``Watcher`` (the wipe guard with its defaults, no router) on a registry client of its own.
+
+Then an operator deletes every instance under ``<prefix>/services`` (etcd: one
+``DeleteRange``; ZooKeeper: every instance node, the deletes sent together:
+``tests/harness/fleet.delete_services``). Measured, per row: seconds from the delete's start until
+each instance was in the registry again (a watch of the bench's own): p50 / p99 / max, and
+from the instance's own delete (p50 / max; ZooKeeper's deletes take a while); the
+instances written back by the hosts' registries and those registered again by a reconcile;
+the services the observer's catalog (what HAProxy, DNS and HTTP serve) held with no instance,
+sampled every 0.1 s: the most at once and their service-seconds; whether its guard engaged.
+Target of the new code: each instance back within ``spread`` + 1 s of its delete, no service
+emptied.
+
+Raw results: ``bench/results/written-back-<backend>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from common import _r, measured, percentile, say  # noqa: E402
+from fleet_host import put_back  # noqa: E402
+
+from discovery.errors import RegistryError  # noqa: E402
+from discovery.model import Instance  # noqa: E402
+from discovery.registry import Change, Registry, RegistryURL, open_registry  # noqa: E402
+from discovery.registry.etcd_aio import LoopThread  # noqa: E402
+from discovery.registry.owned import Restorer  # noqa: E402
+from discovery.retry import jittered  # noqa: E402
+from discovery.watcher.core import Watcher  # noqa: E402
+from tests.harness.fleet import delete_services  # noqa: E402
+from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble  # noqa: E402
+
+PREFIX = "/wb"
+
+
+class Host:
+    """One simulated ``discovery up``: its registry client, instances and reconcile loop."""
+
+    def __init__(self, n: int, url: str, args: argparse.Namespace, loop: LoopThread | None,
+                 stop: threading.Event) -> None:
+        self.node = f"h{n:04d}"
+        self.instances = [Instance(
+            service=f"svc{(n * args.instances + i) % args.services:03d}",
+            id=f"{self.node}:{n:08x}{i:04x}:{8000 + i}", node=self.node, address="127.0.0.1",
+            port=8000 + i, registered_at=time.time()) for i in range(args.instances)]
+        kw: dict[str, Any] = {"loop": loop} if loop is not None else {}
+        self.registry: Registry = open_registry(url, ttl=args.ttl, **kw)
+        self.resync, self.stop, self.reconciled = args.resync, stop, 0
+        for inst in self.instances:
+            self.registry.register(inst)
+        self.registry.watch(lambda change: None, self.registry.snapshot().revision)
+        self.thread = threading.Thread(target=self._reconcile_loop, daemon=True)
+        self.thread.start()
+
+    def _reconcile_loop(self) -> None:
+        wait = random.uniform(0, self.resync)  # each agent started at its own moment
+        while not self.stop.wait(wait):
+            wait = jittered(self.resync)
+            try:
+                self.reconciled += put_back(self.registry, self.node, self.instances)
+            except RegistryError:
+                continue
+
+    @property
+    def restored(self) -> int:
+        restorer: Restorer = self.registry._restorer  # type: ignore[attr-defined]
+        return restorer.restored
+
+
+class Back:
+    """The bench's own watch: when each key was deleted, then put again, after ``since``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+        self.gone: dict[tuple[str, str], float] = {}
+        self.back: dict[tuple[str, str], float] = {}
+
+    def __call__(self, change: Change) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if self.since is None:
+                return
+            if change.kind == "delete":
+                self.gone.setdefault(change.key, now)
+            elif change.kind == "put":  # (ZooKeeper: a node written back before the watch
+                self.back.setdefault(change.key, now)  # read its delete tells only this)
+            elif change.kind == "reset" and change.snapshot is not None:
+                for key in change.snapshot.instances:
+                    self.back.setdefault(key, now)
+
+    def times(self, keys: set[tuple[str, str]]) -> tuple[list[float], list[float]]:
+        """(from the delete's start, from each instance's own delete where the watch told
+        it) of those back."""
+        with self.lock:
+            assert self.since is not None
+            back = [k for k in keys if k in self.back]
+            return ([self.back[k] - self.since for k in back],
+                    [self.back[k] - self.gone[k] for k in back if k in self.gone])
+
+
+def one(cluster: ServerCluster, args: argparse.Namespace, written_back: bool,
+        tag: str) -> dict[str, Any]:
+    backend = cluster.scheme
+    url = cluster.url(f"{PREFIX}{tag}") + f"?spread={args.spread:g}"
+    stop = threading.Event()
+    wrap = Restorer.wrap
+    if not written_back:  # the code before: a watch tells the registry nothing
+        Restorer.wrap = lambda self, callback, services=None: callback  # type: ignore[method-assign]
+    with ExitStack() as stack:
+        stack.callback(setattr, Restorer, "wrap", wrap)
+        loop = LoopThread() if backend == "etcd" else None
+        if loop is not None:
+            stack.callback(loop.close)
+        with ThreadPoolExecutor(16) as pool:
+            hosts = list(pool.map(lambda n: Host(n, url, args, loop, stop), range(args.hosts)))
+        for host in hosts:
+            stack.callback(host.registry.close, True)
+        stack.callback(stop.set)
+        expected = {i.key for h in hosts for i in h.instances}
+        services = {k[0] for k in expected}
+        observer_reg = open_registry(url, ttl=args.ttl)
+        stack.callback(observer_reg.close)
+        observer = Watcher(observer_reg, None)
+        threading.Thread(target=observer.run, daemon=True).start()
+        stack.callback(observer.stop)
+        if not observer.wait_ready(60):
+            raise RuntimeError("the observer's watcher did not start")
+        reader_reg = open_registry(url, ttl=args.ttl)
+        stack.callback(reader_reg.close)
+        back = Back()
+        reader_reg.watch(back, reader_reg.snapshot().revision)
+        deadline = time.monotonic() + 60
+        while sum(observer.catalog.up_count(s) for s in services) < len(expected):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the observer never held the whole fleet")
+            time.sleep(0.1)
+        say(f"{backend}, written back {'on' if written_back else 'off'}: {len(hosts)} hosts, "
+            f"{len(expected)} instances; deleting {RegistryURL.parse(url).services_root}")
+        empty_most, empty_service_s = 0, 0.0
+        with back.lock:
+            back.since = start = time.monotonic()
+        deleted = delete_services(url)
+        deleted_in = time.monotonic() - start
+        end = start + args.timeout
+        while time.monotonic() < end:
+            empty = sum(1 for s in services if not observer.catalog.up_count(s))
+            empty_most, empty_service_s = max(empty_most, empty), empty_service_s + empty * 0.1
+            with back.lock:
+                done = expected <= back.back.keys()
+            if done and not empty:
+                break
+            time.sleep(0.1)
+        times, own = back.times(expected)
+        status = observer.guard.status
+        row = {
+            "backend": backend, "written_back": "on" if written_back else "off",
+            "hosts": len(hosts), "instances": len(expected), "services": len(services),
+            "spread_s": args.spread, "resync_s": args.resync,
+            "deleted": deleted, "delete_took_s": _r(deleted_in), "back": len(times),
+            "back_p50_s": _r(percentile(times, 0.5)), "back_p99_s": _r(percentile(times, 0.99)),
+            "back_max_s": _r(max(times)) if times else None,
+            "deletes_seen": len(own),
+            "back_after_own_delete_p50_s": _r(percentile(own, 0.5)),
+            "back_after_own_delete_max_s": _r(max(own)) if own else None,
+            "written_back_writes": sum(h.restored for h in hosts),
+            "reconcile_writes": sum(h.reconciled for h in hosts),
+            "observer_empty_services_most": empty_most,
+            "observer_empty_service_s": _r(empty_service_s),
+            "guard_engaged": status.engaged, "guard_held_total": status.held_total,
+            "target": ("each back within spread + 1 s of its delete, no service emptied"
+                       if written_back else None),
+            "pass": (len(times) == len(expected) and max(own) <= args.spread + 1.0
+                     and empty_most == 0) if written_back else None,
+        }
+        return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", default="etcd,zk")
+    ap.add_argument("--hosts", type=int, default=100)
+    ap.add_argument("--instances", type=int, default=10)
+    ap.add_argument("--services", type=int, default=50)
+    ap.add_argument("--ttl", type=float, default=10.0)
+    ap.add_argument("--resync", type=float, default=30.0)
+    ap.add_argument("--spread", type=float, default=3.0)
+    ap.add_argument("--timeout", type=float, default=45.0,
+                    help="seconds after the delete a row waits for everything to be back")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # a host's write-back warning a key: the rows say it
+    code = 0
+    for backend in args.backends.split(","):
+        def run(work: Path, report: Any, backend: str = backend) -> list[dict[str, Any]]:
+            cluster = (EtcdCluster(3, work, go_procs=1) if backend == "etcd"
+                       else ZkEnsemble(3, work))
+            cluster.start()
+            try:
+                return [report.emit(one(cluster, args, on, f"{backend}{int(on)}"))
+                        for on in (False, True)]
+            finally:
+                cluster.stop()
+
+        code = max(code, measured("written-back", backend, "the prefix delete", run,
+                                  save=not args.no_save))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The registry's Restorer: what a watch saw deleted of the registry's own entries is handed to
+the backend's conditional write, once a key, after a random wait within the window."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from discovery.errors import RegistryUnavailable
+from discovery.model import Instance
+from discovery.registry import Change, Snapshot
+from discovery.registry.owned import Restorer
+from tests.harness.util import wait_for
+
+Key = tuple[str, str]
+
+
+def _inst(service: str, n: int) -> Instance:
+    return Instance(service=service, id=f"n1:{n:012x}:80", node="n1", address="127.0.0.1",
+                    port=8000 + n)
+
+
+class Backend:
+    """The owned keys, and the conditional writes asked for (with when)."""
+
+    def __init__(self, owned: set[Key], answer: bool = True) -> None:
+        self.owned, self.answer = owned, answer
+        self.asked: list[tuple[Key, float]] = []
+        self.done = threading.Event()
+
+    def restore(self, key: Key) -> bool:
+        self.asked.append((key, time.monotonic()))
+        self.done.set()
+        if not self.answer:
+            raise RegistryUnavailable("no member answered")
+        return key in self.owned
+
+
+def _restorer(backend: Backend, window: float = 0.2) -> Restorer:
+    return Restorer(lambda: sorted(backend.owned), backend.restore, window, "test")
+
+
+def test_a_delete_of_an_owned_entry_is_written_back_within_the_window() -> None:
+    a, b = _inst("web", 1), _inst("web", 2)
+    backend = Backend({a.key})
+    r = _restorer(backend)
+    seen: list[str] = []
+    cb = r.wrap(lambda c: seen.append(c.kind))
+    try:
+        start = time.monotonic()
+        cb(Change("delete", key=b.key))  # not ours: nothing
+        cb(Change("delete", key=a.key))
+        cb(Change("delete", key=a.key))  # seen twice (two watches): one write
+        assert seen == ["delete"] * 3  # the watch's own callback gets every change
+        wait_for(lambda: r.restored == 1, 2.0, message="written back")
+        assert [k for k, _ in backend.asked] == [a.key]
+        assert backend.asked[0][1] - start <= 0.2 + 0.1
+    finally:
+        r.close()
+
+
+def test_a_reset_lacking_an_owned_entry_in_its_scope_is_looked_at() -> None:
+    web, api, locked, last = (_inst("web", 1), _inst("api", 2), _inst("locked", 3),
+                              _inst("web", 4))
+    backend = Backend({web.key, api.key, locked.key, last.key})
+    r = _restorer(backend, window=0.0)
+    try:
+        only_web = r.wrap(lambda c: None, services=["web", "locked"])
+        snap = Snapshot(instances={last.key: last}, revision=5,
+                        withheld=frozenset({"locked"}))
+        only_web(Change("reset", snapshot=snap))  # api: not followed; locked: kept
+        wait_for(lambda: backend.asked, 2.0, message="asked")
+        everything = r.wrap(lambda c: None)
+        full = {i.key: i for i in (web, api, locked)}
+        everything(Change("reset", snapshot=Snapshot(instances=full)))
+        r.lost([last.key])  # a marker: the queue is in order (window 0), so it comes last
+        wait_for(lambda: len(backend.asked) == 2, 2.0, message="the marker")
+        assert [k for k, _ in backend.asked] == [web.key, last.key]
+    finally:
+        r.close()
+
+
+def test_the_waits_are_spread_over_the_window() -> None:
+    keys = [_inst("web", n) for n in range(40)]
+    backend = Backend({i.key for i in keys})
+    r = _restorer(backend, window=0.4)
+    try:
+        start = time.monotonic()
+        r.lost([i.key for i in keys])
+        wait_for(lambda: r.restored == 40, 3.0, message="all written back")
+        after = sorted(t - start for _, t in backend.asked)
+        assert after[-1] <= 0.4 + 0.2
+        assert after[-1] - after[0] > 0.2  # spread, not one moment
+    finally:
+        r.close()
+
+
+def test_a_failed_write_is_left_to_the_reconcile_and_the_next_goes_on() -> None:
+    a, b = _inst("web", 1), _inst("web", 2)
+    backend = Backend({a.key, b.key}, answer=False)
+    r = _restorer(backend, window=0.0)
+    try:
+        r.lost([a.key])
+        wait_for(lambda: backend.asked, 2.0, message="tried")
+        backend.answer = True
+        r.lost([b.key])
+        wait_for(lambda: r.restored == 1, 2.0, message="the next written back")
+        assert [k for k, _ in backend.asked] == [a.key, b.key]  # a: not tried again here
+    finally:
+        r.close()
+
+
+def test_nothing_is_started_before_a_loss_and_close_ends_it() -> None:
+    one, two = _inst("web", 1), _inst("web", 2)
+    backend = Backend(set())
+    r = _restorer(backend, window=60.0)
+    r.lost([one.key])  # not ours
+    assert r._thread is None
+    backend.owned |= {one.key, two.key}
+    r.lost([one.key])
+    thread = r._thread
+    assert thread is not None and one.key in r._due
+    r.close()
+    assert not thread.is_alive()
+    r.lost([two.key])  # after close: ignored
+    assert two.key not in r._due and backend.asked == []
