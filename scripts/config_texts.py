@@ -90,7 +90,9 @@ URL_PARAMS = {
     "spread": "seconds (0 to 60, default 3) over which this host spreads its resume after it lost "
               "the registry: watch reconnects, ZooKeeper reconnects, lease renewal retries "
               "(the agent's reconcile after it comes within one `--resync` period) "
-              "([operations.md](operations.md#a-full-registry-restart))",
+              "([operations.md](operations.md#a-full-registry-restart)); and the write-back "
+              "of this host's own instances, seen deleted by another writer "
+              "([operations.md](operations.md#an-entry-deleted-by-hand))",
 }
 URL_FIELDS = {
     "user": "the user (etcd user / ZooKeeper digest user)",

@@ -103,7 +103,7 @@ class EtcdRegistry:
                                  lambda: self._lease is not None)
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
                                          late_wait=self._interval + 1.0)
-        self._restorer = Restorer(self._owned_keys, self._restore, url.resume_spread, "etcd")
+        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd")
 
     @property
     def loop(self) -> LoopThread:
@@ -168,10 +168,6 @@ class EtcdRegistry:
 
     def _put(self, inst: Instance, lease: int, missing: bool = False) -> bool:
         return etcd_index.put(self._call, self.client, self.url, inst, lease, missing)
-
-    def _owned_keys(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._owned)
 
     def _restore(self, key: tuple[str, str]) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) put

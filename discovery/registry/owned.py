@@ -28,7 +28,8 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Set
+from typing import Any
 
 from discovery.errors import RegistryError
 from discovery.registry.base import Change, ChangeCallback
@@ -41,9 +42,9 @@ Key = tuple[str, str]
 class Restorer:
     """The keys of owned entries seen deleted, each written back (``restore(key)``, a
     conditional write) after a random wait within ``window`` s; one thread, started at the
-    first key. ``owned()``: the keys the registry owns now."""
+    first key. ``owned``: the registry's owned entries, by key."""
 
-    def __init__(self, owned: Callable[[], Collection[Key]], restore: Callable[[Key], bool],
+    def __init__(self, owned: dict[Key, Any], restore: Callable[[Key], bool],
                  window: float, name: str) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
         self._cond = threading.Condition()
@@ -62,7 +63,7 @@ class Restorer:
             if change.kind == "delete":
                 self.lost([change.key])
             elif change.kind == "reset" and (snap := change.snapshot) is not None:
-                self.lost([k for k in self._owned() if (scope is None or k[0] in scope)
+                self.lost([k for k in self._keys() if (scope is None or k[0] in scope)
                            and k not in snap.instances and not snap.keeps(k)])
             callback(change)
 
@@ -71,7 +72,7 @@ class Restorer:
     def lost(self, keys: Collection[Key]) -> None:
         """From any thread: ``keys`` were seen gone; those the registry owns are looked at
         after their wait (a key waiting already keeps its turn)."""
-        owned = set(self._owned()) if keys else set()
+        owned = self._keys() if keys else set()
         keys = [k for k in keys if k in owned]
         if not keys:
             return
@@ -88,6 +89,13 @@ class Restorer:
                                                 name=f"{self._name}-restore")
                 self._thread.start()
             self._cond.notify()
+
+    def _keys(self) -> Set[Key]:
+        """The owned keys now, without the registry's lock: a watch delivers on a thread that
+        must never wait for it (etcd's: the loop, on which that lock's holder may be waiting
+        for a call). The registry changes them under that lock; one ``dict.copy()`` is atomic
+        under the GIL."""
+        return self._owned.copy().keys()
 
     def close(self) -> None:
         with self._cond:

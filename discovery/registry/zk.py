@@ -90,7 +90,7 @@ class ZkRegistry:
         #: flight would be undone by that write
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
-        self._restorer = Restorer(self._owned_keys, self._restore, url.resume_spread, "zk")
+        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk")
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -272,10 +272,6 @@ class ZkRegistry:
     def deregister(self, service: str, instance_id: str) -> None:
         with self._writes:  # after a recovery's write in flight (see __init__)
             self._deregister(service, instance_id)
-
-    def _owned_keys(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._owned)
 
     def _restore(self, key: tuple[str, str]) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written

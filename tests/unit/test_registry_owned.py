@@ -24,7 +24,8 @@ class Backend:
     """The owned keys, and the conditional writes asked for (with when)."""
 
     def __init__(self, owned: set[Key], answer: bool = True) -> None:
-        self.owned, self.answer = owned, answer
+        self.owned: dict[Key, bool] = dict.fromkeys(owned, True)
+        self.answer = answer
         self.asked: list[tuple[Key, float]] = []
         self.done = threading.Event()
 
@@ -37,7 +38,7 @@ class Backend:
 
 
 def _restorer(backend: Backend, window: float = 0.2) -> Restorer:
-    return Restorer(lambda: sorted(backend.owned), backend.restore, window, "test")
+    return Restorer(backend.owned, backend.restore, window, "test")
 
 
 def test_a_delete_of_an_owned_entry_is_written_back_within_the_window() -> None:
@@ -116,7 +117,7 @@ def test_nothing_is_started_before_a_loss_and_close_ends_it() -> None:
     r = _restorer(backend, window=60.0)
     r.lost([one.key])  # not ours
     assert r._thread is None
-    backend.owned |= {one.key, two.key}
+    backend.owned.update(dict.fromkeys([one.key, two.key], True))
     r.lost([one.key])
     thread = r._thread
     assert thread is not None and one.key in r._due
