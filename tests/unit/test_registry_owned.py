@@ -8,7 +8,7 @@ import time
 
 from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import Change, Snapshot
+from discovery.registry import Change, Snapshot, open_registry
 from discovery.registry.owned import Restorer
 from tests.harness.util import wait_for
 
@@ -125,3 +125,33 @@ def test_nothing_is_started_before_a_loss_and_close_ends_it() -> None:
     assert not thread.is_alive()
     r.lost([two.key])  # after close: ignored
     assert two.key not in r._due and backend.asked == []
+
+
+def test_a_watch_callback_never_waits_for_the_registrys_lock() -> None:
+    """etcd delivers on its loop thread; the write-back holds the registry's lock while its
+    put waits for that loop: a callback that took the lock would stall every stream."""
+    reg = open_registry("etcd://127.0.0.1:1/x?spread=60", timeout=0.5)  # no I/O here
+    one = _inst("web", 1)
+    reg._owned[one.key] = one  # type: ignore[attr-defined]
+    seen: list[str] = []
+    callback = reg._restorer.wrap(lambda c: seen.append(c.kind))  # type: ignore[attr-defined]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reg._lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        start = time.monotonic()
+        callback(Change("delete", key=one.key))
+        callback(Change("reset", snapshot=Snapshot()))
+        assert time.monotonic() - start < 0.5 and seen == ["delete", "reset"]
+        assert one.key in reg._restorer._due  # type: ignore[attr-defined]
+    finally:
+        release.set()
+        holder.join()
+        reg.close(revoke=False)
