@@ -103,7 +103,8 @@ class EtcdRegistry:
                                  lambda: self._lease is not None)
         self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
                                          late_wait=self._interval + 1.0)
-        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd")
+        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd",
+                                  recheck=2 * timeout)
 
     @property
     def loop(self) -> LoopThread:
@@ -169,17 +170,27 @@ class EtcdRegistry:
     def _put(self, inst: Instance, lease: int, missing: bool = False) -> bool:
         return etcd_index.put(self._call, self.client, self.url, inst, lease, missing)
 
-    def _restore(self, key: tuple[str, str]) -> bool:
+    def _restore(self, key: tuple[str, str], doubt: bool) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) put
-        back if still missing; under the lock, so a deregister never sees it undone."""
+        back if a linearizable read finds it missing (a Txn with a put is a Raft proposal even
+        when its compare fails); under the lock, so a deregister never sees it undone. With
+        ``doubt`` (a write-back whose answer was lost), one no longer owned is deleted if it
+        is there on our lease. A lease gone or being rewritten is the keeper's work."""
         with self._lock:
             inst, lease = self._owned.get(key), self._lease
-            if inst is None or lease is None or self._closing.is_set():
+            if lease is None or self._need_reput or self._closing.is_set():
+                return False
+            if inst is None:
+                if doubt:
+                    etcd_index.drop_leased(self._call, self.client, self.url, key, lease)
+                return False
+            if etcd_index.count(self._call, self.client, self.url.key(*key)):
                 return False
             try:
                 return self._put(inst, lease, missing=True)
             except _LeaseGone:
-                return False  # the keeper grants a new lease and writes everything again
+                self._renew_lease(lease)  # a new lease; everything written again
+                return False
 
     # -- lease ------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from pyetcd import transactions
+from pyetcd import etcdrpc, transactions
 from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryDenied
@@ -60,6 +60,32 @@ def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
     written, _ = call(f"put {key}{' back' if missing else ''}", partial(
         client.transaction, compare=compare, failure=[], success=ops))
     return bool(written)
+
+
+def count(call: Caller, client: Any, key: str) -> int:
+    """Whether ``key`` is there (0 or 1), by a linearizable count-only read."""
+    resp = call(f"look at {key}", partial(client.get_range_response, key, None,
+                                          count_only=True))
+    return int(resp.count)
+
+
+def drop_leased(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],
+                lease: int) -> None:
+    """Delete the instance ``key`` and its index key if the instance is there on ``lease``
+    (one transaction comparing its lease): a write of ours that landed late."""
+    path = url.key(*key)
+    node = key[1].partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
+    call(f"delete {path} (written back late)", partial(
+        client.transaction, compare=[_Lease(path) == lease], failure=[], success=[
+            transactions.Delete(path), transactions.Delete(index_key(url, node, *key))]))
+
+
+class _Lease(transactions.BaseCompare):
+    """etcd's compare of a key's lease (which pyetcd's transactions lack)."""
+
+    def build_compare(self, compare: Any) -> None:
+        compare.target = etcdrpc.Compare.LEASE
+        compare.lease = int(self.value)
 
 
 def put_all(put: Callable[[Instance], object], instances: Iterable[Instance]) -> None:

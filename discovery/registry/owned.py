@@ -11,10 +11,18 @@ A watch of the registry that delivers the delete of an entry the registry owns (
 deregister forgets the entry first, so that delete is not one), or a ``reset`` whose snapshot
 lacks one, hands the key to :class:`Restorer`, which after a random wait within the URL's
 ``spread=`` (3 s) has the backend write it back **only if it is still owned and still
-missing** (etcd: a transaction comparing its version with 0; ZooKeeper: a create after a
-read of the node), so an entry put back meanwhile (a session recovery, the lease's keeper,
-the agent's reconcile) is not written twice: each write reaches every host of the fleet. The
-wait spreads a fleet whose entries went at once over that window.
+missing**: etcd reads the key (linearizable, count only: a transaction with a put is a Raft
+proposal even when its compare fails), then writes it in one transaction comparing its
+version with 0; ZooKeeper reads the node, then creates it with its index node. An entry put
+back meanwhile (the agent's reconcile) is not written twice: each write reaches every host of
+the fleet. What the lease's keeper (etcd: a lease gone, or instances still to write again) or
+the session's recovery (ZooKeeper: an entry not yet written in this session) puts back is
+left to them. A write-back whose answer was lost may still land, after the entry's own
+deregister too: its key is looked at again ``recheck`` s later (twice the registry's
+timeout), when etcd deletes it if it is no longer owned but there on the registry's lease
+(one session's ZooKeeper requests apply in order, so there it cannot land late); the other
+keys waiting then are left to the agent's reconcile. The wait spreads a fleet whose entries
+went at once over that window.
 
 It costs nothing in the steady state: it rides on the watches the host has anyway
 (``discovery up``: the agent and the watcher share one registry client). Only entries those
@@ -31,7 +39,7 @@ import time
 from collections.abc import Callable, Collection, Set
 from typing import Any
 
-from discovery.errors import RegistryError
+from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.registry.base import Change, ChangeCallback
 from discovery.retry import spread
 
@@ -40,16 +48,22 @@ Key = tuple[str, str]
 
 
 class Restorer:
-    """The keys of owned entries seen deleted, each written back (``restore(key)``, a
+    """The keys of owned entries seen deleted, each handed to ``restore(key, doubt)`` (a
     conditional write) after a random wait within ``window`` s; one thread, started at the
-    first key. ``owned``: the registry's owned entries, by key."""
+    first key. ``owned``: the registry's owned entries, by key. A write-back whose answer was
+    lost (:class:`~discovery.errors.RegistryUnavailable`) may still land, maybe after the
+    entry's own deregister: its key is handed over once more ``recheck`` s later with
+    ``doubt`` (the backend then deletes it if it is no longer owned but there as ours); the
+    other keys waiting are left to the agent's reconcile (each would wait for the registry
+    under the registry's lock)."""
 
-    def __init__(self, owned: dict[Key, Any], restore: Callable[[Key], bool],
-                 window: float, name: str) -> None:
+    def __init__(self, owned: dict[Key, Any], restore: Callable[[Key, bool], bool],
+                 window: float, name: str, recheck: float = 10.0) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
+        self._recheck = recheck
         self._cond = threading.Condition()
-        self._due: dict[Key, float] = {}
-        self._heap: list[tuple[float, Key]] = []
+        self._due: dict[Key, tuple[float, bool]] = {}  # key -> (when, doubt)
+        self._heap: list[tuple[float, Key]] = []  # stale entries skipped
         self._thread: threading.Thread | None = None
         self._closed = False
         self.restored = 0  # entries written back (the others were there again, or not ours)
@@ -60,12 +74,14 @@ class Restorer:
         scope = None if services is None else frozenset(services)
 
         def seen(change: Change) -> None:
-            if change.kind == "delete":
-                self.lost([change.key])
-            elif change.kind == "reset" and (snap := change.snapshot) is not None:
-                self.lost([k for k in self._keys() if (scope is None or k[0] in scope)
-                           and k not in snap.instances and not snap.keeps(k)])
-            callback(change)
+            try:
+                if change.kind == "delete":
+                    self.lost([change.key])
+                elif change.kind == "reset" and (snap := change.snapshot) is not None:
+                    self.lost([k for k in self._keys() if (scope is None or k[0] in scope)
+                               and k not in snap.instances and not snap.keeps(k)])
+            finally:
+                callback(change)
 
         return seen
 
@@ -74,15 +90,17 @@ class Restorer:
         after their wait (a key waiting already keeps its turn)."""
         owned = self._keys() if keys else set()
         keys = [k for k in keys if k in owned]
-        if not keys:
-            return
+        if keys:
+            self._schedule(keys, lambda: spread(self._window), doubt=False)
+
+    def _schedule(self, keys: Collection[Key], wait: Callable[[], float], doubt: bool) -> None:
         with self._cond:
             if self._closed:
                 return
             for key in keys:
-                if key not in self._due:
-                    due = time.monotonic() + spread(self._window)
-                    self._due[key] = due
+                if key not in self._due or doubt:
+                    due = time.monotonic() + wait()
+                    self._due[key] = (due, doubt)
                     heapq.heappush(self._heap, (due, key))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -105,26 +123,40 @@ class Restorer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
 
-    def _next(self) -> Key | None:
-        """The next key whose time has come (waiting for it), None once closed."""
+    def _next(self) -> tuple[Key, bool] | None:
+        """The next key whose time has come and its doubt (waiting for it), None once closed."""
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
                 if self._heap and self._heap[0][0] <= now:
-                    _, key = heapq.heappop(self._heap)
-                    del self._due[key]
-                    return key
+                    due, key = heapq.heappop(self._heap)
+                    if self._due.get(key, (None, False))[0] != due:
+                        continue  # a later turn of the same key replaced this one
+                    _, doubt = self._due.pop(key)
+                    return key, doubt
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
             return None
 
     def _run(self) -> None:
-        while (key := self._next()) is not None:
+        while (turn := self._next()) is not None:
+            key, doubt = turn
             try:
-                if self._restore(key):
+                if self._restore(key, doubt):
                     self.restored += 1
                     log.warning("%s/%s of this node was deleted in the registry by another "
                                 "writer; written back", *key)
+            except RegistryUnavailable as exc:
+                if self._closed:
+                    return
+                with self._cond:  # the others: the reconcile's (the doubted stay)
+                    left = sum(not d for _, d in self._due.values())
+                    self._due = {k: v for k, v in self._due.items() if v[1]}
+                log.warning("writing back %s/%s, deleted by another writer: %s; %d more left "
+                            "to the agent's reconcile", *key, exc, left)
+                if not doubt:
+                    self._schedule([key], lambda: self._recheck, doubt=True)
             except RegistryError as exc:  # the agent's next reconcile writes it
-                log.warning("writing back %s/%s, deleted by another writer: %s", *key, exc)
+                if not self._closed:
+                    log.warning("writing back %s/%s, deleted by another writer: %s", *key, exc)
             except Exception:
                 log.exception("writing back %s/%s failed", *key)

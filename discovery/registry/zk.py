@@ -41,7 +41,7 @@ from discovery.registry.owned import Restorer
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
-from discovery.registry.zk_index import ZkNodeIndex
+from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
@@ -90,7 +90,8 @@ class ZkRegistry:
         #: flight would be undone by that write
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
-        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk")
+        self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
+                                  recheck=2 * timeout)
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -273,16 +274,20 @@ class ZkRegistry:
         with self._writes:  # after a recovery's write in flight (see __init__)
             self._deregister(service, instance_id)
 
-    def _restore(self, key: tuple[str, str]) -> bool:
+    def _restore(self, key: tuple[str, str], _doubt: bool) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written
-        again if its node is still missing; one write at a time (see __init__)."""
+        again with its index node if its node is still missing; one write at a time (see
+        __init__; one session's requests apply in order, so a late answer never lands after
+        a deregister). One not written in this session is the session recovery's work."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
             path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
-            if inst is None or (path and self._op(f"look at {shown(path)}", lambda: self._get(
-                    self.client.exists_async(path)))):
+            if (inst is None or self._claims.written.get(key) != session_of(self.client)
+                    or (path and self._op(f"look at {shown(path)}", lambda: self._get(
+                        self.client.exists_async(path))))):
                 return False
+            self._index.unclaim(key)  # its index node may be gone too (the prefix deleted)
             self._op(f"write back {inst.service}/{inst.id}",
                      functools.partial(self._claims.claim, inst))
             return True

@@ -124,6 +124,11 @@ class ZkNodeIndex:
             self._mine[inst.key] = (session, name)
             self._nodes[inst.key] = inst.node
 
+    def unclaim(self, key: Key) -> None:
+        """Forget that ``key``'s index node is ours: the next :meth:`claim` makes sure."""
+        with self._lock:
+            self._mine.pop(key, None)
+
     def _create(self, path: str, session: int) -> bool:
         """Make the index node ``path`` ours; False if it keeps changing under us."""
         c = self.client

@@ -38,23 +38,65 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
 
     assert delete_services(url_s) == 3  # ours (2) and theirs
     gone = time.monotonic()
-    wait_until(lambda: not reader.snapshot().instances, 5, "the hand delete seen")
     expected = {i.key: i for i in ours[:2]}
     wait_until(lambda: reader.snapshot().instances == expected, SPREAD + 2.0,
                "our two instances written back, nothing else")
     took = time.monotonic() - gone
     assert took <= SPREAD + 1.0, took
     follower.wait_state(expected, timeout=5)
-    assert restorer.restored == 2  # each written once: found missing, the write conditional
-    # written back with its index entry (a restarted agent finds it through it)
+    wait_until(lambda: restorer.restored == 2, 5, "each written back once")
+
+    # a second hand delete, of one instance and its index entry (as a delete of the whole
+    # prefix): both back, the index entry through which a restarted agent finds it too
     url = RegistryURL.parse(url_s)
-    assert index_paths(url_s, "node-1") >= {f"{url.prefix}/nodes/node-1/{s}/{i}"
-                                            for s, i in expected}
-    client = raw_client(url_s)  # a second hand delete, of one: back again, and only it
+    one = ours[0]
+    index = f"{url.prefix}/nodes/{one.node}/{one.service}/{one.id}"
+    client = raw_client(url_s)
     try:
-        client.delete(url.key(*ours[0].key))
+        client.delete(url.key(*one.key))
+        client.delete(index)
     finally:
         close_raw(client)
     wait_until(lambda: restorer.restored == 3, SPREAD + 2.0, "written back again")
+    wait_until(lambda: index in index_paths(url_s, one.node), 5, "its index entry back")
     assert reader.snapshot().instances == expected
     assert theirs.key not in reader.snapshot().instances  # no watch: its agent's reconcile
+
+    # the write is conditional: an entry there is not written again (each write reaches
+    # every host of a fleet)
+    before = _stamp(url_s, url.key(*one.key))
+    assert agent._restore(one.key, False) is False  # type: ignore[attr-defined]
+    assert _stamp(url_s, url.key(*one.key)) == before
+
+
+def _stamp(url_s: str, path: str) -> int:
+    """The revision (etcd) or zxid (ZooKeeper) of ``path``'s last write."""
+    client = raw_client(url_s)
+    try:
+        if RegistryURL.parse(url_s).scheme == "etcd":
+            return int(client.get(path)[1].mod_revision)
+        return int(client.exists(path).mzxid)
+    finally:
+        close_raw(client)
+
+
+@pytest.mark.parametrize("registry_url", ["etcd"], indirect=True)
+def test_a_late_write_back_of_what_was_deregistered_is_deleted_if_ours(
+        registry_url: str, open_reg: OpenReg) -> None:
+    """A write-back whose answer was lost may land after the entry's own deregister; looked
+    at again in doubt, the entry is deleted if it is there on this registry's lease, and left
+    if another writer's (a successor that adopted it)."""
+    agent, other, reader = (open_reg(registry_url, ttl=30), open_reg(registry_url, ttl=30),
+                            open_reg(registry_url))
+    late, adopted = inst(5), inst(6)
+    agent.register(late)
+    agent.register(adopted)
+    other.register(adopted)  # taken over: now on the other registry's lease
+    with agent._lock:  # type: ignore[attr-defined]
+        agent._owned.clear()  # type: ignore[attr-defined]  # as a deregister whose delete
+    for one in (late, adopted):  # came first, the late write after it
+        assert agent._restore(one.key, True) is False  # type: ignore[attr-defined]
+    assert list(reader.snapshot().instances) == [adopted.key]
+    url = RegistryURL.parse(registry_url)
+    assert index_paths(registry_url, late.node) == {
+        f"{url.prefix}/nodes/{adopted.node}/{adopted.service}/{adopted.id}"}
