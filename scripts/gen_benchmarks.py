@@ -133,6 +133,31 @@ def t_footprint(results: dict[str, Result]) -> str:
                   "host busy", "RSS ≤ 60 MiB"], out)
 
 
+def t_written_back(results: dict[str, Result]) -> str:
+    """bench/written_back.py: the prefix deleted by hand, the write-back off and on."""
+    out = []
+    for backend in ("etcd", "zk"):
+        for r in rows_of(results.get(f"written-back-{backend}")):
+            out.append([backend, f"{r['services']} ({r['instances'] // r['services']} a service)",
+                        r["written_back"], num(r["delete_took_s"]),
+                        f"{r['back']} / {r['instances']}",
+                        f"{num(r['back_p50_s'])} / {num(r['back_p99_s'])} / "
+                        f"{num(r['back_max_s'])}",
+                        f"{num(r['back_after_own_delete_p50_s'])} / "
+                        f"{num(r['back_after_own_delete_max_s'])}",
+                        f"{r['written_back_writes']} / {r['reconcile_writes']}",
+                        f"{r['observer_empty_services_most']} "
+                        f"({num(r['observer_empty_service_s'])} service-s)",
+                        r.get("target") or "—", verdict(r.get("pass"))])
+    if not out:
+        return missing("written-back-etcd", "written-back-zk")
+    return table(["backend", "services (instances)", "write-back", "the delete took, s",
+                  "back", "back after the delete's start, s: p50 / p99 / max",
+                  "back after its own delete, s: p50 / max",
+                  "written back / by a reconcile", "observer: services empty at once (most)",
+                  "target", "result"], out)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
         if isinstance(v, dict):
@@ -185,6 +210,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "proxy-renewals": t_proxy_renewals,
     "auth-restart": t_auth_restart,
     "wipe-guard": t_generic("wipe-guard-none"),
+    "written-back": t_written_back,
     "faults": t_faults,
     "deploys": t_deploys,
     "slowstart": t_slowstart,
