@@ -182,7 +182,7 @@ class EtcdRegistry:
                 return False
             if inst is None:
                 if doubt:
-                    etcd_index.drop_leased(self._call, self.client, self.url, key, lease)
+                    etcd_index.drop_late(self._call, self.client, self.url, key, lease)
                 return False
             if etcd_index.count(self._call, self.client, self.url.key(*key)):
                 return False
@@ -221,9 +221,9 @@ class EtcdRegistry:
             self._reput_all()
 
     def _reput_all(self) -> None:
-        with self._lock:
-            lease = self._lease
-            if lease is None or self._closing.is_set():
+        with self._lock:  # a keeper round that saw _need_reput before another thread's
+            lease = self._lease  # rewrite (a write-back's, a register's) has nothing to do
+            if lease is None or self._closing.is_set() or not self._need_reput:
                 return
             self._need_reput = True  # until this round writes everything: the keeper retries
             etcd_index.put_all(lambda inst: self._put(inst, lease), list(self._owned.values()))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from pyetcd import etcdrpc, transactions
+from pyetcd import transactions
 from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryDenied
@@ -69,23 +69,20 @@ def count(call: Caller, client: Any, key: str) -> int:
     return int(resp.count)
 
 
-def drop_leased(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],
-                lease: int) -> None:
-    """Delete the instance ``key`` and its index key if the instance is there on ``lease``
-    (one transaction comparing its lease): a write of ours that landed late."""
+def drop_late(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],
+              lease: int) -> None:
+    """Delete the instance ``key`` and its index key if the instance is there on ``lease`` (a
+    write of ours that landed late): read it, then delete both in one transaction comparing
+    its mod revision, so that this delete, landing late itself, never takes a newer write."""
     path = url.key(*key)
+    value, meta = call(f"read {path}", partial(client.get, path))
+    if value is None or meta.lease_id != lease:
+        return
     node = key[1].partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
     call(f"delete {path} (written back late)", partial(
-        client.transaction, compare=[_Lease(path) == lease], failure=[], success=[
-            transactions.Delete(path), transactions.Delete(index_key(url, node, *key))]))
-
-
-class _Lease(transactions.BaseCompare):
-    """etcd's compare of a key's lease (which pyetcd's transactions lack)."""
-
-    def build_compare(self, compare: Any) -> None:
-        compare.target = etcdrpc.Compare.LEASE
-        compare.lease = int(self.value)
+        client.transaction, compare=[transactions.Mod(path) == meta.mod_revision],
+        failure=[], success=[transactions.Delete(path),
+                             transactions.Delete(index_key(url, node, *key))]))
 
 
 def put_all(put: Callable[[Instance], object], instances: Iterable[Instance]) -> None:

@@ -103,9 +103,10 @@ class Restorer:
                     self._due[key] = (due, doubt)
                     heapq.heappush(self._heap, (due, key))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name=f"{self._name}-restore")
-                self._thread.start()
+                thread = threading.Thread(target=self._run, daemon=True,
+                                          name=f"{self._name}-restore")
+                thread.start()
+                self._thread = thread
             self._cond.notify()
 
     def _keys(self) -> Set[Key]:

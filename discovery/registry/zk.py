@@ -283,9 +283,12 @@ class ZkRegistry:
             with self._lock:
                 inst = self._owned.get(key)
             path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
-            if (inst is None or self._claims.written.get(key) != session_of(self.client)
-                    or (path and self._op(f"look at {shown(path)}", lambda: self._get(
-                        self.client.exists_async(path))))):
+
+            def missing() -> bool:  # once connected (else RegistryUnavailable: looked at again)
+                return self._claims.written.get(key) == session_of(self.client) and not (
+                    path and self._get(self.client.exists_async(path)))
+
+            if inst is None or not self._op(f"look at {shown(path or key[1])}", missing):
                 return False
             self._index.unclaim(key)  # its index node may be gone too (the prefix deleted)
             self._op(f"write back {inst.service}/{inst.id}",

@@ -47,14 +47,15 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
     wait_until(lambda: restorer.restored == 2, 5, "each written back once")
 
     # a second hand delete, of one instance and its index entry (as a delete of the whole
-    # prefix): both back, the index entry through which a restarted agent finds it too
+    # prefix; the index entry first: the instance's delete starts the write-back): both
+    # back, the index entry through which a restarted agent finds it too
     url = RegistryURL.parse(url_s)
     one = ours[0]
     index = f"{url.prefix}/nodes/{one.node}/{one.service}/{one.id}"
     client = raw_client(url_s)
     try:
-        client.delete(url.key(*one.key))
         client.delete(index)
+        client.delete(url.key(*one.key))
     finally:
         close_raw(client)
     wait_until(lambda: restorer.restored == 3, SPREAD + 2.0, "written back again")

@@ -147,7 +147,7 @@ def test_one_refused_instance_does_not_hold_back_the_others_rewrite(registry: An
         written.append(inst.service)
 
     registry._put = put
-    registry._lease = 7
+    registry._lease, registry._need_reput = 7, True  # (a rewrite is due: a new lease)
     with pytest.raises(RegistryDenied):
         registry._reput_all()
     assert written == ["api"] and registry._need_reput  # tried again at the keeper's turn
@@ -192,3 +192,17 @@ def test_the_registrys_state_going_up_again_is_the_return(registry: Any) -> None
     registry.set_state(False)
     registry.set_state(True)
     assert told == [True]
+
+
+def test_a_rewrite_done_meanwhile_is_not_done_again(registry: Any) -> None:
+    """A keeper round that saw a rewrite due before another thread did it (a write-back's or
+    a register's new lease) writes nothing again: each write reaches every host."""
+    registry._owned = {WEB.key: WEB}
+    written: list[str] = []
+    registry._put = lambda inst, lease: written.append(inst.service)
+    registry._lease, registry._need_reput = 7, False
+    registry._reput_all()
+    assert written == []
+    registry._need_reput = True
+    registry._reput_all()
+    assert written == ["web"] and not registry._need_reput
