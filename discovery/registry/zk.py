@@ -34,7 +34,6 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.model.validate import shown
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer
@@ -276,23 +275,28 @@ class ZkRegistry:
 
     def _restore(self, key: tuple[str, str], _doubt: bool) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written
-        again with its index node if its node is still missing; one write at a time (see
-        __init__; one session's requests apply in order, so a late answer never lands after
-        a deregister). One not written in this session is the session recovery's work."""
+        again with its index node if still missing (:meth:`ZkClaims.restore`; Nerve's: a read,
+        then a claim); one write at a time (see __init__; one session's requests apply in
+        order, so a late answer never lands after a deregister). One not written in this
+        session is the session recovery's work."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
-            path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
+            if inst is None:
+                return False
+            what = f"write back {inst.service}/{inst.id}"
+            if self._nerve is None:
+                return self._op(what, functools.partial(self._claims.restore, inst))
+            path = self._nerve.path(key)
 
             def missing() -> bool:  # once connected (else RegistryUnavailable: looked at again)
                 return self._claims.written.get(key) == session_of(self.client) and not (
                     path and self._get(self.client.exists_async(path)))
 
-            if inst is None or not self._op(f"look at {shown(path or key[1])}", missing):
+            if not self._op(what, missing):
                 return False
-            self._index.unclaim(key)  # its index node may be gone too (the prefix deleted)
-            self._op(f"write back {inst.service}/{inst.id}",
-                     functools.partial(self._claims.claim, inst))
+            self._index.unclaim(key)
+            self._op(what, functools.partial(self._claims.claim, inst))
             return True
 
     def _deregister(self, service: str, instance_id: str) -> None:

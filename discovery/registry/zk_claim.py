@@ -129,6 +129,27 @@ class ZkClaims:
                 continue
         raise RegistryError(f"ZooKeeper at {self._where}: {shown(path)} keeps changing under us")
 
+    def restore(self, inst: Instance) -> bool:
+        """Create the node of ``inst`` again (deleted by another writer) if it is missing and
+        was this session's: in one transaction with a check that its index node is still
+        there (one round trip, where a claim takes five); if that is gone too, both through
+        :meth:`claim`. False: not this session's, or there (nothing written)."""
+        session, key = session_of(self.client), inst.key
+        if session is None or self.written.get(key) != session:
+            return False
+        txn = self.client.transaction()
+        txn.create(self.url.key(*key), inst.to_json(), ephemeral=True)
+        if self._index.enabled:
+            txn.check(self._index.path(inst.node, *key), -1)  # -1: any version
+        results = self._get(txn.commit_async())
+        if not any(isinstance(r, Exception) for r in results):
+            return True
+        if isinstance(results[0], NodeExistsError):
+            return False
+        self._index.unclaim(key)  # its index node gone too (the prefix deleted), or its dir
+        self.claim(inst)
+        return True
+
     def remove(self, key: tuple[str, str], node: str) -> None:
         """Delete the instance node of ``key`` and its index node under ``node``: in one
         transaction when both are there (no crash leaves the instance without the index node
