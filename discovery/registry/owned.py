@@ -13,7 +13,8 @@ lacks one, hands the key to :class:`Restorer`, which after a random wait within 
 ``spread=`` (3 s) has the backend write it back **only if it is still owned and still
 missing**: etcd reads the key (linearizable, count only: a transaction with a put is a Raft
 proposal even when its compare fails), then writes it in one transaction comparing its
-version with 0; ZooKeeper reads the node, then creates it with its index node. An entry put
+version with 0; ZooKeeper creates it in one transaction with a check that its index node is
+still there (both created if that is gone too). An entry put
 back meanwhile (the agent's reconcile) is not written twice: each write reaches every host of
 the fleet. What the lease's keeper (etcd: a lease gone, or instances still to write again) or
 the session's recovery (ZooKeeper: an entry not yet written in this session) puts back is
