@@ -76,11 +76,13 @@ class Restorer:
 
         def seen(change: Change) -> None:
             try:
-                if change.kind == "delete":
+                if not self._owned:  # a watch-only registry: nothing to look at, no copy
+                    pass
+                elif change.kind == "delete":
                     self.lost([change.key])
                 elif change.kind == "reset" and (snap := change.snapshot) is not None:
-                    self.lost([k for k in self._keys() if (scope is None or k[0] in scope)
-                               and k not in snap.instances and not snap.keeps(k)])
+                    self._schedule([k for k in self._keys() if (scope is None or k[0] in scope)
+                                    and k not in snap.instances and not snap.keeps(k)])
             finally:
                 callback(change)
 
@@ -89,18 +91,19 @@ class Restorer:
     def lost(self, keys: Collection[Key]) -> None:
         """From any thread: ``keys`` were seen gone; those the registry owns are looked at
         after their wait (a key waiting already keeps its turn)."""
-        owned = self._keys() if keys else set()
-        keys = [k for k in keys if k in owned]
-        if keys:
-            self._schedule(keys, lambda: spread(self._window), doubt=False)
+        self._schedule([k for k in keys if k in self._owned])  # (one lookup: atomic, no lock)
 
-    def _schedule(self, keys: Collection[Key], wait: Callable[[], float], doubt: bool) -> None:
+    def _schedule(self, keys: Collection[Key], doubt: bool = False) -> None:
+        """Each of ``keys`` after a random wait within the window; with ``doubt``, after the
+        recheck's wait (replacing a turn it had)."""
+        if not keys:
+            return
         with self._cond:
             if self._closed:
                 return
             for key in keys:
                 if key not in self._due or doubt:
-                    due = time.monotonic() + wait()
+                    due = time.monotonic() + (self._recheck if doubt else spread(self._window))
                     self._due[key] = (due, doubt)
                     heapq.heappush(self._heap, (due, key))
             if self._thread is None:
@@ -156,7 +159,7 @@ class Restorer:
                 log.warning("writing back %s/%s, deleted by another writer: %s; %d more left "
                             "to the agent's reconcile", *key, exc, left)
                 if not doubt:
-                    self._schedule([key], lambda: self._recheck, doubt=True)
+                    self._schedule([key], doubt=True)
             except RegistryError as exc:  # the agent's next reconcile writes it
                 if not self._closed:
                     log.warning("writing back %s/%s, deleted by another writer: %s", *key, exc)

@@ -40,7 +40,7 @@ from discovery.registry.owned import Restorer
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
-from discovery.registry.zk_index import ZkNodeIndex, session_of
+from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
@@ -275,29 +275,16 @@ class ZkRegistry:
 
     def _restore(self, key: tuple[str, str], _doubt: bool) -> bool:
         """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written
-        again with its index node if still missing (:meth:`ZkClaims.restore`; Nerve's: a read,
-        then a claim); one write at a time (see __init__; one session's requests apply in
-        order, so a late answer never lands after a deregister). One not written in this
-        session is the session recovery's work."""
+        again with its index node if still missing (:meth:`ZkClaims.restore`, once connected:
+        else RegistryUnavailable, and it is looked at again); one write at a time (see
+        __init__; one session's requests apply in order, so a late answer never lands after
+        a deregister). One not written in this session is the session recovery's work."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
-            if inst is None:
-                return False
-            what = f"write back {inst.service}/{inst.id}"
-            if self._nerve is None:
-                return self._op(what, functools.partial(self._claims.restore, inst))
-            path = self._nerve.path(key)
-
-            def missing() -> bool:  # once connected (else RegistryUnavailable: looked at again)
-                return self._claims.written.get(key) == session_of(self.client) and not (
-                    path and self._get(self.client.exists_async(path)))
-
-            if not self._op(what, missing):
-                return False
-            self._index.unclaim(key)
-            self._op(what, functools.partial(self._claims.claim, inst))
-            return True
+            return inst is not None and self._op(
+                f"write back {inst.service}/{inst.id}",
+                functools.partial(self._claims.restore, inst))
 
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:

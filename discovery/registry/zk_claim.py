@@ -133,10 +133,18 @@ class ZkClaims:
         """Create the node of ``inst`` again (deleted by another writer) if it is missing and
         was this session's: in one transaction with a check that its index node is still
         there (one round trip, where a claim takes five); if that is gone too, both through
-        :meth:`claim`. False: not this session's, or there (nothing written)."""
+        :meth:`claim` (Nerve's sequential node: a read, then the claim). False: not this
+        session's, or there (nothing written)."""
         session, key = session_of(self.client), inst.key
         if session is None or self.written.get(key) != session:
             return False
+        if self._nerve is not None:
+            path = self._nerve.path(key)
+            if path and self._get(self.client.exists_async(path)):
+                return False
+            self._index.unclaim(key)
+            self.claim(inst)
+            return True
         txn = self.client.transaction()
         txn.create(self.url.key(*key), inst.to_json(), ephemeral=True)
         if self._index.enabled:

@@ -3,6 +3,7 @@ the backend's conditional write, once a key, after a random wait within the wind
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 
@@ -106,7 +107,9 @@ def test_a_lost_answer_is_looked_at_again_in_doubt_and_the_others_left() -> None
     backend = Backend({a.key, b.key, c.key}, answer=False)
     r = _restorer(backend, window=0.0, recheck=0.3)
     try:
-        r._schedule([b.key], lambda: 0.6, doubt=False)  # waiting when a's answer is lost
+        with r._cond:  # b waiting (0.6 s) when a's answer is lost
+            r._due[b.key] = (due := time.monotonic() + 0.6, False)
+            heapq.heappush(r._heap, (due, b.key))
         r.lost([a.key])
         wait_for(lambda: backend.doubted, 2.0, message="looked at again")
         lost_at, doubted_at = backend.asked[0][1], backend.asked[-1][1]
