@@ -55,9 +55,10 @@ def host_instances(n: int, count: int, services: int) -> list[Instance]:
 
 def put_back(registry: Registry, node: str, instances: list[Instance]) -> int:
     """What the agent's reconcile does with the registry: read ``node``'s entries (through its
-    index), write what of ``instances`` is missing. Returns how many were written."""
+    index), write what of ``instances`` is missing or changed. Returns how many were written."""
     have = registry.node_snapshot(node).instances
-    missing = [inst for inst in instances if inst.key not in have]
+    missing = [inst for inst in instances
+               if (seen := have.get(inst.key)) is None or not seen.same_registration(inst)]
     for inst in missing:
         registry.register(inst)
     return len(missing)

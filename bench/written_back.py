@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The services prefix deleted by hand under a live fleet: how soon every instance is back,
-and what one host's watcher serves meanwhile, side by side: the registry writing back what
-its watch saw deleted of its own entries (``discovery/registry/owned.py``) and the same code
-with that turned off (the agents put their instances back at their reconcile, as before).
+"""The services prefix deleted (or every instance drained) by hand under a live fleet: how soon
+every instance is back, and what one host's watcher serves meanwhile, side by side: the
+registry writing back what its watch saw deleted or changed of its own entries
+(``discovery/registry/owned.py``) and the same code with that turned off (the agents put
+their instances back at their reconcile, as before).
 
 Per backend (``--backends``), on a real 3-member etcd cluster or ZooKeeper ensemble on
 loopback (``tests/harness/servers.py``): ``--hosts`` (100) simulated hosts, each as ``discovery
@@ -22,9 +23,12 @@ machines: un-niced, the four took the ZooKeeper members' CPU and a write-back to
 deliveries and calls queued behind each other on one loop and one GIL, and the write-backs
 came up to 1.1 s late (a run at ``2a330e9``: every instance back within 4.1 s, p50 3.9 s).
 
-Then an operator deletes every instance under ``<prefix>/services`` (etcd: one
-``DeleteRange``; ZooKeeper: every instance node, the deletes sent together:
-``tests/harness/fleet.delete_services``). Measured, per row: seconds from the delete's start until
+Then an operator deletes every instance under ``<prefix>/services`` (``--fault delete``;
+etcd: one ``DeleteRange``; ZooKeeper: every instance node, the deletes sent together:
+``tests/harness/fleet.delete_services``), or rewrites every instance as ``draining``
+(``--fault drain``, a script's read and write of each value: ``fleet.drain_services``; every
+host's watcher drains them, and a service with none up serves nothing; "back" is then up
+again, "empty" is no instance up). Measured, per row: seconds from the delete's start until
 each instance was in the registry again (a watch of the bench's own): p50 / p99 / max, and
 from the instance's own delete (p50 / max; ZooKeeper's deletes take a while); the
 instances written back by the hosts' registries and those registered again by a reconcile;
@@ -33,7 +37,8 @@ sampled every 0.1 s: the most at once and their service-seconds; whether its gua
 Target of the new code: each instance back within ``spread`` + 1 s of its delete, no service
 emptied.
 
-Raw results: ``bench/results/written-back-<backend>.json``.
+Raw results: ``bench/results/written-back-<backend>.json`` (``--fault delete``),
+``bench/results/changed-back-<backend>.json`` (``--fault drain``).
 """
 
 from __future__ import annotations
@@ -62,13 +67,13 @@ from common import _r, measured, percentile, say  # noqa: E402
 from fleet_host import put_back  # noqa: E402
 
 from discovery.errors import RegistryError  # noqa: E402
-from discovery.model import Instance  # noqa: E402
+from discovery.model import Instance, State  # noqa: E402
 from discovery.registry import Change, Registry, RegistryURL, open_registry  # noqa: E402
 from discovery.registry.etcd_aio import LoopThread  # noqa: E402
 from discovery.registry.owned import Restorer  # noqa: E402
 from discovery.retry import jittered  # noqa: E402
 from discovery.watcher.core import Watcher  # noqa: E402
-from tests.harness.fleet import delete_services  # noqa: E402
+from tests.harness.fleet import delete_services, drain_services  # noqa: E402
 from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble  # noqa: E402
 
 PREFIX = "/wb"
@@ -111,9 +116,11 @@ class Host:
 
 
 class Back:
-    """The bench's own watch: when each key was deleted, then put again, after ``since``."""
+    """The bench's own watch: when each key was deleted (``drain``: drained), then put again
+    (up), after ``since``."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: bool) -> None:
+        self.drain = drain
         self.lock = threading.Lock()
         self.since: float | None = None
         self.gone: dict[tuple[str, str], float] = {}
@@ -126,11 +133,15 @@ class Back:
                 return
             if change.kind == "delete":
                 self.gone.setdefault(change.key, now)
-            elif change.kind == "put":  # (ZooKeeper: a node written back before the watch
-                self.back.setdefault(change.key, now)  # read its delete tells only this)
+            elif change.kind == "put" and change.instance is not None:
+                if not self.drain or change.instance.state is State.UP:  # (ZooKeeper: one
+                    self.back.setdefault(change.key, now)  # written back before the watch
+                else:  # read its delete or drain tells only this)
+                    self.gone.setdefault(change.key, now)
             elif change.kind == "reset" and change.snapshot is not None:
-                for key in change.snapshot.instances:
-                    self.back.setdefault(key, now)
+                for key, inst in change.snapshot.instances.items():
+                    if not self.drain or inst.state is State.UP:
+                        self.back.setdefault(key, now)
 
     def times(self, keys: set[tuple[str, str]]) -> tuple[list[float], list[float]]:
         """(from the delete's start, from each instance's own delete where the watch told
@@ -214,7 +225,8 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
             raise RuntimeError("the observer's watcher did not start")
         reader_reg = open_registry(url, ttl=args.ttl)
         stack.callback(reader_reg.close)
-        back = Back()
+        drain = args.fault == "drain"
+        back = Back(drain)
         reader_reg.watch(back, reader_reg.snapshot().revision)
         deadline = time.monotonic() + 60
         while sum(observer.catalog.up_count(s) for s in services) < len(expected):
@@ -222,12 +234,12 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
                 raise RuntimeError("the observer never held the whole fleet")
             time.sleep(0.1)
         say(f"{backend}, written back {'on' if written_back else 'off'}: {args.hosts} hosts "
-            f"in {args.workers} processes, {len(expected)} instances; deleting "
-            f"{RegistryURL.parse(url).services_root}")
+            f"in {args.workers} processes, {len(expected)} instances; "
+            f"{'draining' if drain else 'deleting'} {RegistryURL.parse(url).services_root}")
         empty_most, empty_service_s = 0, 0.0
         with back.lock:
             back.since = start = time.monotonic()
-        deleted = delete_services(url)
+        deleted = drain_services(url) if drain else delete_services(url)
         deleted_in = time.monotonic() - start
         end = start + args.timeout
         while time.monotonic() < end:
@@ -242,7 +254,8 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
         status = observer.guard.status
         stop_workers()
         row = {
-            "backend": backend, "written_back": "on" if written_back else "off",
+            "backend": backend, "fault": args.fault,
+            "written_back": "on" if written_back else "off",
             "hosts": args.hosts, "workers": args.workers, "instances": len(expected),
             "services": len(services), "spread_s": args.spread, "resync_s": args.resync,
             "follow": args.follow,
@@ -257,10 +270,11 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
             "observer_empty_services_most": empty_most,
             "observer_empty_service_s": _r(empty_service_s),
             "guard_engaged": status.engaged, "guard_held_total": status.held_total,
-            "target": ("each back within spread + 1 s of its delete, no service emptied"
-                       if written_back else None),
+            "target": None if not written_back else (
+                "each up again within spread + 1 s of its drain" if drain else
+                "each back within spread + 1 s of its delete, no service emptied"),
             "pass": (len(times) == len(expected) and len(counts) == args.workers
-                     and max(own) <= args.spread + 1.0 and empty_most == 0)
+                     and max(own) <= args.spread + 1.0 and (drain or empty_most == 0))
             if written_back else None,
         }
         return row
@@ -280,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--spread", type=float, default=3.0)
     ap.add_argument("--follow", choices=("own", "all"), default="own",
                     help="what each host's watch follows: the services of its instances, or all")
+    ap.add_argument("--fault", choices=("delete", "drain"), default="delete",
+                    help="what the operator does: delete the services prefix, or rewrite every "
+                         "instance as draining")
     ap.add_argument("--timeout", type=float, default=45.0,
                     help="seconds after the delete a row waits for everything to be back")
     ap.add_argument("--no-save", action="store_true")
@@ -297,8 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 cluster.stop()
 
-        code = max(code, measured("written-back", backend, "the prefix delete", run,
-                                  save=not args.no_save))
+        code = max(code, measured(
+            "changed-back" if args.fault == "drain" else "written-back", backend,
+            f"the prefix's {args.fault}", run, save=not args.no_save))
         if code == 130:  # Ctrl-C: not the next backend
             break
     return code

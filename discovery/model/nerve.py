@@ -75,6 +75,15 @@ def from_nerve(raw: bytes | str, service: str, child: str, where: str,
         raise InvalidRecord(where, f"unusable Nerve record ({type(exc).__name__})") from None
 
 
+def as_read(inst: Instance) -> Instance | None:
+    """``inst`` as a reader gets it back from the node :func:`to_nerve` writes (the record
+    carries less: meta under a reserved label name, a schema); None if it would not read."""
+    try:
+        return from_nerve(to_nerve(inst), inst.service, f"{inst.id}_0000000000", where=inst.id)
+    except InvalidRecord:
+        return None
+
+
 def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> Instance:
     if not isinstance(data, dict):
         raise InvalidRecord(where, "not a JSON object")

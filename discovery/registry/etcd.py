@@ -167,30 +167,29 @@ class EtcdRegistry:
     def set_state(self, up: bool) -> None:
         self._state.set(up)
 
-    def _put(self, inst: Instance, lease: int, missing: bool = False) -> bool:
-        return etcd_index.put(self._call, self.client, self.url, inst, lease, missing)
+    def _put(self, inst: Instance, lease: int) -> bool:
+        return etcd_index.put(self._call, self.client, self.url, inst, lease)
 
-    def _restore(self, key: tuple[str, str], doubt: bool) -> bool:
-        """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) put
-        back if a linearizable read finds it missing (a Txn with a put is a Raft proposal even
-        when its compare fails); under the lock, so a deregister never sees it undone. With
-        ``doubt`` (a write-back whose answer was lost), one no longer owned is deleted if it
-        is there on our lease. A lease gone or being rewritten is the keeper's work."""
+    def _restore(self, key: tuple[str, str], doubt: bool, _gone: bool) -> str:
+        """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
+        owned`) put back if still so (:func:`~discovery.registry.etcd_index.write_back`);
+        under the lock, so a deregister never sees it undone. With ``doubt`` (a write-back
+        whose answer was lost), one no longer owned is deleted if it is there on our lease.
+        A lease gone or being rewritten is the keeper's work."""
         with self._lock:
             inst, lease = self._owned.get(key), self._lease
             if lease is None or self._need_reput or self._closing.is_set():
-                return False
+                return ""
             if inst is None:
                 if doubt:
                     etcd_index.drop_late(self._call, self.client, self.url, key, lease)
-                return False
-            if etcd_index.count(self._call, self.client, self.url.key(*key)):
-                return False
+                return ""
             try:
-                return self._put(inst, lease, missing=True)
+                return etcd_index.write_back(self._call, self.client, self.url, inst, lease,
+                                             self.decoder.decode, self._restorer.same)
             except _LeaseGone:
                 self._renew_lease(lease)  # a new lease; everything written again
-                return False
+                return ""
 
     # -- lease ------------------------------------------------------------------------------
 

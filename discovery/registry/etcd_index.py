@@ -50,23 +50,32 @@ def index_key(url: RegistryURL, node: str, service: str, instance_id: str) -> st
 
 
 def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
-        missing: bool = False) -> bool:
-    """The instance and its index key, in one transaction, on ``lease``; with ``missing``,
-    only if the instance's key is not there (its version compared with 0). True if written."""
+        mod: int | None = None) -> bool:
+    """The instance and its index key, in one transaction, on ``lease``; with ``mod``, only
+    if the instance's key is still at that mod revision (0: not there). True if written."""
     key = url.key(inst.service, inst.id)
     ops = [transactions.Put(key, inst.to_json(), lease),
            transactions.Put(index_key(url, inst.node, inst.service, inst.id), b"", lease)]
-    compare = [transactions.Version(key) == 0] if missing else []
-    written, _ = call(f"put {key}{' back' if missing else ''}", partial(
+    compare = [] if mod is None else [transactions.Mod(key) == mod]
+    written, _ = call(f"put {key}{'' if mod is None else ' back'}", partial(
         client.transaction, compare=compare, failure=[], success=ops))
     return bool(written)
 
 
-def count(call: Caller, client: Any, key: str) -> int:
-    """Whether ``key`` is there (0 or 1), by a linearizable count-only read."""
-    resp = call(f"look at {key}", partial(client.get_range_response, key, None,
-                                          count_only=True))
-    return int(resp.count)
+def write_back(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
+               decode: Decode, same: Callable[[Instance, Instance], bool]) -> str:
+    """Put ``inst`` back on ``lease`` if a linearizable read finds it missing (``"deleted"``)
+    or holding a value that is not ``same`` as it (``"changed"``), in one transaction
+    comparing the mod revision read; ``""``: nothing written (there as it was, written again
+    meanwhile, or on another lease: a successor's adoption, not ours to undo)."""
+    key = url.key(inst.service, inst.id)
+    value, meta = call(f"read {key}", partial(client.get, key))
+    if value is not None and (meta.lease_id not in (lease, 0) or (
+            (seen := decode(key, value)) is not None and same(inst, seen))):
+        return ""
+    mod = 0 if value is None else meta.mod_revision
+    return ("deleted" if value is None else "changed") if put(
+        call, client, url, inst, lease, mod) else ""
 
 
 def drop_late(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],

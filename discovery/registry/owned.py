@@ -1,4 +1,4 @@
-"""Writing back what another writer deleted: an entry this registry owns, gone from under it.
+"""Writing back what another writer deleted or changed: an entry this registry owns.
 
 The agent is the truth about its own node (as Consul's agent is, by anti-entropy). Before
 this, an entry deleted by hand under a live lease or session (``etcdctl del --prefix``, a
@@ -7,14 +7,25 @@ reconcile (``--resync``, 30 s ±10 %): the service it was the last of was out of
 every host meanwhile, and a prefix deleted under a whole fleet outlasted the watchers' wipe
 guard (``hold``, 30 s) on the hosts whose agents came last.
 
+The same holds for a value changed by hand (``etcdctl put`` of ``"state": "draining"`` or
+weight 0 over a fleet's instances, a ZooKeeper ``set``): every host's watcher drained them
+at once, until each agent's reconcile.
+
 A watch of the registry that delivers the delete of an entry the registry owns (its own
-deregister forgets the entry first, so that delete is not one), or a ``reset`` whose snapshot
-lacks one, hands the key to :class:`Restorer`, which after a random wait within the URL's
-``spread=`` (3 s) has the backend write it back **only if it is still owned and still
-missing**: etcd reads the key (linearizable, count only: a transaction with a put is a Raft
-proposal even when its compare fails), then writes it in one transaction comparing its
-version with 0; ZooKeeper creates it in one transaction with a check that its index node is
-still there (both created if that is gone too). An entry put
+deregister forgets the entry first, so that delete is not one), a put of one whose value is
+not what the registry wrote (:meth:`Restorer.same`: apart from write stamps, and as the
+layout carries it: Nerve's record holds less), or a ``reset`` whose snapshot lacks one or
+holds it changed, hands the key to :class:`Restorer`, which after a random wait within the
+URL's ``spread=`` (3 s) has the backend write it back **only if it is still owned, and still
+missing or changed, and still this registry's**: etcd reads the key (linearizable: a
+transaction with a put is a Raft proposal even when its compare fails), then writes it in
+one transaction comparing its mod revision with the one read (0: missing), unless it is on
+another lease than ours (a successor's adoption: not ours to undo; one written with no lease,
+by hand, is taken back); ZooKeeper creates a deleted node in one transaction with a check that
+its index node is still there (both created if that is gone too), and sets a changed one with
+the version read, unless another session holds it. An agent's own writes never trigger
+this: the registry records an instance as owned before writing it, and the write-back writes
+what is owned when it runs (an older value of ours seen late costs a read). An entry put
 back meanwhile (the agent's reconcile) is not written twice: each write reaches every host of
 the fleet. What the lease's keeper (etcd: a lease gone, or instances still to write again) or
 the session's recovery (ZooKeeper: an entry not yet written in this session) puts back is
@@ -37,11 +48,11 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Set
-from typing import Any
+from collections.abc import Callable, Collection
 
 from discovery.errors import RegistryError, RegistryUnavailable
-from discovery.registry.base import Change, ChangeCallback
+from discovery.model import Instance
+from discovery.registry.base import Change, ChangeCallback, Snapshot
 from discovery.retry import spread
 
 log = logging.getLogger(__name__)
@@ -49,21 +60,26 @@ Key = tuple[str, str]
 
 
 class Restorer:
-    """The keys of owned entries seen deleted, each handed to ``restore(key, doubt)`` (a
-    conditional write) after a random wait within ``window`` s; one thread, started at the
-    first key. ``owned``: the registry's owned entries, by key. A write-back whose answer was
+    """The keys of owned entries seen deleted or changed, each handed to ``restore(key,
+    doubt, gone)`` (a conditional write; ``gone``: last seen deleted, else changed; it returns
+    what it did: ``"deleted"``, ``"changed"``, or ``""`` for nothing) after a random wait
+    within ``window`` s; one thread, started at the first key. ``owned``: the registry's owned
+    entries, by key; ``wire``: an instance as a reader gets it back from the layout (None: as
+    it is). A write-back whose answer was
     lost (:class:`~discovery.errors.RegistryUnavailable`) may still land, maybe after the
     entry's own deregister: its key is handed over once more ``recheck`` s later with
     ``doubt`` (the backend then deletes it if it is no longer owned but there as ours); the
     other keys waiting are left to the agent's reconcile (each would wait for the registry
     under the registry's lock)."""
 
-    def __init__(self, owned: dict[Key, Any], restore: Callable[[Key, bool], bool],
-                 window: float, name: str, recheck: float = 10.0) -> None:
+    def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool, bool], str],
+                 window: float, name: str, recheck: float = 10.0,
+                 wire: Callable[[Instance], Instance | None] | None = None) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
-        self._recheck = recheck
+        self._recheck, self._wire = recheck, wire
+        self._wired: dict[Key, tuple[Instance, Instance | None]] = {}  # owned -> as read back
         self._cond = threading.Condition()
-        self._due: dict[Key, tuple[float, bool]] = {}  # key -> (when, doubt)
+        self._due: dict[Key, tuple[float, bool, bool]] = {}  # key -> (when, doubt, gone)
         self._heap: list[tuple[float, Key]] = []  # stale entries skipped
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -80,31 +96,69 @@ class Restorer:
                     pass
                 elif change.kind == "delete":
                     self.lost([change.key])
+                elif change.kind == "put":
+                    owned = self._owned.get(change.key)  # (one lookup: atomic, no lock)
+                    if (owned is not None and change.instance is not None
+                            and not self.same(owned, change.instance)):
+                        self._schedule([change.key], gone=False)
                 elif change.kind == "reset" and (snap := change.snapshot) is not None:
-                    self._schedule([k for k in self._keys() if (scope is None or k[0] in scope)
-                                    and k not in snap.instances and not snap.keeps(k)])
+                    self._reset(snap, scope)
             finally:
                 callback(change)
 
         return seen
+
+    def _reset(self, snap: Snapshot, scope: frozenset[str] | None) -> None:
+        """The owned entries in ``scope`` that ``snap`` lacks, and those it holds changed."""
+        gone: list[Key] = []
+        changed: list[Key] = []
+        for key, owned in self._copy().items():
+            if (scope is not None and key[0] not in scope) or snap.keeps(key):
+                continue
+            seen = snap.instances.get(key)
+            if seen is None:
+                gone.append(key)
+            elif not self.same(owned, seen):
+                changed.append(key)
+        self._schedule(gone)
+        self._schedule(changed, gone=False)
+
+    def same(self, owned: Instance, seen: Instance) -> bool:
+        """Whether ``seen`` (read from the registry) is ``owned`` as this registry wrote it:
+        equal apart from write stamps (``registered_at``, ``seen_at``), once through the
+        layout (Nerve's record carries less than an instance). A value read that is not one
+        written here is another writer's; comparing as written keeps a host from writing its
+        own value again and again."""
+        if self._wire is None:
+            return owned.same_registration(seen)
+        hit = self._wired.get(owned.key)
+        if hit is None or hit[0] is not owned:
+            if len(self._wired) > 2 * len(self._owned) + 64:  # keys no longer owned: dropped
+                self._wired = {k: v for k, v in self._wired.copy().items() if k in self._owned}
+            hit = (owned, self._wire(owned))
+            self._wired[owned.key] = hit
+        return hit[1] is not None and hit[1].same_registration(seen)
 
     def lost(self, keys: Collection[Key]) -> None:
         """From any thread: ``keys`` were seen gone; those the registry owns are looked at
         after their wait (a key waiting already keeps its turn)."""
         self._schedule([k for k in keys if k in self._owned])  # (one lookup: atomic, no lock)
 
-    def _schedule(self, keys: Collection[Key], doubt: bool = False) -> None:
+    def _schedule(self, keys: Collection[Key], doubt: bool = False, gone: bool = True) -> None:
         """Each of ``keys`` after a random wait within the window; with ``doubt``, after the
-        recheck's wait (replacing a turn it had)."""
+        recheck's wait (replacing a turn it had). ``gone``: seen deleted, else changed (a key
+        waiting keeps its turn and takes the latest)."""
         if not keys:
             return
         with self._cond:
             if self._closed:
                 return
             for key in keys:
-                if key not in self._due or doubt:
+                if (turn := self._due.get(key)) is not None and not doubt:
+                    self._due[key] = (turn[0], turn[1], gone)
+                else:
                     due = time.monotonic() + (self._recheck if doubt else spread(self._window))
-                    self._due[key] = (due, doubt)
+                    self._due[key] = (due, doubt, gone)
                     heapq.heappush(self._heap, (due, key))
             if self._thread is None:
                 thread = threading.Thread(target=self._run, daemon=True,
@@ -113,12 +167,12 @@ class Restorer:
                 self._thread = thread
             self._cond.notify()
 
-    def _keys(self) -> Set[Key]:
-        """The owned keys now, without the registry's lock: a watch delivers on a thread that
-        must never wait for it (etcd's: the loop, on which that lock's holder may be waiting
-        for a call). The registry changes them under that lock; one ``dict.copy()`` is atomic
-        under the GIL."""
-        return self._owned.copy().keys()
+    def _copy(self) -> dict[Key, Instance]:
+        """The owned entries now, without the registry's lock: a watch delivers on a thread
+        that must never wait for it (etcd's: the loop, on which that lock's holder may be
+        waiting for a call). The registry changes them under that lock; one ``dict.copy()``
+        is atomic under the GIL."""
+        return self._owned.copy()
 
     def close(self) -> None:
         with self._cond:
@@ -128,8 +182,9 @@ class Restorer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
 
-    def _next(self) -> tuple[Key, bool] | None:
-        """The next key whose time has come and its doubt (waiting for it), None once closed."""
+    def _next(self) -> tuple[Key, bool, bool] | None:
+        """The next key whose time has come, its doubt and whether it was seen gone (waiting
+        for it), None once closed."""
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
@@ -137,31 +192,36 @@ class Restorer:
                     due, key = heapq.heappop(self._heap)
                     if self._due.get(key, (None, False))[0] != due:
                         continue  # a later turn of the same key replaced this one
-                    _, doubt = self._due.pop(key)
-                    return key, doubt
+                    _, doubt, gone = self._due.pop(key)
+                    return key, doubt, gone
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
             return None
 
     def _run(self) -> None:
         while (turn := self._next()) is not None:
-            key, doubt = turn
+            key, doubt, gone = turn
             try:
-                if self._restore(key, doubt):
+                if done := self._restore(key, doubt, gone):
                     self.restored += 1
-                    log.warning("%s/%s of this node was deleted in the registry by another "
-                                "writer; written back", *key)
+                    log.warning("%s/%s of this node was %s in the registry by another writer; "
+                                "written back", *key, done)
             except RegistryUnavailable as exc:
                 if self._closed:
                     return
                 with self._cond:  # the others: the reconcile's (the doubted stay)
-                    left = sum(not d for _, d in self._due.values())
+                    left = sum(not d for _, d, _ in self._due.values())
                     self._due = {k: v for k, v in self._due.items() if v[1]}
-                log.warning("writing back %s/%s, deleted by another writer: %s; %d more left "
-                            "to the agent's reconcile", *key, exc, left)
+                log.warning("writing back %s/%s, %s by another writer: %s; %d more left to "
+                            "the agent's reconcile", *key, _what(gone), exc, left)
                 if not doubt:
-                    self._schedule([key], doubt=True)
+                    self._schedule([key], doubt=True, gone=gone)
             except RegistryError as exc:  # the agent's next reconcile writes it
                 if not self._closed:
-                    log.warning("writing back %s/%s, deleted by another writer: %s", *key, exc)
+                    log.warning("writing back %s/%s, %s by another writer: %s", *key,
+                                _what(gone), exc)
             except Exception:
                 log.exception("writing back %s/%s failed", *key)
+
+
+def _what(gone: bool) -> str:
+    return "deleted" if gone else "changed"

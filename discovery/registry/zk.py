@@ -34,6 +34,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
+from discovery.model.nerve import as_read
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer
@@ -90,7 +91,7 @@ class ZkRegistry:
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
-                                  recheck=2 * timeout)
+                                  recheck=2 * timeout, wire=as_read if url.nerve else None)
         self._watches: list[ZkWatch] = []
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -273,18 +274,18 @@ class ZkRegistry:
         with self._writes:  # after a recovery's write in flight (see __init__)
             self._deregister(service, instance_id)
 
-    def _restore(self, key: tuple[str, str], _doubt: bool) -> bool:
-        """``key`` (owned, deleted by another writer: :mod:`~discovery.registry.owned`) written
-        again with its index node if still missing (:meth:`ZkClaims.restore`, once connected:
-        else RegistryUnavailable, and it is looked at again); one write at a time (see
-        __init__; one session's requests apply in order, so a late answer never lands after
-        a deregister). One not written in this session is the session recovery's work."""
+    def _restore(self, key: tuple[str, str], _doubt: bool, gone: bool) -> str:
+        """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
+        owned`) written again if still so (:meth:`ZkClaims.restore`, once connected: else
+        RegistryUnavailable, and it is looked at again); one write at a time (see __init__;
+        one session's requests apply in order, so a late answer never lands after a
+        deregister). One not written in this session is the session recovery's work."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
-            return inst is not None and self._op(
-                f"write back {inst.service}/{inst.id}",
-                functools.partial(self._claims.restore, inst))
+            return "" if inst is None else self._op(
+                f"write back {inst.service}/{inst.id}", functools.partial(
+                    self._claims.restore, inst, gone, self.decoder.decode, self._restorer.same))
 
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:

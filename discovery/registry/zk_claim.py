@@ -27,6 +27,7 @@ from kazoo.exceptions import (
 
 from discovery.errors import RegistryError
 from discovery.model import Instance
+from discovery.model.nerve import to_nerve
 from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL
 from discovery.registry.security import zk_open_acl
@@ -129,34 +130,49 @@ class ZkClaims:
                 continue
         raise RegistryError(f"ZooKeeper at {self._where}: {shown(path)} keeps changing under us")
 
-    def restore(self, inst: Instance) -> bool:
-        """Create the node of ``inst`` again (deleted by another writer) if it is missing and
-        was this session's: in one transaction with a check that its index node is still
-        there (one round trip, where a claim takes five); if that is gone too, both through
-        :meth:`claim` (Nerve's sequential node: a read, then the claim). False: not this
-        session's, or there (nothing written)."""
+    def restore(self, inst: Instance, gone: bool, decode: Callable[[str, bytes, float], Any],
+                same: Callable[[Instance, Instance], bool]) -> str:
+        """Write ``inst`` again (its node deleted or changed by another writer) if it was
+        this session's and is still missing (``"deleted"``) or holds a value not ``same`` as
+        it (``"changed"``: set with the version read, unless another session holds the node
+        now); ``""``: nothing written. ``gone``: last seen deleted, so first tried as a create,
+        in one transaction with a check that its index node is still there (one round trip,
+        where a claim takes five); if that is gone too, both through :meth:`claim`."""
         session, key = session_of(self.client), inst.key
         if session is None or self.written.get(key) != session:
-            return False
-        if self._nerve is not None:
-            path = self._nerve.path(key)
-            if path and self._get(self.client.exists_async(path)):
-                return False
-            self._index.unclaim(key)
-            self.claim(inst)
-            return True
-        txn = self.client.transaction()
-        txn.create(self.url.key(*key), inst.to_json(), ephemeral=True)
-        if self._index.enabled:
-            txn.check(self._index.path(inst.node, *key), -1)  # -1: any version
-        results = self._get(txn.commit_async())
-        if not any(isinstance(r, Exception) for r in results):
-            return True
-        if isinstance(results[0], NodeExistsError):
-            return False
-        self._index.unclaim(key)  # its index node gone too (the prefix deleted), or its dir
+            return ""
+        if self._nerve is None and gone:
+            txn = self.client.transaction()
+            txn.create(self.url.key(*key), inst.to_json(), ephemeral=True)
+            if self._index.enabled:
+                txn.check(self._index.path(inst.node, *key), -1)  # -1: any version
+            results = self._get(txn.commit_async())
+            if not any(isinstance(r, Exception) for r in results):
+                return "deleted"
+            if not isinstance(results[0], NodeExistsError):
+                return self._claim_again(inst)  # its index node gone too, or its dir
+        path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
+        try:
+            if path is None:
+                raise NoNodeError()
+            data, stat = self._get(self.client.get_async(path))
+        except NoNodeError:
+            if self._nerve is not None and self._nerve.held_elsewhere(inst.node, key):
+                return ""
+            return self._claim_again(inst)
+        if stat.ephemeralOwner != session or (
+                (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):
+            return ""
+        record = to_nerve(inst) if self._nerve is not None else inst.to_json()
+        with contextlib.suppress(BadVersionError):  # changed again: its own turn
+            self._get(self.client.set_async(path, record, version=stat.version))
+            return "changed"
+        return ""
+
+    def _claim_again(self, inst: Instance) -> str:
+        self._index.unclaim(inst.key)
         self.claim(inst)
-        return True
+        return "deleted"
 
     def remove(self, key: tuple[str, str], node: str) -> None:
         """Delete the instance node of ``key`` and its index node under ``node``: in one

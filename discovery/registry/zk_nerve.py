@@ -95,6 +95,18 @@ class NerveNodes:
                     self._paths.setdefault(key, entry)
             raise
 
+    def held_elsewhere(self, node: str, key: Key) -> bool:
+        """Whether a node of ``key`` other than ours is named in ``node``'s index (or, with no
+        index, in the service's directory): a successor's, made in its own session, whose
+        claim removed ours. Ours gone with no other: deleted by another writer."""
+        folder, mine = self.url.service_dir(key[0]), self.path(key)
+        children = self._named(node, key)
+        if children is None:
+            with contextlib.suppress(NoNodeError):
+                children = self._get(self.client.get_children_async(folder))
+        return any(node_prefix(child) == key[1] and f"{folder}/{child}" != mine
+                   for child in children or ())
+
     def unindexed(self, keys: Iterable[Key]) -> None:
         """``keys`` were found without an index entry (written by a version before it): their
         older nodes are looked for in the service's directory."""

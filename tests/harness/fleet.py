@@ -10,10 +10,11 @@ a cluster; it is stopped, SIGKILLed and restarted (on the same port) by its own 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.registry.base import RegistryURL
 from tests.harness.servers import ETCD_BIN, HOST, ServerCluster, _Proc, wait_until
 from tests.harness.util import server_ports
@@ -153,6 +154,49 @@ def delete_services(url_s: str) -> int:
                 result.get()
                 deleted += 1
         return deleted
+    finally:
+        close_raw(client)
+
+
+def drain_services(url_s: str, batch: int = 100) -> int:
+    """Every instance of every writer rewritten as ``draining``, as an operator's script that
+    reads each value and writes it back changed does (etcd: ``batch`` puts a transaction, with
+    no lease, as ``etcdctl put``; ZooKeeper: each node's data set, the sets sent together).
+    Every host's watcher drains them at once. Returns how many were rewritten."""
+    url = RegistryURL.parse(url_s)
+    client = raw_client(url_s)
+
+    def drained(raw: bytes) -> bytes:
+        return dataclasses.replace(Instance.from_json(raw, where="bench"),
+                                   state=State.DRAINING).to_json()
+
+    try:
+        if url.scheme == "etcd":
+            from pyetcd import transactions
+
+            puts = [transactions.Put(meta.key, drained(value))
+                    for value, meta in client.get_prefix(url.services_root + "/")]
+            for start in range(0, len(puts), batch):
+                client.transaction(compare=[], success=puts[start:start + batch], failure=[])
+            return len(puts)
+        from kazoo.exceptions import BadVersionError, NoNodeError
+
+        paths = []
+        for s in client.get_children(url.services_root):
+            with contextlib.suppress(NoNodeError):
+                paths += [f"{url.service_dir(s)}/{c}" for c in client.get_children(
+                    url.service_dir(s))]
+        values = {}
+        for p, result in [(p, client.get_async(p)) for p in paths]:
+            with contextlib.suppress(NoNodeError):
+                values[p] = result.get()
+        done = 0
+        for result in [client.set_async(p, drained(data), version=stat.version)
+                       for p, (data, stat) in values.items()]:
+            with contextlib.suppress(NoNodeError, BadVersionError):
+                result.get()
+                done += 1
+        return done
     finally:
         close_raw(client)
 

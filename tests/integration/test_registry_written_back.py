@@ -1,14 +1,18 @@
-"""An entry a registry owns, deleted by another writer under its live lease or session, is
-written back by that registry within its ``spread=`` when one of its watches saw it go
-(``discovery up``: the agent and the watcher share one registry client); its own
-deregister is not undone, and a registry with no watch leaves it to its agent's reconcile."""
+"""An entry a registry owns, deleted or changed by another writer under its live lease or
+session, is written back by that registry within its ``spread=`` when one of its watches saw
+it (``discovery up``: the agent and the watcher share one registry client); its own
+deregister is not undone, its own value is not taken for another writer's, a successor's
+adoption is left alone, and a registry with no watch leaves it to its agent's reconcile."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
+from discovery.model import State
+from discovery.model.nerve import to_nerve
 from discovery.registry import RegistryURL
 from tests.harness.fleet import close_raw, delete_services, index_paths, raw_client
 from tests.harness.servers import wait_until
@@ -66,7 +70,7 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
     # the write is conditional: an entry there is not written again (each write reaches
     # every host of a fleet)
     before = _stamp(url_s, url.key(*one.key))
-    assert agent._restore(one.key, False) is False  # type: ignore[attr-defined]
+    assert agent._restore(one.key, False, True) == ""  # type: ignore[attr-defined]
     assert _stamp(url_s, url.key(*one.key)) == before
 
 
@@ -96,8 +100,70 @@ def test_a_late_write_back_of_what_was_deregistered_is_deleted_if_ours(
     with agent._lock:  # type: ignore[attr-defined]
         agent._owned.clear()  # type: ignore[attr-defined]  # as a deregister whose delete
     for one in (late, adopted):  # came first, the late write after it
-        assert agent._restore(one.key, True) is False  # type: ignore[attr-defined]
+        assert agent._restore(one.key, True, True) == ""  # type: ignore[attr-defined]
     assert list(reader.snapshot().instances) == [adopted.key]
     url = RegistryURL.parse(registry_url)
     assert index_paths(registry_url, late.node) == {
         f"{url.prefix}/nodes/{adopted.node}/{adopted.service}/{adopted.id}"}
+
+
+@pytest.mark.parametrize("registry_url, layout", [("etcd", "ours"), ("zk", "ours"),
+                                                  ("zk", "nerve")], indirect=["registry_url"])
+def test_what_another_writer_changed_is_written_back_and_a_successors_is_not(
+        registry_url: str, open_reg: OpenReg, layout: str) -> None:
+    """A value of ours changed by hand (drained, weight 0: every host's watcher drains it) is
+    written back within ``spread`` + 1 s, once, with no loop: the host's own value, seen by
+    its watch, is not taken for another writer's (Nerve's record carries less than an
+    instance). A value a successor wrote on its own lease or session is left to it."""
+    url_s = f"{registry_url}?spread={SPREAD}" + ("&format=nerve" if layout == "nerve" else "")
+    agent, successor, reader = open_reg(url_s), open_reg(url_s), open_reg(url_s)
+    mine, handed = inst(1, meta={"node": "kept"}), inst(2)  # "node": a Nerve reserved label
+    for one in (mine, handed):
+        agent.register(one)
+    follower = Follower().follow(agent)
+    restorer = agent._restorer  # type: ignore[attr-defined]
+    wait_until(lambda: {mine.key, handed.key} <= set(follower.state), 5, "both seen")
+
+    url = RegistryURL.parse(url_s)
+    path = (agent._claims._nerve.path(mine.key)  # type: ignore[attr-defined]
+            if layout == "nerve" else url.key(*mine.key))
+    drained = dataclasses.replace(mine, state=State.DRAINING, weight=0)
+    client = raw_client(url_s)
+    try:
+        changed = time.monotonic()
+        if url.scheme == "etcd":
+            client.put(path, drained.to_json())  # by hand: no lease
+        else:
+            client.set(path, to_nerve(drained) if layout == "nerve" else drained.to_json())
+    finally:
+        close_raw(client)
+
+    def back() -> bool:
+        seen = reader.snapshot().instances.get(mine.key)
+        return seen is not None and restorer.same(mine, seen)
+
+    wait_until(lambda: restorer.restored == 1, SPREAD + 2.0, "written back")
+    assert back() and time.monotonic() - changed <= SPREAD + 1.0
+    if url.scheme == "etcd":  # on our lease again
+        assert _lease(url_s, path) == agent._lease  # type: ignore[attr-defined]
+    # its own value, seen by its watch, is not written again: nothing waits, and a turn
+    # asked for by hand finds nothing to do
+    wait_until(lambda: not restorer._due, 5, "nothing waiting")
+    before = _stamp(url_s, path)
+    assert agent._restore(mine.key, False, False) == ""  # type: ignore[attr-defined]
+    assert _stamp(url_s, path) == before and restorer.restored == 1
+
+    # a successor (a restarted agent) adopts one with another value: not undone
+    successor.register(dataclasses.replace(handed, weight=5))
+    wait_until(lambda: reader.snapshot().instances[handed.key].weight == 5, 5, "adopted")
+    assert agent._restore(handed.key, False, False) == ""  # type: ignore[attr-defined]
+    assert agent._restore(handed.key, False, True) == ""  # type: ignore[attr-defined]
+    assert reader.snapshot().instances[handed.key].weight == 5
+
+
+def _lease(url_s: str, path: str) -> int:
+    client = raw_client(url_s)
+    try:
+        return int(client.get(path)[1].lease_id)
+    finally:
+        close_raw(client)

@@ -1,14 +1,18 @@
-"""The registry's Restorer: what a watch saw deleted of the registry's own entries is handed to
-the backend's conditional write, once a key, after a random wait within the window."""
+"""The registry's Restorer: what a watch saw deleted or changed of the registry's own entries is
+handed to the backend's conditional write, once a key, after a random wait within the window."""
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import threading
 import time
 
+import pytest
+
 from discovery.errors import RegistryUnavailable
-from discovery.model import Instance
+from discovery.model import Instance, State
+from discovery.model.nerve import as_read
 from discovery.registry import Change, Snapshot, open_registry
 from discovery.registry.owned import Restorer
 from tests.harness.util import wait_for
@@ -25,19 +29,22 @@ class Backend:
     """The owned keys, and the conditional writes asked for (with when)."""
 
     def __init__(self, owned: set[Key], answer: bool = True) -> None:
-        self.owned: dict[Key, bool] = dict.fromkeys(owned, True)
+        self.owned: dict[Key, Instance] = {k: _inst(k[0], int(k[1].split(":")[1], 16))
+                                           for k in owned}
         self.answer = answer
         self.asked: list[tuple[Key, float]] = []
         self.doubted: list[Key] = []
+        self.gone: list[bool] = []
 
-    def restore(self, key: Key, doubt: bool) -> bool:
+    def restore(self, key: Key, doubt: bool, gone: bool) -> str:
         answer = self.answer
         self.asked.append((key, time.monotonic()))
+        self.gone.append(gone)
         if doubt:
             self.doubted.append(key)
         if not answer:
             raise RegistryUnavailable("no member answered")
-        return key in self.owned
+        return ("deleted" if gone else "changed") if key in self.owned else ""
 
 
 def _restorer(backend: Backend, window: float = 0.2, recheck: float = 10.0) -> Restorer:
@@ -84,6 +91,69 @@ def test_a_reset_lacking_an_owned_entry_in_its_scope_is_looked_at() -> None:
         r.close()
 
 
+def test_a_value_another_writer_changed_is_written_back_and_ours_is_not() -> None:
+    """A put of an owned key whose value is not what the registry wrote (drained, weight 0, by
+    hand) is handed over as changed; one equal apart from write stamps (the agent's own
+    write, seen by its watch) is not, nor one of a key not owned; a reset holding an owned
+    entry changed is looked at as well."""
+    a, b, c = _inst("web", 1), _inst("web", 2), _inst("api", 3)
+    backend = Backend({a.key, c.key})
+    r = _restorer(backend, window=0.0)
+    try:
+        cb = r.wrap(lambda _: None)
+        cb(Change("put", key=a.key, instance=dataclasses.replace(a, registered_at=9.0,
+                                                                 seen_at=9.0)))
+        cb(Change("put", key=b.key, instance=dataclasses.replace(b, weight=0)))  # not ours
+        cb(Change("put", key=a.key, instance=dataclasses.replace(a, state=State.DRAINING)))
+        wait_for(lambda: r.restored == 1, 2.0, message="written back")
+        assert [k for k, _ in backend.asked] == [a.key] and backend.gone == [False]
+        cb(Change("reset", snapshot=Snapshot(instances={
+            a.key: a, c.key: dataclasses.replace(c, weight=0)})))
+        wait_for(lambda: r.restored == 2, 2.0, message="the reset's")
+        assert [k for k, _ in backend.asked] == [a.key, c.key] and backend.gone == [False] * 2
+    finally:
+        r.close()
+
+
+def test_a_key_waiting_keeps_its_turn_and_takes_what_was_seen_last() -> None:
+    a = _inst("web", 1)
+    backend = Backend({a.key})
+    r = _restorer(backend, window=0.3)
+    try:
+        cb = r.wrap(lambda _: None)
+        cb(Change("delete", key=a.key))
+        turn = r._due[a.key][0]
+        cb(Change("put", key=a.key, instance=dataclasses.replace(a, weight=0)))  # put back
+        assert r._due[a.key] == (turn, False, False)  # same turn; a change now, not a delete
+        wait_for(lambda: r.restored == 1, 2.0, message="written back")
+        assert backend.gone == [False]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("changed, same", [
+    ({}, True),
+    ({"registered_at": 5.0, "seen_at": 6.0}, True),
+    ({"registered_at": 1.0, "written_at": 2.0}, True),
+    ({"weight": 0}, False),
+    ({"state": State.DRAINING}, False),
+    ({"port": 1}, False),
+])
+def test_a_value_is_compared_as_the_layout_carries_it(changed: dict[str, object],
+                                                      same: bool) -> None:
+    """Nerve's record carries less than an instance: what the registry wrote is compared with
+    what a reader gets back from it, or the host would take its own value for another
+    writer's and write it again and again."""
+    owned = dataclasses.replace(_inst("web", 1), meta={"node": "elsewhere"}, tags=("a", "b"))
+    r = Restorer({owned.key: owned}, Backend(set()).restore, 0.1, "test", wire=as_read)
+    read_back = as_read(owned)
+    assert read_back is not None and not owned.same_registration(read_back)  # meta differs
+    seen = dataclasses.replace(read_back, **changed)  # type: ignore[arg-type]
+    assert r.same(owned, seen) is same
+    assert Restorer({}, Backend(set()).restore, 0.1, "t").same(owned, owned)
+    r.close()
+
+
 def test_the_waits_are_spread_over_the_window() -> None:
     keys = [_inst("web", n) for n in range(40)]
     backend = Backend({i.key for i in keys})
@@ -108,7 +178,7 @@ def test_a_lost_answer_is_looked_at_again_in_doubt_and_the_others_left() -> None
     r = _restorer(backend, window=0.0, recheck=0.3)
     try:
         with r._cond:  # b waiting (0.6 s) when a's answer is lost
-            r._due[b.key] = (due := time.monotonic() + 0.6, False)
+            r._due[b.key] = (due := time.monotonic() + 0.6, False, True)
             heapq.heappush(r._heap, (due, b.key))
         r.lost([a.key])
         wait_for(lambda: backend.doubted, 2.0, message="looked at again")
@@ -130,7 +200,7 @@ def test_nothing_is_started_before_a_loss_and_close_ends_it() -> None:
     r = _restorer(backend, window=60.0)
     r.lost([one.key])  # not ours
     assert r._thread is None
-    backend.owned.update(dict.fromkeys([one.key, two.key], True))
+    backend.owned.update({one.key: one, two.key: two})
     r.lost([one.key])
     thread = r._thread
     assert thread is not None and one.key in r._due
