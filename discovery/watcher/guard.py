@@ -7,7 +7,12 @@ Synapse's ``use_previous_backends`` never lets a service go empty, so stopping t
 instance keeps traffic on it; Envoy's panic threshold routes to every host once too few are
 healthy, dead ones included. Our rule:
 
-1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot),
+1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot;
+   or drained by another writer: a value that takes an up instance out of rotation, as
+   ``draining`` or weight 0, without its agent's stamp on it,
+   :func:`~discovery.watcher.guard_burst.foreign_drain`: a script that rewrites every value, an
+   old backup restored; counted, settled and held as a removal, the instance kept up in the
+   catalog, the drain applied when it is released),
    each less than ``window`` seconds (2 s) after the one before, that reaches at least
    ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
    the burst began (an instance removed again, a flap, counts once); or that leaves at least
@@ -53,7 +58,6 @@ import heapq
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -61,6 +65,7 @@ from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
+from discovery.watcher.guard_burst import Burst, GuardStatus, foreign_drain
 from discovery.watcher.guard_settings import GuardSettings
 
 __all__ = ["GuardSettings", "GuardStatus", "WipeGuard"]
@@ -71,21 +76,11 @@ Key = tuple[str, str]
 
 @dataclass
 class _Deferred:
-    instance: Instance
+    instance: Instance  # as the catalog keeps it meanwhile (up)
     due: float
-    since: float  # when it was removed from the registry
+    since: float  # when it was removed from the registry (or drained by another writer)
     held_since: float | None = None
-
-
-@dataclass
-class GuardStatus:
-    """What /v1/health and /metrics show."""
-
-    holding: int = 0
-    settling: int = 0
-    engaged: int = 0  # times a wipe was detected
-    held_total: int = 0  # instances ever held
-    last_engaged: float | None = None  # unix time
+    pending: Change | None = None  # a foreign drain's put, applied at release; else a delete
 
 
 class WipeGuard:
@@ -101,18 +96,8 @@ class WipeGuard:
         self._held: set[Key] = set()
         self._look_at: set[str] = set()  # services with held entries that got a put since
         self._was_wiped = False
-        # the burst of removals: how many, the catalog's size when it began, when it began and
-        # when the last one came
-        self._burst: set[Key] = set()  # the up instances it removed (a flap counts once)
-        self._burst_base = 0
-        # this burst's services left with none up (-> the node their last one was on), and
-        # how many services had one up when it began
-        self._emptied: dict[str, str] = {}
-        self._emptied_nodes: Counter[str] = Counter()
-        self._services_base = 0
-        self._burst_start = self._last_removal = -float("inf")
-        self._engaged = False  # this burst is a wipe
         self.status = GuardStatus()
+        self._burst = Burst(catalog, self.settings, self.status)
 
     # ---- input ----------------------------------------------------------------------------
     def filter(self, change: Change) -> list[Change]:
@@ -132,7 +117,7 @@ class WipeGuard:
         out: list[Change] = []
         with self._lock:
             now = self._clock()
-            wiped = self._wiped(now)
+            wiped = self._burst.wiped(now)
             keys: set[Key] = set()
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, key = heapq.heappop(self._deadlines)
@@ -188,11 +173,11 @@ class WipeGuard:
         come less than ``settle`` apart, so the burst it is part of may yet turn out a wipe
         (a prefix deleted at once reaches a watcher as a stream: 100,000 deletes took it
         1.3 s, and the wipe is seen only at half of them); at most ``window`` after it."""
-        if now - self._last_removal >= self.settings.settle:
+        if now - self._burst.last >= self.settings.settle:
             return False
         if now >= entry.since + self.settings.window:
             return False
-        entry.due = min(self._last_removal + self.settings.settle,
+        entry.due = min(self._burst.last + self.settings.settle,
                         entry.since + self.settings.window)
         heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
         return True
@@ -211,7 +196,7 @@ class WipeGuard:
     def wiping(self) -> bool:
         """True while removals within the window amount to a wipe."""
         with self._lock:
-            return self._wiped(self._clock())
+            return self._burst.wiped(self._clock())
 
     def held(self) -> list[Key]:
         with self._lock:
@@ -225,9 +210,12 @@ class WipeGuard:
     # ---- the rules --------------------------------------------------------------------------
     def _put(self, change: Change, now: float) -> list[Change]:
         assert change.instance is not None
+        current = self._current(change.key)
+        if current is not None and foreign_drain(current, change.instance):
+            return self._take_out(change, current, now)
         self._pop(change.key)  # back (or re-registered): nothing to remove
         if change.instance.state is State.UP:
-            self._refilled({change.key[0]})
+            self._burst.refilled({change.key[0]})
         if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
             self._look_at.add(change.key[0])
         return [change]
@@ -239,16 +227,28 @@ class WipeGuard:
         if change.drained or current.state is not State.UP:  # drained first: a departure
             self._pop(change.key)
             return [change]
-        last = not self._has_up(change.key[0], change.key)
-        self._note_removals(now, [change.key], {change.key[0]: current.node}
-                            if last and change.key not in self._deferred else {})
-        keep = self._wiped(now) or last
-        if not keep:
-            self._pop(change.key)
+        return self._take_out(change, current, now)
+
+    def _take_out(self, change: Change, current: Instance, now: float) -> list[Change]:
+        """The up instance ``current`` removed (a delete), or drained by another writer (a
+        put): counted in the burst, and applied now, or kept in the catalog as it is until
+        :meth:`due` decides (its service's last up, or a wipe); a put kept is applied then."""
+        key = change.key
+        last = not self._has_up(key[0], key)
+        self._burst.note(now, [key], {key[0]: current.node}
+                         if last and key not in self._deferred else {})
+        if not (self._burst.wiped(now) or last):
+            self._pop(key)
             return [change]
-        if change.key not in self._deferred:
-            self._defer(change.key, _Deferred(current, now + self.settings.settle, now))
+        self._keep(key, current, now, change if change.kind == "put" else None)
         return []  # stays in the catalog until due() decides
+
+    def _keep(self, key: Key, current: Instance, now: float, pending: Change | None) -> None:
+        if (entry := self._deferred.get(key)) is None:
+            self._defer(key, _Deferred(current, now + self.settings.settle, now,
+                                       pending=pending))
+        else:
+            entry.pending = pending  # the latest: a delete after a drain is a removal
 
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
@@ -264,82 +264,48 @@ class WipeGuard:
                 gone.append(k)
             elif inst.state is State.UP:
                 kept_up.add(k[0])
+        # drained by another writer: taken out as if gone, kept as they were while held
+        drained = {k: i for k, i in snapshot.instances.items()
+                   if (b := before.get(k)) is not None and foreign_drain(b, i)}
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
-        up_gone = [k for k in gone if before[k].state is State.UP and k not in self._deferred]
+        up_gone = [k for k in [*gone, *drained]
+                   if before[k].state is State.UP and k not in self._deferred]
         keep = dict(snapshot.instances)
-        up_after = {i.service for i in keep.values() if i.state is State.UP} | kept_up
-        self._refilled(up_after)
+        up_after = {k[0] for k, i in keep.items() if i.state is State.UP and k not in drained}
+        up_after |= kept_up
+        self._burst.refilled(up_after)
         if up_gone:
-            self._note_removals(now, up_gone, {k[0]: before[k].node for k in up_gone
+            self._burst.note(now, up_gone, {k[0]: before[k].node for k in up_gone
                                                     if k[0] not in up_after})
-        wiped = self._wiped(now)
+        wiped = self._burst.wiped(now)
         for key in gone:
             inst = before[key]
             if inst.state is State.UP and (wiped or key[0] not in up_after):
                 keep[key] = inst
                 if key not in self._deferred:
                     self._defer(key, _Deferred(inst, now + self.settings.settle, now))
+        held = {k for k in drained if wiped or k[0] not in up_after}
+        for key in held:
+            keep[key] = before[key]
+            self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
+                                                     revision=snapshot.revision))
         # back in the registry (unreadable: there, the catalog keeps what it had), or gone
         # from the catalog the reset makes: nothing to hold
-        for key in [k for k in self._deferred if k in snapshot.instances or k in
-                    snapshot.unreadable or (k not in keep and k[0] not in snapshot.withheld)]:
+        for key in [k for k in self._deferred if (k in snapshot.instances and k not in held)
+                    or k in snapshot.unreadable
+                    or (k not in keep and k[0] not in snapshot.withheld)]:
             self._pop(key)
-        if len(keep) == len(snapshot.instances):
+        if len(keep) == len(snapshot.instances) and not held:
             return change
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _note_removals(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
-        """Up instances ``removed``, leaving the services of ``emptied`` with none up (-> the
-        node of their last)."""
-        if now - self._last_removal > self.settings.window or (
-                not self._engaged and now - self._burst_start > self.settings.hold):
-            # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
-            # (crashes replaced as they come must not add up to half the catalog for ever)
-            self._burst, self._burst_base, self._engaged = set(), self.catalog.size(), False
-            self._emptied, self._emptied_nodes = {}, Counter()
-            self._services_base = self.catalog.up_services()
-            self._burst_start = now
-        self._burst.update(removed)
-        for service, node in emptied.items():
-            if service not in self._emptied:
-                self._emptied[service] = node
-                self._emptied_nodes[node] += 1
-        self._last_removal = now
-        if not self._engaged and (self._reached(len(self._burst), self._burst_base)
-                                  or (self._reached(len(self._emptied), self._services_base)
-                                      and len(self._emptied_nodes) > 1)):
-            self._engaged = True
-            self.status.engaged += 1
-            self.status.last_engaged = time.time()
-            log.warning("wipe guard engaged: %d instances removed from the registry, each "
-                        "within %.1fs of the one before (%d in the catalog), %d of %d services "
-                        "left with none up: removals are held until re-registered, at most "
-                        "%.0fs", len(self._burst), self.settings.window, self._burst_base,
-                        len(self._emptied), self._services_base, self.settings.hold)
-
-    def _refilled(self, services: set[str]) -> None:
-        """These services have an up instance again: no longer emptied by this burst."""
-        for service in services & self._emptied.keys():
-            node = self._emptied.pop(service)
-            self._emptied_nodes[node] -= 1
-            if not self._emptied_nodes[node]:
-                del self._emptied_nodes[node]
-
-    def _reached(self, removed: int, base: int) -> bool:
-        return removed >= self.settings.min_removed and \
-            removed >= self.settings.fraction * max(base, 1)
-
-    def _wiped(self, now: float) -> bool:
-        """Whether a wipe goes on: this burst reached the mark, and is not over."""
-        return self._engaged and now - self._last_removal <= self.settings.window
-
     def _current(self, key: Key) -> Instance | None:
         return self.catalog.get(key)
 
     def _has_up(self, service: str, besides: Key) -> bool:
         """An up instance of ``service`` other than ``besides`` and the deferred ones (all of
-        which are up: only up instances are deferred)."""
+        which are up in the catalog: only up instances are deferred)."""
         deferred = self._by_service.get(service, ())
         other = self.catalog.get(besides)
         mine = other is not None and other.state is State.UP and besides[1] not in deferred
@@ -370,6 +336,8 @@ class WipeGuard:
         if entry.held_since is not None:
             log.debug("wipe guard: released %s/%s after %.1fs", *key,
                       self._clock() - entry.held_since)
+        if entry.pending is not None:  # a drain by another writer, not undone meanwhile
+            return replace(entry.pending, revision=self.catalog.revision)
         return Change("delete", key=key, revision=self.catalog.revision)
 
     def _count(self) -> None:

@@ -1,0 +1,104 @@
+"""The wipe guard's count: the burst of up instances taken out, and when it makes a wipe.
+
+Rule 1 of :mod:`discovery.watcher.guard`: up instances removed (or drained by another writer,
+:func:`foreign_drain`), each less than ``window`` after the one before, reaching ``fraction``
+of the catalog as it was when the burst began, or leaving ``fraction`` of its services with
+none up, their last instances on more than one node. Pure bookkeeping, under the guard's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
+from discovery.watcher.guard_settings import GuardSettings
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+@dataclass
+class GuardStatus:
+    """What /v1/health and /metrics show."""
+
+    holding: int = 0
+    settling: int = 0
+    engaged: int = 0  # times a wipe was detected
+    held_total: int = 0  # instances ever held
+    last_engaged: float | None = None  # unix time
+
+
+def foreign_drain(before: Instance, after: Instance) -> bool:
+    """Whether ``after`` takes the up instance ``before`` out of rotation (``draining``, or
+    weight 0) without being its agent's write: an agent stamps every write of its own
+    (``written_at``, newer than the one before), while a script that rewrites the values, an
+    old backup restored or a hand-written record carries the stamp it had, or none. Records
+    with no stamp at all (Nerve's layout, a writer of its own) are never taken for one."""
+    return (before.state is State.UP and before.weight > 0
+            and (after.state is not State.UP or after.weight == 0)
+            and before.written_at > 0 and after.written_at <= before.written_at)
+
+
+class Burst:
+    """The current burst and whether it is a wipe (``status`` counts the wipes seen)."""
+
+    def __init__(self, catalog: Catalog, settings: GuardSettings, status: GuardStatus) -> None:
+        self.catalog, self.settings, self.status = catalog, settings, status
+        self.removed: set[Key] = set()  # the up instances it took out (a flap counts once)
+        self.base = 0  # the catalog's size when it began
+        # its services left with none up (-> the node their last one was on), and how many
+        # services had one up when it began
+        self.emptied: dict[str, str] = {}
+        self.emptied_nodes: Counter[str] = Counter()
+        self.services_base = 0
+        self.start = self.last = -float("inf")  # when it began, when the last one came
+        self.engaged = False  # this burst is a wipe
+
+    def note(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
+        """Up instances ``removed``, leaving the services of ``emptied`` with none up (-> the
+        node of their last)."""
+        s = self.settings
+        if now - self.last > s.window or (not self.engaged and now - self.start > s.hold):
+            # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
+            # (crashes replaced as they come must not add up to half the catalog for ever)
+            self.removed, self.base, self.engaged = set(), self.catalog.size(), False
+            self.emptied, self.emptied_nodes = {}, Counter()
+            self.services_base = self.catalog.up_services()
+            self.start = now
+        self.removed.update(removed)
+        for service, node in emptied.items():
+            if service not in self.emptied:
+                self.emptied[service] = node
+                self.emptied_nodes[node] += 1
+        self.last = now
+        if not self.engaged and (self._reached(len(self.removed), self.base)
+                                 or (self._reached(len(self.emptied), self.services_base)
+                                     and len(self.emptied_nodes) > 1)):
+            self.engaged = True
+            self.status.engaged += 1
+            self.status.last_engaged = time.time()
+            log.warning("wipe guard engaged: %d instances removed from the registry (or "
+                        "drained by another writer), each within %.1fs of the one before (%d "
+                        "in the catalog), %d of %d services left with none up: removals are "
+                        "held until re-registered, at most %.0fs", len(self.removed), s.window,
+                        self.base, len(self.emptied), self.services_base, s.hold)
+
+    def refilled(self, services: set[str]) -> None:
+        """These services have an up instance again: no longer emptied by this burst."""
+        for service in services & self.emptied.keys():
+            node = self.emptied.pop(service)
+            self.emptied_nodes[node] -= 1
+            if not self.emptied_nodes[node]:
+                del self.emptied_nodes[node]
+
+    def _reached(self, removed: int, base: int) -> bool:
+        return removed >= self.settings.min_removed and \
+            removed >= self.settings.fraction * max(base, 1)
+
+    def wiped(self, now: float) -> bool:
+        """Whether a wipe goes on: this burst reached the mark, and is not over."""
+        return self.engaged and now - self.last <= self.settings.window
