@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from discovery.model import Instance
@@ -59,8 +60,8 @@ def put_back(registry: Registry, node: str, instances: list[Instance]) -> int:
     have = registry.node_snapshot(node).instances
     missing = [inst for inst in instances
                if (seen := have.get(inst.key)) is None or not seen.same_registration(inst)]
-    for inst in missing:
-        registry.register(inst)
+    for inst in missing:  # stamped, as the agent stamps its writes
+        registry.register(replace(inst, written_at=time.time()))
     return len(missing)
 
 

@@ -88,7 +88,8 @@ class Host:
         self.instances = [Instance(
             service=f"svc{(n * args.instances + i) % services:04d}",
             id=f"{self.node}:{n:08x}{i:04x}:{8000 + i}", node=self.node, address="127.0.0.1",
-            port=8000 + i, registered_at=time.time()) for i in range(args.instances)]
+            port=8000 + i, registered_at=time.time(), written_at=time.time())  # as agents do
+            for i in range(args.instances)]
         kw: dict[str, Any] = {"loop": loop} if loop is not None else {}
         self.registry: Registry = open_registry(url, ttl=args.ttl, **kw)
         self.resync, self.stop, self.reconciled = args.resync, stop, 0

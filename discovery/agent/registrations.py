@@ -164,8 +164,9 @@ class Registrations:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
                     # guard then sees a departure, not the start of a registry-side wipe;
                     # stamped now (its registration's stamps timed the instance's age)
-                    self.registry.register(replace(have.with_state(State.DRAINING),
-                                                   written_at=now, seen_at=seen))
+                    self.registry.register(replace(  # (newer than the registration's, even
+                        have.with_state(State.DRAINING),  # if the clock stepped back)
+                        written_at=max(now, have.written_at + 0.001), seen_at=seen))
                 if ours:
                     self.registry.deregister(*key)
                     self.retry.succeeded()

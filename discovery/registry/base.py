@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
-from discovery.errors import ConfigError
+from discovery.errors import ConfigError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry.reads import ReadStats
 from discovery.retry import RESUME_SPREAD
@@ -373,12 +373,17 @@ class Registry(Protocol):
 @contextmanager
 def claiming(owned: dict[tuple[str, str], Instance], lock: AbstractContextManager[Any],
              instance: Instance) -> Iterator[None]:
-    """Record ``instance`` as owned for the duration of a write; undo if the write fails."""
+    """Record ``instance`` as owned for the duration of a write; undo if the write fails, but
+    not if its answer was lost (:class:`RegistryUnavailable`: it may have landed, and the agent
+    writes it again; undone, a watch that then saw it would take it for another writer's value
+    and write the older one back, :mod:`~discovery.registry.owned`)."""
     with lock:
         previous = owned.get(instance.key)
         owned[instance.key] = instance
     try:
         yield
+    except RegistryUnavailable:
+        raise
     except BaseException:
         with lock:
             if owned.get(instance.key) is instance:

@@ -170,7 +170,7 @@ class EtcdRegistry:
     def _put(self, inst: Instance, lease: int) -> bool:
         return etcd_index.put(self._call, self.client, self.url, inst, lease)
 
-    def _restore(self, key: tuple[str, str], doubt: bool, _gone: bool) -> str:
+    def _restore(self, key: tuple[str, str], doubt: bool) -> str:
         """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
         owned`) put back if still so (:func:`~discovery.registry.etcd_index.write_back`);
         under the lock, so a deregister never sees it undone. With ``doubt`` (a write-back
@@ -190,6 +190,10 @@ class EtcdRegistry:
             except _LeaseGone:
                 self._renew_lease(lease)  # a new lease; everything written again
                 return ""
+
+    def unleased(self, key: tuple[str, str]) -> None:
+        """A watch saw ``key`` written with no lease (by hand): put on ours if we own it."""
+        self._restorer.lost([key], gone=False)
 
     # -- lease ------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from discovery.errors import RegistryDenied
 from discovery.model import Instance
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.etcd_read import TXN_OPS, Caller, Decode
+from discovery.registry.owned import restamped
 from discovery.registry.reads import ReadStats
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,20 @@ def put(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
 
 def write_back(call: Caller, client: Any, url: RegistryURL, inst: Instance, lease: int,
                decode: Decode, same: Callable[[Instance, Instance], bool]) -> str:
-    """Put ``inst`` back on ``lease`` if a linearizable read finds it missing (``"deleted"``)
-    or holding a value that is not ``same`` as it (``"changed"``), in one transaction
-    comparing the mod revision read; ``""``: nothing written (there as it was, written again
-    meanwhile, or on another lease: a successor's adoption, not ours to undo)."""
+    """Put ``inst`` (:func:`~discovery.registry.owned.restamped`) back on ``lease`` if a
+    linearizable read finds it missing (``"deleted"``), or holding a value that is not
+    ``same`` as it or no lease (written by hand: it would outlive this host) (``"changed"``),
+    in one transaction comparing the mod revision read; ``""``: nothing written (there as it
+    was, written again meanwhile, or on another lease: a successor's adoption, not ours to
+    undo)."""
     key = url.key(inst.service, inst.id)
     value, meta = call(f"read {key}", partial(client.get, key))
     if value is not None and (meta.lease_id not in (lease, 0) or (
-            (seen := decode(key, value)) is not None and same(inst, seen))):
+            meta.lease_id and (seen := decode(key, value)) is not None and same(inst, seen))):
         return ""
     mod = 0 if value is None else meta.mod_revision
     return ("deleted" if value is None else "changed") if put(
-        call, client, url, inst, lease, mod) else ""
+        call, client, url, restamped(inst), lease, mod) else ""
 
 
 def drop_late(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],

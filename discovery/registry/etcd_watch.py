@@ -19,19 +19,18 @@ its revision has passed the host's.
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
 - a broken stream is re-opened at once (another member), then with jittered backoff
-  (:func:`discovery.retry.backoff_async`) whose random part is the registry URL's resume spread
-  (``spread=``, 3 s), so the fleet's re-opened streams arrive over that window, not in the
-  registry's first second;
-- with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from
-  the oldest of the k revisions, filtered here (an event of another service is dropped, one
-  of a followed service already delivered is skipped), so a resume costs etcd one
-  ``WatchCreate`` instead of k. ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes
-  back to its k watchers (a new stream, each from its own revision), so in steady state etcd
-  again sends this host only what it routes; until then it receives every change of the
-  registry (docs/operations.md#a-full-registry-restart);
+  (:func:`discovery.retry.backoff_async`) whose random part is the URL's ``spread=`` (3 s), so
+  the fleet's re-opened streams arrive over that window, not in the registry's first second;
+- with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from the
+  oldest of the k revisions, filtered here (an event of another service is dropped, one of a
+  followed service already delivered is skipped), so a resume costs etcd one ``WatchCreate``
+  instead of k. ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes back to its k
+  watchers (a new stream, each from its own revision), so in steady state etcd again sends this
+  host only what it routes; until then it receives every change of the registry
+  (docs/operations.md#a-full-registry-restart);
 - etcd *refusing* (a watcher denied, a failed login) is no lost connection: the registry is not
-  reported down, each refusal is logged, the wait doubles to a minute; a wide resume etcd denies
-  resumes with the k watchers, and no longer wide (:mod:`~discovery.registry.etcd_refusal`);
+  reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
+  resumes with the k watchers (:mod:`~discovery.registry.etcd_refusal`);
 - a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
 """
 
@@ -95,18 +94,19 @@ class WatchSource(Protocol):
 
     def members_in_use(self) -> set[str]: ...
 
+    def unleased(self, key: tuple[str, str]) -> None: ...
+
 
 class EtcdWatch:
     """Follows the registry (or some services of it) on the registry's ``loop``
     (:mod:`~discovery.registry.etcd_aio`: one asyncio task and stream, no thread of its own);
-    ``stop()`` ends it. ``services``: None for
-    everything, else only those services' instances. Changes are delivered on the loop's
-    thread; what may block (authenticating, a re-read after compaction, the registry's state
-    listeners) runs in the loop's executor."""
+    ``stop()`` ends it. ``services``: None for everything, else only those services'
+    instances. Changes are delivered on the loop's thread; what may block (authenticating, a
+    re-read after compaction, the registry's state listeners) runs in the loop's executor. A
+    put with no lease (by hand) is also told to the registry (``unleased``)."""
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
-                 services: Collection[str] | None = None,
-                 spread: float = RESUME_SPREAD) -> None:
+                 services: Collection[str] | None = None, spread: float = RESUME_SPREAD) -> None:
         self._reg, self._callback = reg, callback
         self._root = root = reg.url.services_root + "/"
         self._services = None if services is None else frozenset(services)
@@ -147,9 +147,8 @@ class EtcdWatch:
 
     def rewound(self, revision: int, why: str = "") -> None:
         """From any thread: a linearizable read made after this watch had seen :attr:`seen`
-        was answered at ``revision``, behind it (etcd restored from a backup), or ``why``: by
-        another cluster, or at a lower raft term (:class:`ClusterSeen`), whatever its revision.
-        The stream is ended and everything followed read again (a ``reset``)."""
+        was answered at ``revision``, behind it (a backup restored), or ``why`` (another cluster,
+        a lower raft term: :class:`ClusterSeen`). The stream ends; all is read again (``reset``)."""
         with contextlib.suppress(RuntimeError):  # the registry closed its loop meanwhile
             self._reg.loop.loop.call_soon_threadsafe(self._rewind, revision, why)
 
@@ -393,6 +392,8 @@ class EtcdWatch:
             self._deliver(Change("delete", key=split, revision=rev))
         elif (inst := reg.decoder.decode(key, ev.kv.value)) is not None:
             self._deliver(Change("put", key=split, instance=inst, revision=rev))
+            if not ev.kv.lease:  # an owner of it puts it on its lease again (by hand: no lease)
+                reg.unleased(split)
         # else a value that does not decode: readers keep their last good one (Snapshot.
         # unreadable: one bad write takes no instance out of every host's routing)
 

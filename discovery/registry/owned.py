@@ -21,9 +21,11 @@ missing or changed, and still this registry's**: etcd reads the key (linearizabl
 transaction with a put is a Raft proposal even when its compare fails), then writes it in
 one transaction comparing its mod revision with the one read (0: missing), unless it is on
 another lease than ours (a successor's adoption: not ours to undo; one written with no lease,
-by hand, is taken back); ZooKeeper creates a deleted node in one transaction with a check that
-its index node is still there (both created if that is gone too), and sets a changed one with
-the version read, unless another session holds it. An agent's own writes never trigger
+by hand, even the same value, is taken back: a watch tells the registry of such a put);
+ZooKeeper reads the node (a failed create is a write too), creates a deleted one in one
+transaction with a check that its index node is still there (both created if that is gone
+too), sets a changed one with the version read, takes one of no session over, and leaves one
+another session holds. What is written is :func:`restamped`. An agent's own writes never trigger
 this: the registry records an instance as owned before writing it, and the write-back writes
 what is owned when it runs (an older value of ours seen late costs a read). An entry put
 back meanwhile (the agent's reconcile) is not written twice: each write reaches every host of
@@ -49,6 +51,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
+from dataclasses import replace
 
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
@@ -61,8 +64,8 @@ Key = tuple[str, str]
 
 class Restorer:
     """The keys of owned entries seen deleted or changed, each handed to ``restore(key,
-    doubt, gone)`` (a conditional write; ``gone``: last seen deleted, else changed; it returns
-    what it did: ``"deleted"``, ``"changed"``, or ``""`` for nothing) after a random wait
+    doubt)`` (a conditional write; it returns what it did: ``"deleted"``, ``"changed"``, or
+    ``""`` for nothing; the value it writes is :func:`restamped`) after a random wait
     within ``window`` s; one thread, started at the first key. ``owned``: the registry's owned
     entries, by key; ``wire``: an instance as a reader gets it back from the layout (None: as
     it is). A write-back whose answer was
@@ -72,7 +75,7 @@ class Restorer:
     other keys waiting are left to the agent's reconcile (each would wait for the registry
     under the registry's lock)."""
 
-    def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool, bool], str],
+    def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool], str],
                  window: float, name: str, recheck: float = 10.0,
                  wire: Callable[[Instance], Instance | None] | None = None) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
@@ -139,10 +142,10 @@ class Restorer:
             self._wired[owned.key] = hit
         return hit[1] is not None and hit[1].same_registration(seen)
 
-    def lost(self, keys: Collection[Key]) -> None:
-        """From any thread: ``keys`` were seen gone; those the registry owns are looked at
-        after their wait (a key waiting already keeps its turn)."""
-        self._schedule([k for k in keys if k in self._owned])  # (one lookup: atomic, no lock)
+    def lost(self, keys: Collection[Key], gone: bool = True) -> None:
+        """From any thread: ``keys`` were seen gone (else changed); those the registry owns are
+        looked at after their wait (a key waiting already keeps its turn)."""
+        self._schedule([k for k in keys if k in self._owned], gone=gone)  # (atomic lookups)
 
     def _schedule(self, keys: Collection[Key], doubt: bool = False, gone: bool = True) -> None:
         """Each of ``keys`` after a random wait within the window; with ``doubt``, after the
@@ -201,7 +204,7 @@ class Restorer:
         while (turn := self._next()) is not None:
             key, doubt, gone = turn
             try:
-                if done := self._restore(key, doubt, gone):
+                if done := self._restore(key, doubt):
                     self.restored += 1
                     log.warning("%s/%s of this node was %s in the registry by another writer; "
                                 "written back", *key, done)
@@ -225,3 +228,11 @@ class Restorer:
 
 def _what(gone: bool) -> str:
     return "deleted" if gone else "changed"
+
+
+def restamped(inst: Instance) -> Instance:
+    """``inst`` as a write-back writes it: stamped now (``written_at``, later than the stamp
+    it had: a watcher's wipe guard takes a drain not stamped newer for another writer's,
+    :func:`~discovery.watcher.guard_burst.foreign_drain`; ``seen_at``: the change seen now)."""
+    now = time.time()
+    return replace(inst, written_at=max(now, inst.written_at + 0.001), seen_at=now)

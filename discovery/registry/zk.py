@@ -274,7 +274,7 @@ class ZkRegistry:
         with self._writes:  # after a recovery's write in flight (see __init__)
             self._deregister(service, instance_id)
 
-    def _restore(self, key: tuple[str, str], _doubt: bool, gone: bool) -> str:
+    def _restore(self, key: tuple[str, str], _doubt: bool) -> str:
         """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
         owned`) written again if still so (:meth:`ZkClaims.restore`, once connected: else
         RegistryUnavailable, and it is looked at again); one write at a time (see __init__;
@@ -285,7 +285,7 @@ class ZkRegistry:
                 inst = self._owned.get(key)
             return "" if inst is None else self._op(
                 f"write back {inst.service}/{inst.id}", functools.partial(
-                    self._claims.restore, inst, gone, self.decoder.decode, self._restorer.same))
+                    self._claims.restore, inst, self.decoder.decode, self._restorer.same))
 
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from discovery.model import Instance
 from discovery.model.nerve import to_nerve
 from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL
+from discovery.registry.owned import restamped
 from discovery.registry.security import zk_open_acl
 from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_nerve import NerveNodes
@@ -130,46 +131,57 @@ class ZkClaims:
                 continue
         raise RegistryError(f"ZooKeeper at {self._where}: {shown(path)} keeps changing under us")
 
-    def restore(self, inst: Instance, gone: bool, decode: Callable[[str, bytes, float], Any],
+    def restore(self, inst: Instance, decode: Callable[[str, bytes, float], Any],
                 same: Callable[[Instance, Instance], bool]) -> str:
-        """Write ``inst`` again (its node deleted or changed by another writer) if it was
-        this session's and is still missing (``"deleted"``) or holds a value not ``same`` as
-        it (``"changed"``: set with the version read, unless another session holds the node
-        now); ``""``: nothing written. ``gone``: last seen deleted, so first tried as a create,
-        in one transaction with a check that its index node is still there (one round trip,
-        where a claim takes five); if that is gone too, both through :meth:`claim`."""
+        """Write ``inst`` (:func:`~discovery.registry.owned.restamped`) again, its node deleted
+        or changed by another writer, if it was this session's: read first (a member's local
+        read; a failed create is a write all the same), then, missing (``"deleted"``), created
+        in one transaction with a check that its index node is still there (where a claim
+        takes five round trips), or both through :meth:`claim` if that is gone too (Nerve's
+        layout: the claim, unless another node of the instance is there); holding a value not
+        ``same`` as it (``"changed"``), set with the version read; held by no session (made
+        by hand: it would outlive ours), taken over through the claim. ``""``: nothing
+        written (there as it was, or another session's now: a successor's)."""
         session, key = session_of(self.client), inst.key
         if session is None or self.written.get(key) != session:
             return ""
-        if self._nerve is None and gone:
-            txn = self.client.transaction()
-            txn.create(self.url.key(*key), inst.to_json(), ephemeral=True)
-            if self._index.enabled:
-                txn.check(self._index.path(inst.node, *key), -1)  # -1: any version
-            results = self._get(txn.commit_async())
-            if not any(isinstance(r, Exception) for r in results):
-                return "deleted"
-            if not isinstance(results[0], NodeExistsError):
-                return self._claim_again(inst)  # its index node gone too, or its dir
+        fresh = restamped(inst)  # what is written; compared: ``inst``
         path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
         try:
             if path is None:
                 raise NoNodeError()
             data, stat = self._get(self.client.get_async(path))
         except NoNodeError:
-            if self._nerve is not None and self._nerve.held_elsewhere(inst.node, key):
-                return ""
-            return self._claim_again(inst)
+            if self._nerve is not None:
+                return "" if self._nerve.held_elsewhere(inst.node, key) else self._again(fresh)
+            return self._create(fresh)
+        if stat.ephemeralOwner == 0 and self._nerve is None:
+            self.written.pop(key, None)  # the claim takes it over, in one transaction
+            self.claim(fresh)
+            return "changed"
         if stat.ephemeralOwner != session or (
                 (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):
             return ""
-        record = to_nerve(inst) if self._nerve is not None else inst.to_json()
+        record = to_nerve(fresh) if self._nerve is not None else fresh.to_json()
         with contextlib.suppress(BadVersionError):  # changed again: its own turn
             self._get(self.client.set_async(path, record, version=stat.version))
             return "changed"
         return ""
 
-    def _claim_again(self, inst: Instance) -> str:
+    def _create(self, inst: Instance) -> str:
+        """The node of ``inst`` created again, with a check of its index node."""
+        txn = self.client.transaction()
+        txn.create(self.url.key(*inst.key), inst.to_json(), ephemeral=True)
+        if self._index.enabled:
+            txn.check(self._index.path(inst.node, *inst.key), -1)  # -1: any version
+        results = self._get(txn.commit_async())
+        if not any(isinstance(r, Exception) for r in results):
+            return "deleted"
+        if isinstance(results[0], NodeExistsError):
+            return ""  # created meanwhile (a session recovery, the agent): theirs to write
+        return self._again(inst)  # its index node gone too (the prefix deleted), or its dir
+
+    def _again(self, inst: Instance) -> str:
         self._index.unclaim(inst.key)
         self.claim(inst)
         return "deleted"

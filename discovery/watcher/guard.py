@@ -9,7 +9,7 @@ healthy, dead ones included. Our rule:
 
 1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot;
    or drained by another writer: a value that takes an up instance out of rotation, as
-   ``draining`` or weight 0, without its agent's stamp on it,
+   ``draining``, without its agent's stamp on it,
    :func:`~discovery.watcher.guard_burst.foreign_drain`: a script that rewrites every value, an
    old backup restored; counted, settled and held as a removal, the instance kept up in the
    catalog, the drain applied when it is released),
@@ -282,8 +282,7 @@ class WipeGuard:
             inst = before[key]
             if inst.state is State.UP and (wiped or key[0] not in up_after):
                 keep[key] = inst
-                if key not in self._deferred:
-                    self._defer(key, _Deferred(inst, now + self.settings.settle, now))
+                self._keep(key, inst, now, None)  # a held drain gone since: now a removal
         held = {k for k in drained if wiped or k[0] not in up_after}
         for key in held:
             keep[key] = before[key]

@@ -33,13 +33,14 @@ class GuardStatus:
 
 
 def foreign_drain(before: Instance, after: Instance) -> bool:
-    """Whether ``after`` takes the up instance ``before`` out of rotation (``draining``, or
-    weight 0) without being its agent's write: an agent stamps every write of its own
-    (``written_at``, newer than the one before), while a script that rewrites the values, an
-    old backup restored or a hand-written record carries the stamp it had, or none. Records
-    with no stamp at all (Nerve's layout, a writer of its own) are never taken for one."""
-    return (before.state is State.UP and before.weight > 0
-            and (after.state is not State.UP or after.weight == 0)
+    """Whether ``after`` takes the up instance ``before`` out of rotation (``draining``)
+    without being its agent's write: an agent stamps every write of its own (``written_at``,
+    newer than the one before), while a script that rewrites the values, an old backup restored
+    or a hand-written record carries the stamp it had, or none. Records with no stamp at all
+    (Nerve's layout, a writer of its own) are never taken for one. Weight 0 is not: the guard
+    counts instances by state (an up instance of weight 0 is up to it, so a service could not
+    be told emptied by such writes); the owners write such values back (registry/owned.py)."""
+    return (before.state is State.UP and after.state is not State.UP
             and before.written_at > 0 and after.written_at <= before.written_at)
 
 

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from discovery.errors import RegistryUnavailable
+from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance, State
 from discovery.model.nerve import as_read
 from discovery.registry import Change, Snapshot, open_registry
+from discovery.registry.base import claiming
 from discovery.registry.owned import Restorer
 from tests.harness.util import wait_for
 
@@ -34,17 +35,15 @@ class Backend:
         self.answer = answer
         self.asked: list[tuple[Key, float]] = []
         self.doubted: list[Key] = []
-        self.gone: list[bool] = []
 
-    def restore(self, key: Key, doubt: bool, gone: bool) -> str:
+    def restore(self, key: Key, doubt: bool) -> str:
         answer = self.answer
         self.asked.append((key, time.monotonic()))
-        self.gone.append(gone)
         if doubt:
             self.doubted.append(key)
         if not answer:
             raise RegistryUnavailable("no member answered")
-        return ("deleted" if gone else "changed") if key in self.owned else ""
+        return "written back" if key in self.owned else ""
 
 
 def _restorer(backend: Backend, window: float = 0.2, recheck: float = 10.0) -> Restorer:
@@ -106,11 +105,11 @@ def test_a_value_another_writer_changed_is_written_back_and_ours_is_not() -> Non
         cb(Change("put", key=b.key, instance=dataclasses.replace(b, weight=0)))  # not ours
         cb(Change("put", key=a.key, instance=dataclasses.replace(a, state=State.DRAINING)))
         wait_for(lambda: r.restored == 1, 2.0, message="written back")
-        assert [k for k, _ in backend.asked] == [a.key] and backend.gone == [False]
+        assert [k for k, _ in backend.asked] == [a.key]
         cb(Change("reset", snapshot=Snapshot(instances={
             a.key: a, c.key: dataclasses.replace(c, weight=0)})))
         wait_for(lambda: r.restored == 2, 2.0, message="the reset's")
-        assert [k for k, _ in backend.asked] == [a.key, c.key] and backend.gone == [False] * 2
+        assert [k for k, _ in backend.asked] == [a.key, c.key]
     finally:
         r.close()
 
@@ -121,14 +120,31 @@ def test_a_key_waiting_keeps_its_turn_and_takes_what_was_seen_last() -> None:
     r = _restorer(backend, window=0.3)
     try:
         cb = r.wrap(lambda _: None)
-        cb(Change("delete", key=a.key))
-        turn = r._due[a.key][0]
-        cb(Change("put", key=a.key, instance=dataclasses.replace(a, weight=0)))  # put back
-        assert r._due[a.key] == (turn, False, False)  # same turn; a change now, not a delete
+        with r._cond:  # (re-entrant) the turn is not taken before it is looked at
+            cb(Change("delete", key=a.key))
+            turn = r._due[a.key][0]
+            cb(Change("put", key=a.key, instance=dataclasses.replace(a, weight=0)))  # back
+            assert r._due[a.key] == (turn, False, False)  # its turn; a change, not a delete
         wait_for(lambda: r.restored == 1, 2.0, message="written back")
-        assert backend.gone == [False]
+        assert len(backend.asked) == 1
     finally:
         r.close()
+
+
+def test_an_owned_value_whose_write_lost_its_answer_stays_owned() -> None:
+    """A write whose answer was lost may have landed: the new value stays the owned one (the
+    agent writes it again), or a watch that saw it would take it for another writer's and
+    write the older one back over it. A write that surely failed is undone."""
+    old, new = _inst("web", 1), dataclasses.replace(_inst("web", 1), state=State.DRAINING)
+    owned: dict[Key, Instance] = {old.key: old}
+    lock = threading.Lock()
+    with pytest.raises(RegistryUnavailable), claiming(owned, lock, new):
+        raise RegistryUnavailable("the answer was lost")
+    assert owned[old.key] is new
+    owned[old.key] = old
+    with pytest.raises(RegistryError), claiming(owned, lock, new):
+        raise RegistryError("refused")
+    assert owned[old.key] is old
 
 
 @pytest.mark.parametrize("changed, same", [

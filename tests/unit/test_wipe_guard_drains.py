@@ -1,5 +1,5 @@
 """The wipe guard and drains by another writer: a script that rewrites every value as
-``draining`` (or weight 0), or an old backup restored, takes every instance out of rotation on
+``draining``, or an old backup restored, takes every instance out of rotation on
 every host at once, as a delete of the prefix would. Such a drain, not stamped by the
 instance's agent, counts, settles and is held as a removal; an agent's own drain never is."""
 
@@ -40,7 +40,7 @@ def fleet_of(services: str) -> tuple[list[Instance], Catalog, WipeGuard, Clock]:
 def test_what_tells_a_foreign_drain() -> None:
     a = inst("a", 1)
     assert foreign_drain(a, drained(a))  # a script: the stamp it read
-    assert foreign_drain(a, replace(a, weight=0))
+    assert not foreign_drain(a, replace(a, weight=0))  # the guard counts by state
     assert foreign_drain(a, replace(drained(a), written_at=0.0))  # hand-written, no stamp
     assert not foreign_drain(a, drained(a, by_agent=True))  # its agent stamps its writes
     assert not foreign_drain(a, replace(a, port=1))  # not taken out of rotation
@@ -83,10 +83,10 @@ def test_agents_draining_their_own_are_never_held() -> None:
 
 def test_a_foreign_drain_of_a_last_instance_settles_then_applies() -> None:
     fleet, catalog, guard, clock = fleet_of("ab")
-    feed(catalog, guard, put(replace(fleet[0], weight=0)))  # a's only instance
+    feed(catalog, guard, put(drained(fleet[0])))  # a's only instance
     assert catalog.get(fleet[0].key) == fleet[0] and guard.status.settling == 1
     tick(catalog, guard, clock, 0.25)
-    assert catalog.get(fleet[0].key) == replace(fleet[0], weight=0) and guard.status.engaged == 0
+    assert catalog.get(fleet[0].key) == drained(fleet[0]) and guard.status.engaged == 0
     plain = bare("b", 2)  # records with no stamp at all (Nerve's layout): applied at once
     catalog, guard, clock = setup([plain])
     feed(catalog, guard, put(replace(plain, state=State.DRAINING)))
@@ -119,3 +119,19 @@ def test_a_reset_carrying_foreign_drains_keeps_them_up() -> None:
     tick(catalog, guard, clock, 31.0)  # c's and d's never written back: drained
     assert up(catalog) == {fleet[0].id, fleet[1].id}
     assert catalog.get(fleet[3].key) == drained(fleet[3]) and guard.status.holding == 0
+
+
+def test_a_held_drain_whose_instance_a_reset_lacks_is_removed_not_drained() -> None:
+    """Held drains, then a re-read in which one instance is gone (its agent drained and
+    deleted it meanwhile): at its release it goes; the catalog keeps no drained ghost."""
+    fleet, catalog, guard, clock = fleet_of("abcd")
+    for i in fleet:
+        feed(catalog, guard, put(drained(i)))
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.holding == 4
+    rest = {i.key: drained(i) for i in fleet[1:]}
+    feed(catalog, guard, Change("reset", snapshot=Snapshot(rest, revision=9), revision=9))
+    assert up(catalog) == {i.id for i in fleet}  # still held, a's as a removal now
+    tick(catalog, guard, clock, 31.0)
+    assert catalog.get(fleet[0].key) is None
+    assert {i.key for i in catalog.instances()} == set(rest)
