@@ -52,6 +52,7 @@ import random
 import sys
 import threading
 import time
+import unittest.mock
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -72,6 +73,7 @@ from discovery.registry import Change, Registry, RegistryURL, open_registry  # n
 from discovery.registry.etcd_aio import LoopThread  # noqa: E402
 from discovery.registry.owned import Restorer  # noqa: E402
 from discovery.retry import jittered  # noqa: E402
+from discovery.watcher import guard  # noqa: E402
 from discovery.watcher.core import Watcher  # noqa: E402
 from tests.harness.fleet import delete_services, drain_services  # noqa: E402
 from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble  # noqa: E402
@@ -168,8 +170,8 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
     with contextlib.suppress(OSError):  # (the group's weight, where the kernel groups by session)
         Path(f"/proc/{os.getpid()}/autogroup").write_text("10")
     _log_level()
-    if not written_back:  # the code before: a watch tells the registry nothing
-        Restorer.wrap = lambda self, callback, services=None: callback  # type: ignore[method-assign]
+    if not written_back:  # the code before: nothing is scheduled (a watch, a put with no lease)
+        Restorer._schedule = lambda self, *_, **__: None  # type: ignore[method-assign]
     stop = threading.Event()
     loop = LoopThread() if url.startswith("etcd") else None
     with ThreadPoolExecutor(8) as pool:
@@ -185,7 +187,25 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
 
 
 def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, written_back: bool,
-        tag: str) -> dict[str, Any]:
+        tag: str, guard_drains: bool = True) -> dict[str, Any]:
+    """One row; ``guard_drains``: the observer's wipe guard counts drains by another writer
+    (False: as before ``a8039e4``)."""
+    with contextlib.ExitStack() as stack:
+        if not guard_drains:
+            stack.enter_context(unittest.mock.patch.object(guard, "foreign_drain",
+                                                           lambda before, after: False))
+        row = _one(cluster, args, services_n, written_back, tag)
+    if args.fault != "drain":
+        return row
+    if not guard_drains:  # the target is the whole change's: the write-back and the guard
+        row.update(target=None, **{"pass": None})
+    elif row["pass"] is not None:
+        row["pass"] = row["pass"] and row["observer_empty_services_most"] == 0
+    return {**row, "guard_counts_drains": guard_drains}
+
+
+def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, written_back: bool,
+         tag: str) -> dict[str, Any]:
     backend = cluster.scheme
     url = cluster.url(f"{PREFIX}{tag}") + f"?spread={args.spread:g}"
     ctx = multiprocessing.get_context("spawn")
@@ -272,7 +292,8 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
             "observer_empty_service_s": _r(empty_service_s),
             "guard_engaged": status.engaged, "guard_held_total": status.held_total,
             "target": None if not written_back else (
-                "each up again within spread + 1 s of its drain" if drain else
+                "each up again within spread + 1 s of its drain, no service with none up"
+                if drain else
                 "each back within spread + 1 s of its delete, no service emptied"),
             "pass": (len(times) == len(expected) and len(counts) == args.workers
                      and max(own) <= args.spread + 1.0 and (drain or empty_most == 0))
@@ -310,8 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        else ZkEnsemble(3, work))
             cluster.start()
             try:
-                return [report.emit(one(cluster, args, int(n), on, f"{backend}{n}x{int(on)}"))
-                        for n in args.services.split(",") for on in (False, True)]
+                variants = ([(False, False), (False, True), (True, False), (True, True)]
+                            if args.fault == "drain" else [(False, True), (True, True)])
+                return [report.emit(one(cluster, args, int(n), on, f"{backend}{n}x{int(on)}"
+                                        f"{int(drains)}", drains))
+                        for n in args.services.split(",") for on, drains in variants]
             finally:
                 cluster.stop()
 

@@ -133,29 +133,45 @@ def t_footprint(results: dict[str, Result]) -> str:
                   "host busy", "RSS ≤ 60 MiB"], out)
 
 
-def t_written_back(results: dict[str, Result]) -> str:
-    """bench/written_back.py: the prefix deleted by hand, the write-back off and on."""
-    out = []
-    for backend in ("etcd", "zk"):
-        for r in rows_of(results.get(f"written-back-{backend}")):
-            out.append([backend, f"{r['services']} ({r['instances'] // r['services']} a service)",
-                        r["written_back"], num(r["delete_took_s"]),
-                        f"{r['back']} / {r['instances']}",
-                        f"{num(r['back_p50_s'])} / {num(r['back_p99_s'])} / "
-                        f"{num(r['back_max_s'])}",
-                        f"{num(r['back_after_own_delete_p50_s'])} / "
-                        f"{num(r['back_after_own_delete_max_s'])}",
-                        f"{r['written_back_writes']} / {r['reconcile_writes']}",
-                        f"{r['observer_empty_services_most']} "
-                        f"({num(r['observer_empty_service_s'])} service-s)",
-                        r.get("target") or "—", verdict(r.get("pass"))])
-    if not out:
-        return missing("written-back-etcd", "written-back-zk")
-    return table(["backend", "services (instances)", "write-back", "the delete took, s",
-                  "back", "back after the delete's start, s: p50 / p99 / max",
-                  "back after its own delete, s: p50 / max",
-                  "written back / by a reconcile", "observer: services empty at once (most)",
-                  "target", "result"], out)
+def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
+    """bench/written_back.py: the prefix deleted (``written-back``) or every instance drained
+    (``changed-back``, ``--fault drain``: "back" is up again, "empty" no instance up) by
+    hand, the write-back off and on."""
+    drain = stem == "changed-back"
+    did = "drain" if drain else "delete"
+
+    def render(results: dict[str, Result]) -> str:
+        out = []
+        for backend in ("etcd", "zk"):
+            for r in rows_of(results.get(f"{stem}-{backend}")):
+                guard = [f"{r['guard_engaged']} / {r['guard_held_total']}"] if drain else []
+                counts = ["on" if r.get("guard_counts_drains") else "off"] if drain else []
+                out.append([backend,
+                            f"{r['services']} ({r['instances'] // r['services']} a service)",
+                            r["written_back"], *counts, num(r["delete_took_s"]),
+                            f"{r['back']} / {r['instances']}",
+                            f"{num(r['back_p50_s'])} / {num(r['back_p99_s'])} / "
+                            f"{num(r['back_max_s'])}",
+                            f"{num(r['back_after_own_delete_p50_s'])} / "
+                            f"{num(r['back_after_own_delete_max_s'])}",
+                            f"{r['written_back_writes']} / {r['reconcile_writes']}",
+                            f"{r['observer_empty_services_most']} "
+                            f"({num(r['observer_empty_service_s'])} service-s)", *guard,
+                            r.get("target") or "—", verdict(r.get("pass"))])
+        if not out:
+            return missing(f"{stem}-etcd", f"{stem}-zk")
+        return table(["backend", "services (instances)", "write-back",
+                      *(["guard counts others' drains"] if drain else []), f"the {did} took, s",
+                      "up again" if drain else "back",
+                      f"{'up' if drain else 'back'} after the {did}'s start, s: p50 / p99 / max",
+                      f"{'up' if drain else 'back'} after its own {did}, s: p50 / max",
+                      "written back / by a reconcile",
+                      "observer: services with none up at once (most)" if drain else
+                      "observer: services empty at once (most)",
+                      *(["observer's guard: engaged / held"] if drain else []),
+                      "target", "result"], out)
+
+    return render
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -210,7 +226,8 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "proxy-renewals": t_proxy_renewals,
     "auth-restart": t_auth_restart,
     "wipe-guard": t_generic("wipe-guard-none"),
-    "written-back": t_written_back,
+    "written-back": t_back("written-back"),
+    "changed-back": t_back("changed-back"),
     "faults": t_faults,
     "deploys": t_deploys,
     "slowstart": t_slowstart,
