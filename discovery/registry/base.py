@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
-from discovery.errors import ConfigError, RegistryUnavailable
+from discovery.errors import ConfigError
 from discovery.model import Instance
 from discovery.registry.reads import ReadStats
 from discovery.retry import RESUME_SPREAD
@@ -317,6 +316,8 @@ class Change:
     snapshot: Snapshot | None = None
     revision: int = 0
     drained: bool = False
+    #: a put written with no lease (etcd) or as a node of no session (ZooKeeper): by hand
+    unowned: bool = False
 
 
 ChangeCallback = Callable[[Change], None]
@@ -368,30 +369,6 @@ class Registry(Protocol):
         """Stop everything; with ``revoke``, remove all this process registered (only what is
         still its own: not what a successor took over). Without, what it registered lives
         until its lease or session times out, as after a SIGKILL, for a successor to adopt."""
-
-
-@contextmanager
-def claiming(owned: dict[tuple[str, str], Instance], lock: AbstractContextManager[Any],
-             instance: Instance) -> Iterator[None]:
-    """Record ``instance`` as owned for the duration of a write; undo if the write fails, but
-    not if its answer was lost (:class:`RegistryUnavailable`: it may have landed, and the agent
-    writes it again; undone, a watch that then saw it would take it for another writer's value
-    and write the older one back, :mod:`~discovery.registry.owned`)."""
-    with lock:
-        previous = owned.get(instance.key)
-        owned[instance.key] = instance
-    try:
-        yield
-    except RegistryUnavailable:
-        raise
-    except BaseException:
-        with lock:
-            if owned.get(instance.key) is instance:
-                if previous is None:
-                    del owned[instance.key]
-                else:
-                    owned[instance.key] = previous
-        raise
 
 
 def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) -> None:

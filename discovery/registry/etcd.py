@@ -27,7 +27,7 @@ from pyetcd import exceptions as etcd_exc
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.registry import etcd_aio, etcd_index, etcd_rewind
-from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
+from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
@@ -35,7 +35,7 @@ from discovery.registry.etcd_pulse import pulse, status
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_state import StateBoard
 from discovery.registry.etcd_watch import EtcdWatch
-from discovery.registry.owned import Restorer
+from discovery.registry.owned import Restorer, claiming
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -191,10 +191,6 @@ class EtcdRegistry:
                 self._renew_lease(lease)  # a new lease; everything written again
                 return ""
 
-    def unleased(self, key: tuple[str, str]) -> None:
-        """A watch saw ``key`` written with no lease (by hand): put on ours if we own it."""
-        self._restorer.lost([key], gone=False)
-
     # -- lease ------------------------------------------------------------------------------
 
     def _ensure_lease(self) -> int:
@@ -306,7 +302,7 @@ class EtcdRegistry:
     # -- the Registry interface -------------------------------------------------------------
 
     def register(self, instance: Instance) -> None:
-        with claiming(self._owned, self._lock, instance):
+        with claiming(self._owned, self._lock, instance, self._restorer.unsettled):
             for _ in range(3):
                 lease = self._ensure_lease()
                 try:
@@ -319,6 +315,7 @@ class EtcdRegistry:
     def deregister(self, service: str, instance_id: str) -> None:
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
+            self._restorer.unsettled.discard((service, instance_id))
             node = owned.node if owned else self._nodes.pop((service, instance_id), None)
         node = node or instance_id.partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
         etcd_index.delete(self._call, self.client, self.url, service, instance_id, node)

@@ -94,16 +94,13 @@ class WatchSource(Protocol):
 
     def members_in_use(self) -> set[str]: ...
 
-    def unleased(self, key: tuple[str, str]) -> None: ...
-
 
 class EtcdWatch:
     """Follows the registry (or some services of it) on the registry's ``loop``
     (:mod:`~discovery.registry.etcd_aio`: one asyncio task and stream, no thread of its own);
     ``stop()`` ends it. ``services``: None for everything, else only those services'
     instances. Changes are delivered on the loop's thread; what may block (authenticating, a
-    re-read after compaction, the registry's state listeners) runs in the loop's executor. A
-    put with no lease (by hand) is also told to the registry (``unleased``)."""
+    re-read after compaction, the registry's state listeners) runs in the loop's executor."""
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, spread: float = RESUME_SPREAD) -> None:
@@ -391,9 +388,8 @@ class EtcdWatch:
         if deleted:
             self._deliver(Change("delete", key=split, revision=rev))
         elif (inst := reg.decoder.decode(key, ev.kv.value)) is not None:
-            self._deliver(Change("put", key=split, instance=inst, revision=rev))
-            if not ev.kv.lease:  # an owner of it puts it on its lease again (by hand: no lease)
-                reg.unleased(split)
+            self._deliver(Change("put", key=split, instance=inst, revision=rev,
+                                 unowned=not ev.kv.lease))
         # else a value that does not decode: readers keep their last good one (Snapshot.
         # unreadable: one bad write takes no instance out of every host's routing)
 

@@ -12,31 +12,32 @@ weight 0 over a fleet's instances, a ZooKeeper ``set``): every host's watcher dr
 at once, until each agent's reconcile.
 
 A watch of the registry that delivers the delete of an entry the registry owns (its own
-deregister forgets the entry first, so that delete is not one), a put of one whose value is
-not what the registry wrote (:meth:`Restorer.same`: apart from write stamps, and as the
-layout carries it: Nerve's record holds less), or a ``reset`` whose snapshot lacks one or
-holds it changed, hands the key to :class:`Restorer`, which after a random wait within the
-URL's ``spread=`` (3 s) has the backend write it back **only if it is still owned, and still
-missing or changed, and still this registry's**: etcd reads the key (linearizable: a
-transaction with a put is a Raft proposal even when its compare fails), then writes it in
-one transaction comparing its mod revision with the one read (0: missing), unless it is on
-another lease than ours (a successor's adoption: not ours to undo; one written with no lease,
-by hand, even the same value, is taken back: a watch tells the registry of such a put);
-ZooKeeper reads the node (a failed create is a write too), creates a deleted one in one
-transaction with a check that its index node is still there (both created if that is gone
-too), sets a changed one with the version read, takes one of no session over, and leaves one
-another session holds. What is written is :func:`restamped`. An agent's own writes never trigger
-this: the registry records an instance as owned before writing it, and the write-back writes
-what is owned when it runs (an older value of ours seen late costs a read). An entry put
-back meanwhile (the agent's reconcile) is not written twice: each write reaches every host of
-the fleet. What the lease's keeper (etcd: a lease gone, or instances still to write again) or
-the session's recovery (ZooKeeper: an entry not yet written in this session) puts back is
-left to them. A write-back whose answer was lost may still land, after the entry's own
-deregister too: its key is looked at again ``recheck`` s later (twice the registry's
-timeout), when etcd deletes it if it is no longer owned but there on the registry's lease
-(one session's ZooKeeper requests apply in order, so there it cannot land late); the other
-keys waiting then are left to the agent's reconcile. The wait spreads a fleet whose entries
-went at once over that window.
+deregister forgets the entry first, so that delete is not one), a put of one whose value is not
+what the registry wrote (:meth:`Restorer.same`: apart from write stamps, and as the layout
+carries it: Nerve's record holds less), or a ``reset`` whose snapshot lacks one or holds it
+changed, hands the key to :class:`Restorer`, which after a random wait within the URL's
+``spread=`` (3 s) has the backend write it back **only if it is still owned, and still missing
+or changed, and still this registry's**: etcd reads the key (linearizable: a transaction with a
+put is a Raft proposal even when its compare fails), then writes it in one transaction
+comparing its mod revision with the one read (0: missing), unless it is on another lease than
+ours (a successor's adoption: not ours to undo; one written with no lease, by hand, even the
+same value, is taken back: a watch tells the registry of such a put); ZooKeeper reads the node
+(a failed create is a write too), creates a deleted one in one transaction with a check that
+its index node is still there (both created if that is gone too), sets a changed one with the
+version read, takes one of no session over (not with Nerve's layout), and leaves one another
+session holds. What is written is :func:`restamped`. An agent's own writes never trigger this:
+the registry records an instance as owned before writing it, and the write-back writes what is
+owned when it runs (an older value of ours seen late costs a read); a key whose last write lost
+its answer is *unsettled* (the registry may hold that write) and left to the agent until a
+write of it succeeds. An entry put back meanwhile (the agent's reconcile) is not written twice:
+each write reaches every host of the fleet. What the lease's keeper (etcd: a lease gone, or
+instances still to write again) or the session's recovery (ZooKeeper: an entry not yet written
+in this session) puts back is left to them. A write-back whose answer was lost may still land,
+after the entry's own deregister too: its key is looked at again ``recheck`` s later (twice the
+registry's timeout), when etcd deletes it if it is no longer owned but there on the registry's
+lease (one session's ZooKeeper requests apply in order, so there it cannot land late); the
+other keys waiting then are left to the agent's reconcile. The wait spreads a fleet whose
+entries went at once over that window.
 
 It costs nothing in the steady state: it rides on the watches the host has anyway
 (``discovery up``: the agent and the watcher share one registry client). Only entries those
@@ -50,8 +51,10 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
+from typing import Any
 
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
@@ -80,6 +83,9 @@ class Restorer:
                  wire: Callable[[Instance], Instance | None] | None = None) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
         self._recheck, self._wire = recheck, wire
+        #: keys whose last write lost its answer (:func:`claiming`):
+        #: what the registry holds may be that write; left to the agent until one succeeds
+        self.unsettled: set[Key] = set()
         self._wired: dict[Key, tuple[Instance, Instance | None]] = {}  # owned -> as read back
         self._cond = threading.Condition()
         self._due: dict[Key, tuple[float, bool, bool]] = {}  # key -> (when, doubt, gone)
@@ -102,7 +108,8 @@ class Restorer:
                 elif change.kind == "put":
                     owned = self._owned.get(change.key)  # (one lookup: atomic, no lock)
                     if (owned is not None and change.instance is not None
-                            and not self.same(owned, change.instance)):
+                            and change.key not in self.unsettled
+                            and (change.unowned or not self.same(owned, change.instance))):
                         self._schedule([change.key], gone=False)
                 elif change.kind == "reset" and (snap := change.snapshot) is not None:
                     self._reset(snap, scope)
@@ -121,7 +128,7 @@ class Restorer:
             seen = snap.instances.get(key)
             if seen is None:
                 gone.append(key)
-            elif not self.same(owned, seen):
+            elif key not in self.unsettled and not self.same(owned, seen):
                 changed.append(key)
         self._schedule(gone)
         self._schedule(changed, gone=False)
@@ -203,6 +210,8 @@ class Restorer:
     def _run(self) -> None:
         while (turn := self._next()) is not None:
             key, doubt, gone = turn
+            if key in self.unsettled and not doubt:  # a write of ours may be there: the agent's
+                continue
             try:
                 if done := self._restore(key, doubt):
                     self.restored += 1
@@ -224,6 +233,34 @@ class Restorer:
                                 _what(gone), exc)
             except Exception:
                 log.exception("writing back %s/%s failed", *key)
+
+
+@contextmanager
+def claiming(owned: dict[tuple[str, str], Instance], lock: AbstractContextManager[Any],
+             instance: Instance, unsettled: set[tuple[str, str]]) -> Iterator[None]:
+    """Record ``instance`` as owned for the duration of a write; undo if the write fails. A
+    write whose answer was lost (:class:`RegistryUnavailable`) may have landed: its key is
+    ``unsettled`` until a write of it succeeds, and is not written back meanwhile (a watch
+    that saw it land would take it for another writer's value and write the one before over
+    it: :mod:`~discovery.registry.owned`); the agent writes it again, or its reconcile does."""
+    key = instance.key
+    with lock:
+        previous = owned.get(key)
+        owned[key] = instance
+    try:
+        yield
+    except BaseException as exc:
+        with lock:
+            if owned.get(key) is instance:
+                if previous is None:
+                    del owned[key]
+                else:
+                    owned[key] = previous
+            if isinstance(exc, RegistryUnavailable):
+                unsettled.add(key)
+        raise
+    with lock:
+        unsettled.discard(key)
 
 
 def _what(gone: bool) -> str:

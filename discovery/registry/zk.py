@@ -35,9 +35,9 @@ from kazoo.handlers.threading import KazooTimeoutError
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.model.nerve import as_read
-from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback, claiming
+from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
-from discovery.registry.owned import Restorer
+from discovery.registry.owned import Restorer, claiming
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
@@ -266,7 +266,8 @@ class ZkRegistry:
     # -- the Registry interface -------------------------------------------------------------
 
     def register(self, instance: Instance) -> None:
-        with self._writes, claiming(self._owned, self._lock, instance):  # see __init__
+        with self._writes, claiming(self._owned, self._lock, instance,  # see __init__
+                                    self._restorer.unsettled):
             self._op(f"register {instance.service}/{instance.id}",
                      lambda: self._claims.claim(instance))
 
@@ -290,6 +291,7 @@ class ZkRegistry:
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
+            self._restorer.unsettled.discard((service, instance_id))
             self._claims.written.pop((service, instance_id), None)
         node = self._index.node_of((service, instance_id), owned)
 

@@ -157,7 +157,11 @@ class ZkClaims:
             return self._create(fresh)
         if stat.ephemeralOwner == 0 and self._nerve is None:
             self.written.pop(key, None)  # the claim takes it over, in one transaction
-            self.claim(fresh)
+            try:
+                self.claim(fresh)
+            except BaseException:
+                self.written.setdefault(key, session)  # still ours: looked at again
+                raise
             return "changed"
         if stat.ephemeralOwner != session or (
                 (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):

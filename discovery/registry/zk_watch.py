@@ -354,7 +354,8 @@ class ZkWatch:
             self._gone(path, stat.mzxid)
         self._live.set(path, inst.key)
         self._reconnects.learned(inst.service)
-        self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid))
+        self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid,
+                             unowned=not stat.ephemeralOwner))
 
     def _gone(self, path: str, revision: int, drained: bool = False) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another

@@ -167,14 +167,16 @@ def test_what_another_writer_changed_is_written_back_and_a_successors_is_not(
         if url.scheme == "etcd":
             client.put(path, client.get(path)[0])
         elif layout == "ours":
-            data, _ = client.get(path)
-            client.delete(path)
-            client.create(path, data)  # persistent
+            data, stat = client.get(path)
+            txn = client.transaction()  # one transaction: no write-back can come between
+            txn.delete(path, version=stat.version)
+            txn.create(path, data)  # persistent
+            assert not any(isinstance(r, Exception) for r in txn.commit())
     finally:
         close_raw(client)
     if layout == "ours":
         wait_until(lambda: _owner(url_s, path) == _own(agent), SPREAD + 2.0, "ours again")
-        assert restorer.restored == 2
+        wait_until(lambda: restorer.restored == 2, 5, "counted once")
 
     # a successor (a restarted agent) adopts one with another value: not undone
     successor.register(dataclasses.replace(handed, weight=5))

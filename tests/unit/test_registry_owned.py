@@ -14,8 +14,7 @@ from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance, State
 from discovery.model.nerve import as_read
 from discovery.registry import Change, Snapshot, open_registry
-from discovery.registry.base import claiming
-from discovery.registry.owned import Restorer
+from discovery.registry.owned import Restorer, claiming
 from tests.harness.util import wait_for
 
 Key = tuple[str, str]
@@ -110,6 +109,9 @@ def test_a_value_another_writer_changed_is_written_back_and_ours_is_not() -> Non
             a.key: a, c.key: dataclasses.replace(c, weight=0)})))
         wait_for(lambda: r.restored == 2, 2.0, message="the reset's")
         assert [k for k, _ in backend.asked] == [a.key, c.key]
+        cb(Change("put", key=a.key, instance=a, unowned=True))  # the same, but by hand with
+        wait_for(lambda: r.restored == 3, 2.0, message="put on ours")  # no lease or session
+        assert [k for k, _ in backend.asked] == [a.key, c.key, a.key]
     finally:
         r.close()
 
@@ -131,20 +133,33 @@ def test_a_key_waiting_keeps_its_turn_and_takes_what_was_seen_last() -> None:
         r.close()
 
 
-def test_an_owned_value_whose_write_lost_its_answer_stays_owned() -> None:
-    """A write whose answer was lost may have landed: the new value stays the owned one (the
-    agent writes it again), or a watch that saw it would take it for another writer's and
-    write the older one back over it. A write that surely failed is undone."""
+def test_a_key_whose_write_lost_its_answer_is_left_to_the_agent() -> None:
+    """A write whose answer was lost may have landed: its key is unsettled, and what a watch
+    then shows of it (maybe that write) is not written back over it, nor is it written back at
+    all, until a write of it succeeds; a write that surely failed is only undone."""
     old, new = _inst("web", 1), dataclasses.replace(_inst("web", 1), state=State.DRAINING)
-    owned: dict[Key, Instance] = {old.key: old}
-    lock = threading.Lock()
-    with pytest.raises(RegistryUnavailable), claiming(owned, lock, new):
-        raise RegistryUnavailable("the answer was lost")
-    assert owned[old.key] is new
-    owned[old.key] = old
-    with pytest.raises(RegistryError), claiming(owned, lock, new):
-        raise RegistryError("refused")
-    assert owned[old.key] is old
+    backend = Backend({old.key})
+    r = _restorer(backend, window=0.0)
+    owned, lock = backend.owned, threading.Lock()
+    try:
+        with pytest.raises(RegistryError), claiming(owned, lock, new, r.unsettled):
+            raise RegistryError("refused")
+        assert owned[old.key] is not new and not r.unsettled
+        with pytest.raises(RegistryUnavailable), claiming(owned, lock, new, r.unsettled):
+            raise RegistryUnavailable("the answer was lost")
+        assert owned[old.key] is not new and r.unsettled == {old.key}
+        cb = r.wrap(lambda _: None)
+        cb(Change("put", key=old.key, instance=new))  # it landed: not another writer's
+        cb(Change("reset", snapshot=Snapshot(instances={old.key: new})))
+        assert not r._due
+        with claiming(owned, lock, new, r.unsettled):  # the agent's write again
+            pass
+        assert not r.unsettled
+        cb(Change("put", key=old.key, instance=old))  # now another writer's: written back
+        wait_for(lambda: r.restored == 1, 2.0, message="written back once settled")
+        assert len(backend.asked) == 1
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize("changed, same", [
