@@ -135,10 +135,10 @@ class Restorer:
 
     def same(self, owned: Instance, seen: Instance) -> bool:
         """Whether ``seen`` (read from the registry) is ``owned`` as this registry wrote it:
-        equal apart from write stamps (``registered_at``, ``seen_at``), once through the
-        layout (Nerve's record carries less than an instance). A value read that is not one
-        written here is another writer's; comparing as written keeps a host from writing its
-        own value again and again."""
+        equal apart from write stamps (``registered_at``, ``written_at``, ``seen_at``), once
+        through the layout (Nerve's record carries less than an instance). A value read that
+        is not one written here is another writer's; comparing as written keeps a host from
+        writing its own value again and again."""
         if self._wire is None:
             return owned.same_registration(seen)
         hit = self._wired.get(owned.key)
