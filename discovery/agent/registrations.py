@@ -177,7 +177,8 @@ class Registrations:
                 self.unsure.discard(key)
             elif have is None or not have.same_registration(instance):
                 touching = True
-                instance = replace(instance, registered_at=now, written_at=now, seen_at=seen)
+                stamp = now if have is None else max(now, have.written_at + 0.001)  # newer
+                instance = replace(instance, registered_at=now, written_at=stamp, seen_at=seen)
                 try:
                     self.registry.register(instance)
                 except RegistryDenied:  # refused, so not written: nothing to delete later

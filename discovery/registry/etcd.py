@@ -175,10 +175,11 @@ class EtcdRegistry:
         owned`) put back if still so (:func:`~discovery.registry.etcd_index.write_back`);
         under the lock, so a deregister never sees it undone. With ``doubt`` (a write-back
         whose answer was lost), one no longer owned is deleted if it is there on our lease.
-        A lease gone or being rewritten is the keeper's work."""
-        with self._lock:
+        A lease gone or being rewritten is the keeper's work; an unsettled key the agent's."""
+        with self._lock:  # (claiming marks a key unsettled under it)
             inst, lease = self._owned.get(key), self._lease
-            if lease is None or self._need_reput or self._closing.is_set():
+            if (lease is None or self._need_reput or self._closing.is_set()
+                    or key in self._restorer.unsettled):
                 return ""
             if inst is None:
                 if doubt:

@@ -210,8 +210,8 @@ class Restorer:
     def _run(self) -> None:
         while (turn := self._next()) is not None:
             key, doubt, gone = turn
-            if key in self.unsettled and not doubt:  # a write of ours may be there: the agent's
-                continue
+            if key in self.unsettled:  # a write of ours may be there: the agent's (the backend
+                continue  # looks again under its lock, which a write that marks it holds)
             try:
                 if done := self._restore(key, doubt):
                     self.restored += 1

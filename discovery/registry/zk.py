@@ -280,10 +280,14 @@ class ZkRegistry:
         owned`) written again if still so (:meth:`ZkClaims.restore`, once connected: else
         RegistryUnavailable, and it is looked at again); one write at a time (see __init__;
         one session's requests apply in order, so a late answer never lands after a
-        deregister). One not written in this session is the session recovery's work."""
+        deregister). One not written in this session is the session recovery's work; an
+        unsettled one the agent's (claiming marks it under the lock, a register's write
+        holding ``_writes``)."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
+                if key in self._restorer.unsettled:
+                    return ""
             return "" if inst is None else self._op(
                 f"write back {inst.service}/{inst.id}", functools.partial(
                     self._claims.restore, inst, self.decoder.decode, self._restorer.same))

@@ -47,6 +47,7 @@ def test_a_script_draining_every_instance_fails_no_request(registry_url, http_ba
             wait_for(lambda: load.seen["ok"] > served + 50, 10, message="more load")
         assert set(load.seen) == {"ok"}, f"a request failed while drained: {load.seen}"
         assert "wipe guard engaged" in watcher.log()
-        assert set(spread(listen["web"], 8)) == {"a", "b"}
+        wait_for(lambda: set(spread(listen["web"], 8)) == {"a", "b"}, 10,
+                 message="both web instances served again")
     finally:
         writer.close(revoke=True)

@@ -269,3 +269,34 @@ def test_a_watch_callback_never_waits_for_the_registrys_lock() -> None:
         release.set()
         holder.join()
         reg.close(revoke=False)
+
+
+def test_an_unsettled_key_is_never_written_back_nor_dropped() -> None:
+    """Not by the Restorer's turn (a recheck in doubt too), nor by the backend, which looks
+    again under its lock: a register whose write lost its answer marks the key there, and a
+    write-back waiting for that lock must not then write the value before over it."""
+    a, marker = _inst("web", 1), _inst("web", 2)
+    backend = Backend({a.key, marker.key})
+    r = _restorer(backend, window=0.0)
+    try:
+        r.unsettled.add(a.key)
+        r._schedule([a.key], doubt=True)  # (the recheck's wait: 10 s; replaced below)
+        with r._cond:
+            r._due[a.key] = (0.0, True, True)
+            heapq.heappush(r._heap, (0.0, a.key))
+        r.lost([marker.key])  # comes after it (window 0: in order)
+        wait_for(lambda: r.restored == 1, 2.0, message="the marker")
+        assert [k for k, _ in backend.asked] == [marker.key]
+    finally:
+        r.close()
+    reg = open_registry("etcd://127.0.0.1:1/x?spread=60", timeout=0.5)  # no I/O if it holds
+    try:
+        reg._lease = 7  # type: ignore[attr-defined]  # as if leased
+        reg._owned[a.key] = a  # type: ignore[attr-defined]
+        reg._restorer.unsettled.add(a.key)  # type: ignore[attr-defined]
+        assert reg._restore(a.key, False) == ""  # type: ignore[attr-defined]
+        del reg._owned[a.key]  # type: ignore[attr-defined]  # a new one's lost register:
+        assert reg._restore(a.key, True) == ""  # type: ignore[attr-defined]  # not dropped
+    finally:
+        reg._lease = None  # type: ignore[attr-defined]
+        reg.close(revoke=False)
