@@ -312,14 +312,16 @@ class Registrations:
                 continue
             present = ours.get(key)
             mine = key in self.written
-            # unsure: its write's answer was lost, the read may show it landed; written again
-            # all the same, so that the backend's own record (what it puts back after a lease
-            # or session expiry) is it, not the value before
+            unowned = key in snap.unowned  # written by hand with no lease or session: it
+            # would outlive this host. unsure: its write's answer was lost, the read may show
+            # it landed; written again all the same, so that the backend's own record (what it
+            # puts back after a lease or session expiry) is it, not the value before
             if (not mine or present is None or not present.same_registration(inst)
-                    or key in self.unsure):
+                    or key in self.unsure or unowned):
                 lost = mine and present is None  # session expired or lease lost meanwhile
-                self.want(key, inst, Cause("reregistered" if lost else "reconcile",
-                                           LOST if lost else ""), force=True)
+                why = LOST if lost else "no lease or session" if unowned else ""
+                self.want(key, inst, Cause("reregistered" if lost else "reconcile", why),
+                          force=True)
                 fixed += 1
         for key in set(ours) - set(wanted):
             self.written[key] = ours[key]  # drained, then deleted

@@ -286,12 +286,15 @@ class Snapshot:
     locked by mistake, or one bad write, must not empty it on every host at the next reset):
     ``withheld``: services the registry would not let this client read (etcd: its role;
     ZooKeeper: its directory's ACL); ``unreadable``: entries there but not read (a value that
-    does not decode, e.g. a newer ``schema``; ZooKeeper: a node whose own ACL denies us)."""
+    does not decode, e.g. a newer ``schema``; ZooKeeper: a node whose own ACL denies us).
+    ``unowned`` (a node's snapshot only): entries written with no lease (etcd) or as nodes of
+    no session (ZooKeeper), by hand: they would outlive the host; its reconcile writes them."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0
     withheld: frozenset[str] = frozenset()
     unreadable: frozenset[tuple[str, str]] = frozenset()
+    unowned: frozenset[tuple[str, str]] = frozenset()
 
     def keeps(self, key: tuple[str, str]) -> bool:
         """Whether a reader keeps what it had at ``key`` though it is not in ``instances``."""

@@ -136,6 +136,7 @@ def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node:
         if len(parts) == 2 and all(parts):
             keys.append(url.key(*parts))
     instances: dict[tuple[str, str], Instance] = {}
+    unowned: set[tuple[str, str]] = set()
     gone = 0
     for start in range(0, len(keys), TXN_OPS):
         chunk = keys[start:start + TXN_OPS]
@@ -149,7 +150,10 @@ def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node:
                 inst = decode(meta.key.decode("utf-8", "replace"), value)
                 if inst is not None and inst.node == node:
                     instances[inst.key] = inst
+                    if not meta.lease_id:  # written by hand: it would outlive the host
+                        unowned.add(inst.key)
     if gone:
         log.debug("index of node %s names %d instance(s) no longer there", node, gone)
-    return Snapshot(instances=instances, revision=int(resp.header.revision)), resp.header
+    return Snapshot(instances=instances, revision=int(resp.header.revision),
+                    unowned=frozenset(unowned)), resp.header
 

@@ -322,6 +322,10 @@ class ZkRegistry:
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
             snap = self._op(f"read node {node}", functools.partial(self._index.read, node))
+            if snap is not None and snap.unowned:  # by hand: the next claim takes them over
+                with self._lock:
+                    for key in snap.unowned:
+                        self._claims.written.pop(key, None)
             if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
             indexed = set(snap.instances) if snap is not None else indexed

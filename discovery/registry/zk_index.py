@@ -238,17 +238,20 @@ class ZkNodeIndex:
             paths += [self.url.key(s, name) for name in names]
         found = self._many.data(paths)  # an index node without its instance: left out
         instances: dict[Key, Instance] = {}
+        unowned: set[Key] = set()  # nodes of no session: by hand, they would outlive the host
         for path, (data, stat) in found.items():
             self._reads.add(path, data)
             inst = self._decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None and inst.node == node:
                 instances[inst.key] = inst
+                if not stat.ephemeralOwner:
+                    unowned.add(inst.key)
         with self._lock:  # an index node we thought there and is not: create it again
             for key in [k for k in self._mine if self._nodes.get(k) == node]:
                 if key not in instances:
                     self._mine.pop(key, None)
             self._nodes.update(dict.fromkeys(instances, node))
-        return Snapshot(instances=instances, revision=revision)
+        return Snapshot(instances=instances, revision=revision, unowned=frozenset(unowned))
 
 
 def apart(a: str, b: str) -> bool:

@@ -208,3 +208,32 @@ def _own(reg: object) -> int:
     if hasattr(reg, "_lease"):
         return int(reg._lease)  # type: ignore[attr-defined]
     return int(reg.client.client_id[0])  # type: ignore[attr-defined]
+
+
+def test_a_nodes_entry_with_no_lease_or_session_is_told_and_taken_back(
+        registry_url: str, open_reg: OpenReg) -> None:
+    """An entry of the node written by hand with no lease (etcd) or as a node of no session
+    (ZooKeeper) would outlive the host; a watch that was down never saw it written, and a
+    registry with no watch (`discovery agent` alone) has none: the node's snapshot tells it
+    (``unowned``), and the agent's reconcile writes it again, onto the registry's own."""
+    agent = open_reg(registry_url)  # no watch: nothing written back by itself
+    one = inst(4)
+    agent.register(one)
+    assert not agent.node_snapshot(one.node).unowned
+    path = RegistryURL.parse(registry_url).key(*one.key)
+    client = raw_client(registry_url)
+    try:
+        if registry_url.startswith("etcd"):
+            client.put(path, client.get(path)[0])
+        else:
+            data, stat = client.get(path)
+            txn = client.transaction()
+            txn.delete(path, version=stat.version)
+            txn.create(path, data)  # persistent
+            assert not any(isinstance(r, Exception) for r in txn.commit())
+    finally:
+        close_raw(client)
+    assert agent.node_snapshot(one.node).unowned == {one.key}
+    agent.register(one)  # the reconcile's forced write
+    assert _owner(registry_url, path) == _own(agent)
+    assert not agent.node_snapshot(one.node).unowned

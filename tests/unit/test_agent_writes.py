@@ -259,3 +259,27 @@ def test_a_registration_that_lands_after_its_containers_delete_is_looked_for_aga
     [first, *_] = [t - deleted for t in reads if t > landed]
     assert 0.5 <= first <= again <= 1.5, (first, again)
     assert "whose answer was lost may still land" in caplog.text
+
+
+def test_an_entry_of_its_node_with_no_lease_or_session_is_written_again() -> None:
+    """Written by hand with no lease (etcd) or as a node of no session (ZooKeeper), the same
+    value would outlive the host: the reconcile writes it again (onto its lease or session),
+    once; an entry that is the agent's own is not written again."""
+    from discovery.agent.history import Cause, History
+    from discovery.metrics import Metrics
+
+    reg = FakeRegistry()
+    regs = Registrations(reg, "h1", Metrics(), History(), lambda: None)  # type: ignore[arg-type]
+    inst = Instance(service="web", id="h1:000000000001:80", node="h1", address="127.0.0.1",
+                    port=8001)
+    regs.write(inst.key, inst, Cause("check"))
+    try:
+        with regs.turn():
+            regs.reconcile(reg.node_snapshot("h1"), {inst.key: inst})  # the agent's own
+        assert regs.flush(5) and [e[0] for e in reg.log] == ["put"]
+        by_hand = Snapshot(dict(reg.data), unowned=frozenset({inst.key}))
+        with regs.turn():
+            regs.reconcile(by_hand, {inst.key: inst})
+        assert regs.flush(5) and [e[0] for e in reg.log] == ["put", "put"]
+    finally:
+        regs.stop(revoke=False)
