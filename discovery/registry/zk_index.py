@@ -244,8 +244,8 @@ class ZkNodeIndex:
             inst = self._decoder.decode(path, data, stat.mtime / 1000)
             if inst is not None and inst.node == node:
                 instances[inst.key] = inst
-                if not stat.ephemeralOwner:
-                    unowned.add(inst.key)
+                if not stat.ephemeralOwner and not self.url.nerve:  # (Nerve's: not taken
+                    unowned.add(inst.key)  # over, its own nodes sequential)
         with self._lock:  # an index node we thought there and is not: create it again
             for key in [k for k in self._mine if self._nodes.get(k) == node]:
                 if key not in instances:
