@@ -43,6 +43,7 @@ from discovery.agent.wishes import Wish, Wishes
 from discovery.errors import RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
+from discovery.model.instance import stamp_after
 from discovery.registry import Registry, Snapshot
 from discovery.retry import RetryAt, jittered
 
@@ -164,9 +165,9 @@ class Registrations:
                     # draining first: a watcher takes it out of rotation at once, and its wipe
                     # guard then sees a departure, not the start of a registry-side wipe;
                     # stamped now (its registration's stamps timed the instance's age)
-                    self.registry.register(replace(  # (newer than the registration's, even
-                        have.with_state(State.DRAINING),  # if the clock stepped back)
-                        written_at=max(now, have.written_at + 0.001), seen_at=seen))
+                    self.registry.register(replace(have.with_state(State.DRAINING),
+                                                   written_at=stamp_after(have.written_at, now),
+                                                   seen_at=seen))
                 if ours:
                     self.registry.deregister(*key)
                     self.retry.succeeded()
@@ -177,7 +178,7 @@ class Registrations:
                 self.unsure.discard(key)
             elif have is None or not have.same_registration(instance):
                 touching = True
-                stamp = now if have is None else max(now, have.written_at + 0.001)  # newer
+                stamp = stamp_after(have.written_at if have is not None else 0.0, now)
                 instance = replace(instance, registered_at=now, written_at=stamp, seen_at=seen)
                 try:
                     self.registry.register(instance)

@@ -39,6 +39,14 @@ class State(StrEnum):
 _STATES = frozenset(s.value for s in State)
 
 
+def stamp_after(previous: float, now: float) -> float:
+    """A write's ``written_at``: ``now``, or just after ``previous`` (the key's stamp before)
+    if the clock stepped back. A watcher's wipe guard takes a drain not stamped newer than the
+    value it replaces for another writer's (:func:`~discovery.watcher.guard_burst.
+    foreign_drain`)."""
+    return max(now, previous + 0.001)
+
+
 def make_instance_id(node: str, container_id: str, port: int) -> str:
     """Stable id: the same container port on the same node always gets the same id."""
     return f"{node}:{container_id[:12].lower()}:{port}"

@@ -58,6 +58,7 @@ from typing import Any
 
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
+from discovery.model.instance import stamp_after
 from discovery.registry.base import Change, ChangeCallback, Snapshot
 from discovery.retry import spread
 
@@ -149,10 +150,10 @@ class Restorer:
             self._wired[owned.key] = hit
         return hit[1] is not None and hit[1].same_registration(seen)
 
-    def lost(self, keys: Collection[Key], gone: bool = True) -> None:
-        """From any thread: ``keys`` were seen gone (else changed); those the registry owns are
-        looked at after their wait (a key waiting already keeps its turn)."""
-        self._schedule([k for k in keys if k in self._owned], gone=gone)  # (atomic lookups)
+    def lost(self, keys: Collection[Key]) -> None:
+        """From any thread: ``keys`` were seen gone; those the registry owns are looked at
+        after their wait (a key waiting already keeps its turn)."""
+        self._schedule([k for k in keys if k in self._owned])  # (one lookup: atomic, no lock)
 
     def _schedule(self, keys: Collection[Key], doubt: bool = False, gone: bool = True) -> None:
         """Each of ``keys`` after a random wait within the window; with ``doubt``, after the
@@ -268,8 +269,7 @@ def _what(gone: bool) -> str:
 
 
 def restamped(inst: Instance) -> Instance:
-    """``inst`` as a write-back writes it: stamped now (``written_at``, later than the stamp
-    it had: a watcher's wipe guard takes a drain not stamped newer for another writer's,
-    :func:`~discovery.watcher.guard_burst.foreign_drain`; ``seen_at``: the change seen now)."""
+    """``inst`` as a write-back writes it: stamped now (:func:`~discovery.model.instance.
+    stamp_after` the stamp it had; ``seen_at``: the change seen now)."""
     now = time.time()
-    return replace(inst, written_at=max(now, inst.written_at + 0.001), seen_at=now)
+    return replace(inst, written_at=stamp_after(inst.written_at, now), seen_at=now)

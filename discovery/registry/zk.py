@@ -90,7 +90,6 @@ class ZkRegistry:
         #: flight would be undone by that write
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
-        self._unowned: set[tuple[str, str]] = set()  # ours, read as nodes of no session
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
                                   recheck=2 * timeout, wire=as_read if url.nerve else None)
         self._watches: list[ZkWatch] = []
@@ -269,10 +268,6 @@ class ZkRegistry:
     def register(self, instance: Instance) -> None:
         with self._writes, claiming(self._owned, self._lock, instance,  # see __init__
                                     self._restorer.unsettled):
-            with self._lock:  # a node of no session (node_snapshot): taken over, not set
-                if instance.key in self._unowned:
-                    self._unowned.discard(instance.key)
-                    self._claims.written.pop(instance.key, None)
             self._op(f"register {instance.service}/{instance.id}",
                      lambda: self._claims.claim(instance))
 
@@ -327,9 +322,6 @@ class ZkRegistry:
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
             snap = self._op(f"read node {node}", functools.partial(self._index.read, node))
-            if snap is not None and snap.unowned:  # by hand: the next register takes them over
-                with self._lock:
-                    self._unowned |= snap.unowned
             if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
             indexed = set(snap.instances) if snap is not None else indexed

@@ -84,7 +84,8 @@ class ZkClaims:
         return False
 
     def _claim(self, inst: Instance) -> None:
-        """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually)."""
+        """Make the ephemeral node of ``inst`` ours and hold its data (one round trip usually;
+        a node of no session, made by hand, is taken over)."""
         key, c = inst.key, self.client
         path, data = self.url.key(*key), inst.to_json()
         session = session_of(c)
@@ -96,8 +97,9 @@ class ZkClaims:
             return
         if self.written.get(key) == session:
             try:
-                self._get(c.set_async(path, data))
-                return
+                if self._get(c.set_async(path, data)).ephemeralOwner:
+                    return
+                # a node of no session (made by hand: it would outlive ours): taken over below
             except NoNodeError:
                 pass
         self._check_parent(self.url.service_dir(inst.service))
@@ -156,12 +158,7 @@ class ZkClaims:
                 return "" if self._nerve.held_elsewhere(inst.node, key) else self._again(fresh)
             return self._create(fresh)
         if stat.ephemeralOwner == 0 and self._nerve is None:
-            self.written.pop(key, None)  # the claim takes it over, in one transaction
-            try:
-                self.claim(fresh)
-            except BaseException:
-                self.written.setdefault(key, session)  # still ours: looked at again
-                raise
+            self.claim(fresh)  # takes a node of no session over, in one transaction
             return "changed"
         if stat.ephemeralOwner != session or (
                 (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):

@@ -99,13 +99,17 @@ class NerveNodes:
         """Whether a node of ``key`` other than ours is named in ``node``'s index (or, with no
         index, in the service's directory): a successor's, made in its own session, whose
         claim removed ours. Ours gone with no other: deleted by another writer."""
-        folder, mine = self.url.service_dir(key[0]), self.path(key)
+        return bool(self._nodes_of(node, key) - {self.path(key)})
+
+    def _nodes_of(self, node: str, key: Key, listed: bool = False) -> set[str]:
+        """The paths of ``key``'s nodes that ``node``'s index names, and those in the service's
+        directory if there is no index or ``listed``."""
+        folder = self.url.service_dir(key[0])
         children = self._named(node, key)
-        if children is None:
+        if children is None or listed:
             with contextlib.suppress(NoNodeError):
-                children = self._get(self.client.get_children_async(folder))
-        return any(node_prefix(child) == key[1] and f"{folder}/{child}" != mine
-                   for child in children or ())
+                children = (children or []) + self._get(self.client.get_children_async(folder))
+        return {f"{folder}/{child}" for child in children or () if node_prefix(child) == key[1]}
 
     def unindexed(self, keys: Iterable[Key]) -> None:
         """``keys`` were found without an index entry (written by a version before it): their
@@ -123,14 +127,9 @@ class NerveNodes:
         created): ``known``, those ``node``'s index lists, and those in the service's directory
         if the index has none or may miss some (:meth:`unindexed`). Our claims of a key are
         one at a time, so another node of ours is one whose create's answer was lost."""
-        folder = self.url.service_dir(key[0])
         with self._lock:
             unindexed = key in self._unindexed
-        children = self._named(node, key)
-        if children is None or unindexed:
-            with contextlib.suppress(NoNodeError):
-                children = (children or []) + self._get(self.client.get_children_async(folder))
-        paths = {f"{folder}/{child}" for child in children or () if node_prefix(child) == key[1]}
+        paths = self._nodes_of(node, key, listed=unindexed)
         for path in sorted(paths | ({known} if known else set())):
             if keep is not None and path == keep[0]:
                 continue

@@ -138,24 +138,35 @@ def delete_services(url_s: str) -> int:
     try:
         if url.scheme == "etcd":
             return int(client.delete_prefix(url.services_root + "/").deleted)
-        from kazoo.exceptions import NoNodeError
-
-        try:
-            dirs = [url.service_dir(s) for s in client.get_children(url.services_root)]
-        except NoNodeError:
-            return 0
-        paths = []
-        for d in dirs:
-            with contextlib.suppress(NoNodeError):
-                paths += [f"{d}/{child}" for child in client.get_children(d)]
-        deleted = 0
-        for result in [client.delete_async(p) for p in paths]:
-            with contextlib.suppress(NoNodeError):
-                result.get()
-                deleted += 1
-        return deleted
+        return _answered([client.delete_async(p) for p in _zk_instances(client, url)])
     finally:
         close_raw(client)
+
+
+def _zk_instances(client: Any, url: RegistryURL) -> list[str]:
+    """The paths of every instance node under ZooKeeper's ``<prefix>/services``."""
+    from kazoo.exceptions import NoNodeError
+
+    paths: list[str] = []
+    with contextlib.suppress(NoNodeError):
+        for s in client.get_children(url.services_root):
+            with contextlib.suppress(NoNodeError):
+                paths += [f"{url.service_dir(s)}/{c}" for c in client.get_children(
+                    url.service_dir(s))]
+    return paths
+
+
+def _answered(results: list[Any]) -> int:
+    """How many of kazoo's async ``results`` succeeded (the node gone or changed meanwhile:
+    not counted)."""
+    from kazoo.exceptions import BadVersionError, NoNodeError
+
+    done = 0
+    for result in results:
+        with contextlib.suppress(NoNodeError, BadVersionError):
+            result.get()
+            done += 1
+    return done
 
 
 def drain_services(url_s: str, batch: int = 100) -> int:
@@ -179,24 +190,14 @@ def drain_services(url_s: str, batch: int = 100) -> int:
             for start in range(0, len(puts), batch):
                 client.transaction(compare=[], success=puts[start:start + batch], failure=[])
             return len(puts)
-        from kazoo.exceptions import BadVersionError, NoNodeError
+        from kazoo.exceptions import NoNodeError
 
-        paths = []
-        for s in client.get_children(url.services_root):
-            with contextlib.suppress(NoNodeError):
-                paths += [f"{url.service_dir(s)}/{c}" for c in client.get_children(
-                    url.service_dir(s))]
         values = {}
-        for p, result in [(p, client.get_async(p)) for p in paths]:
+        for p, result in [(p, client.get_async(p)) for p in _zk_instances(client, url)]:
             with contextlib.suppress(NoNodeError):
                 values[p] = result.get()
-        done = 0
-        for result in [client.set_async(p, drained(data), version=stat.version)
-                       for p, (data, stat) in values.items()]:
-            with contextlib.suppress(NoNodeError, BadVersionError):
-                result.get()
-                done += 1
-        return done
+        return _answered([client.set_async(p, drained(data), version=stat.version)
+                          for p, (data, stat) in values.items()])
     finally:
         close_raw(client)
 

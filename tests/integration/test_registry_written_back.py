@@ -153,7 +153,7 @@ def test_what_another_writer_changed_is_written_back_and_a_successors_is_not(
     took = time.monotonic() - changed
     assert back() and took <= SPREAD + 1.0, took
     if url.scheme == "etcd":  # on our lease again
-        assert _lease(url_s, path) == agent._lease  # type: ignore[attr-defined]
+        assert _owner(url_s, path) == agent._lease  # type: ignore[attr-defined]
     # its own value, seen by its watch, is not written again: nothing waits, and a turn
     # asked for by hand finds nothing to do
     wait_until(lambda: not restorer._due, 5, "nothing waiting")
@@ -184,10 +184,6 @@ def test_what_another_writer_changed_is_written_back_and_a_successors_is_not(
     wait_until(lambda: reader.snapshot().instances[handed.key].weight == 5, 5, "adopted")
     assert agent._restore(handed.key, False) == ""  # type: ignore[attr-defined]
     assert reader.snapshot().instances[handed.key].weight == 5
-
-
-def _lease(url_s: str, path: str) -> int:
-    return _owner(url_s, path)
 
 
 def _owner(url_s: str, path: str) -> int:

@@ -280,11 +280,10 @@ def test_an_unsettled_key_is_never_written_back_nor_dropped() -> None:
     r = _restorer(backend, window=0.0)
     try:
         r.unsettled.add(a.key)
-        r._schedule([a.key], doubt=True)  # (the recheck's wait: 10 s; replaced below)
-        with r._cond:
+        with r._cond:  # a recheck's turn, in doubt, due at once
             r._due[a.key] = (0.0, True, True)
             heapq.heappush(r._heap, (0.0, a.key))
-        r.lost([marker.key])  # comes after it (window 0: in order)
+        r.lost([marker.key])  # starts the thread; comes after it (window 0: in order)
         wait_for(lambda: r.restored == 1, 2.0, message="the marker")
         assert [k for k, _ in backend.asked] == [marker.key]
     finally:
