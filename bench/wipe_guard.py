@@ -107,7 +107,7 @@ def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, 
 
     def sample() -> None:
         while not done.is_set():
-            worst[0] = max(worst[0], sum(1 for s in names if not watcher.catalog.up_count(s)))
+            worst[0] = max(worst[0], sum(1 for s in names if not watcher.catalog.serving_count(s)))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -128,7 +128,7 @@ def one(scenario: str, services: int, guard: bool, report: Report) -> dict[str, 
     time.sleep(1.0)
     done.set()
     sampler.join()
-    empty_end = sum(1 for s in names if not watcher.catalog.up_count(s))
+    empty_end = sum(1 for s in names if not watcher.catalog.serving_count(s))
     watcher.stop()
     thread.join(10)
     return report.emit({

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The services prefix deleted (or every instance drained) by hand under a live fleet: how soon
+"""The services prefix deleted (or every instance drained, or set to weight 0) by hand under a
+live fleet: how soon
 every instance is back, and what one host's watcher serves meanwhile, side by side: the
 registry writing back what its watch saw deleted or changed of its own entries
 (``discovery/registry/owned.py``) and the same code with that turned off (the agents put
@@ -23,28 +24,33 @@ machines: un-niced, the four took the ZooKeeper members' CPU and a write-back to
 deliveries and calls queued behind each other on one loop and one GIL, and the write-backs
 came up to 1.1 s late (a run at ``2a330e9``: every instance back within 4.1 s, p50 3.9 s).
 
-Then an operator deletes every instance under ``<prefix>/services`` (``--fault delete``;
-etcd: one ``DeleteRange``; ZooKeeper: every instance node, the deletes sent together:
-``tests/harness/fleet.delete_services``), or rewrites every instance as ``draining``
-(``--fault drain``, a script's read and write of each value: ``fleet.drain_services``; every
-host's watcher drains them, and a service with none up serves nothing; "back" is then up
-again, "empty" is no instance up). Measured, per row: seconds from the delete's start until
-each instance was in the registry again (a watch of the bench's own): p50 / p99 / max, and
-from the instance's own delete (p50 / max; ZooKeeper's deletes take a while); the
-instances written back by the hosts' registries and those registered again by a reconcile;
+Then an operator deletes every instance under ``<prefix>/services`` (``--fault delete``; etcd:
+one ``DeleteRange``; ZooKeeper: every instance node, the deletes sent together:
+``tests/harness/fleet.delete_services``), or rewrites every instance as ``draining`` (``--fault
+drain``, a script's read and write of each value: ``fleet.drain_services``; every host's
+watcher drains them, and a service with none up serves nothing; "back" is then up again,
+"empty" is no instance up), or rewrites every instance's weight as 0 (``--fault weight0``, the
+same script: up, but HAProxy sends a server of weight 0 nothing; "back" and "empty" as for
+``drain``, of instances serving: up and weight above 0). Measured, per row: seconds from the
+delete's start until each instance was in the registry again (a watch of the bench's own): p50
+/ p99 / max, and from the instance's own delete (p50 / max; ZooKeeper's deletes take a while);
+the instances written back by the hosts' registries and those registered again by a reconcile;
 the services the observer's catalog (what HAProxy, DNS and HTTP serve) held with no instance,
 sampled every 0.1 s: the most at once and their service-seconds; whether its guard engaged.
 Target of the new code: each instance back within ``spread`` + 1 s of its delete, no service
 emptied.
 
 Raw results: ``bench/results/written-back-<backend>.json`` (``--fault delete``),
-``bench/results/changed-back-<backend>.json`` (``--fault drain``).
+``bench/results/changed-back-<backend>.json`` (``--fault drain``),
+``bench/results/weight0-back-<backend>.json`` (``--fault weight0``: the write-back on, the
+guard counting such drains off and on; the write-back off is ``drain``'s).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -68,14 +74,14 @@ from common import _r, measured, percentile, say  # noqa: E402
 from fleet_host import put_back  # noqa: E402
 
 from discovery.errors import RegistryError  # noqa: E402
-from discovery.model import Instance, State  # noqa: E402
+from discovery.model import Instance  # noqa: E402
 from discovery.registry import Change, Registry, RegistryURL, open_registry  # noqa: E402
 from discovery.registry.etcd_aio import LoopThread  # noqa: E402
 from discovery.registry.owned import Restorer  # noqa: E402
 from discovery.retry import jittered  # noqa: E402
 from discovery.watcher import guard  # noqa: E402
 from discovery.watcher.core import Watcher  # noqa: E402
-from tests.harness.fleet import delete_services, drain_services  # noqa: E402
+from tests.harness.fleet import as_draining, delete_services, drain_services  # noqa: E402
 from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble  # noqa: E402
 
 PREFIX = "/wb"
@@ -118,9 +124,13 @@ class Host:
         return restorer.restored
 
 
+STEMS = {"delete": "written-back", "drain": "changed-back", "weight0": "weight0-back"}
+REWRITE = {"drain": as_draining, "weight0": lambda i: dataclasses.replace(i, weight=0)}
+
+
 class Back:
-    """The bench's own watch: when each key was deleted (``drain``: drained), then put again
-    (up), after ``since``."""
+    """The bench's own watch: when each key was deleted (``drain``: drained or weighed 0),
+    then put again (serving), after ``since``."""
 
     def __init__(self, drain: bool) -> None:
         self.drain = drain
@@ -137,13 +147,13 @@ class Back:
             if change.kind == "delete":
                 self.gone.setdefault(change.key, now)
             elif change.kind == "put" and change.instance is not None:
-                if not self.drain or change.instance.state is State.UP:  # (ZooKeeper: one
+                if not self.drain or change.instance.serving:  # (ZooKeeper: one
                     self.back.setdefault(change.key, now)  # written back before the watch
                 else:  # read its delete or drain tells only this)
                     self.gone.setdefault(change.key, now)
             elif change.kind == "reset" and change.snapshot is not None:
                 for key, inst in change.snapshot.instances.items():
-                    if not self.drain or inst.state is State.UP:
+                    if not self.drain or inst.serving:
                         self.back.setdefault(key, now)
 
     def times(self, keys: set[tuple[str, str]]) -> tuple[list[float], list[float]]:
@@ -195,7 +205,7 @@ def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writt
             stack.enter_context(unittest.mock.patch.object(guard, "foreign_drain",
                                                            lambda before, after: False))
         row = _one(cluster, args, services_n, written_back, tag)
-    if args.fault != "drain":
+    if args.fault == "delete":
         return row
     if not guard_drains:  # the target is the whole change's: the write-back and the guard
         row.update(target=None, **{"pass": None})
@@ -246,25 +256,26 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             raise RuntimeError("the observer's watcher did not start")
         reader_reg = open_registry(url, ttl=args.ttl)
         stack.callback(reader_reg.close)
-        drain = args.fault == "drain"
+        drain = args.fault != "delete"
         back = Back(drain)
         reader_reg.watch(back, reader_reg.snapshot().revision)
         deadline = time.monotonic() + 60
-        while sum(observer.catalog.up_count(s) for s in services) < len(expected):
+        while sum(observer.catalog.serving_count(s) for s in services) < len(expected):
             if time.monotonic() > deadline:
                 raise RuntimeError("the observer never held the whole fleet")
             time.sleep(0.1)
         say(f"{backend}, written back {'on' if written_back else 'off'}: {args.hosts} hosts "
             f"in {args.workers} processes, {len(expected)} instances; "
-            f"{'draining' if drain else 'deleting'} {RegistryURL.parse(url).services_root}")
+            f"{args.fault} of every instance of {RegistryURL.parse(url).services_root}")
         empty_most, empty_service_s = 0, 0.0
         with back.lock:
             back.since = start = time.monotonic()
-        deleted = drain_services(url) if drain else delete_services(url)
+        deleted = (drain_services(url, rewrite=REWRITE[args.fault]) if drain
+                   else delete_services(url))
         deleted_in = time.monotonic() - start
         end = start + args.timeout
         while time.monotonic() < end:
-            empty = sum(1 for s in services if not observer.catalog.up_count(s))
+            empty = sum(1 for s in services if not observer.catalog.serving_count(s))
             empty_most, empty_service_s = max(empty_most, empty), empty_service_s + empty * 0.1
             with back.lock:
                 done = expected <= back.back.keys()
@@ -292,7 +303,8 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             "observer_empty_service_s": _r(empty_service_s),
             "guard_engaged": status.engaged, "guard_held_total": status.held_total,
             "target": None if not written_back else (
-                "each up again within spread + 1 s of its drain, no service with none up"
+                "each serving again within spread + 1 s of its drain, no service with none "
+                "serving"
                 if drain else
                 "each back within spread + 1 s of its delete, no service emptied"),
             "pass": (len(times) == len(expected) and len(counts) == args.workers
@@ -316,9 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--spread", type=float, default=3.0)
     ap.add_argument("--follow", choices=("own", "all"), default="own",
                     help="what each host's watch follows: the services of its instances, or all")
-    ap.add_argument("--fault", choices=("delete", "drain"), default="delete",
+    ap.add_argument("--fault", choices=tuple(STEMS), default="delete",
                     help="what the operator does: delete the services prefix, or rewrite every "
-                         "instance as draining")
+                         "instance as draining, or as weight 0")
     ap.add_argument("--timeout", type=float, default=45.0,
                     help="seconds after the delete a row waits for everything to be back")
     ap.add_argument("--no-save", action="store_true")
@@ -331,8 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        else ZkEnsemble(3, work))
             cluster.start()
             try:
-                variants = ([(False, False), (False, True), (True, False), (True, True)]
-                            if args.fault == "drain" else [(False, True), (True, True)])
+                variants = {"delete": [(False, True), (True, True)],
+                            "drain": [(False, False), (False, True), (True, False),
+                                      (True, True)],
+                            "weight0": [(True, False), (True, True)]}[args.fault]
                 return [report.emit(one(cluster, args, int(n), on, f"{backend}{n}x{int(on)}"
                                         f"{int(drains)}", drains))
                         for n in args.services.split(",") for on, drains in variants]
@@ -340,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cluster.stop()
 
         code = max(code, measured(
-            "changed-back" if args.fault == "drain" else "written-back", backend,
+            STEMS[args.fault], backend,
             f"the prefix's {args.fault}", run, save=not args.no_save))
         if code == 130:  # Ctrl-C: not the next backend
             break

@@ -33,7 +33,8 @@ WATCHER_KEYS = {
     "wipe_guard": "a registry wipe (a burst of removals, each within `window` of the one "
                   "before, reaching at least `min_removed` instances and `fraction` of the "
                   "catalog, or leaving at least `min_removed` services and `fraction` of "
-                  "them, on more than one node, with none up) is held for up to `hold` instead of "
+                  "them, on more than one node, with none serving: up and of weight above "
+                  "0) is held for up to `hold` instead of "
                   "emptying services; the last instance of a service goes after `settle`. "
                   "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
                   "([operations.md](operations.md#the-wipe-guard))",

@@ -135,9 +135,9 @@ def t_footprint(results: dict[str, Result]) -> str:
 
 def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
     """bench/written_back.py: the prefix deleted (``written-back``) or every instance drained
-    (``changed-back``, ``--fault drain``: "back" is up again, "empty" no instance up) by
-    hand, the write-back off and on."""
-    drain = stem == "changed-back"
+    (``changed-back``, ``--fault drain``; ``weight0-back``, ``--fault weight0``: "back" is
+    serving again, "empty" no instance serving) by hand, the write-back off and on."""
+    drain = stem != "written-back"
     did = "drain" if drain else "delete"
 
     def render(results: dict[str, Result]) -> str:
@@ -162,11 +162,12 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
             return missing(f"{stem}-etcd", f"{stem}-zk")
         return table(["backend", "services (instances)", "write-back",
                       *(["guard counts others' drains"] if drain else []), f"the {did} took, s",
-                      "up again" if drain else "back",
-                      f"{'up' if drain else 'back'} after the {did}'s start, s: p50 / p99 / max",
-                      f"{'up' if drain else 'back'} after its own {did}, s: p50 / max",
+                      "serving again" if drain else "back",
+                      f"{'serving' if drain else 'back'} after the {did}'s start, s: "
+                      "p50 / p99 / max",
+                      f"{'serving' if drain else 'back'} after its own {did}, s: p50 / max",
                       "written back / by a reconcile",
-                      "observer: services with none up at once (most)" if drain else
+                      "observer: services with none serving at once (most)" if drain else
                       "observer: services empty at once (most)",
                       *(["observer's guard: engaged / held"] if drain else []),
                       "target", "result"], out)
@@ -228,6 +229,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "wipe-guard": t_generic("wipe-guard-none"),
     "written-back": t_back("written-back"),
     "changed-back": t_back("changed-back"),
+    "weight0-back": t_back("weight0-back"),
     "faults": t_faults,
     "deploys": t_deploys,
     "slowstart": t_slowstart,

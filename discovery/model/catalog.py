@@ -35,7 +35,7 @@ class Catalog:
         # service → id → instance: the only copy (no second index by key: 10,000 tuples)
         self._by_service: dict[str, dict[str, Instance]] = {}
         self._size = 0
-        self._up: dict[str, int] = {}  # service → how many of its instances are up
+        self._serving: dict[str, int] = {}  # service → how many of its instances serve
         self.revision = 0
         self.index = CLOCK_BASE
         self.loaded = False
@@ -62,11 +62,11 @@ class Catalog:
             changed = self._by_service != by_service
             touched = {s for s in self._by_service.keys() | by_service.keys()
                        if self._by_service.get(s) != by_service.get(s)} if changed else set()
-            self._by_service, self._up = by_service, {}
+            self._by_service, self._serving = by_service, {}
             self._size = sum(map(len, by_service.values()))
             for members in by_service.values():
                 for inst in members.values():
-                    self._count_up(inst, 1)
+                    self._count_serving(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
             first, self.loaded = not self.loaded, True
             self._bump(changed or first)  # loaded is news too: blocked readers answer now
@@ -87,12 +87,12 @@ class Catalog:
             members = self._by_service.get(service)
             old = members.get(iid) if members is not None else None
             if old is not None:
-                self._count_up(old, -1)
+                self._count_serving(old, -1)
             if change.kind == "put" and change.instance is not None:
                 changed = old != change.instance
                 self._by_service.setdefault(service, {})[iid] = change.instance
                 self._size += old is None
-                self._count_up(change.instance, 1)
+                self._count_serving(change.instance, 1)
             else:
                 changed = old is not None
                 if members is not None and old is not None:
@@ -122,13 +122,13 @@ class Catalog:
             if service not in self._modified:
                 cond.notify_all()
 
-    def _count_up(self, inst: Instance, delta: int) -> None:
-        if inst.state is State.UP:
-            left = self._up.get(inst.service, 0) + delta
+    def _count_serving(self, inst: Instance, delta: int) -> None:
+        if inst.serving:
+            left = self._serving.get(inst.service, 0) + delta
             if left:
-                self._up[inst.service] = left
+                self._serving[inst.service] = left
             else:
-                self._up.pop(inst.service, None)
+                self._serving.pop(inst.service, None)
 
     def _bump(self, changed: bool) -> bool:
         if changed:
@@ -181,10 +181,11 @@ class Catalog:
         with self._cond:
             return self._by_service.get(key[0], {}).get(key[1])
 
-    def up_count(self, service: str) -> int:
-        """How many instances of ``service`` are up (kept as changes come: O(1))."""
+    def serving_count(self, service: str) -> int:
+        """How many instances of ``service`` serve (up, weight above 0,
+        :attr:`Instance.serving`; kept as changes come: O(1))."""
         with self._cond:
-            return self._up.get(service, 0)
+            return self._serving.get(service, 0)
 
     def size(self) -> int:
         with self._cond:
@@ -200,7 +201,7 @@ class Catalog:
             out.setdefault(inst.service, []).append(inst)
         return out
 
-    def up_services(self) -> int:
-        """How many services have an up instance (O(1))."""
+    def serving_services(self) -> int:
+        """How many services have an instance serving (O(1))."""
         with self._cond:
-            return len(self._up)
+            return len(self._serving)

@@ -78,6 +78,12 @@ class Instance:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def serving(self) -> bool:
+        """Whether it takes new traffic: up, and a weight above 0 (HAProxy sends a server of
+        weight 0 nothing new; a service with no instance serving answers 503)."""
+        return self.state is State.UP and self.weight > 0
+
     @classmethod
     def shared(cls, **fields: Any) -> Instance:
         """An instance of values decoded from the registry, sharing what instances repeat: the

@@ -7,40 +7,41 @@ Synapse's ``use_previous_backends`` never lets a service go empty, so stopping t
 instance keeps traffic on it; Envoy's panic threshold routes to every host once too few are
 healthy, dead ones included. Our rule:
 
-1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot;
-   or drained by another writer: a value that takes an up instance out of rotation, as
-   ``draining``, without its agent's stamp on it,
+1. A *wipe* is a burst of removals of *serving* instances (``up``, weight above 0:
+   :attr:`~discovery.model.Instance.serving`; by deletes or by a resync snapshot; or drained by
+   another writer: a value that takes a serving instance out of rotation, as ``draining`` or as
+   weight 0, without its agent's stamp on it,
    :func:`~discovery.watcher.guard_burst.foreign_drain`: a script that rewrites every value, an
-   old backup restored; counted, settled and held as a removal, the instance kept up in the
-   catalog, the drain applied when it is released),
-   each less than ``window`` seconds (2 s) after the one before, that reaches at least
-   ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
-   the burst began (an instance removed again, a flap, counts once); or that leaves at least
-   ``min_removed`` services, and ``fraction`` of those with an up instance when it began, with
-   none up, their last instances on more than one node (one large service must not hide a wipe
-   of all the others: 1,000 instances of 100 services deleted beside a service of 2,000 did not
-   count; one host's death is never a wipe by this count). A burst, not a fixed window: a wipe
-   of 100,000 instances takes the watcher seconds to apply, and etcd revokes expired leases at
-   most 1,000 a second, so half the catalog never goes within any 2 s (measured: a sliding 2 s
-   window let most of such a wipe through on every host). A burst that has not made a wipe
-   within ``hold`` starts again: crashes replaced as they come must not add up to half the
-   catalog. An agent drains what it deregisters (``draining`` first, then the delete), so a
-   departure, such as a rolling deploy of a small service, never counts, and is never held (on
-   ZooKeeper, whose events carry no data, a delete read right after a change of the same node
-   is taken as that: :attr:`~discovery.registry.base.Change.drained`).
-2. Outside a wipe, a removal that leaves its service another up instance is applied at once
-   (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave the
-   service with no up instance *settles* for ``settle`` seconds (0.2 s; the instance keeps
+   old backup restored; counted, settled and held as a removal, the instance kept serving in
+   the catalog, the drain applied when it is released), each less than ``window`` seconds (2 s)
+   after the one before, that reaches at least ``min_removed`` (3) instances and at least
+   ``fraction`` (50 %) of the catalog as it was when the burst began (an instance removed
+   again, a flap, counts once); or that leaves at least ``min_removed`` services, and
+   ``fraction`` of those with an instance serving when it began, with none serving, their last
+   instances on more than one node (one large service must not hide a wipe of all the others:
+   1,000 instances of 100 services deleted beside a service of 2,000 did not count; one host's
+   death is never a wipe by this count). A burst, not a fixed window: a wipe of 100,000
+   instances takes the watcher seconds to apply, and etcd revokes expired leases at most 1,000
+   a second, so half the catalog never goes within any 2 s (measured: a sliding 2 s window let
+   most of such a wipe through on every host). A burst that has not made a wipe within ``hold``
+   starts again: crashes replaced as they come must not add up to half the catalog. An agent
+   drains what it deregisters (``draining`` first, then the delete), so a departure, such as a
+   rolling deploy of a small service, never counts, and is never held (on ZooKeeper, whose
+   events carry no data, a delete read right after a change of the same node is taken as that:
+   :attr:`~discovery.registry.base.Change.drained`).
+2. Outside a wipe, a removal that leaves its service another instance serving is applied at
+   once (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave
+   the service with none serving *settles* for ``settle`` seconds (0.2 s; the instance keeps
    serving meanwhile), then is applied unless a wipe began meanwhile. So a host that dies
    takes its instances away after its TTL, and a bare delete of a service's last instance
    stops traffic to it 0.2 s later (an agent's, drained first, at once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
-   its service has an up instance again, or ``hold`` seconds (30 s) passed.
+   its service has an instance serving again, or ``hold`` seconds (30 s) passed.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
-   service with nothing else up, which had nothing else to route to anyway. HAProxy's
+   service with nothing else serving, which had nothing else to route to anyway. HAProxy's
    ``retries`` and ``option redispatch`` send a refused request to another server meanwhile.
 
 The guard is a pure state machine driven by the watcher (one lock, no threads of its own):
@@ -61,7 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from discovery.model import Instance, State
+from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
@@ -76,7 +77,7 @@ Key = tuple[str, str]
 
 @dataclass
 class _Deferred:
-    instance: Instance  # as the catalog keeps it meanwhile (up)
+    instance: Instance  # as the catalog keeps it meanwhile (serving)
     due: float
     since: float  # when it was removed from the registry (or drained by another writer)
     held_since: float | None = None
@@ -153,13 +154,13 @@ class WipeGuard:
                     expired += 1
                     log.debug("wipe guard: %s/%s not back after %.0fs: removed", *key,
                               self.settings.hold)
-                elif wiped or not self._has_up(key[0], key):
-                    continue  # still wiping, or its service has nothing else up: keep it
+                elif wiped or not self._has_serving(key[0], key):
+                    continue  # still wiping, or its service has nothing else serving: keep it
                 released += self._deferred[key].held_since is not None
                 out.append(self._release(key))
             if released > expired:
-                log.info("wipe guard: released %d held instances (their service has an up "
-                         "instance again, the wipe over)", released - expired)
+                log.info("wipe guard: released %d held instances (their service has an "
+                         "instance serving again, the wipe over)", released - expired)
             if newly:
                 log.warning("wipe guard: holding %d more instances removed during a registry "
                             "wipe (%d in all)", newly, len(self._held))
@@ -214,7 +215,7 @@ class WipeGuard:
         if current is not None and foreign_drain(current, change.instance):
             return self._take_out(change, current, now)
         self._pop(change.key)  # back (or re-registered): nothing to remove
-        if change.instance.state is State.UP:
+        if change.instance.serving:
             self._burst.refilled({change.key[0]})
         if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
             self._look_at.add(change.key[0])
@@ -224,17 +225,17 @@ class WipeGuard:
         current = self._current(change.key)
         if current is None:
             return [change]
-        if change.drained or current.state is not State.UP:  # drained first: a departure
+        if change.drained or not current.serving:  # drained first: a departure
             self._pop(change.key)
             return [change]
         return self._take_out(change, current, now)
 
     def _take_out(self, change: Change, current: Instance, now: float) -> list[Change]:
-        """The up instance ``current`` removed (a delete), or drained by another writer (a
+        """The serving instance ``current`` removed (a delete), or drained by another writer (a
         put): counted in the burst, and applied now, or kept in the catalog as it is until
-        :meth:`due` decides (its service's last up, or a wipe); a put kept is applied then."""
+        :meth:`due` decides (its service's last serving, or a wipe); a put kept is applied then."""
         key = change.key
-        last = not self._has_up(key[0], key)
+        last = not self._has_serving(key[0], key)
         self._burst.note(now, [key], {key[0]: current.node}
                          if last and key not in self._deferred else {})
         if not (self._burst.wiped(now) or last):
@@ -254,36 +255,36 @@ class WipeGuard:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
         # not read (withheld, unreadable): the catalog keeps them as they are (and their
-        # services what of them is up)
+        # services what of them serves)
         gone: list[Key] = []
-        kept_up: set[str] = set()
+        kept_serving: set[str] = set()
         for k, inst in before.items():
             if k in snapshot.instances:
                 continue
             if not snapshot.keeps(k):
                 gone.append(k)
-            elif inst.state is State.UP:
-                kept_up.add(k[0])
+            elif inst.serving:
+                kept_serving.add(k[0])
         # drained by another writer: taken out as if gone, kept as they were while held
         drained = {k: i for k, i in snapshot.instances.items()
                    if (b := before.get(k)) is not None and foreign_drain(b, i)}
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
-        up_gone = [k for k in [*gone, *drained]
-                   if before[k].state is State.UP and k not in self._deferred]
+        serving_gone = [k for k in [*gone, *drained]
+                   if before[k].serving and k not in self._deferred]
         keep = dict(snapshot.instances)
-        up_after = {k[0] for k, i in keep.items() if i.state is State.UP and k not in drained}
-        up_after |= kept_up
-        self._burst.refilled(up_after)
-        if up_gone:
-            self._burst.note(now, up_gone, {k[0]: before[k].node for k in up_gone
-                                                    if k[0] not in up_after})
+        serving_after = {k[0] for k, i in keep.items() if i.serving and k not in drained}
+        serving_after |= kept_serving
+        self._burst.refilled(serving_after)
+        if serving_gone:
+            self._burst.note(now, serving_gone, {k[0]: before[k].node for k in serving_gone
+                                                    if k[0] not in serving_after})
         wiped = self._burst.wiped(now)
         for key in gone:
             inst = before[key]
-            if inst.state is State.UP and (wiped or key[0] not in up_after):
+            if inst.serving and (wiped or key[0] not in serving_after):
                 keep[key] = inst
                 self._keep(key, inst, now, None)  # a held drain gone since: now a removal
-        held = {k for k in drained if wiped or k[0] not in up_after}
+        held = {k for k in drained if wiped or k[0] not in serving_after}
         for key in held:
             keep[key] = before[key]
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
@@ -302,13 +303,13 @@ class WipeGuard:
     def _current(self, key: Key) -> Instance | None:
         return self.catalog.get(key)
 
-    def _has_up(self, service: str, besides: Key) -> bool:
-        """An up instance of ``service`` other than ``besides`` and the deferred ones (all of
-        which are up in the catalog: only up instances are deferred)."""
+    def _has_serving(self, service: str, besides: Key) -> bool:
+        """An instance of ``service`` serving other than ``besides`` and the deferred ones (all
+        of which serve in the catalog: only serving instances are deferred)."""
         deferred = self._by_service.get(service, ())
         other = self.catalog.get(besides)
-        mine = other is not None and other.state is State.UP and besides[1] not in deferred
-        return self.catalog.up_count(service) - len(deferred) - mine > 0
+        mine = other is not None and other.serving and besides[1] not in deferred
+        return self.catalog.serving_count(service) - len(deferred) - mine > 0
 
     def _defer(self, key: Key, entry: _Deferred) -> None:
         self._deferred[key] = entry

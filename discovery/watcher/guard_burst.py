@@ -1,9 +1,10 @@
-"""The wipe guard's count: the burst of up instances taken out, and when it makes a wipe.
+"""The wipe guard's count: the burst of serving instances taken out, and when it makes a wipe.
 
-Rule 1 of :mod:`discovery.watcher.guard`: up instances removed (or drained by another writer,
-:func:`foreign_drain`), each less than ``window`` after the one before, reaching ``fraction``
-of the catalog as it was when the burst began, or leaving ``fraction`` of its services with
-none up, their last instances on more than one node. Pure bookkeeping, under the guard's lock.
+Rule 1 of :mod:`discovery.watcher.guard`: serving instances (up, weight above 0) removed (or
+drained by another writer, :func:`foreign_drain`), each less than ``window`` after the one
+before, reaching ``fraction`` of the catalog as it was when the burst began, or leaving
+``fraction`` of its services with none serving, their last instances on more than one node.
+Pure bookkeeping, under the guard's lock.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from discovery.model import Instance, State
+from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.watcher.guard_settings import GuardSettings
 
@@ -33,14 +34,13 @@ class GuardStatus:
 
 
 def foreign_drain(before: Instance, after: Instance) -> bool:
-    """Whether ``after`` takes the up instance ``before`` out of rotation (``draining``)
-    without being its agent's write: an agent stamps every write of its own (``written_at``,
-    newer than the one before), while a script that rewrites the values, an old backup restored
-    or a hand-written record carries the stamp it had, or none. Records with no stamp at all
-    (Nerve's layout, a writer of its own) are never taken for one. Weight 0 is not: the guard
-    counts instances by state (an up instance of weight 0 is up to it, so a service could not
-    be told emptied by such writes); the owners write such values back (registry/owned.py)."""
-    return (before.state is State.UP and after.state is not State.UP
+    """Whether ``after`` takes the serving instance ``before`` out of rotation (``draining``,
+    or weight 0: :attr:`~discovery.model.Instance.serving`) without being its agent's write:
+    an agent stamps every write of its own (``written_at``, newer than the one before), while
+    a script that rewrites the values, an old backup restored or a hand-written record carries
+    the stamp it had, or none. Records with no stamp at all (Nerve's layout, a writer of its
+    own) are never taken for one; the owners write such values back (registry/owned.py)."""
+    return (before.serving and not after.serving
             and before.written_at > 0 and after.written_at <= before.written_at)
 
 
@@ -49,10 +49,10 @@ class Burst:
 
     def __init__(self, catalog: Catalog, settings: GuardSettings, status: GuardStatus) -> None:
         self.catalog, self.settings, self.status = catalog, settings, status
-        self.removed: set[Key] = set()  # the up instances it took out (a flap counts once)
+        self.removed: set[Key] = set()  # the serving ones it took out (a flap counts once)
         self.base = 0  # the catalog's size when it began
-        # its services left with none up (-> the node their last one was on), and how many
-        # services had one up when it began
+        # its services left with none serving (-> the node their last one was on), and how
+        # many services had one serving when it began
         self.emptied: dict[str, str] = {}
         self.emptied_nodes: Counter[str] = Counter()
         self.services_base = 0
@@ -60,15 +60,15 @@ class Burst:
         self.engaged = False  # this burst is a wipe
 
     def note(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
-        """Up instances ``removed``, leaving the services of ``emptied`` with none up (-> the
-        node of their last)."""
+        """Serving instances ``removed``, leaving the services of ``emptied`` with none serving
+        (-> the node of their last)."""
         s = self.settings
         if now - self.last > s.window or (not self.engaged and now - self.start > s.hold):
             # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
             # (crashes replaced as they come must not add up to half the catalog for ever)
             self.removed, self.base, self.engaged = set(), self.catalog.size(), False
             self.emptied, self.emptied_nodes = {}, Counter()
-            self.services_base = self.catalog.up_services()
+            self.services_base = self.catalog.serving_services()
             self.start = now
         self.removed.update(removed)
         for service, node in emptied.items():
@@ -84,12 +84,12 @@ class Burst:
             self.status.last_engaged = time.time()
             log.warning("wipe guard engaged: %d instances removed from the registry (or "
                         "drained by another writer), each within %.1fs of the one before (%d "
-                        "in the catalog), %d of %d services left with none up: removals are "
+                        "in the catalog), %d of %d services left with none serving: removals are "
                         "held until re-registered, at most %.0fs", len(self.removed), s.window,
                         self.base, len(self.emptied), self.services_base, s.hold)
 
     def refilled(self, services: set[str]) -> None:
-        """These services have an up instance again: no longer emptied by this burst."""
+        """These services have an instance serving again: no longer emptied by this burst."""
         for service in services & self.emptied.keys():
             node = self.emptied.pop(service)
             self.emptied_nodes[node] -= 1

@@ -17,9 +17,9 @@ from discovery.model import Instance, State
 
 
 def local_up(instances: Mapping[str, Instance], zone: str, ejected: set[str]) -> int:
-    """Up instances of ``zone`` that take traffic (weight above 0) and are not ejected."""
+    """Instances of ``zone`` serving (up, weight above 0) and not ejected."""
     return sum(1 for i in instances.values()
-               if i.zone == zone and i.state is State.UP and i.weight and i.id not in ejected)
+               if i.zone == zone and i.serving and i.id not in ejected)
 
 
 def steer(instances: dict[str, Instance], zone: str, min_up: int,

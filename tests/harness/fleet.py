@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +170,22 @@ def _answered(results: list[Any]) -> int:
     return done
 
 
-def drain_services(url_s: str, batch: int = 100) -> int:
-    """Every instance of every writer rewritten as ``draining``, as an operator's script that
-    reads each value and writes it back changed does (etcd: ``batch`` puts a transaction, with
-    no lease, as ``etcdctl put``; ZooKeeper: each node's data set, the sets sent together).
-    Every host's watcher drains them at once. Returns how many were rewritten."""
+def as_draining(inst: Instance) -> Instance:
+    return dataclasses.replace(inst, state=State.DRAINING)
+
+
+def drain_services(url_s: str, batch: int = 100,
+                   rewrite: Callable[[Instance], Instance] = as_draining) -> int:
+    """Every instance of every writer rewritten (``rewrite``: as ``draining``; weight 0 is a
+    drain too), as an operator's script that reads each value and writes it back changed does
+    (etcd: ``batch`` puts a transaction, with no lease, as ``etcdctl put``; ZooKeeper: each
+    node's data set, the sets sent together). Every host's watcher drains them at once.
+    Returns how many were rewritten."""
     url = RegistryURL.parse(url_s)
     client = raw_client(url_s)
 
     def drained(raw: bytes) -> bytes:
-        return dataclasses.replace(Instance.from_json(raw, where="bench"),
-                                   state=State.DRAINING).to_json()
+        return rewrite(Instance.from_json(raw, where="bench")).to_json()
 
     try:
         if url.scheme == "etcd":

@@ -1,6 +1,6 @@
-"""A script drains every instance in the registry (rewrites each value as ``draining``, its
-stamps kept) under a real watcher and HAProxy with requests flowing: the wipe guard counts
-such drains, not stamped by the instances' agent, as a wipe and keeps the instances in
+"""A script drains every instance in the registry (rewrites each value as ``draining``, or as
+weight 0, its stamps kept) under a real watcher and HAProxy with requests flowing: the wipe
+guard counts such drains, not stamped by the instances' agent, as a wipe and keeps the instances in
 rotation, while the writer, whose watch sees its values changed, writes them back within
 its ``spread=``. No request fails; before, every service drained on every host at once."""
 
@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from discovery.registry import open_registry
-from tests.harness.fleet import drain_services
+from tests.harness.fleet import as_draining, drain_services
 from tests.harness.util import free_port, wait_for
 from tests.harness.watcher import spread
 from tests.integration.test_wipe_guard import Load, inst
@@ -39,10 +39,13 @@ def test_a_script_draining_every_instance_fails_no_request(registry_url, http_ba
         restorer = writer._restorer  # type: ignore[attr-defined]
         with Load(list(listen.values())) as load:
             wait_for(lambda: load.seen["ok"] > 50, 10, message="load running")
-            assert drain_services(f"{registry_url}?spread=1") == 3
+            # web's as draining, api's (its only instance) as weight 0: each alone is not a
+            # wipe (fewer than min_removed), nor gone if weight 0 went uncounted
+            assert drain_services(f"{registry_url}?spread=1", rewrite=lambda i: replace(
+                i, weight=0) if i.service == "api" else as_draining(i)) == 3
             wait_for(lambda: restorer.restored == 3, 5, message="the values written back")
-            wait_for(lambda: all(i.state.value == "up" for i in
-                                 writer.snapshot().instances.values()), 5, message="all up")
+            wait_for(lambda: all(i.serving for i in writer.snapshot().instances.values()), 5,
+                     message="all serving")
             served = load.seen["ok"]
             wait_for(lambda: load.seen["ok"] > served + 50, 10, message="more load")
         assert set(load.seen) == {"ok"}, f"a request failed while drained: {load.seen}"

@@ -107,19 +107,21 @@ def test_catalog_load_apply_index_and_filters() -> None:
     assert cat.services() == {} and cat.count("api") == 0 and cat.revision == 11
 
 
-def test_catalog_size_get_and_up_count_follow_every_change() -> None:
+def test_catalog_size_get_and_serving_count_follow_every_change() -> None:
     def one(n: int, service: str = "web", **kw: object) -> Instance:
         return inst(n, service, registered_at=1.0, **kw)
 
     cat = Catalog()
     cat.load(Snapshot({i.key: i for i in (one(1), one(2), one(3, "api"))}, 1))
-    assert (cat.size(), cat.up_count("web"), cat.get(one(2).key)) == (3, 2, one(2))
+    assert (cat.size(), cat.serving_count("web"), cat.get(one(2).key)) == (3, 2, one(2))
     assert not cat.load(Snapshot({i.key: i for i in (one(1), one(2), one(3, "api"))}, 2))
     cat.apply(Change("put", one(2).key, one(2, state=State.DRAINING), revision=3))
-    assert (cat.size(), cat.up_count("web")) == (3, 1)  # replaced, not added
+    assert (cat.size(), cat.serving_count("web")) == (3, 1)  # replaced, not added
     cat.apply(Change("put", one(4).key, one(4), revision=4))
     assert not cat.apply(Change("delete", one(9).key, revision=5))  # not there: no change
-    assert (cat.size(), cat.up_count("web"), cat.count("web")) == (4, 2, 3)
+    assert (cat.size(), cat.serving_count("web"), cat.count("web")) == (4, 2, 3)
+    cat.apply(Change("put", one(4).key, one(4, weight=0), revision=5))  # up, serves nothing
+    assert (cat.size(), cat.serving_count("web"), cat.serving_services()) == (4, 1, 2)
     cat.apply(Change("delete", one(3, "api").key, revision=6))
     assert (cat.size(), cat.get(one(3, "api").key), cat.count("api")) == (3, None, 0)
     assert [i.key for i in cat.instances()] == [one(n).key for n in (1, 2, 4)]

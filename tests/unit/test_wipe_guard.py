@@ -223,7 +223,7 @@ def test_a_service_the_registry_withheld_keeps_what_the_catalog_had() -> None:
     assert ids(catalog, "api") == {fleet[8].id} and ids(catalog, "web") == {fleet[9].id}
     assert ids(catalog, "big") == {i.id for i in fleet[1:8]}  # its departure applied
     assert guard.status.holding == 0 and catalog.size() == 9
-    assert catalog.up_count("api") == 1
+    assert catalog.serving_count("api") == 1
     catalog.load(Snapshot(read, revision=10))  # read again, nothing withheld: the truth
     assert ids(catalog, "api") == set() and catalog.size() == 7
 
@@ -337,7 +337,7 @@ def test_one_large_service_does_not_hide_a_wipe_of_all_the_others() -> None:
         feed(catalog, guard, delete(i))
     assert guard.status.engaged == 1  # 100 of 101 services left with none up
     tick(catalog, guard, clock, 0.5)
-    assert all(catalog.up_count(f"s{s:03d}") >= 1 for s in range(100)), "a service emptied"
+    assert all(catalog.serving_count(f"s{s:03d}") >= 1 for s in range(100)), "a service emptied"
     for i in small:  # the agents come back
         feed(catalog, guard, put(i))
     tick(catalog, guard, clock, 2.5)

@@ -1,11 +1,14 @@
 """The wipe guard and drains by another writer: a script that rewrites every value as
-``draining``, or an old backup restored, takes every instance out of rotation on
+``draining`` or as weight 0, or an old backup restored, takes every instance out of rotation on
 every host at once, as a delete of the prefix would. Such a drain, not stamped by the
 instance's agent, counts, settles and is held as a removal; an agent's own drain never is."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+
+import pytest
 
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
@@ -28,8 +31,13 @@ def drained(i: Instance, by_agent: bool = False) -> Instance:
     return replace(i, state=State.DRAINING, written_at=STAMP + 1 if by_agent else i.written_at)
 
 
+def weighed_0(i: Instance) -> Instance:
+    """``i`` at weight 0 by a script (its stamp kept): up, but serving nothing."""
+    return replace(i, weight=0)
+
+
 def up(catalog: Catalog, service: str | None = None) -> set[str]:
-    return {i.id for i in catalog.instances(service) if i.state is State.UP}
+    return {i.id for i in catalog.instances(service) if i.serving}
 
 
 def fleet_of(services: str) -> tuple[list[Instance], Catalog, WipeGuard, Clock]:
@@ -40,7 +48,9 @@ def fleet_of(services: str) -> tuple[list[Instance], Catalog, WipeGuard, Clock]:
 def test_what_tells_a_foreign_drain() -> None:
     a = inst("a", 1)
     assert foreign_drain(a, drained(a))  # a script: the stamp it read
-    assert not foreign_drain(a, replace(a, weight=0))  # the guard counts by state
+    assert foreign_drain(a, weighed_0(a))  # up, but serving nothing
+    assert not foreign_drain(a, replace(weighed_0(a), written_at=STAMP + 1))  # its agent's
+    assert not foreign_drain(weighed_0(a), drained(weighed_0(a)))  # serving nothing already
     assert foreign_drain(a, replace(drained(a), written_at=0.0))  # hand-written, no stamp
     assert not foreign_drain(a, drained(a, by_agent=True))  # its agent stamps its writes
     assert not foreign_drain(a, replace(a, port=1))  # not taken out of rotation
@@ -49,10 +59,12 @@ def test_what_tells_a_foreign_drain() -> None:
     # (no stamp at all, Nerve's layout: never taken for one)
 
 
-def test_a_script_draining_every_instance_is_held_until_written_back() -> None:
+@pytest.mark.parametrize("rewritten", [drained, weighed_0], ids=["draining", "weight-0"])
+def test_a_script_draining_every_instance_is_held_until_written_back(
+        rewritten: Callable[[Instance], Instance]) -> None:
     fleet, catalog, guard, clock = fleet_of("aabbcc")
-    for i in fleet:  # every value rewritten as draining, back to back
-        feed(catalog, guard, put(drained(i)))
+    for i in fleet:  # every value rewritten, back to back
+        feed(catalog, guard, put(rewritten(i)))
     # the first two went before the wipe was seen (each left its service an instance up)
     assert up(catalog) == {i.id for i in fleet[2:]} | {fleet[1].id}
     tick(catalog, guard, clock, 0.25)
@@ -65,8 +77,7 @@ def test_a_script_draining_every_instance_is_held_until_written_back() -> None:
     assert up(catalog, "c") == {fleet[4].id, fleet[5].id}
     tick(catalog, guard, clock, 30.0)  # c's host never wrote back: the drain applied
     assert up(catalog, "c") == set() and guard.status.holding == 0
-    assert {i.id for i in catalog.instances("c")} == {fleet[4].id, fleet[5].id}  # drained
-    assert all(i.state is State.DRAINING for i in catalog.instances("c"))
+    assert catalog.instances("c") == [rewritten(fleet[4]), rewritten(fleet[5])]
 
 
 def test_agents_draining_their_own_are_never_held() -> None:
