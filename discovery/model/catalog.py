@@ -35,7 +35,9 @@ class Catalog:
         # service → id → instance: the only copy (no second index by key: 10,000 tuples)
         self._by_service: dict[str, dict[str, Instance]] = {}
         self._size = 0
-        self._serving: dict[str, int] = {}  # service → how many of its instances serve
+        # service → how many of its instances are up; of those, serve (weight above 0)
+        self._up: dict[str, int] = {}
+        self._serving: dict[str, int] = {}
         self.revision = 0
         self.index = CLOCK_BASE
         self.loaded = False
@@ -62,11 +64,11 @@ class Catalog:
             changed = self._by_service != by_service
             touched = {s for s in self._by_service.keys() | by_service.keys()
                        if self._by_service.get(s) != by_service.get(s)} if changed else set()
-            self._by_service, self._serving = by_service, {}
+            self._by_service, self._up, self._serving = by_service, {}, {}
             self._size = sum(map(len, by_service.values()))
             for members in by_service.values():
                 for inst in members.values():
-                    self._count_serving(inst, 1)
+                    self._count(inst, 1)
             self.revision = max(self.revision, snapshot.revision)
             first, self.loaded = not self.loaded, True
             self._bump(changed or first)  # loaded is news too: blocked readers answer now
@@ -87,12 +89,12 @@ class Catalog:
             members = self._by_service.get(service)
             old = members.get(iid) if members is not None else None
             if old is not None:
-                self._count_serving(old, -1)
+                self._count(old, -1)
             if change.kind == "put" and change.instance is not None:
                 changed = old != change.instance
                 self._by_service.setdefault(service, {})[iid] = change.instance
                 self._size += old is None
-                self._count_serving(change.instance, 1)
+                self._count(change.instance, 1)
             else:
                 changed = old is not None
                 if members is not None and old is not None:
@@ -122,13 +124,15 @@ class Catalog:
             if service not in self._modified:
                 cond.notify_all()
 
-    def _count_serving(self, inst: Instance, delta: int) -> None:
-        if inst.serving:
-            left = self._serving.get(inst.service, 0) + delta
-            if left:
-                self._serving[inst.service] = left
-            else:
-                self._serving.pop(inst.service, None)
+    def _count(self, inst: Instance, delta: int) -> None:
+        for counts, counted in ((self._up, inst.state is State.UP),
+                                (self._serving, inst.serving)):
+            if counted:
+                left = counts.get(inst.service, 0) + delta
+                if left:
+                    counts[inst.service] = left
+                else:
+                    counts.pop(inst.service, None)
 
     def _bump(self, changed: bool) -> bool:
         if changed:
@@ -180,6 +184,11 @@ class Catalog:
     def get(self, key: Key) -> Instance | None:
         with self._cond:
             return self._by_service.get(key[0], {}).get(key[1])
+
+    def up_count(self, service: str) -> int:
+        """How many instances of ``service`` are up (kept as changes come: O(1))."""
+        with self._cond:
+            return self._up.get(service, 0)
 
     def serving_count(self, service: str) -> int:
         """How many instances of ``service`` serve (up, weight above 0,

@@ -7,38 +7,40 @@ Synapse's ``use_previous_backends`` never lets a service go empty, so stopping t
 instance keeps traffic on it; Envoy's panic threshold routes to every host once too few are
 healthy, dead ones included. Our rule:
 
-1. A *wipe* is a burst of removals of *serving* instances (``up``, weight above 0:
-   :attr:`~discovery.model.Instance.serving`; by deletes or by a resync snapshot; or drained by
-   another writer: a value that takes a serving instance out of rotation, as ``draining`` or as
-   weight 0, without its agent's stamp on it,
-   :func:`~discovery.watcher.guard_burst.foreign_drain`: a script that rewrites every value, an
-   old backup restored; counted, settled and held as a removal, the instance kept serving in
-   the catalog, the drain applied when it is released), each less than ``window`` seconds (2 s)
-   after the one before, that reaches at least ``min_removed`` (3) instances and at least
-   ``fraction`` (50 %) of the catalog as it was when the burst began (an instance removed
-   again, a flap, counts once); or that leaves at least ``min_removed`` services, and
-   ``fraction`` of those with an instance serving when it began, with none serving, their last
-   instances on more than one node (one large service must not hide a wipe of all the others:
-   1,000 instances of 100 services deleted beside a service of 2,000 did not count; one host's
-   death is never a wipe by this count). A burst, not a fixed window: a wipe of 100,000
-   instances takes the watcher seconds to apply, and etcd revokes expired leases at most 1,000
-   a second, so half the catalog never goes within any 2 s (measured: a sliding 2 s window let
-   most of such a wipe through on every host). A burst that has not made a wipe within ``hold``
-   starts again: crashes replaced as they come must not add up to half the catalog. An agent
-   drains what it deregisters (``draining`` first, then the delete), so a departure, such as a
-   rolling deploy of a small service, never counts, and is never held (on ZooKeeper, whose
-   events carry no data, a delete read right after a change of the same node is taken as that:
-   :attr:`~discovery.registry.base.Change.drained`).
-2. Outside a wipe, a removal that leaves its service another instance serving is applied at
-   once (a rolling deploy, a scale-down: the guard costs nothing there). One that would leave
-   the service with none serving *settles* for ``settle`` seconds (0.2 s; the instance keeps
-   serving meanwhile), then is applied unless a wipe began meanwhile. So a host that dies
-   takes its instances away after its TTL, and a bare delete of a service's last instance
-   stops traffic to it 0.2 s later (an agent's, drained first, at once).
+1. A *wipe* is a burst of removals of ``up`` instances (by deletes or by a resync snapshot; or
+   drained by another writer: a value that takes an up instance out of rotation, out of every
+   answer as ``draining``, or, one *serving* (of weight above 0, as HAProxy sends a server of
+   weight 0 nothing new: :attr:`~discovery.model.Instance.serving`), out of HAProxy's as weight
+   0, without its agent's stamp on it, :func:`~discovery.watcher.guard_burst.foreign_drain`: a
+   script that rewrites every value, an old backup restored; counted, settled and held as a
+   removal, the instance kept as it was in the catalog, the drain applied when it is released),
+   each less than ``window`` seconds (2 s) after the one before, that reaches at least
+   ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
+   the burst began (an instance removed again, a flap, counts once); or that leaves at least
+   ``min_removed`` services, and ``fraction`` of those with an instance serving when it began,
+   with none serving, their last instances on more than one node (one large service must not
+   hide a wipe of all the others: 1,000 instances of 100 services deleted beside a service of
+   2,000 did not count; one host's death is never a wipe by this count). A burst, not a fixed
+   window: a wipe of 100,000 instances takes the watcher seconds to apply, and etcd revokes
+   expired leases at most 1,000 a second, so half the catalog never goes within any 2 s
+   (measured: a sliding 2 s window let most of such a wipe through on every host). A burst that
+   has not made a wipe within ``hold`` starts again: crashes replaced as they come must not add
+   up to half the catalog. An agent drains what it deregisters (``draining`` first, then the
+   delete), so a departure, such as a rolling deploy of a small service, never counts, and is
+   never held (on ZooKeeper, whose events carry no data, a delete read right after a change of
+   the same node is taken as that: :attr:`~discovery.registry.base.Change.drained`).
+2. Outside a wipe, a removal that leaves its service another instance doing what it did
+   (serving; for one of weight 0, up: DNS's and HTTP's) is applied at once (a rolling deploy, a
+   scale-down: the guard costs nothing there). One that would not *settles* for ``settle``
+   seconds (0.2 s; the instance keeps serving meanwhile), then is applied unless a wipe began
+   meanwhile. So a host that dies takes its instances away after its TTL, and a bare delete of
+   a service's last instance stops traffic to it 0.2 s later (an agent's, drained first, at
+   once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
-   its service has an instance serving again, or ``hold`` seconds (30 s) passed.
+   its service has another instance doing what it did again, or ``hold`` seconds (30 s)
+   passed.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
    service with nothing else serving, which had nothing else to route to anyway. HAProxy's
@@ -62,7 +64,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
@@ -77,7 +79,7 @@ Key = tuple[str, str]
 
 @dataclass
 class _Deferred:
-    instance: Instance  # as the catalog keeps it meanwhile (serving)
+    instance: Instance  # as the catalog keeps it meanwhile (up)
     due: float
     since: float  # when it was removed from the registry (or drained by another writer)
     held_since: float | None = None
@@ -93,6 +95,7 @@ class WipeGuard:
         self._lock = threading.Lock()
         self._deferred: dict[Key, _Deferred] = {}
         self._by_service: dict[str, set[str]] = {}  # service -> deferred instance ids
+        self._serving_deferred: dict[str, int] = {}  # service -> how many of those serve
         self._deadlines: list[tuple[float, Key]] = []  # heap; stale entries skipped
         self._held: set[Key] = set()
         self._look_at: set[str] = set()  # services with held entries that got a put since
@@ -154,8 +157,8 @@ class WipeGuard:
                     expired += 1
                     log.debug("wipe guard: %s/%s not back after %.0fs: removed", *key,
                               self.settings.hold)
-                elif wiped or not self._has_serving(key[0], key):
-                    continue  # still wiping, or its service has nothing else serving: keep it
+                elif wiped or not self._has_other(key, entry.instance):
+                    continue  # still wiping, or its service has nothing else: keep it
                 released += self._deferred[key].held_since is not None
                 out.append(self._release(key))
             if released > expired:
@@ -225,19 +228,19 @@ class WipeGuard:
         current = self._current(change.key)
         if current is None:
             return [change]
-        if change.drained or not current.serving:  # drained first: a departure
+        if change.drained or current.state is not State.UP:  # drained first: a departure
             self._pop(change.key)
             return [change]
         return self._take_out(change, current, now)
 
     def _take_out(self, change: Change, current: Instance, now: float) -> list[Change]:
-        """The serving instance ``current`` removed (a delete), or drained by another writer (a
-        put): counted in the burst, and applied now, or kept in the catalog as it is until
-        :meth:`due` decides (its service's last serving, or a wipe); a put kept is applied then."""
+        """The up instance ``current`` removed (a delete), or drained by another writer (a put):
+        counted in the burst, and applied now, or kept in the catalog as it is until
+        :meth:`due` decides (its service's last, or a wipe); a put kept is applied then."""
         key = change.key
-        last = not self._has_serving(key[0], key)
+        last = not self._has_other(key, current)
         self._burst.note(now, [key], {key[0]: current.node}
-                         if last and key not in self._deferred else {})
+                         if last and current.serving and key not in self._deferred else {})
         if not (self._burst.wiped(now) or last):
             self._pop(key)
             return [change]
@@ -255,36 +258,35 @@ class WipeGuard:
         snapshot = change.snapshot or Snapshot()
         before = {i.key: i for i in self.catalog.instances()}
         # not read (withheld, unreadable): the catalog keeps them as they are (and their
-        # services what of them serves)
-        gone: list[Key] = []
-        kept_serving: set[str] = set()
-        for k, inst in before.items():
-            if k in snapshot.instances:
-                continue
-            if not snapshot.keeps(k):
-                gone.append(k)
-            elif inst.serving:
-                kept_serving.add(k[0])
+        # services what of them is up, and serves)
+        missing = [i for k, i in before.items() if k not in snapshot.instances]
+        gone = [i.key for i in missing if not snapshot.keeps(i.key)]
+        kept = [i for i in missing if snapshot.keeps(i.key)]
         # drained by another writer: taken out as if gone, kept as they were while held
         drained = {k: i for k, i in snapshot.instances.items()
                    if (b := before.get(k)) is not None and foreign_drain(b, i)}
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
-        serving_gone = [k for k in [*gone, *drained]
-                   if before[k].serving and k not in self._deferred]
+        up_gone = [k for k in [*gone, *drained]
+                   if before[k].state is State.UP and k not in self._deferred]
         keep = dict(snapshot.instances)
-        serving_after = {k[0] for k, i in keep.items() if i.serving and k not in drained}
-        serving_after |= kept_serving
+        after = [*keep.values(), *kept]
+        up_after = {i.service for i in after if i.state is State.UP}
+        serving_after = {i.service for i in after if i.serving}
         self._burst.refilled(serving_after)
-        if serving_gone:
-            self._burst.note(now, serving_gone, {k[0]: before[k].node for k in serving_gone
-                                                    if k[0] not in serving_after})
+        if up_gone:
+            self._burst.note(now, up_gone, {k[0]: before[k].node for k in up_gone
+                                            if before[k].serving and k[0] not in serving_after})
         wiped = self._burst.wiped(now)
-        for key in gone:
+
+        def kept_out(key: Key) -> bool:  # held, or its service's last (of what it did)
             inst = before[key]
-            if inst.serving and (wiped or key[0] not in serving_after):
-                keep[key] = inst
-                self._keep(key, inst, now, None)  # a held drain gone since: now a removal
-        held = {k for k in drained if wiped or k[0] not in serving_after}
+            return inst.state is State.UP and (wiped or key[0] not in (
+                serving_after if inst.serving else up_after))
+
+        for key in filter(kept_out, gone):
+            keep[key] = before[key]
+            self._keep(key, before[key], now, None)  # a held drain gone since: a removal
+        held = set(filter(kept_out, drained))
         for key in held:
             keep[key] = before[key]
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
@@ -303,17 +305,25 @@ class WipeGuard:
     def _current(self, key: Key) -> Instance | None:
         return self.catalog.get(key)
 
-    def _has_serving(self, service: str, besides: Key) -> bool:
-        """An instance of ``service`` serving other than ``besides`` and the deferred ones (all
-        of which serve in the catalog: only serving instances are deferred)."""
-        deferred = self._by_service.get(service, ())
-        other = self.catalog.get(besides)
-        mine = other is not None and other.serving and besides[1] not in deferred
-        return self.catalog.serving_count(service) - len(deferred) - mine > 0
+    def _has_other(self, key: Key, inst: Instance) -> bool:
+        """Another instance of ``key``'s service doing what ``inst`` does (serving, if it
+        serves: HAProxy's; else up: DNS's and HTTP's), besides ``key`` and the deferred ones
+        (all up in the catalog: only up instances are deferred)."""
+        service, deferred = key[0], self._by_service.get(key[0], ())
+        if inst.serving:
+            count, held = self.catalog.serving_count, self._serving_deferred.get(service, 0)
+        else:
+            count, held = self.catalog.up_count, len(deferred)
+        other = self.catalog.get(key)
+        mine = (other is not None and key[1] not in deferred
+                and (other.serving if inst.serving else other.state is State.UP))
+        return count(service) - held - mine > 0
 
     def _defer(self, key: Key, entry: _Deferred) -> None:
         self._deferred[key] = entry
         self._by_service.setdefault(key[0], set()).add(key[1])
+        if entry.instance.serving:
+            self._serving_deferred[key[0]] = self._serving_deferred.get(key[0], 0) + 1
         heapq.heappush(self._deadlines, (entry.due, key))
         self._count()
 
@@ -323,6 +333,12 @@ class WipeGuard:
             return None
         self._held.discard(key)
         self._count()
+        if entry.instance.serving:
+            left = self._serving_deferred[key[0]] - 1
+            if left:
+                self._serving_deferred[key[0]] = left
+            else:
+                del self._serving_deferred[key[0]]
         ids = self._by_service.get(key[0])
         if ids is not None:
             ids.discard(key[1])

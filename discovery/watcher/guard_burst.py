@@ -1,9 +1,9 @@
-"""The wipe guard's count: the burst of serving instances taken out, and when it makes a wipe.
+"""The wipe guard's count: the burst of up instances taken out, and when it makes a wipe.
 
-Rule 1 of :mod:`discovery.watcher.guard`: serving instances (up, weight above 0) removed (or
-drained by another writer, :func:`foreign_drain`), each less than ``window`` after the one
-before, reaching ``fraction`` of the catalog as it was when the burst began, or leaving
-``fraction`` of its services with none serving, their last instances on more than one node.
+Rule 1 of :mod:`discovery.watcher.guard`: up instances removed (or drained by another writer,
+:func:`foreign_drain`), each less than ``window`` after the one before, reaching ``fraction``
+of the catalog as it was when the burst began, or leaving ``fraction`` of its services with
+none serving (up and of weight above 0), their last instances on more than one node.
 Pure bookkeeping, under the guard's lock.
 """
 
@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.watcher.guard_settings import GuardSettings
 
@@ -34,13 +34,15 @@ class GuardStatus:
 
 
 def foreign_drain(before: Instance, after: Instance) -> bool:
-    """Whether ``after`` takes the serving instance ``before`` out of rotation (``draining``,
-    or weight 0: :attr:`~discovery.model.Instance.serving`) without being its agent's write:
-    an agent stamps every write of its own (``written_at``, newer than the one before), while
-    a script that rewrites the values, an old backup restored or a hand-written record carries
-    the stamp it had, or none. Records with no stamp at all (Nerve's layout, a writer of its
-    own) are never taken for one; the owners write such values back (registry/owned.py)."""
-    return (before.serving and not after.serving
+    """Whether ``after`` takes the up instance ``before`` out of rotation without being its
+    agent's write: out of every answer (``draining``), or, serving (weight above 0,
+    :attr:`~discovery.model.Instance.serving`), out of HAProxy's (weight 0). An agent stamps
+    every write of its own (``written_at``, newer than the one before), while a script that
+    rewrites the values, an old backup restored or a hand-written record carries the stamp it
+    had, or none. Records with no stamp at all (Nerve's layout, a writer of its own) are never
+    taken for one; the owners write such values back (registry/owned.py)."""
+    return (before.state is State.UP
+            and (after.state is not State.UP or (before.serving and not after.serving))
             and before.written_at > 0 and after.written_at <= before.written_at)
 
 
@@ -49,7 +51,7 @@ class Burst:
 
     def __init__(self, catalog: Catalog, settings: GuardSettings, status: GuardStatus) -> None:
         self.catalog, self.settings, self.status = catalog, settings, status
-        self.removed: set[Key] = set()  # the serving ones it took out (a flap counts once)
+        self.removed: set[Key] = set()  # the up instances it took out (a flap counts once)
         self.base = 0  # the catalog's size when it began
         # its services left with none serving (-> the node their last one was on), and how
         # many services had one serving when it began
@@ -60,8 +62,8 @@ class Burst:
         self.engaged = False  # this burst is a wipe
 
     def note(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
-        """Serving instances ``removed``, leaving the services of ``emptied`` with none serving
-        (-> the node of their last)."""
+        """Up instances ``removed``, leaving the services of ``emptied`` with none serving (->
+        the node of their last)."""
         s = self.settings
         if now - self.last > s.window or (not self.engaged and now - self.start > s.hold):
             # a new burst: after a pause, or a trickle that did not make a wipe within `hold`

@@ -50,7 +50,8 @@ def test_what_tells_a_foreign_drain() -> None:
     assert foreign_drain(a, drained(a))  # a script: the stamp it read
     assert foreign_drain(a, weighed_0(a))  # up, but serving nothing
     assert not foreign_drain(a, replace(weighed_0(a), written_at=STAMP + 1))  # its agent's
-    assert not foreign_drain(weighed_0(a), drained(weighed_0(a)))  # serving nothing already
+    assert foreign_drain(weighed_0(a), drained(weighed_0(a)))  # up (DNS answers it): out
+    assert not foreign_drain(weighed_0(a), replace(weighed_0(a), port=1))  # still up
     assert foreign_drain(a, replace(drained(a), written_at=0.0))  # hand-written, no stamp
     assert not foreign_drain(a, drained(a, by_agent=True))  # its agent stamps its writes
     assert not foreign_drain(a, replace(a, port=1))  # not taken out of rotation
@@ -117,9 +118,11 @@ def test_a_delete_after_a_held_drain_is_a_removal() -> None:
     assert all(catalog.get(i.key) == drained(i) for i in fleet[1:])
 
 
-def test_a_reset_carrying_foreign_drains_keeps_them_up() -> None:
+@pytest.mark.parametrize("rewritten", [drained, weighed_0], ids=["draining", "weight-0"])
+def test_a_reset_carrying_foreign_drains_keeps_them_up(
+        rewritten: Callable[[Instance], Instance]) -> None:
     fleet, catalog, guard, clock = fleet_of("abcd")
-    snap = Snapshot({i.key: drained(i) for i in fleet}, revision=9)
+    snap = Snapshot({i.key: rewritten(i) for i in fleet}, revision=9)
     feed(catalog, guard, Change("reset", snapshot=snap, revision=9))
     assert up(catalog) == {i.id for i in fleet} and guard.status.engaged == 1
     tick(catalog, guard, clock, 0.3)
@@ -129,7 +132,7 @@ def test_a_reset_carrying_foreign_drains_keeps_them_up() -> None:
     assert up(catalog) == {i.id for i in fleet} and guard.status.holding == 2
     tick(catalog, guard, clock, 31.0)  # c's and d's never written back: drained
     assert up(catalog) == {fleet[0].id, fleet[1].id}
-    assert catalog.get(fleet[3].key) == drained(fleet[3]) and guard.status.holding == 0
+    assert catalog.get(fleet[3].key) == rewritten(fleet[3]) and guard.status.holding == 0
 
 
 def test_a_held_drain_whose_instance_a_reset_lacks_is_removed_not_drained() -> None:
