@@ -5,7 +5,7 @@ this, an entry deleted by hand under a live lease or session (``etcdctl del --pr
 ZooKeeper ``deleteall``, a service's directory removed) came back only at its agent's next
 reconcile (``--resync``, 30 s ±10 %): the service it was the last of was out of routing on
 every host meanwhile, and a prefix deleted under a whole fleet outlasted the watchers' wipe
-guard (``hold``, 30 s) on the hosts whose agents came last.
+guard (``hold``, then 30 s) on the hosts whose agents came last.
 
 The same holds for a value changed by hand (``etcdctl put`` of ``"state": "draining"`` or
 weight 0 over a fleet's instances, a ZooKeeper ``set``): every host's watcher drained them

@@ -24,11 +24,12 @@ healthy, dead ones included. Our rule:
    window: a wipe of 100,000 instances takes the watcher seconds to apply, and etcd revokes
    expired leases at most 1,000 a second, so half the catalog never goes within any 2 s
    (measured: a sliding 2 s window let most of such a wipe through on every host). A burst that
-   has not made a wipe within ``hold`` starts again: crashes replaced as they come must not add
-   up to half the catalog. An agent drains what it deregisters (``draining`` first, then the
-   delete), so a departure, such as a rolling deploy of a small service, never counts, and is
-   never held (on ZooKeeper, whose events carry no data, a delete read right after a change of
-   the same node is taken as that: :attr:`~discovery.registry.base.Change.drained`).
+   has not made a wipe within ``horizon`` (30 s) starts again: crashes replaced as they come
+   must not add up to half the catalog. An agent drains what it deregisters (``draining``
+   first, then the delete), so a departure, such as a rolling deploy of a small service, never
+   counts, and is never held (on ZooKeeper, whose events carry no data, a delete read right
+   after a change of the same node is taken as that:
+   :attr:`~discovery.registry.base.Change.drained`).
 2. Outside a wipe, a removal that leaves its service another instance doing what it did
    (serving; for one of weight 0, up: DNS's and HTTP's) is applied at once (a rolling deploy, a
    scale-down: the guard costs nothing there). One that would not *settles* for ``settle``
@@ -39,7 +40,7 @@ healthy, dead ones included. Our rule:
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
-   its service has another instance doing what it did again, or ``hold`` seconds (30 s)
+   its service has another instance doing what it did again, or ``hold`` seconds (45 s)
    passed.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a

@@ -65,8 +65,8 @@ class Burst:
         """Up instances ``removed``, leaving the services of ``emptied`` with none serving (->
         the node of their last)."""
         s = self.settings
-        if now - self.last > s.window or (not self.engaged and now - self.start > s.hold):
-            # a new burst: after a pause, or a trickle that did not make a wipe within `hold`
+        if now - self.last > s.window or (not self.engaged and now - self.start > s.horizon):
+            # a new burst: after a pause, or a trickle that did not make a wipe within `horizon`
             # (crashes replaced as they come must not add up to half the catalog for ever)
             self.removed, self.base, self.engaged = set(), self.catalog.size(), False
             self.emptied, self.emptied_nodes = {}, Counter()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import pytest
 
+from discovery.agent.config import AgentConfig
+from discovery.cli.agent import agent as agent_command
 from discovery.errors import ConfigError
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
 from discovery.watcher.guard import GuardSettings, WipeGuard
+
+HOLD = GuardSettings().hold
 
 
 class Clock:
@@ -127,8 +131,20 @@ def test_every_lease_revoked_is_held_and_released_as_agents_come_back() -> None:
     assert ids(catalog, "b") == {fleet[2].id}
     assert ids(catalog, "c") == {fleet[4].id, fleet[5].id}
     assert guard.status.holding == 2
-    tick(catalog, guard, clock, 30.0)  # c's agents never came back: released after hold
+    tick(catalog, guard, clock, HOLD - 7.0)  # c's agents not back yet: still held (1 s)
+    assert ids(catalog, "c") == {fleet[4].id, fleet[5].id}
+    tick(catalog, guard, clock, 2.0)  # c's agents never came back: released after hold
     assert ids(catalog, "c") == set() and guard.status.holding == 0
+
+
+def test_the_default_hold_outlasts_the_agents_default_reconcile() -> None:
+    """An agent with no watch of its own instances (``discovery agent`` alone) puts back what
+    a wipe deleted under its live lease only at its reconcile, every ``--resync`` s ±10 %:
+    the held instances of a service with nothing else serving must wait for it (at 30 s they
+    did not, and its services went empty)."""
+    resync = next(p.default for p in agent_command.params if p.name == "resync")
+    assert resync == AgentConfig.resync  # (the CLI's and the config file's)
+    assert isinstance(resync, float) and resync * 1.1 + 10.0 < HOLD  # (a reconcile's own time)
 
 
 def test_a_reset_that_drops_everything_keeps_everything() -> None:
@@ -309,9 +325,10 @@ def test_a_last_instance_waits_at_most_the_window_while_removals_keep_coming() -
 
 def test_crashes_replaced_as_they_come_never_add_up_to_a_wipe() -> None:
     """A bare removal every 1.5 s (crashes, expiries), each replaced a second later: one long
-    burst, but it never makes half the catalog within ``hold``, so it starts again and
-    nothing is ever held (counted for ever, it reached half the catalog after 45 s, and the
-    guard then held every dead instance for 30 s while the trickle lasted)."""
+    burst, but it never makes half the catalog within ``horizon`` (30 s), so it starts again
+    and nothing is ever held (counted for ever, it reached half the catalog after 45 s, and
+    the guard then held every dead instance for ``hold`` while the trickle lasted; within
+    ``hold`` once that became 45 s)."""
     fleet = [inst(f"s{n % 20}", n) for n in range(60)]
     catalog, guard, clock = setup(fleet)
     for n, gone in enumerate(fleet + fleet[:20]):  # 80 removals over 120 s

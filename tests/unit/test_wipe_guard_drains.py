@@ -16,7 +16,7 @@ from discovery.registry import Change
 from discovery.registry.base import Snapshot
 from discovery.watcher.guard import WipeGuard
 from discovery.watcher.guard_burst import foreign_drain
-from tests.unit.test_wipe_guard import Clock, delete, feed, put, setup, tick
+from tests.unit.test_wipe_guard import HOLD, Clock, delete, feed, put, setup, tick
 from tests.unit.test_wipe_guard import inst as bare
 
 STAMP = 1000.0  # when each agent wrote its instance (written_at)
@@ -76,7 +76,7 @@ def test_a_script_draining_every_instance_is_held_until_written_back(
     assert up(catalog, "a") == {fleet[0].id, fleet[1].id} and guard.status.holding == 2
     tick(catalog, guard, clock, 1.0)  # the wipe over; c has nothing else up: kept
     assert up(catalog, "c") == {fleet[4].id, fleet[5].id}
-    tick(catalog, guard, clock, 30.0)  # c's host never wrote back: the drain applied
+    tick(catalog, guard, clock, HOLD)  # c's host never wrote back: the drain applied
     assert up(catalog, "c") == set() and guard.status.holding == 0
     assert catalog.instances("c") == [rewritten(fleet[4]), rewritten(fleet[5])]
 
@@ -113,7 +113,7 @@ def test_a_delete_after_a_held_drain_is_a_removal() -> None:
     assert guard.status.holding == 4 and up(catalog) == {i.id for i in fleet}
     feed(catalog, guard, delete(fleet[0]))  # then deleted: still held, now as a removal
     assert up(catalog, "a") == {fleet[0].id}
-    tick(catalog, guard, clock, 31.0)
+    tick(catalog, guard, clock, HOLD + 1.0)
     assert catalog.get(fleet[0].key) is None  # gone, not left drained
     assert all(catalog.get(i.key) == drained(i) for i in fleet[1:])
 
@@ -130,7 +130,7 @@ def test_a_reset_carrying_foreign_drains_keeps_them_up(
     back = {**snap.instances, fleet[0].key: fleet[0], fleet[1].key: fleet[1]}
     feed(catalog, guard, Change("reset", snapshot=Snapshot(back, revision=10), revision=10))
     assert up(catalog) == {i.id for i in fleet} and guard.status.holding == 2
-    tick(catalog, guard, clock, 31.0)  # c's and d's never written back: drained
+    tick(catalog, guard, clock, HOLD + 1.0)  # c's and d's never written back: drained
     assert up(catalog) == {fleet[0].id, fleet[1].id}
     assert catalog.get(fleet[3].key) == rewritten(fleet[3]) and guard.status.holding == 0
 
@@ -146,6 +146,6 @@ def test_a_held_drain_whose_instance_a_reset_lacks_is_removed_not_drained() -> N
     rest = {i.key: drained(i) for i in fleet[1:]}
     feed(catalog, guard, Change("reset", snapshot=Snapshot(rest, revision=9), revision=9))
     assert up(catalog) == {i.id for i in fleet}  # still held, a's as a removal now
-    tick(catalog, guard, clock, 31.0)
+    tick(catalog, guard, clock, HOLD + 1.0)
     assert catalog.get(fleet[0].key) is None
     assert {i.key for i in catalog.instances()} == set(rest)
