@@ -99,9 +99,10 @@ class Registrations:
         """The writer thread's write of one wish (``_io`` held)."""
         if wish.left is not None:
             self.history.depart(key[1], wish.left)
-        if wish.force:
-            self.written.pop(key, None)
-        ok = self.write(key, wish.instance, wish.cause)
+        previous = 0.0
+        if wish.force and (forced := self.written.pop(key, None)) is not None:
+            previous = forced.written_at  # stamped after it all the same: never older
+        ok = self.write(key, wish.instance, wish.cause, previous)
         if wish.departs is not None:
             self.history.depart(key[1], wish.departs)
         if not ok and self._lost:  # each would wait its own timeout first
@@ -150,10 +151,12 @@ class Registrations:
         """Wait until no write is pending or under way; False if ``timeout`` ran out first."""
         return self._wishes.flush(timeout)
 
-    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None) -> bool:
+    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None,
+              previous: float = 0.0) -> bool:
         """Make the registry hold ``instance`` under ``key`` (or nothing) now; only on change.
-        ``cause``: noted in the instance's history (None: the caller notes it). False when the
-        write failed (logged; a reconcile is due)."""
+        ``cause``: noted in the instance's history (None: the caller notes it); ``previous``:
+        the stamp of a write of the key no longer known as written (a forced one's), which the
+        new one's comes after. False when the write failed (logged; a reconcile is due)."""
         have = self.written.get(key)
         now, began = time.time(), time.monotonic()  # now: the stamps, for propagation
         seen = cause.at if cause is not None else now
@@ -178,7 +181,7 @@ class Registrations:
                 self.unsure.discard(key)
             elif have is None or not have.same_registration(instance):
                 touching = True
-                stamp = stamp_after(have.written_at if have is not None else 0.0, now)
+                stamp = stamp_after(have.written_at if have is not None else previous, now)
                 instance = replace(instance, registered_at=now, written_at=stamp, seen_at=seen)
                 try:
                     self.registry.register(instance)

@@ -10,16 +10,21 @@ deletes; only deletes of ``up`` entries (a revoked lease, a deleted prefix) coun
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import pytest
 
 from discovery.agent.history import Cause, History
 from discovery.agent.registrations import Registrations
+from discovery.agent.wishes import Wish
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
 from discovery.watcher.guard import WipeGuard
+from discovery.watcher.guard_burst import foreign_drain
 
 
 class Recorder:
@@ -46,8 +51,6 @@ def registrations() -> tuple[Registrations, Recorder]:
 
 
 def test_an_up_instance_leaves_draining_then_deleted() -> None:
-    import time
-
     regs, reg = registrations()
     a = inst("a", 1)
     regs.write(a.key, a, Cause("check", at=time.time() - 100))  # registered 100 s ago
@@ -187,3 +190,19 @@ def test_a_refused_registration_is_not_deleted_later() -> None:
     regs.write(a.key, a)
     regs.write(a.key, None)
     assert [k for k, _ in reg.writes] == ["put"] and not regs.unsure
+
+
+
+def test_a_forced_write_is_stamped_after_the_one_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconcile forces a write of what the registry lost or holds changed (another
+    writer's value, the stamp it read kept): stamped after the agent's last write even if the
+    clock stepped back since, or every watcher would take the agent's own drain for another
+    writer's (watcher/guard_burst.foreign_drain) and hold it."""
+    regs, reg = registrations()
+    a = inst("a", 1)
+    regs.write(a.key, a)
+    first = reg.writes[0][1]
+    monkeypatch.setattr(time, "time", lambda: first.written_at - 100.0)  # a step back
+    regs._write_wish(a.key, Wish(a.with_state(State.DRAINING), None, force=True))
+    forced = reg.writes[1][1]
+    assert forced.written_at > first.written_at and not foreign_drain(first, forced)
