@@ -87,6 +87,12 @@ class _Deferred:
     pending: Change | None = None  # a foreign drain's put, applied at release; else a delete
 
 
+def _leaves_up(entry: _Deferred) -> bool:
+    """Whether releasing ``entry`` takes its instance out of up (not a drain to weight 0)."""
+    after = entry.pending.instance if entry.pending is not None else None
+    return after is None or after.state is not State.UP
+
+
 class WipeGuard:
     def __init__(self, catalog: Catalog, settings: GuardSettings | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -96,7 +102,10 @@ class WipeGuard:
         self._lock = threading.Lock()
         self._deferred: dict[Key, _Deferred] = {}
         self._by_service: dict[str, set[str]] = {}  # service -> deferred instance ids
-        self._serving_deferred: dict[str, int] = {}  # service -> how many of those serve
+        # service -> how many of those serve; how many leave up when released (a delete, or a
+        # drain; not a weight 0): what a service has besides them (_has_other)
+        self._serving_deferred: dict[str, int] = {}
+        self._leaving_up: dict[str, int] = {}
         self._deadlines: list[tuple[float, Key]] = []  # heap; stale entries skipped
         self._held: set[Key] = set()
         self._look_at: set[str] = set()  # services with held entries that got a put since
@@ -138,6 +147,7 @@ class WipeGuard:
                 self._look_at.clear()
             self._was_wiped = wiped
             newly = expired = released = 0
+            releasing: list[Key] = []  # popped once all are looked at: each stays subtracted
             for key in sorted(keys):
                 entry = self._deferred[key]
                 if entry.held_since is None:
@@ -161,7 +171,8 @@ class WipeGuard:
                 elif wiped or not self._has_other(key, entry.instance):
                     continue  # still wiping, or its service has nothing else: keep it
                 released += self._deferred[key].held_since is not None
-                out.append(self._release(key))
+                releasing.append(key)
+            out = [self._release(key) for key in releasing]
             if released > expired:
                 log.info("wipe guard: released %d held instances (their service has an "
                          "instance serving again, the wipe over)", released - expired)
@@ -253,7 +264,9 @@ class WipeGuard:
             self._defer(key, _Deferred(current, now + self.settings.settle, now,
                                        pending=pending))
         else:
+            self._tally(key[0], entry, -1)
             entry.pending = pending  # the latest: a delete after a drain is a removal
+            self._tally(key[0], entry, 1)
 
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
@@ -309,22 +322,32 @@ class WipeGuard:
     def _has_other(self, key: Key, inst: Instance) -> bool:
         """Another instance of ``key``'s service doing what ``inst`` does (serving, if it
         serves: HAProxy's; else up: DNS's and HTTP's), besides ``key`` and the deferred ones
-        (all up in the catalog: only up instances are deferred)."""
-        service, deferred = key[0], self._by_service.get(key[0], ())
+        that stop doing it when released (all are up in the catalog as they were)."""
+        service, entry = key[0], self._deferred.get(key)
         if inst.serving:
             count, held = self.catalog.serving_count, self._serving_deferred.get(service, 0)
+            counted = entry is not None and entry.instance.serving
         else:
-            count, held = self.catalog.up_count, len(deferred)
-        other = self.catalog.get(key)
-        mine = (other is not None and key[1] not in deferred
-                and (other.serving if inst.serving else other.state is State.UP))
+            count, held = self.catalog.up_count, self._leaving_up.get(service, 0)
+            counted = entry is not None and _leaves_up(entry)
+        current = self.catalog.get(key)
+        mine = current is not None and not counted and (
+            current.serving if inst.serving else current.state is State.UP)
         return count(service) - held - mine > 0
+
+    def _tally(self, service: str, entry: _Deferred, sign: int) -> None:
+        for counts, counted in ((self._serving_deferred, entry.instance.serving),
+                                (self._leaving_up, _leaves_up(entry))):
+            if counted:
+                if left := counts.get(service, 0) + sign:
+                    counts[service] = left
+                else:
+                    del counts[service]
 
     def _defer(self, key: Key, entry: _Deferred) -> None:
         self._deferred[key] = entry
         self._by_service.setdefault(key[0], set()).add(key[1])
-        if entry.instance.serving:
-            self._serving_deferred[key[0]] = self._serving_deferred.get(key[0], 0) + 1
+        self._tally(key[0], entry, 1)
         heapq.heappush(self._deadlines, (entry.due, key))
         self._count()
 
@@ -334,12 +357,7 @@ class WipeGuard:
             return None
         self._held.discard(key)
         self._count()
-        if entry.instance.serving:
-            left = self._serving_deferred[key[0]] - 1
-            if left:
-                self._serving_deferred[key[0]] = left
-            else:
-                del self._serving_deferred[key[0]]
+        self._tally(key[0], entry, -1)
         ids = self._by_service.get(key[0])
         if ids is not None:
             ids.discard(key[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from discovery.model import Instance, State
-from tests.unit.test_wipe_guard import delete, feed, ids, put, setup, tick
+from tests.unit.test_wipe_guard import HOLD, delete, feed, ids, put, setup, tick
 from tests.unit.test_wipe_guard import inst as bare
 from tests.unit.test_wipe_guard_drains import STAMP, inst
 
@@ -76,3 +76,41 @@ def test_a_drain_of_an_up_instance_of_weight_0_by_another_writer_counts() -> Non
     tick(catalog, guard, clock, 0.25)
     assert guard.status.engaged == 1 and guard.status.holding == 4
     assert all(catalog.get(i.key) == i for i in fleet)
+
+
+def test_a_deferred_drain_to_weight_0_still_counts_as_up_for_its_service() -> None:
+    """``a1``'s weight set to 0 by another writer settles (its service's last serving); it
+    stays up either way, so a delete of ``a2`` (weight 0) beside it is no last up: at once."""
+    a1, a2, b1 = inst("s", 1), weight_0(inst("s", 2)), inst("b", 3)
+    catalog, guard, _ = setup([a1, a2, b1])
+    feed(catalog, guard, put(weight_0(a1)))
+    assert guard.status.settling == 1
+    feed(catalog, guard, delete(a2))
+    assert catalog.get(a2.key) is None and guard.status.settling == 1
+
+
+def test_a_hold_running_out_does_not_release_another_of_its_service() -> None:
+    """Held: ``a1`` (serving), then ``a2`` (weight 0) a second later, nothing else of their
+    service. ``a1``'s hold runs out in the same pass that looks at ``a2`` again (a put to
+    the service): ``a1`` goes, and ``a2``, whose hold has not run out, must stay (released
+    one after the other, ``a1`` no longer counted as held yet still in the catalog, it went
+    too)."""
+    a1, a2 = bare("s", 1), weight_0(bare("s", 2))
+    others = [bare(x, n) for n, x in enumerate("xxyy", start=3)]
+    catalog, guard, clock = setup([a1, a2, *others])
+    for i in [a1, *others]:  # 5 of 8: a wipe (seen at the fourth; x's first went at once)
+        feed(catalog, guard, delete(i))
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.engaged == 1 and guard.status.holding == 4
+    tick(catalog, guard, clock, 0.75)
+    feed(catalog, guard, delete(a2))  # within the window: held too, a second after a1
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.holding == 5
+    tick(catalog, guard, clock, 5.0)  # the wipe over; s has nothing else: both kept
+    assert ids(catalog, "s") == {a1.id, a2.id}
+    tick(catalog, guard, clock, HOLD - 10.0)
+    feed(catalog, guard, put(replace(bare("s", 9), state=State.DRAINING)))  # s looked at
+    tick(catalog, guard, clock, 4.0)  # a1's hold ran out, a2's not
+    assert ids(catalog, "s") == {a2.id, bare("s", 9).id}
+    tick(catalog, guard, clock, 1.5)
+    assert ids(catalog, "s") == {bare("s", 9).id}
