@@ -199,7 +199,7 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
 def one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, written_back: bool,
         tag: str, guard_drains: bool = True) -> dict[str, Any]:
     """One row; ``guard_drains``: the observer's wipe guard counts drains by another writer
-    (False: as before ``a8039e4``)."""
+    (False: as before ``a8039e4``, for a drain to weight 0 before ``d00e757``)."""
     with contextlib.ExitStack() as stack:
         if not guard_drains:
             stack.enter_context(unittest.mock.patch.object(guard, "foreign_drain",
@@ -331,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fault", choices=tuple(STEMS), default="delete",
                     help="what the operator does: delete the services prefix, or rewrite every "
                          "instance as draining, or as weight 0")
-    ap.add_argument("--timeout", type=float, default=45.0,
-                    help="seconds after the delete a row waits for everything to be back")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds after the delete a row waits for everything to be back "
+                         "(above the observer's wipe guard hold, 45 s: what it lets go shows)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     _log_level()

@@ -71,6 +71,8 @@ class Registrations:
         self._flag = threading.Lock()  # write_failed and retry: set by writes, taken by the loop
         self._lost = False  # the last failed write's link was lost (no member answered)
         self._late: dict[Key, float] = {}  # key -> how long its write waited, its answer lost
+        # key -> the newest stamp sent (answered or not; till its delete): the next is after it
+        self._stamped: dict[Key, float] = {}
         self._rechecks: list[float] = []  # heap: reconciles for lost writes (monotonic)
         self._moved = False  # the run loop was woken to learn of a sooner recheck
         self._asked = False  # ... or for a reconcile at once (reconcile_soon)
@@ -99,10 +101,7 @@ class Registrations:
         """The writer thread's write of one wish (``_io`` held)."""
         if wish.left is not None:
             self.history.depart(key[1], wish.left)
-        previous = 0.0
-        if wish.force and (forced := self.written.pop(key, None)) is not None:
-            previous = forced.written_at  # stamped after it all the same: never older
-        ok = self.write(key, wish.instance, wish.cause, previous)
+        ok = self.write(key, wish.instance, wish.cause, force=wish.force)
         if wish.departs is not None:
             self.history.depart(key[1], wish.departs)
         if not ok and self._lost:  # each would wait its own timeout first
@@ -151,12 +150,14 @@ class Registrations:
         """Wait until no write is pending or under way; False if ``timeout`` ran out first."""
         return self._wishes.flush(timeout)
 
-    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None,
-              previous: float = 0.0) -> bool:
-        """Make the registry hold ``instance`` under ``key`` (or nothing) now; only on change.
-        ``cause``: noted in the instance's history (None: the caller notes it); ``previous``:
-        the stamp of a write of the key no longer known as written (a forced one's), which the
-        new one's comes after. False when the write failed (logged; a reconcile is due)."""
+    def write(self, key: Key, instance: Instance | None, cause: Cause | None = None, *,
+              force: bool = False) -> bool:
+        """Make the registry hold ``instance`` under ``key`` (or nothing) now; only on change
+        (``force``: a put even if the same as the last written: the registry lost it, or holds
+        it changed). ``cause``: noted in the instance's history (None: the caller notes it).
+        Every write is stamped after every one of the key before it, answered or not, even if
+        the clock stepped back: a watcher's wipe guard takes a drain not stamped newer for
+        another writer's. False when the write failed (logged; a reconcile is due)."""
         have = self.written.get(key)
         now, began = time.time(), time.monotonic()  # now: the stamps, for propagation
         seen = cause.at if cause is not None else now
@@ -169,7 +170,7 @@ class Registrations:
                     # guard then sees a departure, not the start of a registry-side wipe;
                     # stamped now (its registration's stamps timed the instance's age)
                     self.registry.register(replace(have.with_state(State.DRAINING),
-                                                   written_at=stamp_after(have.written_at, now),
+                                                   written_at=self._stamp(key, have, now),
                                                    seen_at=seen))
                 if ours:
                     self.registry.deregister(*key)
@@ -177,12 +178,13 @@ class Registrations:
                     self.metrics.deregistered()
                     log.info("deregistered %s/%s", *key)
                 self.written.pop(key, None)
+                self._stamped.pop(key, None)
                 self.adopt.discard(key)
                 self.unsure.discard(key)
-            elif have is None or not have.same_registration(instance):
+            elif have is None or force or not have.same_registration(instance):
                 touching = True
-                stamp = stamp_after(have.written_at if have is not None else previous, now)
-                instance = replace(instance, registered_at=now, written_at=stamp, seen_at=seen)
+                instance = replace(instance, registered_at=now,
+                                   written_at=self._stamp(key, have, now), seen_at=seen)
                 try:
                     self.registry.register(instance)
                 except RegistryDenied:  # refused, so not written: nothing to delete later
@@ -209,6 +211,12 @@ class Registrations:
             state = instance.state.value if instance is not None else "down"
             self.history.record(*key, self.node, state, cause)
         return True
+
+    def _stamp(self, key: Key, have: Instance | None, now: float) -> float:
+        """A write's ``written_at``, recorded before it is sent (its answer may be lost)."""
+        floor = max(have.written_at if have is not None else 0.0, self._stamped.get(key, 0.0))
+        self._stamped[key] = stamp = stamp_after(floor, now)
+        return stamp
 
     def failed(self, exc: RegistryError) -> float:
         """A write failed: a reconcile is due, in the seconds returned. A refusal waits
@@ -315,6 +323,8 @@ class Registrations:
             if key in newer:
                 continue
             present = ours.get(key)
+            if present is not None:  # written after it (another run's, a write-back's)
+                self._stamped[key] = max(self._stamped.get(key, 0.0), present.written_at)
             mine = key in self.written
             unowned = key in snap.unowned  # written by hand with no lease or session: it
             # would outlive this host. unsure: its write's answer was lost, the read may show

@@ -11,6 +11,7 @@ deletes; only deletes of ``up`` entries (a revoked lease, a deleted prefix) coun
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from discovery.agent.history import Cause, History
 from discovery.agent.registrations import Registrations
 from discovery.agent.wishes import Wish
+from discovery.errors import RegistryUnavailable
 from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
@@ -206,3 +208,47 @@ def test_a_forced_write_is_stamped_after_the_one_before(monkeypatch: pytest.Monk
     regs._write_wish(a.key, Wish(a.with_state(State.DRAINING), None, force=True))
     forced = reg.writes[1][1]
     assert forced.written_at > first.written_at and not foreign_drain(first, forced)
+
+
+class Flaky(Recorder):
+    """Its next register's answer is lost (the write may have landed: recorded)."""
+
+    lose = False
+
+    def register(self, instance: Instance) -> None:
+        super().register(instance)
+        if self.lose:
+            self.lose = False
+            raise RegistryUnavailable("answer lost")
+
+
+def test_every_write_is_stamped_after_those_whose_answer_was_lost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced write whose answer was lost may have landed: the next write of the key (the
+    reconcile's retry, a departure's drain) is stamped after it, the clock stepped back or not,
+    and the departure still drains first."""
+    reg = Flaky()
+    regs = Registrations(reg, "h1", Metrics(), History(), lambda: None)  # type: ignore[arg-type]
+    a = inst("a", 1)
+    regs.write(a.key, a)
+    first = reg.writes[0][1]
+    monkeypatch.setattr(time, "time", lambda: first.written_at - 100.0)  # a step back
+    reg.lose = True
+    regs._write_wish(a.key, Wish(replace(a, weight=0), None, force=True))
+    regs._write_wish(a.key, Wish(replace(a, weight=0), None, force=True))  # the retry
+    regs.write(a.key, None)
+    stamps = [v.written_at for k, v in reg.writes if k == "put"]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 4
+    assert [k for k, _ in reg.writes] == ["put", "put", "put", "put", "delete"]
+
+
+def test_a_reconciles_write_is_stamped_after_the_registrys_value() -> None:
+    """An instance adopted from an earlier run, or written back by the host's registry,
+    carries a stamp the agent never wrote: its next write comes after it."""
+    regs, reg = registrations()
+    a = inst("a", 1)
+    there = replace(a, written_at=time.time() + 100.0)  # (another run's clock ahead)
+    with regs.turn():
+        regs.reconcile(Snapshot({a.key: replace(there, weight=0)}, 1), {a.key: a})
+    assert regs.flush(5)
+    assert reg.writes[-1][1].written_at > there.written_at
