@@ -128,7 +128,6 @@ class WipeGuard:
 
     def due(self) -> list[Change]:
         """Removals that settled (not a wipe) or whose hold ran out: apply them now."""
-        out: list[Change] = []
         with self._lock:
             now = self._clock()
             wiped = self._burst.wiped(now)

@@ -47,8 +47,8 @@ def inst(service: str, n: int, state: State = State.UP) -> Instance:
                     address="192.0.2.1", port=8000 + n, state=state)
 
 
-def registrations() -> tuple[Registrations, Recorder]:
-    reg = Recorder()
+def registrations(reg: Recorder | None = None) -> tuple[Registrations, Recorder]:
+    reg = reg or Recorder()
     return Registrations(reg, "h1", Metrics(), History(), lambda: None), reg  # type: ignore[arg-type]
 
 
@@ -227,13 +227,12 @@ def test_every_write_is_stamped_after_those_whose_answer_was_lost(
     """A forced write whose answer was lost may have landed: the next write of the key (the
     reconcile's retry, a departure's drain) is stamped after it, the clock stepped back or not,
     and the departure still drains first."""
-    reg = Flaky()
-    regs = Registrations(reg, "h1", Metrics(), History(), lambda: None)  # type: ignore[arg-type]
+    regs, reg = registrations(flaky := Flaky())
     a = inst("a", 1)
     regs.write(a.key, a)
     first = reg.writes[0][1]
     monkeypatch.setattr(time, "time", lambda: first.written_at - 100.0)  # a step back
-    reg.lose = True
+    flaky.lose = True
     regs._write_wish(a.key, Wish(replace(a, weight=0), None, force=True))
     regs._write_wish(a.key, Wish(replace(a, weight=0), None, force=True))  # the retry
     regs.write(a.key, None)
