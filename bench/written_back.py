@@ -13,7 +13,9 @@ up`` runs one: one registry client (its lease or session; the URL's ``spread=``,
 (50 and 1,000, a pair of rows each: each service on 20 hosts, or one instance a service),
 follows the services of its own instances (``--follow own``; ``all``: the whole catalog, as
 with DNS or HTTP on, whose deliveries, 100 hosts' in one process, take this machine's CPU for
-seconds: 200,000 for a 1,000-instance delete and its write-back) and reconciles every
+seconds: 200,000 for a 1,000-instance delete and its write-back; ``none``: no watch, as
+``discovery agent`` alone, whose registry then watches its own keys only, ``zk_own`` and
+``etcd_own``: the write-back's rows only, ``<stem>-alone-<backend>.json``) and reconciles every
 ``--resync`` s (±10 %; each host's first at a random moment within one period, as agents
 started at different times) through ``node_snapshot``, registering again what is missing (the
 agent's reconcile); one *observer*: the project's ``Watcher`` (the wipe guard with its
@@ -105,7 +107,8 @@ class Host:
             self.registry.register(inst)
         only = (None if args.follow == "all"
                 else sorted({i.service for i in self.instances}))
-        self.registry.watch(lambda change: None, self.registry.snapshot(only).revision, only)
+        if args.follow != "none":  # none: `discovery agent` alone, its own-key watches
+            self.registry.watch(lambda change: None, self.registry.snapshot(only).revision, only)
         self.thread = threading.Thread(target=self._reconcile_loop, daemon=True)
         self.thread.start()
 
@@ -326,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ttl", type=float, default=10.0)
     ap.add_argument("--resync", type=float, default=30.0)
     ap.add_argument("--spread", type=float, default=3.0)
-    ap.add_argument("--follow", choices=("own", "all"), default="own",
-                    help="what each host's watch follows: the services of its instances, or all")
+    ap.add_argument("--follow", choices=("own", "all", "none"), default="own",
+                    help="what each host's watch follows: the services of its instances, or "
+                         "all; none: no watch (`discovery agent` alone: the write-back rides "
+                         "on watches of the host's own keys), the write-back's rows only")
     ap.add_argument("--fault", choices=tuple(STEMS), default="delete",
                     help="what the operator does: delete the services prefix, or rewrite every "
                          "instance as draining, or as weight 0")
@@ -348,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "drain": [(False, False), (False, True), (True, False),
                                       (True, True)],
                             "weight0": [(True, False), (True, True)]}[args.fault]
+                if args.follow == "none":  # the rows of the write-back and the guard's count
+                    variants = [(True, True)]
                 return [report.emit(one(cluster, args, int(n), on, f"{backend}{n}x{int(on)}"
                                         f"{int(drains)}", drains))
                         for n in args.services.split(",") for on, drains in variants]
@@ -355,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cluster.stop()
 
         code = max(code, measured(
-            STEMS[args.fault], backend,
+            STEMS[args.fault] + ("-alone" if args.follow == "none" else ""), backend,
             f"the prefix's {args.fault}", run, save=not args.no_save))
         if code == 130:  # Ctrl-C: not the next backend
             break

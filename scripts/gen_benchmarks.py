@@ -136,19 +136,23 @@ def t_footprint(results: dict[str, Result]) -> str:
 def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
     """bench/written_back.py: the prefix deleted (``written-back``) or every instance drained
     (``changed-back``, ``--fault drain``; ``weight0-back``, ``--fault weight0``: "back" is
-    serving again, "empty" no instance serving) by hand, the write-back off and on."""
+    serving again, "empty" no instance serving) by hand, the write-back off and on; the
+    ``-alone`` files: hosts with no watch (``--follow none``), on their own keys' watches."""
     drain = stem != "written-back"
     did = "drain" if drain else "delete"
 
     def render(results: dict[str, Result]) -> str:
         out = []
         for backend in ("etcd", "zk"):
-            for r in rows_of(results.get(f"{stem}-{backend}")):
+            for r in [*rows_of(results.get(f"{stem}-{backend}")),
+                      *rows_of(results.get(f"{stem}-alone-{backend}"))]:  # --follow none
                 guard = [f"{r['guard_engaged']} / {r['guard_held_total']}"] if drain else []
                 counts = ["on" if r.get("guard_counts_drains") else "off"] if drain else []
                 out.append([backend,
                             f"{r['services']} ({r['instances'] // r['services']} a service)",
-                            r["written_back"], *counts, num(r["delete_took_s"]),
+                            r["written_back"] + (", no watch: own-key watches"
+                                                 if r.get("follow") == "none" else ""),
+                            *counts, num(r["delete_took_s"]),
                             f"{r['back']} / {r['instances']}",
                             f"{num(r['back_p50_s'])} / {num(r['back_p99_s'])} / "
                             f"{num(r['back_max_s'])}",

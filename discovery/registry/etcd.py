@@ -1,14 +1,14 @@
-"""etcd v3 backend: one lease per registry object, kept alive (jittered) in the background
-on one long-lived keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; it and the
-watch streams run on an asyncio loop, :mod:`~discovery.registry.etcd_aio`); a failed renewal
-is one short attempt, tried again about one renewal interval later (sooner as the lease runs
-out, ±50 %), so a fleet whose registry restarts does not renew in the registry's first
-second; a new lease or a rewrite etcd refuses, 0.8 s later, doubling to 30 s
-(``KeeperWaits``); watches that resume from the last seen revision, or send a ``reset`` when
-it was compacted (:mod:`~discovery.registry.etcd_watch`); each instance written with its
-per-node index key (:mod:`~discovery.registry.etcd_index`), so :meth:`EtcdRegistry.
-node_snapshot` reads one node's entries only; a watch-only registry reads one key a TTL
-(:mod:`~discovery.registry.etcd_pulse`). TLS, credentials: :mod:`~discovery.registry.security`."""
+"""etcd v3 backend: one lease per registry object, kept alive (jittered) on one long-lived
+keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; it and the watch streams run on
+an asyncio loop, :mod:`~discovery.registry.etcd_aio`); a failed renewal is one short attempt,
+tried again about one renewal interval later (sooner as the lease runs out, ±50 %), so a
+fleet whose registry restarts does not renew in its first second; a new lease or a rewrite
+etcd refuses, 0.8 s later, doubling to 30 s (``KeeperWaits``); watches that resume from the
+last seen revision, or send a ``reset`` when it was compacted (:mod:`~discovery.registry.
+etcd_watch`); each instance written with its per-node index key (:mod:`~discovery.registry.
+etcd_index`), so :meth:`EtcdRegistry.node_snapshot` reads one node's entries only; a watch-only
+registry reads one key a TTL (:mod:`~discovery.registry.etcd_pulse`); own keys no watch
+follows are watched alone (:mod:`~discovery.registry.etcd_own`). TLS: ``security``."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, State
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
-from discovery.registry.etcd_pulse import pulse, status
+from discovery.registry.etcd_own import OwnKeys, watch_keys
+from discovery.registry.etcd_pulse import pulse, read_alive, status
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_state import StateBoard
 from discovery.registry.etcd_watch import EtcdWatch
-from discovery.registry.owned import Restorer, claiming
+from discovery.registry.owned import Restorer, claiming, unread
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -49,10 +50,8 @@ from discovery.retry import jittered
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: the longest pause between two tries of one request: shorter than ENDPOINT_RETRY, or the
-#: next try finds the member that just failed eligible again and, pyetcd asking the member
-#: in use first, asks it again: a SIGKILLed member in use held every try of a call (one each
-#: 0.5 s) while the other two, after their election, could have answered
+#: the longest pause between two tries of a request: below ENDPOINT_RETRY, or the next asks
+#: the member that just failed again (a SIGKILLed one held every try while two could answer)
 _PAUSE_MAX = etcd_aio.ENDPOINT_RETRY / 2
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
 
@@ -75,9 +74,8 @@ class EtcdRegistry:
         self.where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
-        # Per-RPC deadline: short enough that a hung member is left for another in time. No
-        # user/password here (pyetcd would authenticate once, now; EtcdAuth does it lazily).
-        # Calls and streams share one asyncio channel a member, on the loop given or our own
+        # Per-RPC deadline: a hung member is left for another in time. No user/password here
+        # (EtcdAuth authenticates lazily). One asyncio channel a member, on the loop given or ours
         self.channels = etcd_aio.AioChannels()
         self.client = etcd_aio.Client(
             endpoints=etcd_aio.endpoints(url.hosts, url.tls, creds),
@@ -105,6 +103,8 @@ class EtcdRegistry:
                                          late_wait=self._interval + 1.0)
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd",
                                   recheck=2 * timeout)
+        self._restorer.own = OwnKeys(lambda keys: self._followed(watch_keys(  # etcd_own
+            self, self._restorer.wrap(unread, {k[0] for k in keys}), keys)))
 
     @property
     def loop(self) -> LoopThread:
@@ -147,8 +147,7 @@ class EtcdRegistry:
                         f"etcd at {self.where}: {what} failed: {rpc_details(exc)}") from None
                 failure = exc
             except etcd_aio.TRANSIENT as exc:
-                # "no endpoint available" only says every member failed within
-                # etcd_aio.ENDPOINT_RETRY: the failure before it says why (TLS, refused...)
+                # "no endpoint available": the failure before it says why (TLS, refused...)
                 if failure is None or not isinstance(exc, etcd_exc.NoServerAvailableError):
                     failure = exc
             except (etcd_exc.Etcd3Exception, ValueError) as exc:
@@ -221,8 +220,8 @@ class EtcdRegistry:
             self._reput_all()
 
     def _reput_all(self) -> None:
-        with self._lock:  # a keeper round that saw _need_reput before another thread's
-            lease = self._lease  # rewrite (a write-back's, a register's) has nothing to do
+        with self._lock:  # a keeper round that saw _need_reput before another's rewrite: none
+            lease = self._lease
             if lease is None or self._closing.is_set() or not self._need_reput:
                 return
             self._need_reput = True  # until this round writes everything: the keeper retries
@@ -234,10 +233,6 @@ class EtcdRegistry:
         used = [self.client.endpoint_in_use, self._renewals.endpoint,
                 *(w.endpoint for w in list(self._watches))]
         return {e.netloc for e in used if e is not None}
-
-    def _refresh(self, lease: int) -> list[Any]:
-        return self._call("lease keepalive", lambda: self._renewals.renew(lease),
-                          patience=_RENEW_PATIENCE)
 
     async def _keep(self) -> None:
         """The lease's keeper, one task on the loop: every renewal interval (jittered, so a
@@ -279,7 +274,8 @@ class EtcdRegistry:
         try:
             try:
                 if lease is not None:
-                    resp = self._refresh(lease) if answer is None else answer
+                    resp = answer if answer is not None else self._call("lease keepalive",
+                        lambda: self._renewals.renew(lease), patience=_RENEW_PATIENCE)
                     if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
                         self._renew_lease(lease)
                     else:
@@ -308,16 +304,19 @@ class EtcdRegistry:
                 lease = self._ensure_lease()
                 try:
                     self._put(instance, lease)
-                    return
+                    break
                 except _LeaseGone:
                     self._renew_lease(lease)
-            raise RegistryError(f"etcd at {self.where}: lease keeps expiring")
+            else:
+                raise RegistryError(f"etcd at {self.where}: lease keeps expiring")
+        self._restorer.watch_own()
 
     def deregister(self, service: str, instance_id: str) -> None:
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
             self._restorer.unsettled.discard((service, instance_id))
             node = owned.node if owned else self._nodes.pop((service, instance_id), None)
+        self._restorer.watch_own()
         node = node or instance_id.partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
         etcd_index.delete(self._call, self.client, self.url, service, instance_id, node)
 
@@ -329,6 +328,7 @@ class EtcdRegistry:
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
+        self._restorer.watch_own()
         snap, _ = etcd_rewind.checked(list(self._watches), lambda: etcd_index.read_node(
             self._call, self.client, self.url, self.decoder.decode, node, self.reads),
             lambda answer: answer[1], self._cluster)
@@ -341,19 +341,22 @@ class EtcdRegistry:
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError(f"etcd registry {self.url} is closed")
-            w = EtcdWatch(self, self._restorer.wrap(callback, services), start_revision,
-                          services, spread=self.url.resume_spread)
-            self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
+            w = self._followed(EtcdWatch(self, self._restorer.wrap(callback, services),
+                                         start_revision, services, self.url.resume_spread))
+            self._restorer.followed(services, w._stopped)
             if self._pulse is None:
                 self._pulse = self.loop.start(pulse(
                     max(self.ttl, 1.0), lambda: self._lease is None, self._pulse_read))
         return w
 
-    def _read_alive(self) -> Any:
-        """One linearizable read of ``<prefix>/alive``'s count (a value put there never comes
-        back), whose header is compared with the watches' revisions and reads before."""
-        return etcd_rewind.checked(list(self._watches), lambda: self.client.get_range_response(
-            f"{self.url.prefix}/alive", None, count_only=True), lambda r: r.header, self._cluster)
+    def _followed(self, w: EtcdWatch) -> EtcdWatch:
+        """``w`` among the watches (rewind checks, channels in use); those stopped let go."""
+        with self._lock:
+            self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
+        return w
+
+    def _read_alive(self) -> Any:  # (etcd_pulse)
+        return read_alive(self.client, self.url.prefix, list(self._watches), self._cluster)
 
     def _pulse_read(self) -> None:
         """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state

@@ -54,6 +54,14 @@ async def pulse(interval: float, needed: Callable[[], bool], read: Callable[[], 
             log.exception("etcd liveness read failed")
 
 
+def read_alive(client: Any, prefix: str, watches: list[Any],
+               cluster: etcd_rewind.ClusterSeen) -> Any:
+    """One linearizable read of ``<prefix>/alive``'s count (a value put there never comes
+    back), whose header is compared with the ``watches``' revisions and reads before."""
+    return etcd_rewind.checked(watches, lambda: client.get_range_response(
+        f"{prefix}/alive", None, count_only=True), lambda r: r.header, cluster)
+
+
 def status(client: Any, watches: list[Any], cluster: etcd_rewind.ClusterSeen) -> None:
     """A member's ``Status``, whose raft index is compared with that member's before
     (``etcd_rewind.status_checked``): a best effort, whose failure changes no state."""

@@ -32,7 +32,7 @@ its revision has passed the host's.
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
   resumes with the k watchers (:mod:`~discovery.registry.etcd_refusal`);
 - a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
-"""
+With ``keys`` (:mod:`~discovery.registry.etcd_own`) it holds one watcher a key; never wide."""
 
 from __future__ import annotations
 
@@ -103,12 +103,13 @@ class EtcdWatch:
     re-read after compaction, the registry's state listeners) runs in the loop's executor."""
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
-                 services: Collection[str] | None = None, spread: float = RESUME_SPREAD) -> None:
+                 services: Collection[str] | None = None, spread: float = RESUME_SPREAD,
+                 keys: Collection[str] = ()) -> None:
         self._reg, self._callback = reg, callback
         self._root = root = reg.url.services_root + "/"
         self._services = None if services is None else frozenset(services)
-        self._ranges = ([root] if self._services is None
-                        else [f"{root}{s}/" for s in sorted(self._services)])
+        self._ranges = sorted(keys) or ([root] if self._services is None  # keys: etcd_own
+                                        else [f"{root}{s}/" for s in sorted(self._services)])
         self._revs = dict.fromkeys(self._ranges, start_revision)  # last revision delivered
         self._stopped = threading.Event()
         self._stream: Any = None
@@ -118,7 +119,7 @@ class EtcdWatch:
         self._denied = etcd_refusal.DeniedRanges(reg.where, spread, log)  # services etcd denies
         self._asking: asyncio.Future[bool] | None = None
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
-        self._widen = True  # False once etcd denied a wide resume: the k watchers, always
+        self._widen = not keys  # False once etcd denied a wide resume (or keys: etcd_own)
         self._ending = False  # we end the stream ourselves: to narrow it, or a renewed token
         self._leaving = False  # ... because its member hangs (_leave): resumed elsewhere
         self._hang = HangProbe(lambda: reg.loop.loop, reg.client, self._leave)  # etcd_hang
@@ -191,7 +192,8 @@ class EtcdWatch:
     def _create(self, rng: str) -> Any:
         rev = self._revs.get(rng, self.revision)  # the wide watcher: the oldest
         return etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-            key=rng.encode(), range_end=prefix_range_end(rng.encode()),
+            key=rng.encode(), range_end=prefix_range_end(rng.encode()) if rng.endswith("/")
+            else rng.encode() + b"\0",  # one key
             start_revision=rev + 1 if rev else 0, progress_notify=True))
 
     async def _follow(self) -> None:
@@ -379,7 +381,7 @@ class EtcdWatch:
         if not deleted and split is not None:
             reg.reads.add(ev.kv.key, ev.kv.value)  # what etcd sent, followed or not
         if rng not in self._revs:  # the wide watcher: only followed services, each event once
-            rng = f"{self._root}{split[0]}/" if split is not None else ""
+            rng = key if key in self._revs else f"{self._root}{split[0]}/" if split else ""
             if rng not in self._revs or rev <= self._floor.get(rng, 0):
                 return
         self._revs[rng] = max(self._revs[rng], rev)

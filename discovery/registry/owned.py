@@ -40,9 +40,12 @@ other keys waiting then are left to the agent's reconcile. The wait spreads a fl
 entries went at once over that window.
 
 It costs nothing in the steady state: it rides on the watches the host has anyway
-(``discovery up``: the agent and the watcher share one registry client). Only entries those
-watches follow are seen (a router following k services: its own instances of those); an
-agent with no watch puts back at its next reconcile, as before.
+(``discovery up``: the agent and the watcher share one registry client). The owned entries no
+running watch follows (``discovery agent`` alone; a router following k services: its own
+instances of the others) are followed by watches of those keys alone (:attr:`Restorer.own`:
+:mod:`~discovery.registry.zk_own`, :mod:`~discovery.registry.etcd_own`), so such a host costs
+the registry what its own instances do, not what their services do fleet-wide; what those
+miss (a stream down, an etcd key's first milliseconds) is the agent's next reconcile's.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
@@ -64,6 +67,17 @@ from discovery.retry import spread
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+
+
+class OwnWatch(Protocol):
+    """Watches of some of a registry's own keys, whose events go to the write-back."""
+
+    @property
+    def keys(self) -> set[Key]: ...
+
+    def only(self, keys: Collection[Key]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Restorer:
@@ -94,6 +108,28 @@ class Restorer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.restored = 0  # entries written back (the others were there again, or not ours)
+        self._follows: list[tuple[frozenset[str] | None, threading.Event]] = []  # watches
+
+        #: the registry's watches of its own keys (:mod:`~discovery.registry.zk_own`,
+        #: :mod:`~discovery.registry.etcd_own`): for those no running watch follows
+        self.own: OwnWatch | None = None
+
+    def followed(self, services: Collection[str] | None, stopped: threading.Event) -> None:
+        """A watch of ``services`` (None: all) runs until ``stopped`` is set."""
+        scope = None if services is None else frozenset(services)
+        self._follows = [*(f for f in self._follows if not f[1].is_set()), (scope, stopped)]
+        self.watch_own()
+
+    def follows(self, service: str) -> bool:
+        """Whether a running watch sees ``service``'s owned entries."""
+        return any(not stopped.is_set() and (scope is None or service in scope)
+                   for scope, stopped in self._follows)
+
+    def watch_own(self) -> None:
+        """:attr:`own` watches the owned keys no running watch follows, and no others: after a
+        register, a deregister, a watch started, a reconcile's read (a watch stopped)."""
+        if self.own is not None:
+            self.own.only([key for key in self._copy() if not self.follows(key[0])])
 
     def wrap(self, callback: ChangeCallback,
              services: Collection[str] | None = None) -> ChangeCallback:
@@ -186,6 +222,8 @@ class Restorer:
         return self._owned.copy()
 
     def close(self) -> None:
+        if self.own is not None:
+            self.own.close()
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -262,6 +300,10 @@ def claiming(owned: dict[tuple[str, str], Instance], lock: AbstractContextManage
         raise
     with lock:
         unsettled.discard(key)
+
+
+def unread(_change: Change) -> None:
+    """The callback of a watch only the write-back reads (own-key watches)."""
 
 
 def _what(gone: bool) -> str:

@@ -37,7 +37,7 @@ from discovery.model import Instance
 from discovery.model.nerve import as_read
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
-from discovery.registry.owned import Restorer, claiming
+from discovery.registry.owned import Restorer, claiming, unread
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.zk_claim import ZkClaims
@@ -45,6 +45,7 @@ from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_nerve import NerveNodes
+from discovery.registry.zk_own import OwnNodes
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewind import ensemble_behind
 from discovery.registry.zk_scan import full_read
@@ -93,6 +94,9 @@ class ZkRegistry:
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
                                   recheck=2 * timeout, wire=as_read if url.nerve else None)
         self._watches: list[ZkWatch] = []
+        self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
+                             self._restorer.wrap(unread), timeout)  # zk_own
+        self._restorer.own = self._own
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
         self._down_since: float | None = time.monotonic()  # not connected since (None: it is)
@@ -200,6 +204,7 @@ class ZkRegistry:
                         left = self._op(f"re-register {len(owned)} instance(s)",
                                         functools.partial(self._claims.claim_together, owned))
                     failed = [inst for inst in left if not self._reclaim(inst)]
+        self._own.rearm()  # zk_own: one SetWatches (those still refused fire: gone)
         if not failed:
             return
         # refused on their own (a service directory locked against us): alone, the wait
@@ -270,6 +275,7 @@ class ZkRegistry:
                                     self._restorer.unsettled):
             self._op(f"register {instance.service}/{instance.id}",
                      lambda: self._claims.claim(instance))
+        self._restorer.watch_own()
 
     def deregister(self, service: str, instance_id: str) -> None:
         with self._writes:  # after a recovery's write in flight (see __init__)
@@ -288,15 +294,19 @@ class ZkRegistry:
                 inst = self._owned.get(key)
                 if key in self._restorer.unsettled:
                     return ""
-            return "" if inst is None else self._op(
+            done = "" if inst is None else self._op(
                 f"write back {inst.service}/{inst.id}", functools.partial(
                     self._claims.restore, inst, self.decoder.decode, self._restorer.same))
+        if done:
+            self._restorer.watch_own()  # Nerve's layout: a new node
+        return done
 
     def _deregister(self, service: str, instance_id: str) -> None:
         with self._lock:
             owned = self._owned.pop((service, instance_id), None)
             self._restorer.unsettled.discard((service, instance_id))
             self._claims.written.pop((service, instance_id), None)
+        self._restorer.watch_own()
         node = self._index.node_of((service, instance_id), owned)
 
         def delete() -> None:
@@ -319,6 +329,7 @@ class ZkRegistry:
         Nerve's layout the first read of a node reads everything too: nodes the index does not
         name (written by a version before it, or by a predecessor that died between the two
         creates) are adopted by a restarted agent, their older nodes found in their directory."""
+        self._restorer.watch_own()
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
             snap = self._op(f"read node {node}", functools.partial(self._index.read, node))
@@ -343,6 +354,7 @@ class ZkRegistry:
             closing = self._closing.is_set()
             if not closing:  # those stopped (a client following more services) let go
                 self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
+                self._restorer.followed(services, w._stopped)
         if closing:
             w.stop()
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")

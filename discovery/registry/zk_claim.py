@@ -148,7 +148,7 @@ class ZkClaims:
         if session is None or self.written.get(key) != session:
             return ""
         fresh = restamped(inst)  # what is written; compared: ``inst``
-        path = self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
+        path = self.path_of(key)
         try:
             if path is None:
                 raise NoNodeError()
@@ -168,6 +168,10 @@ class ZkClaims:
             self._get(self.client.set_async(path, record, version=stat.version))
             return "changed"
         return ""
+
+    def path_of(self, key: tuple[str, str]) -> str | None:
+        """The node of ``key`` (Nerve's layout: the one this client created; None: none)."""
+        return self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
 
     def _create(self, inst: Instance) -> str:
         """The node of ``inst`` created again, with a check of its index node."""

@@ -14,11 +14,11 @@ class GuardSettings:
     """``[watcher] wipe_guard = { settle = "200ms", window = "2s", fraction = 0.5,
     min_removed = 3, hold = "45s" }``, or ``wipe_guard = false`` to turn it off.
 
-    ``hold`` outlasts the agents' reconcile (``--resync``, 30 s ±10 % by default): an agent
-    with no watch of its own instances (``discovery agent`` alone, a router-only ``up``) puts
-    back what a wipe deleted under its live lease or session only then, and a held instance
-    of a service with nothing else serving must not go first (at 30 s, measured, it did:
-    10 services emptied, ``bench/written_back.py``'s reconcile-only rows). ``horizon``, not
+    ``hold`` outlasts the agents' reconcile (``--resync``, 30 s ±10 % by default): what an
+    agent's registry did not write back (the write-back off, its watch of its own keys down
+    when the wipe came) comes back only then, and a held instance of a service with nothing
+    else serving must not go first (at 30 s, measured, it did: 10 services emptied,
+    ``bench/written_back.py``'s reconcile-only rows). ``horizon``, not
     set from TOML: a burst that has not made a wipe within it starts again, so that crashes
     replaced as they come never add up to one (it was ``hold``: at 45 s a crash every 1.5 s
     made half a 60-instance catalog)."""

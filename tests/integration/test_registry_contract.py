@@ -75,6 +75,13 @@ class Follower:
         reg.watch(self, snap.revision)
         return self
 
+    def follow_services(self, reg: Registry, services: list[str]) -> Follower:
+        """:meth:`follow`, of ``services`` only."""
+        snap = reg.snapshot(services)
+        self.state = dict(snap.instances)
+        reg.watch(self, snap.revision, services)
+        return self
+
     def wait_state(self, expected: dict[tuple[str, str], Instance], timeout: float = 10) -> None:
         def same() -> bool:
             with self.lock:

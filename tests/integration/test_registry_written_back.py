@@ -2,7 +2,8 @@
 session, is written back by that registry within its ``spread=`` when one of its watches saw
 it (``discovery up``: the agent and the watcher share one registry client); its own
 deregister is not undone, its own value is not taken for another writer's, a successor's
-adoption is left alone, and a registry with no watch leaves it to its agent's reconcile."""
+adoption is left alone, and a registry with no watch of its own services sees them through
+watches of its own keys alone (:mod:`~discovery.registry.zk_own`, ``etcd_own``)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
     theirs = inst(9, id="node-2:000000000009:80", node="node-2")
     for one in ours:
         agent.register(one)
-    other.register(theirs)  # a registry with no watch (an agent alone)
+    other.register(theirs)  # a registry with no watch (an agent alone): its own-key watch
+    wait_until(lambda: other._restorer.own.holds, 5, "its own key watched")  # type: ignore
     follower = Follower().follow(agent)
     restorer = agent._restorer  # type: ignore[attr-defined]
 
@@ -42,9 +44,9 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
 
     assert delete_services(url_s) == 3  # ours (2) and theirs
     gone = time.monotonic()
-    expected = {i.key: i for i in ours[:2]}
+    expected = {i.key: i for i in [*ours[:2], theirs]}
     wait_until(lambda: _same(reader.snapshot().instances, expected), SPREAD + 2.0,
-               "our two instances written back, nothing else")
+               "the three instances written back, nothing else")
     took = time.monotonic() - gone
     assert took <= SPREAD + 1.0, took
     wait_until(lambda: _same(follower.state, expected), 5, "the watch sees them")
@@ -65,7 +67,7 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
     wait_until(lambda: restorer.restored == 3, SPREAD + 2.0, "written back again")
     wait_until(lambda: index in index_paths(url_s, one.node), 5, "its index entry back")
     assert _same(reader.snapshot().instances, expected)
-    assert theirs.key not in reader.snapshot().instances  # no watch: its agent's reconcile
+    assert other._restorer.restored == 1  # type: ignore[attr-defined]
 
     # the write is conditional: an entry there is not written again (each write reaches
     # every host of a fleet)
@@ -212,7 +214,8 @@ def test_a_nodes_entry_with_no_lease_or_session_is_told_and_taken_back(
     (ZooKeeper) would outlive the host; a watch that was down never saw it written, and a
     registry with no watch (`discovery agent` alone) has none: the node's snapshot tells it
     (``unowned``), and the agent's reconcile writes it again, onto the registry's own."""
-    agent = open_reg(registry_url)  # no watch: nothing written back by itself
+    agent = open_reg(registry_url)  # no watch
+    agent._restorer.own.close()  # type: ignore[attr-defined]  # nor own-key watches
     one = inst(4)
     agent.register(one)
     assert not agent.node_snapshot(one.node).unowned
@@ -233,3 +236,63 @@ def test_a_nodes_entry_with_no_lease_or_session_is_told_and_taken_back(
     agent.register(one)  # the reconcile's forced write
     assert _owner(registry_url, path) == _own(agent)
     assert not agent.node_snapshot(one.node).unowned
+
+
+@pytest.mark.parametrize("registry_url, layout", [("etcd", "ours"), ("zk", "ours"),
+                                                  ("zk", "nerve")], indirect=["registry_url"])
+def test_a_registry_with_no_watch_writes_back_through_watches_of_its_own_keys(
+        registry_url: str, open_reg: OpenReg, layout: str) -> None:
+    """`discovery agent` alone (or a router following other services) has no watch that sees
+    its own entries: watches of its own keys, and only those, tell it of one deleted or
+    changed by hand, written back within ``spread`` + 1 s instead of at its reconcile (up to
+    33 s); another host's entries are not its to watch. A watch of a service takes its keys
+    off them; their key's deregister too."""
+    url_s = f"{registry_url}?spread={SPREAD}" + ("&format=nerve" if layout == "nerve" else "")
+    agent, other, reader = open_reg(url_s), open_reg(url_s), open_reg(url_s)
+    web, api = inst(1), inst(2, service="api")
+    theirs = inst(9, id="node-2:000000000009:80", node="node-2")
+    for one in (web, api):
+        agent.register(one)
+    other.register(theirs)
+    restorer = agent._restorer  # type: ignore[attr-defined]
+    own = restorer.own
+    assert own.keys == {web.key, api.key}
+    wait_until(lambda: own.holds and other._restorer.own.holds, 5,  # type: ignore
+               "their own keys watched")
+    assert not restorer._due  # its own values, read (ZooKeeper), not taken for another's
+
+    url = RegistryURL.parse(url_s)
+    claims = getattr(agent, "_claims", None)
+    paths = {k: claims.path_of(k) if claims is not None else url.key(*k)
+             for k in (web.key, api.key)}
+    drained = dataclasses.replace(api, state=State.DRAINING, weight=0)
+    client = raw_client(url_s)
+    try:
+        hand = time.monotonic()
+        client.delete(paths[web.key])  # the last (only) instance of web, by hand
+        if url.scheme == "etcd":
+            client.put(paths[api.key], drained.to_json())  # no lease
+        else:
+            client.set(paths[api.key], to_nerve(drained) if layout == "nerve"
+                       else drained.to_json())
+    finally:
+        close_raw(client)
+
+    def back() -> bool:
+        seen = reader.snapshot().instances
+        return all(k in seen and restorer.same(i, seen[k]) for k, i in
+                   ((web.key, web), (api.key, api)))
+
+    wait_until(lambda: restorer.restored == 2, SPREAD + 2.0, "both written back")
+    took = time.monotonic() - hand
+    assert back() and took <= SPREAD + 1.0, took
+    assert other._restorer.restored == 0  # type: ignore[attr-defined]  # not its keys
+    assert other._restorer.own.keys == {theirs.key}  # type: ignore[attr-defined]
+
+    # a watch of web: its key is that watch's to see; api's stays with the own-key watch
+    Follower().follow_services(agent, ["web"])
+    assert own.keys == {api.key}
+    agent.deregister(*api.key)  # deregistered: no longer watched, and not written back
+    assert own.keys == set()
+    wait_until(lambda: api.key not in reader.snapshot().instances, 5, "api gone")
+    assert not restorer._due and restorer.restored == 2

@@ -60,9 +60,9 @@ def test_one_watch_and_one_read_per_change(zk: ServerCluster, regs: list[Registr
     cost = reader.reads.counts() - before
     assert cost.keys == 1 and cost.bytes < 1000, cost  # the new node, not svc3's 101 names
 
-    watch.stop()
-    wait_until(lambda: not watched(zk, RegistryURL.parse(url).prefix), 5,
-               "the server to drop the watch")
+    watch.stop()  # left: the writer's watch of its own node (it follows no service: zk_own)
+    wait_until(lambda: watched(zk, RegistryURL.parse(url).prefix) == {
+        RegistryURL.parse(url).key(*added.key)}, 5, "the server to drop the watch")
 
 
 def put_and_delete_follow(url: str, regs: list[Registry],
@@ -257,7 +257,8 @@ def test_an_expired_session_registers_again_in_one_request(
         zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch) -> None:
     """After its session expired (its nodes gone with it), a host creates every instance node
     and its index node again in one transaction: one request, where one by one took 24 (an
-    ensemble down for longer than the session timeout expires the whole fleet's sessions)."""
+    ensemble down for longer than the session timeout expires the whole fleet's sessions);
+    one more re-arms the watches of its own nodes."""
     url = zk.url(unique_prefix())
     mine = [foreign(n, nodes=1, services=2) for n in range(12)]  # node f0, svc0 and svc1
     reg, other = open_registry(url, ttl=5), open_registry(url)
@@ -280,7 +281,8 @@ def test_an_expired_session_registers_again_in_one_request(
         return {getattr(look.exists(p), "ephemeralOwner", None) for p in paths}
 
     wait_until(lambda: owners() == {new}, 10, "every node created again by the new session")
-    assert sent == ["Transaction"]
+    # and (no watch follows them: zk_own) the watches of its own nodes, re-armed in one
+    wait_until(lambda: sent == ["Transaction", "SetWatches"], 5, "its own nodes watched")
     assert set(reg.node_snapshot("f0").instances) == {i.key for i in mine}
 
     # A part whose transaction fails (here: its nodes are there already) is left to claim one

@@ -1,0 +1,151 @@
+"""Watches of an etcd registry's own keys, for those no watch of the registry follows.
+
+As :mod:`~discovery.registry.zk_own` on ZooKeeper: a host with no watch of its own services
+(``discovery agent`` alone, a router following other services) saw a key of its own deleted
+or changed by hand only at its agent's next reconcile. Here one watch stream
+(:class:`~discovery.registry.etcd_watch.EtcdWatch`) holds one watcher a key of its own, so
+etcd sends the host only what happens to those keys, whatever the fleet's size; it resumes
+and re-creates as every watch does (from its revision, after a lost link, another member's).
+Its events go to the write-back, which writes back only what is not its own value.
+
+The keys change with the host's instances: the stream is replaced once the set has not
+changed for ``settle`` seconds (a host starting 100 containers replaces it once, not 100
+times; ``most`` s at the latest), each new one from etcd's revision then (never an old one,
+which etcd may have compacted: the re-read that would follow reads the services fleet-wide),
+the old one stopped only once the new one holds its watchers, so that nothing is missed in
+between. A new key's change between its register and the moment its watcher holds (about
+``settle`` s) is left to the agent's reconcile. A stream whose member went
+resumes from its revision, as every watch does (one watcher a key, never the whole prefix):
+what happened meanwhile comes then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Protocol
+
+from discovery.registry.etcd_watch import EtcdWatch
+
+if TYPE_CHECKING:
+    from discovery.registry.base import ChangeCallback
+    from discovery.registry.etcd_watch import WatchSource
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+class _Watch(Protocol):
+    @property
+    def revision(self) -> int: ...
+
+
+    def stop(self) -> None: ...
+
+
+class OwnKeys:
+    """The keys it is told to ``want``, followed by one watch ``start(keys)`` (no keys, no
+    watch), replaced once the set has not changed for ``settle`` s (``most`` s at the latest
+    after the first change), the old one stopped once the new one holds its watchers."""
+
+    def __init__(self, start: Callable[[frozenset[Key]], _Watch], settle: float = 0.5,
+                 most: float = 5.0, hold_wait: float = 5.0) -> None:
+        self._start, self._settle, self._most, self._hold_wait = start, settle, most, hold_wait
+        self._lock = threading.Lock()  # the state; never held while calling out
+        self._replacing = threading.Lock()  # one replacement at a time (start: the registry's)
+        self._keys: set[Key] = set()
+        self._watching: frozenset[Key] = frozenset()
+        self._watch: _Watch | None = None
+        self._timer: threading.Timer | None = None
+        self._since = 0.0  # the first change the pending replacement waits for
+        self._closed = False
+
+    @property
+    def keys(self) -> set[Key]:
+        with self._lock:
+            return set(self._keys)
+
+    @property
+    def holds(self) -> bool:
+        """Whether the watch holds every key wanted (etcd answered each watcher's create)."""
+        with self._lock:
+            return self._keys == self._watching and (
+                self._watch is None or self._watch.revision > 0)
+
+    def want(self, key: Key) -> None:
+        self._change(add=[key])
+
+    def drop(self, key: Key) -> None:
+        self._change(remove=[key])
+
+    def only(self, keys: Collection[Key]) -> None:
+        """Watch ``keys`` (the owned ones no watch of the registry follows), none else: after a
+        register, a watch started, a reconcile's read."""
+        with self._lock:
+            gone = self._keys - set(keys)
+        self._change(add=keys, remove=gone)
+
+    def _change(self, add: Collection[Key] = (), remove: Collection[Key] = ()) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._keys.update(add)
+            self._keys.difference_update(remove)
+            now = time.monotonic()
+            if self._timer is not None:
+                if self._keys != self._watching and now - self._since >= self._most:
+                    return  # due soon, as the set is then
+                self._timer.cancel()  # the set changed again: settle from now
+            elif self._keys == self._watching:
+                return
+            else:
+                self._since = now
+            # none left: stopped at once. The first one waits too: in ``discovery up`` the
+            # agent registers before its watcher's watch starts, which takes the keys over
+            self._timer = threading.Timer(self._settle if self._keys else 0.0, self._replace)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _replace(self) -> None:
+        with self._replacing:
+            with self._lock:
+                self._timer = None
+                if self._closed or self._keys == self._watching:
+                    return
+                keys, old = frozenset(self._keys), self._watch
+            new = None
+            try:
+                new = self._start(keys) if keys else None
+            except Exception:  # (the registry closed meanwhile)
+                log.exception("watching %d key(s) of our own failed", len(keys))
+            if new is not None and old is not None:  # the old one covers until it holds
+                deadline = time.monotonic() + self._hold_wait
+                while new.revision == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._watch, self._watching = new, keys
+            for stale in ((old, new) if closed else (old,)):
+                if stale is not None:
+                    stale.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            timer = self._timer
+            self._keys.clear()
+        if timer is not None:
+            timer.cancel()
+        with self._replacing, self._lock:  # a replacement under way ends first
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
+
+
+def watch_keys(reg: WatchSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
+    """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now."""
+    return EtcdWatch(reg, callback, 0, {k[0] for k in keys}, reg.url.resume_spread,
+                     keys=[reg.url.key(*k) for k in keys])

@@ -1,0 +1,84 @@
+"""A ZooKeeper registry with no watch of its own services (`discovery agent` alone) watches its
+own nodes only (``zk_own``): after a cut link (the same session) one ``SetWatches`` re-arms
+them, and a node deleted by hand during the cut is told at once and written back; after a
+session expiry, the recovery's transaction and one ``SetWatches`` (no read a node)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kazoo.client import KazooClient
+
+from discovery.registry import Registry, RegistryURL, open_registry
+from tests.harness.fleet import foreign
+from tests.harness.raw_clients import expire_zk_session
+from tests.harness.servers import ServerCluster, unique_prefix, wait_until
+from tests.harness.tcp_proxy import TcpProxy
+from tests.integration.test_zk_persistent_watch import requests_of
+
+pytestmark = pytest.mark.integration
+SPREAD = 0.5
+
+
+def test_own_nodes_deleted_during_a_cut_are_written_back_after_it(
+        zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch) -> None:
+    url = zk.url(unique_prefix()) + f"?spread={SPREAD}"
+    parsed = RegistryURL.parse(url)
+    mine = [foreign(n, nodes=1, services=2) for n in range(4)]  # node f0, svc0 and svc1
+    proxy = TcpProxy(parsed.hosts[0])
+    look = KazooClient(hosts=f"{parsed.hosts[0][0]}:{parsed.hosts[0][1]}")
+    look.start(10)
+    try:
+        reg = open_registry(proxy.url("zk", parsed.prefix) + f"?spread={SPREAD}", ttl=5)
+        regs.append(reg)
+        states: list[bool] = []
+        reg.add_state_listener(states.append)
+        for inst in mine:
+            reg.register(inst)
+        own = reg._restorer.own  # type: ignore[attr-defined]
+        wait_until(lambda: own.holds, 5, "its nodes watched")
+        restorer = reg._restorer  # type: ignore[attr-defined]
+        sent = requests_of(reg, monkeypatch)
+        gone = mine[1]
+        with proxy.blocked():
+            wait_until(lambda: states[-1:] == [False], 10, "the link down")
+            look.delete(parsed.key(*gone.key))  # by hand, while the host cannot see it
+        wait_until(lambda: states[-1:] == [True], 10, "reconnected")
+        back = time.monotonic()
+        wait_until(lambda: restorer.restored == 1, SPREAD + 2.0, "written back")
+        assert time.monotonic() - back <= SPREAD + 1.0
+        assert look.exists(parsed.key(*gone.key)).ephemeralOwner == reg.client.client_id[0]  # type: ignore[attr-defined]
+        # one SetWatches re-armed the 4; the deleted one alone read (its data, then exists),
+        # then written back (read first, then a create checking its index node), then its
+        # create fires the exists watch: read once more, with a watch
+        assert sent[0] == "SetWatches", sent
+        assert sent[1:] == ["GetData", "Exists", "GetData", "Transaction", "GetData"], sent
+    finally:
+        look.stop()
+        look.close()
+        proxy.close()
+
+
+def test_after_a_session_expiry_one_request_rearms_them(
+        zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch) -> None:
+    url = zk.url(unique_prefix()) + f"?spread={SPREAD}"
+    parsed = RegistryURL.parse(url)
+    mine = [foreign(n, nodes=1, services=2) for n in range(6)]
+    reg = open_registry(url, ttl=5)
+    regs.append(reg)
+    for inst in mine:
+        reg.register(inst)
+    own, restorer = reg._restorer.own, reg._restorer  # type: ignore[attr-defined]
+    wait_until(lambda: own.holds, 5, "its nodes watched")
+    sent = requests_of(reg, monkeypatch)
+    expire_zk_session(reg.client)  # type: ignore[attr-defined]
+    wait_until(lambda: sent == ["Transaction", "SetWatches"], 10, "recovered, re-armed")
+    look = KazooClient(hosts=f"{parsed.hosts[0][0]}:{parsed.hosts[0][1]}")
+    look.start(10)
+    try:
+        look.delete(parsed.key(*mine[2].key))  # the new session's node: seen, written back
+        wait_until(lambda: restorer.restored == 1, SPREAD + 2.0, "written back")
+    finally:
+        look.stop()
+        look.close()
