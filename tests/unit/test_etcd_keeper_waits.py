@@ -106,7 +106,9 @@ def test_a_refused_rewrite_is_tried_when_due_and_the_lease_renewed_every_round(
     """A new lease granted, the rewrite refused (no write permission): every round renews,
     only the rounds at the rewrite's turn write (before: both, every 0.8 s)."""
     renewals, writes = [], []
-    registry._refresh = lambda lease: renewals.append(lease) or [SimpleNamespace(TTL=9)]
+    registry._renewals = SimpleNamespace(  # the keepalive stream's renewal, answered
+        renew=lambda lease: renewals.append(lease) or [SimpleNamespace(TTL=9)],
+        close=lambda: None, endpoint=None)
 
     def put(inst: Instance, lease: int) -> None:
         writes.append(lease)
