@@ -84,7 +84,7 @@ from discovery.retry import jittered  # noqa: E402
 from discovery.watcher import guard  # noqa: E402
 from discovery.watcher.core import Watcher  # noqa: E402
 from tests.harness.fleet import as_draining, delete_services, drain_services  # noqa: E402
-from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble  # noqa: E402
+from tests.harness.servers import EtcdCluster, ServerCluster, ZkEnsemble, wait_until  # noqa: E402
 
 PREFIX = "/wb"
 
@@ -189,6 +189,10 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
     loop = LoopThread() if url.startswith("etcd") else None
     with ThreadPoolExecutor(8) as pool:
         hosts = list(pool.map(lambda n: Host(n, url, args, services_n, loop, stop), numbers))
+    if args.follow == "none":  # the fault once every host's own-key watches hold (not in
+        # the ~0.5 s after its registers, which only its reconcile covers)
+        own = [h.registry._restorer.own for h in hosts]  # type: ignore[attr-defined]
+        wait_until(lambda: all(o.holds for o in own), 60, "the hosts' own-key watches")
     conn.send([i.key for h in hosts for i in h.instances])
     conn.recv()  # stop
     stop.set()

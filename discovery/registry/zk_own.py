@@ -112,8 +112,8 @@ class OwnNodes:
         self._client.remove_listener(self._on_state)
 
     def _look(self, path: str) -> None:
-        """Read ``path`` with a watch; the answer goes to ``seen`` (a missing node: an
-        ``exists`` watch, then a ``delete``)."""
+        """Read ``path`` with a watch; the answer goes to ``seen`` (a missing node: a
+        ``delete``, then an ``exists`` watch)."""
         with contextlib.suppress(KazooException):  # not connected: the reconnect re-arms
             self._client.get_async(path, watch=self._fired).rawlink(
                 lambda result: self._got(path, result))
@@ -125,9 +125,10 @@ class OwnNodes:
             return
         try:
             data, stat = result.get()
-        except NoNodeError:
+        except NoNodeError:  # an exists watch for its return, and told at once
             self._client.exists_async(path, watch=self._fired).rawlink(
-                lambda exists: self._gone(path, key, exists))
+                lambda exists: self._gone(path, exists))
+            self._seen(Change("delete", key=key))
             return
         except KazooException:  # the connection went: the reconnect re-arms
             return
@@ -138,17 +139,13 @@ class OwnNodes:
         with self._lock:
             self._answered.add(path)
 
-    def _gone(self, path: str, key: Key, exists: Any) -> None:
+    def _gone(self, path: str, exists: Any) -> None:
         try:
             stat = exists.get()
         except KazooException:
             return
-        with self._lock:
-            wanted = self._paths.get(path) == key
         if stat is not None:  # created again meanwhile: read it
             self._look(path)
-        elif wanted:
-            self._seen(Change("delete", key=key))
         with self._lock:
             self._answered.add(path)
 
