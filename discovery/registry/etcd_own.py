@@ -115,15 +115,19 @@ class OwnKeys:
                 if self._closed or self._keys == self._watching:
                     return
                 keys, old = frozenset(self._keys), self._watch
-            new = None
+            new: _Watch | None = None
             try:
                 new = self._start(keys) if keys else None
-            except Exception:  # (the registry closed meanwhile)
+            except Exception:  # (the registry closed meanwhile): the old one goes on
                 log.exception("watching %d key(s) of our own failed", len(keys))
+                return self._retry()
             if new is not None and old is not None:  # the old one covers until it holds
                 deadline = time.monotonic() + self._hold_wait
-                while new.revision == 0 and time.monotonic() < deadline:
+                while new.revision == 0 and time.monotonic() < deadline and not self._closed:
                     time.sleep(0.01)
+                if new.revision == 0 and not self._closed:  # not held (a member slow, the
+                    new.stop()  # link cut): the old one goes on, and resumes; later again
+                    return self._retry()
             with self._lock:
                 closed = self._closed
                 if not closed:
@@ -131,6 +135,18 @@ class OwnKeys:
             for stale in ((old, new) if closed else (old,)):
                 if stale is not None:
                     stale.stop()
+            self._change()  # the keys changed meanwhile (back to the old set, too): again
+
+    def _retry(self) -> None:
+        """The replacement again after ``hold_wait`` s (the old watch goes on meanwhile)."""
+        with self._lock:
+            self._watching = frozenset([("", "")])  # never the set: a replacement is due
+            if self._closed or self._timer is not None:
+                return
+            self._since = time.monotonic()
+            self._timer = threading.Timer(self._hold_wait, self._replace)
+            self._timer.daemon = True
+            self._timer.start()
 
     def close(self) -> None:
         with self._lock:

@@ -113,6 +113,7 @@ class Restorer:
         #: the registry's watches of its own keys (:mod:`~discovery.registry.zk_own`,
         #: :mod:`~discovery.registry.etcd_own`): for those no running watch follows
         self.own: OwnWatch | None = None
+        self._own_lock = threading.Lock()
 
     def followed(self, services: Collection[str] | None, stopped: threading.Event) -> None:
         """A watch of ``services`` (None: all) runs until ``stopped`` is set."""
@@ -129,7 +130,8 @@ class Restorer:
         """:attr:`own` watches the owned keys no running watch follows, and no others: after a
         register, a deregister, a watch started, a reconcile's read (a watch stopped)."""
         if self.own is not None:
-            self.own.only([key for key in self._copy() if not self.follows(key[0])])
+            with self._own_lock:  # one at a time: a stale list never applied last
+                self.own.only([key for key in self._copy() if not self.follows(key[0])])
 
     def wrap(self, callback: ChangeCallback,
              services: Collection[str] | None = None) -> ChangeCallback:

@@ -193,6 +193,7 @@ class ZkRegistry:
         retrying = backoff(RegistryError, stop_event=self._recovery, initial=0.5, maximum=2.0,
                            jitter=0.5, what="re-registering after session expiry", logger=log)
         failed: list[Instance] = []
+        zxid = self.client.last_zxid
         with contextlib.suppress(RegistryError):  # raised again only once stopped
             for attempt in retrying:
                 with attempt:
@@ -203,8 +204,9 @@ class ZkRegistry:
                             return
                         left = self._op(f"re-register {len(owned)} instance(s)",
                                         functools.partial(self._claims.claim_together, owned))
+                        zxid = self.client.last_zxid  # (its answer's)
                     failed = [inst for inst in left if not self._reclaim(inst)]
-        self._own.rearm()  # zk_own: one SetWatches (those still refused fire: gone)
+        self._own.rearm(zxid)  # zk_own: one SetWatches (those still refused fire: gone)
         if not failed:
             return
         # refused on their own (a service directory locked against us): alone, the wait
@@ -233,6 +235,7 @@ class ZkRegistry:
                 raise
             log.warning("after the session expiry: %s", exc)
             return False
+        self._restorer.watch_own()  # (Nerve's layout: a new node, watched)
         return True
 
     def _op(self, what: str, fn: Callable[[], T]) -> T:

@@ -94,14 +94,15 @@ class OwnNodes:
                 self._paths.pop(path, None)
                 self._answered.discard(path)
 
-    def rearm(self) -> None:
-        """After a new session's recovery wrote every node again: all watched anew, in one
-        ``SetWatches`` from the zxid seen then (a node changed since fires at once)."""
+    def rearm(self, zxid: int) -> None:
+        """After a new session's recovery wrote every node again (its transaction answered at
+        ``zxid``): all watched anew, in one ``SetWatches`` from there (a node changed since
+        fires at once)."""
         with self._lock:
             self._paths = {p: k for k in self._keys if (p := self._path_of(k)) is not None}
             self._keys = {k: p for p, k in self._paths.items()}
             self._answered.clear()
-        self._rewatch(self._client.last_zxid)
+        self._rewatch(zxid)
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ session expiry, the recovery's transaction and one ``SetWatches`` (no read a nod
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import pytest
@@ -40,20 +42,26 @@ def test_own_nodes_deleted_during_a_cut_are_written_back_after_it(
         wait_until(lambda: own.holds, 5, "its nodes watched")
         restorer = reg._restorer  # type: ignore[attr-defined]
         sent = requests_of(reg, monkeypatch)
-        gone = mine[1]
+        gone, changed = mine[1], mine[2]
         with proxy.blocked():
             wait_until(lambda: states[-1:] == [False], 10, "the link down")
             look.delete(parsed.key(*gone.key))  # by hand, while the host cannot see it
+            look.set(parsed.key(*changed.key),  # (a set fires only from the zxid before it)
+                     dataclasses.replace(changed, weight=0).to_json())
         wait_until(lambda: states[-1:] == [True], 10, "reconnected")
         back = time.monotonic()
-        wait_until(lambda: restorer.restored == 1, SPREAD + 2.0, "written back")
+        wait_until(lambda: restorer.restored == 2, SPREAD + 2.0, "both written back")
         assert time.monotonic() - back <= SPREAD + 1.0
-        assert look.exists(parsed.key(*gone.key)).ephemeralOwner == reg.client.client_id[0]  # type: ignore[attr-defined]
-        # one SetWatches re-armed the 4; the deleted one alone read (its data, then exists),
-        # then written back (read first, then a create checking its index node), then its
-        # create fires the exists watch: read once more, with a watch
+        session = reg.client.client_id[0]  # type: ignore[attr-defined]
+        assert look.exists(parsed.key(*gone.key)).ephemeralOwner == session
+        assert json.loads(look.get(parsed.key(*changed.key))[0])["weight"] != 0
+        # one SetWatches re-armed the 4; the two read (the deleted one: its data, then an
+        # exists watch), each written back (a read first, then a create checking its index
+        # node, or a set), each write firing its watch: read once more
         assert sent[0] == "SetWatches", sent
-        assert sent[1:] == ["GetData", "Exists", "GetData", "Transaction", "GetData"], sent
+        assert sorted(sent[1:]) == sorted(["GetData", "Exists", "GetData", "Transaction",
+                                           "GetData", "GetData", "GetData", "SetData",
+                                           "GetData"]), sent
     finally:
         look.stop()
         look.close()

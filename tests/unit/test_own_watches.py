@@ -1,5 +1,6 @@
 """Which owned keys a registry watches alone (those no running watch follows), and etcd's one
-stream of them: replaced once the set settles, from the revision the old one delivered."""
+stream of them: replaced once the set settles, the old one stopped once the new one holds
+(kept, and the replacement tried again later, when it does not)."""
 
 from __future__ import annotations
 
@@ -119,4 +120,25 @@ def test_etcd_replaces_it_within_most_seconds_of_a_steady_stream_of_changes() ->
         n += 1
         time.sleep(0.1)
     assert len(starts.made) == 2 and time.monotonic() - began < 1.2, n
+    own.close()
+
+
+def test_etcd_keeps_the_old_stream_when_the_new_one_does_not_hold() -> None:
+    starts = Starts()
+    own = OwnKeys(starts, settle=0.1, hold_wait=0.3)
+    own.want(("web", "a"))
+    wait_until(lambda: len(starts.made) == 1, 2, "the first stream")
+    starts.held = False  # a member slow, a link cut: the next one's creates not answered
+    own.want(("web", "b"))
+    wait_until(lambda: len(starts.made) == 2 and starts.made[1].stopped, 2, "given up")
+    assert not starts.made[0].stopped and not own.holds  # the old one goes on
+    starts.held = True
+    wait_until(lambda: len(starts.made) == 3, 2, "tried again after hold_wait")
+    wait_until(lambda: starts.made[0].stopped and own.holds, 2, "replaced")
+    assert starts.made[2].keys == {("web", "a"), ("web", "b")}
+    own.drop(("web", "b"))  # back and forth while it settles: the last set wins
+    own.want(("web", "b"))
+    own.drop(("web", "b"))
+    wait_until(lambda: len(starts.made) == 4 and own.holds, 2, "the last set")
+    assert starts.made[3].keys == {("web", "a")}
     own.close()
