@@ -45,7 +45,8 @@ running watch follows (``discovery agent`` alone; a router following k services:
 instances of the others) are followed by watches of those keys alone (:attr:`Restorer.own`:
 :mod:`~discovery.registry.zk_own`, :mod:`~discovery.registry.etcd_own`), so such a host costs
 the registry what its own instances do, not what their services do fleet-wide; what those
-miss (a stream down, an etcd key's first milliseconds) is the agent's next reconcile's.
+miss (an etcd key's first ~0.5 s, a ZooKeeper node whose recovery is refused) is the agent's
+next reconcile's.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class OwnNodes:
         self._answered: set[str] = set()  # paths read (with their watch) since wanted
         self._keys: dict[Key, str] = {}
         self._zxid = 0  # the last zxid seen when the connection went (0: it did not)
-        self._lost = False  # the session expired: the recovery's rearm() reads them all
+        self._drops = 0  # the connection's losses: a re-arm answered before a later one
+        self._lost = False  # the session expired: the recovery's rearm() re-arms them all
         self._closed = False
         client.add_listener(self._on_state)
 
@@ -113,8 +114,8 @@ class OwnNodes:
         self._client.remove_listener(self._on_state)
 
     def _look(self, path: str) -> None:
-        """Read ``path`` with a watch; the answer goes to ``seen`` (a missing node: a
-        ``delete``, then an ``exists`` watch)."""
+        """Read ``path`` with a watch; the answer goes to ``seen`` (a missing node: an
+        ``exists`` watch, and a ``delete``)."""
         with contextlib.suppress(KazooException):  # not connected: the reconnect re-arms
             self._client.get_async(path, watch=self._fired).rawlink(
                 lambda result: self._got(path, result))
@@ -127,8 +128,9 @@ class OwnNodes:
         try:
             data, stat = result.get()
         except NoNodeError:  # an exists watch for its return, and told at once
-            self._client.exists_async(path, watch=self._fired).rawlink(
-                lambda exists: self._gone(path, exists))
+            with contextlib.suppress(KazooException):  # (closed: nothing to watch)
+                self._client.exists_async(path, watch=self._fired).rawlink(
+                    lambda exists: self._gone(path, exists))
             self._seen(Change("delete", key=key))
             return
         except KazooException:  # the connection went: the reconnect re-arms
@@ -166,19 +168,20 @@ class OwnNodes:
         with self._lock:
             if state == KazooState.SUSPENDED:  # the earliest until a re-arm succeeds
                 self._zxid = self._zxid or self._client.last_zxid
+                self._drops += 1
                 return
             if state == KazooState.LOST:
                 self._lost, self._zxid = True, 0
                 return
-            zxid, lost, self._lost = self._zxid, self._lost, False
+            zxid, drops, lost, self._lost = self._zxid, self._drops, self._lost, False
         if state == KazooState.CONNECTED and zxid and not lost:
-            threading.Thread(target=self._rearm_from, args=(zxid,), daemon=True,
+            threading.Thread(target=self._rearm_from, args=(zxid, drops), daemon=True,
                              name="zk-own-rewatch").start()
 
-    def _rearm_from(self, zxid: int) -> None:
+    def _rearm_from(self, zxid: int, drops: int) -> None:
         if self._rewatch(zxid):
             with self._lock:
-                if self._zxid == zxid:
+                if self._drops == drops:  # (else the link went again: its own re-arm)
                     self._zxid = 0
 
     def _rewatch(self, zxid: int) -> bool:
