@@ -35,18 +35,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+_DUE: frozenset[Key] = frozenset({("", "")})  # "watching" no set of keys: a replacement is due
 
 
 class _Watch(Protocol):
     @property
     def revision(self) -> int: ...
 
-
     def stop(self) -> None: ...
 
 
 class OwnKeys:
-    """The keys it is told to ``want``, followed by one watch ``start(keys)`` (no keys, no
+    """The keys it is handed (:meth:`only`), followed by one watch ``start(keys)`` (no keys, no
     watch), replaced once the set has not changed for ``settle`` s (``most`` s at the latest
     after the first change), the old one stopped once the new one holds its watchers."""
 
@@ -73,12 +73,6 @@ class OwnKeys:
         with self._lock:
             return self._keys == self._watching and (
                 self._watch is None or self._watch.revision > 0)
-
-    def want(self, key: Key) -> None:
-        self._change(add=[key])
-
-    def drop(self, key: Key) -> None:
-        self._change(remove=[key])
 
     def only(self, keys: Collection[Key]) -> None:
         """Watch ``keys`` (the owned ones no watch of the registry follows), none else: after a
@@ -140,7 +134,7 @@ class OwnKeys:
     def _retry(self) -> None:
         """The replacement again after ``hold_wait`` s (the old watch goes on meanwhile)."""
         with self._lock:
-            self._watching = frozenset([("", "")])  # never the set: a replacement is due
+            self._watching = _DUE
             if self._closed or self._timer is not None:
                 return
             self._since = time.monotonic()

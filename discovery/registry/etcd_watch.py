@@ -381,7 +381,7 @@ class EtcdWatch:
         if not deleted and split is not None:
             reg.reads.add(ev.kv.key, ev.kv.value)  # what etcd sent, followed or not
         if rng not in self._revs:  # the wide watcher: only followed services, each event once
-            rng = key if key in self._revs else f"{self._root}{split[0]}/" if split else ""
+            rng = f"{self._root}{split[0]}/" if split is not None else ""
             if rng not in self._revs or rev <= self._floor.get(rng, 0):
                 return
         self._revs[rng] = max(self._revs[rng], rev)

@@ -82,12 +82,14 @@ def test_etcd_replaces_its_stream_once_the_set_settles_the_old_one_kept_until_it
         ) -> None:
     starts = Starts()
     own = OwnKeys(starts, settle=0.3, most=5.0, hold_wait=5.0)
-    own.want(("web", "a"))  # the first stream: once settled too
+    keys = [("web", "a")]
+    own.only(keys)  # the first stream: once settled too
     wait_until(lambda: len(starts.made) == 1, 2, "the first stream")
     assert starts.made[0].keys == {("web", "a")}
     for n in range(6):  # registrations 0.1 s apart: settled from the last, one replacement
-        own.want(("web", f"b{n}"))
-        time.sleep(0.1)
+        keys.append(("web", f"b{n}"))
+        own.only(keys)
+        time.sleep(0.1)  # (the pace of the registrations, not a wait)
         assert len(starts.made) == 1
     wait_until(lambda: len(starts.made) == 2, 2, "the replacement")
     assert len(starts.made[1].keys) == 7 and starts.made[0].stopped and own.holds
@@ -95,15 +97,14 @@ def test_etcd_replaces_its_stream_once_the_set_settles_the_old_one_kept_until_it
     starts.held = False  # the next one's creates not answered yet: the old one goes on
     own.only([("web", "a")])  # the others followed by a watch now
     wait_until(lambda: len(starts.made) == 3, 2, "the next one")
-    time.sleep(0.2)
-    assert not starts.made[1].stopped and not own.holds
+    assert not starts.made[1].stopped and not own.holds  # (hold_wait: 5 s)
     starts.made[2].revision = 9  # it holds: the old one stopped
     wait_until(lambda: starts.made[1].stopped, 2, "the old one stopped")
     assert starts.made[2].keys == {("web", "a")} and own.holds
     own.only([])  # none left: stopped at once, no stream
     wait_until(lambda: starts.made[2].stopped, 1, "stopped")
     assert len(starts.made) == 3
-    own.want(("api", "c"))
+    own.only([("api", "c")])
     own.close()
     assert all(w.stopped for w in starts.made)
 
@@ -111,14 +112,16 @@ def test_etcd_replaces_its_stream_once_the_set_settles_the_old_one_kept_until_it
 def test_etcd_replaces_it_within_most_seconds_of_a_steady_stream_of_changes() -> None:
     starts = Starts()
     own = OwnKeys(starts, settle=0.3, most=0.6)
-    own.want(("web", "a"))
+    keys = [("web", "a")]
+    own.only(keys)
     wait_until(lambda: len(starts.made) == 1, 2, "the first stream")
     began = time.monotonic()
     n = 0
     while len(starts.made) == 1 and time.monotonic() - began < 3:  # every 0.1 s, unsettled
-        own.want(("web", f"b{n}"))
+        keys.append(("web", f"b{n}"))
+        own.only(keys)
         n += 1
-        time.sleep(0.1)
+        time.sleep(0.1)  # (the pace of the registrations, not a wait)
     assert len(starts.made) == 2 and time.monotonic() - began < 1.2, n
     own.close()
 
@@ -126,19 +129,20 @@ def test_etcd_replaces_it_within_most_seconds_of_a_steady_stream_of_changes() ->
 def test_etcd_keeps_the_old_stream_when_the_new_one_does_not_hold() -> None:
     starts = Starts()
     own = OwnKeys(starts, settle=0.1, hold_wait=0.3)
-    own.want(("web", "a"))
+    a, b = ("web", "a"), ("web", "b")
+    own.only([a])
     wait_until(lambda: len(starts.made) == 1, 2, "the first stream")
     starts.held = False  # a member slow, a link cut: the next one's creates not answered
-    own.want(("web", "b"))
+    own.only([a, b])
     wait_until(lambda: len(starts.made) == 2 and starts.made[1].stopped, 2, "given up")
     assert not starts.made[0].stopped and not own.holds  # the old one goes on
     starts.held = True
     wait_until(lambda: len(starts.made) == 3, 2, "tried again after hold_wait")
     wait_until(lambda: starts.made[0].stopped and own.holds, 2, "replaced")
     assert starts.made[2].keys == {("web", "a"), ("web", "b")}
-    own.drop(("web", "b"))  # back and forth while it settles: the last set wins
-    own.want(("web", "b"))
-    own.drop(("web", "b"))
+    own.only([a])  # back and forth while it settles: the last set wins
+    own.only([a, b])
+    own.only([a])
     wait_until(lambda: len(starts.made) == 4 and own.holds, 2, "the last set")
     assert starts.made[3].keys == {("web", "a")}
     own.close()
