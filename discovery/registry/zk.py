@@ -322,16 +322,18 @@ class ZkRegistry:
 
         self._op(f"deregister {service}/{instance_id}", delete)
 
-    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+    def snapshot(self, services: Collection[str] | None = None,
+                 ours: str | None = None) -> Snapshot:
         return self._op("read", functools.partial(
             full_read, self.client, self.url, self._many, self.decoder, self.reads, self._get,
-            services))
+            services, ours))
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
-        Nerve's layout the first read of a node reads everything too: nodes the index does not
-        name (written by a version before it, or by a predecessor that died between the two
-        creates) are adopted by a restarted agent, their older nodes found in their directory."""
+        Nerve's layout the first read of a node lists every service's directory too and reads
+        the nodes named ``<node>:…`` (no other's data): nodes the index does not name (written
+        by a version before it, or by a predecessor that died between the two creates) are
+        adopted by a restarted agent, their older nodes found in their directory."""
         self._restorer.watch_own()
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
@@ -339,7 +341,7 @@ class ZkRegistry:
             if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
             indexed = set(snap.instances) if snap is not None else indexed
-        full = self.snapshot()
+        full = self.snapshot(ours=f"{node}:")  # the fleet's names, our nodes' data
         self._nerve_read.add(node)  # once it was read (a read that failed: again next time)
         mine = {k: i for k, i in full.instances.items() if i.node == node}
         if self._nerve is not None:

@@ -31,8 +31,9 @@ Airbnb's ``path=<prefix>/services/{service}/...`` has it; a layout whose service
 ``<prefix>``'s children has none (:attr:`enabled` False: callers read everything instead), nor
 has one whose index ZooKeeper refuses (a Nerve fleet's ACLs: :meth:`refused`). What it may
 miss (nodes of a version before it, or of a predecessor that died between the two creates) is
-found by a node's first read, which reads everything too
-(:meth:`discovery.registry.zk.ZkRegistry.node_snapshot`).
+found by a node's first read, which lists every service's directory too and reads the nodes
+named ``<node>:…`` (:meth:`discovery.registry.zk.ZkRegistry.node_snapshot`); a layout with no
+index does so at every read.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class ZkNodeIndex:
             return False
         if self.enabled:
             log.warning("ZooKeeper refused the index of Nerve's layout under %s (%s): each "
-                        "resync reads the whole registry (docs/security.md)", shown(self.base),
+                        "resync lists the whole registry (docs/security.md)", shown(self.base),
                         exc)
         self.enabled = False
         return True

@@ -300,9 +300,12 @@ def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int
 
 
 def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads: ReadStats,
-              get: Callable[[Any], Any], only: Collection[str] | None = None) -> Snapshot:
+              get: Callable[[Any], Any], only: Collection[str] | None = None,
+              ours: str | None = None) -> Snapshot:
     """Every instance (``only``: of those services), in three rounds of requests (the
-    services, their children, their data: ``many``); ``get`` waits for a kazoo result."""
+    services, their children, their data: ``many``); ``get`` waits for a kazoo result.
+    ``ours``: only the entries whose name starts with it are read, the others listed alone
+    (a node's own, ``<node>:``, the prefix of every id its agent gives)."""
     reads.full_read()
     try:
         services = (sorted(set(only)) if only is not None
@@ -318,7 +321,8 @@ def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads
     paths = []
     for d, children in dirs.items():
         reads.listed(children)
-        paths += [f"{d}/{child}" for child in sorted(children)]  # Nerve: the newest wins
+        paths += [f"{d}/{child}" for child in sorted(children)  # Nerve: the newest wins
+                  if ours is None or child.startswith(ours)]
     instances: dict[tuple[str, str], Instance] = {}
     bad: list[str] = []  # there, but not read (NoAuth), or not decoded
     for path, _, inst in decoded(many.data(paths, bad).items(), decoder, reads):

@@ -130,7 +130,7 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
                                  address="127.0.1.1", port=31100)]
         for one in [*own, inst(2)]:
             first.register(one)
-        first.node_snapshot("host1")  # a node's first read reads everything too (see below)
+        first.node_snapshot("host1")  # a node's first read lists everything too (see below)
         before = first.reads.counts()
         alone = first.node_snapshot("host1").instances
         cost_alone = first.reads.counts() - before
@@ -156,7 +156,11 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         assert {s for s, _ in second.snapshot().instances} == {"web", "api"}
 
         session = second.client.client_id[0]  # type: ignore[attr-defined]
+        before = second.reads.counts()
         assert set(second.node_snapshot("host1").instances) == {i.key for i in own}
+        start = second.reads.counts() - before  # a node's first read: the fleet's names only
+        assert start.full_reads == 1 and start.bytes * 3 < whole.bytes, (start, whole)
+        print(f"Nerve layout: an agent's first read {start.bytes} B ({start.keys} keys)")
         for one in own:  # adopted while the first still runs: its nodes are replaced
             second.register(one)
         mine = [c for c in zk.get_children(folder) if c.startswith(f"{own[0].id}_")]
@@ -175,11 +179,12 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
 
 def test_a_successor_adopts_nodes_the_index_does_not_name(zk_single: ServerCluster,
                                                           zk: KazooClient) -> None:
-    """A node's first read reads everything too: a predecessor's nodes the index does not name
-    (written by a version before it, or created right before the predecessor died, its index
-    node not yet) are adopted (else they would vanish with the old session before the checks
-    pass again), and their old nodes removed from the service's directory (found in the index
-    alone, they stayed: the instance twice). Then the index alone serves."""
+    """A node's first read lists every directory too (and reads the data of the node's own
+    names): a predecessor's nodes the index does not name (written by a version before it, or
+    created right before the predecessor died, its index node not yet) are adopted (else they
+    would vanish with the old session before the checks pass again), and their old nodes
+    removed from the service's directory (found in the index alone, they stayed: the instance
+    twice). Then the index alone serves."""
     url, _, folder = layout(zk_single)
     base = url.split("?")[0].split("/", 3)[3]
     old = open_registry(url, ttl=4.0)
@@ -189,17 +194,20 @@ def test_a_successor_adopts_nodes_the_index_does_not_name(zk_single: ServerClust
                           address="127.0.1.1", port=31002)
         old.register(inst(1))
         old.register(second)
+        # another node's, named host12:…: listed, not read (its 4 KB), not ours
+        old.register(inst(12, meta={f"blob{n}": "x" * 512 for n in range(8)}))
         index = f"/{base}/nerve-nodes/host1/web"
         unnamed = [c for c in zk.get_children(index) if c.startswith(f"{second.id}_")]
         zk.delete(f"{index}/{unnamed[0]}")  # as if the predecessor died in between
         before = new.reads.counts()
         found = new.node_snapshot("host1").instances
         assert sorted(i.id for i in found.values()) == [inst(1).id, second.id]
-        assert (new.reads.counts() - before).full_reads == 1
+        start = new.reads.counts() - before
+        assert start.full_reads == 1 and start.bytes < 2048, start  # host12's data not read
         new.register(inst(1))  # adopted: a node and an index entry of the new session each
         new.register(second)
         session = new.client.client_id[0]  # type: ignore[attr-defined]
-        children = zk.get_children(folder)
+        children = [c for c in zk.get_children(folder) if c.startswith("host1:")]
         assert len(children) == 2, children
         assert {zk.exists(f"{folder}/{c}").ephemeralOwner for c in children} == {session}
         before = new.reads.counts()
