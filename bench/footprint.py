@@ -2,7 +2,8 @@
 """Per-host footprint (issue 11 §5): ``discovery up`` (agent, watcher, DNS and HTTP in one
 process) with 100 containers of its own and a 10,000-instance catalog.
 
-A single-node etcd (the harness's ``EtcdCluster(1)``) gets ``--foreign`` (10,000) instances
+A single-node etcd (the harness's ``EtcdCluster(1)``; ``--backend zk``: a single ZooKeeper,
+``ZkEnsemble(1)``) gets ``--foreign`` (10,000) instances
 of 100 *other* nodes over 20 services (``svc0`` … ``svc19``, 500 each), written directly by a
 raw client (``tests/harness/fleet.py:fill_foreign``: what those hosts' agents would have
 written, index entries included). Then ``discovery up --registry … --node fp`` starts with
@@ -17,9 +18,9 @@ second for ``--seconds`` (30, one resync period):
   threads) and its CPU (% of one core). Target: RSS <= 80 MB (10^6 bytes).
 * HAProxy's RSS beside it (master + workers, summed; PSS too: they share pages).
 
-Raw result: ``bench/results/footprint-etcd.json``. Containers are removed by id at the end
-(and anything left with this run's harness label); etcd, ``discovery up`` and HAProxy are
-stopped by their pids.
+Raw result: ``bench/results/footprint-<backend>.json``. Containers are removed by id at the end
+(and anything left with this run's harness label); the registry, ``discovery up`` and HAProxy
+are stopped by their pids.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from registration_rig import Containers
 from discovery.registry import open_registry
 from tests.harness.dockerd import SESSION_ID, build_example_image, cleanup_session_containers
 from tests.harness.fleet import fill_foreign
-from tests.harness.servers import EtcdCluster
+from tests.harness.servers import EtcdCluster, ZkEnsemble
 from tests.harness.util import free_port
 
 TARGET_MB = 80.0
@@ -114,7 +115,8 @@ def wait(pred: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
 
 
 def run(args: argparse.Namespace, work: Path, report: Report) -> None:
-    cluster = EtcdCluster(1, work / "etcd")
+    cluster = (EtcdCluster(1, work / "etcd") if args.backend == "etcd"
+               else ZkEnsemble(1, work / "zk"))
     client = docker.from_env(timeout=60)
     containers = Containers(build_example_image(client), parallel=8)
     up: Daemon | None = None
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace, work: Path, report: Report) -> None:
         hp_pss = max(s["haproxy_pss_kib"] for s in samples)
         rss_mb = rss_kib * 1024 / 1e6
         report.emit({
-            "name": "footprint_up", "backend": "etcd", "containers": args.containers,
+            "name": "footprint_up", "backend": args.backend, "containers": args.containers,
             "containers_started_s": round(started_s, 1), "catalog": size,
             "routed_services": len(routes), "window_s": round(wall, 1),
             "rss_mb": round(rss_mb, 1), "rss_mib": round(rss_kib / 1024, 1),
@@ -208,6 +210,7 @@ def run(args: argparse.Namespace, work: Path, report: Report) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=("etcd", "zk"), default="etcd")
     ap.add_argument("--containers", type=int, default=100)
     ap.add_argument("--foreign", type=int, default=10_000)
     ap.add_argument("--route", type=int, default=6,
@@ -232,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         code = report.not_measured("footprint", exc)
     if code == 0 and not args.no_save:
-        report.save("footprint", "etcd", mark, getattr(report, "samples", []))
+        report.save("footprint", args.backend, mark, getattr(report, "samples", []))
     keep_or_remove(work, code == 2 or args.keep_logs)
     return report.status(code)
 
