@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -50,6 +52,12 @@ def stamp_after(previous: float, now: float) -> float:
 def make_instance_id(node: str, container_id: str, port: int) -> str:
     """Stable id: the same container port on the same node always gets the same id."""
     return f"{node}:{container_id[:12].lower()}:{port}"
+
+
+def made_on(node: str) -> Callable[[str], bool]:
+    """Whether an id is one :func:`make_instance_id` gives on ``node`` (a Docker id is hex)."""
+    pattern = re.compile(rf"{re.escape(node)}:[0-9a-f]{{12}}:[0-9]{{1,5}}")
+    return lambda iid: pattern.fullmatch(iid) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
+from discovery.model.instance import made_on
 from discovery.model.nerve import as_read
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
@@ -323,17 +324,17 @@ class ZkRegistry:
         self._op(f"deregister {service}/{instance_id}", delete)
 
     def snapshot(self, services: Collection[str] | None = None,
-                 ours: str | None = None) -> Snapshot:
+                 ours: Callable[[str], bool] | None = None) -> Snapshot:
         return self._op("read", functools.partial(
             full_read, self.client, self.url, self._many, self.decoder, self.reads, self._get,
             services, ours))
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
-        Nerve's layout the first read of a node lists every service's directory too and reads
-        the nodes named ``<node>:…`` (no other's data): nodes the index does not name (written
-        by a version before it, or by a predecessor that died between the two creates) are
-        adopted by a restarted agent, their older nodes found in their directory."""
+        Nerve's layout a node's first read also lists every service and reads the nodes its
+        agent names (:func:`~discovery.model.instance.made_on`): the index may miss some
+        (written by a version before it, or by a predecessor that died between the two
+        creates); a restarted agent adopts them, their older nodes found in their directory."""
         self._restorer.watch_own()
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
@@ -341,7 +342,7 @@ class ZkRegistry:
             if snap is not None and (self._nerve is None or node in self._nerve_read):
                 return snap
             indexed = set(snap.instances) if snap is not None else indexed
-        full = self.snapshot(ours=f"{node}:")  # the fleet's names, our nodes' data
+        full = self.snapshot(ours=made_on(node))  # the fleet's names, our nodes' data
         self._nerve_read.add(node)  # once it was read (a read that failed: again next time)
         mine = {k: i for k, i in full.instances.items() if i.node == node}
         if self._nerve is not None:

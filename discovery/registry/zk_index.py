@@ -28,11 +28,11 @@ node (not in the same transaction: the sequence is not known before); a claim in
 removes the older index nodes of the same ``<id>_``. :meth:`read` is the same three requests.
 The index lives beside the services, so it needs them elsewhere than under ``<prefix>``:
 Airbnb's ``path=<prefix>/services/{service}/...`` has it; a layout whose services are
-``<prefix>``'s children has none (:attr:`enabled` False: callers read everything instead), nor
+``<prefix>``'s children has none (:attr:`enabled` False: callers list everything instead), nor
 has one whose index ZooKeeper refuses (a Nerve fleet's ACLs: :meth:`refused`). What it may
 miss (nodes of a version before it, or of a predecessor that died between the two creates) is
 found by a node's first read, which lists every service's directory too and reads the nodes
-named ``<node>:…`` (:meth:`discovery.registry.zk.ZkRegistry.node_snapshot`); a layout with no
+its agent names (:meth:`discovery.registry.zk.ZkRegistry.node_snapshot`); a layout with no
 index does so at every read.
 """
 

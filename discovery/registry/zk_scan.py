@@ -21,6 +21,7 @@ from typing import Any
 from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.model import Instance
+from discovery.model.nerve import node_prefix
 from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.decoder import Decoder
@@ -301,11 +302,11 @@ def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int
 
 def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads: ReadStats,
               get: Callable[[Any], Any], only: Collection[str] | None = None,
-              ours: str | None = None) -> Snapshot:
+              ours: Callable[[str], bool] | None = None) -> Snapshot:
     """Every instance (``only``: of those services), in three rounds of requests (the
     services, their children, their data: ``many``); ``get`` waits for a kazoo result.
-    ``ours``: only the entries whose name starts with it are read, the others listed alone
-    (a node's own, ``<node>:``, the prefix of every id its agent gives)."""
+    ``ours``: only the entries whose name (a Nerve node's without its sequence) it takes are
+    read, the others listed alone (a node's own: :func:`~discovery.model.instance.made_on`)."""
     reads.full_read()
     try:
         services = (sorted(set(only)) if only is not None
@@ -322,7 +323,7 @@ def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads
     for d, children in dirs.items():
         reads.listed(children)
         paths += [f"{d}/{child}" for child in sorted(children)  # Nerve: the newest wins
-                  if ours is None or child.startswith(ours)]
+                  if ours is None or ours(node_prefix(child))]
     instances: dict[tuple[str, str], Instance] = {}
     bad: list[str] = []  # there, but not read (NoAuth), or not decoded
     for path, _, inst in decoded(many.data(paths, bad).items(), decoder, reads):

@@ -288,6 +288,28 @@ def test_an_index_zookeeper_refuses_is_turned_off(zk_single: ServerCluster,
         registry.close()
 
 
+def test_with_no_index_a_node_read_takes_no_node_nerve_wrote(zk_single: ServerCluster,
+                                                              zk: KazooClient) -> None:
+    """Services right under the prefix leave no room for the index: every node read lists the
+    whole registry and reads the nodes named as the agent names them, its own. Nodes Nerve
+    wrote are not its own, even labelled with its node or named ``<node>:…`` (read as its own
+    before, a reconcile re-registered them draining or deleted Nerve's live node)."""
+    host, port = zk_single.address(0)
+    base = f"{unique_prefix()}/nerve/services"
+    registry = open_registry(f"zk://{host}:{port}{base}?format=nerve", ttl=4.0)
+    try:
+        registry.register(inst(1))
+        labelled = b'{"host":"127.0.2.1","port":8080,"name":"i-0abc","labels":{"node":"host1"}}'
+        nerve_write(zk, f"{base}/web", "i-0abc", labelled)
+        nerve_write(zk, f"{base}/web", "host1:web", b'{"host":"127.0.2.2","port":8080}')
+        assert len(registry.snapshot().instances) == 3
+        before = registry.reads.counts()
+        assert set(registry.node_snapshot("host1").instances) == {inst(1).key}
+        assert (registry.reads.counts() - before).full_reads == 1  # no index
+    finally:
+        registry.close()
+
+
 def nerve_write(zk: KazooClient, folder: str, instance_id: str, data: bytes) -> str:
     """What Nerve's ZooKeeper reporter does: mkdir -p, then an ephemeral sequential node."""
     zk.ensure_path(folder)

@@ -10,6 +10,7 @@ import pytest
 
 from discovery.errors import InvalidRecord, ValidationError
 from discovery.model import SCHEMA_VERSION, Instance, State, make_instance_id
+from discovery.model.instance import made_on
 
 
 def instance(**kw: Any) -> Instance:
@@ -86,6 +87,15 @@ def test_helpers() -> None:
     assert inst.same_registration(instance(registered_at=1.0))
     assert not inst.same_registration(instance(weight=51))
     assert make_instance_id("node1", "3F2A" * 16, 80) == "node1:3f2a3f2a3f2a:80"
+
+
+def test_made_on_takes_the_ids_the_agent_of_that_node_gives_and_no_other() -> None:
+    ours = made_on("node1")
+    assert ours(make_instance_id("node1", "3F2A" * 16, 65535))
+    assert not any(ours(iid) for iid in [
+        make_instance_id("node12", "3F2A" * 16, 80), "node1:web", "node1:3f2a3f2a3f2a",
+        "node1:3f2a3f2a3f2a:80:9", "node1:3F2A3F2A3F2A:80", "xnode1:3f2a3f2a3f2a:80",
+        "node1:3f2a3f2a3f2a:123456"])
 
 
 MALFORMED_JSON = [b"", b"{", b"not json", b"\xff\xfe", "{'service': 'web'}", b"[1,2"]
