@@ -49,7 +49,9 @@ class LivePaths:
 
     def __init__(self) -> None:
         self._key: dict[str, Key] = {}
-        self._paths: dict[Key, set[str]] = {}
+        #: key -> its node, or a set of them (a set apiece cost a follower of 10,000 nodes
+        #: 2.2 MB: one node each but under Nerve)
+        self._paths: dict[Key, str | set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._key)
@@ -60,20 +62,28 @@ class LivePaths:
     def set(self, path: str, key: Key) -> None:
         self.pop(path)
         self._key[path] = key
-        self._paths.setdefault(key, set()).add(path)
+        held = self._paths.setdefault(key, path)
+        if isinstance(held, set):
+            held.add(path)
+        elif held != path:
+            self._paths[key] = {held, path}
 
     def pop(self, path: str) -> Key | None:
         key = self._key.pop(path, None)
         if key is not None:
-            holders = self._paths[key]
-            holders.discard(path)
-            if not holders:
+            held = self._paths[key]
+            if isinstance(held, str):
                 del self._paths[key]
+            else:
+                held.discard(path)
+                if len(held) == 1:
+                    self._paths[key] = next(iter(held))
         return key
 
     def holders(self, key: Key) -> list[str]:
         """The nodes that hold ``key``, in a stable order."""
-        return sorted(self._paths.get(key, ()))
+        held = self._paths.get(key)
+        return [] if held is None else [held] if isinstance(held, str) else sorted(held)
 
 
 @dataclass
@@ -166,7 +176,7 @@ def read_nodes(client: Any, many: ManyReads | None, decoder: Decoder, watch_for:
     session expiry is a few requests, not one per instance), else one each (the read arms
     its one-shot watch). Those we may not read (NoAuth) are added to ``refused``."""
     if many is not None:
-        yield from many.data(paths, refused).items()
+        yield from many.each(paths, refused)
         return
     for path in paths:
         try:
@@ -326,7 +336,7 @@ def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads
                   if ours is None or ours(node_prefix(child))]
     instances: dict[tuple[str, str], Instance] = {}
     bad: list[str] = []  # there, but not read (NoAuth), or not decoded
-    for path, _, inst in decoded(many.data(paths, bad).items(), decoder, reads):
+    for path, _, inst in decoded(many.each(paths, bad), decoder, reads):
         if inst is not None:
             instances[inst.key] = inst
         else:

@@ -24,6 +24,21 @@ def test_a_node_holds_one_instance_and_an_instance_may_have_several_nodes() -> N
     assert live.get(f"{SVC}/b_0001") == ("web", "b") and len(live) == 1
 
 
+def test_holders_go_from_one_to_several_and_back() -> None:
+    live, key = LivePaths(), ("web", "a")
+    for name in ("a_0001", "a_0001", "a_0002", "a_0003"):  # the same node twice: once
+        live.set(f"{SVC}/{name}", key)
+    assert live.holders(key) == [f"{SVC}/a_0001", f"{SVC}/a_0002", f"{SVC}/a_0003"]
+    live.pop(f"{SVC}/a_0002")
+    live.pop(f"{SVC}/a_0001")
+    assert live.holders(key) == [f"{SVC}/a_0003"]
+    live.set(f"{SVC}/a_0004", key)
+    assert live.holders(key) == [f"{SVC}/a_0003", f"{SVC}/a_0004"]
+    live.pop(f"{SVC}/a_0003")
+    live.pop(f"{SVC}/a_0004")
+    assert live.holders(key) == [] and len(live) == 0
+
+
 def test_a_node_that_now_holds_another_instance_leaves_the_old_one() -> None:
     live = LivePaths()
     live.set(f"{SVC}/n_0001", ("web", "n:8080"))

@@ -88,7 +88,7 @@ class Router:
 def watch_of(client: Client) -> ZkWatch:
     connected = threading.Event()
     connected.set()
-    many = SimpleNamespace(data=lambda paths, refused=None: {})
+    many = SimpleNamespace(each=lambda paths, refused=None: iter(()))
     return ZkWatch(client, Decoder(URL), connected, lambda change: None, 0,
                    router=Router(), many=many)  # type: ignore[arg-type]
 
