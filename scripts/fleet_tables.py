@@ -128,8 +128,9 @@ def t_fleet_server(results: dict[str, Result]) -> str:
 
 def t_host_footprint(results: dict[str, Result]) -> str:
     out = []
-    for r in rows_of(results.get("footprint-etcd")):
-        out.append([num(r["containers"]), num(r["catalog"]), num(r["routed_services"]),
+    for r in [*rows_of(results.get("footprint-etcd")), *rows_of(results.get("footprint-zk"))]:
+        out.append([r.get("backend", "etcd"), num(r["containers"]), num(r["catalog"]),
+                    num(r["routed_services"]),
                     f"**{num(r['rss_mb'])} MB** ({num(r['rss_mib'])} MiB)",
                     f"{num(r['hwm_mb'])} MB", f"{num(r['rss_anon_mib'])} / "
                     f"{num(r['rss_file_mib'])} MiB", f"{num(r['pss_mib'])} MiB",
@@ -139,7 +140,8 @@ def t_host_footprint(results: dict[str, Result]) -> str:
                     verdict(r.get("pass"))])
     if not out:
         return missing("footprint-etcd")
-    return table(["containers", "catalog", "services routed", "`discovery up` RSS (max)",
+    return table(["backend", "containers", "catalog", "services routed",
+                  "`discovery up` RSS (max)",
                   "peak (VmHWM)", "anon / file", "PSS", "threads", "CPU (of one core)",
                   "HAProxy RSS (master + workers)", "target", "result"], out)
 
