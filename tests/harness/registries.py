@@ -68,3 +68,11 @@ def etcd_url(etcd_single: ServerCluster) -> str:
     """A fresh prefix on the session's single etcd (started again if a test stopped it)."""
     etcd_single.ensure_running()
     return etcd_single.url(unique_prefix())
+
+
+def no_write_back(reg: Registry) -> None:
+    """Stop ``reg`` watching its own keys (discovery/registry/owned.py, zk_own, etcd_own), so
+    that it no longer writes back, at random within ``spread=``, an entry of its own another
+    writer deleted or changed: for a test of something else that does so by hand (else it
+    passes or fails by that random delay). ``reg`` must follow no service with a watch."""
+    reg._restorer.own.close()  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ import pytest
 from discovery.errors import RegistryDenied
 from discovery.model import Instance
 from discovery.registry import Change, Registry, etcd_watch
+from tests.harness.registries import no_write_back
 from tests.harness.secure import ETCDCTL, AuthEtcd
 from tests.harness.servers import HOST, _started, unique_prefix, wait_until
 from tests.harness.util import wait_for
@@ -153,7 +154,7 @@ def watching(etcd: RbacEtcd, open_reg: OpenReg, password: str,
     prefix = unique_prefix()
     name = etcd.user(password, prefix + "/")
     root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
-    root._restorer.own.close()  # type: ignore[attr-defined]  # a writer: no own-key stream
+    no_write_back(root)  # a writer: no own-key stream
     reg = open_reg(etcd.url_of(name, password, prefix), ttl=ttl, timeout=2.0)
     seen = Seen(reg)
     reg.watch(seen, reg.snapshot().revision)
@@ -216,7 +217,7 @@ def test_a_refused_wide_resume_falls_back_to_the_services_watches(
     name = etcd.user("pw", f"{prefix}/services/web/", f"{prefix}/services/api/",
                      f"{prefix}/alive")
     root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
-    root._restorer.own.close()  # type: ignore[attr-defined]  # a writer: no own-key stream
+    no_write_back(root)  # a writer: no own-key stream
     reg = open_reg(etcd.url_of(name, "pw", prefix), ttl=2.0, timeout=2.0)
     seen = Seen(reg)
     snap = reg.snapshot(["web", "api"])
@@ -251,7 +252,7 @@ def test_one_denied_service_leaves_the_others_followed(
     prefix = unique_prefix()
     name = etcd.user("pw", f"{prefix}/services/web/", f"{prefix}/alive")
     root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
-    root._restorer.own.close()  # type: ignore[attr-defined]  # a writer: no own-key stream
+    no_write_back(root)  # a writer: no own-key stream
     root.register(inst(1))
     root.register(inst(1, "api"))
     reg = open_reg(etcd.url_of(name, "pw", prefix), ttl=2.0, timeout=2.0)

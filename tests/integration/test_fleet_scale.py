@@ -26,6 +26,7 @@ from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
 from tests.harness.haproxy import http_get
 from tests.harness.raw_clients import raw_put
+from tests.harness.registries import no_write_back
 from tests.harness.servers import wait_until
 from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import free_port, wait_for
@@ -133,7 +134,8 @@ def test_successor_adopts_and_index_mismatches_are_handled(registry_url: str,
     assert second.node_snapshot(ME).instances == {i.key: i for i in own}
     assert len(second.snapshot().instances) == 3
 
-    # An index entry whose instance is gone: skipped.
+    # An index entry whose instance is gone: skipped (deleted by hand; not written back here).
+    no_write_back(second)
     raw_delete(registry_url, url.key("web", own[0].id))
     assert set(second.node_snapshot(ME).instances) == {own[1].key, own[2].key}
     second.register(own[0])  # written again: seen again

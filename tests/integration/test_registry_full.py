@@ -37,6 +37,7 @@ from discovery.registry import open_registry
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.haproxy import http_get
+from tests.harness.registries import no_write_back
 from tests.harness.servers import HOST, EtcdCluster, unique_prefix
 from tests.harness.util import free_port, require_tool, wait_for
 
@@ -246,7 +247,7 @@ def test_a_rewrite_refused_is_tried_rarely_and_the_lease_renewed(tmp_path: Path,
         reg.register(WEB)
         # the keeper's tries alone: its watch of its own key (etcd_own) would see the revoke's
         # delete and try a write-back, refused too (test_registry_written_back.py covers it)
-        reg._restorer.own.close()  # type: ignore[attr-defined]
+        no_write_back(reg)
         where = ("--prefix=true", cluster.USER_PREFIX + "/")
         cluster.etcdctl("role", "revoke-permission", "agents", *where, *root)
         cluster.etcdctl("role", "grant-permission", "agents", "read", *where, *root)

@@ -16,6 +16,7 @@ from discovery.model import Instance, State
 from discovery.model.nerve import to_nerve
 from discovery.registry import RegistryURL
 from tests.harness.fleet import close_raw, delete_services, index_paths, raw_client
+from tests.harness.registries import no_write_back
 from tests.harness.servers import wait_until
 from tests.integration.test_registry_contract import Follower, OpenReg, inst, open_reg
 
@@ -215,7 +216,7 @@ def test_a_nodes_entry_with_no_lease_or_session_is_told_and_taken_back(
     registry with no watch (`discovery agent` alone) has none: the node's snapshot tells it
     (``unowned``), and the agent's reconcile writes it again, onto the registry's own."""
     agent = open_reg(registry_url)  # no watch
-    agent._restorer.own.close()  # type: ignore[attr-defined]  # nor own-key watches
+    no_write_back(agent)  # nor own-key watches
     one = inst(4)
     agent.register(one)
     assert not agent.node_snapshot(one.node).unowned

@@ -9,6 +9,7 @@ prefix is deleted and the writer registers again a second later (what an agent's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -84,11 +85,15 @@ def wipe(registry_url: str) -> None:
             client.close()
         return
     from kazoo.client import KazooClient
+    from kazoo.exceptions import NotEmptyError
 
     zk = KazooClient(hosts=f"{host}:{port}", timeout=5)
     zk.start(timeout=10)
     try:
-        zk.delete(url.services_root, recursive=True)
+        for _ in range(10):  # as a script would: a node its owner wrote back meanwhile
+            with contextlib.suppress(NotEmptyError):
+                zk.delete(url.services_root, recursive=True)
+                break
     finally:
         zk.stop()
         zk.close()
