@@ -83,7 +83,7 @@ def test_instance_and_its_index_entry_change_together(registry_url: str,
                        for p in paths}
             assert len(written) == 1, written
         # the predecessor, still open, would write back what its successor deletes below
-        # (a hand-over's overlap, docs/operations.md): it is as good as gone
+        # (a hand-over's overlap, docs/operations.md "An entry deleted by hand"): gone here
         no_write_back(old)
         if etcd:
             before = client.get_response(paths[0]).header.revision
