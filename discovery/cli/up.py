@@ -77,7 +77,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     from discovery.lookup.status import agent_health
     from discovery.metrics import Metrics
     from discovery.registry import mask_url, open_registry
-    from discovery.registry.devserver import LocalEtcd
+    from discovery.registry.devserver import LocalEtcd, listed_ports
     from discovery.watcher.assemble import (
         HAProxySettings,
         assemble,
@@ -101,7 +101,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         if registry is None:
             if not dev:
                 raise DiscoveryError("no registry: give --registry URL, or --dev")
-            etcd = LocalEtcd().start()
+            etcd = LocalEtcd(avoid=listed_ports(dns, http, *services)).start()
             registry = etcd.url()
         if state_dir is None and dev:
             temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from discovery.errors import ConfigError, RegistryUnavailable
@@ -22,17 +23,27 @@ from discovery.retry import poll
 log = logging.getLogger(__name__)
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
     """``count`` distinct TCP ports free on ``host`` right now: bound to port 0 together (the
     kernel may hand out a port just closed again, so one at a time two could be the same),
-    read, closed. Another process may take one before the caller binds it; on loopback that
-    race is good enough."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                 for _ in range(count)]
-        for s in socks:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
+    read, closed; none of ``avoid`` (ports the caller is about to bind itself: free now, the
+    kernel may hand them out too). Another process may take one before the caller binds it; on
+    loopback that race is good enough."""
+    for _ in range(20):
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                     for _ in range(count)]
+            for s in socks:
+                s.bind((host, 0))
+            ports = [int(s.getsockname()[1]) for s in socks]
+        if not set(ports) & set(avoid):
+            break
+    return ports
+
+
+def listed_ports(*addresses: str) -> set[int]:
+    """The ports ``addresses`` end in (``host:port``, ``service:port``; ``off``: none)."""
+    return {int(tail) for a in addresses if (tail := a.rpartition(":")[2]).isdigit()}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,13 +52,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalEtcd:
-    def __init__(self, binary: str = "etcd", host: str = "127.0.0.1") -> None:
+    def __init__(self, binary: str = "etcd", host: str = "127.0.0.1",
+                 avoid: Collection[int] = ()) -> None:
         found = shutil.which(binary)
         if found is None:
             raise ConfigError(f"--dev needs the etcd binary ({binary!r} not found; "
                               "apt-get install etcd-server)")
         self.binary, self.host = found, host
-        self.client_port, self.peer_port = free_ports(2, host)
+        self.client_port, self.peer_port = free_ports(2, host, avoid)
         self.data_dir = Path(tempfile.mkdtemp(prefix="discovery-dev-etcd-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
