@@ -159,7 +159,7 @@ def test_airbnbs_own_prefix_reads_a_nodes_instances_through_its_index(
         session = second.client.client_id[0]  # type: ignore[attr-defined]
         before = second.reads.counts()
         assert set(second.node_snapshot("host1").instances) == {i.key for i in own}
-        start = second.reads.counts() - before  # a node's first read: the fleet's names only
+        start = second.reads.counts() - before  # a first read: the fleet's names, its records
         assert start.full_reads == 1 and start.bytes * 3 < whole.bytes, (start, whole)
         print(f"Nerve layout: an agent's first read {start.bytes} B ({start.keys} keys)")
         for one in own:  # adopted while the first still runs: its nodes are replaced
