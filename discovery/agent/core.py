@@ -32,6 +32,7 @@ from discovery.agent.tracked import (
     iso_ns,
     kill_grace,
     same_instances,
+    wait_grace,
 )
 from discovery.agent.views import AgentViews
 from discovery.agent.warmup import WarmupResult, start_warm_up
@@ -96,8 +97,7 @@ class Agent(AgentViews):
                 if self._reconnected:
                     self._reconnected = False
                     self.history.reconnected(list(self.registrations.written.values()))
-                    # A fleet back from an outage reconciles at a random moment within a resync
-                    # period (the backend put back what it owns); a failed write: at once.
+                    # back from an outage: a random moment in a resync (a failed write: now)
                     if not self.registrations.write_failed:
                         due = time.monotonic() + spread(self.config.resync)
                         continue
@@ -246,7 +246,7 @@ class Agent(AgentViews):
             grace = kill_grace(self.docker.inspect(cid))
         except DiscoveryError:
             grace = KILL_GRACE
-        if self._stop.wait(max(grace - (time.monotonic() - (end - KILL_GRACE)), 0.0)):
+        if wait_grace(self._stop, self._killed, cid, end, grace):  # or till it died
             return
         with self._lock:
             if self._killed.get(cid, (None,))[0] != end:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,19 @@ def kill_grace(attrs: dict[str, Any] | None) -> float:
     """Seconds a container (its inspect ``attrs``) drained on a kill signal gets to die."""
     stop_timeout = ((attrs or {}).get("Config") or {}).get("StopTimeout")
     return max(KILL_GRACE, stop_timeout + 5.0 if isinstance(stop_timeout, int) else 0.0)
+
+
+def wait_grace(stop: threading.Event, killed: dict[str, tuple[float, Any]], cid: str,
+               end: float, grace: float) -> bool:
+    """Wait out ``grace`` seconds from the kill of ``cid`` recorded in ``killed`` as ``end``
+    (the kill's time + :data:`KILL_GRACE`), or until ``killed`` holds that kill no more (the
+    container died, or was killed again), looked at each second: a thread a kill no longer
+    waits a minute once its container is gone. True if ``stop`` was set meanwhile."""
+    until = end - KILL_GRACE + grace
+    while killed.get(cid, (None,))[0] == end and (left := until - time.monotonic()) > 0:
+        if stop.wait(min(left, 1.0)):
+            return True
+    return False
 Key = tuple[str, str]
 
 

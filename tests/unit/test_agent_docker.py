@@ -310,6 +310,21 @@ def test_a_killed_container_that_dies_is_not_registered_again(
     assert setup.services() == [] and setup.agent._tracked == {}
 
 
+def test_a_killed_containers_thread_ends_once_it_died_not_at_the_grace(setup: Setup) -> None:
+    """The grace is 60 s; the container dies at once: its thread goes within a second (it
+    stayed the minute: the registration bench counted 60 more threads after 60 kills)."""
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    setup.event("kill", x, later(x), signal="15")
+    assert len(kill_threads()) == 1
+    setup.event("die", x, later(x, 2), exitCode="0")
+    deadline = time.monotonic() + 2.0  # looked at each second
+    while kill_threads():
+        assert time.monotonic() < deadline, "the kill's thread waits out its grace"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("action", ["kill", "die", "stop", "destroy"])
 def test_replayed_events_of_an_earlier_run_are_ignored(setup: Setup, action: str) -> None:
     x = setup.run("x", "xsvc")
