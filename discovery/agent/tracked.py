@@ -38,7 +38,7 @@ def wait_grace(stop: threading.Event, killed: dict[str, tuple[float, Any]], cid:
     while killed.get(cid, (None,))[0] == end and (left := until - time.monotonic()) > 0:
         if stop.wait(min(left, 1.0)):
             return True
-    return False
+    return stop.is_set()
 Key = tuple[str, str]
 
 

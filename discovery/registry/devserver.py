@@ -27,8 +27,8 @@ def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ())
     """``count`` distinct TCP ports free on ``host`` right now: bound to port 0 together (the
     kernel may hand out a port just closed again, so one at a time two could be the same),
     read, closed; none of ``avoid`` (ports the caller is about to bind itself: free now, the
-    kernel may hand them out too). Another process may take one before the caller binds it; on
-    loopback that race is good enough."""
+    kernel may hand them out too; after 20 tries, whatever came). Another process may take
+    one before the caller binds it; on loopback that race is good enough."""
     for _ in range(20):
         with contextlib.ExitStack() as stack:
             socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -43,7 +43,8 @@ def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ())
 
 def listed_ports(*addresses: str) -> set[int]:
     """The ports ``addresses`` end in (``host:port``, ``service:port``; ``off``: none)."""
-    return {int(tail) for a in addresses if (tail := a.rpartition(":")[2]).isdigit()}
+    return {int(tail) for a in addresses
+            if (tail := a.rpartition(":")[2].strip()).isascii() and tail.isdigit()}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

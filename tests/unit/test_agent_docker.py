@@ -346,6 +346,14 @@ def test_a_die_without_a_time_is_not_taken_for_a_replay(setup: Setup) -> None:
     assert setup.services() == [] and setup.agent._tracked == {}
 
 
+def test_a_grace_already_over_still_tells_the_agent_stopped() -> None:
+    stop, end = threading.Event(), time.monotonic()  # killed KILL_GRACE ago, a grace of 0 s
+    kill = {"c": (end, None)}
+    assert not tracked.wait_grace(stop, kill, "c", end, 0.0)
+    stop.set()
+    assert tracked.wait_grace(stop, kill, "c", end, 0.0)  # stopped: no refresh then
+
+
 def test_the_kill_grace_covers_the_containers_own_stop_timeout() -> None:
     assert tracked.kill_grace(None) == tracked.KILL_GRACE
     assert tracked.kill_grace({"Config": {"StopTimeout": 10}}) == tracked.KILL_GRACE

@@ -48,5 +48,6 @@ def test_ports_the_caller_binds_itself_are_not_picked(monkeypatch: pytest.Monkey
 
 
 def test_the_ports_up_is_given() -> None:
-    assert listed_ports("127.0.0.1:8600", "[::1]:8500", "off", "web:9000",
-                        "api:127.0.0.2:9001") == {8600, 8500, 9000, 9001}
+    given = ("127.0.0.1:8600", "[::1]:8500", "off", "web:9000", "api:127.0.0.2:9001",
+             "db: 9002", "x:\u00b2")  # spaces as the options' own parsing strips them
+    assert listed_ports(*given) == {8600, 8500, 9000, 9001, 9002}
