@@ -39,6 +39,8 @@ def wait_grace(stop: threading.Event, killed: dict[str, tuple[float, Any]], cid:
         if stop.wait(min(left, 1.0)):
             return True
     return stop.is_set()
+
+
 Key = tuple[str, str]
 
 
