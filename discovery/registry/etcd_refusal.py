@@ -73,6 +73,12 @@ def canceled(reason: str, rng: str) -> RegistryError:
     return RegistryUnavailable(f"watch canceled: {reason}")
 
 
+def resuming(revision: int) -> str:
+    """Where a watch whose last delivered revision is ``revision`` resumes (0: none delivered
+    yet, so its watchers start from the present)."""
+    return f"from revision {revision + 1}" if revision else "from the present"
+
+
 def refused(exc: BaseException) -> bool:
     """Whether a failure is etcd refusing (see the module docstring), not a lost link."""
     if isinstance(exc, RegistryError):
@@ -96,22 +102,23 @@ class WatchFailures:
         return backoff_async(Exception, stop_event=stop_event, initial=self._first,
                              maximum=self._first, jitter=self._spread)
 
-    def interrupted(self, exc: BaseException, resume: int) -> bool:
-        """A lost link: True, and logged, when it is the first since a stream last held."""
+    def interrupted(self, exc: BaseException, revision: int) -> bool:
+        """A lost link (``revision``: the last delivered): True, and logged, when it is the
+        first since a stream last held."""
         if self._failing:
             return False
-        self._log.warning("etcd watch on %s interrupted (%s); resuming from revision %d",
-                          self._where, rpc_details(exc), resume)
+        self._log.warning("etcd watch on %s interrupted (%s); resuming %s",
+                          self._where, rpc_details(exc), resuming(revision))
         self._failing = True
         return True
 
-    async def refused(self, exc: BaseException, resume: int) -> None:
+    async def refused(self, exc: BaseException, revision: int) -> None:
         """A refusal: logged with its reason, then the wait (which doubles each time)."""
         wait = self._refused.failed() + spread(self._spread)
         why = str(exc) if isinstance(exc, RegistryError) else rpc_details(exc)
-        self._log.warning("etcd watch on %s refused (%s); trying again in %.1f s, from revision "
-                          "%d (the registry is not reported down for it)",
-                          self._where, why, wait, resume)
+        self._log.warning("etcd watch on %s refused (%s); trying again in %.1f s, %s (the "
+                          "registry is not reported down for it)",
+                          self._where, why, wait, resuming(revision))
         await asyncio.sleep(wait)
 
     def narrowed(self, reason: str, root: str, services: int) -> None:

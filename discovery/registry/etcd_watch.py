@@ -182,10 +182,10 @@ class EtcdWatch:
             if self._stopped.is_set():
                 return
             if etcd_refusal.refused(exc):  # etcd said no: not down; a wait that doubles
-                return await self._failures.refused(exc, self.revision + 1)
+                return await self._failures.refused(exc, self.revision)
             self._lost = self._resume_wide
             await asyncio.to_thread(self._reg.set_state, False)
-            if not self._failures.interrupted(exc, self.revision + 1):
+            if not self._failures.interrupted(exc, self.revision):
                 raise  # the backoff waits (a fixed resume spread)
             await asyncio.sleep(etcd_refusal.RECONNECT_INITIAL)  # the first time: another member
 
@@ -331,8 +331,8 @@ class EtcdWatch:
         """``stream``'s member hangs (etcd_hang): another member's, from where it was."""
         if (here := self.endpoint) is None or self._stream is not stream or self._ending:
             return
-        log.warning("etcd watch: member %s does not answer; following on another one from "
-                    "revision %d", here.netloc, self.revision + 1)
+        log.warning("etcd watch: member %s does not answer; following on another one %s",
+                    here.netloc, etcd_refusal.resuming(self.revision))
         self._leaving = True
         here.fail()  # the next stream goes elsewhere (a mark of 1 s, from now)
         stream.cancel()
