@@ -98,20 +98,25 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
                 raise ConfigError(f"config file {config_file}: [agent] registry must be a "
                                   "string (a registry URL)")
             registry = from_file or None
-        if registry is None:
-            if not dev:
-                raise DiscoveryError("no registry: give --registry URL, or --dev")
-            etcd = LocalEtcd(avoid=listed_ports(dns, http, *services)).start()
-            registry = etcd.url()
+        if registry is None and not dev:
+            raise DiscoveryError("no registry: give --registry URL, or --dev")
         if state_dir is None and dev:
             temp_state = Path(tempfile.mkdtemp(prefix="dw-", dir="/tmp"))
         state = Path(state_dir) if state_dir else (temp_state or Path("/var/lib/discovery/watch"))
         agent_state = state / "agent" if state_dir or temp_state else DEFAULT_AGENT_STATE
-        base = AgentConfig(registry=registry, node=node, address=address, docker=docker,
-                           ttl=ttl, resync=resync, state_dir=str(agent_state))
+        # --dev: a stand-in URL until the dev etcd's ports are picked, apart from every port
+        # this process binds (the config file's listeners too)
+        base = AgentConfig(registry=registry or "etcd://127.0.0.1:2379", node=node,
+                           address=address, docker=docker, ttl=ttl, resync=resync,
+                           state_dir=str(agent_state))
         # the registry, once chosen, is the one both share: a reload does not change it
         explicit = given(ctx, ("node", "address", "docker", "ttl", "resync")) | {"registry"}
         agent_cfg, watch_cfg = configs(base, zone, services, config_file, explicit)
+        if registry is None:
+            etcd = LocalEtcd(avoid=listed_ports(dns, http) | watch_cfg.ports()).start()
+            registry = etcd.url()
+            base = replace(base, registry=registry)
+            agent_cfg = replace(agent_cfg, registry=registry)
         if watch_cfg.services:
             usable_state_dir(state)  # before anything connects: one line, exit 2
         metrics = Metrics()

@@ -155,6 +155,10 @@ class WatcherConfig:
     guard: GuardSettings = field(default_factory=GuardSettings)
     zone: str = ""  # this watcher's zone: route there first ("": no zone routing)
 
+    def ports(self) -> set[int]:
+        """The ports HAProxy listens on: the stats page's and every service's."""
+        return {port for _, port, _ in listeners(self)}
+
     def __post_init__(self) -> None:
         if not isinstance(self.zone, str):
             _fail("watcher.zone", f"{_show(self.zone)} is not a zone name (a DNS label)")
@@ -181,14 +185,20 @@ class WatcherConfig:
         _check_ports(self)
 
 
-def _check_ports(cfg: WatcherConfig) -> None:
-    """No two listeners on the same address and port (a wildcard bind clashes with all)."""
+def listeners(cfg: WatcherConfig) -> list[tuple[str, int, str]]:
+    """HAProxy's listeners of ``cfg``: ``(bind, port, the key that sets it)``."""
     used: list[tuple[str, int, str]] = []
     if cfg.stats_port is not None:
         used.append((DEFAULT_BIND, cfg.stats_port, "watcher.stats_port"))
     for name in sorted(cfg.services):
         svc = cfg.services[name]
         used.append((svc.bind, svc.port, f"services.{name}.port"))
+    return used
+
+
+def _check_ports(cfg: WatcherConfig) -> None:
+    """No two listeners on the same address and port (a wildcard bind clashes with all)."""
+    used = listeners(cfg)
     wild = {bind for bind, _, _ in used if ipaddress.ip_address(bind).is_unspecified}
     for n, (bind, port, key) in enumerate(used):
         for other_bind, other_port, other_key in used[:n]:
