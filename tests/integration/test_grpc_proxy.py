@@ -49,7 +49,10 @@ def test_agent_and_watcher_through_the_proxy_survive_its_restarts(
     prefix = unique_prefix()
     via, direct = grpc_proxy.url(prefix), etcd_single.url(prefix)
     web = f"s{uuid.uuid4().hex[:10]}"
-    agent = start_agent(via, None, "--ttl", "2", "--resync", "1")
+    # TTL 4 s: a restarted proxy answers "No endpoint available" until its own link to etcd
+    # is up (1.8 s seen in CI on a loaded machine), which a 2 s lease did not always outlive
+    ttl = 4
+    agent = start_agent(via, None, "--ttl", str(ttl), "--resync", "1")
     p1, p2, listen = free_port(), free_port(), free_port()
     containers(name=f"{web}-1", port=p1, labels=app_labels(web, p1))
     [first] = wait_registered(direct, web)  # written through the proxy, read from etcd itself
@@ -74,7 +77,7 @@ def test_agent_and_watcher_through_the_proxy_survive_its_restarts(
     # Down for longer than the TTL: etcd expires the agent's lease (the instances go), and
     # once the proxy is back the agent grants a new lease and writes them again.
     grpc_proxy.kill()
-    wait_gone(direct, web, timeout=10)
+    wait_gone(direct, web, timeout=ttl + 1)
     grpc_proxy.start()
     wait_registered(direct, web, count=2, timeout=30)
     wait_for(lambda: set(spread(listen, 10)) == {f"{web}-1", f"{web}-2"}, 30,
