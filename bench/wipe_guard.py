@@ -40,6 +40,7 @@ from common import Report, measured, say
 
 from discovery.model import Instance
 from discovery.registry import Change, Snapshot
+from discovery.registry.base import read_first
 from discovery.registry.reads import ReadStats
 from discovery.watcher.core import Watcher
 from discovery.watcher.guard import GuardSettings
@@ -63,6 +64,7 @@ class Registry:
 
     def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
               services: Any = None) -> Any:
+        read_first(start_revision, self.snapshot, callback)  # the watcher starts FIRST_READ
         self.callback = callback
         return self
 

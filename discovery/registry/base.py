@@ -325,6 +325,8 @@ class Change:
 
 ChangeCallback = Callable[[Change], None]
 StateCallback = Callable[[bool], None]
+#: a watch's ``start_revision`` that reads first: :meth:`Registry.watch`
+FIRST_READ = -1
 
 
 class Watch(Protocol):
@@ -363,6 +365,12 @@ class Registry(Protocol):
 
         Survives disconnects: resumes where it left off (a ``reset`` only when that is
         impossible: etcd compacted the revision, the ZooKeeper session expired).
+
+        :data:`FIRST_READ`: everything followed is read first and handed to ``callback`` as
+        a ``reset`` before this returns, then every change after that read; a read that
+        fails raises :class:`~discovery.errors.RegistryError` and leaves no watch. A
+        ZooKeeper watch reads everything to arm its watches: that read is the snapshot (a
+        snapshot, then a watch from its revision, read it all twice).
         """
 
     def add_state_listener(self, callback: StateCallback) -> None:
@@ -383,3 +391,14 @@ def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) 
     except Exception:
         log.exception("registry watch callback failed on %s", change.kind)
 
+
+def read_first(start_revision: int, snapshot: Callable[[], Snapshot],
+               callback: ChangeCallback) -> int:
+    """Where a watch from ``start_revision`` starts, when it reads nothing first itself: for
+    :data:`FIRST_READ`, ``snapshot()`` is handed to ``callback`` as a ``reset`` and the watch
+    starts at its revision."""
+    if start_revision != FIRST_READ:
+        return start_revision
+    snap = snapshot()
+    deliver(callback, Change("reset", snapshot=snap, revision=snap.revision), threading.Event())
+    return snap.revision

@@ -26,7 +26,7 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry import etcd_aio, etcd_index, etcd_rewind
+from discovery.registry import base, etcd_aio, etcd_index, etcd_rewind
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
@@ -170,11 +170,10 @@ class EtcdRegistry:
         return etcd_index.put(self._call, self.client, self.url, inst, lease)
 
     def _restore(self, key: tuple[str, str], doubt: bool) -> str:
-        """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
-        owned`) put back if still so (:func:`~discovery.registry.etcd_index.write_back`);
-        under the lock, so a deregister never sees it undone. With ``doubt`` (a write-back
-        whose answer was lost), one no longer owned is deleted if it is there on our lease.
-        A lease gone or being rewritten is the keeper's work; an unsettled key the agent's."""
+        """``key`` (owned, deleted or changed by another writer: ``owned``) put back if still
+        so (``etcd_index.write_back``), under the lock: a deregister never sees it undone. With
+        ``doubt`` (a write-back's answer lost), one no longer owned is deleted if it is there
+        on our lease. A lease gone or rewritten is the keeper's; an unsettled key the agent's."""
         with self._lock:  # (claiming marks a key unsettled under it)
             inst, lease = self._owned.get(key), self._lease
             if (lease is None or self._need_reput or self._closing.is_set()
@@ -338,11 +337,13 @@ class EtcdRegistry:
 
     def watch(self, callback: ChangeCallback, start_revision: int = 0,
               services: Collection[str] | None = None) -> EtcdWatch:
+        callback = self._restorer.wrap(callback, services)
+        start_revision = base.read_first(start_revision, lambda: self.snapshot(services), callback)
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError(f"etcd registry {self.url} is closed")
-            w = self._followed(EtcdWatch(self, self._restorer.wrap(callback, services),
-                                         start_revision, services, self.url.resume_spread))
+            w = self._followed(EtcdWatch(self, callback, start_revision, services,
+                                         self.url.resume_spread))
             self._restorer.followed(services, w._stopped)
             if self._pulse is None:
                 self._pulse = self.loop.start(pulse(
@@ -359,8 +360,7 @@ class EtcdRegistry:
         return read_alive(self.client, self.url.prefix, list(self._watches), self._cluster)
 
     def _pulse_read(self) -> None:
-        """A watch-only registry's pulse (one task): :meth:`_read_alive`, which tells the state
-        listeners, then a member's ``Status`` (:func:`~discovery.registry.etcd_pulse.status`)."""
+        """A watch-only registry's pulse (one task): a liveness read, then a member's Status."""
         self._call("liveness read", self._read_alive)
         status(self.client, list(self._watches), self._cluster)
 

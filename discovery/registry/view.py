@@ -18,6 +18,7 @@ from collections.abc import Collection
 from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry.base import (
+    FIRST_READ,
     Change,
     ChangeCallback,
     Registry,
@@ -117,19 +118,16 @@ class _ViewWatch:
             if self._stopped.is_set():
                 return
             self._watch.stop()
-            try:
+            try:  # its first read is the reset (ZooKeeper: the read that arms its watches)
                 for attempt in backoff(RegistryError, stop_event=self._stopped, timeout=30.0,
                                        what="reading the routed services", logger=log):
                     with attempt:
-                        snap = self._inner.snapshot(services)
+                        self._watch = self._inner.watch(self._deliver, FIRST_READ, services)
             except RegistryError:
                 if self._stopped.is_set():
                     return
                 # From the first revision: the backend sends a reset once it can read.
                 self._watch = self._inner.watch(self._deliver, 1, services)
-                return
-            self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
-            self._watch = self._inner.watch(self._deliver, snap.revision, services)
 
     def stop(self) -> None:
         self._stopped.set()  # first: ends a backoff in follow() that holds the lock

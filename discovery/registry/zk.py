@@ -36,7 +36,7 @@ from discovery.errors import ConfigError, RegistryDenied, RegistryError, Registr
 from discovery.model import Instance
 from discovery.model.instance import made_on
 from discovery.model.nerve import as_read
-from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
+from discovery.registry.base import FIRST_READ, ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer, claiming, unread
 from discovery.registry.reads import ReadStats
@@ -330,11 +330,10 @@ class ZkRegistry:
             services, ours))
 
     def node_snapshot(self, node: str) -> Snapshot:
-        """``node``'s instances through its index (:mod:`discovery.registry.zk_index`). With
-        Nerve's layout a node's first read also lists every service and reads the nodes its
-        agent names (:func:`~discovery.model.instance.made_on`): the index may miss some
-        (written by a version before it, or by a predecessor that died between the two
-        creates); a restarted agent adopts them, their older nodes found in their directory."""
+        """``node``'s instances through its index (``zk_index``). With Nerve's layout a node's
+        first read also lists every service and reads the nodes its agent names (``made_on``):
+        the index may miss some (written by a version before it, or by a predecessor that died
+        between the two creates); a restarted agent adopts them, older nodes found beside."""
         self._restorer.watch_own()
         indexed: set[tuple[str, str]] = set()
         if self._index.enabled:
@@ -353,9 +352,10 @@ class ZkRegistry:
               services: Collection[str] | None = None) -> ZkWatch:
         if self._closing.is_set():
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-        w = ZkWatch(self.client, self.decoder, self._connected,
-                    self._restorer.wrap(callback, services), start_revision,
-                    services, self.reads, self._router, self._many, self._pre)
+        make = functools.partial(ZkWatch, self.client, self.decoder, self._connected,
+                                 self._restorer.wrap(callback, services), start_revision,
+                                 services, self.reads, self._router, self._many, self._pre)
+        w = self._op("read", make) if start_revision == FIRST_READ else make()  # (base.py)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:  # those stopped (a client following more services) let go

@@ -20,7 +20,8 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, KeeperState
 
 from discovery.model.validate import shown
-from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
+from discovery.registry import zk_scan
+from discovery.registry.base import FIRST_READ, Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.zk_io import PreReads
@@ -28,14 +29,7 @@ from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
-from discovery.registry.zk_scan import (
-    LivePaths,
-    Withheld,
-    read_nodes,
-    relist,
-    scan,
-    unread_holders,
-)
+from discovery.registry.zk_scan import LivePaths, Withheld
 from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
@@ -99,14 +93,19 @@ class ZkWatch:
                 raise ConnectionLoss()
             self._init(start_revision)
         except Exception as exc:  # the worker reads it again (and logs a failure there)
+            if start_revision == FIRST_READ:  # its reset, or no watch: the caller retries
+                self.stop(join=False)
+                raise
             log.debug("first read deferred to the worker: %r", exc)
             self._queue.append(("init", str(start_revision)))
         self._thread = threading.Thread(target=self._run, daemon=True, name="zk-watch")
         self._thread.start()
 
     def _init(self, start_revision: int) -> None:
-        _, newest = self._scan()
-        if start_revision and newest > start_revision:  # changed since: we can't tell what
+        snap, newest = self._scan()
+        if start_revision == FIRST_READ:  # read once: the scan is the snapshot
+            self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
+        elif start_revision and newest > start_revision:  # changed since: we can't tell what
             self._push(("reset", ""))
 
     def _on_state(self, state: str) -> None:
@@ -258,8 +257,9 @@ class ZkWatch:
             snap, _ = self._scan()
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
         elif kind in ("services", "svc"):  # one-shot watches: a listing changed
-            for todo in relist(self._client, self._url, self._decoder, self._only,
-                               self._reads, self._svcs, self._nodes, item, self._w(item)):
+            for todo in zk_scan.relist(self._client, self._url, self._decoder, self._only,
+                                       self._reads, self._svcs, self._nodes, item,
+                                       self._w(item)):
                 self._push(todo)
         elif kind == "node":
             self._node(arg)
@@ -365,8 +365,8 @@ class ZkWatch:
             return
         others = self._live.holders(key)
         if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
-            others = unread_holders(self._client, self._url, key, self._nodes, self._node,
-                                    self._live)
+            others = zk_scan.unread_holders(self._client, self._url, key, self._nodes,
+                                            self._node, self._live)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))
         for other in others:
@@ -381,8 +381,8 @@ class ZkWatch:
         self._add_roots()
         self._known = self._live or self._known  # what nodes held: until a scan succeeds
         self._svcs, self._nodes, self._live = set(), {}, LivePaths()  # as if the scan failed
-        found = scan(self._client, self._url, self._decoder, self._only, self._reads,
-                     self._read_nodes, self._w, self._known.get)
+        found = zk_scan.scan(self._client, self._url, self._decoder, self._only, self._reads,
+                             self._read_nodes, self._w, self._known.get)
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
         self._known = LivePaths()
         self._refused.succeeded()  # a refusal from now on waits the first wait again
@@ -394,7 +394,7 @@ class ZkWatch:
                     ) -> Iterator[tuple[str, tuple[bytes, Any]]]:
         """:func:`~discovery.registry.zk_scan.read_nodes`: ``multiRead`` if persistent."""
         many = self._many if self._persistent else None
-        return read_nodes(self._client, many, self._decoder, self._w, paths, refused)
+        return zk_scan.read_nodes(self._client, many, self._decoder, self._w, paths, refused)
 
     def _deliver(self, change: Change) -> None:
         deliver(self._callback, change, self._stopped)

@@ -1,10 +1,10 @@
 """The watcher: registry → catalog → (coalesced) HAProxy sync and JSON output.
 
-Starts from one consistent snapshot, then follows the registry's changes. Bursts coalesce
-in a quiescence window (``wait_min``: quiet this long; ``wait_max``: never wait longer);
-reloads are rate-limited to one per ``reload_min_interval``. When the registry is lost the
-catalog is kept as it was — a lost connection never empties a backend — and the backend's
-watch resyncs on return.
+Starts from one consistent snapshot, its watch's own first read, then follows the registry's
+changes. Bursts coalesce in a quiescence window (``wait_min``: quiet this long; ``wait_max``:
+never wait longer); reloads are rate-limited to one per ``reload_min_interval``. When the
+registry is lost the catalog is kept as it was — a lost connection never empties a backend —
+and the backend's watch resyncs on return.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from discovery.errors import RegistryError
 from discovery.metrics import Metrics
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
+from discovery.registry.base import FIRST_READ
 from discovery.retry import backoff
 from discovery.watcher.guard import GuardSettings, WipeGuard
 from discovery.watcher.json_out import JsonOut
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Watcher:
@@ -62,30 +65,38 @@ class Watcher:
     # ---- lifecycle -------------------------------------------------------------------------
     def load(self, retry: bool = True) -> None:
         """Read the first snapshot (retrying with backoff while the registry is away)."""
+        snapshot = self._first(self.registry.snapshot, retry)
+        if snapshot is not None:
+            self.catalog.load(snapshot)
+            self._loaded()
+
+    def _first(self, read: Callable[[], T], retry: bool = True) -> T | None:
+        """``read()``, retried with backoff while the registry is away; None once stopped."""
         if not retry:
-            snapshot = self.registry.snapshot()
-        else:
-            try:
-                for attempt in backoff(RegistryError, stop_event=self._stop, logger=log,
-                                       what="registry unavailable at start"):
-                    with attempt:
-                        snapshot = self.registry.snapshot()
-            except RegistryError:
-                if self._stop.is_set():
-                    return
+            return read()
+        try:
+            for attempt in backoff(RegistryError, stop_event=self._stop, logger=log,
+                                   what="registry unavailable at start"):
+                with attempt:
+                    return read()
+        except RegistryError:
+            if not self._stop.is_set():
                 raise
-        self.catalog.load(snapshot)
+        return None
+
+    def _loaded(self) -> None:
         self.registry_connected = True
         self.metrics.registry_state(True)
-        log.info("catalog loaded: %d instances at revision %d",
-                 len(snapshot.instances), snapshot.revision)
+        log.info("catalog loaded: %d instances at revision %d", self.catalog.size(),
+                 self.catalog.revision)
 
     def run(self) -> None:
-        """Load, apply, then follow the registry until :meth:`stop`."""
-        self.load()
-        if self._stop.is_set():
+        """Follow the registry (its first read loads the catalog: one read, ``FIRST_READ``),
+        apply, until :meth:`stop`."""
+        self._watch = self._first(lambda: self.registry.watch(self._on_change, FIRST_READ))
+        if self._watch is None or self._stop.is_set():  # (close() stops a watch made)
             return
-        self._watch = self.registry.watch(self._on_change, self.catalog.revision)
+        self._loaded()
         self.sync()
         self._ready.set()
         while not self._stop.is_set():

@@ -21,6 +21,7 @@ from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, RegistryURL, etcd_watch, open_registry
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.view import ServicesView
+from discovery.watcher.core import Watcher
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import fill_foreign, foreign, index_paths, raw_delete
@@ -187,16 +188,45 @@ def test_filtered_snapshot_and_watch_cover_only_their_services(registry_url: str
     cost = reader.reads.counts() - before
     assert cost.keys <= 4 and cost.full_reads == 0, cost  # the two puts (zk: + a re-read)
 
-    # A new routed service (SIGHUP): one reset holding the new set, then its changes.
+    # A new routed service (SIGHUP): one reset holding the new set, then its changes. The new
+    # watch's own read is the reset: one read (ZooKeeper read it all twice before).
+    before = reader.reads.counts()
     view.set_services(["svc3", "web", "svc5"])
     wait_until(lambda: "reset" in seen.kinds(), 10, "the reset with svc5")
     reset = next(c for c in seen.changes if c.kind == "reset")
     assert reset.snapshot is not None
     assert {k[0] for k in reset.snapshot.instances} == {"svc3", "svc5", "web"}
+    cost = reader.reads.counts() - before
+    assert cost.full_reads == 1 and cost.keys <= 2 * 203, cost  # (zk: names, then data)
     assert seen.has(foreign(5).key)
     writer.deregister("svc5", foreign(5).id)
     wait_until(lambda: not seen.has(foreign(5).key), 10, "svc5's delete")
     assert set(seen.catalog.services()) == {"svc3", "svc5", "web"}
+
+
+def test_a_watcher_starts_on_one_read(registry_url: str, open_reg: OpenReg) -> None:
+    """The watcher's first catalog is its watch's own first read (``FIRST_READ``): one full
+    read on both backends. On ZooKeeper it read everything twice before: the snapshot, then
+    the read that arms the watches. A change after that read comes as a change."""
+    fill_foreign(registry_url, 500)
+    writer, reader, once = open_reg(registry_url), open_reg(registry_url), open_reg(registry_url)
+    once.snapshot()
+    one = once.reads.counts()  # what one read of everything costs
+    watcher = Watcher(reader, None)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        assert watcher.wait_ready(15)
+        cost = reader.reads.counts()
+        assert watcher.catalog.size() == 500
+        assert cost.full_reads == 1 and cost.bytes < 1.2 * one.bytes, (cost, one)
+        writer.register(mine(1))
+        wait_until(lambda: watcher.catalog.get(mine(1).key) is not None, 10, "the put")
+        assert (reader.reads.counts() - cost).full_reads == 0
+    finally:
+        watcher.stop()
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from discovery.model import Instance
-from discovery.registry.base import Change, Snapshot
+from discovery.registry.base import Change, Snapshot, read_first
 from discovery.registry.reads import ReadStats
 from discovery.watcher.core import Watcher
 
@@ -32,6 +32,7 @@ class _Registry:
 
     def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
               services: Any = None) -> _Registry:
+        read_first(start_revision, self.snapshot, callback)  # the watcher starts FIRST_READ
         self.callback = callback
         return self
 
@@ -74,3 +75,22 @@ def test_an_idle_watcher_loop_sleeps_and_a_change_still_wakes_it() -> None:
         watcher.stop()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_watcher_stopped_during_its_first_read_is_never_ready() -> None:
+    """A stop while the first read is made (SIGTERM of a starting `discovery watch`): no sync,
+    never ready (a ready one would take its predecessor's DNS/HTTP listeners over, then go)."""
+    registry = _Registry()
+    watcher = Watcher(registry, None)  # type: ignore[arg-type]
+    read = registry.snapshot
+
+    def slow_read(services: Any = None) -> Snapshot:
+        watcher.stop()  # comes while the read is made; the read still succeeds
+        return read(services)
+
+    registry.snapshot = slow_read  # type: ignore[method-assign]
+    synced: list[object] = []
+    watcher.sync = lambda *a: synced.append(a)  # type: ignore[method-assign]
+    watcher.run()
+    assert not watcher.wait_ready(0) and synced == []
+    assert watcher.catalog.loaded  # the read's reset came; nothing was made of it
