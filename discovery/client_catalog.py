@@ -2,8 +2,8 @@
 the watcher's wipe guard.
 
 :class:`LiveCatalog` reads the services it is asked to follow once, then follows their changes
-(one watch: a service added reads the services followed again, in one read, and starts the
-watch again from there, as a watcher does on SIGHUP). Every change goes through the wipe guard
+(one watch: a service added starts the watch again, its first read holding the services
+followed, as a watcher does on SIGHUP). Every change goes through the wipe guard
 (:mod:`discovery.watcher.guard`), timed by a thread of its own, so that a registry-side wipe
 does not empty every process's catalog at once and no callback of the client delays it. Reads
 of the registry are made outside the lock the watch's thread takes to apply a change (on etcd
@@ -19,7 +19,8 @@ from collections.abc import Callable
 from functools import partial
 
 from discovery.model.catalog import Catalog
-from discovery.registry import Change, Registry, Watch
+from discovery.registry import Change, Registry, Snapshot, Watch
+from discovery.registry.base import FIRST_READ
 from discovery.watcher.guard import WipeGuard
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LiveCatalog:
         self._guard: WipeGuard | None = None
         self._watch: Watch | None = None
         self._generation = 0  # of the watch: a stopped one's late changes are dropped
+        self._next = 0  # of the watch follow() is starting: its reset makes it the current
         self._following = threading.Lock()  # one follow() at a time
         self._wake = threading.Event()  # the guard's timer: something deferred, or closing
         self._timer: threading.Thread | None = None
@@ -51,62 +53,64 @@ class LiveCatalog:
     def follow(self, services: frozenset[str] | None) -> None:
         """Follow ``services`` too (None: every service); raises what the read raises (the
         services followed before are followed on: their watch runs on while the read is made).
-        """
+        The new watch reads first (``FIRST_READ``: on ZooKeeper its read is the one that arms
+        its watches): its first change, a ``reset``, makes it the current one."""
         with self._following:
             with self._lock:
-                if self._closed or self.follows(None) or (
+                if self._closed or (self._watch is not None and (self.follows(None) or (
                         services is not None and self.catalog is not None
-                        and services <= (self.services or frozenset())):
+                        and services <= (self.services or frozenset())))):
                     return
                 now = self.services if self.catalog is not None else None
                 want = None if services is None else services | (now or frozenset())
-            snap = self._registry.snapshot(want)  # outside the lock; the old watch goes on
+                generation = self._next = self._generation + 1
+            try:  # outside the lock: the reset, delivered before watch() returns, takes it
+                watch = self._registry.watch(partial(self._on_change, generation, want),
+                                             FIRST_READ, services=want)
+            finally:
+                with self._lock:
+                    self._next = 0
+            with self._lock:
+                stale = self._closed or generation != self._generation
+                if not stale:
+                    self._watch = watch
+                    if self._guard is not None and self._timer is None:
+                        self._timer = threading.Thread(target=self._time, daemon=True,
+                                                       name="discovery-client-guard")
+                        self._timer.start()
+            if stale:
+                watch.stop()
+        log.debug("following %s", "every service" if want is None
+                  else f"{len(want)} service(s)")
+
+    def _on_change(self, generation: int, services: frozenset[str] | None,
+                   change: Change) -> None:
+        """The watch's callback (a backend thread): through the wipe guard, then applied. The
+        first change of a new watch, its read, makes it the current watch: it comes in
+        ``follow``'s thread, within ``watch()``, where the old watch is stopped (so the registry
+        lets it go as it adds the new one)."""
+        old: Watch | None = None
+        try:
             with self._lock:
                 if self._closed:
                     return
-                # the old watch's later changes (past the read) come again from the new one,
-                # which starts at the read's revision
-                self._generation += 1
-                generation, old, self._watch = self._generation, self._watch, None
-                if self.catalog is None:
+                first = generation == self._next and change.kind == "reset"
+                if first:
+                    self._generation, self._next, self.services = generation, 0, services
+                    old, self._watch = self._watch, None
+                if first and self.catalog is None:
                     self.catalog = Catalog()
-                    self.catalog.load(snap)
+                    self.catalog.load(change.snapshot or Snapshot())
                     self._guard = WipeGuard(self.catalog) if self._guarded else None
                     self._touched(None)
-                else:  # through the guard, as any reset (a read during a wipe is held too);
-                    # what it changes is told as for any change
-                    self._on_change(generation, Change("reset", snapshot=snap,
-                                                       revision=snap.revision))
-                self.services = want
+                elif generation == self._generation and self.catalog is not None:
+                    guard = self._guard
+                    self._apply(guard.filter(change) if guard is not None else [change])
+                    if guard is not None and guard.next_due() is not None:
+                        self._wake.set()
+        finally:
             if old is not None:  # outside the lock: stopping joins the backend's thread
                 old.stop()
-            self._start(generation, snap.revision)
-        log.debug("following %s from revision %d", "every service" if want is None
-                  else f"{len(want)} service(s)", snap.revision)
-
-    def _start(self, generation: int, revision: int) -> None:
-        watch = self._registry.watch(partial(self._on_change, generation), revision,
-                                     services=self.services)
-        with self._lock:
-            stale = self._closed or generation != self._generation
-            if not stale:
-                self._watch = watch
-                if self._guard is not None and self._timer is None:
-                    self._timer = threading.Thread(target=self._time, daemon=True,
-                                                   name="discovery-client-guard")
-                    self._timer.start()
-        if stale:
-            watch.stop()
-
-    def _on_change(self, generation: int, change: Change) -> None:
-        """The watch's callback (a backend thread): through the wipe guard, then applied."""
-        with self._lock:
-            if generation != self._generation or self._closed or self.catalog is None:
-                return
-            self._apply(self._guard.filter(change) if self._guard is not None else [change])
-            deferred = self._guard is not None and self._guard.next_due() is not None
-        if deferred:
-            self._wake.set()
 
     def _apply(self, changes: list[Change]) -> None:
         """(Under the lock.) Apply ``changes`` and tell which services they touched."""

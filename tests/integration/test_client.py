@@ -278,6 +278,8 @@ def test_a_watch_reads_and_follows_its_service_only(registry_url: str, writer: R
         mine = client._registry.reads.counts()  # type: ignore[attr-defined]
         everything = whole._registry.reads.counts()  # type: ignore[attr-defined]
         assert mine.keys <= 3 and everything.keys >= 201, (mine, everything)
+        # one read each: the watch's own (on ZooKeeper a snapshot, then the watch's read, before)
+        assert (mine.full_reads, everything.full_reads) == (1, 1), (mine, everything)
         assert mine.bytes * 20 < everything.bytes, (mine, everything)
         writer.register(Instance(service="other", id="h2:0000000000ff:80", node="h2",
                                  address="127.0.0.1", port=9500))
