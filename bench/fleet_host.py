@@ -20,6 +20,7 @@ from typing import Any
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, open_registry
+from discovery.registry.base import FIRST_READ
 from discovery.registry.etcd_aio import LoopThread
 from discovery.retry import Outage, spread
 
@@ -174,10 +175,8 @@ class Host:
         self.registry.add_state_listener(self.on_state)
         for inst in self.instances:
             self.registry.register(inst)
-        only = self.watched or None
-        snap = self.registry.snapshot(only)
-        self.catalog.load(snap)
-        self.watch = self.registry.watch(self.on_change, snap.revision, only)
+        # as a watcher starts: its watch's own first read is the catalog (FIRST_READ)
+        self.watch = self.registry.watch(self.on_change, FIRST_READ, self.watched or None)
 
     def _name_threads(self) -> None:
         """ZooKeeper: the host's kazoo threads carry its name, so that the worker's log lines
