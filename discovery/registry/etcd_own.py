@@ -14,7 +14,9 @@ times; ``most`` s at the latest), each new one from etcd's revision then (never 
 which etcd may have compacted: the re-read that would follow reads the services fleet-wide),
 the old one stopped only once the new one holds its watchers, so that nothing is missed in
 between. A new key's change between its register and the moment its watcher holds (about
-``settle`` s) is left to the agent's reconcile. A stream whose member went
+``settle`` s) is left to the agent's reconcile. When etcd has compacted the stream's revision
+(a link down for long), it reads again the host's own entries through the per-node index, not
+the services of its keys fleet-wide. A stream whose member went
 resumes from its revision, as every watch does (one watcher a key, never the whole prefix):
 what happened meanwhile comes then.
 """
@@ -25,13 +27,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from discovery.registry.etcd_watch import EtcdWatch
+from discovery.registry.base import Snapshot
+from discovery.registry.etcd_watch import EtcdWatch, WatchSource
 
 if TYPE_CHECKING:
     from discovery.registry.base import ChangeCallback
-    from discovery.registry.etcd_watch import WatchSource
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -155,7 +157,33 @@ class OwnKeys:
             watch.stop()
 
 
-def watch_keys(reg: WatchSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
-    """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now."""
-    return EtcdWatch(reg, callback, 0, {k[0] for k in keys}, reg.url.resume_spread,
+class OwnSource(WatchSource, Protocol):
+    def node_snapshot(self, node: str) -> Snapshot: ...
+
+
+class _NodesRead:
+    """``reg`` as a watch of its own keys sees it: a re-read (etcd compacted the watch's
+    revision, or is behind it) reads the nodes those keys are of through their index
+    (``node_snapshot``: what the host holds), not their services fleet-wide."""
+
+    def __init__(self, reg: OwnSource, nodes: frozenset[str]) -> None:
+        self._reg, self._nodes = reg, sorted(nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reg, name)
+
+    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
+        reads = [self._reg.node_snapshot(node) for node in self._nodes]
+        return Snapshot({k: i for r in reads for k, i in r.instances.items()
+                         if services is None or k[0] in services},
+                        min(r.revision for r in reads),  # (a watch replays from the oldest)
+                        unowned=frozenset().union(*(r.unowned for r in reads)))
+
+
+def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
+    """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now; a re-read reads
+    their nodes (an instance id starts with its node: ``make_instance_id``)."""
+    nodes = frozenset(k[1].partition(":")[0] for k in keys)
+    return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, 0,
+                     {k[0] for k in keys}, reg.url.resume_spread,
                      keys=[reg.url.key(*k) for k in keys])

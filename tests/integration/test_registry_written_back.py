@@ -15,9 +15,10 @@ import pytest
 from discovery.model import Instance, State
 from discovery.model.nerve import to_nerve
 from discovery.registry import RegistryURL
-from tests.harness.fleet import close_raw, delete_services, index_paths, raw_client
+from tests.harness.fleet import close_raw, delete_services, fill_foreign, index_paths, raw_client
 from tests.harness.registries import no_write_back
 from tests.harness.servers import wait_until
+from tests.harness.tcp_proxy import TcpProxy
 from tests.integration.test_registry_contract import Follower, OpenReg, inst, open_reg
 
 __all__ = ["open_reg"]
@@ -304,3 +305,40 @@ def test_a_registry_with_no_watch_writes_back_through_watches_of_its_own_keys(
     assert own.keys == set()
     wait_until(lambda: api.key not in reader.snapshot().instances, 5, "api gone")
     assert not restorer._due and restorer.restored == 2
+
+
+def test_an_etcd_own_key_watch_behind_a_compaction_reads_its_node_not_its_services(
+        etcd_url: str, open_reg: OpenReg) -> None:
+    """Its link down while etcd compacted past its revision, a watch of the registry's own keys
+    reads again the host's own entries through the per-node index, not its keys' services
+    fleet-wide (it read 200 instances of other hosts before), and writes back what another
+    writer deleted meanwhile."""
+    fill_foreign(etcd_url, 200, services=2)  # svc0, svc1: 100 instances each
+    url = RegistryURL.parse(etcd_url)
+    proxy = TcpProxy(url.hosts[0])
+    try:
+        agent = open_reg(proxy.url("etcd", url.prefix) + f"?spread={SPREAD}", ttl=6.0)
+        ours = inst(1, service="svc0")
+        agent.register(ours)
+        own = agent._restorer.own  # type: ignore[attr-defined]
+        wait_until(lambda: own.holds, 5, "its own key watched")
+        states: list[bool] = []
+        agent.add_state_listener(states.append)
+        before = agent.reads.counts()
+        client = raw_client(etcd_url)
+        try:
+            with proxy.blocked():
+                wait_until(lambda: states[-1:] == [False], 5, "the link down")
+                client.delete(url.key(*ours.key))  # by hand, while the link is down
+                client.put(f"{url.prefix}/other", b"x")
+                client.compact(int(client.get_response(f"{url.prefix}/other")
+                                   .header.revision))
+            wait_until(lambda: ours.key in open_reg(etcd_url).snapshot().instances, 8,
+                       "our entry written back")
+        finally:
+            close_raw(client)
+        cost = agent.reads.counts() - before
+        assert cost.full_reads == 0 and cost.node_reads >= 1, cost
+        assert cost.keys < 20, cost  # its node's index and entry, not svc0's 100
+    finally:
+        proxy.close()
