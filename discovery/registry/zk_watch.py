@@ -102,11 +102,11 @@ class ZkWatch:
         self._thread.start()
 
     def _init(self, start_revision: int) -> None:
+        """The first read (arming every watch): the snapshot of ``FIRST_READ``, and a reset
+        when the registry changed since ``start_revision`` (we cannot tell what changed)."""
         snap, newest = self._scan()
-        if start_revision == FIRST_READ:  # read once: the scan is the snapshot
+        if start_revision == FIRST_READ or 0 < start_revision < newest:
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
-        elif start_revision and newest > start_revision:  # changed since: we can't tell what
-            self._push(("reset", ""))
 
     def _on_state(self, state: str) -> None:
         """kazoo's connection thread, before it drops the watches: remember where we were

@@ -229,6 +229,27 @@ def test_a_watcher_starts_on_one_read(registry_url: str, open_reg: OpenReg) -> N
     assert not thread.is_alive()
 
 
+def test_a_watch_from_an_older_revision_reads_once(registry_url: str,
+                                                  open_reg: OpenReg) -> None:
+    """A watch from a revision the registry has moved past: etcd replays what changed since
+    (no read); ZooKeeper cannot tell what changed, and its first read (the one that arms its
+    watches) is handed over as the reset: one read (two before, a second for the reset)."""
+    fill_foreign(registry_url, 100)
+    writer, reader = open_reg(registry_url), open_reg(registry_url)
+    writer.register(mine(1))
+    snap = reader.snapshot()
+    writer.register(mine(2))
+    before = reader.reads.counts()
+    seen = Seen()
+    reader.watch(seen, snap.revision)
+    wait_until(lambda: seen.has(mine(2).key), 10, "the put since the snapshot")
+    cost = reader.reads.counts() - before
+    zk = registry_url.startswith("zk:")
+    assert seen.kinds().count("reset") == zk and cost.full_reads == zk, (seen.kinds(), cost)
+    if zk:
+        assert seen.has(mine(1).key) and seen.catalog.size() == 102
+
+
 def test_watch_resumes_after_a_cut_without_reading_again(registry_url: str,
                                                          open_reg: OpenReg) -> None:
     """A link cut for less than the TTL: the watches (whole and filtered) resume from the last
