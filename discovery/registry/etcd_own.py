@@ -11,12 +11,13 @@ Its events go to the write-back, which writes back only what is not its own valu
 The keys change with the host's instances: the stream is replaced once the set has not
 changed for ``settle`` seconds (a host starting 100 containers replaces it once, not 100
 times; ``most`` s at the latest), each new one from etcd's revision then (never an old one,
-which etcd may have compacted: the re-read that would follow reads the services fleet-wide),
+which etcd may have compacted: a re-read would follow),
 the old one stopped only once the new one holds its watchers, so that nothing is missed in
 between. A new key's change between its register and the moment its watcher holds (about
 ``settle`` s) is left to the agent's reconcile. When etcd has compacted the stream's revision
-(a link down for long), it reads again the host's own entries through the per-node index, not
-the services of its keys fleet-wide. A stream whose member went
+(a link down for long) or is behind it (a backup restored), it reads again the host's own
+entries through the per-node index, not the services of its keys fleet-wide. A stream whose
+member went
 resumes from its revision, as every watch does (one watcher a key, never the whole prefix):
 what happened meanwhile comes then.
 """
@@ -30,6 +31,8 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from discovery.registry.base import Snapshot
+from discovery.registry.etcd_index import read_node
+from discovery.registry.etcd_read import Caller
 from discovery.registry.etcd_watch import EtcdWatch, WatchSource
 
 if TYPE_CHECKING:
@@ -158,13 +161,15 @@ class OwnKeys:
 
 
 class OwnSource(WatchSource, Protocol):
-    def node_snapshot(self, node: str) -> Snapshot: ...
+    @property
+    def _call(self) -> Caller: ...  # (EtcdRegistry's: one request, retried until its timeout)
 
 
 class _NodesRead:
     """``reg`` as a watch of its own keys sees it: a re-read (etcd compacted the watch's
     revision, or is behind it) reads the nodes those keys are of through their index
-    (``node_snapshot``: what the host holds), not their services fleet-wide."""
+    (``etcd_index.read_node``, as ``node_snapshot`` reads but checks no watch for a rewind:
+    this one, behind, is the one reading), not their services fleet-wide."""
 
     def __init__(self, reg: OwnSource, nodes: frozenset[str]) -> None:
         self._reg, self._nodes = reg, sorted(nodes)
@@ -173,7 +178,9 @@ class _NodesRead:
         return getattr(self._reg, name)
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
-        reads = [self._reg.node_snapshot(node) for node in self._nodes]
+        reg = self._reg
+        reads = [read_node(reg._call, reg.client, reg.url, reg.decoder.decode, node,
+                           reg.reads)[0] for node in self._nodes]
         return Snapshot({k: i for r in reads for k, i in r.instances.items()
                          if services is None or k[0] in services},
                         min(r.revision for r in reads),  # (a watch replays from the oldest)

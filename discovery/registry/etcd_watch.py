@@ -4,17 +4,17 @@ Without a service filter the stream holds one watcher on ``<prefix>/services/``;
 (a watcher that routes k services and serves no DNS/HTTP) it holds k watchers, one per
 ``<prefix>/services/<service>/``, so etcd sends this host only what it routes. Each watcher
 keeps its own last revision: after a broken stream every watcher resumes from the revision
-after the last it delivered (or was told of by a progress notification); nothing is read
-again. Only when etcd has compacted that revision, or is behind it (a cluster restored from
-a backup: etcd 3.4 restores the backup's revision, and a watch from a later one would wait,
-silent, until etcd caught up), does the watch read everything it follows once more and send
-a ``reset``. etcd behind the watch shows in the answer that creates a watcher (a linearizable
-read confirms it) or in any linearizable read the registry makes anyway (the agent's
-reconcile, a watch-only host's pulse: :mod:`~discovery.registry.etcd_rewind`), which is how a
-host behind ``etcd grpc-proxy`` learns it: the proxy keeps the host's stream open while the
-members are down and answers a new watcher with the revision it asked for. Those reads also
-compare etcd's cluster id and raft term with what they saw before, which tell a restore after
-its revision has passed the host's.
+after the last it delivered (or was told of by a progress notification); nothing is read again.
+Only when etcd has compacted that revision, or is behind it (a cluster restored from a backup:
+etcd 3.4 restores the backup's revision, and a watch from a later one would wait, silent, until
+etcd caught up), does the watch read what it follows once more (a watch of a host's own keys:
+that host's entries) and send a ``reset``. etcd behind the watch shows in the answer that
+creates a watcher (a linearizable read confirms it) or in any linearizable read the registry
+makes anyway (the agent's reconcile, a watch-only host's pulse:
+:mod:`~discovery.registry.etcd_rewind`), which is how a host behind ``etcd grpc-proxy`` learns
+it: the proxy keeps the host's stream open while the members are down and answers a new watcher
+with the revision it asked for. Those reads also compare etcd's cluster id and raft term with
+what they saw before, which tell a restore after its revision has passed the host's.
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 

@@ -8,8 +8,11 @@ host's pulse, an agent's reconcile), as the proxy hides both the outage and the 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,8 @@ def etcdctl(*args: str) -> None:
 
 
 def back_up_write_and_restore(cluster: EtcdCluster, writer: Registry, changes: list[Change],
-                              backup: Path, same_token: bool = False) -> None:
+                              backup: Path, same_token: bool = False,
+                              after_backup: Callable[[], object] = lambda: None) -> None:
     """Instance 1 is in the backup, 2-5 are written after it; the member is SIGKILLed and
     restored from the backup (started again by the caller); ``same_token``: under the
     cluster's own ``--initial-cluster-token``, so under its own cluster id (else etcdctl's
@@ -43,6 +47,7 @@ def back_up_write_and_restore(cluster: EtcdCluster, writer: Registry, changes: l
     writer.register(inst(1))
     host, port = cluster.address(0)
     etcdctl("--endpoints", f"{host}:{port}", "snapshot", "save", str(backup))
+    after_backup()
     for n in range(2, 6):  # after the backup: revisions the restored etcd never had
         writer.register(inst(n))
     wait_until(lambda: any(c.key == inst(5).key for c in changes), 10, "the last put")
@@ -65,20 +70,35 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
     url = cluster.url(unique_prefix())
     writer = open_registry(url, ttl=10)
     follower = open_registry(url, ttl=10)
+    owner = open_registry(url, ttl=10)  # an agent alone: a watch of its own key (etcd_own)
     changes: list[Change] = []
     watch = follower.watch(changes.append)
     try:
-        back_up_write_and_restore(cluster, writer, changes, tmp_path / "backup.db")
+        owner.register(inst(9))
+        wait_until(lambda: owner._restorer.own.holds, 5, "its own key watched")  # type: ignore
+        before = owner.reads.counts()
+        # its key changed after the backup, 20 times: the own-key watch has seen further
+        # than the restored etcd gets (the writes below) before it is back
+        back_up_write_and_restore(cluster, writer, changes, tmp_path / "backup.db",
+                                  after_backup=lambda: [owner.register(dataclasses.replace(
+                                      inst(9), weight=50 + n)) for n in range(20)])
         seen = len(changes)
         cluster.ensure_running()
         snapshot = wait_for(lambda: first_reset(changes, seen), 15,
                             message="a reset once etcd is back, behind the watch")
         assert snapshot is not None
-        assert set(snapshot.instances) == {inst(1).key}  # what the backup held
+        assert set(snapshot.instances) == {inst(1).key, inst(9).key}  # what the backup held
         a_late_put_arrives(url, 10, changes, seen)
+        # the own-key watch, behind too, read its node again once: not its service, not twice
+        wait_until(lambda: (owner.reads.counts() - before).node_reads >= 1, 15,
+                   "the own-key watch's read")
+        time.sleep(1.0)  # an absence window: no second read (its read told no rewind of it)
+        cost = owner.reads.counts() - before
+        assert (cost.node_reads, cost.full_reads) == (1, 0), cost
     finally:
         watch.stop()
         follower.close(revoke=False)
+        owner.close(revoke=False)
         writer.close(revoke=False)
         cluster.stop()
 
