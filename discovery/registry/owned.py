@@ -159,7 +159,8 @@ class Restorer:
         return seen
 
     def _reset(self, snap: Snapshot, scope: frozenset[str] | None) -> None:
-        """The owned entries in ``scope`` that ``snap`` lacks, and those it holds changed."""
+        """The owned entries in ``scope`` that ``snap`` lacks, and those it holds changed (or
+        written with no lease or session: ``Snapshot.unowned``, a node's read)."""
         gone: list[Key] = []
         changed: list[Key] = []
         for key, owned in self._copy().items():
@@ -168,7 +169,8 @@ class Restorer:
             seen = snap.instances.get(key)
             if seen is None:
                 gone.append(key)
-            elif key not in self.unsettled and not self.same(owned, seen):
+            elif key not in self.unsettled and (key in snap.unowned
+                                                 or not self.same(owned, seen)):
                 changed.append(key)
         self._schedule(gone)
         self._schedule(changed, gone=False)

@@ -112,6 +112,11 @@ def test_a_value_another_writer_changed_is_written_back_and_ours_is_not() -> Non
         cb(Change("put", key=a.key, instance=a, unowned=True))  # the same, but by hand with
         wait_for(lambda: r.restored == 3, 2.0, message="put on ours")  # no lease or session
         assert [k for k, _ in backend.asked] == [a.key, c.key, a.key]
+        # so in a node's read (an own-key watch's re-read behind a compaction)
+        cb(Change("reset", snapshot=Snapshot(instances={a.key: a, c.key: c},
+                                             unowned=frozenset({c.key}))))
+        wait_for(lambda: r.restored == 4, 2.0, message="the node read's")
+        assert [k for k, _ in backend.asked] == [a.key, c.key, a.key, c.key]
     finally:
         r.close()
 
