@@ -5,8 +5,9 @@ catalog to ``--json-out``) needs those k services and nothing else. :class:`Serv
 wraps a :class:`~discovery.registry.base.Registry` so that its snapshot and watch cover only
 them (etcd: one watcher per service prefix; ZooKeeper: only those directories), whatever the
 size of the fleet. When the routed services change (SIGHUP), :meth:`ServicesView.set_services`
-reads the new set once and hands the watch's callback a ``reset`` with it, then follows the
-new set from there.
+starts a watch of the new set, whose first read is handed to the watch's callback as a
+``reset``; the old watch runs on until then (a registry away for a while: its changes still
+come), and is stopped then.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Collection
+from functools import partial
 
 from discovery.errors import RegistryError
 from discovery.model import Instance
@@ -101,33 +103,48 @@ class ServicesView:
 
 
 class _ViewWatch:
-    """The watch of a view; re-created on the inner registry when the services change."""
+    """The watch of a view; re-created on the inner registry when the services change. The
+    old watch runs on until the new one's first read (its ``reset``) is in: what it delivers
+    until then is passed on, what it delivers after is dropped (it may lag behind the read)."""
 
     def __init__(self, inner: Registry, callback: ChangeCallback, services: frozenset[str],
                  start_revision: int) -> None:
         self._inner, self._callback = inner, callback
         self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self._watch = inner.watch(self._deliver, start_revision, services)
+        self._delivering = threading.Lock()  # one change at a time, of the current watch
+        self._current = self._made = 0  # the watch passed on; the last made
+        self._watch = inner.watch(partial(self._deliver, 0), start_revision, services)
 
-    def _deliver(self, change: Change) -> None:
-        deliver(self._callback, change, self._stopped)
+    def _deliver(self, made: int, change: Change) -> None:
+        with self._delivering:
+            if made > self._current and change.kind == "reset":  # a new watch's first read
+                self._current = made
+            if made == self._current:
+                deliver(self._callback, change, self._stopped)
 
     def follow(self, services: frozenset[str]) -> None:
         with self._lock:
             if self._stopped.is_set():
                 return
-            self._watch.stop()
+            old, self._made = self._watch, self._made + 1
             try:  # its first read is the reset (ZooKeeper: the read that arms its watches)
                 for attempt in backoff(RegistryError, stop_event=self._stopped, timeout=30.0,
                                        what="reading the routed services", logger=log):
                     with attempt:
-                        self._watch = self._inner.watch(self._deliver, FIRST_READ, services)
+                        self._watch = self._inner.watch(partial(self._deliver, self._made),
+                                                        FIRST_READ, services)
             except RegistryError:
                 if self._stopped.is_set():
                     return
                 # From the first revision: the backend sends a reset once it can read.
-                self._watch = self._inner.watch(self._deliver, 1, services)
+                with self._delivering:
+                    self._current = self._made
+                old.stop()
+                self._watch = self._inner.watch(partial(self._deliver, self._made), 1,
+                                                services)
+                return
+            old.stop()
 
     def stop(self) -> None:
         self._stopped.set()  # first: ends a backoff in follow() that holds the lock
