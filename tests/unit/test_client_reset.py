@@ -17,6 +17,7 @@ from discovery.registry import RegistryURL, Snapshot
 from discovery.registry.base import Change, read_first
 from discovery.registry.reads import ReadStats
 from tests.harness.client_calls import Recorder, inst, ports
+from tests.harness.scripted import ScriptedRegistry
 
 
 class FakeRegistry:
@@ -124,40 +125,11 @@ def test_stop_waits_for_a_running_callback_and_none_starts_after(
         assert not inner.active
 
 
-class ScriptedRegistry(FakeRegistry):
-    """Its watches read first (``FIRST_READ``); ``during`` runs while a read is made (in the
-    thread that called watch()), and ``fail`` makes the next read raise."""
-
-    def __init__(self, url: RegistryURL, snapshot: Snapshot) -> None:
-        super().__init__(url, snapshot)
-        self.callbacks: list[Callable[[Change], None]] = []
-        self.stopped: list[int] = []  # the watches stopped, by number
-        self.during: Callable[[], None] = lambda: None
-        self.fail = False
-
-    def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
-              services: Collection[str] | None = None) -> Any:
-        def read() -> Snapshot:
-            self.during()
-            if self.fail:
-                raise RegistryUnavailable("the read failed")
-            return self.snapshot(services)
-
-        read_first(start_revision, read, callback)
-        self.callbacks.append(callback)
-        number, fake = len(self.callbacks) - 1, self
-
-        class Handle:
-            def stop(self) -> None:
-                fake.stopped.append(number)
-        return Handle()
-
-
 def test_a_new_watch_takes_over_at_its_read_and_a_failed_one_leaves_the_old(
         monkeypatch: pytest.MonkeyPatch) -> None:
     url = RegistryURL.parse("etcd://127.0.0.1:1/x")
     start = Snapshot({i.key: i for i in (inst("web", 1), inst("db", 1))}, revision=10)
-    fake = ScriptedRegistry(url, start)
+    fake = ScriptedRegistry(start, str(url))
     monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
     with Client(url, wipe_guard=False) as client:
         client.follow("web")
@@ -174,13 +146,12 @@ def test_a_new_watch_takes_over_at_its_read_and_a_failed_one_leaves_the_old(
         old(Change("put", key=inst("web", 3).key, instance=inst("web", 3)))  # too late
         assert ports(client.instances("web")) == [8001]  # the new read, without web 2 or 3
 
-        fake.during, fake.fail = lambda: None, True
+        fake.during, fake.fails = lambda: None, 1
         with pytest.raises(RegistryUnavailable):
             client.follow("api")
         assert fake.stopped == [0] and len(fake.callbacks) == 2  # the current watch runs on
         current = fake.callbacks[1]
         current(Change("put", key=inst("db", 2).key, instance=inst("db", 2)))
         assert ports(client.instances("db")) == [8001, 8002]
-        fake.fail = False
         client.follow("api")  # asked again: followed now
         assert fake.stopped == [0, 1] and len(fake.callbacks) == 3

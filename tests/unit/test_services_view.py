@@ -5,14 +5,12 @@ is dropped (it may lag behind that read). Pure logic: a scripted registry, no se
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable
 
-from discovery.errors import RegistryUnavailable
 from discovery.model import Instance
-from discovery.registry.base import Change, RegistryURL, Snapshot, read_first
-from discovery.registry.reads import ReadStats
+from discovery.registry.base import Change, Snapshot
 from discovery.registry.view import ServicesView
+from tests.harness.scripted import ScriptedRegistry
 from tests.harness.util import wait_for
 
 
@@ -21,47 +19,12 @@ def inst(service: str, n: int) -> Instance:
                     address="127.0.0.1", port=8000 + n)
 
 
-class Scripted:
-    """Its watches read first (FIRST_READ, the reset in the caller's thread); ``during`` runs
-    while a read is made; ``fails`` reads raise before one succeeds."""
-
-    def __init__(self) -> None:
-        self.url, self.reads = RegistryURL.parse("etcd://127.0.0.1:1/x"), ReadStats()
-        self.callbacks: list[Callable[[Change], None]] = []
-        self.stopped: list[int] = []
-        self.during: Callable[[], None] = lambda: None
-        self.fails = 0
-        self.closed = False
-
-    def close(self, revoke: bool = True) -> None:
-        self.closed = True
-
-    def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
-        self.during()
-        if self.fails:
-            self.fails -= 1
-            raise RegistryUnavailable("the read failed")
-        keep = [inst("web", 1), inst("api", 2)]
-        return Snapshot({i.key: i for i in keep if services is None or i.service in services})
-
-    def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
-              services: Collection[str] | None = None) -> Any:
-        read_first(start_revision, lambda: self.snapshot(services), callback)
-        self.callbacks.append(callback)
-        number, fake = len(self.callbacks) - 1, self
-
-        class Handle:
-            def stop(self) -> None:
-                fake.stopped.append(number)
-        return Handle()
-
-
 def put(callback: Callable[[Change], None], i: Instance) -> None:
     callback(Change("put", key=i.key, instance=i))
 
 
 def test_the_new_watch_takes_over_at_its_read_and_the_old_runs_on_until_then() -> None:
-    inner = Scripted()
+    inner = ScriptedRegistry(Snapshot({i.key: i for i in (inst("web", 1), inst("api", 2))}))
     view = ServicesView(inner, ["web"])  # type: ignore[arg-type]
     got: list[Change] = []
     lock = threading.Lock()
