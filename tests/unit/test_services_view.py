@@ -37,25 +37,24 @@ def test_the_new_watch_takes_over_at_its_read_and_the_old_runs_on_until_then() -
     [old] = inner.callbacks
     put(old, inst("web", 3))
     inner.fails = 1  # the first read of the new set fails: the old watch goes on meanwhile
-    reads = 0
+    running: list[list[int]] = []  # the watches stopped, at each read of the new set
 
     def during() -> None:
-        nonlocal reads
-        reads += 1
-        if reads == 2:  # the read that succeeds, made after the failed one
-            put(old, inst("web", 4))  # the old watch, during the new read: passed on
+        running.append(list(inner.stopped))
+        put(old, inst("web", 3 + len(running)))  # the old watch, during each read: passed on
 
     inner.during = during
     view.set_services(["web", "api"])
     wait_for(lambda: len(inner.callbacks) == 2 and inner.stopped == [0], 10,
              message="the new watch made, the old stopped")
-    assert reads == 2
-    put(old, inst("web", 5))  # the old watch, late: dropped
-    put(inner.callbacks[1], inst("api", 6))
+    assert running == [[], []]  # two reads (one failed), the old watch running through both
+    put(old, inst("web", 6))  # the old watch, late: dropped
+    put(inner.callbacks[1], inst("api", 7))
     with lock:
         kinds = [(c.kind, c.key[1][:2]) for c in got]
-    assert kinds == [("put", "h3"), ("put", "h4"), ("reset", ""), ("put", "h6")], kinds
-    reset = got[2].snapshot
+    assert kinds == [("put", "h3"), ("put", "h4"), ("put", "h5"), ("reset", ""),
+                     ("put", "h7")], kinds
+    reset = got[3].snapshot
     assert reset is not None and {k[0] for k in reset.instances} == {"web", "api"}
     view.close(revoke=False)
     assert inner.stopped == [0, 1] and inner.closed
