@@ -7,14 +7,14 @@ them (etcd: one watcher per service prefix; ZooKeeper: only those directories), 
 size of the fleet. When the routed services change (SIGHUP), :meth:`ServicesView.set_services`
 starts a watch of the new set, whose first read is handed to the watch's callback as a
 ``reset``; the old watch runs on until then (a registry away for a while: its changes still
-come), and is stopped then.
+come, and the read is tried again until it succeeds), and is stopped then.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from functools import partial
 
 from discovery.errors import RegistryError
@@ -89,7 +89,7 @@ class ServicesView:
             with self._lock:
                 watches = list(self._watches) if services == self.services else []
             for w in watches:
-                w.follow(services)
+                w.follow(services, lambda: self.services)
 
     def add_state_listener(self, callback: StateCallback) -> None:
         self.inner.add_state_listener(callback)
@@ -123,26 +123,22 @@ class _ViewWatch:
             if made == self._current:
                 deliver(self._callback, change, self._stopped)
 
-    def follow(self, services: frozenset[str]) -> None:
+    def follow(self, services: frozenset[str], newest: Callable[[], frozenset[str]]) -> None:
+        """Follow ``services``: their read tried until it succeeds (the old watch runs on
+        meanwhile), or until stopped, or ``newest()`` (the view's set) is another set."""
         with self._lock:
             if self._stopped.is_set():
                 return
             old, self._made = self._watch, self._made + 1
             try:  # its first read is the reset (ZooKeeper: the read that arms its watches)
-                for attempt in backoff(RegistryError, stop_event=self._stopped, timeout=30.0,
+                for attempt in backoff(RegistryError, stop_event=self._stopped,
                                        what="reading the routed services", logger=log):
+                    if newest() != services:  # a newer set: its own follow reads it
+                        return
                     with attempt:
                         self._watch = self._inner.watch(partial(self._deliver, self._made),
                                                         FIRST_READ, services)
-            except RegistryError:
-                if self._stopped.is_set():
-                    return
-                # From the first revision: the backend sends a reset once it can read.
-                with self._delivering:
-                    self._current = self._made
-                old.stop()
-                self._watch = self._inner.watch(partial(self._deliver, self._made), 1,
-                                                services)
+            except RegistryError:  # stopped
                 return
             old.stop()
 

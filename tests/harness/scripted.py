@@ -15,8 +15,9 @@ from discovery.registry.reads import ReadStats
 
 class ScriptedRegistry:
     """Reads ``snapshot`` (of the services asked); ``during`` runs while any read is made (a
-    watch's and a plain ``snapshot()`` alike), ``fails`` reads raise before one succeeds. Each watch's callback is kept in
-    ``callbacks``, in order; ``stopped`` lists the numbers of those stopped."""
+    watch's and a plain ``snapshot()`` alike), ``fails`` reads raise before one succeeds.
+    Each watch's callback is kept in ``callbacks``, in order; ``stopped`` lists the numbers of
+    those stopped."""
 
     invalid_records = 0
 

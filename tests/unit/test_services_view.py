@@ -58,3 +58,25 @@ def test_the_new_watch_takes_over_at_its_read_and_the_old_runs_on_until_then() -
     assert reset is not None and {k[0] for k in reset.instances} == {"web", "api"}
     view.close(revoke=False)
     assert inner.stopped == [0, 1] and inner.closed
+
+
+def test_a_read_that_keeps_failing_is_tried_until_it_succeeds_or_a_newer_set_comes() -> None:
+    """No giving up after a while (an etcd watch from revision 1 replayed its whole history,
+    no reset): the old watch runs on, the read is tried again; a newer set takes over."""
+    everything = {i.key: i for i in (inst("web", 1), inst("api", 2), inst("db", 3))}
+    inner = ScriptedRegistry(Snapshot(everything))
+    view = ServicesView(inner, ["web"])  # type: ignore[arg-type]
+    got: list[Change] = []
+    view.watch(got.append, 0)
+    inner.fails = 1000
+    asked: list[int] = []
+    inner.during = lambda: asked.append(inner.fails)
+    view.set_services(["web", "api"])
+    wait_for(lambda: len(asked) >= 2, 10, message="the read tried again")
+    view.set_services(["web", "db"])
+    inner.fails = 0
+    wait_for(lambda: [c.kind for c in got] == ["reset"], 15, message="the newest set's read")
+    reset = got[0].snapshot
+    assert reset is not None and {k[0] for k in reset.instances} == {"web", "db"}
+    assert len(inner.callbacks) == 2 and inner.stopped == [0]  # one new watch: the newest
+    view.close(revoke=False)
