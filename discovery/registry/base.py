@@ -365,13 +365,9 @@ class Registry(Protocol):
 
         Survives disconnects: resumes where it left off (a ``reset`` only when that is
         impossible: etcd compacted the revision, the ZooKeeper session expired).
-
-        :data:`FIRST_READ`: everything followed is read first and handed to ``callback`` as
-        a ``reset`` before this returns, then every change after that read; a read that
-        fails raises :class:`~discovery.errors.RegistryError` and leaves no watch. A
-        ZooKeeper watch reads everything to arm its watches: that read is the snapshot (a
-        snapshot, then a watch from its revision, read it all twice).
-        """
+        :data:`FIRST_READ`: all followed is read first, handed to ``callback`` as a ``reset``
+        before this returns (a failed read raises ``RegistryError``, leaving no watch), then
+        every change after it. ZooKeeper's read arming its watches is that snapshot."""
 
     def add_state_listener(self, callback: StateCallback) -> None:
         """Told True/False when the connection to the registry comes and goes."""
@@ -394,9 +390,8 @@ def deliver(callback: ChangeCallback, change: Change, stopped: threading.Event) 
 
 def read_first(start_revision: int, snapshot: Callable[[], Snapshot],
                callback: ChangeCallback) -> int:
-    """Where a watch from ``start_revision`` starts, when it reads nothing first itself: for
-    :data:`FIRST_READ`, ``snapshot()`` is handed to ``callback`` as a ``reset`` and the watch
-    starts at its revision."""
+    """Where a watch from ``start_revision`` starts, reading nothing first itself: for
+    :data:`FIRST_READ`, at ``snapshot()``'s revision, handed to ``callback`` as a ``reset``."""
     if start_revision != FIRST_READ:
         return start_revision
     snap = snapshot()
