@@ -54,6 +54,11 @@ def make_instance_id(node: str, container_id: str, port: int) -> str:
     return f"{node}:{container_id[:12].lower()}:{port}"
 
 
+def id_node(instance_id: str) -> str:
+    """The node an id of :func:`make_instance_id` names (``<node>:<cid>:<port>``)."""
+    return instance_id.partition(":")[0]
+
+
 def made_on(node: str) -> Callable[[str], bool]:
     """Whether an id is one :func:`make_instance_id` gives on ``node`` (a Docker id is hex)."""
     pattern = re.compile(rf"{re.escape(node)}:[0-9a-f]{{12}}:[0-9]{{1,5}}")

@@ -25,7 +25,7 @@ import grpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
-from discovery.model import Instance
+from discovery.model import Instance, id_node
 from discovery.registry import base, etcd_aio, etcd_index, etcd_rewind
 from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
@@ -316,7 +316,7 @@ class EtcdRegistry:
             self._restorer.unsettled.discard((service, instance_id))
             node = owned.node if owned else self._nodes.pop((service, instance_id), None)
         self._restorer.watch_own()
-        node = node or instance_id.partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
+        node = node or id_node(instance_id)
         etcd_index.delete(self._call, self.client, self.url, service, instance_id, node)
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:

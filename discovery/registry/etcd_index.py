@@ -32,7 +32,7 @@ from pyetcd import transactions
 from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryDenied
-from discovery.model import Instance
+from discovery.model import Instance, id_node
 from discovery.registry.base import RegistryURL, Snapshot
 from discovery.registry.etcd_read import TXN_OPS, Caller, Decode
 from discovery.registry.owned import restamped
@@ -90,7 +90,7 @@ def drop_late(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],
     value, meta = call(f"read {path}", partial(client.get, path))
     if value is None or meta.lease_id != lease:
         return
-    node = key[1].partition(":")[0]  # make_instance_id: <node>:<cid>:<port>
+    node = id_node(key[1])
     call(f"delete {path} (written back late)", partial(
         client.transaction, compare=[transactions.Mod(path) == meta.mod_revision],
         failure=[], success=[transactions.Delete(path),

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from discovery.model import id_node
 from discovery.registry.base import Snapshot
 from discovery.registry.etcd_index import read_node
 from discovery.registry.etcd_read import Caller
@@ -189,8 +190,8 @@ class _NodesRead:
 
 def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
     """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now; a re-read reads
-    their nodes (an instance id starts with its node: ``make_instance_id``)."""
-    nodes = frozenset(k[1].partition(":")[0] for k in keys)
+    their nodes (``id_node``)."""
+    nodes = frozenset(id_node(k[1]) for k in keys)
     return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, 0,
                      {k[0] for k in keys}, reg.url.resume_spread,
                      keys=[reg.url.key(*k) for k in keys])

@@ -46,7 +46,7 @@ from typing import Any
 
 from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 
-from discovery.model import Instance
+from discovery.model import Instance, id_node
 from discovery.model.nerve import node_prefix
 from discovery.model.validate import shown
 from discovery.registry.base import RegistryURL, Snapshot
@@ -185,7 +185,7 @@ class ZkNodeIndex:
         with self._lock:
             self._mine.pop(key, None)
             known = self._nodes.pop(key, None)
-        return owned.node if owned is not None else known or key[1].partition(":")[0]
+        return owned.node if owned is not None else known or id_node(key[1])
 
     def named(self, node: str, key: Key) -> list[str] | None:
         """The names of the Nerve nodes of ``key`` that ``node``'s index holds (None: no
