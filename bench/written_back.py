@@ -78,6 +78,7 @@ from fleet_host import put_back  # noqa: E402
 from discovery.errors import RegistryError  # noqa: E402
 from discovery.model import Instance  # noqa: E402
 from discovery.registry import Change, Registry, RegistryURL, open_registry  # noqa: E402
+from discovery.registry.base import FIRST_READ  # noqa: E402
 from discovery.registry.etcd_aio import LoopThread  # noqa: E402
 from discovery.registry.owned import Restorer  # noqa: E402
 from discovery.retry import jittered  # noqa: E402
@@ -108,7 +109,7 @@ class Host:
         only = (None if args.follow == "all"
                 else sorted({i.service for i in self.instances}))
         if args.follow != "none":  # none: `discovery agent` alone, its own-key watches
-            self.registry.watch(lambda change: None, self.registry.snapshot(only).revision, only)
+            self.registry.watch(lambda change: None, FIRST_READ, only)  # one read, as watchers
         self.thread = threading.Thread(target=self._reconcile_loop, daemon=True)
         self.thread.start()
 
@@ -265,7 +266,7 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
         stack.callback(reader_reg.close)
         drain = args.fault != "delete"
         back = Back(drain)
-        reader_reg.watch(back, reader_reg.snapshot().revision)
+        reader_reg.watch(back, FIRST_READ)  # its reset comes before ``since``: ignored
         deadline = time.monotonic() + 60
         while sum(observer.catalog.serving_count(s) for s in services) < len(expected):
             if time.monotonic() > deadline:
