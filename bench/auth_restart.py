@@ -36,7 +36,8 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,11 @@ def cluster(mode: str, work: Path) -> Any:
             at = proc.argv.index("--bcrypt-cost")
             proc.argv[at + 1] = str(cost)
             proc.argv += ["--snapshot-count", str(SNAPSHOT_COUNT)]
-    c.start()
+    try:
+        c.start()
+    except BaseException:  # Ctrl-C, or a member that failed: none left running
+        c.stop()
+        raise
     return c
 
 
@@ -109,13 +114,74 @@ def counted(c: Any, method: str = "", code: str = "") -> float:
     return total
 
 
+def snapshot_after_logins(root_url: str) -> None:
+    """Writes past the members' ``--snapshot-count``: a raft snapshot follows every login so
+    far, so that a restart forgets their simple tokens (as a cluster that ran a while)."""
+    root = open_registry(root_url, ttl=30.0, environ={})
+    try:
+        for k in range(SNAPSHOT_COUNT + 50):
+            root.register(Instance(service="pad", id=f"pad:{k:012x}:1", node="pad",
+                                   address="127.0.0.1", port=1))
+    finally:
+        root.close(revoke=False)
+
+
+def full_restart(c: Any) -> tuple[float, float]:
+    """Every member SIGTERMed at once and started again (by its pid); (monotonic, wall) time
+    when all serve again."""
+    stopped = time.monotonic()
+    for proc in c.procs:
+        proc.signal(signal.SIGTERM)
+    for proc in c.procs:
+        proc.stop(timeout=15)
+    for proc in c.procs:
+        proc.start()
+    while not serving(c):
+        if time.monotonic() - stopped > 60:
+            raise RuntimeError("the members did not serve again within 60 s")
+        time.sleep(0.05)
+    return time.monotonic(), time.time()
+
+
+@contextmanager
+def fleet_on(c: Any) -> Iterator[tuple[LoopThread, list[Host]]]:
+    """The asyncio loop and the list (empty: the caller starts them) of a run's hosts on
+    cluster ``c``; on the way out every host is closed, then the loop, then ``c`` stopped."""
+    loop = LoopThread()
+    hosts: list[Host] = []
+    try:
+        yield loop, hosts
+    finally:
+        for host in hosts:
+            host.close(revoke=False)
+        loop.close()
+        c.stop()
+
+
+def followed(hosts: Sequence[Host], root_url: str, since: tuple[float, float],
+             wait: float) -> list[float]:
+    """A new instance registered in ``svc000`` (by root): seconds from ``since`` (monotonic,
+    wall) until each host's catalog held it, waiting up to ``wait`` s from ``since``."""
+    probe = Instance(service="svc000", id="probe:000000000001:80", node="probe",
+                     address="127.0.0.1", port=80)
+    for host in hosts:
+        host.arm = lambda cat: cat.get(probe.key) is not None
+    root = open_registry(root_url, ttl=30.0, environ={})
+    try:
+        root.register(probe)
+        for host in hosts:
+            host.check_hit()
+        while time.monotonic() - since[0] < wait and any(h.hit is None for h in hosts):
+            time.sleep(0.1)
+    finally:
+        root.close(revoke=False)
+    return [h.hit - since[1] for h in hosts if h.hit is not None]
+
+
 def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) -> list[float]:
     token, cost = MODES[mode]
     c = cluster(mode, work / mode)
-    loop = LoopThread()
-    hosts: list[Host] = []
-    root = None
-    try:
+    with fleet_on(c) as (loop, hosts):
         prefix = "/alice/fleet"
         url = (c.url_as(c.USER, c.USER_PASSWORD, prefix) if token else c.url(prefix))
         root_url = c.url_as("root", c.ROOT_PASSWORD, prefix) if token else c.url(prefix)
@@ -128,38 +194,11 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
             hosts.append(host)
         started_s = time.monotonic() - began
         say(f"{mode}: {args.hosts} hosts started in {started_s:.1f} s")
-        root = open_registry(root_url, ttl=30.0, environ={})
-        for k in range(SNAPSHOT_COUNT + 50):  # a raft snapshot after every host's login
-            root.register(Instance(service="pad", id=f"pad:{k:012x}:1", node="pad",
-                                   address="127.0.0.1", port=1))
-        root.close(revoke=False)
-        root = None
-
+        snapshot_after_logins(root_url)
         stopped = time.monotonic()
-        for proc in c.procs:  # all at once, as a full restart
-            proc.signal(signal.SIGTERM)
-        for proc in c.procs:
-            proc.stop(timeout=15)
-        for proc in c.procs:
-            proc.start()
-        while not serving(c):
-            if time.monotonic() - stopped > 60:
-                raise RuntimeError("the members did not serve again within 60 s")
-            time.sleep(0.05)
-        served, served_wall = time.monotonic(), time.time()
+        served = full_restart(c)
         cpu0 = members_cpu(c)
-        probe = Instance(service="svc000", id="probe:000000000001:80", node="probe",
-                         address="127.0.0.1", port=80)
-        for host in hosts:
-            host.arm = lambda cat: cat.get(probe.key) is not None
-        root = open_registry(root_url, ttl=30.0, environ={})
-        root.register(probe)
-        for host in hosts:
-            host.check_hit()
-        while (time.monotonic() - served < args.wait
-               and any(h.hit is None for h in hosts)):
-            time.sleep(0.1)
-        took = [h.hit - served_wall for h in hosts if h.hit is not None]
+        took = followed(hosts, root_url, served, args.wait)
         cpu = members_cpu(c) - cpu0
         logins = counted(c, "Authenticate") - 1  # the probe's writer logged in once
         refused = counted(c, code="Unauthenticated")
@@ -168,7 +207,7 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
             "name": "auth_restart", "mode": mode, "token": token or "none",
             "bcrypt_cost": cost if token else None, "hosts": args.hosts,
             "hosts_started_s": round(started_s, 1),
-            "members_serving_after_s": round(served - stopped, 2),
+            "members_serving_after_s": round(served[0] - stopped, 2),
             "resynced": len(took), "resynced_p50_s": round(percentile(took, 0.5), 2),
             "resynced_max_s": None if worst is None else round(worst, 2),
             "logins": round(logins) if token else 0,
@@ -176,13 +215,6 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
             "target": f"every host within {TARGET_S:g} s",
             "pass": worst is not None and worst <= TARGET_S})
         return [round(t, 3) for t in took]
-    finally:
-        if root is not None:
-            root.close(revoke=False)
-        for host in hosts:
-            host.close(revoke=False)
-        loop.close()
-        c.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
