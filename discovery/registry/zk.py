@@ -1,14 +1,11 @@
 """ZooKeeper backend (kazoo): instances are EPHEMERAL nodes of this object's session.
 
 The session timeout is the TTL. After a session expiry every owned node is created again and
-every watch sends a ``reset``; after a mere connection loss kazoo resumes the same session
-(and :mod:`~discovery.registry.zk_watch` re-arms its watches), so nothing is lost.
-``Snapshot.revision`` is a zxid.
-
-With a user and password (digest auth) every node we create gets the ACL ``digest:<user>``
-ALL + ``world:anyone`` READ (see :mod:`discovery.registry.security` and docs/security.md).
-``?format=nerve`` writes and reads Airbnb Nerve's sequential nodes instead
-(:mod:`discovery.registry.zk_nerve`).
+every watch sends a ``reset`` (one made meanwhile too); after a connection loss kazoo resumes
+the session (:mod:`~discovery.registry.zk_watch` re-arms its watches): nothing is lost.
+``Snapshot.revision`` is a zxid. With a user and password every node we create gets the ACL
+``digest:<user>`` ALL + ``world:anyone`` READ (docs/security.md). ``?format=nerve`` writes and
+reads Airbnb Nerve's sequential nodes (:mod:`discovery.registry.zk_nerve`).
 """
 
 from __future__ import annotations
@@ -87,14 +84,14 @@ class ZkRegistry:
         self._claims = ZkClaims(self.client, url, self._get, self._index, self._nerve,
                                 self._acl, self._where)
         self._lock = threading.RLock()
-        #: a session recovery's write, a register and a deregister, one at a time: a
-        #: deregister (or a newer register) while a recovery's write of that instance is in
-        #: flight would be undone by that write
+        #: a session recovery's write, a register and a deregister, one at a time: else a
+        #: recovery's write of an instance in flight would undo its deregister (or register)
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
                                   recheck=2 * timeout, wire=as_read if url.nerve else None)
         self._watches: list[ZkWatch] = []
+        self._recoveries = 0  # sessions recovered (their watches reset) so far
         self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
                              self._restorer.wrap(unread), timeout)  # zk_own
         self._restorer.own = self._own
@@ -165,11 +162,10 @@ class ZkRegistry:
                 log.exception("ZooKeeper session recovery failed")
 
     def _check_behind(self) -> None:
-        """Disconnected for a session timeout or more: if the ensemble is behind the zxid we
-        saw (:mod:`~discovery.registry.zk_rewind`), it will never take our session back, so
-        ask for it from zxid 0: a server that lost it says it expired and kazoo starts a new
-        one; one restored with it takes it back. Either way, once connected, everything is
-        registered and read again, as after an expiry."""
+        """Disconnected for a session timeout or more, from an ensemble behind the zxid we saw
+        (:mod:`~discovery.registry.zk_rewind`), which never takes our session back: ask for it
+        from zxid 0 (a server that lost it says it expired; one restored with it takes it
+        back), then everything is registered and read again, as after an expiry."""
         down, zxid = self._down_since, self.client.last_zxid
         if (down is None or time.monotonic() - down < self._session.seconds or not zxid
                 or not ensemble_behind(self.url.hosts, zxid, tls=self._tls)):
@@ -186,6 +182,7 @@ class ZkRegistry:
         with self._lock:
             watches = list(self._watches)
             owned = list(self._owned.values())
+            self._recoveries += 1  # a watch made meanwhile resets itself (watch())
         for w in watches:
             w.reset()
         log.warning("ZooKeeper session expired; re-registering %d instance(s)", len(owned))
@@ -222,8 +219,7 @@ class ZkRegistry:
                         raise RegistryError(f"{len(failed)} instance(s) still refused")
 
     def _reclaim(self, inst: Instance) -> bool:
-        """One instance of a recovery round, on its own; False if it failed (logged): the
-        others go on."""
+        """One instance of a recovery round, alone; False if it failed (logged)."""
         try:
             with self._writes:
                 with self._lock:
@@ -355,15 +351,19 @@ class ZkRegistry:
         make = functools.partial(ZkWatch, self.client, self.decoder, self._connected,
                                  self._restorer.wrap(callback, services), start_revision,
                                  services, self.reads, self._router, self._many, self._pre)
+        recoveries = self._recoveries
         w = self._op("read", make) if start_revision == FIRST_READ else make()  # (base.py)
         with self._lock:
             closing = self._closing.is_set()
             if not closing:  # those stopped (a client following more services) let go
                 self._watches = [*(x for x in self._watches if not x._stopped.is_set()), w]
                 self._restorer.followed(services, w._stopped)
+            missed = recoveries != self._recoveries  # its watches may be the old session's
         if closing:
             w.stop()
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
+        if missed:
+            w.reset()
         return w
 
     @property

@@ -7,11 +7,14 @@
   of an instance created in it during the cut;
 - after a session expiry, one instance that cannot be registered again (its service directory
   locked by another identity) does not hold back the others, and is retried alone;
-- a deregister while the recovery writes that instance is not undone by the write.
+- a deregister while the recovery writes that instance is not undone by the write;
+- a watch whose session expires while it is made (its read done in the old session, the
+  recovery run before the registry knew it) is read again and follows the new session.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -29,6 +32,8 @@ from discovery.registry import (
     zk_multi,
     zk_persistent,
 )
+from discovery.registry import zk as zk_registry
+from discovery.registry.base import FIRST_READ
 from tests.harness.raw_clients import expire_zk_session
 from tests.harness.registries import LOCKED
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
@@ -203,3 +208,38 @@ def test_a_deregister_while_the_recovery_writes_is_not_undone(
     index = f"{parsed.prefix}/nodes/node-1/web"
     assert other.get_children(parsed.service_dir("web")) == [kept.id]
     assert other.get_children(index) == [kept.id]
+
+
+def test_a_watch_made_while_its_session_expires_is_read_again(
+        zk: ServerCluster, regs: list[Registry], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The watch's first read is done, its watches armed, then its session expires and the
+    recovery resets the registry's watches before ``watch()`` has added it to them (the
+    window a client's ``follow`` widens: it stops its old watch there). The new watch must
+    be read again: its watches went with the old session, and it would hear of nothing more."""
+    caplog.set_level(logging.WARNING, logger=zk_registry.__name__)
+    url = zk.url(unique_prefix())
+    reader, writer = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [reader, writer]
+    writer.register(inst(1))
+    client: Any = reader.client  # type: ignore[attr-defined]
+    made = zk_registry.ZkWatch
+    expired: list[bool] = []
+
+    class ExpiresAfterItsRead(made):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            expire_zk_session(client)
+            wait_until(lambda: any("session expired; re-registering" in r.getMessage()
+                                   for r in caplog.records), 10, "the recovery's reset")
+            expired.append(True)
+
+    monkeypatch.setattr(zk_registry, "ZkWatch", ExpiresAfterItsRead)
+    seen: list[Change] = []
+    reader.watch(seen.append, FIRST_READ)
+    assert expired
+    assert inst(1).key in seen[0].snapshot.instances  # type: ignore[union-attr]
+    writer.register(inst(2))  # in the new session: only a watch armed there tells of it
+    wait_until(lambda: inst(2).key in keys(seen, "put") | {
+        k for c in seen if c.kind == "reset" and c.snapshot for k in c.snapshot.instances},
+        10, "the instance registered after the expiry")
