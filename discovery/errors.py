@@ -45,6 +45,15 @@ class RegistryDenied(RegistryError):
     denied)."""
 
 
+class LoginRefused(RegistryError):
+    """etcd refused this client's login for its credentials, or did so before and is not
+    asked again yet: ``retry_in`` seconds until it is."""
+
+    def __init__(self, message: str, retry_in: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 class CheckError(DiscoveryError):
     """A health check is misconfigured (not: a check that failed)."""
 

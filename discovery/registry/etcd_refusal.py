@@ -42,7 +42,7 @@ import threading
 import grpc
 import tenacity
 
-from discovery.errors import RegistryError, RegistryUnavailable
+from discovery.errors import LoginRefused, RegistryError, RegistryUnavailable
 from discovery.model.validate import shown
 from discovery.registry.security import hint, rpc_details
 from discovery.retry import RetryAt, backoff_async, spread
@@ -113,13 +113,20 @@ class WatchFailures:
         return True
 
     async def refused(self, exc: BaseException, revision: int) -> None:
-        """A refusal: logged with its reason, then the wait (which doubles each time)."""
-        wait = self._refused.failed() + spread(self._spread)
+        """A refusal: logged with its reason, then the wait (:meth:`refusal_wait`)."""
+        await asyncio.sleep(self.refusal_wait(exc, revision))
+
+    def refusal_wait(self, exc: BaseException, revision: int) -> float:
+        """The wait after a refusal (logged), which doubles each time. A login refused waits
+        for the login's own next try (``EtcdAuth``: it doubles too), no longer: a try sooner is
+        refused unsent, and a wait doubled again on top of it came up to a minute late."""
+        wait = (exc.retry_in if isinstance(exc, LoginRefused) else self._refused.failed()
+                ) + spread(self._spread)
         why = str(exc) if isinstance(exc, RegistryError) else rpc_details(exc)
         self._log.warning("etcd watch on %s refused (%s); trying again in %.1f s, %s (the "
                           "registry is not reported down for it)",
                           self._where, why, wait, resuming(revision))
-        await asyncio.sleep(wait)
+        return wait
 
     def narrowed(self, reason: str, root: str, services: int) -> None:
         """etcd denied a wide resume on ``root``: the watch resumes with its own watchers."""

@@ -30,7 +30,7 @@ from kazoo.security import ACL, Permissions, make_acl, make_digest_acl
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from discovery.errors import ConfigError, RegistryError
+from discovery.errors import ConfigError, LoginRefused, RegistryError
 from discovery.registry.base import RegistryURL
 from discovery.retry import RetryAt
 
@@ -176,10 +176,6 @@ def hint(details: str) -> str:
     return ""
 
 
-class _Refused(RegistryError):
-    """A login etcd refused for its credentials (not asked again at once: :class:`EtcdAuth`)."""
-
-
 class EtcdAuth:
     """The etcd auth token of one client, or nothing when the URL has no user.
 
@@ -215,7 +211,7 @@ class EtcdAuth:
 
     def ensure(self) -> None:
         """Authenticate unless we hold a token. Transient failures raise pyetcd's
-        ConnectionFailedError (retry elsewhere); a refusal raises RegistryError."""
+        ConnectionFailedError (retry elsewhere); a refusal raises LoginRefused."""
         if not self.enabled:
             return
         if self._client.metadata is not None:
@@ -226,13 +222,14 @@ class EtcdAuth:
             if self._client.metadata is not None:
                 return
             if self._refused is not None and not self._refusals.taken():
-                raise RegistryError(f"{self._refused} (not asked again until "
-                                    f"{self._refusals.wait:g} s after that refusal)")
+                raise LoginRefused(f"{self._refused} (not asked again until "
+                                   f"{self._refusals.wait:g} s after that refusal)",
+                                   self._refusals.remaining() or 0.0)
             try:
                 self._client.metadata = self._issued(self._authenticate())
-            except _Refused as exc:
+            except LoginRefused as exc:
                 self._refused = exc
-                self._refusals.failed()
+                exc.retry_in = self._refusals.failed()
                 raise
             self._refused = None
             self._refusals.succeeded()
@@ -249,7 +246,8 @@ class EtcdAuth:
             metadata = self._authenticate()
         except Exception as exc:  # refused (a rotated password), or no answer: not now
             with self._lock:  # a refusal (a failed bcrypt each) waits the refusals' doubling
-                wait = max(RENEW_MIN, self._refusals.failed() if isinstance(exc, _Refused) else 0)
+                wait = max(RENEW_MIN, self._refusals.failed() if isinstance(exc, LoginRefused)
+                           else 0)
                 if self._client.metadata is held:  # else dropped, and logged in again meanwhile
                     self._renew_at = time.monotonic() + wait
             log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
@@ -285,7 +283,7 @@ class EtcdAuth:
                 log.warning("etcd at %s has authentication disabled; the registry user %r "
                             "is not used", self._where, self._user)
                 return ()
-            error = _Refused if code in _REFUSED else RegistryError  # else: timed out, busy...
+            error = LoginRefused if code in _REFUSED else RegistryError  # else: timed out, busy
             raise error(f"etcd at {self._where}: authentication as {self._user!r} "
                         f"failed: {code.name}: {details}{hint(details)}") from None
         log.debug("etcd at %s: authenticated as %r", self._where, self._user)

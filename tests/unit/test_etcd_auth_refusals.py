@@ -7,10 +7,14 @@ asked again; a login that works starts the wait over.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import grpc
 import pytest
 
-from discovery.errors import RegistryError
+from discovery.errors import LoginRefused, RegistryError
+from discovery.registry import etcd_refusal
 from discovery.registry.security import EtcdAuth, Secrets
 from tests.harness.rpc import Answer, AuthClient
 
@@ -66,3 +70,41 @@ def test_a_login_that_timed_out_in_the_server_is_no_refusal() -> None:
         with pytest.raises(RegistryError, match="deadline exceeded"):
             auth.ensure()
     assert client.calls == 3  # asked each time: not a wrong password
+
+
+def test_a_watch_refused_its_login_tries_when_the_login_may_be_asked_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch-only host's watch and its liveness read (every TTL) log in on one
+    ``EtcdAuth``. The watch's own refusal wait doubled as the login's did: the liveness read
+    made the login at its moment, the watch's try after it was refused unsent and doubled
+    its wait again, so a password fixed in etcd was followed again well over a minute later
+    (``bench/auth_refused.py``: 92-102 s after a fix 120 s into the refusal). Now the watch
+    waits for the login's next moment: within its longest wait, a minute, of the fix."""
+    now = [1000.0]
+    monkeypatch.setattr("discovery.retry.time.monotonic", lambda: now[0])
+    monkeypatch.setattr(etcd_refusal, "spread", lambda _spread: 0.0)
+    late = []
+    for fix in range(240, 420, 7):  # the fix at moments all over the waits' cycle
+        client = refusing()
+        auth = EtcdAuth(client, Secrets(user="alice", password="old"), "127.0.0.1:2379")
+        failures = etcd_refusal.WatchFailures("127.0.0.1:2379", 3.0, logging.getLogger("t"))
+        start = now[0]
+        watch_at, pulse_at, tries = start, start + 10.0, 0
+        while True:  # whichever of the two comes first
+            now[0] = min(watch_at, pulse_at)
+            if now[0] - start >= fix:
+                client.failure = None  # the password fixed in etcd
+            if now[0] == pulse_at:
+                pulse_at += 10.0  # the liveness read, every TTL; its failure changes nothing
+                with contextlib.suppress(LoginRefused):
+                    auth.ensure()
+                continue
+            tries += 1
+            try:
+                auth.ensure()
+                break
+            except LoginRefused as exc:
+                watch_at = now[0] + failures.refusal_wait(exc, 0)
+        assert tries >= 7  # it ran through the doubling
+        late.append(now[0] - start - fix)
+    assert len(late) == 26 and max(late) <= 60.0, late  # within the login's longest wait
