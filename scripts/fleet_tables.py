@@ -175,6 +175,25 @@ def t_auth_restart(results: dict[str, Result]) -> str:
                   "members' CPU s until resynced", "every host within 10 s"], out)
 
 
+def t_auth_refused(results: dict[str, Result]) -> str:
+    out = []
+    for r in rows_of(results.get("auth-refused-etcd")):
+        out.append([f"`{r['mode']}`", num(r["hosts"]), num(r["window_s"]),
+                    num(r["failed_logins"]), num(r["failed_logins_per_host_min"], 2),
+                    num(r["failed_logins_per_host_min_last"], 2), num(r["watch_streams"]),
+                    num(r["members_cpu_cores"], 2), num(r["members_cpu_cores_last"], 2),
+                    f"{num(r['state_changes'])} / {num(r['hosts_down_at_end'])}",
+                    f"{num(r['followed_again'])} of {num(r['hosts'])}",
+                    num(r["followed_again_p50_s"], 2), num(r["followed_again_max_s"], 2)])
+    if not out:
+        return missing("auth-refused-etcd")
+    return table(["mode", "hosts", "refused for s", "failed logins",
+                  "a host a minute", "a host a minute, its last `--tail` s", "watch streams",
+                  "members' CPU, cores", "cores, its last `--tail` s",
+                  "hosts' state changes while refused / hosts down at its end", "followed again",
+                  "p50 s after the fix", "max s"], out)
+
+
 #: the README's summary: the fleet bench's main runs, by column, and the sizes it grows to
 SUMMARY_STEMS = (("fleet-etcd", "etcd"), ("fleet-proxy-etcd", "etcd via `etcd grpc-proxy`"),
                  ("fleet-zk", "ZooKeeper"))

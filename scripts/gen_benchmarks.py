@@ -39,6 +39,7 @@ from docgen import (
 )
 from docgen import render as render_page
 from fleet_tables import (
+    t_auth_refused,
     t_auth_restart,
     t_fleet,
     t_fleet_server,
@@ -230,6 +231,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "dns-abuse": t_generic("dns-abuse-none"),
     "proxy-renewals": t_proxy_renewals,
     "auth-restart": t_auth_restart,
+    "auth-refused": t_auth_refused,
     "wipe-guard": t_generic("wipe-guard-none"),
     "written-back": t_back("written-back"),
     "changed-back": t_back("changed-back"),
