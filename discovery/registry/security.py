@@ -57,6 +57,9 @@ RENEW_WITHIN = (0.5, 0.9)
 #: a token issued with less life left (a clock far from etcd's) is renewed when etcd says it
 #: expired, as a simple token is; a renewal that failed is tried again this late at the soonest
 RENEW_MIN = 20.0
+#: a refused login's wait, ± this fraction (at most a minute): without it a fleet refused at
+#: once logged in again in lockstep, a wave of bcrypts each minute (bench/auth_refused.py)
+JITTER = 0.25
 
 
 def token_expiry(token: str) -> float | None:
@@ -183,7 +186,7 @@ class EtcdAuth:
     etcd forgets simple tokens on restart and ``--auth-token-ttl`` idle. :meth:`ensure` gets a
     token when we have none into ``client.metadata`` (every pyetcd call sends it); :meth:`stale`
     tells whether an error means "authenticate again". A login etcd refuses (a rotated password, a
-    removed user) is not asked again before a wait doubling from 1 s to a minute: the calls
+    removed user) is not asked again before a wait doubling from 1 s to a minute (±25 %): the calls
     meanwhile fail with the same error, for a failed login costs etcd a bcrypt (~61 ms of its
     CPU), and every host of a fleet with the old password would otherwise try at every call.
     A JWT is renewed ahead of its expiry, at a random moment (:data:`RENEW_WITHIN`)."""
@@ -222,14 +225,13 @@ class EtcdAuth:
             if self._client.metadata is not None:
                 return
             if self._refused is not None and not self._refusals.taken():
-                raise LoginRefused(f"{self._refused} (not asked again until "
-                                   f"{self._refusals.wait:g} s after that refusal)",
-                                   self._refusals.remaining() or 0.0)
+                left = self._refusals.remaining() or 0.0
+                raise LoginRefused(f"{self._refused} (not asked again for {left:.1f} s)", left)
             try:
                 self._client.metadata = self._issued(self._authenticate())
             except LoginRefused as exc:
                 self._refused = exc
-                exc.retry_in = self._refusals.failed()
+                exc.retry_in = self._refusals.failed(JITTER)  # a fleet refused at once: apart
                 raise
             self._refused = None
             self._refusals.succeeded()
@@ -246,8 +248,8 @@ class EtcdAuth:
             metadata = self._authenticate()
         except Exception as exc:  # refused (a rotated password), or no answer: not now
             with self._lock:  # a refusal (a failed bcrypt each) waits the refusals' doubling
-                wait = max(RENEW_MIN, self._refusals.failed() if isinstance(exc, LoginRefused)
-                           else 0)
+                wait = max(RENEW_MIN, self._refusals.failed(JITTER)
+                           if isinstance(exc, LoginRefused) else 0)
                 if self._client.metadata is held:  # else dropped, and logged in again meanwhile
                     self._renew_at = time.monotonic() + wait
             log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
