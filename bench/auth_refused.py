@@ -24,10 +24,10 @@ prefix. Then the writes that make the members snapshot past every login, the use
 changed in etcd (``etcdctl user passwd``), and every member SIGTERMed and started again (by
 its pid). From the members serving again, for ``--window`` s (180): etcd's ``Authenticate``
 calls (failed: not ``OK``) and ``Watch`` streams started, summed over the members and sampled
-every 5 s, the members' CPU, and the hosts' states as their registries' state listeners tell
-(changes while refused; hosts down at the window's end). Then the password is set back, a
-new instance registered in the followed service, and **followed again** is when each host's
-catalog holds it (from the fix).
+every 5 s, the members' CPU (and its busiest 5 s in the window's last ``--tail`` s), and the
+hosts' states as their registries' state listeners tell (changes while refused; hosts down at
+the window's end). Then the password is set back, a new instance registered in the followed
+service, and **followed again** is when each host's catalog holds it (from the fix).
 
 Output: one JSON row per mode, a sample list per mode; raw result
 ``bench/results/auth-refused-etcd.json``. No target: the rows say what each way costs.
@@ -44,6 +44,7 @@ import time
 import unittest.mock
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,8 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
             "members_cpu_cores": round((last["cpu_s"] - first["cpu_s"]) / span, 2),
             "members_cpu_cores_last": round((tail[-1]["cpu_s"] - tail[0]["cpu_s"])
                                             / tail_span, 2),
+            "members_cpu_cores_peak_last": round(max(
+                (b["cpu_s"] - a["cpu_s"]) / (b["t"] - a["t"]) for a, b in pairwise(tail)), 2),
             "tail_s": round(tail_span, 1),
             "state_changes": changes, "hosts_down_at_end": down_now,
             "followed_again": len(took),
