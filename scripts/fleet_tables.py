@@ -183,7 +183,7 @@ def t_auth_refused(results: dict[str, Result]) -> str:
                     num(r["failed_logins_per_host_min_last"], 2), num(r["watch_streams"]),
                     num(r["members_cpu_cores"], 2), num(r["members_cpu_cores_last"], 2),
                     num(r.get("members_cpu_cores_peak_last"), 2),
-                    f"{num(r['state_changes'])} / {num(r['hosts_down_at_end'])}",
+                    f"{num(r['hosts_told_up'])} / {num(r['hosts_down_at_end'])}",
                     f"{num(r['followed_again'])} of {num(r['hosts'])}",
                     num(r["followed_again_p50_s"], 2), num(r["followed_again_max_s"], 2)])
     if not out:
@@ -191,7 +191,7 @@ def t_auth_refused(results: dict[str, Result]) -> str:
     return table(["mode", "hosts", "refused for s", "failed logins",
                   "a host a minute", "a host a minute, its last `--tail` s", "watch streams",
                   "members' CPU, cores", "cores, its last `--tail` s", "busiest 5 s of those",
-                  "hosts' state changes while refused / hosts down at its end", "followed again",
+                  "hosts told up while refused / down at its end", "followed again",
                   "p50 s after the fix", "max s"], out)
 
 
