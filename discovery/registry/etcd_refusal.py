@@ -120,8 +120,8 @@ class WatchFailures:
         """The wait after a refusal (logged), which doubles each time. A login refused waits
         for the login's own next try (``EtcdAuth``: it doubles too), no longer: a try sooner is
         refused unsent, and a wait doubled again on top of it came up to a minute late."""
-        wait = (exc.retry_in if isinstance(exc, LoginRefused) else self._refused.failed()
-                ) + spread(self._spread)
+        wait = (max(exc.retry_in, RECONNECT_INITIAL) if isinstance(exc, LoginRefused)
+                else self._refused.failed()) + spread(self._spread)
         why = str(exc) if isinstance(exc, RegistryError) else rpc_details(exc)
         self._log.warning("etcd watch on %s refused (%s); trying again in %.1f s, %s (the "
                           "registry is not reported down for it)",

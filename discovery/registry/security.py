@@ -4,10 +4,8 @@
   with one :class:`ConfigError` naming the parameter when one is missing or unreadable.
 - etcd: :func:`etcd_channel_credentials` (TLS, one set for every endpoint) and
   :class:`EtcdAuth` (user/password: a token got lazily, and again whenever etcd forgot it).
-- ZooKeeper: :func:`zk_client_options` (digest auth, the ACL of the nodes we create, TLS).
-  Nodes the agent creates get ``digest:<user>`` ALL + ``world:anyone`` READ: readers need no
-  secret, and only holders of the agent's credentials can change or delete them.
-See docs/security.md.
+- ZooKeeper: :func:`zk_client_options` (digest auth, TLS; the agent's nodes get
+  ``digest:<user>`` ALL + ``world:anyone`` READ: readers need no secret). See docs/security.md.
 """
 
 from __future__ import annotations
@@ -224,9 +222,11 @@ class EtcdAuth:
         with self._lock:
             if self._client.metadata is not None:
                 return
-            if self._refused is not None and not self._refusals.taken():
-                left = self._refusals.remaining() or 0.0
-                raise LoginRefused(f"{self._refused} (not asked again for {left:.1f} s)", left)
+            if self._refused is not None:
+                if not self._refusals.taken():
+                    left = self._refusals.remaining() or 0.0
+                    raise LoginRefused(f"{self._refused} (asked again in {left:.1f} s)", left)
+                self._refused = None  # asked now (a login that times out holds nothing)
             try:
                 self._client.metadata = self._issued(self._authenticate())
             except LoginRefused as exc:

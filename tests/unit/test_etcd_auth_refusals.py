@@ -12,6 +12,7 @@ import logging
 
 import grpc
 import pytest
+from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import LoginRefused, RegistryError
 from discovery.registry import etcd_refusal
@@ -45,7 +46,7 @@ def test_a_refused_login_is_asked_again_after_a_growing_wait(
 
     assert tries(0.1) == 1  # the first call asks
     assert tries(0.8) == 0  # then nothing for 1 s: the same error, said so
-    with pytest.raises(RegistryError, match=r"not asked again for 0\.1 s"):
+    with pytest.raises(RegistryError, match=r"asked again in 0\.1 s"):
         auth.ensure()
     assert tries(60.0) == 5  # 1, 3, 7, 15 and 31 s after the first: not 600 times
     assert tries(120.0) == 2  # at most once a minute
@@ -128,3 +129,25 @@ def test_a_fleet_refused_at_once_asks_again_apart(monkeypatch: pytest.MonkeyPatc
         waits.append(refused.value.retry_in)
     assert 45.0 <= min(waits) < max(waits) <= 60.0, waits
     assert len({round(w, 3) for w in waits}) > 10, waits
+
+
+def test_a_login_that_fails_after_its_wait_holds_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused login's wait ran out, and the next login found no member (a timeout, an
+    election): that is no refusal. Before, the refusal stayed and nothing was due, so every
+    call failed unsent, the password fixed or not, until the process restarted; a watch
+    then retried it every 0-3 s."""
+    now = [1000.0]
+    monkeypatch.setattr("discovery.retry.time.monotonic", lambda: now[0])
+    client = refusing()
+    auth = EtcdAuth(client, Secrets(user="alice", password="old"), "127.0.0.1:2379")
+    with pytest.raises(LoginRefused):
+        auth.ensure()
+    now[0] += 2.0  # the wait is over
+    client.failure = Answer(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        auth.ensure()
+    client.failure = None  # the member back, the password fixed
+    calls = client.calls
+    auth.ensure()  # asked at once
+    assert client.calls == calls + 1 and client.metadata == (("token", "t0k3n"),)
