@@ -140,8 +140,7 @@ def load_secrets(url: RegistryURL) -> Secrets:
 
 def etcd_channel_credentials(secrets: Secrets) -> grpc.ChannelCredentials:
     """TLS for every endpoint: our CA (else the system's) and, if given, our client cert."""
-    return grpc.ssl_channel_credentials(root_certificates=secrets.ca,
-                                        private_key=secrets.key,
+    return grpc.ssl_channel_credentials(root_certificates=secrets.ca, private_key=secrets.key,
                                         certificate_chain=secrets.cert)
 
 
@@ -238,7 +237,7 @@ class EtcdAuth:
 
     def _renew(self) -> None:
         """A new JWT ahead of the held one's expiry, by one caller, outside the lock: the
-        others go on with the token held, which also serves on if this fails."""
+        others go on with the token held (it serves on if this fails)."""
         with self._lock:
             held = self._client.metadata
             if self._renewing or held is None or time.monotonic() < self._renew_at:
@@ -256,10 +255,11 @@ class EtcdAuth:
                         "the one held serves on, tried again in %g s", self._where,
                         str(exc) or type(exc).__name__, wait)
         else:
-            with self._lock:
-                if self._client.metadata is held:  # else a newer login replaced it meanwhile
+            with self._lock:  # else a newer login (or a refused one) came meanwhile: its state
+                if self._client.metadata is held:
                     self._client.metadata = self._issued(metadata)
-                self._refusals.succeeded()
+                    self._refused = None
+                    self._refusals.succeeded()
         finally:
             self._renewing = False
 

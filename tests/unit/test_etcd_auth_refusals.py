@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import grpc
 import pytest
@@ -151,3 +152,37 @@ def test_a_login_that_fails_after_its_wait_holds_nothing(
     calls = client.calls
     auth.ensure()  # asked at once
     assert client.calls == calls + 1 and client.metadata == (("token", "t0k3n"),)
+
+
+def test_a_renewal_that_lands_after_a_refused_login_keeps_its_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JWT's renewal is asked outside the lock. Meanwhile etcd dropped the token and the
+    next login was refused (the password changed in between); then the renewal's answer came,
+    too late to install. It must leave that refusal's wait as it is: before, it cleared the
+    wait but not the refusal, and every call failed unsent from then on."""
+    now = [1000.0]
+    monkeypatch.setattr("discovery.retry.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("discovery.registry.security.time.monotonic", lambda: now[0])
+    client = AuthClient(token=lambda: "t0k3n")
+    auth = EtcdAuth(client, Secrets(user="alice", password="pw"), "127.0.0.1:2379")
+    auth.ensure()  # the token, held
+    renew = client.Authenticate
+
+    def meanwhile(request: Any, timeout: float) -> Any:
+        monkeypatch.setattr(client, "Authenticate", renew)  # (the renewal's, answered after)
+        auth.drop()  # etcd forgot the token, and the next login is refused
+        client.failure = REFUSED
+        with pytest.raises(LoginRefused):
+            auth.ensure()
+        client.failure = None
+        return renew(request, timeout)
+
+    monkeypatch.setattr(client, "Authenticate", meanwhile)
+    auth._renew_at = now[0]  # the held token's renewal is due
+    auth.ensure()  # renews (the token held is not used: it was dropped meanwhile)
+    assert client.metadata is None
+    with pytest.raises(LoginRefused, match="asked again in"):
+        auth.ensure()  # the refusal's wait holds
+    now[0] += 2.0
+    auth.ensure()  # then asked: the password works again
+    assert client.metadata == (("token", "t0k3n"),)
