@@ -113,7 +113,7 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
     def tell(n: int, up: bool) -> None:
         told.append((time.monotonic(), n, up))  # (atomic)
 
-    with fleet_on(c) as (loop, hosts), code_of(mode):  # (the mode's code, to its hosts' end)
+    with fleet_on(c) as (loop, hosts), code_of(mode):  # (the mode's code while hosts run)
         prefix = "/alice/fleet"
         url = f"{c.url_as(c.USER, c.USER_PASSWORD, prefix)}?spread={SPREAD:g}"
         root_url = c.url_as("root", c.ROOT_PASSWORD, prefix)
