@@ -15,7 +15,8 @@ follows the services of its own instances (``--follow own``; ``all``: the whole 
 with DNS or HTTP on, whose deliveries, 100 hosts' in one process, take this machine's CPU for
 seconds: 200,000 for a 1,000-instance delete and its write-back; ``none``: no watch, as
 ``discovery agent`` alone, whose registry then watches its own keys only, ``zk_own`` and
-``etcd_own``: the write-back's rows only, ``<stem>-alone-<backend>.json``) and reconciles every
+``etcd_own``: the write-back's rows only, ``<stem>-alone-<backend>.json``; ``all`` likewise,
+``<stem>-all-<backend>.json``) and reconciles every
 ``--resync`` s (±10 %; each host's first at a random moment within one period, as agents
 started at different times) through ``node_snapshot``, registering again what is missing (the
 agent's reconcile); one *observer*: the project's ``Watcher`` (the wipe guard with its
@@ -358,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "drain": [(False, False), (False, True), (True, False),
                                       (True, True)],
                             "weight0": [(True, False), (True, True)]}[args.fault]
-                if args.follow == "none":  # the rows of the write-back and the guard's count
+                if args.follow != "own":  # the rows of the write-back and the guard's count
                     variants = [(True, True)]
                 return [report.emit(one(cluster, args, int(n), on, f"{backend}{n}x{int(on)}"
                                         f"{int(drains)}", drains))
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cluster.stop()
 
         code = max(code, measured(
-            STEMS[args.fault] + ("-alone" if args.follow == "none" else ""), backend,
+            STEMS[args.fault] + {"own": "", "none": "-alone", "all": "-all"}[args.follow], backend,
             f"the prefix's {args.fault}", run, save=not args.no_save))
         if code == 130:  # Ctrl-C: not the next backend
             break

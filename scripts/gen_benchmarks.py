@@ -134,11 +134,16 @@ def t_footprint(results: dict[str, Result]) -> str:
                   "host busy", "RSS ≤ 60 MiB"], out)
 
 
+#: a written-back row's hosts, by what their watch follows (``--follow``; own: no words)
+FOLLOWS = {"none": ", no watch: own-key watches", "all": ", each host follows all"}
+
+
 def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
     """bench/written_back.py: the prefix deleted (``written-back``) or every instance drained
     (``changed-back``, ``--fault drain``; ``weight0-back``, ``--fault weight0``: "back" is
     serving again, "empty" no instance serving) by hand, the write-back off and on; the
-    ``-alone`` files: hosts with no watch (``--follow none``), on their own keys' watches."""
+    ``-alone`` files: hosts with no watch (``--follow none``), on their own keys' watches; the
+    ``-all`` files: every host follows the whole catalog (``--follow all``)."""
     drain = stem != "written-back"
     did = "drain" if drain else "delete"
 
@@ -146,13 +151,13 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
         out = []
         for backend in ("etcd", "zk"):
             for r in [*rows_of(results.get(f"{stem}-{backend}")),
+                      *rows_of(results.get(f"{stem}-all-{backend}")),  # --follow all
                       *rows_of(results.get(f"{stem}-alone-{backend}"))]:  # --follow none
                 guard = [f"{r['guard_engaged']} / {r['guard_held_total']}"] if drain else []
                 counts = ["on" if r.get("guard_counts_drains") else "off"] if drain else []
                 out.append([backend,
                             f"{r['services']} ({r['instances'] // r['services']} a service)",
-                            r["written_back"] + (", no watch: own-key watches"
-                                                 if r.get("follow") == "none" else ""),
+                            r["written_back"] + FOLLOWS.get(str(r.get("follow")), ""),
                             *counts, num(r["delete_took_s"]),
                             f"{r['back']} / {r['instances']}",
                             f"{num(r['back_p50_s'])} / {num(r['back_p99_s'])} / "
