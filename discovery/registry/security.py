@@ -232,7 +232,6 @@ class EtcdAuth:
                 self._refused = exc
                 exc.retry_in = self._refusals.failed(JITTER)  # a fleet refused at once: apart
                 raise
-            self._refused = None
             self._refusals.succeeded()
 
     def _renew(self) -> None:
