@@ -20,7 +20,7 @@ from functools import partial
 
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Snapshot, Watch
-from discovery.registry.base import FIRST_READ
+from discovery.registry.succession import Succession
 from discovery.watcher.guard import WipeGuard
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ class LiveCatalog:
         self.services: frozenset[str] | None = None  # those followed; None: every one
         self._guard: WipeGuard | None = None
         self._watch: Watch | None = None
-        self._generation = 0  # of the watch: a stopped one's late changes are dropped
-        self._next = 0  # of the watch follow() is starting: its reset makes it the current
+        self._watches = Succession()  # a stopped watch's late changes are dropped
         self._following = threading.Lock()  # one follow() at a time
         self._wake = threading.Event()  # the guard's timer: something deferred, or closing
         self._timer: threading.Thread | None = None
@@ -63,15 +62,11 @@ class LiveCatalog:
                     return
                 now = self.services if self.catalog is not None else None
                 want = None if services is None else services | (now or frozenset())
-                generation = self._next = self._generation + 1
-            try:  # outside the lock: the reset, delivered before watch() returns, takes it
-                watch = self._registry.watch(partial(self._on_change, generation, want),
-                                             FIRST_READ, services=want)
-            finally:
-                with self._lock:
-                    self._next = 0
+            # outside the lock: the reset, delivered before watch() returns, takes it
+            number, watch = self._watches.make(self._registry, partial(self._on_change, want),
+                                               want, self._lock)
             with self._lock:
-                stale = self._closed or generation != self._generation
+                stale = self._closed or number != self._watches.current
                 if not stale:
                     self._watch = watch
                     if self._guard is not None and self._timer is None:
@@ -83,7 +78,7 @@ class LiveCatalog:
         log.debug("following %s", "every service" if want is None
                   else f"{len(want)} service(s)")
 
-    def _on_change(self, generation: int, services: frozenset[str] | None,
+    def _on_change(self, services: frozenset[str] | None, number: int,
                    change: Change) -> None:
         """The watch's callback (a backend thread): through the wipe guard, then applied. The
         first change of a new watch, its read, makes it the current watch: it comes in
@@ -94,16 +89,16 @@ class LiveCatalog:
             with self._lock:
                 if self._closed:
                     return
-                first = generation == self._next and change.kind == "reset"
-                if first:
-                    self._generation, self._next, self.services = generation, 0, services
+                taken = self._watches.take(number, change)
+                if taken == "first":
+                    self.services = services
                     old, self._watch = self._watch, None
-                if first and self.catalog is None:
+                if taken == "first" and self.catalog is None:
                     self.catalog = Catalog()
                     self.catalog.load(change.snapshot or Snapshot())
                     self._guard = WipeGuard(self.catalog) if self._guarded else None
                     self._touched(None)
-                elif generation == self._generation and self.catalog is not None:
+                elif taken and self.catalog is not None:
                     guard = self._guard
                     self._apply(guard.filter(change) if guard is not None else [change])
                     if guard is not None and guard.next_due() is not None:

@@ -20,7 +20,6 @@ from functools import partial
 from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry.base import (
-    FIRST_READ,
     Change,
     ChangeCallback,
     Registry,
@@ -29,6 +28,7 @@ from discovery.registry.base import (
     Watch,
     deliver,
 )
+from discovery.registry.succession import Succession
 from discovery.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ class ServicesView:
 
 
 class _ViewWatch:
-    """The watch of a view; re-created on the inner registry when the services change. The
-    old watch runs on until the new one's first read (its ``reset``) is in: what it delivers
-    until then is passed on, what it delivers after is dropped (it may lag behind the read)."""
+    """The watch of a view; re-created on the inner registry when the services change
+    (:class:`~discovery.registry.succession.Succession`: the old watch's changes are passed on
+    until the new one's read, and dropped after it)."""
 
     def __init__(self, inner: Registry, callback: ChangeCallback, services: frozenset[str],
                  start_revision: int) -> None:
@@ -113,14 +113,12 @@ class _ViewWatch:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._delivering = threading.Lock()  # one change at a time, of the current watch
-        self._current = self._made = 0  # the watch passed on; the last made
+        self._watches = Succession()
         self._watch = inner.watch(partial(self._deliver, 0), start_revision, services)
 
-    def _deliver(self, made: int, change: Change) -> None:
+    def _deliver(self, number: int, change: Change) -> None:
         with self._delivering:
-            if made > self._current and change.kind == "reset":  # a new watch's first read
-                self._current = made
-            if made == self._current:
+            if self._watches.take(number, change):
                 deliver(self._callback, change, self._stopped)
 
     def follow(self, services: frozenset[str], newest: Callable[[], frozenset[str]]) -> None:
@@ -129,15 +127,15 @@ class _ViewWatch:
         with self._lock:
             if self._stopped.is_set():
                 return
-            old, self._made = self._watch, self._made + 1
+            old = self._watch
             try:  # its first read is the reset (ZooKeeper: the read that arms its watches)
                 for attempt in backoff(RegistryError, stop_event=self._stopped,
                                        what="reading the routed services", logger=log):
                     if newest() != services:  # a newer set: its own follow reads it
                         return
                     with attempt:
-                        self._watch = self._inner.watch(partial(self._deliver, self._made),
-                                                        FIRST_READ, services)
+                        _, self._watch = self._watches.make(self._inner, self._deliver,
+                                                            services, self._delivering)
             except RegistryError:  # stopped
                 return
             old.stop()
