@@ -180,7 +180,8 @@ def _log_level() -> None:
 def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: int,
             written_back: bool, conn: Any) -> None:
     """One worker process: its hosts (one asyncio loop for their etcd clients), ``ready``
-    with their instances, then, told ``stop``, their write-back and reconcile counts."""
+    with their instances, then, told ``stop``, their write-back and reconcile counts and the
+    CPU seconds the process spent in between."""
     os.nice(10)  # the hosts stand for other machines: never starving the members' CPU here
     with contextlib.suppress(OSError):  # (the group's weight, where the kernel groups by session)
         Path(f"/proc/{os.getpid()}/autogroup").write_text("10")
@@ -196,9 +197,11 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
         own = [h.registry._restorer.own for h in hosts]  # type: ignore[attr-defined]
         wait_until(lambda: all(o.holds for o in own), 60, "the hosts' own-key watches")
     conn.send([i.key for h in hosts for i in h.instances])
+    cpu = time.process_time()  # what the hosts spend from here: the fault, and the wave after
     conn.recv()  # stop
     stop.set()
-    conn.send((sum(h.restored for h in hosts), sum(h.reconciled for h in hosts)))
+    conn.send((sum(h.restored for h in hosts), sum(h.reconciled for h in hosts),
+               time.process_time() - cpu))
     for host in hosts:
         host.registry.close(True)
     if loop is not None:
@@ -243,7 +246,7 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             if not conn.poll(120):
                 raise RuntimeError("a worker did not start its hosts")
             expected |= {(k[0], k[1]) for k in conn.recv()}
-        counts: list[tuple[int, int]] = []
+        counts: list[tuple[int, int, float]] = []
         stopped: list[bool] = []
 
         def stop_workers() -> None:  # once: now, or on the way out
@@ -308,6 +311,10 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             "back_after_own_delete_max_s": _r(max(own)) if own else None,
             "written_back_writes": sum(c[0] for c in counts),
             "reconcile_writes": sum(c[1] for c in counts),
+            # each host's share of its process's CPU over the row (the fault, the wave after,
+            # the steady state around them): a host with a core of its own spends that
+            "host_cpu_ms": _r(1000 * sum(c[2] for c in counts) / args.hosts),
+            "row_s": _r(time.monotonic() - start),
             "observer_empty_services_most": empty_most,
             "observer_empty_service_s": _r(empty_service_s),
             "guard_engaged": status.engaged, "guard_held_total": status.held_total,

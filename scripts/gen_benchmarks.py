@@ -165,6 +165,7 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
                             f"{num(r['back_after_own_delete_p50_s'])} / "
                             f"{num(r['back_after_own_delete_max_s'])}",
                             f"{r['written_back_writes']} / {r['reconcile_writes']}",
+                            num(r.get("host_cpu_ms")),
                             f"{r['observer_empty_services_most']} "
                             f"({num(r['observer_empty_service_s'])} service-s)", *guard,
                             r.get("target") or "—", verdict(r.get("pass"))])
@@ -176,7 +177,7 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
                       f"{'serving' if drain else 'back'} after the {did}'s start, s: "
                       "p50 / p99 / max",
                       f"{'serving' if drain else 'back'} after its own {did}, s: p50 / max",
-                      "written back / by a reconcile",
+                      "written back / by a reconcile", "CPU a host over the row, ms",
                       "observer: services with none serving at once (most)" if drain else
                       "observer: services empty at once (most)",
                       *(["observer's guard: engaged / held"] if drain else []),
