@@ -180,8 +180,7 @@ class ZkRegistry:
         that cannot be (its service directory locked against us) is logged and retried alone
         until written, deregistered or replaced (by the agent's next reconcile), or closing."""
         with self._lock:
-            watches = list(self._watches)
-            owned = list(self._owned.values())
+            watches, owned = list(self._watches), list(self._owned.values())
             self._recoveries += 1  # a watch made meanwhile resets itself (watch())
         for w in watches:
             w.reset()
@@ -284,11 +283,9 @@ class ZkRegistry:
     def _restore(self, key: tuple[str, str], _doubt: bool) -> str:
         """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
         owned`) written again if still so (:meth:`ZkClaims.restore`, once connected: else
-        RegistryUnavailable, and it is looked at again); one write at a time (see __init__;
-        one session's requests apply in order, so a late answer never lands after a
-        deregister). One not written in this session is the session recovery's work; an
-        unsettled one the agent's (claiming marks it under the lock, a register's write
-        holding ``_writes``)."""
+        RegistryUnavailable: looked at again); one write at a time (see __init__; one session's
+        requests apply in order: a late answer never lands after a deregister). One not written
+        in this session is the recovery's; an unsettled one the agent's (``claiming``)."""
         with self._writes:
             with self._lock:
                 inst = self._owned.get(key)
@@ -323,7 +320,10 @@ class ZkRegistry:
                  ours: Callable[[str], bool] | None = None) -> Snapshot:
         return self._op("read", functools.partial(
             full_read, self.client, self.url, self._many, self.decoder, self.reads, self._get,
-            services, ours))
+            services, ours, self._read_by))
+
+    def _read_by(self, path: str) -> tuple[str, str] | None:  # as a running watch read it
+        return next((k for w in list(self._watches) if (k := w.holds(path))), None)
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index (``zk_index``). With Nerve's layout a node's
@@ -350,7 +350,8 @@ class ZkRegistry:
             raise RegistryError(f"ZooKeeper registry {self.url} is closed")
         make = functools.partial(ZkWatch, self.client, self.decoder, self._connected,
                                  self._restorer.wrap(callback, services), start_revision,
-                                 services, self.reads, self._router, self._many, self._pre)
+                                 services, self.reads, self._router, self._many, self._pre,
+                                 self._read_by)
         recoveries = self._recoveries
         w = self._op("read", make) if start_revision == FIRST_READ else make()  # (base.py)
         with self._lock:
@@ -378,8 +379,7 @@ class ZkRegistry:
             if self._closing.is_set():
                 return
             self._closing.set()
-            watches, owned = list(self._watches), list(self._owned)
-            self._watches.clear()
+            watches, owned, self._watches = list(self._watches), list(self._owned), []
         self._restorer.close()
         for w in watches:
             w.stop(join=False)

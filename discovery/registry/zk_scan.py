@@ -312,11 +312,13 @@ def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int
 
 def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads: ReadStats,
               get: Callable[[Any], Any], only: Collection[str] | None = None,
-              ours: Callable[[str], bool] | None = None) -> Snapshot:
+              ours: Callable[[str], bool] | None = None,
+              known: Known | None = None) -> Snapshot:
     """Every instance (``only``: of those services), in three rounds of requests (the
     services, their children, their data: ``many``); ``get`` waits for a kazoo result.
     ``ours``: only the entries whose name (a Nerve node's without its sequence) it takes are
-    read, the others listed alone (a node's own: :func:`~discovery.model.instance.made_on`)."""
+    read, the others listed alone (a node's own: :func:`~discovery.model.instance.made_on`).
+    ``known``: what a Nerve node not read held (:func:`unreadable`)."""
     reads.full_read()
     try:
         services = (sorted(set(only)) if only is not None
@@ -343,4 +345,4 @@ def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads
             bad.append(path)
     return Snapshot(instances=instances, revision=revision, withheld=frozenset(
         s for s in services if url.service_dir(s) in refused), unreadable=frozenset(
-        unreadable(url, bad, instances).values()))
+        unreadable(url, bad, instances, known).values()))

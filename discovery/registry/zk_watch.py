@@ -48,27 +48,25 @@ class ZkWatch:
     :class:`~discovery.registry.zk_io.PreReads`, the nodes of events that came together in one
     ``multiRead``) and queues the answer. Before 3.6, one-shot watches queue "look again at X"
     items, re-armed by the worker's reads. With ``services`` it follows only those services'
-    directories: ZooKeeper tells this host only about what it routes. ``reads`` counts what
-    it reads. A lost connection (same session) re-arms the watches from the zxid seen before
-    (:mod:`~discovery.registry.zk_rewatch`): only what changed meanwhile is read again. A read
-    refused (NoAuth) is logged, and everything read again 5 s later, the wait doubling to 60 s
-    while refused (:data:`REFUSED_WAIT`); a service directory or node refused is left out or
-    kept as the full read leaves or keeps it, and looked at again (``zk_scan.Withheld``).
-    """
+    directories. ``reads`` counts what it reads. A lost connection (same session) re-arms the
+    watches from the zxid seen before (:mod:`~discovery.registry.zk_rewatch`): only what
+    changed meanwhile is read again. A read refused (NoAuth) is logged, and everything read
+    again 5 s later, the wait doubling to 60 s (:data:`REFUSED_WAIT`); a service directory or
+    node refused is left out or kept as the full read does, and looked at again
+    (``zk_scan.Withheld``)."""
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, reads: ReadStats | None = None,
                  router: EventRouter | None = None, many: ManyReads | None = None,
-                 pre: PreReads | None = None) -> None:
+                 pre: PreReads | None = None, elsewhere: zk_scan.Known | None = None) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
         self._router, self._many, self._pre = router, many, pre
+        self._elsewhere: zk_scan.Known = elsewhere or (lambda _p: None)  # what others read
         self._persistent = router is not None and router.supported is not False
         self._only = None if services is None else frozenset(services)
         self._reads = reads if reads is not None else ReadStats()
-        self._url = decoder.url
-        self._services = decoder.url.services_root
-        self._callback = callback
+        self._url, self._services, self._callback = decoder.url, decoder.url.services_root, callback
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, str]] = deque()
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
@@ -189,19 +187,16 @@ class ZkWatch:
                 self._queue.append(item)
                 self._cond.notify_all()
 
-    def _fn(self, item: tuple[str, str]) -> Callable[[Any], None]:
-        """One stable callable per watched thing (kazoo keeps watchers in a set)."""
-        fn = self._fns.get(item)
+    def _fn(self, item: tuple[str, str]) -> Callable[[Any], None]:  # one stable callable per
+        fn = self._fns.get(item)  # watched thing (kazoo keeps watchers in a set)
         if fn is None:
             fn = self._fns[item] = lambda event: self._fired(item, event)
         return fn
 
-    def _w(self, item: tuple[str, str]) -> Callable[[Any], None] | None:
-        """The one-shot watch a read of ``item`` sets: none under persistent watches."""
+    def _w(self, item: tuple[str, str]) -> Callable[[Any], None] | None:  # a read's watch
         return None if self._persistent else self._fn(item)
 
-    def _add_roots(self) -> None:
-        """(Again) the persistent watches, before reading: no change falls in between."""
+    def _add_roots(self) -> None:  # (again) before any read: no change falls in between
         if self._persistent and self._router is not None:
             self._persistent = self._router.add_all(self._roots, self._event, timeout=10.0)
 
@@ -312,10 +307,9 @@ class ZkWatch:
                 self._changed(path, read, changed)
         self._pending.deliver(path, one)
 
-    def _read_changed(self, paths: list[str]) -> None:
-        """Nodes whose events came together: one ``multiRead`` (persistent watches)."""
+    def _read_changed(self, paths: list[str]) -> None:  # nodes whose events came together:
         refused: list[str] = []
-        found = dict(self._read_nodes(paths, refused))
+        found = dict(self._read_nodes(paths, refused))  # one multiRead (persistent watches)
         for path in paths:  # each flag taken after the read: a read that failed keeps it
             changed = self._pending.untouch(path)
             if path not in refused or not self._withheld.kept(path, self._live):
@@ -379,16 +373,22 @@ class ZkWatch:
         self._fns.clear()
         self._reads.full_read()
         self._add_roots()
-        self._known = self._live or self._known  # what nodes held: until a scan succeeds
-        self._svcs, self._nodes, self._live = set(), {}, LivePaths()  # as if the scan failed
+        self._known = known = self._live or self._known  # what nodes held: until a scan
+        self._svcs, self._nodes, self._live = set(), {}, LivePaths()  # succeeds (or others)
         found = zk_scan.scan(self._client, self._url, self._decoder, self._only, self._reads,
-                             self._read_nodes, self._w, self._known.get)
+                             self._read_nodes, self._w,
+                             lambda path: known.get(path) or self._elsewhere(path))
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
         self._known = LivePaths()
         self._refused.succeeded()  # a refusal from now on waits the first wait again
         self._withheld.scanned(found.snapshot, found.refused)
         self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest
+
+    def holds(self, path: str) -> tuple[str, str] | None:
+        """(Any thread) what ``path`` held when this running watch last read it (Nerve: a new
+        watch of the same host keeps a node it cannot read: ``elsewhere``)."""
+        return None if self._stopped.is_set() else self._live.get(path) or self._known.get(path)
 
     def _read_nodes(self, paths: list[str], refused: list[str],
                     ) -> Iterator[tuple[str, tuple[bytes, Any]]]:

@@ -18,6 +18,7 @@ from kazoo.client import KazooClient
 
 from discovery.model.catalog import Catalog
 from discovery.registry import Registry, RegistryURL, open_registry, zk_persistent, zk_watch
+from discovery.registry.base import FIRST_READ, Snapshot
 from tests.harness.raw_clients import expire_zk_session, raw_put
 from tests.harness.registries import LOCKED, no_write_back
 from tests.harness.servers import ServerCluster, unique_prefix, wait_until
@@ -125,16 +126,21 @@ def test_a_node_its_own_acl_locks_keeps_its_instance(
     assert catalog.get(b.key) == b and catalog.get(c.key) == c
 
 
+def _nerve_pair(zk: ServerCluster, regs: list[Registry]) -> tuple[str, Registry, Registry]:
+    """Service web's folder, a writer and a reader under Nerve's layout."""
+    host, port = zk.address(0)
+    base = f"{unique_prefix()}/nerve"
+    url = f"zk://{host}:{port}{base}?format=nerve&path={base}/services/{{service}}/services"
+    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
+    regs += [writer, reader]
+    return f"{base}/services/web/services", writer, reader
+
+
 def test_a_nerve_node_turned_bad_keeps_its_instance(
         zk: ServerCluster, regs: list[Registry], other: KazooClient) -> None:
     """Under Nerve's layout a node's name does not say its instance (the port is in its
     data): the watch keeps what the node held when last read, through a full read too."""
-    host, port = zk.address(0)
-    base = f"{unique_prefix()}/nerve"
-    url = f"zk://{host}:{port}{base}?format=nerve&path={base}/services/{{service}}/services"
-    folder = f"{base}/services/web/services"
-    writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)
-    regs += [writer, reader]
+    folder, writer, reader = _nerve_pair(zk, regs)
     a, b, c = inst(1), inst(2), inst(3)
     writer.register(a)
     catalog, kinds = followed(reader)
@@ -156,3 +162,27 @@ def test_a_nerve_node_turned_bad_keeps_its_instance(
     other.delete(f"{folder}/{node}")
     wait_until(lambda: catalog.get(a.key) is None, 10, "the delete of the bad node")
     assert catalog.get(b.key) is not None and catalog.get(c.key) is not None
+
+
+def test_a_nerve_node_turned_bad_is_kept_by_a_new_watchs_read(
+        zk: ServerCluster, regs: list[Registry], other: KazooClient) -> None:
+    """A watcher's SIGHUP (a client following more services) reads through a new watch beside
+    the old one: the new read cannot tell which instance a bad Nerve node held, but the
+    host's running watch can, so the read keeps it (it used to leave it out: the instance
+    went from that host's routing, until the node was readable again)."""
+    folder, writer, reader = _nerve_pair(zk, regs)
+    a, b = inst(1), inst(2)
+    writer.register(a)
+    catalog, _ = followed(reader)  # the watch running before the SIGHUP
+    [node] = other.get_children(folder)
+    other.set(f"{folder}/{node}", b'{"host": "127.0.0.1"}')  # no port: not an instance
+    writer.register(b)
+    wait_until(lambda: catalog.get(b.key) is not None, 10, "the write after the bad one")
+
+    resets: list[Snapshot] = []
+    reader.watch(lambda c: resets.append(c.snapshot) if c.snapshot else None, FIRST_READ,
+                 ["web", "api"])
+    assert len(resets) == 1  # delivered within watch()
+    assert a.key not in resets[0].instances and resets[0].unreadable == {a.key}
+    assert resets[0].keeps(a.key) and b.key in resets[0].instances
+    assert reader.snapshot().unreadable == {a.key}  # a read of the registry keeps it too
