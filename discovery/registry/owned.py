@@ -35,9 +35,12 @@ instances still to write again) or the session's recovery (ZooKeeper: an entry n
 in this session) puts back is left to them. A write-back whose answer was lost may still land,
 after the entry's own deregister too: its key is looked at again ``recheck`` s later (twice the
 registry's timeout), when etcd deletes it if it is no longer owned but there on the registry's
-lease (one session's ZooKeeper requests apply in order, so there it cannot land late); the
-other keys waiting then are left to the agent's reconcile. The wait spreads a fleet whose
-entries went at once over that window.
+lease (one session's ZooKeeper requests apply in order, so there it cannot land late). The
+other keys waiting then wait for the registry (half ``recheck``, doubling while it does not
+answer: down, or busy, as an ensemble reading a fleet's write-backs; they used to be left to
+the agent's reconcile, up to 33 s later), and are left to the reconcile only once that wait
+reaches four ``recheck``. The wait spreads a fleet whose entries went at once over that
+window.
 
 It costs nothing in the steady state: it rides on the watches the host has anyway
 (``discovery up``: the agent and the watcher share one registry client). The owned entries no
@@ -64,7 +67,7 @@ from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.model.instance import stamp_after
 from discovery.registry.base import Change, ChangeCallback, Snapshot
-from discovery.retry import spread
+from discovery.retry import RetryAt, spread
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -90,9 +93,10 @@ class Restorer:
     it is). A write-back whose answer was
     lost (:class:`~discovery.errors.RegistryUnavailable`) may still land, maybe after the
     entry's own deregister: its key is handed over once more ``recheck`` s later with
-    ``doubt`` (the backend then deletes it if it is no longer owned but there as ours); the
-    other keys waiting are left to the agent's reconcile (each would wait for the registry
-    under the registry's lock)."""
+    ``doubt`` (the backend then deletes it if it is no longer owned but there as ours). The
+    other keys waiting then wait too (each would wait for the registry under the
+    registry's lock): half ``recheck``, doubling while the registry stays so; once that wait
+    reaches four ``recheck`` they are left to the agent's reconcile."""
 
     def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool], str],
                  window: float, name: str, recheck: float = 10.0,
@@ -109,6 +113,7 @@ class Restorer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.restored = 0  # entries written back (the others were there again, or not ours)
+        self._unavailable = RetryAt(recheck / 2, 4 * recheck)  # the others' wait (see above)
         self._follows: list[tuple[frozenset[str] | None, threading.Event]] = []  # watches
 
         #: the registry's watches of its own keys (:mod:`~discovery.registry.zk_own`,
@@ -251,6 +256,23 @@ class Restorer:
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
             return None
 
+    def _postpone(self) -> str:
+        """The registry did not answer a write-back (down, or too busy: an ensemble reading a
+        fleet's write-backs): the keys waiting wait for it (the doubted keep their turn), or,
+        once it has failed for that long, are left to the agent's reconcile."""
+        wait = self._unavailable.failed(jitter=0.25)
+        with self._cond:
+            waiting = [(k, v) for k, v in self._due.items() if not v[1]]
+            if self._unavailable.wait >= self._unavailable.maximum:  # the reconcile's
+                self._due = {k: v for k, v in self._due.items() if v[1]}
+                return f"{len(waiting)} more left to the agent's reconcile"
+            later = time.monotonic() + wait
+            for key, (due, doubt, gone) in waiting:
+                if due < later:
+                    self._due[key] = (when := later + spread(self._window), doubt, gone)
+                    heapq.heappush(self._heap, (when, key))
+        return f"{len(waiting)} more in {wait:.1f} s or later"
+
     def _run(self) -> None:
         while (turn := self._next()) is not None:
             key, doubt, gone = turn
@@ -261,14 +283,12 @@ class Restorer:
                     self.restored += 1
                     log.warning("%s/%s of this node was %s in the registry by another writer; "
                                 "written back", *key, done)
+                self._unavailable.succeeded()
             except RegistryUnavailable as exc:
                 if self._closed:
                     return
-                with self._cond:  # the others: the reconcile's (the doubted stay)
-                    left = sum(not d for _, d, _ in self._due.values())
-                    self._due = {k: v for k, v in self._due.items() if v[1]}
-                log.warning("writing back %s/%s, %s by another writer: %s; %d more left to "
-                            "the agent's reconcile", *key, _what(gone), exc, left)
+                log.warning("writing back %s/%s, %s by another writer: %s; %s", *key,
+                            _what(gone), exc, self._postpone())
                 if not doubt:
                     self._schedule([key], doubt=True, gone=gone)
             except RegistryError as exc:  # the agent's next reconcile writes it

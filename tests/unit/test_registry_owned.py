@@ -205,27 +205,61 @@ def test_the_waits_are_spread_over_the_window() -> None:
         r.close()
 
 
-def test_a_lost_answer_is_looked_at_again_in_doubt_and_the_others_left() -> None:
+def test_a_lost_answer_is_looked_at_again_in_doubt_and_the_others_wait() -> None:
     """A write-back whose answer was lost may land late, after the entry's own deregister:
     its key comes back once, ``recheck`` s later, in doubt (the backend deletes it then if it
-    is no longer owned); the keys waiting behind it are left to the agent's reconcile."""
-    a, b, c = _inst("web", 1), _inst("web", 2), _inst("web", 3)
-    backend = Backend({a.key, b.key, c.key}, answer=False)
-    r = _restorer(backend, window=0.0, recheck=0.3)
+    is no longer owned). The keys waiting behind it wait half ``recheck`` (±25 %) and are
+    written back then: they used to be left to the agent's reconcile (up to 33 s later)."""
+    a, b = _inst("web", 1), _inst("web", 2)
+    owned = {a.key: a, b.key: b}
+    asked: list[tuple[Key, bool, float]] = []
+    fails = {a.key}
+
+    def restore(key: Key, doubt: bool) -> str:
+        asked.append((key, doubt, time.monotonic()))
+        if key in fails:
+            fails.discard(key)
+            raise RegistryUnavailable("no member answered")
+        return "deleted"
+
+    r = Restorer(owned, restore, 0.0, "test", recheck=0.4)
     try:
-        with r._cond:  # b waiting (0.6 s) when a's answer is lost
-            r._due[b.key] = (due := time.monotonic() + 0.6, False, True)
+        with r._cond:  # b waiting (0.05 s) when a's answer is lost
+            r._due[b.key] = (due := time.monotonic() + 0.05, False, True)
             heapq.heappush(r._heap, (due, b.key))
         r.lost([a.key])
-        wait_for(lambda: backend.doubted, 2.0, message="looked at again")
-        lost_at, doubted_at = backend.asked[0][1], backend.asked[-1][1]
-        assert 0.3 <= doubted_at - lost_at <= 0.3 + 2.0
-        backend.answer = True
-        r.lost([c.key])
-        wait_for(lambda: r.restored, 2.0, message="the next written back")
-        # b was dropped (the reconcile's); a doubt's own failure is not doubted again
-        assert [k for k, _ in backend.asked] == [a.key, a.key, c.key]
-        assert backend.doubted == [a.key] and r.restored == 1 and not r._due
+        wait_for(lambda: r.restored == 2, 3.0, message="b, then a in doubt, written back")
+        assert [(k, d) for k, d, _ in asked] == [(a.key, False), (b.key, False), (a.key, True)]
+        lost_at, b_at, doubted_at = (t for _, _, t in asked)
+        assert 0.15 <= b_at - lost_at <= 0.25 + 1.0
+        assert 0.4 <= doubted_at - lost_at <= 0.4 + 1.0
+        assert not r._due
+    finally:
+        r.close()
+
+
+def test_the_keys_waiting_are_left_to_the_reconcile_once_the_registry_failed_long() -> None:
+    """Each failure doubles the others' wait, from half ``recheck`` to four ``recheck``, when
+    they are left to the agent's reconcile; a key in doubt keeps its turn, and a success
+    starts the wait again."""
+    a, b, c = _inst("web", 1), _inst("web", 2), _inst("web", 3)
+    backend = Backend({a.key, b.key, c.key})
+    r = _restorer(backend, window=0.0, recheck=0.2)
+    try:
+        now = time.monotonic()
+        with r._cond:
+            r._due[b.key] = (now, False, True)
+            r._due[c.key] = (now + 5.0, True, True)  # in doubt: its own turn
+        said = r._postpone()
+        assert said.startswith("1 more in ") and r._unavailable.wait == pytest.approx(0.1)
+        assert now + 0.075 <= r._due[b.key][0] <= time.monotonic() + 0.125
+        for wait in (0.2, 0.4):
+            assert r._postpone().startswith("1 more in ")
+            assert r._unavailable.wait == pytest.approx(wait)
+        assert r._postpone() == "1 more left to the agent's reconcile"
+        assert b.key not in r._due and r._due[c.key] == (now + 5.0, True, True)
+        r._unavailable.succeeded()
+        assert r._postpone() == "0 more in 0.1 s or later"
     finally:
         r.close()
 
