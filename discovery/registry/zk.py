@@ -351,7 +351,7 @@ class ZkRegistry:
         make = functools.partial(ZkWatch, self.client, self.decoder, self._connected,
                                  self._restorer.wrap(callback, services), start_revision,
                                  services, self.reads, self._router, self._many, self._pre,
-                                 self._read_by)
+                                 self._read_by, self._restorer.lost)
         recoveries = self._recoveries
         w = self._op("read", make) if start_revision == FIRST_READ else make()  # (base.py)
         with self._lock:

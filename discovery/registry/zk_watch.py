@@ -34,8 +34,7 @@ from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
-#: seconds before everything is read again after a refused read (NoAuth): the first, doubling
-#: up to the last while refused, from the first again once a full read succeeds
+#: s before all is read again after a NoAuth: the first, doubling to the last while refused
 REFUSED_WAIT = (5.0, 60.0)
 
 
@@ -59,9 +58,10 @@ class ZkWatch:
                  callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, reads: ReadStats | None = None,
                  router: EventRouter | None = None, many: ManyReads | None = None,
-                 pre: PreReads | None = None, elsewhere: zk_scan.Known | None = None) -> None:
+                 pre: PreReads | None = None, elsewhere: zk_scan.Known | None = None,
+                 own_gone: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
         self._client, self._decoder, self._connected = client, decoder, connected
-        self._router, self._many, self._pre = router, many, pre
+        self._router, self._many, self._pre, self._own_gone = router, many, pre, own_gone
         self._elsewhere: zk_scan.Known = elsewhere or (lambda _p: None)  # what others read
         self._persistent = router is not None and router.supported is not False
         self._only = None if services is None else frozenset(services)
@@ -107,8 +107,7 @@ class ZkWatch:
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
 
     def _on_state(self, state: str) -> None:
-        """kazoo's connection thread, before it drops the watches: remember where we were
-        (persistent watches: and after the reconnect, add them again)."""
+        """kazoo's thread, before it drops the watches: where we were (persistent: re-add)."""
         if state == KazooState.SUSPENDED:
             self._reconnects.dropped(self._client.last_zxid)
         elif state == KazooState.LOST:
@@ -122,7 +121,8 @@ class ZkWatch:
         deleted one too, sent from this very thread (:class:`~discovery.registry.zk_io.
         PreReads`); the worker gets the answer. A restarted agent takes its nodes over from
         its old session with a delete and a create in one transaction; only the read tells
-        that the node is still there (dropped on the event, it flapped)."""
+        that the node is still there (dropped on the event, it flapped). A node of an entry the
+        registry owns goes to its write-back at once (``own_gone``, which reads it first)."""
         if self._stopped.is_set():
             return
         if self._url.split_key(path) is None:
@@ -130,6 +130,8 @@ class ZkWatch:
             if folder is not None:  # its catch-up watch after a cut (zk_rewatch.Reconnects)
                 self._reconnects.learned(folder[0], gone=kind == EventType.DELETED)
             return
+        if kind == EventType.DELETED and self._own_gone and (key := self._live.get(path)):
+            self._own_gone([key])  # (the registry keeps those it owns)
         changed = kind == EventType.CHANGED
         if self._pre is None:
             self._pending.touch(path, changed)
@@ -298,8 +300,7 @@ class ZkWatch:
                 self._push(("rearm", ""))  # the link went again after the answer
 
     def _answer(self, path: str) -> None:
-        """Deliver the answers to :meth:`_event`'s reads of ``path`` in order, each unless what
-        was read since (a full read, the worker's own) is newer."""
+        """Deliver :meth:`_event`'s answers for ``path`` in order, unless one since is newer."""
         def one(answer: Answer) -> None:
             read, zxid, gen, changed = answer
             if gen == self._gen and self._nodes.get(path, 0) <= (
@@ -392,8 +393,7 @@ class ZkWatch:
 
     def _read_nodes(self, paths: list[str], refused: list[str],
                     ) -> Iterator[tuple[str, tuple[bytes, Any]]]:
-        """:func:`~discovery.registry.zk_scan.read_nodes`: ``multiRead`` if persistent."""
-        many = self._many if self._persistent else None
+        many = self._many if self._persistent else None  # (zk_scan.read_nodes: multiRead)
         return zk_scan.read_nodes(self._client, many, self._decoder, self._w, paths, refused)
 
     def _deliver(self, change: Change) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import pytest
 
 from discovery.model import Instance, State
 from discovery.model.nerve import to_nerve
-from discovery.registry import RegistryURL
+from discovery.registry import RegistryURL, zk_watch
 from tests.harness.fleet import close_raw, delete_services, fill_foreign, index_paths, raw_client
 from tests.harness.registries import no_write_back
 from tests.harness.servers import wait_until
@@ -342,3 +343,40 @@ def test_an_etcd_own_key_watch_behind_a_compaction_reads_its_node_not_its_servic
         assert cost.keys < 20, cost  # its node's index and entry, not svc0's 100
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("registry_url", ["zk"], indirect=True)
+def test_a_zookeeper_node_of_ours_deleted_goes_to_the_write_back_before_its_read(
+        registry_url: str, open_reg: OpenReg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZooKeeper's events carry no data: a watch reads each node of an event before it
+    delivers it, and behind a fleet's write-backs (every host reads every node written back)
+    that read took seconds. The delete of a node the registry owns goes to its write-back at
+    the event: the write-back reads the node first anyway."""
+    url_s = f"{registry_url}?spread={SPREAD}"
+    agent = open_reg(url_s)
+    mine = inst(1)
+    agent.register(mine)
+    path = agent._claims.path_of(mine.key)  # type: ignore[attr-defined]
+    order: list[str] = []
+    restorer = agent._restorer  # type: ignore[attr-defined]
+    lost, answered = restorer.lost, zk_watch.ZkWatch._answered
+
+    def told(keys: Any) -> None:
+        order.extend(["told"] if mine.key in keys else [])
+        lost(keys)
+
+    def read(self: Any, node: str, *args: Any) -> None:
+        order.extend(["read"] if node == path else [])
+        answered(self, node, *args)
+
+    monkeypatch.setattr(restorer, "lost", told)  # before the watch: it keeps what it is given
+    monkeypatch.setattr(zk_watch.ZkWatch, "_answered", read)
+    follower = Follower().follow(agent)  # every service: `discovery up` with DNS or HTTP
+    client = raw_client(url_s)
+    try:
+        client.delete(path)
+    finally:
+        close_raw(client)
+    wait_until(lambda: restorer.restored == 1, SPREAD + 5.0, "written back")
+    wait_until(lambda: mine.key in follower.state and "read" in order, 5, "seen back")
+    assert order[0] == "told", order  # at the event, before the node's read came back
