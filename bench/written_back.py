@@ -62,7 +62,7 @@ import sys
 import threading
 import time
 import unittest.mock
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -177,6 +177,24 @@ def _log_level() -> None:
                         format="%(asctime)s %(processName)s %(name)s %(message)s")
 
 
+def _timed(hosts: list[Host]) -> dict[tuple[str, str], float]:
+    """When each host's write-back of a key returned having written it (monotonic: one clock
+    for every process of this machine), by key: the write-back as its host saw it, apart from
+    the queue of reads in front of the bench's own watch."""
+    wrote: dict[tuple[str, str], float] = {}
+    for host in hosts:
+        restorer: Restorer = host.registry._restorer  # type: ignore[attr-defined]
+
+        def timed(key: tuple[str, str], doubt: bool,
+                  restore: Callable[[tuple[str, str], bool], str] = restorer._restore) -> str:
+            if done := restore(key, doubt):
+                wrote.setdefault(key, time.monotonic())
+            return done
+
+        restorer._restore = timed
+    return wrote
+
+
 def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: int,
             written_back: bool, conn: Any) -> None:
     """One worker process: its hosts (one asyncio loop for their etcd clients), ``ready``
@@ -196,12 +214,13 @@ def _worker(url: str, numbers: list[int], args: argparse.Namespace, services_n: 
         # the ~0.5 s after its registers, which only its reconcile covers)
         own = [h.registry._restorer.own for h in hosts]  # type: ignore[attr-defined]
         wait_until(lambda: all(o.holds for o in own), 60, "the hosts' own-key watches")
+    wrote = _timed(hosts)
     conn.send([i.key for h in hosts for i in h.instances])
     cpu = time.process_time()  # what the hosts spend from here: the fault, and the wave after
     conn.recv()  # stop
     stop.set()
     conn.send((sum(h.restored for h in hosts), sum(h.reconciled for h in hosts),
-               time.process_time() - cpu))
+               time.process_time() - cpu, dict(wrote)))
     for host in hosts:
         host.registry.close(True)
     if loop is not None:
@@ -246,7 +265,7 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             if not conn.poll(120):
                 raise RuntimeError("a worker did not start its hosts")
             expected |= {(k[0], k[1]) for k in conn.recv()}
-        counts: list[tuple[int, int, float]] = []
+        counts: list[tuple[int, int, float, dict[tuple[str, str], float]]] = []
         stopped: list[bool] = []
 
         def stop_workers() -> None:  # once: now, or on the way out
@@ -314,6 +333,10 @@ def _one(cluster: ServerCluster, args: argparse.Namespace, services_n: int, writ
             # each host's share of its process's CPU over the row (the fault, the wave after,
             # the steady state around them): a host with a core of its own spends that
             "host_cpu_ms": _r(1000 * sum(c[2] for c in counts) / args.hosts),
+            # when its host's write-back returned, for those written back (not the reconcile's)
+            "written_back_p50_s": _r(percentile(wrote := [t - start for c in counts
+                                                          for t in c[3].values()], 0.5)),
+            "written_back_max_s": _r(max(wrote)) if wrote else None,
             "row_s": _r(time.monotonic() - start),
             "observer_empty_services_most": empty_most,
             "observer_empty_service_s": _r(empty_service_s),

@@ -138,6 +138,10 @@ def t_footprint(results: dict[str, Result]) -> str:
 FOLLOWS = {"none": ", no watch: own-key watches", "all": ", each host follows all"}
 
 
+def _pair(a: Any, b: Any) -> str:
+    return "—" if a is None else f"{num(a)} / {num(b)}"
+
+
 def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
     """bench/written_back.py: the prefix deleted (``written-back``) or every instance drained
     (``changed-back``, ``--fault drain``; ``weight0-back``, ``--fault weight0``: "back" is
@@ -165,6 +169,7 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
                             f"{num(r['back_after_own_delete_p50_s'])} / "
                             f"{num(r['back_after_own_delete_max_s'])}",
                             f"{r['written_back_writes']} / {r['reconcile_writes']}",
+                            _pair(r.get("written_back_p50_s"), r.get("written_back_max_s")),
                             num(r.get("host_cpu_ms")),
                             f"{r['observer_empty_services_most']} "
                             f"({num(r['observer_empty_service_s'])} service-s)", *guard,
@@ -177,7 +182,9 @@ def t_back(stem: str) -> Callable[[dict[str, Result]], str]:
                       f"{'serving' if drain else 'back'} after the {did}'s start, s: "
                       "p50 / p99 / max",
                       f"{'serving' if drain else 'back'} after its own {did}, s: p50 / max",
-                      "written back / by a reconcile", "CPU a host over the row, ms",
+                      "written back / by a reconcile",
+                      "its host's write-back done after the start, s: p50 / max",
+                      "CPU a host over the row, ms",
                       "observer: services with none serving at once (most)" if drain else
                       "observer: services empty at once (most)",
                       *(["observer's guard: engaged / held"] if drain else []),
