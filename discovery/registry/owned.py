@@ -71,6 +71,8 @@ from discovery.retry import RetryAt, spread
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+#: keys written back together at most (``Restorer``'s ``many``)
+MANY = 100
 
 
 class OwnWatch(Protocol):
@@ -100,9 +102,10 @@ class Restorer:
 
     def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool], str],
                  window: float, name: str, recheck: float = 10.0,
-                 wire: Callable[[Instance], Instance | None] | None = None) -> None:
+                 wire: Callable[[Instance], Instance | None] | None = None,
+                 many: Callable[[list[Key]], dict[Key, str]] | None = None) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
-        self._recheck, self._wire = recheck, wire
+        self._recheck, self._wire, self._many = recheck, wire, many
         #: keys whose last write lost its answer (:func:`claiming`):
         #: what the registry holds may be that write; left to the agent until one succeeds
         self.unsettled: set[Key] = set()
@@ -273,24 +276,46 @@ class Restorer:
                     heapq.heappush(self._heap, (when, key))
         return f"{len(waiting)} more in {wait:.1f} s or later"
 
+    def _also(self) -> list[tuple[Key, bool]]:
+        """With ``many``: the other keys due now and not in doubt (and whether each was seen
+        gone), taken to be written together with the one whose turn it is (keys fall due
+        together when the registry is slow: each waited its round trips behind the last)."""
+        if self._many is None:
+            return []
+        now = time.monotonic()
+        with self._cond:
+            due = [(k, v[2]) for k, v in self._due.items() if v[0] <= now and not v[1]]
+            for key, _ in due[:MANY - 1]:
+                del self._due[key]  # (its heap entry: stale)
+        return due[:MANY - 1]
+
     def _run(self) -> None:
         while (turn := self._next()) is not None:
             key, doubt, gone = turn
-            if key in self.unsettled:  # a write of ours may be there: the agent's (the backend
-                continue  # looks again under its lock, which a write that marks it holds)
+            turns = {k: g for k, g in [(key, gone), *([] if doubt else self._also())]
+                     if k not in self.unsettled}  # a write of ours may be there: the agent's
+            if not turns:  # (the backend looks again under its lock, which a write that
+                continue  # marks it holds)
+            keys = list(turns)
+            key, gone = keys[0], turns[keys[0]]
             try:
-                if done := self._restore(key, doubt):
-                    self.restored += 1
-                    log.warning("%s/%s of this node was %s in the registry by another writer; "
-                                "written back", *key, done)
+                done = (self._many(keys) if len(keys) > 1 and self._many is not None
+                        else {key: self._restore(key, doubt)})
+                for written, what in done.items():
+                    if what:
+                        self.restored += 1
+                        log.warning("%s/%s of this node was %s in the registry by another "
+                                    "writer; written back", *written, what)
                 self._unavailable.succeeded()
             except RegistryUnavailable as exc:
                 if self._closed:
                     return
-                log.warning("writing back %s/%s, %s by another writer: %s; %s", *key,
-                            _what(gone), exc, self._postpone())
+                log.warning("writing back %s/%s%s, %s by another writer: %s; %s", *key,
+                            f" and {len(keys) - 1} more" if len(keys) > 1 else "", _what(gone),
+                            exc, self._postpone())
                 if not doubt:
-                    self._schedule([key], doubt=True, gone=gone)
+                    for each, seen_gone in turns.items():
+                        self._schedule([each], doubt=True, gone=seen_gone)
             except RegistryError as exc:  # the agent's next reconcile writes it
                 if not self._closed:
                     log.warning("writing back %s/%s, %s by another writer: %s", *key,

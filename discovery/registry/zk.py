@@ -89,7 +89,8 @@ class ZkRegistry:
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
-                                  recheck=2 * timeout, wire=as_read if url.nerve else None)
+                                  recheck=2 * timeout, wire=as_read if url.nerve else None,
+                                  many=self._restore_many)
         self._watches: list[ZkWatch] = []
         self._recoveries = 0  # sessions recovered (their watches reset) so far
         self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
@@ -162,10 +163,9 @@ class ZkRegistry:
                 log.exception("ZooKeeper session recovery failed")
 
     def _check_behind(self) -> None:
-        """Disconnected for a session timeout or more, from an ensemble behind the zxid we saw
-        (:mod:`~discovery.registry.zk_rewind`), which never takes our session back: ask for it
-        from zxid 0 (a server that lost it says it expired; one restored with it takes it
-        back), then everything is registered and read again, as after an expiry."""
+        """Disconnected for a session timeout or more from an ensemble behind the zxid we saw
+        (``zk_rewind``), which never takes our session back: ask for it from zxid 0 (one that
+        lost it says it expired), then all is registered and read again, as after an expiry."""
         down, zxid = self._down_since, self.client.last_zxid
         if (down is None or time.monotonic() - down < self._session.seconds or not zxid
                 or not ensemble_behind(self.url.hosts, zxid, tls=self._tls)):
@@ -281,20 +281,20 @@ class ZkRegistry:
             self._deregister(service, instance_id)
 
     def _restore(self, key: tuple[str, str], _doubt: bool) -> str:
-        """``key`` (owned, deleted or changed by another writer: :mod:`~discovery.registry.
-        owned`) written again if still so (:meth:`ZkClaims.restore`, once connected: else
-        RegistryUnavailable: looked at again); one write at a time (see __init__; one session's
-        requests apply in order: a late answer never lands after a deregister). One not written
-        in this session is the recovery's; an unsettled one the agent's (``claiming``)."""
+        return self._restore_many([key]).get(key, "")
+
+    def _restore_many(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """``keys`` (seen deleted or changed by another writer: ``owned``) written again if still
+        ours and settled (:meth:`ZkClaims.restore_many`), under ``_writes`` (see __init__: one
+        session's requests apply in order, so no late answer lands after a deregister)."""
         with self._writes:
             with self._lock:
-                inst = self._owned.get(key)
-                if key in self._restorer.unsettled:
-                    return ""
-            done = "" if inst is None else self._op(
-                f"write back {inst.service}/{inst.id}", functools.partial(
-                    self._claims.restore, inst, self.decoder.decode, self._restorer.same))
-        if done:
+                insts = [i for k in keys if k not in self._restorer.unsettled
+                         and (i := self._owned.get(k)) is not None]
+            done = self._op(f"write back {len(insts)} instance(s)", functools.partial(
+                self._claims.restore_many, insts, self.decoder.decode, self._restorer.same)
+            ) if insts else {}
+        if any(done.values()):
             self._restorer.watch_own()  # Nerve's layout: a new node
         return done
 

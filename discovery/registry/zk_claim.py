@@ -144,28 +144,50 @@ class ZkClaims:
         ``same`` as it (``"changed"``), set with the version read; held by no session (made
         by hand: it would outlive ours), taken over through the claim. ``""``: nothing
         written (there as it was, or another session's now: a successor's)."""
-        session, key = session_of(self.client), inst.key
-        if session is None or self.written.get(key) != session:
-            return ""
-        fresh = restamped(inst)  # what is written; compared: ``inst``
-        path = self.path_of(key)
-        try:
-            if path is None:
-                raise NoNodeError()
-            data, stat = self._get(self.client.get_async(path))
-        except NoNodeError:
-            if self._nerve is not None:
-                return "" if self._nerve.held_elsewhere(inst.node, key) else self._again(fresh)
-            return self._create(fresh)
-        if stat.ephemeralOwner == 0 and self._nerve is None:
-            self.claim(fresh)  # takes a node of no session over, in one transaction
-            return "changed"
-        if stat.ephemeralOwner != session or (
-                (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):
-            return ""
+        return self.restore_many([inst], decode, same).get(inst.key, "")
+
+    def restore_many(self, insts: list[Instance], decode: Callable[[str, bytes, float], Any],
+                     same: Callable[[Instance, Instance], bool]) -> dict[tuple[str, str], str]:
+        """:meth:`restore` of each of ``insts`` (what it wrote, by key), their reads sent
+        together, then the creates of those missing together: two round trips for them all,
+        not two each (behind a fleet's write-backs, each waited seconds in the session's
+        queue, every host reading every node written back)."""
+        session, out = session_of(self.client), {}
+        reading = [(inst, path, self.client.get_async(path) if path is not None else None)
+                   for inst in insts if session is not None
+                   and self.written.get(inst.key) == session
+                   for path in [self.path_of(inst.key)]]
+        creating = []
+        for inst, path, read in reading:
+            fresh = restamped(inst)  # what is written; compared: ``inst``
+            try:
+                if path is None or read is None:
+                    raise NoNodeError()
+                data, stat = self._get(read)
+            except NoNodeError:
+                if self._nerve is None:
+                    creating.append((fresh, self._create(fresh).commit_async()))
+                else:
+                    out[inst.key] = ("" if self._nerve.held_elsewhere(inst.node, inst.key)
+                                     else self._again(fresh))
+                continue
+            if stat.ephemeralOwner == 0 and self._nerve is None:
+                self.claim(fresh)  # takes a node of no session over, in one transaction
+                out[inst.key] = "changed"
+            elif stat.ephemeralOwner != session or (
+                    (seen := decode(path, data, stat.mtime / 1000)) is not None
+                    and same(inst, seen)):
+                out[inst.key] = ""
+            else:
+                out[inst.key] = self._set(path, fresh, stat.version)
+        for fresh, committed in creating:
+            out[fresh.key] = self._created(fresh, self._get(committed))
+        return out
+
+    def _set(self, path: str, fresh: Instance, version: int) -> str:
         record = to_nerve(fresh) if self._nerve is not None else fresh.to_json()
         with contextlib.suppress(BadVersionError):  # changed again: its own turn
-            self._get(self.client.set_async(path, record, version=stat.version))
+            self._get(self.client.set_async(path, record, version=version))
             return "changed"
         return ""
 
@@ -173,13 +195,16 @@ class ZkClaims:
         """The node of ``key`` (Nerve's layout: the one this client created; None: none)."""
         return self._nerve.path(key) if self._nerve is not None else self.url.key(*key)
 
-    def _create(self, inst: Instance) -> str:
-        """The node of ``inst`` created again, with a check of its index node."""
+    def _create(self, inst: Instance) -> Any:
+        """The transaction that creates the node of ``inst`` again, with a check of its index
+        node."""
         txn = self.client.transaction()
         txn.create(self.url.key(*inst.key), inst.to_json(), ephemeral=True)
         if self._index.enabled:
             txn.check(self._index.path(inst.node, *inst.key), -1)  # -1: any version
-        results = self._get(txn.commit_async())
+        return txn
+
+    def _created(self, inst: Instance, results: list[Any]) -> str:
         if not any(isinstance(r, Exception) for r in results):
             return "deleted"
         if isinstance(results[0], NodeExistsError):

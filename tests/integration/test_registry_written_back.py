@@ -380,3 +380,30 @@ def test_a_zookeeper_node_of_ours_deleted_goes_to_the_write_back_before_its_read
     wait_until(lambda: restorer.restored == 1, SPREAD + 5.0, "written back")
     wait_until(lambda: mine.key in follower.state and "read" in order, 5, "seen back")
     assert order[0] == "told", order  # at the event, before the node's read came back
+
+
+@pytest.mark.parametrize("registry_url", ["zk"], indirect=True)
+def test_a_zookeeper_registry_writes_back_many_together(
+        registry_url: str, open_reg: OpenReg) -> None:
+    """Keys that fall due together (a registry slow to answer: each waited behind the last)
+    are written back together: every node read in one go, then the missing ones created in
+    one go; a changed one set back, one of another session's left alone."""
+    agent, successor = open_reg(registry_url), open_reg(registry_url)
+    gone, changed, taken = inst(1), inst(2), inst(3)
+    for one in (gone, changed, taken):
+        agent.register(one)
+    no_write_back(agent)  # no watch of its own keys: the test makes the turns
+    successor.register(taken)  # a successor's adoption: on its session now
+    url = RegistryURL.parse(registry_url)
+    client = raw_client(registry_url)
+    try:
+        client.delete(url.key(*gone.key))
+        client.set(url.key(*changed.key), dataclasses.replace(changed, weight=0).to_json())
+    finally:
+        close_raw(client)
+    done = agent._restore_many([gone.key, changed.key, taken.key])  # type: ignore[attr-defined]
+    assert done == {gone.key: "deleted", changed.key: "changed", taken.key: ""}
+    held = agent.snapshot().instances
+    assert held[gone.key].same_registration(gone) and held[changed.key].weight == changed.weight
+    assert agent._restore_many([gone.key, changed.key]) == {  # type: ignore[attr-defined]
+        gone.key: "", changed.key: ""}  # there as written: nothing

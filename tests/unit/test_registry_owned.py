@@ -264,6 +264,48 @@ def test_the_keys_waiting_are_left_to_the_reconcile_once_the_registry_failed_lon
         r.close()
 
 
+def test_keys_due_together_are_written_back_together() -> None:
+    """With ``many`` (ZooKeeper), the keys that fell due while a write-back waited for the
+    registry go in one call, not one after another; a key in doubt goes alone; a call the
+    registry did not answer puts every key of it in doubt."""
+    keys = [_inst("web", n).key for n in range(1, 6)]
+    owned = {k: _inst(k[0], int(k[1].split(":")[1], 16)) for k in keys}
+    calls: list[list[Key]] = []
+    first = threading.Event()
+    release = threading.Event()
+    answer = {"ok": True}
+
+    def restore(key: Key, doubt: bool) -> str:
+        calls.append([key])
+        first.set()
+        release.wait(5)  # the registry slow: the others fall due meanwhile
+        return "deleted"
+
+    def many(batch: list[Key]) -> dict[Key, str]:
+        calls.append(list(batch))
+        if not answer["ok"]:
+            raise RegistryUnavailable("no member answered")
+        return dict.fromkeys(batch, "deleted")
+
+    r = Restorer(owned, restore, 0.0, "test", recheck=0.4, many=many)
+    try:
+        r.lost(keys[:1])
+        assert first.wait(2)
+        r.lost(keys[1:4])
+        release.set()
+        wait_for(lambda: r.restored == 4, 3.0, message="the other three together")
+        assert calls == [keys[:1], keys[1:4]]
+        answer["ok"] = False
+        calls.clear()
+        r.lost([keys[4], keys[0]])  # keys[0]: written back, still owned (deleted again)
+        wait_for(lambda: len(calls) >= 3, 3.0, message="in doubt, one at a time")
+        assert sorted(calls[0]) == sorted([keys[4], keys[0]])
+        assert sorted(c[0] for c in calls[1:3]) == sorted([keys[4], keys[0]])  # alone
+        assert all(len(c) == 1 for c in calls[1:3])
+    finally:
+        r.close()
+
+
 def test_nothing_is_started_before_a_loss_and_close_ends_it() -> None:
     one, two = _inst("web", 1), _inst("web", 2)
     backend = Backend(set())
