@@ -98,7 +98,10 @@ class Restorer:
     ``doubt`` (the backend then deletes it if it is no longer owned but there as ours). The
     other keys waiting then wait too (each would wait for the registry under the
     registry's lock): half ``recheck``, doubling while the registry stays so; once that wait
-    reaches four ``recheck`` they are left to the agent's reconcile."""
+    reaches four ``recheck`` they are left to the agent's reconcile. ``many`` (ZooKeeper,
+    whose late answers cannot land after a deregister): the keys due at one moment written in
+    one call, up to :data:`MANY`; a call the registry did not answer: they wait as the
+    others."""
 
     def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool], str],
                  window: float, name: str, recheck: float = 10.0,
@@ -306,20 +309,22 @@ class Restorer:
                         self.restored += 1
                         log.warning("%s/%s of this node was %s in the registry by another "
                                     "writer; written back", *written, what)
-                self._unavailable.succeeded()
+                if done:  # (the registry was asked)
+                    self._unavailable.succeeded()
             except RegistryUnavailable as exc:
                 if self._closed:
                     return
+                if len(keys) > 1:  # ``many``'s (ZooKeeper: one session's requests apply in
+                    with self._cond:  # order, no answer lands late): they wait as the others
+                        self._due.update({k: (0.0, False, g) for k, g in turns.items()})
                 log.warning("writing back %s/%s%s, %s by another writer: %s; %s", *key,
-                            f" and {len(keys) - 1} more" if len(keys) > 1 else "", _what(gone),
-                            exc, self._postpone())
-                if not doubt:
-                    for each, seen_gone in turns.items():
-                        self._schedule([each], doubt=True, gone=seen_gone)
+                            _and_more(len(keys) - 1), _what(gone), exc, self._postpone())
+                if not doubt and len(keys) == 1:
+                    self._schedule([key], doubt=True, gone=gone)
             except RegistryError as exc:  # the agent's next reconcile writes it
                 if not self._closed:
-                    log.warning("writing back %s/%s, %s by another writer: %s", *key,
-                                _what(gone), exc)
+                    log.warning("writing back %s/%s%s, %s by another writer: %s", *key,
+                                _and_more(len(keys) - 1), _what(gone), exc)
             except Exception:
                 log.exception("writing back %s/%s failed", *key)
 
@@ -358,6 +363,10 @@ def unread(_change: Change) -> None:
 
 def _what(gone: bool) -> str:
     return "deleted" if gone else "changed"
+
+
+def _and_more(more: int) -> str:
+    return f" and {more} more" if more else ""
 
 
 def restamped(inst: Instance) -> Instance:

@@ -294,8 +294,8 @@ class ZkRegistry:
             done = self._op(f"write back {len(insts)} instance(s)", functools.partial(
                 self._claims.restore_many, insts, self.decoder.decode, self._restorer.same)
             ) if insts else {}
-        if any(done.values()):
-            self._restorer.watch_own()  # Nerve's layout: a new node
+        if insts and self._nerve is not None:  # a new node, maybe (an answer lost, the call
+            self._restorer.watch_own()  # tried again, says "" of what landed the first time)
         return done
 
     def _deregister(self, service: str, instance_id: str) -> None:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionClosedError,
     ConnectionLoss,
     KazooException,
     NodeExistsError,
     NoNodeError,
+    SessionExpiredError,
 )
 
 from discovery.errors import RegistryError
@@ -36,6 +38,8 @@ from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_nerve import NerveNodes
 
 log = logging.getLogger(__name__)
+#: errors of the connection, not of a node: a batch is tried again whole
+_LOST = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
 #: instances created again in one transaction after a session expiry (two nodes each)
 CLAIM_TOGETHER = 100
 
@@ -157,32 +161,39 @@ class ZkClaims:
                    for inst in insts if session is not None
                    and self.written.get(inst.key) == session
                    for path in [self.path_of(inst.key)]]
-        creating = []
+        creating: list[tuple[Instance, Any]] = []
         for inst, path, read in reading:
-            fresh = restamped(inst)  # what is written; compared: ``inst``
-            try:
-                if path is None or read is None:
-                    raise NoNodeError()
-                data, stat = self._get(read)
-            except NoNodeError:
-                if self._nerve is None:
-                    creating.append((fresh, self._create(fresh).commit_async()))
-                else:
-                    out[inst.key] = ("" if self._nerve.held_elsewhere(inst.node, inst.key)
-                                     else self._again(fresh))
-                continue
-            if stat.ephemeralOwner == 0 and self._nerve is None:
-                self.claim(fresh)  # takes a node of no session over, in one transaction
-                out[inst.key] = "changed"
-            elif stat.ephemeralOwner != session or (
-                    (seen := decode(path, data, stat.mtime / 1000)) is not None
-                    and same(inst, seen)):
-                out[inst.key] = ""
-            else:
-                out[inst.key] = self._set(path, fresh, stat.version)
+            with _alone(inst, len(reading) > 1):
+                out[inst.key] = self._after_read(inst, path, read, session, decode, same,
+                                                 creating)
         for fresh, committed in creating:
-            out[fresh.key] = self._created(fresh, self._get(committed))
+            with _alone(fresh, len(reading) > 1):
+                out[fresh.key] = self._created(fresh, self._get(committed))
         return out
+
+    def _after_read(self, inst: Instance, path: str | None, read: Any, session: int | None,
+                    decode: Callable[[str, bytes, float], Any],
+                    same: Callable[[Instance, Instance], bool],
+                    creating: list[tuple[Instance, Any]]) -> str:
+        """:meth:`restore` of ``inst`` once its node's ``read`` is answered: a create goes to
+        ``creating`` (sent now, answered later: ``""`` until then)."""
+        fresh = restamped(inst)  # what is written; compared: ``inst``
+        try:
+            if path is None or read is None:
+                raise NoNodeError()
+            data, stat = self._get(read)
+        except NoNodeError:
+            if self._nerve is not None:
+                return "" if self._nerve.held_elsewhere(inst.node, inst.key) else self._again(fresh)
+            creating.append((fresh, self._create(fresh).commit_async()))
+            return ""
+        if stat.ephemeralOwner == 0 and self._nerve is None:
+            self.claim(fresh)  # takes a node of no session over, in one transaction
+            return "changed"
+        if stat.ephemeralOwner != session or (
+                (seen := decode(path, data, stat.mtime / 1000)) is not None and same(inst, seen)):
+            return ""
+        return self._set(path, fresh, stat.version)
 
     def _set(self, path: str, fresh: Instance, version: int) -> str:
         record = to_nerve(fresh) if self._nerve is not None else fresh.to_json()
@@ -280,3 +291,20 @@ class ZkClaims:
                             "%s); see docs/security.md", shown(path), entries)
 
         self.client.get_acls_async(path).rawlink(done)
+
+
+@contextlib.contextmanager
+def _alone(inst: Instance, batch: bool) -> Iterator[None]:
+    """In a batch, an error of ``inst``'s node alone (its own ACL, deleted again before the
+    set) leaves it to the agent's reconcile and the others go on; the connection's errors
+    end the call, which is tried again whole (``ZkRegistry._op``: its reads tell what
+    landed)."""
+    try:
+        yield
+    except _LOST:
+        raise
+    except KazooException as exc:
+        if not batch:
+            raise
+        log.warning("writing %s/%s back: %s %s; left to the agent's reconcile", *inst.key,
+                    type(exc).__name__, exc)

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from kazoo.exceptions import NoAuthError
 
 from discovery.model import Instance, State
 from discovery.model.nerve import to_nerve
@@ -384,13 +385,14 @@ def test_a_zookeeper_node_of_ours_deleted_goes_to_the_write_back_before_its_read
 
 @pytest.mark.parametrize("registry_url", ["zk"], indirect=True)
 def test_a_zookeeper_registry_writes_back_many_together(
-        registry_url: str, open_reg: OpenReg) -> None:
+        registry_url: str, open_reg: OpenReg, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys that fall due together (a registry slow to answer: each waited behind the last)
     are written back together: every node read in one go, then the missing ones created in
-    one go; a changed one set back, one of another session's left alone."""
+    one go; a changed one set back, one of another session's left alone, and one whose node
+    refuses us (NoAuth, injected) left to the agent's reconcile without failing the rest."""
     agent, successor = open_reg(registry_url), open_reg(registry_url)
-    gone, changed, taken = inst(1), inst(2), inst(3)
-    for one in (gone, changed, taken):
+    gone, changed, taken, refused = inst(1), inst(2), inst(3), inst(4)
+    for one in (gone, changed, taken, refused):
         agent.register(one)
     no_write_back(agent)  # no watch of its own keys: the test makes the turns
     successor.register(taken)  # a successor's adoption: on its session now
@@ -398,12 +400,24 @@ def test_a_zookeeper_registry_writes_back_many_together(
     client = raw_client(registry_url)
     try:
         client.delete(url.key(*gone.key))
-        client.set(url.key(*changed.key), dataclasses.replace(changed, weight=0).to_json())
+        for one in (changed, refused):
+            client.set(url.key(*one.key), dataclasses.replace(one, weight=0).to_json())
     finally:
         close_raw(client)
-    done = agent._restore_many([gone.key, changed.key, taken.key])  # type: ignore[attr-defined]
+    claims = agent._claims  # type: ignore[attr-defined]
+    real_set = claims._set
+
+    def set_node(path: str, fresh: Instance, version: int) -> str:
+        if fresh.key == refused.key:
+            raise NoAuthError()
+        return str(real_set(path, fresh, version))
+
+    monkeypatch.setattr(claims, "_set", set_node)
+    keys = [gone.key, changed.key, taken.key, refused.key]
+    done = agent._restore_many(keys)  # type: ignore[attr-defined]
     assert done == {gone.key: "deleted", changed.key: "changed", taken.key: ""}
     held = agent.snapshot().instances
     assert held[gone.key].same_registration(gone) and held[changed.key].weight == changed.weight
+    assert held[refused.key].weight == 0  # the reconcile's
     assert agent._restore_many([gone.key, changed.key]) == {  # type: ignore[attr-defined]
         gone.key: "", changed.key: ""}  # there as written: nothing
