@@ -316,7 +316,8 @@ class Restorer:
                     return
                 if len(keys) > 1:  # ``many``'s (ZooKeeper: one session's requests apply in
                     with self._cond:  # order, no answer lands late): they wait as the others
-                        self._due.update({k: (0.0, False, g) for k, g in turns.items()})
+                        self._due.update({k: (0.0, False, g) for k, g in turns.items()
+                                          if k not in self._due})  # (a newer turn: kept)
                 log.warning("writing back %s/%s%s, %s by another writer: %s; %s", *key,
                             _and_more(len(keys) - 1), _what(gone), exc, self._postpone())
                 if not doubt and len(keys) == 1:
@@ -326,7 +327,7 @@ class Restorer:
                     log.warning("writing back %s/%s%s, %s by another writer: %s", *key,
                                 _and_more(len(keys) - 1), _what(gone), exc)
             except Exception:
-                log.exception("writing back %s/%s failed", *key)
+                log.exception("writing back %s/%s%s failed", *key, _and_more(len(keys) - 1))
 
 
 @contextmanager

@@ -19,12 +19,11 @@ from typing import Any
 
 from kazoo.exceptions import (
     BadVersionError,
-    ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
-    SessionExpiredError,
 )
 
 from discovery.errors import RegistryError
@@ -38,8 +37,8 @@ from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_nerve import NerveNodes
 
 log = logging.getLogger(__name__)
-#: errors of the connection, not of a node: a batch is tried again whole
-_LOST = (ConnectionLoss, SessionExpiredError, ConnectionClosedError)
+#: errors of one node, not of the connection or the ensemble: a batch goes on without it
+_NODE_ERRORS = (NoNodeError, NoAuthError, BadVersionError, NodeExistsError)
 #: instances created again in one transaction after a session expiry (two nodes each)
 CLAIM_TOGETHER = 100
 
@@ -295,15 +294,14 @@ class ZkClaims:
 
 @contextlib.contextmanager
 def _alone(inst: Instance, batch: bool) -> Iterator[None]:
-    """In a batch, an error of ``inst``'s node alone (its own ACL, deleted again before the
-    set) leaves it to the agent's reconcile and the others go on; the connection's errors
-    end the call, which is tried again whole (``ZkRegistry._op``: its reads tell what
-    landed)."""
+    """In a batch, an error of ``inst``'s node alone (:data:`_NODE_ERRORS`: its own ACL,
+    deleted or changed again before the set; a claim that failed) leaves it to the agent's
+    reconcile and the others go on; any other error (the connection's, an ensemble that
+    throttles) ends the call, which ``ZkRegistry._op`` may try again whole (its reads tell
+    what landed)."""
     try:
         yield
-    except _LOST:
-        raise
-    except KazooException as exc:
+    except (*_NODE_ERRORS, RegistryError) as exc:
         if not batch:
             raise
         log.warning("writing %s/%s back: %s %s; left to the agent's reconcile", *inst.key,
