@@ -152,9 +152,11 @@ class ZkClaims:
     def restore_many(self, insts: list[Instance], decode: Callable[[str, bytes, float], Any],
                      same: Callable[[Instance, Instance], bool]) -> dict[tuple[str, str], str]:
         """:meth:`restore` of each of ``insts`` (what it wrote, by key), their reads sent
-        together, then the creates of those missing together: two round trips for them all,
-        not two each (behind a fleet's write-backs, each waited seconds in the session's
-        queue, every host reading every node written back)."""
+        together, then the creates of those deleted together: two round trips for all of
+        those, not two each (behind a fleet's write-backs, each waited seconds in the
+        session's queue, every host reading every node written back); a changed node is still
+        set in turn, and under Nerve's layout, or with its index node gone, each is claimed
+        alone."""
         session, out = session_of(self.client), {}
         reading = [(inst, path, self.client.get_async(path) if path is not None else None)
                    for inst in insts if session is not None
