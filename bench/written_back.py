@@ -62,7 +62,7 @@ import sys
 import threading
 import time
 import unittest.mock
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -182,16 +182,22 @@ def _timed(hosts: list[Host]) -> dict[tuple[str, str], float]:
     for every process of this machine), by key: the write-back as its host saw it, apart from
     the queue of reads in front of the bench's own watch."""
     wrote: dict[tuple[str, str], float] = {}
+    Key = tuple[str, str]
+
+    def noted(done: dict[Key, str]) -> dict[Key, str]:
+        now = time.monotonic()
+        for key, what in done.items():
+            if what:
+                wrote.setdefault(key, now)
+        return done
+
     for host in hosts:
         restorer: Restorer = host.registry._restorer  # type: ignore[attr-defined]
-
-        def timed(key: tuple[str, str], doubt: bool,
-                  restore: Callable[[tuple[str, str], bool], str] = restorer._restore) -> str:
-            if done := restore(key, doubt):
-                wrote.setdefault(key, time.monotonic())
-            return done
-
-        restorer._restore = timed
+        restore, many = restorer._restore, restorer._many  # one key; many (ZooKeeper) at once
+        restorer._restore = lambda key, doubt, restore=restore: noted(  # type: ignore[misc]
+            {key: restore(key, doubt)})[key]
+        if many is not None:
+            restorer._many = lambda keys, many=many: noted(many(keys))
     return wrote
 
 
