@@ -288,9 +288,10 @@ class Restorer:
         now = time.monotonic()
         with self._cond:
             due = [(k, v[2]) for k, v in self._due.items() if v[0] <= now and not v[1]]
-            for key, _ in due[:MANY - 1]:
+            del due[MANY - 1:]
+            for key, _ in due:
                 del self._due[key]  # (its heap entry: stale)
-        return due[:MANY - 1]
+        return due
 
     def _run(self) -> None:
         while (turn := self._next()) is not None:
