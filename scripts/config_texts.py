@@ -34,8 +34,9 @@ WATCHER_KEYS = {
                   "before, reaching at least `min_removed` instances and `fraction` of the "
                   "catalog, or leaving at least `min_removed` services and `fraction` of "
                   "them, on more than one node, with none serving: up and of weight above "
-                  "0) is held for up to `hold` instead of "
-                  "emptying services; the last instance of a service goes after `settle`. "
+                  "0) is held for up to `hold` (up to twice `hold` while held instances "
+                  "still come back) instead of emptying services; the last instance of a "
+                  "service goes after `settle`. "
                   "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
                   "([operations.md](operations.md#the-wipe-guard))",
     "zone": "this watcher's zone (a DNS label; `--zone` wins): each service is routed to the "

@@ -41,7 +41,8 @@ healthy, dead ones included. Our rule:
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
    its service has another instance doing what it did again, or ``hold`` seconds (45 s)
-   passed.
+   passed; past ``hold`` while held instances still come back (one within the last quarter of
+   ``hold``: a write-back slower than ``hold``, a fleet's registry busy), up to twice ``hold``.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
    service with nothing else serving, which had nothing else to route to anyway. HAProxy's
@@ -52,8 +53,7 @@ The guard is a pure state machine driven by the watcher (one lock, no threads of
 :meth:`WipeGuard.due` returns the removals whose time has come. Each costs about the same
 whatever it holds (a heap of deadlines; held entries are looked at again when the wipe ends,
 all of them, once, or when their service gets a put, that service's): it walked every
-deferred entry on every change, so a wipe of 20,000 instances took the watcher seconds and
-ran past the window.
+deferred entry on every change, and a wipe of 20,000 instances ran past the window.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class WipeGuard:
         self._held: set[Key] = set()
         self._look_at: set[str] = set()  # services with held entries that got a put since
         self._was_wiped = False
+        self._back = -float("inf")  # when a held instance last came back
         self.status = GuardStatus()
         self._burst = Burst(catalog, self.settings, self.status)
 
@@ -145,7 +146,7 @@ class WipeGuard:
             if not wiped:
                 self._look_at.clear()
             self._was_wiped = wiped
-            newly = expired = released = 0
+            newly = expired = released = waiting = 0
             releasing: list[Key] = []  # popped once all are looked at: each stays subtracted
             for key in sorted(keys):
                 entry = self._deferred[key]
@@ -164,6 +165,9 @@ class WipeGuard:
                     if self._streaming(entry, now):
                         continue  # removals still pour in: not the service's last yet
                 elif entry.due <= now:
+                    if self._coming_back(entry, now):
+                        waiting += 1
+                        continue
                     expired += 1
                     log.debug("wipe guard: %s/%s not back after %.0fs: removed", *key,
                               self.settings.hold)
@@ -178,10 +182,25 @@ class WipeGuard:
             if newly:
                 log.warning("wipe guard: holding %d more instances removed during a registry "
                             "wipe (%d in all)", newly, len(self._held))
+            if waiting:
+                log.info("wipe guard: %d held instances kept past %.0fs: held instances still "
+                         "come back (the last %.1fs ago)", waiting, now - self._back)
             if expired:
-                log.warning("wipe guard: %d held instances not back after %.0fs: removed",
-                            expired, self.settings.hold)
+                log.warning("wipe guard: %d held instances not back after %.0fs or more: "
+                            "removed", expired, self.settings.hold)
         return out
+
+    def _coming_back(self, entry: _Deferred, now: float) -> bool:
+        """Whether a held entry whose ``hold`` ran out waits on (due again then): a held one came
+        back within the last quarter of ``hold``, the wipe still being written back (at fleet
+        scale that took longer: ``bench/written_back.py --follow all``); twice ``hold`` at most."""
+        assert entry.held_since is not None
+        grace, last = self.settings.hold / 4, entry.held_since + 2 * self.settings.hold
+        if now - self._back >= grace or now >= last:
+            return False
+        entry.due = min(self._back + grace, last)
+        heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
+        return True
 
     def _streaming(self, entry: _Deferred, now: float) -> bool:
         """Whether a settled removal waits on (until then: due again): bare removals still
@@ -228,7 +247,8 @@ class WipeGuard:
         current = self._current(change.key)
         if current is not None and foreign_drain(current, change.instance):
             return self._take_out(change, current, now)
-        self._pop(change.key)  # back (or re-registered): nothing to remove
+        if (entry := self._pop(change.key)) and entry.held_since is not None:  # back
+            self._back = now
         if change.instance.serving:
             self._burst.refilled({change.key[0]})
         if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
@@ -309,7 +329,8 @@ class WipeGuard:
         for key in [k for k in self._deferred if (k in snapshot.instances and k not in held)
                     or k in snapshot.unreadable
                     or (k not in keep and k[0] not in snapshot.withheld)]:
-            self._pop(key)
+            if (was := self._pop(key)) and was.held_since is not None and key in keep:
+                self._back = now  # back
         if len(keep) == len(snapshot.instances) and not held:
             return change
         return replace(change, snapshot=replace(snapshot, instances=keep))

@@ -18,7 +18,9 @@ class GuardSettings:
     agent's registry did not write back (the write-back off, its watch of its own keys down
     when the wipe came) comes back only then, and a held instance of a service with nothing
     else serving must not go first (at 30 s, measured, it did: 10 services emptied,
-    ``bench/written_back.py``'s reconcile-only rows). ``horizon``, not
+    ``bench/written_back.py``'s reconcile-only rows); while held instances still come back
+    the others wait past it, up to twice ``hold`` (:mod:`discovery.watcher.guard`, rule 3).
+    ``horizon``, not
     set from TOML: a burst that has not made a wipe within it starts again, so that crashes
     replaced as they come never add up to one (it was ``hold``: at 45 s a crash every 1.5 s
     made half a 60-instance catalog)."""

@@ -1,0 +1,82 @@
+"""The wipe guard's ``hold`` against a write-back slower than it (watcher/guard.py, rule 3).
+
+A fleet's registry busy writing a wipe back (every host reading every node of it: ZooKeeper
+with every host following the whole catalog took up to 54 s, ``bench/written_back.py --follow
+all``) must not see the services that wait last emptied at ``hold`` (45 s) while their hosts
+are still putting them back: the held ones wait on while held instances keep coming back (one
+within the last quarter of ``hold``), twice ``hold`` at most; with none coming back they go at
+``hold`` as before (``test_every_lease_revoked_is_held_and_released_as_agents_come_back``).
+"""
+
+from __future__ import annotations
+
+from discovery.model import Instance
+from discovery.model.catalog import Catalog
+from discovery.registry import Change
+from discovery.registry.base import Snapshot
+from discovery.watcher.guard import WipeGuard
+from tests.unit.test_wipe_guard import HOLD, Clock, delete, feed, ids, inst, put, setup, tick
+
+GRACE = HOLD / 4
+
+
+def wiped(n: int) -> tuple[list[Instance], Catalog, WipeGuard, Clock]:
+    """``n`` services of one instance each (each on its own node), all deleted at once and
+    held from 0.25 s on."""
+    fleet = [inst(f"s{k}", k) for k in range(n)]
+    catalog, guard, clock = setup(fleet)
+    for i in fleet:
+        feed(catalog, guard, delete(i))
+    tick(catalog, guard, clock, 0.25)
+    assert guard.status.engaged == 1 and guard.status.holding == n
+    return fleet, catalog, guard, clock
+
+
+def at(clock: Clock, start: float, catalog: Catalog, guard: WipeGuard, t: float) -> None:
+    """Tick to ``t`` seconds after the wipe's start."""
+    tick(catalog, guard, clock, start + t - clock.now)
+
+
+def test_held_instances_wait_past_hold_while_others_still_come_back() -> None:
+    fleet, catalog, guard, clock = wiped(12)
+    start = clock.now - 0.25
+    for k, t in enumerate((8, 16, 24, 32, 40, 48)):  # one host a while writes its own back
+        at(clock, start, catalog, guard, t)
+        feed(catalog, guard, put(fleet[k]))
+    at(clock, start, catalog, guard, 0.25 + HOLD + 1)  # past hold: the last came back 1.25 s ago
+    assert guard.status.holding == 6
+    assert ids(catalog) == {i.id for i in fleet}
+    at(clock, start, catalog, guard, 48 + GRACE - 0.1)
+    assert guard.status.holding == 6
+    at(clock, start, catalog, guard, 48 + GRACE + 0.1)  # none back for a quarter of hold
+    assert guard.status.holding == 0
+    assert ids(catalog) == {i.id for i in fleet[:6]}
+
+
+def test_held_instances_wait_at_most_twice_hold() -> None:
+    fleet, catalog, guard, clock = wiped(30)
+    start = clock.now - 0.25
+    backs = 0
+    for k, t in enumerate(range(5, 2 * int(HOLD) + 1, 5)):  # one back every 5 s throughout
+        at(clock, start, catalog, guard, t)
+        feed(catalog, guard, put(fleet[k]))
+        backs += 1
+    assert backs == 2 * int(HOLD) // 5 and backs < len(fleet)
+    assert guard.status.holding == len(fleet) - backs
+    at(clock, start, catalog, guard, 0.25 + 2 * HOLD + 0.1)
+    assert guard.status.holding == 0
+    assert ids(catalog) == {i.id for i in fleet[:backs]}
+
+
+def test_held_instances_a_reset_reads_back_count_as_coming_back() -> None:
+    fleet, catalog, guard, clock = wiped(12)
+    start = clock.now - 0.25
+    at(clock, start, catalog, guard, 40)  # a reconnect's read finds half of them back
+    back = {i.key: i for i in fleet[:6]}
+    feed(catalog, guard, Change("reset", snapshot=Snapshot(back, revision=20)))
+    assert guard.status.holding == 6
+    at(clock, start, catalog, guard, 0.25 + HOLD + 1)
+    assert guard.status.holding == 6
+    at(clock, start, catalog, guard, 40 + GRACE + 0.1)
+    assert guard.status.holding == 0
+    assert ids(catalog) == {i.id for i in fleet[:6]}
