@@ -41,8 +41,8 @@ healthy, dead ones included. Our rule:
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
    its service has another instance doing what it did again, or ``hold`` seconds (45 s)
-   passed; past ``hold`` while held instances still come back (one within the last quarter of
-   ``hold``: a write-back slower than ``hold``, a fleet's registry busy), up to twice ``hold``.
+   passed since it was held, or since a held instance last came back if later (the wipe still
+   being written back: a fleet's write-back can take longer than ``hold``), twice ``hold`` at most.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
    share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
    service with nothing else serving, which had nothing else to route to anyway. HAProxy's
@@ -192,10 +192,10 @@ class WipeGuard:
 
     def _coming_back(self, entry: _Deferred, now: float) -> bool:
         """Whether a held entry whose ``hold`` ran out waits on (due again then): a held one came
-        back within the last quarter of ``hold``, the wipe still being written back (at fleet
-        scale that took longer: ``bench/written_back.py --follow all``); twice ``hold`` at most."""
+        back within the last ``hold``, the wipe still being written back (at fleet scale that
+        took longer: ``bench/written_back.py --follow all``); twice ``hold`` at most."""
         assert entry.held_since is not None
-        grace, last = self.settings.hold / 4, entry.held_since + 2 * self.settings.hold
+        grace, last = self.settings.hold, entry.held_since + 2 * self.settings.hold
         if now - self._back >= grace or now >= last:
             return False
         entry.due = min(self._back + grace, last)
@@ -205,14 +205,14 @@ class WipeGuard:
     def _streaming(self, entry: _Deferred, now: float) -> bool:
         """Whether a settled removal waits on (until then: due again): bare removals still
         come less than ``settle`` apart, so the burst it is part of may yet turn out a wipe
-        (a prefix deleted at once reaches a watcher as a stream: 100,000 deletes took it
-        1.3 s, and the wipe is seen only at half of them); at most ``window`` after it."""
+        (a prefix deleted at once reaches a watcher as a stream, 1,000 over 2 s to a loaded
+        one, seen a wipe only at half of it); ``horizon`` after it at most (``window`` let go)."""
         if now - self._burst.last >= self.settings.settle:
             return False
-        if now >= entry.since + self.settings.window:
+        if now >= entry.since + self.settings.horizon:
             return False
         entry.due = min(self._burst.last + self.settings.settle,
-                        entry.since + self.settings.window)
+                        entry.since + self.settings.horizon)
         heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
         return True
 

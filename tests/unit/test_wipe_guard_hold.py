@@ -1,11 +1,12 @@
-"""The wipe guard's ``hold`` against a write-back slower than it (watcher/guard.py, rule 3).
+"""How long the wipe guard waits (watcher/guard.py): ``hold`` against a write-back slower than
+it (rule 3), and a service's last instance while removals keep coming.
 
 A fleet's registry busy writing a wipe back (every host reading every node of it: ZooKeeper
 with every host following the whole catalog took up to 54 s, ``bench/written_back.py --follow
 all``) must not see the services that wait last emptied at ``hold`` (45 s) while their hosts
-are still putting them back: the held ones wait on while held instances keep coming back (one
-within the last quarter of ``hold``), twice ``hold`` at most; with none coming back they go at
-``hold`` as before (``test_every_lease_revoked_is_held_and_released_as_agents_come_back``).
+are still putting them back: ``hold`` counts from the last held instance back, twice ``hold``
+at most; with none coming back they go at ``hold`` as before
+(``test_every_lease_revoked_is_held_and_released_as_agents_come_back``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
-from discovery.watcher.guard import WipeGuard
+from discovery.watcher.guard import GuardSettings, WipeGuard
 from tests.unit.test_wipe_guard import HOLD, Clock, delete, feed, ids, inst, put, setup, tick
-
-GRACE = HOLD / 4
 
 
 def wiped(n: int) -> tuple[list[Instance], Catalog, WipeGuard, Clock]:
@@ -40,15 +39,15 @@ def at(clock: Clock, start: float, catalog: Catalog, guard: WipeGuard, t: float)
 def test_held_instances_wait_past_hold_while_others_still_come_back() -> None:
     fleet, catalog, guard, clock = wiped(12)
     start = clock.now - 0.25
-    for k, t in enumerate((8, 16, 24, 32, 40, 48)):  # one host a while writes its own back
+    for k, t in enumerate((8, 16, 24, 32, 40, 42)):  # one host a while writes its own back
         at(clock, start, catalog, guard, t)
         feed(catalog, guard, put(fleet[k]))
-    at(clock, start, catalog, guard, 0.25 + HOLD + 1)  # past hold: the last came back 1.25 s ago
+    at(clock, start, catalog, guard, 0.25 + HOLD + 1)  # past hold: the last came back 4 s ago
     assert guard.status.holding == 6
     assert ids(catalog) == {i.id for i in fleet}
-    at(clock, start, catalog, guard, 48 + GRACE - 0.1)
+    at(clock, start, catalog, guard, 42 + HOLD - 0.1)
     assert guard.status.holding == 6
-    at(clock, start, catalog, guard, 48 + GRACE + 0.1)  # none back for a quarter of hold
+    at(clock, start, catalog, guard, 42 + HOLD + 0.1)  # none back for hold
     assert guard.status.holding == 0
     assert ids(catalog) == {i.id for i in fleet[:6]}
 
@@ -77,6 +76,30 @@ def test_held_instances_a_reset_reads_back_count_as_coming_back() -> None:
     assert guard.status.holding == 6
     at(clock, start, catalog, guard, 0.25 + HOLD + 1)
     assert guard.status.holding == 6
-    at(clock, start, catalog, guard, 40 + GRACE + 0.1)
+    at(clock, start, catalog, guard, 40 + HOLD + 0.1)
     assert guard.status.holding == 0
     assert ids(catalog) == {i.id for i in fleet[:6]}
+
+
+def test_a_last_instance_waits_while_removals_keep_coming_horizon_at_most() -> None:
+    """Hosts dying one after another (not a wipe: a small share of a big catalog): a
+    service's last instance is removed once removals pause for ``settle``, or ``horizon``
+    after it at the latest (``window`` before: a wipe a loaded watcher took longer than that
+    to see emptied services, ``test_a_prefix_deleted_at_once_empties_no_service``)."""
+    horizon = GuardSettings().horizon
+    for seconds, gone_at in ((3.0, 3.0 + 0.2), (horizon + 5, horizon)):
+        others = [inst("big", n) for n in range(100, 1100)]
+        lone = inst("lone", 1)
+        catalog, guard, clock = setup([lone, *others])
+        feed(catalog, guard, delete(lone))
+        steps = 0
+        for i in others[:int(seconds * 10)]:  # a removal every 0.1 s
+            tick(catalog, guard, clock, 0.1)
+            feed(catalog, guard, delete(i))
+            steps += 1
+            t = clock.now - 100.0
+            if abs(t - gone_at) > 0.05:  # waits while removals keep coming, horizon at most
+                assert bool(ids(catalog, "lone")) == (t < gone_at), t
+        assert steps == int(seconds * 10)
+        tick(catalog, guard, clock, 0.25)  # the removals paused: settled
+        assert not ids(catalog, "lone") and guard.status.engaged == 0
