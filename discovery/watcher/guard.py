@@ -204,15 +204,13 @@ class WipeGuard:
 
     def _streaming(self, entry: _Deferred, now: float) -> bool:
         """Whether a settled removal waits on (until then: due again): bare removals still
-        come less than ``settle`` apart, so the burst it is part of may yet turn out a wipe
-        (a prefix deleted at once reaches a watcher as a stream, 1,000 over 2 s to a loaded
-        one, seen a wipe only at half of it); ``horizon`` after it at most (``window`` let go)."""
-        if now - self._burst.last >= self.settings.settle:
+        come less than :meth:`~Burst.pause` apart, so the burst it is part of may yet turn out
+        a wipe (a prefix deleted at once reaches a watcher as a stream, 1,000 over 2 s to a
+        loaded one); ``horizon`` after it at most (``window`` let 22 of 50 services go)."""
+        pause = self._burst.pause()
+        if now - self._burst.last >= pause or now >= entry.since + self.settings.horizon:
             return False
-        if now >= entry.since + self.settings.horizon:
-            return False
-        entry.due = min(self._burst.last + self.settings.settle,
-                        entry.since + self.settings.horizon)
+        entry.due = min(self._burst.last + pause, entry.since + self.settings.horizon)
         heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
         return True
 
@@ -270,7 +268,7 @@ class WipeGuard:
         :meth:`due` decides (its service's last, or a wipe); a put kept is applied then."""
         key = change.key
         last = not self._has_other(key, current)
-        self._burst.note(now, [key], {key[0]: current.node}
+        self._burst.note(now, {key: current.node}, {key[0]: current.node}
                          if last and current.serving and key not in self._deferred else {})
         if not (self._burst.wiped(now) or last):
             self._pop(key)
@@ -307,7 +305,8 @@ class WipeGuard:
         serving_after = {i.service for i in after if i.serving}
         self._burst.refilled(serving_after)
         if up_gone:
-            self._burst.note(now, up_gone, {k[0]: before[k].node for k in up_gone
+            self._burst.note(now, {k: before[k].node for k in up_gone},
+                             {k[0]: before[k].node for k in up_gone
                                             if before[k].serving and k[0] not in serving_after})
         wiped = self._burst.wiped(now)
 

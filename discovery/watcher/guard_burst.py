@@ -60,10 +60,12 @@ class Burst:
         self.services_base = 0
         self.start = self.last = -float("inf")  # when it began, when the last one came
         self.engaged = False  # this burst is a wipe
+        self.node: str | None = None  # the node of its first removal
+        self.spread = False  # it took instances of more than one node
 
-    def note(self, now: float, removed: list[Key], emptied: dict[str, str]) -> None:
-        """Up instances ``removed``, leaving the services of ``emptied`` with none serving (->
-        the node of their last)."""
+    def note(self, now: float, removed: dict[Key, str], emptied: dict[str, str]) -> None:
+        """Up instances ``removed`` (-> their node), leaving the services of ``emptied`` with
+        none serving (-> the node of their last)."""
         s = self.settings
         if now - self.last > s.window or (not self.engaged and now - self.start > s.horizon):
             # a new burst: after a pause, or a trickle that did not make a wipe within `horizon`
@@ -71,8 +73,14 @@ class Burst:
             self.removed, self.base, self.engaged = set(), self.catalog.size(), False
             self.emptied, self.emptied_nodes = {}, Counter()
             self.services_base = self.catalog.serving_services()
-            self.start = now
+            self.start, self.node, self.spread = now, None, False
         self.removed.update(removed)
+        for node in removed.values():
+            if self.node is None:
+                self.node = node
+            elif node != self.node:
+                self.spread = True
+                break
         for service, node in emptied.items():
             if service not in self.emptied:
                 self.emptied[service] = node
@@ -97,6 +105,15 @@ class Burst:
             self.emptied_nodes[node] -= 1
             if not self.emptied_nodes[node]:
                 del self.emptied_nodes[node]
+
+    def pause(self) -> float:
+        """How long removals must stop before a settling last instance goes: ``settle`` after
+        one node's (a host's death, one delete) or fewer than ``min_removed``, ``window`` once
+        the burst took that many of more than one node (hosts dying one after another, or a
+        wipe reaching the watcher as a stream with pauses: etcd's lessor revokes leases a
+        tick, 0.5 s, apart; a loaded watcher reads in batches), seen a wipe only at half."""
+        wide = self.spread and len(self.removed) >= self.settings.min_removed
+        return self.settings.window if wide else self.settings.settle
 
     def _reached(self, removed: int, base: int) -> bool:
         return removed >= self.settings.min_removed and \
