@@ -36,7 +36,8 @@ WATCHER_KEYS = {
                   "them, on more than one node, with none serving: up and of weight above "
                   "0) is held for up to `hold` (up to twice `hold` while held instances "
                   "still come back) instead of emptying services; the last instance of a "
-                  "service goes after `settle`. "
+                  "service goes after `settle` (while removals of several nodes keep coming "
+                  "less than `window` apart, once they pause, 30 s at most). "
                   "A table `{ settle, window, fraction, min_removed, hold }` or `false` "
                   "([operations.md](operations.md#the-wipe-guard))",
     "zone": "this watcher's zone (a DNS label; `--zone` wins): each service is routed to the "

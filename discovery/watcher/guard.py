@@ -34,9 +34,10 @@ healthy, dead ones included. Our rule:
    (serving; for one of weight 0, up: DNS's and HTTP's) is applied at once (a rolling deploy, a
    scale-down: the guard costs nothing there). One that would not *settles* for ``settle``
    seconds (0.2 s; the instance keeps serving meanwhile), then is applied unless a wipe began
-   meanwhile. So a host that dies takes its instances away after its TTL, and a bare delete of
-   a service's last instance stops traffic to it 0.2 s later (an agent's, drained first, at
-   once).
+   meanwhile (while removals of more than one node, 3 or more, keep coming less than ``window``
+   apart it waits for them to pause, ``horizon``, 30 s, at most: a wipe is seen only at half
+   the catalog). So a host that dies takes its instances away after its TTL, and a bare delete
+   of a service's last instance stops traffic 0.2 s later (an agent's, drained first, at once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and
@@ -44,16 +45,16 @@ healthy, dead ones included. Our rule:
    passed since it was held, or since a held instance last came back if later (the wipe still
    being written back: a fleet's write-back can take longer than ``hold``), twice ``hold`` at most.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
-   share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` for a
-   service with nothing else serving, which had nothing else to route to anyway. HAProxy's
-   ``retries`` and ``option redispatch`` send a refused request to another server meanwhile.
+   share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` (twice
+   that while others come back) for a service with nothing else serving, which had nothing
+   else to route to anyway. HAProxy's ``retries`` and ``option redispatch`` send a refused
+   request to another server meanwhile.
 
 The guard is a pure state machine driven by the watcher (one lock, no threads of its own):
 :meth:`WipeGuard.filter` takes each registry change and returns what to apply now;
-:meth:`WipeGuard.due` returns the removals whose time has come. Each costs about the same
-whatever it holds (a heap of deadlines; held entries are looked at again when the wipe ends,
-all of them, once, or when their service gets a put, that service's): it walked every
-deferred entry on every change, and a wipe of 20,000 instances ran past the window.
+:meth:`WipeGuard.due` the removals whose time has come; neither costs more the more it holds
+(a heap of deadlines; held entries looked at again when the wipe ends, or their service gets
+a put: it walked every one on every change, and a wipe of 20,000 ran past the window).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class WipeGuard:
                 if entry.held_since is None:
                     if entry.due > now:
                         continue
-                    if wiped:
+                    if wiped or self._burst.took(entry.since):  # (due() late: wipe just over)
                         entry.held_since, entry.due = now, now + self.settings.hold
                         heapq.heappush(self._deadlines, (entry.due, key))
                         self._held.add(key)
@@ -191,28 +192,27 @@ class WipeGuard:
         return out
 
     def _coming_back(self, entry: _Deferred, now: float) -> bool:
-        """Whether a held entry whose ``hold`` ran out waits on (due again then): a held one came
-        back within the last ``hold``, the wipe still being written back (at fleet scale that
-        took longer: ``bench/written_back.py --follow all``); twice ``hold`` at most."""
+        """Whether a held entry whose ``hold`` ran out waits on: a held one came back within the
+        last ``hold`` (the wipe still being written back), twice ``hold`` at most."""
         assert entry.held_since is not None
-        grace, last = self.settings.hold, entry.held_since + 2 * self.settings.hold
-        if now - self._back >= grace or now >= last:
+        return self._again(entry, min(self._back + self.settings.hold,
+                                      entry.held_since + 2 * self.settings.hold), now)
+
+    def _again(self, entry: _Deferred, until: float, now: float) -> bool:
+        """``entry`` due again at ``until``, if that is still to come."""
+        if until <= now:
             return False
-        entry.due = min(self._back + grace, last)
-        heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
+        entry.due = until
+        heapq.heappush(self._deadlines, (until, entry.instance.key))
         return True
 
     def _streaming(self, entry: _Deferred, now: float) -> bool:
         """Whether a settled removal waits on (until then: due again): bare removals still
         come less than :meth:`~Burst.pause` apart, so the burst it is part of may yet turn out
-        a wipe (a prefix deleted at once reaches a watcher as a stream, 1,000 over 2 s to a
-        loaded one); ``horizon`` after it at most (``window`` let 22 of 50 services go)."""
-        pause = self._burst.pause()
-        if now - self._burst.last >= pause or now >= entry.since + self.settings.horizon:
-            return False
-        entry.due = min(self._burst.last + pause, entry.since + self.settings.horizon)
-        heapq.heappush(self._deadlines, (entry.due, entry.instance.key))
-        return True
+        a wipe (a prefix deleted at once reaches a watcher as a stream, half of 1,000 over
+        more than 2 s to a loaded one); ``horizon`` at most (``window`` let 22 of 50 go)."""
+        return self._again(entry, min(self._burst.last + self._burst.pause(),
+                                      entry.since + self.settings.horizon), now)
 
     def next_due(self) -> float | None:
         """Monotonic time of the next :meth:`due` work, or None."""
@@ -328,7 +328,8 @@ class WipeGuard:
         for key in [k for k in self._deferred if (k in snapshot.instances and k not in held)
                     or k in snapshot.unreadable
                     or (k not in keep and k[0] not in snapshot.withheld)]:
-            if (was := self._pop(key)) and was.held_since is not None and key in keep:
+            if (was := self._pop(key)) and was.held_since is not None and key in keep \
+                    and key not in drained:
                 self._back = now  # back
         if len(keep) == len(snapshot.instances) and not held:
             return change

@@ -115,6 +115,10 @@ class Burst:
         wide = self.spread and len(self.removed) >= self.settings.min_removed
         return self.settings.window if wide else self.settings.settle
 
+    def took(self, since: float) -> bool:
+        """Whether a removal at ``since`` is of this burst, and it made a wipe (over or not)."""
+        return self.engaged and since >= self.start
+
     def _reached(self, removed: int, base: int) -> bool:
         return removed >= self.settings.min_removed and \
             removed >= self.settings.fraction * max(base, 1)

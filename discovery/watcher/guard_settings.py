@@ -20,10 +20,10 @@ class GuardSettings:
     else serving must not go first (at 30 s, measured, it did: 10 services emptied,
     ``bench/written_back.py``'s reconcile-only rows); while held instances still come back
     the others wait past it, up to twice ``hold`` (:mod:`discovery.watcher.guard`, rule 3).
-    ``horizon``, not
-    set from TOML: a burst that has not made a wipe within it starts again, so that crashes
-    replaced as they come never add up to one (it was ``hold``: at 45 s a crash every 1.5 s
-    made half a 60-instance catalog)."""
+    ``horizon``, not set from TOML: a burst that has not made a wipe within it starts again,
+    so that crashes replaced as they come never add up to one (it was ``hold``: at 45 s a
+    crash every 1.5 s made half a 60-instance catalog); and the longest a service's last
+    instance waits while removals of several nodes keep coming."""
 
     settle: float = 0.2
     window: float = 2.0

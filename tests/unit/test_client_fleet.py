@@ -96,7 +96,9 @@ def test_a_last_instance_goes_after_settle_even_while_a_callback_blocks(
         assert len(client.instances("s01")) == 1  # its last: settling
         took = until(lambda: not client.instances("s01"))
         release.set()
-    assert 0.15 < took < 1.0, took
+    # three nodes' removals: it waits for them to pause for ``window`` (2 s), not ``settle``
+    # (more may come: a wipe is seen only at half the catalog); one node's settle in 0.2 s
+    assert 1.95 < took < 3.0, took
 
 
 def test_a_watch_follows_its_service_only(monkeypatch: pytest.MonkeyPatch) -> None:
