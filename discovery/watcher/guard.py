@@ -33,22 +33,22 @@ healthy, dead ones included. Our rule:
 2. Outside a wipe, a removal that leaves its service another instance doing what it did
    (serving; for one of weight 0, up: DNS's and HTTP's) is applied at once (a rolling deploy, a
    scale-down: the guard costs nothing there). One that would not *settles* for ``settle``
-   seconds (0.2 s; the instance keeps serving meanwhile), then is applied unless a wipe began
-   meanwhile (while removals of more than one node, 3 or more, keep coming less than ``window``
-   apart it waits for them to pause, ``horizon``, 30 s, at most: a wipe is seen only at half
-   the catalog). So a host that dies takes its instances away after its TTL, and a bare delete
-   of a service's last instance stops traffic 0.2 s later (an agent's, drained first, at once).
+   (0.2 s; it keeps serving meanwhile), then is applied unless a wipe began meanwhile; while
+   3 or more removals of more than one node keep coming less than ``window`` apart it waits
+   for them to pause, ``horizon`` (30 s) at most: a wipe is seen only at half the catalog. So
+   a host that dies takes its instances away after its TTL, and a bare delete of a service's
+   last instance stops traffic 0.2 s later (2 s if it took 3 on several nodes; an agent's,
+   drained first, at once).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
-   their lease or session), or the wipe is over (no removal for ``window`` seconds) and
-   its service has another instance doing what it did again, or ``hold`` seconds (45 s)
-   passed since it was held, or since a held instance last came back if later (the wipe still
-   being written back: a fleet's write-back can take longer than ``hold``), twice ``hold`` at most.
+   their lease or session), or the wipe is over (no removal for ``window`` seconds) and its
+   service has another instance doing what it did again, or ``hold`` (45 s) passed since it was
+   held, or since a held one last came back (the wipe still being written back), twice at most.
 4. The price: when half the catalog really dies at once (a zone lost), its instances keep a
-   share of traffic until the removals stop plus ``window`` seconds, or up to ``hold`` (twice
-   that while others come back) for a service with nothing else serving, which had nothing
-   else to route to anyway. HAProxy's ``retries`` and ``option redispatch`` send a refused
-   request to another server meanwhile.
+   share of traffic until the removals stop plus ``window``, up to ``hold`` (twice that while
+   others come back) for a service with nothing else serving, which had nothing else to route
+   to; HAProxy's ``retries`` and ``redispatch`` send a refused request elsewhere meanwhile.
+   A last instance removed among removals of several nodes waits with them, 30 s at most.
 
 The guard is a pure state machine driven by the watcher (one lock, no threads of its own):
 :meth:`WipeGuard.filter` takes each registry change and returns what to apply now;
@@ -154,7 +154,8 @@ class WipeGuard:
                 if entry.held_since is None:
                     if entry.due > now:
                         continue
-                    if wiped or self._burst.took(entry.since):  # (due() late: wipe just over)
+                    if wiped or (self._burst.took(entry.since)  # (due() late: a wipe just
+                                 and not self._has_other(key, entry.instance)):  # over)
                         entry.held_since, entry.due = now, now + self.settings.hold
                         heapq.heappush(self._deadlines, (entry.due, key))
                         self._held.add(key)
@@ -166,7 +167,8 @@ class WipeGuard:
                     if self._streaming(entry, now):
                         continue  # removals still pour in: not the service's last yet
                 elif entry.due <= now:
-                    if self._coming_back(entry, now):
+                    if (wiped or not self._has_other(key, entry.instance)) \
+                            and self._coming_back(entry, now):
                         waiting += 1
                         continue
                     expired += 1
@@ -207,10 +209,9 @@ class WipeGuard:
         return True
 
     def _streaming(self, entry: _Deferred, now: float) -> bool:
-        """Whether a settled removal waits on (until then: due again): bare removals still
-        come less than :meth:`~Burst.pause` apart, so the burst it is part of may yet turn out
-        a wipe (a prefix deleted at once reaches a watcher as a stream, half of 1,000 over
-        more than 2 s to a loaded one); ``horizon`` at most (``window`` let 22 of 50 go)."""
+        """Whether a settled removal waits on (due again then): removals still come less than
+        :meth:`~Burst.pause` apart, its burst may yet be a wipe (a prefix delete reaches a
+        loaded watcher over seconds: ``window`` let 22 of 50 go); ``horizon`` at most."""
         return self._again(entry, min(self._burst.last + self._burst.pause(),
                                       entry.since + self.settings.horizon), now)
 
@@ -242,7 +243,7 @@ class WipeGuard:
     # ---- the rules --------------------------------------------------------------------------
     def _put(self, change: Change, now: float) -> list[Change]:
         assert change.instance is not None
-        current = self._current(change.key)
+        current = self.catalog.get(change.key)
         if current is not None and foreign_drain(current, change.instance):
             return self._take_out(change, current, now)
         if (entry := self._pop(change.key)) and entry.held_since is not None:  # back
@@ -254,7 +255,7 @@ class WipeGuard:
         return [change]
 
     def _delete(self, change: Change, now: float) -> list[Change]:
-        current = self._current(change.key)
+        current = self.catalog.get(change.key)
         if current is None:
             return [change]
         if change.drained or current.state is not State.UP:  # drained first: a departure
@@ -336,9 +337,6 @@ class WipeGuard:
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _current(self, key: Key) -> Instance | None:
-        return self.catalog.get(key)
-
     def _has_other(self, key: Key, inst: Instance) -> bool:
         """Another instance of ``key``'s service doing what ``inst`` does (serving, if it
         serves: HAProxy's; else up: DNS's and HTTP's), besides ``key`` and the deferred ones

@@ -62,6 +62,7 @@ class Burst:
         self.engaged = False  # this burst is a wipe
         self.node: str | None = None  # the node of its first removal
         self.spread = False  # it took instances of more than one node
+        self.span = (float("inf"), -float("inf"))  # the last wipe: its first and last removal
 
     def note(self, now: float, removed: dict[Key, str], emptied: dict[str, str]) -> None:
         """Up instances ``removed`` (-> their node), leaving the services of ``emptied`` with
@@ -97,6 +98,8 @@ class Burst:
                         "in the catalog), %d of %d services left with none serving: removals are "
                         "held until re-registered, at most %.0fs", len(self.removed), s.window,
                         self.base, len(self.emptied), self.services_base, s.hold)
+        if self.engaged:
+            self.span = (self.start, now)
 
     def refilled(self, services: set[str]) -> None:
         """These services have an instance serving again: no longer emptied by this burst."""
@@ -116,8 +119,9 @@ class Burst:
         return self.settings.window if wide else self.settings.settle
 
     def took(self, since: float) -> bool:
-        """Whether a removal at ``since`` is of this burst, and it made a wipe (over or not)."""
-        return self.engaged and since >= self.start
+        """Whether a removal at ``since`` was of the last wipe (over or not; a removal after it,
+        a new burst, does not change that)."""
+        return self.span[0] <= since <= self.span[1]
 
     def _reached(self, removed: int, base: int) -> bool:
         return removed >= self.settings.min_removed and \

@@ -129,19 +129,14 @@ def test_two_removals_of_two_nodes_still_settle() -> None:
     assert not ids(catalog, "a") and not ids(catalog, "b") and guard.status.engaged == 0
 
 
-def test_a_wipe_a_late_main_loop_looks_at_after_it_ended_is_still_held() -> None:
-    """A watcher's loop calls ``due()`` late when its CPU is taken (between coalescing and
-    its sync: up to ~0.5 s). The last instances of a burst that made a wipe wait ``window``
-    after the last removal, the moment the wipe is over: one looked at after it must be held
-    as the wipe's, not applied as a settled removal (40 services of one instance, one delete
-    every 0.1 s, the 20th is half the catalog and the last)."""
-    fleet = [inst(f"s{k:02d}", k) for k in range(40)]
-    catalog, guard, clock = setup(fleet)
-    start, late, deletes = clock.now, 0.3, [(0.1 * k, i) for k, i in enumerate(fleet[:20])]
-    looked = 0
+def late_loop(catalog: Catalog, guard: WipeGuard, clock: Clock,
+              deletes: list[tuple[float, Instance]], late: float, first: float = 0.0) -> int:
+    """A watcher's main loop ``late`` s behind each deadline (``first``: not before then), the
+    ``deletes`` (s from now) coming as they come, for 5 s; how many times it looked."""
+    start, looked = clock.now, 0
     while True:  # the first 5 s (the hold, 45 s, is not what this is about)
         due = guard.next_due()
-        loop_at = due + late if due is not None else float("inf")
+        loop_at = max(due + late, start + first) if due is not None else float("inf")
         if deletes and start + deletes[0][0] <= loop_at:
             clock.now = start + deletes[0][0]
             feed(catalog, guard, delete(deletes.pop(0)[1]))
@@ -150,7 +145,34 @@ def test_a_wipe_a_late_main_loop_looks_at_after_it_ended_is_still_held() -> None
             looked += 1
         else:
             break
-    assert not deletes and looked >= 1 and guard.status.engaged == 1
-    assert all(ids(catalog, i.service) for i in fleet), "a service emptied"
-    assert guard.status.holding == 20
+    assert not deletes and looked >= 1
+    return looked
 
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_wipe_a_late_main_loop_looks_at_after_it_ended_is_still_held(after: bool) -> None:
+    """A watcher's loop calls ``due()`` late when its CPU is taken (between coalescing and
+    its sync: ``wait_max``, a reload's interval). The last instances of a burst that made a
+    wipe wait ``window`` after the last removal, the moment the wipe is over: one looked at
+    after it must be held as the wipe's, not applied as a settled removal (40 services of one
+    instance, one delete every 0.1 s, the 21st is half the catalog and the last; ``after``:
+    an unrelated removal once it is over, a new burst, changes nothing)."""
+    fleet = [inst(f"s{k:02d}", k) for k in range(40)]
+    x = [inst("x", 50), inst("x", 51)]
+    catalog, guard, clock = setup([*fleet, *x])
+    deletes = [(0.1 * k, i) for k, i in enumerate(fleet[:21])] + ([(4.02, x[0])] if after else [])
+    late_loop(catalog, guard, clock, deletes, 0.35)
+    assert guard.status.engaged == 1
+    assert all(ids(catalog, i.service) for i in fleet), "a service emptied"
+    assert guard.status.holding == 21
+    assert ids(catalog, "x") == ({x[1].id} if after else {i.id for i in x})
+
+
+def test_a_late_main_loop_releases_a_wipes_removal_whose_service_has_another() -> None:
+    """Looked at only after the wipe ended, a removal of the wipe whose service has another
+    instance serving goes then (as it would have when the wipe ended), the others are held."""
+    a1, a2, b3, c4 = inst("a", 1), inst("a", 2), inst("b", 3), inst("c", 4)
+    catalog, guard, clock = setup([a1, a2, b3, c4])
+    late_loop(catalog, guard, clock, [(0.0, b3), (0.05, c4), (0.1, a1)], 0.0, first=2.2)
+    assert guard.status.engaged == 1 and guard.held() == [b3.key, c4.key]
+    assert ids(catalog, "a") == {a2.id} and ids(catalog, "b") and ids(catalog, "c")
