@@ -154,8 +154,8 @@ class WipeGuard:
                 if entry.held_since is None:
                     if entry.due > now:
                         continue
-                    if wiped or (self._burst.took(entry.since)  # (due() late: a wipe just
-                                 and not self._has_other(key, entry.instance)):  # over)
+                    took = self._burst.took(entry.since)  # (due() late: a wipe just over)
+                    if wiped or (took and not self._has_other(key, entry.instance)):
                         entry.held_since, entry.due = now, now + self.settings.hold
                         heapq.heappush(self._deadlines, (entry.due, key))
                         self._held.add(key)
@@ -164,7 +164,7 @@ class WipeGuard:
                         newly += 1
                         log.debug("wipe guard: holding %s/%s", *key)
                         continue
-                    if self._streaming(entry, now):
+                    if not took and self._streaming(entry, now):
                         continue  # removals still pour in: not the service's last yet
                 elif entry.due <= now:
                     if (wiped or not self._has_other(key, entry.instance)) \

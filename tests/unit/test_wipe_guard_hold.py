@@ -176,3 +176,20 @@ def test_a_late_main_loop_releases_a_wipes_removal_whose_service_has_another() -
     late_loop(catalog, guard, clock, [(0.0, b3), (0.05, c4), (0.1, a1)], 0.0, first=2.2)
     assert guard.status.engaged == 1 and guard.held() == [b3.key, c4.key]
     assert ids(catalog, "a") == {a2.id} and ids(catalog, "b") and ids(catalog, "c")
+
+
+def test_a_late_look_at_a_wipes_removal_waits_for_no_burst_after_it() -> None:
+    """A removal of the wipe whose service has another instance serving goes at the late
+    look, not when a new burst after the wipe (removals of other nodes, no wipe) pauses: it
+    stayed up to ``horizon`` beside its serving sibling."""
+    a1, a2 = inst("a", 1), inst("a", 2)
+    singles = [inst(f"s{k:02d}", 10 + k) for k in range(20)]
+    big = [inst("big", n) for n in range(100, 200)]
+    catalog, guard, clock = setup([a1, a2, *singles, *big])
+    deletes = [(0.05 * k, i) for k, i in enumerate([*singles, a1])]  # a wipe, a1 last: 1.0 s
+    deletes += [(at, i) for at, i in zip((3.05, 3.1, 3.15, 3.65, 4.15, 4.65), big[:6], strict=True)]
+    # and a new burst after it (3 nodes before the late look: it waits for them to pause 2 s)
+    late_loop(catalog, guard, clock, deletes, 0.0, first=3.3)
+    assert guard.status.engaged == 1 and a1.key not in guard.held()
+    assert ids(catalog, "a") == {a2.id} and all(ids(catalog, i.service) for i in singles)
+
