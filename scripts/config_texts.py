@@ -95,7 +95,8 @@ URL_PARAMS = {
               "(the agent's reconcile after it comes within one `--resync` period) "
               "([operations.md](operations.md#a-full-registry-restart)); and the write-back "
               "of this host's own instances, seen deleted by another writer "
-              "([operations.md](operations.md#an-entry-deleted-by-hand))",
+              "([operations.md](operations.md#an-entry-deleted-by-hand)), whose watches of the "
+              "host's own keys resume 3 to 20 spreads after a lost link",
 }
 URL_FIELDS = {
     "user": "the user (etcd user / ZooKeeper digest user)",

@@ -4,9 +4,17 @@ As :mod:`~discovery.registry.zk_own` on ZooKeeper: a host with no watch of its o
 (``discovery agent`` alone, a router following other services) saw a key of its own deleted
 or changed by hand only at its agent's next reconcile. Here one watch stream
 (:class:`~discovery.registry.etcd_watch.EtcdWatch`) holds one watcher a key of its own, so
-etcd sends the host only what happens to those keys, whatever the fleet's size; it resumes
-and re-creates as every watch does (from its revision, after a lost link, another member's).
-Its events go to the write-back, which writes back only what is not its own value.
+etcd sends the host only what happens to those keys, whatever the fleet's size. Its events go
+to the write-back, which writes back only what is not its own value.
+
+After a lost link it resumes from its revision, so nothing is missed, but **later** than the
+host's other watches: at a random moment from 3 to 20 resume spreads after each loss (9 to 60
+s at ``spread=3``). A watch of the host's services resumes with one watcher (wide); this one
+re-creates one a key, about ten a host, and a fleet's restart re-created them all within one
+spread: the members' peak rose from 2.1-2.8x their steady rate to 7.3-12.3x (``bench/fleet.py``,
+docs/benchmarks.md). Spread over 50 s they come after the resumes, ten a host over the window.
+Meanwhile another writer's change of a key is written back when the stream is back (etcd
+replays it), or by the agent's reconcile if that comes first.
 
 The keys change with the host's instances: the stream is replaced once the set has not
 changed for ``settle`` seconds (a host starting 100 containers replaces it once, not 100
@@ -35,6 +43,7 @@ from discovery.registry.base import Snapshot
 from discovery.registry.etcd_index import read_node
 from discovery.registry.etcd_read import Caller
 from discovery.registry.etcd_watch import EtcdWatch, WatchSource
+from discovery.registry.owned import OWN_LATER
 
 if TYPE_CHECKING:
     from discovery.registry.base import ChangeCallback
@@ -190,8 +199,9 @@ class _NodesRead:
 
 def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
     """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now; a re-read reads
-    their nodes (``id_node``)."""
+    their nodes (``id_node``); after a lost link it resumes ``OWN_LATER`` spreads later."""
     nodes = frozenset(id_node(k[1]) for k in keys)
+    spread = reg.url.resume_spread
     return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, 0,
-                     {k[0] for k in keys}, reg.url.resume_spread,
-                     keys=[reg.url.key(*k) for k in keys])
+                     {k[0] for k in keys}, spread, keys=[reg.url.key(*k) for k in keys],
+                     later=(OWN_LATER[0] * spread, OWN_LATER[1] * spread))

@@ -6,7 +6,9 @@ what a whole fleet sees at once when its registry restarts. The broken stream is
 once (another member), then after half the registry URL's resume spread plus up to one spread
 at random, every time (:func:`discovery.retry.backoff_async` with a fixed wait): the fleet's
 streams come back over that window, each host within one spread of the registry's return
-(docs/benchmarks.md). The registry is reported down; the first failure is logged.
+(docs/benchmarks.md). The registry is reported down; the first failure is logged. A watch
+given a window of its own (``later``: the host's own keys, :mod:`~discovery.registry.etcd_own`)
+waits instead a random moment within it before each new stream.
 
 A **refusal** is etcd answering no: it denies a watcher (``permission denied``: the role may
 not read the range; ``user name is empty``: etcd wants a user), it refuses the login (the
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 
 import grpc
@@ -91,9 +94,12 @@ class WatchFailures:
     """One watch's failures: which kind, how long it waits, what it logs (on ``log``, the
     watch's logger). ``where``: the registry's members, for the log."""
 
-    def __init__(self, where: str, resume_spread: float, log: logging.Logger) -> None:
+    def __init__(self, where: str, resume_spread: float, log: logging.Logger,
+                 later: tuple[float, float] | None = None) -> None:
         self._where, self._spread, self._log = where, resume_spread, log
         self._first = max(resume_spread / 2, RECONNECT_INITIAL)
+        self._later = None if later is None else (  # (never sooner than the backoff's wait)
+            max(later[0], self._first), max(later[1], self._first))
         self._refused = RetryAt(self._first, REFUSED_MAX)
         self._failing = False  # a lost link logged, and no stream has held its watchers since
 
@@ -107,10 +113,23 @@ class WatchFailures:
         first since a stream last held."""
         if self._failing:
             return False
-        self._log.warning("etcd watch on %s interrupted (%s); resuming %s",
-                          self._where, rpc_details(exc), resuming(revision))
+        later = "" if self._later is None else " within {:g}-{:g} s".format(*self._later)
+        self._log.warning("etcd watch on %s interrupted (%s); resuming %s%s",
+                          self._where, rpc_details(exc), resuming(revision), later)
         self._failing = True
         return True
+
+    async def lost(self, exc: BaseException, revision: int) -> bool:
+        """A lost link: True once a wait of its own is over (the first since a stream held:
+        another member, at once; a watch that comes back ``later``: a random moment within
+        it, every time); False: the backoff waits (:meth:`link_backoff`)."""
+        first = self.interrupted(exc, revision)
+        if self._later is not None:
+            await asyncio.sleep(random.uniform(*self._later))
+            return True
+        if first:
+            await asyncio.sleep(RECONNECT_INITIAL)
+        return first
 
     async def refused(self, exc: BaseException, revision: int) -> None:
         """A refusal: logged with its reason, then the wait (:meth:`refusal_wait`)."""

@@ -32,7 +32,8 @@ what they saw before, which tell a restore after its revision has passed the hos
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
   resumes with the k watchers (:mod:`~discovery.registry.etcd_refusal`);
 - a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
-With ``keys`` (:mod:`~discovery.registry.etcd_own`) it holds one watcher a key; never wide."""
+With ``keys`` (:mod:`~discovery.registry.etcd_own`) it holds one watcher a key, never wide, and
+resumes ``later``: a random moment within that window, after each lost link."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class EtcdWatch:
 
     def __init__(self, reg: WatchSource, callback: ChangeCallback, start_revision: int,
                  services: Collection[str] | None = None, spread: float = RESUME_SPREAD,
-                 keys: Collection[str] = ()) -> None:
+                 keys: Collection[str] = (), later: tuple[float, float] | None = None) -> None:
         self._reg, self._callback = reg, callback
         self._root = root = reg.url.services_root + "/"
         self._services = None if services is None else frozenset(services)
@@ -115,7 +116,7 @@ class EtcdWatch:
         self._stream: Any = None
         self.endpoint: Endpoint | None = None  # the member of the stream open now
         self._reauth = False
-        self._failures = etcd_refusal.WatchFailures(reg.where, spread, log)  # waits, logs
+        self._failures = etcd_refusal.WatchFailures(reg.where, spread, log, later)  # waits
         self._denied = etcd_refusal.DeniedRanges(reg.where, spread, log)  # services etcd denies
         self._asking: asyncio.Future[bool] | None = None
         self._lost = False  # a stream broke: the next one resumes wide (k > 1)
@@ -185,9 +186,8 @@ class EtcdWatch:
                 return await self._failures.refused(exc, self.revision)
             self._lost = self._resume_wide
             await asyncio.to_thread(self._reg.set_state, False)
-            if not self._failures.interrupted(exc, self.revision):
+            if not await self._failures.lost(exc, self.revision):
                 raise  # the backoff waits (a fixed resume spread)
-            await asyncio.sleep(etcd_refusal.RECONNECT_INITIAL)  # the first time: another member
 
     def _create(self, rng: str) -> Any:
         rev = self._revs.get(rng, self.revision)  # the wide watcher: the oldest

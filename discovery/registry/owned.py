@@ -49,7 +49,8 @@ instances of the others) are followed by watches of those keys alone (:attr:`Res
 :mod:`~discovery.registry.zk_own`, :mod:`~discovery.registry.etcd_own`), so such a host costs
 the registry what its own instances do, not what their services do fleet-wide; what those
 miss (an etcd key's first ~0.5 s, a ZooKeeper node whose recovery is refused) is the agent's
-next reconcile's.
+next reconcile's. After a lost link they come back later than the host's other watches
+(:data:`OWN_LATER`), so that a fleet's restart does not bring them back all at once.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 #: keys written back together at most (``Restorer``'s ``many``)
 MANY = 100
+#: after a lost link, the watches of a host's own keys (:attr:`Restorer.own`) come back at a
+#: random moment within these many resume spreads (``spread=``; 9 to 60 s at 3 s): after the
+#: fleet's other resumes, which come within one spread, and thinly (etcd: one watcher a key)
+OWN_LATER = (3.0, 20.0)
 
 
 class OwnWatch(Protocol):

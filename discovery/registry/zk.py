@@ -94,7 +94,7 @@ class ZkRegistry:
         self._watches: list[ZkWatch] = []
         self._recoveries = 0  # sessions recovered (their watches reset) so far
         self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
-                             self._restorer.wrap(unread), timeout)  # zk_own
+                             self._restorer.wrap(unread), timeout, url.resume_spread)  # zk_own
         self._restorer.own = self._own
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()

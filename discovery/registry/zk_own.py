@@ -13,15 +13,17 @@ The host's cost stays its own instances', whatever the fleet's size:
 - a node of ours changed or deleted (by us or another writer): one read, with a watch (an
   ``exists`` one if it is gone);
 - a lost connection (kazoo drops every watch): one ``SetWatches`` (:mod:`~discovery.registry.
-  zk_rewatch`) from the zxid seen, so ZooKeeper tells only what changed meanwhile; a new
-  session: the registry's recovery writes every node again, then one ``SetWatches`` from
-  there (``rearm``).
+  zk_rewatch`) from the zxid seen, so ZooKeeper tells only what changed meanwhile, at a
+  random moment from 3 to 20 resume spreads after the reconnect (``owned.OWN_LATER``): after
+  the fleet's other resumes, not among them; a new session: the registry's recovery writes
+  every node again, then one ``SetWatches`` from there (``rearm``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 from collections.abc import Callable, Collection
 from typing import Any
@@ -31,6 +33,7 @@ from kazoo.protocol.states import EventType, KazooState
 
 from discovery.model import Instance
 from discovery.registry.base import Change, ChangeCallback
+from discovery.registry.owned import OWN_LATER
 from discovery.registry.zk_rewatch import rewatch
 
 log = logging.getLogger(__name__)
@@ -40,13 +43,16 @@ Key = tuple[str, str]
 class OwnNodes:
     """``client``'s watches of the nodes of the keys it is told to ``want`` (at ``path_of(key)``:
     None, no node known), each event's node read and handed to ``seen`` as a ``put`` (decoded
-    by ``decode(path, data, stamp)``; ``unowned`` when no session holds it) or a ``delete``."""
+    by ``decode(path, data, stamp)``; ``unowned`` when no session holds it) or a ``delete``.
+    ``spread``: the registry URL's resume spread (the re-arm after a reconnect waits)."""
 
     def __init__(self, client: Any, path_of: Callable[[Key], str | None],
                  decode: Callable[[str, bytes, float], Instance | None], seen: ChangeCallback,
-                 timeout: float) -> None:
+                 timeout: float, spread: float = 0.0) -> None:
         self._client, self._path_of, self._decode = client, path_of, decode
         self._seen, self._timeout = seen, timeout
+        self._later = (OWN_LATER[0] * spread, OWN_LATER[1] * spread)
+        self._timer: threading.Timer | None = None  # the re-arm due
         self._lock = threading.Lock()
         self._paths: dict[str, Key] = {}  # watched path -> its key
         self._answered: set[str] = set()  # paths read (with their watch) since wanted
@@ -111,7 +117,10 @@ class OwnNodes:
             self._keys.clear()
             self._paths.clear()
             self._answered.clear()
+            timer, self._timer = self._timer, None
         self._client.remove_listener(self._on_state)
+        if timer is not None:
+            timer.cancel()
 
     def _look(self, path: str) -> None:
         """Read ``path`` with a watch; the answer goes to ``seen`` (a missing node: an
@@ -164,7 +173,8 @@ class OwnNodes:
 
     def _on_state(self, state: str) -> None:
         """kazoo's listener (its connection thread): a lost link notes the zxid seen; back on
-        the same session, one ``SetWatches`` from there (off that thread: it waits)."""
+        the same session, one ``SetWatches`` from there, ``OWN_LATER`` spreads later (a timer:
+        one due at a time, from the earliest zxid not re-armed)."""
         with self._lock:
             if state == KazooState.SUSPENDED:  # the earliest until a re-arm succeeds
                 self._zxid = self._zxid or self._client.last_zxid
@@ -174,9 +184,14 @@ class OwnNodes:
                 self._lost, self._zxid = True, 0
                 return
             zxid, drops, lost, self._lost = self._zxid, self._drops, self._lost, False
-        if state == KazooState.CONNECTED and zxid and not lost:
-            threading.Thread(target=self._rearm_from, args=(zxid, drops), daemon=True,
-                             name="zk-own-rewatch").start()
+            if state != KazooState.CONNECTED or not zxid or lost or self._closed:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            timer = self._timer = threading.Timer(random.uniform(*self._later),
+                                                  self._rearm_from, args=(zxid, drops))
+        timer.daemon, timer.name = True, "zk-own-rewatch"
+        timer.start()
 
     def _rearm_from(self, zxid: int, drops: int) -> None:
         if self._rewatch(zxid):

@@ -70,7 +70,9 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
     url = cluster.url(unique_prefix())
     writer = open_registry(url, ttl=10)
     follower = open_registry(url, ttl=10)
-    owner = open_registry(url, ttl=10)  # an agent alone: a watch of its own key (etcd_own)
+    # an agent alone: a watch of its own key (etcd_own), which resumes 3 to 20 spreads after
+    # its link is lost (owned.OWN_LATER): 1.5 to 10 s here
+    owner = open_registry(f"{url}?spread=0.5", ttl=10)
     changes: list[Change] = []
     watch = follower.watch(changes.append)
     try:

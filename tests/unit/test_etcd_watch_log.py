@@ -4,6 +4,7 @@ cut before its first answer starts its watchers from now, not from revision 1)."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -29,3 +30,36 @@ def test_a_lost_link_logs_where_the_watch_resumes(
     [record] = caplog.records
     assert said in record.getMessage()
     assert ("revision" in record.getMessage()) == bool(revision)
+
+
+@pytest.mark.parametrize(("spread", "later", "bounds"), [
+    (3.0, None, None),  # the first loss: another member at once; then the backoff's wait
+    (3.0, (9.0, 60.0), (9.0, 60.0)),  # a window of its own: every time, the first too
+    (0.0, (0.0, 0.0), (0.1, 0.1)),  # never sooner than the backoff's first wait
+])
+def test_a_watch_with_a_window_of_its_own_resumes_within_it_after_every_loss(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, spread: float,
+        later: tuple[float, float] | None, bounds: tuple[float, float] | None) -> None:
+    """etcd_own's stream resumes 3 to 20 resume spreads after each lost link, so that a
+    fleet's restart does not re-create every host's own-key watchers within one spread."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr("discovery.registry.etcd_refusal.asyncio.sleep", sleep)
+    log = logging.getLogger("test.etcd_watch_later")
+    failures = WatchFailures("127.0.0.1:2379", spread, log, later)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        answers = [asyncio.run(failures.lost(RegistryUnavailable("gone"), 7))
+                   for _ in range(50)]
+    [record] = caplog.records  # logged once, with its window
+    if bounds is None:
+        assert answers == [True] + [False] * 49 and waits == [0.1]
+        assert "within" not in record.getMessage()
+        return
+    assert answers == [True] * 50 and len(waits) == 50
+    assert all(bounds[0] <= w <= bounds[1] for w in waits), waits
+    assert f"within {bounds[0]:g}-{bounds[1]:g} s" in record.getMessage()
+    if bounds[0] < bounds[1]:
+        assert max(waits) - min(waits) > (bounds[1] - bounds[0]) / 2  # spread, not fixed
