@@ -87,9 +87,11 @@ sizes, the servers stay up; ``--sizes 1000 --bench-name fleet1000`` starts at 1,
   request rate sampled every 0.25 s (the members read at once): peak (over the shortest window
   of 1 s or more the samples allow: ``peak_window_s``, which a member slow to answer stretches;
   over 1.5 s the peak is a lower bound and does not count as met) vs steady. Targets: every
-  host resynced within 10 s of the registry serving again, peak <= 3 x steady. etcd watchers
-  resume wide and return to their per-service watchers 10-60 s later (``NARROW_AFTER``), so
-  before the next size the bench waits that long.
+  host resynced within 10 s of the registry serving again, peak <= 3 x steady. The samples
+  go on until what the restart sets off later is over (``--after-restart``): etcd watchers
+  resume wide and return to their per-service watchers 10-60 s later (``NARROW_AFTER``), and
+  the watches of each host's own keys resume 3-20 resume spreads after the loss
+  (``owned.OWN_LATER``); those count in the restart's peak.
 * **servers**: RSS and CPU of every member (and of the relay), data size, watches, sessions.
 
 **Modules.** This script parses the options and runs each backend; the rest is in
@@ -158,7 +160,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--change-gap", type=float, default=1.0)
     ap.add_argument("--change-timeout", type=float, default=10.0)
     ap.add_argument("--resync-timeout", type=float, default=60.0)
-    ap.add_argument("--after-restart", type=float, default=5.0)
+    ap.add_argument("--after-restart", type=float, default=None,
+                    help="seconds the restart's samples go on after every host resynced "
+                         "(default: until the later resumes a restart sets off are over, "
+                         "~62 s after the stop at spread=3; 5 until 2026-12-06)")
     ap.add_argument("--target-change-ms", type=float, default=250.0)
     ap.add_argument("--target-resync-s", type=float, default=10.0)
     ap.add_argument("--target-peak-ratio", type=float, default=3.0)

@@ -20,6 +20,8 @@ from zk_requests import by_type_between, per_second
 
 from discovery.errors import RegistryError
 from discovery.registry.etcd_watch import NARROW_AFTER
+from discovery.registry.owned import OWN_LATER
+from discovery.retry import RESUME_SPREAD
 
 #: a restart's peak rate counts as measured (for the target) only over samples this close
 PEAK_WINDOW_MAX_S = 1.5
@@ -232,7 +234,7 @@ class Fleet(FleetSetup):
                     time.sleep(0.1)
             t_ready = t_written = time.time()
             lat, missing = self._collect(self.args.resync_timeout, t_ready)
-            time.sleep(self.args.after_restart)
+            time.sleep(self.after_restart(t_stop))
         peak, when = sampler.peak_per_s(t_ready - 0.5)
         peak_methods = (sampler.methods_between(sampler.peak_from, when)
                         if when is not None and sampler.peak_from is not None else {})
@@ -289,6 +291,21 @@ class Fleet(FleetSetup):
                       f"{self.args.target_peak_ratio:g} x steady",
             "pass": ok})
 
+    def after_restart(self, t_stop: float) -> float:
+        """How long the restart's samples go on once every host resynced: ``--after-restart``,
+        by default until what the restart sets off later is over. etcd watchers resume wide and
+        go back to their k watchers ``NARROW_AFTER`` later; the watches of a host's own keys
+        resume ``OWN_LATER`` resume spreads after the loss (etcd: one watcher a key; ZooKeeper:
+        a ``SetWatches``). Those requests belong to this restart's peak (until 2026-12-06 the
+        samples ended 5 s after the last host resynced, and the own-key watchers' creates came
+        among the resumes, unseen by the bench until then), not to the next size's steady
+        state."""
+        if self.args.after_restart is not None:
+            return float(self.args.after_restart)
+        spread = RESUME_SPREAD if self.args.spread is None else self.args.spread
+        later = max(NARROW_AFTER[1], OWN_LATER[1] * spread) + 2.0
+        return max(5.0, t_stop + later - time.time())
+
     def run(self) -> None:
         self.start()
         for k, size in enumerate(self.args.sizes):
@@ -299,8 +316,4 @@ class Fleet(FleetSetup):
                 self.death(size, k)
             if not self.args.skip_restart:
                 self.restart(size, st["requests_per_s_total"])
-                # etcd watchers resume wide and go back to their k watchers NARROW_AFTER later:
-                # those creates belong to this restart, not to the next size's steady state
-                last = k == len(self.args.sizes) - 1
-                time.sleep(self.args.settle if last or self.backend != "etcd"
-                           else max(self.args.settle, NARROW_AFTER[1]))
+                time.sleep(self.args.settle)  # (what the restart set off: in its samples)
