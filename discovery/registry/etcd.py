@@ -103,8 +103,8 @@ class EtcdRegistry:
                                          late_wait=self._interval + 1.0)
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd",
                                   recheck=2 * timeout)
-        self._restorer.own = OwnKeys(lambda keys: self._followed(watch_keys(  # etcd_own
-            self, self._restorer.wrap(unread, {k[0] for k in keys}), keys)))
+        self._restorer.own = OwnKeys(lambda keys, since: self._followed(watch_keys(  # etcd_own
+            self, self._restorer.wrap(unread, {k[0] for k in keys}), keys, since)))
 
     @property
     def loop(self) -> LoopThread:

@@ -11,23 +11,20 @@ After a lost link it resumes from its revision, so nothing is missed, but **late
 host's other watches: at a random moment from 3 to 20 resume spreads after each loss (9 to 60
 s at ``spread=3``). A watch of the host's services resumes with one watcher (wide); this one
 re-creates one a key, about ten a host, and a fleet's restart re-created them all within one
-spread: the members' peak rose from 2.1-2.8x their steady rate to 7.3-12.3x (``bench/fleet.py``,
-docs/benchmarks.md). Spread over 50 s they come after the resumes, ten a host over the window.
-Meanwhile another writer's change of a key is written back when the stream is back (etcd
-replays it), or by the agent's reconcile if that comes first.
+spread: the members' peak rose from 2.1-2.8x their steady rate to 7.3-12.3x at 250-1,000
+simulated hosts; resuming later, 2.3-2.7x over the minute after the restart (``bench/fleet.py``,
+docs/benchmarks.md). Meanwhile another writer's change of a key is written back when the
+stream is back (etcd replays it), or by the agent's reconcile if that comes first.
 
 The keys change with the host's instances: the stream is replaced once the set has not
 changed for ``settle`` seconds (a host starting 100 containers replaces it once, not 100
-times; ``most`` s at the latest), each new one from etcd's revision then (never an old one,
-which etcd may have compacted: a re-read would follow),
-the old one stopped only once the new one holds its watchers, so that nothing is missed in
+times; ``most`` s at the latest), each new one from the revision the old one had delivered
+(a stream waiting to resume owes what happened since: etcd replays it to the new one), the
+old one stopped only once the new one holds its watchers, so that nothing is missed in
 between. A new key's change between its register and the moment its watcher holds (about
 ``settle`` s) is left to the agent's reconcile. When etcd has compacted the stream's revision
 (a link down for long) or is behind it (a backup restored), it reads again the host's own
-entries through the per-node index, not the services of its keys fleet-wide. A stream whose
-member went
-resumes from its revision, as every watch does (one watcher a key, never the whole prefix):
-what happened meanwhile comes then.
+entries through the per-node index, not the services of its keys fleet-wide.
 """
 
 from __future__ import annotations
@@ -61,11 +58,12 @@ class _Watch(Protocol):
 
 
 class OwnKeys:
-    """The keys it is handed (:meth:`only`), followed by one watch ``start(keys)`` (no keys, no
-    watch), replaced once the set has not changed for ``settle`` s (``most`` s at the latest
-    after the first change), the old one stopped once the new one holds its watchers."""
+    """The keys it is handed (:meth:`only`), followed by one watch ``start(keys, since)`` (no
+    keys, no watch; ``since``: the revision the watch it replaces had delivered, or 0),
+    replaced once the set has not changed for ``settle`` s (``most`` s at the latest after the
+    first change), the old one stopped once the new one holds its watchers."""
 
-    def __init__(self, start: Callable[[frozenset[Key]], _Watch], settle: float = 0.5,
+    def __init__(self, start: Callable[[frozenset[Key], int], _Watch], settle: float = 0.5,
                  most: float = 5.0, hold_wait: float = 5.0) -> None:
         self._start, self._settle, self._most, self._hold_wait = start, settle, most, hold_wait
         self._lock = threading.Lock()  # the state; never held while calling out
@@ -126,7 +124,7 @@ class OwnKeys:
                 keys, old = frozenset(self._keys), self._watch
             new: _Watch | None = None
             try:
-                new = self._start(keys) if keys else None
+                new = self._start(keys, old.revision if old is not None else 0) if keys else None
             except Exception:  # (the registry closed meanwhile): the old one goes on
                 log.exception("watching %d key(s) of our own failed", len(keys))
                 return self._retry()
@@ -197,11 +195,13 @@ class _NodesRead:
                         unowned=frozenset().union(*(r.unowned for r in reads)))
 
 
-def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key]) -> EtcdWatch:
-    """One watch of ``keys`` (of ``reg``'s layout) from etcd's revision now; a re-read reads
-    their nodes (``id_node``); after a lost link it resumes ``OWN_LATER`` spreads later."""
+def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key],
+               since: int = 0) -> EtcdWatch:
+    """One watch of ``keys`` (of ``reg``'s layout) from ``since`` + 1 (0: etcd's revision now);
+    a re-read reads their nodes (``id_node``); after a lost link it resumes ``OWN_LATER``
+    spreads later."""
     nodes = frozenset(id_node(k[1]) for k in keys)
     spread = reg.url.resume_spread
-    return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, 0,
+    return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, since,
                      {k[0] for k in keys}, spread, keys=[reg.url.key(*k) for k in keys],
                      later=(OWN_LATER[0] * spread, OWN_LATER[1] * spread))

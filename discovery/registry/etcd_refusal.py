@@ -8,7 +8,8 @@ at random, every time (:func:`discovery.retry.backoff_async` with a fixed wait):
 streams come back over that window, each host within one spread of the registry's return
 (docs/benchmarks.md). The registry is reported down; the first failure is logged. A watch
 given a window of its own (``later``: the host's own keys, :mod:`~discovery.registry.etcd_own`)
-waits instead a random moment within it before each new stream.
+waits instead a random moment within it after each lost link, once it has a revision to
+resume from (etcd replays what it missed).
 
 A **refusal** is etcd answering no: it denies a watcher (``permission denied``: the role may
 not read the range; ``user name is empty``: etcd wants a user), it refuses the login (the
@@ -113,7 +114,8 @@ class WatchFailures:
         first since a stream last held."""
         if self._failing:
             return False
-        later = "" if self._later is None else " within {:g}-{:g} s".format(*self._later)
+        later = ("" if self._later is None or not revision
+                 else " within {:g}-{:g} s".format(*self._later))
         self._log.warning("etcd watch on %s interrupted (%s); resuming %s%s",
                           self._where, rpc_details(exc), resuming(revision), later)
         self._failing = True
@@ -121,10 +123,11 @@ class WatchFailures:
 
     async def lost(self, exc: BaseException, revision: int) -> bool:
         """A lost link: True once a wait of its own is over (the first since a stream held:
-        another member, at once; a watch that comes back ``later``: a random moment within
-        it, every time); False: the backoff waits (:meth:`link_backoff`)."""
+        another member, at once; a watch that comes back ``later`` and has a ``revision`` to
+        resume from: a random moment within that window, every time); False: the backoff
+        waits (:meth:`link_backoff`)."""
         first = self.interrupted(exc, revision)
-        if self._later is not None:
+        if self._later is not None and revision:
             await asyncio.sleep(random.uniform(*self._later))
             return True
         if first:

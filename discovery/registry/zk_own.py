@@ -174,24 +174,36 @@ class OwnNodes:
     def _on_state(self, state: str) -> None:
         """kazoo's listener (its connection thread): a lost link notes the zxid seen; back on
         the same session, one ``SetWatches`` from there, ``OWN_LATER`` spreads later (a timer:
-        one due at a time, from the earliest zxid not re-armed)."""
+        one due at a time, from the earliest zxid not re-armed when it fires; none after a
+        session's loss, whose recovery re-arms them)."""
         with self._lock:
             if state == KazooState.SUSPENDED:  # the earliest until a re-arm succeeds
                 self._zxid = self._zxid or self._client.last_zxid
                 self._drops += 1
                 return
-            if state == KazooState.LOST:
+            if state == KazooState.LOST:  # the recovery re-arms them (rearm): none due
                 self._lost, self._zxid = True, 0
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
                 return
-            zxid, drops, lost, self._lost = self._zxid, self._drops, self._lost, False
-            if state != KazooState.CONNECTED or not zxid or lost or self._closed:
+            zxid, lost, self._lost = self._zxid, self._lost, False
+            if (state != KazooState.CONNECTED or not zxid or lost or self._closed
+                    or self._timer is not None):  # (one due: a flapping link defers it not)
                 return
-            if self._timer is not None:
-                self._timer.cancel()
-            timer = self._timer = threading.Timer(random.uniform(*self._later),
-                                                  self._rearm_from, args=(zxid, drops))
+            timer = self._timer = threading.Timer(random.uniform(*self._later), self._due)
         timer.daemon, timer.name = True, "zk-own-rewatch"
         timer.start()
+
+    def _due(self) -> None:
+        """The re-arm falls due: from the earliest zxid not re-armed (a link lost meanwhile:
+        it fails, and the reconnect sets the next one)."""
+        with self._lock:
+            self._timer = None
+            zxid, drops = self._zxid, self._drops
+            if not zxid or self._closed:
+                return
+        self._rearm_from(zxid, drops)
 
     def _rearm_from(self, zxid: int, drops: int) -> None:
         if self._rewatch(zxid):

@@ -56,7 +56,7 @@ def test_own_nodes_deleted_during_a_cut_are_written_back_after_it(
         later = (OWN_LATER[0] * SPREAD, OWN_LATER[1] * SPREAD)  # 1.5 to 10 s
         wait_until(lambda: sent[:1] == ["SetWatches"], later[1] + 2.0, "re-armed")
         rearmed = time.monotonic() - back
-        assert later[0] - 0.2 <= rearmed <= later[1] + 1.0, rearmed
+        assert later[0] - 0.5 <= rearmed <= later[1] + 1.0, rearmed  # (back: polled after)
         wait_until(lambda: restorer.restored == 2, SPREAD + 2.0, "both written back")
         assert time.monotonic() - back <= rearmed + SPREAD + 1.0
         session = reg.client.client_id[0]  # type: ignore[attr-defined]

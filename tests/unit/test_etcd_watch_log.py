@@ -63,3 +63,18 @@ def test_a_watch_with_a_window_of_its_own_resumes_within_it_after_every_loss(
     assert f"within {bounds[0]:g}-{bounds[1]:g} s" in record.getMessage()
     if bounds[0] < bounds[1]:
         assert max(waits) - min(waits) > (bounds[1] - bounds[0]) / 2  # spread, not fixed
+
+
+def test_a_watch_with_nothing_delivered_yet_resumes_as_every_watch_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its window is for a stream etcd can replay to (a revision to resume from); one lost
+    before its first answer has none, and waits as any other."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr("discovery.registry.etcd_refusal.asyncio.sleep", sleep)
+    failures = WatchFailures("127.0.0.1:2379", 3.0, logging.getLogger("t"), (9.0, 60.0))
+    answers = [asyncio.run(failures.lost(RegistryUnavailable("gone"), 0)) for _ in range(3)]
+    assert answers == [True, False, False] and waits == [0.1]

@@ -8,9 +8,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from kazoo.protocol.states import KazooState
+
 from discovery.model import Instance
 from discovery.registry.etcd_own import OwnKeys
 from discovery.registry.owned import Restorer
+from discovery.registry.zk_own import OwnNodes
 from tests.harness.servers import wait_until
 
 
@@ -24,6 +27,7 @@ class FakeWatch:
     keys: frozenset[tuple[str, str]]
     revision: int = 0  # etcd answered its creates: > 0
     stopped: bool = False
+    since: int = 0  # the revision it was started from (that of the watch it replaced)
 
     def stop(self) -> None:
         self.stopped = True
@@ -34,8 +38,8 @@ class Starts:
     made: list[FakeWatch] = field(default_factory=list)
     held: bool = True  # each new watch holds its watchers at once
 
-    def __call__(self, keys: frozenset[tuple[str, str]]) -> FakeWatch:
-        w = FakeWatch(keys, revision=7 if self.held else 0)
+    def __call__(self, keys: frozenset[tuple[str, str]], since: int) -> FakeWatch:
+        w = FakeWatch(keys, revision=7 if self.held else 0, since=since)
         self.made.append(w)
         return w
 
@@ -93,6 +97,9 @@ def test_etcd_replaces_its_stream_once_the_set_settles_the_old_one_kept_until_it
         assert len(starts.made) == 1
     wait_until(lambda: len(starts.made) == 2, 2, "the replacement")
     assert len(starts.made[1].keys) == 7 and starts.made[0].stopped and own.holds
+    # each from the revision the one it replaces had delivered: a stream that waits to
+    # resume (OWN_LATER) owes what happened since, and etcd replays it to the new one
+    assert [w.since for w in starts.made] == [0, 7]
 
     starts.held = False  # the next one's creates not answered yet: the old one goes on
     own.only([("web", "a")])  # the others followed by a watch now
@@ -145,4 +152,55 @@ def test_etcd_keeps_the_old_stream_when_the_new_one_does_not_hold() -> None:
     own.only([a])
     wait_until(lambda: len(starts.made) == 4 and own.holds, 2, "the last set")
     assert starts.made[3].keys == {("web", "a")}
+    own.close()
+
+
+class FakeKazoo:
+    """What OwnNodes asks of a KazooClient: its listeners and the last zxid seen."""
+
+    def __init__(self) -> None:
+        self.last_zxid = 41
+        self.listeners: list[object] = []
+
+    def add_listener(self, fn: object) -> None:
+        self.listeners.append(fn)
+
+    def remove_listener(self, fn: object) -> None:
+        self.listeners.remove(fn)
+
+
+def _nodes() -> tuple[OwnNodes, list[tuple[int, int]]]:
+    own = OwnNodes(FakeKazoo(), lambda key: None, lambda *a: None, lambda change: None,
+                   timeout=1.0, spread=100.0)  # its re-arm due 300 to 2,000 s later
+    rearmed: list[tuple[int, int]] = []
+    own._rearm_from = lambda zxid, drops: rearmed.append((zxid, drops))  # type: ignore
+    return own, rearmed
+
+
+def test_a_zookeeper_re_arm_after_a_reconnect_is_one_due_later_a_flap_defers_it_not() -> None:
+    own, rearmed = _nodes()
+    own._on_state(KazooState.SUSPENDED)
+    own._on_state(KazooState.CONNECTED)
+    timer = own._timer
+    assert timer is not None and 300.0 <= timer.interval <= 2000.0  # 3 to 20 spreads
+    own._on_state(KazooState.SUSPENDED)  # the link flaps: the re-arm due stays as it is
+    own._on_state(KazooState.CONNECTED)
+    assert own._timer is timer and timer.is_alive()
+    timer.cancel()
+    own._due()  # it falls due: from the earliest zxid not re-armed, the drops then
+    assert rearmed == [(41, 2)] and own._timer is None
+    own.close()
+
+
+def test_a_zookeeper_session_lost_cancels_the_re_arm_due_its_recovery_re_arms() -> None:
+    own, rearmed = _nodes()
+    own._on_state(KazooState.SUSPENDED)
+    own._on_state(KazooState.CONNECTED)
+    timer = own._timer
+    assert timer is not None
+    own._on_state(KazooState.SUSPENDED)
+    own._on_state(KazooState.LOST)  # a new session: rearm() after the recovery's writes
+    assert own._timer is None and timer.finished.is_set()
+    own._on_state(KazooState.CONNECTED)  # the new session's: nothing due
+    assert own._timer is None and rearmed == []
     own.close()
