@@ -18,11 +18,12 @@ stream is back (etcd replays it), or by the agent's reconcile if that comes firs
 
 The keys change with the host's instances: the stream is replaced once the set has not
 changed for ``settle`` seconds (a host starting 100 containers replaces it once, not 100
-times; ``most`` s at the latest), each new one from the revision the old one had delivered
-(a stream waiting to resume owes what happened since: etcd replays it to the new one), the
-old one stopped only once the new one holds its watchers, so that nothing is missed in
-between. A new key's change between its register and the moment its watcher holds (about
-``settle`` s) is left to the agent's reconcile. When etcd has compacted the stream's revision
+times; ``most`` s at the latest), each new one from etcd's revision then (never an old one,
+which etcd may have compacted: a re-read would follow; but one waiting to resume, which owes
+what happened since its revision, is replaced by one from there: etcd replays it), the old
+one stopped only once the new one holds its watchers, so that nothing is missed in between.
+A new key's change between its register and the moment its watcher holds (about ``settle``
+s) is left to the agent's reconcile. When etcd has compacted the stream's revision
 (a link down for long) or is behind it (a backup restored), it reads again the host's own
 entries through the per-node index, not the services of its keys fleet-wide.
 """
@@ -54,12 +55,16 @@ class _Watch(Protocol):
     @property
     def revision(self) -> int: ...
 
+    @property
+    def resuming(self) -> bool: ...
+
     def stop(self) -> None: ...
 
 
 class OwnKeys:
     """The keys it is handed (:meth:`only`), followed by one watch ``start(keys, since)`` (no
-    keys, no watch; ``since``: the revision the watch it replaces had delivered, or 0),
+    keys, no watch; ``since``: 0, or the revision the watch it replaces had delivered when
+    that one waits to resume: it owes what happened since),
     replaced once the set has not changed for ``settle`` s (``most`` s at the latest after the
     first change), the old one stopped once the new one holds its watchers."""
 
@@ -124,7 +129,8 @@ class OwnKeys:
                 keys, old = frozenset(self._keys), self._watch
             new: _Watch | None = None
             try:
-                new = self._start(keys, old.revision if old is not None else 0) if keys else None
+                since = old.revision if old is not None and old.resuming else 0
+                new = self._start(keys, since) if keys else None
             except Exception:  # (the registry closed meanwhile): the old one goes on
                 log.exception("watching %d key(s) of our own failed", len(keys))
                 return self._retry()

@@ -102,7 +102,8 @@ class WatchFailures:
         self._later = None if later is None else (  # (never sooner than the backoff's wait)
             max(later[0], self._first), max(later[1], self._first))
         self._refused = RetryAt(self._first, REFUSED_MAX)
-        self._failing = False  # a lost link logged, and no stream has held its watchers since
+        #: a lost link logged, and no stream has held its watchers since
+        self.failing = False
 
     def link_backoff(self, stop_event: threading.Event) -> tenacity.AsyncRetrying:
         """The waits after a lost link: half a spread plus up to a spread, every time."""
@@ -112,13 +113,13 @@ class WatchFailures:
     def interrupted(self, exc: BaseException, revision: int) -> bool:
         """A lost link (``revision``: the last delivered): True, and logged, when it is the
         first since a stream last held."""
-        if self._failing:
+        if self.failing:
             return False
         later = ("" if self._later is None or not revision
                  else " within {:g}-{:g} s".format(*self._later))
         self._log.warning("etcd watch on %s interrupted (%s); resuming %s%s",
                           self._where, rpc_details(exc), resuming(revision), later)
-        self._failing = True
+        self.failing = True
         return True
 
     async def lost(self, exc: BaseException, revision: int) -> bool:
@@ -160,7 +161,7 @@ class WatchFailures:
 
     def held(self) -> None:
         """A stream holds its watchers: the next failure is a first one again."""
-        self._failing = False
+        self.failing = False
         self._refused.succeeded()
 
 

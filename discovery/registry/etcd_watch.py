@@ -32,8 +32,7 @@ what they saw before, which tell a restore after its revision has passed the hos
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
   resumes with the k watchers (:mod:`~discovery.registry.etcd_refusal`);
 - a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
-With ``keys`` (:mod:`~discovery.registry.etcd_own`) it holds one watcher a key, never wide, and
-resumes ``later``: a random moment within that window, after each lost link."""
+With ``keys`` (:mod:`~discovery.registry.etcd_own`): a watcher a key, never wide, ``later``."""
 
 from __future__ import annotations
 
@@ -90,9 +89,7 @@ class WatchSource(Protocol):
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot: ...
 
     def revision(self) -> int: ...
-
     def set_state(self, up: bool) -> None: ...
-
     def members_in_use(self) -> set[str]: ...
 
 
@@ -143,6 +140,10 @@ class EtcdWatch:
     def seen(self) -> int:
         """The latest revision this watch has delivered or been told of."""
         return max(self._revs.values(), default=0)
+
+    @property
+    def resuming(self) -> bool:  # a stream broke, and none has held its watchers since
+        return self._failures.failing
 
     def rewound(self, revision: int, why: str = "") -> None:
         """From any thread: a linearizable read made after this watch had seen :attr:`seen`

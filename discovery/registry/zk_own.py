@@ -199,6 +199,8 @@ class OwnNodes:
         """The re-arm falls due: from the earliest zxid not re-armed (a link lost meanwhile:
         it fails, and the reconnect sets the next one)."""
         with self._lock:
+            if self._timer is not threading.current_thread():  # (cancelled meanwhile)
+                return
             self._timer = None
             zxid, drops = self._zxid, self._drops
             if not zxid or self._closed:

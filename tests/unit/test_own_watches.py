@@ -25,9 +25,10 @@ def inst(service: str, n: int) -> Instance:
 @dataclass
 class FakeWatch:
     keys: frozenset[tuple[str, str]]
-    revision: int = 0  # etcd answered its creates: > 0
+    revision: int = 0  # etcd answered its creates: > 0 (or it started from a revision)
     stopped: bool = False
     since: int = 0  # the revision it was started from (that of the watch it replaced)
+    resuming: bool = False  # its stream broke, none has held since (it waits OWN_LATER)
 
     def stop(self) -> None:
         self.stopped = True
@@ -39,7 +40,7 @@ class Starts:
     held: bool = True  # each new watch holds its watchers at once
 
     def __call__(self, keys: frozenset[tuple[str, str]], since: int) -> FakeWatch:
-        w = FakeWatch(keys, revision=7 if self.held else 0, since=since)
+        w = FakeWatch(keys, revision=since or (7 if self.held else 0), since=since)
         self.made.append(w)
         return w
 
@@ -97,9 +98,7 @@ def test_etcd_replaces_its_stream_once_the_set_settles_the_old_one_kept_until_it
         assert len(starts.made) == 1
     wait_until(lambda: len(starts.made) == 2, 2, "the replacement")
     assert len(starts.made[1].keys) == 7 and starts.made[0].stopped and own.holds
-    # each from the revision the one it replaces had delivered: a stream that waits to
-    # resume (OWN_LATER) owes what happened since, and etcd replays it to the new one
-    assert [w.since for w in starts.made] == [0, 7]
+    assert [w.since for w in starts.made] == [0, 0]  # the old one held: from etcd's now
 
     starts.held = False  # the next one's creates not answered yet: the old one goes on
     own.only([("web", "a")])  # the others followed by a watch now
@@ -187,8 +186,12 @@ def test_a_zookeeper_re_arm_after_a_reconnect_is_one_due_later_a_flap_defers_it_
     own._on_state(KazooState.CONNECTED)
     assert own._timer is timer and timer.is_alive()
     timer.cancel()
-    own._due()  # it falls due: from the earliest zxid not re-armed, the drops then
-    assert rearmed == [(41, 2)] and own._timer is None
+    own._due()  # a timer no longer the one due (cancelled, then late): nothing
+    assert rearmed == [] and own._timer is timer
+    due = own._timer = threading.Thread(target=own._due)  # the one due fires
+    due.start()
+    due.join(5)
+    assert rearmed == [(41, 2)] and own._timer is None  # from the earliest zxid not re-armed
     own.close()
 
 
@@ -203,4 +206,24 @@ def test_a_zookeeper_session_lost_cancels_the_re_arm_due_its_recovery_re_arms() 
     assert own._timer is None and timer.finished.is_set()
     own._on_state(KazooState.CONNECTED)  # the new session's: nothing due
     assert own._timer is None and rearmed == []
+    own.close()
+
+
+def test_etcd_replaces_a_stream_that_waits_to_resume_from_its_revision() -> None:
+    """A stream whose link broke waits OWN_LATER spreads to resume and owes what happened
+    since its revision: its replacement starts from there (etcd replays it). One that holds
+    is replaced from etcd's revision then, and kept until the new one holds."""
+    starts = Starts()
+    own = OwnKeys(starts, settle=0.1, most=5.0, hold_wait=5.0)
+    own.only([("web", "a")])
+    wait_until(lambda: len(starts.made) == 1, 2, "the first stream")
+    starts.made[0].resuming = True  # its link broke: it waits to resume
+    starts.held = False
+    own.only([("web", "a"), ("web", "b")])
+    wait_until(lambda: len(starts.made) == 2, 2, "the replacement")
+    assert starts.made[1].since == 7 and starts.made[1].revision == 7
+    wait_until(lambda: starts.made[0].stopped, 2, "the old one stopped")
+    own.only([("web", "b")])  # the new one holds (not resuming): from now, kept until held
+    wait_until(lambda: len(starts.made) == 3, 2, "the next one")
+    assert starts.made[2].since == 0 and not starts.made[1].stopped and not own.holds
     own.close()
