@@ -32,22 +32,28 @@ def test_a_lost_link_logs_where_the_watch_resumes(
     assert ("revision" in record.getMessage()) == bool(revision)
 
 
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits WatchFailures asks for, recorded instead of slept."""
+    asked: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+
+    monkeypatch.setattr("discovery.registry.etcd_refusal.asyncio.sleep", sleep)
+    return asked
+
+
 @pytest.mark.parametrize(("spread", "later", "bounds"), [
     (3.0, None, None),  # the first loss: another member at once; then the backoff's wait
     (3.0, (9.0, 60.0), (9.0, 60.0)),  # a window of its own: every time, the first too
     (0.0, (0.0, 0.0), (0.1, 0.1)),  # never sooner than the backoff's first wait
 ])
 def test_a_watch_with_a_window_of_its_own_resumes_within_it_after_every_loss(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, spread: float,
+        waits: list[float], caplog: pytest.LogCaptureFixture, spread: float,
         later: tuple[float, float] | None, bounds: tuple[float, float] | None) -> None:
     """etcd_own's stream resumes 3 to 20 resume spreads after each lost link, so that a
     fleet's restart does not re-create every host's own-key watchers within one spread."""
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    monkeypatch.setattr("discovery.registry.etcd_refusal.asyncio.sleep", sleep)
     log = logging.getLogger("test.etcd_watch_later")
     failures = WatchFailures("127.0.0.1:2379", spread, log, later)
     with caplog.at_level(logging.WARNING, logger=log.name):
@@ -66,15 +72,9 @@ def test_a_watch_with_a_window_of_its_own_resumes_within_it_after_every_loss(
 
 
 def test_a_watch_with_nothing_delivered_yet_resumes_as_every_watch_does(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        waits: list[float]) -> None:
     """Its window is for a stream etcd can replay to (a revision to resume from); one lost
     before its first answer has none, and waits as any other."""
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    monkeypatch.setattr("discovery.registry.etcd_refusal.asyncio.sleep", sleep)
     failures = WatchFailures("127.0.0.1:2379", 3.0, logging.getLogger("t"), (9.0, 60.0))
     answers = [asyncio.run(failures.lost(RegistryUnavailable("gone"), 0)) for _ in range(3)]
     assert answers == [True, False, False] and waits == [0.1]
