@@ -23,7 +23,7 @@ from config_texts import (
 
 
 def registry_url_section() -> list[str]:
-    from discovery.registry import base
+    from discovery.registry import url as base
 
     schemes = [[code(f"{s}://"), base.DEFAULT_PORTS[backend], "TLS" if tls else "plain"]
                for s, (backend, tls) in base.SCHEMES.items()]

@@ -19,7 +19,7 @@ from discovery.agent.spec import MAX_INTERVAL, CheckSpec, within_limits
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import validate
 from discovery.model.durations import parse_duration
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from click.core import ParameterSource
 
 from discovery.cli.output import fail
 from discovery.errors import ConfigError
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])

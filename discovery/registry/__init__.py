@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from discovery.registry.base import Change, Registry, RegistryURL, Snapshot, Watch, mask_url
+from discovery.registry.base import Change, Registry, Snapshot, Watch
+from discovery.registry.url import RegistryURL, mask_url
 
 if TYPE_CHECKING:
     from discovery.registry.etcd_aio import LoopThread

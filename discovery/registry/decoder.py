@@ -23,7 +23,7 @@ from discovery.errors import InvalidRecord
 from discovery.model import Instance
 from discovery.model.nerve import from_nerve
 from discovery.model.validate import shown
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pyetcd import exceptions as etcd_exc
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance, id_node
 from discovery.registry import base, etcd_aio, etcd_index, etcd_rewind
-from discovery.registry.base import ChangeCallback, RegistryURL, Snapshot, StateCallback
+from discovery.registry.base import ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
@@ -45,6 +45,7 @@ from discovery.registry.security import (
     rpc_details,
 )
 from discovery.registry.ttl import ETCD_SHORTEST, GrantedTtl
+from discovery.registry.url import RegistryURL
 from discovery.retry import jittered
 
 log = logging.getLogger(__name__)

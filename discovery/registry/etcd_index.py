@@ -33,10 +33,11 @@ from pyetcd.utils import prefix_range_end
 
 from discovery.errors import RegistryDenied
 from discovery.model import Instance, id_node
-from discovery.registry.base import RegistryURL, Snapshot
+from discovery.registry.base import Snapshot
 from discovery.registry.etcd_read import TXN_OPS, Caller, Decode
 from discovery.registry.owned import restamped
 from discovery.registry.reads import ReadStats
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 

@@ -55,11 +55,12 @@ from discovery.registry.etcd_hang import HangProbe
 from discovery.retry import RESUME_SPREAD
 
 if TYPE_CHECKING:
-    from discovery.registry.base import RegistryURL, Snapshot
+    from discovery.registry.base import Snapshot
     from discovery.registry.decoder import Decoder
     from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
     from discovery.registry.reads import ReadStats
     from discovery.registry.security import EtcdAuth
+    from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

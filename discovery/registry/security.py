@@ -29,7 +29,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, LoginRefused, RegistryError
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)

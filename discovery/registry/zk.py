@@ -33,11 +33,12 @@ from discovery.errors import ConfigError, RegistryDenied, RegistryError, Registr
 from discovery.model import Instance
 from discovery.model.instance import made_on
 from discovery.model.nerve import as_read
-from discovery.registry.base import FIRST_READ, ChangeCallback, RegistryURL, Snapshot, StateCallback
+from discovery.registry.base import FIRST_READ, ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer, claiming, unread
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_claim import ZkClaims
 from discovery.registry.zk_index import ZkNodeIndex
 from discovery.registry.zk_io import PollingHandler, PreReads, fewer_syscalls

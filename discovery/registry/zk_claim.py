@@ -30,9 +30,9 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.model.nerve import to_nerve
 from discovery.model.validate import shown
-from discovery.registry.base import RegistryURL
 from discovery.registry.owned import restamped
 from discovery.registry.security import zk_open_acl
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_index import ZkNodeIndex, session_of
 from discovery.registry.zk_nerve import NerveNodes
 

@@ -49,9 +49,10 @@ from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 from discovery.model import Instance, id_node
 from discovery.model.nerve import node_prefix
 from discovery.model.validate import shown
-from discovery.registry.base import RegistryURL, Snapshot
+from discovery.registry.base import Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_multi import ManyReads
 
 log = logging.getLogger(__name__)

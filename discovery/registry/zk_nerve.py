@@ -27,7 +27,7 @@ from kazoo.exceptions import NoNodeError
 from discovery.model import Instance
 from discovery.model.nerve import node_prefix, to_nerve
 from discovery.model.validate import shown
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]

@@ -21,8 +21,8 @@ from typing import Any
 from kazoo.protocol import connection
 from kazoo.retry import KazooRetry
 
-from discovery.registry.base import RegistryURL
 from discovery.registry.ttl import ZK_RANGE, GrantedTtl
+from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.model import Instance, State
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from tests.harness.servers import ETCD_BIN, HOST, ServerCluster, _Proc, wait_until
 from tests.harness.util import server_ports
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from tests.harness.servers import wait_until
 
 

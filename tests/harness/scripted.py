@@ -9,8 +9,9 @@ from dataclasses import replace
 from typing import Any
 
 from discovery.errors import RegistryUnavailable
-from discovery.registry.base import Change, RegistryURL, Snapshot, read_first
+from discovery.registry.base import Change, Snapshot, read_first
 from discovery.registry.reads import ReadStats
+from discovery.registry.url import RegistryURL
 
 
 class ScriptedRegistry:

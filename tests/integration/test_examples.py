@@ -21,7 +21,7 @@ import pytest
 from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.registry import open_registry
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from tests.harness.agent import REPO_ROOT
 from tests.harness.servers import ServerCluster, unique_prefix
 from tests.harness.util import free_port, wait_for

@@ -14,7 +14,7 @@ import pytest
 
 from discovery.model import Instance
 from discovery.registry import open_registry
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from tests.harness.agent import REPO_ROOT
 from tests.harness.haproxy import http_get
 from tests.harness.raw_clients import raw_put

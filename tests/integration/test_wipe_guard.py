@@ -26,7 +26,7 @@ from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, open_registry, zk_persistent
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from discovery.watcher.guard import WipeGuard
 from tests.harness.haproxy import http_get
 from tests.harness.servers import ServerCluster, unique_prefix

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from discovery.agent.config import AgentConfig, merge, read_file
 from discovery.cli.app import main
 from discovery.errors import ConfigError, RenderError
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from discovery.watcher.core import Watcher
 from discovery.watcher.render import Renderer
 

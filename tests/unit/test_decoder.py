@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from discovery.model import Instance
-from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import QUIET_S, Decoder
+from discovery.registry.url import RegistryURL
 
 URL = RegistryURL.parse("zk://h/p")
 KEY = "/p/services/web/n1:abc:80"

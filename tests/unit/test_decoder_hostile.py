@@ -15,8 +15,8 @@ import pytest
 
 from discovery.model import Instance
 from discovery.registry import etcd_read
-from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import Decoder
+from discovery.registry.url import RegistryURL
 
 ETCD = RegistryURL.parse("etcd://127.0.0.1:2379/discovery")
 NERVE = RegistryURL.parse("zk://127.0.0.1:2181/nerve?format=nerve")

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from discovery.errors import RegistryError, RegistryUnavailable
-from discovery.registry.base import RegistryURL
 from discovery.registry.etcd import EtcdRegistry
+from discovery.registry.url import RegistryURL
 from tests.harness.rpc import Answer
 
 

@@ -9,8 +9,8 @@ import pytest
 from discovery.errors import ConfigError
 from discovery.model import Instance, State
 from discovery.model.nerve import from_nerve, node_prefix, to_nerve
-from discovery.registry.base import RegistryURL
 from discovery.registry.decoder import Decoder
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_index import ZkNodeIndex
 
 OURS = Instance(service="web", id="host1:3f2a9c0d1e2b:8080", node="host1", address="192.0.2.6",

@@ -13,8 +13,8 @@ from kazoo.security import OPEN_ACL_UNSAFE
 
 from discovery.cli.options import registry_options, registry_url_from
 from discovery.errors import ConfigError
-from discovery.registry.base import DEFAULT_PREFIX, RegistryURL, mask_url
 from discovery.registry.security import Secrets, load_secrets, zk_acl, zk_open_acl
+from discovery.registry.url import DEFAULT_PREFIX, RegistryURL, mask_url
 from discovery.retry import RESUME_SPREAD
 
 

@@ -11,7 +11,7 @@ import pytest
 from kazoo.exceptions import ConnectionLoss, NoNodeError
 
 from discovery.model import Instance
-from discovery.registry.base import RegistryURL
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_nerve import NerveNodes
 
 URL = RegistryURL.parse("zk://127.0.0.1:2181/nerve?format=nerve&path=/nerve/services/{service}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from kazoo.exceptions import NoAuthError, NoNodeError
 
-from discovery.registry.base import RegistryURL, Snapshot
+from discovery.registry.base import Snapshot
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_scan import LivePaths, Withheld
 
 URL = RegistryURL.parse("zk://127.0.0.1:2181/d")
