@@ -189,6 +189,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--skip-restart", action="store_true")
     ap.add_argument("--grpc-proxy", action="store_true",
                     help="etcd: hosts reach the cluster through one etcd grpc-proxy")
+    ap.add_argument("--own", choices=("keys", "services", "off"), default=None,
+                    help="the hosts' registry URL's own=: how a host follows its own entries "
+                         "no watch of it follows (default: services with --grpc-proxy, as "
+                         "docs/operations.md advises behind one; else the URL's own, keys)")
     ap.add_argument("--etcd-relay", action="store_true",
                     help="etcd: one source address per host through an HAProxy relay "
                          "(collapses under a full restart's reconnect storm at >= 500 hosts)")
@@ -204,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.own is None and args.grpc_proxy:
+        args.own = "services"
     if args.worker:
         return worker_main(args)
     nofile = raise_nofile()

@@ -96,7 +96,9 @@ class FleetSetup:
             url = self.proxy.url(PREFIX)
         else:
             url = self.direct_url()
-        return url if self.args.spread is None else f"{url}?spread={self.args.spread:g}"
+        query = [*([] if self.args.spread is None else [f"spread={self.args.spread:g}"]),
+                 *([] if self.args.own is None else [f"own={self.args.own}"])]
+        return f"{url}?{'&'.join(query)}" if query else url
 
     def close(self) -> None:
         for w in self.workers:

@@ -97,6 +97,15 @@ URL_PARAMS = {
               "of this host's own instances, seen deleted by another writer "
               "([operations.md](operations.md#an-entry-deleted-by-hand)), whose watches of the "
               "host's own keys resume 3 to 20 spreads after a lost link",
+    "own": "how this host follows its own entries that no watch of it follows (`discovery "
+           "agent` alone, or a router's own instances of services it does not route), so that "
+           "one deleted or changed by another writer is written back within `spread=`: `keys` "
+           "(default) watches each key alone (etcd: one watcher a key, on the members); "
+           "`services` (`etcd://` only) watches their services instead, as a router of them "
+           "does: use it behind `etcd grpc-proxy`, which serves those watches to every host "
+           "from one watcher a service, where it cannot share one a key "
+           "([operations.md](operations.md#a-fan-out-tier-etcds-grpc-proxy)); `off`: none, "
+           "such an entry comes back at the agent's next reconcile (`--resync`)",
 }
 URL_FIELDS = {
     "user": "the user (etcd user / ZooKeeper digest user)",

@@ -31,12 +31,12 @@ from discovery.registry.base import ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
-from discovery.registry.etcd_own import OwnKeys, watch_keys
+from discovery.registry.etcd_own import own_keys
 from discovery.registry.etcd_pulse import pulse, read_alive, status
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_state import StateBoard
 from discovery.registry.etcd_watch import EtcdWatch
-from discovery.registry.owned import Restorer, claiming, unread
+from discovery.registry.owned import Restorer, claiming
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import (
     EtcdAuth,
@@ -104,8 +104,7 @@ class EtcdRegistry:
                                          late_wait=self._interval + 1.0)
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd",
                                   recheck=2 * timeout)
-        self._restorer.own = OwnKeys(lambda keys, since: self._followed(watch_keys(  # etcd_own
-            self, self._restorer.wrap(unread, {k[0] for k in keys}), keys, since)))
+        self._restorer.own = own_keys(self, self._restorer.wrap, self._followed)  # etcd_own
 
     @property
     def loop(self) -> LoopThread:

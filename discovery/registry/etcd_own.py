@@ -26,6 +26,11 @@ A new key's change between its register and the moment its watcher holds (about 
 s) is left to the agent's reconcile. When etcd has compacted the stream's revision
 (a link down for long) or is behind it (a backup restored), it reads again the host's own
 entries through the per-node index, not the services of its keys fleet-wide.
+
+The registry URL's ``own=`` says how (:func:`own_keys`): ``keys`` as above; ``services``, a
+watcher a service of those keys, which ``etcd grpc-proxy`` coalesces across hosts where it
+cannot coalesce one a key (the members held every host's, and re-created them all at their
+restart: 14-31x their steady rate); ``off``, no such watch (the agent's reconcile alone).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from discovery.registry.base import Snapshot
 from discovery.registry.etcd_index import read_node
 from discovery.registry.etcd_read import Caller
 from discovery.registry.etcd_watch import EtcdWatch, WatchSource
-from discovery.registry.owned import OWN_LATER
+from discovery.registry.owned import OWN_LATER, unread
 
 if TYPE_CHECKING:
     from discovery.registry.base import ChangeCallback
@@ -205,9 +210,24 @@ def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key],
                since: int = 0) -> EtcdWatch:
     """One watch of ``keys`` (of ``reg``'s layout) from ``since`` + 1 (0: etcd's revision now);
     a re-read reads their nodes (``id_node``); after a lost link it resumes ``OWN_LATER``
-    spreads later."""
+    spreads later. With the URL's ``own=services``, a watcher a service of theirs instead of
+    one a key: the watch a router of those services holds, which ``etcd grpc-proxy`` serves
+    to every host from one watcher on the members (the host then receives, and drops, the
+    changes of those services' other instances)."""
     nodes = frozenset(id_node(k[1]) for k in keys)
     spread = reg.url.resume_spread
+    each = [] if reg.url.own_watch == "services" else [reg.url.key(*k) for k in keys]
     return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, since,
-                     {k[0] for k in keys}, spread, keys=[reg.url.key(*k) for k in keys],
+                     {k[0] for k in keys}, spread, keys=each,
                      later=(OWN_LATER[0] * spread, OWN_LATER[1] * spread))
+
+
+def own_keys(reg: OwnSource, wrap: Callable[[ChangeCallback, Collection[str]], ChangeCallback],
+             started: Callable[[EtcdWatch], EtcdWatch]) -> OwnKeys | None:
+    """The watches of ``reg``'s own keys no watch of it follows (None with ``own=off``: the
+    agent's reconcile alone), their events through ``wrap`` (the write-back's), each watch
+    ``started`` (the registry's list of watches)."""
+    if reg.url.own_watch == "off":
+        return None
+    return OwnKeys(lambda keys, since: started(watch_keys(
+        reg, wrap(unread, {k[0] for k in keys}), keys, since)))

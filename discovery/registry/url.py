@@ -26,8 +26,13 @@ SCHEMES: dict[str, tuple[Literal["etcd", "zk"], bool]] = {
 #: query parameter -> RegistryURL field (``key`` is a method of RegistryURL, hence ``tls_*``)
 QUERY_PARAMS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
                 "password_file": "password_file", "format": "format", "path": "path",
-                "spread": "spread"}
+                "spread": "spread", "own": "own"}
 FORMATS = ("discovery", "nerve")
+#: ``own=``: how a host follows the entries of its own that no watch of it follows, by backend
+#: (``keys``, the default: each key alone; ``services``: etcd, their services' ranges, which
+#: ``etcd grpc-proxy`` coalesces across hosts; ``off``: none, the agent's reconcile alone)
+OWN_WATCHES: dict[str, tuple[str, ...]] = {"etcd": ("keys", "services", "off"),
+                                           "zk": ("keys", "off")}
 SERVICE_PART = "{service}"
 #: environment variable -> RegistryURL field, read by :meth:`RegistryURL.with_env`
 ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "password",
@@ -74,6 +79,7 @@ class RegistryURL:
     format: str | None = None  # None: ours; "nerve": Airbnb Nerve's ZooKeeper nodes
     path: str | None = None  # nerve: where service S's nodes are, with {service} for S
     spread: str | None = None  # seconds: a host's resume after an outage (retry.RESUME_SPREAD)
+    own: str | None = None  # None: "keys" (OWN_WATCHES)
 
     @property
     def nerve(self) -> bool:
@@ -159,7 +165,15 @@ class RegistryURL:
             raise ConfigError(f"registry URL '{self}': spread= must be seconds from 0 to 60")
         return value
 
+    @property
+    def own_watch(self) -> str:
+        """``own=``: how this host follows its own entries no watch of it follows."""
+        return self.own or "keys"
+
     def _check_layout(self) -> None:
+        if self.own not in (None, *OWN_WATCHES[self.scheme]):
+            raise ConfigError(f"registry URL '{self}': own= must be one of "
+                              f"{', '.join(OWN_WATCHES[self.scheme])} on {self.scheme}://")
         if self.format not in (None, *FORMATS):
             raise ConfigError(f"registry URL '{self}': format= must be one of "
                               f"{', '.join(FORMATS)}")
@@ -270,5 +284,5 @@ def _query(query: str, shown: str) -> dict[str, str]:
             raise ConfigError(f"registry URL {shown!r}: parameter {name}= given twice")
         if not value:
             raise ConfigError(f"registry URL {shown!r}: parameter {name}= is empty")
-        params[QUERY_PARAMS[name]] = value.lower() if name == "format" else value
+        params[QUERY_PARAMS[name]] = value.lower() if name in ("format", "own") else value
     return params

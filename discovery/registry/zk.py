@@ -3,9 +3,8 @@
 The session timeout is the TTL. After a session expiry every owned node is created again and
 every watch sends a ``reset`` (one made meanwhile too); after a connection loss kazoo resumes
 the session (:mod:`~discovery.registry.zk_watch` re-arms its watches): nothing is lost.
-``Snapshot.revision`` is a zxid. With a user and password every node we create gets the ACL
-``digest:<user>`` ALL + ``world:anyone`` READ (docs/security.md). ``?format=nerve`` writes and
-reads Airbnb Nerve's sequential nodes (:mod:`discovery.registry.zk_nerve`).
+``Snapshot.revision`` is a zxid. With a user and password our nodes' ACL is ``digest:<user>``
+ALL + ``world:anyone`` READ (docs/security.md); ``?format=nerve``: Nerve's nodes (zk_nerve).
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ class ZkRegistry:
         self._recoveries = 0  # sessions recovered (their watches reset) so far
         self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
                              self._restorer.wrap(unread), timeout, url.resume_spread)  # zk_own
-        self._restorer.own = self._own
+        self._restorer.own = None if url.own_watch == "off" else self._own
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
         self._down_since: float | None = time.monotonic()  # not connected since (None: it is)

@@ -167,6 +167,15 @@ class ServerCluster:
                 out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
         return out
 
+    def gauge(self, name: str, i: int = 0) -> float:
+        """Member ``i``'s metric ``name`` (one with no labels, e.g.
+        ``etcd_debugging_mvcc_watcher_total``), from its ``/metrics``."""
+        url = f"http://{HOST}:{self.client_ports[i]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            found = re.search(rf"^{name} (\S+)$", r.read().decode(), re.M)
+        assert found is not None, f"{name} not in {url}"
+        return float(found.group(1))
+
     def leader(self) -> int | None:
         """Index of the member every running member agrees leads now; None during an election."""
         raise NotImplementedError

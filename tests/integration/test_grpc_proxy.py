@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from discovery.model import Instance
-from discovery.registry import Change, open_registry
+from discovery.registry import Change, Registry, RegistryURL, open_registry
 from tests.harness.agent import AgentProcess, wait_gone, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import EtcdGrpcProxy
@@ -156,3 +156,55 @@ def test_renewals_through_the_proxy_never_report_a_healthy_etcd_unreachable(
         finally:
             for reg in regs:
                 reg.close(revoke=True)
+
+
+def test_own_services_behind_the_proxy_cost_the_members_a_watcher_a_service(
+        etcd_single: ServerCluster, grpc_proxy: EtcdGrpcProxy) -> None:
+    """Hosts with no watch of their own services (``discovery agent`` alone) watch their own
+    keys, one etcd watcher a key (``own=keys``): the proxy cannot coalesce them (no two hosts
+    share a key), so the members hold every one, and re-create all of them at once when they
+    come back (the proxy's link broke, not the hosts'). With ``own=services`` each host
+    watches its keys' services instead, which the proxy serves to every host from one watcher
+    a service; another writer's delete of a host's entry is still written back by that host
+    alone, within ``spread=``."""
+    hosts, services, spread_s = 4, ("web", "api"), 0.5
+
+    def fleet(own: str) -> list[Registry]:
+        url = grpc_proxy.url(unique_prefix()) + f"?own={own}&spread={spread_s}"
+        regs = [open_registry(url, ttl=10.0) for _ in range(hosts)]
+        for n, reg in enumerate(regs):
+            for s in services:
+                reg.register(Instance(service=s, id=f"h{n}:00000000000{n}:80", node=f"h{n}",
+                                      address="127.0.0.1", port=80))
+        wait_for(lambda: all(r._restorer.own.holds for r in regs), 10,  # type: ignore
+                 message=f"own={own}: every host's own watch holds")
+        return regs
+
+    watchers = "etcd_debugging_mvcc_watcher_total"
+    opened: list[Registry] = []
+    try:
+        before = etcd_single.gauge(watchers)
+        opened += (by_services := fleet("services"))
+        coalesced = etcd_single.gauge(watchers) - before
+        opened += fleet("keys")
+        each = etcd_single.gauge(watchers) - before - coalesced
+        assert each == hosts * len(services), each  # one a key, on the member
+        assert coalesced <= len(services), coalesced  # one a service, whatever the hosts
+
+        url = RegistryURL.parse(by_services[0].url.to_url())
+        mine = by_services[0]._restorer  # type: ignore[attr-defined]
+        writer = open_registry(etcd_single.url(url.prefix), timeout=5.0)  # past the proxy
+        try:
+            key = ("web", "h0:000000000000:80")
+            writer.client.delete(url.key(*key))  # type: ignore[attr-defined]
+            gone = time.monotonic()
+            wait_for(lambda: key in writer.snapshot().instances, spread_s + 2.0,
+                     message="written back through the proxy")
+            assert time.monotonic() - gone <= spread_s + 1.0
+            wait_for(lambda: mine.restored == 1, 5, message="counted")
+            assert [r._restorer.restored for r in by_services] == [1, 0, 0, 0]  # type: ignore
+        finally:
+            writer.close(revoke=False)
+    finally:
+        for reg in opened:
+            reg.close(revoke=True)

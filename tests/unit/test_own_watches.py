@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from kazoo.protocol.states import KazooState
 
 from discovery.model import Instance
-from discovery.registry.etcd_own import OwnKeys
+from discovery.registry.etcd_own import OwnKeys, own_keys
 from discovery.registry.owned import Restorer
+from discovery.registry.url import RegistryURL
 from discovery.registry.zk_own import OwnNodes
 from tests.harness.servers import wait_until
 
@@ -227,3 +228,22 @@ def test_etcd_replaces_a_stream_that_waits_to_resume_from_its_revision() -> None
     wait_until(lambda: len(starts.made) == 3, 2, "the next one")
     assert starts.made[2].since == 0 and not starts.made[1].stopped and not own.holds
     own.close()
+
+
+@dataclass
+class UrlOnly:
+    url: RegistryURL
+
+
+def test_etcd_own_off_watches_no_key_of_its_own_keys_and_services_do() -> None:
+    """``own=off``: no watch of the host's own keys (the agent's reconcile alone); ``keys``
+    (default) and ``services`` (behind etcd grpc-proxy, :func:`etcd_own.watch_keys`) do."""
+    def wrap(callback: object, services: object) -> object:
+        raise AssertionError("no watch is started here")
+
+    for own, watched in (("off", False), ("keys", True), ("services", True), ("", True)):
+        url = RegistryURL.parse("etcd://127.0.0.1:1/p" + (f"?own={own}" if own else ""))
+        made = own_keys(UrlOnly(url), wrap, lambda w: w)  # type: ignore[arg-type]
+        assert (made is not None) == watched, own
+        if made is not None:
+            made.close()

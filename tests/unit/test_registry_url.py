@@ -326,3 +326,26 @@ def test_registry_options_hand_the_command_one_url(tmp_path: Path) -> None:
     result = run(toy, ["--registry-ca", str(ca)], env={})
     assert result.exit_code == 2 and "without --registry" in result.output
     assert "--registry-password " not in run(toy, ["--help"]).output  # a file, never a value
+
+
+@pytest.mark.parametrize(
+    ("text", "own"),
+    [("etcd://h/p", "keys"), ("etcd://h/p?own=keys", "keys"),
+     ("etcd://h/p?own=Services", "services"), ("etcd://h/p?own=off", "off"),
+     ("zk://h/p?own=off", "off"), ("zk://h/p?own=keys", "keys")],
+)
+def test_own_says_how_a_host_follows_its_own_entries(text: str, own: str) -> None:
+    url = RegistryURL.parse(text)
+    assert url.own_watch == own
+    assert RegistryURL.parse(str(url)) == url  # (own= kept as given, lowercased)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [("zk://h/p?own=services", "own= must be one of keys, off on zk://"),
+     ("etcd://h/p?own=all", "own= must be one of keys, services, off on etcd://"),
+     ("etcd://h/p?own=", "own= is empty")],
+)
+def test_a_bad_own_is_named(text: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        RegistryURL.parse(text)
