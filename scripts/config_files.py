@@ -23,14 +23,14 @@ from config_texts import (
 
 
 def registry_url_section() -> list[str]:
-    from discovery.registry import url as base
+    from discovery.registry import url
 
-    schemes = [[code(f"{s}://"), base.DEFAULT_PORTS[backend], "TLS" if tls else "plain"]
-               for s, (backend, tls) in base.SCHEMES.items()]
+    schemes = [[code(f"{s}://"), url.DEFAULT_PORTS[backend], "TLS" if tls else "plain"]
+               for s, (backend, tls) in url.SCHEMES.items()]
     params = [[code(f"{p}="), URL_PARAMS.get(p) or undocumented(f"URL parameter {p}")]
-              for p in base.QUERY_PARAMS]
+              for p in url.QUERY_PARAMS]
     env = [[code(v), URL_FIELDS.get(f) or undocumented(f"registry field {f}")]
-           for v, f in base.ENV_VARS.items()]
+           for v, f in url.ENV_VARS.items()]
     return [
         "## The registry URL",
         "",
@@ -38,7 +38,7 @@ def registry_url_section() -> list[str]:
         "SCHEME://[user[:password]@]host[:port][,host[:port]...][/prefix][?param=value&...]",
         "```",
         "",
-        f"Default prefix `{base.DEFAULT_PREFIX}`; every instance is stored as JSON under "
+        f"Default prefix `{url.DEFAULT_PREFIX}`; every instance is stored as JSON under "
         "`<prefix>/services/<service>/<instance-id>`. Details, and how to set up the servers: "
         "[docs/security.md](security.md).",
         "",

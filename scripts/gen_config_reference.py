@@ -9,7 +9,7 @@ What comes from the code, and from where:
 * every command, flag, environment variable, default and help text: the click command tree
   (``discovery.cli.main``), exactly what ``discovery COMMAND --help`` shows;
 * the registry URL schemes, default ports and prefix, query parameters and environment
-  variables: ``discovery.registry.base``;
+  variables: ``discovery.registry.url``;
 * the config file keys and their defaults: ``discovery.agent.config`` (``[agent]``,
   ``[agent.check]``), ``discovery.watcher.config`` (``[watcher]``, ``[services.NAME]``,
   allowed modes, balance algorithms, timeouts, server and check keywords);

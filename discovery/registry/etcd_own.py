@@ -71,11 +71,15 @@ class OwnKeys:
     keys, no watch; ``since``: 0, or the revision the watch it replaces had delivered when
     that one waits to resume: it owes what happened since),
     replaced once the set has not changed for ``settle`` s (``most`` s at the latest after the
-    first change), the old one stopped once the new one holds its watchers."""
+    first change), the old one stopped once the new one holds its watchers. ``cover``: what a
+    watch of a set of keys covers (default: those keys; :func:`by_service`): one is replaced
+    only when it no longer covers the set."""
 
     def __init__(self, start: Callable[[frozenset[Key], int], _Watch], settle: float = 0.5,
-                 most: float = 5.0, hold_wait: float = 5.0) -> None:
+                 most: float = 5.0, hold_wait: float = 5.0,
+                 cover: Callable[[frozenset[Key]], frozenset[Key]] | None = None) -> None:
         self._start, self._settle, self._most, self._hold_wait = start, settle, most, hold_wait
+        self._cover = cover or (lambda keys: keys)  # what a watch of keys covers
         self._lock = threading.Lock()  # the state; never held while calling out
         self._replacing = threading.Lock()  # one replacement at a time (start: the registry's)
         self._keys: set[Key] = set()
@@ -94,7 +98,7 @@ class OwnKeys:
     def holds(self) -> bool:
         """Whether the watch holds every key wanted (etcd answered each watcher's create)."""
         with self._lock:
-            return self._keys == self._watching and (
+            return self._covered() and (
                 self._watch is None or self._watch.revision > 0)
 
     def only(self, keys: Collection[Key]) -> None:
@@ -112,10 +116,10 @@ class OwnKeys:
             self._keys.difference_update(remove)
             now = time.monotonic()
             if self._timer is not None:
-                if self._keys != self._watching and now - self._since >= self._most:
+                if not self._covered() and now - self._since >= self._most:
                     return  # due soon, as the set is then
                 self._timer.cancel()  # the set changed again: settle from now
-            elif self._keys == self._watching:
+            elif self._covered():
                 return
             else:
                 self._since = now
@@ -125,11 +129,15 @@ class OwnKeys:
             self._timer.daemon = True
             self._timer.start()
 
+    def _covered(self) -> bool:
+        """Whether the watch (being started) covers the keys wanted (the lock held)."""
+        return self._cover(frozenset(self._keys)) == self._cover(self._watching)
+
     def _replace(self) -> None:
         with self._replacing:
             with self._lock:
                 self._timer = None
-                if self._closed or self._keys == self._watching:
+                if self._closed or self._covered():
                     return
                 keys, old = frozenset(self._keys), self._watch
             new: _Watch | None = None
@@ -216,7 +224,8 @@ def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key],
     changes of those services' other instances)."""
     nodes = frozenset(id_node(k[1]) for k in keys)
     spread = reg.url.resume_spread
-    each = [] if reg.url.own_watch == "services" else [reg.url.key(*k) for k in keys]
+    each = ([f"{reg.url.services_root}/{s}/" for s in {k[0] for k in keys}]  # prefixes
+            if reg.url.own_watch == "services" else [reg.url.key(*k) for k in keys])
     return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, since,
                      {k[0] for k in keys}, spread, keys=each,
                      later=(OWN_LATER[0] * spread, OWN_LATER[1] * spread))
@@ -230,4 +239,11 @@ def own_keys(reg: OwnSource, wrap: Callable[[ChangeCallback, Collection[str]], C
     if reg.url.own_watch == "off":
         return None
     return OwnKeys(lambda keys, since: started(watch_keys(
-        reg, wrap(unread, {k[0] for k in keys}), keys, since)))
+        reg, wrap(unread, {k[0] for k in keys}), keys, since)),
+        cover=by_service if reg.url.own_watch == "services" else None)
+
+
+def by_service(keys: frozenset[Key]) -> frozenset[Key]:
+    """What a watch of ``keys`` with ``own=services`` covers: their (service, node) pairs (a
+    watcher a service; a re-read of each node): a new key of both changes no watch."""
+    return frozenset((k[0], id_node(k[1])) for k in keys)

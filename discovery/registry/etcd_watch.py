@@ -32,7 +32,7 @@ what they saw before, which tell a restore after its revision has passed the hos
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
   resumes with the k watchers (:mod:`~discovery.registry.etcd_refusal`);
 - a stream on a member that hangs is left for another (:mod:`~discovery.registry.etcd_hang`).
-With ``keys`` (:mod:`~discovery.registry.etcd_own`): a watcher a key, never wide, ``later``."""
+With ``keys`` (etcd_own): a watcher each (a key; a prefix, ``/``-ended), never wide, ``later``."""
 
 from __future__ import annotations
 
@@ -50,12 +50,11 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
 from discovery.registry import etcd_aio, etcd_refusal
-from discovery.registry.base import Change, ChangeCallback, deliver
+from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
 from discovery.registry.etcd_hang import HangProbe
 from discovery.retry import RESUME_SPREAD
 
 if TYPE_CHECKING:
-    from discovery.registry.base import Snapshot
     from discovery.registry.decoder import Decoder
     from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
     from discovery.registry.reads import ReadStats

@@ -47,7 +47,9 @@ It costs nothing in the steady state: it rides on the watches the host has anywa
 running watch follows (``discovery agent`` alone; a router following k services: its own
 instances of the others) are followed by watches of those keys alone (:attr:`Restorer.own`:
 :mod:`~discovery.registry.zk_own`, :mod:`~discovery.registry.etcd_own`), so such a host costs
-the registry what its own instances do, not what their services do fleet-wide; what those
+the registry what its own instances do, not what their services do fleet-wide (the URL's
+``own=``: ``keys``, the default; etcd's ``services`` watches their services instead, which
+``etcd grpc-proxy`` coalesces; ``off``, none: the agent's reconcile alone); what those
 miss (an etcd key's first ~0.5 s, a ZooKeeper node whose recovery is refused) is the agent's
 next reconcile's. After a lost link they come back later than the host's other watches
 (:data:`OWN_LATER`), so that a fleet's restart does not bring them back all at once.

@@ -95,6 +95,8 @@ class ZkRegistry:
         self._recoveries = 0  # sessions recovered (their watches reset) so far
         self._own = OwnNodes(self.client, self._claims.path_of, self.decoder.decode,
                              self._restorer.wrap(unread), timeout, url.resume_spread)  # zk_own
+        if url.own_watch == "off":  # the agent's reconcile alone: no watch, no listener
+            self._own.close()
         self._restorer.own = None if url.own_watch == "off" else self._own
         self._listeners: list[StateCallback] = []
         self._connected = threading.Event()
@@ -104,10 +106,8 @@ class ZkRegistry:
         self._closing = threading.Event()
         self._events: queue.Queue[bool | None] = queue.Queue()
         self._recovery = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._event_loop, daemon=True, name="zk-registry-state"),
-            threading.Thread(target=self._recover_loop, daemon=True, name="zk-registry-recover"),
-        ]
+        self._threads = [threading.Thread(target=f, daemon=True, name=f"zk-registry-{n}")
+                         for f, n in ((self._event_loop, "state"), (self._recover_loop, "recover"))]
         for t in self._threads:
             t.start()
         self.client.add_listener(self._on_state)

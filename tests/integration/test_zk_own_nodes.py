@@ -101,10 +101,11 @@ def test_after_a_session_expiry_one_request_rearms_them(
 
 def test_own_off_leaves_its_nodes_to_the_agents_reconcile(zk: ServerCluster,
                                                           regs: list[Registry]) -> None:
-    """``own=off``: no watch of the host's own nodes; one deleted by hand comes back at the
-    agent's reconcile (``--resync``), not from the write-back."""
+    """``own=off``: no watch of the host's own nodes, nor a listener of its connection for
+    them (what another writer deletes is left to the agent's reconcile, ``--resync``)."""
     reg = open_registry(zk.url(unique_prefix()) + "?own=off", ttl=5)
     regs.append(reg)
     reg.register(foreign(0, nodes=1, services=1))
     assert reg._restorer.own is None  # type: ignore[attr-defined]
     assert reg._own.keys == set()  # type: ignore[attr-defined]
+    assert reg._own._on_state not in reg.client.state_listeners  # type: ignore[attr-defined]

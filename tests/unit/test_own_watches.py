@@ -7,11 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import pytest
 from kazoo.protocol.states import KazooState
 
 from discovery.model import Instance
-from discovery.registry.etcd_own import OwnKeys, own_keys
+from discovery.registry import etcd_own
+from discovery.registry.etcd_own import OwnKeys, by_service, own_keys
 from discovery.registry.owned import Restorer
 from discovery.registry.url import RegistryURL
 from discovery.registry.zk_own import OwnNodes
@@ -247,3 +250,37 @@ def test_etcd_own_off_watches_no_key_of_its_own_keys_and_services_do() -> None:
         assert (made is not None) == watched, own
         if made is not None:
             made.close()
+
+
+def test_etcd_own_services_watches_the_prefixes_of_its_keys_services_never_wide(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``own=services``: the watch's ranges are its keys' services' prefixes (``/``-ended: a
+    range each), passed as ``keys`` so that it never resumes wide; ``keys``: the keys."""
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(etcd_own, "EtcdWatch", lambda *a, **kw: made.append(kw))
+    keys = frozenset({("web", "n1:000000000001:80"), ("web", "n1:000000000002:80"),
+                      ("api", "n1:000000000003:80")})
+    for own in ("services", "keys"):
+        url = RegistryURL.parse(f"etcd://127.0.0.1:1/p?own={own}")
+        etcd_own.watch_keys(UrlOnly(url), lambda change: None, keys)  # type: ignore[arg-type]
+    assert sorted(made[0]["keys"]) == ["/p/services/api/", "/p/services/web/"]
+    assert sorted(made[1]["keys"]) == sorted(url.key(*k) for k in keys)
+
+
+def test_etcd_own_services_replaces_its_stream_only_for_a_new_service_or_node() -> None:
+    """With ``own=services`` a new key of a service and node already watched changes no watch
+    (the watch covers it); one of another service does."""
+    starts = Starts()
+    own = OwnKeys(starts, settle=0.1, most=5.0, hold_wait=5.0, cover=by_service)
+    try:
+        own.only([inst("web", 1).key])
+        wait_until(lambda: len(starts.made) == 1 and own.holds, 5, "the first watch")
+        own.only([inst("web", 1).key, inst("web", 2).key])  # web on node-1: covered
+        assert own.holds  # at once: nothing to replace
+        own.only([inst("web", 1).key, inst("web", 2).key, inst("api", 3).key])
+        wait_until(lambda: len(starts.made) == 2 and own.holds, 5, "a watch of api too")
+        assert len(starts.made) == 2 and starts.made[0].stopped and not starts.made[1].stopped
+        assert starts.made[1].keys == {inst(s, n).key for s, n in
+                                       (("web", 1), ("web", 2), ("api", 3))}
+    finally:
+        own.close()
