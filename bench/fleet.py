@@ -22,20 +22,22 @@ host's KazooClient gets a handler whose ``create_connection`` binds that address
 (``socket.create_connection(..., source_address=...)``); the bench injects it by wrapping
 ``discovery.registry.zk``'s ``zk_client_options`` while the host's registry is being
 opened, nothing else of the backend changes. etcd: Python gRPC has no per-channel source
-address, so by default the etcd hosts connect from 127.0.0.1 — etcd has no per-address limit —
-but **each host with its own connection**: gRPC shares one connection among a process's
-channels with equal target and arguments, so every host's channels carry their own user agent
+address, so the workers preload ``bench/srcaddr.c`` (built with the system's C compiler at the
+start): a host's registry URL names its own address (``etcd://127.20.0.7:<member port>,...``)
+and the library turns that connect() into one from 127.20.0.7 to 127.0.0.1 (nothing else of
+the backend changes; ``--shared-source``: every etcd host from 127.0.0.1, as before
+2026-12-07, its bytes counted per worker process and divided by its hosts). **Each host has
+its own connection**: gRPC shares one connection among a process's channels with equal target
+and arguments, so every host's channels also carry their own user agent
 (``discovery.registry.etcd_aio.Endpoint`` wrapped the same way: the asyncio channel of its
 streams gets the same options). A host's agent and watcher share one registry client (one
 session or lease; on etcd one connection for the calls and the streams), as one
 ``discovery up`` process does; the etcd hosts of a worker process run their streams and lease
 keepers on one shared asyncio loop (``open_registry(..., loop=)``), as any process holding
-many registries does. etcd
-bytes are then counted per worker process and divided by its hosts. ``--etcd-relay`` gives
-etcd hosts their own source addresses through one HAProxy relay (``server ... source <host
-address>``, one loopback port per host and member); it measures
-the steady state the same, but collapses under a full restart's reconnect storm from 500 hosts
-on (docs/benchmarks.md), so it is not the default.
+many registries does. ``--etcd-relay`` gave etcd hosts their own source addresses before,
+through one HAProxy relay (``server ... source <host address>``, one loopback port per host
+and member); it measures the steady state the same, but collapses under a full restart's
+reconnect storm from 500 hosts on (docs/benchmarks.md).
 
 **Processes.** The hosts run as threads in ``--workers`` (8) worker processes (this script with
 ``--worker``; a ZooKeeper worker's threads are gevent greenlets, ``--zk-hosts greenlets``,
@@ -193,6 +195,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the hosts' registry URL's own=: how a host follows its own entries "
                          "no watch of it follows (default: services with --grpc-proxy, as "
                          "docs/operations.md advises behind one; else the URL's own, keys)")
+    ap.add_argument("--shared-source", action="store_true",
+                    help="etcd: every host connects from 127.0.0.1, as before 2026-12-07 "
+                         "(default: each from its own 127.20.x.y, bench/srcaddr.c preloaded)")
     ap.add_argument("--etcd-relay", action="store_true",
                     help="etcd: one source address per host through an HAProxy relay "
                          "(collapses under a full restart's reconnect storm at >= 500 hosts)")
@@ -208,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     args = ap.parse_args(argv)
-    if args.own is None and args.grpc_proxy:
-        args.own = "services"
+    if args.own == "services" and "zk" in args.backends.split(","):
+        ap.error("--own services is etcd's (own=services: etcd:// only)")
     if args.worker:
         return worker_main(args)
     nofile = raise_nofile()

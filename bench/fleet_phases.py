@@ -12,7 +12,7 @@ from typing import Any
 
 from common import percentile, say
 from fleet_host import HOT, VICTIM_BASE, host_instances
-from fleet_procs import WorkerProc, all_workers
+from fleet_procs import all_workers
 from fleet_servers import CLK_TCK, ETCD_GAUGES, ZK_KEYS, RateSampler, bytes_delta, total
 from fleet_setup import FleetSetup
 from procs import cpu_ticks, rss_kib
@@ -174,7 +174,7 @@ class Fleet(FleetSetup):
     def death(self, size: int, k: int) -> dict[str, Any]:
         victim = VICTIM_BASE + 10 * k
         say(f"{self.backend} {size}: a host dies (SIGKILL of its process)")
-        w = WorkerProc(self.args, self.work / f"victim{k}.log", self.backend)
+        w = self.worker(f"victim{k}")
         try:
             r = w.call("add", hosts=[victim], urls={str(victim): self.url_of(victim)})
             if r["n_failed"]:

@@ -1,6 +1,7 @@
 """The parent side of ``bench/fleet.py``'s processes: the worker processes (``fleet.py
---worker``, spoken to over their stdin/stdout, stopped by their own pid) and the optional HAProxy
-relay that gives etcd hosts their own source addresses.
+--worker``, spoken to over their stdin/stdout, stopped by their own pid), the source-address
+library that gives etcd hosts their own source addresses (``bench/srcaddr.c``), and the optional
+HAProxy relay that did before it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from procs import HAPROXY_BIN
 class WorkerProc:
     """One worker process, spoken to over its stdin/stdout, stopped by its own pid."""
 
-    def __init__(self, args: argparse.Namespace, log: Path, backend: str) -> None:
+    def __init__(self, args: argparse.Namespace, log: Path, backend: str,
+                 env: dict[str, str] | None = None) -> None:
         # The simulated hosts stand for other machines: niced, so that they do not starve the
         # registry members of CPU on this one (at 1,000 hosts an un-niced fleet took the etcd
         # members' heartbeats down: "no leader"). Their own timings only get worse for it.
@@ -44,7 +46,7 @@ class WorkerProc:
         self.log = log.open("ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, cwd=ROOT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         # A new session is a new autogroup when the kernel groups by session
         # (/proc/sys/kernel/sched_autogroup_enabled): there ``nice`` only ranks threads within
         # the group, and the group's own weight is its autogroup nice.
@@ -183,3 +185,14 @@ class Relay:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log.close()
+
+
+def source_addresses(work: Path, ports: Sequence[int]) -> dict[str, str]:
+    """The environment of workers whose etcd hosts connect from their own 127.20.x.y: gRPC
+    cannot bind a source address, so ``bench/srcaddr.c`` (built here with the system's C
+    compiler) is preloaded, and rewrites a connect() to 127.20.x.y on one of ``ports`` into one
+    from 127.20.x.y to 127.0.0.1 (a host's URL names its own address: ``url_of``)."""
+    lib = work / "srcaddr.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib),
+                    str(Path(__file__).with_name("srcaddr.c")), "-ldl"], check=True)
+    return {"LD_PRELOAD": str(lib), "DISCOVERY_SRCADDR_PORTS": ",".join(map(str, ports))}

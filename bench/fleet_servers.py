@@ -240,8 +240,8 @@ def socket_bytes(server_ports: Iterable[int], by_pid: bool = False) -> dict[str,
                 local, peer = parts[2], parts[3]
                 key = f"pid:{pid.group(1)}" if pid else None
             else:
-                local, peer = parts[-2], parts[-1]
-                key = local.rsplit(":", 1)[0]
+                local, peer = parts[-2], parts[-1]  # gRPC's: [::ffff:127.20.x.y]:port
+                key = local.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
             current = key if peer.rsplit(":", 1)[-1] in ports else None
             continue
         if current is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from common import Report, say
 from fleet_host import HOT, PREFIX, VICTIM_BASE, source_ip
-from fleet_procs import Relay, WorkerProc, all_workers
+from fleet_procs import Relay, WorkerProc, all_workers, source_addresses
 from fleet_servers import CLK_TCK, Servers, socket_bytes
 from zk_requests import merge
 
@@ -36,12 +36,13 @@ class FleetSetup:
         self.writer: Registry | None = None
         self.probe_seq = 0
         self.worker_hosts: dict[int, int] = {}  # worker pid -> hosts it holds
+        self.worker_env: dict[str, str] = {}  # (source_addresses)
 
     @property
     def by_pid(self) -> bool:
-        """etcd without the relay: every host connects from 127.0.0.1, so bytes are counted
-        per worker process and divided by its hosts (a per-host mean per process)."""
-        return self.backend == "etcd" and self.relay is None
+        """etcd hosts sharing 127.0.0.1 (``--shared-source``): bytes are counted per worker
+        process and divided by its hosts (a per-host mean per process)."""
+        return self.backend == "etcd" and self.relay is None and not self.own_sources
 
     def sockets(self) -> dict[str, list[int]]:
         return socket_bytes(self.server_ports(), self.by_pid)
@@ -74,8 +75,7 @@ class FleetSetup:
         if self.backend == "etcd" and self.args.etcd_relay:
             every = list(range(max(self.args.sizes))) + [
                 VICTIM_BASE + 10 * k for k in range(len(self.args.sizes))]
-            targets = ([self.proxy.port] if self.proxy is not None
-                       else self.servers.cluster.client_ports)
+            targets = self.targets()
             say(f"etcd: relay HAProxy with {len(every) * len(targets)} ports (one source "
                 "address per host)")
             self.relay = Relay(every, targets, self.work)
@@ -83,21 +83,38 @@ class FleetSetup:
         # without the fleet's resume spread (spread=0), or "serving again" would come late
         self.writer = open_registry(self.direct_url() + "?spread=0", ttl=self.args.ttl,
                                     timeout=15.0)
-        self.workers = [WorkerProc(self.args, self.work / f"worker{i}.log", self.backend)
-                        for i in range(self.args.workers)]
+        if self.own_sources:  # each host connects from its own 127.20.x.y (bench/srcaddr.c)
+            self.worker_env = source_addresses(self.work, self.targets())
+        self.workers = [self.worker(f"worker{i}") for i in range(self.args.workers)]
+
+    def worker(self, name: str) -> WorkerProc:
+        """A worker process (its log ``<name>.log``), its hosts' source addresses their own."""
+        return WorkerProc(self.args, self.work / f"{name}.log", self.backend, self.worker_env)
 
     def direct_url(self) -> str:
         return self.servers.cluster.url(PREFIX)
 
+    @property
+    def own_sources(self) -> bool:
+        """etcd hosts with their own source address through ``bench/srcaddr.c``."""
+        return self.backend == "etcd" and self.relay is None and not self.args.shared_source
+
+    def targets(self) -> list[int]:
+        """The ports the etcd hosts connect to: the proxy's, or the members'."""
+        return [self.proxy.port] if self.proxy is not None else self.servers.cluster.client_ports
+
     def url_of(self, n: int) -> str:
         if self.relay is not None:
             url = self.relay.url(n)
+        elif self.own_sources:  # its own address, which bench/srcaddr.c connects it from
+            url = "etcd://" + ",".join(f"{source_ip(n)}:{p}" for p in self.targets()) + PREFIX
         elif self.proxy is not None:
             url = self.proxy.url(PREFIX)
         else:
             url = self.direct_url()
+        own = self.args.own or ("services" if self.proxy is not None else None)  # (etcd's)
         query = [*([] if self.args.spread is None else [f"spread={self.args.spread:g}"]),
-                 *([] if self.args.own is None else [f"own={self.args.own}"])]
+                 *([] if own is None else [f"own={own}"])]
         return f"{url}?{'&'.join(query)}" if query else url
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PKGS=(docker.io etcd-server etcd-client zookeeper haproxy busybox-static socat dnsutils debootstrap docker-compose
       prometheus dnsmasq-base chromium chromium-driver)  # chromium: the status page's browser test
 if [ "${DISCOVERY_BENCH:-}" = 1 ]; then
-  PKGS+=(wrk hey dnsperf)  # load generators, for bench/ only
+  PKGS+=(wrk hey dnsperf gcc libc6-dev)  # load generators; gcc: bench/srcaddr.c (fleet.py)
 fi
 missing=()
 for p in "${PKGS[@]}"; do
