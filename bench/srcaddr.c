@@ -1,13 +1,13 @@
 /* A source address for each simulated etcd host of bench/fleet.py (LD_PRELOAD in its workers).
  *
  * gRPC cannot bind a client socket to a source address, so the etcd hosts of the fleet bench all
- * came from 127.0.0.1. With this library preloaded, a connect() to 127.X.Y.Z (not 127.0.0.1) on a
+ * came from 127.0.0.1. With this library preloaded, a connect() to 127.20.Y.Z (the fleet's) on a
  * port listed in DISCOVERY_SRCADDR_PORTS (comma-separated: the members', or the proxy's) binds
- * the socket to 127.X.Y.Z and connects it to 127.0.0.1 on that port instead. A host whose
+ * the socket to 127.20.Y.Z and connects it to 127.0.0.1 on that port instead. A host whose
  * registry URL names its own address (etcd://127.20.0.7:2379,...) so reaches the members from
  * that address, as a ZooKeeper host does through kazoo's socket (bench/fleet_host.py). gRPC's
- * IPv4-mapped IPv6 sockets (::ffff:127.X.Y.Z) are rewritten the same way. Every other connect()
- * is passed on untouched. Built by the bench at its start (bench/fleet_srcaddr.py). */
+ * IPv4-mapped IPv6 sockets (::ffff:127.20.Y.Z) are rewritten the same way. Every other connect()
+ * is passed on untouched. Built by the bench at its start (fleet_procs.source_addresses). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 
 #define LOOPBACK 0x7f000001u
+#define FLEET 0x7f14u /* 127.20.0.0/16: bench/fleet_host.py's source_ip */
 #define MAX_PORTS 64
 
 static int (*real_connect)(int, const struct sockaddr *, socklen_t);
@@ -57,12 +58,16 @@ static uint32_t own_address(const struct sockaddr *addr, socklen_t len, uint16_t
         ip = ntohl(ip);
         *port = ntohs(in6->sin6_port);
     }
-    return (ip >> 24) == 127 && ip != LOOPBACK && listed(*port) ? ip : 0;
+    return (ip >> 16) == FLEET && listed(*port) ? ip : 0;
 }
 
 int connect(int fd, const struct sockaddr *addr, socklen_t len) {
     uint16_t port = 0;
     uint32_t ip = addr ? own_address(addr, len, &port) : 0;
+    if (!real_connect) {
+        errno = ENOSYS;
+        return -1;
+    }
     if (!ip) return real_connect(fd, addr, len);
     if (addr->sa_family == AF_INET) {
         struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(ip)};

@@ -31,7 +31,7 @@ from discovery.registry.base import ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
 from discovery.registry.etcd_keepalive import KeepAliveStream, KeeperWaits
-from discovery.registry.etcd_own import own_keys
+from discovery.registry.etcd_own import own_hint, own_keys
 from discovery.registry.etcd_pulse import pulse, read_alive, status
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.etcd_state import StateBoard
@@ -71,7 +71,6 @@ class EtcdRegistry:
         self.url, self.ttl, self.timeout = url, ttl, timeout
         self.decoder = Decoder(url)
         self.reads = ReadStats()
-        self._root = f"{url.prefix}/services/"
         self.where = ",".join(f"{h}:{p}" for h, p in url.hosts)
         secrets = load_secrets(url)
         creds = etcd_channel_credentials(secrets) if url.tls else None
@@ -100,11 +99,12 @@ class EtcdRegistry:
         self._waits = KeeperWaits(ttl, self._interval)  # the keeper's, after a failed round
         self._state = StateBoard(self.where, lambda: self._waits.back(),
                                  lambda: self._lease is not None)
-        self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
-                                         late_wait=self._interval + 1.0)
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "etcd",
                                   recheck=2 * timeout)
         self._restorer.own = own_keys(self, self._restorer.wrap, self._followed)  # etcd_own
+        self._renewals = KeepAliveStream(self.client, self.channels, lambda: self.loop,
+                                         late_wait=self._interval + 1.0,
+                                         hint=lambda: own_hint(url, self._restorer.own))
 
     @property
     def loop(self) -> LoopThread:
@@ -321,9 +321,9 @@ class EtcdRegistry:
 
     def snapshot(self, services: Collection[str] | None = None) -> Snapshot:
         """Paginated at one revision: see :mod:`discovery.registry.etcd_read`."""
-        return read_snapshot(self._call, self.client, self.decoder.decode, self._root,
-                             services=services, reads=self.reads, denied=self.decoder.denied,
-                             split=self.url.split_key)
+        return read_snapshot(self._call, self.client, self.decoder.decode,
+                             f"{self.url.services_root}/", services=services, reads=self.reads,
+                             denied=self.decoder.denied, split=self.url.split_key)
 
     def node_snapshot(self, node: str) -> Snapshot:
         """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""

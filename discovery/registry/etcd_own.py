@@ -30,7 +30,7 @@ entries through the per-node index, not the services of its keys fleet-wide.
 The registry URL's ``own=`` says how (:func:`own_keys`): ``keys`` as above; ``services``, a
 watcher a service of those keys, which ``etcd grpc-proxy`` coalesces across hosts where it
 cannot coalesce one a key (the members held every host's, and re-created them all at their
-restart: 14-31x their steady rate); ``off``, no such watch (the agent's reconcile alone).
+restart: 12-31x their steady rate); ``off``, no such watch (the agent's reconcile alone).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from discovery.registry.owned import OWN_LATER, unread
 
 if TYPE_CHECKING:
     from discovery.registry.base import ChangeCallback
+    from discovery.registry.owned import OwnWatch
+    from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -247,3 +249,13 @@ def by_service(keys: frozenset[Key]) -> frozenset[Key]:
     """What a watch of ``keys`` with ``own=services`` covers: their (service, node) pairs (a
     watcher a service; a re-read of each node): a new key of both changes no watch."""
     return frozenset((k[0], id_node(k[1])) for k in keys)
+
+
+def own_hint(url: RegistryURL, own: OwnWatch | None) -> str:
+    """What a host whose etcd answers renewals as ``etcd grpc-proxy`` does may do: with
+    ``own=keys`` (the default) and keys of its own watched alone (``own``), which a proxy
+    cannot coalesce, use ``own=services``; "" if not so."""
+    if url.own_watch != "keys" or own is None or not own.keys:
+        return ""
+    return ("behind a proxy, add own=services to the registry URL, so that it can coalesce "
+            "this host's watches of its own entries (docs/operations.md, A fan-out tier)")

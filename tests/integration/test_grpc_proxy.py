@@ -10,6 +10,7 @@ liveness read (the proxy keeps its watch stream open), and its watch goes on onc
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from discovery.model import Instance
-from discovery.registry import Change, Registry, RegistryURL, open_registry
+from discovery.registry import Change, Registry, RegistryURL, etcd_keepalive, open_registry
 from tests.harness.agent import AgentProcess, wait_gone, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import EtcdGrpcProxy
@@ -127,14 +128,18 @@ def test_a_watch_only_host_behind_the_proxy_hears_that_etcd_is_gone(
 
 
 def test_renewals_through_the_proxy_never_report_a_healthy_etcd_unreachable(
-        grpc_proxy: EtcdGrpcProxy) -> None:
+        grpc_proxy: EtcdGrpcProxy, caplog: pytest.LogCaptureFixture) -> None:
     """The proxy answers a renewal only at its own next renewal of that lease (up to TTL/3 and
     its 0.5 s tick later; straight to etcd: at once): a renewal must wait that long there,
     or the hosts behind a proxy see a healthy etcd come and go. The first late answer of a
     new host is the one at risk (it knows nothing of the proxy yet): 5 rounds of 8 new hosts,
-    each for two TTLs (before the status probe of etcd_keepalive: 9 of 96 new hosts flapped)."""
+    each for two TTLs (before the status probe of etcd_keepalive: 9 of 96 new hosts flapped).
+    A host whose etcd answers as a proxy does (most renewals late) says so once, with what to
+    do behind one under the default ``own=keys`` (``own=services``)."""
     ttl, hosts, rounds = 3.0, 8, 5
     downs: list[tuple[int, int]] = []
+    hinted = 0  # hosts that logged the hint
+    caplog.set_level(logging.INFO, logger=etcd_keepalive.__name__)
     for r in range(rounds):
         prefix = unique_prefix()
         regs = [open_registry(grpc_proxy.url(prefix), ttl=ttl) for _ in range(hosts)]
@@ -156,6 +161,9 @@ def test_renewals_through_the_proxy_never_report_a_healthy_etcd_unreachable(
         finally:
             for reg in regs:
                 reg.close(revoke=True)
+            hinted += sum(reg._renewals._hinted for reg in regs)  # type: ignore[attr-defined]
+    hints = [m for m in caplog.messages if "add own=services" in m]
+    assert 1 <= len(hints) == hinted, caplog.text  # some hosts, each once
 
 
 def test_own_services_behind_the_proxy_cost_the_members_a_watcher_a_service(

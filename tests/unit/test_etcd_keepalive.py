@@ -73,13 +73,13 @@ def member(monkeypatch: pytest.MonkeyPatch) -> Member:
     return m
 
 
-def renewals(member: Member, delays: list[float | None]) -> list[str]:
+def renewals(member: Member, delays: list[float | None], hint: str = "") -> list[str]:
     """Renew once per delay on one KeepAliveStream: 'ok' or the error's name, in order."""
     client = SimpleNamespace(timeout=TIMEOUT, metadata=None, channel=None,
                              endpoint_in_use=member)
     channels = SimpleNamespace(pick=lambda c: (member, None), stub=lambda kind, e: member)
     stream = KeepAliveStream(client, channels, lambda: None,  # type: ignore[arg-type]
-                             late_wait=TIMEOUT + 1.0)
+                             late_wait=TIMEOUT + 1.0, hint=lambda: hint)
 
     async def run() -> list[str]:
         outcomes = []
@@ -116,3 +116,20 @@ def test_a_renewal_left_unanswered_starts_the_count_again(member: Member) -> Non
     assert outcomes == ["ok"] * PROMPT + ["ConnectionTimeoutError", "ok"]
     assert member.failed == 1
     assert member.status_calls == 1  # the slow renewal after the failure only
+
+
+@pytest.mark.parametrize(("delays", "told"), [
+    ([SLOW] * 2, False),  # two late answers: not yet
+    ([SLOW] * 4, True),  # as a proxy answers: told once
+    ([0.0] + [SLOW] * 4, False),  # 4 late, 1 prompt: not far more late than prompt
+    ([0.0] + [SLOW] * 5, True),
+])
+def test_a_member_answering_as_a_proxy_does_is_told_of_once(
+        member: Member, caplog: pytest.LogCaptureFixture, delays: list[float | None],
+        told: bool) -> None:
+    """``hint`` (what to do behind etcd grpc-proxy) is logged once, at INFO, when a member has
+    answered ``HINT_AFTER`` renewals late and more than four times as many as prompt."""
+    with caplog.at_level("INFO", logger=etcd_keepalive.__name__):
+        assert renewals(member, delays, hint="use own=services") == ["ok"] * len(delays)
+    told_of = [r for r in caplog.records if "use own=services" in r.getMessage()]
+    assert len(told_of) == told and all(r.levelname == "INFO" for r in told_of)

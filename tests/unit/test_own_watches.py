@@ -14,7 +14,7 @@ from kazoo.protocol.states import KazooState
 
 from discovery.model import Instance
 from discovery.registry import etcd_own
-from discovery.registry.etcd_own import OwnKeys, by_service, own_keys
+from discovery.registry.etcd_own import OwnKeys, by_service, own_hint, own_keys
 from discovery.registry.owned import Restorer
 from discovery.registry.url import RegistryURL
 from discovery.registry.zk_own import OwnNodes
@@ -284,3 +284,15 @@ def test_etcd_own_services_replaces_its_stream_only_for_a_new_service_or_node() 
                                        (("web", 1), ("web", 2), ("api", 3))}
     finally:
         own.close()
+
+
+def test_a_late_etcd_tells_of_own_services_only_with_own_keys() -> None:
+    """The hint logged when etcd answers renewals as a proxy does: only with the default
+    ``own=keys`` and keys of the host's own watched alone, which a proxy cannot coalesce."""
+    watching, none = OnlyRecorder(), OnlyRecorder()
+    watching.only([inst("web", 1).key])
+    hints = {own: own_hint(RegistryURL.parse(f"etcd://h/p?own={own}"), watching)
+             for own in ("keys", "services", "off")}
+    assert "own=services" in hints["keys"] and hints["services"] == hints["off"] == ""
+    url = RegistryURL.parse("etcd://h/p")  # keys, but none watched alone (`discovery up`)
+    assert own_hint(url, none) == own_hint(url, None) == ""
