@@ -11,12 +11,13 @@ from typing import Any
 from docgen import TIMES, Result, fleet_rows, mean, missing, num, rows_of, table, verdict
 
 FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd",
-               "fleet-ttl30-etcd", "fleet-ttl30-zk")
+               "fleet-proxy-ownkeys-etcd", "fleet-ttl30-etcd", "fleet-ttl30-zk")
 
 
 def _fleet_label(stem: str) -> str:
     return {"fleet1000-etcd": "etcd (a fleet of 1,000 from the start)",
-            "fleet-proxy-etcd": "etcd via grpc-proxy",
+            "fleet-proxy-etcd": "etcd via grpc-proxy, `own=services`",
+            "fleet-proxy-ownkeys-etcd": "etcd via grpc-proxy, `own=keys`",
             "fleet-rerun-etcd": "etcd, 4 workers",
             "fleet-ttl30-etcd": "etcd, TTL 30 s, `spread=10`",
             "fleet-ttl30-zk": "zk, TTL 30 s, `spread=10`"}.get(stem, stem.removeprefix("fleet-"))
@@ -196,7 +197,8 @@ def t_auth_refused(results: dict[str, Result]) -> str:
 
 
 #: the README's summary: the fleet bench's main runs, by column, and the sizes it grows to
-SUMMARY_STEMS = (("fleet-etcd", "etcd"), ("fleet-proxy-etcd", "etcd via `etcd grpc-proxy`"),
+SUMMARY_STEMS = (("fleet-etcd", "etcd"),
+                 ("fleet-proxy-etcd", "etcd via `etcd grpc-proxy`, `own=services`"),
                  ("fleet-zk", "ZooKeeper"))
 SUMMARY_SIZES = (250, 500, 1000)
 #: the summary's lines: what, the bench's row and how one row shows its figure
