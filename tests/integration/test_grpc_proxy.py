@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from discovery.model import Instance
-from discovery.registry import Change, Registry, RegistryURL, etcd_keepalive, open_registry
+from discovery.registry import Change, Registry, etcd_keepalive, open_registry
 from tests.harness.agent import AgentProcess, wait_gone, wait_registered
 from tests.harness.dockerd import ContainerFactory
 from tests.harness.fleet import EtcdGrpcProxy
@@ -201,7 +201,7 @@ def test_own_services_behind_the_proxy_cost_the_members_a_watcher_a_service(
         wait_for(lambda: etcd_single.gauge(watchers) - before - coalesced
                  == hosts * len(services), 5, message="one watcher a key on the member")
 
-        url = RegistryURL.parse(by_services[0].url.to_url())
+        url = by_services[0].url
         mine = by_services[0]._restorer  # type: ignore[attr-defined]
         writer = open_registry(etcd_single.url(url.prefix), timeout=5.0)  # past the proxy
         try:
