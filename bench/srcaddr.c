@@ -44,45 +44,38 @@ static int listed(uint16_t port) {
     return 0;
 }
 
-/* The IPv4 address (host order) a destination stands for, or 0 if it is not rewritten. */
-static uint32_t own_address(const struct sockaddr *addr, socklen_t len, uint16_t *port) {
-    uint32_t ip = 0;
-    if (addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
-        ip = ntohl(in->sin_addr.s_addr);
-        *port = ntohs(in->sin_port);
-    } else if (addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)addr;
-        if (!IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) return 0;
-        memcpy(&ip, &in6->sin6_addr.s6_addr[12], 4);
-        ip = ntohl(ip);
-        *port = ntohs(in6->sin6_port);
-    }
-    return (ip >> 16) == FLEET && listed(*port) ? ip : 0;
+/* Where the IPv4 address of ``sa`` is: an IPv4 one's, or an IPv4-mapped IPv6 one's last 4 bytes
+ * (NULL: neither). Read for the destination, written for the source and the new destination. */
+static unsigned char *ipv4_in(struct sockaddr_storage *sa) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)sa;
+    if (sa->ss_family == AF_INET) return (unsigned char *)&((struct sockaddr_in *)sa)->sin_addr;
+    if (sa->ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+        return &in6->sin6_addr.s6_addr[12];
+    return NULL;
 }
 
 int connect(int fd, const struct sockaddr *addr, socklen_t len) {
-    uint16_t port = 0;
-    uint32_t ip = addr ? own_address(addr, len, &port) : 0;
     if (!real_connect) {
         errno = ENOSYS;
         return -1;
     }
-    if (!ip) return real_connect(fd, addr, len);
-    if (addr->sa_family == AF_INET) {
-        struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(ip)};
-        if (bind(fd, (const struct sockaddr *)&src, sizeof src) != 0 && errno != EINVAL)
-            return -1;
-        struct sockaddr_in dst = *(const struct sockaddr_in *)addr;
-        dst.sin_addr.s_addr = htonl(LOOPBACK);
-        return real_connect(fd, (const struct sockaddr *)&dst, sizeof dst);
-    }
-    struct sockaddr_in6 src = {.sin6_family = AF_INET6};
-    struct sockaddr_in6 dst = *(const struct sockaddr_in6 *)addr;
-    uint32_t src_ip = htonl(ip), dst_ip = htonl(LOOPBACK);
-    src.sin6_addr.s6_addr[10] = src.sin6_addr.s6_addr[11] = 0xff;
-    memcpy(&src.sin6_addr.s6_addr[12], &src_ip, 4);
-    memcpy(&dst.sin6_addr.s6_addr[12], &dst_ip, 4);
-    if (bind(fd, (const struct sockaddr *)&src, sizeof src) != 0 && errno != EINVAL) return -1;
-    return real_connect(fd, (const struct sockaddr *)&dst, sizeof dst);
+    struct sockaddr_storage dst, src = {.ss_family = AF_INET6};
+    socklen_t whole = addr && addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                          : sizeof(struct sockaddr_in);
+    if (!addr || len < whole || len > sizeof dst) return real_connect(fd, addr, len);
+    memcpy(&dst, addr, len);
+    unsigned char *at = ipv4_in(&dst);
+    uint32_t ip = 0, loopback = htonl(LOOPBACK);
+    if (at) memcpy(&ip, at, 4);
+    /* (sin_port and sin6_port are at the same place) */
+    if ((ntohl(ip) >> 16) != FLEET || !listed(ntohs(((struct sockaddr_in *)&dst)->sin_port)))
+        return real_connect(fd, addr, len);
+    /* the source: ::ffff:0.0.0.0 (past an IPv4 address's end: unused there), then the family */
+    ((struct sockaddr_in6 *)&src)->sin6_addr.s6_addr[10] = 0xff;
+    ((struct sockaddr_in6 *)&src)->sin6_addr.s6_addr[11] = 0xff;
+    src.ss_family = dst.ss_family;
+    memcpy(ipv4_in(&src), at, 4);  /* from the host's own address, any port */
+    memcpy(at, &loopback, 4);  /* to 127.0.0.1 */
+    if (bind(fd, (struct sockaddr *)&src, len) != 0 && errno != EINVAL) return -1;
+    return real_connect(fd, (struct sockaddr *)&dst, len);
 }

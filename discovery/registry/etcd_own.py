@@ -225,11 +225,11 @@ def watch_keys(reg: OwnSource, callback: ChangeCallback, keys: frozenset[Key],
     to every host from one watcher on the members (the host then receives, and drops, the
     changes of those services' other instances)."""
     nodes = frozenset(id_node(k[1]) for k in keys)
-    spread = reg.url.resume_spread
-    each = ([f"{reg.url.services_root}/{s}/" for s in {k[0] for k in keys}]  # prefixes
+    services, spread = {k[0] for k in keys}, reg.url.resume_spread
+    each = ([f"{reg.url.services_root}/{s}/" for s in services]  # prefixes
             if reg.url.own_watch == "services" else [reg.url.key(*k) for k in keys])
     return EtcdWatch(cast("WatchSource", _NodesRead(reg, nodes)), callback, since,
-                     {k[0] for k in keys}, spread, keys=each,
+                     services, spread, keys=each,
                      later=(OWN_LATER[0] * spread, OWN_LATER[1] * spread))
 
 

@@ -157,11 +157,8 @@ class ServerCluster:
                     code: str = "") -> dict[str, float]:
         """Member ``i``'s count by gRPC method of the calls it ended (or of ``name``, e.g.
         ``grpc_server_msg_received_total``; answered ``code`` only, if given)."""
-        url = f"http://{HOST}:{self.client_ports[i]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
         out: dict[str, float] = {}
-        for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M):
+        for m in re.finditer(rf'^{name}\{{([^}}]*)\}} (\S+)$', self.metrics(i), re.M):
             if (method := re.search(r'grpc_method="([^"]+)"', m.group(1))) and (
                     not code or f'grpc_code="{code}"' in m.group(1)):
                 out[method.group(1)] = out.get(method.group(1), 0.0) + float(m.group(2))
@@ -170,11 +167,15 @@ class ServerCluster:
     def gauge(self, name: str, i: int = 0) -> float:
         """Member ``i``'s metric ``name`` (one with no labels, e.g.
         ``etcd_debugging_mvcc_watcher_total``), from its ``/metrics``."""
+        found = re.search(rf"^{name} (\S+)$", self.metrics(i), re.M)
+        assert found is not None, f"{name} not in member {i}'s /metrics"
+        return float(found.group(1))
+
+    def metrics(self, i: int = 0) -> str:
+        """Member ``i``'s ``/metrics`` (Prometheus text)."""
         url = f"http://{HOST}:{self.client_ports[i]}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
-            found = re.search(rf"^{name} (\S+)$", r.read().decode(), re.M)
-        assert found is not None, f"{name} not in {url}"
-        return float(found.group(1))
+            return str(r.read().decode())
 
     def leader(self) -> int | None:
         """Index of the member every running member agrees leads now; None during an election."""
