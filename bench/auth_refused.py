@@ -19,7 +19,8 @@ login is not held (``EtcdAuth``'s refusal wait 0).
 Per mode of ``--modes`` (one after the other, each on a fresh 3-member etcd on loopback with
 simple tokens at bcrypt cost 10, etcd's defaults, ``bench/auth_restart.cluster``):
 ``--hosts`` (400) simulated hosts (``bench/fleet_host.Host``: the project's registry and
-catalog, all in this process, each on its own gRPC connection), watch-only, each following
+catalog, all in this process, each on its own gRPC connection from its own 127.20.x.y unless
+``--shared-source``), watch-only, each following
 one service (as a router of one), logged in as a user whose role may read and write the
 prefix. Then the writes that make the members snapshot past every login, the user's password
 changed in etcd (``etcdctl user passwd``), and every member SIGTERMed and started again (by
@@ -52,12 +53,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from auth_restart import (
+    add_source_option,
     cluster,
     counted,
     fleet_on,
     followed,
     full_restart,
+    host_url,
     members_cpu,
+    own_sources_unless_shared,
     snapshot_after_logins,
 )
 from common import Report, measured, percentile, say
@@ -115,12 +119,12 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
 
     with fleet_on(c) as (loop, hosts), code_of(mode):  # (the mode's code while hosts run)
         prefix = "/alice/fleet"
-        url = f"{c.url_as(c.USER, c.USER_PASSWORD, prefix)}?spread={SPREAD:g}"
+        url = c.url_as(c.USER, c.USER_PASSWORD, prefix)
         root_url = c.url_as("root", c.ROOT_PASSWORD, prefix)
         host_args = argparse.Namespace(ttl=args.ttl, instances=0, services=10,
                                        watch_services=1, resync=30.0)
         for n in range(args.hosts):
-            host = Host(n, url, host_args, loop)
+            host = Host(n, f"{host_url(args, c, url, n)}?spread={SPREAD:g}", host_args, loop)
             host.start()
             assert host.registry is not None
             host.registry.add_state_listener(functools.partial(tell, n))
@@ -189,12 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--wait", type=float, default=150.0,
                     help="seconds to wait, after the fix, for every host to follow again")
     ap.add_argument("--no-save", action="store_true")
+    add_source_option(ap)
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     if not (1 <= args.hosts <= 1000 and set(modes) <= set(MODES) and 20 <= args.window <= 600
             and 2 * SAMPLE_S <= args.tail <= args.window and 5 <= args.wait <= 600):
         ap.error(f"--hosts 1..1000, --modes of {','.join(MODES)}, --window 20..600, "
                  f"--tail {2 * SAMPLE_S:g}..window, --wait 5..600")
+    own_sources_unless_shared(args)
     logging.basicConfig(level=logging.CRITICAL)  # each host's refusal warnings, hundreds
     raise_nofile()
     install_etcd_host_channels()

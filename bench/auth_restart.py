@@ -10,8 +10,8 @@ is verified by its signature and outlives the restart.
 
 Per mode of ``--modes`` (one after the other, each on a fresh 3-member cluster on loopback):
 ``--hosts`` (400) simulated hosts (``bench/fleet_host.Host``: the project's registry and
-catalog, one instance each, each watching the whole registry on its own gRPC connection, all
-in this process), logged in as a user whose role may read and write the prefix. Then 250
+catalog, one instance each, each watching the whole registry on its own gRPC connection from
+its own 127.20.x.y unless ``--shared-source``, all in this process), logged in as a user whose role may read and write the prefix. Then 250
 writes past the members' ``--snapshot-count`` (200), so that a raft snapshot follows every
 login; then every member SIGTERMed and started again (by its pid). Once all serve, a new
 instance is registered: **resynced** is when each host's catalog holds it (from the members
@@ -50,7 +50,8 @@ from common import (
     percentile,
     say,
 )
-from fleet_host import Host, install_etcd_host_channels, raise_nofile
+from fleet_host import Host, from_own_source, install_etcd_host_channels, raise_nofile
+from fleet_procs import connect_from_own, preload_source_addresses
 from procs import cpu_ticks
 
 from discovery.model import Instance
@@ -143,6 +144,29 @@ def full_restart(c: Any) -> tuple[float, float]:
     return time.monotonic(), time.time()
 
 
+def host_url(args: argparse.Namespace, c: Any, url: str, n: int) -> str:
+    """Host ``n``'s registry URL: ``url``, or (unless ``--shared-source``) ``url`` from its own
+    127.20.x.y (``fleet_procs.preload_source_addresses``: this process's connects to the
+    members' ports are rewritten)."""
+    if args.shared_source:
+        return url
+    connect_from_own(c.client_ports)
+    return from_own_source(url, n)
+
+
+def add_source_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shared-source", action="store_true",
+                    help="every host connects from 127.0.0.1 (by default each from its own "
+                         "127.20.x.y, bench/srcaddr.c preloaded in this process)")
+
+
+def own_sources_unless_shared(args: argparse.Namespace) -> None:
+    """Unless ``--shared-source``: this process started again with ``bench/srcaddr.c``
+    preloaded (the first time; ``fleet_procs.preload_source_addresses``)."""
+    if not args.shared_source:
+        preload_source_addresses()
+
+
 @contextmanager
 def fleet_on(c: Any) -> Iterator[tuple[LoopThread, list[Host]]]:
     """The asyncio loop and the list (empty: the caller starts them) of a run's hosts on
@@ -189,7 +213,7 @@ def one_mode(mode: str, args: argparse.Namespace, work: Path, report: Report) ->
                                        watch_services=0, resync=30.0)
         began = time.monotonic()
         for n in range(args.hosts):
-            host = Host(n, f"{url}?spread=3", host_args, loop)
+            host = Host(n, f"{host_url(args, c, url, n)}?spread=3", host_args, loop)
             host.start()
             hosts.append(host)
         started_s = time.monotonic() - began
@@ -224,10 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ttl", type=float, default=10.0)
     ap.add_argument("--wait", type=float, default=150.0, help="seconds to wait for resync")
     ap.add_argument("--no-save", action="store_true")
+    add_source_option(ap)
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     if not (1 <= args.hosts <= 1000 and set(modes) <= set(MODES) and 5 <= args.wait <= 600):
         ap.error(f"--hosts 1..1000, --modes of {','.join(MODES)}, --wait 5..600")
+    own_sources_unless_shared(args)
     logging.basicConfig(level=logging.ERROR)  # hundreds of hosts' own "interrupted" lines
     raise_nofile()
     install_etcd_host_channels()

@@ -33,6 +33,15 @@ def source_ip(n: int) -> str:
     return f"127.20.{n // 250}.{n % 250 + 1}"
 
 
+def from_own_source(url: str, n: int) -> str:
+    """``url`` (``etcd://[user@]127.0.0.1:port,...``) naming host ``n``'s own source address
+    for 127.0.0.1: ``bench/srcaddr.c`` connects it to 127.0.0.1 from there."""
+    scheme, rest = url.split("://", 1)
+    netloc, slash, path = rest.partition("/")
+    auth, at, hosts = netloc.rpartition("@")
+    return f"{scheme}://{auth}{at}{hosts.replace('127.0.0.1:', source_ip(n) + ':')}{slash}{path}"
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -1,6 +1,7 @@
 """The parent side of ``bench/fleet.py``'s processes: the worker processes (``fleet.py
 --worker``, spoken to over their stdin/stdout, stopped by their own pid), the source-address
-library that gives etcd hosts their own source addresses (``bench/srcaddr.c``), and the optional
+library that gives etcd hosts their own source addresses (``bench/srcaddr.c``; also preloaded
+by the auth benches in themselves), and the optional
 HAProxy relay that did before it.
 """
 
@@ -11,10 +12,12 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -187,12 +190,46 @@ class Relay:
         self.log.close()
 
 
-def source_addresses(work: Path, ports: Sequence[int]) -> dict[str, str]:
-    """The environment of workers whose etcd hosts connect from their own 127.20.x.y: gRPC
-    cannot bind a source address, so ``bench/srcaddr.c`` (built here with the system's C
-    compiler) is preloaded, and rewrites a connect() to 127.20.x.y on one of ``ports`` into one
-    from 127.20.x.y to 127.0.0.1 (a host's URL names its own address: ``url_of``)."""
-    lib = work / "srcaddr.so"
+SRCADDR_PORTS = "DISCOVERY_SRCADDR_PORTS"  # (read by bench/srcaddr.c at each connect)
+_PRELOADED = "DISCOVERY_SRCADDR_PRELOADED"
+
+
+def build_srcaddr(where: Path) -> Path:
+    """``bench/srcaddr.c`` built with the system's C compiler, in ``where``."""
+    lib = where / "srcaddr.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib),
                     str(Path(__file__).with_name("srcaddr.c")), "-ldl"], check=True)
-    return {"LD_PRELOAD": str(lib), "DISCOVERY_SRCADDR_PORTS": ",".join(map(str, ports))}
+    return lib
+
+
+def source_addresses(work: Path, ports: Sequence[int]) -> dict[str, str]:
+    """The environment of workers whose etcd hosts connect from their own 127.20.x.y: gRPC
+    cannot bind a source address, so ``bench/srcaddr.c`` is preloaded, and rewrites a connect()
+    to 127.20.x.y on one of ``ports`` into one from 127.20.x.y to 127.0.0.1 (a host's URL names
+    its own address: ``fleet_host.from_own_source``)."""
+    return {"LD_PRELOAD": str(build_srcaddr(work)), SRCADDR_PORTS: ",".join(map(str, ports))}
+
+
+def preload_source_addresses() -> None:
+    """For a bench whose hosts are threads of its own process (the auth benches): this process
+    started again (``sys.argv``) with ``bench/srcaddr.c`` preloaded; in the new one, checked
+    loaded, its file removed (mapped already) and ``LD_PRELOAD`` dropped from the environment,
+    so that no child (etcd, etcdctl) carries it. The ports are set when known:
+    ``connect_from_own``."""
+    lib = os.environ.pop(_PRELOADED, None)
+    if lib is None:
+        where = Path(tempfile.mkdtemp(prefix="discovery-srcaddr-"))
+        lib = str(build_srcaddr(where))
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "LD_PRELOAD": lib, _PRELOADED: lib})
+    os.environ.pop("LD_PRELOAD", None)
+    loaded = lib in Path("/proc/self/maps").read_text()
+    shutil.rmtree(Path(lib).parent, ignore_errors=True)
+    if not loaded:
+        raise RuntimeError(f"{lib} was not preloaded: the hosts cannot have their own sources")
+
+
+def connect_from_own(ports: Sequence[int]) -> None:
+    """The ports (the members') that this process's hosts reach from their own 127.20.x.y
+    (``preload_source_addresses``): read by the library at each connect."""
+    os.environ[SRCADDR_PORTS] = ",".join(map(str, ports))

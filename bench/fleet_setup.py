@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Report, say
-from fleet_host import HOT, PREFIX, VICTIM_BASE, source_ip
+from fleet_host import HOT, PREFIX, VICTIM_BASE, from_own_source, source_ip
 from fleet_procs import Relay, WorkerProc, all_workers, source_addresses
 from fleet_servers import CLK_TCK, Servers, socket_bytes
 from zk_requests import merge
@@ -106,12 +106,10 @@ class FleetSetup:
     def url_of(self, n: int) -> str:
         if self.relay is not None:
             url = self.relay.url(n)
-        elif self.own_sources:  # its own address, which bench/srcaddr.c connects it from
-            url = "etcd://" + ",".join(f"{source_ip(n)}:{p}" for p in self.targets()) + PREFIX
-        elif self.proxy is not None:
-            url = self.proxy.url(PREFIX)
         else:
-            url = self.direct_url()
+            url = self.proxy.url(PREFIX) if self.proxy is not None else self.direct_url()
+            if self.own_sources:  # its own address, which bench/srcaddr.c connects it from
+                url = from_own_source(url, n)
         own = self.args.own or ("services" if self.proxy is not None else None)  # (etcd's)
         query = [*([] if self.args.spread is None else [f"spread={self.args.spread:g}"]),
                  *([] if own is None else [f"own={own}"])]

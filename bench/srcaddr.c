@@ -1,4 +1,5 @@
-/* A source address for each simulated etcd host of bench/fleet.py (LD_PRELOAD in its workers).
+/* A source address for each simulated etcd host of the benches (LD_PRELOAD in bench/fleet.py's
+ * workers; the auth benches preload it in themselves: fleet_procs.preload_source_addresses).
  *
  * gRPC cannot bind a client socket to a source address, so the etcd hosts of the fleet bench all
  * came from 127.0.0.1. With this library preloaded, a connect() to 127.20.Y.Z (the fleet's) on a
@@ -7,7 +8,7 @@
  * registry URL names its own address (etcd://127.20.0.7:2379,...) so reaches the members from
  * that address, as a ZooKeeper host does through kazoo's socket (bench/fleet_host.py). gRPC's
  * IPv4-mapped IPv6 sockets (::ffff:127.20.Y.Z) are rewritten the same way. Every other connect()
- * is passed on untouched. Built by the bench at its start (fleet_procs.source_addresses). */
+ * is passed on untouched. Built by the bench at its start (fleet_procs.build_srcaddr). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -20,27 +21,24 @@
 
 #define LOOPBACK 0x7f000001u
 #define FLEET 0x7f14u /* 127.20.0.0/16: bench/fleet_host.py's source_ip */
-#define MAX_PORTS 64
 
 static int (*real_connect)(int, const struct sockaddr *, socklen_t);
-static uint16_t ports[MAX_PORTS];
-static int nports;
 
 __attribute__((constructor)) static void load(void) {
     real_connect = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
-    const char *s = getenv("DISCOVERY_SRCADDR_PORTS");
-    while (s && *s && nports < MAX_PORTS) {
-        char *end;
-        long p = strtol(s, &end, 10);
-        if (end == s) break;
-        if (p > 0 && p < 65536) ports[nports++] = (uint16_t)p;
-        s = *end ? end + 1 : end;
-    }
 }
 
+/* Whether DISCOVERY_SRCADDR_PORTS lists ``port``: read at each connect to a fleet address, as a
+ * bench whose hosts are its own threads (the auth benches) sets it once its members are started */
 static int listed(uint16_t port) {
-    for (int i = 0; i < nports; i++)
-        if (ports[i] == port) return 1;
+    const char *s = getenv("DISCOVERY_SRCADDR_PORTS");
+    while (s && *s) {
+        char *end;
+        long p = strtol(s, &end, 10);
+        if (end == s) return 0;
+        if (p == port) return 1;
+        s = *end ? end + 1 : end;
+    }
     return 0;
 }
 
