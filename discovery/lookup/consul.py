@@ -29,7 +29,16 @@ from urllib.parse import unquote
 
 from discovery.errors import ConfigError
 from discovery.lookup.http_guard import dump_json
-from discovery.lookup.http_query import ApiError, Request, Response, allow, blocking_params, flag
+from discovery.lookup.http_query import (
+    ApiError,
+    Request,
+    Response,
+    allow,
+    blocking_params,
+    filters,
+    flag,
+    up_only,
+)
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
 
@@ -287,15 +296,15 @@ class ConsulApi:
         """Prometheus ``http_sd_configs``: one target group per instance (its node, tags and
         meta are its own), labels under ``__meta_discovery_``, all values strings."""
         allow(query, {"service", "tag", "up", "passing", "pretty"})
-        up_only = flag(query, "up") or flag(query, "passing")
+        only_up = up_only(query)
         service = query.get("service", [None])[0]
+        tags = filters(service, query)
         index = self.catalog.index  # before the data: a client sending it back misses nothing
         if not self.catalog.loaded:  # Prometheus keeps its targets on an error, not on []
             raise ApiError(503, "the catalog has not loaded its first snapshot from the "
                                 "registry yet (see /v1/health); retry",
                            headers={"Retry-After": "1"})
-        found = self.catalog.instances(service, tags=query.get("tag", []),
-                                       include_draining=not up_only)
+        found = self.catalog.instances(service, tags=tags, include_draining=not only_up)
         groups = [{"targets": [_target(i)], "labels": sd_labels(i)} for i in found]
         return Response(200, dump_json(groups, flag(query, "pretty")),
                         headers={"X-Discovery-Index": str(index)})

@@ -119,6 +119,9 @@ class Zone:
         self.index = index
         self.services: dict[bytes, list[Member]] = {}  # up instances only, sorted by id
         self.nodes: dict[bytes, IP] = {}
+        #: names of two labels with no records of their own but names below them (empty
+        #: non-terminals: NOERROR, not NXDOMAIN, for resolvers that minimise query names)
+        self.parents: set[Labels] = set()
         checked = ((inst, _checked(inst.service, inst.node, inst.address)) for inst in instances)
         valid = [(inst, ip) for inst, ip in checked if ip is not None]
         self.addrs = {ip.packed.hex().encode(): ip for _, ip in valid}
@@ -134,6 +137,9 @@ class Zone:
             target = (node, b"node") if self.nodes[node] == ip else \
                 (ip.packed.hex().encode(), b"addr")
             self.services.setdefault(inst.service.encode(), []).append(Member(inst, ip, target))
+            self.parents.update([(b"_tcp", b"service"),
+                                 *((b"_" + t.encode(), b"service") for t in inst.tags),
+                                 *([(inst.zone.encode(), b"zone")] if inst.zone else [])])
         for members in self.services.values():
             members.sort(key=lambda m: m.instance.id)
 
@@ -233,7 +239,7 @@ def _resolve(zone: Zone, rel: Labels, qtype: int) -> tuple[int, list[IP], list[M
     if not rel:
         return NOERROR, [], [], qtype in (SOA, ANY)
     kind, n = rel[-1], len(rel)
-    if n == 1 and kind in (b"service", b"node", b"addr", b"zone"):
+    if (n == 1 and kind in (b"service", b"node", b"addr", b"zone")) or rel in zone.parents:
         return NOERROR, [], [], False  # empty non-terminals
     found: list[Member] = []
     ip: IP | None = None

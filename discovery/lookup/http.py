@@ -38,8 +38,10 @@ from discovery.lookup.http_query import (
     Response,
     allow,
     blocking_params,
+    filters,
     flag,
     parse_query,
+    up_only,
 )
 from discovery.lookup.status import Checks, Health, Maint
 from discovery.model import validate as v
@@ -222,23 +224,14 @@ class HttpApi:
     def _services(self, catalog: Catalog, name: str | None, query: dict[str, list[str]],
                   req: Request) -> Response:
         allow(query, SERVICE_PARAMS)
-        if name is not None:
-            try:
-                v.dns_label("service", name)
-            except ValidationError as exc:
-                raise ApiError(400, str(exc), "service") from None
-        tags = query.get("tag", [])
-        try:
-            v.tags("tag", tags)
-        except ValidationError as exc:
-            raise ApiError(400, str(exc), "tag") from None
+        tags = filters(name, query)
         zone = query.get("zone", [""])[0]
         if zone:
             try:
                 v.dns_label("zone", zone)
             except ValidationError as exc:
                 raise ApiError(400, str(exc), "zone") from None
-        up_only = flag(query, "up") or flag(query, "passing")
+        only_up = up_only(query)
         pretty = flag(query, "pretty")
         index = self.block(catalog, req, *blocking_params(query), name)  # before the data
         if not catalog.loaded:  # an empty answer would read as "every instance is gone"
@@ -246,7 +239,7 @@ class HttpApi:
                                 "registry yet (see /v1/health); retry",
                            headers={"Retry-After": "1"})
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
-                                                        include_draining=not up_only)
+                                                        include_draining=not only_up)
                  if not zone or i.zone == zone]
         data: Any = found
         if name is None:

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from discovery.errors import DiscoveryError, ValidationError
 from discovery.lookup.http_guard import ascii_int
+from discovery.model import validate as v
 from discovery.model.durations import parse_duration
 
 MAX_WAIT = 300.0  # longer waits are capped, as Consul caps at 10 minutes
@@ -80,6 +81,26 @@ def flag(query: dict[str, list[str]], key: str) -> bool:
     if value in TRUE or value in FALSE:
         return value in TRUE
     raise ApiError(400, f"{key}: {value[:20]!r} is not a boolean (1|0|true|false)", key)
+
+
+def up_only(query: dict[str, list[str]]) -> bool:
+    """``up`` or its Consul name ``passing``: each read, so a bad value of either is a 400."""
+    up, passing = flag(query, "up"), flag(query, "passing")
+    return up or passing
+
+
+def filters(service: str | None, query: dict[str, list[str]]) -> list[str]:
+    """The ``tag`` values of ``query``, once they and ``service`` (None: not given) are valid:
+    else a 400 naming which (a name nothing can match would answer an empty list, which
+    Prometheus takes for "every target is gone")."""
+    tags = query.get("tag", [])
+    for key, check in (("service", lambda: service is None or v.dns_label("service", service)),
+                       ("tag", lambda: v.tags("tag", tags))):
+        try:
+            check()
+        except ValidationError as exc:
+            raise ApiError(400, str(exc), key) from None
+    return tags
 
 
 def blocking_params(query: dict[str, list[str]]) -> tuple[int | None, float]:

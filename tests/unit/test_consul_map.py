@@ -84,6 +84,13 @@ def test_unknown_service_is_consuls_empty_answer(api: HttpApi, target: str) -> N
                                                       "passing"),
     ("/v1/catalog/services?dc=us-2", "dc"), ("/v1/catalog/services?stale&consistent", "stale"),
     ("/v1/catalog/services?passing=1", "passing"), ("/v1/prometheus/sd?up=2", "up"),
+    # a service or tag nothing can match: not an empty list (Prometheus would drop every target)
+    ("/v1/prometheus/sd?service=WEB", "service"), ("/v1/prometheus/sd?service=", "service"),
+    ("/v1/prometheus/sd?tag=V1", "tag"),
+    # each of up and passing read, also when the other is true
+    ("/v1/prometheus/sd?up=yes&passing=bogus", "passing"),
+    ("/v1/services?up=1&passing=bogus", "passing"),
+    ("/v1/services/web?passing=1&up=maybe", "up"),
 ])
 def test_malformed_parameters_are_400_naming_them(api: HttpApi, target: str, param: str) -> None:
     status, body, _ = answer(api, target)

@@ -100,6 +100,12 @@ def rdatas(records: list[Any], qtype: str | None = None) -> list[str]:
     ("service.discovery", "A", "NOERROR", set()),
     ("node.discovery", "A", "NOERROR", set()),
     ("x.web.extra.service.discovery", "A", "NXDOMAIN", set()),
+    # empty non-terminals: names exist below them (_web._tcp, _web._blue), for resolvers
+    # that minimise query names (RFC 8020: NXDOMAIN would deny every name below)
+    ("_tcp.service.discovery", "A", "NOERROR", set()),
+    ("_blue.service.discovery", "SRV", "NOERROR", set()),
+    ("_red.service.discovery", "A", "NXDOMAIN", set()),
+    ("_udp.service.discovery", "A", "NXDOMAIN", set()),
     ("web.discovery", "A", "NXDOMAIN", set()),
     ("discovery", "A", "NOERROR", set()),
     ("example.com", "A", "REFUSED", set()),
