@@ -289,7 +289,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    """A finite int or float (an int too large for a float is not one: its stamp is none)."""
+    if _is_int(value):
+        return bool(-1e308 < value < 1e308)
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _no_constant(name: str) -> Any:

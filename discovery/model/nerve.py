@@ -12,10 +12,13 @@ prefix), ``weight``, and ``labels`` = meta plus what the format has no field for
 
 Reading (:func:`from_nerve`), nodes as Nerve writes them map to an :class:`Instance`:
 
-- service: from the path; id: the node name without its sequence, lower-cased, with
-  ``:<port>`` appended unless it has a ``:`` already (ours: ``node:container:port``), so two
-  ports of one Nerve host are two instances and a restarted Nerve's new node is the same
-  instance as its old one;
+- service: from the path; id: the node name without its sequence, with ``:<port>``
+  appended unless it has a ``:`` already (ours: ``node:container:port``), so two ports of one
+  Nerve host are two instances and a restarted Nerve's new node is the same instance as its
+  old one; a name that is no valid id as it is (upper case, another character, too long)
+  gives ``<node>-<8 hex digits of its SHA-256>:<port>``, so that two names never make one id
+  (they were lower-cased, or the node taken alone: ``WEB1`` and ``web1``, or two IPv6 hosts
+  whose addresses map to one node name, replaced each other in every catalog);
 - node: the ``node`` label, else the first DNS label of ``name`` or of the node name, else the
   host's address with ``-`` for dots; state ``up`` unless labelled ``draining``;
 - ``host`` must be an IP address and ``port`` 1..65535; a weight above 256 is taken as 256;
@@ -26,6 +29,7 @@ Anything else (not JSON, too large or deep, no host or port) is :class:`InvalidR
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -106,13 +110,14 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
         if isinstance(k, str) and (scalar := _scalar(val)) is not None:
             text[k] = scalar
     name = data["name"] if isinstance(data.get("name"), str) else ""
-    node = _node(text.get("node", ""), name, node_prefix(child), address)
-    base = node_prefix(child).lower()
-    iid = base if ":" in base else f"{base}:{port}"
+    prefix = node_prefix(child)
+    node = _node(text.get("node", ""), name, prefix, address)
+    iid = prefix if ":" in prefix else f"{prefix}:{port}"
     try:
         v.instance_id("id", iid)
-    except ValidationError:
-        iid = f"{node}:{port}"
+    except ValidationError:  # (upper case, a character or a length an id cannot have): still
+        digest = hashlib.sha256(prefix.encode()).hexdigest()[:8]  # one instance a name, as
+        iid = f"{node}-{digest}:{port}"  # ZooKeeper tells nodes apart by it
     weight = data.get("weight", 100)
     if isinstance(weight, str) and weight.isascii() and weight.isdigit() and len(weight) < 6:
         weight = int(weight)  # as its port may be: Synapse puts either form in its config

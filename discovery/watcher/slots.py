@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from discovery.errors import ValidationError
 from discovery.model import Instance, State
+from discovery.model.endpoint import Endpoint
 
 SlotState = Literal["ready", "drain", "maint"]
 EMPTY_ADDRESS = "127.0.0.1"
@@ -41,7 +43,11 @@ class Slot:
         if instance is None:
             return cls(name)
         state: SlotState = "drain" if instance.state is State.DRAINING else "ready"
-        return cls(name, instance.address, instance.port, instance.weight, state, instance.id)
+        try:  # canonical, as HAProxy shows it back: an adopted server that has it matches
+            address = Endpoint.parse(instance.id, instance.address, instance.port).address
+        except ValidationError:  # (refused where the slot is set: haproxy.slot_commands)
+            address = instance.address
+        return cls(name, address, instance.port, instance.weight, state, instance.id)
 
 
 #: the most slots of one backend: a runaway writer (one service's instances by the ten

@@ -76,6 +76,9 @@ MALFORMED = [
      "not JSON"),
     (_raw().replace(b'"registered_at": 12.5', b'"registered_at": 12.5, "written_at": "x"'),
      "written_at"),
+    # an integer too large for a float: named as any bad stamp, not an OverflowError
+    (_raw().replace(b'"registered_at": 12.5', b'"registered_at": 1' + b"0" * 400),
+     "registered_at must be a finite number"),
     (b"[" * 50_000 + b"]" * 50_000, "too large"),
     (b"[" * 1000 + b"]" * 1000, "nested deeper"),
     (_raw(address="::1%lo]:25080 init-addr none backup cookie ["), "scope ids"),

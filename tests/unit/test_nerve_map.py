@@ -32,10 +32,29 @@ def test_a_record_as_nerve_writes_it() -> None:
     raw = b'{"host":"203.0.113.3","port":8080,"name":"I-0ABC","weight":900,"labels":{"az":"e1",' \
           b'"n":3,"deep":{"x":1},"bad key":"y"},"haproxy_server_options":"backup"}'
     inst = from_nerve(raw, "web", "I-0ABC_0000000003", "here", stamp=1.7e9)
-    assert (inst.id, inst.node, inst.address, inst.port) == ("i-0abc:8080", "i-0abc",
+    # not a valid id as it is (upper case): the node and a digest of the name
+    assert (inst.id, inst.node, inst.address, inst.port) == ("i-0abc-8702c911:8080", "i-0abc",
                                                             "203.0.113.3", 8080)
     assert (inst.weight, inst.meta, inst.state) == (256, {"az": "e1", "n": "3"}, State.UP)
     assert inst.registered_at == 1.7e9
+
+
+def test_two_node_names_never_make_one_instance() -> None:
+    """Each name ZooKeeper tells apart is an instance of its own: names lower-cased, or one
+    that is no id taken as its node alone, or two IPv6 hosts whose addresses give one node
+    name, made one key, and one replaced the other in every catalog."""
+    nodes = [("web1_0000000001", {"host": "192.0.2.1", "port": 80, "name": "web1"}),
+             ("WEB1_0000000002", {"host": "192.0.2.2", "port": 80}),
+             ("web1+canary_0000000007", {"host": "192.0.2.9", "port": 80, "name": "web1.canary"}),
+             ("a b_0000000001", {"host": "2001:db8::1", "port": 80}),
+             ("c d_0000000002", {"host": "2001:db8:1::", "port": 80})]
+    insts = [from_nerve(json.dumps(d), "web", child, "here") for child, d in nodes]
+    assert len({i.key for i in insts}) == len(nodes)
+    assert insts[0].id == "web1:80"  # a valid id as it is: kept
+    assert [i.node for i in insts[3:]] == ["2001-db8-1", "2001-db8-1"]  # one node, two ids
+    # the same name again (a restarted Nerve's new node): the same instance
+    again = from_nerve(json.dumps(nodes[1][1]), "web", "WEB1_0000000042", "here")
+    assert again.key == insts[1].key
 
 
 def test_node_falls_back_to_the_address() -> None:

@@ -65,6 +65,18 @@ def test_instances_keep_their_slots_and_freed_slots_go_to_maint() -> None:
     assert table.assign({i.id: i for i in (drained, inst(3))})["s2"].state == "drain"
 
 
+def test_a_slot_holds_the_address_as_haproxy_shows_it_back() -> None:
+    """An address stored in another form (upper case, zeros written out) is the canonical one
+    in the slot, so an adopted HAProxy's server that has it matches and is not set again."""
+    from discovery.watcher.haproxy_proc import ServerView
+
+    for stored in ("2001:DB8::1", "2001:db8:0:0:0:0:0:1"):
+        slot = Slot.of("s1", Instance(service="web", id="n:1", node="n", address=stored,
+                                      port=80))
+        assert slot.address == "2001:db8::1"
+        assert ServerView("be", "s1", "2001:db8::1", 80, 100, "ready", "running").matches(slot)
+
+
 def test_overflow_places_what_fits_and_counts_the_rest() -> None:
     table = SlotTable(2)
     table.assign({i.id: i for i in (inst(1), inst(2), inst(3))})
