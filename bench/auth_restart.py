@@ -11,13 +11,13 @@ is verified by its signature and outlives the restart.
 Per mode of ``--modes`` (one after the other, each on a fresh 3-member cluster on loopback):
 ``--hosts`` (400) simulated hosts (``bench/fleet_host.Host``: the project's registry and
 catalog, one instance each, each watching the whole registry on its own gRPC connection from
-its own 127.20.x.y unless ``--shared-source``, all in this process), logged in as a user whose role may read and write the prefix. Then 250
-writes past the members' ``--snapshot-count`` (200), so that a raft snapshot follows every
-login; then every member SIGTERMed and started again (by its pid). Once all serve, a new
-instance is registered: **resynced** is when each host's catalog holds it (from the members
-serving again). Counted by the members (their counters start at the restart): logins
-(``Authenticate``), calls refused for a token etcd no longer takes (``Unauthenticated``), and
-the members' CPU until every host resynced.
+its own 127.20.x.y unless ``--shared-source``, all in this process), logged in as a user whose
+role may read and write the prefix. Then 250 writes past the members' ``--snapshot-count``
+(200), so that a raft snapshot follows every login; then every member SIGTERMed and started
+again (by its pid). Once all serve, a new instance is registered: **resynced** is when each
+host's catalog holds it (from the members serving again). Counted by the members (their
+counters start at the restart): logins (``Authenticate``), calls refused for a token etcd no
+longer takes (``Unauthenticated``), and the members' CPU until every host resynced.
 
 Modes: ``none`` (no auth: the baseline), ``simple`` (simple tokens, bcrypt cost 10: etcd's
 defaults), ``simple-cost4`` (simple tokens, ``--bcrypt-cost 4``), ``jwt`` (RS256 JWTs living
