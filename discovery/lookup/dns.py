@@ -5,13 +5,15 @@ TCP accept thread (plus one thread per open TCP connection, within :class:`TcpLi
 all, 8 per client address, each message whole within 5 s). What is answered and how is
 :mod:`discovery.lookup.dns_wire`; this module moves bytes.
 
-Hot path (UDP): a response depends only on the question (name as asked, type, class), the
+Hot path (UDP): a response depends only on the question (name in any case, type, class), the
 flags echoed, the client's EDNS size and the catalog index, so encoded responses are cached by
 :func:`~discovery.lookup.dns_packet.cache_key` (never the raw datagram: padding cannot multiply
-entries) in an :class:`AnswerCache` bounded in entries and bytes, and a hit is ``id + cached
-tail`` with no parsing. Responses with several records come in several orders (or windows, when
-the UDP answer limit cuts them), served in turn and each encoded the first time it is served.
-Anything malformed is answered (FORMERR, NOTIMP) or dropped and never stops the loop.
+entries; nor can a name's case, which resolvers randomise, DNS 0x20) in an :class:`AnswerCache`
+bounded in entries and bytes, and a hit is the cached response with the request's ID and
+question name (:func:`~discovery.lookup.dns_packet.echo`), with no parsing. Responses with
+several records come in several orders (or windows, when the UDP answer limit cuts them),
+served in turn and each encoded the first time it is served. Anything malformed is answered
+(FORMERR, NOTIMP) or dropped and never stops the loop.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from discovery.lookup.dns_limits import (
     beyond_loopback,
     client_of,
 )
-from discovery.lookup.dns_packet import cache_key
+from discovery.lookup.dns_packet import cache_key, echo
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
@@ -263,7 +265,7 @@ class DnsServer:
                     cache.clear(index)  # (the zone's: it lags a storm of changes)
                 key = cache_key(data)
                 hit = None if key is None else get(key)
-                if hit is not None:  # the hot path: no parsing beyond the question's labels
+                if hit is not None and key is not None:  # the hot path: no parsing past labels
                     tails = hit[0]
                     turn = turns[key] = turns.get(key, 0) + 1  # this question's next turn
                     k = turn % len(tails)
@@ -276,7 +278,7 @@ class DnsServer:
                         else:
                             tail = tails[0]
                             assert tail is not None
-                    send(data[:2] + tail, addr)
+                    send(echo(data, key, tail), addr)
                     if self.on_query is not None:
                         self.on_query(hit[1], hit[2])
                     continue

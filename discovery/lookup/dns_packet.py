@@ -176,7 +176,7 @@ class Writer:
 
 def cache_key(data: bytes) -> bytes | None:
     """What a UDP response to ``data`` depends on, besides the ID and the zone: the question
-    (name as asked, type, class), the flags echoed, and the UDP size the client's EDNS OPT
+    (name in lower case, type, class), the flags echoed, and the UDP size the client's EDNS OPT
     allows (clamped to 512..4096, as answering does). Nothing else of the datagram: padding,
     EDNS options and trailing bytes are left out, so they cannot multiply cache entries.
 
@@ -207,4 +207,14 @@ def cache_key(data: bytes) -> bytes | None:
                 data[qend + 6] != 0 or qend + 11 + (data[qend + 9] << 8 | data[qend + 10]) > n:
             return None
         size = max(UDP_MIN, min(data[qend + 3] << 8 | data[qend + 4], UDP_MAX))
-    return struct.pack(">HH", flags, size) + data[12:qend]
+    name = pos + 1  # (names in any case are one question: :func:`echo` puts the asker's back)
+    return struct.pack(">HH", flags, size) + data[12:name].lower() + data[name:qend]
+
+
+def echo(data: bytes, key: bytes, tail: bytes) -> bytes:
+    """The cached response ``tail`` (past its ID) to the request ``data`` of ``key``, with the
+    request's ID and its question name as it was asked: a resolver that randomises the case of
+    its names (DNS 0x20) takes only an answer that echoes them; everything that names it in
+    the response points to the question (compression), so it follows."""
+    n = len(key) - 8  # (flags and size, then the name, type and class)
+    return data[:2] + tail[:10] + data[12:12 + n] + tail[10 + n:]

@@ -125,10 +125,16 @@ def test_cache_key_is_the_question_not_the_datagram() -> None:
         assert cache_key(padded("a.service.discovery", pad=pad, trailing=trailing)) == base
     assert cache_key(padded("a.service.discovery", pad=8, ident=99, do=True)) == base
     assert cache_key(padded("a.service.discovery", pad=0, edns=65000)) == base  # clamped 4096
-    differ = [padded("A.service.discovery", pad=0), padded("a.service.discovery", "SRV", pad=0),
+    assert cache_key(padded("A.SerVice.discovery", pad=0)) == base  # DNS 0x20: one question
+    differ = [padded("b.service.discovery", pad=0), padded("a.service.discovery", "SRV", pad=0),
               padded("a.service.discovery", pad=0, edns=1232), query("a.service.discovery")]
     keys = {cache_key(d) for d in differ}
     assert len(keys) == 4 and base not in keys and None not in keys
+    # the type's bytes are not a name's: type 65 (HTTPS, "A") is not type 97 ("a")
+    https = padded("a.service.discovery", "HTTPS", pad=0)
+    qtype_at = https.index(b"\x00", 12) + 1
+    assert https[qtype_at:qtype_at + 2] == b"\x00\x41"
+    assert cache_key(https) != cache_key(https[:qtype_at] + b"\x00\x61" + https[qtype_at + 2:])
     assert cache_key(query("a.service.discovery", edns=100)) == \
         cache_key(query("a.service.discovery", edns=512))  # below 512 counts as 512
     plain = query("a.service.discovery")
@@ -183,6 +189,22 @@ def test_padded_queries_do_not_grow_the_cache() -> None:
         entries, nbytes = server.cache_size()
         assert 1 < entries <= CACHE_ENTRIES and nbytes <= CACHE_BYTES
         assert nbytes < 3000 * 1000  # the padding is not what is kept
+
+
+def test_names_in_any_case_are_one_cache_entry_each_answer_echoing_its_own() -> None:
+    """A resolver that randomises its names' case (DNS 0x20: Unbound's use-caps-for-id) hits the
+    cache, which it missed on every query while the key was the name as asked; each answer
+    echoes the question as asked, which such a resolver checks."""
+    with DnsServer(make_catalog(MANY), port=0) as server:
+        names = ["c.service.discovery", "C.SERVICE.DISCOVERY", "c.SeRvIcE.dIsCoVeRy",
+                 "C.service.Discovery"]
+        replies = lockstep(server.port, [query(n, "SRV") for n in names])
+        for name, reply in zip(names, replies, strict=True):
+            r = DNSRecord.parse(reply)
+            assert str(r.q.qname) == name + "."  # as asked, byte for byte
+            assert RCODE[r.header.rcode] == "NOERROR" and len(r.rr) == 3
+            assert {str(a.rname) for a in r.rr} == {name + "."}  # (points to the question)
+        assert server.cache_size()[0] == 1
 
 
 def test_udp_amplification_through_the_server() -> None:
