@@ -29,6 +29,7 @@ from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RETRY_S = 1.0  # a round that raised is tried again after this long
 
 
 class Watcher:
@@ -102,17 +103,26 @@ class Watcher:
         while not self._stop.is_set():
             self._wake.wait(self._until_guard_due())
             self._wake.clear()
-            self._apply(self.guard.due)
-            if self.router is not None:  # outlier ejection, retries: runtime API, when due
-                self.router.tick(self.catalog)
-                self.metrics.sync_router(self.router.stats)
-            if self._stop.is_set() or not self._dirty.is_set():
-                continue
-            self._quiesce()
-            self._dirty.clear()
-            self.sync()
+            try:
+                self._step()
+            except Exception:  # a bug, maybe met by every host at once (the same registry
+                log.exception("watcher: applying the catalog failed; again in %g s", RETRY_S)
+                self._dirty.set()  # value): this host's routing goes on, tried again
+                self._stop.wait(RETRY_S)
         if self.json_out is not None:  # written before a successor (SIGUSR2) writes its own
             self.json_out.flush()
+
+    def _step(self) -> None:
+        """One round of :meth:`run`: what the guard releases, the router's tick, a sync."""
+        self._apply(self.guard.due)
+        if self.router is not None:  # outlier ejection, retries: runtime API, when due
+            self.router.tick(self.catalog)
+            self.metrics.sync_router(self.router.stats)
+        if self._stop.is_set() or not self._dirty.is_set():
+            return
+        self._quiesce()
+        self._dirty.clear()
+        self.sync()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)

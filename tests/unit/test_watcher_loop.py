@@ -8,9 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from discovery.model import Instance
 from discovery.registry.base import Change, Snapshot, read_first
 from discovery.registry.reads import ReadStats
+from discovery.watcher import core
 from discovery.watcher.core import Watcher
 
 
@@ -94,3 +97,40 @@ def test_a_watcher_stopped_during_its_first_read_is_never_ready() -> None:
     watcher.run()
     assert not watcher.wait_ready(0) and synced == []
     assert watcher.catalog.loaded  # the read's reset came; nothing was made of it
+
+
+def test_a_round_that_raises_is_logged_and_tried_again_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug met while applying (maybe by every host at once: the same registry value) must
+    not end the watcher's loop, which would freeze this host's routing until a restart."""
+    registry = _Registry()
+    watcher = Watcher(registry, None)  # type: ignore[arg-type]
+    synced = threading.Event()
+    calls = 0
+    sync = watcher.sync
+
+    def flaky(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first sync after ready: a bug
+            raise RuntimeError("boom")
+        sync(*args)
+        if calls >= 3:
+            synced.set()
+
+    watcher.sync = flaky  # type: ignore[method-assign]
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        assert watcher.wait_ready(10)
+        assert registry.callback is not None
+        web = Instance(service="web", id="h:000000000001:80", node="h", address="192.0.2.1",
+                       port=80, registered_at=1.0)
+        registry.callback(Change("put", web.key, web, revision=2))
+        assert synced.wait(3 * core.RETRY_S + 5)  # tried again, without another change
+        assert thread.is_alive()
+        assert [r for r in caplog.records if "applying the catalog failed" in r.getMessage()]
+    finally:
+        watcher.stop()
+        thread.join(5)
+    assert not thread.is_alive()
