@@ -79,7 +79,13 @@ class JsonOut:
                     return
                 dirty, self._dirty = self._dirty, set()
                 again, self._again = self._again, False
-            if self._serialise(dirty) or again or not self._written:
+            try:
+                write = self._serialise(dirty) or again or not self._written
+            except Exception as exc:  # a bug: the file stays as it was (never a part of it),
+                self.error = f"--json-out {self.path}: cannot serialise the catalog: {exc}"
+                log.exception("%s", self.error)  # and flush() and close() still return
+                write = False
+            if write:
                 self._write()
             with self._cond:
                 if self._dirty is not None and not self._dirty and not self._again:

@@ -166,3 +166,25 @@ def test_an_empty_catalog_is_written_too(tmp_path: Path) -> None:
     out.sync(None)
     out.close()
     assert target.read_text() == '{\n  "services": {}\n}\n'
+
+
+def test_a_serialise_that_raises_writes_nothing_and_close_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in serialising must neither write a partial (or empty) catalog nor leave
+    flush() and close() waiting for a writer that died."""
+    target = tmp_path / "catalog.json"
+    out = JsonOut(target, loaded(*MEMBERS))
+
+    def broken(*_: object) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(json_out, "service_json", broken)
+    out.sync(None)
+    assert out.flush(5)
+    assert not target.exists() and out.error is not None and "boom" in out.error
+    monkeypatch.undo()
+    out.sync(None)  # the writer goes on
+    closer = threading.Thread(target=out.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive() and target.exists() and out.error is None
