@@ -88,9 +88,10 @@ def _read(path: str, param: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
+        why = exc.strerror if isinstance(exc, OSError) else None
         raise ConfigError(f"registry {param}= file {path!r}: cannot read it: "
-                          f"{exc.strerror or exc} (set by {_WHERE_SET[param]})") from None
+                          f"{why or exc} (set by {_WHERE_SET[param]})") from None
 
 
 def _pem(path: str | None, param: str) -> bytes | None:
@@ -330,7 +331,9 @@ KAZOO_LOGGER = "discovery.registry.kazoo"
 class MaskAuth(logging.Filter):
     """Masks the password of a ZooKeeper digest ``Auth`` request in a log line."""
 
-    _AUTH = re.compile(r"(auth=b?['\"][^'\":]*:)[^'\"]*")
+    # from the user's ':' to the line's last ')' (or its end): a quote or a ')' in the user or
+    # the password ends no part of the mask
+    _AUTH = re.compile(r"(auth=b?['\"][^:]*:)(?:.*(?=\))|.*)")
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()

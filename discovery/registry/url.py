@@ -8,7 +8,9 @@ entries (``own=``); see :class:`RegistryURL`, docs/configuration.md and docs/sec
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -40,6 +42,20 @@ ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "p
             "DISCOVERY_REGISTRY_CA": "tls_ca", "DISCOVERY_REGISTRY_CERT": "tls_cert",
             "DISCOVERY_REGISTRY_KEY": "tls_key"}
 MASK = "***"
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a host name (ASCII labels of 1..63 characters):
+    ``zk1..example.com`` or an IPv6 address without brackets (``::1`` read as ``:`` and port
+    1) is refused here, not by a connection thread that dies of it."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
+    return True
 
 
 def mask_url(text: str) -> str:
@@ -93,8 +109,11 @@ class RegistryURL:
         shown = mask_url(url)
         try:
             parts = urlsplit(url)
-        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
-            raise ConfigError(f"registry URL {shown!r}: {exc}") from None
+        except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address (its text may
+            raise ConfigError(f"registry URL {shown!r}: {mask_url(str(exc))}") from None  # quote
+        if "@" in parts.path or parts.fragment or url.endswith("#"):  # the userinfo; masked)
+            raise ConfigError(f"registry URL {shown!r}: an @ in the prefix, or a # (percent-"
+                              "encode / ? # @ : in a user or password: %2F %3F %23 %40 %3A)")
         if parts.scheme.lower() not in SCHEMES:
             raise ConfigError(f"registry URL {shown!r}: scheme must be etcd://, etcds://, zk:// "
                               "or zks://")
@@ -120,11 +139,13 @@ class RegistryURL:
             if not sep or "]" in port_s:
                 host, port_s = item, str(DEFAULT_PORTS[scheme])
             host = host.strip("[]")
-            if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            if not _host(host) or not (port_s.isascii() and port_s.isdigit() and
+                                       len(port_s) <= 5 and 0 < int(port_s) < 65536):
                 if "@" in url and not at:  # userinfo not split off: item may hold the password
                     raise ConfigError(f"registry URL {shown!r}: bad host:port (percent-encode "
                                       "/ ? # @ : in a user or password)")
-                raise ConfigError(f"registry URL {shown!r}: bad host:port {item!r}")
+                raise ConfigError(f"registry URL {shown!r}: bad host:port {item[:80]!r} (a host "
+                                  "name or IP address, an IPv6 one in brackets: [::1]:2379)")
             hosts.append((host, int(port_s)))
         prefix = "/" + parts.path.strip("/") if parts.path.strip("/") else DEFAULT_PREFIX
         if any(c in prefix for c in "\x00\n\r ") or "//" in prefix:

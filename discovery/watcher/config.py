@@ -10,6 +10,7 @@ naming the exact TOML key (``services.web.server_options``).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,8 @@ def parse_timeouts(culprit: str, value: object) -> dict[str, int]:
         name = str(key).replace("_", "-")
         if name not in TIMEOUTS:
             _fail(where, f"unknown timeout (allowed: {', '.join(TIMEOUTS)})")
+        if isinstance(raw, float) and not math.isfinite(raw):  # (TOML nan, inf)
+            _fail(where, "must be a finite number of milliseconds or a duration")
         if isinstance(raw, int | float) and not isinstance(raw, bool) and raw == int(raw):
             raw = int(raw)  # TOML numbers are milliseconds, as in HAProxy
         with _config_errors():

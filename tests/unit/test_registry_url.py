@@ -61,6 +61,15 @@ def test_parse_good(url: str, scheme: str, hosts: tuple[tuple[str, int], ...],
         ("etcd://h/p?spread=x", "spread= must be seconds"),
         ("zk://h/p?spread=-1", "spread= must be seconds"),
         ("zk://h/p?spread=61", "spread= must be seconds"),
+        ("etcd://h/p#x", "a #"),
+        ("etcd://h/p@q", "an @ in the prefix"),
+        ("etcd://127.0.0.1:\u00b2", "bad host:port"),  # a digit, but not an ASCII one
+        ("etcd://127.0.0.1:\u0661\u0662\u0663", "bad host:port"),  # (was read as port 123)
+        ("etcd://h:" + "9" * 5000, "bad host:port"),  # (int() of it raised)
+        ("zk://zk1..example.com:1/p", "bad host:port"),  # (killed kazoo's connection thread)
+        ("zk://h\u00e9.example.com/p", "bad host:port"),
+        ("etcd://::1", "in brackets"),  # (was host ':', port 1)
+        ("etcd://2001:db8::5", "in brackets"),  # (was host '2001:db8:', port 5)
     ],
 )
 def test_parse_bad(url: str, complaint: str) -> None:
@@ -232,6 +241,36 @@ def test_load_secrets_reads_files(tmp_path: Path) -> None:
     (tmp_path / "k.pem").write_bytes(PEM_KEY)  # a key that is not the certificate's
     with pytest.raises(ConfigError, match=r"key= file .*k.pem' does not go with cert="):
         load_secrets(url)
+
+
+@pytest.mark.parametrize("url", ["etcd://user:4321/Sup3rSecret@h:1/p",  # read as h:port/path
+                                 "etcd://user:4321#Sup3rSecret@h/p",  # read as a fragment
+                                 "etcd://user:Sup3r\uff03Secret@h:1/p"])  # urlsplit's own error
+def test_a_malformed_userinfo_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RegistryURL.parse(url)
+    assert "Secret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_load_secrets_names_a_path_with_a_nul() -> None:
+    with pytest.raises(ConfigError, match=r"ca= file .*: cannot read it"):
+        load_secrets(RegistryURL.parse("etcd://h/p?ca=%00"))
+
+
+def test_kazoo_auth_lines_are_masked_whatever_the_quotes() -> None:
+    import logging
+
+    from kazoo.protocol.serialization import Auth
+
+    from discovery.registry.security import MaskAuth
+
+    for auth in ("o'brien:Secr3t", "user:ab'Secr3t", 'user:pa)Sec"r3t', "user:Secr3t"):
+        record = logging.LogRecord("kazoo", logging.DEBUG, __file__, 1,
+                                   "Sending request(xid=%s): %s", (7, Auth(0, "digest", auth)),
+                                   None)
+        MaskAuth().filter(record)
+        assert "Secr3t" not in record.getMessage() and "r3t" not in record.getMessage()
+        assert "***" in record.getMessage()
 
 
 @pytest.mark.parametrize(
