@@ -36,7 +36,7 @@ from discovery.agent.tracked import (
 )
 from discovery.agent.views import AgentViews
 from discovery.agent.warmup import WarmupResult, start_warm_up
-from discovery.errors import CheckError, DiscoveryError, LabelError, RegistryError
+from discovery.errors import CheckError, DiscoveryError, RegistryError, ValidationError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
 from discovery.registry import Registry
@@ -272,12 +272,12 @@ class Agent(AgentViews):
         try:
             specs = parse_container(attrs, advertise=self.config.address,
                                     internal=self.config.internal, defaults=self.config.check)
-        except LabelError as exc:
+            instances = {i.key: i for i in (instance_of(attrs, s, self.config.node,
+                                                        self.config.zone) for s in specs)}
+        except ValidationError as exc:  # a label's (LabelError), or the record's (a long name)
             self._skip(cid, name, exc)
             return
         self._bad_labels.pop(cid, None)
-        instances = {i.key: i for i in (instance_of(attrs, s, self.config.node, self.config.zone)
-                                          for s in specs)}
         tracked = self._tracked.get(cid)
         started = iso_ns(str(state.get("StartedAt", "")))
         cause = cause or Cause("resync")

@@ -322,6 +322,9 @@ def _check(
             raise LabelError(culprit, "check type docker, but the image has no HEALTHCHECK")
     elif healthcheck:
         ctype = "docker"
+    elif ctype == "docker":  # (it had no runner: never healthy, never registered, no word)
+        raise LabelError(culprit, "the default check type ([agent.check] type) is docker, but "
+                         "the image has no HEALTHCHECK: give it a discovery.check label")
     params = dict(defaults.params) if ctype == defaults.type else {}
     params.update(_prefixed(table, cport, "check."))
 

@@ -164,6 +164,33 @@ def test_a_label_ending_in_service_neither_names_a_service_nor_stops_the_list(
     setup.wait_services(["alpha", "beta", "gamma"])
 
 
+def test_a_container_whose_record_is_refused_is_skipped_and_the_list_goes_on(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """Labels fine, but what Docker says of it makes no record (a name over 512 characters):
+    one error naming it; the containers after it are still listed, the listing done."""
+    setup.run("a", "alpha")
+    long = setup.run("b", "beta")
+    long["Name"] = "/" + "b" * 600
+    setup.run("c", "gamma")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    assert setup.agent._synced and list(setup.agent._bad_labels) == [long["Id"]]
+    setup.wait_services(["alpha", "gamma"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "container_name" in errors[0] and "b" * 12 in errors[0]
+
+
+def test_a_default_docker_check_names_a_container_without_a_healthcheck(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """[agent.check] type = "docker": a container with no HEALTHCHECK and no check label had no
+    check runner, never became healthy and was never registered, with no word."""
+    with agent_on(monkeypatch, FakeRegistry(), CheckSpec(type="docker")) as setup:
+        bare = setup.run("a", "alpha")
+        setup.agent._on_sync(list(setup.docker.running.values()))
+        assert list(setup.agent._bad_labels) == [bare["Id"]]
+        assert any("no HEALTHCHECK" in r.getMessage() for r in caplog.records
+                   if r.levelname == "ERROR")
+
+
 def test_a_destroyed_containers_label_error_is_not_kept(setup: Setup) -> None:
     """A container with bad labels is logged once (its error kept while it may come back); a
     destroyed one never does: its error is dropped (it was kept for good, one a container)."""
