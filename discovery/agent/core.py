@@ -176,8 +176,7 @@ class Agent(AgentViews):
     def _on_docker(self, up: bool) -> None:
         log.info("docker %s", "connected" if up else "disconnected")
         self.metrics.docker_state(up)
-        if not up:
-            self._synced = False
+        self._synced = self._synced and up  # down: listed again on its return
 
     def _on_registry(self, up: bool) -> None:
         """The registry's listener: records, wakes the run loop; never our lock (a deadlock)."""
@@ -220,7 +219,7 @@ class Agent(AgentViews):
                     self._apply_container(tracked, cause)
                     return
                 self._refresh_by_id(cid, cause)
-            elif action in ("start", "restart", "unpause"):
+            elif action in ("start", "restart", "unpause", "rename"):
                 self._refresh_by_id(cid, cause)
             elif action == "kill":
                 if (tracked is not None and not stale
@@ -296,6 +295,7 @@ class Agent(AgentViews):
             except CheckError as exc:  # e.g. a plugin check missing a required label
                 self._skip(cid, name, exc)
                 return
+        tracked.instances = instances  # (renamed, same_instances: the record follows it)
         tracked.paused = bool(state.get("Paused"))
         tracked.docker_health_is((state.get("Health") or {}).get("Status") == "healthy")
         self._apply_container(tracked, cause)

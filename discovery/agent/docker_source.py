@@ -21,7 +21,8 @@ from discovery.retry import backoff
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("start", "restart", "health_status", "kill", "stop", "die", "destroy", "pause", "unpause")
+EVENTS = ("start", "restart", "health_status", "kill", "stop", "die", "destroy", "pause", "unpause",
+          "rename")
 
 EventCallback = Callable[[dict[str, Any]], None]
 SyncCallback = Callable[[list[dict[str, Any]]], None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -105,7 +105,10 @@ def iso_ns(stamp: str) -> int:
 
 
 def same_instances(a: dict[Key, Instance], b: dict[Key, Instance]) -> bool:
-    return a.keys() == b.keys() and all(a[k].same_registration(b[k]) for k in a)
+    """The same instances but maybe for the container's name (a rename: the record follows it,
+    written again as it is; the container is not replaced, drained nor checked again)."""
+    return a.keys() == b.keys() and all(
+        replace(a[k], container_name=b[k].container_name).same_registration(b[k]) for k in a)
 
 
 def check_views(tracked: Iterable[Tracked], registered: set[Key],

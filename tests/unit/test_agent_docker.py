@@ -321,6 +321,26 @@ def test_a_container_that_survives_its_kill_signal_is_registered_again(
     setup.wait_services(["xsvc"])  # still running after the grace: its check decides
 
 
+def test_a_renamed_container_is_written_again_not_replaced(setup: Setup) -> None:
+    """docker rename: the record follows it at once (one put of the new name), never drained,
+    deleted and checked again, neither at its event nor at a listing (a Docker reconnect),
+    which took it for a new container before."""
+    x = setup.run("x", "xsvc")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["xsvc"])
+    key = ("xsvc", "n1:" + "x" * 12 + ":80")
+    written = len(setup.registry.log)
+    x["Name"] = "/xsvc-renamed"
+    setup.event("rename", x, later(x), name="xsvc-renamed", oldName="/xsvc-1")
+    assert setup.registry.log[written:] == [("put", key, "up")]
+    assert setup.registry.data[key].container_name == "xsvc-renamed"
+    x["Name"] = "/xsvc-again"
+    setup.agent._on_sync(list(setup.docker.running.values()))  # a listing finds it renamed
+    assert setup.agent.registrations.flush(5)
+    assert setup.registry.log[written + 1:] == [("put", key, "up")]
+    assert setup.registry.data[key].container_name == "xsvc-again"
+
+
 def test_a_killed_container_that_dies_is_not_registered_again(
         setup: Setup, short_grace: float) -> None:
     x = setup.run("x", "xsvc")
