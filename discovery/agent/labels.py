@@ -17,6 +17,7 @@ Anything unusable raises :class:`LabelError` naming the container and the label.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -293,7 +294,13 @@ def _address(
         if str(b.get("HostIp") or "") in ("", "0.0.0.0", "::", advertise):
             return advertise, _number(validate.port, culprit, str(b["HostPort"]))
     host_ip, host_port = str(bindings[0]["HostIp"]), str(bindings[0]["HostPort"])
-    return validate.address(culprit, host_ip), _number(validate.port, culprit, host_port)
+    address = validate.address(culprit, host_ip)
+    loopback = [ipaddress.ip_address(a).is_loopback for a in (address, advertise)]
+    if loopback == [True, False]:
+        raise LabelError(culprit, f"port {cport}/tcp is published on {address} only: other hosts "
+                         f"cannot reach it (every host would send its traffic to its own "
+                         f"loopback); publish it on {advertise} or 0.0.0.0")
+    return address, _number(validate.port, culprit, host_port)
 
 
 def _has_healthcheck(attrs: dict[str, Any]) -> bool:
