@@ -30,6 +30,22 @@ def default_node() -> str:
     return cleaned[:63] or "node"
 
 
+#: settings a SIGHUP does not change: the registry (its URL, TTL), the node (its records and
+#: maintenance are under its name) and Docker's client are made once
+RESTART_ONLY = ("node", "registry", "ttl", "docker", "state_dir")
+
+
+def restart_only(old: AgentConfig, new: AgentConfig) -> AgentConfig:
+    """``new``, a reload's, with what :data:`RESTART_ONLY` names kept as in ``old``; one
+    warning names each kept setting (never its value: a registry URL may hold a password)."""
+    kept = {f: getattr(old, f) for f in RESTART_ONLY if getattr(new, f) != getattr(old, f)}
+    if kept:
+        log.warning("reload: %s changed, ignored: restart the agent to change %s; the old %s "
+                    "in effect", ", ".join(kept), "it" if len(kept) == 1 else "them",
+                    "stays" if len(kept) == 1 else "stay")
+    return replace(new, **kept)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     registry: str = ""

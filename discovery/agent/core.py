@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from discovery.agent.checks import build_check
-from discovery.agent.config import AgentConfig
+from discovery.agent.config import AgentConfig, restart_only
 from discovery.agent.docker_source import DockerSource
 from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.history import Cause, History, docker_detail
@@ -142,10 +141,7 @@ class Agent(AgentViews):
         self._wake.set()
 
     def _reload(self, config: AgentConfig) -> bool:
-        if config.node != self.config.node:  # its records and maintenance are under the old name
-            log.warning("reload: node %s ignored: restart the agent to change the node name; "
-                        "%s stays in effect", config.node, self.config.node)
-            config = replace(config, node=self.config.node)
+        config = restart_only(self.config, config)
         with self._lock:
             self._relisting = set()  # containers whose events arrive while Docker is listed
         try:

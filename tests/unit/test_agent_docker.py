@@ -286,9 +286,15 @@ def test_a_reload_keeps_the_node_name(setup: Setup, caplog: pytest.LogCaptureFix
     setup.run("a", "alpha")
     setup.agent._on_sync(list(setup.docker.running.values()))
     setup.wait_services(["alpha"])
-    setup.agent._reload(replace(setup.agent.config, node="n2", zone="z1"))
+    old = setup.agent.config
+    setup.agent._reload(replace(old, node="n2", zone="z1", ttl=30.0, state_dir="/elsewhere",
+                                registry="etcd://u:s3cret@127.0.0.1:2/q"))
+    # the zone is applied; what is made once is kept, each named, never a value (a password)
     assert (setup.agent.config.node, setup.agent.config.zone) == ("n1", "z1")
-    assert "restart the agent to change the node name" in caplog.text
+    assert (setup.agent.config.ttl, setup.agent.config.state_dir,
+            setup.agent.config.registry) == (old.ttl, old.state_dir, old.registry)
+    assert ("node, registry, ttl, state_dir changed, ignored: restart the agent to change them"
+            in caplog.text) and "s3cret" not in caplog.text
     setup.wait_services(["alpha"])
     written = len(setup.registry.log)
     assert setup.agent.reconcile() and setup.agent.reconcile()

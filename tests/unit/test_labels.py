@@ -235,7 +235,7 @@ def test_a_port_published_on_loopback_only_is_not_offered_to_other_hosts() -> No
     127.0.0.1:81, and every other host would send that traffic to its own loopback."""
     attrs = container({"discovery.service": "web"})
     attrs["NetworkSettings"]["Ports"]["80/tcp"] = [{"HostIp": "127.0.0.1", "HostPort": "81"}]
-    with pytest.raises(LabelError, match="published on 127.0.0.1 only: other hosts cannot"):
+    with pytest.raises(LabelError, match=r"published on 127\.0\.0\.1 only: other hosts cannot"):
         parse_container(attrs, advertise="192.0.2.7")
     # a host whose advertised address is loopback too (one machine, a test): as it is
     assert brief(parse_container(attrs, advertise="127.0.0.1")) == [("web", 80, "127.0.0.1", 81)]
