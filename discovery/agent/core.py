@@ -24,6 +24,7 @@ from discovery.agent.registrations import Registrations
 from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.agent.tracked import (
     KILL_GRACE,
+    REFRESHING,
     TERMINATING_SIGNALS,
     Key,
     Tracked,
@@ -204,19 +205,19 @@ class Agent(AgentViews):
         attrs = event.get("Actor", {}).get("Attributes", {}) or {}
         self.metrics.docker_event(action)
         cause = Cause(action.partition(":")[0].strip() or "docker", docker_detail(action, attrs))
+        # asked before the lock (REFRESHING); the events come in order, on this thread alone
+        look = action in REFRESHING or (action.startswith("health") and cid not in self._tracked)
+        looked = self.docker.inspect(cid) if look else None
         with self._lock:
             if self._relisting is not None:
                 self._relisting.add(cid)
             tracked = self._tracked.get(cid)
             stale = tracked is not None and 0 < int(event.get("timeNano") or 0) < tracked.started_ns
-            if action.startswith("health_status"):
-                if tracked is not None:
-                    tracked.docker_health_is(action.rsplit(":", 1)[-1].strip() == "healthy")
-                    self._apply_container(tracked, cause)
-                    return
-                self._refresh_by_id(cid, cause)
-            elif action in ("start", "restart", "unpause", "rename"):
-                self._refresh_by_id(cid, cause)
+            if action.startswith("health_status") and tracked is not None:
+                tracked.docker_health_is(action.rsplit(":", 1)[-1].strip() == "healthy")
+                self._apply_container(tracked, cause)
+            elif action.startswith("health_status") or action in REFRESHING:
+                self._looked(cid, looked if look else self.docker.inspect(cid), cause)
             elif action == "kill":
                 if (tracked is not None and not stale
                         and str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS):
@@ -226,10 +227,9 @@ class Agent(AgentViews):
                     self._apply_container(tracked, cause)
                     threading.Thread(target=self._kill_grace_over, args=(cid, end),
                                      name=f"kill-{cid[:12]}", daemon=True).start()
-            elif action == "pause":
-                if tracked is not None:
-                    tracked.paused = True
-                    self._apply_container(tracked, cause)
+            elif action == "pause" and tracked is not None:
+                tracked.paused = True
+                self._apply_container(tracked, cause)
             elif action in ("stop", "die", "destroy") and not stale:  # not a replayed older run's
                 self._forget(cid, cause)
                 if action == "destroy":  # never back (kept till then: logged once a run)
@@ -243,17 +243,21 @@ class Agent(AgentViews):
             grace = KILL_GRACE
         if wait_grace(self._stop, self._killed, cid, end, grace):  # or till it died
             return
+        try:  # (before the lock: see _on_event)
+            looked: dict[str, Any] | DiscoveryError | None = self.docker.inspect(cid)
+        except DiscoveryError as exc:
+            looked = exc
         with self._lock:
             if self._killed.get(cid, (None,))[0] != end:
                 return  # gone, or killed again since
             del self._killed[cid]
-            try:  # not running or restarted: forgotten or replaced
-                self._refresh_by_id(cid, Cause("kill", f"running {grace:g}s after it"))
-            except DiscoveryError as exc:  # the listing on Docker's reconnect decides
-                log.warning("container %s: %s", cid[:12], exc)
+            if isinstance(looked, DiscoveryError):  # the listing on Docker's reconnect decides
+                log.warning("container %s: %s", cid[:12], looked)
+            else:  # not running or restarted: forgotten or replaced
+                self._looked(cid, looked, Cause("kill", f"running {grace:g}s after it"))
 
-    def _refresh_by_id(self, cid: str, cause: Cause) -> None:
-        attrs = self.docker.inspect(cid)
+    def _looked(self, cid: str, attrs: dict[str, Any] | None, cause: Cause) -> None:
+        """What Docker said of ``cid`` (None: no such container) applied (the lock held)."""
         if attrs is None or not attrs.get("State", {}).get("Running"):
             self._forget(cid, cause)
         else:

@@ -13,6 +13,9 @@ from discovery.agent.health import CheckRunner
 from discovery.agent.spec import ServiceSpec, WarmupSpec
 from discovery.model import Instance, make_instance_id
 
+#: events after which Docker is asked about the container: before the agent's lock, which every
+#: check's transition takes (a slow dockerd's 10 s must not hold every container's checks)
+REFRESHING = ("start", "restart", "unpause", "rename")
 TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
                        "KILL", "TERM", "INT", "QUIT"}
 #: seconds a container drained on a terminating signal may keep running before it is wanted

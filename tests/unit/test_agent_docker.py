@@ -347,6 +347,33 @@ def test_a_renamed_container_is_written_again_not_replaced(setup: Setup) -> None
     assert setup.registry.data[key].container_name == "xsvc-again"
 
 
+def test_a_slow_inspect_does_not_hold_the_agents_lock(setup: Setup) -> None:
+    """Docker asked about a started container (up to the client's 10 s when dockerd is slow)
+    while the agent's lock is free: every other container's check transitions take it."""
+    setup.run("a", "alpha")
+    b = setup.run("b", "beta")
+    setup.agent._on_sync([setup.docker.running[next(iter(setup.docker.running))]])
+    asked, answer = threading.Event(), threading.Event()
+    inspect = setup.docker.inspect
+
+    def slow(cid: str) -> dict[str, Any] | None:
+        asked.set()
+        assert answer.wait(5)
+        return inspect(cid)
+
+    setup.docker.inspect = slow  # type: ignore[method-assign]
+    event = threading.Thread(target=setup.event, args=("start", b), daemon=True)
+    event.start()
+    try:
+        assert asked.wait(5)
+        assert setup.agent._lock.acquire(timeout=1)  # free while Docker is asked
+        setup.agent._lock.release()
+    finally:
+        answer.set()
+        event.join(5)
+    setup.wait_services(["alpha", "beta"])
+
+
 def test_a_killed_container_that_dies_is_not_registered_again(
         setup: Setup, short_grace: float) -> None:
     x = setup.run("x", "xsvc")
