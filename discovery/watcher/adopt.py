@@ -269,6 +269,9 @@ class Watched:
                 os.close(self.fd)
             self.fd = None
 
+    def __del__(self) -> None:  # one replaced (a start tried again): its pidfd goes with it,
+        self.close()  # not while the monitor still selects on it (it holds a reference)
+
 
 def wait_ended(proc: Watched, wake: int, timeout: float) -> bool:
     """Block until ``proc`` ends (True), the ``wake`` fd is readable, or ``timeout`` passes.

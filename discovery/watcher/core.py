@@ -210,7 +210,16 @@ class Watcher:
             pending, self._pending = self._pending, []
             changed, self._changed = self._changed, set()
         if self.router is not None:
-            self.router.sync(self.catalog, changed)
+            try:
+                self.router.sync(self.catalog, changed)
+            except BaseException:  # (run() tries again): what changed is still to apply
+                with self._pending_lock:
+                    if changed is None or self._changed is None:
+                        self._changed = None  # (all)
+                    else:
+                        self._changed |= changed
+                    self._pending[:0] = pending
+                raise
             self.metrics.sync_router(self.router.stats)
         applied = time.time()
         for instance, received in pending:  # seen → written → received → applied: histograms

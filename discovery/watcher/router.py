@@ -134,7 +134,10 @@ class Router:
                 if only is not None:
                     desired = self.desired(catalog)
                 sizes = self._sizes(desired)
-                if self._last_attempt == (self.config, sizes):
+                if not self.structure_changed() and self._interval_left() > 0:
+                    # slots outgrown: one reload an interval (tick), what fits placed meanwhile
+                    self._placing = self._placing or time.monotonic() + self._interval_left()
+                elif self._last_attempt == (self.config, sizes):
                     outcome = "failed"  # same inputs failed before: don't hammer; runtime only
                 else:
                     outcome = self._reload(desired, sizes)
@@ -148,8 +151,7 @@ class Router:
                 self._past_most(changes, desired)
                 waiting = [n for n in changes if self.tables[n].overflow
                            and len(desired[n]) <= self.tables[n].size]
-                wait = min(self.stats.last_reload + self.config.reload_min_interval
-                           - time.time(), self.config.reload_min_interval)  # clock stepped back
+                wait = self._interval_left()
                 if waiting and outcome != "failed" and wait > 0:
                     self._placing = time.monotonic() + wait  # one reload an interval: tick
                 elif waiting and outcome != "failed":
@@ -163,6 +165,11 @@ class Router:
                         outcome = self._reload(full, sizes)
             self.stats.note(outcome)
             return outcome
+
+    def _interval_left(self) -> float:
+        """Seconds until ``reload_min_interval`` has passed since the last reload."""
+        return min(self.stats.last_reload + self.config.reload_min_interval - time.time(),
+                   self.config.reload_min_interval)  # (a clock stepped back)
 
     def _reload(self, desired: dict[str, dict[str, Instance]], sizes: dict[str, int]
                 ) -> Outcome:
@@ -198,12 +205,13 @@ class Router:
     def _failed(self, exc: Exception, sizes: dict[str, int]) -> None:
         self._last_attempt = (self.config, sizes)  # the same inputs are not tried again...
         self.stats.last_error = str(exc)
-        if not isinstance(exc, HAProxyError):
+        if not isinstance(exc, HAProxyError | OSError):
             self.stats.render_errors += 1
             log.error("config not applied, the last good one keeps serving: %s", exc)
             return
         # ...unless HAProxy itself failed (a listener's port still taken, its master socket
-        # not answering): that may pass, so the same start or reload is tried again later
+        # not answering) or the system did (a full disk, no process to be had): that may pass,
+        # so the same start or reload is tried again later
         self.stats.haproxy_errors += 1
         wait = self._again.failed()
         if isinstance(self.control, HAProxySupervisor) and not self.control.running:
@@ -234,8 +242,9 @@ class Router:
         if isinstance(control, HAProxySupervisor) and not control.running:
             try:
                 control.start(validated=not fresh)
-            except RenderError:  # the new HAProxy refused the config, as haproxy -c does
-                self.tables = previous
+            except (RenderError, HAProxyError, OSError):  # refused the config (as haproxy -c
+                self.tables = previous  # does), did not start, or was adopted but its catch-up
+                self._unloaded = control.running  # reload failed: reloaded at the next try
                 raise
             log.info("HAProxy started with %s", self.config_path)
             self._unapplied.clear()  # the file carries every slot

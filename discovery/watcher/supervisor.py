@@ -164,15 +164,18 @@ class HAProxySupervisor:
                 validate_config(self.binary, self.config)
             self._stopping.clear()
             self._left = False
-            if found is not None and found.master is not None and found.workers \
-                    and adopt.exe(found.master) == adopt.binary_path(self.binary):
-                self._adopt(found.master)
-            else:
-                self._spawn(found, checked=validated or found is not None)
-            if self._monitor is None or not self._monitor.is_alive():
-                self._monitor = threading.Thread(target=self._watch, daemon=True,
-                                                 name=f"haproxy-monitor-{self.state_dir.name}")
-                self._monitor.start()
+            try:
+                if found is not None and found.master is not None and found.workers \
+                        and adopt.exe(found.master) == adopt.binary_path(self.binary):
+                    self._adopt(found.master)
+                else:
+                    self._spawn(found, checked=validated or found is not None)
+            finally:  # (adopted, but its catch-up reload failed: watched all the same)
+                if self.running and (self._monitor is None or not self._monitor.is_alive()):
+                    self._monitor = threading.Thread(
+                        target=self._watch, daemon=True,
+                        name=f"haproxy-monitor-{self.state_dir.name}")
+                    self._monitor.start()
 
     def _adopt(self, pid: int) -> None:
         self._proc, self.adopted, self._started = Watched(pid), True, time.monotonic()

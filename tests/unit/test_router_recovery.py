@@ -4,6 +4,7 @@ the real ``haproxy -c`` checks what is rendered."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,35 @@ def test_a_full_disk_keeps_the_last_good_config(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(router_module, "stage", full)
+    router.stats.last_reload -= 60  # (a reload within reload_min_interval of the last waits)
     for n in range(2, 10):  # 9 instances: more than the 8 slots, a reload
         put(catalog, n)
     assert router.sync(catalog, {"web"}) == "failed"
     assert "No space left" in router.stats.last_error and control.reloads == 1
+    assert router._again.due  # tried again (a full disk may pass): it was not, till the
+    monkeypatch.undo()  # next size
+    router._again.due = time.monotonic() - 1  # (its time come)
+    router.tick(catalog)
+    assert control.reloads == 2 and len(router.tables["web"].ids()) == 9
+
+
+def test_slots_outgrown_within_the_interval_reload_once_it_has_passed(tmp_path: Path) -> None:
+    """A service outgrowing its slots reloads once ``reload_min_interval`` has passed since the
+    last reload (its tick), what fits placed meanwhile: a burst of 1 -> 300 instances made a
+    reload at 9, 17, 33, 65, 129 and 257 within 0.1 s."""
+    config = WatcherConfig(services={"web": WEB}, reload_min_interval=0.3)
+    router, control, catalog = setup(tmp_path, 1, config)
+    for n in range(2, 40):
+        put(catalog, n)
+        router.sync(catalog, {"web"})
+    assert control.reloads == 1 and len(router.tables["web"].ids()) == 8  # what fits
+    due = router.next_due()
+    assert due is not None and due <= time.monotonic() + 0.3
+    while control.reloads == 1:
+        assert time.monotonic() < due + 5
+        router.tick(catalog)
+        time.sleep(0.01)
+    assert control.reloads == 2 and len(router.tables["web"].ids()) == 39
 
 
 def test_a_failing_show_stat_waits_for_the_next_interval(tmp_path: Path) -> None:
@@ -298,3 +324,46 @@ def test_a_service_past_the_most_slots_routes_what_fits_and_says_so(
                       "them not routed"]
     assert router.sync(catalog) in ("none", "runtime") and control.reloads == 1
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1  # said once
+
+
+def test_an_adopted_haproxy_whose_catch_up_reload_fails_is_watched_and_reloaded_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new watcher finds an HAProxy left running on another config and its reload fails (a
+    listener's port taken): the next try reloads it again (it took the file for loaded, and
+    never reloaded), and a monitor watches it all the while (none was started: a later crash
+    of the master went unrestarted). The "master" here is this test's own process: it is left
+    running (``leave``), never signalled."""
+    from discovery.watcher import adopt
+    from discovery.watcher import supervisor as supervisor_module
+    from discovery.watcher.supervisor import HAProxySupervisor
+
+    me = os.getpid()
+    for module in (router_module, supervisor_module):
+        monkeypatch.setattr(module, "validate_config", lambda *a, **k: None)
+    monkeypatch.setattr(adopt, "survey", lambda *a: adopt.Found(me, (me,)))
+    monkeypatch.setattr(adopt, "exe", lambda pid: "/x/haproxy")
+    monkeypatch.setattr(adopt, "binary_path", lambda binary: "/x/haproxy")
+    (tmp_path / adopt.LOADED_FILE).write_text("another config's digest\n")
+    sup = HAProxySupervisor(tmp_path / "haproxy.cfg", tmp_path)
+    reloads: list[float] = []
+
+    def refused(timeout: float = 15.0) -> None:
+        reloads.append(time.monotonic())
+        raise HAProxyError("reload: no new worker within 15s")
+
+    monkeypatch.setattr(sup.master, "reload", refused)
+    monkeypatch.setattr(sup.runtime, "apply_slots", lambda changes: None)
+    router = Router(WatcherConfig(services={"web": WEB}), tmp_path / "haproxy.cfg",
+                    RuntimePaths(str(tmp_path / "admin.sock")), sup)
+    catalog = Catalog()
+    catalog.load(Snapshot({inst(1).key: inst(1)}, revision=1))
+    try:
+        assert router.sync(catalog) == "failed" and len(reloads) == 1
+        assert sup.running and sup._monitor is not None and sup._monitor.is_alive()
+        router._again.due = time.monotonic() - 1  # (its time come)
+        router.tick(catalog)
+        assert len(reloads) == 2 and router.structure_changed()  # not taken for loaded
+    finally:
+        sup.leave()
+        if sup._monitor is not None:
+            sup._monitor.join(5)

@@ -134,3 +134,43 @@ def test_a_round_that_raises_is_logged_and_tried_again_the_loop_goes_on(
         watcher.stop()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_sync_that_raises_keeps_what_changed_for_the_next() -> None:
+    """The services changed since the last sync are handed to the router once; a sync that
+    raised (run() tries it again) dropped them, and the next one synced nothing."""
+    watcher = Watcher(_Registry(), None)  # type: ignore[arg-type]
+    asked: list[set[str] | None] = []
+
+    class Router:
+        stats = None
+
+        def sync(self, catalog: Any, only: set[str] | None) -> None:
+            asked.append(None if only is None else set(only))
+            if len(asked) == 1:
+                raise RuntimeError("can't start new thread")
+
+    watcher.router = Router()  # type: ignore[assignment]
+    watcher.metrics.sync_router = lambda stats: None  # type: ignore[method-assign]
+    watcher._changed = {"web"}
+    with pytest.raises(RuntimeError):
+        watcher.sync()
+    watcher._changed.add("db")  # a change meanwhile
+    watcher.sync()
+    assert asked == [{"web"}, {"web", "db"}]
+
+
+def test_a_replaced_process_watch_gives_its_pidfd_back() -> None:
+    """Each start attempt watches its master through a pidfd; one replaced (a start tried
+    again every few seconds while it fails) kept its descriptor open for good."""
+    import gc
+    import os
+
+    from discovery.watcher.adopt import Watched
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        watched = Watched(os.getpid())
+    del watched
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
