@@ -19,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -82,16 +83,16 @@ class EtcdRegistry:
             timeout=min(timeout, max(1.0, ttl / 3)), failover=True,
             channels=self.channels, loop=lambda: self.loop)
         self.auth = EtcdAuth(self.client, secrets, self.where)
+        self._put = partial(etcd_index.put, self._call, self.client, self.url)  # (inst, lease)
         self._granted = GrantedTtl("etcd", self.where, "leases", ETCD_SHORTEST)
         self._lock = threading.RLock()  # owned, lease, watches
         self._owned: dict[tuple[str, str], Instance] = {}
         self._lease: int | None = None
-        self._need_reput = False
+        self._need_reput, self._rewritten = False, set[tuple[str, str]]()  # (put_all's done)
         self._watches: list[EtcdWatch] = []
         self._cluster = etcd_rewind.ClusterSeen()  # who answered our reads
         self._nodes: dict[tuple[str, str], str] = {}  # key -> node, from node_snapshot
-        self._closing = threading.Event()
-        self._closed = threading.Event()
+        self._closing, self._closed = threading.Event(), threading.Event()
         self._keeper: etcd_aio.LoopTask | None = None  # the lease's, on the loop
         self._pulse: etcd_aio.LoopTask | None = None  # a watch-only registry's (etcd_pulse)
         self._loop, self._own_loop, self._loop_lock = loop, loop is None, threading.Lock()
@@ -120,9 +121,9 @@ class EtcdRegistry:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T], closing: bool = False,
-              patience: float | None = None) -> T:
-        """Run one etcd request, retrying transient failures (other endpoints) until timeout
-        (or ``patience`` seconds)."""
+              patience: float | None = None, login: bool = True) -> T:
+        """Run one etcd request, retrying transient failures (other endpoints) until timeout (or
+        ``patience`` s); not ``login``: no login first unless etcd asks (a renewal: see _keep)."""
         started = time.monotonic()
         deadline = started + (self.timeout if patience is None else patience)
         delay, reauthenticated = 0.05, False
@@ -131,7 +132,8 @@ class EtcdRegistry:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
                 raise RegistryError(f"etcd registry {self.url} is closed")
             try:
-                self.auth.ensure()
+                if login or reauthenticated:
+                    self.auth.ensure()
                 result = fn()
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
@@ -165,9 +167,6 @@ class EtcdRegistry:
 
     def set_state(self, up: bool) -> None:
         self._state.set(up)
-
-    def _put(self, inst: Instance, lease: int) -> bool:
-        return etcd_index.put(self._call, self.client, self.url, inst, lease)
 
     def _restore(self, key: tuple[str, str], doubt: bool) -> str:
         """``key`` (owned, deleted or changed by another writer: ``owned``) put back if still
@@ -212,7 +211,7 @@ class EtcdRegistry:
             if self._lease != old or self._closing.is_set():
                 return
             self._lease = None
-            self._need_reput = True
+            self._need_reput, self._rewritten = True, set()  # every owned instance again
             lease = self._ensure_lease()
             log.warning("etcd lease %x expired; re-registering %d instance(s) under lease %x",
                         old, len(self._owned), lease)
@@ -224,7 +223,7 @@ class EtcdRegistry:
             if lease is None or self._closing.is_set() or not self._need_reput:
                 return
             self._need_reput = True  # until this round writes everything: the keeper retries
-            etcd_index.put_all(lambda inst: self._put(inst, lease), list(self._owned.values()))
+            etcd_index.put_all(lambda i: self._put(i, lease), self._owned.values(), self._rewritten)
             self._need_reput = False
 
     def members_in_use(self) -> set[str]:
@@ -235,9 +234,11 @@ class EtcdRegistry:
 
     async def _keep(self) -> None:
         """The lease's keeper, one task on the loop: every renewal interval (jittered, so a
-        fleet's renewals do not align) one keepalive on the stream, on the loop; anything else
-        (a failure, the lease gone, instances to write again, the state to tell listeners)
-        is one round of :meth:`_keep_round` in the loop's executor."""
+        fleet's renewals do not align) one keepalive on the stream, with no login (etcd takes it
+        without a token: a rotated password must not cost a fleet its leases, nor a fleet's
+        re-login delay its renewals); anything else (a failure, the lease gone, instances to
+        write again, the state to tell listeners) is one round of :meth:`_keep_round` in the
+        loop's executor."""
         interval = self._interval
         wait, renewed = jittered(interval), time.monotonic()
         while True:
@@ -246,7 +247,7 @@ class EtcdRegistry:
                 return
             await self.channels.prune(self.members_in_use())  # what a failover left
             lease, answer = self._lease, None
-            if lease is not None and not self._need_reput and self._state.up and self.auth.ready:
+            if lease is not None and not self._need_reput and self._state.up:
                 with contextlib.suppress(Exception):  # the round below tries again
                     answer = await self._renewals.renew_async(lease)
                 if answer and answer[0].TTL > 0:
@@ -274,7 +275,7 @@ class EtcdRegistry:
             try:
                 if lease is not None:
                     resp = answer if answer is not None else self._call("lease keepalive",
-                        lambda: self._renewals.renew(lease), patience=_RENEW_PATIENCE)
+                        lambda: self._renewals.renew(lease), patience=_RENEW_PATIENCE, login=False)
                     if not resp or resp[0].TTL <= 0:  # etcd's word that the lease is gone
                         self._renew_lease(lease)
                     else:
@@ -390,10 +391,9 @@ class EtcdRegistry:
             if revoke and lease is not None:
                 try:
                     self._call("revoke lease", lambda: self.client.revoke_lease(lease), True)
-                except _LeaseGone:
-                    pass  # gone already: expired, or revoked by a first try that timed out
-                except RegistryError as exc:
-                    log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
+                except RegistryError as exc:  # not _LeaseGone: expired, or revoked by a first
+                    if not isinstance(exc, _LeaseGone):  # try that timed out
+                        log.warning("%s; our entries expire within %gs instead", exc, self.ttl)
         finally:
             self._closed.set()
             self.channels.close_on(self._loop, self.timeout, own_loop=self._own_loop)

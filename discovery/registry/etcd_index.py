@@ -98,13 +98,19 @@ def drop_late(call: Caller, client: Any, url: RegistryURL, key: tuple[str, str],
                              transactions.Delete(index_key(url, node, *key))]))
 
 
-def put_all(put: Callable[[Instance], object], instances: Iterable[Instance]) -> None:
-    """``put`` each of ``instances``: one etcd refuses (its service's role) does not keep the
-    others from being written; the refusal is raised after them."""
+def put_all(put: Callable[[Instance], object], instances: Iterable[Instance],
+            done: set[tuple[str, str]]) -> None:
+    """``put`` each of ``instances`` not in ``done`` (each written is added to it): one etcd
+    refuses (its service's role) does not keep the others from being written, and the round
+    that tries again writes only what was refused (each write reaches every host that follows
+    its service); the refusal is raised after them."""
     denied: RegistryDenied | None = None
     for inst in instances:
+        if inst.key in done:
+            continue
         try:
             put(inst)
+            done.add(inst.key)
         except RegistryDenied as exc:
             denied = exc
     if denied is not None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from discovery.errors import RegistryDenied
+from discovery.errors import RegistryDenied, RegistryError
 from discovery.model import Instance
 from discovery.registry import Change, Registry, etcd_watch
 from tests.harness.registries import no_write_back
@@ -204,6 +204,32 @@ def test_a_rotated_password_is_not_tried_at_the_resume_rate(
     print(f"failed logins in {WINDOW:g} s: {logins:g}; logged: {len(logged)}")
     assert 2 <= logins <= MAX_REFUSED, logins
     assert len(logged) >= logins - 1, (logins, len(logged))
+
+
+def test_a_rotated_password_costs_no_lease(etcd: RbacEtcd, open_reg: OpenReg) -> None:
+    """The host's password was changed in etcd before its configuration: etcd refuses its
+    token (the auth store changed) and every login from then on. etcd renews a lease without
+    a token, so its instances stay for as long as it runs; before, each renewal waited for a
+    login first, and every instance of the fleet went within one TTL of the change."""
+    prefix, name, ttl = unique_prefix(), f"u{uuid.uuid4().hex[:8]}", 3.0
+    etcd.as_root("role", "add", name)
+    etcd.as_root("role", "grant-permission", name, "--prefix=true", "readwrite", prefix + "/")
+    etcd.as_root("user", "add", name, "--new-user-password", "old-pw")
+    etcd.as_root("user", "grant-role", name, name)
+    root = open_reg(etcd.url_as("root", etcd.ROOT_PASSWORD, prefix), ttl=10.0, timeout=2.0)
+    no_write_back(root)
+    reg = open_reg(etcd.url_of(name, "old-pw", prefix), ttl=ttl, timeout=2.0)
+    reg.register(inst(1))
+    etcd.as_root("user", "passwd", name, "--interactive=false", stdin="new-pw\n")
+    with pytest.raises(RegistryError, match="authentication"):
+        reg.snapshot()  # its token refused, its login too
+    watched = 0
+    until = time.monotonic() + 3 * ttl  # three TTLs: it would have gone after one
+    while time.monotonic() < until:
+        assert inst(1).key in root.snapshot().instances, f"gone after {watched} looks"
+        watched += 1
+        time.sleep(0.25)  # (the cadence of the looks over the window, not a wait for a state)
+    assert watched >= 3 * ttl / 0.5
 
 
 def test_a_refused_wide_resume_falls_back_to_the_services_watches(

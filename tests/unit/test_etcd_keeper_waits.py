@@ -153,6 +153,12 @@ def test_one_refused_instance_does_not_hold_back_the_others_rewrite(registry: An
     with pytest.raises(RegistryDenied):
         registry._reput_all()
     assert written == ["api"] and registry._need_reput  # tried again at the keeper's turn
+    with pytest.raises(RegistryDenied):  # the keeper's next turns write the refused one
+        registry._reput_all()  # alone: each write reaches every host (api was written
+    assert written == ["api"] and registry._need_reput  # again at each turn)
+    registry._put = lambda inst, lease: written.append(inst.service)  # granted again
+    registry._reput_all()
+    assert written == ["api", "web"] and not registry._need_reput
 
 
 def _sleep_in_a_loop(waits: KeeperWaits, seconds: float) -> threading.Thread:
