@@ -204,7 +204,8 @@ class KeepAliveStream:
         self._closed = False
 
     def renew(self, lease: int) -> list[Any]:
-        """The answer to one keepalive of ``lease`` (``[]`` if the stream ended without one)."""
+        """The answer to one keepalive of ``lease`` (a stream that ended without one, as a
+        proxy may end it: ConnectionFailedError, tried again on another)."""
         with self._lock:
             if self._closed:
                 raise etcd_exc.ConnectionFailedError()
@@ -286,9 +287,9 @@ class KeepAliveStream:
         written = await etcd_aio.write(stream, etcdrpc.LeaseKeepAliveRequest(ID=lease))
         while True:
             answer = await stream.read() if written else grpc.aio.EOF
-            if answer is grpc.aio.EOF:  # the stream ended without an error
-                self._drop()
-                return []
+            if answer is grpc.aio.EOF:  # the stream ended without an error: not etcd's word
+                self._drop()  # that the lease is gone (TTL 0 is), so another stream, not a
+                raise etcd_exc.ConnectionFailedError()  # new lease (every instance rewritten)
             if lease == answer.ID:
                 took = time.monotonic() - sent
                 if took > LATE:

@@ -9,6 +9,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 from pyetcd import exceptions as etcd_exc
 
@@ -31,6 +32,7 @@ class Member:
         self.delay: float | None = 0.0
         self.status_calls = 0
         self.failed = 0
+        self.ends = False  # its streams end without an answer nor an error
 
     def fail(self) -> None:
         self.failed += 1
@@ -58,6 +60,8 @@ class Stream:
                 self.member.delay, self.answers.put_nowait, SimpleNamespace(ID=request.ID, TTL=10))
 
     async def read(self) -> Any:
+        if self.member.ends:
+            return grpc.aio.EOF
         return await self.answers.get()
 
     def cancel(self) -> None:
@@ -133,3 +137,15 @@ def test_a_member_answering_as_a_proxy_does_is_told_of_once(
         assert renewals(member, delays, hint="use own=services") == ["ok"] * len(delays)
     told_of = [r for r in caplog.records if "use own=services" in r.getMessage()]
     assert len(told_of) == told and all(r.levelname == "INFO" for r in told_of)
+
+
+def test_a_stream_that_ends_without_an_answer_is_a_link_to_try_again_not_a_lost_lease(
+        member: Member) -> None:
+    """A keepalive stream that ends cleanly (a proxy may) is no answer: the renewal is tried
+    again on another stream. It came back as no answer at all, which the keeper took for
+    etcd's word that the lease was gone: a new lease, every instance written again."""
+    member.ends = True
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        renewals(member, [0.0])
+    member.ends = False
+    assert renewals(member, [0.0]) == ["ok"]  # a new stream
