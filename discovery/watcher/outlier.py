@@ -250,8 +250,8 @@ class OutlierDetector:
     def status(self) -> list[Ejection]:
         """Instances out now, soonest back first (``/v1/health``, ``/metrics``)."""
         now = self._clock()
-        out = [Ejection(svc, iid, t.reason, t.ejections, max(0.0, t.until - now))
-               for (svc, iid), t in self._tracked.items() if t.until]
+        out = [Ejection(svc, iid, t.reason, t.ejections, max(0.0, t.until - now))  # a copy:
+               for (svc, iid), t in list(self._tracked.items()) if t.until]  # (a scrape's thread)
         return sorted(out, key=lambda e: (e.remaining, e.service, e.instance_id))
 
 

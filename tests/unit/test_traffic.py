@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -277,3 +279,34 @@ def test_never_used_slots_go_first_then_the_longest_freed() -> None:
 
 def test_watcher_config_without_zone_is_unchanged() -> None:
     assert WatcherConfig().zone == ""
+
+
+def test_status_read_by_a_scrape_while_the_watcher_ejects() -> None:
+    """``status()`` runs on an HTTP thread (``/metrics``, ``/v1/health``) while the watcher's
+    tick ejects and re-admits: it iterated the live dict ("dictionary changed size during
+    iteration" in about one scrape in a hundred under churn, a 500)."""
+    from discovery.watcher import outlier
+
+    detector = OutlierDetector()
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            tracked = outlier._Tracked()
+            tracked.until = 1.0
+            detector._tracked[("web", f"i{i % 500}")] = tracked
+            detector._tracked.pop(("web", f"i{(i + 250) % 500}"), None)
+            i += 1
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    calls, until = 0, time.monotonic() + 1.5
+    try:
+        while time.monotonic() < until:  # (a bounded window of scrapes under churn)
+            detector.status()
+            calls += 1
+    finally:
+        stop.set()
+        thread.join(5)
+    assert calls > 100
