@@ -187,6 +187,8 @@ def reconfigure(watcher: Watcher, load: Callable[[], WatcherConfig]) -> None:
                             "route them", len(new.services))
             return
         router.set_config(new, Renderer(new.template))
+        watcher.wait_min, watcher.wait_max = new.wait_min, new.wait_max  # (the loop's own)
+        watcher.reload_min_interval = new.reload_min_interval
         if isinstance(watcher.registry, ServicesView):
             watcher.registry.set_services(new.services)
         log.info("SIGHUP: configuration re-read")

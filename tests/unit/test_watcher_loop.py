@@ -174,3 +174,25 @@ def test_a_replaced_process_watch_gives_its_pidfd_back() -> None:
     del watched
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_a_sighup_applies_the_loops_own_wait_and_reload_interval() -> None:
+    """``[watcher] wait`` and ``reload_min_interval`` are the loop's too (its quiescence and
+    the wait before a structural reload): a SIGHUP gave them to the router alone."""
+    from dataclasses import replace as with_
+
+    from discovery.watcher.assemble import reconfigure
+    from discovery.watcher.config import WatcherConfig
+
+    watcher = Watcher(_Registry(), None, wait=(0.02, 1.0))  # type: ignore[arg-type]
+    given: list[WatcherConfig] = []
+
+    class Router:
+        def set_config(self, config: WatcherConfig, renderer: Any = None) -> None:
+            given.append(config)
+
+    watcher.router = Router()  # type: ignore[assignment]
+    new = with_(WatcherConfig(), wait_min=0.5, wait_max=4.0, reload_min_interval=7.0)
+    reconfigure(watcher, lambda: new)
+    assert given == [new]
+    assert (watcher.wait_min, watcher.wait_max, watcher.reload_min_interval) == (0.5, 4.0, 7.0)
