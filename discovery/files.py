@@ -64,11 +64,12 @@ def install(staged: Path, dest: Path) -> bool:
     Returns False (and removes ``staged``) when ``dest`` already has the same bytes.
     Otherwise ``os.replace`` (atomic); when the rename is refused (EBUSY/EXDEV/EPERM/
     EACCES: ``dest`` is a bind-mounted single file, another file system, ...) the bytes
-    are written into ``dest`` in place (truncate, write, fsync). Returns True.
+    are written into ``dest`` in place (over its blocks, then cut to size, fsync; the old bytes
+    back if that fails). Returns True.
     """
-    data = staged.read_bytes()
+    data, old = staged.read_bytes(), None
     try:
-        if dest.read_bytes() == data:
+        if (old := dest.read_bytes()) == data:
             staged.unlink()
             return False
         mode: int | None = dest.stat().st_mode & 0o7777
@@ -82,10 +83,7 @@ def install(staged: Path, dest: Path) -> bool:
         if exc.errno not in _FALLBACK_ERRNOS:
             raise
         log.info("rename onto %s refused (%s); writing in place", dest, exc.strerror)
-        with open(dest, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _in_place(dest, data, old)
         staged.unlink(missing_ok=True)
         return True
     with contextlib.suppress(OSError):
@@ -95,6 +93,30 @@ def install(staged: Path, dest: Path) -> bool:
         finally:
             os.close(dirfd)
     return True
+
+
+def _in_place(dest: Path, data: bytes, old: bytes | None) -> None:
+    """``data`` written into ``dest`` over its own blocks, never truncated first: when the disk
+    cannot take the rest (a larger file), ``old`` is put back, which fits in the blocks it had
+    (truncating first left a partial file for a restart to load)."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            _write_at_start(fd, data)
+            os.fsync(fd)
+        except OSError:
+            if old is not None:
+                _write_at_start(fd, old)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_at_start(fd: int, data: bytes) -> None:
+    view, at = memoryview(data), 0
+    while at < len(data):
+        at += os.pwrite(fd, view[at:], at)
+    os.ftruncate(fd, len(data))
 
 
 def write_atomic(path: Path, text: str | Iterable[str], shared: bool = False) -> bool:

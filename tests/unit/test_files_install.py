@@ -47,6 +47,31 @@ def test_install_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert dest.read_text() == "three\n"
 
 
+def test_a_disk_full_while_writing_in_place_leaves_the_old_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written in place (a rename refused), a larger file that the disk cannot take: the old
+    bytes stay, whole; truncating first left a partial config for a restart to load."""
+    dest = tmp_path / "haproxy.cfg"
+    dest.write_text("global\n  maxconn 100\n")
+
+    def busy(src: object, dst: object) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    real_pwrite, writes = os.pwrite, []
+
+    def full(fd: int, data: bytes, offset: int) -> int:  # room for the old size only
+        writes.append(offset)
+        if offset + len(data) > 22:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "replace", busy)
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        install(stage("global\n  maxconn 100\nfrontend f\n  bind :80\n", dest), dest)
+    assert dest.read_text() == "global\n  maxconn 100\n" and writes
+
+
 def test_a_failed_stage_leaves_nothing_and_new_files_follow_the_umask(tmp_path: Path) -> None:
     from discovery.files import write_atomic
 
