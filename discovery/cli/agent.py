@@ -15,7 +15,7 @@ from discovery.cli.options import (
     zone_option,
 )
 from discovery.cli.output import fail
-from discovery.cli.signals import on_signals
+from discovery.cli.signals import Held, on_signals
 from discovery.errors import DiscoveryError
 from discovery.registry import mask_url, open_registry
 
@@ -45,6 +45,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
     from discovery.lookup.status import agent_health
     from discovery.metrics import Metrics
 
+    held = Held()  # signals of the start-up: handled once on_signals is in place
     http, token = opts.pop("http"), opts.pop("http_token")
     explicit = given(ctx, opts)
 
@@ -76,7 +77,7 @@ def agent(ctx: click.Context, **opts: Any) -> None:
         except DiscoveryError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
 
-    on_signals(lambda: the_agent.stop(revoke=True), reload)
+    on_signals(lambda: the_agent.stop(revoke=True), reload, held=held)
     log.info("agent starting: node %s, registry %s", config.node, mask_url(config.registry))
     try:
         the_agent.run()

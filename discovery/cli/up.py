@@ -27,7 +27,7 @@ from discovery.cli.options import (
     zone_option,
 )
 from discovery.cli.output import fail
-from discovery.cli.signals import on_signals
+from discovery.cli.signals import Held, on_signals
 from discovery.errors import ConfigError, DiscoveryError
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     )
     from discovery.watcher.render import Renderer
 
+    held = Held()  # signals of the start-up: handled once on_signals is in place
     etcd: LocalEtcd | None = None
     temp_state: Path | None = None
     lookups = Lookups()
@@ -166,7 +167,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         agent.reload(new_agent)
         return new_watch
 
-    on_signals(stop, reload=lambda: reconfigure(watcher, load), leave=leave)
+    on_signals(stop, reload=lambda: reconfigure(watcher, load), leave=leave, held=held)
     failed: list[str] = []  # components that died: the exit status says so
     threads = [threading.Thread(target=_guard(name, run, done, failed), name=name, daemon=True)
                for name, run in (("agent", agent.run), ("watcher", watcher.run))]

@@ -21,7 +21,7 @@ from discovery.cli.options import (
     zone_option,
 )
 from discovery.cli.output import fail
-from discovery.cli.signals import on_signals
+from discovery.cli.signals import Held, on_signals
 from discovery.errors import DiscoveryError
 from discovery.registry import mask_url
 
@@ -110,6 +110,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
             cfg = replace(cfg, zone=zone)  # a DNS label: checked by the option
         return cfg
 
+    held = None if once else Held()  # a daemon's start-up signals: handled once serving
     if once and not (ctx.obj or {}).get("log_level_given"):
         logging.getLogger().setLevel(logging.ERROR)  # one-shot: only errors, like `services`
     try:
@@ -150,7 +151,7 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
 
     log.info("watcher starting: registry %s, %d services routed", mask_url(registry),
              len(cfg.services))
-    serve(watcher, lookups, on_hup, Path(state_dir))
+    serve(watcher, lookups, on_hup, Path(state_dir), held)
 
 
 @click.command()
@@ -175,6 +176,8 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
     from discovery.watcher.assemble import HAProxySettings, assemble
     from discovery.watcher.config import WatcherConfig
 
+    held = Held()  # signals of the start-up: handled once serving
+
     try:
         metrics = Metrics()
         watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
@@ -185,7 +188,7 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
         fail(str(exc))
         return
 
-    serve(watcher, lookups)
+    serve(watcher, lookups, held=held)
 
 
 def _lookups(watcher: Watcher, metrics: Metrics, dns: str | None, http: str | None,
@@ -201,7 +204,7 @@ def _lookups(watcher: Watcher, metrics: Metrics, dns: str | None, http: str | No
 
 
 def serve(watcher: Watcher, lookups: Lookups, on_hup: Callable[[], None] | None = None,
-          state_dir: Path | None = None) -> None:
+          state_dir: Path | None = None, held: Held | None = None) -> None:
     """Run a watcher until SIGTERM/SIGINT, then stop its lookups, its registry and its HAProxy
     (SIGUSR2: the same, but HAProxy is left serving for the next watcher, which adopts it,
     and DNS/HTTP answer on until it answers on their sockets, taken from ``state_dir``)."""
@@ -218,7 +221,7 @@ def serve(watcher: Watcher, lookups: Lookups, on_hup: Callable[[], None] | None 
         lookups.cancel()
         watcher.stop()
 
-    on_signals(stop, on_hup, leave)
+    on_signals(stop, on_hup, leave, held)
     try:
         watcher.run()
     finally:
