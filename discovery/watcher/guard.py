@@ -16,8 +16,8 @@ healthy, dead ones included. Our rule:
    removal, the instance kept as it was in the catalog, the drain applied when it is released),
    each less than ``window`` seconds (2 s) after the one before, that reaches at least
    ``min_removed`` (3) instances and at least ``fraction`` (50 %) of the catalog as it was when
-   the burst began (an instance removed again, a flap, counts once); or that leaves at least
-   ``min_removed`` services, and ``fraction`` of those with an instance serving when it began,
+   the burst began, or all of it, of more than one node (a flap counts once); or that leaves
+   at least ``min_removed`` services, and ``fraction`` of those with one serving when it began,
    with none serving, their last instances on more than one node (one large service must not
    hide a wipe of all the others: 1,000 instances of 100 services deleted beside a service of
    2,000 did not count; one host's death is never a wipe by this count). A burst, not a fixed

@@ -89,7 +89,11 @@ class Burst:
         self.last = now
         if not self.engaged and (self._reached(len(self.removed), self.base)
                                  or (self._reached(len(self.emptied), self.services_base)
-                                     and len(self.emptied_nodes) > 1)):
+                                     and len(self.emptied_nodes) > 1)
+                                 # all of a small catalog (a client following a service of 2:
+                                 # under min_removed), of more than one node: a host's death
+                                 # never is one
+                                 or (self.spread and len(self.removed) >= self.base > 0)):
             self.engaged = True
             self.status.engaged += 1
             self.status.last_engaged = time.time()

@@ -6,6 +6,8 @@ stopping the last instance, still stops traffic to it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from discovery.agent.config import AgentConfig
@@ -107,6 +109,24 @@ def test_a_single_host_with_one_instance_is_no_wipe() -> None:
     feed(catalog, guard, delete(a1))
     tick(catalog, guard, clock, 0.3)
     assert ids(catalog) == set()  # 1 removal < min_removed: the last instance really went
+
+
+def test_all_of_a_small_catalog_of_two_nodes_is_a_wipe_one_nodes_is_not() -> None:
+    """A client following a service of two instances (fewer than ``min_removed``): a wipe
+    emptied it in every process of the fleet at once. All of the catalog removed in one burst,
+    of more than one node, is a wipe; both of one host's (its death) are not."""
+    a1, a2 = inst("a", 1), inst("a", 2)
+    catalog, guard, clock = setup([a1, a2])
+    feed(catalog, guard, delete(a1))  # another instance serves: gone at once (rule 2)
+    feed(catalog, guard, delete(a2))  # the last: with it, all of the catalog, two nodes
+    tick(catalog, guard, clock, 10.0)
+    assert ids(catalog) == {a2.id} and guard.status.engaged == 1  # held: "a" never empty
+    one_host = [inst("b", 3), replace(inst("b", 4), node="h3")]
+    catalog, guard, clock = setup(one_host)
+    for i in one_host:
+        feed(catalog, guard, delete(i))
+    tick(catalog, guard, clock, 0.3)
+    assert ids(catalog) == set() and guard.status.engaged == 0
 
 
 def test_every_lease_revoked_is_held_and_released_as_agents_come_back() -> None:
