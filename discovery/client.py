@@ -271,8 +271,8 @@ class Client:
                 sub._last = now
                 try:
                     sub.callback(list(now))
-                except Exception:
-                    log.exception("watch callback for %s failed", sub.service)
+                except BaseException:  # (asyncio's CancelledError, SystemExit too: they ended
+                    log.exception("watch callback for %s failed", sub.service)  # every watch)
                 if first:  # changes before the first call found it queued: look at them now
                     with self._lock:
                         self._changed(sub)

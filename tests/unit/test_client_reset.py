@@ -155,3 +155,28 @@ def test_a_new_watch_takes_over_at_its_read_and_a_failed_one_leaves_the_old(
         assert ports(client.instances("db")) == [8001, 8002]
         client.follow("api")  # asked again: followed now
         assert fake.stopped == [0, 1] and len(fake.callbacks) == 3
+
+
+def test_a_callback_raising_a_base_exception_ends_no_watch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callback that raises what is not an ``Exception`` (asyncio's CancelledError from a
+    callback that bridges to a loop, SystemExit): it ended the client's one callback thread,
+    and no watch of that client was called again, silently."""
+    url = RegistryURL.parse("etcd://127.0.0.1:1/x")
+    start = Snapshot({i.key: i for i in (inst("web", 1), inst("db", 2))}, revision=10)
+    fake = FakeRegistry(url, start)
+    monkeypatch.setattr("discovery.client.open_registry", lambda *a, **kw: fake)
+    web = Recorder()
+
+    def bad(_now: list[Any]) -> None:
+        raise SystemExit(1)
+
+    with Client(url) as client:
+        client.follow()
+        client.watch("db", bad)
+        client.watch("web", web)
+        assert web.wait(1) == [[8001]]
+        assert fake.callback is not None
+        fake.callback(Change("put", key=inst("web", 3).key, instance=inst("web", 3),
+                             revision=11))
+        assert web.wait(2)[-1] == [8001, 8003]  # still called after db's callback raised
