@@ -94,7 +94,7 @@ class DnsServer:
         self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
         self._conn_closed = threading.Condition(self._lock)  # a TCP connection ended
-        self._zone, self._next_build = Zone((), -1), 0.0  # next: when a rebuild may start
+        self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
         self._stopping = threading.Event()
         self._last_error = self._last_warning = -ERROR_LOG_EVERY
 

@@ -115,8 +115,12 @@ class Member:
 class Zone:
     """Everything the answers come from, built once per catalog index."""
 
-    def __init__(self, instances: Iterable[Instance], index: int = 0) -> None:
-        self.index = index
+    def __init__(self, instances: Iterable[Instance], index: int = 0,
+                 loaded: bool = True) -> None:
+        #: the catalog has its first snapshot: until then every name in the domain is answered
+        #: SERVFAIL (as HTTP answers 503), never NXDOMAIN, which resolvers cache as "no such
+        #: name" (a watcher started while the registry is down)
+        self.index, self.loaded = index, loaded
         self.services: dict[bytes, list[Member]] = {}  # up instances only, sorted by id
         self.nodes: dict[bytes, IP] = {}
         #: names of two labels with no records of their own but names below them (empty
@@ -145,8 +149,8 @@ class Zone:
 
     @classmethod
     def from_catalog(cls, catalog: Catalog) -> Zone:
-        index = catalog.index  # read first: the data is at least this new
-        return cls(catalog.instances(), index)
+        index, loaded = catalog.index, catalog.loaded  # read first: the data is this new
+        return cls(catalog.instances(), index, loaded)
 
     def members(self, service: bytes, tag: bytes | None) -> list[Member]:
         found = self.services.get(service, [])
@@ -193,6 +197,8 @@ def respond(data: bytes, zone: Zone, config: DnsConfig, *, tcp: bool = False,
     if q.qclass not in (CLASS_IN, ANY) or q.labels[-len(domain):] != domain \
             or q.qtype in (AXFR, IXFR):
         return Response(out.finish(q, REFUSED, False, 0), qtype, "REFUSED")
+    if not zone.loaded:
+        return Response(out.finish(q, SERVFAIL, False, 0), qtype, "SERVFAIL")
     rel = q.labels[:-len(domain)]
     rcode, ips, members, soa = _resolve(zone, rel, q.qtype)
     records: list[Record] = []

@@ -381,3 +381,18 @@ def test_tcp_several_queries_on_one_connection() -> None:
             assert r.pack()[:2] == wire[:2]
             codes.append(RCODE[r.header.rcode])
         assert codes == ["NOERROR", "NOERROR", "NXDOMAIN"]
+
+
+def test_a_catalog_not_loaded_yet_is_servfail_not_nxdomain() -> None:
+    """A watcher started while its registry is down has an empty catalog until its first
+    read: every name was NXDOMAIN, which resolvers cache as "no such name" (its SOA's negative
+    TTL). SERVFAIL says "ask again", as HTTP's 503 does; a name outside the domain is still
+    REFUSED. Loaded, the names answer."""
+    empty = Catalog()
+    for name, qtype in [("web.service.discovery", "A"), ("_web._tcp.service.discovery", "SRV"),
+                        ("nope.service.discovery", "A"), ("discovery", "SOA")]:
+        reply = ask(name, qtype, catalog=empty)
+        assert RCODE[reply.header.rcode] == "SERVFAIL" and not reply.rr, name
+    assert RCODE[ask("example.com", catalog=empty).header.rcode] == "REFUSED"
+    empty.load(Snapshot({i.key: i for i in INSTANCES}, revision=1))
+    assert RCODE[ask("web.service.discovery", catalog=empty).header.rcode] == "NOERROR"
