@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "lookups.sock"
 OFFER_WAIT = 30.0  # a leaving process offers its listeners this long, then closes them
 PREDECESSOR_WAIT = 10.0  # a starting process waits this long for a busy address's offer
-ACK_WAIT = 30.0  # the successor acknowledges once it answers (after adopting HAProxy)
+ACK_WAIT = 30.0  # the successor acknowledges once it answers; said in the log if not by then
 Listener = tuple[str, socket.socket]  # ("dns-udp" | "dns-tcp" | "http", its socket)
 
 
@@ -65,16 +65,35 @@ def offer(state_dir: Path, listeners: Sequence[Listener], wait: float = OFFER_WA
             path.unlink(missing_ok=True)
     with conn:
         try:
-            conn.settimeout(ACK_WAIT)
+            conn.settimeout(5.0)
             head = json.dumps([[name, list(sock.getsockname()[:2])] for name, sock in listeners])
             socket.send_fds(conn, [head.encode()], [sock.fileno() for _, sock in listeners])
-            ok = conn.recv(16) == b"ok"
+            ok = _acknowledged(conn, cancelled)
         except OSError as exc:
             log.warning("handing the DNS/HTTP listeners over failed: %s", exc)
             return False
     log.info("the next process answers on the DNS/HTTP listeners: letting go"
              if ok else "the next process did not take the DNS/HTTP listeners")
     return ok
+
+
+def _acknowledged(conn: socket.socket, cancelled: Callable[[], bool]) -> bool:
+    """Whether the successor says it answers on the listeners (``ok``). Waited for while it
+    holds the connection, unless ``cancelled()`` (SIGTERM: at once): it answers once its
+    catalog is loaded, and a registry down during an upgrade left the sockets unread from
+    ``ACK_WAIT`` on (queries queued, unanswered) while this process could answer them."""
+    conn.settimeout(0.2)
+    started, told = time.monotonic(), False
+    while not cancelled():
+        try:
+            return conn.recv(16) == b"ok"  # b"": the successor is gone
+        except TimeoutError:
+            if not told and time.monotonic() - started >= ACK_WAIT:
+                told = True
+                log.warning("the next process does not answer on the DNS/HTTP listeners "
+                            "after %.0f s (its catalog not loaded: its registry?): answering "
+                            "on meanwhile", ACK_WAIT)
+    return False
 
 
 @dataclass

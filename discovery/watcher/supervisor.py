@@ -162,8 +162,7 @@ class HAProxySupervisor:
             found = adopt.survey(self.pid_file, self.master_socket, self.admin_socket)
             if not validated and found is not None:
                 validate_config(self.binary, self.config)
-            self._stopping.clear()
-            self._left = False
+            self._stopping.clear()  # (not _left: a SIGUSR2 during a start still leaves it)
             try:
                 if found is not None and found.master is not None and found.workers \
                         and adopt.exe(found.master) == adopt.binary_path(self.binary):

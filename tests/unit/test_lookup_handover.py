@@ -94,3 +94,55 @@ def test_nobody_to_take_over_from(tmp_path: Path) -> None:
                                       wait=0.3)
     assert handover.offer(tmp_path, [], wait=0.3) is False  # nobody came: closes its own
     assert not (tmp_path / handover.SOCKET_NAME).exists()
+
+
+def offering(tmp_path: Path, cancelled: threading.Event) -> tuple[DnsServer, list[bool],
+                                                                  threading.Thread]:
+    """An old DNS server offering its listeners (until ``cancelled``), and what offer() said."""
+    old = DnsServer(catalog("192.0.2.1"), "127.0.0.1", 0).start()
+    said: list[bool] = []
+    thread = threading.Thread(target=lambda: said.append(handover.offer(
+        tmp_path, old.listeners(), wait=10, cancelled=cancelled.is_set)), daemon=True)
+    thread.start()
+    return old, said, thread
+
+
+def test_the_old_process_answers_on_until_a_slow_successor_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A successor whose catalog does not load (its registry down during the upgrade) has not
+    answered after ACK_WAIT: the old process answered nothing from then on, the queries
+    queued in the sockets unread. It answers on until the successor does."""
+    monkeypatch.setattr(handover, "ACK_WAIT", 0.3)
+    cancelled = threading.Event()
+    old, said, thread = offering(tmp_path, cancelled)
+    try:
+        busy = [(socket.SOCK_DGRAM, "127.0.0.1", old.port),
+                (socket.SOCK_STREAM, "127.0.0.1", old.port)]
+        taken = handover.from_predecessor(tmp_path, busy, wait=5)
+        assert taken is not None
+        thread.join(1.0)  # past ACK_WAIT: still waiting for the successor, still answering
+        assert thread.is_alive() and ask(old.port) == ["192.0.2.1"]
+        taken.ack()
+        thread.join(5)
+        assert said == [True]
+    finally:
+        cancelled.set()
+        old.stop()
+
+
+def test_sigterm_while_waiting_for_the_successors_answer_stops_at_once(tmp_path: Path) -> None:
+    """The docs' "SIGTERM during the wait stops it at once": the wait for the successor's
+    answer ignored it for up to 30 s (past a container runtime's 10 s stop timeout)."""
+    cancelled = threading.Event()
+    old, said, thread = offering(tmp_path, cancelled)
+    try:
+        busy = [(socket.SOCK_DGRAM, "127.0.0.1", old.port),
+                (socket.SOCK_STREAM, "127.0.0.1", old.port)]
+        taken = handover.from_predecessor(tmp_path, busy, wait=5)
+        assert taken is not None  # (never acknowledged)
+        cancelled.set()
+        thread.join(2)
+        assert not thread.is_alive() and said == [False]
+        taken.close()
+    finally:
+        old.stop()

@@ -367,3 +367,18 @@ def test_an_adopted_haproxy_whose_catch_up_reload_fails_is_watched_and_reloaded_
         sup.leave()
         if sup._monitor is not None:
             sup._monitor.join(5)
+
+
+def test_a_sigusr2_during_haproxys_start_still_leaves_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR2 (leave) that came while HAProxy was started or adopted: start() forgot it, and
+    the exit then stopped the HAProxy the next watcher was to adopt."""
+    from discovery.watcher import adopt
+    from discovery.watcher.supervisor import HAProxySupervisor
+
+    monkeypatch.setattr(adopt, "survey", lambda *a: None)
+    sup = HAProxySupervisor(tmp_path / "haproxy.cfg", tmp_path)
+    monkeypatch.setattr(sup, "_spawn", lambda found, checked=True: None)
+    sup.leave()  # (its handler's thread ran first)
+    sup.start(validated=True)
+    assert sup._left
