@@ -96,15 +96,20 @@ def test_nobody_to_take_over_from(tmp_path: Path) -> None:
     assert not (tmp_path / handover.SOCKET_NAME).exists()
 
 
-def offering(tmp_path: Path, cancelled: threading.Event) -> tuple[DnsServer, list[bool],
-                                                                  threading.Thread]:
-    """An old DNS server offering its listeners (until ``cancelled``), and what offer() said."""
+def offering(tmp_path: Path, cancelled: threading.Event
+             ) -> tuple[DnsServer, list[bool], threading.Thread, handover.Taken]:
+    """An old DNS server offering its listeners (until ``cancelled``), what offer() said (its
+    thread), and the listeners a successor took (not acknowledged yet)."""
     old = DnsServer(catalog("192.0.2.1"), "127.0.0.1", 0).start()
     said: list[bool] = []
     thread = threading.Thread(target=lambda: said.append(handover.offer(
         tmp_path, old.listeners(), wait=10, cancelled=cancelled.is_set)), daemon=True)
     thread.start()
-    return old, said, thread
+    busy = [(socket.SOCK_DGRAM, "127.0.0.1", old.port),
+            (socket.SOCK_STREAM, "127.0.0.1", old.port)]
+    taken = handover.from_predecessor(tmp_path, busy, wait=5)
+    assert taken is not None
+    return old, said, thread, taken
 
 
 def test_the_old_process_answers_on_until_a_slow_successor_answers(
@@ -114,12 +119,8 @@ def test_the_old_process_answers_on_until_a_slow_successor_answers(
     queued in the sockets unread. It answers on until the successor does."""
     monkeypatch.setattr(handover, "ACK_WAIT", 0.3)
     cancelled = threading.Event()
-    old, said, thread = offering(tmp_path, cancelled)
+    old, said, thread, taken = offering(tmp_path, cancelled)
     try:
-        busy = [(socket.SOCK_DGRAM, "127.0.0.1", old.port),
-                (socket.SOCK_STREAM, "127.0.0.1", old.port)]
-        taken = handover.from_predecessor(tmp_path, busy, wait=5)
-        assert taken is not None
         thread.join(1.0)  # past ACK_WAIT: still waiting for the successor, still answering
         assert thread.is_alive() and ask(old.port) == ["192.0.2.1"]
         taken.ack()
@@ -134,13 +135,9 @@ def test_sigterm_while_waiting_for_the_successors_answer_stops_at_once(tmp_path:
     """The docs' "SIGTERM during the wait stops it at once": the wait for the successor's
     answer ignored it for up to 30 s (past a container runtime's 10 s stop timeout)."""
     cancelled = threading.Event()
-    old, said, thread = offering(tmp_path, cancelled)
+    old, said, thread, taken = offering(tmp_path, cancelled)
     try:
-        busy = [(socket.SOCK_DGRAM, "127.0.0.1", old.port),
-                (socket.SOCK_STREAM, "127.0.0.1", old.port)]
-        taken = handover.from_predecessor(tmp_path, busy, wait=5)
-        assert taken is not None  # (never acknowledged)
-        cancelled.set()
+        cancelled.set()  # (never acknowledged)
         thread.join(2)
         assert not thread.is_alive() and said == [False]
         taken.close()
