@@ -181,8 +181,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     finally:
         # A component that died (a bug) leaves like SIGUSR2: the registrations, and HAProxy
         # on a lasting state dir, stay for the restart (Restart=on-failure) to adopt.
-        agent.stop(revoke=not (leaving.is_set() or failed))
-        if failed and temp_state is None:
+        agent.stop(revoke=not (leaving.is_set() or failed or lookups.failed))
+        if (failed or lookups.failed) and temp_state is None:
             leave_haproxy(watcher)
         watcher.stop()
         for t in threads:
@@ -197,6 +197,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         if temp_state is not None:
             shutil.rmtree(temp_state, ignore_errors=True)
         log.info("up: everything stopped")
+    if lookups.failed:  # (after a predecessor: it stopped the watcher)
+        fail(lookups.failed)
     if failed:
         fail(f"{' and '.join(failed)} failed (see the log above)", code=1)
 

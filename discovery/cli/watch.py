@@ -227,6 +227,10 @@ def serve(watcher: Watcher, lookups: Lookups, on_hup: Callable[[], None] | None 
     finally:
         if leaving.is_set() and state_dir is not None:
             lookups.hand_over(state_dir)
+        if lookups.failed:  # HAProxy serves on, for the next start to adopt
+            leave_haproxy(watcher)
         lookups.stop()
         watcher.close()
         stop_haproxy(watcher)
+    if lookups.failed:  # (after a predecessor: it stopped the watcher)
+        fail(lookups.failed)

@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from discovery.errors import ConfigError
 from discovery.lookup.handover import Listener, Taken, from_predecessor, offer
 from discovery.lookup.status import Checks, Health, Maint
 from discovery.lookup.ui import HistoryQuery, Views
 from discovery.metrics import Metrics
+from discovery.retry import backoff
 from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
+REBIND_WAIT = 10.0  # s: an address not handed over, bound once the previous process lets go
 
 
 class Listening(Protocol):
@@ -34,6 +37,10 @@ class Lookups:
     dns_port: int | None = None
     http_port: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: why the endpoints taken over from the previous process did not start (the process
+    #: then stops, ``on_failure``, and exits as a fresh start that cannot bind does)
+    failed: str | None = None
+    on_failure: Callable[[], None] = lambda: None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopped: bool = False
 
@@ -56,19 +63,28 @@ class Lookups:
                     return
                 self.started.append(start())
 
-    def take_over(self, ready: Callable[[float], bool], starts: Sequence[Callable[[], Listening]],
-                  inherited: Taken) -> None:
+    def take_over(self, ready: Callable[[float], bool],
+                  starts: Sequence[tuple[bool, Callable[[], Listening]]], inherited: Taken) -> None:
         """Start on the previous process's listeners once ``ready`` (the catalog is loaded),
-        then tell it to let go."""
+        tell it to let go, then bind those it did not hand over (``starts``: (inherits,
+        start)): another address, which it may hold until it lets go (``0.0.0.0`` over
+        ``127.0.0.1``), so that bind is tried for up to :data:`REBIND_WAIT` s."""
         try:
             while not ready(0.5):
                 if self._stopped:
                     return
-            self.start(starts)
+            self.start([start for inherits, start in starts if inherits])
             if not self._stopped:
                 inherited.ack()
-        except Exception:
-            log.exception("starting DNS/HTTP on the listeners taken over failed")
+            for start in (start for inherits, start in starts if not inherits):
+                for attempt in backoff(ConfigError, timeout=REBIND_WAIT, initial=0.1,
+                                       maximum=1.0, jitter=0):
+                    with attempt:
+                        self.start([start])
+        except Exception as exc:  # it runs without them otherwise, looking healthy
+            log.exception("starting DNS/HTTP after the previous process failed: stopping")
+            self.failed = f"DNS/HTTP not started after the previous process: {exc}"
+            self.on_failure()
         finally:
             inherited.close()  # not acknowledged: the previous process answers on, then closes
 
@@ -114,8 +130,8 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
     the previous process (:func:`predecessor`), answered on instead of binding once
     ``watcher`` has loaded its catalog (the previous process answers until then), and that
     process told so."""
-    out = Lookups()
-    starts: list[Callable[[], Listening]] = []
+    out = Lookups(on_failure=watcher.stop)
+    starts: list[tuple[bool, Callable[[], Listening]]] = []  # (on an inherited socket, start)
     try:
         if dns:  # imported only when asked for: an HTTP-only watcher never loads DNS code
             from discovery.lookup.dns import DnsServer
@@ -131,7 +147,7 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
             server = DnsServer(watcher.catalog, bind, port, domain=domain, ttl=ttl,
                                on_query=metrics.dns_query,
                                udp_answer_limit=dns_udp_answer_limit)
-            starts.append(lambda: server.start(pair))
+            starts.append((pair is not None, lambda: server.start(pair)))
         if http:
             from discovery.lookup.http import HttpApi
             from discovery.lookup.http import parse_listen as http_listen
@@ -147,9 +163,9 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
                           checks=checks, token=token, datacenter=datacenter,
                           node=node, views=Views(history, watcher))
             sock = inherited.pop("http", bind, port) if inherited else None
-            starts.append(lambda: api.start(sock))
+            starts.append((sock is not None, lambda: api.start(sock)))
         if inherited is None:
-            out.start(starts)
+            out.start([start for _, start in starts])
         else:
             threading.Thread(target=out.take_over, args=(watcher.wait_ready, starts, inherited),
                              name="lookups-takeover", daemon=True).start()

@@ -143,3 +143,66 @@ def test_sigterm_while_waiting_for_the_successors_answer_stops_at_once(tmp_path:
         taken.close()
     finally:
         old.stop()
+
+
+class Started:
+    """A fake endpoint start: raises ``ConfigError`` (address in use) ``refusals`` times."""
+
+    def __init__(self, log: list[str], name: str, refusals: int = 0) -> None:
+        self.log, self.name, self.refusals = log, name, refusals
+
+    def __call__(self) -> Started:
+        if self.refusals:
+            self.refusals -= 1
+            self.log.append(f"{self.name} refused")
+            raise ConfigError(f"{self.name}: cannot listen: address in use")
+        self.log.append(f"{self.name} started")
+        return self
+
+    def listeners(self) -> list[handover.Listener]:
+        return []
+
+    def stop(self, *, handoff: bool = False) -> None:
+        pass
+
+
+class Ack:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def ack(self) -> None:
+        self.log.append("ack")
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_address_not_handed_over_is_bound_once_the_previous_process_lets_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The successor asks another address than the one offered (127.0.0.1 where 0.0.0.0 was):
+    that one is bound after the ack, tried until the previous process lets go of the port it
+    held; bound before, it failed, and the process ran on without it, looking healthy."""
+    from discovery.lookup import serve
+
+    monkeypatch.setattr(serve, "REBIND_WAIT", 5.0)
+    log: list[str] = []
+    stopped: list[bool] = []
+    lookups = serve.Lookups(on_failure=lambda: stopped.append(True))
+    lookups.take_over(lambda _t: True, [(True, Started(log, "dns")),
+                                        (False, Started(log, "http", refusals=2))],
+                      Ack(log))  # type: ignore[arg-type]
+    assert log == ["dns started", "ack", "http refused", "http refused", "http started"]
+    assert lookups.failed is None and not stopped
+
+
+def test_an_endpoint_that_cannot_start_after_a_handover_stops_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from discovery.lookup import serve
+
+    monkeypatch.setattr(serve, "REBIND_WAIT", 0.3)
+    log: list[str] = []
+    stopped: list[bool] = []
+    lookups = serve.Lookups(on_failure=lambda: stopped.append(True))
+    lookups.take_over(lambda _t: True, [(False, Started(log, "http", refusals=1000))],
+                      Ack(log))  # type: ignore[arg-type]
+    assert stopped == [True] and lookups.failed is not None and "address in use" in lookups.failed
