@@ -130,7 +130,7 @@ def start_lookups(watcher: Watcher, metrics: Metrics, *, dns: str | None = None,
     the previous process (:func:`predecessor`), answered on instead of binding once
     ``watcher`` has loaded its catalog (the previous process answers until then), and that
     process told so."""
-    out = Lookups(on_failure=watcher.stop)
+    out = Lookups(on_failure=lambda: watcher.stop())
     starts: list[tuple[bool, Callable[[], Listening]]] = []  # (on an inherited socket, start)
     try:
         if dns:  # imported only when asked for: an HTTP-only watcher never loads DNS code

@@ -331,9 +331,9 @@ KAZOO_LOGGER = "discovery.registry.kazoo"
 class MaskAuth(logging.Filter):
     """Masks the password of a ZooKeeper digest ``Auth`` request in a log line."""
 
-    # from the user's ':' to the line's last ')' (or its end): a quote or a ')' in the user or
-    # the password ends no part of the mask
-    _AUTH = re.compile(r"(auth=b?['\"][^:]*:)(?:.*(?=\))|.*)")
+    # from the user's ':' to the line's last closing quote and ')' (or its end): a quote or a
+    # ')' in the user or the password ends no part of the mask
+    _AUTH = re.compile(r"(auth=b?(['\"])[^:]*:)(?:.*(?=\2\))|.*)")
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
