@@ -138,9 +138,6 @@ class CheckRunner:
         return changed
 
 
-NO_WORKER_WAIT = 1.0  # s: a run whose worker thread could not be started is tried again after
-
-
 class CheckScheduler:
     """Runs many :class:`CheckRunner` s with one timer thread and a few worker threads, instead
     of a thread per check: an agent with 100 containers keeps ~4 MiB and most idle wake-ups.
@@ -162,6 +159,13 @@ class CheckScheduler:
         self._cond = threading.Condition()
         self._stopped = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
+        # every worker started now, each held until all are: a pool that grows later starts a
+        # thread in submit(), which at the host's pids limit raised after queueing the run
+        # (and ended the timer loop: every check stopped); here it fails the agent's start
+        started = threading.Barrier(workers + 1)
+        for _ in range(workers):
+            self._pool.submit(started.wait, 10)
+        started.wait(10)
         self._thread = threading.Thread(target=self._loop, name="check-timer", daemon=True)
         self._thread.start()
 
@@ -201,18 +205,8 @@ class CheckScheduler:
                 self._busy[runner.group] = self._busy.get(runner.group, 0) + 1
             try:
                 self._pool.submit(self._run, runner, due)
-            except RuntimeError as exc:  # shut down, or no thread to be had (the pids limit
-                if self._stopped:  # while the pool grows): every check would stop with us
-                    return
-                log.error("checks: no worker for %s (%s); again in %g s", runner.name, exc,
-                          NO_WORKER_WAIT)
-                with self._cond:  # its slot given back, its group's waiting runners re-timed
-                    waiting = self._waiting.pop(runner.group, ())
-                    self._busy[runner.group] -= 1
-                    if not self._busy[runner.group]:
-                        del self._busy[runner.group]
-                for at, waited in [*waiting, (time.monotonic() + NO_WORKER_WAIT, runner)]:
-                    self.add(waited, at)
+            except RuntimeError:  # shut down (never a thread that cannot start: all are)
+                return
 
     def _next_of(self, group: str) -> tuple[float, CheckRunner] | None:
         """A run of ``group`` ended: its next waiting runner takes over the slot (call locked)."""

@@ -44,6 +44,9 @@ ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "p
 MASK = "***"
 
 
+#: a path whose first part ends in ``@host:port``: the rest of a password with a ``/`` (a
+#: prefix may hold an ``@`` itself: ``/svc@prod``)
+_HOSTS_IN_PATH = re.compile(r"^/[^/]*@[^/@]*:\d+(,|/|$)")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
@@ -111,8 +114,8 @@ class RegistryURL:
             parts = urlsplit(url)
         except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address (its text may
             raise ConfigError(f"registry URL {shown!r}: {mask_url(str(exc))}") from None  # quote
-        if "@" in parts.path or parts.fragment or url.endswith("#"):  # the userinfo; masked)
-            raise ConfigError(f"registry URL {shown!r}: an @ in the prefix, or a # (percent-"
+        if _HOSTS_IN_PATH.search(parts.path) or parts.fragment or url.endswith("#"):  # the
+            raise ConfigError(f"registry URL {shown!r}: hosts in the prefix, or a # (percent-"
                               "encode / ? # @ : in a user or password: %2F %3F %23 %40 %3A)")
         if parts.scheme.lower() not in SCHEMES:
             raise ConfigError(f"registry URL {shown!r}: scheme must be etcd://, etcds://, zk:// "

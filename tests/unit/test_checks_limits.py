@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from discovery.agent import health
 from discovery.agent.checks import HttpCheck
 from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.spec import PER_CONTAINER_CHECKS, CheckResult, CheckSpec
@@ -142,28 +141,25 @@ def test_stopped_runners_give_their_share_back() -> None:
         scheduler.stop()
 
 
-def test_a_worker_that_cannot_be_started_delays_a_run_and_stops_no_check(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pool grows a thread at a time; at the host's pids limit the thread of a run cannot
-    start (RuntimeError), which ended the timer loop: every check of the agent stopped."""
-    monkeypatch.setattr(health, "NO_WORKER_WAIT", 0.05)
-    scheduler = CheckScheduler(workers=2)
-    submit, refused = scheduler._pool.submit, [0]
-
-    def at_the_limit(*args: Any, **kwargs: Any) -> Any:
-        if refused[0] < 3:
-            refused[0] += 1
-            raise RuntimeError("can't start new thread")
-        return submit(*args, **kwargs)
-
-    scheduler._pool.submit = at_the_limit  # type: ignore[method-assign]
-    ran = threading.Event()
-    runner = CheckRunner(CheckSpec(interval=0.05), Scripted([OK] * 100),
-                         lambda ok, r: ran.set(), scheduler=scheduler, group="c1").start()
+def test_every_worker_is_started_with_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing the pool later started a thread inside submit(): at the host's pids limit it
+    raised after queueing the run, which ended the timer loop (every check of the agent
+    stopped). All workers now exist from the start, so a submit never starts one."""
+    scheduler = CheckScheduler(workers=3)
     try:
-        assert ran.wait(5) and refused[0] == 3  # ran once the worker could start
+        assert len(scheduler._pool._threads) == 3  # type: ignore[attr-defined]
+
+        def no_thread(*_: Any) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)  # the pids limit, from now
+        ran = threading.Event()
+        runner = CheckRunner(CheckSpec(interval=0.05), Scripted([OK] * 100),
+                             lambda ok, r: ran.set(), scheduler=scheduler, group="c1")
+        runner.start()
+        assert ran.wait(5)
         wait_for(lambda: runner.runs >= 3, timeout=2, message="it keeps its interval")
-        assert scheduler._thread.is_alive()
-    finally:
         runner.stop()
+    finally:
+        monkeypatch.undo()
         scheduler.stop()
