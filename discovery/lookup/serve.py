@@ -19,7 +19,8 @@ from discovery.retry import backoff
 from discovery.watcher.core import Watcher
 
 log = logging.getLogger(__name__)
-REBIND_WAIT = 10.0  # s: an address not handed over, bound once the previous process lets go
+REBIND_WAIT = 20.0  # s: an address not handed over, bound once the previous process lets go
+# (it closes what was not taken once its HTTP and DNS TCP requests are answered: up to ~12 s)
 
 
 class Listening(Protocol):
