@@ -88,10 +88,9 @@ def _read(path: str, param: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
-    except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
-        why = exc.strerror if isinstance(exc, OSError) else None
+    except OSError as exc:
         raise ConfigError(f"registry {param}= file {path!r}: cannot read it: "
-                          f"{why or exc} (set by {_WHERE_SET[param]})") from None
+                          f"{exc.strerror or exc} (set by {_WHERE_SET[param]})") from None
 
 
 def _pem(path: str | None, param: str) -> bytes | None:
@@ -329,10 +328,9 @@ KAZOO_LOGGER = "discovery.registry.kazoo"
 
 
 class MaskAuth(logging.Filter):
-    """Masks the password of a ZooKeeper digest ``Auth`` request in a log line."""
+    """Masks the password of a ZooKeeper digest ``Auth`` request in a log line, to the line's
+    last closing quote and ``)``: a quote or a ``)`` in it ends no part of the mask."""
 
-    # from the user's ':' to the line's last closing quote and ')' (or its end): a quote or a
-    # ')' in the user or the password ends no part of the mask
     _AUTH = re.compile(r"(auth=b?(['\"])[^:]*:)(?:.*(?=\2\))|.*)")
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -306,7 +306,7 @@ def _query(query: str, shown: str) -> dict[str, str]:
                               f"(known: {', '.join(QUERY_PARAMS)})")
         if QUERY_PARAMS[name] in params:
             raise ConfigError(f"registry URL {shown!r}: parameter {name}= given twice")
-        if not value:
-            raise ConfigError(f"registry URL {shown!r}: parameter {name}= is empty")
+        if not value or "\x00" in value:  # (no file has a NUL in its path)
+            raise ConfigError(f"registry URL {shown!r}: parameter {name}= is empty or has a NUL")
         params[QUERY_PARAMS[name]] = value.lower() if name in ("format", "own") else value
     return params
