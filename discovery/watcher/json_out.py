@@ -32,6 +32,7 @@ class JsonOut:
         self._cond = threading.Condition()
         self._dirty: set[str] | None = None  # services to serialise again; None: all
         self._again = False  # write even if nothing changed: the last write failed
+        self._redo = False  # a serialisation raised: the next sync serialises everything
         self._written = False  # a first write made (an empty catalog is a file too)
         self._busy = False  # the writer has work
         self._closed = False
@@ -43,8 +44,8 @@ class JsonOut:
         with self._cond:
             if self._closed:
                 return
-            if changed is None or self._dirty is None:
-                self._dirty = None
+            if changed is None or self._dirty is None or self._redo:
+                self._dirty, self._redo = None, False
             else:
                 self._dirty |= changed
             self._again |= self.error is not None
@@ -85,6 +86,8 @@ class JsonOut:
                 self.error = f"--json-out {self.path}: cannot serialise the catalog: {exc}"
                 log.exception("%s", self.error)  # and flush() and close() still return
                 write = False
+                with self._cond:  # what this round did not serialise: at the next sync (not
+                    self._redo = True  # at once: the same bug would loop)
             if write:
                 self._write()
             with self._cond:
