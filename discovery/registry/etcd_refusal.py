@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
+import time
 
 import grpc
 import tenacity
@@ -55,8 +57,15 @@ from discovery.retry import RetryAt, backoff_async, spread
 #: spread plus up to one spread at random (a fleet whose registry is down retries one spread
 #: apart on average, so it comes back over that window when the registry does)
 RECONNECT_INITIAL = 0.1
+#: seconds a stream must have held its watchers for its loss to be a first one (at once)
+HELD_BRIEFLY = 1.0
 #: the longest wait after a refusal (plus up to one resume spread at random)
 REFUSED_MAX = 60.0
+
+
+class StreamEnded(RegistryUnavailable):
+    """A watch stream ended with neither an error nor our own cancel (a proxy or balancer in
+    front of etcd may end one so): a lost link, waited for as any other."""
 
 
 class WatchRefused(RegistryError):
@@ -102,6 +111,7 @@ class WatchFailures:
         self._later = None if later is None else (  # (never sooner than the backoff's wait)
             max(later[0], self._first), max(later[1], self._first))
         self._refused = RetryAt(self._first, REFUSED_MAX)
+        self._held_at = -math.inf  # when a stream last held its watchers (monotonic)
         #: a lost link logged, and no stream has held its watchers since
         self.failing = False
 
@@ -126,8 +136,10 @@ class WatchFailures:
         """A lost link: True once a wait of its own is over (the first since a stream held:
         another member, at once; a watch that comes back ``later`` and has a ``revision`` to
         resume from: a random moment within that window, every time); False: the backoff
-        waits (:meth:`link_backoff`)."""
-        first = self.interrupted(exc, revision)
+        waits (:meth:`link_backoff`), as after a stream lost within HELD_BRIEFLY of holding
+        (a member or proxy that ends every stream at once is not asked again at once)."""
+        first = (self.interrupted(exc, revision)
+                 and time.monotonic() - self._held_at >= HELD_BRIEFLY)
         if self._later is not None and revision:
             await asyncio.sleep(random.uniform(*self._later))
             return True
@@ -162,6 +174,7 @@ class WatchFailures:
     def held(self) -> None:
         """A stream holds its watchers: the next failure is a first one again."""
         self.failing = False
+        self._held_at = time.monotonic()
         self._refused.succeeded()
 
 

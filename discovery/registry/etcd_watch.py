@@ -18,9 +18,10 @@ what they saw before, which tell a restore after its revision has passed the hos
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
-- a broken stream is re-opened at once (another member), then with jittered backoff
-  (:func:`discovery.retry.backoff_async`) whose random part is the URL's ``spread=`` (3 s), so
-  the fleet's re-opened streams arrive over that window, not in the registry's first second;
+- a broken stream (one the server ended without an error too) is re-opened at once (another
+  member) if it held for a second, then with jittered backoff (:func:`discovery.retry.
+  backoff_async`) whose random part is the URL's ``spread=`` (3 s): the fleet's streams come
+  back over that window, not in the registry's first second, nor in a loop;
 - with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from the
   oldest of the k revisions, filtered here (an event of another service is dropped, one of a
   followed service already delivered is skipped), so a resume costs etcd one ``WatchCreate``
@@ -42,7 +43,7 @@ import logging
 import random
 import threading
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from pyetcd import etcdrpc
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
     from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.INTERNAL)
@@ -295,6 +295,7 @@ class EtcdWatch:
                 if not resp.events:  # progress notification
                     for r in (self._ranges if wide else (rng,)):
                         self._revs[r] = max(self._revs[r], int(resp.header.revision))
+            raise etcd_refusal.StreamEnded(f"the watch stream on {endpoint} ended")
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current and current.cancelling():
@@ -375,8 +376,7 @@ class EtcdWatch:
 
     def _event(self, rng: str, ev: Any) -> None:
         reg = self._reg
-        key = ev.kv.key.decode("utf-8", "replace")
-        rev = int(ev.kv.mod_revision)
+        key, rev = ev.kv.key.decode("utf-8", "replace"), int(ev.kv.mod_revision)
         split = reg.url.split_key(key)
         deleted = ev.type == kv_pb2.Event.DELETE
         if not deleted and split is not None:
