@@ -52,7 +52,7 @@ from discovery.retry import jittered
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: the longest pause between two tries of a request: below ENDPOINT_RETRY, or the next asks
+#: the longest pause between two tries of a request (± half): under ENDPOINT_RETRY, or the next asks
 #: the member that just failed again (a SIGKILLed one held every try while two could answer)
 _PAUSE_MAX = etcd_aio.ENDPOINT_RETRY / 2
 _RENEW_PATIENCE = 0.5  # seconds one renewal attempt tries the members (then: the next later)
@@ -126,7 +126,7 @@ class EtcdRegistry:
         ``patience`` s); not ``login``: no login first unless etcd asks (a renewal: see _keep)."""
         started = time.monotonic()
         deadline = started + (self.timeout if patience is None else patience)
-        delay, reauthenticated = 0.05, False
+        delay, reauthenticated = jittered(0.05, 0.5), False  # ± half: a fleet out of step
         failure: Exception | None = None  # the last answer that says why (for the error)
         while True:
             if self._closed.is_set() or (self._closing.is_set() and not closing):
@@ -163,7 +163,7 @@ class EtcdRegistry:
                     f"etcd at {self.where}: {what} failed, no member answered within "
                     f"{deadline - started:.3g}s ({rpc_details(failure)})") from None
             (self._closed if closing else self._closing).wait(delay)
-            delay = min(delay * 2, _PAUSE_MAX)
+            delay = jittered(min(delay * 2, _PAUSE_MAX), 0.5)
 
     def set_state(self, up: bool) -> None:
         self._state.set(up)

@@ -111,3 +111,18 @@ def test_the_error_says_why_the_member_failed_not_that_it_is_skipped(reg: EtcdRe
     with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY"):
         reg._call("read /t/services/", read, patience=0.3)
     assert calls[0] >= 2
+
+
+def test_its_pauses_between_tries_are_jittered(reg: EtcdRegistry,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet whose requests failed at one moment (an election, a member lost) must not try
+    again in step: each pause is its doubling ± half of it, at random (they were exact)."""
+    pauses: list[float] = []
+    monkeypatch.setattr(reg._closing, "wait", lambda seconds: pauses.append(seconds) or False)
+    monkeypatch.setattr("discovery.registry.etcd.etcd_aio.TRANSIENT", (RegistryUnavailable,))
+    for _ in range(20):
+        _, fn = failing(*[RegistryUnavailable("gone")] * 3)
+        assert reg._call("put /t/services/a/1", fn) == "ok"
+    assert len(pauses) == 60
+    firsts = pauses[::3]
+    assert all(0.025 <= p <= 0.075 for p in firsts) and len(set(firsts)) > 10, firsts
