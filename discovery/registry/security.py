@@ -29,6 +29,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, LoginRefused, RegistryError
+from discovery.registry.etcd_aio import timed_out_in_server
 from discovery.registry.url import RegistryURL
 from discovery.retry import RetryAt
 
@@ -271,20 +272,19 @@ class EtcdAuth:
         return metadata
 
     def _authenticate(self) -> tuple[tuple[str, str], ...]:
-        client = self._client
         request = etcdrpc.AuthenticateRequest(name=self._user, password=self._password)
         try:
-            resp = client.authstub.Authenticate(request, client.timeout)
+            resp = self._client.authstub.Authenticate(request, self._client.timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), str(exc.details() or "")
-            if code in _DOWN:
-                client.endpoint_in_use.fail()
+            if code in _DOWN or timed_out_in_server(code, details):  # (or in an election)
+                self._client.endpoint_in_use.fail()
                 raise etcd_exc.ConnectionFailedError() from exc
             if code == grpc.StatusCode.FAILED_PRECONDITION and "not enabled" in details:
                 log.warning("etcd at %s has authentication disabled; the registry user %r "
                             "is not used", self._where, self._user)
                 return ()
-            error = LoginRefused if code in _REFUSED else RegistryError  # else: timed out, busy
+            error = LoginRefused if code in _REFUSED else RegistryError  # else: busy
             raise error(f"etcd at {self._where}: authentication as {self._user!r} "
                         f"failed: {code.name}: {details}{hint(details)}") from None
         log.debug("etcd at %s: authenticated as %r", self._where, self._user)
