@@ -171,7 +171,7 @@ def _parse(
                 f"not set, and the container does not expose exactly one TCP port ({found})",
             )
 
-    specs = []
+    specs, scopes = [], _scopes(table)
     for cport, ((name, name_culprit), port_culprit) in sorted(wanted.items()):
         if _flag(table, f"{cport}.ignore"):
             continue
@@ -189,8 +189,8 @@ def _parse(
                 port=port,
                 tags=validate.tags(tags[1], _split(tags[0])) if tags else (),
                 weight=_number(validate.weight, weight[1], weight[0]) if weight else 100,
-                meta=validate.meta(f"{who} meta", _prefixed(table, cport, "meta.")),
-                check=_check(table, cport, get, who, _has_healthcheck(attrs), defaults),
+                meta=validate.meta(f"{who} meta", _prefixed(scopes, cport, "meta.")),
+                check=_check(scopes, cport, get, who, _has_healthcheck(attrs), defaults),
                 zone=validate.dns_label(zone[1], zone[0]) if zone else "",
                 warmup=warmup.parse({f: e for f in warmup.FIELDS if (e := get(f"warmup.{f}"))}),
             )
@@ -218,17 +218,33 @@ def _split(value: str) -> list[str]:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
-def _prefixed(table: dict[str, Entry], cport: int, prefix: str) -> dict[str, str]:
+Scopes = dict[str, list[tuple[str, Entry]]]  # "80.meta." -> [("region", entry), ...]
+
+
+def _scopes(table: dict[str, Entry]) -> Scopes:
+    """The table's entries by scope (``meta.``, ``80.check.``), each with the rest of its key:
+    read once, so that a container of hundreds of ports does not read every label for each."""
+    out: Scopes = {}
+    for key, entry in table.items():
+        head, _, rest = key.partition(".")
+        if head.isdigit():
+            name, _, rest = rest.partition(".")
+            head = f"{head}.{name}"
+        if rest:
+            out.setdefault(f"{head}.", []).append((rest, entry))
+    return out
+
+
+def _prefixed(scopes: Scopes, cport: int, prefix: str) -> dict[str, str]:
     """``meta.*`` / ``check.*`` entries, per-port ones overriding container-wide ones;
     keys and values validated like meta."""
     out: dict[str, str] = {}
     for scope in (prefix, f"{cport}.{prefix}"):
-        for key, (value, culprit) in table.items():
-            if key.startswith(scope):
-                try:
-                    out.update(validate.meta(culprit, {key[len(scope) :]: value}))
-                except ValidationError as exc:
-                    raise LabelError(culprit, exc.reason) from None
+        for key, (value, culprit) in scopes.get(scope, ()):
+            try:
+                out.update(validate.meta(culprit, {key: value}))
+            except ValidationError as exc:
+                raise LabelError(culprit, exc.reason) from None
     return out
 
 
@@ -309,7 +325,7 @@ def _has_healthcheck(attrs: dict[str, Any]) -> bool:
 
 
 def _check(
-    table: dict[str, Entry],
+    scopes: Scopes,
     cport: int,
     get: Callable[[str], Entry | None],
     who: str,
@@ -333,7 +349,7 @@ def _check(
         raise LabelError(culprit, "the default check type ([agent.check] type) is docker, but "
                          "the image has no HEALTHCHECK: give it a discovery.check label")
     params = dict(defaults.params) if ctype == defaults.type else {}
-    params.update(_prefixed(table, cport, "check."))
+    params.update(_prefixed(scopes, cport, "check."))
 
     def where(param: str) -> str:
         return (get(f"check.{param}") or ("", culprit))[1]
