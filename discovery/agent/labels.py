@@ -101,6 +101,7 @@ def _collect(attrs: dict[str, Any], who: str) -> tuple[dict[str, Entry], list[La
     problems: list[LabelError] = []
     asked = False
     for origin, items in sources:
+        mine: dict[str, str] = {}  # canonical key -> the key of this source that gave it
         for key, value in items.items():
             culprit = f"{who} {origin} {_show(key)}"
             try:
@@ -112,6 +113,9 @@ def _collect(attrs: dict[str, Any], who: str) -> tuple[dict[str, Entry], list[La
                 if canon.split(".")[0].isdigit():
                     validate.port(culprit, canon.split(".")[0])
                 validate.text(culprit, value)
+                if (twin := mine.setdefault(canon, key)) != key:  # SERVICE_REGION, SERVICE_Region
+                    raise LabelError(culprit, f"means the same as {origin} {_show(twin)} (keys "
+                                     "differing in case or a port's leading zeros): keep one")
                 table[canon] = (value, culprit)
             except LabelError as exc:
                 problems.append(exc)

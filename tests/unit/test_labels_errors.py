@@ -340,3 +340,27 @@ def test_culprit_format() -> None:
     with pytest.raises(LabelError) as info:
         parse_container(container({"discovery.service": "web", "discovery.port": "x"}))
     assert str(info.value).startswith("container web-1 (3f2a3f2a3f2a) label discovery.port: ")
+
+
+@pytest.mark.parametrize(("labels", "env", "culprit", "twin"), [
+    ({"discovery.service": "web", "SERVICE_REGION": "eu", "SERVICE_Region": "us"}, [],
+     "label SERVICE_Region", "label SERVICE_REGION"),
+    ({"discovery.service": "web"}, ["SERVICE_REGION=eu", "SERVICE_region=us"],
+     "env SERVICE_region", "env SERVICE_REGION"),
+    ({"discovery.80.service": "web", "discovery.080.service": "api"}, [],
+     "label discovery.080.service", "label discovery.80.service"),
+])
+def test_two_keys_of_one_source_that_mean_the_same_are_refused_naming_both(
+        labels: dict[str, str], env: list[str], culprit: str, twin: str) -> None:
+    """They were folded into one, the value of whichever Docker listed last kept without a
+    word (``meta.region`` either eu or us)."""
+    with pytest.raises(LabelError) as caught:
+        parse_container(container(labels, env=env))
+    assert caught.value.culprit == f"{WHO} {culprit}"
+    assert twin in caught.value.reason and "keep one" in caught.value.reason
+
+
+def test_a_later_source_still_overrides_an_earlier_one() -> None:
+    [spec] = parse_container(container({"discovery.service": "web", "SERVICE_REGION": "eu",
+                                        "discovery.meta.region": "us"}, env=["SERVICE_REGION=x"]))
+    assert spec.meta["region"] == "us"
