@@ -195,6 +195,7 @@ class Agent(AgentViews):
             for cid in list(self._tracked):
                 if cid not in seen:
                     self._forget(cid, Cause("resync", "no longer running"))
+            self._bad_labels = {c: e for c, e in self._bad_labels.items() if c in seen}  # bounded
             self._synced = True
         if wake:
             self.registrations.reconcile_soon()
@@ -234,6 +235,7 @@ class Agent(AgentViews):
                 self._forget(cid, cause)
                 if action == "destroy":  # never back (kept till then: logged once a run)
                     self._bad_labels.pop(cid, None)
+                    self.maint.forget(cid)  # nor its instances' ids
 
     def _kill_grace_over(self, cid: str, end: float) -> None:
         """Still running after its :func:`kill_grace`, it survived the kill: its check decides."""
@@ -333,8 +335,7 @@ class Agent(AgentViews):
         runner.start()
 
     def _forget(self, cid: str, cause: Cause) -> None:
-        killed = self._killed.pop(cid, None)
-        tracked = self._tracked.pop(cid, None)
+        killed, tracked = self._killed.pop(cid, None), self._tracked.pop(cid, None)
         if tracked is None:
             return
         tracked.stop_runners()
@@ -373,8 +374,7 @@ class Agent(AgentViews):
                 self._apply(tracked, key, Cause(cause.what, f"{cause.output[:200]} (warmed up: "
                                                 f"{result.sent} requests, {result.seconds:.1f}s)"))
 
-    def _effective(self, inst: Instance) -> Instance:
-        """The record as it should be written: ``draining`` while in maintenance."""
+    def _effective(self, inst: Instance) -> Instance:  # as written: draining in maintenance
         return inst.with_state(State.DRAINING) if self.maint.active(inst.id) else inst
 
     def reconcile(self) -> bool:

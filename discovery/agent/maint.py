@@ -51,6 +51,15 @@ class Maintenance:
             self.ids.discard(instance_id)
         self._save()
 
+    def forget(self, container_id: str) -> None:
+        """The container removed: its instances' ids (``<node>:<cid>:<port>``) never come
+        back, so they are dropped (saved if any); they were kept up to MAX_IDS, for good."""
+        short = container_id[:12].lower()
+        gone = {i for i in self.ids if i.rsplit(":", 2)[-2:-1] == [short]}
+        if gone:
+            self.ids -= gone
+            self._save()
+
     def _load(self) -> None:
         if self.path is None or not self.path.exists():
             return

@@ -203,6 +203,18 @@ def test_a_destroyed_containers_label_error_is_not_kept(setup: Setup) -> None:
     assert setup.agent._bad_labels == {}
 
 
+def test_a_label_error_of_a_container_no_listing_shows_is_not_kept(setup: Setup) -> None:
+    """Its destroy missed (Docker's events replayed only so far back): a listing that does not
+    show it drops its error (kept for good before); one that still runs keeps its own."""
+    bad = setup.run("b", "beta", {"discovery.port": "not-a-port"})
+    worse = setup.run("c", "gamma", {"discovery.port": "nor-this"})
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    assert set(setup.agent._bad_labels) == {bad["Id"], worse["Id"]}
+    del setup.docker.running[bad["Id"]]
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    assert list(setup.agent._bad_labels) == [worse["Id"]]
+
+
 # ---- SIGHUP reload ----------------------------------------------------------------------
 
 def test_a_reload_whose_listing_fails_keeps_the_old_state(

@@ -29,3 +29,21 @@ def test_the_nodes_maintenance_and_an_instances_own_are_apart(setup: Setup) -> N
     assert setup.agent.set_maint(a, False) == ([], [a])  # held by the node's
     assert setup.agent.set_maint(None, False) == ([a, b], [])
     assert states(setup) == {"asvc": "up", "bsvc": "up"}
+
+
+def test_a_removed_containers_maintenance_is_dropped(setup: Setup) -> None:  # noqa: F811
+    """Its instances' ids never come back (a container id is made once); they were kept in
+    the state file for good, up to 10,000, on a host whose containers come and go. A stopped
+    container's are kept (it may start again, the same ids)."""
+    for cid, service in (("a", "asvc"), ("b", "bsvc")):
+        setup.run(cid, service)
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["asvc", "bsvc"])
+    ids = {key[0]: key[1] for key in setup.registry.data}
+    for iid in ids.values():
+        setup.agent.set_maint(iid, True)
+    gone = setup.docker.running.pop("a" * 64)
+    setup.event("die", gone, exitCode="0")
+    assert setup.agent.maint.ids == set(ids.values())  # stopped: kept
+    setup.event("destroy", gone)
+    assert setup.agent.maint.ids == {ids["bsvc"]}
