@@ -15,7 +15,7 @@ from typing import Any
 
 from discovery.agent.checks import build_check
 from discovery.agent.config import AgentConfig, restart_only
-from discovery.agent.docker_source import DockerSource
+from discovery.agent.docker_source import DockerSource, event_fields
 from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.history import Cause, History, docker_detail
 from discovery.agent.labels import parse_container
@@ -201,9 +201,7 @@ class Agent(AgentViews):
             self.registrations.reconcile_soon()
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        action = str(event.get("Action") or event.get("status") or "")
-        cid = str(event.get("id") or event.get("Actor", {}).get("ID", ""))
-        attrs = event.get("Actor", {}).get("Attributes", {}) or {}
+        action, cid, attrs = event_fields(event)
         self.metrics.docker_event(action)
         cause = Cause(action.partition(":")[0].strip() or "docker", docker_detail(action, attrs))
         # asked before the lock (REFRESHING); the events come in order, on this thread alone
@@ -267,9 +265,8 @@ class Agent(AgentViews):
 
     def _refresh(self, attrs: dict[str, Any], cause: Cause | None = None) -> None:
         """(Re)build what we know of one running container from its inspect data."""
-        cid = attrs["Id"]
+        cid, state = attrs["Id"], attrs.get("State", {})
         name = str(attrs.get("Name", "")).lstrip("/")
-        state = attrs.get("State", {})
         try:
             specs = parse_container(attrs, advertise=self.config.address,
                                     internal=self.config.internal, defaults=self.config.check)

@@ -1,7 +1,8 @@
 """Follows dockerd: subscribe to events first, then list containers, so nothing falls in between.
 
 Never gives up: when the stream breaks or dockerd restarts it reconnects with backoff,
-replays events ``since`` the last one seen, and hands the agent a full list again.
+replays events ``since`` the last one seen, and hands the agent a full list again (a replayed
+pause, unpause or health status older than that list is not handed on: the list shows it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +26,20 @@ log = logging.getLogger(__name__)
 EVENTS = ("start", "restart", "health_status", "kill", "stop", "die", "destroy", "pause", "unpause",
           "rename")
 
+#: what a listing shows of itself: a replayed one older than the listing is not handed on (it
+#: was a flap: a pause and unpause during an outage took the container out and back in)
+SHOWN_BY_LISTING = ("pause", "unpause", "health_status")
+
 EventCallback = Callable[[dict[str, Any]], None]
 SyncCallback = Callable[[list[dict[str, Any]]], None]
 StateCallback = Callable[[bool], None]
+
+
+def event_fields(event: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A Docker event's action (``health_status: healthy``), container id and attributes."""
+    actor = event.get("Actor") or {}
+    return (str(event.get("Action") or event.get("status") or ""),
+            str(event.get("id") or actor.get("ID", "")), actor.get("Attributes") or {})
 
 
 class StreamClosed(DockerUnavailable):
@@ -131,6 +144,7 @@ class DockerSource:
         filters = {"type": ["container"], "event": list(EVENTS)}
         stream = self.client.api.events(since=self._since, decode=True, filters=filters)
         self._stream = stream
+        listed_ns = time.time_ns()  # (dockerd's clock: the same host's)
         running = self.list_running()
         if not self.connected:
             self.connected = True
@@ -146,6 +160,9 @@ class DockerSource:
             if self._stop.is_set():
                 return
             self._since = int(event.get("time", self._since or 0))
+            if (event_fields(event)[0].partition(":")[0] in SHOWN_BY_LISTING
+                    and int(event.get("timeNano") or listed_ns) < listed_ns):
+                continue
             try:
                 self._on_event(event)
             except DockerUnavailable:

@@ -450,3 +450,30 @@ def test_the_kill_grace_covers_the_containers_own_stop_timeout() -> None:
     assert tracked.kill_grace(None) == tracked.KILL_GRACE
     assert tracked.kill_grace({"Config": {"StopTimeout": 10}}) == tracked.KILL_GRACE
     assert tracked.kill_grace({"Config": {"StopTimeout": 120}}) == 125.0
+
+
+def test_replayed_events_a_listing_shows_are_not_handed_on() -> None:
+    """After a reconnect Docker replays the events since the last one seen, and the agent gets
+    a listing made after them: a pause and unpause (or an unhealthy and healthy) of the outage
+    replayed took the container out of the registry and back in, fleet-wide a flap. A kill is
+    handed on (a container draining on SIGTERM still runs when listed), as is what came after
+    the listing."""
+    now = time.time_ns()
+    replayed = [{"Action": a, "id": "c1", "time": now // 10**9 - 5, "timeNano": now - d}
+                for a, d in (("pause", 4 * 10**9), ("unpause", 3 * 10**9),
+                             ("health_status: unhealthy", 2 * 10**9), ("kill", 10**9))]
+    fresh = {"Action": "pause", "id": "c1", "time": now // 10**9 + 60, "timeNano": now + 60 * 10**9}
+
+    class Api:
+        def events(self, **_kwargs: Any) -> Iterator[dict[str, Any]]:
+            return iter([*replayed, fresh])
+
+        def containers(self) -> list[dict[str, Any]]:
+            return []
+
+    handed: list[str] = []
+    source = DockerSource(None, lambda e: handed.append(e["Action"]), lambda _l: None)
+    source._connect = lambda: type("Client", (), {"api": Api()})()  # type: ignore[method-assign]
+    with pytest.raises(DockerUnavailable, match="stream closed"):
+        source._session()
+    assert handed == ["kill", "pause"]
