@@ -155,10 +155,13 @@ class Agent(AgentViews):
                 self.config = config
                 # re-checked instances start healthy: no flap
                 self.registrations.adopt |= self.registrations.held()
+                before = {k for t in self._tracked.values() for k in t.instances}
                 for tracked in self._tracked.values():
                     tracked.stop_runners()
                 self._tracked.clear()
                 self._on_sync(fresh, wake=False)  # the run loop's reconcile: its own time
+                for key in before.difference(*(t.instances for t in self._tracked.values())):
+                    self.registrations.want(key, None, Cause("reload", "no longer asked for"))
         except DiscoveryError as exc:
             log.error("reload: Docker not listed (%s); the old configuration stays in effect "
                       "until the next try, within a resync period", exc)

@@ -294,6 +294,24 @@ def test_a_container_started_while_a_reload_lists_docker_is_kept(setup: Setup) -
     setup.wait_services(["ysvc"])
 
 
+def test_a_container_a_reload_refuses_is_deregistered_at_once(
+        setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """The new settings refuse it (here a default docker check, and it has no HEALTHCHECK): its
+    instance is taken out with the reload, as when its labels change. It stayed registered,
+    untracked, until the next reconcile (after a fleet's SIGHUP: up to a resync period)."""
+    setup.run("a", "alpha")
+    setup.run("b", "beta")
+    setup.agent._on_sync(list(setup.docker.running.values()))
+    setup.wait_services(["alpha", "beta"])
+    beta = setup.docker.running["b" * 64]
+    beta["Config"]["Healthcheck"] = {"Test": ["CMD", "true"]}
+    beta["State"]["Health"] = {"Status": "healthy"}
+    assert setup.agent._reload(replace(setup.agent.config, check=CheckSpec(type="docker")))
+    assert list(setup.agent._tracked) == ["b" * 64]
+    assert setup.services() == ["beta"]  # (flushed: no reconcile)
+    assert "no HEALTHCHECK" in caplog.text
+
+
 def test_a_reload_keeps_the_node_name(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
     setup.run("a", "alpha")
     setup.agent._on_sync(list(setup.docker.running.values()))
