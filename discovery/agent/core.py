@@ -35,7 +35,7 @@ from discovery.agent.tracked import (
     wait_grace,
 )
 from discovery.agent.views import AgentViews
-from discovery.agent.warmup import WarmupResult, start_warm_up
+from discovery.agent.warmup import WarmupResult, WarmUps
 from discovery.errors import CheckError, DiscoveryError, RegistryError, ValidationError
 from discovery.metrics import Metrics
 from discovery.model import Instance, State, make_instance_id
@@ -65,6 +65,7 @@ class Agent(AgentViews):
         self.registrations = Registrations(registry, config.node, self.metrics, self.history,
                                            self._wake.set)
         self._checks = CheckScheduler()  # all its checks: 1 timer, 8 workers, 2 a container
+        self._warmups = WarmUps(self._stop)  # at most 8 at once
         self.docker = DockerSource(config.docker, self._on_event, self._on_sync, self._on_docker)
         self.registry.add_state_listener(self._on_registry)
 
@@ -75,8 +76,7 @@ class Agent(AgentViews):
             adopted = self.registrations.load()
             self.registry_connected = True
             self.metrics.registry_state(True)
-            log.info("agent %s: %d instances of this node already registered",
-                     self.config.node, adopted)
+            log.info("agent %s: %d of its instances registered already", self.config.node, adopted)
         except RegistryError as exc:
             log.warning("registry read failed at start (%s); will reconcile when it answers", exc)
         self.docker.start()
@@ -360,8 +360,8 @@ class Agent(AgentViews):
         spec = tracked.start_warmup(key) if wanted else None
         if spec is not None:  # first time up: warm-up requests first, in a thread of their own
             inst = tracked.instances[key]
-            start_warm_up(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
-                          lambda result: self._warmed(tracked, key, cause, result), self._stop)
+            self._warmups.start(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
+                                lambda result: self._warmed(tracked, key, cause, result))
             return
         self.registrations.want(key, self._effective(tracked.instances[key]) if wanted else None,
                                 cause)

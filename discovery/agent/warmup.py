@@ -7,8 +7,8 @@ time, each with a short timeout, all within the ``timeout`` budget), and only th
 Whatever answers count (any status; connection errors too, counted apart); when the budget runs
 out it is registered anyway. HTTP only, whatever its check type (tcp, http, exec, docker).
 
-:func:`warm_up` does the requests (blocking; ``bench/deploys.py`` calls it too),
-:func:`start_warm_up` does them in a thread of their own and calls back.
+:func:`warm_up` does the requests (blocking; ``bench/deploys.py`` calls it too);
+:class:`WarmUps`, the agent's, runs them at most ``MAX_RUNNING`` at a time and calls back.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ MAX_REQUESTS, MAX_CONCURRENCY, MAX_TIMEOUT, MAX_PATH = 10_000, 16, 300.0, 256
 REQUEST_TIMEOUT = 5.0
 _READ_CAP = 1 << 20  # bytes of one answer read (the rest is dropped with the connection)
 _GRACE = 1.0  # after the budget: for workers to return once their connections are cut
+#: warm-ups under way at once in one agent (the others wait, within their budget): at most
+#: MAX_RUNNING x (1 + MAX_CONCURRENCY) threads, whatever the number of new instances
+MAX_RUNNING = 8
 
 
 def parse(values: dict[str, tuple[str, str]]) -> WarmupSpec | None:
@@ -70,12 +74,13 @@ class WarmupResult:
     complete: bool  # False: the budget ran out (or the agent stopped) first
 
 
-def warm_up(address: str, port: int, spec: WarmupSpec,
-            stop: threading.Event | None = None) -> WarmupResult:
+def warm_up(address: str, port: int, spec: WarmupSpec, stop: threading.Event | None = None,
+            asked: float | None = None) -> WarmupResult:
     """Send ``spec.requests`` GETs of ``spec.path`` to ``address:port``, ``spec.concurrency``
-    at a time, within ``spec.timeout`` seconds: requests still under way then are cut off,
-    so it blocks that long at most (and a moment). Never raises for what the app does."""
-    start = time.monotonic()
+    at a time, within ``spec.timeout`` seconds (of ``asked``, monotonic, if given): requests
+    still under way then are cut off, so it blocks that long at most (and a moment). Never
+    raises for what the app does; a worker thread that cannot start is one fewer."""
+    start = time.monotonic() if asked is None else asked
     deadline = start + spec.timeout
     lock = threading.Lock()
     counts = {"issued": 0, "errors": 0}
@@ -115,10 +120,16 @@ def warm_up(address: str, port: int, spec: WarmupSpec,
                 with lock:
                     counts["errors"] += 1
 
-    threads = [threading.Thread(target=worker, name=f"warmup-{port}-{n}", daemon=True)
-               for n in range(min(spec.concurrency, spec.requests))]
-    for t in threads:
-        t.start()
+    threads = []
+    for n in range(min(spec.concurrency, spec.requests)):
+        t = threading.Thread(target=worker, name=f"warmup-{port}-{n}", daemon=True)
+        try:
+            t.start()
+        except RuntimeError as exc:  # at the pids limit: those started do the requests
+            log.warning("warm-up of %s:%d: %d of %d workers (%s)", address, port, n,
+                        spec.concurrency, exc)
+            break
+        threads.append(t)
     for t in threads:  # one deadline for all
         t.join(max(0.0, deadline - time.monotonic()))
     with lock:  # a slow app (an answer trickling in) holds no worker past the deadline
@@ -134,13 +145,35 @@ def warm_up(address: str, port: int, spec: WarmupSpec,
     return WarmupResult(sent, errors, time.monotonic() - start, done)
 
 
-def start_warm_up(name: str, address: str, port: int, spec: WarmupSpec,
-                  done: Callable[[WarmupResult], None],
-                  stop: threading.Event | None = None) -> threading.Thread:
-    """:func:`warm_up` in a thread of its own; logs its outcome, then calls ``done``."""
+class WarmUps:
+    """One agent's warm-ups: at most ``running`` at once (a container of hundreds of services
+    started hundreds, each with its own workers: threads without bound), the others queued,
+    each within its budget from when it was asked (then registered, warmed or not)."""
 
-    def run() -> None:
-        result = warm_up(address, port, spec, stop)
+    def __init__(self, stop: threading.Event | None = None, running: int = MAX_RUNNING) -> None:
+        self._stop = stop  # set: the warm-ups under way end, those queued send nothing
+        self._pool = ThreadPoolExecutor(running, thread_name_prefix="warmup")
+
+    def start(self, name: str, address: str, port: int, spec: WarmupSpec,
+              done: Callable[[WarmupResult], None]) -> None:
+        """:func:`warm_up` in its turn; logs its outcome, then calls ``done`` (at once, from
+        here, if no thread can be had for it: the pids limit; registered anyway)."""
+        try:
+            self._pool.submit(self._run, name, address, port, spec, done, self._stop,
+                              time.monotonic())
+        except RuntimeError as exc:
+            log.warning("%s: warm-up not started (%s); registering it anyway", name, exc)
+            done(WarmupResult(0, 0, 0.0, False))
+
+    @staticmethod
+    def _run(name: str, address: str, port: int, spec: WarmupSpec,
+             done: Callable[[WarmupResult], None], stop: threading.Event | None,
+             asked: float) -> None:
+        try:
+            result = warm_up(address, port, spec, stop, asked)
+        except Exception:  # a bug: logged, and the instance registered all the same
+            log.exception("%s: warm-up failed", name)
+            result = WarmupResult(0, 0, time.monotonic() - asked, False)
         if result.complete:
             log.info("%s warmed up: %d requests to %s in %.2fs, %d errors", name, result.sent,
                      spec.path, result.seconds, result.errors)
@@ -152,7 +185,3 @@ def start_warm_up(name: str, address: str, port: int, spec: WarmupSpec,
             done(result)
         except Exception:
             log.exception("%s: after warm-up", name)
-
-    thread = threading.Thread(target=run, name=f"warmup-{name}"[:60], daemon=True)
-    thread.start()
-    return thread

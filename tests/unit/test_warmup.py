@@ -15,9 +15,10 @@ import pytest
 from discovery.agent.labels import parse_container
 from discovery.agent.spec import WarmupSpec
 from discovery.agent.tracked import Tracked
-from discovery.agent.warmup import WarmupResult, start_warm_up, warm_up
+from discovery.agent.warmup import WarmupResult, WarmUps, warm_up
 from discovery.errors import LabelError
 from discovery.model import Instance
+from tests.harness.servers import wait_until
 from tests.harness.util import free_port
 from tests.unit.test_labels import WHO, container
 
@@ -200,12 +201,38 @@ def test_in_a_thread_then_the_callback(app: App, caplog: pytest.LogCaptureFixtur
         done.set()
 
     caplog.set_level("INFO", logger="discovery.agent.warmup")
-    thread = start_warm_up("web/h1:abc:80", "127.0.0.1", app.port, WarmupSpec(4),
-                           finished)
+    WarmUps().start("web/h1:abc:80", "127.0.0.1", app.port, WarmupSpec(4), finished)
     assert done.wait(10)
-    thread.join(5)
     assert got[0].sent == 4 and len(app.paths) == 4
     assert "web/h1:abc:80 warmed up: 4 requests to / in" in caplog.text
+
+
+def test_an_agents_warm_ups_run_a_few_at_a_time(app: App) -> None:
+    """A container of hundreds of services, each asking for a warm-up: each had a thread of its
+    own and up to 16 workers (thousands of threads, the pids limit). Now MAX_RUNNING at once,
+    the others in their turn; a queued one's budget counts from when it was asked."""
+    got: list[WarmupResult] = []
+    lock = threading.Lock()
+
+    def finished(result: WarmupResult) -> None:
+        with lock:
+            got.append(result)
+
+    warmups = WarmUps(running=2)
+    for n in range(10):
+        warmups.start(f"web/{n}", "127.0.0.1", app.port, WarmupSpec(2, "/", 2, 30.0), finished)
+    wait_until(lambda: len(got) == 10, 10, "every warm-up done")
+    assert app.most_in_flight <= 4 and all(r.complete for r in got)  # 2 warm-ups x 2 workers
+    late = WarmUps(running=1)
+    stuck = App(delay=0.8)
+    try:
+        late.start("slow", "127.0.0.1", stuck.port, WarmupSpec(1, "/", 1, 30.0), finished)
+        late.start("queued", "127.0.0.1", app.port, WarmupSpec(1, "/", 1, 0.2), finished)
+        wait_until(lambda: len(got) == 12, 10, "the queued one done")
+    finally:
+        stuck.server.shutdown()
+        stuck.server.server_close()
+    assert not got[-1].complete and got[-1].sent == 0  # its budget spent in the queue
 
 
 def test_an_instance_is_warm_only_once_its_warm_up_is_had() -> None:
