@@ -24,6 +24,7 @@ See docs/client.md.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -136,13 +137,16 @@ class Client:
     ``timeout``: seconds any registry read may take before :class:`RegistryUnavailable`.
     ``wipe_guard``: the live catalog holds what a registry-side wipe removes (docs/client.md).
     Thread-safe. Use it as a context manager, or call :meth:`close`.
-    Raises :class:`ConfigError` at once for a malformed URL.
+    Raises :class:`ConfigError` at once for a malformed URL, or a ``timeout`` that is not a
+    finite number of seconds above 0.
     """
 
     def __init__(self, registry_url: str | RegistryURL, *, timeout: float = 5.0,
                  wipe_guard: bool = True) -> None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds (got {timeout!r})")
+        if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                or not math.isfinite(timeout) or timeout <= 0):
+            raise ConfigError(f"timeout must be a finite number of seconds above 0, "
+                              f"not {timeout!r}")
         self.url = (registry_url if isinstance(registry_url, RegistryURL)
                     else RegistryURL.parse(registry_url))
         self.timeout = timeout
