@@ -1,7 +1,8 @@
 """Credentials and TLS of a registry: read when the registry is opened, never logged.
 
 - :func:`load_secrets` reads the password file and the PEM files a :class:`RegistryURL` names,
-  with one :class:`ConfigError` naming the parameter when one is missing or unreadable.
+  with one :class:`ConfigError` naming the parameter when one is missing or unreadable, not a
+  regular file (a FIFO, a device) or over 64 KiB (:mod:`discovery.registry.secret_files`).
 - etcd: :func:`etcd_channel_credentials` (TLS, one set for every endpoint) and
   :class:`EtcdAuth` (user/password: a token got lazily, and again whenever etcd forgot it).
 - ZooKeeper: :func:`zk_client_options` (digest auth, TLS; the agent's nodes get
@@ -30,21 +31,12 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, LoginRefused, RegistryError
 from discovery.registry.etcd_aio import timed_out_in_server
+from discovery.registry.secret_files import WHERE_SET, pem, read_file
 from discovery.registry.url import RegistryURL
 from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
 
-_WHERE_SET = {  # how each file/secret can be given, for error messages
-    "ca": "ca= in the URL, --registry-ca or DISCOVERY_REGISTRY_CA",
-    "cert": "cert= in the URL, --registry-cert or DISCOVERY_REGISTRY_CERT",
-    "key": "key= in the URL, --registry-key or DISCOVERY_REGISTRY_KEY",
-    "password_file": "password_file= in the URL, --registry-password-file or "
-                     "DISCOVERY_REGISTRY_PASSWORD_FILE",
-    "password": "user:password@ in the URL, DISCOVERY_REGISTRY_PASSWORD or "
-                "--registry-password-file",
-}
-_PEM_MARK = {"ca": b"CERTIFICATE", "cert": b"CERTIFICATE", "key": b"PRIVATE KEY"}
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 #: etcd's word that the credentials are wrong (a bad password, no such user): a refused login
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
@@ -85,31 +77,11 @@ class Secrets:
     key: bytes | None = field(default=None, repr=False)
 
 
-def _read(path: str, param: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigError(f"registry {param}= file {path!r}: cannot read it: "
-                          f"{exc.strerror or exc} (set by {_WHERE_SET[param]})") from None
-
-
-def _pem(path: str | None, param: str) -> bytes | None:
-    if path is None:
-        return None
-    data = _read(path, param)
-    if b"-----BEGIN " not in data or _PEM_MARK[param] not in data:
-        kind = "private key" if param == "key" else "certificate"
-        raise ConfigError(f"registry {param}= file {path!r}: not a PEM {kind} "
-                          f"(set by {_WHERE_SET[param]})")
-    return data
-
-
 def load_secrets(url: RegistryURL) -> Secrets:
     """Read the password (file) and the TLS files of ``url``; ConfigError naming what is wrong."""
     password = url.password
     if password is None and url.password_file is not None:
-        raw = _read(url.password_file, "password_file")
+        raw = read_file(url.password_file, "password_file")
         try:
             password = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
@@ -119,12 +91,12 @@ def load_secrets(url: RegistryURL) -> Secrets:
             raise ConfigError(f"registry password_file= {url.password_file!r} is empty")
     if url.user is not None and password is None:
         raise ConfigError(f"registry URL '{url}': user {url.user!r} has no password "
-                          f"(give it by {_WHERE_SET['password']})")
+                          f"(give it by {WHERE_SET['password']})")
     if url.user is None and password is not None:
         raise ConfigError(f"registry URL '{url}': a password but no user (give the user as "
                           "user@ in the URL, --registry-user or DISCOVERY_REGISTRY_USER)")
-    secrets = Secrets(user=url.user, password=password, ca=_pem(url.tls_ca, "ca"),
-                      cert=_pem(url.tls_cert, "cert"), key=_pem(url.tls_key, "key"))
+    secrets = Secrets(user=url.user, password=password, ca=pem(url.tls_ca, "ca"),
+                      cert=pem(url.tls_cert, "cert"), key=pem(url.tls_key, "key"))
     if url.tls_cert is not None and url.tls_key is not None:
         try:  # else only the handshake fails, after the timeout, naming no file
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(

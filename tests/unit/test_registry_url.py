@@ -279,7 +279,7 @@ def test_kazoo_auth_lines_are_masked_whatever_the_quotes() -> None:
     ("query", "complaint"),
     [
         ("ca={d}/missing.pem", r"ca= file '.*missing.pem': cannot read it: No such file"),
-        ("ca={d}", r"ca= file .*: cannot read it: Is a directory"),
+        ("ca={d}", r"ca= file .*: cannot read it: a directory, not a regular file"),
         ("ca={d}/k.pem", r"ca= file .*: not a PEM certificate"),
         ("cert={d}/ca.pem&key={d}/ca.pem", r"key= file .*: not a PEM private key"),
     ],
