@@ -13,12 +13,14 @@ prefix), ``weight``, and ``labels`` = meta plus what the format has no field for
 Reading (:func:`from_nerve`), nodes as Nerve writes them map to an :class:`Instance`:
 
 - service: from the path; id: the node name without its sequence, with ``:<port>``
-  appended unless it has a ``:`` already (ours: ``node:container:port``), so two ports of one
-  Nerve host are two instances and a restarted Nerve's new node is the same instance as its
-  old one; a name that is no valid id as it is (upper case, another character, too long)
-  gives ``<node>-<8 hex digits of its SHA-256>:<port>``, so that two names never make one id
+  appended (ours, ``node:container:port`` with a ``node`` label naming that node, is taken
+  as it is), so two ports of one Nerve host are two instances and a restarted Nerve's new
+  node is the same instance as its old one; a name that is no valid id as it is (upper
+  case, another character, too long, or any other name with a ``:``) gives
+  ``<node>-<8 hex digits of its SHA-256>:<port>``, so that two names never make one id
   (they were lower-cased, or the node taken alone: ``WEB1`` and ``web1``, or two IPv6 hosts
-  whose addresses map to one node name, replaced each other in every catalog);
+  whose addresses map to one node name, replaced each other in every catalog; a name with a
+  ``:`` was taken whole, its two ports one instance);
 - node: the ``node`` label, else the first DNS label of ``name`` or of the node name, else the
   host's address with ``-`` for dots; state ``up`` unless labelled ``draining``;
 - ``host`` must be an IP address and ``port`` 1..65535; a weight above 256 is taken as 256;
@@ -39,6 +41,9 @@ from discovery.model import validate as v
 from discovery.model.instance import Instance, State, load_record
 
 _SEQUENCE = re.compile(r"^(.+)_\d{10}$")
+#: our ids' shape, ``<node>:<container>:<port>`` (the container's port, not the record's):
+#: the one name with a ``:`` taken as it is, with a ``node`` label naming that node
+_OURS = re.compile(r"[^:]+:[^:]*:\d{1,5}")
 RESERVED = ("node", "tags", "state", "container_id", "container_name", "image")
 
 
@@ -112,12 +117,13 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
     name = data["name"] if isinstance(data.get("name"), str) else ""
     prefix = node_prefix(child)
     node = _node(text.get("node", ""), name, prefix, address)
-    iid = prefix if ":" in prefix else f"{prefix}:{port}"
+    ours = _OURS.fullmatch(prefix) and text.get("node") == prefix.partition(":")[0]
+    iid = prefix if ours else "" if ":" in prefix else f"{prefix}:{port}"  # "": a digest
     try:
         v.instance_id("id", iid)
-    except ValidationError:  # (upper case, a character or a length an id cannot have): still
-        digest = hashlib.sha256(prefix.encode()).hexdigest()[:8]  # one instance a name, as
-        iid = f"{node}-{digest}:{port}"  # ZooKeeper tells nodes apart by it
+    except ValidationError:  # (upper case, a character or a length an id cannot have, a :
+        digest = hashlib.sha256(prefix.encode()).hexdigest()[:8]  # elsewhere): still one
+        iid = f"{node}-{digest}:{port}"  # instance a name, as ZooKeeper tells nodes apart by it
     weight = data.get("weight", 100)
     if isinstance(weight, str) and weight.isascii() and weight.isdigit() and len(weight) < 6:
         weight = int(weight)  # as its port may be: Synapse puts either form in its config

@@ -57,6 +57,28 @@ def test_two_node_names_never_make_one_instance() -> None:
     assert again.key == insts[1].key
 
 
+def test_a_name_with_a_colon_serving_two_ports_is_two_instances() -> None:
+    """A Nerve name holding a ``:`` (not ours, ``<node>:<container>:<port>``) was taken as the
+    id whole: its two ports were one key, and one replaced the other in every catalog."""
+    def read(child: str, port: int, **labels: str) -> Instance:
+        record = {"host": "192.0.2.1", "port": port, "name": node_prefix(child),
+                  "labels": labels}
+        return from_nerve(json.dumps(record), "web", child, "here")
+
+    blue = [read("web:blue_0000000001", 8080), read("web:blue_0000000002", 8081)]
+    assert blue[0].key != blue[1].key and [i.port for i in blue] == [8080, 8081]
+    assert read("web:blue_0000000042", 8081).key == blue[1].key  # a restarted Nerve's: stable
+    assert blue[0].id == "web-4348a614:8080" and blue[0].node == "web"
+    # nor does a name with a : make the id of another name ZooKeeper tells apart
+    pairs = [("a:80_0000000001", "a_0000000002"), ("x:y_0000000001", "x:y:80_0000000002")]
+    for one, other in pairs:
+        assert read(one, 80).key != read(other, 80).key, (one, other)
+    shaped = [read("h:web:1_0000000001", 8080), read("h:web:1_0000000002", 8081)]
+    assert shaped[0].key != shaped[1].key  # our shape, but no node label: not ours
+    ours = read("h:ab12:80_0000000001", 32768, node="h")  # (the container's port in its id)
+    assert ours.id == "h:ab12:80"  # ours: as it is
+
+
 def test_node_falls_back_to_the_address() -> None:
     inst = from_nerve(b'{"host":"203.0.113.3","port":"81"}', "web", "_0000000001", "here")
     assert (inst.node, inst.port) == ("203-0-113-3", 81)
