@@ -28,15 +28,10 @@ import time
 from collections.abc import Callable
 
 from discovery.errors import ConfigError, DiscoveryError, ValidationError
-from discovery.lookup.dns_limits import (
-    CACHE_ENTRIES,
-    AnswerCache,
-    TcpLimits,
-    beyond_loopback,
-    client_of,
-)
+from discovery.lookup.dns_limits import CACHE_ENTRIES, AnswerCache, TcpLimits, beyond_loopback
 from discovery.lookup.dns_packet import cache_key, echo
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
+from discovery.lookup.peers import Hushed, Slots
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
@@ -89,14 +84,16 @@ class DnsServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._conns: dict[socket.socket, str] = {}  # open TCP connections -> their client
-        self._per_client: dict[str, int] = {}
+        self._conns: dict[socket.socket, str] = {}  # open TCP connections -> their peer
+        self._tcp_slots = Slots(self.tcp_limits.connections, self.tcp_limits.per_client,
+                                "tcp connections")
+        self._refusals = Hushed(log)
         self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
         self._conn_closed = threading.Condition(self._lock)  # a TCP connection ended
         self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
         self._stopping = threading.Event()
-        self._last_error = self._last_warning = -ERROR_LOG_EVERY
+        self._last_error = -ERROR_LOG_EVERY
 
     @property
     def port(self) -> int:
@@ -235,12 +232,6 @@ class DnsServer:
             self._last_error = now
             log.exception(msg, *args)
 
-    def _warn(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= ERROR_LOG_EVERY:
-            self._last_warning = now
-            log.warning(msg + " (said at most once a minute)", *args)
-
     def _serve_udp(self) -> None:
         sock = self._udp
         assert sock is not None
@@ -314,7 +305,6 @@ class DnsServer:
     def _serve_tcp(self) -> None:
         sock = self._tcp
         assert sock is not None
-        limits = self.tcp_limits
         while not self._stopping.is_set():
             try:
                 if not select.select([sock], [], [], POLL)[0]:
@@ -327,18 +317,15 @@ class DnsServer:
                     return
                 time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                 continue
-            client = client_of(str(peer[0]))
-            with self._lock:
-                busy = self._per_client.get(client, 0)
-                refused = len(self._conns) >= limits.connections or busy >= limits.per_client
-                if not refused:
-                    self._conns[conn] = client
-                    self._per_client[client] = busy + 1
-            if refused:
+            address = str(peer[0])
+            refused = self._tcp_slots.acquire(address)
+            if refused is not None:
                 conn.close()
-                self._warn("dns: tcp connection from %s refused: %d open in all, %d from it",
-                           client, len(self._conns), busy)
+                self._refusals.warn(refused.cause, "dns: tcp connection from %s refused: %s",
+                                    address, refused)
                 continue
+            with self._lock:
+                self._conns[conn] = address
             threading.Thread(target=self._serve_conn, args=(conn,), name="dns-tcp-conn",
                              daemon=True).start()
 
@@ -372,13 +359,10 @@ class DnsServer:
             self._error("dns: tcp connection")
         finally:
             with self._lock:
-                client = self._conns.pop(conn, "")
+                address = self._conns.pop(conn, None)
                 self._conn_closed.notify_all()
-                left = self._per_client.get(client, 1) - 1
-                if left > 0:
-                    self._per_client[client] = left
-                else:
-                    self._per_client.pop(client, None)
+            if address is not None:
+                self._tcp_slots.release(address)
             conn.close()
 
 

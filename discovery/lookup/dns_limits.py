@@ -84,15 +84,3 @@ def beyond_loopback(bind: str) -> bool:
     """True when ``bind`` (an IP address) can be reached from other hosts."""
     return not ipaddress.ip_address(bind).is_loopback
 
-
-def client_of(peer: str) -> str:
-    """Whom a TCP connection counts against: its IPv4 address, or its IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return peer
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)

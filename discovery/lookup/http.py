@@ -24,7 +24,6 @@ from discovery.lookup import consul, ui
 from discovery.lookup.http_guard import (
     HOW_TO_TOKEN,
     TOKEN_HEADER,
-    BlockingSlots,
     dump_json,
     host_allowed,
     presented_token,
@@ -43,6 +42,7 @@ from discovery.lookup.http_query import (
     parse_query,
     up_only,
 )
+from discovery.lookup.peers import Slots
 from discovery.lookup.status import Checks, Health, Maint
 from discovery.model import validate as v
 
@@ -56,10 +56,15 @@ DEFAULT_BIND, DEFAULT_PORT = "127.0.0.1", 8500
 MAX_TARGET = 4096  # bytes of request target
 WAIT_SLICE = 0.5  # blocking waits wake this often to notice stop() and a client hanging up
 SERVICE_PARAMS = {"index", "wait", "tag", "up", "passing", "pretty", "zone"}
-#: blocking queries at once, in all and per client address. Each holds a thread (a few tens of
-#: KiB resident) for up to 5 min. Per client as Consul's http_max_conns_per_client (200) and
-#: more: Prometheus' consul_sd holds one per service it watches, from one address.
+#: blocking queries at once, in all and per client (an IPv4 address, an IPv6 /64). Each holds a
+#: thread (a few tens of KiB resident) for up to 5 min. Per client as Consul's
+#: http_max_conns_per_client (200) and more: Prometheus' consul_sd holds one per service it
+#: watches, from one address.
 MAX_BLOCKING, MAX_BLOCKING_PER_CLIENT = 1024, 512
+#: connections open at once, in all and per client: each holds a thread, a slow client's too
+#: (it has Handler.timeout to send its request). Room for every blocking query and 256 (128
+#: per client) other requests besides; beyond either, 503 (in all) or 429 (per client).
+MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT = MAX_BLOCKING + 256, MAX_BLOCKING_PER_CLIENT + 128
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -76,6 +81,8 @@ class HttpApi:
                  bind: str = DEFAULT_BIND, port: int = DEFAULT_PORT, *,
                  max_blocking: int = MAX_BLOCKING,
                  max_blocking_per_client: int = MAX_BLOCKING_PER_CLIENT,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
                  maint: Maint | None = None, checks: Checks | None = None,
                  token: str | None = None, datacenter: str = consul.DEFAULT_DATACENTER,
                  node: str = "", views: ui.Views | None = None,
@@ -90,7 +97,8 @@ class HttpApi:
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
         self.token = token  # writes need it; None: writes are refused
         self.bind, self._port = bind, port
-        self.slots = BlockingSlots(max_blocking, max_blocking_per_client)
+        self.slots = Slots(max_blocking, max_blocking_per_client, "blocking queries")
+        self.connections = Slots(max_connections, max_connections_per_client, "connections")
         self._stopping = threading.Event()
         self._server: ApiServer | None = None
         self._thread: threading.Thread | None = None
@@ -111,7 +119,8 @@ class HttpApi:
             return self
         self._stopping.clear()
         try:
-            self._server = ApiServer((self.bind, self._port), Handler, inherited)
+            self._server = ApiServer((self.bind, self._port), Handler, self.connections,
+                                     inherited)
         except OSError as exc:
             raise ConfigError(f"http: cannot listen on {self.bind} port {self._port}: "
                               f"{exc.strerror or exc}") from None
@@ -265,7 +274,7 @@ class HttpApi:
             return max(index, current)  # never behind what it was given
         refused = self.slots.acquire(req.client)
         if refused is not None:
-            raise ApiError(429, refused, headers={"Retry-After": "1"})
+            raise ApiError(429, refused.message, headers={"Retry-After": "1"})
         try:
             deadline = time.monotonic() + wait
             while not self._stopping.is_set() and not req.gone():

@@ -1,5 +1,6 @@
 """What the HTTP API refuses before it answers: foreign ``Host`` headers (DNS rebinding),
-writes without the token, too many blocking queries, and values JSON cannot carry.
+writes without the token, and values JSON cannot carry (the caps on connections and blocking
+queries are :class:`discovery.lookup.peers.Slots`).
 
 Pure helpers (no sockets), so that they are unit-tested directly; docs/security.md says why
 each limit is what it is.
@@ -14,7 +15,6 @@ import logging
 import math
 import os
 import stat
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,43 +107,6 @@ def token_matches(presented: str, expected: str) -> bool:
     """Constant-time comparison (the time does not depend on how much of it was right)."""
     return hmac.compare_digest(presented.encode("utf-8", "replace"),
                                expected.encode("utf-8", "replace"))
-
-
-class BlockingSlots:
-    """Slots for blocking queries: at most ``total`` at once, and ``per_client`` per client
-    address, so one host cannot take them all."""
-
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total, self.per_client = total, per_client
-        self._lock = threading.Lock()
-        self._by_client: dict[str, int] = {}
-        self.used = 0
-
-    def acquire(self, client: str) -> str | None:
-        """Take a slot for ``client``; None when taken, else why not (for the 429)."""
-        with self._lock:
-            mine = self._by_client.get(client, 0)
-            if self.used >= self.total:
-                return f"too many blocking queries in progress ({self.total}); retry later"
-            if mine >= self.per_client:
-                return (f"too many blocking queries from {client} ({self.per_client} at once); "
-                        "retry later")
-            self._by_client[client] = mine + 1
-            self.used += 1
-            return None
-
-    def release(self, client: str) -> None:
-        with self._lock:
-            left = self._by_client.get(client, 0) - 1
-            if left > 0:
-                self._by_client[client] = left
-            else:
-                self._by_client.pop(client, None)
-            self.used = max(0, self.used - 1)
-
-    def of(self, client: str) -> int:
-        with self._lock:
-            return self._by_client.get(client, 0)
 
 
 def ascii_int(raw: str, max_digits: int = 18) -> int | None:

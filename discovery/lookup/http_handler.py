@@ -1,13 +1,16 @@
-"""The HTTP API's request handler: reads one request off the socket, refuses bodies and
-repeated guard headers, and sends :meth:`discovery.lookup.http.HttpApi.handle`'s answer."""
+"""The HTTP API's request handler: reads one request off the socket (whole within
+``Handler.timeout``, however slowly it comes), refuses bodies and repeated guard headers, and
+sends :meth:`discovery.lookup.http.HttpApi.handle`'s answer."""
 
 from __future__ import annotations
 
+import io
 import logging
 import select
 import socket
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+from time import monotonic
 from typing import Any
 
 from discovery.lookup.http_guard import TOKEN_HEADER
@@ -23,7 +26,15 @@ class Handler(BaseHTTPRequestHandler):
     """Moves bytes between a connection and :meth:`HttpApi.handle` (``server.api``)."""
 
     server: ApiServer
-    timeout = 10  # seconds a client may take to send its request (or to read a write)
+    #: seconds a client may take to send its whole request, from the accept (not per read: a
+    #: byte every few seconds kept a thread for ever), and to take each answer
+    timeout = 10.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's reader: each read has the whole timeout
+        self.rfile = io.BufferedReader(_Deadline(self.connection, monotonic() + self.timeout,
+                                                 self.timeout))
 
     def do_GET(self) -> None:
         self._serve(send_body=True)
@@ -100,3 +111,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Deadline(io.RawIOBase):
+    """``sock``'s reads, each within what is left until ``deadline`` (a ``monotonic()``
+    time), else :class:`TimeoutError`; the socket keeps ``timeout`` for the writes."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout: float) -> None:
+        super().__init__()
+        self.sock, self.deadline, self.timeout = sock, deadline, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not come whole within its time")
+        self.sock.settimeout(min(left, self.timeout))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)

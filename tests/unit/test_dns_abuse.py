@@ -29,10 +29,10 @@ from discovery.lookup.dns_limits import (
     AnswerCache,
     TcpLimits,
     beyond_loopback,
-    client_of,
 )
 from discovery.lookup.dns_packet import cache_key
 from discovery.lookup.dns_wire import DnsConfig, Response, Zone, respond
+from discovery.lookup.peers import client_of
 from discovery.metrics import Metrics
 from discovery.registry.base import Change
 from tests.harness.util import dns_tcp_reply, wait_for

@@ -11,7 +11,6 @@ import pytest
 
 from discovery.errors import ConfigError
 from discovery.lookup.http_guard import (
-    BlockingSlots,
     ascii_int,
     dump_json,
     host_allowed,
@@ -20,6 +19,7 @@ from discovery.lookup.http_guard import (
     token_matches,
 )
 from discovery.lookup.http_query import ApiError, blocking_params, parse_query
+from discovery.lookup.peers import Slots
 
 
 @pytest.mark.parametrize("host", [
@@ -95,13 +95,13 @@ def test_a_directory_is_not_a_token_file(tmp_path: Path) -> None:
 
 
 def test_blocking_slots_cap_total_and_per_client() -> None:
-    slots = BlockingSlots(total=3, per_client=2)
+    slots = Slots(total=3, per_client=2, what="blocking queries")
     assert slots.acquire("a") is None and slots.acquire("a") is None
     refused = slots.acquire("a")
-    assert refused is not None and "from a" in refused and "(2 at once)" in refused
+    assert refused is not None and "from a (2 at once)" in refused.message
     assert slots.acquire("b") is None
     refused = slots.acquire("c")
-    assert refused is not None and "(3)" in refused
+    assert refused is not None and "blocking queries at once (3)" in refused.message
     slots.release("a")
     assert slots.of("a") == 1 and slots.used == 2
     assert slots.acquire("c") is None
