@@ -92,6 +92,7 @@ class DnsServer:
         self._lock = threading.Lock()
         self._conn_closed = threading.Condition(self._lock)  # a TCP connection ended
         self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
+        self._building = threading.Lock()  # one rebuild at a time, never under self._lock
         self._stopping = threading.Event()
         self._last_error = -ERROR_LOG_EVERY
 
@@ -183,17 +184,27 @@ class DnsServer:
 
     def zone(self) -> Zone:
         """The zone for the catalog's current index, rebuilt only when the index moved, and
-        not sooner than :data:`REBUILD_WAIT` times the last rebuild after it."""
+        not sooner than :data:`REBUILD_WAIT` times the last rebuild after it. One query
+        rebuilds it, outside ``self._lock`` (the TCP accept takes it), and swaps it in whole;
+        queries meanwhile are answered from the zone it replaces (the first build excepted:
+        there is none, so they wait for it)."""
         zone = self._zone
-        if zone.index != self.catalog.index and time.monotonic() >= self._next_build:
-            with self._lock:
-                zone = self._zone
-                if zone.index != self.catalog.index and time.monotonic() >= self._next_build:
-                    start = time.monotonic()
-                    zone = self._zone = Zone.from_catalog(self.catalog)
-                    end = time.monotonic()
+        if zone.index == self.catalog.index or time.monotonic() < self._next_build:
+            return zone
+        if not self._building.acquire(blocking=not zone.loaded):
+            return zone  # another query is rebuilding it
+        try:
+            zone = self._zone
+            if zone.index != self.catalog.index and time.monotonic() >= self._next_build:
+                start = time.monotonic()
+                zone = Zone.from_catalog(self.catalog)
+                end = time.monotonic()
+                with self._lock:
+                    self._zone = zone
                     self._next_build = end + min(REBUILD_WAIT * (end - start),
                                                  REBUILD_WAIT_MAX)
+        finally:
+            self._building.release()
         return zone
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
