@@ -44,6 +44,7 @@ import math
 import random
 import threading
 import time
+from typing import NoReturn
 
 import grpc
 import tenacity
@@ -66,6 +67,12 @@ REFUSED_MAX = 60.0
 class StreamEnded(RegistryUnavailable):
     """A watch stream ended with neither an error nor our own cancel (a proxy or balancer in
     front of etcd may end one so): a lost link, waited for as any other."""
+
+
+def ended(endpoint: object) -> NoReturn:
+    """A watch stream on ``endpoint`` ended by the server without an error, told by a read's
+    end or a write to the ended call: :class:`StreamEnded`."""
+    raise StreamEnded(f"the watch stream on {endpoint} was ended without an error")
 
 
 class WatchRefused(RegistryError):

@@ -185,8 +185,9 @@ class EtcdWatch:
                 return
             if etcd_refusal.refused(exc):  # etcd said no: not down; a wait that doubles
                 return await self._failures.refused(exc, self.revision)
-            self._lost = self._resume_wide
-            await asyncio.to_thread(self._reg.set_state, False)
+            if not isinstance(exc, etcd_refusal.StreamEnded):  # (a balancer's timer: not down,
+                self._lost = self._resume_wide  # nor resumed wide)
+                await asyncio.to_thread(self._reg.set_state, False)
             if not await self._failures.lost(exc, self.revision):
                 raise  # the backoff waits (a fixed resume spread)
 
@@ -213,8 +214,7 @@ class EtcdWatch:
         pending = [self._root] if wide else self._denied.first(self._ranges)
         token = reg.auth.metadata()  # etcd checks each watcher against the stream's own
         ids: dict[int, str] = {}
-        narrow = asking = None
-        held = False
+        narrow, asking, held = None, None, False
         stream = self._stream = etcdrpc.WatchStub(channel).Watch(
             metadata=REQUIRE_LEADER + token)
         unfollow = self._hang.follow(endpoint, stream, lambda: bool(pending))  # etcd_hang
@@ -225,17 +225,18 @@ class EtcdWatch:
             if self._leaving:  # its member hangs: the calls are not sent back there
                 return False
             if pending:
-                return await etcd_aio.write(stream, self._create(pending[0]))
+                return (await etcd_aio.write(stream, self._create(pending[0]))
+                        or etcd_refusal.ended(endpoint))
             if self._rewinding:  # a service etcd denied is allowed: read everything first
                 return False
             loop = asyncio.get_running_loop()
             if not held:
                 held = True
+                self._failures.held()  # (now: the awaits below may wait for the executor)
                 reg.client.follow(endpoint)  # one connection: the calls come here
                 await reg.channels.prune(reg.members_in_use())
                 await asyncio.to_thread(reg.set_state, True)
                 self._reauth = False
-                self._failures.held()
                 if wide:
                     narrow = loop.call_later(random.uniform(*NARROW_AFTER), self._narrow, stream)
             if self._denied.ranges and not wide:  # a wide stream narrows soon: asked then
@@ -244,8 +245,7 @@ class EtcdWatch:
             return True
 
         try:
-            if not await etcd_aio.write(stream, self._create(pending[0])):
-                return
+            await etcd_aio.write(stream, self._create(pending[0])) or etcd_refusal.ended(endpoint)
             while (resp := await stream.read()) is not grpc.aio.EOF:
                 self._hang.heard()
                 if resp.compact_revision:
@@ -295,7 +295,7 @@ class EtcdWatch:
                 if not resp.events:  # progress notification
                     for r in (self._ranges if wide else (rng,)):
                         self._revs[r] = max(self._revs[r], int(resp.header.revision))
-            raise etcd_refusal.StreamEnded(f"the watch stream on {endpoint} ended")
+            etcd_refusal.ended(endpoint)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current and current.cancelling():
