@@ -225,7 +225,7 @@ class EtcdAuth:
                     self._renew_at = time.monotonic() + wait
             log.warning("etcd at %s: renewing the auth token ahead of its expiry failed (%s); "
                         "the one held serves on, tried again in %g s", self._where,
-                        str(exc) or type(exc).__name__, wait)
+                        rpc_details(exc), wait)
         else:
             with self._lock:  # else a newer login (or a refused one) came meanwhile: its state
                 if self._client.metadata is held:
