@@ -358,7 +358,7 @@ class Agent(AgentViews):
             return  # _warmed applies it once the warm-up ends
         wanted = self._wanted(tracked, key)
         spec = tracked.start_warmup(key) if wanted else None
-        if spec is not None:  # first time up: warm-up requests first, in a thread of their own
+        if spec is not None:  # first time up: warm-up requests first (WarmUps: 8 at a time)
             inst = tracked.instances[key]
             self._warmups.start(f"{key[0]}/{key[1]}", inst.address, inst.port, spec,
                                 lambda result: self._warmed(tracked, key, cause, result))

@@ -14,13 +14,14 @@ out it is registered anyway. HTTP only, whatever its check type (tcp, http, exec
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,36 +149,60 @@ def warm_up(address: str, port: int, spec: WarmupSpec, stop: threading.Event | N
 class WarmUps:
     """One agent's warm-ups: at most ``running`` at once (a container of hundreds of services
     started hundreds, each with its own workers: threads without bound), the others queued,
-    each within its budget from when it was asked (then registered, warmed or not)."""
+    each within its budget from when it was asked (then registered, warmed or not). Its
+    threads are daemons, started as needed and ended once nothing waits; once ``stop`` is set
+    a queued warm-up sends nothing and logs nothing."""
 
     def __init__(self, stop: threading.Event | None = None, running: int = MAX_RUNNING) -> None:
-        self._stop = stop  # set: the warm-ups under way end, those queued send nothing
-        self._pool = ThreadPoolExecutor(running, thread_name_prefix="warmup")
+        self._stop, self._running = stop, running
+        self._lock = threading.Lock()
+        self._queue: deque[Callable[[], None]] = deque()
+        self._threads = 0
 
     def start(self, name: str, address: str, port: int, spec: WarmupSpec,
               done: Callable[[WarmupResult], None]) -> None:
         """:func:`warm_up` in its turn; logs its outcome, then calls ``done`` (at once, from
         here, if no thread can be had for it: the pids limit; registered anyway)."""
+        job = functools.partial(self._run, name, address, port, spec, done, time.monotonic())
+        with self._lock:
+            self._queue.append(job)
+            if self._threads >= self._running:
+                return
+            self._threads += 1
         try:
-            self._pool.submit(self._run, name, address, port, spec, done, self._stop,
-                              time.monotonic())
+            threading.Thread(target=self._work, name="warmup", daemon=True).start()
         except RuntimeError as exc:
-            log.warning("%s: warm-up not started (%s); registering it anyway", name, exc)
-            done(WarmupResult(0, 0, 0.0, False))
+            with self._lock:
+                self._threads -= 1
+                mine = job in self._queue  # (else another thread took it: it runs there)
+                if mine:
+                    self._queue.remove(job)
+            if mine:
+                log.warning("%s: warm-up not started (%s); registering it anyway", name, exc)
+                done(WarmupResult(0, 0, 0.0, False))
 
-    @staticmethod
-    def _run(name: str, address: str, port: int, spec: WarmupSpec,
-             done: Callable[[WarmupResult], None], stop: threading.Event | None,
-             asked: float) -> None:
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._threads -= 1
+                    return
+                job = self._queue.popleft()
+            job()
+
+    def _run(self, name: str, address: str, port: int, spec: WarmupSpec,
+             done: Callable[[WarmupResult], None], asked: float) -> None:
+        if self._stop is not None and self._stop.is_set():
+            return  # the agent stops: nothing to register
         try:
-            result = warm_up(address, port, spec, stop, asked)
+            result = warm_up(address, port, spec, self._stop, asked)
         except Exception:  # a bug: logged, and the instance registered all the same
             log.exception("%s: warm-up failed", name)
             result = WarmupResult(0, 0, time.monotonic() - asked, False)
         if result.complete:
             log.info("%s warmed up: %d requests to %s in %.2fs, %d errors", name, result.sent,
                      spec.path, result.seconds, result.errors)
-        else:
+        elif self._stop is None or not self._stop.is_set():
             log.warning("%s: warm-up stopped after %d of %d requests to %s (%d errors) at its "
                         "%gs budget; registering it anyway", name, result.sent, spec.requests,
                         spec.path, result.errors, spec.timeout)

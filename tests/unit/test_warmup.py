@@ -218,11 +218,19 @@ def test_an_agents_warm_ups_run_a_few_at_a_time(app: App) -> None:
         with lock:
             got.append(result)
 
-    warmups = WarmUps(running=2)
-    for n in range(10):
-        warmups.start(f"web/{n}", "127.0.0.1", app.port, WarmupSpec(2, "/", 2, 30.0), finished)
-    wait_until(lambda: len(got) == 10, 10, "every warm-up done")
-    assert app.most_in_flight <= 4 and all(r.complete for r in got)  # 2 warm-ups x 2 workers
+    warmups, slowish = WarmUps(running=2), App(delay=0.1)
+    try:
+        for n in range(10):
+            warmups.start(f"web/{n}", "127.0.0.1", slowish.port, WarmupSpec(2, "/", 2, 30.0),
+                          finished)
+        wait_until(lambda: len(got) == 10, 10, "every warm-up done")
+    finally:
+        slowish.server.shutdown()
+        slowish.server.server_close()
+    # 2 warm-ups x 2 workers (all ten at once: 20, for 0.1 s)
+    assert slowish.most_in_flight <= 4 and all(r.complete for r in got)
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "warmup"], 5,
+               "the pool's threads ended once nothing waits")
     late = WarmUps(running=1)
     stuck = App(delay=0.8)
     try:
@@ -248,3 +256,18 @@ def test_an_instance_is_warm_only_once_its_warm_up_is_had() -> None:
     assert not tracked.warm(keys[0])  # under way
     tracked.warming.discard(keys[0])  # as _warmed does
     assert tracked.warm(keys[0])
+
+
+def test_a_warm_up_that_gets_no_thread_registers_at_once_and_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the pids limit: ``done`` at once (the instance registered, not warming for good),
+    and never again from a queue that kept the job."""
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("discovery.agent.warmup.threading.Thread", NoThread)
+    got: list[WarmupResult] = []
+    warmups = WarmUps()
+    warmups.start("web/1", "127.0.0.1", free_port(), WarmupSpec(3), got.append)
+    assert got == [WarmupResult(0, 0, 0.0, False)] and not warmups._queue
