@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import docker
@@ -102,6 +102,15 @@ class DockerSource:
         except (DockerException, RequestException) as exc:
             raise DockerUnavailable(f"docker inspect {container_id[:12]}: {exc}") from exc
 
+    def _now_ns(self) -> int:
+        """dockerd's time now, in ns (its clock: a remote dockerd's may differ from ours); 0
+        when it does not say (then nothing replayed is left out)."""
+        try:
+            stamp = str(self.client.api.info().get("SystemTime") or "")
+            return int(datetime.fromisoformat(stamp).timestamp() * 1e9) if stamp else 0
+        except (DockerException, RequestException, ValueError):
+            return 0
+
     def list_running(self) -> list[dict[str, Any]]:
         """Inspect data of every running container; raises :class:`DockerUnavailable`."""
         try:
@@ -144,7 +153,7 @@ class DockerSource:
         filters = {"type": ["container"], "event": list(EVENTS)}
         stream = self.client.api.events(since=self._since, decode=True, filters=filters)
         self._stream = stream
-        listed_ns = time.time_ns()  # (dockerd's clock: the same host's)
+        listed_ns = self._now_ns()
         running = self.list_running()
         if not self.connected:
             self.connected = True

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -475,12 +476,12 @@ def test_replayed_events_a_listing_shows_are_not_handed_on() -> None:
     a listing made after them: a pause and unpause (or an unhealthy and healthy) of the outage
     replayed took the container out of the registry and back in, fleet-wide a flap. A kill is
     handed on (a container draining on SIGTERM still runs when listed), as is what came after
-    the listing."""
-    now = time.time_ns()
+    the listing, by dockerd's clock (here an hour behind ours: a remote dockerd's)."""
+    now = time.time_ns() - 3600 * 10**9
     replayed = [{"Action": a, "id": "c1", "time": now // 10**9 - 5, "timeNano": now - d}
                 for a, d in (("pause", 4 * 10**9), ("unpause", 3 * 10**9),
                              ("health_status: unhealthy", 2 * 10**9), ("kill", 10**9))]
-    fresh = {"Action": "pause", "id": "c1", "time": now // 10**9 + 60, "timeNano": now + 60 * 10**9}
+    fresh = {"Action": "pause", "id": "c1", "time": now // 10**9 + 1, "timeNano": now + 10**9}
 
     class Api:
         def events(self, **_kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -488,6 +489,9 @@ def test_replayed_events_a_listing_shows_are_not_handed_on() -> None:
 
         def containers(self) -> list[dict[str, Any]]:
             return []
+
+        def info(self) -> dict[str, Any]:
+            return {"SystemTime": datetime.fromtimestamp(now / 1e9, UTC).isoformat()}
 
     handed: list[str] = []
     source = DockerSource(None, lambda e: handed.append(e["Action"]), lambda _l: None)
