@@ -40,7 +40,6 @@ from discovery.errors import (
 )
 from discovery.model import Instance, State
 from discovery.registry import Registry, RegistryURL, open_registry
-from discovery.registry.deadline import within
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +134,7 @@ class Subscription:
 class Client:
     """Reads services from an ``etcd://`` or ``zk://`` registry (the agent's URL and prefix).
 
-    ``timeout``: seconds a call that reads the registry may take before
-    :class:`RegistryUnavailable`, all of its requests together.
+    ``timeout``: seconds any registry read may take before :class:`RegistryUnavailable`.
     ``wipe_guard``: the live catalog holds what a registry-side wipe removes (docs/client.md).
     Thread-safe. Use it as a context manager, or call :meth:`close`.
     Raises :class:`ConfigError` at once for a malformed URL, or a ``timeout`` that is not a
@@ -176,10 +174,8 @@ class Client:
         with self._lock:
             self._check_open()
             catalog = self._live.catalog if self._live.follows(service) else None
-        if catalog is not None:
-            return select(catalog.instances(service), service, tag, include_draining)
-        with within(self.timeout):
-            found = list(self._registry.snapshot({service}).instances.values())
+        found = (catalog.instances(service) if catalog is not None
+                 else list(self._registry.snapshot({service}).instances.values()))
         return select(found, service, tag, include_draining)
 
     def services(self) -> list[str]:
@@ -190,8 +186,7 @@ class Client:
             catalog = self._live.catalog if self._live.follows(None) else None
         if catalog is not None:
             return sorted(catalog.services())
-        with within(self.timeout):
-            return sorted({i.service for i in self._registry.snapshot().instances.values()})
+        return sorted({i.service for i in self._registry.snapshot().instances.values()})
 
     def pick(self, service: str, tag: str | None = None) -> Instance:
         """One up instance of ``service`` (having ``tag``), chosen at random in proportion to
@@ -219,8 +214,7 @@ class Client:
         """
         with self._lock:
             self._check_open()
-        with within(self.timeout):
-            self._live.follow(frozenset(services) or None)
+        self._live.follow(frozenset(services) or None)
         with self._lock:
             self._check_open()
             if self._dispatcher is None:

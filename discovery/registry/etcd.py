@@ -27,7 +27,7 @@ from pyetcd import exceptions as etcd_exc
 
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance, id_node
-from discovery.registry import base, deadline, etcd_aio, etcd_index, etcd_rewind
+from discovery.registry import base, etcd_aio, etcd_index, etcd_rewind
 from discovery.registry.base import ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.etcd_aio import LoopThread
@@ -125,7 +125,7 @@ class EtcdRegistry:
         """Run one etcd request, retrying transient failures (other endpoints) until timeout (or
         ``patience`` s); not ``login``: no login first unless etcd asks (a renewal: see _keep)."""
         started = time.monotonic()
-        ends = started + deadline.remaining(self.timeout if patience is None else patience)
+        deadline = started + (self.timeout if patience is None else patience)
         delay, reauthenticated = jittered(0.05, 0.5), False  # ± half: a fleet out of step
         failure: Exception | None = None  # the last answer that says why (for the error)
         while True:
@@ -157,11 +157,11 @@ class EtcdRegistry:
             else:
                 self.set_state(True)
                 return result
-            if time.monotonic() + delay >= ends:
+            if time.monotonic() + delay >= deadline:
                 self.set_state(False)
                 raise RegistryUnavailable(
                     f"etcd at {self.where}: {what} failed, no member answered within "
-                    f"{ends - started:.3g}s ({rpc_details(failure)})") from None
+                    f"{deadline - started:.3g}s ({rpc_details(failure)})") from None
             (self._closed if closing else self._closing).wait(delay)
             delay = jittered(min(delay * 2, _PAUSE_MAX), 0.5)
 

@@ -31,7 +31,6 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from discovery.registry.deadline import cut
 from discovery.registry.etcd_read import MAX_RECEIVE_BYTES
 
 log = logging.getLogger(__name__)
@@ -264,10 +263,7 @@ class LoopStub:
     whose calls run as grpc.aio calls on the loop, over the member's asyncio channel; the
     caller's thread waits for the answer. Called on the loop's own thread (which must never
     wait for the loop), it uses the threaded channel instead: a second connection, opened
-    only then. A call is given what remains of its caller's deadline if that is less than its
-    timeout (:mod:`~discovery.registry.deadline`): one that runs out of that time, or is made
-    when none is left, fails as a timeout (``ConnectionTimeoutError``) that does not make its
-    member failed or hung: the member was given less than its time."""
+    only then."""
 
     def __init__(self, stub_class: type, endpoint: Endpoint, channels: AioChannels,
                  loop: Callable[[], LoopThread], threaded: Callable[[], Any]) -> None:
@@ -279,9 +275,6 @@ class LoopStub:
 
     def _call(self, method: str, request: Any, timeout: float | None = None,
               **kw: Any) -> Any:
-        asked, timeout = timeout, cut(timeout)
-        if timeout is not None and timeout <= 0:  # the caller's time is spent: not sent
-            raise etcd_exc.ConnectionTimeoutError()
         loop = self._loop()
         if loop.inside:
             return getattr(self._threaded(), method)(request, timeout, **kw)
@@ -297,12 +290,9 @@ class LoopStub:
         except concurrent.futures.CancelledError:  # its channel closed meanwhile (pruned)
             raise etcd_exc.ConnectionFailedError() from None
         except grpc.aio.AioRpcError as exc:
-            failure: Exception = _bare(exc)
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                if timeout == asked:
-                    self._endpoint.hung()  # this call's member, whichever the client uses now
-                else:  # given less than its time (the caller's deadline): not taken as hung
-                    failure = etcd_exc.ConnectionTimeoutError()
+                self._endpoint.hung()  # this call's member, whichever the client uses now
+            failure = _bare(exc)
         raise failure  # (outside the handler: no context that holds the call's frames)
 
 

@@ -33,7 +33,6 @@ from discovery.model import Instance
 from discovery.model.instance import made_on
 from discovery.model.nerve import as_read
 from discovery.registry.base import FIRST_READ, ChangeCallback, Snapshot, StateCallback
-from discovery.registry.deadline import remaining
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer, claiming, unread
 from discovery.registry.reads import ReadStats
@@ -237,11 +236,12 @@ class ZkRegistry:
 
     def _op(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` once connected, retrying connection loss until ``timeout``."""
-        deadline = time.monotonic() + remaining(self.timeout)  # or a caller's, if sooner
+        deadline = time.monotonic() + self.timeout
         while True:
             if self._closing.is_set():
                 raise RegistryError(f"ZooKeeper registry {self.url} is closed")
-            if (left := deadline - time.monotonic()) <= 0 or not self._connected.wait(left):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected.wait(remaining):
                 why = tls_probe(self.url) if self.url.tls else ""
                 raise RegistryUnavailable(f"ZooKeeper at {self._where}: {what} failed, "
                                           f"not connected within {self.timeout:g}s{why}")
@@ -265,7 +265,7 @@ class ZkRegistry:
                                     f"{type(exc).__name__} {exc}") from None
 
     def _get(self, result: Any) -> Any:
-        return result.get(timeout=remaining(self.timeout))
+        return result.get(timeout=self.timeout)
 
     # -- the Registry interface -------------------------------------------------------------
 
