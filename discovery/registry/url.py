@@ -44,8 +44,8 @@ ENV_VARS = {"DISCOVERY_REGISTRY_USER": "user", "DISCOVERY_REGISTRY_PASSWORD": "p
 MASK = "***"
 
 
-#: a path whose first part ends in ``@host:port``: the rest of a user with a ``/`` (a prefix
-#: may hold an ``@`` itself: ``/svc@prod``; a password's rest: :func:`_password_past_hosts`)
+#: a path whose first part ends in ``@host:port``: the rest of a password with a ``/`` (a
+#: prefix may hold an ``@`` itself: ``/svc@prod``)
 _HOSTS_IN_PATH = re.compile(r"^/[^/]*@[^/@]*:\d+(,|/|$)")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
@@ -114,12 +114,9 @@ class RegistryURL:
             parts = urlsplit(url)
         except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address (its text may
             raise ConfigError(f"registry URL {shown!r}: {mask_url(str(exc))}") from None  # quote
-        if (_HOSTS_IN_PATH.search(parts.path) or _password_past_hosts(url, parts.path +
-                                                                      parts.query)
-                or parts.fragment or url.endswith("#")):  # the userinfo's end past the hosts
-            raise ConfigError(f"registry URL {shown!r}: hosts in the prefix, an @ past the "
-                              "hosts after a :, or a # (percent-encode / ? # @ : in a user or "
-                              "password: %2F %3F %23 %40 %3A; an @ of the prefix: %40)")
+        if _HOSTS_IN_PATH.search(parts.path) or parts.fragment or url.endswith("#"):  # the
+            raise ConfigError(f"registry URL {shown!r}: hosts in the prefix, or a # (percent-"
+                              "encode / ? # @ : in a user or password: %2F %3F %23 %40 %3A)")
         if parts.scheme.lower() not in SCHEMES:
             raise ConfigError(f"registry URL {shown!r}: scheme must be etcd://, etcds://, zk:// "
                               "or zks://")
@@ -153,8 +150,7 @@ class RegistryURL:
                 raise ConfigError(f"registry URL {shown!r}: bad host:port {item[:80]!r} (a host "
                                   "name or IP address, an IPv6 one in brackets: [::1]:2379)")
             hosts.append((host, int(port_s)))
-        path = parts.path.strip("/").replace("%40", "@")  # (%40: an @ of the prefix's own)
-        prefix = "/" + path if path else DEFAULT_PREFIX
+        prefix = "/" + parts.path.strip("/") if parts.path.strip("/") else DEFAULT_PREFIX
         if any(c in prefix for c in "\x00\n\r ") or "//" in prefix:
             raise ConfigError(f"registry URL {shown!r}: bad prefix {prefix!r}")
         if _relative(prefix):  # ZooKeeper refuses them; on etcd they would only mislead
@@ -249,8 +245,7 @@ class RegistryURL:
         query = "&".join(f"{param}={quote(value, safe='/{}')}"
                          for param, name in QUERY_PARAMS.items()
                          if (value := getattr(self, name)) is not None)
-        prefix = self.prefix.replace("@", "%40")  # (an @ after the port reads as a password's)
-        return f"{scheme}://{userinfo}{hosts}{prefix}{'?' + query if query else ''}"
+        return f"{scheme}://{userinfo}{hosts}{self.prefix}{'?' + query if query else ''}"
 
     def __str__(self) -> str:
         return self.to_url()
@@ -291,17 +286,6 @@ class RegistryURL:
         if parts[1:-1] != tail_parts:
             return None
         return parts[0], parts[-1]
-
-
-def _password_past_hosts(url: str, after_hosts: str) -> bool:
-    """Whether the last ``@`` of ``url`` is past its hosts (in ``after_hosts``, the prefix and
-    the query), with a ``:`` before it: the end of a user:password holding an unencoded ``/``
-    or ``?``, whose parts would be read (and shown) as a port, the prefix or a parameter. The
-    prefix's own ``@`` after a port or a password is written ``%40``."""
-    if "@" not in after_hosts:
-        return False
-    rest = url.partition("://")[2] or url
-    return ":" in rest[:rest.rfind("@")]
 
 
 def _relative(path: str) -> bool:
