@@ -1,5 +1,6 @@
 """Reading the registry's password file and PEM files (``password_file=``, ``ca=``, ``cert=``,
-``key=``): only a regular file, and at most :data:`MAX_BYTES` of it.
+``key=``): only a regular file, and at most :data:`MAX_BYTES` of it (a password file) or
+:data:`MAX_PEM_BYTES` (a PEM file: a system CA bundle is ~220 KiB).
 
 A FIFO named by mistake would hold the start-up until something wrote to it, and a device
 (``/dev/zero``, ``/dev/urandom``) would be read without end: either is one :class:`ConfigError`
@@ -14,8 +15,11 @@ import stat
 
 from discovery.errors import ConfigError
 
-#: a password or a PEM file (a CA bundle included) is far smaller; a bigger one is a mistake
+#: a password file is far smaller; a bigger one is a mistake
 MAX_BYTES = 64 * 1024
+#: a PEM file: certificates and keys, or a CA bundle (the system's ~220 KiB; a bigger one with
+#: a company's CAs added): generous, only the bound of a read that would not end
+MAX_PEM_BYTES = 16 * 1024 * 1024
 WHERE_SET = {  # how each file/secret can be given, for error messages
     "ca": "ca= in the URL, --registry-ca or DISCOVERY_REGISTRY_CA",
     "cert": "cert= in the URL, --registry-cert or DISCOVERY_REGISTRY_CERT",
@@ -40,14 +44,18 @@ def _check(mode: int, size: int, path: str, param: str) -> None:
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "a special file")
         raise _refused(path, param, f"{kind}, not a regular file")
-    if size > MAX_BYTES:
-        raise _refused(path, param, f"over {MAX_BYTES // 1024} KiB, too big for a password "
-                                    "or PEM file")
+    if size > (most := _most(param)):
+        raise _refused(path, param, f"over {most // 1024} KiB, too big for a "
+                                    f"{'PEM' if param in _PEM_MARK else 'password'} file")
+
+
+def _most(param: str) -> int:
+    return MAX_PEM_BYTES if param in _PEM_MARK else MAX_BYTES
 
 
 def read_file(path: str, param: str) -> bytes:
     """The bytes of the regular file ``path`` given as ``param``; a ConfigError naming both
-    when it is missing, unreadable, not a regular file or over :data:`MAX_BYTES`."""
+    when it is missing, unreadable, not a regular file or over its size (:func:`_most`)."""
     try:
         st = os.stat(path)
         _check(st.st_mode, st.st_size, path, param)
@@ -55,7 +63,7 @@ def read_file(path: str, param: str) -> bytes:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             _check(st.st_mode, st.st_size, path, param)
-            data = f.read(MAX_BYTES + 1)  # (it may have grown since)
+            data = f.read(_most(param) + 1)  # (it may have grown since)
     except OSError as exc:
         raise _refused(path, param, str(exc.strerror or exc)) from None
     _check(stat.S_IFREG, len(data), path, param)

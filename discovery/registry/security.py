@@ -2,7 +2,7 @@
 
 - :func:`load_secrets` reads the password file and the PEM files a :class:`RegistryURL` names,
   with one :class:`ConfigError` naming the parameter when one is missing or unreadable, not a
-  regular file (a FIFO, a device) or over 64 KiB (:mod:`discovery.registry.secret_files`).
+  regular file (a FIFO, a device) or too big (:mod:`discovery.registry.secret_files`).
 - etcd: :func:`etcd_channel_credentials` (TLS, one set for every endpoint) and
   :class:`EtcdAuth` (user/password: a token got lazily, and again whenever etcd forgot it).
 - ZooKeeper: :func:`zk_client_options` (digest auth, TLS; the agent's nodes get

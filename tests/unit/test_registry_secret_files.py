@@ -76,12 +76,22 @@ def test_a_device_is_refused_unread(tmp_path: Path, param: str, device: str) -> 
     assert "character device, not a regular file" in str(error)
 
 
-@pytest.mark.parametrize("param", ["password_file", "ca"])
-def test_a_file_over_the_cap_is_refused(tmp_path: Path, param: str) -> None:
+@pytest.mark.parametrize(("param", "cap"), [("password_file", "64"), ("ca", "16384")])
+def test_a_file_over_the_cap_is_refused(tmp_path: Path, param: str, cap: str) -> None:
     big = tmp_path / "big"
-    big.write_bytes(PEM_CERT + b"x" * (64 * 1024))
-    with pytest.raises(ConfigError, match=rf"{param}= file '{big}': .*over 64 KiB"):
+    big.write_bytes(PEM_CERT + b"x" * (int(cap) * 1024))
+    with pytest.raises(ConfigError, match=rf"{param}= file '{big}': .*over {cap} KiB"):
         load_secrets(url_naming(param, big, tmp_path))
+
+
+def test_a_ca_bundle_as_big_as_the_systems_is_read(tmp_path: Path) -> None:
+    """/etc/ssl/certs/ca-certificates.crt is ~220 KiB (a company's CAs added: more): the
+    password file's 64 KiB refused it, and every host naming it at the upgrade."""
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_bytes(PEM_CERT * (300 * 1024 // len(PEM_CERT) + 1))
+    assert bundle.stat().st_size > 300 * 1024
+    secrets = load_secrets(url_naming("ca", bundle, tmp_path))
+    assert secrets.ca == bundle.read_bytes()
 
 
 def test_a_file_at_the_cap_is_read_and_a_symlink_followed(tmp_path: Path) -> None:
