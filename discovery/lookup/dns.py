@@ -337,8 +337,13 @@ class DnsServer:
                 continue
             with self._lock:
                 self._conns[conn] = address
-            threading.Thread(target=self._serve_conn, args=(conn,), name="dns-tcp-conn",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_conn, args=(conn,), name="dns-tcp-conn",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # no thread (the pids limit): closed, the loop goes on
+                self._refusals.warn("threads", "dns: tcp connection from %s closed: %s",
+                                    address, exc)
+                self._drop(conn)
 
     def _serve_conn(self, conn: socket.socket) -> None:
         timeout = self.tcp_limits.timeout
@@ -369,12 +374,15 @@ class DnsServer:
         except Exception:
             self._error("dns: tcp connection")
         finally:
-            with self._lock:
-                address = self._conns.pop(conn, None)
-                self._conn_closed.notify_all()
-            if address is not None:
-                self._tcp_slots.release(address)
-            conn.close()
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:  # a TCP connection done with: slot back, closed
+        with self._lock:
+            address = self._conns.pop(conn, None)
+            self._conn_closed.notify_all()
+        if address is not None:
+            self._tcp_slots.release(address)
+        conn.close()
 
 
 def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes | None:

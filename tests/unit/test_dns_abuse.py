@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -366,3 +367,26 @@ def test_a_storm_of_changes_rebuilds_the_zone_a_share_of_the_time(
     gaps = [b - a for a, b in itertools.pairwise(builds)]
     assert min(gaps) >= 0.02 * (1 + dns.REBUILD_WAIT) * 0.9, gaps
     wait_for(lambda: server.zone().index == catalog.index, 2, message="the last change")
+
+
+def test_a_tcp_connection_that_gets_no_thread_is_closed_and_its_slot_kept_free(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """At the pids limit: the connection is closed, its slot given back, and the accept loop
+    goes on (the error ended the loop: no TCP answer until a restart; the slot was lost)."""
+    limits = TcpLimits(timeout=20.0, connections=1, per_client=1)
+    with DnsServer(make_catalog(MANY), port=0, tcp_limits=limits) as server:
+        class NoThread(threading.Thread):  # (defined before the patch: the real one's)
+            def start(self) -> None:
+                if self.name == "dns-tcp-conn" and not started:
+                    started.append(self)
+                    raise RuntimeError("can't start new thread")
+                super().start()
+
+        started: list[threading.Thread] = []
+        monkeypatch.setattr("discovery.lookup.dns.threading.Thread", NoThread)
+        first = connect(server.port, "127.0.0.1")
+        wait_for(lambda: hung_up(first), 5, message="the connection without a thread closed")
+        first.close()
+        with connect(server.port, "127.0.0.1") as again:  # its one slot free, the loop alive
+            assert asks(again)
+    assert started and "dns: tcp connection from 127.0.0.1 closed" in caplog.text
