@@ -169,14 +169,14 @@ class EtcdRegistry:
         self._state.set(up)
 
     def _restore(self, key: tuple[str, str], doubt: bool) -> str:
-        """``key`` (owned, deleted or changed by another writer: ``owned``) put back if still
-        so (``etcd_index.write_back``), under the lock: a deregister never sees it undone. With
-        ``doubt`` (a write-back's answer lost), one no longer owned is deleted if it is there
-        on our lease. A lease gone or rewritten is the keeper's; an unsettled key the agent's."""
+        """``key`` (owned, changed or deleted by another writer) put back if still so, under
+        the lock (no deregister sees it undone); ``doubt`` (an answer lost): deleted if no longer
+        owned but on our lease. A lease gone or a rewrite: the keeper's; unsettled: the agent's."""
         with self._lock:  # (claiming marks a key unsettled under it)
             inst, lease = self._owned.get(key), self._lease
             if (lease is None or self._need_reput or self._closing.is_set()
                     or key in self._restorer.unsettled):
+                self._rewritten.discard(key)  # (a rewrite under way: written again, not skipped)
                 return ""
             if inst is None:
                 if doubt:
