@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,7 @@ class DockerSource:
         # connected by the event loop (dockerd may be down at start: waited for, not fatal)
         self._client: docker.DockerClient | None = None
         self.connected = False
+        self._clock_warned = False  # (once: _now_ns)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -103,13 +105,17 @@ class DockerSource:
             raise DockerUnavailable(f"docker inspect {container_id[:12]}: {exc}") from exc
 
     def _now_ns(self) -> int:
-        """dockerd's time now, in ns (its clock: a remote dockerd's may differ from ours); 0
-        when it does not say (then nothing replayed is left out)."""
+        """dockerd's time now, in ns (its clock: a remote dockerd's may differ from ours); ours
+        when it does not say (a local dockerd's is the same), with one warning."""
         try:
-            stamp = str(self.client.api.info().get("SystemTime") or "")
-            return int(datetime.fromisoformat(stamp).timestamp() * 1e9) if stamp else 0
-        except (DockerException, RequestException, ValueError):
-            return 0
+            return int(datetime.fromisoformat(str(self.client.api.info()["SystemTime"]))
+                       .timestamp() * 1e9)
+        except (DockerException, RequestException, ValueError, KeyError, TypeError) as exc:
+            if not self._clock_warned:
+                log.warning("docker: its clock not told (%s); replayed events are compared "
+                            "with ours", str(exc) or type(exc).__name__)
+                self._clock_warned = True
+            return time.time_ns()
 
     def list_running(self) -> list[dict[str, Any]]:
         """Inspect data of every running container; raises :class:`DockerUnavailable`."""

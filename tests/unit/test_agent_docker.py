@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -490,8 +490,9 @@ def test_replayed_events_a_listing_shows_are_not_handed_on() -> None:
         def containers(self) -> list[dict[str, Any]]:
             return []
 
-        def info(self) -> dict[str, Any]:
-            return {"SystemTime": datetime.fromtimestamp(now / 1e9, UTC).isoformat()}
+        def info(self) -> dict[str, Any]:  # as Go writes it: nanoseconds, a local offset
+            at = datetime.fromtimestamp(now / 1e9, UTC).astimezone(timezone(timedelta(hours=2)))
+            return {"SystemTime": at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "123+02:00"}
 
     handed: list[str] = []
     source = DockerSource(None, lambda e: handed.append(e["Action"]), lambda _l: None)
@@ -499,3 +500,31 @@ def test_replayed_events_a_listing_shows_are_not_handed_on() -> None:
     with pytest.raises(DockerUnavailable, match="stream closed"):
         source._session()
     assert handed == ["kill", "pause"]
+
+
+def test_a_dockerd_that_does_not_tell_its_clock_is_compared_with_ours(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """info() failing (a flaky dockerd): the replayed events are still left out, by our clock
+    (a local dockerd's), with one warning; it turned the filter off without a word."""
+    now = time.time_ns()
+    replayed = {"Action": "pause", "id": "c1", "time": now // 10**9 - 5,
+                "timeNano": now - 5 * 10**9}
+
+    class Api:
+        def events(self, **_kwargs: Any) -> Iterator[dict[str, Any]]:
+            return iter([replayed])
+
+        def containers(self) -> list[dict[str, Any]]:
+            return []
+
+        def info(self) -> dict[str, Any]:
+            raise requests.exceptions.ReadTimeout("read timed out")
+
+    handed: list[str] = []
+    source = DockerSource(None, lambda e: handed.append(e["Action"]), lambda _l: None)
+    source._connect = lambda: type("Client", (), {"api": Api()})()  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(DockerUnavailable, match="stream closed"):
+            source._session()
+    assert handed == []
+    assert sum("its clock not told" in r.getMessage() for r in caplog.records) == 1
