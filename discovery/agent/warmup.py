@@ -183,12 +183,15 @@ class WarmUps:
 
     def _work(self) -> None:
         while True:
-            with self._lock:
+            with self._lock:  # (leaving with the queue seen empty, at once: start() sees it)
                 if not self._queue:
                     self._threads -= 1
                     return
                 job = self._queue.popleft()
-            job()
+            try:
+                job()
+            except BaseException:  # (_run catches the rest) the worker goes on: the queue waits
+                log.exception("warm-up worker")  # on it (its place counted)
 
     def _run(self, name: str, address: str, port: int, spec: WarmupSpec,
              done: Callable[[WarmupResult], None], asked: float) -> None:

@@ -229,8 +229,8 @@ def test_an_agents_warm_ups_run_a_few_at_a_time(app: App) -> None:
         slowish.server.server_close()
     # 2 warm-ups x 2 workers (all ten at once: 20, for 0.1 s)
     assert slowish.most_in_flight <= 4 and all(r.complete for r in got)
-    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "warmup"], 5,
-               "the pool's threads ended once nothing waits")
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("warmup")],
+               5, "the pool's threads ended once nothing waits")
     late = WarmUps(running=1)
     stuck = App(delay=0.8)
     try:
@@ -271,3 +271,20 @@ def test_a_warm_up_that_gets_no_thread_registers_at_once_and_once(
     warmups = WarmUps()
     warmups.start("web/1", "127.0.0.1", free_port(), WarmupSpec(3), got.append)
     assert got == [WarmupResult(0, 0, 0.0, False)] and not warmups._queue
+
+
+def test_after_stop_a_queued_warm_up_sends_and_logs_nothing(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    stop = threading.Event()
+    got: list[WarmupResult] = []
+    stuck = App(delay=0.5)
+    try:
+        warmups = WarmUps(stop, running=1)
+        warmups.start("slow", "127.0.0.1", stuck.port, WarmupSpec(1, "/", 1, 30.0), got.append)
+        warmups.start("queued", "127.0.0.1", app.port, WarmupSpec(5), got.append)
+        stop.set()  # the agent stops while the first runs
+        wait_until(lambda: not warmups._queue and warmups._threads == 0, 5, "the queue done")
+    finally:
+        stuck.server.shutdown()
+        stuck.server.server_close()
+    assert app.paths == [] and "queued" not in caplog.text
