@@ -102,7 +102,7 @@ def _collect(attrs: dict[str, Any], who: str) -> tuple[dict[str, Entry], list[La
     asked = False
     for origin, items in sources:
         mine: dict[str, str] = {}  # canonical key -> the key of this source that gave it
-        for key, value in items.items():
+        for key, value in sorted(items.items()):  # (of two that mean the same: the first)
             culprit = f"{who} {origin} {_show(key)}"
             try:
                 validate.text(culprit, key)
@@ -114,8 +114,10 @@ def _collect(attrs: dict[str, Any], who: str) -> tuple[dict[str, Entry], list[La
                     validate.port(culprit, canon.split(".")[0])
                 validate.text(culprit, value)
                 if (twin := mine.setdefault(canon, key)) != key:  # SERVICE_REGION, SERVICE_Region
-                    raise LabelError(culprit, f"means the same as {origin} {_show(twin)} (keys "
-                                     "differing in case or a port's leading zeros): keep one")
+                    log.warning("%s: ignored: means the same as %s %s, whose value is taken "
+                                "(keys differing in case or a port's leading zeros): keep one",
+                                culprit, origin, _show(twin))
+                    continue
                 table[canon] = (value, culprit)
             except LabelError as exc:
                 problems.append(exc)

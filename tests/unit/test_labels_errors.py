@@ -342,22 +342,25 @@ def test_culprit_format() -> None:
     assert str(info.value).startswith("container web-1 (3f2a3f2a3f2a) label discovery.port: ")
 
 
-@pytest.mark.parametrize(("labels", "env", "culprit", "twin"), [
+@pytest.mark.parametrize(("labels", "env", "ignored", "meta", "port"), [
     ({"discovery.service": "web", "SERVICE_REGION": "eu", "SERVICE_Region": "us"}, [],
-     "label SERVICE_Region", "label SERVICE_REGION"),
-    ({"discovery.service": "web"}, ["SERVICE_REGION=eu", "SERVICE_region=us"],
-     "env SERVICE_region", "env SERVICE_REGION"),
+     "label SERVICE_Region", {"region": "eu"}, 80),
+    ({"discovery.service": "web"}, ["SERVICE_region=us", "SERVICE_REGION=eu"],
+     "env SERVICE_region", {"region": "eu"}, 80),
     ({"discovery.80.service": "web", "discovery.080.service": "api"}, [],
-     "label discovery.080.service", "label discovery.80.service"),
+     "label discovery.80.service", {}, 80),
 ])
-def test_two_keys_of_one_source_that_mean_the_same_are_refused_naming_both(
-        labels: dict[str, str], env: list[str], culprit: str, twin: str) -> None:
-    """They were folded into one, the value of whichever Docker listed last kept without a
-    word (``meta.region`` either eu or us)."""
-    with pytest.raises(LabelError) as caught:
-        parse_container(container(labels, env=env))
-    assert caught.value.culprit == f"{WHO} {culprit}"
-    assert twin in caught.value.reason and "keep one" in caught.value.reason
+def test_two_keys_of_one_source_that_mean_the_same_are_one_with_a_warning_naming_both(
+        caplog: pytest.LogCaptureFixture, labels: dict[str, str], env: list[str],
+        ignored: str, meta: dict[str, str], port: int) -> None:
+    """They were folded into one without a word, the value of whichever Docker listed last
+    kept: now the first in order is, whatever the order Docker lists them in, and a warning
+    names both (refusing the container would take it out of every host at the upgrade)."""
+    [spec] = parse_container(container(labels, env=env))
+    assert dict(spec.meta) == meta and spec.container_port == port
+    assert spec.service == ("api" if "discovery.080.service" in labels else "web")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{WHO} {ignored}: ignored: means the same as" in warning
 
 
 def test_a_later_source_still_overrides_an_earlier_one() -> None:
