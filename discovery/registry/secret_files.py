@@ -2,16 +2,20 @@
 ``key=``): only a regular file, and at most :data:`MAX_BYTES` of it (a password file) or
 :data:`MAX_PEM_BYTES` (a PEM file: a system CA bundle is ~220 KiB).
 
-A FIFO named by mistake would hold the start-up until something wrote to it, and a device
-(``/dev/zero``, ``/dev/urandom``) would be read without end: either is one :class:`ConfigError`
-naming the parameter and the path, found by ``os.stat`` before the file is opened (and again by
-``fstat`` of the file opened with ``O_NONBLOCK``, should it have been swapped meanwhile).
+A device (``/dev/zero``, ``/dev/urandom``) would be read without end, and a directory or a
+socket cannot be: each is one :class:`ConfigError` naming the parameter and the path, found by
+``os.stat`` before the file is opened (and again by ``fstat`` of the file opened with
+``O_NONBLOCK``, should it have been swapped meanwhile). A pipe (a shell's ``<(vault read …)``,
+``/dev/stdin``) is read to its end within :data:`PIPE_WAIT` seconds and the same size: a FIFO
+no one writes to held the start-up for good.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import stat
+import time
 
 from discovery.errors import ConfigError
 
@@ -30,9 +34,10 @@ WHERE_SET = {  # how each file/secret can be given, for error messages
                 "--registry-password-file",
 }
 _PEM_MARK = {"ca": b"CERTIFICATE", "cert": b"CERTIFICATE", "key": b"PRIVATE KEY"}
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+#: seconds a pipe is read for, to its end (its writer, a command, has that long)
+PIPE_WAIT = 10.0
 
 
 def _refused(path: str, param: str, why: str) -> ConfigError:
@@ -41,12 +46,34 @@ def _refused(path: str, param: str, why: str) -> ConfigError:
 
 
 def _check(mode: int, size: int, path: str, param: str) -> None:
-    if not stat.S_ISREG(mode):
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         kind = next((name for test, name in _KINDS if test(mode)), "a special file")
-        raise _refused(path, param, f"{kind}, not a regular file")
+        raise _refused(path, param, f"{kind}, not a regular file or a pipe")
     if size > (most := _most(param)):
-        raise _refused(path, param, f"over {most // 1024} KiB, too big for a "
+        raise _refused(path, param, f"over {_size(most)}, too big for a "
                                     f"{'PEM' if param in _PEM_MARK else 'password'} file")
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024 // 1024} MiB" if n >= 1024 * 1024 else f"{n // 1024} KiB"
+
+
+def _read_pipe(fd: int, path: str, param: str) -> bytes:
+    """A pipe's bytes to its end, within PIPE_WAIT s and its size (else a ConfigError)."""
+    data, deadline = bytearray(), time.monotonic() + PIPE_WAIT
+    while True:
+        try:
+            chunk = os.read(fd, 65536)  # (b"": its end, or a FIFO no one has opened to write)
+        except BlockingIOError:  # a writer, silent so far
+            if (left := deadline - time.monotonic()) <= 0:
+                raise _refused(path, param, f"a pipe that did not end within {PIPE_WAIT:g} s"
+                               ) from None
+            select.select([fd], [], [], left)
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        _check(stat.S_IFIFO, len(data), path, param)
 
 
 def _most(param: str) -> int:
@@ -54,8 +81,8 @@ def _most(param: str) -> int:
 
 
 def read_file(path: str, param: str) -> bytes:
-    """The bytes of the regular file ``path`` given as ``param``; a ConfigError naming both
-    when it is missing, unreadable, not a regular file or over its size (:func:`_most`)."""
+    """The bytes of the regular file or pipe ``path`` given as ``param``; a ConfigError naming
+    both when it is missing, unreadable, neither, or over its size (:func:`_most`)."""
     try:
         st = os.stat(path)
         _check(st.st_mode, st.st_size, path, param)
@@ -63,7 +90,8 @@ def read_file(path: str, param: str) -> bytes:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             _check(st.st_mode, st.st_size, path, param)
-            data = f.read(_most(param) + 1)  # (it may have grown since)
+            data = (_read_pipe(f.fileno(), path, param) if stat.S_ISFIFO(st.st_mode)
+                    else f.read(_most(param) + 1))  # (it may have grown since)
     except OSError as exc:
         raise _refused(path, param, str(exc.strerror or exc)) from None
     _check(stat.S_IFREG, len(data), path, param)
