@@ -134,7 +134,8 @@ class Subscription:
 class Client:
     """Reads services from an ``etcd://`` or ``zk://`` registry (the agent's URL and prefix).
 
-    ``timeout``: seconds any registry read may take before :class:`RegistryUnavailable`.
+    ``timeout``: seconds each registry request may take before :class:`RegistryUnavailable`
+    (a call of several, a count then a read or pages, may take more in all).
     ``wipe_guard``: the live catalog holds what a registry-side wipe removes (docs/client.md).
     Thread-safe. Use it as a context manager, or call :meth:`close`.
     Raises :class:`ConfigError` at once for a malformed URL, or a ``timeout`` that is not a

@@ -105,8 +105,9 @@ def test_a_stream_the_server_ends_is_a_lost_link_and_waits(
         # the registry is not reported down for it (a balancer ending streams on a timer
         # flapped every host's health and had its agent read the registry)
         assert False not in source.states and watch.resuming
-        # a first loss (one that never held its watchers, or held them HELD_BRIEFLY): another
-        # member after 0.1 s; then the backoff's wait, at least half a spread (0.3 s), each time
+        # the first loss of one that never held its watchers: another member after 0.1 s; one
+        # that held them under HELD_BRIEFLY, and every next loss: the backoff's wait, at least
+        # half a spread (0.3 s)
         assert opened[1] - opened[0] >= 0.1, opened
         assert all(b - a >= 0.3 for a, b in itertools.pairwise(opened[1:])), opened
     finally:

@@ -282,6 +282,7 @@ def test_after_stop_a_queued_warm_up_sends_and_logs_nothing(
         warmups = WarmUps(stop, running=1)
         warmups.start("slow", "127.0.0.1", stuck.port, WarmupSpec(1, "/", 1, 30.0), got.append)
         warmups.start("queued", "127.0.0.1", app.port, WarmupSpec(5), got.append)
+        wait_until(lambda: stuck.in_flight == 1, 5, "the first warm-up under way")
         stop.set()  # the agent stops while the first runs
         wait_until(lambda: not warmups._queue and warmups._threads == 0, 5, "the queue done")
     finally:
