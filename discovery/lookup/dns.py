@@ -2,8 +2,8 @@
 
 ``DnsServer(catalog, bind, port, domain, ttl, on_query).start()`` runs one UDP thread and one
 TCP accept thread (plus one thread per open TCP connection, within :class:`TcpLimits`: 64 in
-all, 8 per client address, each message whole within 5 s). What is answered and how is
-:mod:`discovery.lookup.dns_wire`; this module moves bytes.
+all, 8 per client address, each message whole within 5 s: :mod:`~discovery.lookup.dns_tcp`).
+What is answered and how is :mod:`discovery.lookup.dns_wire`; this module moves bytes.
 
 Hot path (UDP): a response depends only on the question (name in any case, type, class), the
 flags echoed, the client's EDNS size and the catalog index, so encoded responses are cached by
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import struct
 import threading
@@ -30,8 +29,8 @@ from collections.abc import Callable
 from discovery.errors import ConfigError, DiscoveryError, ValidationError
 from discovery.lookup.dns_limits import CACHE_ENTRIES, AnswerCache, TcpLimits, beyond_loopback
 from discovery.lookup.dns_packet import cache_key, echo
+from discovery.lookup.dns_tcp import POLL, TcpConnections
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
-from discovery.lookup.peers import Hushed, Slots
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8600
 UDP_RCVBUF = 4 << 20
 ERROR_LOG_EVERY = 60.0
-POLL = 0.2  # s: how soon an idle listener thread notices stop()
 CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send those
 #: after a zone rebuild of d seconds the next waits this many times d: under a storm of
 #: changes (one key written 50 times a second) rebuilding takes at most a fifth of the time
@@ -84,13 +82,10 @@ class DnsServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._conns: dict[socket.socket, str] = {}  # open TCP connections -> their peer
-        self._tcp_slots = Slots(self.tcp_limits.connections, self.tcp_limits.per_client,
-                                "tcp connections")
-        self._refusals = Hushed(log)
+        self._tcp_conns = TcpConnections(self.tcp_limits, lambda data: self._answer(data, True),
+                                         self._told, self._error)
         self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
-        self._conn_closed = threading.Condition(self._lock)  # a TCP connection ended
         self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
         self._building = threading.Lock()  # one rebuild at a time, never under self._lock
         self._stopping = threading.Event()
@@ -111,6 +106,7 @@ class DnsServer:
             raise DiscoveryError("DnsServer already started")
         self._stopping.clear()
         self._udp, self._tcp = inherited or self._bind()
+        tcp = self._tcp
         self._udp.setblocking(True)
         # a read waits POLL s at most, so a process handing over stops reading (and answers
         # what it read first) without anything done to the socket the next one reads
@@ -119,7 +115,7 @@ class DnsServer:
         self._tcp.setblocking(False)  # two processes may accept: never wait in accept()
         names = [f"dns-udp-{i}" for i in range(self._udp_threads)]
         targets: list[tuple[str, Callable[[], None]]] = [(n, self._serve_udp) for n in names]
-        targets.append(("dns-tcp", self._serve_tcp))
+        targets.append(("dns-tcp", lambda: self._tcp_conns.serve(tcp, self._stopping)))
         for name, target in targets:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -155,17 +151,13 @@ class DnsServer:
         for _ in [] if handoff else self._threads:  # an empty datagram wakes a UDP thread
             with contextlib.suppress(OSError):
                 udp.sendto(b"", (wake, self.port))
-        with self._lock:
-            for conn in [] if handoff else list(self._conns):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+        if not handoff:
+            self._tcp_conns.shut_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if handoff:  # open connections are served to their end (bounded by the idle timeout)
-            with self._conn_closed:
-                self._conn_closed.wait_for(lambda: not self._conns,
-                                           self.tcp_limits.timeout + 1.0)
+            self._tcp_conns.wait_closed(self.tcp_limits.timeout + 1.0)
         udp.close()
         tcp.close()
         self._threads, self._udp, self._tcp = [], None, None
@@ -185,7 +177,7 @@ class DnsServer:
     def zone(self) -> Zone:
         """The zone for the catalog's current index, rebuilt only when the index moved, and
         not sooner than :data:`REBUILD_WAIT` times the last rebuild after it. One query
-        rebuilds it, outside ``self._lock`` (the TCP accept takes it), and swaps it in whole;
+        rebuilds it, outside ``self._lock``, and swaps it in whole;
         queries meanwhile are answered from the zone it replaces (the first build excepted:
         there is none, so they wait for it)."""
         zone = self._zone
@@ -236,6 +228,14 @@ class DnsServer:
                 return None
             head = bytes([data[0], data[1], 0x80 | (data[2] & 0x79), 2]) + bytes(8)
             return Response(head, "NONE", "SERVFAIL")
+
+    def _told(self, resp: Response | None) -> None:
+        """The query hook, told of one TCP answer (a failing hook is logged, rarely)."""
+        if self.on_query is not None:
+            try:
+                self.on_query(*((resp.qtype, resp.rcode) if resp else ("NONE", "DROPPED")))
+            except Exception:
+                self._error("dns: on_query hook")
 
     def _error(self, msg: str, *args: object) -> None:
         now = time.monotonic()
@@ -312,89 +312,3 @@ class DnsServer:
                     return
             except Exception:
                 self._error("dns: udp loop")
-
-    def _serve_tcp(self) -> None:
-        sock = self._tcp
-        assert sock is not None
-        while not self._stopping.is_set():
-            try:
-                if not select.select([sock], [], [], POLL)[0]:
-                    continue
-                conn, peer = sock.accept()  # non-blocking: another process may have it
-            except BlockingIOError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
-                continue
-            address = str(peer[0])
-            refused = self._tcp_slots.acquire(address)
-            if refused is not None:
-                conn.close()
-                self._refusals.warn(refused.cause, "dns: tcp connection from %s refused: %s",
-                                    address, refused)
-                continue
-            with self._lock:
-                self._conns[conn] = address
-            try:
-                threading.Thread(target=self._serve_conn, args=(conn,), name="dns-tcp-conn",
-                                 daemon=True).start()
-            except RuntimeError as exc:  # no thread (the pids limit): closed, the loop goes on
-                self._refusals.warn("threads", "dns: tcp connection from %s closed: %s",
-                                    address, exc)
-                self._drop(conn)
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        timeout = self.tcp_limits.timeout
-        try:
-            while True:  # until the client closes, goes idle, or stop() shuts the connection
-                deadline = time.monotonic() + timeout  # for the whole message, however sent
-                head = _recv_exact(conn, 2, deadline)
-                if head is None:
-                    return
-                data = _recv_exact(conn, int.from_bytes(head, "big"), deadline)
-                if data is None:
-                    return
-                resp = self._answer(data, tcp=True)
-                if resp is not None:
-                    conn.settimeout(timeout)  # for sendall: in all, not per send
-                    conn.sendall(len(resp.wire).to_bytes(2, "big") + resp.wire)
-                if self.on_query is not None:
-                    try:
-                        self.on_query(*((resp.qtype, resp.rcode) if resp else ("NONE", "DROPPED")))
-                    except Exception:
-                        self._error("dns: on_query hook")
-                if resp is None:
-                    return  # not a DNS query: hang up
-        except TimeoutError:
-            log.debug("dns: tcp connection cut: no whole message within %.1f s", timeout)
-        except OSError:
-            pass  # reset, or stopped
-        except Exception:
-            self._error("dns: tcp connection")
-        finally:
-            self._drop(conn)
-
-    def _drop(self, conn: socket.socket) -> None:  # a TCP connection done with: slot back, closed
-        with self._lock:
-            address = self._conns.pop(conn, None)
-            self._conn_closed.notify_all()
-        if address is not None:
-            self._tcp_slots.release(address)
-        conn.close()
-
-
-def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes | None:
-    """``size`` bytes by ``deadline`` (else TimeoutError), or None when the peer closed first."""
-    buf = bytearray()
-    while len(buf) < size:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        conn.settimeout(left)
-        chunk = conn.recv(size - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
