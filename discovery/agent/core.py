@@ -163,8 +163,7 @@ class Agent(AgentViews):
                 for key in before.difference(*(t.instances for t in self._tracked.values())):
                     self.registrations.want(key, None, Cause("reload", "no longer asked for"))
         except DiscoveryError as exc:
-            log.error("reload: Docker not listed (%s); the old configuration stays in effect "
-                      "until the next try, within a resync period", exc)
+            log.error("reload: Docker not listed (%s); the old settings stay till a retry", exc)
             with self._lock:  # tried again, unless a newer SIGHUP came meanwhile
                 self._relisting = None
                 self._pending_config = self._pending_config or config
@@ -383,6 +382,7 @@ class Agent(AgentViews):
         if not self._synced:
             log.debug("reconcile skipped: Docker not listed yet")
             return False
+        self.forget_removed()  # (views: maintenance of containers removed while we were down)
         read_at = time.monotonic()  # what is written from now on may be missing from snap
         try:
             snap = self.registry.node_snapshot(self.config.node)  # only ours: see etcd_index

@@ -51,6 +51,10 @@ class Maintenance:
             self.ids.discard(instance_id)
         self._save()
 
+    def containers(self) -> frozenset[str]:
+        """The containers (their short ids) of the instances in maintenance."""
+        return frozenset(parts[-2] for i in self.ids if len(parts := i.rsplit(":", 2)) == 3)
+
     def forget(self, container_id: str) -> None:
         """The container removed: its instances' ids (``<node>:<cid>:<port>``) never come
         back, so they are dropped (saved if any); they were kept up to MAX_IDS, for good."""

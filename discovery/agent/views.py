@@ -16,9 +16,11 @@ from discovery.agent.history import Cause, History
 from discovery.agent.maint import Maintenance
 from discovery.agent.registrations import Registrations
 from discovery.agent.tracked import Key, Tracked, check_views
-from discovery.errors import ConfigError
+from discovery.errors import ConfigError, DiscoveryError
 
 log = logging.getLogger(__name__)
+#: containers a reconcile asks Docker about for :meth:`AgentViews.forget_removed`
+FORGET_AT_ONCE = 20
 
 
 class AgentViews:
@@ -80,3 +82,17 @@ class AgentViews:
             "maintenance": sorted(list(self.maint.ids)) + (["node"] if self.maint.node else []),
             "time": time.time(),
         }
+
+    def forget_removed(self) -> None:
+        """The maintenance of containers Docker no longer has (removed while the agent was
+        down: no ``destroy`` seen) dropped: asked outside the agent's lock, at most
+        ``FORGET_AT_ONCE`` a time, dropped under it. A stopped container's is kept."""
+        known = {cid[:12] for cid in list(self._tracked)}
+        for short in sorted(self.maint.containers() - known)[:FORGET_AT_ONCE]:
+            try:
+                gone = self.docker.inspect(short) is None
+            except DiscoveryError:
+                return  # Docker does not answer: the next reconcile asks again
+            if gone:
+                with self._lock:
+                    self.maint.forget(short)

@@ -49,8 +49,9 @@ class FakeDocker:
     def stop(self) -> None:
         pass
 
-    def inspect(self, cid: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.running.get(cid))
+    def inspect(self, cid: str) -> dict[str, Any] | None:  # (by a prefix too, as Docker)
+        return copy.deepcopy(next((a for k, a in self.running.items() if cid and k.startswith(cid)),
+                                  None))
 
     def list_running(self) -> list[dict[str, Any]]:
         if self.fail is not None:

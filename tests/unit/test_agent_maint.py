@@ -31,19 +31,38 @@ def test_the_nodes_maintenance_and_an_instances_own_are_apart(setup: Setup) -> N
     assert states(setup) == {"asvc": "up", "bsvc": "up"}
 
 
+def both_in_maintenance(s: Setup) -> dict[str, str]:
+    """Containers a (asvc) and b (bsvc) registered, each instance in maintenance: their ids."""
+    for cid, service in (("a", "asvc"), ("b", "bsvc")):
+        s.run(cid, service)
+    s.agent._on_sync(list(s.docker.running.values()))
+    s.wait_services(["asvc", "bsvc"])
+    ids = {key[0]: key[1] for key in s.registry.data}
+    for iid in ids.values():
+        s.agent.set_maint(iid, True)
+    return ids
+
+
 def test_a_removed_containers_maintenance_is_dropped(setup: Setup) -> None:  # noqa: F811
     """Its instances' ids never come back (a container id is made once); they were kept in
     the state file for good, up to 10,000, on a host whose containers come and go. A stopped
     container's are kept (it may start again, the same ids)."""
-    for cid, service in (("a", "asvc"), ("b", "bsvc")):
-        setup.run(cid, service)
-    setup.agent._on_sync(list(setup.docker.running.values()))
-    setup.wait_services(["asvc", "bsvc"])
-    ids = {key[0]: key[1] for key in setup.registry.data}
-    for iid in ids.values():
-        setup.agent.set_maint(iid, True)
+    ids = both_in_maintenance(setup)
     gone = setup.docker.running.pop("a" * 64)
     setup.event("die", gone, exitCode="0")
     assert setup.agent.maint.ids == set(ids.values())  # stopped: kept
     setup.event("destroy", gone)
+    assert setup.agent.maint.ids == {ids["bsvc"]}
+
+
+def test_the_maintenance_of_a_container_removed_while_the_agent_was_down_is_dropped(
+        setup: Setup) -> None:  # noqa: F811
+    """No ``destroy`` seen (the agent was down, or restarted since: Docker replays nothing
+    then): a reconcile asks Docker about the containers in maintenance it does not track and
+    drops those Docker no longer has; a stopped one's is kept."""
+    ids = both_in_maintenance(setup)
+    del setup.docker.running["a" * 64]  # removed, unseen
+    setup.docker.running["b" * 64]["State"]["Running"] = False  # stopped: Docker has it
+    setup.agent._on_sync([])  # the listing after the agent's restart: neither runs
+    assert setup.agent.reconcile()
     assert setup.agent.maint.ids == {ids["bsvc"]}
