@@ -53,13 +53,13 @@ class Maintenance:
 
     def containers(self) -> frozenset[str]:
         """The containers (their short ids) of the instances in maintenance."""
-        return frozenset(parts[-2] for i in self.ids if len(parts := i.rsplit(":", 2)) == 3)
+        return frozenset(c for i in self.ids if (c := _container(i)) is not None)
 
     def forget(self, container_id: str) -> None:
         """The container removed: its instances' ids (``<node>:<cid>:<port>``) never come
         back, so they are dropped (saved if any); they were kept up to MAX_IDS, for good."""
         short = container_id[:12].lower()
-        gone = {i for i in self.ids if i.rsplit(":", 2)[-2:-1] == [short]}
+        gone = {i for i in self.ids if _container(i) == short}
         if gone:
             self.ids -= gone
             self._save()
@@ -91,3 +91,9 @@ class Maintenance:
         except OSError as exc:
             log.warning("%s: not saved (%s): maintenance will not survive a restart",
                         self.path, exc.strerror or exc)
+
+
+def _container(instance_id: str) -> str | None:
+    """The container (short id) an instance id of ours names (``<node>:<cid>:<port>``)."""
+    parts = instance_id.rsplit(":", 2)
+    return parts[1] if len(parts) == 3 else None

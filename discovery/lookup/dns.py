@@ -31,6 +31,7 @@ from discovery.lookup.dns_limits import CACHE_ENTRIES, AnswerCache, TcpLimits, b
 from discovery.lookup.dns_packet import cache_key, echo
 from discovery.lookup.dns_tcp import POLL, TcpConnections
 from discovery.lookup.dns_wire import UDP_ANSWER_LIMIT, DnsConfig, Response, Zone, respond
+from discovery.lookup.peers import Hushed
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8600
 UDP_RCVBUF = 4 << 20
-ERROR_LOG_EVERY = 60.0
 CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send those
 #: after a zone rebuild of d seconds the next waits this many times d: under a storm of
 #: changes (one key written 50 times a second) rebuilding takes at most a fifth of the time
@@ -89,7 +89,7 @@ class DnsServer:
         self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
         self._building = threading.Lock()  # one rebuild at a time, never under self._lock
         self._stopping = threading.Event()
-        self._last_error = -ERROR_LOG_EVERY
+        self._errors = Hushed(log)  # a bug's traceback, once a minute
 
     @property
     def port(self) -> int:
@@ -237,11 +237,8 @@ class DnsServer:
             except Exception:
                 self._error("dns: on_query hook")
 
-    def _error(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last_error >= ERROR_LOG_EVERY:
-            self._last_error = now
-            log.exception(msg, *args)
+    def _error(self, msg: str, *args: object) -> None:  # (a bug must not flood the log)
+        self._errors.warn("error", msg, *args, trace=True)
 
     def _serve_udp(self) -> None:
         sock = self._udp

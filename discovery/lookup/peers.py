@@ -87,7 +87,9 @@ class Hushed:
         self._lock = threading.Lock()
         self._said: dict[str, tuple[float, int]] = {}  # cause -> (when said, unsaid since)
 
-    def warn(self, cause: str, msg: str, *args: object) -> None:
+    def warn(self, cause: str, msg: str, *args: object, trace: bool = False) -> None:
+        """``msg % args`` unless ``cause`` was said within ``every``; with ``trace``, as an
+        error with the exception being handled (its traceback)."""
         now = time.monotonic()
         with self._lock:
             said, unsaid = self._said.get(cause, (-math.inf, 0))
@@ -95,5 +97,6 @@ class Hushed:
                 self._said[cause] = (said, unsaid + 1)
                 return
             self._said[cause] = (now, 0)
-        self.log.warning(msg + " (said at most every %d s%s)", *args, self.every,
-                         f"; {unsaid} more since" if unsaid else "")
+        (self.log.exception if trace else self.log.warning)(
+            msg + " (said at most every %d s%s)", *args, self.every,
+            f"; {unsaid} more since" if unsaid else "")
