@@ -59,12 +59,11 @@ a put: it walked every one on every change, and a wipe of 20,000 ran past the wi
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
@@ -72,26 +71,12 @@ from discovery.registry import Change
 from discovery.registry.base import Snapshot
 from discovery.watcher.guard_burst import Burst, GuardStatus, foreign_drain
 from discovery.watcher.guard_settings import GuardSettings
+from discovery.watcher.guard_store import Deferrals, Deferred
 
 __all__ = ["GuardSettings", "GuardStatus", "WipeGuard"]
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-
-
-@dataclass
-class _Deferred:
-    instance: Instance  # as the catalog keeps it meanwhile (up)
-    due: float
-    since: float  # when it was removed from the registry (or drained by another writer)
-    held_since: float | None = None
-    pending: Change | None = None  # a foreign drain's put, applied at release; else a delete
-
-
-def _leaves_up(entry: _Deferred) -> bool:
-    """Whether releasing ``entry`` takes its instance out of up (not a drain to weight 0)."""
-    after = entry.pending.instance if entry.pending is not None else None
-    return after is None or after.state is not State.UP
 
 
 class WipeGuard:
@@ -101,19 +86,12 @@ class WipeGuard:
         self.settings = settings or GuardSettings()
         self._clock = clock
         self._lock = threading.Lock()
-        self._deferred: dict[Key, _Deferred] = {}
-        self._by_service: dict[str, set[str]] = {}  # service -> deferred instance ids
-        # service -> how many of those serve; how many leave up when released (a delete, or a
-        # drain; not a weight 0): what a service has besides them (_has_other)
-        self._serving_deferred: dict[str, int] = {}
-        self._leaving_up: dict[str, int] = {}
-        self._deadlines: list[tuple[float, Key]] = []  # heap; stale entries skipped
-        self._held: set[Key] = set()
         self._look_at: set[str] = set()  # services with held entries that got a put since
         self._was_wiped = False
         self._back = -float("inf")  # when a held instance last came back
         self.status = GuardStatus()
         self._burst = Burst(catalog, self.settings, self.status)
+        self._kept = Deferrals(catalog, self.status)  # the removals kept out, settling or held
 
     # ---- input ----------------------------------------------------------------------------
     def filter(self, change: Change) -> list[Change]:
@@ -133,50 +111,42 @@ class WipeGuard:
         with self._lock:
             now = self._clock()
             wiped = self._burst.wiped(now)
-            keys: set[Key] = set()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, key = heapq.heappop(self._deadlines)
-                entry = self._deferred.get(key)
-                if entry is not None and entry.due <= now:
-                    keys.add(key)
+            keys = self._kept.due_keys(now)
             if not wiped and self._was_wiped:
-                keys |= self._held  # the wipe is over: look at everything held again
+                keys |= self._kept.held  # the wipe is over: look at everything held again
             elif not wiped:  # a service that got a put: its held ones may go
                 for service in self._look_at:
-                    keys |= {(service, i) for i in self._by_service.get(service, ())} & self._held
+                    ids = self._kept.by_service.get(service, ())
+                    keys |= {(service, i) for i in ids} & self._kept.held
             if not wiped:
                 self._look_at.clear()
             self._was_wiped = wiped
             newly = expired = released = waiting = 0
             releasing: list[Key] = []  # popped once all are looked at: each stays subtracted
             for key in sorted(keys):
-                entry = self._deferred[key]
+                entry = self._kept.entries[key]
                 if entry.held_since is None:
                     if entry.due > now:
                         continue
                     took = self._burst.took(entry.since)  # (due() late: a wipe just over)
-                    if wiped or (took and not self._has_other(key, entry.instance)):
-                        entry.held_since, entry.due = now, now + self.settings.hold
-                        heapq.heappush(self._deadlines, (entry.due, key))
-                        self._held.add(key)
-                        self._count()
-                        self.status.held_total += 1
+                    if wiped or (took and not self._kept.has_other(key, entry.instance)):
+                        self._kept.hold(key, entry, now, self.settings.hold)
                         newly += 1
                         log.debug("wipe guard: holding %s/%s", *key)
                         continue
                     if not took and self._streaming(entry, now):
                         continue  # removals still pour in: not the service's last yet
                 elif entry.due <= now:
-                    if (wiped or not self._has_other(key, entry.instance)) \
+                    if (wiped or not self._kept.has_other(key, entry.instance)) \
                             and self._coming_back(entry, now):
                         waiting += 1
                         continue
                     expired += 1
                     log.debug("wipe guard: %s/%s not back after %.0fs: removed", *key,
                               self.settings.hold)
-                elif wiped or not self._has_other(key, entry.instance):
+                elif wiped or not self._kept.has_other(key, entry.instance):
                     continue  # still wiping, or its service has nothing else: keep it
-                released += self._deferred[key].held_since is not None
+                released += self._kept.entries[key].held_since is not None
                 releasing.append(key)
             out = [self._release(key) for key in releasing]
             if released > expired:
@@ -184,7 +154,7 @@ class WipeGuard:
                          "instance serving again, the wipe over)", released - expired)
             if newly:
                 log.warning("wipe guard: holding %d more instances removed during a registry "
-                            "wipe (%d in all)", newly, len(self._held))
+                            "wipe (%d in all)", newly, len(self._kept.held))
             if waiting:
                 log.info("wipe guard: %d held instances kept past %.0fs: held instances still "
                          "come back (the last %.1fs ago)", waiting, now - self._back)
@@ -193,38 +163,24 @@ class WipeGuard:
                             "removed", expired, self.settings.hold)
         return out
 
-    def _coming_back(self, entry: _Deferred, now: float) -> bool:
+    def _coming_back(self, entry: Deferred, now: float) -> bool:
         """Whether a held entry whose ``hold`` ran out waits on: a held one came back within the
         last ``hold`` (the wipe still being written back), twice ``hold`` at most."""
         assert entry.held_since is not None
-        return self._again(entry, min(self._back + self.settings.hold,
+        return self._kept.again(entry, min(self._back + self.settings.hold,
                                       entry.held_since + 2 * self.settings.hold), now)
 
-    def _again(self, entry: _Deferred, until: float, now: float) -> bool:
-        """``entry`` due again at ``until``, if that is still to come."""
-        if until <= now:
-            return False
-        entry.due = until
-        heapq.heappush(self._deadlines, (until, entry.instance.key))
-        return True
-
-    def _streaming(self, entry: _Deferred, now: float) -> bool:
+    def _streaming(self, entry: Deferred, now: float) -> bool:
         """Whether a settled removal waits on (due again then): removals still come less than
         :meth:`~Burst.pause` apart, its burst may yet be a wipe (a prefix delete reaches a
         loaded watcher over seconds: ``window`` let 22 of 50 go); ``horizon`` at most."""
-        return self._again(entry, min(self._burst.last + self._burst.pause(),
+        return self._kept.again(entry, min(self._burst.last + self._burst.pause(),
                                       entry.since + self.settings.horizon), now)
 
     def next_due(self) -> float | None:
         """Monotonic time of the next :meth:`due` work, or None."""
         with self._lock:
-            while self._deadlines:
-                when, key = self._deadlines[0]
-                entry = self._deferred.get(key)
-                if entry is not None and entry.due == when:
-                    return when
-                heapq.heappop(self._deadlines)  # popped, or due again later: stale
-            return None
+            return self._kept.next_due()
 
     def wiping(self) -> bool:
         """True while removals within the window amount to a wipe."""
@@ -233,12 +189,12 @@ class WipeGuard:
 
     def held(self) -> list[Key]:
         with self._lock:
-            return sorted(self._held)
+            return sorted(self._kept.held)
 
     def held_services(self) -> list[str]:
         """The services with an instance held (/v1/health)."""
         with self._lock:
-            return sorted({k[0] for k in self._held})
+            return sorted({k[0] for k in self._kept.held})
 
     # ---- the rules --------------------------------------------------------------------------
     def _put(self, change: Change, now: float) -> list[Change]:
@@ -246,11 +202,11 @@ class WipeGuard:
         current = self.catalog.get(change.key)
         if current is not None and foreign_drain(current, change.instance):
             return self._take_out(change, current, now)
-        if (entry := self._pop(change.key)) and entry.held_since is not None:  # back
+        if (entry := self._kept.pop(change.key)) and entry.held_since is not None:  # back
             self._back = now
         if change.instance.serving:
             self._burst.refilled({change.key[0]})
-        if change.key[0] in self._by_service:  # its held ones may go once the wipe is over
+        if change.key[0] in self._kept.by_service:  # its held ones may go once the wipe is over
             self._look_at.add(change.key[0])
         return [change]
 
@@ -259,7 +215,7 @@ class WipeGuard:
         if current is None:
             return [change]
         if change.drained or current.state is not State.UP:  # drained first: a departure
-            self._pop(change.key)
+            self._kept.pop(change.key)
             return [change]
         return self._take_out(change, current, now)
 
@@ -268,23 +224,23 @@ class WipeGuard:
         counted in the burst, and applied now, or kept in the catalog as it is until
         :meth:`due` decides (its service's last, or a wipe); a put kept is applied then."""
         key = change.key
-        last = not self._has_other(key, current)
+        last = not self._kept.has_other(key, current)
         self._burst.note(now, {key: current.node}, {key[0]: current.node}
-                         if last and current.serving and key not in self._deferred else {})
+                         if last and current.serving and key not in self._kept.entries else {})
         if not (self._burst.wiped(now) or last):
-            self._pop(key)
+            self._kept.pop(key)
             return [change]
         self._keep(key, current, now, change if change.kind == "put" else None)
         return []  # stays in the catalog until due() decides
 
     def _keep(self, key: Key, current: Instance, now: float, pending: Change | None) -> None:
-        if (entry := self._deferred.get(key)) is None:
-            self._defer(key, _Deferred(current, now + self.settings.settle, now,
+        if (entry := self._kept.entries.get(key)) is None:
+            self._kept.add(key, Deferred(current, now + self.settings.settle, now,
                                        pending=pending))
         else:
-            self._tally(key[0], entry, -1)
+            self._kept.tally(key[0], entry, -1)
             entry.pending = pending  # the latest: a delete after a drain is a removal
-            self._tally(key[0], entry, 1)
+            self._kept.tally(key[0], entry, 1)
 
     def _reset(self, change: Change, now: float) -> Change:
         snapshot = change.snapshot or Snapshot()
@@ -299,7 +255,7 @@ class WipeGuard:
                    if (b := before.get(k)) is not None and foreign_drain(b, i)}
         # what it holds already is not removed again (a reset after a wipe re-engaged it)
         up_gone = [k for k in [*gone, *drained]
-                   if before[k].state is State.UP and k not in self._deferred]
+                   if before[k].state is State.UP and k not in self._kept.entries]
         keep = dict(snapshot.instances)
         after = [*keep.values(), *kept]
         up_after = {i.service for i in after if i.state is State.UP}
@@ -326,10 +282,10 @@ class WipeGuard:
                                                      revision=snapshot.revision))
         # back in the registry (unreadable: there, the catalog keeps what it had), or gone
         # from the catalog the reset makes: nothing to hold
-        for key in [k for k in self._deferred if (k in snapshot.instances and k not in held)
+        for key in [k for k in self._kept.entries if (k in snapshot.instances and k not in held)
                     or k in snapshot.unreadable
                     or (k not in keep and k[0] not in snapshot.withheld)]:
-            if (was := self._pop(key)) and was.held_since is not None and key in keep \
+            if (was := self._kept.pop(key)) and was.held_since is not None and key in keep \
                     and key not in drained:
                 self._back = now  # back
         if len(keep) == len(snapshot.instances) and not held:
@@ -337,54 +293,8 @@ class WipeGuard:
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _has_other(self, key: Key, inst: Instance) -> bool:
-        """Another instance of ``key``'s service doing what ``inst`` does (serving, if it
-        serves: HAProxy's; else up: DNS's and HTTP's), besides ``key`` and the deferred ones
-        that stop doing it when released (all are up in the catalog as they were)."""
-        service, entry = key[0], self._deferred.get(key)
-        if inst.serving:
-            count, held = self.catalog.serving_count, self._serving_deferred.get(service, 0)
-            counted = entry is not None and entry.instance.serving
-        else:
-            count, held = self.catalog.up_count, self._leaving_up.get(service, 0)
-            counted = entry is not None and _leaves_up(entry)
-        current = self.catalog.get(key)
-        mine = current is not None and not counted and (
-            current.serving if inst.serving else current.state is State.UP)
-        return count(service) - held - mine > 0
-
-    def _tally(self, service: str, entry: _Deferred, sign: int) -> None:
-        for counts, counted in ((self._serving_deferred, entry.instance.serving),
-                                (self._leaving_up, _leaves_up(entry))):
-            if counted:
-                if left := counts.get(service, 0) + sign:
-                    counts[service] = left
-                else:
-                    del counts[service]
-
-    def _defer(self, key: Key, entry: _Deferred) -> None:
-        self._deferred[key] = entry
-        self._by_service.setdefault(key[0], set()).add(key[1])
-        self._tally(key[0], entry, 1)
-        heapq.heappush(self._deadlines, (entry.due, key))
-        self._count()
-
-    def _pop(self, key: Key) -> _Deferred | None:
-        entry = self._deferred.pop(key, None)
-        if entry is None:
-            return None
-        self._held.discard(key)
-        self._count()
-        self._tally(key[0], entry, -1)
-        ids = self._by_service.get(key[0])
-        if ids is not None:
-            ids.discard(key[1])
-            if not ids:
-                del self._by_service[key[0]]
-        return entry
-
     def _release(self, key: Key) -> Change:
-        entry = self._pop(key)
+        entry = self._kept.pop(key)
         assert entry is not None
         if entry.held_since is not None:
             log.debug("wipe guard: released %s/%s after %.1fs", *key,
@@ -392,7 +302,3 @@ class WipeGuard:
         if entry.pending is not None:  # a drain by another writer, not undone meanwhile
             return replace(entry.pending, revision=self.catalog.revision)
         return Change("delete", key=key, revision=self.catalog.revision)
-
-    def _count(self) -> None:
-        self.status.holding = len(self._held)
-        self.status.settling = len(self._deferred) - len(self._held)
