@@ -38,7 +38,9 @@ healthy, dead ones included. Our rule:
    for them to pause, ``horizon`` (30 s) at most: a wipe is seen only at half the catalog. So
    a host that dies takes its instances away after its TTL, and a bare delete of a service's
    last instance stops traffic 0.2 s later (2 s if it took 3 on several nodes; an agent's,
-   drained first, at once).
+   drained first, at once). What a burst applied so is put back once the burst is seen as a
+   wipe, and held as the rest (a prefix delete comes in key order: else its first services
+   were left with one instance on every host).
 3. During a wipe every removal is *held*: the instance stays in the catalog (HAProxy, DNS and
    HTTP go on serving it) until it is registered again (the agents re-register after losing
    their lease or session), or the wipe is over (no removal for ``window`` seconds) and its
@@ -225,13 +227,40 @@ class WipeGuard:
         :meth:`due` decides (its service's last, or a wipe); a put kept is applied then."""
         key = change.key
         last = not self._kept.has_other(key, current)
-        self._burst.note(now, {key: current.node}, {key[0]: current.node}
-                         if last and current.serving and key not in self._kept.entries else {})
+        engaged = self._burst.note(now, {key: current.node}, {key[0]: current.node}
+                                   if last and current.serving and key not in self._kept.entries
+                                   else {})
         if not (self._burst.wiped(now) or last):
             self._kept.pop(key)
+            self._burst.applied[key] = (current, change, now)
             return [change]
         self._keep(key, current, now, change if change.kind == "put" else None)
-        return []  # stays in the catalog until due() decides
+        # stays in the catalog until due() decides; what the wipe took before is put back
+        return [Change("put", key=k, instance=inst, revision=self.catalog.revision)
+                for k, inst in self._put_back(now, engaged, lambda k: False).items()]
+
+    def _put_back(self, now: float, engaged: bool,
+                  written: Callable[[Key], bool]) -> dict[Key, Instance]:
+        """A burst just seen as a wipe: the removals it applied before (each left its service
+        another instance) go back in the catalog, held as the rest (a prefix delete reaches
+        the watcher in key order: the services first in it would have been left with one
+        instance on every host until their agents wrote them back). Not those ``written``
+        since (a reset's: in the registry again, or not read), or kept already."""
+        back: dict[Key, Instance] = {}
+        for key, (inst, change, since) in (self._burst.applied.items() if engaged else ()):
+            after = change.instance if change.kind == "put" else None
+            if written(key) or key in self._kept.entries or self.catalog.get(key) != after:
+                continue
+            entry = Deferred(inst, now, since, pending=change if after is not None else None)
+            self._kept.add(key, entry)
+            self._kept.hold(key, entry, now, self.settings.hold)
+            back[key] = inst
+        if engaged:
+            self._burst.applied = {}
+        if back:
+            log.warning("wipe guard: %d instances removed earlier in this wipe put back, held",
+                        len(back))
+        return back
 
     def _keep(self, key: Key, current: Instance, now: float, pending: Change | None) -> None:
         if (entry := self._kept.entries.get(key)) is None:
@@ -261,10 +290,10 @@ class WipeGuard:
         up_after = {i.service for i in after if i.state is State.UP}
         serving_after = {i.service for i in after if i.serving}
         self._burst.refilled(serving_after)
-        if up_gone:
-            self._burst.note(now, {k: before[k].node for k in up_gone},
-                             {k[0]: before[k].node for k in up_gone
-                                            if before[k].serving and k[0] not in serving_after})
+        engaged = bool(up_gone) and self._burst.note(
+            now, {k: before[k].node for k in up_gone},
+            {k[0]: before[k].node for k in up_gone
+             if before[k].serving and k[0] not in serving_after})
         wiped = self._burst.wiped(now)
 
         def kept_out(key: Key) -> bool:  # held, or its service's last (of what it did)
@@ -280,6 +309,8 @@ class WipeGuard:
             keep[key] = before[key]
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
                                                      revision=snapshot.revision))
+        keep.update(self._put_back(now, engaged, lambda k: k in snapshot.instances
+                                   or snapshot.keeps(k)))
         # back in the registry (unreadable: there, the catalog keeps what it had), or gone
         # from the catalog the reset makes: nothing to hold
         for key in [k for k in self._kept.entries if (k in snapshot.instances and k not in held)

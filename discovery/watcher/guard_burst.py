@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
+from discovery.registry import Change
 from discovery.watcher.guard_settings import GuardSettings
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,13 @@ class Burst:
         self.node: str | None = None  # the node of its first removal
         self.spread = False  # it took instances of more than one node
         self.span = (float("inf"), -float("inf"))  # the last wipe: its first and last removal
+        # the removals it applied at once (each left its service another instance) -> the
+        # instance, the change and when: put back if it turns out a wipe (WipeGuard._put_back)
+        self.applied: dict[Key, tuple[Instance, Change, float]] = {}
 
-    def note(self, now: float, removed: dict[Key, str], emptied: dict[str, str]) -> None:
+    def note(self, now: float, removed: dict[Key, str], emptied: dict[str, str]) -> bool:
         """Up instances ``removed`` (-> their node), leaving the services of ``emptied`` with
-        none serving (-> the node of their last)."""
+        none serving (-> the node of their last); True when that made this burst a wipe."""
         s = self.settings
         if now - self.last > s.window or (not self.engaged and now - self.start > s.horizon):
             # a new burst: after a pause, or a trickle that did not make a wipe within `horizon`
@@ -74,7 +78,7 @@ class Burst:
             self.removed, self.base, self.engaged = set(), self.catalog.size(), False
             self.emptied, self.emptied_nodes = {}, Counter()
             self.services_base = self.catalog.serving_services()
-            self.start, self.node, self.spread = now, None, False
+            self.start, self.node, self.spread, self.applied = now, None, False, {}
         self.removed.update(removed)
         for node in removed.values():
             if self.node is None:
@@ -87,6 +91,7 @@ class Burst:
                 self.emptied[service] = node
                 self.emptied_nodes[node] += 1
         self.last = now
+        was = self.engaged
         if not self.engaged and (self._reached(len(self.removed), self.base)
                                  or (self._reached(len(self.emptied), self.services_base)
                                      and len(self.emptied_nodes) > 1)
@@ -104,6 +109,7 @@ class Burst:
                         self.base, len(self.emptied), self.services_base, s.hold)
         if self.engaged:
             self.span = (self.start, now)
+        return self.engaged and not was
 
     def refilled(self, services: set[str]) -> None:
         """These services have an instance serving again: no longer emptied by this burst."""

@@ -98,14 +98,14 @@ def test_a_hold_running_out_does_not_release_another_of_its_service() -> None:
     a1, a2 = bare("s", 1), weight_0(bare("s", 2))
     others = [bare(x, n) for n, x in enumerate("xxyy", start=3)]
     catalog, guard, clock = setup([a1, a2, *others])
-    for i in [a1, *others]:  # 5 of 8: a wipe (seen at the fourth; x's first went at once)
-        feed(catalog, guard, delete(i))
+    for i in [a1, *others]:  # 5 of 8: a wipe (seen at the fourth; x's first, gone at once,
+        feed(catalog, guard, delete(i))  # put back then)
     tick(catalog, guard, clock, 0.25)
-    assert guard.status.engaged == 1 and guard.status.holding == 4
+    assert guard.status.engaged == 1 and guard.status.holding == 5
     tick(catalog, guard, clock, 0.75)
     feed(catalog, guard, delete(a2))  # within the window: held too, a second after a1
     tick(catalog, guard, clock, 0.25)
-    assert guard.status.holding == 5
+    assert guard.status.holding == 6
     tick(catalog, guard, clock, 5.0)  # the wipe over; s has nothing else: both kept
     assert ids(catalog, "s") == {a1.id, a2.id}
     tick(catalog, guard, clock, HOLD - 10.0)
