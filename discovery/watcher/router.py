@@ -14,7 +14,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ from discovery.watcher.config import WatcherConfig
 from discovery.watcher.outlier import OutlierDetector, OutlierSettings
 from discovery.watcher.render import Renderer, RuntimePaths, build_context
 from discovery.watcher.slots import MAX_SLOTS, Slot, SlotTable, slot_count
+from discovery.watcher.stat_reads import Busy, CheckedDown
 from discovery.watcher.supervisor import (
     HAProxyControl,
     HAProxySupervisor,
@@ -87,6 +87,7 @@ class Router:
         self._placing = 0.0  # when a reload may place instances no free slot took (monotonic)
         self._capped: dict[str, int] = {}  # service -> instances past MAX_SLOTS, last said
         self.outliers = OutlierDetector()
+        self.checks = CheckedDown()  # local instances HAProxy's checks hold down (zones)
 
     # ---- what the catalog asks for ---------------------------------------------------------
     def desired(self, catalog: Catalog, only: set[str] | None = None
@@ -96,8 +97,9 @@ class Router:
         for name, svc in self.config.services.items():
             if only is None or name in only:
                 mine = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
-                out[name] = steer(mine, self.config.zone, svc.zone_min_up,
-                                  self.outliers.ejected(name))  # zones; ejections drain
+                out[name] = steer(mine, self.config.zone, svc.zone_min_up,  # zones;
+                                  self.outliers.ejected(name),  # ejections drain
+                                  self.checks.down.get(name, set()))
         return out
 
     def structure_changed(self) -> bool:
@@ -142,7 +144,7 @@ class Router:
                 else:
                     outcome = self._reload(desired, sizes)
             if outcome != "reload":
-                busy = _Busy(self.control)
+                busy = Busy(self.control)
                 changes = {name: list(self.tables[name].assign(insts, busy.of(name)).values())
                            for name, insts in desired.items() if name in self.tables}
                 if any(changes.values()) or self._unapplied:
@@ -315,9 +317,14 @@ class Router:
     def _outlier_settings(self) -> dict[str, OutlierSettings]:
         return {n: s.outlier for n, s in self.config.services.items() if s.outlier is not None}
 
+    def _checked_zones(self) -> list[str]:
+        """The services routed by zone whose checks tell the local zone's up (CheckedDown)."""
+        return [n for n, s in self.config.services.items() if self.config.zone and s.check]
+
     def next_due(self) -> float | None:
         """When :meth:`tick` has work (monotonic time); None: none."""
         dues = [self.outliers.due(self._outlier_settings()),
+                self.checks.due(self._checked_zones()),
                 self._retry.due if self._unapplied else None, self._again.due or None,
                 self._placing or None]
         return min((d for d in dues if d is not None), default=None)
@@ -334,27 +341,33 @@ class Router:
                 self.sync(catalog)  # what no free slot took, placed with a reload now
             if self._unapplied and self._retry.taken():
                 self._apply({})
-            settings = self._outlier_settings()
-            due = self.outliers.due(settings)
+            settings, zoned = self._outlier_settings(), self._checked_zones()
+            due = min((d for d in (self.outliers.due(settings), self.checks.due(zoned))
+                       if d is not None), default=None)
             if due is None or time.monotonic() < due or self.control is None:
                 return
-            stat = None
-            if time.monotonic() >= self.outliers.next_read:
+            stat, now = None, time.monotonic()
+            counters = bool(settings) and now >= self.outliers.next_read
+            if counters or (zoned and now >= self.checks.next_read):
                 try:
                     stat = self.control.runtime.stat()
                 except HAProxyError as exc:  # not before the next interval: no busy loop
-                    log.debug("outlier detection: show stat: %s", exc)
-                    self.outliers.next_read = time.monotonic() + min(
-                        cfg.interval for cfg in settings.values())
-            names = [n for n in settings if n in self.tables]
+                    log.debug("show stat: %s", exc)
+                    self.outliers.next_read = now + min(
+                        (cfg.interval for cfg in settings.values()), default=0.0)
+                    self.checks.failed()
+            names = [n for n in {*settings, *zoned} if n in self.tables]
             slots = {n: self.tables[n].ids() for n in names}
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
-                      and self.config.services[n].accepts(i)} for n in names}
-            changed = self.outliers.observe(settings, stat, slots, up)
+                      and self.config.services[n].accepts(i)} for n in settings if n in slots}
+            changed = self.outliers.observe(settings, stat if counters else None, slots, up) \
+                if settings else set()
+            if stat is not None and zoned:
+                changed |= self.checks.observe(zoned, stat, slots)
             if not changed:
                 return
             desired = self.desired(catalog, changed)
-            busy = _Busy(self.control)  # a change not synced yet may place an instance too
+            busy = Busy(self.control)  # a change not synced yet may place an instance too
             changes = {name: list(self.tables[name].assign(insts, busy.of(name)).values())
                        for name, insts in desired.items() if name in self.tables}
             self._apply({k: v for k, v in changes.items() if v})
@@ -363,27 +376,4 @@ class Router:
         """Put every slot into HAProxy again: after a reload or a restart runtime state is gone."""
         with self._lock:
             self._apply({name: table.slots() for name, table in self.tables.items()})
-
-
-class _Busy:
-    """Which slots of a backend still have sessions (``scur``), read once per backend and sync
-    and only when a slot that served before is about to take a new instance: that backend's
-    ``show stat`` alone (every backend's took ~0.5 s a sync at 1,000 services)."""
-
-    def __init__(self, control: HAProxyControl | None) -> None:
-        self.control = control
-        self._stat: dict[str, dict[tuple[str, str], dict[str, str]]] = {}
-
-    def of(self, backend: str) -> Callable[[str], bool]:
-        def busy(slot: str) -> bool:
-            if self.control is None:
-                return False
-            if backend not in self._stat:
-                try:
-                    self._stat[backend] = self.control.runtime.stat(backend)
-                except HAProxyError as exc:
-                    log.warning("cannot read sessions (%s): freed slots are not reused now", exc)
-                    return True
-            return self._stat[backend].get((backend, slot), {}).get("scur", "0") not in ("0", "")
-        return busy
 

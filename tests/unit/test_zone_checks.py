@@ -1,0 +1,47 @@
+"""Zone-aware routing and HAProxy's checks (watcher/stat_reads.CheckedDown, zones.steer): a
+local instance the registry calls up but HAProxy's checks hold down is not the local zone's."""
+
+from __future__ import annotations
+
+from discovery.model import Instance
+from discovery.watcher.stat_reads import CHECK_READ, CheckedDown
+from discovery.watcher.zones import steer
+
+
+def inst(n: int, zone: str) -> Instance:
+    return Instance(service="web", id=f"h{n}:{n:012x}:80", node=f"h{n}", address="192.0.2.1",
+                    port=8000 + n, zone=zone)
+
+
+NEAR, FAR = inst(1, "z1"), inst(2, "z2")
+SLOTS = {"web": {"s1": NEAR.id, "s2": FAR.id}}
+
+
+def stat(near: str, far: str = "UP") -> dict[tuple[str, str], dict[str, str]]:
+    return {("web", "s1"): {"status": near}, ("web", "s2"): {"status": far}}
+
+
+def test_the_local_zone_checked_down_spills_over_and_comes_back() -> None:
+    clock = [100.0]
+    checks = CheckedDown(clock=lambda: clock[0])
+    both = {NEAR.id: NEAR, FAR.id: FAR}
+    assert steer(both, "z1", 1, set(), checks.down.get("web", set()))[FAR.id].weight == 0
+    assert checks.due(["web"]) == 0.0  # read at once
+    assert checks.observe(["web"], stat("DOWN"), SLOTS) == {"web"}
+    assert checks.due(["web"]) == 100.0 + CHECK_READ
+    routed = steer(both, "z1", 1, set(), checks.down["web"])
+    assert routed[FAR.id].weight == FAR.weight  # spilled over: z2 takes the traffic
+    assert routed[NEAR.id] is NEAR  # not drained: HAProxy goes on checking it
+    assert checks.observe(["web"], stat("DOWN 1/2"), SLOTS) == set()  # rising: still down
+    assert checks.observe(["web"], stat("UP"), SLOTS) == {"web"}
+    assert steer(both, "z1", 1, set(), checks.down.get("web", set()))[FAR.id].weight == 0
+
+
+def test_only_a_down_status_counts_and_a_service_no_longer_checked_is_forgotten() -> None:
+    checks = CheckedDown()
+    for status in ("UP", "UP 1/3", "no check", "MAINT", "DRAIN", "NOLB", ""):
+        assert checks.observe(["web"], stat(status), SLOTS) == set(), status
+    assert checks.observe(["web"], stat("DOWN"), SLOTS) == {"web"}
+    assert checks.observe([], stat("DOWN"), SLOTS) == {"web"} and not checks.down
+    checks.observe(["web"], stat("DOWN"), SLOTS)
+    assert checks.due([]) is None and not checks.down  # the setting went
