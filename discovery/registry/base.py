@@ -109,7 +109,10 @@ class Registry(Protocol):
         impossible: etcd compacted the revision, the ZooKeeper session expired).
         :data:`FIRST_READ`: all followed is read first, handed to ``callback`` as a ``reset``
         before this returns (a failed read raises ``RegistryError``, leaving no watch), then
-        every change after it. ZooKeeper's read arming its watches is that snapshot."""
+        every change after it. ZooKeeper's read arming its watches is that snapshot. 0: from
+        when the watch is established, which may be after this returns (a change written
+        right after may come before it, and is not told): pass a revision read first to be
+        sure."""
 
     def add_state_listener(self, callback: StateCallback) -> None:
         """Told True/False when the connection to the registry comes and goes."""

@@ -74,7 +74,7 @@ def test_a_watch_reads_again_a_registry_restored_from_a_backup(tmp_path: Path) -
     # its link is lost (owned.OWN_LATER): 1.5 to 10 s here
     owner = open_registry(f"{url}?spread=0.5", ttl=10)
     changes: list[Change] = []
-    watch = follower.watch(changes.append)
+    watch = follower.watch(changes.append, writer.revision())  # (not from 0: see below)
     try:
         owner.register(inst(9))
         wait_until(lambda: owner._restorer.own.holds, 5, "its own key watched")  # type: ignore
@@ -118,7 +118,10 @@ def test_hosts_behind_a_proxy_read_again_a_registry_restored_from_a_backup(
     agent = open_registry(proxy.url(prefix), ttl=ttl)
     heard: list[Change] = []
     changes: list[Change] = []
-    watches = [watcher.watch(heard.append), agent.watch(changes.append)]
+    # from a revision read first: from 0 ("now") a watch is established after watch()
+    # returns, through the proxy later still, and the put below came before it 1 run in ~100
+    start = writer.revision()
+    watches = [watcher.watch(heard.append, start), agent.watch(changes.append, start)]
     try:
         agent.register(inst(8))
         wait_until(lambda: any(c.key == inst(8).key for c in heard), 10, "the agent's put")
@@ -174,7 +177,7 @@ def test_behind_a_proxy_a_restore_past_the_hosts_revision_is_told(told_by: str,
     writer = open_registry(cluster.url(prefix), ttl=10)
     host = open_registry(proxy.url(prefix), ttl=60)  # watch-only: no pulse within this test
     heard: list[Change] = []
-    watch = host.watch(heard.append)
+    watch = host.watch(heard.append, writer.revision())  # (not from 0: see above)
     try:
         before = host.revision()  # as its pulse would: the cluster and the term it knows
         pulse = host._pulse_read  # type: ignore[attr-defined]  # a watch-only host's, at once
