@@ -213,8 +213,15 @@
     renderDeparted();
   }
 
+  // at most one catalog read a second: each is the whole catalog (3 MB at 10,000 instances),
+  // and a catalog that changes several times a second must not cost its host a read each time
+  const CATALOG_EVERY_MS = 1000;
+
   async function followCatalog() {
+    let last = 0;
     for (;;) {
+      await sleep(Math.max(0, last + CATALOG_EVERY_MS - Date.now()));
+      last = Date.now();
       try {
         const url = view.index === null ? "/v1/services" : "/v1/services?index=" + view.index + "&wait=30s";
         const resp = await fetch(url, { cache: "no-store" });
