@@ -8,7 +8,8 @@ follower's one-shot watch on a listing (the list of services, a service's direct
 to list that again: :func:`relist`, by the same rules (a directory gone, or refused to us,
 is left out). A directory the full read may not list is named in the snapshot (withheld: the
 catalog keeps what it had of that service) and listed again later, :class:`Withheld`. And
-:func:`unread_holders`: under Nerve, the nodes of a service the follower has not read yet.
+:func:`other_holders`: the other nodes of a gone node's instance (under Nerve, first reading the
+nodes of its service the follower has not read yet).
 """
 
 from __future__ import annotations
@@ -293,22 +294,26 @@ def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str
     return [("node", path) for path in paths]
 
 
-def unread_holders(client: Any, url: RegistryURL, key: Key, nodes: dict[str, int],
-                   read_node: Callable[[str], None], live: LivePaths) -> list[str]:
-    """A Nerve node gone while its instance's other node (a restarted reporter's) may not be
-    read yet: read the service's nodes not read yet (listed meanwhile, or still queued) with
-    ``read_node`` (which puts each as it is read) and return those that hold ``key``."""
+def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dict[str, int],
+                  read_node: Callable[[str], None], live: LivePaths) -> list[str]:
+    """The nodes but ``path`` that hold ``key`` (``path``'s instance until now). Under Nerve,
+    when none is known, a restarted reporter's other node may not be read yet: the service's
+    nodes not read yet (listed meanwhile, or still queued) are read with ``read_node`` (which
+    puts each as it is read) first. Raises what the listing raises (``path`` still held)."""
+    others = [p for p in live.holders(key) if p != path]
+    if others or not url.nerve:
+        return others
     folder = url.service_dir(key[0])
     try:
         children = client.get_children(folder)
     except NoNodeError:
         return []
     for child in children:
-        path = f"{folder}/{child}"
-        if not nodes.get(path):  # never read: read it now, in order
-            nodes.setdefault(path, 0)
-            read_node(path)
-    return live.holders(key)
+        child_path = f"{folder}/{child}"
+        if not nodes.get(child_path):  # never read: read it now, in order
+            nodes.setdefault(child_path, 0)
+            read_node(child_path)
+    return [p for p in live.holders(key) if p != path]
 
 
 def full_read(c: Any, url: RegistryURL, many: ManyReads, decoder: Decoder, reads: ReadStats,

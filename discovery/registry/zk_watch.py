@@ -30,7 +30,7 @@ from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_queue import WorkQueue
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
 from discovery.registry.zk_scan import LivePaths, Withheld
-from discovery.retry import RetryAt, jittered
+from discovery.registry.zk_setback import Setbacks
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -49,10 +49,10 @@ class ZkWatch:
     items, re-armed by the worker's reads. With ``services`` it follows only those services'
     directories. ``reads`` counts what it reads. A lost connection (same session) re-arms the
     watches from the zxid seen before (:mod:`~discovery.registry.zk_rewatch`): only what
-    changed meanwhile is read again. A read refused (NoAuth) is logged, and everything read
-    again 5 s later, the wait doubling to 60 s (:data:`REFUSED_WAIT`); a service directory or
-    node refused is left out or kept as the full read does, and looked at again
-    (``zk_scan.Withheld``)."""
+    changed meanwhile is read again. A read the ensemble is too busy for is read again, the
+    wait doubling; one refused (NoAuth, :data:`REFUSED_WAIT`) or failed otherwise, everything
+    (:mod:`~discovery.registry.zk_setback`); a service directory or node refused is left out
+    or kept as the full read does, and looked at again (``zk_scan.Withheld``)."""
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
@@ -81,7 +81,7 @@ class ZkWatch:
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
         self._reconnects = Reconnects()  # where we were when the link went
         self._catch_up = CatchUp()  # persistent: later one-shot events are stale
-        self._refused = RetryAt(*REFUSED_WAIT)  # NoAuth: the wait before reading it all again
+        self._setbacks = Setbacks(REFUSED_WAIT, log)  # the waits after a failed item
         self._withheld = Withheld(REFUSED_WAIT)  # directories the last full read may not list
         self._roots = ([decoder.url.service_dir(s) for s in sorted(self._only)]
                        if self._only is not None else [self._services])
@@ -219,6 +219,7 @@ class ZkWatch:
                     self._read_changed([path for _, path in items])
                 else:
                     self._handle(item)
+                self._setbacks.handled()
             except _TRANSIENT:  # try again once connected (a reset may come first)
                 with self._cond:
                     self._queue.requeue(items)
@@ -226,17 +227,14 @@ class ZkWatch:
                 self._stopped.wait(0.1)
             except ConnectionClosedError:
                 return
-            except NoAuthError:  # an ACL without world READ, and we lack the credentials
-                wait = jittered(self._refused.failed())  # a fleet refused at once reads apart
-                log.warning("ZooKeeper watch may not read %s (NoAuth): give the registry user and "
-                            "password; reading everything again in %.1f s",
-                            shown(item[1] or self._services), wait)
+            except Exception as exc:  # the ensemble's answer: busy, refused, or another
+                wait, everything = self._setbacks.after(exc, shown(item[1] or self._services))
+                if not everything:  # busy: the same again, later (nothing else read again)
+                    with self._cond:
+                        self._queue.requeue(items)
                 self._stopped.wait(wait)
-                self.reset()
-            except Exception:
-                log.exception("ZooKeeper watch failed on %s; re-reading everything", shown(item))
-                self._stopped.wait(1)
-                self.reset()
+                if everything:
+                    self.reset()
 
     def _handle(self, item: tuple[str, str]) -> None:
         kind, arg = item
@@ -338,12 +336,16 @@ class ZkWatch:
         self._reads.add(path, data)
         if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
             return
-        self._nodes[path] = stat.mzxid
+        seen, self._nodes[path] = self._nodes.get(path, 0), stat.mzxid
         inst = self._decoder.decode(path, data, stat.mtime / 1000)
         if inst is None:  # readers keep its last good value, if any (Snapshot.unreadable):
             return  # one bad write takes no instance out of every host's routing
         if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
-            self._gone(path, stat.mzxid)
+            try:
+                self._gone(path, stat.mzxid)
+            except Exception:  # (its Nerve listing) nothing taken: the retry reads it anew
+                self._nodes[path] = seen
+                raise
         self._live.set(path, inst.key)
         self._reconnects.learned(inst.service)
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid,
@@ -351,14 +353,14 @@ class ZkWatch:
 
     def _gone(self, path: str, revision: int, drained: bool = False) -> None:
         """``path`` no longer holds the instance it held: delete that instance, unless another
-        path still holds it (then read that one again, so that it is put back as it is)."""
-        key = self._live.pop(path)
+        path still holds it (then read that one again, so that it is put back as it is).
+        Until the other holders are known (a Nerve listing, which may fail) nothing is taken."""
+        key = self._live.get(path)
         if key is None:
             return
-        others = self._live.holders(key)
-        if not others and self._url.nerve:  # a restarted Nerve: its new node may not be read yet
-            others = zk_scan.unread_holders(self._client, self._url, key, self._nodes,
-                                            self._node, self._live)
+        others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes,
+                                       self._node, self._live)
+        self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))
         for other in others:
@@ -378,7 +380,7 @@ class ZkWatch:
                              lambda path: known.get(path) or self._elsewhere(path))
         self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
         self._known = LivePaths()
-        self._refused.succeeded()  # a refusal from now on waits the first wait again
+        self._setbacks.scanned()  # a refusal from now on waits the first wait again
         self._withheld.scanned(found.snapshot, found.refused)
         self._reconnects.read(found.svcs)  # a directory gone meanwhile is no longer re-armed
         return found.snapshot, found.newest

@@ -1,0 +1,178 @@
+"""A ZooKeeper follower's worker after a failed read (``zk_setback.Setbacks``): an ensemble
+that is busy (THROTTLEDOP, a request timed out in it) gets the same read again after a wait
+that doubles, jittered, and nothing else is read again; any other failure reads everything
+again after such a wait. Before, both waited a fixed 1 s and then read everything again: every
+throttled host re-read its whole catalog each second, in step."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kazoo.exceptions import (
+    NoNodeError,
+    OperationTimeoutError,
+    RequestTimeoutError,
+    ThrottledOpError,
+)
+from kazoo.protocol.states import EventType
+
+from discovery.registry import RegistryURL
+from discovery.registry.base import FIRST_READ, Change
+from discovery.registry.decoder import Decoder
+from discovery.registry.zk_watch import ZkWatch
+from tests.harness.util import wait_for
+from tests.unit.test_zk_reconnects import Router
+
+URL = RegistryURL.parse("zk://127.0.0.1:2181/nerve?format=nerve&path=/nerve/services/{service}")
+WEB = URL.service_dir("web")
+NODE = f"{WEB}/i-1_0000000001"
+
+
+def record(port: int) -> bytes:
+    return json.dumps({"host": "127.0.0.1", "port": port, "name": "i-1"}).encode()
+
+
+class Tree:
+    """A kazoo client over a dict of nodes, as far as a watch with a persistent watch reads
+    it (``each``: its multiRead); ``fail[path]``: what that path's next reads (or listings)
+    raise, in turn."""
+
+    def __init__(self, nodes: dict[str, bytes]) -> None:
+        self.nodes, self.mzxid = dict(nodes), dict.fromkeys(nodes, 1)
+        self.fail: defaultdict[str, list[Exception]] = defaultdict(list)
+        self.listed: list[str] = []
+        self.last_zxid = 0x10
+
+    def add_listener(self, fn: Any) -> None:
+        pass
+
+    def remove_listener(self, fn: Any) -> None:
+        pass
+
+    def _failing(self, path: str) -> None:
+        if self.fail[path]:
+            raise self.fail[path].pop(0)
+
+    def put(self, path: str, data: bytes) -> None:
+        self.last_zxid += 1
+        self.nodes[path], self.mzxid[path] = data, self.last_zxid
+
+    def _stat(self, path: str) -> Any:
+        return SimpleNamespace(mzxid=self.mzxid[path], mtime=0, ephemeralOwner=1)
+
+    def exists(self, path: str, watch: Any = None) -> Any:
+        return SimpleNamespace()
+
+    def get_children(self, path: str, watch: Any = None, include_data: bool = False) -> Any:
+        self.listed.append(path)
+        self._failing(path)
+        kids = sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
+                       if p.startswith(f"{path}/")})
+        return (kids, SimpleNamespace(pzxid=self.last_zxid)) if include_data else kids
+
+    def get(self, path: str, watch: Any = None) -> Any:
+        self._failing(path)
+        if path not in self.nodes:
+            raise NoNodeError()
+        return self.nodes[path], self._stat(path)
+
+    def each(self, paths: list[str], refused: list[str] | None = None) -> Any:
+        for path in paths:
+            if path in self.nodes:
+                yield path, (self.nodes[path], self._stat(path))
+
+
+class Waits(threading.Event):
+    """The worker's stop event: its waits are recorded, not waited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.waits.append(timeout)
+        return self.is_set()
+
+
+def follow(tree: Tree) -> tuple[ZkWatch, list[Change], Waits]:
+    connected = threading.Event()
+    connected.set()
+    changes: list[Change] = []
+    watch = ZkWatch(tree, Decoder(URL), connected, changes.append, FIRST_READ,
+                    router=Router(), many=tree)  # type: ignore[arg-type]
+    watch._stopped = waits = Waits()
+    return watch, changes, waits
+
+
+def full_reads(tree: Tree) -> int:
+    return tree.listed.count(URL.services_root)
+
+
+@pytest.mark.parametrize("busy", [ThrottledOpError, RequestTimeoutError, OperationTimeoutError])
+def test_a_busy_ensemble_gets_the_same_read_again_later_and_nothing_else(busy: type) -> None:
+    tree = Tree({NODE: record(8080)})
+    watch, changes, waits = follow(tree)
+    try:
+        assert [c.kind for c in changes] == ["reset"] and full_reads(tree) == 1
+        tree.put(NODE, record(8080) + b" ")  # a change of its data, read three times in vain
+        tree.fail[NODE] = [busy(), busy(), busy()]
+        watch._event(NODE, EventType.CHANGED)
+        wait_for(lambda: len(changes) == 2, 5, message="the change, once the ensemble answers")
+        assert changes[1].kind == "put" and changes[1].revision == tree.mzxid[NODE]
+        assert full_reads(tree) == 1  # before: one a second, everything followed
+        first, second, third = waits.waits
+        assert 0.5 <= first <= 1.5 and 1.0 <= second <= 3.0 and 2.0 <= third <= 6.0
+        assert (first, second, third) != (1.0, 2.0, 4.0)  # jittered: a fleet tries apart
+        tree.put(NODE, record(8080))  # it answers: the next busy answer waits 1 s again
+        tree.fail[NODE] = [busy()]
+        watch._event(NODE, EventType.CHANGED)
+        wait_for(lambda: len(changes) == 3, 5, message="the second change")
+        assert 0.5 <= waits.waits[3] <= 1.5 and full_reads(tree) == 1
+    finally:
+        watch.stop()
+
+
+def test_any_other_failure_reads_everything_again_after_a_doubling_jittered_wait() -> None:
+    tree = Tree({NODE: record(8080)})
+    watch, changes, waits = follow(tree)
+    try:
+        tree.fail[NODE] = [RuntimeError("a bug")]
+        tree.fail[URL.services_root] = [RuntimeError("still"), RuntimeError("still")]
+        watch._event(NODE, EventType.CHANGED)
+        wait_for(lambda: len(changes) == 2, 5, message="everything read again")
+        assert changes[1].kind == "reset" and full_reads(tree) == 4  # 1 + 2 failed + 1
+        first, second, third = waits.waits
+        assert 0.5 <= first <= 1.5 and 1.0 <= second <= 3.0 and 2.0 <= third <= 6.0
+        assert (first, second, third) != (1.0, 2.0, 4.0)
+    finally:
+        watch.stop()
+
+
+@pytest.mark.parametrize("gone", [True, False], ids=["deleted", "another port"])
+def test_a_nerve_departure_whose_listing_is_throttled_is_delivered_on_the_retry(
+        gone: bool) -> None:
+    """A gone Nerve node's instance: the service is listed (a restarted reporter's new node may
+    not be read yet); that listing throttled, the retry still deletes the instance (a retry
+    that found it taken already delivered nothing: it stayed routed everywhere)."""
+    tree = Tree({NODE: record(8080), f"{URL.service_dir('api')}/j-1_0000000001": record(80)})
+    watch, changes, waits = follow(tree)
+    try:
+        if gone:
+            del tree.nodes[NODE]
+        else:
+            tree.put(NODE, record(9090))  # the node now says another port
+        tree.fail[WEB] = [ThrottledOpError()]
+        watch._event(NODE, EventType.DELETED if gone else EventType.CHANGED)
+        wait_for(lambda: len(changes) >= (2 if gone else 3), 5, message="the departure")
+        assert [(c.kind, c.key) for c in changes[1:]] == [("delete", ("web", "i-1:8080"))] + (
+            [] if gone else [("put", ("web", "i-1:9090"))])
+        assert tree.listed.count(WEB) == 3 and full_reads(tree) == 1  # the scan's + 2
+        assert len(waits.waits) == 1
+    finally:
+        watch.stop()
