@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from discovery.model import Instance
 from discovery.registry.reads import ReadStats
 from discovery.registry.url import RegistryURL
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,21 @@ def read_first(start_revision: int, snapshot: Callable[[], Snapshot],
     snap = snapshot()
     deliver(callback, Change("reset", snapshot=snap, revision=snap.revision), threading.Event())
     return snap.revision
+
+
+def packs(items: Iterable[T], size: Callable[[T], int], most: int, most_size: int,
+          ) -> Iterator[list[T]]:
+    """``items`` in order, in groups of at most ``most`` items and ``most_size`` of their
+    ``size`` together (the parts of a batch of requests); an item larger than ``most_size``
+    is a group of its own."""
+    pack: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if pack and (len(pack) == most or used + n > most_size):
+            yield pack
+            pack, used = [], 0
+        pack.append(item)
+        used += n
+    if pack:
+        yield pack

@@ -37,7 +37,7 @@ from pyetcd.utils import prefix_range_end
 from discovery.errors import RegistryDenied, RegistryError
 from discovery.model import Instance
 from discovery.model.validate import shown
-from discovery.registry.base import Snapshot
+from discovery.registry.base import Snapshot, packs
 from discovery.registry.reads import ReadStats
 
 log = logging.getLogger(__name__)
@@ -282,16 +282,8 @@ def _read_many(call: Caller, client: Any, reading: _Reading, roots: list[str], p
 def _packs(counts: list[tuple[str, int]], page_keys: int) -> Iterator[list[str]]:
     """``counts``' roots in order, grouped up to ``page_keys`` keys and ``TXN_OPS`` roots a
     group; a root of more than ``page_keys`` keys is a group of its own."""
-    pack: list[str] = []
-    keys = 0
-    for root, n in counts:
-        if pack and (keys + n > page_keys or len(pack) == TXN_OPS):
-            yield pack
-            pack, keys = [], 0
-        pack.append(root)
-        keys += n
-    if pack:
-        yield pack
+    for pack in packs(counts, lambda count: count[1], TXN_OPS, page_keys):
+        yield [root for root, _ in pack]
 
 
 def _txn(client: Any, roots: list[str], revision: int, count_only: bool = False) -> Any:

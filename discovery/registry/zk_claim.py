@@ -30,6 +30,7 @@ from discovery.errors import RegistryError
 from discovery.model import Instance
 from discovery.model.nerve import to_nerve
 from discovery.model.validate import shown
+from discovery.registry.base import packs
 from discovery.registry.owned import restamped
 from discovery.registry.security import zk_open_acl
 from discovery.registry.url import RegistryURL
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 _NODE_ERRORS = (NoNodeError, NoAuthError, BadVersionError, NodeExistsError)
 #: instances created again in one transaction after a session expiry (two nodes each)
 CLAIM_TOGETHER = 100
+#: and at most this many bytes of their data and paths: ZooKeeper closes the connection on a
+#: request over ``jute.maxbuffer`` (1 MB by default), and the loss looked transient: resent
+#: for ever, the host's connection dropped every 1-2 s (30 instances of 64 labels of 512 B)
+CLAIM_BYTES = 512 * 1024
 
 
 class ZkClaims:
@@ -245,7 +250,8 @@ class ZkClaims:
 
     def claim_together(self, owned: list[Instance]) -> list[Instance]:
         """A new session's first writes: each instance node and its index node, up to
-        ``CLAIM_TOGETHER`` instances in one transaction. Returns what is left to
+        ``CLAIM_TOGETHER`` instances and ``CLAIM_BYTES`` in one transaction (an instance
+        larger than that alone). Returns what is left to
         :meth:`claim` one by one: all of a part whose transaction failed (a node is still
         there: of another session, or of ours after a lost answer; a parent is gone), and
         everything with Nerve's layout (sequential nodes)."""
@@ -253,11 +259,17 @@ class ZkClaims:
         if self._nerve is not None or session is None:
             return owned
         left: list[Instance] = []
-        for start in range(0, len(owned), CLAIM_TOGETHER):
-            part = owned[start:start + CLAIM_TOGETHER]
+        for part in packs(owned, self._size, CLAIM_TOGETHER, CLAIM_BYTES):
             if self._create_all(part, session) is not None:
                 left += part
         return left
+
+    def _size(self, inst: Instance) -> int:
+        """The bytes of :meth:`_create_all`'s creates of ``inst`` (its data and paths)."""
+        paths = [self.url.key(*inst.key)]
+        if self._index.enabled:
+            paths.append(self._index.path(inst.node, *inst.key))
+        return len(inst.to_json()) + sum(len(path.encode()) for path in paths)
 
     def _create_all(self, part: list[Instance], session: int) -> list[Any] | None:
         """Create the nodes of ``part`` and their index nodes in one transaction: None once
