@@ -197,6 +197,7 @@ class ConsulApi:
         if "stale" in query and "consistent" in query:
             raise ApiError(400, "stale and consistent cannot both be given", "stale")
         index, wait = blocking_params(query)
+        flag(query, "pretty")  # a bad value is a 400 at once, not after the wait
         self._consistent(query)  # at once: never holding a blocking slot to say it later
         answered = self.block(self.catalog, req, index, wait, service)
         if not self.catalog.loaded:

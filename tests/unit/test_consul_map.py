@@ -142,6 +142,25 @@ def test_blocking_query_on_the_current_index_waits_out_wait(api: HttpApi) -> Non
     assert time.monotonic() - started >= 0.04  # held for the wait
 
 
+@pytest.mark.parametrize("path", ["/v1/catalog/services", "/v1/catalog/service/web",
+                                  "/v1/health/service/web"])
+def test_a_bad_parameter_is_400_before_a_blocking_wait(api: HttpApi, path: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every parameter is checked before the query blocks: a bad ``pretty`` was a 400 only
+    once the wait was over (5 minutes by default, holding a blocking slot)."""
+    assert api.catalog is not None and api.consul is not None
+    blocked: list[float] = []
+
+    def block(catalog: Catalog, req: Any, index: int | None, wait: float, *_: Any) -> int:
+        blocked.append(wait)
+        return catalog.index
+    monkeypatch.setattr(api.consul, "block", block)
+    status, body, _ = answer(api, f"{path}?index={api.catalog.index}&wait=2s&pretty=bogus")
+    assert (status, body["param"], blocked) == (400, "pretty", [])
+    assert answer(api, f"{path}?index={api.catalog.index}&wait=2s&pretty=1")[0] == 200
+    assert blocked == [2.0]
+
+
 def test_sd_labels_are_valid_prometheus_names_and_strings() -> None:
     one = inst(1, tags=("a", "b"), meta={"build.id": "7", "build_id": "8", "x-y": "z"})
     labels = sd_labels(one)
