@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -42,7 +43,7 @@ class ApiServer(ThreadingHTTPServer):
         self._busy = threading.Condition()
         self._requests = 0
         self.connections = connections  # a slot per connection, from accept to close
-        self._refusals = Hushed(log)
+        self._hushed = Hushed(log)  # refusals and failures: a line a minute per cause
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Take a connection slot, else answer 503 or 429 and close (logged once a minute
@@ -50,8 +51,8 @@ class ApiServer(ThreadingHTTPServer):
         refused = self.connections.acquire(str(client_address[0]))
         if refused is None:
             return True
-        self._refusals.warn(refused.cause, "HTTP API: connection from %s refused: %s",
-                            client_address[0], refused)
+        self._hushed.warn(refused.cause, "HTTP API: connection from %s refused: %s",
+                          client_address[0], refused)
         _refuse(request, refused)
         return False
 
@@ -60,9 +61,25 @@ class ApiServer(ThreadingHTTPServer):
             self._requests += 1
         try:
             super().process_request(request, client_address)
+        except RuntimeError as exc:  # no thread for it (the pids limit): closed, as DNS does
+            self._done(client_address)
+            self._hushed.warn("threads", "HTTP API: connection from %s closed: %s",
+                              client_address[0], exc)
+            self.shutdown_request(request)
         except BaseException:
             self._done(client_address)
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An error serving a connection: a client gone is a debug line; anything else is
+        logged with its traceback at most once a minute (socketserver wrote a traceback of
+        13 lines to stderr each time)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("HTTP API: connection from %s: %s", client_address[0], exc)
+        else:
+            self._hushed.warn("error", "HTTP API: connection from %s failed",
+                              client_address[0], trace=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

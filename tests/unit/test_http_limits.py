@@ -135,3 +135,61 @@ def test_a_request_dripped_byte_by_byte_is_cut_at_its_deadline(
         assert sent <= 4
     finally:
         api.stop()
+
+
+def closed_unanswered(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionError:
+        return True
+
+
+def test_a_connection_that_gets_no_thread_is_closed_and_said_once_a_minute(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str], open_sockets: list[socket.socket]) -> None:
+    """No thread for a connection (the pids limit): it is closed, its slot given back, and a
+    warning said once a minute; socketserver wrote a 13-line traceback to stderr each time."""
+    api = HttpApi(Catalog(), dict, None, "127.0.0.1", 0).start()
+    start = threading.Thread.start
+
+    def no_thread(self: threading.Thread) -> None:
+        if getattr(vars(self).get("_target"), "__name__", "") == "process_request_thread":
+            raise RuntimeError("can't start new thread")
+        start(self)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", no_thread)
+            for _ in range(3):
+                sock = connect(api.port, open_sockets)
+                sock.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
+                assert closed_unanswered(sock)
+        wait_until(lambda: api.connections.used == 0, 5, "the slots given back")
+        said = [r for r in caplog.records if "closed" in r.getMessage()]
+        assert len(said) == 1 and "can't start new thread" in said[0].getMessage()
+        assert said[0].levelname == "WARNING"
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize(("error", "said"), [(ValueError("a bug"), 1),
+                                             (ConnectionResetError("gone"), 0)])
+def test_an_error_in_a_connection_is_logged_once_a_minute(
+        error: Exception, said: int, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+        open_sockets: list[socket.socket]) -> None:
+    """A handler that raises: its traceback logged once a minute (a client gone: a debug
+    line), never socketserver's traceback on stderr for each connection."""
+    def fail(self: Any) -> None:
+        raise error
+    monkeypatch.setattr(http_handler.Handler, "handle", fail)
+    api = HttpApi(Catalog(), dict, None, "127.0.0.1", 0).start()
+    try:
+        for _ in range(3):
+            assert closed_unanswered(connect(api.port, open_sockets))
+        wait_until(lambda: api.connections.used == 0, 5, "the slots given back")
+        errors = [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+        assert len(errors) == said and all(r.exc_info for r in errors)
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        api.stop()
