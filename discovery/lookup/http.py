@@ -327,7 +327,7 @@ class HttpApi:
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled in this process")
         if self.catalog is not None:
-            self.metrics.catalog(len(self.catalog.instances()), self.catalog.index)
+            self.metrics.catalog(self.catalog.size(), self.catalog.index)
         return Response(200, self.metrics.exposition(), self.metrics.content_type)
 
 

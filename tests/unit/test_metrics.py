@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -201,3 +203,34 @@ def test_a_listing_counts_its_names_as_keys_without_values() -> None:
     reads.listed(name for name in ("web", "db1"))  # any iterable, once
     reads.listed([])
     assert reads.counts() == ReadCounts(bytes=6 + 6, keys=3)
+
+
+def test_metrics_count_the_catalog_without_listing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/metrics`` reads the catalog's size, kept as changes come, instead of sorting every
+    instance to count them: the same figure, draining instances and every change included."""
+    from discovery.lookup.http import HttpApi
+    from discovery.model import State
+    from discovery.model.catalog import Catalog
+    from discovery.registry.base import Change, Snapshot
+
+    def one(n: int, service: str = "web", **kw: Any) -> Instance:
+        return Instance(service=service, id=f"h{n}:{n:012x}:80", node=f"h{n}",
+                        address=f"192.0.2.{n}", port=80, **kw)
+
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in [one(1), one(2, state=State.DRAINING),
+                                               one(3, "db"), one(4, "db")]}))
+    for change in (Change("put", one(5, "new").key, one(5, "new")),
+                   Change("put", one(1).key, one(1, weight=0)),
+                   Change("delete", one(3, "db").key)):
+        catalog.apply(change)
+    everyone = len(catalog.instances())
+    m = Metrics()
+    api = HttpApi(catalog, dict, m)
+
+    def listed(*args: object, **kw: object) -> list[Instance]:
+        raise AssertionError("every instance listed and sorted to count them")
+    monkeypatch.setattr(catalog, "instances", listed)
+    assert api.handle("/metrics").status == 200
+    assert val(m, "discovery_catalog_instances") == everyone == 4
+    assert val(m, "discovery_catalog_index") == catalog.index
