@@ -9,7 +9,8 @@ Outside the domain: REFUSED. UDP answers carry at most
 ``udp_answer_limit`` answer records (3, as Consul; a window that moves round every record, no TC)
 and fit 512 bytes or the client's EDNS size (at most 4096): answer records that do not fit set
 TC, additional ones are just left out (RFC 2181 §9), as are (with a limit) those that would take
-the response past 10x the size of the request without padding. TCP answers are complete. See
+the response past 10x the size of the request without padding. TCP answers carry every record
+that fits 64 KiB (``TCP_MAX``: 4,093 A records, about 1,500 SRV), then set TC. See
 docs/dns.md. The byte-level parser and writer are :mod:`discovery.lookup.dns_packet`.
 
 Every label in an answer is built from values validated here again (``validate.dns_label``,

@@ -1,5 +1,6 @@
 """UDP answers cut by the answer limit build only their window's records: the same bytes as when
-every record of the name was built and then cut, at a cost that does not grow with the service."""
+every record of the name was built and then cut, at a cost that does not grow with the service.
+TCP answers carry what fits 64 KiB, then TC (the figures docs/dns.md gives)."""
 
 from __future__ import annotations
 
@@ -165,3 +166,18 @@ def test_a_udp_answer_builds_only_its_window_whatever_the_size(size: int,
             assert built["address"] - before["address"] == 3, qtype
     tcp = respond(query("big.service.discovery", "A"), zone, DnsConfig(), tcp=True)
     assert tcp is not None and len(DNSRecord.parse(tcp.wire).rr) == size  # TCP: every one
+
+
+@pytest.mark.parametrize(("qtype", "family", "expected"), [
+    ("A", 4, 4093), ("AAAA", 6, 2339), ("SRV", 4, 1527), ("SRV", 6, 977)])
+def test_a_tcp_answer_is_what_fits_64_kib_then_tc(qtype: str, family: int, expected: int) -> None:
+    """The figures docs/dns.md gives, for 5,000 instances over TCP: SRV targets
+    ``host<n>.node`` (IPv4), or ``<32 hex digits>.addr`` (IPv6, off their node's address)."""
+    zone = Zone([inst("web", n, f"10.0.{n // 250}.{n % 250}" if family == 4 else f"fd00::{n:x}",
+                      node=f"host{n}") for n in range(5000)]
+                + [inst("other", n, "192.0.2.1", node=f"host{n}") for n in range(5000)
+                   if family == 6])  # the nodes' address: IPv4
+    resp = respond(query("web.service.discovery", qtype), zone, DnsConfig(), tcp=True)
+    assert resp is not None and len(resp.wire) <= 65535
+    r = DNSRecord.parse(resp.wire)
+    assert (r.header.tc, len(r.rr), len(r.ar)) == (1, expected, 0)
