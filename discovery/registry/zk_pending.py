@@ -15,6 +15,10 @@ things travel with those reads from kazoo's threads to the watch's worker:
   no data change before). An inference, not a record: a node whose data changed (new tags,
   maintenance) and that a wipe deleted before the read reads as a departure too; a departure
   told only by a reconnect's catch-up (``SetWatches``: "deleted") reads as a bare delete.
+
+It also tells which nodes of a directory have an answer that found them there, not handed on
+yet (:meth:`Pending.found_under`): a Nerve reporter's new node, read before its old one's
+delete was (:func:`~discovery.registry.zk_scan.other_holders`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Pending:
         self._lock = threading.Lock()
         self._answers: dict[str, list[Answer]] = {}
         self._touched: set[str] = set()
+        self._found: dict[str, set[str]] = {}  # directory -> nodes answered there, not taken
 
     def touch(self, path: str, changed: bool = True) -> None:
         """The worker reads ``path`` again; ``changed``: for a change of its data."""
@@ -59,21 +64,36 @@ class Pending:
     def answered(self, path: str, answer: Answer) -> None:
         with self._lock:
             self._answers.setdefault(path, []).append(answer)
+            if answer.read is not None:
+                self._found.setdefault(path.rpartition("/")[0], set()).add(path)
+
+    def found_under(self, folder: str) -> list[str]:
+        """The nodes of ``folder`` with an answer that found them, not handed on yet."""
+        with self._lock:
+            return sorted(self._found.get(folder, ()))
 
     def deliver(self, path: str, one: Callable[[Answer], None]) -> None:
         """Hand ``path``'s answers to ``one``, oldest first; when it raises (the connection
         lost), that answer and those after it stay for the next time."""
         with self._lock:
             answers = self._answers.pop(path, [])
+            folder = path.rpartition("/")[0]
+            if (found := self._found.get(folder)) is not None:
+                found.discard(path)
+                if not found:
+                    del self._found[folder]
         for n, answer in enumerate(answers):
             try:
                 one(answer)
             except BaseException:
                 with self._lock:
                     self._answers[path] = answers[n:] + self._answers.get(path, [])
+                    if any(a.read is not None for a in self._answers[path]):
+                        self._found.setdefault(folder, set()).add(path)
                 raise
 
     def clear(self) -> None:
         with self._lock:
             self._answers.clear()
             self._touched.clear()
+            self._found.clear()

@@ -352,14 +352,15 @@ class ZkWatch:
                              unowned=not stat.ephemeralOwner))
 
     def _gone(self, path: str, revision: int, drained: bool = False) -> None:
-        """``path`` no longer holds the instance it held: delete that instance, unless another
-        path still holds it (then read that one again, so that it is put back as it is).
-        Until the other holders are known (a Nerve listing, which may fail) nothing is taken."""
+        """``path`` no longer holds its instance: deleted, unless another path holds it (read
+        again: put back as it is). Nothing is taken until those are known (zk_scan)."""
         key = self._live.get(path)
         if key is None:
             return
-        others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes,
-                                       self._node, self._live)
+        quick = self._persistent and self._pre is not None and not self._catch_up.open
+        others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes, self._node,
+                                       self._live, (self._pending.found_under, self._answer)
+                                       if quick else None)
         self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))
