@@ -64,6 +64,9 @@ class Change:
     drained: bool = False
     #: a put written with no lease (etcd) or as a node of no session (ZooKeeper): by hand
     unowned: bool = False
+    #: a put of the wipe guard's, of an instance it had let go before the wipe was seen: no
+    #: write of anyone's (not timed as one: watcher.core)
+    put_back: bool = False
 
 
 ChangeCallback = Callable[[Change], None]

@@ -171,7 +171,8 @@ class Watcher:
                         self._changed = None  # everything may have changed
                     elif self._changed is not None:
                         self._changed.add(change.key[0])
-                    if change.kind == "put" and change.instance is not None:
+                    if change.kind == "put" and change.instance is not None \
+                            and not change.put_back:  # (no one's write: not timed)
                         self._pending.append((change.instance, time.time()))
                 self._mark_dirty()
             self.metrics.wipe_guard(self.guard.status.holding, self.guard.status.engaged)

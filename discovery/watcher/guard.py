@@ -206,6 +206,7 @@ class WipeGuard:
             return self._take_out(change, current, now)
         if (entry := self._kept.pop(change.key)) and entry.held_since is not None:  # back
             self._back = now
+        self._burst.applied.pop(change.key, None)  # written since: never put back
         if change.instance.serving:
             self._burst.refilled({change.key[0]})
         if change.key[0] in self._kept.by_service:  # its held ones may go once the wipe is over
@@ -218,6 +219,7 @@ class WipeGuard:
             return [change]
         if change.drained or current.state is not State.UP:  # drained first: a departure
             self._kept.pop(change.key)
+            self._burst.applied.pop(change.key, None)
             return [change]
         return self._take_out(change, current, now)
 
@@ -236,22 +238,24 @@ class WipeGuard:
             return [change]
         self._keep(key, current, now, change if change.kind == "put" else None)
         # stays in the catalog until due() decides; what the wipe took before is put back
-        return [Change("put", key=k, instance=inst, revision=self.catalog.revision)
+        return [Change("put", key=k, instance=inst, revision=self.catalog.revision, put_back=True)
                 for k, inst in self._put_back(now, engaged, lambda k: False).items()]
 
-    def _put_back(self, now: float, engaged: bool,
-                  written: Callable[[Key], bool]) -> dict[Key, Instance]:
+    def _put_back(self, now: float, engaged: bool, written: Callable[[Key], bool],
+                  gone: bool = False) -> dict[Key, Instance]:
         """A burst just seen as a wipe: the removals it applied before (each left its service
         another instance) go back in the catalog, held as the rest (a prefix delete reaches
         the watcher in key order: the services first in it would have been left with one
         instance on every host until their agents wrote them back). Not those ``written``
-        since (a reset's: in the registry again, or not read), or kept already."""
+        since (a reset's: in the registry again, or not read), or kept already; ``gone``: they
+        are not in the registry (a reset's), so a drain put back goes as a delete."""
         back: dict[Key, Instance] = {}
         for key, (inst, change, since) in (self._burst.applied.items() if engaged else ()):
             after = change.instance if change.kind == "put" else None
             if written(key) or key in self._kept.entries or self.catalog.get(key) != after:
                 continue
-            entry = Deferred(inst, now, since, pending=change if after is not None else None)
+            entry = Deferred(inst, now, since,
+                             pending=change if after is not None and not gone else None)
             self._kept.add(key, entry)
             self._kept.hold(key, entry, now, self.settings.hold)
             back[key] = inst
@@ -310,7 +314,12 @@ class WipeGuard:
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
                                                      revision=snapshot.revision))
         keep.update(self._put_back(now, engaged, lambda k: k in snapshot.instances
-                                   or snapshot.keeps(k)))
+                                   or snapshot.keeps(k), gone=True))
+        for key in up_gone:  # those it applies (each left its service another): put back if
+            if key not in (held if key in drained else keep):  # the burst turns out a wipe
+                self._burst.applied[key] = (before[key], Change(
+                    "put", key=key, instance=drained[key], revision=snapshot.revision)
+                    if key in drained else Change("delete", key=key), now)
         # back in the registry (unreadable: there, the catalog keeps what it had), or gone
         # from the catalog the reset makes: nothing to hold
         for key in [k for k in self._kept.entries if (k in snapshot.instances and k not in held)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from discovery.model import Instance
+from discovery.model import Instance, State
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
 from tests.unit.test_wipe_guard import HOLD, delete, feed, ids, put, setup, tick
@@ -90,3 +90,64 @@ def test_removals_before_a_resync_that_shows_the_wipe_are_put_back() -> None:
     assert catalog.size() == 50  # every removal kept, the early ones put back (held)
     tick(catalog, guard, clock, 0.25)
     assert guard.status.holding == 39  # (not early[0]: in the registry again)
+
+
+def test_what_its_agent_wrote_and_then_took_away_is_not_put_back() -> None:
+    """Removed early in the burst; its agent writes it again, then departs (drains, deletes):
+    the old value must not come back when the burst turns out a wipe."""
+    instances = fleet()
+    catalog, guard, clock = setup(instances)
+    k = instances[0]
+    feed(catalog, guard, delete(k))
+    again = replace(k, port=9999, written_at=10.0)
+    feed(catalog, guard, put(again))
+    feed(catalog, guard, put(replace(again, state=State.DRAINING, written_at=11.0)))
+    feed(catalog, guard, delete(again))  # its departure
+    for i in sorted(instances[1:], key=lambda i: i.key):
+        feed(catalog, guard, delete(i))
+    assert guard.status.engaged == 1 and catalog.get(k.key) is None
+    tick(catalog, guard, clock, 5.0)
+    assert catalog.get(k.key) is None and k.key not in guard.held()
+
+
+def test_a_drain_put_back_by_a_resync_that_shows_it_gone_goes_as_a_delete() -> None:
+    """Drained by another writer (its stamp kept), applied at once; a resync then shows it gone
+    and makes the burst a wipe: held, then released as the delete the registry shows, not as
+    the drain (a draining record no longer in the registry, kept until the next resync)."""
+    instances = [replace(i, written_at=50.0) for i in fleet()]
+    catalog, guard, clock = setup(instances)
+    k = instances[0]
+    feed(catalog, guard, put(replace(k, state=State.DRAINING)))
+    assert catalog.get(k.key) is not None and catalog.get(k.key).state is State.DRAINING
+    snapshot = Snapshot({i.key: i for i in instances[40:]}, revision=5)
+    feed(catalog, guard, Change("reset", snapshot=snapshot, revision=5))
+    assert guard.status.engaged == 1 and catalog.get(k.key) == k  # put back, up, held
+    for i in instances[1:40]:  # the others' agents write theirs back
+        feed(catalog, guard, put(replace(i, written_at=60.0)))
+    tick(catalog, guard, clock, 5.0)
+    assert catalog.get(k.key) is None
+
+
+def test_removals_a_resync_applied_are_put_back_when_the_burst_turns_out_a_wipe() -> None:
+    """A resync shows 20 of 50 gone (each leaving its service others): applied; the deletes
+    after it make the burst a wipe: those 20 come back with the rest."""
+    instances = fleet()
+    catalog, guard, _ = setup(instances)
+    first = {i.key for n, i in enumerate(instances) if n % 10 < 4}  # 4 of each service
+    snapshot = Snapshot({i.key: i for i in instances if i.key not in first}, revision=5)
+    feed(catalog, guard, Change("reset", snapshot=snapshot, revision=5))
+    assert guard.status.engaged == 0 and catalog.size() == 30
+    for i in sorted((i for i in instances if i.key not in first), key=lambda i: i.key)[:10]:
+        feed(catalog, guard, delete(i))
+    assert guard.status.engaged == 1 and catalog.size() == 50
+
+
+def test_a_put_back_is_marked_so_that_it_is_not_timed_as_a_write() -> None:
+    instances = fleet()
+    catalog, guard, _ = setup(instances)
+    puts: list[Change] = []
+    for i in sorted(instances, key=lambda i: i.key):
+        for c in guard.filter(delete(i)):
+            catalog.apply(c)
+            puts += [c] if c.kind == "put" else []
+    assert puts and all(c.put_back for c in puts)
