@@ -353,9 +353,10 @@ class Router:
                     stat = self.control.runtime.stat()
                 except HAProxyError as exc:  # not before the next interval: no busy loop
                     log.debug("show stat: %s", exc)
-                    self.outliers.next_read = now + min(
-                        (cfg.interval for cfg in settings.values()), default=0.0)
-                    self.checks.failed()
+                    if counters:
+                        self.outliers.next_read = now + min(cfg.interval
+                                                            for cfg in settings.values())
+                    self.checks.failed(time.monotonic() - now)
             names = [n for n in {*settings, *zoned} if n in self.tables]
             slots = {n: self.tables[n].ids() for n in names}
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
@@ -363,7 +364,7 @@ class Router:
             changed = self.outliers.observe(settings, stat if counters else None, slots, up) \
                 if settings else set()
             if stat is not None and zoned:
-                changed |= self.checks.observe(zoned, stat, slots)
+                changed |= self.checks.observe(zoned, stat, slots, time.monotonic() - now)
             if not changed:
                 return
             desired = self.desired(catalog, changed)

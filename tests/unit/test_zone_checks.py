@@ -45,3 +45,16 @@ def test_only_a_down_status_counts_and_a_service_no_longer_checked_is_forgotten(
     assert checks.observe([], stat("DOWN"), SLOTS) == {"web"} and not checks.down
     checks.observe(["web"], stat("DOWN"), SLOTS)
     assert checks.due([]) is None and not checks.down  # the setting went
+
+
+def test_a_slow_reading_of_every_backend_is_read_less_often() -> None:
+    """``show stat`` of every backend: ~0.5 s at 1,000 services, under the router's lock; read
+    every second, that was half the time. Now at most a tenth of it."""
+    clock = [100.0]
+    checks = CheckedDown(clock=lambda: clock[0])
+    checks.observe(["web"], stat("UP"), SLOTS, took=0.01)
+    assert checks.next_read == 100.0 + CHECK_READ
+    checks.observe(["web"], stat("UP"), SLOTS, took=0.5)
+    assert checks.next_read == 100.0 + 5.0
+    checks.failed(took=0.3)
+    assert checks.next_read == 100.0 + 3.0
