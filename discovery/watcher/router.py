@@ -356,7 +356,8 @@ class Router:
                     if counters:
                         self.outliers.next_read = now + min(cfg.interval
                                                             for cfg in settings.values())
-                    self.checks.failed(time.monotonic() - now)
+                    self.checks.failed()
+            took = time.monotonic() - now  # (show stat's: what the checks' next read waits on)
             names = [n for n in {*settings, *zoned} if n in self.tables]
             slots = {n: self.tables[n].ids() for n in names}
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
@@ -364,7 +365,7 @@ class Router:
             changed = self.outliers.observe(settings, stat if counters else None, slots, up) \
                 if settings else set()
             if stat is not None and zoned:
-                changed |= self.checks.observe(zoned, stat, slots, time.monotonic() - now)
+                changed |= self.checks.observe(zoned, stat, slots, took)
             if not changed:
                 return
             desired = self.desired(catalog, changed)

@@ -63,12 +63,10 @@ class CheckedDown:
             self.down.clear()  # (the setting went: nothing held back any more)
         return self.next_read if services else None
 
-    def failed(self, took: float = 0.0) -> None:
-        """``show stat`` failed after ``took`` s: the last reading stands until the next."""
-        self._next(took)
-
-    def _next(self, took: float) -> None:
-        self.next_read = self._clock() + max(CHECK_READ, COST * took)
+    def failed(self) -> None:
+        """``show stat`` failed (timed out, maybe): the last reading stands until the next,
+        CHECK_READ s away (not COST times the time it took to fail)."""
+        self.next_read = self._clock() + CHECK_READ
 
     def observe(self, services: Collection[str], stat: Stat,
                 slots: Mapping[str, Mapping[str, str]], took: float = 0.0) -> set[str]:
@@ -86,5 +84,5 @@ class CheckedDown:
                     self.down[svc] = down
                 else:
                     self.down.pop(svc, None)
-        self._next(took)
+        self.next_read = self._clock() + max(CHECK_READ, COST * took)
         return changed

@@ -7,8 +7,9 @@ weight is what HAProxy 2.6 can change at runtime; ``backup`` it cannot), so spil
 coming back are runtime-API weight changes, never a reload. Instances without a zone count as
 another zone. Ejected instances (:mod:`discovery.watcher.outlier`) are drained. With
 ``check = true`` the local instances HAProxy's checks hold down do not count as up
-(:class:`~discovery.watcher.stat_reads.CheckedDown`, read every second at most): a local instance the
-registry calls up but HAProxy cannot reach no longer keeps the other zones at weight 0.
+(:class:`~discovery.watcher.stat_reads.CheckedDown`, read every second at most): a local
+instance the registry calls up but HAProxy cannot reach no longer keeps the other zones at
+weight 0.
 """
 
 from __future__ import annotations
