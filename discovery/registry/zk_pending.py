@@ -30,13 +30,15 @@ from typing import Any, NamedTuple
 
 class Answer(NamedTuple):
     """An answer to a node's read: its ``(data, stat)`` (None: gone), the zxid then, the
-    watch's full reads then (an answer to a read before the last full one is stale), and
-    whether the read was for a change of its data."""
+    watch's full reads then (an answer to a read before the last full one is stale), whether
+    the read was for a change of its data, and whether for a live event of a persistent watch
+    (not a reconnect's catch-up: the events then come before what the outage changed)."""
 
     read: Any
     zxid: int
     gen: int
     changed: bool
+    live: bool = False
 
 
 class Pending:

@@ -302,11 +302,12 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
     when none is known, a restarted reporter's other node may not be read yet: the service's
     nodes not read yet (listed meanwhile, or still queued) are read with ``read_node`` (which
     puts each as it is read) first. Raises what the listing raises (``path`` still held).
-    ``answered``: (the nodes of a directory answered but not handed on, the hand-on), with
-    persistent watches outside a reconnect's catch-up. Their events come in zxid order and
-    their reads are answered in the order sent, so a node created before ``path``'s delete has
-    its answer in already: those of nodes never read are handed on, and nothing is listed (a
-    listing of the service per departure per follower: 44 KB at 2,000 nodes)."""
+    ``answered``: (the nodes of a directory answered but not handed on, the hand-on), for the
+    answer to a live event of a persistent watch (not one of a reconnect's catch-up, nor a
+    read the worker made itself: a node made in an outage has no event). Live events come in
+    zxid order and their reads are answered in the order sent, so a node created before
+    ``path``'s delete has its answer in already: those of nodes never read are handed on, and
+    nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes)."""
     others = [p for p in live.holders(key) if p != path]
     if others or not url.nerve:
         return others

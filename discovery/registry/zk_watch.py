@@ -100,8 +100,7 @@ class ZkWatch:
         self._thread.start()
 
     def _init(self, start_revision: int) -> None:
-        """The first read (arming every watch): the snapshot of ``FIRST_READ``, and a reset
-        when the registry changed since ``start_revision`` (we cannot tell what changed)."""
+        """The first read, arming every watch: ``FIRST_READ``'s snapshot; a reset if changed."""
         snap, newest = self._scan()
         if start_revision == FIRST_READ or 0 < start_revision < newest:
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
@@ -137,16 +136,17 @@ class ZkWatch:
             self._pending.touch(path, changed)
             self._push(("node", path))
         else:
-            self._pre.add(path, functools.partial(self._answered, path, self._gen, changed))
+            self._pre.add(path, functools.partial(self._answered, path, self._gen, changed,
+                                                  not self._catch_up.open))
 
-    def _answered(self, path: str, gen: int, changed: bool, read: Any,
+    def _answered(self, path: str, gen: int, changed: bool, live: bool, read: Any,
                   error: BaseException | None, zxid: int) -> None:
         """The answer to :meth:`_event`'s read (the connection thread): to the worker."""
         if error is not None and not isinstance(error, NoNodeError):
             self._pending.touch(path, changed and gen == self._gen)  # lost with the
             self._push(("node", path))  # connection: the worker reads it again
             return
-        self._pending.answered(path, Answer(read, zxid, gen, changed))
+        self._pending.answered(path, Answer(read, zxid, gen, changed, live))
         self._push(("read", path))
 
     def _fired(self, item: tuple[str, str], event: Any) -> None:
@@ -297,10 +297,10 @@ class ZkWatch:
     def _answer(self, path: str) -> None:
         """Deliver :meth:`_event`'s answers for ``path`` in order, unless one since is newer."""
         def one(answer: Answer) -> None:
-            read, zxid, gen, changed = answer
+            read, zxid, gen, changed, live = answer
             if gen == self._gen and self._nodes.get(path, 0) <= (
                     zxid if read is None else read[1].mzxid):
-                self._changed(path, read, changed)
+                self._changed(path, read, changed, live)
         self._pending.deliver(path, one)
 
     def _read_changed(self, paths: list[str]) -> None:  # nodes whose events came together:
@@ -324,13 +324,14 @@ class ZkWatch:
             read = None
         self._changed(path, read, self._pending.untouch(path))  # taken after the read
 
-    def _changed(self, path: str, read: tuple[bytes, Any] | None, changed: bool = False) -> None:
+    def _changed(self, path: str, read: tuple[bytes, Any] | None, changed: bool = False,
+                 live: bool = False) -> None:
         """Deliver what a read of ``path`` (data and stat; None: gone) changed. ``changed``:
         the read was for a change of its data, so a node gone by then was drained."""
         if read is None:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
-            self._gone(path, self._client.last_zxid, drained=changed)
+            self._gone(path, self._client.last_zxid, changed, live)
             return
         data, stat = read
         self._reads.add(path, data)
@@ -342,7 +343,7 @@ class ZkWatch:
             return  # one bad write takes no instance out of every host's routing
         if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
             try:
-                self._gone(path, stat.mzxid)
+                self._gone(path, stat.mzxid, live=live)
             except Exception:  # (its Nerve listing) nothing taken: the retry reads it anew
                 self._nodes[path] = seen
                 raise
@@ -351,16 +352,15 @@ class ZkWatch:
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid,
                              unowned=not stat.ephemeralOwner))
 
-    def _gone(self, path: str, revision: int, drained: bool = False) -> None:
+    def _gone(self, path: str, revision: int, drained: bool = False, live: bool = False) -> None:
         """``path`` no longer holds its instance: deleted, unless another path holds it (read
         again: put back as it is). Nothing is taken until those are known (zk_scan)."""
         key = self._live.get(path)
         if key is None:
             return
-        quick = self._persistent and self._pre is not None and not self._catch_up.open
         others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes, self._node,
                                        self._live, (self._pending.found_under, self._answer)
-                                       if quick else None)
+                                       if live else None)  # (a live event's answer: zk_scan)
         self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))

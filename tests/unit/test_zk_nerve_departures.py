@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import ConnectionLoss, NoNodeError
 from kazoo.protocol.states import EventType
 
 from discovery.registry.base import FIRST_READ, Change
@@ -78,5 +78,44 @@ def test_a_departure_with_no_new_node_is_a_delete_without_a_listing() -> None:
         wait_for(lambda: len(changes) == 2, 5, message="the delete")
         assert (changes[1].kind, changes[1].key) == ("delete", ("web", "i-1:8080"))
         assert tree.listed.count(WEB) == listed
+    finally:
+        watch.stop()
+
+
+def test_a_departure_told_by_a_reconnects_catch_up_still_lists() -> None:
+    """The link was down: the reporter restarted (its new node made then, no event for it) and
+    the old session expired. The old node's delete comes in the catch-up, before its end, and
+    nothing of the new node is pending: the service is listed, the new node read."""
+    tree = Tree({NODE: record(8080)})
+    watch, changes = follow(tree)
+    try:
+        listed = tree.listed.count(WEB)
+        with watch._cond:
+            tree.put(NEW, record(8080))
+            del tree.nodes[NODE]
+            gen = watch._catch_up.begin()  # the re-arm: its catch-up's events come first
+            watch._event(NODE, EventType.DELETED)
+            watch._catch_up._end(gen)  # then its answer (before the worker looks)
+        wait_for(lambda: not watch._queue and len(changes) >= 2, 5, message="handed on")
+        assert all(c.kind == "put" for c in changes[1:]), changes
+        assert tree.listed.count(WEB) == listed + 1
+    finally:
+        watch.stop()
+
+
+def test_a_departure_the_worker_reads_itself_still_lists() -> None:
+    """A change's read lost with the connection: the worker reads the node itself, later,
+    and finds it gone; nothing tells that the new node was made before: listed."""
+    tree = Tree({NODE: record(8080)})
+    watch, changes = follow(tree)
+    try:
+        listed = tree.listed.count(WEB)
+        with watch._cond:
+            watch._answered(NODE, watch._gen, True, True, None, ConnectionLoss(), tree.last_zxid)
+            tree.put(NEW, record(8080))
+            del tree.nodes[NODE]
+        wait_for(lambda: not watch._queue and len(changes) >= 2, 5, message="handed on")
+        assert all(c.kind == "put" for c in changes[1:]), changes
+        assert tree.listed.count(WEB) == listed + 1
     finally:
         watch.stop()
