@@ -36,6 +36,7 @@ from discovery.watcher.supervisor import (
 from discovery.watcher.zones import steer
 
 log = logging.getLogger(__name__)
+SHRINK = 4  # a backend of more than SHRINK times the slots it needs shrinks at a reload
 Outcome = Literal["none", "runtime", "reload", "failed"]
 
 
@@ -200,7 +201,9 @@ class Router:
             svc = self.config.services[name]
             old = self.tables[name].size if name in self.tables else 0
             need = slot_count(len(insts), svc.slots or 8)
-            keep = old > 0 and old >= len(insts) and old >= (svc.slots or 0)
+            # kept while big enough, and not four times what is needed: a reload shrinks a
+            # backend a burst (or a runaway writer: 65,536 slots, ~270 MB) left oversized
+            keep = 0 < old <= SHRINK * need and old >= max(len(insts), svc.slots or 0)
             sizes[name] = old if keep else need
         return sizes
 

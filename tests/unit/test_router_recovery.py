@@ -382,3 +382,25 @@ def test_a_sigusr2_during_haproxys_start_still_leaves_it(
     sup.leave()  # (its handler's thread ran first)
     sup.start(validated=True)
     assert sup._left
+
+
+def test_a_reload_shrinks_a_backend_left_four_times_too_big(tmp_path: Path) -> None:
+    """300 instances, then 10: at the next reload (any: here a service added) the backend
+    has the slots 10 need, not the 512 a burst (or a runaway writer: 65,536, ~270 MB of
+    HAProxy on every host) left; a backend not that oversized keeps its slots."""
+    router, control, catalog = setup(tmp_path, 300)
+    assert router.tables["web"].size == 512
+    reloads = control.reloads
+    for n in range(11, 301):
+        catalog.apply(Change("delete", inst(n).key, revision=1000 + n))
+    router.sync(catalog, {"web"})
+    assert router.tables["web"].size == 512 and control.reloads == reloads  # not for that
+    api = ServiceConfig(name="api", port=18001)
+    router.set_config(WatcherConfig(services={"web": WEB, "api": api}))
+    assert router.sync(catalog) == "reload"
+    assert router.tables["web"].size == 16 and len(router.tables["web"].ids()) == 10
+    for n in range(11, 41):
+        put(catalog, n)
+    router.set_config(WatcherConfig(services={"web": WEB}))
+    assert router.sync(catalog) == "reload"
+    assert router.tables["web"].size == 64  # 40 need 64: grown, as before
