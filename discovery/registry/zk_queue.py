@@ -23,6 +23,7 @@ class WorkQueue:
     def __init__(self) -> None:
         self._items: deque[Item] = deque()
         self._count: dict[Item, int] = {}  # how many times each item is in _items
+        self._others = 0  # how many items of theirs are not "read"s (answers to hand on)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -30,12 +31,18 @@ class WorkQueue:
     def __contains__(self, item: object) -> bool:
         return item in self._count
 
+    def reads_only(self) -> bool:
+        """Nothing queued but answers to hand on: no listing, no node to read (a relist after
+        a reconnect, an event's read lost with the connection)."""
+        return not self._others
+
     def push(self, item: Item) -> bool:
         """Queue ``item`` last, unless it is queued already; whether it was queued now."""
         if item in self._count:
             return False
         self._items.append(item)
         self._count[item] = 1
+        self._others += item[0] != "read"
         return True
 
     def requeue(self, items: Iterable[Item]) -> None:
@@ -45,6 +52,7 @@ class WorkQueue:
         self._items.extendleft(reversed(items))
         for item in items:
             self._count[item] = self._count.get(item, 0) + 1
+            self._others += item[0] != "read"
 
     def take(self, nodes: bool = False) -> list[Item]:
         """The first item (there must be one); with ``nodes``, when it is a ``"node"`` the
@@ -56,6 +64,7 @@ class WorkQueue:
 
     def _pop(self) -> Item:
         item = self._items.popleft()
+        self._others -= item[0] != "read"
         left = self._count[item] - 1
         if left:
             self._count[item] = left
@@ -66,3 +75,4 @@ class WorkQueue:
     def clear(self) -> None:
         self._items.clear()
         self._count.clear()
+        self._others = 0

@@ -303,8 +303,9 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
     nodes not read yet (listed meanwhile, or still queued) are read with ``read_node`` (which
     puts each as it is read) first. Raises what the listing raises (``path`` still held).
     ``answered``: (the nodes of a directory answered but not handed on, the hand-on), for the
-    answer to a live event of a persistent watch (not one of a reconnect's catch-up, nor a
-    read the worker made itself: a node made in an outage has no event). Live events come in
+    answer to a live event of a persistent watch while nothing but such answers is queued (not
+    one of a reconnect's catch-up, a read the worker made itself, nor while a relist or a
+    node's read waits: a node made in an outage has no event). Live events come in
     zxid order and their reads are answered in the order sent, so a node created before
     ``path``'s delete has its answer in already: those of nodes never read are handed on, and
     nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes)."""

@@ -353,14 +353,14 @@ class ZkWatch:
                              unowned=not stat.ephemeralOwner))
 
     def _gone(self, path: str, revision: int, drained: bool = False, live: bool = False) -> None:
-        """``path`` no longer holds its instance: deleted, unless another path holds it (read
-        again: put back as it is). Nothing is taken until those are known (zk_scan)."""
-        key = self._live.get(path)
-        if key is None:
+        """``path`` no longer holds its instance: deleted unless another path holds it (zk_scan)."""
+        if (key := self._live.get(path)) is None:
             return
+        with self._cond:  # a live event's answer, and nothing queued but answers: zk_scan
+            quick = live and self._queue.reads_only()
         others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes, self._node,
                                        self._live, (self._pending.found_under, self._answer)
-                                       if live else None)  # (a live event's answer: zk_scan)
+                                       if quick else None)
         self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))

@@ -7,6 +7,7 @@ for every follower (a 2,000-node service: 44 KB a departure, a follower)."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 from kazoo.exceptions import ConnectionLoss, NoNodeError
@@ -117,5 +118,25 @@ def test_a_departure_the_worker_reads_itself_still_lists() -> None:
         wait_for(lambda: not watch._queue and len(changes) >= 2, 5, message="handed on")
         assert all(c.kind == "put" for c in changes[1:]), changes
         assert tree.listed.count(WEB) == listed + 1
+    finally:
+        watch.stop()
+
+
+def test_a_live_departure_while_a_relist_is_queued_still_lists() -> None:
+    """The reporter restarted while the link was down (its new node: no event); the catch-up
+    queued a relist of the service and ended; then the old session expires, a live event. The
+    new node is known to no answer yet: while a relist or a node's read is queued, listed."""
+    tree = Tree({NODE: record(8080)})
+    watch, changes = follow(tree)
+    try:
+        with watch._cond:
+            gen = watch._catch_up.begin()
+            tree.put(NEW, record(8080))
+            watch._fired(("svc", "web"), SimpleNamespace(type=EventType.CHILD))
+            watch._catch_up._end(gen)
+            del tree.nodes[NODE]
+            watch._event(NODE, EventType.DELETED)
+        wait_for(lambda: not watch._queue and len(changes) >= 2, 5, message="handed on")
+        assert all(c.kind == "put" for c in changes[1:]), changes
     finally:
         watch.stop()

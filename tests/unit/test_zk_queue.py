@@ -90,3 +90,20 @@ def test_failed_items_go_back_first_and_a_copy_queued_meanwhile_stays() -> None:
     queue.requeue([("node", "/a")])
     queue.clear()
     assert not queue and ("node", "/a") not in queue and queue.push(("node", "/a"))
+
+
+def test_the_queue_tells_whether_it_holds_anything_but_reads() -> None:
+    queue = WorkQueue()
+    assert queue.reads_only()
+    queue.push(("read", "/a"))
+    assert queue.reads_only()
+    queue.push(("svc", "web"))
+    assert not queue.reads_only()
+    taken = queue.take()
+    queue.requeue(taken)  # (a read failed: back first)
+    assert not queue.reads_only()
+    assert queue.take() == [("read", "/a")] and queue.take() == [("svc", "web")]
+    assert queue.reads_only()
+    queue.push(("node", "/b"))
+    queue.clear()
+    assert queue.reads_only()
