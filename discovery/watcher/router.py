@@ -36,7 +36,9 @@ from discovery.watcher.supervisor import (
 from discovery.watcher.zones import steer
 
 log = logging.getLogger(__name__)
-SHRINK = 4  # a backend of more than SHRINK times the slots it needs shrinks at a reload
+#: a backend with over SHRINK times the slots it needs for SHRINK_AFTER s shrinks at the next
+#: reload, to what its most instances since need (at once: bursts in turn cost reloads)
+SHRINK, SHRINK_AFTER = 4, 600.0
 Outcome = Literal["none", "runtime", "reload", "failed"]
 
 
@@ -87,6 +89,7 @@ class Router:
         self._again = RetryAt()
         self._placing = 0.0  # when a reload may place instances no free slot took (monotonic)
         self._capped: dict[str, int] = {}  # service -> instances past MAX_SLOTS, last said
+        self._oversized: dict[str, tuple[float, int]] = {}  # SHRINK: since when, most since
         self.outliers = OutlierDetector()
         self.checks = CheckedDown()  # local instances HAProxy's checks hold down (zones)
 
@@ -132,6 +135,7 @@ class Router:
             if only is not None and self.structure_changed():
                 only = None
             desired = self.desired(catalog, only)
+            self._note_sizes(desired)
             outcome: Outcome = "none"
             if self.needs_reload(desired):
                 if only is not None:
@@ -196,16 +200,28 @@ class Router:
             self._capped[name] = over
 
     def _sizes(self, desired: dict[str, dict[str, Instance]]) -> dict[str, int]:
-        sizes = {}
+        sizes, now = {}, time.monotonic()
         for name, insts in desired.items():
             svc = self.config.services[name]
             old = self.tables[name].size if name in self.tables else 0
-            need = slot_count(len(insts), svc.slots or 8)
-            # kept while big enough, and not four times what is needed: a reload shrinks a
-            # backend a burst (or a runaway writer: 65,536 slots, ~270 MB) left oversized
-            keep = 0 < old <= SHRINK * need and old >= max(len(insts), svc.slots or 0)
+            since, most = self._oversized.get(name, (now, 0))
+            shrink = now - since >= SHRINK_AFTER  # too big for long: sized for its most since
+            need = slot_count(max(most, len(insts)) if shrink else len(insts), svc.slots or 8)
+            keep = not shrink and old > 0 and old >= max(len(insts), svc.slots or 0)
             sizes[name] = old if keep else need
         return sizes
+
+    def _note_sizes(self, desired: dict[str, dict[str, Instance]]) -> None:
+        """Which backends have more than SHRINK times the slots they need: since when, and
+        the most instances they had since (what a shrink sizes them for)."""
+        now = time.monotonic()
+        for name, insts in desired.items():
+            table, svc = self.tables.get(name), self.config.services[name]
+            if table is None or table.size <= SHRINK * slot_count(len(insts), svc.slots or 8):
+                self._oversized.pop(name, None)
+            else:
+                since, most = self._oversized.get(name, (now, 0))
+                self._oversized[name] = (since, max(most, len(insts)))
 
     def _failed(self, exc: Exception, sizes: dict[str, int]) -> None:
         self._last_attempt = (self.config, sizes)  # the same inputs are not tried again...

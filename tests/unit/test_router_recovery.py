@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -384,10 +385,12 @@ def test_a_sigusr2_during_haproxys_start_still_leaves_it(
     assert sup._left
 
 
-def test_a_reload_shrinks_a_backend_left_four_times_too_big(tmp_path: Path) -> None:
-    """300 instances, then 10: at the next reload (any: here a service added) the backend
-    has the slots 10 need, not the 512 a burst (or a runaway writer: 65,536, ~270 MB of
-    HAProxy on every host) left; a backend not that oversized keeps its slots."""
+def test_a_reload_shrinks_a_backend_left_four_times_too_big(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 instances, then 10: at the next reload (any: here a service added) once that has
+    lasted SHRINK_AFTER, the backend has the slots its most instances since need, not the 512
+    a burst (or a runaway writer: 65,536, ~270 MB of HAProxy on every host) left."""
+    monkeypatch.setattr(router_module, "SHRINK_AFTER", 0.0)
     router, control, catalog = setup(tmp_path, 300)
     assert router.tables["web"].size == 512
     reloads = control.reloads
@@ -404,3 +407,25 @@ def test_a_reload_shrinks_a_backend_left_four_times_too_big(tmp_path: Path) -> N
     router.set_config(WatcherConfig(services={"web": WEB}))
     assert router.sync(catalog) == "reload"
     assert router.tables["web"].size == 64  # 40 need 64: grown, as before
+
+
+def test_bursts_in_turn_do_not_shrink_and_grow_at_each_reload(tmp_path: Path) -> None:
+    """Two services bursting in turn (10 -> 300 -> 10): shrunk at each other's growth
+    reload, each grew again: 10 rounds took 11 reloads. Within SHRINK_AFTER, no shrink."""
+    api = ServiceConfig(name="api", port=18001)
+    config = WatcherConfig(services={"web": WEB, "api": api}, reload_min_interval=0.0)
+    router, control, catalog = setup(tmp_path, 10, config)
+    reloads = control.reloads
+
+    def burst(service: str, up: bool) -> None:
+        for n in range(11, 301):
+            i = replace(inst(n), service=service, id=f"{service}:{n:012x}:80")
+            catalog.apply(Change("put", i.key, i, revision=2000 + n) if up
+                          else Change("delete", i.key, revision=3000 + n))
+        router.sync(catalog)
+
+    for _ in range(5):
+        for service in ("web", "api"):
+            burst(service, True)
+            burst(service, False)
+    assert control.reloads - reloads <= 2  # each grew once, and stayed
