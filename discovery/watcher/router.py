@@ -212,8 +212,7 @@ class Router:
         return sizes
 
     def _note_sizes(self, desired: dict[str, dict[str, Instance]]) -> None:
-        """Which backends have more than SHRINK times the slots they need: since when, and
-        the most instances they had since (what a shrink sizes them for)."""
+        """Backends with over SHRINK times the slots they need: since when, most instances since."""
         now = time.monotonic()
         for name, insts in desired.items():
             table, svc = self.tables.get(name), self.config.services[name]
@@ -367,15 +366,16 @@ class Router:
                 return
             stat, now = None, time.monotonic()
             counters = bool(settings) and now >= self.outliers.next_read
-            if counters or (zoned and now >= self.checks.next_read):
+            checks = bool(zoned) and now >= self.checks.next_read
+            if counters or checks:
                 try:
                     stat = self.control.runtime.stat()
                 except HAProxyError as exc:  # not before the next interval: no busy loop
                     log.debug("show stat: %s", exc)
                     if counters:
-                        self.outliers.next_read = now + min(cfg.interval
-                                                            for cfg in settings.values())
-                    self.checks.failed()
+                        self.outliers.next_read = now + min(c.interval for c in settings.values())
+                    if checks:
+                        self.checks.failed()
             took = time.monotonic() - now  # (show stat's: what the checks' next read waits on)
             names = [n for n in {*settings, *zoned} if n in self.tables]
             slots = {n: self.tables[n].ids() for n in names}

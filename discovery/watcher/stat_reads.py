@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 
 from discovery.errors import HAProxyError
+from discovery.retry import RetryAt
 from discovery.watcher.supervisor import HAProxyControl
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ Stat = Mapping[tuple[str, str], Mapping[str, str]]
 #: COST times as long as it took (at most a tenth of the time, under the router's lock)
 CHECK_READ = 1.0
 COST = 10.0
+#: after a failed read (a timeout takes 2 s): the wait doubles from CHECK_READ to this
+CHECK_FAILED_MAX = 30.0
 
 
 class Busy:
@@ -56,6 +59,7 @@ class CheckedDown:
         self._clock = clock
         self.down: dict[str, set[str]] = {}
         self.next_read = 0.0
+        self._failing = RetryAt(CHECK_READ, CHECK_FAILED_MAX)
 
     def due(self, services: Collection[str]) -> float | None:
         """When to read next (monotonic); None: no service is routed by zone with checks."""
@@ -65,8 +69,9 @@ class CheckedDown:
 
     def failed(self) -> None:
         """``show stat`` failed (timed out, maybe): the last reading stands until the next,
-        CHECK_READ s away (not COST times the time it took to fail)."""
-        self.next_read = self._clock() + CHECK_READ
+        CHECK_READ s away, the wait doubling while it fails (a read that times out after 2 s,
+        tried every second, held the router's lock two thirds of the time)."""
+        self.next_read = self._clock() + self._failing.failed()
 
     def observe(self, services: Collection[str], stat: Stat,
                 slots: Mapping[str, Mapping[str, str]], took: float = 0.0) -> set[str]:
@@ -85,4 +90,5 @@ class CheckedDown:
                 else:
                     self.down.pop(svc, None)
         self.next_read = self._clock() + max(CHECK_READ, COST * took)
+        self._failing.succeeded()
         return changed

@@ -58,3 +58,8 @@ def test_a_slow_reading_of_every_backend_is_read_less_often() -> None:
     assert checks.next_read == 100.0 + 5.0
     checks.failed()  # (a read that timed out, 2 s: not 20 s without a reading)
     assert checks.next_read == 100.0 + CHECK_READ
+    checks.failed()  # still failing: the wait doubles (not the lock 2/3 of the time)
+    assert checks.next_read == 100.0 + 2 * CHECK_READ
+    checks.observe(["web"], stat("UP"), SLOTS)
+    checks.failed()  # (a success in between: from the first wait again)
+    assert checks.next_read == 100.0 + CHECK_READ
