@@ -61,7 +61,7 @@ class Ensemble:
 
 def instances(n: int, meta: dict[str, str]) -> list[Instance]:
     return [Instance(service="web", id=f"host1:{i:012x}:8080", node="host1",
-                     address="10.0.0.1", port=8080, meta=meta) for i in range(n)]
+                     address="192.0.2.1", port=8080, meta=meta) for i in range(n)]
 
 
 def claims(zk: Ensemble) -> ZkClaims:
@@ -94,6 +94,6 @@ def test_an_instance_too_large_for_a_transaction_with_others_goes_alone(
     zk = Ensemble()
     small = instances(5, {})
     big = Instance(service="web", id="host1:0000000000ff:8080", node="host1",
-                   address="10.0.0.1", port=8080, meta=BIG)
+                   address="192.0.2.1", port=8080, meta=BIG)
     assert claims(zk).claim_together([*small[:3], big, *small[3:]]) == []
     assert [creates for creates, _ in zk.sent] == [6, 2, 4]  # before it, it, after it
