@@ -75,8 +75,8 @@ def start(agents: list[DiscoveryProcess], tmp_path: Path, *args: str) -> tuple[i
     proc = DiscoveryProcess([*args, *extra, "--http", f"127.0.0.1:{port}"], args[0],
                             tmp_path).start()
     agents.append(proc)
-    wait_for(lambda: call(port, "GET", "/v1/health")[0] in (200, 503) or not proc.alive, 30,
-             message=f"the HTTP API of {args[0]}")
+    wait_for(lambda: not proc.alive or call(port, "GET", "/v1/health")[0] in (200, 503), 30,
+             message=f"the HTTP API of {args[0]}")  # (exited: at once, not 30 s of refusals)
     assert proc.alive, proc.log()[-3000:]
     return port, node
 
