@@ -79,6 +79,22 @@ class Catalog:
                 self._absent_moved()
             return changed
 
+    def seed(self, instances: Iterable[Instance]) -> int:
+        """Before the first :meth:`load` only: ``instances`` (a watcher's last catalog, kept on
+        disk) as what the catalog held, so that the first read is compared with them (the wipe
+        guard). Not ``loaded``: nothing answers from them until then. How many it took."""
+        with self._cond:
+            if self.loaded:
+                return 0
+            for inst in instances:
+                members = self._by_service.setdefault(inst.service, {})
+                if (old := members.get(inst.id)) is not None:
+                    self._count(old, -1)
+                self._size += old is None
+                members[inst.id] = inst
+                self._count(inst, 1)
+            return self._size
+
     def apply(self, change: Change) -> bool:
         """Apply one registry change; True when the catalog changed."""
         if change.kind == "reset":

@@ -22,6 +22,7 @@ from discovery.registry.view import ServicesView
 from discovery.watcher.adopt import converge
 from discovery.watcher.config import WatcherConfig
 from discovery.watcher.core import Watcher
+from discovery.watcher.remember import FILE as REMEMBER_FILE
 from discovery.watcher.render import Renderer, RuntimePaths
 from discovery.watcher.router import Router
 from discovery.watcher.supervisor import ExternalHAProxy, HAProxyControl, HAProxySupervisor
@@ -87,10 +88,13 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
                           else registry_url)
     if only_routed and cfg.services and json_out is None:
         registry = ServicesView(registry, cfg.services)
+    # the last catalog, kept beside HAProxy's files (watcher/remember.py)
+    remember = (haproxy.state_dir.absolute() / REMEMBER_FILE if router is not None
+                and not render_only and not dry_run and haproxy.state_dir.is_dir() else None)
     return Watcher(registry, router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
                    reload_min_interval=cfg.reload_min_interval, metrics=metrics,
-                   guard=cfg.guard)
+                   guard=cfg.guard, remember=remember)
 
 
 def supervise(router: Router, config_path: Path, haproxy: HAProxySettings) -> HAProxySupervisor:

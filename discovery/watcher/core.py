@@ -22,9 +22,11 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 from discovery.registry import Change, Registry, Watch
 from discovery.registry.base import FIRST_READ
+from discovery.registry.view import ServicesView
 from discovery.retry import backoff
 from discovery.watcher.guard import GuardSettings, WipeGuard
 from discovery.watcher.json_out import JsonOut
+from discovery.watcher.remember import Remember, recall
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Watcher:
     def __init__(self, registry: Registry, router: Router | None, *,
                  json_out: Path | None = None, wait: tuple[float, float] = (0.02, 0.5),
                  reload_min_interval: float = 1.0, metrics: Metrics | None = None,
-                 guard: GuardSettings | None = None) -> None:
+                 guard: GuardSettings | None = None, remember: Path | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.metrics.follow_registry(registry)
@@ -47,6 +49,9 @@ class Watcher:
         self.guard = WipeGuard(self.catalog, guard)
         self._apply_lock = threading.Lock()  # guard + catalog: one change at a time, in order
         self.json_out = JsonOut(json_out, self.catalog) if json_out is not None else None
+        # the last catalog on disk, for a restart during a wipe (none: the guard is off)
+        self.remember = (Remember(remember, self.catalog)
+                         if remember is not None and self.guard.settings.enabled else None)
         self.wait_min, self.wait_max = wait
         self.reload_min_interval = reload_min_interval
         self.registry_connected = False
@@ -85,6 +90,18 @@ class Watcher:
                 raise
         return None
 
+    def _recall(self) -> None:
+        """Seed the catalog with the last one kept on disk (:mod:`~discovery.watcher.remember`):
+        the first read comes to the wipe guard as a resync of it."""
+        if self.remember is None:
+            return
+        view = self.registry
+        seeded = self.catalog.seed(recall(self.remember.path, view.services.__contains__
+                                          if isinstance(view, ServicesView) else lambda s: True))
+        if seeded:
+            log.info("last catalog: %d up instances from %s; the first read is compared with "
+                     "them", seeded, self.remember.path)
+
     def _loaded(self) -> None:
         self.registry_connected = True
         self.metrics.registry_state(True)
@@ -94,6 +111,7 @@ class Watcher:
     def run(self) -> None:
         """Follow the registry (its first read loads the catalog: one read, ``FIRST_READ``),
         apply, until :meth:`stop`."""
+        self._recall()
         self._watch = self._first(lambda: self.registry.watch(self._on_change, FIRST_READ))
         if self._watch is None or self._stop.is_set():  # (close() stops a watch made)
             return
@@ -136,6 +154,8 @@ class Watcher:
         """Stop following the registry; what ``--json-out`` has pending is written first."""
         if self.json_out is not None:
             self.json_out.close()
+        if self.remember is not None:
+            self.remember.close()
         if self._watch is not None:
             self._watch.stop()
         self.registry.close(revoke=False)
@@ -227,6 +247,8 @@ class Watcher:
             self.metrics.propagated(instance, applied, received)
         if self.json_out is not None:
             self.json_out.sync(changed)
+        if self.remember is not None:
+            self.remember.changed()
 
     @property
     def json_error(self) -> str | None:

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from discovery.model import Instance
 from discovery.registry import Registry, open_registry
 from discovery.watcher.adopt import alive, ours
+from discovery.watcher.remember import recall
 from tests.harness.agent import DiscoveryProcess
 from tests.harness.haproxy import HAPROXY_BIN, NamedBackend, http_get
 from tests.harness.load import SteadyLoad
@@ -301,3 +303,43 @@ def test_dns_and_http_handed_over_to_the_next_watcher(
         assert "adopted HAProxy master" in second.log()
     finally:
         reg.close(revoke=True)
+
+
+def test_a_watcher_restarted_while_the_registry_is_wiped_routes_on(request, http_backends,
+                                                                    host, tmp_path):
+    """SIGKILL the watcher, wipe the registry (every lease revoked, nobody writes back), start
+    the next watcher: it adopts HAProxy and compares its first read with the last catalog it
+    kept (``catalog.last.json``), so the wipe is held as by a watcher that ran through it, and
+    released after ``hold``. Before, it converged the HAProxy it adopted to the empty
+    registry: every request failed until the agents wrote back."""
+    server: ServerCluster = request.getfixturevalue("etcd_single")
+    server.ensure_running()
+    url = server.url(unique_prefix())
+    a, b = http_backends("a", "b")
+    writer = open_registry(url)
+    try:
+        for n, backend in ((1, a), (2, b)):  # two nodes: one host's death is no wipe
+            writer.register(replace(inst(n, backend.port), id=f"h{n}:{n:012x}:80",
+                                    node=f"h{n}"))
+        h = host(url)
+        conf = tmp_path / "watch.toml"
+        conf.write_text('[watcher]\nwipe_guard = { hold = "5s" }\n')
+        first = h.watcher("--config", str(conf))
+        wait_for(lambda: h.routes({"a", "b"}), 20, message="the first watcher routes a and b")
+        kept = h.state / "catalog.last.json"
+        wait_for(lambda: kept.exists() and len(recall(kept)) == 2, 10,
+                 message="the last catalog written")
+        first.kill()
+    finally:
+        writer.close(revoke=True)  # the wipe: both gone, no one to write them back
+    with SteadyLoad(h.port) as load:
+        second = h.watcher("--config", str(conf))
+        wait_for(lambda: "wipe guard engaged" in second.log(), 30,
+                 message="the first read held as a wipe", interval=0.02)
+        engaged = time.monotonic()
+        wait_for(lambda: "adopted HAProxy master" in second.log(), 3, message="adopted")
+        load.wait_more(200, timeout=3)
+        served = time.monotonic() - engaged
+    assert load.failed == 0 and served < 4, f"{load} ({served:.1f} s held)"
+    wait_for(lambda: set(spread(h.port, 2)) == {"!503"}, 5 + 1.5 - (time.monotonic() - engaged),
+             message="released after hold (5 s): nothing routed, the registry empty")

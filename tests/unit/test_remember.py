@@ -1,0 +1,198 @@
+"""The last catalog on disk (``discovery/watcher/remember.py``): a watcher restarted while the
+registry is wiped holds what it routed before, as one that ran through the wipe does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import replace
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
+from discovery.registry.base import Snapshot
+from discovery.watcher import remember as remember_mod
+from discovery.watcher.core import Watcher
+from discovery.watcher.remember import Remember, recall
+from tests.unit.test_watcher_loop import _Registry
+
+
+def _inst(service: str, n: int, node: str, state: State = State.UP) -> Instance:
+    return Instance(service=service, id=f"{node}:{n:012d}:80", node=node, address="192.0.2.1",
+                    port=8000 + n, registered_at=1.0, state=state)
+
+
+#: 8 instances of 4 services on 4 nodes, each service on two nodes
+FLEET = [_inst(f"svc{s}", s, f"node{(s + k) % 4}") for s in range(4) for k in range(2)]
+
+
+class _Read(_Registry):
+    def __init__(self, instances: list[Instance]) -> None:
+        super().__init__()
+        self.instances = instances
+
+    def snapshot(self, services: object = None) -> Snapshot:
+        return Snapshot({i.key: i for i in self.instances}, 7)
+
+
+def _kept(path: Path, instances: list[Instance]) -> None:
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in instances}, 5))
+    Remember(path, catalog).write()
+
+
+def _started(registry: _Registry, path: Path | None) -> tuple[Watcher, threading.Thread]:
+    watcher = Watcher(registry, None, remember=path)  # type: ignore[arg-type]
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    assert watcher.wait_ready(10)
+    return watcher, thread
+
+
+def _stopped(watcher: Watcher, thread: threading.Thread) -> None:
+    watcher.stop()
+    thread.join(5)
+    watcher.close()
+    assert not thread.is_alive()
+
+
+def test_a_watcher_started_during_a_wipe_holds_what_it_routed_before(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    watcher, thread = _started(_Read([]), path)  # the registry wiped: nothing in it
+    try:
+        assert watcher.catalog.size() == len(FLEET)
+        assert watcher.catalog.loaded
+        assert watcher.guard.status.engaged
+        deadline = time.monotonic() + 5  # held once settled (0.2 s)
+        while len(watcher.guard.held()) < len(FLEET) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(watcher.guard.held()) == len(FLEET)
+        assert watcher.catalog.size() == len(FLEET)
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_without_the_file_a_watcher_started_during_a_wipe_has_nothing(tmp_path: Path) -> None:
+    watcher, thread = _started(_Read([]), tmp_path / "catalog.last.json")  # (a control)
+    try:
+        assert watcher.catalog.size() == 0 and watcher.catalog.loaded
+        assert watcher.guard.held() == []
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_a_first_read_like_the_file_holds_nothing_and_takes_the_registrys_values(
+        tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    now = [i if i.service != "svc0" else replace(i, weight=7) for i in FLEET]
+    watcher, thread = _started(_Read(now), path)
+    try:
+        assert watcher.guard.held() == []
+        assert sorted(i.weight for i in watcher.catalog.instances("svc0")) == [7, 7]
+        assert watcher.catalog.size() == len(FLEET)
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_a_host_gone_while_the_watcher_was_away_is_removed_not_held(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    now = [i for i in FLEET if i.node != "node0"]  # 2 of 8: each service keeps another
+    watcher, thread = _started(_Read(now), path)
+    try:
+        assert watcher.guard.held() == []
+        assert {i.key for i in watcher.catalog.instances()} == {i.key for i in now}
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_a_stopped_watcher_leaves_its_up_instances_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    draining = _inst("svc9", 9, "node1", State.DRAINING)
+    watcher, thread = _started(_Read([*FLEET, draining]), path)
+    _stopped(watcher, thread)  # (its sync asked for a write within 30 s: close writes now)
+    assert {i.key for i in recall(path)} == {i.key for i in FLEET}
+    assert {i.key for i in recall(path, lambda s: s == "svc1")} == {
+        i.key for i in FLEET if i.service == "svc1"}
+
+
+def test_writes_come_at_most_every_so_often_and_close_writes_what_is_left(
+        tmp_path: Path) -> None:
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in FLEET[:2]}, 1))
+    keeper = Remember(tmp_path / "f.json", catalog, every=0.5)
+    writes: list[float] = []
+    write = keeper.write
+
+    def counted() -> None:
+        writes.append(time.monotonic())
+        write()
+
+    keeper.write = counted  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    for _ in range(20):  # 20 changes within ~1 s
+        keeper.changed()
+        time.sleep(0.05)
+    catalog.load(Snapshot({i.key: i for i in FLEET}, 2))
+    keeper.changed()
+    keeper.close()
+    gaps = [b - a for a, b in pairwise(writes)]
+    assert 2 <= len(writes) <= 4 and all(g >= 0.49 for g in gaps[:-1]), gaps  # (the last:
+    assert time.monotonic() - t0 < 1.5 + 0.5  # close's, not kept waiting)
+    assert len(recall(tmp_path / "f.json")) == len(FLEET)
+
+
+def test_close_does_not_wait_out_the_interval(tmp_path: Path) -> None:
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in FLEET}, 1))
+    keeper = Remember(tmp_path / "f.json", catalog, every=30)
+    keeper.changed()
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "f.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    catalog.load(Snapshot({i.key: i for i in FLEET[:3]}, 2))
+    keeper.changed()
+    t0 = time.monotonic()
+    keeper.close()
+    assert time.monotonic() - t0 < 2
+    assert len(recall(tmp_path / "f.json")) == 3
+
+
+def test_a_file_too_old_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    old = time.time() - remember_mod.MAX_AGE_S - 5
+    os.utime(path, (old, old))
+    assert recall(path) == []
+    watcher, thread = _started(_Read([]), path)
+    try:
+        assert watcher.catalog.size() == 0
+    finally:
+        _stopped(watcher, thread)
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"[]", b'{"instances": 3}',
+                                  b'{"instances": [{"service": "a"}]}', b"\xff\xfe"])
+def test_an_unusable_file_is_named_once_and_not_used(
+        tmp_path: Path, text: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "catalog.last.json"
+    path.write_bytes(text)
+    with caplog.at_level(logging.WARNING, logger="discovery.watcher.remember"):
+        assert recall(path) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0], warnings
+
+
+def test_the_file_holds_one_up_instance_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, [*FLEET[:2], _inst("x", 1, "n", State.DRAINING)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(path.read_text())["instances"][0]["state"] == "up"
