@@ -179,8 +179,12 @@ def test_a_file_too_old_is_not_used(tmp_path: Path) -> None:
         _stopped(watcher, thread)
 
 
+CUT = b'{"instances": [\n{"service": "a"}'  # the file as a crash mid-write would leave it
+
+
 @pytest.mark.parametrize("text", [b"{not json", b"[]", b'{"instances": 3}',
-                                  b'{"instances": [{"service": "a"}]}', b"\xff\xfe"])
+                                  b'{"instances": [{"service": "a"}]}', b"\xff\xfe",
+                                  CUT + b"\n]}\n", b'{"instances": [\n', b""])
 def test_an_unusable_file_is_named_once_and_not_used(
         tmp_path: Path, text: bytes, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "catalog.last.json"
@@ -196,3 +200,5 @@ def test_the_file_holds_one_up_instance_a_line(tmp_path: Path) -> None:
     _kept(path, [*FLEET[:2], _inst("x", 1, "n", State.DRAINING)])
     lines = path.read_text().splitlines()
     assert len(lines) == 4 and json.loads(path.read_text())["instances"][0]["state"] == "up"
+    _kept(path, [])
+    assert json.loads(path.read_text()) == {"instances": []} and recall(path) == []
