@@ -31,13 +31,20 @@ class Snapshot:
     ZooKeeper: its directory's ACL); ``unreadable``: entries there but not read (a value that
     does not decode, e.g. a newer ``schema``; ZooKeeper: a node whose own ACL denies us).
     ``unowned`` (a node's snapshot only): entries written with no lease (etcd) or as nodes of
-    no session (ZooKeeper), by hand: they would outlive the host; its reconcile writes them."""
+    no session (ZooKeeper), by hand: they would outlive the host; its reconcile writes them.
+    ``scope``: the services the read covered (None: every one); what a reader holds of others
+    it no longer follows (a watcher's SIGHUP dropped them), not removed from the registry."""
 
     instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
     revision: int = 0
     withheld: frozenset[str] = frozenset()
     unreadable: frozenset[tuple[str, str]] = frozenset()
     unowned: frozenset[tuple[str, str]] = frozenset()
+    scope: frozenset[str] | None = None
+
+    def covers(self, service: str) -> bool:
+        """Whether the read covered ``service`` (a reader not following it drops what it had)."""
+        return self.scope is None or service in self.scope
 
     def keeps(self, key: tuple[str, str]) -> bool:
         """Whether a reader keeps what it had at ``key`` though it is not in ``instances``."""

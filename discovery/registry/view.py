@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from functools import partial
 
 from discovery.errors import RegistryError
@@ -114,9 +115,12 @@ class _ViewWatch:
         self._lock = threading.Lock()
         self._delivering = threading.Lock()  # one change at a time, of the current watch
         self._watches = Succession()
-        self._watch = inner.watch(partial(self._deliver, 0), start_revision, services)
+        self._watch = inner.watch(partial(self._deliver, services, 0), start_revision, services)
 
-    def _deliver(self, number: int, change: Change) -> None:
+    def _deliver(self, services: frozenset[str], number: int, change: Change) -> None:
+        if change.kind == "reset":  # a read of ``services`` only: the others are not gone
+            change = replace(change, snapshot=replace(change.snapshot or Snapshot(),
+                                                      scope=services))
         with self._delivering:
             if self._watches.take(number, change):
                 deliver(self._callback, change, self._stopped)
@@ -134,8 +138,9 @@ class _ViewWatch:
                     if newest() != services:  # a newer set: its own follow reads it
                         return
                     with attempt:
-                        _, self._watch = self._watches.make(self._inner, self._deliver,
-                                                            services, self._delivering)
+                        _, self._watch = self._watches.make(
+                            self._inner, partial(self._deliver, services), services,
+                            self._delivering)
             except RegistryError:  # stopped
                 return
             old.stop()

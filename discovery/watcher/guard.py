@@ -281,7 +281,9 @@ class WipeGuard:
         # not read (withheld, unreadable): the catalog keeps them as they are (and their
         # services what of them is up, and serves)
         missing = [i for k, i in before.items() if k not in snapshot.instances]
-        gone = [i.key for i in missing if not snapshot.keeps(i.key)]
+        # of services no longer followed (a SIGHUP dropped them): left, not removed (a fleet's
+        # config push counted them as a wipe on every host at once, and held them)
+        gone = [i.key for i in missing if not snapshot.keeps(i.key) and snapshot.covers(i.service)]
         kept = [i for i in missing if snapshot.keeps(i.key)]
         # drained by another writer: taken out as if gone, kept as they were while held
         drained = {k: i for k, i in snapshot.instances.items()
@@ -314,7 +316,7 @@ class WipeGuard:
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
                                                      revision=snapshot.revision))
         keep.update(self._put_back(now, engaged, lambda k: k in snapshot.instances
-                                   or snapshot.keeps(k), gone=True))
+                                   or snapshot.keeps(k) or not snapshot.covers(k[0]), gone=True))
         for key in up_gone:  # those it applies (each left its service another): put back if
             if key not in (held if key in drained else keep):  # the burst turns out a wipe
                 self._burst.applied[key] = (before[key], Change(

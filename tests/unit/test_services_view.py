@@ -10,6 +10,7 @@ from collections.abc import Callable
 from discovery.model import Instance
 from discovery.registry.base import Change, Snapshot
 from discovery.registry.view import ServicesView
+from discovery.watcher.core import Watcher
 from tests.harness.scripted import ScriptedRegistry
 from tests.harness.util import wait_for
 
@@ -80,3 +81,38 @@ def test_a_read_that_keeps_failing_is_tried_until_it_succeeds_or_a_newer_set_com
     assert reset is not None and {k[0] for k in reset.instances} == {"web", "db"}
     assert len(inner.callbacks) == 2 and inner.stopped == [0]  # one new watch: the newest
     view.close(revoke=False)
+
+
+def test_services_a_sighup_stops_routing_are_left_not_taken_for_a_wipe() -> None:
+    """A fleet's config push that drops routed services: the new read covers only those still
+    routed. What the catalog held of the others was counted as removed from the registry: a
+    wipe on every host at once (3 of 4 services emptied), its services held 45 s, and a host
+    that died just before was put back and routed again."""
+    def on(service: str, n: int, node: str) -> Instance:
+        return Instance(service=service, id=f"{node}:{n:012x}:80", node=node,
+                        address="192.0.2.1", port=8000 + n)
+
+    web = [on("web", n, f"n{n}") for n in range(1, 5)]
+    others = [on(s, 10 + k, f"n{k + 1}") for s in ("a", "b", "c") for k in range(2)]
+    inner = ScriptedRegistry(Snapshot({i.key: i for i in web + others}, 5))
+    view = ServicesView(inner, ["web", "a", "b", "c"])  # type: ignore[arg-type]
+    watcher = Watcher(view, None)
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        assert watcher.wait_ready(5) and watcher.catalog.size() == 10
+        dead = web[3]  # its host died: a bare delete, web has others: applied at once
+        del inner.snap.instances[dead.key]
+        inner.callbacks[0](Change("delete", key=dead.key, revision=6))
+        wait_for(lambda: watcher.catalog.get(dead.key) is None, 5, message="n4 applied")
+        view.set_services(["web"])
+        wait_for(lambda: len(inner.callbacks) == 2 and watcher.catalog.size() == 3, 5,
+                 message="the new read applied: web's three left")
+        assert watcher.guard.status.engaged == 0 and watcher.guard.held() == []
+        assert sorted(i.node for i in watcher.catalog.instances()) == ["n1", "n2", "n3"]
+        assert watcher.catalog.services().keys() == {"web"}
+    finally:
+        watcher.stop()
+        thread.join(5)
+        watcher.close()
+    assert not thread.is_alive()
