@@ -188,6 +188,7 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         for t in threads:
             t.join(15)
         if leaving.is_set():  # DNS/HTTP answer on until the next `up` answers on their sockets
+            watcher.remember_now()  # (the last catalog first: the next `up` reads it)
             lookups.hand_over(state)
         watcher.close()
         stop_haproxy(watcher)

@@ -225,6 +225,8 @@ def serve(watcher: Watcher, lookups: Lookups, on_hup: Callable[[], None] | None 
     try:
         watcher.run()
     finally:
+        if leaving.is_set():
+            watcher.remember_now()  # before the successor reads it
         if leaving.is_set() and state_dir is not None:
             lookups.hand_over(state_dir)
         if lookups.failed:  # HAProxy serves on, for the next start to adopt

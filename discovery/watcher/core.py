@@ -48,6 +48,7 @@ class Watcher:
         self.catalog = Catalog()
         self.guard = WipeGuard(self.catalog, guard)
         self._apply_lock = threading.Lock()  # guard + catalog: one change at a time, in order
+        self.config_lock = threading.Lock()  # one SIGHUP reload at a time (each its own thread)
         self.json_out = JsonOut(json_out, self.catalog) if json_out is not None else None
         # the last catalog on disk, for a restart during a wipe (none: the guard is off)
         self.remember = (Remember(remember, self.catalog)
@@ -116,19 +117,22 @@ class Watcher:
         if self._watch is None or self._stop.is_set():  # (close() stops a watch made)
             return
         self._loaded()
-        self.sync()
+        self._round(self.sync)  # (a bug here too must not end run(): `watch` stops HAProxy)
         self._ready.set()
         while not self._stop.is_set():
             self._wake.wait(self._until_guard_due())
             self._wake.clear()
-            try:
-                self._step()
-            except Exception:  # a bug, maybe met by every host at once (the same registry
-                log.exception("watcher: applying the catalog failed; again in %g s", RETRY_S)
-                self._dirty.set()  # value): this host's routing goes on, tried again
-                self._stop.wait(RETRY_S)
+            self._round(self._step)
         if self.json_out is not None:  # written before a successor (SIGUSR2) writes its own
             self.json_out.flush()
+
+    def _round(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:  # a bug, maybe met by every host at once (the same registry value):
+            log.exception("watcher: applying the catalog failed; again in %g s", RETRY_S)
+            self._dirty.set()  # this host's routing goes on, tried again
+            self._stop.wait(RETRY_S)
 
     def _step(self) -> None:
         """One round of :meth:`run`: what the guard releases, the router's tick, a sync."""
@@ -159,6 +163,12 @@ class Watcher:
         if self._watch is not None:
             self._watch.stop()
         self.registry.close(revoke=False)
+
+    def remember_now(self) -> None:
+        """Write the last catalog now (SIGUSR2: before the handover, whose successor reads it
+        at its start; :meth:`close`'s write came after)."""
+        if self.remember is not None:
+            self.remember.close()
 
     def poke(self) -> None:
         """Ask for a sync soon (e.g. after SIGHUP changed the configuration)."""

@@ -9,8 +9,10 @@ their instances back. A fleet whose watchers restart then (an upgrade rolling ou
 that the same registry value causes everywhere) blacks out host after host.
 
 So the watcher keeps what is *up* in its catalog in ``<state dir>/catalog.last.json``, written
-by a thread of its own at most every :data:`EVERY_S` seconds while the catalog changes, and
-once more when it stops. At start, a file younger than :data:`MAX_AGE_S` seeds the catalog
+by a thread of its own while the catalog changes (at most every ``COST`` times as long as a
+write takes, 1 to 30 s apart), touched every 30 s while it does not, and written or touched
+once more when it stops (SIGUSR2: before the handover, as the successor reads it at its
+start). At start, a file made current within :data:`MAX_AGE_S` seeds the catalog
 (:meth:`~discovery.model.catalog.Catalog.seed`: nothing answers from it), and the first read
 comes to the guard as a resync of that catalog: a wipe is held as it is on a watcher that ran
 through it. An older file is not used (a host away that long finds its fleet changed, and a
@@ -20,6 +22,7 @@ hint: one that cannot be read or parsed is named in one warning and not used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,17 +39,24 @@ from discovery.model.catalog import Catalog
 log = logging.getLogger(__name__)
 
 FILE = "catalog.last.json"
-#: at most one write in this many seconds while the catalog changes (the whole catalog's up
-#: instances: 4.5 MB and 0.1 s for 10,000 of them; every host of a fleet writing that at
-#: every change anywhere would keep disks busy for nothing)
+#: while the catalog changes, a write at most every ``COST`` times as long as the last one took,
+#: at least :data:`MIN_GAP_S` and at most :data:`EVERY_S` apart (the whole catalog's up
+#: instances: 4.5 MB and 0.09 s for 10,000 of them, every 9 s at most; every host of a fleet
+#: writing that at every change anywhere would keep disks busy for nothing; a small catalog,
+#: where a few departures are a large share, is kept within a second or so)
+COST = 100
+MIN_GAP_S = 1.0
 EVERY_S = 30.0
-#: a file older than this is not used: what it names has had time to change for good
+#: a file not made current for this long is not used (the watcher touches it every
+#: :data:`EVERY_S` while nothing changes, and at its stop): what it names has had time to
+#: change for good
 MAX_AGE_S = 600.0
 
 
 class Remember:
     """Keeps ``catalog``'s up instances at ``path``: :meth:`changed` after each sync,
-    :meth:`close` once (a last write if anything changed since the one before)."""
+    :meth:`close` once (a last write if anything changed since the one before, else a touch:
+    the file's time is when it was last known current)."""
 
     def __init__(self, path: Path, catalog: Catalog, every: float = EVERY_S) -> None:
         self.path = path
@@ -56,7 +66,8 @@ class Remember:
         self._cond = threading.Condition()
         self._dirty = False
         self._closed = False
-        self._last = -float("inf")  # monotonic time of the last write
+        self._gap = MIN_GAP_S  # the least time between two writes (from the last one's cost)
+        self._last = -float("inf")  # monotonic time of the last write or touch
         self._thread: threading.Thread | None = None
 
     def changed(self) -> None:
@@ -71,8 +82,11 @@ class Remember:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Write what changed since the last write (now, not ``every`` later), then stop."""
+        """Write what changed since the last write, or touch the file (now, not later), then
+        stop. Again: nothing."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
@@ -82,17 +96,28 @@ class Remember:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._dirty or self._closed)
-                self._cond.wait_for(lambda: self._closed,
-                                    self._last + self.every - time.monotonic())
-                if not self._dirty:
-                    return  # closed, everything written
-                self._dirty = False
-                closing = self._closed
+                while not self._closed:  # due: a change once the gap is over; else a touch
+                    wait = self._last + min(self.every, self._gap if self._dirty
+                                            else self.every) - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                dirty, closing, self._dirty = self._dirty, self._closed, False
+            started = time.monotonic()
+            if dirty or not self._touch():
+                self.write()
+                self._gap = min(self.every, max(MIN_GAP_S, COST * (time.monotonic() - started)))
             self._last = time.monotonic()
-            self.write()
             if closing:
                 return
+
+    def _touch(self) -> bool:
+        """The file made current as it is (nothing changed since its write); False: not there."""
+        try:
+            os.utime(self.path)
+        except OSError:
+            return False
+        return True
 
     def write(self) -> None:
         """Write the file now (a failure: logged, tried again at the next change)."""
@@ -129,6 +154,10 @@ def recall(path: Path, follows: Callable[[str], bool] = lambda service: True,
     """The up instances at ``path`` of the services ``follows`` names; none when the file is
     missing, older than ``max_age`` or unusable (one warning naming it and why)."""
     out: list[Instance] = []
+    for left in path.parent.glob(f".{path.name}.*.tmp"):  # a write a SIGKILL cut short
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > 60:  # (not one being written now)
+                left.unlink()
     try:
         age = time.time() - path.stat().st_mtime
         if age > max_age:

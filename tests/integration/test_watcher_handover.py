@@ -140,9 +140,14 @@ def test_sigkilled_watcher_restarted_adopts_its_haproxy(routed):
 
 def test_leave_signal_then_new_watcher(routed):
     h = routed.host
+    kept = h.state / "catalog.last.json"
+    wait_for(kept.exists, 10, message="the last catalog written")
+    old = time.time() - 3600
+    os.utime(kept, (old, old))
     with SteadyLoad(h.port) as load:
         routed.first.signal(signal.SIGUSR2)
         assert routed.first.wait(20) == 0
+        assert kept.stat().st_mtime > old  # made current as it left, for its successor
         assert alive(routed.master)
         load.wait_more(200)
         second = h.watcher()

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -202,3 +203,42 @@ def test_the_file_holds_one_up_instance_a_line(tmp_path: Path) -> None:
     assert len(lines) == 4 and json.loads(path.read_text())["instances"][0]["state"] == "up"
     _kept(path, [])
     assert json.loads(path.read_text()) == {"instances": []} and recall(path) == []
+
+
+def test_a_file_nothing_changed_is_touched_so_a_long_quiet_catalog_is_still_used(
+        tmp_path: Path) -> None:
+    """Its time is when it was last known current: a catalog quiet for 10 minutes left a file
+    its restart refused (written only at changes)."""
+    path = tmp_path / "catalog.last.json"
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in FLEET}, 1))
+    keeper = Remember(path, catalog, every=0.3)
+    keeper.changed()
+    wait_until(lambda: path.exists())
+    old = time.time() - remember_mod.MAX_AGE_S - 60  # as if quiet for 11 minutes
+    os.utime(path, (old, old))
+    wait_until(lambda: path.stat().st_mtime > old)  # touched while nothing changes
+    assert len(recall(path)) == len(FLEET)
+    os.utime(path, (old, old))
+    keeper.close()  # nothing changed since: touched at the stop
+    assert time.time() - path.stat().st_mtime < 5 and len(recall(path)) == len(FLEET)
+    keeper.close()  # (again: nothing)
+
+
+def test_a_write_a_sigkill_cut_short_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    left, fresh = tmp_path / f".{path.name}.abc.tmp", tmp_path / f".{path.name}.def.tmp"
+    left.write_text('{"instances": [')
+    fresh.write_text('{"instances": [')  # (another process writing it now: left alone)
+    old = time.time() - 120
+    os.utime(left, (old, old))
+    assert len(recall(path)) == len(FLEET)
+    assert not left.exists() and fresh.exists()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
