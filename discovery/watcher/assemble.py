@@ -181,7 +181,14 @@ def leave_haproxy(watcher: Watcher) -> None:
 def reconfigure(watcher: Watcher, load: Callable[[], WatcherConfig]) -> None:
     """SIGHUP of ``watch`` and ``up``: the routed services, their settings and the template
     from ``load`` (the configuration file read again). One that does not load (or render) is
-    logged and counted as a render error; the last good configuration stays."""
+    logged and counted as a render error; the last good configuration stays. One at a time:
+    two close together (each signal has a thread of its own) interleaved, and could leave
+    HAProxy routing one file's services and the registry view following the other's."""
+    with watcher.config_lock:
+        _reconfigure(watcher, load)
+
+
+def _reconfigure(watcher: Watcher, load: Callable[[], WatcherConfig]) -> None:
     router = watcher.router
     try:
         new = load()

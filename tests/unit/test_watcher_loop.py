@@ -196,3 +196,65 @@ def test_a_sighup_applies_the_loops_own_wait_and_reload_interval() -> None:
     reconfigure(watcher, lambda: new)
     assert given == [new]
     assert (watcher.wait_min, watcher.wait_max, watcher.reload_min_interval) == (0.5, 4.0, 7.0)
+
+
+def test_a_first_sync_that_raises_does_not_end_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug met at the first sync (a registry value every host has) ended run(), and
+    `discovery watch` then stopped the HAProxy it had adopted: every restarted host went dark.
+    It is tried again, as a bug in any later round is."""
+    monkeypatch.setattr(core, "RETRY_S", 0.05)
+    watcher = Watcher(_Registry(), None)  # type: ignore[arg-type]
+    calls: list[float] = []
+    sync = watcher.sync
+
+    def failing_once() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        sync()
+
+    watcher.sync = failing_once  # type: ignore[method-assign]
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        assert watcher.wait_ready(10)
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 2 and thread.is_alive()
+    finally:
+        watcher.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_sighup_reloads_run_one_at_a_time() -> None:
+    from discovery.watcher.assemble import reconfigure
+    from discovery.watcher.config import WatcherConfig
+
+    watcher = Watcher(_Registry(), None)  # type: ignore[arg-type]
+    inside: list[str] = []
+    release = threading.Event()
+
+    def load(name: str) -> Callable[[], WatcherConfig]:
+        def read() -> WatcherConfig:
+            inside.append(name)
+            if name == "first":
+                assert release.wait(5)
+            inside.append(f"/{name}")
+            return WatcherConfig()
+        return read
+
+    first = threading.Thread(target=reconfigure, args=(watcher, load("first")))
+    first.start()
+    deadline = time.monotonic() + 5
+    while inside != ["first"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = threading.Thread(target=reconfigure, args=(watcher, load("second")))
+    second.start()
+    second.join(0.3)
+    assert inside == ["first"] and second.is_alive()  # waits for the first to finish
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert inside == ["first", "/first", "second", "/second"]
