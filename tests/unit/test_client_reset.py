@@ -180,3 +180,32 @@ def test_a_callback_raising_a_base_exception_ends_no_watch(
         fake.callback(Change("put", key=inst("web", 3).key, instance=inst("web", 3),
                              revision=11))
         assert web.wait(2)[-1] == [8001, 8003]  # still called after db's callback raised
+
+
+def test_a_bug_in_the_guards_round_does_not_end_its_timer() -> None:
+    """The client's wipe-guard timer had no guard of its own: a round that raised ended it, and
+    what the guard held stayed held for good, silently."""
+    from discovery.client_catalog import LiveCatalog
+
+    one = inst("web", 1)
+    live = LiveCatalog(ScriptedRegistry(Snapshot({one.key: one}, 1)),  # type: ignore[arg-type]
+                       threading.RLock(), lambda touched: None, guarded=True)
+    live.follow(None)
+    assert live._guard is not None and live._timer is not None
+    rounds: list[int] = []
+    due = live._guard.due
+
+    def raising_once() -> list[Change]:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("a bug")
+        return due()
+
+    live._guard.due = raising_once  # type: ignore[method-assign]
+    live._wake.set()
+    deadline = time.monotonic() + 5
+    while len(rounds) < 2 and time.monotonic() < deadline:
+        live._wake.set()
+        time.sleep(0.05)
+    assert len(rounds) >= 2 and live._timer.is_alive()
+    live.close()
