@@ -45,6 +45,7 @@ from discovery.metrics import Metrics
 from discovery.model import Instance, State
 from discovery.model.instance import stamp_after
 from discovery.registry import Registry, Snapshot
+from discovery.registry.readback import ReadBack, wire_of
 from discovery.retry import RetryAt, jittered
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class Registrations:
         self._moved = False  # the run loop was woken to learn of a sooner recheck
         self._asked = False  # ... or for a reconcile at once (reconcile_soon)
         self._wishes = Wishes(self._write_wish, self._io, self._broken)
+        # what a read gives back of what is wanted, as the layout carries it (Nerve's record
+        # holds less): a reconcile compares with that, else it writes such a one every time
+        self._read_back = ReadBack(wire_of(getattr(registry, "url", None)), lambda: self.written)
         metrics.follow_writes(self._wishes.count)
 
     def load(self) -> int:
@@ -330,7 +334,7 @@ class Registrations:
             # would outlive this host. unsure: its write's answer was lost, the read may show
             # it landed; written again all the same, so that the backend's own record (what it
             # puts back after a lease or session expiry) is it, not the value before
-            if (not mine or present is None or not present.same_registration(inst)
+            if (not mine or present is None or not self._read_back.same(inst, present)
                     or key in self.unsure or unowned):
                 lost = mine and present is None  # session expired or lease lost meanwhile
                 why = LOST if lost else "no lease or session" if unowned else ""

@@ -70,6 +70,7 @@ from discovery.errors import RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.model.instance import stamp_after
 from discovery.registry.base import Change, ChangeCallback, Snapshot
+from discovery.registry.readback import ReadBack, Wire
 from discovery.retry import RetryAt, spread
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,14 @@ class Restorer:
 
     def __init__(self, owned: dict[Key, Instance], restore: Callable[[Key, bool], str],
                  window: float, name: str, recheck: float = 10.0,
-                 wire: Callable[[Instance], Instance | None] | None = None,
+                 wire: Wire | None = None,
                  many: Callable[[list[Key]], dict[Key, str]] | None = None) -> None:
         self._owned, self._restore, self._window, self._name = owned, restore, window, name
-        self._recheck, self._wire, self._many = recheck, wire, many
+        self._recheck, self._many = recheck, many
+        self._read_back = ReadBack(wire, lambda: self._owned)  # (wire: None, as it is)
         #: keys whose last write lost its answer (:func:`claiming`):
         #: what the registry holds may be that write; left to the agent until one succeeds
         self.unsettled: set[Key] = set()
-        self._wired: dict[Key, tuple[Instance, Instance | None]] = {}  # owned -> as read back
         self._cond = threading.Condition()
         self._due: dict[Key, tuple[float, bool, bool]] = {}  # key -> (when, doubt, gone)
         self._heap: list[tuple[float, Key]] = []  # stale entries skipped
@@ -199,15 +200,7 @@ class Restorer:
         through the layout (Nerve's record carries less than an instance). A value read that
         is not one written here is another writer's; comparing as written keeps a host from
         writing its own value again and again."""
-        if self._wire is None:
-            return owned.same_registration(seen)
-        hit = self._wired.get(owned.key)
-        if hit is None or hit[0] is not owned:
-            if len(self._wired) > 2 * len(self._owned) + 64:  # keys no longer owned: dropped
-                self._wired = {k: v for k, v in self._wired.copy().items() if k in self._owned}
-            hit = (owned, self._wire(owned))
-            self._wired[owned.key] = hit
-        return hit[1] is not None and hit[1].same_registration(seen)
+        return self._read_back.same(owned, seen)
 
     def lost(self, keys: Collection[Key]) -> None:
         """From any thread: ``keys`` were seen gone; those the registry owns are looked at

@@ -31,10 +31,10 @@ from kazoo.handlers.threading import KazooTimeoutError
 from discovery.errors import ConfigError, RegistryDenied, RegistryError, RegistryUnavailable
 from discovery.model import Instance
 from discovery.model.instance import made_on
-from discovery.model.nerve import as_read
 from discovery.registry.base import FIRST_READ, ChangeCallback, Snapshot, StateCallback
 from discovery.registry.decoder import Decoder
 from discovery.registry.owned import Restorer, claiming, unread
+from discovery.registry.readback import wire_of
 from discovery.registry.reads import ReadStats
 from discovery.registry.security import load_secrets, tls_context, tls_probe, zk_client_options
 from discovery.registry.url import RegistryURL
@@ -89,7 +89,7 @@ class ZkRegistry:
         self._writes = threading.Lock()
         self._owned: dict[tuple[str, str], Instance] = {}
         self._restorer = Restorer(self._owned, self._restore, url.resume_spread, "zk",
-                                  recheck=2 * timeout, wire=as_read if url.nerve else None,
+                                  recheck=2 * timeout, wire=wire_of(url),
                                   many=self._restore_many)
         self._watches: list[ZkWatch] = []
         self._recoveries = 0  # sessions recovered (their watches reset) so far
