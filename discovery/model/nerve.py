@@ -8,7 +8,8 @@ Prometheus's ``nerve_sd_configs`` read ``host``/``port``/``name`` and ignore the
 We write ``host`` = address, ``port``, ``name`` = our instance id (it is also the node name's
 prefix), ``weight``, and ``labels`` = meta plus what the format has no field for: ``node``,
 ``tags`` (comma-separated), ``state`` (only ``draining``), ``container_id``,
-``container_name``, ``image`` (those label names are reserved: meta under them is not carried).
+``container_name``, ``image``, ``zone`` (those label names are reserved: meta under them is not
+carried). Before, the zone was not written: a watcher reading this layout routed no zone.
 
 Reading (:func:`from_nerve`), nodes as Nerve writes them map to an :class:`Instance`:
 
@@ -22,7 +23,8 @@ Reading (:func:`from_nerve`), nodes as Nerve writes them map to an :class:`Insta
   whose addresses map to one node name, replaced each other in every catalog; a name with a
   ``:`` was taken whole, its two ports one instance);
 - node: the ``node`` label, else the first DNS label of ``name`` or of the node name, else the
-  host's address with ``-`` for dots; state ``up`` unless labelled ``draining``;
+  host's address with ``-`` for dots; state ``up`` unless labelled ``draining``; zone: the
+  ``zone`` label if it is a DNS label (any Nerve writer's too), else none;
 - ``host`` must be an IP address and ``port`` 1..65535; a weight above 256 is taken as 256;
   labels that are not usable meta (bad key, not a scalar) are dropped.
 
@@ -44,7 +46,7 @@ _SEQUENCE = re.compile(r"^(.+)_\d{10}$")
 #: our ids' shape, ``<node>:<container>:<port>`` (the container's port, not the record's):
 #: the one name with a ``:`` taken as it is, with a ``node`` label naming that node
 _OURS = re.compile(r"[^:]+:[^:]*:\d{1,5}")
-RESERVED = ("node", "tags", "state", "container_id", "container_name", "image")
+RESERVED = ("node", "tags", "state", "container_id", "container_name", "image", "zone")
 
 
 def node_prefix(child: str) -> str:
@@ -61,7 +63,7 @@ def to_nerve(inst: Instance) -> bytes:
         labels["tags"] = ",".join(inst.tags)
     if inst.state is State.DRAINING:
         labels["state"] = State.DRAINING.value
-    for name in ("container_id", "container_name", "image"):
+    for name in ("container_id", "container_name", "image", "zone"):
         if value := getattr(inst, name):
             labels[name] = value
     data = {"host": inst.address, "port": inst.port, "name": inst.id, "weight": inst.weight,
@@ -131,6 +133,7 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
         weight = 100
     tags = [t for t in text.get("tags", "").split(",") if _is_label(t)][: v.MAX_TAGS]
     meta = {k: val for k, val in text.items() if k not in RESERVED and _meta_ok(k, val)}
+    zone = text.get("zone", "")  # a DNS label, else none (any writer's label, hostile too)
     return Instance.shared(
         service=service, id=iid, node=node, address=address, port=v.port("port", port),
         tags=v.tags("tags", tags), weight=min(weight, 256),
@@ -138,6 +141,7 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
         container_id=_text(text.get("container_id", "")),
         container_name=_text(text.get("container_name", "")), image=_text(text.get("image", "")),
         state=State.DRAINING if text.get("state") == State.DRAINING.value else State.UP,
+        zone=zone if _is_label(zone) else "",
         registered_at=stamp if 0 < stamp < 1e11 else 0.0)
 
 

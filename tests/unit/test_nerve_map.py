@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -37,6 +38,23 @@ def test_a_record_as_nerve_writes_it() -> None:
                                                             "203.0.113.3", 8080)
     assert (inst.weight, inst.meta, inst.state) == (256, {"az": "e1", "n": "3"}, State.UP)
     assert inst.registered_at == 1.7e9
+
+
+def test_the_zone_is_carried_as_a_label() -> None:
+    """Written as the ``zone`` label and read back (before, not written: a watcher reading
+    this layout routed no zone); a ``zone`` label that is no DNS label reads as no zone."""
+    zoned = replace(OURS, zone="eu1")
+    assert json.loads(to_nerve(zoned))["labels"]["zone"] == "eu1"
+    back = from_nerve(to_nerve(zoned), "web", f"{OURS.id}_0000000042", "here")
+    assert back.zone == "eu1" and back.same_registration(zoned)
+    assert "zone" not in json.loads(to_nerve(OURS))["labels"]
+    for hostile in ("EU1", "a" * 64, "e u", "-x", "x\n", 1.5, None, {"a": 1}, "\u202e"):
+        raw = json.dumps({"host": "192.0.2.1", "port": 80, "labels": {"zone": hostile}})
+        inst = from_nerve(raw, "web", "h_0000000001", "here")
+        assert inst.zone == "" and "zone" not in inst.meta, hostile
+    nerves = from_nerve(b'{"host":"192.0.2.1","port":80,"labels":{"zone":"us-east-1a"}}',
+                        "web", "h_0000000001", "here")
+    assert nerves.zone == "us-east-1a" and nerves.meta == {}
 
 
 def test_two_node_names_never_make_one_instance() -> None:
