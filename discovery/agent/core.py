@@ -25,13 +25,13 @@ from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
 from discovery.agent.tracked import (
     KILL_GRACE,
     REFRESHING,
-    TERMINATING_SIGNALS,
     Key,
     Tracked,
     instance_of,
     iso_ns,
     kill_grace,
     same_instances,
+    stop_signal_of,
     wait_grace,
 )
 from discovery.agent.views import AgentViews
@@ -220,8 +220,7 @@ class Agent(AgentViews):
             elif action.startswith("health_status") or action in REFRESHING:
                 self._looked(cid, looked if look else self.docker.inspect(cid), cause)
             elif action == "kill":
-                if (tracked is not None and not stale
-                        and str(attrs.get("signal", "")).upper() in TERMINATING_SIGNALS):
+                if tracked is not None and not stale and tracked.killed_by(attrs.get("signal")):
                     log.info("container %s killed: draining its instances", cid[:12])
                     end = time.monotonic() + KILL_GRACE
                     self._killed[cid] = (end, cause)
@@ -287,7 +286,7 @@ class Agent(AgentViews):
             self._forget(cid, Cause("replaced", "restarted, or its labels changed"))
             tracked = None
         if tracked is None:
-            tracked = Tracked(cid, started, instances)
+            tracked = Tracked(cid, started, instances, stop_signal=stop_signal_of(attrs))
             self._tracked[cid] = tracked
             tracked.ask_warmups(specs, self.registrations.adopt)
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,13 +18,54 @@ from discovery.model import Instance, make_instance_id
 #: events after which Docker is asked about the container: before the agent's lock, which every
 #: check's transition takes (a slow dockerd's 10 s must not hold every container's checks)
 REFRESHING = ("start", "restart", "unpause", "rename")
-TERMINATING_SIGNALS = {"", "9", "15", "2", "3", "SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT",
-                       "KILL", "TERM", "INT", "QUIT"}
+#: a kill with one of these drains a container whatever its stop signal: SIGKILL ends it,
+#: SIGTERM and SIGINT end most programs (any other only when it is the container's stop signal,
+#: what ``docker stop`` sends: SIGQUIT for nginx, SIGWINCH for httpd, SIGRTMIN+3 for systemd)
+ENDING = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT})
+#: Docker's real-time signal numbers on Linux (moby/sys/signal: ``RTMIN`` 34 ... ``RTMAX`` 64)
+RTMIN, RTMAX = 34, 64
+_RT = re.compile(r"RT(MIN|MAX)([+-]\d{1,2})?")
 #: seconds a container drained on a terminating signal may keep running before it is wanted
 #: again (it survived the signal): at least this, or its stop timeout (``docker stop`` waits
 #: that long, 10 s by default, before its SIGKILL) and 5 s more; ``docker stop -t N`` with a
 #: longer N than both is not seen
 KILL_GRACE = 60.0
+
+
+def signal_number(value: object) -> int | None:
+    """A signal as Docker gives one (a kill event's number; a stop signal's number or name,
+    ``SIG`` or not, any case, ``RTMIN+3`` too) as its number; None if it is not one."""
+    text = str(value).strip().upper()
+    if text.isascii() and text.isdigit() and len(text) <= 3:
+        return int(text) if 0 < int(text) <= RTMAX else None
+    name = text.removeprefix("SIG")
+    if m := _RT.fullmatch(name):
+        number = (RTMIN if m[1] == "MIN" else RTMAX) + int(m[2] or 0)
+        return number if RTMIN <= number <= RTMAX else None
+    try:
+        return int(signal.Signals["SIG" + name])
+    except KeyError:
+        return None
+
+
+def stop_signal_of(attrs: dict[str, Any]) -> int:
+    """The signal ``docker stop`` sends a container (its inspect ``attrs``): its
+    ``Config.StopSignal`` (its image's ``STOPSIGNAL``, or ``--stop-signal``), else SIGTERM."""
+    given = (attrs.get("Config") or {}).get("StopSignal")
+    return (signal_number(given) if given else None) or signal.SIGTERM
+
+
+def terminating(sig: object, stop_signal: int) -> bool:
+    """Whether a kill event's ``signal`` ends a container whose stop signal is
+    ``stop_signal``: :data:`ENDING`, or that stop signal (``docker stop``). Any other (HUP, a
+    reload; QUIT, a JVM's thread dump) is not: draining on one took a container that goes on
+    serving out of rotation for :data:`KILL_GRACE`, and ``docker stop`` of one whose stop
+    signal is none of those did not drain it. A kill without a signal, or one that is no signal
+    Docker knows, drains (as before: a drain too many costs the grace, one too few requests)."""
+    if sig is None or sig == "":
+        return True
+    number = signal_number(sig)
+    return number is None or number in ENDING or number == stop_signal
 
 
 def kill_grace(attrs: dict[str, Any] | None) -> float:
@@ -58,6 +101,7 @@ class Tracked:
     docker_health: bool = False  # set through docker_health_is: its ``since`` follows
     docker_since: float | None = None  # wall-clock time of its last change (or first look)
     paused: bool = False
+    stop_signal: int = signal.SIGTERM  # what docker stop sends it (stop_signal_of)
     warmups: dict[Key, WarmupSpec] = field(default_factory=dict)  # discovery.warmup.* asked
     warming: set[Key] = field(default_factory=set)  # warm-up under way: not registered yet
     warmed: set[Key] = field(default_factory=set)  # had theirs (or adopted): no warm-up again
@@ -67,6 +111,10 @@ class Tracked:
         if healthy != self.docker_health or self.docker_since is None:
             self.docker_since = time.time()
         self.docker_health = healthy
+
+    def killed_by(self, sig: object) -> bool:
+        """Whether a kill event's ``signal`` ends this container (:func:`terminating`)."""
+        return terminating(sig, self.stop_signal)
 
     def ask_warmups(self, specs: list[ServiceSpec], adopted: set[Key]) -> None:
         """Note the warm-ups ``specs`` (in ``instances``' order) ask; ``adopted`` instances

@@ -190,6 +190,7 @@ def run_app(
     expose: bool = True,
     image: str = EXAMPLE_IMAGE_TAG,
     restart_policy: Mapping[str, Any] | None = None,
+    stop_signal: str | None = None,
 ) -> Container:
     """Start the example app detached and return the (started) Container.
 
@@ -200,7 +201,8 @@ def run_app(
     * ``labels`` plus ``discovery-test.session=<SESSION_ID>``;
     * ``healthcheck`` is a docker-py healthcheck dict (see :func:`app_healthcheck`);
     * ``restart_policy`` e.g. ``{"Name": "always"}`` (survives a dockerd restart,
-      :func:`tests.harness.docker_daemon.restart_dockerd`).
+      :func:`tests.harness.docker_daemon.restart_dockerd`);
+    * ``stop_signal`` e.g. ``"SIGWINCH"`` (``--stop-signal``: what ``docker stop`` sends).
 
     The image must already exist (:func:`build_example_image`). A name clash with a
     leftover of a dead harness session is resolved by removing that container; any other
@@ -224,6 +226,7 @@ def run_app(
             ports=[port] if expose else None,
             host_config=host_config,
             healthcheck=dict(healthcheck) if healthcheck else None,
+            stop_signal=stop_signal,
         )
         return str(created["Id"])
 
@@ -316,6 +319,7 @@ class ContainerFactory:
         network_mode: str = "host",
         expose: bool = True,
         restart_policy: Mapping[str, Any] | None = None,
+        stop_signal: str | None = None,
     ) -> Container:
         container = run_app(
             self.client,
@@ -328,6 +332,7 @@ class ContainerFactory:
             expose=expose,
             image=self.image,
             restart_policy=restart_policy,
+            stop_signal=stop_signal,
         )
         self.started.append(container)
         return container

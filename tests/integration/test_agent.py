@@ -62,11 +62,16 @@ def test_registered_only_once_healthy(registry_url, containers, start_agent):
     assert agent.alive
 
 
-def test_deregistered_within_a_second_of_docker_stop(registry_url, containers, start_agent):
+@pytest.mark.parametrize("stop_signal", [None, "SIGWINCH"])
+def test_deregistered_within_a_second_of_docker_stop(registry_url, containers, start_agent,
+                                                     stop_signal):
+    """SIGWINCH: a stop signal that is not SIGTERM (httpd's image); the app ignores it and
+    is killed after the stop timeout. Docker's kill event gives it as a number (28): it was
+    not taken for a terminating signal, and the container stayed registered until its die."""
     web = svc()
     start_agent(registry_url)
     port = free_port()
-    c = containers(name=f"{web}-1", port=port, labels=labels(web, port))
+    c = containers(name=f"{web}-1", port=port, labels=labels(web, port), stop_signal=stop_signal)
     wait_registered(registry_url, web)
     t0 = time.monotonic()
     stopper = threading.Thread(target=c.stop, kwargs={"timeout": 5})

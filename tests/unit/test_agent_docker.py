@@ -353,7 +353,7 @@ def test_a_container_that_survives_its_kill_signal_is_registered_again(
     setup.agent._on_sync(list(setup.docker.running.values()))
     setup.wait_services(["xsvc"])
     written = len(setup.registry.log)
-    setup.event("kill", x, later(x), signal="3")  # docker kill -s QUIT: a JVM's thread dump
+    setup.event("kill", x, later(x), signal="15")  # a program that handles SIGTERM, lives on
     key = ("xsvc", "n1:" + "x" * 12 + ":80")
     assert setup.registry.log[written:] == [("put", key, "draining"), ("delete", key)]
     setup.wait_services(["xsvc"])  # still running after the grace: its check decides
