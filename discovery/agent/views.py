@@ -86,9 +86,13 @@ class AgentViews:
     def forget_removed(self) -> None:
         """The maintenance of containers Docker no longer has (removed while the agent was
         down: no ``destroy`` seen) dropped: asked outside the agent's lock, at most
-        ``FORGET_AT_ONCE`` a time, dropped under it. A stopped container's is kept."""
-        known = {cid[:12] for cid in list(self._tracked)}
-        for short in sorted(self.maint.containers() - known)[:FORGET_AT_ONCE]:
+        ``FORGET_AT_ONCE`` a time, dropped under it. A stopped container's is kept. What is in
+        maintenance is read under the lock too: ``PUT /v1/agent/maint`` and a ``destroy``
+        change it in place under it (read without, "Set changed size during iteration" ended
+        the agent's run loop)."""
+        with self._lock:
+            held = self.maint.containers() - {cid[:12] for cid in self._tracked}
+        for short in sorted(held)[:FORGET_AT_ONCE]:
             try:
                 gone = self.docker.inspect(short) is None
             except DiscoveryError:

@@ -3,6 +3,9 @@ apart, and the answer names what changed and what another kind still holds."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+
 from discovery.model import State
 from tests.unit.test_agent_docker import Setup, setup  # noqa: F401  (the fixture)
 
@@ -66,3 +69,47 @@ def test_the_maintenance_of_a_container_removed_while_the_agent_was_down_is_drop
     setup.agent._on_sync([])  # the listing after the agent's restart: neither runs
     assert setup.agent.reconcile()
     assert setup.agent.maint.ids == {ids["bsvc"]}
+
+
+class Hooked(set[str]):
+    """Instance ids whose first iteration calls ``hook`` after its first item."""
+
+    def __init__(self, items: set[str], hook: Callable[[], None]) -> None:
+        super().__init__(items)
+        self.hook: Callable[[], None] | None = hook
+
+    def __iter__(self) -> Iterator[str]:
+        for n, item in enumerate(super().__iter__()):
+            if n == 1 and self.hook is not None:
+                hook, self.hook = self.hook, None
+                hook()
+            yield item
+
+
+def test_what_is_in_maintenance_is_read_under_the_agents_lock(setup: Setup) -> None:  # noqa: F811
+    """``PUT /v1/agent/maint`` (and a ``destroy``) change the ids in place under the agent's
+    lock; the reconcile's look at them (forget_removed) read them without it: "Set changed size
+    during iteration", and the agent's run loop ended. Here a PUT comes while it reads."""
+    ids = both_in_maintenance(setup)
+    lock = setup.agent._lock
+    came: list[bool] = []
+
+    def put_meanwhile() -> None:  # another thread's PUT /v1/agent/maint, if the lock is free
+        if lock.acquire(blocking=False):
+            try:
+                setup.agent.maint.set("n1:cccccccccccc:80", True)
+            finally:
+                lock.release()
+            came.append(True)
+        else:
+            came.append(False)
+
+    def hook() -> None:
+        other = threading.Thread(target=put_meanwhile)
+        other.start()
+        other.join(5)
+
+    setup.agent.maint.ids = Hooked(set(ids.values()), hook)
+    setup.agent.forget_removed()
+    assert came == [False]  # it waited for the lock
+    assert setup.agent.maint.ids == set(ids.values())
