@@ -22,8 +22,10 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
+from requests.exceptions import ConnectionError as RequestsConnectionError
+
 from discovery.agent.spec import Check, CheckResult, CheckSpec, CheckTarget
-from discovery.errors import CheckError
+from discovery.errors import CheckError, DockerUnavailable
 from discovery.model.validate import blank_unprintable
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,7 @@ class ExecCheck:
         api = self.target.docker.api
         if self._previous_running(api):
             return CheckResult(False, "previous run still running: not started again")
+        timed_out = threading.Event()  # set once the run's deadline closed its stream
         try:
             exec_id = api.exec_create(
                 self.target.container_id, self.argv, stdout=True, stderr=True
@@ -237,13 +240,53 @@ class ExecCheck:
                 time.sleep(0.02)
                 info = api.exec_inspect(exec_id)
         except Exception as exc:  # docker.errors.APIError, requests errors, OSError, ...
-            return CheckResult(False, _error(exc))
+            if timed_out.is_set() or not _DOCKERD.unreachable(exc):  # (a timeout: failed)
+                return CheckResult(False, _error(exc))
+            return CheckResult(False, clip(f"no result: dockerd unreachable ({_error(exc)})"),
+                               unknown=True)
+        _DOCKERD.reached()
         text = out.decode("utf-8", "replace")
         if info.get("Running") or (timed_out.is_set() and info.get("ExitCode") is None):
             self._hung = exec_id
             return CheckResult(False, clip(f"timed out after {self.spec.timeout:g}s {text}"))
         code = info.get("ExitCode")
         return CheckResult(code == 0, clip(f"exit {code}: {text}" if text else f"exit {code}"))
+
+
+class _Dockerd:
+    """Whether dockerd answers exec checks, told in the log once an outage, for all checks.
+
+    An ``exec`` run that cannot reach dockerd (refused, its socket gone: restarted, upgraded,
+    with live-restore the containers go on serving) records no result: counted as a failure,
+    every exec-checked instance of a host was deregistered after ``fall`` runs, on every host
+    of a fleet-wide Docker upgrade. A failure dockerd answers (the container stopped: an
+    ``APIError``), a non-zero exit or a timeout in the container still counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down = False
+
+    def unreachable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says dockerd could not be reached (logged at the outage's first)."""
+        if not isinstance(exc, RequestsConnectionError | ConnectionError | DockerUnavailable):
+            return False
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            log.warning("dockerd unreachable (%s): exec checks record no result until it "
+                        "answers (health states kept)", _error(exc))
+        return True
+
+    def reached(self) -> None:
+        """An exec run reached dockerd."""
+        if self._down:
+            with self._lock:
+                back, self._down = self._down, False
+            if back:
+                log.info("dockerd answers again: exec checks count again")
+
+
+_DOCKERD = _Dockerd()
 
 
 class DockerCheck:

@@ -114,11 +114,13 @@ class CheckRunner:
     def run_once(self) -> bool | None:
         """One check run: update state and return the new state on a transition."""
         result = run_check(self.check)
-        if self.on_result is not None:
-            self.on_result(result.ok)
         self.runs += 1
         self.last_run = time.time()
         self.last_result = result
+        if result.unknown:  # no result (dockerd unreachable): neither counted nor observed
+            return None
+        if self.on_result is not None:
+            self.on_result(result.ok)
         changed = self.hysteresis.observe(result.ok)
         if changed is None:
             return None

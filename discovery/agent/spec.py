@@ -129,6 +129,9 @@ class CheckTarget:
 class CheckResult:
     ok: bool
     output: str = ""
+    #: no result: what the check goes through could not be reached (dockerd, for ``exec``):
+    #: the health state stays as it is (a failure would deregister serving containers)
+    unknown: bool = False
 
 
 class Check(Protocol):
