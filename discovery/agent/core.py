@@ -392,6 +392,7 @@ class Agent(AgentViews):
         # agent's decisions. Not an instance still to warm up: its check may have passed a
         # moment ago, its transition (which starts the warm-up) waiting for the lock we hold.
         with self.registrations.turn(), self._lock:
+            self._adopt_late(snap)  # (views: the read at start failed)
             wanted = {key: self._effective(inst) for tracked in self._tracked.values()
                       for key, inst in tracked.instances.items()
                       if tracked.warm(key) and self._wanted(tracked, key)}

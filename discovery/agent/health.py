@@ -95,6 +95,12 @@ class CheckRunner:
     def healthy(self) -> bool:
         return self.hysteresis.healthy
 
+    def assume_healthy(self) -> None:
+        """Healthy from now, as if started so (an earlier run's registration, adopted late):
+        ``fall`` failures make it unhealthy."""
+        if not self.hysteresis.healthy:
+            self.hysteresis = Hysteresis(self.spec.rise, self.spec.fall, healthy=True)
+
     @property
     def running(self) -> bool:
         return not self._stop.is_set()

@@ -59,6 +59,7 @@ class Registrations:
         self.metrics, self.history, self._wake = metrics, history, wake
         self.written: dict[Key, Instance] = {}  # by this process, on our lease/session
         self.adopt: set[Key] = set()  # ours in the registry from an earlier run: start healthy
+        self.adopted = False  # adopt was read (load, or the first node read after it failed)
         # a registration that failed may have been written all the same (its answer lost): if
         # it is not wanted any more it is deleted anyway, since the reconcile may not see it
         # (a ZooKeeper node without its index node; Nerve's sequential node)
@@ -87,7 +88,23 @@ class Registrations:
         """At start: this node's entries left by an earlier run, to adopt (their checks start
         healthy, no flap). Raises :class:`RegistryError` when the registry is unreachable."""
         self.adopt = set(self.registry.node_snapshot(self.node).instances)
+        self.adopted = True
         return len(self.adopt)
+
+    def adopt_late(self, snap: Snapshot) -> set[Key]:
+        """The keys of this node's entries in ``snap`` (a node read), adopted now if
+        :meth:`load` failed at start (the registry did not answer) and none was since; else
+        none. Before, none were ever adopted then: the first reconcile after the registry's
+        return drained and deleted an earlier run's entries of containers still warming up or
+        short of ``rise``, serving ones (called under the agent's lock, before it decides)."""
+        if self.adopted:
+            return set()
+        self.adopted = True
+        late = {k for k, i in snap.instances.items() if i.node == self.node}
+        self.adopt |= late
+        if late:
+            log.info("%d of this node's instances registered already (adopted)", len(late))
+        return late
 
     def want(self, key: Key, instance: Instance | None, cause: Cause | None = None, *,
              force: bool = False, departs: Cause | None = None) -> None:

@@ -6,7 +6,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -115,6 +115,16 @@ class Tracked:
     def killed_by(self, sig: object) -> bool:
         """Whether a kill event's ``signal`` ends this container (:func:`terminating`)."""
         return terminating(sig, self.stop_signal)
+
+    def adopt(self, keys: Collection[Key]) -> None:
+        """Its instances among ``keys`` were registered by an earlier run, seen only now (the
+        registry did not answer at the agent's start): as at a start that saw them, their
+        checks are healthy and they need no warm-up (one under way no longer holds them)."""
+        for key in self.instances.keys() & set(keys):
+            if (runner := self.runners.get(key)) is not None:
+                runner.assume_healthy()
+            self.warmed.add(key)
+            self.warming.discard(key)
 
     def ask_warmups(self, specs: list[ServiceSpec], adopted: set[Key]) -> None:
         """Note the warm-ups ``specs`` (in ``instances``' order) ask; ``adopted`` instances

@@ -17,6 +17,7 @@ from discovery.agent.maint import Maintenance
 from discovery.agent.registrations import Registrations
 from discovery.agent.tracked import Key, Tracked, check_views
 from discovery.errors import ConfigError, DiscoveryError
+from discovery.registry import Snapshot
 
 log = logging.getLogger(__name__)
 #: containers a reconcile asks Docker about for :meth:`AgentViews.forget_removed`
@@ -82,6 +83,13 @@ class AgentViews:
             "maintenance": sorted(list(self.maint.ids)) + (["node"] if self.maint.node else []),
             "time": time.time(),
         }
+
+    def _adopt_late(self, snap: Snapshot) -> None:
+        """This node's entries in ``snap``, adopted if the read at start failed
+        (:meth:`Registrations.adopt_late`): their containers' checks healthy, no warm-up."""
+        if late := self.registrations.adopt_late(snap):
+            for tracked in self._tracked.values():
+                tracked.adopt(late)
 
     def forget_removed(self) -> None:
         """The maintenance of containers Docker no longer has (removed while the agent was
