@@ -193,6 +193,7 @@ class ExecCheck:
         self.argv = parse_command(spec.params.get("command"))
         if target.docker is None:
             raise CheckError("exec check needs a Docker client")
+        self._reach: DockerReach = target.reach if target.reach is not None else DockerReach()
         self._hung: str | None = None  # exec id of a timed-out run, maybe still running
         self._told = False  # logged that runs are skipped for self._hung
 
@@ -240,11 +241,11 @@ class ExecCheck:
                 time.sleep(0.02)
                 info = api.exec_inspect(exec_id)
         except Exception as exc:  # docker.errors.APIError, requests errors, OSError, ...
-            if timed_out.is_set() or not _DOCKERD.unreachable(exc):  # (a timeout: failed)
+            if timed_out.is_set() or not self._reach.unreachable(exc):  # (a timeout: failed)
                 return CheckResult(False, _error(exc))
             return CheckResult(False, clip(f"no result: dockerd unreachable ({_error(exc)})"),
                                unknown=True)
-        _DOCKERD.reached()
+        self._reach.reached()
         text = out.decode("utf-8", "replace")
         if info.get("Running") or (timed_out.is_set() and info.get("ExitCode") is None):
             self._hung = exec_id
@@ -253,8 +254,9 @@ class ExecCheck:
         return CheckResult(code == 0, clip(f"exit {code}: {text}" if text else f"exit {code}"))
 
 
-class _Dockerd:
-    """Whether dockerd answers exec checks, told in the log once an outage, for all checks.
+class DockerReach:
+    """Whether dockerd answers exec checks, told in the log once an outage, for all of an
+    agent's checks (one a :class:`~discovery.agent.docker_source.DockerSource`).
 
     An ``exec`` run that cannot reach dockerd (refused, its socket gone: restarted, upgraded,
     with live-restore the containers go on serving) records no result: counted as a failure,
@@ -285,8 +287,6 @@ class _Dockerd:
             if back:
                 log.info("dockerd answers again: exec checks count again")
 
-
-_DOCKERD = _Dockerd()
 
 
 class DockerCheck:

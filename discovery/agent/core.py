@@ -21,7 +21,7 @@ from discovery.agent.history import Cause, History, docker_detail
 from discovery.agent.labels import parse_container
 from discovery.agent.maint import Maintenance
 from discovery.agent.registrations import Registrations
-from discovery.agent.spec import CheckResult, CheckTarget, ServiceSpec
+from discovery.agent.spec import CheckResult, ServiceSpec
 from discovery.agent.tracked import (
     KILL_GRACE,
     REFRESHING,
@@ -312,7 +312,7 @@ class Agent(AgentViews):
         adopted = key in self.registrations.adopt  # an earlier run's: start healthy, no flap
         if spec.check.type == "docker":
             return
-        target = CheckTarget(spec.address, spec.port, tracked.container_id, self.docker.client)
+        target = self.docker.check_target(spec.address, spec.port, tracked.container_id)
         check = build_check(spec.check, target)
 
         def on_transition(ok: bool, result: CheckResult, key: Key = key) -> None:

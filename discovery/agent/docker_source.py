@@ -19,6 +19,8 @@ import docker
 from docker.errors import DockerException, NotFound
 from requests.exceptions import RequestException
 
+from discovery.agent.checks import DockerReach
+from discovery.agent.spec import CheckTarget
 from discovery.errors import DockerUnavailable
 from discovery.retry import backoff
 
@@ -69,6 +71,11 @@ class DockerSource:
         self._client: docker.DockerClient | None = None
         self.connected = False
         self._clock_warned = False  # (once: _now_ns)
+        self.reach = DockerReach()  # whether exec checks reach dockerd (one warning an outage)
+
+    def check_target(self, address: str, port: int, container_id: str) -> CheckTarget:
+        """What a check of ``container_id`` probes (exec: through this dockerd)."""
+        return CheckTarget(address, port, container_id, self.client, self.reach)
 
     @property
     def client(self) -> docker.DockerClient:

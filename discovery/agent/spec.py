@@ -123,6 +123,7 @@ class CheckTarget:
     port: int
     container_id: str
     docker: Any = None  # a docker.DockerClient, for exec checks
+    reach: Any = None  # their agent's checks.DockerReach (None: one of the check's own)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import requests
 from discovery.agent import core, tracked
 from discovery.agent.config import AgentConfig
 from discovery.agent.docker_source import DockerSource
-from discovery.agent.spec import CheckSpec
+from discovery.agent.spec import CheckSpec, CheckTarget
 from discovery.agent.tracked import iso_ns
 from discovery.errors import DockerUnavailable
 from discovery.model import Instance
@@ -48,6 +48,9 @@ class FakeDocker:
 
     def stop(self) -> None:
         pass
+
+    def check_target(self, address: str, port: int, container_id: str) -> CheckTarget:
+        return CheckTarget(address, port, container_id, self.client)
 
     def inspect(self, cid: str) -> dict[str, Any] | None:  # (by a prefix too, as Docker)
         return copy.deepcopy(next((a for k, a in self.running.items() if cid and k.startswith(cid)),

@@ -9,7 +9,7 @@ non-zero exit and a timeout in the container still count.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from dataclasses import replace
 
 import docker.errors
 import pytest
@@ -19,17 +19,15 @@ from discovery.agent import checks
 from discovery.agent.health import CheckRunner, CheckScheduler
 from discovery.agent.spec import CheckResult, CheckSpec
 from discovery.errors import DockerUnavailable
-from tests.unit.test_checks import FakeAPI, FakeStream, exec_check
+from tests.unit.test_checks import FakeAPI, FakeDocker, FakeStream, exec_check, target
 
 REFUSED = requests.exceptions.ConnectionError("dockerd restarting (live-restore)")
 
 
-@pytest.fixture(autouse=True)
-def dockerd() -> Iterator[None]:
-    """A fresh outage state for each test (it is one for all checks of a process)."""
-    saved, checks._DOCKERD = checks._DOCKERD, checks._Dockerd()
-    yield
-    checks._DOCKERD = saved
+def agents_check(api: FakeAPI, reach: checks.DockerReach) -> checks.ExecCheck:
+    """An exec check of an agent whose checks share ``reach`` (one warning an outage)."""
+    spec = CheckSpec(type="exec", timeout=1.0, params={"command": '["check", "--now"]'})
+    return checks.ExecCheck(spec, replace(target(80, FakeDocker(api)), reach=reach))
 
 
 @pytest.mark.parametrize("error", [REFUSED, ConnectionRefusedError(111, "refused"),
@@ -50,8 +48,9 @@ def test_a_healthy_instance_stays_healthy_through_a_dockerd_restart(
     changes: list[bool] = []
     counted: list[bool] = []
     scheduler = CheckScheduler(workers=1)
+    reach = checks.DockerReach()
     try:
-        runners = [CheckRunner(spec, exec_check(api), lambda ok, _r: changes.append(ok),
+        runners = [CheckRunner(spec, agents_check(api, reach), lambda ok, _r: changes.append(ok),
                                scheduler, healthy=True, on_result=counted.append)
                    for _ in range(2)]
         with caplog.at_level(logging.INFO, logger=checks.__name__):
