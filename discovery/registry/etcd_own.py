@@ -45,7 +45,8 @@ from discovery.model import id_node
 from discovery.registry.base import Snapshot
 from discovery.registry.etcd_index import read_node
 from discovery.registry.etcd_read import Caller
-from discovery.registry.etcd_watch import EtcdWatch, WatchSource
+from discovery.registry.etcd_source import WatchSource
+from discovery.registry.etcd_watch import EtcdWatch
 from discovery.registry.owned import OWN_LATER, unread
 
 if TYPE_CHECKING:

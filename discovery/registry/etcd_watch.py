@@ -43,7 +43,7 @@ import logging
 import random
 import threading
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from pyetcd import etcdrpc
@@ -51,16 +51,13 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.utils import prefix_range_end
 
 from discovery.registry import etcd_aio, etcd_refusal
-from discovery.registry.base import Change, ChangeCallback, Snapshot, deliver
+from discovery.registry.base import Change, ChangeCallback, deliver
 from discovery.registry.etcd_hang import HangProbe
 from discovery.retry import RESUME_SPREAD
 
 if TYPE_CHECKING:
-    from discovery.registry.decoder import Decoder
-    from discovery.registry.etcd_aio import AioChannels, Endpoint, LoopThread
-    from discovery.registry.reads import ReadStats
-    from discovery.registry.security import EtcdAuth
-    from discovery.registry.url import RegistryURL
+    from discovery.registry.etcd_aio import Endpoint
+    from discovery.registry.etcd_source import WatchSource
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +66,6 @@ ENDPOINT_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends a watch whose member loses its leader
 #: seconds (uniform between the two) a watch that resumed wide stays wide
 NARROW_AFTER = (10.0, 60.0)
-
-
-class WatchSource(Protocol):
-    """What a watch needs from its registry (``EtcdRegistry``): where and how to connect,
-    how to decode, and whom to tell that the connection came or went."""
-
-    url: RegistryURL
-    client: Any
-    auth: EtcdAuth
-    where: str
-    decoder: Decoder
-    reads: ReadStats
-    channels: AioChannels
-
-    @property
-    def loop(self) -> LoopThread: ...
-
-    def snapshot(self, services: Collection[str] | None = None) -> Snapshot: ...
-
-    def revision(self) -> int: ...
-    def set_state(self, up: bool) -> None: ...
-    def members_in_use(self) -> set[str]: ...
 
 
 class EtcdWatch:
