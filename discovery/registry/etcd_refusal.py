@@ -30,6 +30,14 @@ stream (one ``WatchCreate``) after a wait that doubles to ``REFUSED_MAX``
 ``reset``: that service was never read, or changed while denied). Before, the whole stream was
 refused and retried, and no followed service's change came through meanwhile.
 
+A **message over the receive limit** (gRPC's ``RESOURCE_EXHAUSTED``: "Received message larger
+than max") is no lost link either: etcd answers a watcher that resumes behind the present with
+up to 1,000 revisions in one message, ~79 MB for 50 values of 1.5 MiB (the limit is 64 MiB,
+:data:`~discovery.registry.etcd_read.MAX_RECEIVE_BYTES`), and would answer the same to the same
+resume every time: the registry flapped down and up, and etcd sent it again each try. The watch
+reads everything it follows instead (paged: each value fits), as after a compaction, and
+watches on from that read's revision (logged each time; the registry is not reported down).
+
 A **wide resume** (k > 1 services: one watcher on the whole prefix) that etcd denies is no
 refusal of what the watch follows (a role granting read on the followed services only, not on
 the prefix docs/security.md asks for): the watch resumes at once with its k watchers, and no
@@ -107,6 +115,14 @@ def refused(exc: BaseException) -> bool:
     return code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def over_limit(exc: BaseException) -> bool:
+    """Whether a stream failed on an answer over the channel's receive limit (the docstring)."""
+    if not (isinstance(exc, grpc.RpcError) and hasattr(exc, "code")):
+        return False
+    return (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "larger than max" in str(exc.details()))
+
+
 class WatchFailures:
     """One watch's failures: which kind, how long it waits, what it logs (on ``log``, the
     watch's logger). ``where``: the registry's members, for the log."""
@@ -169,6 +185,14 @@ class WatchFailures:
                           "registry is not reported down for it)",
                           self._where, why, wait, resuming(revision))
         return wait
+
+    def too_large(self, exc: BaseException, revision: int) -> None:
+        """etcd's answer to the watch (``revision``: the last delivered) is over the receive
+        limit (:func:`over_limit`): logged; the caller reads everything again."""
+        self._log.warning("etcd watch on %s: etcd's answer to the watch resuming %s is over "
+                          "the receive limit (%s); reading everything followed again instead, "
+                          "and watching on from that read", self._where, resuming(revision),
+                          rpc_details(exc))
 
     def narrowed(self, reason: str, root: str, services: int) -> None:
         """etcd denied a wide resume on ``root``: the watch resumes with its own watchers."""

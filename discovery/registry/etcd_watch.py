@@ -7,10 +7,11 @@ keeps its own last revision: after a broken stream every watcher resumes from th
 after the last it delivered (or was told of by a progress notification); nothing is read again.
 Only when etcd has compacted that revision, or is behind it (a cluster restored from a backup:
 etcd 3.4 restores the backup's revision, and a watch from a later one would wait, silent, until
-etcd caught up), does the watch read what it follows once more (a watch of a host's own keys:
-that host's entries) and send a ``reset``. etcd behind the watch shows in the answer that
-creates a watcher (a linearizable read confirms it) or in any linearizable read the registry
-makes anyway (the agent's reconcile, a watch-only host's pulse:
+etcd caught up), or answers the resume with a message over the receive limit (big values:
+:mod:`~discovery.registry.etcd_refusal`), does the watch read what it follows once more (a
+watch of a host's own keys: that host's entries) and send a ``reset``. etcd behind the watch
+shows in the answer that creates a watcher (a linearizable read confirms it) or in any
+linearizable read the registry makes anyway (the agent's reconcile, a watch-only host's pulse:
 :mod:`~discovery.registry.etcd_rewind`), which is how a host behind ``etcd grpc-proxy`` learns
 it: the proxy keeps the host's stream open while the members are down and answers a new watcher
 with the revision it asked for. Those reads also compare etcd's cluster id and raft term with
@@ -284,6 +285,10 @@ class EtcdWatch:
                 raise
         except grpc.RpcError as exc:
             if self._stopped.is_set():
+                return
+            if etcd_refusal.over_limit(exc):  # the same resume would fail so again (etcd_refusal)
+                self._failures.too_large(exc, self.revision)
+                self._rewinding = True  # the next stream reads everything first
                 return
             if not self._leaving:  # (else a write to the stream cancelled to leave)
                 if exc.code() in ENDPOINT_DOWN:

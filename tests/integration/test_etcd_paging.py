@@ -21,9 +21,10 @@ import pytest
 
 from discovery.errors import InvalidRecord
 from discovery.model import Instance
-from discovery.registry import Change, RegistryURL, open_registry
+from discovery.registry import Change, RegistryURL, etcd_aio, etcd_watch, open_registry
 from discovery.registry.etcd_read import read_snapshot
 from discovery.registry.view import ServicesView
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.util import wait_for
 
 pytestmark = pytest.mark.integration
@@ -259,3 +260,59 @@ def test_services_read_at_a_compacted_revision_are_read_again(
     assert snap.revision >= client.compacted > 0
     assert snap.instances == {**made, extra.key: extra}
     assert client.requests == 1 + 2  # the aborted read's counts, then counts and one read
+
+
+def test_a_watch_resuming_past_values_over_its_receive_limit_reads_again(
+        etcd_url: str, raw: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stream broken while big values are written: etcd answers the resume with one message
+    of up to 1,000 revisions, over the channel's receive limit (RESOURCE_EXHAUSTED; 64 MiB in
+    use, ~45 values of 1.5 MiB; here 256 KiB and 12 of 100 KB). Resumed from the same revision,
+    it failed so forever, the registry flapping down and up; it reads everything once (paged:
+    each value fits) and watches on from that read's revision."""
+    limit = 256 * 1024
+    monkeypatch.setattr(etcd_aio, "GRPC_OPTIONS", [
+        (k, limit if k == "grpc.max_receive_message_length" else v)
+        for k, v in etcd_aio.GRPC_OPTIONS])
+    starts: list[int] = []
+    create = etcd_watch.EtcdWatch._create
+
+    def counted(self: etcd_watch.EtcdWatch, rng: str) -> Any:
+        req = create(self, rng)
+        starts.append(int(req.create_request.start_revision))
+        return req
+
+    monkeypatch.setattr(etcd_watch.EtcdWatch, "_create", counted)
+    url = RegistryURL.parse(etcd_url)
+    proxy = TcpProxy(url.hosts[0])
+    reg = open_registry(proxy.url("etcd", url.prefix) + "?spread=0.5", timeout=5)
+    seen: list[Change] = []
+    states: list[bool] = []
+    try:
+        reg.add_state_listener(states.append)
+        reg.watch(seen.append, reg.snapshot().revision)
+        raw.put(url.key(*inst(1).key), inst(1).to_json())
+        wait_for(lambda: [c.kind for c in seen] == ["put"], 10, message="the first put")
+        resume = seen[0].revision + 1
+        with proxy.blocked():
+            wait_for(lambda: states[-1:] == [False], 10, message="the link seen down")
+            for _ in range(12):  # a key outside the instances' shape: read, never decoded
+                raw.put(url.services_root + "/junk/blob", b"x" * 100_000)
+            raw.put(url.key(*inst(2).key), inst(2).to_json())
+        before, t0 = reg.reads.counts(), time.monotonic()
+        with caplog.at_level(logging.WARNING, logger=etcd_watch.__name__):
+            wait_for(lambda: seen[-1].kind == "reset" and len(seen[-1].snapshot.instances) == 2,
+                     5, message="the read after the resume over the limit")
+            read_in, t1 = time.monotonic() - t0, time.monotonic()
+            raw.put(url.key(*inst(3).key), inst(3).to_json())
+            wait_for(lambda: seen[-1].kind == "put", 1, message="a put after it")
+        print(f"read again {read_in:.2f} s after the link came back, the put after it in "
+              f"{time.monotonic() - t1:.3f} s; creates {starts}")
+        assert [c.kind for c in seen] == ["put", "reset", "put"], seen
+        assert starts.count(resume) == 1, starts  # that resume: not asked for again
+        assert (reg.reads.counts() - before).full_reads == 1
+        assert states[-1] and states.count(False) == 1, states  # down for the cut only
+        assert caplog.text.count("over the receive limit") == 1, caplog.text
+    finally:
+        reg.close(revoke=False)
+        proxy.close()

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 import pytest
 
 from discovery.errors import RegistryUnavailable
-from discovery.registry.etcd_refusal import WatchFailures, resuming
+from discovery.registry.etcd_refusal import WatchFailures, over_limit, resuming
 
 
 def test_resuming_names_the_next_revision_or_the_present() -> None:
@@ -78,3 +79,17 @@ def test_a_watch_with_nothing_delivered_yet_resumes_as_every_watch_does(
     failures = WatchFailures("127.0.0.1:2379", 3.0, logging.getLogger("t"), (9.0, 60.0))
     answers = [asyncio.run(failures.lost(RegistryUnavailable("gone"), 0)) for _ in range(3)]
     assert answers == [True, False, False] and waits == [0.1]
+
+
+@pytest.mark.parametrize(("code", "details", "over"), [
+    (grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "Received message larger than max (83886080 vs. 67108864)", True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests", False),
+    (grpc.StatusCode.UNAVAILABLE, "Received message larger than max (1 vs. 0)", False),
+])
+def test_only_an_answer_over_the_receive_limit_is_read_again_instead(
+        code: grpc.StatusCode, details: str, over: bool) -> None:
+    """gRPC's own limit, not etcd throttling (RESOURCE_EXHAUSTED too): a lost link, resumed."""
+    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    assert over_limit(exc) is over
+    assert not over_limit(RegistryUnavailable(details))
