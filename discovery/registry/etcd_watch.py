@@ -26,9 +26,12 @@ what they saw before, which tell a restore after its revision has passed the hos
 - with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from the
   oldest of the k revisions, filtered here (an event of another service is dropped, one of a
   followed service already delivered is skipped), so a resume costs etcd one ``WatchCreate``
-  instead of k. ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes back to its k
-  watchers (a new stream, each from its own revision), so in steady state etcd again sends this
-  host only what it routes; until then it receives every change of the registry
+  instead of k. A prefix watcher sends in revision order, one revision's events in one message:
+  each message delivers every followed range up to its last event, so a quiet service's old
+  revision does not make the next resume replay the whole prefix since then again.
+  ``NARROW_AFTER`` (10 to 60 s, at random) later, the watch goes back to its k watchers (a new
+  stream, each from its own revision), so in steady state etcd again sends this host only what
+  it routes; until then it receives every change of the registry
   (docs/operations.md#a-full-registry-restart);
 - etcd *refusing* (a watcher denied, a failed login) is no lost connection: the registry is not
   reported down, each refusal is logged, the wait doubles to a minute; a wide resume denied
@@ -268,9 +271,11 @@ class EtcdWatch:
                     continue
                 for ev in resp.events:
                     self._event(rng, ev)
-                if not resp.events:  # progress notification
-                    for r in (self._ranges if wide else (rng,)):
-                        self._revs[r] = max(self._revs[r], int(resp.header.revision))
+                # delivered up to a progress notification's revision (its range; wide: all)
+                # or, wide, the last event's: every followed range (module docstring)
+                upto = resp.events[-1].kv.mod_revision if resp.events else resp.header.revision
+                for r in (self._ranges if wide else () if resp.events else (rng,)):
+                    self._revs[r] = max(self._revs[r], int(upto))
             etcd_refusal.ended(endpoint)
         except asyncio.CancelledError:
             current = asyncio.current_task()
