@@ -2,10 +2,12 @@
 link, or a refusal.
 
 A **lost link** (``RegistryUnavailable``, a gRPC ``UNAVAILABLE``, no member to be reached) is
-what a whole fleet sees at once when its registry restarts. The broken stream is re-opened at
-once (another member), then after half the registry URL's resume spread plus up to one spread
-at random, every time (:func:`discovery.retry.backoff_async` with a fixed wait): the fleet's
-streams come back over that window, each host within one spread of the registry's return
+what a whole fleet sees at once when its registry restarts. The broken stream is re-opened soon
+(another member: after 0.1 s plus up to a third of the resume spread at random, so that the
+hosts of a member that died do not all come to the others within the same 100 ms), then
+after half the registry URL's resume spread plus up to one spread at random, every time
+(:func:`discovery.retry.backoff_async` with a fixed wait): the fleet's streams come back over
+that window, each host within one spread of the registry's return
 (docs/benchmarks.md). The registry is reported down; the first failure is logged. A watch
 given a window of its own (``later``: the host's own keys, :mod:`~discovery.registry.etcd_own`)
 waits instead a random moment within it after each lost link, once it has a revision to
@@ -62,11 +64,13 @@ from discovery.model.validate import shown
 from discovery.registry.security import hint, rpc_details
 from discovery.retry import RetryAt, backoff_async, spread
 
-#: re-opening a broken stream: once after 0.1 s (another member), then every half resume
-#: spread plus up to one spread at random (a fleet whose registry is down retries one spread
-#: apart on average, so it comes back over that window when the registry does)
+#: re-opening a broken stream: once after 0.1 s (another member) plus up to FIRST_SPREAD of the
+#: resume spread at random (1 s of the default 3 s), then every half resume spread plus up to
+#: one spread at random (a fleet whose registry is down retries one spread apart on average, so
+#: it comes back over that window when the registry does)
 RECONNECT_INITIAL = 0.1
-#: seconds a stream must have held its watchers for its loss to be a first one (at once)
+FIRST_SPREAD = 1 / 3
+#: seconds a stream must have held its watchers for its loss to be a first one (soon)
 HELD_BRIEFLY = 1.0
 #: the longest wait after a refusal (plus up to one resume spread at random)
 REFUSED_MAX = 60.0
@@ -157,17 +161,17 @@ class WatchFailures:
 
     async def lost(self, exc: BaseException, revision: int) -> bool:
         """A lost link: True once a wait of its own is over (the first since a stream held:
-        another member, at once; a watch that comes back ``later`` and has a ``revision`` to
-        resume from: a random moment within that window, every time); False: the backoff
-        waits (:meth:`link_backoff`), as after a stream lost within HELD_BRIEFLY of holding
-        (a member or proxy that ends every stream at once is not asked again at once)."""
+        another member, within a third of a spread; a watch that comes back ``later`` and has
+        a ``revision`` to resume from: a random moment within that window, every time); False:
+        the backoff waits (:meth:`link_backoff`), as after a stream lost within HELD_BRIEFLY of
+        holding (a member or proxy that ends every stream at once is not asked again at once)."""
         first = (self.interrupted(exc, revision)
                  and time.monotonic() - self._held_at >= HELD_BRIEFLY)
         if self._later is not None and revision:
             await asyncio.sleep(random.uniform(*self._later))
             return True
         if first:
-            await asyncio.sleep(RECONNECT_INITIAL)
+            await asyncio.sleep(RECONNECT_INITIAL + spread(self._spread * FIRST_SPREAD))
         return first
 
     async def refused(self, exc: BaseException, revision: int) -> None:

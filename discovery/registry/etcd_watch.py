@@ -19,10 +19,11 @@ what they saw before, which tell a restore after its revision has passed the hos
 
 **After a lost connection** (not at the first start) a fleet must not come back at once:
 
-- a broken stream (one the server ended without an error too) is re-opened at once (another
-  member) if it held for a second, then with jittered backoff (:func:`discovery.retry.
-  backoff_async`) whose random part is the URL's ``spread=`` (3 s): the fleet's streams come
-  back over that window, not in the registry's first second, nor in a loop;
+- a broken stream (one the server ended without an error too) is re-opened soon (another
+  member, within a third of the spread below) if it held for a second, then with jittered
+  backoff (:func:`discovery.retry.backoff_async`) whose random part is the URL's ``spread=``
+  (3 s): the fleet's streams come back over that window, not in the registry's first second,
+  nor in a loop;
 - with k > 1 services the stream *resumes wide*: one watcher on ``<prefix>/services/`` from the
   oldest of the k revisions, filtered here (an event of another service is dropped, one of a
   followed service already delivered is skipped), so a resume costs etcd one ``WatchCreate``

@@ -62,7 +62,7 @@ def test_a_watch_with_a_window_of_its_own_resumes_within_it_after_every_loss(
                    for _ in range(50)]
     [record] = caplog.records  # logged once, with its window
     if bounds is None:
-        assert answers == [True] + [False] * 49 and waits == [0.1]
+        assert answers == [True] + [False] * 49 and len(waits) == 1 and 0.1 <= waits[0] <= 1.1
         assert "within" not in record.getMessage()
         return
     assert answers == [True] * 50 and len(waits) == 50
@@ -78,7 +78,27 @@ def test_a_watch_with_nothing_delivered_yet_resumes_as_every_watch_does(
     before its first answer has none, and waits as any other."""
     failures = WatchFailures("127.0.0.1:2379", 3.0, logging.getLogger("t"), (9.0, 60.0))
     answers = [asyncio.run(failures.lost(RegistryUnavailable("gone"), 0)) for _ in range(3)]
-    assert answers == [True, False, False] and waits == [0.1]
+    assert answers == [True, False, False] and len(waits) == 1 and 0.1 <= waits[0] <= 1.1
+
+
+@pytest.mark.parametrize(("spread", "most"), [(3.0, 1.1), (0.6, 0.3), (0.0, 0.1)])
+def test_the_first_reconnect_after_a_loss_is_spread(waits: list[float], spread: float,
+                                                     most: float) -> None:
+    """The hosts of a member that died (a third of the fleet) re-open their streams 0.1 s
+    later plus up to a third of the resume spread at random, not all at 0.1 s (the same
+    100 ms at the other members)."""
+    for _ in range(300):  # each a host whose stream held, then was lost
+        failures = WatchFailures("127.0.0.1:2379", spread, logging.getLogger("t"))
+        assert asyncio.run(failures.lost(RegistryUnavailable("gone"), 7))
+    assert len(waits) == 300 and all(0.1 <= w <= most for w in waits), (min(waits), max(waits))
+    if not spread:
+        assert set(waits) == {0.1}
+        return
+    assert max(waits) - min(waits) > (most - 0.1) * 0.9, (min(waits), max(waits))
+    if spread == 3.0:  # the default: ~10 % a 100 ms (all of them before)
+        busiest = max(sum(t <= w < t + 0.1 for w in waits)
+                      for t in (0.1 + i * 0.01 for i in range(100)))
+        assert busiest < 60, busiest
 
 
 @pytest.mark.parametrize(("code", "details", "over"), [
