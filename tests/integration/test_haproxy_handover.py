@@ -84,6 +84,23 @@ def test_adopts_the_haproxy_left_running(http_backends, state):
     assert second.reload_count() == 0
 
 
+def test_a_master_whose_pid_file_is_empty_is_still_adopted(http_backends, state):
+    """HAProxy truncates its pid file when it opens it and writes the master's pid only after
+    it forks the worker: a worker that answered before that write made the master look gone,
+    and the next supervisor took the HAProxy over with -x instead of adopting it (make test,
+    once). The master is the answering worker's parent."""
+    (a,) = http_backends("alpha")
+    port = free_port()
+    first = state(build_config(port, servers={"be": [f"server live 127.0.0.1:{a.port}"]}))
+    first.start()
+    master = first.master_pid
+    first.leave()
+    first.pid_file.write_text("")  # as between HAProxy's open and its write
+    second = state()
+    second.start(validated=True)
+    assert second.adopted and second.master_pid == master
+
+
 def test_adopted_master_is_supervised_and_restarted(http_backends, state):
     (a,) = http_backends("alpha")
     port = free_port()
