@@ -91,16 +91,20 @@ class Registrations:
         self.adopted = True
         return len(self.adopt)
 
-    def adopt_late(self, snap: Snapshot) -> set[Key]:
+    def adopt_late(self, snap: Snapshot, failing: Callable[[Key], bool]) -> set[Key]:
         """The keys of this node's entries in ``snap`` (a node read), adopted now if
         :meth:`load` failed at start (the registry did not answer) and none was since; else
         none. Before, none were ever adopted then: the first reconcile after the registry's
         return drained and deleted an earlier run's entries of containers still warming up or
-        short of ``rise``, serving ones (called under the agent's lock, before it decides)."""
+        short of ``rise``, serving ones (called under the agent's lock, before it decides).
+        Not adopted: what this process wrote or is to write (its own, not an earlier run's),
+        and those whose check has failed since the start (``failing``: it is failing now)."""
         if self.adopted:
             return set()
         self.adopted = True
-        late = {k for k, i in snap.instances.items() if i.node == self.node}
+        mine = self.written.keys() | self.unsure | self._wishes.keys()
+        late = {k for k, i in snap.instances.items()
+                if i.node == self.node and k not in mine and not failing(k)}
         self.adopt |= late
         if late:
             log.info("%d of this node's instances registered already (adopted)", len(late))

@@ -116,6 +116,12 @@ class Tracked:
         """Whether a kill event's ``signal`` ends this container (:func:`terminating`)."""
         return terminating(sig, self.stop_signal)
 
+    def failed(self, key: Key) -> bool:
+        """Whether ``key``'s check ran and its last result (a result, not "no result") failed."""
+        runner = self.runners.get(key) if key in self.instances else None
+        last = runner.last_result if runner is not None else None
+        return last is not None and not last.ok and not last.unknown
+
     def adopt(self, keys: Collection[Key]) -> None:
         """Its instances among ``keys`` were registered by an earlier run, seen only now (the
         registry did not answer at the agent's start): as at a start that saw them, their

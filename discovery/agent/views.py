@@ -87,7 +87,10 @@ class AgentViews:
     def _adopt_late(self, snap: Snapshot) -> None:
         """This node's entries in ``snap``, adopted if the read at start failed
         (:meth:`Registrations.adopt_late`): their containers' checks healthy, no warm-up."""
-        if late := self.registrations.adopt_late(snap):
+        def failing(key: Key) -> bool:  # its check's last result since the start a failure
+            return any(t.failed(key) for t in self._tracked.values())
+
+        if late := self.registrations.adopt_late(snap, failing):
             for tracked in self._tracked.values():
                 tracked.adopt(late)
 

@@ -9,10 +9,12 @@ had not reached ``rise`` yet (or still warming up): serving containers out of ro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from discovery.agent.spec import CheckSpec
+from discovery.agent.spec import CheckResult, CheckSpec
+from discovery.errors import RegistryUnavailable
 from discovery.model import State
 from tests.unit.test_agent_docker import FakeRegistry, Setup, agent_on
 
@@ -53,3 +55,64 @@ def test_an_entry_seen_after_the_first_read_is_not_adopted(slow_rise: Setup) -> 
     listed_with_an_earlier_runs_entry(slow_rise)
     assert slow_rise.agent.reconcile() and slow_rise.agent.registrations.flush(5)
     assert slow_rise.registry.log[-2:] == [("put", KEY, "draining"), ("delete", KEY)]
+
+
+class Failing:
+    def run(self) -> CheckResult:
+        return CheckResult(False, "exit 1: broken")
+
+
+def test_a_check_failing_since_the_start_is_not_made_healthy_by_adoption(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container's check failed run after run while the registry was away: the earlier
+    run's entry is not adopted (it was set healthy and written up again, routed until ``fall``
+    more failures); it is drained and deleted as before the adoption came in."""
+    with agent_on(monkeypatch, FakeRegistry(),
+                  CheckSpec(type="none", interval=60, rise=2, fall=3)) as setup:
+        x = setup.run("x", "xsvc")
+        setup.agent._on_sync([x])
+        assert setup.agent.registrations.flush(5)
+        runner = setup.agent._tracked[x["Id"]].runners[KEY]
+        runner.check = Failing()  # type: ignore[assignment]
+        for _ in range(5):
+            runner.run_once()
+        setup.registry.data[KEY] = setup.agent._tracked[x["Id"]].instances[KEY]
+        assert setup.agent.reconcile() and setup.agent.registrations.flush(5)
+        assert not runner.healthy
+        assert setup.registry.log[-2:] == [("put", KEY, "draining"), ("delete", KEY)]
+
+
+def test_what_this_process_wrote_itself_is_not_adopted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read at start failed, the registry came back and this run registered x itself; then
+    x's check failed while a blip failed its delete: the next node read shows this process's
+    own record, which was 'adopted' and its failing check set healthy again."""
+
+    class Flaky(FakeRegistry):
+        down = False
+
+        def register(self, inst: Any) -> None:
+            if self.down:
+                raise RegistryUnavailable("down")
+            super().register(inst)
+
+        def deregister(self, service: str, iid: str) -> None:
+            if self.down:
+                raise RegistryUnavailable("down")
+            super().deregister(service, iid)
+
+    registry = Flaky()
+    with agent_on(monkeypatch, registry,
+                  CheckSpec(type="none", interval=60, rise=1, fall=2)) as setup:
+        x = setup.run("x", "xsvc")
+        setup.agent._on_sync([x])
+        setup.wait_services(["xsvc"])
+        runner = setup.agent._tracked[x["Id"]].runners[KEY]
+        runner.check = Failing()  # type: ignore[assignment]
+        registry.down = True
+        runner.run_once()
+        runner.run_once()
+        setup.agent.registrations.flush(5)
+        assert not runner.healthy and KEY in registry.data  # (its delete failed)
+        registry.down = False
+        assert setup.agent.reconcile() and setup.agent.registrations.flush(5)
+        assert not runner.healthy and KEY not in registry.data
