@@ -57,8 +57,8 @@ def node_prefix(child: str) -> str:
 
 def to_nerve(inst: Instance) -> bytes:
     """The JSON Nerve's reporter would write for ``inst`` (plus our labels, see above)."""
-    labels = dict(inst.meta)
-    labels["node"] = inst.node
+    labels = {k: val for k, val in inst.meta.items() if k not in RESERVED}  # (not carried: a
+    labels["node"] = inst.node  # meta ``zone`` made a zone of an instance with none)
     if inst.tags:
         labels["tags"] = ",".join(inst.tags)
     if inst.state is State.DRAINING:
@@ -133,7 +133,8 @@ def _instance(data: Any, service: str, child: str, where: str, stamp: float) -> 
         weight = 100
     tags = [t for t in text.get("tags", "").split(",") if _is_label(t)][: v.MAX_TAGS]
     meta = {k: val for k, val in text.items() if k not in RESERVED and _meta_ok(k, val)}
-    zone = text.get("zone", "")  # a DNS label, else none (any writer's label, hostile too)
+    zone = labels.get("zone")  # a string that is a DNS label, else none (any writer's label,
+    zone = zone if isinstance(zone, str) else ""  # hostile too; 1 or true are no zone)
     return Instance.shared(
         service=service, id=iid, node=node, address=address, port=v.port("port", port),
         tags=v.tags("tags", tags), weight=min(weight, 256),

@@ -48,13 +48,19 @@ def test_the_zone_is_carried_as_a_label() -> None:
     back = from_nerve(to_nerve(zoned), "web", f"{OURS.id}_0000000042", "here")
     assert back.zone == "eu1" and back.same_registration(zoned)
     assert "zone" not in json.loads(to_nerve(OURS))["labels"]
-    for hostile in ("EU1", "a" * 64, "e u", "-x", "x\n", 1.5, None, {"a": 1}, "\u202e"):
+    for hostile in ("EU1", "a" * 64, "e u", "-x", "x\n", 1.5, None, {"a": 1}, "\u202e", 1, True):
         raw = json.dumps({"host": "192.0.2.1", "port": 80, "labels": {"zone": hostile}})
         inst = from_nerve(raw, "web", "h_0000000001", "here")
         assert inst.zone == "" and "zone" not in inst.meta, hostile
     nerves = from_nerve(b'{"host":"192.0.2.1","port":80,"labels":{"zone":"us-east-1a"}}',
                         "web", "h_0000000001", "here")
     assert nerves.zone == "us-east-1a" and nerves.meta == {}
+    # meta under a reserved name is not carried: meta zone made a zone of an instance with none
+    metazone = replace(OURS, meta={"zone": "eu1", "image": "x", "team": "a"}, image="")
+    labels = json.loads(to_nerve(metazone))["labels"]
+    assert "zone" not in labels and "image" not in labels and labels["team"] == "a"
+    back = from_nerve(to_nerve(metazone), "web", f"{OURS.id}_0000000042", "here")
+    assert back.zone == "" and back.meta == {"team": "a"}
 
 
 def test_two_node_names_never_make_one_instance() -> None:
