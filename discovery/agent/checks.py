@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import ProxyError, SSLError
 
 from discovery.agent.spec import Check, CheckResult, CheckSpec, CheckTarget
 from discovery.errors import CheckError, DockerUnavailable
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "discovery.checks"
 OUTPUT_LIMIT = 200
 _EXEC_OUTPUT_LIMIT = 4096
+#: seconds an outage of dockerd may keep exec checks' health states as they are (a restart
+#: with live-restore, an upgrade: seconds; one that has not answered for this long has failed)
+UNKNOWN_MAX_S = 120.0
 
 CheckFactory = Callable[[CheckSpec, CheckTarget], Check]
 
@@ -261,32 +265,47 @@ class DockerReach:
     An ``exec`` run that cannot reach dockerd (refused, its socket gone: restarted, upgraded,
     with live-restore the containers go on serving) records no result: counted as a failure,
     every exec-checked instance of a host was deregistered after ``fall`` runs, on every host
-    of a fleet-wide Docker upgrade. A failure dockerd answers (the container stopped: an
-    ``APIError``), a non-zero exit or a timeout in the container still counts."""
+    of a fleet-wide Docker upgrade. For :data:`UNKNOWN_MAX_S` at most: a dockerd that stays
+    away (a failed upgrade) must not keep an app that died meanwhile registered for good; runs
+    count as failures from then on. A failure dockerd answers (the container stopped: an
+    ``APIError``), a non-zero exit, a timeout in the container, and a TLS or proxy error (an
+    expired client certificate: no restart) still count."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
-        self._down = False
+        self._clock = clock
+        self._since: float | None = None  # when the outage began (None: dockerd answers)
+        self._told_long = False
 
     def unreachable(self, exc: BaseException) -> bool:
-        """Whether ``exc`` says dockerd could not be reached (logged at the outage's first)."""
-        if not isinstance(exc, RequestsConnectionError | ConnectionError | DockerUnavailable):
+        """Whether ``exc`` says dockerd could not be reached, for no longer than
+        :data:`UNKNOWN_MAX_S` (logged at the outage's first, and once past that)."""
+        if not isinstance(exc, RequestsConnectionError | ConnectionError | DockerUnavailable) \
+                or isinstance(exc, SSLError | ProxyError):
             return False
+        now = self._clock()
         with self._lock:
-            first, self._down = not self._down, True
+            first = self._since is None
+            if first:
+                self._since, self._told_long = now, False
+            assert self._since is not None
+            long = now - self._since > UNKNOWN_MAX_S
+            tell_long, self._told_long = long and not self._told_long, self._told_long or long
         if first:
             log.warning("dockerd unreachable (%s): exec checks record no result until it "
-                        "answers (health states kept)", _error(exc))
-        return True
+                        "answers (health states kept), %g s at most", _error(exc), UNKNOWN_MAX_S)
+        if tell_long:
+            log.warning("dockerd unreachable for over %g s: exec checks count as failed again",
+                        UNKNOWN_MAX_S)
+        return not long
 
     def reached(self) -> None:
         """An exec run reached dockerd."""
-        if self._down:
+        if self._since is not None:
             with self._lock:
-                back, self._down = self._down, False
+                back, self._since = self._since is not None, None
             if back:
                 log.info("dockerd answers again: exec checks count again")
-
 
 
 class DockerCheck:

@@ -95,3 +95,31 @@ def test_a_timeout_in_the_container_still_counts() -> None:
     api.exec_start = start  # type: ignore[method-assign]
     result = exec_check(api, timeout=0.2).run()
     assert not result.ok and not result.unknown
+
+
+def test_an_outage_past_its_bound_counts_as_failed_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A dockerd that stays away (a failed upgrade) must not keep an app that died meanwhile
+    registered for good: after UNKNOWN_MAX_S its runs count as failures, told once."""
+    now = [1000.0]
+    reach = checks.DockerReach(clock=lambda: now[0])
+    check = agents_check(FakeAPI(fail=REFUSED), reach)
+    with caplog.at_level(logging.WARNING, logger=checks.__name__):
+        assert check.run().unknown
+        now[0] += checks.UNKNOWN_MAX_S - 1
+        assert check.run().unknown
+        now[0] += 2
+        late = [check.run(), check.run()]
+    assert not any(r.unknown or r.ok for r in late)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("for over" in m for m in said) == 1, said
+    reach.reached()  # back: a new outage gets its own bound
+    assert check.run().unknown
+
+
+@pytest.mark.parametrize("error", [requests.exceptions.SSLError("certificate expired"),
+                                   requests.exceptions.ProxyError("proxy refused")])
+def test_tls_and_proxy_errors_still_count(error: Exception) -> None:
+    """A remote dockerd's expired client certificate is no restart: such runs fail."""
+    result = exec_check(FakeAPI(fail=error)).run()
+    assert not result.unknown and not result.ok
