@@ -64,6 +64,8 @@ class Catalog:
             changed = self._by_service != by_service
             touched = {s for s in self._by_service.keys() | by_service.keys()
                        if self._by_service.get(s) != by_service.get(s)} if changed else set()
+            if not self.loaded:  # the first load (after a seed: each service's own index too)
+                touched |= by_service.keys()
             self._by_service, self._up, self._serving = by_service, {}, {}
             self._size = sum(map(len, by_service.values()))
             for members in by_service.values():

@@ -26,7 +26,7 @@ from discovery.registry.view import ServicesView
 from discovery.retry import backoff
 from discovery.watcher.guard import GuardSettings, WipeGuard
 from discovery.watcher.json_out import JsonOut
-from discovery.watcher.remember import Remember, recall
+from discovery.watcher.remember import Remember, recall, source_of
 from discovery.watcher.router import Router
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,11 @@ class Watcher:
         self.config_lock = threading.Lock()  # one SIGHUP reload at a time (each its own thread)
         self.json_out = JsonOut(json_out, self.catalog) if json_out is not None else None
         # the last catalog on disk, for a restart during a wipe (none: the guard is off)
-        self.remember = (Remember(remember, self.catalog)
+        self.remember = (Remember(remember, self.catalog, source=source_of(registry.url),
+                                  current=lambda: self.registry_connected,
+                                  left_out=self.guard.kept)
                          if remember is not None and self.guard.settings.enabled else None)
+        self._seeding = self.remember is not None  # at the first read (its age then)
         self.wait_min, self.wait_max = wait
         self.reload_min_interval = reload_min_interval
         self.registry_connected = False
@@ -93,11 +96,14 @@ class Watcher:
 
     def _recall(self) -> None:
         """Seed the catalog with the last one kept on disk (:mod:`~discovery.watcher.remember`):
-        the first read comes to the wipe guard as a resync of it."""
+        the first read comes to the wipe guard as a resync of it. At that read, not at the start:
+        the file's age is its age then (a registry away for an hour at the start must not have
+        its first read compared with a catalog an hour old)."""
         if self.remember is None:
             return
         view = self.registry
-        seeded = self.catalog.seed(recall(self.remember.path, view.services.__contains__
+        seeded = self.catalog.seed(recall(self.remember.path, self.remember.source,
+                                          view.services.__contains__
                                           if isinstance(view, ServicesView) else lambda s: True))
         if seeded:
             log.info("last catalog: %d up instances from %s; the first read is compared with "
@@ -112,7 +118,6 @@ class Watcher:
     def run(self) -> None:
         """Follow the registry (its first read loads the catalog: one read, ``FIRST_READ``),
         apply, until :meth:`stop`."""
-        self._recall()
         self._watch = self._first(lambda: self.registry.watch(self._on_change, FIRST_READ))
         if self._watch is None or self._stop.is_set():  # (close() stops a watch made)
             return
@@ -186,6 +191,9 @@ class Watcher:
 
     def _on_change(self, change: Change) -> None:
         self.changes_seen += 1
+        if self._seeding and change.kind == "reset":  # the first read (a watch's own)
+            self._seeding = False
+            self._recall()
         self._apply(lambda: self.guard.filter(change))
         self._wake.set()  # a deferral may have moved the guard's next deadline
 

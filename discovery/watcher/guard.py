@@ -193,6 +193,11 @@ class WipeGuard:
         with self._lock:
             return sorted(self._kept.held)
 
+    def kept(self) -> set[Key]:
+        """What it keeps in the catalog that the registry no longer has: held, or settling."""
+        with self._lock:
+            return set(self._kept.entries)
+
     def held_services(self) -> list[str]:
         """The services with an instance held (/v1/health)."""
         with self._lock:
@@ -284,6 +289,8 @@ class WipeGuard:
         # of services no longer followed (a SIGHUP dropped them): left, not removed (a fleet's
         # config push counted them as a wipe on every host at once, and held them)
         gone = [i.key for i in missing if not snapshot.keeps(i.key) and snapshot.covers(i.service)]
+        for key in [k for k in self._burst.applied if not snapshot.covers(k[0])]:
+            del self._burst.applied[key]  # (never put back: not followed any more)
         kept = [i for i in missing if snapshot.keeps(i.key)]
         # drained by another writer: taken out as if gone, kept as they were while held
         drained = {k: i for k, i in snapshot.instances.items()

@@ -17,10 +17,11 @@ import pytest
 
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
-from discovery.registry.base import Snapshot
+from discovery.registry.base import Change, Snapshot
+from discovery.registry.url import RegistryURL
 from discovery.watcher import remember as remember_mod
 from discovery.watcher.core import Watcher
-from discovery.watcher.remember import Remember, recall
+from discovery.watcher.remember import Remember, recall, source_of
 from tests.unit.test_watcher_loop import _Registry
 
 
@@ -33,7 +34,13 @@ def _inst(service: str, n: int, node: str, state: State = State.UP) -> Instance:
 FLEET = [_inst(f"svc{s}", s, f"node{(s + k) % 4}") for s in range(4) for k in range(2)]
 
 
+URL = RegistryURL.parse("etcd://127.0.0.1:2379/unit")
+SOURCE = source_of(URL)
+
+
 class _Read(_Registry):
+    url = URL  # type: ignore[assignment]
+
     def __init__(self, instances: list[Instance]) -> None:
         super().__init__()
         self.instances = instances
@@ -42,10 +49,10 @@ class _Read(_Registry):
         return Snapshot({i.key: i for i in self.instances}, 7)
 
 
-def _kept(path: Path, instances: list[Instance]) -> None:
+def _kept(path: Path, instances: list[Instance], source: str = SOURCE) -> None:
     catalog = Catalog()
     catalog.load(Snapshot({i.key: i for i in instances}, 5))
-    Remember(path, catalog).write()
+    assert Remember(path, catalog, source=source).write()
 
 
 def _started(registry: _Registry, path: Path | None) -> tuple[Watcher, threading.Thread]:
@@ -54,6 +61,15 @@ def _started(registry: _Registry, path: Path | None) -> tuple[Watcher, threading
     thread.start()
     assert watcher.wait_ready(10)
     return watcher, thread
+
+
+def _seeds_nothing(registry: _Registry, path: Path) -> None:
+    """A watcher started on ``registry`` (wiped: empty) with ``path`` holds nothing."""
+    watcher, thread = _started(registry, path)
+    try:
+        assert watcher.catalog.size() == 0 and watcher.guard.held() == []
+    finally:
+        _stopped(watcher, thread)
 
 
 def _stopped(watcher: Watcher, thread: threading.Thread) -> None:
@@ -120,8 +136,8 @@ def test_a_stopped_watcher_leaves_its_up_instances_in_the_file(tmp_path: Path) -
     draining = _inst("svc9", 9, "node1", State.DRAINING)
     watcher, thread = _started(_Read([*FLEET, draining]), path)
     _stopped(watcher, thread)  # (its sync asked for a write within 30 s: close writes now)
-    assert {i.key for i in recall(path)} == {i.key for i in FLEET}
-    assert {i.key for i in recall(path, lambda s: s == "svc1")} == {
+    assert {i.key for i in recall(path, SOURCE)} == {i.key for i in FLEET}
+    assert {i.key for i in recall(path, SOURCE, lambda s: s == "svc1")} == {
         i.key for i in FLEET if i.service == "svc1"}
 
 
@@ -172,7 +188,7 @@ def test_a_file_too_old_is_not_used(tmp_path: Path) -> None:
     _kept(path, FLEET)
     old = time.time() - remember_mod.MAX_AGE_S - 5
     os.utime(path, (old, old))
-    assert recall(path) == []
+    assert recall(path, SOURCE) == []
     watcher, thread = _started(_Read([]), path)
     try:
         assert watcher.catalog.size() == 0
@@ -191,7 +207,7 @@ def test_an_unusable_file_is_named_once_and_not_used(
     path = tmp_path / "catalog.last.json"
     path.write_bytes(text)
     with caplog.at_level(logging.WARNING, logger="discovery.watcher.remember"):
-        assert recall(path) == []
+        assert recall(path, SOURCE) == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(path) in warnings[0], warnings
 
@@ -202,7 +218,8 @@ def test_the_file_holds_one_up_instance_a_line(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 4 and json.loads(path.read_text())["instances"][0]["state"] == "up"
     _kept(path, [])
-    assert json.loads(path.read_text()) == {"instances": []} and recall(path) == []
+    assert json.loads(path.read_text()) == {"registry": SOURCE, "instances": []}
+    assert recall(path, SOURCE) == []
 
 
 def test_a_file_nothing_changed_is_touched_so_a_long_quiet_catalog_is_still_used(
@@ -212,16 +229,16 @@ def test_a_file_nothing_changed_is_touched_so_a_long_quiet_catalog_is_still_used
     path = tmp_path / "catalog.last.json"
     catalog = Catalog()
     catalog.load(Snapshot({i.key: i for i in FLEET}, 1))
-    keeper = Remember(path, catalog, every=0.3)
+    keeper = Remember(path, catalog, source=SOURCE, every=0.3)
     keeper.changed()
     wait_until(lambda: path.exists())
     old = time.time() - remember_mod.MAX_AGE_S - 60  # as if quiet for 11 minutes
     os.utime(path, (old, old))
     wait_until(lambda: path.stat().st_mtime > old)  # touched while nothing changes
-    assert len(recall(path)) == len(FLEET)
+    assert len(recall(path, SOURCE)) == len(FLEET)
     os.utime(path, (old, old))
     keeper.close()  # nothing changed since: touched at the stop
-    assert time.time() - path.stat().st_mtime < 5 and len(recall(path)) == len(FLEET)
+    assert time.time() - path.stat().st_mtime < 5 and len(recall(path, SOURCE)) == len(FLEET)
     keeper.close()  # (again: nothing)
 
 
@@ -233,7 +250,7 @@ def test_a_write_a_sigkill_cut_short_is_removed_at_the_next_start(tmp_path: Path
     fresh.write_text('{"instances": [')  # (another process writing it now: left alone)
     old = time.time() - 120
     os.utime(left, (old, old))
-    assert len(recall(path)) == len(FLEET)
+    assert len(recall(path, SOURCE)) == len(FLEET)
     assert not left.exists() and fresh.exists()
 
 
@@ -242,3 +259,88 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_what_the_guard_holds_is_not_written_so_restarts_do_not_hold_it_again(
+        tmp_path: Path) -> None:
+    """Half the catalog really died and the watcher restarts again and again: each run wrote
+    the held instances as up, the next seeded them and held them another 45 s, for as long as
+    it kept restarting."""
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+    watcher, thread = _started(_Read([]), path)
+    try:
+        wait_until(lambda: len(watcher.guard.held()) == len(FLEET))
+    finally:
+        _stopped(watcher, thread)
+    assert recall(path, SOURCE) == []  # held: left out
+    _seeds_nothing(_Read([]), path)
+
+
+def test_the_file_is_not_made_current_while_the_registry_is_away(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in FLEET}, 1))
+    connected = [True]
+    keeper = Remember(path, catalog, source=SOURCE, current=lambda: connected[0], every=0.2)
+    keeper.changed()
+    wait_until(lambda: path.exists())
+    connected[0] = False  # the catalog kept through an outage: not the registry's now
+    old = time.time() - 100
+    os.utime(path, (old, old))
+    deadline = time.monotonic() + 0.8  # four touches' time
+    while time.monotonic() < deadline:
+        assert path.stat().st_mtime == old
+        time.sleep(0.05)
+    keeper.close()
+    assert path.stat().st_mtime == old
+
+
+def test_a_write_that_fails_is_tried_again_every_so_often_not_every_second(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    catalog = Catalog()
+    catalog.load(Snapshot({i.key: i for i in FLEET}, 1))
+    keeper = Remember(blocked / "catalog.last.json", catalog, source=SOURCE, every=1.0)
+    with caplog.at_level(logging.WARNING, logger="discovery.watcher.remember"):
+        keeper.changed()
+        wait_until(lambda: keeper.error is not None)
+        time.sleep(1.6)  # (MIN_GAP_S is 1 s: a failed write made it one a second, forever)
+        keeper.close()
+    assert 1 <= len(caplog.records) <= 3, [r.getMessage() for r in caplog.records]
+
+
+def test_another_registrys_file_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET, source=source_of(RegistryURL.parse("etcd://127.0.0.1:2379/other")))
+    assert recall(path, SOURCE) == []
+    _seeds_nothing(_Read([]), path)
+
+
+def test_the_files_age_is_taken_at_the_first_read_not_at_the_start(tmp_path: Path) -> None:
+    """A registry away at the start: the first read came an hour later, compared with a
+    catalog an hour old (its age was checked before the wait)."""
+    path = tmp_path / "catalog.last.json"
+    _kept(path, FLEET)
+
+    class Late(_Read):
+        def watch(self, callback: Callable[[Change], None], start_revision: int = 0,
+                  services: object = None) -> _Registry:
+            old = time.time() - remember_mod.MAX_AGE_S - 5  # (the hour passes here)
+            os.utime(path, (old, old))
+            return super().watch(callback, start_revision, services)
+
+    _seeds_nothing(Late([]), path)
+
+
+def test_a_seeded_first_load_gives_each_service_its_own_index() -> None:
+    """After a seed that the first read matched, no service had its own change index: every
+    blocking query woke when any other service left the catalog."""
+    web, db = FLEET[:2], _inst("db", 9, "node3")
+    catalog = Catalog()
+    catalog.seed([*web, db])
+    catalog.load(Snapshot({i.key: i for i in [*web, db]}, 5))
+    index = catalog.modified("svc0")
+    catalog.apply(Change("delete", key=db.key, revision=6))  # db leaves the catalog
+    assert catalog.modified("svc0") == index

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from discovery.model import Instance, State
+from discovery.model.catalog import Catalog
 from discovery.registry import Change
 from discovery.registry.base import Snapshot
+from discovery.watcher.guard import GuardSettings, WipeGuard
 from tests.unit.test_wipe_guard import HOLD, delete, feed, ids, put, setup, tick
 from tests.unit.test_wipe_guard import inst as bare
 
@@ -151,3 +153,35 @@ def test_a_put_back_is_marked_so_that_it_is_not_timed_as_a_write() -> None:
             catalog.apply(c)
             puts += [c] if c.kind == "put" else []
     assert puts and all(c.put_back for c in puts)
+
+
+def test_a_service_a_sighup_stopped_following_is_never_put_back() -> None:
+    """A removal of api applied in a burst, then a SIGHUP that stops following api (a scoped
+    reset), then the burst becomes a wipe by deletes of web: api's instance was put back in
+    the catalog and held 45 s (catalog, last-catalog file, held_services, metrics)."""
+    t = [100.0]
+
+    def on(service: str, n: int) -> Instance:
+        return Instance(service=service, id=f"n{n}:{n:012x}:80", node=f"n{n}",
+                        address="192.0.2.1", port=8000 + n)
+
+    web = [on("web", n) for n in range(1, 5)]
+    api = [on("api", n) for n in range(1, 5)]
+    catalog = Catalog()
+    guard = WipeGuard(catalog, GuardSettings(), clock=lambda: t[0])
+
+    def apply(changes: list[Change]) -> None:
+        for c in changes:
+            catalog.apply(c)
+
+    apply(guard.filter(Change("reset", snapshot=Snapshot({i.key: i for i in web + api}, 5))))
+    t[0] += 0.1
+    apply(guard.filter(Change("delete", key=api[0].key, revision=6)))  # api has others
+    t[0] += 0.1
+    scoped = Snapshot({i.key: i for i in web}, 7, scope=frozenset({"web"}))
+    apply(guard.filter(Change("reset", snapshot=scoped, revision=7)))
+    for n, i in enumerate(web):
+        t[0] += 0.1
+        apply(guard.filter(Change("delete", key=i.key, revision=8 + n)))
+    assert guard.wiping()
+    assert catalog.services().keys() == {"web"} and "api" not in guard.held_services()
