@@ -20,8 +20,9 @@ import pytest
 
 from discovery.model import Instance
 from discovery.registry import Registry, open_registry
+from discovery.registry.url import RegistryURL
 from discovery.watcher.adopt import alive, ours
-from discovery.watcher.remember import recall
+from discovery.watcher.remember import recall, source_of
 from tests.harness.agent import DiscoveryProcess
 from tests.harness.haproxy import HAPROXY_BIN, NamedBackend, http_get
 from tests.harness.load import SteadyLoad
@@ -332,7 +333,8 @@ def test_a_watcher_restarted_while_the_registry_is_wiped_routes_on(request, http
         first = h.watcher("--config", str(conf))
         wait_for(lambda: h.routes({"a", "b"}), 20, message="the first watcher routes a and b")
         kept = h.state / "catalog.last.json"
-        wait_for(lambda: kept.exists() and len(recall(kept)) == 2, 10,
+        source = source_of(RegistryURL.parse(url))
+        wait_for(lambda: kept.exists() and len(recall(kept, source)) == 2, 10,
                  message="the last catalog written")
         first.kill()
     finally:
