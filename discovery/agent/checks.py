@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
+import docker.errors
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ProxyError, SSLError
 
@@ -246,7 +247,9 @@ class ExecCheck:
                 info = api.exec_inspect(exec_id)
         except Exception as exc:  # docker.errors.APIError, requests errors, OSError, ...
             if timed_out.is_set() or not self._reach.unreachable(exc):  # (a timeout: failed)
-                return CheckResult(False, _error(exc))
+                if isinstance(exc, docker.errors.APIError):  # dockerd answered: it is back
+                    self._reach.reached()  # (else an outage's start stayed, and the next
+                return CheckResult(False, _error(exc))  # one counted as failed at once)
             return CheckResult(False, clip(f"no result: dockerd unreachable ({_error(exc)})"),
                                unknown=True)
         self._reach.reached()

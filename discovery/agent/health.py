@@ -86,6 +86,7 @@ class CheckRunner:
         self.scheduler = scheduler  # the timer and workers shared by all runners
         self.hysteresis = Hysteresis(spec.rise, spec.fall, healthy)
         self.last_result: CheckResult | None = None
+        self.last_known: CheckResult | None = None  # the last that was a result (not unknown)
         self.last_run: float | None = None
         self.since: float = time.time()  # wall-clock time of the last transition (or start)
         self.runs = 0
@@ -123,6 +124,8 @@ class CheckRunner:
         self.runs += 1
         self.last_run = time.time()
         self.last_result = result
+        if not result.unknown:
+            self.last_known = result
         if result.unknown:  # no result (dockerd unreachable): neither counted nor observed
             return None
         if self.on_result is not None:

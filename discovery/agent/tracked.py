@@ -117,10 +117,11 @@ class Tracked:
         return terminating(sig, self.stop_signal)
 
     def failed(self, key: Key) -> bool:
-        """Whether ``key``'s check ran and its last result (a result, not "no result") failed."""
+        """Whether ``key``'s check ran and its last result failed (the last that was one: a
+        "no result" after a failure hid it)."""
         runner = self.runners.get(key) if key in self.instances else None
-        last = runner.last_result if runner is not None else None
-        return last is not None and not last.ok and not last.unknown
+        last = runner.last_known if runner is not None else None
+        return last is not None and not last.ok
 
     def adopt(self, keys: Collection[Key]) -> None:
         """Its instances among ``keys`` were registered by an earlier run, seen only now (the

@@ -53,9 +53,10 @@ class Watcher:
         # the last catalog on disk, for a restart during a wipe (none: the guard is off)
         self.remember = (Remember(remember, self.catalog, source=source_of(registry.url),
                                   current=lambda: self.registry_connected,
-                                  left_out=self.guard.kept)
+                                  held=self.guard.held_since)
                          if remember is not None and self.guard.settings.enabled else None)
         self._seeding = self.remember is not None  # at the first read (its age then)
+        self._holding = 0  # what the guard held at the last change
         self.wait_min, self.wait_max = wait
         self.reload_min_interval = reload_min_interval
         self.registry_connected = False
@@ -102,9 +103,11 @@ class Watcher:
         if self.remember is None:
             return
         view = self.registry
-        seeded = self.catalog.seed(recall(self.remember.path, self.remember.source,
-                                          view.services.__contains__
-                                          if isinstance(view, ServicesView) else lambda s: True))
+        found = recall(self.remember.path, self.remember.source, view.services.__contains__
+                       if isinstance(view, ServicesView) else lambda s: True,
+                       hold=self.guard.settings.hold)
+        self.remember.carried = found.held  # (a hold that went on before: since then)
+        seeded = self.catalog.seed(found.instances)
         if seeded:
             log.info("last catalog: %d up instances from %s; the first read is compared with "
                      "them", seeded, self.remember.path)
@@ -213,7 +216,11 @@ class Watcher:
                             and not change.put_back:  # (no one's write: not timed)
                         self._pending.append((change.instance, time.time()))
                 self._mark_dirty()
-            self.metrics.wipe_guard(self.guard.status.holding, self.guard.status.engaged)
+            holding = self.guard.status.holding
+            self.metrics.wipe_guard(holding, self.guard.status.engaged)
+            if holding != self._holding and self.remember is not None:
+                self.remember.changed()  # what it holds is written with its time (a hold the
+            self._holding = holding  # catalog did not change for, a resync's: written too)
 
     def _until_guard_due(self) -> float:
         dues = [d for d in (self.guard.next_due(),

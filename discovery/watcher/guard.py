@@ -193,10 +193,11 @@ class WipeGuard:
         with self._lock:
             return sorted(self._kept.held)
 
-    def kept(self) -> set[Key]:
-        """What it keeps in the catalog that the registry no longer has: held, or settling."""
+    def held_since(self) -> dict[Key, float]:
+        """What it holds, and since when (its clock)."""
         with self._lock:
-            return set(self._kept.entries)
+            return {k: e.held_since for k, e in self._kept.entries.items()
+                    if e.held_since is not None}
 
     def held_services(self) -> list[str]:
         """The services with an instance held (/v1/health)."""

@@ -12,10 +12,11 @@ So the watcher keeps what is *up* in its catalog in ``<state dir>/catalog.last.j
 by a thread of its own while the catalog changes (at most every ``COST`` times as long as a
 write takes, 1 to 30 s apart), touched every 30 s while it does not, and written or touched
 once more when it stops (SIGUSR2: before the handover, as the successor reads it at its
-start); touched only while the registry is connected (a catalog kept through an outage is
-not the registry's); without what the guard holds (a watcher restarting every minute through
-a real loss would hold the dead instances again at each start, past ``hold``); naming its
-registry (scheme, members, prefix, layout). At the first read (not at the start: a registry
+start); written and touched only while the registry is connected (a catalog kept through an
+outage is not the registry's); what the guard holds with when its hold began (a successor
+holds it too, but not past twice ``hold`` from then: a watcher restarting every minute
+through a real loss would hold the dead instances for ever); naming its registry (scheme,
+prefix, layout). At the first read (not at the start: a registry
 away for an hour then), a file of the same registry made current within :data:`MAX_AGE_S`
 seeds the catalog (:meth:`~discovery.model.catalog.Catalog.seed`: nothing answers from it),
 and that read comes to the guard as a resync of that catalog: a wipe is held as it is on a
@@ -33,8 +34,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from discovery.errors import InvalidRecord
 from discovery.files import stage
@@ -65,17 +68,22 @@ class Remember:
     :meth:`close` once (a last write if anything changed since the one before, else a touch:
     the file's time is when it was last known current). ``source`` names the registry (the
     file of another is not used); ``current()``: whether the catalog is the registry's now
-    (connected: a catalog kept through an outage is not made current by a touch);
-    ``left_out()``: keys to leave out, those the wipe guard holds (else a watcher restarting
-    every minute through a real loss held the dead instances again at each start)."""
+    (connected: a catalog kept through an outage is neither written nor made current);
+    ``held()``: the keys the wipe guard holds and since when (monotonic), written with the
+    instance (``held_since``, the wall clock; the earliest of this run's and of the file it
+    was seeded from, :attr:`carried`), so that a watcher restarting again and again through a
+    real loss does not hold the dead instances for ever (a successor seeds a held instance
+    only within twice ``hold`` of its first hold), and one handed over during a wipe still
+    holds it."""
 
     def __init__(self, path: Path, catalog: Catalog, *, source: str = "",
                  current: Callable[[], bool] = lambda: True,
-                 left_out: Callable[[], Collection[Key]] = frozenset,
+                 held: Callable[[], Mapping[Key, float]] = dict,
                  every: float = EVERY_S) -> None:
         self.path = path
         self.catalog = catalog
-        self.source, self._current, self._left_out = source, current, left_out
+        self.source, self._current, self._held = source, current, held
+        self.carried: dict[Key, float] = {}  # held since (wall clock), from the file seeded
         self.every = every
         self.error: str | None = None  # why the last write failed
         self._cond = threading.Condition()
@@ -119,6 +127,13 @@ class Remember:
                     self._cond.wait(wait)
                 dirty, closing, self._dirty = self._dirty, self._closed, False
             started = time.monotonic()
+            if dirty and not self._current():  # an outage: nothing the registry's to write
+                with self._cond:
+                    self._dirty = True
+                self._last = time.monotonic()
+                if closing:
+                    return
+                continue
             if dirty or not self._touch():
                 written = self.write()  # (a failure: tried again ``every`` later, not at once)
                 self._gap = self.every if not written else min(
@@ -140,11 +155,13 @@ class Remember:
 
     def write(self) -> bool:
         """Write the file now; False: it failed (logged; tried again ``every`` later)."""
-        left_out = self._left_out()
-        kept = [i for i in self.catalog.instances() if i.key not in left_out]
+        now, wall = time.monotonic(), time.time()
+        held = {k: min(wall - (now - since), self.carried.get(k, wall))
+                for k, since in self._held().items()}
         try:  # staged, then renamed: never read back to compare (install() would: two copies
-            staged = stage(_pieces(kept, self.source), self.path)  # of a 4.5 MB file,
-            try:  # and glibc keeps the heap they grew: +3.4 MB in bench/footprint.py)
+            staged = stage(_pieces(self.catalog.instances(), held, self.source),  # of a 4.5 MB
+                           self.path)  # file, and glibc keeps the heap they grew: +3.4 MB
+            try:  # in bench/footprint.py)
                 os.replace(staged, self.path)
             except BaseException:
                 staged.unlink(missing_ok=True)
@@ -163,31 +180,45 @@ def _header(source: str) -> str:
     return '{"registry": ' + json.dumps(source) + ', "instances": ['
 
 
-def _pieces(instances: list[Instance], source: str) -> Iterator[str]:
-    """``{"registry": source, "instances": [...]}``, one instance a line (no one reads it but
-    :func:`recall`, which parses it a line at a time)."""
+def _pieces(instances: list[Instance], held: Mapping[Key, float],
+            source: str) -> Iterator[str]:
+    """``{"registry": source, "instances": [...]}``, one instance a line, ``{"instance": ...}``
+    with ``"held_since"`` when held (no one reads it but :func:`recall`, which parses it a line
+    at a time)."""
     yield _header(source)
     first = True
     for inst in instances:
         if inst.state is State.UP:
-            yield ("\n" if first else ",\n") + json.dumps(inst.to_dict(), sort_keys=True)
+            line: dict[str, Any] = {"instance": inst.to_dict()}
+            if (since := held.get(inst.key)) is not None:
+                line["held_since"] = round(since, 3)
+            yield ("\n" if first else ",\n") + json.dumps(line, sort_keys=True)
             first = False
     yield "\n]}\n"
 
 
 def source_of(url: RegistryURL) -> str:
-    """What names a registry in the file: its scheme, members, prefix and layout (a state dir
-    pointed at another registry within ``MAX_AGE_S`` would take its catalog for a wipe)."""
-    hosts = ",".join(sorted(f"{h}:{p}" for h, p in url.hosts))
-    return f"{url.scheme}://{hosts}{url.prefix}{'?format=nerve' if url.nerve else ''}"
+    """What names a registry in the file: its scheme, prefix and layout (a state dir pointed at
+    another prefix within ``MAX_AGE_S`` would take its catalog for a wipe). Not its members:
+    a fleet that changes them by restarting its watchers would lose every seed at once."""
+    layout = f"?format=nerve&path={url.path or ''}" if url.nerve else ""
+    return f"{url.scheme}://{url.prefix}{layout}"
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """What :func:`recall` found: the instances to seed, and since when each one held was."""
+
+    instances: list[Instance] = field(default_factory=list)
+    held: dict[Key, float] = field(default_factory=dict)  # wall clock
 
 
 def recall(path: Path, source: str = "", follows: Callable[[str], bool] = lambda service: True,
-           max_age: float = MAX_AGE_S) -> list[Instance]:
-    """The up instances at ``path`` of the services ``follows`` names; none when the file is
-    missing, older than ``max_age``, of another registry than ``source`` or unusable (one
-    warning naming it and why)."""
-    out: list[Instance] = []
+           max_age: float = MAX_AGE_S, hold: float = 45.0) -> Recalled:
+    """The up instances at ``path`` of the services ``follows`` names, but those held for over
+    twice ``hold`` already; none when the file is missing, older than ``max_age``, of another
+    registry than ``source`` or unusable (one warning naming it and why)."""
+    out, held, now = Recalled(), dict[Key, float](), time.time()
     for left in path.parent.glob(f".{path.name}.*.tmp"):  # a write a SIGKILL cut short
         with contextlib.suppress(OSError):
             if time.time() - left.stat().st_mtime > 60:  # (not one being written now)
@@ -196,25 +227,35 @@ def recall(path: Path, source: str = "", follows: Callable[[str], bool] = lambda
         age = time.time() - path.stat().st_mtime
         if age > max_age:
             log.info("%s: %.0f s old (over %.0f s): not used", path, age, max_age)
-            return []
+            return Recalled()
         with path.open("rb") as f:
             header = f.readline().strip()
             if header != _header(source).encode():
                 if header.startswith(b'{"registry": ') and header.endswith(b'"instances": ['):
                     log.info("%s: another registry's catalog: not used", path)
-                    return []
+                    return Recalled()
                 raise ValueError("not a file of the last catalog")
             for n, line in enumerate(f, 2):
                 if line.strip() == b"]}":
                     break
-                inst = Instance.from_dict(json.loads(line.rstrip(b",\n")), f"line {n}")
-                if inst.state is State.UP and follows(inst.service):
-                    out.append(inst)
+                data = json.loads(line.rstrip(b",\n"))
+                if not isinstance(data, dict):
+                    raise ValueError(f"line {n}: not a JSON object")
+                inst = Instance.from_dict(data.get("instance"), f"line {n}")
+                since = data.get("held_since")
+                if since is not None and not isinstance(since, int | float):
+                    raise ValueError(f"line {n}: held_since must be a number")
+                if inst.state is not State.UP or not follows(inst.service) or (
+                        since is not None and now - since > 2 * hold):
+                    continue  # (held long enough already: gone)
+                out.instances.append(inst)
+                if since is not None:
+                    held[inst.key] = float(since)
             else:
                 raise ValueError("cut short")
     except FileNotFoundError:
-        return []
-    except (OSError, ValueError, InvalidRecord) as exc:
+        return Recalled()
+    except (OSError, ValueError, KeyError, TypeError, InvalidRecord) as exc:
         log.warning("%s: not used: %s", path, exc)
-        return []
-    return out
+        return Recalled()
+    return Recalled(out.instances, held)

@@ -116,3 +116,28 @@ def test_what_this_process_wrote_itself_is_not_adopted(monkeypatch: pytest.Monke
         registry.down = False
         assert setup.agent.reconcile() and setup.agent.registrations.flush(5)
         assert not runner.healthy and KEY not in registry.data
+
+
+def test_a_no_result_after_a_failure_does_not_hide_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exec check failing, then one run with dockerd away ("no result"): the failure is
+    still the check's last result, and late adoption does not set it healthy."""
+    with agent_on(monkeypatch, FakeRegistry(),
+                  CheckSpec(type="none", interval=60, rise=2, fall=3)) as setup:
+        x = setup.run("x", "xsvc")
+        setup.agent._on_sync([x])
+        assert setup.agent.registrations.flush(5)
+        tracked = setup.agent._tracked[x["Id"]]
+        runner = tracked.runners[KEY]
+        runner.check = Failing()  # type: ignore[assignment]
+        runner.run_once()
+
+        class Away:
+            def run(self) -> CheckResult:
+                return CheckResult(False, "no result: dockerd unreachable", unknown=True)
+
+        runner.check = Away()  # type: ignore[assignment]
+        runner.run_once()
+        assert tracked.failed(KEY)
+        setup.registry.data[KEY] = tracked.instances[KEY]
+        assert setup.agent.reconcile() and setup.agent.registrations.flush(5)
+        assert setup.registry.log[-2:] == [("put", KEY, "draining"), ("delete", KEY)]

@@ -123,3 +123,16 @@ def test_tls_and_proxy_errors_still_count(error: Exception) -> None:
     """A remote dockerd's expired client certificate is no restart: such runs fail."""
     result = exec_check(FakeAPI(fail=error)).run()
     assert not result.unknown and not result.ok
+
+
+def test_an_answer_from_dockerd_ends_the_outage() -> None:
+    """After an outage, runs that dockerd answered with an error (a paused container's 409)
+    left its start in place: the next short outage counted as failed at once."""
+    now = [1000.0]
+    reach = checks.DockerReach(clock=lambda: now[0])
+    assert agents_check(FakeAPI(fail=REFUSED), reach).run().unknown
+    now[0] += 60
+    paused = docker.errors.APIError("409 Client Error: container is paused")
+    assert not agents_check(FakeAPI(fail=paused), reach).run().unknown  # dockerd answers
+    now[0] += checks.UNKNOWN_MAX_S  # long after the first outage began
+    assert agents_check(FakeAPI(fail=REFUSED), reach).run().unknown  # a new one: no result

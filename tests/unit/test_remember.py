@@ -21,6 +21,7 @@ from discovery.registry.base import Change, Snapshot
 from discovery.registry.url import RegistryURL
 from discovery.watcher import remember as remember_mod
 from discovery.watcher.core import Watcher
+from discovery.watcher.guard import GuardSettings
 from discovery.watcher.remember import Remember, recall, source_of
 from tests.unit.test_watcher_loop import _Registry
 
@@ -136,8 +137,8 @@ def test_a_stopped_watcher_leaves_its_up_instances_in_the_file(tmp_path: Path) -
     draining = _inst("svc9", 9, "node1", State.DRAINING)
     watcher, thread = _started(_Read([*FLEET, draining]), path)
     _stopped(watcher, thread)  # (its sync asked for a write within 30 s: close writes now)
-    assert {i.key for i in recall(path, SOURCE)} == {i.key for i in FLEET}
-    assert {i.key for i in recall(path, SOURCE, lambda s: s == "svc1")} == {
+    assert {i.key for i in recall(path, SOURCE).instances} == {i.key for i in FLEET}
+    assert {i.key for i in recall(path, SOURCE, lambda s: s == "svc1").instances} == {
         i.key for i in FLEET if i.service == "svc1"}
 
 
@@ -164,7 +165,7 @@ def test_writes_come_at_most_every_so_often_and_close_writes_what_is_left(
     gaps = [b - a for a, b in pairwise(writes)]
     assert 2 <= len(writes) <= 4 and all(g >= 0.49 for g in gaps[:-1]), gaps  # (the last:
     assert time.monotonic() - t0 < 1.5 + 0.5  # close's, not kept waiting)
-    assert len(recall(tmp_path / "f.json")) == len(FLEET)
+    assert len(recall(tmp_path / "f.json").instances) == len(FLEET)
 
 
 def test_close_does_not_wait_out_the_interval(tmp_path: Path) -> None:
@@ -180,7 +181,7 @@ def test_close_does_not_wait_out_the_interval(tmp_path: Path) -> None:
     t0 = time.monotonic()
     keeper.close()
     assert time.monotonic() - t0 < 2
-    assert len(recall(tmp_path / "f.json")) == 3
+    assert len(recall(tmp_path / "f.json").instances) == 3
 
 
 def test_a_file_too_old_is_not_used(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_a_file_too_old_is_not_used(tmp_path: Path) -> None:
     _kept(path, FLEET)
     old = time.time() - remember_mod.MAX_AGE_S - 5
     os.utime(path, (old, old))
-    assert recall(path, SOURCE) == []
+    assert recall(path, SOURCE).instances == []
     watcher, thread = _started(_Read([]), path)
     try:
         assert watcher.catalog.size() == 0
@@ -207,7 +208,7 @@ def test_an_unusable_file_is_named_once_and_not_used(
     path = tmp_path / "catalog.last.json"
     path.write_bytes(text)
     with caplog.at_level(logging.WARNING, logger="discovery.watcher.remember"):
-        assert recall(path, SOURCE) == []
+        assert recall(path, SOURCE).instances == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(path) in warnings[0], warnings
 
@@ -216,10 +217,11 @@ def test_the_file_holds_one_up_instance_a_line(tmp_path: Path) -> None:
     path = tmp_path / "catalog.last.json"
     _kept(path, [*FLEET[:2], _inst("x", 1, "n", State.DRAINING)])
     lines = path.read_text().splitlines()
-    assert len(lines) == 4 and json.loads(path.read_text())["instances"][0]["state"] == "up"
+    first = json.loads(path.read_text())["instances"][0]
+    assert len(lines) == 4 and first["instance"]["state"] == "up"
     _kept(path, [])
     assert json.loads(path.read_text()) == {"registry": SOURCE, "instances": []}
-    assert recall(path, SOURCE) == []
+    assert recall(path, SOURCE).instances == []
 
 
 def test_a_file_nothing_changed_is_touched_so_a_long_quiet_catalog_is_still_used(
@@ -235,10 +237,11 @@ def test_a_file_nothing_changed_is_touched_so_a_long_quiet_catalog_is_still_used
     old = time.time() - remember_mod.MAX_AGE_S - 60  # as if quiet for 11 minutes
     os.utime(path, (old, old))
     wait_until(lambda: path.stat().st_mtime > old)  # touched while nothing changes
-    assert len(recall(path, SOURCE)) == len(FLEET)
+    assert len(recall(path, SOURCE).instances) == len(FLEET)
     os.utime(path, (old, old))
     keeper.close()  # nothing changed since: touched at the stop
-    assert time.time() - path.stat().st_mtime < 5 and len(recall(path, SOURCE)) == len(FLEET)
+    assert time.time() - path.stat().st_mtime < 5
+    assert len(recall(path, SOURCE).instances) == len(FLEET)
     keeper.close()  # (again: nothing)
 
 
@@ -250,7 +253,7 @@ def test_a_write_a_sigkill_cut_short_is_removed_at_the_next_start(tmp_path: Path
     fresh.write_text('{"instances": [')  # (another process writing it now: left alone)
     old = time.time() - 120
     os.utime(left, (old, old))
-    assert len(recall(path, SOURCE)) == len(FLEET)
+    assert len(recall(path, SOURCE).instances) == len(FLEET)
     assert not left.exists() and fresh.exists()
 
 
@@ -261,20 +264,49 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
         time.sleep(0.01)
 
 
-def test_what_the_guard_holds_is_not_written_so_restarts_do_not_hold_it_again(
+def test_what_the_guard_holds_is_written_with_its_time_and_a_successor_holds_it(
         tmp_path: Path) -> None:
-    """Half the catalog really died and the watcher restarts again and again: each run wrote
-    the held instances as up, the next seeded them and held them another 45 s, for as long as
-    it kept restarting."""
+    """Handed over (or crashed) during a wipe, the next watcher holds what its predecessor
+    held: the file keeps each held instance with when its hold began. (Left out, as for a
+    while, the successor of a watcher holding a wipe routed nothing.) A hold that began on a
+    resync, which changes nothing in the catalog, is written too."""
     path = tmp_path / "catalog.last.json"
     _kept(path, FLEET)
     watcher, thread = _started(_Read([]), path)
     try:
         wait_until(lambda: len(watcher.guard.held()) == len(FLEET))
+        wait_until(lambda: len(_held_in(path)) == len(FLEET))  # (written once held)
     finally:
         _stopped(watcher, thread)
-    assert recall(path, SOURCE) == []  # held: left out
-    _seeds_nothing(_Read([]), path)
+    first = _held_in(path)
+    assert all(time.time() - since < 10 for since in first.values())
+    again, thread = _started(_Read([]), path)
+    try:
+        assert again.catalog.size() == len(FLEET)
+        wait_until(lambda: len(again.guard.held()) == len(FLEET))
+    finally:
+        _stopped(again, thread)
+    assert _held_in(path) == first  # the hold's first time carried on, not the successor's
+
+
+def test_a_hold_older_than_twice_hold_is_not_seeded_again(tmp_path: Path) -> None:
+    """A watcher that keeps restarting through a real loss: each run seeded the dead instances
+    and held them another ``hold``, for as long as it restarted."""
+    path = tmp_path / "catalog.last.json"
+    long_ago = time.time() - 2 * GuardSettings().hold - 5
+    lines = [json.dumps({"instance": i.to_dict(), **({"held_since": long_ago} if n % 2 else {})})
+             for n, i in enumerate(FLEET)]
+    path.write_text('{"registry": ' + json.dumps(SOURCE) + ', "instances": [\n'
+                    + ",\n".join(lines) + "\n]}\n")
+    found = recall(path, SOURCE)
+    assert {i.key for i in found.instances} == {i.key for n, i in enumerate(FLEET) if not n % 2}
+    assert found.held == {}
+
+
+def _held_in(path: Path) -> dict[tuple[str, str], float]:
+    lines = json.loads(path.read_text())["instances"]
+    return {(d["instance"]["service"], d["instance"]["id"]): d["held_since"]
+            for d in lines if "held_since" in d}
 
 
 def test_the_file_is_not_made_current_while_the_registry_is_away(tmp_path: Path) -> None:
@@ -292,8 +324,14 @@ def test_the_file_is_not_made_current_while_the_registry_is_away(tmp_path: Path)
     while time.monotonic() < deadline:
         assert path.stat().st_mtime == old
         time.sleep(0.05)
+    catalog.load(Snapshot({i.key: i for i in FLEET[:2]}, 2))
+    keeper.changed()  # (a sync in an outage: a SIGHUP's, a hold released) nor written
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        assert path.stat().st_mtime == old
+        time.sleep(0.05)
     keeper.close()
-    assert path.stat().st_mtime == old
+    assert path.stat().st_mtime == old and len(recall(path, SOURCE).instances) == len(FLEET)
 
 
 def test_a_write_that_fails_is_tried_again_every_so_often_not_every_second(
@@ -314,7 +352,7 @@ def test_a_write_that_fails_is_tried_again_every_so_often_not_every_second(
 def test_another_registrys_file_is_not_used(tmp_path: Path) -> None:
     path = tmp_path / "catalog.last.json"
     _kept(path, FLEET, source=source_of(RegistryURL.parse("etcd://127.0.0.1:2379/other")))
-    assert recall(path, SOURCE) == []
+    assert recall(path, SOURCE).instances == []
     _seeds_nothing(_Read([]), path)
 
 
