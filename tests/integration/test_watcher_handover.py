@@ -334,7 +334,7 @@ def test_a_watcher_restarted_while_the_registry_is_wiped_routes_on(request, http
         wait_for(lambda: h.routes({"a", "b"}), 20, message="the first watcher routes a and b")
         kept = h.state / "catalog.last.json"
         source = source_of(RegistryURL.parse(url))
-        wait_for(lambda: kept.exists() and len(recall(kept, source)) == 2, 10,
+        wait_for(lambda: kept.exists() and len(recall(kept, source).instances) == 2, 10,
                  message="the last catalog written")
         first.kill()
     finally:
