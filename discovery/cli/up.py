@@ -181,6 +181,8 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     finally:
         # A component that died (a bug) leaves like SIGUSR2: the registrations, and HAProxy
         # on a lasting state dir, stay for the restart (Restart=on-failure) to adopt.
+        if leaving.is_set():  # the last catalog first, while the registry is connected (the
+            watcher.remember_now()  # agent closes the registry they share: on ZooKeeper
         agent.stop(revoke=not (leaving.is_set() or failed or lookups.failed))
         if (failed or lookups.failed) and temp_state is None:
             leave_haproxy(watcher)
@@ -188,7 +190,6 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
         for t in threads:
             t.join(15)
         if leaving.is_set():  # DNS/HTTP answer on until the next `up` answers on their sockets
-            watcher.remember_now()  # (the last catalog first: the next `up` reads it)
             lookups.hand_over(state)
         watcher.close()
         stop_haproxy(watcher)

@@ -106,7 +106,8 @@ class Watcher:
         found = recall(self.remember.path, self.remember.source, view.services.__contains__
                        if isinstance(view, ServicesView) else lambda s: True,
                        hold=self.guard.settings.hold)
-        self.remember.carried = found.held  # (a hold that went on before: since then)
+        now, wall = time.monotonic(), time.time()  # what a predecessor held: held from then
+        self.guard.preheld({k: now - (wall - since) for k, since in found.held.items()})
         seeded = self.catalog.seed(found.instances)
         if seeded:
             log.info("last catalog: %d up instances from %s; the first read is compared with "

@@ -90,6 +90,7 @@ class WipeGuard:
         self._lock = threading.Lock()
         self._look_at: set[str] = set()  # services with held entries that got a put since
         self._was_wiped = False
+        self._preheld: dict[Key, float] = {}  # held by a predecessor, since (our clock)
         self._back = -float("inf")  # when a held instance last came back
         self.status = GuardStatus()
         self._burst = Burst(catalog, self.settings, self.status)
@@ -192,6 +193,14 @@ class WipeGuard:
     def held(self) -> list[Key]:
         with self._lock:
             return sorted(self._kept.held)
+
+    def preheld(self, since: dict[Key, float]) -> None:
+        """Before the first read: what a predecessor held and since when (this clock), from
+        the last catalog it kept (:mod:`~discovery.watcher.remember`). Those the first read
+        lacks are held at once, from then, whatever the rule says of the read: its ``hold``
+        (twice at most) counts from the first hold, across restarts."""
+        with self._lock:
+            self._preheld = dict(since)
 
     def held_since(self) -> dict[Key, float]:
         """What it holds, and since when (its clock)."""
@@ -312,12 +321,15 @@ class WipeGuard:
 
         def kept_out(key: Key) -> bool:  # held, or its service's last (of what it did)
             inst = before[key]
-            return inst.state is State.UP and (wiped or key[0] not in (
+            return inst.state is State.UP and (wiped or key in preheld or key[0] not in (
                 serving_after if inst.serving else up_after))
 
+        preheld, self._preheld = self._preheld, {}
         for key in filter(kept_out, gone):
             keep[key] = before[key]
             self._keep(key, before[key], now, None)  # a held drain gone since: a removal
+            if (since := preheld.get(key)) is not None:  # held before a restart: since then
+                self._kept.hold(key, self._kept.entries[key], since, self.settings.hold)
         held = set(filter(kept_out, drained))
         for key in held:
             keep[key] = before[key]

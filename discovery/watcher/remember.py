@@ -14,7 +14,7 @@ write takes, 1 to 30 s apart), touched every 30 s while it does not, and written
 once more when it stops (SIGUSR2: before the handover, as the successor reads it at its
 start); written and touched only while the registry is connected (a catalog kept through an
 outage is not the registry's); what the guard holds with when its hold began (a successor
-holds it too, but not past twice ``hold`` from then: a watcher restarting every minute
+holds it too, at once, with ``hold`` counted from then: a watcher restarting every minute
 through a real loss would hold the dead instances for ever); naming its registry (scheme,
 prefix, layout). At the first read (not at the start: a registry
 away for an hour then), a file of the same registry made current within :data:`MAX_AGE_S`
@@ -70,11 +70,10 @@ class Remember:
     file of another is not used); ``current()``: whether the catalog is the registry's now
     (connected: a catalog kept through an outage is neither written nor made current);
     ``held()``: the keys the wipe guard holds and since when (monotonic), written with the
-    instance (``held_since``, the wall clock; the earliest of this run's and of the file it
-    was seeded from, :attr:`carried`), so that a watcher restarting again and again through a
-    real loss does not hold the dead instances for ever (a successor seeds a held instance
-    only within twice ``hold`` of its first hold), and one handed over during a wipe still
-    holds it."""
+    instance (``held_since``, the wall clock): a successor holds them at once from then
+    (:meth:`~discovery.watcher.guard.WipeGuard.preheld`, so ``hold`` counts from the first
+    hold across restarts: a watcher restarting again and again through a real loss does not
+    hold the dead instances for ever), and one handed over during a wipe still holds them."""
 
     def __init__(self, path: Path, catalog: Catalog, *, source: str = "",
                  current: Callable[[], bool] = lambda: True,
@@ -83,7 +82,6 @@ class Remember:
         self.path = path
         self.catalog = catalog
         self.source, self._current, self._held = source, current, held
-        self.carried: dict[Key, float] = {}  # held since (wall clock), from the file seeded
         self.every = every
         self.error: str | None = None  # why the last write failed
         self._cond = threading.Condition()
@@ -156,8 +154,7 @@ class Remember:
     def write(self) -> bool:
         """Write the file now; False: it failed (logged; tried again ``every`` later)."""
         now, wall = time.monotonic(), time.time()
-        held = {k: min(wall - (now - since), self.carried.get(k, wall))
-                for k, since in self._held().items()}
+        held = {k: wall - (now - since) for k, since in self._held().items()}
         try:  # staged, then renamed: never read back to compare (install() would: two copies
             staged = stage(_pieces(self.catalog.instances(), held, self.source),  # of a 4.5 MB
                            self.path)  # file, and glibc keeps the heap they grew: +3.4 MB
