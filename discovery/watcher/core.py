@@ -220,8 +220,11 @@ class Watcher:
             holding = self.guard.status.holding
             self.metrics.wipe_guard(holding, self.guard.status.engaged)
             if holding != self._holding and self.remember is not None:
-                self.remember.changed()  # what it holds is written with its time (a hold the
-            self._holding = holding  # catalog did not change for, a resync's: written too)
+                # what it holds is written with its time (a hold the catalog did not change
+                # for, a resync's, too); at once when it starts or ends holding: a restart
+                # soon after must know since when (else each run of a crash loop held anew)
+                self.remember.changed(at_once=not holding or not self._holding)
+            self._holding = holding
 
     def _until_guard_due(self) -> float:
         dues = [d for d in (self.guard.next_due(),

@@ -86,17 +86,21 @@ class Remember:
         self.error: str | None = None  # why the last write failed
         self._cond = threading.Condition()
         self._dirty = False
+        self._at_once = False  # the next write is due now, whatever the gap
         self._closed = False
         self._gap = MIN_GAP_S  # the least time between two writes (from the last one's cost)
         self._last = -float("inf")  # monotonic time of the last write or touch
         self._thread: threading.Thread | None = None
 
-    def changed(self) -> None:
-        """The catalog changed: written within ``every`` seconds. Returns at once."""
+    def changed(self, at_once: bool = False) -> None:
+        """The catalog changed: written within ``every`` seconds (``at_once``: now, as when
+        the guard starts or stops holding: rare, and a restart soon after must know since when
+        it held). Returns at once."""
         with self._cond:
             if self._closed:
                 return
             self._dirty = True
+            self._at_once |= at_once
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="remember", daemon=True)
                 self._thread.start()
@@ -118,12 +122,13 @@ class Remember:
         while True:
             with self._cond:
                 while not self._closed:  # due: a change once the gap is over; else a touch
-                    wait = self._last + min(self.every, self._gap if self._dirty
-                                            else self.every) - time.monotonic()
+                    gap = 0.0 if self._at_once else self._gap if self._dirty else self.every
+                    wait = self._last + min(self.every, gap) - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
-                dirty, closing, self._dirty = self._dirty, self._closed, False
+                dirty, closing, self._dirty, self._at_once = (self._dirty, self._closed,
+                                                              False, False)
             started = time.monotonic()
             if dirty and not self._current():  # an outage: nothing the registry's to write
                 with self._cond:
