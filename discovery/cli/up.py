@@ -181,8 +181,10 @@ def up(ctx: click.Context, dev: bool, registry: str | None, node: str, address: 
     finally:
         # A component that died (a bug) leaves like SIGUSR2: the registrations, and HAProxy
         # on a lasting state dir, stay for the restart (Restart=on-failure) to adopt.
-        if leaving.is_set():  # the last catalog first, while the registry is connected (the
-            watcher.remember_now()  # agent closes the registry they share: on ZooKeeper
+        # The last catalog first, while the registry is connected: the agent closes the
+        # registry they share (on ZooKeeper its state goes down, and the write was skipped).
+        if leaving.is_set() or failed or lookups.failed:
+            watcher.remember_now()
         agent.stop(revoke=not (leaving.is_set() or failed or lookups.failed))
         if (failed or lookups.failed) and temp_state is None:
             leave_haproxy(watcher)

@@ -107,7 +107,8 @@ class Watcher:
                        if isinstance(view, ServicesView) else lambda s: True,
                        hold=self.guard.settings.hold)
         now, wall = time.monotonic(), time.time()  # what a predecessor held: held from then
-        self.guard.preheld({k: now - (wall - since) for k, since in found.held.items()})
+        self.guard.preheld({k: now - (wall - min(since, wall))  # (a clock stepped back: not
+                            for k, since in found.held.items()})  # ahead of now)
         seeded = self.catalog.seed(found.instances)
         if seeded:
             log.info("last catalog: %d up instances from %s; the first read is compared with "
@@ -221,9 +222,9 @@ class Watcher:
             self.metrics.wipe_guard(holding, self.guard.status.engaged)
             if holding != self._holding and self.remember is not None:
                 # what it holds is written with its time (a hold the catalog did not change
-                # for, a resync's, too); at once when it starts or ends holding: a restart
-                # soon after must know since when (else each run of a crash loop held anew)
-                self.remember.changed(at_once=not holding or not self._holding)
+                # for, a resync's, too); soon when it starts holding: a restart soon after must
+                # know since when (else each run of a crash loop held anew)
+                self.remember.changed(at_once=not self._holding)
             self._holding = holding
 
     def _until_guard_due(self) -> float:

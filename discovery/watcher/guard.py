@@ -328,13 +328,12 @@ class WipeGuard:
         for key in filter(kept_out, gone):
             keep[key] = before[key]
             self._keep(key, before[key], now, None)  # a held drain gone since: a removal
-            if (since := preheld.get(key)) is not None:  # held before a restart: since then
-                self._kept.hold(key, self._kept.entries[key], since, self.settings.hold)
         held = set(filter(kept_out, drained))
         for key in held:
             keep[key] = before[key]
             self._keep(key, before[key], now, Change("put", key=key, instance=drained[key],
                                                      revision=snapshot.revision))
+        self._hold_preheld(preheld, snapshot, now)
         keep.update(self._put_back(now, engaged, lambda k: k in snapshot.instances
                                    or snapshot.keeps(k) or not snapshot.covers(k[0]), gone=True))
         for key in up_gone:  # those it applies (each left its service another): put back if
@@ -355,6 +354,24 @@ class WipeGuard:
         return replace(change, snapshot=replace(snapshot, instances=keep))
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _hold_preheld(self, preheld: dict[Key, float], snapshot: Snapshot, now: float) -> None:
+        """What a predecessor held (:meth:`preheld`): held from then if kept out now (gone or
+        drained); one back in the read counts as come back (``_back``: the others wait on, as
+        they would have); and the next :meth:`due` looks at everything held, as at the end of
+        a wipe (one whose service has another serving again goes, as it would have)."""
+        kept = [k for k in preheld if k in self._kept.entries]
+        for key in kept:
+            self._kept.hold(key, self._kept.entries[key], min(preheld[key], now),
+                            self.settings.hold)
+        if any(k in snapshot.instances for k in preheld):
+            self._back = now
+        if kept:
+            self._was_wiped = True
+            log.warning("wipe guard: holding %d instances its predecessor held (the first "
+                        "since %.0fs), %d back", len(kept),
+                        max(now - min(preheld[k], now) for k in kept),
+                        sum(k in snapshot.instances for k in preheld))
+
     def _release(self, key: Key) -> Change:
         entry = self._kept.pop(key)
         assert entry is not None

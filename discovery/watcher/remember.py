@@ -56,6 +56,7 @@ FILE = "catalog.last.json"
 #: where a few departures are a large share, is kept within a second or so)
 COST = 100
 MIN_GAP_S = 1.0
+SOON_S = 0.1  # the least wait of a write asked at once (the guard started holding)
 EVERY_S = 30.0
 #: a file not made current for this long is not used (the watcher touches it every
 #: :data:`EVERY_S` while nothing changes, and at its stop): what it names has had time to
@@ -89,13 +90,14 @@ class Remember:
         self._at_once = False  # the next write is due now, whatever the gap
         self._closed = False
         self._gap = MIN_GAP_S  # the least time between two writes (from the last one's cost)
+        self._soon = SOON_S  # ... when written at once
         self._last = -float("inf")  # monotonic time of the last write or touch
         self._thread: threading.Thread | None = None
 
     def changed(self, at_once: bool = False) -> None:
-        """The catalog changed: written within ``every`` seconds (``at_once``: now, as when
-        the guard starts or stops holding: rare, and a restart soon after must know since when
-        it held). Returns at once."""
+        """The catalog changed: written within ``every`` seconds (``at_once``: within 10 times
+        the last write's cost, 0.1 s at least, as when the guard starts holding: rare, and a
+        restart soon after must know since when it held). Returns at once."""
         with self._cond:
             if self._closed:
                 return
@@ -122,25 +124,28 @@ class Remember:
         while True:
             with self._cond:
                 while not self._closed:  # due: a change once the gap is over; else a touch
-                    gap = 0.0 if self._at_once else self._gap if self._dirty else self.every
+                    gap = (self._soon if self._at_once else self._gap if self._dirty
+                           else self.every)
                     wait = self._last + min(self.every, gap) - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
-                dirty, closing, self._dirty, self._at_once = (self._dirty, self._closed,
-                                                              False, False)
+                dirty, closing, at_once = self._dirty, self._closed, self._at_once
+                self._dirty = self._at_once = False
             started = time.monotonic()
             if dirty and not self._current():  # an outage: nothing the registry's to write
                 with self._cond:
-                    self._dirty = True
+                    self._dirty, self._at_once = True, self._at_once or at_once
                 self._last = time.monotonic()
                 if closing:
                     return
                 continue
             if dirty or not self._touch():
                 written = self.write()  # (a failure: tried again ``every`` later, not at once)
+                took = time.monotonic() - started
                 self._gap = self.every if not written else min(
-                    self.every, max(MIN_GAP_S, COST * (time.monotonic() - started)))
+                    self.every, max(MIN_GAP_S, COST * took))
+                self._soon = min(self._gap, max(SOON_S, 10 * took))
             self._last = time.monotonic()
             if closing:
                 return

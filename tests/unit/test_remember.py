@@ -422,3 +422,62 @@ def test_a_hold_counts_from_its_first_start_across_restarts(tmp_path: Path) -> N
         assert watcher.guard.held() == []
     finally:
         _stopped(watcher, thread)
+
+
+def test_a_hold_time_ahead_of_the_clock_is_taken_as_now(tmp_path: Path) -> None:
+    """The wall clock stepped back since the predecessor wrote: its hold time lay an hour ahead,
+    and the instance was held an hour and a hold (and written back so for the next)."""
+    path = tmp_path / "catalog.last.json"
+    _file_with(path, FLEET, {i.key: time.time() + 3600 for i in FLEET[:4]})
+    watcher, thread = _started(_Read(FLEET[4:]), path)
+    try:
+        wait_until(lambda: len(watcher.guard.held()) == 4)
+        due = watcher.guard.next_due()
+        assert due is not None and due - time.monotonic() <= GuardSettings().hold + 1
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_what_a_predecessor_held_and_a_writer_drained_is_held_too(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.last.json"
+    fleet = [replace(_inst(f"svc{s}", 10 * s + k, f"node{k}"), written_at=100.0)
+             for s in range(10) for k in range(2)]
+    lost = [i for i in fleet if i.service == "svc0"]
+    _file_with(path, fleet, {i.key: time.time() - 5 for i in lost})
+    read = [i if i not in lost else replace(i, state=State.DRAINING) for i in fleet]
+    watcher, thread = _started(_Read(read), path)  # (drained by a script: its stamp kept)
+    try:
+        wait_until(lambda: len(watcher.guard.held()) == len(lost))
+        time.sleep(0.5)  # (past the settle: still held, still up)
+        assert watcher.catalog.up_count("svc0") == 2 and len(watcher.guard.held()) == 2
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_a_predecessors_hold_goes_once_its_service_serves_again(tmp_path: Path) -> None:
+    """svc0 had 5 of 10 instances held; the first read has the other 5 serving: the held ones
+    go, as they would have on the predecessor (they waited out their whole hold)."""
+    path = tmp_path / "catalog.last.json"
+    fleet = [_inst(f"svc{s}", 10 * s + k, f"node{k}") for s in range(10) for k in range(10)]
+    lost = fleet[:5]  # (5 of 100 gone: no wipe by the rule)
+    _file_with(path, fleet, {i.key: time.time() - 5 for i in lost})
+    watcher, thread = _started(_Read(fleet[5:]), path)
+    try:
+        wait_until(lambda: watcher.catalog.size() == 95 and watcher.guard.held() == [], 3)
+    finally:
+        _stopped(watcher, thread)
+
+
+def test_held_ones_coming_back_keep_the_others_waiting_across_a_restart(tmp_path: Path) -> None:
+    """Held 50 s ago (hold 45 s), 5 of 10 back in the first read: the other 5 wait on, as on
+    the predecessor (twice hold at most while others come back); they went at once."""
+    path = tmp_path / "catalog.last.json"
+    fleet = [_inst(f"svc{k}", k, f"node{k}") for k in range(10)]
+    _file_with(path, fleet, {i.key: time.time() - 50 for i in fleet})
+    watcher, thread = _started(_Read(fleet[5:]), path)
+    try:
+        wait_until(lambda: len(watcher.guard.held()) == 5)
+        time.sleep(0.5)
+        assert len(watcher.guard.held()) == 5 and watcher.catalog.size() == 10
+    finally:
+        _stopped(watcher, thread)
