@@ -257,6 +257,13 @@ def test_a_write_a_sigkill_cut_short_is_removed_at_the_next_start(tmp_path: Path
     assert not left.exists() and fresh.exists()
 
 
+def _held_on(watcher: Watcher) -> None:
+    """The guard's next look at what it holds is 20 s or more away (past the settle, and any
+    round that releases or extends a hold, instead of a fixed wait)."""
+    wait_until(lambda: (due := watcher.guard.next_due()) is not None
+               and due - time.monotonic() > 20)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -344,7 +351,10 @@ def test_a_write_that_fails_is_tried_again_every_so_often_not_every_second(
     with caplog.at_level(logging.WARNING, logger="discovery.watcher.remember"):
         keeper.changed()
         wait_until(lambda: keeper.error is not None)
-        time.sleep(1.6)  # (MIN_GAP_S is 1 s: a failed write made it one a second, forever)
+        deadline = time.monotonic() + 1.6  # (MIN_GAP_S is 1 s: a failed write made it one
+        while time.monotonic() < deadline:  # a second, forever)
+            assert len(caplog.records) <= 2
+            time.sleep(0.05)
         keeper.close()
     assert 1 <= len(caplog.records) <= 3, [r.getMessage() for r in caplog.records]
 
@@ -404,7 +414,7 @@ def test_what_a_predecessor_held_is_held_whatever_the_first_read_looks_like(
     watcher, thread = _started(_Read([i for i in fleet if i not in lost]), path)
     try:
         wait_until(lambda: len(watcher.guard.held()) == len(lost))
-        time.sleep(0.5)  # (past the settle: still there)
+        _held_on(watcher)
         assert watcher.catalog.up_count("svc0") == 10 and watcher.catalog.size() == 100
     finally:
         _stopped(watcher, thread)
@@ -448,7 +458,7 @@ def test_what_a_predecessor_held_and_a_writer_drained_is_held_too(tmp_path: Path
     watcher, thread = _started(_Read(read), path)  # (drained by a script: its stamp kept)
     try:
         wait_until(lambda: len(watcher.guard.held()) == len(lost))
-        time.sleep(0.5)  # (past the settle: still held, still up)
+        _held_on(watcher)
         assert watcher.catalog.up_count("svc0") == 2 and len(watcher.guard.held()) == 2
     finally:
         _stopped(watcher, thread)
@@ -477,7 +487,7 @@ def test_held_ones_coming_back_keep_the_others_waiting_across_a_restart(tmp_path
     watcher, thread = _started(_Read(fleet[5:]), path)
     try:
         wait_until(lambda: len(watcher.guard.held()) == 5)
-        time.sleep(0.5)
+        _held_on(watcher)
         assert len(watcher.guard.held()) == 5 and watcher.catalog.size() == 10
     finally:
         _stopped(watcher, thread)
