@@ -107,7 +107,9 @@ counters, RSS and CPU, the restart's rate sampler, the kernel's byte counts),
 Raw results: ``bench/results/fleet-etcd.json``, ``fleet-zk.json`` (``--grpc-proxy``:
 ``fleet-proxy-etcd.json``, the hosts behind one ``etcd grpc-proxy`` instead of the members;
 ``--ttl 30 --spread 10 --bench-name fleet-ttl30``: ``fleet-ttl30-*.json``, a longer session
-timeout, which the ZooKeeper members are then configured to admit, and resume spread).
+timeout, which the ZooKeeper members are then configured to admit, and resume spread;
+``--backends zk --spread 6 --bench-name fleet-spread6``: ``fleet-spread6-zk.json``, ZooKeeper
+hosts that wait a period of ``spread=`` while the whole ensemble is down).
 """
 
 from __future__ import annotations

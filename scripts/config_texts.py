@@ -91,7 +91,11 @@ URL_PARAMS = {
             "e.g. `/nerve/services/{service}/services` (Airbnb's layout); the prefix is then "
             "unused",
     "spread": "seconds (0 to 60, default 3) over which this host spreads its resume after it lost "
-              "the registry: watch reconnects, ZooKeeper reconnects, lease renewal retries "
+              "the registry: watch reconnects, ZooKeeper reconnects (within a third of the "
+              "session timeout at most; a `spread=` over that, up to 0.6 of it, is the period "
+              "a host waits between attempts while the whole ensemble is down, `spread=6` at "
+              "a 10 s TTL for a fleet: [operations.md](operations.md#a-full-registry-restart)), "
+              "lease renewal retries "
               "(the agent's reconcile after it comes within one `--resync` period) "
               "([operations.md](operations.md#a-full-registry-restart)); and the write-back "
               "of this host's own instances, seen deleted by another writer "

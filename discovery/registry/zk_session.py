@@ -6,20 +6,27 @@ whatever the client asks for, and kazoo only logs the answer (at its lowest leve
 :class:`SessionTimeout` reads it off every handshake. A dead host's instances leave after the
 granted timeout, not after ``--ttl``, so when the two differ it says so, once a value, with
 both figures and what to change; and the registry follows the granted one: its reconnect
-window (:func:`connection_retry`: at most a third of the session timeout, or a fleet that
-lost its ensemble could wait past the end of its sessions) and its check for an ensemble
-behind its zxid (after a session timeout cut off). :func:`leave` stops a client without
-ending its session, as a killed process would.
+window (:func:`connection_retry`: at most a third of the session timeout, or a host cut off
+could wait past the end of its session; a longer period, where ``spread=`` asks for one,
+while the whole ensemble is down and no session runs out) and its check for an ensemble
+behind its zxid (after a session timeout cut off).
+:func:`leave` stops a client without ending its session, as a killed process would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
+from kazoo.exceptions import ConnectionClosedError, ConnectionDropped, SessionExpiredError
 from kazoo.protocol import connection
-from kazoo.retry import KazooRetry
+from kazoo.retry import InterruptedError as Interrupted
+from kazoo.retry import KazooRetry, RetryFailedError
 
 from discovery.registry.ttl import ZK_RANGE, GrantedTtl
 from discovery.registry.url import RegistryURL
@@ -41,6 +48,18 @@ class SessionTimeout:
         session timeout, 0.1 s at least."""
         return max(min(spread, self.seconds / 3), 0.1)
 
+    def down_period(self, spread: float, members: int = 1) -> float | None:
+        """How far apart a host tries while the whole ensemble is down (:class:`Answers`):
+        ``spread`` where it is longer than the window (a third of the session timeout T), at
+        most :data:`DOWN_SHARE` of T, less for ensembles of 5 members or more: once the quorum
+        serves (its leader gave every session T again) the host's next point comes within the
+        period, and the members still loading (a minority, each holding a handshake up to
+        kazoo's T/members) must leave 5 % of T to spare: with 3 members 0.6 + 1/3 of T, with
+        5, 0.55 + 2/5. None where ``spread`` is within the window: no period then."""
+        loading = (members - 1) // 2 / members
+        period = min(spread, min(DOWN_SHARE, 0.95 - loading) * self.seconds)
+        return period if period > self.window(spread) else None
+
     def write_timeout(self, members: int) -> float:
         """How long (s) one request's write may take: kazoo's connect time-out, the granted
         session timeout over the number of members (a registry URL names one at least)."""
@@ -59,10 +78,22 @@ class SessionTimeout:
         retry.interrupt = client._conn_retry.interrupt  # kazoo's: stop waiting once stopped
         retry.sleep_func = client.handler.sleep_func
         client._conn_retry, conn.retry_sleeper = retry, retry.copy()
-        connect = conn._connect
+        connect, answers = conn._connect, retry.answers
+        answers.timeout = client.handler.timeout_exception
 
-        def handshake(*args: Any, **kwargs: Any) -> Any:
-            answer = connect(*args, **kwargs)
+        def handshake(host: str, hostip: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            if answers.waiting and answers.held:  # the rest of the pass waits for a point
+                raise ConnectionDropped("the ensemble is down: tried again at the next point")
+            began = time.monotonic()
+            try:
+                answer = connect(host, hostip, port, *args, **kwargs)
+            except SessionExpiredError:
+                answers.answered()  # a member that serves said so
+                raise
+            except BaseException as exc:  # (gevent's time-out is no Exception)
+                answers.failed((host, port), exc, time.monotonic() - began >= HELD_S)
+                raise
+            answers.answered()
             try:  # (read time-out, connect time-out) in ms: not ours to break if that changed
                 self.granted(round(answer[0] * 1.5))
             except Exception as exc:
@@ -78,13 +109,73 @@ class SessionTimeout:
         self._told.check(self.seconds, self.asked)
 
 
+#: the share of the session timeout a host may wait between attempts while the ensemble is
+#: down: a new leader gives every session the whole timeout again as it starts serving
+DOWN_SHARE = 0.6
+
+
+#: s a handshake failed after for the member to have held it (bound its port, loading)
+HELD_S = 0.5
+
+
+class Answers:
+    """What each member said to the handshakes of one pass over them (kazoo's connection loop
+    tries each in turn, at each of its addresses), since the last one that answered:
+    ``"no"``, the connection refused (nothing listens) or closed unanswered (a member up and
+    not serving, and so also something between that resets this host's connections, or a
+    member over ``maxClientCnxns`` for its address), or ``"silent"``, no answer (a time-out,
+    an unreachable network, TLS refused: the member may be serving the others while this host
+    is cut off). ``members``: the ensemble's size. ``held``: a member held a handshake
+    (:data:`HELD_S` or more) before it failed: one that bound its port and loads its data
+    lets go of every host that tried it at once. ``waiting``: the retry waits for fixed
+    points (the ensemble down); a pass that a member held then stops there."""
+
+    def __init__(self, members: int = 1, timeout: type[BaseException] = TimeoutError) -> None:
+        self.members = members
+        self.timeout = timeout  # the kazoo handler's time-out exception
+        self.said: dict[tuple[str, int], str] = {}
+        self.held = self.waiting = False
+
+    def answered(self) -> None:
+        self.said.clear()
+        self.held = False
+
+    def failed(self, member: tuple[str, int], exc: BaseException, held: bool = False) -> None:
+        self.held = self.held or held
+        cause = exc.__cause__ or exc.__context__  # kazoo wraps socket errors: ConnectionDropped
+        silent = not isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) and (
+            # (closed before the TLS handshake, as a member not serving does: a no)
+            isinstance(exc, self.timeout) or not isinstance(exc, Exception)
+            or (isinstance(cause, OSError) and not isinstance(cause, ConnectionError)))
+        if silent or self.said.get(member) != "silent":  # (the worst of its addresses)
+            self.said[member] = "silent" if silent else "no"
+
+    def ensemble_down(self) -> bool:
+        """Whether the ensemble itself does not serve (stopped, restarting, without a quorum):
+        every member tried refused the connection or closed it unanswered, none kept silent.
+        Its sessions then run out on nobody's clock: the leader it elects next gives each its
+        whole timeout again. A host cannot tell that from every member refusing or closing
+        its own connections while the ensemble serves the others (a firewall's ``REJECT``, a
+        middlebox resetting them, ``maxClientCnxns``): ZooKeeper members restarting were seen
+        to close connections as often as to refuse them (graceful shutdown, then elections).
+        Hence a period only where ``spread=`` asks for more than the window."""
+        said = list(self.said.values())
+        return bool(said) and "silent" not in said
+
+
 class _Reconnect(KazooRetry):
     """kazoo's retry whose longest wait is read at every retry from the session timeout
-    granted so far: kazoo's connection loop retries with a copy made when the client starts,
-    before any handshake."""
+    granted so far (kazoo's connection loop retries with a copy made when the client starts,
+    before any handshake), and which, while the ensemble is down, tries at fixed points
+    :meth:`SessionTimeout.down_period` apart from a random phase (:func:`connection_retry`)."""
 
-    def __init__(self, spread: float, session: SessionTimeout, **kwargs: Any) -> None:
+    _cur_delay: float  # (kazoo's, set in its ``__init__`` and ``reset``)
+
+    def __init__(self, spread: float, session: SessionTimeout, answers: Answers | None = None,
+                 **kwargs: Any) -> None:
         self._spread, self._session = spread, session
+        self.answers = answers or Answers()  # shared by the copies: the handshake tells it
+        self._slot: float | None = None  # the next fixed point while the ensemble is down
         super().__init__(**kwargs)
 
     @property
@@ -95,8 +186,55 @@ class _Reconnect(KazooRetry):
     def max_delay(self, _value: float) -> None:
         """Set by ``KazooRetry.__init__``: the window decides instead."""
 
+    def reset(self) -> None:
+        super().reset()
+        self._slot = None
+        self.answers.waiting = False
+
+    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """kazoo's loop (``func``: one pass over the members), with :meth:`_wait`'s waits."""
+        self.reset()
+        while True:
+            self.answers.answered()  # each pass is judged on its own
+            try:
+                return func(*args, **kwargs)
+            except ConnectionClosedError:
+                raise
+            except self.retry_exceptions:
+                self._attempts += 1
+                if self._attempts == self.max_tries:
+                    raise RetryFailedError("Too many retry attempts") from None
+                left = self._wait()
+                if not self.interrupt:
+                    self.sleep_func(left)
+                while self.interrupt and left > 0:  # as kazoo: 0.1 s steps, ``interrupt``
+                    self.sleep_func(min(0.1, left))
+                    left -= 0.1
+                    if self.interrupt and self.interrupt():
+                        raise Interrupted() from None
+
+    def _wait(self) -> float:
+        """While the ensemble is down (:meth:`Answers.ensemble_down`): until the next of this
+        host's fixed points, one down period apart from a random one within the first. Else
+        kazoo's own wait."""
+        now = time.monotonic()
+        period = self._session.down_period(self._spread, self.answers.members)
+        self.answers.waiting = period is not None and self.answers.ensemble_down()
+        if period is not None and self.answers.waiting:
+            if self._slot is not None:
+                self._slot += period
+            if self._slot is None or self._slot <= now or self.answers.held:
+                # the first, or after a pass a member held (it let go of every host that
+                # tried it at once) or that went past its point: a new random phase
+                self._slot = now + random.uniform(0, period)
+            return self._slot - now
+        self._slot = None
+        wait = self._cur_delay * random.uniform(1 - self.max_jitter, 1 + self.max_jitter)
+        self._cur_delay = min(wait * self.backoff, self.max_delay)
+        return float(wait)
+
     def copy(self) -> _Reconnect:
-        obj = _Reconnect(self._spread, self._session, max_tries=self.max_tries,
+        obj = _Reconnect(self._spread, self._session, self.answers, max_tries=self.max_tries,
                          delay=self.delay, backoff=self.backoff, max_jitter=self.max_jitter,
                          sleep_func=self.sleep_func, deadline=self.deadline,
                          interrupt=self.interrupt)
@@ -107,24 +245,28 @@ class _Reconnect(KazooRetry):
 def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     """kazoo's reconnect policy. Each attempt tries every member; after a lost connection the
     first comes within 0.2 s (another member takes over at once), each next one at a random
-    moment within a resume spread: a fleet that lost a restarted ensemble reconnects evenly
-    over that window, not within the same second (kazoo's default doubling from 0.1 s brought
-    every host back within ~1 s of the ensemble serving again), and still tries every 1.5 s
-    on average, so a session outlives a busy recovery. The window is at most a third of the
-    session timeout (:meth:`SessionTimeout.window`, the granted one once known).
+    moment within a resume spread (:meth:`SessionTimeout.window`: ``spread=``, at most a third
+    of the session timeout, the granted one once known), so that a host cut off alone, whose
+    session runs on, still tries every half window on average before it runs out.
 
-    The reconnects are not quite even: a host waiting its turn is more often near the end of a
-    short wait than of a long one, so more of them come early in the window. A fixed phase
-    (one random wait, then one window apart) spreads them evenly (fleet bench, 250 hosts: peak
-    4.0 x steady against 6.0 x) but leaves a session about three attempts: at 1,000 hosts 151
-    sessions expired during a restart, against a few with this policy (docs/operations.md).
-    Tried again with the fleet bench's greenlet hosts (no session lost): the attempts came
-    evenly, the handshakes and the restart peak did not, and a host cut off alone reconnected
-    later after the heal; docs/benchmarks.md has the runs."""
+    Where ``spread=`` asks for more than that window (``spread=6`` at a 10 s session timeout),
+    a host tries at fixed points ``spread`` apart (at most 0.6 of the session timeout:
+    :meth:`SessionTimeout.down_period`) from a random phase while the whole ensemble is down
+    (every member tried refused the connection or closed it unanswered, none kept silent:
+    :meth:`Answers.ensemble_down`): no session runs out then, the leader elected next gives
+    each the whole timeout again as it starts. A fleet comes back evenly over that period
+    once the ensemble serves (a pass that a member held stops there, for a new random point:
+    a member that loads its data lets go of every host that tried it at once). Within the
+    window it does not: a host's next attempt is more often near the end of a short wait than
+    of a long one, up to 2/window of the fleet came back in the first second (restart peak
+    4.3 to 6.2 x steady at 250 to 1,000 hosts against 2.4 to 2.6 x; docs/operations.md). The
+    cost, and why it is asked for, not the default: a host refused by every member while the
+    ensemble serves the others (a firewall, a middlebox resetting its connections,
+    ``maxClientCnxns``) looks the same, and comes back up to a period after the heal."""
     # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
     # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
-    return _Reconnect(url.resume_spread, session, max_tries=-1, delay=0.1, backoff=1e6,
-                      max_jitter=1.0)
+    return _Reconnect(url.resume_spread, session, Answers(len(url.hosts)), max_tries=-1,
+                      delay=0.1, backoff=1e6, max_jitter=1.0)
 
 
 def leave(client: Any) -> None:
