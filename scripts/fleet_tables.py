@@ -10,8 +10,9 @@ from typing import Any
 
 from docgen import TIMES, Result, fleet_rows, mean, missing, num, rows_of, table, verdict
 
-FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-proxy-etcd",
-               "fleet-proxy-ownkeys-etcd", "fleet-ttl30-etcd", "fleet-ttl30-zk")
+FLEET_STEMS = ("fleet-etcd", "fleet-rerun-etcd", "fleet1000-etcd", "fleet-zk", "fleet-spread6-zk",
+               "fleet-proxy-etcd", "fleet-proxy-ownkeys-etcd", "fleet-ttl30-etcd",
+               "fleet-ttl30-zk")
 
 
 def _fleet_label(stem: str) -> str:
@@ -20,7 +21,8 @@ def _fleet_label(stem: str) -> str:
             "fleet-proxy-ownkeys-etcd": "etcd via grpc-proxy, `own=keys`",
             "fleet-rerun-etcd": "etcd, 4 workers",
             "fleet-ttl30-etcd": "etcd, TTL 30 s, `spread=10`",
-            "fleet-ttl30-zk": "zk, TTL 30 s, `spread=10`"}.get(stem, stem.removeprefix("fleet-"))
+            "fleet-ttl30-zk": "zk, TTL 30 s, `spread=10`",
+            "fleet-spread6-zk": "zk, `spread=6`"}.get(stem, stem.removeprefix("fleet-"))
 
 
 def t_fleet(results: dict[str, Result], stems: tuple[str, ...] = FLEET_STEMS) -> str:
@@ -199,7 +201,8 @@ def t_auth_refused(results: dict[str, Result]) -> str:
 #: the README's summary: the fleet bench's main runs, by column, and the sizes it grows to
 SUMMARY_STEMS = (("fleet-etcd", "etcd"),
                  ("fleet-proxy-etcd", "etcd via `etcd grpc-proxy`, `own=services`"),
-                 ("fleet-zk", "ZooKeeper"))
+                 ("fleet-zk", "ZooKeeper"),
+                 ("fleet-spread6-zk", "ZooKeeper, `spread=6`"))
 SUMMARY_SIZES = (250, 500, 1000)
 #: the summary's lines: what, the bench's row and how one row shows its figure
 SUMMARY_LINES = (
