@@ -372,12 +372,14 @@ def test_the_handshake_tells_what_each_member_said(
     assert time.monotonic() - began < 1.0  # stopped within kazoo's 0.1 s steps
 
 
-def test_a_pass_a_member_held_goes_no_further_while_the_ensemble_is_down(
+def test_a_pass_a_member_held_goes_no_further_with_a_period(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A member that bound its port and loads its data holds every handshake, then lets go of
-    them all at once: while the ensemble is down, the host's pass stops there (the rest of
-    the members untried) and it waits for a new point, instead of going on at once to the
-    next member with every host that member let go of."""
+    """A member that bound its port and loads its data (or shuts down) holds every handshake,
+    then lets go of them all at once: with a period (`spread=` over the window), the host's
+    pass stops there (the rest of the members untried) and the retry decides, a new point if
+    the ensemble is down, instead of going on at once to the next member with every host that
+    member let go of. Whether the host waits for points yet or not: the first pass after the
+    connection is lost is no retry's yet."""
     clock = _Clock()
     monkeypatch.setattr("discovery.registry.zk_session.time.monotonic", clock)
     client = KazooClient(hosts="127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", timeout=10)
@@ -400,8 +402,8 @@ def test_a_pass_a_member_held_goes_no_further_while_the_ensemble_is_down(
                 handshake("127.0.0.1", "127.0.0.1", port)
         return list(tried)
 
-    assert one_pass() == [1, 2, 3] and answers.held  # not waiting: the pass goes on
-    answers.waiting = True  # the ensemble down: the retry waits for points
+    assert one_pass() == [1, 2, 3] and answers.held  # no period (spread=3): it goes on
+    answers.periodic = True  # as the retry of a spread over the window sets it
     assert one_pass() == [1]
     assert answers.said == {("127.0.0.1", 1): "no"}
     tried.clear()
@@ -409,3 +411,11 @@ def test_a_pass_a_member_held_goes_no_further_while_the_ensemble_is_down(
     with pytest.raises(ConnectionDropped):
         handshake("127.0.0.1", "127.0.0.1", 2)  # a member that closes at once: goes on
     assert tried == [2] and not answers.held
+
+
+def test_the_retry_says_whether_it_has_a_period() -> None:
+    for spread, periodic in ((3.0, False), (6.0, True)):
+        retry = connection_retry(RegistryURL.parse(f"zk://a,b,c/p?spread={spread:g}"),
+                                 SessionTimeout(10, "h")).copy()
+        retry.reset()  # (as kazoo does after each handshake, and the loop as it begins)
+        assert retry.answers.periodic is periodic
