@@ -153,9 +153,12 @@ class Answers:
         if silent or self.said.get(member) != "silent":  # (the worst of its addresses)
             self.said[member] = "silent" if silent else "no"
 
-    def ensemble_down(self) -> bool:
+    def ensemble_down(self, already: bool = False) -> bool:
         """Whether the ensemble itself does not serve (stopped, restarting, without a quorum):
-        every member tried refused the connection or closed it unanswered, none kept silent.
+        every member refused the connection or closed it unanswered, none kept silent; once
+        seen down (``already``), every member tried (a pass a member held stops there: the
+        others untried may serve, so a pass cut short is no sign of it for a host not yet
+        waiting, as the first pass after a lost connection, which skips that member).
         Its sessions then run out on nobody's clock: the leader it elects next gives each its
         whole timeout again. A host cannot tell that from every member refusing or closing
         its own connections while the ensemble serves the others (a firewall's ``REJECT``, a
@@ -163,7 +166,8 @@ class Answers:
         to close connections as often as to refuse them (graceful shutdown, then elections).
         Hence a period only where ``spread=`` asks for more than the window."""
         said = list(self.said.values())
-        return bool(said) and "silent" not in said
+        return (bool(said) and "silent" not in said
+                and (already or len(said) >= self.members))
 
 
 class _Reconnect(KazooRetry):
@@ -175,8 +179,8 @@ class _Reconnect(KazooRetry):
     _cur_delay: float  # (kazoo's, set in its ``__init__`` and ``reset``)
 
     def __init__(self, spread: float, session: SessionTimeout, answers: Answers | None = None,
-                 **kwargs: Any) -> None:
-        self._spread, self._session = spread, session
+                 asked: bool = False, **kwargs: Any) -> None:
+        self._spread, self._session, self._asked = spread, session, asked
         self.answers = answers or Answers()  # shared by the copies: the handshake tells it
         self._slot: float | None = None  # the next fixed point while the ensemble is down
         super().__init__(**kwargs)
@@ -195,10 +199,15 @@ class _Reconnect(KazooRetry):
         self.answers.periodic = self._period() is not None
 
     def _period(self) -> float | None:
+        """The down period, where ``spread=`` was asked for in the URL (not by default: with
+        the default 3 s a session timeout under 9 s would have one)."""
+        if not self._asked:
+            return None
         return self._session.down_period(self._spread, self.answers.members)
 
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """kazoo's loop (``func``: one pass over the members), with :meth:`_wait`'s waits."""
+        """kazoo's loop (``func``: one pass over the members), with :meth:`_wait`'s waits
+        (kazoo's ``deadline`` is not kept: its connection retry has none)."""
         self.reset()
         while True:
             self.answers.answered()  # each pass is judged on its own
@@ -226,7 +235,7 @@ class _Reconnect(KazooRetry):
         now = time.monotonic()
         period = self._period()
         self.answers.periodic = period is not None
-        if period is not None and self.answers.ensemble_down():
+        if period is not None and self.answers.ensemble_down(already=self._slot is not None):
             if self._slot is not None:
                 self._slot += period
             if self._slot is None or self._slot <= now or self.answers.held:
@@ -240,7 +249,8 @@ class _Reconnect(KazooRetry):
         return float(wait)
 
     def copy(self) -> _Reconnect:
-        obj = _Reconnect(self._spread, self._session, self.answers, max_tries=self.max_tries,
+        obj = _Reconnect(self._spread, self._session, self.answers, self._asked,
+                         max_tries=self.max_tries,
                          delay=self.delay, backoff=self.backoff, max_jitter=self.max_jitter,
                          sleep_func=self.sleep_func, deadline=self.deadline,
                          interrupt=self.interrupt)
@@ -255,12 +265,13 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     of the session timeout, the granted one once known), so that a host cut off alone, whose
     session runs on, still tries every half window on average before it runs out.
 
-    Where ``spread=`` asks for more than that window (``spread=6`` at a 10 s session timeout),
-    a host tries at fixed points ``spread`` apart (at most 0.6 of the session timeout:
-    :meth:`SessionTimeout.down_period`) from a random phase while the whole ensemble is down
-    (every member tried refused the connection or closed it unanswered, none kept silent:
-    :meth:`Answers.ensemble_down`): no session runs out then, the leader elected next gives
-    each the whole timeout again as it starts. A fleet comes back evenly over that period
+    Where the URL's ``spread=`` asks for more than that window (``spread=6`` at a 10 s session
+    timeout; the default 3 s never does), a host tries at fixed points ``spread`` apart (at
+    most 0.6 of the session timeout: :meth:`SessionTimeout.down_period`) from a random phase
+    while the whole ensemble is down (every member refused the connection or closed it
+    unanswered, none kept silent: :meth:`Answers.ensemble_down`): no session runs out then,
+    the leader elected next gives each the whole timeout again as it starts. A fleet comes
+    back evenly over that period
     once the ensemble serves (a pass that a member held stops there, for a new random point:
     a member that loads its data lets go of every host that tried it at once). Within the
     window it does not: a host's next attempt is more often near the end of a short wait than
@@ -272,8 +283,9 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     ``maxClientCnxns``) looks the same, and comes back up to a period after the heal."""
     # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
     # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
-    return _Reconnect(url.resume_spread, session, Answers(len(url.hosts)), max_tries=-1,
-                      delay=0.1, backoff=1e6, max_jitter=1.0)
+    return _Reconnect(url.resume_spread, session, Answers(len(url.hosts)),
+                      url.spread is not None, max_tries=-1, delay=0.1, backoff=1e6,
+                      max_jitter=1.0)
 
 
 def leave(client: Any) -> None:

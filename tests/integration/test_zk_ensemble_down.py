@@ -52,7 +52,8 @@ def test_a_host_that_lost_its_ensemble_tries_a_period_apart_and_keeps_its_sessio
         starting = time.monotonic()
         ensemble.ensure_running()
         ready = time.monotonic()
-        wait_until(lambda: states[-1] is True, PERIOD + 1, "connected again within a period")
+        wait_until(lambda: states[-1] is True, PERIOD + TTL / 3 + 1,
+                   "connected again within a period")
         back = time.monotonic()
         attempts = [t for t in tried if down <= t < starting]  # (every member not running)
         passes = len(attempts) / ensemble.size
@@ -60,7 +61,7 @@ def test_a_host_that_lost_its_ensemble_tries_a_period_apart_and_keeps_its_sessio
         # often: one pass in 0.67 s
         assert passes <= (starting - down) / PERIOD + 2, (len(attempts), starting - down)
         assert reg.client.client_id == session, "the session did not outlive the outage"
-        assert back - ready <= PERIOD + 1
+        assert back - ready <= PERIOD + TTL / 3 + 1  # (a point, a member holding it a while)
         stat = reg.client.exists(node)
         assert stat is not None and stat.ephemeralOwner == session[0], "registered again"
     finally:
