@@ -155,10 +155,10 @@ class Answers:
 
     def ensemble_down(self, already: bool = False) -> bool:
         """Whether the ensemble itself does not serve (stopped, restarting, without a quorum):
-        every member refused the connection or closed it unanswered, none kept silent; once
-        seen down (``already``), every member tried (a pass a member held stops there: the
-        others untried may serve, so a pass cut short is no sign of it for a host not yet
-        waiting, as the first pass after a lost connection, which skips that member).
+        every member refused the connection or closed it unanswered, none kept silent. A pass
+        cut short counts only once seen down (``already``) or where a member held the
+        handshake and stopped it (a member up, not serving): the first pass after a lost
+        connection skips that member, and the others may serve.
         Its sessions then run out on nobody's clock: the leader it elects next gives each its
         whole timeout again. A host cannot tell that from every member refusing or closing
         its own connections while the ensemble serves the others (a firewall's ``REJECT``, a
@@ -167,7 +167,7 @@ class Answers:
         Hence a period only where ``spread=`` asks for more than the window."""
         said = list(self.said.values())
         return (bool(said) and "silent" not in said
-                and (already or len(said) >= self.members))
+                and (already or self.held or len(said) >= self.members))
 
 
 class _Reconnect(KazooRetry):

@@ -433,9 +433,10 @@ def test_a_period_only_where_the_url_asks_for_it() -> None:
 
 def test_a_pass_cut_short_is_no_sign_of_the_ensemble_down_for_a_host_not_waiting(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pass of one member of three (a held one stops it; the first after a lost connection
-    skips that member): the others may serve, so the host keeps the window until a whole
-    pass said no; once waiting for points, such a pass keeps it waiting."""
+    """A pass of one member of three (the first after a lost connection skips that member):
+    the others may serve, so the host keeps the window until a whole pass said no; once
+    waiting for points, such a pass keeps it waiting, and one that a member held and stopped
+    (up, not serving: loading or shutting down) puts it there."""
     clock = _Clock()
     retry = _retry(monkeypatch, clock).copy()
 
@@ -451,3 +452,11 @@ def test_a_pass_cut_short_is_no_sign_of_the_ensemble_down_for_a_host_not_waiting
     began = passes(retry, clock, whole_then_cut, count=20)
     gaps = [b - a for a, b in itertools.pairwise(began[1:])]
     assert all(abs(g - 6.0) < 1e-6 for g in gaps), gaps
+
+    def held(n: int) -> list[BaseException]:  # a member up, not serving, held it: stopped
+        retry.answers.held = True
+        return [CLOSED]
+
+    retry.reset()
+    began = passes(retry, clock, held, count=3)
+    assert retry._slot is not None  # the period: a member that holds is not serving
