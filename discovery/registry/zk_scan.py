@@ -295,7 +295,7 @@ def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str
 
 
 def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dict[str, int],
-                  read_node: Callable[[str], None], live: LivePaths,
+                  read_node: Callable[[str], None], live: LivePaths, decoder: Decoder,
                   answered: tuple[Callable[[str], list[str]], Callable[[str], None]] | None = None,
                   ) -> list[str]:
     """The nodes but ``path`` that hold ``key`` (``path``'s instance until now). Under Nerve,
@@ -308,7 +308,9 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
     node's read waits: a node made in an outage has no event). Live events come in
     zxid order and their reads are answered in the order sent, so a node created before
     ``path``'s delete has its answer in already: those of nodes never read are handed on, and
-    nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes)."""
+    nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes). A
+    directory we may not list (NoAuth) is named with ``decoder`` and none is taken to hold
+    ``key``."""
     others = [p for p in live.holders(key) if p != path]
     if others or not url.nerve:
         return others
@@ -323,6 +325,9 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
         children = client.get_children(folder)
     except NoNodeError:
         return []
+    except NoAuthError:  # as relist: named and skipped, the departure delivered (a directory
+        decoder.denied(folder)  # whose ACL changed cost every follower 5 s and a full read,
+        return []  # and the instance stayed routed everywhere)
     for child in children:
         child_path = f"{folder}/{child}"
         if not nodes.get(child_path):  # never read: read it now, in order

@@ -357,10 +357,10 @@ class ZkWatch:
         if (key := self._live.get(path)) is None:
             return
         with self._cond:  # a live event's answer, and nothing queued but answers: zk_scan
-            quick = live and self._queue.reads_only()
+            quick = ((self._pending.found_under, self._answer)
+                     if live and self._queue.reads_only() else None)
         others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes, self._node,
-                                       self._live, (self._pending.found_under, self._answer)
-                                       if quick else None)
+                                       self._live, self._decoder, quick)
         self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from kazoo.exceptions import (
+    NoAuthError,
     NoNodeError,
     OperationTimeoutError,
     RequestTimeoutError,
@@ -174,5 +175,27 @@ def test_a_nerve_departure_whose_listing_is_throttled_is_delivered_on_the_retry(
             [] if gone else [("put", ("web", "i-1:9090"))])
         assert tree.listed.count(WEB) == 3 and full_reads(tree) == 1  # the scan's + 2
         assert len(waits.waits) == 1
+    finally:
+        watch.stop()
+
+
+def test_a_nerve_departure_in_a_directory_we_may_not_list_is_delivered_and_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One ``setAcl`` taking READ off a Nerve service's directory: a departure there (its
+    listing looks for a restarted reporter's other node) is delivered at once and the
+    directory named; before, every follower waited 5 s, read everything again and kept
+    routing the gone instance (the directory then withheld)."""
+    api = f"{URL.service_dir('api')}/a-1_0000000001"
+    tree = Tree({NODE: record(8080), f"{WEB}/i-2_0000000002": record(8081), api: record(9090)})
+    watch, changes, waits = follow(tree)
+    try:
+        tree.fail[WEB] = [NoAuthError()] * 5
+        del tree.nodes[NODE]
+        watch._event(NODE, EventType.DELETED)
+        wait_for(lambda: len(changes) >= 2, 5, message="the departure")
+        assert [(c.kind, c.key) for c in changes[1:]] == [("delete", ("web", "i-1:8080"))]
+        assert full_reads(tree) == 1 and not waits.waits
+        assert tree.listed.count(WEB) == 2  # the scan's, and the one refused
+        assert any("NoAuth" in r.getMessage() and WEB in r.getMessage() for r in caplog.records)
     finally:
         watch.stop()
