@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import heapq
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from discovery.agent.checks import clip
 from discovery.agent.spec import PER_CONTAINER_CHECKS, Check, CheckResult, CheckSpec
@@ -149,6 +149,42 @@ class CheckRunner:
         return changed
 
 
+class Workers:
+    """``count`` daemon threads running what :meth:`submit` queues, every one started here: a
+    pool that grows later starts a thread in ``submit``, which at the host's pids limit raised
+    after queueing the run (and ended the timer loop: every check stopped); here it fails the
+    agent's start. Daemon threads: a run hung on a tarpit or in its container (up to its
+    timeout) does not hold the agent's exit, as a ``ThreadPoolExecutor``'s did (the interpreter
+    joins its threads at exit: the agent outlived SIGTERM by the check's timeout, past
+    ``docker stop``'s 10 s grace, and was killed)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        self._count, self._stopped = count, False
+        for i in range(count):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on a worker; RuntimeError once shut down."""
+        if self._stopped:
+            raise RuntimeError("workers shut down")
+        self._queue.put((fn, args))
+
+    def shutdown(self) -> None:
+        """Run nothing more: what is queued is dropped, what runs ends on its own."""
+        self._stopped = True
+        for _ in range(self._count):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None and not self._stopped:
+            try:
+                item[0](*item[1])
+            except Exception:
+                log.exception("%s failed", getattr(item[0], "__name__", item[0]))
+
+
 class CheckScheduler:
     """Runs many :class:`CheckRunner` s with one timer thread and a few worker threads, instead
     of a thread per check: an agent with 100 containers keeps ~4 MiB and most idle wake-ups.
@@ -169,14 +205,7 @@ class CheckScheduler:
         self._waiting: dict[str, deque[tuple[float, CheckRunner]]] = {}  # due, over the share
         self._cond = threading.Condition()
         self._stopped = False
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check")
-        # every worker started now, each held until all are: a pool that grows later starts a
-        # thread in submit(), which at the host's pids limit raised after queueing the run
-        # (and ended the timer loop: every check stopped); here it fails the agent's start
-        started = threading.Barrier(workers + 1)
-        for _ in range(workers):
-            self._pool.submit(started.wait, 10)
-        started.wait(10)
+        self._pool = Workers(workers, "check")
         self._thread = threading.Thread(target=self._loop, name="check-timer", daemon=True)
         self._thread.start()
 
@@ -194,7 +223,7 @@ class CheckScheduler:
             self._heap.clear()
             self._waiting.clear()
             self._cond.notify()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def _loop(self) -> None:
         while True:

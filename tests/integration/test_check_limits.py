@@ -146,3 +146,6 @@ def test_hostile_container_cannot_delay_another(
         assert tarpit.max_open == PER_CONTAINER_CHECKS  # 2 of the 8 workers, never more
         assert tarpit.accepted == PER_CONTAINER_CHECKS  # the others wait their turn
         assert agent.alive
+        stopping = time.monotonic()  # its checks still hang: SIGTERM ends it all the same
+        assert agent.terminate() == 0  # (before: 60 s, the checks' timeout; killed at 15)
+        assert time.monotonic() - stopping < 3

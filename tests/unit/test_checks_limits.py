@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,9 +149,10 @@ def test_every_worker_is_started_with_the_scheduler(monkeypatch: pytest.MonkeyPa
     """Growing the pool later started a thread inside submit(): at the host's pids limit it
     raised after queueing the run, which ended the timer loop (every check of the agent
     stopped). All workers now exist from the start, so a submit never starts one."""
+    before = sum(t.name.startswith("check-") for t in threading.enumerate())
     scheduler = CheckScheduler(workers=3)
     try:
-        assert len(scheduler._pool._threads) == 3  # type: ignore[attr-defined]
+        assert sum(t.name.startswith("check-") for t in threading.enumerate()) == before + 3
 
         def no_thread(*_: Any) -> None:
             raise RuntimeError("can't start new thread")
@@ -163,3 +168,31 @@ def test_every_worker_is_started_with_the_scheduler(monkeypatch: pytest.MonkeyPa
     finally:
         monkeypatch.undo()
         scheduler.stop()
+
+
+def test_a_hung_check_does_not_hold_the_agents_exit() -> None:
+    """The interpreter joined a ThreadPoolExecutor's workers at exit: an agent whose checks
+    hung on a tarpit outlived SIGTERM by their timeout (60 s: killed by the test's 15 s
+    grace, and by ``docker stop``'s 10 s). The workers are daemon threads now."""
+    script = textwrap.dedent("""
+        import threading
+        from discovery.agent.health import CheckRunner, CheckScheduler
+        from discovery.agent.spec import CheckResult, CheckSpec
+        hung = threading.Event()
+        class Hung:
+            def run(self):
+                hung.set()
+                threading.Event().wait(600)
+                return CheckResult(True, "never")
+        scheduler = CheckScheduler(workers=2)
+        CheckRunner(CheckSpec(interval=0.05), Hung(), lambda ok, r: None,
+                    scheduler=scheduler, group="c1").start()
+        assert hung.wait(5)
+        scheduler.stop()
+        print("stopped", flush=True)
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0 and done.stdout == "stopped\n", done.stderr
+    assert time.monotonic() - started < 10  # before: until the 600 s wait (the time-out above)
