@@ -162,8 +162,10 @@ class Workers:
         self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None]
         self._queue = queue.SimpleQueue()
         self._count, self._stopped = count, False
-        for i in range(count):
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                        for i in range(count)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` on a worker; RuntimeError once shut down."""

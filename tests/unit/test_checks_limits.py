@@ -149,10 +149,9 @@ def test_every_worker_is_started_with_the_scheduler(monkeypatch: pytest.MonkeyPa
     """Growing the pool later started a thread inside submit(): at the host's pids limit it
     raised after queueing the run, which ended the timer loop (every check of the agent
     stopped). All workers now exist from the start, so a submit never starts one."""
-    before = sum(t.name.startswith("check-") for t in threading.enumerate())
     scheduler = CheckScheduler(workers=3)
     try:
-        assert sum(t.name.startswith("check-") for t in threading.enumerate()) == before + 3
+        assert [t.is_alive() for t in scheduler._pool.threads] == [True] * 3
 
         def no_thread(*_: Any) -> None:
             raise RuntimeError("can't start new thread")
