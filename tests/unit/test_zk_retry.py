@@ -455,3 +455,44 @@ def test_a_pass_cut_short_is_no_sign_of_the_ensemble_down_for_a_host_not_waiting
     retry.reset()
     began = passes(retry, clock, held, count=3)
     assert retry._slot is not None  # the period: a member that holds is not serving
+
+
+def test_with_a_period_a_handshake_a_member_holds_is_given_up_after_a_second() -> None:
+    """A member restarting (port bound, loading; or shutting down) accepts a connection and
+    holds its handshake; when it serves it answers every host it held at once: 533 of 1,000
+    hosts together in one restart, 3.5 x steady. With a period the handshake is given up
+    after ``HOLD_CAP_S`` and the member said no (held: the pass stops, a new point); without
+    one, kazoo's own time-out (T/members) as before, a member that kept silent."""
+    held: list[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept_and_hold() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    try:
+        for periodic, timeout in ((True, 10), (False, 2)):
+            client = KazooClient(hosts=f"127.0.0.1:{port}", timeout=timeout)
+            SessionTimeout(timeout, "h").install(
+                client, RegistryURL.parse(f"zk://127.0.0.1:{port}/p?spread=6"))
+            answers = client._conn_retry.answers
+            answers.periodic = periodic  # (as the retry sets it: a period at T = 10 s)
+            began = time.monotonic()
+            with pytest.raises(BaseException) as failed:  # kazoo's time-out, or ours
+                client._connection._connect("127.0.0.1", "127.0.0.1", port)
+            took = time.monotonic() - began
+            client._connection._socket.close()
+            if periodic:
+                assert isinstance(failed.value, ConnectionDropped)
+                assert zk_session.HOLD_CAP_S <= took < zk_session.HOLD_CAP_S + 0.5, took
+                assert answers.said == {("127.0.0.1", port): "no"} and answers.held
+            else:
+                assert timeout <= took < timeout + 0.5, took  # kazoo's T/members
+                assert answers.said == {("127.0.0.1", port): "silent"}
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()
