@@ -183,7 +183,8 @@ class Workers:
         while (item := self._queue.get()) is not None and not self._stopped:
             try:
                 item[0](*item[1])
-            except Exception:
+            except BaseException:  # a plugin's SystemExit too: the worker goes on (as an
+                # executor's did); a thread ended by it would be one worker fewer for good
                 log.exception("%s failed", getattr(item[0], "__name__", item[0]))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from discovery.agent.checks import HttpCheck
-from discovery.agent.health import CheckRunner, CheckScheduler
+from discovery.agent.health import CheckRunner, CheckScheduler, Workers
 from discovery.agent.spec import PER_CONTAINER_CHECKS, CheckResult, CheckSpec
 from tests.harness.util import wait_for
 from tests.unit.test_checks import FakeAPI, exec_check, target
@@ -175,7 +175,7 @@ def test_a_hung_check_does_not_hold_the_agents_exit() -> None:
     grace, and by ``docker stop``'s 10 s). The workers are daemon threads now."""
     script = textwrap.dedent("""
         import threading
-        from discovery.agent.health import CheckRunner, CheckScheduler
+        from discovery.agent.health import CheckRunner, CheckScheduler, Workers
         from discovery.agent.spec import CheckResult, CheckSpec
         hung = threading.Event()
         class Hung:
@@ -195,3 +195,17 @@ def test_a_hung_check_does_not_hold_the_agents_exit() -> None:
                           timeout=30, cwd=Path(__file__).parents[2])
     assert done.returncode == 0 and done.stdout == "stopped\n", done.stderr
     assert time.monotonic() - started < 10  # before: until the 600 s wait (the time-out above)
+
+
+def test_a_run_that_raises_system_exit_leaves_its_worker_running() -> None:
+    """A check plugin wrapping a CLI's main() may raise SystemExit: an executor's worker
+    caught it; a thread of ours ended by it would be one worker fewer for good (eight such
+    runs: no check of the agent ran again)."""
+    workers = Workers(1, "t")
+    try:
+        workers.submit(sys.exit, 3)
+        ran = threading.Event()
+        workers.submit(ran.set)
+        assert ran.wait(5) and workers.threads[0].is_alive()
+    finally:
+        workers.shutdown()
