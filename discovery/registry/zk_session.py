@@ -55,7 +55,8 @@ class SessionTimeout:
         most :data:`DOWN_SHARE` of T, less for ensembles of 5 members or more: once the quorum
         serves (its leader gave every session T again) the host's next point comes within the
         period, and the members still loading (a minority, each holding a handshake up to
-        kazoo's T/members) must leave 5 % of T to spare: with 3 members 0.6 + 1/3 of T, with
+        kazoo's T/members; :data:`HOLD_CAP_S` since the cap, the budget kept) must leave 5 %
+        of T to spare: with 3 members 0.6 + 1/3 of T, with
         5, 0.55 + 2/5. None where ``spread`` is within the window: no period then."""
         loading = (members - 1) // 2 / members
         period = min(spread, min(DOWN_SHARE, 0.95 - loading) * self.seconds)
@@ -296,8 +297,8 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     its data lets go of every host that tried it at once). Within the
     window it does not: a host's next attempt is more often near the end of a short wait than
     of a long one, up to 2/window of the fleet came back in the first second (restart peak
-    4.3 to 6.2 x steady at 250 to 1,000 hosts against 2.3 to 3.0 x in 20 restarts of 24;
-    in four part of the fleet still came back at once: docs/operations.md). The
+    4.3 to 6.2 x steady at 250 to 1,000 hosts against 2.3 to 3.0 x in 22 restarts of 27;
+    in five part of the fleet still came back at once: docs/operations.md). The
     cost, and why it is asked for, not the default: a host refused by every member while the
     ensemble serves the others (a firewall, a middlebox resetting its connections,
     ``maxClientCnxns``) looks the same, and comes back up to a period after the heal."""
