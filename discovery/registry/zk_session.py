@@ -56,8 +56,8 @@ class SessionTimeout:
         serves (its leader gave every session T again) the host's next point comes within the
         period, and the members still loading (a minority, each holding a handshake up to
         kazoo's T/members; :data:`HOLD_CAP_S` since the cap, the budget kept) must leave 5 %
-        of T to spare: with 3 members 0.6 + 1/3 of T, with
-        5, 0.55 + 2/5. None where ``spread`` is within the window: no period then."""
+        of T to spare: with 3 members 0.6 + 1/3 of T, with 5, 0.55 + 2/5. None where
+        ``spread`` is within the window: no period then."""
         loading = (members - 1) // 2 / members
         period = min(spread, min(DOWN_SHARE, 0.95 - loading) * self.seconds)
         return period if period > self.window(spread) else None
@@ -143,11 +143,12 @@ class Answers:
     tries each in turn, at each of its addresses), since the last one that answered:
     ``"no"``, the connection refused (nothing listens) or closed unanswered (a member up and
     not serving, and so also something between that resets this host's connections, or a
-    member over ``maxClientCnxns`` for its address), or ``"silent"``, no answer (a time-out,
-    an unreachable network, TLS refused: the member may be serving the others while this host
-    is cut off). ``members``: the ensemble's size. ``held``: a member held a handshake
-    (:data:`HELD_S` or more) before it failed: one that bound its port and loads its data
-    lets go of every host that tried it at once. ``periodic``: the retry has a period to wait
+    member over ``maxClientCnxns`` for its address; with a period, a handshake held
+    :data:`HOLD_CAP_S`), or ``"silent"``, no answer (a time-out, an unreachable network, TLS
+    refused: the member may be serving the others while this host is cut off). ``members``:
+    the ensemble's size. ``held``: a member held a handshake (:data:`HELD_S` or more) before
+    it failed: one that bound its port and loads its data lets go of every host that tried
+    it at once. ``periodic``: the retry has a period to wait
     while the ensemble is down (``spread=`` over the window); a pass that a member held then
     stops there, whether the host waits for points yet or not (a host whose connection a
     member shutting down held, then a member restarting, went on to one that served, with
@@ -301,7 +302,8 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     in five part of the fleet still came back at once: docs/operations.md). The
     cost, and why it is asked for, not the default: a host refused by every member while the
     ensemble serves the others (a firewall, a middlebox resetting its connections,
-    ``maxClientCnxns``) looks the same, and comes back up to a period after the heal."""
+    ``maxClientCnxns``), or by one member that holds its handshake :data:`HOLD_CAP_S`, looks
+    the same, and comes back up to a period after the heal."""
     # kazoo sleeps delay x uniform(1 - jitter, 1 + jitter), then delay = min(sleep x backoff,
     # max_delay): with jitter 1 and max_delay window/2, uniform(0, window) after the first.
     return _Reconnect(url.resume_spread, session, Answers(len(url.hosts)),
