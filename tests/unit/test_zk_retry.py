@@ -496,3 +496,40 @@ def test_with_a_period_a_handshake_a_member_holds_is_given_up_after_a_second() -
         listener.close()
         for sock in held:
             sock.close()
+
+
+def test_with_a_period_a_tcp_connect_not_made_is_given_up_before_the_syn_is_sent_again(
+        ) -> None:
+    """Members restarting (port bound, their accept queue full) drop connects: each SYN is
+    sent again 1 s later, and 114 of 250 hosts went through together as the ensemble served.
+    With a period a connect is given up after ``CONNECT_CAP_S`` (silence, as before); without
+    one kazoo waits its time-out (T)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: its queue fills, the next SYNs are dropped
+    port = listener.getsockname()[1]
+    queued = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        queued.append(sock)
+    try:
+        for periodic, timeout in ((True, 10), (False, 2)):
+            client = KazooClient(hosts=f"127.0.0.1:{port}", timeout=timeout)
+            SessionTimeout(timeout, "h").install(
+                client, RegistryURL.parse(f"zk://127.0.0.1:{port}/p?spread=6"))
+            client._conn_retry.answers.periodic = periodic  # (as the retry sets it)
+            began = time.monotonic()
+            with pytest.raises(OSError):  # socket.timeout
+                client.handler.create_connection(address=("127.0.0.1", port),
+                                                 timeout=timeout)
+            took = time.monotonic() - began
+            if periodic:
+                assert zk_session.CONNECT_CAP_S <= took < 0.95, took  # before the SYN again
+            else:
+                assert timeout <= took < timeout + 0.5, took
+    finally:
+        listener.close()
+        for sock in queued:
+            sock.close()
