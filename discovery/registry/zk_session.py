@@ -313,7 +313,7 @@ def connection_retry(url: RegistryURL, session: SessionTimeout) -> KazooRetry:
     its data lets go of every host that tried it at once). Within the
     window it does not: a host's next attempt is more often near the end of a short wait than
     of a long one, up to 2/window of the fleet came back in the first second (restart peak
-    4.3 to 6.2 x steady at 250 to 1,000 hosts against 2.3 to 3.0 x in 26 restarts of 32;
+    4.3 to 6.2 x steady at 250 to 1,000 hosts against 2.3 to 3.0 x in 29 restarts of 35;
     in six part of the fleet still came back at once: docs/operations.md). The
     cost, and why it is asked for, not the default: a host refused by every member while the
     ensemble serves the others (a firewall, a middlebox resetting its connections,
