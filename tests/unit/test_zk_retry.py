@@ -457,6 +457,16 @@ def test_a_pass_cut_short_is_no_sign_of_the_ensemble_down_for_a_host_not_waiting
     assert retry._slot is not None  # the period: a member that holds is not serving
 
 
+def _installed(port: int, timeout: float, periodic: bool) -> KazooClient:
+    """A kazoo client of one member on ``port`` with our handshake and retry installed, its
+    retry told it has a period or not (as the retry sets it: one at T = 10 s, spread=6)."""
+    client = KazooClient(hosts=f"127.0.0.1:{port}", timeout=timeout)
+    SessionTimeout(timeout, "h").install(
+        client, RegistryURL.parse(f"zk://127.0.0.1:{port}/p?spread=6"))
+    client._conn_retry.answers.periodic = periodic
+    return client
+
+
 def test_with_a_period_a_handshake_a_member_holds_is_given_up_after_a_second() -> None:
     """A member restarting (port bound, loading; or shutting down) accepts a connection and
     holds its handshake; when it serves it answers every host it held at once: 533 of 1,000
@@ -475,11 +485,8 @@ def test_with_a_period_a_handshake_a_member_holds_is_given_up_after_a_second() -
     threading.Thread(target=accept_and_hold, daemon=True).start()
     try:
         for periodic, timeout in ((True, 10), (False, 2)):
-            client = KazooClient(hosts=f"127.0.0.1:{port}", timeout=timeout)
-            SessionTimeout(timeout, "h").install(
-                client, RegistryURL.parse(f"zk://127.0.0.1:{port}/p?spread=6"))
+            client = _installed(port, timeout, periodic)
             answers = client._conn_retry.answers
-            answers.periodic = periodic  # (as the retry sets it: a period at T = 10 s)
             began = time.monotonic()
             with pytest.raises(BaseException) as failed:  # kazoo's time-out, or ours
                 client._connection._connect("127.0.0.1", "127.0.0.1", port)
@@ -516,10 +523,7 @@ def test_with_a_period_a_tcp_connect_not_made_is_given_up_before_the_syn_is_sent
         queued.append(sock)
     try:
         for periodic, timeout in ((True, 10), (False, 2)):
-            client = KazooClient(hosts=f"127.0.0.1:{port}", timeout=timeout)
-            SessionTimeout(timeout, "h").install(
-                client, RegistryURL.parse(f"zk://127.0.0.1:{port}/p?spread=6"))
-            client._conn_retry.answers.periodic = periodic  # (as the retry sets it)
+            client = _installed(port, timeout, periodic)
             began = time.monotonic()
             with pytest.raises(OSError):  # socket.timeout
                 client.handler.create_connection(address=("127.0.0.1", port),
