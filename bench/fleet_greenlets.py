@@ -11,7 +11,11 @@ Its one change to the hosts' code is their connections' wait for a socket
 (``discovery.registry.zk_io._poll``): gevent's ``select.poll`` makes and starts a watcher per
 socket and a result object at every call, and kazoo's ``selector_select`` a selector around
 it. Here the system's own ``poll`` tells at once what is ready; only when nothing is does the
-greenlet wait on the hub, one watcher a socket, then poll again.
+greenlet wait on the hub, one watcher a socket, then poll again. Its time-out is timed from
+the moment it waits: libev times a timer from the loop's clock, which stands still while
+greenlets keep the CPU, so after a busy turn a wait ended early by as long as that turn took
+(kazoo's loop turned again; a read's wait, ``zk_io.fewer_syscalls``, would raise kazoo's
+socket time-out, a dropped connection, after a turn longer than it).
 """
 
 from gevent import monkey
@@ -64,11 +68,12 @@ def poll(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float | 
 
         watchers = [hub.loop.io(fd, (1 if mask & _READ else 0) | (2 if mask & _WRITE else 0))
                     for fd, mask in masks.items()]
-        if timeout is not None:
-            watchers.append(hub.loop.timer(timeout))
         try:
             for w in watchers:
                 w.start(wake)
+            if timeout is not None:  # from now: the loop's clock is stale after a busy turn
+                watchers.append(timer := hub.loop.timer(timeout))
+                timer.start(wake, update=True)
             waiter.get()
         finally:
             for w in watchers:

@@ -1,5 +1,6 @@
 """``bench/fleet_greenlets.py``'s wait for a socket, which replaces ``zk_io._poll`` in a greenlet
-worker: the answers kazoo's ``selector_select`` gives, and a wait that lets other greenlets run.
+worker: the answers kazoo's ``selector_select`` gives, a wait that lets other greenlets run, and
+a time-out that is as long as asked after a busy turn.
 In a process of its own, since importing it makes the whole standard library cooperative."""
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ CHECKS = textwrap.dedent("""
     t0 = time.monotonic()
     assert g.poll([a], [], [], 0.05) == ([], [], [])  # nothing to read: the time-out
     assert time.monotonic() - t0 >= 0.045
+    end = time.monotonic() + 0.2
+    while time.monotonic() < end:  # busy without yielding: the hub's clock goes stale
+        pass
+    t0 = time.monotonic()
+    assert g.poll([a], [], [], 0.1) == ([], [], [])
+    assert time.monotonic() - t0 >= 0.095  # timed from now (before: it returned at once)
     from kazoo.handlers.utils import selector_select
 
     def kazoo(r, w):  # what zk_io._poll answered before: kazoo's selector over poll
