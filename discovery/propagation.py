@@ -6,7 +6,8 @@ event, a check transition, a maintenance call) and ``written_at``; the watcher a
 received the change and when it applied it to HAProxy (its catalog, without a router).
 :class:`Stages` turns those four stamps into ``discovery_propagation_stage_seconds{stage}``
 and keeps the recent ones for the status page. Stamps come from two hosts' clocks: a negative
-duration (skew) counts as 0; anything older than :data:`MAX_AGE` is a replay, not counted.
+duration (skew) counts as 0, one below -:data:`MAX_AGE` (a clock far off, a stamp written by
+hand) not at all; anything older than :data:`MAX_AGE` is a replay, not counted.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ class Stages:
         durations: dict[str, float] = {}
         for stage, start, end in STAGES:
             if stamps[start] > 0 and stamps[end] > 0:
-                seconds = max(0.0, stamps[end] - stamps[start])
-                if seconds <= MAX_AGE:
-                    durations[stage] = seconds
+                seconds = stamps[end] - stamps[start]
+                if -MAX_AGE <= seconds <= MAX_AGE:  # further back: a clock far off, no skew
+                    durations[stage] = seconds = max(0.0, seconds)
                     self.histogram.labels(stage=stage).observe(seconds)
         with self._lock:
             self._recent.append(durations)

@@ -241,6 +241,10 @@ class Registrations:
         """A write's ``written_at``, recorded before it is sent (its answer may be lost)."""
         floor = max(have.written_at if have is not None else 0.0, self._stamped.get(key, 0.0))
         self._stamped[key] = stamp = stamp_after(floor, now)
+        if stamp < floor:  # too far ahead to trust: this write replaces it
+            log.warning("%s/%s was stamped %.0f s ahead of this host's clock (written_at: a "
+                        "clock far ahead, or written by hand): not followed, stamped now",
+                        *key, floor - now)
         return stamp
 
     def failed(self, exc: RegistryError) -> float:

@@ -41,12 +41,26 @@ class State(StrEnum):
 _STATES = frozenset(s.value for s in State)
 
 
+#: How far ahead of a host's clock a write stamp (``written_at``) may be and still order writes
+#: (a fleet's clocks differ by far less). One further ahead (written by a host whose clock was
+#: far ahead, or by hand) orders nothing: the write after it is stamped now (:func:`stamp_after`),
+#: and a watcher's wipe guard takes it for no stamp, trusting half as far (:func:`~discovery.
+#: watcher.guard_burst.foreign_drain`): hosts whose clocks differ by less than that agree on it.
+STAMP_AHEAD = 600.0
+
+
+def trusted(stamp: float, now: float, ahead: float = STAMP_AHEAD) -> bool:
+    """Whether ``stamp`` is at most ``ahead`` seconds ahead of ``now``: one to order writes by."""
+    return stamp <= now + ahead
+
+
 def stamp_after(previous: float, now: float) -> float:
     """A write's ``written_at``: ``now``, or just after ``previous`` (the key's stamp before)
-    if the clock stepped back. A watcher's wipe guard takes a drain not stamped newer than the
-    value it replaces for another writer's (:func:`~discovery.watcher.guard_burst.
-    foreign_drain`)."""
-    return max(now, previous + 0.001)
+    if the clock stepped back; ``now`` if ``previous`` is too far ahead to trust (:data:`
+    STAMP_AHEAD`: followed, it would put every later write of the key as far ahead). A
+    watcher's wipe guard takes a drain not stamped newer than the value it replaces for another
+    writer's (:func:`~discovery.watcher.guard_burst.foreign_drain`)."""
+    return max(now, previous + 0.001) if trusted(previous, now) else now
 
 
 def make_instance_id(node: str, container_id: str, port: int) -> str:

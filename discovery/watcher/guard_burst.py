@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from discovery.model import Instance, State
 from discovery.model.catalog import Catalog
+from discovery.model.instance import STAMP_AHEAD, trusted
 from discovery.registry import Change
 from discovery.watcher.guard_settings import GuardSettings
 
@@ -41,10 +42,14 @@ def foreign_drain(before: Instance, after: Instance) -> bool:
     every write of its own (``written_at``, newer than the one before), while a script that
     rewrites the values, an old backup restored or a hand-written record carries the stamp it
     had, or none. Records with no stamp at all (Nerve's layout, a writer of its own) are never
-    taken for one; the owners write such values back (registry/owned.py)."""
+    taken for one; the owners write such values back (registry/owned.py). Nor is one whose
+    stamp is more than half :data:`~discovery.model.instance.STAMP_AHEAD` ahead of this
+    host's clock (a clock far ahead, or written by hand): its agent stamps its next write now,
+    behind it."""
     return (before.state is State.UP
             and (after.state is not State.UP or (before.serving and not after.serving))
-            and before.written_at > 0 and after.written_at <= before.written_at)
+            and before.written_at > 0 and after.written_at <= before.written_at
+            and trusted(before.written_at, time.time(), STAMP_AHEAD / 2))
 
 
 class Burst:
