@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 if TYPE_CHECKING:
     from discovery.model import Instance
+    from discovery.model.catalog import Key
 
 #: (stage, from stamp, to stamp); ``event_to_write`` includes the health checks' rise
 STAGES = (("event_to_write", "seen_at", "written_at"),
@@ -46,7 +47,8 @@ class Stages:
             self.histogram.labels(stage=stage)
         self._lock = threading.Lock()
         self._recent: deque[dict[str, float]] = deque(maxlen=RECENT)
-        self._last: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # (service, id) -> the last timing: one id can be registered under two services
+        self._last: OrderedDict[Key, dict[str, Any]] = OrderedDict()
 
     def observe(self, instance: Instance, received: float, applied: float) -> dict[str, float]:
         """Count one applied record; returns its stage durations (seconds)."""
@@ -61,18 +63,19 @@ class Stages:
                 if -MAX_AGE <= seconds <= MAX_AGE:  # further back: a clock far off, no skew
                     durations[stage] = seconds = max(0.0, seconds)
                     self.histogram.labels(stage=stage).observe(seconds)
+        key = (instance.service, instance.id)
         with self._lock:
             self._recent.append(durations)
-            self._last[instance.id] = {**{k: v or None for k, v in stamps.items()}, **durations}
-            self._last.move_to_end(instance.id)
+            self._last[key] = {**{k: v or None for k, v in stamps.items()}, **durations}
+            self._last.move_to_end(key)
             while len(self._last) > PER_INSTANCE:
                 self._last.popitem(last=False)
         return durations
 
-    def of(self, instance_id: str) -> dict[str, Any] | None:
-        """The last timing of one instance (stamps and durations), if any."""
+    def of(self, service: str, instance_id: str) -> dict[str, Any] | None:
+        """The last timing of one instance of ``service`` (stamps and durations), if any."""
         with self._lock:
-            found = self._last.get(instance_id)
+            found = self._last.get((service, instance_id))
             return dict(found) if found is not None else None
 
     def summary(self) -> dict[str, dict[str, float | int | None]]:

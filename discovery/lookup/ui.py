@@ -123,9 +123,12 @@ def status(api: Api, views: Views) -> dict[str, Any]:
     if api.metrics is not None:
         stages = api.metrics.stages
         out["propagation"] = stages.summary()
-        if api.catalog is not None:
-            out["timings"] = {i.id: t for i in api.catalog.instances()
-                              if (t := stages.of(i.id)) is not None}
+        if api.catalog is not None:  # service -> id -> timing: one id may be in two services
+            timings: dict[str, dict[str, Any]] = {}
+            for i in api.catalog.instances():
+                if (t := stages.of(i.service, i.id)) is not None:
+                    timings.setdefault(i.service, {})[i.id] = t
+            out["timings"] = timings
     if watcher is not None and watcher.router is not None:
         out["haproxy"] = haproxy_view(watcher.router)
         out["events"] = [{"at": at, "kind": kind, "error": text}

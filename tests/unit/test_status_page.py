@@ -30,7 +30,7 @@ def test_stages_from_the_record_stamps() -> None:
     metrics = Metrics()
     metrics.propagated(inst(seen_at=100.0, written_at=100.01, registered_at=100.01),
                        now=100.2, received=100.05)
-    timing = metrics.stages.of(IID)
+    timing = metrics.stages.of("web", IID)
     assert timing is not None
     assert timing["event_to_write"] == pytest.approx(0.01)
     assert timing["write_to_received"] == pytest.approx(0.04)
@@ -106,8 +106,46 @@ def test_status_json_carries_history_and_timings() -> None:
     body = json.loads(a.handle("/ui/status.json").body)
     assert [i["id"] for i in body["history"]] == [IID]
     assert body["departed"][0]["transitions"][-1]["output"] == "exit code 1"
-    assert body["timings"][IID]["received_to_applied"] == pytest.approx(0.1)
+    assert body["timings"] == {"web": {IID: a.metrics.stages.of("web", IID)}}
+    assert body["timings"]["web"][IID]["received_to_applied"] == pytest.approx(0.1)
     assert body["health"] == {"x": {"ok": True}} and body["catalog"] is True
+
+
+def test_stages_keep_one_id_apart_in_two_services() -> None:
+    stages = Metrics().stages
+    stages.observe(inst(written_at=1.0), received=1.5, applied=1.6)
+    stages.observe(inst(service="api", written_at=2.0), received=2.25, applied=2.5)
+    web, api_ = stages.of("web", IID), stages.of("api", IID)
+    assert web is not None and api_ is not None
+    assert web["write_to_received"] == pytest.approx(0.5)  # not overwritten by api's
+    assert api_["write_to_received"] == pytest.approx(0.25)
+    assert stages.of("billing", IID) is None
+
+
+def test_status_json_timings_keyed_by_service_and_id() -> None:
+    """One id under two services (a record written by hand under another service): each row
+    of the page gets its own timing, and one never timed gets none, not the other's."""
+    catalog = Catalog()
+    web, api_, billing = (inst(service=s, written_at=w) for s, w in (
+        ("web", 5.0), ("api", 6.0), ("billing", 7.0)))
+    for n, record in enumerate((web, api_, billing), 1):
+        catalog.apply(Change("put", (record.service, IID), record, n))
+    a = api(catalog=catalog)
+    assert a.metrics is not None
+    a.metrics.propagated(web, now=5.3, received=5.1)
+    a.metrics.propagated(api_, now=6.7, received=6.4)  # billing's change not applied yet
+    timings = json.loads(a.handle("/ui/status.json").body)["timings"]
+    assert set(timings) == {"web", "api"} and set(timings["web"]) == set(timings["api"]) == {IID}
+    assert timings["web"][IID]["write_to_received"] == pytest.approx(0.1)
+    assert timings["api"][IID]["write_to_received"] == pytest.approx(0.4)
+    assert timings["api"][IID]["received_to_applied"] == pytest.approx(0.3)
+
+
+def test_the_page_looks_instances_up_by_service_and_id() -> None:
+    """app.js reads timings as service -> id, and checks and histories by (service, id)."""
+    js = api().handle("/ui/app.js").body.decode()
+    assert "own(own(timings, inst.service), inst.id)" in js
+    assert "instanceKey(inst.service, inst.id)" in js and "byIdMap" not in js
 
 
 STAT = ("# pxname,svname,qcur,scur,stot,status,weight,h2_detected_conn_protocol_errors,addr,\n"

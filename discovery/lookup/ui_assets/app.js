@@ -42,15 +42,20 @@
     node.textContent = text || "";
   }
 
-  function byIdMap(list) {
+  // An instance is (service, id): one id can be registered under two services.
+  function instanceKey(service, id) { return JSON.stringify([service, id]); }
+  function byInstance(list) {
     const out = new Map();
-    for (const item of list || []) out.set(item.id, item);
+    for (const item of list || []) out.set(instanceKey(item.service, item.id), item);
     return out;
+  }
+  function own(object, key) {  // a service or id may be named "constructor" or "__proto__"
+    return object && Object.prototype.hasOwnProperty.call(object, key) ? object[key] : undefined;
   }
 
   function historyCell(h) {
     if (!h) return el("td", { class: "muted" }, "–");
-    const key = "h:" + h.id;
+    const key = "h:" + instanceKey(h.service, h.id);
     const details = el("details", { "data-key": key },
       el("summary", {}, h.transitions.length + " transitions ",
         h.flapping ? el("span", { class: "flapping" }, "flapping") : null),
@@ -74,8 +79,9 @@
   }
 
   function instanceRow(inst, checks, histories, timings) {
-    const check = checks.get(inst.id);
-    const hist = histories.get(inst.id);
+    const key = instanceKey(inst.service, inst.id);
+    const check = checks.get(key);
+    const hist = histories.get(key);
     const last = hist && hist.transitions.length ? hist.transitions[hist.transitions.length - 1] : null;
     const since = last ? last.at : inst.registered_at;
     const meta = Object.entries(inst.meta || {}).map(([k, v]) => el("div", { class: "meta" }, k + "=" + v));
@@ -91,17 +97,16 @@
       el("td", {}, check ? [check.type + (check.healthy ? " ✓ " : " ✗ "),
         el("span", { class: "muted" }, check.output)] : el("span", { class: "muted" }, "–")),
       el("td", {}, meta),
-      timingCell(Object.prototype.hasOwnProperty.call(timings, inst.id)
-        ? timings[inst.id] : undefined),
+      timingCell(own(own(timings, inst.service), inst.id)),
       historyCell(hist));
   }
 
   function renderServices() {
     const box = byId("services");
     const status = view.status || {};
-    const checks = byIdMap(status.checks);
-    const histories = byIdMap(status.history);
-    const timings = status.timings || {};
+    const checks = byInstance(status.checks);
+    const histories = byInstance(status.history);
+    const timings = status.timings || {};  // service -> id -> timing
     let services = view.services;
     if (view.noCatalog) {  // an agent alone: its own instances, from its checks
       services = Object.create(null);  // a service may be named "constructor" or "__proto__"
