@@ -86,6 +86,7 @@ class DnsServer:
                                          self._told, self._error)
         self._caches: list[AnswerCache] = []  # one per UDP thread
         self._lock = threading.Lock()
+        self._warned: set[tuple[str, ...]] = set()  # records named by a zone build: once
         self._zone, self._next_build = Zone((), -1, loaded=False), 0.0  # next: a rebuild from
         self._building = threading.Lock()  # one rebuild at a time, never under self._lock
         self._stopping = threading.Event()
@@ -189,7 +190,7 @@ class DnsServer:
             zone = self._zone
             if zone.index != self.catalog.index and time.monotonic() >= self._next_build:
                 start = time.monotonic()
-                zone = Zone.from_catalog(self.catalog)
+                zone = Zone.from_catalog(self.catalog, self._warned)
                 end = time.monotonic()
                 with self._lock:
                     self._zone = zone

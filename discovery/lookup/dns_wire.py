@@ -3,9 +3,9 @@
 Names (case-insensitive) under the domain: ``[<tag>.]<service>.service``,
 ``<service>.<zone>.zone`` (the instances of one zone) and ``_<service>._tcp|_<tag>.service``
 (A/AAAA of the instances that are up, SRV with the targets' addresses as additional records),
-``<node>.node``, ``<hex address>.addr`` (SRV targets off their node's address), and the apex
-(SOA). Unknown names: NXDOMAIN, no record of that type: NOERROR; both with the SOA as authority.
-Outside the domain: REFUSED. UDP answers carry at most
+``<node>.node`` (its own records' address), ``<hex address>.addr`` (SRV targets off their
+node's address), and the apex (SOA). Unknown names: NXDOMAIN, no record of that type: NOERROR;
+both with the SOA as authority. Outside the domain: REFUSED. UDP answers carry at most
 ``udp_answer_limit`` answer records (3, as Consul; a window that moves round every record, no TC)
 and fit 512 bytes or the client's EDNS size (at most 4096): answer records that do not fit set
 TC, additional ones are just left out (RFC 2181 §9), as are (with a limit) those that would take
@@ -50,7 +50,7 @@ from discovery.lookup.dns_packet import (
     Writer,
     parse,
 )
-from discovery.model import Instance, State
+from discovery.model import Instance, State, id_node
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
@@ -67,6 +67,9 @@ MAX_DOMAIN = 180  # so that <63-char node>.node.<domain> stays under 255 bytes
 #: addresses cost 1.4 ms at 5,000 instances): at most this many lists, of this many items in all
 LIST_ENTRIES = 4096
 LIST_ITEMS = 1 << 20
+#: records left out of a node's address and warned about, kept by the server across zone
+#: rebuilds (the zone is rebuilt on every change: each is named once); past this many, forgotten
+WARNED_MAX = 1024
 
 #: Labels for metrics (bounded sets): other query types are "OTHER"; "NONE" = no question.
 QTYPE_NAMES = {A: "A", NS: "NS", 5: "CNAME", SOA: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
@@ -122,24 +125,20 @@ class Zone:
     """Everything the answers come from, built once per catalog index."""
 
     def __init__(self, instances: Iterable[Instance], index: int = 0,
-                 loaded: bool = True) -> None:
+                 loaded: bool = True, warned: set[tuple[str, ...]] | None = None) -> None:
         #: the catalog has its first snapshot: until then every name in the domain is answered
         #: SERVFAIL (as HTTP answers 503), never NXDOMAIN, which resolvers cache as "no such
         #: name" (a watcher started while the registry is down)
         self.index, self.loaded = index, loaded
         self.services: dict[bytes, list[Member]] = {}  # up instances only, sorted by id
-        self.nodes: dict[bytes, IP] = {}
         #: names of two labels with no records of their own but names below them (empty
         #: non-terminals: NOERROR, not NXDOMAIN, for resolvers that minimise query names)
         self.parents: set[Labels] = set()
         checked = ((inst, _checked(inst.service, inst.node, inst.address)) for inst in instances)
         valid = [(inst, ip) for inst, ip in checked if ip is not None]
         self.addrs = {ip.packed.hex().encode(): ip for _, ip in valid}
-        seen: dict[bytes, Counter[IP]] = {}
-        for inst, ip in valid:
-            seen.setdefault(inst.node.encode(), Counter())[ip] += 1
-        for node, counts in seen.items():  # most instances' address; ties: the lowest
-            self.nodes[node] = _most_common(counts)
+        # <node>.node: its own address; ``warned``: the culprits named before (the server's)
+        self.nodes = _node_addresses(valid, set() if warned is None else warned)
         for inst, ip in valid:
             if inst.state is not State.UP:
                 continue
@@ -156,9 +155,9 @@ class Zone:
         self._items = 0
 
     @classmethod
-    def from_catalog(cls, catalog: Catalog) -> Zone:
+    def from_catalog(cls, catalog: Catalog, warned: set[tuple[str, ...]] | None = None) -> Zone:
         index, loaded = catalog.index, catalog.loaded  # read first: the data is this new
-        return cls(catalog.instances(), index, loaded)
+        return cls(catalog.instances(), index, loaded, warned)
 
     def members(self, service: bytes, tag: bytes | None) -> list[Member]:
         found = self.services.get(service, [])
@@ -325,6 +324,47 @@ def _checked(service: str, node: str, address: str) -> IP | None:
     except (ValidationError, ValueError) as exc:
         log.debug("dns: %s/%s/%s left out: %s", service[:64], node[:64], address[:64], exc)
         return None
+
+
+def _node_addresses(valid: Sequence[tuple[Instance, IP]], warned: set[tuple[str, ...]]
+                    ) -> dict[bytes, IP]:
+    """Each node's address: the one most of its own records carry (ids ``<node>:…``, as its
+    agent writes them; ties: the lowest), or, for a node with none (Nerve's ids need not name
+    it), most of the records naming it in their ``node`` field. A record that only claims a
+    node (a script's, a hand edit, another host's) never moves the answer of a node that has
+    records of its own; one that would have is named in a warning (once: ``warned``)."""
+    claimed: dict[str, Counter[IP]] = {}
+    foreign: dict[str, Counter[IP]] = {}  # claims under ids that name another node: rare
+    culprits: dict[tuple[str, IP], tuple[str, str]] = {}  # the lowest (service, id) of those
+    for inst, ip in valid:
+        claimed.setdefault(inst.node, Counter())[ip] += 1
+        if id_node(inst.id) != inst.node:
+            foreign.setdefault(inst.node, Counter())[ip] += 1
+            culprits[inst.node, ip] = min(culprits.get((inst.node, ip), inst.key), inst.key)
+    nodes: dict[bytes, IP] = {}
+    for node, counts in claimed.items():
+        ip = _most_common(counts)
+        if node in foreign and (own := counts - foreign[node]):  # its own records decide
+            ip, would = _most_common(own), ip
+            if ip != would:
+                _outranked(node, ip, would, culprits[node, would], warned)
+        nodes[node.encode()] = ip
+    return nodes
+
+
+def _outranked(node: str, ip: IP, would: IP, culprit: tuple[str, str],
+               warned: set[tuple[str, ...]]) -> None:
+    """Warn, once per node, culprit and address, that records claiming ``node`` at ``would``
+    under ids that do not name it (the lowest: ``culprit``) were outranked by its own."""
+    key = (node, *culprit, str(would))
+    if key in warned:
+        return
+    if len(warned) >= WARNED_MAX:
+        warned.clear()
+    warned.add(key)
+    log.warning("dns: %s.node answers %s, the address of its own records (ids %s:…), not %s, "
+                "that of %s/%s and any other record naming node %s under an id not its own",
+                node, ip, node, would, *culprit, node)
 
 
 def _most_common(counts: Counter[IP]) -> IP:

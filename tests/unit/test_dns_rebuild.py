@@ -31,12 +31,12 @@ def test_tcp_and_udp_answer_while_the_zone_rebuilds(monkeypatch: pytest.MonkeyPa
     building, release = threading.Event(), threading.Event()
     builds: list[int] = []
 
-    def held(cat: Any) -> Zone:  # a big catalog's rebuild, held until the test lets it end
+    def held(cat: Any, *args: Any) -> Zone:  # a big catalog's rebuild, held till let go
         builds.append(cat.index)
         if len(builds) > 1:
             building.set()
             release.wait(10)
-        return real(cat)
+        return real(cat, *args)
 
     monkeypatch.setattr(Zone, "from_catalog", held)
     monkeypatch.setattr(dns, "REBUILD_WAIT", 0.0)  # the change may rebuild at once
@@ -84,10 +84,10 @@ def test_the_first_zone_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Zone.from_catalog
     building, release = threading.Event(), threading.Event()
 
-    def held(cat: Any) -> Zone:
+    def held(cat: Any, *args: Any) -> Zone:
         building.set()
         release.wait(10)
-        return real(cat)
+        return real(cat, *args)
 
     monkeypatch.setattr(Zone, "from_catalog", held)
     server = DnsServer(catalog, port=0)  # not started: its zone, as each query asks it

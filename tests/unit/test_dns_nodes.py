@@ -1,0 +1,77 @@
+"""``<node>.node``: a node's address is its own records' (ids ``<node>:…``, as its agent writes
+them), never moved by records that only claim the node in their ``node`` field."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from discovery.lookup import dns_wire
+from discovery.model import Instance
+from discovery.model.nerve import from_nerve
+from tests.unit.test_dns import ask, inst, make_catalog, rdatas
+
+OWN = inst("web", 1, "127.0.0.9", node="h1")  # id h1:…: h1's agent wrote it
+#: a record naming h1 in its node field under another id (a script's, a hand edit, another host's)
+CLAIM = Instance(service="db", id="other:00000000000b:5432", node="h1", address="127.0.0.2",
+                 port=5432)
+
+
+def claims(n: int, address: str = "127.0.0.2") -> list[Instance]:
+    return [Instance(service="db", id=f"other:{i:012x}:5432", node="h1", address=address,
+                     port=5432) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_records_claiming_a_node_do_not_move_its_answer(n: int) -> None:
+    """Before, one such record (a tie: the lower address) or more moved h1.node to 127.0.0.2."""
+    catalog = make_catalog([OWN, *claims(n)])
+    assert rdatas(ask("h1.node.discovery", "A", catalog=catalog).rr) == ["127.0.0.9"]
+    srv = ask("web.service.discovery", "SRV", catalog=catalog)  # h1's own: still at h1.node
+    assert [str(rr.rdata.target) for rr in srv.rr] == ["h1.node.discovery."]
+    assert {str(rr.rname): str(rr.rdata) for rr in srv.ar} == {"h1.node.discovery.": "127.0.0.9"}
+    other = ask("db.service.discovery", "SRV", catalog=catalog)  # the claim: off h1's address
+    assert {str(rr.rdata.target) for rr in other.rr} == {"7f000002.addr.discovery."}
+    assert rdatas(ask("7f000002.addr.discovery", "A", catalog=catalog).rr) == ["127.0.0.2"]
+    assert rdatas(ask("7f000009.addr.discovery", "A", catalog=catalog).rr) == ["127.0.0.9"]
+
+
+def test_own_records_still_decide_by_majority_then_the_lowest() -> None:
+    two = [OWN, inst("web", 2, "127.0.0.2", node="h1")]
+    assert rdatas(ask("h1.node.discovery", catalog=make_catalog(two)).rr) == ["127.0.0.2"]
+    three = [*two, inst("web", 3, "127.0.0.9", 8081, node="h1"), *claims(4)]
+    assert rdatas(ask("h1.node.discovery", catalog=make_catalog(three)).rr) == ["127.0.0.9"]
+
+
+def test_a_node_with_no_records_of_its_own_answers_what_claims_it() -> None:
+    """Nerve's ids need not name the node (``web1.example.com:8080`` of node ``web1``): with
+    none of its own, a node's address is still the one most records naming it carry."""
+    nerve = [from_nerve(json.dumps({"host": f"10.0.0.{last}", "port": port,
+                                    "name": "web1.example.com"}).encode(),
+                        "web", f"web1.example.com_{port:010d}", where="t")
+             for last, port in ((5, 80), (5, 81), (4, 82))]
+    assert {(i.node, i.id.partition(":")[0]) for i in nerve} == {("web1", "web1.example.com")}
+    catalog = make_catalog(nerve)
+    assert rdatas(ask("web1.node.discovery", catalog=catalog).rr) == ["10.0.0.5"]
+    assert rdatas(ask("h1.node.discovery", catalog=make_catalog(claims(1))).rr) == ["127.0.0.2"]
+
+
+def test_one_warning_names_the_record_outranked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
+    warned: set[tuple[str, ...]] = set()  # the server's, across its zones
+    for index in range(3):  # the zone is rebuilt on every catalog change: warned once
+        dns_wire.Zone([OWN, *claims(2)], index, warned=warned)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "db/other:000000000000:5432" in warnings[0]
+    assert "h1" in warnings[0] and "127.0.0.2" in warnings[0] and "127.0.0.9" in warnings[0]
+
+
+def test_no_warning_when_a_claim_would_not_have_moved_the_answer(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
+    dns_wire.Zone([OWN, *claims(1, "127.0.0.9")])  # at the node's own address
+    dns_wire.Zone([OWN, inst("web", 2, "127.0.0.9", 8081, node="h1"), CLAIM])  # 2 own : 1
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
