@@ -155,6 +155,28 @@ def test_any_other_failure_reads_everything_again_after_a_doubling_jittered_wait
         watch.stop()
 
 
+def test_a_refused_full_read_is_tried_again_after_5_10_20_s_and_5_once_one_succeeds() -> None:
+    """The default ``REFUSED_WAIT`` (5 s doubling to 60, ±10 %): before, a locked services
+    directory was read again every 5 s, forever (a fleet's at once). The integration test
+    (tests/integration/test_zk_refusals.py) runs the same schedule shortened against a real
+    server."""
+    tree = Tree({NODE: record(8080)})
+    watch, changes, waits = follow(tree)
+    try:
+        tree.fail[URL.services_root] = [NoAuthError(), NoAuthError(), NoAuthError()]
+        watch.reset()  # everything read again (a session expired), the services refused
+        wait_for(lambda: len(changes) == 2, 5, message="everything read again")
+        assert changes[1].kind == "reset" and full_reads(tree) == 5  # 1 + 3 refused + 1
+        assert waits.waits == pytest.approx([5, 10, 20], rel=0.1)
+        assert waits.waits != [5.0, 10.0, 20.0]  # jittered: a fleet refused at once reads apart
+        tree.fail[URL.services_root] = [NoAuthError()]  # after a full read: 5 s again
+        watch.reset()
+        wait_for(lambda: len(changes) == 3, 5, message="read once refused again")
+        assert waits.waits[3] == pytest.approx(5, rel=0.1) and len(waits.waits) == 4
+    finally:
+        watch.stop()
+
+
 @pytest.mark.parametrize("gone", [True, False], ids=["deleted", "another port"])
 def test_a_nerve_departure_whose_listing_is_throttled_is_delivered_on_the_retry(
         gone: bool) -> None:
