@@ -327,14 +327,18 @@ class EtcdRegistry:
                              denied=self.decoder.denied, split=self.url.split_key)
 
     def node_snapshot(self, node: str) -> Snapshot:
-        """``node``'s instances through its index: see :mod:`discovery.registry.etcd_index`."""
+        """``node``'s instances through its index (keys deleted from it put back): etcd_index."""
         self._restorer.watch_own()
+        with self._lock:  # (before the read: one registered after it is not taken as lacking)
+            lease = None if self._need_reput else self._lease  # (a rewrite: the keeper's)
+            owned = [i for k, i in self._owned.items() if k not in self._restorer.unsettled]
         snap, _ = etcd_rewind.checked(list(self._watches), lambda: etcd_index.read_node(
             self._call, self.client, self.url, self.decoder.decode, node, self.reads),
             lambda answer: answer[1], self._cluster)
         with self._lock:
             self._nodes.update(dict.fromkeys(snap.instances, node))
-        return snap
+        return snap if lease is None else etcd_index.reindex(self._call, self.client, self.url,
+            snap, node, owned, lease, self.decoder.decode, self._restorer.same, self.reads)
 
     def watch(self, callback: ChangeCallback, start_revision: int = 0,
               services: Collection[str] | None = None) -> EtcdWatch:

@@ -18,13 +18,20 @@ When the two disagree:
 - an index key naming an instance of another node (written by hand): skipped;
 - an instance without an index key (written by hand, or by a version before the index):
   not seen by :func:`read_node`, so a restarted agent does not adopt it: it stays until its
-  own lease expires, and the agent's checks start from "unhealthy" for that container.
+  own lease expires, and the agent's checks start from "unhealthy" for that container;
+- an instance of the registry's own whose index key is gone (the index deleted by hand, an
+  ``etcdctl del --prefix`` of ``<prefix>/nodes/``): :func:`reindex` puts back its index key
+  alone if it is there as written, on the registry's lease. Before, the agent's reconcile,
+  not seeing it, wrote it again, stamped anew: a put under ``<prefix>/services/`` that every
+  host following its service received (a whole fleet's index deleted: every instance of the
+  fleet, once, to every watcher of its service).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -164,3 +171,39 @@ def read_node(call: Caller, client: Any, url: RegistryURL, decode: Decode, node:
     return Snapshot(instances=instances, revision=int(resp.header.revision),
                     unowned=frozenset(unowned)), resp.header
 
+
+def reindex(call: Caller, client: Any, url: RegistryURL, snap: Snapshot, node: str,
+            owned: Iterable[Instance], lease: int, decode: Decode,
+            same: Callable[[Instance, Instance], bool], reads: ReadStats) -> Snapshot:
+    """``snap`` (``node``'s :func:`read_node`) with those of ``owned`` (the registry's, of
+    ``node``) it lacks that are there ``same`` as written and on ``lease``: their index keys
+    were deleted by another writer. Each one's index key alone is put back on ``lease``, in one
+    transaction comparing the instance's mod revision with the one read: only beside the
+    instance it names, unchanged since (never one deleted, written again, or moved to another
+    lease meanwhile). No put under ``<prefix>/services/``: no watcher hears of it. The others
+    lacking (missing, changed, another lease's) are left out: the agent's reconcile writes them.
+    Reads only what it lacks of ``owned`` (nothing when the index is whole)."""
+    lacking = [i for i in owned if i.node == node and i.key not in snap.instances]
+    found: dict[tuple[str, str], Instance] = {}
+    for start in range(0, len(lacking), TXN_OPS):
+        chunk = lacking[start:start + TXN_OPS]
+        _, results = call(f"read {len(chunk)} instances missing from the index of node {node}",
+                          partial(client.transaction, compare=[], failure=[],
+                                  success=[transactions.Get(url.key(*i.key)) for i in chunk]))
+        for inst, result in zip(chunk, results, strict=True):
+            for value, meta in result:
+                reads.add(meta.key, value)
+                key = url.key(*inst.key)
+                seen = decode(key, value)
+                if meta.lease_id != lease or seen is None or not same(inst, seen):
+                    continue  # (the reconcile's)
+                put, _ = call(f"put index key of {key}", partial(
+                    client.transaction, compare=[transactions.Mod(key) == meta.mod_revision],
+                    failure=[], success=[transactions.Put(index_key(url, node, *inst.key), b"",
+                                                          lease)]))
+                if put:
+                    found[inst.key] = seen
+    if found:
+        log.warning("%d index key(s) of node %s were deleted by another writer; put back "
+                    "(their instances unchanged)", len(found), node)
+    return replace(snap, instances={**snap.instances, **found}) if found else snap

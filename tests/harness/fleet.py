@@ -121,6 +121,17 @@ def index_paths(url_s: str, node: str) -> set[str]:
         close_raw(client)
 
 
+def last_write(url_s: str, path: str) -> int:
+    """The revision (etcd) or zxid (ZooKeeper) of ``path``'s last write."""
+    client = raw_client(url_s)
+    try:
+        if RegistryURL.parse(url_s).scheme == "etcd":
+            return int(client.get(path)[1].mod_revision)
+        return int(client.exists(path).mzxid)
+    finally:
+        close_raw(client)
+
+
 def raw_delete(url_s: str, path: str) -> None:
     client = raw_client(url_s)
     try:

@@ -19,7 +19,14 @@ from discovery.model import Instance, State
 from discovery.model.nerve import to_nerve
 from discovery.registry import RegistryURL, etcd_watch, zk_watch
 from discovery.registry.owned import OWN_LATER
-from tests.harness.fleet import close_raw, delete_services, fill_foreign, index_paths, raw_client
+from tests.harness.fleet import (
+    close_raw,
+    delete_services,
+    fill_foreign,
+    index_paths,
+    last_write,
+    raw_client,
+)
 from tests.harness.registries import no_write_back
 from tests.harness.servers import wait_until
 from tests.harness.tcp_proxy import TcpProxy
@@ -77,9 +84,9 @@ def test_what_another_writer_deleted_is_written_back_once(registry_url: str,
 
     # the write is conditional: an entry there is not written again (each write reaches
     # every host of a fleet)
-    before = _stamp(url_s, url.key(*one.key))
+    before = last_write(url_s, url.key(*one.key))
     assert agent._restore(one.key, False) == ""  # type: ignore[attr-defined]
-    assert _stamp(url_s, url.key(*one.key)) == before
+    assert last_write(url_s, url.key(*one.key)) == before
 
 
 def _same(seen: dict[tuple[str, str], Instance], expected: dict[tuple[str, str], Instance]
@@ -87,17 +94,6 @@ def _same(seen: dict[tuple[str, str], Instance], expected: dict[tuple[str, str],
     """The same instances, apart from write stamps (a write-back stamps what it writes)."""
     return seen.keys() == expected.keys() and all(
         seen[k].same_registration(i) for k, i in expected.items())
-
-
-def _stamp(url_s: str, path: str) -> int:
-    """The revision (etcd) or zxid (ZooKeeper) of ``path``'s last write."""
-    client = raw_client(url_s)
-    try:
-        if RegistryURL.parse(url_s).scheme == "etcd":
-            return int(client.get(path)[1].mod_revision)
-        return int(client.exists(path).mzxid)
-    finally:
-        close_raw(client)
 
 
 @pytest.mark.parametrize("registry_url", ["etcd"], indirect=True)
@@ -165,9 +161,9 @@ def test_what_another_writer_changed_is_written_back_and_a_successors_is_not(
     # its own value, seen by its watch, is not written again: nothing waits, and a turn
     # asked for by hand finds nothing to do
     wait_until(lambda: not restorer._due, 5, "nothing waiting")
-    before = _stamp(url_s, path)
+    before = last_write(url_s, path)
     assert agent._restore(mine.key, False) == ""  # type: ignore[attr-defined]
-    assert _stamp(url_s, path) == before and restorer.restored == 1
+    assert last_write(url_s, path) == before and restorer.restored == 1
 
     # the same value written back by hand with no lease (etcd; it would outlive this host),
     # or as a node of no session (ZooKeeper): put on ours again
