@@ -14,6 +14,10 @@ from collections import deque
 from collections.abc import Iterable
 
 Item = tuple[str, str]
+#: the most ``"node"`` items a follower on one-shot watches takes together (read one request
+#: each, then handled: a Nerve burst's deletes share one listing of their directory,
+#: ``zk_scan.other_holders``); one on persistent watches takes them all (one ``multiRead``)
+ONE_SHOT_BATCH = 200
 
 
 class WorkQueue:
@@ -54,11 +58,12 @@ class WorkQueue:
             self._count[item] = self._count.get(item, 0) + 1
             self._others += item[0] != "read"
 
-    def take(self, nodes: bool = False) -> list[Item]:
+    def take(self, nodes: bool = False, most: int | None = None) -> list[Item]:
         """The first item (there must be one); with ``nodes``, when it is a ``"node"`` the
-        ``"node"`` items right behind it too (read together)."""
+        ``"node"`` items right behind it too (read together), ``most`` items in all at most."""
         items = [self._pop()]
-        while nodes and items[0][0] == "node" and self._items and self._items[0][0] == "node":
+        while (nodes and items[0][0] == "node" and self._items and self._items[0][0] == "node"
+               and (most is None or len(items) < most)):
             items.append(self._pop())
         return items
 

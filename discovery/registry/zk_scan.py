@@ -297,7 +297,7 @@ def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str
 def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dict[str, int],
                   read_node: Callable[[str], None], live: LivePaths, decoder: Decoder,
                   answered: tuple[Callable[[str], list[str]], Callable[[str], None]] | None = None,
-                  ) -> list[str]:
+                  listed: tuple[dict[str, int], int] | None = None) -> list[str]:
     """The nodes but ``path`` that hold ``key`` (``path``'s instance until now). Under Nerve,
     when none is known, a restarted reporter's other node may not be read yet: the service's
     nodes not read yet (listed meanwhile, or still queued) are read with ``read_node`` (which
@@ -310,7 +310,11 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
     ``path``'s delete has its answer in already: those of nodes never read are handed on, and
     nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes). A
     directory we may not list (NoAuth) is named with ``decoder`` and none is taken to hold
-    ``key``."""
+    ``key``. ``listed``: (each directory listed here -> the zxid seen before that listing was
+    sent, all its nodes read since; a zxid by which ``path`` was seen gone or changed): a
+    listing sent after that shows every node made before, so it is not listed again. The
+    deletes of a burst read together (a dead host's nodes, a catch-up) share one listing;
+    before, N deletes among M nodes listed N times, N x M entries a follower."""
     others = [p for p in live.holders(key) if p != path]
     if others or not url.nerve:
         return others
@@ -321,18 +325,23 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
             if node != path and not nodes.get(node):
                 hand_on(node)
         return [p for p in live.holders(key) if p != path]
+    if listed is not None and listed[1] <= listed[0].get(folder, -1):
+        return []  # (none held it above)
+    before = client.last_zxid  # the listing shows every change up to it
     try:
         children = client.get_children(folder)
     except NoNodeError:
-        return []
+        children = []
     except NoAuthError:  # as relist: named and skipped, the departure delivered (a directory
         decoder.denied(folder)  # whose ACL changed cost every follower 5 s and a full read,
-        return []  # and the instance stayed routed everywhere)
+        children = []  # and the instance stayed routed everywhere)
     for child in children:
         child_path = f"{folder}/{child}"
         if not nodes.get(child_path):  # never read: read it now, in order
             nodes.setdefault(child_path, 0)
             read_node(child_path)
+    if listed is not None:  # (only once every node is read: a failed read lists again)
+        listed[0][folder] = max(before, listed[0].get(folder, before))
     return [p for p in live.holders(key) if p != path]
 
 

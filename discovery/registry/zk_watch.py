@@ -27,7 +27,7 @@ from discovery.registry.zk_io import PreReads
 from discovery.registry.zk_multi import ManyReads
 from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
-from discovery.registry.zk_queue import WorkQueue
+from discovery.registry.zk_queue import ONE_SHOT_BATCH, WorkQueue
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
 from discovery.registry.zk_scan import LivePaths, Withheld
 from discovery.registry.zk_setback import Setbacks
@@ -72,6 +72,7 @@ class ZkWatch:
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
         self._svcs: set[str] = set()
         self._nodes: dict[str, int] = {}  # watched instance path -> mzxid seen
+        self._listed: dict[str, int] = {}  # Nerve: zk_scan.other_holders's listings (zxid)
         # path -> the key we emitted a put for (and no delete since). Nerve: several paths
         # may hold one instance (a restarted reporter's old and new node) until one goes.
         self._live, self._known = LivePaths(), LivePaths()  # _known: _live of a failed scan
@@ -190,9 +191,7 @@ class ZkWatch:
 
     def _fn(self, item: tuple[str, str]) -> Callable[[Any], None]:  # one stable callable per
         fn = self._fns.get(item)  # watched thing (kazoo keeps watchers in a set)
-        if fn is None:
-            fn = self._fns[item] = lambda event: self._fired(item, event)
-        return fn
+        return fn or self._fns.setdefault(item, lambda event: self._fired(item, event))
 
     def _w(self, item: tuple[str, str]) -> Callable[[Any], None] | None:  # a read's watch
         return None if self._persistent else self._fn(item)
@@ -212,7 +211,7 @@ class ZkWatch:
                     self._cond.wait(self._withheld.retry.remaining())
                 if self._stopped.is_set():
                     return
-                items = self._queue.take(nodes=self._persistent)  # + the nodes behind one
+                items = self._queue.take(True, None if self._persistent else ONE_SHOT_BATCH)
                 item = items[0]
             try:
                 if len(items) > 1:
@@ -300,18 +299,18 @@ class ZkWatch:
             read, zxid, gen, changed, live = answer
             if gen == self._gen and self._nodes.get(path, 0) <= (
                     zxid if read is None else read[1].mzxid):
-                self._changed(path, read, changed, live)
+                self._changed(path, read, zxid, changed, live)
         self._pending.deliver(path, one)
 
     def _read_changed(self, paths: list[str]) -> None:  # nodes whose events came together:
-        refused: list[str] = []
-        found = dict(self._read_nodes(paths, refused))  # one multiRead (persistent watches)
-        for path in paths:  # each flag taken after the read: a read that failed keeps it
-            changed = self._pending.untouch(path)
+        refused: list[str] = []  # one multiRead (persistent watches), else a read each; the
+        found, by = dict(self._read_nodes(paths, refused)), self._client.last_zxid  # gone
+        for path in paths:  # share a listing (zk_scan.other_holders). Each flag taken after
+            changed = self._pending.untouch(path)  # the read: a read that failed keeps it
             if path not in refused or not self._withheld.kept(path, self._live):
-                self._changed(path, found.get(path), changed)
+                self._changed(path, found.get(path), by, changed)
 
-    def _node(self, path: str) -> None:
+    def _node(self, path: str) -> None:  # its flag taken after the read (as _read_changed)
         try:
             read = self._client.get(path, watch=self._w(("node", path)))
         except NoNodeError:
@@ -322,16 +321,16 @@ class ZkWatch:
                 self._pending.untouch(path)
                 return
             read = None
-        self._changed(path, read, self._pending.untouch(path))  # taken after the read
+        self._changed(path, read, self._client.last_zxid, self._pending.untouch(path))
 
-    def _changed(self, path: str, read: tuple[bytes, Any] | None, changed: bool = False,
-                 live: bool = False) -> None:
-        """Deliver what a read of ``path`` (data and stat; None: gone) changed. ``changed``:
-        the read was for a change of its data, so a node gone by then was drained."""
+    def _changed(self, path: str, read: tuple[bytes, Any] | None, by: int,
+                 changed: bool = False, live: bool = False) -> None:
+        """Deliver what a read of ``path`` (data and stat; None: gone) by zxid ``by`` changed.
+        ``changed``: the read was for a change of its data, so a node gone then was drained."""
         if read is None:
             self._nodes.pop(path, None)
             self._fns.pop(("node", path), None)
-            self._gone(path, self._client.last_zxid, changed, live)
+            self._gone(path, self._client.last_zxid, by, changed, live)
             return
         data, stat = read
         self._reads.add(path, data)
@@ -343,7 +342,7 @@ class ZkWatch:
             return  # one bad write takes no instance out of every host's routing
         if self._live.get(path) not in (None, inst.key):  # a Nerve node now says another port
             try:
-                self._gone(path, stat.mzxid, live=live)
+                self._gone(path, stat.mzxid, stat.mzxid, live=live)
             except Exception:  # (its Nerve listing) nothing taken: the retry reads it anew
                 self._nodes[path] = seen
                 raise
@@ -352,15 +351,16 @@ class ZkWatch:
         self._deliver(Change("put", key=inst.key, instance=inst, revision=stat.mzxid,
                              unowned=not stat.ephemeralOwner))
 
-    def _gone(self, path: str, revision: int, drained: bool = False, live: bool = False) -> None:
-        """``path`` no longer holds its instance: deleted unless another path holds it (zk_scan)."""
+    def _gone(self, path: str, revision: int, by: int, drained: bool = False,
+              live: bool = False) -> None:
+        """``path`` lost its instance by zxid ``by``: deleted unless another node holds it."""
         if (key := self._live.get(path)) is None:
             return
         with self._cond:  # a live event's answer, and nothing queued but answers: zk_scan
             quick = ((self._pending.found_under, self._answer)
                      if live and self._queue.reads_only() else None)
         others = zk_scan.other_holders(self._client, self._url, path, key, self._nodes, self._node,
-                                       self._live, self._decoder, quick)
+                                       self._live, self._decoder, quick, (self._listed, by))
         self._live.pop(path)
         if not others:
             self._deliver(Change("delete", key=key, revision=revision, drained=drained))
@@ -379,7 +379,7 @@ class ZkWatch:
         found = zk_scan.scan(self._client, self._url, self._decoder, self._only, self._reads,
                              self._read_nodes, self._w,
                              lambda path: known.get(path) or self._elsewhere(path))
-        self._svcs, self._nodes, self._live = found.svcs, found.nodes, found.live
+        self._svcs, self._nodes, self._live, self._listed = found.svcs, found.nodes, found.live, {}
         self._known = LivePaths()
         self._setbacks.scanned()  # a refusal from now on waits the first wait again
         self._withheld.scanned(found.snapshot, found.refused)

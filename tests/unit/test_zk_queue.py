@@ -74,6 +74,15 @@ def test_the_nodes_behind_a_node_are_taken_together() -> None:
     assert queue.take(nodes=True) == [("node", "/d")]
 
 
+def test_at_most_most_nodes_are_taken_together() -> None:
+    queue = WorkQueue()
+    for n in range(5):
+        queue.push(("node", f"/{n}"))
+    assert queue.take(nodes=True, most=2) == [("node", "/0"), ("node", "/1")]
+    assert queue.take(nodes=True, most=2) == [("node", "/2"), ("node", "/3")]
+    assert queue.take(nodes=True, most=2) == [("node", "/4")] and not queue
+
+
 def test_failed_items_go_back_first_and_a_copy_queued_meanwhile_stays() -> None:
     queue = WorkQueue()
     for item in [("node", "/a"), ("node", "/b"), ("reset", "")]:
