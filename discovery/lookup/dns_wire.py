@@ -67,9 +67,9 @@ MAX_DOMAIN = 180  # so that <63-char node>.node.<domain> stays under 255 bytes
 #: addresses cost 1.4 ms at 5,000 instances): at most this many lists, of this many items in all
 LIST_ENTRIES = 4096
 LIST_ITEMS = 1 << 20
-#: records left out of a node's address and warned about, kept by the server across zone
-#: rebuilds (the zone is rebuilt on every change: each is named once); past this many, forgotten
-WARNED_MAX = 1024
+#: records outranked in a node's address named by one zone build (the others: counted); the
+#: server keeps those still outranked across builds, so each is named once while it lasts
+WARNED_MAX = 10
 
 #: Labels for metrics (bounded sets): other query types are "OTHER"; "NONE" = no question.
 QTYPE_NAMES = {A: "A", NS: "NS", 5: "CNAME", SOA: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
@@ -342,29 +342,35 @@ def _node_addresses(valid: Sequence[tuple[Instance, IP]], warned: set[tuple[str,
             foreign.setdefault(inst.node, Counter())[ip] += 1
             culprits[inst.node, ip] = min(culprits.get((inst.node, ip), inst.key), inst.key)
     nodes: dict[bytes, IP] = {}
+    outranked: dict[tuple[str, ...], str] = {}  # (node, service, id, address) -> its warning
     for node, counts in claimed.items():
         ip = _most_common(counts)
         if node in foreign and (own := counts - foreign[node]):  # its own records decide
             ip, would = _most_common(own), ip
             if ip != would:
-                _outranked(node, ip, would, culprits[node, would], warned)
+                culprit = culprits[node, would]
+                outranked[(node, *culprit, str(would))] = (
+                    f"dns: {node}.node answers {ip}, the address of its own records (ids "
+                    f"{node}:…), not {would}, that of {culprit[0]}/{culprit[1]} and any other "
+                    f"record naming node {node} under an id not its own")
         nodes[node.encode()] = ip
+    _name_new(outranked, warned)
     return nodes
 
 
-def _outranked(node: str, ip: IP, would: IP, culprit: tuple[str, str],
-               warned: set[tuple[str, ...]]) -> None:
-    """Warn, once per node, culprit and address, that records claiming ``node`` at ``would``
-    under ids that do not name it (the lowest: ``culprit``) were outranked by its own."""
-    key = (node, *culprit, str(would))
-    if key in warned:
-        return
-    if len(warned) >= WARNED_MAX:
-        warned.clear()
-    warned.add(key)
-    log.warning("dns: %s.node answers %s, the address of its own records (ids %s:…), not %s, "
-                "that of %s/%s and any other record naming node %s under an id not its own",
-                node, ip, node, would, *culprit, node)
+def _name_new(outranked: dict[tuple[str, ...], str], warned: set[tuple[str, ...]]) -> None:
+    """Warn of the records ``outranked`` that ``warned`` (the server's, from the zone before)
+    does not hold, at most :data:`WARNED_MAX` by name and the rest counted, then keep in
+    ``warned`` those outranked now: bounded by the catalog, and one outranked again later is
+    named again."""
+    new = [text for key, text in outranked.items() if key not in warned]
+    for text in new[:WARNED_MAX]:
+        log.warning("%s", text)
+    if len(new) > WARNED_MAX:
+        log.warning("dns: %d more records naming a node under an id not their own were "
+                    "outranked by the node's own records", len(new) - WARNED_MAX)
+    warned.clear()
+    warned.update(outranked)
 
 
 def _most_common(counts: Counter[IP]) -> IP:

@@ -75,3 +75,23 @@ def test_no_warning_when_a_claim_would_not_have_moved_the_answer(
     dns_wire.Zone([OWN, *claims(1, "127.0.0.9")])  # at the node's own address
     dns_wire.Zone([OWN, inst("web", 2, "127.0.0.9", 8081, node="h1"), CLAIM])  # 2 own : 1
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_many_outranked_records_are_named_once_a_few_by_name(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """1,100 nodes each claimed by a record under another id (a script per host): the first
+    build names 10 and counts the rest, later builds name none (before: the set of those warned
+    was cleared past 1,024, so every rebuild warned 1,100 times); one outranked anew is named."""
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
+    own = [inst("web", n, "127.0.1.9", node=f"h{n}") for n in range(1100)]
+    claim = [Instance(service="side", id=f"x-{n}:00000000000b:5432", node=f"h{n}",
+                      address="127.0.1.2", port=5432) for n in range(1100)]
+    tie = [*own, *claim]
+    warned: set[tuple[str, ...]] = set()
+    counts = []
+    for index, instances in enumerate([tie, tie, tie, [*own, *claim[1:]], tie]):
+        caplog.clear()
+        dns_wire.Zone(instances, index, warned=warned)
+        counts.append(len([r for r in caplog.records if r.levelno == logging.WARNING]))
+    assert counts == [11, 0, 0, 0, 1], counts  # 10 named + "1090 more"; h0's claim came back
+    assert "h0.node" in caplog.records[-1].getMessage()
