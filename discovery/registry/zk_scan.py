@@ -176,13 +176,16 @@ def read_nodes(client: Any, many: ManyReads | None, decoder: Decoder, watch_for:
     """``(path, (data, stat))`` of each node of ``paths`` that exists, in order: many a
     request with ``many`` (``multiRead``, under a persistent watch: a full read after a
     session expiry is a few requests, not one per instance), else one each (the read arms
-    its one-shot watch). Those we may not read (NoAuth) are added to ``refused``."""
+    its one-shot watch), all sent before the first answer is waited for: a batch of nodes
+    queued together is one round trip, not one a node. Those we may not read (NoAuth) are
+    added to ``refused``."""
     if many is not None:
         yield from many.each(paths, refused)
         return
-    for path in paths:
+    sent = [(path, client.get_async(path, watch=watch_for(("node", path)))) for path in paths]
+    for path, answer in sent:
         try:
-            yield path, client.get(path, watch=watch_for(("node", path)))
+            yield path, answer.get()
         except NoNodeError:
             continue
         except NoAuthError:

@@ -334,7 +334,7 @@ class ZkWatch:
             return
         data, stat = read
         self._reads.add(path, data)
-        if self._nodes.get(path) == stat.mzxid or self._url.split_key(path) is None:
+        if self._nodes.get(path, 0) >= stat.mzxid or self._url.split_key(path) is None:  # older
             return
         seen, self._nodes[path] = self._nodes.get(path, 0), stat.mzxid
         inst = self._decoder.decode(path, data, stat.mtime / 1000)

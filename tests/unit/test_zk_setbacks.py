@@ -82,10 +82,22 @@ class Tree:
             raise NoNodeError()
         return self.nodes[path], self._stat(path)
 
+    def get_async(self, path: str, watch: Any = None) -> Any:
+        """A read sent: answered at once (in the order sent), told by ``get()``."""
+        try:
+            answer = self.get(path, watch)
+        except Exception as exc:  # raised by get(), as kazoo's async result does
+            return SimpleNamespace(get=lambda exc=exc: _raise(exc))
+        return SimpleNamespace(get=lambda: answer)
+
     def each(self, paths: list[str], refused: list[str] | None = None) -> Any:
         for path in paths:
             if path in self.nodes:
                 yield path, (self.nodes[path], self._stat(path))
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
 
 
 class Waits(threading.Event):
@@ -173,6 +185,25 @@ def test_a_refused_full_read_is_tried_again_after_5_10_20_s_and_5_once_one_succe
         watch.reset()
         wait_for(lambda: len(changes) == 3, 5, message="read once refused again")
         assert waits.waits[3] == pytest.approx(5, rel=0.1) and len(waits.waits) == 4
+    finally:
+        watch.stop()
+
+
+def test_a_read_older_than_the_one_delivered_is_not_delivered() -> None:
+    """A batch's read of a node, answered before a newer read of it was delivered (a Nerve
+    departure's listing reads the directory's unread nodes meanwhile): before, any read other
+    than the last delivered one was delivered, an older value over a newer."""
+    tree = Tree({NODE: record(8080)})
+    watch, changes, _ = follow(tree)
+    try:
+        wait_for(lambda: len(changes) == 1, 5, message="the first read")
+        tree.put(NODE, record(8081))
+        watch._event(NODE, EventType.CHANGED)
+        wait_for(lambda: len(changes) == 3, 5, message="the new port: a delete and a put")
+        older = (record(8080), SimpleNamespace(mzxid=1, mtime=0, ephemeralOwner=1))
+        with watch._cond:  # (the worker idle: as if its batch delivered it now)
+            watch._changed(NODE, older, tree.last_zxid)
+        assert len(changes) == 3, changes[3:]
     finally:
         watch.stop()
 
