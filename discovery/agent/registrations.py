@@ -181,8 +181,9 @@ class Registrations:
         (``force``: a put even if the same as the last written: the registry lost it, or holds
         it changed). ``cause``: noted in the instance's history (None: the caller notes it).
         Every write is stamped after every one of the key before it, answered or not, even if
-        the clock stepped back: a watcher's wipe guard takes a drain not stamped newer for
-        another writer's. False when the write failed (logged; a reconcile is due)."""
+        the clock stepped back (not after one stamped over ``STAMP_AHEAD`` ahead: then now):
+        a watcher's wipe guard takes a drain not stamped newer for another writer's. False
+        when the write failed (logged; a reconcile is due)."""
         have = self.written.get(key)
         now, began = time.time(), time.monotonic()  # now: the stamps, for propagation
         seen = cause.at if cause is not None else now
