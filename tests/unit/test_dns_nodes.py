@@ -48,13 +48,13 @@ def test_own_records_still_decide_by_majority_then_the_lowest() -> None:
 def test_a_node_with_no_records_of_its_own_answers_what_claims_it() -> None:
     """Nerve's ids need not name the node (``web1.example.com:8080`` of node ``web1``): with
     none of its own, a node's address is still the one most records naming it carry."""
-    nerve = [from_nerve(json.dumps({"host": f"10.0.0.{last}", "port": port,
+    nerve = [from_nerve(json.dumps({"host": f"127.0.3.{last}", "port": port,
                                     "name": "web1.example.com"}).encode(),
                         "web", f"web1.example.com_{port:010d}", where="t")
              for last, port in ((5, 80), (5, 81), (4, 82))]
     assert {(i.node, i.id.partition(":")[0]) for i in nerve} == {("web1", "web1.example.com")}
     catalog = make_catalog(nerve)
-    assert rdatas(ask("web1.node.discovery", catalog=catalog).rr) == ["10.0.0.5"]
+    assert rdatas(ask("web1.node.discovery", catalog=catalog).rr) == ["127.0.3.5"]
     assert rdatas(ask("h1.node.discovery", catalog=make_catalog(claims(1))).rr) == ["127.0.0.2"]
 
 
