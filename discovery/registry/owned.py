@@ -202,6 +202,11 @@ class Restorer:
         writing its own value again and again."""
         return self._read_back.same(owned, seen)
 
+    def as_written(self, key: Key, seen: Instance) -> bool:
+        """Whether ``seen`` is the registry's own ``key``, settled, :meth:`same` as written."""
+        owned = None if key in self.unsettled else self._owned.get(key)  # (atomic lookups)
+        return owned is not None and self.same(owned, seen)
+
     def lost(self, keys: Collection[Key]) -> None:
         """From any thread: ``keys`` were seen gone; those the registry owns are looked at
         after their wait (a key waiting already keeps its turn)."""

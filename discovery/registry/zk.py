@@ -77,7 +77,7 @@ class ZkRegistry:
         self._pre = PreReads(self.client, lambda: self._session.write_timeout(len(url.hosts)))
         self._many = ManyReads(self.client, self._get, self.decoder)
         self._index = ZkNodeIndex(self.client, url, self._get, self.decoder, self.reads,
-                                  self._many)
+                                  self._many, lambda k, seen: self._restorer.as_written(k, seen))
         self._nerve = (NerveNodes(self.client, url, self._get, self._index.named)
                        if url.nerve else None)
         self._nerve_read: set[str] = set()  # nodes whose index was empty once (see below)

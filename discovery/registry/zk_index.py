@@ -16,10 +16,12 @@ When the two disagree:
 
 - an index node whose instance is gone (deleted by hand): skipped; it goes with its session;
 - an index node naming an instance of another node (written by hand): skipped;
-- an instance without an index node (written by hand, by a version before the index, or its
-  index node deleted by hand): not seen by :meth:`read`. A restarted agent does not adopt
-  it (it goes with its old session); for the running agent the next reconcile sees it
-  missing, writes it again, and the index node is created again.
+- an instance without an index node (written by hand, or by a version before the index):
+  not seen by :meth:`read`. A restarted agent does not adopt it (it goes with its old
+  session);
+- an index node of ours deleted by hand, its instance still of our session as we wrote it:
+  :meth:`read` creates the index node again alone (no watcher hears of it); one changed
+  meanwhile is left out, and the reconcile writes it again with its index node.
 
 With Nerve's layout (``?format=nerve``) an instance's node is ``<id>_<sequence>``, named by
 ZooKeeper, so its index node carries that name: ``<prefix>/nerve-nodes/<node>/<service>/
@@ -69,9 +71,12 @@ class ZkNodeIndex:
     """The index nodes of one ZooKeeper registry; ``get`` waits for a kazoo async result."""
 
     def __init__(self, client: Any, url: RegistryURL, get: Callable[[Any], Any],
-                 decoder: Decoder, reads: ReadStats, many: ManyReads) -> None:
+                 decoder: Decoder, reads: ReadStats, many: ManyReads,
+                 as_written: Callable[[Key, Instance], bool] = lambda key, seen: False) -> None:
         self.client, self.url, self._get, self._many = client, url, get, many
-        self._decoder, self._reads = decoder, reads
+        #: whether an instance read is one of the registry's own, settled, as it wrote it
+        #: (apart from write stamps): one whose index node alone is gone gets it back
+        self._decoder, self._reads, self._as_written = decoder, reads, as_written
         # Nerve's apart from ours: a Nerve URL with path= may keep the default prefix, where
         # an agent of our layout keeps its index (migration.md runs both on one host)
         self.base = f"{url.prefix}/{'nerve-nodes' if url.nerve else 'nodes'}"
@@ -249,11 +254,38 @@ class ZkNodeIndex:
                 if not stat.ephemeralOwner and not self.url.nerve:  # (Nerve's: not taken
                     unowned.add(inst.key)  # over, its own nodes sequential)
         with self._lock:  # an index node we thought there and is not: create it again
-            for key in [k for k in self._mine if self._nodes.get(k) == node]:
+            lacking = [k for k in self._mine if self._nodes.get(k) == node
+                       and k not in instances]
+        instances.update(self._put_back(node, lacking))
+        with self._lock:
+            for key in lacking:
                 if key not in instances:
                     self._mine.pop(key, None)
             self._nodes.update(dict.fromkeys(instances, node))
         return Snapshot(instances=instances, revision=revision, unowned=frozenset(unowned))
+
+    def _put_back(self, node: str, keys: list[Key]) -> dict[Key, Instance]:
+        """Those of ``keys`` (index nodes of ours that :meth:`read` did not find: deleted by
+        another writer) whose instance node is there, of our session and as we wrote it: their
+        index node alone created again. Before, the reconcile set the instance's node again,
+        stamped anew, which every watcher of its service read (a fleet's index deleted: every
+        instance of the fleet). Not Nerve's layout (its index nodes name sequential nodes)."""
+        session = session_of(self.client)
+        if not keys or self.url.nerve or session is None:
+            return {}
+        found: dict[Key, Instance] = {}
+        for path, (data, stat) in self._many.data([self.url.key(*k) for k in keys]).items():
+            self._reads.add(path, data)
+            inst = self._decoder.decode(path, data, stat.mtime / 1000)
+            if (inst is None or inst.node != node or stat.ephemeralOwner != session
+                    or not self._as_written(inst.key, inst)):
+                continue
+            if self._create(self.path(node, *inst.key), session):
+                found[inst.key] = inst
+        if found:
+            log.warning("%d index node(s) of node %s were deleted by another writer; put back "
+                        "(their instances unchanged)", len(found), shown(node))
+        return found
 
 
 def apart(a: str, b: str) -> bool:

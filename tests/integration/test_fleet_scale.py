@@ -13,6 +13,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -142,21 +143,22 @@ def test_successor_adopts_and_index_mismatches_are_handled(registry_url: str,
     second.register(own[0])  # written again: seen again
     assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
 
-    # An instance of its own whose index entry is gone (deleted by hand): etcd puts back the
-    # index entry alone, the instance being there as written on its lease (not written
-    # again: a put every watcher of its service would receive); ZooKeeper does not see it
-    # until it is written again.
+    # An instance of its own whose index entry is gone (deleted by hand): its index entry is
+    # put back alone, the instance being there as written on its lease / of its session (not
+    # written again: a put or set every watcher of its service would receive).
     gone = f"{url.prefix}/nodes/{ME}/web/{own[1].id}"
     raw_delete(registry_url, gone)
-    if url.scheme == "etcd":
-        written = last_write(registry_url, url.key("web", own[1].id))
-        assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
-        assert gone in index_paths(registry_url, ME)
-        assert last_write(registry_url, url.key("web", own[1].id)) == written
-    else:
-        assert set(second.node_snapshot(ME).instances) == {own[0].key, own[2].key}
-        second.register(own[1])
+    written = last_write(registry_url, url.key("web", own[1].id))
     assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
+    assert gone in index_paths(registry_url, ME)
+    assert last_write(registry_url, url.key("web", own[1].id)) == written
+    assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
+    # ... not one another writer changed meanwhile: left to the reconcile, which writes it
+    raw_put(registry_url, url.key("web", own[1].id), replace(own[1], port=9999).to_json())
+    raw_delete(registry_url, gone)
+    assert set(second.node_snapshot(ME).instances) == {own[0].key, own[2].key}
+    second.register(own[1])
+    assert second.node_snapshot(ME).instances == {i.key: i for i in own}
 
     # An instance of this node written without an index (by hand, or an older version):
     # not read (documented), while every reader of the services sees it.
