@@ -46,7 +46,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    RolledBackError,
+    RuntimeInconsistency,
+)
 
 from discovery.model import Instance, id_node
 from discovery.model.nerve import node_prefix
@@ -254,12 +261,12 @@ class ZkNodeIndex:
                 if not stat.ephemeralOwner and not self.url.nerve:  # (Nerve's: not taken
                     unowned.add(inst.key)  # over, its own nodes sequential)
         with self._lock:  # an index node we thought there and is not: create it again
-            lacking = [k for k in self._mine if self._nodes.get(k) == node
-                       and k not in instances]
-        instances.update(self._put_back(node, lacking))
-        with self._lock:
-            for key in lacking:
-                if key not in instances:
+            lacking = {k: was for k, was in self._mine.items() if self._nodes.get(k) == node
+                       and k not in instances}
+        instances.update(self._put_back(node, list(lacking)))
+        with self._lock:  # (not one claimed meanwhile: a session's recovery)
+            for key, was in lacking.items():
+                if key not in instances and self._mine.get(key) == was:
                     self._mine.pop(key, None)
             self._nodes.update(dict.fromkeys(instances, node))
         return Snapshot(instances=instances, revision=revision, unowned=frozenset(unowned))
@@ -267,25 +274,53 @@ class ZkNodeIndex:
     def _put_back(self, node: str, keys: list[Key]) -> dict[Key, Instance]:
         """Those of ``keys`` (index nodes of ours that :meth:`read` did not find: deleted by
         another writer) whose instance node is there, of our session and as we wrote it: their
-        index node alone created again. Before, the reconcile set the instance's node again,
-        stamped anew, which every watcher of its service read (a fleet's index deleted: every
-        instance of the fleet). Not Nerve's layout (its index nodes name sequential nodes)."""
+        index node alone created again, in one transaction that checks the instance node's
+        version as read (so never beside one deleted or changed since, and never over another
+        session's index node: a successor's). Before, the reconcile set the instance's node
+        again, stamped anew, which every watcher of its service read (a fleet's index deleted:
+        every instance of the fleet). Any other failure leaves the key to the reconcile, as
+        before. Not Nerve's layout (its index nodes name sequential nodes)."""
         session = session_of(self.client)
         if not keys or self.url.nerve or session is None:
             return {}
         found: dict[Key, Instance] = {}
+        failed: list[str] = []
         for path, (data, stat) in self._many.data([self.url.key(*k) for k in keys]).items():
             self._reads.add(path, data)
             inst = self._decoder.decode(path, data, stat.mtime / 1000)
             if (inst is None or inst.node != node or stat.ephemeralOwner != session
                     or not self._as_written(inst.key, inst)):
                 continue
-            if self._create(self.path(node, *inst.key), session):
-                found[inst.key] = inst
+            try:
+                if self._check_create(path, stat.version, self.path(node, *inst.key)):
+                    found[inst.key] = inst
+            except (NoAuthError, NoNodeError, NodeExistsError, BadVersionError) as exc:
+                failed.append(f"{shown(path)} ({type(exc).__name__})")
         if found:
             log.warning("%d index node(s) of node %s were deleted by another writer; put back "
                         "(their instances unchanged)", len(found), shown(node))
+        if failed:
+            log.warning("index node(s) of node %s not put back, left to the reconcile: %s",
+                        shown(node), ", ".join(failed[:5]) + (" ..." if failed[5:] else ""))
         return found
+
+    def _check_create(self, path: str, version: int, index: str) -> bool:
+        """Create ``index`` if the node ``path`` is still at ``version`` (its parent made once
+        if missing); False if not: raises the failing operation's error."""
+        for first in (True, False):
+            txn = self.client.transaction()
+            txn.check(path, version)
+            txn.create(index, b"", ephemeral=True)
+            results = self._get(txn.commit_async())
+            errors = [r for r in results if isinstance(r, Exception)  # the failing op's
+                      and not isinstance(r, RolledBackError | RuntimeInconsistency)]
+            if not errors:
+                return True
+            if first and isinstance(results[1], NoNodeError):  # (a transaction makes no parent)
+                self._get(self.client.ensure_path_async(index.rpartition("/")[0]))
+                continue
+            raise errors[0]
+        return False
 
 
 def apart(a: str, b: str) -> bool:

@@ -123,11 +123,22 @@ def index_paths(url_s: str, node: str) -> set[str]:
 
 def last_write(url_s: str, path: str) -> int:
     """The revision (etcd) or zxid (ZooKeeper) of ``path``'s last write."""
+    return _meta(url_s, path)[0]
+
+
+def owner(url_s: str, path: str) -> int:
+    """The lease (etcd) or session (ZooKeeper: ephemeral owner) ``path`` lives by; 0: none."""
+    return _meta(url_s, path)[1]
+
+
+def _meta(url_s: str, path: str) -> tuple[int, int]:
     client = raw_client(url_s)
     try:
         if RegistryURL.parse(url_s).scheme == "etcd":
-            return int(client.get(path)[1].mod_revision)
-        return int(client.exists(path).mzxid)
+            meta = client.get(path)[1]
+            return int(meta.mod_revision), int(meta.lease_id)
+        stat = client.exists(path)
+        return int(stat.mzxid), int(stat.ephemeralOwner)
     finally:
         close_raw(client)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
+from kazoo.exceptions import NoAuthError
 
 from discovery.model import Instance
 from discovery.model.catalog import Catalog
@@ -25,7 +26,14 @@ from discovery.registry.view import ServicesView
 from discovery.watcher.core import Watcher
 from tests.harness.agent import AgentProcess, wait_registered
 from tests.harness.dockerd import ContainerFactory
-from tests.harness.fleet import fill_foreign, foreign, index_paths, last_write, raw_delete
+from tests.harness.fleet import (
+    fill_foreign,
+    foreign,
+    index_paths,
+    last_write,
+    owner,
+    raw_delete,
+)
 from tests.harness.haproxy import http_get
 from tests.harness.raw_clients import raw_put
 from tests.harness.registries import no_write_back
@@ -152,7 +160,16 @@ def test_successor_adopts_and_index_mismatches_are_handled(registry_url: str,
     assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
     assert gone in index_paths(registry_url, ME)
     assert last_write(registry_url, url.key("web", own[1].id)) == written
+    assert owner(registry_url, gone) == owner(registry_url, url.key("web", own[1].id)) != 0
     assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
+    if url.scheme == "zk":  # a put-back refused (an ACL on the index) fails no reconcile
+        raw_delete(registry_url, gone)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(second._index, "_check_create",  # type: ignore[attr-defined]
+                       lambda *args: (_ for _ in ()).throw(NoAuthError()))
+            assert set(second.node_snapshot(ME).instances) == {own[0].key, own[2].key}
+        second.register(own[1])  # left to the reconcile: written again, its index node too
+        assert set(second.node_snapshot(ME).instances) == {i.key for i in own}
     # ... not one another writer changed meanwhile: left to the reconcile, which writes it
     raw_put(registry_url, url.key("web", own[1].id), replace(own[1], port=9999).to_json())
     raw_delete(registry_url, gone)
