@@ -292,8 +292,8 @@ class ZkNodeIndex:
                     or not self._as_written(inst.key, inst)):
                 continue
             try:
-                if self._check_create(path, stat.version, self.path(node, *inst.key)):
-                    found[inst.key] = inst
+                self._check_create(path, stat.version, self.path(node, *inst.key))
+                found[inst.key] = inst
             except (NoAuthError, NoNodeError, NodeExistsError, BadVersionError) as exc:
                 failed.append(f"{shown(path)} ({type(exc).__name__})")
         if found:
@@ -304,9 +304,9 @@ class ZkNodeIndex:
                         shown(node), ", ".join(failed[:5]) + (" ..." if failed[5:] else ""))
         return found
 
-    def _check_create(self, path: str, version: int, index: str) -> bool:
+    def _check_create(self, path: str, version: int, index: str) -> None:
         """Create ``index`` if the node ``path`` is still at ``version`` (its parent made once
-        if missing); False if not: raises the failing operation's error."""
+        if missing); else raise the failing operation's error."""
         for first in (True, False):
             txn = self.client.transaction()
             txn.check(path, version)
@@ -315,12 +315,10 @@ class ZkNodeIndex:
             errors = [r for r in results if isinstance(r, Exception)  # the failing op's
                       and not isinstance(r, RolledBackError | RuntimeInconsistency)]
             if not errors:
-                return True
-            if first and isinstance(results[1], NoNodeError):  # (a transaction makes no parent)
-                self._get(self.client.ensure_path_async(index.rpartition("/")[0]))
-                continue
-            raise errors[0]
-        return False
+                return
+            if not (first and isinstance(results[1], NoNodeError)):  # (a transaction makes
+                raise errors[0]  # no parent: made, then once more)
+            self._get(self.client.ensure_path_async(index.rpartition("/")[0]))
 
 
 def apart(a: str, b: str) -> bool:

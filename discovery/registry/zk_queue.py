@@ -58,11 +58,11 @@ class WorkQueue:
             self._count[item] = self._count.get(item, 0) + 1
             self._others += item[0] != "read"
 
-    def take(self, nodes: bool = False, most: int | None = None) -> list[Item]:
-        """The first item (there must be one); with ``nodes``, when it is a ``"node"`` the
-        ``"node"`` items right behind it too (read together), ``most`` items in all at most."""
+    def take(self, most: int | None = None) -> list[Item]:
+        """The first item (there must be one); when it is a ``"node"``, the ``"node"`` items
+        right behind it too (read together), ``most`` items in all at most."""
         items = [self._pop()]
-        while (nodes and items[0][0] == "node" and self._items and self._items[0][0] == "node"
+        while (items[0][0] == "node" and self._items and self._items[0][0] == "node"
                and (most is None or len(items) < most)):
             items.append(self._pop())
         return items

@@ -211,7 +211,7 @@ class ZkWatch:
                     self._cond.wait(self._withheld.retry.remaining())
                 if self._stopped.is_set():
                     return
-                items = self._queue.take(True, None if self._persistent else ONE_SHOT_BATCH)
+                items = self._queue.take(None if self._persistent else ONE_SHOT_BATCH)
                 item = items[0]
             try:
                 if len(items) > 1:

@@ -57,43 +57,43 @@ def test_pushed_once_while_queued_taken_in_order_and_counted_right() -> None:
     assert queue.push(("node", "/a")) and queue.push(("read", "/a"))
     assert not queue.push(("node", "/a"))  # still queued
     assert queue.push(("node", "/b")) and queue.push(("reset", ""))
-    assert queue.take(nodes=False) == [("node", "/a")]
+    assert queue.take(most=1) == [("node", "/a")]
     assert ("node", "/a") not in queue and queue.push(("node", "/a"))  # taken: queued again
     assert queue.take() == [("read", "/a")]
-    assert queue.take(nodes=True) == [("node", "/b")]  # the reset behind it is not a node
-    assert queue.take(nodes=True) == [("reset", "")]
-    assert queue.take(nodes=True) == [("node", "/a")] and not queue
+    assert queue.take() == [("node", "/b")]  # the reset behind it is not a node
+    assert queue.take() == [("reset", "")]
+    assert queue.take() == [("node", "/a")] and not queue
 
 
 def test_the_nodes_behind_a_node_are_taken_together() -> None:
     queue = WorkQueue()
     for item in [("node", "/a"), ("node", "/b"), ("read", "/c"), ("node", "/d")]:
         queue.push(item)
-    assert queue.take(nodes=True) == [("node", "/a"), ("node", "/b")]
-    assert queue.take(nodes=True) == [("read", "/c")]
-    assert queue.take(nodes=True) == [("node", "/d")]
+    assert queue.take() == [("node", "/a"), ("node", "/b")]
+    assert queue.take() == [("read", "/c")]
+    assert queue.take() == [("node", "/d")]
 
 
 def test_at_most_most_nodes_are_taken_together() -> None:
     queue = WorkQueue()
     for n in range(5):
         queue.push(("node", f"/{n}"))
-    assert queue.take(nodes=True, most=2) == [("node", "/0"), ("node", "/1")]
-    assert queue.take(nodes=True, most=2) == [("node", "/2"), ("node", "/3")]
-    assert queue.take(nodes=True, most=2) == [("node", "/4")] and not queue
+    assert queue.take(most=2) == [("node", "/0"), ("node", "/1")]
+    assert queue.take(most=2) == [("node", "/2"), ("node", "/3")]
+    assert queue.take(most=2) == [("node", "/4")] and not queue
 
 
 def test_failed_items_go_back_first_and_a_copy_queued_meanwhile_stays() -> None:
     queue = WorkQueue()
     for item in [("node", "/a"), ("node", "/b"), ("reset", "")]:
         queue.push(item)
-    taken = queue.take(nodes=True)
+    taken = queue.take()
     queue.push(("node", "/a"))  # its event again while the worker read it
     queue.requeue(taken)  # the read failed
     assert len(queue) == 4
-    assert queue.take(nodes=False) == [("node", "/a")]
+    assert queue.take(most=1) == [("node", "/a")]
     assert ("node", "/a") in queue  # the copy queued meanwhile
-    assert [queue.take()[0] for _ in range(3)] == [("node", "/b"), ("reset", ""),
+    assert [queue.take(most=1)[0] for _ in range(3)] == [("node", "/b"), ("reset", ""),
                                                    ("node", "/a")]
     assert ("node", "/a") not in queue and not queue
     queue.requeue([("node", "/a")])
