@@ -227,3 +227,28 @@ def test_a_one_shot_batchs_reads_are_all_sent_before_an_answer_is_waited_for() -
     read = list(zk_scan.read_nodes(Recorder(), None, Decoder(URL), lambda item: None, paths, []))
     assert [path for path, _ in read] == paths
     assert events == [("sent", p) for p in paths] + [("waited", p) for p in paths]
+
+
+def test_a_node_listed_but_not_read_still_holds_its_instance_in_a_directory_we_may_not_list(
+        ) -> None:
+    """A restarted reporter's new node, listed before the directory was locked, its read
+    queued behind its old node's delete (the delete's event came while the relist that found
+    it was in flight): the refused listing cannot show it, so the nodes already known and not
+    read are read. Before, the departure was delivered and the instance left every
+    follower's routing until the new node's read put it back."""
+    tree = Busy()
+    watch, changes = follow(tree, "one-shot")
+    new = f"{WEB}/i-0_{M + 1:010d}"
+    try:
+        with watch._cond:
+            tree.put(new, record(8000))  # the reporter of PATHS[0], restarted: listed...
+            watch._nodes[new] = 0
+            tree.fail[WEB] = [NoAuthError()] * 5  # ...then READ taken off the directory
+            tree.delete(PATHS[0])
+            watch._push(("node", new))  # (the relist's hand-on, behind the delete)
+        wait_for(lambda: any(c.kind == "put" for c in changes) and not watch._queue, 10,
+                 message="the new node read")
+    finally:
+        watch.stop()
+    assert {(c.kind, c.key) for c in changes[1:]} == {("put", key(0))}  # never deleted
+    assert new in tree.data_watch  # (read with its watch)
