@@ -1,14 +1,12 @@
-"""etcd v3 backend: one lease per registry object, kept alive (jittered) on one long-lived
-keepalive stream (:mod:`~discovery.registry.etcd_keepalive`; it and the watch streams run on
-an asyncio loop, :mod:`~discovery.registry.etcd_aio`); a failed renewal is one short attempt,
-tried again about one renewal interval later (sooner as the lease runs out, ±50 %), so a
-fleet whose registry restarts does not renew in its first second; a new lease or a rewrite
-etcd refuses, 0.8 s later, doubling to 30 s (``KeeperWaits``); watches that resume from the
-last seen revision, or send a ``reset`` when it was compacted (:mod:`~discovery.registry.
-etcd_watch`); each instance written with its per-node index key (:mod:`~discovery.registry.
-etcd_index`), so :meth:`EtcdRegistry.node_snapshot` reads one node's entries only; a watch-only
-registry reads one key a TTL (:mod:`~discovery.registry.etcd_pulse`); own keys no watch
-follows are watched alone (:mod:`~discovery.registry.etcd_own`). TLS: ``security``."""
+"""etcd v3 backend: one lease per registry object, renewed (jittered) on one keepalive stream
+(``etcd_keepalive``; it and the watch streams run on an asyncio loop, ``etcd_aio``). A failed
+renewal is one short attempt, tried again about one renewal interval later (sooner as the lease
+runs out, ±50 %): a fleet whose registry restarts does not renew in its first second. A new
+lease or a rewrite etcd refuses waits 0.8 s, doubling to 30 s (``KeeperWaits``). Watches resume
+from the last revision seen, or send a ``reset`` when it was compacted (``etcd_watch``). Each
+instance is written with its per-node index key (``etcd_index``): :meth:`EtcdRegistry.
+node_snapshot` reads one node's entries only. A watch-only registry reads one key a TTL
+(``etcd_pulse``); own keys no watch follows are watched alone (``etcd_own``). TLS: ``security``."""
 
 from __future__ import annotations
 
@@ -117,8 +115,6 @@ class EtcdRegistry:
     @property
     def invalid_records(self) -> int:
         return self.decoder.skipped
-
-    # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T], closing: bool = False,
               patience: float | None = None, login: bool = True) -> T:
