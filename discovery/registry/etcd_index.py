@@ -177,32 +177,42 @@ def reindex(call: Caller, client: Any, url: RegistryURL, snap: Snapshot, node: s
             same: Callable[[Instance, Instance], bool], reads: ReadStats) -> Snapshot:
     """``snap`` (``node``'s :func:`read_node`) with those of ``owned`` (the registry's, of
     ``node``) it lacks that are there ``same`` as written and on ``lease``: their index keys
-    were deleted by another writer. Each one's index key alone is put back on ``lease``, in one
+    were deleted by another writer. Each one's index key alone is put back on ``lease``, by a
     transaction comparing the instance's mod revision with the one read: only beside the
     instance it names, unchanged since (never one deleted, written again, or moved to another
-    lease meanwhile). No put under ``<prefix>/services/``: no watcher hears of it. The others
-    lacking (missing, changed, another lease's) are left out: the agent's reconcile writes them.
+    lease meanwhile). One transaction for them all (one round trip); if one changed
+    meanwhile it fails, and each is then tried in its own. No put under
+    ``<prefix>/services/``: no watcher hears of it. The others lacking (missing, changed,
+    another lease's) are left out: the agent's reconcile writes them.
     Reads only what it lacks of ``owned`` (nothing when the index is whole)."""
     lacking = [i for i in owned if i.node == node and i.key not in snap.instances]
     found: dict[tuple[str, str], Instance] = {}
+
+    def put_back(ones: list[tuple[Instance, str, int]]) -> bool:
+        put, _ = call(f"put {len(ones)} index key(s) of node {node}", partial(
+            client.transaction, failure=[],
+            compare=[transactions.Mod(key) == mod for _, key, mod in ones],
+            success=[transactions.Put(index_key(url, node, *seen.key), b"", lease)
+                     for seen, _, _ in ones]))
+        found.update({seen.key: seen for seen, _, _ in ones} if put else {})
+        return bool(put)
+
     for start in range(0, len(lacking), TXN_OPS):
         chunk = lacking[start:start + TXN_OPS]
         _, results = call(f"read {len(chunk)} instances missing from the index of node {node}",
                           partial(client.transaction, compare=[], failure=[],
                                   success=[transactions.Get(url.key(*i.key)) for i in chunk]))
+        there: list[tuple[Instance, str, int]] = []  # (as read, its key, its mod revision)
         for inst, result in zip(chunk, results, strict=True):
             for value, meta in result:
                 reads.add(meta.key, value)
                 key = url.key(*inst.key)
                 seen = decode(key, value)
-                if meta.lease_id != lease or seen is None or not same(inst, seen):
-                    continue  # (the reconcile's)
-                put, _ = call(f"put index key of {key}", partial(
-                    client.transaction, compare=[transactions.Mod(key) == meta.mod_revision],
-                    failure=[], success=[transactions.Put(index_key(url, node, *inst.key), b"",
-                                                          lease)]))
-                if put:
-                    found[inst.key] = seen
+                if meta.lease_id == lease and seen is not None and same(inst, seen):
+                    there.append((seen, key, meta.mod_revision))  # (else: the reconcile's)
+        if there and not put_back(there):  # all in one; one changed meanwhile fails it:
+            for one in there:  # then one each, as before
+                put_back([one])
     if found:
         log.warning("%d index key(s) of node %s were deleted by another writer; put back "
                     "(their instances unchanged)", len(found), node)

@@ -47,7 +47,6 @@ from collections.abc import Callable
 from typing import Any
 
 from kazoo.exceptions import (
-    BadVersionError,
     NoAuthError,
     NodeExistsError,
     NoNodeError,
@@ -274,28 +273,27 @@ class ZkNodeIndex:
     def _put_back(self, node: str, keys: list[Key]) -> dict[Key, Instance]:
         """Those of ``keys`` (index nodes of ours that :meth:`read` did not find: deleted by
         another writer) whose instance node is there, of our session and as we wrote it: their
-        index node alone created again, in one transaction that checks the instance node's
-        version as read (so never beside one deleted or changed since, and never over another
-        session's index node: a successor's). Before, the reconcile set the instance's node
+        index node alone created again, each in one transaction that checks the instance
+        node's version as read (so never beside one deleted or changed since, and never over
+        another session's index node: a successor's); all sent before the first answer is
+        waited for (:meth:`_check_create`). Before, the reconcile set the instance's node
         again, stamped anew, which every watcher of its service read (a fleet's index deleted:
         every instance of the fleet). Any other failure leaves the key to the reconcile, as
         before. Not Nerve's layout (its index nodes name sequential nodes)."""
         session = session_of(self.client)
         if not keys or self.url.nerve or session is None:
             return {}
-        found: dict[Key, Instance] = {}
-        failed: list[str] = []
+        candidates: dict[str, tuple[Instance, int]] = {}  # path -> (instance, its version)
         for path, (data, stat) in self._many.data([self.url.key(*k) for k in keys]).items():
             self._reads.add(path, data)
             inst = self._decoder.decode(path, data, stat.mtime / 1000)
-            if (inst is None or inst.node != node or stat.ephemeralOwner != session
-                    or not self._as_written(inst.key, inst)):
-                continue
-            try:
-                self._check_create(path, stat.version, self.path(node, *inst.key))
-                found[inst.key] = inst
-            except (NoAuthError, NoNodeError, NodeExistsError, BadVersionError) as exc:
-                failed.append(f"{shown(path)} ({type(exc).__name__})")
+            if (inst is not None and inst.node == node and stat.ephemeralOwner == session
+                    and self._as_written(inst.key, inst)):
+                candidates[path] = (inst, stat.version)
+        outcome = self._check_create({path: (version, self.path(node, *inst.key))
+                                      for path, (inst, version) in candidates.items()})
+        found = {candidates[p][0].key: candidates[p][0] for p, exc in outcome.items() if not exc}
+        failed = [f"{shown(p)} ({type(exc).__name__})" for p, exc in outcome.items() if exc]
         if found:
             log.warning("%d index node(s) of node %s were deleted by another writer; put back "
                         "(their instances unchanged)", len(found), shown(node))
@@ -304,21 +302,42 @@ class ZkNodeIndex:
                         shown(node), ", ".join(failed[:5]) + (" ..." if failed[5:] else ""))
         return found
 
-    def _check_create(self, path: str, version: int, index: str) -> None:
-        """Create ``index`` if the node ``path`` is still at ``version`` (its parent made once
-        if missing); else raise the failing operation's error."""
+    def _check_create(self, puts: dict[str, tuple[int, str]]) -> dict[str, Exception | None]:
+        """For each ``path -> (version, index)``: create ``index`` if the node ``path`` is still
+        at ``version``, in one transaction each (one failing fails no other), all sent before
+        the first answer is waited for: one round trip, however many (before: one each). Those
+        whose parent was missing: it is made, and they are sent once more. Returns each
+        path's outcome: None, or the failing operation's error (refused, the check failed,
+        the index node there); a lost connection raises."""
+        outcome: dict[str, Exception | None] = {}
         for first in (True, False):
-            txn = self.client.transaction()
-            txn.check(path, version)
-            txn.create(index, b"", ephemeral=True)
-            results = self._get(txn.commit_async())
-            errors = [r for r in results if isinstance(r, Exception)  # the failing op's
-                      and not isinstance(r, RolledBackError | RuntimeInconsistency)]
-            if not errors:
-                return
-            if not (first and isinstance(results[1], NoNodeError)):  # (a transaction makes
-                raise errors[0]  # no parent: made, then once more)
-            self._get(self.client.ensure_path_async(index.rpartition("/")[0]))
+            sent = []
+            for path, (version, index) in puts.items():
+                txn = self.client.transaction()
+                txn.check(path, version)
+                txn.create(index, b"", ephemeral=True)
+                sent.append((path, txn.commit_async()))
+            again: dict[str, tuple[int, str]] = {}
+            for path, answer in sent:
+                results = self._get(answer)
+                errors = [r for r in results if isinstance(r, Exception)  # the failing op's
+                          and not isinstance(r, RolledBackError | RuntimeInconsistency)]
+                if first and errors and isinstance(results[1], NoNodeError):  # (a transaction
+                    again[path] = puts[path]  # makes no parent: made, then once more)
+                else:
+                    outcome[path] = errors[0] if errors else None
+            parents = {parent: self.client.ensure_path_async(parent) for parent in
+                       {index.rpartition("/")[0] for _, index in again.values()}}
+            for parent, made in parents.items():
+                try:
+                    self._get(made)
+                except NoAuthError as exc:  # refused: those under it left to the reconcile
+                    for path in [p for p, (_, i) in again.items() if i.startswith(f"{parent}/")]:
+                        outcome[path] = exc
+                        del again[path]
+            if not (puts := again):
+                break
+        return outcome
 
 
 def apart(a: str, b: str) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,21 @@ def raw_delete(url_s: str, path: str) -> None:
     try:
         client.delete(path)
     finally:
+        close_raw(client)
+
+
+@contextlib.contextmanager
+def read_only(url_s: str, path: str) -> Iterator[None]:
+    """ZooKeeper: ``path`` readable but nothing created or deleted under it by anyone (its
+    ACL world:anyone READ and ADMIN: to open it again after), as an operator's ``setAcl``."""
+    from kazoo.security import OPEN_ACL_UNSAFE, make_acl
+
+    client = raw_client(url_s)
+    try:
+        client.set_acls(path, [make_acl("world", "anyone", read=True, admin=True)])
+        yield
+    finally:
+        client.set_acls(path, OPEN_ACL_UNSAFE)
         close_raw(client)
 
 

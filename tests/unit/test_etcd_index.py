@@ -38,6 +38,7 @@ class FakeEtcd:
         self.revision = 1
         self.puts: list[str] = []
         self.before_put: list[Any] = []  # run once each, before the next transaction that puts
+        self.put_txns = 0  # transactions that put (sent, whatever their compares said)
 
     def _header(self) -> Any:
         return SimpleNamespace(revision=self.revision, cluster_id=1, raft_term=1)
@@ -65,8 +66,10 @@ class FakeEtcd:
                                header=self._header())
 
     def transaction(self, compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
-        if self.before_put and any(isinstance(op, transactions.Put) for op in success):
-            self.before_put.pop(0)()
+        if any(isinstance(op, transactions.Put) for op in success):
+            self.put_txns += 1
+            if self.before_put:
+                self.before_put.pop(0)()
         for c in compare:
             assert isinstance(c, transactions.Mod)
             if (self.kv[c.key][2] if c.key in self.kv else 0) != c.value:
@@ -148,11 +151,13 @@ def test_a_deleted_index_puts_back_the_index_keys_alone(reg: EtcdRegistry,
     assert len(index) == 3 and set(index.values()) == {LEASE}
     etcd.delete_prefix(NODES)
     etcd.puts.clear()
+    txns = etcd.put_txns
 
     reconcile(regs, reg, wanted)
     assert etcd.services_puts() == []
     assert {k: v for k, v in etcd.kv.items() if k.startswith(SERVICES)} == written  # as was
     assert etcd.index() == index and len(etcd.puts) == 3
+    assert etcd.put_txns - txns == 1  # all three in one round trip (before: one each)
 
     etcd.puts.clear()  # the index whole again: the next reconcile reads it, writes nothing
     reconcile(regs, reg, wanted)
@@ -183,12 +188,15 @@ def test_an_instance_changed_after_its_read_gets_no_index_key(reg: EtcdRegistry,
                                                                etcd: FakeEtcd) -> None:
     """The index key's put compares the instance's mod revision with the one read: an
     instance deleted (or written again) in between gets no index key of its lease, and the
-    node read leaves it out (the agent's reconcile writes it)."""
+    node read leaves it out (the agent's reconcile writes it); the others are put back, each
+    alone once the transaction of them all failed."""
     agent(reg)
     gone = SERVICES + f"web/{inst(1).id}"
     etcd.delete_prefix(NODES)
     etcd.before_put.append(lambda: etcd.kv.pop(gone))  # after the read, before the put
+    txns = etcd.put_txns
     snap = reg.node_snapshot("h1")
+    assert etcd.put_txns - txns == 1 + 3  # all in one, refused; then one each
     assert set(snap.instances) == {inst(2).key, inst(3).key}
     assert sorted(etcd.index()) == sorted(NODES + f"h1/web/{inst(n).id}" for n in (2, 3))
     assert gone not in etcd.kv
