@@ -180,22 +180,30 @@ def reindex(call: Caller, client: Any, url: RegistryURL, snap: Snapshot, node: s
     were deleted by another writer. Each one's index key alone is put back on ``lease``, by a
     transaction comparing the instance's mod revision with the one read: only beside the
     instance it names, unchanged since (never one deleted, written again, or moved to another
-    lease meanwhile). One transaction for them all (one round trip); if one changed
-    meanwhile it fails, and each is then tried in its own. No put under
+    lease meanwhile). One transaction for each ``TXN_OPS`` of them, after the read of those;
+    if one changed meanwhile it fails, and those still unchanged are tried once more. No put under
     ``<prefix>/services/``: no watcher hears of it. The others lacking (missing, changed,
     another lease's) are left out: the agent's reconcile writes them.
     Reads only what it lacks of ``owned`` (nothing when the index is whole)."""
     lacking = [i for i in owned if i.node == node and i.key not in snap.instances]
     found: dict[tuple[str, str], Instance] = {}
 
-    def put_back(ones: list[tuple[Instance, str, int]]) -> bool:
-        put, _ = call(f"put {len(ones)} index key(s) of node {node}", partial(
-            client.transaction, failure=[],
-            compare=[transactions.Mod(key) == mod for _, key, mod in ones],
-            success=[transactions.Put(index_key(url, node, *seen.key), b"", lease)
-                     for seen, _, _ in ones]))
-        found.update({seen.key: seen for seen, _, _ in ones} if put else {})
-        return bool(put)
+    def put_back(there: list[tuple[Instance, str, int]]) -> None:
+        """One transaction for ``there``; refused (one changed meanwhile), its failure side
+        reads them all, and those still unchanged are tried once more together."""
+        for _ in range(2):
+            put, now = call(f"put {len(there)} index key(s) of node {node}", partial(
+                client.transaction, failure=[transactions.Get(key) for _, key, _ in there],
+                compare=[transactions.Mod(key) == mod for _, key, mod in there],
+                success=[transactions.Put(index_key(url, node, *seen.key), b"", lease)
+                         for seen, _, _ in there]))
+            if put:
+                found.update({seen.key: seen for seen, _, _ in there})
+                return
+            there = [one for one, kv in zip(there, now, strict=True)
+                     if kv and kv[0][1].mod_revision == one[2]]
+            if not there:
+                return
 
     for start in range(0, len(lacking), TXN_OPS):
         chunk = lacking[start:start + TXN_OPS]
@@ -210,9 +218,8 @@ def reindex(call: Caller, client: Any, url: RegistryURL, snap: Snapshot, node: s
                 seen = decode(key, value)
                 if meta.lease_id == lease and seen is not None and same(inst, seen):
                     there.append((seen, key, meta.mod_revision))  # (else: the reconcile's)
-        if there and not put_back(there):  # all in one; one changed meanwhile fails it:
-            for one in there:  # then one each, as before
-                put_back([one])
+        if there:
+            put_back(there)
     if found:
         log.warning("%d index key(s) of node %s were deleted by another writer; put back "
                     "(their instances unchanged)", len(found), node)

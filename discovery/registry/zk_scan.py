@@ -313,10 +313,12 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
     ``path``'s delete has its answer in already: those of nodes never read are handed on, and
     nothing is listed (a listing per departure per follower: 44 KB at 2,000 nodes). A
     directory we may not list (NoAuth) is named with ``decoder``; its nodes known but not read
-    yet are read, and no other node is taken to hold ``key``. ``listed``: (each directory
-    listed here -> the zxid seen before that listing was sent, all its nodes read since; a
-    zxid by which ``path`` was seen gone or changed): a listing sent after that shows every
-    node made before, so it is not listed again. The
+    yet are read, and no other node is taken to hold ``key`` (before, a directory whose ACL
+    changed cost every follower 5 s and a full read, the instance routed everywhere
+    meanwhile). ``listed``: (each directory listed here -> the zxid seen before that listing
+    was sent, all its nodes read since; a zxid by which ``path`` was seen gone or changed): a
+    listing sent after that shows every node made before, so it is not listed again (a
+    refused one counts: a burst is not refused once a node). The
     deletes of a burst read together (a dead host's nodes, a catch-up) share one listing;
     before, N deletes among M nodes listed N times, N x M entries a follower."""
     others = [p for p in live.holders(key) if p != path]
@@ -336,11 +338,10 @@ def other_holders(client: Any, url: RegistryURL, path: str, key: Key, nodes: dic
         children = client.get_children(folder)
     except NoNodeError:
         children = []
-    except NoAuthError:  # as relist: named, and only the nodes listed before and not read yet
-        decoder.denied(folder)  # are read (one may hold it); none: the departure delivered (a
-        children = [p[len(folder) + 1:] for p, z in list(nodes.items())  # directory whose ACL
-                    if not z and p.startswith(f"{folder}/")]  # changed cost every follower 5 s
-        # and a full read, and the instance stayed routed everywhere)
+    except NoAuthError:  # named, as relist does; the nodes listed before and not read yet
+        decoder.denied(folder)  # are read instead (one may hold it), and with none the
+        children = [p.rpartition("/")[2] for p, z in list(nodes.items())  # departure is
+                    if not z and p.rpartition("/")[0] == folder]  # delivered
     for child in children:
         child_path = f"{folder}/{child}"
         if not nodes.get(child_path):  # never read: read it now, in order

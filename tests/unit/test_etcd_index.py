@@ -70,12 +70,10 @@ class FakeEtcd:
             self.put_txns += 1
             if self.before_put:
                 self.before_put.pop(0)()
-        for c in compare:
-            assert isinstance(c, transactions.Mod)
-            if (self.kv[c.key][2] if c.key in self.kv else 0) != c.value:
-                return False, []
+        held = all(isinstance(c, transactions.Mod)
+                   and (self.kv[c.key][2] if c.key in self.kv else 0) == c.value for c in compare)
         results: list[Any] = []
-        for op in success:
+        for op in success if held else failure:
             if isinstance(op, transactions.Get):
                 results.append([(self.kv[op.key][0], self._meta(op.key))]
                                if op.key in self.kv else [])
@@ -83,7 +81,7 @@ class FakeEtcd:
                 self.put(op.key, op.value, op.lease)
             else:
                 self.kv.pop(op.key, None)
-        return True, results
+        return held, results
 
     def lease(self, ttl: int) -> Any:
         return SimpleNamespace(id=LEASE, ttl=ttl)
@@ -188,15 +186,15 @@ def test_an_instance_changed_after_its_read_gets_no_index_key(reg: EtcdRegistry,
                                                                etcd: FakeEtcd) -> None:
     """The index key's put compares the instance's mod revision with the one read: an
     instance deleted (or written again) in between gets no index key of its lease, and the
-    node read leaves it out (the agent's reconcile writes it); the others are put back, each
-    alone once the transaction of them all failed."""
+    node read leaves it out (the agent's reconcile writes it); the others are put back
+    together once the transaction of them all failed (its failure side read them)."""
     agent(reg)
     gone = SERVICES + f"web/{inst(1).id}"
     etcd.delete_prefix(NODES)
     etcd.before_put.append(lambda: etcd.kv.pop(gone))  # after the read, before the put
     txns = etcd.put_txns
     snap = reg.node_snapshot("h1")
-    assert etcd.put_txns - txns == 1 + 3  # all in one, refused; then one each
+    assert etcd.put_txns - txns == 2  # all in one, refused; then the two unchanged together
     assert set(snap.instances) == {inst(2).key, inst(3).key}
     assert sorted(etcd.index()) == sorted(NODES + f"h1/web/{inst(n).id}" for n in (2, 3))
     assert gone not in etcd.kv
