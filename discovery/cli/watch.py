@@ -169,8 +169,12 @@ def watch(ctx: click.Context, registry: str, services: tuple[str, ...],
               help="Also serve the HTTP API and /metrics here")
 @http_token_option()
 @datacenter_option()
+@click.option("--state-dir", default=None, metavar="DIR",
+              help="Keep the last catalog here (catalog.last.json): a restart while the "
+                   "registry is wiped answers what it answered before; without it, none kept")
 def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_limit: int,
-        http: str | None, http_token: str | None, datacenter: str) -> None:
+        http: str | None, http_token: str | None, datacenter: str,
+        state_dir: str | None) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
     from discovery.metrics import Metrics
     from discovery.watcher.assemble import HAProxySettings, assemble
@@ -180,8 +184,9 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
 
     try:
         metrics = Metrics()
-        watcher = assemble(registry, WatcherConfig(), HAProxySettings(Path(DEFAULT_STATE_DIR)),
-                           metrics=metrics)
+        watcher = assemble(registry, WatcherConfig(),
+                           HAProxySettings(Path(state_dir or DEFAULT_STATE_DIR)),
+                           metrics=metrics, keep_last=state_dir is not None)
         lookups = _lookups(watcher, metrics, dns, http, dns_domain, dns_ttl,
                            dns_udp_answer_limit, http_token, datacenter)
     except DiscoveryError as exc:

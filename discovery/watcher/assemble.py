@@ -5,6 +5,7 @@ Shared by ``discovery watch`` and ``discovery up`` so both run the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -43,11 +44,13 @@ class HAProxySettings:
 def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxySettings, *,
              json_out: Path | None = None, render_only: bool = False,
              dry_run: bool = False, metrics: Metrics | None = None,
-             only_routed: bool = False) -> Watcher:
+             only_routed: bool = False, keep_last: bool = True) -> Watcher:
     """A ready-to-run :class:`Watcher`. ``render_only``: no HAProxy is started (``--once``);
     with ``dry_run`` nothing external is driven either. ``only_routed`` (nothing serves the
     whole catalog): read and watch only the routed services (:mod:`discovery.registry.view`).
-    ``registry_url`` may be an open registry instead (``up`` shares the agent's)."""
+    ``registry_url`` may be an open registry instead (``up`` shares the agent's).
+    ``keep_last``: keep the last catalog in the state dir (watcher/remember.py; a watcher
+    with DNS or HTTP alone makes the dir if it can)."""
     if haproxy.socket and not haproxy.config:
         raise DiscoveryError("--haproxy-socket needs --haproxy-config (the file it reads)")
     if not haproxy.socket:  # else silently unused: say so
@@ -88,9 +91,14 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
                           else registry_url)
     if only_routed and cfg.services and json_out is None:
         registry = ServicesView(registry, cfg.services)
-    # the last catalog, kept beside HAProxy's files (watcher/remember.py)
-    remember = (haproxy.state_dir.absolute() / REMEMBER_FILE if router is not None
-                and not render_only and not dry_run and haproxy.state_dir.is_dir() else None)
+    # the last catalog, kept beside HAProxy's files (watcher/remember.py): also with DNS or
+    # HTTP alone, whose answers a restart during a wipe would otherwise empty
+    state, remember = haproxy.state_dir.absolute(), None
+    if keep_last and not render_only and not dry_run:
+        if router is None:  # (with a router it was made above, or is HAProxy's own)
+            with contextlib.suppress(OSError):
+                state.mkdir(parents=True, exist_ok=True)
+        remember = state / REMEMBER_FILE if state.is_dir() else None
     return Watcher(registry, router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
                    reload_min_interval=cfg.reload_min_interval, metrics=metrics,

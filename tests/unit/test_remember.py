@@ -491,3 +491,28 @@ def test_held_ones_coming_back_keep_the_others_waiting_across_a_restart(tmp_path
         assert len(watcher.guard.held()) == 5 and watcher.catalog.size() == 10
     finally:
         _stopped(watcher, thread)
+
+
+@pytest.mark.parametrize("keep_last", [True, False])
+def test_a_watcher_with_dns_or_http_alone_keeps_the_last_catalog_in_its_state_dir(
+        tmp_path: Path, keep_last: bool) -> None:
+    """``watch --dns``/``--http`` or ``up`` with no routed service, ``dns --state-dir``: the
+    state dir is made and the file kept there; ``dns`` without ``--state-dir`` keeps none
+    (``keep_last``). Before, only a watcher running HAProxy kept one: a DNS-only host
+    restarted while the registry was wiped answered nothing until the agents wrote back."""
+    from discovery.watcher.assemble import HAProxySettings, assemble
+    from discovery.watcher.config import WatcherConfig
+
+    state = tmp_path / "state"  # not there yet
+    watcher = assemble("etcd://127.0.0.1:9/unit", WatcherConfig(), HAProxySettings(state),
+                       keep_last=keep_last)
+    try:
+        assert watcher.router is None
+        if keep_last:
+            assert watcher.remember is not None
+            assert watcher.remember.path == state.absolute() / "catalog.last.json"
+            assert state.is_dir()
+        else:
+            assert watcher.remember is None and not state.exists()
+    finally:
+        watcher.close()
