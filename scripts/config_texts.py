@@ -62,7 +62,9 @@ SERVICE_KEYS = {
     "maxconn": "frontend `maxconn`",
     "outlier": "outlier ejection: `{ consecutive_errors = 5, interval = \"1s\", base_ejection "
                "= \"10s\", max_ejected = \"50%\" }` (those are the defaults; every key "
-               "optional; `true`: all defaults). An instance failing `consecutive_errors` "
+               "optional; `true`: all defaults; not set: off, but on with the defaults in a "
+               "service routed by `[watcher] zone` without `check`; `false`: off). An "
+               "instance failing `consecutive_errors` "
                "requests in a row is drained for `base_ejection` x its ejections "
                "([traffic.md](traffic.md#outlier-ejection))",
     "zone_min_up": "with `[watcher] zone`: spill over to other zones while the local zone has "

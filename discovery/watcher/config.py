@@ -39,6 +39,7 @@ MODES = ("http", "tcp")
 BALANCE = ("roundrobin", "leastconn", "first", "random", "source", "uri")
 HASH_BALANCE = frozenset({"source", "uri"})
 HTTP_ONLY_BALANCE = frozenset({"uri"})
+ZONED_OUTLIER = OutlierSettings()  # a service routed by zone without check: outlier_in
 FRONTEND_TIMEOUTS = ("client", "client-fin", "http-request", "http-keep-alive")
 BACKEND_TIMEOUTS = ("connect", "server", "server-fin", "queue", "tunnel", "check")
 TIMEOUTS = FRONTEND_TIMEOUTS + BACKEND_TIMEOUTS
@@ -94,7 +95,9 @@ class ServiceConfig:
     tags: tuple[str, ...] = ()
     slots: int | None = None
     maxconn: int | None = None
-    outlier: OutlierSettings | None = None  # TOML: a table (or true / false)
+    #: TOML: a table (or true / false); None (not set): on by default where routed by zone
+    #: without ``check`` (router.py); False: off even there
+    outlier: OutlierSettings | bool | None = None
     zone_min_up: int = 1  # local-zone up instances below which traffic spills over
 
 
@@ -134,11 +137,20 @@ class ServiceConfig:
             _int_in(f"{at}.slots", self.slots, 1, 4096)
         if self.maxconn is not None:
             _int_in(f"{at}.maxconn", self.maxconn, 1, 1000000)
-        if self.outlier is False:
-            put("outlier", None)
-        elif self.outlier is not None and not isinstance(self.outlier, OutlierSettings):
+        if self.outlier is not None and self.outlier is not False and not isinstance(
+                self.outlier, OutlierSettings):
             put("outlier", OutlierSettings.parse(f"{at}.outlier", self.outlier))
         _int_in(f"{at}.zone_min_up", self.zone_min_up, 1, 100000)
+
+    def outlier_in(self, zone: str | None) -> OutlierSettings | None:
+        """The outlier ejection in force; routed by ``zone`` without ``check``: the defaults,
+        unless ``outlier = false``. There a local instance nothing answers on (one record's
+        address, which every host of the zone reads) held the other zones at weight 0, and
+        every host of the zone answered 503 for the service; now its connection errors eject
+        it (5 reads of 1 s) and the zone spills over."""
+        if isinstance(self.outlier, OutlierSettings):
+            return self.outlier
+        return ZONED_OUTLIER if self.outlier is None and zone and not self.check else None
 
     def accepts(self, instance: Instance) -> bool:
         """Whether ``instance`` belongs in this listener's backend (tag filter)."""

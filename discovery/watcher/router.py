@@ -5,8 +5,7 @@ onto pre-allocated slots: no reload. Structure (listeners, options, slot counts,
 goes through confd's pipeline: render → stage next to the destination → ``haproxy -c`` →
 skip when identical → atomic replace (in-place write where rename fails) → seamless reload
 through the master socket → re-apply every slot. A config that fails is never installed:
-the last good one keeps serving, and membership keeps flowing through the runtime API.
-"""
+the last good one keeps serving, and membership keeps flowing through the runtime API."""
 
 from __future__ import annotations
 
@@ -333,7 +332,8 @@ class Router:
 
     # ---- outlier ejection (the watcher loop calls these) ------------------------------------
     def _outlier_settings(self) -> dict[str, OutlierSettings]:
-        return {n: s.outlier for n, s in self.config.services.items() if s.outlier is not None}
+        zone = self.config.zone  # (with no check: on by default, ServiceConfig.outlier_in)
+        return {n: o for n, s in self.config.services.items() if (o := s.outlier_in(zone))}
 
     def _checked_zones(self) -> list[str]:
         """The services routed by zone whose checks tell the local zone's up (CheckedDown)."""
@@ -381,8 +381,8 @@ class Router:
             slots = {n: self.tables[n].ids() for n in names}
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
                       and self.config.services[n].accepts(i)} for n in settings if n in slots}
-            changed = self.outliers.observe(settings, stat if counters else None, slots, up) \
-                if settings else set()
+            changed = self.outliers.observe(settings, stat if counters else None, slots, up,
+                                            took) if settings else set()
             if stat is not None and zoned:
                 changed |= self.checks.observe(zoned, stat, slots, took)
             if not changed:

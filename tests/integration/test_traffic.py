@@ -12,7 +12,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -209,21 +211,27 @@ def test_zone_prefers_local_spills_over_and_comes_back(etcd_url, reg, http_backe
     assert watcher.reload_count() == reloads, "spilling over is a runtime-API weight change"
 
 
+@pytest.mark.parametrize("check", [True, False])
 def test_zone_spills_over_when_haproxy_checks_hold_the_local_instance_down(
-        etcd_url, reg, http_backends, start_watcher, tmp_path):
+        etcd_url, reg, http_backends, start_watcher, tmp_path, check):
     """The registry calls the local instance up, but nothing answers at its address (a bad
     record, a path down): HAProxy's checks mark it DOWN. Counted as the local zone's up, it kept
-    the other zone at weight 0, and HAProxy, with no server it may use, answered 503."""
+    the other zone at weight 0, and HAProxy, with no server it may use, answered 503. Without
+    ``check``: outlier ejection, on by default there, ejects it on its connection errors
+    (before: 503 on every host of the zone for as long as the record stayed)."""
     (far,) = http_backends("far")
     listen = free_port()
     reg.register(inst(1, free_port(), zone="z1"))  # no one listens there
     reg.register(inst(2, far.port, zone="z2"))
     conf = tmp_path / "watch.toml"
-    conf.write_text(f'[services.web]\nport = {listen}\ncheck = true\n'
-                    'check_options = "inter 200 fall 1 rise 1"\n')
-    start_watcher(etcd_url, {}, "--config", str(conf), "--zone", "z1")
-    wait_for(lambda: spread(listen, 4).get("far") == 4, 10, message="spilled over to z2")
+    conf.write_text(f'[services.web]\nport = {listen}\n' + (
+        'check = true\ncheck_options = "inter 200 fall 1 rise 1"\n' if check else ""))
+    watcher = start_watcher(etcd_url, {}, "--config", str(conf), "--zone", "z1")
+    with ThreadPoolExecutor(8) as pool:  # clients at once (a refused connection is retried
+        wait_for(lambda: sum(pool.map(lambda _: spread(listen, 1), range(8)),  # 1 s later)
+                             Counter()).get("far") == 8, 10, message="spilled over to z2")
     assert spread(listen, 20) == {"far": 20}
+    assert check or "ejected for 10.0s (ejection 1)" in watcher.log()
 
 
 def test_bad_outlier_config_on_sighup_keeps_the_last_good_one(etcd_url, reg, http_backends,

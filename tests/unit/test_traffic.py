@@ -36,7 +36,7 @@ def test_outlier_defaults_and_values() -> None:
     assert (cfg.zone, web.zone_min_up) == ("eu-1", 2)
     assert web.outlier == OutlierSettings(3, 0.2, 2.0, 1, False)
     assert watcher_config_from_dict({"services": {"web": {"port": 1, "outlier": False}}}
-                                    ).services["web"].outlier is None
+                                    ).services["web"].outlier is False  # off, even by zone
     assert ServiceConfig("web", 1, outlier=True).outlier == OutlierSettings()  # type: ignore
 
 

@@ -3,7 +3,11 @@ local instance the registry calls up but HAProxy's checks hold down is not the l
 
 from __future__ import annotations
 
+import pytest
+
 from discovery.model import Instance
+from discovery.watcher.config import watcher_config_from_dict
+from discovery.watcher.outlier import OutlierDetector, OutlierSettings
 from discovery.watcher.stat_reads import CHECK_READ, CheckedDown
 from discovery.watcher.zones import steer
 
@@ -63,3 +67,49 @@ def test_a_slow_reading_of_every_backend_is_read_less_often() -> None:
     checks.observe(["web"], stat("UP"), SLOTS)
     checks.failed()  # (a success in between: from the first wait again)
     assert checks.next_read == 100.0 + CHECK_READ
+
+
+@pytest.mark.parametrize(("zone", "table", "ejects"), [
+    ("z1", {}, True),  # routed by zone, no check: on, with the defaults
+    ("z1", {"check": True}, False),  # HAProxy's checks tell (CheckedDown)
+    ("z1", {"outlier": False}, False),  # asked off
+    ("", {}, False),  # no zone: off, as before
+    ("", {"outlier": {"consecutive_errors": 3}}, True),  # asked for
+])
+def test_a_service_routed_by_zone_without_checks_ejects_outliers_by_default(
+        zone: str, table: dict[str, object], ejects: bool) -> None:
+    """A local instance nothing answers on (one record: every host of the zone reads it)
+    held the other zones at weight 0: every host of the zone answered 503 for the service,
+    for as long as the record stayed. Now its connection errors (``econ``) eject it, and the
+    zone spills over."""
+    cfg = watcher_config_from_dict({"watcher": {"zone": zone} if zone else {},
+                                    "services": {"web": {"port": 1, **table}}})
+    settings = cfg.services["web"].outlier_in(cfg.zone)
+    assert (settings is not None) == ejects
+    if settings is None or table:
+        return
+    detector, both = OutlierDetector(clock=lambda: 100.0), {NEAR.id: NEAR, FAR.id: FAR}
+    up = {"web": {NEAR.id, FAR.id}}
+    for econ in range(settings.consecutive_errors + 1):  # a read a second, each request
+        detector.observe({"web": settings}, econs(econ), SLOTS, up)
+    ejected = detector.ejected("web")
+    assert ejected == {NEAR.id}
+    routed = steer(both, "z1", 1, ejected)
+    assert routed[FAR.id].weight == FAR.weight  # spilled over: z2 takes the traffic
+
+
+def econs(count: int) -> dict[tuple[str, str], dict[str, str]]:
+    """``show stat`` rows: the local instance refuses every connection, the far one serves."""
+    return {("web", "s1"): {"econ": str(count)}, ("web", "s2"): {"hrsp_2xx": "0"}}
+
+
+def test_a_slow_reading_of_the_counters_is_read_less_often() -> None:
+    """As the checks' reading: ``show stat`` of every backend (~0.5 s at 1,000 services,
+    under the router's lock) once a second was half the time, now that every service routed
+    by zone reads the counters. At most a tenth of it."""
+    detector, up = OutlierDetector(clock=lambda: 100.0), {"web": {NEAR.id, FAR.id}}
+    settings = {"web": OutlierSettings()}
+    detector.observe(settings, econs(0), SLOTS, up, took=0.01)
+    assert detector.next_read == 100.0 + settings["web"].interval
+    detector.observe(settings, econs(0), SLOTS, up, took=0.5)
+    assert detector.next_read == 100.0 + 5.0
