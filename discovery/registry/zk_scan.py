@@ -7,7 +7,8 @@ one-shot watches a follower without persistent watches needs through ``watch_for
 follower's one-shot watch on a listing (the list of services, a service's directory) tells it
 to list that again: :func:`relist`, by the same rules (a directory gone, or refused to us,
 is left out). A directory the full read may not list is named in the snapshot (withheld: the
-catalog keeps what it had of that service) and listed again later, :class:`Withheld`. And
+catalog keeps what it had of that service) and listed again later
+(:class:`~discovery.registry.zk_setback.Withheld`). And
 :func:`other_holders`: the other nodes of a gone node's instance (under Nerve, first reading the
 nodes of its service the follower has not read yet).
 """
@@ -23,13 +24,11 @@ from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.model import Instance
 from discovery.model.nerve import node_prefix
-from discovery.model.validate import shown
 from discovery.registry.base import Snapshot
 from discovery.registry.decoder import Decoder
 from discovery.registry.reads import ReadStats
 from discovery.registry.url import RegistryURL
 from discovery.registry.zk_multi import ManyReads
-from discovery.retry import RetryAt
 
 log = logging.getLogger(__name__)
 
@@ -204,61 +203,6 @@ def unreadable(url: RegistryURL, bad: Iterable[str], instances: Collection[Key],
         if key is not None and key not in instances:
             out[path] = key
     return out
-
-
-class Withheld:
-    """The services a full read could not list (NoAuth on their directory: an ACL changed by
-    mistake), whose instances the catalog keeps (:attr:`Snapshot.withheld`), and the
-    instance nodes kept though their own ACL refuses us (:attr:`Snapshot.unreadable`).
-    ZooKeeper tells no watch about a node its client may not read (not even its delete), so
-    each is looked at again (one request each: a listing, or a node's read) after a wait
-    doubling from
-    ``wait[0]`` to ``wait[1]`` (jittered: a fleet refused at one moment asks apart); once one
-    may be read, or is gone, everything is read again, so a kept instance does not stay
-    stale once the ACL is fixed, nor for ever once it is deleted."""
-
-    def __init__(self, wait: tuple[float, float]) -> None:
-        self.services: frozenset[str] = frozenset()
-        self.nodes: set[str] = set()
-        self.retry = RetryAt(*wait)
-
-    def scanned(self, snapshot: Snapshot, nodes: Collection[str] = ()) -> None:
-        """A full read gave ``snapshot``, and kept ``nodes`` refused to it: look again later
-        at what it withheld."""
-        self.services, self.nodes = snapshot.withheld, set(nodes)
-        if self.services or self.nodes:
-            self.retry.failed(jitter=0.1)
-        else:
-            self.retry.succeeded()
-
-    def kept(self, path: str, live: LivePaths) -> bool:
-        """Whether ``path``, refused to a read after the full read, is kept as last read (as a
-        record that does not decode is): one read before (in ``live``); then looked at again
-        too."""
-        if live.get(path) is None:
-            return False
-        if not self.services and not self.nodes:
-            self.retry.failed(jitter=0.1)
-        self.nodes.add(path)
-        return True
-
-    def readable(self, client: Any, url: RegistryURL) -> bool:
-        """Look at each: whether one may be listed or read now (or is gone)."""
-        looks = [(url.service_dir(s), client.get_children) for s in sorted(self.services)]
-        for path, look in looks + [(p, client.get) for p in sorted(self.nodes)]:
-            try:
-                look(path)
-            except NoAuthError:
-                continue
-            except NoNodeError:
-                pass
-            log.info("ZooKeeper lets us read %s again (or it is gone): reading everything",
-                     shown(path))
-            return True
-        wait = self.retry.failed(jitter=0.1)
-        log.debug("still refused: %s; looked at again in %.1f s",
-                  sorted(self.services) + sorted(self.nodes), wait)
-        return False
 
 
 def relist(client: Any, url: RegistryURL, decoder: Decoder, only: Collection[str] | None,

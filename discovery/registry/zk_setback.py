@@ -21,15 +21,24 @@ ensemble was overloaded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
+from typing import Any
 
 from kazoo.exceptions import (
     NoAuthError,
+    NoNodeError,
     OperationTimeoutError,
     RequestTimeoutError,
     ThrottledOpError,
 )
 
+from discovery.model.validate import shown
+from discovery.registry.base import Snapshot
+from discovery.registry.url import RegistryURL
+from discovery.registry.zk_scan import LivePaths
 from discovery.retry import RetryAt, jittered
+
+log = logging.getLogger(__name__)
 
 #: the ensemble's answers that say it is busy: the same item again, later
 BUSY = (ThrottledOpError, RequestTimeoutError, OperationTimeoutError)
@@ -75,3 +84,70 @@ class Setbacks:
         self._log.error("ZooKeeper watch failed on %s; re-reading everything in %.1f s", what,
                         wait, exc_info=exc)
         return wait, True
+
+
+class Withheld:
+    """The services a full read could not list (NoAuth on their directory: an ACL changed by
+    mistake), whose instances the catalog keeps (:attr:`Snapshot.withheld`), and the
+    instance nodes kept though their own ACL refuses us (:attr:`Snapshot.unreadable`).
+    ZooKeeper tells no watch about a node its client may not read (not even its delete), so
+    each is looked at again (one request each: a listing, or a node's read) after a wait
+    doubling from ``wait[0]`` to ``wait[1]`` (jittered: a fleet refused at one moment asks
+    apart); once a directory may be listed, or is gone, everything is read again, and a node
+    that may be read, or is gone, is read again alone: a kept instance does not stay stale
+    once the ACL is fixed, nor for ever once it is deleted."""
+
+    def __init__(self, wait: tuple[float, float]) -> None:
+        self.services: frozenset[str] = frozenset()
+        self.nodes: set[str] = set()
+        self.retry = RetryAt(*wait)
+
+    def scanned(self, snapshot: Snapshot, nodes: Collection[str] = ()) -> None:
+        """A full read gave ``snapshot``, and kept ``nodes`` refused to it: look again later
+        at what it withheld."""
+        self.services, self.nodes = snapshot.withheld, set(nodes)
+        if self.services or self.nodes:
+            self.retry.failed(jitter=0.1)
+        else:
+            self.retry.succeeded()
+
+    def kept(self, path: str, live: LivePaths) -> bool:
+        """Whether ``path``, refused to a read after the full read, is kept as last read (as a
+        record that does not decode is): one read before (in ``live``); then looked at again
+        too."""
+        if live.get(path) is None:
+            return False
+        if not self.services and not self.nodes:
+            self.retry.failed(jitter=0.1)
+        self.nodes.add(path)
+        return True
+
+    def ready(self, client: Any, url: RegistryURL) -> list[tuple[str, str]]:
+        """Look at each: what to read now. A directory that may be listed (or is gone):
+        everything (``reset``). Kept nodes that may be read (or are gone): each alone
+        (``node``), and no longer looked at; before, one node's ACL set back, or its delete,
+        cost every follower a full read of its catalog."""
+        for service in sorted(self.services):
+            if self._open(client.get_children, url.service_dir(service),
+                          "reading everything"):
+                return [("reset", "")]
+        freed = [p for p in sorted(self.nodes) if self._open(client.get, p, "reading it")]
+        self.nodes.difference_update(freed)
+        if self.services or self.nodes:
+            wait = self.retry.failed(jitter=0.1)
+            log.debug("still refused: %s; looked at again in %.1f s",
+                      sorted(self.services) + sorted(self.nodes), wait)
+        else:
+            self.retry.succeeded()
+        return [("node", path) for path in freed]
+
+    @staticmethod
+    def _open(look: Callable[[str], object], path: str, then: str) -> bool:
+        try:
+            look(path)
+        except NoAuthError:
+            return False
+        except NoNodeError:
+            pass
+        log.info("ZooKeeper lets us read %s again (or it is gone): %s", shown(path), then)
+        return True

@@ -29,8 +29,8 @@ from discovery.registry.zk_pending import Answer, Pending
 from discovery.registry.zk_persistent import EventRouter
 from discovery.registry.zk_queue import ONE_SHOT_BATCH, WorkQueue
 from discovery.registry.zk_rewatch import CatchUp, Reconnects, rewatch
-from discovery.registry.zk_scan import LivePaths, Withheld
-from discovery.registry.zk_setback import Setbacks
+from discovery.registry.zk_scan import LivePaths
+from discovery.registry.zk_setback import Setbacks, Withheld
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, KazooTimeoutError)
@@ -52,7 +52,7 @@ class ZkWatch:
     changed meanwhile is read again. A read the ensemble is too busy for is read again, the
     wait doubling; one refused (NoAuth, :data:`REFUSED_WAIT`) or failed otherwise, everything
     (:mod:`~discovery.registry.zk_setback`); a service directory or node refused is left out
-    or kept as the full read does, and looked at again (``zk_scan.Withheld``)."""
+    or kept as the full read does, and looked at again (``zk_setback.Withheld``)."""
 
     def __init__(self, client: Any, decoder: Decoder, connected: threading.Event,
                  callback: ChangeCallback, start_revision: int,
@@ -67,7 +67,7 @@ class ZkWatch:
         self._only = None if services is None else frozenset(services)
         self._reads = reads if reads is not None else ReadStats()
         self._url, self._services, self._callback = decoder.url, decoder.url.services_root, callback
-        self._cond = threading.Condition()
+        self._cond, self._stopped = threading.Condition(), threading.Event()
         self._queue = WorkQueue()
         self._fns: dict[tuple[str, str], Callable[[Any], None]] = {}
         self._svcs: set[str] = set()
@@ -76,7 +76,6 @@ class ZkWatch:
         # path -> the key we emitted a put for (and no delete since). Nerve: several paths
         # may hold one instance (a restarted reporter's old and new node) until one goes.
         self._live, self._known = LivePaths(), LivePaths()  # _known: _live of a failed scan
-        self._stopped = threading.Event()
         self._rearm: set[tuple[str, str]] = set()  # watches kazoo dropped with the connection
         self._pending = Pending()  # _answered's answers; nodes whose data changed
         self._gen = 0  # the full reads (_scan) so far: an answer to a read before is stale
@@ -242,22 +241,23 @@ class ZkWatch:
             return
         if not self._connected.is_set():
             raise ConnectionLoss()
+        then: list[tuple[str, str]] = []  # what to look at next
         if kind == "init":
             self._init(int(arg))
         elif kind == "reset":
             snap, _ = self._scan()
             self._deliver(Change("reset", snapshot=snap, revision=snap.revision))
         elif kind in ("services", "svc"):  # one-shot watches: a listing changed
-            for todo in zk_scan.relist(self._client, self._url, self._decoder, self._only,
-                                       self._reads, self._svcs, self._nodes, item,
-                                       self._w(item)):
-                self._push(todo)
+            then = zk_scan.relist(self._client, self._url, self._decoder, self._only,
+                                  self._reads, self._svcs, self._nodes, item, self._w(item))
         elif kind == "node":
             self._node(arg)
         elif kind == "rearm":
             self._rewatch()
-        elif kind == "withheld" and self._withheld.readable(self._client, self._url):
-            self._push(("reset", ""))
+        elif kind == "withheld":  # a directory readable again: everything; a node: it alone
+            then = self._withheld.ready(self._client, self._url)
+        for todo in then:
+            self._push(todo)
 
     def _rewatch(self) -> None:
         with self._cond:

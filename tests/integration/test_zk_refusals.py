@@ -33,7 +33,7 @@ from discovery.registry import (
     RegistryURL,
     open_registry,
     zk_persistent,
-    zk_scan,
+    zk_setback,
     zk_watch,
 )
 from discovery.registry.view import ServicesView
@@ -188,7 +188,7 @@ def test_a_service_locked_later_keeps_its_instances_until_it_may_be_listed(
     refusals' doubling wait, and once it may be, everything is read again: what changed
     meanwhile shows."""
     monkeypatch.setattr(zk_watch, "REFUSED_WAIT", (0.4, 1.6), raising=False)
-    caplog.set_level(logging.DEBUG, logger=zk_scan.__name__)
+    caplog.set_level(logging.DEBUG, logger=zk_setback.__name__)
     url = zk.url(unique_prefix())
     api = RegistryURL.parse(url).service_dir("api")
     writer, reader = open_registry(url, ttl=5), open_registry(url, ttl=5)

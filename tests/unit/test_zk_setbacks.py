@@ -22,7 +22,7 @@ from kazoo.exceptions import (
 )
 from kazoo.protocol.states import EventType
 
-from discovery.registry import RegistryURL
+from discovery.registry import RegistryURL, zk_watch
 from discovery.registry.base import FIRST_READ, Change
 from discovery.registry.decoder import Decoder
 from discovery.registry.zk_watch import ZkWatch
@@ -250,5 +250,35 @@ def test_a_nerve_departure_in_a_directory_we_may_not_list_is_delivered_and_named
         assert full_reads(tree) == 1 and not waits.waits
         assert tree.listed.count(WEB) == 2  # the scan's, and the one refused
         assert any("NoAuth" in r.getMessage() and WEB in r.getMessage() for r in caplog.records)
+    finally:
+        watch.stop()
+
+
+@pytest.mark.parametrize("then", ["deleted", "unlocked"])
+def test_a_kept_node_that_is_freed_is_read_alone_not_everything(
+        then: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node whose own ACL refuses us (a ``setAcl`` on a node of anyone's), kept as last
+    read, then deleted (ZooKeeper tells no watch of it) or unlocked after a change: only that
+    node is read again. Before, every follower read its whole catalog again, once for each
+    such node (2,000 nodes read for one node gone)."""
+    monkeypatch.setattr(zk_watch, "REFUSED_WAIT", (0.05, 0.1))
+    tree = Tree({NODE: record(8080), f"{WEB}/i-2_0000000002": record(8081)})
+    watch, changes, _ = follow(tree)
+    try:
+        tree.fail[NODE] = [NoAuthError()] * 100  # locked, then changed: the read refused
+        tree.put(NODE, record(8080) + b" ")
+        watch._event(NODE, EventType.CHANGED)
+        wait_for(lambda: NODE in watch._withheld.nodes, 5, message="kept")
+        assert [c.kind for c in changes] == ["reset"]  # kept as last read
+        tree.fail[NODE] = []
+        if then == "deleted":
+            del tree.nodes[NODE]
+        else:
+            tree.put(NODE, record(9090))
+        want = [("delete", ("web", "i-1:8080"))] + (
+            [("put", ("web", "i-1:9090"))] if then == "unlocked" else [])
+        wait_for(lambda: [(c.kind, c.key) for c in changes[1:]] == want, 5,
+                 message=f"the node {then}, read alone")
+        assert full_reads(tree) == 1 and not watch._withheld.nodes  # the first read's only
     finally:
         watch.stop()
