@@ -27,6 +27,10 @@ MAX_DEPTH = 8
 #: one meta dict per distinct value, and the addresses validated, remembered up to this many of
 #: each (then forgotten at once).
 SHARED_MAX = 1024
+#: ... of a meta dict, those whose keys and values hold at most this many characters: a cache
+#: of the largest (64 values of 512) held ~45 MB on every watcher, filled by one record
+#: written again with changing values
+SHARED_META_CHARS = 1024
 _INTERNED = ("service", "node", "address", "image", "zone")
 _shared_tags: dict[tuple[str, ...], tuple[str, ...]] = {}
 _shared_meta: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
@@ -132,7 +136,8 @@ class Instance:
                 found = new_tags = tuple(map(sys.intern, tags))
             fields["tags"] = found
         items: tuple[tuple[str, str], ...] = ()
-        if isinstance(meta, dict) and all(type(x) is str for kv in meta.items() for x in kv):
+        if isinstance(meta, dict) and all(type(x) is str for kv in meta.items() for x in kv) \
+                and sum(len(k) + len(x) for k, x in meta.items()) <= SHARED_META_CHARS:
             items = tuple(meta.items())
             shared = _shared_meta.get(items)
             if shared is None:

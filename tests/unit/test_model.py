@@ -275,3 +275,18 @@ def test_shared_values_are_remembered_only_once_valid(kw: dict[str, Any], reason
             Instance.shared(**{**fields, **kw})
     a, b = Instance.shared(**fields), Instance.shared(**fields)
     assert a.tags is b.tags and a.meta is b.meta and a == instance()
+
+
+def test_a_large_meta_dict_is_not_remembered() -> None:
+    """Up to ``SHARED_MAX`` meta dicts are shared; of the largest valid ones (64 values of
+    512 characters) that cache held ~45 MB on every watcher, filled by one record written
+    again with changing values. Only those of at most ``SHARED_META_CHARS`` are shared."""
+    from discovery.model import instance as instance_mod
+
+    fields = {f.name: getattr(instance(), f.name) for f in dataclasses.fields(Instance)}
+    big = {f"k{n}": "v" * 512 for n in range(64)}
+    assert Instance.shared(**{**fields, "meta": big}).meta == big
+    assert tuple(big.items()) not in instance_mod._shared_meta
+    small = {"version": "1.2"}
+    c, d = (Instance.shared(**{**fields, "meta": dict(small)}) for _ in range(2))
+    assert c.meta is d.meta  # still one object per distinct small value
