@@ -62,8 +62,8 @@ SERVICE_KEYS = {
     "maxconn": "frontend `maxconn`",
     "outlier": "outlier ejection: `{ consecutive_errors = 5, interval = \"1s\", base_ejection "
                "= \"10s\", max_ejected = \"50%\" }` (those are the defaults; every key "
-               "optional; `true`: all defaults; not set: off, but on with the defaults in a "
-               "service routed by `[watcher] zone` without `check`; `false`: off). An "
+               "optional; `true`: all defaults; not set: off, but on with the defaults in an "
+               "HTTP service routed by `[watcher] zone` without `check`; `false`: off). An "
                "instance failing `consecutive_errors` "
                "requests in a row is drained for `base_ejection` x its ejections "
                "([traffic.md](traffic.md#outlier-ejection))",

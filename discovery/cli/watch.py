@@ -177,13 +177,15 @@ def dns(registry: str, dns: str, dns_domain: str, dns_ttl: int, dns_udp_answer_l
         state_dir: str | None) -> None:
     """Answer DNS (and optionally HTTP) from the registry, without HAProxy."""
     from discovery.metrics import Metrics
-    from discovery.watcher.assemble import HAProxySettings, assemble
+    from discovery.watcher.assemble import HAProxySettings, assemble, usable_state_dir
     from discovery.watcher.config import WatcherConfig
 
     held = Held()  # signals of the start-up: handled once serving
 
     try:
         metrics = Metrics()
+        if state_dir is not None:
+            usable_state_dir(Path(state_dir))  # asked for: one error naming it
         watcher = assemble(registry, WatcherConfig(),
                            HAProxySettings(Path(state_dir or DEFAULT_STATE_DIR)),
                            metrics=metrics, keep_last=state_dir is not None)

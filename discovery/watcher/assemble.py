@@ -5,7 +5,6 @@ Shared by ``discovery watch`` and ``discovery up`` so both run the same thing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -95,10 +94,12 @@ def assemble(registry_url: str | Registry, cfg: WatcherConfig, haproxy: HAProxyS
     # HTTP alone, whose answers a restart during a wipe would otherwise empty
     state, remember = haproxy.state_dir.absolute(), None
     if keep_last and not render_only and not dry_run:
-        if router is None:  # (with a router it was made above, or is HAProxy's own)
-            with contextlib.suppress(OSError):
-                state.mkdir(parents=True, exist_ok=True)
-        remember = state / REMEMBER_FILE if state.is_dir() else None
+        try:  # (with a router it was made above, or is HAProxy's own: only looked at)
+            if router is None:
+                usable_state_dir(state)  # made, and a file written there, or one warning
+            remember = state / REMEMBER_FILE if state.is_dir() else None
+        except ConfigError as exc:
+            log.warning("%s: no last catalog kept", exc)
     return Watcher(registry, router, json_out=json_out,
                    wait=(cfg.wait_min, cfg.wait_max),
                    reload_min_interval=cfg.reload_min_interval, metrics=metrics,

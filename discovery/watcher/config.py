@@ -143,14 +143,16 @@ class ServiceConfig:
         _int_in(f"{at}.zone_min_up", self.zone_min_up, 1, 100000)
 
     def outlier_in(self, zone: str | None) -> OutlierSettings | None:
-        """The outlier ejection in force; routed by ``zone`` without ``check``: the defaults,
-        unless ``outlier = false``. There a local instance nothing answers on (one record's
-        address, which every host of the zone reads) held the other zones at weight 0, and
-        every host of the zone answered 503 for the service; now its connection errors eject
-        it (5 reads of 1 s) and the zone spills over."""
+        """The outlier ejection in force; an HTTP service routed by ``zone`` without ``check``:
+        the defaults, unless ``outlier = false``. There a local instance nothing answers on
+        (one record's address, which every host of the zone reads) held the other zones at
+        weight 0, and every host of the zone answered 503 for the service; now its errors
+        eject it and the zone spills over. Not in TCP mode: HAProxy counts no responses there,
+        so no success would ever end a run of rare errors (``check`` is the way there)."""
         if isinstance(self.outlier, OutlierSettings):
             return self.outlier
-        return ZONED_OUTLIER if self.outlier is None and zone and not self.check else None
+        return (ZONED_OUTLIER if self.outlier is None and zone and not self.check
+                and self.mode == "http" else None)
 
     def accepts(self, instance: Instance) -> bool:
         """Whether ``instance`` belongs in this listener's backend (tag filter)."""

@@ -150,14 +150,21 @@ class OutlierDetector:
         self.stats = OutlierStats()
 
     def due(self, settings: Mapping[str, OutlierSettings]) -> float | None:
-        """When the counters should be read next (monotonic); None: no service asks."""
-        if not settings:
-            return None
+        """When the counters should be read next (monotonic); None: no service asks. None
+        asking but ejections left (a SIGHUP took the setting, or the zone that set it): at
+        once, so :meth:`observe` ends them (before, they stayed drained for good)."""
         ends = [t.until for t in self._tracked.values() if t.until]
+        if not settings:
+            return 0.0 if ends else None
         return min([self.next_read, *ends])
 
     def ejected(self, service: str) -> set[str]:
         return {iid for (svc, iid), t in self._tracked.items() if svc == service and t.until}
+
+    def held_back(self, service: str) -> set[str]:
+        """Its instances failing enough to go but kept in by ``max_ejected``: not the local
+        zone's up (zones.steer), so two bad local instances of three do not hold the zone."""
+        return {iid for (svc, iid), t in self._tracked.items() if svc == service and t.held}
 
     def observe(self, settings: Mapping[str, OutlierSettings],
                 stat: Mapping[tuple[str, str], Mapping[str, str]] | None,
@@ -190,7 +197,7 @@ class OutlierDetector:
             if t.until and t.until <= now:
                 self._readmit(key, t, now)
                 changed.add(key[0])
-        if stat is not None:
+        if stat is not None and settings:
             for svc, cfg in settings.items():
                 if self._read(svc, cfg, stat, slots.get(svc, {}), up.get(svc, set()), now):
                     changed.add(svc)

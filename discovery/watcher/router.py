@@ -98,11 +98,11 @@ class Router:
         """Routed instances per configured service (only those in ``only``, when given)."""
         out: dict[str, dict[str, Instance]] = {}
         for name, svc in self.config.services.items():
-            if only is None or name in only:
+            if only is None or name in only:  # zones; ejections drain; down: not local up
                 mine = {i.id: i for i in catalog.instances(name) if svc.accepts(i)}
-                out[name] = steer(mine, self.config.zone, svc.zone_min_up,  # zones;
-                                  self.outliers.ejected(name),  # ejections drain
-                                  self.checks.down.get(name, set()))
+                down = self.checks.down.get(name, set()) | self.outliers.held_back(name)
+                out[name] = steer(mine, self.config.zone, svc.zone_min_up,
+                                  self.outliers.ejected(name), down)
         return out
 
     def structure_changed(self) -> bool:
@@ -382,7 +382,7 @@ class Router:
             up = {n: {i.id for i in catalog.instances(n) if i.state is State.UP
                       and self.config.services[n].accepts(i)} for n in settings if n in slots}
             changed = self.outliers.observe(settings, stat if counters else None, slots, up,
-                                            took) if settings else set()
+                                            took)  # (none asking: what is left ends)
             if stat is not None and zoned:
                 changed |= self.checks.observe(zoned, stat, slots, took)
             if not changed:

@@ -75,3 +75,12 @@ def test_the_console_prints_values_as_they_are() -> None:
     with out.capture() as captured:
         out.print("n:abc:80 [/oops] see [red]docs[/red]")
     assert captured.get().strip() == "n:abc:80 [/oops] see [red]docs[/red]"
+
+
+def test_a_dns_state_dir_that_cannot_be_used_is_a_usage_error(tmp_path: Path) -> None:
+    """``discovery dns --state-dir`` asked for the last catalog there: a file in its place is
+    one error naming it, before anything starts (not a warning every 30 s for ever)."""
+    taken = tmp_path / "file"
+    taken.write_text("")
+    code, out = run("dns", "--registry", NOWHERE, "--state-dir", str(taken))
+    assert code == 2 and f"--state-dir {taken}" in out

@@ -516,3 +516,22 @@ def test_a_watcher_with_dns_or_http_alone_keeps_the_last_catalog_in_its_state_di
             assert watcher.remember is None and not state.exists()
     finally:
         watcher.close()
+
+
+def test_a_state_dir_a_watcher_with_dns_alone_cannot_use_keeps_none_and_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its default dir, not asked for (a root ``up``'s, say): one warning, nothing kept (not
+    a failed write every 30 s for ever)."""
+    from discovery.watcher.assemble import HAProxySettings, assemble
+    from discovery.watcher.config import WatcherConfig
+
+    taken = tmp_path / "file"
+    taken.write_text("")
+    watcher = assemble("etcd://127.0.0.1:9/unit", WatcherConfig(), HAProxySettings(taken))
+    try:
+        assert watcher.remember is None
+        assert [r.getMessage() for r in caplog.records if "no last catalog kept" in
+                r.getMessage()] == [f"--state-dir {taken.absolute()}: cannot create it: not a "
+                                    "directory: no last catalog kept"]
+    finally:
+        watcher.close()

@@ -73,6 +73,7 @@ def test_a_slow_reading_of_every_backend_is_read_less_often() -> None:
     ("z1", {}, True),  # routed by zone, no check: on, with the defaults
     ("z1", {"check": True}, False),  # HAProxy's checks tell (CheckedDown)
     ("z1", {"outlier": False}, False),  # asked off
+    ("z1", {"mode": "tcp"}, False),  # no response counters: a success never ends a run
     ("", {}, False),  # no zone: off, as before
     ("", {"outlier": {"consecutive_errors": 3}}, True),  # asked for
 ])
@@ -113,3 +114,35 @@ def test_a_slow_reading_of_the_counters_is_read_less_often() -> None:
     assert detector.next_read == 100.0 + settings["web"].interval
     detector.observe(settings, econs(0), SLOTS, up, took=0.5)
     assert detector.next_read == 100.0 + 5.0
+
+
+def test_ejections_end_once_no_setting_asks_for_them() -> None:
+    """A SIGHUP that takes ``[watcher] zone`` away (and with it the default setting) left an
+    ejected instance drained for good: nothing asked for the counters, so nothing ended it."""
+    clock = [100.0]
+    detector, up = OutlierDetector(clock=lambda: clock[0]), {"web": {NEAR.id, FAR.id}}
+    settings = {"web": OutlierSettings(consecutive_errors=1)}
+    for econ in range(3):
+        detector.observe(settings, econs(econ), SLOTS, up)
+    assert detector.ejected("web") == {NEAR.id}
+    assert detector.due({}) == 0.0  # (before: None, never due)
+    assert detector.observe({}, None, {}, {}) == {"web"} and not detector.ejected("web")
+    assert detector.due({}) is None
+
+
+def test_local_instances_the_cap_keeps_in_do_not_hold_the_zone() -> None:
+    """Two bad local instances and one good far one: ``max_ejected`` (50 %: one of three)
+    ejects one; the other, failing as much, must not count as the local zone's up, or it
+    holds the far zone at weight 0 and takes every request (a new zone whose hosts were all
+    started with one wrong ``--address``)."""
+    near2 = inst(3, "z1")
+    slots = {"web": {"s1": NEAR.id, "s3": near2.id, "s2": FAR.id}}
+    up = {"web": {NEAR.id, near2.id, FAR.id}}
+    detector, settings = OutlierDetector(clock=lambda: 100.0), {"web": OutlierSettings()}
+    for econ in range(settings["web"].consecutive_errors + 1):
+        rows = {**econs(econ), ("web", "s3"): {"econ": str(econ)}}
+        detector.observe(settings, rows, slots, up)
+    ejected, held = detector.ejected("web"), detector.held_back("web")
+    assert len(ejected) == 1 and held == {NEAR.id, near2.id} - ejected
+    routed = steer({NEAR.id: NEAR, near2.id: near2, FAR.id: FAR}, "z1", 1, ejected, held)
+    assert routed[FAR.id].weight == FAR.weight  # spilled over
