@@ -143,6 +143,9 @@ class OutlierDetector:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tracked: dict[tuple[str, str], _Tracked] = {}
+        #: the same, by service: what one service asks costs its instances, not every service's
+        #: (1,000 services routed by zone: a read of the counters was 257 ms, now ~O(tracked))
+        self._by_service: dict[str, dict[str, _Tracked]] = {}
         # instances that left the up set with ejections on record (a check that flaps, a
         # re-registration): back in it, they are still out and keep their count, until forgiven
         self._gone: dict[tuple[str, str], _Tracked] = {}
@@ -159,12 +162,23 @@ class OutlierDetector:
         return min([self.next_read, *ends])
 
     def ejected(self, service: str) -> set[str]:
-        return {iid for (svc, iid), t in self._tracked.items() if svc == service and t.until}
+        return {iid for iid, t in self._by_service.get(service, {}).items() if t.until}
 
     def held_back(self, service: str) -> set[str]:
         """Its instances failing enough to go but kept in by ``max_ejected``: not the local
         zone's up (zones.steer), so two bad local instances of three do not hold the zone."""
-        return {iid for (svc, iid), t in self._tracked.items() if svc == service and t.held}
+        return {iid for iid, t in self._by_service.get(service, {}).items() if t.held}
+
+    def _track(self, key: tuple[str, str], t: _Tracked) -> _Tracked:
+        self._tracked[key] = self._by_service.setdefault(key[0], {})[key[1]] = t
+        return t
+
+    def _untrack(self, key: tuple[str, str]) -> _Tracked:
+        mine = self._by_service[key[0]]
+        del mine[key[1]]
+        if not mine:
+            del self._by_service[key[0]]
+        return self._tracked.pop(key)
 
     def observe(self, settings: Mapping[str, OutlierSettings],
                 stat: Mapping[tuple[str, str], Mapping[str, str]] | None,
@@ -180,15 +194,14 @@ class OutlierDetector:
         changed: set[str] = set()
         live = {(svc, iid) for svc in settings for iid in up.get(svc, set())}
         for key in [k for k in self._tracked if k not in live]:
-            t = self._tracked.pop(key)
+            t = self._untrack(key)
             if t.until:
                 changed.add(key[0])
             if t.ejections:
                 t.errors, t.run, t.held = -1, 0, False  # its counters start again on return
                 self._gone[key] = t
         for key in [k for k in self._gone if k in live]:
-            t = self._gone.pop(key)
-            self._tracked[key] = t
+            t = self._track(key, self._gone.pop(key))
             if t.until:
                 changed.add(key[0])  # back in the up set, still ejected
         self._gone = {k: t for k, t in self._gone.items()
@@ -212,7 +225,7 @@ class OutlierDetector:
             row = stat.get((svc, slot))
             if row is None or iid not in up:
                 continue
-            t = self._tracked.setdefault((svc, iid), _Tracked())
+            t = self._tracked.get((svc, iid)) or self._track((svc, iid), _Tracked())
             errors, ok = _counter(row, ERROR_FIELDS), _counter(row, OK_FIELDS)
             new_errors, new_ok = errors - t.errors, ok - t.ok
             first = t.errors < 0 or new_errors < 0 or new_ok < 0  # new, or HAProxy restarted
@@ -231,7 +244,7 @@ class OutlierDetector:
                 t.reason = why
             else:
                 t.held = False  # its run ended: a later hold is a new one, logged again
-        ejected = sum(1 for (s, _), t in self._tracked.items() if s == svc and t.until)
+        ejected = sum(1 for t in self._by_service.get(svc, {}).values() if t.until)
         cap = cfg.cap(len(up))
         changed = False
         held = 0
