@@ -190,7 +190,7 @@ class DnsServer:
             zone = self._zone
             if zone.index != self.catalog.index and time.monotonic() >= self._next_build:
                 start = time.monotonic()
-                zone = Zone.from_catalog(self.catalog, self._warned)
+                zone = Zone.from_catalog(self.catalog, self._warned, zone)
                 end = time.monotonic()
                 with self._lock:
                     self._zone = zone

@@ -14,6 +14,7 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSQuestion, DNSRecord
 
 from discovery.errors import ConfigError
+from discovery.lookup import dns_wire
 from discovery.lookup.dns import DnsServer, parse_listen
 from discovery.lookup.dns_wire import DnsConfig, Zone, answer, respond
 from discovery.model import Instance, State
@@ -325,12 +326,14 @@ def test_server_udp_tcp_cache_and_hook() -> None:
         # the hook runs right after the reply is sent
         wait_for(lambda: len(seen) >= 4, 5, interval=0.01, message="four hook calls")
         assert set(seen) == {("A", "NOERROR")} and len(seen) == 4
-        catalog.load(Snapshot({i.key: i for i in INSTANCES[:1]}))  # the catalog moves on
-        r = DNSRecord.parse(udp(server.port, q.pack()))
-        assert rdatas(r.rr) == ["192.0.2.1"]
+        catalog.load(Snapshot({i.key: i for i in INSTANCES[:1]}))  # the catalog moves on:
+        wait_for(lambda: rdatas(DNSRecord.parse(udp(server.port, q.pack())).rr)  # once the
+                 == ["192.0.2.1"], 5, interval=0.01, message="rebuilt")  # rebuild wait ends
         big = big_catalog(300)
         catalog.load(Snapshot({i.key: i for i in big.instances()}))
         q = DNSRecord.question("big.service.discovery", "SRV")
+        wait_for(lambda: DNSRecord.parse(udp(server.port, q.pack())).rr, 5, interval=0.01,
+                 message="rebuilt")
         capped = DNSRecord.parse(udp(server.port, q.pack()))  # the UDP answer limit: 3, no TC
         assert len(capped.rr) == 3 and not capped.header.tc
         full = DNSRecord.parse(tcp(server.port, bytes(q.pack())))
@@ -396,3 +399,19 @@ def test_a_catalog_not_loaded_yet_is_servfail_not_nxdomain() -> None:
     assert RCODE[ask("example.com", catalog=empty).header.rcode] == "REFUSED"
     empty.load(Snapshot({i.key: i for i in INSTANCES}, revision=1))
     assert RCODE[ask("web.service.discovery", catalog=empty).header.rcode] == "NOERROR"
+
+
+def test_a_zone_build_reuses_the_last_ones_checks_however_large_the_catalog(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks of a record's service, node and address are kept from one build to the
+    next, as many as the catalog holds (before: a memo of 65,536 for every server, read in a
+    cycle past that: every lookup missed at 100,000 instances, 1.7 s a build)."""
+    catalog = big_catalog(300)
+    first = Zone.from_catalog(catalog)
+    assert len(first.checked) == 300
+    calls: list[tuple[str, ...]] = []
+    real = dns_wire._checked
+    monkeypatch.setattr(dns_wire, "_checked", lambda *key: calls.append(key) or real(*key))
+    again = Zone.from_catalog(catalog, None, first)
+    assert calls == [] and again.checked == first.checked
+    assert Zone.from_catalog(catalog).checked == first.checked and len(calls) == 300
