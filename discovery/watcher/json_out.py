@@ -5,7 +5,10 @@ of its own serialises those again from the catalog, keeping every other service'
 file as it was, and writes the file in pieces, the newest catalog first: syncs that come while
 it works make one write after it. Before, each sync serialised and wrote the whole catalog on
 the loop, ahead of HAProxy's next update: 0.16 s at 10,000 instances and 2.0 s at 100,000, on
-every host, for a change anywhere in the fleet.
+every host, for a change anywhere in the fleet. A round (serialise, write) starts no sooner
+than ``PACE`` times as long as the last one took after it (at most ``PACE_MAX`` s): the file
+is written whole, and at 100,000 instances (54 MB, 0.26 s a write) changes coming 20 a second
+cost 80 % of a core, now at most a tenth; what comes meanwhile makes one write.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from discovery.model import Instance
 from discovery.model.catalog import Catalog
 
 log = logging.getLogger(__name__)
+PACE, PACE_MAX = 10.0, 5.0
 
 
 class JsonOut:
@@ -37,6 +42,7 @@ class JsonOut:
         self._busy = False  # the writer has work
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._next = 0.0  # when the next round may start (monotonic): paced
 
     def sync(self, changed: set[str] | None) -> None:
         """``changed``: the services changed since the last sync (None: any). Returns at once;
@@ -78,8 +84,10 @@ class JsonOut:
                 self._cond.wait_for(lambda: self._busy or self._closed)
                 if not self._busy:
                     return
+                self._cond.wait_for(lambda: self._closed, self._next - time.monotonic())
                 dirty, self._dirty = self._dirty, set()
                 again, self._again = self._again, False
+            start = time.monotonic()
             try:
                 write = self._serialise(dirty) or again or not self._written
             except Exception as exc:  # a bug: the file stays as it was (never a part of it),
@@ -90,6 +98,7 @@ class JsonOut:
                     self._redo = True  # at once: the same bug would loop)
             if write:
                 self._write()
+            self._next = time.monotonic() + min(PACE * (time.monotonic() - start), PACE_MAX)
             with self._cond:
                 if self._dirty is not None and not self._dirty and not self._again:
                     self._busy = False  # nothing more came meanwhile
