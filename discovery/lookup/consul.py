@@ -40,7 +40,7 @@ from discovery.lookup.http_query import (
     up_only,
 )
 from discovery.model import Instance, State
-from discovery.model.catalog import Catalog
+from discovery.model.catalog import LISTING, Catalog
 
 if TYPE_CHECKING:
     from discovery.watcher.core import Watcher
@@ -167,10 +167,10 @@ class ConsulApi:
             allow(query, ANY | {"dc"})
             self._datacenter(query)
             return self._json([self.datacenter], query)
-        if path == "/v1/catalog/services":
+        if path == "/v1/catalog/services":  # waits for the list of services, not any change
             allow(query, COMMON)
-            index = self._wait(query, req)
-            return self._json(self._services(), query, index)
+            index = self._wait(query, req, LISTING)
+            return self._json(self.catalog.listing(), query, index)
         for head, render in (("/v1/catalog/service/", self._catalog_entry),
                              ("/v1/health/service/", self._health_entry)):
             if path.startswith(head) and len(path) > len(head):
@@ -243,12 +243,6 @@ class ConsulApi:
                            "Server": False, "Version": _software_version(), "Revision": ""},
                 "Member": {"Name": self.node, "Tags": {"dc": self.datacenter}},
                 "Meta": {}, "Stats": {}, "Coord": None, "DebugConfig": {}}
-
-    def _services(self) -> dict[str, list[str]]:
-        out: dict[str, set[str]] = {}
-        for inst in self.catalog.instances():
-            out.setdefault(inst.service, set()).update(inst.tags)
-        return {name: sorted(tags) for name, tags in out.items()}
 
     def _tagged(self, inst: Instance) -> dict[str, dict[str, Any]]:
         family = "ipv6" if ":" in inst.address else "ipv4"

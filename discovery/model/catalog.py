@@ -23,6 +23,10 @@ Key = tuple[str, str]
 #: this one reached unless this one made more than one change per microsecond on average.
 #: About 1.8e15 today, below 2**53 (JSON clients keep it exact) until the year 2255.
 CLOCK_BASE = time.time_ns() // 1000
+#: the list of services and each one's tags (Consul's ``/v1/catalog/services``), as a service
+#: of its own to :meth:`Catalog.wait` and :meth:`Catalog.modified` (not a DNS label: no
+#: service's name): it moves only when a service comes or goes or its tags change
+LISTING = "*"
 
 
 class Catalog:
@@ -37,6 +41,7 @@ class Catalog:
         self._size = 0
         # service → how many of its instances are up; of those, serve (weight above 0)
         self._up: dict[str, int] = {}
+        self._tags: dict[str, dict[str, int]] = {}  # service -> tag -> instances with it
         self._serving: dict[str, int] = {}
         self.revision = 0
         self.index = CLOCK_BASE
@@ -62,11 +67,12 @@ class Catalog:
                 if old is not None:
                     by_service.setdefault(service, {})[iid] = old
             changed = self._by_service != by_service
+            listed = self._listed()
             touched = {s for s in self._by_service.keys() | by_service.keys()
                        if self._by_service.get(s) != by_service.get(s)} if changed else set()
             if not self.loaded:  # the first load (after a seed: each service's own index too)
                 touched |= by_service.keys()
-            self._by_service, self._up, self._serving = by_service, {}, {}
+            self._by_service, self._up, self._serving, self._tags = by_service, {}, {}, {}
             self._size = sum(map(len, by_service.values()))
             for members in by_service.values():
                 for inst in members.values():
@@ -76,6 +82,8 @@ class Catalog:
             self._bump(changed or first)  # loaded is news too: blocked readers answer now
             for service in touched:
                 self._touch(service)
+            if first or self._listed() != listed:
+                self._listing_moved()
             if first:
                 self._absent = self.index
                 self._absent_moved()
@@ -104,6 +112,7 @@ class Catalog:
         with self._cond:
             self.revision = max(self.revision, change.revision)
             service, iid = change.key
+            listed = frozenset(self._tags[service]) if service in self._tags else None
             members = self._by_service.get(service)
             old = members.get(iid) if members is not None else None
             if old is not None:
@@ -120,9 +129,29 @@ class Catalog:
                     self._size -= 1
                     if not members:
                         del self._by_service[service]
+                        del self._tags[service]
             if self._bump(changed):
                 self._touch(service)
+                if listed != (frozenset(self._tags[service]) if service in self._tags else None):
+                    self._listing_moved()
             return changed
+
+    def _listed(self) -> dict[str, frozenset[str]]:
+        return {service: frozenset(tags) for service, tags in self._tags.items()}
+
+    def _listing_moved(self) -> None:
+        """The services or their tags changed at this index (under the lock)."""
+        self._modified[LISTING] = self.index
+        waiting = self._waiting.get(LISTING)
+        if waiting is not None:
+            waiting[0].notify_all()
+
+    def listing(self) -> dict[str, list[str]]:
+        """Each service and its instances' tags (their union), sorted: Consul's
+        ``/v1/catalog/services``, kept by each change (before: every instance sorted for each
+        answer, each blocked query woken by any change: 137 ms a query at 100,000)."""
+        with self._cond:
+            return {service: sorted(self._tags[service]) for service in sorted(self._tags)}
 
     def _touch(self, service: str) -> None:
         """``service`` changed at this index (under the lock)."""
@@ -143,6 +172,12 @@ class Catalog:
                 cond.notify_all()
 
     def _count(self, inst: Instance, delta: int) -> None:
+        tags = self._tags.setdefault(inst.service, {})
+        for tag in inst.tags:
+            if left := tags.get(tag, 0) + delta:
+                tags[tag] = left
+            else:
+                del tags[tag]
         for counts, counted in ((self._up, inst.state is State.UP),
                                 (self._serving, inst.serving)):
             if counted:
