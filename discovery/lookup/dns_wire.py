@@ -14,8 +14,7 @@ that fits 64 KiB (``TCP_MAX``: 4,093 A records, about 1,500 SRV), then set TC. S
 docs/dns.md. The byte-level parser and writer are :mod:`discovery.lookup.dns_packet`.
 
 Every label in an answer is built from values validated here again (``validate.dns_label``,
-``validate.address``); nothing from the registry reaches the wire unchecked.
-"""
+``validate.address``); nothing from the registry reaches the wire unchecked."""
 
 from __future__ import annotations
 
@@ -134,13 +133,9 @@ class Zone:
         #: names of two labels with no records of their own but names below them (empty
         #: non-terminals: NOERROR, not NXDOMAIN, for resolvers that minimise query names)
         self.parents: set[Labels] = set()
-        #: each record's address, if its service, node and address may be in an answer: what
-        #: the zone ``before`` checked is not checked again (kept as large as the catalog;
-        #: before, a cache of 65,536 read in a cycle missed every time past that: 1.7 s a
-        #: build at 100,000 instances)
+        #: each record's address if it may be in an answer; ``before``'s not checked again
         self.checked: dict[tuple[str, str, str], IP | None] = {}
-        known = before.checked if before is not None else {}
-        valid: list[tuple[Instance, IP]] = []
+        known, valid = before.checked if before is not None else {}, []
         for inst in instances:
             key = (inst.service, inst.node, inst.address)
             ip = self.checked[key] = known[key] if key in known else _checked(*key)
@@ -402,5 +397,3 @@ def _bare(ident: int, flags: int, rcode: int) -> Response:
     """Header only (no question): for requests we cannot or will not parse."""
     out_flags = 0x8000 | (flags & 0x7900) | rcode  # opcode and RD as asked
     return Response(HEADER.pack(ident, out_flags, 0, 0, 0, 0), "NONE", RCODE_NAMES[rcode])
-
-

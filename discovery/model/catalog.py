@@ -24,9 +24,10 @@ Key = tuple[str, str]
 #: About 1.8e15 today, below 2**53 (JSON clients keep it exact) until the year 2255.
 CLOCK_BASE = time.time_ns() // 1000
 #: the list of services and each one's tags (Consul's ``/v1/catalog/services``), as a service
-#: of its own to :meth:`Catalog.wait` and :meth:`Catalog.modified` (not a DNS label: no
-#: service's name): it moves only when a service comes or goes or its tags change
-LISTING = "*"
+#: of its own to :meth:`Catalog.wait` and :meth:`Catalog.modified`: it moves only when a
+#: service comes or goes or its tags change. A lone surrogate, which no service's name holds
+#: and no request's path decodes to (``unquote`` makes U+FFFD of bytes that are not UTF-8)
+LISTING = "\udc80"
 
 
 class Catalog:

@@ -140,6 +140,9 @@ class ServiceConfig:
         if self.outlier is not None and self.outlier is not False and not isinstance(
                 self.outlier, OutlierSettings):
             put("outlier", OutlierSettings.parse(f"{at}.outlier", self.outlier))
+        if self.outlier not in (None, False) and self.mode != "http":  # no success ends a run
+            _fail(f"{at}.outlier", 'needs mode = "http" (HAProxy counts no responses in TCP '
+                  "mode: rare errors would eject a healthy instance; use check = true)")
         _int_in(f"{at}.zone_min_up", self.zone_min_up, 1, 100000)
 
     def outlier_in(self, zone: str | None) -> OutlierSettings | None:

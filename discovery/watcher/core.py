@@ -134,7 +134,7 @@ class Watcher:
             self._wake.clear()
             self._round(self._step)
         if self.json_out is not None:  # written before a successor (SIGUSR2) writes its own
-            self.json_out.flush()
+            self.json_out.flush(hurry=True)
 
     def _round(self, work: Callable[[], None]) -> None:
         try:

@@ -43,6 +43,7 @@ class JsonOut:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._next = 0.0  # when the next round may start (monotonic): paced
+        self._hurry = False  # stopping: what is pending is written without its pace
 
     def sync(self, changed: set[str] | None) -> None:
         """``changed``: the services changed since the last sync (None: any). Returns at once;
@@ -63,15 +64,19 @@ class JsonOut:
             self._busy = True
             self._cond.notify_all()
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None, hurry: bool = False) -> bool:
         """Wait until what :meth:`sync` asked for is written (or failed): as long as that
-        takes unless ``timeout`` (as the loop did when it wrote itself); False: timed out."""
+        takes unless ``timeout`` (as the loop did when it wrote itself); False: timed out.
+        ``hurry`` (stopping, or handing over): from now on no round waits out its pace."""
         with self._cond:
+            if hurry:
+                self._hurry = True
+                self._cond.notify_all()
             return self._cond.wait_for(lambda: not self._busy, timeout)
 
     def close(self) -> None:
-        """Write what is pending, then stop the writer."""
-        self.flush()
+        """Write what is pending (not waiting out the pace), then stop the writer."""
+        self.flush(hurry=True)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -84,7 +89,7 @@ class JsonOut:
                 self._cond.wait_for(lambda: self._busy or self._closed)
                 if not self._busy:
                     return
-                self._cond.wait_for(lambda: self._closed, self._next - time.monotonic())
+                self._cond.wait_for(lambda: self._hurry, self._next - time.monotonic())
                 dirty, self._dirty = self._dirty, set()
                 again, self._again = self._again, False
             start = time.monotonic()

@@ -210,6 +210,8 @@ class OutlierDetector:
             if t.until and t.until <= now:
                 self._readmit(key, t, now)
                 changed.add(key[0])
+        for svc in [s for s in self.stats.held if s not in settings]:  # (no longer asked)
+            del self.stats.held[svc]
         if stat is not None and settings:
             for svc, cfg in settings.items():
                 if self._read(svc, cfg, stat, slots.get(svc, {}), up.get(svc, set()), now):
@@ -231,6 +233,7 @@ class OutlierDetector:
             first = t.errors < 0 or new_errors < 0 or new_ok < 0  # new, or HAProxy restarted
             t.errors, t.ok = errors, ok
             if first or t.until:
+                t.held = t.held and not first  # (HAProxy restarted: its run starts again)
                 continue
             if t.ejections and not t.run and now - t.back_at >= t.last_duration:
                 t.ejections = 0  # clean for as long as it was last out: forgiven

@@ -222,3 +222,20 @@ def test_a_round_waits_ten_times_as_long_as_the_last_took(tmp_path: Path,
         out.close()
     assert writes[1][0] - writes[0][1] >= json_out.PACE * 0.03 * 0.9  # waited its pace
     assert json.loads((tmp_path / "catalog.json").read_text()) == json.loads(whole(catalog))
+
+
+def test_stopping_writes_what_is_pending_without_waiting_out_the_pace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM, or SIGUSR2 before the handover: the last change is written at once, not a
+    pace later (up to ``PACE_MAX``, 5 s, on the way out)."""
+    monkeypatch.setattr(json_out, "PACE", 1000.0)  # a pace of 5 s (PACE_MAX) after any round
+    catalog = loaded(*MEMBERS)
+    out = JsonOut(tmp_path / "catalog.json", catalog)
+    out.sync(None)
+    assert out.flush(5)
+    catalog.apply(Change("put", key=inst("web", 5).key, instance=inst("web", 5), revision=9))
+    out.sync({"web"})
+    started = time.monotonic()
+    out.close()
+    assert time.monotonic() - started < 1.0
+    assert json.loads((tmp_path / "catalog.json").read_text()) == json.loads(whole(catalog))

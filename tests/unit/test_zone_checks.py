@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from discovery.errors import ConfigError
 from discovery.model import Instance
 from discovery.watcher.config import watcher_config_from_dict
 from discovery.watcher.outlier import OutlierDetector, OutlierSettings
@@ -146,3 +147,28 @@ def test_local_instances_the_cap_keeps_in_do_not_hold_the_zone() -> None:
     assert len(ejected) == 1 and held == {NEAR.id, near2.id} - ejected
     routed = steer({NEAR.id: NEAR, near2.id: near2, FAR.id: FAR}, "z1", 1, ejected, held)
     assert routed[FAR.id].weight == FAR.weight  # spilled over
+
+
+def test_an_outlier_setting_on_a_tcp_service_is_refused_naming_it() -> None:
+    """HAProxy counts no responses in TCP mode: no read would end a run, so rare connection
+    errors added up until a healthy instance was ejected (one refused a minute out of 100 a
+    second: ejected after 5). Refused, naming the key; ``check = true`` is the way there."""
+    with pytest.raises(ConfigError, match=r'services\.db\.outlier: needs mode = "http"'):
+        watcher_config_from_dict({"services": {"db": {"port": 1, "mode": "tcp",
+                                                      "outlier": True}}})
+    tcp = watcher_config_from_dict({"services": {"db": {"port": 1, "mode": "tcp",
+                                                        "outlier": False}}})
+    assert tcp.services["db"].outlier_in("z1") is None
+
+
+def test_what_the_cap_held_is_forgotten_once_no_setting_asks() -> None:
+    """``/v1/health``'s ``held_by_max_ejected`` and the metric stayed stuck after a SIGHUP
+    took the setting (or the zone) away."""
+    detector, up = OutlierDetector(clock=lambda: 100.0), {"web": {NEAR.id, FAR.id}}
+    settings = {"web": OutlierSettings(consecutive_errors=1, max_ejected=0,
+                                       max_ejected_percent=False)}
+    for econ in range(3):
+        detector.observe(settings, econs(econ), SLOTS, up)
+    assert detector.stats.held == {"web": 1} and detector.held_back("web") == {NEAR.id}
+    detector.observe({}, None, {}, {})
+    assert detector.stats.held == {} and detector.held_back("web") == set()
