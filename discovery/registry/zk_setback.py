@@ -128,11 +128,16 @@ class Withheld:
         (``node``), and no longer looked at; before, one node's ACL set back, or its delete,
         cost every follower a full read of its catalog."""
         for service in sorted(self.services):
-            if self._open(client.get_children, url.service_dir(service),
-                          "reading everything"):
+            if self._open(client.get_children, url.service_dir(service)):
+                log.info("ZooKeeper lets us list %s again (or it is gone): reading everything",
+                         shown(url.service_dir(service)))
                 return [("reset", "")]
-        freed = [p for p in sorted(self.nodes) if self._open(client.get, p, "reading it")]
+        freed = [p for p in sorted(self.nodes) if self._open(client.get, p)]
         self.nodes.difference_update(freed)
+        if freed:  # (one line: a script may free thousands at once)
+            log.info("ZooKeeper lets us read %d kept node(s) again (or they are gone): reading "
+                     "them: %s", len(freed), ", ".join(map(shown, freed[:5]))
+                     + (" ..." if freed[5:] else ""))
         if self.services or self.nodes:
             wait = self.retry.failed(jitter=0.1)
             log.debug("still refused: %s; looked at again in %.1f s",
@@ -142,12 +147,12 @@ class Withheld:
         return [("node", path) for path in freed]
 
     @staticmethod
-    def _open(look: Callable[[str], object], path: str, then: str) -> bool:
+    def _open(look: Callable[[str], object], path: str) -> bool:
+        """Whether ``path`` may be looked at now (or is gone)."""
         try:
             look(path)
         except NoAuthError:
             return False
         except NoNodeError:
             pass
-        log.info("ZooKeeper lets us read %s again (or it is gone): %s", shown(path), then)
         return True

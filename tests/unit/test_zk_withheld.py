@@ -5,6 +5,9 @@ node alone."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from kazoo.exceptions import NoAuthError, NoNodeError
 
 from discovery.registry.base import Snapshot
@@ -73,3 +76,16 @@ def test_kept_nodes_are_looked_at_again_until_each_may_be_read_or_is_gone() -> N
     fresh = Withheld((1.0, 4.0))
     assert fresh.kept(n2, live)  # nothing withheld before: the first wait
     assert 0.9 <= (fresh.retry.remaining() or 0) <= 1.1
+
+
+def test_nodes_freed_together_are_named_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A script that unlocks (or deletes) thousands of kept nodes at once: one line, five
+    named, not a line each."""
+    held = Withheld((1.0, 4.0))
+    paths = [f"{URL.service_dir('web')}/n{i}" for i in range(8)]
+    held.scanned(Snapshot(), paths)
+    with caplog.at_level(logging.INFO, logger="discovery.registry.zk_setback"):
+        assert len(held.ready(Listings(**{p.rpartition("/")[2]: b"{}" for p in paths}),
+                              URL)) == 8
+    lines = [r.getMessage() for r in caplog.records if "kept node(s)" in r.getMessage()]
+    assert len(lines) == 1 and "read 8 kept node(s)" in lines[0] and lines[0].endswith(" ...")
