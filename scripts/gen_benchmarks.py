@@ -246,6 +246,7 @@ TABLES: dict[str, Callable[[dict[str, Result]], str]] = {
     "auth-restart": t_auth_restart,
     "auth-refused": t_auth_refused,
     "wipe-guard": t_generic("wipe-guard-none"),
+    "per-change": t_generic("per-change-none"),
     "written-back": t_back("written-back"),
     "changed-back": t_back("changed-back"),
     "weight0-back": t_back("weight0-back"),
