@@ -289,15 +289,22 @@ def test_status_read_by_a_scrape_while_the_watcher_ejects() -> None:
 
     detector = OutlierDetector()
     stop = threading.Event()
+    churned, failed = [0], []
 
-    def churn() -> None:
+    def churn() -> None:  # instances (and services: the outer dict too) come and go
         i = 0
-        while not stop.is_set():
-            tracked = outlier._Tracked()
-            tracked.until = 1.0
-            detector._tracked[("web", f"i{i % 500}")] = tracked
-            detector._tracked.pop(("web", f"i{(i + 250) % 500}"), None)
-            i += 1
+        try:
+            while not stop.is_set():
+                tracked = outlier._Tracked()
+                tracked.until = 1.0
+                detector._track((f"s{i % 7}", f"i{i % 500}"), tracked)
+                gone = (f"s{(i + 3) % 7}", f"i{(i + 250) % 500}")
+                if gone[1] in detector._by_service.get(gone[0], {}):
+                    detector._untrack(gone)
+                i += 1
+                churned[0] = i
+        except Exception as exc:  # the churn itself must run: a failure here fails the test
+            failed.append(exc)
 
     thread = threading.Thread(target=churn, daemon=True)
     thread.start()
@@ -309,4 +316,4 @@ def test_status_read_by_a_scrape_while_the_watcher_ejects() -> None:
     finally:
         stop.set()
         thread.join(5)
-    assert calls > 100
+    assert calls > 100 and churned[0] > 100 and failed == []
