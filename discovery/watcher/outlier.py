@@ -197,24 +197,26 @@ class OutlierDetector:
         ejections changed."""
         now = self._clock()
         changed: set[str] = set()
-        live = {(svc, iid) for svc in settings for iid in up.get(svc, set())}
-        for key in [k for k, _ in self._items() if k not in live]:
+        left = [(svc, iid) for svc, mine in self._by_service.items()  # (no tuple per instance)
+                for iid in (mine.keys() - up.get(svc, set()) if svc in settings else mine)]
+        for key in left:
             t = self._untrack(key)
             if t.until:
                 changed.add(key[0])
             if t.ejections:
                 t.errors, t.run, t.held = -1, 0, False  # its counters start again on return
                 self._gone[key] = t
-        for key in [k for k in self._gone if k in live]:
+        for key in [k for k in self._gone if k[0] in settings and k[1] in up.get(k[0], ())]:
             t = self._track(key, self._gone.pop(key))
             if t.until:
                 changed.add(key[0])  # back in the up set, still ejected
         self._gone = {k: t for k, t in self._gone.items()
                       if now < max(t.until, t.back_at) + t.last_duration}  # else forgiven
-        for key, t in self._items():
-            if t.until and t.until <= now:
-                self._readmit(key, t, now)
-                changed.add(key[0])
+        for svc, mine in self._by_service.items():
+            for iid, t in mine.items():
+                if t.until and t.until <= now:
+                    self._readmit((svc, iid), t, now)
+                    changed.add(svc)
         for svc in [s for s in self.stats.held if s not in settings]:  # (no longer asked)
             del self.stats.held[svc]
         if stat is not None and settings:
