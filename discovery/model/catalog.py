@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable
 from itertools import chain
+from operator import attrgetter
 
 from discovery.model import Instance, State
 from discovery.registry.base import Change, Snapshot
@@ -28,6 +29,7 @@ CLOCK_BASE = time.time_ns() // 1000
 #: service comes or goes or its tags change. A lone surrogate, which no service's name holds
 #: and no request's path decodes to (``unquote`` makes U+FFFD of bytes that are not UTF-8)
 LISTING = "\udc80"
+_by_id = attrgetter("id")
 
 
 class Catalog:
@@ -221,6 +223,20 @@ class Catalog:
 
     def _index_of(self, service: str | None) -> int:
         return self.index if service is None else self._modified.get(service, self._absent)
+
+    def changed_since(self, index: int, known: Iterable[str]
+                      ) -> tuple[int, bool, dict[str, list[Instance]]]:
+        """The catalog's index, whether it is loaded, and each service that changed after
+        ``index`` (an index of this catalog) with its instances, sorted by id; of the services
+        ``known`` (the reader's), those gone since, with none: what a reader holding the
+        catalog as of ``index`` must take again to hold it as of now (the DNS zone's build)."""
+        with self._cond:
+            changed = {service: sorted(self._by_service[service].values(), key=_by_id)
+                       for service, at in self._modified.items()
+                       if at > index and service != LISTING}
+            if self._absent > index:
+                changed.update((s, []) for s in known if s not in self._by_service)
+            return self.index, self.loaded, changed
 
     def instances(self, service: str | None = None, *, tags: Iterable[str] = (),
                   include_draining: bool = True) -> list[Instance]:

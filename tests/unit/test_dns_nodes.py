@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from discovery.lookup import dns_wire
+from discovery.lookup import dns_zone
 from discovery.model import Instance
 from discovery.model.nerve import from_nerve
 from tests.unit.test_dns import ask, inst, make_catalog, rdatas
@@ -59,10 +59,10 @@ def test_a_node_with_no_records_of_its_own_answers_what_claims_it() -> None:
 
 
 def test_one_warning_names_the_record_outranked(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_zone")
     warned: set[tuple[str, ...]] = set()  # the server's, across its zones
     for index in range(3):  # the zone is rebuilt on every catalog change: warned once
-        dns_wire.Zone([OWN, *claims(2)], index, warned=warned)
+        dns_zone.Zone([OWN, *claims(2)], index, warned=warned)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "db/other:000000000000:5432" in warnings[0]
@@ -71,9 +71,9 @@ def test_one_warning_names_the_record_outranked(caplog: pytest.LogCaptureFixture
 
 def test_no_warning_when_a_claim_would_not_have_moved_the_answer(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
-    dns_wire.Zone([OWN, *claims(1, "127.0.0.9")])  # at the node's own address
-    dns_wire.Zone([OWN, inst("web", 2, "127.0.0.9", 8081, node="h1"), CLAIM])  # 2 own : 1
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_zone")
+    dns_zone.Zone([OWN, *claims(1, "127.0.0.9")])  # at the node's own address
+    dns_zone.Zone([OWN, inst("web", 2, "127.0.0.9", 8081, node="h1"), CLAIM])  # 2 own : 1
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
@@ -82,7 +82,7 @@ def test_many_outranked_records_are_named_once_a_few_by_name(
     """1,100 nodes each claimed by a record under another id (a script per host): the first
     build names 10 and counts the rest, later builds name none (before: the set of those warned
     was cleared past 1,024, so every rebuild warned 1,100 times); one outranked anew is named."""
-    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_wire")
+    caplog.set_level(logging.WARNING, logger="discovery.lookup.dns_zone")
     own = [inst("web", n, "127.0.1.9", node=f"h{n}") for n in range(1100)]
     claim = [Instance(service="side", id=f"x-{n}:00000000000b:5432", node=f"h{n}",
                       address="127.0.1.2", port=5432) for n in range(1100)]
@@ -91,7 +91,7 @@ def test_many_outranked_records_are_named_once_a_few_by_name(
     counts = []
     for index, instances in enumerate([tie, tie, tie, [*own, *claim[1:]], tie]):
         caplog.clear()
-        dns_wire.Zone(instances, index, warned=warned)
+        dns_zone.Zone(instances, index, warned=warned)
         counts.append(len([r for r in caplog.records if r.levelno == logging.WARNING]))
     assert counts == [11, 0, 0, 0, 1], counts  # 10 named + "1090 more"; h0's claim came back
     assert "h0.node" in caplog.records[-1].getMessage()

@@ -1,6 +1,7 @@
 """The DNS zone rebuilt after a catalog change: built outside the lock that the TCP listener's
 accept and its connections take, and swapped in whole, so queries are answered from the zone
-of a moment before while a rebuild runs (10,000 instances: ~0.18 s). A rebuild here is held
+of a moment before while a rebuild runs (a whole build at 10,000 instances: ~0.2 s; one
+after a change, from the zone before: well under 1 ms). A rebuild here is held
 on an event, not slowed by a sleep; waits poll with deadlines."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dnslib import DNSRecord
 
 from discovery.lookup import dns
 from discovery.lookup.dns import DnsServer
-from discovery.lookup.dns_wire import Zone
+from discovery.lookup.dns_zone import Zone
 from discovery.registry.base import Change
 from tests.harness.servers import wait_until
 from tests.unit.test_dns import inst, make_catalog, query, tcp, udp

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from dnslib import DNSRecord
 
-from discovery.lookup import dns_wire
+from discovery.lookup import dns_wire, dns_zone
 from discovery.lookup.dns_packet import AAAA, ANY, SOA, SRV, A, Labels, Record, Srv
-from discovery.lookup.dns_wire import IP, DnsConfig, Member, Zone, respond
+from discovery.lookup.dns_wire import DnsConfig, respond
+from discovery.lookup.dns_zone import IP, Member, Zone
 from discovery.model import State
 from tests.unit.test_dns import inst, query
 
@@ -116,7 +117,7 @@ def test_the_lists_a_zone_keeps_give_the_answers_of_a_fresh_zone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A zone keeps each name's addresses or members for the next query, and clears them when
     they are too many: the answers are those of a zone that kept nothing."""
-    monkeypatch.setattr(dns_wire, "LIST_ENTRIES", 3)
+    monkeypatch.setattr(dns_zone, "LIST_ENTRIES", 3)
     members = [i for size in (5, 40) for i in instances(size, f"s{size}")]
     zone = Zone(members)
     for rotate, form, qtype in itertools.product(range(3), NAMES[:5], ("A", "SRV", "ANY")):
