@@ -10,6 +10,9 @@ addresses as ``bench/dns.py``'s zone), what one change makes it do:
   does, paced at 4x its time: the services changed since, ``discovery.lookup.dns_zone``);
   ``dns_build_cold_ms``: a build of every record (the first one);
 - ``catalog_services_ms``: Consul's ``/v1/catalog/services`` answer (the listing and its JSON);
+- ``services_answer_ms``: ``/v1/services``' whole-catalog answer after one change (kept by
+  service, ``discovery.lookup.http_whole``); ``services_answer_whole_ms``: the same answer
+  built from every instance (as every one was before, and a filtered one still is);
 - ``json_out_write_ms``: ``--json-out``'s whole file written (its parts already serialised);
 - ``outlier_read_ms``: one read of HAProxy's counters by outlier ejection with every service
   routed by zone and every instance tracked (the rows as ``show stat`` gives them).
@@ -37,6 +40,8 @@ from dns_zone import zone
 
 from discovery.files import write_atomic
 from discovery.lookup.dns_zone import Zone
+from discovery.lookup.http_guard import dump_json
+from discovery.lookup.http_whole import WholeCatalog
 from discovery.model.catalog import Catalog
 from discovery.registry.base import Change, Snapshot
 from discovery.watcher.json_out import catalog_json, service_json
@@ -94,6 +99,23 @@ def measure(size: int, reps: int) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def services_answer() -> float:
+        """The kept ``/v1/services`` answer, each after one change (the change not timed)."""
+        kept, times = WholeCatalog(catalog), []
+        kept.body()
+        for _ in range(reps):
+            apply()
+            start = time.perf_counter()
+            kept.body()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def services_answer_whole() -> None:
+        data: dict[str, dict[str, list[Any]]] = {"services": {}}
+        for inst in catalog.instances():
+            data["services"].setdefault(inst.service, []).append(inst.to_dict())
+        dump_json(data, False)
+
     parts = {name: service_json(members) for name, members in catalog.services().items()}
     with tempfile.TemporaryDirectory(prefix="per-change-") as tmp:
         out = Path(tmp) / "catalog.json"
@@ -107,6 +129,8 @@ def measure(size: int, reps: int) -> dict[str, Any]:
                                             reps) * 1e3, 1),
         "catalog_services_ms": round(median_s(lambda: json.dumps(catalog.listing()),
                                               reps) * 1e3, 2),
+        "services_answer_ms": round(services_answer() * 1e3, 2),
+        "services_answer_whole_ms": round(median_s(services_answer_whole, reps) * 1e3, 1),
         "json_out_write_ms": round(json_ms * 1e3, 1), "json_out_mib": round(size_mb, 1),
         "outlier_read_ms": round(outlier_read(catalog, reps) * 1e3, 1),
     }

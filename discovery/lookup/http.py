@@ -42,6 +42,7 @@ from discovery.lookup.http_query import (
     parse_query,
     up_only,
 )
+from discovery.lookup.http_whole import WholeCatalog
 from discovery.lookup.peers import Slots
 from discovery.lookup.status import Checks, Health, Maint
 from discovery.model import validate as v
@@ -93,6 +94,7 @@ class HttpApi:
             contact = consul.Contact.of(views.watcher)  # the registry connection, for Consul
         self.consul = (consul.ConsulApi(catalog, self.block, datacenter, node, contact)
                        if catalog is not None else None)
+        self._whole = WholeCatalog(catalog) if catalog is not None else None  # /v1/services
         self.maint = maint  # the agent's maintenance switch (PUT /v1/agent/maint)
         self.checks = checks  # the agent's live check state (GET /v1/agent/checks)
         self.token = token  # writes need it; None: writes are refused
@@ -247,6 +249,9 @@ class HttpApi:
             raise ApiError(503, "the catalog has not loaded its first snapshot from the "
                                 "registry yet (see /v1/health); retry",
                            headers={"Retry-After": "1"})
+        if name is None and not (tags or zone or only_up or pretty) and self._whole is not None:
+            body = self._whole.body()  # (kept by service: a change costs its service's JSON)
+            return Response(200, body, headers={"X-Discovery-Index": str(index)})
         found = [i.to_dict() for i in catalog.instances(name, tags=tags,
                                                         include_draining=not only_up)
                  if not zone or i.zone == zone]

@@ -120,15 +120,19 @@ def ascii_int(raw: str, max_digits: int = 18) -> int | None:
 
 def dump_json(data: Any, pretty: bool) -> bytes:
     """JSON that every parser reads: never NaN or Infinity (they become null, logged)."""
+    return (dumps(data, pretty) + "\n").encode()
+
+
+def dumps(data: Any, pretty: bool = False) -> str:
+    """:func:`dump_json`'s text, without its newline."""
     kwargs: dict[str, Any] = {"sort_keys": True, "default": str, "allow_nan": False,
                               "indent": 2 if pretty else None,
                               "separators": None if pretty else (",", ":")}
     try:
-        text = json.dumps(data, **kwargs)
+        return json.dumps(data, **kwargs)
     except ValueError:
         log.warning("HTTP API: a value was NaN or infinite; answered as null")
-        text = json.dumps(finite(data), **kwargs)
-    return (text + "\n").encode()
+        return json.dumps(finite(data), **kwargs)
 
 
 def finite(data: Any) -> Any:
