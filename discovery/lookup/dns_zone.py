@@ -49,7 +49,7 @@ Entry = tuple[Instance, IP]  # a record that may be in an answer, and its addres
 Key = tuple[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """An instance as the DNS sees it: validated address and SRV target (relative labels)."""
 
@@ -108,12 +108,15 @@ class _Records:
     """What a zone is built from, besides what answers read: each service's records that may
     be in an answer (any state), sorted by id, and the check of each (node, address) of its
     records, kept while the service is unchanged; each node's counts; how many records carry
-    each address. Handed from a zone to the next it is built from (and changed there)."""
+    each address; the SRV targets. Handed from a zone to the next it is built from (and
+    changed there)."""
 
     valid: dict[str, list[Entry]] = field(default_factory=dict)
     checks: dict[str, dict[tuple[str, str], IP | None]] = field(default_factory=dict)
     nodes: dict[str, _Node] = field(default_factory=dict)
     addrs: dict[bytes, int] = field(default_factory=dict)
+    #: each SRV target once, however many members have it (a node's and an address's)
+    targets: dict[Labels, Labels] = field(default_factory=dict, compare=False)
 
 
 class Zone:
@@ -188,6 +191,7 @@ class Zone:
             claims = records.nodes.get(node)
             if claims is None or not claims.claimed:
                 records.nodes.pop(node, None)
+                records.targets.pop((name, b"node"), None)
                 self.nodes.pop(name, None)
                 continue
             self.nodes[name] = ip = claims.address(node, outranked)
@@ -211,6 +215,7 @@ class Zone:
             self.addrs[hexed] = ip
         else:
             self.addrs.pop(hexed, None)
+            records.targets.pop((hexed, b"addr"), None)
 
     def _members(self, records: _Records, service: str) -> None:
         """The members of ``service``: its records that are up, with their SRV targets (their
@@ -224,7 +229,7 @@ class Zone:
                 node = inst.node.encode()
                 target = (node, b"node") if self.nodes.get(node) == ip else \
                     (ip.packed.hex().encode(), b"addr")
-                members.append(Member(inst, ip, target))
+                members.append(Member(inst, ip, records.targets.setdefault(target, target)))
         if members:
             self.services[name] = members
             for parent in _parents(members):
