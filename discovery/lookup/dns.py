@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from discovery.errors import ConfigError, DiscoveryError, ValidationError
+from discovery.heap import MANY, give_back
 from discovery.lookup.dns_limits import CACHE_ENTRIES, AnswerCache, TcpLimits, beyond_loopback
 from discovery.lookup.dns_packet import cache_key, echo
 from discovery.lookup.dns_tcp import POLL, TcpConnections
@@ -43,8 +44,8 @@ CACHEABLE = frozenset({"NOERROR", "NXDOMAIN"})  # not errors: anyone can send th
 #: after a zone rebuild of d seconds the next waits this many times d: under a storm of
 #: changes rebuilding takes at most a fifth of the time and the zone of a moment before
 #: answers meanwhile. A rebuild takes again only the services changed since the last
-#: (:mod:`~discovery.lookup.dns_zone`): 0.1 ms after one change at 1,000 instances, 8 ms at
-#: 100,000 (bench/per_change.py); the first build, every record: 1 s at 100,000
+#: (:mod:`~discovery.lookup.dns_zone`): 0.1 ms after one change at 1,000 instances, 11 ms at
+#: 100,000 (bench/per_change.py); the first build, every record: 2.7 s at 100,000
 REBUILD_WAIT = 4.0
 #: but never longer than this (one slow rebuild, the watcher applying a big reset meanwhile)
 REBUILD_WAIT_MAX = 2.0
@@ -197,6 +198,8 @@ class DnsServer:
                     self._zone = zone
                     self._next_build = end + min(REBUILD_WAIT * (end - start),
                                                  REBUILD_WAIT_MAX)
+                if zone.taken >= MANY:
+                    give_back()  # what taking them all again left behind
         finally:
             self._building.release()
         return zone

@@ -45,7 +45,6 @@ WARNED_MAX = 10
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Listed = tuple[Sequence[IP], Sequence["Member"]]  # a name's addresses, or its SRV members
-Entry = tuple[Instance, IP]  # a record that may be in an answer, and its address
 Key = tuple[str, str]
 
 
@@ -107,11 +106,11 @@ class _Node:
 class _Records:
     """What a zone is built from, besides what answers read: each service's records that may
     be in an answer (any state), sorted by id, and the check of each (node, address) of its
-    records, kept while the service is unchanged; each node's counts; how many records carry
-    each address; the SRV targets. Handed from a zone to the next it is built from (and
-    changed there)."""
+    records (their addresses), kept while the service is unchanged; each node's counts; how
+    many records carry each address; the SRV targets. Handed from a zone to the next it is
+    built from (and changed there)."""
 
-    valid: dict[str, list[Entry]] = field(default_factory=dict)
+    valid: dict[str, list[Instance]] = field(default_factory=dict)
     checks: dict[str, dict[tuple[str, str], IP | None]] = field(default_factory=dict)
     nodes: dict[str, _Node] = field(default_factory=dict)
     addrs: dict[bytes, int] = field(default_factory=dict)
@@ -171,15 +170,16 @@ class Zone:
         """Take each service of ``changed`` as it is now (none: gone), then the addresses of
         the nodes it touched, then the members of the services it and those nodes touched."""
         touched: set[str] = set()
+        self.taken = len(changed)  # services taken again (every one, built whole)
         for service, instances in changed.items():
-            for inst, was in records.valid.pop(service, ()):
-                self._count(records, inst, was, -1, touched)
             known, checks, valid = records.checks.pop(service, {}), {}, []
+            for inst in records.valid.pop(service, ()):
+                self._count(records, inst, _ip(known, inst), -1, touched)
             for inst in instances:
                 where = (inst.node, inst.address)
                 ip = checks[where] = known[where] if where in known else _checked(service, *where)
                 if ip is not None:
-                    valid.append((inst, ip))
+                    valid.append(inst)
                     self._count(records, inst, ip, 1, touched)
             if instances:
                 records.valid[service], records.checks[service] = valid, checks
@@ -224,8 +224,10 @@ class Zone:
         for parent in _parents(self.services.pop(name, ())):
             _add(self.parents, parent, -1)
         members = []
-        for inst, ip in records.valid.get(service, ()):
+        checks = records.checks.get(service, {})
+        for inst in records.valid.get(service, ()):
             if inst.state is State.UP:
+                ip = _ip(checks, inst)
                 node = inst.node.encode()
                 target = (node, b"node") if self.nodes.get(node) == ip else \
                     (ip.packed.hex().encode(), b"addr")
@@ -274,6 +276,13 @@ class Zone:
             where = rel[1].decode("ascii", "replace")
             return [m for m in self.members(rel[0], None) if m.instance.zone == where]
         return []
+
+
+def _ip(checks: Mapping[tuple[str, str], IP | None], inst: Instance) -> IP:
+    """The checked address of a record that may be in an answer."""
+    ip = checks[inst.node, inst.address]
+    assert ip is not None  # (only those are kept)
+    return ip
 
 
 def _parents(members: Iterable[Member]) -> set[Labels]:

@@ -231,12 +231,15 @@ class Catalog:
         ``known`` (the reader's), those gone since, with none: what a reader holding the
         catalog as of ``index`` must take again to hold it as of now (the DNS zone's build)."""
         with self._cond:
-            changed = {service: sorted(self._by_service[service].values(), key=_by_id)
+            changed = {service: list(self._by_service[service].values())
                        for service, at in self._modified.items()
                        if at > index and service != LISTING}
             if self._absent > index:
                 changed.update((s, []) for s in known if s not in self._by_service)
-            return self.index, self.loaded, changed
+            now, loaded = self.index, self.loaded
+        for members in changed.values():  # (sorted outside the lock: a reset's are all)
+            members.sort(key=_by_id)
+        return now, loaded, changed
 
     def instances(self, service: str | None = None, *, tags: Iterable[str] = (),
                   include_draining: bool = True) -> list[Instance]:
