@@ -1,4 +1,4 @@
-"""What a daemon asks of glibc's allocator: few arenas, and the memory of a big build back.
+"""What a daemon asks of glibc's allocator: few arenas, and freed memory back every 10 s.
 
 A sidecar's memory is part of its cost on every host (issue 11: ``discovery up`` within
 80 MB with a 10,000-instance catalog; docs/benchmarks.md, "Per-host footprint"). Without
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,15 +42,32 @@ def fewer_malloc_arenas(environ: Mapping[str, str] = os.environ, libc: Any = Non
     return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
-#: services taken again at once (a first build or answer, a reset) from which what that left
-#: freed is worth :func:`give_back`
-MANY = 64
+#: seconds between two :func:`give_back` of a daemon (:func:`keep_giving_back`)
+GIVE_BACK_EVERY = 10.0
 
 
 def give_back(libc: Any = None) -> bool:
-    """After a big build whose garbage is freed (a DNS zone built whole, the first answer of
-    the whole catalog): the heap's free pages back to the system (``malloc_trim(0)``), or
-    they stay in the process's RSS for good (1.8 MB of ``discovery up``'s at 10,000
-    instances). True when glibc gave some back."""
+    """The heap's free pages back to the system (``malloc_trim(0)``). glibc keeps what a
+    burst of work freed (a snapshot decoded, containers inspected, a DNS zone or the whole
+    catalog's answer built) in the process's RSS for good: 4.3 MB of ``discovery up``'s at
+    10,000 instances, once its 100 containers had started. True when glibc gave some back."""
     trim = getattr(_libc(libc), "malloc_trim", None)
     return trim is not None and bool(trim(0))
+
+
+def keep_giving_back(every: float = GIVE_BACK_EVERY, stop: threading.Event | None = None,
+                     libc: Any = None) -> threading.Thread | None:
+    """A daemon thread that calls :func:`give_back` every ``every`` s (a millisecond or so
+    each) until ``stop`` is set; None without glibc's ``malloc_trim``."""
+    lib = _libc(libc)
+    if getattr(lib, "malloc_trim", None) is None:
+        return None
+    done = stop or threading.Event()
+
+    def run() -> None:
+        while not done.wait(every):
+            give_back(lib)
+
+    thread = threading.Thread(target=run, name="heap-give-back", daemon=True)
+    thread.start()
+    return thread

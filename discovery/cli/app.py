@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import click
 
 from discovery import __version__
-from discovery.heap import fewer_malloc_arenas
+from discovery.heap import fewer_malloc_arenas, keep_giving_back
 
 # One clear line of ours on a TLS failure, not gRPC's own stderr chatter (read when grpc loads,
 # which is later: backends are imported when a registry is opened).
@@ -32,6 +33,9 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     daemon = ctx.invoked_subcommand in DAEMONS
     if daemon:
         fewer_malloc_arenas()
+        done = threading.Event()
+        keep_giving_back(stop=done)
+        ctx.call_on_close(done.set)  # (the command ended: in tests, the process goes on)
     ctx.obj = {"log_level_given": log_level is not None}
     logging.basicConfig(
         level=(log_level or ("info" if daemon else "error")).upper(), stream=sys.stderr,

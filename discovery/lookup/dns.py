@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 
 from discovery.errors import ConfigError, DiscoveryError, ValidationError
-from discovery.heap import MANY, give_back
 from discovery.lookup.dns_limits import CACHE_ENTRIES, AnswerCache, TcpLimits, beyond_loopback
 from discovery.lookup.dns_packet import cache_key, echo
 from discovery.lookup.dns_tcp import POLL, TcpConnections
@@ -198,8 +197,6 @@ class DnsServer:
                     self._zone = zone
                     self._next_build = end + min(REBUILD_WAIT * (end - start),
                                                  REBUILD_WAIT_MAX)
-                if zone.taken >= MANY:
-                    give_back()  # what taking them all again left behind
         finally:
             self._building.release()
         return zone

@@ -170,7 +170,6 @@ class Zone:
         """Take each service of ``changed`` as it is now (none: gone), then the addresses of
         the nodes it touched, then the members of the services it and those nodes touched."""
         touched: set[str] = set()
-        self.taken = len(changed)  # services taken again (every one, built whole)
         for service, instances in changed.items():
             known, checks, valid = records.checks.pop(service, {}), {}, []
             for inst in records.valid.pop(service, ()):

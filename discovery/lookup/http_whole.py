@@ -18,7 +18,6 @@ import json
 import threading
 import zlib
 
-from discovery.heap import MANY, give_back
 from discovery.lookup.http_guard import dumps
 from discovery.model.catalog import Catalog
 
@@ -48,7 +47,5 @@ class WholeCatalog:
                     else:
                         self._parts.pop(name, None)
                 self._index = index
-                if len(changed) >= MANY:
-                    give_back()  # what serialising them left behind
             parts = [self._parts[name] for name in sorted(self._parts)]
         return b'{"services":{' + b",".join(map(zlib.decompress, parts)) + b"}}\n"

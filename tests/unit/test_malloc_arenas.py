@@ -1,13 +1,14 @@
 """The daemons' malloc arenas (``discovery.heap.fewer_malloc_arenas``): 2 unless the user
-set ``MALLOC_ARENA_MAX``, and nothing without glibc's ``mallopt``."""
+set ``MALLOC_ARENA_MAX``, and nothing without glibc's ``mallopt``; their freed memory given
+back every period (``keep_giving_back``)."""
 
 from __future__ import annotations
 
 import ctypes
+import threading
 
-import pytest
-
-from discovery.heap import MALLOC_ARENAS, fewer_malloc_arenas, give_back
+from discovery.heap import MALLOC_ARENAS, fewer_malloc_arenas, give_back, keep_giving_back
+from tests.harness.util import wait_for
 
 
 class Libc:
@@ -50,30 +51,12 @@ def test_a_big_builds_memory_is_given_back() -> None:
     assert hasattr(ctypes.CDLL(None), "malloc_trim")  # the machines run glibc: a real call
 
 
-def test_the_servers_give_back_after_a_whole_build_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The DNS server after a zone that took many services again (its first, a reset), the
-    HTTP API after serialising as many (not after one service's change)."""
-    from discovery import heap
-    from discovery.lookup import dns, http_whole
-    from discovery.lookup.dns import DnsServer
-    from discovery.lookup.http_whole import WholeCatalog
-    from discovery.model import Instance
-    from discovery.model.catalog import Catalog
-    from discovery.registry.base import Change, Snapshot
-
-    given: list[str] = []
-    monkeypatch.setattr(dns, "give_back", lambda: given.append("dns") or True)
-    monkeypatch.setattr(http_whole, "give_back", lambda: given.append("http") or True)
-    monkeypatch.setattr(dns, "REBUILD_WAIT", 0.0)
-    many = [Instance(service=f"s{n}", id=f"h:{n:012x}:80", node="h", address="127.0.0.1",
-                     port=80) for n in range(heap.MANY)]
-    catalog = Catalog()
-    catalog.load(Snapshot({i.key: i for i in many}, revision=1))
-    server, kept = DnsServer(catalog, port=0), WholeCatalog(catalog)  # (not started)
-    server.zone()
-    kept.body()
-    assert given == ["dns", "http"]
-    catalog.apply(Change("put", many[0].key, Instance(**{
-        f: getattr(many[0], f) for f in ("service", "id", "node", "address")}, port=81)))
-    assert server.zone().index == catalog.index and kept.body()
-    assert given == ["dns", "http"]  # one service taken again: nothing to give back
+def test_a_daemon_gives_back_every_period_until_stopped() -> None:
+    libc, stop = Libc(), threading.Event()
+    thread = keep_giving_back(0.01, stop, libc)
+    assert thread is not None and thread.daemon
+    wait_for(lambda: len(libc.calls) >= 3, 5, message="three give-backs")
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and set(libc.calls) == {(0, 0)}
+    assert keep_giving_back(0.01, stop, object()) is None  # no glibc: no thread
