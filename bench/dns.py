@@ -308,6 +308,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.5, help="ours / dnsmasq qps for A")
     p.add_argument("--py-spy", metavar="BIN", help="profile our server (speedscope in work dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, query files)")
+    p.add_argument("--bench-name", default="dns",
+                   help="the result's name: bench/results/<name>-none.json")
     p.add_argument("--write-docs", action="store_true", help=f"rewrite ## DNS in {DOCS}")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -359,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     table, ok, summary = summarize(args, rows)
     print(table)
-    path = write_result("dns", "none", started_at=started_at, machine_info=machine_info,
+    path = write_result(args.bench_name, "none", started_at=started_at,
+                        machine_info=machine_info,
                         summary={"rows": summary, "target_met": ok,
                                  "coredns_reference_qps": COREDNS_REFERENCE_QPS},
                         samples=rows, argv=["bench/dns.py", *argv])

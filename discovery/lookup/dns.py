@@ -262,8 +262,8 @@ class DnsServer:
                     if self.on_query is not None and not stopping.is_set():
                         self.on_query("NONE", "DROPPED")
                     continue
-                if catalog.index != cache.index and (index := self.zone().index) != cache.index:
-                    cache.clear(index)  # (the zone's: it lags a storm of changes)
+                if catalog.index != cache.index and (zone := self.zone()).index != cache.index:
+                    cache.moved(zone)  # (the zone's index: it lags a storm of changes)
                 key = cache_key(data)
                 hit = None if key is None else get(key)
                 if hit is not None and key is not None:  # the hot path: no parsing past labels

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from discovery.errors import ConfigError
 from discovery.lookup.dns_wire import Response
+from discovery.lookup.dns_zone import Zone
 
 CACHE_ENTRIES = 4096  # distinct questions cached per catalog index; cleared when full
 CACHE_BYTES = 8 << 20  # and at most this many bytes of keys, responses and overhead
@@ -43,8 +44,12 @@ class TcpLimits:
 
 
 class AnswerCache:
-    """Encoded UDP responses for one catalog index, by cache key; cleared when the index moves,
-    or when one more entry would pass ``max_entries`` or ``max_bytes``."""
+    """Encoded UDP responses for one zone, by cache key; cleared when one more entry would pass
+    ``max_entries`` or ``max_bytes``. When the zone moves on (:meth:`moved`), the answers of a
+    service the zone took again go, and every answer that is not a service's records (a node,
+    an address, a name with none: their SOA carries the zone's index); the others stay (before,
+    every change anywhere cleared it all: a DNS server of a catalog changing 100 times a second
+    answered every name anew each time)."""
 
     def __init__(self, max_entries: int = CACHE_ENTRIES, max_bytes: int = CACHE_BYTES) -> None:
         self.entries: dict[bytes, _Entry] = {}
@@ -52,15 +57,30 @@ class AnswerCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.index = -1
+        self._keys: dict[bytes | None, list[bytes]] = {}  # service (None: other) -> its keys
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def clear(self, index: int | None = None) -> None:
         self.entries.clear()  # the same dict: the UDP loop holds its .get
+        self._keys.clear()
         self.nbytes = 0
         if index is not None:
             self.index = index
+
+    def moved(self, zone: Zone) -> None:
+        """Keep what ``zone`` still answers the same (class docstring); all goes unless the
+        cache is of the zone it was built from."""
+        if zone.redone is None or zone.before != self.index:
+            self.clear(zone.index)
+            return
+        for service in (None, *zone.redone):
+            for key in self._keys.pop(service, ()):
+                entry = self.entries.pop(key, None)
+                if entry is not None:
+                    self.nbytes -= _size(key, entry[0])
+        self.index = zone.index
 
     def put(self, key: bytes, resp: Response) -> list[bytes | None]:
         """Cache ``resp`` as turn 0 of ``key``; returns its tails (see :meth:`fill`)."""
@@ -70,6 +90,7 @@ class AnswerCache:
         tails: list[bytes | None] = [None] * resp.rotations
         tails[0] = resp.wire[2:]
         self.entries[key] = (tails, resp.qtype, resp.rcode)
+        self._keys.setdefault(resp.service, []).append(key)
         self.nbytes += size
         return tails
 
@@ -78,6 +99,11 @@ class AnswerCache:
         if self.nbytes + len(tail) <= self.max_bytes:
             tails[turn] = tail
             self.nbytes += len(tail)
+
+
+def _size(key: bytes, tails: list[bytes | None]) -> int:
+    """What :meth:`AnswerCache.put` and :meth:`AnswerCache.fill` counted for an entry."""
+    return ENTRY_OVERHEAD + len(key) + 2 + sum(len(t) for t in tails if t) + 8 * len(tails)
 
 
 def beyond_loopback(bind: str) -> bool:

@@ -47,7 +47,7 @@ from discovery.lookup.dns_packet import (
     Writer,
     parse,
 )
-from discovery.lookup.dns_zone import IP, Member, Zone, pick
+from discovery.lookup.dns_zone import IP, Member, Zone, pick, service_of
 from discovery.model import validate as v
 from discovery.model.catalog import Catalog
 
@@ -106,6 +106,9 @@ class Response:
     qtype: str
     rcode: str
     rotations: int = 1  # how many distinct answer orders or windows (``rotate``) to cache
+    #: the service whose records answer it, all of them (none else: the SOA of an answer
+    #: without records carries the zone's index): cached while the zone keeps its members
+    service: bytes | None = None
 
 
 def answer(request: bytes, catalog: Catalog, config: DnsConfig | None = None, *,
@@ -152,7 +155,9 @@ def respond(data: bytes, zone: Zone, config: DnsConfig, *, tcp: bool = False,
         limit = min(limit, MAX_AMPLIFICATION * (q.qend + (11 if edns else 0)))
     ar = 0 if tc else out.records(extra, ttl, limit, edns, required=False)[0]
     wire = out.finish(q, rcode, True, 0x0200 if tc else 0, (an, ns, ar))
-    return Response(wire, qtype, RCODE_NAMES[rcode], rotations)
+    named = service_of(rel) if records else None
+    return Response(wire, qtype, RCODE_NAMES[rcode], rotations,
+                    None if named is None else named[0])
 
 
 def _answers(zone: Zone, rel: Labels, qtype: int, config: DnsConfig, cap: int,

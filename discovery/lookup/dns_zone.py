@@ -128,6 +128,10 @@ class Zone:
         #: SERVFAIL (as HTTP answers 503), never NXDOMAIN, which resolvers cache as "no such
         #: name" (a watcher started while the registry is down)
         self.index, self.loaded = index, loaded
+        #: the index of the zone this one was built from, and the services whose members it
+        #: took again (their answers changed or may have; None: built whole, every one)
+        self.before: int | None = None
+        self.redone: frozenset[bytes] | None = None
         self.services: dict[bytes, list[Member]] = {}  # up instances only, sorted by id
         #: names of two labels with no records of their own but names below them (empty
         #: non-terminals: NOERROR, not NXDOMAIN, for resolvers that minimise query names),
@@ -159,16 +163,19 @@ class Zone:
         index, loaded, changed = catalog.changed_since(before.index, records.valid)
         zone = cls.__new__(cls)
         zone.index, zone.loaded, zone._lists, zone._items = index, loaded, {}, 0
+        zone.before = before.index
         zone.services, zone.parents = dict(before.services), Counter(before.parents)
         zone.nodes, zone.addrs = dict(before.nodes), dict(before.addrs)
-        zone._take(records, changed, warned, whole=False)
+        zone.redone = frozenset(s.encode() for s in zone._take(records, changed, warned,
+                                                                whole=False))
         zone._records = records
         return zone
 
     def _take(self, records: _Records, changed: Mapping[str, list[Instance]],
-              warned: set[tuple[str, ...]] | None, whole: bool) -> None:
+              warned: set[tuple[str, ...]] | None, whole: bool) -> set[str]:
         """Take each service of ``changed`` as it is now (none: gone), then the addresses of
-        the nodes it touched, then the members of the services it and those nodes touched."""
+        the nodes it touched, then the members of the services it and those nodes touched
+        (returned)."""
         touched: set[str] = set()
         for service, instances in changed.items():
             known, checks, valid = records.checks.pop(service, {}), {}, []
@@ -200,6 +207,7 @@ class Zone:
             _name_new(outranked, warned, None if whole else touched)
         for service in redo:
             self._members(records, service)
+        return redo
 
     def _count(self, records: _Records, inst: Instance, ip: IP, delta: int,
                touched: set[str]) -> None:
@@ -264,17 +272,33 @@ class Zone:
 
     def _found(self, rel: Labels) -> list[Member]:
         """The members a name of the forms ``*.service`` and ``*.zone`` stands for."""
-        kind, n = rel[-1], len(rel)
-        if kind == b"service" and n == 2:
-            return self.members(rel[0], None)
-        if kind == b"service" and n == 3 and rel[0][:1] == b"_" and rel[1][:1] == b"_":
-            return self.members(rel[0][1:], None if rel[1] == b"_tcp" else rel[1][1:])
-        if kind == b"service" and n == 3:
-            return self.members(rel[1], rel[0])
-        if kind == b"zone" and n == 3:  # <service>.<zone>.zone: one availability zone's
+        named = service_of(rel)
+        if named is None:
+            return []
+        service, tag = named
+        if rel[-1] == b"zone":  # <service>.<zone>.zone: one availability zone's
             where = rel[1].decode("ascii", "replace")
-            return [m for m in self.members(rel[0], None) if m.instance.zone == where]
-        return []
+            return [m for m in self.members(service, None) if m.instance.zone == where]
+        return self.members(service, tag)
+
+
+def service_of(rel: Labels) -> tuple[bytes, bytes | None] | None:
+    """The service (and tag) a name relative to the domain stands for: ``<service>.service``,
+    ``<tag>.<service>.service``, ``_<service>._tcp|_<tag>.service``, ``<service>.<zone>.zone``;
+    None for any other name."""
+    n = len(rel)
+    if n < 2:
+        return None
+    kind = rel[-1]
+    if kind == b"service" and n == 2:
+        return rel[0], None
+    if kind == b"service" and n == 3 and rel[0][:1] == b"_" and rel[1][:1] == b"_":
+        return rel[0][1:], None if rel[1] == b"_tcp" else rel[1][1:]
+    if kind == b"service" and n == 3:
+        return rel[1], rel[0]
+    if kind == b"zone" and n == 3:
+        return rel[0], None
+    return None
 
 
 def _ip(checks: Mapping[tuple[str, str], IP | None], inst: Instance) -> IP:
