@@ -107,6 +107,7 @@ class DnsServer:
         if self._udp is not None:
             raise DiscoveryError("DnsServer already started")
         self._stopping.clear()
+        self._caches = []  # (a restart's UDP threads make their own)
         self._udp, self._tcp = inherited or self._bind()
         tcp = self._tcp
         self._udp.setblocking(True)

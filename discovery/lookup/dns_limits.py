@@ -75,7 +75,10 @@ class AnswerCache:
         if zone.redone is None or zone.before != self.index:
             self.clear(zone.index)
             return
-        for service in (None, *zone.redone):
+        redone = zone.redone  # (a reset's: every service; the cache may hold a few)
+        held = redone if len(redone) <= len(self._keys) else \
+            [s for s in self._keys if s in redone]
+        for service in (None, *held):
             for key in self._keys.pop(service, ()):
                 entry = self.entries.pop(key, None)
                 if entry is not None:
