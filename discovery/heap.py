@@ -8,13 +8,10 @@ glibc (or its ``mallopt`` / ``malloc_trim``) both do nothing.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 from collections.abc import Mapping
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 #: malloc arenas of a daemon unless ``MALLOC_ARENA_MAX`` says otherwise: glibc's default (8 a
 #: core) keeps each thread's freed memory in an arena of its own; with 2, ``discovery up`` (100
